@@ -1,0 +1,131 @@
+"""Group commit: concurrent decisions of one process share one transaction.
+
+A lone request is sent at once; while a batch is in flight, newer requests queue and go
+together in the next one, so the number of commits (and fsyncs) grows with time, not with
+load. Each batch is one call of ``rg_decide`` and so one round trip. A batch that fails
+fails every request in it with ``Unavailable``: nothing is accepted that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .db import UNAVAILABLE_ERRORS
+from .errors import Unavailable
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 256
+_DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ``rg_decide`` answered for one item."""
+
+    seq: int
+    verdict: str
+    reason: str
+    flags: tuple[str, ...]
+    alert_id: int | None
+    epoch: int
+    receipt_position: int
+    locked_until_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecideParams:
+    lock_threshold: int
+    lock_period_us: int
+    refuse_on_rollback: bool
+
+
+class Appender:
+    def __init__(
+        self, pool: asyncpg.Pool, params: DecideParams,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._params = params
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[Outcome]]] = []
+        self._running = False
+        self._on_batch = on_batch
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: dict[str, Any]) -> Outcome:
+        """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if not self._running:
+            self._running = True
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    def submit_later(self, item: dict[str, Any]) -> None:
+        """Queues a record whose answer nobody waits for (hot-cache rejects)."""
+        task = asyncio.create_task(self._quiet(item))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quiet(self, item: dict[str, Any]) -> None:
+        try:
+            await self.submit(item)
+        except Unavailable:
+            log.warning("deferred_record_lost", reason="ledger unavailable")
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._flush(batch)
+        finally:
+            self._running = False
+
+    async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]]) -> None:
+        try:
+            rows = await self._call([item for item, _ in batch])
+        except Unavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        for row, (_, future) in zip(rows, batch):
+            if not future.done():
+                future.set_result(Outcome(
+                    seq=row["r_seq"], verdict=row["r_verdict"], reason=row["r_reason"],
+                    flags=tuple(row["r_flags"]), alert_id=row["r_alert"], epoch=row["r_epoch"],
+                    receipt_position=row["r_rseq"], locked_until_us=row["r_locked_until"],
+                ))
+
+    async def _call(self, items: list[dict[str, Any]]) -> list[asyncpg.Record]:
+        p = self._params
+        try:
+            async with self._pool.acquire() as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    _DECIDE, items, p.lock_threshold, p.lock_period_us, p.refuse_on_rollback,
+                )
+        except UNAVAILABLE_ERRORS as exc:
+            log.warning("ledger_unavailable", error=type(exc).__name__)
+            raise Unavailable("the ledger cannot be written right now") from None
+        except asyncpg.PostgresError as exc:
+            # Not the client's fault and not a connection loss: still fail closed.
+            log.error("ledger_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
+            raise Unavailable("the ledger refused the write") from None
+        if len(rows) != len(items):
+            raise Unavailable("the ledger answered an incomplete batch")
+        return rows
+
+    async def wait_idle(self) -> None:
+        """Waits for queued and deferred records (used at shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,234 @@
+"""The command line: thin, calling the same services as the HTTP API.
+
+Every failure a user can cause (bad configuration, unreachable database, port in use,
+unreadable key) ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from . import logging as rglog
+from .errors import ConfigError, ReplayGuardError
+from .settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (REPLAYGUARD_CONFIG)")
+    parser.add_argument("--database-url", help="PostgreSQL URL; embedded PostgreSQL when absent")
+    parser.add_argument("--data-dir", help="state and keys (default ~/.local/share/replayguard)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replayguard", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (applies migrations first)")
+    _add_common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--redis-url")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+
+    migrate = sub.add_parser("migrate", help="apply migrations and exit")
+    _add_common(migrate)
+
+    token = sub.add_parser("token", help="manage API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token; prints it alone on stdout")
+    _add_common(create)
+    create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin"])
+    create.add_argument("--name", required=True)
+    revoke = token_sub.add_parser("revoke", help="revoke tokens by id or name")
+    _add_common(revoke)
+    revoke.add_argument("ident", help="token id or name")
+    listing = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
+    _add_common(listing)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Subcommands contributed by other modules (demo, ledger, relay) when present."""
+    found = []
+    for module_name in ("replayguard.demo", "replayguard.ledger_cli", "replayguard.relay.cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        register = getattr(module, "register", None)
+        if register is not None:
+            found.append(register)
+    return found
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
+    return load_settings(flags=flags, config_file=getattr(args, "config", None))
+
+
+def _fail(message: str) -> int:
+    print(f"replayguard: error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        rglog.configure(settings.log_level)
+        handler = getattr(args, "handler", None) or _HANDLERS[args.command]
+        return int(handler(args, settings))
+    except ReplayGuardError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- migrate, token -------------------------------------------------------------------
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from . import db
+    from .runtime import resolve_dsn
+
+    async def run() -> int:
+        dsn = resolve_dsn(settings)
+        await db.check_reachable(dsn)
+        conn = await db.connect(dsn)
+        try:
+            applied = await db.migrate(conn)
+        finally:
+            await conn.close()
+        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""), file=sys.stderr)
+        return 0
+
+    return run_async(run())
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from .runtime import open_runtime
+
+    async def run() -> int:
+        async with open_runtime(settings) as runtime:
+            if args.token_command == "create":
+                _, token = await runtime.api_tokens.create(args.role, args.name)
+                print(token)
+            elif args.token_command == "revoke":
+                count = await runtime.api_tokens.revoke(args.ident)
+                print(f"revoked {count} token(s)", file=sys.stderr)
+            else:
+                for row in await runtime.api_tokens.list():
+                    state = "revoked" if row["revoked_at"] else "active"
+                    print(f"{row['id']}\t{row['role']}\t{row['name']}\t{state}")
+        return 0
+
+    return run_async(run())
+
+
+# --- serve ----------------------------------------------------------------------------
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _serve_worker(settings: Settings, dsn: str, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from .http.app import create_app
+
+    rglog.configure(settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = create_app(settings, dsn=dsn)
+    web.run_app(
+        app, host=settings.host, port=settings.port, access_log=None, print=None,
+        reuse_port=reuse_port, backlog=1024, handle_signals=True,
+        keepalive_timeout=75, shutdown_timeout=10,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .keys import load_keys
+    from .runtime import prepare_database
+
+    load_keys(settings)  # creates keys once, before workers race for them
+    _check_port(settings.host, settings.port)
+    dsn: str = run_async(prepare_database(settings))  # type: ignore[arg-type]
+    log = rglog_logger()
+    log.info("serving", host=settings.host, port=settings.port, workers=settings.workers,
+             embedded=settings.embedded, redis=settings.redis_url is not None)
+    if settings.workers == 1:
+        _serve_worker(settings, dsn, reuse_port=False)
+        return 0
+    return _serve_many(settings, dsn)
+
+
+def _serve_many(settings: Settings, dsn: str) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_serve_worker, args=(settings, dsn, True), daemon=False)
+             for _ in range(settings.workers)]
+    for proc in procs:
+        proc.start()
+
+    def stop(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for proc in procs:
+        proc.join()
+    return 0
+
+
+def rglog_logger() -> Any:
+    import structlog
+
+    return structlog.get_logger("replayguard")
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "serve": cmd_serve,
+    "migrate": cmd_migrate,
+    "token": cmd_token,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Decisions are values: what the service answers a callout, and why."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Verdict(str, enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+
+
+class Reason(str, enum.Enum):
+    OK = "ok"
+    INVALID = "invalid"
+    REUSED = "reused"
+    REPLAY_AFTER_ROLLBACK = "replay_after_rollback"
+    LOCKED_OUT = "locked_out"
+    NO_TOKEN = "no_token"
+    EXPIRED = "expired"
+
+
+class Flag(str, enum.Enum):
+    ROLLBACK_DETECTED = "rollback_detected"
+    CLONE_DETECTED = "clone_detected"
+    RECEIPT_INVALID = "receipt_invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionResult:
+    """The answer to one verify/consume request, as CONTRACT §4 renders it."""
+
+    verdict: Verdict
+    reason: Reason
+    flags: tuple[Flag, ...]
+    seq: int | None
+    receipt: str | None
+    alert_id: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "decision": self.verdict.value,
+            "reason": self.reason.value,
+            "flags": [flag.value for flag in self.flags],
+            "seq": self.seq,
+            "receipt": self.receipt,
+        }
+        if self.alert_id is not None:
+            body["alert_id"] = self.alert_id
+        return body

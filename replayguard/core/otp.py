@@ -1,0 +1,61 @@
+"""RFC 4226 (HOTP) and RFC 6238 (TOTP) matching, with the time or counter as a parameter.
+
+These functions only say which time steps or counters a presented code matches; whether
+that step may still be used (the high-water mark) is decided atomically by the ledger.
+Comparisons are constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+import pyotp
+
+ALGORITHMS = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
+
+
+def _hotp(secret_b32: str, digits: int, algorithm: str) -> pyotp.HOTP:
+    return pyotp.HOTP(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])
+
+
+def hotp_code(secret_b32: str, counter: int, *, digits: int = 6, algorithm: str = "SHA1") -> str:
+    """The HOTP value of ``counter`` (RFC 4226 §5.3)."""
+    return _hotp(secret_b32, digits, algorithm).at(counter)
+
+
+def totp_step(now_s: float, period: int = 30, t0: int = 0) -> int:
+    """The RFC 6238 time step T = floor((now - T0) / X)."""
+    return int((now_s - t0) // period)
+
+
+def _matching(secret_b32: str, code: str, counters: Iterable[int], digits: int, algorithm: str) -> list[int]:
+    if len(code) != digits or not code.isascii() or not code.isdigit():
+        return []
+    generator = _hotp(secret_b32, digits, algorithm)
+    wanted = code.encode()
+    # Every candidate is computed and compared, so the time taken does not say which matched.
+    return [c for c in counters if c >= 0 and hmac.compare_digest(generator.at(c).encode(), wanted)]
+
+
+def totp_matches(
+    secret_b32: str, code: str, *, now_s: float, drift: int = 1, period: int = 30,
+    digits: int = 6, algorithm: str = "SHA1",
+) -> list[int]:
+    """Time steps within ±``drift`` of the service's clock at which ``code`` is valid."""
+    step = totp_step(now_s, period)
+    return _matching(secret_b32, code, range(step - drift, step + drift + 1), digits, algorithm)
+
+
+def hotp_matches(
+    secret_b32: str, code: str, *, last_counter: int, look_ahead: int = 10,
+    digits: int = 6, algorithm: str = "SHA1",
+) -> list[int]:
+    """Counters that ``code`` matches, from ``look_ahead`` behind to ``look_ahead`` ahead.
+
+    Counters at or behind ``last_counter`` are returned too, so that a replayed code is
+    named ``reused`` rather than ``invalid``; the ledger accepts only counters ahead.
+    """
+    low = max(0, last_counter - look_ahead + 1)
+    return _matching(secret_b32, code, range(low, last_counter + look_ahead + 1), digits, algorithm)

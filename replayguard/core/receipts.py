@@ -1,0 +1,86 @@
+"""State-continuity receipts: what a guest stores to prove its disk did not go back.
+
+A receipt names a VM, the ledger position the host issued it at, and the VM's epoch,
+under an HMAC the guest cannot forge. The guest sends back the last one it stored; the
+ledger compares it with the latest it issued to that VM (a stale one means the guest was
+rolled back, another VM's means a clone). Format: ``rg1.<b64url payload>.<b64url mac>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+PREFIX = "rg1"
+MAX_LENGTH = 2048
+_DOMAIN = b"replayguard-receipt-v1\x00"
+
+
+class ReceiptStatus(str, enum.Enum):
+    ABSENT = "absent"
+    VALID = "valid"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptClaims:
+    vm_id: str
+    seq: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptCheck:
+    status: ReceiptStatus
+    claims: ReceiptClaims | None = None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, _DOMAIN + payload, hashlib.sha256).digest()
+
+
+def issue(key: bytes, claims: ReceiptClaims) -> str:
+    payload = json.dumps([claims.vm_id, claims.seq, claims.epoch], separators=(",", ":")).encode()
+    return f"{PREFIX}.{_b64(payload)}.{_b64(_mac(key, payload))}"
+
+
+def check(key: bytes, receipt: str | None) -> ReceiptCheck:
+    """Verifies a presented receipt's MAC and shape; never raises on hostile input."""
+    if receipt is None:
+        return ReceiptCheck(ReceiptStatus.ABSENT)
+    claims = _decode(key, receipt)
+    if claims is None:
+        return ReceiptCheck(ReceiptStatus.INVALID)
+    return ReceiptCheck(ReceiptStatus.VALID, claims)
+
+
+def _decode(key: bytes, receipt: str) -> ReceiptClaims | None:
+    parts = receipt.split(".")
+    if len(receipt) > MAX_LENGTH or len(parts) != 3 or parts[0] != PREFIX:
+        return None
+    try:
+        payload, mac = _unb64(parts[1]), _unb64(parts[2])
+    except (binascii.Error, ValueError):
+        return None
+    if not hmac.compare_digest(mac, _mac(key, payload)):
+        return None
+    try:
+        vm_id, seq, epoch = json.loads(payload)
+    except (ValueError, TypeError):
+        return None
+    if not (isinstance(vm_id, str) and type(seq) is int and type(epoch) is int):
+        return None
+    return ReceiptClaims(vm_id, seq, epoch)

@@ -1,0 +1,201 @@
+"""Request validation: untrusted JSON in, typed requests out, or ``InvalidRequest``.
+
+Every check names the field at fault, so a client error is always a 4xx with ``field``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import InvalidRequest
+
+MAX_ID = 256
+MAX_NONCE = 1024
+MAX_CONTEXT_KEYS = 16
+MAX_CONTEXT_VALUE = 256
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_BASE32 = re.compile(r"^[A-Z2-7]+=*$")
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable()
+
+
+def identifier(body: dict[str, Any], name: str) -> str:
+    """A required identifier (vm_id, principal, scope, …): 1–256 printable characters."""
+    if body.get(name) is None:
+        raise InvalidRequest(f"{name} is required", field=name)
+    return check_identifier(body[name], name)
+
+
+def check_identifier(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string", field=name)
+    if not 1 <= len(value) <= MAX_ID:
+        raise InvalidRequest(f"{name} must be 1 to {MAX_ID} characters", field=name)
+    if not _printable(value):
+        raise InvalidRequest(f"{name} must not contain control characters", field=name)
+    return value
+
+
+def parse_time(value: object, name: str) -> datetime:
+    """RFC 3339 text or Unix seconds, as an aware UTC datetime."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"{name} must be an RFC 3339 time or Unix seconds", field=name)
+    if isinstance(value, str):
+        return _parse_rfc3339(value, name)
+    if not math.isfinite(value) or not 0 <= value < 253402300800:
+        raise InvalidRequest(f"{name} is out of range", field=name)
+    return datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def _parse_rfc3339(text: str, name: str) -> datetime:
+    if not _RFC3339.match(text):
+        raise InvalidRequest(f"{name} must be an RFC 3339 time", field=name)
+    normalised = text.replace("z", "Z").replace("Z", "+00:00").replace("t", "T")
+    if "." in normalised:
+        head, rest = normalised.split(".", 1)
+        digits = re.match(r"\d+", rest)
+        assert digits is not None  # the regex above guarantees fraction digits
+        normalised = head + "." + digits.group(0)[:6].ljust(6, "0") + rest[len(digits.group(0)):]
+    try:
+        return datetime.fromisoformat(normalised).astimezone(timezone.utc)
+    except ValueError:
+        raise InvalidRequest(f"{name} is not a valid time", field=name) from None
+
+
+def optional_string(body: dict[str, Any], name: str, max_len: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidRequest(f"{name} must be a string of at most {max_len} characters", field=name)
+    return value
+
+
+def integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer", field=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+def context(body: dict[str, Any]) -> dict[str, str]:
+    """The optional ``context`` object: a few short printable strings, kept for analysts."""
+    value = body.get("context")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_CONTEXT_KEYS:
+        raise InvalidRequest(f"context must be an object of at most {MAX_CONTEXT_KEYS} entries", field="context")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        field = f"context.{key}"[:64]
+        if not (1 <= len(key) <= 64 and _printable(key)):
+            raise InvalidRequest("context keys must be 1 to 64 printable characters", field="context")
+        if item is None:
+            continue
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            raise InvalidRequest("context values must be strings or numbers", field=field)
+        text = str(item)
+        if len(text) > MAX_CONTEXT_VALUE or not _printable(text):
+            raise InvalidRequest(f"context values must be printable and at most {MAX_CONTEXT_VALUE} characters", field=field)
+        out[key] = text
+    return out
+
+
+def require_object(body: object) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class OtpRequest:
+    vm_id: str
+    principal: str
+    otp: str
+    receipt: str | None
+    context: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class NonceRequest:
+    vm_id: str
+    scope: str
+    nonce: bytes
+    ttl_s: int
+    issued_at: datetime | None
+    receipt: str | None
+
+
+def otp_request(raw: object) -> OtpRequest:
+    body = require_object(raw)
+    otp = body.get("otp")
+    if not isinstance(otp, str) or not 1 <= len(otp) <= 64 or not _printable(otp):
+        raise InvalidRequest("otp must be a string of 1 to 64 printable characters", field="otp")
+    return OtpRequest(
+        vm_id=identifier(body, "vm_id"),
+        principal=identifier(body, "principal"),
+        otp=otp,
+        receipt=optional_string(body, "receipt", 2048),
+        context=context(body),
+    )
+
+
+def nonce_request(raw: object, max_ttl_s: int) -> NonceRequest:
+    body = require_object(raw)
+    nonce = body.get("nonce")
+    if not isinstance(nonce, str) or not nonce:
+        raise InvalidRequest("nonce must be a non-empty string", field="nonce")
+    encoded = nonce.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NONCE:
+        raise InvalidRequest(f"nonce must be at most {MAX_NONCE} bytes", field="nonce")
+    issued = body.get("issued_at")
+    return NonceRequest(
+        vm_id=identifier(body, "vm_id"),
+        scope=identifier(body, "scope"),
+        nonce=encoded,
+        ttl_s=integer(body, "ttl_s", 300, 1, max_ttl_s),
+        issued_at=None if issued is None else parse_time(issued, "issued_at"),
+        receipt=optional_string(body, "receipt", 2048),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    type: str
+    secret: str | None
+    digits: int
+    period: int
+    algorithm: str
+
+
+def enroll_request(raw: object) -> EnrollRequest:
+    body = require_object(raw)
+    kind = body.get("type", "totp")
+    if kind not in ("totp", "hotp"):
+        raise InvalidRequest("type must be 'totp' or 'hotp'", field="type")
+    algorithm = body.get("algorithm", "SHA1")
+    if algorithm not in ("SHA1", "SHA256", "SHA512"):
+        raise InvalidRequest("algorithm must be SHA1, SHA256 or SHA512", field="algorithm")
+    secret = body.get("secret")
+    if secret is not None:
+        if not isinstance(secret, str):
+            raise InvalidRequest("secret must be a base32 string", field="secret")
+        secret = secret.replace(" ", "").upper()
+        if not _BASE32.match(secret) or not 16 <= len(secret.rstrip("=")) <= 256:
+            raise InvalidRequest("secret must be base32 of 80 bits or more", field="secret")
+    return EnrollRequest(
+        type=kind, secret=secret,
+        digits=integer(body, "digits", 6, 6, 8),
+        period=integer(body, "period", 30, 10, 300),
+        algorithm=algorithm,
+    )

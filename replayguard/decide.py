@@ -1,0 +1,204 @@
+"""The decision service: verify an OTP or consume a nonce, exactly once, durably.
+
+It matches codes with the pure core, reduces credentials to keyed digests, and hands one
+item to the group-commit appender; the ledger decides. Redis may answer a known replay
+or a locked-out principal first, but only with a reject, and the record of that reject is
+still written behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .appender import Appender, Outcome
+from .cache import HotCache, HotHit
+from .core import otp, receipts
+from .core.credentials import nonce_digest, otp_digest
+from .core.decisions import DecisionResult, Flag, Reason, Verdict
+from .core.receipts import ReceiptCheck, ReceiptClaims, ReceiptStatus
+from .core.validation import NonceRequest, OtpRequest
+from .keys import Keys
+from .tokens import OtpToken, TokenStore
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionConfig:
+    drift_steps: int
+    hotp_look_ahead: int
+    use_retention_s: int
+    nonce_max_ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    token: OtpToken | None
+    counters: tuple[int, ...]
+
+
+def match_code(tokens: list[OtpToken], code: str, now_s: float, config: DecisionConfig) -> Match:
+    """Which token (and which steps or counters of it) a presented code matches."""
+    for token in tokens:
+        if token.type == "totp":
+            found = otp.totp_matches(token.secret_b32, code, now_s=now_s, drift=config.drift_steps,
+                                     period=token.period, digits=token.digits, algorithm=token.algorithm)
+        else:
+            found = otp.hotp_matches(token.secret_b32, code, last_counter=token.last_counter,
+                                     look_ahead=config.hotp_look_ahead, digits=token.digits,
+                                     algorithm=token.algorithm)
+        if found:
+            return Match(token, tuple(found))
+    return Match(tokens[0] if tokens else None, ())
+
+
+def nonce_expired(req: NonceRequest, now_s: float) -> bool:
+    """A nonce whose ``issued_at`` is older than its ttl is refused, remembered or not."""
+    return req.issued_at is not None and req.issued_at.timestamp() + req.ttl_s < now_s
+
+
+def nonce_expiry_us(req: NonceRequest, now_s: float, max_ttl_s: int) -> int:
+    """How long the ledger must remember a nonce so that forgetting it lets nothing in."""
+    if req.issued_at is None:
+        return int((now_s + max(req.ttl_s, max_ttl_s)) * 1e6)
+    return int((max(req.issued_at.timestamp(), now_s) + req.ttl_s + 60) * 1e6)
+
+
+def _receipt_fields(check: ReceiptCheck) -> dict[str, Any]:
+    fields: dict[str, Any] = {"rc": check.status.value}
+    if check.claims is not None:
+        fields.update(rvm=check.claims.vm_id, rseq=check.claims.seq)
+    return fields
+
+
+def hot_reply_allowed(hit: HotHit, vm_id: str, check: ReceiptCheck) -> bool:
+    """Whether a Redis hit may answer without PostgreSQL (it could not change the answer).
+
+    Only a replay on the VM of the first use, whose epoch has not moved since (no rollback
+    window could apply), with no receipt or the VM's current one (nothing to detect).
+    """
+    if hit.first_vm != vm_id or hit.first_epoch != hit.vm_epoch:
+        return False
+    if check.status is ReceiptStatus.ABSENT:
+        return True
+    claims = check.claims
+    return (check.status is ReceiptStatus.VALID and claims is not None
+            and claims.vm_id == vm_id and claims.seq >= hit.vm_rseq)
+
+
+class DecisionService:
+    def __init__(
+        self, *, appender: Appender, tokens: TokenStore, keys: Keys, config: DecisionConfig,
+        clock: Clock, hot: HotCache | None = None,
+        on_decision: Callable[[str, DecisionResult, str], None] | None = None,
+    ) -> None:
+        self._appender = appender
+        self._tokens = tokens
+        self._keys = keys
+        self._config = config
+        self._clock = clock
+        self._hot = hot
+        self._on_decision = on_decision or (lambda kind, result, source: None)
+
+    async def verify_otp(self, req: OtpRequest) -> DecisionResult:
+        now = self._clock()
+        now_us = int(now * 1e6)
+        check = receipts.check(self._keys.receipt, req.receipt)
+        item: dict[str, Any] = {"k": "otp", "ts": now_us, "vm": req.vm_id, "sub": req.principal,
+                                "p": {"context": req.context}, **_receipt_fields(check)}
+        if (self._hot is not None and check.status is ReceiptStatus.ABSENT
+                and await self._hot.locked_until(req.principal) > now_us):
+            return self._hot_reject(item, Reason.LOCKED_OUT, req.receipt)
+        tokens = await self._tokens.active(req.principal)
+        match = match_code(tokens, req.otp, now, self._config)
+        if match.token is None:
+            item["pre"] = Reason.NO_TOKEN.value
+        else:
+            digests = {c: otp_digest(self._keys.pepper, match.token.id, c) for c in match.counters}
+            item.update(tok=match.token.id, steps=list(match.counters),
+                        dg={str(c): d.hex() for c, d in digests.items()},
+                        exp=now_us + self._config.use_retention_s * 1_000_000)
+            if len(digests) == 1:
+                hot = await self._hot_lookup(list(digests.values()), req.vm_id, check)
+                if hot is not None:
+                    return self._hot_reject(item, Reason.REUSED, req.receipt)
+        outcome = await self._appender.submit(item)
+        if outcome.verdict == Verdict.ACCEPT.value and match.token is not None:
+            self._tokens.advanced(req.principal, match.token.id, max(match.counters))
+        accepted = _accepted_digest(outcome, item)
+        await self._mirror(req.vm_id, outcome, accepted, now_us, req.principal)
+        return self._result("otp", outcome, req.vm_id)
+
+    async def consume_nonce(self, req: NonceRequest) -> DecisionResult:
+        now = self._clock()
+        now_us = int(now * 1e6)
+        check = receipts.check(self._keys.receipt, req.receipt)
+        digest = nonce_digest(self._keys.pepper, req.scope, req.nonce)
+        item: dict[str, Any] = {"k": "nonce", "ts": now_us, "vm": req.vm_id, "sub": req.scope,
+                                "d": digest.hex(), "p": {"ttl_s": req.ttl_s},
+                                "exp": nonce_expiry_us(req, now, self._config.nonce_max_ttl_s),
+                                **_receipt_fields(check)}
+        if nonce_expired(req, now):
+            item["pre"] = Reason.EXPIRED.value
+        else:
+            hot = await self._hot_lookup([digest], req.vm_id, check)
+            if hot is not None:
+                return self._hot_reject(item, Reason.REUSED, req.receipt)
+        outcome = await self._appender.submit(item)
+        accepted = digest if outcome.verdict == Verdict.ACCEPT.value else None
+        await self._mirror(req.vm_id, outcome, accepted, now_us, None, ttl_us=item["exp"] - now_us)
+        return self._result("nonce", outcome, req.vm_id)
+
+    async def _hot_lookup(self, digests: list[bytes], vm_id: str, check: ReceiptCheck) -> HotHit | None:
+        if self._hot is None:
+            return None
+        hit = await self._hot.lookup(digests, vm_id)
+        return hit if hit is not None and hot_reply_allowed(hit, vm_id, check) else None
+
+    def _hot_reject(self, item: dict[str, Any], reason: Reason, receipt: str | None) -> DecisionResult:
+        """Answers a reject from Redis and queues its ledger record behind the answer.
+
+        The VM's receipt position does not move, so the guest's current receipt (the one
+        it presented, already checked to be current) stays the one to keep.
+        """
+        self._appender.submit_later({**item, "hot": True, "pre": reason.value})
+        result = DecisionResult(Verdict.REJECT, reason, (), None, receipt)
+        self._on_decision(item["k"], result, "redis")
+        return result
+
+    async def _mirror(self, vm_id: str, outcome: Outcome, digest: bytes | None, now_us: int,
+                      principal: str | None, ttl_us: int | None = None) -> None:
+        if self._hot is None:
+            return
+        ttl_s = None if ttl_us is None else max(1, ttl_us // 1_000_000)
+        await self._hot.record(vm_id=vm_id, epoch=outcome.epoch, rseq=outcome.receipt_position,
+                               digest=digest, seq=outcome.seq, ttl_s=ttl_s)
+        if outcome.locked_until_us is not None and principal is not None:
+            await self._hot.set_lock(principal, outcome.locked_until_us, now_us)
+        if outcome.flags:
+            await self._hot.forget_vm(vm_id)
+
+    def _result(self, kind: str, outcome: Outcome, vm_id: str) -> DecisionResult:
+        receipt = receipts.issue(self._keys.receipt, ReceiptClaims(vm_id, outcome.seq, outcome.epoch))
+        result = DecisionResult(
+            verdict=Verdict(outcome.verdict), reason=Reason(outcome.reason),
+            flags=tuple(Flag(f) for f in outcome.flags), seq=outcome.seq, receipt=receipt,
+            alert_id=None if outcome.alert_id is None else str(outcome.alert_id),
+        )
+        self._on_decision(kind, result, "ledger")
+        return result
+
+
+def _accepted_digest(outcome: Outcome, item: dict[str, Any]) -> bytes | None:
+    if outcome.verdict != Verdict.ACCEPT.value:
+        return None
+    # The ledger accepted the smallest step ahead of the high-water mark.
+    dg: dict[str, str] = item.get("dg", {})
+    steps = sorted(int(s) for s in dg)
+    return bytes.fromhex(dg[str(steps[0])]) if len(steps) == 1 else None

@@ -1,0 +1,173 @@
+"""The application factory: routes, middleware and resources, wired in one place.
+
+Middleware order, outermost first: ``edge`` (request id, access log, metrics, and the
+only catch-all that turns any error into the contract's error body), then ``authorise``
+(bearer token and role, from the route table).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from types import ModuleType
+
+import structlog
+from aiohttp import web
+
+from ..apitokens import Caller
+from ..db import UNAVAILABLE_ERRORS
+from ..errors import (
+    ClientError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, ReplayGuardError,
+    Unauthorized, Unavailable,
+)
+from ..runtime import open_runtime
+from ..settings import Settings
+from . import admin, callouts, openapi, ops
+from .common import MAX_BODY, Handler, Route, json_response
+from .state import CALLER, RUNTIME
+
+log = structlog.get_logger("replayguard.http")
+
+AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops]
+ROUTE_TABLE = web.AppKey("route_table", dict)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _optional_modules() -> list[ModuleType]:
+    """Audience modules that are wired when present (hypervisor events, analysts, RADIUS)."""
+    found = []
+    for name in ("hypervisor", "analysts", "radius"):
+        try:
+            found.append(__import__(f"replayguard.http.{name}", fromlist=["ROUTES"]))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"replayguard.http.{name}":
+                raise
+    return found
+
+
+def all_routes() -> list[Route]:
+    return [route for module in AUDIENCE_MODULES + _optional_modules() for route in module.ROUTES]
+
+
+def _route_of(request: web.Request) -> Route | None:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    table: dict[tuple[str, str], Route] = request.app[ROUTE_TABLE]
+    return table.get((request.method, resource.canonical))
+
+
+def _http_error(exc: web.HTTPException) -> ReplayGuardError:
+    if exc.status == 404:
+        return NotFound("no such resource")
+    if exc.status == 405:
+        return MethodNotAllowed("this method is not allowed on this resource")
+    if exc.status == 413:
+        return PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
+    error = ClientError(exc.reason or "bad request")
+    error.status = exc.status if 400 <= exc.status < 500 else 400
+    return error
+
+
+def _log_line(request: web.Request, status: int, elapsed: float) -> None:
+    fields = {"method": request.method, "status": status, "duration_ms": round(elapsed * 1000, 3)}
+    for key in ("decision", "reason"):
+        if key in request:
+            fields[key] = request[key]
+    log.info("request", **fields)
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, one access-log line, metrics, and errors rendered as the contract says."""
+    header = request.headers.get("X-Request-Id", "")
+    request_id = header if _REQUEST_ID.match(header) else uuid.uuid4().hex
+    route = _route_of(request)
+    path = route.path if route is not None else "unmatched"
+    start = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(
+        request_id=request_id, route=path, audience=route.audience if route else None,
+    ):
+        response = await _guarded(request, handler)
+        response.headers["X-Request-Id"] = request_id
+        elapsed = time.perf_counter() - start
+        _log_line(request, response.status, elapsed)
+    metrics = request.app[RUNTIME].metrics
+    metrics.requests.labels(path, request.method, str(response.status)).inc()
+    metrics.latency.labels(path).observe(elapsed)
+    return response
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ReplayGuardError as exc:
+        return json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        error = _http_error(exc)
+        return json_response(error.body(), status=error.status)
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("dependency_unavailable", error=type(exc).__name__)
+        error = Unavailable("a dependency is unavailable; nothing was accepted")
+        return json_response(error.body(), status=503)
+    except Exception:  # noqa: BLE001 - the one catch-all: no input may produce a traceback
+        log.exception("unhandled_error")
+        return json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("a bearer token is required")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+@web.middleware
+async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Checks the bearer token and the route's roles before the handler runs."""
+    route = _route_of(request)
+    if route is None or route.roles is None:
+        return await handler(request)
+    caller: Caller | None = await request.app[RUNTIME].api_tokens.authenticate(_bearer(request))
+    if caller is None:
+        raise Unauthorized("unknown or revoked token")
+    if not route.allows(caller.role):
+        raise Forbidden(f"role {caller.role!r} may not use this endpoint")
+    request[CALLER] = caller
+    structlog.contextvars.bind_contextvars(caller=caller.token_id)
+    return await handler(request)
+
+
+def _runtime_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_runtime(settings, clock=clock, dsn=dsn) as runtime:
+            app[RUNTIME] = runtime
+            yield
+
+    return ctx
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, dsn: str | None = None) -> web.Application:
+    """The whole service as an aiohttp application; resources open on startup."""
+    app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
+    app.cleanup_ctx.append(_runtime_ctx(settings, clock, dsn))
+    routes = all_routes()
+    table: dict[tuple[str, str], Route] = {}
+    resources: dict[str, web.Resource] = {}
+    for route in routes:
+        resource = resources.get(route.path) or app.router.add_resource(route.path)
+        resources[route.path] = resource
+        resource.add_route(route.method, route.handler)
+        table[(route.method, resource.canonical)] = route
+    app[ROUTE_TABLE] = table
+    app[ops.OPENAPI] = openapi.build(routes)
+    for module in AUDIENCE_MODULES + _optional_modules():
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            setup(app)
+    return app

@@ -1,0 +1,69 @@
+"""HTTP for guests' authentication stacks (role ``callout``): verify and consume."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..core import validation
+from ..core.decisions import DecisionResult
+from .common import Route, json_response, note_decision, read_json
+from .state import RUNTIME
+
+
+def _render(request: web.Request, result: DecisionResult) -> web.Response:
+    note_decision(request, result.verdict.value, result.reason.value)
+    return json_response(result.to_json())
+
+
+async def verify_otp(request: web.Request) -> web.Response:
+    req = validation.otp_request(await read_json(request))
+    return _render(request, await request.app[RUNTIME].decisions.verify_otp(req))
+
+
+async def consume_nonce(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    req = validation.nonce_request(await read_json(request), runtime.settings.nonce_max_ttl_s)
+    return _render(request, await runtime.decisions.consume_nonce(req))
+
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_RECEIPT = {"type": "string", "maxLength": 2048}
+DECISION_SCHEMA = {
+    "type": "object",
+    "required": ["decision", "reason", "flags", "seq", "receipt"],
+    "properties": {
+        "decision": {"type": "string", "enum": ["accept", "reject"]},
+        "reason": {"type": "string", "enum": ["ok", "invalid", "reused", "replay_after_rollback",
+                                              "locked_out", "no_token", "expired"]},
+        "flags": {"type": "array", "items": {"type": "string", "enum": [
+            "rollback_detected", "clone_detected", "receipt_invalid"]}},
+        "seq": {"type": ["integer", "null"]},
+        "receipt": {"type": ["string", "null"]},
+        "alert_id": {"type": "string"},
+    },
+}
+OTP_SCHEMA = {
+    "type": "object", "required": ["vm_id", "principal", "otp"],
+    "properties": {
+        "vm_id": _ID, "principal": _ID, "otp": {"type": "string", "minLength": 1, "maxLength": 64},
+        "receipt": _RECEIPT,
+        "context": {"type": "object", "maxProperties": 16,
+                    "additionalProperties": {"type": ["string", "number"], "maxLength": 256}},
+    },
+}
+NONCE_SCHEMA = {
+    "type": "object", "required": ["vm_id", "scope", "nonce"],
+    "properties": {
+        "vm_id": _ID, "scope": _ID, "nonce": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "ttl_s": {"type": "integer", "minimum": 1, "default": 300},
+        "issued_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
+        "receipt": _RECEIPT,
+    },
+}
+
+ROUTES = [
+    Route("POST", "/v1/otp/verify", verify_otp, ("callout",), "Verify and consume a one-time password",
+          "callouts", OTP_SCHEMA, DECISION_SCHEMA),
+    Route("POST", "/v1/nonces/consume", consume_nonce, ("callout",), "Consume a nonce exactly once",
+          "callouts", NONCE_SCHEMA, DECISION_SCHEMA),
+]

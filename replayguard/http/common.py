@@ -1,0 +1,81 @@
+"""What every HTTP module shares: the route table entry, JSON in and out, app state keys.
+
+Each audience module exposes ``ROUTES``: the one list the app registers, the middleware
+authorises, the OpenAPI document describes and the access-control test walks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    roles: tuple[str, ...] | None  # None: no token needed (health, metrics, openapi)
+    summary: str
+    audience: str
+    request_schema: dict[str, Any] | None = None
+    response_schema: dict[str, Any] | None = None
+    status: int = 200
+    query: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=())
+
+    def allows(self, role: str) -> bool:
+        return self.roles is None or role == "admin" or role in self.roles
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS, default=str),
+        status=status, content_type="application/json", headers=headers,
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, after the contract's media-type and size checks."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("the request body must be application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes") from None
+    if len(raw) > MAX_BODY:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+
+
+def note_decision(request: web.Request, decision: str, reason: str) -> None:
+    """Puts the decision on the request so the access log line can carry it."""
+    request["decision"] = decision
+    request["reason"] = reason
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer", field=name) from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
+    return value

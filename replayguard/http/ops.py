@@ -1,0 +1,62 @@
+"""HTTP for operators: liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from ..db import UNAVAILABLE_ERRORS
+from .common import Route, json_response
+from .state import RUNTIME
+
+OPENAPI = web.AppKey("openapi", dict)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _ledger_writable(request: web.Request) -> bool:
+    runtime = request.app[RUNTIME]
+    try:
+        async with asyncio.timeout(2):
+            async with runtime.pool.acquire() as conn:
+                return bool(await conn.fetchval(
+                    "SELECT NOT pg_is_in_recovery() AND has_table_privilege('ledger', 'INSERT')"))
+    except (*UNAVAILABLE_ERRORS, TimeoutError):
+        return False
+
+
+async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    ledger = await _ledger_writable(request)
+    runtime.metrics.ledger_up.set(1 if ledger else 0)
+    checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable"}
+    ready = ledger
+    if runtime.hot is not None:
+        redis_ok = await runtime.hot.ping()
+        runtime.metrics.redis_up.set(1 if redis_ok else 0)
+        checks["redis"] = "ok" if redis_ok else "unavailable"
+        ready = ready and redis_ok
+    return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(request.app[OPENAPI])
+
+
+_STATUS = {"type": "object"}
+
+ROUTES = [
+    Route("GET", "/healthz", healthz, None, "The process is up", "ops", None, _STATUS),
+    Route("GET", "/readyz", readyz, None, "The ledger is writable (and Redis reachable when configured)",
+          "ops", None, _STATUS),
+    Route("GET", "/metrics", metrics, None, "Prometheus metrics", "ops", None, None),
+    Route("GET", "/v1/openapi.json", openapi, None, "This API's OpenAPI 3.1 document", "ops", None, _STATUS),
+]

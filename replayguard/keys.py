@@ -1,0 +1,98 @@
+"""Key material: generated once under the data dir (mode 0600) or read from named files.
+
+Four independent keys, so that leaking one does not weaken the others:
+``pepper`` keys the credential digests, ``secret`` encrypts token secrets (AES-256-GCM),
+``receipt`` MACs the receipts given to guests, ``signing`` (Ed25519) signs checkpoints.
+A key file that others can read stops start-up: a pepper anyone on the host can read
+turns every ledger digest back into a guessable OTP.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import ConfigError
+from .settings import Settings
+
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True, repr=False)
+class Keys:
+    pepper: bytes
+    secret: bytes
+    receipt: bytes
+    signing: bytes
+
+    def __repr__(self) -> str:
+        return "Keys(<redacted>)"
+
+    def aead(self) -> AESGCM:
+        return AESGCM(self.secret)
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.signing)
+
+
+def _check_private(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        _check_private(path)
+        raw = bytes.fromhex(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"key file {path} does not hold a hex key") from None
+    if len(raw) != KEY_BYTES:
+        raise ConfigError(f"key file {path} must hold {KEY_BYTES} bytes, found {len(raw)}")
+    return raw
+
+
+def _create_key(path: Path) -> bytes:
+    raw = secrets.token_bytes(KEY_BYTES)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_key(path)  # another worker created it first
+    except OSError as exc:
+        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(raw.hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return raw
+
+
+def _load_one(named: Path | None, default: Path) -> bytes:
+    if named is not None:
+        return _read_key(named)
+    if default.exists():
+        return _read_key(default)
+    return _create_key(default)
+
+
+def load_keys(settings: Settings) -> Keys:
+    """Reads or creates every key; raises ``ConfigError`` with one clear line."""
+    keys_dir = settings.data_dir / "keys"
+    return Keys(
+        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key"),
+        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key"),
+        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key"),
+        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key"),
+    )

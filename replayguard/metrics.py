@@ -1,0 +1,47 @@
+"""Prometheus metrics, one registry per application (no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .core.decisions import DecisionResult
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "replayguard_http_requests_total", "HTTP requests by route, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "replayguard_http_request_duration_seconds", "HTTP request latency by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.decisions = Counter(
+            "replayguard_decisions_total", "Decisions by kind, verdict, reason and source",
+            ["kind", "decision", "reason", "source"], registry=self.registry,
+        )
+        self.flags = Counter(
+            "replayguard_decision_flags_total", "Flags raised on decisions", ["flag"], registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "replayguard_ledger_batch_size", "Decisions per ledger transaction (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )
+        self.ledger_up = Gauge(
+            "replayguard_ledger_up", "1 when the last ledger check succeeded", registry=self.registry,
+        )
+        self.redis_up = Gauge(
+            "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
+        )
+
+    def decision(self, kind: str, result: DecisionResult, source: str) -> None:
+        self.decisions.labels(kind, result.verdict.value, result.reason.value, source).inc()
+        for flag in result.flags:
+            self.flags.labels(flag.value).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

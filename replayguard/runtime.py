@@ -1,0 +1,94 @@
+"""The running service's parts, opened and closed in one place.
+
+``open_runtime`` is used by the HTTP app (through ``cleanup_ctx``) and by the CLI alike,
+so both call the same services over the same pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from . import db
+from .apitokens import ApiTokens
+from .appender import Appender, DecideParams
+from .cache import HotCache
+from .decide import DecisionConfig, DecisionService
+from .keys import Keys, load_keys
+from .metrics import Metrics
+from .settings import Settings
+from .tokens import TokenStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool
+    keys: Keys
+    clock: Callable[[], float]
+    metrics: Metrics
+    appender: Appender
+    tokens: TokenStore
+    api_tokens: ApiTokens
+    decisions: DecisionService
+    hot: HotCache | None
+
+    def now_us(self) -> int:
+        return int(self.clock() * 1e6)
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The database URL, starting the embedded PostgreSQL when none is configured."""
+    if settings.database_url is not None:
+        return settings.database_url.reveal()
+    return db.embedded_url(settings.data_dir)
+
+
+async def prepare_database(settings: Settings) -> str:
+    """Resolves the DSN, checks the server answers, applies pending migrations."""
+    dsn = resolve_dsn(settings)
+    await db.check_reachable(dsn)
+    conn = await db.connect(dsn)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings, *, clock: Callable[[], float] = time.time, dsn: str | None = None,
+    migrate: bool = True,
+) -> AsyncIterator[Runtime]:
+    keys = load_keys(settings)
+    if dsn is None:
+        dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
+    pool = await db.create_pool(dsn, size=settings.db_pool_size, statement_timeout_ms=settings.statement_timeout_ms)
+    metrics = Metrics()
+    hot = HotCache.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
+    params = DecideParams(settings.lockout_threshold, settings.lockout_period_s * 1_000_000,
+                          settings.receipt_reaction == "refuse")
+    appender = Appender(pool, params, on_batch=metrics.batch_size.observe)
+    tokens = TokenStore(pool, keys)
+    config = DecisionConfig(settings.totp_drift_steps, settings.hotp_look_ahead,
+                            settings.nonce_max_ttl_s, settings.nonce_max_ttl_s)
+    decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
+                                clock=clock, hot=hot, on_decision=metrics.decision)
+    runtime = Runtime(settings, dsn, pool, keys, clock, metrics, appender, tokens,
+                      ApiTokens(pool, keys.pepper), decisions, hot)
+    try:
+        yield runtime
+    finally:
+        await appender.wait_idle()
+        if hot is not None:
+            await hot.close()
+        await pool.close()

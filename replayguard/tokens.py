@@ -1,0 +1,151 @@
+"""OTP tokens: enrolment, encrypted storage of secrets, and a short-lived read cache.
+
+Secrets are stored as AES-256-GCM ciphertext bound to the token id (associated data), so
+a ciphertext copied onto another row does not decrypt. The cache only saves the lookup
+round trip: whether a code may still be used is decided by the ledger, which re-checks
+that the token is active when it consumes the step.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pyotp
+
+from .core.validation import EnrollRequest
+from .db import acquire
+from .errors import NotFound
+from .keys import Keys
+
+ISSUER = "replayguard"
+CACHE_TTL_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class OtpToken:
+    id: str
+    principal: str
+    type: str
+    secret_b32: str
+    digits: int
+    period: int
+    algorithm: str
+    last_counter: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    token_id: str
+    secret_b32: str
+    provisioning_uri: str
+    type: str
+
+
+def provisioning_uri(principal: str, secret_b32: str, req: EnrollRequest, counter: int = 0) -> str:
+    """An ``otpauth://`` URI that authenticator apps accept."""
+    if req.type == "totp":
+        return pyotp.TOTP(secret_b32, digits=req.digits, interval=req.period).provisioning_uri(
+            name=principal, issuer_name=ISSUER,
+        ) + ("" if req.algorithm == "SHA1" else f"&algorithm={req.algorithm}")
+    return pyotp.HOTP(secret_b32, digits=req.digits).provisioning_uri(
+        name=principal, issuer_name=ISSUER, initial_count=counter,
+    ) + ("" if req.algorithm == "SHA1" else f"&algorithm={req.algorithm}")
+
+
+def _encrypt(keys: Keys, token_id: str, secret_b32: str) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + keys.aead().encrypt(nonce, secret_b32.encode(), token_id.encode())
+
+
+def _decrypt(keys: Keys, token_id: str, blob: bytes) -> str:
+    return keys.aead().decrypt(blob[:12], blob[12:], token_id.encode()).decode()
+
+
+class TokenStore:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys) -> None:
+        self._pool = pool
+        self._keys = keys
+        self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
+
+    async def enroll(self, principal: str, req: EnrollRequest, now_us: int) -> Enrolled:
+        secret_b32 = req.secret or base64.b32encode(secrets.token_bytes(20)).decode()
+        token_id = "otp_" + secrets.token_urlsafe(12)
+        blob = _encrypt(self._keys, token_id, secret_b32)
+        payload = {"token_id": token_id, "type": req.type, "digits": req.digits,
+                   "period": req.period, "algorithm": req.algorithm}
+        async with acquire(self._pool) as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                token_id, principal, req.type, blob, req.digits, req.period, req.algorithm,
+            )
+            await conn.execute(
+                "SELECT rg_append($1, 'enroll', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
+                now_us, principal, payload,
+            )
+        self._cache.pop(principal, None)
+        return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req), req.type)
+
+    async def list(self, principal: str) -> list[dict[str, Any]]:
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch(
+                "SELECT id, type, digits, period, algorithm, created_at FROM otp_tokens"
+                " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id", principal,
+            )
+        return [
+            {"token_id": r["id"], "type": r["type"], "digits": r["digits"], "period": r["period"],
+             "algorithm": r["algorithm"], "created_at": r["created_at"]}
+            for r in rows
+        ]
+
+    async def delete(self, principal: str, token_id: str, now_us: int) -> None:
+        async with acquire(self._pool) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE otp_tokens SET deleted_at = now() WHERE id = $1 AND principal = $2"
+                " AND deleted_at IS NULL RETURNING id", token_id, principal,
+            )
+            if row is None:
+                raise NotFound("no such token for this principal")
+            await conn.execute(
+                "SELECT rg_append($1, 'token_deleted', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
+                now_us, principal, {"token_id": token_id},
+            )
+        self._cache.pop(principal, None)
+
+    async def active(self, principal: str) -> list[OtpToken]:
+        """Active tokens of ``principal``, from the cache when it is fresh."""
+        hit = self._cache.get(principal)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch(
+                "SELECT id, type, secret_ct, digits, period, algorithm, last_counter FROM otp_tokens"
+                " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id", principal,
+            )
+        tokens = [
+            OtpToken(r["id"], principal, r["type"], _decrypt(self._keys, r["id"], r["secret_ct"]),
+                     r["digits"], r["period"], r["algorithm"], r["last_counter"])
+            for r in rows
+        ]
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[principal] = (now + CACHE_TTL_S, tokens)
+        return tokens
+
+    def advanced(self, principal: str, token_id: str, counter: int) -> None:
+        """Notes a counter the ledger just accepted, so HOTP look-ahead starts from it."""
+        hit = self._cache.get(principal)
+        if hit is None:
+            return
+        self._cache[principal] = (hit[0], [
+            OtpToken(t.id, t.principal, t.type, t.secret_b32, t.digits, t.period, t.algorithm,
+                     max(t.last_counter, counter)) if t.id == token_id else t
+            for t in hit[1]
+        ])
