@@ -26,7 +26,7 @@ from ..runtime import open_runtime
 from ..settings import Settings
 from . import admin, callouts, openapi, ops
 from .common import MAX_BODY, Handler, Route, json_response
-from .state import CALLER, RUNTIME
+from .state import CALLER, DECISION, REASON, RUNTIME
 
 log = structlog.get_logger("replayguard.http")
 
@@ -73,9 +73,9 @@ def _http_error(exc: web.HTTPException) -> ReplayGuardError:
 
 def _log_line(request: web.Request, status: int, elapsed: float) -> None:
     fields = {"method": request.method, "status": status, "duration_ms": round(elapsed * 1000, 3)}
-    for key in ("decision", "reason"):
+    for name, key in (("decision", DECISION), ("reason", REASON)):
         if key in request:
-            fields[key] = request[key]
+            fields[name] = request[key]
     log.info("request", **fields)
 
 

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .state import DECISION, REASON
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
@@ -64,8 +65,8 @@ async def read_json(request: web.Request) -> Any:
 
 def note_decision(request: web.Request, decision: str, reason: str) -> None:
     """Puts the decision on the request so the access log line can carry it."""
-    request["decision"] = decision
-    request["reason"] = reason
+    request[DECISION] = decision
+    request[REASON] = reason
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:

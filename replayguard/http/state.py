@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..apitokens import Caller
 from ..runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
-CALLER = "caller"  # request key: the authenticated apitokens.Caller
+CALLER = web.RequestKey("caller", Caller)
+DECISION = web.RequestKey("decision", str)
+REASON = web.RequestKey("reason", str)

@@ -1,0 +1,263 @@
+"""Shared fixtures: a fresh PostgreSQL database per test run, apps, clients, processes.
+
+Storage is always real: the machine's PostgreSQL (``REPLAYGUARD_TEST_PG``, default
+127.0.0.1:5432 as ``postgres``) and Redis (``REPLAYGUARD_TEST_REDIS``, default
+127.0.0.1:6379/5). Each run creates its own database and drops it at the end; tests
+isolate themselves further with unique VM ids and principals (``uid``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from replayguard import db
+from replayguard.http.app import create_app
+from replayguard.http.state import RUNTIME
+from replayguard.runtime import Runtime
+from replayguard.settings import Secret, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("REPLAYGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("REPLAYGUARD_TEST_REDIS", "redis://127.0.0.1:6379/5")
+ROLES = ("callout", "hypervisor", "analyst", "admin")
+
+
+def uid(prefix: str = "t") -> str:
+    """A unique identifier, so tests sharing the run's database never meet."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def dsn_for(name: str) -> str:
+    base, _, _ = PG_ADMIN.rpartition("/")
+    return f"{base}/{name}"
+
+
+async def create_database(prefix: str = "rg_test") -> str:
+    """Creates and migrates a new database; returns its DSN."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = dsn_for(name)
+    conn = await db.connect(dsn)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def drop_database(dsn: str) -> None:
+    name = dsn.rpartition("/")[2]
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """This run's own database, migrated from zero."""
+    dsn = await create_database()
+    yield dsn
+    await drop_database(dsn)
+
+
+@pytest_asyncio.fixture
+async def fresh_database() -> AsyncIterator[Callable[[], Any]]:
+    """A factory of further empty databases (for tests that need a ledger of their own)."""
+    made: list[str] = []
+
+    async def make() -> str:
+        dsn = await create_database("rg_fresh")
+        made.append(dsn)
+        return dsn
+
+    yield make
+    for dsn in made:
+        await drop_database(dsn)
+
+
+@dataclass
+class FakeClock:
+    """A settable clock: the service never reads the real time in these tests."""
+
+    now: float = field(default_factory=lambda: 1_790_000_000.0)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"database_url": Secret(database_url), "data_dir": tmp_path / "data",
+                                  "db_pool_size": 4}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@dataclass
+class Api:
+    """A test client of a running app, with a token per role."""
+
+    client: TestClient
+    runtime: Runtime
+    tokens: dict[str, str]
+    clock: FakeClock
+
+    def auth(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    async def post(self, path: str, body: Any, role: str = "callout") -> tuple[int, Any]:
+        resp = await self.client.post(path, json=body, headers=self.auth(role))
+        return resp.status, await resp.json()
+
+    async def get(self, path: str, role: str = "analyst") -> tuple[int, Any]:
+        resp = await self.client.get(path, headers=self.auth(role))
+        return resp.status, await resp.json()
+
+    async def enroll(self, principal: str, **body: Any) -> dict[str, Any]:
+        status, data = await self.post(f"/v1/principals/{principal}/tokens", body, role="admin")
+        assert status == 201, data
+        return dict(data)
+
+
+async def start_api(settings: Settings, clock: FakeClock) -> Api:
+    app = create_app(settings, clock=clock)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    runtime = app[RUNTIME]
+    tokens = {}
+    for role in ROLES:
+        _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
+    return Api(client, runtime, tokens, clock)
+
+
+@pytest_asyncio.fixture
+async def api(make_settings: Callable[..., Settings], clock: FakeClock) -> AsyncIterator[Api]:
+    """The service in-process over the run's database, no Redis."""
+    instance = await start_api(make_settings(), clock)
+    yield instance
+    await instance.client.close()
+
+
+@pytest_asyncio.fixture
+async def api_factory(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    """Starts apps with custom settings (Redis, reactions, limits); closes them after."""
+    started: list[Api] = []
+
+    async def start(clock: FakeClock | None = None, **overrides: Any) -> Api:
+        instance = await start_api(make_settings(**overrides), clock or FakeClock())
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        await instance.client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    """A real ``replayguard serve`` process."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}")
+            try:
+                async with session.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYGUARD_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "replayguard", *args], capture_output=True, text=True,
+                          env=env or cli_env(), timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Starts ``replayguard serve`` processes; every one is killed at teardown."""
+    procs: list[ServiceProcess] = []
+
+    async def start(*, data_dir: Path, database_url: str | None, port: int | None = None,
+                    extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServiceProcess:
+        port = port or free_port()
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), *extra_args]
+        if database_url is not None:
+            args += ["--database-url", database_url]
+        log_path = tmp_path / f"service-{port}-{len(procs)}.log"
+        handle = log_path.open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "replayguard", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                env=env or cli_env(), cwd=REPO)
+        service = ServiceProcess(proc, f"http://127.0.0.1:{port}", log_path)
+        procs.append(service)
+        await wait_ready(service.url, proc)
+        return service
+
+    yield start
+    for service in procs:
+        service.kill()

@@ -1,0 +1,363 @@
+"""The libvirt relay end to end: a private libvirtd, the relay as its own process, a stand-in service.
+
+libvirt's ``test`` driver keeps its state inside one process, so the test starts a private
+``libvirtd`` (own config and socket directory, no TCP/TLS, no auth, and
+``LIBVIRT_DRIVER_DIR`` pointing at an empty folder so that only the built-in test driver
+loads) and both the relay and this test talk to it over
+``test+unix:///default?socket=DIR/libvirt-sock``. The stand-in for replayguard's events
+endpoint is a small aiohttp app that records what it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from replayguard.relay.libvirt_relay import is_from_snapshot, parse_creation_time
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - the CI script installs it
+    libvirt = None
+
+LIBVIRTD = shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin:/usr/local/sbin")
+pytestmark = pytest.mark.skipif(
+    libvirt is None or LIBVIRTD is None,
+    reason="libvirt not installed (apt: libvirt-daemon libvirt-dev; pip: libvirt-python)",
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "relay-test-token-4f9d2c"
+HOST = "hv-test"
+POLL = "0.5"
+WAIT = 30.0  # every wait is bounded; pytest-timeout is the outer bound
+
+DOMAIN_XML = """<domain type='test'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>"""
+
+
+# ---------------------------------------------------------------- private libvirtd
+
+
+def _write_config(root: Path) -> Path:
+    conf = root / "libvirtd.conf"
+    conf.write_text(
+        "listen_tls = 0\nlisten_tcp = 0\n"
+        f'unix_sock_dir = "{root / "sock"}"\n'
+        'unix_sock_rw_perms = "0700"\nunix_sock_admin_perms = "0700"\n'
+        'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+        'log_outputs = "3:stderr"\n'
+    )
+    return conf
+
+
+def _wait_for_daemon(uri: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll until the daemon answers; fail with its log if it exits or takes too long."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"libvirtd exited with {proc.returncode}: {log.read_text()}")
+        try:
+            libvirt.open(uri).close()
+            return
+        except libvirt.libvirtError:
+            time.sleep(0.1)
+    pytest.fail(f"libvirtd did not answer on {uri} within 15 s: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def libvirt_uri() -> Iterator[str]:
+    """A private libvirtd with only the test driver; yields the URI every process uses."""
+    root = Path(tempfile.mkdtemp(prefix="rglv-"))  # short: unix socket paths max 108 bytes
+    (root / "sock").mkdir()
+    (root / "drivers").mkdir()  # empty: keeps libvirtd from loading (and needing) QEMU
+    log = root / "libvirtd.log"
+    env = {**os.environ, "LIBVIRT_DRIVER_DIR": str(root / "drivers")}
+    cmd = [str(LIBVIRTD), "--config", str(_write_config(root)), "--pid-file", str(root / "pid")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    uri = f"test+unix:///default?socket={root / 'sock' / 'libvirt-sock'}"
+    try:
+        _wait_for_daemon(uri, proc, log)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _started_domain(uri: str) -> Any:
+    """A fresh running domain on the shared test driver, unique to the calling test."""
+    conn = libvirt.open(uri)
+    dom = conn.defineXML(DOMAIN_XML.format(name=f"rg-{uuid.uuid4().hex[:8]}"))
+    dom.create()
+    return dom
+
+
+def _snapshot(dom: Any, name: str) -> tuple[Any, int]:
+    snap = dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    ctime = parse_creation_time(snap.getXMLDesc(0))
+    assert ctime is not None
+    return snap, ctime
+
+
+# ---------------------------------------------------------------- stand-in service
+
+
+@dataclass
+class StandIn:
+    """replayguard's events endpoint, reduced to recording and the idempotency rule."""
+
+    port: int
+    fail_first: int = 0
+    attempts: int = 0
+    failures: int = 0
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": {"code": "unauthorized"}}, status=401)
+        if request.query.get("source") != "libvirt":
+            return web.json_response({"error": {"code": "invalid_request"}}, status=400)
+        if self.failures < self.fail_first:
+            self.failures += 1
+            return web.json_response({"error": {"code": "unavailable"}}, status=503)
+        body = orjson.loads(await request.read())
+        earlier = [b for b in self.accepted if b["event_id"] == body["event_id"]]
+        if earlier:
+            self.duplicates.append(body["event_id"])
+            if earlier[0] != body:
+                return web.json_response({"error": {"code": "conflict"}}, status=409)
+            return web.json_response({"accepted": True, "duplicate": True}, status=202)
+        self.accepted.append(body)
+        return web.json_response({"accepted": True, "duplicate": False}, status=202)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/hypervisor/events", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def of_domain(self, dom_uuid: str) -> list[dict[str, Any]]:
+        return [b for b in self.accepted if b["domain"]["uuid"] == dom_uuid]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[StandIn]:
+    """A stand-in on a fixed free port that answers 503 three times before accepting."""
+    service = StandIn(port=_free_port(), fail_first=3)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+# ---------------------------------------------------------------- the relay process
+
+
+@dataclass
+class Relays:
+    """Starts relay processes and kills whatever is left of them at the end."""
+
+    uri: str
+    root: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    def start(self, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+        token_file = self.root / "token"
+        token_file.write_text(TOKEN + "\n")
+        log = self.root / f"relay-{len(self.procs)}.log"
+        cmd = [sys.executable, "-m", "replayguard.relay.cli", "libvirt", "--uri", self.uri,
+               "--service-url", f"http://127.0.0.1:{port}", "--token-file", str(token_file),
+               "--spool-dir", str(self.spool), "--poll-interval", POLL, "--host", HOST]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+@pytest.fixture
+def relays(libvirt_uri: str, tmp_path: Path) -> Iterator[Relays]:
+    """Relay processes against the private libvirtd, all stopped after the test."""
+    manager = Relays(libvirt_uri, tmp_path)
+    yield manager
+    manager.stop_all()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Wait up to WAIT seconds for ``predicate()``; TimeoutError if it never holds."""
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.1)
+
+
+async def _connected(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the relay has its libvirt callbacks registered."""
+    try:
+        await _until(lambda: b"libvirt_connected" in log.read_bytes() or proc.poll() is not None)
+    except TimeoutError:
+        pytest.fail(f"relay never connected: {log.read_text()}")
+    assert proc.poll() is None, f"relay exited with {proc.returncode}: {log.read_text()}"
+
+
+def _reverted_lifecycle(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [b for b in bodies if b["kind"] == "lifecycle" and is_from_snapshot(b["event"], b["detail"])]
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_revert_reaches_the_service_once_after_retries(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """A snapshot and a real revert arrive, despite 503s, each event_id exactly once."""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    snap, ctime = _snapshot(dom, "pre-login")
+    _snapshot(dom, "after-login")
+    dom.revertToSnapshot(snap)
+    dom_uuid = dom.UUIDString()
+
+    def arrived() -> bool:
+        mine = standin.of_domain(dom_uuid)
+        created = {b["snapshot"]["name"] for b in mine if b["kind"] == "snapshot_created"}
+        return {"pre-login", "after-login"} <= created and len(_reverted_lifecycle(mine)) >= 2
+
+    try:
+        await _until(arrived)
+    except TimeoutError:
+        pytest.fail(f"events missing: {standin.of_domain(dom_uuid)}\nrelay log: {log.read_text()}")
+
+    mine = standin.of_domain(dom_uuid)
+    assert standin.failures == 3 and standin.attempts > len(standin.accepted)
+    assert standin.duplicates == []
+    assert all(n == 1 for n in Counter(b["event_id"] for b in standin.accepted).values())
+    created = next(b for b in mine if b["kind"] == "snapshot_created" and b["snapshot"]["name"] == "pre-login")
+    assert created["snapshot"] == {"name": "pre-login", "creation_time": ctime}
+    for body in _reverted_lifecycle(mine):
+        assert body["snapshot"] == {"name": "pre-login", "creation_time": ctime}
+        assert (body["source"], body["uri"], body["host"]) == ("libvirt", libvirt_uri, HOST)
+        assert body["domain"] == {"name": dom.name(), "uuid": dom_uuid}
+        assert body["occurred_at"].endswith("Z")
+    assert {(b["event"], b["detail"]) for b in _reverted_lifecycle(mine)} >= {(5, 6), (2, 3)}
+    assert not [b for b in mine if b["kind"] == "silent_revert"], "the revert had its events"
+    assert TOKEN not in log.read_text()
+
+
+async def test_spooled_event_survives_kill_9_of_the_relay(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """A revert spooled while the service is down is delivered by the next relay after kill -9."""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    dom_uuid = dom.UUIDString()
+    snap, ctime = _snapshot(dom, "before")
+    await _until(lambda: any(b["kind"] == "snapshot_created" for b in standin.of_domain(dom_uuid)))
+    await standin.stop()
+
+    dom.revertToSnapshot(snap)
+
+    def spooled() -> list[dict[str, Any]]:
+        bodies = [orjson.loads(p.read_bytes()) for p in relays.spool.glob("evt-*.json")]
+        return _reverted_lifecycle([b for b in bodies if b["domain"]["uuid"] == dom_uuid])
+
+    await _until(lambda: len(spooled()) >= 2)
+    waiting = {b["event_id"] for b in spooled()}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    proc2, log2 = relays.start(standin.port)
+    await _connected(proc2, log2)
+    await standin.start()
+    try:
+        await _until(lambda: waiting <= {b["event_id"] for b in standin.accepted})
+    except TimeoutError:
+        pytest.fail(f"spooled events lost: {waiting}\nrelay log: {log2.read_text()}")
+    delivered = [b for b in standin.accepted if b["event_id"] in waiting]
+    assert all(b["snapshot"] == {"name": "before", "creation_time": ctime} for b in delivered)
+    assert len(delivered) == len(waiting)
+
+
+async def test_current_snapshot_moved_without_event_is_a_silent_revert(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """A current snapshot moved back with no lifecycle event is reported as silent_revert."""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    dom_uuid = dom.UUIDString()
+    old, ctime = _snapshot(dom, "old")
+    _snapshot(dom, "new")
+    await _until(lambda: len([b for b in standin.of_domain(dom_uuid) if b["kind"] == "snapshot_created"]) == 2)
+
+    # Redefining "old" as current moves the pointer with no lifecycle event, as an in-place
+    # revert of a running QEMU guest can.
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+    dom.snapshotCreateXML(old.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE), flags)
+
+    def silent() -> list[dict[str, Any]]:
+        return [b for b in standin.of_domain(dom_uuid) if b["kind"] == "silent_revert"]
+
+    try:
+        await _until(lambda: bool(silent()))
+    except TimeoutError:
+        pytest.fail(f"no silent_revert: {standin.of_domain(dom_uuid)}\nrelay log: {log.read_text()}")
+    [body] = silent()
+    assert body["snapshot"] == {"name": "old", "creation_time": ctime}
+    assert (body["event"], body["detail"]) == (-1, -1)
+    assert not _reverted_lifecycle(standin.of_domain(dom_uuid))

@@ -1,0 +1,525 @@
+"""External sinks against real receivers on 127.0.0.1: file, syslog UDP/TCP, webhook, outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import inspect
+import os
+import re
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from replayguard.errors import ConfigError
+from replayguard.settings import Secret
+from replayguard.sinks import (
+    Backoff,
+    SinkConfig,
+    SinkDispatcher,
+    parse_sink,
+    parse_sink_spec,
+    webhook_signature,
+)
+
+FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
+SYSLOG_RE = re.compile(rb"^<(\d+)>1 (\S+) (\S+) replayguard (\d+) (alert|checkpoint) - (CEF:0\|.*)$")
+
+
+def alert(i: int, severity: str = "warning") -> dict[str, object]:
+    return {
+        "type": "alert", "id": f"al-{i}", "kind": "reuse", "severity": severity, "status": "open",
+        "vm_id": "web-01", "principal": "alice", "count": 1, "first_seen": "2026-11-29T10:05:00Z",
+        "last_seen": "2026-11-29T10:05:00Z", "summary": f"OTP reused #{i}",
+    }  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate`` holds; the timeout only bounds a failing test."""
+
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def ids_of(records: list[dict[str, Any]]) -> list[str]:
+    return [str(r["id"]) for r in records]
+
+
+def file_ids(path: Path) -> list[str]:
+    return [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+class WebhookServer:
+    """An aiohttp receiver that can be down, fail its first N requests, hang, or refuse ids."""
+
+    def __init__(self, port: int, *, fail_first: int = 0, hang: bool = False, refuse: str = "") -> None:
+        self.port, self.fail_left, self.hang, self.refuse = port, fail_first, hang, refuse
+        self.failing = False
+        self.received: list[dict[str, Any]] = []
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append((dict(request.headers), body))
+        if self.hang:
+            await self.release.wait()
+        if self.failing or self.fail_left > 0:
+            self.fail_left -= 1
+            return web.Response(status=500)
+        if orjson.loads(body)["id"] == self.refuse:
+            return web.Response(status=422)
+        self.received.append(orjson.loads(body))
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def spec(self) -> str:
+        return f"webhook:http://127.0.0.1:{self.port}/hook"
+
+
+class TcpSyslog:
+    """A syslog receiver with RFC 6587 octet-counting framing."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.messages: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            while True:
+                length = await reader.readuntil(b" ")
+                self.messages.append(await reader.readexactly(int(length[:-1])))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+
+
+class UdpSyslog(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.messages.append(data)
+
+
+def syslog_ids(messages: list[bytes]) -> list[str]:
+    """The externalId of every message, checking each is a well-formed RFC 5424 + CEF message."""
+    ids = []
+    for message in messages:
+        match = SYSLOG_RE.match(message)
+        assert match is not None, message
+        found = re.search(rb"externalId=(\S+)", match.group(6))
+        assert found is not None
+        ids.append(found.group(1).decode())
+    return ids
+
+
+@pytest.fixture
+async def dispatchers() -> AsyncIterator[list[SinkDispatcher]]:
+    made: list[SinkDispatcher] = []
+    yield made
+    for dispatcher in made:
+        await dispatcher.stop(timeout=0.2)
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[WebhookServer | TcpSyslog]]:
+    made: list[WebhookServer | TcpSyslog] = []
+    yield made
+    for server in made:
+        await server.stop()
+
+
+async def started(made: list[SinkDispatcher], specs: list[str | SinkConfig], spool: Path,
+                  **options: Any) -> SinkDispatcher:  # fmt: skip
+    configs = [s if isinstance(s, SinkConfig) else parse_sink_spec(s) for s in specs]
+    dispatcher = SinkDispatcher(configs, spool_dir=spool, backoff=FAST, hostname="hv-test", **options)
+    made.append(dispatcher)
+    await dispatcher.start()
+    return dispatcher
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("file:/var/log/replayguard/alerts.jsonl", {"kind": "file", "path": Path("/var/log/replayguard/alerts.jsonl")}),
+        ("file:///var/log/x.jsonl", {"kind": "file", "path": Path("/var/log/x.jsonl")}),
+        ("syslog+udp://127.0.0.1:514", {"transport": "udp", "host": "127.0.0.1", "port": 514, "facility": 10}),
+        ("syslog+udp://127.0.0.1", {"transport": "udp", "port": 514}),
+        ("syslog+tcp://127.0.0.1", {"transport": "tcp", "port": 601}),
+        ("syslog+tcp://127.0.0.1:601?facility=authpriv", {"transport": "tcp", "facility": 10}),
+        ("syslog+tcp://localhost:6514?facility=local3", {"host": "localhost", "port": 6514, "facility": 19}),
+        ("syslog+udp://[::1]:514?facility=4", {"host": "::1", "facility": 4}),
+        ("webhook:https://127.0.0.1:8443/hook?a=1", {"kind": "webhook", "url": "https://127.0.0.1:8443/hook?a=1"}),
+        ("  webhook:http://localhost/h  ", {"kind": "webhook", "url": "http://localhost/h"}),
+    ],
+)
+def test_parse_sink_spec(spec: str, expected: dict[str, object]) -> None:
+    """Each spec form yields a config with these fields and a stable generated name."""
+    config = parse_sink_spec(spec)
+    for key, value in expected.items():
+        assert getattr(config, key) == value
+    assert config.name.startswith(config.kind + "-") and config.name == parse_sink_spec(spec).name
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "expected file:, syslog"),
+        ("ftp://127.0.0.1/x", "expected file:, syslog"),
+        ("syslog://127.0.0.1", "syslog\\+udp:// or syslog\\+tcp://"),
+        ("file:", "absolute path"),
+        ("file:relative/alerts.jsonl", "must be absolute"),
+        ("file:/var/log/", "names a directory"),
+        ("syslog+udp://:514", "host is required"),
+        ("syslog+tcp://127.0.0.1:99999", "port must be"),
+        ("syslog+tcp://127.0.0.1:abc", "port must be"),
+        ("syslog+tcp://127.0.0.1:0", "port must be"),
+        ("syslog+tcp://127.0.0.1/path", "only host, port"),
+        ("syslog+tcp://127.0.0.1?facility=bogus", "unknown facility 'bogus'"),
+        ("syslog+tcp://127.0.0.1?facility=24", "unknown facility '24'"),
+        ("syslog+tcp://127.0.0.1?fac=1", "unknown option 'fac'"),
+        ("webhook:ftp://127.0.0.1/x", "http:// or https://"),
+        ("webhook:", "http:// or https://"),
+        ("webhook:https://127.0.0.1:70000/h", "port must be"),
+        ("webhook:https://user:hunter2@127.0.0.1/h", "credentials do not belong"),
+        ("https://user:hunter2@127.0.0.1/h", "expected file:, syslog"),
+        ("syslog+tcp://user:hunter2@127.0.0.1", "only host, port"),
+        ("syslog+tcp://user:hunter2@127.0.0.1:x", "port must be"),
+    ],
+)
+def test_parse_sink_spec_errors(spec: str, message: str) -> None:
+    """Bad specs raise ValueError with an actionable message that never echoes a URL password."""
+    with pytest.raises(ValueError, match=message) as info:
+        parse_sink_spec(spec)
+    assert "hunter2" not in str(info.value)
+
+
+def test_parse_sink_secret_and_name() -> None:
+    """A dict carries the webhook secret and a name; the config's repr never shows the secret."""
+    config = parse_sink({"spec": "webhook:https://127.0.0.1/h", "secret": "s3cr3t-value", "name": "soc"})
+    assert config.name == "soc" and config.secret == Secret("s3cr3t-value")
+    assert "s3cr3t-value" not in repr(config) and "s3cr3t-value" not in config.describe()
+    with pytest.raises(ValueError, match="only webhook"):
+        parse_sink_spec("file:/x.jsonl", secret=Secret("x"))
+    with pytest.raises(ValueError, match="sink name"):
+        parse_sink({"spec": "file:/x.jsonl", "name": "../etc"})
+    with pytest.raises(ValueError, match="needs a 'spec'"):
+        parse_sink({"url": "file:/x.jsonl"})
+
+
+def test_duplicate_sink_names_refused(tmp_path: Path) -> None:
+    """Two sinks with one name would share a spool, so the dispatcher refuses them."""
+    with pytest.raises(ValueError, match="unique"):
+        SinkDispatcher([parse_sink_spec("file:/a.jsonl")] * 2, spool_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "delay"),
+    [(0, 0.0, 0.25), (0, 1.0, 0.5), (1, 0.0, 0.5), (3, 0.5, 3.0), (6, 1.0, 30.0), (10_000, 0.0, 15.0)],
+)
+def test_backoff_delay(attempt: int, rand: float, delay: float) -> None:
+    """Backoff doubles per attempt from 0.5 s, is capped at 30 s, and jitters within the upper half."""
+    assert Backoff().delay(attempt, rand) == pytest.approx(delay)
+
+
+def test_webhook_signature_vector() -> None:
+    """The signature is HMAC-SHA256 over "<t>.<body>" in lowercase hex."""
+    expected = hmac.new(b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
+    assert webhook_signature(b"k", 1700000000, b"{}") == f"t=1700000000,v1={expected}"
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+async def test_file_sink_appends_lines_mode_0600(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """The file sink creates the file 0600 and appends one JSON line per record after existing content."""
+    target = tmp_path / "log" / "alerts.jsonl"
+    dispatcher = await started(dispatchers, [f"file:{target}"], tmp_path / "spool")
+    for i in range(5):
+        dispatcher.submit(alert(i))
+    await eventually(lambda: len(file_ids(target)) == 5)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert orjson.loads(target.read_bytes().splitlines()[0]) == alert(0)
+    dispatcher.submit(alert(5))
+    await eventually(lambda: len(file_ids(target)) == 6)
+    assert file_ids(target) == [f"al-{i}" for i in range(6)]
+
+
+async def test_udp_syslog_delivers_cef(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """Each record reaches a UDP syslog receiver as one RFC 5424 datagram carrying CEF."""
+    loop = asyncio.get_running_loop()
+    transport, receiver = await loop.create_datagram_endpoint(UdpSyslog, local_addr=("127.0.0.1", 0))
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        spec = f"syslog+udp://127.0.0.1:{port}?facility=local0"
+        dispatcher = await started(dispatchers, [spec], tmp_path)
+        dispatcher.submit(alert(0, "critical"))
+        dispatcher.submit(alert(1, "info"))
+        await eventually(lambda: len(receiver.messages) == 2)
+    finally:
+        transport.close()
+    assert syslog_ids(receiver.messages) == ["al-0", "al-1"]
+    assert receiver.messages[0].startswith(b"<130>1 ") and receiver.messages[1].startswith(b"<134>1 ")
+    assert b" hv-test replayguard " in receiver.messages[0]
+    assert b"|reuse|One-time credential reused|9|" in receiver.messages[0]
+
+
+async def test_tcp_syslog_down_then_up(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                       servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """Records submitted while the TCP receiver refuses connections arrive framed, in order, once it listens."""
+    receiver = TcpSyslog(free_port())
+    servers.append(receiver)
+    dispatcher = await started(dispatchers, [f"syslog+tcp://127.0.0.1:{receiver.port}"], tmp_path)
+    for i in range(5):
+        dispatcher.submit(alert(i))
+    await eventually(lambda: dispatcher.stats()[dispatcher_name(dispatcher)].failed_attempts >= 2)
+    await receiver.start()
+    await eventually(lambda: len(receiver.messages) >= 5)
+    for i in range(5, 8):
+        dispatcher.submit(alert(i))
+    await eventually(lambda: len(receiver.messages) >= 8)
+    assert syslog_ids(receiver.messages) == [f"al-{i}" for i in range(8)]
+    assert all(m.startswith(b"<84>1 ") for m in receiver.messages)
+
+
+def dispatcher_name(dispatcher: SinkDispatcher) -> str:
+    (name,) = dispatcher.stats()
+    return name
+
+
+async def test_webhook_fails_then_delivers_in_order_once(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                         servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """A webhook refused (not started) then answering 500 three times gets every record, in order, once."""
+    server = WebhookServer(free_port(), fail_first=3)
+    servers.append(server)
+    dispatcher = await started(dispatchers, [server.spec], tmp_path)
+    for i in range(10):
+        dispatcher.submit(alert(i))
+    name = dispatcher_name(dispatcher)
+    await eventually(lambda: dispatcher.stats()[name].failed_attempts >= 2)
+    assert dispatcher.stats()[name].backlog == 10
+    await server.start()
+    await eventually(lambda: len(server.received) >= 10)
+    await asyncio.sleep(0.05)  # room for a wrong extra delivery to show up
+    assert ids_of(server.received) == [f"al-{i}" for i in range(10)]
+    assert server.received[3] == alert(3)
+    stats = dispatcher.stats()[name]
+    assert (stats.delivered, stats.backlog, stats.rejected) == (10, 0, 0)
+    assert stats.failed_attempts >= 5
+
+
+async def test_webhook_signature_and_no_secret_in_logs(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                       servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """Each POST is signed over "<t>.<body>" with the secret, and no log event contains the secret."""
+    secret = "whsec-do-not-log-7f3a"
+    server = WebhookServer(free_port(), fail_first=1)
+    servers.append(server)
+    await server.start()
+    config = parse_sink_spec(server.spec, secret=Secret(secret))
+    with capture_logs() as logs:
+        dispatcher = await started(dispatchers, [config], tmp_path)
+        dispatcher.submit(alert(0))
+        await eventually(lambda: len(server.received) == 1)
+        await dispatcher.stop(timeout=1)
+    assert len(server.requests) == 2
+    for headers, body in server.requests:
+        match = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", headers["X-Replayguard-Signature"])
+        assert match is not None
+        expected = hmac.new(secret.encode(), match.group(1).encode() + b"." + body, hashlib.sha256)
+        assert hmac.compare_digest(match.group(2), expected.hexdigest())
+    assert any(event["event"] == "sink_delivery_failed" for event in logs)
+    assert secret not in repr(logs)
+
+
+async def test_webhook_refused_record_is_skipped(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                 servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """A record the receiver refuses with 422 is counted as rejected and does not block the ones after it."""
+    server = WebhookServer(free_port(), refuse="al-1")
+    servers.append(server)
+    await server.start()
+    dispatcher = await started(dispatchers, [server.spec], tmp_path)
+    for i in range(3):
+        dispatcher.submit(alert(i))
+    name = dispatcher_name(dispatcher)
+    await eventually(lambda: dispatcher.stats()[name].backlog == 0)
+    assert ids_of(server.received) == ["al-0", "al-2"]
+    assert dispatcher.stats()[name].rejected == 1
+
+
+# --------------------------------------------------------------------------- outbox and dispatcher
+
+
+async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                          servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """Records a down sink missed before a stop are delivered by a new dispatcher on the same spool, once."""
+    server = WebhookServer(free_port())
+    servers.append(server)
+    await server.start()
+    target = tmp_path / "alerts.jsonl"
+    specs: list[str | SinkConfig] = [server.spec, f"file:{target}"]
+    first = await started(dispatchers, specs, tmp_path / "spool")
+    for i in range(3):
+        first.submit(alert(i))
+    await eventually(lambda: len(server.received) == 3)
+    server.failing = True
+    for i in range(3, 6):
+        first.submit(alert(i))
+    await eventually(lambda: len(file_ids(target)) == 6 and len(server.requests) >= 5)
+    await first.stop(timeout=0.1)
+    assert first.stats()[parse_sink_spec(server.spec).name].backlog == 3
+    server.failing = False
+    second = await started(dispatchers, specs, tmp_path / "spool")
+    second.submit(alert(6))
+    await eventually(lambda: len(server.received) == 7 and len(file_ids(target)) == 7)
+    await asyncio.sleep(0.05)
+    assert ids_of(server.received) == [f"al-{i}" for i in range(7)]
+    assert file_ids(target) == [f"al-{i}" for i in range(7)]
+
+
+async def test_torn_spool_tail_is_cut(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """A half-written last spool line (a crash mid-append) is dropped and later records stay intact."""
+    target = tmp_path / "out" / "alerts.jsonl"
+    config = parse_sink_spec(f"file:{target}", name="audit")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "audit.jsonl").write_bytes(orjson.dumps(alert(0)) + b"\n" + b'{"type": "al')
+    dispatcher = await started(dispatchers, [config], spool)
+    assert dispatcher.stats()["audit"].backlog == 1
+    dispatcher.submit(alert(1))
+    await eventually(lambda: len(file_ids(target)) == 2)
+    assert file_ids(target) == ["al-0", "al-1"]
+
+
+async def test_corrupt_spool_lines_are_skipped(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """Corrupt spool lines are counted as dropped and skipped; the records around them are delivered."""
+    target = tmp_path / "alerts.jsonl"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lines = [orjson.dumps(alert(0)), b"garbage", orjson.dumps(alert(1)), b"{not json"]
+    (spool / "audit.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    dispatcher = await started(dispatchers, [parse_sink_spec(f"file:{target}", name="audit")], spool)
+    await eventually(lambda: dispatcher.stats()["audit"].backlog == 0)
+    assert file_ids(target) == ["al-0", "al-1"]
+    assert dispatcher.stats()["audit"].dropped == 2
+
+
+async def test_memory_overflow_reads_back_from_spool(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                     servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """With a 2-record memory queue, a long outage is replayed from the spool file, in order."""
+    server = WebhookServer(free_port())
+    servers.append(server)
+    dispatcher = await started(dispatchers, [server.spec], tmp_path, memory_limit=2, batch_size=3)
+    for i in range(20):
+        dispatcher.submit(alert(i))
+    await server.start()
+    await eventually(lambda: len(server.received) == 20)
+    assert ids_of(server.received) == [f"al-{i}" for i in range(20)]
+
+
+async def test_hanging_sink_never_delays_submit(tmp_path: Path, dispatchers: list[SinkDispatcher],
+                                                servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+    """While a webhook hangs, submit stays synchronous, its backlog grows, and the file sink still delivers."""
+    server = WebhookServer(free_port(), hang=True)
+    servers.append(server)
+    await server.start()
+    target = tmp_path / "alerts.jsonl"
+    dispatcher = await started(dispatchers, [server.spec, f"file:{target}"], tmp_path / "spool", send_timeout=60)
+    assert not inspect.iscoroutinefunction(dispatcher.submit)
+    webhook = parse_sink_spec(server.spec).name
+    for i in range(20):
+        dispatcher.submit(alert(i))
+        assert dispatcher.stats()[webhook].backlog == i + 1
+    await eventually(lambda: len(file_ids(target)) == 20)
+    await eventually(lambda: len(server.requests) == 1)
+    assert dispatcher.stats()[webhook].delivered == 0
+    assert dispatcher.stats()[webhook].backlog == 20
+    await dispatcher.stop(timeout=0.1)
+
+
+async def test_submit_never_raises(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """submit swallows records that are not JSON and calls before start or after stop."""
+    target = tmp_path / "alerts.jsonl"
+    dispatcher = SinkDispatcher([parse_sink_spec(f"file:{target}")], spool_dir=tmp_path / "spool")
+    dispatchers.append(dispatcher)
+    dispatcher.submit(alert(0))
+    await dispatcher.start()
+    dispatcher.submit({"type": "alert", "id": "bad", "when": object()})
+    dispatcher.submit(alert(1))
+    await eventually(lambda: len(file_ids(target)) == 1)
+    await dispatcher.stop(timeout=1)
+    dispatcher.submit(alert(2))
+    assert file_ids(target) == ["al-1"]
+
+
+async def test_spool_compacts_when_drained(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """Once everything is delivered the spool file is emptied and the cursor reset, so it never grows unbounded."""
+    target = tmp_path / "alerts.jsonl"
+    config = parse_sink_spec(f"file:{target}", name="audit")
+    spool = tmp_path / "spool"
+    dispatcher = await started(dispatchers, [config], spool, compact_bytes=1)
+    for i in range(3):
+        dispatcher.submit(alert(i))
+    await eventually(lambda: dispatcher.stats()["audit"].backlog == 0)
+    assert (spool / "audit.jsonl").stat().st_size == 0
+    assert (spool / "audit.cursor").read_text() == "0\n"
+    assert stat.S_IMODE((spool / "audit.jsonl").stat().st_mode) == 0o600
+    dispatcher.submit(alert(3))
+    await eventually(lambda: len(file_ids(target)) == 4)
+    assert file_ids(target) == [f"al-{i}" for i in range(4)]
+
+
+async def test_spool_locked_against_second_process(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
+    """A second dispatcher on a spool in use fails at start instead of delivering the same outbox twice."""
+    spec = f"file:{tmp_path / 'alerts.jsonl'}"
+    await started(dispatchers, [spec], tmp_path / "spool")
+    second = SinkDispatcher([parse_sink_spec(spec)], spool_dir=tmp_path / "spool")
+    with pytest.raises(ConfigError, match="in use"):
+        await second.start()
+    assert os.listdir(tmp_path / "spool")

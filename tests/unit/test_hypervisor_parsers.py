@@ -1,0 +1,645 @@
+"""Native hypervisor parsers: sample payloads, malformed fields, and arbitrary input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replayguard.core.events import EventType, GenericEvent, IgnoredPayload, MalformedPayload
+from replayguard.hypervisors import PARSERS, _common, libvirt, openstack, proxmox, vsphere
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "hypervisors"
+SOURCES = ("libvirt", "vsphere", "proxmox", "openstack")
+
+
+def _load() -> dict[str, dict[str, Any]]:
+    """Every sample file, keyed by 'source/file.json', read once."""
+    return {
+        f"{source}/{path.name}": json.loads(path.read_text(encoding="utf-8"))
+        for source in SOURCES
+        for path in sorted((DATA / source).glob("*.json"))
+    }
+
+
+SAMPLES = _load()
+
+
+def utc(text: str) -> datetime:
+    """An aware UTC datetime from an ISO string written without offset."""
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The parts of a parsed event that a sample pins down."""
+
+    type: EventType
+    vm_id: str
+    occurred_at: datetime | None
+    snapshot_id: str | None = None
+    snapshot_created_at: datetime | None = None
+    host: str | None = None
+    source_vm_id: str | None = None
+
+
+R, C, D = EventType.SNAPSHOT_REVERTED, EventType.SNAPSHOT_CREATED, EventType.SNAPSHOT_DELETED
+T0 = utc("2026-11-29T10:00:00")  # when the 'pre-patch' snapshot was taken
+NOVA_VM = "178b0921-8f85-4257-88b6-2e743b5a975c"
+NOVA_IMAGE = "d2aae36f-785c-4518-8016-bc9534d9fc7f"
+
+ACCEPTED: dict[str, Expected] = {
+    "libvirt/revert_started_from_snapshot.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
+    "libvirt/revert_paused_suspended_from_snapshot.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
+    "libvirt/revert_resumed_from_snapshot.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
+    "libvirt/revert_defined_from_snapshot.json":
+        Expected(R, "web-01", utc("2026-11-29T09:05:00.250"), "pre-patch", T0, "hv-03"),
+    "libvirt/silent_revert.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
+    "libvirt/restored_from_state_file.json":
+        Expected(EventType.VM_RESTORED, "web-01", utc("2026-11-29T10:05:00"), host="hv-03"),
+    "libvirt/migrated_incoming.json":
+        Expected(EventType.VM_MIGRATED, "web-01", utc("2026-11-29T10:05:00"), host="hv-03"),
+    "libvirt/booted.json":
+        Expected(EventType.VM_STARTED, "web-01", utc("2026-11-29T10:05:00"), host="hv-03"),
+    "libvirt/destroyed.json":
+        Expected(EventType.VM_STOPPED, "web-01", utc("2026-11-29T10:05:00"), host="hv-03"),
+    "libvirt/snapshot_created.json":
+        Expected(C, "web-01", utc("2026-11-29T10:00:02"), "pre-patch", T0, "hv-03"),
+    "libvirt/snapshot_deleted.json":
+        Expected(D, "web-01", utc("2026-11-29T11:00:00"), "pre-patch", T0, "hv-03"),
+    "vsphere/revert_router_eventex.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00.052003"), "pre-patch", None,
+                 "esx-01.lab.example"),
+    "vsphere/revert_knative_type.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00.052003"), "pre-patch", None,
+                 "esx-01.lab.example"),
+    "vsphere/cloned.json":
+        Expected(EventType.VM_CLONED, "web-01-clone", utc("2026-11-29T10:07:41.113"),
+                 host="esx-01.lab.example", source_vm_id="web-01"),
+    "vsphere/drs_migrated.json":
+        Expected(EventType.VM_MIGRATED, "web-01", utc("2026-11-29T10:09:12.5"),
+                 host="esx-02.lab.example"),
+    "vsphere/task_create_snapshot.json":
+        Expected(C, "web-01", utc("2026-11-29T09:59:58.731"), None,
+                 utc("2026-11-29T09:59:58.731"), "esx-01.lab.example"),
+    "vsphere/powered_on.json":
+        Expected(EventType.VM_STARTED, "web-01", utc("2026-11-29T10:05:03.063"),
+                 host="esx-01.lab.example"),
+    "vsphere/powered_off_envelope_time.json":
+        Expected(EventType.VM_STOPPED, "web-01", utc("2026-11-29T11:00:00.5"),
+                 host="esx-01.lab.example"),
+    "proxmox/qmrollback.json":
+        Expected(R, "101", utc("2026-11-29T10:05:00"), "pre-patch", T0, "pve1"),
+    "proxmox/qmsnapshot.json":
+        Expected(C, "101", utc("2026-11-29T10:00:10"), "pre-patch", T0, "pve1"),
+    "proxmox/qmdelsnapshot.json":
+        Expected(D, "101", utc("2026-11-29T11:00:10"), "pre-patch", None, "pve1"),
+    "proxmox/qmclone.json":
+        Expected(EventType.VM_CLONED, "205", utc("2026-11-29T10:13:20"), host="pve1",
+                 source_vm_id="101"),
+    "proxmox/qmigrate_with_warnings.json":
+        Expected(EventType.VM_MIGRATED, "101", utc("2026-11-29T10:21:40"), host="pve1"),
+    "proxmox/qmrestore_cluster.json":
+        Expected(EventType.VM_RESTORED, "prod-eu/310", utc("2026-11-29T10:31:40"), None,
+                 utc("2026-11-28T02:00:00"), "pve2"),
+    "proxmox/qmstart.json":
+        Expected(EventType.VM_STARTED, "101", utc("2026-11-29T10:05:40"), host="pve1"),
+    "proxmox/qmshutdown.json":
+        Expected(EventType.VM_STOPPED, "101", utc("2026-11-29T11:16:40"), host="pve1"),
+    "openstack/snapshot_end.json":
+        Expected(C, NOVA_VM, utc("2026-11-29T10:00:41.204356"), NOVA_IMAGE,
+                 utc("2026-11-29T10:00:41.204356"), "compute-07"),
+    "openstack/rebuild_end.json":
+        Expected(EventType.VM_RESTORED, NOVA_VM, utc("2026-11-29T10:05:00"), NOVA_IMAGE,
+                 None, "compute-07"),
+    "openstack/live_migration_post_end.json":
+        Expected(EventType.VM_MIGRATED, NOVA_VM, utc("2026-11-29T10:20:06.912"),
+                 host="compute-07"),
+    "openstack/live_migration_post_dest_end.json":
+        Expected(EventType.VM_MIGRATED, NOVA_VM, utc("2026-11-29T10:20:07.551002"),
+                 host="compute-09"),
+    "openstack/power_on_end.json":
+        Expected(EventType.VM_STARTED, NOVA_VM, utc("2026-11-29T10:30:00.5"), host="compute-07"),
+    "openstack/power_off_end.json":
+        Expected(EventType.VM_STOPPED, NOVA_VM, utc("2026-11-29T10:25:00.000001"),
+                 host="compute-07"),
+    "openstack/power_off_end_messagingv2_wire.json":
+        Expected(EventType.VM_STOPPED, NOVA_VM, utc("2026-11-29T10:40:00"), host="compute-07"),
+}
+
+IGNORED = [
+    "libvirt/stopped_from_snapshot_ignored.json",
+    "libvirt/undefined_ignored.json",
+    "vsphere/task_reconfigure_ignored.json",
+    "vsphere/user_login_ignored.json",
+    "proxmox/qmrollback_failed_ignored.json",
+    "proxmox/vzdump_ignored.json",
+    "openstack/snapshot_start_ignored.json",
+    "openstack/reboot_error_ignored.json",
+]
+
+MALFORMED: dict[str, str] = {
+    "libvirt/malformed_domain_name_control_char.json": "domain.name",
+    "libvirt/malformed_snapshot_time_string.json": "snapshot.creation_time",
+    "vsphere/malformed_clone_without_source.json": "data.SourceVm",
+    "vsphere/malformed_created_time.json": "data.CreatedTime",
+    "proxmox/malformed_upid_short_pid.json": "upid",
+    "proxmox/malformed_clone_without_target.json": "target_vmid",
+    "openstack/malformed_snapshot_without_image.json":
+        'payload["nova_object.data"].snapshot_image_id',
+    "openstack/malformed_timestamp.json": "timestamp",
+}
+
+
+def parse_sample(name: str) -> list[GenericEvent]:
+    """Run the parser of the sample's source on a fresh copy of it."""
+    return PARSERS[name.split("/")[0]](copy.deepcopy(SAMPLES[name]))
+
+
+def sample(name: str, **changes: Any) -> dict[str, Any]:
+    """A copy of a sample with top-level fields replaced (None deletes)."""
+    body = copy.deepcopy(SAMPLES[name])
+    for key, value in changes.items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+# --- the sample table ----------------------------------------------------------------
+
+
+def test_every_sample_is_in_exactly_one_table() -> None:
+    """Each sample file has an expectation, so a new file cannot go untested."""
+    listed = [*ACCEPTED, *IGNORED, *MALFORMED]
+    assert sorted(listed) == sorted(SAMPLES)
+    for source in SOURCES:
+        names = [n for n in SAMPLES if n.startswith(source + "/")]
+        assert len(names) >= 4 and any(n in IGNORED for n in names)
+        assert any(n in MALFORMED for n in names)
+
+
+def test_registry_names_the_four_sources() -> None:
+    """The HTTP layer finds every native parser by its source name."""
+    assert PARSERS == {
+        "libvirt": libvirt.parse, "vsphere": vsphere.parse,
+        "proxmox": proxmox.parse, "openstack": openstack.parse,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_sample_parses_to_expected_event(name: str) -> None:
+    """A relevant sample gives one event with the expected type, VM, snapshot and times."""
+    events = parse_sample(name)
+    assert len(events) == 1
+    event, want = events[0], ACCEPTED[name]
+    got = Expected(event.type, event.vm_id, event.occurred_at, event.snapshot_id,
+                   event.snapshot_created_at, event.host, event.source_vm_id)
+    assert got == want
+    assert event.event_id
+    assert_well_formed(events)
+
+
+@pytest.mark.parametrize("name", IGNORED)
+def test_irrelevant_sample_is_ignored(name: str) -> None:
+    """A well-formed sample that carries nothing to act on raises IgnoredPayload."""
+    with pytest.raises(IgnoredPayload) as info:
+        parse_sample(name)
+    assert info.value.reason
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_sample_names_the_field(name: str) -> None:
+    """A broken sample raises MalformedPayload naming the field at fault."""
+    with pytest.raises(MalformedPayload) as info:
+        parse_sample(name)
+    assert info.value.field == MALFORMED[name]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("payload", [None, [], "x", 3, 1.5, True])
+def test_non_object_payload_is_malformed_at_root(source: str, payload: object) -> None:
+    """A payload that is not a JSON object is rejected as a whole."""
+    with pytest.raises(MalformedPayload) as info:
+        PARSERS[source](payload)
+    assert info.value.field == _common.ROOT
+
+
+# --- shared helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("2026-11-29T10:05:00Z", utc("2026-11-29T10:05:00")),
+        ("2026-11-29t10:05:00z", utc("2026-11-29T10:05:00")),
+        ("2026-11-29 10:05:00+02:00", utc("2026-11-29T08:05:00")),
+        ("2026-11-29T10:05:00.123456789-01:30", utc("2026-11-29T11:35:00.123456")),
+        ("1970-01-01T00:00:00Z", utc("1970-01-01T00:00:00")),
+    ],
+)
+def test_rfc3339_times_become_aware_utc(text: str, want: datetime) -> None:
+    """RFC 3339 timestamps with any offset come out as the same instant in UTC."""
+    got = _common.rfc3339_time(text, "t")
+    assert got == want and got.tzinfo is timezone.utc
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-29", "2026-11-29T10:05:00", "20261129T100500Z", "2026-13-01T00:00:00Z",
+     "2026-11-29T24:00:00Z", "2026-11-29T10:05:00+2:00", "1969-12-31T23:59:59Z",
+     "0001-01-01T00:00:00+01:00", "2026-11-29T10:05:00Z ", "٢٠٢٦-11-29T10:05:00Z",
+     "2026-11-29T10:05:00." + "1" * 60 + "Z"],
+)
+def test_non_rfc3339_times_are_malformed(text: str) -> None:
+    """Dates, naive times, basic format and out-of-range values are refused."""
+    with pytest.raises(MalformedPayload) as info:
+        _common.rfc3339_time(text, "t")
+    assert info.value.field == "t"
+
+
+def test_naive_time_is_utc_only_when_asked() -> None:
+    """A timestamp without offset is read as UTC only for senders documented to do so."""
+    assert _common.rfc3339_time("2026-11-29 10:05:00.5", "t", assume_utc=True) == utc(
+        "2026-11-29T10:05:00.5")
+    with pytest.raises(MalformedPayload):
+        _common.rfc3339_time("2026-11-29 10:05:00.5", "t")
+
+
+@pytest.mark.parametrize("value", [-1, 253402300800, pytest.param(10**5000, id="huge"), True, 1.5, "1795946400", None])
+def test_unix_time_rejects_non_integers_and_out_of_range(value: object) -> None:
+    """Unix seconds must be a JSON integer between 1970 and year 9999."""
+    with pytest.raises(MalformedPayload):
+        _common.unix_time(value, "t")
+
+
+def test_unix_time_bounds_are_accepted() -> None:
+    """The first and last representable seconds both parse."""
+    assert _common.unix_time(0, "t") == utc("1970-01-01T00:00:00")
+    assert _common.unix_time(253402300799, "t") == utc("9999-12-31T23:59:59")
+
+
+@pytest.mark.parametrize("value", ["", "x" * 257, "a\nb", "tab\there", "del\x7f", "\u200b", 7])
+def test_bad_identifiers_are_malformed(value: object) -> None:
+    """Identifiers must be 1-256 printable characters."""
+    with pytest.raises(MalformedPayload):
+        _common.check_identifier(value, "id")
+
+
+def test_identifier_limits_are_inclusive() -> None:
+    """One and 256 printable characters, spaces and non-ASCII included, are accepted."""
+    for value in ("a", "x" * 256, "web 01", "sérveur-ü"):
+        assert _common.check_identifier(value, "id") == value
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "want"),
+    [("$", "domain", "domain"), ("domain", "name", "domain.name"),
+     ("payload", "nova_object.data", 'payload["nova_object.data"]'),
+     ("$", "oslo.message", '["oslo.message"]')],
+)
+def test_field_paths_quote_dotted_keys(path: str, key: str, want: str) -> None:
+    """Paths stay unambiguous when a key itself contains a dot."""
+    assert _common.child(path, key) == want
+
+
+# --- libvirt -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "detail", "want"),
+    [
+        (0, 3, R), (2, 0, EventType.VM_STARTED), (2, 1, EventType.VM_MIGRATED),
+        (2, 2, EventType.VM_RESTORED), (2, 3, R), (3, 4, EventType.VM_RESTORED), (3, 5, R),
+        (4, 1, EventType.VM_MIGRATED), (4, 2, R), (5, 0, EventType.VM_STOPPED),
+        (5, 3, EventType.VM_STOPPED), (5, 4, EventType.VM_STOPPED),
+        (0, 0, None), (0, 1, None), (2, 4, None), (3, 0, None), (4, 0, None), (4, 3, None),
+        (5, 6, None), (6, 0, None), (7, 0, None), (8, 0, None), (200, 0, None),
+    ],
+)
+def test_libvirt_lifecycle_table(event: int, detail: int, want: EventType | None) -> None:
+    """Each libvirt (event, detail) pair maps to its generic type or is ignored."""
+    body = sample("libvirt/booted.json", event=event, detail=detail)
+    if want is None:
+        with pytest.raises(IgnoredPayload):
+            libvirt.parse(body)
+    else:
+        assert libvirt.parse(body)[0].type is want
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"event": 256}, "event"), ({"event": True}, "event"), ({"detail": -1}, "detail"),
+        ({"detail": None}, "detail"), ({"source": "qemu"}, "source"),
+        ({"kind": "revert"}, "kind"), ({"kind": ["lifecycle"]}, "kind"),
+        ({"domain": {"name": "web-01", "uuid": "not-a-uuid"}}, "domain.uuid"),
+        ({"domain": "web-01"}, "domain"), ({"occurred_at": 1795946700}, "occurred_at"),
+        ({"snapshot": {"name": "", "creation_time": 0}}, "snapshot.name"),
+        ({"host": None}, "host"), ({"uri": "u" * 300}, "uri"), ({"event_id": None}, "event_id"),
+    ],
+)
+def test_libvirt_malformed_fields(changes: dict[str, Any], field: str) -> None:
+    """A broken relay field is reported by its path."""
+    with pytest.raises(MalformedPayload) as info:
+        libvirt.parse(sample("libvirt/revert_started_from_snapshot.json", **changes))
+    assert info.value.field == field
+
+
+def test_libvirt_ignored_event_is_still_validated() -> None:
+    """A relay that sends a broken body is noticed even for an event that is skipped."""
+    body = sample("libvirt/stopped_from_snapshot_ignored.json", domain={"name": "x"})
+    with pytest.raises(MalformedPayload):
+        libvirt.parse(body)
+
+
+def test_libvirt_snapshot_kinds_require_the_snapshot() -> None:
+    """A snapshot observation without its snapshot cannot be placed in time."""
+    for name in ("snapshot_created", "snapshot_deleted", "silent_revert"):
+        body = sample(f"libvirt/{name}.json", snapshot=None)
+        with pytest.raises(MalformedPayload) as info:
+            libvirt.parse(body)
+        assert info.value.field == "snapshot"
+
+
+def test_libvirt_keeps_uuid_and_uri_in_extra() -> None:
+    """The domain UUID and the connection URI travel with the event for the analyst."""
+    event = parse_sample("libvirt/revert_started_from_snapshot.json")[0]
+    assert event.extra == {"domain_uuid": "4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
+                           "uri": "qemu:///system"}
+    assert event.event_id == "hv-03:8f1c2a01"
+
+
+def test_libvirt_current_snapshot_is_not_attached_to_a_boot() -> None:
+    """Only snapshot events carry the snapshot; a boot is not a revert to it."""
+    event = parse_sample("libvirt/booted.json")[0]
+    assert event.snapshot_id is None and event.snapshot_created_at is None
+
+
+# --- vSphere -------------------------------------------------------------------------
+
+
+def test_vsphere_eventex_class_comes_from_event_type_id() -> None:
+    """An envelope naming the generic EventEx class is resolved through data.EventTypeId."""
+    body = sample("vsphere/revert_knative_type.json", type="com.vmware.vsphere.EventEx.v0")
+    assert vsphere.parse(body)[0].type is R
+
+
+def test_vsphere_bare_class_type_is_accepted() -> None:
+    """A CloudEvent whose type is the vCenter event id itself is understood."""
+    body = sample("vsphere/revert_knative_type.json", type=vsphere.REVERTED)
+    assert vsphere.parse(body)[0].snapshot_id == "pre-patch"
+
+
+def test_vsphere_revert_without_readable_snapshot_keeps_window_open() -> None:
+    """A revert message that does not name the snapshot leaves snapshot_id unknown."""
+    body = sample("vsphere/revert_router_eventex.json")
+    body["data"]["FullFormattedMessage"] = "web-01 was reverted"
+    event = vsphere.parse(body)[0]
+    assert event.type is R and event.snapshot_id is None
+
+
+def test_vsphere_extra_names_vcenter_moref_and_source_host() -> None:
+    """The vCenter URL, the VM's moref and the host a VM migrated from are kept."""
+    event = parse_sample("vsphere/drs_migrated.json")[0]
+    assert event.extra == {"vcenter": "https://vcenter-01.lab.example:443/sdk",
+                           "vm_moref": "vm-45", "source_host": "esx-01.lab.example"}
+    assert event.event_id == "5b4a4cc3-2a63-4a8f-9f0e-0a1d4e1c2b20"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"specversion": "0.3"}, "specversion"), ({"id": ""}, "id"), ({"type": 5}, "type"),
+     ({"subject": None}, "subject"), ({"data": []}, "data"), ({"source": None}, "source")],
+)
+def test_vsphere_malformed_envelope(changes: dict[str, Any], field: str) -> None:
+    """A broken CloudEvents envelope is reported by its attribute."""
+    with pytest.raises(MalformedPayload) as info:
+        vsphere.parse(sample("vsphere/powered_on.json", **changes))
+    assert info.value.field == field
+
+
+def test_vsphere_handled_event_without_vm_is_malformed() -> None:
+    """A power-on event that does not say which VM is refused, not guessed."""
+    body = sample("vsphere/powered_on.json")
+    body["data"]["Vm"] = None
+    with pytest.raises(MalformedPayload) as info:
+        vsphere.parse(body)
+    assert info.value.field == "data.Vm"
+
+
+# --- Proxmox -------------------------------------------------------------------------
+
+
+def test_proxmox_upid_fields_are_hex_decoded() -> None:
+    """pid, pstart and starttime of a UPID are hexadecimal, as in PVE::Tools."""
+    upid = proxmox.decode_upid("UPID:pve-1:000A1B2C:1A0001E24:6B0BF8AE:qmrollback:101:root@pam:")
+    assert (upid.node, upid.pid, upid.pstart, upid.starttime) == (
+        "pve-1", 0x000A1B2C, 0x1A0001E24, 0x6B0BF8AE)
+    assert (upid.type, upid.id, upid.user) == ("qmrollback", "101", "root@pam")
+
+
+@pytest.mark.parametrize(
+    "upid",
+    ["UPID:pve1:000A1B2C:0001E240:6B0BF8AE:qmrollback:101:root@pam",  # no trailing colon
+     "UPID:-pve:000A1B2C:0001E240:6B0BF8AE:qmrollback:101:root@pam:",  # bad node
+     "UPID:pve1:000A1B2C:0001E240:6B0BF8A:qmrollback:101:root@pam:",  # 7-digit starttime
+     "UPID:pve1:000A1B2C:0001E240:6B0BF8AE:qm rollback:101:root@pam:",
+     "upid:pve1:000A1B2C:0001E240:6B0BF8AE:qmrollback:101:root@pam:"],
+)
+def test_proxmox_bad_upids_are_malformed(upid: str) -> None:
+    """Anything PVE::Tools::upid_decode would refuse is refused."""
+    with pytest.raises(MalformedPayload) as info:
+        proxmox.parse(sample("proxmox/qmrollback.json", upid=upid))
+    assert info.value.field == "upid"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"node": "pve9"}, "node"), ({"endtime": None}, "endtime"),
+     ({"endtime": "1795946700"}, "endtime"), ({"snapshot": 5}, "snapshot"),
+     ({"snapshot_created_at": "yesterday"}, "snapshot_created_at"),
+     ({"cluster": ""}, "cluster")],
+)
+def test_proxmox_malformed_fields(changes: dict[str, Any], field: str) -> None:
+    """A broken task record is reported by its field."""
+    with pytest.raises(MalformedPayload) as info:
+        proxmox.parse(sample("proxmox/qmrollback.json", **changes))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("target", [99, 10**9, pytest.param(10**5000, id="huge"), "0205", "205 ", True, 2.5])
+def test_proxmox_clone_target_must_be_a_vmid(target: object) -> None:
+    """A clone's target must be a PVE vmid (100-999999999), however it is written."""
+    with pytest.raises(MalformedPayload) as info:
+        proxmox.parse(sample("proxmox/qmclone.json", target_vmid=target))
+    assert info.value.field == "target_vmid"
+
+
+def test_proxmox_clone_target_may_be_a_string() -> None:
+    """A vmid sent as a decimal string is the same VM as the integer."""
+    event = proxmox.parse(sample("proxmox/qmclone.json", target_vmid="205"))[0]
+    assert event.vm_id == "205"
+
+
+def test_proxmox_running_task_is_ignored() -> None:
+    """A task record without a status has not finished and changes nothing yet."""
+    with pytest.raises(IgnoredPayload):
+        proxmox.parse(sample("proxmox/qmrollback.json", status=None, endtime=None))
+
+
+def test_proxmox_event_id_is_the_upid() -> None:
+    """The UPID identifies the task, so a re-posted task is the same event."""
+    event = parse_sample("proxmox/qmrollback.json")[0]
+    assert event.event_id == SAMPLES["proxmox/qmrollback.json"]["upid"]
+    assert event.extra["user"] == "root@pam"
+
+
+# --- OpenStack -----------------------------------------------------------------------
+
+
+def test_openstack_event_id_and_publisher() -> None:
+    """The oslo.messaging message_id is the event id; the publisher goes to extra."""
+    event = parse_sample("openstack/snapshot_end.json")[0]
+    assert event.event_id == "8d2f6a8e-5c3b-4f5e-9c7a-0e4c1b2a3d01"
+    assert event.extra == {"publisher_id": "nova-compute:compute-07"}
+
+
+@pytest.mark.parametrize("inner", ["{not json", "[1, 2]", "[" * 100_000])
+def test_openstack_broken_wire_message_is_malformed(inner: str) -> None:
+    """A messagingv2 wrapper whose inner message is not a JSON object is refused."""
+    with pytest.raises(MalformedPayload) as info:
+        openstack.parse({"oslo.version": "2.0", "oslo.message": inner})
+    assert info.value.field == '["oslo.message"]'
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"message_id": None}, "message_id"), ({"event_type": 3}, "event_type"),
+     ({"priority": 5}, "priority"), ({"payload": "x"}, "payload"),
+     ({"timestamp": "2026-11-29"}, "timestamp")],
+)
+def test_openstack_malformed_envelope(changes: dict[str, Any], field: str) -> None:
+    """A broken notification envelope is reported by its field."""
+    with pytest.raises(MalformedPayload) as info:
+        openstack.parse(sample("openstack/power_on_end.json", **changes))
+    assert info.value.field == field
+
+
+def test_openstack_instance_uuid_is_required() -> None:
+    """A notification about no instance is refused with the payload path."""
+    body = sample("openstack/power_on_end.json")
+    del body["payload"]["nova_object.data"]["uuid"]
+    with pytest.raises(MalformedPayload) as info:
+        openstack.parse(body)
+    assert info.value.field == 'payload["nova_object.data"].uuid'
+
+
+# --- arbitrary input -----------------------------------------------------------------
+
+JSON_SCALARS = (
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40)
+    | st.sampled_from(["2026-11-29T10:05:00Z", "UPID:a:00000001:00000001:00000001:qmstart:1:u:",
+                      "lifecycle", "silent_revert", "OK", "1.0", "TaskEvent", "EventEx"])
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+_DELETE = object()
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a value nested inside ``value``."""
+    found: list[tuple[Any, ...]] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else []
+    for key, child in items:
+        found.append((*prefix, key))
+        found.extend(_paths(child, (*prefix, key)))
+    return found
+
+
+@st.composite
+def mutated_samples(draw: st.DrawFn, source: str) -> object:
+    """A sample of ``source`` with one nested value replaced by arbitrary JSON, or removed."""
+    names = sorted(n for n in SAMPLES if n.startswith(source + "/"))
+    body = copy.deepcopy(SAMPLES[draw(st.sampled_from(names))])
+    path = draw(st.sampled_from(_paths(body)))
+    parent = body
+    for key in path[:-1]:
+        parent = parent[key]
+    replacement = draw(JSON_VALUES | st.just(_DELETE))
+    if replacement is _DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = replacement
+    return body
+
+
+def assert_well_formed(events: object) -> None:
+    """Parser output is a list of events with valid ids and aware UTC times."""
+    assert isinstance(events, list)
+    for event in events:
+        assert isinstance(event, GenericEvent) and isinstance(event.type, EventType)
+        for value in (event.event_id, event.vm_id, event.snapshot_id, event.host,
+                      event.source_vm_id):
+            assert value is None or _common.check_identifier(value, "x") == value
+        for moment in (event.occurred_at, event.snapshot_created_at):
+            assert moment is None or moment.utcoffset() == timedelta(0)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in event.extra.items())
+
+
+def run_arbitrary(source: str, payload: object) -> None:
+    """Feed one payload; only the parser's own outcomes may come out."""
+    try:
+        events = PARSERS[source](payload)
+    except MalformedPayload as exc:
+        assert exc.field is None or isinstance(exc.field, str)
+    except IgnoredPayload as exc:
+        assert isinstance(exc.reason, str)
+    else:
+        assert_well_formed(events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=JSON_VALUES | mutated_samples("libvirt"))
+def test_libvirt_survives_arbitrary_input(payload: object) -> None:
+    """Arbitrary JSON gives an event list, IgnoredPayload or MalformedPayload, nothing else."""
+    run_arbitrary("libvirt", payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=JSON_VALUES | mutated_samples("vsphere"))
+def test_vsphere_survives_arbitrary_input(payload: object) -> None:
+    """Arbitrary JSON gives an event list, IgnoredPayload or MalformedPayload, nothing else."""
+    run_arbitrary("vsphere", payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=JSON_VALUES | mutated_samples("proxmox"))
+def test_proxmox_survives_arbitrary_input(payload: object) -> None:
+    """Arbitrary JSON gives an event list, IgnoredPayload or MalformedPayload, nothing else."""
+    run_arbitrary("proxmox", payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=JSON_VALUES | mutated_samples("openstack"))
+def test_openstack_survives_arbitrary_input(payload: object) -> None:
+    """Arbitrary JSON gives an event list, IgnoredPayload or MalformedPayload, nothing else."""
+    run_arbitrary("openstack", payload)
