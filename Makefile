@@ -1,0 +1,39 @@
+# The two quick-start commands (see README): `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PIP    := $(VENV)/bin/pip
+PY     := $(VENV)/bin/python
+
+.PHONY: run test install install-test services system-deps bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(VENV)/bin/activate
+	$(PIP) install --quiet -e .
+
+install-test: $(VENV)/bin/activate
+	$(PIP) install --quiet -e '.[test]'
+	@# libvirt-python compiles against libvirt-dev (installed by system-deps as root).
+	$(PIP) install --quiet libvirt-python || echo "libvirt-python not installed: the libvirt relay tests will skip"
+
+## Install and run the service on its embedded PostgreSQL (no Redis needed).
+run: install
+	$(VENV)/bin/replayguard serve
+
+system-deps:
+	scripts/system-deps
+
+services:
+	scripts/services-up
+
+## Run the whole test suite (installs what it needs, starts PostgreSQL and Redis if down).
+test: system-deps services install-test
+	$(VENV)/bin/pytest
+
+bench: install-test
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,73 @@
+"""The pure OTP core against the RFC test vectors, and its window rules."""
+
+from __future__ import annotations
+
+import base64
+import csv
+from pathlib import Path
+
+import pytest
+
+from replayguard.core import otp
+
+VECTORS = Path(__file__).resolve().parent.parent / "data" / "vectors"
+SEEDS = {
+    "SHA1": b"12345678901234567890",
+    "SHA256": b"12345678901234567890123456789012",
+    "SHA512": b"1234567890123456789012345678901234567890123456789012345678901234",
+}
+
+
+def _rows(name: str) -> list[list[str]]:
+    with (VECTORS / name).open() as handle:
+        return [row for row in csv.reader(line for line in handle if not line.startswith("#"))]
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode()
+
+
+HOTP_VECTORS = [(int(c), v) for c, v in _rows("rfc4226_appendix_d.csv")]
+TOTP_VECTORS = [(int(t), int(s, 16), v, m) for t, s, v, m in _rows("rfc6238_appendix_b.csv")]
+
+
+@pytest.mark.parametrize(("counter", "expected"), HOTP_VECTORS)
+def test_hotp_matches_rfc4226_appendix_d(counter: int, expected: str) -> None:
+    """Every HOTP value of RFC 4226 Appendix D is reproduced."""
+    assert otp.hotp_code(_b32(SEEDS["SHA1"]), counter) == expected
+
+
+@pytest.mark.parametrize(("unix_time", "step", "expected", "mode"), TOTP_VECTORS)
+def test_totp_matches_rfc6238_appendix_b(unix_time: int, step: int, expected: str, mode: str) -> None:
+    """Every TOTP value of RFC 6238 Appendix B matches at exactly its own time step."""
+    assert otp.totp_step(unix_time) == step
+    found = otp.totp_matches(_b32(SEEDS[mode]), expected, now_s=unix_time, drift=0, digits=8, algorithm=mode)
+    assert found == [step]
+
+
+@pytest.mark.parametrize(("offset", "drift", "matches"), [
+    (0, 1, True), (30, 1, True), (-30, 1, True), (60, 1, False), (-60, 1, False),
+    (60, 2, True), (-90, 2, False), (29, 0, True), (30, 0, False),
+])
+def test_totp_drift_window(offset: int, drift: int, matches: bool) -> None:
+    """A code is valid within ±drift steps of the service's clock and not beyond."""
+    secret = _b32(SEEDS["SHA1"])
+    issued_at = 1_111_111_080  # the start of a step
+    code = otp.hotp_code(secret, otp.totp_step(issued_at))
+    found = otp.totp_matches(secret, code, now_s=issued_at + offset, drift=drift)
+    assert (otp.totp_step(issued_at) in found) is matches
+
+
+@pytest.mark.parametrize("code", ["", "12345", "1234567", "abcdef", "12 456", "１２３４５６", "-12345"])
+def test_malformed_codes_match_nothing(code: str) -> None:
+    """Codes of the wrong length or with non-ASCII-digit characters never match."""
+    assert otp.totp_matches(_b32(SEEDS["SHA1"]), code, now_s=59) == []
+
+
+def test_hotp_look_ahead_and_behind() -> None:
+    """HOTP finds counters up to look_ahead past the last one, and behind it (to name reuse)."""
+    secret = _b32(SEEDS["SHA1"])
+    assert otp.hotp_matches(secret, "520489", last_counter=4, look_ahead=5) == [9]
+    assert otp.hotp_matches(secret, "520489", last_counter=3, look_ahead=5) == []
+    assert otp.hotp_matches(secret, "287082", last_counter=4, look_ahead=5) == [1]
+    assert otp.hotp_matches(secret, "755224", last_counter=-1, look_ahead=3) == [0]
