@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
     _add_common(listing)
 
+    relay = sub.add_parser("relay", help="hypervisor relays: `replayguard relay libvirt --help`")
+    relay.add_argument("relay_args", nargs=argparse.REMAINDER)
+    relay.set_defaults(handler=cmd_relay)
+
     for extra in _extra_commands():
         extra(sub)
     return parser
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (demo, ledger, relay) when present."""
     found = []
-    for module_name in ("replayguard.demo", "replayguard.ledger_cli", "replayguard.relay.cli"):
+    for module_name in ("replayguard.demo", "replayguard.ledger_cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
@@ -128,6 +132,12 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_async(run())
+
+
+def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    from .relay.cli import main as relay_main
+
+    return relay_main(list(args.relay_args))
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,6 +11,7 @@ endpoint is a small aiohttp app that records what it is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -86,29 +87,52 @@ def _wait_for_daemon(uri: str, proc: subprocess.Popen[bytes], log: Path) -> None
     pytest.fail(f"libvirtd did not answer on {uri} within 15 s: {log.read_text()}")
 
 
+class Libvirtd:
+    """A private libvirtd with only the test driver, startable again on the same socket."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="rglv-"))  # short: socket paths max 108 bytes
+        (self.root / "sock").mkdir()
+        (self.root / "drivers").mkdir()  # empty: keeps libvirtd from loading (and needing) QEMU
+        self.config = _write_config(self.root)
+        self.uri = f"test+unix:///default?socket={self.root / 'sock' / 'libvirt-sock'}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.root / "libvirtd.log"
+        env = {**os.environ, "LIBVIRT_DRIVER_DIR": str(self.root / "drivers")}
+        cmd = [str(LIBVIRTD), "--config", str(self.config), "--pid-file", str(self.root / "pid")]
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _wait_for_daemon(self.uri, self.proc, log)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def _libvirtd() -> Iterator[Libvirtd]:
+    daemon = Libvirtd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def libvirt_uri() -> Iterator[str]:
-    """A private libvirtd with only the test driver; yields the URI every process uses."""
-    root = Path(tempfile.mkdtemp(prefix="rglv-"))  # short: unix socket paths max 108 bytes
-    (root / "sock").mkdir()
-    (root / "drivers").mkdir()  # empty: keeps libvirtd from loading (and needing) QEMU
-    log = root / "libvirtd.log"
-    env = {**os.environ, "LIBVIRT_DRIVER_DIR": str(root / "drivers")}
-    cmd = [str(LIBVIRTD), "--config", str(_write_config(root)), "--pid-file", str(root / "pid")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    uri = f"test+unix:///default?socket={root / 'sock' / 'libvirt-sock'}"
-    try:
-        _wait_for_daemon(uri, proc, log)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(root, ignore_errors=True)
+    """The URI of a private libvirtd shared by the module's tests (each uses its own domain)."""
+    with _libvirtd() as daemon:
+        yield daemon.uri
 
 
 def _started_domain(uri: str) -> Any:
@@ -361,3 +385,25 @@ async def test_current_snapshot_moved_without_event_is_a_silent_revert(
     assert body["snapshot"] == {"name": "old", "creation_time": ctime}
     assert (body["event"], body["detail"]) == (-1, -1)
     assert not _reverted_lifecycle(standin.of_domain(dom_uuid))
+
+
+async def test_relay_reconnects_when_libvirtd_restarts(standin: StandIn, tmp_path: Path) -> None:
+    """After libvirtd goes away and comes back, the relay reconnects and reports again."""
+    with _libvirtd() as daemon:
+        relays = Relays(daemon.uri, tmp_path)
+        try:
+            proc, log = relays.start(standin.port)
+            await _connected(proc, log)
+            daemon.stop()
+            daemon.start()
+            try:
+                await _until(lambda: log.read_bytes().count(b"libvirt_connected") >= 2)
+            except TimeoutError:
+                pytest.fail(f"relay did not reconnect: {log.read_text()}")
+            dom = _started_domain(daemon.uri)
+            _snapshot(dom, "after-restart")
+            await _until(lambda: any(b["kind"] == "snapshot_created"
+                                     for b in standin.of_domain(dom.UUIDString())))
+            assert b"libvirt_disconnected" in log.read_bytes()
+        finally:
+            relays.stop_all()
