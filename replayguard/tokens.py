@@ -136,7 +136,8 @@ class TokenStore:
         ]
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[principal] = (now + CACHE_TTL_S, tokens)
+        if tokens:  # "no token" is never cached: an enrolment elsewhere must count at once
+            self._cache[principal] = (now + CACHE_TTL_S, tokens)
         return tokens
 
     def advanced(self, principal: str, token_id: str, counter: int) -> None:
