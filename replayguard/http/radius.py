@@ -1,0 +1,142 @@
+"""HTTP for FreeRADIUS (role ``callout``): ``rlm_rest``'s JSON body onto the OTP decision.
+
+``rlm_rest`` with ``body = 'json'`` posts every request attribute as
+``{"User-Name": {"type": "string", "value": ["alice"]}, …}`` and turns the HTTP status into
+a module code: 204 → ``ok`` (Access-Accept), 401 → ``reject`` with the body's reply
+attributes, 5xx → ``fail``. So an accept is a bare 204 (a 2xx that sets attributes would
+come back as ``updated``, which FreeRADIUS 3 rejects), a reject is a 401 whose only
+attribute is a ``Reply-Message``, and a ledger that cannot be written stays the 503 the
+middleware renders, which ``rlm_rest`` turns into a failure: nothing is accepted.
+
+The VM is the NAS (``NAS-Identifier``, else its address); a NAS cannot keep receipts, so
+none is sent. The Reply-Message says no more than the reason, and merges reasons that
+would tell an attacker something (an unknown user reads as a wrong code; a replay caught
+by a rollback window reads as a plain reuse).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..core import validation
+from ..core.decisions import DecisionResult, Reason, Verdict
+from ..core.validation import OtpRequest
+from ..errors import InvalidRequest
+from .common import Route, json_response, note_decision, read_json
+from .state import RUNTIME
+
+VM_ATTRIBUTES = ("NAS-Identifier", "NAS-IP-Address", "NAS-IPv6-Address")
+CONTEXT_ATTRIBUTES = {"remote_addr": "Calling-Station-Id", "nas_port": "NAS-Port"}
+MAX_OTP = 64
+
+REPLY_MESSAGES: dict[Reason, str] = {
+    Reason.INVALID: "Invalid one-time password",
+    Reason.NO_TOKEN: "Invalid one-time password",
+    Reason.REUSED: "One-time password already used",
+    Reason.REPLAY_AFTER_ROLLBACK: "One-time password already used",
+    Reason.LOCKED_OUT: "Too many failed attempts; try again later",
+    Reason.EXPIRED: "One-time password expired",
+}
+FALLBACK_MESSAGE = "Authentication refused"
+
+
+def _values(attribute: object, name: str) -> list[object]:
+    """The value list of one ``rlm_rest`` attribute, accepting a bare scalar too."""
+    if isinstance(attribute, dict):
+        if "value" not in attribute:
+            raise InvalidRequest(f"{name} must have a value", field=name)
+        attribute = attribute["value"]
+    values = attribute if isinstance(attribute, list) else [attribute]
+    if len(values) != 1:
+        raise InvalidRequest(f"{name} must have exactly one value", field=name)
+    return values
+
+
+def attribute_text(body: dict[str, Any], name: str) -> str | None:
+    """One attribute's single value as text; ``None`` when the attribute is absent."""
+    if body.get(name) is None:
+        return None
+    (value,) = _values(body[name], name)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRequest(f"{name} must be a string", field=name)
+    return str(value)
+
+
+def _vm_id(body: dict[str, Any]) -> str:
+    for name in VM_ATTRIBUTES:
+        value = attribute_text(body, name)
+        if value is not None:
+            return validation.check_identifier(value, name)
+    raise InvalidRequest("NAS-Identifier or NAS-IP-Address is required", field="NAS-Identifier")
+
+
+def _password(body: dict[str, Any]) -> str:
+    value = attribute_text(body, "User-Password")
+    if value is None:
+        raise InvalidRequest("User-Password is required", field="User-Password")
+    if not 1 <= len(value) <= MAX_OTP or not value.isprintable():
+        raise InvalidRequest(f"User-Password must be 1 to {MAX_OTP} printable characters", field="User-Password")
+    return value
+
+
+def _context(body: dict[str, Any]) -> dict[str, str]:
+    """What the analysts see of where the login came from; dropped when unusable."""
+    context = {"service": "radius"}
+    for key, name in CONTEXT_ATTRIBUTES.items():
+        try:
+            value = attribute_text(body, name)
+        except InvalidRequest:
+            continue
+        if value and len(value) <= validation.MAX_CONTEXT_VALUE and value.isprintable():
+            context[key] = value
+    return context
+
+
+def radius_request(raw: object) -> OtpRequest:
+    """``rlm_rest``'s JSON body as an OTP request; every fault names its attribute."""
+    body = validation.require_object(raw)
+    principal = attribute_text(body, "User-Name")
+    if principal is None:
+        raise InvalidRequest("User-Name is required", field="User-Name")
+    return OtpRequest(
+        vm_id=_vm_id(body),
+        principal=validation.check_identifier(principal, "User-Name"),
+        otp=_password(body),
+        receipt=None,
+        context=_context(body),
+    )
+
+
+def render(result: DecisionResult) -> web.Response:
+    """The status and body ``rlm_rest`` maps to Access-Accept or Access-Reject."""
+    if result.verdict is Verdict.ACCEPT:
+        return web.Response(status=204)
+    message = REPLY_MESSAGES.get(result.reason, FALLBACK_MESSAGE)
+    return json_response({"reply:Reply-Message": message}, status=401)
+
+
+async def authenticate(request: web.Request) -> web.Response:
+    """The same decision as ``/v1/otp/verify``, spoken in rlm_rest's status codes."""
+    req = radius_request(await read_json(request))
+    result = await request.app[RUNTIME].decisions.verify_otp(req)
+    note_decision(request, result.verdict.value, result.reason.value)
+    return render(result)
+
+
+_ATTRIBUTE = {
+    "type": "object", "required": ["value"],
+    "properties": {"type": {"type": "string"}, "value": {"type": "array", "minItems": 1, "maxItems": 1}},
+}
+RADIUS_SCHEMA = {
+    "type": "object", "required": ["User-Name", "User-Password"],
+    "description": "rlm_rest's body = 'json'; the VM is NAS-Identifier, else NAS-IP-Address",
+    "properties": {name: _ATTRIBUTE for name in ("User-Name", "User-Password", *VM_ATTRIBUTES)},
+}
+
+ROUTES = [
+    Route("POST", "/v1/radius/authenticate", authenticate, ("callout",),
+          "FreeRADIUS rlm_rest: 204 accepts, 401 with a Reply-Message rejects", "callouts",
+          RADIUS_SCHEMA, None, status=204),
+]

@@ -1,0 +1,477 @@
+"""The PAM helper under the real PAM: pam_exec driven by `pamtester` and by `pamela`.
+
+A real `replayguard serve` process decides; PAM runs the helper from deploy/pam exactly
+as a guest would (password on stdin with a trailing NUL, no PATH). A snapshot revert is
+simulated the way a guest lives it: the receipt file goes back to an older copy. The
+helper is also run directly (as pam_exec does) against stand-in servers that answer
+badly, to show it fails closed.
+"""
+
+from __future__ import annotations
+
+import glob
+import http.server
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pyotp
+import pytest
+
+from replayguard.runtime import open_runtime
+from replayguard.settings import Settings
+from tests.conftest import REPO, free_port, uid
+
+HELPER = REPO / "deploy" / "pam" / "replayguard-pam-helper"
+PAM_DIR = Path("/etc/pam.d")
+PERIOD = 30
+
+
+def _pam_exec_present() -> bool:
+    return any(glob.glob(pattern) for pattern in (
+        "/lib/*/security/pam_exec.so", "/usr/lib/*/security/pam_exec.so", "/lib*/security/pam_exec.so"))
+
+
+needs_pam = pytest.mark.skipif(
+    shutil.which("pamtester") is None or not _pam_exec_present() or os.geteuid() != 0
+    or not os.access(PAM_DIR, os.W_OK),
+    reason="needs pamtester (apt: pamtester), pam_exec.so and root to write /etc/pam.d",
+)
+needs_python3 = pytest.mark.skipif(not Path("/usr/bin/python3").exists(),
+                                   reason="the helper's interpreter /usr/bin/python3 is absent")
+
+
+@dataclass
+class Guest:
+    """One guest's PAM setup: a stack under /etc/pam.d, the helper's config, its receipt dir."""
+
+    pam_service: str
+    config: Path
+    receipt_dir: Path
+    exec_log: Path
+
+    @property
+    def receipt(self) -> Path:
+        return self.receipt_dir / "receipt"
+
+    def log(self) -> str:
+        return self.exec_log.read_text(errors="replace") if self.exec_log.exists() else ""
+
+
+@dataclass
+class Host:
+    url: str
+    tokens: dict[str, str]
+
+    async def post(self, path: str, body: Any, role: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.url + path, json=body,
+                                    headers={"Authorization": f"Bearer {self.tokens[role]}"}) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+    async def enroll(self, principal: str) -> pyotp.TOTP:
+        status, data = await self.post(f"/v1/principals/{principal}/tokens", {"type": "totp"}, "admin")
+        assert status == 201, data
+        return pyotp.TOTP(data["secret"])
+
+
+def write_config(path: Path, **values: object) -> Path:
+    path.write_text("".join(f"{key} = {value}\n" for key, value in values.items()))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def helper(tmp_path: Path) -> Path:
+    """The helper as shipped, copied so that it is executable whatever the checkout kept."""
+    target = tmp_path / "bin" / "replayguard-pam-helper"
+    target.parent.mkdir()
+    shutil.copy(HELPER, target)
+    target.chmod(0o755)
+    return target
+
+
+@pytest.fixture
+async def host(make_settings: Callable[..., Settings], service_factory: Callable[..., Any]) -> Host:
+    """A real service process, with tokens made over its own data dir's keys."""
+    settings: Settings = make_settings()
+    tokens = {}
+    async with open_runtime(settings, migrate=False) as runtime:
+        for role in ("admin", "callout", "hypervisor"):
+            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
+    assert settings.database_url is not None
+    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
+    return Host(service.url, tokens)
+
+
+@pytest.fixture
+def make_guest(tmp_path: Path, helper: Path) -> Iterator[Callable[..., Guest]]:
+    """Creates uniquely named /etc/pam.d stacks running the helper; removes them afterwards."""
+    created: list[Path] = []
+
+    def make(service_url: str, token: str, timeout: float = 5) -> Guest:
+        name = f"replayguard-test-{uuid.uuid4().hex[:12]}"
+        base = tmp_path / name
+        base.mkdir()
+        token_file = base / "callout.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        config = write_config(base / "pam.conf", service_url=service_url, vm_id=uid("vm"),
+                              token_file=token_file, receipt_dir=base / "receipts", timeout=timeout)
+        guest = Guest(name, config, base / "receipts", base / "pam-exec.log")
+        stack = PAM_DIR / name
+        created.append(stack)
+        stack.write_text(f"auth required pam_exec.so expose_authtok quiet log={guest.exec_log} "
+                         f"{helper} --config {config}\n")
+        return guest
+
+    yield make
+    for stack in created:
+        stack.unlink(missing_ok=True)
+
+
+def pamtester(guest: Guest, user: str, password: str) -> bool:
+    """True when `pamtester` authenticates: the helper exited 0 under the real pam_exec."""
+    result = subprocess.run(["pamtester", "-v", guest.pam_service, user, "authenticate"],
+                            input=password + "\n", capture_output=True, text=True, timeout=60)
+    return result.returncode == 0
+
+
+def wait_for_fresh_step() -> None:
+    """Waits, when a TOTP step is about to end, so a test's codes stay inside the drift window."""
+    left = PERIOD - time.time() % PERIOD
+    if left < 5:
+        time.sleep(left + 0.2)
+
+
+def wrong_code(totp: pyotp.TOTP) -> str:
+    """A six-digit code valid at no step near now."""
+    near = {totp.at(time.time() + k * PERIOD) for k in range(-3, 4)}
+    return next(code for code in (f"{n:06d}" for n in range(1_000_000)) if code not in near)
+
+
+@needs_pam
+@needs_python3
+async def test_accept_then_reused(host: Host, make_guest: Callable[..., Guest]) -> None:
+    """A valid code logs in once through PAM; the same code again is refused as reused."""
+    guest = make_guest(host.url, host.tokens["callout"])
+    user = uid("alice")
+    totp = await host.enroll(user)
+    wait_for_fresh_step()
+    code = totp.now()
+    assert pamtester(guest, user, code)
+    assert stat.S_IMODE(guest.receipt.stat().st_mode) == 0o600
+    assert guest.receipt.read_text().startswith("rg1.")
+    assert not pamtester(guest, user, code)
+    log = guest.log()
+    assert "accept user=" + user in log and "reason=reused" in log
+    assert code not in log
+
+
+@needs_pam
+@needs_python3
+async def test_invalid_code_is_refused(host: Host, make_guest: Callable[..., Guest]) -> None:
+    """A wrong code fails the PAM stack and the log says invalid, without the code."""
+    guest = make_guest(host.url, host.tokens["callout"])
+    user = uid("bob")
+    totp = await host.enroll(user)
+    code = wrong_code(totp)
+    assert not pamtester(guest, user, code)
+    assert "reject user=" + user in guest.log() and "reason=invalid" in guest.log()
+    assert code not in guest.log()
+
+
+async def _login_snapshot_login(host: Host, guest: Guest, user: str) -> tuple[str, str, float]:
+    """Logs in, 'takes a snapshot' (copies the receipt), logs in again; returns the second code."""
+    totp = await host.enroll(user)
+    wait_for_fresh_step()
+    now = time.time()
+    assert pamtester(guest, user, totp.at(now))
+    snapshot = guest.receipt.read_text()
+    snapshot_at = time.time()
+    code = totp.at(now + PERIOD)  # the next step: later than the first, still inside the drift window
+    assert pamtester(guest, user, code)
+    assert guest.receipt.read_text() != snapshot
+    return code, snapshot, snapshot_at
+
+
+@needs_pam
+@needs_python3
+async def test_replay_after_receipt_rollback(host: Host, make_guest: Callable[..., Guest]) -> None:
+    """After the guest's disk goes back (older receipt), replaying a code is refused and flagged as a rollback."""
+    guest = make_guest(host.url, host.tokens["callout"])
+    user = uid("carol")
+    code, snapshot, _ = await _login_snapshot_login(host, guest, user)
+    guest.receipt.write_text(snapshot)  # the revert: the guest's receipt is the snapshot's again
+    assert not pamtester(guest, user, code)
+    last = guest.log().strip().splitlines()[-1]
+    assert "reject user=" + user in last and "rollback_detected" in last
+    assert code not in guest.log()
+
+
+@needs_pam
+@needs_python3
+async def test_replay_after_hypervisor_revert(host: Host, make_guest: Callable[..., Guest]) -> None:
+    """With the hypervisor's revert event posted, the replay is refused as replay_after_rollback."""
+    guest = make_guest(host.url, host.tokens["callout"])
+    user = uid("dave")
+    vm_id = guest.config.read_text().split("vm_id = ", 1)[1].splitlines()[0]
+    code, snapshot, snapshot_at = await _login_snapshot_login(host, guest, user)
+    guest.receipt.write_text(snapshot)
+    event = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm_id, "snapshot_id": "pre-login",
+             "snapshot_created_at": datetime.fromtimestamp(snapshot_at - 1, UTC).isoformat(),
+             "occurred_at": datetime.now(UTC).isoformat(), "host": "hv-test", "source_vm_id": None}
+    status, body = await host.post("/v1/hypervisor/events", event, "hypervisor")
+    if status == 404:
+        pytest.skip("POST /v1/hypervisor/events is not in the app yet")
+    assert status == 202, body
+    assert not pamtester(guest, user, code)
+    last = guest.log().strip().splitlines()[-1]
+    assert "reason=replay_after_rollback" in last and "rollback_detected" in last
+
+
+@needs_pam
+@needs_python3
+async def test_service_down_fails_closed(make_guest: Callable[..., Guest]) -> None:
+    """With nothing listening at the service URL, PAM refuses and the log says unreachable."""
+    guest = make_guest(f"http://127.0.0.1:{free_port()}", "rgt_unused")
+    assert not pamtester(guest, uid("erin"), "123456")
+    assert "service unreachable" in guest.log()
+    assert not guest.receipt.exists()
+
+
+@needs_pam
+@needs_python3
+async def test_silent_service_times_out_closed(make_guest: Callable[..., Guest]) -> None:
+    """A service that accepts the connection but never answers fails the login after the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        guest = make_guest(f"http://127.0.0.1:{listener.getsockname()[1]}", "rgt_unused", timeout=1)
+        assert not pamtester(guest, uid("frank"), "123456")
+    assert "did not answer in time" in guest.log() or "timed out" in guest.log()
+
+
+@needs_pam
+@needs_python3
+async def test_pamela_accepts_once(host: Host, make_guest: Callable[..., Guest]) -> None:
+    """From Python, pamela authenticates a valid code once and raises for its replay (auth stack only)."""
+    import pamela  # pip: pamela (deploy/CI-PACKAGES.txt)
+    guest = make_guest(host.url, host.tokens["callout"])
+    user = uid("gina")
+    totp = await host.enroll(user)
+    wait_for_fresh_step()
+    code = totp.now()
+    # check=False: the stack has only the auth line; pamela would also run the (empty) account stack.
+    pamela.authenticate(user, code, service=guest.pam_service, check=False)
+    with pytest.raises(pamela.PAMError):
+        pamela.authenticate(user, code, service=guest.pam_service, check=False)
+    assert "reason=reused" in guest.log()
+
+
+# --- the helper run directly, against stand-ins that answer badly ---------------------
+
+class _StubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with the server's canned status, headers and body."""
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, headers, body = self.server.canned  # type: ignore[attr-defined]
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        return
+
+
+@pytest.fixture
+def stub() -> Iterator[Callable[[int, bytes, dict[str, str] | None], str]]:
+    """A stand-in service answering a canned reply; returns its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
+        server.canned = (status, headers or {"Content-Type": "application/json"}, body)  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield answer
+    server.shutdown()
+    server.server_close()
+
+
+def run_helper(helper: Path, config: Path, stdin: bytes, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """Runs the helper as pam_exec does: no PATH, only PAM_* variables, password then NUL."""
+    environment = {"PAM_USER": "alice", "PAM_SERVICE": "sshd", "PAM_TYPE": "auth", "PAM_RHOST": "192.0.2.7"}
+    environment.update(env)
+    return subprocess.run([str(helper), "--config", str(config)], input=stdin, env=environment,
+                          capture_output=True, timeout=60)
+
+
+def stub_config(tmp_path: Path, url: str, **extra: object) -> Path:
+    values: dict[str, object] = {"service_url": url, "vm_id": "vm-stub", "token": "rgt_stub",
+                                 "receipt_dir": tmp_path / "receipts", "timeout": 5}
+    values.update(extra)
+    return write_config(tmp_path / "pam.conf", **values)
+
+
+GOOD_ACCEPT = b'{"decision":"accept","reason":"ok","flags":[],"seq":1,"receipt":"rg1.a.b"}'
+BAD_REPLIES = [
+    (200, b"not json"),
+    (200, b'{"decision":"maybe","reason":"ok"}'),
+    (200, b'{"decision":"accept"}'),
+    (200, b'["accept"]'),
+    (200, b'{"decision":"accept","reason":"ok","flags":[],"receipt":"rg1.\\n"}'),
+    (202, GOOD_ACCEPT),
+    (503, b'{"error":{"code":"unavailable","message":"x"}}'),
+    (500, b"oops"),
+]
+
+
+@needs_python3
+@pytest.mark.parametrize(("status", "body"), BAD_REPLIES)
+def test_unparseable_or_failed_replies_fail_closed(tmp_path: Path, helper: Path, stub: Any,
+                                                   status: int, body: bytes) -> None:
+    """Any reply that is not a well-formed 200 decision fails closed and stores no receipt."""
+    config = stub_config(tmp_path, stub(status, body))
+    result = run_helper(helper, config, b"492039\x00")
+    assert result.returncode != 0
+    assert not (tmp_path / "receipts" / "receipt").exists()
+    assert b"492039" not in result.stderr
+
+
+@needs_python3
+def test_redirect_is_not_followed(tmp_path: Path, helper: Path, stub: Any) -> None:
+    """A redirecting service is a failure: the code is never re-sent to another address."""
+    url = stub(307, b"", {"Location": "http://127.0.0.1:9/v1/otp/verify"})
+    result = run_helper(helper, stub_config(tmp_path, url), b"492039\x00")
+    assert result.returncode != 0
+
+
+@needs_python3
+def test_stub_accept_stores_receipt_atomically(tmp_path: Path, helper: Path, stub: Any) -> None:
+    """An accept exits 0 and leaves exactly one 0600 receipt file and no temporary file."""
+    result = run_helper(helper, stub_config(tmp_path, stub(200, GOOD_ACCEPT)), b"492039\x00")
+    assert result.returncode == 0, result.stderr
+    receipts = tmp_path / "receipts"
+    assert sorted(p.name for p in receipts.iterdir()) == ["receipt", "receipt.lock"]
+    assert (receipts / "receipt").read_text() == "rg1.a.b\n"
+    assert stat.S_IMODE((receipts / "receipt").stat().st_mode) == 0o600
+
+
+@needs_python3
+def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: Path) -> None:
+    """The helper posts principal=PAM_USER, context {service, remote_addr} and the stored receipt."""
+    seen: list[dict[str, Any]] = []
+
+    class Recorder(_StubHandler):
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            seen.append({"body": json.loads(self.rfile.read(int(self.headers["Content-Length"]))),
+                         "auth": self.headers["Authorization"], "path": self.path})
+            body = GOOD_ACCEPT.replace(b"rg1.a.b", b"rg1.next.mac")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = stub_config(tmp_path, f"http://127.0.0.1:{server.server_address[1]}/")
+        (tmp_path / "receipts").mkdir(mode=0o700)
+        (tmp_path / "receipts" / "receipt").write_text("rg1.prev.mac\n")
+        assert run_helper(helper, config, b"492039\x00").returncode == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [{"path": "/v1/otp/verify", "auth": "Bearer rgt_stub", "body": {
+        "vm_id": "vm-stub", "principal": "alice", "otp": "492039", "receipt": "rg1.prev.mac",
+        "context": {"service": "sshd", "remote_addr": "192.0.2.7"}}}]
+    assert (tmp_path / "receipts" / "receipt").read_text() == "rg1.next.mac\n"
+
+
+@needs_python3
+@pytest.mark.parametrize(("stdin", "env"), [
+    (b"", {}),
+    (b"\x00", {}),
+    (b"\xff\xfe\x00", {}),
+    (b"1" * 2000 + b"\x00", {}),
+    (b"12\x0734\x00", {}),
+    (b"492039\x00", {"PAM_USER": ""}),
+    (b"492039\x00", {"PAM_TYPE": "account"}),
+])
+def test_unusable_input_fails_before_asking(tmp_path: Path, helper: Path, stub: Any,
+                                            stdin: bytes, env: dict[str, str]) -> None:
+    """No password, a non-OTP password, no user or a non-auth stack all fail without a receipt."""
+    result = run_helper(helper, stub_config(tmp_path, stub(200, GOOD_ACCEPT)), stdin, **env)
+    assert result.returncode != 0
+    assert not (tmp_path / "receipts" / "receipt").exists()
+
+
+@needs_python3
+def test_stdin_held_open_fails_closed(tmp_path: Path, helper: Path, stub: Any) -> None:
+    """A password writer that never sends the NUL nor closes the pipe cannot hold the login: it fails."""
+    config = stub_config(tmp_path, stub(200, GOOD_ACCEPT), timeout=1)
+    proc = subprocess.Popen([str(helper), "--config", str(config)], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PAM_USER": "alice", "PAM_TYPE": "auth"})
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(b"4920")
+    proc.stdin.flush()
+    try:
+        assert proc.wait(timeout=60) == 3
+        assert b"did not answer in time" in proc.stderr.read()
+    finally:
+        proc.stdin.close()
+        proc.stderr.close()
+
+
+@needs_python3
+@pytest.mark.parametrize("lines", [
+    "vm_id = x\ntoken = t\n",
+    "service_url = http://127.0.0.1:9\ntoken = t\n",
+    "service_url = ftp://x\nvm_id = x\ntoken = t\n",
+    "service_url = http://127.0.0.1:9\nvm_id = x\n",
+    "service_url = http://127.0.0.1:9\nvm_id = x\ntoken_file = /nonexistent/token\n",
+    "service_url = http://127.0.0.1:9\nvm_id = x\ntoken = t\ntimeout = soon\n",
+    "service_url = http://127.0.0.1:9\nvm_id = x\ntoken = t\nreceipt_dir = relative/dir\n",
+    "this line has no equals sign\n",
+])
+def test_bad_config_fails_closed(tmp_path: Path, helper: Path, lines: str) -> None:
+    """Every configuration fault ends in exit status 2 (configuration), never an accept."""
+    config = tmp_path / "pam.conf"
+    config.write_text(lines)
+    result = run_helper(helper, config, b"492039\x00")
+    assert result.returncode == 2, result.stderr
+
+
+@needs_python3
+def test_missing_config_fails_closed(tmp_path: Path, helper: Path) -> None:
+    """A config file that does not exist refuses the login."""
+    assert run_helper(helper, tmp_path / "absent.conf", b"492039\x00").returncode == 2
+
+
+def test_example_stack_and_config_name_the_helper() -> None:
+    """The shipped /etc/pam.d example runs the helper with expose_authtok at the documented path."""
+    stack = (REPO / "deploy" / "pam" / "replayguard").read_text()
+    rule = [line for line in stack.splitlines() if line and not line.startswith("#")]
+    assert rule == ["auth required pam_exec.so expose_authtok quiet /usr/local/lib/replayguard/replayguard-pam-helper"]
+    example = (REPO / "deploy" / "pam" / "pam.conf.example").read_text()
+    for key in ("service_url", "vm_id", "token_file", "receipt_dir", "timeout"):
+        assert f"\n{key} = " in example
