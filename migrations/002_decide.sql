@@ -12,7 +12,26 @@
 --   4. appends the chained ledger row and moves the VM's receipt position.
 -- Items: {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "steps": [..],
 --         "dg": {"<step>": "<hex digest>"}, "d": "<hex>", "exp": us, "pre": reason,
---         "hot": bool, "rc": "absent"|"valid"|"invalid", "rvm", "rseq", "p": {...}}
+--         "hot": bool, "rc": "absent"|"valid"|"invalid", "rvm", "rseq", "p": {...},
+--         TOTP only: "tp": period s, "dr": drift steps, "cg": clock-guard scope}
+
+-- The host clock guard: the highest TOTP step start (µs) this deployment has accepted,
+-- per key set ("cg", a fingerprint of the pepper: instances sharing keys are one
+-- deployment; a database shared by several key sets holds several). When the host clock
+-- is so far behind it that the current step is below it minus the drift, the clock went
+-- back (NTP step, or a rollback of the host): no step at or below it is accepted and a
+-- clock_regression alert is raised.
+CREATE TABLE clock_guard (
+    scope   text   PRIMARY KEY,
+    high_us bigint NOT NULL
+);
+
+-- The high-water below which nothing may be accepted now, or NULL while the clock is sane.
+CREATE FUNCTION rg_clock_floor(p_scope text, p_ts bigint, p_period bigint, p_drift integer) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT high_us FROM clock_guard
+    WHERE scope = p_scope AND p_ts / (p_period * 1000000) < high_us / (p_period * 1000000) - p_drift
+$$;
 
 CREATE FUNCTION rg_receipt_window_start(p_seq bigint) RETURNS bigint
 LANGUAGE sql STABLE AS $$
@@ -48,6 +67,9 @@ DECLARE
     v_fails   integer;
     v_locked  bigint;
     v_rseq    bigint;
+    v_floor   bigint;
+    v_steps   jsonb;
+    v_galert  bigint;
 BEGIN
     SELECT h.seq, h.hash INTO v_head FROM ledger_head h WHERE h.id FOR UPDATE;
     v_seq := v_head.seq;
@@ -70,6 +92,14 @@ BEGIN
         v_step := NULL;
         v_window := NULL;
         v_use := NULL;
+        v_galert := NULL;
+        v_steps := coalesce(it->'steps', '[]'::jsonb);
+        v_floor := CASE WHEN it ? 'tp' THEN rg_clock_floor(it->>'cg', v_ts, (it->>'tp')::bigint, (it->>'dr')::integer) END;
+        IF v_floor IS NOT NULL THEN
+            v_galert := rg_alert('clock_regression', 'critical', v_vm, NULL, 'clock_regression:' || (it->>'cg'),
+                v_ts, v_seq, 'The host clock is behind the highest TOTP step already accepted',
+                jsonb_build_object('high_water_us', v_floor, 'now_us', v_ts));
+        END IF;
 
         INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (v_vm, v_ts, v_ts)
             ON CONFLICT (vm_id) DO NOTHING;
@@ -146,12 +176,17 @@ BEGIN
                         jsonb_build_object('failures', v_fails, 'locked_until_us', v_ts + p_lock_period_us));
                 END IF;
             ELSE
-                IF it->>'pre' IS NULL THEN
+                IF v_floor IS NOT NULL THEN
+                    -- The host clock went back: only steps above the high-water may pass.
+                    v_steps := coalesce((SELECT jsonb_agg(x) FROM jsonb_array_elements_text(v_steps) x
+                        WHERE x::bigint * (it->>'tp')::bigint * 1000000 > v_floor), '[]'::jsonb);
+                END IF;
+                IF it->>'pre' IS NULL AND jsonb_array_length(v_steps) > 0 THEN
                     UPDATE otp_tokens t SET last_counter = (
-                            SELECT min(x::bigint) FROM jsonb_array_elements_text(it->'steps') x
+                            SELECT min(x::bigint) FROM jsonb_array_elements_text(v_steps) x
                             WHERE x::bigint > t.last_counter)
                         WHERE t.id = it->>'tok' AND t.deleted_at IS NULL
-                          AND t.last_counter < (SELECT max(x::bigint) FROM jsonb_array_elements_text(it->'steps') x)
+                          AND t.last_counter < (SELECT max(x::bigint) FROM jsonb_array_elements_text(v_steps) x)
                         RETURNING t.last_counter INTO v_step;
                 END IF;
                 IF v_step IS NOT NULL THEN
@@ -162,6 +197,11 @@ BEGIN
                         VALUES (v_digest, 'otp', v_vm, v_sub, v_seq, v_ts, (it->>'exp')::bigint)
                         ON CONFLICT (digest) DO NOTHING;
                     UPDATE principals SET fail_count = 0 WHERE name = v_sub AND fail_count <> 0;
+                    IF it ? 'tp' THEN
+                        INSERT INTO clock_guard VALUES (it->>'cg', v_step * (it->>'tp')::bigint * 1000000)
+                            ON CONFLICT (scope) DO UPDATE SET high_us = excluded.high_us
+                            WHERE clock_guard.high_us < excluded.high_us;
+                    END IF;
                 ELSIF NOT EXISTS (SELECT 1 FROM otp_tokens WHERE id = it->>'tok' AND deleted_at IS NULL) THEN
                     v_reason := 'no_token';
                 ELSE
@@ -170,6 +210,10 @@ BEGIN
                         ORDER BY u.first_seq DESC LIMIT 1;
                     v_digest := coalesce(v_use.digest, decode(it->'dg'->>(
                         (SELECT max(x::bigint) FROM jsonb_array_elements_text(it->'steps') x)::text), 'hex'));
+                    IF v_use.digest IS NULL AND v_floor IS NOT NULL THEN
+                        v_reason := 'invalid';  -- a code for a time the host already left behind
+                        v_calert := v_galert;
+                    END IF;
                 END IF;
             END IF;
         END IF;
@@ -187,6 +231,8 @@ BEGIN
                     jsonb_build_object('window_id', v_window, 'first_seq', v_use.first_seq,
                                        'first_vm_id', v_use.vm_id));
                 INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
+                INSERT INTO alert_entries SELECT v_calert, seq FROM rollback_windows WHERE id = v_window
+                    ON CONFLICT DO NOTHING;  -- the event (or decision) that opened the window
             ELSE
                 v_reason := 'reused';
                 IF v_use.digest IS NOT NULL THEN
@@ -204,7 +250,8 @@ BEGIN
             coalesce(it->'p', '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
                 'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it->>'tok',
                 'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
-                'receipt', v_rc, 'receipt_seq', it->>'rseq', 'hot_cache', it->'hot')));
+                'receipt', v_rc, 'receipt_seq', it->>'rseq', 'hot_cache', it->'hot',
+                'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END)));
         IF coalesce((it->>'hot')::boolean, false) THEN
             UPDATE vms SET last_seen_us = greatest(last_seen_us, v_ts) WHERE vm_id = v_vm;
         ELSE
@@ -223,7 +270,7 @@ BEGIN
         r_verdict := v_verdict;
         r_reason := v_reason;
         r_flags := v_flags;
-        r_alert := coalesce(v_calert, v_alert);
+        r_alert := coalesce(v_calert, v_alert, v_galert);
         r_epoch := v_vmrow.epoch;
         r_rseq := CASE WHEN v_rc = 'valid' AND NOT coalesce((it->>'hot')::boolean, false)
                        THEN v_seq ELSE v_vmrow.last_receipt_seq END;

@@ -173,9 +173,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _serve_worker(settings: Settings, dsn: str, reuse_port: bool) -> None:
-    from aiohttp import web
-
     from .http.app import create_app
+    from .http.server import serve
 
     rglog.configure(settings.log_level)
     try:
@@ -185,11 +184,7 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool) -> None:
     except ImportError:
         pass
     app = create_app(settings, dsn=dsn)
-    web.run_app(
-        app, host=settings.host, port=settings.port, access_log=None, print=None,
-        reuse_port=reuse_port, backlog=1024, handle_signals=True,
-        keepalive_timeout=75, shutdown_timeout=10,
-    )
+    asyncio.run(serve(app, settings, reuse_port=reuse_port))
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

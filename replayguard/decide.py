@@ -8,6 +8,7 @@ still written behind it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,11 @@ def _receipt_fields(check: ReceiptCheck) -> dict[str, Any]:
     return fields
 
 
+def clock_guard_scope(pepper: bytes) -> str:
+    """Names this deployment's clock high-water: instances sharing keys share one clock guard."""
+    return hashlib.sha256(b"replayguard-clock-guard\x00" + pepper).hexdigest()[:32]
+
+
 def hot_reply_allowed(hit: HotHit, vm_id: str, check: ReceiptCheck) -> bool:
     """Whether a Redis hit may answer without PostgreSQL (it could not change the answer).
 
@@ -124,6 +130,9 @@ class DecisionService:
             item.update(tok=match.token.id, steps=list(match.counters),
                         dg={str(c): d.hex() for c, d in digests.items()},
                         exp=now_us + self._config.use_retention_s * 1_000_000)
+            if match.token.type == "totp":  # the host clock guard (rg_clock_floor)
+                item.update(tp=match.token.period, dr=self._config.drift_steps,
+                            cg=clock_guard_scope(self._keys.pepper))
             if len(digests) == 1:
                 hot = await self._hot_lookup(list(digests.values()), req.vm_id, check)
                 if hot is not None:

@@ -70,6 +70,11 @@ class Conflict(ClientError):
     status = 409
 
 
+class RequestTimeout(ClientError):
+    code = "request_timeout"
+    status = 408
+
+
 class PayloadTooLarge(ClientError):
     code = "payload_too_large"
     status = 413

@@ -23,10 +23,12 @@ SENSITIVE_KEYS = frozenset({
 })
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
 _RG_TOKEN = re.compile(r"rgt_[A-Za-z0-9_\-]{8,}")
+_URI_SECRET = re.compile(r"(?i)([?&]secret=)[^&#\s]+")  # the base32 secret of an otpauth:// URI
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
+        value = _URI_SECRET.sub(r"\g<1>" + REDACTED, value)
         return _RG_TOKEN.sub(REDACTED, _BEARER.sub("Bearer " + REDACTED, value))
     if isinstance(value, dict):
         return {k: (REDACTED if str(k).lower() in SENSITIVE_KEYS else _scrub(v)) for k, v in value.items()}

@@ -78,6 +78,10 @@ class Settings:
     sinks: tuple[str, ...] = ()
     max_connections: int = 1024
     max_sse_subscribers: int = 64
+    idle_timeout_s: int = 15
+    request_timeout_s: int = 30
+    sse_heartbeat_s: int = 15
+    webhook_secret: Secret | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -106,6 +110,9 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "event_hmac_tolerance_s": (1, 86400),
     "max_connections": (1, 1_000_000),
     "max_sse_subscribers": (0, 100_000),
+    "idle_timeout_s": (1, 3600),
+    "request_timeout_s": (1, 3600),
+    "sse_heartbeat_s": (1, 3600),
 }
 
 

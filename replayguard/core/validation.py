@@ -66,7 +66,7 @@ def _parse_rfc3339(text: str, name: str) -> datetime:
         normalised = head + "." + digits.group(0)[:6].ljust(6, "0") + rest[len(digits.group(0)):]
     try:
         return datetime.fromisoformat(normalised).astimezone(timezone.utc)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: in range locally, not in UTC
         raise InvalidRequest(f"{name} is not a valid time", field=name) from None
 
 
@@ -196,6 +196,6 @@ def enroll_request(raw: object) -> EnrollRequest:
     return EnrollRequest(
         type=kind, secret=secret,
         digits=integer(body, "digits", 6, 6, 8),
-        period=integer(body, "period", 30, 10, 300),
+        period=integer(body, "period", 30, 10, 120),  # pyotp refuses intervals over 120 s
         algorithm=algorithm,
     )

@@ -6,6 +6,7 @@ authorises, the OpenAPI document describes and the access-control test walks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from .state import DECISION, REASON
+from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .state import DECISION, REASON, RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
@@ -45,18 +46,31 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, after the contract's media-type and size checks."""
+async def read_body(request: web.Request) -> bytes:
+    """The raw request body, after the contract's media-type, size and time checks.
+
+    aiohttp keeps the body once read, so a signature check and ``read_json`` may both call
+    this and the socket is read once.
+    """
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(request.app[RUNTIME].settings.request_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body was not received in time") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes") from None
     if len(raw) > MAX_BODY:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
+    return raw
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, after the checks of ``read_body``."""
+    raw = await read_body(request)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

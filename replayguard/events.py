@@ -1,0 +1,127 @@
+"""The event service: hypervisor events into the ledger, and the windows they open.
+
+One call ingests the events of one request (a generic event, or the few a native payload
+became) in one transaction. For each: the ledger head lock is taken and what the ledger
+knows is read (``rg_event_context``); an event id seen before is a duplicate when the body
+digest matches and a ``Conflict`` when it does not; otherwise the pure core computes the
+windows and ``rg_ingest_event`` records everything and reclassifies the replays the new
+windows explain. Redis is told to forget the VMs whose epoch moved, after the commit, so
+its hot path can never answer for a VM whose past just changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .cache import HotCache
+from .core import event_input, windows
+from .core.events import EventType, GenericEvent
+from .db import acquire
+from .errors import Conflict, NotFound
+
+log = structlog.get_logger(__name__)
+
+_CONTEXT = "SELECT rg_event_context($1, $2, $3, $4)"
+_INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb)"
+_CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What happened to one event."""
+
+    event_id: str
+    duplicate: bool
+    seq: int
+    window_ids: tuple[int, ...] = ()
+    reclassified_alerts: tuple[int, ...] = ()
+    new_epoch_vms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    vm_id: str
+    seq: int
+    was_refusing: bool
+    reason: str | None
+
+
+def _context(raw: dict[str, Any], received_us: int) -> windows.EventContext:
+    ancestors = tuple(windows.Ancestor(vm, int(split)) for vm, split in raw["ancestors"])
+    return windows.EventContext(received_us, tuple(int(t) for t in raw["snapshots"]), ancestors)
+
+
+def _facts(event: GenericEvent, ctx: windows.EventContext) -> dict[str, int]:
+    """The facts a later event will need: a snapshot's creation time, a clone's split."""
+    if event.type is EventType.SNAPSHOT_CREATED:
+        taken = event.snapshot_created_at or event.occurred_at
+        return {"snapshot_us": ctx.received_us if taken is None else windows.to_us(taken)}
+    if event.type is EventType.VM_CLONED:
+        return {"split_us": windows.clone_split(event, ctx)}
+    return {}
+
+
+def _window_json(window: windows.Window) -> dict[str, Any]:
+    return {"vm_id": window.vm_id, "start_us": window.start_us, "end_us": window.end_us,
+            "cause": window.cause}
+
+
+class EventService:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], hot: HotCache | None = None) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._hot = hot
+
+    async def ingest(self, events: Sequence[GenericEvent], source: str) -> list[Ingested]:
+        """Records the events of one request atomically; raises ``Conflict`` on a reused id."""
+        received_us = int(self._clock() * 1e6)
+        async with acquire(self._pool) as conn, conn.transaction():
+            done = [await self._one(conn, event, source, received_us) for event in events]
+        await self._forget(done)
+        for item in done:
+            log.info("hypervisor_event", event_id=item.event_id, source=source, duplicate=item.duplicate,
+                     windows=len(item.window_ids), reclassified=len(item.reclassified_alerts))
+        return done
+
+    async def _one(self, conn: asyncpg.Connection, event: GenericEvent, source: str,
+                   received_us: int) -> Ingested:
+        snap_vm = windows.rolled_back_vm(event) or event.vm_id
+        raw = await conn.fetchval(_CONTEXT, event.event_id, snap_vm, event.snapshot_id or "", snap_vm)
+        digest = event_input.body_digest(event)
+        existing = raw["existing"]
+        if existing is not None:
+            if bytes.fromhex(existing["digest"]) != digest:
+                raise Conflict(f"event {event.event_id!r} was already received with a different body",
+                               field="event_id")
+            return Ingested(event.event_id, True, int(existing["seq"]))
+        ctx = _context(raw, received_us)
+        opened = windows.windows_for(event, ctx)
+        record = {**event_input.to_record(event), "source": source}
+        row = await conn.fetchrow(_INGEST, received_us, record, digest,
+                                  [_window_json(w) for w in opened], _facts(event, ctx))
+        assert row is not None  # rg_ingest_event always returns its one row
+        moved = tuple(sorted({event.vm_id, *(w.vm_id for w in opened)})) if opened else ()
+        return Ingested(event.event_id, False, row["r_seq"], tuple(row["r_windows"]),
+                        tuple(row["r_alerts"]), moved)
+
+    async def _forget(self, done: Sequence[Ingested]) -> None:
+        """Drops Redis's view of every VM whose epoch moved (after the commit, never before)."""
+        if self._hot is None:
+            return
+        for vm_id in sorted({vm for item in done for vm in item.new_epoch_vms}):
+            await self._hot.forget_vm(vm_id)
+
+    async def clear_vm(self, vm_id: str, note: str, by: str) -> Cleared:
+        """Lifts the refusal of a VM (receipt_reaction 'refuse'); recorded in the ledger."""
+        now_us = int(self._clock() * 1e6)
+        async with acquire(self._pool) as conn:
+            row = await conn.fetchrow(_CLEAR, vm_id, now_us, note, by)
+        if row is None:
+            raise NotFound(f"no VM {vm_id!r} is known")
+        log.info("vm_cleared", vm_id=vm_id, was_refusing=row["r_was_refusing"])
+        return Cleared(vm_id, row["r_seq"], row["r_was_refusing"], row["r_reason"])

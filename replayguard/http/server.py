@@ -1,0 +1,109 @@
+"""Serving the app on a socket, with the limits that keep slow or hostile clients harmless.
+
+- Header limits: request line, header field size and count (aiohttp's parser answers 400).
+- Idle timeout: a connection that has not sent a complete request within
+  ``idle_timeout_s`` of opening (or of its last response) is closed, so a client that
+  trickles headers byte by byte holds a socket for seconds, not forever.
+- Body timeout: ``request_timeout_s`` bounds reading a body (``common.read_json``: 408).
+- Connection cap: at ``max_connections`` open connections a new one is answered 503 and
+  closed at once, so a flood of sockets cannot exhaust file descriptors.
+
+The same limits are used by ``replayguard serve`` and by tests that serve the app in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from typing import Any, cast
+
+import structlog
+from aiohttp import web
+
+from ..settings import Settings
+
+log = structlog.get_logger(__name__)
+
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 16 * 1024
+MAX_HEADERS = 64
+_BUSY_BODY = b'{"error": {"code": "unavailable", "message": "too many connections; try again later"}}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+def handler_limits(settings: Settings) -> dict[str, Any]:
+    """aiohttp request-handler arguments: header limits and the idle timeout."""
+    return {
+        "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS,
+        "keepalive_timeout": settings.idle_timeout_s, "lingering_time": 2.0,
+    }
+
+
+class _Busy(asyncio.Protocol):
+    """Answers one connection over the cap with a 503 and closes it.
+
+    What the client already sent is read and dropped for a moment (a lingering close):
+    closing with unread input would reset the connection and lose the 503 on the way.
+    """
+
+    _LINGER_S = 1.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        transport.write(_BUSY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(self._LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+
+class ConnectionCap:
+    """A protocol factory that hands out aiohttp handlers up to ``limit`` live connections."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server = server
+        self._limit = limit
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self._server.connections) >= self._limit:
+            self.refused += 1
+            return _Busy()
+        return self._server()
+
+
+def _listen(settings: Settings, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: web.Application, settings: Settings, *, reuse_port: bool) -> None:
+    """Serves ``app`` until SIGTERM or SIGINT, then shuts down gracefully."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    assert runner.server is not None
+    listener = await loop.create_server(ConnectionCap(runner.server, settings.max_connections),
+                                        sock=_listen(settings, reuse_port))
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await runner.cleanup()

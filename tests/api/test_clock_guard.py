@@ -1,0 +1,84 @@
+"""The host clock guard: a host clock that steps back never re-opens TOTP steps already passed.
+
+Each test has a database of its own: the high-water is the deployment's, and these tests
+move the clock where no other test should follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyotp
+
+from replayguard.settings import Secret
+from tests.conftest import Api, FakeClock, uid
+
+
+async def verify(api: Api, principal: str, code: str) -> dict[str, Any]:
+    status, answer = await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": code})
+    assert status == 200, answer
+    return dict(answer)
+
+
+async def enroll(api: Api) -> tuple[str, pyotp.TOTP]:
+    principal = uid("user")
+    return principal, pyotp.TOTP((await api.enroll(principal))["secret"])
+
+
+async def high_water(api: Api) -> int:
+    async with api.runtime.pool.acquire() as conn:
+        return int(await conn.fetchval("SELECT max(high_us) FROM clock_guard"))
+
+
+async def test_clock_stepping_back_refuses_old_steps_and_alerts(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """After the clock goes back an hour, no TOTP is accepted and a critical clock_regression is raised."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()))
+    alice, alice_totp = await enroll(api)
+    bob, bob_totp = await enroll(api)
+    assert (await verify(api, alice, alice_totp.at(clock.now)))["decision"] == "accept"
+    mark = await high_water(api)
+    clock.advance(-3600)
+    refused = await verify(api, bob, bob_totp.at(clock.now))
+    assert (refused["decision"], refused["reason"]) == ("reject", "invalid")
+    async with api.runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT kind, severity FROM alerts WHERE id = $1", int(refused["alert_id"]))
+        fails = await conn.fetchval("SELECT fail_count FROM principals WHERE name = $1", bob)
+    assert (row["kind"], row["severity"]) == ("clock_regression", "critical")
+    assert fails == 0, "the guard's refusal is not the user's failure"
+    assert (await verify(api, alice, alice_totp.at(clock.now)))["decision"] == "reject"
+    assert await high_water(api) == mark
+
+
+async def test_small_step_back_within_drift_is_tolerated(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """A clock that steps back by less than the drift window keeps accepting fresh codes."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()))
+    alice, alice_totp = await enroll(api)
+    bob, bob_totp = await enroll(api)
+    assert (await verify(api, alice, alice_totp.at(clock.now)))["decision"] == "accept"
+    clock.advance(-20)
+    assert (await verify(api, bob, bob_totp.at(clock.now)))["decision"] == "accept"
+
+
+async def test_high_water_survives_a_restart_and_clears_when_time_catches_up(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """The high-water lives in the database: a restarted service behind it still refuses, until time passes it."""
+    dsn = await fresh_database()
+    clock = FakeClock()
+    first: Api = await api_factory(clock, database_url=Secret(dsn))
+    alice, alice_totp = await enroll(first)
+    assert (await verify(first, alice, alice_totp.at(clock.now)))["decision"] == "accept"
+    await first.client.close()
+    behind = FakeClock(clock.now - 86400)
+    restarted: Api = await api_factory(behind, database_url=Secret(dsn))
+    bob, bob_totp = await enroll(restarted)
+    assert (await verify(restarted, bob, bob_totp.at(behind.now)))["reason"] == "invalid"
+    behind.advance(86400 + 60)
+    assert (await verify(restarted, bob, bob_totp.at(behind.now)))["decision"] == "accept"
