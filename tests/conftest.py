@@ -250,9 +250,9 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         if database_url is not None:
             args += ["--database-url", database_url]
         log_path = tmp_path / f"service-{port}-{len(procs)}.log"
-        handle = log_path.open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "replayguard", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                env=env or cli_env(), cwd=REPO)
+        with log_path.open("wb") as handle:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "replayguard", *args], stdout=handle,
+                                    stderr=subprocess.STDOUT, env=env or cli_env(), cwd=REPO)
         service = ServiceProcess(proc, f"http://127.0.0.1:{port}", log_path)
         procs.append(service)
         await wait_ready(service.url, proc)

@@ -43,7 +43,7 @@ ENROLL_SCHEMA = {
         "type": {"type": "string", "enum": ["totp", "hotp"], "default": "totp"},
         "secret": {"type": "string", "description": "base32, 80 bits or more; generated when absent"},
         "digits": {"type": "integer", "minimum": 6, "maximum": 8, "default": 6},
-        "period": {"type": "integer", "minimum": 10, "maximum": 300, "default": 30},
+        "period": {"type": "integer", "minimum": 10, "maximum": 120, "default": 30},
         "algorithm": {"type": "string", "enum": ["SHA1", "SHA256", "SHA512"], "default": "SHA1"},
     },
 }

@@ -34,6 +34,7 @@ class Route:
     status: int = 200
     query: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default=())
+    errors: tuple[tuple[int, str], ...] = ()  # further error statuses the route answers (OpenAPI)
 
     def allows(self, role: str) -> bool:
         return self.roles is None or role == "admin" or role in self.roles

@@ -116,7 +116,8 @@ CLEARED_SCHEMA = {
 ROUTES = [
     Route("POST", "/v1/hypervisor/events", post_events, ("hypervisor",),
           "Report a hypervisor event (generic, or native with ?source=)", "hypervisor",
-          EVENT_SCHEMA, ACCEPTED_SCHEMA, status=202, query=("source",)),
+          EVENT_SCHEMA, ACCEPTED_SCHEMA, status=202, query=("source",),
+          errors=((409, "The same event_id was reported with a different body"),)),
     Route("POST", "/v1/vms/{vm_id}/clear", clear_vm, ("admin",),
           "Lift a VM's refusal after a detected rollback or clone, with a note", "admin",
           CLEAR_SCHEMA, CLEARED_SCHEMA),

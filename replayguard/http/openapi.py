@@ -28,9 +28,16 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.response_schema is not None:
         success["content"] = {"application/json": {"schema": route.response_schema}}
     responses: dict[str, Any] = {str(route.status): success}
+    path_params = _PARAM.findall(route.path)
+    if route.request_schema is not None or path_params or route.query:
+        responses["400"] = _error("Invalid request (body, identifier in the path, or query)")
+    if path_params:
+        responses["404"] = _error("No such resource")
     if route.request_schema is not None:
-        responses.update({"400": _error("Invalid request"), "413": _error("Body over 64 KiB"),
+        responses.update({"408": _error("Body not received in time"), "413": _error("Body over 64 KiB"),
                           "415": _error("Not application/json")})
+    for status, description in route.errors:
+        responses[str(status)] = _error(description)
     if route.roles is not None:
         responses.update({"401": _error("Missing or unknown token"), "403": _error("Wrong role")})
         responses["503"] = _error("The ledger is unavailable (fail closed)")

@@ -1,0 +1,256 @@
+"""The alert feed: live SSE fan-out, the sinks' copy of every alert, and checkpoints.
+
+Fan-out across instances rides on PostgreSQL, not Redis: ``rg_alert`` (and every
+acknowledgement) calls ``pg_notify('replayguard_alerts', id)`` inside its transaction, so
+every instance LISTENing on the shared database hears of exactly the changes that
+committed, whether Redis is configured or not. A notification only wakes the loop; the
+loop then reads the changes from ``alerts`` by ``change_seq``, so a notification lost to a
+reconnect is caught up by the next read (and by a poll every ``POLL_S``).
+
+Subscribers get bounded queues and are never awaited: a full queue drops that subscriber
+(its client resumes with Last-Event-ID), so nothing here can slow a decision — decisions
+only ever write to PostgreSQL.
+
+One instance at a time (the holder of a session advisory lock on its LISTEN connection)
+is the *leader*: it signs checkpoints when due and hands every alert change and every
+checkpoint to the sinks, remembering in ``sink_feed`` how far it got, so a new leader
+carries on where the last one stopped (at-least-once; records carry ids for dedup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from . import db
+from .alerts import AlertService, render, sink_record
+from .core import checkpoints as cps
+from .core.checkpoints import Checkpoint
+from .core.ledger_check import Finding
+from .db import UNAVAILABLE_ERRORS, acquire
+from .errors import ConfigError, Unavailable
+from .ledger import LedgerService
+from .runtime import Runtime
+from .sinks import SinkDispatcher, parse_sink_spec
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "replayguard_alerts"
+POLL_S = 1.0
+PAGE = 500
+QUEUE_SIZE = 256
+_LEADER_LOCK = 0x7267666C  # "rgfl"
+_RECENT = 4096
+
+
+_SINK_FEED_INIT = ("INSERT INTO sink_feed VALUES (true, (SELECT coalesce(max(change_seq), 0) FROM alerts),"
+                   " (SELECT coalesce(max(seq), 0) FROM checkpoints)) ON CONFLICT DO NOTHING")
+
+
+def _crashed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("alert_feed_crashed", error=repr(task.exception()))
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One SSE client: a bounded queue of (change_seq, alert json); ``dropped`` when it overflowed."""
+
+    queue: asyncio.Queue[tuple[int, dict[str, Any]] | None] = field(
+        default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    dropped: bool = False
+
+
+def build_dispatcher(runtime: Runtime) -> SinkDispatcher | None:
+    """The sinks of ``settings.sinks``; a bad spec stops start-up with one line."""
+    settings = runtime.settings
+    if not settings.sinks:
+        return None
+    try:
+        configs = [parse_sink_spec(spec, secret=settings.webhook_secret if spec.strip().startswith("webhook:")
+                                   else None) for spec in settings.sinks]
+        return SinkDispatcher(configs, spool_dir=settings.data_dir / "outbox")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class AlertFeed:
+    def __init__(self, runtime: Runtime, alerts: AlertService, ledger: LedgerService,
+                 dispatcher: SinkDispatcher | None, max_subscribers: int) -> None:
+        self._rt, self._alerts, self._ledger, self.dispatcher = runtime, alerts, ledger, dispatcher
+        self._max = max_subscribers
+        self.subscribers: set[Subscriber] = set()
+        self._wake = asyncio.Event()
+        self._notified: set[int] = set()
+        self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._pos: int | None = None
+        self.leader = False
+        self._sinks_started = False
+        self._last_finding: Finding | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- subscribers ----------------------------------------------------------------
+
+    def subscribe(self) -> Subscriber:
+        if len(self.subscribers) >= self._max:
+            raise Unavailable("too many alert stream subscribers; try again later")
+        sub = Subscriber()
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def _publish(self, change: int, alert: dict[str, Any]) -> None:
+        for sub in list(self.subscribers):
+            try:
+                sub.queue.put_nowait((change, alert))
+            except asyncio.QueueFull:
+                sub.dropped = True  # its client resumes from the database with Last-Event-ID
+                self.subscribers.discard(sub)
+                log.info("sse_subscriber_dropped", reason="queue full")
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts from now for live subscribers; the sinks' position is fixed before serving."""
+        self._pos = await self._alerts.last_change()
+        if self.dispatcher is not None:
+            async with acquire(self._rt.pool) as conn:
+                await conn.execute(_SINK_FEED_INIT)
+        self._task = asyncio.create_task(self._run(), name="alert-feed")
+        self._task.add_done_callback(_crashed)
+
+    def close_subscribers(self) -> None:
+        """Ends every open stream (at shutdown), so no handler keeps the service waiting."""
+        for sub in list(self.subscribers):
+            sub.dropped = True
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+        self.subscribers.clear()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.close_subscribers()
+        await self._stop_sinks()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await db.connect(self._rt.dsn)
+            except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("alert_feed_connect_failed", error=type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.1
+            try:
+                await conn.add_listener(CHANNEL, self._on_notify)
+                await self._session(conn)
+            except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, Unavailable) as exc:
+                log.warning("alert_feed_interrupted", error=type(exc).__name__)
+            finally:
+                self.leader = False
+                await self._stop_sinks()
+                with contextlib.suppress(*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
+                    await conn.close(timeout=2)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.isascii() and payload.isdigit():
+            self._notified.add(int(payload))
+        self._wake.set()
+
+    async def _session(self, conn: asyncpg.Connection) -> None:
+        while True:
+            self._wake.clear()
+            await self._tail()
+            if not self.leader:
+                self.leader = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
+            else:
+                await conn.fetchval("SELECT 1")  # notices a lost connection, and the lock with it
+            if self.leader:
+                await self._lead()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    # --- live fan-out ---------------------------------------------------------------
+
+    async def _tail(self) -> None:
+        """Publishes every change after the last one seen (and any just notified)."""
+        while True:
+            ids, self._notified = sorted(self._notified), set()
+            records = await self._alerts.changes(self._pos or 0, ids, PAGE)
+            for record in records:
+                key = (record["id"], record["change_seq"])
+                if key in self._recent:
+                    continue
+                self._remember(key)
+                self._pos = max(self._pos or 0, record["change_seq"])
+                self._publish(record["change_seq"], render(record))
+            if len(records) < PAGE:
+                return
+
+    def _remember(self, key: tuple[int, int]) -> None:
+        self._recent[key] = None
+        while len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+
+    # --- leader duties --------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        await self._start_sinks()
+        settings = self._rt.settings
+        result = await self._ledger.checkpoint_if_due(self._rt.now_us(), settings.checkpoint_every,
+                                                      settings.checkpoint_interval_s * 1_000_000)
+        if isinstance(result, Finding) and result != self._last_finding:
+            self._last_finding = result
+            await self._ledger.raise_tamper_alert(result, self._rt.now_us())
+        if self.dispatcher is not None and self._sinks_started:
+            await self._feed_sinks()
+
+    async def _start_sinks(self) -> None:
+        if self.dispatcher is None or self._sinks_started:
+            return
+        try:
+            await self.dispatcher.start()
+        except (OSError, ConfigError) as exc:
+            log.error("sinks_not_started", error=str(exc))
+            return
+        self._sinks_started = True
+
+    async def _stop_sinks(self) -> None:
+        if self.dispatcher is not None and self._sinks_started:
+            self._sinks_started = False
+            await self.dispatcher.stop()
+
+    async def _feed_sinks(self) -> None:
+        """Hands alert changes and checkpoints after the stored position to the sinks."""
+        assert self.dispatcher is not None
+        async with acquire(self._rt.pool) as conn:
+            await conn.execute(_SINK_FEED_INIT)
+            pos = await conn.fetchrow("SELECT alert_change_seq, checkpoint_seq FROM sink_feed")
+            alerts = await self._alerts.changes(pos["alert_change_seq"], [], PAGE)
+            checkpoints = await conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2",
+                                           pos["checkpoint_seq"], PAGE)
+            for record in alerts:
+                self.dispatcher.submit(sink_record(record))
+            for record in checkpoints:
+                self.dispatcher.submit(cps.to_json(Checkpoint(
+                    record["seq"], bytes(record["hash"]), record["ts_us"], record["key_id"],
+                    bytes(record["signature"]))))
+            await conn.execute(
+                "UPDATE sink_feed SET alert_change_seq = greatest(alert_change_seq, $1),"
+                " checkpoint_seq = greatest(checkpoint_seq, $2)",
+                alerts[-1]["change_seq"] if alerts else 0, checkpoints[-1]["seq"] if checkpoints else 0)
+        if len(alerts) == PAGE or len(checkpoints) == PAGE:
+            self._wake.set()

@@ -1,0 +1,85 @@
+"""Recomputing the ledger's chain row by row, and naming the first row that is wrong.
+
+Pure: rows go in (from any source, in ``seq`` order), a ``Finding`` comes out. A deleted
+row shows as a gap in ``seq``; a modified row as a hash that its content no longer
+gives; a row moved or swapped as a link (``prev_hash``) that does not follow its
+predecessor; a rewritten chain (every hash recomputed) as a mismatch with a signed
+checkpoint; a truncated tail as a head that names more than the rows hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .chain import GENESIS, Entry, entry_hash
+
+
+class Problem(str, enum.Enum):
+    MISSING = "missing"
+    MODIFIED = "modified"
+    BROKEN_LINK = "broken_link"
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"
+    HEAD_MISMATCH = "head_mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    entry: Entry
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    seq: int
+    problem: Problem
+    message: str
+
+
+@dataclass
+class ChainChecker:
+    """Feed rows in ``seq`` order from ``start_seq + 1``; stops at the first finding."""
+
+    start_seq: int = 0
+    start_hash: bytes = GENESIS
+    checkpoints: Mapping[int, bytes] = field(default_factory=dict)
+    checked: int = 0
+    finding: Finding | None = None
+
+    def __post_init__(self) -> None:
+        self.last_seq = self.start_seq
+        self.last_hash = self.start_hash
+
+    def feed(self, row: Row) -> Finding | None:
+        if self.finding is None:
+            self.finding = self._check(row)
+            if self.finding is None:
+                self.checked += 1
+                self.last_seq, self.last_hash = row.entry.seq, row.hash
+        return self.finding
+
+    def _check(self, row: Row) -> Finding | None:
+        seq = row.entry.seq
+        expected = self.last_seq + 1
+        if seq != expected:
+            return Finding(expected, Problem.MISSING, f"entry {expected} is missing (next entry is {seq})")
+        if entry_hash(row.prev_hash, row.entry) != row.hash:
+            return Finding(seq, Problem.MODIFIED, f"entry {seq} no longer matches its hash: it was modified")
+        if row.prev_hash != self.last_hash:
+            return Finding(seq, Problem.BROKEN_LINK,
+                           f"entry {seq} does not follow entry {seq - 1}: rows were moved, swapped or replaced")
+        signed = self.checkpoints.get(seq)
+        if signed is not None and signed != row.hash:
+            return Finding(seq, Problem.CHECKPOINT_MISMATCH,
+                           f"entry {seq} differs from its signed checkpoint: history up to it was rewritten")
+        return None
+
+    def finish(self, head_seq: int, head_hash: bytes) -> Finding | None:
+        """Compares the end of the rows with ``ledger_head``; call after the last row."""
+        if self.finding is None and (head_seq != self.last_seq or head_hash != self.last_hash):
+            seq = min(head_seq, self.last_seq) + 1 if head_seq != self.last_seq else head_seq
+            self.finding = Finding(seq, Problem.HEAD_MISMATCH,
+                                   f"the ledger head names entry {head_seq} but the rows end at {self.last_seq}")
+        return self.finding

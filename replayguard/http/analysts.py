@@ -1,0 +1,277 @@
+"""HTTP for analysts (role ``analyst``; CONTRACT §6): alerts, their live stream, VMs,
+timelines, the ledger, its verification, checkpoints and the checkpoint public key.
+
+``setup`` opens the alert feed (LISTEN fan-out, sinks, checkpoints; see ``alertfeed``)
+next to the runtime, and ends open streams when the service shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import Gauge
+
+from ..alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
+from ..alerts import (
+    AlertService,
+    parse_alert_id,
+    parse_filter,
+    parse_note,
+    query_time,
+    render,
+)
+from ..core import validation
+from ..errors import InvalidRequest, Unavailable
+from ..ledger import LedgerService
+from ..timeline import TimelineService
+from .common import Route, json_response, query_int, read_json
+from .state import CALLER, RUNTIME
+
+ROLES = ("analyst",)
+WRITE_TIMEOUT_S = 10.0
+_LAST_ID = re.compile(r"^[0-9]{1,18}$")
+
+
+@dataclass(frozen=True)
+class Analysts:
+    alerts: AlertService
+    ledger: LedgerService
+    timeline: TimelineService
+    feed: AlertFeed
+
+
+ANALYSTS = web.AppKey("analysts", Analysts)
+
+
+def _svc(request: web.Request) -> Analysts:
+    return request.app[ANALYSTS]
+
+
+# --- alerts ---------------------------------------------------------------------------
+
+async def list_alerts(request: web.Request) -> web.Response:
+    f = parse_filter(request.query, query_int(request, "limit", 50, 1, 500))
+    items, cursor = await _svc(request).alerts.search(f)
+    return json_response({"items": items, "next_cursor": cursor})
+
+
+async def get_alert(request: web.Request) -> web.Response:
+    alert_id = parse_alert_id(request.match_info["id"])
+    return json_response(await _svc(request).alerts.get(alert_id))
+
+
+async def acknowledge(request: web.Request) -> web.Response:
+    alert_id = parse_alert_id(request.match_info["id"])
+    note = parse_note(await read_json(request))
+    runtime = request.app[RUNTIME]
+    body = await _svc(request).alerts.acknowledge(alert_id, request[CALLER], note, runtime.now_us())
+    return json_response(body)
+
+
+# --- the live stream ------------------------------------------------------------------
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    if not _LAST_ID.match(raw.strip()):
+        raise InvalidRequest("Last-Event-ID must be an event id this stream sent", field="Last-Event-ID")
+    return int(raw.strip())
+
+
+def _frame(change: int, alert: dict[str, Any]) -> bytes:
+    return b"id: %d\nevent: alert\ndata: %s\n\n" % (change, orjson.dumps(alert))
+
+
+async def _send(resp: web.StreamResponse, data: bytes) -> None:
+    """A write that gives up on a client that stopped reading, instead of waiting forever."""
+    await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT_S)
+
+
+async def _catch_up(request: web.Request, resp: web.StreamResponse, last: int) -> set[int]:
+    """Sends every change after ``last`` from the database; returns the changes sent."""
+    sent: set[int] = set()
+    while True:
+        records = await _svc(request).alerts.changes(last, [], PAGE)
+        for record in records:
+            await _send(resp, _frame(record["change_seq"], render(record)))
+            sent.add(record["change_seq"])
+            last = max(last, record["change_seq"])
+        if len(records) < PAGE:
+            return sent
+
+
+async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber, last: int | None) -> None:
+    heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
+    await _send(resp, b"retry: 2000\n\n")
+    sent = await _catch_up(request, resp, last) if last is not None else set()
+    while not sub.dropped:
+        try:
+            item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+        except TimeoutError:
+            await _send(resp, b": heartbeat\n\n")
+            continue
+        if item is None:
+            return
+        if item[0] not in sent:
+            await _send(resp, _frame(*item))
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: one ``alert`` event per new or updated alert, id = change number."""
+    last = _last_event_id(request)
+    feed = _svc(request).feed
+    sub = feed.subscribe()
+    try:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        try:
+            await _pump(request, resp, sub, last)
+        except (ConnectionError, TimeoutError, Unavailable):
+            pass  # the client left or stalled, or the database went: it reconnects with Last-Event-ID
+    finally:
+        feed.unsubscribe(sub)
+    return resp
+
+
+# --- VMs, timelines, the ledger ---------------------------------------------------------
+
+def _vm_cursor(request: web.Request) -> str | None:
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        value = ""
+    if not value.startswith("v") or len(raw) > 400:
+        raise InvalidRequest("cursor is not one this service issued", field="cursor")
+    return validation.check_identifier(value[1:], "cursor")
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 100, 1, 1000)
+    items, after = await _svc(request).timeline.vms(_vm_cursor(request), limit)
+    cursor = base64.urlsafe_b64encode(("v" + after).encode()).decode().rstrip("=") if after else None
+    return json_response({"items": items, "next_cursor": cursor})
+
+
+async def vm_timeline(request: web.Request) -> web.Response:
+    vm_id = validation.check_identifier(request.match_info["vm_id"], "vm_id")
+    page = await _svc(request).timeline.timeline(
+        vm_id, query_int(request, "after_seq", 0, 0, 2**62), query_time(request.query, "since"),
+        query_time(request.query, "until"), query_int(request, "limit", 200, 1, 1000))
+    return json_response({"vm_id": vm_id, "items": page[0], "next_after_seq": page[1]})
+
+
+async def ledger_entries(request: web.Request) -> web.Response:
+    raw_vm = request.query.get("vm_id")
+    vm_id = validation.check_identifier(raw_vm, "vm_id") if raw_vm else None
+    items, after = await _svc(request).timeline.ledger(
+        vm_id, query_int(request, "after_seq", 0, 0, 2**62), query_int(request, "limit", 100, 1, 1000))
+    return json_response({"items": items, "next_after_seq": after})
+
+
+async def ledger_verify(request: web.Request) -> web.Response:
+    ledger = _svc(request).ledger
+    report = await ledger.verify()
+    if report.finding is not None:
+        await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us())
+    return json_response(report.to_json())
+
+
+async def ledger_checkpoints(request: web.Request) -> web.Response:
+    before = request.query.get("before_seq")
+    limit = query_int(request, "limit", 100, 1, 1000)
+    before_seq = query_int(request, "before_seq", 0, 1, 2**62) if before else None
+    ledger = _svc(request).ledger
+    items = await ledger.list_checkpoints(before_seq, limit)
+    return json_response({"items": items, "key_id": ledger.key_id})
+
+
+async def ledger_public_key(request: web.Request) -> web.Response:
+    return json_response(_svc(request).ledger.public_key_json())
+
+
+# --- wiring ---------------------------------------------------------------------------
+
+def _metrics(app: web.Application, feed: AlertFeed) -> None:
+    registry = app[RUNTIME].metrics.registry
+    Gauge("replayguard_sse_subscribers", "Open alert streams", registry=registry).set_function(
+        lambda: len(feed.subscribers))
+    Gauge("replayguard_alert_feed_leader", "1 on the instance feeding sinks and signing checkpoints",
+          registry=registry).set_function(lambda: 1 if feed.leader else 0)
+    Gauge("replayguard_sink_backlog", "Records waiting in the sinks' outboxes (this instance)",
+          registry=registry).set_function(
+        lambda: sum(s.backlog for s in feed.dispatcher.stats().values()) if feed.dispatcher else 0)
+
+
+async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    alerts, ledger = AlertService(runtime.pool), LedgerService(runtime.pool, runtime.keys)
+    feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
+    app[ANALYSTS] = Analysts(alerts, ledger, TimelineService(runtime.pool), feed)
+    _metrics(app, feed)
+    await feed.start()
+    yield
+    await feed.stop()
+
+
+async def _end_streams(app: web.Application) -> None:
+    if ANALYSTS in app:
+        app[ANALYSTS].feed.close_subscribers()
+
+
+def setup(app: web.Application) -> None:
+    app.cleanup_ctx.append(_feed_ctx)
+    app.on_shutdown.append(_end_streams)
+
+
+_OBJ: dict[str, Any] = {"type": "object"}
+_LIST = {"type": "object", "required": ["items"], "properties": {
+    "items": {"type": "array", "items": _OBJ}, "next_cursor": {"type": ["string", "null"]}}}
+_PAGE = {"type": "object", "required": ["items"], "properties": {
+    "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}}
+_ACK = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 2000}}}
+_VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties": {
+    "ok": {"type": "boolean"}, "checked": {"type": "integer"}, "first_bad_seq": {"type": "integer"},
+    "problem": {"type": "string"}, "head": {"type": "object", "properties": {
+        "seq": {"type": "integer"}, "hash": {"type": "string"}}}}}
+_FILTERS = ("vm_id", "principal", "kind", "severity", "status", "since", "until", "limit", "cursor")
+
+
+def _r(method: str, path: str, handler: Any, summary: str, response: dict[str, Any] | None = _OBJ,
+       request: dict[str, Any] | None = None, query: tuple[str, ...] = ()) -> Route:
+    return Route(method, path, handler, ROLES, summary, "analysts", request, response, query=query)
+
+
+ROUTES = [
+    _r("GET", "/v1/alerts", list_alerts, "List alerts, newest first, with filters and a cursor", _LIST,
+       query=_FILTERS),
+    _r("GET", "/v1/alerts/stream", stream,
+       "Server-Sent Events: one event per new or updated alert (Last-Event-ID resumes)", None,
+       query=("last_event_id",)),
+    _r("GET", "/v1/alerts/{id}", get_alert, "An alert with the ledger entries and hypervisor events behind it"),
+    _r("POST", "/v1/alerts/{id}/acknowledge", acknowledge, "Acknowledge an alert (written to the ledger)",
+       request=_ACK),
+    _r("GET", "/v1/vms", list_vms, "List VMs with their open alerts and rollbacks", _LIST,
+       query=("limit", "cursor")),
+    _r("GET", "/v1/vms/{vm_id}/timeline", vm_timeline,
+       "A VM's snapshots, reverts, decisions and alerts in ledger order", _PAGE,
+       query=("since", "until", "after_seq", "limit")),
+    _r("GET", "/v1/ledger", ledger_entries, "Ledger entries (digests, never raw credentials)", _PAGE,
+       query=("vm_id", "after_seq", "limit")),
+    _r("GET", "/v1/ledger/verify", ledger_verify, "Recompute the whole hash chain", _VERIFY),
+    _r("GET", "/v1/ledger/checkpoints", ledger_checkpoints, "Signed checkpoints, newest first", _LIST,
+       query=("before_seq", "limit")),
+    _r("GET", "/v1/ledger/public-key", ledger_public_key, "The Ed25519 key that signs checkpoints"),
+]

@@ -1,0 +1,178 @@
+"""Tamper evidence: verify the whole ledger, sign checkpoints, export the public key.
+
+``verify`` streams the ledger in ``seq`` order in keyset batches (constant memory, no
+OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
+``ledger_head`` and every row with the signed checkpoints. ``checkpoint_if_due`` first
+re-verifies the entries since the previous checkpoint, so a checkpoint never vouches for
+a chain that was already altered. Used by the HTTP API, the CLI and the background feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from .core import checkpoints as cps
+from .core.chain import GENESIS, Entry
+from .core.checkpoints import Checkpoint
+from .core.ledger_check import ChainChecker, Finding, Row
+from .db import acquire
+from .keys import Keys
+
+log = structlog.get_logger(__name__)
+
+BATCH = 10_000
+_CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
+_ROWS = (
+    "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
+    " prev_hash, hash FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+)
+Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    ok: bool
+    checked: int
+    head_seq: int
+    head_hash: bytes
+    finding: Finding | None
+    checkpoints: int
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"ok": self.ok, "checked": self.checked,
+                                   "head": {"seq": self.head_seq, "hash": self.head_hash.hex()},
+                                   "checkpoints_checked": self.checkpoints}
+        if self.finding is not None:
+            body.update(first_bad_seq=self.finding.seq, problem=self.finding.problem.value,
+                        message=self.finding.message)
+        return body
+
+
+def _row(record: asyncpg.Record) -> Row:
+    digest = record["cred_digest"]
+    entry = Entry(record["seq"], record["ts_us"], record["kind"], record["vm_id"], record["subject"],
+                  bytes(digest) if digest is not None else None, record["decision"], record["reason"],
+                  record["payload_text"])
+    return Row(entry, bytes(record["prev_hash"]), bytes(record["hash"]))
+
+
+async def _stream(conn: asyncpg.Connection, after: int, upto: int) -> AsyncIterator[list[Row]]:
+    """Rows ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
+    while after < upto:
+        records = await conn.fetch(_ROWS, after, upto, BATCH)
+        if not records:
+            return
+        yield [_row(r) for r in records]
+        after = records[-1]["seq"]
+
+
+async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
+                       progress: Progress | None = None) -> Finding | None:
+    total = upto - checker.start_seq
+    async for rows in _stream(conn, checker.start_seq, upto):
+        for row in rows:
+            if checker.feed(row) is not None:
+                return checker.finding
+        if progress is not None:
+            progress(checker.checked, total)
+    return None
+
+
+class LedgerService:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys) -> None:
+        self._pool = pool
+        self._key = keys.signing_key()
+        self.public_key = self._key.public_key()
+        self.key_id = cps.key_id(self.public_key)
+
+    def public_key_json(self) -> dict[str, str]:
+        return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
+                "public_key_pem": cps.public_key_pem(self.public_key)}
+
+    async def verify(self, progress: Progress | None = None) -> VerifyReport:
+        """Checks the whole chain; reads the head first, so concurrent appends are ignored."""
+        async with acquire(self._pool) as conn:
+            head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+            signed = await self._signed_checkpoints(conn)
+            checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
+            await _check_range(conn, checker, head["seq"], progress)
+        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
+        return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
+                            len(signed))
+
+    async def _signed_checkpoints(self, conn: asyncpg.Connection) -> list[Checkpoint]:
+        """Checkpoints whose signature holds; a forged one is logged and not trusted."""
+        good = []
+        for record in await conn.fetch("SELECT * FROM checkpoints ORDER BY seq"):
+            cp = _checkpoint(record)
+            if self._trusted(cp):
+                good.append(cp)
+        return good
+
+    def _trusted(self, cp: Checkpoint) -> bool:
+        """Signed by our key; one of another key (rotated, another data dir) is skipped."""
+        if cp.key_id != self.key_id:
+            return False
+        if not cps.verify(self.public_key, cp):
+            log.error("checkpoint_signature_invalid", seq=cp.seq)
+            return False
+        return True
+
+    async def list_checkpoints(self, before_seq: int | None, limit: int) -> list[dict[str, object]]:
+        """Newest first, keyset on ``seq``."""
+        async with acquire(self._pool) as conn:
+            records = await conn.fetch(
+                "SELECT * FROM checkpoints WHERE seq < coalesce($1::bigint, 9223372036854775807)"
+                " ORDER BY seq DESC LIMIT $2",
+                before_seq, limit)
+        return [cps.to_json(_checkpoint(r)) for r in records]
+
+    async def checkpoint_if_due(self, now_us: int, every: int, interval_us: int) -> Checkpoint | Finding | None:
+        """Signs the head when ``every`` entries or ``interval_us`` passed since the last
+        checkpoint; returns the new checkpoint, a finding when the new entries do not
+        verify (nothing is signed then), or None when none is due."""
+        async with acquire(self._pool) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CHECKPOINT_LOCK):
+                return None
+            head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+            last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
+            if not _due(head["seq"], last, now_us, every, interval_us):
+                return None
+            # Continue from the last checkpoint only when it is provably ours.
+            trusted = last is not None and self._trusted(_checkpoint(last))
+            checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
+            finding = await _check_range(conn, checker, head["seq"]) or checker.finish(head["seq"], bytes(head["hash"]))
+            if finding is not None:
+                return finding
+            cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
+            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                               cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+        log.info("checkpoint_signed", seq=cp.seq)
+        return cp
+
+    async def raise_tamper_alert(self, finding: Finding, now_us: int) -> int:
+        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert."""
+        async with acquire(self._pool) as conn:
+            alert_id: int = await conn.fetchval(
+                "SELECT rg_alert('ledger_tamper', 'critical', NULL, NULL, $1, $2, $3, $4, $5::jsonb)",
+                f"ledger_tamper:{finding.problem.value}:{finding.seq}", now_us, finding.seq, finding.message,
+                {"first_bad_seq": finding.seq, "problem": finding.problem.value})
+        log.error("ledger_tamper", seq=finding.seq, problem=finding.problem.value)
+        return alert_id
+
+
+def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, interval_us: int) -> bool:
+    if last is None:
+        return head_seq > 0
+    if head_seq <= last["seq"]:
+        return False
+    return bool(head_seq - last["seq"] >= every or now_us - last["ts_us"] >= interval_us)
+
+
+def _checkpoint(record: asyncpg.Record) -> Checkpoint:
+    return Checkpoint(record["seq"], bytes(record["hash"]), record["ts_us"], record["key_id"],
+                      bytes(record["signature"]))

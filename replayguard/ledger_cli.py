@@ -1,0 +1,148 @@
+"""``replayguard ledger …``: verify the chain, list checkpoints, export the public key, and
+check a checkpoint offline with nothing but the public key (no database, no data dir).
+
+Offline check, for a third party::
+
+    replayguard ledger public-key > replayguard.pub.pem          # the operator, once
+    curl -H "Authorization: Bearer $T" https://rg/v1/ledger/checkpoints | jq '.items[0]' > cp.json
+    replayguard ledger verify-checkpoint --public-key replayguard.pub.pem --checkpoint cp.json
+
+Exit status 0 when the signature holds, 1 when it does not, 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .core import checkpoints as cps
+from .errors import ConfigError
+from .settings import Settings
+
+EXIT_BAD = 1
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from .cli import _add_common as add
+
+    add(parser)
+
+
+def register(sub: Any) -> None:
+    ledger = sub.add_parser("ledger", help="verify the ledger and its signed checkpoints")
+    cmds = ledger.add_subparsers(dest="ledger_command", required=True)
+    verify = cmds.add_parser("verify", help="recompute the whole hash chain (progress on stderr)")
+    _add_common(verify)
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(handler=cmd_verify)
+    listing = cmds.add_parser("checkpoints", help="print signed checkpoints as JSON lines, newest first")
+    _add_common(listing)
+    listing.add_argument("--limit", type=int, default=20)
+    listing.set_defaults(handler=cmd_checkpoints)
+    public = cmds.add_parser("public-key", help="print the checkpoint-signing public key (PEM)")
+    _add_common(public)
+    public.set_defaults(handler=cmd_public_key)
+    offline = cmds.add_parser("verify-checkpoint", help="check a checkpoint's signature offline")
+    offline.add_argument("--public-key", type=Path, required=True, help="PEM file from 'ledger public-key'")
+    offline.add_argument("--checkpoint", type=Path, required=True, help="one checkpoint as JSON")
+    offline.add_argument("--ledger-hash", help="also require this hash (hex) for the checkpoint's seq")
+    offline.set_defaults(handler=cmd_verify_checkpoint)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def cmd_verify_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    """Needs no database and no data dir: a public key file and a checkpoint file."""
+    try:
+        public = cps.load_public_key(_read(args.public_key, "public key"))
+    except ValueError as exc:
+        raise ConfigError(f"{args.public_key}: not an Ed25519 public key in PEM ({exc})") from None
+    try:
+        checkpoint = cps.from_json(orjson.loads(_read(args.checkpoint, "checkpoint")))
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+    if not cps.verify(public, checkpoint):
+        print(f"INVALID: checkpoint seq {checkpoint.seq} is not signed by key {cps.key_id(public)}")
+        return EXIT_BAD
+    if args.ledger_hash is not None and args.ledger_hash.lower() != checkpoint.hash.hex():
+        print(f"MISMATCH: the checkpoint says entry {checkpoint.seq} has hash {checkpoint.hash.hex()}")
+        return EXIT_BAD
+    print(f"valid: ledger entry {checkpoint.seq} had hash {checkpoint.hash.hex()} "
+          f"(signed {cps.to_json(checkpoint)['created_at']} by key {checkpoint.key_id})")
+    return 0
+
+
+def cmd_public_key(args: argparse.Namespace, settings: Settings) -> int:
+    from .keys import load_keys
+
+    print(cps.public_key_pem(load_keys(settings).signing_key().public_key()), end="")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli import run_async
+
+    return run_async(_verify(settings, progress=not args.no_progress))
+
+
+class _Bar:
+    """A tqdm bar opened at the first report, once the number of entries is known."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="entries", desc="verifying", file=sys.stderr, mininterval=0.5)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def _verify(settings: Settings, *, progress: bool) -> int:
+    from .ledger import LedgerService
+    from .runtime import open_runtime
+
+    async with open_runtime(settings) as runtime:
+        service = LedgerService(runtime.pool, runtime.keys)
+        bar = _Bar(progress)
+        try:
+            report = await service.verify(bar)
+        finally:
+            bar.close()
+        if report.finding is not None:
+            await service.raise_tamper_alert(report.finding, runtime.now_us())
+    print(orjson.dumps(report.to_json()).decode())
+    return 0 if report.ok else EXIT_BAD
+
+
+def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli import run_async
+
+    async def run() -> int:
+        from .ledger import LedgerService
+        from .runtime import open_runtime
+
+        async with open_runtime(settings) as runtime:
+            items = await LedgerService(runtime.pool, runtime.keys).list_checkpoints(None, max(1, args.limit))
+        for item in items:
+            print(orjson.dumps(item).decode())
+        return 0
+
+    return run_async(run())

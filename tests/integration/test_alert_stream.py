@@ -1,0 +1,150 @@
+"""The live alert stream (SSE) and the alert feed: resume, fan-out across two instances over
+one database, heartbeats, the subscriber cap, stalled consumers, and the sinks' copy."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from replayguard import alertfeed
+from replayguard.http.analysts import ANALYSTS
+from replayguard.settings import Secret
+from tests.api.test_analysts import reuse_alert
+from tests.conftest import Api, uid
+
+
+async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.ClientResponse:
+    headers = api.auth("analyst")
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    resp = await api.client.get("/v1/alerts/stream", headers=headers)
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    return resp
+
+
+async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 20) -> tuple[int, dict[str, Any]]:
+    """The next event about ``vm_id`` (the run's database is shared); the timeout bounds a failure."""
+    async def read() -> tuple[int, dict[str, Any]]:
+        event_id = -1
+        while True:
+            line = (await resp.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("data: "):
+                data = orjson.loads(line[6:])
+                if data["vm_id"] == vm_id:
+                    return event_id, data
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_a_raised_alert_appears_on_the_stream(api: Api) -> None:
+    """An alert raised by a decision is pushed to an open stream."""
+    resp = await open_stream(api)
+    vm_id = uid("vm")
+    alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
+    event_id, alert = await next_alert(resp, vm_id)
+    assert alert["id"] == alert_id and alert["kind"] == "reuse" and event_id == alert["change"]
+    resp.close()
+
+
+async def test_last_event_id_resumes_with_what_was_missed(api: Api) -> None:
+    """A client that reconnects with Last-Event-ID gets the changes made while it was away."""
+    resp = await open_stream(api)
+    vm_id, scope = uid("vm"), uid("scope")
+    first, _ = await reuse_alert(api, vm_id, scope)
+    event_id, _ = await next_alert(resp, vm_id)
+    resp.close()
+    second, _ = await reuse_alert(api, vm_id, scope)
+    assert (await api.post(f"/v1/alerts/{first}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    resumed = await open_stream(api, last_event_id=event_id)
+    _, missed = await next_alert(resumed, vm_id)
+    _, acked = await next_alert(resumed, vm_id)
+    assert [missed["id"], acked["id"]] == [second, first] and acked["status"] == "acknowledged"
+    resumed.close()
+    bad = await api.client.get("/v1/alerts/stream", headers={**api.auth("analyst"), "Last-Event-ID": "x1"})
+    assert bad.status == 400 and (await bad.json())["error"]["field"] == "Last-Event-ID"
+
+
+async def test_an_alert_raised_on_one_instance_reaches_the_other(api_factory: Callable[..., Any]) -> None:
+    """Two instances on one database: the stream of one carries alerts raised through the other."""
+    one, other = await api_factory(), await api_factory()
+    resp = await open_stream(other)
+    vm_id = uid("vm")
+    alert_id, _ = await reuse_alert(one, vm_id, uid("scope"))
+    _, alert = await next_alert(resp, vm_id)
+    assert alert["id"] == alert_id
+    resp.close()
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(api_factory: Callable[..., Any]) -> None:
+    """An idle stream receives SSE comment lines at the heartbeat interval."""
+    api = await api_factory(sse_heartbeat_s=1)
+    resp = await open_stream(api)
+
+    async def heartbeat() -> None:
+        while (await resp.content.readline()) != b": heartbeat\n":
+            pass
+
+    await asyncio.wait_for(heartbeat(), 20)
+    resp.close()
+
+
+async def test_subscribers_beyond_the_cap_get_503(api_factory: Callable[..., Any]) -> None:
+    """With max_sse_subscribers=1 a second stream is refused with 503 unavailable."""
+    api = await api_factory(max_sse_subscribers=1)
+    first = await open_stream(api)
+    second = await api.client.get("/v1/alerts/stream", headers=api.auth("analyst"))
+    assert second.status == 503 and (await second.json())["error"]["code"] == "unavailable"
+    first.close()
+
+
+async def test_a_stalled_subscriber_never_delays_decisions(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions that raise many alerts complete while a subscriber never reads; it is dropped."""
+    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    stalled = await open_stream(api)  # opened and never read
+    feed = api.client.app[ANALYSTS].feed
+    (sub,) = [s for s in feed.subscribers]
+    vm_id, scope = uid("vm"), uid("scope")
+    results = await asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)])
+    assert len({alert_id for alert_id, _ in results}) == 40
+
+    async def dropped() -> None:
+        while not sub.dropped:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(dropped(), 20)
+    stalled.close()
+
+
+async def test_alerts_and_checkpoints_reach_the_sinks(fresh_database: Callable[[], Any],
+                                                      api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Every new alert and every checkpoint is written to the configured file sink."""
+    out = tmp_path / "siem" / "alerts.jsonl"
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), sinks=(f"file:{out}",), checkpoint_every=2)
+    vm_id = uid("vm")
+    alert_id, nonce = await reuse_alert(api, vm_id, uid("scope"))
+
+    def records() -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in out.read_bytes().splitlines()] if out.exists() else []
+
+    async def both() -> None:
+        while not ({"alert", "checkpoint"} <= {r["type"] for r in records()}):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(both(), 30)
+    alert = next(r for r in records() if r["type"] == "alert")
+    assert alert["alert_id"] == alert_id and alert["vm_id"] == vm_id and nonce not in out.read_text()
+    checkpoint = next(r for r in records() if r["type"] == "checkpoint")
+    _, listed = await api.get("/v1/ledger/checkpoints")
+    assert checkpoint["signature"] in [c["signature"] for c in listed["items"]]
+    assert secrets.compare_digest(checkpoint["key_id"], listed["key_id"])
