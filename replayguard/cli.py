@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
     _add_common(listing)
 
-    relay = sub.add_parser("relay", help="hypervisor relays: `replayguard relay libvirt --help`")
+    relay = sub.add_parser("relay", help="hypervisor relays: `replayguard relay libvirt|proxmox|vsphere --help`")
     relay.add_argument("relay_args", nargs=argparse.REMAINDER)
     relay.set_defaults(handler=cmd_relay)
 
@@ -135,9 +135,15 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    """`replayguard relay libvirt|proxmox|vsphere …`: each relay parses its own flags."""
+    rest = list(args.relay_args)
+    kind = rest[0] if rest else ""
+    if kind in ("proxmox", "vsphere"):
+        module = __import__(f"replayguard.relay.{kind}", fromlist=["main"])
+        return int(module.main(rest[1:]))
     from .relay.cli import main as relay_main
 
-    return relay_main(list(args.relay_args))
+    return relay_main(rest)
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,250 @@
+"""The vSphere forwarder: a VEBA (VMware Event Broker Appliance) Knative function.
+
+VEBA's Knative broker delivers each vCenter event as a CloudEvent, in binary mode
+(``ce-id``/``ce-type``/``ce-source``/``ce-time`` headers, the vim25 event as the JSON
+body) or structured mode (``application/cloudevents+json``). This small HTTP handler turns
+either into the structured JSON ``replayguard/hypervisors/vsphere.py`` parses and posts it
+unchanged (same attributes, same ``data``) to ``POST /v1/hypervisor/events?source=vsphere``
+with a Bearer token of role ``hypervisor``.
+
+VEBA gets a 2xx only once the event is safe: 200 when the service took it (2xx, or 409:
+it already holds that id) or refused it for good (kept in ``dead/`` for the operator);
+202 when the service could not be reached and the event is fsynced in the spool, from
+which a background task resends it with backoff. If even the spool cannot be written the
+answer is 503, so the broker retries. Filtering is the service's job: an event it does
+not act on is answered ``ignored`` there, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from ..errors import ConfigError
+from ..settings import Secret
+from .cli import (
+    _Parser,
+    _pick,
+    _required,
+    _service_url,
+    _token,
+    configure_logging,
+    prepare_spool,
+)
+from .libvirt_relay import Outcome, classify_status
+from .proxmox import Answer, Outbox, Post, Retry, drain, post_json
+
+EVENTS_PATH = "/v1/hypervisor/events?source=vsphere"
+STRUCTURED = "application/cloudevents+json"
+REQUIRED = ("specversion", "id", "source", "type")
+MAX_BODY = 1024 * 1024
+
+log = structlog.get_logger("replayguard.relay.vsphere")
+
+
+class InvalidCloudEvent(Exception):
+    """The request is not a CloudEvent 1.0 with JSON data; ``status`` is the HTTP answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+# ---------------------------------------------------------------- pure: CloudEvents
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type in ("", "application/json", "text/json") or media_type.endswith("+json")
+
+
+def _json(body: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidCloudEvent(f"{what} is not JSON") from None
+
+
+def to_structured(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """A CloudEvent in either HTTP mode as one structured-mode JSON object.
+
+    Binary mode: every ``ce-*`` header is an attribute (lower-cased, percent-decoded as
+    the HTTP binding requires), ``Content-Type`` is ``datacontenttype`` and the body is
+    ``data``. A JSON body that already holds ``specversion`` with no ``ce-`` headers is
+    taken as structured too, as some senders label it plain ``application/json``.
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    media_type = _media_type(lowered.get("content-type"))
+    attributes = {k[3:]: unquote(v) for k, v in lowered.items() if k.startswith("ce-") and len(k) > 3}
+    if media_type == STRUCTURED or (not attributes and _is_json(media_type)):
+        event = _json(body, "the structured CloudEvent")
+        if not isinstance(event, dict):
+            raise InvalidCloudEvent("a structured CloudEvent is a JSON object")
+    else:
+        if not _is_json(media_type):
+            raise InvalidCloudEvent(f"data of type {media_type} is not JSON", status=415)
+        event = {**attributes, "data": _json(body, "the CloudEvent data")}
+        if lowered.get("content-type"):
+            event["datacontenttype"] = lowered["content-type"]
+    _check(event)
+    return event
+
+
+def _check(event: Mapping[str, Any]) -> None:
+    for name in REQUIRED:
+        if not isinstance(event.get(name), str) or not event[name]:
+            raise InvalidCloudEvent(f"missing CloudEvents attribute {name!r}")
+    if event["specversion"] != "1.0":
+        raise InvalidCloudEvent("only CloudEvents specversion 1.0 is understood")
+
+
+# ---------------------------------------------------------------- forwarding
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    service_url: str
+    token: Secret
+    spool_dir: Path
+    retry_base: float = 0.5
+
+
+@dataclass
+class Forwarder:
+    """Posts one event now; keeps it in the outbox when the service cannot take it yet."""
+
+    outbox: Outbox
+    post: Post
+    wake: asyncio.Event
+
+    async def forward(self, event: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and body to answer VEBA with, once the event is safe."""
+        data = orjson.dumps(event)
+        answer: Answer = await self.post(data)
+        outcome = classify_status(answer.status)
+        if outcome is Outcome.DELIVERED:
+            log.info("event_forwarded", event_id=event["id"], status=answer.status)
+            return 200, {"forwarded": True, "status": answer.status, "service": answer.body}
+        path = self.outbox.put_bytes(str(event["id"]), data)
+        if outcome is Outcome.DEAD:
+            self.outbox.bury(path)
+            log.error("event_rejected", event_id=event["id"], status=answer.status, moved_to="dead/")
+            return 200, {"forwarded": False, "status": answer.status, "service": answer.body,
+                         "parked": "dead/"}
+        self.wake.set()
+        log.warning("event_spooled", event_id=event["id"], status=answer.status)
+        return 202, {"forwarded": False, "spooled": True}
+
+
+FORWARDER = web.AppKey("forwarder", Forwarder)
+CONFIG = web.AppKey("config", ForwarderConfig)
+
+
+async def receive(request: web.Request) -> web.Response:
+    """VEBA's delivery of one CloudEvent."""
+    try:
+        event = to_structured(request.headers, await request.read())
+    except InvalidCloudEvent as exc:
+        log.warning("cloudevent_invalid", reason=exc.message)
+        return web.json_response({"error": exc.message}, status=exc.status)
+    try:
+        status, body = await request.app[FORWARDER].forward(event)
+    except OSError as exc:  # spool unwritable: VEBA must keep the event and retry
+        log.error("spool_write_failed", event_id=event["id"], error=str(exc))
+        return web.json_response({"error": "cannot store the event"}, status=503)
+    return web.json_response(body, status=status)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the client session and the outbox drain; close both at shutdown."""
+    config = app[CONFIG]
+    url = config.service_url.rstrip("/") + EVENTS_PATH
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+        async def post(data: bytes) -> Answer:
+            return await post_json(session, url, config.token, data)
+
+        forwarder = Forwarder(Outbox(config.spool_dir), post, asyncio.Event())
+        app[FORWARDER] = forwarder
+        task = asyncio.create_task(drain(forwarder.outbox, post, "id", Retry(base=config.retry_base),
+                                         forwarder.wake))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(config: ForwarderConfig) -> web.Application:
+    """The function's app: ``POST /`` (what a Knative trigger calls) and ``GET /healthz``."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_forwarder_ctx)
+    app.router.add_post("/", receive)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="replayguard-relay-vsphere", description="Forward VEBA CloudEvents to replayguard.")
+    p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", help="port to listen on (default: $PORT, as Knative sets it, else 8080)")
+    p.add_argument("--service-url", help="replayguard base URL")
+    p.add_argument("--token-file", help="file holding a replayguard token of role hypervisor")
+    p.add_argument("--spool-dir", help="directory of events not yet acknowledged")
+    return p
+
+
+def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[ForwarderConfig, str, int]:
+    """Flags and ``REPLAYGUARD_RELAY_*`` → (config, listen address, port); problems are ConfigError."""
+    args = _parser().parse_args(list(argv))
+    port_text = args.port or env.get("PORT") or "8080"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"--port must be 1-65535, got {port_text!r}", field="port")
+    config = ForwarderConfig(
+        service_url=_service_url(_required(_pick(args.service_url, env, "service-url"), "service-url")),
+        token=_token(_pick(args.token_file, env, "token-file"), env),
+        spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
+    )
+    return config, args.listen, int(port_text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m replayguard.relay.vsphere``; returns the exit status."""
+    try:
+        config, host, port = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+        prepare_spool(config.spool_dir)
+    except ConfigError as exc:
+        print(f"replayguard-relay-vsphere: error: {exc.message}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    configure_logging()
+    web.run_app(create_app(config), host=host, port=port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

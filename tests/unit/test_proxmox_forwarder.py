@@ -1,0 +1,278 @@
+"""The Proxmox task poller's pure parts: task selection, cursor, records, fed recorded PVE output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from replayguard.core.events import EventType
+from replayguard.errors import ConfigError
+from replayguard.hypervisors import proxmox as parser
+from replayguard.relay.proxmox import (
+    Cursor,
+    Outbox,
+    build_record,
+    clone_target,
+    due,
+    load_config,
+    parent_may_have_moved,
+    poll_once,
+    read_tasks,
+    snapshot_fields,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "proxmox"
+LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
+SNAPSHOTS: list[dict[str, Any]] = orjson.loads((DATA / "snapshot-pve1-101.json").read_bytes())
+CLONE_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-qmclone.json").read_bytes())
+T0 = 1795942800  # 2026-11-29T09:00:00Z, the recorded listing's origin
+TASKS = read_tasks(LISTING)
+
+
+def upid(task_type: str, vmid: str) -> str:
+    """The UPID of the one recorded task of that type on that VM."""
+    (found,) = [t["upid"] for t in LISTING if t["type"] == task_type and t["id"] == vmid
+                and t.get("status") != "snapshot 'nightly' does not exist"]
+    return str(found)
+
+
+def task(task_type: str, vmid: str) -> Any:
+    (found,) = [t for t in TASKS if t.upid.text == upid(task_type, vmid)]
+    return found
+
+
+class RecordedLookup:
+    """Answers lookups from the recorded pvesh output; None for anything not recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def snapshots(self, node: str, vmid: str) -> object | None:
+        self.calls.append(("snapshots", node, vmid))
+        return SNAPSHOTS if (node, vmid) == ("pve1", "101") else None
+
+    async def task_log(self, node: str, upid_text: str) -> object | None:
+        self.calls.append(("log", node, upid_text))
+        return CLONE_LOG if upid_text == upid("qmclone", "101") else None
+
+
+# ---------------------------------------------------------------- reading the task list
+
+
+def test_read_tasks_takes_pvesh_list_and_api_envelope_alike() -> None:
+    """`pvesh` prints a bare list and the REST API wraps it in data: both read the same."""
+    assert read_tasks({"data": LISTING}) == read_tasks(LISTING) == TASKS
+    assert len(TASKS) == len(LISTING)
+
+
+def test_read_tasks_skips_entries_without_a_valid_upid() -> None:
+    """An entry that is not an object or has a malformed UPID is skipped, not fatal."""
+    broken = [{"upid": "UPID:pve1:123:0001E3A7:6B0BF41C:qmstart:101:root@pam:"}, "x", {}]
+    assert read_tasks(broken + LISTING[:1]) == TASKS[:1]
+
+
+def test_read_tasks_refuses_what_is_not_a_task_list() -> None:
+    """Anything but a list (or an object holding one in data) is a TypeError."""
+    with pytest.raises(TypeError):
+        read_tasks({"errors": {"permission": "denied"}})
+
+
+def test_due_is_finished_unseen_tasks_oldest_end_first() -> None:
+    """The running qmsnapshot waits; the rest come in end-time order; seen ones never again."""
+    fresh = due(TASKS, Cursor())
+    assert upid("qmsnapshot", "102") not in [t.upid.text for t in fresh]
+    ends = [t.raw["endtime"] for t in fresh]
+    assert ends == sorted(ends) and len(fresh) == len(LISTING) - 1
+    cursor = Cursor()
+    for t in fresh[:5]:
+        cursor.add(t)
+    assert due(TASKS, cursor) == fresh[5:]
+
+
+@pytest.mark.parametrize(("task_type", "vmid", "forwarded"), [
+    ("qmstart", "101", True), ("qmdelsnapshot", "101", True), ("qmsnapshot", "101", True),
+    ("qmrollback", "101", True), ("qmclone", "101", True), ("qmigrate", "205", True),
+    ("qmshutdown", "102", True), ("qmstop", "205", True),
+    ("vzdump", "101", False), ("vncproxy", "101", False), ("aptupdate", "", False),
+])
+def test_which_recorded_tasks_are_forwarded(task_type: str, vmid: str, forwarded: bool) -> None:
+    """Successful VM tasks of the parser's types are forwarded (WARNINGS count as success)."""
+    assert task(task_type, vmid).forwarded is forwarded
+
+
+def test_a_failed_rollback_is_not_forwarded() -> None:
+    """A task whose status is an error text did not happen, so it is not posted."""
+    (failed,) = [t for t in TASKS if t.upid.type == "qmrollback" and t.upid.id == "102"]
+    assert failed.finished and not failed.succeeded and not failed.forwarded
+
+
+# ---------------------------------------------------------------- the cursor
+
+
+def test_cursor_round_trips_through_json() -> None:
+    """The cursor file read back holds the same UPIDs and start times."""
+    cursor = Cursor()
+    for t in TASKS:
+        cursor.add(t)
+    assert Cursor.from_json(cursor.to_json()) == cursor
+
+
+def test_cursor_prune_forgets_only_old_unlisted_upids() -> None:
+    """A UPID is forgotten once it is older than the horizon and PVE no longer lists it."""
+    cursor = Cursor({"old-listed": 10, "old-gone": 10, "new-gone": 500})
+    cursor.prune(["old-listed"], before=100)
+    assert cursor.seen == {"old-listed": 10, "new-gone": 500}
+
+
+@pytest.mark.parametrize("data", [b"", b"[]", b'{"seen": []}', b'{"seen": {"u": "x"}}', b"{}"])
+def test_unreadable_cursor_is_an_error_not_a_fresh_start(data: bytes) -> None:
+    """A damaged cursor raises ValueError rather than silently re-posting the whole list."""
+    with pytest.raises(ValueError):
+        Cursor.from_json(data)
+
+
+# ---------------------------------------------------------------- lookups → record fields
+
+
+def test_snapshot_task_is_matched_by_snaptime_inside_the_task() -> None:
+    """A qmsnapshot gets the one snapshot whose snaptime lies between its start and end."""
+    fields = snapshot_fields(task("qmsnapshot", "101"), SNAPSHOTS, moved=False)
+    assert fields == {"snapshot": "pre-patch", "snapshot_created_at": T0 + 1203}
+
+
+def test_rollback_takes_the_parent_of_current_with_its_snaptime() -> None:
+    """A qmrollback gets current.parent when no later task can have moved it."""
+    rollback = task("qmrollback", "101")
+    assert not parent_may_have_moved(rollback, TASKS)
+    assert snapshot_fields(rollback, SNAPSHOTS, moved=False) == {
+        "snapshot": "pre-patch", "snapshot_created_at": T0 + 1203}
+
+
+def test_rollback_followed_by_a_snapshot_task_gets_no_snapshot_name() -> None:
+    """A later qmsnapshot (even a running one) moves current.parent, so the name is left out."""
+    rollback = task("qmrollback", "101")
+    later = {**LISTING[0], "upid": LISTING[0]["upid"].replace(":102:", ":101:"), "id": "101"}
+    tasks = read_tasks([*LISTING, later])
+    assert parent_may_have_moved(rollback, tasks)
+    assert snapshot_fields(rollback, SNAPSHOTS, moved=True) == {}
+
+
+@pytest.mark.parametrize("snapshots", [None, {"data": 1}, [], [{"name": "current"}]])
+def test_missing_or_odd_snapshot_lists_add_nothing(snapshots: object) -> None:
+    """A failed lookup or a list without a match leaves the snapshot fields out."""
+    assert snapshot_fields(task("qmsnapshot", "101"), snapshots, moved=False) == {}
+    assert snapshot_fields(task("qmrollback", "101"), snapshots, moved=False) == {}
+
+
+def test_two_snapshots_inside_one_task_are_ambiguous() -> None:
+    """When two snaptimes fall inside the task, neither is claimed."""
+    twin = {**SNAPSHOTS[1], "name": "twin"}
+    assert snapshot_fields(task("qmsnapshot", "101"), [*SNAPSHOTS, twin], moved=False) == {}
+
+
+def test_clone_target_is_read_from_the_recorded_task_log() -> None:
+    """The full-clone log names vm-205 disks, so 205 is the new VM."""
+    assert clone_target(CLONE_LOG, "101") == 205
+    assert clone_target({"data": CLONE_LOG}, "101") == 205
+
+
+@pytest.mark.parametrize("lines", [
+    [], None, [{"t": "create linked clone of drive scsi0 (local-lvm:base-101-disk-0)"}],
+    [{"t": "vm-205-disk-0"}, {"t": "vm-206-disk-0"}],
+])
+def test_clone_target_unknown_when_the_log_does_not_name_one_vm(lines: object) -> None:
+    """No other VM's disk, or two of them, means the target is unknown."""
+    assert clone_target(lines, "101") is None
+
+
+# ---------------------------------------------------------------- records → the service's parser
+
+EXPECTED = {  # (type, vmid): (event type, vm_id, snapshot, snapshot_created_at, source_vm_id)
+    ("qmstart", "101"): (EventType.VM_STARTED, "101", None, None, None),
+    ("qmdelsnapshot", "101"): (EventType.SNAPSHOT_DELETED, "101", None, None, None),
+    ("qmsnapshot", "101"): (EventType.SNAPSHOT_CREATED, "101", "pre-patch", T0 + 1203, None),
+    ("qmrollback", "101"): (EventType.SNAPSHOT_REVERTED, "101", "pre-patch", T0 + 1203, None),
+    ("qmclone", "101"): (EventType.VM_CLONED, "205", None, None, "101"),
+    ("qmigrate", "205"): (EventType.VM_MIGRATED, "205", None, None, None),
+    ("qmshutdown", "102"): (EventType.VM_STOPPED, "102", None, None, None),
+    ("qmstop", "205"): (EventType.VM_STOPPED, "205", None, None, None),
+}
+
+
+@pytest.mark.parametrize(("key", "expected"), EXPECTED.items(), ids=[f"{k[0]}-{k[1]}" for k in EXPECTED])
+async def test_recorded_task_becomes_a_record_the_service_parses(
+    key: tuple[str, str], expected: tuple[Any, ...]
+) -> None:
+    """Each forwarded recorded task's record parses, via the service's own parser, to the right event."""
+    record = await build_record(task(*key), TASKS, RecordedLookup(), None)
+    (event,) = parser.parse(orjson.loads(orjson.dumps(record)))
+    created = None if event.snapshot_created_at is None else int(event.snapshot_created_at.timestamp())
+    assert (event.type, event.vm_id, event.snapshot_id, created, event.source_vm_id) == expected
+    assert event.event_id == record["upid"] and event.host == task(*key).upid.node
+
+
+async def test_record_keeps_pve_fields_and_adds_the_cluster() -> None:
+    """The record carries PVE's task fields unchanged, and vm ids are scoped by --cluster."""
+    source = next(t for t in LISTING if t["upid"] == upid("qmrollback", "101"))
+    record = await build_record(task("qmrollback", "101"), TASKS, RecordedLookup(), "prod")
+    assert {k: record[k] for k in source} == source
+    assert parser.parse(record)[0].vm_id == "prod/101"
+
+
+async def test_only_snapshot_and_clone_tasks_trigger_lookups() -> None:
+    """Starts, stops and migrations are posted from the task list alone."""
+    lookup = RecordedLookup()
+    for key in EXPECTED:
+        await build_record(task(*key), TASKS, lookup, None)
+    assert sorted(kind for kind, *_ in lookup.calls) == ["log", "snapshots", "snapshots"]
+
+
+async def test_poll_once_spools_then_advances_the_cursor(tmp_path: Path) -> None:
+    """One poll spools the eight forwarded tasks; a second poll of the same list spools none."""
+    outbox = Outbox(tmp_path)
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": RecordedLookup(),
+                            "cluster": None, "now": T0 + 4000, "retention_s": 86400}
+    assert await poll_once(LISTING, **args) == len(EXPECTED)
+    assert await poll_once(LISTING, **args) == 0
+    bodies = [orjson.loads(p.read_bytes()) for p in outbox.pending()]
+    assert sorted(b["upid"] for b in bodies) == sorted(upid(*k) for k in EXPECTED)
+
+
+async def test_clone_with_unknown_target_is_not_spooled(tmp_path: Path) -> None:
+    """A clone whose new VM cannot be found is logged and skipped, not parked as malformed."""
+
+    class Blind(RecordedLookup):
+        async def task_log(self, node: str, upid_text: str) -> object | None:
+            return None
+
+    outbox = Outbox(tmp_path)
+    await poll_once(LISTING, state_dir=tmp_path, outbox=outbox, lookup=Blind(), cluster=None,
+                    now=T0, retention_s=86400)
+    assert upid("qmclone", "101") not in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_config_needs_an_api_or_stdin(tmp_path: Path) -> None:
+    """Without --api-url/--api-token-file the poller only runs with --from-stdin."""
+    env = {"REPLAYGUARD_RELAY_TOKEN": "t"}
+    base = ["--service-url", "http://127.0.0.1:1", "--spool-dir", str(tmp_path)]
+    with pytest.raises(ConfigError):
+        load_config(base, env)
+    config, from_stdin = load_config([*base, "--from-stdin", "--lookup", "none"], env)
+    assert from_stdin and config.once and config.lookup == "none"
+
+
+def test_config_reads_the_api_token_file_and_hides_it(tmp_path: Path) -> None:
+    """The PVE token comes from its file, and the config's repr never shows it."""
+    token = tmp_path / "pve.token"
+    token.write_text("replayguard@pve!poller=9f3c2f44-1c7e-4c0b-9a55-3b1e1f0c6a11\n")
+    config, _ = load_config(["--service-url", "http://127.0.0.1:1", "--spool-dir", str(tmp_path),
+                             "--api-url", "https://pve1:8006", "--api-token-file", str(token)],
+                            {"REPLAYGUARD_RELAY_TOKEN": "t"})
+    assert config.api_token is not None and config.api_token.reveal().startswith("replayguard@pve!")
+    assert "9f3c2f44" not in repr(config) and config.lookup == "api"
