@@ -11,15 +11,10 @@ endpoint is a small aiohttp app that records what it is sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,17 +27,10 @@ import pytest
 from aiohttp import web
 
 from replayguard.relay.libvirt_relay import is_from_snapshot, parse_creation_time
+from tests.integration.libvirt_support import DOMAIN_XML, libvirt, requires_libvirt
+from tests.integration.libvirt_support import private_libvirtd as _libvirtd
 
-try:
-    import libvirt
-except ImportError:  # pragma: no cover - the CI script installs it
-    libvirt = None
-
-LIBVIRTD = shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin:/usr/local/sbin")
-pytestmark = pytest.mark.skipif(
-    libvirt is None or LIBVIRTD is None,
-    reason="libvirt not installed (apt: libvirt-daemon libvirt-dev; pip: libvirt-python)",
-)
+pytestmark = requires_libvirt
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "relay-test-token-4f9d2c"
@@ -50,82 +38,7 @@ HOST = "hv-test"
 POLL = "0.5"
 WAIT = 30.0  # every wait is bounded; pytest-timeout is the outer bound
 
-DOMAIN_XML = """<domain type='test'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-</domain>"""
-
-
 # ---------------------------------------------------------------- private libvirtd
-
-
-def _write_config(root: Path) -> Path:
-    conf = root / "libvirtd.conf"
-    conf.write_text(
-        "listen_tls = 0\nlisten_tcp = 0\n"
-        f'unix_sock_dir = "{root / "sock"}"\n'
-        'unix_sock_rw_perms = "0700"\nunix_sock_admin_perms = "0700"\n'
-        'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
-        'log_outputs = "3:stderr"\n'
-    )
-    return conf
-
-
-def _wait_for_daemon(uri: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll until the daemon answers; fail with its log if it exits or takes too long."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"libvirtd exited with {proc.returncode}: {log.read_text()}")
-        try:
-            libvirt.open(uri).close()
-            return
-        except libvirt.libvirtError:
-            time.sleep(0.1)
-    pytest.fail(f"libvirtd did not answer on {uri} within 15 s: {log.read_text()}")
-
-
-class Libvirtd:
-    """A private libvirtd with only the test driver, startable again on the same socket."""
-
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="rglv-"))  # short: socket paths max 108 bytes
-        (self.root / "sock").mkdir()
-        (self.root / "drivers").mkdir()  # empty: keeps libvirtd from loading (and needing) QEMU
-        self.config = _write_config(self.root)
-        self.uri = f"test+unix:///default?socket={self.root / 'sock' / 'libvirt-sock'}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.root / "libvirtd.log"
-        env = {**os.environ, "LIBVIRT_DRIVER_DIR": str(self.root / "drivers")}
-        cmd = [str(LIBVIRTD), "--config", str(self.config), "--pid-file", str(self.root / "pid")]
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _wait_for_daemon(self.uri, self.proc, log)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@contextlib.contextmanager
-def _libvirtd() -> Iterator[Libvirtd]:
-    daemon = Libvirtd()
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(daemon.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
