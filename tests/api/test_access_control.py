@@ -1,0 +1,188 @@
+"""Access control, generated from the route table: every route against every kind of caller.
+
+For each route of ``all_routes()``: no token, an unknown token, a revoked token and
+malformed ``Authorization`` headers are 401; a known token of a role the route does not
+allow is 403; the roles it allows never see 401 or 403; and nothing is ever a 5xx. The
+app is served with the same header limits as ``replayguard serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from replayguard.apitokens import CACHE_TTL_S
+from replayguard.http.app import all_routes, create_app
+from replayguard.http.common import Route
+from replayguard.http.server import handler_limits
+from replayguard.http.state import RUNTIME
+from replayguard.runtime import Runtime
+from replayguard.settings import Secret, Settings
+from tests.conftest import ROLES, FakeClock, cli_env, run_cli, uid
+
+ROUTES = all_routes()
+MALFORMED = {
+    "scheme only": "Bearer",
+    "basic": "Basic x",
+    "lowercase scheme, blank token": "bearer  ",
+    "empty": "",
+    "10 KB token": "Bearer " + "a" * 10 * 1024,
+    "10 KB rg token": "Bearer rgt_" + "a" * 10 * 1024,
+    "token without scheme": "rgt_" + "x" * 43,
+    "two tokens": "Bearer rgt_a rgt_b",
+}
+
+
+@dataclass
+class Served:
+    client: TestClient
+    runtime: Runtime
+    settings: Settings
+    tokens: dict[str, str]
+    revoked: dict[str, str]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def served(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> AsyncIterator[Served]:
+    """The app in-process on the run's database, a live and a revoked token of every role."""
+    settings = Settings(database_url=Secret(database_url), data_dir=tmp_path_factory.mktemp("acl") / "data",
+                        db_pool_size=4)
+    app = create_app(settings, clock=FakeClock())
+    server = TestServer(app)
+    await server.start_server(**handler_limits(settings))  # TestServer() drops handler kwargs
+    client = TestClient(server)
+    await client.start_server()
+    runtime = app[RUNTIME]
+    tokens, revoked = {}, {}
+    for role in ROLES:
+        _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
+        revoked_id, revoked[role] = await runtime.api_tokens.create(role, uid(f"revoked-{role}"))
+        assert await runtime.api_tokens.revoke(revoked_id) == 1
+    yield Served(client, runtime, settings, tokens, revoked)
+    await client.close()
+
+
+def _path(route: Route) -> str:
+    """The route's path with valid-looking values in its parameters."""
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return "1" if name in ("id", "alert_id") else f"{name.replace('_', '-')}-{uid('x')}"
+
+    return re.sub(r"\{([^}]+)\}", value, route.path)
+
+
+async def _status(served: Served, route: Route, authorization: str | None) -> int:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    body: Any = {} if route.method in ("POST", "PUT", "PATCH") else None
+    async with served.client.request(route.method, _path(route), headers=headers, json=body) as resp:
+        if resp.content_type != "text/event-stream":
+            await resp.read()
+        return resp.status
+
+
+def _route_id(route: Route) -> str:
+    return f"{route.method} {route.path}"
+
+
+def test_route_table_covers_every_audience_module() -> None:
+    """The generated table is not empty and every route names its roles or is deliberately open."""
+    assert {r.path for r in ROUTES} >= {"/v1/otp/verify", "/v1/nonces/consume", "/v1/principals/{principal}/tokens"}
+    for route in ROUTES:
+        assert route.roles is None or set(route.roles) <= set(ROLES), route
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=_route_id)
+async def test_every_role_is_allowed_or_forbidden_as_the_table_says(served: Served, route: Route) -> None:
+    """Allowed roles never get 401/403, other roles get 403, and no role gets a 5xx."""
+    for role in ROLES:
+        status = await _status(served, route, f"Bearer {served.tokens[role]}")
+        assert status < 500, (role, status)
+        if route.allows(role):
+            assert status not in (401, 403), (role, status)
+        else:
+            assert status == 403, (role, status)
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.roles is not None], ids=_route_id)
+async def test_protected_route_refuses_missing_unknown_revoked_and_malformed_tokens(
+    served: Served, route: Route,
+) -> None:
+    """No token, an unknown one, a revoked one of any role, and every malformed header are 401."""
+    cases: dict[str, str | None] = {"no header": None, "unknown token": "Bearer rgt_" + "u" * 43}
+    cases.update({f"revoked {role}": f"Bearer {token}" for role, token in served.revoked.items()})
+    cases.update(MALFORMED)
+    for name, header in cases.items():
+        assert await _status(served, route, header) == 401, name
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.roles is None], ids=_route_id)
+async def test_open_route_ignores_any_authorization(served: Served, route: Route) -> None:
+    """Health, metrics and the OpenAPI document answer whatever Authorization is sent."""
+    for header in [None, "Bearer rgt_unknown", *MALFORMED.values()]:
+        status = await _status(served, route, header)
+        assert status not in (401, 403) and status < 500, (header and header[:20], status)
+
+
+async def test_unauthorised_answer_uses_the_contract_error_body(served: Served) -> None:
+    """A 401 and a 403 carry the contract's error body with codes unauthorized and forbidden."""
+    resp = await served.client.post("/v1/nonces/consume", json={})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+    resp = await served.client.post("/v1/nonces/consume", json={},
+                                    headers={"Authorization": f"Bearer {served.tokens['analyst']}"})
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
+
+
+def _cli(served: Served, *args: str) -> Any:
+    return run_cli("token", *args, "--data-dir", str(served.settings.data_dir),
+                   "--database-url", served.runtime.dsn, env=cli_env())
+
+
+async def _consume(served: Served, token: str) -> int:
+    resp = await served.client.post("/v1/nonces/consume", json={"vm_id": "vm-acl", "scope": "acl", "nonce": uid()},
+                                    headers={"Authorization": f"Bearer {token}"})
+    await resp.read()
+    return resp.status
+
+
+async def test_cli_token_revoke_takes_effect(served: Served) -> None:
+    """`replayguard token revoke NAME` turns a working token into a 401 within the cache lifetime."""
+    name = uid("cli-callout")
+    created = _cli(served, "create", "--role", "callout", "--name", name)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert await _consume(served, token) == 200
+    listed = _cli(served, "list")
+    assert listed.returncode == 0 and token not in listed.stdout
+    assert any(line.split("\t")[2:] == [name, "active"] for line in listed.stdout.splitlines())
+
+    revoked = _cli(served, "revoke", name)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked 1 token" in revoked.stderr
+    statuses = []
+    for _ in range(int(CACHE_TTL_S * 10) + 30):  # bounded poll: the other process's cache expires
+        statuses.append(await _consume(served, token))
+        if statuses[-1] == 401:
+            break
+        await asyncio.sleep(0.1)
+    assert statuses[-1] == 401 and set(statuses) <= {200, 401}
+    assert any(line.split("\t")[2:] == [name, "revoked"] for line in _cli(served, "list").stdout.splitlines())
+
+
+async def test_cli_token_revoke_by_id_and_unknown(served: Served) -> None:
+    """Revoking by token id refuses the token at once; an unknown id exits 2 with one line."""
+    name = uid("cli-hv")
+    token = _cli(served, "create", "--role", "hypervisor", "--name", name).stdout.strip()
+    token_id = next(line.split("\t")[0] for line in _cli(served, "list").stdout.splitlines()
+                    if line.split("\t")[2] == name)
+    assert _cli(served, "revoke", token_id).returncode == 0
+    assert await _consume(served, token) == 401  # never cached, so refused at once
+    missing = _cli(served, "revoke", "tok_does-not-exist")
+    assert missing.returncode == 2
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no active token" in missing.stderr
