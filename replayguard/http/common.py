@@ -35,6 +35,7 @@ class Route:
     query: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default=())
     errors: tuple[tuple[int, str], ...] = ()  # further error statuses the route answers (OpenAPI)
+    responses: tuple[tuple[int, dict[str, Any]], ...] = ()  # OpenAPI responses given verbatim
 
     def allows(self, role: str) -> bool:
         return self.roles is None or role == "admin" or role in self.roles

@@ -41,6 +41,8 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.roles is not None:
         responses.update({"401": _error("Missing or unknown token"), "403": _error("Wrong role")})
         responses["503"] = _error("The ledger is unavailable (fail closed)")
+    for status, response in route.responses:
+        responses[str(status)] = response
     op: dict[str, Any] = {
         "summary": route.summary, "tags": [route.audience],
         "operationId": f"{route.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', route.path.lower()).strip('_')}",

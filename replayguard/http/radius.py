@@ -138,5 +138,12 @@ RADIUS_SCHEMA = {
 ROUTES = [
     Route("POST", "/v1/radius/authenticate", authenticate, ("callout",),
           "FreeRADIUS rlm_rest: 204 accepts, 401 with a Reply-Message rejects", "callouts",
-          RADIUS_SCHEMA, None, status=204),
+          RADIUS_SCHEMA, None, status=204, responses=((401, {
+              "description": "Access-Reject (with a Reply-Message), or a missing or unknown token",
+              "content": {"application/json": {"schema": {"oneOf": [
+                  {"$ref": "#/components/schemas/Error"},
+                  {"type": "object", "required": ["reply:Reply-Message"],
+                   "properties": {"reply:Reply-Message": {"type": "string"}}},
+              ]}}},
+          }),)),
 ]
