@@ -1,0 +1,121 @@
+"""Fail closed: with the ledger's database down nothing is accepted, and it comes back alone.
+
+The test owns its PostgreSQL (an embedded server in its own directory), stops it abruptly
+under a running service, and starts it again on the same data and socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pyotp
+import pytest
+import pytest_asyncio
+
+from replayguard.core.credentials import nonce_digest
+from replayguard.settings import Secret
+from tests.conftest import Api, FakeClock, uid
+from tests.integration.owned_servers import OwnedPostgres, scratch_dir
+
+ATTEMPTS = 5
+
+
+@pytest_asyncio.fixture
+async def owned_pg() -> AsyncIterator[OwnedPostgres]:
+    """A PostgreSQL this test alone uses, and may stop and start."""
+    with scratch_dir("rg-owned-pg-") as directory:
+        server = await asyncio.to_thread(OwnedPostgres, directory / "pg")
+        try:
+            yield server
+        finally:
+            await asyncio.to_thread(server.close)
+
+
+async def _wait_ready(api: Api, timeout: float = 30) -> None:
+    """Polls /readyz until it answers 200; the timeout only bounds a failing test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = await api.client.get("/readyz")
+        if resp.status == 200:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the service did not become ready again")
+
+
+def _assert_unavailable(status: int, body: Any) -> None:
+    assert status == 503, body
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == "unavailable"
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert set(body["error"]) <= {"code", "message", "field"}
+
+
+@pytest.mark.slow
+async def test_database_down_fails_closed_and_recovers(
+    owned_pg: OwnedPostgres, api_factory: Callable[..., Any],
+) -> None:
+    """With PostgreSQL down decisions are 503 and nothing is accepted; it recovers unaided."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock=clock, database_url=Secret(owned_pg.url))
+    principal, vm, scope, nonce = uid("fc"), uid("vm"), uid("scope"), uid("nonce")
+    token = await api.enroll(principal)
+    totp = pyotp.TOTP(token["secret"])
+    status, first = await api.post("/v1/otp/verify", {"vm_id": vm, "principal": principal,
+                                                      "otp": totp.at(clock.now)})
+    assert (status, first["decision"]) == (200, "accept")
+    clock.advance(30)
+    code = totp.at(clock.now)
+    otp_body = {"vm_id": vm, "principal": principal, "otp": code}
+    nonce_body = {"vm_id": vm, "scope": scope, "nonce": nonce}
+
+    await asyncio.to_thread(owned_pg.stop)
+    for _ in range(ATTEMPTS):
+        _assert_unavailable(*await api.post("/v1/otp/verify", otp_body))
+        _assert_unavailable(*await api.post("/v1/nonces/consume", nonce_body))
+    resp = await api.client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["checks"]["ledger"] == "unavailable"
+
+    await asyncio.to_thread(owned_pg.start)
+    await _wait_ready(api)
+    # Neither credential was consumed while the ledger was down: each is accepted once now.
+    status, accepted = await api.post("/v1/otp/verify", otp_body)
+    assert (status, accepted["decision"], accepted["reason"]) == (200, "accept", "ok")
+    status, again = await api.post("/v1/otp/verify", otp_body)
+    assert (status, again["decision"], again["reason"]) == (200, "reject", "reused")
+    status, consumed = await api.post("/v1/nonces/consume", nonce_body)
+    assert (status, consumed["decision"], consumed["reason"]) == (200, "accept", "ok")
+    status, replayed = await api.post("/v1/nonces/consume", nonce_body)
+    assert (status, replayed["decision"], replayed["reason"]) == (200, "reject", "reused")
+
+    async with api.runtime.pool.acquire() as conn:
+        otp_accepts = await conn.fetchval(
+            "SELECT count(*) FROM ledger WHERE kind = 'otp' AND subject = $1 AND decision = 'accept'", principal)
+        nonce_rows = await conn.fetch(
+            "SELECT decision FROM ledger WHERE cred_digest = $1 ORDER BY seq",
+            nonce_digest(api.runtime.keys.pepper, scope, nonce.encode()))
+    assert otp_accepts == 2
+    assert [r["decision"] for r in nonce_rows] == ["accept", "reject"]
+
+
+@pytest.mark.slow
+async def test_database_down_at_rest_then_back_keeps_deciding(
+    owned_pg: OwnedPostgres, api_factory: Callable[..., Any],
+) -> None:
+    """A pool whose every connection died while idle serves decisions again after recovery."""
+    api: Api = await api_factory(database_url=Secret(owned_pg.url), db_pool_size=4)
+    scope = uid("scope")
+    # Fill the pool with idle connections, which the restart will all invalidate.
+    answers = await asyncio.gather(*(api.post("/v1/nonces/consume", {"vm_id": "v", "scope": scope,
+                                                                     "nonce": f"n{i}"}) for i in range(8)))
+    assert all(body["decision"] == "accept" for _, body in answers)
+    await asyncio.to_thread(owned_pg.stop)
+    await asyncio.to_thread(owned_pg.start)
+    await _wait_ready(api)
+    answers = await asyncio.gather(*(api.post("/v1/nonces/consume", {"vm_id": "v", "scope": scope,
+                                                                     "nonce": f"n{i}"}) for i in range(16)))
+    outcomes = sorted((status, body.get("reason")) for status, body in answers)
+    assert outcomes == sorted([(200, "reused")] * 8 + [(200, "ok")] * 8), outcomes
