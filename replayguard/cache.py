@@ -11,6 +11,7 @@ Keys: ``rg:use:<digest hex>`` → {"vm", "epoch", "seq"} of a credential's first
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import orjson
@@ -32,11 +33,33 @@ class HotHit:
     vm_rseq: int
 
 
+@dataclass(frozen=True, slots=True)
+class HotLookup:
+    hit: HotHit | None
+    locked_until_us: int
+
+
+def _first_hit(digests: list[bytes], uses: list[bytes | None], vm_raw: bytes | None) -> HotHit | None:
+    if vm_raw is None:
+        return None
+    vm = orjson.loads(vm_raw)
+    for digest, raw in zip(digests, uses):
+        if raw is not None:
+            use = orjson.loads(raw)
+            return HotHit(digest, use["vm"], use["epoch"], vm["epoch"], vm["rseq"])
+    return None
+
+
 class HotCache:
+    VM_REFRESH_S = 60.0
+
     def __init__(self, client: aioredis.Redis, ttl_s: int = 3600) -> None:
         self._redis = client
         self._ttl = ttl_s
         self.healthy = True
+        # What this process last wrote for each VM, so that an unchanged state is not
+        # written again on every decision (rewritten after VM_REFRESH_S, in case of a flush).
+        self._written: dict[str, tuple[int, int, float]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> HotCache:
@@ -60,49 +83,48 @@ class HotCache:
         self.healthy = True
         return True
 
-    async def lookup(self, digests: list[bytes], vm_id: str) -> HotHit | None:
-        """The first of ``digests`` Redis has seen used, with the VM's current state."""
-        if not digests:
-            return None
+    async def lookup(self, digests: list[bytes], vm_id: str, principal: str | None = None) -> HotLookup:
+        """One round trip: which of ``digests`` Redis has seen used (with the VM's current
+        state), and until when ``principal`` is locked out."""
         keys = [b"rg:use:" + d.hex().encode() for d in digests] + [b"rg:vm:" + vm_id.encode()]
+        if principal is not None:
+            keys.append(b"rg:lock:" + principal.encode())
         try:
             values = await self._redis.mget(keys)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return None
+            return HotLookup(None, 0)
         self.healthy = True
-        vm_raw = values[-1]
-        if vm_raw is None:
-            return None
-        vm = orjson.loads(vm_raw)
-        for digest, raw in zip(digests, values[:-1]):
-            if raw is not None:
-                use = orjson.loads(raw)
-                return HotHit(digest, use["vm"], use["epoch"], vm["epoch"], vm["rseq"])
-        return None
-
-    async def locked_until(self, principal: str) -> int:
-        try:
-            raw = await self._redis.get(b"rg:lock:" + principal.encode())
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return 0
-        return int(raw) if raw is not None else 0
+        lock_raw = values.pop() if principal is not None else None
+        vm_raw = values.pop()
+        return HotLookup(_first_hit(digests, values, vm_raw), int(lock_raw) if lock_raw is not None else 0)
 
     async def record(
         self, *, vm_id: str, epoch: int, rseq: int, digest: bytes | None, seq: int,
         ttl_s: int | None = None,
     ) -> None:
         """Mirrors what PostgreSQL just committed; errors are logged and forgotten."""
+        now = time.monotonic()
+        last = self._written.get(vm_id)
+        vm_changed = last is None or last[:2] != (epoch, rseq) or now - last[2] > self.VM_REFRESH_S
+        if not vm_changed and digest is None:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(b"rg:vm:" + vm_id.encode(), orjson.dumps({"epoch": epoch, "rseq": rseq}), ex=self._ttl)
+                if vm_changed:
+                    pipe.set(b"rg:vm:" + vm_id.encode(), orjson.dumps({"epoch": epoch, "rseq": rseq}), ex=self._ttl)
                 if digest is not None:
                     value = orjson.dumps({"vm": vm_id, "epoch": epoch, "seq": seq})
                     pipe.set(b"rg:use:" + digest.hex().encode(), value, ex=ttl_s or self._ttl)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            self._written.pop(vm_id, None)
+            return
+        if vm_changed:
+            if len(self._written) > 100_000:
+                self._written.clear()
+            self._written[vm_id] = (epoch, rseq, now)
 
     async def set_lock(self, principal: str, locked_until_us: int, now_us: int) -> None:
         ttl_ms = (locked_until_us - now_us) // 1000
@@ -115,6 +137,7 @@ class HotCache:
 
     async def forget_vm(self, vm_id: str) -> None:
         """Drops a VM's cached state (its epoch changed: hot answers must go to PostgreSQL)."""
+        self._written.pop(vm_id, None)
         try:
             await self._redis.delete(b"rg:vm:" + vm_id.encode())
         except (RedisError, OSError) as exc:

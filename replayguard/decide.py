@@ -111,6 +111,7 @@ class DecisionService:
         self._clock = clock
         self._hot = hot
         self._on_decision = on_decision or (lambda kind, result, source: None)
+        self._clock_scope = clock_guard_scope(keys.pepper)
 
     async def verify_otp(self, req: OtpRequest) -> DecisionResult:
         now = self._clock()
@@ -118,31 +119,40 @@ class DecisionService:
         check = receipts.check(self._keys.receipt, req.receipt)
         item: dict[str, Any] = {"k": "otp", "ts": now_us, "vm": req.vm_id, "sub": req.principal,
                                 "p": {"context": req.context}, **_receipt_fields(check)}
-        if (self._hot is not None and check.status is ReceiptStatus.ABSENT
-                and await self._hot.locked_until(req.principal) > now_us):
-            return self._hot_reject(item, Reason.LOCKED_OUT, req.receipt)
-        tokens = await self._tokens.active(req.principal)
-        match = match_code(tokens, req.otp, now, self._config)
+        match = await self._match(req.principal, req.otp, now)
+        digests: list[bytes] = []
         if match.token is None:
             item["pre"] = Reason.NO_TOKEN.value
         else:
-            digests = {c: otp_digest(self._keys.pepper, match.token.id, c) for c in match.counters}
-            item.update(tok=match.token.id, steps=list(match.counters),
-                        dg={str(c): d.hex() for c, d in digests.items()},
-                        exp=now_us + self._config.use_retention_s * 1_000_000)
-            if match.token.type == "totp":  # the host clock guard (rg_clock_floor)
-                item.update(tp=match.token.period, dr=self._config.drift_steps,
-                            cg=clock_guard_scope(self._keys.pepper))
-            if len(digests) == 1:
-                hot = await self._hot_lookup(list(digests.values()), req.vm_id, check)
-                if hot is not None:
-                    return self._hot_reject(item, Reason.REUSED, req.receipt)
+            digests = self._otp_fields(item, match, now_us)
+        hot = await self._hot_answer(item, digests if len(digests) == 1 else [], check, req.principal, now_us)
+        if hot is not None:
+            return self._hot_reject(item, hot, req.receipt)
         outcome = await self._appender.submit(item)
         if outcome.verdict == Verdict.ACCEPT.value and match.token is not None:
             self._tokens.advanced(req.principal, match.token.id, max(match.counters))
         accepted = _accepted_digest(outcome, item)
         await self._mirror(req.vm_id, outcome, accepted, now_us, req.principal)
         return self._result("otp", outcome, req.vm_id)
+
+    async def _match(self, principal: str, code: str, now: float) -> Match:
+        """Matches against cached tokens first; a miss is checked against a fresh read."""
+        tokens, cached = await self._tokens.active(principal)
+        match = match_code(tokens, code, now, self._config)
+        if cached and not match.counters:
+            tokens, _ = await self._tokens.active(principal, fresh=True)
+            match = match_code(tokens, code, now, self._config)
+        return match
+
+    def _otp_fields(self, item: dict[str, Any], match: Match, now_us: int) -> list[bytes]:
+        assert match.token is not None
+        digests = {c: otp_digest(self._keys.pepper, match.token.id, c) for c in match.counters}
+        item.update(tok=match.token.id, steps=list(match.counters),
+                    dg={str(c): d.hex() for c, d in digests.items()},
+                    exp=now_us + self._config.use_retention_s * 1_000_000)
+        if match.token.type == "totp":  # the host clock guard (rg_clock_floor)
+            item.update(tp=match.token.period, dr=self._config.drift_steps, cg=self._clock_scope)
+        return list(digests.values())
 
     async def consume_nonce(self, req: NonceRequest) -> DecisionResult:
         now = self._clock()
@@ -155,20 +165,30 @@ class DecisionService:
                                 **_receipt_fields(check)}
         if nonce_expired(req, now):
             item["pre"] = Reason.EXPIRED.value
-        else:
-            hot = await self._hot_lookup([digest], req.vm_id, check)
-            if hot is not None:
-                return self._hot_reject(item, Reason.REUSED, req.receipt)
+        hot = await self._hot_answer(item, [digest], check, None, now_us)
+        if hot is not None:
+            return self._hot_reject(item, hot, req.receipt)
         outcome = await self._appender.submit(item)
         accepted = digest if outcome.verdict == Verdict.ACCEPT.value else None
         await self._mirror(req.vm_id, outcome, accepted, now_us, None, ttl_us=item["exp"] - now_us)
         return self._result("nonce", outcome, req.vm_id)
 
-    async def _hot_lookup(self, digests: list[bytes], vm_id: str, check: ReceiptCheck) -> HotHit | None:
-        if self._hot is None:
+    async def _hot_answer(
+        self, item: dict[str, Any], digests: list[bytes], check: ReceiptCheck,
+        principal: str | None, now_us: int,
+    ) -> Reason | None:
+        """The reject Redis can give without PostgreSQL, if any (one round trip)."""
+        if self._hot is None or "pre" in item:
             return None
-        hit = await self._hot.lookup(digests, vm_id)
-        return hit if hit is not None and hot_reply_allowed(hit, vm_id, check) else None
+        lock_principal = principal if check.status is ReceiptStatus.ABSENT else None
+        if not digests and lock_principal is None:
+            return None
+        found = await self._hot.lookup(digests, item["vm"], lock_principal)
+        if found.locked_until_us > now_us:
+            return Reason.LOCKED_OUT
+        if found.hit is not None and hot_reply_allowed(found.hit, item["vm"], check):
+            return Reason.REUSED
+        return None
 
     def _hot_reject(self, item: dict[str, Any], reason: Reason, receipt: str | None) -> DecisionResult:
         """Answers a reject from Redis and queues its ledger record behind the answer.

@@ -64,18 +64,24 @@ def _read_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> bytes:
+    """Creates a key file atomically: a reader never sees it half written, and of two
+    processes creating it at once, one wins and the other reads the winner's key."""
     raw = secrets.token_bytes(KEY_BYTES)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(raw.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # fails if the file exists; never overwrites
     except FileExistsError:
-        return _read_key(path)  # another worker created it first
+        return _read_key(path)
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(raw.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
     return raw
 
 

@@ -88,7 +88,7 @@ async def open_runtime(
     try:
         yield runtime
     finally:
-        await appender.wait_idle()
+        await appender.close()
         if hot is not None:
             await hot.close()
         await pool.close()

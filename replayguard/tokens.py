@@ -24,7 +24,7 @@ from .errors import NotFound
 from .keys import Keys
 
 ISSUER = "replayguard"
-CACHE_TTL_S = 2.0
+CACHE_TTL_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +118,18 @@ class TokenStore:
             )
         self._cache.pop(principal, None)
 
-    async def active(self, principal: str) -> list[OtpToken]:
-        """Active tokens of ``principal``, from the cache when it is fresh."""
+    async def active(self, principal: str, *, fresh: bool = False) -> tuple[list[OtpToken], bool]:
+        """Active tokens of ``principal``, and whether they came from the cache.
+
+        A cached list is only trusted to say which token a code matches: the ledger
+        re-checks that the token is still active when it consumes the step, and a code
+        that matches nothing cached is matched again against a fresh read (a token
+        enrolled through another instance, or an HOTP counter moved elsewhere).
+        """
         hit = self._cache.get(principal)
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if not fresh and hit is not None and hit[0] > now:
+            return hit[1], True
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
                 "SELECT id, type, secret_ct, digits, period, algorithm, last_counter FROM otp_tokens"
@@ -138,7 +144,7 @@ class TokenStore:
             self._cache.clear()
         if tokens:  # "no token" is never cached: an enrolment elsewhere must count at once
             self._cache[principal] = (now + CACHE_TTL_S, tokens)
-        return tokens
+        return tokens, False
 
     def advanced(self, principal: str, token_id: str, counter: int) -> None:
         """Notes a counter the ledger just accepted, so HOTP look-ahead starts from it."""

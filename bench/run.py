@@ -1,0 +1,944 @@
+#!/usr/bin/env python3
+"""replayguard's decision benchmark: a real service process, driven by wrk, beside a baseline.
+
+It creates its own database on the given PostgreSQL (dropped at the end), starts
+``replayguard serve`` as real processes, enrolls TOTP principals through the admin API,
+and drives ``POST /v1/otp/verify`` and ``POST /v1/nonces/consume`` with wrk and
+``bench/decisions.lua`` at each concurrency for a fixed duration. Beside it, it measures
+the same ledger-shaped insert through asyncpg without HTTP (per-row commits, and batched),
+the replay path with and without the Redis hot cache, bytes per ledger entry and, with
+``--seed-old N``, the same load on a ledger seeded with N old entries. Results are printed
+as tables and written to ``bench/results/<timestamp>-<commit>.json``.
+
+See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import math
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import psutil
+import pyotp
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LUA = BENCH / "decisions.lua"
+PERIOD = 30
+INVALID_PRINCIPALS = 256
+REPLAY_KEYS = 4000
+OLD_TS_US = int((time.time() - 30 * 86400) * 1e6)
+
+
+# --- command line ----------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="a database on the server where the benchmark may CREATE and DROP its own")
+    p.add_argument("--redis-url", help="run the service with this Redis (hot replay cache); "
+                   "also enables the hot-cache vs PostgreSQL replay comparison")
+    p.add_argument("--workers", type=int, default=1, help="service worker processes (serve --workers)")
+    p.add_argument("--instances", type=int, default=1, choices=(1, 2),
+                   help="separate service instances sharing PostgreSQL (and Redis); one wrk each")
+    p.add_argument("--concurrency", default="1,16,64,256", help="comma-separated client concurrencies")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per measurement, fewer principals")
+    p.add_argument("--mix", default="50:30:10:10",
+                   help="weights fresh-nonce:fresh-TOTP:replay:invalid-code")
+    p.add_argument("--principals", type=int, help="TOTP principals to enroll (default 12000, quick 1500)")
+    p.add_argument("--lockout-threshold", type=int, default=1000,
+                   help="service lockout threshold (high so invalid codes stay 'invalid', not 'locked_out')")
+    p.add_argument("--log-level", default="info", help="service log level (the shipped default is info)")
+    p.add_argument("--seed-old", type=int, default=0, metavar="N",
+                   help="growth check: also run the decision phases on a ledger seeded with N old entries")
+    p.add_argument("--baseline-max-conns", type=int, default=64,
+                   help="cap on asyncpg connections for the baseline (max_connections is 100 here)")
+    p.add_argument("--baseline-batch", type=int, default=64, help="rows per transaction, batched baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip the asyncpg baseline")
+    p.add_argument("--no-replay", action="store_true", help="skip the hot-cache vs PostgreSQL replay comparison")
+    p.add_argument("--replay-concurrency", default="16,64", help="concurrencies of the replay-only runs")
+    p.add_argument("--healthz", action="store_true", help="also measure wrk against GET /healthz")
+    p.add_argument("--py-spy", action="store_true",
+                   help="profile the service with py-spy during the 64-concurrency phase")
+    p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (one per core here)")
+    p.add_argument("--quiet-wait", type=float, default=90.0,
+                   help="before each measurement, wait up to this many seconds for other processes on the "
+                        "machine to use less than --quiet-cores (0: do not wait)")
+    p.add_argument("--quiet-cores", type=float, default=0.3, help="see --quiet-wait")
+    p.add_argument("--label", default="", help="free text stored in the JSON (what this run varies)")
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = min(args.duration, 2.0)
+    args.principals = args.principals or (1500 if args.quick else 12000)
+    args.levels = [int(c) for c in args.concurrency.split(",") if c]
+    args.replay_levels = [int(c) for c in args.replay_concurrency.split(",") if c]
+    if shutil.which("wrk") is None:
+        p.error("wrk is not installed (apt-get install -y wrk)")
+    return args
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+def dsn_for(admin_url: str, name: str) -> str:
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+async def create_database(admin_url: str, tag: str) -> str:
+    name = f"rg_bench_{tag}_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        # Per-function call counts and times, so rg_decide's own cost is visible.
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
+    finally:
+        await admin.close()
+    return dsn_for(admin_url, name)
+
+
+async def drop_database(admin_url: str, dsn: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dsn.rpartition("/")[2]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def seed_old(dsn: str, n: int) -> float:
+    """N old, expired ledger entries and uses (fake chain hashes), as a long history would leave."""
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"""
+            INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason,
+                                payload, prev_hash, hash)
+            SELECT g, {OLD_TS_US} + g, 'nonce', 'old-vm-' || (g % 1000), 'bench-old',
+                   sha256(int8send(g)), 'accept', 'ok',
+                   '{{"ttl_s": 300, "epoch": 0, "receipt": "absent"}}'::jsonb,
+                   sha256(int8send(g - 1)), sha256(int8send(g))
+            FROM generate_series(1, {n}) g""")
+        await conn.execute(f"""
+            INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
+            SELECT sha256(int8send(g)), 'nonce', 'old-vm-' || (g % 1000), 'bench-old', g,
+                   {OLD_TS_US} + g, {OLD_TS_US} + g + 300000000
+            FROM generate_series(1, {n}) g""")
+        await conn.execute(f"UPDATE ledger_head SET seq = {n}, hash = sha256(int8send({n}))")
+        await conn.execute("VACUUM ANALYZE ledger")
+        await conn.execute("VACUUM ANALYZE uses")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    return time.monotonic() - started
+
+
+async def pg_snapshot(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        head = await conn.fetchval("SELECT seq FROM ledger_head")
+        xact = await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        wal = await conn.fetchrow("SELECT wal_records, wal_bytes::bigint AS wal_bytes, wal_sync FROM pg_stat_wal")
+        fn = await conn.fetchrow("SELECT calls, total_time, self_time FROM pg_stat_user_functions"
+                                 " WHERE funcname = 'rg_decide'")
+    finally:
+        await conn.close()
+    return {"head": head, "xact": xact, "wal_records": wal["wal_records"], "wal_bytes": wal["wal_bytes"],
+            "wal_sync": wal["wal_sync"], "decide_calls": fn["calls"] if fn else 0,
+            "decide_ms": fn["total_time"] if fn else 0.0}
+
+
+async def wait_quiet(dsn: str, timeout: float = 60.0) -> None:
+    """Waits until the ledger head stops moving (deferred hot-cache records drained)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        head = (await pg_snapshot(dsn))["head"]
+        if head == last:
+            return
+        last = head
+        await asyncio.sleep(0.5)
+
+
+async def storage(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("""
+            SELECT pg_total_relation_size('ledger') AS ledger_bytes, pg_total_relation_size('uses') AS uses_bytes,
+                   (SELECT count(*) FROM ledger) AS ledger_rows, (SELECT count(*) FROM uses) AS uses_rows,
+                   pg_total_relation_size('alerts') + pg_total_relation_size('alert_entries') AS alert_bytes""")
+    finally:
+        await conn.close()
+    out = dict(row)
+    rows = max(out["ledger_rows"], 1)
+    out["bytes_per_entry"] = round((out["ledger_bytes"] + out["uses_bytes"]) / rows, 1)
+    out["ledger_bytes_per_row"] = round(out["ledger_bytes"] / rows, 1)
+    out["uses_bytes_per_row"] = round(out["uses_bytes"] / max(out["uses_rows"], 1), 1)
+    return out
+
+
+# --- the service ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "replayguard", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"replayguard {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@dataclass
+class Service:
+    procs: list[subprocess.Popen[bytes]]
+    urls: list[str]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    dsn: str
+    data_dir: Path
+    env: dict[str, str]
+    log_dir: Path
+
+    def serve(self, *, redis: bool, instances: int | None = None) -> Service:
+        instances = instances or self.args.instances
+        procs, urls = [], []
+        for k in range(instances):
+            port = free_port()
+            cmd = [sys.executable, "-m", "replayguard", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--database-url", self.dsn, "--data-dir", str(self.data_dir),
+                   "--workers", str(self.args.workers), "--log-level", self.args.log_level]
+            if redis and self.args.redis_url:
+                cmd += ["--redis-url", self.args.redis_url]
+            log = (self.log_dir / f"service-{port}-{k}.log").open("wb")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO))
+            urls.append(f"http://127.0.0.1:{port}")
+        service = Service(procs, urls)
+        try:
+            for url, proc in zip(urls, procs):
+                asyncio.run(wait_ready(url, proc))
+        except BaseException:
+            service.stop()
+            raise
+        return service
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}")
+            try:
+                async with session.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+async def post_all(url: str, token: str, items: list[tuple[str, dict[str, Any]]], concurrency: int = 32) -> Counter[int]:
+    """POSTs (path, body) items with bounded concurrency; returns a count per status."""
+    statuses: Counter[int] = Counter()
+    queue = iter(items)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async def worker() -> None:
+            for path, body in queue:
+                async with session.post(url + path, json=body) as resp:
+                    await resp.read()
+                    statuses[resp.status] += 1
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+# --- sampling RSS and CPU --------------------------------------------------------------
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_of(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def postgres_procs(dbname: str) -> list[psutil.Process]:
+    """The server's own processes (WAL writer, checkpointer...) and the backends of our database.
+
+    Backends of other databases (other people's tests on a shared machine) are left out.
+    """
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] not in ("postgres", "postmaster"):
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if dbname in cmd or "127.0.0.1(" not in cmd and "[local]" not in cmd:
+            out.append(p)
+    return out
+
+
+class Sampler:
+    """Samples the service's RSS (every process of its tree) ten times a second."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0
+        self.phase_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            rss = 0
+            for pid in self.pids:
+                for proc in tree(pid):
+                    try:
+                        rss += proc.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+            self.peak = max(self.peak, rss)
+            self.phase_peak = max(self.phase_peak, rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_by_pid(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used meanwhile; processes born during the phase count from zero."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+@contextmanager
+def cpu_meter(service: Service, dbname: str) -> Iterator[dict[str, float]]:
+    """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine."""
+    def svc() -> dict[int, float]:
+        return _cpu_by_pid([p for pid in service.pids() for p in tree(pid)])
+    before = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic())
+    out: dict[str, float] = {}
+    yield out
+    after = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic())
+    wall = after[4] - before[4]
+    out.update({"service": _delta(before[0], after[0]) / wall, "postgres": _delta(before[1], after[1]) / wall,
+                "loadgen": (after[2] - before[2]) / wall, "machine_busy": (after[3] - before[3]) / wall})
+    out["other"] = out["machine_busy"] - out["service"] - out["postgres"] - out["loadgen"]
+    for key in list(out):
+        out[key] = round(out[key], 2)
+
+
+def wait_for_quiet_machine(args: argparse.Namespace) -> float:
+    """Waits until the machine is nearly idle (other engineers' tests share it); returns the seconds waited.
+
+    Returns a negative number when it never became quiet within ``--quiet-wait``.
+    """
+    if args.quiet_wait <= 0:
+        return 0.0
+    started = time.monotonic()
+    quiet = 0
+    while time.monotonic() - started < args.quiet_wait:
+        before = _machine_cpu()
+        time.sleep(1.0)
+        quiet = quiet + 1 if _machine_cpu() - before < args.quiet_cores else 0
+        if quiet >= 2:
+            return round(time.monotonic() - started, 1)
+    print(f"  (machine still busy after {args.quiet_wait:.0f} s: measuring anyway)", file=sys.stderr)
+    return -round(time.monotonic() - started, 1)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_cpu() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+# --- TOTP principals and the code file ------------------------------------------------------
+
+@dataclass
+class Principals:
+    secrets: dict[str, str] = field(default_factory=dict)
+    last_step: dict[str, int] = field(default_factory=dict)
+    invalid: list[str] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, n: int, run_id: str) -> Principals:
+        names = [f"{run_id}-p{k}" for k in range(n)]
+        invalid = [f"{run_id}-x{k}" for k in range(INVALID_PRINCIPALS)]
+        return cls({name: base64.b32encode(os.urandom(20)).decode() for name in names + invalid},
+                   {name: -1 for name in names}, invalid)
+
+    def enrollments(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(f"/v1/principals/{name}/tokens", {"type": "totp", "secret": secret, "period": PERIOD})
+                for name, secret in self.secrets.items()]
+
+    def write_codes(self, paths: list[Path]) -> list[list[tuple[str, int]]]:
+        """Writes fresh codes (one per available principal) and wrong codes, dealt over the files.
+
+        Each wrk process gets its own file, so no two processes send the same fresh code;
+        returns, per file, the (principal, step) of each fresh line in order.
+        """
+        now_step = int(time.time() // PERIOD)
+        fresh: list[list[tuple[str, int]]] = [[] for _ in paths]
+        lines: list[list[str]] = [[] for _ in paths]
+        k = 0
+        for name, last in self.last_step.items():
+            step = now_step if last < now_step else now_step + 1 if last < now_step + 1 else None
+            if step is not None:
+                fresh[k % len(paths)].append((name, step))
+                lines[k % len(paths)].append(f"o {name} {pyotp.TOTP(self.secrets[name]).generate_otp(step)}")
+                k += 1
+        for name in self.invalid:
+            totp = pyotp.TOTP(self.secrets[name])
+            valid = {totp.generate_otp(s) for s in range(now_step - 2, now_step + 4)}
+            wrong = next(f"{k:06d}" for k in range(1_000_000) if f"{k:06d}" not in valid)
+            for part in lines:
+                part.append(f"i {name} {wrong}")
+        for path, part in zip(paths, lines):
+            path.write_text("\n".join(part) + "\n")
+        return fresh
+
+    def mark_used(self, fresh: list[tuple[str, int]], used: dict[str, int], nthreads: int) -> None:
+        """Thread t (1-based) of n took lines t, t+n, ...; it used its first used[t] of them."""
+        for k, (name, step) in enumerate(fresh):
+            tid, j = k % nthreads + 1, k // nthreads + 1
+            if j <= used.get(str(tid), 0) + 1:  # +1: a request may have been built and not sent
+                self.last_step[name] = step
+
+
+def pattern(mix: str) -> str:
+    """A cyclic request pattern with the mix's weights, evenly interleaved."""
+    weights = [int(w) for w in mix.split(":")]
+    if len(weights) != 4 or sum(weights) <= 0:
+        raise SystemExit("--mix needs four weights, fresh-nonce:fresh-TOTP:replay:invalid")
+    g = math.gcd(*[w for w in weights if w]) or 1
+    weights = [w // g for w in weights]
+    current = [0] * 4
+    out = []
+    for _ in range(sum(weights)):
+        current = [c + w for c, w in zip(current, weights)]
+        pick = max(range(4), key=lambda i: current[i])
+        current[pick] -= sum(weights)
+        out.append("NORI"[pick])
+    return "".join(out)
+
+
+# --- wrk --------------------------------------------------------------------------------
+
+def run_wrk(urls: list[str], concurrency: int, duration: float, threads: int,
+            script_args: list[list[str]] | None, path: str = "") -> list[dict[str, Any]]:
+    """Runs one wrk per URL, splitting the connections; returns each one's BENCHJSON."""
+    procs = []
+    share = [concurrency // len(urls) + (1 if k < concurrency % len(urls) else 0) for k in range(len(urls))]
+    for k, (url, conns) in enumerate(zip(urls, share)):
+        if conns == 0:
+            continue
+        t = max(1, min(threads, conns))
+        cmd = ["wrk", f"-t{t}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "--latency"]
+        if script_args is not None:
+            a = script_args[k]
+            cmd += ["-s", str(LUA), url + path, "--", *a[:4], str(t), *a[4:]]
+        else:
+            cmd += [url + path]
+        procs.append((t, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    results = []
+    for t, proc in procs:
+        out, err = proc.communicate(timeout=duration + 60)
+        results.append({**_parse_wrk(out, err), "threads": t})
+    return results
+
+
+def _parse_wrk(out: str, err: str) -> dict[str, Any]:
+    for line in out.splitlines():
+        if line.startswith("BENCHJSON "):
+            return dict(json.loads(line[len("BENCHJSON "):]))
+    requests = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    lat = {p: _wrk_time(m.group(1)) for p in ("50", "99")
+           if (m := re.search(rf"^\s+{p}%\s+(\S+)", out, re.MULTILINE))}
+    if requests is None:
+        raise RuntimeError(f"wrk failed: {err.strip() or out.strip()}")
+    scale = {"s": 1e6, "ms": 1e3, "m": 60e6}[requests.group(3)]
+    return {"requests": int(requests.group(1)), "duration_us": float(requests.group(2)) * scale,
+            "latency_us": {"p50": lat.get("50"), "p99": lat.get("99"), "p95": None},
+            "errors": {}, "statuses": {}, "reasons": {}, "sent": {}}
+
+
+def _wrk_time(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m is not None
+    return float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure for several wrk processes: rates add up, percentiles take the worst."""
+    duration_s = max(p["duration_us"] for p in parts) / 1e6
+    requests = sum(p["requests"] for p in parts)
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    sent: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for p in parts:
+        statuses.update(p.get("statuses", {}))
+        reasons.update(p.get("reasons", {}))
+        sent.update(p.get("sent", {}))
+        errors.update(p.get("errors", {}))
+    non200 = sum(v for k, v in statuses.items() if k != "200") + sum(errors.values())
+    lat = {q: max((p["latency_us"].get(q) or 0) for p in parts) / 1000 for q in ("p50", "p95", "p99", "max")}
+    return {"rate": round(requests / duration_s, 1), "requests": requests, "p50_ms": round(lat["p50"], 2),
+            "p95_ms": round(lat["p95"], 2), "p99_ms": round(lat["p99"], 2), "max_ms": round(lat["max"], 2),
+            "errors": non200, "statuses": dict(statuses), "reasons": dict(reasons), "sent": dict(sent),
+            "socket_errors": dict(errors)}
+
+
+# --- the measurements -----------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    setup: Setup
+    service: Service
+    sampler: Sampler
+    token: str
+    principals: Principals
+    run_id: str
+    code_file: Path
+
+    def phase(self, concurrency: int, pattern_: str, *, replay_file: str = "-", tag: str = "",
+              profile: bool = False) -> dict[str, Any]:
+        args = self.setup.args
+        files = [self.code_file.with_suffix(f".{k}.txt") for k in range(len(self.service.urls))]
+        fresh = self.principals.write_codes(files)
+        waited = wait_for_quiet_machine(args)
+        before = asyncio.run(pg_snapshot(self.setup.dsn))
+        self.sampler.phase_peak = 0
+        spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
+        with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
+            parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
+                            [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file] for f in files])
+        after = asyncio.run(pg_snapshot(self.setup.dsn))
+        asyncio.run(wait_quiet(self.setup.dsn))
+        for part, offered in zip(parts, fresh):
+            self.principals.mark_used(offered, part.get("otp_used", {}), part.get("threads", 1))
+        result = combine(parts)
+        result.update(concurrency=concurrency, waited_for_quiet_s=waited, peak_rss_mb=round(self.sampler.phase_peak / 2**20, 1), cpu=cpu,
+                      fresh_codes_offered=sum(len(f) for f in fresh), pg=pg_delta(before, after, args.duration))
+        if spy is not None:
+            result["py_spy"] = finish_py_spy(spy)
+        return result
+
+
+def pg_delta(before: dict[str, Any], after: dict[str, Any], duration: float) -> dict[str, Any]:
+    calls = after["decide_calls"] - before["decide_calls"]
+    appended = after["head"] - before["head"]
+    return {"ledger_appends": appended, "commits_per_s": round((after["xact"] - before["xact"]) / duration, 1),
+            "wal_syncs_per_s": round((after["wal_sync"] - before["wal_sync"]) / duration, 1),
+            "wal_bytes_per_append": round((after["wal_bytes"] - before["wal_bytes"]) / max(appended, 1)),
+            "rg_decide_calls": calls, "mean_batch": round(appended / calls, 1) if calls else None,
+            "rg_decide_ms_per_call": round((after["decide_ms"] - before["decide_ms"]) / calls, 3) if calls else None,
+            "rg_decide_busy": round((after["decide_ms"] - before["decide_ms"]) / 1000 / duration, 2)}
+
+
+def start_py_spy(service: Service, args: argparse.Namespace, tag: str) -> tuple[subprocess.Popen[bytes], Path] | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        print("py-spy not found (pip install py-spy): no profile", file=sys.stderr)
+        return None
+    out = args.results_dir / f"py-spy-{tag}-{os.getpid()}.txt"
+    cmd = [exe, "record", "--pid", str(service.pids()[0]), "--duration", str(max(1, int(args.duration) - 1)),
+           "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)]
+    if args.workers > 1:
+        cmd.append("--subprocesses")
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def finish_py_spy(spy: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
+    proc, out = spy
+    proc.wait(timeout=60)
+    if not out.exists():
+        return {"error": "py-spy wrote nothing (ptrace permission?)"}
+    return summarize_py_spy(out)
+
+
+def summarize_py_spy(path: Path) -> dict[str, Any]:
+    """Self and inclusive shares per function (file, no line) from py-spy's raw format."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        n = int(count)
+        total += n
+        self_time[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+
+    def top(c: Counter[str], k: int) -> list[tuple[str, float]]:
+        return [(name, round(100 * n / max(total, 1), 1)) for name, n in c.most_common(k)]
+    return {"samples": total, "file": str(path), "self_pct": top(self_time, 25), "inclusive_pct": top(inclusive, 60)}
+
+
+def replay_compare(setup: Setup, token: str, run_id: str) -> list[dict[str, Any]]:
+    """Replay-only load on nonces consumed just before, with and without the hot cache."""
+    rows = []
+    for mode in ("redis", "postgres"):
+        service = setup.serve(redis=mode == "redis", instances=1)
+        sampler = Sampler(service.pids())
+        try:
+            keys = [(f"{run_id}{mode[0]}v{k % 256}", f"{run_id}-{mode}-{k}") for k in range(REPLAY_KEYS)]
+            path = setup.log_dir / f"replay-{mode}.txt"
+            path.write_text("".join(f"{vm} {nonce}\n" for vm, nonce in keys))
+            asyncio.run(post_all(service.urls[0], token, [
+                ("/v1/nonces/consume", {"vm_id": vm, "scope": "bench", "nonce": nonce, "ttl_s": 300})
+                for vm, nonce in keys]))
+            asyncio.run(wait_quiet(setup.dsn))
+            bench = Bench(setup, service, sampler, token, Principals(), run_id, setup.log_dir / "none.txt")
+            for c in setup.args.replay_levels:
+                result = bench.phase(c, "P", replay_file=str(path), tag=f"r{mode[0]}{c}")
+                result["refused_by"] = mode
+                rows.append(result)
+        finally:
+            sampler.stop()
+            service.stop()
+    return rows
+
+
+# --- the asyncpg baseline ---------------------------------------------------------------------
+
+BASELINE_DDL = """
+CREATE TABLE IF NOT EXISTS bench_ledger (LIKE ledger INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS bench_uses (LIKE uses INCLUDING ALL);
+"""
+ROW_SQL = """
+WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
+           VALUES ($1, 'nonce', $2, 'bench', $3, $4, $5) ON CONFLICT (digest) DO NOTHING RETURNING digest)
+INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
+VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok', $6::jsonb, $7, $8)
+"""
+BATCH_SQL = """
+WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
+           SELECT d, 'nonce', v, 'bench', s, t, t + 300000000
+           FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[]) AS x(d, v, s, t)
+           ON CONFLICT (digest) DO NOTHING RETURNING digest)
+INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
+SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok', $5::jsonb, h, h
+FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $6::bytea[]) AS x(d, v, s, t, h)
+"""
+PAYLOAD = '{"ttl_s": 300, "flags": [], "epoch": 0, "receipt": "absent"}'
+
+
+async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_conns: int) -> dict[str, Any]:
+    """Ledger-shaped rows (ledger + uses, one statement) committed one per transaction or in batches."""
+    conns = min(concurrency, max_conns)
+    pool = await asyncpg.create_pool(dsn, min_size=conns, max_size=conns,
+                                     server_settings={"synchronous_commit": "on"})
+    assert pool is not None
+    await pool.execute(BASELINE_DDL)
+    base = await pool.fetchval("SELECT coalesce(max(seq), 0) FROM bench_ledger")
+    seq = iter(range(base + 1, 10**15, batch))
+    latencies: list[float] = []
+    deadline = time.monotonic() + duration
+    me = psutil.Process()
+    cpu0 = cpu_of([me])
+
+    async def one(conn: asyncpg.Connection) -> int:
+        n = next(seq)
+        now = int(time.time() * 1e6)
+        if batch == 1:
+            await conn.execute(ROW_SQL, os.urandom(32), f"vm-{n % 256}", n, now, now + 300_000_000,
+                               PAYLOAD, os.urandom(32), os.urandom(32))
+            return 1
+        seqs = [n + k for k in range(batch)]
+        await conn.execute(BATCH_SQL, [os.urandom(32) for _ in seqs], [f"vm-{s % 256}" for s in seqs],
+                           seqs, [now] * batch, PAYLOAD, [os.urandom(32) for _ in seqs])
+        return batch
+
+    async def worker() -> int:
+        rows = 0
+        async with pool.acquire() as conn:
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                rows += await one(conn)
+                latencies.append(time.perf_counter() - start)
+        return rows
+
+    started = time.monotonic()
+    total = sum(await asyncio.gather(*(worker() for _ in range(conns))))
+    elapsed = time.monotonic() - started
+    client_cpu = (cpu_of([me]) - cpu0) / elapsed
+    await pool.close()
+    latencies.sort()
+    q = lambda f: round(latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000, 2)
+    return {"concurrency": concurrency, "connections": conns, "batch": batch, "rows_per_s": round(total / elapsed, 1),
+            "p50_ms": q(0.5), "p99_ms": q(0.99), "client_cpu": round(client_cpu, 2)}
+
+
+def run_baseline(dsn: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for c in args.levels:
+        for batch in (1, args.baseline_batch):
+            waited = wait_for_quiet_machine(args)
+            machine = _machine_cpu(), time.monotonic()
+            row = run_async(baseline(dsn, c, args.duration, batch, args.baseline_max_conns))
+            busy = (_machine_cpu() - machine[0]) / (time.monotonic() - machine[1])
+            out.append({**row, "waited_for_quiet_s": waited, "machine_busy": round(busy, 2)})
+    return out
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+# --- one complete run on one database -------------------------------------------------------------
+
+def prepare(args: argparse.Namespace, tag: str, work: Path, seed: int = 0) -> tuple[Setup, str, float]:
+    dsn = asyncio.run(create_database(args.pg_admin_url, tag))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYGUARD_")}
+    env["REPLAYGUARD_LOCKOUT_THRESHOLD"] = str(args.lockout_threshold)
+    data_dir = work / f"data-{tag}"
+    log_dir = work / f"logs-{tag}"
+    log_dir.mkdir(parents=True)
+    setup = Setup(args, dsn, data_dir, env, log_dir)
+    cli("migrate", "--database-url", dsn, "--data-dir", str(data_dir), env=env)
+    seeded = asyncio.run(seed_old(dsn, seed)) if seed else 0.0
+    token = cli("token", "create", "--role", "admin", "--name", "bench", "--database-url", dsn,
+                "--data-dir", str(data_dir), env=env)
+    return setup, token, seeded
+
+
+def decision_phases(setup: Setup, token: str, run_id: str, *, profile: bool) -> dict[str, Any]:
+    args = setup.args
+    principals = Principals.make(args.principals, run_id)
+    service = setup.serve(redis=True)
+    sampler = Sampler(service.pids())
+    out: dict[str, Any] = {}
+    try:
+        started = time.monotonic()
+        statuses = asyncio.run(post_all(service.urls[0], token, principals.enrollments(), concurrency=32))
+        out["enrollment"] = {"principals": len(principals.secrets), "statuses": dict(statuses),
+                             "per_s": round(len(principals.secrets) / (time.monotonic() - started), 1)}
+        bench = Bench(setup, service, sampler, token, principals, run_id, setup.log_dir / "codes.txt")
+        if args.healthz:
+            wait_for_quiet_machine(args)
+            with cpu_meter(service, setup.dsn.rpartition("/")[2]) as cpu:
+                parts = run_wrk(service.urls, 64, args.duration, args.wrk_threads, None, path="/healthz")
+            out["healthz"] = {**combine(parts), "cpu": cpu}
+        mix = pattern(args.mix)
+        out["phases"] = []
+        for c in args.levels:
+            phase = bench.phase(c, mix, tag=f"c{c}", profile=profile and c == 64)
+            out["phases"].append(phase)
+            print_phase(phase)
+        out["peak_rss_mb"] = round(sampler.peak / 2**20, 1)
+    finally:
+        sampler.stop()
+        service.stop()
+    out["storage"] = asyncio.run(storage(setup.dsn))
+    return out
+
+
+def print_phase(r: dict[str, Any]) -> None:
+    print(f"  c={r['concurrency']:<4} {r['rate']:>8.0f}/s  p50 {r['p50_ms']:.2f}  p95 {r['p95_ms']:.2f}"
+          f"  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  rss {r['peak_rss_mb']} MB"
+          f"  batch {r['pg']['mean_batch']}  cpu {r['cpu']}", file=sys.stderr, flush=True)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any]) -> str:
+    out = []
+    main = result["main"]
+    base = {(b["concurrency"], b["batch"]): b for b in result.get("baseline", [])}
+    rows = [["conc", "decisions/s", "p50 ms", "p95 ms", "p99 ms", "errors", "peak RSS MB", "mean batch",
+             "CPU svc/pg/wrk/other", "baseline row/s", "svc/row", "baseline batch/s", "svc/batch"]]
+    batch = result["args"]["baseline_batch"]
+    for r in main["phases"]:
+        row = base.get((r["concurrency"], 1))
+        bat = base.get((r["concurrency"], batch))
+        cpu = r["cpu"]
+        rows.append([str(r["concurrency"]), f"{r['rate']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}",
+                     f"{r['p99_ms']:.2f}", str(r["errors"]), f"{r['peak_rss_mb']:.0f}", str(r["pg"]["mean_batch"]),
+                     f"{cpu['service']}/{cpu['postgres']}/{cpu['loadgen']}/{cpu['other']}",
+                     f"{row['rows_per_s']:.0f}" if row else "-", f"{r['rate'] / row['rows_per_s']:.2f}" if row else "-",
+                     f"{bat['rows_per_s']:.0f}" if bat else "-", f"{r['rate'] / bat['rows_per_s']:.2f}" if bat else "-"])
+    out.append("Decisions (mix " + result["args"]["mix"] + " fresh-nonce:fresh-TOTP:replay:invalid)\n" + table(rows))
+    reasons = Counter[str]()
+    for r in main["phases"]:
+        reasons.update(r["reasons"])
+    out.append("Answers over all phases: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
+    if "healthz" in main:
+        h = main["healthz"]
+        out.append(f"wrk against GET /healthz at 64 connections: {h['rate']:.0f}/s, p99 {h['p99_ms']} ms,"
+                   f" CPU service {h['cpu']['service']} wrk {h['cpu']['loadgen']}")
+    if result.get("baseline"):
+        rows = [["conc", "conns", "rows/txn", "rows/s", "p50 ms", "p99 ms", "client CPU", "machine CPU"]]
+        for b in result["baseline"]:
+            rows.append([str(b["concurrency"]), str(b["connections"]), str(b["batch"]), f"{b['rows_per_s']:.0f}",
+                         f"{b['p50_ms']:.2f}", f"{b['p99_ms']:.2f}", str(b["client_cpu"]), str(b.get("machine_busy"))])
+        out.append("Baseline: ledger + uses insert through asyncpg, no HTTP\n" + table(rows))
+    if result.get("replay"):
+        rows = [["refused by", "conc", "rejects/s", "p50 ms", "p95 ms", "p99 ms", "errors", "CPU svc/pg/other",
+                 "ledger appends"]]
+        for r in result["replay"]:
+            rows.append([r["refused_by"], str(r["concurrency"]), f"{r['rate']:.0f}", f"{r['p50_ms']:.2f}",
+                         f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]),
+                         f"{r['cpu']['service']}/{r['cpu']['postgres']}/{r['cpu']['other']}", str(r["pg"]["ledger_appends"])])
+        out.append("Replay-only (every request a nonce consumed before)\n" + table(rows))
+    s = main["storage"]
+    out.append(f"Storage: {s['ledger_rows']} ledger rows, {s['uses_rows']} uses; "
+               f"{s['bytes_per_entry']} bytes per ledger entry (ledger {s['ledger_bytes_per_row']} B/row"
+               f" + uses {s['uses_bytes_per_row']} B/row, indexes and TOAST included)")
+    if result.get("seeded"):
+        sd = result["seeded"]
+        rows = [["conc", "empty dec/s", "seeded dec/s", "empty p99 ms", "seeded p99 ms",
+                 "empty rg_decide ms", "seeded rg_decide ms"]]
+        for a, b in zip(main["phases"], sd["phases"]):
+            rows.append([str(a["concurrency"]), f"{a['rate']:.0f}", f"{b['rate']:.0f}", f"{a['p99_ms']:.2f}",
+                         f"{b['p99_ms']:.2f}", str(a["pg"]["rg_decide_ms_per_call"]),
+                         str(b["pg"]["rg_decide_ms_per_call"])])
+        out.append(f"Growth: empty ledger vs {result['args']['seed_old']} old entries "
+                   f"(seeded in {sd['seed_s']:.0f} s; {sd['storage']['bytes_per_entry']} B/entry)\n" + table(rows))
+    spies = [r for r in main["phases"] if "py_spy" in r]
+    for r in spies:
+        p = r["py_spy"]
+        if "self_pct" in p:
+            out.append(f"py-spy at c={r['concurrency']} ({p['samples']} samples), top self time:\n" +
+                       "\n".join(f"  {pct:5.1f}%  {name}" for name, pct in p["self_pct"][:15]))
+    return "\n\n".join(out)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(3)
+    rev = commit()
+    result: dict[str, Any] = {
+        "commit": rev, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0]},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    work = Path(tempfile.mkdtemp(prefix="rg-bench-"))
+    made: list[str] = []
+    try:
+        setup, token, _ = prepare(args, "main", work)
+        made.append(setup.dsn)
+        print(f"benchmark {run_id} on {setup.dsn.rpartition('/')[2]}, commit {rev}, logs in {work}",
+              file=sys.stderr)
+        result["main"] = decision_phases(setup, token, run_id, profile=args.py_spy)
+        if not args.no_baseline:
+            result["baseline"] = run_baseline(setup.dsn, args)
+        if args.redis_url and not args.no_replay:
+            result["replay"] = replay_compare(setup, token, run_id)
+        if args.seed_old:
+            seeded, stoken, seed_s = prepare(args, "seeded", work, seed=args.seed_old)
+            made.append(seeded.dsn)
+            print(f"seeded {args.seed_old} old entries in {seed_s:.0f} s", file=sys.stderr)
+            result["seeded"] = {**decision_phases(seeded, stoken, run_id + "s", profile=False), "seed_s": seed_s}
+    finally:
+        for dsn in made:
+            asyncio.run(drop_database(args.pg_admin_url, dsn))
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = args.results_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{rev}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(report(result))
+    print(f"\nwritten {path}; service logs in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
