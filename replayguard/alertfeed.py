@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,8 @@ class AlertFeed:
         self._sinks_started = False
         self._last_finding: Finding | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_lead = 0.0
+        self._stopping = False
 
     # --- subscribers ----------------------------------------------------------------
 
@@ -137,15 +140,19 @@ class AlertFeed:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Python 3.11's wait_for can swallow a cancellation that races its timeout, so
+            # the loops also watch a flag, and the cancel is repeated until the task ends.
+            self._stopping = True
+            self._wake.set()
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
         self.close_subscribers()
         await self._stop_sinks()
 
     async def _run(self) -> None:
         delay = 0.1
-        while True:
+        while not self._stopping:
             try:
                 conn = await db.connect(self._rt.dsn)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
@@ -171,17 +178,23 @@ class AlertFeed:
         self._wake.set()
 
     async def _session(self, conn: asyncpg.Connection) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             await self._tail()
-            if not self.leader:
-                self.leader = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
-            else:
-                await conn.fetchval("SELECT 1")  # notices a lost connection, and the lock with it
-            if self.leader:
-                await self._lead()
+            if time.monotonic() - self._last_lead >= POLL_S:
+                # Leadership and its duties (checkpoints, sinks) are looked at once per
+                # POLL_S, not once per notification: a flood of alert joins must not cost
+                # every worker a round of queries each.
+                self._last_lead = time.monotonic()
+                if not self.leader:
+                    self.leader = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
+                else:
+                    await conn.fetchval("SELECT 1")  # notices a lost connection, and the lock with it
+                if self.leader:
+                    await self._lead()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_S)
+                async with asyncio.timeout(POLL_S):
+                    await self._wake.wait()
 
     # --- live fan-out ---------------------------------------------------------------
 
@@ -253,4 +266,5 @@ class AlertFeed:
                 " checkpoint_seq = greatest(checkpoint_seq, $2)",
                 alerts[-1]["change_seq"] if alerts else 0, checkpoints[-1]["seq"] if checkpoints else 0)
         if len(alerts) == PAGE or len(checkpoints) == PAGE:
+            self._last_lead = 0.0  # a backlog: feed the next page at once
             self._wake.set()

@@ -6,6 +6,7 @@ so both call the same services over the same pool.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +26,8 @@ from .settings import Settings
 from .tokens import TokenStore
 
 log = structlog.get_logger(__name__)
+
+SHUTDOWN_STEP_S = 10.0
 
 
 @dataclass
@@ -88,7 +91,19 @@ async def open_runtime(
     try:
         yield runtime
     finally:
-        await appender.close()
-        if hot is not None:
-            await hot.close()
-        await pool.close()
+        await _shutdown(appender, hot, pool)
+
+
+async def _shutdown(appender: Appender, hot: HotCache | None, pool: asyncpg.Pool) -> None:
+    """Closes in order, each step bounded: a stuck connection must not hang a shutdown."""
+    try:
+        await asyncio.wait_for(appender.close(), SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("shutdown_appender_timeout")
+    if hot is not None:
+        await hot.close()
+    try:
+        await asyncio.wait_for(pool.close(), SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("shutdown_pool_timeout")
+        pool.terminate()
