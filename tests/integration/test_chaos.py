@@ -364,9 +364,10 @@ async def test_redis_stopped_restarted_and_flushed_mid_load_never_changes_a_deci
 
 # --- (d) races across worker processes and instances -------------------------------------
 
-RACE_ROUNDS = 400
+RACE_ROUNDS = 920  # nonce rounds; with RACE_TOTPS TOTP rounds, a thousand in all
+RACE_TOTPS = 80
 RACERS = 8  # presentations of one credential per round: 4 to each instance
-RACE_PARALLEL = 4  # rounds in flight at once
+RACE_PARALLEL = 8  # rounds in flight at once
 
 
 async def _two_instances(tmp_path: Path, dsn: str, service_factory: Callable[..., Any]) -> tuple[
@@ -382,10 +383,12 @@ async def _two_instances(tmp_path: Path, dsn: str, service_factory: Callable[...
     return services, tokens
 
 
+@pytest.mark.timeout(300)
 async def test_one_credential_raced_across_workers_and_instances_is_accepted_once(
     tmp_path: Path, fresh_database: Callable[[], Any], service_factory: Callable[..., Any],
 ) -> None:
-    """400 nonces and 40 TOTP codes, each presented 8 times at once across 2 instances of 4 workers: one accept each."""
+    """A thousand credentials (920 nonces, 80 TOTP codes), each presented 8 times at once across
+    2 instances of 4 workers: exactly one accept each time."""
     dsn = await fresh_database()
     services, tokens = await _two_instances(tmp_path, dsn, service_factory)
     urls = [s.url for s in services]
@@ -405,12 +408,12 @@ async def test_one_credential_raced_across_workers_and_instances_is_accepted_onc
                     for r in range(RACE_ROUNDS // RACE_PARALLEL)]
 
         lanes = await asyncio.gather(*(nonce_rounds(lane) for lane in range(RACE_PARALLEL)))
-        totps = await _enroll(session, urls[0], tokens["admin"], 40)
+        totps = await _enroll(session, urls[0], tokens["admin"], RACE_TOTPS)
         now = time.time()
         otp_rounds = await asyncio.gather(*(
             race("/v1/otp/verify", {"principal": t.principal, "otp": pyotp.TOTP(t.secret).at(now)}) for t in totps))
     rounds = [r for lane in lanes for r in lane] + list(otp_rounds)
-    assert len(rounds) == RACE_ROUNDS + 40
+    assert len(rounds) == RACE_ROUNDS + RACE_TOTPS == 1000
     for decisions in rounds:
         assert decisions.count("accept") == 1, decisions
     await verify_chain(dsn)
