@@ -101,9 +101,13 @@ BEGIN
                 jsonb_build_object('high_water_us', v_floor, 'now_us', v_ts));
         END IF;
 
-        INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (v_vm, v_ts, v_ts)
-            ON CONFLICT (vm_id) DO NOTHING;
-        SELECT * INTO v_vmrow FROM vms WHERE vm_id = v_vm FOR UPDATE;
+        -- Every writer of vms and principals holds the ledger head lock (taken above), so
+        -- plain reads suffice here: no row lock, no write until there is something to write.
+        SELECT * INTO v_vmrow FROM vms WHERE vm_id = v_vm;
+        IF NOT FOUND THEN
+            INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (v_vm, v_ts, v_ts)
+                RETURNING * INTO v_vmrow;
+        END IF;
 
         -- 1. State continuity (skipped for deferred hot-cache records).
         IF NOT coalesce((it->>'hot')::boolean, false) THEN
@@ -160,14 +164,14 @@ BEGIN
                 SELECT * INTO v_use FROM uses WHERE digest = v_digest;
             END IF;
         ELSE
-            INSERT INTO principals (name) VALUES (v_sub) ON CONFLICT (name) DO NOTHING;
-            SELECT locked_until_us INTO v_locked FROM principals WHERE name = v_sub FOR UPDATE;
+            SELECT locked_until_us INTO v_locked FROM principals WHERE name = v_sub;
             IF v_locked > v_ts THEN
                 v_reason := 'locked_out';
             ELSIF jsonb_array_length(coalesce(it->'steps', '[]'::jsonb)) = 0 THEN
                 v_reason := 'invalid';
-                UPDATE principals SET fail_count = fail_count + 1 WHERE name = v_sub
-                    RETURNING fail_count INTO v_fails;
+                INSERT INTO principals AS pr (name, fail_count) VALUES (v_sub, 1)
+                    ON CONFLICT (name) DO UPDATE SET fail_count = pr.fail_count + 1
+                    RETURNING pr.fail_count INTO v_fails;
                 IF v_fails >= p_lock_threshold THEN
                     v_locked := v_ts + p_lock_period_us;
                     UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = v_sub;
