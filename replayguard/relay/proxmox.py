@@ -16,7 +16,8 @@ unknown snapshot opens the widest window, which is the safe side.
 Each record is written to the spool (fsynced) before its UPID enters the cursor, and the
 cursor (``proxmox-cursor.json``) is written atomically after, so a crash re-posts at
 worst, and re-posting a UPID is idempotent on the service. The pure parts (cursor,
-task selection, record building) are plain functions; I/O is at the bottom.
+task selection, record building) are in ``proxmox_tasks.py``, the lookups in
+``proxmox_lookup.py``, the spool and delivery in ``spool.py``; this module polls and runs.
 """
 
 from __future__ import annotations
@@ -24,28 +25,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
-from urllib.parse import quote
 
 import aiohttp
 import orjson
 import structlog
 
-from ..core.events import MalformedPayload
 from ..errors import ConfigError
-from ..hypervisors.proxmox import TASK_TYPES, Upid, decode_upid
 from ..settings import Secret
 from .cli import (
     _Parser,
@@ -56,335 +51,45 @@ from .cli import (
     configure_logging,
     prepare_spool,
 )
-from .libvirt_relay import Outcome, Spool, atomic_write, backoff_delay, classify_status
+from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record
+from .proxmox_tasks import (
+    CURSOR_FILE,
+    MOVES_PARENT,
+    RECORD_FIELDS,
+    Cursor,
+    Task,
+    clone_target,
+    due,
+    parent_may_have_moved,
+    read_tasks,
+    snapshot_fields,
+    task_record,
+)
+from .spool import (
+    Answer,
+    Post,
+    Retry,
+    Spool,
+    atomic_write,
+    backoff_delay,
+    deliver_file,
+    drain,
+    post_json,
+)
+from .tasks import until_first_done
+
+__all__ = [
+    "CURSOR_FILE", "EVENTS_PATH", "EX_TEMPFAIL", "MOVES_PARENT", "RECORD_FIELDS",
+    "Answer", "ApiLookup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
+    "PveshLookup", "Retry", "Task", "build_record", "clone_target", "deliver_file", "drain",
+    "due", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
+    "post_json", "read_tasks", "run_poller", "snapshot_fields", "task_record",
+]  # fmt: skip
 
 EVENTS_PATH = "/v1/hypervisor/events?source=proxmox"
-CURSOR_FILE = "proxmox-cursor.json"
-RECORD_FIELDS = ("upid", "node", "pid", "pstart", "starttime", "type", "id", "user", "status", "endtime")
-# Tasks after which a VM's current.parent may no longer be the snapshot a rollback went to.
-MOVES_PARENT = frozenset({"qmsnapshot", "qmrollback", "qmdelsnapshot", "qmrestore"})
-_WARNINGS = re.compile(r"WARNINGS: [0-9]+")
-_DISK = re.compile(r"\b(?:vm|base)-([1-9][0-9]{2,8})-(?:disk|cloudinit|state)\b")
+Outbox = Spool  # the name importers of this module know the spool by
 
 log = structlog.get_logger("replayguard.relay.proxmox")
-
-
-# ---------------------------------------------------------------- pure: tasks and cursor
-
-
-class Task(NamedTuple):
-    """One entry of the cluster task list with its decoded UPID."""
-
-    upid: Upid
-    raw: Mapping[str, Any]
-
-    @property
-    def finished(self) -> bool:
-        return self.raw.get("endtime") is not None
-
-    @property
-    def succeeded(self) -> bool:
-        """OK or ``WARNINGS: n``, as ``PVE::Tools::upid_status_is_error`` sees it."""
-        status = self.raw.get("status")
-        return status == "OK" or (isinstance(status, str) and bool(_WARNINGS.fullmatch(status)))
-
-    @property
-    def forwarded(self) -> bool:
-        return self.upid.type in TASK_TYPES and self.succeeded
-
-
-def read_tasks(listing: object) -> list[Task]:
-    """Entries with a valid UPID from ``pvesh`` output (a list) or the API's ``{"data": [...]}``."""
-    if isinstance(listing, dict):
-        listing = listing.get("data")
-    if not isinstance(listing, list):
-        raise TypeError("a task list is a JSON array (or an object with 'data')")
-    tasks = []
-    for entry in listing:
-        if isinstance(entry, dict):
-            with contextlib.suppress(MalformedPayload):
-                tasks.append(Task(decode_upid(entry.get("upid")), entry))
-    return tasks
-
-
-@dataclass
-class Cursor:
-    """UPIDs already handled (→ their start time), so each finished task is posted once."""
-
-    seen: dict[str, int] = field(default_factory=dict)
-
-    def __contains__(self, upid: str) -> bool:
-        return upid in self.seen
-
-    def add(self, task: Task) -> None:
-        self.seen[task.upid.text] = task.upid.starttime
-
-    def prune(self, listed: Iterable[str], before: int) -> None:
-        """Forget UPIDs older than ``before`` that PVE no longer lists: they cannot return."""
-        keep = set(listed)
-        self.seen = {u: t for u, t in self.seen.items() if t >= before or u in keep}
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"seen": self.seen}, option=orjson.OPT_SORT_KEYS)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Cursor:
-        """Inverse of ``to_json``; an unreadable cursor raises, never silently re-posts all."""
-        try:
-            seen = orjson.loads(data)["seen"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"unreadable {CURSOR_FILE}: {type(exc).__name__}") from exc
-        if not isinstance(seen, dict) or not all(isinstance(v, int) for v in seen.values()):
-            raise ValueError(f"{CURSOR_FILE}: 'seen' must map UPIDs to start times")
-        return cls(dict(seen))
-
-
-def due(tasks: Sequence[Task], cursor: Cursor) -> list[Task]:
-    """Finished tasks not handled yet, oldest end first (running ones wait for a later poll)."""
-    fresh = [t for t in tasks if t.finished and t.upid.text not in cursor]
-    return sorted(fresh, key=lambda t: (t.raw.get("endtime") or 0, t.upid.text))
-
-
-def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:
-    """A later (or still running) task on the same VM may have changed ``current.parent``."""
-    return any(
-        other.upid.id == task.upid.id and other.upid.type in MOVES_PARENT
-        and other.upid.starttime >= task.upid.starttime and other.upid.text != task.upid.text
-        for other in tasks
-    )
-
-
-def snapshot_fields(task: Task, snapshots: object, moved: bool) -> dict[str, Any]:
-    """``snapshot`` and ``snapshot_created_at`` of a qmsnapshot/qmrollback, as far as known.
-
-    qmsnapshot: the one snapshot whose ``snaptime`` falls inside the task. qmrollback: the
-    ``parent`` of the pseudo-snapshot ``current``, unless ``moved``.
-    """
-    if not isinstance(snapshots, list):
-        return {}
-    named = {s["name"]: s for s in snapshots if isinstance(s, dict) and isinstance(s.get("name"), str)}
-    if task.upid.type == "qmsnapshot":
-        end = task.raw.get("endtime")
-        inside = [s for n, s in named.items() if n != "current" and isinstance(s.get("snaptime"), int)
-                  and isinstance(end, int) and task.upid.starttime <= s["snaptime"] <= end]
-        chosen = inside[0] if len(inside) == 1 else None
-    elif task.upid.type == "qmrollback" and not moved:
-        parent = (named.get("current") or {}).get("parent")
-        chosen = named.get(parent) if isinstance(parent, str) and parent != "current" else None
-    else:
-        chosen = None
-    if chosen is None:
-        return {}
-    when = chosen.get("snaptime")
-    return {"snapshot": chosen["name"], **({"snapshot_created_at": when} if isinstance(when, int) else {})}
-
-
-def clone_target(task_log: object, source_vmid: str) -> int | None:
-    """The new VM of a qmclone, from the disk volume names its task log prints."""
-    if isinstance(task_log, dict):
-        task_log = task_log.get("data")
-    if not isinstance(task_log, list):
-        return None
-    found = {m for line in task_log if isinstance(line, dict) and isinstance(line.get("t"), str)
-             for m in _DISK.findall(line["t"])} - {source_vmid}
-    return int(found.pop()) if len(found) == 1 else None
-
-
-def task_record(task: Task, cluster: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The body posted for one task: PVE's own fields, then ours."""
-    record = {k: task.raw[k] for k in RECORD_FIELDS if task.raw.get(k) is not None}
-    if cluster is not None:
-        record["cluster"] = cluster
-    return {**record, **extra}
-
-
-# ---------------------------------------------------------------- lookups
-
-
-class Lookup(Protocol):
-    """Where the poller reads what the task list leaves out; None when it cannot."""
-
-    async def snapshots(self, node: str, vmid: str) -> object | None: ...
-    async def task_log(self, node: str, upid: str) -> object | None: ...
-
-
-class NoLookup:
-    async def snapshots(self, node: str, vmid: str) -> object | None:
-        return None
-
-    async def task_log(self, node: str, upid: str) -> object | None:
-        return None
-
-
-def _node_path(node: str, rest: str) -> str:
-    return f"/nodes/{quote(node, safe='')}/{rest}"
-
-
-class ApiLookup:
-    """PVE's REST API with an API token (``PVEAPIToken=USER@REALM!TOKENID=SECRET``)."""
-
-    def __init__(self, session: aiohttp.ClientSession, api_url: str, token: Secret,
-                 tls: ssl.SSLContext | bool = True) -> None:
-        self.session, self.base, self.token, self.tls = session, api_url.rstrip("/") + "/api2/json", token, tls
-
-    async def get(self, path: str) -> object:
-        """The ``data`` of one API path, as ``pvesh`` would print it; aiohttp.ClientError on failure."""
-        headers = {"Authorization": f"PVEAPIToken={self.token.reveal()}"}
-        async with self.session.get(self.base + path, headers=headers, ssl=self.tls) as resp:
-            resp.raise_for_status()
-            body = orjson.loads(await resp.read())
-        return body.get("data") if isinstance(body, dict) else body
-
-    async def _lookup(self, path: str) -> object | None:
-        try:
-            return await self.get(path)
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
-            log.warning("proxmox_lookup_failed", path=path, error=type(exc).__name__)
-            return None
-
-    async def snapshots(self, node: str, vmid: str) -> object | None:
-        return await self._lookup(_node_path(node, f"qemu/{quote(vmid, safe='')}/snapshot"))
-
-    async def task_log(self, node: str, upid: str) -> object | None:
-        return await self._lookup(_node_path(node, f"tasks/{quote(upid, safe='')}/log?limit=500"))
-
-
-class PveshLookup:
-    """``pvesh get`` on a cluster node (cron or hookscript use, as root)."""
-
-    timeout = 30.0
-
-    async def _pvesh(self, path: str) -> object | None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                "pvesh", "get", path, "--output-format", "json",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        except OSError as exc:
-            log.warning("proxmox_lookup_failed", path=path, error=type(exc).__name__)
-            return None
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout)
-            return orjson.loads(out) if proc.returncode == 0 else None
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        except orjson.JSONDecodeError:
-            pass
-        log.warning("proxmox_lookup_failed", path=path, returncode=proc.returncode)
-        return None
-
-    async def snapshots(self, node: str, vmid: str) -> object | None:
-        return await self._pvesh(_node_path(node, f"qemu/{vmid}/snapshot"))
-
-    async def task_log(self, node: str, upid: str) -> object | None:
-        return await self._pvesh(_node_path(node, f"tasks/{upid}/log"))
-
-
-async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluster: str | None) -> dict[str, Any]:
-    """One task's record with whatever the lookups can add."""
-    extra: dict[str, Any] = {}
-    if task.upid.type in ("qmsnapshot", "qmrollback"):
-        snaps = await lookup.snapshots(task.upid.node, task.upid.id)
-        extra = snapshot_fields(task, snaps, parent_may_have_moved(task, tasks))
-    elif task.upid.type == "qmclone":
-        target = clone_target(await lookup.task_log(task.upid.node, task.upid.text), task.upid.id)
-        if target is not None:
-            extra = {"target_vmid": target}
-    return task_record(task, cluster, extra)
-
-
-# ---------------------------------------------------------------- the outbox
-
-
-class Outbox(Spool):
-    """The libvirt relay's spool, for bodies whose id is not called ``event_id``."""
-
-    def put_bytes(self, key: str, data: bytes) -> Path:
-        path = self.root / f"evt-{time.time_ns():020d}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        atomic_write(path, data)
-        return path
-
-
-class Answer(NamedTuple):
-    status: int | None  # None: no answer at all
-    body: Any
-
-
-Post = Callable[[bytes], Awaitable[Answer]]
-
-
-async def post_json(session: aiohttp.ClientSession, url: str, token: Secret, data: bytes) -> Answer:
-    """POST one body with the hypervisor token; the service's answer, or no answer."""
-    headers = {"Authorization": f"Bearer {token.reveal()}", "Content-Type": "application/json"}
-    try:
-        async with session.post(url, data=data, headers=headers, allow_redirects=False) as resp:
-            raw = await resp.read()
-    except (TimeoutError, aiohttp.ClientError):
-        return Answer(None, None)
-    try:
-        return Answer(resp.status, orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        return Answer(resp.status, None)
-
-
-async def deliver_file(outbox: Outbox, path: Path, post: Post, id_key: str) -> tuple[Outcome, Answer]:
-    """Send one spooled body; remove it when delivered, park it in dead/ when refused."""
-    try:
-        data = path.read_bytes()
-        event_id = orjson.loads(data)[id_key]
-    except FileNotFoundError:
-        return Outcome.DELIVERED, Answer(None, None)
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        log.error("spool_file_corrupt", file=path.name)
-        outbox.bury(path)
-        return Outcome.DEAD, Answer(None, None)
-    answer = await post(data)
-    outcome = classify_status(answer.status)
-    if outcome is Outcome.DELIVERED:
-        outbox.remove(path)
-        log.info("event_delivered", event_id=event_id, status=answer.status)
-    elif outcome is Outcome.DEAD:
-        outbox.bury(path)
-        log.error("event_rejected", event_id=event_id, status=answer.status, moved_to="dead/")
-    else:
-        log.warning("event_delivery_failed", event_id=event_id, status=answer.status)
-    return outcome, answer
-
-
-@dataclass
-class Retry:
-    """How to back off; ``attempts`` None retries forever."""
-
-    attempts: int | None = None
-    base: float = 0.5
-    rand: Callable[[], float] = random.random
-
-
-async def drain(outbox: Outbox, post: Post, id_key: str, retry: Retry,
-                wake: asyncio.Event | None = None) -> int:
-    """Send the spool oldest first; returns how many remain once ``retry.attempts`` is spent.
-
-    With ``wake``, it never returns: an empty spool waits for the next ``wake``.
-    """
-    attempt = 0
-    while True:
-        batch = outbox.pending()
-        if not batch:
-            if wake is None:
-                return 0
-            wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=1.0)
-            continue
-        for path in batch:
-            outcome, _ = await deliver_file(outbox, path, post, id_key)
-            if outcome is Outcome.RETRY:
-                if retry.attempts is not None and attempt + 1 >= retry.attempts:
-                    return len(outbox.pending())
-                await asyncio.sleep(backoff_delay(attempt, retry.rand(), base=retry.base))
-                attempt += 1
-                break
-            attempt = 0
 
 
 # ---------------------------------------------------------------- one poll
@@ -397,7 +102,7 @@ def load_cursor(state_dir: Path) -> Cursor:
         return Cursor()
 
 
-async def poll_once(listing: object, *, state_dir: Path, outbox: Outbox, lookup: Lookup,
+async def poll_once(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
                     cluster: str | None, now: float, retention_s: int) -> int:
     """Spool the records of the tasks not handled yet, then advance the cursor; returns how many."""
     tasks = read_tasks(listing)
@@ -450,7 +155,7 @@ def _lookup(config: PollerConfig, api: ApiLookup | None) -> Lookup:
 async def run_poller(config: PollerConfig, listing: object | None = None,
                      stop: asyncio.Event | None = None) -> int:
     """Poll once (``listing`` given, or ``once``) or until ``stop``; returns the exit status."""
-    outbox = Outbox(config.spool_dir)
+    outbox = Spool(config.spool_dir)
     url = config.service_url.rstrip("/") + EVENTS_PATH
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         api = None
@@ -468,21 +173,12 @@ async def run_poller(config: PollerConfig, listing: object | None = None,
             return 0 if polled and remaining == 0 else EX_TEMPFAIL
         stop = stop or asyncio.Event()
         wake = asyncio.Event()
-        tasks = [asyncio.create_task(drain(outbox, post, "upid", retry, wake)),
-                 asyncio.create_task(_poll_forever(config, api, outbox, wake, stop))]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            if (exc := task.exception()) is not None:
-                raise exc
+        await until_first_done(drain(outbox, post, "upid", retry, wake),
+                               _poll_forever(config, api, outbox, wake, stop))  # fmt: skip
     return 0
 
 
-async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Outbox, listing: object | None) -> bool:
+async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, listing: object | None) -> bool:
     """One poll; False when the task list could not be read (logged)."""
     try:
         if listing is None:
@@ -499,7 +195,7 @@ async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Outbox, lis
     return True
 
 
-async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Outbox,
+async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spool,
                         wake: asyncio.Event, stop: asyncio.Event) -> None:
     attempt = 0
     while not stop.is_set():

@@ -44,8 +44,16 @@ from .cli import (
     configure_logging,
     prepare_spool,
 )
-from .libvirt_relay import Outcome, classify_status
-from .proxmox import Answer, Outbox, Post, Retry, drain, post_json
+from .spool import (
+    Answer,
+    Outcome,
+    Post,
+    Retry,
+    Spool,
+    classify_status,
+    drain,
+    post_json,
+)
 
 EVENTS_PATH = "/v1/hypervisor/events?source=vsphere"
 STRUCTURED = "application/cloudevents+json"
@@ -129,7 +137,7 @@ class ForwarderConfig:
 class Forwarder:
     """Posts one event now; keeps it in the outbox when the service cannot take it yet."""
 
-    outbox: Outbox
+    outbox: Spool
     post: Post
     wake: asyncio.Event
 
@@ -184,7 +192,7 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         async def post(data: bytes) -> Answer:
             return await post_json(session, url, config.token, data)
 
-        forwarder = Forwarder(Outbox(config.spool_dir), post, asyncio.Event())
+        forwarder = Forwarder(Spool(config.spool_dir), post, asyncio.Event())
         app[FORWARDER] = forwarder
         task = asyncio.create_task(drain(forwarder.outbox, post, "id", Retry(base=config.retry_base),
                                          forwarder.wake))

@@ -1,0 +1,237 @@
+"""What the libvirt relay posts: event ids, bodies and snapshot diffing, as pure functions.
+
+libvirt tells a watcher about lifecycle changes (a revert shows as STOPPED/STARTED with a
+FROM_SNAPSHOT detail) but says nothing when a snapshot is created or deleted, and an
+in-place revert of a running QEMU guest can emit no event at all. So the relay also polls
+every domain's snapshot list and current snapshot; this module turns two polls into
+``snapshot_created``, ``snapshot_deleted`` and ``silent_revert`` changes (the current
+snapshot moved to another existing one with no FROM_SNAPSHOT event seen), and gives every
+event an id and a body. No libvirt, no I/O, no clock: times are parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..settings import Secret
+
+SOURCE = "libvirt"
+SYNTHETIC = -1  # "event"/"detail" of events libvirt never emitted (found by polling)
+MAX_EVENT_ID = 256  # CONTRACT §3: identifiers are 1–256 printable characters
+# (virDomainEventType, detail) pairs that mean "this happened because of a snapshot":
+# RESUMED/FROM_SNAPSHOT, STARTED/FROM_SNAPSHOT, SUSPENDED/FROM_SNAPSHOT, STOPPED/FROM_SNAPSHOT.
+FROM_SNAPSHOT = frozenset({(4, 2), (2, 3), (3, 5), (5, 6)})
+
+
+class Kind(str, enum.Enum):
+    LIFECYCLE = "lifecycle"
+    SNAPSHOT_CREATED = "snapshot_created"
+    SNAPSHOT_DELETED = "snapshot_deleted"
+    SILENT_REVERT = "silent_revert"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    uri: str
+    service_url: str
+    token: Secret
+    spool_dir: Path
+    poll_interval: float = 5.0
+    host: str = "localhost"
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    name: str
+    creation_time: int | None
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """What one poll saw of one domain: snapshot name → creation time, and the current one."""
+
+    uuid: str
+    name: str
+    snapshots: Mapping[str, int | None]
+    current: str | None
+
+
+@dataclass(frozen=True)
+class SnapshotChange:
+    kind: Kind
+    snapshot: SnapshotRef
+    previous: str | None = None  # silent_revert: the snapshot that was current before
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds as the RFC 3339 UTC string the service expects."""
+    stamp = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def make_event_id(*parts: object) -> str:
+    """Join the parts with ':'; hash the tail when the id would break the contract's limits.
+
+    Snapshot names are chosen by users, so they may be long or hold odd characters; the
+    hash keeps the id unique and stable while the prefix stays readable.
+    """
+    raw = ":".join(str(p) for p in parts)
+    if len(raw) <= MAX_EVENT_ID and raw.isprintable():
+        return raw
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    readable = "".join(c if c.isprintable() else "?" for c in raw)
+    return f"{readable[: MAX_EVENT_ID - len(digest) - 1]}~{digest}"
+
+
+def is_from_snapshot(event: int, detail: int) -> bool:
+    """True for lifecycle events libvirt attributes to a snapshot revert."""
+    return (event, detail) in FROM_SNAPSHOT
+
+
+def lifecycle_event_id(host: str, uuid: str, event: int, detail: int, boot_id: str, n: int) -> str:
+    """Id of a lifecycle event: the relay's boot id and a counter make it unique forever."""
+    return make_event_id(host, uuid, Kind.LIFECYCLE.value, event, detail, f"{boot_id}.{n}")
+
+
+def change_event_id(host: str, uuid: str, change: SnapshotChange, observed_at: float) -> str:
+    """Id of a polled change; creation/deletion ids are pure functions of the snapshot.
+
+    So a relay that restarts without its poll state and re-announces every snapshot
+    produces the same ids and the service answers ``duplicate``.
+    """
+    snap = f"{change.snapshot.name}@{change.snapshot.creation_time}"
+    if change.kind is Kind.SILENT_REVERT:
+        snap = f"{snap}:from={change.previous}:at={int(observed_at)}"
+    return make_event_id(host, uuid, change.kind.value, SYNTHETIC, SYNTHETIC, snap)
+
+
+def _snapshot_json(snapshot: SnapshotRef | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    return {"name": snapshot.name, "creation_time": snapshot.creation_time}
+
+
+def event_body(
+    *,
+    event_id: str,
+    uri: str,
+    host: str,
+    domain: tuple[str, str],
+    kind: Kind,
+    event: int,
+    detail: int,
+    occurred_at: float,
+    snapshot: SnapshotRef | None,
+) -> dict[str, Any]:
+    """The JSON the relay posts; ``domain`` is (name, uuid)."""
+    return {
+        "source": SOURCE,
+        "event_id": event_id,
+        "uri": uri,
+        "host": host,
+        "domain": {"name": domain[0], "uuid": domain[1]},
+        "event": event,
+        "detail": detail,
+        "occurred_at": rfc3339(occurred_at),
+        "snapshot": _snapshot_json(snapshot),
+        "kind": kind.value,
+    }
+
+
+def change_body(
+    *, uri: str, host: str, view: DomainView, change: SnapshotChange, observed_at: float
+) -> dict[str, Any]:
+    """Body of a polled change; a creation happened at the snapshot's own creation time."""
+    occurred = observed_at
+    if change.kind is Kind.SNAPSHOT_CREATED and change.snapshot.creation_time is not None:
+        occurred = float(change.snapshot.creation_time)
+    return event_body(
+        event_id=change_event_id(host, view.uuid, change, observed_at),
+        uri=uri,
+        host=host,
+        domain=(view.name, view.uuid),
+        kind=change.kind,
+        event=SYNTHETIC,
+        detail=SYNTHETIC,
+        occurred_at=occurred,
+        snapshot=change.snapshot,
+    )
+
+
+def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
+    """The current snapshot moved to one that already existed, and not by a deletion.
+
+    A newly created snapshot becoming current is a creation, and deleting the current
+    snapshot may make its parent current: neither is a revert.
+    """
+    target = cur.current
+    if target is None or target == prev.current or target not in prev.snapshots:
+        return False
+    return prev.current is None or prev.current in cur.snapshots
+
+
+def diff_domain(prev: DomainView | None, cur: DomainView, lifecycle_seen: bool) -> list[SnapshotChange]:
+    """Changes between two polls of one domain, creations oldest first.
+
+    ``lifecycle_seen``: a FROM_SNAPSHOT lifecycle event arrived for the domain since the
+    previous poll, so a move of the current snapshot is already reported. With no
+    previous poll nothing can be called a revert.
+    """
+    before: Mapping[str, int | None] = prev.snapshots if prev is not None else {}
+    created = sorted(
+        (SnapshotRef(n, t) for n, t in cur.snapshots.items() if n not in before),
+        key=lambda s: (s.creation_time or 0, s.name),
+    )
+    changes = [SnapshotChange(Kind.SNAPSHOT_CREATED, s) for s in created]
+    changes += [
+        SnapshotChange(Kind.SNAPSHOT_DELETED, SnapshotRef(n, t))
+        for n, t in sorted(before.items())
+        if n not in cur.snapshots
+    ]
+    if prev is not None and not lifecycle_seen and is_silent_revert(prev, cur):
+        assert cur.current is not None
+        target = SnapshotRef(cur.current, cur.snapshots[cur.current])
+        changes.append(SnapshotChange(Kind.SILENT_REVERT, target, previous=prev.current))
+    return changes
+
+
+def parse_creation_time(xml: str) -> int | None:
+    """``<creationTime>`` of a snapshot's XML: the T of the rollback window."""
+    try:
+        text = ET.fromstring(xml).findtext("creationTime")
+        return int(text.strip()) if text else None
+    except (ET.ParseError, ValueError):
+        return None
+
+def views_to_json(views: Mapping[str, DomainView]) -> bytes:
+    """Poll state as bytes, so a restarted relay still knows the last current snapshot."""
+    return orjson.dumps(
+        {
+            u: {"name": v.name, "snapshots": dict(v.snapshots), "current": v.current}
+            for u, v in sorted(views.items())
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+
+
+def views_from_json(data: bytes) -> dict[str, DomainView]:
+    """Inverse of ``views_to_json``; unreadable state is forgotten, not fatal."""
+    try:
+        raw = orjson.loads(data)
+        return {
+            u: DomainView(u, v["name"], dict(v["snapshots"]), v["current"]) for u, v in raw.items()
+        }
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return {}

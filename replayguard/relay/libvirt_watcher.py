@@ -1,0 +1,155 @@
+"""The libvirt side of the relay: one read-only connection, its callbacks and snapshot reads.
+
+libvirt is imported only here and in the runner, inside functions, so the rest of the
+relay (and its tests) never need the bindings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .libvirt_events import (
+    DomainView,
+    RelayConfig,
+    SnapshotRef,
+    is_from_snapshot,
+    lifecycle_event_id,
+    parse_creation_time,
+)
+from .spool import Spool
+
+log = structlog.get_logger("replayguard.relay.libvirt")
+
+
+@dataclass
+class Pending:
+    """A lifecycle event as the callback saw it, id already fixed, snapshot not yet read."""
+
+    event_id: str
+    dom: Any
+    event: int
+    detail: int
+    occurred_at: float
+
+
+@dataclass
+class RelayState:
+    """State shared by the relay's tasks across libvirt reconnections."""
+
+    config: RelayConfig
+    spool: Spool
+    wake: asyncio.Event
+    boot_id: str
+    state: dict[str, DomainView]
+    lifecycle: asyncio.Queue[Pending] = field(default_factory=asyncio.Queue)
+    counter: int = 0
+
+    def spool_event(self, body: Mapping[str, Any]) -> None:
+        self.spool.put(body)
+        self.wake.set()
+        log.info("event_spooled", event_id=body["event_id"], kind=body["kind"])
+
+
+class Watcher:
+    """One libvirt connection: the lifecycle and close callbacks, and snapshot reads.
+
+    Every call happens on the event-loop thread: libvirtaio is not thread-safe, and a
+    short blocking RPC on a local socket is cheaper than the hazards of threads.
+    """
+
+    def __init__(self, relay: RelayState) -> None:
+        import libvirt
+
+        self.relay = relay
+        self.closed = asyncio.Event()
+        self.from_snapshot_seen: dict[str, float] = {}
+        self.ctimes: dict[tuple[str, str], int | None] = {}
+        # Read-only: the relay only watches, and a read-write libvirt socket is root-equivalent.
+        self.conn = libvirt.openReadOnly(relay.config.uri)
+        with contextlib.suppress(libvirt.libvirtError):  # local drivers have no keepalive
+            self.conn.setKeepAlive(5, 3)
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.registerCloseCallback(self._on_close, None)
+        try:
+            self.callback_id = self.conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+        except libvirt.libvirtError:
+            self.conn.close()
+            raise
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        log.warning("libvirt_connection_closed", reason=reason)
+        self.closed.set()
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        relay = self.relay
+        uuid = dom.UUIDString()
+        if is_from_snapshot(event, detail):
+            self.from_snapshot_seen[uuid] = time.monotonic()
+        relay.counter += 1
+        event_id = lifecycle_event_id(
+            relay.config.host, uuid, event, detail, relay.boot_id, relay.counter
+        )
+        relay.lifecycle.put_nowait(Pending(event_id, dom, event, detail, time.time()))
+
+    def close(self) -> None:
+        import libvirt
+
+        for step in (
+            lambda: self.conn.domainEventDeregisterAny(self.callback_id),
+            self.conn.unregisterCloseCallback,
+            self.conn.close,
+        ):
+            with contextlib.suppress(libvirt.libvirtError):
+                step()
+
+    def creation_time(self, uuid: str, snap: Any, *, fresh: bool = False) -> int | None:
+        key = (uuid, snap.getName())
+        if fresh or key not in self.ctimes:
+            self.ctimes[key] = parse_creation_time(snap.getXMLDesc(0))
+        return self.ctimes[key]
+
+    def current_snapshot(self, dom: Any) -> SnapshotRef | None:
+        """The domain's current snapshot, read now (after a FROM_SNAPSHOT event)."""
+        import libvirt
+
+        try:
+            if not dom.hasCurrentSnapshot(0):
+                return None
+            snap = dom.snapshotCurrent(0)
+            return SnapshotRef(snap.getName(), self.creation_time(dom.UUIDString(), snap, fresh=True))
+        except libvirt.libvirtError as exc:
+            log.warning("current_snapshot_unreadable", domain=dom.name(), error=str(exc))
+            return None
+
+    def read_views(self) -> dict[str, DomainView]:
+        """One poll: every domain's snapshots and current snapshot."""
+        import libvirt
+
+        views: dict[str, DomainView] = {}
+        for dom in self.conn.listAllDomains(0):
+            try:
+                view = self._view(dom)
+            except libvirt.libvirtError as exc:
+                if self.conn.isAlive() != 1:
+                    raise
+                log.warning("domain_unreadable", domain=dom.name(), error=str(exc))
+                continue
+            views[view.uuid] = view
+        return views
+
+    def _view(self, dom: Any) -> DomainView:
+        uuid = dom.UUIDString()
+        snaps = {s.getName(): self.creation_time(uuid, s) for s in dom.listAllSnapshots(0)}
+        for key in [k for k in self.ctimes if k[0] == uuid and k[1] not in snaps]:
+            del self.ctimes[key]  # a later snapshot of the same name has its own time
+        current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
+        return DomainView(uuid, dom.name(), snaps, current)

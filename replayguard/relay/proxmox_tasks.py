@@ -1,0 +1,152 @@
+"""Proxmox VE's cluster task list as values: which tasks to post, and the record of each.
+
+Pure functions over the JSON ``pvesh get /cluster/tasks`` prints (or the API's
+``{"data": [...]}``): the UPID cursor that makes each finished task posted once, the
+selection of due tasks, and the snapshot and clone fields the lookups' answers add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+
+from ..core.events import MalformedPayload
+from ..hypervisors.proxmox import TASK_TYPES, Upid, decode_upid
+
+CURSOR_FILE = "proxmox-cursor.json"
+RECORD_FIELDS = ("upid", "node", "pid", "pstart", "starttime", "type", "id", "user", "status", "endtime")
+# Tasks after which a VM's current.parent may no longer be the snapshot a rollback went to.
+MOVES_PARENT = frozenset({"qmsnapshot", "qmrollback", "qmdelsnapshot", "qmrestore"})
+_WARNINGS = re.compile(r"WARNINGS: [0-9]+")
+_DISK = re.compile(r"\b(?:vm|base)-([1-9][0-9]{2,8})-(?:disk|cloudinit|state)\b")
+
+
+class Task(NamedTuple):
+    """One entry of the cluster task list with its decoded UPID."""
+
+    upid: Upid
+    raw: Mapping[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.raw.get("endtime") is not None
+
+    @property
+    def succeeded(self) -> bool:
+        """OK or ``WARNINGS: n``, as ``PVE::Tools::upid_status_is_error`` sees it."""
+        status = self.raw.get("status")
+        return status == "OK" or (isinstance(status, str) and bool(_WARNINGS.fullmatch(status)))
+
+    @property
+    def forwarded(self) -> bool:
+        return self.upid.type in TASK_TYPES and self.succeeded
+
+
+def read_tasks(listing: object) -> list[Task]:
+    """Entries with a valid UPID from ``pvesh`` output (a list) or the API's ``{"data": [...]}``."""
+    if isinstance(listing, dict):
+        listing = listing.get("data")
+    if not isinstance(listing, list):
+        raise TypeError("a task list is a JSON array (or an object with 'data')")
+    tasks = []
+    for entry in listing:
+        if isinstance(entry, dict):
+            with contextlib.suppress(MalformedPayload):
+                tasks.append(Task(decode_upid(entry.get("upid")), entry))
+    return tasks
+
+
+@dataclass
+class Cursor:
+    """UPIDs already handled (→ their start time), so each finished task is posted once."""
+
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def __contains__(self, upid: str) -> bool:
+        return upid in self.seen
+
+    def add(self, task: Task) -> None:
+        self.seen[task.upid.text] = task.upid.starttime
+
+    def prune(self, listed: Iterable[str], before: int) -> None:
+        """Forget UPIDs older than ``before`` that PVE no longer lists: they cannot return."""
+        keep = set(listed)
+        self.seen = {u: t for u, t in self.seen.items() if t >= before or u in keep}
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"seen": self.seen}, option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Cursor:
+        """Inverse of ``to_json``; an unreadable cursor raises, never silently re-posts all."""
+        try:
+            seen = orjson.loads(data)["seen"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"unreadable {CURSOR_FILE}: {type(exc).__name__}") from exc
+        if not isinstance(seen, dict) or not all(isinstance(v, int) for v in seen.values()):
+            raise ValueError(f"{CURSOR_FILE}: 'seen' must map UPIDs to start times")
+        return cls(dict(seen))
+
+
+def due(tasks: Sequence[Task], cursor: Cursor) -> list[Task]:
+    """Finished tasks not handled yet, oldest end first (running ones wait for a later poll)."""
+    fresh = [t for t in tasks if t.finished and t.upid.text not in cursor]
+    return sorted(fresh, key=lambda t: (t.raw.get("endtime") or 0, t.upid.text))
+
+
+def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:
+    """A later (or still running) task on the same VM may have changed ``current.parent``."""
+    return any(
+        other.upid.id == task.upid.id and other.upid.type in MOVES_PARENT
+        and other.upid.starttime >= task.upid.starttime and other.upid.text != task.upid.text
+        for other in tasks
+    )
+
+
+def snapshot_fields(task: Task, snapshots: object, moved: bool) -> dict[str, Any]:
+    """``snapshot`` and ``snapshot_created_at`` of a qmsnapshot/qmrollback, as far as known.
+
+    qmsnapshot: the one snapshot whose ``snaptime`` falls inside the task. qmrollback: the
+    ``parent`` of the pseudo-snapshot ``current``, unless ``moved``.
+    """
+    if not isinstance(snapshots, list):
+        return {}
+    named = {s["name"]: s for s in snapshots if isinstance(s, dict) and isinstance(s.get("name"), str)}
+    if task.upid.type == "qmsnapshot":
+        end = task.raw.get("endtime")
+        inside = [s for n, s in named.items() if n != "current" and isinstance(s.get("snaptime"), int)
+                  and isinstance(end, int) and task.upid.starttime <= s["snaptime"] <= end]
+        chosen = inside[0] if len(inside) == 1 else None
+    elif task.upid.type == "qmrollback" and not moved:
+        parent = (named.get("current") or {}).get("parent")
+        chosen = named.get(parent) if isinstance(parent, str) and parent != "current" else None
+    else:
+        chosen = None
+    if chosen is None:
+        return {}
+    when = chosen.get("snaptime")
+    return {"snapshot": chosen["name"], **({"snapshot_created_at": when} if isinstance(when, int) else {})}
+
+
+def clone_target(task_log: object, source_vmid: str) -> int | None:
+    """The new VM of a qmclone, from the disk volume names its task log prints."""
+    if isinstance(task_log, dict):
+        task_log = task_log.get("data")
+    if not isinstance(task_log, list):
+        return None
+    found = {m for line in task_log if isinstance(line, dict) and isinstance(line.get("t"), str)
+             for m in _DISK.findall(line["t"])} - {source_vmid}
+    return int(found.pop()) if len(found) == 1 else None
+
+
+def task_record(task: Task, cluster: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The body posted for one task: PVE's own fields, then ours."""
+    record = {k: task.raw[k] for k in RECORD_FIELDS if task.raw.get(k) is not None}
+    if cluster is not None:
+        record["cluster"] = cluster
+    return {**record, **extra}
