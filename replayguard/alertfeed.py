@@ -37,6 +37,7 @@ from .core.ledger_check import Finding
 from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import ConfigError, Unavailable
 from .ledger import LedgerService
+from .retention import PURGE_BATCH, purge_expired
 from .runtime import Runtime
 from .sinks import SinkDispatcher, parse_sink_spec
 
@@ -230,6 +231,8 @@ class AlertFeed:
             await self._ledger.raise_tamper_alert(result, self._rt.now_us())
         if self.dispatcher is not None and self._sinks_started:
             await self._feed_sinks()
+        if await purge_expired(self._rt.pool, self._rt.now_us()) == PURGE_BATCH:
+            self._last_lead = 0.0  # more expired uses wait: purge the next batch at once
 
     async def _start_sinks(self) -> None:
         if self.dispatcher is None or self._sinks_started:

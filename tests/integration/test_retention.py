@@ -1,0 +1,60 @@
+"""Retention: expired credential uses are forgotten; live ones, and the ledger, are kept."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyotp
+
+from replayguard import db
+from replayguard.retention import purge_expired
+from tests.conftest import Api, uid
+
+
+async def test_purge_removes_only_expired_uses(fresh_database: Callable[[], Any]) -> None:
+    """Uses past expires_us go, in batches, oldest first; unexpired and never-expiring ones stay."""
+    dsn = await fresh_database()
+    conn = await db.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO uses SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), 'nonce', 'vm', 's', i, i,"
+            " CASE WHEN i <= 30 THEN 1000 + i WHEN i <= 40 THEN 10000000 ELSE NULL END"
+            " FROM generate_series(1, 50) i")
+        pool = await db.create_pool(dsn, size=2, statement_timeout_ms=5000)
+        try:
+            assert await purge_expired(pool, now_us=5000, limit=20) == 20
+            assert await purge_expired(pool, now_us=5000, limit=20) == 10
+            assert await purge_expired(pool, now_us=5000, limit=20) == 0
+        finally:
+            await pool.close()
+        left = await conn.fetchval("SELECT count(*) FROM uses")
+    finally:
+        await conn.close()
+    assert left == 20
+
+
+async def test_purged_nonce_with_issued_at_is_still_refused(api: Api) -> None:
+    """After its use is purged, a nonce presented again with its issued_at is expired, not accepted."""
+    vm, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
+    body = {"vm_id": vm, "scope": scope, "nonce": nonce, "ttl_s": 60, "issued_at": api.clock.now}
+    status, first = await api.post("/v1/nonces/consume", body)
+    assert (status, first["decision"]) == (200, "accept")
+    api.clock.advance(3600)
+    assert await purge_expired(api.runtime.pool, api.runtime.now_us()) >= 1
+    status, again = await api.post("/v1/nonces/consume", body)
+    assert (status, again["decision"], again["reason"]) == (200, "reject", "expired")
+
+
+async def test_purged_totp_use_is_still_refused(api: Api) -> None:
+    """A TOTP code whose use record is purged stays refused by its token's high-water mark."""
+    principal = uid("alice")
+    secret = (await api.enroll(principal))["secret"]
+    code = pyotp.TOTP(secret).at(api.clock.now)
+    body = {"vm_id": uid("vm"), "principal": principal, "otp": code}
+    assert (await api.post("/v1/otp/verify", body))[1]["decision"] == "accept"
+    async with api.runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE uses SET expires_us = 0 WHERE subject = $1", principal)
+    assert await purge_expired(api.runtime.pool, api.runtime.now_us()) >= 1
+    status, again = await api.post("/v1/otp/verify", body)
+    assert (status, again["decision"], again["reason"]) == (200, "reject", "reused")
