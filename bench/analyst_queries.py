@@ -78,11 +78,7 @@ async def create_db(prefix: str) -> str:
     finally:
         await admin.close()
     dsn = ADMIN.rpartition("/")[0] + "/" + name
-    conn = await db.connect(dsn)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
+    await db.migrate_dsn(dsn)
     return dsn
 
 

@@ -123,11 +123,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         dsn = resolve_dsn(settings)
         await db.check_reachable(dsn)
-        conn = await db.connect(dsn)
-        try:
-            applied = await db.migrate(conn)
-        finally:
-            await conn.close()
+        applied = await db.migrate_dsn(dsn)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""), file=sys.stderr)
         return 0
 

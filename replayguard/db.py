@@ -116,6 +116,15 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
     return applied
 
 
+async def migrate_dsn(dsn: str) -> list[str]:
+    """Connects to ``dsn``, applies pending migrations, disconnects."""
+    conn = await connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", format="text",

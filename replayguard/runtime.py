@@ -59,11 +59,7 @@ async def prepare_database(settings: Settings) -> str:
     """Resolves the DSN, checks the server answers, applies pending migrations."""
     dsn = resolve_dsn(settings)
     await db.check_reachable(dsn)
-    conn = await db.connect(dsn)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
+    await db.migrate_dsn(dsn)
     return dsn
 
 

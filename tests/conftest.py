@@ -59,11 +59,7 @@ async def create_database(prefix: str = "rg_test") -> str:
     finally:
         await admin.close()
     dsn = dsn_for(name)
-    conn = await db.connect(dsn)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
+    await db.migrate_dsn(dsn)
     return dsn
 
 
