@@ -22,6 +22,7 @@ from .errors import Unavailable
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
+MAX_DEFERRED = 10_000
 _DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
 
 
@@ -71,6 +72,8 @@ class Appender:
         self._on_batch = on_batch
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn: Any = None
+        self._healthy = True  # the last batch was written
+        self._deferred = 0
 
     async def submit(self, item: dict[str, Any]) -> Outcome:
         """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
@@ -83,8 +86,18 @@ class Appender:
             task.add_done_callback(self._tasks.discard)
         return await future
 
+    def can_defer(self) -> bool:
+        """Whether a reject may be answered now and recorded behind the answer.
+
+        Not while the ledger is failing (the answer must then be 503, like every other
+        decision's), nor once MAX_DEFERRED records wait (backpressure: the caller then
+        takes the ordinary path and waits for its own write).
+        """
+        return self._healthy and self._deferred < MAX_DEFERRED
+
     def submit_later(self, item: dict[str, Any]) -> None:
         """Queues a record whose answer nobody waits for (hot-cache rejects)."""
+        self._deferred += 1
         task = asyncio.create_task(self._quiet(item))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -94,6 +107,8 @@ class Appender:
             await self.submit(item)
         except Unavailable:
             log.warning("deferred_record_lost", reason="ledger unavailable")
+        finally:
+            self._deferred -= 1
 
     async def _drain(self) -> None:
         try:
@@ -107,12 +122,14 @@ class Appender:
         try:
             rows = await self._call([item for item, _ in batch])
         except Unavailable as exc:
+            self._healthy = False
             _fail(batch, exc)
             return
         except BaseException:
             # Whatever went wrong, no caller may wait forever or be told "accept".
             _fail(batch, Unavailable("the ledger write failed"))
             raise
+        self._healthy = True
         if self._on_batch is not None:
             self._on_batch(len(batch))
         for row, (_, future) in zip(rows, batch):

@@ -178,7 +178,7 @@ class DecisionService:
         principal: str | None, now_us: int,
     ) -> Reason | None:
         """The reject Redis can give without PostgreSQL, if any (one round trip)."""
-        if self._hot is None or "pre" in item:
+        if self._hot is None or "pre" in item or not self._appender.can_defer():
             return None
         lock_principal = principal if check.status is ReceiptStatus.ABSENT else None
         if not digests and lock_principal is None:

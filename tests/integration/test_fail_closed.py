@@ -119,3 +119,29 @@ async def test_database_down_at_rest_then_back_keeps_deciding(
                                                                      "nonce": f"n{i}"}) for i in range(16)))
     outcomes = sorted((status, body.get("reason")) for status, body in answers)
     assert outcomes == sorted([(200, "reused")] * 8 + [(200, "ok")] * 8), outcomes
+
+
+@pytest.mark.slow
+async def test_known_replay_is_not_answered_from_redis_while_the_ledger_is_down(
+    owned_pg: OwnedPostgres, api_factory: Callable[..., Any],
+) -> None:
+    """While the ledger fails, even a replay Redis knows is answered 503, never an unrecorded reject."""
+    from tests.conftest import REDIS_URL
+
+    api: Api = await api_factory(database_url=Secret(owned_pg.url), redis_url=Secret(REDIS_URL))
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("nonce")}
+    status, first = await api.post("/v1/nonces/consume", body)
+    assert (status, first["decision"]) == (200, "accept")
+    status, hot = await api.post("/v1/nonces/consume", body)
+    assert (status, hot["decision"], hot["seq"]) == (200, "reject", None)  # from the hot cache
+
+    await asyncio.to_thread(owned_pg.stop)
+    other = {**body, "nonce": uid("nonce")}
+    _assert_unavailable(*await api.post("/v1/nonces/consume", other))  # the ledger is seen failing
+    for _ in range(ATTEMPTS):
+        _assert_unavailable(*await api.post("/v1/nonces/consume", body))
+    await asyncio.to_thread(owned_pg.start)
+    await _wait_ready(api)
+    status, after = await api.post("/v1/nonces/consume", body)
+    assert (status, after["decision"], after["reason"]) == (200, "reject", "reused")
+    assert after["seq"] is not None  # written to the ledger, not answered from Redis
