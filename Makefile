@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 
-.PHONY: run test install install-test services system-deps bench clean
+.PHONY: run test typecheck install install-test services system-deps bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ services:
 	scripts/services-up
 
 ## Run the whole test suite (installs what it needs, starts PostgreSQL and Redis if down).
-test: system-deps services install-test
+test: system-deps services install-test typecheck
 	$(VENV)/bin/pytest
+
+typecheck: install-test
+	$(VENV)/bin/mypy --strict --ignore-missing-imports replayguard
 
 bench: install-test
 	$(PY) bench/run.py --quick

@@ -12,6 +12,7 @@ Keys: ``rg:use:<digest hex>`` → {"vm", "epoch", "seq"} of a credential's first
 from __future__ import annotations
 
 import time
+from typing import cast
 from dataclasses import dataclass
 
 import orjson
@@ -90,7 +91,7 @@ class HotCache:
         if principal is not None:
             keys.append(b"rg:lock:" + principal.encode())
         try:
-            values = await self._redis.mget(keys)
+            values: list[bytes | None] = cast("list[bytes | None]", await self._redis.mget(keys))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return HotLookup(None, 0)

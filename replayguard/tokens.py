@@ -92,7 +92,7 @@ class TokenStore:
         self._cache.pop(principal, None)
         return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req), req.type)
 
-    async def list(self, principal: str) -> list[dict[str, Any]]:
+    async def listing(self, principal: str) -> list[dict[str, Any]]:
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
                 "SELECT id, type, digits, period, algorithm, created_at FROM otp_tokens"

@@ -26,7 +26,7 @@ async def enroll(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     principal = _principal(request)
-    return json_response({"items": await request.app[RUNTIME].tokens.list(principal)})
+    return json_response({"items": await request.app[RUNTIME].tokens.listing(principal)})
 
 
 async def delete_token(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ async def _ledger_writable(request: web.Request) -> bool:
             async with runtime.pool.acquire() as conn:
                 return bool(await conn.fetchval(
                     "SELECT NOT pg_is_in_recovery() AND has_table_privilege('ledger', 'INSERT')"))
-    except (*UNAVAILABLE_ERRORS, TimeoutError):
+    except UNAVAILABLE_ERRORS + (TimeoutError,):
         return False
 
 
