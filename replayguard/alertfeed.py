@@ -28,9 +28,11 @@ from typing import Any
 
 import asyncpg
 import structlog
+from redis.exceptions import RedisError
 
 from . import db
 from .alerts import AlertService, render, sink_record
+from .cache import HotCache
 from .core import checkpoints as cps
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import Finding
@@ -162,16 +164,36 @@ class AlertFeed:
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.1
+            wakeups = None
             try:
-                await conn.add_listener(CHANNEL, self._on_notify)
+                if self._rt.hot is None:
+                    await conn.add_listener(CHANNEL, self._on_notify)
+                else:
+                    wakeups = asyncio.create_task(self._redis_wakeups(self._rt.hot), name="alert-feed-redis")
                 await self._session(conn)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("alert_feed_interrupted", error=type(exc).__name__)
             finally:
+                if wakeups is not None:
+                    wakeups.cancel()
+                    await asyncio.wait({wakeups})
                 self.leader = False
                 await self._stop_sinks()
                 with contextlib.suppress(*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
                     await conn.close(timeout=2)
+
+    async def _redis_wakeups(self, hot: HotCache) -> None:
+        """With Redis configured, instances wake each other through its pub/sub (every
+        decision, event and acknowledgement that changes an alert publishes the id); a
+        lost message, or Redis down, costs at most the POLL_S poll, never an alert."""
+        while not self._stopping:
+            try:
+                async for alert_id in hot.alert_ids():
+                    self._notified.add(alert_id)
+                    self._wake.set()
+            except (RedisError, OSError) as exc:
+                log.warning("alert_feed_redis_interrupted", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload.isascii() and payload.isdigit():

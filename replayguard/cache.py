@@ -12,6 +12,7 @@ Keys: ``rg:use:<digest hex>`` → {"vm", "epoch", "seq"} of a credential's first
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import cast
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import structlog
 from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
+
+ALERT_CHANNEL = b"replayguard:alerts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,25 @@ class HotCache:
             await self._redis.set(b"rg:lock:" + principal.encode(), str(locked_until_us), px=ttl_ms)
         except (RedisError, OSError) as exc:
             self._failed(exc)
+
+    async def publish_alert(self, alert_id: int) -> None:
+        """Tells every instance an alert changed (fan-out of the live stream)."""
+        try:
+            await self._redis.publish(ALERT_CHANNEL, str(alert_id))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def alert_ids(self) -> AsyncIterator[int]:
+        """Alert ids as instances publish them; raises RedisError/OSError when Redis goes."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(ALERT_CHANNEL)
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and bytes(message["data"]).isdigit():
+                    yield int(message["data"])
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     async def forget_vm(self, vm_id: str) -> None:
         """Drops a VM's cached state (its epoch changed: hot answers must go to PostgreSQL)."""

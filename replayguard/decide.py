@@ -212,6 +212,8 @@ class DecisionService:
             await self._hot.set_lock(principal, outcome.locked_until_us, now_us)
         if outcome.flags:
             await self._hot.forget_vm(vm_id)
+        if outcome.alert_id is not None:
+            await self._hot.publish_alert(outcome.alert_id)
 
     def _result(self, kind: str, outcome: Outcome, vm_id: str) -> DecisionResult:
         receipt = receipts.issue(self._keys.receipt, ReceiptClaims(vm_id, outcome.seq, outcome.epoch))

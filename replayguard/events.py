@@ -110,11 +110,14 @@ class EventService:
                         tuple(row["r_alerts"]), moved)
 
     async def _forget(self, done: Sequence[Ingested]) -> None:
-        """Drops Redis's view of every VM whose epoch moved (after the commit, never before)."""
+        """Drops Redis's view of every VM whose epoch moved (after the commit, never before),
+        and tells every instance which alerts the new windows reclassified."""
         if self._hot is None:
             return
         for vm_id in sorted({vm for item in done for vm in item.new_epoch_vms}):
             await self._hot.forget_vm(vm_id)
+        for alert_id in sorted({a for item in done for a in item.reclassified_alerts}):
+            await self._hot.publish_alert(alert_id)
 
     async def clear_vm(self, vm_id: str, note: str, by: str) -> Cleared:
         """Lifts the refusal of a VM (receipt_reaction 'refuse'); recorded in the ledger."""

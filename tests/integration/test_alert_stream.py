@@ -148,3 +148,40 @@ async def test_alerts_and_checkpoints_reach_the_sinks(fresh_database: Callable[[
     _, listed = await api.get("/v1/ledger/checkpoints")
     assert checkpoint["signature"] in [c["signature"] for c in listed["items"]]
     assert secrets.compare_digest(checkpoint["key_id"], listed["key_id"])
+
+
+async def test_with_redis_instances_wake_each_other_through_pub_sub(api_factory: Callable[..., Any]) -> None:
+    """With Redis configured, an alert raised through one instance is published on Redis and
+    reaches the other instance's stream."""
+    import redis.asyncio as aioredis
+
+    from replayguard.cache import ALERT_CHANNEL
+    from tests.conftest import REDIS_URL
+
+    one = await api_factory(redis_url=Secret(REDIS_URL))
+    other = await api_factory(redis_url=Secret(REDIS_URL))
+    spy = aioredis.from_url(REDIS_URL)
+    pubsub = spy.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(ALERT_CHANNEL)
+    try:
+        resp = await open_stream(other)
+        vm_id, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
+        await one.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+        # Replayed from another VM, so PostgreSQL (not the hot cache) answers, with the alert.
+        status, replay = await one.post("/v1/nonces/consume", {"vm_id": vm_id + "-b", "scope": scope, "nonce": nonce})
+        assert status == 200 and replay["reason"] == "reused" and replay["alert_id"]
+        message = await asyncio.wait_for(_next_message(pubsub), 10)
+        assert int(message) == int(replay["alert_id"])
+        _, alert = await next_alert(resp, vm_id + "-b")
+        assert str(alert["id"]) == str(replay["alert_id"])
+        resp.close()
+    finally:
+        await pubsub.aclose()
+        await spy.aclose()
+
+
+async def _next_message(pubsub: Any) -> bytes:
+    while True:
+        message = await pubsub.get_message(timeout=1.0)
+        if message is not None:
+            return bytes(message["data"])
