@@ -131,7 +131,9 @@ class DecisionService:
         outcome = await self._appender.submit(item)
         if outcome.verdict == Verdict.ACCEPT.value and match.token is not None:
             self._tokens.advanced(req.principal, match.token.id, max(match.counters))
-        accepted = _accepted_digest(outcome, item)
+        # The ledger accepts the smallest step ahead of the high-water mark; with a single
+        # candidate that is the digest Redis must remember.
+        accepted = digests[0] if outcome.verdict == Verdict.ACCEPT.value and len(digests) == 1 else None
         await self._mirror(req.vm_id, outcome, accepted, now_us, req.principal)
         return self._result("otp", outcome, req.vm_id)
 
@@ -206,12 +208,12 @@ class DecisionService:
         if self._hot is None:
             return
         ttl_s = None if ttl_us is None else max(1, ttl_us // 1_000_000)
+        # The VM's state is written as the ledger left it: after a rollback or clone its new
+        # epoch is what invalidates every earlier use the hot path could have answered.
         await self._hot.record(vm_id=vm_id, epoch=outcome.epoch, rseq=outcome.receipt_position,
                                digest=digest, seq=outcome.seq, ttl_s=ttl_s)
         if outcome.locked_until_us is not None and principal is not None:
             await self._hot.set_lock(principal, outcome.locked_until_us, now_us)
-        if outcome.flags:
-            await self._hot.forget_vm(vm_id)
         if outcome.alert_id is not None:
             await self._hot.publish_alert(outcome.alert_id)
 
@@ -224,12 +226,3 @@ class DecisionService:
         )
         self._on_decision(kind, result, "ledger")
         return result
-
-
-def _accepted_digest(outcome: Outcome, item: dict[str, Any]) -> bytes | None:
-    if outcome.verdict != Verdict.ACCEPT.value:
-        return None
-    # The ledger accepted the smallest step ahead of the high-water mark.
-    dg: dict[str, str] = item.get("dg", {})
-    steps = sorted(int(s) for s in dg)
-    return bytes.fromhex(dg[str(steps[0])]) if len(steps) == 1 else None

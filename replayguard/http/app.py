@@ -26,7 +26,7 @@ from ..runtime import open_runtime
 from ..settings import Settings
 from . import admin, callouts, openapi, ops
 from .common import MAX_BODY, Handler, Route, json_response
-from .state import CALLER, DECISION, REASON, RUNTIME
+from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
 
 log = structlog.get_logger("replayguard.http")
 
@@ -85,6 +85,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     header = request.headers.get("X-Request-Id", "")
     request_id = header if _REQUEST_ID.match(header) else uuid.uuid4().hex
     route = _route_of(request)
+    request[ROUTE] = route  # resolved once; authorise reads it
     path = route.path if route is not None else "unmatched"
     start = time.perf_counter()
     with structlog.contextvars.bound_contextvars(
@@ -130,7 +131,7 @@ def _bearer(request: web.Request) -> str:
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Checks the bearer token and the route's roles before the handler runs."""
-    route = _route_of(request)
+    route: Route | None = request.get(ROUTE)
     if route is None or route.roles is None:
         return await handler(request)
     caller: Caller | None = await request.app[RUNTIME].api_tokens.authenticate(_bearer(request))

@@ -11,3 +11,4 @@ RUNTIME = web.AppKey("runtime", Runtime)
 CALLER = web.RequestKey("caller", Caller)
 DECISION = web.RequestKey("decision", str)
 REASON = web.RequestKey("reason", str)
+ROUTE = web.RequestKey("route", object)  # the matched http.common.Route, or None
