@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 CHANNEL = "replayguard_alerts"
 POLL_S = 1.0
+TAIL_GAP_S = 0.05  # at most one read of the alert changes per gap: a flood of joins is read in batches
 PAGE = 500
 QUEUE_SIZE = 256
 _LEADER_LOCK = 0x7267666C  # "rgfl"
@@ -201,8 +202,13 @@ class AlertFeed:
         self._wake.set()
 
     async def _session(self, conn: asyncpg.Connection) -> None:
+        last_tail = 0.0
         while not self._stopping:
+            gap = last_tail + TAIL_GAP_S - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
             self._wake.clear()
+            last_tail = time.monotonic()
             await self._tail()
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per

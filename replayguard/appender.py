@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .db import UNAVAILABLE_ERRORS
+from .db import UNAVAILABLE_ERRORS, KeptConnection
 from .errors import Unavailable
 
 log = structlog.get_logger(__name__)
@@ -47,13 +47,6 @@ class DecideParams:
     refuse_on_rollback: bool
 
 
-def _usable(conn: Any) -> bool:
-    try:
-        return not conn.is_closed()
-    except asyncpg.InterfaceError:  # the pool already took back a connection it saw die
-        return False
-
-
 def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]], exc: Unavailable) -> None:
     for _, future in batch:
         if not future.done():
@@ -65,13 +58,12 @@ class Appender:
         self, pool: asyncpg.Pool, params: DecideParams,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        self._pool = pool
         self._params = params
         self._queue: list[tuple[dict[str, Any], asyncio.Future[Outcome]]] = []
         self._running = False
         self._on_batch = on_batch
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conn: Any = None
+        self._conn = KeptConnection(pool)
         self._healthy = True  # the last batch was written
         self._deferred = 0
 
@@ -143,51 +135,26 @@ class Appender:
     async def _call(self, items: list[dict[str, Any]]) -> list[asyncpg.Record]:
         p = self._params
         try:
-            conn = await self._connection()
+            conn = await self._conn.get()
             rows: list[asyncpg.Record] = await conn.fetch(
                 _DECIDE, items, p.lock_threshold, p.lock_period_us, p.refuse_on_rollback,
             )
         except UNAVAILABLE_ERRORS as exc:
-            await self._drop_connection()
+            await self._conn.drop()
             log.warning("ledger_unavailable", error=type(exc).__name__)
             raise Unavailable("the ledger cannot be written right now") from None
         except asyncpg.PostgresError as exc:
             # Not the client's fault and not a connection loss: still fail closed.
-            await self._drop_connection()
+            await self._conn.drop()
             log.error("ledger_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
             raise Unavailable("the ledger refused the write") from None
         if len(rows) != len(items):
             raise Unavailable("the ledger answered an incomplete batch")
         return rows
 
-    async def _connection(self) -> Any:
-        """The appender's own connection, kept between batches.
-
-        Only one batch is in flight per process, so one connection suffices; keeping it
-        saves the pool's reset round trip (RESET ALL, UNLISTEN …) after every batch.
-        """
-        if self._conn is not None and not _usable(self._conn):
-            await self._drop_connection()  # the server went away while we were idle
-        if self._conn is None:
-            self._conn = await self._pool.acquire()
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        """Gives a connection that failed back to the pool, closed; the next batch reconnects."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            conn.terminate()
-            await self._pool.release(conn)
-        except asyncpg.InterfaceError:
-            pass  # the pool already took back a connection it saw die
-
     async def close(self) -> None:
         await self.wait_idle()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._pool.release(conn)
+        await self._conn.release()
 
     async def wait_idle(self) -> None:
         """Waits for queued and deferred records (used at shutdown)."""

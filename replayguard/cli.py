@@ -175,7 +175,7 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _serve_worker(settings: Settings, dsn: str, reuse_port: bool) -> None:
+def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: int | None = None) -> None:
     from .http.app import create_app
     from .http.server import serve
 
@@ -187,7 +187,7 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool) -> None:
     except ImportError:
         pass
     app = create_app(settings, dsn=dsn)
-    asyncio.run(serve(app, settings, reuse_port=reuse_port))
+    asyncio.run(serve(app, settings, reuse_port=reuse_port, parent_pid=parent_pid))
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -208,7 +208,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve_many(settings: Settings, dsn: str) -> int:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_worker, args=(settings, dsn, True), daemon=False)
+    procs = [ctx.Process(target=_serve_worker, args=(settings, dsn, True, os.getpid()), daemon=False)
              for _ in range(settings.workers)]
     for proc in procs:
         proc.start()

@@ -207,3 +207,45 @@ class _Acquire:
 def acquire(pool: asyncpg.Pool) -> _Acquire:
     """Use as ``async with acquire(pool) as conn``; database loss becomes ``Unavailable``."""
     return _Acquire(pool)
+
+
+def _usable(conn: Any) -> bool:
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # the pool already took back a connection it saw die
+        return False
+
+
+class KeptConnection:
+    """One pool connection held between uses by a component with one query in flight.
+
+    Keeping it saves the pool's reset round trip (``RESET ALL``, ``UNLISTEN *`` …) that
+    every release costs; the group-commit appender and the token reader each keep one.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: Any = None
+
+    async def get(self) -> Any:
+        if self._conn is not None and not _usable(self._conn):
+            await self.drop()  # the server went away while we were idle
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def drop(self) -> None:
+        """Gives a connection that failed back to the pool, closed; the next use reconnects."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.terminate()
+            await self._pool.release(conn)
+        except asyncpg.InterfaceError:
+            pass  # the pool already took back a connection it saw die
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)

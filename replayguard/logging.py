@@ -3,15 +3,25 @@
 ``redact`` is the last line of defence for CONTRACT §9: whatever a caller passes, a key
 that names a credential never reaches the output with its value, and a value that looks
 like a bearer token, an OTP receipt or a base32 secret is masked.
+
+Per-request fields (request id, route, caller) live in one context variable holding a
+dict, set once per request. Lines are written by ``LineWriter``: info and debug lines are
+buffered and written at least every ``FLUSH_S`` (and at exit), so a busy service makes
+one write per batch of lines rather than one per request; a warning or worse is written
+at once, after anything buffered before it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextvars
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -58,12 +68,84 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+REQUEST_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "replayguard_request", default=None)
+FLUSH_S = 0.05
+MAX_BUFFERED = 256
+
+
+def merge_request_context(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Adds the current request's fields (``REQUEST_CONTEXT``) to a log event."""
+    fields = REQUEST_CONTEXT.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
 def _dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+class LineWriter:
+    """A structlog logger writing JSON lines: routine lines batched, warnings at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()  # a line may come from a worker thread
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # loop holding a pending flush
+        atexit.register(self.flush)
+
+    def _buffer(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here (CLI commands, threads): write at once
+            self._now(message)
+            return
+        with self._lock:
+            self._lines.append(message)
+            full = len(self._lines) >= MAX_BUFFERED
+        if full:
+            self.flush()
+        elif self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_later(FLUSH_S, self.flush)
+
+    def _now(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(message)
+        self.flush()
+
+    def flush(self) -> None:
+        self._flush_on = None
+        with self._lock:
+            if not self._lines:
+                return
+            lines, self._lines = self._lines, []
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream must not break a request
+                pass
+
+    debug = info = msg = _buffer
+    warning = warn = error = err = critical = exception = fatal = failure = _now
+
+
+class LineWriterFactory:
+    """One ``LineWriter`` per stream, shared by every logger."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._writer = LineWriter(stream)
+
+    def __call__(self, *_args: Any) -> LineWriter:
+        return self._writer
+
+
 def processors() -> list[Any]:
     return [
+        merge_request_context,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -78,6 +160,6 @@ def configure(level: str = "info", stream: Any = None) -> None:
     structlog.configure(
         processors=processors(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=LineWriterFactory(stream or sys.stderr),
         cache_logger_on_first_use=True,
     )

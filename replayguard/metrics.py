@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .core.decisions import DecisionResult
 
+# Methods a client may send are unbounded; the label takes only these (else "other").
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -38,8 +42,23 @@ class Metrics:
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
         )
 
+        # Labelled children, looked up once per label set rather than once per request.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def http_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
+        method = method if method in KNOWN_METHODS else "other"
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.latency, route).observe(elapsed_s)
+
     def decision(self, kind: str, result: DecisionResult, source: str) -> None:
-        self.decisions.labels(kind, result.verdict.value, result.reason.value, source).inc()
+        self._child(self.decisions, kind, result.verdict.value, result.reason.value, source).inc()
         for flag in result.flags:
             self.flags.labels(flag.value).inc()
 

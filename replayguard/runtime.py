@@ -87,15 +87,19 @@ async def open_runtime(
     try:
         yield runtime
     finally:
-        await _shutdown(appender, hot, pool)
+        await _shutdown(appender, tokens, hot, pool)
 
 
-async def _shutdown(appender: Appender, hot: HotCache | None, pool: asyncpg.Pool) -> None:
+async def _shutdown(appender: Appender, tokens: TokenStore, hot: HotCache | None, pool: asyncpg.Pool) -> None:
     """Closes in order, each step bounded: a stuck connection must not hang a shutdown."""
     try:
         await asyncio.wait_for(appender.close(), SHUTDOWN_STEP_S)
     except TimeoutError:
         log.warning("shutdown_appender_timeout")
+    try:
+        await asyncio.wait_for(tokens.close(), SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("shutdown_token_reader_timeout")
     if hot is not None:
         await hot.close()
     try:

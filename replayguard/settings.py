@@ -98,7 +98,7 @@ class Settings:
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "port": (0, 65535),
     "workers": (1, 64),
-    "db_pool_size": (1, 256),
+    "db_pool_size": (3, 256),  # the appender and the token reader each keep one
     "statement_timeout_ms": (100, 600_000),
     "totp_drift_steps": (0, 10),
     "hotp_look_ahead": (1, 1000),

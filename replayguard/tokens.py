@@ -3,11 +3,13 @@
 Secrets are stored as AES-256-GCM ciphertext bound to the token id (associated data), so
 a ciphertext copied onto another row does not decrypt. The cache only saves the lookup
 round trip: whether a code may still be used is decided by the ledger, which re-checks
-that the token is active when it consumes the step.
+that the token is active when it consumes the step. Concurrent cache misses share one
+query on a connection kept for it (``TokenReader``), the way decisions share a commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
@@ -17,14 +19,22 @@ from typing import Any
 
 import asyncpg
 import pyotp
+import structlog
 
 from .core.validation import EnrollRequest
-from .db import acquire
-from .errors import NotFound
+from .db import UNAVAILABLE_ERRORS, KeptConnection, acquire
+from .errors import NotFound, Unavailable
 from .keys import Keys
+
+log = structlog.get_logger(__name__)
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
+MAX_READ_BATCH = 512
+_READ = (
+    "SELECT principal, id, type, secret_ct, digits, period, algorithm, last_counter FROM otp_tokens"
+    " WHERE principal = ANY($1::text[]) AND deleted_at IS NULL ORDER BY principal, created_at, id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +77,83 @@ def _decrypt(keys: Keys, token_id: str, blob: bytes) -> str:
     return keys.aead().decrypt(blob[:12], blob[12:], token_id.encode()).decode()
 
 
+class TokenReader:
+    """Reads principals' active tokens; misses that arrive together share one query.
+
+    A lone miss is read at once; while a read is in flight, newer misses wait and go
+    together in the next one (at most ``MAX_READ_BATCH`` principals each), on one kept
+    connection. A read that fails fails its waiters with ``Unavailable``.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._conn = KeptConnection(pool)
+        self._waiting: dict[str, asyncio.Future[list[asyncpg.Record]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def read(self, principal: str) -> list[asyncpg.Record]:
+        future = self._waiting.get(principal)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[principal] = future
+            if self._task is None:
+                self._task = asyncio.create_task(self._drain())
+        # shield: one waiter giving up must not cancel the read for the others
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                names = list(self._waiting)[:MAX_READ_BATCH]
+                batch = {name: self._waiting.pop(name) for name in names}
+                try:
+                    rows = await self._fetch(names)
+                except BaseException as exc:
+                    error = exc if isinstance(exc, Unavailable) else Unavailable("the token read failed")
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                found: dict[str, list[asyncpg.Record]] = {}
+                for row in rows:
+                    found.setdefault(row["principal"], []).append(row)
+                for name, future in batch.items():
+                    if not future.done():
+                        future.set_result(found.get(name, []))
+        finally:
+            self._task = None
+
+    async def _fetch(self, names: list[str]) -> list[asyncpg.Record]:
+        try:
+            conn = await self._conn.get()
+            rows: list[asyncpg.Record] = await conn.fetch(_READ, names)
+            return rows
+        except UNAVAILABLE_ERRORS as exc:
+            await self._conn.drop()
+            log.warning("token_read_unavailable", error=type(exc).__name__)
+            raise Unavailable("the database cannot be reached right now") from None
+        except asyncpg.PostgresError as exc:
+            await self._conn.drop()
+            log.error("token_read_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
+            raise Unavailable("the token read failed") from None
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        await self._conn.release()
+
+
 class TokenStore:
     def __init__(self, pool: asyncpg.Pool, keys: Keys) -> None:
         self._pool = pool
         self._keys = keys
         self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
+        self._reader = TokenReader(pool)
+
+    async def close(self) -> None:
+        await self._reader.close()
 
     async def enroll(self, principal: str, req: EnrollRequest, now_us: int) -> Enrolled:
         secret_b32 = req.secret or base64.b32encode(secrets.token_bytes(20)).decode()
@@ -130,11 +212,7 @@ class TokenStore:
         now = time.monotonic()
         if not fresh and hit is not None and hit[0] > now:
             return hit[1], True
-        async with acquire(self._pool) as conn:
-            rows = await conn.fetch(
-                "SELECT id, type, secret_ct, digits, period, algorithm, last_counter FROM otp_tokens"
-                " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id", principal,
-            )
+        rows = await self._reader.read(principal)
         tokens = [
             OtpToken(r["id"], principal, r["type"], _decrypt(self._keys, r["id"], r["secret_ct"]),
                      r["digits"], r["period"], r["algorithm"], r["last_counter"])

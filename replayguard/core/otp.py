@@ -7,6 +7,7 @@ Comparisons are constant-time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -16,8 +17,22 @@ import pyotp
 ALGORITHMS = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
 
 
+class _KeyedHOTP(pyotp.HOTP):
+    """pyotp's HOTP with the base32 secret decoded once, not at every code computed."""
+
+    _key: bytes | None = None
+
+    def __init__(self, secret_b32: str, digits: int, algorithm: str) -> None:
+        super().__init__(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])  # validates it
+        self._key = super().byte_secret()
+
+    def byte_secret(self) -> bytes:
+        return self._key if self._key is not None else super().byte_secret()
+
+
+@functools.lru_cache(maxsize=4096)  # the token cache's working set; secrets live there already
 def _hotp(secret_b32: str, digits: int, algorithm: str) -> pyotp.HOTP:
-    return pyotp.HOTP(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])
+    return _KeyedHOTP(secret_b32, digits, algorithm)
 
 
 def hotp_code(secret_b32: str, counter: int, *, digits: int = 6, algorithm: str = "SHA1") -> str:

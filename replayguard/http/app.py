@@ -7,9 +7,10 @@ only catch-all that turns any error into the contract's error body), then ``auth
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 
@@ -22,6 +23,7 @@ from ..errors import (
     ClientError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, ReplayGuardError,
     Unauthorized, Unavailable,
 )
+from ..logging import REQUEST_CONTEXT
 from ..runtime import open_runtime
 from ..settings import Settings
 from . import admin, callouts, openapi, ops
@@ -33,6 +35,10 @@ log = structlog.get_logger("replayguard.http")
 AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops]
 ROUTE_TABLE = web.AppKey("route_table", dict)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Generated request ids: a random per-process prefix and a counter (unique, and cheap;
+# they need not be unpredictable).
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
 
 
 def _optional_modules() -> list[ModuleType]:
@@ -83,21 +89,23 @@ def _log_line(request: web.Request, status: int, elapsed: float) -> None:
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, one access-log line, metrics, and errors rendered as the contract says."""
     header = request.headers.get("X-Request-Id", "")
-    request_id = header if _REQUEST_ID.match(header) else uuid.uuid4().hex
+    request_id = header if header and _REQUEST_ID.match(header) else f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
     route = _route_of(request)
     request[ROUTE] = route  # resolved once; authorise reads it
     path = route.path if route is not None else "unmatched"
     start = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(
-        request_id=request_id, route=path, audience=route.audience if route else None,
-    ):
+    # One dict per request (authorise adds the caller); every log line of the request
+    # carries it, and nothing of it outlives the request on a kept-alive connection.
+    reset = REQUEST_CONTEXT.set({"request_id": request_id, "route": path,
+                                 "audience": route.audience if route else None})
+    try:
         response = await _guarded(request, handler)
         response.headers["X-Request-Id"] = request_id
         elapsed = time.perf_counter() - start
         _log_line(request, response.status, elapsed)
-    metrics = request.app[RUNTIME].metrics
-    metrics.requests.labels(path, request.method, str(response.status)).inc()
-    metrics.latency.labels(path).observe(elapsed)
+    finally:
+        REQUEST_CONTEXT.reset(reset)
+    request.app[RUNTIME].metrics.http_request(path, request.method, response.status, elapsed)
     return response
 
 
@@ -140,7 +148,9 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     if not route.allows(caller.role):
         raise Forbidden(f"role {caller.role!r} may not use this endpoint")
     request[CALLER] = caller
-    structlog.contextvars.bind_contextvars(caller=caller.token_id)
+    fields = REQUEST_CONTEXT.get()
+    if fields is not None:
+        fields["caller"] = caller.token_id
     return await handler(request)
 
 

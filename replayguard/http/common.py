@@ -59,8 +59,11 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
     try:
-        async with asyncio.timeout(request.app[RUNTIME].settings.request_timeout_s):
+        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[RUNTIME].settings.request_timeout_s):
+                raw = await request.read()
     except TimeoutError:
         raise RequestTimeout("the request body was not received in time") from None
     except web.HTTPRequestEntityTooLarge:

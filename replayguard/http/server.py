@@ -14,6 +14,7 @@ The same limits are used by ``replayguard serve`` and by tests that serve the ap
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from typing import Any, cast
@@ -91,19 +92,39 @@ def _listen(settings: Settings, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve(app: web.Application, settings: Settings, *, reuse_port: bool) -> None:
-    """Serves ``app`` until SIGTERM or SIGINT, then shuts down gracefully."""
+ORPHAN_CHECK_S = 1.0
+
+
+async def _orphaned(parent_pid: int) -> None:
+    """Returns once the process that started this worker is gone (it was killed hard)."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(ORPHAN_CHECK_S)
+
+
+async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
+                parent_pid: int | None = None) -> None:
+    """Serves ``app`` until SIGTERM or SIGINT, then shuts down gracefully.
+
+    A worker of ``serve --workers N`` passes its parent's pid: when that parent dies
+    without stopping it (SIGKILL), the worker shuts down too rather than keep the port.
+    """
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watchdog = None
+    if parent_pid is not None:
+        watchdog = asyncio.create_task(_orphaned(parent_pid))
+        watchdog.add_done_callback(lambda _task: stop.set())
     assert runner.server is not None
     listener = await loop.create_server(ConnectionCap(runner.server, settings.max_connections),
                                         sock=_listen(settings, reuse_port))
     try:
         await stop.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         listener.close()
         await runner.cleanup()

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 CRASH_ROUNDS = 5
 NONCE_WORKERS = 12
 TOTP_PER_ROUND = 6
-SMALL_POOL = {"REPLAYGUARD_DB_POOL_SIZE": "2"}  # many processes share the machine's PostgreSQL
+SMALL_POOL = {"REPLAYGUARD_DB_POOL_SIZE": "3"}  # many processes share the machine's PostgreSQL (3: the least allowed)
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def test_file_then_env(tmp_path: Path) -> None:
     ({"REPLAYGUARD_RECEIPT_REACTION": "ignore"}, "receipt_reaction must be"),
     ({"REPLAYGUARD_LOG_LEVEL": "loud"}, "log_level must be"),
     ({"REPLAYGUARD_WORKERS": "0"}, "workers must be between"),
+    ({"REPLAYGUARD_DB_POOL_SIZE": "2"}, "db_pool_size must be between 3"),
 ])
 def test_bad_values_are_one_clear_error(env: dict[str, str], message: str) -> None:
     """Every bad value stops start-up with a ConfigError that names the setting."""

@@ -1,0 +1,88 @@
+"""rg_decide over one batch: items see what the items before them did (migration 005).
+
+The group-commit appender hands PostgreSQL many decisions in one call; these call
+``rg_decide`` directly with batches built to make items of one batch depend on each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from replayguard import db
+
+PERIOD = 30
+STEP = 59_666_666  # a TOTP step of about 2026-09-22
+TS = STEP * PERIOD * 1_000_000
+
+
+def nonce(ts: int, vm: str, digest: str) -> dict[str, Any]:
+    return {"k": "nonce", "ts": ts, "vm": vm, "sub": "api", "d": digest, "rc": "absent", "exp": ts + 10**9}
+
+
+def code(ts: int, vm: str, sub: str, tok: str, steps: list[int]) -> dict[str, Any]:
+    dg = {str(s): (f"{tok}{s}".encode().hex() + "00" * 32)[:64] for s in steps}
+    return {"k": "otp", "ts": ts, "vm": vm, "sub": sub, "tok": tok, "steps": steps, "dg": dg, "rc": "absent",
+            "exp": ts + 10**9, "tp": PERIOD, "dr": 1, "cg": "scope-a", "p": {"context": {}}}
+
+
+async def _decide(conn: Any, items: list[dict[str, Any]], threshold: int = 5) -> list[tuple[str, str]]:
+    rows = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, $2, 60000000, false)", items, threshold)
+    return [(r["r_verdict"], r["r_reason"]) for r in rows]
+
+
+async def _token(conn: Any, tok: str, principal: str) -> None:
+    await conn.execute("INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
+                       " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1')", tok, principal)
+
+
+async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any]) -> None:
+    conn = await db.connect(await fresh_database())
+    try:
+        await _token(conn, "tok-a", "alice")
+        await _token(conn, "tok-b", "bob")
+        items = [
+            nonce(TS + 1, "vm-1", "aa" * 32),
+            nonce(TS + 2, "vm-2", "aa" * 32),  # the same nonce again, in the same batch
+            code(TS + 3, "vm-1", "alice", "tok-a", [STEP]),
+            code(TS + 4, "vm-2", "alice", "tok-a", [STEP]),  # a step the item before consumed
+            code(TS + 5, "vm-1", "alice", "tok-a", [STEP + 1]),  # a later step: still fresh
+            code(TS + 6, "vm-2", "bob", "tok-b", []),  # a wrong code: one failure
+            code(TS + 7, "vm-2", "bob", "tok-b", [STEP]),  # then a right one clears it
+        ]
+        assert await _decide(conn, items) == [
+            ("accept", "ok"), ("reject", "reused"), ("accept", "ok"), ("reject", "reused"),
+            ("accept", "ok"), ("reject", "invalid"), ("accept", "ok"),
+        ]
+        assert await conn.fetchval("SELECT fail_count FROM principals WHERE name = 'bob'") == 0
+        last_seen = dict(await conn.fetch("SELECT vm_id, last_seen_us FROM vms"))
+        assert last_seen == {"vm-1": TS + 5, "vm-2": TS + 7}
+        # The clock guard holds the highest step accepted, written once for the batch.
+        assert await conn.fetchval("SELECT high_us FROM clock_guard WHERE scope = 'scope-a'") == \
+            (STEP + 1) * PERIOD * 1_000_000
+        head = await conn.fetchrow("SELECT seq FROM ledger_head")
+        assert head["seq"] == 7 and await conn.fetchval("SELECT count(*) FROM ledger") == 7
+    finally:
+        await conn.close()
+
+
+async def test_the_clock_guard_raised_earlier_in_a_batch_applies_to_later_items(
+    fresh_database: Callable[[], Any],
+) -> None:
+    conn = await db.connect(await fresh_database())
+    try:
+        await _token(conn, "tok-a", "alice")
+        await _token(conn, "tok-b", "bob")
+        behind = TS - 10 * PERIOD * 1_000_000  # the host clock jumped ten steps back
+        items = [
+            code(TS, "vm-1", "alice", "tok-a", [STEP]),
+            code(behind, "vm-1", "bob", "tok-b", [STEP - 10]),
+        ]
+        assert await _decide(conn, items) == [("accept", "ok"), ("reject", "invalid")]
+        kinds = [r["kind"] for r in await conn.fetch("SELECT kind FROM alerts")]
+        assert kinds == ["clock_regression"]
+        # Last-seen times never go back, even when a batch carries an older time.
+        await _decide(conn, [nonce(TS - 1, "vm-1", "bb" * 32)])
+        assert await conn.fetchval("SELECT last_seen_us FROM vms WHERE vm_id = 'vm-1'") == TS
+    finally:
+        await conn.close()

@@ -1,0 +1,94 @@
+"""Token cache misses that arrive together share one query, over a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from replayguard import db
+from replayguard.errors import Unavailable
+from replayguard.tokens import TokenReader
+
+
+async def _seed(dsn: str, principals: list[str]) -> None:
+    conn = await db.connect(dsn)
+    try:
+        await conn.executemany(
+            "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
+            " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1')",
+            [(f"otp_{p}_{k}", p) for p in principals for k in range(2)],
+        )
+        await conn.execute("UPDATE otp_tokens SET deleted_at = now() WHERE id = $1", f"otp_{principals[0]}_1")
+    finally:
+        await conn.close()
+
+
+class CountingReader(TokenReader):
+    queries: list[int]
+
+    async def _fetch(self, names: list[str]) -> list[Any]:
+        self.queries.append(len(names))
+        return await super()._fetch(names)
+
+
+async def test_concurrent_misses_share_queries(fresh_database: Callable[[], Any]) -> None:
+    dsn = await fresh_database()
+    principals = [f"p{i}" for i in range(64)]
+    await _seed(dsn, principals)
+    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    reader = CountingReader(pool)
+    reader.queries = []
+    try:
+        results = await asyncio.gather(*(reader.read(p) for p in principals + ["nobody", "p1"]))
+    finally:
+        await reader.close()
+        await pool.close()
+    by_name = dict(zip(principals + ["nobody", "p1b"], results))
+    assert [r["id"] for r in by_name["p0"]] == ["otp_p0_0"]  # the deleted token is not read
+    assert [r["id"] for r in by_name["p5"]] == ["otp_p5_0", "otp_p5_1"]
+    assert by_name["nobody"] == []
+    assert [r["id"] for r in by_name["p1b"]] == ["otp_p1_0", "otp_p1_1"]
+    # 66 reads of 65 names, all waiting at once: one query (a second one if the drain
+    # started before the last reads queued); the name asked twice is read once.
+    assert sum(reader.queries) == 65 and len(reader.queries) <= 2
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_read(fresh_database: Callable[[], Any]) -> None:
+    dsn = await fresh_database()
+    await _seed(dsn, ["alice", "bob"])
+    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    reader = TokenReader(pool)
+    try:
+        first = asyncio.create_task(reader.read("alice"))
+        second = asyncio.create_task(reader.read("alice"))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert [r["id"] for r in await second] == ["otp_alice_0"]
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await reader.close()
+        await pool.close()
+
+
+async def test_a_lost_database_is_unavailable_then_recovers(fresh_database: Callable[[], Any]) -> None:
+    dsn = await fresh_database()
+    await _seed(dsn, ["alice", "bob"])
+    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    reader = TokenReader(pool)
+    admin = await db.connect(dsn)
+    try:
+        assert len(await reader.read("bob")) == 2
+        # Kill the reader's kept connection server-side, as a restart of PostgreSQL would.
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(Unavailable):
+            await asyncio.gather(reader.read("alice"), reader.read("bob"))
+        assert len(await reader.read("bob")) == 2  # the next read reconnects
+    finally:
+        await admin.close()
+        await reader.close()
+        await pool.close()

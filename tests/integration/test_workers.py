@@ -1,0 +1,38 @@
+"""``serve --workers N``: workers do not outlive a parent killed hard."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.conftest import cli_env
+
+SMALL_POOL = {"REPLAYGUARD_DB_POOL_SIZE": "3"}
+
+
+async def test_workers_exit_when_their_parent_is_killed(
+    tmp_path: Path, fresh_database: Callable[[], Any], service_factory: Callable[..., Any],
+) -> None:
+    dsn = await fresh_database()
+    service = await service_factory(data_dir=tmp_path / "data", database_url=dsn, extra_args=("--workers", "2"),
+                                    env=cli_env(**SMALL_POOL))
+    workers = psutil.Process(service.proc.pid).children()
+    assert len(workers) >= 2
+    service.kill(signal.SIGKILL)  # the parent gets no chance to stop them
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    for proc in alive:  # leave nothing behind even when the assertion fails
+        proc.kill()
+    assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
+    # And the port is free again.
+    port = int(service.url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+            c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp")):
+        time.sleep(0.1)
+    assert not any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.net_connections("tcp"))

@@ -1,0 +1,77 @@
+"""The log line writer: routine lines batched, warnings at once, nothing lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import structlog
+
+from replayguard import logging as rglog
+
+
+def _logger(buffer: io.StringIO) -> tuple[rglog.LineWriter, structlog.typing.FilteringBoundLogger]:
+    writer = rglog.LineWriter(buffer)
+    logger = structlog.wrap_logger(
+        writer, processors=rglog.processors(), wrapper_class=structlog.make_filtering_bound_logger(0),
+    )
+    return writer, logger
+
+
+def _events(buffer: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in buffer.getvalue().splitlines()]
+
+
+def test_without_an_event_loop_every_line_is_written_at_once() -> None:
+    buffer = io.StringIO()
+    _, log = _logger(buffer)
+    log.info("one")
+    assert _events(buffer) == ["one"]
+
+
+async def test_routine_lines_wait_for_the_timer_warnings_do_not() -> None:
+    buffer = io.StringIO()
+    _, log = _logger(buffer)
+    log.info("first")
+    log.debug("second")
+    assert buffer.getvalue() == ""
+    log.warning("third")  # written at once, after what was buffered before it
+    assert _events(buffer) == ["first", "second", "third"]
+    log.info("fourth")
+    await asyncio.sleep(rglog.FLUSH_S * 3)
+    assert _events(buffer) == ["first", "second", "third", "fourth"]
+
+
+async def test_a_full_buffer_is_written_without_waiting() -> None:
+    buffer = io.StringIO()
+    _, log = _logger(buffer)
+    for i in range(rglog.MAX_BUFFERED):
+        log.info(f"line{i}")
+    assert len(_events(buffer)) == rglog.MAX_BUFFERED
+
+
+async def test_lines_buffered_on_a_loop_that_ended_still_come_out() -> None:
+    buffer = io.StringIO()
+    writer, log = _logger(buffer)
+
+    async def inner() -> None:
+        log.info("on another loop")
+
+    await asyncio.to_thread(asyncio.run, inner())  # that loop ends before its timer fires
+    log.info("on this loop")
+    await asyncio.sleep(rglog.FLUSH_S * 3)
+    writer.flush()
+    assert sorted(_events(buffer)) == ["on another loop", "on this loop"]
+
+
+def test_request_context_is_merged_and_ends_with_the_request() -> None:
+    buffer = io.StringIO()
+    _, log = _logger(buffer)
+    token = rglog.REQUEST_CONTEXT.set({"request_id": "r1", "caller": "tok_1"})
+    log.info("inside", caller="explicit")
+    rglog.REQUEST_CONTEXT.reset(token)
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in buffer.getvalue().splitlines())
+    assert inside["request_id"] == "r1" and inside["caller"] == "explicit"
+    assert "request_id" not in outside and "caller" not in outside
