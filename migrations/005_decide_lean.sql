@@ -6,7 +6,7 @@
 --   * the host clock guard is read once per batch and written once at its end;
 --   * a principal's row is read once per code and written only when it changes;
 --   * a VM's row is written during the batch only when its receipt state changes; the
---     last-seen times of the batch's VMs are moved by one UPDATE at its end;
+--     last-seen time of each VM of the batch is written once, at its end;
 --   * rg_entry_hash is declared STABLE, like the convert_to it calls, so the planner can
 --     inline it instead of running it as a separate SQL function.
 ALTER FUNCTION rg_entry_hash(bytea, bigint, bigint, text, text, text, bytea, text, text, jsonb) STABLE;
@@ -291,7 +291,10 @@ BEGIN
             ON CONFLICT (scope) DO UPDATE SET high_us = excluded.high_us
             WHERE clock_guard.high_us < excluded.high_us;
     END IF;
-    UPDATE vms v SET last_seen_us = u.ts FROM unnest(v_vms, v_vms_ts) AS u(vm, ts)
-        WHERE v.vm_id = u.vm AND v.last_seen_us < u.ts;
+    -- One UPDATE per VM of the batch, not a join over the arrays: a join's plan depends on
+    -- the arrays' sizes, so PostgreSQL would plan it afresh at every call.
+    FOR v_pos IN 1 .. cardinality(v_vms) LOOP
+        UPDATE vms SET last_seen_us = v_vms_ts[v_pos] WHERE vm_id = v_vms[v_pos] AND last_seen_us < v_vms_ts[v_pos];
+    END LOOP;
     UPDATE ledger_head SET seq = v_seq, hash = v_prev WHERE id;
 END $$;

@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -80,6 +81,20 @@ def merge_request_context(_logger: Any, _method: str, event_dict: MutableMapping
     if fields:
         for key, value in fields.items():
             event_dict.setdefault(key, value)
+    return event_dict
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
+def timestamp(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds (``2026-11-29T19:35:03.325964Z``), as structlog's
+    ``TimeStamper(fmt="iso", utc=True)`` writes it, formatting each second only once."""
+    now = time.time()
+    whole = int(now)
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    event_dict["timestamp"] = f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
     return event_dict
 
 
@@ -146,9 +161,8 @@ class LineWriterFactory:
 def processors() -> list[Any]:
     return [
         merge_request_context,
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        timestamp,
         structlog.processors.format_exc_info,
         redact,
         structlog.processors.JSONRenderer(serializer=_dumps),

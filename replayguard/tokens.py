@@ -188,6 +188,9 @@ class TokenStore:
 
     async def delete(self, principal: str, token_id: str, now_us: int) -> None:
         async with acquire(self._pool) as conn, conn.transaction():
+            # The ledger head first, as rg_decide takes it before the token's row: taking
+            # them the other way round would deadlock against a login with this token.
+            await conn.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")
             row = await conn.fetchrow(
                 "UPDATE otp_tokens SET deleted_at = now() WHERE id = $1 AND principal = $2"
                 " AND deleted_at IS NULL RETURNING id", token_id, principal,

@@ -75,3 +75,11 @@ def test_request_context_is_merged_and_ends_with_the_request() -> None:
     inside, outside = (json.loads(line) for line in buffer.getvalue().splitlines())
     assert inside["request_id"] == "r1" and inside["caller"] == "explicit"
     assert "request_id" not in outside and "caller" not in outside
+
+
+def test_timestamps_are_iso_utc_with_microseconds() -> None:
+    import re
+
+    stamps = [rglog.timestamp(None, "info", {})["timestamp"] for _ in range(3)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", s) for s in stamps)
+    assert stamps == sorted(stamps)
