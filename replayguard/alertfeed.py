@@ -209,7 +209,7 @@ class AlertFeed:
                 await asyncio.sleep(gap)
             self._wake.clear()
             last_tail = time.monotonic()
-            await self._tail()
+            await self._tail(conn)
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per
                 # POLL_S, not once per notification: a flood of alert joins must not cost
@@ -227,11 +227,11 @@ class AlertFeed:
 
     # --- live fan-out ---------------------------------------------------------------
 
-    async def _tail(self) -> None:
+    async def _tail(self, conn: asyncpg.Connection) -> None:
         """Publishes every change after the last one seen (and any just notified)."""
         while True:
             ids, self._notified = sorted(self._notified), set()
-            records = await self._alerts.changes(self._pos or 0, ids, PAGE)
+            records = await self._alerts.changes(self._pos or 0, ids, PAGE, conn)
             for record in records:
                 key = (record["id"], record["change_seq"])
                 if key in self._recent:

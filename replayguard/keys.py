@@ -9,6 +9,7 @@ turns every ledger digest back into a guessable OTP.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import stat
@@ -24,6 +25,12 @@ from .settings import Settings
 KEY_BYTES = 32
 
 
+@functools.lru_cache(maxsize=4)
+def _aead(secret: bytes) -> AESGCM:
+    """One AES-GCM context per key (building one per token read showed in profiles)."""
+    return AESGCM(secret)
+
+
 @dataclass(frozen=True, repr=False)
 class Keys:
     pepper: bytes
@@ -35,7 +42,7 @@ class Keys:
         return "Keys(<redacted>)"
 
     def aead(self) -> AESGCM:
-        return AESGCM(self.secret)
+        return _aead(self.secret)
 
     def signing_key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.signing)
