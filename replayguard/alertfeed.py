@@ -238,7 +238,8 @@ class AlertFeed:
                     continue
                 self._remember(key)
                 self._pos = max(self._pos or 0, record["change_seq"])
-                self._publish(record["change_seq"], render(record))
+                if self.subscribers:  # rendering for nobody is work a decision worker can skip
+                    self._publish(record["change_seq"], render(record))
             if len(records) < PAGE:
                 return
 
