@@ -11,10 +11,11 @@ Keys: ``rg:use:<digest hex>`` → {"vm", "epoch", "seq"} of a credential's first
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import cast
 from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,6 +25,70 @@ from redis.exceptions import RedisError
 log = structlog.get_logger(__name__)
 
 ALERT_CHANNEL = b"replayguard:alerts"
+MAX_PIPELINE = 512
+
+
+class Pipeliner:
+    """Redis commands issued together share one pipeline: one round trip, one connection.
+
+    A lone command goes at once; while a pipeline is in flight, newer commands queue and
+    go together in the next one (the group commit of the hot path). A pipeline that fails
+    fails every command in it with the Redis error (callers treat that as a miss).
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.pipelines = 0  # how many round trips were made (tests, metrics)
+
+    def submit(self, *command: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return future
+
+    async def call(self, *command: Any) -> Any:
+        return await self.submit(*command)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+                await self._send(batch)
+        finally:
+            self._task = None
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        self.pipelines += 1
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command, _ in batch:
+                    pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RedisError("the Redis pipeline was interrupted"))
+            raise
+        for (_, future), result in zip(batch, results):
+            if future.done():
+                continue  # its caller gave up (cancelled)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +124,7 @@ class HotCache:
 
     def __init__(self, client: aioredis.Redis, ttl_s: int = 3600) -> None:
         self._redis = client
+        self._pipe = Pipeliner(client)
         self._ttl = ttl_s
         self.healthy = True
         # What this process last wrote for each VM, so that an unchanged state is not
@@ -71,6 +137,7 @@ class HotCache:
         return cls(client)
 
     async def close(self) -> None:
+        await self._pipe.close()
         await self._redis.aclose()
 
     def _failed(self, exc: BaseException) -> None:
@@ -94,7 +161,7 @@ class HotCache:
         if principal is not None:
             keys.append(b"rg:lock:" + principal.encode())
         try:
-            values: list[bytes | None] = cast("list[bytes | None]", await self._redis.mget(keys))
+            values: list[bytes | None] = cast("list[bytes | None]", await self._pipe.call("MGET", *keys))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return HotLookup(None, 0)
@@ -113,16 +180,18 @@ class HotCache:
         vm_changed = last is None or last[:2] != (epoch, rseq) or now - last[2] > self.VM_REFRESH_S
         if not vm_changed and digest is None:
             return
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if vm_changed:
-                    pipe.set(b"rg:vm:" + vm_id.encode(), orjson.dumps({"epoch": epoch, "rseq": rseq}), ex=self._ttl)
-                if digest is not None:
-                    value = orjson.dumps({"vm": vm_id, "epoch": epoch, "seq": seq})
-                    pipe.set(b"rg:use:" + digest.hex().encode(), value, ex=ttl_s or self._ttl)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        writes = []
+        if vm_changed:
+            writes.append(self._pipe.submit(
+                "SET", b"rg:vm:" + vm_id.encode(), orjson.dumps({"epoch": epoch, "rseq": rseq}), "EX", self._ttl))
+        if digest is not None:
+            value = orjson.dumps({"vm": vm_id, "epoch": epoch, "seq": seq})
+            writes.append(self._pipe.submit("SET", b"rg:use:" + digest.hex().encode(), value, "EX", ttl_s or self._ttl))
+        failures = [r for r in await asyncio.gather(*writes, return_exceptions=True) if isinstance(r, BaseException)]
+        if failures:
+            if not isinstance(failures[0], (RedisError, OSError)):
+                raise failures[0]
+            self._failed(failures[0])
             self._written.pop(vm_id, None)
             return
         if vm_changed:
@@ -135,14 +204,14 @@ class HotCache:
         if ttl_ms <= 0:
             return
         try:
-            await self._redis.set(b"rg:lock:" + principal.encode(), str(locked_until_us), px=ttl_ms)
+            await self._pipe.call("SET", b"rg:lock:" + principal.encode(), str(locked_until_us), "PX", ttl_ms)
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
     async def publish_alert(self, alert_id: int) -> None:
         """Tells every instance an alert changed (fan-out of the live stream)."""
         try:
-            await self._redis.publish(ALERT_CHANNEL, str(alert_id))
+            await self._pipe.call("PUBLISH", ALERT_CHANNEL, str(alert_id))
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
@@ -162,6 +231,6 @@ class HotCache:
         """Drops a VM's cached state (its epoch changed: hot answers must go to PostgreSQL)."""
         self._written.pop(vm_id, None)
         try:
-            await self._redis.delete(b"rg:vm:" + vm_id.encode())
+            await self._pipe.call("DEL", b"rg:vm:" + vm_id.encode())
         except (RedisError, OSError) as exc:
             self._failed(exc)
