@@ -387,14 +387,17 @@ def cpu_meter(service: Service, dbname: str) -> Iterator[dict[str, float]]:
     """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine."""
     def svc() -> dict[int, float]:
         return _cpu_by_pid([p for pid in service.pids() for p in tree(pid)])
-    before = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic())
+    before = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic(),
+              _stolen_cpu())
     out: dict[str, float] = {}
     yield out
-    after = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic())
+    after = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic(),
+             _stolen_cpu())
     wall = after[4] - before[4]
     out.update({"service": _delta(before[0], after[0]) / wall, "postgres": _delta(before[1], after[1]) / wall,
-                "loadgen": (after[2] - before[2]) / wall, "machine_busy": (after[3] - before[3]) / wall})
-    out["other"] = out["machine_busy"] - out["service"] - out["postgres"] - out["loadgen"]
+                "loadgen": (after[2] - before[2]) / wall, "machine_busy": (after[3] - before[3]) / wall,
+                "steal": (after[5] - before[5]) / wall})
+    out["other"] = out["machine_busy"] - out["service"] - out["postgres"] - out["loadgen"] - out["steal"]
     for key in list(out):
         out[key] = round(out[key], 2)
 
@@ -425,7 +428,12 @@ def _children_cpu() -> float:
 
 def _machine_cpu() -> float:
     t = psutil.cpu_times()
-    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + _stolen_cpu()
+
+
+def _stolen_cpu() -> float:
+    """CPU time the hypervisor gave to other guests while this one wanted it (Linux steal)."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
 
 # --- TOTP principals and the code file ------------------------------------------------------
@@ -843,7 +851,7 @@ def report(result: dict[str, Any]) -> str:
     main = result["main"]
     base = {(b["concurrency"], b["batch"]): b for b in result.get("baseline", [])}
     rows = [["conc", "decisions/s", "p50 ms", "p95 ms", "p99 ms", "errors", "peak RSS MB", "mean batch",
-             "CPU svc/pg/wrk/other", "baseline row/s", "svc/row", "baseline batch/s", "svc/batch"]]
+             "CPU svc/pg/wrk/other/steal", "baseline row/s", "svc/row", "baseline batch/s", "svc/batch"]]
     batch = result["args"]["baseline_batch"]
     for r in main["phases"]:
         row = base.get((r["concurrency"], 1))
@@ -851,7 +859,7 @@ def report(result: dict[str, Any]) -> str:
         cpu = r["cpu"]
         rows.append([str(r["concurrency"]), f"{r['rate']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}",
                      f"{r['p99_ms']:.2f}", str(r["errors"]), f"{r['peak_rss_mb']:.0f}", str(r["pg"]["mean_batch"]),
-                     f"{cpu['service']}/{cpu['postgres']}/{cpu['loadgen']}/{cpu['other']}",
+                     f"{cpu['service']}/{cpu['postgres']}/{cpu['loadgen']}/{cpu['other']}/{cpu.get('steal', 0)}",
                      f"{row['rows_per_s']:.0f}" if row else "-", f"{r['rate'] / row['rows_per_s']:.2f}" if row else "-",
                      f"{bat['rows_per_s']:.0f}" if bat else "-", f"{r['rate'] / bat['rows_per_s']:.2f}" if bat else "-"])
     out.append("Decisions (mix " + result["args"]["mix"] + " fresh-nonce:fresh-TOTP:replay:invalid)\n" + table(rows))
