@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,11 +36,12 @@ class Pipeliner:
     fails every command in it with the Redis error (callers treat that as a miss).
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, on_pipeline: Callable[[int], None] | None = None) -> None:
         self._redis = client
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
-        self.pipelines = 0  # how many round trips were made (tests, metrics)
+        self._on_pipeline = on_pipeline
+        self.pipelines = 0  # how many round trips were made
 
     def submit(self, *command: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -62,6 +63,8 @@ class Pipeliner:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         self.pipelines += 1
+        if self._on_pipeline is not None:
+            self._on_pipeline(len(batch))
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for command, _ in batch:
@@ -122,9 +125,10 @@ def _first_hit(digests: list[bytes], uses: list[bytes | None], vm_raw: bytes | N
 class HotCache:
     VM_REFRESH_S = 60.0
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int = 3600) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int = 3600,
+                 on_pipeline: Callable[[int], None] | None = None) -> None:
         self._redis = client
-        self._pipe = Pipeliner(client)
+        self._pipe = Pipeliner(client, on_pipeline)
         self._ttl = ttl_s
         self.healthy = True
         # What this process last wrote for each VM, so that an unchanged state is not
@@ -132,9 +136,9 @@ class HotCache:
         self._written: dict[str, tuple[int, int, float]] = {}
 
     @classmethod
-    def from_url(cls, url: str) -> HotCache:
+    def from_url(cls, url: str, on_pipeline: Callable[[int], None] | None = None) -> HotCache:
         client = aioredis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25, retry_on_timeout=False)
-        return cls(client)
+        return cls(client, on_pipeline=on_pipeline)
 
     async def close(self) -> None:
         await self._pipe.close()

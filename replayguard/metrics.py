@@ -35,6 +35,14 @@ class Metrics:
             "replayguard_ledger_batch_size", "Decisions per ledger transaction (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
         )
+        self.token_read_size = Histogram(
+            "replayguard_token_read_batch_size", "Principals per token read (concurrent cache misses share one)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        )
+        self.redis_pipeline_size = Histogram(
+            "replayguard_redis_pipeline_size", "Commands per Redis round trip (concurrent ones share a pipeline)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        )
         self.ledger_up = Gauge(
             "replayguard_ledger_up", "1 when the last ledger check succeeded", registry=self.registry,
         )

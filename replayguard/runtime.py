@@ -73,11 +73,12 @@ async def open_runtime(
         dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
     pool = await db.create_pool(dsn, size=settings.db_pool_size, statement_timeout_ms=settings.statement_timeout_ms)
     metrics = Metrics()
-    hot = HotCache.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
+    hot = (HotCache.from_url(settings.redis_url.reveal(), on_pipeline=metrics.redis_pipeline_size.observe)
+           if settings.redis_url is not None else None)
     params = DecideParams(settings.lockout_threshold, settings.lockout_period_s * 1_000_000,
                           settings.receipt_reaction == "refuse")
     appender = Appender(pool, params, on_batch=metrics.batch_size.observe)
-    tokens = TokenStore(pool, keys)
+    tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
     config = DecisionConfig(settings.totp_drift_steps, settings.hotp_look_ahead,
                             settings.nonce_max_ttl_s, settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,

@@ -14,6 +14,7 @@ import base64
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,13 @@ log = structlog.get_logger(__name__)
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
 MAX_READ_BATCH = 512
-_READ = (
-    "SELECT principal, id, type, secret_ct, digits, period, algorithm, last_counter FROM otp_tokens"
-    " WHERE principal = ANY($1::text[]) AND deleted_at IS NULL ORDER BY principal, created_at, id"
-)
+_COLUMNS = "principal, id, type, secret_ct, digits, period, algorithm, last_counter"
+_READ = (f"SELECT {_COLUMNS} FROM otp_tokens"
+         " WHERE principal = ANY($1::text[]) AND deleted_at IS NULL ORDER BY principal, created_at, id")
+# A lone miss (the usual case at low load) asks by equality: PostgreSQL keeps one generic
+# plan for it, where ``= ANY($1)`` is planned afresh at every call (~0.15 ms).
+_READ_ONE = (f"SELECT {_COLUMNS} FROM otp_tokens"
+             " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +89,9 @@ class TokenReader:
     connection. A read that fails fails its waiters with ``Unavailable``.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, on_read: Callable[[int], None] | None = None) -> None:
         self._conn = KeptConnection(pool)
+        self._on_read = on_read
         self._waiting: dict[str, asyncio.Future[list[asyncpg.Record]]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -125,9 +130,12 @@ class TokenReader:
             self._task = None
 
     async def _fetch(self, names: list[str]) -> list[asyncpg.Record]:
+        if self._on_read is not None:
+            self._on_read(len(names))
         try:
             conn = await self._conn.get()
-            rows: list[asyncpg.Record] = await conn.fetch(_READ, names)
+            rows: list[asyncpg.Record] = await (
+                conn.fetch(_READ_ONE, names[0]) if len(names) == 1 else conn.fetch(_READ, names))
             return rows
         except UNAVAILABLE_ERRORS as exc:
             await self._conn.drop()
@@ -146,11 +154,11 @@ class TokenReader:
 
 
 class TokenStore:
-    def __init__(self, pool: asyncpg.Pool, keys: Keys) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
         self._pool = pool
         self._keys = keys
         self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
-        self._reader = TokenReader(pool)
+        self._reader = TokenReader(pool, on_read)
 
     async def close(self) -> None:
         await self._reader.close()

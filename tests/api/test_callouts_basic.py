@@ -19,3 +19,18 @@ async def test_totp_accepted_once_then_reused(api: Api) -> None:
     assert status == 200 and second["decision"] == "reject" and second["reason"] == "reused"
     assert second["seq"] > first["seq"]
     assert second["alert_id"]
+
+
+async def test_metrics_show_the_batching_of_ledger_writes_and_token_reads(api: Api) -> None:
+    """/metrics carries the group commit's batch sizes and the token reader's."""
+    principal = uid("bob")
+    token = await api.enroll(principal)
+    code = pyotp.TOTP(token["secret"]).at(api.clock.now)
+    status, _ = await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": code})
+    assert status == 200
+    resp = await api.client.get("/metrics")
+    text = await resp.text()
+    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("replayguard_ledger_batch_size_count", "replayguard_token_read_batch_size_count"))}
+    assert counts["replayguard_ledger_batch_size_count"] >= 1
+    assert counts["replayguard_token_read_batch_size_count"] >= 1

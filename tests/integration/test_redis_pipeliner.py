@@ -25,12 +25,13 @@ async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
 
 async def test_concurrent_commands_share_round_trips(owned_redis: OwnedRedis) -> None:
     client = aioredis.from_url(owned_redis.url)
-    pipe = Pipeliner(client)
+    sizes: list[int] = []
+    pipe = Pipeliner(client, sizes.append)
     try:
         await asyncio.gather(*(pipe.call("SET", f"k{i}", str(i)) for i in range(200)))
         values = await asyncio.gather(*(pipe.call("MGET", f"k{i}", f"k{i + 1}", "nope") for i in range(199)))
         assert values[7] == [b"7", b"8", None]
-        assert pipe.pipelines <= 4  # 400 commands, not 400 round trips
+        assert pipe.pipelines <= 4 and sum(sizes) == 399  # 399 commands, not 399 round trips
         with pytest.raises(RedisError):  # a command Redis refuses fails alone
             await pipe.call("INCR", "k1", "extra-argument")
         assert await pipe.call("GET", "k1") == b"1"

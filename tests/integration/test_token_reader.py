@@ -74,7 +74,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_read(fresh_database: Calla
         await pool.close()
 
 
-async def test_a_lost_database_is_unavailable_then_recovers(fresh_database: Callable[[], Any]) -> None:
+async def test_a_lost_connection_fails_closed_then_recovers(fresh_database: Callable[[], Any]) -> None:
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
     pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
@@ -85,9 +85,14 @@ async def test_a_lost_database_is_unavailable_then_recovers(fresh_database: Call
         # Kill the reader's kept connection server-side, as a restart of PostgreSQL would.
         await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        with pytest.raises(Unavailable):
-            await asyncio.gather(reader.read("alice"), reader.read("bob"))
-        assert len(await reader.read("bob")) == 2  # the next read reconnects
+        # Either the loss is noticed before the read (it reconnects and answers) or during
+        # it (Unavailable: the caller answers 503); never a wrong or empty answer.
+        try:
+            alice, bob = await asyncio.gather(reader.read("alice"), reader.read("bob"))
+            assert (len(alice), len(bob)) == (1, 2)  # one of alice's two tokens is deleted
+        except Unavailable:
+            pass
+        assert len(await reader.read("bob")) == 2  # and the next read works again
     finally:
         await admin.close()
         await reader.close()
