@@ -9,6 +9,7 @@ a chain that was already altered. Used by the HTTP API, the CLI and the backgrou
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from .keys import Keys
 log = structlog.get_logger(__name__)
 
 BATCH = 10_000
+CHECKPOINT_BATCH = 1_000  # rows per read when a serving worker checks before it signs
+YIELD_EVERY = 200  # rows hashed between two turns of the event loop
 _CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
 _ROWS = (
     "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
@@ -60,10 +63,10 @@ def _row(record: asyncpg.Record) -> Row:
     return Row(entry, bytes(record["prev_hash"]), bytes(record["hash"]))
 
 
-async def _stream(conn: asyncpg.Connection, after: int, upto: int) -> AsyncIterator[list[Row]]:
+async def _stream(conn: asyncpg.Connection, after: int, upto: int, batch: int = BATCH) -> AsyncIterator[list[Row]]:
     """Rows ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
     while after < upto:
-        records = await conn.fetch(_ROWS, after, upto, BATCH)
+        records = await conn.fetch(_ROWS, after, upto, batch)
         if not records:
             return
         yield [_row(r) for r in records]
@@ -71,12 +74,16 @@ async def _stream(conn: asyncpg.Connection, after: int, upto: int) -> AsyncItera
 
 
 async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
-                       progress: Progress | None = None) -> Finding | None:
+                       progress: Progress | None = None, batch: int = BATCH) -> Finding | None:
     total = upto - checker.start_seq
-    async for rows in _stream(conn, checker.start_seq, upto):
-        for row in rows:
-            if checker.feed(row) is not None:
-                return checker.finding
+    async for rows in _stream(conn, checker.start_seq, upto, batch):
+        for start in range(0, len(rows), YIELD_EVERY):
+            for row in rows[start:start + YIELD_EVERY]:
+                if checker.feed(row) is not None:
+                    return checker.finding
+            # In a serving worker this runs beside decisions: hashing thousands of rows in
+            # one go would hold every request of the worker for tens of milliseconds.
+            await asyncio.sleep(0)
         if progress is not None:
             progress(checker.checked, total)
     return None
@@ -145,7 +152,8 @@ class LedgerService:
             # Continue from the last checkpoint only when it is provably ours.
             trusted = last is not None and self._trusted(_checkpoint(last))
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            finding = await _check_range(conn, checker, head["seq"]) or checker.finish(head["seq"], bytes(head["hash"]))
+            finding = (await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
+                       or checker.finish(head["seq"], bytes(head["hash"])))
             if finding is not None:
                 return finding
             cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
