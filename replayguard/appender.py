@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .db import UNAVAILABLE_ERRORS, KeptConnection
+from .db import KeptConnection
 from .errors import Unavailable
 
 log = structlog.get_logger(__name__)
@@ -134,20 +134,8 @@ class Appender:
 
     async def _call(self, items: list[dict[str, Any]]) -> list[asyncpg.Record]:
         p = self._params
-        try:
-            conn = await self._conn.get()
-            rows: list[asyncpg.Record] = await conn.fetch(
-                _DECIDE, items, p.lock_threshold, p.lock_period_us, p.refuse_on_rollback,
-            )
-        except UNAVAILABLE_ERRORS as exc:
-            await self._conn.drop()
-            log.warning("ledger_unavailable", error=type(exc).__name__)
-            raise Unavailable("the ledger cannot be written right now") from None
-        except asyncpg.PostgresError as exc:
-            # Not the client's fault and not a connection loss: still fail closed.
-            await self._conn.drop()
-            log.error("ledger_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
-            raise Unavailable("the ledger refused the write") from None
+        rows = await self._conn.fetch("ledger", _DECIDE, items, p.lock_threshold, p.lock_period_us,
+                                      p.refuse_on_rollback)
         if len(rows) != len(items):
             raise Unavailable("the ledger answered an incomplete batch")
         return rows

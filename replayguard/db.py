@@ -245,6 +245,27 @@ class KeptConnection:
         except asyncpg.InterfaceError:
             pass  # the pool already took back a connection it saw die
 
+    async def fetch(self, event: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Runs one query on the kept connection, failing closed.
+
+        A lost database or any server-side error drops the connection (the next use
+        reconnects), logs ``<event>_unavailable`` or ``<event>_error`` and raises
+        ``Unavailable``: the caller answers 503 and nothing is accepted.
+        """
+        try:
+            conn = await self.get()
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+        except UNAVAILABLE_ERRORS as exc:
+            await self.drop()
+            log.warning(f"{event}_unavailable", error=type(exc).__name__)
+            raise Unavailable("the database cannot be reached right now") from None
+        except asyncpg.PostgresError as exc:
+            # Not the client's fault and not a connection loss: still fail closed.
+            await self.drop()
+            log.error(f"{event}_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
+            raise Unavailable("the database refused the query") from None
+
     async def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

@@ -20,14 +20,12 @@ from typing import Any
 
 import asyncpg
 import pyotp
-import structlog
 
 from .core.validation import EnrollRequest
-from .db import UNAVAILABLE_ERRORS, KeptConnection, acquire
+from .db import KeptConnection, acquire
 from .errors import NotFound, Unavailable
 from .keys import Keys
 
-log = structlog.get_logger(__name__)
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
@@ -132,19 +130,9 @@ class TokenReader:
     async def _fetch(self, names: list[str]) -> list[asyncpg.Record]:
         if self._on_read is not None:
             self._on_read(len(names))
-        try:
-            conn = await self._conn.get()
-            rows: list[asyncpg.Record] = await (
-                conn.fetch(_READ_ONE, names[0]) if len(names) == 1 else conn.fetch(_READ, names))
-            return rows
-        except UNAVAILABLE_ERRORS as exc:
-            await self._conn.drop()
-            log.warning("token_read_unavailable", error=type(exc).__name__)
-            raise Unavailable("the database cannot be reached right now") from None
-        except asyncpg.PostgresError as exc:
-            await self._conn.drop()
-            log.error("token_read_error", error=type(exc).__name__, sqlstate=exc.sqlstate)
-            raise Unavailable("the token read failed") from None
+        if len(names) == 1:
+            return await self._conn.fetch("token_read", _READ_ONE, names[0])
+        return await self._conn.fetch("token_read", _READ, names)
 
     async def close(self) -> None:
         task = self._task

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pyotp
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, uid
 from tests.integration.owned_servers import OwnedRedis
-
-
-@pytest_asyncio.fixture
-async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
-    """A Redis this test alone uses, and may stop, restart and flush."""
-    server = OwnedRedis(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
 
 
 def decisions(api: Api, kind: str, reason: str, source: str) -> float:

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from replayguard.cache import HotCache, Pipeliner
 from tests.integration.owned_servers import OwnedRedis
-
-
-@pytest_asyncio.fixture
-async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
-    server = OwnedRedis(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
 
 
 async def test_concurrent_commands_share_round_trips(owned_redis: OwnedRedis) -> None:
