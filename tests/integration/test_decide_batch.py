@@ -86,3 +86,35 @@ async def test_the_clock_guard_raised_earlier_in_a_batch_applies_to_later_items(
         assert await conn.fetchval("SELECT last_seen_us FROM vms WHERE vm_id = 'vm-1'") == TS
     finally:
         await conn.close()
+
+
+async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses(
+    fresh_database: Callable[[], Any],
+) -> None:
+    """Refusing a replayed OTP reads its earlier use by key, however many uses are live.
+
+    PL/pgSQL caches each statement's plan per connection. Through migration 005, a plan
+    made while ``uses`` was small scanned the whole table for every replayed code ever
+    after, so a replay's cost grew with the live uses (migration 006).
+    ``pg_stat_xact_user_tables`` counts the rows this transaction read by sequential scan.
+    """
+    conn = await db.connect(await fresh_database())
+    try:
+        await _token(conn, "tok-a", "alice")
+        assert await _decide(conn, [code(TS, "vm-1", "alice", "tok-a", [STEP])]) == [("accept", "ok")]
+        # Enough replays, while uses holds one row, for PL/pgSQL to settle on a cached plan.
+        for n in range(1, 9):
+            assert await _decide(conn, [code(TS + n, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
+        await conn.execute(
+            "INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
+            " SELECT sha256(g::text::bytea), 'nonce', 'vm-x', 'api', g, $1::bigint, $1::bigint + 1000000000"
+            " FROM generate_series(1, 5000) g", TS)
+        async with conn.transaction():
+            assert await _decide(conn, [code(TS + 10, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
+            assert await _decide(conn, [nonce(TS + 11, "vm-2", "bb" * 32)]) == [("accept", "ok")]
+            assert await _decide(conn, [nonce(TS + 12, "vm-2", "bb" * 32)]) == [("reject", "reused")]
+            scanned = await conn.fetch(
+                "SELECT relname, seq_tup_read FROM pg_stat_xact_user_tables WHERE seq_tup_read > 0")
+        assert scanned == []
+    finally:
+        await conn.close()
