@@ -1,0 +1,45 @@
+"""A serving process freezes its start-up heap and collects rarely (``http.server.tune_gc``).
+
+What the tuning buys is measured by the benchmark (bench/README.md); this checks the
+tuning is what ``serve`` applies, and that it leaves the collector working.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from replayguard.http.server import GC_THRESHOLDS, tune_gc
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_tune_gc_freezes_the_start_up_heap_and_raises_the_thresholds() -> None:
+    kept = [object() for _ in range(10)] + [[] for _ in range(10)]
+    tune_gc()
+    assert gc.get_threshold() == GC_THRESHOLDS
+    assert gc.get_freeze_count() >= len(kept) // 2
+    assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_cycles_made_after_tuning_are_still_collected() -> None:
+    tune_gc()
+
+    class Node:
+        pass
+
+    for _ in range(1000):
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+    del a, b
+    assert gc.collect() >= 2000
