@@ -28,6 +28,10 @@ from .tokens import OtpToken, TokenStore
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+# The ledger's words to their enum members (a dict lookup; calling the enum is ten times slower).
+_VERDICTS: dict[str, Verdict] = {member.value: member for member in Verdict}
+_REASONS: dict[str, Reason] = {member.value: member for member in Reason}
+_FLAGS: dict[str, Flag] = {member.value: member for member in Flag}
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +224,8 @@ class DecisionService:
     def _result(self, kind: str, outcome: Outcome, vm_id: str) -> DecisionResult:
         receipt = receipts.issue(self._keys.receipt, ReceiptClaims(vm_id, outcome.seq, outcome.epoch))
         result = DecisionResult(
-            verdict=Verdict(outcome.verdict), reason=Reason(outcome.reason),
-            flags=tuple(Flag(f) for f in outcome.flags), seq=outcome.seq, receipt=receipt,
+            verdict=_VERDICTS[outcome.verdict], reason=_REASONS[outcome.reason],
+            flags=tuple(_FLAGS[f] for f in outcome.flags), seq=outcome.seq, receipt=receipt,
             alert_id=None if outcome.alert_id is None else str(outcome.alert_id),
         )
         self._on_decision(kind, result, "ledger")

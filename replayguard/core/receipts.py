@@ -51,11 +51,17 @@ def _mac(key: bytes, payload: bytes) -> bytes:
     return hmac.digest(key, _DOMAIN + payload, "sha256")  # one-shot, in C
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_json_string = json.encoder.encode_basestring_ascii
+
+
+def _payload(claims: ReceiptClaims) -> bytes:
+    """``[vm_id,seq,epoch]`` as compact ASCII JSON: what ``json.dumps(..., separators=(",",
+    ":"))`` writes, formatted directly (the encoder object cost more than the MAC)."""
+    return f"[{_json_string(claims.vm_id)},{int(claims.seq)},{int(claims.epoch)}]".encode()
 
 
 def issue(key: bytes, claims: ReceiptClaims) -> str:
-    payload = _ENCODER.encode([claims.vm_id, claims.seq, claims.epoch]).encode()
+    payload = _payload(claims)
     return f"{PREFIX}.{_b64(payload)}.{_b64(_mac(key, payload))}"
 
 

@@ -23,7 +23,7 @@ from ..errors import (
     ClientError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, ReplayGuardError,
     Unauthorized, Unavailable,
 )
-from ..logging import REQUEST_CONTEXT
+from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import open_runtime
 from ..settings import Settings
 from . import admin, callouts, openapi, ops
@@ -82,7 +82,7 @@ def _log_line(request: web.Request, status: int, elapsed: float) -> None:
     for name, key in (("decision", DECISION), ("reason", REASON)):
         if key in request:
             fields[name] = request[key]
-    log.info("request", **fields)
+    request_line(fields)
 
 
 @web.middleware

@@ -6,7 +6,10 @@ import base64
 import csv
 from pathlib import Path
 
+import pyotp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from replayguard.core import otp
 
@@ -71,3 +74,13 @@ def test_hotp_look_ahead_and_behind() -> None:
     assert otp.hotp_matches(secret, "520489", last_counter=3, look_ahead=5) == []
     assert otp.hotp_matches(secret, "287082", last_counter=4, look_ahead=5) == [1]
     assert otp.hotp_matches(secret, "755224", last_counter=-1, look_ahead=3) == [0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(secret=st.binary(min_size=16, max_size=64), counter=st.integers(0, 2**63 - 1),
+       digits=st.integers(6, 10), algorithm=st.sampled_from(sorted(otp.ALGORITHMS)))
+def test_codes_are_pyotps_codes(secret: bytes, counter: int, digits: int, algorithm: str) -> None:
+    """The one-shot HMAC path gives exactly what pyotp's HOTP gives."""
+    b32 = _b32(secret)
+    reference = pyotp.HOTP(b32, digits=digits, digest=otp.ALGORITHMS[algorithm])
+    assert otp.hotp_code(b32, counter, digits=digits, algorithm=algorithm) == reference.at(counter)

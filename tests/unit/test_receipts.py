@@ -41,3 +41,16 @@ def test_tampered_payload_is_invalid() -> None:
 def test_garbage_never_raises(text: str) -> None:
     """Any string at all is either a valid receipt or invalid; it never raises."""
     assert check(KEY, text).status in (ReceiptStatus.INVALID, ReceiptStatus.VALID)
+
+
+@settings(max_examples=300, deadline=None)
+@given(vm_id=st.text(min_size=1, max_size=64), seq=st.integers(0, 2**63 - 1), epoch=st.integers(0, 2**31 - 1))
+def test_the_payload_is_compact_ascii_json(vm_id: str, seq: int, epoch: int) -> None:
+    """Receipts already issued must keep verifying: the payload is byte for byte what the
+    standard library's compact encoder writes."""
+    import json
+
+    from replayguard.core.receipts import _payload
+
+    expected = json.dumps([vm_id, seq, epoch], separators=(",", ":")).encode()
+    assert _payload(ReceiptClaims(vm_id, seq, epoch)) == expected

@@ -1,0 +1,76 @@
+"""The access line (``logging.request_line``) is the line ``log.info("request", ...)`` writes.
+
+It skips structlog's per-call wrapping while ``logging.configure``'s set-up is in force,
+and must then write the same fields, honour the level, mask what the redactor masks, and
+step aside for any other configuration (such as ``capture_logs``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from replayguard import logging as rglog
+
+TOKEN = "rgt_" + "a1B2-c3_D4" * 4
+
+
+@pytest.fixture
+def configured() -> Iterator[io.StringIO]:
+    old, access = structlog.get_config(), list(rglog._ACCESS)
+    buffer = io.StringIO()
+    rglog.configure("info", buffer)
+    reset = rglog.REQUEST_CONTEXT.set({"request_id": "req-1", "route": "/v1/otp/verify"})
+    yield buffer
+    rglog.REQUEST_CONTEXT.reset(reset)
+    structlog.configure(**old)
+    rglog._ACCESS[:] = access
+
+
+def _lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    rglog._ACCESS[1].flush()
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def _fields(**extra: Any) -> dict[str, Any]:
+    return {"method": "POST", "status": 200, "duration_ms": 1.5, **extra}
+
+
+def test_it_writes_what_log_info_writes(configured: io.StringIO) -> None:
+    structlog.get_logger("replayguard.http").info("request", **_fields(decision="accept"))
+    rglog.request_line(_fields(decision="accept"))
+    slow, fast = _lines(configured)
+    assert slow.pop("timestamp") and fast.pop("timestamp")
+    assert fast == slow == {"method": "POST", "status": 200, "duration_ms": 1.5, "decision": "accept",
+                            "event": "request", "request_id": "req-1", "route": "/v1/otp/verify",
+                            "level": "info"}
+
+
+def test_it_masks_a_token_a_client_put_in_a_field(configured: io.StringIO) -> None:
+    rglog.REQUEST_CONTEXT.get()["request_id"] = TOKEN  # type: ignore[index]
+    rglog.request_line(_fields(method=TOKEN.upper().replace("RGT_", "rgt_")))
+    rglog.request_line(_fields())  # the same key again, after it was seen clean
+    text = configured.getvalue() + json.dumps(_lines(configured))
+    assert "a1B2" not in text and "A1B2" not in text
+    assert [line["request_id"] for line in _lines(configured)] == [rglog.REDACTED] * 2
+
+
+def test_it_honours_the_configured_level(configured: io.StringIO) -> None:
+    buffer = io.StringIO()
+    rglog.configure("warning", buffer)
+    rglog.request_line(_fields())
+    rglog._ACCESS[1].flush()
+    assert buffer.getvalue() == ""
+
+
+def test_it_gives_way_to_capture_logs(configured: io.StringIO) -> None:
+    with capture_logs() as events:
+        rglog.request_line(_fields(reason="ok"))
+    assert [(e["event"], e["reason"]) for e in events] == [("request", "ok")]
+    assert _lines(configured) == []
