@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import structlog
 
+from .aio import running_loop
 from .db import KeptConnection
 from .errors import Unavailable
 
@@ -69,7 +70,7 @@ class Appender:
 
     async def submit(self, item: dict[str, Any]) -> Outcome:
         """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome] = running_loop().create_future()
         self._queue.append((item, future))
         if not self._running:
             self._running = True

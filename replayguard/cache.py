@@ -20,6 +20,8 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 import structlog
+
+from .aio import running_loop
 from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
@@ -44,7 +46,7 @@ class Pipeliner:
         self.pipelines = 0  # how many round trips were made
 
     def submit(self, *command: Any) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = running_loop().create_future()
         self._queue.append((command, future))
         if self._task is None:
             self._task = asyncio.create_task(self._drain())

@@ -27,6 +27,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from .aio import running_loop
+
 REDACTED = "[redacted]"
 SENSITIVE_KEYS = frozenset({
     "otp", "code", "nonce", "secret", "token", "password", "authorization", "api_token",
@@ -148,7 +150,7 @@ class LineWriter:
 
     def _buffer(self, message: str) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
         except RuntimeError:  # no event loop here (CLI commands, threads): write at once
             self._now(message)
             return

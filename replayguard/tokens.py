@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import pyotp
 
+from .aio import running_loop
 from .core.validation import EnrollRequest
 from .db import KeptConnection, acquire
 from .errors import NotFound, Unavailable
@@ -96,7 +97,7 @@ class TokenReader:
     async def read(self, principal: str) -> list[asyncpg.Record]:
         future = self._waiting.get(principal)
         if future is None:
-            future = asyncio.get_running_loop().create_future()
+            future = running_loop().create_future()
             self._waiting[principal] = future
             if self._task is None:
                 self._task = asyncio.create_task(self._drain())
