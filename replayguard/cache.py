@@ -20,9 +20,9 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from .aio import running_loop
-from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
 
