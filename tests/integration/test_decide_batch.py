@@ -95,26 +95,39 @@ async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses
 
     PL/pgSQL caches each statement's plan per connection. Through migration 005, a plan
     made while ``uses`` was small scanned the whole table for every replayed code ever
-    after, so a replay's cost grew with the live uses (migration 006).
-    ``pg_stat_xact_user_tables`` counts the rows this transaction read by sequential scan.
+    after, so a replay's cost grew with the live uses (migration 006). The lookup is
+    planned here while ``uses`` holds 300 rows, analysed (a code behind the token's
+    high-water with no use recorded), and again with one row more; then ``uses`` grows
+    to 5,300 rows and ``pg_stat_xact_user_tables`` counts the rows a transaction read
+    from it, by sequential scan and by index.
     """
     conn = await db.connect(await fresh_database())
     try:
+        await _fill_uses(conn, 1, 300)
+        await conn.execute("ANALYZE uses")
         await _token(conn, "tok-a", "alice")
-        assert await _decide(conn, [code(TS, "vm-1", "alice", "tok-a", [STEP])]) == [("accept", "ok")]
-        # Enough replays, while uses holds one row, for PL/pgSQL to settle on a cached plan.
-        for n in range(1, 9):
+        await conn.execute("UPDATE otp_tokens SET last_counter = $1 WHERE id = 'tok-a'", STEP + 5)
+        for n in range(8):  # enough calls for PL/pgSQL to settle on a cached plan
             assert await _decide(conn, [code(TS + n, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
-        await conn.execute(
-            "INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
-            " SELECT sha256(g::text::bytea), 'nonce', 'vm-x', 'api', g, $1::bigint, $1::bigint + 1000000000"
-            " FROM generate_series(1, 5000) g", TS)
+        await conn.execute("UPDATE otp_tokens SET last_counter = -1 WHERE id = 'tok-a'")
+        assert await _decide(conn, [code(TS + 9, "vm-1", "alice", "tok-a", [STEP])]) == [("accept", "ok")]
+        for n in range(10, 18):
+            assert await _decide(conn, [code(TS + n, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
+        await _fill_uses(conn, 301, 5300)
         async with conn.transaction():
-            assert await _decide(conn, [code(TS + 10, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
-            assert await _decide(conn, [nonce(TS + 11, "vm-2", "bb" * 32)]) == [("accept", "ok")]
-            assert await _decide(conn, [nonce(TS + 12, "vm-2", "bb" * 32)]) == [("reject", "reused")]
-            scanned = await conn.fetch(
-                "SELECT relname, seq_tup_read FROM pg_stat_xact_user_tables WHERE seq_tup_read > 0")
-        assert scanned == []
+            assert await _decide(conn, [code(TS + 20, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
+            assert await _decide(conn, [nonce(TS + 21, "vm-2", "bb" * 32)]) == [("accept", "ok")]
+            assert await _decide(conn, [nonce(TS + 22, "vm-2", "bb" * 32)]) == [("reject", "reused")]
+            scanned, fetched = await conn.fetchrow(
+                "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'uses'")
+        assert scanned == 0
+        assert fetched <= 100  # a handful of rows by key, not the 5,300 of a whole index
     finally:
         await conn.close()
+
+
+async def _fill_uses(conn: Any, first: int, last: int) -> None:
+    await conn.execute(
+        "INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
+        " SELECT sha256(g::text::bytea), 'nonce', 'vm-x', 'api', g, $3::bigint, $3::bigint + 1000000000"
+        " FROM generate_series($1::int, $2::int) g", first, last, TS)
