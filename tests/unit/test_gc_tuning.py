@@ -1,7 +1,8 @@
 """A serving process freezes its start-up heap and collects rarely (``http.server.tune_gc``).
 
-What the tuning buys is measured by the benchmark (bench/README.md); this checks the
-tuning is what ``serve`` applies, and that it leaves the collector working.
+What the tuning buys is measured by the benchmark (bench/README.md); these check what
+``tune_gc`` (which ``serve`` calls once it listens) does, and that the collector still
+collects what is made afterwards.
 """
 
 from __future__ import annotations
