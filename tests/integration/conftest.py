@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest_asyncio
 
-from tests.integration.owned_servers import OwnedRedis
+from tests.integration.owned_servers import OwnedPostgres, OwnedRedis, scratch_dir
 
 
 @pytest_asyncio.fixture
@@ -18,3 +18,14 @@ async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
     await asyncio.to_thread(server.start)
     yield server
     await asyncio.to_thread(server.stop)
+
+
+@pytest_asyncio.fixture
+async def owned_pg() -> AsyncIterator[OwnedPostgres]:
+    """A PostgreSQL this test alone uses, and may stop hard and start again."""
+    with scratch_dir("rg-owned-pg-") as directory:
+        server = await asyncio.to_thread(OwnedPostgres, directory / "pg")
+        try:
+            yield server
+        finally:
+            await asyncio.to_thread(server.close)

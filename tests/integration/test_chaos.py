@@ -12,9 +12,8 @@ import asyncio
 import random
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ import aiohttp
 import asyncpg
 import pyotp
 import pytest
-import pytest_asyncio
 
 from replayguard.core.credentials import nonce_digest, otp_digest
 from replayguard.settings import Secret
@@ -187,21 +185,6 @@ async def test_sigkill_at_random_moments_loses_no_acknowledged_accept(
 
 
 # --- (b) PostgreSQL faults ---------------------------------------------------------------
-
-@pytest_asyncio.fixture
-async def owned_pg() -> AsyncIterator[OwnedPostgres]:
-    """A PostgreSQL this test alone uses, and may stop hard and start again."""
-    # Not under tmp_path: each pytest session resets /tmp/pytest-of-<user> to 0700, which
-    # locks the server's own system user out of its data dir while another session starts.
-    base = Path(tempfile.mkdtemp(prefix="rg-chaos-pg-"))
-    base.chmod(0o755)
-    try:
-        server = await asyncio.to_thread(OwnedPostgres, base / "pg")
-        yield server
-        await asyncio.to_thread(server.close)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
 
 @dataclass
 class Answer:

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pyotp
 import pytest
-import pytest_asyncio
 
 from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, uid
-from tests.integration.owned_servers import OwnedPostgres, scratch_dir
+from tests.integration.owned_servers import OwnedPostgres
 
 ATTEMPTS = 5
-
-
-@pytest_asyncio.fixture
-async def owned_pg() -> AsyncIterator[OwnedPostgres]:
-    """A PostgreSQL this test alone uses, and may stop and start."""
-    with scratch_dir("rg-owned-pg-") as directory:
-        server = await asyncio.to_thread(OwnedPostgres, directory / "pg")
-        try:
-            yield server
-        finally:
-            await asyncio.to_thread(server.close)
 
 
 async def _wait_ready(api: Api, timeout: float = 30) -> None:
