@@ -69,18 +69,16 @@ _MEMO_MAX = 4096
 _MEMO_TEXT_LEN = 64
 
 
-def _sensitive_key(key: str) -> bool:
-    known = _KEY_IS_SENSITIVE.get(key)
-    if known is None:
-        known = key.lower() in SENSITIVE_KEYS
-        if len(_KEY_IS_SENSITIVE) < _MEMO_MAX:
-            _KEY_IS_SENSITIVE[key] = known
-    return known
+def _classify_key(key: str) -> bool:
+    """Whether a key not seen before names a credential; remembered (bounded)."""
+    sensitive = key.lower() in SENSITIVE_KEYS
+    if len(_KEY_IS_SENSITIVE) < _MEMO_MAX:
+        _KEY_IS_SENSITIVE[key] = sensitive
+    return sensitive
 
 
-def _scrub_str(value: str) -> str:
-    if value in _CLEAN_TEXT:
-        return value
+def _scrub_unseen(value: str) -> str:
+    """Scrubs a string not known clean; a short clean one is remembered (bounded)."""
     scrubbed = _scrub_text(value)
     if scrubbed is value and len(value) <= _MEMO_TEXT_LEN:
         if len(_CLEAN_TEXT) >= _MEMO_MAX:
@@ -92,14 +90,14 @@ def _scrub_str(value: str) -> str:
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Masks every credential-named key and every token-shaped value in a log event."""
     for key, value in event_dict.items():  # values are replaced in place; no key is added
-        sensitive = _KEY_IS_SENSITIVE.get(key)  # the lookups are inlined: this runs per field
+        sensitive = _KEY_IS_SENSITIVE.get(key)  # the memo lookups are inline: this runs per field
         if sensitive is None:
-            sensitive = _sensitive_key(str(key))
+            sensitive = _classify_key(str(key))
         if sensitive:
             event_dict[key] = REDACTED
         elif type(value) is str:
             if value not in _CLEAN_TEXT:
-                event_dict[key] = _scrub_str(value)
+                event_dict[key] = _scrub_unseen(value)
         elif not isinstance(value, (int, float, type(None))):  # numbers hold no secret
             event_dict[key] = _scrub(value)
     return event_dict

@@ -68,7 +68,7 @@ class Metrics:
     def decision(self, kind: str, result: DecisionResult, source: str) -> None:
         self._child(self.decisions, kind, result.verdict.value, result.reason.value, source).inc()
         for flag in result.flags:
-            self.flags.labels(flag.value).inc()
+            self._child(self.flags, flag.value).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
