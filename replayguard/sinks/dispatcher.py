@@ -10,6 +10,7 @@ sink only slows its own lane.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import socket
@@ -73,6 +74,7 @@ class _Lane:
         self.config, self.sink, self.spool, self._opt = config, sink, spool, options
         self._memory: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._unsynced = False
         self.stopping = False
         self.delivered = self.failed_attempts = self.rejected = self.dropped = self.backlog = 0
@@ -95,6 +97,7 @@ class _Lane:
 
     def request_stop(self) -> None:
         self.stopping = True
+        self._stop_requested.set()
         self._wakeup.set()
 
     def stats(self) -> SinkStats:
@@ -102,7 +105,8 @@ class _Lane:
                          self.backlog, self.last_error)  # fmt: skip
 
     async def run(self) -> None:
-        """Deliver until stopped and drained; only returns when there is nothing left."""
+        """Deliver until stopped and drained, or stopped while the sink fails: a failing sink
+        is not retried on the way out, the spool keeps the rest for the next start."""
         attempt = 0
         while True:
             batch = await self._next_batch()
@@ -112,7 +116,10 @@ class _Lane:
                 self._wakeup.clear()  # no await since _next_batch looked: no wakeup is lost
                 await self._wakeup.wait()
                 continue
+            failures = self.failed_attempts
             attempt = await self._deliver(batch, attempt)
+            if self.stopping and self.failed_attempts > failures:
+                return
 
     async def _next_batch(self) -> list[_Entry]:
         """The next records at the cursor: from memory when it holds them, else from disk."""
@@ -165,7 +172,8 @@ class _Lane:
         self.failed_attempts += 1
         delay = self._opt.backoff.delay(attempt, random.random())  # noqa: S311 - jitter, not crypto
         self._log.warning("sink_delivery_failed", error=exc.message, retry_in_s=round(delay, 3))
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):  # a stop ends the wait: nothing is retried then
+            await asyncio.wait_for(self._stop_requested.wait(), delay)
         return attempt + 1
 
     async def _advance(self, done: list[_Entry]) -> None:
@@ -248,7 +256,12 @@ class SinkDispatcher:
             lane.submit(line, copy)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Deliver what can be delivered within ``timeout``; the rest stays in the spools."""
+        """Deliver what can be delivered within ``timeout``; the rest stays in the spools.
+
+        A lane whose sink fails stops at once, without waiting out its backoff, and a send in
+        flight is given the timeout to finish: only a send that overruns it is abandoned, and
+        a receiver may still act on an abandoned send (delivery is at least once, by id).
+        """
         self._running = False
         for lane in self._lanes:
             lane.request_stop()
