@@ -47,6 +47,8 @@ import pyotp
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LUA = BENCH / "decisions.lua"
+FLOOR_APP = BENCH / "floor_app.py"
+FLOOR_LUA = BENCH / "floor.lua"
 PERIOD = 30
 INVALID_PRINCIPALS = 256
 REPLAY_KEYS = 4000
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-batch", type=int, default=64, help="rows per transaction, batched baseline")
     p.add_argument("--no-baseline", action="store_true", help="skip the asyncpg baseline")
     p.add_argument("--no-replay", action="store_true", help="skip the hot-cache vs PostgreSQL replay comparison")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the HTTP floor (a bare aiohttp handler under the same wrk at c=64)")
     p.add_argument("--replay-concurrency", default="16,64", help="concurrencies of the replay-only runs")
     p.add_argument("--healthz", action="store_true", help="also measure wrk against GET /healthz")
     p.add_argument("--py-spy", action="store_true",
@@ -609,6 +613,49 @@ class Bench:
         return result
 
 
+def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any]:
+    """What one request costs this machine before any replayguard code: a bare aiohttp
+    handler (bench/floor_app.py), the same Python, uvloop and wrk, a decision-sized POST."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FLOOR_APP), str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"floor_app exited with {proc.returncode}: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        waited = wait_for_quiet_machine(args)
+        server = psutil.Process(proc.pid)
+        cpu0, wall0 = cpu_of([server]), time.monotonic()
+        t = max(1, min(args.wrk_threads, concurrency))
+        done = subprocess.run(["wrk", f"-t{t}", f"-c{concurrency}", f"-d{max(1, round(args.duration))}s",
+                               "--timeout", "10s", "--latency", "-s", str(FLOOR_LUA),
+                               f"http://127.0.0.1:{port}/v1/nonces/consume"],
+                              capture_output=True, text=True, timeout=args.duration + 60, check=False)
+        cores = (cpu_of([server]) - cpu0) / (time.monotonic() - wall0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    parsed = _parse_wrk(done.stdout, done.stderr)
+    rate = parsed["requests"] / (parsed["duration_us"] / 1e6)
+    return {"concurrency": concurrency, "rate": round(rate, 1), "server_cores": round(cores, 2),
+            "cpu_us_per_request": round(cores * 1e6 / rate, 1) if rate else None,
+            "p50_ms": round(parsed["latency_us"]["p50"] / 1000, 2), "p99_ms": round(parsed["latency_us"]["p99"] / 1000, 2),
+            "waited_for_quiet_s": waited}
+
+
+def cpu_us_per_decision(phase: dict[str, Any]) -> float | None:
+    """The service's CPU per decision in a phase, in microseconds."""
+    return round(phase["cpu"]["service"] * 1e6 / phase["rate"], 1) if phase["rate"] else None
+
+
 def pg_delta(before: dict[str, Any], after: dict[str, Any], duration: float) -> dict[str, Any]:
     calls = after["decide_calls"] - before["decide_calls"]
     appended = after["head"] - before["head"]
@@ -851,7 +898,8 @@ def report(result: dict[str, Any]) -> str:
     main = result["main"]
     base = {(b["concurrency"], b["batch"]): b for b in result.get("baseline", [])}
     rows = [["conc", "decisions/s", "p50 ms", "p95 ms", "p99 ms", "errors", "peak RSS MB", "mean batch",
-             "CPU svc/pg/wrk/other/steal", "baseline row/s", "svc/row", "baseline batch/s", "svc/batch"]]
+             "CPU svc/pg/wrk/other/steal", "svc CPU µs/dec", "baseline row/s", "svc/row", "baseline batch/s",
+             "svc/batch"]]
     batch = result["args"]["baseline_batch"]
     for r in main["phases"]:
         row = base.get((r["concurrency"], 1))
@@ -860,6 +908,7 @@ def report(result: dict[str, Any]) -> str:
         rows.append([str(r["concurrency"]), f"{r['rate']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}",
                      f"{r['p99_ms']:.2f}", str(r["errors"]), f"{r['peak_rss_mb']:.0f}", str(r["pg"]["mean_batch"]),
                      f"{cpu['service']}/{cpu['postgres']}/{cpu['loadgen']}/{cpu['other']}/{cpu.get('steal', 0)}",
+                     str(cpu_us_per_decision(r)),
                      f"{row['rows_per_s']:.0f}" if row else "-", f"{r['rate'] / row['rows_per_s']:.2f}" if row else "-",
                      f"{bat['rows_per_s']:.0f}" if bat else "-", f"{r['rate'] / bat['rows_per_s']:.2f}" if bat else "-"])
     out.append("Decisions (mix " + result["args"]["mix"] + " fresh-nonce:fresh-TOTP:replay:invalid)\n" + table(rows))
@@ -867,6 +916,17 @@ def report(result: dict[str, Any]) -> str:
     for r in main["phases"]:
         reasons.update(r["reasons"])
     out.append("Answers over all phases: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
+    if result.get("floor"):
+        f = result["floor"]
+        line = (f"HTTP floor (a bare aiohttp POST handler, same Python, uvloop and wrk, c={f['concurrency']}): "
+                f"{f['rate']:.0f}/s at {f['server_cores']} of a core, {f['cpu_us_per_request']} µs of CPU per request, "
+                f"p99 {f['p99_ms']} ms")
+        same = [r for r in main["phases"] if r["concurrency"] == f["concurrency"]]
+        svc = cpu_us_per_decision(same[0]) if same else None
+        if svc and f["cpu_us_per_request"]:
+            line += (f". The service at c={f['concurrency']}: {svc} µs of CPU per decision, "
+                     f"{svc / f['cpu_us_per_request']:.1f} floors")
+        out.append(line)
     if "healthz" in main:
         h = main["healthz"]
         out.append(f"wrk against GET /healthz at 64 connections: {h['rate']:.0f}/s, p99 {h['p99_ms']} ms,"
@@ -934,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark {run_id} on {setup.dsn.rpartition('/')[2]}, commit {rev}, logs in {work}",
               file=sys.stderr)
         result["main"] = decision_phases(setup, token, run_id, profile=args.py_spy)
+        if not args.no_floor:
+            result["floor"] = http_floor(args)
         if not args.no_baseline:
             result["baseline"] = run_baseline(setup.dsn, args)
         if args.redis_url and not args.no_replay:
