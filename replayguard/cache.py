@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .aio import running_loop
 
@@ -68,10 +68,16 @@ class Pipeliner:
         if self._on_pipeline is not None:
             self._on_pipeline(len(batch))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for command, _ in batch:
-                    pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            if len(batch) == 1:  # a pipeline of one costs a third more than the command
+                try:
+                    results = [await self._redis.execute_command(*batch[0][0])]  # type: ignore[no-untyped-call]
+                except ResponseError as exc:  # refused by Redis: fails alone, as in a pipeline
+                    results = [exc]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for command, _ in batch:
+                        pipe.execute_command(*command)
+                    results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             for _, future in batch:
                 if not future.done():
@@ -180,11 +186,21 @@ class HotCache:
         self, *, vm_id: str, epoch: int, rseq: int, digest: bytes | None, seq: int,
         ttl_s: int | None = None,
     ) -> None:
-        """Mirrors what PostgreSQL just committed; errors are logged and forgotten."""
+        """Mirrors what PostgreSQL just committed; errors are logged and forgotten.
+
+        A VM's new state is waited for: once an answer that moved a VM's epoch is out, no
+        instance may answer from Redis with the old one. A use alone is not: until Redis
+        has it, a replay of it goes to PostgreSQL, which refuses it all the same, and this
+        process's later commands reach Redis after it (one pipeline at a time, in order).
+        """
         now = time.monotonic()
         last = self._written.get(vm_id)
         vm_changed = last is None or last[:2] != (epoch, rseq) or now - last[2] > self.VM_REFRESH_S
-        if not vm_changed and digest is None:
+        if not vm_changed:
+            if digest is not None:
+                value = orjson.dumps({"vm": vm_id, "epoch": epoch, "seq": seq})
+                write = self._pipe.submit("SET", b"rg:use:" + digest.hex().encode(), value, "EX", ttl_s or self._ttl)
+                write.add_done_callback(lambda done: self._unawaited_done(done, vm_id))
             return
         writes = []
         if vm_changed:
@@ -204,6 +220,16 @@ class HotCache:
             if len(self._written) > 100_000:
                 self._written.clear()
             self._written[vm_id] = (epoch, rseq, now)
+
+    def _unawaited_done(self, write: asyncio.Future[Any], vm_id: str) -> None:
+        exc = RedisError("the Redis write was cancelled") if write.cancelled() else write.exception()
+        if exc is None:
+            return
+        self._written.pop(vm_id, None)  # Redis may have come back empty: write the VM's state again
+        if isinstance(exc, (RedisError, OSError)):
+            self._failed(exc)
+        else:
+            log.error("redis_write_failed", error=repr(exc))
 
     async def set_lock(self, principal: str, locked_until_us: int, now_us: int) -> None:
         ttl_ms = (locked_until_us - now_us) // 1000
