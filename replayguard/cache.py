@@ -186,21 +186,11 @@ class HotCache:
         self, *, vm_id: str, epoch: int, rseq: int, digest: bytes | None, seq: int,
         ttl_s: int | None = None,
     ) -> None:
-        """Mirrors what PostgreSQL just committed; errors are logged and forgotten.
-
-        A VM's new state is waited for: once an answer that moved a VM's epoch is out, no
-        instance may answer from Redis with the old one. A use alone is not: until Redis
-        has it, a replay of it goes to PostgreSQL, which refuses it all the same, and this
-        process's later commands reach Redis after it (one pipeline at a time, in order).
-        """
+        """Mirrors what PostgreSQL just committed; errors are logged and forgotten."""
         now = time.monotonic()
         last = self._written.get(vm_id)
         vm_changed = last is None or last[:2] != (epoch, rseq) or now - last[2] > self.VM_REFRESH_S
-        if not vm_changed:
-            if digest is not None:
-                value = orjson.dumps({"vm": vm_id, "epoch": epoch, "seq": seq})
-                write = self._pipe.submit("SET", b"rg:use:" + digest.hex().encode(), value, "EX", ttl_s or self._ttl)
-                write.add_done_callback(lambda done: self._unawaited_done(done, vm_id))
+        if not vm_changed and digest is None:
             return
         writes = []
         if vm_changed:
@@ -220,16 +210,6 @@ class HotCache:
             if len(self._written) > 100_000:
                 self._written.clear()
             self._written[vm_id] = (epoch, rseq, now)
-
-    def _unawaited_done(self, write: asyncio.Future[Any], vm_id: str) -> None:
-        exc = RedisError("the Redis write was cancelled") if write.cancelled() else write.exception()
-        if exc is None:
-            return
-        self._written.pop(vm_id, None)  # Redis may have come back empty: write the VM's state again
-        if isinstance(exc, (RedisError, OSError)):
-            self._failed(exc)
-        else:
-            log.error("redis_write_failed", error=repr(exc))
 
     async def set_lock(self, principal: str, locked_until_us: int, now_us: int) -> None:
         ttl_ms = (locked_until_us - now_us) // 1000
