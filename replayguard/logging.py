@@ -230,8 +230,7 @@ def request_line(fields: dict[str, Any]) -> None:
     ``structlog.testing.capture_logs``), it is logged the ordinary way.
     """
     chain, writer, enabled = _ACCESS
-    if chain is None or structlog.get_config()["processors"] is not chain or \
-            not chain or chain[-1].__class__ is not structlog.processors.JSONRenderer:
+    if chain is None or structlog.get_config()["processors"] is not chain:
         # A new proxy each time: a cached one would keep writing where it first wrote.
         structlog.get_logger("replayguard.http").info("request", **fields)
         return

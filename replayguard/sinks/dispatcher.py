@@ -74,9 +74,8 @@ class _Lane:
         self.config, self.sink, self.spool, self._opt = config, sink, spool, options
         self._memory: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
-        self._stop_requested = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._unsynced = False
-        self.stopping = False
         self.delivered = self.failed_attempts = self.rejected = self.dropped = self.backlog = 0
         self.last_error: str | None = None
         self._log = structlog.get_logger().bind(sink=config.name, target=config.describe())
@@ -96,8 +95,7 @@ class _Lane:
         self._wakeup.set()
 
     def request_stop(self) -> None:
-        self.stopping = True
-        self._stop_requested.set()
+        self._stopping.set()
         self._wakeup.set()
 
     def stats(self) -> SinkStats:
@@ -111,14 +109,14 @@ class _Lane:
         while True:
             batch = await self._next_batch()
             if not batch:
-                if self.stopping:
+                if self._stopping.is_set():
                     return
                 self._wakeup.clear()  # no await since _next_batch looked: no wakeup is lost
                 await self._wakeup.wait()
                 continue
             failures = self.failed_attempts
             attempt = await self._deliver(batch, attempt)
-            if self.stopping and self.failed_attempts > failures:
+            if self._stopping.is_set() and self.failed_attempts > failures:
                 return
 
     async def _next_batch(self) -> list[_Entry]:
@@ -173,7 +171,7 @@ class _Lane:
         delay = self._opt.backoff.delay(attempt, random.random())  # noqa: S311 - jitter, not crypto
         self._log.warning("sink_delivery_failed", error=exc.message, retry_in_s=round(delay, 3))
         with contextlib.suppress(TimeoutError):  # a stop ends the wait: nothing is retried then
-            await asyncio.wait_for(self._stop_requested.wait(), delay)
+            await asyncio.wait_for(self._stopping.wait(), delay)
         return attempt + 1
 
     async def _advance(self, done: list[_Entry]) -> None:
