@@ -80,6 +80,7 @@ class Settings:
     max_sse_subscribers: int = 64
     idle_timeout_s: int = 15
     request_timeout_s: int = 30
+    http_front: str = "fast"
     sse_heartbeat_s: int = 15
     webhook_secret: Secret | None = None
 
@@ -123,6 +124,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
     if s.receipt_reaction not in ("flag", "refuse"):
         raise ConfigError(f"receipt_reaction must be 'flag' or 'refuse', got {s.receipt_reaction!r}")
+    if s.http_front not in ("fast", "aiohttp"):
+        raise ConfigError(f"http_front must be 'fast' or 'aiohttp', got {s.http_front!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if s.database_url is not None:

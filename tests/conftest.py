@@ -27,9 +27,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from replayguard import db
 from replayguard.http.app import create_app
+from replayguard.http.front import FrontRunner
 from replayguard.http.state import RUNTIME
 from replayguard.runtime import Runtime
 from replayguard.settings import Secret, Settings
@@ -150,9 +152,23 @@ class Api:
         return dict(data)
 
 
+class ServiceTestServer(TestServer):
+    """aiohttp's TestServer with the runner ``serve`` uses: the fast front for the decision
+    routes (unless ``http_front = "aiohttp"``), aiohttp for everything else."""
+
+    def __init__(self, app: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._front = settings.http_front
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        if self._front == "fast":
+            return FrontRunner(self.app, **kwargs)
+        return await super()._make_runner(**kwargs)
+
+
 async def start_api(settings: Settings, clock: FakeClock) -> Api:
     app = create_app(settings, clock=clock)
-    client = TestClient(TestServer(app))
+    client = TestClient(ServiceTestServer(app, settings))
     await client.start_server()
     runtime = app[RUNTIME]
     tokens = {}

@@ -24,7 +24,7 @@ from ..errors import (
     Unauthorized, Unavailable,
 )
 from ..logging import REQUEST_CONTEXT, request_line
-from ..runtime import open_runtime
+from ..runtime import Runtime, open_runtime
 from ..settings import Settings
 from . import admin, callouts, openapi, ops
 from .common import MAX_BODY, Handler, Route, json_response
@@ -77,19 +77,26 @@ def _http_error(exc: web.HTTPException) -> ReplayGuardError:
     return error
 
 
-def _log_line(request: web.Request, status: int, elapsed: float) -> None:
-    fields = {"method": request.method, "status": status, "duration_ms": round(elapsed * 1000, 3)}
-    for name, key in (("decision", DECISION), ("reason", REASON)):
-        if key in request:
-            fields[name] = request[key]
+def request_id_for(header: str | None) -> str:
+    """The client's X-Request-Id when it is a sane one, else a generated id."""
+    if header and _REQUEST_ID.match(header):
+        return header
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
+def log_request(method: str, status: int, elapsed: float, decision: str | None, reason: str | None) -> None:
+    """The one access-log line of a request (both fronts write it)."""
+    fields: dict[str, object] = {"method": method, "status": status, "duration_ms": round(elapsed * 1000, 3)}
+    if decision is not None:
+        fields["decision"] = decision
+        fields["reason"] = reason
     request_line(fields)
 
 
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, one access-log line, metrics, and errors rendered as the contract says."""
-    header = request.headers.get("X-Request-Id", "")
-    request_id = header if header and _REQUEST_ID.match(header) else f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    request_id = request_id_for(request.headers.get("X-Request-Id"))
     route = _route_of(request)
     request[ROUTE] = route  # resolved once; authorise reads it
     path = route.path if route is not None else "unmatched"
@@ -102,32 +109,41 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _guarded(request, handler)
         response.headers["X-Request-Id"] = request_id
         elapsed = time.perf_counter() - start
-        _log_line(request, response.status, elapsed)
+        log_request(request.method, response.status, elapsed, request.get(DECISION), request.get(REASON))
     finally:
         REQUEST_CONTEXT.reset(reset)
     request.app[RUNTIME].metrics.http_request(path, request.method, response.status, elapsed)
     return response
 
 
+def error_answer(exc: Exception) -> tuple[int, dict[str, object]]:
+    """The status and contract error body for an error a handler raised.
+
+    ``ReplayGuardError`` says its own; a dependency that went away is 503 (nothing was
+    accepted); anything else is logged with its traceback and answered 500 with no detail.
+    """
+    if isinstance(exc, ReplayGuardError):
+        return exc.status, exc.body()
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        log.warning("dependency_unavailable", error=type(exc).__name__)
+        return 503, Unavailable("a dependency is unavailable; nothing was accepted").body()
+    log.exception("unhandled_error", exc_info=exc)
+    return 500, {"error": {"code": "internal", "message": "internal error"}}
+
+
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ReplayGuardError as exc:
-        return json_response(exc.body(), status=exc.status)
     except web.HTTPException as exc:
         error = _http_error(exc)
         return json_response(error.body(), status=error.status)
-    except UNAVAILABLE_ERRORS as exc:
-        log.warning("dependency_unavailable", error=type(exc).__name__)
-        error = Unavailable("a dependency is unavailable; nothing was accepted")
-        return json_response(error.body(), status=503)
-    except Exception:  # noqa: BLE001 - the one catch-all: no input may produce a traceback
-        log.exception("unhandled_error")
-        return json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
+    except Exception as exc:  # noqa: BLE001 - the one catch-all: no input may produce a traceback
+        status, body = error_answer(exc)
+        return json_response(body, status=status)
 
 
-def _bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization")
+def bearer(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header."""
     if header is None:
         raise Unauthorized("a bearer token is required")
     scheme, _, token = header.partition(" ")
@@ -136,21 +152,26 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
+async def authorised_caller(runtime: Runtime, route: Route, header: str | None) -> Caller:
+    """The caller a bearer token names, if the route's roles admit it; else 401 or 403."""
+    caller: Caller | None = await runtime.api_tokens.authenticate(bearer(header))
+    if caller is None:
+        raise Unauthorized("unknown or revoked token")
+    if not route.allows(caller.role):
+        raise Forbidden(f"role {caller.role!r} may not use this endpoint")
+    fields = REQUEST_CONTEXT.get()
+    if fields is not None:
+        fields["caller"] = caller.token_id
+    return caller
+
+
 @web.middleware
 async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Checks the bearer token and the route's roles before the handler runs."""
     route: Route | None = request.get(ROUTE)
     if route is None or route.roles is None:
         return await handler(request)
-    caller: Caller | None = await request.app[RUNTIME].api_tokens.authenticate(_bearer(request))
-    if caller is None:
-        raise Unauthorized("unknown or revoked token")
-    if not route.allows(caller.role):
-        raise Forbidden(f"role {caller.role!r} may not use this endpoint")
-    request[CALLER] = caller
-    fields = REQUEST_CONTEXT.get()
-    if fields is not None:
-        fields["caller"] = caller.token_id
+    request[CALLER] = await authorised_caller(request.app[RUNTIME], route, request.headers.get("Authorization"))
     return await handler(request)
 
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ..core import validation
 from ..core.decisions import DecisionResult
+from ..runtime import Runtime
 from .common import Route, json_response, note_decision, read_json
 from .state import RUNTIME
+
+
+async def decide_otp(runtime: Runtime, payload: Any) -> DecisionResult:
+    return await runtime.decisions.verify_otp(validation.otp_request(payload))
+
+
+async def decide_nonce(runtime: Runtime, payload: Any) -> DecisionResult:
+    return await runtime.decisions.consume_nonce(validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s))
 
 
 def _render(request: web.Request, result: DecisionResult) -> web.Response:
@@ -16,14 +27,11 @@ def _render(request: web.Request, result: DecisionResult) -> web.Response:
 
 
 async def verify_otp(request: web.Request) -> web.Response:
-    req = validation.otp_request(await read_json(request))
-    return _render(request, await request.app[RUNTIME].decisions.verify_otp(req))
+    return _render(request, await decide_otp(request.app[RUNTIME], await read_json(request)))
 
 
 async def consume_nonce(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    req = validation.nonce_request(await read_json(request), runtime.settings.nonce_max_ttl_s)
-    return _render(request, await runtime.decisions.consume_nonce(req))
+    return _render(request, await decide_nonce(request.app[RUNTIME], await read_json(request)))
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
@@ -60,6 +68,9 @@ NONCE_SCHEMA = {
         "receipt": _RECEIPT,
     },
 }
+
+# The routes the fast front (http/front.py) may answer itself, and how it decides them.
+DECIDERS = {"/v1/otp/verify": decide_otp, "/v1/nonces/consume": decide_nonce}
 
 ROUTES = [
     Route("POST", "/v1/otp/verify", verify_otp, ("callout",), "Verify and consume a one-time password",

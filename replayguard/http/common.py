@@ -19,6 +19,10 @@ from .state import DECISION, REASON, RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
+# Request line and header limits (aiohttp's parser answers 400 past them).
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 16 * 1024
+MAX_HEADERS = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,10 @@ async def read_body(request: web.Request) -> bytes:
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body, after the checks of ``read_body``."""
-    raw = await read_body(request)
+    return parse_json(await read_body(request))
+
+
+def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

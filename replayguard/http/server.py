@@ -24,12 +24,11 @@ import structlog
 from aiohttp import web
 
 from ..settings import Settings
+from .common import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from .front import FrontRunner
 
 log = structlog.get_logger(__name__)
 
-MAX_LINE_SIZE = 8190
-MAX_FIELD_SIZE = 16 * 1024
-MAX_HEADERS = 64
 _BUSY_BODY = b'{"error": {"code": "unavailable", "message": "too many connections; try again later"}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
          b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
@@ -125,7 +124,8 @@ async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
     A worker of ``serve --workers N`` passes its parent's pid: when that parent dies
     without stopping it (SIGKILL), the worker shuts down too rather than keep the port.
     """
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
+    runner_class = FrontRunner if settings.http_front == "fast" else web.AppRunner
+    runner = runner_class(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from replayguard.apitokens import CACHE_TTL_S
 from replayguard.http.app import all_routes, create_app
@@ -25,7 +25,7 @@ from replayguard.http.server import handler_limits
 from replayguard.http.state import RUNTIME
 from replayguard.runtime import Runtime
 from replayguard.settings import Secret, Settings
-from tests.conftest import ROLES, FakeClock, cli_env, run_cli, uid
+from tests.conftest import ROLES, FakeClock, ServiceTestServer, cli_env, run_cli, uid
 
 ROUTES = all_routes()
 MALFORMED = {
@@ -55,7 +55,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory, database_url: str) ->
     settings = Settings(database_url=Secret(database_url), data_dir=tmp_path_factory.mktemp("acl") / "data",
                         db_pool_size=4)
     app = create_app(settings, clock=FakeClock())
-    server = TestServer(app)
+    server = ServiceTestServer(app, settings)
     await server.start_server(**handler_limits(settings))  # TestServer() drops handler kwargs
     client = TestClient(server)
     await client.start_server()

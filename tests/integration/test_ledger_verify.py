@@ -78,7 +78,8 @@ async def test_a_rewritten_chain_is_caught_by_a_signed_checkpoint(fresh_database
                                                                   api_factory: Callable[..., Any]) -> None:
     """Recomputing every hash after an edit still fails against the signed checkpoint."""
     api, dsn = await ledger_of(api_factory, fresh_database, 6, checkpoint_every=3)
-    await wait_for_checkpoint(api)
+    # The first checkpoint is signed at once, over seq 1 alone; the edit must be under one.
+    await wait_for_checkpoint(api, covering=2)
     await tamper(dsn, "UPDATE ledger SET reason = 'invalid' WHERE seq = 2",
                  "UPDATE ledger l SET prev_hash = (SELECT hash FROM ledger WHERE seq = l.seq - 1) WHERE seq = 2",
                  *[f"UPDATE ledger SET hash = rg_entry_hash(prev_hash, seq, ts_us, kind, vm_id, subject,"
@@ -90,13 +91,14 @@ async def test_a_rewritten_chain_is_caught_by_a_signed_checkpoint(fresh_database
     assert report["ok"] is False and report["problem"] == "checkpoint_mismatch"
 
 
-async def wait_for_checkpoint(api: Api) -> dict[str, Any]:
-    """Polls until the background task has signed one; the timeout only bounds a failure."""
+async def wait_for_checkpoint(api: Api, covering: int = 1) -> dict[str, Any]:
+    """Polls until the background task has signed one over seq ``covering`` or later; the
+    timeout only bounds a failure."""
     async def poll() -> dict[str, Any]:
         while True:
             status, page = await api.get("/v1/ledger/checkpoints")
             assert status == 200, page
-            if page["items"]:
+            if page["items"] and page["items"][0]["seq"] >= covering:
                 return dict(page["items"][0])
             await asyncio.sleep(0.05)
 

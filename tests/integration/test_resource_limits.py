@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from replayguard.http.server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from replayguard.http.common import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from tests.conftest import ServiceProcess, cli_env, run_cli, uid
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,407 @@
+"""The fast front: the two decision routes, answered without aiohttp's per-request machinery.
+
+A PAM or RADIUS callout waits on ``POST /v1/otp/verify`` and ``POST /v1/nonces/consume``.
+Through aiohttp, the framework's own work for one request (request and response objects,
+router, middleware chain, writer) cost about 40 µs of CPU on this machine kind, against
+7 µs for the same request parsed by httptools (llhttp, in C) and answered from a plain
+protocol; a decision as a whole cost about 200 µs, and one worker's CPU is what bounds its
+rate (bench/README.md, "fifth session"). So the listening socket speaks to this protocol
+first, and it answers those two routes itself with the same code the aiohttp path runs:
+``app.request_id_for``, ``app.authorised_caller``, the route's decider, ``app.error_answer``,
+``app.log_request`` and the metrics.
+
+Everything else is aiohttp's, byte for byte. At the first request the front does not take,
+the connection is handed to aiohttp's own request handler with every byte from the start
+of that request on, and it stays with aiohttp. The front takes a request only when all of
+this holds, so that its own HTTP stays small and every unusual case gets aiohttp's
+handling (limits, timeouts, 400/408/413/415 answers):
+
+- the request began and ended within one read from the socket;
+- HTTP/1.1, ``POST``, exactly the path of a decision route (no query string);
+- a ``Content-Length`` of at most ``MAX_BODY``; no ``Transfer-Encoding``, ``Expect`` or
+  upgrade;
+- ``Content-Type`` is ``application/json`` (parameters allowed); the headers it reads
+  (``Authorization``, ``Content-Type``, ``X-Request-Id``, ``Content-Length``) appear once
+  and are ASCII; the request line and headers are within aiohttp's limits;
+- the parser found nothing wrong.
+
+A request that breaks one of these after other requests of the same read were taken (only
+a pipelining client does that) cannot be handed over, since llhttp does not say where it
+began: the front answers the requests it took, the last with ``Connection: close``, and
+closes. RFC 9112 §9.3.2: a client retries pipelined requests left unanswered by a close.
+
+Answers go out in request order. A connection with no request in progress for
+``idle_timeout_s`` is closed, like aiohttp's keep-alive timeout; the connection cap counts
+the front's connections with aiohttp's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, NamedTuple, cast
+
+import httptools
+import orjson
+from aiohttp import web
+
+from ..core.decisions import DecisionResult
+from ..logging import REQUEST_CONTEXT
+from ..runtime import Runtime
+from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
+from .callouts import DECIDERS
+from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, parse_json
+from .state import RUNTIME
+
+Decider = Callable[[Runtime, Any], Awaitable[DecisionResult]]
+# The headers the front reads; any of them twice sends the request to aiohttp.
+_READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content-length"))
+# Their presence alone sends the request to aiohttp.
+_UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+_QUEUE_MAX = 32  # pipelined requests held before reading pauses
+_SWEEP_S = 1.0
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class _Divert(Exception):
+    """Raised in a parser callback: this request is aiohttp's."""
+
+
+class _Request(NamedTuple):
+    decider: Decider
+    route: Route
+    authorization: str | None
+    request_id: str | None
+    body: bytes
+    keep_alive: bool
+
+
+def _ascii(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("ascii")
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json"
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, until it closes or is handed to aiohttp."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._chunk = b""
+        self._taken_in_chunk = 0  # requests completed within the current read
+        self._in_request = False
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._header_count = 0
+        self._divert_reason: str | None = None
+        self._body: list[bytes] = []
+        self._queue: deque[_Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._handover: bytes | None = None  # given to aiohttp once the queue is answered
+        self._closing = False  # close once the queue is answered
+        self._paused = False
+        self._eof = False
+        self.last_active = front.loop.time()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._front.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._queue.clear()
+        self._front.closed(self)
+
+    def eof_received(self) -> bool:
+        # The client sent all it will: answer what was taken, then close (or pass the
+        # end on with a handover that waits).
+        self._eof = True
+        if self._handover is None:
+            self._closing = True
+        return not (self.idle and self._handover is None)
+
+    def pause_writing(self) -> None:
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._resume()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._handover is not None or self._transport is None:
+            return  # input after a close was decided, or while a handover waits: not ours
+        self._chunk = data
+        self._taken_in_chunk = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:  # malformed, an upgrade, or a callback's _Divert
+            self._divert()
+            return
+        if self._in_request:  # the read ended inside a request
+            self._divert()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_request = True
+        self._url = b""
+        self._headers = {}
+        self._header_count = 0
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if len(name) + len(value) > MAX_FIELD_SIZE:
+            raise _Divert
+        name = name.lower()
+        if name in _READ:
+            if name in self._headers:
+                raise _Divert
+            self._headers[name] = value
+        elif name in _UNUSUAL:
+            raise _Divert
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        headers = self._headers
+        length = headers.get(b"content-length")
+        if (self._url not in self._front.deciders or parser.get_method() != b"POST"
+                or parser.get_http_version() != "1.1" or parser.should_upgrade()
+                or self._header_count > MAX_HEADERS or len(self._url) > MAX_LINE_SIZE
+                or length is None or not length.isdigit() or int(length) > MAX_BODY
+                or not _is_json(headers.get(b"content-type"))):
+            raise _Divert
+        for value in headers.values():
+            if not value.isascii():
+                raise _Divert
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_request = False
+        self._taken_in_chunk += 1
+        route, decider = self._front.deciders[self._url]
+        headers = self._headers
+        self._queue.append(_Request(
+            decider, route, _ascii(headers.get(b"authorization")), _ascii(headers.get(b"x-request-id")),
+            b"".join(self._body), self._parser.should_keep_alive()))
+        if self._task is None:
+            self._next()
+        elif len(self._queue) >= _QUEUE_MAX:
+            self._pause()
+
+    # answering
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue
+
+    def _next(self) -> None:
+        if self._queue and self._transport is not None:
+            self._task = self._front.loop.create_task(self._answer(self._queue.popleft()))
+            return
+        self._task = None
+        if self._transport is None:
+            return
+        if self._handover is not None:
+            self._hand_over(self._handover)
+        elif self._closing:
+            self._transport.close()
+        elif self._paused:
+            self._resume()
+
+    async def _answer(self, request: _Request) -> None:
+        try:
+            head, body = await self._front.answer(request)
+            transport = self._transport
+            if transport is not None:
+                if not request.keep_alive:
+                    self._closing = True
+                    self._queue.clear()  # what the client pipelined after its last request
+                if self._closing and not self._queue:
+                    head += b"Connection: close\r\n"
+                transport.write(b"".join((head, b"\r\n", body)))
+                self.last_active = self._front.loop.time()
+        finally:
+            self._next()
+
+    def _divert(self) -> None:
+        """This request is aiohttp's: hand the connection over, or close if that is impossible."""
+        if self._transport is None:
+            return
+        if self._taken_in_chunk:
+            # llhttp does not say where in this read the request began.
+            self._closing = True
+            if self.idle:
+                self._transport.close()
+            return
+        self._handover = self._chunk
+        if self.idle:
+            self._hand_over(self._chunk)
+        else:
+            self._pause()
+
+    def _hand_over(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        self._transport = None
+        self._front.closed(self)
+        handler = self._front.aiohttp_protocol()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        handler.data_received(data)
+        if self._eof:
+            handler.eof_received()
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None and self._handover is None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def close_if_idle(self, now: float | None) -> None:
+        """Closes an idle connection (at shutdown, or past the idle timeout when ``now`` is given)."""
+        if self._transport is None:
+            return
+        if now is None:
+            self._closing = True
+        if self.idle and (now is None or now - self.last_active > self._front.idle_timeout_s):
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Front:
+    """The protocol factory on the listening socket, in place of aiohttp's ``web.Server``.
+
+    It hands out a ``FastConnection`` per connection and makes aiohttp's request handlers
+    for the connections handed over; shutdown covers both.
+    """
+
+    def __init__(self, server: web.Server, app: web.Application) -> None:
+        self._server = server
+        self._runtime: Runtime = app[RUNTIME]
+        self.loop = asyncio.get_running_loop()
+        self.idle_timeout_s = float(self._runtime.settings.idle_timeout_s)
+        routes: dict[str, Route] = {route.path: route for route in app[ROUTE_TABLE].values()}
+        self.deciders: dict[bytes, tuple[Route, Decider]] = {
+            path.encode(): (routes[path], decider) for path, decider in DECIDERS.items()}
+        self._live: set[FastConnection] = set()
+        self._date = _Date()
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return FastConnection(self)
+
+    def aiohttp_protocol(self) -> asyncio.Protocol:
+        return self._server()
+
+    @property
+    def connections(self) -> list[object]:
+        return [*self._server.connections, *self._live]
+
+    def opened(self, connection: FastConnection) -> None:
+        self._live.add(connection)
+
+    def closed(self, connection: FastConnection) -> None:
+        self._live.discard(connection)
+
+    async def answer(self, request: _Request) -> tuple[bytes, bytes]:
+        """The head (without its closing blank line) and body of the answer to one
+        decision request; never raises."""
+        start = time.perf_counter()
+        route = request.route
+        request_id = request_id_for(request.request_id)
+        decision = reason = None
+        reset = REQUEST_CONTEXT.set({"request_id": request_id, "route": route.path, "audience": route.audience})
+        try:
+            try:
+                await authorised_caller(self._runtime, route, request.authorization)
+                result = await request.decider(self._runtime, parse_json(request.body))
+                decision, reason = result.verdict.value, result.reason.value
+                status, payload = 200, result.to_json()
+            except Exception as exc:  # noqa: BLE001 - rendered as the contract's error body
+                status, payload = error_answer(exc)
+            elapsed = time.perf_counter() - start
+            log_request("POST", status, elapsed, decision, reason)
+        finally:
+            REQUEST_CONTEXT.reset(reset)
+        self._runtime.metrics.http_request(route.path, "POST", status, elapsed)
+        body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"X-Request-Id: %s\r\nDate: %s\r\n" % (
+                    status, _REASONS.get(status, b"Unknown"), len(body), request_id.encode(), self._date()))
+        return head, body
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = self.loop.time()
+            for connection in list(self._live):
+                connection.close_if_idle(now)
+
+    # what aiohttp's runner calls at cleanup
+
+    def pre_shutdown(self) -> None:
+        self._sweeper.cancel()
+        for connection in list(self._live):
+            connection.close_if_idle(None)
+        self._server.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        deadline = self.loop.time() + (timeout or 0)
+        while self._live and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self._live):
+            connection.abort()
+        await self._server.shutdown(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class FrontRunner(web.AppRunner):
+    """An ``AppRunner`` whose server is the fast front over aiohttp's."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return cast(web.Server, Front(server, self.app))

@@ -1,0 +1,295 @@
+"""The fast front (``http/front.py``) over raw sockets: what it takes, what it hands to
+aiohttp, and that a client cannot tell the difference except by speed.
+
+Every other API test also goes through the front (``ServiceTestServer``); these cover the
+HTTP edges: pipelining, requests split across reads, keep-alive and close, unusual
+headers, malformed input, the idle timeout and the handover's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import pytest
+import pytest_asyncio
+
+from replayguard.http import front
+from tests.conftest import Api
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class _Collector:
+    answers: list[Answer] = field(default_factory=list)
+    _headers: dict[str, str] = field(default_factory=dict)
+    _body: bytearray = field(default_factory=bytearray)
+    parser: Any = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self.answers.append(Answer(self.parser.get_status_code(), self._headers, bytes(self._body)))
+        self._headers, self._body = {}, bytearray()
+
+
+class Raw:
+    """A client that writes exactly the bytes it is given and parses what comes back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.collector = _Collector()
+        self.collector.parser = httptools.HttpResponseParser(self.collector)
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answers(self, n: int, timeout: float = 20) -> list[Answer]:
+        async with asyncio.timeout(timeout):
+            while len(self.collector.answers) < n and not self.closed:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.closed = True
+                    break
+                self.collector.parser.feed_data(data)
+        return self.collector.answers[:n]
+
+    async def wait_closed(self, timeout: float = 20) -> bool:
+        async with asyncio.timeout(timeout):
+            while not self.closed:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.closed = True
+                else:
+                    self.collector.parser.feed_data(data)
+        return self.closed
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest_asyncio.fixture
+async def raw(api: Api) -> AsyncIterator[Any]:
+    opened: list[Raw] = []
+
+    async def connect() -> Raw:
+        reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
+        conn = Raw(reader, writer)
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        conn.close()
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many requests the front answered itself and how many connections it handed over."""
+    counts = {"fast": 0, "handover": 0}
+    answer, hand_over = front.Front.answer, front.FastConnection._hand_over
+
+    async def counting_answer(self: front.Front, request: Any) -> tuple[bytes, bytes]:
+        counts["fast"] += 1
+        return await answer(self, request)
+
+    def counting_hand_over(self: front.FastConnection, data: bytes) -> None:
+        counts["handover"] += 1
+        hand_over(self, data)
+
+    monkeypatch.setattr(front.Front, "answer", counting_answer)
+    monkeypatch.setattr(front.FastConnection, "_hand_over", counting_hand_over)
+    return counts
+
+
+def nonce_request(api: Api, nonce: str, *, extra: bytes = b"", version: bytes = b"1.1",
+                  path: bytes = b"/v1/nonces/consume", content_type: bytes = b"application/json",
+                  request_id: bytes | None = None) -> bytes:
+    body = json.dumps({"vm_id": "vm-front", "scope": "ssh:front", "nonce": nonce}).encode()
+    head = (b"POST " + path + b" HTTP/" + version + b"\r\nHost: x\r\nContent-Type: " + content_type +
+            b"\r\nAuthorization: Bearer " + api.tokens["callout"].encode() +
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n")
+    if request_id is not None:
+        head += b"X-Request-Id: " + request_id + b"\r\n"
+    return head + extra + b"\r\n" + body
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    conn = await raw()
+    await conn.send(b"".join(nonce_request(api, f"pipe-{i}", request_id=b"rid-%d" % i) for i in range(5))
+                    + nonce_request(api, "pipe-0", request_id=b"rid-again"))
+    answers = await conn.answers(6)
+    assert [a.headers["x-request-id"] for a in answers] == [f"rid-{i}" for i in range(5)] + ["rid-again"]
+    assert [a.json()["reason"] for a in answers] == ["ok"] * 5 + ["reused"]
+    assert counted == {"fast": 6, "handover": 0}
+    assert not conn.closed
+
+
+async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    conn = await raw()
+    await conn.send(nonce_request(api, "ka-1"))
+    assert [a.status for a in await conn.answers(1)] == [200]
+    await conn.send(HEALTH)
+    answers = await conn.answers(2)
+    assert answers[1].status == 200 and answers[1].json()["status"] == "ok"
+    await conn.send(nonce_request(api, "ka-2"))  # aiohttp's from now on, and still right
+    answers = await conn.answers(3)
+    assert answers[2].status == 200 and answers[2].json()["decision"] == "accept"
+    assert counted == {"fast": 1, "handover": 1}
+
+
+async def test_a_request_split_across_reads_is_aiohttps(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    request = nonce_request(api, "split")
+    conn = await raw()
+    await conn.send(request[:40])
+    await asyncio.sleep(0.05)
+    await conn.send(request[40:])
+    answers = await conn.answers(1)
+    assert answers[0].status == 200 and answers[0].json()["decision"] == "accept"
+    assert counted == {"fast": 0, "handover": 1}
+
+
+async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    """A request the front cannot hand over (it began mid-read) ends the connection: the
+    one before it is answered with Connection: close, and the client retries the rest."""
+    conn = await raw()
+    await conn.send(nonce_request(api, "mixed-1") + HEALTH)
+    answers = await conn.answers(2)
+    assert await conn.wait_closed()
+    assert len(answers) == 1 and answers[0].status == 200
+    assert answers[0].headers["connection"].lower() == "close"
+    assert counted == {"fast": 1, "handover": 0}
+
+
+@pytest.mark.parametrize("case", ["http10", "chunked", "expect", "query", "duplicate_auth",
+                                  "charset", "other_type"])
+async def test_unusual_requests_get_aiohttps_answer(api: Api, raw: Any, counted: dict[str, int], case: str) -> None:
+    nonce = f"unusual-{case}"
+    body = json.dumps({"vm_id": "vm-front", "scope": "ssh:front", "nonce": nonce}).encode()
+    auth = b"Authorization: Bearer " + api.tokens["callout"].encode() + b"\r\n"
+    if case == "http10":
+        request = nonce_request(api, nonce, version=b"1.0")
+    elif case == "chunked":
+        request = (b"POST /v1/nonces/consume HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth +
+                   b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    elif case == "expect":
+        request = nonce_request(api, nonce, extra=b"Expect: 100-continue\r\n")
+    elif case == "query":
+        request = nonce_request(api, nonce, path=b"/v1/nonces/consume?x=1")
+    elif case == "duplicate_auth":
+        request = nonce_request(api, nonce, extra=b"Authorization: Bearer nope\r\n")
+    elif case == "charset":
+        request = nonce_request(api, nonce, content_type=b"Application/JSON; charset=utf-8")
+    else:
+        request = nonce_request(api, nonce, content_type=b"text/plain")
+    conn = await raw()
+    await conn.send(request)
+    answers = await conn.answers(2 if case == "expect" else 1)
+    final = answers[-1]
+    expected = {"other_type": 415, "duplicate_auth": 200}.get(case, 200)
+    if case == "charset":
+        # Parameters are the front's to take: still a decision, answered by the front.
+        assert counted == {"fast": 1, "handover": 0}
+    else:
+        assert counted == {"fast": 0, "handover": 1}
+    assert final.status == expected, (case, final)
+    if expected == 200:
+        assert final.json()["decision"] == "accept"
+    else:
+        assert final.json()["error"]["code"] == "unsupported_media_type"
+
+
+async def test_connection_close_and_http10_close_after_the_answer(api: Api, raw: Any) -> None:
+    conn = await raw()
+    await conn.send(nonce_request(api, "close-1", extra=b"Connection: close\r\n") + nonce_request(api, "close-2"))
+    answers = await conn.answers(2)
+    assert await conn.wait_closed()
+    assert len(answers) == 1 and answers[0].headers["connection"].lower() == "close"
+    assert answers[0].json()["decision"] == "accept"
+    # close-2 came after the client's own "close": never decided, so still fresh.
+    conn = await raw()
+    await conn.send(nonce_request(api, "close-2"))
+    assert (await conn.answers(1))[0].json()["reason"] == "ok"
+
+
+async def test_half_closed_client_still_gets_its_answer(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    conn = await raw()
+    await conn.send(nonce_request(api, "half-closed"))
+    conn.writer.write_eof()
+    answers = await conn.answers(1)
+    assert answers[0].json()["decision"] == "accept"
+    assert await conn.wait_closed()
+    assert counted["fast"] == 1
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x01\x02 not http\r\n\r\n", b"POST /v1/nonces/consume HTTP/9.9\r\n\r\n",
+                                     b"POST /v1/nonces/consume HTTP/1.1\r\nContent-Length: -5\r\n\r\n"])
+async def test_malformed_requests_are_400_and_decisions_go_on(api: Api, raw: Any, garbage: bytes) -> None:
+    conn = await raw()
+    await conn.send(garbage)
+    answers = await conn.answers(1)
+    assert answers and answers[0].status == 400
+    conn = await raw()
+    await conn.send(nonce_request(api, f"after-garbage-{garbage[:4].hex()}"))
+    assert (await conn.answers(1))[0].json()["decision"] == "accept"
+
+
+async def test_errors_on_the_front_are_the_contract_body(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    conn = await raw()
+    bad_json = nonce_request(api, "x").rsplit(b"\r\n\r\n", 1)[0]
+    bad_json = bad_json.replace(b"Content-Length: ", b"X-Old-Length: ") + b"\r\nContent-Length: 3\r\n\r\n{x}"
+    no_token = nonce_request(api, "no-token").replace(b"Authorization: Bearer ", b"Authorization: Basic ")
+    missing = nonce_request(api, "x").rsplit(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    missing = missing.replace(b"Content-Length: ", b"X-Old-Length: ").replace(
+        b"\r\n\r\n", b"\r\nContent-Length: 2\r\n\r\n{}", 1)
+    await conn.send(bad_json + no_token + missing)
+    answers = await conn.answers(3)
+    assert [(a.status, a.json()["error"]["code"]) for a in answers] == [
+        (400, "invalid_request"), (401, "unauthorized"), (400, "invalid_request")]
+    assert all(a.headers["content-type"] == "application/json" and a.headers["x-request-id"] for a in answers)
+    assert counted == {"fast": 3, "handover": 0}
+
+
+async def test_idle_connections_are_closed(api_factory: Any) -> None:
+    api = await api_factory(idle_timeout_s=1)
+    reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
+    conn = Raw(reader, writer)
+    try:
+        await conn.send(nonce_request(api, "idle"))
+        assert (await conn.answers(1))[0].status == 200
+        assert await conn.wait_closed(timeout=15)  # bounded; the sweep closes it after ~1-2 s
+    finally:
+        conn.close()
+
+
+async def test_the_aiohttp_front_answers_the_same(api_factory: Any) -> None:
+    """``http_front = "aiohttp"`` serves the decision routes through aiohttp alone."""
+    api = await api_factory(http_front="aiohttp")
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": "vm-a", "scope": "s", "nonce": "aiohttp-front"})
+    assert status == 200 and body["decision"] == "accept"
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": "vm-a", "scope": "s", "nonce": "aiohttp-front"})
+    assert body["reason"] == "reused"
