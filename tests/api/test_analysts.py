@@ -121,6 +121,26 @@ async def test_detail_has_entries_as_digests_and_history(api: Api) -> None:
     assert (await api.get("/v1/alerts/abc"))[0] == 404
 
 
+async def test_a_replayed_credential_keeps_a_bounded_history(api: Api) -> None:
+    """Thirty sightings of one credential: the count says 30, the history keeps the entry
+    that raised the alert and the 11 latest (migration 007), the ledger keeps them all."""
+    vm_id, scope = uid("vm"), uid("scope")
+    alert_id, nonce = await reuse_alert(api, vm_id, scope)
+    seqs = []
+    for _ in range(29):
+        status, answer = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+        assert status == 200 and answer["reason"] == "reused" and answer["alert_id"] == alert_id
+        seqs.append(answer["seq"])
+    status, detail = await api.get(f"/v1/alerts/{alert_id}")
+    assert status == 200 and detail["count"] == 30
+    history = detail["history"]
+    assert len(history) == 12 and history[0]["change"] == "raised"
+    assert [h["seq"] for h in history[1:]] == seqs[-11:]
+    status, timeline = await api.get(f"/v1/vms/{vm_id}/timeline")
+    assert status == 200
+    assert {e["seq"] for e in timeline["items"] if e.get("type", "decision") == "decision"} >= set(seqs)
+
+
 async def test_detail_shows_the_hypervisor_events_behind_a_replay_after_rollback(api: Api) -> None:
     """A replay after a revert shows the rollback window and the revert event behind it."""
     vm_id, scope, nonce = uid("vm"), uid("scope"), secrets.token_hex(8)
