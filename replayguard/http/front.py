@@ -161,10 +161,10 @@ class FastConnection(asyncio.Protocol):
         self._taken_in_chunk = 0
         try:
             self._parser.feed_data(data)
+            diverted = self._in_request  # the read ended inside a request
         except httptools.HttpParserError:  # malformed, an upgrade, or a callback's _Divert
-            self._divert()
-            return
-        if self._in_request:  # the read ended inside a request
+            diverted = True
+        if diverted:  # outside the except block: aiohttp's own errors do not chain to ours
             self._divert()
 
     # httptools callbacks
