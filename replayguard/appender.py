@@ -23,7 +23,11 @@ from .errors import Unavailable
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
-MAX_DEFERRED = 10_000
+# Hot-cache rejects answered but not yet written: at most one batch. With the fast front
+# the service answers Redis rejects faster than PostgreSQL records them; with 10,000 here
+# a replay flood filled the backlog and every request behind it waited for seconds
+# (bench/README.md, "fifth session"). Past this bound a reject waits for its own record.
+MAX_DEFERRED = MAX_BATCH
 _DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
 
 
@@ -84,7 +88,8 @@ class Appender:
 
         Not while the ledger is failing (the answer must then be 503, like every other
         decision's), nor once MAX_DEFERRED records wait (backpressure: the caller then
-        takes the ordinary path and waits for its own write).
+        takes the ordinary path and waits for its own write, so a flood of replays is
+        answered at the rate PostgreSQL records it, not faster).
         """
         return self._healthy and self._deferred < MAX_DEFERRED
 

@@ -16,6 +16,7 @@ import pyotp
 import pytest
 import redis.asyncio as aioredis
 
+from replayguard.appender import MAX_BATCH, MAX_DEFERRED
 from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, uid
@@ -74,6 +75,30 @@ async def test_hot_cache_refuses_known_replay_and_ledger_records_it(
     resp = await api.client.get("/metrics")
     assert ('replayguard_decisions_total{decision="reject",kind="nonce",reason="reused",source="redis"} 1.0'
             in await resp.text())
+
+
+async def test_a_replay_flood_is_recorded_as_fast_as_it_is_answered(
+    owned_redis: OwnedRedis, api_factory: Callable[..., Any],
+) -> None:
+    """Many concurrent replays refused from Redis: never more than one batch of answered
+    rejects waits for its ledger record, and every one of them reaches the ledger."""
+    api: Api = await api_factory(redis_url=Secret(owned_redis.url))
+    vm, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
+    assert await consume(api, vm, scope, nonce) == ("accept", "ok")
+    appender = api.runtime.appender
+    peak = 0
+
+    async def replay() -> None:
+        nonlocal peak
+        assert await consume(api, vm, scope, nonce) == ("reject", "reused")
+        peak = max(peak, appender._deferred)
+
+    await asyncio.gather(*(replay() for _ in range(3 * MAX_DEFERRED)))
+    await appender.wait_idle()
+    assert 0 < peak <= MAX_BATCH
+    assert decisions(api, "nonce", "reused", "redis") + decisions(api, "nonce", "reused", "ledger") == 3 * MAX_DEFERRED
+    digest = nonce_digest(api.runtime.keys.pepper, scope, nonce.encode())
+    assert len(await ledger_rows(api, digest)) == 1 + 3 * MAX_DEFERRED
 
 
 async def test_hot_cache_refuses_known_totp_replay(
