@@ -190,6 +190,8 @@ class DecisionService:
         if not digests and lock_principal is None:
             return None
         found = await self._hot.lookup(digests, item["vm"], lock_principal)
+        if not self._appender.can_defer():
+            return None  # the backlog filled while Redis answered: wait for the ledger instead
         if found.locked_until_us > now_us:
             return Reason.LOCKED_OUT
         if found.hit is not None and hot_reply_allowed(found.hit, item["vm"], check):

@@ -119,7 +119,6 @@ class FastConnection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_count = 0
-        self._divert_reason: str | None = None
         self._body: list[bytes] = []
         self._queue: deque[_Request] = deque()
         self._task: asyncio.Task[None] | None = None

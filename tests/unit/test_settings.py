@@ -37,6 +37,7 @@ def test_file_then_env(tmp_path: Path) -> None:
     ({"REPLAYGUARD_REDIS_URL": "http://x"}, "redis_url must start with"),
     ({"REPLAYGUARD_RECEIPT_REACTION": "ignore"}, "receipt_reaction must be"),
     ({"REPLAYGUARD_LOG_LEVEL": "loud"}, "log_level must be"),
+    ({"REPLAYGUARD_HTTP_FRONT": "nginx"}, "http_front must be"),
     ({"REPLAYGUARD_WORKERS": "0"}, "workers must be between"),
     ({"REPLAYGUARD_DB_POOL_SIZE": "2"}, "db_pool_size must be between 3"),
 ])
