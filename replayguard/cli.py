@@ -182,6 +182,7 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: in
     from .http.server import serve
 
     rglog.configure(settings.log_level)
+    rglog.bridge_stdlib(settings.log_level)
     try:
         import uvloop
 

@@ -217,6 +217,34 @@ def configure(level: str = "info", stream: Any = None) -> None:
     _ACCESS[:] = [chain, factory(), level_no <= logging.INFO]
 
 
+class StdlibBridge(logging.Handler):
+    """Other libraries' log records (aiohttp's, asyncio's) as our JSON lines.
+
+    They go through the same processors, redaction included. An exception is named by its
+    type only: its text and traceback may quote what a client sent (aiohttp's parse errors
+    quote the offending header line).
+    """
+
+    _METHODS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "critical"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = type(record.exc_info[1]).__name__
+            method = self._METHODS.get(record.levelname, "warning")
+            getattr(structlog.get_logger(record.name), method)(record.getMessage(), **fields)
+        except Exception:  # noqa: BLE001 - logging must never raise into its caller
+            self.handleError(record)
+
+
+def bridge_stdlib(level: str = "info") -> None:
+    """Routes the standard library's logging (the root logger) through ``StdlibBridge``."""
+    root = logging.getLogger()
+    root.handlers = [StdlibBridge()]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+
+
 # The chain, writer and "info enabled" of the last ``configure``, for ``request_line``.
 _ACCESS: list[Any] = [None, None, False]
 

@@ -156,19 +156,13 @@ class ServiceTestServer(TestServer):
     """aiohttp's TestServer with the runner ``serve`` uses: the fast front for the decision
     routes (unless ``http_front = "aiohttp"``), aiohttp for everything else."""
 
-    def __init__(self, app: Any, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._front = settings.http_front
-
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        if self._front == "fast":
-            return FrontRunner(self.app, **kwargs)
-        return await super()._make_runner(**kwargs)
+        return FrontRunner(self.app, **kwargs)
 
 
 async def start_api(settings: Settings, clock: FakeClock) -> Api:
     app = create_app(settings, clock=clock)
-    client = TestClient(ServiceTestServer(app, settings))
+    client = TestClient(ServiceTestServer(app))
     await client.start_server()
     runtime = app[RUNTIME]
     tokens = {}

@@ -47,7 +47,10 @@ from typing import Any, NamedTuple, cast
 
 import httptools
 import orjson
+import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from ..core.decisions import DecisionResult
 from ..logging import REQUEST_CONTEXT
@@ -56,6 +59,8 @@ from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, requ
 from .callouts import DECIDERS
 from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, parse_json
 from .state import RUNTIME
+
+log = structlog.get_logger(__name__)
 
 Decider = Callable[[Runtime, Any], Awaitable[DecisionResult]]
 # The headers the front reads; any of them twice sends the request to aiohttp.
@@ -309,6 +314,32 @@ class FastConnection(asyncio.Protocol):
             self._transport.abort()
 
 
+class ContractRequestHandler(RequestHandler):
+    """aiohttp's request handler, except for the answers aiohttp writes itself.
+
+    A request aiohttp cannot parse (a bad request line or header, a line over the limits)
+    never reaches our middleware: aiohttp answered it with a text/plain body quoting the
+    offending line, and logged that line with a traceback, so a malformed
+    ``Authorization: Bearer …`` header came back in the answer and went to the log in
+    clear. Here the answer is the contract's error body, and the log line names only the
+    status and the error's type.
+    """
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: a response already began
+            raise ConnectionError("the response was already started")
+        log.warning("bad_http_request", status=status, error=None if exc is None else type(exc).__name__)
+        if 400 <= status < 500:
+            error = {"code": "invalid_request", "message": "the request is not valid HTTP"}
+        else:
+            error = {"code": "internal", "message": "internal error"}
+        response = web.Response(status=status, body=orjson.dumps({"error": error}),
+                                content_type="application/json")
+        response.force_close()
+        return response
+
+
 class Front:
     """The protocol factory on the listening socket, in place of aiohttp's ``web.Server``.
 
@@ -318,7 +349,9 @@ class Front:
 
     def __init__(self, server: web.Server, app: web.Application) -> None:
         self._server = server
+        self._handler_args: dict[str, Any] = server._kwargs  # what aiohttp's Server passes its handlers
         self._runtime: Runtime = app[RUNTIME]
+        self._fast = self._runtime.settings.http_front == "fast"
         self.loop = asyncio.get_running_loop()
         self.idle_timeout_s = float(self._runtime.settings.idle_timeout_s)
         routes: dict[str, Route] = {route.path: route for route in app[ROUTE_TABLE].values()}
@@ -329,10 +362,10 @@ class Front:
         self._sweeper = self.loop.create_task(self._sweep())
 
     def __call__(self) -> asyncio.BaseProtocol:
-        return FastConnection(self)
+        return FastConnection(self) if self._fast else self.aiohttp_protocol()
 
     def aiohttp_protocol(self) -> asyncio.Protocol:
-        return self._server()
+        return ContractRequestHandler(self._server, loop=self.loop, **self._handler_args)
 
     @property
     def connections(self) -> list[object]:
@@ -399,7 +432,8 @@ class Front:
 
 
 class FrontRunner(web.AppRunner):
-    """An ``AppRunner`` whose server is the fast front over aiohttp's."""
+    """An ``AppRunner`` whose server is the front over aiohttp's: the fast lane when
+    ``http_front = "fast"``, aiohttp's handlers (with the contract's error answers) always."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -124,8 +124,7 @@ async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
     A worker of ``serve --workers N`` passes its parent's pid: when that parent dies
     without stopping it (SIGKILL), the worker shuts down too rather than keep the port.
     """
-    runner_class = FrontRunner if settings.http_front == "fast" else web.AppRunner
-    runner = runner_class(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
+    runner = FrontRunner(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

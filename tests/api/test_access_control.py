@@ -55,7 +55,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory, database_url: str) ->
     settings = Settings(database_url=Secret(database_url), data_dir=tmp_path_factory.mktemp("acl") / "data",
                         db_pool_size=4)
     app = create_app(settings, clock=FakeClock())
-    server = ServiceTestServer(app, settings)
+    server = ServiceTestServer(app)
     await server.start_server(**handler_limits(settings))  # TestServer() drops handler kwargs
     client = TestClient(server)
     await client.start_server()

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from replayguard.http import front
 from tests.conftest import Api
@@ -365,3 +366,29 @@ async def test_fuzzed_bytes_never_5xx_and_never_stop_the_front(api: Api, case: t
         assert (await check.answers(1))[0].json()["decision"] == "accept"
     finally:
         check.close()
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_unparseable_http_gets_the_contract_body_and_never_echoes_a_token(
+    api_factory: Any, front: str,
+) -> None:
+    """A header aiohttp cannot parse used to come back quoted in a text/plain 400 and go to
+    the log in clear with a traceback; now the answer is the contract's error body, and
+    neither it nor any log line holds the token."""
+    api = await api_factory(http_front=front)
+    token = api.tokens["callout"]
+    reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
+    conn = Raw(reader, writer)
+    try:
+        with capture_logs() as logs:
+            await conn.send(b"POST /v1/nonces/consume HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Authorization: Bearer " + token.encode() + b"\x01zz\r\nContent-Length: 2\r\n\r\n{}")
+            answers = await conn.answers(1)
+            await conn.wait_closed()
+    finally:
+        conn.close()
+    assert answers[0].status == 400 and answers[0].headers["content-type"].startswith("application/json")
+    assert answers[0].json() == {"error": {"code": "invalid_request", "message": "the request is not valid HTTP"}}
+    assert token.encode() not in answers[0].body
+    assert token not in json.dumps(logs, default=str)
+    assert [entry["event"] for entry in logs if entry.get("log_level") == "warning"] == ["bad_http_request"]

@@ -8,6 +8,7 @@ step aside for any other configuration (such as ``capture_logs``).
 from __future__ import annotations
 
 import io
+import logging
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -74,3 +75,25 @@ def test_it_gives_way_to_capture_logs(configured: io.StringIO) -> None:
         rglog.request_line(_fields(reason="ok"))
     assert [(e["event"], e["reason"]) for e in events] == [("request", "ok")]
     assert _lines(configured) == []
+
+
+def test_stdlib_records_become_redacted_json_lines_without_tracebacks(configured: io.StringIO) -> None:
+    """A library's log record (aiohttp's parse errors quote the header line they refuse)
+    is one JSON line through the same redaction, its exception named by type only."""
+    logger = logging.getLogger("tests.bridge")
+    bridge = rglog.StdlibBridge()
+    logger.addHandler(bridge)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError(f"Invalid header value char: b'Authorization: Bearer {TOKEN}\\x01'")
+        except ValueError:
+            logger.exception("Error handling request %s", f"Bearer {TOKEN}")
+    finally:
+        logger.removeHandler(bridge)
+        logger.propagate = True
+    text = configured.getvalue() + "".join(json.dumps(line) for line in _lines(configured))
+    lines = _lines(configured)
+    assert len(lines) == 1 and lines[0]["level"] == "error" and lines[0]["error"] == "ValueError"
+    assert lines[0]["logger"] == "tests.bridge"
+    assert TOKEN not in text and "Traceback" not in text and "Invalid header" not in text
