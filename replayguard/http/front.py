@@ -343,7 +343,8 @@ class ContractRequestHandler(RequestHandler):
 class Front:
     """The protocol factory on the listening socket, in place of aiohttp's ``web.Server``.
 
-    It hands out a ``FastConnection`` per connection and makes aiohttp's request handlers
+    It hands out a ``FastConnection`` per connection (``http_front = "fast"``) or else
+    aiohttp's request handler, and makes aiohttp's handlers (``ContractRequestHandler``)
     for the connections handed over; shutdown covers both.
     """
 
