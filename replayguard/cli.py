@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url")
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--http-front", choices=["fast", "aiohttp"],
-                       help="who answers the two decision routes (default fast; docs/design.md, \"The HTTP front\")")
+                       help="who answers the decision routes (default fast; docs/design.md, \"The HTTP front\")")
 
     migrate = sub.add_parser("migrate", help="apply migrations and exit")
     _add_common(migrate)

@@ -13,25 +13,30 @@ from .common import Route, json_response, note_decision, read_json
 from .state import RUNTIME
 
 
-async def decide_otp(runtime: Runtime, payload: Any) -> DecisionResult:
-    return await runtime.decisions.verify_otp(validation.otp_request(payload))
+async def answer_otp(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+    result = await runtime.decisions.verify_otp(validation.otp_request(payload))
+    return 200, result.to_json(), result
 
 
-async def decide_nonce(runtime: Runtime, payload: Any) -> DecisionResult:
-    return await runtime.decisions.consume_nonce(validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s))
+async def answer_nonce(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+    req = validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s)
+    result = await runtime.decisions.consume_nonce(req)
+    return 200, result.to_json(), result
 
 
-def _render(request: web.Request, result: DecisionResult) -> web.Response:
+def render(request: web.Request, answer: tuple[int, Any, DecisionResult]) -> web.Response:
+    """An answer (status, body or None, decision) as aiohttp's response."""
+    status, body, result = answer
     note_decision(request, result.verdict.value, result.reason.value)
-    return json_response(result.to_json())
+    return web.Response(status=status) if body is None else json_response(body, status=status)
 
 
 async def verify_otp(request: web.Request) -> web.Response:
-    return _render(request, await decide_otp(request.app[RUNTIME], await read_json(request)))
+    return render(request, await answer_otp(request.app[RUNTIME], await read_json(request)))
 
 
 async def consume_nonce(request: web.Request) -> web.Response:
-    return _render(request, await decide_nonce(request.app[RUNTIME], await read_json(request)))
+    return render(request, await answer_nonce(request.app[RUNTIME], await read_json(request)))
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
@@ -69,8 +74,8 @@ NONCE_SCHEMA = {
     },
 }
 
-# The routes the fast front (http/front.py) may answer itself, and how it decides them.
-DECIDERS = {"/v1/otp/verify": decide_otp, "/v1/nonces/consume": decide_nonce}
+# The routes the fast front (http/front.py) may answer itself, and how.
+FAST = {"/v1/otp/verify": answer_otp, "/v1/nonces/consume": answer_nonce}
 
 ROUTES = [
     Route("POST", "/v1/otp/verify", verify_otp, ("callout",), "Verify and consume a one-time password",

@@ -1,14 +1,15 @@
-"""The fast front: the two decision routes, answered without aiohttp's per-request machinery.
+"""The fast front: the decision routes, answered without aiohttp's per-request machinery.
 
-A PAM or RADIUS callout waits on ``POST /v1/otp/verify`` and ``POST /v1/nonces/consume``.
+A PAM or RADIUS callout waits on ``POST /v1/otp/verify``, ``POST /v1/nonces/consume`` or
+``POST /v1/radius/authenticate``.
 Through aiohttp, the framework's own work for one request (request and response objects,
 router, middleware chain, writer) cost about 40 µs of CPU on this machine kind, against
 7 µs for the same request parsed by httptools (llhttp, in C) and answered from a plain
 protocol; a decision as a whole cost about 200 µs, and one worker's CPU is what bounds its
 rate (bench/README.md, "fifth session"). So the listening socket speaks to this protocol
-first, and it answers those two routes itself with the same code the aiohttp path runs:
-``app.request_id_for``, ``app.authorised_caller``, the route's decider, ``app.error_answer``,
-``app.log_request`` and the metrics.
+first, and it answers those routes itself with the same code the aiohttp path runs:
+``app.request_id_for``, ``app.authorised_caller``, the route's answerer (``callouts.FAST``,
+``radius.FAST``), ``app.error_answer``, ``app.log_request`` and the metrics.
 
 Everything else is aiohttp's, byte for byte. At the first request the front does not take,
 the connection is handed to aiohttp's own request handler with every byte from the start
@@ -56,13 +57,15 @@ from ..core.decisions import DecisionResult
 from ..logging import REQUEST_CONTEXT
 from ..runtime import Runtime
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
-from .callouts import DECIDERS
+from . import callouts, radius
 from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, parse_json
 from .state import RUNTIME
 
 log = structlog.get_logger(__name__)
 
-Decider = Callable[[Runtime, Any], Awaitable[DecisionResult]]
+# (status, JSON body or None for an empty answer, the decision behind it)
+Answerer = Callable[[Runtime, Any], Awaitable[tuple[int, Any, DecisionResult]]]
+FAST_ROUTES: dict[str, Answerer] = {**callouts.FAST, **radius.FAST}
 # The headers the front reads; any of them twice sends the request to aiohttp.
 _READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content-length"))
 # Their presence alone sends the request to aiohttp.
@@ -77,7 +80,7 @@ class _Divert(Exception):
 
 
 class _Request(NamedTuple):
-    decider: Decider
+    answerer: Answerer
     route: Route
     authorization: str | None
     request_id: str | None
@@ -199,7 +202,7 @@ class FastConnection(asyncio.Protocol):
         parser = self._parser
         headers = self._headers
         length = headers.get(b"content-length")
-        if (self._url not in self._front.deciders or parser.get_method() != b"POST"
+        if (self._url not in self._front.routes or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1" or parser.should_upgrade()
                 or self._header_count > MAX_HEADERS or len(self._url) > MAX_LINE_SIZE
                 or length is None or not length.isdigit() or int(length) > MAX_BODY
@@ -215,10 +218,10 @@ class FastConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_request = False
         self._taken_in_chunk += 1
-        route, decider = self._front.deciders[self._url]
+        route, answerer = self._front.routes[self._url]
         headers = self._headers
         self._queue.append(_Request(
-            decider, route, _ascii(headers.get(b"authorization")), _ascii(headers.get(b"x-request-id")),
+            answerer, route, _ascii(headers.get(b"authorization")), _ascii(headers.get(b"x-request-id")),
             b"".join(self._body), self._parser.should_keep_alive()))
         if self._task is None:
             self._next()
@@ -356,8 +359,8 @@ class Front:
         self.loop = asyncio.get_running_loop()
         self.idle_timeout_s = float(self._runtime.settings.idle_timeout_s)
         routes: dict[str, Route] = {route.path: route for route in app[ROUTE_TABLE].values()}
-        self.deciders: dict[bytes, tuple[Route, Decider]] = {
-            path.encode(): (routes[path], decider) for path, decider in DECIDERS.items()}
+        self.routes: dict[bytes, tuple[Route, Answerer]] = {
+            path.encode(): (routes[path], answerer) for path, answerer in FAST_ROUTES.items()}
         self._live: set[FastConnection] = set()
         self._date = _Date()
         self._sweeper = self.loop.create_task(self._sweep())
@@ -389,9 +392,8 @@ class Front:
         try:
             try:
                 await authorised_caller(self._runtime, route, request.authorization)
-                result = await request.decider(self._runtime, parse_json(request.body))
+                status, payload, result = await request.answerer(self._runtime, parse_json(request.body))
                 decision, reason = result.verdict.value, result.reason.value
-                status, payload = 200, result.to_json()
             except Exception as exc:  # noqa: BLE001 - rendered as the contract's error body
                 status, payload = error_answer(exc)
             elapsed = time.perf_counter() - start
@@ -399,11 +401,12 @@ class Front:
         finally:
             REQUEST_CONTEXT.reset(reset)
         self._runtime.metrics.http_request(route.path, "POST", status, elapsed)
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+        tail = b"X-Request-Id: %s\r\nDate: %s\r\n" % (request_id.encode(), self._date())
+        if payload is None:  # 204: no body, so neither length nor type (RFC 9110 §8.6)
+            return line + tail, b""
         body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
-        head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"X-Request-Id: %s\r\nDate: %s\r\n" % (
-                    status, _REASONS.get(status, b"Unknown"), len(body), request_id.encode(), self._date()))
-        return head, body
+        return line + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body) + tail, body
 
     async def _sweep(self) -> None:
         while True:

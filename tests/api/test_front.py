@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
+import pyotp
 import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
@@ -392,3 +393,24 @@ async def test_unparseable_http_gets_the_contract_body_and_never_echoes_a_token(
     assert token.encode() not in answers[0].body
     assert token not in json.dumps(logs, default=str)
     assert [entry["event"] for entry in logs if entry.get("log_level") == "warning"] == ["bad_http_request"]
+
+
+async def test_radius_on_the_front_is_a_bare_204_or_a_401(api: Api, raw: Any, counted: dict[str, int]) -> None:
+    """rlm_rest's POST is the front's too: an accept is a 204 with no body, length or type
+    (RFC 9110 §8.6); a reject is the 401 with its Reply-Message."""
+    principal = "front-radius"
+    code = pyotp.TOTP((await api.enroll(principal))["secret"]).at(api.clock.now)
+    counted.update(fast=0, handover=0)  # the enrolment was aiohttp's
+    body = json.dumps({"User-Name": {"type": "string", "value": [principal]},
+                       "User-Password": {"type": "string", "value": [code]},
+                       "NAS-Identifier": {"type": "string", "value": ["nas-front"]}}).encode()
+    request = (b"POST /v1/radius/authenticate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + api.tokens["callout"].encode() +
+               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    conn = await raw()
+    await conn.send(request + request)
+    accept, reject = await conn.answers(2)
+    assert accept.status == 204 and accept.body == b""
+    assert "content-length" not in accept.headers and "content-type" not in accept.headers
+    assert reject.status == 401 and reject.json() == {"reply:Reply-Message": "One-time password already used"}
+    assert counted == {"fast": 2, "handover": 0}
