@@ -56,8 +56,8 @@ from aiohttp.web_request import BaseRequest
 from ..core.decisions import DecisionResult
 from ..logging import REQUEST_CONTEXT
 from ..runtime import Runtime
-from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from . import callouts, radius
+from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, parse_json
 from .state import RUNTIME
 
@@ -125,6 +125,7 @@ class FastConnection(asyncio.Protocol):
         self._taken_in_chunk = 0  # requests completed within the current read
         self._in_request = False
         self._url = b""
+        self._route: tuple[Route, Answerer] | None = None  # the fast route of the request, once its headers are in
         self._headers: dict[bytes, bytes] = {}
         self._header_count = 0
         self._body: list[bytes] = []
@@ -202,7 +203,8 @@ class FastConnection(asyncio.Protocol):
         parser = self._parser
         headers = self._headers
         length = headers.get(b"content-length")
-        if (self._url not in self._front.routes or parser.get_method() != b"POST"
+        self._route = self._front.routes.get(self._url)
+        if (self._route is None or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1" or parser.should_upgrade()
                 or self._header_count > MAX_HEADERS or len(self._url) > MAX_LINE_SIZE
                 or length is None or not length.isdigit() or int(length) > MAX_BODY
@@ -218,7 +220,8 @@ class FastConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_request = False
         self._taken_in_chunk += 1
-        route, answerer = self._front.routes[self._url]
+        assert self._route is not None  # on_headers_complete diverts every other request
+        route, answerer = self._route
         headers = self._headers
         self._queue.append(_Request(
             answerer, route, _ascii(headers.get(b"authorization")), _ascii(headers.get(b"x-request-id")),
@@ -273,10 +276,10 @@ class FastConnection(asyncio.Protocol):
             if self.idle:
                 self._transport.close()
             return
-        self._handover = self._chunk
         if self.idle:
             self._hand_over(self._chunk)
-        else:
+        else:  # after the answers already owed on this connection
+            self._handover = self._chunk
             self._pause()
 
     def _hand_over(self, data: bytes) -> None:
