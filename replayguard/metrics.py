@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from .core.decisions import DecisionResult
 
@@ -13,9 +15,35 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class FrontCounts:
+    """What the fast HTTP front did, as plain counters (read at scrape time, so counting
+    a request costs an addition, not a labelled child's lock)."""
+
+    def __init__(self) -> None:
+        self.answered = 0  # decision requests the fast front answered itself
+        self.handed_over = 0  # connections it handed to aiohttp
+        self.closed = 0  # mixed pipelined reads: the requests taken were answered, then close
+
+    def collect(self) -> Iterator[Metric]:
+        answered = CounterMetricFamily(
+            "replayguard_http_fast_answers", "Decision requests answered by the fast HTTP front "
+            "(the others in replayguard_http_requests_total went through aiohttp)")
+        answered.add_metric([], self.answered)
+        yield answered
+        connections = CounterMetricFamily(
+            "replayguard_http_front_handoffs", "Connections the fast HTTP front gave up: handed to "
+            "aiohttp, or closed after a read that mixed requests it takes with one it does not",
+            labels=["outcome"])
+        connections.add_metric(["aiohttp"], self.handed_over)
+        connections.add_metric(["closed"], self.closed)
+        yield connections
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.front = FrontCounts()
+        self.registry.register(self.front)
         self.requests = Counter(
             "replayguard_http_requests_total", "HTTP requests by route, method and status",
             ["route", "method", "status"], registry=self.registry,

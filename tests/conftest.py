@@ -47,6 +47,14 @@ def uid(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+async def front_counts(url: str) -> dict[str, float]:
+    """The fast front's counters from /metrics (the scrape itself is one handover to aiohttp)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total"))}
+
+
 def dsn_for(name: str) -> str:
     base, _, _ = PG_ADMIN.rpartition("/")
     return f"{base}/{name}"

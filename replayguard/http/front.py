@@ -273,6 +273,7 @@ class FastConnection(asyncio.Protocol):
         if self._taken_in_chunk:
             # llhttp does not say where in this read the request began.
             self._closing = True
+            self._front.counts.closed += 1
             if self.idle:
                 self._transport.close()
             return
@@ -287,6 +288,7 @@ class FastConnection(asyncio.Protocol):
         assert transport is not None
         self._transport = None
         self._front.closed(self)
+        self._front.counts.handed_over += 1
         handler = self._front.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -365,6 +367,7 @@ class Front:
         self.routes: dict[bytes, tuple[Route, Answerer]] = {
             path.encode(): (routes[path], answerer) for path, answerer in FAST_ROUTES.items()}
         self._live: set[FastConnection] = set()
+        self.counts = self._runtime.metrics.front
         self._date = _Date()
         self._sweeper = self.loop.create_task(self._sweep())
 
@@ -388,6 +391,7 @@ class Front:
         """The head (without its closing blank line) and body of the answer to one
         decision request; never raises."""
         start = time.perf_counter()
+        self.counts.answered += 1
         route = request.route
         request_id = request_id_for(request.request_id)
         decision = reason = None

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from replayguard.http import front
+from replayguard.metrics import FrontCounts
 from tests.conftest import Api
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,23 +112,40 @@ async def raw(api: Api) -> AsyncIterator[Any]:
         conn.close()
 
 
+class Counted:
+    """The front's own counters (``replayguard_http_fast_answers_total`` and
+    ``replayguard_http_front_handoffs_total``) since the test began; equal to a dict of
+    the same keys, where a missing ``closed`` means none."""
+
+    def __init__(self, counts: FrontCounts) -> None:
+        self._counts = counts
+        self._start = self._now()
+
+    def _now(self) -> tuple[int, int, int]:
+        return self._counts.answered, self._counts.handed_over, self._counts.closed
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(("fast", "handover", "closed"), (n - s for n, s in zip(self._now(), self._start))))
+
+    def reset(self) -> None:
+        self._start = self._now()
+
+    def __getitem__(self, key: str) -> int:
+        return self.as_dict()[key]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and self.as_dict() == {"closed": 0, **other}
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.as_dict())
+
+
 @pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+def counted(api: Api) -> Counted:
     """How many requests the front answered itself and how many connections it handed over."""
-    counts = {"fast": 0, "handover": 0}
-    answer, hand_over = front.Front.answer, front.FastConnection._hand_over
-
-    async def counting_answer(self: front.Front, request: Any) -> tuple[bytes, bytes]:
-        counts["fast"] += 1
-        return await answer(self, request)
-
-    def counting_hand_over(self: front.FastConnection, data: bytes) -> None:
-        counts["handover"] += 1
-        hand_over(self, data)
-
-    monkeypatch.setattr(front.Front, "answer", counting_answer)
-    monkeypatch.setattr(front.FastConnection, "_hand_over", counting_hand_over)
-    return counts
+    return Counted(api.runtime.metrics.front)
 
 
 def nonce_request(api: Api, nonce: str, *, extra: bytes = b"", version: bytes = b"1.1",
@@ -146,7 +163,7 @@ def nonce_request(api: Api, nonce: str, *, extra: bytes = b"", version: bytes = 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, counted: Counted) -> None:
     conn = await raw()
     await conn.send(b"".join(nonce_request(api, f"pipe-{i}", request_id=b"rid-%d" % i) for i in range(5))
                     + nonce_request(api, "pipe-0", request_id=b"rid-again"))
@@ -157,7 +174,34 @@ async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, cou
     assert not conn.closed
 
 
-async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: Any) -> None:
+    """/metrics says how many decisions the front answered and how many connections it gave up."""
+    def scrape(text: str) -> dict[str, float]:
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith(("replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total"))}
+
+    async def metrics() -> dict[str, float]:  # each scrape on a connection of its own: one handover
+        conn = await raw()
+        await conn.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return scrape((await conn.answers(1))[0].body.decode())
+
+    before = await metrics()
+    conn = await raw()
+    await conn.send(nonce_request(api, "metrics-1") + nonce_request(api, "metrics-2"))
+    await conn.answers(2)
+    await conn.send(HEALTH)  # hands this connection over
+    await conn.answers(3)
+    mixed = await raw()
+    await mixed.send(nonce_request(api, "metrics-3") + HEALTH)
+    assert await mixed.wait_closed()
+    after = await metrics()
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    assert delta == {"replayguard_http_fast_answers_total": 3,
+                     'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 2,
+                     'replayguard_http_front_handoffs_total{outcome="closed"}': 1}, delta
+
+
+async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, counted: Counted) -> None:
     conn = await raw()
     await conn.send(nonce_request(api, "ka-1"))
     assert [a.status for a in await conn.answers(1)] == [200]
@@ -170,7 +214,7 @@ async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, coun
     assert counted == {"fast": 1, "handover": 1}
 
 
-async def test_a_request_split_across_reads_is_aiohttps(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_a_request_split_across_reads_is_aiohttps(api: Api, raw: Any, counted: Counted) -> None:
     request = nonce_request(api, "split")
     conn = await raw()
     await conn.send(request[:40])
@@ -181,7 +225,7 @@ async def test_a_request_split_across_reads_is_aiohttps(api: Api, raw: Any, coun
     assert counted == {"fast": 0, "handover": 1}
 
 
-async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: Any, counted: Counted) -> None:
     """A request the front cannot hand over (it began mid-read) ends the connection: the
     one before it is answered with Connection: close, and the client retries the rest."""
     conn = await raw()
@@ -190,12 +234,12 @@ async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: An
     assert await conn.wait_closed()
     assert len(answers) == 1 and answers[0].status == 200
     assert answers[0].headers["connection"].lower() == "close"
-    assert counted == {"fast": 1, "handover": 0}
+    assert counted == {"fast": 1, "handover": 0, "closed": 1}
 
 
 @pytest.mark.parametrize("case", ["http10", "chunked", "expect", "query", "duplicate_auth",
                                   "charset", "other_type"])
-async def test_unusual_requests_get_aiohttps_answer(api: Api, raw: Any, counted: dict[str, int], case: str) -> None:
+async def test_unusual_requests_get_aiohttps_answer(api: Api, raw: Any, counted: Counted, case: str) -> None:
     nonce = f"unusual-{case}"
     body = json.dumps({"vm_id": "vm-front", "scope": "ssh:front", "nonce": nonce}).encode()
     auth = b"Authorization: Bearer " + api.tokens["callout"].encode() + b"\r\n"
@@ -244,7 +288,7 @@ async def test_connection_close_and_http10_close_after_the_answer(api: Api, raw:
     assert (await conn.answers(1))[0].json()["reason"] == "ok"
 
 
-async def test_half_closed_client_still_gets_its_answer(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_half_closed_client_still_gets_its_answer(api: Api, raw: Any, counted: Counted) -> None:
     conn = await raw()
     await conn.send(nonce_request(api, "half-closed"))
     conn.writer.write_eof()
@@ -266,7 +310,7 @@ async def test_malformed_requests_are_400_and_decisions_go_on(api: Api, raw: Any
     assert (await conn.answers(1))[0].json()["decision"] == "accept"
 
 
-async def test_errors_on_the_front_are_the_contract_body(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_errors_on_the_front_are_the_contract_body(api: Api, raw: Any, counted: Counted) -> None:
     conn = await raw()
     bad_json = nonce_request(api, "x").rsplit(b"\r\n\r\n", 1)[0]
     bad_json = bad_json.replace(b"Content-Length: ", b"X-Old-Length: ") + b"\r\nContent-Length: 3\r\n\r\n{x}"
@@ -395,12 +439,12 @@ async def test_unparseable_http_gets_the_contract_body_and_never_echoes_a_token(
     assert [entry["event"] for entry in logs if entry.get("log_level") == "warning"] == ["bad_http_request"]
 
 
-async def test_radius_on_the_front_is_a_bare_204_or_a_401(api: Api, raw: Any, counted: dict[str, int]) -> None:
+async def test_radius_on_the_front_is_a_bare_204_or_a_401(api: Api, raw: Any, counted: Counted) -> None:
     """rlm_rest's POST is the front's too: an accept is a 204 with no body, length or type
     (RFC 9110 §8.6); a reject is the 401 with its Reply-Message."""
     principal = "front-radius"
     code = pyotp.TOTP((await api.enroll(principal))["secret"]).at(api.clock.now)
-    counted.update(fast=0, handover=0)  # the enrolment was aiohttp's
+    counted.reset()  # the enrolment was aiohttp's
     body = json.dumps({"User-Name": {"type": "string", "value": [principal]},
                        "User-Password": {"type": "string", "value": [code]},
                        "NAS-Identifier": {"type": "string", "value": ["nas-front"]}}).encode()

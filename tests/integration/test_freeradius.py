@@ -23,7 +23,7 @@ import pytest
 
 from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, free_port, uid
+from tests.conftest import REPO, free_port, front_counts, uid
 
 DEPLOY = REPO / "deploy" / "freeradius"
 FREERADIUS = shutil.which("freeradius") or shutil.which("radiusd")
@@ -212,17 +212,24 @@ def wait_for_fresh_step() -> None:
 
 
 async def test_accept_then_replay_refused(host: Host, start_radius: Callable[[str, str], Radius]) -> None:
-    """A valid code is an Access-Accept once; the same code again is an Access-Reject saying it was used."""
+    """A valid code is an Access-Accept once; the same code again is an Access-Reject saying
+    it was used. rlm_rest's requests are answered by the fast front, not handed to aiohttp."""
     radius = start_radius(host.url, host.tokens["callout"])
     user = uid("alice")
     totp = await host.enroll(user)
     wait_for_fresh_step()
     code = totp.now()
+    before = await front_counts(host.url)
     first = radclient(radius, User_Name=user, User_Password=code, NAS_Identifier=uid("nas"))
     assert first.returncode == 0 and "Access-Accept" in first.stdout, first.stdout + radius.log()
     second = radclient(radius, User_Name=user, User_Password=code, NAS_Identifier=uid("nas"))
     assert second.returncode == 1 and "Access-Reject" in second.stdout
     assert "One-time password already used" in second.stdout
+    after = await front_counts(host.url)
+    assert {name: after[name] - before[name] for name in after} == {
+        "replayguard_http_fast_answers_total": 2,
+        'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 1,  # the second scrape
+        'replayguard_http_front_handoffs_total{outcome="closed"}': 0}
 
 
 async def test_wrong_code_rejected_with_reply_message(host: Host, start_radius: Callable[[str, str], Radius]) -> None:

@@ -32,7 +32,7 @@ import pytest
 
 from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, free_port, uid
+from tests.conftest import REPO, free_port, front_counts, uid
 
 HELPER = REPO / "deploy" / "pam" / "replayguard-pam-helper"
 PAM_DIR = Path("/etc/pam.d")
@@ -165,16 +165,24 @@ def wrong_code(totp: pyotp.TOTP) -> str:
 @needs_pam
 @needs_python3
 async def test_accept_then_reused(host: Host, make_guest: Callable[..., Guest]) -> None:
-    """A valid code logs in once through PAM; the same code again is refused as reused."""
+    """A valid code logs in once through PAM; the same code again is refused as reused.
+    The helper's requests are answered by the fast front, not handed to aiohttp."""
     guest = make_guest(host.url, host.tokens["callout"])
     user = uid("alice")
     totp = await host.enroll(user)
     wait_for_fresh_step()
     code = totp.now()
+    before = await front_counts(host.url)
     assert pamtester(guest, user, code)
     assert stat.S_IMODE(guest.receipt.stat().st_mode) == 0o600
     assert guest.receipt.read_text().startswith("rg1.")
     assert not pamtester(guest, user, code)
+    after = await front_counts(host.url)
+    # The helper's requests are the fast front's; only the second scrape went to aiohttp.
+    assert {name: after[name] - before[name] for name in after} == {
+        "replayguard_http_fast_answers_total": 2,
+        'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 1,
+        'replayguard_http_front_handoffs_total{outcome="closed"}': 0}
     log = guest.log()
     assert "accept user=" + user in log and "reason=reused" in log
     assert code not in log
