@@ -142,12 +142,19 @@ class DecisionService:
         return self._result("otp", outcome, req.vm_id)
 
     async def _match(self, principal: str, code: str, now: float) -> Match:
-        """Matches against cached tokens first; a miss is checked against a fresh read."""
+        """Matches against cached tokens first; a miss is checked against a fresh read,
+        unless one confirmed a miss of the same principal's TOTP tokens just before."""
         tokens, cached = await self._tokens.active(principal)
         match = match_code(tokens, code, now, self._config)
-        if cached and not match.counters:
+        if match.counters:
+            return match
+        if cached:
+            if not self._tokens.worth_rereading(principal, tokens):
+                return match
             tokens, _ = await self._tokens.active(principal, fresh=True)
             match = match_code(tokens, code, now, self._config)
+        if not match.counters:
+            self._tokens.miss_confirmed(principal)
         return match
 
     def _otp_fields(self, item: dict[str, Any], match: Match, now_us: int) -> list[bytes]:

@@ -30,6 +30,12 @@ from .keys import Keys
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
+# After a fresh read confirms that a code matches none of a principal's TOTP tokens, more
+# misses for that principal within this many seconds are not read again: a guest sending
+# wrong codes costs one token read a second per principal and process, not one per code. A
+# token enrolled through another instance within that second counts a second later (one
+# enrolled through this process, and any HOTP token, at once).
+MISS_RECHECK_S = 1.0
 MAX_READ_BATCH = 512
 _COLUMNS = "principal, id, type, secret_ct, digits, period, algorithm, last_counter"
 _READ = (f"SELECT {_COLUMNS} FROM otp_tokens"
@@ -143,10 +149,13 @@ class TokenReader:
 
 
 class TokenStore:
-    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._pool = pool
         self._keys = keys
+        self._clock = clock
         self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
+        self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
 
     async def close(self) -> None:
@@ -168,7 +177,7 @@ class TokenStore:
                 "SELECT rg_append($1, 'enroll', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
                 now_us, principal, payload,
             )
-        self._cache.pop(principal, None)
+        self._forget(principal)
         return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req), req.type)
 
     async def listing(self, principal: str) -> list[dict[str, Any]]:
@@ -198,7 +207,11 @@ class TokenStore:
                 "SELECT rg_append($1, 'token_deleted', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
                 now_us, principal, {"token_id": token_id},
             )
+        self._forget(principal)
+
+    def _forget(self, principal: str) -> None:
         self._cache.pop(principal, None)
+        self._misses.pop(principal, None)
 
     async def active(self, principal: str, *, fresh: bool = False) -> tuple[list[OtpToken], bool]:
         """Active tokens of ``principal``, and whether they came from the cache.
@@ -209,7 +222,7 @@ class TokenStore:
         enrolled through another instance, or an HOTP counter moved elsewhere).
         """
         hit = self._cache.get(principal)
-        now = time.monotonic()
+        now = self._clock()
         if not fresh and hit is not None and hit[0] > now:
             return hit[1], True
         rows = await self._reader.read(principal)
@@ -223,6 +236,23 @@ class TokenStore:
         if tokens:  # "no token" is never cached: an enrolment elsewhere must count at once
             self._cache[principal] = (now + CACHE_TTL_S, tokens)
         return tokens, False
+
+    def worth_rereading(self, principal: str, cached: list[OtpToken]) -> bool:
+        """Whether a code that matched none of the ``cached`` tokens deserves a fresh read.
+
+        Always for an HOTP token (its counter may have moved through another instance);
+        for TOTP tokens, unless a fresh read confirmed a miss less than MISS_RECHECK_S ago.
+        """
+        confirmed = self._misses.get(principal)
+        if confirmed is None or any(token.type != "totp" for token in cached):
+            return True
+        return self._clock() - confirmed >= MISS_RECHECK_S
+
+    def miss_confirmed(self, principal: str) -> None:
+        """Notes that a code matched none of the principal's tokens as just read."""
+        if len(self._misses) > 100_000:
+            self._misses.clear()
+        self._misses[principal] = self._clock()
 
     def advanced(self, principal: str, token_id: str, counter: int) -> None:
         """Notes a counter the ledger just accepted, so HOTP look-ahead starts from it."""
