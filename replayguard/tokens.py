@@ -149,11 +149,9 @@ class TokenReader:
 
 
 class TokenStore:
-    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
         self._pool = pool
         self._keys = keys
-        self._clock = clock
         self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
         self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
@@ -222,7 +220,7 @@ class TokenStore:
         enrolled through another instance, or an HOTP counter moved elsewhere).
         """
         hit = self._cache.get(principal)
-        now = self._clock()
+        now = time.monotonic()
         if not fresh and hit is not None and hit[0] > now:
             return hit[1], True
         rows = await self._reader.read(principal)
@@ -246,13 +244,13 @@ class TokenStore:
         confirmed = self._misses.get(principal)
         if confirmed is None or any(token.type != "totp" for token in cached):
             return True
-        return self._clock() - confirmed >= MISS_RECHECK_S
+        return time.monotonic() - confirmed >= MISS_RECHECK_S
 
     def miss_confirmed(self, principal: str) -> None:
         """Notes that a code matched none of the principal's tokens as just read."""
         if len(self._misses) > 100_000:
             self._misses.clear()
-        self._misses[principal] = self._clock()
+        self._misses[principal] = time.monotonic()
 
     def advanced(self, principal: str, token_id: str, counter: int) -> None:
         """Notes a counter the ledger just accepted, so HOTP look-ahead starts from it."""
