@@ -128,7 +128,7 @@ def error_answer(exc: Exception) -> tuple[int, dict[str, object]]:
         log.warning("dependency_unavailable", error=type(exc).__name__)
         return 503, Unavailable("a dependency is unavailable; nothing was accepted").body()
     log.exception("unhandled_error", exc_info=exc)
-    return 500, {"error": {"code": "internal", "message": "internal error"}}
+    return 500, ReplayGuardError("internal error").body()
 
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:

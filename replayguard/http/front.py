@@ -54,11 +54,12 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from ..core.decisions import DecisionResult
+from ..errors import InvalidRequest, ReplayGuardError
 from ..logging import REQUEST_CONTEXT
 from ..runtime import Runtime
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
-from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, parse_json
+from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, json_response, parse_json
 from .state import RUNTIME
 
 log = structlog.get_logger(__name__)
@@ -338,12 +339,9 @@ class ContractRequestHandler(RequestHandler):
         if request.writer.output_size > 0:  # as aiohttp: a response already began
             raise ConnectionError("the response was already started")
         log.warning("bad_http_request", status=status, error=None if exc is None else type(exc).__name__)
-        if 400 <= status < 500:
-            error = {"code": "invalid_request", "message": "the request is not valid HTTP"}
-        else:
-            error = {"code": "internal", "message": "internal error"}
-        response = web.Response(status=status, body=orjson.dumps({"error": error}),
-                                content_type="application/json")
+        error = (InvalidRequest("the request is not valid HTTP") if 400 <= status < 500
+                 else ReplayGuardError("internal error"))
+        response = json_response(error.body(), status=status)
         response.force_close()
         return response
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from replayguard.metrics import FrontCounts
-from tests.conftest import Api
+from tests.conftest import Api, front_counts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,16 +176,8 @@ async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, cou
 
 async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: Any) -> None:
     """/metrics says how many decisions the front answered and how many connections it gave up."""
-    def scrape(text: str) -> dict[str, float]:
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                if line.startswith(("replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total"))}
-
-    async def metrics() -> dict[str, float]:  # each scrape on a connection of its own: one handover
-        conn = await raw()
-        await conn.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return scrape((await conn.answers(1))[0].body.decode())
-
-    before = await metrics()
+    url = str(api.client.make_url("")).rstrip("/")  # each scrape on a connection of its own: one handover
+    before = await front_counts(url)
     conn = await raw()
     await conn.send(nonce_request(api, "metrics-1") + nonce_request(api, "metrics-2"))
     await conn.answers(2)
@@ -194,7 +186,7 @@ async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: An
     mixed = await raw()
     await mixed.send(nonce_request(api, "metrics-3") + HEALTH)
     assert await mixed.wait_closed()
-    after = await metrics()
+    after = await front_counts(url)
     delta = {name: after[name] - before.get(name, 0) for name in after}
     assert delta == {"replayguard_http_fast_answers_total": 3,
                      'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 2,
