@@ -12,14 +12,6 @@ SELECT setval('alert_changes', coalesce((SELECT max(id) FROM alerts), 0) + 1, fa
 ALTER TABLE alerts ALTER COLUMN change_seq SET NOT NULL;
 CREATE UNIQUE INDEX alerts_change_seq ON alerts (change_seq);
 
-CREATE FUNCTION rg_alert_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.change_seq := nextval('alert_changes');
-    RETURN NEW;
-END $$;
-CREATE TRIGGER alerts_change_seq BEFORE INSERT OR UPDATE ON alerts
-    FOR EACH ROW EXECUTE FUNCTION rg_alert_changed();
-
 CREATE INDEX alerts_severity ON alerts (severity, id);
 CREATE INDEX alerts_last_seen ON alerts (last_seen_us);
 CREATE INDEX alerts_first_seen ON alerts (first_seen_us);

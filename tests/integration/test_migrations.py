@@ -1,30 +1,155 @@
-"""Migrations: an empty database migrates from zero, and again is a no-op."""
+"""Migrations: from zero, again as a no-op, and an upgrade from every earlier schema equals a fresh one.
+
+The schema is numbered migrations (tables) plus one file per stored function, re-applied
+whenever its content changes. An upgraded database must end up with exactly the schema a
+fresh one gets: compared as ``pg_dump --schema-only`` text, so a function left behind, a
+trigger missing or a column of another type shows up as a diff.
+"""
 
 from __future__ import annotations
 
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
 import asyncpg
+import pytest
 
 from replayguard import db
 from tests.conftest import PG_ADMIN, drop_database, dsn_for
 
+FROZEN = Path(__file__).resolve().parents[1] / "data" / "schema"
 
-async def test_migrate_from_zero_then_noop() -> None:
-    """Every numbered file applies in order on an empty database; a second run applies none."""
-    name = "rg_migrate_zero_" + __import__("secrets").token_hex(4)
+pytestmark = pytest.mark.skipif(shutil.which("pg_dump") is None, reason="pg_dump is not installed")
+
+
+async def _new_database() -> str:
+    name = "rg_migrate_" + secrets.token_hex(4)
     admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    dsn = dsn_for(name)
     try:
-        conn = await db.connect(dsn)
-        try:
-            first = await db.migrate(conn)
-            second = await db.migrate(conn)
-            versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
-        finally:
-            await conn.close()
+        await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
+        await admin.close()
+    return dsn_for(name)
+
+
+@pytest.fixture
+async def new_database() -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Makes empty databases on demand and drops them all afterwards."""
+    made: list[str] = []
+
+    async def make() -> str:
+        made.append(await _new_database())
+        return made[-1]
+
+    yield make
+    for dsn in made:
         await drop_database(dsn)
-    assert first == [m.name for m in db.load_migrations()]
+
+
+def schema_of(dsn: str) -> str:
+    """The database's schema as pg_dump prints it (comments with OIDs-dependent order removed)."""
+    done = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "--no-privileges", dsn],
+                          capture_output=True, text=True, check=True, timeout=60)
+    return "\n".join(line for line in done.stdout.splitlines()
+                     if not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+async def _run(dsn: str, *, migrations: list[db.Migration] | None = None) -> list[str]:
+    conn = await db.connect(dsn)
+    try:
+        return await db.migrate(conn, migrations)
+    finally:
+        await conn.close()
+
+
+async def _function_digests(dsn: str) -> dict[str, bytes]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["name"]: r["sha256"] for r in await conn.fetch("SELECT name, sha256 FROM schema_functions")}
+    finally:
+        await conn.close()
+
+
+async def test_migrate_from_zero_then_noop(new_database: Callable[[], Awaitable[str]]) -> None:
+    """Every numbered file, then every function file, applies on an empty database; a second run applies none."""
+    dsn = await new_database()
+    first = await _run(dsn)
+    second = await _run(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+    finally:
+        await conn.close()
+    assert first == ([m.name for m in db.load_migrations()]
+                     + [f"functions/{f.name}.sql" for f in db.load_functions()])
     assert second == []
     assert versions == sorted(m.version for m in db.load_migrations())
+
+
+async def test_a_changed_function_file_is_applied_again(new_database: Callable[[], Awaitable[str]]) -> None:
+    """Only a function whose file's content changed is re-applied, and the new body is what runs."""
+    dsn = await new_database()
+    await _run(dsn)
+    functions = db.load_functions()
+    changed = [db.StoredFunction(f.name, f.sql.replace("ELSE 1 END", "ELSE 0 END"))
+               if f.name == "rg_severity_rank" else f for f in functions]
+    assert changed != functions
+    conn = await db.connect(dsn)
+    try:
+        applied = await db.migrate(conn, functions=changed)
+        rank = await conn.fetchval("SELECT rg_severity_rank('info')")
+        await db.migrate(conn)  # and back, for the digest check below
+    finally:
+        await conn.close()
+    assert applied == ["functions/rg_severity_rank.sql"]
+    assert rank == 0
+    assert await _function_digests(dsn) == {f.name: f.digest for f in functions}
+
+
+async def test_the_schema_deployed_before_functions_moved_upgrades_to_a_fresh_one(
+        new_database: Callable[[], Awaitable[str]]) -> None:
+    """A database restored from the frozen 007 dump (functions inside the migrations) upgrades to exactly the fresh schema."""
+    fresh = await new_database()
+    await _run(fresh)
+    old = await new_database()
+    conn = await asyncpg.connect(old)
+    try:
+        await conn.execute((FROZEN / "v007.sql").read_text())
+    finally:
+        await conn.close()
+    applied = await _run(old)
+    assert applied == [f"functions/{f.name}.sql" for f in db.load_functions()]
+    assert schema_of(old) == schema_of(fresh)
+    assert await _function_digests(old) == await _function_digests(fresh)
+
+
+async def test_every_numbered_version_upgrades_to_a_fresh_schema(new_database: Callable[[], Awaitable[str]]) -> None:
+    """Stopped after each numbered migration (with the functions of then), a database upgrades to the fresh schema."""
+    fresh = await new_database()
+    await _run(fresh)
+    expected = schema_of(fresh)
+    migrations = db.load_migrations()
+    for stop in range(1, len(migrations)):
+        dsn = await new_database()
+        await _run(dsn, migrations=migrations[:stop])
+        await _run(dsn)
+        assert schema_of(dsn) == expected, f"upgrade from {migrations[stop - 1].name} differs"
+
+
+async def test_the_ledger_refuses_truncate(new_database: Callable[[], Awaitable[str]]) -> None:
+    """TRUNCATE of the ledger (with or without CASCADE) is refused like UPDATE and DELETE."""
+    dsn = await new_database()
+    await _run(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.fetchval("SELECT rg_append(1, 'test', NULL, NULL, NULL, NULL, NULL, '{}'::jsonb)")
+        for statement in ("TRUNCATE ledger", "TRUNCATE ledger CASCADE", "DELETE FROM ledger",
+                          "UPDATE ledger SET kind = 'x'"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await conn.execute(statement)
+        assert await conn.fetchval("SELECT count(*) FROM ledger") == 1
+    finally:
+        await conn.close()

@@ -1,0 +1,1 @@
+"""The schema: numbered migrations (tables) beside functions/ (one stored function a file)."""

@@ -1,0 +1,1 @@
+"""Stored functions, one a file, re-applied whenever a file's content changes."""

@@ -1,0 +1,320 @@
+-- rg_decide: the whole decision path in one round trip.
+--
+-- Takes a batch of decisions prepared by the service (codes already matched against the
+-- token's secret, credentials already reduced to keyed digests) and, in one transaction
+-- holding the ledger head lock:
+--   1. checks the guest's receipt against the latest one issued to the VM (rollback,
+--      clone, forgery) and opens a rollback window when the guest went back in time;
+--   2. consumes the credential atomically (UPDATE ... WHERE last_counter < step, or
+--      INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it once;
+--   3. classifies a reject (reused, or replay_after_rollback when the first use fell
+--      inside a rollback window), applies RFC 4226 §7.3 throttling, raises or joins alerts;
+--   4. appends the chained ledger row and moves the VM's receipt position.
+-- Items (built by replayguard/decide.py):
+--   {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "steps": [..],
+--    "dg": {"<step>": "<hex digest>"}, "d": "<hex>", "exp": us, "pre": reason,
+--    "hot": bool, "rc": "absent"|"valid"|"invalid", "rvm", "rseq", "p": {...},
+--    TOTP only: "tp": period s, "dr": drift steps, "cg": clock-guard scope}
+--
+-- Every writer of ledger_head, vms, principals, otp_tokens.last_counter and clock_guard
+-- holds the head lock, so plain reads under it see the latest committed state. The work
+-- under the lock is kept small: the batch is decoded once into typed columns
+-- (jsonb_to_recordset); the clock guard is read once per batch and written once at its
+-- end; a principal's row is written only when it changes; a VM's row only when its
+-- receipt state changes, and the last-seen time of each VM once, at the end.
+--
+-- PL/pgSQL plans each statement once per connection and keeps the plan, and the
+-- group-commit appender keeps its connection, so a plan made while a table was small would
+-- stay in use as it grows. Hence `SET enable_seqscan = off` (every statement with an index
+-- plans an index scan, whatever the table's size at planning time) and the lookup of an
+-- earlier use as `digest = ANY (ARRAY(...))`, a primary-key scan. Both are needed: the
+-- regression test in tests/integration/test_decide_batch.py fails on either alone.
+CREATE OR REPLACE FUNCTION rg_decide(p_items jsonb, p_lock_threshold integer, p_lock_period_us bigint,
+                                     p_refuse boolean)
+RETURNS TABLE (r_idx integer, r_seq bigint, r_verdict text, r_reason text, r_flags text[],
+               r_alert bigint, r_epoch integer, r_rseq bigint, r_locked_until bigint)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    it        record;
+    v_prev    bytea;
+    v_seq     bigint;
+    v_i       integer := 0;
+    v_rc      text;
+    v_hot     boolean;
+    v_vmrow   vms%ROWTYPE;
+    v_vm_moved boolean;
+    v_flags   text[];
+    v_verdict text;
+    v_reason  text;
+    v_alert   bigint;
+    v_calert  bigint;
+    v_digest  bytea;
+    v_step    bigint;
+    v_use     uses%ROWTYPE;
+    v_window  bigint;
+    v_fails   integer;
+    v_pfails  integer;
+    v_locked  bigint;
+    v_rseq    bigint;
+    v_floor   bigint;
+    v_steps   bigint[];
+    v_galert  bigint;
+    v_payload jsonb;
+    -- the clock guard of the scope last seen in this batch
+    v_cg_scope text;
+    v_cg_high  bigint;
+    v_cg_dirty boolean := false;
+    v_hash    bytea;
+    -- the batch's VMs and the latest time each was seen, written once at the end
+    v_vms     text[] := '{}';
+    v_vms_ts  bigint[] := '{}';
+    v_pos     integer;
+BEGIN
+    SELECT h.seq, h.hash INTO v_seq, v_prev FROM ledger_head h WHERE h.id FOR UPDATE;
+
+    FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
+            k text, ts bigint, vm text, sub text, tok text, steps bigint[], dg jsonb, d text,
+            exp bigint, pre text, hot boolean, rc text, rvm text, rseq bigint, p jsonb,
+            tp bigint, dr integer, cg text) LOOP
+        v_seq := v_seq + 1;
+        v_rc := coalesce(it.rc, 'absent');
+        v_hot := coalesce(it.hot, false);
+        v_flags := '{}';
+        v_locked := NULL;
+        v_verdict := 'reject';
+        v_reason := NULL;
+        v_alert := NULL;
+        v_calert := NULL;
+        v_digest := NULL;
+        v_step := NULL;
+        v_window := NULL;
+        v_use := NULL;
+        v_galert := NULL;
+        v_floor := NULL;
+        v_vm_moved := false;
+        v_steps := coalesce(it.steps, '{}');
+
+        IF it.tp IS NOT NULL THEN
+            IF v_cg_scope IS DISTINCT FROM it.cg THEN
+                IF v_cg_dirty THEN
+                    INSERT INTO clock_guard VALUES (v_cg_scope, v_cg_high)
+                        ON CONFLICT (scope) DO UPDATE SET high_us = excluded.high_us
+                        WHERE clock_guard.high_us < excluded.high_us;
+                    v_cg_dirty := false;
+                END IF;
+                v_cg_scope := it.cg;
+                SELECT high_us INTO v_cg_high FROM clock_guard WHERE scope = it.cg;
+            END IF;
+            IF it.ts / (it.tp * 1000000) < v_cg_high / (it.tp * 1000000) - it.dr THEN
+                v_floor := v_cg_high;
+                v_galert := rg_alert('clock_regression', 'critical', it.vm, NULL, 'clock_regression:' || it.cg,
+                    it.ts, v_seq, 'The host clock is behind the highest TOTP step already accepted',
+                    jsonb_build_object('high_water_us', v_floor, 'now_us', it.ts));
+            END IF;
+        END IF;
+
+        SELECT * INTO v_vmrow FROM vms WHERE vm_id = it.vm;
+        IF NOT FOUND THEN
+            INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (it.vm, it.ts, it.ts)
+                RETURNING * INTO v_vmrow;
+        END IF;
+
+        -- 1. State continuity (skipped for deferred hot-cache records).
+        IF NOT v_hot THEN
+            IF v_rc = 'invalid' THEN
+                v_flags := v_flags || 'receipt_invalid'::text;
+                v_alert := rg_alert('receipt_invalid', 'warning', it.vm, NULL, 'receipt_invalid:' || it.vm,
+                    it.ts, v_seq, 'VM ' || it.vm || ' presented a receipt that does not verify', '{}'::jsonb);
+            ELSIF v_rc = 'valid' AND it.rvm <> it.vm THEN
+                -- A clone carries its source's state as of that receipt: the source's later
+                -- uses are unknown to the clone, so they are at risk.
+                v_rseq := it.rseq;
+                v_flags := v_flags || 'clone_detected'::text;
+                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                    VALUES (it.rvm, rg_receipt_window_start(v_rseq), it.ts, 'receipt_clone', v_seq);
+                v_vmrow.epoch := v_vmrow.epoch + 1;
+                v_alert := rg_alert('clone_detected', 'warning', it.vm, NULL,
+                    'clone:' || it.vm || ':' || it.rvm, it.ts, v_seq,
+                    'VM ' || it.vm || ' presented a receipt issued to VM ' || it.rvm,
+                    jsonb_build_object('source_vm_id', it.rvm, 'receipt_seq', v_rseq));
+            ELSIF v_rc = 'valid' AND it.rseq < v_vmrow.last_receipt_seq THEN
+                v_rseq := it.rseq;
+                v_flags := v_flags || 'rollback_detected'::text;
+                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                    VALUES (it.vm, rg_receipt_window_start(v_rseq), it.ts, 'receipt', v_seq);
+                v_vmrow.epoch := v_vmrow.epoch + 1;
+                v_alert := rg_alert('rollback_detected', 'critical', it.vm, NULL,
+                    'rollback:' || it.vm || ':' || coalesce(v_rseq::text, 'none'), it.ts, v_seq,
+                    'VM ' || it.vm || ' presented an old receipt: its state went back in time',
+                    jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
+            END IF;
+            IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
+                v_vmrow.refusing := true;
+                v_vmrow.refusing_reason := v_flags[1];
+            END IF;
+            -- Only a caller that keeps receipts moves the position: a RADIUS callout on the
+            -- same VM that never sends one must not make the PAM helper's receipt stale.
+            v_vm_moved := v_rc = 'valid' OR cardinality(v_flags) > 0;
+        END IF;
+
+        -- 2 and 3. The credential.
+        IF v_vmrow.refusing THEN
+            v_reason := 'locked_out';
+        ELSIF it.pre IS NOT NULL AND it.pre <> 'reused' THEN
+            v_reason := it.pre;
+        ELSIF it.k = 'nonce' THEN
+            v_digest := decode(it.d, 'hex');
+            IF it.pre IS NULL THEN
+                INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
+                    VALUES (v_digest, 'nonce', it.vm, it.sub, v_seq, it.ts, it.exp)
+                    ON CONFLICT (digest) DO NOTHING;
+                IF FOUND THEN
+                    v_verdict := 'accept';
+                    v_reason := 'ok';
+                END IF;
+            END IF;
+            IF v_reason IS NULL THEN
+                SELECT * INTO v_use FROM uses WHERE digest = v_digest;
+            END IF;
+        ELSE
+            v_pfails := NULL;
+            SELECT locked_until_us, fail_count INTO v_locked, v_pfails FROM principals WHERE name = it.sub;
+            IF v_locked > it.ts THEN
+                v_reason := 'locked_out';
+            ELSIF cardinality(v_steps) = 0 THEN
+                v_reason := 'invalid';
+                INSERT INTO principals AS pr (name, fail_count) VALUES (it.sub, 1)
+                    ON CONFLICT (name) DO UPDATE SET fail_count = pr.fail_count + 1
+                    RETURNING pr.fail_count INTO v_fails;
+                IF v_fails >= p_lock_threshold THEN
+                    v_locked := it.ts + p_lock_period_us;
+                    UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = it.sub;
+                    v_calert := rg_alert('brute_force', 'warning', it.vm, it.sub, 'brute:' || it.sub,
+                        it.ts, v_seq, v_fails || ' consecutive failures for ' || it.sub || ': locked out',
+                        jsonb_build_object('failures', v_fails, 'locked_until_us', it.ts + p_lock_period_us));
+                END IF;
+            ELSE
+                IF v_floor IS NOT NULL THEN
+                    -- The host clock went back: only steps above the high-water may pass.
+                    v_steps := ARRAY(SELECT s FROM unnest(v_steps) s WHERE s * it.tp * 1000000 > v_floor);
+                END IF;
+                IF it.pre IS NULL AND cardinality(v_steps) > 0 THEN
+                    UPDATE otp_tokens t SET last_counter = (
+                            SELECT min(s) FROM unnest(v_steps) s WHERE s > t.last_counter)
+                        WHERE t.id = it.tok AND t.deleted_at IS NULL
+                          AND t.last_counter < (SELECT max(s) FROM unnest(v_steps) s)
+                        RETURNING t.last_counter INTO v_step;
+                END IF;
+                IF v_step IS NOT NULL THEN
+                    v_verdict := 'accept';
+                    v_reason := 'ok';
+                    v_digest := decode(it.dg->>(v_step::text), 'hex');
+                    INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
+                        VALUES (v_digest, 'otp', it.vm, it.sub, v_seq, it.ts, it.exp)
+                        ON CONFLICT (digest) DO NOTHING;
+                    IF v_pfails <> 0 THEN
+                        UPDATE principals SET fail_count = 0 WHERE name = it.sub;
+                    END IF;
+                    IF it.tp IS NOT NULL AND (v_cg_high IS NULL OR v_cg_high < v_step * it.tp * 1000000) THEN
+                        v_cg_high := v_step * it.tp * 1000000;
+                        v_cg_dirty := true;
+                    END IF;
+                ELSIF NOT EXISTS (SELECT 1 FROM otp_tokens WHERE id = it.tok AND deleted_at IS NULL) THEN
+                    v_reason := 'no_token';
+                ELSE
+                    -- = ANY over an array, not IN over a set-returning function: the
+                    -- cached generic plan of the latter estimates 100 candidates and
+                    -- hashes the whole of uses for each replayed code.
+                    SELECT u.* INTO v_use FROM uses u
+                        WHERE u.digest = ANY (ARRAY(SELECT decode(value, 'hex') FROM jsonb_each_text(it.dg)))
+                        ORDER BY u.first_seq DESC LIMIT 1;
+                    v_digest := coalesce(v_use.digest, decode(it.dg->>(
+                        (SELECT max(s) FROM unnest(it.steps) s)::text), 'hex'));
+                    IF v_use.digest IS NULL AND v_floor IS NOT NULL THEN
+                        v_reason := 'invalid';  -- a code for a time the host already left behind
+                        v_calert := v_galert;
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+
+        IF v_verdict = 'reject' AND v_reason IS NULL THEN
+            -- Presented before. Was its first use undone by a rollback?
+            IF v_use.digest IS NOT NULL THEN
+                v_window := rg_at_risk(v_use.vm_id, v_use.first_ts_us);
+            END IF;
+            IF v_window IS NOT NULL THEN
+                v_reason := 'replay_after_rollback';
+                v_calert := rg_alert('replay_after_rollback', 'critical', it.vm, v_use.subject,
+                    'cred:' || encode(v_digest, 'hex'), it.ts, v_seq,
+                    'A credential first used on VM ' || v_use.vm_id || ' inside a rollback window was presented again',
+                    jsonb_build_object('window_id', v_window, 'first_seq', v_use.first_seq,
+                                       'first_vm_id', v_use.vm_id));
+                INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
+                INSERT INTO alert_entries SELECT v_calert, seq FROM rollback_windows WHERE id = v_window
+                    ON CONFLICT DO NOTHING;  -- the event (or decision) that opened the window
+            ELSE
+                v_reason := 'reused';
+                IF v_use.digest IS NOT NULL THEN
+                    v_calert := rg_alert('reuse', 'warning', it.vm, v_use.subject,
+                        'cred:' || encode(v_digest, 'hex'), it.ts, v_seq,
+                        'A credential was presented again', jsonb_build_object(
+                            'first_seq', v_use.first_seq, 'first_vm_id', v_use.vm_id));
+                    INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
+                END IF;
+            END IF;
+        END IF;
+
+        -- 4. The ledger entry (hashed now, inserted with the batch) and the VM's position.
+        v_payload := coalesce(it.p, '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
+                'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.tok,
+                'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
+                'receipt', v_rc, 'receipt_seq', it.rseq::text, 'hot_cache', to_jsonb(it.hot),
+                'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END));
+        v_hash := rg_entry_hash(v_prev, v_seq, it.ts, it.k, it.vm, it.sub, v_digest, v_verdict, v_reason,
+                                v_payload);
+        INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
+            VALUES (v_seq, it.ts, it.k, it.vm, it.sub, v_digest, v_verdict, v_reason, v_payload, v_prev, v_hash);
+        v_prev := v_hash;
+        v_pos := array_position(v_vms, it.vm);
+        IF v_pos IS NULL THEN
+            v_vms := v_vms || it.vm;
+            v_vms_ts := v_vms_ts || it.ts;
+        ELSIF v_vms_ts[v_pos] < it.ts THEN
+            v_vms_ts[v_pos] := it.ts;
+        END IF;
+        IF v_vm_moved THEN
+            UPDATE vms SET last_receipt_seq = CASE WHEN v_rc = 'valid' THEN v_seq ELSE last_receipt_seq END,
+                           epoch = v_vmrow.epoch, refusing = v_vmrow.refusing,
+                           refusing_reason = v_vmrow.refusing_reason,
+                           receipts_seen = receipts_seen OR v_rc = 'valid'
+                WHERE vm_id = it.vm;
+        END IF;
+
+        r_idx := v_i;
+        r_seq := v_seq;
+        r_verdict := v_verdict;
+        r_reason := v_reason;
+        r_flags := v_flags;
+        r_alert := coalesce(v_calert, v_alert, v_galert);
+        r_epoch := v_vmrow.epoch;
+        r_rseq := CASE WHEN v_rc = 'valid' AND NOT v_hot THEN v_seq ELSE v_vmrow.last_receipt_seq END;
+        r_locked_until := CASE WHEN v_locked > it.ts THEN v_locked END;
+        RETURN NEXT;
+        v_i := v_i + 1;
+    END LOOP;
+
+    IF v_cg_dirty THEN
+        INSERT INTO clock_guard VALUES (v_cg_scope, v_cg_high)
+            ON CONFLICT (scope) DO UPDATE SET high_us = excluded.high_us
+            WHERE clock_guard.high_us < excluded.high_us;
+    END IF;
+    -- One UPDATE per VM of the batch, not a join over the arrays: a join's plan depends on
+    -- the arrays' sizes, so PostgreSQL would plan it afresh at every call.
+    FOR v_pos IN 1 .. cardinality(v_vms) LOOP
+        UPDATE vms SET last_seen_us = v_vms_ts[v_pos] WHERE vm_id = v_vms[v_pos] AND last_seen_us < v_vms_ts[v_pos];
+    END LOOP;
+    UPDATE ledger_head SET seq = v_seq, hash = v_prev WHERE id;
+END $$;

@@ -1,0 +1,46 @@
+"""Packaging: every package of the tree is listed in pyproject.toml, and the SQL ships inside the package."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from replayguard import db
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pyproject() -> dict:  # type: ignore[type-arg]
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_every_package_of_the_tree_is_in_the_wheel() -> None:
+    """Each directory of replayguard/ with an __init__.py, and the mapped SQL packages, are listed as packages."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "replayguard").rglob("__init__.py")}
+    assert on_disk | {"replayguard.migrations", "replayguard.migrations.functions"} == listed
+
+
+def test_the_sql_directories_are_mapped_into_the_package() -> None:
+    """The top-level migrations/ directory is the package replayguard.migrations, with its .sql files as data."""
+    setuptools = _pyproject()["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"replayguard.migrations": "migrations"}
+    assert setuptools["package-data"]["replayguard.migrations"] == ["*.sql"]
+    assert setuptools["package-data"]["replayguard.migrations.functions"] == ["*.sql"]
+
+
+def test_the_shipped_sql_is_loaded_through_importlib_resources() -> None:
+    """load_migrations and load_functions find every file of the tree's SQL directories."""
+    assert [m.name for m in db.load_migrations()] == sorted(p.name for p in (REPO / "migrations").glob("*.sql"))
+    assert [f.name for f in db.load_functions()] == sorted(p.stem for p in (REPO / "migrations" / "functions").glob("*.sql"))
+
+
+def test_no_function_is_defined_outside_its_own_file() -> None:
+    """Numbered migrations hold no CREATE FUNCTION or CREATE TRIGGER; each function file defines the function it is named for."""
+    for migration in db.load_migrations():
+        upper = migration.sql.upper()
+        assert "CREATE FUNCTION" not in upper and "CREATE OR REPLACE FUNCTION" not in upper, migration.name
+        assert "CREATE TRIGGER" not in upper, migration.name
+    for function in db.load_functions():
+        assert f"CREATE OR REPLACE FUNCTION {function.name}(" in function.sql, function.name
+        assert function.sql.count("CREATE OR REPLACE FUNCTION") == 1, function.name
