@@ -23,6 +23,7 @@ class FrontCounts:
         self.answered = 0  # decision requests the fast front answered itself
         self.handed_over = 0  # connections it handed to aiohttp
         self.closed = 0  # mixed pipelined reads: the requests taken were answered, then close
+        self.held = 0  # reads that ended inside a request the front kept for the next read
 
     def collect(self) -> Iterator[Metric]:
         answered = CounterMetricFamily(
@@ -37,6 +38,11 @@ class FrontCounts:
         connections.add_metric(["aiohttp"], self.handed_over)
         connections.add_metric(["closed"], self.closed)
         yield connections
+        held = CounterMetricFamily(
+            "replayguard_http_front_held_reads", "Reads that ended inside a decision request the fast "
+            "HTTP front kept until the rest arrived (a client that writes headers and body apart)")
+        held.add_metric([], self.held)
+        yield held
 
 
 class Metrics:

@@ -36,7 +36,10 @@ KIND_NAMES = {
     "clone_detected": "VM clone detected",
     "brute_force": "Brute-force attempt",
     "clock_regression": "Clock regression",
+    "receipt_invalid": "Forged or corrupt receipt",
     "ledger_tamper": "Ledger tampering detected",
+    "ledger_rollback": "Ledger rolled back",
+    "witness_unreachable": "Ledger witness unreachable",
     "checkpoint": "Ledger checkpoint",
 }
 

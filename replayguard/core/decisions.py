@@ -27,6 +27,27 @@ class Flag(str, enum.Enum):
     RECEIPT_INVALID = "receipt_invalid"
 
 
+class AlertKind(str, enum.Enum):
+    """Every kind of alert the service raises (CONTRACT §6); the SQL raises only these."""
+
+    REPLAY_AFTER_ROLLBACK = "replay_after_rollback"
+    REUSE = "reuse"
+    ROLLBACK_DETECTED = "rollback_detected"
+    CLONE_DETECTED = "clone_detected"
+    RECEIPT_INVALID = "receipt_invalid"
+    BRUTE_FORCE = "brute_force"
+    CLOCK_REGRESSION = "clock_regression"
+    LEDGER_TAMPER = "ledger_tamper"
+    LEDGER_ROLLBACK = "ledger_rollback"
+    WITNESS_UNREACHABLE = "witness_unreachable"
+
+
+class Severity(str, enum.Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionResult:
     """The answer to one verify/consume request, as CONTRACT §4 renders it."""

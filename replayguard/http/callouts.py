@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from ..core import validation
-from ..core.decisions import DecisionResult
+from ..core.decisions import DecisionResult, Flag, Reason, Verdict
 from ..runtime import Runtime
 from .common import Route, json_response, note_decision, read_json
 from .state import RUNTIME
@@ -45,11 +45,9 @@ DECISION_SCHEMA = {
     "type": "object",
     "required": ["decision", "reason", "flags", "seq", "receipt"],
     "properties": {
-        "decision": {"type": "string", "enum": ["accept", "reject"]},
-        "reason": {"type": "string", "enum": ["ok", "invalid", "reused", "replay_after_rollback",
-                                              "locked_out", "no_token", "expired"]},
-        "flags": {"type": "array", "items": {"type": "string", "enum": [
-            "rollback_detected", "clone_detected", "receipt_invalid"]}},
+        "decision": {"type": "string", "enum": [v.value for v in Verdict]},
+        "reason": {"type": "string", "enum": [r.value for r in Reason]},
+        "flags": {"type": "array", "items": {"type": "string", "enum": [f.value for f in Flag]}},
         "seq": {"type": ["integer", "null"]},
         "receipt": {"type": ["string", "null"]},
         "alert_id": {"type": "string"},

@@ -17,7 +17,10 @@ of that request on, and it stays with aiohttp. The front takes a request only wh
 this holds, so that its own HTTP stays small and every unusual case gets aiohttp's
 handling (limits, timeouts, 400/408/413/415 answers):
 
-- the request began and ended within one read from the socket;
+- the request began at the start of a read from the socket; it may end in a later read
+  (Python's http.client writes headers and body apart), but a request still incomplete at
+  the first sweep after ``_HOLD_S`` is a slow client and goes to aiohttp, whose timeouts
+  answer it;
 - HTTP/1.1, ``POST``, exactly the path of a decision route (no query string);
 - a ``Content-Length`` of at most ``MAX_BODY``; no ``Transfer-Encoding``, ``Expect`` or
   upgrade;
@@ -26,9 +29,9 @@ handling (limits, timeouts, 400/408/413/415 answers):
   and are ASCII; the request line and headers are within aiohttp's limits;
 - the parser found nothing wrong.
 
-A request that breaks one of these after other requests of the same read were taken (only
-a pipelining client does that) cannot be handed over, since llhttp does not say where it
-began: the front answers the requests it took, the last with ``Connection: close``, and
+A request that begins in the middle of a read and does not end in it, or that breaks one
+of these after other requests of the same read were taken (only a pipelining client does
+either), cannot be handed over, since llhttp does not say where it began: the front answers the requests it took, the last with ``Connection: close``, and
 closes. RFC 9112 §9.3.2: a client retries pipelined requests left unanswered by a close.
 
 Answers go out in request order. A connection with no request in progress for
@@ -73,6 +76,7 @@ _READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content
 _UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _QUEUE_MAX = 32  # pipelined requests held before reading pauses
 _SWEEP_S = 1.0
+_HOLD_S = 0.5  # a request still incomplete after this (checked at each sweep) goes to aiohttp
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -122,7 +126,9 @@ class FastConnection(asyncio.Protocol):
         self._front = front
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._chunk = b""
+        self._chunk = b""  # the bytes since the start of the read, or of the request it continues
+        self._partial = b""  # a request that began at the start of a read and is not complete yet
+        self._partial_since = 0.0  # when that request began
         self._taken_in_chunk = 0  # requests completed within the current read
         self._in_request = False
         self._url = b""
@@ -166,15 +172,25 @@ class FastConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._handover is not None or self._transport is None:
             return  # input after a close was decided, or while a handover waits: not ours
-        self._chunk = data
+        self._chunk = self._partial + data if self._partial else data
+        self._partial = b""
         self._taken_in_chunk = 0
         try:
             self._parser.feed_data(data)
-            diverted = self._in_request  # the read ended inside a request
+            # The read ended inside a request: wait for the rest if the request began at the
+            # start of this read (or of one it continues), else llhttp lost where it began.
+            diverted = self._in_request and self._taken_in_chunk > 0
         except httptools.HttpParserError:  # malformed, an upgrade, or a callback's _Divert
             diverted = True
         if diverted:  # outside the except block: aiohttp's own errors do not chain to ours
             self._divert()
+        elif self._in_request:
+            if not self._partial_since:
+                self._partial_since = self._front.loop.time()
+            self._partial = self._chunk
+            self._front.counts.held += 1
+        else:
+            self._partial_since = 0.0
 
     # httptools callbacks
 
@@ -187,10 +203,13 @@ class FastConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_LINE_SIZE:
+            raise _Divert
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Checked as they come, so that a request held across reads stays bounded.
         self._header_count += 1
-        if len(name) + len(value) > MAX_FIELD_SIZE:
+        if len(name) + len(value) > MAX_FIELD_SIZE or self._header_count > MAX_HEADERS:
             raise _Divert
         name = name.lower()
         if name in _READ:
@@ -312,6 +331,10 @@ class FastConnection(asyncio.Protocol):
     def close_if_idle(self, now: float | None) -> None:
         """Closes an idle connection (at shutdown, or past the idle timeout when ``now`` is given)."""
         if self._transport is None:
+            return
+        if self._partial and now is not None and now - self._partial_since > _HOLD_S:
+            self._partial = b""
+            self._divert()  # a slow client: aiohttp's timeouts (408) are for it
             return
         if now is None:
             self._closing = True

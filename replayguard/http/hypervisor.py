@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from ..core import event_input, validation
-from ..core.events import GenericEvent, IgnoredPayload, MalformedPayload
+from ..core.events import EventType, GenericEvent, IgnoredPayload, MalformedPayload
 from ..errors import InvalidRequest
 from ..events import EventService
 from ..hypervisors import PARSERS
@@ -90,9 +90,7 @@ EVENT_SCHEMA = {
     "properties": {
         "event_id": _ID, "vm_id": _ID, "snapshot_id": _ID, "host": _ID,
         "source_vm_id": {**_ID, "description": "the parent VM; required for vm.cloned"},
-        "type": {"type": "string", "enum": ["snapshot.created", "snapshot.deleted", "snapshot.reverted",
-                                            "vm.restored", "vm.cloned", "vm.migrated", "vm.started",
-                                            "vm.stopped"]},
+        "type": {"type": "string", "enum": [t.value for t in EventType]},
         "snapshot_created_at": _TIME, "occurred_at": _TIME,
     },
 }

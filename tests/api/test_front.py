@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,14 @@ def counted(api: Api) -> Counted:
     return Counted(api.runtime.metrics.front)
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    """Waits (bounded) until ``condition`` holds: synchronisation by observation."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
 def nonce_request(api: Api, nonce: str, *, extra: bytes = b"", version: bytes = b"1.1",
                   path: bytes = b"/v1/nonces/consume", content_type: bytes = b"application/json",
                   request_id: bytes | None = None) -> bytes:
@@ -206,14 +214,41 @@ async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, coun
     assert counted == {"fast": 1, "handover": 1}
 
 
-async def test_a_request_split_across_reads_is_aiohttps(api: Api, raw: Any, counted: Counted) -> None:
+@pytest.mark.parametrize("cuts", [(40,), (-2,), (10, 60, -30), "headers|body"])
+async def test_a_request_split_across_reads_is_still_the_fronts(
+        api: Api, raw: Any, counted: Counted, cuts: tuple[int, ...] | str) -> None:
+    """A request that began at the start of a read is answered by the front however its bytes are cut."""
     request = nonce_request(api, "split")
+    if cuts == "headers|body":  # how Python's http.client writes: headers, then the body
+        cuts = (request.index(b"\r\n\r\n") + 4,)
     conn = await raw()
-    await conn.send(request[:40])
-    await asyncio.sleep(0.05)
-    await conn.send(request[40:])
+    counts = api.runtime.metrics.front
+    start = 0
+    for cut in cuts:
+        end = cut if cut >= 0 else len(request) + cut
+        held = counts.held
+        await conn.send(request[start:end])
+        await _until(lambda: counts.held > held)  # the front read this part alone, and kept it
+        start = end
+    await conn.send(request[start:])
     answers = await conn.answers(1)
     assert answers[0].status == 200 and answers[0].json()["decision"] == "accept"
+    assert counted == {"fast": 1, "handover": 0}
+
+
+async def test_a_split_request_that_turns_unusual_is_handed_over_whole(
+        api: Api, raw: Any, counted: Counted) -> None:
+    """Held across reads, a request whose later headers break a rule goes to aiohttp with every byte, and is answered."""
+    request = nonce_request(api, "split-unusual")
+    head, body = request.split(b"\r\n\r\n", 1)
+    conn = await raw()
+    held = api.runtime.metrics.front.held
+    await conn.send(head[:30])
+    await _until(lambda: api.runtime.metrics.front.held > held)
+    await conn.send(head[30:] + b"\r\nX-Extra: 1\r\nExpect: 100-continue\r\n\r\n")
+    await conn.send(body)
+    answers = await conn.answers(2)  # aiohttp's 100 Continue, then the decision
+    assert answers[-1].status == 200 and answers[-1].json()["decision"] == "accept"
     assert counted == {"fast": 0, "handover": 1}
 
 
