@@ -129,8 +129,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.data_dir:
         return run_async(_run(settings))
     with tempfile.TemporaryDirectory(prefix="replayguard-demo-") as tmp:
+        Path(tmp).chmod(0o711)  # made just now; as root the embedded server's user must pass it
+        data_dir = Path(tmp) / "data"
         try:
-            return run_async(_run(settings.replace(data_dir=Path(tmp))))
+            return run_async(_run(settings.replace(data_dir=data_dir)))
         finally:
             if settings.embedded:
-                stop_embedded(Path(tmp))
+                stop_embedded(data_dir)

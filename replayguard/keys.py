@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .embedded import adopt, claim_data_dir
 from .errors import ConfigError
 from .settings import Settings
 
@@ -70,18 +71,21 @@ def _read_key(path: Path) -> bytes:
     return raw
 
 
-def _create_key(path: Path) -> bytes:
+def _create_key(path: Path, data_dir: Path) -> bytes:
     """Creates a key file atomically: a reader never sees it half written, and of two
     processes creating it at once, one wins and the other reads the winner's key."""
     raw = secrets.token_bytes(KEY_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700)
+            adopt(path.parent, data_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(raw.hex() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        adopt(tmp, data_dir)
         os.link(tmp, path)  # fails if the file exists; never overwrites
     except FileExistsError:
         return _read_key(path)
@@ -92,20 +96,22 @@ def _create_key(path: Path) -> bytes:
     return raw
 
 
-def _load_one(named: Path | None, default: Path) -> bytes:
+def _load_one(named: Path | None, default: Path, data_dir: Path) -> bytes:
     if named is not None:
         return _read_key(named)
     if default.exists():
         return _read_key(default)
-    return _create_key(default)
+    return _create_key(default, data_dir)
 
 
 def load_keys(settings: Settings) -> Keys:
     """Reads or creates every key; raises ``ConfigError`` with one clear line."""
-    keys_dir = settings.data_dir / "keys"
+    data_dir = settings.data_dir
+    claim_data_dir(data_dir, embedded=settings.embedded)
+    keys_dir = data_dir / "keys"
     return Keys(
-        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key"),
-        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key"),
-        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key"),
-        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key"),
+        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key", data_dir),
+        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key", data_dir),
+        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key", data_dir),
+        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key", data_dir),
     )

@@ -46,6 +46,9 @@ class Secret:
 
 
 def _default_data_dir() -> Path:
+    """As root, /var/lib/replayguard (the embedded server's user must reach it); else XDG's."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/replayguard")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "replayguard"
 
