@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--data-dir", help="keep the demo's state here (default: a temporary folder)")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
+    from .cli import add_setting_flags
+
+    add_setting_flags(parser)
     parser.set_defaults(handler=cmd_demo)
 
 

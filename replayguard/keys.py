@@ -3,8 +3,9 @@
 Four independent keys, so that leaking one does not weaken the others:
 ``pepper`` keys the credential digests, ``secret`` encrypts token secrets (AES-256-GCM),
 ``receipt`` MACs the receipts given to guests, ``signing`` (Ed25519) signs checkpoints.
-A key file that others can read stops start-up: a pepper anyone on the host can read
-turns every ledger digest back into a guessable OTP.
+A key file that breaks the key-file rule (``replayguard.private_files``: others can read
+it, someone else owns it or can swap it) stops start-up: a pepper anyone on the host can
+read turns every ledger digest back into a guessable OTP.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .embedded import adopt, claim_data_dir
 from .errors import ConfigError
+from .private_files import check_private_file
 from .settings import Settings
 
 KEY_BYTES = 32
@@ -49,18 +50,9 @@ class Keys:
         return Ed25519PrivateKey.from_private_bytes(self.signing)
 
 
-def _check_private(path: Path) -> None:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-
-
-def _read_key(path: Path) -> bytes:
+def _read_key(path: Path, data_dir: Path) -> bytes:
+    check_private_file(path, "key file", data_dir=data_dir)
     try:
-        _check_private(path)
         raw = bytes.fromhex(path.read_text().strip())
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
@@ -88,7 +80,7 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
         adopt(tmp, data_dir)
         os.link(tmp, path)  # fails if the file exists; never overwrites
     except FileExistsError:
-        return _read_key(path)
+        return _read_key(path, data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
     finally:
@@ -98,9 +90,9 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
 
 def _load_one(named: Path | None, default: Path, data_dir: Path) -> bytes:
     if named is not None:
-        return _read_key(named)
+        return _read_key(named, data_dir)
     if default.exists():
-        return _read_key(default)
+        return _read_key(default, data_dir)
     return _create_key(default, data_dir)
 
 

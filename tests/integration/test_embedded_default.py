@@ -165,7 +165,7 @@ def test_key_file_readable_by_others(tmp_path: Path, database_url: str) -> None:
 def test_named_key_file_problems(tmp_path: Path, database_url: str, problem: str) -> None:
     """An operator-named key file that is missing, unreadable or malformed is one clear line."""
     path = tmp_path / "named" / "pepper.key"
-    expected = {"missing": "cannot read key file", "directory": "cannot read key file",
+    expected = {"missing": "cannot read key file", "directory": "is not a regular file",
                 "not hex": "does not hold a hex key", "too short": "must hold 32 bytes",
                 "mode 0640": "accessible by group or others"}[problem]
     if problem == "directory":
