@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 
-.PHONY: run test typecheck install install-test services system-deps bench clean
+.PHONY: run test typecheck wheel-smoke install install-test services system-deps bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,16 @@ system-deps:
 services:
 	scripts/services-up
 
-## Run the whole test suite (installs what it needs, starts PostgreSQL and Redis if down).
-test: system-deps services install-test typecheck
+## Run the whole test suite (installs what it needs, starts PostgreSQL and Redis if down),
+## after checking that the built wheel, installed alone, migrates, serves and plays the demo.
+test: system-deps services install-test typecheck wheel-smoke
 	$(VENV)/bin/pytest
 
 typecheck: install-test
 	$(VENV)/bin/mypy --strict --ignore-missing-imports replayguard
+
+wheel-smoke: install-test
+	PYTHON=$(PY) scripts/wheel-smoke
 
 bench: install-test
 	$(PY) bench/run.py --quick

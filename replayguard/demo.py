@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--data-dir", help="keep the demo's state here (default: a temporary folder)")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
+    from .cli import add_setting_flags
+
+    add_setting_flags(parser)
     parser.set_defaults(handler=cmd_demo)
 
 
@@ -129,8 +132,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.data_dir:
         return run_async(_run(settings))
     with tempfile.TemporaryDirectory(prefix="replayguard-demo-") as tmp:
+        Path(tmp).chmod(0o711)  # made just now; as root the embedded server's user must pass it
+        data_dir = Path(tmp) / "data"
         try:
-            return run_async(_run(settings.replace(data_dir=Path(tmp))))
+            return run_async(_run(settings.replace(data_dir=data_dir)))
         finally:
             if settings.embedded:
-                stop_embedded(Path(tmp))
+                stop_embedded(data_dir)

@@ -3,8 +3,9 @@
 Four independent keys, so that leaking one does not weaken the others:
 ``pepper`` keys the credential digests, ``secret`` encrypts token secrets (AES-256-GCM),
 ``receipt`` MACs the receipts given to guests, ``signing`` (Ed25519) signs checkpoints.
-A key file that others can read stops start-up: a pepper anyone on the host can read
-turns every ledger digest back into a guessable OTP.
+A key file that breaks the key-file rule (``replayguard.private_files``: others can read
+it, someone else owns it or can swap it) stops start-up: a pepper anyone on the host can
+read turns every ledger digest back into a guessable OTP.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .embedded import adopt, claim_data_dir
 from .errors import ConfigError
+from .private_files import check_private_file
 from .settings import Settings
 
 KEY_BYTES = 32
@@ -48,18 +50,9 @@ class Keys:
         return Ed25519PrivateKey.from_private_bytes(self.signing)
 
 
-def _check_private(path: Path) -> None:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-
-
-def _read_key(path: Path) -> bytes:
+def _read_key(path: Path, data_dir: Path) -> bytes:
+    check_private_file(path, "key file", data_dir=data_dir)
     try:
-        _check_private(path)
         raw = bytes.fromhex(path.read_text().strip())
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
@@ -70,21 +63,24 @@ def _read_key(path: Path) -> bytes:
     return raw
 
 
-def _create_key(path: Path) -> bytes:
+def _create_key(path: Path, data_dir: Path) -> bytes:
     """Creates a key file atomically: a reader never sees it half written, and of two
     processes creating it at once, one wins and the other reads the winner's key."""
     raw = secrets.token_bytes(KEY_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700)
+            adopt(path.parent, data_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(raw.hex() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        adopt(tmp, data_dir)
         os.link(tmp, path)  # fails if the file exists; never overwrites
     except FileExistsError:
-        return _read_key(path)
+        return _read_key(path, data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
     finally:
@@ -92,20 +88,22 @@ def _create_key(path: Path) -> bytes:
     return raw
 
 
-def _load_one(named: Path | None, default: Path) -> bytes:
+def _load_one(named: Path | None, default: Path, data_dir: Path) -> bytes:
     if named is not None:
-        return _read_key(named)
+        return _read_key(named, data_dir)
     if default.exists():
-        return _read_key(default)
-    return _create_key(default)
+        return _read_key(default, data_dir)
+    return _create_key(default, data_dir)
 
 
 def load_keys(settings: Settings) -> Keys:
     """Reads or creates every key; raises ``ConfigError`` with one clear line."""
-    keys_dir = settings.data_dir / "keys"
+    data_dir = settings.data_dir
+    claim_data_dir(data_dir, embedded=settings.embedded)
+    keys_dir = data_dir / "keys"
     return Keys(
-        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key"),
-        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key"),
-        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key"),
-        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key"),
+        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key", data_dir),
+        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key", data_dir),
+        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key", data_dir),
+        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key", data_dir),
     )

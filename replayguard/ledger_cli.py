@@ -27,7 +27,7 @@ EXIT_BAD = 1
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from .cli import _add_common as add
+    from .cli import add_setting_flags as add
 
     add(parser)
 

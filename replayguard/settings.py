@@ -46,6 +46,9 @@ class Secret:
 
 
 def _default_data_dir() -> Path:
+    """As root, /var/lib/replayguard (the embedded server's user must reach it); else XDG's."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/replayguard")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "replayguard"
 
@@ -96,42 +99,118 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_INT_RANGES: dict[str, tuple[int, int]] = {
-    "port": (0, 65535),
-    "workers": (1, 64),
-    "db_pool_size": (3, 256),  # the appender and the token reader each keep one
-    "statement_timeout_ms": (100, 600_000),
-    "totp_drift_steps": (0, 10),
-    "hotp_look_ahead": (1, 1000),
-    "lockout_threshold": (1, 1000),
-    "lockout_period_s": (1, 86400 * 30),
-    "nonce_max_ttl_s": (1, 86400 * 365),
-    "checkpoint_every": (1, 10_000_000),
-    "checkpoint_interval_s": (1, 86400),
-    "event_hmac_tolerance_s": (1, 86400),
-    "max_connections": (1, 1_000_000),
-    "max_sse_subscribers": (0, 100_000),
-    "idle_timeout_s": (1, 3600),
-    "request_timeout_s": (1, 3600),
-    "sse_heartbeat_s": (1, 3600),
-}
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag, environment variable, TOML key, help, default and bounds."""
+
+    name: str
+    kind: str  # "str", "int", "path", "secret" or "list"
+    default: str  # as the README and --help show it
+    help: str
+    bounds: tuple[int, int] | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+# The one table of settings: flags, environment, TOML keys, help, validation and the
+# README's table all come from it (tests/unit/test_settings.py compares them).
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "str", "127.0.0.1", "address to listen on"),
+    Option("port", "int", "8080", "port to listen on", bounds=(0, 65535)),
+    Option("database_url", "secret", "(none: embedded PostgreSQL under data_dir/pg)",
+           "PostgreSQL URL; without it the service runs its embedded PostgreSQL"),
+    Option("redis_url", "secret", "(none)", "Redis for the hot cache, shared lockout and fan-out"),
+    Option("data_dir", "path", "~/.local/share/replayguard (root: /var/lib/replayguard)",
+           "keys, embedded database, outbox; token create, migrate and ledger need the same one as serve"),
+    Option("workers", "int", "1", "worker processes sharing the port (SO_REUSEPORT); a worker whose "
+           "parent was killed hard exits within a second", bounds=(1, 64)),
+    Option("log_level", "str", "info", "JSON log lines on stderr, each with the request id, route and "
+           "caller token id; routine lines batched at least every 50 ms, warnings and errors at once",
+           choices=("debug", "info", "warning", "error")),
+    Option("db_pool_size", "int", "8", "connections per worker (the group-commit appender and the "
+           "token reader each keep one)", bounds=(3, 256)),
+    Option("statement_timeout_ms", "int", "5000", "every statement is cancelled after this (then 503)",
+           bounds=(100, 600_000)),
+    Option("totp_drift_steps", "int", "1", "TOTP steps accepted either side of now", bounds=(0, 10)),
+    Option("hotp_look_ahead", "int", "10", "HOTP counters searched ahead", bounds=(1, 1000)),
+    Option("lockout_threshold", "int", "5", "consecutive invalid codes that lock a principal "
+           "(RFC 4226 section 7.3)", bounds=(1, 1000)),
+    Option("lockout_period_s", "int", "300", "how long a lockout lasts", bounds=(1, 86400 * 30)),
+    Option("nonce_max_ttl_s", "int", "604800", "largest nonce ttl; how long nonces without issued_at "
+           "are kept", bounds=(1, 86400 * 365)),
+    Option("receipt_reaction", "str", "flag", "flag, or refuse: reject every decision of a rolled-back "
+           "VM until an admin clears it", choices=("flag", "refuse")),
+    Option("checkpoint_every", "int", "1000", "ledger entries between signed checkpoints",
+           bounds=(1, 10_000_000)),
+    Option("checkpoint_interval_s", "int", "60", "seconds between signed checkpoints", bounds=(1, 86400)),
+    Option("pepper_file", "path", "data_dir/keys/pepper.key", "key file of the credential digests"),
+    Option("secret_key_file", "path", "data_dir/keys/secret.key", "key file encrypting token secrets"),
+    Option("receipt_key_file", "path", "data_dir/keys/receipt.key", "key file of the receipts' MAC"),
+    Option("signing_key_file", "path", "data_dir/keys/signing.key", "key file signing checkpoints"),
+    Option("event_hmac_secret", "secret", "(none)", "require hypervisor events signed with this key"),
+    Option("event_hmac_tolerance_s", "int", "300", "how old a signed event's timestamp may be",
+           bounds=(1, 86400)),
+    Option("sinks", "list", "(none)", "alert sinks, comma-separated or repeated: file:PATH, "
+           "syslog+udp://H:P, syslog+tcp://H:P, webhook:URL"),
+    Option("webhook_secret", "secret", "(none)", "key signing the requests of webhook: sinks"),
+    Option("max_connections", "int", "1024", "open connections cap (over it: 503)", bounds=(1, 1_000_000)),
+    Option("max_sse_subscribers", "int", "64", "alert stream subscribers cap (over it: 503)",
+           bounds=(0, 100_000)),
+    Option("idle_timeout_s", "int", "15", "idle keep-alive and slow-header cut-off", bounds=(1, 3600)),
+    Option("request_timeout_s", "int", "30", "body read deadline (then 408)", bounds=(1, 3600)),
+    Option("http_front", "str", "fast", "who answers the decision routes: fast (a small httptools front, "
+           "about a quarter less CPU per decision) or aiohttp", choices=("fast", "aiohttp")),
+    Option("sse_heartbeat_s", "int", "15", "heartbeat comment on the alert stream", bounds=(1, 3600)),
+)
+OPTION = {option.name: option for option in OPTIONS}
+
+# REPLAYGUARD_* variables that are not service settings: the CLI's client side, the relays'
+# own settings, and the test suite's and benchmarks' knobs.
+OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOKEN", "REPLAYGUARD_KEEP_FUZZ_LOG"})
+OTHER_ENV_PREFIXES = ("REPLAYGUARD_RELAY_", "REPLAYGUARD_TEST_", "REPLAYGUARD_BENCH_")
 
 
 def _validate(s: Settings) -> None:
-    for name, (low, high) in _INT_RANGES.items():
-        value = getattr(s, name)
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    if s.receipt_reaction not in ("flag", "refuse"):
-        raise ConfigError(f"receipt_reaction must be 'flag' or 'refuse', got {s.receipt_reaction!r}")
-    if s.http_front not in ("fast", "aiohttp"):
-        raise ConfigError(f"http_front must be 'fast' or 'aiohttp', got {s.http_front!r}")
-    if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
+    for option in OPTIONS:
+        value = getattr(s, option.name)
+        if option.bounds is not None and not option.bounds[0] <= value <= option.bounds[1]:
+            low, high = option.bounds
+            raise ConfigError(f"{option.name} must be between {low} and {high}, got {value}")
+        if option.choices and value not in option.choices:
+            raise ConfigError(f"{option.name} must be one of {', '.join(option.choices)}, got {value!r}")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
+    _check_sinks(s)
+
+
+def _check_sinks(s: Settings) -> None:
+    from .sinks.config import parse_sink_spec
+
+    for spec in s.sinks:
+        try:
+            parse_sink_spec(spec, secret=s.webhook_secret if spec.strip().startswith("webhook:") else None)
+        except ValueError as exc:
+            raise ConfigError(f"sinks: {exc}") from None
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from ``OPTIONS``."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for o in OPTIONS:
+        extra = f" (one of {', '.join(o.choices)})" if o.choices else ""
+        extra += f" ({o.bounds[0]} to {o.bounds[1]})" if o.bounds else ""
+        extra += f"; also `{o.env}_FILE`" if o.kind == "secret" else ""
+        rows.append(f"| `{o.name}` | `{o.default}` | {o.help}{extra} |")
+    return "\n".join(rows) + "\n"
 
 
 def _check_url(url: str, schemes: tuple[str, ...], name: str) -> None:
@@ -144,41 +223,56 @@ def _check_url(url: str, schemes: tuple[str, ...], name: str) -> None:
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
 
 
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(Settings)}
-
-
-def _coerce(name: str, raw: Any, type_name: str) -> Any:
-    """Turns a raw value (string from env/flag, or a TOML value) into the field's type."""
+def _coerce(option: Option, raw: Any) -> Any:
+    """Turns a raw value (a string from a flag or the environment, or a TOML value) into the setting's type."""
     if raw is None:
         return None
     try:
-        if "Secret" in type_name:
+        if option.kind == "secret":
             return raw if isinstance(raw, Secret) else Secret(str(raw))
-        if type_name.startswith("int"):
-            if isinstance(raw, bool):
-                raise ValueError("a boolean is not a number")
+        if option.kind == "int":
+            if isinstance(raw, bool) or isinstance(raw, float):
+                raise ValueError("not an integer")
             return int(raw)
-        if "Path" in type_name:
+        if option.kind == "path":
             return Path(str(raw)).expanduser()
-        if type_name.startswith("tuple"):
-            if isinstance(raw, str):
-                return tuple(part.strip() for part in raw.split(",") if part.strip())
-            return tuple(str(item) for item in raw)
-        return str(raw)
+        if option.kind == "list":
+            items = [raw] if isinstance(raw, str) else list(raw)
+            if any(not isinstance(item, str) for item in items):
+                raise ValueError("not a list of strings")
+            return tuple(part.strip() for item in items for part in _split(item, raw) if part.strip())
+        if not isinstance(raw, str):
+            raise ValueError("not a string")
+        return raw
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} has an invalid value") from None
+        raise ConfigError(f"{option.name} has an invalid value") from None
 
 
-def _from_env(env: Mapping[str, str], types: dict[str, str]) -> dict[str, Any]:
+def _split(item: str, raw: Any) -> list[str]:
+    """A string (flag, environment) lists items comma-separated; a TOML list holds them whole."""
+    return item.split(",") if isinstance(raw, str) else [item]
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Path]]:
+    """Settings from ``REPLAYGUARD_*`` (and secrets' ``*_FILE``); an unknown name is an error."""
+    known = {o.env: o for o in OPTIONS}
+    files = {o.env + "_FILE": o for o in OPTIONS if o.kind == "secret"}
     out: dict[str, Any] = {}
-    for name in types:
-        key = ENV_PREFIX + name.upper()
-        if key in env and env[key] != "":
-            out[name] = env[key]
-        elif "Secret" in types[name] and env.get(key + "_FILE"):
-            out[name] = Secret(_read_secret_file(Path(env[key + "_FILE"]), name))
-    return out
+    secret_files: list[Path] = []
+    for key in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+        if key in known:
+            if env[key] != "":
+                out[known[key].name] = env[key]
+        elif key in files:
+            option = files[key]
+            if env[key] and option.name not in out and env.get(option.env, "") == "":
+                path = Path(env[key])
+                secret_files.append(path)
+                out[option.name] = Secret(_read_secret_file(path, option.name))
+        elif key not in OTHER_ENV and not key.startswith(OTHER_ENV_PREFIXES):
+            raise ConfigError(f"unknown environment variable {key}: settings are "
+                              f"{ENV_PREFIX}<NAME> with a name of 'replayguard serve --help' (unset it or fix its name)")
+    return out, secret_files
 
 
 def _read_secret_file(path: Path, name: str) -> str:
@@ -188,14 +282,14 @@ def _read_secret_file(path: Path, name: str) -> str:
         raise ConfigError(f"cannot read {name} file {path}: {exc.strerror}") from None
 
 
-def _from_file(path: Path, types: dict[str, str]) -> dict[str, Any]:
+def _from_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - set(types))
+    unknown = sorted(set(data) - set(OPTION))
     if unknown:
         raise ConfigError(f"config file {path} has unknown settings: {', '.join(unknown)}")
     return dict(data)
@@ -206,14 +300,30 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
 ) -> Settings:
-    """Builds the settings from flags, environment and file; raises ``ConfigError``."""
+    """Builds the settings from flags, environment and file; raises ``ConfigError``.
+
+    A secret read from a ``*_FILE``, and a config file that holds a secret, must pass the
+    key-file rule (``replayguard.private_files``) once the data dir is known.
+    """
     env = os.environ if env is None else env
-    types = _field_types()
     merged: dict[str, Any] = {}
     file_path = config_file or (Path(env["REPLAYGUARD_CONFIG"]) if env.get("REPLAYGUARD_CONFIG") else None)
+    from_file: dict[str, Any] = {}
     if file_path is not None:
-        merged.update(_from_file(file_path, types))
-    merged.update(_from_env(env, types))
-    merged.update({k: v for k, v in (flags or {}).items() if v is not None and k in types})
-    values = {name: _coerce(name, raw, types[name]) for name, raw in merged.items()}
-    return Settings(**values)
+        from_file = _from_file(file_path)
+        merged.update(from_file)
+    from_env, secret_files = _from_env(env)
+    merged.update(from_env)
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None and k in OPTION})
+    settings = Settings(**{name: _coerce(OPTION[name], raw) for name, raw in merged.items()})
+    from .private_files import check_private_file
+
+    for path in secret_files:
+        check_private_file(path, "secret file", data_dir=settings.data_dir)
+    if file_path is not None and any(OPTION[name].kind == "secret" for name in from_file):
+        check_private_file(file_path, "config file with secrets", data_dir=settings.data_dir)
+    return settings
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

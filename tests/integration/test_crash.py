@@ -148,4 +148,4 @@ async def _embedded_crash(data_dir: Path, service_factory: Callable[..., Any]) -
         assert again["seq"] > first["seq"]
         restarted.kill(signal.SIGTERM)
     finally:
-        await asyncio.to_thread(stop_embedded, data_dir / "pg")
+        await asyncio.to_thread(stop_embedded, data_dir)

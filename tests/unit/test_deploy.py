@@ -44,6 +44,7 @@ def test_example_commented_settings_are_valid(tmp_path: Path) -> None:
     """Switching on every commented example still loads: no example value is refused."""
     path = tmp_path / "all.toml"
     path.write_text(_uncommented(EXAMPLE.read_text()))
+    path.chmod(0o600)  # it holds secrets now: the key-file rule applies
     settings = load_settings(env={}, config_file=path)
     assert settings.sinks and settings.database_url is not None
 
@@ -52,6 +53,7 @@ def test_example_defaults_match_the_code(tmp_path: Path) -> None:
     """Each commented number or word the example calls a default is the code's default."""
     path = tmp_path / "all.toml"
     path.write_text(_uncommented(EXAMPLE.read_text()))
+    path.chmod(0o600)  # it holds secrets now: the key-file rule applies
     loaded, defaults = load_settings(env={}, config_file=path), Settings()
     for field in dataclasses.fields(Settings):
         default: Any = getattr(defaults, field.name)
@@ -117,3 +119,11 @@ def test_compose_instances_share_keys_ledger_and_redis() -> None:
                 "REPLAYGUARD_REDIS_URL"):
         assert key in environments[0]
     assert all("keys:/keys:ro" in services[name]["volumes"] for name in ("replayguard-1", "replayguard-2"))
+
+
+def test_unit_installs_the_toml_private() -> None:
+    """The unit's install comment puts the TOML in place as the service user's, mode 0600."""
+    text = UNIT.read_text()
+    line = next(line for line in text.splitlines() if "replayguard.example.toml" in line)
+    assert "-m 0600" in line and "-o replayguard" in line
+    assert "<<<" not in text  # the comment's commands run under sh, not only bash

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from replayguard.cli import build_parser, settings_from_args
 from replayguard.errors import ConfigError
-from replayguard.settings import Secret, load_settings
+from replayguard.settings import OPTIONS, Secret, Settings, load_settings, markdown_table
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(("flags", "env", "expected_port"), [
@@ -62,6 +65,72 @@ def test_secret_file_and_redaction(tmp_path: Path) -> None:
     """A secret can come from *_FILE, and its repr never shows it."""
     path = tmp_path / "url"
     path.write_text("postgresql://u:hunter2@db/rg\n")
+    path.chmod(0o600)
     settings = load_settings(env={"REPLAYGUARD_DATABASE_URL_FILE": str(path)})
     assert settings.database_url == Secret("postgresql://u:hunter2@db/rg")
     assert "hunter2" not in repr(settings)
+
+
+def test_table_and_settings_object_agree() -> None:
+    """Every setting of the table is a field of Settings and back, and the table's default is the field's."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert sorted(o.name for o in OPTIONS) == sorted(fields)
+    defaults = Settings()
+    for option in OPTIONS:
+        value = getattr(defaults, option.name)
+        if isinstance(value, int) or (isinstance(value, str) and option.kind == "str"):
+            assert str(value) == option.default, option.name
+
+
+def test_readme_table_is_the_settings_table() -> None:
+    """README's settings table is exactly the one generated from settings.OPTIONS."""
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- settings table: python -m replayguard.settings -->\n", "<!-- end of settings table -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == markdown_table()
+
+
+def test_every_setting_is_a_flag() -> None:
+    """serve --help offers one flag per setting, whose help names its environment variable."""
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    helps = {a.dest: a.help for a in serve._actions}
+    for option in OPTIONS:
+        assert option.env in (helps.get(option.name) or ""), option.name
+
+
+def test_repeated_and_comma_separated_sinks_flag() -> None:
+    """--sinks may be repeated and each may list several sinks, comma-separated."""
+    args = build_parser().parse_args(["serve", "--sinks", "file:/tmp/a.jsonl,file:/tmp/b.jsonl", "--sinks",
+                                      "file:/tmp/c.jsonl"])
+    assert settings_from_args(args).sinks == ("file:/tmp/a.jsonl", "file:/tmp/b.jsonl", "file:/tmp/c.jsonl")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"REPLAYGUARD_LOCKOUT_TRESHOLD": "3"}, "unknown environment variable REPLAYGUARD_LOCKOUT_TRESHOLD"),
+    ({"REPLAYGUARD_PORT_FILE": "/x"}, "unknown environment variable REPLAYGUARD_PORT_FILE"),
+    ({"REPLAYGUARD_SINKS": "bogus"}, "sinks: sink 'bogus'"),
+])
+def test_unknown_environment_variable_and_bad_sink(env: dict[str, str], message: str) -> None:
+    """A misspelled REPLAYGUARD_* variable or a bad sink is a start-up error naming it."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env)
+
+
+@pytest.mark.parametrize("env", [
+    {"REPLAYGUARD_URL": "http://x", "REPLAYGUARD_TOKEN": "t"},
+    {"REPLAYGUARD_RELAY_URI": "test:///default", "REPLAYGUARD_TEST_PG": "x", "REPLAYGUARD_BENCH_PG": "x"},
+])
+def test_other_tools_variables_are_not_settings_errors(env: dict[str, str]) -> None:
+    """The client's, the relays' and the test suite's own REPLAYGUARD_* variables are left alone."""
+    assert load_settings(env=env).port == 8080
+
+
+def test_inline_secret_in_a_readable_config_file_is_refused(tmp_path: Path) -> None:
+    """A TOML file that holds a secret must obey the key-file rule; one without secrets need not."""
+    path = tmp_path / "rg.toml"
+    path.write_text('database_url = "postgresql://u:pw@db/rg"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="config file with secrets .* run chmod 600"):
+        load_settings(env={}, config_file=path)
+    path.write_text("port = 9001\n")
+    assert load_settings(env={}, config_file=path).port == 9001

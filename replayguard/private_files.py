@@ -1,0 +1,71 @@
+"""The key-file rule: who may have written a file the service trusts with a secret.
+
+Key files, secret files named by ``*_FILE`` and a config file holding secrets must be:
+owned by the user running replayguard, by root, or (run as root) by the data dir's owner;
+readable by nobody else (no group or other bits); in a directory that nobody else can
+write (so nobody can swap the file), checked on the path after resolving symlinks, with
+every directory above it either not writable by others or sticky (like /tmp). Each
+failure is one ``ConfigError`` line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def trusted_owners(data_dir: Path | None) -> set[int]:
+    """The users whose files replayguard trusts: itself, root, and (as root) the data dir's owner."""
+    owners = {os.geteuid(), 0}
+    if os.geteuid() == 0 and data_dir is not None:
+        try:
+            owners.add(data_dir.stat().st_uid)
+        except OSError:
+            pass
+    return owners
+
+
+def check_private_file(path: Path, what: str, *, data_dir: Path | None) -> None:
+    """Raises ``ConfigError`` unless ``path`` (symlinks resolved) obeys the key-file rule."""
+    try:
+        real = path.resolve(strict=True)
+        st = real.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    shown = f"{path}" if real == path else f"{path} (-> {real})"
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {shown} is not a regular file")
+    owners = trusted_owners(data_dir)
+    me = _user(os.geteuid())
+    if st.st_uid not in owners:
+        raise ConfigError(f"{what} {shown} belongs to user {_user(st.st_uid)}, not to {me} or root: "
+                          f"replace it with one of your own (chown {me} {real})")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{what} {shown} is accessible by group or others "
+                          f"(mode {stat.S_IMODE(st.st_mode):o}): run chmod 600 {real}")
+    _check_directories(real, shown, what, owners, me)
+
+
+def _check_directories(real: Path, shown: str, what: str, owners: set[int], me: str) -> None:
+    parent = real.parent
+    pst = parent.stat()
+    if pst.st_uid not in owners:
+        raise ConfigError(f"{what} {shown} is in {parent}, which belongs to user {_user(pst.st_uid)}, "
+                          f"not to {me} or root: move the file to a directory of yours")
+    for directory in (parent, *parent.parents):
+        dst = directory.stat()
+        writable = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and not (dst.st_mode & stat.S_ISVTX and directory != parent):
+            raise ConfigError(f"{what} {shown} is in {directory}, which others can write "
+                              f"(mode {stat.S_IMODE(dst.st_mode):o}): run chmod go-w {directory}")

@@ -1,0 +1,136 @@
+"""Every bad setting stops start-up the same way: one line on stderr, exit status 2, no traceback.
+
+Each row of the table is run as a real subprocess (``python -m replayguard ...``) with a
+database URL that works (the data dir rows: on the embedded default), so the row's own
+problem is the only thing wrong; the checks run
+before the port is opened (nothing is logged, so no ``serving`` line either).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_env, free_port, run_cli
+
+NOBODY = 65534
+Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
+
+
+def _key(path: Path, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(mode)
+    return path
+
+
+def data_dir_is_a_file(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    (tmp / "file").write_text("x")
+    return ["--data-dir", str(tmp / "file")], {}
+
+
+def data_dir_under_proc(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["--data-dir", "/proc/nope"], {}
+
+
+def bogus_sink(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return [], {"REPLAYGUARD_SINKS": "bogus"}
+
+
+def misspelled_variable(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return [], {"REPLAYGUARD_LOCKOUT_TRESHOLD": "3"}
+
+
+def unknown_toml_key(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    (tmp / "rg.toml").write_text("lockout_treshold = 3\n")
+    return ["--config", str(tmp / "rg.toml")], {}
+
+
+def missing_config_file(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["--config", str(tmp / "absent.toml")], {}
+
+
+def readable_toml_with_secret(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    path = tmp / "rg.toml"
+    path.write_text('webhook_secret = "s3cret"\n')
+    path.chmod(0o644)
+    return ["--config", str(path)], {}
+
+
+def readable_secret_file(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    path = tmp / "hmac"
+    path.write_text("s3cret\n")
+    path.chmod(0o644)
+    return [], {"REPLAYGUARD_EVENT_HMAC_SECRET_FILE": str(path)}
+
+
+def key_readable_by_others(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    _key(tmp / "data" / "keys" / "pepper.key", 0o644)
+    return [], {}
+
+
+def keys_dir_open_to_all(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    key = _key(tmp / "data" / "keys" / "signing.key")
+    key.parent.chmod(0o777)
+    return [], {}
+
+
+def key_of_another_user(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    key = _key(tmp / "data" / "keys" / "receipt.key")
+    os.chown(key, NOBODY, NOBODY)
+    return [], {}
+
+
+def port_not_a_number(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["--port", "eighty"], {}
+
+
+def unknown_flag(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["--lockout-treshold", "3"], {}
+
+
+def bad_choice(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return ["--receipt-reaction", "ignore"], {}
+
+
+CASES: list[tuple[Setup, str]] = [
+    (data_dir_is_a_file, "is not a directory"),
+    (data_dir_under_proc, "cannot create data dir /proc/nope"),
+    (bogus_sink, "sinks: sink 'bogus'"),
+    (misspelled_variable, "unknown environment variable REPLAYGUARD_LOCKOUT_TRESHOLD"),
+    (unknown_toml_key, "unknown settings: lockout_treshold"),
+    (missing_config_file, "cannot read config file"),
+    (readable_toml_with_secret, "config file with secrets"),
+    (readable_secret_file, "secret file"),
+    (key_readable_by_others, "chmod 600"),
+    (keys_dir_open_to_all, "chmod go-w"),
+    (port_not_a_number, "port has an invalid value"),
+    (unknown_flag, "unrecognized arguments: --lockout-treshold"),
+    (bad_choice, "receipt_reaction must be one of flag, refuse"),
+]
+if os.geteuid() == 0:
+    CASES.append((key_of_another_user, "belongs to user nobody"))
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize(("setup", "expected"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path, database_url: str, command: str,
+                                            setup: Setup, expected: str) -> None:
+    """The bad setting stops the command with exit 2 and one line naming the problem, no traceback."""
+    args, env = setup(tmp_path)
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(tmp_path / "data")]
+    if command == "serve":
+        args += ["--port", str(free_port())] if "--port" not in args else []
+    if command == "migrate" and setup in (key_readable_by_others, keys_dir_open_to_all, key_of_another_user):
+        pytest.skip("migrate reads no keys")
+    if setup not in (data_dir_is_a_file, data_dir_under_proc):  # those two are about the embedded default
+        args += ["--database-url", database_url]
+    done = run_cli(command, *args, env=cli_env(**env))
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("replayguard: error: "), done.stderr
+    assert expected in done.stderr, done.stderr
