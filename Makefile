@@ -15,8 +15,9 @@ install: $(VENV)/bin/activate
 
 install-test: $(VENV)/bin/activate
 	$(PIP) install --quiet -e '.[test]'
-	@# libvirt-python compiles against libvirt-dev (installed by system-deps as root).
-	$(PIP) install --quiet libvirt-python || echo "libvirt-python not installed: the libvirt relay tests will skip"
+	@# libvirt-python compiles against libvirt-dev and python3-dev (scripts/system-deps installs
+	@# them); a failed build stops here rather than letting the libvirt tests skip.
+	$(PIP) install --quiet libvirt-python
 
 ## Install and run the service on its embedded PostgreSQL (no Redis needed).
 run: install

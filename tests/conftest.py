@@ -9,6 +9,7 @@ isolate themselves further with unique VM ids and principals (``uid``).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import secrets
 import signal
@@ -40,6 +41,50 @@ REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("REPLAYGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REPLAYGUARD_TEST_REDIS", "redis://127.0.0.1:6379/5")
 ROLES = ("callout", "hypervisor", "analyst", "admin")
+
+
+SKIP_ALLOWLIST = REPO / "tests" / "skip-allowlist.txt"
+_SKIPPED: dict[str, str] = {}  # node id -> skip reason, for the allow-list check
+
+
+def read_skip_allowlist(path: Path = SKIP_ALLOWLIST) -> dict[str, str]:
+    """The allow-list's (node-id glob -> reason) entries; an entry without a reason is an error."""
+    entries = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pattern, _, reason = line.partition("|")
+        if not pattern.strip() or not reason.strip():
+            raise pytest.UsageError(f"{path}:{number}: an entry is '<node id glob> | <reason>'")
+        entries[pattern.strip()] = reason.strip()
+    return entries
+
+
+def unlisted_skips(skipped: dict[str, str], allowed: dict[str, str]) -> dict[str, str]:
+    """The skips no allow-list entry matches."""
+    return {node: reason for node, reason in skipped.items()
+            if not any(fnmatch.fnmatchcase(node, pattern) for pattern in allowed)}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _SKIPPED[report.nodeid] = reason
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skip that tests/skip-allowlist.txt does not list fails the run."""
+    if unlisted_skips(_SKIPPED, read_skip_allowlist()) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    unlisted = unlisted_skips(_SKIPPED, read_skip_allowlist())
+    if unlisted:
+        terminalreporter.section("skips not in tests/skip-allowlist.txt (the run fails)", red=True)
+        for node, reason in sorted(unlisted.items()):
+            terminalreporter.line(f"{node}: {reason}")
 
 
 def uid(prefix: str = "t") -> str:

@@ -26,13 +26,15 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
-from . import admin, callouts, openapi, ops
+from . import admin, analysts, callouts, hypervisor, openapi, ops, radius
 from .common import MAX_BODY, Handler, Route, json_response
 from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
 
 log = structlog.get_logger("replayguard.http")
 
-AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops]
+# Every audience module, imported plainly: a module that fails to import is a start-up
+# error, never a service that quietly lacks its routes.
+AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops, hypervisor, analysts, radius]
 ROUTE_TABLE = web.AppKey("route_table", dict)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Generated request ids: a random per-process prefix and a counter (unique, and cheap;
@@ -41,20 +43,8 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
 
 
-def _optional_modules() -> list[ModuleType]:
-    """Audience modules that are wired when present (hypervisor events, analysts, RADIUS)."""
-    found = []
-    for name in ("hypervisor", "analysts", "radius"):
-        try:
-            found.append(__import__(f"replayguard.http.{name}", fromlist=["ROUTES"]))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"replayguard.http.{name}":
-                raise
-    return found
-
-
 def all_routes() -> list[Route]:
-    return [route for module in AUDIENCE_MODULES + _optional_modules() for route in module.ROUTES]
+    return [route for module in AUDIENCE_MODULES for route in module.ROUTES]
 
 
 def _route_of(request: web.Request) -> Route | None:
@@ -198,7 +188,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, ds
         table[(route.method, resource.canonical)] = route
     app[ROUTE_TABLE] = table
     app[ops.OPENAPI] = openapi.build(routes)
-    for module in AUDIENCE_MODULES + _optional_modules():
+    for module in AUDIENCE_MODULES:
         setup = getattr(module, "setup", None)
         if setup is not None:
             setup(app)

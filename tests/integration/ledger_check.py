@@ -47,12 +47,10 @@ async def accepts_by_seq(dsn: str) -> dict[int, bytes]:
     return {r["seq"]: bytes(r["cred_digest"]) for r in rows}
 
 
-async def service_verifies(url: str, analyst_token: str) -> bool | None:
-    """``GET /v1/ledger/verify`` when the service has it: its ``ok``; None when absent."""
+async def service_verifies(url: str, analyst_token: str) -> bool:
+    """The ``ok`` of the service's ``GET /v1/ledger/verify`` (which must answer 200)."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/v1/ledger/verify",
                                headers={"Authorization": f"Bearer {analyst_token}"}) as resp:
-            if resp.status in (404, 405):
-                return None
             assert resp.status == 200, await resp.text()
             return bool((await resp.json())["ok"])

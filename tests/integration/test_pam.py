@@ -242,8 +242,6 @@ async def test_replay_after_hypervisor_revert(host: Host, make_guest: Callable[.
              "snapshot_created_at": datetime.fromtimestamp(snapshot_at - 1, UTC).isoformat(),
              "occurred_at": datetime.now(UTC).isoformat(), "host": "hv-test", "source_vm_id": None}
     status, body = await host.post("/v1/hypervisor/events", event, "hypervisor")
-    if status == 404:
-        pytest.skip("POST /v1/hypervisor/events is not in the app yet")
     assert status == 202, body
     assert not pamtester(guest, user, code)
     last = guest.log().strip().splitlines()[-1]
@@ -364,12 +362,43 @@ def test_unparseable_or_failed_replies_fail_closed(tmp_path: Path, helper: Path,
     assert b"492039" not in result.stderr
 
 
+class _AcceptAnything(http.server.BaseHTTPRequestHandler):
+    """A listening server that would answer any request with an accept, and records what it got."""
+
+    def _accept(self) -> None:
+        self.server.seen.append(self.command)  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(GOOD_ACCEPT)))
+        self.end_headers()
+        self.wfile.write(GOOD_ACCEPT)
+
+    do_GET = do_POST = _accept  # noqa: N815 - stdlib names
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        return
+
+
 @needs_python3
-def test_redirect_is_not_followed(tmp_path: Path, helper: Path, stub: Any) -> None:
-    """A redirecting service is a failure: the code is never re-sent to another address."""
-    url = stub(307, b"", {"Location": "http://127.0.0.1:9/v1/otp/verify"})
-    result = run_helper(helper, stub_config(tmp_path, url), b"492039\x00")
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_is_not_followed(tmp_path: Path, helper: Path, stub: Any, status: int) -> None:
+    """A redirect to a server that would accept is refused: exit non-zero, no receipt stored, and the
+    redirect target never hears from the helper."""
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AcceptAnything)
+    target.seen = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=target.serve_forever, daemon=True)
+    thread.start()
+    try:
+        location = f"http://127.0.0.1:{target.server_address[1]}/v1/otp/verify"
+        url = stub(status, b"", {"Location": location})
+        result = run_helper(helper, stub_config(tmp_path, url), b"492039\x00")
+    finally:
+        target.shutdown()
+        target.server_close()
     assert result.returncode != 0
+    assert target.seen == []  # type: ignore[attr-defined]
+    assert not (tmp_path / "receipts" / "receipt").exists()
 
 
 @needs_python3

@@ -47,6 +47,23 @@ async def test_purged_nonce_with_issued_at_is_still_refused(api: Api) -> None:
     assert (status, again["decision"], again["reason"]) == (200, "reject", "expired")
 
 
+async def test_nonce_without_issued_at_is_remembered_for_nonce_max_ttl_not_its_ttl(api: Api) -> None:
+    """A nonce consumed without issued_at is still refused as reused after a purge just short of
+    nonce_max_ttl_s, long after its own ttl_s: nothing else could refuse it once forgotten."""
+    vm, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
+    body = {"vm_id": vm, "scope": scope, "nonce": nonce, "ttl_s": 60}
+    status, first = await api.post("/v1/nonces/consume", body)
+    assert (status, first["decision"]) == (200, "accept")
+    max_ttl_s = api.runtime.settings.nonce_max_ttl_s
+    assert max_ttl_s > 3600
+    start = api.clock.now
+    for elapsed in (61, 3600, max_ttl_s - 1):
+        api.clock.now = start + elapsed
+        await purge_expired(api.runtime.pool, api.runtime.now_us())
+        status, again = await api.post("/v1/nonces/consume", body)
+        assert (status, again["decision"], again["reason"]) == (200, "reject", "reused"), elapsed
+
+
 async def test_purged_totp_use_is_still_refused(api: Api) -> None:
     """A TOTP code whose use record is purged stays refused by its token's high-water mark."""
     principal = uid("alice")
