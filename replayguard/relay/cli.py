@@ -1,7 +1,9 @@
 """``replayguard-relay libvirt ...``: flags and environment → ``RelayConfig`` → the relay.
 
 Every flag also reads ``REPLAYGUARD_RELAY_<FLAG>``; the token comes from a file
-(``--token-file``) or from ``REPLAYGUARD_RELAY_TOKEN`` and is never printed. A bad
+(``--token-file``) or from ``REPLAYGUARD_RELAY_TOKEN`` and is never printed; so does the
+event signing secret (``--event-hmac-secret-file`` or ``REPLAYGUARD_RELAY_EVENT_HMAC_SECRET``),
+the service's ``event_hmac_secret``, which every relay must be given when the service has one. A bad
 configuration is one line on stderr and exit status 2, never a traceback, so a service
 manager's log says what to fix.
 """
@@ -25,6 +27,7 @@ import structlog
 from ..errors import ConfigError
 from ..settings import Secret
 from .libvirt_relay import RelayConfig, run_relay
+from .spool import private_dir
 
 ENV_PREFIX = "REPLAYGUARD_RELAY_"
 PROG = "replayguard-relay"
@@ -47,7 +50,13 @@ def _parser() -> _Parser:
     lv.add_argument("--spool-dir", help="directory of events not yet acknowledged")
     lv.add_argument("--poll-interval", help="seconds between snapshot polls (default 5)")
     lv.add_argument("--host", help="host name reported in events (default: this machine's)")
+    add_secret_flag(lv)
     return parser
+
+
+def add_secret_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event-hmac-secret-file",
+                        help="file holding the service's event_hmac_secret: every event is signed with it")
 
 
 def _pick(flag: str | None, env: Mapping[str, str], name: str) -> str | None:
@@ -108,6 +117,21 @@ def _token(token_file: str | None, env: Mapping[str, str]) -> Secret:
     return Secret(value)
 
 
+def event_secret(secret_file: str | None, env: Mapping[str, str]) -> Secret | None:
+    """The event HMAC secret, from the file when one is named, else the environment, else None."""
+    if secret_file is not None:
+        try:
+            value = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --event-hmac-secret-file {secret_file}: {type(exc).__name__}",
+                              field="event-hmac-secret-file") from exc
+        if not value:
+            raise ConfigError(f"--event-hmac-secret-file {secret_file} is empty", field="event-hmac-secret-file")
+        return Secret(value)
+    value = env.get(ENV_PREFIX + "EVENT_HMAC_SECRET", "").strip()
+    return Secret(value) if value else None
+
+
 def load_config(argv: Sequence[str], env: Mapping[str, str], default_host: str) -> RelayConfig:
     """Build and validate the relay's configuration; every problem is a ConfigError."""
     args = _parser().parse_args(list(argv))
@@ -123,16 +147,15 @@ def load_config(argv: Sequence[str], env: Mapping[str, str], default_host: str) 
         spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
         poll_interval=_poll_interval(_pick(args.poll_interval, env, "poll-interval")),
         host=host,
+        event_secret=event_secret(_pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
     )
 
 
 def prepare_spool(spool_dir: Path) -> None:
-    """Create the spool directory (owner only) and check it can be written."""
-    try:
-        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"cannot create --spool-dir {spool_dir}: {exc}", field="spool-dir") from exc
-    if not spool_dir.is_dir() or not os.access(spool_dir, os.W_OK | os.X_OK):
+    """Create the spool directory (0700), or refuse one that is not this user's alone."""
+    private_dir(spool_dir)
+    private_dir(spool_dir / "dead", "--spool-dir's dead/")
+    if not os.access(spool_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"--spool-dir {spool_dir} is not a writable directory", field="spool-dir")
 
 

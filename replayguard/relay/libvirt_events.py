@@ -47,6 +47,7 @@ class RelayConfig:
     spool_dir: Path
     poll_interval: float = 5.0
     host: str = "localhost"
+    event_secret: Secret | None = None  # the service's event_hmac_secret: sign every event
 
 
 @dataclass(frozen=True)

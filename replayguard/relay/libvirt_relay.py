@@ -231,7 +231,7 @@ async def run_relay(config: RelayConfig, stop: asyncio.Event | None = None) -> N
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def post(data: bytes) -> Answer:
-            return await post_json(session, url, config.token, data)
+            return await post_json(session, url, config.token, data, config.event_secret)
 
         log.info("relay_started", uri=config.uri, service_url=config.service_url,
                  spool_dir=str(config.spool_dir), poll_interval=config.poll_interval)

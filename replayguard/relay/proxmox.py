@@ -15,7 +15,11 @@ unknown snapshot opens the widest window, which is the safe side.
 
 Each record is written to the spool (fsynced) before its UPID enters the cursor, and the
 cursor (``proxmox-cursor.json``) is written atomically after, so a crash re-posts at
-worst, and re-posting a UPID is idempotent on the service. The pure parts (cursor,
+worst, and re-posting a UPID is idempotent on the service. A ``--once`` run writes the
+cursor only when every record was delivered: when the service refused one (401/403/413:
+a wrong token or event signature) or could not be reached, the run exits non-zero, its
+records stay in the spool, and the next run polls the same tasks again (the spool keeps
+one file per UPID). The pure parts (cursor,
 task selection, record building) are in ``proxmox_tasks.py``, the lookups in
 ``proxmox_lookup.py``, the spool and delivery in ``spool.py``; this module polls and runs.
 """
@@ -48,7 +52,9 @@ from .cli import (
     _required,
     _service_url,
     _token,
+    add_secret_flag,
     configure_logging,
+    event_secret,
     prepare_spool,
 )
 from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record
@@ -83,7 +89,8 @@ __all__ = [
     "Answer", "ApiLookup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
     "PveshLookup", "Retry", "Task", "build_record", "clone_target", "deliver_file", "drain",
     "due", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
-    "post_json", "read_tasks", "run_poller", "snapshot_fields", "task_record",
+    "post_json", "read_tasks", "run_poller", "save_cursor", "snapshot_fields", "spool_due",
+    "task_record",
 ]  # fmt: skip
 
 EVENTS_PATH = "/v1/hypervisor/events?source=proxmox"
@@ -105,6 +112,19 @@ def load_cursor(state_dir: Path) -> Cursor:
 async def poll_once(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
                     cluster: str | None, now: float, retention_s: int) -> int:
     """Spool the records of the tasks not handled yet, then advance the cursor; returns how many."""
+    spooled, cursor = await spool_due(listing, state_dir=state_dir, outbox=outbox, lookup=lookup,
+                                      cluster=cluster, now=now, retention_s=retention_s)
+    save_cursor(state_dir, cursor)
+    return spooled
+
+
+def save_cursor(state_dir: Path, cursor: Cursor) -> None:
+    atomic_write(state_dir / CURSOR_FILE, cursor.to_json())
+
+
+async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
+                    cluster: str | None, now: float, retention_s: int) -> tuple[int, Cursor]:
+    """Spool the records of the tasks not handled yet; (how many, the cursor to save next)."""
     tasks = read_tasks(listing)
     cursor = load_cursor(state_dir)
     spooled = 0
@@ -119,8 +139,7 @@ async def poll_once(listing: object, *, state_dir: Path, outbox: Spool, lookup: 
                 log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
         cursor.add(task)
     cursor.prune((t.upid.text for t in tasks), before=int(now) - retention_s)
-    atomic_write(state_dir / CURSOR_FILE, cursor.to_json())
-    return spooled
+    return spooled, cursor
 
 
 
@@ -134,6 +153,7 @@ class PollerConfig:
     service_url: str
     token: Secret
     spool_dir: Path
+    event_secret: Secret | None = None  # the service's event_hmac_secret: sign every record
     api_url: str | None = None
     api_token: Secret | None = None
     tls: ssl.SSLContext | bool = True
@@ -163,14 +183,18 @@ async def run_poller(config: PollerConfig, listing: object | None = None,
             api = ApiLookup(session, config.api_url, config.api_token, config.tls)
 
         async def post(data: bytes) -> Answer:
-            return await post_json(session, url, config.token, data)
+            return await post_json(session, url, config.token, data, config.event_secret)
 
         retry = Retry(base=config.retry_base)
         if listing is not None or config.once:
-            polled = await _poll(config, api, outbox, listing)
+            cursor = await _poll(config, api, outbox, listing, commit=False)
             retry.attempts = config.attempts
             remaining = await drain(outbox, post, "upid", retry)
-            return 0 if polled and remaining == 0 else EX_TEMPFAIL
+            if cursor is None or remaining:
+                log.error("proxmox_run_incomplete", left_in_spool=remaining, cursor_saved=False)
+                return EX_TEMPFAIL
+            save_cursor(config.spool_dir, cursor)
+            return 0
         stop = stop or asyncio.Event()
         wake = asyncio.Event()
         await until_first_done(drain(outbox, post, "upid", retry, wake),
@@ -178,28 +202,32 @@ async def run_poller(config: PollerConfig, listing: object | None = None,
     return 0
 
 
-async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, listing: object | None) -> bool:
-    """One poll; False when the task list could not be read (logged)."""
+async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, listing: object | None,
+                commit: bool = True) -> Cursor | None:
+    """One poll, saving the cursor when ``commit``; the cursor, or None when the task list
+    could not be read (logged)."""
     try:
         if listing is None:
             if api is None:
                 raise ValueError("no task list: give --api-url or --from-stdin")
             listing = await api.get("/cluster/tasks")
-        spooled = await poll_once(listing, state_dir=config.spool_dir, outbox=outbox,
-                                  lookup=_lookup(config, api), cluster=config.cluster,
-                                  now=time.time(), retention_s=config.retention_s)
+        spooled, cursor = await spool_due(listing, state_dir=config.spool_dir, outbox=outbox,
+                                          lookup=_lookup(config, api), cluster=config.cluster,
+                                          now=time.time(), retention_s=config.retention_s)
     except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
         log.warning("proxmox_poll_failed", error=str(exc) or type(exc).__name__)
-        return False
+        return None
+    if commit:
+        save_cursor(config.spool_dir, cursor)
     log.info("proxmox_polled", spooled=spooled)
-    return True
+    return cursor
 
 
 async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spool,
                         wake: asyncio.Event, stop: asyncio.Event) -> None:
     attempt = 0
     while not stop.is_set():
-        if await _poll(config, api, outbox, None):
+        if await _poll(config, api, outbox, None) is not None:
             wake.set()
             attempt, delay = 0, config.interval
         else:
@@ -226,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="cluster name prefixed to vmids (vm_id becomes CLUSTER/VMID)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
     p.add_argument("--once", action="store_true", help="poll once, try to deliver, exit (for a timer)")
+    add_secret_flag(p)
     return p
 
 
@@ -256,6 +285,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConf
         service_url=_service_url(_required(_pick(args.service_url, env, "service-url"), "service-url")),
         token=_token(_pick(args.token_file, env, "token-file"), env),
         spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
+        event_secret=event_secret(_pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
         api_url=api_url, api_token=_secret_file(api_token_file, "--api-token-file") if api_token_file else None,
         tls=False if args.insecure else tls, lookup=lookup,
         cluster=_pick(args.cluster, env, "cluster"), interval=args.interval,

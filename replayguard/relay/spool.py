@@ -3,8 +3,21 @@
 A relay writes each event to the spool directory (one JSON file per event, tmp + fsync +
 rename) before anything is sent, so a dead service or a ``kill -9`` delays an event but
 never loses it, and re-posting it is idempotent on the service side. Delivery drains the
-spool oldest first: a 2xx or 409 removes the file, an answer that retrying cannot cure
-parks it in ``dead/``, anything else keeps it and backs off.
+spool oldest first: a 2xx or 409 removes the file; a 401, 403 or 413 (a wrong token, a
+missing or wrong event signature, a body the service will not take) keeps it, logged as
+an error, because the fix is the operator's and the event must still arrive afterwards;
+any other 4xx parks it in ``dead/`` (bounded: the oldest letters go first, each drop
+logged); anything else keeps it and backs off.
+
+The spool directory and ``dead/`` are the relay's alone: created 0700, and refused when
+another user owns them, they are writable by group or others, or they are symlinks,
+since anyone who can drop a file there can have the relay deliver a forged revert with
+its token. Every write goes to a fresh ``O_EXCL | O_NOFOLLOW`` temp file in the same
+directory, then is renamed over the target, so a planted symlink is never followed.
+
+When ``secret`` is given, every POST is signed as ``core.signatures`` documents
+(``X-Replayguard-Timestamp`` and ``X-Replayguard-Signature: v1=…`` over the raw body, with
+the time of sending), the scheme the service checks when ``event_hmac_secret`` is set.
 
 Records are keyed generically: ``id_key`` names the field that holds a record's id
 (``event_id`` in the native JSON, ``upid`` for Proxmox tasks, ``id`` for CloudEvents).
@@ -18,6 +31,8 @@ import enum
 import hashlib
 import os
 import random
+import secrets
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,9 +43,13 @@ import aiohttp
 import orjson
 import structlog
 
+from ..core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from ..errors import ConfigError
 from ..settings import Secret
 
 DEFAULT_ID_KEY = "event_id"  # the id field of the service's native event JSON
+DEAD_MAX = 1000  # letters kept in dead/; with bodies under 64 KiB, at most ~64 MB
+REFUSED_STATUSES = (401, 403, 413)
 
 log = structlog.get_logger("replayguard.relay.spool")
 
@@ -38,6 +57,7 @@ log = structlog.get_logger("replayguard.relay.spool")
 class Outcome(enum.Enum):
     DELIVERED = "delivered"  # 2xx, or 409: the service already holds this id
     RETRY = "retry"  # service down, 5xx, 408, 429: keep the event and back off
+    REFUSED = "refused"  # 401, 403, 413: the operator must fix something; keep it, back off
     DEAD = "dead"  # any other answer: retrying cannot help, park it in dead/
 
 
@@ -60,21 +80,65 @@ def classify_status(status: int | None) -> Outcome:
         return Outcome.RETRY
     if 200 <= status < 300 or status == 409:
         return Outcome.DELIVERED
+    if status in REFUSED_STATUSES:
+        return Outcome.REFUSED
     return Outcome.DEAD
 
 
 # ---------------------------------------------------------------- the spool
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: tmp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def private_dir(path: Path, what: str = "--spool-dir") -> None:
+    """Create ``path`` 0700, or check that an existing one is this user's alone.
+
+    Raises ``ConfigError`` (one line, naming the fix) for a symlink, a non-directory, a
+    directory owned by another user, or one writable by group or others.
+    """
     try:
-        os.write(fd, data)
+        path.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {path}: {exc.strerror}", field=what.lstrip("-")) from exc
+    st = os.lstat(path)
+    problem = _dir_problem(st, os.geteuid())
+    if problem is not None:
+        raise ConfigError(f"{what} {path} {problem}", field=what.lstrip("-"))
+
+
+def _dir_problem(st: os.stat_result, uid: int) -> str | None:
+    """Why a directory with this ``lstat`` may not hold a relay's spool, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink: name the real directory"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
+        return f"is owned by uid {st.st_uid}, not by this relay's user (uid {uid}): chown it or choose another"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): chmod 0700 it"
+    return None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: a fresh tmp file, fsync, rename, fsync the directory.
+
+    The tmp file has a random name in the target's directory and is opened with
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``: a symlink or file planted there is an error, never
+    followed or truncated; the rename replaces a symlink at ``path`` itself, not its target.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -90,10 +154,13 @@ def _fsync_dir(directory: Path) -> None:
 class Spool:
     """A directory of events waiting for the service: ``evt-<ns>-<hash>.json``, oldest first."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dead_max: int = DEAD_MAX) -> None:
         self.root = root
         self.dead = root / "dead"
-        self.dead.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dead_max = dead_max
+        self.dead_dropped = 0  # letters removed from dead/ by this process to respect dead_max
+        private_dir(root)
+        private_dir(self.dead, "--spool-dir's dead/")
         for leftover in root.glob(".*.tmp"):  # half-written by a crash: never renamed
             leftover.unlink(missing_ok=True)
 
@@ -102,8 +169,14 @@ class Spool:
         return self.put_bytes(str(body[id_key]), orjson.dumps(body))
 
     def put_bytes(self, key: str, data: bytes) -> Path:
-        """Spool an already serialised body; ``key`` (its id) only names the file."""
+        """Spool an already serialised body; ``key`` (its id) only names the file.
+
+        An id already waiting in the spool is not spooled twice: the waiting file is kept.
+        """
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        waiting = sorted(self.root.glob(f"evt-*-{digest}.json"))
+        if waiting:
+            return waiting[0]
         path = self.root / f"evt-{time.time_ns():020d}-{digest}.json"
         atomic_write(path, data)
         return path
@@ -111,12 +184,22 @@ class Spool:
     def pending(self) -> list[Path]:
         return sorted(self.root.glob("evt-*.json"))
 
+    def dead_letters(self) -> list[Path]:
+        return sorted(self.dead.glob("evt-*.json"))
+
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         _fsync_dir(self.root)
 
     def bury(self, path: Path) -> None:
+        """Move a refused event to dead/, dropping the oldest letters beyond ``dead_max``."""
         os.replace(path, self.dead / path.name)
+        letters = self.dead_letters()
+        for old in letters[:max(0, len(letters) - self.dead_max)]:
+            old.unlink(missing_ok=True)
+            self.dead_dropped += 1
+            log.error("dead_letter_dropped", file=old.name, dead_max=self.dead_max,
+                      dropped_total=self.dead_dropped)
         _fsync_dir(self.dead)
         _fsync_dir(self.root)
 
@@ -132,9 +215,21 @@ class Answer(NamedTuple):
 Post = Callable[[bytes], Awaitable[Answer]]
 
 
-async def post_json(session: aiohttp.ClientSession, url: str, token: Secret, data: bytes) -> Answer:
-    """POST one body with the hypervisor token; the service's answer, or no answer."""
-    headers = {"Authorization": f"Bearer {token.reveal()}", "Content-Type": "application/json"}
+def signed_headers(secret: Secret | None, data: bytes, now: float) -> dict[str, str]:
+    """The signature headers of one body sent at ``now`` (none without a secret)."""
+    if secret is None:
+        return {}
+    timestamp = str(int(now))
+    return {TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(secret.reveal().encode("utf-8"), timestamp, data)}
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, token: Secret, data: bytes,
+                    secret: Secret | None = None) -> Answer:  # fmt: skip
+    """POST one body with the hypervisor token (signed when ``secret`` is set); the
+    service's answer, or no answer."""
+    headers = {"Authorization": f"Bearer {token.reveal()}", "Content-Type": "application/json",
+               **signed_headers(secret, data, time.time())}
     try:
         async with session.post(url, data=data, headers=headers, allow_redirects=False) as resp:
             raw = await resp.read()
@@ -165,10 +260,21 @@ async def deliver_file(spool: Spool, path: Path, post: Post,
         log.info("event_delivered", event_id=event_id, status=answer.status)
     elif outcome is Outcome.DEAD:
         spool.bury(path)
-        log.error("event_rejected", event_id=event_id, status=answer.status, moved_to="dead/")
+        log.error("event_rejected", event_id=event_id, status=answer.status, moved_to="dead/",
+                  dead_letters=len(spool.dead_letters()))
+    elif outcome is Outcome.REFUSED:
+        log.error("event_refused", event_id=event_id, status=answer.status, kept="spool",
+                  hint=REFUSED_HINTS.get(answer.status or 0, ""))
     else:
         log.warning("event_delivery_failed", event_id=event_id, status=answer.status)
     return outcome, answer
+
+
+REFUSED_HINTS = {
+    401: "check the relay's token and its event HMAC secret against the service's event_hmac_secret",
+    403: "the token is not of role hypervisor (or not bound to this VM)",
+    413: "the body is over the service's 64 KiB limit",
+}
 
 
 @dataclass
@@ -198,7 +304,7 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
             continue
         for path in batch:
             outcome, _ = await deliver_file(spool, path, post, id_key)
-            if outcome is Outcome.RETRY:
+            if outcome in (Outcome.RETRY, Outcome.REFUSED):
                 if retry.attempts is not None and attempt + 1 >= retry.attempts:
                     return len(spool.pending())
                 await asyncio.sleep(backoff_delay(attempt, retry.rand(), base=retry.base))

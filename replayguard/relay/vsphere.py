@@ -8,11 +8,23 @@ unchanged (same attributes, same ``data``) to ``POST /v1/hypervisor/events?sourc
 with a Bearer token of role ``hypervisor``.
 
 VEBA gets a 2xx only once the event is safe: 200 when the service took it (2xx, or 409:
-it already holds that id) or refused it for good (kept in ``dead/`` for the operator);
-202 when the service could not be reached and the event is fsynced in the spool, from
-which a background task resends it with backoff. If even the spool cannot be written the
-answer is 503, so the broker retries. Filtering is the service's job: an event it does
-not act on is answered ``ignored`` there, not here.
+it already holds that id) or found it malformed for good (400 and other 4xx: kept in
+``dead/`` for the operator, logged as an error); 202 when the service could not be
+reached and the event is fsynced in the spool, from which a background task resends it
+with backoff. A 401, 403 or 413 from the service (a wrong token, a missing or wrong event
+signature) is the operator's to fix: the event stays in the spool for resending and VEBA
+gets a 502, so the broker's own retries and alarms see the failure too. If even the
+spool cannot be written the answer is 503, so the broker retries.
+
+The service takes bodies up to 64 KiB. An event whose structured form is larger is cut
+down to the attributes and ``data`` fields the service's vSphere parser reads (the VM,
+hosts, source VM, time, revert message and task description); one still larger is
+answered 413 and logged as an error, never forwarded to be refused there. VEBA's own
+deliveries are read up to 1 MiB. Filtering is the service's job: an event it does not act
+on is answered ``ignored`` there, not here.
+
+``GET /metrics`` gives the events waiting in the spool, the letters in ``dead/`` and
+those dropped to keep ``dead/`` within its bound, as Prometheus gauges and counters.
 """
 
 from __future__ import annotations
@@ -41,11 +53,14 @@ from .cli import (
     _required,
     _service_url,
     _token,
+    add_secret_flag,
     configure_logging,
+    event_secret,
     prepare_spool,
 )
 from .spool import (
     Answer,
+    REFUSED_HINTS,
     Outcome,
     Post,
     Retry,
@@ -58,7 +73,16 @@ from .spool import (
 EVENTS_PATH = "/v1/hypervisor/events?source=vsphere"
 STRUCTURED = "application/cloudevents+json"
 REQUIRED = ("specversion", "id", "source", "type")
-MAX_BODY = 1024 * 1024
+MAX_BODY = 1024 * 1024  # what VEBA may deliver
+SERVICE_MAX_BODY = 64 * 1024  # what the service takes (http/common.py)
+# The attributes and data fields replayguard/hypervisors/vsphere.py reads; the rest is cut
+# from an event too large for the service.
+KEPT_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype")
+KEPT_DATA: dict[str, tuple[str, ...] | None] = {
+    "CreatedTime": None, "EventTypeId": None, "FullFormattedMessage": None,
+    "Vm": ("Name", "Vm"), "SourceVm": ("Name", "Vm"), "Host": ("Name",), "SourceHost": ("Name",),
+    "Info": ("DescriptionId",),
+}
 
 log = structlog.get_logger("replayguard.relay.vsphere")
 
@@ -122,6 +146,32 @@ def _check(event: Mapping[str, Any]) -> None:
         raise InvalidCloudEvent("only CloudEvents specversion 1.0 is understood")
 
 
+def trimmed(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The event with only what the service's parser reads (for bodies over its limit)."""
+    out = {k: event[k] for k in KEPT_ATTRIBUTES if k in event}
+    data = event.get("data")
+    if isinstance(data, dict):
+        kept: dict[str, Any] = {}
+        for key, fields in KEPT_DATA.items():
+            value = data.get(key)
+            if value is None:
+                continue
+            if fields is not None and isinstance(value, dict):
+                value = {f: value[f] for f in fields if f in value}
+            kept[key] = value
+        out["data"] = kept
+    return out
+
+
+def service_body(event: Mapping[str, Any]) -> bytes | None:
+    """The JSON to post: the event itself, else trimmed; None when even that is too large."""
+    data = orjson.dumps(event)
+    if len(data) <= SERVICE_MAX_BODY:
+        return data
+    data = orjson.dumps(trimmed(event))
+    return data if len(data) <= SERVICE_MAX_BODY else None
+
+
 # ---------------------------------------------------------------- forwarding
 
 
@@ -131,6 +181,7 @@ class ForwarderConfig:
     token: Secret
     spool_dir: Path
     retry_base: float = 0.5
+    event_secret: Secret | None = None  # the service's event_hmac_secret: sign every event
 
 
 @dataclass
@@ -143,7 +194,12 @@ class Forwarder:
 
     async def forward(self, event: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """The HTTP status and body to answer VEBA with, once the event is safe."""
-        data = orjson.dumps(event)
+        data = service_body(event)
+        if data is None:
+            log.error("event_too_large", event_id=event["id"], limit=SERVICE_MAX_BODY,
+                      hint="the event's VM, host and message fields alone exceed the service's limit")
+            return 413, {"forwarded": False, "error": f"the event is over {SERVICE_MAX_BODY} bytes "
+                         "even with only the fields replayguard reads"}
         answer: Answer = await self.post(data)
         outcome = classify_status(answer.status)
         if outcome is Outcome.DELIVERED:
@@ -152,10 +208,15 @@ class Forwarder:
         path = self.outbox.put_bytes(str(event["id"]), data)
         if outcome is Outcome.DEAD:
             self.outbox.bury(path)
-            log.error("event_rejected", event_id=event["id"], status=answer.status, moved_to="dead/")
+            log.error("event_rejected", event_id=event["id"], status=answer.status, moved_to="dead/",
+                      dead_letters=len(self.outbox.dead_letters()))
             return 200, {"forwarded": False, "status": answer.status, "service": answer.body,
                          "parked": "dead/"}
         self.wake.set()
+        if outcome is Outcome.REFUSED:
+            log.error("event_refused", event_id=event["id"], status=answer.status, kept="spool",
+                      hint=REFUSED_HINTS.get(answer.status or 0, ""))
+            return 502, {"forwarded": False, "spooled": True, "status": answer.status}
         log.warning("event_spooled", event_id=event["id"], status=answer.status)
         return 202, {"forwarded": False, "spooled": True}
 
@@ -183,6 +244,23 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """The spool's depth, ``dead/``'s letters and the letters dropped from it."""
+    outbox = request.app[FORWARDER].outbox
+    lines = [
+        "# HELP replayguard_relay_spooled_events Events waiting in the spool for the service.",
+        "# TYPE replayguard_relay_spooled_events gauge",
+        f"replayguard_relay_spooled_events {len(outbox.pending())}",
+        "# HELP replayguard_relay_dead_letters Events the service refused for good, kept in dead/.",
+        "# TYPE replayguard_relay_dead_letters gauge",
+        f"replayguard_relay_dead_letters {len(outbox.dead_letters())}",
+        "# HELP replayguard_relay_dead_letters_dropped_total Letters removed to keep dead/ bounded.",
+        "# TYPE replayguard_relay_dead_letters_dropped_total counter",
+        f"replayguard_relay_dead_letters_dropped_total {outbox.dead_dropped}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the client session and the outbox drain; close both at shutdown."""
     config = app[CONFIG]
@@ -190,7 +268,7 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
 
         async def post(data: bytes) -> Answer:
-            return await post_json(session, url, config.token, data)
+            return await post_json(session, url, config.token, data, config.event_secret)
 
         forwarder = Forwarder(Spool(config.spool_dir), post, asyncio.Event())
         app[FORWARDER] = forwarder
@@ -209,6 +287,7 @@ def create_app(config: ForwarderConfig) -> web.Application:
     app.cleanup_ctx.append(_forwarder_ctx)
     app.router.add_post("/", receive)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -222,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--service-url", help="replayguard base URL")
     p.add_argument("--token-file", help="file holding a replayguard token of role hypervisor")
     p.add_argument("--spool-dir", help="directory of events not yet acknowledged")
+    add_secret_flag(p)
     return p
 
 
@@ -235,6 +315,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[ForwarderC
         service_url=_service_url(_required(_pick(args.service_url, env, "service-url"), "service-url")),
         token=_token(_pick(args.token_file, env, "token-file"), env),
         spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
+        event_secret=event_secret(_pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
     )
     return config, args.listen, int(port_text)
 

@@ -34,18 +34,26 @@ async def enrolled(api: Api) -> tuple[str, str]:
     return principal, pyotp.TOTP(token["secret"]).at(api.clock.now)
 
 
-async def test_accept_is_a_bare_204(api: Api) -> None:
-    """A valid code answers 204 with no body, which rlm_rest maps to ok (Access-Accept)."""
+ACCEPTED = (200, {"control:Tmp-String-0": "replayguard-accept"})
+
+
+async def accepted(api: Api, body: Any) -> bool:
+    status, raw, _ = await post(api, body)
+    return (status, orjson.loads(raw) if raw else None) == ACCEPTED
+
+
+async def test_accept_is_200_with_the_accept_marker(api: Api) -> None:
+    """A valid code answers 200 with the control attribute the site checks before Access-Accept."""
     principal, code = await enrolled(api)
-    status, raw, _ = await post(api, rest_body(principal, code, **{"NAS-Identifier": attr(uid("nas"))}))
-    assert status == 204 and raw == b""
+    status, raw, content_type = await post(api, rest_body(principal, code, **{"NAS-Identifier": attr(uid("nas"))}))
+    assert (status, orjson.loads(raw)) == ACCEPTED and content_type == "application/json"
 
 
 async def test_reused_code_is_401_with_reply_message(api: Api) -> None:
     """The same code twice is a 401 whose only attribute is a Reply-Message naming the reason."""
     principal, code = await enrolled(api)
-    body = rest_body(principal, code, **{"NAS-IP-Address": attr("192.0.2.10", "ipaddr")})
-    assert (await post(api, body))[0] == 204
+    body = rest_body(principal, code, **{"NAS-Identifier": attr(uid("nas"))})
+    assert await accepted(api, body)
     status, raw, content_type = await post(api, body)
     assert status == 401 and content_type == "application/json"
     assert orjson.loads(raw) == {"reply:Reply-Message": "One-time password already used"}
@@ -66,11 +74,11 @@ async def test_unknown_user_reads_as_invalid(api: Api) -> None:
 
 
 async def test_nas_identifier_wins_over_nas_ip_address(api: Api) -> None:
-    """The VM is NAS-Identifier when both are sent: the decision is recorded against it."""
+    """The VM is NAS-Identifier (the client's vm_id, set by the site): the decision is recorded against it."""
     principal, code = await enrolled(api)
     nas = uid("nas")
     body = rest_body(principal, code, **{"NAS-Identifier": attr(nas), "NAS-IP-Address": attr("192.0.2.1", "ipaddr")})
-    assert (await post(api, body))[0] == 204
+    assert await accepted(api, body)
     async with api.runtime.pool.acquire() as conn:
         found = await conn.fetchval("SELECT count(*) FROM ledger WHERE vm_id = $1", nas)
     assert found == 1
@@ -80,6 +88,9 @@ MALFORMED: list[tuple[Any, str | None]] = [
     ({"User-Password": attr("123456"), "NAS-Identifier": attr("n")}, "User-Name"),
     ({"User-Name": attr("alice"), "NAS-Identifier": attr("n")}, "User-Password"),
     ({"User-Name": attr("alice"), "User-Password": attr("123456")}, "NAS-Identifier"),
+    ({"User-Name": attr("alice"), "User-Password": attr("1"), "NAS-IP-Address": attr("192.0.2.1")}, "NAS-Identifier"),
+    (rest_body("\u00c3", "123456", **{"NAS-Identifier": attr("n")}), "User-Name"),  # a lone UTF-8 lead byte
+    (rest_body("\u4e2d", "123456", **{"NAS-Identifier": attr("n")}), "User-Name"),  # not rlm_rest's escaping
     (rest_body("alice", "123456", **{"NAS-Identifier": {"type": "string"}}), "NAS-Identifier"),
     (rest_body("alice", "123456", **{"NAS-Identifier": {"type": "string", "value": []}}), "NAS-Identifier"),
     (rest_body("alice", "123456", **{"NAS-Identifier": {"type": "string", "value": ["a", "b"]}}), "NAS-Identifier"),
@@ -110,7 +121,7 @@ async def test_bare_scalar_values_are_accepted(api: Api) -> None:
     """An attribute sent as a bare value instead of rlm_rest's object is still understood."""
     principal, code = await enrolled(api)
     body = {"User-Name": principal, "User-Password": code, "NAS-Identifier": uid("nas")}
-    assert (await post(api, body))[0] == 204
+    assert await accepted(api, body)
 
 
 async def test_context_attributes_that_are_unusable_are_dropped(api: Api) -> None:
@@ -118,7 +129,7 @@ async def test_context_attributes_that_are_unusable_are_dropped(api: Api) -> Non
     principal, code = await enrolled(api)
     body = rest_body(principal, code, **{"NAS-Identifier": attr(uid("nas")), "Calling-Station-Id": attr("a\x01b"),
                                          "NAS-Port": attr(7, "integer")})
-    assert (await post(api, body))[0] == 204
+    assert await accepted(api, body)
 
 
 @pytest.mark.parametrize(("role", "status"), [("hypervisor", 403), ("analyst", 403), ("admin", 401)])
@@ -139,3 +150,36 @@ async def test_non_json_body_is_415(api: Api) -> None:
     resp = await api.client.post(PATH, data="User-Name=alice", headers={
         **api.auth("callout"), "Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status == 415
+
+
+def rlm_rest_escaped(text: str) -> str:
+    """What rlm_rest's JSON string holds for ``text``: one code point per UTF-8 byte."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+@pytest.mark.parametrize("name", ["ü1", "中文用户", "ümlaut-\u00fc", "u\u0308-decomposed"])
+async def test_utf8_user_names_reach_the_service_intact(api: Api, name: str) -> None:
+    """A UTF-8 user name escaped byte by byte by rlm_rest is the enrolled principal, not its mojibake."""
+    principal = f"{name}-{uid('u')}"
+    token = await api.enroll(principal)
+    code = pyotp.TOTP(token["secret"]).at(api.clock.now)
+    assert await accepted(api, rest_body(rlm_rest_escaped(principal), code, **{"NAS-Identifier": attr(uid("nas"))}))
+
+
+async def test_mojibake_is_a_different_principal() -> None:
+    """'ü1' and 'Ã¼1' stay two principals: each decodes to itself, never to the other."""
+    from replayguard.http.radius import rlm_rest_text
+
+    assert rlm_rest_text(rlm_rest_escaped("ü1"), "User-Name") == "ü1"
+    assert rlm_rest_text(rlm_rest_escaped("Ã¼1"), "User-Name") == "Ã¼1"
+
+
+async def test_precomposed_and_decomposed_names_are_different_principals(api: Api) -> None:
+    """No Unicode normalisation: a code of the precomposed 'ü' principal is refused for 'u'+U+0308."""
+    suffix = uid("n")
+    precomposed, decomposed = f"\u00fc-{suffix}", f"u\u0308-{suffix}"
+    token = await api.enroll(precomposed)
+    code = pyotp.TOTP(token["secret"]).at(api.clock.now)
+    status, raw, _ = await post(api, rest_body(rlm_rest_escaped(decomposed), code, **{"NAS-Identifier": attr(uid("nas"))}))
+    assert status == 401 and orjson.loads(raw) == {"reply:Reply-Message": "Invalid one-time password"}
+    assert await accepted(api, rest_body(rlm_rest_escaped(precomposed), code, **{"NAS-Identifier": attr(uid("nas"))}))

@@ -137,18 +137,36 @@ async def test_service_failures_are_spooled_answered_202_and_resent(
     assert recorder.bodies == [event] and recorder.calls == 4
 
 
-async def test_a_refused_event_is_parked_in_dead(
+async def test_a_malformed_event_is_parked_in_dead(
     forwarder_to: Callable[..., Any], service: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """A 401 from the service cannot be cured by retrying: the event is kept in dead/ and VEBA is not asked to resend."""
-    recorder = StandIn(fail=1, fail_status=401)
+    """A 400 from the service cannot be cured by retrying: the event is kept in dead/ and VEBA is not asked to resend."""
+    recorder = StandIn(fail=1, fail_status=400)
     client = await forwarder_to(await service(recorder))
     resp = await client.post("/", data=orjson.dumps(recorded("powered_on.json")),
                              headers={"Content-Type": "application/cloudevents+json"})
     body = await resp.json()
-    assert resp.status == 200 and body["forwarded"] is False and body["status"] == 401
+    assert resp.status == 200 and body["forwarded"] is False and body["status"] == 400
     (parked,) = (tmp_path / "spool-0" / "dead").iterdir()
     assert orjson.loads(parked.read_bytes()) == recorded("powered_on.json")
+    metrics = await (await client.get("/metrics")).text()
+    assert "replayguard_relay_dead_letters 1\n" in metrics
+
+
+@pytest.mark.parametrize("status", [401, 403, 413])
+async def test_an_unauthorised_event_stays_spooled_and_veba_gets_5xx(
+    forwarder_to: Callable[..., Any], service: Callable[..., Any], tmp_path: Path, status: int
+) -> None:
+    """A 401/403/413 is the operator's to fix: VEBA gets a 502, the event stays in the spool (never dead/) and is resent."""
+    recorder = StandIn(fail=2, fail_status=status)
+    client = await forwarder_to(await service(recorder))
+    event = recorded("powered_on.json")
+    resp = await client.post("/", data=orjson.dumps(event), headers={"Content-Type": "application/cloudevents+json"})
+    assert resp.status == 502 and (await resp.json())["spooled"] is True
+    assert not list((tmp_path / "spool-0" / "dead").iterdir())
+    await until(lambda: bool(recorder.bodies))
+    await until(lambda: not Outbox(tmp_path / "spool-0").pending())
+    assert recorder.bodies == [event]
 
 
 async def test_an_unwritable_spool_answers_503_so_veba_retries(

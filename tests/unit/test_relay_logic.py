@@ -248,12 +248,12 @@ def test_backoff_grows_exponentially_until_the_cap() -> None:
         (202, Outcome.DELIVERED), (200, Outcome.DELIVERED), (409, Outcome.DELIVERED),
         (None, Outcome.RETRY), (503, Outcome.RETRY), (500, Outcome.RETRY),
         (429, Outcome.RETRY), (408, Outcome.RETRY),
-        (400, Outcome.DEAD), (401, Outcome.DEAD), (403, Outcome.DEAD), (413, Outcome.DEAD),
-        (302, Outcome.DEAD),
+        (401, Outcome.REFUSED), (403, Outcome.REFUSED), (413, Outcome.REFUSED),
+        (400, Outcome.DEAD), (404, Outcome.DEAD), (422, Outcome.DEAD), (302, Outcome.DEAD),
     ],
 )
 def test_classify_status(status: int | None, outcome: Outcome) -> None:
-    """2xx and 409 settle an event, 5xx/429/no answer retry, other answers park it."""
+    """2xx and 409 settle an event, 5xx/429/no answer retry, 401/403/413 keep it, other answers park it."""
     assert classify_status(status) is outcome
 
 
