@@ -169,10 +169,12 @@ async def list_vms(request: web.Request) -> web.Response:
 
 async def vm_timeline(request: web.Request) -> web.Response:
     vm_id = validation.check_identifier(request.match_info["vm_id"], "vm_id")
-    page = await _svc(request).timeline.timeline(
-        vm_id, query_int(request, "after_seq", 0, 0, 2**62), query_time(request.query, "since"),
-        query_time(request.query, "until"), query_int(request, "limit", 200, 1, 1000))
-    return json_response({"vm_id": vm_id, "items": page[0], "next_after_seq": page[1]})
+    since, until = query_time(request.query, "since"), query_time(request.query, "until")
+    timeline = _svc(request).timeline
+    page = await timeline.timeline(vm_id, query_int(request, "after_seq", 0, 0, 2**62), since, until,
+                                   query_int(request, "limit", 200, 1, 1000))
+    return json_response({"vm_id": vm_id, "items": page[0], "next_after_seq": page[1],
+                          "rollback_windows": await timeline.windows(vm_id, since, until)})
 
 
 async def ledger_entries(request: web.Request) -> web.Response:
@@ -243,6 +245,12 @@ _LIST = {"type": "object", "required": ["items"], "properties": {
     "items": {"type": "array", "items": _OBJ}, "next_cursor": {"type": ["string", "null"]}}}
 _PAGE = {"type": "object", "required": ["items"], "properties": {
     "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}}
+_TIMELINE = {"type": "object", "required": ["vm_id", "items", "rollback_windows"], "properties": {
+    **_PAGE["properties"], "vm_id": {"type": "string"},
+    "rollback_windows": {"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "vm_id": {"type": "string"}, "start": {"type": ["string", "null"]},
+        "end": {"type": "string"}, "cause": {"type": "string"}, "event_id": {"type": ["string", "null"]},
+        "seq": {"type": "integer"}}}}}}
 _ACK = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 2000}}}
 _VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties": {
     "ok": {"type": "boolean"}, "checked": {"type": "integer"}, "first_bad_seq": {"type": "integer"},
@@ -268,7 +276,7 @@ ROUTES = [
     _r("GET", "/v1/vms", list_vms, "List VMs with their open alerts and rollbacks", _LIST,
        query=("limit", "cursor")),
     _r("GET", "/v1/vms/{vm_id}/timeline", vm_timeline,
-       "A VM's snapshots, reverts, decisions and alerts in ledger order", _PAGE,
+       "A VM's snapshots, reverts, decisions and alerts in ledger order, and its rollback windows", _TIMELINE,
        query=("since", "until", "after_seq", "limit")),
     _r("GET", "/v1/ledger", ledger_entries, "Ledger entries (digests, never raw credentials)", _PAGE,
        query=("vm_id", "after_seq", "limit")),
