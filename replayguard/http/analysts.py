@@ -243,10 +243,11 @@ def setup(app: web.Application) -> None:
 _OBJ: dict[str, Any] = {"type": "object"}
 _LIST = {"type": "object", "required": ["items"], "properties": {
     "items": {"type": "array", "items": _OBJ}, "next_cursor": {"type": ["string", "null"]}}}
-_PAGE = {"type": "object", "required": ["items"], "properties": {
-    "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}}
+_PAGE_PROPERTIES: dict[str, Any] = {
+    "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}
+_PAGE = {"type": "object", "required": ["items"], "properties": _PAGE_PROPERTIES}
 _TIMELINE = {"type": "object", "required": ["vm_id", "items", "rollback_windows"], "properties": {
-    **_PAGE["properties"], "vm_id": {"type": "string"},
+    **_PAGE_PROPERTIES, "vm_id": {"type": "string"},
     "rollback_windows": {"type": "array", "items": {"type": "object", "properties": {
         "id": {"type": "integer"}, "vm_id": {"type": "string"}, "start": {"type": ["string", "null"]},
         "end": {"type": "string"}, "cause": {"type": "string"}, "event_id": {"type": ["string", "null"]},
