@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import Gauge
 
+from .. import __version__
 from ..alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
 from ..alerts import (
     AlertService,
@@ -206,6 +207,22 @@ async def ledger_public_key(request: web.Request) -> web.Response:
     return json_response(_svc(request).ledger.public_key_json())
 
 
+async def status(request: web.Request) -> web.Response:
+    """The ledger's head and last checkpoint, this instance's feed role and sink backlogs."""
+    svc = _svc(request)
+    last = await svc.ledger.list_checkpoints(None, 1)
+    dispatcher = svc.feed.dispatcher
+    sinks = [{"name": name, "backlog": st.backlog, "delivered": st.delivered, "failed_attempts": st.failed_attempts,
+              "rejected": st.rejected, "dropped": st.dropped, "last_error": st.last_error}
+             for name, st in (dispatcher.stats().items() if dispatcher is not None else ())]
+    return json_response({
+        "version": __version__, "leader": svc.feed.leader,
+        "ledger": {"head": await svc.ledger.head(), "last_checkpoint": last[0] if last else None},
+        "sinks": sinks, "sse_subscribers": len(svc.feed.subscribers),
+        "caller": {"role": request[CALLER].role, "name": request[CALLER].name},
+    })
+
+
 # --- wiring ---------------------------------------------------------------------------
 
 def _metrics(app: web.Application, feed: AlertFeed) -> None:
@@ -257,6 +274,13 @@ _VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties"
     "ok": {"type": "boolean"}, "checked": {"type": "integer"}, "first_bad_seq": {"type": "integer"},
     "problem": {"type": "string"}, "head": {"type": "object", "properties": {
         "seq": {"type": "integer"}, "hash": {"type": "string"}}}}}
+_STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"], "properties": {
+    "version": {"type": "string"}, "leader": {"type": "boolean"}, "sse_subscribers": {"type": "integer"},
+    "caller": {"type": "object", "properties": {"role": {"type": "string"}, "name": {"type": "string"}}},
+    "ledger": {"type": "object", "properties": {"head": {"type": "object"}, "last_checkpoint": {"type": ["object", "null"]}}},
+    "sinks": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "backlog": {"type": "integer"}, "delivered": {"type": "integer"},
+        "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}}}}
 _FILTERS = ("vm_id", "principal", "kind", "severity", "status", "since", "until", "limit", "cursor")
 
 
@@ -285,4 +309,6 @@ ROUTES = [
     _r("GET", "/v1/ledger/checkpoints", ledger_checkpoints, "Signed checkpoints, newest first", _LIST,
        query=("before_seq", "limit")),
     _r("GET", "/v1/ledger/public-key", ledger_public_key, "The Ed25519 key that signs checkpoints"),
+    _r("GET", "/v1/status", status,
+       "Ledger head and last checkpoint; this instance's alert-feed role and sink backlogs; the caller's role", _STATUS),
 ]

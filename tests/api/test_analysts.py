@@ -296,3 +296,17 @@ async def test_every_analyst_route_checks_the_role(api: Api, route: Any) -> None
         resp = await api.client.request(route.method, path, headers=api.auth(role), **kwargs)
         assert resp.status == expected, (role, await resp.text())
         resp.close()
+
+
+async def test_status_reports_head_checkpoint_sinks_and_caller(api: Api) -> None:
+    """/v1/status names the ledger head, the last checkpoint (or null), the sinks and the caller's role."""
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    status, body = await api.get("/v1/status")
+    assert status == 200, body
+    async with api.runtime.pool.acquire() as conn:
+        head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    assert body["ledger"]["head"] == {"seq": head["seq"], "hash": bytes(head["hash"]).hex()}
+    assert body["ledger"]["last_checkpoint"] is None or body["ledger"]["last_checkpoint"]["seq"] <= head["seq"]
+    assert body["sinks"] == [] and body["caller"]["role"] == "analyst"
+    assert (await api.get("/v1/status", role="admin"))[1]["caller"]["role"] == "admin"
+    assert (await api.get("/v1/status", role="callout"))[0] == 403
