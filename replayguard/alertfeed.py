@@ -15,6 +15,11 @@ One instance at a time (the holder of a session advisory lock on its LISTEN conn
 is the *leader*: it signs checkpoints when due and hands every alert change and every
 checkpoint to the sinks, remembering in ``sink_feed`` how far it got, so a new leader
 carries on where the last one stopped (at-least-once; records carry ids for dedup).
+The leader also writes each alert to the service's own log when it is raised or changes
+kind or severity: critical ones as ``error`` lines, warnings as ``warning`` lines (kind,
+VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
+while leadership moves between instances may miss its line; the sinks and the API still
+have it.)
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ PAGE = 500
 QUEUE_SIZE = 256
 _LEADER_LOCK = 0x7267666C  # "rgfl"
 _RECENT = 4096
+ALERT_LOG_LEVELS = {"critical": "error", "warning": "warning"}  # severity: level of its log line
 
 
 _SINK_FEED_INIT = ("INSERT INTO sink_feed VALUES (true, (SELECT coalesce(max(change_seq), 0) FROM alerts),"
@@ -94,6 +100,7 @@ class AlertFeed:
         self._wake = asyncio.Event()
         self._notified: set[int] = set()
         self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._logged: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._pos: int | None = None
         self.leader = False
         self._sinks_started = False
@@ -238,10 +245,25 @@ class AlertFeed:
                     continue
                 self._remember(key)
                 self._pos = max(self._pos or 0, record["change_seq"])
+                if self.leader:
+                    self._log_alert(record)
                 if self.subscribers:  # rendering for nobody is work a decision worker can skip
                     self._publish(record["change_seq"], render(record))
             if len(records) < PAGE:
                 return
+
+    def _log_alert(self, record: asyncpg.Record) -> None:
+        """One log line per alert raised, and per change of its kind or severity."""
+        severity, kind = record["severity"], record["kind"]
+        if severity not in ALERT_LOG_LEVELS or self._logged.get(record["id"]) == (kind, severity):
+            return
+        self._logged[record["id"]] = (kind, severity)
+        while len(self._logged) > _RECENT:
+            self._logged.popitem(last=False)
+        getattr(log, ALERT_LOG_LEVELS[severity])(
+            "alert", alert_id=str(record["id"]), kind=kind, severity=severity, vm_id=record["vm_id"],
+            principal=record["principal"], count=record["count"], status=record["status"],
+            summary=record["summary"])
 
     def _remember(self, key: tuple[int, int]) -> None:
         self._recent[key] = None

@@ -160,7 +160,7 @@ def _event(record: Mapping[str, Any]) -> dict[str, Any]:
             "seq": record["seq"], "received_at": rfc3339_us(record["received_us"]), "payload": record["payload"]}
 
 
-def _window(record: Mapping[str, Any]) -> dict[str, Any]:
+def render_window(record: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": record["id"], "vm_id": record["vm_id"], "start": rfc3339_us(record["start_us"]),
             "end": rfc3339_us(record["end_us"]), "cause": record["cause"], "event_id": record["event_id"],
             "seq": record["seq"]}
@@ -204,7 +204,7 @@ class AlertService:
             events = await self._events(conn, windows)
         return {**render(record), "history": _history(record["history"]),
                 "entries": [render_entry(e) for e in entries], "entries_total": total,
-                "rollback_windows": [_window(w) for w in windows], "hypervisor_events": events}
+                "rollback_windows": [render_window(w) for w in windows], "hypervisor_events": events}
 
     async def _events(self, conn: asyncpg.Connection, windows: list[asyncpg.Record]) -> list[dict[str, Any]]:
         """Events named by the windows, and every event of the window's VM inside it."""

@@ -220,6 +220,13 @@ class HotCache:
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
+    async def clear_lock(self, principal: str) -> None:
+        """Forgets the principal's lockout (an administrator unlocked it in the ledger)."""
+        try:
+            await self._pipe.call("DEL", b"rg:lock:" + principal.encode())
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
     async def publish_alert(self, alert_id: int) -> None:
         """Tells every instance an alert changed (fan-out of the live stream)."""
         try:

@@ -129,6 +129,12 @@ class LedgerService:
             return False
         return True
 
+    async def head(self) -> dict[str, object]:
+        """The ledger's tip as the head row holds it (no verification: that is ``verify``)."""
+        async with acquire(self._pool) as conn:
+            record = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+        return {"seq": record["seq"], "hash": bytes(record["hash"]).hex()}
+
     async def list_checkpoints(self, before_seq: int | None, limit: int) -> list[dict[str, object]]:
         """Newest first, keyset on ``seq``."""
         async with acquire(self._pool) as conn:

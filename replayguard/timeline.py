@@ -3,7 +3,10 @@
 Each query is a keyset walk of one index (``vms`` by id, ``ledger`` by ``(vm_id, seq)`` or
 ``seq``) with a bounded page, so its cost does not grow with the ledger. A timeline is the
 VM's ledger entries in ledger order — decisions, hypervisor events (snapshots, reverts,
-restores, clones), acknowledgements — each with the alerts it raised or joined.
+restores, clones), acknowledgements — each with the alerts it raised or joined — and
+the VM's rollback windows (newest first, at most ``MAX_WINDOWS``, those overlapping
+``since``/``until`` when given), which a clone's or a receipt's window puts on a VM
+without an entry of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from .alerts import render_entry
+from .alerts import render_entry, render_window
 from .core.timefmt import rfc3339_us
 from .db import acquire
 from .errors import NotFound
@@ -30,6 +33,11 @@ _TIMELINE = (
     " FROM ledger l LEFT JOIN hypervisor_events h ON h.vm_id = l.vm_id AND h.seq = l.seq"
     " WHERE l.vm_id = $1 AND l.seq > $2 AND ($3::bigint IS NULL OR l.ts_us >= $3)"
     " AND ($4::bigint IS NULL OR l.ts_us <= $4) ORDER BY l.seq LIMIT $5"
+)
+MAX_WINDOWS = 100
+_WINDOWS = (
+    "SELECT * FROM rollback_windows WHERE vm_id = $1 AND ($2::bigint IS NULL OR end_us >= $2)"
+    " AND ($3::bigint IS NULL OR coalesce(start_us, 0) <= $3) ORDER BY end_us DESC, id DESC LIMIT $4"
 )
 # Two statements, not "($1 IS NULL OR vm_id = $1)": a generic plan of that cannot use an index.
 _LEDGER_ALL = "SELECT * FROM ledger WHERE seq > $1 ORDER BY seq LIMIT $2"
@@ -78,6 +86,12 @@ class TimelineService:
             records = await conn.fetch(_TIMELINE, vm_id, after_seq, since_us, until_us, limit + 1)
         items = [_timeline_item(r) for r in records[:limit]]
         return items, items[-1]["seq"] if len(records) > limit else None
+
+    async def windows(self, vm_id: str, since_us: int | None, until_us: int | None) -> list[dict[str, Any]]:
+        """The VM's rollback windows, newest first (``start`` null: every earlier use counts)."""
+        async with acquire(self._pool) as conn:
+            records = await conn.fetch(_WINDOWS, vm_id, since_us, until_us, MAX_WINDOWS)
+        return [render_window(r) for r in records]
 
     async def ledger(self, vm_id: str | None, after_seq: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
         async with acquire(self._pool) as conn:

@@ -1,12 +1,18 @@
-"""HTTP for administrators (role ``admin``): enrolment of OTP tokens."""
+"""HTTP for administrators (role ``admin``): enrolment of OTP tokens, principals and unlock."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+import structlog
+
+from ..alerts import parse_note
 from ..core import validation
-from .common import Route, json_response, read_json
-from .state import RUNTIME
+from ..principals import PrincipalService, decode_cursor
+from .common import Route, json_response, query_int, read_json
+from .state import CALLER, RUNTIME
+
+log = structlog.get_logger("replayguard.admin")
 
 
 def _principal(request: web.Request) -> str:
@@ -37,6 +43,27 @@ async def delete_token(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def list_principals(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 100, 1, 500)
+    raw = request.query.get("cursor")
+    runtime = request.app[RUNTIME]
+    items, cursor = await PrincipalService(runtime.pool).page(decode_cursor(raw) if raw else None, limit,
+                                                             runtime.now_us())
+    return json_response({"items": items, "next_cursor": cursor})
+
+
+async def unlock(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    note = parse_note(await read_json(request))
+    runtime = request.app[RUNTIME]
+    done = await PrincipalService(runtime.pool).unlock(principal, note, request[CALLER], runtime.now_us())
+    if runtime.hot is not None:
+        await runtime.hot.clear_lock(principal)
+    log.info("principal_unlocked", principal=principal, was_locked=done.was_locked, seq=done.seq)
+    return json_response({"principal": principal, "locked": False, "failures": 0,
+                          "was_locked": done.was_locked, "failures_before": done.failures, "seq": done.seq})
+
+
 ENROLL_SCHEMA = {
     "type": "object",
     "properties": {
@@ -52,6 +79,23 @@ ENROLLED_SCHEMA = {
     "properties": {"token_id": {"type": "string"}, "principal": {"type": "string"}, "type": {"type": "string"},
                    "secret": {"type": "string"}, "provisioning_uri": {"type": "string"}},
 }
+PRINCIPAL_SCHEMA = {
+    "type": "object", "required": ["principal", "failures", "locked", "tokens"],
+    "properties": {
+        "principal": {"type": "string"}, "failures": {"type": "integer"}, "locked": {"type": "boolean"},
+        "locked_until": {"type": ["string", "null"], "format": "date-time"},
+        "tokens": {"type": "array", "items": {"type": "object", "properties": {
+            "token_id": {"type": "string"}, "type": {"type": "string", "enum": ["totp", "hotp"]},
+            "state": {"type": "string", "enum": ["active", "deleted"]},
+            "created_at": {"type": ["string", "null"]}, "deleted_at": {"type": ["string", "null"]}}}},
+    },
+}
+PRINCIPAL_LIST_SCHEMA = {"type": "object", "required": ["items", "next_cursor"], "properties": {
+    "items": {"type": "array", "items": PRINCIPAL_SCHEMA}, "next_cursor": {"type": ["string", "null"]}}}
+UNLOCK_SCHEMA = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 2000}}}
+UNLOCKED_SCHEMA = {"type": "object", "required": ["principal", "locked", "seq"], "properties": {
+    "principal": {"type": "string"}, "locked": {"type": "boolean"}, "failures": {"type": "integer"},
+    "was_locked": {"type": "boolean"}, "failures_before": {"type": "integer"}, "seq": {"type": "integer"}}}
 TOKEN_LIST_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object"}}}}
 
 ROUTES = [
@@ -62,4 +106,10 @@ ROUTES = [
           "List a principal's active tokens (never their secrets)", "admin", None, TOKEN_LIST_SCHEMA),
     Route("DELETE", "/v1/principals/{principal}/tokens/{token_id}", delete_token, ("admin",),
           "Delete a token", "admin", None, None, status=204),
+    Route("GET", "/v1/principals", list_principals, ("admin",),
+          "List principals with their tokens' state, failure count and lockout, by name", "admin",
+          None, PRINCIPAL_LIST_SCHEMA, query=("limit", "cursor")),
+    Route("POST", "/v1/principals/{principal}/unlock", unlock, ("admin",),
+          "End a principal's lockout and reset its failure count (written to the ledger)", "admin",
+          UNLOCK_SCHEMA, UNLOCKED_SCHEMA),
 ]

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import Gauge
 
+from .. import __version__
 from ..alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
 from ..alerts import (
     AlertService,
@@ -169,10 +170,12 @@ async def list_vms(request: web.Request) -> web.Response:
 
 async def vm_timeline(request: web.Request) -> web.Response:
     vm_id = validation.check_identifier(request.match_info["vm_id"], "vm_id")
-    page = await _svc(request).timeline.timeline(
-        vm_id, query_int(request, "after_seq", 0, 0, 2**62), query_time(request.query, "since"),
-        query_time(request.query, "until"), query_int(request, "limit", 200, 1, 1000))
-    return json_response({"vm_id": vm_id, "items": page[0], "next_after_seq": page[1]})
+    since, until = query_time(request.query, "since"), query_time(request.query, "until")
+    timeline = _svc(request).timeline
+    page = await timeline.timeline(vm_id, query_int(request, "after_seq", 0, 0, 2**62), since, until,
+                                   query_int(request, "limit", 200, 1, 1000))
+    return json_response({"vm_id": vm_id, "items": page[0], "next_after_seq": page[1],
+                          "rollback_windows": await timeline.windows(vm_id, since, until)})
 
 
 async def ledger_entries(request: web.Request) -> web.Response:
@@ -202,6 +205,22 @@ async def ledger_checkpoints(request: web.Request) -> web.Response:
 
 async def ledger_public_key(request: web.Request) -> web.Response:
     return json_response(_svc(request).ledger.public_key_json())
+
+
+async def status(request: web.Request) -> web.Response:
+    """The ledger's head and last checkpoint, this instance's feed role and sink backlogs."""
+    svc = _svc(request)
+    last = await svc.ledger.list_checkpoints(None, 1)
+    dispatcher = svc.feed.dispatcher
+    sinks = [{"name": name, "backlog": st.backlog, "delivered": st.delivered, "failed_attempts": st.failed_attempts,
+              "rejected": st.rejected, "dropped": st.dropped, "last_error": st.last_error}
+             for name, st in (dispatcher.stats().items() if dispatcher is not None else ())]
+    return json_response({
+        "version": __version__, "leader": svc.feed.leader,
+        "ledger": {"head": await svc.ledger.head(), "last_checkpoint": last[0] if last else None},
+        "sinks": sinks, "sse_subscribers": len(svc.feed.subscribers),
+        "caller": {"role": request[CALLER].role, "name": request[CALLER].name},
+    })
 
 
 # --- wiring ---------------------------------------------------------------------------
@@ -241,13 +260,27 @@ def setup(app: web.Application) -> None:
 _OBJ: dict[str, Any] = {"type": "object"}
 _LIST = {"type": "object", "required": ["items"], "properties": {
     "items": {"type": "array", "items": _OBJ}, "next_cursor": {"type": ["string", "null"]}}}
-_PAGE = {"type": "object", "required": ["items"], "properties": {
-    "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}}
+_PAGE_PROPERTIES: dict[str, Any] = {
+    "items": {"type": "array", "items": _OBJ}, "next_after_seq": {"type": ["integer", "null"]}}
+_PAGE = {"type": "object", "required": ["items"], "properties": _PAGE_PROPERTIES}
+_TIMELINE = {"type": "object", "required": ["vm_id", "items", "rollback_windows"], "properties": {
+    **_PAGE_PROPERTIES, "vm_id": {"type": "string"},
+    "rollback_windows": {"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "vm_id": {"type": "string"}, "start": {"type": ["string", "null"]},
+        "end": {"type": "string"}, "cause": {"type": "string"}, "event_id": {"type": ["string", "null"]},
+        "seq": {"type": "integer"}}}}}}
 _ACK = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 2000}}}
 _VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties": {
     "ok": {"type": "boolean"}, "checked": {"type": "integer"}, "first_bad_seq": {"type": "integer"},
     "problem": {"type": "string"}, "head": {"type": "object", "properties": {
         "seq": {"type": "integer"}, "hash": {"type": "string"}}}}}
+_STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"], "properties": {
+    "version": {"type": "string"}, "leader": {"type": "boolean"}, "sse_subscribers": {"type": "integer"},
+    "caller": {"type": "object", "properties": {"role": {"type": "string"}, "name": {"type": "string"}}},
+    "ledger": {"type": "object", "properties": {"head": {"type": "object"}, "last_checkpoint": {"type": ["object", "null"]}}},
+    "sinks": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "backlog": {"type": "integer"}, "delivered": {"type": "integer"},
+        "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}}}}
 _FILTERS = ("vm_id", "principal", "kind", "severity", "status", "since", "until", "limit", "cursor")
 
 
@@ -268,7 +301,7 @@ ROUTES = [
     _r("GET", "/v1/vms", list_vms, "List VMs with their open alerts and rollbacks", _LIST,
        query=("limit", "cursor")),
     _r("GET", "/v1/vms/{vm_id}/timeline", vm_timeline,
-       "A VM's snapshots, reverts, decisions and alerts in ledger order", _PAGE,
+       "A VM's snapshots, reverts, decisions and alerts in ledger order, and its rollback windows", _TIMELINE,
        query=("since", "until", "after_seq", "limit")),
     _r("GET", "/v1/ledger", ledger_entries, "Ledger entries (digests, never raw credentials)", _PAGE,
        query=("vm_id", "after_seq", "limit")),
@@ -276,4 +309,6 @@ ROUTES = [
     _r("GET", "/v1/ledger/checkpoints", ledger_checkpoints, "Signed checkpoints, newest first", _LIST,
        query=("before_seq", "limit")),
     _r("GET", "/v1/ledger/public-key", ledger_public_key, "The Ed25519 key that signs checkpoints"),
+    _r("GET", "/v1/status", status,
+       "Ledger head and last checkpoint; this instance's alert-feed role and sink backlogs; the caller's role", _STATUS),
 ]

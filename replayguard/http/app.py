@@ -26,7 +26,7 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
-from . import admin, analysts, callouts, hypervisor, openapi, ops, radius
+from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius
 from .common import MAX_BODY, Handler, Route, json_response
 from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
 
@@ -34,7 +34,7 @@ log = structlog.get_logger("replayguard.http")
 
 # Every audience module, imported plainly: a module that fails to import is a start-up
 # error, never a service that quietly lacks its routes.
-AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops, hypervisor, analysts, radius]
+AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops, hypervisor, analysts, radius, console]
 ROUTE_TABLE = web.AppKey("route_table", dict)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Generated request ids: a random per-process prefix and a counter (unique, and cheap;
@@ -53,6 +53,14 @@ def _route_of(request: web.Request) -> Route | None:
         return None
     table: dict[tuple[str, str], Route] = request.app[ROUTE_TABLE]
     return table.get((request.method, resource.canonical))
+
+
+def _unlisted_path(request: web.Request) -> str:
+    """The label of a request no API route took: the console's own paths, else "unmatched"."""
+    resource = request.match_info.route.resource
+    if resource is not None and resource.canonical.startswith("/console"):
+        return resource.canonical
+    return "unmatched"
 
 
 def _http_error(exc: web.HTTPException) -> ReplayGuardError:
@@ -89,7 +97,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request_id_for(request.headers.get("X-Request-Id"))
     route = _route_of(request)
     request[ROUTE] = route  # resolved once; authorise reads it
-    path = route.path if route is not None else "unmatched"
+    path = route.path if route is not None else _unlisted_path(request)
     start = time.perf_counter()
     # One dict per request (authorise adds the caller); every log line of the request
     # carries it, and nothing of it outlives the request on a kept-alive connection.

@@ -210,6 +210,28 @@ async def test_timeline_lists_decisions_events_and_alerts_in_ledger_order(api: A
     assert (await api.get(f"/v1/vms/{uid('nope')}/timeline"))[0] == 404
 
 
+async def test_timeline_carries_the_vms_rollback_windows(api: Api) -> None:
+    """A revert's window [T, R] is on its VM's timeline, and a clone's on its source VM's."""
+    vm_id, clone = uid("vm"), uid("clone")
+    start = api.clock.now
+    api.clock.advance(60)
+    event = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm_id, "snapshot_id": "s",
+             "snapshot_created_at": start, "occurred_at": api.clock.now}
+    assert (await api.post("/v1/hypervisor/events", event, role="hypervisor"))[0] == 202
+    status, page = await api.get(f"/v1/vms/{vm_id}/timeline")
+    assert status == 200, page
+    [window] = page["rollback_windows"]
+    assert (window["vm_id"], window["event_id"], window["cause"]) == (vm_id, event["event_id"], "snapshot.reverted")
+    assert window["start"] < window["end"]
+    status, page = await api.get(f"/v1/vms/{vm_id}/timeline?until={start - 10}")
+    assert page["rollback_windows"] == []
+    cloned = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": clone, "source_vm_id": vm_id,
+              "occurred_at": api.clock.now}
+    assert (await api.post("/v1/hypervisor/events", cloned, role="hypervisor"))[0] == 202
+    status, page = await api.get(f"/v1/vms/{vm_id}/timeline")
+    assert {w["event_id"] for w in page["rollback_windows"]} == {event["event_id"], cloned["event_id"]}
+
+
 async def test_vm_list_pages_with_a_cursor(api: Api) -> None:
     """The VM list walks every VM once, with open alert counts."""
     vm_id = uid("vm")
@@ -274,3 +296,17 @@ async def test_every_analyst_route_checks_the_role(api: Api, route: Any) -> None
         resp = await api.client.request(route.method, path, headers=api.auth(role), **kwargs)
         assert resp.status == expected, (role, await resp.text())
         resp.close()
+
+
+async def test_status_reports_head_checkpoint_sinks_and_caller(api: Api) -> None:
+    """/v1/status names the ledger head, the last checkpoint (or null), the sinks and the caller's role."""
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    status, body = await api.get("/v1/status")
+    assert status == 200, body
+    async with api.runtime.pool.acquire() as conn:
+        head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    assert body["ledger"]["head"] == {"seq": head["seq"], "hash": bytes(head["hash"]).hex()}
+    assert body["ledger"]["last_checkpoint"] is None or body["ledger"]["last_checkpoint"]["seq"] <= head["seq"]
+    assert body["sinks"] == [] and body["caller"]["role"] == "analyst"
+    assert (await api.get("/v1/status", role="admin"))[1]["caller"]["role"] == "admin"
+    assert (await api.get("/v1/status", role="callout"))[0] == 403

@@ -152,6 +152,29 @@ async def test_lockout_is_cached_in_redis(owned_redis: OwnedRedis, api_factory: 
     assert (status, body["decision"]) == (200, "accept")
 
 
+async def test_unlock_clears_the_lockout_cached_in_redis(owned_redis: OwnedRedis,
+                                                       api_factory: Callable[..., Any]) -> None:
+    """An admin unlock removes the Redis copy of the lockout, so the valid code is accepted at once."""
+    api: Api = await api_factory(redis_url=Secret(owned_redis.url), lockout_threshold=2, lockout_period_s=3600)
+    principal, vm = uid("unlock"), uid("vm")
+    token = await api.enroll(principal)
+    good = pyotp.TOTP(token["secret"]).at(api.clock.now)
+    wrong = f"{(int(good) + 1) % 1_000_000:06d}"
+    for _ in range(2):
+        await api.post("/v1/otp/verify", {"vm_id": vm, "principal": principal, "otp": wrong})
+    status, body = await api.post("/v1/otp/verify", {"vm_id": vm, "principal": principal, "otp": good})
+    assert body["reason"] == "locked_out"
+    status, body = await api.post(f"/v1/principals/{principal}/unlock", {"note": "n"}, role="admin")
+    assert status == 200, body
+    client = aioredis.from_url(owned_redis.url)
+    try:
+        assert await client.exists(f"rg:lock:{principal}") == 0
+    finally:
+        await client.aclose()
+    status, body = await api.post("/v1/otp/verify", {"vm_id": vm, "principal": principal, "otp": good})
+    assert (status, body["decision"], body["reason"]) == (200, "accept", "ok"), body
+
+
 @pytest.mark.slow
 async def test_decisions_stay_correct_when_redis_stops_restarts_and_flushes(
     owned_redis: OwnedRedis, api_factory: Callable[..., Any],

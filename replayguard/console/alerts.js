@@ -1,0 +1,187 @@
+// Alerts: the filterable list, newest first, kept current by the live stream; and the
+// detail of one alert (its history, the ledger entries behind it, its rollback windows
+// and the hypervisor events inside them) with acknowledge-with-a-note.
+
+import { api, query } from "./api.js";
+import { badge, clear, errorBox, h, link, table, when } from "./dom.js";
+
+const SEVERITIES = ["", "critical", "warning", "info"];
+const STATUSES = ["", "open", "acknowledged"];
+const KINDS = ["", "replay_after_rollback", "reuse", "rollback_detected", "clone_detected", "brute_force",
+               "clock_regression", "ledger_tamper", "ledger_rollback", "witness_unreachable"];
+const filters = { severity: "", kind: "", status: "", vm_id: "", principal: "", since: "", until: "" };
+
+function select(name, options) {
+  const el = h("select", { name, id: `f-${name}`, "aria-label": name },
+    options.map((value) => h("option", { value }, value || `any ${name}`)));
+  el.value = filters[name];
+  return el;
+}
+
+function input(name, placeholder, type = "text") {
+  const el = h("input", { name, id: `f-${name}`, type, placeholder, "aria-label": name });
+  el.value = filters[name];
+  return el;
+}
+
+function toQueryTime(value) {
+  return value ? new Date(value + "Z").toISOString() : "";
+}
+
+function matches(alert) {
+  for (const key of ["severity", "kind", "status", "vm_id", "principal"]) {
+    if (filters[key] && alert[key] !== filters[key]) return false;
+  }
+  if (filters.since && alert.last_seen < toQueryTime(filters.since)) return false;
+  if (filters.until && alert.first_seen > toQueryTime(filters.until)) return false;
+  return true;
+}
+
+function row(alert, selected) {
+  const tr = h("tr", { class: `alert-row sev-${alert.severity}${alert.id === selected ? " selected" : ""}`,
+                       dataset: { alertId: alert.id } },
+    h("td", {}, link(alert.id, "alerts", alert.id)),
+    h("td", {}, badge(alert.severity, "sev")),
+    h("td", { class: "kind" }, alert.kind),
+    h("td", {}, badge(alert.status, "status")),
+    h("td", { class: "ident" }, alert.vm_id ?? "—"),
+    h("td", { class: "ident" }, alert.principal ?? "—"),
+    h("td", { class: "num" }, alert.count),
+    h("td", { class: "time" }, when(alert.last_seen)));
+  tr.addEventListener("click", (e) => {
+    if (e.target.closest("a")) return;
+    location.hash = `#/alerts/${encodeURIComponent(alert.id)}`;
+  });
+  return tr;
+}
+
+const byNewest = (a, b) => Number(b.id) - Number(a.id);
+
+export async function render(main, params, ctx) {
+  const selected = params[0] || null;
+  let items = [];
+  let cursor = null;
+  const body = h("tbody", { id: "alert-rows" });
+  const more = h("button", { type: "button", id: "more", hidden: true }, "Older alerts");
+  const listError = h("div");
+  const detailPane = h("section", { class: "detail", id: "alert-detail" },
+    h("p", { class: "muted" }, "Select an alert to see its evidence."));
+
+  const paint = () => {
+    clear(body).append(...items.map((a) => row(a, selected)));
+    if (!items.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No alerts match.")));
+    more.hidden = cursor === null;
+  };
+  const load = async (append) => {
+    const q = { ...filters, since: toQueryTime(filters.since), until: toQueryTime(filters.until), limit: 100 };
+    if (append && cursor) q.cursor = cursor;
+    clear(listError);
+    try {
+      const page = await api(`/v1/alerts${query(q)}`);
+      items = append ? items.concat(page.items) : page.items;
+      cursor = page.next_cursor;
+    } catch (error) {
+      listError.append(errorBox(error));
+    }
+    paint();
+  };
+
+  const controls = [select("severity", SEVERITIES), select("kind", KINDS), select("status", STATUSES),
+                    input("vm_id", "VM"), input("principal", "principal"),
+                    input("since", "since", "datetime-local"), input("until", "until", "datetime-local")];
+  const apply = h("button", { type: "button", id: "apply" }, "Filter");
+  apply.addEventListener("click", () => { for (const c of controls) filters[c.name] = c.value.trim(); load(false); });
+  more.addEventListener("click", () => load(true));
+
+  main.append(h("div", { class: "split" },
+    h("section", { class: "list" },
+      h("h1", {}, "Alerts"),
+      h("div", { class: "filters" }, controls, apply),
+      listError,
+      table(["id", "severity", "kind", "status", "VM", "principal", "count", "last seen"], body, { class: "alerts" }),
+      more),
+    detailPane));
+
+  const stop = ctx.onAlert((alert) => {
+    const at = items.findIndex((a) => a.id === alert.id);
+    if (at >= 0) items[at] = alert;
+    else if (matches(alert)) items.push(alert);
+    else return;
+    items.sort(byNewest);
+    paint();
+    const fresh = body.querySelector(`tr[data-alert-id="${CSS.escape(alert.id)}"]`);
+    if (fresh) fresh.classList.add("fresh");
+    if (alert.id === selected) showDetail(detailPane, selected);
+  });
+  await load(false);
+  if (selected) await showDetail(detailPane, selected);
+  return stop;
+}
+
+function field(name, value) {
+  return [h("dt", {}, name), h("dd", {}, value ?? "—")];
+}
+
+async function acknowledge(id, note, pane, message) {
+  try {
+    await api(`/v1/alerts/${encodeURIComponent(id)}/acknowledge`, { method: "POST", body: { note: note || null } });
+  } catch (error) {
+    clear(message).append(errorBox(error));
+    return;
+  }
+  await showDetail(pane, id);
+}
+
+function ackForm(alert, pane) {
+  if (alert.status !== "open") {
+    const ack = alert.acknowledged || {};
+    return h("p", { class: "acked", id: "acked" }, `Acknowledged ${when(ack.at)} by `, h("span", { class: "ident" }, ack.by ?? "?"),
+      ack.note ? [": ", h("q", { class: "note" }, ack.note)] : null);
+  }
+  const note = h("textarea", { id: "ack-note", rows: 2, maxlength: 2000, placeholder: "Note (what you found, what you did)" });
+  const message = h("div");
+  const button = h("button", { type: "button", id: "ack" }, "Acknowledge");
+  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane, message); });
+  return h("div", { class: "ack" }, note, button, message);
+}
+
+export async function showDetail(pane, id) {
+  let alert;
+  try {
+    alert = await api(`/v1/alerts/${encodeURIComponent(id)}`);
+  } catch (error) {
+    clear(pane).append(errorBox(error));
+    return;
+  }
+  clear(pane).append(
+    h("h2", {}, `Alert ${alert.id} `, badge(alert.severity, "sev"), " ", h("span", { class: "kind" }, alert.kind)),
+    h("p", { class: "summary" }, alert.summary),
+    h("dl", { class: "facts" },
+      field("status", badge(alert.status, "status")),
+      field("VM", alert.vm_id ? link(alert.vm_id, "vms", alert.vm_id) : null),
+      field("principal", alert.principal ? h("span", { class: "ident" }, alert.principal) : null),
+      field("count", String(alert.count)),
+      field("first seen", when(alert.first_seen)), field("last seen", when(alert.last_seen))),
+    ackForm(alert, pane),
+    h("h3", {}, "History"),
+    table(["time", "change", "kind", "severity", "seq", "by"], alert.history.map((e) => h("tr", {},
+      h("td", { class: "time" }, when(e.time)), h("td", {}, e.change ?? ""), h("td", {}, e.kind ?? ""),
+      h("td", {}, e.severity ?? ""), h("td", { class: "num" }, e.seq ?? ""), h("td", { class: "ident" }, e.by ?? "")))),
+    h("h3", {}, `Ledger entries behind it (${alert.entries_total})`),
+    table(["seq", "time", "kind", "VM", "subject", "decision", "reason", "digest"], alert.entries.map((e) => h("tr", {},
+      h("td", { class: "num" }, e.seq), h("td", { class: "time" }, when(e.time)), h("td", {}, e.kind),
+      h("td", { class: "ident" }, e.vm_id ?? ""), h("td", { class: "ident" }, e.subject ?? ""),
+      h("td", {}, e.decision ?? ""), h("td", {}, e.reason ?? ""),
+      h("td", { class: "digest", title: e.digest ?? "" }, e.digest ? e.digest.slice(0, 12) + "…" : "")))),
+    h("h3", {}, "Rollback windows"),
+    alert.rollback_windows.length ? table(["id", "VM", "start", "end", "cause", "event"], alert.rollback_windows.map((w) => h("tr", { class: "window-row" },
+      h("td", { class: "num" }, w.id), h("td", {}, link(w.vm_id, "vms", w.vm_id)),
+      h("td", { class: "time" }, w.start ? when(w.start) : "unknown (every earlier use)"), h("td", { class: "time" }, when(w.end)),
+      h("td", {}, w.cause), h("td", { class: "ident" }, w.event_id ?? "receipt"))))
+      : h("p", { class: "muted" }, "None."),
+    h("h3", {}, "Hypervisor events in those windows"),
+    alert.hypervisor_events.length ? table(["seq", "received", "type", "VM", "event id"], alert.hypervisor_events.map((e) => h("tr", {},
+      h("td", { class: "num" }, e.seq), h("td", { class: "time" }, when(e.received_at)), h("td", {}, e.type),
+      h("td", { class: "ident" }, e.vm_id), h("td", { class: "ident" }, e.event_id))))
+      : h("p", { class: "muted" }, "None."));
+}

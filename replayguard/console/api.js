@@ -1,0 +1,100 @@
+// The service's API from the console: the analyst's token lives in sessionStorage and goes
+// in the Authorization header only. The alert stream is read with fetch() streaming, not
+// EventSource, because EventSource cannot send that header (and a token in the URL would
+// land in proxies' and servers' logs).
+
+const KEY = "replayguard.token";
+
+export const session = {
+  token: () => sessionStorage.getItem(KEY),
+  save: (token) => sessionStorage.setItem(KEY, token),
+  end: () => sessionStorage.removeItem(KEY),
+};
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    const detail = body && body.error ? body.error.message : `HTTP ${status}`;
+    super(detail);
+    this.status = status;
+    this.code = body && body.error ? body.error.code : null;
+  }
+}
+
+function headers(extra) {
+  return { Authorization: `Bearer ${session.token()}`, ...extra };
+}
+
+export async function api(path, { method = "GET", body, signal } = {}) {
+  const init = { method, signal, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer",
+                 headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const resp = await fetch(path, init);
+  let data = null;
+  if (resp.status !== 204) {
+    try { data = await resp.json(); } catch { data = null; }
+  }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+/** The query string of the non-empty entries of an object. */
+export function query(params) {
+  const q = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) if (value !== "" && value !== null && value !== undefined) q.set(key, value);
+  const text = q.toString();
+  return text ? "?" + text : "";
+}
+
+function parseFrame(frame) {
+  const out = { id: null, event: "message", data: "" };
+  for (const line of frame.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const at = line.indexOf(":");
+    const field = at < 0 ? line : line.slice(0, at);
+    const value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+    if (field === "id") out.id = value;
+    else if (field === "event") out.event = value;
+    else if (field === "data") out.data += (out.data ? "\n" : "") + value;
+  }
+  return out;
+}
+
+/**
+ * Follows /v1/alerts/stream until `signal` aborts: calls onAlert(alert) per event and
+ * onState("live" | "reconnecting" | "denied"); resumes with Last-Event-ID after a drop.
+ */
+export async function followAlerts(onAlert, onState, signal) {
+  let last = null;
+  let delay = 1000;
+  while (!signal.aborted) {
+    try {
+      const extra = { Accept: "text/event-stream" };
+      if (last !== null) extra["Last-Event-ID"] = last;
+      const resp = await fetch("/v1/alerts/stream", { headers: headers(extra), signal, cache: "no-store",
+                                                       credentials: "omit", referrerPolicy: "no-referrer" });
+      if (resp.status === 401 || resp.status === 403) { onState("denied"); return; }
+      if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
+      onState("live");
+      delay = 1000;
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n?/g, "\n");
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const frame = parseFrame(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+          if (frame.id !== null && frame.id !== "") last = frame.id;
+          if (frame.event === "alert" && frame.data) onAlert(JSON.parse(frame.data));
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    onState("reconnecting");
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, 15000);
+  }
+}

@@ -1,0 +1,118 @@
+// The console's shell: log in and out, the navigation, the live alert stream, and the
+// router that shows one page at a time (#/alerts, #/alerts/ID, #/vms, #/vms/ID,
+// #/ledger, #/principals). Pages are modules exporting render(main, params, ctx).
+
+import { ApiError, api, followAlerts, session } from "./api.js";
+import { clear, errorBox, h } from "./dom.js";
+import * as alerts from "./alerts.js";
+import * as ledger from "./ledger.js";
+import * as principals from "./principals.js";
+import * as vms from "./vms.js";
+
+const ROLE_KEY = "replayguard.role";
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const live = document.getElementById("live");
+const logoutButton = document.getElementById("logout");
+const listeners = new Set();
+let stream = null;
+let leave = null;
+
+const ctx = {
+  isAdmin: () => sessionStorage.getItem(ROLE_KEY) === "admin",
+  /** Calls fn(alert) for every alert the stream sends, until the page changes. */
+  onAlert(fn) { listeners.add(fn); return () => listeners.delete(fn); },
+};
+
+function setLive(state) {
+  live.hidden = false;
+  live.dataset.state = state;
+  live.textContent = { live: "● live", reconnecting: "○ reconnecting…", denied: "○ stream refused" }[state] || state;
+}
+
+function startStream() {
+  stopStream();
+  stream = new AbortController();
+  followAlerts((alert) => { for (const fn of [...listeners]) fn(alert); }, setLive, stream.signal);
+}
+
+function stopStream() {
+  if (stream) stream.abort();
+  stream = null;
+  live.hidden = true;
+}
+
+function loggedIn(role) {
+  nav.hidden = false;
+  logoutButton.hidden = false;
+  document.getElementById("nav-principals").hidden = role !== "admin";
+  startStream();
+}
+
+function logout() {
+  stopStream();
+  session.end();
+  sessionStorage.removeItem(ROLE_KEY);
+  nav.hidden = true;
+  logoutButton.hidden = true;
+  if (location.hash !== "#/alerts") history.replaceState(null, "", "#/alerts");
+  route();
+}
+
+async function login(input, message) {
+  const token = input.value.trim();
+  input.value = "";
+  if (!token) return;
+  session.save(token);
+  let role;
+  try {
+    role = (await api("/v1/status")).caller.role;
+  } catch (error) {
+    session.end();
+    message.textContent = error instanceof ApiError && error.status === 401 ? "That token is unknown or revoked."
+      : error instanceof ApiError && error.status === 403 ? "That token may not read alerts: use an analyst or admin token."
+      : `Could not reach the service: ${error.message}`;
+    return;
+  }
+  sessionStorage.setItem(ROLE_KEY, role);
+  loggedIn(role);
+  route();
+}
+
+function loginPage() {
+  const message = h("p", { class: "error", role: "alert", id: "login-message" });
+  const input = h("input", { type: "password", id: "token", autocomplete: "off", spellcheck: "false",
+                             placeholder: "rgt_…", "aria-label": "API token" });
+  const button = h("button", { type: "button", id: "login" }, "Log in");
+  button.addEventListener("click", () => login(input, message));
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") login(input, message); });
+  clear(main).append(h("section", { class: "login" },
+    h("h1", {}, "replayguard console"),
+    h("p", {}, "Paste an analyst or admin token. It is kept in this tab only (sessionStorage) and sent in the Authorization header, never in a URL."),
+    h("label", { for: "token" }, "API token"), input, button, message));
+  input.focus();
+}
+
+const PAGES = { alerts, vms, ledger, principals };
+
+async function route() {
+  if (leave) { leave(); leave = null; }
+  listeners.clear();
+  if (!session.token()) { loginPage(); return; }
+  const [name, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
+  const page = PAGES[name] || alerts;
+  for (const a of nav.querySelectorAll("a")) a.classList.toggle("active", a.dataset.page === (PAGES[name] ? name : "alerts"));
+  const params = rest.map((part) => { try { return decodeURIComponent(part); } catch { return part; } });
+  clear(main);
+  try {
+    leave = (await page.render(main, params, ctx)) || null;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) { logout(); return; }
+    main.append(errorBox(error));
+  }
+}
+
+logoutButton.addEventListener("click", logout);
+window.addEventListener("hashchange", route);
+if (session.token()) loggedIn(sessionStorage.getItem(ROLE_KEY));
+route();

@@ -1,0 +1,57 @@
+// The ledger: whether its hash chain verifies, its head, the last signed checkpoint, the
+// sinks' backlogs, and the witnesses (when the service reports them).
+
+import { api } from "./api.js";
+import { badge, clear, errorBox, h, table, when } from "./dom.js";
+
+function facts(pairs) {
+  return h("dl", { class: "facts" }, pairs.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value ?? "—")]));
+}
+
+async function verify(box) {
+  clear(box).append(h("p", { class: "muted" }, "Verifying the whole chain…"));
+  try {
+    const report = await api("/v1/ledger/verify");
+    clear(box).append(facts([
+      ["chain", badge(report.ok ? "verified" : "NOT verified", report.ok ? "ok" : "bad")],
+      ["entries checked", String(report.checked)],
+      ["head seq", String(report.head?.seq ?? "—")],
+      ["head hash", h("span", { class: "digest" }, report.head?.hash ?? "—")],
+      ...(report.ok ? [] : [["problem", report.problem ?? "?"], ["first bad seq", String(report.first_bad_seq ?? "?")]]),
+    ]));
+    box.dataset.ok = String(report.ok);
+  } catch (error) {
+    clear(box).append(errorBox(error));
+  }
+}
+
+export async function render(main) {
+  const verifyBox = h("div", { id: "verify" });
+  const again = h("button", { type: "button", id: "verify-again" }, "Verify again");
+  again.addEventListener("click", () => verify(verifyBox));
+  const status = await api("/v1/status");
+  const cp = status.ledger.last_checkpoint;
+  const sinkRows = status.sinks.map((sink) => h("tr", {},
+    h("td", { class: "ident" }, sink.name), h("td", { class: "num" }, sink.backlog),
+    h("td", { class: "num" }, sink.delivered), h("td", { class: "num" }, sink.failed_attempts),
+    h("td", {}, sink.last_error ?? "")));
+  const witnesses = Array.isArray(status.witnesses) ? status.witnesses : null;
+  main.append(
+    h("h1", {}, "Ledger"),
+    h("h3", {}, "Verification"), verifyBox, again,
+    h("h3", {}, "Head"),
+    facts([["seq", String(status.ledger.head.seq)], ["hash", h("span", { class: "digest" }, status.ledger.head.hash)]]),
+    h("h3", {}, "Last signed checkpoint"),
+    cp ? facts([["seq", String(cp.seq)], ["signed at", when(cp.created_at)], ["hash", h("span", { class: "digest" }, cp.hash)],
+                ["key id", cp.key_id], ["algorithm", cp.algorithm]])
+       : h("p", { class: "muted" }, "No checkpoint signed yet."),
+    h("h3", {}, "Witnesses"),
+    witnesses ? table(["witness", "state", "seq"], witnesses.map((w) => h("tr", {},
+      h("td", { class: "ident" }, w.name ?? w.url ?? "?"), h("td", {}, w.state ?? "?"), h("td", { class: "num" }, w.seq ?? ""))))
+      : h("p", { class: "muted", id: "witnesses" }, "This service does not report witnesses."),
+    h("h3", {}, `Sinks (reported by ${status.leader ? "this instance, which feeds them" : "an instance that is not feeding them now"})`),
+    sinkRows.length ? table(["sink", "backlog", "delivered", "failed attempts", "last error"], sinkRows)
+      : h("p", { class: "muted" }, "No sinks configured."));
+  await verify(verifyBox);
+  return null;
+}

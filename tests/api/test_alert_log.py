@@ -1,0 +1,91 @@
+"""The service's own log shows every critical alert as an error line and every warning
+alert as a warning line (kind, VM, principal, alert id), so the journal alone shows an
+attack; the line is written once per alert raised or escalated, not once per repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from replayguard import logging as rglog
+from replayguard.http.analysts import ANALYSTS
+from tests.api.test_rollback_attack import alice, event, login
+from tests.conftest import Api, uid
+
+
+@pytest.fixture
+def log_buffer() -> Iterator[io.StringIO]:
+    """structlog configured with replayguard's processors, rendering JSON lines into a buffer."""
+    saved = structlog.get_config()
+    buffer = io.StringIO()
+    structlog.configure(
+        processors=rglog.processors(), logger_factory=structlog.PrintLoggerFactory(buffer),
+        wrapper_class=structlog.make_filtering_bound_logger(0), cache_logger_on_first_use=False,
+    )
+    yield buffer
+    structlog.configure(**saved)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Waits for ``condition()`` to be truthy, within a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alert_lines(buffer: io.StringIO, alert_id: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "alert" and line.get("alert_id") == alert_id]
+
+
+async def test_a_replay_after_rollback_is_an_error_line_in_the_service_log(
+        api: Api, log_buffer: io.StringIO) -> None:
+    """The critical replay_after_rollback alert appears once as a JSON error line naming kind, VM, principal, id."""
+    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed")
+    vm_id = uid("web-01")
+    principal, totp = await alice(api)
+    await event(api, vm_id, "snapshot.created", snapshot_id="nightly", snapshot_created_at=api.clock.now)
+    api.clock.advance(5)
+    code = totp.at(api.clock.now)
+    assert (await login(api, vm_id, principal, code))["decision"] == "accept"
+    api.clock.advance(5)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="nightly")
+    replay = await login(api, vm_id, principal, code)
+    assert replay["reason"] == "replay_after_rollback"
+    lines = await until(lambda: alert_lines(log_buffer, replay["alert_id"]), "the alert's log line")
+    line = lines[0]
+    assert (line["level"], line["kind"], line["severity"]) == ("error", "replay_after_rollback", "critical")
+    assert (line["vm_id"], line["principal"]) == (vm_id, principal)
+    assert code not in json.dumps(line)
+
+    for _ in range(3):  # repeats join the alert: no new line for the same kind and severity
+        await login(api, vm_id, principal, code)
+    seen = len(alert_lines(log_buffer, replay["alert_id"]))
+    status, acked = await api.post(f"/v1/alerts/{replay['alert_id']}/acknowledge", {"note": "x"}, role="analyst")
+    assert status == 200
+    feed = api.client.app[ANALYSTS].feed
+    await until(lambda: (feed._pos or 0) >= acked["change"], "the feed to read the acknowledgement")
+    assert seen == 1 and len(alert_lines(log_buffer, replay["alert_id"])) == 1
+
+
+async def test_a_warning_alert_is_a_warning_line(api: Api, log_buffer: io.StringIO) -> None:
+    """A reused nonce (a warning alert) is logged at warning level with its alert id and VM."""
+    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed")
+    vm_id, scope = uid("vm"), uid("scope")
+    body = {"vm_id": vm_id, "scope": scope, "nonce": uid("n")}
+    await api.post("/v1/nonces/consume", body)
+    status, second = await api.post("/v1/nonces/consume", body)
+    assert second["reason"] == "reused"
+    lines = await until(lambda: alert_lines(log_buffer, second["alert_id"]), "the alert's log line")
+    assert (lines[0]["level"], lines[0]["vm_id"], lines[0]["severity"]) == ("warning", vm_id, "warning")

@@ -1,0 +1,156 @@
+"""The operator CLI (``replayguard alerts|vms|principals|status``) run as a subprocess
+against a running service: tables for people, ``--json`` for scripts, and exit statuses
+that say what went wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import pytest
+
+from replayguard.http.analysts import ANALYSTS
+from replayguard.operator_cli import printable, table
+from tests.browser.test_console import play_the_story
+from tests.conftest import REPO, Api, cli_env, free_port, uid
+
+
+async def rg(api: Api | None, *args: str, role: str = "analyst", url: str | None = None,
+             token: str | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """Runs ``python -m replayguard ARGS`` with REPLAYGUARD_URL/TOKEN naming the test service."""
+    env = cli_env()
+    if api is not None:
+        env["REPLAYGUARD_URL"] = url or str(api.client.make_url("/")).rstrip("/")
+        env["REPLAYGUARD_TOKEN"] = token if token is not None else api.tokens[role]
+    elif url is not None:
+        env["REPLAYGUARD_URL"] = url
+    if token is not None:
+        env["REPLAYGUARD_TOKEN"] = token
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "replayguard", *args, env=env, cwd=REPO,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_alerts_list_show_and_ack(api: Api) -> None:
+    """list finds the replay alert (table and JSON), show has its evidence, ack writes it to the ledger."""
+    vm_id, principal, alert_id = await play_the_story(api)
+    code, out, err = await rg(api, "alerts", "list", "--vm", vm_id)
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split() == ["ID", "SEVERITY", "KIND", "STATUS", "VM", "PRINCIPAL", "COUNT", "LAST", "SEEN"]
+    assert row.split()[:6] == [alert_id, "critical", "replay_after_rollback", "open", vm_id, principal]
+    assert header.index("KIND") == row.index("replay_after_rollback")  # aligned columns
+
+    code, out, _ = await rg(api, "alerts", "list", "--vm", vm_id, "--json")
+    assert code == 0 and [a["id"] for a in json.loads(out)["items"]] == [alert_id]
+
+    code, out, _ = await rg(api, "alerts", "show", alert_id)
+    assert code == 0 and "rollback windows" in out and "snapshot.reverted" in out and principal in out
+
+    code, out, err = await rg(api, "alerts", "ack", alert_id, "--note", "isolated\nthe VM")
+    assert code == 0, err
+    status, alert = await api.get(f"/v1/alerts/{alert_id}")
+    assert alert["status"] == "acknowledged" and alert["acknowledged"]["note"] == "isolated\nthe VM"
+    code, out, _ = await rg(api, "alerts", "show", alert_id)
+    assert "isolated\\nthe VM" in out  # a note's new line cannot break the layout
+
+
+async def test_exit_statuses(api: Api) -> None:
+    """Not found is 5, a refused token 4, a refused request 6, an unreachable service 3, no token 2."""
+    assert (await rg(api, "alerts", "show", "999999999"))[0] == 5
+    code, _, err = await rg(api, "alerts", "list", role="callout")
+    assert code == 4 and "403" in err
+    assert (await rg(api, "alerts", "list", token="rgt_" + "x" * 43))[0] == 4
+    code, _, err = await rg(api, "alerts", "list", "--severity", "urgent")
+    assert code == 6 and "severity" in err
+    code, _, err = await rg(None, "status", url=f"http://127.0.0.1:{free_port()}", token="t")
+    assert code == 3 and "cannot reach" in err
+    code, _, err = await rg(None, "alerts", "list", url="http://127.0.0.1:1")
+    assert code == 2 and "REPLAYGUARD_TOKEN" in err and "Traceback" not in err
+
+
+async def test_follow_prints_alerts_as_they_come(api: Api) -> None:
+    """follow --json prints the new alert as a JSON line while it happens, then exits after --count."""
+    feed = api.client.app[ANALYSTS].feed
+    before = len(feed.subscribers)
+    env = cli_env(REPLAYGUARD_URL=str(api.client.make_url("/")).rstrip("/"), REPLAYGUARD_TOKEN=api.tokens["analyst"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "replayguard", "alerts", "follow", "--json", "--count", "1", env=env, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            while len(feed.subscribers) <= before:  # connected: the alert below cannot be missed
+                await asyncio.sleep(0.05)
+        vm_id = uid("vm")
+        body = {"vm_id": vm_id, "scope": uid("scope"), "nonce": uid("n")}
+        await api.post("/v1/nonces/consume", body)
+        status, second = await api.post("/v1/nonces/consume", body)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    alert = json.loads(out.splitlines()[0])
+    assert (alert["id"], alert["vm_id"], alert["kind"]) == (second["alert_id"], vm_id, "reuse")
+
+
+async def test_vms_and_a_timeline(api: Api) -> None:
+    """vms lists the VM with its rollback; --timeline shows the revert and the window."""
+    vm_id, _, alert_id = await play_the_story(api)
+    code, out, _ = await rg(api, "vms", "--json")
+    mine = [v for v in json.loads(out)["items"] if v["vm_id"] == vm_id]
+    assert code == 0 and mine[0]["rollbacks"] == 1
+    code, out, _ = await rg(api, "vms")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["VM", "EPOCH", "ROLLBACKS"]
+    code, out, _ = await rg(api, "vms", "--timeline", vm_id)
+    assert code == 0 and "snapshot.reverted" in out and "rollback windows" in out
+    assert "otp reject (replay_after_rollback)" in out and alert_id in out
+    assert (await rg(api, "vms", "--timeline", uid("nope")))[0] == 5
+
+
+async def test_principals_list_and_unlock(api_factory: Any) -> None:
+    """An admin lists a locked principal and unlocks it; an analyst token may not."""
+    api: Api = await api_factory(lockout_threshold=2, lockout_period_s=3600)
+    principal = uid("alice")
+    await api.enroll(principal)
+    for _ in range(2):
+        await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": "000000"})
+    code, out, _ = await rg(api, "principals", "list", "--json", role="admin")
+    row = [p for p in json.loads(out)["items"] if p["principal"] == principal][0]
+    assert code == 0 and row["locked"] is True
+    assert (await rg(api, "principals", "unlock", principal, role="analyst"))[0] == 4
+    code, out, err = await rg(api, "principals", "unlock", principal, "--note", "help desk", role="admin")
+    assert code == 0 and "unlocked (was locked: yes" in out, err
+    code, out, _ = await rg(api, "principals", "list", role="admin")
+    line = [ln for ln in out.splitlines() if ln.startswith(principal)][0]
+    assert line.split()[1] == "no"
+
+
+async def test_status_reports_and_fails_on_a_bad_ledger(api: Api) -> None:
+    """status prints health, readiness, head and sinks (exit 0); --json is the same facts for scripts."""
+    code, out, err = await rg(api, "status", "--verify")
+    assert code == 0, err
+    assert "ledger head" in out and "verify" in out and "ok," in out and "witnesses" in out
+    code, out, _ = await rg(api, "status", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ready"] is True and report["ledger"]["head"]["seq"] >= 0
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("web-01", "web-01"), ("a\x1b[31mred", "a\\x1b[31mred"), ("line\nbreak", "line\\nbreak"),
+    ("rtl\u202eexe", "rtl\\u202eexe"), (None, "—"), (5, "5"),
+])
+def test_printable_escapes_what_could_drive_a_terminal(value: object, shown: str) -> None:
+    """Control and bidi-format characters are escaped; ordinary text is left alone."""
+    assert printable(value) == shown
+
+
+def test_table_aligns_columns_and_right_aligns_numbers() -> None:
+    """Each column is as wide as its widest cell; integer columns are right-aligned."""
+    text = table([["a", 5], ["bbbb", 123]], ["name", "n"])
+    assert text.splitlines() == ["NAME    N", "a       5", "bbbb  123"]

@@ -1,0 +1,222 @@
+"""The analysts' console in a real browser (Debian's Chromium through Playwright).
+
+The demo's snapshot-replay story is played through the API while an analyst watches the
+console: the alert arrives live over the stream, the analyst opens it, follows it to the
+VM's timeline where the rollback window is shaded, and acknowledges it. Hostile
+identifiers render as inert text, and the token never appears in a URL or in the
+service's log.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from typing import Any
+
+import pytest
+
+from tests.api.test_rollback_attack import alice, event, login
+from tests.browser.conftest import Tab
+from tests.conftest import Api, uid
+
+WAIT_MS = 20_000
+
+
+async def sign_in(tab: Tab, api: Api, role: str = "analyst") -> None:
+    """Opens the console and logs in by pasting the role's token."""
+    page = tab.page
+    await page.goto(str(api.client.make_url("/console/")))
+    await page.locator("#token").fill(api.tokens[role])
+    await page.locator("#login").click()
+    await page.locator("#alert-rows").wait_for(timeout=WAIT_MS)
+    await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
+
+
+def alerts_list_reads(tab: Tab) -> int:
+    return sum(1 for url in tab.requests if "/v1/alerts?" in url)
+
+
+async def play_the_story(api: Api) -> tuple[str, str, str]:
+    """The demo's attack on a fake clock: snapshot, login, revert, replay. Returns (vm, principal, alert id)."""
+    vm_id = uid("web-01")
+    principal, totp = await alice(api)
+    await event(api, vm_id, "vm.started")
+    api.clock.advance(90)
+    await event(api, vm_id, "snapshot.created", snapshot_id="nightly", snapshot_created_at=api.clock.now)
+    for _ in range(3):  # ordinary traffic on the VM before the attack
+        api.clock.advance(60)
+        status, body = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "api-login",
+                                                              "nonce": secrets.token_hex(8)})
+        assert body["decision"] == "accept"
+    api.clock.advance(40)
+    code = totp.at(api.clock.now)
+    assert (await login(api, vm_id, principal, code))["decision"] == "accept"
+    api.clock.advance(12)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="nightly")
+    api.clock.advance(12)
+    replay = await login(api, vm_id, principal, code)
+    assert replay["reason"] == "replay_after_rollback"
+    return vm_id, principal, str(replay["alert_id"])
+
+
+async def test_the_snapshot_replay_story_live_in_the_console(api: Api, tab: Tab, log_buffer: io.StringIO) -> None:
+    """The replay alert appears live, its detail and the VM's timeline show the window, and the analyst acknowledges it."""
+    page = tab.page
+    for vm_id in (uid("db-02"), uid("build-07")):  # earlier, unrelated alerts already in the list
+        body = {"vm_id": vm_id, "scope": "api-login", "nonce": secrets.token_hex(8)}
+        await api.post("/v1/nonces/consume", body)
+        await api.post("/v1/nonces/consume", body)
+        api.clock.advance(300)
+    await sign_in(tab, api)
+    reads_before = alerts_list_reads(tab)
+    vm_id, principal, alert_id = await play_the_story(api)
+
+    row = page.locator(f'tr[data-alert-id="{alert_id}"]')
+    await row.wait_for(timeout=WAIT_MS)  # through the stream: the list was not read again
+    assert alerts_list_reads(tab) == reads_before
+    assert "replay_after_rollback" in await row.inner_text()
+
+    await row.click()
+    detail = page.locator("#alert-detail")
+    await detail.locator("h2", has_text=f"Alert {alert_id}").wait_for(timeout=WAIT_MS)
+    await detail.locator(".window-row").first.wait_for(timeout=WAIT_MS)
+    assert "snapshot.reverted" in await detail.inner_text()
+    assert principal in await detail.inner_text()
+    await tab.screenshot("console-alerts", docs=True, full_page=True)
+
+    await detail.locator("dd a", has_text=vm_id).click()
+    timeline = page.locator("#timeline svg.timeline")
+    await timeline.locator("rect.window").first.wait_for(timeout=WAIT_MS)
+    assert await timeline.locator("path.ev-rollback").count() == 1
+    assert await timeline.locator("circle.dec-accept").count() == 4
+    assert await timeline.locator("circle.dec-reject").count() == 1
+    assert await timeline.locator("path.al-critical").count() == 1
+    assert await page.locator("#vm-name").inner_text() == vm_id
+    await tab.screenshot("console-timeline", docs=True)
+
+    await page.go_back()
+    await detail.locator("#ack-note").fill("Confirmed snapshot replay; web-01 isolated (ticket 4411)")
+    await detail.locator("#ack").click()
+    await detail.locator("#acked").wait_for(timeout=WAIT_MS)
+    status, alert = await api.get(f"/v1/alerts/{alert_id}")
+    assert alert["status"] == "acknowledged" and "ticket 4411" in alert["acknowledged"]["note"]
+    await tab.screenshot("console-acknowledged")
+
+    for token in api.tokens.values():
+        assert not [url for url in tab.requests if token in url], "a token went into a URL"
+        assert token not in log_buffer.getvalue(), "a token reached the service's log"
+    assert '"route": "/console/{name}"' in log_buffer.getvalue() or '"route":"/console/{name}"' in log_buffer.getvalue()
+    assert tab.dialogs == [] and tab.csp_violations == [] and tab.console_errors == []
+
+
+HOSTILE_VM = '<script>window.__pwned = "vm"</script>'
+HOSTILE_PRINCIPAL = '"><img src=x onerror="window.__pwned = \'principal\'">'
+RTL_VM = "invoice-\u05e9\u05dc\u05d5\u05dd-<b>gnp.exe</b>"
+
+
+async def hostile_alerts(api: Api) -> list[str]:
+    """Reuse alerts whose VM and principal (a nonce scope) are markup, and one with RTL text."""
+    ids = []
+    for vm_id, scope in ((HOSTILE_VM, HOSTILE_PRINCIPAL), (RTL_VM, HOSTILE_VM)):
+        body = {"vm_id": vm_id, "scope": scope, "nonce": secrets.token_hex(8)}
+        await api.post("/v1/nonces/consume", body)
+        status, second = await api.post("/v1/nonces/consume", body)
+        assert second["reason"] == "reused", second
+        ids.append(str(second["alert_id"]))
+    evt = {"event_id": '<img src=x onerror="window.__pwned=\'event\'">', "type": "snapshot.reverted",
+           "vm_id": HOSTILE_VM, "snapshot_id": "<svg onload=alert(1)>", "snapshot_created_at": api.clock.now - 30,
+           "occurred_at": api.clock.now}
+    status, _ = await api.post("/v1/hypervisor/events", evt, role="hypervisor")
+    assert status == 202
+    await api.enroll(HOSTILE_PRINCIPAL)
+    status, _ = await api.post(f"/v1/alerts/{ids[0]}/acknowledge",
+                               {"note": '<img src=x onerror="window.__pwned=\'note\'">'}, role="analyst")
+    assert status == 200
+    return ids
+
+
+async def assert_inert(tab: Tab) -> None:
+    page = tab.page
+    assert await page.evaluate("() => window.__pwned === undefined"), "hostile markup ran"
+    assert await page.locator("main img, main script, main b, main iframe").count() == 0
+    assert tab.dialogs == [] and tab.csp_violations == []
+
+
+async def test_hostile_identifiers_render_as_inert_text(api: Api, tab: Tab) -> None:
+    """Markup and right-to-left text in VM ids, principals, event ids and notes are shown as text, never run."""
+    first, second = await hostile_alerts(api)
+    page = tab.page
+    await sign_in(tab, api, role="admin")
+    rows = page.locator("#alert-rows")
+    await rows.locator(f'tr[data-alert-id="{first}"]').wait_for(timeout=WAIT_MS)
+    assert HOSTILE_VM in await rows.inner_text() and HOSTILE_PRINCIPAL in await rows.inner_text()
+    assert RTL_VM in await rows.inner_text()
+    await assert_inert(tab)
+
+    await rows.locator(f'tr[data-alert-id="{first}"]').click()
+    detail = page.locator("#alert-detail")
+    await detail.locator("#acked").wait_for(timeout=WAIT_MS)
+    assert "onerror" in await detail.locator("#acked").inner_text()
+    await assert_inert(tab)
+
+    await page.evaluate("(vm) => { location.hash = '#/vms/' + encodeURIComponent(vm); }", HOSTILE_VM)
+    await page.locator("#timeline svg.timeline").wait_for(timeout=WAIT_MS)
+    assert await page.locator("#vm-name").inner_text() == HOSTILE_VM
+    titles = await page.locator("#timeline svg title").all_text_contents()
+    assert any("<img src=x" in t for t in titles)
+    await assert_inert(tab)
+
+    for hash_, shown in (("#/vms", "#vm-rows tr"), ("#/ledger", "#verify dl"), ("#/principals", "#principal-rows tr")):
+        await page.evaluate("(h) => { location.hash = h; }", hash_)
+        await page.locator(shown).first.wait_for(timeout=WAIT_MS)
+        await assert_inert(tab)
+    await page.locator("#principal-rows tr", has_text="onerror").first.wait_for(timeout=WAIT_MS)
+    await assert_inert(tab)
+    await tab.screenshot("console-hostile")
+
+
+@pytest.mark.parametrize("role", ["callout", "hypervisor"])
+async def test_a_token_of_another_role_is_refused_at_login(api: Api, tab: Tab, role: str) -> None:
+    """A callout or hypervisor token is not accepted as a console login, and is not kept."""
+    page = tab.page
+    await page.goto(str(api.client.make_url("/console/")))
+    await page.locator("#token").fill(api.tokens[role])
+    await page.locator("#token").press("Enter")
+    await page.locator("#login-message", has_text="analyst or admin").wait_for(timeout=WAIT_MS)
+    assert await page.evaluate("() => sessionStorage.length") == 0
+    assert not [url for url in tab.requests if api.tokens[role] in url]
+
+
+async def test_log_out_forgets_the_token(api: Api, tab: Tab) -> None:
+    """Logging out removes the token from sessionStorage and shows the login page again."""
+    page = tab.page
+    await sign_in(tab, api)
+    assert await page.evaluate("() => sessionStorage.getItem('replayguard.token')") == api.tokens["analyst"]
+    await page.locator("#logout").click()
+    await page.locator("#token").wait_for(timeout=WAIT_MS)
+    assert await page.evaluate("() => sessionStorage.getItem('replayguard.token')") is None
+    await page.reload()
+    await page.locator("#token").wait_for(timeout=WAIT_MS)
+    assert api.tokens["analyst"] not in page.url
+
+
+async def test_unlock_from_the_principals_page(api_factory: Any, tab: Tab) -> None:
+    """An admin sees a locked principal on the principals page and unlocks it; the unlock is ledgered."""
+    api: Api = await api_factory(lockout_threshold=2, lockout_period_s=3600)
+    principal, totp = await alice(api)
+    wrong = f"{(int(totp.at(api.clock.now)) + 1) % 1_000_000:06d}"
+    for _ in range(2):
+        await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": wrong})
+    page = tab.page
+    await sign_in(tab, api, role="admin")
+    await page.locator("#nav-principals").click()
+    row = page.locator(f'#principal-rows tr[data-principal="{principal}"]')
+    await row.wait_for(timeout=WAIT_MS)
+    assert "locked" in await row.inner_text()
+    await row.locator(".unlock-note").fill("user called")
+    await row.locator("button.unlock").click()
+    await page.locator(f'#principal-rows tr[data-principal="{principal}"]:not(.locked)').wait_for(timeout=WAIT_MS)
+    async with api.runtime.pool.acquire() as conn:
+        note = await conn.fetchval("SELECT payload->>'note' FROM ledger WHERE kind = 'principal_unlock'"
+                                   " AND subject = $1", principal)
+    assert note == "user called"
