@@ -103,7 +103,8 @@ async def seed(dsn: str, entries: int, alerts: int, vms: int, settings: Settings
         await conn.execute(ENTRY_ROWS, max(entries, 1))
         await conn.execute("ANALYZE")
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-        cp = cps.sign(load_keys(settings).signing_key(), head["seq"], bytes(head["hash"]), T0_US)
+        keys = load_keys(settings.replace(database_url=Secret(dsn)))
+        cp = cps.sign(keys.signing_key(), head["seq"], bytes(head["hash"]), T0_US)
         await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)", cp.seq, cp.hash, cp.ts_us,
                            cp.key_id, cp.signature)
     finally:

@@ -70,11 +70,20 @@ MATRIX: tuple[Row, ...] = (
     Row("DELETE", "/v1/principals/{principal}/tokens/{token_id}",
         f"/v1/principals/{PRINCIPAL}/tokens/{TOKEN_ID}", _only({"admin": 404})),
     Row("POST", "/v1/vms/{vm_id}/clear", f"/v1/vms/{VM_ID}/clear", _only({"admin": 400})),
+    Row("GET", "/v1/principals", "/v1/principals", _only({"admin": 200})),
+    Row("POST", "/v1/principals/{principal}/unlock", f"/v1/principals/{PRINCIPAL}/unlock",
+        _only({"admin": 200})),  # the enrolment row above made the principal; the note is optional
+    Row("GET", "/v1/status", "/v1/status", _only({"analyst": 200, "admin": 200})),
     # Section 8: operations, open to anyone.
     Row("GET", "/healthz", "/healthz", OPEN),
     Row("GET", "/readyz", "/readyz", OPEN),
     Row("GET", "/metrics", "/metrics", OPEN),
     Row("GET", "/v1/openapi.json", "/v1/openapi.json", OPEN),
+    # The console's static files are open (the analyst pastes a token into the page, which
+    # sends it to the API alone); /console redirects to /console/, and the client follows.
+    Row("GET", "/console", "/console", OPEN),
+    Row("GET", "/console/", "/console/", OPEN),
+    Row("GET", "/console/{name}", "/console/app.js", OPEN),
 )
 
 

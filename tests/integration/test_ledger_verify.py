@@ -111,7 +111,8 @@ async def test_checkpoints_are_signed_and_verify_offline(fresh_database: Callabl
     api, _ = await ledger_of(api_factory, fresh_database, 5, checkpoint_every=2)
     checkpoint = await wait_for_checkpoint(api)
     key_file, cp_file = tmp_path / "key.pem", tmp_path / "cp.json"
-    cli_key = run_cli("ledger", "public-key", "--data-dir", str(tmp_path / "data"))
+    cli_key = run_cli("ledger", "public-key", "--data-dir", str(tmp_path / "data"),  # the service's settings
+                      env=cli_env(REPLAYGUARD_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"))
     assert cli_key.returncode == 0, cli_key.stderr
     assert cli_key.stdout == (await api.get("/v1/ledger/public-key"))[1]["public_key_pem"]
     key_file.write_text(cli_key.stdout)
