@@ -72,7 +72,7 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/v1/vms/{vm_id}/clear", f"/v1/vms/{VM_ID}/clear", _only({"admin": 400})),
     Row("GET", "/v1/principals", "/v1/principals", _only({"admin": 200})),
     Row("POST", "/v1/principals/{principal}/unlock", f"/v1/principals/{PRINCIPAL}/unlock",
-        _only({"admin": 200})),  # the enrolment row above made the principal; the note is optional
+        _only({"admin": 200})),  # the fixture enrolled the principal; the note is optional
     Row("GET", "/v1/status", "/v1/status", _only({"analyst": 200, "admin": 200})),
     # Section 8: operations, open to anyone.
     Row("GET", "/healthz", "/healthz", OPEN),

@@ -26,7 +26,7 @@ from replayguard.http.server import handler_limits
 from replayguard.http.state import RUNTIME
 from replayguard.runtime import Runtime
 from replayguard.settings import Secret, Settings
-from tests.api.access_matrix import CALLERS, MATRIX, Row
+from tests.api.access_matrix import CALLERS, MATRIX, PRINCIPAL, Row
 from tests.conftest import ROLES, FakeClock, ServiceTestServer, cli_env, run_cli, uid
 
 MALFORMED = {
@@ -67,6 +67,10 @@ async def served(tmp_path_factory: pytest.TempPathFactory, database_url: str) ->
         _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
         revoked_id, revoked[role] = await runtime.api_tokens.create(role, uid(f"revoked-{role}"))
         assert await runtime.api_tokens.revoke(revoked_id) == 1
+    # The principal the rows name exists whatever order the rows run in (unlock needs one).
+    async with client.post(f"/v1/principals/{PRINCIPAL}/tokens", json={},
+                           headers={"Authorization": f"Bearer {tokens['admin']}"}) as resp:
+        assert resp.status == 201
     yield Served(client, app, runtime, settings, tokens, revoked)
     await client.close()
 
