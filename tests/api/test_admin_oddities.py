@@ -70,3 +70,14 @@ async def test_server_header_names_no_version(api: Api) -> None:
         assert resp.headers.get("Server") == "replayguard", (path, resp.headers.get("Server"))
     async with api.client.get("/v1/alerts/stream", headers=api.auth("analyst")) as resp:
         assert resp.headers.get("Server") == "replayguard"
+
+
+@pytest.mark.parametrize("secret", ["JBSWY3DPEHPK3PXP", "JBSWY3DPEHPK3PXPJBSWY3D"], ids=["80 bits", "115 bits"])
+async def test_short_secret_is_a_400_and_enrols_nothing(api: Api, secret: str) -> None:
+    """A secret under RFC 4226's 128 bits is refused with a 400 naming the field, and no token is left behind."""
+    principal = uid("p")
+    status, body = await api.post(f"/v1/principals/{principal}/tokens", {"type": "hotp", "secret": secret},
+                                  role="admin")
+    assert status == 400 and body["error"]["field"] == "secret", body
+    status, listing = await api.get(f"/v1/principals/{principal}/tokens", role="admin")
+    assert status == 200 and listing["items"] == []
