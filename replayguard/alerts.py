@@ -3,7 +3,8 @@
 Listing is a keyset walk newest first by ``id`` behind an opaque cursor: a new alert takes
 a higher id, so it never shifts a page the client has not read yet (nothing skipped,
 nothing repeated, no OFFSET). Every filter has an index that ends in ``id``. An
-acknowledgement is itself a ledger entry (``alert_ack``) naming the caller's token id.
+acknowledgement is itself a ledger entry (``alert_ack``) naming the caller's token id and
+name; every acknowledgement is kept (``alert_acks``), the alert shows the latest.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MAX_HISTORY = 200
 _CURSOR = re.compile(r"^a(\d{1,19})$")
 _NUMBER = re.compile(r"^\d{1,12}(\.\d{1,6})?$")
 COLUMNS = ("id, kind, severity, status, vm_id, principal, count, first_seen_us, last_seen_us, updated_us,"
-           " summary, details, ack_by, ack_note, ack_us, change_seq")
+           " summary, details, ack_by, ack_by_name, ack_note, ack_us, change_seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,8 @@ def render(record: Mapping[str, Any]) -> dict[str, Any]:
     """An alert as the API shows it; ids are strings, times RFC 3339."""
     ack = None
     if record["ack_us"] is not None:
-        ack = {"by": record["ack_by"], "note": record["ack_note"], "at": rfc3339_us(record["ack_us"])}
+        ack = {"by": record["ack_by"], "by_name": record["ack_by_name"], "note": record["ack_note"],
+               "at": rfc3339_us(record["ack_us"])}
     return {
         "id": str(record["id"]), "kind": record["kind"], "severity": record["severity"],
         "status": record["status"], "vm_id": record["vm_id"], "principal": record["principal"],
@@ -202,7 +204,9 @@ class AlertService:
             total = await conn.fetchval("SELECT count(*) FROM alert_entries WHERE alert_id = $1", alert_id)
             windows = await conn.fetch(_WINDOWS, _window_id(record["details"]), alert_id)
             events = await self._events(conn, windows)
+            acks = await conn.fetch(_ACKS, alert_id, MAX_ENTRIES)
         return {**render(record), "history": _history(record["history"]),
+                "acknowledgements": [_ack(a) for a in acks],
                 "entries": [render_entry(e) for e in entries], "entries_total": total,
                 "rollback_windows": [render_window(w) for w in windows], "hypervisor_events": events}
 
@@ -225,7 +229,10 @@ class AlertService:
                 "SELECT rg_append($1, 'alert_ack', $2, $3, NULL, NULL, NULL, $4::jsonb)",
                 now_us, target["vm_id"], target["principal"],
                 {"alert_id": str(alert_id), "by": caller.token_id, "by_name": caller.name, "note": note})
-            record = await conn.fetchrow(_ACK, alert_id, caller.token_id, note, now_us, seq)
+            record = await conn.fetchrow(_ACK, alert_id, caller.token_id, note, now_us, seq, caller.name)
+            await conn.execute("INSERT INTO alert_acks (seq, alert_id, ts_us, by_id, by_name, note)"
+                               " VALUES ($1, $2, $3, $4, $5, $6)", seq, alert_id, now_us, caller.token_id,
+                               caller.name, note)
             await conn.execute("INSERT INTO alert_entries VALUES ($1, $2) ON CONFLICT DO NOTHING", alert_id, seq)
             await conn.execute("SELECT pg_notify('replayguard_alerts', $1)", str(alert_id))
         return {**render(record), "ack_seq": seq}
@@ -250,10 +257,21 @@ class AlertService:
         return int(last)
 
 
-_ACK = ("UPDATE alerts SET status = 'acknowledged', ack_by = $2, ack_note = $3, ack_us = $4, updated_us = $4,"
+_ACK = ("UPDATE alerts SET status = 'acknowledged', ack_by = $2, ack_by_name = $6, ack_note = $3, ack_us = $4,"
+        " updated_us = $4,"
         " history = history || jsonb_build_array(jsonb_build_object('ts_us', $4::bigint, 'seq', $5::bigint,"
-        " 'change', 'acknowledged', 'by', $2::text))"
+        " 'change', 'acknowledged', 'by', $2::text, 'by_name', $6::text))"
         f" WHERE id = $1 RETURNING {COLUMNS}")
+
+
+_ACKS = ("SELECT seq, ts_us, by_id, by_name, note FROM alert_acks WHERE alert_id = $1"
+         " ORDER BY seq LIMIT $2")
+
+
+def _ack(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One acknowledgement: who (the token's id and name), when, why, and its ledger entry."""
+    return {"by": record["by_id"], "by_name": record["by_name"], "note": record["note"],
+            "at": rfc3339_us(record["ts_us"]), "seq": record["seq"]}
 
 
 def parse_note(body: object) -> str | None:

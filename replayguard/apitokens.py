@@ -16,7 +16,7 @@ import asyncpg
 
 from .core.credentials import api_token_digest
 from .db import acquire
-from .errors import InvalidRequest, NotFound
+from .errors import Conflict, InvalidRequest, NotFound
 
 ROLES = ("callout", "hypervisor", "analyst", "admin")
 PREFIX = "rgt_"
@@ -44,15 +44,19 @@ class ApiTokens:
             raise InvalidRequest("name must be 1 to 256 printable characters", field="name")
         token = PREFIX + secrets.token_urlsafe(32)
         token_id = "tok_" + secrets.token_urlsafe(9)
-        async with acquire(self._pool) as conn:
-            await conn.execute(
-                "INSERT INTO api_tokens (id, name, role, digest) VALUES ($1, $2, $3, $4)",
-                token_id, name, role, api_token_digest(self._pepper, token),
-            )
+        try:
+            async with acquire(self._pool) as conn:
+                await conn.execute(
+                    "INSERT INTO api_tokens (id, name, role, digest) VALUES ($1, $2, $3, $4)",
+                    token_id, name, role, api_token_digest(self._pepper, token),
+                )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"an active token is already named {name!r}: pick another name or revoke it first",
+                           field="name") from None
         return token_id, token
 
     async def revoke(self, ident: str) -> int:
-        """Revokes tokens by id or name; returns how many were revoked."""
+        """Revokes the active token with this id or name (names are unique among active tokens)."""
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
                 "UPDATE api_tokens SET revoked_at = now() WHERE (id = $1 OR name = $1)"
@@ -65,7 +69,8 @@ class ApiTokens:
 
     async def list(self) -> list[dict[str, object]]:
         async with acquire(self._pool) as conn:
-            rows = await conn.fetch("SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at")
+            rows = await conn.fetch("SELECT id, name, role, created_at, revoked_at FROM api_tokens"
+                                    " ORDER BY created_at, id")
         return [dict(r.items()) for r in rows]
 
     async def authenticate(self, token: str) -> Caller | None:

@@ -59,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="create a token; prints it alone on stdout")
+    create = token_sub.add_parser("create", help="create a token (names are unique among active tokens); "
+                                  "prints it alone on stdout")
     add_setting_flags(create)
     create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin"])
     create.add_argument("--name", required=True)
-    revoke = token_sub.add_parser("revoke", help="revoke tokens by id or name")
+    revoke = token_sub.add_parser("revoke", help="revoke the active token with this id or name")
     add_setting_flags(revoke)
     revoke.add_argument("ident", help="token id or name")
     listing = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
@@ -172,6 +173,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
                 count = await runtime.api_tokens.revoke(args.ident)
                 print(f"revoked {count} token(s)", file=sys.stderr)
             else:
+                print("id\trole\tname\tstate")
                 for row in await runtime.api_tokens.list():
                     state = "revoked" if row["revoked_at"] else "active"
                     print(f"{row['id']}\t{row['role']}\t{row['name']}\t{state}")

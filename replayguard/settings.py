@@ -173,7 +173,8 @@ OPTION = {option.name: option for option in OPTIONS}
 
 # REPLAYGUARD_* variables that are not service settings: the CLI's client side, the relays'
 # own settings, and the test suite's and benchmarks' knobs.
-OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOKEN", "REPLAYGUARD_KEEP_FUZZ_LOG"})
+OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOKEN", "REPLAYGUARD_TOKEN_FILE",
+                       "REPLAYGUARD_KEEP_FUZZ_LOG"})
 OTHER_ENV_PREFIXES = ("REPLAYGUARD_RELAY_", "REPLAYGUARD_TEST_", "REPLAYGUARD_BENCH_")
 
 

@@ -185,7 +185,8 @@ class TokenStore:
                 " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id", principal,
             )
         return [
-            {"token_id": r["id"], "type": r["type"], "digits": r["digits"], "period": r["period"],
+            {"token_id": r["id"], "type": r["type"], "digits": r["digits"],
+             **({"period": r["period"]} if r["type"] == "totp" else {}),  # HOTP counts, it has no period
              "algorithm": r["algorithm"], "created_at": r["created_at"]}
             for r in rows
         ]

@@ -1,4 +1,5 @@
-"""Webhook authenticity: the HMAC signature hypervisor relays may be required to send.
+"""Request authenticity: the HMAC signature of hypervisor events (relays sign, the service
+checks) and of the webhook sinks' requests (the service signs, receivers check).
 
 A signed event carries ``X-Replayguard-Timestamp: <unix seconds>`` and
 ``X-Replayguard-Signature: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{raw body}")>``.

@@ -191,8 +191,9 @@ def enroll_request(raw: object) -> EnrollRequest:
         if not isinstance(secret, str):
             raise InvalidRequest("secret must be a base32 string", field="secret")
         secret = secret.replace(" ", "").upper()
-        if not _BASE32.match(secret) or not 16 <= len(secret.rstrip("=")) <= 256:
-            raise InvalidRequest("secret must be base32 of 80 bits or more", field="secret")
+        # RFC 4226 R6: at least 128 bits (26 base32 characters); pyotp itself refuses under 112.
+        if not _BASE32.match(secret) or not 26 <= len(secret.rstrip("=")) <= 256:
+            raise InvalidRequest("secret must be base32 of 128 bits or more (RFC 4226)", field="secret")
     return EnrollRequest(
         type=kind, secret=secret,
         digits=integer(body, "digits", 6, 6, 8),

@@ -68,7 +68,7 @@ ENROLL_SCHEMA = {
     "type": "object",
     "properties": {
         "type": {"type": "string", "enum": ["totp", "hotp"], "default": "totp"},
-        "secret": {"type": "string", "description": "base32, 80 bits or more; generated when absent"},
+        "secret": {"type": "string", "description": "base32, 128 bits or more (RFC 4226); generated when absent"},
         "digits": {"type": "integer", "minimum": 6, "maximum": 8, "default": 6},
         "period": {"type": "integer", "minimum": 10, "maximum": 120, "default": 30},
         "algorithm": {"type": "string", "enum": ["SHA1", "SHA256", "SHA512"], "default": "SHA1"},

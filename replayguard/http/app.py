@@ -27,7 +27,7 @@ from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius
-from .common import MAX_BODY, Handler, Route, json_response
+from .common import MAX_BODY, Handler, Route, json_response, set_server_header
 from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
 
 log = structlog.get_logger("replayguard.http")
@@ -186,6 +186,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, ds
     """The whole service as an aiohttp application; resources open on startup."""
     app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
     app.cleanup_ctx.append(_runtime_ctx(settings, clock, dsn))
+    app.on_response_prepare.append(set_server_header)
     routes = all_routes()
     table: dict[tuple[str, str], Route] = {}
     resources: dict[str, web.Resource] = {}

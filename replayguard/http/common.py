@@ -45,6 +45,15 @@ class Route:
         return self.roles is None or role == "admin" or role in self.roles
 
 
+# What every answer says in ``Server``: not aiohttp's default, which names its version.
+SERVER_HEADER = "replayguard"
+
+
+async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: streamed answers (SSE) included."""
+    response.headers["Server"] = SERVER_HEADER
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS, default=str),

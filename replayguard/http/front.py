@@ -62,7 +62,9 @@ from ..logging import REQUEST_CONTEXT
 from ..runtime import Runtime
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
-from .common import MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Route, json_response, parse_json
+from .common import (
+    MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, SERVER_HEADER, Route, json_response, parse_json,
+)
 from .state import RUNTIME
 
 log = structlog.get_logger(__name__)
@@ -364,7 +366,7 @@ class ContractRequestHandler(RequestHandler):
         log.warning("bad_http_request", status=status, error=None if exc is None else type(exc).__name__)
         error = (InvalidRequest("the request is not valid HTTP") if 400 <= status < 500
                  else ReplayGuardError("internal error"))
-        response = json_response(error.body(), status=status)
+        response = json_response(error.body(), status=status, headers={"Server": SERVER_HEADER})
         response.force_close()
         return response
 

@@ -27,7 +27,7 @@ from .transports import (
     SyslogSink,
     WebhookSink,
     build_sink,
-    webhook_signature,
+    webhook_signature_headers,
 )
 
 __all__ = [
@@ -47,5 +47,5 @@ __all__ = [
     "build_sink",
     "parse_sink",
     "parse_sink_spec",
-    "webhook_signature",
+    "webhook_signature_headers",
 ]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -23,6 +21,7 @@ import orjson
 
 from .. import __version__
 from ..core.cef import format_syslog, octet_counted
+from ..core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from ..errors import ReplayGuardError
 from .config import DEFAULT_PORTS, SinkConfig
 
@@ -56,10 +55,12 @@ class Sink(Protocol):
         """Release connections; ``send`` may reopen them."""
 
 
-def webhook_signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """``t=<unix>,v1=<hex HMAC-SHA256 over "<t>.<body>">``; the time lets receivers refuse replays."""
-    mac = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def webhook_signature_headers(secret: bytes, timestamp: int, body: bytes) -> dict[str, str]:
+    """The same scheme as signed hypervisor events (``core.signatures``): a receiver checks
+    ``X-Replayguard-Signature: v1=<hex HMAC-SHA256 over "<timestamp>.<body>">`` and refuses
+    an old ``X-Replayguard-Timestamp``."""
+    stamp = str(timestamp)
+    return {TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(secret, stamp, body)}
 
 
 class FileSink:
@@ -168,7 +169,7 @@ class WebhookSink:
         headers = {"Content-Type": "application/json", "User-Agent": f"replayguard/{__version__}"}
         if self._secret is not None:
             stamp = int(self._clock().timestamp())
-            headers["X-Replayguard-Signature"] = webhook_signature(self._secret.reveal().encode(), stamp, body)
+            headers.update(webhook_signature_headers(self._secret.reveal().encode(), stamp, body))
         return headers
 
     async def send(self, records: Sequence[Record]) -> None:

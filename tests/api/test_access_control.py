@@ -174,6 +174,10 @@ async def test_cli_token_revoke_takes_effect(served: Served) -> None:
     assert await _consume(served, token) == 200
     listed = _cli(served, "list")
     assert listed.returncode == 0 and token not in listed.stdout
+    assert listed.stdout.splitlines()[0] == "id\trole\tname\tstate"  # a header row first
+    again = _cli(served, "create", "--role", "admin", "--name", name)
+    assert again.returncode == 2 and again.stdout == "" and "already named" in again.stderr
+    assert len(again.stderr.splitlines()) == 1
     assert any(line.split("\t")[2:] == [name, "active"] for line in listed.stdout.splitlines())
 
     revoked = _cli(served, "revoke", name)

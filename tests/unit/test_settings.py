@@ -117,7 +117,7 @@ def test_unknown_environment_variable_and_bad_sink(env: dict[str, str], message:
 
 
 @pytest.mark.parametrize("env", [
-    {"REPLAYGUARD_URL": "http://x", "REPLAYGUARD_TOKEN": "t"},
+    {"REPLAYGUARD_URL": "http://x", "REPLAYGUARD_TOKEN": "t", "REPLAYGUARD_TOKEN_FILE": "/x"},
     {"REPLAYGUARD_RELAY_URI": "test:///default", "REPLAYGUARD_TEST_PG": "x", "REPLAYGUARD_BENCH_PG": "x"},
 ])
 def test_other_tools_variables_are_not_settings_errors(env: dict[str, str]) -> None:
