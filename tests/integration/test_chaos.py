@@ -344,7 +344,7 @@ async def test_redis_stopped_restarted_and_flushed_mid_load_never_changes_a_deci
             await asyncio.sleep(0.7)
             await asyncio.to_thread(redis.start)  # comes back empty
             await asyncio.sleep(0.7)
-            reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
+            reader, writer = await asyncio.open_unix_connection(str(redis.socket_path))
             writer.write(b"FLUSHALL\r\n")
             await writer.drain()
             assert (await reader.readline()).startswith(b"+OK")
@@ -354,7 +354,7 @@ async def test_redis_stopped_restarted_and_flushed_mid_load_never_changes_a_deci
 
         await asyncio.wait_for(asyncio.gather(chaos(), *(worker(w) for w in range(6))), 60)
     finally:
-        await asyncio.to_thread(redis.stop)
+        await asyncio.to_thread(redis.close)
     assert len(outcomes) > 50
     for nonce, decisions in outcomes.items():
         assert decisions == ["accept", "reject", "reject"], (nonce, decisions)
