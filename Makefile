@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 
-.PHONY: run test typecheck wheel-smoke install install-test services system-deps bench clean
+.PHONY: run test typecheck wheel-smoke install install-test services system-deps bench mutants clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,16 @@ typecheck: install-test
 wheel-smoke: install-test
 	PYTHON=$(PY) scripts/wheel-smoke
 
+## Mutation testing of replayguard/core and decide.py against the unit tests ([tool.mutmut] in
+## pyproject.toml; a few minutes on two cores). Survivors and why: tests/mutants-survivors.md.
+mutants: install-test
+	$(PIP) install --quiet -e '.[mutation]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results
+
 bench: install-test
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis mutants

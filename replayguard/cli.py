@@ -215,6 +215,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .runtime import prepare_database
 
     load_keys(settings)  # creates keys once, before workers race for them
+    if settings.port == 0 and settings.workers > 1:
+        raise ConfigError("port 0 (any free port) needs workers = 1: each worker would get its own port")
     _check_port(settings.host, settings.port)
     dsn = run_async(prepare_database(settings))
     log = rglog_logger()

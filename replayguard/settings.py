@@ -123,7 +123,8 @@ class Option:
 # README's table all come from it (tests/unit/test_settings.py compares them).
 OPTIONS: tuple[Option, ...] = (
     Option("host", "str", "127.0.0.1", "address to listen on"),
-    Option("port", "int", "8080", "port to listen on", bounds=(0, 65535)),
+    Option("port", "int", "8080", "port to listen on; 0 takes any free port (one worker only), named by the "
+           "`listening` log line", bounds=(0, 65535)),
     Option("database_url", "secret", "(none: embedded PostgreSQL under data_dir/pg)",
            "PostgreSQL URL; without it the service runs its embedded PostgreSQL"),
     Option("redis_url", "secret", "(none)", "Redis for the hot cache, shared lockout and fan-out"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import json
 import os
 import secrets
 import signal
@@ -270,6 +271,30 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def reported_port(log_path: Path) -> int | None:
+    """The port in a ``serve --port 0`` process's ``listening`` log line, once it is written."""
+    for line in log_path.read_bytes().splitlines():
+        if b'"listening"' in line:
+            try:
+                return int(json.loads(line)["port"])
+            except (ValueError, KeyError):
+                pass
+    return None
+
+
+async def listening_port(log_path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """Waits (bounded) for the port a ``serve --port 0`` process reports."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        port = reported_port(log_path)
+        if port is not None:
+            return port
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no 'listening' line in {log_path} after {timeout}s")
+
+
 async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
@@ -304,16 +329,21 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     async def start(*, data_dir: Path, database_url: str | None, port: int | None = None,
                     extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServiceProcess:
-        port = port or free_port()
-        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), *extra_args]
+        """``port`` None: the service binds port 0 and its ``listening`` log line names the port (with
+        ``--workers`` a free port is picked here: workers cannot share port 0)."""
+        if port is None and "--workers" in extra_args:
+            port = free_port()
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port or 0), "--data-dir", str(data_dir), *extra_args]
         if database_url is not None:
             args += ["--database-url", database_url]
-        log_path = tmp_path / f"service-{port}-{len(procs)}.log"
+        log_path = tmp_path / f"service-{len(procs)}.log"
         with log_path.open("wb") as handle:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen([sys.executable, "-m", "replayguard", *args], stdout=handle,
                                     stderr=subprocess.STDOUT, env=env or cli_env(), cwd=REPO)
-        service = ServiceProcess(proc, f"http://127.0.0.1:{port}", log_path)
+        service = ServiceProcess(proc, "", log_path)
         procs.append(service)
+        bound = port or await listening_port(log_path, proc)
+        service.url = f"http://127.0.0.1:{bound}"
         await wait_ready(service.url, proc)
         return service
 

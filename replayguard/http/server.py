@@ -137,6 +137,8 @@ async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
     assert runner.server is not None
     listener = await loop.create_server(ConnectionCap(runner.server, settings.max_connections),
                                         sock=_listen(settings, reuse_port))
+    # The bound port, which is how a caller that asked for port 0 learns it.
+    log.info("listening", host=settings.host, port=listener.sockets[0].getsockname()[1])
     tune_gc()
     try:
         await stop.wait()

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.api.access_matrix import MATRIX, allowed
-from tests.conftest import REPO, ROLES, cli_env, free_port, run_cli, uid
+from tests.conftest import REPO, ROLES, cli_env, reported_port, run_cli, uid
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,16 @@ class Live:
     url: str
     tokens: dict[str, str]
     schema: Any
+
+
+def _wait_port(log_path: Path, proc: subprocess.Popen[bytes]) -> int:
+    for _ in range(600):  # bounded: 60 s
+        assert proc.poll() is None, "the service exited at start"
+        port = reported_port(log_path)
+        if port is not None:
+            return port
+        time.sleep(0.1)
+    raise TimeoutError("the service reported no listening port")
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -66,15 +76,14 @@ def live(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterato
                        "--data-dir", str(data_dir), "--database-url", database_url)
         assert done.returncode == 0, done.stderr
         tokens[role] = done.stdout.strip()
-    port = free_port()
     log = Path(data_dir.parent / "service.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "replayguard", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "replayguard", "serve", "--host", "127.0.0.1", "--port", "0",
          "--data-dir", str(data_dir), "--database-url", database_url],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        env=cli_env(REPLAYGUARD_DB_POOL_SIZE="4", REPLAYGUARD_LOG_LEVEL="warning"))
-    url = f"http://127.0.0.1:{port}"
+        env=cli_env(REPLAYGUARD_DB_POOL_SIZE="4", REPLAYGUARD_LOG_LEVEL="info"))
     try:
+        url = f"http://127.0.0.1:{_wait_port(Path(log.name), proc)}"
         _wait_ready(url, proc)
         yield Live(url, tokens, schemathesis.openapi.from_url(url + "/v1/openapi.json"))
     finally:

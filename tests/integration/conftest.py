@@ -17,7 +17,7 @@ async def owned_redis(tmp_path: Path) -> AsyncIterator[OwnedRedis]:
     server = OwnedRedis(tmp_path / "redis")
     await asyncio.to_thread(server.start)
     yield server
-    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(server.close)
 
 
 @pytest_asyncio.fixture

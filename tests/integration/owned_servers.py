@@ -3,7 +3,8 @@
 ``OwnedPostgres`` is the service's embedded server (``replayguard.embedded``) in a test's
 directory, stopped with ``pg_ctl -m immediate`` (an abrupt stop, like a crash) and started
 again on the same data directory and socket, so its URL does not change. ``OwnedRedis`` is a
-``redis-server`` subprocess on a loopback port, without persistence, so a restart comes
+``redis-server`` subprocess on a Unix socket of its own (no TCP port to pick and release,
+so nothing else can take it between restarts), without persistence, so a restart comes
 back empty. ``stop_embedded`` stops the PostgreSQL a ``replayguard serve`` started under
 its data dir (the service leaves it running by design).
 
@@ -72,34 +73,32 @@ class OwnedPostgres:
         shutil.rmtree(self.server.data_dir, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class OwnedRedis:
-    """A throw-away ``redis-server`` on 127.0.0.1 with no persistence."""
+    """A throw-away ``redis-server`` on a Unix socket (``port 0``: no TCP) with no persistence."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        # A short path: a Unix socket's path is limited to about 100 bytes.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="rg-redis-", dir="/tmp"))
+        self.socket_path = self._socket_dir / "redis.sock"
+        self.url = f"unix://{self.socket_path}?db=0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with (self.workdir / f"redis-{self.port}.log").open("ab") as log:
+        with (self.workdir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
+                [REDIS_SERVER, "--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
+                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "redis-server exited at start"
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(1)
+                    sock.connect(str(self.socket_path))
                     sock.sendall(b"PING\r\n")
                     if sock.recv(16).startswith(b"+PONG"):
                         return
@@ -113,3 +112,7 @@ class OwnedRedis:
             self.proc.kill()
             self.proc.wait(timeout=15)
         self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -107,14 +107,18 @@ async def test_subscribers_beyond_the_cap_get_503(api_factory: Callable[..., Any
     first.close()
 
 
-async def test_a_stalled_subscriber_never_delays_decisions(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decisions that raise many alerts complete while a subscriber never reads; it is dropped."""
+async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_feed_wait_for_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a subscriber that never reads, 40 alert-raising decisions all answer (each with its own
+    alert), the subscriber is dropped when its queue overflows, and a stream opened afterwards
+    still receives the next alert: the feed is not wedged behind it."""
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
     stalled = await open_stream(api)  # opened and never read
     feed = api.client.app[ANALYSTS].feed
     (sub,) = [s for s in feed.subscribers]
     vm_id, scope = uid("vm"), uid("scope")
-    results = await asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)])
+    results = await asyncio.wait_for(asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)]), 60)
     assert len({alert_id for alert_id, _ in results}) == 40
 
     async def dropped() -> None:
@@ -122,6 +126,13 @@ async def test_a_stalled_subscriber_never_delays_decisions(api: Api, monkeypatch
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(dropped(), 20)
+    assert sub not in feed.subscribers
+    reader = await open_stream(api)
+    later_vm = uid("vm")
+    later_id, _ = await reuse_alert(api, later_vm, uid("scope"))
+    _, data = await next_alert(reader, later_vm)
+    assert str(data["id"]) == str(later_id)
+    reader.close()
     stalled.close()
 
 

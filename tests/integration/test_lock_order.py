@@ -15,16 +15,20 @@ from replayguard import db
 from replayguard.core.validation import enroll_request
 from replayguard.keys import load_keys
 from replayguard.tokens import TokenStore
+from tests.waiting import blocked_by
 
 
 async def test_deleting_a_token_during_a_login_batch_does_not_deadlock(
     fresh_database: Callable[[], Any], make_settings: Callable[..., Any],
 ) -> None:
+    """A token delete that arrives while a decision batch holds the head waits for the head (observed in
+    pg_stat_activity), and completes once the batch, which then writes the token row, commits."""
     dsn = await fresh_database()
     keys = load_keys(make_settings())
     pool = await db.create_pool(dsn, size=4, statement_timeout_ms=10_000)
     store = TokenStore(pool, keys)
     batch = await db.connect(dsn)
+    monitor = await db.connect(dsn)
     try:
         enrolled = await store.enroll("alice", enroll_request({}), 1)
         # A decision batch in flight: it holds the head and is about to consume a step.
@@ -32,13 +36,14 @@ async def test_deleting_a_token_during_a_login_batch_does_not_deadlock(
         await tx.start()
         await batch.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")
         delete = asyncio.create_task(store.delete("alice", enrolled.token_id, 2))
-        await asyncio.sleep(0.3)  # the delete is now waiting for the head
+        await blocked_by(monitor, batch.get_server_pid())  # the delete now waits for the head
         await batch.execute("UPDATE otp_tokens SET last_counter = 5 WHERE id = $1", enrolled.token_id)
         await tx.commit()
         await asyncio.wait_for(delete, 10)
         assert await batch.fetchval("SELECT deleted_at IS NOT NULL FROM otp_tokens WHERE id = $1",
                                     enrolled.token_id)
     finally:
+        await monitor.close()
         await batch.close()
         await store.close()
         await pool.close()

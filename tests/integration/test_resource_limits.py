@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from replayguard.http.common import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from tests.conftest import ServiceProcess, cli_env, run_cli, uid
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +45,18 @@ async def _start(tmp_path: Path, database_url: str, service_factory: Callable[..
     service = await service_factory(data_dir=data_dir, database_url=database_url,
                                     env=cli_env(**LIMITS, **env))
     return service, tokens
+
+
+async def _accepted(service: ServiceProcess, count: int) -> None:
+    """Waits until the service process holds ``count`` accepted connections on its port (a socket
+    still in the listen backlog is not the process's yet)."""
+    port = _host_port(service)[1]
+
+    async def held() -> bool:
+        conns = psutil.Process(service.proc.pid).net_connections(kind="tcp")
+        return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port) >= count
+
+    await until(held, f"{count} connections accepted by the service")
 
 
 def _host_port(service: ServiceProcess) -> tuple[str, int]:
@@ -182,7 +196,7 @@ async def test_connection_cap_refuses_extra_connections_then_recovers(
     service, tokens = await _start(tmp_path, database_url, service_factory, REPLAYGUARD_MAX_CONNECTIONS=str(cap))
     idle = [await _open(service) for _ in range(cap)]
     try:
-        await asyncio.sleep(0.2)  # let the server accept them all
+        await _accepted(service, cap)
         status = await _raw_status(service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == b"HTTP/1.1 503 Service Unavailable"
         recovered = None

@@ -43,11 +43,12 @@ def alert(i: int, severity: str = "warning") -> dict[str, object]:
     }  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def bound_socket() -> socket.socket:
+    """A TCP socket bound to a port the kernel chose and kept: connections are refused until the
+    server listens on it, and no other process can take the port in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -71,8 +72,10 @@ def file_ids(path: Path) -> list[str]:
 class WebhookServer:
     """An aiohttp receiver that can be down, fail its first N requests, hang, or refuse ids."""
 
-    def __init__(self, port: int, *, fail_first: int = 0, hang: bool = False, refuse: str = "") -> None:
-        self.port, self.fail_left, self.hang, self.refuse = port, fail_first, hang, refuse
+    def __init__(self, *, fail_first: int = 0, hang: bool = False, refuse: str = "") -> None:
+        self.sock = bound_socket()
+        self.port: int = self.sock.getsockname()[1]
+        self.fail_left, self.hang, self.refuse = fail_first, hang, refuse
         self.failing = False
         self.received: list[dict[str, Any]] = []
         self.requests: list[tuple[dict[str, str], bytes]] = []
@@ -97,12 +100,13 @@ class WebhookServer:
         app.router.add_post("/hook", self.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.SockSite(self._runner, self.sock).start()
 
     async def stop(self) -> None:
         self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.sock.close()
 
     @property
     def spec(self) -> str:
@@ -112,8 +116,9 @@ class WebhookServer:
 class TcpSyslog:
     """A syslog receiver with RFC 6587 octet-counting framing."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self) -> None:
+        self.sock = bound_socket()
+        self.port: int = self.sock.getsockname()[1]
         self.messages: list[bytes] = []
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -128,7 +133,7 @@ class TcpSyslog:
             writer.close()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._handle, sock=self.sock)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -136,6 +141,7 @@ class TcpSyslog:
             for writer in self._writers:
                 writer.close()
             await self._server.wait_closed()
+        self.sock.close()
 
 
 class UdpSyslog(asyncio.DatagramProtocol):
@@ -319,7 +325,7 @@ async def test_udp_syslog_delivers_cef(tmp_path: Path, dispatchers: list[SinkDis
 async def test_tcp_syslog_down_then_up(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                        servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """Records submitted while the TCP receiver refuses connections arrive framed, in order, once it listens."""
-    receiver = TcpSyslog(free_port())
+    receiver = TcpSyslog()
     servers.append(receiver)
     dispatcher = await started(dispatchers, [f"syslog+tcp://127.0.0.1:{receiver.port}"], tmp_path)
     for i in range(5):
@@ -342,7 +348,7 @@ def dispatcher_name(dispatcher: SinkDispatcher) -> str:
 async def test_webhook_fails_then_delivers_in_order_once(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                          servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """A webhook refused (not started) then answering 500 three times gets every record, in order, once."""
-    server = WebhookServer(free_port(), fail_first=3)
+    server = WebhookServer(fail_first=3)
     servers.append(server)
     dispatcher = await started(dispatchers, [server.spec], tmp_path)
     for i in range(10):
@@ -351,8 +357,8 @@ async def test_webhook_fails_then_delivers_in_order_once(tmp_path: Path, dispatc
     await eventually(lambda: dispatcher.stats()[name].failed_attempts >= 2)
     assert dispatcher.stats()[name].backlog == 10
     await server.start()
-    await eventually(lambda: len(server.received) >= 10)
-    await asyncio.sleep(0.05)  # room for a wrong extra delivery to show up
+    await eventually(lambda: dispatcher.stats()[name].backlog == 0)
+    await dispatcher.stop(timeout=5)  # nothing is in flight after this: every delivery has happened
     assert ids_of(server.received) == [f"al-{i}" for i in range(10)]
     assert server.received[3] == alert(3)
     stats = dispatcher.stats()[name]
@@ -364,7 +370,7 @@ async def test_webhook_signature_and_no_secret_in_logs(tmp_path: Path, dispatche
                                                        servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """Each POST is signed over "<t>.<body>" with the secret, and no log event contains the secret."""
     secret = "whsec-do-not-log-7f3a"
-    server = WebhookServer(free_port(), fail_first=1)
+    server = WebhookServer(fail_first=1)
     servers.append(server)
     await server.start()
     config = parse_sink_spec(server.spec, secret=Secret(secret))
@@ -387,7 +393,7 @@ async def test_webhook_signature_and_no_secret_in_logs(tmp_path: Path, dispatche
 async def test_webhook_refused_record_is_skipped(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                  servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """A record the receiver refuses with 422 is counted as rejected and does not block the ones after it."""
-    server = WebhookServer(free_port(), refuse="al-1")
+    server = WebhookServer(refuse="al-1")
     servers.append(server)
     await server.start()
     dispatcher = await started(dispatchers, [server.spec], tmp_path)
@@ -405,7 +411,7 @@ async def test_webhook_refused_record_is_skipped(tmp_path: Path, dispatchers: li
 async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                           servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """Records a down sink missed before a stop are delivered by a new dispatcher on the same spool, once."""
-    server = WebhookServer(free_port())
+    server = WebhookServer()
     servers.append(server)
     await server.start()
     target = tmp_path / "alerts.jsonl"
@@ -424,7 +430,8 @@ async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispat
     second = await started(dispatchers, specs, tmp_path / "spool")
     second.submit(alert(6))
     await eventually(lambda: len(server.received) == 7 and len(file_ids(target)) == 7)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: all(lane.backlog == 0 for lane in second.stats().values()))
+    await second.stop(timeout=5)  # nothing is in flight after this: every delivery has happened
     assert ids_of(server.received) == [f"al-{i}" for i in range(7)]
     assert file_ids(target) == [f"al-{i}" for i in range(7)]
 
@@ -432,7 +439,7 @@ async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispat
 async def test_stop_does_not_wait_out_a_failing_sinks_backoff(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                                servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """A lane backing off from a failing sink ends at stop; its record stays spooled, not retried."""
-    server = WebhookServer(free_port(), fail_first=1_000)
+    server = WebhookServer(fail_first=1_000)
     servers.append(server)
     await server.start()
     dispatcher = await started(dispatchers, [server.spec], tmp_path, backoff=Backoff(base=3_600, cap=3_600))
@@ -474,7 +481,7 @@ async def test_corrupt_spool_lines_are_skipped(tmp_path: Path, dispatchers: list
 async def test_memory_overflow_reads_back_from_spool(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                      servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """With a 2-record memory queue, a long outage is replayed from the spool file, in order."""
-    server = WebhookServer(free_port())
+    server = WebhookServer()
     servers.append(server)
     dispatcher = await started(dispatchers, [server.spec], tmp_path, memory_limit=2, batch_size=3)
     for i in range(20):
@@ -487,7 +494,7 @@ async def test_memory_overflow_reads_back_from_spool(tmp_path: Path, dispatchers
 async def test_hanging_sink_never_delays_submit(tmp_path: Path, dispatchers: list[SinkDispatcher],
                                                 servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
     """While a webhook hangs, submit stays synchronous, its backlog grows, and the file sink still delivers."""
-    server = WebhookServer(free_port(), hang=True)
+    server = WebhookServer(hang=True)
     servers.append(server)
     await server.start()
     target = tmp_path / "alerts.jsonl"

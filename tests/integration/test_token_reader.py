@@ -11,6 +11,7 @@ import pytest
 from replayguard import db
 from replayguard.errors import Unavailable
 from replayguard.tokens import TokenReader
+from tests.waiting import blocked_by
 
 
 async def _seed(dsn: str, principals: list[str]) -> None:
@@ -74,7 +75,36 @@ async def test_a_cancelled_waiter_does_not_cancel_the_read(fresh_database: Calla
         await pool.close()
 
 
-async def test_a_lost_connection_fails_closed_then_recovers(fresh_database: Callable[[], Any]) -> None:
+async def test_a_connection_lost_during_a_read_fails_closed_then_recovers(fresh_database: Callable[[], Any]) -> None:
+    """A read whose server session is terminated while the query runs raises Unavailable (the caller
+    answers 503), never an empty or wrong answer; the next read reconnects and answers."""
+    dsn = await fresh_database()
+    await _seed(dsn, ["alice", "bob"])
+    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    reader = TokenReader(pool)
+    admin, monitor = await db.connect(dsn), await db.connect(dsn)
+    try:
+        assert len(await reader.read("bob")) == 2
+        locker = admin.transaction()
+        await locker.start()
+        await admin.execute("LOCK TABLE otp_tokens IN ACCESS EXCLUSIVE MODE")
+        read = asyncio.create_task(reader.read("alice"))
+        (waiting,) = await blocked_by(monitor, admin.get_server_pid())  # the read's query is now in flight
+        await monitor.execute("SELECT pg_terminate_backend($1)", waiting)
+        with pytest.raises(Unavailable):
+            await read
+        await locker.rollback()
+        assert len(await reader.read("alice")) == 1 and len(await reader.read("bob")) == 2
+    finally:
+        await admin.close()
+        await monitor.close()
+        await reader.close()
+        await pool.close()
+
+
+async def test_a_connection_lost_while_idle_never_gives_a_wrong_answer(fresh_database: Callable[[], Any]) -> None:
+    """A kept connection terminated while idle gives either the right answer (the loss was noticed and it
+    reconnected) or Unavailable, never a wrong or empty one; the next read works again."""
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
     pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)

@@ -24,6 +24,7 @@ def _events(buffer: io.StringIO) -> list[str]:
 
 
 def test_without_an_event_loop_every_line_is_written_at_once() -> None:
+    """Outside an event loop a routine line is written at once, not buffered."""
     buffer = io.StringIO()
     _, log = _logger(buffer)
     log.info("one")
@@ -31,6 +32,7 @@ def test_without_an_event_loop_every_line_is_written_at_once() -> None:
 
 
 async def test_routine_lines_wait_for_the_timer_warnings_do_not() -> None:
+    """Routine lines wait for the flush timer; a warning is written at once, after the lines buffered before it."""
     buffer = io.StringIO()
     _, log = _logger(buffer)
     log.info("first")
@@ -44,6 +46,7 @@ async def test_routine_lines_wait_for_the_timer_warnings_do_not() -> None:
 
 
 async def test_a_full_buffer_is_written_without_waiting() -> None:
+    """MAX_BUFFERED routine lines are written without waiting for the timer."""
     buffer = io.StringIO()
     _, log = _logger(buffer)
     for i in range(rglog.MAX_BUFFERED):
@@ -52,6 +55,7 @@ async def test_a_full_buffer_is_written_without_waiting() -> None:
 
 
 async def test_lines_buffered_on_a_loop_that_ended_still_come_out() -> None:
+    """A line buffered on a loop that ended before its timer fired comes out with the next loop's flush."""
     buffer = io.StringIO()
     writer, log = _logger(buffer)
 
@@ -66,6 +70,7 @@ async def test_lines_buffered_on_a_loop_that_ended_still_come_out() -> None:
 
 
 def test_request_context_is_merged_and_ends_with_the_request() -> None:
+    """Request fields are merged into lines logged inside the request, explicit fields win, none leak after."""
     buffer = io.StringIO()
     _, log = _logger(buffer)
     token = rglog.REQUEST_CONTEXT.set({"request_id": "r1", "caller": "tok_1"})
@@ -78,6 +83,7 @@ def test_request_context_is_merged_and_ends_with_the_request() -> None:
 
 
 def test_timestamps_are_iso_utc_with_microseconds() -> None:
+    """Timestamps are ISO 8601 UTC with microseconds and never go backwards."""
     import re
 
     stamps = [rglog.timestamp(None, "info", {})["timestamp"] for _ in range(3)]

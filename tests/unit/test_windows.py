@@ -8,7 +8,7 @@ import pytest
 
 from replayguard.core.events import EventType, GenericEvent
 from replayguard.core.windows import (
-    Ancestor, EventContext, Use, Window, at_risk, report_time, state_time, to_us, windows_for,
+    Ancestor, EventContext, Use, Window, at_risk, clone_split, report_time, state_time, to_us, windows_for,
 )
 
 BASE = datetime(2026, 11, 29, 10, 0, tzinfo=timezone.utc)
@@ -125,3 +125,18 @@ def test_to_us_is_exact() -> None:
     """Microseconds are computed without float rounding, even far from the epoch."""
     moment = datetime(2286, 11, 20, 17, 46, 39, 999_999, tzinfo=timezone.utc)
     assert to_us(moment) == 9_999_999_999_999_999
+
+
+@pytest.mark.parametrize(("case", "evt", "context", "split"), [
+    ("clone with its state time: the split is that time",
+     event(EventType.VM_CLONED, created=60, vm="web-02", source="web-01"), ctx(), 60),
+    ("clone without a state time: the split is the clone itself",
+     event(EventType.VM_CLONED, created=None, vm="web-02", source="web-01"), ctx(received=450), 300),
+    ("clone reported from the future: clamped to its arrival",
+     event(EventType.VM_CLONED, created=None, occurred=900, vm="web-02", source="web-01"), ctx(received=400), 400),
+    ("clone state time from the matching snapshot.created",
+     event(EventType.VM_CLONED, created=None, vm="web-02", source="web-01"), ctx(snapshots=(30, 500)), 30),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_clone_split(case: str, evt: GenericEvent, context: EventContext, split: float) -> None:
+    """A clone's line splits from its source at the clone's state time, else at the clone's report time."""
+    assert clone_split(evt, context) == us(split), case

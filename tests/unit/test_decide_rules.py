@@ -1,0 +1,118 @@
+"""The pure rules of the decision service: nonce expiry and retention, the Redis shortcut, code matching."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyotp
+import pytest
+
+from replayguard.cache import HotHit
+from replayguard.core.receipts import ReceiptCheck, ReceiptClaims, ReceiptStatus
+from replayguard.core.validation import NonceRequest
+from replayguard.decide import (
+    DecisionConfig, clock_guard_scope, hot_reply_allowed, match_code, nonce_expired, nonce_expiry_us,
+)
+from replayguard.tokens import OtpToken
+
+NOW = 1_790_000_000.0
+CONFIG = DecisionConfig(drift_steps=1, hotp_look_ahead=10, use_retention_s=86400, nonce_max_ttl_s=7 * 86400)
+SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+
+
+def nonce(ttl_s: int = 300, issued_at: float | None = None) -> NonceRequest:
+    issued = None if issued_at is None else datetime.fromtimestamp(issued_at, timezone.utc)
+    return NonceRequest("web-01", "login", b"n", ttl_s, issued, None)
+
+
+@pytest.mark.parametrize(("issued_at", "ttl_s", "expired"), [
+    (None, 1, False),  # no issued_at: nothing to expire by
+    (NOW - 300, 300, False),  # exactly at its ttl: still valid
+    (NOW - 301, 300, True),
+    (NOW + 3600, 300, False),  # issued in the future (guest clock ahead): not expired
+])
+def test_nonce_expired(issued_at: float | None, ttl_s: int, expired: bool) -> None:
+    """A nonce is expired only when its issued_at plus its ttl lies before now."""
+    assert nonce_expired(nonce(ttl_s, issued_at), NOW) is expired
+
+
+@pytest.mark.parametrize("ttl_s", [1, 300, 7 * 86400, 30 * 86400])
+def test_nonce_without_issued_at_is_kept_for_the_longest_ttl(ttl_s: int) -> None:
+    """Without issued_at nothing else can refuse the nonce later, so it is kept for at least
+    nonce_max_ttl_s (and at least its own ttl)."""
+    expiry = nonce_expiry_us(nonce(ttl_s), NOW, CONFIG.nonce_max_ttl_s)
+    assert expiry >= int((NOW + max(ttl_s, CONFIG.nonce_max_ttl_s)) * 1e6)
+
+
+@pytest.mark.parametrize("issued_at", [NOW - 100, NOW, NOW + 500])
+def test_nonce_with_issued_at_is_kept_until_it_is_expired(issued_at: float) -> None:
+    """With issued_at the use is kept at least until the nonce would be refused as expired anyway."""
+    req = nonce(300, issued_at)
+    expiry_s = nonce_expiry_us(req, NOW, CONFIG.nonce_max_ttl_s) / 1e6
+    assert expiry_s > max(issued_at, NOW) + 300
+    assert nonce_expired(req, expiry_s)  # once forgotten, the expiry check refuses it
+
+
+HIT = HotHit(digest=b"d", first_vm="web-01", first_epoch=3, vm_epoch=3, vm_rseq=40)
+VALID_NOW = ReceiptCheck(ReceiptStatus.VALID, ReceiptClaims("web-01", 40, 3))
+
+
+@pytest.mark.parametrize(("case", "hit", "vm_id", "check", "allowed"), [
+    ("same VM, same epoch, no receipt", HIT, "web-01", ReceiptCheck(ReceiptStatus.ABSENT), True),
+    ("same VM, the VM's current receipt", HIT, "web-01", VALID_NOW, True),
+    ("a newer receipt than Redis knows", HIT, "web-01",
+     ReceiptCheck(ReceiptStatus.VALID, ReceiptClaims("web-01", 41, 3)), True),
+    ("another VM than the first use", HIT, "web-02", ReceiptCheck(ReceiptStatus.ABSENT), False),
+    ("the VM's epoch moved since (a rollback)", HotHit(b"d", "web-01", 2, 3, 40), "web-01",
+     ReceiptCheck(ReceiptStatus.ABSENT), False),
+    ("a forged receipt", HIT, "web-01", ReceiptCheck(ReceiptStatus.INVALID), False),
+    ("a stale receipt (rollback to detect)", HIT, "web-01",
+     ReceiptCheck(ReceiptStatus.VALID, ReceiptClaims("web-01", 39, 3)), False),
+    ("another VM's receipt (clone to detect)", HIT, "web-01",
+     ReceiptCheck(ReceiptStatus.VALID, ReceiptClaims("web-02", 99, 3)), False),
+    ("valid status without claims", HIT, "web-01", ReceiptCheck(ReceiptStatus.VALID), False),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_hot_reply_only_when_postgres_could_not_answer_otherwise(
+    case: str, hit: HotHit, vm_id: str, check: ReceiptCheck, allowed: bool,
+) -> None:
+    """Redis may answer a replay alone only when no rollback, clone or forged receipt could change the answer."""
+    assert hot_reply_allowed(hit, vm_id, check) is allowed, case
+
+
+def test_clock_guard_scope_is_per_deployment() -> None:
+    """Instances sharing a pepper share a clock guard; another pepper names another one."""
+    assert clock_guard_scope(b"a" * 32) == clock_guard_scope(b"a" * 32)
+    assert clock_guard_scope(b"a" * 32) != clock_guard_scope(b"b" * 32)
+    assert len(clock_guard_scope(b"a" * 32)) == 32
+
+
+def _token(token_id: str, kind: str, secret: str = SECRET, last_counter: int = 0) -> OtpToken:
+    return OtpToken(token_id, "alice", kind, secret, 6, 30, "SHA1", last_counter)
+
+
+def test_match_code_finds_the_token_and_step_a_totp_code_belongs_to() -> None:
+    """A TOTP code matches its token at its time step; the other token is skipped."""
+    other = _token("tok_other", "totp", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+    mine = _token("tok_mine", "totp")
+    code = pyotp.TOTP(SECRET).at(NOW)
+    match = match_code([other, mine], code, NOW, CONFIG)
+    assert match.token == mine and match.counters == (int(NOW // 30),)
+
+
+def test_match_code_hotp_looks_ahead_from_the_last_counter() -> None:
+    """An HOTP code matches at its counter within the look-ahead window around the last counter, and
+    not beyond it (counters behind are matched so that the ledger can name them reused)."""
+    token = _token("tok_h", "hotp", last_counter=20)
+    hotp = pyotp.HOTP(SECRET)
+    assert match_code([token], hotp.at(30), NOW, CONFIG).counters == (30,)
+    assert match_code([token], hotp.at(15), NOW, CONFIG).counters == (15,)
+    assert match_code([token], hotp.at(31), NOW, CONFIG).counters == ()
+
+
+def test_match_code_without_a_match_names_the_first_token_or_none() -> None:
+    """A code no token accepts matches no step, naming the principal's first token (or none at all)."""
+    first, second = _token("tok_1", "totp"), _token("tok_2", "hotp")
+    wrong = "000000" if pyotp.TOTP(SECRET).at(NOW) != "000000" else "111111"
+    assert match_code([first, second], wrong, NOW, CONFIG).token == first
+    assert match_code([first, second], wrong, NOW, CONFIG).counters == ()
+    assert match_code([], wrong, NOW, CONFIG).token is None

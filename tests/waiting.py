@@ -1,0 +1,37 @@
+"""Waiting on observable conditions with a bounded deadline (never on a fixed time)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def until(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0, every: float = 0.01) -> T:
+    """Polls ``probe`` until it returns something truthy and returns that; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+async def blocked_by(monitor: Any, blocker_pid: int, timeout: float = 10.0) -> list[int]:
+    """Waits until some backend waits on a lock held by ``blocker_pid`` (pg_blocking_pids); returns their pids.
+
+    ``monitor`` must be a connection outside any transaction: pg_stat_activity is a
+    per-transaction snapshot.
+    """
+    async def waiting() -> list[int]:
+        rows = await monitor.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+            " AND wait_event_type = 'Lock'", blocker_pid)
+        return [row["pid"] for row in rows]
+
+    return await until(waiting, f"a backend blocked by pid {blocker_pid}", timeout)
