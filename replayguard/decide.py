@@ -120,7 +120,7 @@ class DecisionService:
     async def verify_otp(self, req: OtpRequest) -> DecisionResult:
         now = self._clock()
         now_us = int(now * 1e6)
-        check = receipts.check(self._keys.receipt, req.receipt)
+        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
         item: dict[str, Any] = {"k": "otp", "ts": now_us, "vm": req.vm_id, "sub": req.principal,
                                 "p": {"context": req.context}, **_receipt_fields(check)}
         match = await self._match(req.principal, req.otp, now)
@@ -170,7 +170,7 @@ class DecisionService:
     async def consume_nonce(self, req: NonceRequest) -> DecisionResult:
         now = self._clock()
         now_us = int(now * 1e6)
-        check = receipts.check(self._keys.receipt, req.receipt)
+        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
         digest = nonce_digest(self._keys.pepper, req.scope, req.nonce)
         item: dict[str, Any] = {"k": "nonce", "ts": now_us, "vm": req.vm_id, "sub": req.scope,
                                 "d": digest.hex(), "p": {"ttl_s": req.ttl_s},

@@ -13,7 +13,7 @@
 -- Items (built by replayguard/decide.py):
 --   {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "steps": [..],
 --    "dg": {"<step>": "<hex digest>"}, "d": "<hex>", "exp": us, "pre": reason,
---    "hot": bool, "rc": "absent"|"valid"|"invalid", "rvm", "rseq", "p": {...},
+--    "hot": bool, "rc": "absent"|"missing"|"valid"|"invalid", "rvm", "rseq", "p": {...},
 --    TOTP only: "tp": period s, "dr": drift steps, "cg": clock-guard scope}
 --
 -- Every writer of ledger_head, vms, principals, otp_tokens.last_counter and clock_guard
@@ -149,6 +149,15 @@ BEGIN
                     'rollback:' || it.vm || ':' || coalesce(v_rseq::text, 'none'), it.ts, v_seq,
                     'VM ' || it.vm || ' presented an old receipt: its state went back in time',
                     jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
+            ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
+                -- A caller that keeps receipts has none, on a VM that presented one before:
+                -- its disk went back past its first receipt, or the file was removed. The
+                -- span is unknown, so no window is opened (that would also let whoever can
+                -- delete the file lock the VM); the analyst is told.
+                v_flags := v_flags || 'receipt_missing'::text;
+                v_alert := rg_alert('receipt_missing', 'warning', it.vm, NULL, 'receipt_missing:' || it.vm,
+                    it.ts, v_seq, 'VM ' || it.vm || ' keeps receipts but presented none after earlier ones',
+                    jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
             END IF;
             IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
                 v_vmrow.refusing := true;

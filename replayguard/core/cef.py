@@ -34,6 +34,7 @@ KIND_NAMES = {
     "reuse": "One-time credential reused",
     "rollback_detected": "VM rollback detected",
     "clone_detected": "VM clone detected",
+    "receipt_missing": "VM lost its state receipt",
     "brute_force": "Brute-force attempt",
     "clock_regression": "Clock regression",
     "receipt_invalid": "Forged or corrupt receipt",

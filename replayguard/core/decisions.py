@@ -25,6 +25,7 @@ class Flag(str, enum.Enum):
     ROLLBACK_DETECTED = "rollback_detected"
     CLONE_DETECTED = "clone_detected"
     RECEIPT_INVALID = "receipt_invalid"
+    RECEIPT_MISSING = "receipt_missing"
 
 
 class AlertKind(str, enum.Enum):
@@ -35,6 +36,7 @@ class AlertKind(str, enum.Enum):
     ROLLBACK_DETECTED = "rollback_detected"
     CLONE_DETECTED = "clone_detected"
     RECEIPT_INVALID = "receipt_invalid"
+    RECEIPT_MISSING = "receipt_missing"
     BRUTE_FORCE = "brute_force"
     CLOCK_REGRESSION = "clock_regression"
     LEDGER_TAMPER = "ledger_tamper"

@@ -22,6 +22,7 @@ _DOMAIN = b"replayguard-receipt-v1\x00"
 
 class ReceiptStatus(str, enum.Enum):
     ABSENT = "absent"
+    MISSING = "missing"  # none sent by a caller that keeps receipts (``receipt_kept``)
     VALID = "valid"
     INVALID = "invalid"
 
@@ -65,10 +66,13 @@ def issue(key: bytes, claims: ReceiptClaims) -> str:
     return f"{PREFIX}.{_b64(payload)}.{_b64(_mac(key, payload))}"
 
 
-def check(key: bytes, receipt: str | None) -> ReceiptCheck:
-    """Verifies a presented receipt's MAC and shape; never raises on hostile input."""
+def check(key: bytes, receipt: str | None, kept: bool = False) -> ReceiptCheck:
+    """Verifies a presented receipt's MAC and shape; never raises on hostile input.
+
+    ``kept``: the caller says it keeps receipts, so sending none means it has lost the
+    one it stored (the ledger flags that when the VM was issued receipts before)."""
     if receipt is None:
-        return ReceiptCheck(ReceiptStatus.ABSENT)
+        return ReceiptCheck(ReceiptStatus.MISSING if kept else ReceiptStatus.ABSENT)
     claims = _decode(key, receipt)
     if claims is None:
         return ReceiptCheck(ReceiptStatus.INVALID)

@@ -70,6 +70,13 @@ def _parse_rfc3339(text: str, name: str) -> datetime:
         raise InvalidRequest(f"{name} is not a valid time", field=name) from None
 
 
+def optional_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false", field=name)
+    return value
+
+
 def optional_string(body: dict[str, Any], name: str, max_len: int) -> str | None:
     value = body.get(name)
     if value is None:
@@ -124,6 +131,7 @@ class OtpRequest:
     otp: str
     receipt: str | None
     context: dict[str, str]
+    receipt_kept: bool = False  # the caller keeps receipts: none sent means it lost its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ class NonceRequest:
     ttl_s: int
     issued_at: datetime | None
     receipt: str | None
+    receipt_kept: bool = False
 
 
 def otp_request(raw: object) -> OtpRequest:
@@ -147,6 +156,7 @@ def otp_request(raw: object) -> OtpRequest:
         otp=otp,
         receipt=optional_string(body, "receipt", 2048),
         context=context(body),
+        receipt_kept=optional_bool(body, "receipt_kept"),
     )
 
 
@@ -166,6 +176,7 @@ def nonce_request(raw: object, max_ttl_s: int) -> NonceRequest:
         ttl_s=integer(body, "ttl_s", 300, 1, max_ttl_s),
         issued_at=None if issued is None else parse_time(issued, "issued_at"),
         receipt=optional_string(body, "receipt", 2048),
+        receipt_kept=optional_bool(body, "receipt_kept"),
     )
 
 

@@ -41,6 +41,8 @@ async def consume_nonce(request: web.Request) -> web.Response:
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
 _RECEIPT = {"type": "string", "maxLength": 2048}
+_RECEIPT_KEPT = {"type": "boolean", "default": False,
+                 "description": "the caller keeps receipts: sending none means it lost the one it stored"}
 DECISION_SCHEMA = {
     "type": "object",
     "required": ["decision", "reason", "flags", "seq", "receipt"],
@@ -57,7 +59,7 @@ OTP_SCHEMA = {
     "type": "object", "required": ["vm_id", "principal", "otp"],
     "properties": {
         "vm_id": _ID, "principal": _ID, "otp": {"type": "string", "minLength": 1, "maxLength": 64},
-        "receipt": _RECEIPT,
+        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT,
         "context": {"type": "object", "maxProperties": 16,
                     "additionalProperties": {"type": ["string", "number"], "maxLength": 256}},
     },
@@ -68,7 +70,7 @@ NONCE_SCHEMA = {
         "vm_id": _ID, "scope": _ID, "nonce": {"type": "string", "minLength": 1, "maxLength": 1024},
         "ttl_s": {"type": "integer", "minimum": 1, "default": 300},
         "issued_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
-        "receipt": _RECEIPT,
+        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT,
     },
 }
 

@@ -439,7 +439,7 @@ def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: 
         server.shutdown()
         server.server_close()
     assert seen == [{"path": "/v1/otp/verify", "auth": "Bearer rgt_stub", "body": {
-        "vm_id": "vm-stub", "principal": "alice", "otp": "492039", "receipt": "rg1.prev.mac",
+        "vm_id": "vm-stub", "principal": "alice", "otp": "492039", "receipt": "rg1.prev.mac", "receipt_kept": True,
         "context": {"service": "sshd", "remote_addr": "192.0.2.7"}}}]
     assert (tmp_path / "receipts" / "receipt").read_text() == "rg1.next.mac\n"
 

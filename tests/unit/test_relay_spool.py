@@ -114,3 +114,18 @@ def test_mkdir_failure_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot create"):
         private_dir(blocker / "spool")
     assert os.path.exists(blocker)
+
+
+def test_cli_reads_the_event_secret_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """--event-hmac-secret-file wins over REPLAYGUARD_RELAY_EVENT_HMAC_SECRET; neither means unsigned; an empty file is an error."""
+    from replayguard.relay.cli import event_secret
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    env = {"REPLAYGUARD_RELAY_EVENT_HMAC_SECRET": "from-env"}
+    assert (found := event_secret(str(secret_file), env)) is not None and found.reveal() == "from-file"
+    assert (found := event_secret(None, env)) is not None and found.reveal() == "from-env"
+    assert event_secret(None, {}) is None
+    secret_file.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        event_secret(str(secret_file), {})
