@@ -46,7 +46,8 @@ from .errors import ConfigError, Unavailable
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
 from .runtime import Runtime
-from .sinks import SinkDispatcher, parse_sink_spec
+from .settings import Settings
+from .sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 
 log = structlog.get_logger(__name__)
 
@@ -78,14 +79,26 @@ class Subscriber:
     dropped: bool = False
 
 
+WEBHOOK_PREFIXES = ("webhook:", "ecs+webhook:", "ocsf+webhook:")
+
+
+def sink_configs(settings: Settings) -> list[SinkConfig]:
+    """The sinks of ``settings.sinks``, parsed; a bad spec is a ConfigError with one line."""
+    try:
+        return [parse_sink_spec(spec, secret=settings.webhook_secret
+                                if spec.strip().startswith(WEBHOOK_PREFIXES) else None)
+                for spec in settings.sinks]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_dispatcher(runtime: Runtime) -> SinkDispatcher | None:
     """The sinks of ``settings.sinks``; a bad spec stops start-up with one line."""
     settings = runtime.settings
     if not settings.sinks:
         return None
+    configs = sink_configs(settings)
     try:
-        configs = [parse_sink_spec(spec, secret=settings.webhook_secret if spec.strip().startswith("webhook:")
-                                   else None) for spec in settings.sinks]
         return SinkDispatcher(configs, spool_dir=settings.data_dir / "outbox")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

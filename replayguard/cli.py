@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (demo, ledger, operator commands) when present."""
     found = []
-    for module_name in ("replayguard.demo", "replayguard.ledger_cli", "replayguard.operator_cli"):
+    for module_name in ("replayguard.demo", "replayguard.ledger_cli", "replayguard.operator_cli",
+                        "replayguard.sinks_cli", "replayguard.completion"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

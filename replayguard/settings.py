@@ -159,7 +159,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("event_hmac_tolerance_s", "int", "300", "how old a signed event's timestamp may be",
            bounds=(1, 86400)),
     Option("sinks", "list", "(none)", "alert sinks, comma-separated or repeated: file:PATH, "
-           "syslog+udp://H:P, syslog+tcp://H:P, webhook:URL"),
+           "syslog+udp://H:P, syslog+tcp://H:P, webhook:URL, splunk+https://H:P?token_file=F; "
+           "ecs+ or ocsf+ before file: or webhook: for ECS or OCSF"),
     Option("webhook_secret", "secret", "(none)", "key signing the requests of webhook: sinks"),
     Option("max_connections", "int", "1024", "open connections cap (over it: 503)", bounds=(1, 1_000_000)),
     Option("max_sse_subscribers", "int", "64", "alert stream subscribers cap (over it: 503)",
@@ -175,7 +176,7 @@ OPTION = {option.name: option for option in OPTIONS}
 # REPLAYGUARD_* variables that are not service settings: the CLI's client side, the relays'
 # own settings, and the test suite's and benchmarks' knobs.
 OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOKEN", "REPLAYGUARD_TOKEN_FILE",
-                       "REPLAYGUARD_KEEP_FUZZ_LOG"})
+                       "REPLAYGUARD_KEEP_FUZZ_LOG", "REPLAYGUARD_CHROMIUM", "REPLAYGUARD_UPDATE_DOCS_IMG"})
 OTHER_ENV_PREFIXES = ("REPLAYGUARD_RELAY_", "REPLAYGUARD_TEST_", "REPLAYGUARD_BENCH_")
 
 

@@ -11,8 +11,9 @@ the cursor. Delivery is at-least-once; every record carries its ``id`` for recei
 must deduplicate (a crash between a send and its cursor commit repeats that batch).
 
 Sinks: an append-only JSON-lines file, syslog (RFC 5424, UDP or TCP with RFC 6587
-octet counting) carrying CEF lines (``core/cef.py``), and an HTTP webhook with an
-optional HMAC-SHA256 signature.
+octet counting) carrying CEF lines (``core/cef.py``), an HTTP webhook with an optional
+HMAC-SHA256 signature, and Splunk's HTTP Event Collector; file and webhook sinks may
+carry ECS documents or OCSF Detection Findings instead (``core/siem.py``).
 """
 
 from .config import SinkConfig, SinkKind, parse_sink, parse_sink_spec
@@ -24,6 +25,7 @@ from .transports import (
     FileSink,
     Record,
     Sink,
+    SplunkSink,
     SyslogSink,
     WebhookSink,
     build_sink,
@@ -41,6 +43,7 @@ __all__ = [
     "SinkDispatcher",
     "SinkKind",
     "SinkStats",
+    "SplunkSink",
     "Spool",
     "SyslogSink",
     "WebhookSink",

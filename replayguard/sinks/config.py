@@ -1,7 +1,10 @@
 """Sink specs → validated ``SinkConfig``: the one place that knows the spec syntax.
 
-Pure parsing, no I/O: ``file:/abs/path``, ``syslog+udp://h:p``, ``syslog+tcp://h:p?facility=f``
-and ``webhook:https://...``, each refused with a sentence an operator can act on.
+Pure parsing, no I/O: ``file:/abs/path``, ``syslog+udp://h:p``, ``syslog+tcp://h:p?facility=f``,
+``webhook:https://...`` and ``splunk+https://h:8088?token_file=/path`` (Splunk HTTP Event
+Collector), each refused with a sentence an operator can act on. A ``file:`` or
+``webhook:`` spec prefixed ``ecs+`` or ``ocsf+`` carries Elastic Common Schema documents
+or OCSF Detection Findings instead of replayguard's own JSON (``core/siem.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from urllib.parse import parse_qsl, urlsplit
 from ..core.cef import FACILITIES
 from ..settings import Secret
 
-SinkKind = Literal["file", "syslog", "webhook"]
+SinkKind = Literal["file", "syslog", "webhook", "splunk"]
+SinkFormat = Literal["json", "ecs", "ocsf"]
+SPLUNK_PATH = "/services/collector/event"
 
 _USERINFO_RE = re.compile(r"//[^/?#]*@")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -37,15 +42,20 @@ class SinkConfig:
     facility: int = FACILITIES["authpriv"]
     url: str | None = None
     secret: Secret | None = None
+    format: SinkFormat = "json"
+    token_file: Path | None = None  # splunk: the HEC token, read when the sink starts
+    index: str | None = None
+    sourcetype: str = "replayguard:alert"
 
     def describe(self) -> str:
         """A log-safe target: webhook paths and queries often embed tokens, so only the origin."""
+        prefix = "" if self.format == "json" else f"{self.format}+"
         if self.kind == "file":
-            return f"file:{self.path}"
+            return f"{prefix}file:{self.path}"
         if self.kind == "syslog":
             return f"syslog+{self.transport}://{self.host}:{self.port}"
         parts = urlsplit(self.url or "")
-        return f"webhook:{parts.scheme}://{parts.netloc}"
+        return f"{prefix}{self.kind}:{parts.scheme}://{parts.netloc}"
 
 
 def parse_sink_spec(spec: str, *, secret: Secret | None = None, name: str | None = None) -> SinkConfig:
@@ -53,7 +63,17 @@ def parse_sink_spec(spec: str, *, secret: Secret | None = None, name: str | None
     ``webhook:https://...``; raise ValueError with a sentence an operator can act on."""
     spec = spec.strip()
     shown = _USERINFO_RE.sub("//***@", spec)  # error messages must not echo a password
-    if spec.startswith("file:"):
+    original = spec
+    shape: SinkFormat = "json"
+    for prefix in ("ecs+", "ocsf+"):
+        if spec.startswith(prefix):
+            shape = "ecs" if prefix == "ecs+" else "ocsf"
+            spec = spec.removeprefix(prefix)
+            if not spec.startswith(("file:", "webhook:")):
+                raise ValueError(f"sink {shown!r}: {prefix} goes before file: or webhook:")
+    if spec.startswith(("splunk+https://", "splunk+http://")):
+        config = _parse_splunk(spec, shown)
+    elif spec.startswith("file:"):
         config = _parse_file(spec.removeprefix("file:"))
     elif spec.startswith(("syslog+udp://", "syslog+tcp://")):
         config = _parse_syslog(spec, shown)
@@ -62,13 +82,13 @@ def parse_sink_spec(spec: str, *, secret: Secret | None = None, name: str | None
     elif spec.startswith("syslog:"):
         raise ValueError(f"sink {shown!r}: say syslog+udp:// or syslog+tcp://")
     else:
-        raise ValueError(f"sink {shown!r}: expected file:, syslog+udp://, syslog+tcp:// or webhook:")
+        raise ValueError(f"sink {shown!r}: expected file:, syslog+udp://, syslog+tcp://, webhook: or splunk+https://")
     if secret is not None and config.kind != "webhook":
         raise ValueError(f"sink {config.describe()}: only webhook sinks take a secret")
-    default = f"{config.kind}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    default = f"{config.kind}-{hashlib.sha256(original.encode()).hexdigest()[:12]}"
     if name is not None and not _NAME_RE.fullmatch(name):
         raise ValueError(f"sink name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return replace(config, name=name or default, secret=secret)
+    return replace(config, name=name or default, secret=secret, format=shape)
 
 
 def parse_sink(value: str | Mapping[str, object]) -> SinkConfig:
@@ -131,6 +151,26 @@ def _parse_webhook(url: str) -> SinkConfig:
         raise ValueError("sink 'webhook:…': credentials do not belong in the URL; pass a secret")
     _port("webhook:…", parts.netloc)
     return SinkConfig(name="", kind="webhook", url=url)
+
+
+def _parse_splunk(spec: str, shown: str) -> SinkConfig:
+    """``splunk+https://host:8088[/path]?token_file=/abs/path[&index=i][&sourcetype=s]``."""
+    parts = urlsplit(spec.removeprefix("splunk+"))
+    if not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"sink {shown!r}: give a host, and the token in a file (?token_file=/path), not the URL")
+    _port(shown, parts.netloc)
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(options) - {"token_file", "index", "sourcetype"})
+    if unknown:
+        raise ValueError(f"sink {shown!r}: unknown option {unknown[0]!r} (token_file, index, sourcetype)")
+    token_file = options.get("token_file", "")
+    if not token_file.startswith("/"):
+        raise ValueError(f"sink {shown!r}: ?token_file= must name the HEC token's file by absolute path")
+    path = parts.path if parts.path not in ("", "/") else SPLUNK_PATH
+    url = f"{parts.scheme}://{parts.netloc}{path}"
+    return SinkConfig(name="", kind="splunk", url=url, token_file=Path(token_file),
+                      index=options.get("index") or None,
+                      sourcetype=options.get("sourcetype") or "replayguard:alert")
 
 
 def _port(shown: str, netloc: str) -> int | None:

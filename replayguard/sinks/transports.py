@@ -1,8 +1,10 @@
 """Sink transports: how one batch of records leaves the host.
 
 An append-only JSON-lines file, syslog (RFC 5424, UDP or TCP with RFC 6587 octet
-counting) carrying CEF lines (``core/cef.py``), and an HTTP webhook with an optional
-HMAC-SHA256 signature. Each delivers a batch in order or raises ``DeliveryError`` saying
+counting) carrying CEF lines (``core/cef.py``), an HTTP webhook with an optional
+HMAC-SHA256 signature, and Splunk's HTTP Event Collector. A file or webhook sink may
+carry ECS or OCSF documents instead of replayguard's JSON (``core/siem.py``; a record
+with no form in that schema, a checkpoint for OCSF, is skipped). Each delivers a batch in order or raises ``DeliveryError`` saying
 how many records went; the dispatcher's lanes decide what to retry.
 """
 
@@ -14,12 +16,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from .. import __version__
+from ..core import siem
 from ..core.cef import format_syslog, octet_counted
 from ..core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from ..errors import ReplayGuardError
@@ -27,6 +30,8 @@ from .config import DEFAULT_PORTS, SinkConfig
 
 Record = Mapping[str, object]
 Clock = Callable[[], datetime]
+Shape = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
+SHAPES: dict[str, Shape] = {"json": lambda record: record, "ecs": siem.ecs, "ocsf": siem.ocsf}
 
 # Per-record refusals: retrying the same body cannot help. Everything else (401/403 from a
 # wrong secret, 404 while a receiver deploys, 429, 5xx) is retried so nothing is dropped.
@@ -66,11 +71,15 @@ def webhook_signature_headers(secret: bytes, timestamp: int, body: bytes) -> dic
 class FileSink:
     """Append-only JSON lines; reopened per batch so that log rotation just works."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shape: Shape = SHAPES["json"]) -> None:
         self._path = path
+        self._shape = shape
 
     async def send(self, records: Sequence[Record]) -> None:
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        shaped = [self._shape(r) for r in records]
+        data = b"".join(orjson.dumps(r) + b"\n" for r in shaped if r is not None)
+        if not data:
+            return
         try:
             await asyncio.to_thread(_append_fsync, self._path, data)
         except OSError as exc:
@@ -162,6 +171,7 @@ class WebhookSink:
 
     def __init__(self, config: SinkConfig, *, clock: Clock, timeout: float) -> None:
         self._url, self._secret, self._clock = config.url or "", config.secret, clock
+        self._shape = SHAPES[config.format]
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -176,7 +186,10 @@ class WebhookSink:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         for done, record in enumerate(records):
-            body = orjson.dumps(record)
+            shaped = self._shape(record)
+            if shaped is None:
+                continue
+            body = orjson.dumps(shaped)
             try:
                 async with self._session.post(self._url, data=body, headers=self._headers(body),
                                               allow_redirects=False) as response:  # fmt: skip
@@ -193,11 +206,67 @@ class WebhookSink:
             self._session = None
 
 
+class SplunkSink:
+    """Splunk HTTP Event Collector: one POST per event, in order, ``Authorization: Splunk <token>``.
+
+    The token is read from ``token_file`` when the first batch is sent (and again after a
+    refusal, so a rotated token is picked up); it is never logged. HEC answers 400 for a
+    malformed event, 401/403 for a bad token (retried: the operator may fix the file),
+    503 when its queue is full.
+    """
+
+    def __init__(self, config: SinkConfig, *, hostname: str, timeout: float) -> None:
+        self._config, self._hostname = config, hostname
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+
+    def _read_token(self, done: int) -> str:
+        path = self._config.token_file
+        assert path is not None  # guaranteed by parse_sink_spec
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise DeliveryError(f"cannot read the HEC token file {path}: {exc.strerror}", done=done) from exc
+        if not token:
+            raise DeliveryError(f"the HEC token file {path} is empty", done=done)
+        return token
+
+    async def send(self, records: Sequence[Record]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        for done, record in enumerate(records):
+            if self._token is None:
+                self._token = self._read_token(done)
+            body = orjson.dumps(siem.splunk_event(record, host=self._hostname, index=self._config.index,
+                                                  sourcetype=self._config.sourcetype))
+            headers = {"Authorization": f"Splunk {self._token}", "Content-Type": "application/json",
+                       "User-Agent": f"replayguard/{__version__}"}
+            try:
+                async with self._session.post(self._config.url or "", data=body, headers=headers,
+                                              allow_redirects=False) as response:
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise DeliveryError(f"splunk HEC unreachable: {type(exc).__name__}", done=done) from exc
+            if status in (401, 403):
+                self._token = None
+            if not 200 <= status < 300:
+                raise DeliveryError(f"splunk HEC answered {status}", done=done,
+                                    retryable=status not in _PERMANENT_STATUSES)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def build_sink(config: SinkConfig, *, version: str, clock: Clock, hostname: str, timeout: float) -> Sink:
     """The sink object for a config; the one place that maps kinds to classes."""
     if config.kind == "file":
         assert config.path is not None  # guaranteed by parse_sink_spec
-        return FileSink(config.path)
+        return FileSink(config.path, SHAPES[config.format])
+    if config.kind == "splunk":
+        return SplunkSink(config, hostname=hostname, timeout=timeout)
     if config.kind == "syslog":
         return SyslogSink(config, version=version, clock=clock, hostname=hostname, timeout=timeout)
     return WebhookSink(config, clock=clock, timeout=timeout)
