@@ -30,6 +30,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="PostgreSQL URL; embedded PostgreSQL when absent")
     parser.add_argument("--data-dir", help="state and keys (default ~/.local/share/replayguard)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--witness", dest="witnesses", action="append",
+                        help="where signed checkpoints are held: file:PATH or a deployment's URL (repeatable)")
+    parser.add_argument("--witness-required", action="store_const", const=True, default=None,
+                        help="refuse decisions while a witness cannot be reached")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token; prints it alone on stdout")
     _add_common(create)
-    create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin"])
+    create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin", "witness"])
     create.add_argument("--name", required=True)
     revoke = token_sub.add_parser("revoke", help="revoke tokens by id or name")
     _add_common(revoke)

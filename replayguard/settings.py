@@ -83,6 +83,9 @@ class Settings:
     http_front: str = "fast"
     sse_heartbeat_s: int = 15
     webhook_secret: Secret | None = None
+    witnesses: tuple[str, ...] = ()
+    witness_required: bool = False
+    witness_token: Secret | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -130,6 +133,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
+    for spec in s.witnesses:
+        if not spec.startswith("file:/"):
+            _check_url(spec, ("http", "https"), "witnesses")
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
 
@@ -155,6 +161,8 @@ def _coerce(name: str, raw: Any, type_name: str) -> Any:
     try:
         if "Secret" in type_name:
             return raw if isinstance(raw, Secret) else Secret(str(raw))
+        if type_name.startswith("bool"):
+            return _boolean(raw)
         if type_name.startswith("int"):
             if isinstance(raw, bool):
                 raise ValueError("a boolean is not a number")
@@ -168,6 +176,15 @@ def _coerce(name: str, raw: Any, type_name: str) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} has an invalid value") from None
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("not a boolean")
+    return text in ("true", "1", "yes")
 
 
 def _from_env(env: Mapping[str, str], types: dict[str, str]) -> dict[str, Any]:

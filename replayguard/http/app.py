@@ -44,7 +44,7 @@ _ID_COUNTER = itertools.count(1)
 def _optional_modules() -> list[ModuleType]:
     """Audience modules that are wired when present (hypervisor events, analysts, RADIUS)."""
     found = []
-    for name in ("hypervisor", "analysts", "radius"):
+    for name in ("hypervisor", "analysts", "radius", "witness"):
         try:
             found.append(__import__(f"replayguard.http.{name}", fromlist=["ROUTES"]))
         except ModuleNotFoundError as exc:

@@ -32,8 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     ledger = await _ledger_writable(request)
     runtime.metrics.ledger_up.set(1 if ledger else 0)
-    checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable"}
-    ready = ledger
+    checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable",
+                              "continuity": runtime.continuity.status()}
+    ready = ledger and runtime.continuity.ready()
     if runtime.hot is not None:
         redis_ok = await runtime.hot.ping()
         runtime.metrics.redis_up.set(1 if redis_ok else 0)

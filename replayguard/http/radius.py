@@ -114,6 +114,7 @@ def radius_request(raw: object) -> OtpRequest:
 async def answer(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
     """The same decision as ``/v1/otp/verify``, spoken in rlm_rest's status codes: a bare
     204 accepts, a 401 with a Reply-Message rejects."""
+    runtime.continuity.admit_decisions()
     result = await runtime.decisions.verify_otp(radius_request(payload))
     if result.verdict is Verdict.ACCEPT:
         return 204, None, result

@@ -121,7 +121,8 @@ async def test_the_schema_deployed_before_functions_moved_upgrades_to_a_fresh_on
     finally:
         await conn.close()
     applied = await _run(old)
-    assert applied == [f"functions/{f.name}.sql" for f in db.load_functions()]
+    # Numbered migrations after 007 apply first; then every function.
+    assert [a for a in applied if a.startswith("functions/")] == [f"functions/{f.name}.sql" for f in db.load_functions()]
     assert schema_of(old) == schema_of(fresh)
     assert await _function_digests(old) == await _function_digests(fresh)
 
