@@ -134,7 +134,10 @@ def _validate(s: Settings) -> None:
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
     for spec in s.witnesses:
-        if not spec.startswith("file:/"):
+        if spec.startswith("file:"):
+            if not spec.startswith("file:/"):
+                raise ConfigError(f"witness {spec!r}: a file witness needs an absolute path (file:/…)")
+        else:
             _check_url(spec, ("http", "https"), "witnesses")
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
