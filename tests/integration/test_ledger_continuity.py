@@ -124,7 +124,8 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
     nonces, nor the TOTP code or HOTP token used in the lost range, is accepted again."""
     witness = tmp_path / "w" / "witness.json"
     witness.parent.mkdir()
-    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
+    sink = tmp_path / "alerts.jsonl"
+    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",), "sinks": (f"file:{sink}",)}
     clock = FakeClock(time.time())
     dsn = await fresh_database()
     first = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
@@ -159,12 +160,22 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
     assert status == 503 and body["error"]["code"] == "ledger_rollback", body
     print(f"restored start to refusal: {refused_after:.3f} s (the copy's head was {head})")
     assert (await restored.post("/v1/otp/verify", otp))[0] == 503
+    radius = {"User-Name": {"type": "string", "value": ["alice-restore"]},
+              "User-Password": {"type": "string", "value": [code]},
+              "NAS-Identifier": {"type": "string", "value": ["vm-1"]}}
+    status, body = await restored.post("/v1/radius/authenticate", radius)
+    assert status == 503 and body["error"]["code"] == "ledger_rollback", body
     ready = await readyz(restored)
     assert ready[0] == 503 and ready[1]["checks"]["continuity"] == "ledger_rollback"
     report = await verify(restored)
     assert report["ok"] is False and report["problem"] == "ledger_rollback"
     alerts = await alerts_of(restored, "ledger_rollback")
     assert alerts and alerts[0]["severity"] == "critical"
+
+    async def in_sink() -> bool:
+        return sink.exists() and b'"ledger_rollback"' in sink.read_bytes()
+
+    await until(in_sink)
 
     env = cli_env(REPLAYGUARD_DATABASE_URL=backup, REPLAYGUARD_DATA_DIR=str(tmp_path / "data"),
                   REPLAYGUARD_WITNESSES=f"file:{witness}")
