@@ -47,6 +47,11 @@ _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us 
              " LEFT JOIN LATERAL (SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1) c ON true")
 
 
+# Streaming standbys that acknowledge commits (PostgreSQL's synchronous replication): with
+# none, a failover can lose acknowledged decisions (docs/operations.md).
+_SYNC_STANDBYS = "SELECT count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) FROM pg_stat_replication"
+
+
 class WitnessRequired(Unavailable):
     code = "witness_unreachable"
 
@@ -104,6 +109,7 @@ class ContinuityGuard:
         self.rollback: Rollback | None = None
         self.recoveries: list[Statement] = []
         self.head_seq = 0
+        self.sync_standbys: int | None = None
         self._alerted: set[str] = set()
         self._push: asyncio.Task[None] | None = None
         self._pending: Checkpoint | None = None
@@ -117,6 +123,9 @@ class ContinuityGuard:
                    ["witness"], registry=registry)
         for name, state in self.states.items():
             up.labels(name).set_function(_up_of(state))
+        Gauge("replayguard_postgres_sync_standbys",
+              "Synchronous standbys of the ledger's PostgreSQL at the last continuity check",
+              registry=registry).set_function(lambda: self.sync_standbys or 0)
         Gauge("replayguard_ledger_rollback", "1 while decisions stop because the ledger went back in time",
               registry=registry).set_function(lambda: 1 if self.rollback is not None else 0)
 
@@ -171,6 +180,7 @@ class ContinuityGuard:
             reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
             async with acquire(self._pool) as conn:
                 snap = await conn.fetchrow(_SNAPSHOT)
+                self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
