@@ -293,6 +293,9 @@ class AlertFeed:
         if isinstance(result, Finding) and result != self._last_finding:
             self._last_finding = result
             await self._ledger.raise_tamper_alert(result, self._rt.now_us())
+            await self._rt.continuity.check()  # a cut-off tail is a rollback too: stop decisions now
+        elif isinstance(result, Checkpoint):
+            self._rt.continuity.published(result)
         if self.dispatcher is not None and self._sinks_started:
             await self._feed_sinks()
         if await purge_expired(self._rt.pool, self._rt.now_us()) == PURGE_BATCH:

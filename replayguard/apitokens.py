@@ -18,7 +18,7 @@ from .core.credentials import api_token_digest
 from .db import acquire
 from .errors import Conflict, InvalidRequest, NotFound
 
-ROLES = ("callout", "hypervisor", "analyst", "admin")
+ROLES = ("callout", "hypervisor", "analyst", "admin", "witness")
 PREFIX = "rgt_"
 CACHE_TTL_S = 5.0
 

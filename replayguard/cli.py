@@ -40,10 +40,13 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         if option.flag in parser._option_string_actions:
             continue
-        parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
-                            action="append" if option.kind == "list" else "store",
-                            help=f"{option.help} [{option.env}; default {option.default}]")
-
+        help_text = f"{option.help} [{option.env}; default {option.default}]"
+        if option.kind == "bool":
+            parser.add_argument(*option.flags, dest=option.name, action="store_const", const="true",
+                                help=help_text)
+            continue
+        parser.add_argument(*option.flags, dest=option.name, metavar=option.name.upper(),
+                            action="append" if option.kind == "list" else "store", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_sub.add_parser("create", help="create a token (names are unique among active tokens); "
                                   "prints it alone on stdout")
     add_setting_flags(create)
-    create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin"])
+    create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin", "witness"])
     create.add_argument("--name", required=True)
     revoke = token_sub.add_parser("revoke", help="revoke the active token with this id or name")
     add_setting_flags(revoke)

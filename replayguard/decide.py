@@ -18,6 +18,7 @@ import structlog
 from .appender import Appender, Outcome
 from .cache import HotCache, HotHit
 from .core import otp, receipts
+from .core.continuity import nonce_before_recovery
 from .core.credentials import nonce_digest, otp_digest
 from .core.decisions import DecisionResult, Flag, Reason, Verdict
 from .core.receipts import ReceiptCheck, ReceiptClaims, ReceiptStatus
@@ -116,6 +117,12 @@ class DecisionService:
         self._hot = hot
         self._on_decision = on_decision or (lambda kind, result, source: None)
         self._clock_scope = clock_guard_scope(keys.pepper)
+        self._recovered_at_us: int | None = None
+
+    def set_recovered_at(self, ts_us: int | None) -> None:
+        """The time of the latest recorded ledger recovery (``continuity``): nonces it may
+        have forgotten are refused (``core.continuity.nonce_before_recovery``)."""
+        self._recovered_at_us = ts_us
 
     async def verify_otp(self, req: OtpRequest) -> DecisionResult:
         now = self._clock()
@@ -178,6 +185,8 @@ class DecisionService:
                                 **_receipt_fields(check)}
         if nonce_expired(req, now):
             item["pre"] = Reason.EXPIRED.value
+        elif nonce_before_recovery(req.issued_at, now, self._recovered_at_us, self._config.nonce_max_ttl_s):
+            item["pre"] = Reason.REUSED.value
         hot = await self._hot_answer(item, [digest], check, None, now_us)
         if hot is not None:
             return self._hot_reject(item, hot, req.receipt)

@@ -95,3 +95,10 @@ class Unavailable(ReplayGuardError):
 
     code = "unavailable"
     status = 503
+
+
+class LedgerRollback(Unavailable):
+    """The ledger went back in time (CONTRACT §10): no decision is served until the
+    recovery is recorded with ``replayguard ledger accept-rollback``."""
+
+    code = "ledger_rollback"

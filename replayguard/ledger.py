@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -19,8 +20,11 @@ import structlog
 from .core import checkpoints as cps
 from .core.chain import GENESIS, Entry
 from .core.checkpoints import Checkpoint
-from .core.ledger_check import ChainChecker, Finding, Row
+from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
 from .db import acquire
+
+if TYPE_CHECKING:
+    from .continuity import Rollback
 from .keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -100,14 +104,20 @@ class LedgerService:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
                 "public_key_pem": cps.public_key_pem(self.public_key)}
 
-    async def verify(self, progress: Progress | None = None) -> VerifyReport:
-        """Checks the whole chain; reads the head first, so concurrent appends are ignored."""
+    async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None) -> VerifyReport:
+        """Checks the whole chain; reads the head first, so concurrent appends are ignored.
+        ``rollback`` is the continuity guard's finding (a witness holds what the ledger lost)."""
         async with acquire(self._pool) as conn:
-            head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-            signed = await self._signed_checkpoints(conn)
+            # The head and the checkpoints from one snapshot: a checkpoint signed meanwhile
+            # must not look like one past the head.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+                signed = await self._signed_checkpoints(conn)
             checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
             await _check_range(conn, checker, head["seq"], progress)
         finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
+        if finding is None and rollback is not None:
+            finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
         return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
                             len(signed))
 
@@ -153,10 +163,12 @@ class LedgerService:
                 return None
             head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
             last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
-            if not _due(head["seq"], last, now_us, every, interval_us):
-                return None
             # Continue from the last checkpoint only when it is provably ours.
             trusted = last is not None and self._trusted(_checkpoint(last))
+            if trusted and (cut := past_head(last["seq"], head["seq"])) is not None:
+                return cut
+            if not _due(head["seq"], last, now_us, every, interval_us):
+                return None
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
             finding = (await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
                        or checker.finish(head["seq"], bytes(head["hash"])))

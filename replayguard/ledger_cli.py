@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from .core import checkpoints as cps
+from .core.ledger_check import Problem
 from .errors import ConfigError
 from .settings import Settings
 
@@ -46,6 +47,10 @@ def register(sub: Any) -> None:
     public = cmds.add_parser("public-key", help="print the checkpoint-signing public key (PEM)")
     _add_common(public)
     public.set_defaults(handler=cmd_public_key)
+    recover = cmds.add_parser("accept-rollback", help="record that the ledger went back in time, and move on")
+    _add_common(recover)
+    recover.add_argument("--reason", required=True, help="why (kept in the ledger)")
+    recover.set_defaults(handler=cmd_accept_rollback)
     offline = cmds.add_parser("verify-checkpoint", help="check a checkpoint's signature offline")
     offline.add_argument("--public-key", type=Path, required=True, help="PEM file from 'ledger public-key'")
     offline.add_argument("--checkpoint", type=Path, required=True, help="one checkpoint as JSON")
@@ -121,12 +126,13 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
 
     async with open_runtime(settings) as runtime:
         service = LedgerService(runtime.pool, runtime.keys)
+        rollback = await runtime.continuity.check()
         bar = _Bar(progress)
         try:
-            report = await service.verify(bar)
+            report = await service.verify(bar, rollback=rollback)
         finally:
             bar.close()
-        if report.finding is not None:
+        if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
             await service.raise_tamper_alert(report.finding, runtime.now_us())
     print(orjson.dumps(report.to_json()).decode())
     return 0 if report.ok else EXIT_BAD
@@ -146,3 +152,39 @@ def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run_async(run())
+
+
+def cmd_accept_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli import run_async
+
+    reason = args.reason.strip()
+    if not 1 <= len(reason) <= 2000 or not reason.isprintable():
+        raise ConfigError("--reason must be 1 to 2000 printable characters")
+    return run_async(_accept_rollback(settings, reason))
+
+
+async def _accept_rollback(settings: Settings, reason: str) -> int:
+    """Records the recovery, then pushes its checkpoint to every witness (CONTRACT §10)."""
+    from . import recovery
+    from .runtime import open_runtime
+
+    async with open_runtime(settings) as runtime:
+        guard = runtime.continuity
+        rollback = await guard.check()
+        if guard.unreachable:
+            raise ConfigError(f"witness {guard.unreachable[0]} cannot be reached: a recovery must know what "
+                              "every witness holds (bring it back, or remove it from 'witnesses')")
+        if rollback is None:
+            print("nothing to recover: the ledger holds every checkpoint its witnesses hold")
+            return EXIT_BAD
+        done = await recovery.record(runtime.pool, runtime.keys.signing_key(), guard.held_checkpoints(), reason,
+                                     recovery.operator(), runtime.now_us(), settings.totp_drift_steps)
+        await guard.check()
+        answers = await guard.push(done.checkpoint)
+        still = await guard.check()
+    print(orjson.dumps({"recovery_seq": done.seq, "abandoned": done.payload["abandoned"],
+                        "database_head": done.payload["database_head"], "who": done.payload["who"],
+                        "hotp_tokens_revoked": len(done.payload["hotp_tokens_revoked"]),
+                        "totp_tokens_raised": done.payload["totp_tokens_raised"],
+                        "witnesses": answers, "serving": still is None}).decode())
+    return 0 if still is None else EXIT_BAD

@@ -19,6 +19,7 @@ from . import db
 from .apitokens import ApiTokens
 from .appender import Appender, DecideParams
 from .cache import HotCache
+from .continuity import ContinuityGuard
 from .decide import DecisionConfig, DecisionService
 from .keys import Keys, load_keys
 from .metrics import Metrics
@@ -43,6 +44,7 @@ class Runtime:
     api_tokens: ApiTokens
     decisions: DecisionService
     hot: HotCache | None
+    continuity: ContinuityGuard
 
     def now_us(self) -> int:
         return int(self.clock() * 1e6)
@@ -83,11 +85,14 @@ async def open_runtime(
                             settings.nonce_max_ttl_s, settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
                                 clock=clock, hot=hot, on_decision=metrics.decision)
+    guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
+    guard.on_recovered = decisions.set_recovered_at
     runtime = Runtime(settings, dsn, pool, keys, clock, metrics, appender, tokens,
-                      ApiTokens(pool, keys.pepper), decisions, hot)
+                      ApiTokens(pool, keys.pepper), decisions, hot, guard)
     try:
         yield runtime
     finally:
+        await guard.close()
         await _shutdown(appender, tokens, hot, pool)
 
 

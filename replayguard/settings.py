@@ -86,6 +86,9 @@ class Settings:
     http_front: str = "fast"
     sse_heartbeat_s: int = 15
     webhook_secret: Secret | None = None
+    witnesses: tuple[str, ...] = ()
+    witness_required: bool = False
+    witness_token: Secret | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -104,15 +107,20 @@ class Option:
     """One setting: its flag, environment variable, TOML key, help, default and bounds."""
 
     name: str
-    kind: str  # "str", "int", "path", "secret" or "list"
+    kind: str  # "str", "int", "bool", "path", "secret" or "list"
     default: str  # as the README and --help show it
     help: str
     bounds: tuple[int, int] | None = None
     choices: tuple[str, ...] = ()
+    alias: str | None = None  # a shorter flag, e.g. --witness for a repeatable list
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (self.flag,) if self.alias is None else (self.alias, self.flag)
 
     @property
     def env(self) -> str:
@@ -170,6 +178,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_front", "str", "fast", "who answers the decision routes: fast (a small httptools front, "
            "about a quarter less CPU per decision) or aiohttp", choices=("fast", "aiohttp")),
     Option("sse_heartbeat_s", "int", "15", "heartbeat comment on the alert stream", bounds=(1, 3600)),
+    Option("witnesses", "list", "(none)", "where every signed checkpoint is also held, comma-separated or "
+           "repeated: file:/PATH (storage the database does not share) or another deployment's "
+           "https://HOST/v1/witness/ID", alias="--witness"),
+    Option("witness_required", "bool", "false", "refuse decisions while a witness cannot be reached "
+           "(else an unreachable witness raises witness_unreachable and decisions go on)"),
+    Option("witness_token", "secret", "(none)", "bearer token (role witness) for the HTTP witnesses"),
 )
 OPTION = {option.name: option for option in OPTIONS}
 
@@ -190,6 +204,12 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{option.name} must be one of {', '.join(option.choices)}, got {value!r}")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
+    for spec in s.witnesses:
+        if spec.startswith("file:"):
+            if not spec.startswith("file:/"):
+                raise ConfigError(f"witness {spec!r}: a file witness needs an absolute path (file:/…)")
+        else:
+            _check_url(spec, ("http", "https"), "witnesses")
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
     _check_sinks(s)
@@ -237,6 +257,8 @@ def _coerce(option: Option, raw: Any) -> Any:
             if isinstance(raw, bool) or isinstance(raw, float):
                 raise ValueError("not an integer")
             return int(raw)
+        if option.kind == "bool":
+            return _boolean(raw)
         if option.kind == "path":
             return Path(str(raw)).expanduser()
         if option.kind == "list":
@@ -249,6 +271,15 @@ def _coerce(option: Option, raw: Any) -> Any:
         return raw
     except (TypeError, ValueError):
         raise ConfigError(f"{option.name} has an invalid value") from None
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("not a boolean")
+    return text in ("true", "1", "yes")
 
 
 def _split(item: str, raw: Any) -> list[str]:

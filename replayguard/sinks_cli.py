@@ -69,11 +69,10 @@ def cmd_test(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(sub: Any) -> None:
-    from .cli import _add_common
+    from .cli import add_setting_flags
 
     sinks = sub.add_parser("sinks", help="external alert sinks")
     cmds = sinks.add_subparsers(dest="sinks_command", required=True)
     test = cmds.add_parser("test", help="send one test alert to every configured sink")
-    _add_common(test)
-    test.add_argument("--sinks", help="comma-separated sink specs (REPLAYGUARD_SINKS; default: the settings')")
+    add_setting_flags(test)
     test.set_defaults(handler=cmd_test)

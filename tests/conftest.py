@@ -41,7 +41,7 @@ from replayguard.settings import Secret, Settings
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("REPLAYGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REPLAYGUARD_TEST_REDIS", "redis://127.0.0.1:6379/5")
-ROLES = ("callout", "hypervisor", "analyst", "admin")
+ROLES = ("callout", "hypervisor", "analyst", "admin", "witness")
 
 
 SKIP_ALLOWLIST = REPO / "tests" / "skip-allowlist.txt"

@@ -22,6 +22,8 @@ class Problem(str, enum.Enum):
     BROKEN_LINK = "broken_link"
     CHECKPOINT_MISMATCH = "checkpoint_mismatch"
     HEAD_MISMATCH = "head_mismatch"
+    MISSING_TAIL = "missing_tail"
+    LEDGER_ROLLBACK = "ledger_rollback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,22 @@ class ChainChecker:
         return None
 
     def finish(self, head_seq: int, head_hash: bytes) -> Finding | None:
-        """Compares the end of the rows with ``ledger_head``; call after the last row."""
+        """Compares the end of the rows with ``ledger_head`` and with the newest signed
+        checkpoint; call after the last row."""
         if self.finding is None and (head_seq != self.last_seq or head_hash != self.last_hash):
             seq = min(head_seq, self.last_seq) + 1 if head_seq != self.last_seq else head_seq
             self.finding = Finding(seq, Problem.HEAD_MISMATCH,
                                    f"the ledger head names entry {head_seq} but the rows end at {self.last_seq}")
+        if self.finding is None:
+            self.finding = past_head(max(self.checkpoints, default=0), head_seq)
         return self.finding
+
+
+def past_head(signed_seq: int, head_seq: int) -> Finding | None:
+    """A signed checkpoint names an entry the ledger no longer has: its tail was cut off
+    (or the database went back to an older copy)."""
+    if signed_seq <= head_seq:
+        return None
+    return Finding(head_seq + 1, Problem.MISSING_TAIL,
+                   f"a signed checkpoint names entry {signed_seq} but the ledger ends at {head_seq}: "
+                   f"entries {head_seq + 1} to {signed_seq} at least are missing")

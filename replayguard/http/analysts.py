@@ -31,6 +31,7 @@ from ..alerts import (
 )
 from ..core import validation
 from ..errors import InvalidRequest, Unavailable
+from ..core.ledger_check import Problem
 from ..ledger import LedgerService
 from ..timeline import TimelineService
 from .common import Route, json_response, query_int, read_json
@@ -188,8 +189,9 @@ async def ledger_entries(request: web.Request) -> web.Response:
 
 async def ledger_verify(request: web.Request) -> web.Response:
     ledger = _svc(request).ledger
-    report = await ledger.verify()
-    if report.finding is not None:
+    guard = request.app[RUNTIME].continuity
+    report = await ledger.verify(rollback=await guard.check())
+    if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
         await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us())
     return json_response(report.to_json())
 

@@ -26,7 +26,7 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
-from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius
+from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness
 from .common import MAX_BODY, Handler, Route, json_response, set_server_header
 from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
 
@@ -34,7 +34,7 @@ log = structlog.get_logger("replayguard.http")
 
 # Every audience module, imported plainly: a module that fails to import is a start-up
 # error, never a service that quietly lacks its routes.
-AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops, hypervisor, analysts, radius, console]
+AUDIENCE_MODULES: list[ModuleType] = [callouts, admin, ops, hypervisor, analysts, radius, witness, console]
 ROUTE_TABLE = web.AppKey("route_table", dict)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Generated request ids: a random per-process prefix and a counter (unique, and cheap;

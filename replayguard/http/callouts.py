@@ -14,11 +14,13 @@ from .state import RUNTIME
 
 
 async def answer_otp(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+    runtime.continuity.admit_decisions()
     result = await runtime.decisions.verify_otp(validation.otp_request(payload))
     return 200, result.to_json(), result
 
 
 async def answer_nonce(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+    runtime.continuity.admit_decisions()
     req = validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s)
     result = await runtime.decisions.consume_nonce(req)
     return 200, result.to_json(), result

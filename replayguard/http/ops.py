@@ -28,12 +28,19 @@ async def _ledger_writable(request: web.Request) -> bool:
         return False
 
 
+def _sync(count: int | None) -> str:
+    """Whether a synchronous standby acknowledges commits (never a reason to be unready)."""
+    return "unknown" if count is None else "yes" if count > 0 else "no"
+
+
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     ledger = await _ledger_writable(request)
     runtime.metrics.ledger_up.set(1 if ledger else 0)
-    checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable"}
-    ready = ledger
+    checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable",
+                              "continuity": runtime.continuity.status(),
+                              "sync_standby": _sync(runtime.continuity.sync_standbys)}
+    ready = ledger and runtime.continuity.ready()
     if runtime.hot is not None:
         redis_ok = await runtime.hot.ping()
         runtime.metrics.redis_up.set(1 if redis_ok else 0)

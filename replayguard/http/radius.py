@@ -139,6 +139,7 @@ def radius_request(raw: object) -> OtpRequest:
 async def answer(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
     """The same decision as ``/v1/otp/verify``, spoken in rlm_rest's terms: a 200 with the
     accept marker accepts, a 401 with a Reply-Message rejects."""
+    runtime.continuity.admit_decisions()
     result = await runtime.decisions.verify_otp(radius_request(payload))
     if result.verdict is Verdict.ACCEPT:
         return 200, ACCEPT_BODY, result

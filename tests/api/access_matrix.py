@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CALLERS = ("none", "callout", "hypervisor", "analyst", "admin")
+CALLERS = ("none", "callout", "hypervisor", "analyst", "witness", "admin")
 
 # Values that the requests put in the path parameters; none of them exists.
 PRINCIPAL = "matrix-nobody"
@@ -24,12 +24,12 @@ TOKEN_ID = "tok_matrix-nobody"
 ALERT_ID = "1"
 VM_ID = "matrix-vm"
 
-OPEN = {"none": 200, "callout": 200, "hypervisor": 200, "analyst": 200, "admin": 200}
+OPEN = {"none": 200, "callout": 200, "hypervisor": 200, "analyst": 200, "witness": 200, "admin": 200}
 
 
 def _only(allowed: dict[str, int]) -> dict[str, int]:
     """A protected row: 401 without a token, 403 for every role not named, as given otherwise."""
-    row = {"none": 401, "callout": 403, "hypervisor": 403, "analyst": 403, "admin": 403}
+    row = {"none": 401, "callout": 403, "hypervisor": 403, "analyst": 403, "witness": 403, "admin": 403}
     row.update(allowed)
     return row
 
@@ -74,6 +74,11 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/v1/principals/{principal}/unlock", f"/v1/principals/{PRINCIPAL}/unlock",
         _only({"admin": 200})),  # the fixture enrolled the principal; the note is optional
     Row("GET", "/v1/status", "/v1/status", _only({"analyst": 200, "admin": 200})),
+    # Section 10: the witness endpoint another deployment writes its checkpoints to.
+    Row("PUT", "/v1/witness/{deployment_id}", "/v1/witness/matrixdeployment",
+        _only({"witness": 400, "admin": 400})),
+    Row("GET", "/v1/witness/{deployment_id}", "/v1/witness/matrixdeployment",
+        _only({"witness": 404, "admin": 404})),  # nothing held for it
     # Section 8: operations, open to anyone.
     Row("GET", "/healthz", "/healthz", OPEN),
     Row("GET", "/readyz", "/readyz", OPEN),

@@ -78,7 +78,9 @@ def test_table_and_settings_object_agree() -> None:
     defaults = Settings()
     for option in OPTIONS:
         value = getattr(defaults, option.name)
-        if isinstance(value, int) or (isinstance(value, str) and option.kind == "str"):
+        if isinstance(value, bool):
+            assert str(value).lower() == option.default, option.name
+        elif isinstance(value, int) or (isinstance(value, str) and option.kind == "str"):
             assert str(value) == option.default, option.name
 
 

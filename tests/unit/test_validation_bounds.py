@@ -28,9 +28,9 @@ def test_good_requests_become_exact_values() -> None:
         "web-01", "login", b"n-1", 60, datetime.fromtimestamp(1_790_000_000, timezone.utc), "r")
     assert validation.nonce_request(NONCE, MAX_TTL) == NonceRequest("web-01", "login", b"n-1", 300, None, None)
     assert validation.enroll_request({}) == EnrollRequest("totp", None, 6, 30, "SHA1")
-    assert validation.enroll_request({"type": "hotp", "secret": "jbsw y3dp ehpk 3pxp", "digits": 8,
+    assert validation.enroll_request({"type": "hotp", "secret": "jbsw y3dp ehpk 3pxp jbsw y3dp ab", "digits": 8,
                                       "period": 60, "algorithm": "SHA512"}) == EnrollRequest(
-        "hotp", "JBSWY3DPEHPK3PXP", 8, 60, "SHA512")
+        "hotp", "JBSWY3DPEHPK3PXPJBSWY3DPAB", 8, 60, "SHA512")
 
 
 def _otp(**change: Any) -> Any:
@@ -85,11 +85,11 @@ EDGES: list[tuple[str, Any, str | None]] = [
     ("period 10..120", lambda: (_enroll(period=10), _enroll(period=120)), None),
     ("period 9", lambda: _enroll(period=9), "period"),
     ("period 121", lambda: _enroll(period=121), "period"),
-    ("secret of 16 base32 characters, padded", lambda: _enroll(secret="A" * 16 + "===="), None),
-    ("secret of 15", lambda: _enroll(secret="A" * 15), "secret"),
+    ("secret of 26 base32 characters (128 bits), padded", lambda: _enroll(secret="A" * 26 + "======"), None),
+    ("secret of 25", lambda: _enroll(secret="A" * 25), "secret"),
     ("secret of 256", lambda: _enroll(secret="A" * 256), None),
     ("secret of 257", lambda: _enroll(secret="A" * 257), "secret"),
-    ("secret not base32", lambda: _enroll(secret="A" * 15 + "1"), "secret"),
+    ("secret not base32", lambda: _enroll(secret="A" * 25 + "1"), "secret"),
     ("secret not a string", lambda: _enroll(secret=12345678901234567), "secret"),
     ("type unknown", lambda: _enroll(type="sms"), "type"),
     ("algorithm unknown", lambda: _enroll(algorithm="MD5"), "algorithm"),

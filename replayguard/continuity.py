@@ -1,0 +1,337 @@
+"""The continuity guard: the ledger is compared with every witness, and decisions stop
+when it went back in time (CONTRACT §10).
+
+``check`` reads every witness first and the database after (a checkpoint reaches a
+witness only after its entry committed, so a healthy ledger is never behind what was
+read), then judges each held checkpoint, and the database's own newest signed checkpoint,
+with ``core.continuity.judge``. A ledger behind or forked from any of them sets
+``rollback``: ``admit_decisions`` then raises ``LedgerRollback`` (503) on every decision
+route, /readyz answers 503 and a critical ``ledger_rollback`` alert is raised once per
+held checkpoint. A witness that cannot be read raises ``witness_unreachable`` and keeps
+its last verdict; it stops decisions only with ``witness_required``.
+
+Every worker runs ``check`` at start (before serving) and every ``CHECK_S``; the
+instance that signs a checkpoint hands it to ``published``, which pushes it to every
+witness in a background task (a slow witness never holds a decision) and checks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from .core import checkpoints as cps
+from .core import continuity
+from .core.checkpoints import Checkpoint
+from .core.continuity import Admission, Statement, Verdict
+from .db import UNAVAILABLE_ERRORS, acquire
+from .errors import LedgerRollback, Unavailable
+from .keys import Keys
+from .settings import Settings
+from .witness import Record, Witness, WitnessUnreachable, build_witnesses
+
+log = structlog.get_logger(__name__)
+
+CHECK_S = 2.0
+_DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
+DATABASE = "database checkpoints"
+_SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
+             " c.signature AS cp_sig FROM ledger_head h"
+             " LEFT JOIN LATERAL (SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1) c ON true")
+
+
+# Streaming standbys that acknowledge commits (PostgreSQL's synchronous replication): with
+# none, a failover can lose acknowledged decisions (docs/operations.md).
+_SYNC_STANDBYS = "SELECT count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) FROM pg_stat_replication"
+
+
+class WitnessRequired(Unavailable):
+    code = "witness_unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """Why decisions stop: which holder saw which checkpoint, and where the ledger is."""
+
+    source: str
+    held: Checkpoint
+    verdict: Verdict
+    head_seq: int
+
+    @property
+    def first_bad_seq(self) -> int:
+        return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.held.seq
+
+    def message(self) -> str:
+        if self.verdict is Verdict.BEHIND:
+            return (f"the ledger went back in time: {self.source} holds a signed checkpoint of entry "
+                    f"{self.held.seq} but the ledger ends at {self.head_seq}")
+        return (f"the ledger forked: {self.source} holds a signed checkpoint of entry {self.held.seq} "
+                f"with another hash than the ledger's")
+
+    def to_json(self) -> dict[str, object]:
+        return {"source": self.source, "verdict": self.verdict.value, "head_seq": self.head_seq,
+                "held": {"seq": self.held.seq, "hash": self.held.hash.hex(), "ts_us": self.held.ts_us}}
+
+
+@dataclass
+class WitnessState:
+    up: bool | None = None
+    held: Checkpoint | None = None
+    verdict: Verdict | None = None
+    error: str | None = None
+
+
+def _up_of(state: WitnessState) -> Callable[[], float]:
+    return lambda: 1.0 if state.up else 0.0
+
+
+class ContinuityGuard:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, settings: Settings, clock: Callable[[], float],
+                 registry: CollectorRegistry | None = None) -> None:
+        self._pool, self._clock = pool, clock
+        self._key = keys.signing_key()
+        self.public = self._key.public_key()
+        self.deployment_id = cps.key_id(self.public)
+        self.public_key_pem = cps.public_key_pem(self.public)
+        self._required = settings.witness_required
+        token = settings.witness_token.reveal() if settings.witness_token is not None else None
+        self.witnesses: list[Witness] = build_witnesses(settings.witnesses, self.deployment_id, token)
+        self.states = {w.name: WitnessState() for w in self.witnesses}
+        self._db_verdict: tuple[Checkpoint, Verdict] | None = None
+        self.rollback: Rollback | None = None
+        self.recoveries: list[Statement] = []
+        self.head_seq = 0
+        self.sync_standbys: int | None = None
+        self._alerted: set[str] = set()
+        self._push: asyncio.Task[None] | None = None
+        self._pending: Checkpoint | None = None
+        self._lock = asyncio.Lock()
+        self.on_recovered: Callable[[int | None], None] = lambda _ts: None
+        if registry is not None:
+            self._gauges(registry)
+
+    def _gauges(self, registry: CollectorRegistry) -> None:
+        up = Gauge("replayguard_witness_up", "1 when the witness answered the last continuity check",
+                   ["witness"], registry=registry)
+        for name, state in self.states.items():
+            up.labels(name).set_function(_up_of(state))
+        Gauge("replayguard_postgres_sync_standbys",
+              "Synchronous standbys of the ledger's PostgreSQL at the last continuity check",
+              registry=registry).set_function(lambda: self.sync_standbys or 0)
+        Gauge("replayguard_ledger_rollback", "1 while decisions stop because the ledger went back in time",
+              registry=registry).set_function(lambda: 1 if self.rollback is not None else 0)
+
+    # --- what the decision routes and /readyz ask ---------------------------------------
+
+    @property
+    def unreachable(self) -> list[str]:
+        return [name for name, s in self.states.items() if s.up is False]
+
+    def admit_decisions(self) -> None:
+        """Raises when no decision may be served (a rollback, or a required witness down)."""
+        if self.rollback is not None:
+            raise LedgerRollback(self.rollback.message() + "; record the recovery with "
+                                 "'replayguard ledger accept-rollback'")
+        if self._required and self.unreachable:
+            raise WitnessRequired(f"a required witness cannot be reached: {', '.join(self.unreachable)}")
+
+    def status(self) -> str:
+        if self.rollback is not None:
+            return "ledger_rollback"
+        if self.unreachable:
+            return "witness_unreachable"
+        return "ok"
+
+    def ready(self) -> bool:
+        return self.rollback is None and not (self._required and self.unreachable)
+
+    @property
+    def recovered_at_us(self) -> int | None:
+        return max((st.ts_us for st in self.recoveries), default=None)
+
+    # --- the check ----------------------------------------------------------------------
+
+    async def _read(self, witness: Witness) -> Record | None | WitnessUnreachable:
+        try:
+            record = await asyncio.wait_for(witness.read(), 5.0)
+        except WitnessUnreachable as exc:
+            return exc
+        except TimeoutError:
+            return WitnessUnreachable(f"{witness.name}: no answer")
+        if record is not None and not self._ours(record):
+            return WitnessUnreachable(f"{witness.name} holds a checkpoint not signed by this deployment's key")
+        return record
+
+    def _ours(self, record: Record) -> bool:
+        return (record.public_key_pem.strip() == self.public_key_pem.strip()
+                and cps.verify(self.public, record.checkpoint))
+
+    async def check(self) -> Rollback | None:
+        """Compares the ledger with every witness and its own newest checkpoint (see module)."""
+        async with self._lock:
+            reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
+            async with acquire(self._pool) as conn:
+                snap = await conn.fetchrow(_SNAPSHOT)
+                self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
+                self.recoveries = await self._recoveries(conn)
+                self.on_recovered(self.recovered_at_us)
+                self.head_seq = snap["seq"]
+                db_cp = self._db_checkpoint(snap)
+                if db_cp is not None:
+                    self._db_verdict = (db_cp, await self._judge(conn, db_cp))
+                for witness, read in zip(self.witnesses, reads, strict=True):
+                    await self._note(conn, witness.name, read)
+            rollback = self._rollback()
+            changed = rollback != self.rollback
+            self.rollback = rollback
+        if rollback is not None and changed:
+            await self._alert_rollback(rollback)
+        await self._alert_unreachable()
+        if rollback is None and db_cp is not None:
+            self._push_if_lagging(db_cp)
+        return rollback
+
+    def _db_checkpoint(self, snap: asyncpg.Record) -> Checkpoint | None:
+        if snap["cp_seq"] is None:
+            return None
+        cp = Checkpoint(snap["cp_seq"], bytes(snap["cp_hash"]), snap["cp_ts"], snap["cp_key"], bytes(snap["cp_sig"]))
+        return cp if cp.key_id == self.deployment_id and cps.verify(self.public, cp) else None
+
+    async def _recoveries(self, conn: asyncpg.Connection) -> list[Statement]:
+        found = []
+        for record in await conn.fetch("SELECT statement::text AS st FROM ledger_recoveries ORDER BY seq"):
+            try:
+                st = continuity.statement_from_json(orjson.loads(record["st"]))
+            except ValueError:
+                continue
+            if continuity.statement_valid(self.public, st):
+                found.append(st)
+        return found
+
+    async def _judge(self, conn: asyncpg.Connection, held: Checkpoint) -> Verdict:
+        hash_at = None
+        if held.seq <= self.head_seq:
+            raw = await conn.fetchval("SELECT hash FROM ledger WHERE seq = $1", held.seq)
+            hash_at = None if raw is None else bytes(raw)
+        return continuity.judge(held, self.head_seq, hash_at, self.recoveries)
+
+    async def _note(self, conn: asyncpg.Connection, name: str, read: Record | None | WitnessUnreachable) -> None:
+        state = self.states[name]
+        if isinstance(read, WitnessUnreachable):
+            if state.up is not False:
+                log.warning("witness_unreachable", witness=name, error=str(read))
+            state.up, state.error = False, str(read)
+            return  # the last verdict stands: a witness that went quiet proves nothing new
+        state.up, state.error = True, None
+        state.held = None if read is None else read.checkpoint
+        state.verdict = None if read is None else await self._judge(conn, read.checkpoint)
+
+    def _rollback(self) -> Rollback | None:
+        """The worst finding: the furthest checkpoint the ledger no longer holds."""
+        found = []
+        if self._db_verdict is not None and self._db_verdict[1].rollback:
+            found.append(Rollback(DATABASE, self._db_verdict[0], self._db_verdict[1], self.head_seq))
+        for name, state in self.states.items():
+            if state.held is not None and state.verdict is not None and state.verdict.rollback:
+                found.append(Rollback(name, state.held, state.verdict, self.head_seq))
+        return max(found, key=lambda r: r.held.seq, default=None)
+
+    def held_checkpoints(self) -> list[tuple[str, Checkpoint, Verdict | None]]:
+        """Every holder's checkpoint as last read (for the recovery's record)."""
+        found: list[tuple[str, Checkpoint, Verdict | None]] = []
+        if self._db_verdict is not None:
+            found.append((DATABASE, *self._db_verdict))
+        found += [(n, s.held, s.verdict) for n, s in self.states.items() if s.held is not None]
+        return found
+
+    # --- alerts -------------------------------------------------------------------------
+
+    async def _alert(self, kind: str, severity: str, dedup: str, summary: str, details: dict[str, object]) -> None:
+        now_us = int(self._clock() * 1e6)
+        try:
+            async with acquire(self._pool) as conn:
+                await conn.fetchval("SELECT rg_alert($1, $2, NULL, NULL, $3, $4, $5, $6, $7::jsonb)",
+                                    kind, severity, dedup, now_us, self.head_seq, summary, details)
+        except _DOWN as exc:
+            log.warning("continuity_alert_not_written", kind=kind, error=type(exc).__name__)
+            self._alerted.discard(dedup)
+
+    async def _alert_rollback(self, rollback: Rollback) -> None:
+        log.critical("ledger_rollback", **rollback.to_json())
+        dedup = f"ledger_rollback:{rollback.source}:{rollback.held.seq}:{rollback.held.hash.hex()[:16]}"
+        await self._alert("ledger_rollback", "critical", dedup, rollback.message(), rollback.to_json())
+
+    async def _alert_unreachable(self) -> None:
+        for name, state in self.states.items():
+            dedup = f"witness_unreachable:{name}"
+            if state.up is False and dedup not in self._alerted:
+                self._alerted.add(dedup)
+                await self._alert("witness_unreachable", "critical" if self._required else "warning", dedup,
+                                  f"witness {name} cannot be reached: {state.error}",
+                                  {"witness": name, "error": state.error, "required": self._required})
+            elif state.up:
+                self._alerted.discard(dedup)
+
+    # --- pushing checkpoints ------------------------------------------------------------
+
+    def published(self, cp: Checkpoint) -> None:
+        """A new checkpoint was signed: push it to every witness, off the caller's path."""
+        if not self.witnesses:
+            return
+        self._pending = cp if self._pending is None or cp.seq > self._pending.seq else self._pending
+        if self._push is None or self._push.done():
+            self._push = asyncio.create_task(self._push_pending(), name="witness-push")
+
+    def _push_if_lagging(self, latest: Checkpoint) -> None:
+        if any(s.up and (s.held is None or s.held.seq < latest.seq or s.verdict is Verdict.COVERED)
+               for s in self.states.values()):
+            self.published(latest)
+
+    async def _push_pending(self) -> None:
+        while self._pending is not None:
+            cp, self._pending = self._pending, None
+            await self.push(cp)
+            with contextlib.suppress(*_DOWN):
+                await self.check()
+
+    async def push(self, cp: Checkpoint) -> dict[str, str]:
+        """Offers ``cp`` (with the latest recovery statement) to every witness; returns each
+        one's answer (an admission, or ``unreachable: …``)."""
+        recovery = self.recoveries[-1] if self.recoveries else None
+        record = Record(self.deployment_id, self.public_key_pem, cp, recovery)
+
+        async def one(witness: Witness) -> str:
+            try:
+                answer = await asyncio.wait_for(witness.put(record), 10.0)
+            except (WitnessUnreachable, TimeoutError) as exc:
+                self.states[witness.name].up = False
+                self.states[witness.name].error = str(exc) or "no answer"
+                return f"unreachable: {self.states[witness.name].error}"
+            if answer.refused:
+                log.error("witness_refused_checkpoint", witness=witness.name, seq=cp.seq, admission=answer.value)
+            return answer.value
+
+        answers = await asyncio.gather(*(one(w) for w in self.witnesses))
+        return dict(zip((w.name for w in self.witnesses), answers, strict=True))
+
+    async def run(self) -> None:
+        """Checks every ``CHECK_S`` until cancelled."""
+        while True:
+            await asyncio.sleep(CHECK_S)
+            try:
+                await self.check()
+            except (*_DOWN, asyncpg.PostgresError) as exc:
+                log.warning("continuity_check_failed", error=type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._push is not None and not self._push.done():
+            self._push.cancel()
+            await asyncio.wait({self._push})

@@ -1,0 +1,90 @@
+"""Recording a ledger rollback the operator accepts (``replayguard ledger accept-rollback``).
+
+One transaction, under the ledger head's lock:
+
+- a signed recovery statement (``core.continuity.Statement``) naming the furthest
+  checkpoint the ledger lost, kept in ``ledger_recoveries`` and in the entry;
+- the state that must forget nothing the lost range may have recorded: every TOTP token's
+  last step is raised to the step of the recovery time plus the drift window (codes up to
+  then are refused as ``reused``), every HOTP token is revoked (its counter may have moved
+  any distance in the lost range: the principal enrols a new one); nonces issued before
+  the recovery, or without ``issued_at``, are refused by the decision service for
+  ``nonce_max_ttl_s`` (``core.continuity.nonce_before_recovery``);
+- the database's own checkpoints past its head (of the lost range) are dropped, their
+  values kept in the entry;
+- one ``ledger_recovery`` entry with all of it, who ran the command and why, and a
+  checkpoint signed over that entry, which the witnesses accept from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .core import checkpoints as cps
+from .core import continuity
+from .core.checkpoints import Checkpoint
+from .core.continuity import Verdict
+from .db import acquire
+
+
+def operator() -> str:
+    """The OS user running the command (and the one sudo was called by, if any)."""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    via = os.environ.get("SUDO_USER")
+    return f"{via} (as {user})" if via and via != user else user
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    seq: int
+    checkpoint: Checkpoint
+    payload: dict[str, Any]
+
+
+def _cp_json(source: str, cp: Checkpoint, verdict: Verdict | None) -> dict[str, Any]:
+    return {"holder": source, "seq": cp.seq, "hash": cp.hash.hex(), "ts_us": cp.ts_us,
+            "verdict": None if verdict is None else verdict.value}
+
+
+async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[str, Checkpoint, Verdict | None]],
+                 reason: str, who: str, now_us: int, drift_steps: int) -> Recovery:
+    """Writes the recovery (see the module docstring); ``held`` must name a rollback."""
+    lost = [cp for _, cp, verdict in held if verdict is not None and verdict.rollback]
+    abandoned = max(lost, key=lambda cp: cp.seq)
+    async with acquire(pool) as conn, conn.transaction():
+        head = await conn.fetchrow("SELECT seq, hash FROM ledger_head WHERE id FOR UPDATE")
+        statement = continuity.sign_statement(key, head["seq"] + 1, bytes(head["hash"]), now_us,
+                                              abandoned.seq, abandoned.hash)
+        totp = await conn.fetchval(
+            "WITH t AS (UPDATE otp_tokens SET last_counter = greatest(last_counter, $1 / (period * 1000000::bigint) + $2)"
+            " WHERE type = 'totp' AND deleted_at IS NULL RETURNING 1) SELECT count(*) FROM t", now_us, drift_steps)
+        hotp = await conn.fetch("UPDATE otp_tokens SET deleted_at = now() WHERE type = 'hotp' AND deleted_at IS NULL"
+                                " RETURNING id, principal")
+        dropped = await conn.fetch("DELETE FROM checkpoints WHERE seq > $1 RETURNING seq, hash, ts_us", head["seq"])
+        await conn.execute("UPDATE sink_feed SET checkpoint_seq = least(checkpoint_seq, $1)", head["seq"])
+        payload = {
+            "who": who, "reason": reason,
+            "database_head": {"seq": head["seq"], "hash": bytes(head["hash"]).hex()},
+            "witnessed": [_cp_json(*h) for h in held],
+            "abandoned": {"seq": abandoned.seq, "hash": abandoned.hash.hex()},
+            "dropped_checkpoints": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(), "ts_us": r["ts_us"]}
+                                    for r in dropped],
+            "totp_tokens_raised": totp,
+            "hotp_tokens_revoked": [{"token_id": r["id"], "principal": r["principal"]} for r in hotp],
+            "statement": continuity.statement_json(statement),
+        }
+        seq = await conn.fetchval(
+            "SELECT rg_append($1, 'ledger_recovery', NULL, NULL, NULL, NULL, NULL, $2::jsonb)", now_us, payload)
+        await conn.execute("INSERT INTO ledger_recoveries VALUES ($1, $2, $3::jsonb)", seq, now_us,
+                           continuity.statement_json(statement))
+        entry_hash = bytes(await conn.fetchval("SELECT hash FROM ledger WHERE seq = $1", seq))
+        cp = cps.sign(key, seq, entry_hash, now_us)
+        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                           cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+    return Recovery(seq, cp, payload)

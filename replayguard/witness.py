@@ -1,0 +1,182 @@
+"""Witnesses: where the ledger's signed checkpoints are held outside its database.
+
+Two kinds, named by ``settings.witnesses``:
+
+- ``file:PATH``: a JSON file this service replaces atomically (temporary file in the same
+  directory, fsync, rename, fsync of the directory) under an exclusive ``flock`` of
+  ``PATH.lock``, so that two workers never step it back between them.
+- ``http(s)://HOST[:PORT]``: another replayguard deployment's witness endpoint
+  (``PUT``/``GET /v1/witness/{deployment_id}``, role ``witness``, ``settings.witness_token``).
+
+Both apply the same rule (``core.continuity.admit``): a checkpoint that steps back or
+forks from what the witness holds is refused unless a recorded recovery covers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from .core import checkpoints as cps
+from .core import continuity
+from .core.checkpoints import Checkpoint
+from .core.continuity import Admission, Statement
+
+TIMEOUT_S = 3.0
+
+
+class WitnessUnreachable(Exception):
+    """The witness could not be read or written (its reason is the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a witness holds for one deployment (and what a push carries)."""
+
+    deployment_id: str
+    public_key_pem: str
+    checkpoint: Checkpoint
+    recovery: Statement | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deployment_id": self.deployment_id, "public_key_pem": self.public_key_pem,
+                "checkpoint": cps.to_json(self.checkpoint),
+                "recovery": None if self.recovery is None else continuity.statement_json(self.recovery)}
+
+
+def record_from_json(data: Any) -> Record:
+    """Parses ``Record.to_json``'s form; raises ValueError naming the fault."""
+    if not isinstance(data, dict):
+        raise ValueError("a witness record must be a JSON object")  # noqa: TRY004 - callers catch ValueError
+    deployment, pem = data.get("deployment_id"), data.get("public_key_pem")
+    if not isinstance(deployment, str) or not isinstance(pem, str):
+        raise ValueError("deployment_id and public_key_pem must be strings")
+    raw_recovery = data.get("recovery")
+    recovery = None if raw_recovery is None else continuity.statement_from_json(raw_recovery)
+    return Record(deployment, pem, cps.from_json(data.get("checkpoint")), recovery)
+
+
+class Witness(Protocol):
+    name: str
+
+    async def read(self) -> Record | None:
+        """What the witness holds (None: nothing yet); raises WitnessUnreachable."""
+
+    async def put(self, record: Record) -> Admission:
+        """Offers a checkpoint; a refusal is returned, not raised; raises WitnessUnreachable."""
+
+
+class FileWitness:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = f"file:{path}"
+
+    async def read(self) -> Record | None:
+        return await asyncio.to_thread(self._read)
+
+    async def put(self, record: Record) -> Admission:
+        return await asyncio.to_thread(self._put, record)
+
+    def _read(self) -> Record | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            if not self.path.parent.is_dir():
+                raise WitnessUnreachable(f"directory {self.path.parent} does not exist") from None
+            return None
+        except OSError as exc:
+            raise WitnessUnreachable(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            return record_from_json(orjson.loads(raw))
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            raise WitnessUnreachable(f"{self.path} is not a witness record: {exc}") from None
+
+    def _put(self, record: Record) -> Admission:
+        try:
+            with open(f"{self.path}.lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                held = self._read()
+                verdict = continuity.admit(None if held is None else held.checkpoint, record.checkpoint,
+                                           record.recovery)
+                if verdict in (Admission.ACCEPT, Admission.RECOVERY):
+                    self._replace(orjson.dumps(record.to_json()))
+                return verdict
+        except OSError as exc:
+            raise WitnessUnreachable(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def _replace(self, data: bytes) -> None:
+        """Atomic and durable: the new content is on disk, under its name, before we return."""
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class HttpWitness:
+    def __init__(self, base_url: str, deployment_id: str, token: str | None) -> None:
+        self.name = base_url
+        self.url = f"{base_url.rstrip('/')}/v1/witness/{deployment_id}"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _call(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as session, \
+                    session.request(method, self.url, json=body, headers=self._headers) as resp:
+                data = await resp.read()
+                return resp.status, orjson.loads(data) if data else None
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+            raise WitnessUnreachable(f"{self.name}: {type(exc).__name__}") from None
+
+    async def read(self) -> Record | None:
+        status, body = await self._call("GET")
+        if status == 404:
+            return None
+        if status != 200:
+            raise WitnessUnreachable(f"{self.name} answered {status}")
+        try:
+            return record_from_json(body)
+        except ValueError as exc:
+            raise WitnessUnreachable(f"{self.name} answered an unreadable record: {exc}") from None
+
+    async def put(self, record: Record) -> Admission:
+        status, body = await self._call("PUT", record.to_json())
+        if status == 200 and isinstance(body, dict):
+            try:
+                return Admission(body.get("admission"))
+            except ValueError:
+                return Admission.ACCEPT
+        if status == 409:
+            return Admission.STEPS_BACK
+        raise WitnessUnreachable(f"{self.name} answered {status}")
+
+
+def build_witnesses(specs: tuple[str, ...], deployment_id: str, token: str | None) -> list[Witness]:
+    found: list[Witness] = []
+    for spec in specs:
+        if spec.startswith("file:"):
+            found.append(FileWitness(Path(spec.removeprefix("file:"))))
+        else:
+            found.append(HttpWitness(spec, deployment_id, token))
+    return found

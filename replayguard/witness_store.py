@@ -1,0 +1,112 @@
+"""Being another deployment's witness: hold its newest signed checkpoint, refuse one that
+steps back or forks (CONTRACT §10), and raise an alert of our own when one is tried.
+
+A deployment is named by its checkpoint key's id (``core.checkpoints.key_id``), so the
+first record names the key (trust on first use) and the key is stored; every later
+checkpoint must be signed by that same key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .core import checkpoints as cps
+from .core import continuity
+from .core.checkpoints import Checkpoint
+from .core.continuity import Admission, Statement
+from .db import acquire
+from .errors import Conflict, InvalidRequest
+from .witness import Record, record_from_json
+
+log = structlog.get_logger(__name__)
+
+_HELD = "SELECT * FROM witnessed WHERE deployment_id = $1"
+
+
+class WitnessRefused(Conflict):
+    """409: the checkpoint steps back or forks from what this witness holds."""
+
+
+def parse_offer(deployment_id: str, payload: Any) -> tuple[Record, Any]:
+    """The record and its public key; a malformed or misaddressed one is a 400."""
+    try:
+        record = record_from_json(payload)
+        public = cps.load_public_key(record.public_key_pem.encode())
+    except ValueError as exc:
+        raise InvalidRequest(f"not a witness record: {exc}") from None
+    if record.deployment_id != deployment_id or cps.key_id(public) != deployment_id:
+        raise InvalidRequest("the deployment id must be the id of the record's public key", field="deployment_id")
+    return record, public
+
+
+def _held(row: asyncpg.Record) -> Checkpoint:
+    return Checkpoint(row["seq"], bytes(row["hash"]), row["ts_us"], row["deployment_id"], bytes(row["signature"]))
+
+
+def _record(row: asyncpg.Record) -> dict[str, Any]:
+    public = cps.load_public_key(bytes(row["public_key"]))
+    recovery = row["recovery"]  # jsonb, decoded by the pool's codec
+    return {"deployment_id": row["deployment_id"], "public_key_pem": cps.public_key_pem(public),
+            "checkpoint": cps.to_json(_held(row)), "recovery": recovery,
+            "first_seen_us": row["first_seen_us"], "updated_us": row["updated_us"]}
+
+
+class WitnessStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def get(self, deployment_id: str) -> dict[str, Any] | None:
+        async with acquire(self._pool) as conn:
+            row = await conn.fetchrow(_HELD, deployment_id)
+        return None if row is None else _record(row)
+
+    async def offer(self, deployment_id: str, payload: Any, now_us: int) -> dict[str, Any]:
+        """Admits the checkpoint or raises ``WitnessRefused`` (after raising an alert)."""
+        record, public = parse_offer(deployment_id, payload)
+        pem = record.public_key_pem.encode()
+        recovery = record.recovery if record.recovery and continuity.statement_valid(public, record.recovery) else None
+        refusal: str | None = None
+        async with acquire(self._pool) as conn, conn.transaction():
+            row = await conn.fetchrow(_HELD + " FOR UPDATE", deployment_id)
+            if row is not None and bytes(row["public_key"]) != pem:
+                refusal = "the checkpoint key is not the one this deployment first gave"
+                verdict = Admission.FORKS
+            elif not cps.verify(public, record.checkpoint):
+                refusal = "the checkpoint's signature does not hold"
+                verdict = Admission.FORKS
+            else:
+                verdict = continuity.admit(None if row is None else _held(row), record.checkpoint, recovery)
+            if verdict.refused:
+                refusal = refusal or (f"checkpoint {record.checkpoint.seq} {verdict.value.replace('_', ' ')} "
+                                      f"from the held checkpoint {row['seq'] if row else 0}")
+                await self._alert(conn, deployment_id, record.checkpoint, verdict, refusal, now_us)
+            elif verdict is not Admission.SAME:
+                await self._store(conn, deployment_id, pem, record.checkpoint, recovery, now_us)
+        if refusal is not None:
+            log.error("witness_refused", deployment_id=deployment_id, seq=record.checkpoint.seq, reason=refusal)
+            raise WitnessRefused(refusal)
+        return {"admission": verdict.value, "seq": record.checkpoint.seq}
+
+    async def _store(self, conn: asyncpg.Connection, deployment_id: str, pem: bytes, cp: Checkpoint,
+                     recovery: Statement | None, now_us: int) -> None:
+        rec = None if recovery is None else continuity.statement_json(recovery)
+        await conn.execute(
+            "INSERT INTO witnessed VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $8)"
+            " ON CONFLICT (deployment_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
+            " ts_us = excluded.ts_us, signature = excluded.signature, recovery = excluded.recovery,"
+            " updated_us = excluded.updated_us",
+            deployment_id, pem, cp.seq, cp.hash, cp.ts_us, cp.signature, rec, now_us)
+
+    async def _alert(self, conn: asyncpg.Connection, deployment_id: str, cp: Checkpoint, verdict: Admission,
+                     why: str, now_us: int) -> None:
+        kind = "ledger_rollback" if verdict is Admission.STEPS_BACK else "ledger_tamper"
+        head = await conn.fetchval("SELECT seq FROM ledger_head")
+        await conn.fetchval(
+            "SELECT rg_alert($1, 'critical', NULL, NULL, $2, $3, $4, $5, $6::jsonb)",
+            kind, f"witness:{deployment_id}:{kind}:{cp.seq}:{cp.hash.hex()[:16]}", now_us, head,
+            f"deployment {deployment_id} offered this witness a checkpoint it refused: {why}",
+            {"deployment_id": deployment_id, "offered_seq": cp.seq, "offered_hash": cp.hash.hex(),
+             "admission": verdict.value})

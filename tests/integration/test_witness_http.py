@@ -1,0 +1,170 @@
+"""Deployments as each other's witnesses over HTTP (CONTRACT §10), against real PostgreSQL:
+checkpoints reach the witness, one that steps back or forks is refused with an alert of the
+witness's own, and an unreachable witness is reported and refuses decisions only when required."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from replayguard.core import checkpoints as cps
+from replayguard.core import continuity
+from replayguard.settings import Secret
+from replayguard.witness import Record
+from aiohttp.test_utils import TestClient
+
+from replayguard.http.app import create_app
+from replayguard.http.state import RUNTIME
+from replayguard.settings import Settings
+from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, free_port, run_cli, uid
+from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz, until
+
+
+def url_of(api: Api) -> str:
+    return str(api.client.make_url("")).rstrip("/")
+
+
+async def held(api: Api, deployment_id: str) -> dict[str, Any] | None:
+    status, body = await api.get(f"/v1/witness/{deployment_id}", role="witness")
+    return dict(body) if status == 200 else None
+
+
+async def put(api: Api, deployment_id: str, body: dict[str, Any], role: str = "witness") -> tuple[int, Any]:
+    resp = await api.client.put(f"/v1/witness/{deployment_id}", json=body, headers=api.auth(role))
+    return resp.status, await resp.json()
+
+
+async def pair(api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> tuple[Api, Api]:
+    """A deployment ``a`` whose checkpoints are witnessed by ``b``."""
+    b = await api_factory(database_url=Secret(await fresh_database()), data_dir=tmp_path / "b")
+    a = await api_factory(database_url=Secret(await fresh_database()), data_dir=tmp_path / "a", checkpoint_every=2,
+                          witnesses=(url_of(b),), witness_token=Secret(b.tokens["witness"]))
+    return a, b
+
+
+async def start_on(settings: Settings, port: int) -> Api:
+    """The service on a port chosen beforehand (so another deployment can name it first)."""
+    app = create_app(settings, clock=FakeClock())
+    client = TestClient(ServiceTestServer(app, port=port))
+    await client.start_server()
+    runtime = app[RUNTIME]
+    tokens = {role: (await runtime.api_tokens.create(role, uid(role)))[1] for role in ROLES}
+    return Api(client, runtime, tokens, FakeClock())
+
+
+def witness_token(dsn: str, data_dir: Path) -> str:
+    made = run_cli("token", "create", "--role", "witness", "--name", uid("peer"), "--database-url", dsn,
+                   "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+async def test_two_deployments_witness_each_other(make_settings: Callable[..., Settings],
+                                                  fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """Each deployment's signed checkpoints reach the other's witness endpoint and verify there."""
+    dsn_a, dsn_b = await fresh_database(), await fresh_database()
+    port_a, port_b = free_port(), free_port()
+    token_a, token_b = witness_token(dsn_a, tmp_path / "a"), witness_token(dsn_b, tmp_path / "b")
+    a = await start_on(make_settings(database_url=Secret(dsn_a), data_dir=tmp_path / "a", checkpoint_every=2,
+                                     witnesses=(f"http://127.0.0.1:{port_b}",), witness_token=Secret(token_b)), port_a)
+    b = await start_on(make_settings(database_url=Secret(dsn_b), data_dir=tmp_path / "b", checkpoint_every=2,
+                                     witnesses=(f"http://127.0.0.1:{port_a}",), witness_token=Secret(token_a)), port_b)
+    try:
+        await _exchange(a, b)
+    finally:
+        await a.client.close()
+        await b.client.close()
+
+
+async def _exchange(a: Api, b: Api) -> None:
+    a_id, b_id = a.runtime.continuity.deployment_id, b.runtime.continuity.deployment_id
+    assert a_id != b_id
+    for api in (a, b, a, b, a, b):
+        assert (await nonce(api, secrets.token_hex(8)))[0] == 200
+
+    async def both_held() -> bool:
+        on_b, on_a = await held(b, a_id), await held(a, b_id)
+        return bool(on_b and on_b["checkpoint"]["seq"] >= 3 and on_a and on_a["checkpoint"]["seq"] >= 3)
+
+    await until(both_held)
+    record = await held(b, a_id)
+    assert record is not None
+    checkpoint = cps.from_json(record["checkpoint"])
+    assert cps.verify(a.runtime.continuity.public, checkpoint)
+    assert record["public_key_pem"] == a.runtime.continuity.public_key_pem
+    await a.runtime.continuity.check()
+    assert all(state.up for state in a.runtime.continuity.states.values()) and a.runtime.continuity.rollback is None
+
+
+async def test_a_witness_refuses_a_checkpoint_that_steps_back_or_forks(
+        api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """Stepping back (ledger_rollback) and forking or a bad signature (ledger_tamper) are
+    409 with an alert on the witness; what it holds does not change; a signed recovery moves it on."""
+    a, b = await pair(api_factory, fresh_database, tmp_path)
+    a_id = a.runtime.continuity.deployment_id
+    for _ in range(4):
+        assert (await nonce(a, secrets.token_hex(8)))[0] == 200
+
+    async def held_three() -> bool:
+        record = await held(b, a_id)
+        return bool(record and record["checkpoint"]["seq"] >= 3)
+
+    await until(held_three)
+    before = await held(b, a_id)
+    assert before is not None
+    top = cps.from_json(before["checkpoint"])
+    key = a.runtime.keys.signing_key()
+    pem = a.runtime.continuity.public_key_pem
+
+    def offer(cp: cps.Checkpoint, recovery: continuity.Statement | None = None) -> dict[str, Any]:
+        return Record(a_id, pem, cp, recovery).to_json()
+
+    back = cps.sign(key, top.seq - 1, secrets.token_bytes(32), top.ts_us + 1)
+    status, body = await put(b, a_id, offer(back))
+    assert status == 409 and body["error"]["code"] == "conflict", body
+    assert (await alerts_of(b, "ledger_rollback"))[0]["severity"] == "critical"
+    fork = cps.sign(key, top.seq, secrets.token_bytes(32), top.ts_us + 1)
+    assert (await put(b, a_id, offer(fork)))[0] == 409
+    forged = cps.Checkpoint(top.seq + 5, secrets.token_bytes(32), top.ts_us + 1, top.key_id, secrets.token_bytes(64))
+    assert (await put(b, a_id, offer(forged)))[0] == 409
+    assert len(await alerts_of(b, "ledger_tamper")) == 2
+    assert (await put(b, "0123456789abcdef", offer(back)))[0] == 400
+    assert (await put(b, a_id, {"checkpoint": "nope"}))[0] == 400
+    assert (await put(b, a_id, offer(back), role="callout"))[0] == 403
+    assert await held(b, a_id) == before
+
+    statement = continuity.sign_statement(key, top.seq - 1, secrets.token_bytes(32), top.ts_us + 10,
+                                          top.seq, top.hash)
+    recovered = cps.sign(key, top.seq - 1, secrets.token_bytes(32), top.ts_us + 10)
+    status, body = await put(b, a_id, offer(recovered, statement))
+    assert status == 200 and body["admission"] == "recovery", body
+    stale = continuity.sign_statement(key, 2, secrets.token_bytes(32), top.ts_us + 5, top.seq, top.hash)
+    assert (await put(b, a_id, offer(cps.sign(key, 2, secrets.token_bytes(32), top.ts_us + 20), stale)))[0] == 409
+
+
+async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required(
+        api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """A dead witness raises witness_unreachable and sets replayguard_witness_up to 0; decisions
+    go on unless witness_required, then they are 503 and /readyz is 503."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    dsn = Secret(await fresh_database())
+    api = await api_factory(database_url=dsn, witnesses=(dead,))
+    assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    alerts = await alerts_of(api, "witness_unreachable")
+    assert alerts and alerts[0]["severity"] == "warning"
+    metrics = await (await api.client.get("/metrics")).text()
+    assert f'replayguard_witness_up{{witness="{dead}"}} 0.0' in metrics
+    ready = await readyz(api)
+    assert ready[0] == 200 and ready[1]["checks"]["continuity"] == "witness_unreachable"
+
+    required = await api_factory(database_url=dsn, witnesses=(dead,), witness_required=True)
+    status, body = await nonce(required, secrets.token_hex(8))
+    assert status == 503 and body["error"]["code"] == "witness_unreachable", body
+    assert (await readyz(required))[0] == 503
+
+    async def critical() -> bool:
+        return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
+
+    await until(critical)
