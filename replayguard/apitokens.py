@@ -75,7 +75,9 @@ class ApiTokens:
 
     async def authenticate(self, token: str) -> Caller | None:
         """The caller a bearer token belongs to, or None when unknown or revoked."""
-        if not token.startswith(PREFIX) or len(token) > 256:
+        # Tokens are ASCII; aiohttp hands other header bytes over as surrogate escapes,
+        # which no digest can encode.
+        if not token.isascii() or not token.startswith(PREFIX) or len(token) > 256:
             return None
         digest = api_token_digest(self._pepper, token)
         now = time.monotonic()
