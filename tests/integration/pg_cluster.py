@@ -1,7 +1,8 @@
 """A PostgreSQL primary and a streaming standby that a test owns (Debian's PostgreSQL 15).
 
-Both run as the ``postgres`` user on free loopback ports from directories under /tmp the
-test creates; they are stopped by PID (``kill -9`` for a crash). ``pg_basebackup -R``
+Both run as the ``postgres`` user from directories the test creates, reached over Unix
+sockets only (each server's own short directory under /tmp, so no TCP port is picked and
+released, and none can be taken by another process in between); they are stopped by PID (``kill -9`` for a crash). ``pg_basebackup -R``
 makes the standby; ``SYNCHRONOUS`` (run on the primary once the standby streams) makes it synchronous.
 """
 
@@ -11,10 +12,10 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.owned_servers import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 STANDBY_NAME = "standby1"
@@ -32,17 +33,19 @@ def _as_postgres(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
 
 
 class Server:
-    """One PostgreSQL server on a data directory and port of its own."""
+    """One PostgreSQL server on a data directory and a socket directory of its own."""
 
-    def __init__(self, data: Path, port: int) -> None:
-        self.data, self.port = data, port
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="rg-pg-", dir="/tmp"))  # short: sun_path is 108 bytes
+        shutil.chown(self.socket_dir, "postgres")
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port=5432"
 
     def start(self) -> None:
         _as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l", str(self.data / "log"),
-                     "-o", f"-p {self.port} -k {self.data}", "start", timeout=90)
+                     "-o", f"-p 5432 -k {self.socket_dir}", "start", timeout=90)
 
     def pid(self) -> int | None:
         try:
@@ -106,14 +109,12 @@ def make_primary(root: Path) -> Server:
         shutil.chown(directory, "postgres")
     data = root / "primary"
     _as_postgres(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-N")
-    settings = ["listen_addresses = '127.0.0.1'", "wal_level = replica", "max_wal_senders = 5",
+    settings = ["listen_addresses = ''", "wal_level = replica", "max_wal_senders = 5",
                 "hot_standby = on", "fsync = on", "shared_buffers = 16MB", "max_connections = 60",
                 "wal_keep_size = 64MB"]
     with open(data / "postgresql.conf", "a") as conf:
         conf.write("\n".join(settings) + "\n")
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write("host replication postgres 127.0.0.1/32 trust\n")
-    server = Server(data, free_port())
+    server = Server(data)  # initdb's pg_hba.conf trusts local (socket) replication
     server.start()
     return server
 
@@ -124,11 +125,11 @@ SYNCHRONOUS = (f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'",
 
 def make_standby(root: Path, primary: Server) -> Server:
     data = root / "standby"
-    _as_postgres(str(BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+    _as_postgres(str(BIN / "pg_basebackup"), "-h", str(primary.socket_dir), "-p", "5432", "-U", "postgres",
                  "-D", str(data), "-R", "-X", "stream", "-c", "fast", timeout=120)
     with open(data / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
+        conf.write(f"primary_conninfo = 'host={primary.socket_dir} port=5432 user=postgres "
                    f"application_name={STANDBY_NAME}'\n")
-    server = Server(data, free_port())
+    server = Server(data)
     server.start()
     return server
