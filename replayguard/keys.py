@@ -99,7 +99,10 @@ def _load_one(named: Path | None, default: Path, data_dir: Path) -> bytes:
 def load_keys(settings: Settings) -> Keys:
     """Reads or creates every key; raises ``ConfigError`` with one clear line."""
     data_dir = settings.data_dir
-    claim_data_dir(data_dir, embedded=settings.embedded)
+    # A new data dir is made for whoever will run the embedded server; an existing one is
+    # only checked for its owner here (the embedded server makes its own, stricter check,
+    # so commands that read keys alone, like `ledger public-key`, work on any of root's).
+    claim_data_dir(data_dir, embedded=settings.embedded and not data_dir.exists())
     keys_dir = data_dir / "keys"
     return Keys(
         pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key", data_dir),

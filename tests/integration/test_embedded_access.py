@@ -258,3 +258,14 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_opened(monkeypatch
             assert _ancestry(closed) == before
         finally:
             server.stop("immediate")
+
+
+def test_key_only_command_works_on_a_root_owned_data_dir() -> None:
+    """`ledger public-key` reads keys only: root's own data dir is fine for it, with no database set."""
+    with scratch_dir() as scratch:
+        data_dir = scratch / "data"
+        data_dir.mkdir(mode=0o700)
+        done = run_cli("ledger", "public-key", "--data-dir", str(data_dir))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+        assert data_dir.stat().st_uid == 0 and (data_dir / "keys" / "signing.key").stat().st_uid == 0
