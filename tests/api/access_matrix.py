@@ -21,7 +21,7 @@ CALLERS = ("none", "callout", "hypervisor", "analyst", "witness", "admin")
 # Values that the requests put in the path parameters; none of them exists.
 PRINCIPAL = "matrix-nobody"
 TOKEN_ID = "tok_matrix-nobody"
-ALERT_ID = "1"
+ALERT_ID = "999999999999"  # alert ids count up from 1 in the run's shared database
 VM_ID = "matrix-vm"
 
 OPEN = {"none": 200, "callout": 200, "hypervisor": 200, "analyst": 200, "witness": 200, "admin": 200}

@@ -136,3 +136,12 @@ def test_inline_secret_in_a_readable_config_file_is_refused(tmp_path: Path) -> N
         load_settings(env={}, config_file=path)
     path.write_text("port = 9001\n")
     assert load_settings(env={}, config_file=path).port == 9001
+
+
+def test_default_data_dir_as_root_is_var_lib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root the default data dir is /var/lib/replayguard (never under /root, which the service user cannot reach)."""
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert Settings().data_dir == Path("/var/lib/replayguard")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.local/share")
+    assert Settings().data_dir == Path("/home/u/.local/share/replayguard")
