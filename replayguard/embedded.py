@@ -377,7 +377,11 @@ class EmbeddedServer:
         if sockets is None:
             return
         self.run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", "60", "stop")
-        if sockets != self.data_dir / "run":
+        if sockets != self.data_dir / "run" and sockets.parent == Path("/tmp") and sockets.name.startswith("rg-pg-"):
+            # Only what the server puts there: an immediate stop leaves its socket and lock.
+            for name in (SOCKET_NAME, SOCKET_NAME + ".lock"):
+                with contextlib.suppress(OSError):
+                    (sockets / name).unlink()
             with contextlib.suppress(OSError):
                 sockets.rmdir()
 

@@ -155,6 +155,7 @@ def test_another_local_user_cannot_connect(stranger: str, depth: int) -> None:
             assert ok == 1
         finally:
             server.stop("immediate")
+        assert sockets.exists() == (depth == 1)  # a socket directory of its own in /tmp is removed
 
 
 async def _select_one(dsn: str) -> int:
