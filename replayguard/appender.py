@@ -23,11 +23,6 @@ from .errors import Unavailable
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
-# Hot-cache rejects answered but not yet written: at most one batch. With the fast front
-# the service answers Redis rejects faster than PostgreSQL records them; with 10,000 here
-# a replay flood filled the backlog and every request behind it waited for seconds
-# (bench/README.md, "fifth session"). Past this bound a reject waits for its own record.
-MAX_DEFERRED = MAX_BATCH
 _DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
 
 
@@ -69,8 +64,6 @@ class Appender:
         self._on_batch = on_batch
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn = KeptConnection(pool)
-        self._healthy = True  # the last batch was written
-        self._deferred = 0
 
     async def submit(self, item: dict[str, Any]) -> Outcome:
         """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
@@ -82,31 +75,6 @@ class Appender:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
-
-    def can_defer(self) -> bool:
-        """Whether a reject may be answered now and recorded behind the answer.
-
-        Not while the ledger is failing (the answer must then be 503, like every other
-        decision's), nor once MAX_DEFERRED records wait (backpressure: the caller then
-        takes the ordinary path and waits for its own write, so a flood of replays is
-        answered at the rate PostgreSQL records it, not faster).
-        """
-        return self._healthy and self._deferred < MAX_DEFERRED
-
-    def submit_later(self, item: dict[str, Any]) -> None:
-        """Queues a record whose answer nobody waits for (hot-cache rejects)."""
-        self._deferred += 1
-        task = asyncio.create_task(self._quiet(item))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _quiet(self, item: dict[str, Any]) -> None:
-        try:
-            await self.submit(item)
-        except Unavailable:
-            log.warning("deferred_record_lost", reason="ledger unavailable")
-        finally:
-            self._deferred -= 1
 
     async def _drain(self) -> None:
         try:
@@ -120,14 +88,12 @@ class Appender:
         try:
             rows = await self._call([item for item, _ in batch])
         except Unavailable as exc:
-            self._healthy = False
             _fail(batch, exc)
             return
         except BaseException:
             # Whatever went wrong, no caller may wait forever or be told "accept".
             _fail(batch, Unavailable("the ledger write failed"))
             raise
-        self._healthy = True
         if self._on_batch is not None:
             self._on_batch(len(batch))
         for row, (_, future) in zip(rows, batch):
@@ -151,6 +117,6 @@ class Appender:
         await self._conn.release()
 
     async def wait_idle(self) -> None:
-        """Waits for queued and deferred records (used at shutdown)."""
+        """Waits for queued records (used at shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -5,18 +5,21 @@
 -- holding the ledger head lock:
 --   1. checks the guest's receipt against the latest one issued to the VM (rollback,
 --      clone, forgery) and opens a rollback window when the guest went back in time;
---   2. consumes the credential atomically (UPDATE ... WHERE last_counter < step, or
---      INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it once;
+--   2. consumes the credential atomically (UPDATE otp_credentials ... WHERE last_counter <
+--      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
+--      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
+--      to the token row, so a secret enrolled again carries every code already accepted; a
+--      nonce is also looked up in spent_nonces (consumed, its `uses` row purged);
 --   3. classifies a reject (reused, or replay_after_rollback when the first use fell
 --      inside a rollback window), applies RFC 4226 §7.3 throttling, raises or joins alerts;
 --   4. appends the chained ledger row and moves the VM's receipt position.
 -- Items (built by replayguard/decide.py):
---   {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "steps": [..],
+--   {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "cr": credential hex, "steps": [..],
 --    "dg": {"<step>": "<hex digest>"}, "d": "<hex>", "exp": us, "pre": reason,
---    "hot": bool, "rc": "absent"|"missing"|"valid"|"invalid", "rvm", "rseq", "p": {...},
+--    "rc": "absent"|"missing"|"valid"|"invalid", "rvm", "rseq", "p": {...},
 --    TOTP only: "tp": period s, "dr": drift steps, "cg": clock-guard scope}
 --
--- Every writer of ledger_head, vms, principals, otp_tokens.last_counter and clock_guard
+-- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
 -- holds the head lock, so plain reads under it see the latest committed state. The work
 -- under the lock is kept small: the batch is decoded once into typed columns
 -- (jsonb_to_recordset); the clock guard is read once per batch and written once at its
@@ -42,7 +45,6 @@ DECLARE
     v_seq     bigint;
     v_i       integer := 0;
     v_rc      text;
-    v_hot     boolean;
     v_vmrow   vms%ROWTYPE;
     v_vm_moved boolean;
     v_flags   text[];
@@ -75,12 +77,11 @@ BEGIN
     SELECT h.seq, h.hash INTO v_seq, v_prev FROM ledger_head h WHERE h.id FOR UPDATE;
 
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
-            k text, ts bigint, vm text, sub text, tok text, steps bigint[], dg jsonb, d text,
-            exp bigint, pre text, hot boolean, rc text, rvm text, rseq bigint, p jsonb,
+            k text, ts bigint, vm text, sub text, tok text, cr text, steps bigint[], dg jsonb, d text,
+            exp bigint, pre text, rc text, rvm text, rseq bigint, p jsonb,
             tp bigint, dr integer, cg text) LOOP
         v_seq := v_seq + 1;
         v_rc := coalesce(it.rc, 'absent');
-        v_hot := coalesce(it.hot, false);
         v_flags := '{}';
         v_locked := NULL;
         v_verdict := 'reject';
@@ -121,52 +122,50 @@ BEGIN
                 RETURNING * INTO v_vmrow;
         END IF;
 
-        -- 1. State continuity (skipped for deferred hot-cache records).
-        IF NOT v_hot THEN
-            IF v_rc = 'invalid' THEN
-                v_flags := v_flags || 'receipt_invalid'::text;
-                v_alert := rg_alert('receipt_invalid', 'warning', it.vm, NULL, 'receipt_invalid:' || it.vm,
-                    it.ts, v_seq, 'VM ' || it.vm || ' presented a receipt that does not verify', '{}'::jsonb);
-            ELSIF v_rc = 'valid' AND it.rvm <> it.vm THEN
-                -- A clone carries its source's state as of that receipt: the source's later
-                -- uses are unknown to the clone, so they are at risk.
-                v_rseq := it.rseq;
-                v_flags := v_flags || 'clone_detected'::text;
-                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                    VALUES (it.rvm, rg_receipt_window_start(v_rseq), it.ts, 'receipt_clone', v_seq);
-                v_vmrow.epoch := v_vmrow.epoch + 1;
-                v_alert := rg_alert('clone_detected', 'warning', it.vm, NULL,
-                    'clone:' || it.vm || ':' || it.rvm, it.ts, v_seq,
-                    'VM ' || it.vm || ' presented a receipt issued to VM ' || it.rvm,
-                    jsonb_build_object('source_vm_id', it.rvm, 'receipt_seq', v_rseq));
-            ELSIF v_rc = 'valid' AND it.rseq < v_vmrow.last_receipt_seq THEN
-                v_rseq := it.rseq;
-                v_flags := v_flags || 'rollback_detected'::text;
-                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                    VALUES (it.vm, rg_receipt_window_start(v_rseq), it.ts, 'receipt', v_seq);
-                v_vmrow.epoch := v_vmrow.epoch + 1;
-                v_alert := rg_alert('rollback_detected', 'critical', it.vm, NULL,
-                    'rollback:' || it.vm || ':' || coalesce(v_rseq::text, 'none'), it.ts, v_seq,
-                    'VM ' || it.vm || ' presented an old receipt: its state went back in time',
-                    jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
-            ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
-                -- A caller that keeps receipts has none, on a VM that presented one before:
-                -- its disk went back past its first receipt, or the file was removed. The
-                -- span is unknown, so no window is opened (that would also let whoever can
-                -- delete the file lock the VM); the analyst is told.
-                v_flags := v_flags || 'receipt_missing'::text;
-                v_alert := rg_alert('receipt_missing', 'warning', it.vm, NULL, 'receipt_missing:' || it.vm,
-                    it.ts, v_seq, 'VM ' || it.vm || ' keeps receipts but presented none after earlier ones',
-                    jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
-            END IF;
-            IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
-                v_vmrow.refusing := true;
-                v_vmrow.refusing_reason := v_flags[1];
-            END IF;
-            -- Only a caller that keeps receipts moves the position: a RADIUS callout on the
-            -- same VM that never sends one must not make the PAM helper's receipt stale.
-            v_vm_moved := v_rc = 'valid' OR cardinality(v_flags) > 0;
+        -- 1. State continuity.
+        IF v_rc = 'invalid' THEN
+            v_flags := v_flags || 'receipt_invalid'::text;
+            v_alert := rg_alert('receipt_invalid', 'warning', it.vm, NULL, 'receipt_invalid:' || it.vm,
+                it.ts, v_seq, 'VM ' || it.vm || ' presented a receipt that does not verify', '{}'::jsonb);
+        ELSIF v_rc = 'valid' AND it.rvm <> it.vm THEN
+            -- A clone carries its source's state as of that receipt: the source's later
+            -- uses are unknown to the clone, so they are at risk.
+            v_rseq := it.rseq;
+            v_flags := v_flags || 'clone_detected'::text;
+            INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                VALUES (it.rvm, rg_receipt_window_start(v_rseq), it.ts, 'receipt_clone', v_seq);
+            v_vmrow.epoch := v_vmrow.epoch + 1;
+            v_alert := rg_alert('clone_detected', 'warning', it.vm, NULL,
+                'clone:' || it.vm || ':' || it.rvm, it.ts, v_seq,
+                'VM ' || it.vm || ' presented a receipt issued to VM ' || it.rvm,
+                jsonb_build_object('source_vm_id', it.rvm, 'receipt_seq', v_rseq));
+        ELSIF v_rc = 'valid' AND it.rseq < v_vmrow.last_receipt_seq THEN
+            v_rseq := it.rseq;
+            v_flags := v_flags || 'rollback_detected'::text;
+            INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                VALUES (it.vm, rg_receipt_window_start(v_rseq), it.ts, 'receipt', v_seq);
+            v_vmrow.epoch := v_vmrow.epoch + 1;
+            v_alert := rg_alert('rollback_detected', 'critical', it.vm, NULL,
+                'rollback:' || it.vm || ':' || coalesce(v_rseq::text, 'none'), it.ts, v_seq,
+                'VM ' || it.vm || ' presented an old receipt: its state went back in time',
+                jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
+        ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
+            -- A caller that keeps receipts has none, on a VM that presented one before:
+            -- its disk went back past its first receipt, or the file was removed. The
+            -- span is unknown, so no window is opened (that would also let whoever can
+            -- delete the file lock the VM); the analyst is told.
+            v_flags := v_flags || 'receipt_missing'::text;
+            v_alert := rg_alert('receipt_missing', 'warning', it.vm, NULL, 'receipt_missing:' || it.vm,
+                it.ts, v_seq, 'VM ' || it.vm || ' keeps receipts but presented none after earlier ones',
+                jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
         END IF;
+        IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
+            v_vmrow.refusing := true;
+            v_vmrow.refusing_reason := v_flags[1];
+        END IF;
+        -- Only a caller that keeps receipts moves the position: a RADIUS callout on the
+        -- same VM that never sends one must not make the PAM helper's receipt stale.
+        v_vm_moved := v_rc = 'valid' OR cardinality(v_flags) > 0;
 
         -- 2 and 3. The credential.
         IF v_vmrow.refusing THEN
@@ -179,7 +178,12 @@ BEGIN
                 INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
                     VALUES (v_digest, 'nonce', it.vm, it.sub, v_seq, it.ts, it.exp)
                     ON CONFLICT (digest) DO NOTHING;
-                IF FOUND THEN
+                -- spent_nonces after the insert, not before: retention moves a row from
+                -- uses to spent_nonces in one transaction, so whichever statement its
+                -- commit falls between, one of the two sees the nonce.
+                IF FOUND AND EXISTS (SELECT 1 FROM spent_nonces WHERE digest = v_digest) THEN
+                    DELETE FROM uses WHERE digest = v_digest;
+                ELSIF FOUND THEN
                     v_verdict := 'accept';
                     v_reason := 'ok';
                 END IF;
@@ -210,11 +214,12 @@ BEGIN
                     v_steps := ARRAY(SELECT s FROM unnest(v_steps) s WHERE s * it.tp * 1000000 > v_floor);
                 END IF;
                 IF it.pre IS NULL AND cardinality(v_steps) > 0 THEN
-                    UPDATE otp_tokens t SET last_counter = (
-                            SELECT min(s) FROM unnest(v_steps) s WHERE s > t.last_counter)
-                        WHERE t.id = it.tok AND t.deleted_at IS NULL
-                          AND t.last_counter < (SELECT max(s) FROM unnest(v_steps) s)
-                        RETURNING t.last_counter INTO v_step;
+                    UPDATE otp_credentials c SET last_counter = (
+                            SELECT min(s) FROM unnest(v_steps) s WHERE s > c.last_counter)
+                        WHERE c.fingerprint = decode(it.cr, 'hex')
+                          AND c.last_counter < (SELECT max(s) FROM unnest(v_steps) s)
+                          AND EXISTS (SELECT 1 FROM otp_tokens t WHERE t.id = it.tok AND t.deleted_at IS NULL)
+                        RETURNING c.last_counter INTO v_step;
                 END IF;
                 IF v_step IS NOT NULL THEN
                     v_verdict := 'accept';
@@ -280,7 +285,7 @@ BEGIN
         v_payload := coalesce(it.p, '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
                 'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.tok,
                 'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
-                'receipt', v_rc, 'receipt_seq', it.rseq::text, 'hot_cache', to_jsonb(it.hot),
+                'receipt', v_rc, 'receipt_seq', it.rseq::text,
                 'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END));
         v_hash := rg_entry_hash(v_prev, v_seq, it.ts, it.k, it.vm, it.sub, v_digest, v_verdict, v_reason,
                                 v_payload);
@@ -309,7 +314,7 @@ BEGIN
         r_flags := v_flags;
         r_alert := coalesce(v_calert, v_alert, v_galert);
         r_epoch := v_vmrow.epoch;
-        r_rseq := CASE WHEN v_rc = 'valid' AND NOT v_hot THEN v_seq ELSE v_vmrow.last_receipt_seq END;
+        r_rseq := CASE WHEN v_rc = 'valid' THEN v_seq ELSE v_vmrow.last_receipt_seq END;
         r_locked_until := CASE WHEN v_locked > it.ts THEN v_locked END;
         RETURN NEXT;
         v_i := v_i + 1;

@@ -57,8 +57,6 @@ async def unlock(request: web.Request) -> web.Response:
     note = parse_note(await read_json(request))
     runtime = request.app[RUNTIME]
     done = await PrincipalService(runtime.pool).unlock(principal, note, request[CALLER], runtime.now_us())
-    if runtime.hot is not None:
-        await runtime.hot.clear_lock(principal)
     log.info("principal_unlocked", principal=principal, was_locked=done.was_locked, seq=done.seq)
     return json_response({"principal": principal, "locked": False, "failures": 0,
                           "was_locked": done.was_locked, "failures_before": done.failures, "seq": done.seq})

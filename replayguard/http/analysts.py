@@ -75,8 +75,8 @@ async def acknowledge(request: web.Request) -> web.Response:
     note = parse_note(await read_json(request))
     runtime = request.app[RUNTIME]
     body = await _svc(request).alerts.acknowledge(alert_id, request[CALLER], note, runtime.now_us())
-    if runtime.hot is not None:
-        await runtime.hot.publish_alert(alert_id)  # the other instances' streams
+    if runtime.fanout is not None:
+        await runtime.fanout.publish_alert(alert_id)  # the other instances' streams
     return json_response(body)
 
 

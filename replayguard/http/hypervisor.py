@@ -75,7 +75,7 @@ def setup(app: web.Application) -> None:
     """Builds the event service over the runtime once the runtime is open."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runtime = app[RUNTIME]
-        app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.hot)
+        app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.fanout)
         yield
 
     app.cleanup_ctx.append(ctx)
