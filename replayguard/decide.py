@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from .apitokens import Caller
 from .appender import Appender, Outcome
 from .core import otp, receipts
 from .core.continuity import nonce_before_recovery
@@ -22,6 +23,7 @@ from .core.credentials import nonce_digest, otp_digest
 from .core.decisions import DecisionResult, Flag, Reason, Verdict
 from .core.receipts import ReceiptCheck, ReceiptClaims
 from .core.validation import NonceRequest, OtpRequest
+from .errors import Forbidden
 from .fanout import AlertFanout
 from .keys import Keys
 from .tokens import OtpToken, TokenStore
@@ -88,6 +90,17 @@ def clock_guard_scope(pepper: bytes) -> str:
     return hashlib.sha256(b"replayguard-clock-guard\x00" + pepper).hexdigest()[:32]
 
 
+def check_binding(caller: Caller | None, vm_id: str, check: ReceiptCheck) -> None:
+    """Refuses (403) a caller bound to other VMs, or presenting a receipt of a VM it is
+    not bound to: such a receipt is never used against the VM it names."""
+    if caller is None:
+        return
+    if not caller.covers(vm_id):
+        raise Forbidden("this token is not bound to that VM", field="vm_id")
+    if check.claims is not None and not caller.covers(check.claims.vm_id):
+        raise Forbidden("the receipt names a VM this token is not bound to", field="receipt")
+
+
 class DecisionService:
     def __init__(
         self, *, appender: Appender, tokens: TokenStore, keys: Keys, config: DecisionConfig,
@@ -109,10 +122,11 @@ class DecisionService:
         have forgotten are refused (``core.continuity.nonce_before_recovery``)."""
         self._recovered_at_us = ts_us
 
-    async def verify_otp(self, req: OtpRequest) -> DecisionResult:
+    async def verify_otp(self, req: OtpRequest, caller: Caller | None = None) -> DecisionResult:
+        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
+        check_binding(caller, req.vm_id, check)
         now = self._clock()
         now_us = int(now * 1e6)
-        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
         item: dict[str, Any] = {"k": "otp", "ts": now_us, "vm": req.vm_id, "sub": req.principal,
                                 "p": {"context": req.context}, **_receipt_fields(check)}
         match = await self._match(req.principal, req.otp, now)
@@ -150,10 +164,11 @@ class DecisionService:
         if match.token.type == "totp":  # the host clock guard (rg_clock_floor)
             item.update(tp=match.token.period, dr=self._config.drift_steps, cg=self._clock_scope)
 
-    async def consume_nonce(self, req: NonceRequest) -> DecisionResult:
+    async def consume_nonce(self, req: NonceRequest, caller: Caller | None = None) -> DecisionResult:
+        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
+        check_binding(caller, req.vm_id, check)
         now = self._clock()
         now_us = int(now * 1e6)
-        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
         digest = nonce_digest(self._keys.pepper, req.scope, req.nonce)
         item: dict[str, Any] = {"k": "nonce", "ts": now_us, "vm": req.vm_id, "sub": req.scope,
                                 "d": digest.hex(), "p": {"ttl_s": req.ttl_s},

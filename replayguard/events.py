@@ -18,11 +18,12 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .fanout import AlertFanout
+from .apitokens import Caller
 from .core import event_input, windows
 from .core.events import EventType, GenericEvent
 from .db import acquire
-from .errors import Conflict, NotFound
+from .errors import Conflict, Forbidden, NotFound
+from .fanout import AlertFanout
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +77,15 @@ class EventService:
         self._clock = clock
         self._fanout = fanout
 
-    async def ingest(self, events: Sequence[GenericEvent], source: str) -> list[Ingested]:
-        """Records the events of one request atomically; raises ``Conflict`` on a reused id."""
+    async def ingest(self, events: Sequence[GenericEvent], source: str,
+                     caller: Caller | None = None) -> list[Ingested]:
+        """Records the events of one request atomically; raises ``Conflict`` on a reused id,
+        ``Forbidden`` (before anything is written) when the caller is not bound to a VM
+        an event names."""
+        for event in events:
+            for vm_id in (event.vm_id, event.source_vm_id):
+                if caller is not None and vm_id is not None and not caller.covers(vm_id):
+                    raise Forbidden("this token is not bound to a VM the event names", field="vm_id")
         received_us = int(self._clock() * 1e6)
         async with acquire(self._pool) as conn, conn.transaction():
             done = [await self._one(conn, event, source, received_us) for event in events]
