@@ -13,7 +13,9 @@ from replayguard.core import cursors
 from replayguard.errors import InvalidRequest
 from tests.conftest import Api, uid
 
-PAGINATED = ("/v1/alerts", "/v1/vms")
+PAGINATED = ("/v1/alerts", "/v1/vms", "/v1/principals")
+ROLE = {"/v1/alerts": "analyst", "/v1/vms": "analyst", "/v1/principals": "admin"}
+KIND = {"/v1/alerts": "alerts", "/v1/vms": "vms", "/v1/principals": "principals"}
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -38,8 +40,8 @@ def test_a_cursor_opens_only_under_its_key_and_kind() -> None:
 @pytest.mark.parametrize("path", PAGINATED)
 async def test_reproduction_6_a_made_up_cursor_is_400(api: Api, path: str) -> None:
     """base64 of "a9999999999999999999" (an id past int64: a 500 before) and the old unsigned forms are 400."""
-    for raw in (b"a9999999999999999999", b"a1", b"v" + b"web-01", b"a-1"):
-        status, body = await api.get(f"{path}?cursor={b64(raw)}")
+    for raw in (b"a9999999999999999999", b"a1", b"v" + b"web-01", b"palice", b"a-1"):
+        status, body = await api.get(f"{path}?cursor={b64(raw)}", role=ROLE[path])
         assert (status, body["error"]["code"], body["error"]["field"]) == (400, "invalid_request", "cursor")
 
 
@@ -47,9 +49,13 @@ async def test_reproduction_6_a_made_up_cursor_is_400(api: Api, path: str) -> No
 async def test_a_cursor_of_one_listing_is_refused_by_the_other(api: Api, path: str) -> None:
     """The service's own cursors page through; one listing's cursor is refused by the other."""
     key = api.runtime.keys.pepper
-    own = cursors.issue(cursors.cursor_key(key), "vms" if path == "/v1/alerts" else "alerts", "5")
-    status, body = await api.get(f"{path}?cursor={own}")
-    assert (status, body["error"]["field"]) == (400, "cursor")
+    for kind in set(KIND.values()) - {KIND[path]}:
+        own = cursors.issue(cursors.cursor_key(key), kind, "5")
+        status, body = await api.get(f"{path}?cursor={own}", role=ROLE[path])
+        assert (status, body["error"]["field"]) == (400, "cursor")
+    status, _ = await api.get(f"{path}?cursor={cursors.issue(cursors.cursor_key(key), KIND[path], '5')}",
+                              role=ROLE[path])
+    assert status == 200  # the service's own cursor for this listing
 
 
 @pytest.mark.parametrize("path", PAGINATED)
@@ -58,7 +64,7 @@ async def test_a_cursor_of_one_listing_is_refused_by_the_other(api: Api, path: s
 async def test_random_bytes_as_a_cursor_are_400(api: Api, path: str, raw: bytes) -> None:
     """Random bytes, base64url-encoded or sent as they are (percent-encoded), are a 400 on every paginated route."""
     for text in (b64(raw), quote(raw)):
-        resp = await api.client.get(f"{path}?cursor={text}", headers=api.auth("analyst"))
+        resp = await api.client.get(f"{path}?cursor={text}", headers=api.auth(ROLE[path]))
         assert resp.status == 400, await resp.text()
         body = await resp.json()
         assert body["error"]["code"] == "invalid_request"
