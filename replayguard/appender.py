@@ -17,6 +17,8 @@ import asyncpg
 import structlog
 
 from .aio import running_loop
+from .core.decide_item import DecideItem
+from .core.decisions import Flag, Reason, Verdict
 from .db import KeptConnection
 from .errors import Unavailable
 
@@ -26,14 +28,20 @@ MAX_BATCH = 256
 _DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
 
 
+# The ledger's words to their enum members (a dict lookup; calling the enum is ten times slower).
+_VERDICTS: dict[str, Verdict] = {member.value: member for member in Verdict}
+_REASONS: dict[str, Reason] = {member.value: member for member in Reason}
+_FLAGS: dict[str, Flag] = {member.value: member for member in Flag}
+
+
 class Outcome(NamedTuple):
     """What ``rg_decide`` answered for one item (a tuple: made for every decision, and a
     frozen dataclass costs twice as much to build)."""
 
     seq: int
-    verdict: str
-    reason: str
-    flags: tuple[str, ...]
+    verdict: Verdict
+    reason: Reason
+    flags: tuple[Flag, ...]
     alert_id: int | None
     epoch: int
     receipt_position: int
@@ -65,10 +73,10 @@ class Appender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn = KeptConnection(pool)
 
-    async def submit(self, item: dict[str, Any]) -> Outcome:
+    async def submit(self, item: DecideItem) -> Outcome:
         """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
         future: asyncio.Future[Outcome] = running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item.to_wire(), future))
         if not self._running:
             self._running = True
             task = asyncio.create_task(self._drain())
@@ -99,8 +107,8 @@ class Appender:
         for row, (_, future) in zip(rows, batch):
             if not future.done():
                 future.set_result(Outcome(
-                    seq=row["r_seq"], verdict=row["r_verdict"], reason=row["r_reason"],
-                    flags=tuple(row["r_flags"]), alert_id=row["r_alert"], epoch=row["r_epoch"],
+                    seq=row["r_seq"], verdict=_VERDICTS[row["r_verdict"]], reason=_REASONS[row["r_reason"]],
+                    flags=tuple(_FLAGS[f] for f in row["r_flags"]), alert_id=row["r_alert"], epoch=row["r_epoch"],
                     receipt_position=row["r_rseq"], locked_until_us=row["r_locked_until"],
                 ))
 

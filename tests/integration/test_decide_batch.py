@@ -17,14 +17,15 @@ TS = STEP * PERIOD * 1_000_000
 
 
 def nonce(ts: int, vm: str, digest: str) -> dict[str, Any]:
-    return {"k": "nonce", "ts": ts, "vm": vm, "sub": "api", "d": digest, "rc": "absent", "exp": ts + 10**9}
+    return {"kind": "nonce", "ts_us": ts, "vm_id": vm, "subject": "api", "digest": digest, "receipt": "absent",
+            "expires_us": ts + 10**9}
 
 
 def code(ts: int, vm: str, sub: str, tok: str, steps: list[int]) -> dict[str, Any]:
     dg = {str(s): (f"{tok}{s}".encode().hex() + "00" * 32)[:64] for s in steps}
-    return {"k": "otp", "ts": ts, "vm": vm, "sub": sub, "tok": tok, "cr": tok.encode().hex(), "steps": steps,
-            "dg": dg, "rc": "absent",
-            "exp": ts + 10**9, "tp": PERIOD, "dr": 1, "cg": "scope-a", "p": {"context": {}}}
+    return {"kind": "otp", "ts_us": ts, "vm_id": vm, "subject": sub, "token_id": tok, "credential": tok.encode().hex(),
+            "steps": steps, "step_digests": dg, "receipt": "absent", "expires_us": ts + 10**9, "period_s": PERIOD,
+            "drift_steps": 1, "clock_scope": "scope-a", "payload": {"context": {}}}
 
 
 async def _decide(conn: Any, items: list[dict[str, Any]], threshold: int = 5) -> list[tuple[str, str]]:
