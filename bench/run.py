@@ -6,7 +6,7 @@ It creates its own database on the given PostgreSQL (dropped at the end), starts
 and drives ``POST /v1/otp/verify`` and ``POST /v1/nonces/consume`` with wrk and
 ``bench/decisions.lua`` at each concurrency for a fixed duration. Beside it, it measures
 the same ledger-shaped insert through asyncpg without HTTP (per-row commits, and batched),
-the replay path with and without the Redis hot cache, bytes per ledger entry and, with
+the replay path with and without Redis configured, bytes per ledger entry and, with
 ``--seed-old N``, the same load on a ledger seeded with N old entries. Results are printed
 as tables and written to ``bench/results/<timestamp>-<commit>.json``.
 
@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="a database on the server where the benchmark may CREATE and DROP its own")
-    p.add_argument("--redis-url", help="run the service with this Redis (hot replay cache); "
-                   "also enables the hot-cache vs PostgreSQL replay comparison")
+    p.add_argument("--redis-url", help="run the service with this Redis (alert fan-out); "
+                   "also enables the with/without Redis replay comparison")
     p.add_argument("--workers", type=int, default=1, help="service worker processes (serve --workers)")
     p.add_argument("--instances", type=int, default=1, choices=(1, 2),
                    help="separate service instances sharing PostgreSQL (and Redis); one wrk each")
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on asyncpg connections for the baseline (max_connections is 100 here)")
     p.add_argument("--baseline-batch", type=int, default=64, help="rows per transaction, batched baseline")
     p.add_argument("--no-baseline", action="store_true", help="skip the asyncpg baseline")
-    p.add_argument("--no-replay", action="store_true", help="skip the hot-cache vs PostgreSQL replay comparison")
+    p.add_argument("--no-replay", action="store_true", help="skip the with/without Redis replay comparison")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the HTTP floor (a bare aiohttp handler under the same wrk at c=64)")
     p.add_argument("--replay-concurrency", default="16,64", help="concurrencies of the replay-only runs")
@@ -178,7 +178,7 @@ async def pg_snapshot(dsn: str) -> dict[str, Any]:
 
 
 async def wait_quiet(dsn: str, timeout: float = 60.0) -> None:
-    """Waits until the ledger head stops moving (deferred hot-cache records drained)."""
+    """Waits until the ledger head stops moving (every queued decision written)."""
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
@@ -710,7 +710,7 @@ def summarize_py_spy(path: Path) -> dict[str, Any]:
 
 
 def replay_compare(setup: Setup, token: str, run_id: str) -> list[dict[str, Any]]:
-    """Replay-only load on nonces consumed just before, with and without the hot cache."""
+    """Replay-only load on nonces consumed just before, with and without Redis configured."""
     rows = []
     for mode in ("redis", "postgres"):
         service = setup.serve(redis=mode == "redis", instances=1)

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from . import db
 from .alerts import AlertService, render, sink_record
-from .cache import HotCache
+from .fanout import AlertFanout
 from .core import checkpoints as cps
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import Finding
@@ -187,10 +187,10 @@ class AlertFeed:
             delay = 0.1
             wakeups = None
             try:
-                if self._rt.hot is None:
+                if self._rt.fanout is None:
                     await conn.add_listener(CHANNEL, self._on_notify)
                 else:
-                    wakeups = asyncio.create_task(self._redis_wakeups(self._rt.hot), name="alert-feed-redis")
+                    wakeups = asyncio.create_task(self._redis_wakeups(self._rt.fanout), name="alert-feed-redis")
                 await self._session(conn)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("alert_feed_interrupted", error=type(exc).__name__)
@@ -203,13 +203,13 @@ class AlertFeed:
                 with contextlib.suppress(*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
                     await conn.close(timeout=2)
 
-    async def _redis_wakeups(self, hot: HotCache) -> None:
+    async def _redis_wakeups(self, fanout: AlertFanout) -> None:
         """With Redis configured, instances wake each other through its pub/sub (every
         decision, event and acknowledgement that changes an alert publishes the id); a
         lost message, or Redis down, costs at most the POLL_S poll, never an alert."""
         while not self._stopping:
             try:
-                async for alert_id in hot.alert_ids():
+                async for alert_id in fanout.alert_ids():
                     self._notified.add(alert_id)
                     self._wake.set()
             except (RedisError, OSError) as exc:

@@ -9,8 +9,6 @@ name; every acknowledgement is kept (``alert_acks``), the alert shows the latest
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from .apitokens import Caller
-from .core import validation
+from .core import cursors, validation
 from .core.timefmt import rfc3339_us, to_us
 from .db import acquire
 from .errors import InvalidRequest, NotFound
@@ -30,7 +28,7 @@ MAX_NOTE = 2000
 MAX_ENTRIES = 500
 MAX_EVENTS = 100
 MAX_HISTORY = 200
-_CURSOR = re.compile(r"^a(\d{1,19})$")
+_CURSOR = re.compile(r"^(\d{1,19})$")
 _NUMBER = re.compile(r"^\d{1,12}(\.\d{1,6})?$")
 COLUMNS = ("id, kind, severity, status, vm_id, principal, count, first_seen_us, last_seen_us, updated_us,"
            " summary, details, ack_by, ack_by_name, ack_note, ack_us, change_seq")
@@ -49,18 +47,14 @@ class AlertFilter:
     before_id: int | None = None
 
 
-def encode_cursor(alert_id: int) -> str:
-    return base64.urlsafe_b64encode(f"a{alert_id}".encode()).decode().rstrip("=")
+def encode_cursor(key: bytes, alert_id: int) -> str:
+    return cursors.issue(key, "alerts", str(alert_id))
 
 
-def decode_cursor(text: str) -> int:
+def decode_cursor(key: bytes, text: str) -> int:
     """The id a cursor stands for; anything that did not come from ``encode_cursor`` is a 400."""
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raw = ""
-    match = _CURSOR.match(raw)
-    if match is None or len(text) > 40:
+    match = _CURSOR.match(cursors.open_cursor(key, "alerts", text))
+    if match is None or not 0 < int(match.group(1)) < 2**63:
         raise InvalidRequest("cursor is not one this service issued", field="cursor")
     return int(match.group(1))
 
@@ -88,14 +82,14 @@ def _ident(query: Mapping[str, str], name: str) -> str | None:
     return None if value is None or value == "" else validation.check_identifier(value, name)
 
 
-def parse_filter(query: Mapping[str, str], limit: int) -> AlertFilter:
+def parse_filter(query: Mapping[str, str], limit: int, cursor_key: bytes) -> AlertFilter:
     """The list's query string as a filter; every bad parameter is a 400 naming it."""
     cursor = query.get("cursor")
     return AlertFilter(
         vm_id=_ident(query, "vm_id"), principal=_ident(query, "principal"), kind=_ident(query, "kind"),
         severity=_choice(query, "severity", SEVERITIES), status=_choice(query, "status", STATUSES),
         since_us=query_time(query, "since"), until_us=query_time(query, "until"), limit=limit,
-        before_id=decode_cursor(cursor) if cursor else None,
+        before_id=decode_cursor(cursor_key, cursor) if cursor else None,
     )
 
 
@@ -182,8 +176,9 @@ def _window_id(details: Any) -> int | None:
 
 
 class AlertService:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes) -> None:
         self._pool = pool
+        self.cursor_key = cursor_key
 
     async def search(self, f: AlertFilter) -> tuple[list[dict[str, Any]], str | None]:
         where, params = where_clause(f)
@@ -192,7 +187,7 @@ class AlertService:
             records = await conn.fetch(sql, *params, f.limit + 1)
         items = [render(r) for r in records[: f.limit]]
         more = len(records) > f.limit
-        return items, encode_cursor(records[f.limit - 1]["id"]) if more else None
+        return items, encode_cursor(self.cursor_key, records[f.limit - 1]["id"]) if more else None
 
     async def get(self, alert_id: int) -> dict[str, Any]:
         """The alert, the ledger entries behind it, its rollback windows and their events."""

@@ -17,18 +17,21 @@ import asyncpg
 import structlog
 
 from .aio import running_loop
+from .core.decide_item import DecideItem
+from .core.decisions import Flag, Reason, Verdict
 from .db import KeptConnection
 from .errors import Unavailable
 
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
-# Hot-cache rejects answered but not yet written: at most one batch. With the fast front
-# the service answers Redis rejects faster than PostgreSQL records them; with 10,000 here
-# a replay flood filled the backlog and every request behind it waited for seconds
-# (bench/README.md, "fifth session"). Past this bound a reject waits for its own record.
-MAX_DEFERRED = MAX_BATCH
 _DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
+
+
+# The ledger's words to their enum members (a dict lookup; calling the enum is ten times slower).
+_VERDICTS: dict[str, Verdict] = {member.value: member for member in Verdict}
+_REASONS: dict[str, Reason] = {member.value: member for member in Reason}
+_FLAGS: dict[str, Flag] = {member.value: member for member in Flag}
 
 
 class Outcome(NamedTuple):
@@ -36,9 +39,9 @@ class Outcome(NamedTuple):
     frozen dataclass costs twice as much to build)."""
 
     seq: int
-    verdict: str
-    reason: str
-    flags: tuple[str, ...]
+    verdict: Verdict
+    reason: Reason
+    flags: tuple[Flag, ...]
     alert_id: int | None
     epoch: int
     receipt_position: int
@@ -69,44 +72,17 @@ class Appender:
         self._on_batch = on_batch
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn = KeptConnection(pool)
-        self._healthy = True  # the last batch was written
-        self._deferred = 0
 
-    async def submit(self, item: dict[str, Any]) -> Outcome:
+    async def submit(self, item: DecideItem) -> Outcome:
         """Appends one decision; returns once it is committed, or raises ``Unavailable``."""
         future: asyncio.Future[Outcome] = running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item.to_wire(), future))
         if not self._running:
             self._running = True
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
-
-    def can_defer(self) -> bool:
-        """Whether a reject may be answered now and recorded behind the answer.
-
-        Not while the ledger is failing (the answer must then be 503, like every other
-        decision's), nor once MAX_DEFERRED records wait (backpressure: the caller then
-        takes the ordinary path and waits for its own write, so a flood of replays is
-        answered at the rate PostgreSQL records it, not faster).
-        """
-        return self._healthy and self._deferred < MAX_DEFERRED
-
-    def submit_later(self, item: dict[str, Any]) -> None:
-        """Queues a record whose answer nobody waits for (hot-cache rejects)."""
-        self._deferred += 1
-        task = asyncio.create_task(self._quiet(item))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _quiet(self, item: dict[str, Any]) -> None:
-        try:
-            await self.submit(item)
-        except Unavailable:
-            log.warning("deferred_record_lost", reason="ledger unavailable")
-        finally:
-            self._deferred -= 1
 
     async def _drain(self) -> None:
         try:
@@ -120,21 +96,19 @@ class Appender:
         try:
             rows = await self._call([item for item, _ in batch])
         except Unavailable as exc:
-            self._healthy = False
             _fail(batch, exc)
             return
         except BaseException:
             # Whatever went wrong, no caller may wait forever or be told "accept".
             _fail(batch, Unavailable("the ledger write failed"))
             raise
-        self._healthy = True
         if self._on_batch is not None:
             self._on_batch(len(batch))
         for row, (_, future) in zip(rows, batch):
             if not future.done():
                 future.set_result(Outcome(
-                    seq=row["r_seq"], verdict=row["r_verdict"], reason=row["r_reason"],
-                    flags=tuple(row["r_flags"]), alert_id=row["r_alert"], epoch=row["r_epoch"],
+                    seq=row["r_seq"], verdict=_VERDICTS[row["r_verdict"]], reason=_REASONS[row["r_reason"]],
+                    flags=tuple(_FLAGS[f] for f in row["r_flags"]), alert_id=row["r_alert"], epoch=row["r_epoch"],
                     receipt_position=row["r_rseq"], locked_until_us=row["r_locked_until"],
                 ))
 
@@ -151,6 +125,6 @@ class Appender:
         await self._conn.release()
 
     async def wait_idle(self) -> None:
-        """Waits for queued and deferred records (used at shutdown)."""
+        """Waits for queued records (used at shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from . import logging as rglog
 from .errors import ConfigError, ReplayGuardError
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(create)
     create.add_argument("--role", required=True, choices=["callout", "hypervisor", "analyst", "admin", "witness"])
     create.add_argument("--name", required=True)
+    create.add_argument("--vm", action="append", default=[], metavar="PATTERN",
+                        help="bind a callout or hypervisor token to VMs whose vm_id matches this shell-style "
+                             "pattern (repeatable); a decision, receipt or event for any other VM is 403")
     revoke = token_sub.add_parser("revoke", help="revoke the active token with this id or name")
     add_setting_flags(revoke)
     revoke.add_argument("ident", help="token id or name")
@@ -171,16 +174,17 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         async with open_runtime(settings) as runtime:
             if args.token_command == "create":
-                _, token = await runtime.api_tokens.create(args.role, args.name)
+                _, token = await runtime.api_tokens.create(args.role, args.name, args.vm)
                 print(token)
             elif args.token_command == "revoke":
                 count = await runtime.api_tokens.revoke(args.ident)
                 print(f"revoked {count} token(s)", file=sys.stderr)
             else:
-                print("id\trole\tname\tstate")
+                print("id\trole\tname\tstate\tvms")
                 for row in await runtime.api_tokens.list():
                     state = "revoked" if row["revoked_at"] else "active"
-                    print(f"{row['id']}\t{row['role']}\t{row['name']}\t{state}")
+                    vms = ",".join(cast("list[str]", row["vm_patterns"])) or "*"
+                    print(f"{row['id']}\t{row['role']}\t{row['name']}\t{state}\t{vms}")
         return 0
 
     return run_async(run())

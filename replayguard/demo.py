@@ -8,6 +8,7 @@ hypervisor relay and an analyst would, narrating each step.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import tempfile
 import time
@@ -117,7 +118,9 @@ async def _run(settings: Settings) -> int:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         runtime = app[RUNTIME]
-        tokens = {role: (await runtime.api_tokens.create(role, f"demo-{role}"))[1]
+        # Token names are unique among active tokens: each run's own (a data dir may see many).
+        run = secrets.token_hex(3)
+        tokens = {role: (await runtime.api_tokens.create(role, f"demo-{role}-{run}"))[1]
                   for role in ("admin", "callout", "hypervisor", "analyst")}
         async with aiohttp.ClientSession() as session:
             ok = await _play(DemoClient(session, f"http://127.0.0.1:{port}", tokens), Narrator())

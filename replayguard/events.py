@@ -5,8 +5,8 @@ became) in one transaction. For each: the ledger head lock is taken and what the
 knows is read (``rg_event_context``); an event id seen before is a duplicate when the body
 digest matches and a ``Conflict`` when it does not; otherwise the pure core computes the
 windows and ``rg_ingest_event`` records everything and reclassifies the replays the new
-windows explain. Redis is told to forget the VMs whose epoch moved, after the commit, so
-its hot path can never answer for a VM whose past just changed.
+windows explain. After the commit, the other instances are told (through Redis, when
+configured) which alerts the new windows reclassified.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .cache import HotCache
+from .apitokens import Caller
 from .core import event_input, windows
 from .core.events import EventType, GenericEvent
 from .db import acquire
-from .errors import Conflict, NotFound
+from .errors import Conflict, Forbidden, NotFound
+from .fanout import AlertFanout
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,6 @@ class Ingested:
     seq: int
     window_ids: tuple[int, ...] = ()
     reclassified_alerts: tuple[int, ...] = ()
-    new_epoch_vms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +72,24 @@ def _window_json(window: windows.Window) -> dict[str, Any]:
 
 
 class EventService:
-    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], hot: HotCache | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], fanout: AlertFanout | None = None) -> None:
         self._pool = pool
         self._clock = clock
-        self._hot = hot
+        self._fanout = fanout
 
-    async def ingest(self, events: Sequence[GenericEvent], source: str) -> list[Ingested]:
-        """Records the events of one request atomically; raises ``Conflict`` on a reused id."""
+    async def ingest(self, events: Sequence[GenericEvent], source: str,
+                     caller: Caller | None = None) -> list[Ingested]:
+        """Records the events of one request atomically; raises ``Conflict`` on a reused id,
+        ``Forbidden`` (before anything is written) when the caller is not bound to a VM
+        an event names."""
+        for event in events:
+            for vm_id in (event.vm_id, event.source_vm_id):
+                if caller is not None and vm_id is not None and not caller.covers(vm_id):
+                    raise Forbidden("this token is not bound to a VM the event names", field="vm_id")
         received_us = int(self._clock() * 1e6)
         async with acquire(self._pool) as conn, conn.transaction():
             done = [await self._one(conn, event, source, received_us) for event in events]
-        await self._forget(done)
+        await self._publish(done)
         for item in done:
             log.info("hypervisor_event", event_id=item.event_id, source=source, duplicate=item.duplicate,
                      windows=len(item.window_ids), reclassified=len(item.reclassified_alerts))
@@ -105,19 +112,15 @@ class EventService:
         row = await conn.fetchrow(_INGEST, received_us, record, digest,
                                   [_window_json(w) for w in opened], _facts(event, ctx))
         assert row is not None  # rg_ingest_event always returns its one row
-        moved = tuple(sorted({event.vm_id, *(w.vm_id for w in opened)})) if opened else ()
         return Ingested(event.event_id, False, row["r_seq"], tuple(row["r_windows"]),
-                        tuple(row["r_alerts"]), moved)
+                        tuple(row["r_alerts"]))
 
-    async def _forget(self, done: Sequence[Ingested]) -> None:
-        """Drops Redis's view of every VM whose epoch moved (after the commit, never before),
-        and tells every instance which alerts the new windows reclassified."""
-        if self._hot is None:
+    async def _publish(self, done: Sequence[Ingested]) -> None:
+        """Tells every instance which alerts the new windows reclassified (after the commit)."""
+        if self._fanout is None:
             return
-        for vm_id in sorted({vm for item in done for vm in item.new_epoch_vms}):
-            await self._hot.forget_vm(vm_id)
         for alert_id in sorted({a for item in done for a in item.reclassified_alerts}):
-            await self._hot.publish_alert(alert_id)
+            await self._fanout.publish_alert(alert_id)
 
     async def clear_vm(self, vm_id: str, note: str, by: str) -> Cleared:
         """Lifts the refusal of a VM (receipt_reaction 'refuse'); recorded in the ledger."""

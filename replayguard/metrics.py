@@ -59,8 +59,8 @@ class Metrics:
             ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.decisions = Counter(
-            "replayguard_decisions_total", "Decisions by kind, verdict, reason and source",
-            ["kind", "decision", "reason", "source"], registry=self.registry,
+            "replayguard_decisions_total", "Decisions by kind, verdict and reason",
+            ["kind", "decision", "reason"], registry=self.registry,
         )
         self.flags = Counter(
             "replayguard_decision_flags_total", "Flags raised on decisions", ["flag"], registry=self.registry,
@@ -71,10 +71,6 @@ class Metrics:
         )
         self.token_read_size = Histogram(
             "replayguard_token_read_batch_size", "Principals per token read (concurrent cache misses share one)",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
-        )
-        self.redis_pipeline_size = Histogram(
-            "replayguard_redis_pipeline_size", "Commands per Redis round trip (concurrent ones share a pipeline)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
         )
         self.ledger_up = Gauge(
@@ -99,8 +95,8 @@ class Metrics:
         self._child(self.requests, route, method, str(status)).inc()
         self._child(self.latency, route).observe(elapsed_s)
 
-    def decision(self, kind: str, result: DecisionResult, source: str) -> None:
-        self._child(self.decisions, kind, result.verdict.value, result.reason.value, source).inc()
+    def decision(self, kind: str, result: DecisionResult) -> None:
+        self._child(self.decisions, kind, result.verdict.value, result.reason.value).inc()
         for flag in result.flags:
             self._child(self.flags, flag.value).inc()
 

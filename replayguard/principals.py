@@ -9,15 +9,13 @@ the ledger head lock that every writer of ``principals`` holds (as ``rg_decide``
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from .apitokens import Caller
-from .core import validation
+from .core import cursors, validation
 from .core.timefmt import rfc3339_us
 from .db import acquire
 from .errors import InvalidRequest, NotFound
@@ -56,20 +54,15 @@ class Unlocked:
     failures: int
 
 
-def encode_cursor(name: str) -> str:
-    return base64.urlsafe_b64encode(("p" + name).encode()).decode().rstrip("=")
+def encode_cursor(key: bytes, name: str) -> str:
+    return cursors.issue(key, "principals", name)
 
 
-def decode_cursor(text: str) -> str:
+def decode_cursor(key: bytes, text: str) -> str:
     """The name a cursor stands for; anything ``encode_cursor`` did not make is a 400."""
+    name = cursors.open_cursor(key, "principals", text)
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raw = ""
-    if not raw.startswith("p") or len(text) > 400:
-        raise InvalidRequest("cursor is not one this service issued", field="cursor")
-    try:
-        return validation.check_identifier(raw[1:], "cursor")
+        return validation.check_identifier(name, "cursor")
     except InvalidRequest:
         raise InvalidRequest("cursor is not one this service issued", field="cursor") from None
 
@@ -91,15 +84,16 @@ def render(record: asyncpg.Record | dict[str, Any], now_us: int) -> dict[str, An
 
 
 class PrincipalService:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes = b"") -> None:
         self._pool = pool
+        self.cursor_key = cursor_key
 
     async def page(self, after: str | None, limit: int, now_us: int) -> tuple[list[dict[str, Any]], str | None]:
         """One page of principals by name; the second value is the next page's cursor."""
         async with acquire(self._pool) as conn:
             records = await conn.fetch(_PAGE, after or "", limit + 1, MAX_TOKENS_SHOWN)
         items = [render(r, now_us) for r in records[:limit]]
-        return items, encode_cursor(items[-1]["principal"]) if len(records) > limit else None
+        return items, encode_cursor(self.cursor_key, items[-1]["principal"]) if len(records) > limit else None
 
     async def unlock(self, principal: str, note: str | None, caller: Caller, now_us: int) -> Unlocked:
         """Ends the principal's lockout and resets its failures; ledgered as ``principal_unlock``."""

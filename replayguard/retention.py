@@ -1,10 +1,14 @@
-"""Retention: forget credential uses that can no longer be accepted anyway.
+"""Retention: shrink what is kept of credential uses that no longer need their details.
 
-A row of ``uses`` is what refuses a second presentation; it carries ``expires_us``, the
-moment after which the credential is refused on other grounds (a nonce past its
-``issued_at`` + ttl, a TOTP step far below its token's high-water mark). Purging rows past
-it keeps the data a decision consults bounded by the validity windows, not by history.
-The ledger itself is never purged: it is the evidence.
+A row of ``uses`` holds a credential's first use (where, when, which ledger entry), so a
+second presentation is classified (``reused`` or ``replay_after_rollback``); it carries
+``expires_us``, after which those details are dropped. What refuses the credential then:
+for an OTP, its credential's high-water mark (``otp_credentials``, never purged); for a
+nonce, its digest, moved in the same statement to ``spent_nonces`` (32 bytes of key, kept
+for good), since a later presentation may claim any ``ttl_s`` or ``issued_at``. The
+``uses`` table stays bounded by the validity windows; ``spent_nonces`` grows by one small
+row per consumed nonce (README, "Nonces", has the measured size). The ledger itself is
+never purged: it is the evidence.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from .db import acquire
 
 PURGE_BATCH = 5000
 _PURGE = (
-    "DELETE FROM uses WHERE digest IN ("
-    " SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2)"
+    "WITH gone AS (DELETE FROM uses WHERE digest IN ("
+    "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2) RETURNING digest, kind),"
+    " spent AS (INSERT INTO spent_nonces (digest) SELECT digest FROM gone WHERE kind = 'nonce'"
+    "  ON CONFLICT DO NOTHING)"
+    " SELECT count(*) FROM gone"
 )
 
 
 async def purge_expired(pool: asyncpg.Pool, now_us: int, limit: int = PURGE_BATCH) -> int:
-    """Deletes up to ``limit`` expired uses (oldest first); returns how many went."""
+    """Drops up to ``limit`` expired uses (oldest first), keeping nonces' digests; returns how many went."""
     async with acquire(pool) as conn:
-        status: str = await conn.execute(_PURGE, now_us, limit)
-    return int(status.rsplit(" ", 1)[-1])
+        gone: int = await conn.fetchval(_PURGE, now_us, limit)
+    return gone

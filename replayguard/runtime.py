@@ -18,9 +18,9 @@ import structlog
 from . import db
 from .apitokens import ApiTokens
 from .appender import Appender, DecideParams
-from .cache import HotCache
 from .continuity import ContinuityGuard
 from .decide import DecisionConfig, DecisionService
+from .fanout import AlertFanout
 from .keys import Keys, load_keys
 from .metrics import Metrics
 from .settings import Settings
@@ -43,7 +43,7 @@ class Runtime:
     tokens: TokenStore
     api_tokens: ApiTokens
     decisions: DecisionService
-    hot: HotCache | None
+    fanout: AlertFanout | None
     continuity: ContinuityGuard
 
     def now_us(self) -> int:
@@ -75,28 +75,30 @@ async def open_runtime(
         dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
     pool = await db.create_pool(dsn, size=settings.db_pool_size, statement_timeout_ms=settings.statement_timeout_ms)
     metrics = Metrics()
-    hot = (HotCache.from_url(settings.redis_url.reveal(), on_pipeline=metrics.redis_pipeline_size.observe)
-           if settings.redis_url is not None else None)
+    fanout = AlertFanout.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
     params = DecideParams(settings.lockout_threshold, settings.lockout_period_s * 1_000_000,
                           settings.receipt_reaction == "refuse")
     appender = Appender(pool, params, on_batch=metrics.batch_size.observe)
     tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
+    filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
+    if filled:
+        log.info("otp_credentials_backfilled", tokens=filled)
     config = DecisionConfig(settings.totp_drift_steps, settings.hotp_look_ahead,
                             settings.nonce_max_ttl_s, settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
-                                clock=clock, hot=hot, on_decision=metrics.decision)
+                                clock=clock, fanout=fanout, on_decision=metrics.decision)
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
     guard.on_recovered = decisions.set_recovered_at
     runtime = Runtime(settings, dsn, pool, keys, clock, metrics, appender, tokens,
-                      ApiTokens(pool, keys.pepper), decisions, hot, guard)
+                      ApiTokens(pool, keys.pepper), decisions, fanout, guard)
     try:
         yield runtime
     finally:
         await guard.close()
-        await _shutdown(appender, tokens, hot, pool)
+        await _shutdown(appender, tokens, fanout, pool)
 
 
-async def _shutdown(appender: Appender, tokens: TokenStore, hot: HotCache | None, pool: asyncpg.Pool) -> None:
+async def _shutdown(appender: Appender, tokens: TokenStore, fanout: AlertFanout | None, pool: asyncpg.Pool) -> None:
     """Closes in order, each step bounded: a stuck connection must not hang a shutdown."""
     try:
         await asyncio.wait_for(appender.close(), SHUTDOWN_STEP_S)
@@ -106,8 +108,8 @@ async def _shutdown(appender: Appender, tokens: TokenStore, hot: HotCache | None
         await asyncio.wait_for(tokens.close(), SHUTDOWN_STEP_S)
     except TimeoutError:
         log.warning("shutdown_token_reader_timeout")
-    if hot is not None:
-        await hot.close()
+    if fanout is not None:
+        await fanout.close()
     try:
         await asyncio.wait_for(pool.close(), SHUTDOWN_STEP_S)
     except TimeoutError:

@@ -135,7 +135,7 @@ OPTIONS: tuple[Option, ...] = (
            "`listening` log line", bounds=(0, 65535)),
     Option("database_url", "secret", "(none: embedded PostgreSQL under data_dir/pg)",
            "PostgreSQL URL; without it the service runs its embedded PostgreSQL"),
-    Option("redis_url", "secret", "(none)", "Redis for the hot cache, shared lockout and fan-out"),
+    Option("redis_url", "secret", "(none)", "Redis for the alert fan-out between instances (never part of a decision)"),
     Option("data_dir", "path", "~/.local/share/replayguard (root: /var/lib/replayguard)",
            "keys, embedded database, outbox; token create, migrate and ledger need the same one as serve"),
     Option("workers", "int", "1", "worker processes sharing the port (SO_REUSEPORT); a worker whose "

@@ -1,7 +1,10 @@
 """OTP tokens: enrolment, encrypted storage of secrets, and a short-lived read cache.
 
 Secrets are stored as AES-256-GCM ciphertext bound to the token id (associated data), so
-a ciphertext copied onto another row does not decrypt. The cache only saves the lookup
+a ciphertext copied onto another row does not decrypt. Each token names its credential
+(``otp_credentials``, by the secret's keyed fingerprint): the counter high-water and the
+use digests belong to the credential, so a secret enrolled again, for the same principal
+or another, carries every code already accepted. The cache only saves the lookup
 round trip: whether a code may still be used is decided by the ledger, which re-checks
 that the token is active when it consumes the step. Concurrent cache misses share one
 query on a connection kept for it (``TokenReader``), the way decisions share a commit.
@@ -22,6 +25,7 @@ import asyncpg
 import pyotp
 
 from .aio import running_loop
+from .core.credentials import otp_digest, secret_fingerprint
 from .core.validation import EnrollRequest
 from .db import KeptConnection, acquire
 from .errors import NotFound, Unavailable
@@ -37,13 +41,19 @@ CACHE_TTL_S = 300.0
 # enrolled through this process, and any HOTP token, at once).
 MISS_RECHECK_S = 1.0
 MAX_READ_BATCH = 512
-_COLUMNS = "principal, id, type, secret_ct, digits, period, algorithm, last_counter"
-_READ = (f"SELECT {_COLUMNS} FROM otp_tokens"
-         " WHERE principal = ANY($1::text[]) AND deleted_at IS NULL ORDER BY principal, created_at, id")
+_COLUMNS = ("t.principal, t.id, t.type, t.secret_ct, t.digits, t.period, t.algorithm, c.last_counter,"
+            " t.fingerprint FROM otp_tokens t JOIN otp_credentials c ON c.fingerprint = t.fingerprint")
+_READ = (f"SELECT {_COLUMNS}"
+         " WHERE t.principal = ANY($1::text[]) AND t.deleted_at IS NULL ORDER BY t.principal, t.created_at, t.id")
 # A lone miss (the usual case at low load) asks by equality: PostgreSQL keeps one generic
 # plan for it, where ``= ANY($1)`` is planned afresh at every call (~0.15 ms).
-_READ_ONE = (f"SELECT {_COLUMNS} FROM otp_tokens"
-             " WHERE principal = $1 AND deleted_at IS NULL ORDER BY created_at, id")
+_READ_ONE = (f"SELECT {_COLUMNS}"
+             " WHERE t.principal = $1 AND t.deleted_at IS NULL ORDER BY t.created_at, t.id")
+# Uses recorded under a token id before migration 010, with the counter each consumed.
+_OLD_USES = ("SELECT u.digest, l.payload->>'token_id' AS token_id, (l.payload->>'counter')::bigint AS counter"
+             " FROM uses u JOIN ledger l ON l.seq = u.first_seq"
+             " WHERE u.kind = 'otp' AND l.payload->>'token_id' = ANY($1::text[]) AND l.payload ? 'counter'"
+             " ORDER BY u.first_seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,7 @@ class OtpToken:
     period: int
     algorithm: str
     last_counter: int
+    credential: str  # hex of the secret's fingerprint (otp_credentials)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +174,16 @@ class TokenStore:
         secret_b32 = req.secret or base64.b32encode(secrets.token_bytes(20)).decode()
         token_id = "otp_" + secrets.token_urlsafe(12)
         blob = _encrypt(self._keys, token_id, secret_b32)
+        fingerprint = secret_fingerprint(self._keys.pepper, req.type, req.algorithm, req.period, secret_b32)
         payload = {"token_id": token_id, "type": req.type, "digits": req.digits,
                    "period": req.period, "algorithm": req.algorithm}
         async with acquire(self._pool) as conn, conn.transaction():
+            await conn.execute("INSERT INTO otp_credentials (fingerprint) VALUES ($1) ON CONFLICT DO NOTHING",
+                               fingerprint)
             await conn.execute(
-                "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                token_id, principal, req.type, blob, req.digits, req.period, req.algorithm,
+                "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm, fingerprint)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                token_id, principal, req.type, blob, req.digits, req.period, req.algorithm, fingerprint,
             )
             await conn.execute(
                 "SELECT rg_append($1, 'enroll', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
@@ -227,7 +241,7 @@ class TokenStore:
         rows = await self._reader.read(principal)
         tokens = [
             OtpToken(r["id"], principal, r["type"], _decrypt(self._keys, r["id"], r["secret_ct"]),
-                     r["digits"], r["period"], r["algorithm"], r["last_counter"])
+                     r["digits"], r["period"], r["algorithm"], r["last_counter"], bytes(r["fingerprint"]).hex())
             for r in rows
         ]
         if len(self._cache) > 100_000:
@@ -253,13 +267,52 @@ class TokenStore:
             self._misses.clear()
         self._misses[principal] = time.monotonic()
 
-    def advanced(self, principal: str, token_id: str, counter: int) -> None:
+    def advanced(self, principal: str, credential: str, counter: int) -> None:
         """Notes a counter the ledger just accepted, so HOTP look-ahead starts from it."""
         hit = self._cache.get(principal)
         if hit is None:
             return
         self._cache[principal] = (hit[0], [
             OtpToken(t.id, t.principal, t.type, t.secret_b32, t.digits, t.period, t.algorithm,
-                     max(t.last_counter, counter)) if t.id == token_id else t
+                     max(t.last_counter, counter), t.credential) if t.credential == credential else t
             for t in hit[1]
         ])
+
+    async def backfill_fingerprints(self) -> int:
+        """Gives every token enrolled before migration 010 its credential; returns how many.
+
+        Only the service can compute a fingerprint (the secret is encrypted), so this runs
+        at start, before any decision. Under the ledger head lock, in one transaction: each
+        such token (deleted ones included) gets its fingerprint, its credential's high-water
+        becomes the highest last_counter of the tokens sharing the secret, and the uses it
+        recorded under its token id are re-keyed to the credential, so a replay of them
+        is still classified (reused, or replay_after_rollback).
+        """
+        async with acquire(self._pool) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM otp_tokens WHERE fingerprint IS NULL)"):
+                return 0
+            await conn.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")
+            rows = await conn.fetch("SELECT id, type, secret_ct, period, algorithm, last_counter FROM otp_tokens"
+                                    " WHERE fingerprint IS NULL ORDER BY created_at, id")
+            credential: dict[str, bytes] = {}
+            for r in rows:
+                secret_b32 = _decrypt(self._keys, r["id"], r["secret_ct"])
+                fp = secret_fingerprint(self._keys.pepper, r["type"], r["algorithm"], r["period"], secret_b32)
+                credential[r["id"]] = fp
+                await conn.execute(
+                    "INSERT INTO otp_credentials AS c VALUES ($1, $2) ON CONFLICT (fingerprint) DO UPDATE"
+                    " SET last_counter = greatest(c.last_counter, excluded.last_counter)", fp, r["last_counter"])
+                await conn.execute("UPDATE otp_tokens SET fingerprint = $2 WHERE id = $1", r["id"], fp)
+            await self._rekey_uses(conn, credential)
+        self._cache.clear()
+        return len(rows)
+
+    async def _rekey_uses(self, conn: asyncpg.Connection, credential: dict[str, bytes]) -> None:
+        """Moves uses keyed by token id to the credential's key (the first use wins a clash)."""
+        for r in await conn.fetch(_OLD_USES, list(credential)):
+            new = otp_digest(self._keys.pepper, credential[r["token_id"]].hex(), r["counter"])
+            clash = await conn.fetchval("SELECT first_seq FROM uses WHERE digest = $1", new)
+            if clash is not None:
+                await conn.execute("DELETE FROM uses WHERE digest = $1", bytes(r["digest"]))
+                continue
+            await conn.execute("UPDATE uses SET digest = $2 WHERE digest = $1", bytes(r["digest"]), new)

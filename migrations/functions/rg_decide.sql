@@ -5,18 +5,21 @@
 -- holding the ledger head lock:
 --   1. checks the guest's receipt against the latest one issued to the VM (rollback,
 --      clone, forgery) and opens a rollback window when the guest went back in time;
---   2. consumes the credential atomically (UPDATE ... WHERE last_counter < step, or
---      INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it once;
+--   2. consumes the credential atomically (UPDATE otp_credentials ... WHERE last_counter <
+--      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
+--      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
+--      to the token row, so a secret enrolled again carries every code already accepted; a
+--      nonce is also looked up in spent_nonces (consumed, its `uses` row purged);
 --   3. classifies a reject (reused, or replay_after_rollback when the first use fell
 --      inside a rollback window), applies RFC 4226 §7.3 throttling, raises or joins alerts;
 --   4. appends the chained ledger row and moves the VM's receipt position.
--- Items (built by replayguard/decide.py):
---   {"k": "otp"|"nonce", "ts": us, "vm", "sub", "tok", "steps": [..],
---    "dg": {"<step>": "<hex digest>"}, "d": "<hex>", "exp": us, "pre": reason,
---    "hot": bool, "rc": "absent"|"missing"|"valid"|"invalid", "rvm", "rseq", "p": {...},
---    TOTP only: "tp": period s, "dr": drift steps, "cg": clock-guard scope}
+-- Items: replayguard/core/decide_item.py DecideItem.to_wire(), field for field:
+--   {"kind": "otp"|"nonce", "ts_us", "vm_id", "subject", "payload": {...},
+--    "receipt": "absent"|"missing"|"valid"|"invalid", "receipt_vm_id", "receipt_seq", "preset_reason",
+--    "expires_us", nonce: "digest" (hex), OTP: "token_id", "credential" (hex), "steps": [..],
+--    "step_digests": {"<step>": "<hex digest>"}, TOTP: "period_s", "drift_steps", "clock_scope"}
 --
--- Every writer of ledger_head, vms, principals, otp_tokens.last_counter and clock_guard
+-- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
 -- holds the head lock, so plain reads under it see the latest committed state. The work
 -- under the lock is kept small: the batch is decoded once into typed columns
 -- (jsonb_to_recordset); the clock guard is read once per batch and written once at its
@@ -42,7 +45,6 @@ DECLARE
     v_seq     bigint;
     v_i       integer := 0;
     v_rc      text;
-    v_hot     boolean;
     v_vmrow   vms%ROWTYPE;
     v_vm_moved boolean;
     v_flags   text[];
@@ -75,12 +77,12 @@ BEGIN
     SELECT h.seq, h.hash INTO v_seq, v_prev FROM ledger_head h WHERE h.id FOR UPDATE;
 
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
-            k text, ts bigint, vm text, sub text, tok text, steps bigint[], dg jsonb, d text,
-            exp bigint, pre text, hot boolean, rc text, rvm text, rseq bigint, p jsonb,
-            tp bigint, dr integer, cg text) LOOP
+            kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],
+            step_digests jsonb, digest text, expires_us bigint, preset_reason text, receipt text,
+            receipt_vm_id text, receipt_seq bigint, payload jsonb, period_s bigint, drift_steps integer,
+            clock_scope text) LOOP
         v_seq := v_seq + 1;
-        v_rc := coalesce(it.rc, 'absent');
-        v_hot := coalesce(it.hot, false);
+        v_rc := coalesce(it.receipt, 'absent');
         v_flags := '{}';
         v_locked := NULL;
         v_verdict := 'reject';
@@ -96,90 +98,93 @@ BEGIN
         v_vm_moved := false;
         v_steps := coalesce(it.steps, '{}');
 
-        IF it.tp IS NOT NULL THEN
-            IF v_cg_scope IS DISTINCT FROM it.cg THEN
+        IF it.period_s IS NOT NULL THEN
+            IF v_cg_scope IS DISTINCT FROM it.clock_scope THEN
                 IF v_cg_dirty THEN
                     INSERT INTO clock_guard VALUES (v_cg_scope, v_cg_high)
                         ON CONFLICT (scope) DO UPDATE SET high_us = excluded.high_us
                         WHERE clock_guard.high_us < excluded.high_us;
                     v_cg_dirty := false;
                 END IF;
-                v_cg_scope := it.cg;
-                SELECT high_us INTO v_cg_high FROM clock_guard WHERE scope = it.cg;
+                v_cg_scope := it.clock_scope;
+                SELECT high_us INTO v_cg_high FROM clock_guard WHERE scope = it.clock_scope;
             END IF;
-            IF it.ts / (it.tp * 1000000) < v_cg_high / (it.tp * 1000000) - it.dr THEN
+            IF it.ts_us / (it.period_s * 1000000) < v_cg_high / (it.period_s * 1000000) - it.drift_steps THEN
                 v_floor := v_cg_high;
-                v_galert := rg_alert('clock_regression', 'critical', it.vm, NULL, 'clock_regression:' || it.cg,
-                    it.ts, v_seq, 'The host clock is behind the highest TOTP step already accepted',
-                    jsonb_build_object('high_water_us', v_floor, 'now_us', it.ts));
+                v_galert := rg_alert('clock_regression', 'critical', it.vm_id, NULL, 'clock_regression:' || it.clock_scope,
+                    it.ts_us, v_seq, 'The host clock is behind the highest TOTP step already accepted',
+                    jsonb_build_object('high_water_us', v_floor, 'now_us', it.ts_us));
             END IF;
         END IF;
 
-        SELECT * INTO v_vmrow FROM vms WHERE vm_id = it.vm;
+        SELECT * INTO v_vmrow FROM vms WHERE vm_id = it.vm_id;
         IF NOT FOUND THEN
-            INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (it.vm, it.ts, it.ts)
+            INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (it.vm_id, it.ts_us, it.ts_us)
                 RETURNING * INTO v_vmrow;
         END IF;
 
-        -- 1. State continuity (skipped for deferred hot-cache records).
-        IF NOT v_hot THEN
-            IF v_rc = 'invalid' THEN
-                v_flags := v_flags || 'receipt_invalid'::text;
-                v_alert := rg_alert('receipt_invalid', 'warning', it.vm, NULL, 'receipt_invalid:' || it.vm,
-                    it.ts, v_seq, 'VM ' || it.vm || ' presented a receipt that does not verify', '{}'::jsonb);
-            ELSIF v_rc = 'valid' AND it.rvm <> it.vm THEN
-                -- A clone carries its source's state as of that receipt: the source's later
-                -- uses are unknown to the clone, so they are at risk.
-                v_rseq := it.rseq;
-                v_flags := v_flags || 'clone_detected'::text;
-                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                    VALUES (it.rvm, rg_receipt_window_start(v_rseq), it.ts, 'receipt_clone', v_seq);
-                v_vmrow.epoch := v_vmrow.epoch + 1;
-                v_alert := rg_alert('clone_detected', 'warning', it.vm, NULL,
-                    'clone:' || it.vm || ':' || it.rvm, it.ts, v_seq,
-                    'VM ' || it.vm || ' presented a receipt issued to VM ' || it.rvm,
-                    jsonb_build_object('source_vm_id', it.rvm, 'receipt_seq', v_rseq));
-            ELSIF v_rc = 'valid' AND it.rseq < v_vmrow.last_receipt_seq THEN
-                v_rseq := it.rseq;
-                v_flags := v_flags || 'rollback_detected'::text;
-                INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                    VALUES (it.vm, rg_receipt_window_start(v_rseq), it.ts, 'receipt', v_seq);
-                v_vmrow.epoch := v_vmrow.epoch + 1;
-                v_alert := rg_alert('rollback_detected', 'critical', it.vm, NULL,
-                    'rollback:' || it.vm || ':' || coalesce(v_rseq::text, 'none'), it.ts, v_seq,
-                    'VM ' || it.vm || ' presented an old receipt: its state went back in time',
-                    jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
-            ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
-                -- A caller that keeps receipts has none, on a VM that presented one before:
-                -- its disk went back past its first receipt, or the file was removed. The
-                -- span is unknown, so no window is opened (that would also let whoever can
-                -- delete the file lock the VM); the analyst is told.
-                v_flags := v_flags || 'receipt_missing'::text;
-                v_alert := rg_alert('receipt_missing', 'warning', it.vm, NULL, 'receipt_missing:' || it.vm,
-                    it.ts, v_seq, 'VM ' || it.vm || ' keeps receipts but presented none after earlier ones',
-                    jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
-            END IF;
-            IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
-                v_vmrow.refusing := true;
-                v_vmrow.refusing_reason := v_flags[1];
-            END IF;
-            -- Only a caller that keeps receipts moves the position: a RADIUS callout on the
-            -- same VM that never sends one must not make the PAM helper's receipt stale.
-            v_vm_moved := v_rc = 'valid' OR cardinality(v_flags) > 0;
+        -- 1. State continuity.
+        IF v_rc = 'invalid' THEN
+            v_flags := v_flags || 'receipt_invalid'::text;
+            v_alert := rg_alert('receipt_invalid', 'warning', it.vm_id, NULL, 'receipt_invalid:' || it.vm_id,
+                it.ts_us, v_seq, 'VM ' || it.vm_id || ' presented a receipt that does not verify', '{}'::jsonb);
+        ELSIF v_rc = 'valid' AND it.receipt_vm_id <> it.vm_id THEN
+            -- A clone carries its source's state as of that receipt: the source's later
+            -- uses are unknown to the clone, so they are at risk.
+            v_rseq := it.receipt_seq;
+            v_flags := v_flags || 'clone_detected'::text;
+            INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                VALUES (it.receipt_vm_id, rg_receipt_window_start(v_rseq), it.ts_us, 'receipt_clone', v_seq);
+            v_vmrow.epoch := v_vmrow.epoch + 1;
+            v_alert := rg_alert('clone_detected', 'warning', it.vm_id, NULL,
+                'clone:' || it.vm_id || ':' || it.receipt_vm_id, it.ts_us, v_seq,
+                'VM ' || it.vm_id || ' presented a receipt issued to VM ' || it.receipt_vm_id,
+                jsonb_build_object('source_vm_id', it.receipt_vm_id, 'receipt_seq', v_rseq));
+        ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq THEN
+            v_rseq := it.receipt_seq;
+            v_flags := v_flags || 'rollback_detected'::text;
+            INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
+                VALUES (it.vm_id, rg_receipt_window_start(v_rseq), it.ts_us, 'receipt', v_seq);
+            v_vmrow.epoch := v_vmrow.epoch + 1;
+            v_alert := rg_alert('rollback_detected', 'critical', it.vm_id, NULL,
+                'rollback:' || it.vm_id || ':' || coalesce(v_rseq::text, 'none'), it.ts_us, v_seq,
+                'VM ' || it.vm_id || ' presented an old receipt: its state went back in time',
+                jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
+        ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
+            -- A caller that keeps receipts has none, on a VM that presented one before:
+            -- its disk went back past its first receipt, or the file was removed. The
+            -- span is unknown, so no window is opened (that would also let whoever can
+            -- delete the file lock the VM); the analyst is told.
+            v_flags := v_flags || 'receipt_missing'::text;
+            v_alert := rg_alert('receipt_missing', 'warning', it.vm_id, NULL, 'receipt_missing:' || it.vm_id,
+                it.ts_us, v_seq, 'VM ' || it.vm_id || ' keeps receipts but presented none after earlier ones',
+                jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
         END IF;
+        IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
+            v_vmrow.refusing := true;
+            v_vmrow.refusing_reason := v_flags[1];
+        END IF;
+        -- Only a caller that keeps receipts moves the position: a RADIUS callout on the
+        -- same VM that never sends one must not make the PAM helper's receipt stale.
+        v_vm_moved := v_rc = 'valid' OR cardinality(v_flags) > 0;
 
         -- 2 and 3. The credential.
         IF v_vmrow.refusing THEN
             v_reason := 'locked_out';
-        ELSIF it.pre IS NOT NULL AND it.pre <> 'reused' THEN
-            v_reason := it.pre;
-        ELSIF it.k = 'nonce' THEN
-            v_digest := decode(it.d, 'hex');
-            IF it.pre IS NULL THEN
+        ELSIF it.preset_reason IS NOT NULL AND it.preset_reason <> 'reused' THEN
+            v_reason := it.preset_reason;
+        ELSIF it.kind = 'nonce' THEN
+            v_digest := decode(it.digest, 'hex');
+            IF it.preset_reason IS NULL THEN
                 INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-                    VALUES (v_digest, 'nonce', it.vm, it.sub, v_seq, it.ts, it.exp)
+                    VALUES (v_digest, 'nonce', it.vm_id, it.subject, v_seq, it.ts_us, it.expires_us)
                     ON CONFLICT (digest) DO NOTHING;
-                IF FOUND THEN
+                -- spent_nonces after the insert, not before: retention moves a row from
+                -- uses to spent_nonces in one transaction, so whichever statement its
+                -- commit falls between, one of the two sees the nonce.
+                IF FOUND AND EXISTS (SELECT 1 FROM spent_nonces WHERE digest = v_digest) THEN
+                    DELETE FROM uses WHERE digest = v_digest;
+                ELSIF FOUND THEN
                     v_verdict := 'accept';
                     v_reason := 'ok';
                 END IF;
@@ -189,57 +194,58 @@ BEGIN
             END IF;
         ELSE
             v_pfails := NULL;
-            SELECT locked_until_us, fail_count INTO v_locked, v_pfails FROM principals WHERE name = it.sub;
-            IF v_locked > it.ts THEN
+            SELECT locked_until_us, fail_count INTO v_locked, v_pfails FROM principals WHERE name = it.subject;
+            IF v_locked > it.ts_us THEN
                 v_reason := 'locked_out';
             ELSIF cardinality(v_steps) = 0 THEN
                 v_reason := 'invalid';
-                INSERT INTO principals AS pr (name, fail_count) VALUES (it.sub, 1)
+                INSERT INTO principals AS pr (name, fail_count) VALUES (it.subject, 1)
                     ON CONFLICT (name) DO UPDATE SET fail_count = pr.fail_count + 1
                     RETURNING pr.fail_count INTO v_fails;
                 IF v_fails >= p_lock_threshold THEN
-                    v_locked := it.ts + p_lock_period_us;
-                    UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = it.sub;
-                    v_calert := rg_alert('brute_force', 'warning', it.vm, it.sub, 'brute:' || it.sub,
-                        it.ts, v_seq, v_fails || ' consecutive failures for ' || it.sub || ': locked out',
-                        jsonb_build_object('failures', v_fails, 'locked_until_us', it.ts + p_lock_period_us));
+                    v_locked := it.ts_us + p_lock_period_us;
+                    UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = it.subject;
+                    v_calert := rg_alert('brute_force', 'warning', it.vm_id, it.subject, 'brute:' || it.subject,
+                        it.ts_us, v_seq, v_fails || ' consecutive failures for ' || it.subject || ': locked out',
+                        jsonb_build_object('failures', v_fails, 'locked_until_us', it.ts_us + p_lock_period_us));
                 END IF;
             ELSE
                 IF v_floor IS NOT NULL THEN
                     -- The host clock went back: only steps above the high-water may pass.
-                    v_steps := ARRAY(SELECT s FROM unnest(v_steps) s WHERE s * it.tp * 1000000 > v_floor);
+                    v_steps := ARRAY(SELECT s FROM unnest(v_steps) s WHERE s * it.period_s * 1000000 > v_floor);
                 END IF;
-                IF it.pre IS NULL AND cardinality(v_steps) > 0 THEN
-                    UPDATE otp_tokens t SET last_counter = (
-                            SELECT min(s) FROM unnest(v_steps) s WHERE s > t.last_counter)
-                        WHERE t.id = it.tok AND t.deleted_at IS NULL
-                          AND t.last_counter < (SELECT max(s) FROM unnest(v_steps) s)
-                        RETURNING t.last_counter INTO v_step;
+                IF it.preset_reason IS NULL AND cardinality(v_steps) > 0 THEN
+                    UPDATE otp_credentials c SET last_counter = (
+                            SELECT min(s) FROM unnest(v_steps) s WHERE s > c.last_counter)
+                        WHERE c.fingerprint = decode(it.credential, 'hex')
+                          AND c.last_counter < (SELECT max(s) FROM unnest(v_steps) s)
+                          AND EXISTS (SELECT 1 FROM otp_tokens t WHERE t.id = it.token_id AND t.deleted_at IS NULL)
+                        RETURNING c.last_counter INTO v_step;
                 END IF;
                 IF v_step IS NOT NULL THEN
                     v_verdict := 'accept';
                     v_reason := 'ok';
-                    v_digest := decode(it.dg->>(v_step::text), 'hex');
+                    v_digest := decode(it.step_digests->>(v_step::text), 'hex');
                     INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-                        VALUES (v_digest, 'otp', it.vm, it.sub, v_seq, it.ts, it.exp)
+                        VALUES (v_digest, 'otp', it.vm_id, it.subject, v_seq, it.ts_us, it.expires_us)
                         ON CONFLICT (digest) DO NOTHING;
                     IF v_pfails <> 0 THEN
-                        UPDATE principals SET fail_count = 0 WHERE name = it.sub;
+                        UPDATE principals SET fail_count = 0 WHERE name = it.subject;
                     END IF;
-                    IF it.tp IS NOT NULL AND (v_cg_high IS NULL OR v_cg_high < v_step * it.tp * 1000000) THEN
-                        v_cg_high := v_step * it.tp * 1000000;
+                    IF it.period_s IS NOT NULL AND (v_cg_high IS NULL OR v_cg_high < v_step * it.period_s * 1000000) THEN
+                        v_cg_high := v_step * it.period_s * 1000000;
                         v_cg_dirty := true;
                     END IF;
-                ELSIF NOT EXISTS (SELECT 1 FROM otp_tokens WHERE id = it.tok AND deleted_at IS NULL) THEN
+                ELSIF NOT EXISTS (SELECT 1 FROM otp_tokens WHERE id = it.token_id AND deleted_at IS NULL) THEN
                     v_reason := 'no_token';
                 ELSE
                     -- = ANY over an array, not IN over a set-returning function: the
                     -- cached generic plan of the latter estimates 100 candidates and
                     -- hashes the whole of uses for each replayed code.
                     SELECT u.* INTO v_use FROM uses u
-                        WHERE u.digest = ANY (ARRAY(SELECT decode(value, 'hex') FROM jsonb_each_text(it.dg)))
+                        WHERE u.digest = ANY (ARRAY(SELECT decode(value, 'hex') FROM jsonb_each_text(it.step_digests)))
                         ORDER BY u.first_seq DESC LIMIT 1;
-                    v_digest := coalesce(v_use.digest, decode(it.dg->>(
+                    v_digest := coalesce(v_use.digest, decode(it.step_digests->>(
                         (SELECT max(s) FROM unnest(it.steps) s)::text), 'hex'));
                     IF v_use.digest IS NULL AND v_floor IS NOT NULL THEN
                         v_reason := 'invalid';  -- a code for a time the host already left behind
@@ -256,8 +262,8 @@ BEGIN
             END IF;
             IF v_window IS NOT NULL THEN
                 v_reason := 'replay_after_rollback';
-                v_calert := rg_alert('replay_after_rollback', 'critical', it.vm, v_use.subject,
-                    'cred:' || encode(v_digest, 'hex'), it.ts, v_seq,
+                v_calert := rg_alert('replay_after_rollback', 'critical', it.vm_id, v_use.subject,
+                    'cred:' || encode(v_digest, 'hex'), it.ts_us, v_seq,
                     'A credential first used on VM ' || v_use.vm_id || ' inside a rollback window was presented again',
                     jsonb_build_object('window_id', v_window, 'first_seq', v_use.first_seq,
                                        'first_vm_id', v_use.vm_id));
@@ -267,8 +273,8 @@ BEGIN
             ELSE
                 v_reason := 'reused';
                 IF v_use.digest IS NOT NULL THEN
-                    v_calert := rg_alert('reuse', 'warning', it.vm, v_use.subject,
-                        'cred:' || encode(v_digest, 'hex'), it.ts, v_seq,
+                    v_calert := rg_alert('reuse', 'warning', it.vm_id, v_use.subject,
+                        'cred:' || encode(v_digest, 'hex'), it.ts_us, v_seq,
                         'A credential was presented again', jsonb_build_object(
                             'first_seq', v_use.first_seq, 'first_vm_id', v_use.vm_id));
                     INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
@@ -277,29 +283,29 @@ BEGIN
         END IF;
 
         -- 4. The ledger entry (hashed now, inserted with the batch) and the VM's position.
-        v_payload := coalesce(it.p, '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
-                'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.tok,
+        v_payload := coalesce(it.payload, '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
+                'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.token_id,
                 'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
-                'receipt', v_rc, 'receipt_seq', it.rseq::text, 'hot_cache', to_jsonb(it.hot),
+                'receipt', v_rc, 'receipt_seq', it.receipt_seq::text,
                 'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END));
-        v_hash := rg_entry_hash(v_prev, v_seq, it.ts, it.k, it.vm, it.sub, v_digest, v_verdict, v_reason,
+        v_hash := rg_entry_hash(v_prev, v_seq, it.ts_us, it.kind, it.vm_id, it.subject, v_digest, v_verdict, v_reason,
                                 v_payload);
         INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-            VALUES (v_seq, it.ts, it.k, it.vm, it.sub, v_digest, v_verdict, v_reason, v_payload, v_prev, v_hash);
+            VALUES (v_seq, it.ts_us, it.kind, it.vm_id, it.subject, v_digest, v_verdict, v_reason, v_payload, v_prev, v_hash);
         v_prev := v_hash;
-        v_pos := array_position(v_vms, it.vm);
+        v_pos := array_position(v_vms, it.vm_id);
         IF v_pos IS NULL THEN
-            v_vms := v_vms || it.vm;
-            v_vms_ts := v_vms_ts || it.ts;
-        ELSIF v_vms_ts[v_pos] < it.ts THEN
-            v_vms_ts[v_pos] := it.ts;
+            v_vms := v_vms || it.vm_id;
+            v_vms_ts := v_vms_ts || it.ts_us;
+        ELSIF v_vms_ts[v_pos] < it.ts_us THEN
+            v_vms_ts[v_pos] := it.ts_us;
         END IF;
         IF v_vm_moved THEN
             UPDATE vms SET last_receipt_seq = CASE WHEN v_rc = 'valid' THEN v_seq ELSE last_receipt_seq END,
                            epoch = v_vmrow.epoch, refusing = v_vmrow.refusing,
                            refusing_reason = v_vmrow.refusing_reason,
                            receipts_seen = receipts_seen OR v_rc = 'valid'
-                WHERE vm_id = it.vm;
+                WHERE vm_id = it.vm_id;
         END IF;
 
         r_idx := v_i;
@@ -309,8 +315,8 @@ BEGIN
         r_flags := v_flags;
         r_alert := coalesce(v_calert, v_alert, v_galert);
         r_epoch := v_vmrow.epoch;
-        r_rseq := CASE WHEN v_rc = 'valid' AND NOT v_hot THEN v_seq ELSE v_vmrow.last_receipt_seq END;
-        r_locked_until := CASE WHEN v_locked > it.ts THEN v_locked END;
+        r_rseq := CASE WHEN v_rc = 'valid' THEN v_seq ELSE v_vmrow.last_receipt_seq END;
+        r_locked_until := CASE WHEN v_locked > it.ts_us THEN v_locked END;
         RETURN NEXT;
         v_i := v_i + 1;
     END LOOP;

@@ -6,6 +6,8 @@ so that no two (scope, value) pairs can produce the same message.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 
@@ -15,9 +17,30 @@ def digest(pepper: bytes, kind: str, scope: str, value: bytes | str) -> bytes:
     return hmac.digest(pepper, message, "sha256")  # one-shot, in C
 
 
-def otp_digest(pepper: bytes, token_id: str, counter: int) -> bytes:
-    """Identity of one OTP use: a token's time step (TOTP) or counter (HOTP)."""
-    return digest(pepper, "otp", token_id, str(counter))
+def secret_fingerprint(pepper: bytes, otp_type: str, algorithm: str, period: int, secret_b32: str) -> bytes:
+    """Identity of an OTP credential, whichever token row holds it.
+
+    Two enrolments of one secret (after a deletion, or for another principal) produce the
+    same codes for the same counters, so their counters, high-water marks and uses are
+    one credential's. The number of digits is left out on purpose: a 6-digit code is the
+    tail of the 8-digit code of the same counter. The period is in (TOTP steps of another
+    length are other counters), and so is the type.
+    """
+    text = secret_b32.upper().replace(" ", "").rstrip("=")
+    try:
+        secret = base64.b32decode(text + "=" * (-len(text) % 8))
+    except binascii.Error:  # a length base32 cannot have: no codes either; the text names it
+        secret = text.encode()
+    scope = f"{otp_type}:{algorithm.upper()}:{period if otp_type == 'totp' else 0}"
+    return digest(pepper, "otp-credential", scope, secret)
+
+
+def otp_digest(pepper: bytes, credential: str, counter: int) -> bytes:
+    """Identity of one OTP use: a credential's time step (TOTP) or counter (HOTP).
+
+    ``credential`` is the hex of the credential's ``secret_fingerprint``.
+    """
+    return digest(pepper, "otp", credential, str(counter))
 
 
 def nonce_digest(pepper: bytes, scope: str, nonce: bytes) -> bytes:

@@ -8,6 +8,7 @@ import structlog
 
 from ..alerts import parse_note
 from ..core import validation
+from ..core.cursors import cursor_key
 from ..principals import PrincipalService, decode_cursor
 from .common import Route, json_response, query_int, read_json
 from .state import CALLER, RUNTIME
@@ -47,8 +48,9 @@ async def list_principals(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 100, 1, 500)
     raw = request.query.get("cursor")
     runtime = request.app[RUNTIME]
-    items, cursor = await PrincipalService(runtime.pool).page(decode_cursor(raw) if raw else None, limit,
-                                                             runtime.now_us())
+    service = PrincipalService(runtime.pool, cursor_key(runtime.keys.pepper))
+    after = decode_cursor(service.cursor_key, raw) if raw else None
+    items, cursor = await service.page(after, limit, runtime.now_us())
     return json_response({"items": items, "next_cursor": cursor})
 
 
@@ -57,8 +59,6 @@ async def unlock(request: web.Request) -> web.Response:
     note = parse_note(await read_json(request))
     runtime = request.app[RUNTIME]
     done = await PrincipalService(runtime.pool).unlock(principal, note, request[CALLER], runtime.now_us())
-    if runtime.hot is not None:
-        await runtime.hot.clear_lock(principal)
     log.info("principal_unlocked", principal=principal, was_locked=done.was_locked, seq=done.seq)
     return json_response({"principal": principal, "locked": False, "failures": 0,
                           "was_locked": done.was_locked, "failures_before": done.failures, "seq": done.seq})

@@ -8,8 +8,6 @@ next to the runtime, and ends open streams when the service shuts down.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from ..alerts import (
     query_time,
     render,
 )
-from ..core import validation
+from ..core import cursors, validation
 from ..errors import InvalidRequest, Unavailable
 from ..core.ledger_check import Problem
 from ..ledger import LedgerService
@@ -60,7 +58,7 @@ def _svc(request: web.Request) -> Analysts:
 # --- alerts ---------------------------------------------------------------------------
 
 async def list_alerts(request: web.Request) -> web.Response:
-    f = parse_filter(request.query, query_int(request, "limit", 50, 1, 500))
+    f = parse_filter(request.query, query_int(request, "limit", 50, 1, 500), _svc(request).alerts.cursor_key)
     items, cursor = await _svc(request).alerts.search(f)
     return json_response({"items": items, "next_cursor": cursor})
 
@@ -75,8 +73,8 @@ async def acknowledge(request: web.Request) -> web.Response:
     note = parse_note(await read_json(request))
     runtime = request.app[RUNTIME]
     body = await _svc(request).alerts.acknowledge(alert_id, request[CALLER], note, runtime.now_us())
-    if runtime.hot is not None:
-        await runtime.hot.publish_alert(alert_id)  # the other instances' streams
+    if runtime.fanout is not None:
+        await runtime.fanout.publish_alert(alert_id)  # the other instances' streams
     return json_response(body)
 
 
@@ -153,19 +151,14 @@ def _vm_cursor(request: web.Request) -> str | None:
     raw = request.query.get("cursor")
     if not raw:
         return None
-    try:
-        value = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        value = ""
-    if not value.startswith("v") or len(raw) > 400:
-        raise InvalidRequest("cursor is not one this service issued", field="cursor")
-    return validation.check_identifier(value[1:], "cursor")
+    value = cursors.open_cursor(_svc(request).alerts.cursor_key, "vms", raw)
+    return validation.check_identifier(value, "cursor")
 
 
 async def list_vms(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 100, 1, 1000)
     items, after = await _svc(request).timeline.vms(_vm_cursor(request), limit)
-    cursor = base64.urlsafe_b64encode(("v" + after).encode()).decode().rstrip("=") if after else None
+    cursor = cursors.issue(_svc(request).alerts.cursor_key, "vms", after) if after else None
     return json_response({"items": items, "next_cursor": cursor})
 
 
@@ -240,7 +233,8 @@ def _metrics(app: web.Application, feed: AlertFeed) -> None:
 
 async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
-    alerts, ledger = AlertService(runtime.pool), LedgerService(runtime.pool, runtime.keys)
+    alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
+    ledger = LedgerService(runtime.pool, runtime.keys)
     feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
     app[ANALYSTS] = Analysts(alerts, ledger, TimelineService(runtime.pool), feed)
     _metrics(app, feed)

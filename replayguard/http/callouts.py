@@ -6,23 +6,24 @@ from typing import Any
 
 from aiohttp import web
 
+from ..apitokens import Caller
 from ..core import validation
 from ..core.decisions import DecisionResult, Flag, Reason, Verdict
 from ..runtime import Runtime
 from .common import Route, json_response, note_decision, read_json
-from .state import RUNTIME
+from .state import CALLER, RUNTIME
 
 
-async def answer_otp(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+async def answer_otp(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
     runtime.continuity.admit_decisions()
-    result = await runtime.decisions.verify_otp(validation.otp_request(payload))
+    result = await runtime.decisions.verify_otp(validation.otp_request(payload), caller)
     return 200, result.to_json(), result
 
 
-async def answer_nonce(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+async def answer_nonce(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
     runtime.continuity.admit_decisions()
     req = validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s)
-    result = await runtime.decisions.consume_nonce(req)
+    result = await runtime.decisions.consume_nonce(req, caller)
     return 200, result.to_json(), result
 
 
@@ -34,11 +35,11 @@ def render(request: web.Request, answer: tuple[int, Any, DecisionResult]) -> web
 
 
 async def verify_otp(request: web.Request) -> web.Response:
-    return render(request, await answer_otp(request.app[RUNTIME], await read_json(request)))
+    return render(request, await answer_otp(request.app[RUNTIME], request[CALLER], await read_json(request)))
 
 
 async def consume_nonce(request: web.Request) -> web.Response:
-    return render(request, await answer_nonce(request.app[RUNTIME], await read_json(request)))
+    return render(request, await answer_nonce(request.app[RUNTIME], request[CALLER], await read_json(request)))
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}

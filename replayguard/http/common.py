@@ -56,7 +56,7 @@ async def set_server_header(request: web.Request, response: web.StreamResponse) 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS, default=str),
+        body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z, default=str),
         status=status, content_type="application/json", headers=headers,
     )
 

@@ -56,6 +56,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from ..apitokens import Caller
 from ..core.decisions import DecisionResult
 from ..errors import InvalidRequest, ReplayGuardError
 from ..logging import REQUEST_CONTEXT
@@ -70,7 +71,7 @@ from .state import RUNTIME
 log = structlog.get_logger(__name__)
 
 # (status, JSON body or None for an empty answer, the decision behind it)
-Answerer = Callable[[Runtime, Any], Awaitable[tuple[int, Any, DecisionResult]]]
+Answerer = Callable[[Runtime, Caller, Any], Awaitable[tuple[int, Any, DecisionResult]]]
 FAST_ROUTES: dict[str, Answerer] = {**callouts.FAST, **radius.FAST}
 # The headers the front reads; any of them twice sends the request to aiohttp.
 _READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content-length"))
@@ -421,8 +422,8 @@ class Front:
         reset = REQUEST_CONTEXT.set({"request_id": request_id, "route": route.path, "audience": route.audience})
         try:
             try:
-                await authorised_caller(self._runtime, route, request.authorization)
-                status, payload, result = await request.answerer(self._runtime, parse_json(request.body))
+                caller = await authorised_caller(self._runtime, route, request.authorization)
+                status, payload, result = await request.answerer(self._runtime, caller, parse_json(request.body))
                 decision, reason = result.verdict.value, result.reason.value
             except Exception as exc:  # noqa: BLE001 - rendered as the contract's error body
                 status, payload = error_answer(exc)

@@ -50,7 +50,7 @@ async def post_events(request: web.Request) -> web.Response:
         return json_response({"accepted": True, "ignored": True, "reason": exc.reason}, status=202)
     if not events:
         return json_response({"accepted": True, "ignored": True, "reason": "no event to act on"}, status=202)
-    done = await request.app[EVENTS].ingest(events, source)
+    done = await request.app[EVENTS].ingest(events, source, request[CALLER])
     return json_response({"accepted": True, "duplicate": all(item.duplicate for item in done),
                           "events": len(done)}, status=202)
 
@@ -75,7 +75,7 @@ def setup(app: web.Application) -> None:
     """Builds the event service over the runtime once the runtime is open."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runtime = app[RUNTIME]
-        app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.hot)
+        app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.fanout)
         yield
 
     app.cleanup_ctx.append(ctx)

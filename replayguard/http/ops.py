@@ -41,8 +41,8 @@ async def readyz(request: web.Request) -> web.Response:
                               "continuity": runtime.continuity.status(),
                               "sync_standby": _sync(runtime.continuity.sync_standbys)}
     ready = ledger and runtime.continuity.ready()
-    if runtime.hot is not None:
-        redis_ok = await runtime.hot.ping()
+    if runtime.fanout is not None:
+        redis_ok = await runtime.fanout.ping()
         runtime.metrics.redis_up.set(1 if redis_ok else 0)
         checks["redis"] = "ok" if redis_ok else "unavailable"
         ready = ready and redis_ok

@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..apitokens import Caller
 from ..core import validation
 from ..core.decisions import DecisionResult, Reason, Verdict
 from ..core.validation import OtpRequest
@@ -37,7 +38,7 @@ from ..errors import InvalidRequest
 from ..runtime import Runtime
 from .callouts import render
 from .common import Route, read_json
-from .state import RUNTIME
+from .state import CALLER, RUNTIME
 
 VM_ATTRIBUTE = "NAS-Identifier"
 CONTEXT_ATTRIBUTES = {"remote_addr": "Calling-Station-Id", "nas_port": "NAS-Port"}
@@ -136,18 +137,18 @@ def radius_request(raw: object) -> OtpRequest:
     )
 
 
-async def answer(runtime: Runtime, payload: Any) -> tuple[int, Any, DecisionResult]:
+async def answer(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
     """The same decision as ``/v1/otp/verify``, spoken in rlm_rest's terms: a 200 with the
     accept marker accepts, a 401 with a Reply-Message rejects."""
     runtime.continuity.admit_decisions()
-    result = await runtime.decisions.verify_otp(radius_request(payload))
+    result = await runtime.decisions.verify_otp(radius_request(payload), caller)
     if result.verdict is Verdict.ACCEPT:
         return 200, ACCEPT_BODY, result
     return 401, {"reply:Reply-Message": REPLY_MESSAGES.get(result.reason, FALLBACK_MESSAGE)}, result
 
 
 async def authenticate(request: web.Request) -> web.Response:
-    return render(request, await answer(request.app[RUNTIME], await read_json(request)))
+    return render(request, await answer(request.app[RUNTIME], request[CALLER], await read_json(request)))
 
 
 # The route the fast front (http/front.py) may answer itself, and how.

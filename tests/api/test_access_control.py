@@ -174,11 +174,11 @@ async def test_cli_token_revoke_takes_effect(served: Served) -> None:
     assert await _consume(served, token) == 200
     listed = _cli(served, "list")
     assert listed.returncode == 0 and token not in listed.stdout
-    assert listed.stdout.splitlines()[0] == "id\trole\tname\tstate"  # a header row first
+    assert listed.stdout.splitlines()[0] == "id\trole\tname\tstate\tvms"  # a header row first
     again = _cli(served, "create", "--role", "admin", "--name", name)
     assert again.returncode == 2 and again.stdout == "" and "already named" in again.stderr
     assert len(again.stderr.splitlines()) == 1
-    assert any(line.split("\t")[2:] == [name, "active"] for line in listed.stdout.splitlines())
+    assert any(line.split("\t")[2:4] == [name, "active"] for line in listed.stdout.splitlines())
 
     revoked = _cli(served, "revoke", name)
     assert revoked.returncode == 0, revoked.stderr
@@ -190,7 +190,7 @@ async def test_cli_token_revoke_takes_effect(served: Served) -> None:
             break
         await asyncio.sleep(0.1)
     assert statuses[-1] == 401 and set(statuses) <= {200, 401}
-    assert any(line.split("\t")[2:] == [name, "revoked"] for line in _cli(served, "list").stdout.splitlines())
+    assert any(line.split("\t")[2:4] == [name, "revoked"] for line in _cli(served, "list").stdout.splitlines())
 
 
 async def test_cli_token_revoke_by_id_and_unknown(served: Served) -> None:

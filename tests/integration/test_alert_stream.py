@@ -166,7 +166,7 @@ async def test_with_redis_instances_wake_each_other_through_pub_sub(api_factory:
     reaches the other instance's stream."""
     import redis.asyncio as aioredis
 
-    from replayguard.cache import ALERT_CHANNEL
+    from replayguard.fanout import ALERT_CHANNEL
     from tests.conftest import REDIS_URL
 
     one = await api_factory(redis_url=Secret(REDIS_URL))
@@ -178,7 +178,7 @@ async def test_with_redis_instances_wake_each_other_through_pub_sub(api_factory:
         resp = await open_stream(other)
         vm_id, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
         await one.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
-        # Replayed from another VM, so PostgreSQL (not the hot cache) answers, with the alert.
+        # Replayed from another VM: a reuse alert.
         status, replay = await one.post("/v1/nonces/consume", {"vm_id": vm_id + "-b", "scope": scope, "nonce": nonce})
         assert status == 200 and replay["reason"] == "reused" and replay["alert_id"]
         message = await asyncio.wait_for(_next_message(pubsub), 10)

@@ -15,8 +15,8 @@ async def test_sql_chain_matches_python(fresh_database: Callable[[], Any]) -> No
     try:
         await conn.execute("SELECT rg_append(1, 'enroll', NULL, 'alice', NULL, NULL, NULL, $1::jsonb)",
                            {"token_id": "otp_x", "note": "é\u2028\"quoted\""})
-        items = [{"k": "nonce", "ts": 2, "vm": "web-01", "sub": "api", "d": "ab" * 32, "rc": "absent"},
-                 {"k": "nonce", "ts": 3, "vm": "web-01", "sub": "api", "d": "ab" * 32, "rc": "absent"}]
+        items = [{"kind": "nonce", "ts_us": ts, "vm_id": "web-01", "subject": "api", "digest": "ab" * 32,
+                  "receipt": "absent"} for ts in (2, 3)]
         await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 1000, false)", items)
         rows = await conn.fetch("SELECT *, payload::text AS payload_text FROM ledger ORDER BY seq")
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")

@@ -25,7 +25,7 @@ import asyncpg
 import pyotp
 import pytest
 
-from replayguard.core.credentials import nonce_digest, otp_digest
+from replayguard.core.credentials import nonce_digest, otp_digest, secret_fingerprint
 from replayguard.settings import Secret
 from tests.conftest import Api, ServiceProcess, cli_env, run_cli, uid
 from tests.integration.ledger_check import accepts_by_seq, service_verifies, verify_chain
@@ -133,7 +133,8 @@ async def _load_until_killed(service: ServiceProcess, tokens: dict[str, str], pe
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return
         assert status == 200 and data["decision"] == "accept", data
-        acked.otps[(totp.principal, code)] = (data["seq"], otp_digest(pepper, totp.token_id, step))
+        acked.otps[(totp.principal, code)] = (data["seq"], otp_digest(
+            pepper, secret_fingerprint(pepper, "totp", "SHA1", 30, totp.secret).hex(), step))
         first_otp.set()
 
     async def killer() -> None:
@@ -332,7 +333,7 @@ async def test_redis_stopped_restarted_and_flushed_mid_load_never_changes_a_deci
                 status, first = await api.post("/v1/nonces/consume", body)
                 assert status == 200 and first["decision"] == "accept", first  # a fresh nonce
                 replays = await asyncio.gather(
-                    api.post("/v1/nonces/consume", body),  # same VM: the Redis hot path
+                    api.post("/v1/nonces/consume", body),  # same VM
                     api.post("/v1/nonces/consume", {**body, "vm_id": f"{vm}-clone"}),
                 )
                 outcomes[nonce] = [first["decision"]] + [r["decision"] for s, r in replays if s == 200]

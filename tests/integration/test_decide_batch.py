@@ -17,13 +17,15 @@ TS = STEP * PERIOD * 1_000_000
 
 
 def nonce(ts: int, vm: str, digest: str) -> dict[str, Any]:
-    return {"k": "nonce", "ts": ts, "vm": vm, "sub": "api", "d": digest, "rc": "absent", "exp": ts + 10**9}
+    return {"kind": "nonce", "ts_us": ts, "vm_id": vm, "subject": "api", "digest": digest, "receipt": "absent",
+            "expires_us": ts + 10**9}
 
 
 def code(ts: int, vm: str, sub: str, tok: str, steps: list[int]) -> dict[str, Any]:
     dg = {str(s): (f"{tok}{s}".encode().hex() + "00" * 32)[:64] for s in steps}
-    return {"k": "otp", "ts": ts, "vm": vm, "sub": sub, "tok": tok, "steps": steps, "dg": dg, "rc": "absent",
-            "exp": ts + 10**9, "tp": PERIOD, "dr": 1, "cg": "scope-a", "p": {"context": {}}}
+    return {"kind": "otp", "ts_us": ts, "vm_id": vm, "subject": sub, "token_id": tok, "credential": tok.encode().hex(),
+            "steps": steps, "step_digests": dg, "receipt": "absent", "expires_us": ts + 10**9, "period_s": PERIOD,
+            "drift_steps": 1, "clock_scope": "scope-a", "payload": {"context": {}}}
 
 
 async def _decide(conn: Any, items: list[dict[str, Any]], threshold: int = 5) -> list[tuple[str, str]]:
@@ -32,8 +34,10 @@ async def _decide(conn: Any, items: list[dict[str, Any]], threshold: int = 5) ->
 
 
 async def _token(conn: Any, tok: str, principal: str) -> None:
-    await conn.execute("INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
-                       " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1')", tok, principal)
+    """A token whose credential's fingerprint is its id's bytes (``code`` sends the same)."""
+    await conn.execute("INSERT INTO otp_credentials (fingerprint) VALUES ($1)", tok.encode())
+    await conn.execute("INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm, fingerprint)"
+                       " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1', $3)", tok, principal, tok.encode())
 
 
 async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any]) -> None:
@@ -106,10 +110,10 @@ async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses
         await _fill_uses(conn, 1, 300)
         await conn.execute("ANALYZE uses")
         await _token(conn, "tok-a", "alice")
-        await conn.execute("UPDATE otp_tokens SET last_counter = $1 WHERE id = 'tok-a'", STEP + 5)
+        await conn.execute("UPDATE otp_credentials SET last_counter = $1 WHERE fingerprint = 'tok-a'::bytea", STEP + 5)
         for n in range(8):  # enough calls for PL/pgSQL to settle on a cached plan
             assert await _decide(conn, [code(TS + n, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]
-        await conn.execute("UPDATE otp_tokens SET last_counter = -1 WHERE id = 'tok-a'")
+        await conn.execute("UPDATE otp_credentials SET last_counter = -1 WHERE fingerprint = 'tok-a'::bytea")
         assert await _decide(conn, [code(TS + 9, "vm-1", "alice", "tok-a", [STEP])]) == [("accept", "ok")]
         for n in range(10, 18):
             assert await _decide(conn, [code(TS + n, "vm-1", "alice", "tok-a", [STEP])]) == [("reject", "reused")]

@@ -20,7 +20,7 @@ import pyotp
 import pytest
 
 from replayguard.core import otp as core_otp
-from replayguard.core.credentials import nonce_digest, otp_digest
+from replayguard.core.credentials import nonce_digest, otp_digest, secret_fingerprint
 from tests.conftest import Api, ServiceProcess, cli_env, run_cli, uid
 
 RACERS = 64
@@ -116,7 +116,8 @@ async def test_two_processes_totp_accepted_once(
     assert len(rows) == 1
     step = rows[0]["step"]
     assert abs(step - core_otp.totp_step(now)) <= 1
-    assert bytes(rows[0]["cred_digest"]) == otp_digest(pepper, enrolled["token_id"], step)
+    credential = secret_fingerprint(pepper, "totp", "SHA1", 30, enrolled["secret"]).hex()
+    assert bytes(rows[0]["cred_digest"]) == otp_digest(pepper, credential, step)
 
 
 @pytest.mark.slow

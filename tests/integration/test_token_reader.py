@@ -17,10 +17,13 @@ from tests.waiting import blocked_by
 async def _seed(dsn: str, principals: list[str]) -> None:
     conn = await db.connect(dsn)
     try:
+        tokens = [(f"otp_{p}_{k}", p) for p in principals for k in range(2)]
+        await conn.executemany("INSERT INTO otp_credentials (fingerprint) VALUES ($1)",
+                               [(token_id.encode(),) for token_id, _ in tokens])
         await conn.executemany(
-            "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm)"
-            " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1')",
-            [(f"otp_{p}_{k}", p) for p in principals for k in range(2)],
+            "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm, fingerprint)"
+            " VALUES ($1, $2, 'totp', '\\x00', 6, 30, 'SHA1', $3)",
+            [(token_id, p, token_id.encode()) for token_id, p in tokens],
         )
         await conn.execute("UPDATE otp_tokens SET deleted_at = now() WHERE id = $1", f"otp_{principals[0]}_1")
     finally:

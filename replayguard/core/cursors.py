@@ -1,0 +1,54 @@
+"""Opaque page cursors the service can recognise as its own.
+
+A cursor is ``base64url(tag || kind ":" value)`` where ``tag`` is the first 16 bytes of
+HMAC-SHA256 under a key derived from the pepper. A cursor the service did not issue (made
+up, edited, another deployment's, or for another listing) fails the tag and is a 400;
+callers still range-check the value, so even a forged tag could not reach the database
+with a value it cannot hold.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+
+from ..errors import InvalidRequest
+
+TAG_BYTES = 16
+MAX_CURSOR_CHARS = 1200  # a 256-character vm_id of 4-byte characters, tagged and encoded
+
+
+def cursor_key(pepper: bytes) -> bytes:
+    """The key that tags cursors (a sub-key: the pepper itself never MACs anything public)."""
+    return hmac.digest(pepper, b"replayguard-cursor-key", "sha256")
+
+
+def _tag(key: bytes, body: bytes) -> bytes:
+    return hmac.digest(key, body, "sha256")[:TAG_BYTES]
+
+
+def issue(key: bytes, kind: str, value: str) -> str:
+    body = f"{kind}:{value}".encode()
+    return base64.urlsafe_b64encode(_tag(key, body) + body).decode("ascii").rstrip("=")
+
+
+def open_cursor(key: bytes, kind: str, text: str) -> str:
+    """The value of a cursor this service issued for ``kind``; anything else is a 400."""
+    refused = InvalidRequest("cursor is not one this service issued", field="cursor")
+    if not 0 < len(text) <= MAX_CURSOR_CHARS or not text.isascii():
+        raise refused
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise refused from None
+    tag, body = raw[:TAG_BYTES], raw[TAG_BYTES:]
+    if len(tag) != TAG_BYTES or not hmac.compare_digest(tag, _tag(key, body)):
+        raise refused
+    prefix = f"{kind}:".encode()
+    if not body.startswith(prefix):
+        raise refused
+    try:
+        return body[len(prefix):].decode()
+    except UnicodeDecodeError:
+        raise refused from None

@@ -1,0 +1,69 @@
+"""A consumed nonce is never accepted again, whatever a later ttl_s or issued_at claims (issue 15, reproduction 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replayguard.core.credentials import nonce_digest
+from replayguard.retention import purge_expired
+from tests.conftest import Api, uid
+
+
+async def consume(api: Api, body: dict[str, Any]) -> tuple[str, str]:
+    status, answer = await api.post("/v1/nonces/consume", body)
+    assert status == 200, answer
+    assert isinstance(answer["seq"], int) and answer["receipt"], answer
+    return answer["decision"], answer["reason"]
+
+
+async def purge(api: Api, body: dict[str, Any]) -> None:
+    """Runs retention at the service's (fake) now until nothing more is due (the service's
+    own leader may have run it first); the nonce's use is then gone and its digest kept."""
+    while await purge_expired(api.runtime.pool, api.runtime.now_us(), limit=1000) > 0:
+        pass
+    digest = nonce_digest(api.runtime.keys.pepper, body["scope"], body["nonce"].encode())
+    async with api.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM uses WHERE digest = $1", digest) == 0
+        assert await conn.fetchval("SELECT count(*) FROM spent_nonces WHERE digest = $1", digest) == 1
+
+
+async def test_reproduction_4_a_later_ttl_does_not_reopen_a_nonce(api: Api) -> None:
+    """N with issued_at = now and ttl_s = 1 accepted; 75 s later (its use purged) N with ttl_s = 3600, same issued_at or none, is refused."""
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 1}
+    assert await consume(api, body) == ("accept", "ok")
+    api.clock.advance(75)
+    await purge(api, body)
+    assert await consume(api, {**body, "ttl_s": 3600}) == ("reject", "reused")
+    without = {k: v for k, v in body.items() if k != "issued_at"}
+    assert await consume(api, {**without, "ttl_s": 3600}) == ("reject", "reused")
+    assert await consume(api, without) == ("reject", "reused")
+    assert await consume(api, {**body, "issued_at": api.clock.now, "ttl_s": 3600}) == ("reject", "reused")
+
+
+async def test_a_later_ttl_does_not_reopen_a_nonce_before_its_purge(api: Api) -> None:
+    """Before retention runs, the same presentations are refused from the use row."""
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 1}
+    assert await consume(api, body) == ("accept", "ok")
+    api.clock.advance(75)
+    assert await consume(api, {**body, "ttl_s": 3600}) == ("reject", "reused")
+    assert await consume(api, {k: v for k, v in body.items() if k != "issued_at"}) == ("reject", "reused")
+
+
+async def test_a_nonce_without_issued_at_is_refused_after_nonce_max_ttl(api: Api) -> None:
+    """A nonce consumed without issued_at is still refused after nonce_max_ttl_s and its purge, with any ttl."""
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "ttl_s": 60}
+    assert await consume(api, body) == ("accept", "ok")
+    api.clock.advance(api.runtime.settings.nonce_max_ttl_s + 3600)
+    await purge(api, body)
+    assert await consume(api, body) == ("reject", "reused")
+    assert await consume(api, {**body, "issued_at": api.clock.now, "ttl_s": 300}) == ("reject", "reused")
+
+
+async def test_other_nonces_are_still_accepted_after_a_purge(api: Api) -> None:
+    """spent_nonces refuses only what was consumed: a fresh nonce in the same scope is accepted."""
+    scope, vm = uid("scope"), uid("vm")
+    assert await consume(api, {"vm_id": vm, "scope": scope, "nonce": "a", "ttl_s": 1,
+                               "issued_at": api.clock.now}) == ("accept", "ok")
+    api.clock.advance(120)
+    await purge(api, {"scope": scope, "nonce": "a"})
+    assert await consume(api, {"vm_id": vm, "scope": scope, "nonce": "b"}) == ("accept", "ok")
