@@ -185,6 +185,6 @@ async def _accept_rollback(settings: Settings, reason: str) -> int:
     print(orjson.dumps({"recovery_seq": done.seq, "abandoned": done.payload["abandoned"],
                         "database_head": done.payload["database_head"], "who": done.payload["who"],
                         "hotp_tokens_revoked": len(done.payload["hotp_tokens_revoked"]),
-                        "totp_tokens_raised": done.payload["totp_tokens_raised"],
+                        "totp_credentials_raised": done.payload["totp_credentials_raised"],
                         "witnesses": answers, "serving": still is None}).decode())
     return 0 if still is None else EXIT_BAD

@@ -4,10 +4,12 @@ One transaction, under the ledger head's lock:
 
 - a signed recovery statement (``core.continuity.Statement``) naming the furthest
   checkpoint the ledger lost, kept in ``ledger_recoveries`` and in the entry;
-- the state that must forget nothing the lost range may have recorded: every TOTP token's
-  last step is raised to the step of the recovery time plus the drift window (codes up to
-  then are refused as ``reused``), every HOTP token is revoked (its counter may have moved
-  any distance in the lost range: the principal enrols a new one); nonces issued before
+- the state that must forget nothing the lost range may have recorded: every TOTP
+  credential's last step (``otp_credentials``) is raised to the step of the recovery time
+  plus the drift window (codes up to then are refused as ``reused``); every HOTP token is
+  revoked and its secret's counter put out of reach (it may have moved any distance in
+  the lost range: the principal enrols a new secret, the old one enrolled again accepts
+  nothing); nonces issued before
   the recovery, or without ``issued_at``, are refused by the decision service for
   ``nonce_max_ttl_s`` (``core.continuity.nonce_before_recovery``);
 - the database's own checkpoints past its head (of the lost range) are dropped, their
@@ -31,6 +33,9 @@ from .core import continuity
 from .core.checkpoints import Checkpoint
 from .core.continuity import Verdict
 from .db import acquire
+
+
+HOTP_BURNT = 2**62  # an HOTP credential's counter after a recovery: no code of it is accepted again
 
 
 def operator() -> str:
@@ -61,11 +66,21 @@ async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[st
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head WHERE id FOR UPDATE")
         statement = continuity.sign_statement(key, head["seq"] + 1, bytes(head["hash"]), now_us,
                                               abandoned.seq, abandoned.hash)
+        # The high-water belongs to the credential (migration 010); deleted tokens' secrets
+        # too, since the lost range may have used them before the deletion.
         totp = await conn.fetchval(
-            "WITH t AS (UPDATE otp_tokens SET last_counter = greatest(last_counter, $1 / (period * 1000000::bigint) + $2)"
-            " WHERE type = 'totp' AND deleted_at IS NULL RETURNING 1) SELECT count(*) FROM t", now_us, drift_steps)
+            "WITH t AS (UPDATE otp_credentials c"
+            " SET last_counter = greatest(c.last_counter, $1 / (k.period * 1000000::bigint) + $2)"
+            " FROM (SELECT fingerprint, min(period) AS period FROM otp_tokens WHERE type = 'totp'"
+            "       GROUP BY fingerprint) k"
+            " WHERE c.fingerprint = k.fingerprint RETURNING 1) SELECT count(*) FROM t", now_us, drift_steps)
         hotp = await conn.fetch("UPDATE otp_tokens SET deleted_at = now() WHERE type = 'hotp' AND deleted_at IS NULL"
                                 " RETURNING id, principal")
+        # Their secrets too: enrolled again they would carry the credential's counter, which
+        # the lost range may have moved any distance. The counter goes out of reach.
+        await conn.execute("UPDATE otp_credentials c SET last_counter = $1 FROM (SELECT DISTINCT fingerprint"
+                           " FROM otp_tokens WHERE type = 'hotp') k WHERE c.fingerprint = k.fingerprint",
+                           HOTP_BURNT)
         dropped = await conn.fetch("DELETE FROM checkpoints WHERE seq > $1 RETURNING seq, hash, ts_us", head["seq"])
         await conn.execute("UPDATE sink_feed SET checkpoint_seq = least(checkpoint_seq, $1)", head["seq"])
         payload = {
@@ -75,7 +90,7 @@ async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[st
             "abandoned": {"seq": abandoned.seq, "hash": abandoned.hash.hex()},
             "dropped_checkpoints": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(), "ts_us": r["ts_us"]}
                                     for r in dropped],
-            "totp_tokens_raised": totp,
+            "totp_credentials_raised": totp,
             "hotp_tokens_revoked": [{"token_id": r["id"], "principal": r["principal"]} for r in hotp],
             "statement": continuity.statement_json(statement),
         }

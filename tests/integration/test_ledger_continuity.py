@@ -193,6 +193,12 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
         assert status == 200 and body["decision"] == "reject" and body["reason"] == "reused", body
     assert (await restored.post("/v1/otp/verify", otp))[1]["reason"] == "reused"
     assert (await restored.post("/v1/otp/verify", hotp_code))[1]["decision"] == "reject"
+    # The revoked HOTP secret enrolled again accepts none of its codes (the lost range may
+    # have moved its counter any distance).
+    await restored.enroll("bob-restore", type="hotp", secret=hotp["secret"])
+    for counter in (0, 1, 5):
+        again = {**hotp_code, "otp": pyotp.HOTP(hotp["secret"]).at(counter)}
+        assert (await restored.post("/v1/otp/verify", again))[1]["decision"] == "reject"
     fresh_issue = {"issued_at": clock.now + 300, "ttl_s": 600}
     clock.advance(300)
     assert (await nonce(restored, secrets.token_hex(8), **fresh_issue))[1]["decision"] == "accept"
