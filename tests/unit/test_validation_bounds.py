@@ -136,6 +136,7 @@ def test_more_times(value: object, expected: datetime) -> None:
     (lambda: validation.parse_time(-0.5, "t"), "t"),
     (lambda: validation.parse_time([1], "t"), "t"),
     (lambda: validation.parse_time("2026-11-29T10:05:00.Z", "t"), "t"),
+    (lambda: validation.parse_time("2026-13-40T10:05:00Z", "t"), "t"),
     (lambda: validation.otp_request({"principal": "a", "otp": "1"}), "vm_id"),
     (lambda: validation.otp_request({**OTP, "vm_id": 5}), "vm_id"),
     (lambda: validation.otp_request({**OTP, "vm_id": "a\tb"}), "vm_id"),
@@ -153,3 +154,17 @@ def test_one_character_identifiers_and_codes_and_skipped_context_values() -> Non
     assert validation.otp_request({"vm_id": "v", "principal": "p", "otp": "1",
                                    "context": {"a": None, "b": "x"}}) == OtpRequest("v", "p", "1", None, {"b": "x"})
     assert validation.enroll_request({"algorithm": "SHA256"}).algorithm == "SHA256"
+
+
+def test_times_are_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing never depends on the machine's time zone: the result is in UTC."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        parsed = validation.parse_time("2026-11-29T12:05:00+02:00", "t")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert parsed == datetime(2026, 11, 29, 10, 5, tzinfo=UTC) and parsed.utcoffset() == timedelta(0)
