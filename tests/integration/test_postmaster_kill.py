@@ -47,7 +47,7 @@ async def test_postmaster_sigkilled_mid_load_loses_no_acknowledged_accept(
     load = asyncio.create_task(_steady_load(service.url, tokens["callout"], scope, stop, answers))
     try:
         await until(lambda: asyncio.sleep(0, len(accepted()) >= 200), "200 accepts before the crash", 60)
-        postmaster = _postmaster(owned_pg.pgdata)
+        postmaster = _postmaster(owned_pg.server.pgdata)
         backends = postmaster.children(recursive=True)
         os.kill(postmaster.pid, signal.SIGKILL)
         # Orphaned backends notice the postmaster's death and exit; a new postmaster cannot

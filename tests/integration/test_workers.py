@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_cli
 
 SMALL_POOL = {"REPLAYGUARD_DB_POOL_SIZE": "3"}
 
