@@ -112,6 +112,8 @@ async def test_matrix_covers_every_registered_route_and_operation(served: Served
     assert registered - written == set(), "registered routes missing from the access matrix"
     assert documented - written == set(), "documented operations missing from the access matrix"
     assert written - registered == set(), "matrix rows for routes the service does not register"
+    assert {(row.method, row.template) for row in MATRIX if row.in_openapi} == documented, \
+        "rows marked in_openapi are exactly the document's operations"
 
 
 @pytest.mark.parametrize("row", MATRIX, ids=_row_id)

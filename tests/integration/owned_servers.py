@@ -73,6 +73,14 @@ class OwnedPostgres:
         shutil.rmtree(self.server.data_dir, ignore_errors=True)
 
 
+def free_port() -> int:
+    """A port free a moment ago, for servers that cannot bind port 0 and report it (PostgreSQL
+    names its socket after its port). Racy in principle; prefer a server-chosen port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class OwnedRedis:
     """A throw-away ``redis-server`` on a Unix socket (``port 0``: no TCP) with no persistence."""
 

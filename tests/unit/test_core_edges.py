@@ -40,7 +40,8 @@ def test_rfc3339_us(us: int | None, text: str | None) -> None:
     """Output times are RFC 3339 UTC with exactly six fraction digits; None stays None."""
     assert rfc3339_us(us) == text
     if us is not None:
-        assert to_us(datetime.fromisoformat(text.replace("Z", "+00:00"))) == us  # type: ignore[union-attr]
+        back = to_us(datetime.fromisoformat(text.replace("Z", "+00:00")))  # type: ignore[union-attr]
+        assert back == us and isinstance(back, int)
 
 
 def _forge(payload: bytes, prefix: str = "rg1") -> str:

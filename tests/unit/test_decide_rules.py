@@ -88,3 +88,31 @@ def test_match_code_without_a_match_names_the_first_token_or_none() -> None:
     assert match_code([first, second], wrong, NOW, CONFIG).token == first
     assert match_code([first, second], wrong, NOW, CONFIG).counters == ()
     assert match_code([], wrong, NOW, CONFIG).token is None
+
+
+def test_match_code_uses_each_tokens_own_period_digits_and_algorithm() -> None:
+    """A token enrolled with 60 s, 8 digits and SHA256 is checked with those, not the defaults."""
+    token = OtpToken("tok_x", "alice", "totp", SECRET, 8, 60, "SHA256", 0)
+    code = pyotp.TOTP(SECRET, digits=8, digest="sha256", interval=60).at(NOW)
+    assert match_code([token], code, NOW, CONFIG).counters == (int(NOW // 60),)
+    hotp = OtpToken("tok_y", "alice", "hotp", SECRET, 8, 30, "SHA512", 0)
+    assert match_code([hotp], pyotp.HOTP(SECRET, digits=8, digest="sha512").at(3), NOW, CONFIG).counters == (3,)
+
+
+def test_match_code_uses_the_configured_drift_and_look_ahead() -> None:
+    """The drift window and the HOTP look-ahead come from the configuration."""
+    wide = DecisionConfig(drift_steps=3, hotp_look_ahead=25, use_retention_s=86400, nonce_max_ttl_s=86400)
+    totp, hotp = _token("tok_t", "totp"), _token("tok_h", "hotp", last_counter=0)
+    far_code = pyotp.TOTP(SECRET).at(NOW + 90)
+    assert match_code([totp], far_code, NOW, CONFIG).counters == ()
+    assert match_code([totp], far_code, NOW, wide).counters == (int(NOW // 30) + 3,)
+    assert match_code([hotp], pyotp.HOTP(SECRET).at(20), NOW, CONFIG).counters == ()
+    assert match_code([hotp], pyotp.HOTP(SECRET).at(20), NOW, wide).counters == (20,)
+
+
+def test_clock_guard_scope_is_a_stable_name() -> None:
+    """The scope is a fixed function of the pepper, so instances of different versions sharing keys agree."""
+    import hashlib
+
+    pepper = bytes(range(32))
+    assert clock_guard_scope(pepper) == hashlib.sha256(b"replayguard-clock-guard\x00" + pepper).hexdigest()[:32]

@@ -88,3 +88,22 @@ def test_now_that_is_not_finite_refuses() -> None:
     """A broken clock (NaN) never lets a signature through."""
     with pytest.raises(Unauthorized):
         verify_signature(SECRET, TS, BODY, sign(SECRET, TS, BODY), float("nan"), 300)
+
+
+def test_rotated_signature_list_passes_when_the_first_matches() -> None:
+    """Every candidate counts, not only the last: the genuine signature first, a stale one after, verifies."""
+    header = f"{sign(SECRET, TS, BODY)},v1={'0' * 64}"
+    verify_signature(SECRET, TS, BODY, header, NOW, 300)
+
+
+def test_header_length_limits_are_inclusive() -> None:
+    """A 20-digit timestamp and a 1024-character signature header are read; one more character is refused."""
+    padded = sign(SECRET, TS, BODY) + "," + "v1=" + "0" * (1024 - len(sign(SECRET, TS, BODY)) - 4)
+    assert len(padded) == 1024
+    verify_signature(SECRET, TS, BODY, padded, NOW, 300)
+    with pytest.raises(Unauthorized, match="too long"):
+        verify_signature(SECRET, TS, BODY, padded + "0", NOW, 300)
+    twenty = TS.zfill(20)
+    verify_signature(SECRET, twenty, BODY, sign(SECRET, twenty, BODY), NOW, 300)
+    with pytest.raises(Unauthorized, match="Unix seconds"):
+        verify_signature(SECRET, "0" + twenty, BODY, sign(SECRET, "0" + twenty, BODY), NOW, 300)

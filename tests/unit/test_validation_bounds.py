@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -111,3 +111,60 @@ def test_limits_from_both_sides(case: str, call: Any, field: str | None) -> None
 def test_nonce_keeps_a_lone_surrogate_as_its_bytes() -> None:
     """A nonce that is not valid UTF-16 text is still one credential: its surrogatepass bytes."""
     assert _nonce(nonce="a\ud800").nonce == "a\ud800".encode("utf-8", "surrogatepass")
+
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("2026-11-29t10:05:00z", datetime(2026, 11, 29, 10, 5, tzinfo=UTC)),  # RFC 3339 allows lower case
+    ("2026-11-29 10:05:00Z", datetime(2026, 11, 29, 10, 5, tzinfo=UTC)),
+    ("2026-11-29T10:05:00.5Z", datetime(2026, 11, 29, 10, 5, 0, 500000, tzinfo=UTC)),  # a fraction, not 5 µs
+    ("2026-11-29T10:05:00.1234567+02:00", datetime(2026, 11, 29, 8, 5, 0, 123456, tzinfo=UTC)),
+    ("2026-11-29T12:05:00.000001+02:00", datetime(2026, 11, 29, 10, 5, 0, 1, tzinfo=UTC)),
+    (0, datetime(1970, 1, 1, tzinfo=UTC)),
+    (253402300799, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+])
+def test_more_times(value: object, expected: datetime) -> None:
+    """Lower-case separators, a space, short and long fractions, offsets, and the ends of the Unix range parse exactly."""
+    parsed = validation.parse_time(value, "t")
+    assert parsed == expected and parsed.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda: validation.parse_time(253402300800, "t"), "t"),
+    (lambda: validation.parse_time(-0.5, "t"), "t"),
+    (lambda: validation.parse_time([1], "t"), "t"),
+    (lambda: validation.parse_time("2026-11-29T10:05:00.Z", "t"), "t"),
+    (lambda: validation.parse_time("2026-13-40T10:05:00Z", "t"), "t"),
+    (lambda: validation.otp_request({"principal": "a", "otp": "1"}), "vm_id"),
+    (lambda: validation.otp_request({**OTP, "vm_id": 5}), "vm_id"),
+    (lambda: validation.otp_request({**OTP, "vm_id": "a\tb"}), "vm_id"),
+    (lambda: validation.otp_request([OTP]), None),
+])
+def test_every_refusal_has_a_message(call: Any, field: str | None) -> None:
+    """Each refusal carries a human message and names its field (none for a body that is not an object)."""
+    with pytest.raises(InvalidRequest) as err:
+        call()
+    assert err.value.field == field and isinstance(err.value.message, str) and err.value.message
+
+
+def test_one_character_identifiers_and_codes_and_skipped_context_values() -> None:
+    """One-character identifiers and codes are fine; a null context value is skipped, not the rest of the context."""
+    assert validation.otp_request({"vm_id": "v", "principal": "p", "otp": "1",
+                                   "context": {"a": None, "b": "x"}}) == OtpRequest("v", "p", "1", None, {"b": "x"})
+    assert validation.enroll_request({"algorithm": "SHA256"}).algorithm == "SHA256"
+
+
+def test_times_are_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing never depends on the machine's time zone: the result is in UTC."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        parsed = validation.parse_time("2026-11-29T12:05:00+02:00", "t")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert parsed == datetime(2026, 11, 29, 10, 5, tzinfo=UTC) and parsed.utcoffset() == timedelta(0)
