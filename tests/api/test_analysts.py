@@ -325,3 +325,13 @@ async def test_status_names_each_witness_and_its_state(api_factory: Any, fresh_d
     assert body["continuity"] == "witness_unreachable" and body["rollback"] is None
     states = {w["name"]: w["state"] for w in body["witnesses"]}
     assert states == {f"file:{held}": "up", f"file:{gone}": "unreachable"}
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("file:/srv/witness/rg.json", "file:/srv/witness/rg.json"),
+    ("https://user:secret@witness.example:8443/v1?token=abc#x", "https://witness.example:8443/v1"),
+    ("http://witness.example", "http://witness.example"),
+])
+def test_status_shows_witness_urls_without_credentials(name: str, shown: str) -> None:
+    """A witness URL's userinfo, query and fragment never reach /v1/status."""
+    assert analysts._shown(name) == shown
