@@ -8,7 +8,8 @@ tables; scripts get ``--json`` (one JSON document, or one JSON line per alert fo
 identifier or a note cannot drive the terminal.
 
 Exit status: 0 done; 1 the service answered but something is wrong (``status``: not
-ready, or the ledger does not verify); 2 usage or configuration (no token); 3 the
+ready, the ledger does not verify, or its continuity is not ok: a witness unreachable, or
+the ledger went back in time); 2 usage or configuration (no token); 3 the
 service is unreachable or failed (5xx); 4 the token was refused (401, 403); 5 not found;
 6 the service refused the request (another 4xx).
 """
@@ -247,8 +248,13 @@ def status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             v = r["verify"]
             facts.append(("verify", f"ok, {v['checked']} entries" if v["ok"]
                           else f"FAILED: {v.get('problem')} at seq {v.get('first_bad_seq')}"))
-        facts.append(("witnesses", "not reported by this service" if r["witnesses"] is None
-                      else ", ".join(f"{w.get('name') or w.get('url')}: {w.get('state')}" for w in r["witnesses"])))
+        facts.append(("continuity", r.get("continuity") or "not reported"))
+        witnesses = r["witnesses"]
+        facts.append(("witnesses", "not reported by this service" if witnesses is None else "none configured"
+                      if not witnesses else ", ".join(
+                          f"{w['name']}: {w['state']}" + (f" (holds {w['held_seq']}, {w['verdict']})"
+                                                          if w.get("held_seq") is not None else "")
+                          for w in witnesses)))
         width = max(len(n) for n, _ in facts)
         text = "\n".join(f"{n.ljust(width)}  {printable(v)}" for n, v in facts)
         sinks = r["sinks"]
@@ -258,7 +264,8 @@ def status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return text
 
     _emit(args, report, human, out)
-    bad = not (report["healthy"] and report["ready"]) or ("verify" in report and not report["verify"]["ok"])
+    bad = (not (report["healthy"] and report["ready"]) or ("verify" in report and not report["verify"]["ok"])
+           or report.get("continuity", "ok") != "ok")
     return EXIT_PROBLEM if bad else EXIT_OK
 
 

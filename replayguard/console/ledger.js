@@ -1,5 +1,5 @@
-// The ledger: whether its hash chain verifies, its head, the last signed checkpoint, the
-// sinks' backlogs, and the witnesses (when the service reports them).
+// The ledger: whether its hash chain verifies, its head, the last signed checkpoint, its
+// continuity with the witnesses that hold its progress, and the sinks' backlogs.
 
 import { api } from "./api.js";
 import { badge, clear, errorBox, h, table, when } from "./dom.js";
@@ -36,6 +36,7 @@ export async function render(main) {
     h("td", { class: "num" }, sink.delivered), h("td", { class: "num" }, sink.failed_attempts),
     h("td", {}, sink.last_error ?? "")));
   const witnesses = Array.isArray(status.witnesses) ? status.witnesses : null;
+  const continuity = status.continuity ?? "unknown";
   main.append(
     h("h1", {}, "Ledger"),
     h("h3", {}, "Verification"), verifyBox, again,
@@ -45,10 +46,16 @@ export async function render(main) {
     cp ? facts([["seq", String(cp.seq)], ["signed at", when(cp.created_at)], ["hash", h("span", { class: "digest" }, cp.hash)],
                 ["key id", cp.key_id], ["algorithm", cp.algorithm]])
        : h("p", { class: "muted" }, "No checkpoint signed yet."),
-    h("h3", {}, "Witnesses"),
-    witnesses ? table(["witness", "state", "seq"], witnesses.map((w) => h("tr", {},
-      h("td", { class: "ident" }, w.name ?? w.url ?? "?"), h("td", {}, w.state ?? "?"), h("td", { class: "num" }, w.seq ?? ""))))
-      : h("p", { class: "muted", id: "witnesses" }, "This service does not report witnesses."),
+    h("h3", {}, "Continuity and witnesses"),
+    facts([["continuity", badge(continuity, continuity === "ok" ? "ok" : "bad")],
+           ...(status.rollback ? [["rollback", `${status.rollback.source}: ${status.rollback.verdict} ` +
+             `(holds entry ${status.rollback.held?.seq}, ledger ends at ${status.rollback.head_seq})`]] : [])]),
+    witnesses && witnesses.length ? table(["witness", "state", "holds checkpoint of entry", "verdict"],
+      witnesses.map((w) => h("tr", { dataset: { witness: w.name } },
+        h("td", { class: "ident" }, w.name), h("td", {}, badge(w.state, w.state === "up" ? "ok" : "bad")),
+        h("td", { class: "num" }, w.held_seq ?? "—"), h("td", {}, w.verdict ?? "—"))), { id: "witnesses" })
+      : h("p", { class: "muted", id: "witnesses" }, witnesses ? "No witnesses configured (setting witnesses)."
+          : "This service does not report witnesses."),
     h("h3", {}, `Sinks (reported by ${status.leader ? "this instance, which feeds them" : "an instance that is not feeding them now"})`),
     sinkRows.length ? table(["sink", "backlog", "delivered", "failed attempts", "last error"], sinkRows)
       : h("p", { class: "muted" }, "No sinks configured."));

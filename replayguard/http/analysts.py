@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -27,6 +28,7 @@ from ..alerts import (
     query_time,
     render,
 )
+from ..continuity import ContinuityGuard
 from ..core import cursors, validation
 from ..errors import InvalidRequest, Unavailable
 from ..core.ledger_check import Problem
@@ -202,17 +204,39 @@ async def ledger_public_key(request: web.Request) -> web.Response:
     return json_response(_svc(request).ledger.public_key_json())
 
 
+def _shown(name: str) -> str:
+    """A witness's name without userinfo, query or fragment (a URL may carry credentials)."""
+    if not name.startswith(("http://", "https://")):
+        return name
+    parts = urlsplit(name)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def _witnesses(guard: ContinuityGuard) -> dict[str, Any]:
+    """The continuity verdict and, per witness, whether it answered and what it holds."""
+    items = [{"name": _shown(name), "state": "unknown" if st.up is None else "up" if st.up else "unreachable",
+              "held_seq": st.held.seq if st.held is not None else None,
+              "verdict": st.verdict.value if st.verdict is not None else None}
+             for name, st in guard.states.items()]
+    return {"status": guard.status(), "witnesses": items,
+            "rollback": guard.rollback.to_json() if guard.rollback is not None else None}
+
+
 async def status(request: web.Request) -> web.Response:
-    """The ledger's head and last checkpoint, this instance's feed role and sink backlogs."""
+    """The ledger's head and last checkpoint, continuity and witnesses, this instance's feed
+    role and sink backlogs, and the caller's role."""
     svc = _svc(request)
     last = await svc.ledger.list_checkpoints(None, 1)
     dispatcher = svc.feed.dispatcher
     sinks = [{"name": name, "backlog": st.backlog, "delivered": st.delivered, "failed_attempts": st.failed_attempts,
               "rejected": st.rejected, "dropped": st.dropped, "last_error": st.last_error}
              for name, st in (dispatcher.stats().items() if dispatcher is not None else ())]
+    continuity = _witnesses(request.app[RUNTIME].continuity)
     return json_response({
         "version": __version__, "leader": svc.feed.leader,
         "ledger": {"head": await svc.ledger.head(), "last_checkpoint": last[0] if last else None},
+        "continuity": continuity["status"], "rollback": continuity["rollback"],
+        "witnesses": continuity["witnesses"],
         "sinks": sinks, "sse_subscribers": len(svc.feed.subscribers),
         "caller": {"role": request[CALLER].role, "name": request[CALLER].name},
     })
@@ -276,7 +300,12 @@ _STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"
     "ledger": {"type": "object", "properties": {"head": {"type": "object"}, "last_checkpoint": {"type": ["object", "null"]}}},
     "sinks": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "backlog": {"type": "integer"}, "delivered": {"type": "integer"},
-        "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}}}}
+        "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}},
+    "continuity": {"type": "string", "enum": ["ok", "witness_unreachable", "ledger_rollback"]},
+    "rollback": {"type": ["object", "null"]},
+    "witnesses": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "state": {"type": "string", "enum": ["up", "unreachable", "unknown"]},
+        "held_seq": {"type": ["integer", "null"]}, "verdict": {"type": ["string", "null"]}}}}}}
 _FILTERS = ("vm_id", "principal", "kind", "severity", "status", "since", "until", "limit", "cursor")
 
 

@@ -10,6 +10,7 @@ import pyotp
 import pytest
 
 from replayguard.http import analysts
+from replayguard.settings import Secret
 from tests.conftest import Api, uid
 
 
@@ -310,3 +311,27 @@ async def test_status_reports_head_checkpoint_sinks_and_caller(api: Api) -> None
     assert body["sinks"] == [] and body["caller"]["role"] == "analyst"
     assert (await api.get("/v1/status", role="admin"))[1]["caller"]["role"] == "admin"
     assert (await api.get("/v1/status", role="callout"))[0] == 403
+
+
+async def test_status_names_each_witness_and_its_state(api_factory: Any, fresh_database: Any,
+                                                      tmp_path: Any) -> None:
+    """/v1/status reports continuity and each witness: up when it answers, unreachable when its directory is gone."""
+    (tmp_path / "witness").mkdir()
+    held, gone = tmp_path / "witness" / "rg.json", tmp_path / "missing" / "rg.json"
+    api: Api = await api_factory(database_url=Secret(await fresh_database()),
+                                 witnesses=(f"file:{held}", f"file:{gone}"))
+    status, body = await api.get("/v1/status")
+    assert status == 200, body
+    assert body["continuity"] == "witness_unreachable" and body["rollback"] is None
+    states = {w["name"]: w["state"] for w in body["witnesses"]}
+    assert states == {f"file:{held}": "up", f"file:{gone}": "unreachable"}
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("file:/srv/witness/rg.json", "file:/srv/witness/rg.json"),
+    ("https://user:secret@witness.example:8443/v1?token=abc#x", "https://witness.example:8443/v1"),
+    ("http://witness.example", "http://witness.example"),
+])
+def test_status_shows_witness_urls_without_credentials(name: str, shown: str) -> None:
+    """A witness URL's userinfo, query and fragment never reach /v1/status."""
+    assert analysts._shown(name) == shown

@@ -154,3 +154,20 @@ def test_table_aligns_columns_and_right_aligns_numbers() -> None:
     """Each column is as wide as its widest cell; integer columns are right-aligned."""
     text = table([["a", 5], ["bbbb", 123]], ["name", "n"])
     assert text.splitlines() == ["NAME    N", "a       5", "bbbb  123"]
+
+
+async def test_status_names_witnesses_and_fails_when_one_is_unreachable(
+        api_factory: Any, fresh_database: Any, tmp_path: Any) -> None:
+    """status lists each witness with its state, and exits 1 while one cannot be reached."""
+    from replayguard.settings import Secret
+
+    (tmp_path / "witness").mkdir()
+    held, gone = tmp_path / "witness" / "rg.json", tmp_path / "missing" / "rg.json"
+    api: Api = await api_factory(database_url=Secret(await fresh_database()), witnesses=(f"file:{held}",))
+    code, out, err = await rg(api, "status")
+    assert code == 0, err
+    assert f"file:{held}: up" in out and "continuity" in out
+    api = await api_factory(database_url=Secret(await fresh_database()),
+                            witnesses=(f"file:{held}", f"file:{gone}"))
+    code, out, _ = await rg(api, "status")
+    assert code == 1 and f"file:{gone}: unreachable" in out and "witness_unreachable" in out

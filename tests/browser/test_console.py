@@ -220,3 +220,25 @@ async def test_unlock_from_the_principals_page(api_factory: Any, tab: Tab) -> No
         note = await conn.fetchval("SELECT payload->>'note' FROM ledger WHERE kind = 'principal_unlock'"
                                    " AND subject = $1", principal)
     assert note == "user called"
+
+
+async def test_the_ledger_page_shows_verification_continuity_and_witnesses(
+        api_factory: Any, fresh_database: Any, tab: Tab, tmp_path: Any) -> None:
+    """The ledger page says the chain verifies, names the head, and lists each witness with its state."""
+    from replayguard.settings import Secret
+
+    (tmp_path / "witness").mkdir()
+    held, gone = tmp_path / "witness" / "rg.json", tmp_path / "missing" / "rg.json"
+    api: Api = await api_factory(database_url=Secret(await fresh_database()),
+                                 witnesses=(f"file:{held}", f"file:{gone}"))
+    await play_the_story(api)
+    page = tab.page
+    await sign_in(tab, api)
+    await page.locator('nav a[data-page="ledger"]').click()
+    await page.locator('#verify[data-ok="true"]').wait_for(timeout=WAIT_MS)
+    rows = page.locator("#witnesses tbody tr")
+    await rows.first.wait_for(timeout=WAIT_MS)
+    states = {await r.get_attribute("data-witness"): (await r.inner_text()) for r in await rows.all()}
+    assert "up" in states[f"file:{held}"] and "unreachable" in states[f"file:{gone}"]
+    assert "witness_unreachable" in await page.locator("main").inner_text()
+    await tab.screenshot("console-ledger")
