@@ -9,6 +9,7 @@ isolate themselves further with unique VM ids and principals (``uid``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import os
@@ -249,9 +250,24 @@ async def api_factory(make_settings: Callable[..., Settings]) -> AsyncIterator[C
 
 
 def free_port() -> int:
+    """A port free now, for the few servers that must be told a port and cannot report the
+    one they bound (several ``--workers`` sharing one port, radiusd, stand-ins restarted on
+    the same address). Everything else binds port 0 and reports it, or uses ``dead_url``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def dead_url() -> Iterator[str]:
+    """A loopback URL that refuses connections while the block runs.
+
+    Its port is bound for the whole block, so nothing else can take it, and never listened
+    on, so a connection attempt is refused at once (no port picked, released and hoped for).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @dataclass

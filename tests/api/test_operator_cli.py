@@ -14,7 +14,7 @@ import pytest
 from replayguard.http.analysts import ANALYSTS
 from replayguard.operator_cli import printable, table
 from tests.browser.test_console import play_the_story
-from tests.conftest import REPO, Api, cli_env, free_port, uid
+from tests.conftest import REPO, Api, cli_env, dead_url, uid
 
 
 async def rg(api: Api | None, *args: str, role: str = "analyst", url: str | None = None,
@@ -67,7 +67,8 @@ async def test_exit_statuses(api: Api) -> None:
     assert (await rg(api, "alerts", "list", token="rgt_" + "x" * 43))[0] == 4
     code, _, err = await rg(api, "alerts", "list", "--severity", "urgent")
     assert code == 6 and "severity" in err
-    code, _, err = await rg(None, "status", url=f"http://127.0.0.1:{free_port()}", token="t")
+    with dead_url() as url:
+        code, _, err = await rg(None, "status", url=url, token="t")
     assert code == 3 and "cannot reach" in err
     code, _, err = await rg(None, "alerts", "list", url="http://127.0.0.1:1")
     assert code == 2 and "REPLAYGUARD_TOKEN" in err and "Traceback" not in err

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from replayguard.embedded import EmbeddedServer, claim_data_dir
-from tests.conftest import cli_env, free_port, run_cli, uid
+from tests.conftest import cli_env, dead_url, run_cli, uid
 from tests.integration.owned_servers import scratch_dir, stop_embedded
 
 TOKEN_LINE = re.compile(r"^rgt_[A-Za-z0-9_\-]{20,}\n$")
@@ -113,7 +113,7 @@ def _key_file(path: Path, mode: int, content: str | None = None) -> Path:
 ], ids=["bad port", "wrong scheme", "not a url"])
 def test_unparseable_database_url(tmp_path: Path, url: str, expected: str) -> None:
     """An unparseable database URL stops serve, migrate and token create with one line."""
-    for command in (["serve", "--port", str(free_port())], ["migrate"],
+    for command in (["serve", "--port", "0"], ["migrate"],
                     ["token", "create", "--role", "admin", "--name", "n"]):
         done = run_cli(*command, "--database-url", url, "--data-dir", str(tmp_path / "data"))
         _assert_one_line_exit_2(done, expected)
@@ -121,15 +121,16 @@ def test_unparseable_database_url(tmp_path: Path, url: str, expected: str) -> No
 
 def test_unreachable_database(tmp_path: Path) -> None:
     """A database URL pointing at a closed port stops start-up with one line."""
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    done = run_cli("serve", "--port", str(free_port()), "--database-url", url, "--data-dir", str(tmp_path / "d"))
+    with dead_url() as dead:
+        url = dead.replace("http://", "postgresql://postgres@") + "/postgres"
+        done = run_cli("serve", "--port", "0", "--database-url", url, "--data-dir", str(tmp_path / "d"))
     _assert_one_line_exit_2(done, "cannot reach the database")
 
 
 def test_missing_database(tmp_path: Path, database_url: str) -> None:
     """A reachable server without the named database stops start-up with one line."""
     url = database_url.rpartition("/")[0] + "/" + "rg_does_not_exist_" + uid("db").replace("-", "_")
-    done = run_cli("serve", "--port", str(free_port()), "--database-url", url, "--data-dir", str(tmp_path / "d"))
+    done = run_cli("serve", "--port", "0", "--database-url", url, "--data-dir", str(tmp_path / "d"))
     _assert_one_line_exit_2(done, "does not exist")
 
 
@@ -157,7 +158,7 @@ def test_key_file_readable_by_others(tmp_path: Path, database_url: str) -> None:
     """A key under the data dir with mode 0644 stops start-up and says how to fix it."""
     data_dir = tmp_path / "data"
     key = _key_file(data_dir / "keys" / "pepper.key", 0o644)
-    done = run_cli("serve", "--port", str(free_port()), "--database-url", database_url, "--data-dir", str(data_dir))
+    done = run_cli("serve", "--port", "0", "--database-url", database_url, "--data-dir", str(data_dir))
     _assert_one_line_exit_2(done, f"chmod 600 {key}")
 
 
@@ -177,7 +178,7 @@ def test_named_key_file_problems(tmp_path: Path, database_url: str, problem: str
         _key_file(path, 0o600, "00ff\n")
     elif problem == "mode 0640":
         _key_file(path, 0o640)
-    done = run_cli("serve", "--port", str(free_port()), "--database-url", database_url,
+    done = run_cli("serve", "--port", "0", "--database-url", database_url,
                    "--data-dir", str(tmp_path / "data"), env=cli_env(REPLAYGUARD_PEPPER_FILE=str(path)))
     _assert_one_line_exit_2(done, expected)
     assert str(path) in done.stderr

@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestServer
 
 from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, free_port, front_counts, uid
+from tests.conftest import REPO, dead_url, front_counts, uid
 
 DEPLOY = REPO / "deploy" / "freeradius"
 FREERADIUS = shutil.which("freeradius") or shutil.which("radiusd")
@@ -290,10 +290,11 @@ async def test_bad_token_and_dead_service_reject(host: Host, start_radius: Calla
     """A wrong callout token (401) and an unreachable service (fail) are both Access-Reject."""
     user = uid("dave")
     totp = await host.enroll(user)
-    for url, token in ((host.url, "rgt_not-a-token"), (f"http://127.0.0.1:{free_port()}", host.tokens["callout"])):
-        radius = start_radius(url, token)
-        result = radclient(radius, User_Name=user, User_Password=totp.now(), NAS_Identifier=uid("nas"))
-        assert result.returncode == 1 and "Access-Reject" in result.stdout, result.stdout + radius.log()
+    with dead_url() as dead:
+        for url, token in ((host.url, "rgt_not-a-token"), (dead, host.tokens["callout"])):
+            radius = start_radius(url, token)
+            result = radclient(radius, User_Name=user, User_Password=totp.now(), NAS_Identifier=uid("nas"))
+            assert result.returncode == 1 and "Access-Reject" in result.stdout, result.stdout + radius.log()
 
 
 def test_shipped_clients_example_is_valid_config(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ import pytest
 
 from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, free_port, front_counts, uid
+from tests.conftest import REPO, dead_url, front_counts, uid
 
 HELPER = REPO / "deploy" / "pam" / "replayguard-pam-helper"
 PAM_DIR = Path("/etc/pam.d")
@@ -252,8 +252,9 @@ async def test_replay_after_hypervisor_revert(host: Host, make_guest: Callable[.
 @needs_python3
 async def test_service_down_fails_closed(make_guest: Callable[..., Guest]) -> None:
     """With nothing listening at the service URL, PAM refuses and the log says unreachable."""
-    guest = make_guest(f"http://127.0.0.1:{free_port()}", "rgt_unused")
-    assert not pamtester(guest, uid("erin"), "123456")
+    with dead_url() as url:
+        guest = make_guest(url, "rgt_unused")
+        assert not pamtester(guest, uid("erin"), "123456")
     assert "service unreachable" in guest.log()
     assert not guest.receipt.exists()
 

@@ -34,7 +34,7 @@ from replayguard.relay.proxmox import (
     run_poller,
 )
 from replayguard.settings import Secret
-from tests.conftest import REPO, Api, cli_env, free_port, uid
+from tests.conftest import REPO, Api, cli_env, dead_url, uid
 
 DATA = REPO / "tests" / "data" / "proxmox"
 LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
@@ -178,8 +178,8 @@ async def test_records_survive_a_dead_service_until_the_next_run(
 ) -> None:
     """With nothing listening the records stay spooled (exit 75) and the next run delivers them."""
     (api_server, _), (recorder, service) = pve, stand_in
-    dead = config(f"http://127.0.0.1:{free_port()}", tmp_path, base(api_server), attempts=2)
-    assert await run_poller(dead) == EX_TEMPFAIL
+    with dead_url() as url:
+        assert await run_poller(config(url, tmp_path, base(api_server), attempts=2)) == EX_TEMPFAIL
     assert len(Outbox(tmp_path).pending()) == len(FORWARDED)
     assert await run_poller(config(base(service), tmp_path, base(api_server))) == 0
     assert {b["upid"] for b in recorder.bodies} == FORWARDED

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
 from replayguard.settings import Settings
-from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, free_port, run_cli, uid
+from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, dead_url, free_port, run_cli, uid
 from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz, until
 
 
@@ -148,23 +148,23 @@ async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required
         api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> None:
     """A dead witness raises witness_unreachable and sets replayguard_witness_up to 0; decisions
     go on unless witness_required, then they are 503 and /readyz is 503."""
-    dead = f"http://127.0.0.1:{free_port()}"
-    dsn = Secret(await fresh_database())
-    api = await api_factory(database_url=dsn, witnesses=(dead,))
-    assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    alerts = await alerts_of(api, "witness_unreachable")
-    assert alerts and alerts[0]["severity"] == "warning"
-    metrics = await (await api.client.get("/metrics")).text()
-    assert f'replayguard_witness_up{{witness="{dead}"}} 0.0' in metrics
-    ready = await readyz(api)
-    assert ready[0] == 200 and ready[1]["checks"]["continuity"] == "witness_unreachable"
+    with dead_url() as dead:  # refused for the whole test
+        dsn = Secret(await fresh_database())
+        api = await api_factory(database_url=dsn, witnesses=(dead,))
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+        alerts = await alerts_of(api, "witness_unreachable")
+        assert alerts and alerts[0]["severity"] == "warning"
+        metrics = await (await api.client.get("/metrics")).text()
+        assert f'replayguard_witness_up{{witness="{dead}"}} 0.0' in metrics
+        ready = await readyz(api)
+        assert ready[0] == 200 and ready[1]["checks"]["continuity"] == "witness_unreachable"
 
-    required = await api_factory(database_url=dsn, witnesses=(dead,), witness_required=True)
-    status, body = await nonce(required, secrets.token_hex(8))
-    assert status == 503 and body["error"]["code"] == "witness_unreachable", body
-    assert (await readyz(required))[0] == 503
+        required = await api_factory(database_url=dsn, witnesses=(dead,), witness_required=True)
+        status, body = await nonce(required, secrets.token_hex(8))
+        assert status == 503 and body["error"]["code"] == "witness_unreachable", body
+        assert (await readyz(required))[0] == 503
 
-    async def critical() -> bool:
-        return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
+        async def critical() -> bool:
+            return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
 
-    await until(critical)
+        await until(critical)

@@ -92,10 +92,10 @@ def test_match_code_without_a_match_names_the_first_token_or_none() -> None:
 
 def test_match_code_uses_each_tokens_own_period_digits_and_algorithm() -> None:
     """A token enrolled with 60 s, 8 digits and SHA256 is checked with those, not the defaults."""
-    token = OtpToken("tok_x", "alice", "totp", SECRET, 8, 60, "SHA256", 0)
+    token = OtpToken("tok_x", "alice", "totp", SECRET, 8, 60, "SHA256", 0, "aa")
     code = pyotp.TOTP(SECRET, digits=8, digest="sha256", interval=60).at(NOW)
     assert match_code([token], code, NOW, CONFIG).counters == (int(NOW // 60),)
-    hotp = OtpToken("tok_y", "alice", "hotp", SECRET, 8, 30, "SHA512", 0)
+    hotp = OtpToken("tok_y", "alice", "hotp", SECRET, 8, 30, "SHA512", 0, "bb")
     assert match_code([hotp], pyotp.HOTP(SECRET, digits=8, digest="sha512").at(3), NOW, CONFIG).counters == (3,)
 
 
