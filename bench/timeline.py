@@ -69,7 +69,10 @@ class Marks:
         except (OSError, asyncpg.PostgresError) as exc:
             self.errors.append(f"postgres: {exc}")
             conn = None
-        async with aiohttp.ClientSession(headers=headers) as session:
+        # A new connection per scrape: the workers of --workers N share the port
+        # (SO_REUSEPORT), and a kept-alive connection would always reach the same one.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             while not self._stop.is_set():
                 now = time.time()
                 for url in self.urls:
