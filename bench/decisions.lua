@@ -1,6 +1,6 @@
 -- wrk script for replayguard's decision endpoints (driven by bench/run.py).
 --
--- Arguments (after `--`): token, pattern, otp_file, run_id, nthreads, replay_file
+-- Arguments (after `--`): token, pattern, otp_file, run_id, nthreads, replay_file, latency_file
 --   pattern   one letter per request, cycled: N fresh nonce, O fresh TOTP code,
 --             R replay (alternately a nonce and a code this thread had accepted earlier),
 --             I invalid code, P replay-only (the next line of replay_file, cycled)
@@ -8,8 +8,22 @@
 --             "i <principal> <code>" (codes that match no step of the window); thread k
 --             of n takes every n-th line, so no two threads send the same fresh code
 --   replay_file  lines "<vm_id> <nonce>" consumed before the run ("-" when unused)
+--   latency_file  each thread k writes "<completion ms since the epoch> <latency us>" per
+--             answer to latency_file.k ("-": not recorded); each request carries an
+--             X-Request-Id the service echoes, which pairs an answer with its send time
 -- Each thread counts what it sent by kind and what came back by status and reason;
 -- done() prints one line "BENCHJSON {...}" that run.py parses.
+
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } rg_timespec;
+int clock_gettime(int clk_id, rg_timespec *tp);
+]]
+local clock_buf = ffi.new("rg_timespec")
+local function now_us()
+   ffi.C.clock_gettime(0, clock_buf)   -- CLOCK_REALTIME: comparable with the samplers' times
+   return tonumber(clock_buf.tv_sec) * 1000000 + math.floor(tonumber(clock_buf.tv_nsec) / 1000)
+end
 
 local threads = {}
 local nthreads_setup = 0
@@ -29,6 +43,7 @@ local next_otp, next_invalid, next_replay = 1, 1, 1
 local nonce_ring, otp_ring = {}, {}
 local nonce_count, otp_count, replay_flip = 0, 0, 0
 local pos = 0
+local sent_at, req_count, lat_out = {}, 0, nil
 sent = {N = 0, O = 0, R = 0, I = 0, P = 0, O_short = 0, R_short = 0}
 statuses = {}
 reasons = {}
@@ -45,6 +60,7 @@ end
 
 function init(args)
    local token, otp_file, nthreads, replay_file = args[1], args[3], tonumber(args[5]), args[6]
+   if args[7] and args[7] ~= "-" then lat_out = io.open(args[7] .. "." .. tid, "w") end
    pattern, run_id = args[2], args[4]
    plen = #pattern
    headers = {["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json"}
@@ -124,10 +140,25 @@ function request()
    pos = pos % plen + 1
    local kind = pattern:sub(pos, pos)
    sent[kind] = sent[kind] + 1
+   if lat_out then
+      req_count = req_count + 1
+      local id = "b" .. tid .. "-" .. req_count
+      headers["X-Request-Id"] = id
+      sent_at[id] = now_us()
+   end
    return makers[kind]()
 end
 
 function response(status, hdrs, body)
+   if lat_out then
+      local id = hdrs["X-Request-Id"] or hdrs["x-request-id"]
+      local t0 = id and sent_at[id]
+      if t0 then
+         sent_at[id] = nil
+         local t = now_us()
+         lat_out:write(math.floor(t / 1000), " ", t - t0, "\n")
+      end
+   end
    statuses[status] = (statuses[status] or 0) + 1
    local reason = body:match('"reason":"([%w_]+)"') or ("status_" .. status)
    reasons[reason] = (reasons[reason] or 0) + 1

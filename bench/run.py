@@ -44,6 +44,9 @@ import asyncpg
 import psutil
 import pyotp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timeline  # noqa: E402  (bench/timeline.py, beside this file)
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LUA = BENCH / "decisions.lua"
@@ -598,9 +601,13 @@ class Bench:
         before = asyncio.run(pg_snapshot(self.setup.dsn))
         self.sampler.phase_peak = 0
         spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
+        lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
+        marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn).start()
         with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
             parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
-                            [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file] for f in files])
+                            [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]
+                             for f, p in zip(files, lat)])
+        marked = marks.stop()
         after = asyncio.run(pg_snapshot(self.setup.dsn))
         asyncio.run(wait_quiet(self.setup.dsn))
         for part, offered in zip(parts, fresh):
@@ -610,6 +617,15 @@ class Bench:
                       fresh_codes_offered=sum(len(f) for f in fresh), pg=pg_delta(before, after, args.duration))
         if spy is not None:
             result["py_spy"] = finish_py_spy(spy)
+        samples = timeline.read_latencies([f for p in lat for f in p.parent.glob(p.name + ".*")])
+        rows = timeline.seconds(samples)
+        run = timeline.overall(samples)
+        threshold, found = timeline.stalls(rows, marked)
+        result["timeline"] = {"overall": run, "seconds": rows, "stall_threshold_ms": threshold, "stalls": found,
+                              "marks": marked, "marks_by_kind": timeline.marks_by_kind(marked),
+                              "sampler_errors": marks.errors[:5]}
+        print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run),
+              file=sys.stderr, flush=True)
         return result
 
 

@@ -229,7 +229,8 @@ class AlertFeed:
                 await asyncio.sleep(gap)
             self._wake.clear()
             last_tail = time.monotonic()
-            await self._tail(conn)
+            with self._rt.metrics.background.timed("alert_tail"):
+                await self._tail(conn)
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per
                 # POLL_S, not once per notification: a flood of alert joins must not cost
@@ -288,8 +289,10 @@ class AlertFeed:
     async def _lead(self) -> None:
         await self._start_sinks()
         settings = self._rt.settings
-        result = await self._ledger.checkpoint_if_due(self._rt.now_us(), settings.checkpoint_every,
-                                                      settings.checkpoint_interval_s * 1_000_000)
+        work = self._rt.metrics.background
+        with work.timed("checkpoint"):
+            result = await self._ledger.checkpoint_if_due(self._rt.now_us(), settings.checkpoint_every,
+                                                          settings.checkpoint_interval_s * 1_000_000)
         if isinstance(result, Finding) and result != self._last_finding:
             self._last_finding = result
             await self._ledger.raise_tamper_alert(result, self._rt.now_us())
@@ -297,8 +300,11 @@ class AlertFeed:
         elif isinstance(result, Checkpoint):
             self._rt.continuity.published(result)
         if self.dispatcher is not None and self._sinks_started:
-            await self._feed_sinks()
-        if await purge_expired(self._rt.pool, self._rt.now_us()) == PURGE_BATCH:
+            with work.timed("sink_feed"):
+                await self._feed_sinks()
+        with work.timed("purge"):
+            purged = await purge_expired(self._rt.pool, self._rt.now_us())
+        if purged == PURGE_BATCH:
             self._last_lead = 0.0  # more expired uses wait: purge the next batch at once
 
     async def _start_sinks(self) -> None:

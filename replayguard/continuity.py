@@ -34,6 +34,7 @@ from .core.continuity import Admission, Statement, Verdict
 from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import LedgerRollback, Unavailable
 from .keys import Keys
+from .metrics import BackgroundWork
 from .settings import Settings
 from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 
@@ -102,6 +103,7 @@ class ContinuityGuard:
         self.deployment_id = cps.key_id(self.public)
         self.public_key_pem = cps.public_key_pem(self.public)
         self._required = settings.witness_required
+        self.background = BackgroundWork()  # the runtime hands in its metrics' own
         token = settings.witness_token.reveal() if settings.witness_token is not None else None
         self.witnesses: list[Witness] = build_witnesses(settings.witnesses, self.deployment_id, token)
         self.states = {w.name: WitnessState() for w in self.witnesses}
@@ -327,7 +329,8 @@ class ContinuityGuard:
         while True:
             await asyncio.sleep(CHECK_S)
             try:
-                await self.check()
+                with self.background.timed("continuity"):
+                    await self.check()
             except (*_DOWN, asyncpg.PostgresError) as exc:
                 log.warning("continuity_check_failed", error=type(exc).__name__)
 

@@ -197,6 +197,22 @@ def adopt(path: Path, data_dir: Path) -> None:
 
 # --- the server -------------------------------------------------------------------------
 
+# The server's settings for replayguard's workload: a steady stream of small inserting
+# transactions, each flushed (docs/operations.md, "PostgreSQL settings"). Checkpoints
+# come from the WAL volume at a sustained rate; with PostgreSQL's defaults (1 GB of WAL,
+# 5 minutes) they came every minute or so, each followed by a burst of full-page writes.
+# Larger and spread, they come every several minutes and cost less WAL between them.
+WORKLOAD_SETTINGS = {
+    "max_wal_size": "4GB",
+    "min_wal_size": "512MB",
+    "checkpoint_timeout": "15min",
+    "checkpoint_completion_target": "0.9",
+    "log_checkpoints": "on",
+    "log_autovacuum_min_duration": "1s",
+    "log_lock_waits": "on",
+}
+
+
 class EmbeddedServer:
     """Initialises, starts, finds and stops the cluster under one data dir."""
 
@@ -364,6 +380,7 @@ class EmbeddedServer:
         self._write_private(self.pgdata / "pg_hba.conf", HBA, replace=True)
         sockets = self.socket_dir()
         options = f"-h '' -k {shlex.quote(str(sockets))} -c unix_socket_permissions=0700"
+        options += "".join(f" -c {name}={value}" for name, value in WORKLOAD_SETTINGS.items())
         self.run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "log"),
                  "-o", options, "start")
         found = self.running_socket_dir()

@@ -30,8 +30,13 @@ from .keys import Keys
 log = structlog.get_logger(__name__)
 
 BATCH = 10_000
-CHECKPOINT_BATCH = 1_000  # rows per read when a serving worker checks before it signs
-YIELD_EVERY = 200  # rows hashed between two turns of the event loop
+# A serving worker checks the entries since the last checkpoint beside its decisions
+# (every second at a sustained rate): what it does between two turns of the event loop is
+# what a decision arriving meanwhile waits for. A read decodes CHECKPOINT_BATCH rows in one
+# go, and YIELD_EVERY rows are converted and hashed in one go: each stretch stays under
+# half a millisecond of CPU (bench/loop_blocks.py measures it).
+CHECKPOINT_BATCH = 250  # rows per read when a serving worker checks before it signs
+YIELD_EVERY = 50  # rows converted and hashed between two turns of the event loop
 _CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
 _ROWS = (
     "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
@@ -67,23 +72,24 @@ def _row(record: asyncpg.Record) -> Row:
     return Row(entry, bytes(record["prev_hash"]), bytes(record["hash"]))
 
 
-async def _stream(conn: asyncpg.Connection, after: int, upto: int, batch: int = BATCH) -> AsyncIterator[list[Row]]:
-    """Rows ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
+async def _stream(conn: asyncpg.Connection, after: int, upto: int,
+                  batch: int = BATCH) -> AsyncIterator[list[asyncpg.Record]]:
+    """Records ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
     while after < upto:
         records = await conn.fetch(_ROWS, after, upto, batch)
         if not records:
             return
-        yield [_row(r) for r in records]
+        yield records
         after = records[-1]["seq"]
 
 
 async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
                        progress: Progress | None = None, batch: int = BATCH) -> Finding | None:
     total = upto - checker.start_seq
-    async for rows in _stream(conn, checker.start_seq, upto, batch):
-        for start in range(0, len(rows), YIELD_EVERY):
-            for row in rows[start:start + YIELD_EVERY]:
-                if checker.feed(row) is not None:
+    async for records in _stream(conn, checker.start_seq, upto, batch):
+        for start in range(0, len(records), YIELD_EVERY):
+            for record in records[start:start + YIELD_EVERY]:
+                if checker.feed(_row(record)) is not None:
                     return checker.finding
             # In a serving worker this runs beside decisions: hashing thousands of rows in
             # one go would hold every request of the worker for tens of milliseconds.

@@ -89,11 +89,14 @@ async def open_runtime(
                                 clock=clock, fanout=fanout, on_decision=metrics.decision)
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
     guard.on_recovered = decisions.set_recovered_at
+    guard.background = metrics.background
+    metrics.background.watch_gc()
     runtime = Runtime(settings, dsn, pool, keys, clock, metrics, appender, tokens,
                       ApiTokens(pool, keys.pepper), decisions, fanout, guard)
     try:
         yield runtime
     finally:
+        metrics.background.unwatch_gc()
         await guard.close()
         await _shutdown(appender, tokens, fanout, pool)
 

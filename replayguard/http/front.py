@@ -6,10 +6,11 @@ Through aiohttp, the framework's own work for one request (request and response 
 router, middleware chain, writer) cost about 40 µs of CPU on this machine kind, against
 7 µs for the same request parsed by httptools (llhttp, in C) and answered from a plain
 protocol; a decision as a whole cost about 200 µs, and one worker's CPU is what bounds its
-rate (bench/README.md, "fifth session"). So the listening socket speaks to this protocol
-first, and it answers those routes itself with the same code the aiohttp path runs:
-``app.request_id_for``, ``app.authorised_caller``, the route's answerer (``callouts.FAST``,
-``radius.FAST``), ``app.error_answer``, ``app.log_request`` and the metrics.
+rate (measured with bench/run.py; the figures are in git history). So the listening
+socket speaks to this protocol first, and it answers those routes itself with the same
+code the aiohttp path runs: ``app.request_id_for``, ``app.authorised_caller``, the route's
+answerer (``callouts.FAST``, ``radius.FAST``), ``app.error_answer``, ``app.log_request``
+and the metrics.
 
 Everything else is aiohttp's, byte for byte. At the first request the front does not take,
 the connection is handed to aiohttp's own request handler with every byte from the start

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""How long the leader's checkpoint check holds a worker's event loop in one go.
+
+A serving worker re-verifies the entries since the last checkpoint before it signs one
+(``LedgerService.checkpoint_if_due``); a decision that arrives meanwhile waits for the
+check's current uninterrupted stretch. This creates its own database, appends ``--rows``
+chained entries (``rg_append``), then runs the check ``--repeat`` times (forgetting the
+checkpoint in between, so each run verifies every row) beside a probe task that does
+nothing but yield. The probe's gaps, in this thread's **CPU time** (``time.thread_time``),
+are the check's stretches between two turns of the loop: another process taking the
+core does not lengthen them, so the figure holds on a busy, shared machine where wall
+times do not. Prints the longest stretch, the 99th percentile and the check's CPU time.
+
+    .venv/bin/python bench/loop_blocks.py --rows 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (bench/run.py: database creation)
+
+from replayguard.keys import Keys  # noqa: E402
+from replayguard.ledger import LedgerService  # noqa: E402
+
+
+async def measure(dsn: str, rows: int, repeat: int) -> dict[str, float]:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    await pool.execute(
+        "SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 256), 'bench', sha256(int8send(g)),"
+        " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
+        " FROM generate_series(1, $1) g", rows)
+    keys = Keys(os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(32))
+    ledger = LedgerService(pool, keys)
+    gaps: list[float] = []
+    cpu = 0.0
+    for _ in range(repeat):
+        await pool.execute("DELETE FROM checkpoints")
+        done = False
+
+        async def probe() -> None:
+            last = time.thread_time()
+            while not done:
+                await asyncio.sleep(0)
+                now = time.thread_time()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.create_task(probe())
+        await asyncio.sleep(0)
+        started = time.thread_time()
+        result = await ledger.checkpoint_if_due(int(time.time() * 1e6), 1, 10**12)
+        cpu += time.thread_time() - started
+        done = True
+        await task
+        assert result is not None and not hasattr(result, "problem"), result
+    await pool.close()
+    gaps.sort()
+    return {"rows": rows, "runs": repeat, "max_ms": round(gaps[-1] * 1000, 2),
+            "p99_ms": round(gaps[int(0.99 * len(gaps))] * 1000, 2),
+            "check_cpu_ms_per_run": round(cpu * 1000 / repeat, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--rows", type=int, default=8000, help="entries since the last checkpoint (about 1 s at c=64)")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args()
+    dsn = asyncio.run(run.create_database(args.pg_admin_url, "blocks"))
+    try:
+        subprocess.run([sys.executable, "-m", "replayguard", "migrate", "--database-url", dsn,
+                        "--data-dir", "/tmp/rg-loop-blocks"], check=True, capture_output=True)
+        print(asyncio.run(measure(dsn, args.rows, args.repeat)))
+    finally:
+        asyncio.run(run.drop_database(args.pg_admin_url, dsn))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

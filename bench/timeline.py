@@ -1,0 +1,212 @@
+"""Latency over time, and what ran in the background meanwhile (bench/run.py's stall report).
+
+``decisions.lua`` writes one line per answer (completion time in ms since the epoch, latency
+in µs; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples, ten
+times a second while wrk runs, the service's background duties (``/metrics``:
+``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
+collector per generation) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
+they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
+a lock; ``pg_stat_bgwriter``: checkpoints finished). ``seconds`` turns the latencies into
+one row per second with exact percentiles, and ``stalls`` keeps the seconds whose p99 or
+max is far above the run's, each with the marks of that second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+SAMPLE_S = 0.1
+PG_SAMPLE_S = 0.25
+_METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
+
+_PG_ACTIVITY = """
+SELECT backend_type, datname, wait_event_type, wait_event, left(query, 80) AS query
+FROM pg_stat_activity
+WHERE backend_type IN ('autovacuum worker', 'checkpointer')
+   OR (datname = $1 AND wait_event_type = 'Lock')
+"""
+_PG_CHECKPOINTS = "SELECT checkpoints_timed + checkpoints_req AS n, buffers_checkpoint FROM pg_stat_bgwriter"
+_CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "DataFileWrite",
+                      "ControlFileSyncUpdate", "ControlFileWrite"}
+
+
+class Marks:
+    """Samples background work in a thread of its own between ``start`` and ``stop``."""
+
+    def __init__(self, metrics_urls: list[str], token: str, dsn: str) -> None:
+        self.urls, self.token, self.dsn = metrics_urls, token, dsn
+        self.dbname = dsn.rpartition("/")[2]
+        self.marks: list[tuple[float, str]] = []  # (unix time, label)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> Marks:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.marks
+
+    async def _run(self) -> None:
+        last: dict[tuple[str, str], tuple[float, float]] = {}  # (url, task) -> (runs, seconds)
+        checkpoints: tuple[int, int] | None = None
+        next_pg = 0.0
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            conn = await asyncpg.connect(self.dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self.errors.append(f"postgres: {exc}")
+            conn = None
+        # A new connection per scrape: the workers of --workers N share the port
+        # (SO_REUSEPORT), and a kept-alive connection would always reach the same one.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+            while not self._stop.is_set():
+                now = time.time()
+                for url in self.urls:
+                    try:
+                        async with session.get(url + "/metrics") as resp:
+                            text = await resp.text()
+                    except aiohttp.ClientError as exc:
+                        self.errors.append(f"metrics: {exc}")
+                        continue
+                    self._service(now, text, last)
+                if conn is not None and now >= next_pg:
+                    next_pg = now + PG_SAMPLE_S
+                    checkpoints = await self._postgres(now, conn, checkpoints)
+                await asyncio.sleep(SAMPLE_S)
+        if conn is not None:
+            await conn.close()
+
+    def _service(self, now: float, text: str, last: dict[tuple[str, str], tuple[float, float]]) -> None:
+        values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        for line in text.splitlines():
+            m = _METRIC.match(line)
+            if m:
+                values[(m.group(2), m.group(3))][m.group(1)] = float(m.group(4))
+        workers = {w for _, w in values}
+        for (task, worker), v in values.items():
+            runs, seconds = v.get("runs_total", 0.0), v.get("seconds_total", 0.0)
+            before = last.get((worker, task))
+            last[(worker, task)] = (runs, seconds)
+            if before is None or runs == before[0]:
+                continue
+            # With several workers a scrape reaches one of them: its counts since its own
+            # previous scrape, which may be more than one sample ago.
+            spent_ms = (seconds - before[1]) * 1000
+            who = f"pid {worker} " if len(workers) > 1 or len(self.urls) > 1 else ""
+            self.marks.append((now - SAMPLE_S / 2, f"{who}{task} x{int(runs - before[0])} {spent_ms:.1f} ms"))
+
+    async def _postgres(self, now: float, conn: asyncpg.Connection,
+                        checkpoints: tuple[int, int] | None) -> tuple[int, int] | None:
+        try:
+            for row in await conn.fetch(_PG_ACTIVITY, self.dbname):
+                if row["backend_type"] == "autovacuum worker" and row["query"]:
+                    mine = "" if row["datname"] == self.dbname else " (other db)"
+                    self.marks.append((now, f"pg autovacuum{mine}: {row['query'].removeprefix('autovacuum: ')}"))
+                elif row["backend_type"] == "checkpointer" and row["wait_event"] in _CHECKPOINTER_BUSY:
+                    self.marks.append((now, f"pg checkpointer {row['wait_event']}"))
+                elif row["wait_event_type"] == "Lock":
+                    self.marks.append((now, f"pg lock wait {row['wait_event']}: {row['query']}"))
+            done = await conn.fetchrow(_PG_CHECKPOINTS)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self.errors.append(f"postgres: {exc}")
+            return checkpoints
+        if checkpoints is not None and done["n"] != checkpoints[0]:
+            self.marks.append((now, f"pg checkpoint finished ({done['buffers_checkpoint'] - checkpoints[1]} buffers)"))
+        return int(done["n"]), int(done["buffers_checkpoint"])
+
+
+def read_latencies(paths: list[Path]) -> list[tuple[int, int]]:
+    """(completion ms, latency µs) of every answer, from the per-thread files."""
+    out = []
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            t, _, lat = line.partition(" ")
+            if lat:
+                out.append((int(float(t)), int(float(lat))))
+    return out
+
+
+def _pct(ordered: list[int], q: float) -> int:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def seconds(samples: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """One row per wall-clock second: answers, p50, p99, max (ms)."""
+    by_s: dict[int, list[int]] = defaultdict(list)
+    for t_ms, lat in samples:
+        by_s[t_ms // 1000].append(lat)
+    rows = []
+    for s in sorted(by_s):
+        lat = sorted(by_s[s])
+        rows.append({"t": s, "n": len(lat), "p50_ms": _pct(lat, 0.5) / 1000, "p99_ms": _pct(lat, 0.99) / 1000,
+                     "max_ms": lat[-1] / 1000})
+    return rows
+
+
+def overall(samples: list[tuple[int, int]]) -> dict[str, float]:
+    """Exact percentiles over every answer of the run (ms)."""
+    if not samples:
+        return {}
+    lat = sorted(s[1] for s in samples)
+    return {"n": len(lat), **{f"p{q}_ms": _pct(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
+            "max_ms": lat[-1] / 1000}
+
+
+def stalls(rows: list[dict[str, Any]], marks: list[tuple[float, str]], factor: float = 5.0,
+           floor_ms: float = 5.0) -> tuple[float, list[dict[str, Any]]]:
+    """The seconds whose p99 or max exceeds ``factor`` × the median second's p99 (and
+    ``floor_ms``), each with the background marks sampled in it; the first and last
+    seconds (partial, wrk starting and stopping) are left out."""
+    inner = rows[1:-1]
+    if not inner:
+        return 0.0, []
+    p99s = sorted(r["p99_ms"] for r in inner)
+    threshold = max(factor * p99s[len(p99s) // 2], floor_ms)
+    by_s: dict[int, list[str]] = defaultdict(list)
+    for t, label in marks:
+        by_s[int(t)].append(label)
+    out = []
+    for r in inner:
+        if r["max_ms"] > threshold or r["p99_ms"] > threshold:
+            out.append({**r, "marks": sorted(set(by_s.get(r["t"], [])))})
+    return threshold, out
+
+
+def marks_by_kind(marks: list[tuple[float, str]]) -> dict[str, int]:
+    """How many seconds had each kind of mark (its label up to the count or colon)."""
+    kinds: dict[str, set[int]] = defaultdict(set)
+    for t, label in marks:
+        kinds[re.split(r" x\d|:| \(", re.sub(r"^pid \d+ ", "", label))[0]].add(int(t))
+    return {k: len(v) for k, v in sorted(kinds.items())}
+
+
+def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]], run: dict[str, float]) -> str:
+    threshold, found = stalls(rows, marks)
+    if not rows:
+        return f"  {tag}: no latency samples"
+    start = rows[0]["t"]
+    head = (f"  {tag}: {run.get('n', 0)} answers, p50 {run.get('p50_ms')} p99 {run.get('p99_ms')} "
+            f"p99.9 {run.get('p99.9_ms')} max {run.get('max_ms')} ms; stall = a second with p99 or max "
+            f"> {threshold:.1f} ms: {len(found)} of {max(len(rows) - 2, 0)}")
+    lines = [head, "    seconds with background work: " + (", ".join(
+        f"{k} {n}" for k, n in marks_by_kind(marks).items()) or "none")]
+    for r in found:
+        lines.append(f"    +{r['t'] - start:>3}s n={r['n']:<6} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
+                     f"max {r['max_ms']:.1f} ms  | " + ("; ".join(r["marks"]) or "no background work seen"))
+    return "\n".join(lines)
