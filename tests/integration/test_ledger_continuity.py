@@ -248,3 +248,28 @@ async def test_a_database_gone_back_under_a_running_service_stops_it_at_the_next
 
     await until(raised)
     assert (await readyz(api))[0] == 503
+
+
+async def test_state_tables_that_forgot_an_accept_fail_verification(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Issue 20: a superuser resets an HOTP token's counter and deletes its use: the used code
+    is not accepted again unnoticed — verify (API and CLI) names the accept's seq as a state
+    mismatch and raises ledger_tamper."""
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), checkpoint_every=1)
+    token = await api.enroll("carol-state", type="hotp")
+    body = {"vm_id": "vm-1", "principal": "carol-state", "otp": pyotp.HOTP(token["secret"]).at(0)}
+    status, answer = await api.post("/v1/otp/verify", body)
+    assert answer["decision"] == "accept"
+    assert (await verify(api))["ok"] is True
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE otp_tokens SET last_counter = -1 WHERE id = $1", token["token_id"])
+        await conn.execute("DELETE FROM uses WHERE first_seq = $1", answer["seq"])
+    finally:
+        await conn.close()
+    report = await verify(api)
+    assert report["ok"] is False and report["problem"] == "state_mismatch" and report["first_bad_seq"] == answer["seq"]
+    cli = run_cli("ledger", "verify", "--no-progress", "--database-url", dsn, "--data-dir", str(tmp_path / "data"))
+    assert cli.returncode == 1 and orjson.loads(cli.stdout)["problem"] == "state_mismatch", cli.stdout + cli.stderr
+    assert any("state was altered" in a["summary"] for a in await alerts_of(api, "ledger_tamper"))
