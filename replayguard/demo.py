@@ -142,9 +142,13 @@ async def _serving(settings: Settings, database_url: str | None = None) -> Async
 
 
 async def _run(settings: Settings) -> int:
-    witness = settings.data_dir / "witness" / "checkpoints.json"
-    witness.parent.mkdir(parents=True, exist_ok=True)
-    settings = settings.replace(witnesses=(f"file:{witness}",), checkpoint_every=1)
+    # The witness lives apart from the data dir (the database's storage), as it should.
+    with tempfile.TemporaryDirectory(prefix="replayguard-demo-witness-") as place:
+        witness = Path(place) / "checkpoints.json"
+        return await _acts(settings.replace(witnesses=(f"file:{witness}",), checkpoint_every=1))
+
+
+async def _acts(settings: Settings) -> int:
     say = Narrator()
     async with _serving(settings) as (client, runtime):
         ok = await _play(client, say)
