@@ -129,10 +129,10 @@ class LedgerService:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
                 "public_key_pem": cps.public_key_pem(self.public_key)}
 
-    def _state(self, now_us: int | None) -> StateCheck | None:
+    def _state(self, now_us: int | None, uses: bool = True) -> StateCheck | None:
         if now_us is None or self._retention_us is None:
             return None
-        return StateCheck(now_us, self._retention_us)
+        return StateCheck(now_us, self._retention_us, check_uses=uses)
 
     async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None,
                      now_us: int | None = None) -> VerifyReport:
@@ -145,6 +145,11 @@ class LedgerService:
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
                 signed = await self._signed_checkpoints(conn)
             checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
+            if now_us is not None:
+                # Retention purges by the service's clock; if that clock was ever later than
+                # now (a correction backwards), what it purged then is not missing now.
+                newest = await conn.fetchval("SELECT max(ts_us) FROM ledger WHERE seq <= $1", head["seq"])
+                now_us = max(now_us, newest or 0)
             state_finding = await _check_range(conn, checker, head["seq"], progress, state=self._state(now_us))
         finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state_finding
         if finding is None and rollback is not None:
@@ -201,7 +206,10 @@ class LedgerService:
             if not _due(head["seq"], last, now_us, every, interval_us):
                 return None
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            state = await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH, state=self._state(now_us))
+            # Before signing: the token counters only (they never go down); whether a use may
+            # have been purged depends on clocks, which the full verify weighs.
+            state = await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH,
+                                       state=self._state(now_us, uses=False))
             finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state
             if finding is not None:
                 return finding

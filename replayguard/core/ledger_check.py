@@ -117,6 +117,7 @@ class StateCheck:
 
     now_us: int
     otp_retention_us: int
+    check_uses: bool = True
     pending: dict[bytes, int] = field(default_factory=dict)  # digest -> seq of its accept
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # token -> (counter, seq)
 
@@ -137,7 +138,7 @@ class StateCheck:
         else:
             ttl = payload.get("ttl_s")
             keep_until = entry.ts_us + (ttl if isinstance(ttl, int) else 0) * 1_000_000
-        if keep_until > self.now_us:
+        if self.check_uses and keep_until > self.now_us:
             self.pending.setdefault(entry.cred_digest, entry.seq)
 
     def take_pending(self) -> dict[bytes, int]:
