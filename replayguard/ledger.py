@@ -103,14 +103,16 @@ async def _uses_present(conn: asyncpg.Connection, state: StateCheck) -> Finding 
     pending = state.take_pending()
     if not pending:
         return None
-    found = await conn.fetch("SELECT digest FROM uses WHERE digest = ANY($1::bytea[])", list(pending))
+    found = await conn.fetch("SELECT digest FROM uses WHERE digest = ANY($1::bytea[])"
+                             " UNION ALL SELECT digest FROM spent_nonces WHERE digest = ANY($1::bytea[])", list(pending))
     return StateCheck.missing_use(pending, {bytes(r["digest"]) for r in found})
 
 
 async def _counters_kept(conn: asyncpg.Connection, state: StateCheck) -> Finding | None:
     if not state.counters:
         return None
-    rows = await conn.fetch("SELECT id, last_counter FROM otp_tokens WHERE id = ANY($1::text[])",
+    rows = await conn.fetch("SELECT t.id, c.last_counter FROM otp_tokens t"
+                            " JOIN otp_credentials c ON c.fingerprint = t.fingerprint WHERE t.id = ANY($1::text[])",
                             list(state.counters))
     return state.counter_behind({r["id"]: r["last_counter"] for r in rows})
 

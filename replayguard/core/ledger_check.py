@@ -107,10 +107,11 @@ def past_head(signed_seq: int, head_seq: int) -> Finding | None:
 class StateCheck:
     """What the state tables must hold if they agree with the ledger's accepted entries.
 
-    Feed the rows a ``ChainChecker`` accepted. An accepted credential's ``uses`` row must
-    still be there while the ledger says it can be retained (an OTP for ``otp_retention_us``,
-    a nonce at least for its ``ttl_s``: retention never purges earlier), and every token's
-    ``last_counter`` must be at least the highest counter the ledger accepted for it.
+    Feed the rows a ``ChainChecker`` accepted. An accepted OTP's ``uses`` row must still be
+    there while the ledger says it can be retained (``otp_retention_us``: retention never
+    purges earlier), an accepted nonce's digest always (in ``uses``, or ``spent_nonces`` once
+    purged), and every token's credential counter must be at least the highest counter the
+    ledger accepted for it.
     ``take_pending`` hands the digests to look up; ``missing_use`` and ``counter_behind``
     turn what the database answered into a finding.
     """
@@ -136,8 +137,7 @@ class StateCheck:
                 self.counters[token] = (counter, entry.seq)
             keep_until = entry.ts_us + self.otp_retention_us
         else:
-            ttl = payload.get("ttl_s")
-            keep_until = entry.ts_us + (ttl if isinstance(ttl, int) else 0) * 1_000_000
+            keep_until = self.now_us + 1  # a consumed nonce is never forgotten (uses, then spent_nonces)
         if self.check_uses and keep_until > self.now_us:
             self.pending.setdefault(entry.cred_digest, entry.seq)
 

@@ -264,7 +264,8 @@ async def test_state_tables_that_forgot_an_accept_fail_verification(
     assert (await verify(api))["ok"] is True
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("UPDATE otp_tokens SET last_counter = -1 WHERE id = $1", token["token_id"])
+        await conn.execute("UPDATE otp_credentials c SET last_counter = -1 FROM otp_tokens t"
+                           " WHERE t.fingerprint = c.fingerprint AND t.id = $1", token["token_id"])
         await conn.execute("DELETE FROM uses WHERE first_seq = $1", answer["seq"])
     finally:
         await conn.close()
