@@ -101,6 +101,11 @@ async def seed(dsn: str, entries: int, alerts: int, vms: int, settings: Settings
         await conn.execute(VMS_SQL, vms, T0_US)
         await conn.execute(ALERT_ROWS, alerts, vms, T0_US)
         await conn.execute(ENTRY_ROWS, max(entries, 1))
+        # The state a real ledger of that age leaves: every accepted nonce spent (verify
+        # checks the state agrees with the ledger).
+        await conn.execute("INSERT INTO spent_nonces (digest) SELECT cred_digest FROM ledger"
+                           " WHERE decision = 'accept' AND kind = 'nonce' AND cred_digest IS NOT NULL"
+                           " ON CONFLICT DO NOTHING")
         await conn.execute("ANALYZE")
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
         keys = load_keys(settings.replace(database_url=Secret(dsn)))

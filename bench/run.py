@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each measurement, wait up to this many seconds for other processes on the "
                         "machine to use less than --quiet-cores (0: do not wait)")
     p.add_argument("--quiet-cores", type=float, default=0.3, help="see --quiet-wait")
+    p.add_argument("--file-witnesses", type=int, default=0, metavar="N",
+                   help="run the service with N file: witnesses in the work directory (ledger continuity)")
     p.add_argument("--label", default="", help="free text stored in the JSON (what this run varies)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     args = p.parse_args(argv)
@@ -852,6 +854,9 @@ def prepare(args: argparse.Namespace, tag: str, work: Path, seed: int = 0) -> tu
         # raising ledger_tamper in the middle of the measurement (a real ledger is chained).
         env["REPLAYGUARD_CHECKPOINT_EVERY"] = "10000000"
         env["REPLAYGUARD_CHECKPOINT_INTERVAL_S"] = "86400"
+    if args.file_witnesses:
+        env["REPLAYGUARD_WITNESSES"] = ",".join(f"file:{work / f'witness-{tag}-{i}.json'}"
+                                                for i in range(args.file_witnesses))
     data_dir = work / f"data-{tag}"
     log_dir = work / f"logs-{tag}"
     log_dir.mkdir(parents=True)

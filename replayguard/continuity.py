@@ -59,27 +59,35 @@ class WitnessRequired(Unavailable):
 
 @dataclass(frozen=True, slots=True)
 class Rollback:
-    """Why decisions stop: which holder saw which checkpoint, and where the ledger is."""
+    """Why decisions stop: which holder saw which entry, and where the ledger is."""
 
     source: str
-    held: Checkpoint
+    seq: int
+    hash: bytes | None  # None: the entry's seq alone was seen (a decision this process answered)
     verdict: Verdict
     head_seq: int
 
+    @classmethod
+    def of(cls, source: str, held: Checkpoint, verdict: Verdict, head_seq: int) -> Rollback:
+        return cls(source, held.seq, held.hash, verdict, head_seq)
+
     @property
     def first_bad_seq(self) -> int:
-        return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.held.seq
+        return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.seq
 
     def message(self) -> str:
+        if self.hash is None:
+            return (f"the ledger went back in time: this service answered a decision at entry {self.seq} "
+                    f"but the database's new entries are numbered from {self.head_seq + 1}")
         if self.verdict is Verdict.BEHIND:
             return (f"the ledger went back in time: {self.source} holds a signed checkpoint of entry "
-                    f"{self.held.seq} but the ledger ends at {self.head_seq}")
-        return (f"the ledger forked: {self.source} holds a signed checkpoint of entry {self.held.seq} "
+                    f"{self.seq} but the ledger ends at {self.head_seq}")
+        return (f"the ledger forked: {self.source} holds a signed checkpoint of entry {self.seq} "
                 f"with another hash than the ledger's")
 
     def to_json(self) -> dict[str, object]:
         return {"source": self.source, "verdict": self.verdict.value, "head_seq": self.head_seq,
-                "held": {"seq": self.held.seq, "hash": self.held.hash.hex(), "ts_us": self.held.ts_us}}
+                "held": {"seq": self.seq, "hash": None if self.hash is None else self.hash.hex()}}
 
 
 @dataclass
@@ -111,6 +119,11 @@ class ContinuityGuard:
         self.rollback: Rollback | None = None
         self.recoveries: list[Statement] = []
         self.head_seq = 0
+        self._floor = 0  # the highest entry this process knows committed
+        self._seen: Rollback | None = None
+        self._raised: Rollback | None = None  # the rollback last alerted
+        self._recovery_seq = -1
+        self._soon: asyncio.Task[None] | None = None
         self.sync_standbys: int | None = None
         self._alerted: set[str] = set()
         self._push: asyncio.Task[None] | None = None
@@ -137,13 +150,33 @@ class ContinuityGuard:
     def unreachable(self) -> list[str]:
         return [name for name, s in self.states.items() if s.up is False]
 
-    def admit_decisions(self) -> None:
-        """Raises when no decision may be served (a rollback, or a required witness down)."""
+    def admit_decisions(self) -> int:
+        """Raises when no decision may be served (a rollback, or a required witness down);
+        else returns the highest entry this process knows committed, for ``confirm``."""
         if self.rollback is not None:
             raise LedgerRollback(self.rollback.message() + "; record the recovery with "
                                  "'replayguard ledger accept-rollback'")
         if self._required and self.unreachable:
             raise WitnessRequired(f"a required witness cannot be reached: {', '.join(self.unreachable)}")
+        return self._floor
+
+    def confirm(self, floor: int, seq: int | None) -> None:
+        """A decision's entry must come after every entry known committed before it was
+        submitted (``floor``): one that does not was written to a database that went back
+        in time under this process (a restore or failover behind the same URL). Its answer
+        becomes a 503 and decisions stop, whatever the witnesses say."""
+        if seq is None:
+            return
+        if seq <= floor:
+            self._seen = Rollback("this service process", floor, None, Verdict.BEHIND, seq - 1)
+            self.rollback = self.rollback or self._seen
+            self._soon = asyncio.create_task(self._check_quietly(), name="continuity-check")
+            raise LedgerRollback(self._seen.message())
+        self._floor = max(self._floor, seq)
+
+    async def _check_quietly(self) -> None:
+        with contextlib.suppress(*_DOWN, asyncpg.PostgresError):
+            await self.check()
 
     def status(self) -> str:
         if self.rollback is not None:
@@ -181,25 +214,41 @@ class ContinuityGuard:
         async with self._lock:
             reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
             async with acquire(self._pool) as conn:
+                floor = self._floor  # committed before the head is read: the head cannot be below it
                 snap = await conn.fetchrow(_SNAPSHOT)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
+                self._track(self.head_seq, floor)
                 db_cp = self._db_checkpoint(snap)
                 if db_cp is not None:
                     self._db_verdict = (db_cp, await self._judge(conn, db_cp))
                 for witness, read in zip(self.witnesses, reads, strict=True):
                     await self._note(conn, witness.name, read)
             rollback = self._rollback()
-            changed = rollback != self.rollback
             self.rollback = rollback
+            changed, self._raised = rollback != self._raised, rollback
         if rollback is not None and changed:
             await self._alert_rollback(rollback)
         await self._alert_unreachable()
         if rollback is None and db_cp is not None:
             self._push_if_lagging(db_cp)
         return rollback
+
+    def _track(self, head_seq: int, floor: int) -> None:
+        """Moves the floor with the head; a head below the floor as it was before the head
+        was read went back in time under this process, unless a recovery was recorded
+        since (its entry starts the floor again)."""
+        newest = max((st.recovery_seq for st in self.recoveries), default=0)
+        if self._recovery_seq >= 0 and newest > self._recovery_seq:
+            self._seen, self._floor = None, head_seq
+            self._recovery_seq = newest
+            return
+        self._recovery_seq = newest
+        if head_seq < floor and self._seen is None:
+            self._seen = Rollback("this service process", floor, None, Verdict.BEHIND, head_seq)
+        self._floor = max(self._floor, head_seq)
 
     def _db_checkpoint(self, snap: asyncpg.Record) -> Checkpoint | None:
         if snap["cp_seq"] is None:
@@ -240,11 +289,13 @@ class ContinuityGuard:
         """The worst finding: the furthest checkpoint the ledger no longer holds."""
         found = []
         if self._db_verdict is not None and self._db_verdict[1].rollback:
-            found.append(Rollback(DATABASE, self._db_verdict[0], self._db_verdict[1], self.head_seq))
+            found.append(Rollback.of(DATABASE, self._db_verdict[0], self._db_verdict[1], self.head_seq))
         for name, state in self.states.items():
             if state.held is not None and state.verdict is not None and state.verdict.rollback:
-                found.append(Rollback(name, state.held, state.verdict, self.head_seq))
-        return max(found, key=lambda r: r.held.seq, default=None)
+                found.append(Rollback.of(name, state.held, state.verdict, self.head_seq))
+        if self._seen is not None:
+            found.append(self._seen)
+        return max(found, key=lambda r: r.seq, default=None)
 
     def held_checkpoints(self) -> list[tuple[str, Checkpoint, Verdict | None]]:
         """Every holder's checkpoint as last read (for the recovery's record)."""
@@ -268,7 +319,7 @@ class ContinuityGuard:
 
     async def _alert_rollback(self, rollback: Rollback) -> None:
         log.critical("ledger_rollback", **rollback.to_json())
-        dedup = f"ledger_rollback:{rollback.source}:{rollback.held.seq}:{rollback.held.hash.hex()[:16]}"
+        dedup = f"ledger_rollback:{rollback.source}:{rollback.seq}:{(rollback.hash or b'').hex()[:16]}"
         await self._alert("ledger_rollback", "critical", dedup, rollback.message(), rollback.to_json())
 
     async def _alert_unreachable(self) -> None:
@@ -335,6 +386,7 @@ class ContinuityGuard:
                 log.warning("continuity_check_failed", error=type(exc).__name__)
 
     async def close(self) -> None:
-        if self._push is not None and not self._push.done():
-            self._push.cancel()
-            await asyncio.wait({self._push})
+        for task in (self._push, self._soon):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})

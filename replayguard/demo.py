@@ -2,29 +2,36 @@
 
 It runs the real service in-process on the embedded PostgreSQL (a throw-away data dir
 unless ``--data-dir`` is given) and talks to it over HTTP exactly as a PAM callout, a
-hypervisor relay and an analyst would, narrating each step.
+hypervisor relay and an analyst would, narrating each step. Then the same attack one level
+down: the service's database is restored from a backup, the replay is refused
+(``ledger_rollback``, thanks to a file witness), and the recovery is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
 import pyotp
 from aiohttp import web
 
 from .db import stop_embedded
 from .http.app import create_app
 from .http.state import RUNTIME
-from .settings import Settings
+from .settings import Secret, Settings
 
 
 def register(sub: Any) -> None:
@@ -109,7 +116,14 @@ async def _report(client: DemoClient, say: Narrator, replay: dict[str, Any], log
     return ok
 
 
-async def _run(settings: Settings) -> int:
+ROLES = ("admin", "callout", "hypervisor", "analyst")
+
+
+@asynccontextmanager
+async def _serving(settings: Settings, database_url: str | None = None) -> AsyncIterator[tuple[DemoClient, Any]]:
+    """The service in-process on a free port, with a token per role."""
+    if database_url is not None:
+        settings = settings.replace(database_url=Secret(database_url))
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -120,13 +134,86 @@ async def _run(settings: Settings) -> int:
         runtime = app[RUNTIME]
         # Token names are unique among active tokens: each run's own (a data dir may see many).
         run = secrets.token_hex(3)
-        tokens = {role: (await runtime.api_tokens.create(role, f"demo-{role}-{run}"))[1]
-                  for role in ("admin", "callout", "hypervisor", "analyst")}
+        tokens = {role: (await runtime.api_tokens.create(role, f"demo-{role}-{run}"))[1] for role in ROLES}
         async with aiohttp.ClientSession() as session:
-            ok = await _play(DemoClient(session, f"http://127.0.0.1:{port}", tokens), Narrator())
+            yield DemoClient(session, f"http://127.0.0.1:{port}", tokens), runtime
     finally:
         await runner.cleanup()
+
+
+async def _run(settings: Settings) -> int:
+    # The witness lives apart from the data dir (the database's storage), as it should.
+    with tempfile.TemporaryDirectory(prefix="replayguard-demo-witness-") as place:
+        witness = Path(place) / "checkpoints.json"
+        return await _acts(settings.replace(witnesses=(f"file:{witness}",), checkpoint_every=1))
+
+
+async def _acts(settings: Settings) -> int:
+    say = Narrator()
+    async with _serving(settings) as (client, runtime):
+        ok = await _play(client, say)
+        dsn = runtime.dsn
+    print("\nThe same attack, one level down: the host's own database goes back in time.", flush=True)
+    backup = await _copy_database(dsn)
+    say.say("The operator backs up replayguard's database (CREATE DATABASE ... TEMPLATE ...).")
+    async with _serving(settings, dsn) as (client, runtime):
+        used = await _use_after_backup(client, runtime, say)
+    say.say("The database's disk fails; the operator restores last night's backup and starts the service on it.")
+    async with _serving(settings, backup) as (client, runtime):
+        ok = await _host_rollback(client, runtime, settings.replace(database_url=Secret(backup)), used, say) and ok
     return 0 if ok else 1
+
+
+async def _copy_database(dsn: str) -> str:
+    name = f"replayguard_backup_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(dsn, database="postgres")
+    try:
+        source = await asyncpg.connect(dsn)
+        current = await source.fetchval("SELECT current_database()")
+        await source.close()
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{current}"')
+    finally:
+        await conn.close()
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def _use_after_backup(client: DemoClient, runtime: Any, say: Narrator) -> dict[str, Any]:
+    body = {"vm_id": "api-01", "scope": "api-login", "nonce": secrets.token_hex(16)}
+    _, used = await client.call("POST", "/v1/nonces/consume", "callout", body)
+    say.say(f"After the backup, a guest consumes a nonce: {used['decision']} (ledger seq {used['seq']}).")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        await runtime.continuity.check()
+        if all(s.held is not None and s.held.seq >= used["seq"] for s in runtime.continuity.states.values()):
+            break
+        await asyncio.sleep(0.1)
+    say.detail("A signed checkpoint of that entry is now held by a witness file the database does not share.")
+    return body
+
+
+async def _host_rollback(client: DemoClient, runtime: Any, settings: Settings, used: dict[str, Any],
+                         say: Narrator) -> bool:
+    status, refused = await client.call("POST", "/v1/nonces/consume", "callout", used)
+    code = (refused or {}).get("error", {}).get("code")
+    say.say(f"The attacker replays the nonce against the restored ledger: HTTP {status} {code}.")
+    say.detail("The restored database forgot the use, but the witness holds a later checkpoint: "
+               "no decision is served, /readyz is 503 and a critical ledger_rollback alert is raised.")
+    from . import recovery
+
+    done = await recovery.record(runtime.pool, runtime.keys.signing_key(), runtime.continuity.held_checkpoints(),
+                                 "demo: restored last night's backup", recovery.operator(), runtime.now_us(),
+                                 settings.totp_drift_steps)
+    await runtime.continuity.check()
+    await runtime.continuity.push(done.checkpoint)
+    await runtime.continuity.check()
+    say.say(f"The operator records the recovery (replayguard ledger accept-rollback): ledger seq {done.seq}, "
+            f"abandoned checkpoint {done.payload['abandoned']['seq']}, by {done.payload['who']}.")
+    _, again = await client.call("POST", "/v1/nonces/consume", "callout", used)
+    say.say(f"The attacker replays the nonce again: {again['decision']} as {again['reason']} "
+            "(nonces issued before the recovery are refused).")
+    ok = status == 503 and code == "ledger_rollback" and again["reason"] == "reused"
+    say.say("Refused, reported and recovered." if ok else "UNEXPECTED: the host-side rollback was not refused.")
+    return ok
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -20,7 +20,7 @@ import structlog
 from .core import checkpoints as cps
 from .core.chain import GENESIS, Entry
 from .core.checkpoints import Checkpoint
-from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
+from .core.ledger_check import ChainChecker, Finding, Problem, Row, StateCheck, past_head
 from .db import acquire
 
 if TYPE_CHECKING:
@@ -84,24 +84,51 @@ async def _stream(conn: asyncpg.Connection, after: int, upto: int,
 
 
 async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
-                       progress: Progress | None = None, batch: int = BATCH) -> Finding | None:
+                       progress: Progress | None = None, batch: int = BATCH,
+                       state: StateCheck | None = None) -> Finding | None:
     total = upto - checker.start_seq
     async for records in _stream(conn, checker.start_seq, upto, batch):
         for start in range(0, len(records), YIELD_EVERY):
             for record in records[start:start + YIELD_EVERY]:
                 if checker.feed(_row(record)) is not None:
                     return checker.finding
+                if state is not None:
+                    state.feed(row.entry)
             # In a serving worker this runs beside decisions: hashing thousands of rows in
             # one go would hold every request of the worker for tens of milliseconds.
             await asyncio.sleep(0)
+        if state is not None and (found := await _uses_present(conn, state)) is not None:
+            return found
         if progress is not None:
             progress(checker.checked, total)
-    return None
+    return await _counters_kept(conn, state) if state is not None else None
+
+
+async def _uses_present(conn: asyncpg.Connection, state: StateCheck) -> Finding | None:
+    """The ``uses`` rows of the accepts just read, looked up in one query."""
+    pending = state.take_pending()
+    if not pending:
+        return None
+    found = await conn.fetch("SELECT digest FROM uses WHERE digest = ANY($1::bytea[])"
+                             " UNION ALL SELECT digest FROM spent_nonces WHERE digest = ANY($1::bytea[])", list(pending))
+    return StateCheck.missing_use(pending, {bytes(r["digest"]) for r in found})
+
+
+async def _counters_kept(conn: asyncpg.Connection, state: StateCheck) -> Finding | None:
+    if not state.counters:
+        return None
+    rows = await conn.fetch("SELECT t.id, c.last_counter FROM otp_tokens t"
+                            " JOIN otp_credentials c ON c.fingerprint = t.fingerprint WHERE t.id = ANY($1::text[])",
+                            list(state.counters))
+    return state.counter_behind({r["id"]: r["last_counter"] for r in rows})
 
 
 class LedgerService:
-    def __init__(self, pool: asyncpg.Pool, keys: Keys) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, retention_s: int | None = None) -> None:
+        """``retention_s`` (``nonce_max_ttl_s``): how long an OTP's use is kept; with it,
+        verification also checks the state tables against the accepted entries."""
         self._pool = pool
+        self._retention_us = None if retention_s is None else retention_s * 1_000_000
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
         self.key_id = cps.key_id(self.public_key)
@@ -110,7 +137,13 @@ class LedgerService:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
                 "public_key_pem": cps.public_key_pem(self.public_key)}
 
-    async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None) -> VerifyReport:
+    def _state(self, now_us: int | None, uses: bool = True) -> StateCheck | None:
+        if now_us is None or self._retention_us is None:
+            return None
+        return StateCheck(now_us, self._retention_us, check_uses=uses)
+
+    async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None,
+                     now_us: int | None = None) -> VerifyReport:
         """Checks the whole chain; reads the head first, so concurrent appends are ignored.
         ``rollback`` is the continuity guard's finding (a witness holds what the ledger lost)."""
         async with acquire(self._pool) as conn:
@@ -120,8 +153,13 @@ class LedgerService:
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
                 signed = await self._signed_checkpoints(conn)
             checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
-            await _check_range(conn, checker, head["seq"], progress)
-        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
+            if now_us is not None:
+                # Retention purges by the service's clock; if that clock was ever later than
+                # now (a correction backwards), what it purged then is not missing now.
+                newest = await conn.fetchval("SELECT max(ts_us) FROM ledger WHERE seq <= $1", head["seq"])
+                now_us = max(now_us, newest or 0)
+            state_finding = await _check_range(conn, checker, head["seq"], progress, state=self._state(now_us))
+        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state_finding
         if finding is None and rollback is not None:
             finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
         return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
@@ -176,8 +214,11 @@ class LedgerService:
             if not _due(head["seq"], last, now_us, every, interval_us):
                 return None
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            finding = (await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
-                       or checker.finish(head["seq"], bytes(head["hash"])))
+            # Before signing: the token counters only (they never go down); whether a use may
+            # have been purged depends on clocks, which the full verify weighs.
+            state = await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH,
+                                       state=self._state(now_us, uses=False))
+            finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state
             if finding is not None:
                 return finding
             cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)

@@ -125,11 +125,11 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
     from .runtime import open_runtime
 
     async with open_runtime(settings) as runtime:
-        service = LedgerService(runtime.pool, runtime.keys)
+        service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s)
         rollback = await runtime.continuity.check()
         bar = _Bar(progress)
         try:
-            report = await service.verify(bar, rollback=rollback)
+            report = await service.verify(bar, rollback=rollback, now_us=runtime.now_us())
         finally:
             bar.close()
         if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:

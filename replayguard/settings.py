@@ -180,7 +180,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("sse_heartbeat_s", "int", "15", "heartbeat comment on the alert stream", bounds=(1, 3600)),
     Option("witnesses", "list", "(none)", "where every signed checkpoint is also held, comma-separated or "
            "repeated: file:/PATH (storage the database does not share) or another deployment's "
-           "https://HOST/v1/witness/ID", alias="--witness"),
+           "https://HOST[:PORT] (its /v1/witness/ID is appended)", alias="--witness"),
     Option("witness_required", "bool", "false", "refuse decisions while a witness cannot be reached "
            "(else an unreachable witness raises witness_unreachable and decisions go on)"),
     Option("witness_token", "secret", "(none)", "bearer token (role witness) for the HTTP witnesses"),

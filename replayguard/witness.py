@@ -137,7 +137,8 @@ class FileWitness:
 class HttpWitness:
     def __init__(self, base_url: str, deployment_id: str, token: str | None) -> None:
         self.name = base_url
-        self.url = f"{base_url.rstrip('/')}/v1/witness/{deployment_id}"
+        # The deployment's base URL; a full witness URL (…/v1/witness/ID) is taken as it is.
+        self.url = base_url if "/v1/witness/" in base_url else f"{base_url.rstrip('/')}/v1/witness/{deployment_id}"
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _call(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

@@ -185,7 +185,7 @@ async def ledger_entries(request: web.Request) -> web.Response:
 async def ledger_verify(request: web.Request) -> web.Response:
     ledger = _svc(request).ledger
     guard = request.app[RUNTIME].continuity
-    report = await ledger.verify(rollback=await guard.check())
+    report = await ledger.verify(rollback=await guard.check(), now_us=request.app[RUNTIME].now_us())
     if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
         await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us())
     return json_response(report.to_json())
@@ -258,7 +258,7 @@ def _metrics(app: web.Application, feed: AlertFeed) -> None:
 async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
-    ledger = LedgerService(runtime.pool, runtime.keys)
+    ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s)
     feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
     app[ANALYSTS] = Analysts(alerts, ledger, TimelineService(runtime.pool), feed)
     _metrics(app, feed)

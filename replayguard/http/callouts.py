@@ -15,15 +15,17 @@ from .state import CALLER, RUNTIME
 
 
 async def answer_otp(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
-    runtime.continuity.admit_decisions()
+    floor = runtime.continuity.admit_decisions()
     result = await runtime.decisions.verify_otp(validation.otp_request(payload), caller)
+    runtime.continuity.confirm(floor, result.seq)
     return 200, result.to_json(), result
 
 
 async def answer_nonce(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
-    runtime.continuity.admit_decisions()
+    floor = runtime.continuity.admit_decisions()
     req = validation.nonce_request(payload, runtime.settings.nonce_max_ttl_s)
     result = await runtime.decisions.consume_nonce(req, caller)
+    runtime.continuity.confirm(floor, result.seq)
     return 200, result.to_json(), result
 
 

@@ -140,8 +140,9 @@ def radius_request(raw: object) -> OtpRequest:
 async def answer(runtime: Runtime, caller: Caller, payload: Any) -> tuple[int, Any, DecisionResult]:
     """The same decision as ``/v1/otp/verify``, spoken in rlm_rest's terms: a 200 with the
     accept marker accepts, a 401 with a Reply-Message rejects."""
-    runtime.continuity.admit_decisions()
+    floor = runtime.continuity.admit_decisions()
     result = await runtime.decisions.verify_otp(radius_request(payload), caller)
+    runtime.continuity.confirm(floor, result.seq)
     if result.verdict is Verdict.ACCEPT:
         return 200, ACCEPT_BODY, result
     return 401, {"reply:Reply-Message": REPLY_MESSAGES.get(result.reason, FALLBACK_MESSAGE)}, result

@@ -142,6 +142,7 @@ async def test_a_witness_refuses_a_checkpoint_that_steps_back_or_forks(
     assert status == 200 and body["admission"] == "recovery", body
     stale = continuity.sign_statement(key, 2, secrets.token_bytes(32), top.ts_us + 5, top.seq, top.hash)
     assert (await put(b, a_id, offer(cps.sign(key, 2, secrets.token_bytes(32), top.ts_us + 20), stale)))[0] == 409
+    await a.client.close()  # the pushing side first: b must not shut down under one of a's pushes
 
 
 async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required(
