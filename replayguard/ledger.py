@@ -90,7 +90,8 @@ async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: in
     async for records in _stream(conn, checker.start_seq, upto, batch):
         for start in range(0, len(records), YIELD_EVERY):
             for record in records[start:start + YIELD_EVERY]:
-                if checker.feed(_row(record)) is not None:
+                row = _row(record)
+                if checker.feed(row) is not None:
                     return checker.finding
                 if state is not None:
                     state.feed(row.entry)
