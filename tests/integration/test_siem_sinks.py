@@ -21,7 +21,7 @@ from replayguard.settings import Secret
 from replayguard.sinks import parse_sink_spec
 from replayguard.sinks_cli import probe_record
 from tests.api.test_rollback_attack import alice, event, login
-from tests.conftest import REPO, Api, cli_env, free_port, uid
+from tests.conftest import REPO, Api, cli_env, uid
 
 # ECS 8.x allowed values (ecs/schemas/event.yml) and which types each category admits.
 ECS_KINDS = {"alert", "asset", "enrichment", "event", "metric", "state", "pipeline_error", "signal"}
@@ -86,7 +86,7 @@ class Receivers:
     """One aiohttp server: /ecs and /ocsf (webhooks) and /services/collector/event (Splunk HEC)."""
 
     def __init__(self, hec_token: str) -> None:
-        self.port = free_port()
+        self.port = 0  # bound at start: the server reports the port it took
         self.hec_token = hec_token
         self.ecs: list[dict[str, Any]] = []
         self.ocsf: list[dict[str, Any]] = []
@@ -149,7 +149,8 @@ class Receivers:
         app.router.add_post("/services/collector/event", self._hec)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:
