@@ -342,7 +342,7 @@ def postgres_procs(dbname: str) -> list[psutil.Process]:
         if p.info["name"] not in ("postgres", "postmaster"):
             continue
         cmd = " ".join(p.info["cmdline"] or [])
-        if dbname in cmd or "127.0.0.1(" not in cmd and "[local]" not in cmd:
+        if dbname in cmd or ("127.0.0.1(" not in cmd and "[local]" not in cmd):
             out.append(p)
     return out
 
@@ -458,7 +458,7 @@ class Principals:
         names = [f"{run_id}-p{k}" for k in range(n)]
         invalid = [f"{run_id}-x{k}" for k in range(INVALID_PRINCIPALS)]
         return cls({name: base64.b32encode(os.urandom(20)).decode() for name in names + invalid},
-                   {name: -1 for name in names}, invalid)
+                   dict.fromkeys(names, -1), invalid)
 
     def enrollments(self) -> list[tuple[str, dict[str, Any]]]:
         return [(f"/v1/principals/{name}/tokens", {"type": "totp", "secret": secret, "period": PERIOD})

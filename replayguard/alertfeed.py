@@ -37,12 +37,12 @@ from redis.exceptions import RedisError
 
 from . import db
 from .alerts import AlertService, render, sink_record
-from .fanout import AlertFanout
 from .core import checkpoints as cps
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import Finding
 from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import ConfigError, Unavailable
+from .fanout import AlertFanout
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
 from .runtime import Runtime

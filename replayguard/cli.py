@@ -17,9 +17,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
+from . import __version__
 from . import logging as rglog
 from .errors import ConfigError, ReplayGuardError
-from . import __version__
 from .settings import OPTION, OPTIONS, Settings, load_settings
 
 EXIT_CONFIG = 2

@@ -31,15 +31,15 @@ complete -o default -F _replayguard replayguard
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk of its tree
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
 
 
 def _walk(parser: argparse.ArgumentParser, path: str, out: dict[str, list[str]]) -> None:
     children = _subparsers(parser)
-    flags = [opt for action in parser._actions for opt in action.option_strings  # noqa: SLF001
+    flags = [opt for action in parser._actions for opt in action.option_strings
              if opt.startswith("--")]
     out[path] = sorted(children) + sorted(flags)
     for name, child in children.items():

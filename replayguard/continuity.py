@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from .core import checkpoints as cps
 from .core import continuity
 from .core.checkpoints import Checkpoint
-from .core.continuity import Admission, Statement, Verdict
+from .core.continuity import Statement, Verdict
 from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import LedgerRollback, Unavailable
 from .keys import Keys
@@ -194,7 +194,7 @@ class ContinuityGuard:
 
     # --- the check ----------------------------------------------------------------------
 
-    async def _read(self, witness: Witness) -> Record | None | WitnessUnreachable:
+    async def _read(self, witness: Witness) -> Record | WitnessUnreachable | None:
         try:
             record = await asyncio.wait_for(witness.read(), 5.0)
         except WitnessUnreachable as exc:
@@ -274,7 +274,7 @@ class ContinuityGuard:
             hash_at = None if raw is None else bytes(raw)
         return continuity.judge(held, self.head_seq, hash_at, self.recoveries)
 
-    async def _note(self, conn: asyncpg.Connection, name: str, read: Record | None | WitnessUnreachable) -> None:
+    async def _note(self, conn: asyncpg.Connection, name: str, read: Record | WitnessUnreachable | None) -> None:
         state = self.states[name]
         if isinstance(read, WitnessUnreachable):
             if state.up is not False:

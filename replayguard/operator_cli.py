@@ -36,7 +36,6 @@ from .service_client import (
     printable,
 )
 
-
 # --- output -----------------------------------------------------------------------------
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

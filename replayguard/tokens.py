@@ -31,7 +31,6 @@ from .db import KeptConnection, acquire
 from .errors import NotFound, Unavailable
 from .keys import Keys
 
-
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
 # After a fresh read confirms that a code matches none of a principal's TOTP tokens, more

@@ -56,7 +56,7 @@ class Record:
 def record_from_json(data: Any) -> Record:
     """Parses ``Record.to_json``'s form; raises ValueError naming the fault."""
     if not isinstance(data, dict):
-        raise ValueError("a witness record must be a JSON object")  # noqa: TRY004 - callers catch ValueError
+        raise ValueError("a witness record must be a JSON object")
     deployment, pem = data.get("deployment_id"), data.get("public_key_pem")
     if not isinstance(deployment, str) or not isinstance(pem, str):
         raise ValueError("deployment_id and public_key_pem must be strings")

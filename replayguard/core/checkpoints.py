@@ -91,7 +91,7 @@ def _hex(data: Mapping[str, object], name: str, size: int) -> bytes:
 def from_json(data: object) -> Checkpoint:
     """Parses ``to_json``'s form; raises ValueError naming the field at fault."""
     if not isinstance(data, Mapping):
-        raise ValueError("a checkpoint must be a JSON object")  # noqa: TRY004 - callers catch ValueError for any bad input
+        raise ValueError("a checkpoint must be a JSON object")
     kid = data.get("key_id")
     if not isinstance(kid, str) or not kid:
         raise ValueError("checkpoint field 'key_id' must be a string")
@@ -108,5 +108,5 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     """Reads a PEM public key; raises ValueError unless it is an Ed25519 key."""
     key = serialization.load_pem_public_key(pem)
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("the public key is not an Ed25519 key")  # noqa: TRY004 - callers catch ValueError for any bad input
+        raise ValueError("the public key is not an Ed25519 key")
     return key

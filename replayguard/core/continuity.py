@@ -74,7 +74,7 @@ def statement_json(st: Statement) -> dict[str, object]:
 def statement_from_json(data: object) -> Statement:
     """Parses ``statement_json``'s form; raises ValueError naming the field at fault."""
     if not isinstance(data, Mapping):
-        raise ValueError("a recovery statement must be a JSON object")  # noqa: TRY004 - callers catch ValueError
+        raise ValueError("a recovery statement must be a JSON object")
     kid = data.get("key_id")
     if not isinstance(kid, str) or not kid:
         raise ValueError("recovery field 'key_id' must be a string")

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 from .decisions import Reason
 from .receipts import ReceiptStatus
 
-
 _NO_DIGESTS: Mapping[int, bytes] = MappingProxyType({})
 
 

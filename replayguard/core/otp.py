@@ -26,7 +26,7 @@ class _KeyedHOTP:
     tests hold this to pyotp's own codes as well as to the RFC vectors.
     """
 
-    __slots__ = ("_key", "_digest", "_digits", "_modulus")
+    __slots__ = ("_digest", "_digits", "_key", "_modulus")
 
     def __init__(self, secret_b32: str, digits: int, algorithm: str) -> None:
         reference = pyotp.HOTP(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])  # validates

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -52,7 +52,7 @@ def parse_time(value: object, name: str) -> datetime:
         return _parse_rfc3339(value, name)
     if not math.isfinite(value) or not 0 <= value < 253402300800:
         raise InvalidRequest(f"{name} is out of range (years 1970 to 9999)", field=name)
-    return datetime.fromtimestamp(value, tz=timezone.utc)
+    return datetime.fromtimestamp(value, tz=UTC)
 
 
 def _parse_rfc3339(text: str, name: str) -> datetime:
@@ -65,7 +65,7 @@ def _parse_rfc3339(text: str, name: str) -> datetime:
         assert digits is not None  # the regex above guarantees fraction digits
         normalised = head + "." + digits.group(0)[:6].ljust(6, "0") + rest[len(digits.group(0)):]
     try:
-        moment = datetime.fromisoformat(normalised).astimezone(timezone.utc)
+        moment = datetime.fromisoformat(normalised).astimezone(UTC)
     except (ValueError, OverflowError):  # OverflowError: in range locally, not in UTC
         raise InvalidRequest(f"{name} is not a valid time", field=name) from None
     if moment.year < 1970:  # the upper bound, 9999, is datetime's own

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 import structlog
+from aiohttp import web
 
 from ..alerts import parse_note
 from ..core import validation

@@ -30,8 +30,8 @@ from ..alerts import (
 )
 from ..continuity import ContinuityGuard
 from ..core import cursors, validation
-from ..errors import InvalidRequest, Unavailable
 from ..core.ledger_check import Problem
+from ..errors import InvalidRequest, Unavailable
 from ..ledger import LedgerService
 from ..timeline import TimelineService
 from .common import Route, json_response, query_int, read_json

@@ -20,8 +20,14 @@ from aiohttp import web
 from ..apitokens import Caller
 from ..db import UNAVAILABLE_ERRORS
 from ..errors import (
-    ClientError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, ReplayGuardError,
-    Unauthorized, Unavailable,
+    ClientError,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ReplayGuardError,
+    Unauthorized,
+    Unavailable,
 )
 from ..logging import REQUEST_CONTEXT, request_line
 from ..runtime import Runtime, open_runtime

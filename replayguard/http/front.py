@@ -65,7 +65,14 @@ from ..runtime import Runtime
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from .common import (
-    MAX_BODY, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, SERVER_HEADER, Route, json_response, parse_json,
+    MAX_BODY,
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_LINE_SIZE,
+    SERVER_HEADER,
+    Route,
+    json_response,
+    parse_json,
 )
 from .state import RUNTIME
 

@@ -163,7 +163,7 @@ _ATTRIBUTE = {
 RADIUS_SCHEMA = {
     "type": "object", "required": ["User-Name", "User-Password", VM_ATTRIBUTE],
     "description": "rlm_rest's body = 'json' (bytes above 0x7F as \\u00XX); the VM is NAS-Identifier",
-    "properties": {name: _ATTRIBUTE for name in ("User-Name", "User-Password", VM_ATTRIBUTE)},
+    "properties": dict.fromkeys(("User-Name", "User-Password", VM_ATTRIBUTE), _ATTRIBUTE),
 }
 ACCEPT_SCHEMA = {
     "type": "object", "required": ["control:Tmp-String-0"],

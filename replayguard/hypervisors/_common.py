@@ -10,7 +10,7 @@ of the sender's JSON to fix. Nothing here does I/O or reads the clock.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from replayguard.core.events import MalformedPayload
 
@@ -134,7 +134,7 @@ def unix_time(value: object, path: str) -> datetime:
         raise MalformedPayload(f"expected Unix seconds, got {_kind(value)}", path)
     if not _MIN_UNIX <= value <= _MAX_UNIX:
         raise MalformedPayload("Unix time out of range", path)
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=value)
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=value)
 
 
 def rfc3339_time(value: object, path: str, *, assume_utc: bool = False) -> datetime:
@@ -153,7 +153,7 @@ def rfc3339_time(value: object, path: str, *, assume_utc: bool = False) -> datet
     naive = _NAIVE.fullmatch(value) if assume_utc else None
     if naive is None:
         raise MalformedPayload("not an RFC 3339 timestamp", path)
-    return _build(naive.groups(), timezone.utc, path)
+    return _build(naive.groups(), UTC, path)
 
 
 def any_time(value: object, path: str) -> datetime:
@@ -166,7 +166,7 @@ def any_time(value: object, path: str) -> datetime:
 def _offset(groups: tuple[str | None, ...]) -> timezone:
     zulu, sign, hours, minutes = groups
     if zulu is not None or hours is None or minutes is None:
-        return timezone.utc
+        return UTC
     delta = timedelta(hours=int(hours), minutes=int(minutes))
     return timezone(-delta if sign == "-" else delta)
 
@@ -179,7 +179,7 @@ def _build(parts: tuple[str | None, ...], tz: timezone, path: str) -> datetime:
             int(str(year)), int(str(month)), int(str(day)),
             int(str(hour)), int(str(minute)), int(str(second)), micros, tzinfo=tz,
         )
-        result = local.astimezone(timezone.utc)
+        result = local.astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise MalformedPayload(f"invalid timestamp: {exc}", path) from None
     if result.year < 1970:

@@ -59,8 +59,8 @@ from .cli import (
     prepare_spool,
 )
 from .spool import (
-    Answer,
     REFUSED_HINTS,
+    Answer,
     Outcome,
     Post,
     Retry,

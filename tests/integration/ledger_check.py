@@ -6,8 +6,8 @@ durably in PostgreSQL, without trusting the service's own verification.
 
 from __future__ import annotations
 
-import asyncpg
 import aiohttp
+import asyncpg
 
 from replayguard.core.chain import GENESIS, Entry, entry_hash
 
@@ -49,8 +49,7 @@ async def accepts_by_seq(dsn: str) -> dict[int, bytes]:
 
 async def service_verifies(url: str, analyst_token: str) -> bool:
     """The ``ok`` of the service's ``GET /v1/ledger/verify`` (which must answer 200)."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/v1/ledger/verify",
-                               headers={"Authorization": f"Bearer {analyst_token}"}) as resp:
-            assert resp.status == 200, await resp.text()
-            return bool((await resp.json())["ok"])
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/v1/ledger/verify",
+                           headers={"Authorization": f"Bearer {analyst_token}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return bool((await resp.json())["ok"])

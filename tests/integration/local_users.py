@@ -34,7 +34,7 @@ class LocalUser:
             os.setgid(gid)
             os.setuid(uid)
 
-        return subprocess.run(list(args), preexec_fn=drop, capture_output=True, text=True,  # noqa: PLW1509 - the test's own child
+        return subprocess.run(list(args), preexec_fn=drop, capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin"}, timeout=60, check=False, **kwargs)  # type: ignore[call-overload]
 
 

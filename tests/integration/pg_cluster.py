@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 BIN = Path("/usr/lib/postgresql/15/bin")
 STANDBY_NAME = "standby1"
 

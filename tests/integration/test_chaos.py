@@ -116,7 +116,7 @@ async def _load_until_killed(service: ServiceProcess, tokens: dict[str, str], pe
             try:
                 status, data = await _post(session, consume_url, tokens["callout"],
                                            {"vm_id": f"vm-{w}", "scope": scope, "nonce": nonce})
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the service died under this request: its outcome is in doubt
             assert status == 200 and data["decision"] == "accept", data
             acked.nonces[nonce] = (data["seq"], nonce_digest(pepper, scope, nonce.encode()))
@@ -130,7 +130,7 @@ async def _load_until_killed(service: ServiceProcess, tokens: dict[str, str], pe
         try:
             status, data = await _post(session, verify_url, tokens["callout"],
                                        {"vm_id": "vm-totp", "principal": totp.principal, "otp": code})
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return
         assert status == 200 and data["decision"] == "accept", data
         acked.otps[(totp.principal, code)] = (data["seq"], otp_digest(
@@ -225,7 +225,7 @@ async def _steady_load(url: str, token: str, scope: str, stop: asyncio.Event, ou
             try:
                 status, data = await _post(session, f"{url}/v1/nonces/consume", token,
                                            {"vm_id": f"vm-{w}", "scope": scope, "nonce": nonce})
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 out.append(Answer(nonce, sent, time.monotonic(), None))
                 await asyncio.sleep(0.05)
                 continue

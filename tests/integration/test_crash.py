@@ -56,7 +56,7 @@ async def _load_then_kill(service: ServiceProcess, token: str, scope: str) -> tu
             nonce = f"{scope}-{w}-{i}"
             try:
                 answer = await _consume(session, service.url, token, f"vm-{w}", scope, nonce)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 in_doubt.add(nonce)
                 return
             assert answer["decision"] == "accept", answer  # each nonce is new

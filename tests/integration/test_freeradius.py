@@ -390,7 +390,7 @@ async def test_a_proxy_in_radiusds_environment_is_not_used(
     """http_proxy/HTTP_PROXY/all_proxy in radiusd's environment are ignored: a proxy that would
     accept everything sees nothing, and a wrong code stays rejected by the real service."""
     proxy, proxy_url = await stand_in(lambda: web.json_response({"control:Tmp-String-0": "replayguard-accept"}))
-    env = {name: proxy_url for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy", "ALL_PROXY")}
+    env = dict.fromkeys(("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy", "ALL_PROXY"), proxy_url)
     radius = start_radius(host.url, host.tokens["callout"], env=env)
     user = uid("grace")
     totp = await host.enroll(user)

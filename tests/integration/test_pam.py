@@ -76,10 +76,9 @@ class Host:
     tokens: dict[str, str]
 
     async def post(self, path: str, body: Any, role: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.url + path, json=body,
-                                    headers={"Authorization": f"Bearer {self.tokens[role]}"}) as resp:
-                return resp.status, await resp.json(content_type=None)
+        async with aiohttp.ClientSession() as session, session.post(self.url + path, json=body,
+                                headers={"Authorization": f"Bearer {self.tokens[role]}"}) as resp:
+            return resp.status, await resp.json(content_type=None)
 
     async def enroll(self, principal: str) -> pyotp.TOTP:
         status, data = await self.post(f"/v1/principals/{principal}/tokens", {"type": "totp"}, "admin")
@@ -293,7 +292,7 @@ async def test_pamela_accepts_once(host: Host, make_guest: Callable[..., Guest])
 class _StubHandler(http.server.BaseHTTPRequestHandler):
     """Answers every POST with the server's canned status, headers and body."""
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         status, headers, body = self.server.canned  # type: ignore[attr-defined]
         self.send_response(status)
@@ -303,7 +302,7 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 
@@ -375,9 +374,9 @@ class _AcceptAnything(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(GOOD_ACCEPT)
 
-    do_GET = do_POST = _accept  # noqa: N815 - stdlib names
+    do_GET = do_POST = _accept
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 
@@ -419,7 +418,7 @@ def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: 
     seen: list[dict[str, Any]] = []
 
     class Recorder(_StubHandler):
-        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        def do_POST(self) -> None:
             seen.append({"body": json.loads(self.rfile.read(int(self.headers["Content-Length"]))),
                          "auth": self.headers["Authorization"], "path": self.path})
             body = GOOD_ACCEPT.replace(b"rg1.a.b", b"rg1.next.mac")

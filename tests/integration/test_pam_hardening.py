@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import uid
 from tests.integration.local_users import LocalUser, local_user, reachable_dir  # noqa: F401 - fixtures
 from tests.integration.test_pam import (  # noqa: F401 - fixtures
     GOOD_ACCEPT,
@@ -35,7 +36,6 @@ from tests.integration.test_pam import (  # noqa: F401 - fixtures
     stub_config,
     wait_for_fresh_step,
 )
-from tests.conftest import uid
 
 
 def one_line(stderr: bytes) -> str:

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer

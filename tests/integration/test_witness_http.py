@@ -9,15 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from replayguard.core import checkpoints as cps
-from replayguard.core import continuity
-from replayguard.settings import Secret
-from replayguard.witness import Record
 from aiohttp.test_utils import TestClient
 
+from replayguard.core import checkpoints as cps
+from replayguard.core import continuity
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
-from replayguard.settings import Settings
+from replayguard.settings import Secret, Settings
+from replayguard.witness import Record
 from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, dead_url, free_port, run_cli, uid
 from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz, until
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyotp
 import pytest
@@ -111,7 +111,7 @@ def test_codes_of_the_wrong_shape_match_nothing_and_never_raise(code: str) -> No
 
 def test_windows_record_their_cause() -> None:
     """A window names the event type that opened it; an ancestor's window adds ':lineage'."""
-    base = datetime(2026, 11, 29, 10, 0, tzinfo=timezone.utc)
+    base = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
     event = GenericEvent(event_id="e", type=EventType.SNAPSHOT_REVERTED, vm_id="clone", snapshot_id="s",
                          snapshot_created_at=base, occurred_at=base.replace(minute=5), source_vm_id=None)
     context = EventContext(to_us(base.replace(minute=5)), (), (Ancestor("parent", to_us(base.replace(minute=1))),))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyotp
 import pytest
 
 from replayguard.core.validation import NonceRequest
 from replayguard.decide import (
-    DecisionConfig, clock_guard_scope, match_code, nonce_expired, nonce_expiry_us,
+    DecisionConfig,
+    clock_guard_scope,
+    match_code,
+    nonce_expired,
+    nonce_expiry_us,
 )
 from replayguard.tokens import OtpToken
 
@@ -19,7 +23,7 @@ SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 
 
 def nonce(ttl_s: int = 300, issued_at: float | None = None) -> NonceRequest:
-    issued = None if issued_at is None else datetime.fromtimestamp(issued_at, timezone.utc)
+    issued = None if issued_at is None else datetime.fromtimestamp(issued_at, UTC)
     return NonceRequest("web-01", "login", b"n", ttl_s, issued, None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ SAMPLES = _load()
 
 def utc(text: str) -> datetime:
     """An aware UTC datetime from an ISO string written without offset."""
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,10 @@ def test_every_sample_is_in_exactly_one_table() -> None:
 
 def test_registry_names_the_four_sources() -> None:
     """The HTTP layer finds every native parser by its source name."""
-    assert PARSERS == {
+    assert {
         "libvirt": libvirt.parse, "vsphere": vsphere.parse,
         "proxmox": proxmox.parse, "openstack": openstack.parse,
-    }
+    } == PARSERS
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
@@ -253,7 +253,7 @@ def test_non_object_payload_is_malformed_at_root(source: str, payload: object) -
 def test_rfc3339_times_become_aware_utc(text: str, want: datetime) -> None:
     """RFC 3339 timestamps with any offset come out as the same instant in UTC."""
     got = _common.rfc3339_time(text, "t")
-    assert got == want and got.tzinfo is timezone.utc
+    assert got == want and got.tzinfo is UTC
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ step aside for any other configuration (such as ``capture_logs``).
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -43,11 +43,11 @@ def test_identifier_limits() -> None:
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("2026-11-29T10:00:00Z", datetime(2026, 11, 29, 10, tzinfo=timezone.utc)),
-    ("2026-11-29T11:00:00+01:00", datetime(2026, 11, 29, 10, tzinfo=timezone.utc)),
-    ("2026-11-29T10:00:00.123456789Z", datetime(2026, 11, 29, 10, 0, 0, 123456, tzinfo=timezone.utc)),
-    (1795946400, datetime(2026, 11, 29, 10, tzinfo=timezone.utc)),
-    (1795946400.5, datetime(2026, 11, 29, 10, 0, 0, 500000, tzinfo=timezone.utc)),
+    ("2026-11-29T10:00:00Z", datetime(2026, 11, 29, 10, tzinfo=UTC)),
+    ("2026-11-29T11:00:00+01:00", datetime(2026, 11, 29, 10, tzinfo=UTC)),
+    ("2026-11-29T10:00:00.123456789Z", datetime(2026, 11, 29, 10, 0, 0, 123456, tzinfo=UTC)),
+    (1795946400, datetime(2026, 11, 29, 10, tzinfo=UTC)),
+    (1795946400.5, datetime(2026, 11, 29, 10, 0, 0, 500000, tzinfo=UTC)),
 ])
 def test_times(value: object, expected: datetime) -> None:
     """RFC 3339 text and Unix seconds both parse to aware UTC."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ def test_good_requests_become_exact_values() -> None:
     assert validation.otp_request(OTP) == OtpRequest("web-01", "alice", "123456", None, {})
     assert validation.nonce_request({**NONCE, "ttl_s": 60, "issued_at": 1_790_000_000, "receipt": "r"},
                                     MAX_TTL) == NonceRequest(
-        "web-01", "login", b"n-1", 60, datetime.fromtimestamp(1_790_000_000, timezone.utc), "r")
+        "web-01", "login", b"n-1", 60, datetime.fromtimestamp(1_790_000_000, UTC), "r")
     assert validation.nonce_request(NONCE, MAX_TTL) == NonceRequest("web-01", "login", b"n-1", 300, None, None)
     assert validation.enroll_request({}) == EnrollRequest("totp", None, 6, 30, "SHA1")
     assert validation.enroll_request({"type": "hotp", "secret": "jbsw y3dp ehpk 3pxp jbsw y3dp ab", "digits": 8,
@@ -113,7 +113,7 @@ def test_nonce_keeps_a_lone_surrogate_as_its_bytes() -> None:
     assert _nonce(nonce="a\ud800").nonce == "a\ud800".encode("utf-8", "surrogatepass")
 
 
-UTC = timezone.utc
+UTC = UTC
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from replayguard.core.events import EventType, GenericEvent
 from replayguard.core.windows import (
-    Ancestor, EventContext, Use, Window, at_risk, clone_split, report_time, state_time, to_us, windows_for,
+    Ancestor,
+    EventContext,
+    Use,
+    Window,
+    at_risk,
+    clone_split,
+    report_time,
+    state_time,
+    to_us,
+    windows_for,
 )
 
-BASE = datetime(2026, 11, 29, 10, 0, tzinfo=timezone.utc)
+BASE = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
 S = 1_000_000  # one second in µs
 T0 = to_us(BASE)
 
@@ -123,7 +132,7 @@ def test_report_time_never_after_arrival() -> None:
 
 def test_to_us_is_exact() -> None:
     """Microseconds are computed without float rounding, even far from the epoch."""
-    moment = datetime(2286, 11, 20, 17, 46, 39, 999_999, tzinfo=timezone.utc)
+    moment = datetime(2286, 11, 20, 17, 46, 39, 999_999, tzinfo=UTC)
     assert to_us(moment) == 9_999_999_999_999_999
 
 
