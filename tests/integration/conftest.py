@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import http.server
+import shutil
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import pytest_asyncio
 
+from replayguard.runtime import open_runtime
+from replayguard.settings import Settings
+from tests.conftest import uid
 from tests.integration.owned_servers import OwnedPostgres, OwnedRedis, scratch_dir
+from tests.integration.pam_harness import HELPER, PAM_DIR, Guest, Host, StubHandler, write_config
 
 
 @pytest_asyncio.fixture
@@ -29,3 +39,70 @@ async def owned_pg() -> AsyncIterator[OwnedPostgres]:
             yield server
         finally:
             await asyncio.to_thread(server.close)
+
+
+# --- the PAM helper (tests/integration/pam_harness.py) ------------------------------
+
+@pytest.fixture
+def helper(tmp_path: Path) -> Path:
+    """The helper as shipped, copied so that it is executable whatever the checkout kept."""
+    target = tmp_path / "bin" / "replayguard-pam-helper"
+    target.parent.mkdir()
+    shutil.copy(HELPER, target)
+    target.chmod(0o755)
+    return target
+
+
+@pytest.fixture
+async def host(make_settings: Callable[..., Settings], service_factory: Callable[..., Any]) -> Host:
+    """A real service process, with tokens made over its own data dir's keys."""
+    settings: Settings = make_settings()
+    tokens = {}
+    async with open_runtime(settings, migrate=False) as runtime:
+        for role in ("admin", "callout", "hypervisor"):
+            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
+    assert settings.database_url is not None
+    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
+    return Host(service.url, tokens)
+
+
+@pytest.fixture
+def make_guest(tmp_path: Path, helper: Path) -> Iterator[Callable[..., Guest]]:
+    """Creates uniquely named /etc/pam.d stacks running the helper; removes them afterwards."""
+    created: list[Path] = []
+
+    def make(service_url: str, token: str, timeout: float = 5) -> Guest:
+        name = f"replayguard-test-{uuid.uuid4().hex[:12]}"
+        base = tmp_path / name
+        base.mkdir()
+        token_file = base / "callout.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        config = write_config(base / "pam.conf", service_url=service_url, vm_id=uid("vm"),
+                              token_file=token_file, receipt_dir=base / "receipts", timeout=timeout)
+        guest = Guest(name, config, base / "receipts", base / "pam-exec.log")
+        stack = PAM_DIR / name
+        created.append(stack)
+        stack.write_text(f"auth required pam_exec.so expose_authtok quiet log={guest.exec_log} "
+                         f"{helper} --config {config}\n")
+        return guest
+
+    yield make
+    for stack in created:
+        stack.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def stub() -> Iterator[Callable[[int, bytes, dict[str, str] | None], str]]:
+    """A stand-in service answering a canned reply; returns its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
+        server.canned = (status, headers or {"Content-Type": "application/json"}, body)  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield answer
+    server.shutdown()
+    server.server_close()

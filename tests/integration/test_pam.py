@@ -9,156 +9,36 @@ badly, to show it fails closed.
 
 from __future__ import annotations
 
-import glob
 import http.server
 import json
-import os
-import shutil
 import socket
 import stat
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pyotp
 import pytest
 
-from replayguard.runtime import open_runtime
-from replayguard.settings import Settings
 from tests.conftest import REPO, dead_url, front_counts, uid
-
-HELPER = REPO / "deploy" / "pam" / "replayguard-pam-helper"
-PAM_DIR = Path("/etc/pam.d")
-PERIOD = 30
-
-
-def _pam_exec_present() -> bool:
-    return any(glob.glob(pattern) for pattern in (
-        "/lib/*/security/pam_exec.so", "/usr/lib/*/security/pam_exec.so", "/lib*/security/pam_exec.so"))
-
-
-needs_pam = pytest.mark.skipif(
-    shutil.which("pamtester") is None or not _pam_exec_present() or os.geteuid() != 0
-    or not os.access(PAM_DIR, os.W_OK),
-    reason="needs pamtester (apt: pamtester), pam_exec.so and root to write /etc/pam.d",
+from tests.integration.pam_harness import (
+    BAD_REPLIES,
+    GOOD_ACCEPT,
+    PERIOD,
+    Guest,
+    Host,
+    StubHandler,
+    needs_pam,
+    needs_python3,
+    pamtester,
+    run_helper,
+    stub_config,
+    wait_for_fresh_step,
+    wrong_code,
 )
-needs_python3 = pytest.mark.skipif(not Path("/usr/bin/python3").exists(),
-                                   reason="the helper's interpreter /usr/bin/python3 is absent")
-
-
-@dataclass
-class Guest:
-    """One guest's PAM setup: a stack under /etc/pam.d, the helper's config, its receipt dir."""
-
-    pam_service: str
-    config: Path
-    receipt_dir: Path
-    exec_log: Path
-
-    @property
-    def receipt(self) -> Path:
-        return self.receipt_dir / "receipt"
-
-    def log(self) -> str:
-        return self.exec_log.read_text(errors="replace") if self.exec_log.exists() else ""
-
-
-@dataclass
-class Host:
-    url: str
-    tokens: dict[str, str]
-
-    async def post(self, path: str, body: Any, role: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as session, session.post(self.url + path, json=body,
-                                headers={"Authorization": f"Bearer {self.tokens[role]}"}) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    async def enroll(self, principal: str) -> pyotp.TOTP:
-        status, data = await self.post(f"/v1/principals/{principal}/tokens", {"type": "totp"}, "admin")
-        assert status == 201, data
-        return pyotp.TOTP(data["secret"])
-
-
-def write_config(path: Path, **values: object) -> Path:
-    path.write_text("".join(f"{key} = {value}\n" for key, value in values.items()))
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def helper(tmp_path: Path) -> Path:
-    """The helper as shipped, copied so that it is executable whatever the checkout kept."""
-    target = tmp_path / "bin" / "replayguard-pam-helper"
-    target.parent.mkdir()
-    shutil.copy(HELPER, target)
-    target.chmod(0o755)
-    return target
-
-
-@pytest.fixture
-async def host(make_settings: Callable[..., Settings], service_factory: Callable[..., Any]) -> Host:
-    """A real service process, with tokens made over its own data dir's keys."""
-    settings: Settings = make_settings()
-    tokens = {}
-    async with open_runtime(settings, migrate=False) as runtime:
-        for role in ("admin", "callout", "hypervisor"):
-            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
-    assert settings.database_url is not None
-    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
-    return Host(service.url, tokens)
-
-
-@pytest.fixture
-def make_guest(tmp_path: Path, helper: Path) -> Iterator[Callable[..., Guest]]:
-    """Creates uniquely named /etc/pam.d stacks running the helper; removes them afterwards."""
-    created: list[Path] = []
-
-    def make(service_url: str, token: str, timeout: float = 5) -> Guest:
-        name = f"replayguard-test-{uuid.uuid4().hex[:12]}"
-        base = tmp_path / name
-        base.mkdir()
-        token_file = base / "callout.token"
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
-        config = write_config(base / "pam.conf", service_url=service_url, vm_id=uid("vm"),
-                              token_file=token_file, receipt_dir=base / "receipts", timeout=timeout)
-        guest = Guest(name, config, base / "receipts", base / "pam-exec.log")
-        stack = PAM_DIR / name
-        created.append(stack)
-        stack.write_text(f"auth required pam_exec.so expose_authtok quiet log={guest.exec_log} "
-                         f"{helper} --config {config}\n")
-        return guest
-
-    yield make
-    for stack in created:
-        stack.unlink(missing_ok=True)
-
-
-def pamtester(guest: Guest, user: str, password: str) -> bool:
-    """True when `pamtester` authenticates: the helper exited 0 under the real pam_exec."""
-    result = subprocess.run(["pamtester", "-v", guest.pam_service, user, "authenticate"],
-                            input=password + "\n", capture_output=True, text=True, timeout=60)
-    return result.returncode == 0
-
-
-def wait_for_fresh_step() -> None:
-    """Waits, when a TOTP step is about to end, so a test's codes stay inside the drift window."""
-    left = PERIOD - time.time() % PERIOD
-    if left < 5:
-        time.sleep(left + 0.2)
-
-
-def wrong_code(totp: pyotp.TOTP) -> str:
-    """A six-digit code valid at no step near now."""
-    near = {totp.at(time.time() + k * PERIOD) for k in range(-3, 4)}
-    return next(code for code in (f"{n:06d}" for n in range(1_000_000)) if code not in near)
 
 
 @needs_pam
@@ -289,67 +169,6 @@ async def test_pamela_accepts_once(host: Host, make_guest: Callable[..., Guest])
 
 # --- the helper run directly, against stand-ins that answer badly ---------------------
 
-class _StubHandler(http.server.BaseHTTPRequestHandler):
-    """Answers every POST with the server's canned status, headers and body."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        status, headers, body = self.server.canned  # type: ignore[attr-defined]
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-@pytest.fixture
-def stub() -> Iterator[Callable[[int, bytes, dict[str, str] | None], str]]:
-    """A stand-in service answering a canned reply; returns its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
-        server.canned = (status, headers or {"Content-Type": "application/json"}, body)  # type: ignore[attr-defined]
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield answer
-    server.shutdown()
-    server.server_close()
-
-
-def run_helper(helper: Path, config: Path, stdin: bytes, **env: str) -> subprocess.CompletedProcess[bytes]:
-    """Runs the helper as pam_exec does: no PATH, only PAM_* variables, password then NUL."""
-    environment = {"PAM_USER": "alice", "PAM_SERVICE": "sshd", "PAM_TYPE": "auth", "PAM_RHOST": "192.0.2.7"}
-    environment.update(env)
-    return subprocess.run([str(helper), "--config", str(config)], input=stdin, env=environment,
-                          capture_output=True, timeout=60)
-
-
-def stub_config(tmp_path: Path, url: str, **extra: object) -> Path:
-    values: dict[str, object] = {"service_url": url, "vm_id": "vm-stub", "token": "rgt_stub",
-                                 "receipt_dir": tmp_path / "receipts", "timeout": 5}
-    values.update(extra)
-    return write_config(tmp_path / "pam.conf", **values)
-
-
-GOOD_ACCEPT = b'{"decision":"accept","reason":"ok","flags":[],"seq":1,"receipt":"rg1.a.b"}'
-BAD_REPLIES = [
-    (200, b"not json"),
-    (200, b'{"decision":"maybe","reason":"ok"}'),
-    (200, b'{"decision":"accept"}'),
-    (200, b'["accept"]'),
-    (200, b'{"decision":"accept","reason":"ok","flags":[],"receipt":"rg1.\\n"}'),
-    (202, GOOD_ACCEPT),
-    (503, b'{"error":{"code":"unavailable","message":"x"}}'),
-    (500, b"oops"),
-]
-
-
 @needs_python3
 @pytest.mark.parametrize(("status", "body"), BAD_REPLIES)
 def test_unparseable_or_failed_replies_fail_closed(tmp_path: Path, helper: Path, stub: Any,
@@ -417,7 +236,7 @@ def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: 
     """The helper posts principal=PAM_USER, context {service, remote_addr} and the stored receipt."""
     seen: list[dict[str, Any]] = []
 
-    class Recorder(_StubHandler):
+    class Recorder(StubHandler):
         def do_POST(self) -> None:
             seen.append({"body": json.loads(self.rfile.read(int(self.headers["Content-Length"]))),
                          "auth": self.headers["Authorization"], "path": self.path})

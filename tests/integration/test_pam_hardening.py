@@ -21,18 +21,14 @@ import pytest
 
 from tests.conftest import uid
 from tests.integration.local_users import LocalUser, local_user, reachable_dir  # noqa: F401 - fixtures
-from tests.integration.test_pam import (  # noqa: F401 - fixtures
+from tests.integration.pam_harness import (
     GOOD_ACCEPT,
     Guest,
     Host,
-    helper,
-    host,
-    make_guest,
     needs_pam,
     needs_python3,
     pamtester,
     run_helper,
-    stub,
     stub_config,
     wait_for_fresh_step,
 )

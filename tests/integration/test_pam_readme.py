@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, uid
-from tests.integration.test_pam import (  # noqa: F401 - fixtures
+from tests.integration.pam_harness import (
     Host,
-    helper,
-    host,
     needs_pam,
     needs_python3,
     run_helper,
