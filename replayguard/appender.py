@@ -104,7 +104,7 @@ class Appender:
             raise
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        for row, (_, future) in zip(rows, batch):
+        for row, (_, future) in zip(rows, batch, strict=True):
             if not future.done():
                 future.set_result(Outcome(
                     seq=row["r_seq"], verdict=_VERDICTS[row["r_verdict"]], reason=_REASONS[row["r_reason"]],

@@ -46,7 +46,7 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
                for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return "  ".join(parts).rstrip()
 
     return "\n".join([line([h.upper() for h in headers])] + [line(r) for r in cells])

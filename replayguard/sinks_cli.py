@@ -62,7 +62,7 @@ def cmd_test(_args: argparse.Namespace, settings: Settings) -> int:
         return [await _try(config, record) for config in configs]
 
     failures = 0
-    for config, error in zip(configs, asyncio.run(run())):
+    for config, error in zip(configs, asyncio.run(run()), strict=True):
         print(f"{config.name}  {config.describe()}  {'ok' if error is None else 'FAILED: ' + error}")
         failures += error is not None
     return 1 if failures else 0

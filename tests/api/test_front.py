@@ -125,7 +125,7 @@ class Counted:
         return self._counts.answered, self._counts.handed_over, self._counts.closed
 
     def as_dict(self) -> dict[str, int]:
-        return dict(zip(("fast", "handover", "closed"), (n - s for n, s in zip(self._now(), self._start))))
+        return dict(zip(("fast", "handover", "closed"), (n - s for n, s in zip(self._now(), self._start, strict=True)), strict=True))
 
     def reset(self) -> None:
         self._start = self._now()
@@ -228,7 +228,7 @@ async def test_a_request_split_across_reads_is_still_the_fronts(
         end = cut if cut >= 0 else len(request) + cut
         held = counts.held
         await conn.send(request[start:end])
-        await _until(lambda: counts.held > held)  # the front read this part alone, and kept it
+        await _until(lambda before=held: counts.held > before)  # the front read this part alone, and kept it
         start = end
     await conn.send(request[start:])
     answers = await conn.answers(1)

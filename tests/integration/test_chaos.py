@@ -50,7 +50,7 @@ def _make_token(data_dir: Path, dsn: str, role: str) -> str:
 
 async def _tokens(data_dir: Path, dsn: str, roles: tuple[str, ...]) -> dict[str, str]:
     made = await asyncio.gather(*(asyncio.to_thread(_make_token, data_dir, dsn, role) for role in roles))
-    return dict(zip(roles, made))
+    return dict(zip(roles, made, strict=True))
 
 
 def _pepper(data_dir: Path) -> bytes:
@@ -148,7 +148,7 @@ async def _load_until_killed(service: ServiceProcess, tokens: dict[str, str], pe
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         await asyncio.gather(killer(), *(nonce_worker(session, w) for w in range(NONCE_WORKERS)),
-                             *(totp_login(session, t, d) for t, d in zip(totps, login_delays)))
+                             *(totp_login(session, t, d) for t, d in zip(totps, login_delays, strict=True)))
     await asyncio.to_thread(service.proc.wait, 15)
     assert service.proc.returncode == -signal.SIGKILL
 

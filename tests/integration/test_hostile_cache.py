@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ async def swap_values(client: aioredis.Redis) -> None:
     if len(keys) < 2:
         return
     values = [await client.get(k) for k in keys]
-    for key, value in zip(keys, values[1:] + values[:1]):
+    for key, value in zip(keys, values[1:] + values[:1], strict=True):
         await client.set(key, value)  # type: ignore[arg-type]
 
 
@@ -187,26 +187,29 @@ async def test_a_hostile_redis_gives_the_same_answers_as_no_redis(
             await client.set(f"rg:lock:{totp_user}", str(now_us + A_YEAR_US))
             await client.set(f"rg:lock:{hotp_user}", str(now_us + A_YEAR_US))
 
+    def round_steps(round_: int) -> list[Callable[[], Awaitable[dict[str, Any]]]]:
+        """The round's requests, each made when the loop awaits it (the TOTP codes at that moment)."""
+        vm = vms[round_ % 2]
+        other = vms[(round_ + 1) % 2]
+        kept = twins.receipts.get(vm, [])
+        latest, oldest = (kept[-1], kept[0]) if kept else (None, None)
+        return [
+            lambda: twins.nonce(vm, f"n{round_}", latest),                 # fresh
+            lambda: twins.nonce(vm, f"n{round_}", latest),                 # replay, same VM
+            lambda: twins.nonce(other, f"n{round_}"),                      # replay, other VM
+            lambda: twins.nonce(vm, f"n{max(round_ - 1, 0)}", oldest),     # stale receipt
+            lambda: twins.otp(vm, totp_user, totp.at(clock.now)),           # TOTP (once per step)
+            lambda: twins.otp(vm, totp_user, totp.at(clock.now)),           # its replay
+            lambda: twins.otp(vm, hotp_user, hotp.at(round_)),              # HOTP
+            lambda: twins.otp(other, hotp_user, hotp.at(round_)),           # its replay elsewhere
+            lambda: twins.otp(vm, totp_user, "000000"),                     # (almost surely) wrong
+        ]
+
     try:
         await garbage(client, vms, [totp_user, hotp_user], [], int(clock.now * 1e6))
         seen: list[tuple[str, str, tuple[str, ...]]] = []
         for round_ in range(12):
-            vm = vms[round_ % 2]
-            other = vms[(round_ + 1) % 2]
-            kept = twins.receipts.get(vm, [])
-            latest, oldest = (kept[-1], kept[0]) if kept else (None, None)
-            steps = [
-                lambda: twins.nonce(vm, f"n{round_}", latest),                 # fresh
-                lambda: twins.nonce(vm, f"n{round_}", latest),                 # replay, same VM
-                lambda: twins.nonce(other, f"n{round_}"),                      # replay, other VM
-                lambda: twins.nonce(vm, f"n{max(round_ - 1, 0)}", oldest),     # stale receipt
-                lambda: twins.otp(vm, totp_user, totp.at(clock.now)),           # TOTP (once per step)
-                lambda: twins.otp(vm, totp_user, totp.at(clock.now)),           # its replay
-                lambda: twins.otp(vm, hotp_user, hotp.at(round_)),              # HOTP
-                lambda: twins.otp(other, hotp_user, hotp.at(round_)),           # its replay elsewhere
-                lambda: twins.otp(vm, totp_user, "000000"),                     # (almost surely) wrong
-            ]
-            for step in steps:
+            for step in round_steps(round_):
                 answer = await step()
                 seen.append((answer["decision"], answer["reason"], tuple(answer["flags"])))
                 await hostile(round_ + len(seen))
