@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,10 +363,8 @@ class Sampler:
             rss = 0
             for pid in self.pids:
                 for proc in tree(pid):
-                    try:
+                    with suppress(psutil.NoSuchProcess):
                         rss += proc.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
             self.peak = max(self.peak, rss)
             self.phase_peak = max(self.phase_peak, rss)
 
@@ -817,7 +815,8 @@ async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_
     client_cpu = (cpu_of([me]) - cpu0) / elapsed
     await pool.close()
     latencies.sort()
-    q = lambda f: round(latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000, 2)
+    def q(f):
+        return round(latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000, 2)
     return {"concurrency": concurrency, "connections": conns, "batch": batch, "rows_per_s": round(total / elapsed, 1),
             "p50_ms": q(0.5), "p99_ms": q(0.99), "client_cpu": round(client_cpu, 2)}
 

@@ -182,7 +182,7 @@ class AlertService:
 
     async def search(self, f: AlertFilter) -> tuple[list[dict[str, Any]], str | None]:
         where, params = where_clause(f)
-        sql = f"SELECT {COLUMNS} FROM alerts{where} ORDER BY id DESC LIMIT ${len(params) + 1}"
+        sql = f"SELECT {COLUMNS} FROM alerts{where} ORDER BY id DESC LIMIT ${len(params) + 1}"  # noqa: S608 - fixed column list and where_clause fragments; values go as $n parameters
         async with acquire(self._pool) as conn:
             records = await conn.fetch(sql, *params, f.limit + 1)
         items = [render(r) for r in records[: f.limit]]
@@ -192,7 +192,7 @@ class AlertService:
     async def get(self, alert_id: int) -> dict[str, Any]:
         """The alert, the ledger entries behind it, its rollback windows and their events."""
         async with acquire(self._pool) as conn:
-            record = await conn.fetchrow(f"SELECT {COLUMNS}, history FROM alerts WHERE id = $1", alert_id)
+            record = await conn.fetchrow(f"SELECT {COLUMNS}, history FROM alerts WHERE id = $1", alert_id)  # noqa: S608 - fixed column list; the id goes as a parameter
             if record is None:
                 raise NotFound("no such alert")
             entries = await conn.fetch(_ENTRIES, alert_id, MAX_ENTRIES)
@@ -238,7 +238,7 @@ class AlertService:
 
         The alert feed passes the connection it keeps, sparing a pool round trip per read.
         """
-        query = (f"SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 OR id = ANY($2::bigint[])"
+        query = (f"SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 OR id = ANY($2::bigint[])"  # noqa: S608 - fixed column list; values go as $n parameters
                  " ORDER BY change_seq LIMIT $3")
         if conn is not None:
             return list(await conn.fetch(query, after, ids, limit))
@@ -252,7 +252,7 @@ class AlertService:
         return int(last)
 
 
-_ACK = ("UPDATE alerts SET status = 'acknowledged', ack_by = $2, ack_by_name = $6, ack_note = $3, ack_us = $4,"
+_ACK = ("UPDATE alerts SET status = 'acknowledged', ack_by = $2, ack_by_name = $6, ack_note = $3, ack_us = $4,"  # noqa: S608 - fixed column list; values go as $n parameters
         " updated_us = $4,"
         " history = history || jsonb_build_array(jsonb_build_object('ts_us', $4::bigint, 'seq', $5::bigint,"
         " 'change', 'acknowledged', 'by', $2::text, 'by_name', $6::text))"

@@ -173,10 +173,10 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         async with open_runtime(settings) as runtime:
-            if args.token_command == "create":
+            if args.token_command == "create":  # noqa: S105 - a subcommand name, not a password
                 _, token = await runtime.api_tokens.create(args.role, args.name, args.vm)
                 print(token)
-            elif args.token_command == "revoke":
+            elif args.token_command == "revoke":  # noqa: S105 - a subcommand name, not a password
                 count = await runtime.api_tokens.revoke(args.ident)
                 print(f"revoked {count} token(s)", file=sys.stderr)
             else:

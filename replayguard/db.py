@@ -218,7 +218,7 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
         command_timeout=statement_timeout_ms / 1000 + 1,
         max_inactive_connection_lifetime=60,
     )
-    assert pool is not None
+    assert pool is not None  # noqa: S101 - narrows the type for mypy
     return pool
 
 

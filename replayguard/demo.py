@@ -89,7 +89,7 @@ async def _play(client: DemoClient, say: Narrator) -> bool:
                                  {"vm_id": vm, "principal": user, "otp": code, "context": {"service": "sshd"}})
     say.say(f"{user} logs in over SSH with a fresh code: {login['decision']} (ledger seq {login['seq']}).")
     say.detail("An attacker watching the VM notes the code.")
-    _, revert = await client.call("POST", "/v1/hypervisor/events", "hypervisor", {
+    _, _revert = await client.call("POST", "/v1/hypervisor/events", "hypervisor", {
         "event_id": "demo-revert-1", "type": "snapshot.reverted", "vm_id": vm, "snapshot_id": "nightly",
         "snapshot_created_at": _rfc3339(snapshot_at), "occurred_at": _rfc3339(time.time()), "host": "hv-01"})
     say.say("The attacker reverts the VM to 'nightly': inside the guest, the login never happened.")

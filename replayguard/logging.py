@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 import orjson
 import structlog
@@ -225,7 +225,7 @@ class StdlibBridge(logging.Handler):
     quote the offending header line).
     """
 
-    _METHODS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "critical"}
+    _METHODS: ClassVar[dict[str, str]] = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "critical"}
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

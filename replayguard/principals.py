@@ -68,7 +68,7 @@ def decode_cursor(key: bytes, text: str) -> str:
 
 
 def _seconds(value: float | None) -> str | None:
-    return None if value is None else rfc3339_us(int(round(value * 1_000_000)))
+    return None if value is None else rfc3339_us(round(value * 1_000_000))
 
 
 def render(record: asyncpg.Record | dict[str, Any], now_us: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ failure is one ``ConfigError`` line naming the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
@@ -29,10 +30,8 @@ def trusted_owners(data_dir: Path | None) -> set[int]:
     """The users whose files replayguard trusts: itself, root, and (as root) the data dir's owner."""
     owners = {os.geteuid(), 0}
     if os.geteuid() == 0 and data_dir is not None:
-        try:
+        with contextlib.suppress(OSError):
             owners.add(data_dir.stat().st_uid)
-        except OSError:
-            pass
     return owners
 
 

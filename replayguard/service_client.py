@@ -57,7 +57,7 @@ class Client:
         all_headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json", **(headers or {})}
         if data is not None:
             all_headers["Content-Type"] = "application/json"
-        return urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
+        return urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)  # noqa: S310 - client_from_args accepts only http:// and https:// URLs
 
     def call(self, method: str, path: str, body: object = None, *, auth: bool = True) -> Any:
         request = self._request(method, path, body)

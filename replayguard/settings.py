@@ -254,7 +254,7 @@ def _coerce(option: Option, raw: Any) -> Any:
         if option.kind == "secret":
             return raw if isinstance(raw, Secret) else Secret(str(raw))
         if option.kind == "int":
-            if isinstance(raw, bool) or isinstance(raw, float):
+            if isinstance(raw, (bool, float)):
                 raise ValueError("not an integer")
             return int(raw)
         if option.kind == "bool":

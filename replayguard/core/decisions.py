@@ -17,7 +17,7 @@ class Reason(str, enum.Enum):
     REUSED = "reused"
     REPLAY_AFTER_ROLLBACK = "replay_after_rollback"
     LOCKED_OUT = "locked_out"
-    NO_TOKEN = "no_token"
+    NO_TOKEN = "no_token"  # noqa: S105 - a reason code, not a password
     EXPIRED = "expired"
 
 

@@ -28,7 +28,7 @@ def _printable(text: str) -> bool:
 
 
 def identifier(body: dict[str, Any], name: str) -> str:
-    """A required identifier (vm_id, principal, scope, …): 1–256 printable characters."""
+    """A required identifier (vm_id, principal, scope, …): 1 to 256 printable characters."""
     if body.get(name) is None:
         raise InvalidRequest(f"{name} is required", field=name)
     return check_identifier(body[name], name)
@@ -62,7 +62,7 @@ def _parse_rfc3339(text: str, name: str) -> datetime:
     if "." in normalised:
         head, rest = normalised.split(".", 1)
         digits = re.match(r"\d+", rest)
-        assert digits is not None  # the regex above guarantees fraction digits
+        assert digits is not None  # noqa: S101 - narrows the type for mypy; the regex above guarantees fraction digits
         normalised = head + "." + digits.group(0)[:6].ljust(6, "0") + rest[len(digits.group(0)):]
     try:
         moment = datetime.fromisoformat(normalised).astimezone(UTC)

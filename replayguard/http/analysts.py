@@ -8,6 +8,7 @@ next to the runtime, and ends open streams when the service shuts down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -138,10 +139,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        try:
+        # The client left or stalled, or the database went: it reconnects with Last-Event-ID.
+        with contextlib.suppress(ConnectionError, TimeoutError, Unavailable):
             await _pump(request, resp, sub, last)
-        except (ConnectionError, TimeoutError, Unavailable):
-            pass  # the client left or stalled, or the database went: it reconnects with Last-Event-ID
     finally:
         feed.unsubscribe(sub)
     return resp

@@ -17,6 +17,9 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+_LEDGER_UNREACHABLE: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, TimeoutError)
+
+
 async def _ledger_writable(request: web.Request) -> bool:
     runtime = request.app[RUNTIME]
     try:
@@ -24,7 +27,7 @@ async def _ledger_writable(request: web.Request) -> bool:
             async with runtime.pool.acquire() as conn:
                 return bool(await conn.fetchval(
                     "SELECT NOT pg_is_in_recovery() AND has_table_privilege('ledger', 'INSERT')"))
-    except UNAVAILABLE_ERRORS + (TimeoutError,):
+    except _LEDGER_UNREACHABLE:
         return False
 
 

@@ -135,7 +135,7 @@ async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
     if parent_pid is not None:
         watchdog = asyncio.create_task(_orphaned(parent_pid))
         watchdog.add_done_callback(lambda _task: stop.set())
-    assert runner.server is not None
+    assert runner.server is not None  # noqa: S101 - narrows the type for mypy: the runner is set up
     listener = await loop.create_server(ConnectionCap(runner.server, settings.max_connections),
                                         sock=_listen(settings, reuse_port))
     # The bound port, which is how a caller that asked for port 0 learns it.

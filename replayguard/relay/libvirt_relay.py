@@ -200,7 +200,7 @@ async def _watch_libvirt(relay: RelayState, stop: asyncio.Event) -> None:
             log.warning("libvirt_disconnected", uri=relay.config.uri)
         if time.monotonic() - began > 60:
             attempt = 0
-        await _sleep_or_stop(stop, backoff_delay(attempt, random.random()))
+        await _sleep_or_stop(stop, backoff_delay(attempt, random.random()))  # noqa: S311 - retry jitter, not a secret
         attempt += 1
 
 

@@ -231,7 +231,7 @@ async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spo
             wake.set()
             attempt, delay = 0, config.interval
         else:
-            delay = min(config.interval, backoff_delay(attempt, random.random()))
+            delay = min(config.interval, backoff_delay(attempt, random.random()))  # noqa: S311 - retry jitter, not a secret
             attempt += 1
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)

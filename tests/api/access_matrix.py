@@ -1,4 +1,4 @@
-"""Who may call what, written down by hand: route × caller → the status the contract expects.
+"""Who may call what, written down by hand: route and caller → the status the contract expects.
 
 This table is the tests' own statement of the contract (sections 3-8), kept apart from the
 product's route table on purpose: a test that takes the expected roles from the code

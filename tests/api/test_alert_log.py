@@ -85,7 +85,7 @@ async def test_a_warning_alert_is_a_warning_line(api: Api, log_buffer: io.String
     vm_id, scope = uid("vm"), uid("scope")
     body = {"vm_id": vm_id, "scope": scope, "nonce": uid("n")}
     await api.post("/v1/nonces/consume", body)
-    status, second = await api.post("/v1/nonces/consume", body)
+    _status, second = await api.post("/v1/nonces/consume", body)
     assert second["reason"] == "reused"
     lines = await until(lambda: alert_lines(log_buffer, second["alert_id"]), "the alert's log line")
     assert (lines[0]["level"], lines[0]["vm_id"], lines[0]["severity"]) == ("warning", vm_id, "warning")

@@ -53,7 +53,7 @@ async def test_alerts_list_show_and_ack(api: Api) -> None:
 
     code, out, err = await rg(api, "alerts", "ack", alert_id, "--note", "isolated\nthe VM")
     assert code == 0, err
-    status, alert = await api.get(f"/v1/alerts/{alert_id}")
+    _status, alert = await api.get(f"/v1/alerts/{alert_id}")
     assert alert["status"] == "acknowledged" and alert["acknowledged"]["note"] == "isolated\nthe VM"
     code, out, _ = await rg(api, "alerts", "show", alert_id)
     assert "isolated\\nthe VM" in out  # a note's new line cannot break the layout
@@ -89,7 +89,7 @@ async def test_follow_prints_alerts_as_they_come(api: Api) -> None:
         vm_id = uid("vm")
         body = {"vm_id": vm_id, "scope": uid("scope"), "nonce": uid("n")}
         await api.post("/v1/nonces/consume", body)
-        status, second = await api.post("/v1/nonces/consume", body)
+        _status, second = await api.post("/v1/nonces/consume", body)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
@@ -122,13 +122,13 @@ async def test_principals_list_and_unlock(api_factory: Any) -> None:
     for _ in range(2):
         await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": "000000"})
     code, out, _ = await rg(api, "principals", "list", "--json", role="admin")
-    row = [p for p in json.loads(out)["items"] if p["principal"] == principal][0]
+    row = next(p for p in json.loads(out)["items"] if p["principal"] == principal)
     assert code == 0 and row["locked"] is True
     assert (await rg(api, "principals", "unlock", principal, role="analyst"))[0] == 4
     code, out, err = await rg(api, "principals", "unlock", principal, "--note", "help desk", role="admin")
     assert code == 0 and "unlocked (was locked: yes" in out, err
     code, out, _ = await rg(api, "principals", "list", role="admin")
-    line = [ln for ln in out.splitlines() if ln.startswith(principal)][0]
+    line = next(ln for ln in out.splitlines() if ln.startswith(principal))
     assert line.split()[1] == "no"
 
 

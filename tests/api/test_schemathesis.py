@@ -79,7 +79,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterato
                        "--data-dir", str(data_dir), "--database-url", database_url)
         assert done.returncode == 0, done.stderr
         tokens[role] = done.stdout.strip()
-    log = Path(data_dir.parent / "service.log").open("wb")
+    log = Path(data_dir.parent / "service.log").open("wb")  # noqa: SIM115 - open while the service runs; closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "replayguard", "serve", "--host", "127.0.0.1", "--port", "0",
          "--data-dir", str(data_dir), "--database-url", database_url],

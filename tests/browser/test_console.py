@@ -45,7 +45,7 @@ async def play_the_story(api: Api) -> tuple[str, str, str]:
     await event(api, vm_id, "snapshot.created", snapshot_id="nightly", snapshot_created_at=api.clock.now)
     for _ in range(3):  # ordinary traffic on the VM before the attack
         api.clock.advance(60)
-        status, body = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "api-login",
+        _status, body = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "api-login",
                                                               "nonce": secrets.token_hex(8)})
         assert body["decision"] == "accept"
     api.clock.advance(40)
@@ -98,7 +98,7 @@ async def test_the_snapshot_replay_story_live_in_the_console(api: Api, tab: Tab,
     await detail.locator("#ack-note").fill("Confirmed snapshot replay; web-01 isolated (ticket 4411)")
     await detail.locator("#ack").click()
     await detail.locator("#acked").wait_for(timeout=WAIT_MS)
-    status, alert = await api.get(f"/v1/alerts/{alert_id}")
+    _status, alert = await api.get(f"/v1/alerts/{alert_id}")
     assert alert["status"] == "acknowledged" and "ticket 4411" in alert["acknowledged"]["note"]
     await tab.screenshot("console-acknowledged")
 
@@ -144,7 +144,7 @@ async def assert_inert(tab: Tab) -> None:
 
 async def test_hostile_identifiers_render_as_inert_text(api: Api, tab: Tab) -> None:
     """Markup and right-to-left text in VM ids, principals, event ids and notes are shown as text, never run."""
-    first, second = await hostile_alerts(api)
+    first, _second = await hostile_alerts(api)
     page = tab.page
     await sign_in(tab, api, role="admin")
     rows = page.locator("#alert-rows")

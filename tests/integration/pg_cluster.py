@@ -8,6 +8,7 @@ makes the standby; ``SYNCHRONOUS`` (run on the primary once the standby streams)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -59,10 +60,8 @@ class Server:
             return
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
         for child in [pid, *map(int, children.stdout.split())]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)

@@ -116,7 +116,7 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
     stalled = await open_stream(api)  # opened and never read
     feed = api.client.app[ANALYSTS].feed
-    (sub,) = [s for s in feed.subscribers]
+    (sub,) = list(feed.subscribers)
     vm_id, scope = uid("vm"), uid("scope")
     results = await asyncio.wait_for(asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)]), 60)
     assert len({alert_id for alert_id, _ in results}) == 40

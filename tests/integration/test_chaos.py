@@ -92,7 +92,7 @@ class Acked:
     otps: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)  # (principal, code)
 
     def digests(self) -> dict[int, bytes]:
-        return {seq: dg for seq, dg in [*self.nonces.values(), *self.otps.values()]}
+        return dict([*self.nonces.values(), *self.otps.values()])
 
 
 # --- (a) SIGKILL at random moments -------------------------------------------------------

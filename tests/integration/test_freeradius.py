@@ -190,11 +190,11 @@ class Host:
     tokens: dict[str, str]
 
     async def enroll(self, principal: str) -> pyotp.TOTP:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{self.url}/v1/principals/{principal}/tokens", json={"type": "totp"},
-                                    headers={"Authorization": f"Bearer {self.tokens['admin']}"}) as resp:
-                data: dict[str, Any] = await resp.json()
-                assert resp.status == 201, data
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{self.url}/v1/principals/{principal}/tokens", json={"type": "totp"},
+                headers={"Authorization": f"Bearer {self.tokens['admin']}"}) as resp:
+            data: dict[str, Any] = await resp.json()
+            assert resp.status == 201, data
         return pyotp.TOTP(data["secret"])
 
     async def ledger_vms(self, *vm_ids: str) -> dict[str, int]:

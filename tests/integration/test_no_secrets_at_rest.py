@@ -139,7 +139,7 @@ async def test_no_credential_in_clear_in_any_table_or_log_line(
     dump = await _dump_database(dsn)
     logs = service.log() + "\n".join(cli_logs)
     assert logs.count("\n") > 10, "the service logged too little for this test to mean anything"
-    needles = {f"TOTP/HOTP secret {s[:4]}…": _forms(s) + [_base32_key_hex(s)] for s in totp_secrets}
+    needles = {f"TOTP/HOTP secret {s[:4]}…": [*_forms(s), _base32_key_hex(s)] for s in totp_secrets}
     needles.update({f"nonce {n[:10]}…": _forms(n) for n in nonces})
     needles.update({f"{role} API token": _forms(t) for role, t in api_tokens.items()})
     for where, text in (("database", dump), ("logs", logs)):

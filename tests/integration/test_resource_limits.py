@@ -180,11 +180,10 @@ async def test_header_and_body_limits(
     for name, request in [("line", long_line), ("field", long_field), ("count", many_headers)]:
         status = await _raw_status(service, request)
         assert re.match(rb"HTTP/1\.[01] 4(0[0-7]|1\d|31) ", status), (name, status)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{service.url}/v1/nonces/consume", data=b"{" + b" " * (70 * 1024) + b"}",
-                                headers={"Authorization": f"Bearer {tokens['callout']}",
-                                         "Content-Type": "application/json"}) as resp:
-            assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{service.url}/v1/nonces/consume", data=b"{" + b" " * (70 * 1024) + b"}",
+            headers={"Authorization": f"Bearer {tokens['callout']}", "Content-Type": "application/json"}) as resp:
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
     assert await _decisions(service, tokens["callout"], 5) == [(200, "accept")] * 5
 
 

@@ -46,11 +46,11 @@ async def test_concurrent_misses_share_queries(fresh_database: Callable[[], Any]
     reader = CountingReader(pool)
     reader.queries = []
     try:
-        results = await asyncio.gather(*(reader.read(p) for p in principals + ["nobody", "p1"]))
+        results = await asyncio.gather(*(reader.read(p) for p in [*principals, "nobody", "p1"]))
     finally:
         await reader.close()
         await pool.close()
-    by_name = dict(zip(principals + ["nobody", "p1b"], results, strict=True))
+    by_name = dict(zip([*principals, "nobody", "p1b"], results, strict=True))
     assert [r["id"] for r in by_name["p0"]] == ["otp_p0_0"]  # the deleted token is not read
     assert [r["id"] for r in by_name["p5"]] == ["otp_p5_0", "otp_p5_1"]
     assert by_name["nobody"] == []

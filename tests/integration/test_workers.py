@@ -24,7 +24,7 @@ async def test_workers_exit_when_their_parent_is_killed(
     workers = psutil.Process(service.proc.pid).children()
     assert len(workers) >= 2
     service.kill(signal.SIGKILL)  # the parent gets no chance to stop them
-    gone, alive = psutil.wait_procs(workers, timeout=20)
+    _gone, alive = psutil.wait_procs(workers, timeout=20)
     for proc in alive:  # leave nothing behind even when the assertion fails
         proc.kill()
     assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"

@@ -76,7 +76,7 @@ def test_escape_extension(raw: str, escaped: str) -> None:
         ),
         (
             {"type": "alert", "id": "a3", "kind": "reuse", "severity": "info", "vm_id": "vm=1\nx",
-             "summary": "s\\ms=1"},  # fmt: skip
+             "summary": "s\\ms=1"},
             "CEF:0|replayguard|replayguard|0.1.0|reuse|One-time credential reused|3|"
             "externalId=a3 cat=alert cs1Label=vmId cs1=vm\\=1\\nx msg=s\\\\ms\\=1",
         ),
@@ -86,7 +86,7 @@ def test_escape_extension(raw: str, escaped: str) -> None:
         ),
         (
             {"type": "alert", "id": "a5", "kind": "new_kind", "severity": "critical",
-             "first_seen": "2026-11-29T12:06:00.123+02:00"},  # fmt: skip
+             "first_seen": "2026-11-29T12:06:00.123+02:00"},
             "CEF:0|replayguard|replayguard|0.1.0|new_kind|New kind|9|"
             "start=1795946760123 externalId=a5 cat=alert",
         ),

@@ -102,7 +102,7 @@ def test_hotp_window_edges_and_default_look_ahead() -> None:
     assert otp.hotp_matches(SECRET, hotp.at(10), last_counter=20) == []
 
 
-@pytest.mark.parametrize("code", ["１２３４５６", "12345", "1234567", "12a456", "12 456"])
+@pytest.mark.parametrize("code", ["１２３４５６", "12345", "1234567", "12a456", "12 456"])  # noqa: RUF001 - fullwidth digits on purpose
 def test_codes_of_the_wrong_shape_match_nothing_and_never_raise(code: str) -> None:
     """Non-ASCII digits, wrong lengths and letters match no counter (and raise nothing)."""
     assert otp.totp_matches(SECRET, code, now_s=1_790_000_000.0, drift=3) == []

@@ -32,13 +32,13 @@ def swap(rows: list[Row], i: int) -> list[Row]:
 
 def edit(rows: list[Row], i: int) -> list[Row]:
     row = rows[i]
-    return rows[:i] + [Row(dataclasses.replace(row.entry, reason="invalid"), row.prev_hash, row.hash)] + rows[i + 1:]
+    return [*rows[:i], Row(dataclasses.replace(row.entry, reason="invalid"), row.prev_hash, row.hash), *rows[i + 1:]]
 
 
 def relinked(rows: list[Row], i: int) -> list[Row]:
     """Row i replaced by a self-consistent row that does not follow its predecessor."""
     row = rows[i]
-    return rows[:i] + [Row(row.entry, bytes(32), entry_hash(bytes(32), row.entry))] + rows[i + 1:]
+    return [*rows[:i], Row(row.entry, bytes(32), entry_hash(bytes(32), row.entry)), *rows[i + 1:]]
 
 
 @pytest.mark.parametrize(("rows", "seq", "problem"), [

@@ -23,7 +23,7 @@ SEEDS = {
 
 def _rows(name: str) -> list[list[str]]:
     with (VECTORS / name).open() as handle:
-        return [row for row in csv.reader(line for line in handle if not line.startswith("#"))]
+        return list(csv.reader(line for line in handle if not line.startswith("#")))
 
 
 def _b32(raw: bytes) -> str:
@@ -61,7 +61,7 @@ def test_totp_drift_window(offset: int, drift: int, matches: bool) -> None:
     assert (otp.totp_step(issued_at) in found) is matches
 
 
-@pytest.mark.parametrize("code", ["", "12345", "1234567", "abcdef", "12 456", "１２３４５６", "-12345"])
+@pytest.mark.parametrize("code", ["", "12345", "1234567", "abcdef", "12 456", "１２３４５６", "-12345"])  # noqa: RUF001 - fullwidth digits on purpose
 def test_malformed_codes_match_nothing(code: str) -> None:
     """Codes of the wrong length or with non-ASCII-digit characters never match."""
     assert otp.totp_matches(_b32(SEEDS["SHA1"]), code, now_s=59) == []

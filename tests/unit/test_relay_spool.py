@@ -89,7 +89,7 @@ def test_dead_letters_are_bounded_and_counted(tmp_path: Path) -> None:
     for i in range(5):
         spool.bury(spool.put_bytes(f"e{i}", b'{"event_id": "e%d"}' % i))
     assert len(spool.dead_letters()) == 3 and spool.dead_dropped == 2
-    assert [p.read_bytes() for p in spool.dead_letters()][0] == b'{"event_id": "e2"}'
+    assert next(p.read_bytes() for p in spool.dead_letters()) == b'{"event_id": "e2"}'
 
 
 def test_an_id_waiting_in_the_spool_is_not_spooled_twice(tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_inline_secret_in_a_readable_config_file_is_refused(tmp_path: Path) -> N
     path = tmp_path / "rg.toml"
     path.write_text('database_url = "postgresql://u:pw@db/rg"\n')
     path.chmod(0o644)
-    with pytest.raises(ConfigError, match="config file with secrets .* run chmod 600"):
+    with pytest.raises(ConfigError, match=r"config file with secrets .* run chmod 600"):
         load_settings(env={}, config_file=path)
     path.write_text("port = 9001\n")
     assert load_settings(env={}, config_file=path).port == 9001
