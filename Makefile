@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 
-.PHONY: run test typecheck wheel-smoke install install-test services system-deps bench mutants clean
+.PHONY: run test check lint typecheck unit wheel-smoke install install-check install-test services system-deps bench mutants clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,11 @@ $(VENV)/bin/activate:
 install: $(VENV)/bin/activate
 	$(PIP) install --quiet -e .
 
-install-test: $(VENV)/bin/activate
+## The Python test tools alone (what `make check` needs: no system packages, no root).
+install-check: $(VENV)/bin/activate
 	$(PIP) install --quiet -e '.[test]'
+
+install-test: install-check
 	@# libvirt-python compiles against libvirt-dev and python3-dev (scripts/system-deps installs
 	@# them); a failed build stops here rather than letting the libvirt tests skip.
 	$(PIP) install --quiet libvirt-python
@@ -30,12 +33,25 @@ services:
 	scripts/services-up
 
 ## Run the whole test suite (installs what it needs, starts PostgreSQL and Redis if down),
-## after checking that the built wheel, installed alone, migrates, serves and plays the demo.
-test: system-deps services install-test typecheck wheel-smoke
+## after lint, types, and checking that the built wheel, installed alone, migrates, serves and
+## plays the demo.
+test: system-deps services install-test lint typecheck wheel-smoke
 	$(VENV)/bin/pytest
 
-typecheck: install-test
-	$(VENV)/bin/mypy --strict --ignore-missing-imports replayguard
+## Lint, types and the unit tests: no root, no PostgreSQL, no Redis.
+check: lint typecheck unit
+
+LINT_PATHS := replayguard tests bench scripts
+
+lint: install-check
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+## mypy reads its settings ([tool.mypy], strict) from pyproject.toml.
+typecheck: install-check
+	$(VENV)/bin/mypy
+
+unit: install-check
+	$(VENV)/bin/pytest tests/unit -q -p no:cacheprovider
 
 wheel-smoke: install-test
 	PYTHON=$(PY) scripts/wheel-smoke
