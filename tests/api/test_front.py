@@ -172,6 +172,7 @@ HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, counted: Counted) -> None:
+    """Pipelined decisions on one connection are all answered by the front, in order, each with its own request id."""
     conn = await raw()
     await conn.send(b"".join(nonce_request(api, f"pipe-{i}", request_id=b"rid-%d" % i) for i in range(5))
                     + nonce_request(api, "pipe-0", request_id=b"rid-again"))
@@ -202,6 +203,7 @@ async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: An
 
 
 async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, counted: Counted) -> None:
+    """A kept-alive connection that asks another route is handed to aiohttp, which then decides correctly too."""
     conn = await raw()
     await conn.send(nonce_request(api, "ka-1"))
     assert [a.status for a in await conn.answers(1)] == [200]
@@ -267,6 +269,7 @@ async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: An
 @pytest.mark.parametrize("case", ["http10", "chunked", "expect", "query", "duplicate_auth",
                                   "charset", "other_type"])
 async def test_unusual_requests_get_aiohttps_answer(api: Api, raw: Any, counted: Counted, case: str) -> None:
+    """A decision request the front does not parse plainly (HTTP/1.0, chunked, a query, ...) gets aiohttp's answer."""
     nonce = f"unusual-{case}"
     body = json.dumps({"vm_id": "vm-front", "scope": "ssh:front", "nonce": nonce}).encode()
     auth = b"Authorization: Bearer " + api.tokens["callout"].encode() + b"\r\n"
@@ -303,6 +306,7 @@ async def test_unusual_requests_get_aiohttps_answer(api: Api, raw: Any, counted:
 
 
 async def test_connection_close_and_http10_close_after_the_answer(api: Api, raw: Any) -> None:
+    """After a request asking to close, the front answers it, closes, and decides nothing the client sent after."""
     conn = await raw()
     await conn.send(nonce_request(api, "close-1", extra=b"Connection: close\r\n") + nonce_request(api, "close-2"))
     answers = await conn.answers(2)
@@ -316,6 +320,7 @@ async def test_connection_close_and_http10_close_after_the_answer(api: Api, raw:
 
 
 async def test_half_closed_client_still_gets_its_answer(api: Api, raw: Any, counted: Counted) -> None:
+    """A client that shuts its sending side after the request still gets the front's answer before the close."""
     conn = await raw()
     await conn.send(nonce_request(api, "half-closed"))
     conn.writer.write_eof()
@@ -328,6 +333,7 @@ async def test_half_closed_client_still_gets_its_answer(api: Api, raw: Any, coun
 @pytest.mark.parametrize("garbage", [b"\x00\x01\x02 not http\r\n\r\n", b"POST /v1/nonces/consume HTTP/9.9\r\n\r\n",
                                      b"POST /v1/nonces/consume HTTP/1.1\r\nContent-Length: -5\r\n\r\n"])
 async def test_malformed_requests_are_400_and_decisions_go_on(api: Api, raw: Any, garbage: bytes) -> None:
+    """Garbage on a connection gets a 400, and the next connection's decision is accepted as usual."""
     conn = await raw()
     await conn.send(garbage)
     answers = await conn.answers(1)
@@ -338,6 +344,7 @@ async def test_malformed_requests_are_400_and_decisions_go_on(api: Api, raw: Any
 
 
 async def test_errors_on_the_front_are_the_contract_body(api: Api, raw: Any, counted: Counted) -> None:
+    """Errors the front answers itself (bad JSON, no bearer token, missing fields) carry the contract's error body."""
     conn = await raw()
     bad_json = nonce_request(api, "x").rsplit(b"\r\n\r\n", 1)[0]
     bad_json = bad_json.replace(b"Content-Length: ", b"X-Old-Length: ") + b"\r\nContent-Length: 3\r\n\r\n{x}"
@@ -354,6 +361,7 @@ async def test_errors_on_the_front_are_the_contract_body(api: Api, raw: Any, cou
 
 
 async def test_idle_connections_are_closed(api_factory: Any) -> None:
+    """A connection left idle past the idle timeout is closed by the server."""
     api = await api_factory(idle_timeout_s=1)
     reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
     conn = Raw(reader, writer)

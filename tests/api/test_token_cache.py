@@ -69,6 +69,7 @@ async def test_wrong_codes_for_a_principal_cost_one_read_a_window(api_factory: C
 
 
 async def test_an_enrolment_here_ends_the_window(api: Api) -> None:
+    """An enrolment through this process makes the new secret's codes valid at once."""
     principal = uid("erin")
     first = (await api.enroll(principal))["secret"]
     assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"

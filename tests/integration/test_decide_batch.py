@@ -41,6 +41,7 @@ async def _token(conn: Any, tok: str, principal: str) -> None:
 
 
 async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any]) -> None:
+    """Items of one rg_decide batch see each other's writes: a nonce or step used earlier in the batch is reused."""
     conn = await db.connect(await fresh_database())
     try:
         await _token(conn, "tok-a", "alice")
@@ -73,6 +74,7 @@ async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any])
 async def test_the_clock_guard_raised_earlier_in_a_batch_applies_to_later_items(
     fresh_database: Callable[[], Any],
 ) -> None:
+    """A clock guard an earlier item raises refuses a later item from behind it, and last-seen times never go back."""
     conn = await db.connect(await fresh_database())
     try:
         await _token(conn, "tok-a", "alice")

@@ -39,6 +39,7 @@ class CountingReader(TokenReader):
 
 
 async def test_concurrent_misses_share_queries(fresh_database: Callable[[], Any]) -> None:
+    """Concurrent cache misses for many principals are read in a few shared queries, and each gets its own tokens."""
     dsn = await fresh_database()
     principals = [f"p{i}" for i in range(64)]
     await _seed(dsn, principals)
@@ -61,6 +62,7 @@ async def test_concurrent_misses_share_queries(fresh_database: Callable[[], Any]
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_read(fresh_database: Callable[[], Any]) -> None:
+    """Cancelling one waiter of a shared token read leaves the read running for the other waiter."""
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
     pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)

@@ -18,6 +18,7 @@ SMALL_POOL = {"REPLAYGUARD_DB_POOL_SIZE": "3"}
 async def test_workers_exit_when_their_parent_is_killed(
     tmp_path: Path, fresh_database: Callable[[], Any], service_factory: Callable[..., Any],
 ) -> None:
+    """Worker processes exit when their parent is killed with SIGKILL, and the port is freed."""
     dsn = await fresh_database()
     service = await service_factory(data_dir=tmp_path / "data", database_url=dsn, extra_args=("--workers", "2"),
                                     env=cli_env(**SMALL_POOL))

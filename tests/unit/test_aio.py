@@ -16,18 +16,21 @@ async def _found() -> tuple[asyncio.AbstractEventLoop, asyncio.AbstractEventLoop
 
 
 def test_outside_a_loop_it_raises_like_asyncio() -> None:
+    """Outside a running loop, running_loop raises RuntimeError like asyncio does, even after a loop was remembered."""
     asyncio.run(_found())  # remembers a loop that is now closed
     with pytest.raises(RuntimeError):
         running_loop()
 
 
 def test_each_new_loop_in_a_thread_is_found() -> None:
+    """Each new loop run in a thread (asyncio's or uvloop's) is the one running_loop gives."""
     for runner in (asyncio.run, uvloop.run, asyncio.run):
         first, second, actual = runner(_found())
         assert first is second is actual
 
 
 def test_a_loop_in_another_thread_is_never_given_out() -> None:
+    """running_loop never gives one thread the loop another thread is running."""
     seen: dict[str, tuple[object, object]] = {}
     started, release = threading.Event(), threading.Event()
 

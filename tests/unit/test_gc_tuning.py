@@ -25,6 +25,7 @@ def restored_gc() -> Iterator[None]:
 
 @pytest.mark.usefixtures("restored_gc")
 def test_tune_gc_freezes_the_start_up_heap_and_raises_the_thresholds() -> None:
+    """tune_gc freezes the start-up heap, sets the configured thresholds and leaves the collector enabled."""
     kept = [object() for _ in range(10)] + [[] for _ in range(10)]
     tune_gc()
     assert gc.get_threshold() == GC_THRESHOLDS
@@ -34,6 +35,7 @@ def test_tune_gc_freezes_the_start_up_heap_and_raises_the_thresholds() -> None:
 
 @pytest.mark.usefixtures("restored_gc")
 def test_cycles_made_after_tuning_are_still_collected() -> None:
+    """Reference cycles made after tune_gc are still collected."""
     tune_gc()
 
     class Node:

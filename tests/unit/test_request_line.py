@@ -44,6 +44,7 @@ def _fields(**extra: Any) -> dict[str, Any]:
 
 
 def test_it_writes_what_log_info_writes(configured: io.StringIO) -> None:
+    """request_line writes the same JSON line as a structlog info call with the same fields."""
     structlog.get_logger("replayguard.http").info("request", **_fields(decision="accept"))
     rglog.request_line(_fields(decision="accept"))
     slow, fast = _lines(configured)
@@ -54,6 +55,7 @@ def test_it_writes_what_log_info_writes(configured: io.StringIO) -> None:
 
 
 def test_it_masks_a_token_a_client_put_in_a_field(configured: io.StringIO) -> None:
+    """request_line redacts a token a client put in any field, also when the same value comes again."""
     rglog.REQUEST_CONTEXT.get()["request_id"] = TOKEN  # type: ignore[index]
     rglog.request_line(_fields(method=TOKEN.upper().replace("RGT_", "rgt_")))
     rglog.request_line(_fields())  # the same key again, after it was seen clean
@@ -63,6 +65,7 @@ def test_it_masks_a_token_a_client_put_in_a_field(configured: io.StringIO) -> No
 
 
 def test_it_honours_the_configured_level(configured: io.StringIO) -> None:
+    """request_line writes nothing when the configured level is above info."""
     buffer = io.StringIO()
     rglog.configure("warning", buffer)
     rglog.request_line(_fields())
@@ -71,6 +74,7 @@ def test_it_honours_the_configured_level(configured: io.StringIO) -> None:
 
 
 def test_it_gives_way_to_capture_logs(configured: io.StringIO) -> None:
+    """Inside structlog's capture_logs, request_line's events are captured and not written."""
     with capture_logs() as events:
         rglog.request_line(_fields(reason="ok"))
     assert [(e["event"], e["reason"]) for e in events] == [("request", "ok")]
