@@ -1,3 +1,3 @@
--- replayguard 005: this version changed stored functions only, and stored functions live in
--- functions/ (one file each, re-applied when it changes). The number stays taken:
--- databases migrated before the functions moved have it recorded.
+-- replayguard 005: no table change. Its version's changes are to stored functions, which
+-- live in functions/ (one file each, re-applied when it changes). The number stays taken
+-- because databases record it among their applied migrations.

@@ -1,9 +1,9 @@
 """The running event loop, without a system call per lookup.
 
 ``asyncio.get_running_loop()`` calls ``getpid()`` every time in CPython 3.11 (it checks
-that the process did not fork), and glibc no longer caches the pid: on the decision path,
-which looked the loop up several times per request, a native profile put 4 % of a
-worker's samples in that system call. ``running_loop`` remembers the loop last found and
+that the process did not fork), and glibc (2.25 and later) does not cache the pid: on the
+decision path, which looks the loop up several times per request, a native profile puts
+4 % of a worker's samples in that system call. ``running_loop`` remembers the loop last found and
 the thread it runs in.
 """
 

@@ -22,7 +22,7 @@ class _KeyedHOTP:
 
     pyotp checks the secret, the digits and the algorithm, and decodes the secret; each
     code is then one C call. pyotp's ``at`` builds an ``hmac.HMAC`` object per code,
-    which was most of the cost of checking a TOTP code (three codes per check). The
+    which is most of the cost of checking a TOTP code through pyotp (three codes per check). The
     tests hold this to pyotp's own codes as well as to the RFC vectors.
     """
 

@@ -3,9 +3,9 @@
 A PAM or RADIUS callout waits on ``POST /v1/otp/verify``, ``POST /v1/nonces/consume`` or
 ``POST /v1/radius/authenticate``.
 Through aiohttp, the framework's own work for one request (request and response objects,
-router, middleware chain, writer) cost about 40 µs of CPU on this machine kind, against
+router, middleware chain, writer) costs about 40 µs of CPU on the benchmark machine, against
 7 µs for the same request parsed by httptools (llhttp, in C) and answered from a plain
-protocol; a decision as a whole cost about 200 µs, and one worker's CPU is what bounds its
+protocol; a decision as a whole costs about 200 µs, and one worker's CPU is what bounds its
 rate (measured with bench/run.py; the figures are in git history). So the listening
 socket speaks to this protocol first, and it answers those routes itself with the same
 code the aiohttp path runs: ``app.request_id_for``, ``app.authorised_caller``, the route's

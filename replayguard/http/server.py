@@ -94,8 +94,8 @@ def _listen(settings: Settings, reuse_port: bool) -> socket.socket:
 
 # The cyclic garbage collector, tuned for a long-running server (measured with
 # bench/run.py; the figures are in git history). With CPython's default thresholds
-# (700, 10, 10) a worker at c=64 spent about 6 % of its CPU collecting, and a full
-# collection stopped it for up to 70 ms, which was its p99. Almost every object a request
+# (700, 10, 10) a worker at c=64 spends about 6 % of its CPU collecting, and a full
+# collection stops it for up to 70 ms, as long as its p99. Almost every object a request
 # makes is freed by reference counting, so a much larger youngest generation collects
 # rarely and finds little.
 GC_THRESHOLDS = (20_000, 50, 100)
