@@ -146,7 +146,8 @@ async def measure(dsn: str, settings: Settings, entries: int, alerts: int, vms: 
 
         queries = {
             "alert list": get(lambda: "/v1/alerts?limit=50"),
-            "alert list (vm, critical)": get(lambda: f"/v1/alerts?vm_id=bench-vm-{rnd.randrange(vms)}&severity=critical"),
+            "alert list (vm, critical)":
+                get(lambda: f"/v1/alerts?vm_id=bench-vm-{rnd.randrange(vms)}&severity=critical"),
             "alert detail": get(lambda: f"/v1/alerts/{rnd.randint(1, alerts)}"),
             "vm timeline": get(lambda: f"/v1/vms/bench-vm-{rnd.randrange(vms)}/timeline?limit=100"),
             "ledger listing": get(lambda: f"/v1/ledger?after_seq={rnd.randrange(entries)}&limit=100"),

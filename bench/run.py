@@ -296,7 +296,8 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 6
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-async def post_all(url: str, token: str, items: list[tuple[str, dict[str, Any]]], concurrency: int = 32) -> Counter[int]:
+async def post_all(url: str, token: str, items: list[tuple[str, dict[str, Any]]],
+                   concurrency: int = 32) -> Counter[int]:
     """POSTs (path, body) items with bounded concurrency; returns a count per status."""
     statuses: Counter[int] = Counter()
     queue = iter(items)
@@ -613,7 +614,8 @@ class Bench:
         for part, offered in zip(parts, fresh, strict=True):
             self.principals.mark_used(offered, part.get("otp_used", {}), part.get("threads", 1))
         result = combine(parts)
-        result.update(concurrency=concurrency, waited_for_quiet_s=waited, peak_rss_mb=round(self.sampler.phase_peak / 2**20, 1), cpu=cpu,
+        result.update(concurrency=concurrency, waited_for_quiet_s=waited,
+                      peak_rss_mb=round(self.sampler.phase_peak / 2**20, 1), cpu=cpu,
                       fresh_codes_offered=sum(len(f) for f in fresh), pg=pg_delta(before, after, args.duration))
         if spy is not None:
             result["py_spy"] = finish_py_spy(spy)
@@ -663,7 +665,8 @@ def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any
     rate = parsed["requests"] / (parsed["duration_us"] / 1e6)
     return {"concurrency": concurrency, "rate": round(rate, 1), "server_cores": round(cores, 2),
             "cpu_us_per_request": round(cores * 1e6 / rate, 1) if rate else None,
-            "p50_ms": round(parsed["latency_us"]["p50"] / 1000, 2), "p99_ms": round(parsed["latency_us"]["p99"] / 1000, 2),
+            "p50_ms": round(parsed["latency_us"]["p50"] / 1000, 2),
+            "p99_ms": round(parsed["latency_us"]["p99"] / 1000, 2),
             "waited_for_quiet_s": waited}
 
 
@@ -930,7 +933,8 @@ def report(result: dict[str, Any]) -> str:
                      f"{cpu['service']}/{cpu['postgres']}/{cpu['loadgen']}/{cpu['other']}/{cpu.get('steal', 0)}",
                      str(cpu_us_per_decision(r)),
                      f"{row['rows_per_s']:.0f}" if row else "-", f"{r['rate'] / row['rows_per_s']:.2f}" if row else "-",
-                     f"{bat['rows_per_s']:.0f}" if bat else "-", f"{r['rate'] / bat['rows_per_s']:.2f}" if bat else "-"])
+                     f"{bat['rows_per_s']:.0f}" if bat else "-",
+                     f"{r['rate'] / bat['rows_per_s']:.2f}" if bat else "-"])
     out.append("Decisions (mix " + result["args"]["mix"] + " fresh-nonce:fresh-TOTP:replay:invalid)\n" + table(rows))
     reasons = Counter[str]()
     for r in main["phases"]:
@@ -963,7 +967,8 @@ def report(result: dict[str, Any]) -> str:
         for r in result["replay"]:
             rows.append([r["refused_by"], str(r["concurrency"]), f"{r['rate']:.0f}", f"{r['p50_ms']:.2f}",
                          f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]),
-                         f"{r['cpu']['service']}/{r['cpu']['postgres']}/{r['cpu']['other']}", str(r["pg"]["ledger_appends"])])
+                         f"{r['cpu']['service']}/{r['cpu']['postgres']}/{r['cpu']['other']}",
+                         str(r["pg"]["ledger_appends"])])
         out.append("Replay-only (every request a nonce consumed before)\n" + table(rows))
     s = main["storage"]
     out.append(f"Storage: {s['ledger_rows']} ledger rows, {s['uses_rows']} uses; "

@@ -353,7 +353,8 @@ class EmbeddedServer:
             except FileExistsError:
                 st = preferred.lstat()
                 if not stat.S_ISDIR(st.st_mode) or st.st_uid != self.owner.uid or st.st_mode & 0o077:
-                    raise ConfigError(f"{preferred} must be a directory of {self.owner.name}'s with mode 0700") from None
+                    raise ConfigError(
+                        f"{preferred} must be a directory of {self.owner.name}'s with mode 0700") from None
             return preferred
         fallback = Path(tempfile.mkdtemp(prefix="rg-pg-", dir="/tmp"))  # created 0700
         if os.geteuid() == 0:

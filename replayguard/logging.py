@@ -225,7 +225,8 @@ class StdlibBridge(logging.Handler):
     quote the offending header line).
     """
 
-    _METHODS: ClassVar[dict[str, str]] = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "critical"}
+    _METHODS: ClassVar[dict[str, str]] = {
+        "DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "critical"}
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

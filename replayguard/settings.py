@@ -305,7 +305,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Path]]:
                 out[option.name] = Secret(_read_secret_file(path, option.name))
         elif key not in OTHER_ENV and not key.startswith(OTHER_ENV_PREFIXES):
             raise ConfigError(f"unknown environment variable {key}: settings are "
-                              f"{ENV_PREFIX}<NAME> with a name of 'replayguard serve --help' (unset it or fix its name)")
+                              f"{ENV_PREFIX}<NAME> with a name of 'replayguard serve --help'"
+                              " (unset it or fix its name)")
     return out, secret_files
 
 

@@ -116,7 +116,8 @@ def context(body: dict[str, Any]) -> dict[str, str]:
             raise InvalidRequest("context values must be strings or numbers", field=field)
         text = str(item)
         if len(text) > MAX_CONTEXT_VALUE or not _printable(text):
-            raise InvalidRequest(f"context values must be printable and at most {MAX_CONTEXT_VALUE} characters", field=field)
+            raise InvalidRequest(f"context values must be printable and at most {MAX_CONTEXT_VALUE} characters",
+                                 field=field)
         out[key] = text
     return out
 

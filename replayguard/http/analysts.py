@@ -297,7 +297,8 @@ _VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties"
 _STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"], "properties": {
     "version": {"type": "string"}, "leader": {"type": "boolean"}, "sse_subscribers": {"type": "integer"},
     "caller": {"type": "object", "properties": {"role": {"type": "string"}, "name": {"type": "string"}}},
-    "ledger": {"type": "object", "properties": {"head": {"type": "object"}, "last_checkpoint": {"type": ["object", "null"]}}},
+    "ledger": {"type": "object", "properties": {"head": {"type": "object"},
+                                                "last_checkpoint": {"type": ["object", "null"]}}},
     "sinks": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "backlog": {"type": "integer"}, "delivered": {"type": "integer"},
         "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}},
@@ -335,5 +336,6 @@ ROUTES = [
        query=("before_seq", "limit")),
     _r("GET", "/v1/ledger/public-key", ledger_public_key, "The Ed25519 key that signs checkpoints"),
     _r("GET", "/v1/status", status,
-       "Ledger head and last checkpoint; this instance's alert-feed role and sink backlogs; the caller's role", _STATUS),
+       "Ledger head and last checkpoint; this instance's alert-feed role and sink backlogs; the caller's role",
+       _STATUS),
 ]

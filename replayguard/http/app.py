@@ -188,7 +188,8 @@ def _runtime_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None
     return ctx
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, dsn: str | None = None) -> web.Application:
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
+               dsn: str | None = None) -> web.Application:
     """The whole service as an aiohttp application; resources open on startup."""
     app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
     app.cleanup_ctx.append(_runtime_ctx(settings, clock, dsn))

@@ -32,8 +32,9 @@ handling (limits, timeouts, 400/408/413/415 answers):
 
 A request that begins in the middle of a read and does not end in it, or that breaks one
 of these after other requests of the same read were taken (only a pipelining client does
-either), cannot be handed over, since llhttp does not say where it began: the front answers the requests it took, the last with ``Connection: close``, and
-closes. RFC 9112 §9.3.2: a client retries pipelined requests left unanswered by a close.
+either), cannot be handed over, since llhttp does not say where it began: the front
+answers the requests it took, the last with ``Connection: close``, and closes. RFC 9112
+§9.3.2: a client retries pipelined requests left unanswered by a close.
 
 Answers go out in request order. A connection with no request in progress for
 ``idle_timeout_s`` is closed, like aiohttp's keep-alive timeout; the connection cap counts

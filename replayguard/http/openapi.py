@@ -39,7 +39,8 @@ def _operation(route: Route) -> dict[str, Any]:
     for status, description in route.errors:
         responses[str(status)] = _error(description)
     if route.roles is not None:
-        responses.update({"401": _error("Missing or unknown token"), "403": _error("Wrong role, or a token bound to other VMs")})
+        responses.update({"401": _error("Missing or unknown token"),
+                          "403": _error("Wrong role, or a token bound to other VMs")})
         responses["503"] = _error("The ledger is unavailable (fail closed)")
     for status, response in route.responses:
         responses[str(status)] = response

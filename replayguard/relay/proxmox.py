@@ -250,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-stdin", action="store_true",
                    help="read `pvesh get /cluster/tasks --output-format json` from stdin; implies --once")
     p.add_argument("--lookup", choices=("api", "pvesh", "none"),
-                   help="where snapshot names/times and clone targets are read (default: api if --api-url, else pvesh if on PATH)")
+                   help="where snapshot names/times and clone targets are read"
+                        " (default: api if --api-url, else pvesh if on PATH)")
     p.add_argument("--cluster", help="cluster name prefixed to vmids (vm_id becomes CLUSTER/VMID)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
     p.add_argument("--once", action="store_true", help="poll once, try to deliver, exit (for a timer)")

@@ -4,8 +4,8 @@ An append-only JSON-lines file, syslog (RFC 5424, UDP or TCP with RFC 6587 octet
 counting) carrying CEF lines (``core/cef.py``), an HTTP webhook with an optional
 HMAC-SHA256 signature, and Splunk's HTTP Event Collector. A file or webhook sink may
 carry ECS or OCSF documents instead of replayguard's JSON (``core/siem.py``; a record
-with no form in that schema, a checkpoint for OCSF, is skipped). Each delivers a batch in order or raises ``DeliveryError`` saying
-how many records went; the dispatcher's lanes decide what to retry.
+with no form in that schema, a checkpoint for OCSF, is skipped). Each delivers a batch in
+order or raises ``DeliveryError`` saying how many records went; the dispatcher's lanes decide what to retry.
 """
 
 from __future__ import annotations

@@ -267,7 +267,8 @@ async def test_ledger_listing_never_holds_raw_credentials(api: Api) -> None:
     items = (await resp.json())["items"]
     assert len(items) == 3 and all(len(i["digest"]) == 64 for i in items)
     status, paged = await api.get(f"/v1/ledger?vm_id={vm_id}&after_seq={items[0]['seq']}&limit=1")
-    assert status == 200 and [i["seq"] for i in paged["items"]] == [items[1]["seq"]] and paged["next_after_seq"] == items[1]["seq"]
+    assert status == 200 and [i["seq"] for i in paged["items"]] == [items[1]["seq"]]
+    assert paged["next_after_seq"] == items[1]["seq"]
 
 
 async def test_ledger_verify_and_public_key(api: Api) -> None:

@@ -16,7 +16,8 @@ from tests.conftest import Api, uid
 PAGINATED = ("/v1/alerts", "/v1/vms", "/v1/principals")
 ROLE = {"/v1/alerts": "analyst", "/v1/vms": "analyst", "/v1/principals": "admin"}
 KIND = {"/v1/alerts": "alerts", "/v1/vms": "vms", "/v1/principals": "principals"}
-FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=60, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def b64(raw: bytes) -> str:

@@ -107,7 +107,8 @@ def _leaks(credentials: list[str], lines: list[str]) -> list[tuple[str, str]]:
     found = []
     for credential in credentials:
         # Digits-only credentials (OTP codes) are matched as whole numbers.
-        pattern = re.compile(rf"(?<!\d){re.escape(credential)}(?!\d)" if credential.isdigit() else re.escape(credential))
+        escaped = re.escape(credential)
+        pattern = re.compile(rf"(?<!\d){escaped}(?!\d)" if credential.isdigit() else escaped)
         found += [(credential, line) for line in lines if pattern.search(line)]
     return found
 

@@ -180,6 +180,7 @@ async def test_precomposed_and_decomposed_names_are_different_principals(api: Ap
     precomposed, decomposed = f"\u00fc-{suffix}", f"u\u0308-{suffix}"
     token = await api.enroll(precomposed)
     code = pyotp.TOTP(token["secret"]).at(api.clock.now)
-    status, raw, _ = await post(api, rest_body(rlm_rest_escaped(decomposed), code, **{"NAS-Identifier": attr(uid("nas"))}))
+    body = rest_body(rlm_rest_escaped(decomposed), code, **{"NAS-Identifier": attr(uid("nas"))})
+    status, raw, _ = await post(api, body)
     assert status == 401 and orjson.loads(raw) == {"reply:Reply-Message": "Invalid one-time password"}
     assert await accepted(api, rest_body(rlm_rest_escaped(precomposed), code, **{"NAS-Identifier": attr(uid("nas"))}))

@@ -34,8 +34,8 @@ async def test_a_lost_receipt_is_flagged_and_alerted(api: Api) -> None:
     assert lost["flags"] == ["receipt_missing"] and "alert_id" in lost
     assert lost["decision"] == "accept"  # a warning, not a lock: whoever can delete the file must not lock the VM
     async with api.runtime.pool.acquire() as conn:
-        kinds = [(r["kind"], r["severity"]) for r in await conn.fetch("SELECT kind, severity FROM alerts WHERE vm_id = $1",
-                                                                     vm_id)]
+        rows = await conn.fetch("SELECT kind, severity FROM alerts WHERE vm_id = $1", vm_id)
+        kinds = [(r["kind"], r["severity"]) for r in rows]
     assert kinds == [("receipt_missing", "warning")]
 
 

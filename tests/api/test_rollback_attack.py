@@ -101,8 +101,8 @@ async def test_silent_revert_caught_by_receipt(api: Api) -> None:
     assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback")
     assert replay["flags"] == ["rollback_detected"]
     async with api.runtime.pool.acquire() as conn:
-        kinds = {r["kind"]: r["severity"] for r in await conn.fetch("SELECT kind, severity FROM alerts WHERE vm_id = $1",
-                                                                   vm_id)}
+        rows = await conn.fetch("SELECT kind, severity FROM alerts WHERE vm_id = $1", vm_id)
+        kinds = {r["kind"]: r["severity"] for r in rows}
     assert kinds == {"rollback_detected": "critical", "replay_after_rollback": "critical"}
 
 

@@ -2,8 +2,9 @@
 
 Both run as the ``postgres`` user from directories the test creates, reached over Unix
 sockets only (each server's own short directory under /tmp, so no TCP port is picked and
-released, and none can be taken by another process in between); they are stopped by PID (``kill -9`` for a crash). ``pg_basebackup -R``
-makes the standby; ``SYNCHRONOUS`` (run on the primary once the standby streams) makes it synchronous.
+released, and none can be taken by another process in between); they are stopped by PID
+(``kill -9`` for a crash). ``pg_basebackup -R`` makes the standby; ``SYNCHRONOUS`` (run on
+the primary once the standby streams) makes it synchronous.
 """
 
 from __future__ import annotations

@@ -309,7 +309,9 @@ def test_shipped_clients_example_is_valid_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_nas_identifier_of_the_request_cannot_name_another_vm(host: Host, start_radius: Callable[..., Radius]) -> None:
+async def test_nas_identifier_of_the_request_cannot_name_another_vm(
+    host: Host, start_radius: Callable[..., Radius],
+) -> None:
     """A client whose vm_id is web-01 claiming NAS-Identifier web-02 is recorded against web-01, never web-02."""
     radius = start_radius(host.url, host.tokens["callout"])
     user, claimed = uid("erin"), uid("web-02")

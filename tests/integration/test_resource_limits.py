@@ -174,7 +174,8 @@ async def test_header_and_body_limits(
     service, tokens = await _start(tmp_path, database_url, service_factory)
     close = b"Connection: close\r\n"
     long_line = b"GET /healthz?" + b"a" * (MAX_LINE_SIZE + 10) + b" HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n"
-    long_field = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_FIELD_SIZE + 10) + b"\r\n" + close + b"\r\n"
+    long_field = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_FIELD_SIZE + 10) + b"\r\n"
+                  + close + b"\r\n")
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADERS + 10))
     many_headers = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + close + b"\r\n"
     for name, request in [("line", long_line), ("field", long_field), ("count", many_headers)]:

@@ -408,8 +408,9 @@ async def test_webhook_refused_record_is_skipped(tmp_path: Path, dispatchers: li
 # --------------------------------------------------------------------------- outbox and dispatcher
 
 
-async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispatchers: list[SinkDispatcher],
-                                                          servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+async def test_restart_resumes_without_loss_or_duplicates(
+    tmp_path: Path, dispatchers: list[SinkDispatcher], servers: list[WebhookServer | TcpSyslog],
+) -> None:
     """Records a down sink missed before a stop are delivered by a new dispatcher on the same spool, once."""
     server = WebhookServer()
     servers.append(server)
@@ -436,8 +437,9 @@ async def test_restart_resumes_without_loss_or_duplicates(tmp_path: Path, dispat
     assert file_ids(target) == [f"al-{i}" for i in range(7)]
 
 
-async def test_stop_does_not_wait_out_a_failing_sinks_backoff(tmp_path: Path, dispatchers: list[SinkDispatcher],
-                                                               servers: list[WebhookServer | TcpSyslog]) -> None:  # fmt: skip
+async def test_stop_does_not_wait_out_a_failing_sinks_backoff(
+    tmp_path: Path, dispatchers: list[SinkDispatcher], servers: list[WebhookServer | TcpSyslog],
+) -> None:
     """A lane backing off from a failing sink ends at stop; its record stays spooled, not retried."""
     server = WebhookServer(fail_first=1_000)
     servers.append(server)
