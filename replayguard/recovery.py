@@ -34,7 +34,6 @@ from .core.checkpoints import Checkpoint
 from .core.continuity import Verdict
 from .db import acquire
 
-
 HOTP_BURNT = 2**62  # an HOTP credential's counter after a recovery: no code of it is accepted again
 
 
