@@ -241,8 +241,8 @@ async def test_a_request_split_across_reads_is_still_the_fronts(
 
 async def test_a_split_request_that_turns_unusual_is_handed_over_whole(
         api: Api, raw: Any, counted: Counted) -> None:
-    """Held across reads, a request whose later headers break a rule goes to aiohttp with every byte, and is
-    answered."""
+    """Held across reads, a request whose later headers break a
+    rule goes to aiohttp with every byte, and is answered."""
     request = nonce_request(api, "split-unusual")
     head, body = request.split(b"\r\n\r\n", 1)
     conn = await raw()

@@ -28,8 +28,8 @@ async def purge(api: Api, body: dict[str, Any]) -> None:
 
 
 async def test_reproduction_4_a_later_ttl_does_not_reopen_a_nonce(api: Api) -> None:
-    """N with issued_at = now and ttl_s = 1 accepted; 75 s later (its use purged) N with ttl_s = 3600, same issued_at or
-    none, is refused."""
+    """N with issued_at = now and ttl_s = 1 accepted; 75 s later (its use
+    purged) N with ttl_s = 3600, same issued_at or none, is refused."""
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 1}
     assert await consume(api, body) == ("accept", "ok")
     api.clock.advance(75)

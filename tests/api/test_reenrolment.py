@@ -54,8 +54,8 @@ async def test_hotp_counter_survives_re_enrolment_for_another_principal(api: Api
 
 
 async def test_totp_high_water_survives_deletion_and_re_enrolment(api: Api) -> None:
-    """TOTP secret S: a code accepted, token deleted, S enrolled again (same principal, then another): the code is
-    reused within the drift window."""
+    """TOTP secret S: a code accepted, token deleted, S enrolled again (same
+    principal, then another): the code is reused within the drift window."""
     secret, alice, bob = pyotp.random_base32(), uid("alice"), uid("bob")
     code = pyotp.TOTP(secret).at(api.clock.now)
     first = await api.enroll(alice, secret=secret)
@@ -72,8 +72,8 @@ async def test_totp_high_water_survives_deletion_and_re_enrolment(api: Api) -> N
 
 
 async def test_the_same_secret_with_other_digits_is_the_same_credential(api: Api) -> None:
-    """An 8-digit enrolment of a used 6-digit HOTP secret keeps its counters spent (the 6-digit code is the 8-digit
-    code's tail)."""
+    """An 8-digit enrolment of a used 6-digit HOTP secret keeps its
+    counters spent (the 6-digit code is the 8-digit code's tail)."""
     secret, alice = pyotp.random_base32(), uid("alice")
     first = await api.enroll(alice, type="hotp", secret=secret)
     assert (await verify(api, alice, pyotp.HOTP(secret).at(0)))["decision"] == "accept"

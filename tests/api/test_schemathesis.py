@@ -98,8 +98,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterato
 
 
 def test_served_document_lists_every_route(live: Live) -> None:
-    """The served OpenAPI document has an operation for every API route of the access matrix, and none for the console's
-    files."""
+    """The served OpenAPI document has an operation for every API
+    route of the access matrix, and none for the console's files."""
     doc = requests.get(live.url + "/v1/openapi.json", timeout=10).json()
     for row in MATRIX:
         listed = row.method.lower() in doc["paths"].get(row.template, {})

@@ -34,8 +34,8 @@ def test_rfc3339_us_always_prints_rfc3339(us: int, text: str) -> None:
     "9999-12-31T23:59:59-01:00", -1, 253402300800, 1e300,
 ])
 async def test_times_outside_1970_to_9999_are_400(api: Api, value: Any) -> None:
-    """issued_at, occurred_at, snapshot_created_at and since/until outside years 1970-9999 are a 400 naming the
-    field."""
+    """issued_at, occurred_at, snapshot_created_at and since/until
+    outside years 1970-9999 are a 400 naming the field."""
     status, body = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "t", "nonce": uid("n"),
                                                           "issued_at": value})
     assert (status, body["error"]["field"]) == (400, "issued_at")

@@ -110,8 +110,8 @@ async def test_reproduction_5_a_token_of_another_vm_cannot_raise_rollbacks_on_a_
 
 
 async def test_a_caller_bound_to_both_vms_still_reveals_a_clone(api: Api) -> None:
-    """A receipt of web-01 presented for web-02 by a token bound to both is flagged clone_detected, as without
-    bindings."""
+    """A receipt of web-01 presented for web-02 by a token bound
+    to both is flagged clone_detected, as without bindings."""
     headers = await bound_token(api, "callout", "web-0[12]")
     status, first = await post(api, "/v1/nonces/consume", nonce("web-01"), headers)
     assert status == 200
@@ -120,8 +120,8 @@ async def test_a_caller_bound_to_both_vms_still_reveals_a_clone(api: Api) -> Non
 
 
 async def test_events_for_other_vms_are_forbidden(api: Api) -> None:
-    """A hypervisor token bound to web-* reports web VMs; an event for, or cloned from, another VM is 403 and not
-    recorded."""
+    """A hypervisor token bound to web-* reports web VMs; an event
+    for, or cloned from, another VM is 403 and not recorded."""
     headers = await bound_token(api, "hypervisor", "web-*")
     event = {"event_id": uid("evt"), "type": "vm.started", "vm_id": "web-01", "occurred_at": api.clock.now}
     assert (await post(api, "/v1/hypervisor/events", event, headers))[0] == 202
@@ -137,8 +137,8 @@ async def test_events_for_other_vms_are_forbidden(api: Api) -> None:
 
 
 async def test_cli_binds_tokens_lists_bindings_and_refuses_duplicate_names(api: Api) -> None:
-    """`token create --vm` (repeatable) binds, `token list` shows the patterns, a second active token of one name exits
-    2 with one line."""
+    """`token create --vm` (repeatable) binds, `token list` shows the
+    patterns, a second active token of one name exits 2 with one line."""
     name = uid("pam-web-01")
     args = ("--data-dir", str(api.runtime.settings.data_dir), "--database-url", api.runtime.dsn)
     created = run_cli("token", "create", "--role", "callout", "--name", name, "--vm", "web-01", "--vm", "web-01b",

@@ -60,8 +60,8 @@ async def play_the_story(api: Api) -> tuple[str, str, str]:
 
 
 async def test_the_snapshot_replay_story_live_in_the_console(api: Api, tab: Tab, log_buffer: io.StringIO) -> None:
-    """The replay alert appears live, its detail and the VM's timeline show the window, and the analyst acknowledges
-    it."""
+    """The replay alert appears live, its detail and the VM's
+    timeline show the window, and the analyst acknowledges it."""
     page = tab.page
     for vm_id in (uid("db-02"), uid("build-07")):  # earlier, unrelated alerts already in the list
         body = {"vm_id": vm_id, "scope": "api-login", "nonce": secrets.token_hex(8)}

@@ -244,8 +244,8 @@ async def _steady_load(url: str, token: str, scope: str, stop: asyncio.Event, ou
 async def test_postgres_stopped_and_restarted_under_load(
     tmp_path: Path, owned_pg: OwnedPostgres, service_factory: Callable[..., Any],
 ) -> None:
-    """PostgreSQL killed mid-load: 503 while down, nothing accepted without a durable write, back within seconds
-    alone."""
+    """PostgreSQL killed mid-load: 503 while down, nothing accepted
+    without a durable write, back within seconds alone."""
     data_dir = tmp_path / "data"
     tokens = await _tokens(data_dir, owned_pg.url, ("callout", "analyst"))
     service = await service_factory(data_dir=data_dir, database_url=owned_pg.url)
@@ -317,8 +317,8 @@ async def test_slow_ledger_times_out_to_503_and_accepts_after(
 async def test_redis_stopped_restarted_and_flushed_mid_load_never_changes_a_decision(
     tmp_path: Path, api_factory: Callable[..., Any],
 ) -> None:
-    """Redis down, back empty and flushed while nonces are consumed and replayed: each accepted once, fresh ones
-    accepted."""
+    """Redis down, back empty and flushed while nonces are consumed
+    and replayed: each accepted once, fresh ones accepted."""
     redis = OwnedRedis(tmp_path / "redis")
     await asyncio.to_thread(redis.start)
     try:

@@ -42,8 +42,8 @@ def old_item(ts_us: int, principal: str, token_id: str, counter: int, pepper: by
 async def test_state_recorded_before_010_carries_over_to_re_enrolments(
     fresh_database: Callable[[], Any], make_settings: Callable[..., Any], api_factory: Callable[..., Any],
 ) -> None:
-    """Codes accepted under the 007 schema stay refused after upgrade, deletion and re-enrolment of the same secret, for
-    the same principal and another."""
+    """Codes accepted under the 007 schema stay refused after upgrade, deletion
+    and re-enrolment of the same secret, for the same principal and another."""
     clock = FakeClock()
     dsn = await fresh_database()  # migrated: drop everything and restore the 007 dump instead
     conn = await asyncpg.connect(dsn)

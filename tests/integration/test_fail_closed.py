@@ -113,8 +113,8 @@ async def test_database_down_at_rest_then_back_keeps_deciding(
 async def test_known_replay_is_not_answered_from_redis_while_the_ledger_is_down(
     owned_pg: OwnedPostgres, api_factory: Callable[..., Any],
 ) -> None:
-    """While the ledger fails, even a replay seen before with Redis configured is answered 503, never an unrecorded
-    reject."""
+    """While the ledger fails, even a replay seen before with Redis
+    configured is answered 503, never an unrecorded reject."""
     from tests.conftest import REDIS_URL
 
     api: Api = await api_factory(database_url=Secret(owned_pg.url), redis_url=Secret(REDIS_URL))

@@ -106,8 +106,8 @@ async def test_reproduction_1_a_rolled_back_redis_does_not_hide_a_guest_rollback
     owned_redis: OwnedRedis, fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    """Issue 15, reproduction 1: Redis restored to an older copy answers n1 with the stale r1 as flagged
-    rollback_detected, as without Redis."""
+    """Issue 15, reproduction 1: Redis restored to an older copy answers n1
+    with the stale r1 as flagged rollback_detected, as without Redis."""
     twins = await start_twins(api_factory, fresh_database, owned_redis.url, tmp_path)
     client = aioredis.from_url(owned_redis.url)
     try:
@@ -133,8 +133,8 @@ async def test_reproduction_1_a_forged_lock_in_redis_refuses_no_valid_code(
     owned_redis: OwnedRedis, fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    """Issue 15, reproduction 1: SET rg:lock:<principal> a year ahead does not lock out a principal PostgreSQL holds no
-    lock for."""
+    """Issue 15, reproduction 1: SET rg:lock:<principal> a year ahead
+    does not lock out a principal PostgreSQL holds no lock for."""
     twins = await start_twins(api_factory, fresh_database, owned_redis.url, tmp_path)
     principal, vm = uid("lock"), uid("vm")
     for api in (twins.cached, twins.plain):
@@ -153,8 +153,8 @@ async def test_a_hostile_redis_gives_the_same_answers_as_no_redis(
     owned_redis: OwnedRedis, fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    """Flushed, restarted, rolled back, swapped, garbage and forged locks in Redis between requests: every answer equals
-    the Redis-less deployment's."""
+    """Flushed, restarted, rolled back, swapped, garbage and forged locks in
+    Redis between requests: every answer equals the Redis-less deployment's."""
     twins = await start_twins(api_factory, fresh_database, owned_redis.url, tmp_path)
     clock = twins.cached.clock
     totp_user, hotp_user = uid("totp"), uid("hotp")

@@ -111,8 +111,8 @@ async def test_a_changed_function_file_is_applied_again(new_database: Callable[[
 
 async def test_the_schema_deployed_before_functions_moved_upgrades_to_a_fresh_one(
         new_database: Callable[[], Awaitable[str]]) -> None:
-    """A database restored from the frozen 007 dump (functions inside the migrations) upgrades to exactly the fresh
-    schema."""
+    """A database restored from the frozen 007 dump (functions
+    inside the migrations) upgrades to exactly the fresh schema."""
     fresh = await new_database()
     await _run(fresh)
     old = await new_database()

@@ -111,8 +111,8 @@ def test_symlinked_receipt_dir_is_refused(tmp_path: Path, helper: Path, stub: An
 def test_other_users_can_neither_hold_the_lock_nor_plant_a_receipt(
     reachable_dir: Path, helper: Path, stub: Any, local_user: LocalUser  # noqa: F811
 ) -> None:
-    """After a login the receipt dir is 0700 and its files 0600: another user cannot open the lock or write a
-    receipt."""
+    """After a login the receipt dir is 0700 and its files 0600:
+    another user cannot open the lock or write a receipt."""
     result = run_helper(helper, stub_config(reachable_dir, stub(200, GOOD_ACCEPT)), b"492039\x00")
     assert result.returncode == 0, result.stderr
     receipts = reachable_dir / "receipts"
@@ -124,8 +124,8 @@ def test_other_users_can_neither_hold_the_lock_nor_plant_a_receipt(
 
 @needs_python3
 def test_receipt_dir_none_keeps_no_receipt(tmp_path: Path, helper: Path) -> None:
-    """receipt_dir = none (a helper run as an ordinary user) sends neither receipt nor receipt_kept and stores
-    nothing."""
+    """receipt_dir = none (a helper run as an ordinary user)
+    sends neither receipt nor receipt_kept and stores nothing."""
     seen: list[bytes] = []
     url = serve_raw(lambda request: (seen.append(request), http_reply(200, GOOD_ACCEPT))[1])
     config = stub_config(tmp_path, url, receipt_dir="none")
@@ -307,8 +307,8 @@ def test_proxy_variables_are_ignored(tmp_path: Path, helper: Path) -> None:
 @needs_pam
 @needs_python3
 async def test_a_deleted_receipt_is_flagged_receipt_missing(host: Host, make_guest: Callable[..., Guest]) -> None:
-    """Two logins, then the receipt file is deleted: the next login is flagged receipt_missing (host alert, helper
-    log)."""
+    """Two logins, then the receipt file is deleted: the next
+    login is flagged receipt_missing (host alert, helper log)."""
     guest = make_guest(host.url, host.tokens["callout"])
     user = uid("hana")
     totp = await host.enroll(user)

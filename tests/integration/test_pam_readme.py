@@ -54,8 +54,8 @@ def clean_install_paths() -> Iterator[None]:
 @needs_python3
 @pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash, Debian's sh")
 async def test_readme_install_and_pamtester_check_run_as_written(host: Host, clean_install_paths: None) -> None:
-    """The README's install block under dash installs a working stack: its pamtester check accepts once, then
-    refuses."""
+    """The README's install block under dash installs a working
+    stack: its pamtester check accepts once, then refuses."""
     user = uid("ivy")
     totp = await host.enroll(user)
     wait_for_fresh_step()

@@ -133,8 +133,8 @@ def base(server: TestServer) -> str:
 async def test_poller_retries_through_failures_and_posts_each_task_once(
     pve: tuple[TestServer, list[dict[str, Any]]], stand_in: tuple[StandIn, TestServer], tmp_path: Path
 ) -> None:
-    """Two 503s are retried with backoff; every forwarded task arrives once, with its lookups, and a re-poll adds
-    nothing."""
+    """Two 503s are retried with backoff; every forwarded task
+    arrives once, with its lookups, and a re-poll adds nothing."""
     (api_server, _), (recorder, service) = pve, stand_in
     cfg = config(base(service), tmp_path, base(api_server))
     assert await run_poller(cfg) == 0
@@ -186,8 +186,8 @@ async def test_records_survive_a_dead_service_until_the_next_run(
 
 
 async def test_cli_reads_pvesh_output_on_stdin(stand_in: tuple[StandIn, TestServer], tmp_path: Path) -> None:
-    """`pvesh get /cluster/tasks --output-format json | python -m replayguard.relay.proxmox --from-stdin` posts every
-    task."""
+    """`pvesh get /cluster/tasks --output-format json | python -m
+    replayguard.relay.proxmox --from-stdin` posts every task."""
     recorder, service = stand_in
     token = tmp_path / "token"
     token.write_text(SERVICE_TOKEN + "\n")
@@ -216,8 +216,8 @@ async def test_cli_refuses_a_missing_source_with_status_2(tmp_path: Path) -> Non
 async def test_real_service_accepts_each_record_and_answers_a_repost_as_duplicate(
     api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """Every record built from the recorded tasks is accepted (202) by replayguard, and posted again is
-    duplicate:true."""
+    """Every record built from the recorded tasks is accepted
+    (202) by replayguard, and posted again is duplicate:true."""
     api_server, _ = pve
     url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
     token = Secret(api.tokens["hypervisor"])

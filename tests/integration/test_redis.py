@@ -57,8 +57,8 @@ async def wait_redis_ready(api: Api, timeout: float = 15) -> None:
 async def test_unlock_with_redis_configured_accepts_the_valid_code_at_once(
     owned_redis: OwnedRedis, api_factory: Callable[..., Any],
 ) -> None:
-    """With Redis configured, an admin unlock (in PostgreSQL, where the lockout lives) lets the valid code through at
-    once."""
+    """With Redis configured, an admin unlock (in PostgreSQL, where
+    the lockout lives) lets the valid code through at once."""
     api: Api = await api_factory(redis_url=Secret(owned_redis.url), lockout_threshold=2, lockout_period_s=3600)
     principal, vm = uid("unlock"), uid("vm")
     token = await api.enroll(principal)

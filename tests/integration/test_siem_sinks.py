@@ -184,8 +184,8 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0)
 async def test_a_replay_alert_reaches_ecs_ocsf_and_splunk_receivers(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any], receivers: Receivers,
         tmp_path: Path) -> None:
-    """The snapshot-replay alert arrives as a valid ECS document, OCSF finding and HEC event, with its VM and
-    principal."""
+    """The snapshot-replay alert arrives as a valid ECS document,
+    OCSF finding and HEC event, with its VM and principal."""
     token_file = tmp_path / "hec.token"
     token_file.write_text(receivers.hec_token + "\n")
     api: Api = await api_factory(database_url=Secret(await fresh_database()),

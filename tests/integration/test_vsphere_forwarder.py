@@ -112,8 +112,8 @@ async def service() -> AsyncIterator[Callable[..., Any]]:
 async def test_binary_event_is_forwarded_as_the_structured_original(
     forwarder_to: Callable[..., Any], service: Callable[..., Any]
 ) -> None:
-    """A binary-mode delivery reaches the service as the recorded structured event, with the Bearer token; VEBA gets
-    200."""
+    """A binary-mode delivery reaches the service as the recorded
+    structured event, with the Bearer token; VEBA gets 200."""
     recorder = StandIn()
     client = await forwarder_to(await service(recorder))
     event = recorded("revert_knative_type.json")
@@ -141,8 +141,8 @@ async def test_service_failures_are_spooled_answered_202_and_resent(
 async def test_a_malformed_event_is_parked_in_dead(
     forwarder_to: Callable[..., Any], service: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """A 400 from the service cannot be cured by retrying: the event is kept in dead/ and VEBA is not asked to
-    resend."""
+    """A 400 from the service cannot be cured by retrying: the
+    event is kept in dead/ and VEBA is not asked to resend."""
     recorder = StandIn(fail=1, fail_status=400)
     client = await forwarder_to(await service(recorder))
     resp = await client.post("/", data=orjson.dumps(recorded("powered_on.json")),
@@ -159,8 +159,8 @@ async def test_a_malformed_event_is_parked_in_dead(
 async def test_an_unauthorised_event_stays_spooled_and_veba_gets_5xx(
     forwarder_to: Callable[..., Any], service: Callable[..., Any], tmp_path: Path, status: int
 ) -> None:
-    """A 401/403/413 is the operator's to fix: VEBA gets a 502, the event stays in the spool (never dead/) and is
-    resent."""
+    """A 401/403/413 is the operator's to fix: VEBA gets a 502,
+    the event stays in the spool (never dead/) and is resent."""
     recorder = StandIn(fail=2, fail_status=status)
     client = await forwarder_to(await service(recorder))
     event = recorded("powered_on.json")
@@ -205,8 +205,8 @@ def isolated(name: str) -> dict[str, Any]:
 async def test_real_service_accepts_the_forwarded_event_and_flags_the_repeat(
     api: Api, forwarder_to: Callable[..., Any], name: str
 ) -> None:
-    """Through the forwarder, replayguard accepts the recorded event (202) and answers a second delivery
-    duplicate:true."""
+    """Through the forwarder, replayguard accepts the recorded
+    event (202) and answers a second delivery duplicate:true."""
     client = await forwarder_to(str(api.client.make_url("")).rstrip("/"), api.tokens["hypervisor"])
     headers, body = binary(isolated(name))
     first = await (await client.post("/", data=body, headers=headers)).json()

@@ -40,8 +40,8 @@ async def test_workers_exit_when_their_parent_is_killed(
 
 
 def test_port_zero_with_several_workers_is_a_start_up_error(tmp_path: Path) -> None:
-    """`serve --port 0 --workers 2` stops at start-up with one line and status 2 (each worker would get its own
-    port)."""
+    """`serve --port 0 --workers 2` stops at start-up with one
+    line and status 2 (each worker would get its own port)."""
     done = run_cli("serve", "--port", "0", "--workers", "2", "--data-dir", str(tmp_path / "d"),
                    "--database-url", "postgresql://postgres@127.0.0.1:5432/postgres")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr

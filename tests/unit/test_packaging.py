@@ -37,8 +37,8 @@ def test_the_shipped_sql_is_loaded_through_importlib_resources() -> None:
 
 
 def test_no_function_is_defined_outside_its_own_file() -> None:
-    """Numbered migrations hold no CREATE FUNCTION or CREATE TRIGGER; each function file defines the function it is
-    named for."""
+    """Numbered migrations hold no CREATE FUNCTION or CREATE TRIGGER;
+    each function file defines the function it is named for."""
     for migration in db.load_migrations():
         upper = migration.sql.upper()
         assert "CREATE FUNCTION" not in upper and "CREATE OR REPLACE FUNCTION" not in upper, migration.name

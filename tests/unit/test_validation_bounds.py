@@ -126,8 +126,8 @@ UTC = UTC
     (253402300799, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
 ])
 def test_more_times(value: object, expected: datetime) -> None:
-    """Lower-case separators, a space, short and long fractions, offsets, and the ends of the Unix range parse
-    exactly."""
+    """Lower-case separators, a space, short and long fractions,
+    offsets, and the ends of the Unix range parse exactly."""
     parsed = validation.parse_time(value, "t")
     assert parsed == expected and parsed.utcoffset() == timedelta(0)
 
