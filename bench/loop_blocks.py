@@ -21,16 +21,17 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (bench/run.py: database creation)
+import run
 
-from replayguard.keys import Keys  # noqa: E402
-from replayguard.ledger import LedgerService  # noqa: E402
+from replayguard.keys import Keys
+from replayguard.ledger import LedgerService
 
 
 async def measure(dsn: str, rows: int, repeat: int) -> dict[str, float]:
@@ -44,24 +45,24 @@ async def measure(dsn: str, rows: int, repeat: int) -> dict[str, float]:
     ledger = LedgerService(pool, keys)
     gaps: list[float] = []
     cpu = 0.0
+
+    async def probe(stop: asyncio.Event) -> None:
+        last = time.thread_time()
+        while not stop.is_set():
+            await asyncio.sleep(0)
+            now = time.thread_time()
+            gaps.append(now - last)
+            last = now
+
     for _ in range(repeat):
         await pool.execute("DELETE FROM checkpoints")
-        done = False
-
-        async def probe() -> None:
-            last = time.thread_time()
-            while not done:
-                await asyncio.sleep(0)
-                now = time.thread_time()
-                gaps.append(now - last)
-                last = now
-
-        task = asyncio.create_task(probe())
+        done = asyncio.Event()
+        task = asyncio.create_task(probe(done))
         await asyncio.sleep(0)
         started = time.thread_time()
         result = await ledger.checkpoint_if_due(int(time.time() * 1e6), 1, 10**12)
         cpu += time.thread_time() - started
-        done = True
+        done.set()
         await task
         assert result is not None and not hasattr(result, "problem"), result
     await pool.close()
@@ -79,8 +80,9 @@ def main() -> int:
     args = p.parse_args()
     dsn = asyncio.run(run.create_database(args.pg_admin_url, "blocks"))
     try:
-        subprocess.run([sys.executable, "-m", "replayguard", "migrate", "--database-url", dsn,
-                        "--data-dir", "/tmp/rg-loop-blocks"], check=True, capture_output=True)
+        with tempfile.TemporaryDirectory(prefix="rg-loop-blocks-") as data_dir:
+            subprocess.run([sys.executable, "-m", "replayguard", "migrate", "--database-url", dsn,
+                            "--data-dir", data_dir], check=True, capture_output=True)
         print(asyncio.run(measure(dsn, args.rows, args.repeat)))
     finally:
         asyncio.run(run.drop_database(args.pg_admin_url, dsn))

@@ -45,7 +45,7 @@ import psutil
 import pyotp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import timeline  # noqa: E402  (bench/timeline.py, beside this file)
+import timeline
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -607,7 +607,7 @@ class Bench:
         with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
             parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
                             [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]
-                             for f, p in zip(files, lat)])
+                             for f, p in zip(files, lat, strict=True)])
         marked = marks.stop()
         after = asyncio.run(pg_snapshot(self.setup.dsn))
         asyncio.run(wait_quiet(self.setup.dsn))

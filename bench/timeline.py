@@ -170,7 +170,7 @@ def overall(samples: list[tuple[int, int]]) -> dict[str, float]:
 
 def stalls(rows: list[dict[str, Any]], marks: list[tuple[float, str]], factor: float = 5.0,
            floor_ms: float = 5.0) -> tuple[float, list[dict[str, Any]]]:
-    """The seconds whose p99 or max exceeds ``factor`` × the median second's p99 (and
+    """The seconds whose p99 or max exceeds ``factor`` times the median second's p99 (and
     ``floor_ms``), each with the background marks sampled in it; the first and last
     seconds (partial, wrk starting and stopping) are left out."""
     inner = rows[1:-1]

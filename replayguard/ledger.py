@@ -111,7 +111,8 @@ async def _uses_present(conn: asyncpg.Connection, state: StateCheck) -> Finding 
     if not pending:
         return None
     found = await conn.fetch("SELECT digest FROM uses WHERE digest = ANY($1::bytea[])"
-                             " UNION ALL SELECT digest FROM spent_nonces WHERE digest = ANY($1::bytea[])", list(pending))
+                             " UNION ALL SELECT digest FROM spent_nonces WHERE digest = ANY($1::bytea[])",
+                             list(pending))
     return StateCheck.missing_use(pending, {bytes(r["digest"]) for r in found})
 
 

@@ -260,7 +260,7 @@ async def test_state_tables_that_forgot_an_accept_fail_verification(
     token = await api.enroll("carol-state", type="hotp")
     body = {"vm_id": "vm-1", "principal": "carol-state", "otp": pyotp.HOTP(token["secret"]).at(0)}
     status, answer = await api.post("/v1/otp/verify", body)
-    assert answer["decision"] == "accept"
+    assert status == 200 and answer["decision"] == "accept"
     assert (await verify(api))["ok"] is True
     conn = await asyncpg.connect(dsn)
     try:
