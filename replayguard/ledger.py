@@ -2,7 +2,8 @@
 
 ``verify`` streams the ledger in ``seq`` order in keyset batches (constant memory, no
 OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
-``ledger_head`` and every row with the signed checkpoints. ``checkpoint_if_due`` first
+``ledger_head`` and every row with the signed checkpoints, then checks that the state
+tables hold what the entries imply (``state_check.py``). ``checkpoint_if_due`` first
 re-verifies the entries since the previous checkpoint, so a checkpoint never vouches for
 a chain that was already altered. Used by the HTTP API, the CLI and the background feed.
 """
@@ -22,6 +23,8 @@ from .core.chain import GENESIS, Entry
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
 from .db import acquire
+from .decide import clock_guard_scope
+from .state_check import STATE_BATCH, Disagreement, check_state_range
 
 if TYPE_CHECKING:
     from .continuity import Rollback
@@ -48,11 +51,17 @@ class VerifyReport:
     head_hash: bytes
     finding: Finding | None
     checkpoints: int
+    state: Disagreement | None = None
+    state_checked: int = 0
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"ok": self.ok, "checked": self.checked,
                                    "head": {"seq": self.head_seq, "hash": self.head_hash.hex()},
-                                   "checkpoints_checked": self.checkpoints}
+                                   "checkpoints_checked": self.checkpoints,
+                                   "state": {"ok": self.state is None, "checked": self.state_checked}}
+        if self.state is not None:
+            body["state"] = {"ok": False, "checked": self.state_checked,
+                             "first_disagreement": self.state.to_json()}
         if self.finding is not None:
             body.update(first_bad_seq=self.finding.seq, problem=self.finding.problem.value,
                         message=self.finding.message)
@@ -99,14 +108,17 @@ class LedgerService:
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
         self.key_id = cps.key_id(self.public_key)
+        self.clock_scope = clock_guard_scope(keys.pepper)
 
     def public_key_json(self) -> dict[str, str]:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
                 "public_key_pem": cps.public_key_pem(self.public_key)}
 
-    async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None) -> VerifyReport:
-        """Checks the whole chain; reads the head first, so concurrent appends are ignored.
-        ``rollback`` is the continuity guard's finding (a witness holds what the ledger lost)."""
+    async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None,
+                     now_us: int | None = None, state_progress: Progress | None = None) -> VerifyReport:
+        """Checks the whole chain, then the state tables against it (when ``now_us`` is
+        given); reads the head first, so concurrent appends are ignored. ``rollback`` is
+        the continuity guard's finding (a witness holds what the ledger lost)."""
         async with acquire(self._pool) as conn:
             # The head and the checkpoints from one snapshot: a checkpoint signed meanwhile
             # must not look like one past the head.
@@ -115,11 +127,41 @@ class LedgerService:
                 signed = await self._signed_checkpoints(conn)
             checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
             await _check_range(conn, checker, head["seq"], progress)
+            state, state_checked = None, 0
+            if now_us is not None:
+                state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
         finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
         if finding is None and rollback is not None:
             finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
+        if finding is None and state is not None:
+            finding = state.finding()
         return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
-                            len(signed))
+                            len(signed), state, state_checked)
+
+    async def _check_state(self, conn: asyncpg.Connection, upto: int, now_us: int,
+                           progress: Progress | None) -> tuple[Disagreement | None, int]:
+        """The first entry up to ``upto`` whose implied state is absent, and how many were read."""
+        done = 0
+        while done < upto:
+            end = min(upto, done + STATE_BATCH)
+            found = await check_state_range(conn, done, end, now_us, self.clock_scope)
+            if found is not None:
+                return found, found.seq
+            done = end
+            if progress is not None:
+                progress(done, upto)
+        return None, done
+
+    async def check_state(self, after: int, upto: int, now_us: int) -> Disagreement | None:
+        """``state_check.check_state_range`` on a pooled connection (the alert-feed leader's sweep)."""
+        async with acquire(self._pool) as conn:
+            found = await check_state_range(conn, after, upto, now_us, self.clock_scope)
+        return found
+
+    async def head_seq(self) -> int:
+        async with acquire(self._pool) as conn:
+            seq: int = await conn.fetchval("SELECT seq FROM ledger_head")
+        return seq
 
     async def _signed_checkpoints(self, conn: asyncpg.Connection) -> list[Checkpoint]:
         """Checkpoints whose signature holds; a forged one is logged and not trusted."""

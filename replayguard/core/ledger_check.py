@@ -24,6 +24,7 @@ class Problem(str, enum.Enum):
     HEAD_MISMATCH = "head_mismatch"
     MISSING_TAIL = "missing_tail"
     LEDGER_ROLLBACK = "ledger_rollback"
+    STATE_MISMATCH = "state_mismatch"  # a state table lacks what an entry implies (replayguard/state_check.py)
 
 
 @dataclass(frozen=True, slots=True)
