@@ -127,6 +127,7 @@ class AlertFeed:
         self._last_state_finding: Finding | None = None
         self._state_new = 0  # entries up to here were checked against the state once
         self._state_sweep = 0  # the sweep's position, below _state_new
+        self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
@@ -327,12 +328,13 @@ class AlertFeed:
             end = min(self._state_new, self._state_sweep + STATE_BATCH)
             found = await self._ledger.check_state(self._state_sweep, end, now_us)
             self._state_sweep = end
+        self.state_ticks += 1
         if found is None:
             return
         finding = found.finding()
         if finding != self._last_state_finding:
             self._last_state_finding = finding
-            await self._ledger.raise_tamper_alert(finding, now_us)
+            await self._ledger.raise_tamper_alert(finding, now_us, found)
 
     async def _start_sinks(self) -> None:
         if self.dispatcher is None or self._sinks_started:

@@ -222,13 +222,15 @@ class LedgerService:
         log.info("checkpoint_signed", seq=cp.seq)
         return cp
 
-    async def raise_tamper_alert(self, finding: Finding, now_us: int) -> int:
-        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert."""
+    async def raise_tamper_alert(self, finding: Finding, now_us: int, state: Disagreement | None = None) -> int:
+        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert. A state
+        disagreement adds its table and key digest to the details."""
         async with acquire(self._pool) as conn:
             alert_id: int = await conn.fetchval(
                 "SELECT rg_alert('ledger_tamper', 'critical', NULL, NULL, $1, $2, $3, $4, $5::jsonb)",
                 f"ledger_tamper:{finding.problem.value}:{finding.seq}", now_us, finding.seq, finding.message,
-                {"first_bad_seq": finding.seq, "problem": finding.problem.value})
+                {"first_bad_seq": finding.seq, "problem": finding.problem.value,
+                 **({"table": state.table, "key_digest": state.key_digest} if state is not None else {})})
         log.error("ledger_tamper", seq=finding.seq, problem=finding.problem.value)
         return alert_id
 

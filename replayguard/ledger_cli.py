@@ -136,7 +136,7 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
             bar.close()
             state_bar.close()
         if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
-            await service.raise_tamper_alert(report.finding, runtime.now_us())
+            await service.raise_tamper_alert(report.finding, runtime.now_us(), report.state)
     print(orjson.dumps(report.to_json()).decode())
     return 0 if report.ok else EXIT_BAD
 

@@ -187,7 +187,7 @@ async def ledger_verify(request: web.Request) -> web.Response:
     guard = request.app[RUNTIME].continuity
     report = await ledger.verify(rollback=await guard.check(), now_us=request.app[RUNTIME].now_us())
     if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
-        await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us())
+        await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us(), report.state)
     return json_response(report.to_json())
 
 
