@@ -200,3 +200,17 @@ async def test_a_legitimate_purge_of_expired_uses_raises_nothing(fresh_database:
 
     await until(swept_twice, "two more state-check ticks of the leader", timeout=30)
     assert not await tamper_alerts(api)
+
+
+async def test_migration_016_remembers_nonces_purged_before_spent_nonces_existed(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """A nonce use purged the pre-010 way (row gone, no spent digest) is put back by 016: verify agrees and the nonce stays refused."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    value = secrets.token_hex(8)
+    used = await nonce(api, value)
+    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
+    assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]
+    sql = (Path(__file__).parents[2] / "migrations" / "016_spent_nonces_from_ledger.sql").read_text()
+    await superuser(dsn, sql)
+    assert (await verify(api))["ok"] is True
+    assert (await nonce(api, value))["decision"] == "reject"
