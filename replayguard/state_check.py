@@ -14,7 +14,9 @@ ledger entries, one query looks for the first entry whose implied state is absen
   and the credential's high-water then refuses the code);
 - ``otp_credentials``: the high-water of the accepted token's credential is at least the
   accepted step (``counter``);
-- ``clock_guard``: for a TOTP accept, this deployment's high-water is at least the step's time;
+- ``clock_guard``: for a TOTP accept, a high-water is at least the step's time (any scope:
+  the entry does not name the scope it was accepted under, which follows the keys, and a
+  deployment has one; a database that served two key sets must not raise a false alarm);
 - ``principals``: a lock an entry set (``locked_until_us``) that has not ended, and that no
   later ``principal_unlock`` entry lifted, is still in place.
 
@@ -66,8 +68,8 @@ SELECT * FROM (
     (SELECT e.seq, 'clock_guard', convert_to($4::text, 'UTF8') FROM e
      JOIN otp_tokens t ON t.id = e.payload->>'token_id'
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND t.type = 'totp'
-       AND NOT EXISTS (SELECT 1 FROM clock_guard g WHERE g.scope = $4::text
-                       AND g.high_us >= (e.payload->>'counter')::bigint * t.period * 1000000)
+       AND NOT EXISTS (SELECT 1 FROM clock_guard g
+                       WHERE g.high_us >= (e.payload->>'counter')::bigint * t.period * 1000000)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'principals', convert_to(e.subject, 'UTF8') FROM e
