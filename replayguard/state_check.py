@@ -40,7 +40,7 @@ STATE_BATCH = 5_000  # ledger entries per query
 # our clock says it expired: only rows due to stay longer than this are required.
 CLOCK_SLACK_US = 300 * 1_000_000
 
-_CHECK = """
+_CHECK_TEMPLATE = """
 WITH e AS (
     SELECT seq, kind, subject, cred_digest, decision, payload FROM ledger
     WHERE seq > $1::bigint AND seq <= $2::bigint AND (decision = 'accept' OR payload ? 'locked_until_us')
@@ -54,7 +54,7 @@ SELECT * FROM (
     UNION ALL
     (SELECT e.seq, 'uses', e.cred_digest FROM e
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND e.cred_digest IS NOT NULL
-       AND (e.payload->>'use_expires_us')::bigint > $3::bigint + $5::bigint
+       AND {use_expires_us} > $3::bigint + $5::bigint
        AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
@@ -62,25 +62,36 @@ SELECT * FROM (
      JOIN otp_tokens t ON t.id = e.payload->>'token_id'
      LEFT JOIN otp_credentials c ON c.fingerprint = t.fingerprint
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND t.fingerprint IS NOT NULL
-       AND (c.fingerprint IS NULL OR c.last_counter < (e.payload->>'counter')::bigint)
+       AND (c.fingerprint IS NULL OR c.last_counter < {counter})
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'clock_guard', convert_to($4::text, 'UTF8') FROM e
      JOIN otp_tokens t ON t.id = e.payload->>'token_id'
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND t.type = 'totp'
+       AND {counter} IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM clock_guard g
-                       WHERE g.high_us >= (e.payload->>'counter')::bigint * t.period * 1000000)
+                       WHERE g.high_us >= {counter}::numeric * t.period * 1000000)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'principals', convert_to(e.subject, 'UTF8') FROM e
-     WHERE (e.payload->>'locked_until_us')::bigint > $3::bigint
+     WHERE {locked_until_us} > $3::bigint
        AND NOT EXISTS (SELECT 1 FROM principals p WHERE p.name = e.subject
-                       AND p.locked_until_us >= (e.payload->>'locked_until_us')::bigint)
+                       AND p.locked_until_us >= {locked_until_us})
        AND NOT EXISTS (SELECT 1 FROM ledger u WHERE u.seq > e.seq AND u.kind = 'principal_unlock'
                        AND u.subject = e.subject)
      ORDER BY e.seq LIMIT 1)
 ) found ORDER BY seq, tbl LIMIT 1
 """
+
+
+def _bigint(key: str) -> str:
+    """A payload field as bigint, NULL when it is not one: an edited payload (which the
+    chain check reports) must not make this query fail."""
+    field = f"(e.payload->>'{key}')"
+    return f"(CASE WHEN {field} ~ '^-?[0-9]{{1,18}}$' THEN {field}::bigint END)"
+
+
+_CHECK = _CHECK_TEMPLATE.format(**{key: _bigint(key) for key in ("counter", "use_expires_us", "locked_until_us")})
 
 
 @dataclass(frozen=True, slots=True)
