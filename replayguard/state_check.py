@@ -10,8 +10,9 @@ ledger entries, one query looks for the first entry whose implied state is absen
 - ``uses``: an accepted nonce has its ``uses`` row or, once retention purged that, its
   digest in ``spent_nonces`` (the purge moves one to the other in one statement); an
   accepted OTP has its ``uses`` row while the expiry it was ledgered with
-  (``use_expires_us``) is more than ``CLOCK_SLACK_US`` ahead (purge drops it after that,
-  and the credential's high-water then refuses the code);
+  (``use_expires_us``) is more than ``CLOCK_SLACK_US`` ahead and not before
+  ``retention_mark`` (the time purges reached: a purge on an instance whose clock is
+  ahead drops it sooner); after that the credential's high-water refuses the code;
 - ``otp_credentials``: the high-water of the accepted token's credential is at least the
   accepted step (``counter``);
 - ``clock_guard``: for a TOTP accept, a high-water is at least the step's time (any scope:
@@ -55,6 +56,7 @@ SELECT * FROM (
     (SELECT e.seq, 'uses', e.cred_digest FROM e
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND e.cred_digest IS NOT NULL
        AND {use_expires_us} > $3::bigint + $5::bigint
+       AND {use_expires_us} >= coalesce((SELECT purged_before_us FROM retention_mark), 0)
        AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
