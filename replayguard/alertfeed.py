@@ -15,6 +15,11 @@ One instance at a time (the holder of a session advisory lock on its LISTEN conn
 is the *leader*: it signs checkpoints when due and hands every alert change and every
 checkpoint to the sinks, remembering in ``sink_feed`` how far it got, so a new leader
 carries on where the last one stopped (at-least-once; records carry ids for dedup).
+The leader also checks the state tables against the ledger (``state_check.py``), bounded
+work per tick: first the entries appended since its last look, then the next slice of a
+sweep that starts again from the first entry after it reaches the newest checked, so a
+state row altered long after its entry was written is found too. A disagreement raises a
+critical ``ledger_tamper`` alert.
 The leader also writes each alert to the service's own log when it is raised or changes
 kind or severity: critical ones as ``error`` lines, warnings as ``warning`` lines (kind,
 VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
@@ -48,6 +53,7 @@ from .retention import PURGE_BATCH, purge_expired
 from .runtime import Runtime
 from .settings import Settings
 from .sinks import SinkConfig, SinkDispatcher, parse_sink_spec
+from .state_check import STATE_BATCH
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +124,10 @@ class AlertFeed:
         self.leader = False
         self._sinks_started = False
         self._last_finding: Finding | None = None
+        self._last_state_finding: Finding | None = None
+        self._state_new = 0  # entries up to here were checked against the state once
+        self._state_sweep = 0  # the sweep's position, below _state_new
+        self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
@@ -302,10 +312,36 @@ class AlertFeed:
         if self.dispatcher is not None and self._sinks_started:
             with work.timed("sink_feed"):
                 await self._feed_sinks()
+        with work.timed("state_check"):
+            await self._check_state()
         with work.timed("purge"):
             purged = await purge_expired(self._rt.pool, self._rt.now_us())
         if purged == PURGE_BATCH:
             self._last_lead = 0.0  # more expired uses wait: purge the next batch at once
+
+    async def _check_state(self) -> None:
+        """One tick of the state check: at most STATE_BATCH new entries, then at most
+        STATE_BATCH of the sweep over those already checked once."""
+        now_us = self._rt.now_us()
+        head = await self._ledger.head_seq()
+        if head < self._state_new:  # a shorter ledger is the continuity guard's finding, not ours
+            self._state_new = self._state_sweep = 0
+        end = min(head, self._state_new + STATE_BATCH)
+        found = await self._ledger.check_state(self._state_new, end, now_us)
+        self._state_new = end
+        if found is None:
+            if self._state_sweep >= self._state_new:
+                self._state_sweep = 0
+            end = min(self._state_new, self._state_sweep + STATE_BATCH)
+            found = await self._ledger.check_state(self._state_sweep, end, now_us)
+            self._state_sweep = end
+        self.state_ticks += 1
+        if found is None:
+            return
+        finding = found.finding()
+        if finding != self._last_state_finding:
+            self._last_state_finding = finding
+            await self._ledger.raise_tamper_alert(finding, now_us, found)
 
     async def _start_sinks(self) -> None:
         if self.dispatcher is None or self._sinks_started:

@@ -2,7 +2,8 @@
 
 ``verify`` streams the ledger in ``seq`` order in keyset batches (constant memory, no
 OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
-``ledger_head`` and every row with the signed checkpoints. ``checkpoint_if_due`` first
+``ledger_head`` and every row with the signed checkpoints, then checks that the state
+tables hold what the entries imply (``state_check.py``). ``checkpoint_if_due`` first
 re-verifies the entries since the previous checkpoint, so a checkpoint never vouches for
 a chain that was already altered. Used by the HTTP API, the CLI and the background feed.
 """
@@ -20,8 +21,10 @@ import structlog
 from .core import checkpoints as cps
 from .core.chain import GENESIS, Entry
 from .core.checkpoints import Checkpoint
-from .core.ledger_check import ChainChecker, Finding, Problem, Row, StateCheck, past_head
+from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
 from .db import acquire
+from .decide import clock_guard_scope
+from .state_check import STATE_BATCH, Disagreement, check_state_range
 
 if TYPE_CHECKING:
     from .continuity import Rollback
@@ -53,11 +56,17 @@ class VerifyReport:
     head_hash: bytes
     finding: Finding | None
     checkpoints: int
+    state: Disagreement | None = None
+    state_checked: int = 0
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"ok": self.ok, "checked": self.checked,
                                    "head": {"seq": self.head_seq, "hash": self.head_hash.hex()},
-                                   "checkpoints_checked": self.checkpoints}
+                                   "checkpoints_checked": self.checkpoints,
+                                   "state": {"ok": self.state is None, "checked": self.state_checked}}
+        if self.state is not None:
+            body["state"] = {"ok": False, "checked": self.state_checked,
+                             "first_disagreement": self.state.to_json()}
         if self.finding is not None:
             body.update(first_bad_seq=self.finding.seq, problem=self.finding.problem.value,
                         message=self.finding.message)
@@ -84,45 +93,18 @@ async def _stream(conn: asyncpg.Connection, after: int, upto: int,
 
 
 async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
-                       progress: Progress | None = None, batch: int = BATCH,
-                       state: StateCheck | None = None) -> Finding | None:
+                       progress: Progress | None = None, batch: int = BATCH) -> None:
     total = upto - checker.start_seq
     async for records in _stream(conn, checker.start_seq, upto, batch):
         for start in range(0, len(records), YIELD_EVERY):
             for record in records[start:start + YIELD_EVERY]:
-                row = _row(record)
-                if checker.feed(row) is not None:
-                    return checker.finding
-                if state is not None:
-                    state.feed(row.entry)
+                if checker.feed(_row(record)) is not None:
+                    return
             # In a serving worker this runs beside decisions: hashing thousands of rows in
             # one go would hold every request of the worker for tens of milliseconds.
             await asyncio.sleep(0)
-        if state is not None and (found := await _uses_present(conn, state)) is not None:
-            return found
         if progress is not None:
             progress(checker.checked, total)
-    return await _counters_kept(conn, state) if state is not None else None
-
-
-async def _uses_present(conn: asyncpg.Connection, state: StateCheck) -> Finding | None:
-    """The ``uses`` rows of the accepts just read, looked up in one query."""
-    pending = state.take_pending()
-    if not pending:
-        return None
-    found = await conn.fetch("SELECT digest FROM uses WHERE digest = ANY($1::bytea[])"
-                             " UNION ALL SELECT digest FROM spent_nonces WHERE digest = ANY($1::bytea[])",
-                             list(pending))
-    return StateCheck.missing_use(pending, {bytes(r["digest"]) for r in found})
-
-
-async def _counters_kept(conn: asyncpg.Connection, state: StateCheck) -> Finding | None:
-    if not state.counters:
-        return None
-    rows = await conn.fetch("SELECT t.id, c.last_counter FROM otp_tokens t"
-                            " JOIN otp_credentials c ON c.fingerprint = t.fingerprint WHERE t.id = ANY($1::text[])",
-                            list(state.counters))
-    return state.counter_behind({r["id"]: r["last_counter"] for r in rows})
 
 
 class LedgerService:
@@ -134,20 +116,17 @@ class LedgerService:
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
         self.key_id = cps.key_id(self.public_key)
+        self.clock_scope = clock_guard_scope(keys.pepper)
 
     def public_key_json(self) -> dict[str, str]:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
                 "public_key_pem": cps.public_key_pem(self.public_key)}
 
-    def _state(self, now_us: int | None, uses: bool = True) -> StateCheck | None:
-        if now_us is None or self._retention_us is None:
-            return None
-        return StateCheck(now_us, self._retention_us, check_uses=uses)
-
     async def verify(self, progress: Progress | None = None, rollback: Rollback | None = None,
-                     now_us: int | None = None) -> VerifyReport:
-        """Checks the whole chain; reads the head first, so concurrent appends are ignored.
-        ``rollback`` is the continuity guard's finding (a witness holds what the ledger lost)."""
+                     now_us: int | None = None, state_progress: Progress | None = None) -> VerifyReport:
+        """Checks the whole chain, then the state tables against it (when ``now_us`` is
+        given); reads the head first, so concurrent appends are ignored. ``rollback`` is
+        the continuity guard's finding (a witness holds what the ledger lost)."""
         async with acquire(self._pool) as conn:
             # The head and the checkpoints from one snapshot: a checkpoint signed meanwhile
             # must not look like one past the head.
@@ -155,17 +134,42 @@ class LedgerService:
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
                 signed = await self._signed_checkpoints(conn)
             checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
+            await _check_range(conn, checker, head["seq"], progress)
+            state, state_checked = None, 0
             if now_us is not None:
-                # Retention purges by the service's clock; if that clock was ever later than
-                # now (a correction backwards), what it purged then is not missing now.
-                newest = await conn.fetchval("SELECT max(ts_us) FROM ledger WHERE seq <= $1", head["seq"])
-                now_us = max(now_us, newest or 0)
-            state_finding = await _check_range(conn, checker, head["seq"], progress, state=self._state(now_us))
-        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state_finding
+                state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
+        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
         if finding is None and rollback is not None:
             finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
+        if finding is None and state is not None:
+            finding = state.finding()
         return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
-                            len(signed))
+                            len(signed), state, state_checked)
+
+    async def _check_state(self, conn: asyncpg.Connection, upto: int, now_us: int,
+                           progress: Progress | None) -> tuple[Disagreement | None, int]:
+        """The first entry up to ``upto`` whose implied state is absent, and how many were read."""
+        done = 0
+        while done < upto:
+            end = min(upto, done + STATE_BATCH)
+            found = await check_state_range(conn, done, end, now_us, self.clock_scope)
+            if found is not None:
+                return found, found.seq
+            done = end
+            if progress is not None:
+                progress(done, upto)
+        return None, done
+
+    async def check_state(self, after: int, upto: int, now_us: int) -> Disagreement | None:
+        """``state_check.check_state_range`` on a pooled connection (the alert-feed leader's sweep)."""
+        async with acquire(self._pool) as conn:
+            found = await check_state_range(conn, after, upto, now_us, self.clock_scope)
+        return found
+
+    async def head_seq(self) -> int:
+        async with acquire(self._pool) as conn:
+            seq: int = await conn.fetchval("SELECT seq FROM ledger_head")
+        return seq
 
     async def _signed_checkpoints(self, conn: asyncpg.Connection) -> list[Checkpoint]:
         """Checkpoints whose signature holds; a forged one is logged and not trusted."""
@@ -216,11 +220,9 @@ class LedgerService:
             if not _due(head["seq"], last, now_us, every, interval_us):
                 return None
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            # Before signing: the token counters only (they never go down); whether a use may
-            # have been purged depends on clocks, which the full verify weighs.
-            state = await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH,
-                                       state=self._state(now_us, uses=False))
-            finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"])) or state
+            # The state tables are the alert feed leader's to check (replayguard/state_check.py).
+            await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
+            finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
             if finding is not None:
                 return finding
             cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
@@ -229,13 +231,15 @@ class LedgerService:
         log.info("checkpoint_signed", seq=cp.seq)
         return cp
 
-    async def raise_tamper_alert(self, finding: Finding, now_us: int) -> int:
-        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert."""
+    async def raise_tamper_alert(self, finding: Finding, now_us: int, state: Disagreement | None = None) -> int:
+        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert. A state
+        disagreement adds its table and key digest to the details."""
         async with acquire(self._pool) as conn:
             alert_id: int = await conn.fetchval(
                 "SELECT rg_alert('ledger_tamper', 'critical', NULL, NULL, $1, $2, $3, $4, $5::jsonb)",
                 f"ledger_tamper:{finding.problem.value}:{finding.seq}", now_us, finding.seq, finding.message,
-                {"first_bad_seq": finding.seq, "problem": finding.problem.value})
+                {"first_bad_seq": finding.seq, "problem": finding.problem.value,
+                 **({"table": state.table, "key_digest": state.key_digest} if state is not None else {})})
         log.error("ledger_tamper", seq=finding.seq, problem=finding.problem.value)
         return alert_id
 

@@ -36,7 +36,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     ledger = sub.add_parser("ledger", help="verify the ledger and its signed checkpoints")
     cmds = ledger.add_subparsers(dest="ledger_command", required=True)
-    verify = cmds.add_parser("verify", help="recompute the whole hash chain (progress on stderr)")
+    verify = cmds.add_parser("verify", help="recompute the whole hash chain and check the state tables against it"
+                                                  " (progress on stderr)")
     _add_common(verify)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(handler=cmd_verify)
@@ -102,8 +103,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 class _Bar:
     """A tqdm bar opened at the first report, once the number of entries is known."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, desc: str = "verifying") -> None:
         self._enabled = enabled
+        self._desc = desc
         self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -112,7 +114,7 @@ class _Bar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="entries", desc="verifying", file=sys.stderr, mininterval=0.5)
+            self._bar = tqdm(total=total, unit="entries", desc=self._desc, file=sys.stderr, mininterval=0.5)
         self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
@@ -127,13 +129,14 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
     async with open_runtime(settings) as runtime:
         service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s)
         rollback = await runtime.continuity.check()
-        bar = _Bar(progress)
+        bar, state_bar = _Bar(progress), _Bar(progress, "checking state")
         try:
-            report = await service.verify(bar, rollback=rollback, now_us=runtime.now_us())
+            report = await service.verify(bar, rollback=rollback, now_us=runtime.now_us(), state_progress=state_bar)
         finally:
             bar.close()
+            state_bar.close()
         if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
-            await service.raise_tamper_alert(report.finding, runtime.now_us())
+            await service.raise_tamper_alert(report.finding, runtime.now_us(), report.state)
     print(orjson.dumps(report.to_json()).decode())
     return 0 if report.ok else EXIT_BAD
 

@@ -8,7 +8,8 @@ nonce, its digest, moved in the same statement to ``spent_nonces`` (32 bytes of 
 for good), since a later presentation may claim any ``ttl_s`` or ``issued_at``. The
 ``uses`` table stays bounded by the validity windows; ``spent_nonces`` grows by one small
 row per consumed nonce (README, "Nonces", has the measured size). The ledger itself is
-never purged: it is the evidence.
+never purged: it is the evidence. Each purge also raises ``retention_mark`` to the time it
+purged up to, so ``ledger verify`` tells an expired use purged from one deleted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ _PURGE = (
     "WITH gone AS (DELETE FROM uses WHERE digest IN ("
     "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2) RETURNING digest, kind),"
     " spent AS (INSERT INTO spent_nonces (digest) SELECT digest FROM gone WHERE kind = 'nonce'"
-    "  ON CONFLICT DO NOTHING)"
+    "  ON CONFLICT DO NOTHING),"
+    # How far purges reached: the state check (state_check.py) needs no use row before it.
+    " mark AS (INSERT INTO retention_mark VALUES (true, $1) ON CONFLICT (id) DO UPDATE"
+    "  SET purged_before_us = excluded.purged_before_us"
+    "  WHERE retention_mark.purged_before_us < excluded.purged_before_us)"
     " SELECT count(*) FROM gone"
 )
 

@@ -59,6 +59,7 @@ DECLARE
     v_fails   integer;
     v_pfails  integer;
     v_locked  bigint;
+    v_new_lock bigint;
     v_rseq    bigint;
     v_floor   bigint;
     v_steps   bigint[];
@@ -85,6 +86,7 @@ BEGIN
         v_rc := coalesce(it.receipt, 'absent');
         v_flags := '{}';
         v_locked := NULL;
+        v_new_lock := NULL;
         v_verdict := 'reject';
         v_reason := NULL;
         v_alert := NULL;
@@ -204,6 +206,7 @@ BEGIN
                     RETURNING pr.fail_count INTO v_fails;
                 IF v_fails >= p_lock_threshold THEN
                     v_locked := it.ts_us + p_lock_period_us;
+                    v_new_lock := v_locked;
                     UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = it.subject;
                     v_calert := rg_alert('brute_force', 'warning', it.vm_id, it.subject, 'brute:' || it.subject,
                         it.ts_us, v_seq, v_fails || ' consecutive failures for ' || it.subject || ': locked out',
@@ -287,7 +290,12 @@ BEGIN
                 'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.token_id,
                 'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
                 'receipt', v_rc, 'receipt_seq', it.receipt_seq::text,
-                'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END));
+                'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END,
+                -- What the state tables must hold because of this entry, for `ledger verify`
+                -- (replayguard/state_check.py): the accepted use's row until it expires,
+                -- and the lock this entry set.
+                'use_expires_us', CASE WHEN v_verdict = 'accept' THEN it.expires_us::text END,
+                'locked_until_us', v_new_lock::text));
         v_hash := rg_entry_hash(v_prev, v_seq, it.ts_us, it.kind, it.vm_id, it.subject, v_digest, v_verdict, v_reason,
                                 v_payload);
         INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)

@@ -4,14 +4,13 @@ Pure: rows go in (from any source, in ``seq`` order), a ``Finding`` comes out. A
 row shows as a gap in ``seq``; a modified row as a hash that its content no longer
 gives; a row moved or swapped as a link (``prev_hash``) that does not follow its
 predecessor; a rewritten chain (every hash recomputed) as a mismatch with a signed
-checkpoint; a truncated tail as a head that names more than the rows hold; state tables
-that forgot what the ledger accepted (``StateCheck``) as a state mismatch.
+checkpoint; a truncated tail as a head that names more than the rows hold. State tables
+that forgot what the ledger accepted are ``replayguard/state_check.py``'s to find.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ class Problem(str, enum.Enum):
     HEAD_MISMATCH = "head_mismatch"
     MISSING_TAIL = "missing_tail"
     LEDGER_ROLLBACK = "ledger_rollback"
-    STATE_MISMATCH = "state_mismatch"
+    STATE_MISMATCH = "state_mismatch"  # a state table lacks what an entry implies (replayguard/state_check.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,62 +102,3 @@ def past_head(signed_seq: int, head_seq: int) -> Finding | None:
                    f"entries {head_seq + 1} to {signed_seq} at least are missing")
 
 
-@dataclass
-class StateCheck:
-    """What the state tables must hold if they agree with the ledger's accepted entries.
-
-    Feed the rows a ``ChainChecker`` accepted. An accepted OTP's ``uses`` row must still be
-    there while the ledger says it can be retained (``otp_retention_us``: retention never
-    purges earlier), an accepted nonce's digest always (in ``uses``, or ``spent_nonces`` once
-    purged), and every token's credential counter must be at least the highest counter the
-    ledger accepted for it.
-    ``take_pending`` hands the digests to look up; ``missing_use`` and ``counter_behind``
-    turn what the database answered into a finding.
-    """
-
-    now_us: int
-    otp_retention_us: int
-    check_uses: bool = True
-    pending: dict[bytes, int] = field(default_factory=dict)  # digest -> seq of its accept
-    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # token -> (counter, seq)
-
-    def feed(self, entry: Entry) -> None:
-        if entry.decision != "accept" or entry.cred_digest is None:
-            return
-        try:
-            payload = json.loads(entry.payload_text) if entry.payload_text else {}
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        if entry.kind == "otp":
-            token, counter = payload.get("token_id"), payload.get("counter")
-            if isinstance(token, str) and isinstance(counter, int) and counter > self.counters.get(token, (-2, 0))[0]:
-                self.counters[token] = (counter, entry.seq)
-            keep_until = entry.ts_us + self.otp_retention_us
-        else:
-            keep_until = self.now_us + 1  # a consumed nonce is never forgotten (uses, then spent_nonces)
-        if self.check_uses and keep_until > self.now_us:
-            self.pending.setdefault(entry.cred_digest, entry.seq)
-
-    def take_pending(self) -> dict[bytes, int]:
-        pending, self.pending = self.pending, {}
-        return pending
-
-    @staticmethod
-    def missing_use(pending: Mapping[bytes, int], present: set[bytes]) -> Finding | None:
-        missing = [seq for digest, seq in pending.items() if digest not in present]
-        if not missing:
-            return None
-        seq = min(missing)
-        return Finding(seq, Problem.STATE_MISMATCH,
-                       f"entry {seq} accepted a credential whose use is no longer recorded: the state was altered")
-
-    def counter_behind(self, stored: Mapping[str, int]) -> Finding | None:
-        behind = [seq for token, (counter, seq) in self.counters.items()
-                  if token in stored and stored[token] < counter]
-        if not behind:
-            return None
-        seq = min(behind)
-        return Finding(seq, Problem.STATE_MISMATCH,
-                       f"entry {seq} accepted a counter its token's state no longer records: the state was altered")

@@ -187,7 +187,7 @@ async def ledger_verify(request: web.Request) -> web.Response:
     guard = request.app[RUNTIME].continuity
     report = await ledger.verify(rollback=await guard.check(), now_us=request.app[RUNTIME].now_us())
     if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
-        await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us())
+        await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us(), report.state)
     return json_response(report.to_json())
 
 
@@ -293,7 +293,11 @@ _ACK = {"type": "object", "properties": {"note": {"type": "string", "maxLength":
 _VERIFY = {"type": "object", "required": ["ok", "checked", "head"], "properties": {
     "ok": {"type": "boolean"}, "checked": {"type": "integer"}, "first_bad_seq": {"type": "integer"},
     "problem": {"type": "string"}, "head": {"type": "object", "properties": {
-        "seq": {"type": "integer"}, "hash": {"type": "string"}}}}}
+        "seq": {"type": "integer"}, "hash": {"type": "string"}}},
+    "state": {"type": "object", "required": ["ok", "checked"], "properties": {
+        "ok": {"type": "boolean"}, "checked": {"type": "integer"},
+        "first_disagreement": {"type": "object", "properties": {
+            "seq": {"type": "integer"}, "table": {"type": "string"}, "key_digest": {"type": "string"}}}}}}}
 _STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"], "properties": {
     "version": {"type": "string"}, "leader": {"type": "boolean"}, "sse_subscribers": {"type": "integer"},
     "caller": {"type": "object", "properties": {"role": {"type": "string"}, "name": {"type": "string"}}},
@@ -331,7 +335,8 @@ ROUTES = [
        query=("since", "until", "after_seq", "limit")),
     _r("GET", "/v1/ledger", ledger_entries, "Ledger entries (digests, never raw credentials)", _PAGE,
        query=("vm_id", "after_seq", "limit")),
-    _r("GET", "/v1/ledger/verify", ledger_verify, "Recompute the whole hash chain", _VERIFY),
+    _r("GET", "/v1/ledger/verify", ledger_verify,
+       "Recompute the whole hash chain; check the state tables against it", _VERIFY),
     _r("GET", "/v1/ledger/checkpoints", ledger_checkpoints, "Signed checkpoints, newest first", _LIST,
        query=("before_seq", "limit")),
     _r("GET", "/v1/ledger/public-key", ledger_public_key, "The Ed25519 key that signs checkpoints"),

@@ -88,7 +88,7 @@ async def test_unlock_is_in_the_ledger_with_who_and_why(api_factory: Callable[..
     assert entry["payload"]["by"] == admin_id and entry["payload"]["note"] == "ticket 4411"
     assert entry["payload"]["was_locked"] is True
     status, verify = await api.get("/v1/ledger/verify")
-    assert verify["ok"] is True
+    assert verify["ok"] is True, (verify.get("message"), verify["state"])
 
 
 async def test_listing_shows_tokens_and_their_state(api: Api) -> None:

@@ -119,24 +119,3 @@ def test_a_checkpoint_past_the_head_is_a_missing_tail() -> None:
     finding = ChainChecker(checkpoints={15: H[1]}).finish(0, GENESIS)
     assert finding is not None and finding.problem is Problem.MISSING_TAIL and finding.seq == 1
     assert past_head(12, 12) is None
-
-
-def test_state_check_expects_what_the_ledger_accepted() -> None:
-    """OTP accepts inside their retention and every nonce accept need a use, the highest
-    counter per token is kept, and rejects or OTP accepts past retention expect nothing."""
-    from replayguard.core.chain import Entry
-    from replayguard.core.ledger_check import StateCheck
-
-    state = StateCheck(now_us=10_000_000, otp_retention_us=5_000_000)
-    state.feed(Entry(1, 9_000_000, "otp", "vm", "p", H[1], "accept", "ok", '{"token_id": "t", "counter": 4}'))
-    state.feed(Entry(2, 9_000_000, "otp", "vm", "p", H[2], "accept", "ok", '{"token_id": "t", "counter": 7}'))
-    state.feed(Entry(3, 9_000_000, "nonce", "vm", "s", H[3], "reject", "reused", '{"ttl_s": 300}'))
-    state.feed(Entry(4, 1_000_000, "nonce", "vm", "s", H[4], "accept", "ok", '{"ttl_s": 1}'))  # spent forever
-    state.feed(Entry(5, 1_000_000, "otp", "vm", "p", H[5], "accept", "ok", '{"token_id": "u", "counter": 1}'))
-    pending = state.take_pending()
-    assert pending == {H[1]: 1, H[2]: 2, H[4]: 4}
-    finding = StateCheck.missing_use(pending, {H[1]})
-    assert finding is not None and finding.seq == 2
-    assert state.counter_behind({"t": 7}) is None
-    behind = state.counter_behind({"t": 5})
-    assert behind is not None and behind.seq == 2

@@ -1,0 +1,224 @@
+"""State agrees with the ledger, over real PostgreSQL (issue 20, reproduction 1).
+
+A superuser resets a HOTP counter, a TOTP high-water mark or a lock, or deletes `uses`
+rows: the hash chain is intact, but ``ledger verify`` (API and CLI) answers ok:false naming
+the first entry whose implied state is gone (seq, table, key digest), and the running
+service's alert-feed leader raises a critical ``ledger_tamper`` on its own. A legitimate
+retention purge raises nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pyotp
+
+from replayguard.http.analysts import ANALYSTS
+from replayguard.retention import purge_expired
+from replayguard.settings import Secret
+from tests.conftest import Api, run_cli, uid
+from tests.waiting import until
+
+
+async def fresh_api(api_factory: Callable[..., Any], fresh_database: Callable[[], Any],
+                    **settings: Any) -> tuple[Api, str]:
+    """An app over a database of its own (its ledger is the test's alone)."""
+    dsn = await fresh_database()
+    return await api_factory(database_url=Secret(dsn), **settings), dsn
+
+
+async def superuser(dsn: str, *statements: str) -> None:
+    """What a local user who became the database's superuser does: edit state tables directly."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def otp(api: Api, principal: str, code: str) -> dict[str, Any]:
+    status, body = await api.post("/v1/otp/verify", {"vm_id": "vm-state", "principal": principal, "otp": code})
+    assert status == 200, body
+    return dict(body)
+
+
+async def nonce(api: Api, value: str, ttl_s: int = 60) -> dict[str, Any]:
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": "vm-state", "scope": "s", "nonce": value,
+                                                         "ttl_s": ttl_s})
+    assert status == 200, body
+    return dict(body)
+
+
+async def verify(api: Api) -> dict[str, Any]:
+    status, report = await api.get("/v1/ledger/verify")
+    assert status == 200, report
+    return dict(report)
+
+
+async def tamper_alerts(api: Api) -> list[dict[str, Any]]:
+    status, page = await api.get("/v1/alerts?kind=ledger_tamper")
+    assert status == 200, page
+    return list(page["items"])
+
+
+async def test_a_clean_ledger_after_many_decisions_verifies(fresh_database: Callable[[], Any],
+                                                            api_factory: Callable[..., Any]) -> None:
+    """Nonces, HOTP and TOTP accepts and rejects, a lockout and its ledgered unlock: state and ledger agree."""
+    api, _ = await fresh_api(api_factory, fresh_database)
+    for _ in range(60):
+        assert (await nonce(api, secrets.token_hex(8)))["decision"] == "accept"
+    alice, bob, carol = uid("alice"), uid("bob"), uid("carol")
+    hotp_secret, totp_secret = pyotp.random_base32(), pyotp.random_base32()
+    await api.enroll(alice, type="hotp", secret=hotp_secret)
+    await api.enroll(bob, secret=totp_secret)
+    await api.enroll(carol, type="hotp", secret=pyotp.random_base32())
+    for counter in range(10):
+        assert (await otp(api, alice, pyotp.HOTP(hotp_secret).at(counter)))["decision"] == "accept"
+    assert (await otp(api, alice, pyotp.HOTP(hotp_secret).at(3)))["reason"] == "reused"
+    assert (await otp(api, bob, pyotp.TOTP(totp_secret).at(api.clock.now)))["decision"] == "accept"
+    for _ in range(5):
+        await otp(api, carol, "000000")
+    assert (await otp(api, carol, "000000"))["reason"] == "locked_out"
+    status, _ = await api.post(f"/v1/principals/{carol}/unlock", {}, role="admin")
+    assert status == 200
+    report = await verify(api)
+    assert report["ok"] is True, report
+    assert report["state"] == {"ok": True, "checked": report["head"]["seq"]}, report
+    assert not await tamper_alerts(api)
+
+
+async def test_a_reset_hotp_counter_and_deleted_uses_are_named_and_alerted(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Reproduction 1: counter reset and uses deleted by a superuser; verify names the first accept,
+    the leader raises ledger_tamper."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    alice, secret = uid("alice"), pyotp.random_base32()
+    await api.enroll(alice, type="hotp", secret=secret)
+    first = await otp(api, alice, pyotp.HOTP(secret).at(0))
+    assert first["decision"] == "accept"
+    second = await otp(api, alice, pyotp.HOTP(secret).at(1))
+    assert second["decision"] == "accept"
+    assert (await otp(api, alice, pyotp.HOTP(secret).at(0)))["reason"] == "reused"
+    assert (await verify(api))["ok"] is True
+    await superuser(dsn, "UPDATE otp_credentials SET last_counter = -1", "UPDATE otp_tokens SET last_counter = -1",
+                    "DELETE FROM uses WHERE kind = 'otp'")
+    api.runtime.tokens._cache.clear()  # the attacker's edit, as a restarted instance would read it
+
+    async def alerted() -> list[dict[str, Any]]:
+        return [a for a in await tamper_alerts(api) if a["details"].get("problem") == "state_mismatch"]
+
+    # Nobody asks for a verify: the running service's leader finds it by itself.
+    alerts = await until(alerted, "the leader's ledger_tamper for the state tables", timeout=30)
+    # The leader names the first disagreement of the slice it was sweeping: either accept.
+    assert alerts[0]["severity"] == "critical"
+    assert alerts[0]["details"]["first_bad_seq"] in (first["seq"], second["seq"])
+
+    report = await verify(api)
+    assert report["ok"] is False and report["problem"] == "state_mismatch", report
+    assert report["first_bad_seq"] == first["seq"]
+    bad = report["state"]["first_disagreement"]
+    assert bad["seq"] == first["seq"] and bad["table"] in ("otp_credentials", "uses")
+    assert len(bytes.fromhex(bad["key_digest"])) == 32  # a keyed digest, not a code or a secret
+    assert pyotp.HOTP(secret).at(0) not in orjson.dumps(report).decode()
+    assert len(bytes.fromhex(alerts[0]["details"]["key_digest"])) == 32
+
+    cli = run_cli("ledger", "verify", "--no-progress", "--database-url", dsn, "--data-dir", str(tmp_path / "data"))
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert orjson.loads(cli.stdout)["state"]["first_disagreement"]["seq"] == first["seq"]
+
+    # The attack the check exists for: the used code is accepted again.
+    assert (await otp(api, alice, pyotp.HOTP(secret).at(0)))["decision"] == "accept"
+
+
+async def test_a_reset_totp_high_water_is_named(fresh_database: Callable[[], Any],
+                                                api_factory: Callable[..., Any]) -> None:
+    """The clock guard's TOTP high-water lowered by a superuser: verify names clock_guard at the accept."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    bob, secret = uid("bob"), pyotp.random_base32()
+    await api.enroll(bob, secret=secret)
+    accepted = await otp(api, bob, pyotp.TOTP(secret).at(api.clock.now))
+    assert accepted["decision"] == "accept"
+    await superuser(dsn, "UPDATE clock_guard SET high_us = 0")
+    report = await verify(api)
+    assert report["ok"] is False, report
+    assert report["state"]["first_disagreement"]["seq"] == accepted["seq"]
+    assert report["state"]["first_disagreement"]["table"] == "clock_guard"
+
+
+async def test_a_deleted_nonce_use_and_a_lifted_lock_are_named(fresh_database: Callable[[], Any],
+                                                               api_factory: Callable[..., Any]) -> None:
+    """A nonce's use row deleted (not moved to spent_nonces), then a lock lifted without the ledgered
+    unlock: each is named."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    value = secrets.token_hex(8)
+    used = await nonce(api, value)
+    await nonce(api, secrets.token_hex(8))
+    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (used["seq"], "uses")
+    assert value not in bad["key_digest"]
+    await superuser(dsn, f"INSERT INTO spent_nonces SELECT cred_digest FROM ledger WHERE seq = {used['seq']}")
+    assert (await verify(api))["ok"] is True
+
+    carol = uid("carol")
+    await api.enroll(carol, type="hotp", secret=pyotp.random_base32())
+    for _ in range(5):
+        last = await otp(api, carol, "000000")
+    await superuser(dsn, "UPDATE principals SET locked_until_us = 0, fail_count = 0")
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (last["seq"], "principals")
+    assert carol not in bad["key_digest"]
+
+
+async def test_a_legitimate_purge_of_expired_uses_raises_nothing(fresh_database: Callable[[], Any],
+                                                                 api_factory: Callable[..., Any]) -> None:
+    """Uses purged by retention on an instance whose clock is an hour ahead: verify stays ok and the
+    leader raises no ledger_tamper."""
+    api, dsn = await fresh_api(api_factory, fresh_database, nonce_max_ttl_s=60)
+    for _ in range(20):
+        assert (await nonce(api, secrets.token_hex(8), ttl_s=30))["decision"] == "accept"
+    alice, secret = uid("alice"), pyotp.random_base32()
+    await api.enroll(alice, type="hotp", secret=secret)
+    for counter in range(5):
+        assert (await otp(api, alice, pyotp.HOTP(secret).at(counter)))["decision"] == "accept"
+    # Purged by another instance whose clock is an hour ahead of this one's.
+    await purge_expired(api.runtime.pool, api.runtime.now_us() + 3600 * 1_000_000)
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uses") == 0
+        assert await conn.fetchval("SELECT count(*) FROM spent_nonces") == 20
+    finally:
+        await conn.close()
+    report = await verify(api)
+    assert report["ok"] is True and report["state"]["ok"] is True, report
+    # The leader sweeps the whole (short) ledger each tick: two more ticks have looked at it after the purge.
+    feed = api.client.app[ANALYSTS].feed
+    ticks = feed.state_ticks
+
+    async def swept_twice() -> bool:
+        return feed.state_ticks >= ticks + 2
+
+    await until(swept_twice, "two more state-check ticks of the leader", timeout=30)
+    assert not await tamper_alerts(api)
+
+
+async def test_migration_016_remembers_nonces_purged_before_spent_nonces_existed(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """A nonce use purged the pre-010 way (row gone, no spent digest) is put back by 016: verify
+    agrees and the nonce stays refused."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    value = secrets.token_hex(8)
+    used = await nonce(api, value)
+    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
+    assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]
+    sql = (Path(__file__).parents[2] / "migrations" / "016_state_check.sql").read_text()
+    backfill = sql[sql.index("INSERT INTO spent_nonces"):]
+    await superuser(dsn, backfill[:backfill.index(";") + 1])
+    assert (await verify(api))["ok"] is True
+    assert (await nonce(api, value))["decision"] == "reject"
