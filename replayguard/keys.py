@@ -63,15 +63,23 @@ def _read_key(path: Path, data_dir: Path) -> bytes:
     return raw
 
 
+def _make_keys_dir(keys_dir: Path, data_dir: Path) -> None:
+    """Creates the keys dir (0700, for the data dir's owner) unless it exists; a process
+    that loses the race to create it uses the winner's."""
+    try:
+        keys_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    adopt(keys_dir, data_dir)
+
+
 def _create_key(path: Path, data_dir: Path) -> bytes:
     """Creates a key file atomically: a reader never sees it half written, and of two
     processes creating it at once, one wins and the other reads the winner's key."""
     raw = secrets.token_bytes(KEY_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(mode=0o700)
-            adopt(path.parent, data_dir)
+        _make_keys_dir(path.parent, data_dir)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(raw.hex() + "\n")
