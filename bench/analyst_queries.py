@@ -26,12 +26,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replayguard import db
 from replayguard import logging as rglog
 from replayguard.core import checkpoints as cps
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
 from replayguard.keys import load_keys
+from replayguard.pg import connections, schema
 from replayguard.settings import Secret, Settings
 
 ADMIN = os.environ.get("REPLAYGUARD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -81,7 +81,7 @@ async def create_db(prefix: str) -> str:
     finally:
         await admin.close()
     dsn = ADMIN.rpartition("/")[0] + "/" + name
-    await db.migrate_dsn(dsn)
+    await schema.migrate_dsn(dsn)
     return dsn
 
 
@@ -96,7 +96,7 @@ async def drop_db(dsn: str) -> None:
 async def seed(dsn: str, entries: int, alerts: int, vms: int, settings: Settings) -> None:
     """Chained ledger rows in batches, VMs, alerts linked to entries, and a signed checkpoint
     of the head (so the service does not re-verify the whole seeded ledger on start)."""
-    conn = await db.connect(dsn, statement_timeout_ms=0)
+    conn = await connections.connect(dsn, statement_timeout_ms=0)
     try:
         await conn.execute(SEED_FN)
         for start in range(0, entries, 50_000):

@@ -40,15 +40,15 @@ import asyncpg
 import structlog
 from redis.exceptions import RedisError
 
-from . import db
 from .alerts import AlertService, render, sink_record
 from .core import checkpoints as cps
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import Finding
-from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import ConfigError, Unavailable
 from .fanout import AlertFanout
 from .ledger import LedgerService
+from .pg import connections
+from .pg.connections import UNAVAILABLE_ERRORS, acquire
 from .retention import PURGE_BATCH, purge_expired
 from .runtime import Runtime
 from .settings import Settings
@@ -188,7 +188,7 @@ class AlertFeed:
         delay = 0.1
         while not self._stopping:
             try:
-                conn = await db.connect(self._rt.dsn)
+                conn = await connections.connect(self._rt.dsn)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("alert_feed_connect_failed", error=type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)

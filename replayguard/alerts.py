@@ -19,8 +19,8 @@ import asyncpg
 from .apitokens import Caller
 from .core import cursors, validation
 from .core.timefmt import rfc3339_us, to_us
-from .db import acquire
 from .errors import InvalidRequest, NotFound
+from .pg.connections import acquire
 
 SEVERITIES = ("info", "warning", "critical")
 STATUSES = ("open", "acknowledged")

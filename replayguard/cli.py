@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
 # --- migrate, token -------------------------------------------------------------------
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from . import db
+    from .pg import connections, schema
     from .runtime import resolve_dsn
 
     async def run() -> int:
         dsn = resolve_dsn(settings)
-        await db.check_reachable(dsn)
-        applied = await db.migrate_dsn(dsn)
+        await connections.check_reachable(dsn)
+        applied = await schema.migrate_dsn(dsn)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""), file=sys.stderr)
         return 0
 

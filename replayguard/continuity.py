@@ -31,10 +31,10 @@ from .core import checkpoints as cps
 from .core import continuity
 from .core.checkpoints import Checkpoint
 from .core.continuity import Statement, Verdict
-from .db import UNAVAILABLE_ERRORS, acquire
 from .errors import LedgerRollback, Unavailable
 from .keys import Keys
 from .metrics import BackgroundWork
+from .pg.connections import UNAVAILABLE_ERRORS, acquire
 from .settings import Settings
 from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 

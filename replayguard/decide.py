@@ -16,7 +16,6 @@ from typing import Any
 import structlog
 
 from .apitokens import Caller
-from .appender import Appender, Outcome
 from .core import otp, receipts
 from .core.continuity import nonce_before_recovery
 from .core.credentials import nonce_digest, otp_digest
@@ -27,6 +26,7 @@ from .core.validation import NonceRequest, OtpRequest
 from .errors import Forbidden
 from .fanout import AlertFanout
 from .keys import Keys
+from .pg.appender import Appender, Outcome
 from .tokens import OtpToken, TokenStore
 
 log = structlog.get_logger(__name__)

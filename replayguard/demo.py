@@ -28,9 +28,9 @@ import asyncpg
 import pyotp
 from aiohttp import web
 
-from .db import stop_embedded
 from .http.app import create_app
 from .http.state import RUNTIME
+from .pg.connections import stop_embedded
 from .settings import Secret, Settings
 
 

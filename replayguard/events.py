@@ -21,9 +21,9 @@ import structlog
 from .apitokens import Caller
 from .core import event_input, windows
 from .core.events import EventType, GenericEvent
-from .db import acquire
 from .errors import Conflict, Forbidden, NotFound
 from .fanout import AlertFanout
+from .pg.connections import acquire
 
 log = structlog.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from .core import checkpoints as cps
 from .core.chain import GENESIS, Entry
 from .core.checkpoints import Checkpoint
 from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
-from .db import acquire
 from .decide import clock_guard_scope
+from .pg.connections import acquire
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ import asyncpg
 from .apitokens import Caller
 from .core import cursors, validation
 from .core.timefmt import rfc3339_us
-from .db import acquire
 from .errors import InvalidRequest, NotFound
+from .pg.connections import acquire
 
 MAX_TOKENS_SHOWN = 50
 _PAGE = """

@@ -32,7 +32,7 @@ from .core import checkpoints as cps
 from .core import continuity
 from .core.checkpoints import Checkpoint
 from .core.continuity import Verdict
-from .db import acquire
+from .pg.connections import acquire
 
 HOTP_BURNT = 2**62  # an HOTP credential's counter after a recovery: no code of it is accepted again
 

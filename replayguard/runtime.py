@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from . import db
 from .apitokens import ApiTokens
-from .appender import Appender, DecideParams
 from .continuity import ContinuityGuard
 from .decide import DecisionConfig, DecisionService
 from .fanout import AlertFanout
 from .keys import Keys, load_keys
 from .metrics import Metrics
+from .pg import connections, schema
+from .pg.appender import Appender, DecideParams
 from .settings import Settings
 from .tokens import TokenStore
 
@@ -54,14 +54,14 @@ def resolve_dsn(settings: Settings) -> str:
     """The database URL, starting the embedded PostgreSQL when none is configured."""
     if settings.database_url is not None:
         return settings.database_url.reveal()
-    return db.embedded_url(settings.data_dir)
+    return connections.embedded_url(settings.data_dir)
 
 
 async def prepare_database(settings: Settings) -> str:
     """Resolves the DSN, checks the server answers, applies pending migrations."""
     dsn = resolve_dsn(settings)
-    await db.check_reachable(dsn)
-    await db.migrate_dsn(dsn)
+    await connections.check_reachable(dsn)
+    await schema.migrate_dsn(dsn)
     return dsn
 
 
@@ -73,7 +73,8 @@ async def open_runtime(
     keys = load_keys(settings)
     if dsn is None:
         dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
-    pool = await db.create_pool(dsn, size=settings.db_pool_size, statement_timeout_ms=settings.statement_timeout_ms)
+    pool = await connections.create_pool(dsn, size=settings.db_pool_size,
+                                         statement_timeout_ms=settings.statement_timeout_ms)
     metrics = Metrics()
     fanout = AlertFanout.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
     params = DecideParams(settings.lockout_threshold, settings.lockout_period_s * 1_000_000,

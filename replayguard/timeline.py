@@ -17,8 +17,8 @@ import asyncpg
 
 from .alerts import render_entry, render_window
 from .core.timefmt import rfc3339_us
-from .db import acquire
 from .errors import NotFound
+from .pg.connections import acquire
 
 _VMS = (
     "SELECT v.*, (SELECT count(*) FROM alerts a WHERE a.vm_id = v.vm_id AND a.status = 'open') AS open_alerts,"

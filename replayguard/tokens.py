@@ -27,9 +27,9 @@ import pyotp
 from .aio import running_loop
 from .core.credentials import otp_digest, secret_fingerprint
 from .core.validation import EnrollRequest
-from .db import KeptConnection, acquire
 from .errors import NotFound, Unavailable
 from .keys import Keys
+from .pg.connections import KeptConnection, acquire
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0

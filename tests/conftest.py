@@ -32,10 +32,10 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from replayguard import db
 from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
 from replayguard.http.state import RUNTIME
+from replayguard.pg import schema
 from replayguard.runtime import Runtime
 from replayguard.settings import Secret, Settings
 
@@ -116,7 +116,7 @@ async def create_database(prefix: str = "rg_test") -> str:
     finally:
         await admin.close()
     dsn = dsn_for(name)
-    await db.migrate_dsn(dsn)
+    await schema.migrate_dsn(dsn)
     return dsn
 
 

@@ -18,7 +18,6 @@ import structlog
 from aiohttp import web
 
 from ..apitokens import Caller
-from ..db import UNAVAILABLE_ERRORS
 from ..errors import (
     ClientError,
     Forbidden,
@@ -30,6 +29,7 @@ from ..errors import (
     Unavailable,
 )
 from ..logging import REQUEST_CONTEXT, request_line
+from ..pg.connections import UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from ..db import UNAVAILABLE_ERRORS
+from ..pg.connections import UNAVAILABLE_ERRORS
 from .common import Route, json_response
 from .state import RUNTIME
 

@@ -1,6 +1,6 @@
 """Servers a test owns and may stop, crash and restart: PostgreSQL and Redis.
 
-``OwnedPostgres`` is the service's embedded server (``replayguard.embedded``) in a test's
+``OwnedPostgres`` is the service's embedded server (``replayguard.pg.embedded``) in a test's
 directory, stopped with ``pg_ctl -m immediate`` (an abrupt stop, like a crash) and started
 again on the same data directory and socket, so its URL does not change. ``OwnedRedis`` is a
 ``redis-server`` subprocess on a Unix socket of its own (no TCP port to pick and release,
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from replayguard.embedded import EmbeddedServer, claim_data_dir
+from replayguard.pg.embedded import EmbeddedServer, claim_data_dir
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

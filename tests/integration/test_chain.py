@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from replayguard import db
 from replayguard.core.chain import GENESIS, Entry, entry_hash
+from replayguard.pg import connections
 
 
 async def test_sql_chain_matches_python(fresh_database: Callable[[], Any]) -> None:
     """Entries appended through rg_decide and rg_append recompute to the stored hashes."""
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         await conn.execute("SELECT rg_append(1, 'enroll', NULL, 'alice', NULL, NULL, NULL, $1::jsonb)",
                            {"token_id": "otp_x", "note": "é\u2028\"quoted\""})
@@ -39,7 +39,7 @@ async def test_ledger_is_append_only(fresh_database: Callable[[], Any]) -> None:
     import asyncpg
     import pytest
 
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         await conn.execute("SELECT rg_append(1, 'enroll', NULL, 'alice', NULL, NULL, NULL, '{}'::jsonb)")
         for statement in ("UPDATE ledger SET reason = 'x'", "DELETE FROM ledger"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from replayguard import db
+from replayguard.pg import connections
 
 PERIOD = 30
 STEP = 59_666_666  # a TOTP step of about 2026-09-22
@@ -42,7 +42,7 @@ async def _token(conn: Any, tok: str, principal: str) -> None:
 
 async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any]) -> None:
     """Items of one rg_decide batch see each other's writes: a nonce or step used earlier in the batch is reused."""
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         await _token(conn, "tok-a", "alice")
         await _token(conn, "tok-b", "bob")
@@ -75,7 +75,7 @@ async def test_the_clock_guard_raised_earlier_in_a_batch_applies_to_later_items(
     fresh_database: Callable[[], Any],
 ) -> None:
     """A clock guard an earlier item raises refuses a later item from behind it, and last-seen times never go back."""
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         await _token(conn, "tok-a", "alice")
         await _token(conn, "tok-b", "bob")
@@ -107,7 +107,7 @@ async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses
     to 5,300 rows and ``pg_stat_xact_user_tables`` counts the rows a transaction read
     from it, by sequential scan and by index.
     """
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         await _fill_uses(conn, 1, 300)
         await conn.execute("ANALYZE uses")

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from replayguard.embedded import HBA, SERVICE_USER, EmbeddedServer, claim_data_dir
+from replayguard.pg.embedded import HBA, SERVICE_USER, EmbeddedServer, claim_data_dir
 from tests.conftest import cli_env, run_cli
 from tests.integration.owned_servers import scratch_dir, stop_embedded
 
@@ -237,7 +237,7 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_opened(monkeypatch
     server runs from a copy in the data dir and the closed directory keeps its mode."""
     import shutil
 
-    import replayguard.embedded as embedded
+    import replayguard.pg.embedded as embedded
 
     with scratch_dir() as scratch:
         closed = scratch / "root-home"

@@ -21,7 +21,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from replayguard.embedded import WORKLOAD_SETTINGS, EmbeddedServer, claim_data_dir
+from replayguard.pg.embedded import WORKLOAD_SETTINGS, EmbeddedServer, claim_data_dir
 from tests.conftest import cli_env, dead_url, run_cli, uid
 from tests.integration.owned_servers import OwnedPostgres, scratch_dir, stop_embedded
 

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from replayguard import db
 from replayguard.core.validation import enroll_request
 from replayguard.keys import load_keys
+from replayguard.pg import connections
 from replayguard.tokens import TokenStore
 from tests.waiting import blocked_by
 
@@ -25,10 +25,10 @@ async def test_deleting_a_token_during_a_login_batch_does_not_deadlock(
     pg_stat_activity), and completes once the batch, which then writes the token row, commits."""
     dsn = await fresh_database()
     keys = load_keys(make_settings())
-    pool = await db.create_pool(dsn, size=4, statement_timeout_ms=10_000)
+    pool = await connections.create_pool(dsn, size=4, statement_timeout_ms=10_000)
     store = TokenStore(pool, keys)
-    batch = await db.connect(dsn)
-    monitor = await db.connect(dsn)
+    batch = await connections.connect(dsn)
+    monitor = await connections.connect(dsn)
     try:
         enrolled = await store.enroll("alice", enroll_request({}), 1)
         # A decision batch in flight: it holds the head and is about to consume a step.

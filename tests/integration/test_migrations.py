@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from replayguard import db
+from replayguard.pg import connections, schema
 from tests.conftest import PG_ADMIN, drop_database, dsn_for
 
 FROZEN = Path(__file__).resolve().parents[1] / "data" / "schema"
@@ -57,10 +57,10 @@ def schema_of(dsn: str) -> str:
                      if not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
-async def _run(dsn: str, *, migrations: list[db.Migration] | None = None) -> list[str]:
-    conn = await db.connect(dsn)
+async def _run(dsn: str, *, migrations: list[schema.Migration] | None = None) -> list[str]:
+    conn = await connections.connect(dsn)
     try:
-        return await db.migrate(conn, migrations)
+        return await schema.migrate(conn, migrations)
     finally:
         await conn.close()
 
@@ -83,25 +83,25 @@ async def test_migrate_from_zero_then_noop(new_database: Callable[[], Awaitable[
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
     finally:
         await conn.close()
-    assert first == ([m.name for m in db.load_migrations()]
-                     + [f"functions/{f.name}.sql" for f in db.load_functions()])
+    assert first == ([m.name for m in schema.load_migrations()]
+                     + [f"functions/{f.name}.sql" for f in schema.load_functions()])
     assert second == []
-    assert versions == sorted(m.version for m in db.load_migrations())
+    assert versions == sorted(m.version for m in schema.load_migrations())
 
 
 async def test_a_changed_function_file_is_applied_again(new_database: Callable[[], Awaitable[str]]) -> None:
     """Only a function whose file's content changed is re-applied, and the new body is what runs."""
     dsn = await new_database()
     await _run(dsn)
-    functions = db.load_functions()
-    changed = [db.StoredFunction(f.name, f.sql.replace("ELSE 1 END", "ELSE 0 END"))
+    functions = schema.load_functions()
+    changed = [schema.StoredFunction(f.name, f.sql.replace("ELSE 1 END", "ELSE 0 END"))
                if f.name == "rg_severity_rank" else f for f in functions]
     assert changed != functions
-    conn = await db.connect(dsn)
+    conn = await connections.connect(dsn)
     try:
-        applied = await db.migrate(conn, functions=changed)
+        applied = await schema.migrate(conn, functions=changed)
         rank = await conn.fetchval("SELECT rg_severity_rank('info')")
-        await db.migrate(conn)  # and back, for the digest check below
+        await schema.migrate(conn)  # and back, for the digest check below
     finally:
         await conn.close()
     assert applied == ["functions/rg_severity_rank.sql"]
@@ -122,8 +122,8 @@ async def test_the_schema_deployed_before_functions_moved_upgrades_to_a_fresh_on
     finally:
         await conn.close()
     applied = await _run(old)
-    later = [m.name for m in db.load_migrations() if m.version > 7]  # numbered migrations added since
-    assert applied == later + [f"functions/{f.name}.sql" for f in db.load_functions()]
+    later = [m.name for m in schema.load_migrations() if m.version > 7]  # numbered migrations added since
+    assert applied == later + [f"functions/{f.name}.sql" for f in schema.load_functions()]
     assert schema_of(old) == schema_of(fresh)
     assert await _function_digests(old) == await _function_digests(fresh)
 
@@ -133,7 +133,7 @@ async def test_every_numbered_version_upgrades_to_a_fresh_schema(new_database: C
     fresh = await new_database()
     await _run(fresh)
     expected = schema_of(fresh)
-    migrations = db.load_migrations()
+    migrations = schema.load_migrations()
     for stop in range(1, len(migrations)):
         dsn = await new_database()
         await _run(dsn, migrations=migrations[:stop])

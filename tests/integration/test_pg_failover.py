@@ -18,7 +18,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from replayguard import db
+from replayguard.pg import schema
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, cli_env, run_cli
 from tests.integration import pg_cluster
@@ -49,7 +49,7 @@ async def cluster(root: Path, servers: list[pg_cluster.Server], *, synchronous: 
         await admin.execute("CREATE DATABASE rg")
     finally:
         await admin.close()
-    await db.migrate_dsn(primary.url("rg"))
+    await schema.migrate_dsn(primary.url("rg"))
     standby = await asyncio.to_thread(pg_cluster.make_standby, root / "pg", primary)
     servers.append(standby)
     if synchronous:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyotp
 
-from replayguard import db
+from replayguard.pg import connections
 from replayguard.retention import purge_expired
 from tests.conftest import Api, uid
 
@@ -15,13 +15,13 @@ from tests.conftest import Api, uid
 async def test_purge_removes_only_expired_uses(fresh_database: Callable[[], Any]) -> None:
     """Uses past expires_us go, in batches, oldest first; unexpired and never-expiring ones stay."""
     dsn = await fresh_database()
-    conn = await db.connect(dsn)
+    conn = await connections.connect(dsn)
     try:
         await conn.execute(
             "INSERT INTO uses SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), 'nonce', 'vm', 's', i, i,"
             " CASE WHEN i <= 30 THEN 1000 + i WHEN i <= 40 THEN 10000000 ELSE NULL END"
             " FROM generate_series(1, 50) i")
-        pool = await db.create_pool(dsn, size=2, statement_timeout_ms=5000)
+        pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=5000)
         try:
             assert await purge_expired(pool, now_us=5000, limit=20) == 20
             assert await purge_expired(pool, now_us=5000, limit=20) == 10

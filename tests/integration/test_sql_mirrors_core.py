@@ -12,8 +12,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from replayguard import db
 from replayguard.core.windows import Window
+from replayguard.pg import connections
 
 SEED = 20261202
 VMS = ("vm-a", "vm-b", "vm-c")
@@ -37,7 +37,7 @@ def _cases(rng: random.Random, count: int) -> tuple[list[Window], list[tuple[str
 async def test_rg_at_risk_agrees_with_window_covers(fresh_database: Callable[[], Any]) -> None:
     """For every generated point, rg_at_risk finds a window exactly when some Window.covers it."""
     rng = random.Random(SEED)
-    conn = await db.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database())
     try:
         for round_ in range(5):
             windows, points = _cases(rng, count=1 + round_ * 6)

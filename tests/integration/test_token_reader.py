@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from replayguard import db
 from replayguard.errors import Unavailable
+from replayguard.pg import connections
 from replayguard.tokens import TokenReader
 from tests.waiting import blocked_by
 
 
 async def _seed(dsn: str, principals: list[str]) -> None:
-    conn = await db.connect(dsn)
+    conn = await connections.connect(dsn)
     try:
         tokens = [(f"otp_{p}_{k}", p) for p in principals for k in range(2)]
         await conn.executemany("INSERT INTO otp_credentials (fingerprint) VALUES ($1)",
@@ -43,7 +43,7 @@ async def test_concurrent_misses_share_queries(fresh_database: Callable[[], Any]
     dsn = await fresh_database()
     principals = [f"p{i}" for i in range(64)]
     await _seed(dsn, principals)
-    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    pool = await connections.create_pool(dsn, size=3, statement_timeout_ms=5000)
     reader = CountingReader(pool)
     reader.queries = []
     try:
@@ -65,7 +65,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_read(fresh_database: Calla
     """Cancelling one waiter of a shared token read leaves the read running for the other waiter."""
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
-    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    pool = await connections.create_pool(dsn, size=3, statement_timeout_ms=5000)
     reader = TokenReader(pool)
     try:
         first = asyncio.create_task(reader.read("alice"))
@@ -85,9 +85,9 @@ async def test_a_connection_lost_during_a_read_fails_closed_then_recovers(fresh_
     answers 503), never an empty or wrong answer; the next read reconnects and answers."""
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
-    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    pool = await connections.create_pool(dsn, size=3, statement_timeout_ms=5000)
     reader = TokenReader(pool)
-    admin, monitor = await db.connect(dsn), await db.connect(dsn)
+    admin, monitor = await connections.connect(dsn), await connections.connect(dsn)
     try:
         assert len(await reader.read("bob")) == 2
         locker = admin.transaction()
@@ -112,9 +112,9 @@ async def test_a_connection_lost_while_idle_never_gives_a_wrong_answer(fresh_dat
     reconnected) or Unavailable, never a wrong or empty one; the next read works again."""
     dsn = await fresh_database()
     await _seed(dsn, ["alice", "bob"])
-    pool = await db.create_pool(dsn, size=3, statement_timeout_ms=5000)
+    pool = await connections.create_pool(dsn, size=3, statement_timeout_ms=5000)
     reader = TokenReader(pool)
-    admin = await db.connect(dsn)
+    admin = await connections.connect(dsn)
     try:
         assert len(await reader.read("bob")) == 2
         # Kill the reader's kept connection server-side, as a restart of PostgreSQL would.

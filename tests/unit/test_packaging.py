@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from replayguard import db
+from replayguard.pg import schema
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,18 +31,18 @@ def test_the_sql_directories_are_mapped_into_the_package() -> None:
 
 def test_the_shipped_sql_is_loaded_through_importlib_resources() -> None:
     """load_migrations and load_functions find every file of the tree's SQL directories."""
-    assert [m.name for m in db.load_migrations()] == sorted(p.name for p in (REPO / "migrations").glob("*.sql"))
+    assert [m.name for m in schema.load_migrations()] == sorted(p.name for p in (REPO / "migrations").glob("*.sql"))
     function_files = (REPO / "migrations" / "functions").glob("*.sql")
-    assert [f.name for f in db.load_functions()] == sorted(p.stem for p in function_files)
+    assert [f.name for f in schema.load_functions()] == sorted(p.stem for p in function_files)
 
 
 def test_no_function_is_defined_outside_its_own_file() -> None:
     """Numbered migrations hold no CREATE FUNCTION or CREATE TRIGGER;
     each function file defines the function it is named for."""
-    for migration in db.load_migrations():
+    for migration in schema.load_migrations():
         upper = migration.sql.upper()
         assert "CREATE FUNCTION" not in upper and "CREATE OR REPLACE FUNCTION" not in upper, migration.name
         assert "CREATE TRIGGER" not in upper, migration.name
-    for function in db.load_functions():
+    for function in schema.load_functions():
         assert f"CREATE OR REPLACE FUNCTION {function.name}(" in function.sql, function.name
         assert function.sql.count("CREATE OR REPLACE FUNCTION") == 1, function.name

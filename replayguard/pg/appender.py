@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 import asyncpg
 import structlog
 
-from .aio import running_loop
-from .core.decide_item import DecideItem
-from .core.decisions import Flag, Reason, Verdict
-from .db import KeptConnection
-from .errors import Unavailable
+from ..aio import running_loop
+from ..core.decide_item import DecideItem
+from ..core.decisions import Flag, Reason, Verdict
+from ..errors import Unavailable
+from .connections import KeptConnection
 
 log = structlog.get_logger(__name__)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SERVICE_USER = "replayguard"
 SUPERUSER = "postgres"

@@ -1,0 +1,2 @@
+"""The PostgreSQL adapter: connections, the schema's migrations, the embedded server, and
+the group-commit appender that hands decisions to ``rg_decide``."""
