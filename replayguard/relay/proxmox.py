@@ -46,16 +46,16 @@ import structlog
 
 from ..errors import ConfigError
 from ..settings import Secret
-from .cli import (
-    _Parser,
-    _pick,
-    _required,
-    _service_url,
-    _token,
+from .options import (
+    Parser,
     add_secret_flag,
+    checked_service_url,
     configure_logging,
     event_secret,
+    pick,
     prepare_spool,
+    read_token,
+    required,
 )
 from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record
 from .proxmox_tasks import (
@@ -238,7 +238,7 @@ async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="replayguard-relay-proxmox",
+    p = Parser(prog="replayguard-relay-proxmox",
                 description="Post finished Proxmox VE VM tasks to replayguard.")
     p.add_argument("--service-url", help="replayguard base URL, e.g. https://replayguard:8080")
     p.add_argument("--token-file", help="file holding a replayguard token of role hypervisor")
@@ -272,8 +272,8 @@ def _secret_file(path: str, flag: str) -> Secret:
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConfig, bool]:
     """Flags and ``REPLAYGUARD_RELAY_*`` → (config, read stdin); problems are ConfigError."""
     args = _parser().parse_args(list(argv))
-    api_url = _pick(args.api_url, env, "pve-api-url")
-    api_token_file = _pick(args.api_token_file, env, "pve-token-file")
+    api_url = pick(args.api_url, env, "pve-api-url")
+    api_token_file = pick(args.api_token_file, env, "pve-token-file")
     if not args.from_stdin and (api_url is None or api_token_file is None):
         raise ConfigError("give --api-url and --api-token-file, or --from-stdin", field="api-url")
     if not 0 < args.interval <= 3600:
@@ -283,20 +283,20 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConf
         raise ConfigError("--lookup api needs --api-url and --api-token-file", field="lookup")
     tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else True
     config = PollerConfig(
-        service_url=_service_url(_required(_pick(args.service_url, env, "service-url"), "service-url")),
-        token=_token(_pick(args.token_file, env, "token-file"), env),
-        spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
-        event_secret=event_secret(_pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
+        service_url=checked_service_url(required(pick(args.service_url, env, "service-url"), "service-url")),
+        token=read_token(pick(args.token_file, env, "token-file"), env),
+        spool_dir=Path(required(pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
+        event_secret=event_secret(pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
         api_url=api_url, api_token=_secret_file(api_token_file, "--api-token-file") if api_token_file else None,
         tls=False if args.insecure else tls, lookup=lookup,
-        cluster=_pick(args.cluster, env, "cluster"), interval=args.interval,
+        cluster=pick(args.cluster, env, "cluster"), interval=args.interval,
         once=args.once or args.from_stdin,
     )
     return config, args.from_stdin
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m replayguard.relay.proxmox``; returns the exit status."""
+    """``replayguard-relay proxmox …`` (or ``python -m replayguard.relay.proxmox``); returns the exit status."""
     try:
         config, from_stdin = load_config(sys.argv[1:] if argv is None else argv, os.environ)
         prepare_spool(config.spool_dir)

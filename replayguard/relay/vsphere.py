@@ -47,16 +47,16 @@ from aiohttp import web
 
 from ..errors import ConfigError
 from ..settings import Secret
-from .cli import (
-    _Parser,
-    _pick,
-    _required,
-    _service_url,
-    _token,
+from .options import (
+    Parser,
     add_secret_flag,
+    checked_service_url,
     configure_logging,
     event_secret,
+    pick,
     prepare_spool,
+    read_token,
+    required,
 )
 from .spool import (
     REFUSED_HINTS,
@@ -295,7 +295,7 @@ def create_app(config: ForwarderConfig) -> web.Application:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="replayguard-relay-vsphere", description="Forward VEBA CloudEvents to replayguard.")
+    p = Parser(prog="replayguard-relay-vsphere", description="Forward VEBA CloudEvents to replayguard.")
     p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", help="port to listen on (default: $PORT, as Knative sets it, else 8080)")
     p.add_argument("--service-url", help="replayguard base URL")
@@ -312,16 +312,16 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[ForwarderC
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"--port must be 1-65535, got {port_text!r}", field="port")
     config = ForwarderConfig(
-        service_url=_service_url(_required(_pick(args.service_url, env, "service-url"), "service-url")),
-        token=_token(_pick(args.token_file, env, "token-file"), env),
-        spool_dir=Path(_required(_pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
-        event_secret=event_secret(_pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
+        service_url=checked_service_url(required(pick(args.service_url, env, "service-url"), "service-url")),
+        token=read_token(pick(args.token_file, env, "token-file"), env),
+        spool_dir=Path(required(pick(args.spool_dir, env, "spool-dir"), "spool-dir")),
+        event_secret=event_secret(pick(args.event_hmac_secret_file, env, "event-hmac-secret-file"), env),
     )
     return config, args.listen, int(port_text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m replayguard.relay.vsphere``; returns the exit status."""
+    """``replayguard-relay vsphere …`` (or ``python -m replayguard.relay.vsphere``); returns the exit status."""
     try:
         config, host, port = load_config(sys.argv[1:] if argv is None else argv, os.environ)
         prepare_spool(config.spool_dir)

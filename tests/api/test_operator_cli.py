@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from replayguard.cli.operator import printable, table
 from replayguard.http.analysts import ANALYSTS
-from replayguard.operator_cli import printable, table
 from tests.browser.test_console import play_the_story
 from tests.conftest import REPO, Api, cli_env, dead_url, uid
 

@@ -174,7 +174,7 @@ def _cli_as(user: str, *argv: str) -> tuple[int, str]:
     """
     import replayguard.keys
     import replayguard.runtime  # noqa: F401 - loaded while the files are still readable
-    from replayguard.cli import main
+    from replayguard.cli.main import main
 
     entry = pwd.getpwnam(user)
     read_end, write_end = os.pipe()

@@ -16,10 +16,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from replayguard.cli.sinks import probe_record
 from replayguard.core import siem
 from replayguard.settings import Secret
 from replayguard.sinks import parse_sink_spec
-from replayguard.sinks_cli import probe_record
 from tests.api.test_rollback_attack import alice, event, login
 from tests.conftest import REPO, Api, cli_env, uid
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from replayguard.cli import build_parser
-from replayguard.completion import bash_script
+from replayguard.cli.completion import bash_script
+from replayguard.cli.main import build_parser
 
 
 def complete(words: list[str]) -> list[str]:

@@ -367,3 +367,10 @@ def test_main_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["libvirt", "--uri", "test:///default"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("replayguard-relay: error: --service-url")
+
+
+@pytest.mark.parametrize("kind", ["proxmox", "vsphere"])
+def test_one_entry_point_runs_every_relay(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`replayguard-relay proxmox|vsphere …` hands the rest of the command line to that relay."""
+    assert cli.main([kind, "--help"]) == 0
+    assert f"usage: replayguard-relay-{kind}" in capsys.readouterr().out

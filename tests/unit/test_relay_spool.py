@@ -119,7 +119,7 @@ def test_mkdir_failure_is_one_line(tmp_path: Path) -> None:
 def test_cli_reads_the_event_secret_from_a_file_or_the_environment(tmp_path: Path) -> None:
     """--event-hmac-secret-file wins over REPLAYGUARD_RELAY_EVENT_HMAC_SECRET;
     neither means unsigned; an empty file is an error."""
-    from replayguard.relay.cli import event_secret
+    from replayguard.relay.options import event_secret
 
     secret_file = tmp_path / "secret"
     secret_file.write_text("from-file\n")

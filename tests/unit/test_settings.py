@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from replayguard.cli import build_parser, settings_from_args
+from replayguard.cli.main import build_parser, settings_from_args
 from replayguard.errors import ConfigError
 from replayguard.settings import OPTIONS, Secret, Settings, load_settings, markdown_table
 from tests.conftest import REPO

@@ -28,10 +28,10 @@ import asyncpg
 import pyotp
 from aiohttp import web
 
-from .http.app import create_app
-from .http.state import RUNTIME
-from .pg.connections import stop_embedded
-from .settings import Secret, Settings
+from ..http.app import create_app
+from ..http.state import RUNTIME
+from ..pg.connections import stop_embedded
+from ..settings import Secret, Settings
 
 
 def register(sub: Any) -> None:
@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--data-dir", help="keep the demo's state here (default: a temporary folder)")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
-    from .cli import add_setting_flags
+    from .main import add_setting_flags
 
     add_setting_flags(parser)
     parser.set_defaults(handler=cmd_demo)
@@ -198,7 +198,7 @@ async def _host_rollback(client: DemoClient, runtime: Any, settings: Settings, u
     say.say(f"The attacker replays the nonce against the restored ledger: HTTP {status} {code}.")
     say.detail("The restored database forgot the use, but the witness holds a later checkpoint: "
                "no decision is served, /readyz is 503 and a critical ledger_rollback alert is raised.")
-    from . import recovery
+    from .. import recovery
 
     done = await recovery.record(runtime.pool, runtime.keys.signing_key(), runtime.continuity.held_checkpoints(),
                                  "demo: restored last night's backup", recovery.operator(), runtime.now_us(),
@@ -217,7 +217,7 @@ async def _host_rollback(client: DemoClient, runtime: Any, settings: Settings, u
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from .cli import run_async
+    from .main import run_async
 
     if args.data_dir:
         return run_async(_run(settings))

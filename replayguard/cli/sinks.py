@@ -14,11 +14,11 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from . import __version__
-from .alertfeed import sink_configs
-from .core.timefmt import rfc3339_us
-from .settings import Settings
-from .sinks import DeliveryError, SinkConfig, build_sink
+from .. import __version__
+from ..alertfeed import sink_configs
+from ..core.timefmt import rfc3339_us
+from ..settings import Settings
+from ..sinks import DeliveryError, SinkConfig, build_sink
 
 SEND_TIMEOUT_S = 10.0
 
@@ -69,7 +69,7 @@ def cmd_test(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(sub: Any) -> None:
-    from .cli import add_setting_flags
+    from .main import add_setting_flags
 
     sinks = sub.add_parser("sinks", help="external alert sinks")
     cmds = sinks.add_subparsers(dest="sinks_command", required=True)

@@ -3,7 +3,7 @@
 The URL comes from ``--url`` or ``REPLAYGUARD_URL`` (default ``http://127.0.0.1:8080``),
 the token from ``--token-file``, ``REPLAYGUARD_TOKEN_FILE`` or ``REPLAYGUARD_TOKEN``. A
 failed request becomes ``CommandFailed`` carrying the exit status it maps to (see
-``operator_cli``). Standard library only (``urllib``): one request at a time, and the
+``cli/operator.py``). Standard library only (``urllib``): one request at a time, and the
 alert stream read line by line.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def printable(value: object) -> str:

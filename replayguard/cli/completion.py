@@ -63,7 +63,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
 
 
 def cmd_completion(args: argparse.Namespace, _settings: object) -> int:
-    from .cli import build_parser
+    from .main import build_parser
 
     print(bash_script(build_parser()), end="")
     return 0

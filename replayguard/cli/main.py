@@ -17,10 +17,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
-from . import __version__
-from . import logging as rglog
-from .errors import ConfigError, ReplayGuardError
-from .settings import OPTION, OPTIONS, Settings, load_settings
+from .. import __version__
+from .. import logging as rglog
+from ..errors import ConfigError, ReplayGuardError
+from ..settings import OPTION, OPTIONS, Settings, load_settings
+from . import completion, demo, ledger, operator, sinks
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -86,20 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands contributed by other modules (demo, ledger, operator commands) when present."""
-    found = []
-    for module_name in ("replayguard.demo", "replayguard.ledger_cli", "replayguard.operator_cli",
-                        "replayguard.sinks_cli", "replayguard.completion"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        register = getattr(module, "register", None)
-        if register is not None:
-            found.append(register)
-    return found
+    """The subcommands the other modules of ``cli/`` define (demo, ledger, operator commands,
+    sinks, completion); each registers its own parser."""
+    return [demo.register, ledger.register, operator.register, sinks.register, completion.register]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -143,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 # --- migrate, token -------------------------------------------------------------------
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from .pg import connections, schema
-    from .runtime import resolve_dsn
+    from ..pg import connections, schema
+    from ..runtime import resolve_dsn
 
     async def run() -> int:
         dsn = resolve_dsn(settings)
@@ -157,19 +147,14 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
-    """`replayguard relay libvirt|proxmox|vsphere …`: each relay parses its own flags."""
-    rest = list(args.relay_args)
-    kind = rest[0] if rest else ""
-    if kind in ("proxmox", "vsphere"):
-        module = __import__(f"replayguard.relay.{kind}", fromlist=["main"])
-        return int(module.main(rest[1:]))
-    from .relay.cli import main as relay_main
+    """`replayguard relay libvirt|proxmox|vsphere …`: the relays' own entry point (``replayguard-relay``)."""
+    from ..relay.cli import main as relay_main
 
-    return relay_main(rest)
+    return relay_main(list(args.relay_args))
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from .runtime import open_runtime
+    from ..runtime import open_runtime
 
     async def run() -> int:
         async with open_runtime(settings) as runtime:
@@ -203,8 +188,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: int | None = None) -> None:
-    from .http.app import create_app
-    from .http.server import serve
+    from ..http.app import create_app
+    from ..http.server import serve
 
     rglog.configure(settings.log_level)
     rglog.bridge_stdlib(settings.log_level)
@@ -219,8 +204,8 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: in
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .keys import load_keys
-    from .runtime import prepare_database
+    from ..keys import load_keys
+    from ..runtime import prepare_database
 
     load_keys(settings)  # creates keys once, before workers race for them
     if settings.port == 0 and settings.workers > 1:

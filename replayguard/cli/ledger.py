@@ -19,16 +19,16 @@ from typing import Any
 
 import orjson
 
-from .core import checkpoints as cps
-from .core.ledger_check import Problem
-from .errors import ConfigError
-from .settings import Settings
+from ..core import checkpoints as cps
+from ..core.ledger_check import Problem
+from ..errors import ConfigError
+from ..settings import Settings
 
 EXIT_BAD = 1
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_flags as add
+    from .main import add_setting_flags as add
 
     add(parser)
 
@@ -88,14 +88,14 @@ def cmd_verify_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_public_key(args: argparse.Namespace, settings: Settings) -> int:
-    from .keys import load_keys
+    from ..keys import load_keys
 
     print(cps.public_key_pem(load_keys(settings).signing_key().public_key()), end="")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from .cli import run_async
+    from .main import run_async
 
     return run_async(_verify(settings, progress=not args.no_progress))
 
@@ -123,8 +123,8 @@ class _Bar:
 
 
 async def _verify(settings: Settings, *, progress: bool) -> int:
-    from .ledger import LedgerService
-    from .runtime import open_runtime
+    from ..ledger import LedgerService
+    from ..runtime import open_runtime
 
     async with open_runtime(settings) as runtime:
         service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s)
@@ -142,11 +142,11 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
-    from .cli import run_async
+    from .main import run_async
 
     async def run() -> int:
-        from .ledger import LedgerService
-        from .runtime import open_runtime
+        from ..ledger import LedgerService
+        from ..runtime import open_runtime
 
         async with open_runtime(settings) as runtime:
             items = await LedgerService(runtime.pool, runtime.keys).list_checkpoints(None, max(1, args.limit))
@@ -158,7 +158,7 @@ def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_accept_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from .cli import run_async
+    from .main import run_async
 
     reason = args.reason.strip()
     if not 1 <= len(reason) <= 2000 or not reason.isprintable():
@@ -168,8 +168,8 @@ def cmd_accept_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _accept_rollback(settings: Settings, reason: str) -> int:
     """Records the recovery, then pushes its checkpoint to every witness (CONTRACT §10)."""
-    from . import recovery
-    from .runtime import open_runtime
+    from .. import recovery
+    from ..runtime import open_runtime
 
     async with open_runtime(settings) as runtime:
         guard = runtime.continuity
