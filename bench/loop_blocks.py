@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run
 
 from replayguard.keys import Keys
-from replayguard.ledger import LedgerService
+from replayguard.services.ledger import LedgerService
 
 
 async def measure(dsn: str, rows: int, repeat: int) -> dict[str, float]:

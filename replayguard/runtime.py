@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from .apitokens import ApiTokens
-from .continuity import ContinuityGuard
-from .decide import DecisionConfig, DecisionService
 from .fanout import AlertFanout
 from .keys import Keys, load_keys
 from .metrics import Metrics
 from .pg import connections, schema
 from .pg.appender import Appender, DecideParams
+from .services.apitokens import ApiTokens
+from .services.continuity import ContinuityGuard
+from .services.decide import DecisionConfig, DecisionService
+from .services.tokens import TokenStore
 from .settings import Settings
-from .tokens import TokenStore
 
 log = structlog.get_logger(__name__)
 

@@ -198,7 +198,7 @@ async def _host_rollback(client: DemoClient, runtime: Any, settings: Settings, u
     say.say(f"The attacker replays the nonce against the restored ledger: HTTP {status} {code}.")
     say.detail("The restored database forgot the use, but the witness holds a later checkpoint: "
                "no decision is served, /readyz is 503 and a critical ledger_rollback alert is raised.")
-    from .. import recovery
+    from ..services import recovery
 
     done = await recovery.record(runtime.pool, runtime.keys.signing_key(), runtime.continuity.held_checkpoints(),
                                  "demo: restored last night's backup", recovery.operator(), runtime.now_us(),

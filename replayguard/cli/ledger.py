@@ -123,8 +123,8 @@ class _Bar:
 
 
 async def _verify(settings: Settings, *, progress: bool) -> int:
-    from ..ledger import LedgerService
     from ..runtime import open_runtime
+    from ..services.ledger import LedgerService
 
     async with open_runtime(settings) as runtime:
         service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s)
@@ -145,8 +145,8 @@ def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
     from .main import run_async
 
     async def run() -> int:
-        from ..ledger import LedgerService
         from ..runtime import open_runtime
+        from ..services.ledger import LedgerService
 
         async with open_runtime(settings) as runtime:
             items = await LedgerService(runtime.pool, runtime.keys).list_checkpoints(None, max(1, args.limit))
@@ -168,8 +168,8 @@ def cmd_accept_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _accept_rollback(settings: Settings, reason: str) -> int:
     """Records the recovery, then pushes its checkpoint to every witness (CONTRACT §10)."""
-    from .. import recovery
     from ..runtime import open_runtime
+    from ..services import recovery
 
     async with open_runtime(settings) as runtime:
         guard = runtime.continuity

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
-from ..alertfeed import sink_configs
 from ..core.timefmt import rfc3339_us
+from ..services.alertfeed import sink_configs
 from ..settings import Settings
 from ..sinks import DeliveryError, SinkConfig, build_sink
 

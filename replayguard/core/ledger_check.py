@@ -5,7 +5,7 @@ row shows as a gap in ``seq``; a modified row as a hash that its content no long
 gives; a row moved or swapped as a link (``prev_hash``) that does not follow its
 predecessor; a rewritten chain (every hash recomputed) as a mismatch with a signed
 checkpoint; a truncated tail as a head that names more than the rows hold. State tables
-that forgot what the ledger accepted are ``replayguard/state_check.py``'s to find.
+that forgot what the ledger accepted are ``replayguard/services/state_check.py``'s to find.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Problem(str, enum.Enum):
     HEAD_MISMATCH = "head_mismatch"
     MISSING_TAIL = "missing_tail"
     LEDGER_ROLLBACK = "ledger_rollback"
-    STATE_MISMATCH = "state_mismatch"  # a state table lacks what an entry implies (replayguard/state_check.py)
+    STATE_MISMATCH = "state_mismatch"  # a state table lacks what an entry implies (replayguard/services/state_check.py)
 
 
 @dataclass(frozen=True, slots=True)

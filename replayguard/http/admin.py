@@ -5,10 +5,10 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from ..alerts import parse_note
 from ..core import validation
 from ..core.cursors import cursor_key
-from ..principals import PrincipalService, decode_cursor
+from ..services.alerts import parse_note
+from ..services.principals import PrincipalService, decode_cursor
 from .common import Route, json_response, query_int, read_json
 from .state import CALLER, RUNTIME
 

@@ -20,8 +20,11 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from .. import __version__
-from ..alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
-from ..alerts import (
+from ..core import cursors, validation
+from ..core.ledger_check import Problem
+from ..errors import InvalidRequest, Unavailable
+from ..services.alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
+from ..services.alerts import (
     AlertService,
     parse_alert_id,
     parse_filter,
@@ -29,12 +32,9 @@ from ..alerts import (
     query_time,
     render,
 )
-from ..continuity import ContinuityGuard
-from ..core import cursors, validation
-from ..core.ledger_check import Problem
-from ..errors import InvalidRequest, Unavailable
-from ..ledger import LedgerService
-from ..timeline import TimelineService
+from ..services.continuity import ContinuityGuard
+from ..services.ledger import LedgerService
+from ..services.timeline import TimelineService
 from .common import Route, json_response, query_int, read_json
 from .state import CALLER, RUNTIME
 

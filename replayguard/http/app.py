@@ -17,7 +17,6 @@ from types import ModuleType
 import structlog
 from aiohttp import web
 
-from ..apitokens import Caller
 from ..errors import (
     ClientError,
     Forbidden,
@@ -31,6 +30,7 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..pg.connections import UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
+from ..services.apitokens import Caller
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness
 from .common import MAX_BODY, Handler, Route, json_response, set_server_header

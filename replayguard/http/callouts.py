@@ -6,10 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..apitokens import Caller
 from ..core import validation
 from ..core.decisions import DecisionResult, Flag, Reason, Verdict
 from ..runtime import Runtime
+from ..services.apitokens import Caller
 from .common import Route, json_response, note_decision, read_json
 from .state import CALLER, RUNTIME
 

@@ -58,11 +58,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from ..apitokens import Caller
 from ..core.decisions import DecisionResult
 from ..errors import InvalidRequest, ReplayGuardError
 from ..logging import REQUEST_CONTEXT
 from ..runtime import Runtime
+from ..services.apitokens import Caller
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from .common import (

@@ -17,8 +17,8 @@ from aiohttp import web
 from ..core import event_input, validation
 from ..core.events import EventType, GenericEvent, IgnoredPayload, MalformedPayload
 from ..errors import InvalidRequest
-from ..events import EventService
 from ..hypervisors import PARSERS
+from ..services.events import EventService
 from .common import Route, json_response, read_json
 from .event_auth import check_event_signature
 from .state import CALLER, RUNTIME

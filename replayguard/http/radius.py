@@ -30,12 +30,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..apitokens import Caller
 from ..core import validation
 from ..core.decisions import DecisionResult, Reason, Verdict
 from ..core.validation import OtpRequest
 from ..errors import InvalidRequest
 from ..runtime import Runtime
+from ..services.apitokens import Caller
 from .callouts import render
 from .common import Route, read_json
 from .state import CALLER, RUNTIME

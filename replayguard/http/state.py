@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..apitokens import Caller
 from ..runtime import Runtime
+from ..services.apitokens import Caller
 
 RUNTIME = web.AppKey("runtime", Runtime)
 CALLER = web.RequestKey("caller", Caller)

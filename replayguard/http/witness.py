@@ -14,9 +14,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ..continuity import _DOWN
 from ..errors import NotFound
-from ..witness_store import WitnessStore
+from ..services.continuity import _DOWN
+from ..services.witness_store import WitnessStore
 from .common import Route, json_response, read_json
 from .state import RUNTIME
 

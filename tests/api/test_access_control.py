@@ -20,11 +20,11 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from replayguard.apitokens import CACHE_TTL_S
 from replayguard.http.app import create_app
 from replayguard.http.server import handler_limits
 from replayguard.http.state import RUNTIME
 from replayguard.runtime import Runtime
+from replayguard.services.apitokens import CACHE_TTL_S
 from replayguard.settings import Secret, Settings
 from tests.api.access_matrix import CALLERS, MATRIX, PRINCIPAL, Row
 from tests.conftest import ROLES, FakeClock, ServiceTestServer, cli_env, run_cli, uid

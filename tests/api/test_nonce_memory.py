@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from replayguard.core.credentials import nonce_digest
-from replayguard.retention import purge_expired
+from replayguard.services.retention import purge_expired
 from tests.conftest import Api, uid
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pyotp
 
-from replayguard import tokens
 from replayguard.core.validation import EnrollRequest
-from replayguard.tokens import TokenStore
+from replayguard.services import tokens
+from replayguard.services.tokens import TokenStore
 from tests.conftest import Api, uid
 
 TOTP = EnrollRequest(type="totp", secret=None, digits=6, period=30, algorithm="SHA1")

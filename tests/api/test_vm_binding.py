@@ -14,8 +14,8 @@ from typing import Any
 import pyotp
 import pytest
 
-from replayguard.apitokens import Caller, check_patterns
 from replayguard.errors import InvalidRequest
+from replayguard.services.apitokens import Caller, check_patterns
 from tests.conftest import Api, cli_env, run_cli, uid
 
 

@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 import pytest
 
-from replayguard import alertfeed
 from replayguard.http.analysts import ANALYSTS
+from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import Api, uid

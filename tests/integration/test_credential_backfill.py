@@ -20,8 +20,8 @@ import pyotp
 
 from replayguard.core.credentials import otp_digest
 from replayguard.keys import load_keys
+from replayguard.services.tokens import _encrypt
 from replayguard.settings import Secret
-from replayguard.tokens import _encrypt
 from tests.conftest import FakeClock, uid
 
 FROZEN = Path(__file__).resolve().parents[1] / "data" / "schema" / "v007.sql"

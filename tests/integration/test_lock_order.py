@@ -14,7 +14,7 @@ from typing import Any
 from replayguard.core.validation import enroll_request
 from replayguard.keys import load_keys
 from replayguard.pg import connections
-from replayguard.tokens import TokenStore
+from replayguard.services.tokens import TokenStore
 from tests.waiting import blocked_by
 
 

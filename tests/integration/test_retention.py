@@ -8,7 +8,7 @@ from typing import Any
 import pyotp
 
 from replayguard.pg import connections
-from replayguard.retention import purge_expired
+from replayguard.services.retention import purge_expired
 from tests.conftest import Api, uid
 
 

@@ -19,7 +19,7 @@ import orjson
 import pyotp
 
 from replayguard.http.analysts import ANALYSTS
-from replayguard.retention import purge_expired
+from replayguard.services.retention import purge_expired
 from replayguard.settings import Secret
 from tests.conftest import Api, run_cli, uid
 from tests.waiting import until

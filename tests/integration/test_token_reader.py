@@ -10,7 +10,7 @@ import pytest
 
 from replayguard.errors import Unavailable
 from replayguard.pg import connections
-from replayguard.tokens import TokenReader
+from replayguard.services.tokens import TokenReader
 from tests.waiting import blocked_by
 
 

@@ -15,8 +15,8 @@ from replayguard.core import checkpoints as cps
 from replayguard.core import continuity
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
+from replayguard.services.witness import Record
 from replayguard.settings import Secret, Settings
-from replayguard.witness import Record
 from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, dead_url, free_port, run_cli, uid
 from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz, until
 

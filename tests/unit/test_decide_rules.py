@@ -8,14 +8,14 @@ import pyotp
 import pytest
 
 from replayguard.core.validation import NonceRequest
-from replayguard.decide import (
+from replayguard.services.decide import (
     DecisionConfig,
     clock_guard_scope,
     match_code,
     nonce_expired,
     nonce_expiry_us,
 )
-from replayguard.tokens import OtpToken
+from replayguard.services.tokens import OtpToken
 
 NOW = 1_790_000_000.0
 CONFIG = DecisionConfig(drift_steps=1, hotp_look_ahead=10, use_retention_s=86400, nonce_max_ttl_s=7 * 86400)

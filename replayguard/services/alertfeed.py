@@ -40,19 +40,19 @@ import asyncpg
 import structlog
 from redis.exceptions import RedisError
 
+from ..core import checkpoints as cps
+from ..core.checkpoints import Checkpoint
+from ..core.ledger_check import Finding
+from ..errors import ConfigError, Unavailable
+from ..fanout import AlertFanout
+from ..pg import connections
+from ..pg.connections import UNAVAILABLE_ERRORS, acquire
+from ..runtime import Runtime
+from ..settings import Settings
+from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 from .alerts import AlertService, render, sink_record
-from .core import checkpoints as cps
-from .core.checkpoints import Checkpoint
-from .core.ledger_check import Finding
-from .errors import ConfigError, Unavailable
-from .fanout import AlertFanout
 from .ledger import LedgerService
-from .pg import connections
-from .pg.connections import UNAVAILABLE_ERRORS, acquire
 from .retention import PURGE_BATCH, purge_expired
-from .runtime import Runtime
-from .settings import Settings
-from .sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 from .state_check import STATE_BATCH
 
 log = structlog.get_logger(__name__)

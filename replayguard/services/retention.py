@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from .pg.connections import acquire
+from ..pg.connections import acquire
 
 PURGE_BATCH = 5000
 _PURGE = (

@@ -27,15 +27,15 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from .core import checkpoints as cps
-from .core import continuity
-from .core.checkpoints import Checkpoint
-from .core.continuity import Statement, Verdict
-from .errors import LedgerRollback, Unavailable
-from .keys import Keys
-from .metrics import BackgroundWork
-from .pg.connections import UNAVAILABLE_ERRORS, acquire
-from .settings import Settings
+from ..core import checkpoints as cps
+from ..core import continuity
+from ..core.checkpoints import Checkpoint
+from ..core.continuity import Statement, Verdict
+from ..errors import LedgerRollback, Unavailable
+from ..keys import Keys
+from ..metrics import BackgroundWork
+from ..pg.connections import UNAVAILABLE_ERRORS, acquire
+from ..settings import Settings
 from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 
 log = structlog.get_logger(__name__)

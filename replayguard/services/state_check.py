@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .core.ledger_check import Finding, Problem
+from ..core.ledger_check import Finding, Problem
 
 STATE_BATCH = 5_000  # ledger entries per query
 # A purge on another instance with its clock ahead of ours may drop a use a little before

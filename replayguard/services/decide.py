@@ -15,18 +15,18 @@ from typing import Any
 
 import structlog
 
+from ..core import otp, receipts
+from ..core.continuity import nonce_before_recovery
+from ..core.credentials import nonce_digest, otp_digest
+from ..core.decide_item import DecideItem
+from ..core.decisions import DecisionResult, Reason, Verdict
+from ..core.receipts import ReceiptCheck, ReceiptClaims
+from ..core.validation import NonceRequest, OtpRequest
+from ..errors import Forbidden
+from ..fanout import AlertFanout
+from ..keys import Keys
+from ..pg.appender import Appender, Outcome
 from .apitokens import Caller
-from .core import otp, receipts
-from .core.continuity import nonce_before_recovery
-from .core.credentials import nonce_digest, otp_digest
-from .core.decide_item import DecideItem
-from .core.decisions import DecisionResult, Reason, Verdict
-from .core.receipts import ReceiptCheck, ReceiptClaims
-from .core.validation import NonceRequest, OtpRequest
-from .errors import Forbidden
-from .fanout import AlertFanout
-from .keys import Keys
-from .pg.appender import Appender, Outcome
 from .tokens import OtpToken, TokenStore
 
 log = structlog.get_logger(__name__)

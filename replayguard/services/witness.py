@@ -26,10 +26,10 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from .core import checkpoints as cps
-from .core import continuity
-from .core.checkpoints import Checkpoint
-from .core.continuity import Admission, Statement
+from ..core import checkpoints as cps
+from ..core import continuity
+from ..core.checkpoints import Checkpoint
+from ..core.continuity import Admission, Statement
 
 TIMEOUT_S = 3.0
 

@@ -28,11 +28,11 @@ from typing import Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .core import checkpoints as cps
-from .core import continuity
-from .core.checkpoints import Checkpoint
-from .core.continuity import Verdict
-from .pg.connections import acquire
+from ..core import checkpoints as cps
+from ..core import continuity
+from ..core.checkpoints import Checkpoint
+from ..core.continuity import Verdict
+from ..pg.connections import acquire
 
 HOTP_BURNT = 2**62  # an HOTP credential's counter after a recovery: no code of it is accepted again
 

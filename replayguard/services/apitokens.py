@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .core.credentials import api_token_digest
-from .errors import Conflict, InvalidRequest, NotFound
-from .pg.connections import acquire
+from ..core.credentials import api_token_digest
+from ..errors import Conflict, InvalidRequest, NotFound
+from ..pg.connections import acquire
 
 ROLES = ("callout", "hypervisor", "analyst", "admin", "witness")
 BINDABLE_ROLES = ("callout", "hypervisor")

@@ -15,10 +15,10 @@ from typing import Any
 
 import asyncpg
 
+from ..core.timefmt import rfc3339_us
+from ..errors import NotFound
+from ..pg.connections import acquire
 from .alerts import render_entry, render_window
-from .core.timefmt import rfc3339_us
-from .errors import NotFound
-from .pg.connections import acquire
 
 _VMS = (
     "SELECT v.*, (SELECT count(*) FROM alerts a WHERE a.vm_id = v.vm_id AND a.status = 'open') AS open_alerts,"

@@ -24,12 +24,12 @@ from typing import Any
 import asyncpg
 import pyotp
 
-from .aio import running_loop
-from .core.credentials import otp_digest, secret_fingerprint
-from .core.validation import EnrollRequest
-from .errors import NotFound, Unavailable
-from .keys import Keys
-from .pg.connections import KeptConnection, acquire
+from ..aio import running_loop
+from ..core.credentials import otp_digest, secret_fingerprint
+from ..core.validation import EnrollRequest
+from ..errors import NotFound, Unavailable
+from ..keys import Keys
+from ..pg.connections import KeptConnection, acquire
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0

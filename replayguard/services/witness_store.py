@@ -13,12 +13,12 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .core import checkpoints as cps
-from .core import continuity
-from .core.checkpoints import Checkpoint
-from .core.continuity import Admission, Statement
-from .errors import Conflict, InvalidRequest
-from .pg.connections import acquire
+from ..core import checkpoints as cps
+from ..core import continuity
+from ..core.checkpoints import Checkpoint
+from ..core.continuity import Admission, Statement
+from ..errors import Conflict, InvalidRequest
+from ..pg.connections import acquire
 from .witness import Record, record_from_json
 
 log = structlog.get_logger(__name__)

@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from .core import checkpoints as cps
-from .core.chain import GENESIS, Entry
-from .core.checkpoints import Checkpoint
-from .core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
+from ..core import checkpoints as cps
+from ..core.chain import GENESIS, Entry
+from ..core.checkpoints import Checkpoint
+from ..core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
+from ..pg.connections import acquire
 from .decide import clock_guard_scope
-from .pg.connections import acquire
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
 if TYPE_CHECKING:
     from .continuity import Rollback
-from .keys import Keys
+from ..keys import Keys
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +220,7 @@ class LedgerService:
             if not _due(head["seq"], last, now_us, every, interval_us):
                 return None
             checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            # The state tables are the alert feed leader's to check (replayguard/state_check.py).
+            # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
             await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
             finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
             if finding is not None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import asyncpg
 
+from ..core import cursors, validation
+from ..core.timefmt import rfc3339_us
+from ..errors import InvalidRequest, NotFound
+from ..pg.connections import acquire
 from .apitokens import Caller
-from .core import cursors, validation
-from .core.timefmt import rfc3339_us
-from .errors import InvalidRequest, NotFound
-from .pg.connections import acquire
 
 MAX_TOKENS_SHOWN = 50
 _PAGE = """

@@ -18,12 +18,12 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..core import event_input, windows
+from ..core.events import EventType, GenericEvent
+from ..errors import Conflict, Forbidden, NotFound
+from ..fanout import AlertFanout
+from ..pg.connections import acquire
 from .apitokens import Caller
-from .core import event_input, windows
-from .core.events import EventType, GenericEvent
-from .errors import Conflict, Forbidden, NotFound
-from .fanout import AlertFanout
-from .pg.connections import acquire
 
 log = structlog.get_logger(__name__)
 
