@@ -1,7 +1,9 @@
 """The running service's parts, opened and closed in one place.
 
-``open_runtime`` is used by the HTTP app (through ``cleanup_ctx``) and by the CLI alike,
-so both call the same services over the same pool.
+``open_runtime`` is used by the HTTP app (through ``cleanup_ctx``, ``http/app.py``, which
+also starts what only a serving process runs: the alert feed and its leader duties, the
+continuity guard's loop) and by the CLI alike, so both call the same services over the
+same pool.
 """
 
 from __future__ import annotations
@@ -77,23 +79,25 @@ async def open_runtime(
                                          statement_timeout_ms=settings.statement_timeout_ms)
     metrics = Metrics()
     fanout = AlertFanout.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
-    params = DecideParams(settings.lockout_threshold, settings.lockout_period_s * 1_000_000,
-                          settings.receipt_reaction == "refuse")
+    params = DecideParams(lock_threshold=settings.lockout_threshold,
+                          lock_period_us=settings.lockout_period_s * 1_000_000,
+                          refuse_on_rollback=settings.receipt_reaction == "refuse")
     appender = Appender(pool, params, on_batch=metrics.batch_size.observe)
     tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
     filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
     if filled:
         log.info("otp_credentials_backfilled", tokens=filled)
-    config = DecisionConfig(settings.totp_drift_steps, settings.hotp_look_ahead,
-                            settings.nonce_max_ttl_s, settings.nonce_max_ttl_s)
+    config = DecisionConfig(drift_steps=settings.totp_drift_steps, hotp_look_ahead=settings.hotp_look_ahead,
+                            use_retention_s=settings.nonce_max_ttl_s, nonce_max_ttl_s=settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
                                 clock=clock, fanout=fanout, on_decision=metrics.decision)
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
     guard.on_recovered = decisions.set_recovered_at
     guard.background = metrics.background
     metrics.background.watch_gc()
-    runtime = Runtime(settings, dsn, pool, keys, clock, metrics, appender, tokens,
-                      ApiTokens(pool, keys.pepper), decisions, fanout, guard)
+    runtime = Runtime(settings=settings, dsn=dsn, pool=pool, keys=keys, clock=clock, metrics=metrics,
+                      appender=appender, tokens=tokens, api_tokens=ApiTokens(pool, keys.pepper),
+                      decisions=decisions, fanout=fanout, continuity=guard)
     try:
         yield runtime
     finally:

@@ -1,8 +1,8 @@
 """HTTP for analysts (role ``analyst``; CONTRACT §6): alerts, their live stream, VMs,
 timelines, the ledger, its verification, checkpoints and the checkpoint public key.
 
-``setup`` opens the alert feed (LISTEN fan-out, sinks, checkpoints; see ``alertfeed``)
-next to the runtime, and ends open streams when the service shuts down.
+The services and the alert feed are ``app[ANALYSTS]``, built and started by the app
+factory (``http/app.py``).
 """
 
 from __future__ import annotations
@@ -10,22 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from prometheus_client import Gauge
 
 from .. import __version__
 from ..core import cursors, validation
 from ..core.ledger_check import Problem
 from ..errors import InvalidRequest, Unavailable
-from ..services.alertfeed import PAGE, AlertFeed, Subscriber, build_dispatcher
+from ..services.alertfeed import PAGE, Subscriber
 from ..services.alerts import (
-    AlertService,
     parse_alert_id,
     parse_filter,
     parse_note,
@@ -33,25 +29,12 @@ from ..services.alerts import (
     render,
 )
 from ..services.continuity import ContinuityGuard
-from ..services.ledger import LedgerService
-from ..services.timeline import TimelineService
 from .common import Route, json_response, query_int, read_json
-from .state import CALLER, RUNTIME
+from .state import ANALYSTS, CALLER, RUNTIME, Analysts
 
 ROLES = ("analyst",)
 WRITE_TIMEOUT_S = 10.0
 _LAST_ID = re.compile(r"^[0-9]{1,18}$")
-
-
-@dataclass(frozen=True)
-class Analysts:
-    alerts: AlertService
-    ledger: LedgerService
-    timeline: TimelineService
-    feed: AlertFeed
-
-
-ANALYSTS = web.AppKey("analysts", Analysts)
 
 
 def _svc(request: web.Request) -> Analysts:
@@ -240,41 +223,6 @@ async def status(request: web.Request) -> web.Response:
         "sinks": sinks, "sse_subscribers": len(svc.feed.subscribers),
         "caller": {"role": request[CALLER].role, "name": request[CALLER].name},
     })
-
-
-# --- wiring ---------------------------------------------------------------------------
-
-def _metrics(app: web.Application, feed: AlertFeed) -> None:
-    registry = app[RUNTIME].metrics.registry
-    Gauge("replayguard_sse_subscribers", "Open alert streams", registry=registry).set_function(
-        lambda: len(feed.subscribers))
-    Gauge("replayguard_alert_feed_leader", "1 on the instance feeding sinks and signing checkpoints",
-          registry=registry).set_function(lambda: 1 if feed.leader else 0)
-    Gauge("replayguard_sink_backlog", "Records waiting in the sinks' outboxes (this instance)",
-          registry=registry).set_function(
-        lambda: sum(s.backlog for s in feed.dispatcher.stats().values()) if feed.dispatcher else 0)
-
-
-async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
-    ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s)
-    feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
-    app[ANALYSTS] = Analysts(alerts, ledger, TimelineService(runtime.pool), feed)
-    _metrics(app, feed)
-    await feed.start()
-    yield
-    await feed.stop()
-
-
-async def _end_streams(app: web.Application) -> None:
-    if ANALYSTS in app:
-        app[ANALYSTS].feed.close_subscribers()
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(_feed_ctx)
-    app.on_shutdown.append(_end_streams)
 
 
 _OBJ: dict[str, Any] = {"type": "object"}

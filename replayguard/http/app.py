@@ -3,10 +3,18 @@
 Middleware order, outermost first: ``edge`` (request id, access log, metrics, and the
 only catch-all that turns any error into the contract's error body), then ``authorise``
 (bearer token and role, from the route table).
+
+Resources, opened in this order on start-up and closed in reverse (``_resources_ctx``):
+the runtime (pool, appender, token store, decision service, continuity guard), the
+services the handlers call, the alert feed (live streams; on the one instance holding
+the leader lock, checkpoints, sinks, purge and the state check), then the continuity
+guard's first comparison with the witnesses, before anything is answered, and its loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -16,7 +24,9 @@ from types import ModuleType
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 
+from ..core import cursors
 from ..errors import (
     ClientError,
     Forbidden,
@@ -30,11 +40,28 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..pg.connections import UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
+from ..services.alertfeed import AlertFeed, build_dispatcher
+from ..services.alerts import AlertService
 from ..services.apitokens import Caller
+from ..services.continuity import DOWN, ContinuityGuard
+from ..services.events import EventService
+from ..services.ledger import LedgerService
+from ..services.timeline import TimelineService
+from ..services.witness_store import WitnessStore
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness
 from .common import MAX_BODY, Handler, Route, json_response, set_server_header
-from .state import CALLER, DECISION, REASON, ROUTE, RUNTIME
+from .state import (
+    ANALYSTS,
+    CALLER,
+    DECISION,
+    EVENTS,
+    REASON,
+    ROUTE,
+    RUNTIME,
+    WITNESS_STORE,
+    Analysts,
+)
 
 log = structlog.get_logger("replayguard.http")
 
@@ -179,20 +206,69 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-def _runtime_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None):  # type: ignore[no-untyped-def]
+def _analysts(runtime: Runtime) -> Analysts:
+    alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
+    ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s)
+    feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
+    return Analysts(alerts=alerts, ledger=ledger, timeline=TimelineService(runtime.pool), feed=feed)
+
+
+def _feed_gauges(registry: CollectorRegistry, feed: AlertFeed) -> None:
+    Gauge("replayguard_sse_subscribers", "Open alert streams", registry=registry).set_function(
+        lambda: len(feed.subscribers))
+    Gauge("replayguard_alert_feed_leader", "1 on the instance feeding sinks and signing checkpoints",
+          registry=registry).set_function(lambda: 1 if feed.leader else 0)
+    Gauge("replayguard_sink_backlog", "Records waiting in the sinks' outboxes (this instance)",
+          registry=registry).set_function(
+        lambda: sum(s.backlog for s in feed.dispatcher.stats().values()) if feed.dispatcher else 0)
+
+
+@contextlib.asynccontextmanager
+async def _guarding(guard: ContinuityGuard) -> AsyncIterator[None]:
+    """The guard's first comparison with the witnesses, then one every ``CHECK_S`` until closed."""
+    try:
+        await guard.check()
+    except DOWN as exc:
+        log.warning("continuity_check_failed", error=type(exc).__name__)
+    task = asyncio.create_task(guard.run(), name="continuity-guard")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, clock=clock, dsn=dsn) as runtime:
             app[RUNTIME] = runtime
-            yield
+            app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.fanout)
+            app[WITNESS_STORE] = WitnessStore(runtime.pool)
+            app[ANALYSTS] = analyst_services = _analysts(runtime)
+            _feed_gauges(runtime.metrics.registry, analyst_services.feed)
+            await analyst_services.feed.start()
+            try:
+                async with _guarding(runtime.continuity):
+                    yield
+            finally:
+                await analyst_services.feed.stop()
 
     return ctx
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Ends open alert streams at shutdown, so no handler keeps the service waiting."""
+    if ANALYSTS in app:
+        app[ANALYSTS].feed.close_subscribers()
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                dsn: str | None = None) -> web.Application:
     """The whole service as an aiohttp application; resources open on startup."""
     app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
-    app.cleanup_ctx.append(_runtime_ctx(settings, clock, dsn))
+    app.cleanup_ctx.append(_resources_ctx(settings, clock, dsn))
+    app.on_shutdown.append(_end_streams)
     app.on_response_prepare.append(set_server_header)
     routes = all_routes()
     table: dict[tuple[str, str], Route] = {}
@@ -204,8 +280,5 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         table[(route.method, resource.canonical)] = route
     app[ROUTE_TABLE] = table
     app[ops.OPENAPI] = openapi.build(routes)
-    for module in AUDIENCE_MODULES:
-        setup = getattr(module, "setup", None)
-        if setup is not None:
-            setup(app)
+    console.setup(app)
     return app

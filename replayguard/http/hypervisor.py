@@ -9,8 +9,6 @@ the field at fault.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import structlog
 from aiohttp import web
 
@@ -18,14 +16,12 @@ from ..core import event_input, validation
 from ..core.events import EventType, GenericEvent, IgnoredPayload, MalformedPayload
 from ..errors import InvalidRequest
 from ..hypervisors import PARSERS
-from ..services.events import EventService
 from .common import Route, json_response, read_json
 from .event_auth import check_event_signature
-from .state import CALLER, RUNTIME
+from .state import CALLER, EVENTS
 
 log = structlog.get_logger(__name__)
 
-EVENTS = web.AppKey("events", EventService)
 MAX_NOTE = 1024
 
 
@@ -69,16 +65,6 @@ async def clear_vm(request: web.Request) -> web.Response:
     cleared = await request.app[EVENTS].clear_vm(vm_id, note, request[CALLER].token_id)
     return json_response({"vm_id": cleared.vm_id, "refusing": False, "was_refusing": cleared.was_refusing,
                           "refusing_reason": cleared.reason, "seq": cleared.seq})
-
-
-def setup(app: web.Application) -> None:
-    """Builds the event service over the runtime once the runtime is open."""
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        runtime = app[RUNTIME]
-        app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.fanout)
-        yield
-
-    app.cleanup_ctx.append(ctx)
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}

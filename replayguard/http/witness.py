@@ -1,28 +1,18 @@
 """HTTP for other deployments (role ``witness``; CONTRACT §10): hold their checkpoints.
 
-``setup`` also runs this deployment's own continuity guard: the first comparison with the
-witnesses completes before the service answers anything, then one every ``CHECK_S``.
+This deployment's own continuity guard (``services/continuity.py``) is started by the app
+factory (``http/app.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from ..errors import NotFound
-from ..services.continuity import _DOWN
-from ..services.witness_store import WitnessStore
 from .common import Route, json_response, read_json
-from .state import RUNTIME
-
-log = structlog.get_logger(__name__)
-
-STORE = web.AppKey("witness_store", WitnessStore)
+from .state import RUNTIME, WITNESS_STORE
 
 
 def _deployment(request: web.Request) -> str:
@@ -35,33 +25,15 @@ def _deployment(request: web.Request) -> str:
 async def put_checkpoint(request: web.Request) -> web.Response:
     deployment = _deployment(request)
     payload = await read_json(request)
-    body = await request.app[STORE].offer(deployment, payload, request.app[RUNTIME].now_us())
+    body = await request.app[WITNESS_STORE].offer(deployment, payload, request.app[RUNTIME].now_us())
     return json_response(body)
 
 
 async def get_checkpoint(request: web.Request) -> web.Response:
-    held = await request.app[STORE].get(_deployment(request))
+    held = await request.app[WITNESS_STORE].get(_deployment(request))
     if held is None:
         raise NotFound("this witness holds nothing for that deployment")
     return json_response(held)
-
-
-async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    app[STORE] = WitnessStore(runtime.pool)
-    try:
-        await runtime.continuity.check()
-    except _DOWN as exc:
-        log.warning("continuity_check_failed", error=type(exc).__name__)
-    task = asyncio.create_task(runtime.continuity.run(), name="continuity-guard")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(_guard_ctx)
 
 
 _RECORD: dict[str, Any] = {"type": "object", "required": ["deployment_id", "public_key_pem", "checkpoint"]}

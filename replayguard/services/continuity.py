@@ -41,7 +41,7 @@ from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 log = structlog.get_logger(__name__)
 
 CHECK_S = 2.0
-_DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
+DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
 DATABASE = "database checkpoints"
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
@@ -175,7 +175,7 @@ class ContinuityGuard:
         self._floor = max(self._floor, seq)
 
     async def _check_quietly(self) -> None:
-        with contextlib.suppress(*_DOWN, asyncpg.PostgresError):
+        with contextlib.suppress(*DOWN, asyncpg.PostgresError):
             await self.check()
 
     def status(self) -> str:
@@ -313,7 +313,7 @@ class ContinuityGuard:
             async with acquire(self._pool) as conn:
                 await conn.fetchval("SELECT rg_alert($1, $2, NULL, NULL, $3, $4, $5, $6, $7::jsonb)",
                                     kind, severity, dedup, now_us, self.head_seq, summary, details)
-        except _DOWN as exc:
+        except DOWN as exc:
             log.warning("continuity_alert_not_written", kind=kind, error=type(exc).__name__)
             self._alerted.discard(dedup)
 
@@ -352,7 +352,7 @@ class ContinuityGuard:
         while self._pending is not None:
             cp, self._pending = self._pending, None
             await self.push(cp)
-            with contextlib.suppress(*_DOWN):
+            with contextlib.suppress(*DOWN):
                 await self.check()
 
     async def push(self, cp: Checkpoint) -> dict[str, str]:
@@ -382,7 +382,7 @@ class ContinuityGuard:
             try:
                 with self.background.timed("continuity"):
                     await self.check()
-            except (*_DOWN, asyncpg.PostgresError) as exc:
+            except (*DOWN, asyncpg.PostgresError) as exc:
                 log.warning("continuity_check_failed", error=type(exc).__name__)
 
     async def close(self) -> None:

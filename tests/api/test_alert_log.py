@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from replayguard import logging as rglog
-from replayguard.http.analysts import ANALYSTS
+from replayguard.http.state import ANALYSTS
 from tests.api.test_rollback_attack import alice, event, login
 from tests.conftest import Api, uid
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from replayguard.cli.operator import printable, table
-from replayguard.http.analysts import ANALYSTS
+from replayguard.http.state import ANALYSTS
 from tests.browser.test_console import play_the_story
 from tests.conftest import REPO, Api, cli_env, dead_url, uid
 

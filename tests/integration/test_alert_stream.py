@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from replayguard.http.analysts import ANALYSTS
+from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import pyotp
 
-from replayguard.http.analysts import ANALYSTS
+from replayguard.http.state import ANALYSTS
 from replayguard.services.retention import purge_expired
 from replayguard.settings import Secret
 from tests.conftest import Api, run_cli, uid
