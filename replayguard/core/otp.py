@@ -1,8 +1,8 @@
 """RFC 4226 (HOTP) and RFC 6238 (TOTP) matching, with the time or counter as a parameter.
 
-These functions only say which time steps or counters a presented code matches; whether
-that step may still be used (the high-water mark) is decided atomically by the ledger.
-Comparisons are constant-time.
+These functions only say which token, and which time steps or counters of it, a presented
+code matches (``match_code``); whether that step may still be used (the high-water mark)
+is decided atomically by the ledger. Comparisons are constant-time.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pyotp
 
@@ -86,3 +87,45 @@ def hotp_matches(
     """
     low = max(0, last_counter - look_ahead + 1)
     return _matching(secret_b32, code, range(low, last_counter + look_ahead + 1), digits, algorithm)
+
+
+@dataclass(frozen=True, slots=True)
+class OtpToken:
+    """An enrolled OTP token as the decision service matches codes against it."""
+
+    id: str
+    principal: str
+    type: str
+    secret_b32: str
+    digits: int
+    period: int
+    algorithm: str
+    last_counter: int
+    credential: str  # hex of the secret's fingerprint (otp_credentials)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The token a code matches and its matching steps or counters; no counters is no match,
+    and then ``token`` is the principal's first token (None when the principal has none)."""
+
+    token: OtpToken | None
+    counters: tuple[int, ...]
+
+
+def match_code(tokens: Sequence[OtpToken], code: str, *, now_s: float, drift_steps: int, look_ahead: int) -> Match:
+    """Which token (and which steps or counters of it) a presented code matches, first token first.
+
+    TOTP tokens are tried within ±``drift_steps`` of ``now_s``, HOTP tokens ``look_ahead``
+    around their last counter (``hotp_matches``), each with its own period, digits and algorithm.
+    """
+    for token in tokens:
+        if token.type == "totp":
+            found = totp_matches(token.secret_b32, code, now_s=now_s, drift=drift_steps,
+                                 period=token.period, digits=token.digits, algorithm=token.algorithm)
+        else:
+            found = hotp_matches(token.secret_b32, code, last_counter=token.last_counter,
+                                 look_ahead=look_ahead, digits=token.digits, algorithm=token.algorithm)
+        if found:
+            return Match(token, tuple(found))
+    return Match(tokens[0] if tokens else None, ())

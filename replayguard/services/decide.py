@@ -1,6 +1,7 @@
 """The decision service: verify an OTP or consume a nonce, exactly once, durably.
 
-It matches codes with the pure core, reduces credentials to keyed digests, and hands one
+It matches codes (``core.otp.match_code``) and applies the nonce time rules
+(``core.nonces``) with the pure core, reduces credentials to keyed digests, and hands one
 item to the group-commit appender; the ledger decides. Every answer, accept or refusal,
 is ``rg_decide``'s: nothing read from Redis (or any other cache shared between processes)
 takes part in a decision.
@@ -15,11 +16,13 @@ from typing import Any
 
 import structlog
 
-from ..core import otp, receipts
+from ..core import receipts
 from ..core.continuity import nonce_before_recovery
 from ..core.credentials import nonce_digest, otp_digest
 from ..core.decide_item import DecideItem
 from ..core.decisions import DecisionResult, Reason, Verdict
+from ..core.nonces import nonce_expired, nonce_expiry_us
+from ..core.otp import Match, OtpToken, match_code
 from ..core.receipts import ReceiptCheck, ReceiptClaims
 from ..core.validation import NonceRequest, OtpRequest
 from ..errors import Forbidden
@@ -27,7 +30,7 @@ from ..fanout import AlertFanout
 from ..keys import Keys
 from ..pg.appender import Appender, Outcome
 from .apitokens import Caller
-from .tokens import OtpToken, TokenStore
+from .tokens import TokenStore
 
 log = structlog.get_logger(__name__)
 
@@ -40,39 +43,6 @@ class DecisionConfig:
     hotp_look_ahead: int
     use_retention_s: int
     nonce_max_ttl_s: int
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    token: OtpToken | None
-    counters: tuple[int, ...]
-
-
-def match_code(tokens: list[OtpToken], code: str, now_s: float, config: DecisionConfig) -> Match:
-    """Which token (and which steps or counters of it) a presented code matches."""
-    for token in tokens:
-        if token.type == "totp":
-            found = otp.totp_matches(token.secret_b32, code, now_s=now_s, drift=config.drift_steps,
-                                     period=token.period, digits=token.digits, algorithm=token.algorithm)
-        else:
-            found = otp.hotp_matches(token.secret_b32, code, last_counter=token.last_counter,
-                                     look_ahead=config.hotp_look_ahead, digits=token.digits,
-                                     algorithm=token.algorithm)
-        if found:
-            return Match(token, tuple(found))
-    return Match(tokens[0] if tokens else None, ())
-
-
-def nonce_expired(req: NonceRequest, now_s: float) -> bool:
-    """A nonce whose ``issued_at`` is older than its ttl is refused, remembered or not."""
-    return req.issued_at is not None and req.issued_at.timestamp() + req.ttl_s < now_s
-
-
-def nonce_expiry_us(req: NonceRequest, now_s: float, max_ttl_s: int) -> int:
-    """How long the ledger must remember a nonce so that forgetting it lets nothing in."""
-    if req.issued_at is None:
-        return int((now_s + max(req.ttl_s, max_ttl_s)) * 1e6)
-    return int((max(req.issued_at.timestamp(), now_s) + req.ttl_s + 60) * 1e6)
 
 
 def _receipt_fields(check: ReceiptCheck) -> dict[str, Any]:
@@ -137,17 +107,21 @@ class DecisionService:
         """Matches against cached tokens first; a miss is checked against a fresh read,
         unless one confirmed a miss of the same principal's TOTP tokens just before."""
         tokens, cached = await self._tokens.active(principal)
-        match = match_code(tokens, code, now, self._config)
+        match = self._match_code(tokens, code, now)
         if match.counters:
             return match
         if cached:
             if not self._tokens.worth_rereading(principal, tokens):
                 return match
             tokens, _ = await self._tokens.active(principal, fresh=True)
-            match = match_code(tokens, code, now, self._config)
+            match = self._match_code(tokens, code, now)
         if not match.counters:
             self._tokens.miss_confirmed(principal)
         return match
+
+    def _match_code(self, tokens: list[OtpToken], code: str, now: float) -> Match:
+        return match_code(tokens, code, now_s=now, drift_steps=self._config.drift_steps,
+                          look_ahead=self._config.hotp_look_ahead)
 
     def _otp_fields(self, match: Match, now_us: int) -> dict[str, Any]:
         """The DecideItem fields of a matched code (or the no_token refusal)."""

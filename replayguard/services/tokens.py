@@ -26,6 +26,7 @@ import pyotp
 
 from ..aio import running_loop
 from ..core.credentials import otp_digest, secret_fingerprint
+from ..core.otp import OtpToken
 from ..core.validation import EnrollRequest
 from ..errors import NotFound, Unavailable
 from ..keys import Keys
@@ -53,19 +54,6 @@ _OLD_USES = ("SELECT u.digest, l.payload->>'token_id' AS token_id, (l.payload->>
              " FROM uses u JOIN ledger l ON l.seq = u.first_seq"
              " WHERE u.kind = 'otp' AND l.payload->>'token_id' = ANY($1::text[]) AND l.payload ? 'counter'"
              " ORDER BY u.first_seq")
-
-
-@dataclass(frozen=True, slots=True)
-class OtpToken:
-    id: str
-    principal: str
-    type: str
-    secret_b32: str
-    digits: int
-    period: int
-    algorithm: str
-    last_counter: int
-    credential: str  # hex of the secret's fingerprint (otp_credentials)
 
 
 @dataclass(frozen=True, slots=True)
