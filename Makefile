@@ -56,7 +56,7 @@ unit: install-check
 wheel-smoke: install-test
 	PYTHON=$(PY) scripts/wheel-smoke
 
-## Mutation testing of replayguard/core and decide.py against the unit tests ([tool.mutmut] in
+## Mutation testing of replayguard/core and services/decide.py against the unit tests ([tool.mutmut] in
 ## pyproject.toml; a few minutes on two cores). Survivors and why: tests/mutants-survivors.md.
 mutants: install-test
 	$(PIP) install --quiet -e '.[mutation]'

@@ -4,7 +4,7 @@
 -- since then it moves the digest to spent_nonces. The ledger still holds every accepted
 -- nonce's digest, so the ones purged before 010 are put back here: a nonce is never
 -- accepted twice, and `ledger verify`'s state check (an accepted nonce has its use row or
--- its spent digest, replayguard/state_check.py) holds on a deployment that was upgraded.
+-- its spent digest, replayguard/services/state_check.py) holds on a deployment that was upgraded.
 INSERT INTO spent_nonces (digest)
     SELECT l.cred_digest FROM ledger l
     WHERE l.kind = 'nonce' AND l.decision = 'accept' AND l.cred_digest IS NOT NULL

@@ -4,7 +4,7 @@ No decision, reason or flag ever depends on what Redis holds: the service reads 
 from Redis on the decision path, so a Redis that is down, flushed, restarted, rolled back
 or written by someone else changes no answer (tests/integration/test_hostile_cache.py).
 What it carries is a wake-up: a subscriber that misses one still finds the alert in
-PostgreSQL at its next poll (``alertfeed``).
+PostgreSQL at its next poll (``services/alertfeed.py``).
 """
 
 from __future__ import annotations

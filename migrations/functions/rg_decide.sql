@@ -292,7 +292,7 @@ BEGIN
                 'receipt', v_rc, 'receipt_seq', it.receipt_seq::text,
                 'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END,
                 -- What the state tables must hold because of this entry, for `ledger verify`
-                -- (replayguard/state_check.py): the accepted use's row until it expires,
+                -- (replayguard/services/state_check.py): the accepted use's row until it expires,
                 -- and the lock this entry set.
                 'use_expires_us', CASE WHEN v_verdict = 'accept' THEN it.expires_us::text END,
                 'locked_until_us', v_new_lock::text));
