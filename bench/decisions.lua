@@ -8,7 +8,7 @@
 --             "i <principal> <code>" (codes that match no step of the window); thread k
 --             of n takes every n-th line, so no two threads send the same fresh code
 --   replay_file  lines "<vm_id> <nonce>" consumed before the run ("-" when unused)
---   latency_file  each thread k writes "<completion ms since the epoch> <latency us>" per
+--   latency_file  each thread k writes "<completion ms since the epoch> <latency us> <reason>" per
 --             answer to latency_file.k ("-": not recorded); each request carries an
 --             X-Request-Id the service echoes, which pairs an answer with its send time
 -- Each thread counts what it sent by kind and what came back by status and reason;
@@ -150,17 +150,17 @@ function request()
 end
 
 function response(status, hdrs, body)
+   local reason = body:match('"reason":"([%w_]+)"') or ("status_" .. status)
    if lat_out then
       local id = hdrs["X-Request-Id"] or hdrs["x-request-id"]
       local t0 = id and sent_at[id]
       if t0 then
          sent_at[id] = nil
          local t = now_us()
-         lat_out:write(math.floor(t / 1000), " ", t - t0, "\n")
+         lat_out:write(math.floor(t / 1000), " ", t - t0, " ", reason, "\n")
       end
    end
    statuses[status] = (statuses[status] or 0) + 1
-   local reason = body:match('"reason":"([%w_]+)"') or ("status_" .. status)
    reasons[reason] = (reasons[reason] or 0) + 1
 end
 

@@ -621,12 +621,12 @@ class Bench:
             result["py_spy"] = finish_py_spy(spy)
         samples = timeline.read_latencies([f for p in lat for f in p.parent.glob(p.name + ".*")])
         rows = timeline.seconds(samples)
-        run = timeline.overall(samples)
+        run, reasons = timeline.overall(samples), timeline.by_reason(samples)
         threshold, found = timeline.stalls(rows, marked)
-        result["timeline"] = {"overall": run, "seconds": rows, "stall_threshold_ms": threshold, "stalls": found,
-                              "marks": marked, "marks_by_kind": timeline.marks_by_kind(marked),
+        result["timeline"] = {"overall": run, "by_reason": reasons, "seconds": rows, "stall_threshold_ms": threshold,
+                              "stalls": found, "marks": marked, "marks_by_kind": timeline.marks_by_kind(marked),
                               "sampler_errors": marks.errors[:5]}
-        print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run),
+        print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run, reasons),
               file=sys.stderr, flush=True)
         return result
 

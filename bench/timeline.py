@@ -1,14 +1,15 @@
 """Latency over time, and what ran in the background meanwhile (bench/run.py's stall report).
 
 ``decisions.lua`` writes one line per answer (completion time in ms since the epoch, latency
-in µs; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples, ten
+in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples, ten
 times a second while wrk runs, the service's background duties (``/metrics``:
 ``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
 collector per generation) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
 they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
 a lock; ``pg_stat_bgwriter``: checkpoints finished). ``seconds`` turns the latencies into
 one row per second with exact percentiles, and ``stalls`` keeps the seconds whose p99 or
-max is far above the run's, each with the marks of that second.
+max is far above the run's, each with the marks of that second; ``by_reason`` gives the
+exact percentiles of each kind of answer (accepts, replays refused, wrong codes, lockouts).
 """
 
 from __future__ import annotations
@@ -129,16 +130,19 @@ class Marks:
         return int(done["n"]), int(done["buffers_checkpoint"])
 
 
-def read_latencies(paths: list[Path]) -> list[tuple[int, int]]:
-    """(completion ms, latency µs) of every answer, from the per-thread files."""
+Sample = tuple[int, int, str]  # completion ms since the epoch, latency µs, the answer's reason
+
+
+def read_latencies(paths: list[Path]) -> list[Sample]:
+    """(completion ms, latency µs, reason) of every answer, from the per-thread files."""
     out = []
     for path in paths:
         if not path.exists():
             continue
         for line in path.read_text().splitlines():
-            t, _, lat = line.partition(" ")
+            t, lat, reason = [*line.split(" "), "", ""][:3]
             if lat:
-                out.append((int(float(t)), int(float(lat))))
+                out.append((int(float(t)), int(float(lat)), reason or "?"))
     return out
 
 
@@ -146,11 +150,11 @@ def _pct(ordered: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def seconds(samples: list[tuple[int, int]]) -> list[dict[str, Any]]:
+def seconds(samples: list[Sample]) -> list[dict[str, Any]]:
     """One row per wall-clock second: answers, p50, p99, max (ms)."""
     by_s: dict[int, list[int]] = defaultdict(list)
-    for t_ms, lat in samples:
-        by_s[t_ms // 1000].append(lat)
+    for t_ms, latency, _ in samples:
+        by_s[t_ms // 1000].append(latency)
     rows = []
     for s in sorted(by_s):
         lat = sorted(by_s[s])
@@ -159,11 +163,23 @@ def seconds(samples: list[tuple[int, int]]) -> list[dict[str, Any]]:
     return rows
 
 
-def overall(samples: list[tuple[int, int]]) -> dict[str, float]:
+def overall(samples: list[Sample]) -> dict[str, float]:
     """Exact percentiles over every answer of the run (ms)."""
-    if not samples:
+    return _percentiles([s[1] for s in samples])
+
+
+def by_reason(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """Exact percentiles per kind of answer (``ok``, ``reused``, ``invalid``, ``locked_out`` …), largest first."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for _, lat, reason in samples:
+        groups[reason].append(lat)
+    return {r: _percentiles(lat) for r, lat in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
+
+
+def _percentiles(latencies: list[int]) -> dict[str, float]:
+    if not latencies:
         return {}
-    lat = sorted(s[1] for s in samples)
+    lat = sorted(latencies)
     return {"n": len(lat), **{f"p{q}_ms": _pct(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
             "max_ms": lat[-1] / 1000}
 
@@ -196,7 +212,8 @@ def marks_by_kind(marks: list[tuple[float, str]]) -> dict[str, int]:
     return {k: len(v) for k, v in sorted(kinds.items())}
 
 
-def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]], run: dict[str, float]) -> str:
+def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]], run: dict[str, float],
+           reasons: dict[str, dict[str, float]] | None = None) -> str:
     threshold, found = stalls(rows, marks)
     if not rows:
         return f"  {tag}: no latency samples"
@@ -206,6 +223,10 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
             f"> {threshold:.1f} ms: {len(found)} of {max(len(rows) - 2, 0)}")
     lines = [head, "    seconds with background work: " + (", ".join(
         f"{k} {n}" for k, n in marks_by_kind(marks).items()) or "none")]
+    if reasons:
+        lines.append("    by answer: " + "; ".join(
+            f"{r} n={v['n']} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} max {v['max_ms']:.1f} ms"
+            for r, v in reasons.items()))
     for r in found:
         lines.append(f"    +{r['t'] - start:>3}s n={r['n']:<6} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
                      f"max {r['max_ms']:.1f} ms  | " + ("; ".join(r["marks"]) or "no background work seen"))

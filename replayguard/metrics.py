@@ -26,7 +26,7 @@ class FrontCounts:
     def __init__(self) -> None:
         self.answered = 0  # decision requests the fast front answered itself
         self.handed_over = 0  # connections it handed to aiohttp
-        self.closed = 0  # mixed pipelined reads: the requests taken were answered, then close
+        self.closed = 0  # requests whose start the front lost: the requests taken were answered, then close
         self.held = 0  # reads that ended inside a request the front kept for the next read
 
     def collect(self) -> Iterator[Metric]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import io
 import json
 import os
 import secrets
@@ -29,9 +30,11 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
+from replayguard import logging as rglog
 from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
 from replayguard.http.state import RUNTIME
@@ -163,6 +166,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture
+def log_buffer() -> Iterator[io.StringIO]:
+    """structlog configured with replayguard's processors, rendering its JSON lines into a buffer."""
+    saved = structlog.get_config()
+    buffer = io.StringIO()
+    structlog.configure(
+        processors=rglog.processors(), logger_factory=structlog.PrintLoggerFactory(buffer),
+        wrapper_class=structlog.make_filtering_bound_logger(0), cache_logger_on_first_use=False,
+    )
+    yield buffer
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -18,10 +18,12 @@ of that request on, and it stays with aiohttp. The front takes a request only wh
 this holds, so that its own HTTP stays small and every unusual case gets aiohttp's
 handling (limits, timeouts, 400/408/413/415 answers):
 
-- the request began at the start of a read from the socket; it may end in a later read
-  (Python's http.client writes headers and body apart), but a request still incomplete at
-  the first sweep after ``_HOLD_S`` is a slow client and goes to aiohttp, whose timeouts
-  answer it;
+- the front knows where the request began: at the start of a read from the socket, or
+  right after the previous request of the same read (the front finds that end from the
+  head's blank line and the body it parsed, and checks the bytes match); it may end in a
+  later read (Python's http.client writes headers and body apart; a pipelining client's
+  requests straddle reads), but a request still incomplete at the first sweep after
+  ``_HOLD_S`` is a slow client and goes to aiohttp, whose timeouts answer it;
 - HTTP/1.1, ``POST``, exactly the path of a decision route (no query string);
 - a ``Content-Length`` of at most ``MAX_BODY``; no ``Transfer-Encoding``, ``Expect`` or
   upgrade;
@@ -30,11 +32,10 @@ handling (limits, timeouts, 400/408/413/415 answers):
   and are ASCII; the request line and headers are within aiohttp's limits;
 - the parser found nothing wrong.
 
-A request that begins in the middle of a read and does not end in it, or that breaks one
-of these after other requests of the same read were taken (only a pipelining client does
-either), cannot be handed over, since llhttp does not say where it began: the front
-answers the requests it took, the last with ``Connection: close``, and closes. RFC 9112
-§9.3.2: a client retries pipelined requests left unanswered by a close.
+A request whose start the front lost (llhttp does not report offsets, and the front's
+own count fails only on input such as blank lines between pipelined requests) cannot be
+handed over: the front answers the requests it took, the last with ``Connection: close``,
+and closes. RFC 9112 §9.3.2: a client retries pipelined requests left unanswered by a close.
 
 Answers go out in request order. A connection with no request in progress for
 ``idle_timeout_s`` is closed, like aiohttp's keep-alive timeout; the connection cap counts
@@ -131,6 +132,19 @@ class _Date:
         return self._value
 
 
+def _request_end(chunk: bytes, start: int, body: bytes) -> int:
+    """Where a request the front took, begun at ``start`` in ``chunk``, ends: after its head's
+    blank line and its body. -1 when ``start`` is not known or the bytes there are not a
+    ``POST`` head followed by that body (e.g. blank lines before the request line)."""
+    if start < 0 or not chunk.startswith(b"POST ", start):
+        return -1
+    head_end = chunk.find(b"\r\n\r\n", start)
+    if head_end < 0:
+        return -1
+    end = head_end + 4 + len(body)
+    return end if chunk[head_end + 4:end] == body else -1
+
+
 class FastConnection(asyncio.Protocol):
     """One client connection, until it closes or is handed to aiohttp."""
 
@@ -141,7 +155,7 @@ class FastConnection(asyncio.Protocol):
         self._chunk = b""  # the bytes since the start of the read, or of the request it continues
         self._partial = b""  # a request that began at the start of a read and is not complete yet
         self._partial_since = 0.0  # when that request began
-        self._taken_in_chunk = 0  # requests completed within the current read
+        self._start = 0  # where the request in progress began in ``_chunk``; -1: not known
         self._in_request = False
         self._url = b""
         self._route: tuple[Route, Answerer] | None = None  # the fast route of the request, once its headers are in
@@ -186,12 +200,12 @@ class FastConnection(asyncio.Protocol):
             return  # input after a close was decided, or while a handover waits: not ours
         self._chunk = self._partial + data if self._partial else data
         self._partial = b""
-        self._taken_in_chunk = 0
+        self._start = 0
         try:
             self._parser.feed_data(data)
-            # The read ended inside a request: wait for the rest if the request began at the
-            # start of this read (or of one it continues), else llhttp lost where it began.
-            diverted = self._in_request and self._taken_in_chunk > 0
+            # The read ended inside a request: wait for the rest if the front knows where the
+            # request began, else it could never hand that request over whole.
+            diverted = self._in_request and self._start < 0
         except httptools.HttpParserError:  # malformed, an upgrade, or a callback's _Divert
             diverted = True
         if diverted:  # outside the except block: aiohttp's own errors do not chain to ours
@@ -199,7 +213,7 @@ class FastConnection(asyncio.Protocol):
         elif self._in_request:
             if not self._partial_since:
                 self._partial_since = self._front.loop.time()
-            self._partial = self._chunk
+            self._partial = self._chunk[self._start:]
             self._front.counts.held += 1
         else:
             self._partial_since = 0.0
@@ -251,13 +265,14 @@ class FastConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_request = False
-        self._taken_in_chunk += 1
         assert self._route is not None  # noqa: S101 - narrows the type for mypy; on_headers_complete diverts every other request
         route, answerer = self._route
         headers = self._headers
+        body = b"".join(self._body)
+        self._start = _request_end(self._chunk, self._start, body)
         self._queue.append(_Request(
             answerer, route, _ascii(headers.get(b"authorization")), _ascii(headers.get(b"x-request-id")),
-            b"".join(self._body), self._parser.should_keep_alive()))
+            body, self._parser.should_keep_alive()))
         if self._task is None:
             self._next()
         elif len(self._queue) >= _QUEUE_MAX:
@@ -276,10 +291,10 @@ class FastConnection(asyncio.Protocol):
         self._task = None
         if self._transport is None:
             return
-        if self._handover is not None:
-            self._hand_over(self._handover)
-        elif self._closing:
+        if self._closing:  # the client asked to close: what it sent after is not handed on
             self._transport.close()
+        elif self._handover is not None:
+            self._hand_over(self._handover)
         elif self._paused:
             self._resume()
 
@@ -302,7 +317,7 @@ class FastConnection(asyncio.Protocol):
         """This request is aiohttp's: hand the connection over, or close if that is impossible."""
         if self._transport is None:
             return
-        if self._taken_in_chunk:
+        if self._start < 0:
             # llhttp does not say where in this read the request began.
             self._closing = True
             self._front.counts.closed += 1
@@ -310,9 +325,9 @@ class FastConnection(asyncio.Protocol):
                 self._transport.close()
             return
         if self.idle:
-            self._hand_over(self._chunk)
+            self._hand_over(self._chunk[self._start:])
         else:  # after the answers already owed on this connection
-            self._handover = self._chunk
+            self._handover = self._chunk[self._start:]
             self._pause()
 
     def _hand_over(self, data: bytes) -> None:

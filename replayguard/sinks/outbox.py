@@ -3,6 +3,9 @@
 ``<spool_dir>/<name>.jsonl`` holds every record submitted to the sink; ``<name>.cursor``
 holds the byte offset delivered so far, committed by atomic rename, so a sink that is
 down, or a restart, loses nothing: delivery resumes at the cursor.
+
+Run as root, what the spool creates belongs to the owner of the directory it is created
+in (the data dir's owner): the service user can still open the outbox after a root run.
 """
 
 from __future__ import annotations
@@ -33,8 +36,17 @@ class Spool:
 
     def open(self) -> int:
         """Open, repair and load the cursor; returns the number of undelivered lines."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        directory = self.path.parent
+        if not directory.is_dir():
+            directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            else:
+                _inherit_owner(directory)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        _inherit_owner(self.path, self._fd)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -83,8 +95,9 @@ class Spool:
     def commit(self, offset: int) -> None:
         """Record ``offset`` as delivered: write a temporary file, fsync, rename, fsync the dir."""
         tmp = self._cursor_path.with_suffix(".cursor.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
+            _inherit_owner(tmp, fd)
             os.write(fd, f"{offset}\n".encode("ascii"))
             os.fsync(fd)
         finally:
@@ -109,6 +122,19 @@ class Spool:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _inherit_owner(path: Path, fd: int | None = None) -> None:
+    """As root, gives ``path`` (or the file open at ``fd``) to its directory's owner, unless that is root."""
+    if os.geteuid() != 0:
+        return
+    parent = path.parent.stat()
+    if parent.st_uid == 0:
+        return
+    if fd is None:
+        os.chown(path, parent.st_uid, parent.st_gid, follow_symlinks=False)
+    elif os.fstat(fd).st_uid == 0:
+        os.fchown(fd, parent.st_uid, parent.st_gid)
 
 
 def _chunks(fd: int, start: int, stop: int, size: int = 1 << 16) -> list[bytes]:

@@ -8,29 +8,12 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-import structlog
-
-from replayguard import logging as rglog
 from replayguard.http.state import ANALYSTS
 from tests.api.test_rollback_attack import alice, event, login
 from tests.conftest import Api, uid
-
-
-@pytest.fixture
-def log_buffer() -> Iterator[io.StringIO]:
-    """structlog configured with replayguard's processors, rendering JSON lines into a buffer."""
-    saved = structlog.get_config()
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=rglog.processors(), logger_factory=structlog.PrintLoggerFactory(buffer),
-        wrapper_class=structlog.make_filtering_bound_logger(0), cache_logger_on_first_use=False,
-    )
-    yield buffer
-    structlog.configure(**saved)
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +185,30 @@ async def test_pipelined_decisions_are_answered_in_order(api: Api, raw: Any, cou
     assert not conn.closed
 
 
+async def test_a_client_that_reads_nothing_is_paused_then_gets_every_answer(api: Api, counted: Counted) -> None:
+    """Back-pressure: a client pipelining 1,500 decisions while reading nothing (a 4 KiB receive
+    buffer) fills the front's write buffer, and the front stops reading from it; once the client
+    reads, every answer arrives, in order, and the front reads that connection again."""
+    front = api.client.server.runner.server  # type: ignore[union-attr]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (api.client.host, api.client.port))
+    conn = Raw(*await asyncio.open_connection(sock=sock))
+    count = 1500
+    try:
+        conn.writer.write(b"".join(nonce_request(api, f"bp-{i}", request_id=b"bp-%d" % i) for i in range(count)))
+        await _until(lambda: any(getattr(c, "_paused", False) for c in front._live))
+        paused = next(c for c in front._live if c._paused)
+        answers = await conn.answers(count, timeout=60)
+        assert [a.headers["x-request-id"] for a in answers] == [f"bp-{i}" for i in range(count)]
+        assert {a.json()["reason"] for a in answers} == {"ok"}
+        await _until(lambda: not paused._paused)
+        assert counted == {"fast": count, "handover": 0} and not conn.closed
+    finally:
+        conn.close()
+
+
 async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: Any) -> None:
     """/metrics says how many decisions the front answered and how many connections it gave up."""
     url = str(api.client.make_url("")).rstrip("/")  # each scrape on a connection of its own: one handover
@@ -194,12 +219,15 @@ async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: An
     await conn.send(HEALTH)  # hands this connection over
     await conn.answers(3)
     mixed = await raw()
-    await mixed.send(nonce_request(api, "metrics-3") + HEALTH)
-    assert await mixed.wait_closed()
+    await mixed.send(nonce_request(api, "metrics-3") + HEALTH)  # the front knows where HEALTH began
+    assert [a.status for a in await mixed.answers(2)] == [200, 200]
+    lost = await raw()  # a blank line before the second request: the front loses where it began
+    await lost.send(nonce_request(api, "metrics-4") + b"\r\n" + nonce_request(api, "metrics-5") + HEALTH)
+    assert await lost.wait_closed()
     after = await front_counts(url)
     delta = {name: after[name] - before.get(name, 0) for name in after}
-    assert delta == {"replayguard_http_fast_answers_total": 3,
-                     'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 2,
+    assert delta == {"replayguard_http_fast_answers_total": 5,
+                     'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 3,
                      'replayguard_http_front_handoffs_total{outcome="closed"}': 1}, delta
 
 
@@ -256,16 +284,28 @@ async def test_a_split_request_that_turns_unusual_is_handed_over_whole(
     assert counted == {"fast": 0, "handover": 1}
 
 
-async def test_mixed_pipeline_answers_what_it_took_then_closes(api: Api, raw: Any, counted: Counted) -> None:
-    """A request the front cannot hand over (it began mid-read) ends the connection: the
-    one before it is answered with Connection: close, and the client retries the rest."""
+async def test_mixed_pipeline_hands_over_at_the_first_request_not_taken(api: Api, raw: Any, counted: Counted) -> None:
+    """A decision and a health check in one read: the front answers the decision, then hands
+    aiohttp the bytes from where the health check began, and the connection stays open."""
     conn = await raw()
     await conn.send(nonce_request(api, "mixed-1") + HEALTH)
     answers = await conn.answers(2)
+    assert [a.status for a in answers] == [200, 200] and answers[0].json()["reason"] == "ok"
+    assert counted == {"fast": 1, "handover": 1}
+    await conn.send(HEALTH)
+    assert (await conn.answers(3))[2].status == 200 and not conn.closed
+
+
+async def test_a_request_whose_start_is_lost_ends_the_connection(api: Api, raw: Any, counted: Counted) -> None:
+    """A blank line between pipelined requests hides where the next began: the front answers
+    what it took, the last with Connection: close, and closes; the client retries the rest."""
+    conn = await raw()
+    await conn.send(nonce_request(api, "lost-1") + b"\r\n" + nonce_request(api, "lost-2") + HEALTH)
+    answers = await conn.answers(3)
     assert await conn.wait_closed()
-    assert len(answers) == 1 and answers[0].status == 200
-    assert answers[0].headers["connection"].lower() == "close"
-    assert counted == {"fast": 1, "handover": 0, "closed": 1}
+    assert [a.json()["reason"] for a in answers] == ["ok", "ok"]
+    assert answers[1].headers["connection"].lower() == "close"
+    assert counted == {"fast": 2, "handover": 0, "closed": 1}
 
 
 @pytest.mark.parametrize("case", ["http10", "chunked", "expect", "query", "duplicate_auth",
@@ -448,6 +488,38 @@ async def test_fuzzed_bytes_never_5xx_and_never_stop_the_front(api: Api, case: t
         assert (await check.answers(1))[0].json()["decision"] == "accept"
     finally:
         check.close()
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(["nonce", "nonce", "nonce", "health"]), min_size=1, max_size=12),
+       cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=8))
+async def test_a_pipelined_stream_cut_anywhere_gets_every_answer_in_order(
+    api: Api, kinds: list[str], cuts: list[int],
+) -> None:
+    """Decisions and health checks pipelined on one connection, the bytes cut into pieces at
+    any points: every request is answered, in order, decisions each accepted once, and the
+    connection stays open (the front takes what it can and hands aiohttp the rest whole)."""
+    tag = secrets.token_hex(4)
+    requests = [nonce_request(api, f"{tag}-{i}", request_id=f"{tag}-{i}".encode()) if kind == "nonce" else HEALTH
+                for i, kind in enumerate(kinds)]
+    data = b"".join(requests)
+    conn = Raw(*await asyncio.open_connection(api.client.host, api.client.port))
+    try:
+        start = 0
+        for cut in [*sorted({c for c in cuts if c < len(data)}), len(data)]:
+            await conn.send(data[start:cut])
+            start = cut
+            await asyncio.sleep(0)
+        answers = await conn.answers(len(kinds))
+        assert [a.status for a in answers] == [200] * len(kinds)
+        decided = [a for a, kind in zip(answers, kinds, strict=True) if kind == "nonce"]
+        assert [a.headers["x-request-id"] for a in decided] == [
+            f"{tag}-{i}" for i, kind in enumerate(kinds) if kind == "nonce"]
+        assert {a.json()["reason"] for a in decided} <= {"ok"}
+        assert not conn.closed
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("front", ["fast", "aiohttp"])

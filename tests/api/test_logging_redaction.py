@@ -12,31 +12,16 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pyotp
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from replayguard import logging as rglog
 from tests.conftest import Api, uid
 
 REQUEST_ID = "redaction-test"  # letters only, so no credential can hide in it
-
-
-@pytest.fixture
-def log_buffer() -> Iterator[io.StringIO]:
-    """structlog configured with replayguard's processors, rendering into a buffer."""
-    saved = structlog.get_config()
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=rglog.processors(), logger_factory=structlog.PrintLoggerFactory(buffer),
-        wrapper_class=structlog.make_filtering_bound_logger(0), cache_logger_on_first_use=False,
-    )
-    yield buffer
-    structlog.configure(**saved)
 
 
 async def _call(api: Api, method: str, path: str, body: Any = None, role: str | None = "callout",

@@ -8,19 +8,16 @@ Screenshots go to ``test-artifacts/console/`` (ignored by git); with
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import structlog
 
-from replayguard import logging as rglog
 from tests.conftest import REPO
 
 CHROMIUM = Path(os.environ.get("REPLAYGUARD_CHROMIUM", "/usr/bin/chromium"))
@@ -90,16 +87,3 @@ async def tab(browser: Any) -> AsyncIterator[Tab]:
     page.on("console", on_console)
     yield recorded
     await context.close()
-
-
-@pytest.fixture
-def log_buffer() -> Iterator[io.StringIO]:
-    """structlog with replayguard's processors, rendering the service's JSON lines into a buffer."""
-    saved = structlog.get_config()
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=rglog.processors(), logger_factory=structlog.PrintLoggerFactory(buffer),
-        wrapper_class=structlog.make_filtering_bound_logger(0), cache_logger_on_first_use=False,
-    )
-    yield buffer
-    structlog.configure(**saved)

@@ -129,6 +129,29 @@ async def test_checkpoints_are_signed_and_verify_offline(fresh_database: Callabl
                    "--checkpoint", str(cp_file)).returncode == 2
 
 
+async def test_cli_checkpoints_lists_the_apis_checkpoints_newest_first(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """``replayguard ledger checkpoints --limit N`` prints the N newest checkpoints as JSON lines,
+    the same the API lists, and the newest verifies offline with the exported key."""
+    api, dsn = await ledger_of(api_factory, fresh_database, 9, checkpoint_every=2)
+    await wait_for_checkpoint(api, 8)
+    common = ("--database-url", dsn, "--data-dir", str(tmp_path / "data"))
+    listed = run_cli("ledger", "checkpoints", "--limit", "5", *common)
+    assert listed.returncode == 0, listed.stderr
+    lines = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    status, page = await api.get("/v1/ledger/checkpoints?limit=5")
+    assert status == 200, page
+    assert lines == page["items"] and lines[0]["seq"] >= 8
+    assert [cp["seq"] for cp in lines] == sorted((cp["seq"] for cp in lines), reverse=True)
+    newest = run_cli("ledger", "checkpoints", "--limit", "1", *common)
+    assert [orjson.loads(line) for line in newest.stdout.splitlines()] == lines[:1]
+    key_file, cp_file = tmp_path / "key.pem", tmp_path / "cp.json"
+    key_file.write_text(run_cli("ledger", "public-key", *common).stdout)
+    cp_file.write_bytes(orjson.dumps(lines[0]))
+    offline = run_cli("ledger", "verify-checkpoint", "--public-key", str(key_file), "--checkpoint", str(cp_file))
+    assert offline.returncode == 0 and offline.stdout.startswith("valid"), offline.stdout + offline.stderr
+
+
 async def test_cli_verify_prints_progress_and_the_report(fresh_database: Callable[[], Any],
                                                          api_factory: Callable[..., Any], tmp_path: Path) -> None:
     """``replayguard ledger verify`` shows a progress bar on stderr and exits 1 on tampering."""

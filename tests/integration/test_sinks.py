@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import hmac
 import inspect
+import multiprocessing
 import os
 import re
 import socket
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from replayguard.sinks import (
     parse_sink_spec,
     webhook_signature_headers,
 )
+from replayguard.sinks.outbox import Spool
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
 SYSLOG_RE = re.compile(rb"^<(\d+)>1 (\S+) (\S+) replayguard (\d+) (alert|checkpoint) - (CEF:0\|.*)$")
@@ -553,3 +556,48 @@ async def test_spool_locked_against_second_process(tmp_path: Path, dispatchers: 
     with pytest.raises(ConfigError, match="in use"):
         await second.start()
     assert os.listdir(tmp_path / "spool")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root creates in a service user's data dir")
+async def test_root_run_leaves_an_outbox_the_data_dirs_owner_can_open(
+    dispatchers: list[SinkDispatcher], servers: list[WebhookServer | TcpSyslog],
+) -> None:
+    """Root delivers through a spool inside a data dir owned by `nobody`: the spool dir, outbox and
+    cursor it creates belong to `nobody`, who can then open the same outbox (a later non-root run)."""
+    server = WebhookServer()
+    servers.append(server)
+    await server.start()
+    nobody = 65534
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:
+        os.chmod(top, 0o711)  # noqa: S103 - `nobody` must pass through to its data dir
+        data_dir = Path(top) / "data"
+        data_dir.mkdir(mode=0o700)
+        os.chown(data_dir, nobody, nobody)
+        spool = data_dir / "outbox"
+        dispatcher = await started(dispatchers, [server.spec], spool)
+        dispatcher.submit(alert(0))
+        await eventually(lambda: len(server.received) == 1)
+        await eventually(lambda: all(lane.backlog == 0 for lane in dispatcher.stats().values()))
+        await dispatcher.stop(timeout=5)
+        made = [spool, *spool.iterdir()]
+        assert {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made} == {p.name: (nobody, nobody) for p in made}
+        reader = multiprocessing.get_context("fork").Pool(1, initializer=_become, initargs=(nobody,))
+        try:
+            backlog = reader.apply(_open_and_commit, (str(spool), parse_sink_spec(server.spec).name))
+        finally:
+            reader.terminate()
+        assert backlog == 0
+
+
+def _become(uid: int) -> None:
+    os.setgid(uid)
+    os.setgroups([])
+    os.setuid(uid)
+
+
+def _open_and_commit(directory: str, name: str) -> int:
+    spool = Spool(Path(directory), name)
+    backlog = spool.open()
+    spool.commit(spool.cursor)
+    spool.close()
+    return backlog
