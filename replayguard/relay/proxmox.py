@@ -238,7 +238,7 @@ async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="replayguard-relay-proxmox",
+    p = Parser(prog="replayguard-relay proxmox",
                 description="Post finished Proxmox VE VM tasks to replayguard.")
     p.add_argument("--service-url", help="replayguard base URL, e.g. https://replayguard:8080")
     p.add_argument("--token-file", help="file holding a replayguard token of role hypervisor")
@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare_spool(config.spool_dir)
         listing = orjson.loads(sys.stdin.buffer.read()) if from_stdin else None
     except ConfigError as exc:
-        print(f"replayguard-relay-proxmox: error: {exc.message}", file=sys.stderr)
+        print(f"replayguard-relay proxmox: error: {exc.message}", file=sys.stderr)
         return 2
     except orjson.JSONDecodeError as exc:
-        print(f"replayguard-relay-proxmox: error: stdin is not JSON: {exc}", file=sys.stderr)
+        print(f"replayguard-relay proxmox: error: stdin is not JSON: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

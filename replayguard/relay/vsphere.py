@@ -295,7 +295,7 @@ def create_app(config: ForwarderConfig) -> web.Application:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="replayguard-relay-vsphere", description="Forward VEBA CloudEvents to replayguard.")
+    p = Parser(prog="replayguard-relay vsphere", description="Forward VEBA CloudEvents to replayguard.")
     p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", help="port to listen on (default: $PORT, as Knative sets it, else 8080)")
     p.add_argument("--service-url", help="replayguard base URL")
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         config, host, port = load_config(sys.argv[1:] if argv is None else argv, os.environ)
         prepare_spool(config.spool_dir)
     except ConfigError as exc:
-        print(f"replayguard-relay-vsphere: error: {exc.message}", file=sys.stderr)
+        print(f"replayguard-relay vsphere: error: {exc.message}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

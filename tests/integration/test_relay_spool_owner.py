@@ -20,7 +20,7 @@ FORGED = {"upid": "UPID:pve1:00000001:00000001:6B0BF2F0:qmrollback:101:ops@pve:"
 
 
 def relay(spool: Path, token: Path) -> subprocess.CompletedProcess[str]:
-    """`replayguard-relay-proxmox --from-stdin` with an empty task list, against a port nobody listens on."""
+    """`replayguard-relay proxmox --from-stdin` with an empty task list, against a port nobody listens on."""
     return subprocess.run(
         [sys.executable, "-m", "replayguard.relay.proxmox", "--from-stdin", "--lookup", "none",
          "--service-url", "http://127.0.0.1:9", "--token-file", str(token), "--spool-dir", str(spool)],
