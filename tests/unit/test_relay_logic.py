@@ -373,4 +373,4 @@ def test_main_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) ->
 def test_one_entry_point_runs_every_relay(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`replayguard-relay proxmox|vsphere …` hands the rest of the command line to that relay."""
     assert cli.main([kind, "--help"]) == 0
-    assert f"usage: replayguard-relay-{kind}" in capsys.readouterr().out
+    assert f"usage: replayguard-relay {kind}" in capsys.readouterr().out
