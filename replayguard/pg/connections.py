@@ -102,6 +102,37 @@ async def check_reachable(dsn: str, timeout: float = 10.0) -> None:
     await conn.close()
 
 
+# Server settings under which the service still runs but does not hold what it promises:
+# (setting, value that is a problem, what goes wrong). Checked at start-up (``serve``, ``migrate``).
+RISKY_SETTINGS = (
+    ("fsync", "off", "an acknowledged decision may be lost in a crash of the database server"),
+    ("synchronous_commit", "off", "an acknowledged decision may be lost in a crash of the database server"),
+    ("autovacuum", "off", "the small tables updated by every decision (vms, ledger_head) bloat and "
+                          "decisions slow down over minutes; run VACUUM yourself or turn it on"),
+    ("track_counts", "off", "autovacuum cannot tell which tables need it"),
+)
+
+
+async def risky_settings(dsn: str) -> list[tuple[str, str, str]]:
+    """The server's settings from ``RISKY_SETTINGS`` that have their problem value."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])",
+                                [name for name, _, _ in RISKY_SETTINGS])
+    finally:
+        await conn.close()
+    current = {row["name"]: row["setting"] for row in rows}
+    return [(name, bad, why) for name, bad, why in RISKY_SETTINGS if current.get(name) == bad]
+
+
+async def warn_about_settings(dsn: str) -> list[str]:
+    """Logs one warning line per risky server setting; returns their names."""
+    found = await risky_settings(dsn)
+    for name, value, why in found:
+        log.warning("postgres_setting_risky", setting=name, value=value, consequence=why)
+    return [name for name, _, _ in found]
+
+
 def record_to_dict(record: Any) -> dict[str, Any]:
     return dict(record.items())
 

@@ -1,0 +1,51 @@
+"""Start-up warns about PostgreSQL settings that undo a promise: durability (fsync,
+synchronous_commit) and the vacuum that keeps the per-decision tables small."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from structlog.testing import capture_logs
+
+from replayguard.pg import connections
+from tests.integration.owned_servers import OwnedPostgres
+
+
+async def _reload_with(url: str, **settings: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for name, value in settings.items():
+            await conn.execute(f"ALTER SYSTEM SET {name} = {value}")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+async def _settings_now(url: str, *names: str) -> dict[str, str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])", list(names))
+    finally:
+        await conn.close()
+    return {row["name"]: row["setting"] for row in rows}
+
+
+async def test_a_server_that_turns_off_fsync_and_autovacuum_is_named_at_start(owned_pg: OwnedPostgres) -> None:
+    """The embedded server's settings draw no warning; the same server with fsync and
+    autovacuum turned off draws one warning line each, naming the setting and its cost."""
+    with capture_logs() as quiet:
+        assert await connections.warn_about_settings(owned_pg.url) == []
+    assert [e for e in quiet if e["event"] == "postgres_setting_risky"] == []
+
+    await _reload_with(owned_pg.url, fsync="off", autovacuum="off")
+    for _ in range(200):  # the reload reaches new sessions once the postmaster has read the file
+        if await _settings_now(owned_pg.url, "fsync", "autovacuum") == {"fsync": "off", "autovacuum": "off"}:
+            break
+        await asyncio.sleep(0.05)
+    with capture_logs() as logged:
+        assert await connections.warn_about_settings(owned_pg.url) == ["fsync", "autovacuum"]
+    warned = [e for e in logged if e["event"] == "postgres_setting_risky"]
+    assert [(e["setting"], e["value"], e["log_level"]) for e in warned] == [
+        ("fsync", "off", "warning"), ("autovacuum", "off", "warning")]
+    assert "crash" in warned[0]["consequence"] and "VACUUM" in warned[1]["consequence"]
