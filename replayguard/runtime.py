@@ -60,12 +60,10 @@ def resolve_dsn(settings: Settings) -> str:
 
 
 async def prepare_database(settings: Settings) -> str:
-    """Resolves the DSN, checks the server answers, applies pending migrations, and logs a
-    warning for each server setting that undoes a promise (``connections.RISKY_SETTINGS``)."""
+    """Resolves the DSN, checks the server answers, applies pending migrations."""
     dsn = resolve_dsn(settings)
     await connections.check_reachable(dsn)
     await schema.migrate_dsn(dsn)
-    await connections.warn_about_settings(dsn)
     return dsn
 
 

@@ -140,6 +140,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         dsn = resolve_dsn(settings)
         await connections.check_reachable(dsn)
         applied = await schema.migrate_dsn(dsn)
+        await connections.warn_about_settings(dsn)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""), file=sys.stderr)
         return 0
 
@@ -205,6 +206,7 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: in
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from ..keys import load_keys
+    from ..pg.connections import warn_about_settings
     from ..runtime import prepare_database
 
     load_keys(settings)  # creates keys once, before workers race for them
@@ -212,6 +214,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("port 0 (any free port) needs workers = 1: each worker would get its own port")
     _check_port(settings.host, settings.port)
     dsn = run_async(prepare_database(settings))
+    run_async(warn_about_settings(dsn))  # serve and migrate say it; the one-shot commands keep stderr to one line
     log = rglog_logger()
     log.info("serving", host=settings.host, port=settings.port, workers=settings.workers,
              embedded=settings.embedded, redis=settings.redis_url is not None)

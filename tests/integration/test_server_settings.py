@@ -4,11 +4,14 @@ synchronous_commit) and the vacuum that keeps the per-decision tables small."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 from structlog.testing import capture_logs
 
 from replayguard.pg import connections
+from tests.conftest import run_cli
 from tests.integration.owned_servers import OwnedPostgres
 
 
@@ -39,13 +42,36 @@ async def test_a_server_that_turns_off_fsync_and_autovacuum_is_named_at_start(ow
     assert [e for e in quiet if e["event"] == "postgres_setting_risky"] == []
 
     await _reload_with(owned_pg.url, fsync="off", autovacuum="off")
-    for _ in range(200):  # the reload reaches new sessions once the postmaster has read the file
-        if await _settings_now(owned_pg.url, "fsync", "autovacuum") == {"fsync": "off", "autovacuum": "off"}:
-            break
-        await asyncio.sleep(0.05)
+    # The reload reaches new sessions once the postmaster has read the file.
+    await until(lambda: _settings_now(owned_pg.url, "fsync", "autovacuum"), {"fsync": "off", "autovacuum": "off"})
     with capture_logs() as logged:
         assert await connections.warn_about_settings(owned_pg.url) == ["fsync", "autovacuum"]
     warned = [e for e in logged if e["event"] == "postgres_setting_risky"]
     assert [(e["setting"], e["value"], e["log_level"]) for e in warned] == [
         ("fsync", "off", "warning"), ("autovacuum", "off", "warning")]
     assert "crash" in warned[0]["consequence"] and "VACUUM" in warned[1]["consequence"]
+
+
+async def test_migrate_names_the_setting_and_token_commands_keep_one_line(
+        owned_pg: OwnedPostgres, tmp_path: Path) -> None:
+    """On a server with autovacuum off, `migrate` logs the warning; `token create` does not (its
+    stderr stays one error line or nothing), and a failing one still prints one line."""
+    await _reload_with(owned_pg.url, autovacuum="off")
+    await until(lambda: _settings_now(owned_pg.url, "autovacuum"), {"autovacuum": "off"})
+    common = ("--database-url", owned_pg.url, "--data-dir", str(tmp_path / "data"))
+    migrated = await asyncio.to_thread(run_cli, "migrate", *common)
+    assert migrated.returncode == 0, migrated.stderr
+    assert '"setting":"autovacuum"' in migrated.stderr and "postgres_setting_risky" in migrated.stderr
+    made = await asyncio.to_thread(run_cli, "token", "create", "--role", "analyst", "--name", "a1", *common)
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    again = await asyncio.to_thread(run_cli, "token", "create", "--role", "analyst", "--name", "a1", *common)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+
+async def until(probe: Callable[[], Awaitable[dict[str, str]]], expected: dict[str, str], timeout: float = 10) -> None:
+    """Polls ``probe`` until it returns ``expected``; the timeout only bounds a failure."""
+    async def loop() -> None:
+        while await probe() != expected:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(loop(), timeout)
