@@ -11,7 +11,6 @@ read turns every ledger digest back into a guessable OTP.
 from __future__ import annotations
 
 import functools
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .durable import atomic_write, inherited_owner
 from .errors import ConfigError
 from .pg.embedded import adopt, claim_data_dir
 from .private_files import check_private_file
@@ -77,22 +77,13 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
     """Creates a key file atomically: a reader never sees it half written, and of two
     processes creating it at once, one wins and the other reads the winner's key."""
     raw = secrets.token_bytes(KEY_BYTES)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         _make_keys_dir(path.parent, data_dir)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(raw.hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        adopt(tmp, data_dir)
-        os.link(tmp, path)  # fails if the file exists; never overwrites
+        atomic_write(path, (raw.hex() + "\n").encode(), owner=inherited_owner(data_dir), exclusive=True)
     except FileExistsError:
         return _read_key(path, data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return raw
 
 

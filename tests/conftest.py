@@ -39,7 +39,7 @@ from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
 from replayguard.http.state import RUNTIME
 from replayguard.pg import schema
-from replayguard.runtime import Runtime
+from replayguard.runtime import Runtime, open_runtime
 from replayguard.settings import Secret, Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -341,6 +341,19 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, time
                 pass
             await asyncio.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+async def service_with_tokens(settings: Settings, service_factory: Callable[..., Any],
+                              roles: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """A real ``replayguard serve`` over ``settings``, and a token per role made over its own
+    data dir's keys: the service's URL and the tokens by role."""
+    tokens = {}
+    async with open_runtime(settings, migrate=False) as runtime:
+        for role in roles:
+            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
+    assert settings.database_url is not None
+    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
+    return service.url, tokens
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from ..durable import atomic_write, inherited_owner
 from ..errors import ConfigError
 
 SERVICE_USER = "replayguard"
@@ -188,11 +189,9 @@ def _create_data_dir(data_dir: Path, *, embedded: bool) -> Owner:
 
 def adopt(path: Path, data_dir: Path) -> None:
     """Gives a file root just created inside the data dir to the data dir's owner."""
-    if os.geteuid() != 0:
-        return
-    st = data_dir.stat()
-    if st.st_uid != 0:
-        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    owner = inherited_owner(data_dir)
+    if owner is not None:
+        os.chown(path, *owner, follow_symlinks=False)
 
 
 # --- the server -------------------------------------------------------------------------
@@ -278,23 +277,9 @@ class EmbeddedServer:
             raise ConfigError(f"the embedded PostgreSQL's {binary} failed under {self.pgdata}: {lines[-1]}")
         return done.stdout
 
-    def _write_private(self, path: Path, content: str, *, replace: bool) -> None:
+    def _write_private(self, path: Path, content: str) -> None:
         """Writes a 0600 file of the owner's without following a symlink planted in its place."""
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if os.geteuid() == 0:
-                os.chown(tmp, self.owner.uid, self.owner.gid)
-            if replace:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # never overwrites
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, content.encode(), owner=(self.owner.uid, self.owner.gid) if os.geteuid() == 0 else None)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -317,7 +302,7 @@ class EmbeddedServer:
             raise ConfigError(f"cannot read {self.password_file}: {exc.strerror}") from None
 
     def _new_password(self) -> None:
-        self._write_private(self.password_file, secrets.token_urlsafe(32) + "\n", replace=True)
+        self._write_private(self.password_file, secrets.token_urlsafe(32) + "\n")
 
     def initialise(self) -> None:
         """Creates the cluster, or gives a cluster without a password one (single-user mode)."""
@@ -378,7 +363,7 @@ class EmbeddedServer:
         found = self.running_socket_dir()
         if found is not None:
             return found
-        self._write_private(self.pgdata / "pg_hba.conf", HBA, replace=True)
+        self._write_private(self.pgdata / "pg_hba.conf", HBA)
         sockets = self.socket_dir()
         options = f"-h '' -k {shlex.quote(str(sockets))} -c unix_socket_permissions=0700"
         options += "".join(f" -c {name}={value}" for name, value in WORKLOAD_SETTINGS.items())
@@ -420,14 +405,14 @@ class EmbeddedServer:
         with self.locked():
             sockets = self.start()
             users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
-            self._write_private(self._users, " ".join(map(str, [*users, os.getpid()])) + "\n", replace=True)
+            self._write_private(self._users, " ".join(map(str, [*users, os.getpid()])) + "\n")
         return self.dsn(sockets)
 
     def leave(self) -> None:
         """This process is done with the server; the last user to leave stops it."""
         with self.locked():
             users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
-            self._write_private(self._users, " ".join(map(str, users)) + "\n", replace=True)
+            self._write_private(self._users, " ".join(map(str, users)) + "\n")
             if not users:
                 self.stop()
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from ..durable import atomic_write
 from .libvirt_events import (
     FROM_SNAPSHOT,
     MAX_EVENT_ID,
@@ -57,7 +58,6 @@ from .spool import (
     Outcome,
     Retry,
     Spool,
-    atomic_write,
     backoff_delay,
     classify_status,
     deliver_file,
@@ -69,7 +69,7 @@ from .tasks import first_done, until_first_done
 __all__ = [
     "EVENTS_PATH", "FROM_SNAPSHOT", "MAX_EVENT_ID", "SOURCE", "STATE_FILE", "SYNTHETIC",
     "DomainView", "Kind", "Outcome", "RelayConfig", "SnapshotChange", "SnapshotRef", "Spool",
-    "atomic_write", "backoff_delay", "change_body", "change_event_id", "classify_status",
+    "backoff_delay", "change_body", "change_event_id", "classify_status",
     "deliver_forever", "deliver_one", "diff_domain", "event_body", "is_from_snapshot",
     "is_silent_revert", "lifecycle_event_id", "make_event_id", "parse_creation_time", "rfc3339",
     "run_relay", "views_from_json", "views_to_json",

@@ -44,6 +44,7 @@ import aiohttp
 import orjson
 import structlog
 
+from ..durable import atomic_write
 from ..errors import ConfigError
 from ..settings import Secret
 from .options import (
@@ -76,7 +77,6 @@ from .spool import (
     Post,
     Retry,
     Spool,
-    atomic_write,
     backoff_delay,
     deliver_file,
     drain,

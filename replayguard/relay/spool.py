@@ -31,7 +31,6 @@ import enum
 import hashlib
 import os
 import random
-import secrets
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,6 +43,7 @@ import orjson
 import structlog
 
 from ..core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from ..durable import atomic_write, fsync_dir
 from ..errors import ConfigError
 from ..settings import Secret
 
@@ -119,38 +119,6 @@ def _dir_problem(st: os.stat_result, uid: int) -> str | None:
     return None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: a fresh tmp file, fsync, rename, fsync the directory.
-
-    The tmp file has a random name in the target's directory and is opened with
-    ``O_CREAT | O_EXCL | O_NOFOLLOW``: a symlink or file planted there is an error, never
-    followed or truncated; the rename replaces a symlink at ``path`` itself, not its target.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """A directory of events waiting for the service: ``evt-<ns>-<hash>.json``, oldest first."""
 
@@ -189,7 +157,7 @@ class Spool:
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def bury(self, path: Path) -> None:
         """Move a refused event to dead/, dropping the oldest letters beyond ``dead_max``."""
@@ -200,8 +168,8 @@ class Spool:
             self.dead_dropped += 1
             log.error("dead_letter_dropped", file=old.name, dead_max=self.dead_max,
                       dropped_total=self.dead_dropped)
-        _fsync_dir(self.dead)
-        _fsync_dir(self.root)
+        fsync_dir(self.dead)
+        fsync_dir(self.root)
 
 
 # ---------------------------------------------------------------- delivery

@@ -15,10 +15,7 @@ forks from what the witness holds is refused unless a recorded recovery covers i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +27,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
+from ..durable import atomic_write
 
 TIMEOUT_S = 3.0
 
@@ -108,30 +106,10 @@ class FileWitness:
                 verdict = continuity.admit(None if held is None else held.checkpoint, record.checkpoint,
                                            record.recovery)
                 if verdict in (Admission.ACCEPT, Admission.RECOVERY):
-                    self._replace(orjson.dumps(record.to_json()))
+                    atomic_write(self.path, orjson.dumps(record.to_json()))
                 return verdict
         except OSError as exc:
             raise WitnessUnreachable(f"cannot write {self.path}: {exc.strerror}") from None
-
-    def _replace(self, data: bytes) -> None:
-        """Atomic and durable: the new content is on disk, under its name, before we return."""
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class HttpWitness:

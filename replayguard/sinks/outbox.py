@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from ..durable import atomic_write, inherited_owner
 from ..errors import ConfigError
 
 
@@ -52,6 +53,8 @@ class Spool:
         except BlockingIOError:
             self.close()
             raise ConfigError(f"spool {self.path} is in use by another replayguard process") from None
+        for stale in directory.glob(f".{self._cursor_path.name}.*.tmp"):  # a commit a crash cut short
+            stale.unlink(missing_ok=True)
         self.end = _complete_length(self._fd)
         os.ftruncate(self._fd, self.end)
         self.cursor = min(self._read_cursor(), self.end)
@@ -93,21 +96,8 @@ class Spool:
         os.fsync(self._fd)
 
     def commit(self, offset: int) -> None:
-        """Record ``offset`` as delivered: write a temporary file, fsync, rename, fsync the dir."""
-        tmp = self._cursor_path.with_suffix(".cursor.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            _inherit_owner(tmp, fd)
-            os.write(fd, f"{offset}\n".encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._cursor_path)
-        dir_fd = os.open(self._cursor_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Record ``offset`` as delivered, atomically and durably (``durable.atomic_write``)."""
+        atomic_write(self._cursor_path, f"{offset}\n".encode("ascii"), owner=inherited_owner(self._cursor_path.parent))
         self.cursor = offset
 
     def compact(self) -> None:
@@ -126,15 +116,13 @@ class Spool:
 
 def _inherit_owner(path: Path, fd: int | None = None) -> None:
     """As root, gives ``path`` (or the file open at ``fd``) to its directory's owner, unless that is root."""
-    if os.geteuid() != 0:
-        return
-    parent = path.parent.stat()
-    if parent.st_uid == 0:
+    owner = inherited_owner(path.parent)
+    if owner is None:
         return
     if fd is None:
-        os.chown(path, parent.st_uid, parent.st_gid, follow_symlinks=False)
+        os.chown(path, *owner, follow_symlinks=False)
     elif os.fstat(fd).st_uid == 0:
-        os.fchown(fd, parent.st_uid, parent.st_gid)
+        os.fchown(fd, *owner)
 
 
 def _chunks(fd: int, start: int, stop: int, size: int = 1 << 16) -> list[bytes]:

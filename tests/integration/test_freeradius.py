@@ -25,9 +25,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, dead_url, front_counts, uid
+from tests.conftest import REPO, dead_url, front_counts, service_with_tokens, uid
 
 DEPLOY = REPO / "deploy" / "freeradius"
 FREERADIUS = shutil.which("freeradius") or shutil.which("radiusd")
@@ -213,14 +212,7 @@ class Host:
 @pytest.fixture
 async def host(make_settings: Callable[..., Settings], service_factory: Callable[..., Any]) -> Host:
     """A real service process, with tokens made over its own data dir's keys."""
-    settings: Settings = make_settings()
-    tokens = {}
-    async with open_runtime(settings, migrate=False) as runtime:
-        for role in ("admin", "callout", "analyst"):
-            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
-    assert settings.database_url is not None
-    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
-    return Host(service.url, tokens)
+    return Host(*await service_with_tokens(make_settings(), service_factory, ("admin", "callout", "analyst")))
 
 
 def radclient(radius: Radius, **attributes: str) -> subprocess.CompletedProcess[str]:

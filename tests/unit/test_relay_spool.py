@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from replayguard import durable
 from replayguard.core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from replayguard.durable import atomic_write
 from replayguard.errors import ConfigError
-from replayguard.relay import spool as spool_module
-from replayguard.relay.spool import Spool, atomic_write, private_dir, signed_headers
+from replayguard.relay.spool import Spool, private_dir, signed_headers
 from replayguard.settings import Secret
 
 
@@ -54,7 +55,7 @@ def test_atomic_write_never_follows_a_planted_temp_symlink(tmp_path: Path, monke
     """A symlink at the temp name is an error, and the file it points to is left as it was."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"root only")
-    monkeypatch.setattr(spool_module.secrets, "token_hex", lambda _n: "fixed")
+    monkeypatch.setattr(durable.secrets, "token_hex", lambda _n: "fixed")
     (tmp_path / ".cursor.json.fixed.tmp").symlink_to(victim)
     with pytest.raises(FileExistsError):
         atomic_write(tmp_path / "cursor.json", b"{}")
