@@ -24,7 +24,8 @@
 -- under the lock is kept small: the batch is decoded once into typed columns
 -- (jsonb_to_recordset); the clock guard is read once per batch and written once at its
 -- end; a principal's row is written only when it changes; a VM's row only when its
--- receipt state changes, and the last-seen time of each VM once, at the end.
+-- receipt state changes, and its last-seen time once, at the end, when it moved by more
+-- than a second.
 --
 -- PL/pgSQL plans each statement once per connection and keeps the plan, and the
 -- group-commit appender keeps its connection, so a plan made while a table was small would
@@ -301,8 +302,12 @@ BEGIN
         INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
             VALUES (v_seq, it.ts_us, it.kind, it.vm_id, it.subject, v_digest, v_verdict, v_reason, v_payload, v_prev, v_hash);
         v_prev := v_hash;
+        -- A VM's last-seen time is kept to within a second: a row rewritten at every
+        -- decision costs a heap update each time and bloats `vms` between vacuums.
         v_pos := array_position(v_vms, it.vm_id);
-        IF v_pos IS NULL THEN
+        IF v_vmrow.last_seen_us >= it.ts_us - 1000000 THEN
+            NULL;
+        ELSIF v_pos IS NULL THEN
             v_vms := v_vms || it.vm_id;
             v_vms_ts := v_vms_ts || it.ts_us;
         ELSIF v_vms_ts[v_pos] < it.ts_us THEN

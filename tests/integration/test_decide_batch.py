@@ -60,13 +60,30 @@ async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any])
             ("accept", "ok"), ("reject", "invalid"), ("accept", "ok"),
         ]
         assert await conn.fetchval("SELECT fail_count FROM principals WHERE name = 'bob'") == 0
+        # Last-seen times are kept to within a second: these items are microseconds apart.
         last_seen = dict(await conn.fetch("SELECT vm_id, last_seen_us FROM vms"))
-        assert last_seen == {"vm-1": TS + 5, "vm-2": TS + 7}
+        assert last_seen == {"vm-1": TS + 1, "vm-2": TS + 2}
         # The clock guard holds the highest step accepted, written once for the batch.
         assert await conn.fetchval("SELECT high_us FROM clock_guard WHERE scope = 'scope-a'") == \
             (STEP + 1) * PERIOD * 1_000_000
         head = await conn.fetchrow("SELECT seq FROM ledger_head")
         assert head["seq"] == 7 and await conn.fetchval("SELECT count(*) FROM ledger") == 7
+    finally:
+        await conn.close()
+
+
+async def test_a_vms_last_seen_time_moves_once_it_is_a_second_behind(fresh_database: Callable[[], Any]) -> None:
+    """vms.last_seen_us moves only for a decision more than a second after it, to the batch's latest time."""
+    conn = await connections.connect(await fresh_database())
+    try:
+        async def last_seen() -> int:
+            return int(await conn.fetchval("SELECT last_seen_us FROM vms WHERE vm_id = 'vm-1'"))
+
+        await _decide(conn, [nonce(TS, "vm-1", "01" * 32)])
+        await _decide(conn, [nonce(TS + 1_000_000, "vm-1", "02" * 32)])  # exactly a second: kept
+        assert await last_seen() == TS
+        await _decide(conn, [nonce(TS + 1_000_001, "vm-1", "03" * 32), nonce(TS + 1_500_000, "vm-1", "04" * 32)])
+        assert await last_seen() == TS + 1_500_000
     finally:
         await conn.close()
 
