@@ -25,6 +25,10 @@ kind or severity: critical ones as ``error`` lines, warnings as ``warning`` line
 VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
 while leadership moves between instances may miss its line; the sinks and the API still
 have it.)
+
+The feed's connection also LISTENs on ``replayguard_tokens`` for the token cache
+(``tokens.py``): every instance, Redis or not, and the cache is told when that LISTEN takes
+effect and when its connection ends.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from .alerts import AlertService, render, sink_record
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
 from .state_check import STATE_BATCH
+from .tokens import CHANNEL as TOKEN_CHANNEL
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +136,7 @@ class AlertFeed:
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
+        self._listen_conn: asyncpg.Connection | None = None
 
     # --- subscribers ----------------------------------------------------------------
 
@@ -196,7 +202,13 @@ class AlertFeed:
                 continue
             delay = 0.1
             wakeups = None
+            self._listen_conn = conn
             try:
+                # The same connection hears token changes, for the token cache: it trusts
+                # what it read only while this LISTEN is in effect.
+                conn.add_termination_listener(self._on_terminated)
+                await conn.add_listener(TOKEN_CHANNEL, self._on_token_change)
+                self._rt.tokens.listening(True)
                 if self._rt.fanout is None:
                     await conn.add_listener(CHANNEL, self._on_notify)
                 else:
@@ -205,6 +217,8 @@ class AlertFeed:
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("alert_feed_interrupted", error=type(exc).__name__)
             finally:
+                self._listen_conn = None
+                self._rt.tokens.listening(False)
                 if wakeups is not None:
                     wakeups.cancel()
                     await asyncio.wait({wakeups})
@@ -225,6 +239,13 @@ class AlertFeed:
             except (RedisError, OSError) as exc:
                 log.warning("alert_feed_redis_interrupted", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
+
+    def _on_token_change(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._rt.tokens.changed(payload)
+
+    def _on_terminated(self, conn: object) -> None:
+        if conn is self._listen_conn:  # lost under the session: no more changes are heard
+            self._rt.tokens.listening(False)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload.isascii() and payload.isdigit():

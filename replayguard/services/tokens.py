@@ -8,6 +8,14 @@ or another, carries every code already accepted. The cache only saves the lookup
 round trip: whether a code may still be used is decided by the ledger, which re-checks
 that the token is active when it consumes the step. Concurrent cache misses share one
 query on a connection kept for it (``TokenReader``), the way decisions share a commit.
+
+Every write to ``otp_tokens`` is announced on ``replayguard_tokens`` (a trigger,
+migrations/functions/rg_token_changed.sql); the alert feed's LISTEN connection passes each
+announcement to ``changed``, which drops that principal's cached tokens. A list read while
+that connection listened, with no announcement heard during the read, is therefore
+current, and a TOTP code that matches none of its tokens is refused without reading again:
+a wrong code costs what a right one does. When the connection is down, a miss is read
+again, at most once a second per principal (``MISS_RECHECK_S``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import pyotp
@@ -34,12 +42,14 @@ from ..pg.connections import KeptConnection, acquire
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
-# After a fresh read confirms that a code matches none of a principal's TOTP tokens, more
-# misses for that principal within this many seconds are not read again: a guest sending
-# wrong codes costs one token read a second per principal and process, not one per code. A
-# token enrolled through another instance within that second counts a second later (one
-# enrolled through this process, and any HOTP token, at once).
+# While token changes are not being heard: after a fresh read confirms that a code matches
+# none of a principal's TOTP tokens, more misses for that principal within this many
+# seconds are not read again, so a guest sending wrong codes costs one token read a second
+# per principal and process, not one per code. A token enrolled through another instance
+# within that second counts a second later (one enrolled through this process, and any
+# HOTP token, at once).
 MISS_RECHECK_S = 1.0
+CHANNEL = "replayguard_tokens"
 MAX_READ_BATCH = 512
 _COLUMNS = ("t.principal, t.id, t.type, t.secret_ct, t.digits, t.period, t.algorithm, c.last_counter,"
             " t.fingerprint FROM otp_tokens t JOIN otp_credentials c ON c.fingerprint = t.fingerprint")
@@ -146,13 +156,52 @@ class TokenReader:
         await self._conn.release()
 
 
+class _Cached(NamedTuple):
+    read_at: float  # time.monotonic() when the read was asked for
+    tokens: list[OtpToken]
+    clean: bool  # no token change was announced while it was read
+
+
 class TokenStore:
     def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
         self._pool = pool
         self._keys = keys
-        self._cache: dict[str, tuple[float, list[OtpToken]]] = {}
+        self._cache: dict[str, _Cached] = {}
         self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
+        self._listening_since: float | None = None  # when LISTEN on CHANNEL took effect; None: not now
+        self._changes = 0  # announcements heard
+
+    # --- announcements of token changes (the alert feed's LISTEN connection) ----------
+
+    def listening(self, on: bool) -> None:
+        """The LISTEN on ``CHANNEL`` took effect (True) or its connection is gone (False).
+        Lists read before it took effect are not trusted to be current."""
+        self._listening_since = time.monotonic() if on else None
+
+    @property
+    def listening_now(self) -> bool:
+        return self._listening_since is not None
+
+    @property
+    def changes_heard(self) -> int:
+        return self._changes
+
+    def changed(self, principal: str) -> None:
+        """A change to ``principal``'s tokens was announced ('': to anyone's)."""
+        self._changes += 1
+        if principal:
+            self._forget(principal)
+        else:
+            self._cache.clear()
+            self._misses.clear()
+
+    def _current(self, principal: str, tokens: list[OtpToken]) -> bool:
+        """Whether ``tokens`` is ``principal``'s cached list, and no change to it can have gone unheard."""
+        hit = self._cache.get(principal)
+        since = self._listening_since
+        return (hit is not None and hit.tokens is tokens and hit.clean
+                and since is not None and hit.read_at >= since)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -223,8 +272,9 @@ class TokenStore:
         """
         hit = self._cache.get(principal)
         now = time.monotonic()
-        if not fresh and hit is not None and hit[0] > now:
-            return hit[1], True
+        if not fresh and hit is not None and hit.read_at + CACHE_TTL_S > now:
+            return hit.tokens, True
+        changes = self._changes
         rows = await self._reader.read(principal)
         tokens = [
             OtpToken(r["id"], principal, r["type"], _decrypt(self._keys, r["id"], r["secret_ct"]),
@@ -233,18 +283,26 @@ class TokenStore:
         ]
         if len(self._cache) > 100_000:
             self._cache.clear()
-        if tokens:  # "no token" is never cached: an enrolment elsewhere must count at once
-            self._cache[principal] = (now + CACHE_TTL_S, tokens)
+        clean = self._changes == changes
+        # "No token" is cached only while enrolments elsewhere are heard: one must count at once.
+        if tokens or (clean and self._listening_since is not None and now >= self._listening_since):
+            self._cache[principal] = _Cached(now, tokens, clean)
         return tokens, False
 
     def worth_rereading(self, principal: str, cached: list[OtpToken]) -> bool:
         """Whether a code that matched none of the ``cached`` tokens deserves a fresh read.
 
         Always for an HOTP token (its counter may have moved through another instance);
-        for TOTP tokens, unless a fresh read confirmed a miss less than MISS_RECHECK_S ago.
+        for TOTP tokens, never while the cached list is current (read while token changes
+        were heard, none since), else unless a fresh read confirmed a miss less than
+        MISS_RECHECK_S ago.
         """
+        if any(token.type != "totp" for token in cached):
+            return True
+        if self._current(principal, cached):
+            return False
         confirmed = self._misses.get(principal)
-        if confirmed is None or any(token.type != "totp" for token in cached):
+        if confirmed is None:
             return True
         return time.monotonic() - confirmed >= MISS_RECHECK_S
 
@@ -259,10 +317,10 @@ class TokenStore:
         hit = self._cache.get(principal)
         if hit is None:
             return
-        self._cache[principal] = (hit[0], [
+        self._cache[principal] = hit._replace(tokens=[
             OtpToken(t.id, t.principal, t.type, t.secret_b32, t.digits, t.period, t.algorithm,
                      max(t.last_counter, counter), t.credential) if t.credential == credential else t
-            for t in hit[1]
+            for t in hit.tokens
         ])
 
     async def backfill_fingerprints(self) -> int:

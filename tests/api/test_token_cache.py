@@ -11,11 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pyotp
+import pytest
 
 from replayguard.core.validation import EnrollRequest
+from replayguard.http.state import ANALYSTS
 from replayguard.services import tokens
 from replayguard.services.tokens import TokenStore
 from tests.conftest import Api, uid
+from tests.waiting import until
 
 TOTP = EnrollRequest(type="totp", secret=None, digits=6, period=30, algorithm="SHA1")
 
@@ -46,10 +49,74 @@ async def test_a_token_enrolled_elsewhere_counts_at_once(api: Api) -> None:
     assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
 
 
-async def test_wrong_codes_for_a_principal_cost_one_read_a_window(api_factory: Callable[..., Any]) -> None:
-    """After a read confirmed a miss, more wrong codes are refused from the cache until
-    MISS_RECHECK_S has passed; a token enrolled elsewhere meanwhile counts once it has."""
+async def listening(api: Api) -> None:
+    store = api.runtime.tokens
+    await until(lambda: _true(store.listening_now), "the alert feed's LISTEN on token changes")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factory: Callable[..., Any]) -> None:
+    """Tokens read while the LISTEN on token changes is in effect are current: wrong codes
+    are refused from the cache with no read at all, a principal with no token is not read
+    twice, and a token enrolled through another instance counts as soon as its
+    announcement arrives."""
     api = await api_factory(lockout_threshold=1000)  # wrong codes stay "invalid"
+    await listening(api)
+    principal = uid("gina")
+    first = (await api.enroll(principal))["secret"]
+    assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"  # read, cached
+    before = await token_reads(api)
+    for _ in range(10):
+        assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+    assert await token_reads(api) == before  # none read
+
+    nobody = uid("nobody")
+    for _ in range(3):
+        assert await verify(api, nobody, "123456") == "no_token"
+    assert await token_reads(api) == before + 1  # read once, "no token" cached
+
+    heard = api.runtime.tokens.changes_heard
+    elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
+    await until(lambda: _true(api.runtime.tokens.changes_heard > heard), "the enrolment's announcement")
+    assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
+    assert await token_reads(api) == before + 2
+    later = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(nobody, TOTP, 0)
+    await until(lambda: _true(api.runtime.tokens.changes_heard > heard + 1), "the second announcement")
+    assert await verify(api, nobody, pyotp.TOTP(later.secret_b32).at(api.clock.now)) == "ok"
+
+
+async def test_a_lost_listen_connection_is_noticed_and_older_reads_are_not_trusted(api: Api) -> None:
+    """The LISTEN connection's backend is terminated: the store stops trusting its lists at
+    once; the feed reconnects, and a list read before that is read again on a miss."""
+    await listening(api)
+    principal = uid("hank")
+    first = (await api.enroll(principal))["secret"]
+    assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"
+    feed = api.client.app[ANALYSTS].feed
+    old_pid = feed._listen_conn.get_server_pid()
+    async with api.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", old_pid)
+    await until(lambda: _true(feed._listen_conn is not None and feed._listen_conn.get_server_pid() != old_pid
+                              and api.runtime.tokens.listening_now), "the feed to listen again")
+    before = await token_reads(api)
+    assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+    assert await token_reads(api) == before + 1  # read before the new LISTEN: read again
+    assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+    assert await token_reads(api) == before + 1  # that read is current
+
+
+async def test_wrong_codes_for_a_principal_cost_one_read_a_window(api_factory: Callable[..., Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """While token changes are not heard: after a read confirmed a miss, more wrong codes
+    are refused from the cache until MISS_RECHECK_S has passed; a token enrolled elsewhere
+    meanwhile counts once it has."""
+    api = await api_factory(lockout_threshold=1000)  # wrong codes stay "invalid"
+    await listening(api)
+    api.runtime.tokens.listening(False)  # as between the feed's connection going down and its return
+    monkeypatch.setattr(api.runtime.tokens, "changed", lambda principal: None)  # announcements lost
     principal = uid("dave")
     first = (await api.enroll(principal))["secret"]
     assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"

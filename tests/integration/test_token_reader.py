@@ -132,3 +132,38 @@ async def test_a_connection_lost_while_idle_never_gives_a_wrong_answer(fresh_dat
         await admin.close()
         await reader.close()
         await pool.close()
+
+
+async def test_every_write_to_otp_tokens_is_announced(fresh_database: Callable[[], Any]) -> None:
+    """The rg_token_changed trigger names the principal of every inserted, updated or
+    deleted token row, whoever wrote it, and '' (everyone) for a TRUNCATE or a name too
+    long for a notification; nothing is announced for a rolled-back write."""
+    dsn = await fresh_database()
+    listener, writer = await connections.connect(dsn), await connections.connect(dsn)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await listener.add_listener("replayguard_tokens", lambda _c, _p, _ch, payload: heard.put_nowait(payload))
+
+        async def announced(n: int) -> list[str]:
+            return [await asyncio.wait_for(heard.get(), 5) for _ in range(n)]
+
+        await _seed(dsn, ["ann", "bob"])  # four inserts in one transaction, then an update of ann's
+        assert await announced(3) == ["ann", "bob", "ann"]  # one per name and transaction
+        await writer.execute("UPDATE otp_tokens SET principal = 'cat' WHERE id = 'otp_bob_0'")
+        assert sorted(await announced(2)) == ["bob", "cat"]
+        async with writer.transaction():
+            await writer.execute("DELETE FROM otp_tokens WHERE principal = 'ann'")
+        assert await announced(1) == ["ann"]
+        with pytest.raises(RuntimeError):
+            async with writer.transaction():
+                await writer.execute("DELETE FROM otp_tokens WHERE principal = 'cat'")
+                raise RuntimeError("rolled back")
+        long_name = "é" * 2100  # 4,200 bytes
+        await writer.execute("UPDATE otp_tokens SET principal = $1 WHERE principal = 'cat'", long_name)
+        assert sorted(await announced(2)) == ["", "cat"]
+        await writer.execute("TRUNCATE otp_tokens")
+        assert await announced(1) == [""]
+        assert heard.empty()
+    finally:
+        await listener.close()
+        await writer.close()
