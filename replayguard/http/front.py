@@ -23,7 +23,8 @@ handling (limits, timeouts, 400/408/413/415 answers):
   head's blank line and the body it parsed, and checks the bytes match); it may end in a
   later read (Python's http.client writes headers and body apart; a pipelining client's
   requests straddle reads), but a request still incomplete at the first sweep after
-  ``_HOLD_S`` is a slow client and goes to aiohttp, whose timeouts answer it;
+  ``_HOLD_S`` of reading (a pause of reading for back-pressure does not count) is a slow
+  client and goes to aiohttp, whose timeouts answer it;
 - HTTP/1.1, ``POST``, exactly the path of a decision route (no query string);
 - a ``Content-Length`` of at most ``MAX_BODY``; no ``Transfer-Encoding``, ``Expect`` or
   upgrade;
@@ -340,6 +341,7 @@ class FastConnection(asyncio.Protocol):
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._paused:
+            self._paused = False
             transport.resume_reading()
         handler.data_received(data)
         if self._eof:
@@ -353,13 +355,17 @@ class FastConnection(asyncio.Protocol):
     def _resume(self) -> None:
         if self._paused and self._transport is not None and self._handover is None:
             self._paused = False
+            if self._partial:
+                self._partial_since = self._front.loop.time()
             self._transport.resume_reading()
 
     def close_if_idle(self, now: float | None) -> None:
         """Closes an idle connection (at shutdown, or past the idle timeout when ``now`` is given)."""
         if self._transport is None:
             return
-        if self._partial and now is not None and now - self._partial_since > _HOLD_S:
+        # A request held while reading is paused waits on us, not on the client: only time
+        # spent reading counts (``_resume`` restarts the clock).
+        if self._partial and not self._paused and now is not None and now - self._partial_since > _HOLD_S:
             self._partial = b""
             self._divert()  # a slow client: aiohttp's timeouts (408) are for it
             return
