@@ -262,6 +262,7 @@ class AlertFeed:
             last_tail = time.monotonic()
             with self._rt.metrics.background.timed("alert_tail"):
                 await self._tail(conn)
+            self._rt.tokens.heard_until(last_tail)  # token changes committed before the read were heard
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per
                 # POLL_S, not once per notification: a flood of alert joins must not cost

@@ -13,9 +13,11 @@ Every write to ``otp_tokens`` is announced on ``replayguard_tokens`` (a trigger,
 migrations/functions/rg_token_changed.sql); the alert feed's LISTEN connection passes each
 announcement to ``changed``, which drops that principal's cached tokens. A list read while
 that connection listened, with no announcement heard during the read, is therefore
-current, and a TOTP code that matches none of its tokens is refused without reading again:
-a wrong code costs what a right one does. When the connection is down, a miss is read
-again, at most once a second per principal (``MISS_RECHECK_S``).
+current while the connection keeps answering (``HEARD_WITHIN_S``): once a fresh read has
+confirmed that a TOTP code matches none of a principal's tokens, further misses are
+refused without reading again, so wrong codes cost what right ones do. When the
+connection is down or stuck, a miss is read again at most once a second per principal
+(``MISS_RECHECK_S``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ CACHE_TTL_S = 300.0
 # HOTP token, at once).
 MISS_RECHECK_S = 1.0
 CHANNEL = "replayguard_tokens"
+# A change committed before a query on the LISTEN connection is heard by the time that
+# query is answered. Lists are trusted only while such a query, sent less than this many
+# seconds ago, has been answered: a connection that hangs (half-open, or its queries
+# blocked) stops the trust without ending the connection. The alert feed queries at least
+# once a second.
+HEARD_WITHIN_S = 3.0
 MAX_READ_BATCH = 512
 _COLUMNS = ("t.principal, t.id, t.type, t.secret_ct, t.digits, t.period, t.algorithm, c.last_counter,"
             " t.fingerprint FROM otp_tokens t JOIN otp_credentials c ON c.fingerprint = t.fingerprint")
@@ -170,6 +178,7 @@ class TokenStore:
         self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
         self._listening_since: float | None = None  # when LISTEN on CHANNEL took effect; None: not now
+        self._heard_until = 0.0  # changes committed before this were heard (time.monotonic())
         self._changes = 0  # announcements heard
 
     # --- announcements of token changes (the alert feed's LISTEN connection) ----------
@@ -178,6 +187,12 @@ class TokenStore:
         """The LISTEN on ``CHANNEL`` took effect (True) or its connection is gone (False).
         Lists read before it took effect are not trusted to be current."""
         self._listening_since = time.monotonic() if on else None
+        self._heard_until = self._listening_since or 0.0
+
+    def heard_until(self, sent_at: float) -> None:
+        """A query sent on the LISTEN connection at ``sent_at`` was answered: every change
+        committed before then has been heard."""
+        self._heard_until = max(self._heard_until, sent_at)
 
     @property
     def listening_now(self) -> bool:
@@ -201,7 +216,8 @@ class TokenStore:
         hit = self._cache.get(principal)
         since = self._listening_since
         return (hit is not None and hit.tokens is tokens and hit.clean
-                and since is not None and hit.read_at >= since)
+                and since is not None and hit.read_at >= since
+                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -284,8 +300,10 @@ class TokenStore:
         if len(self._cache) > 100_000:
             self._cache.clear()
         clean = self._changes == changes
-        # "No token" is cached only while enrolments elsewhere are heard: one must count at once.
-        if tokens or (clean and self._listening_since is not None and now >= self._listening_since):
+        # "No token" is cached only while enrolments elsewhere are heard: one counts as soon
+        # as its announcement arrives.
+        if tokens or (clean and self._listening_since is not None and now >= self._listening_since
+                      and now - self._heard_until < HEARD_WITHIN_S):
             self._cache[principal] = _Cached(now, tokens, clean)
         return tokens, False
 
@@ -293,17 +311,18 @@ class TokenStore:
         """Whether a code that matched none of the ``cached`` tokens deserves a fresh read.
 
         Always for an HOTP token (its counter may have moved through another instance);
-        for TOTP tokens, never while the cached list is current (read while token changes
-        were heard, none since), else unless a fresh read confirmed a miss less than
-        MISS_RECHECK_S ago.
+        for TOTP tokens, the first miss since the list was read (so a token enrolled
+        through another instance a moment ago counts at once); after a fresh read confirmed
+        a miss, never while that list is current (read while token changes were heard,
+        none heard since), else once MISS_RECHECK_S has passed.
         """
         if any(token.type != "totp" for token in cached):
             return True
-        if self._current(principal, cached):
-            return False
         confirmed = self._misses.get(principal)
         if confirmed is None:
             return True
+        if self._current(principal, cached):
+            return False
         return time.monotonic() - confirmed >= MISS_RECHECK_S
 
     def miss_confirmed(self, principal: str) -> None:

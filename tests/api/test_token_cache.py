@@ -59,10 +59,10 @@ async def _true(value: bool) -> bool:
 
 
 async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factory: Callable[..., Any]) -> None:
-    """Tokens read while the LISTEN on token changes is in effect are current: wrong codes
-    are refused from the cache with no read at all, a principal with no token is not read
-    twice, and a token enrolled through another instance counts as soon as its
-    announcement arrives."""
+    """Tokens read while the LISTEN on token changes is in effect are current: after one read
+    confirmed a miss, wrong codes are refused from the cache with no read at all, a
+    principal with no token is not read twice, and a token enrolled through another
+    instance counts as soon as its announcement arrives."""
     api = await api_factory(lockout_threshold=1000)  # wrong codes stay "invalid"
     await listening(api)
     principal = uid("gina")
@@ -71,18 +71,18 @@ async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factor
     before = await token_reads(api)
     for _ in range(10):
         assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
-    assert await token_reads(api) == before  # none read
+    assert await token_reads(api) == before + 1  # the first miss was read again, no other
 
     nobody = uid("nobody")
     for _ in range(3):
         assert await verify(api, nobody, "123456") == "no_token"
-    assert await token_reads(api) == before + 1  # read once, "no token" cached
+    assert await token_reads(api) == before + 2  # read once, "no token" cached
 
     heard = api.runtime.tokens.changes_heard
     elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
     await until(lambda: _true(api.runtime.tokens.changes_heard > heard), "the enrolment's announcement")
     assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
-    assert await token_reads(api) == before + 2
+    assert await token_reads(api) == before + 3
     later = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(nobody, TOTP, 0)
     await until(lambda: _true(api.runtime.tokens.changes_heard > heard + 1), "the second announcement")
     assert await verify(api, nobody, pyotp.TOTP(later.secret_b32).at(api.clock.now)) == "ok"
@@ -106,6 +106,33 @@ async def test_a_lost_listen_connection_is_noticed_and_older_reads_are_not_trust
     assert await token_reads(api) == before + 1  # read before the new LISTEN: read again
     assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
     assert await token_reads(api) == before + 1  # that read is current
+
+
+async def test_a_stuck_listen_connection_stops_the_trust(api_factory: Callable[..., Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed's queries hang (its alert read waits on a lock) while its connection stays
+    up: once HEARD_WITHIN_S passes without an answer, misses are read again; when the feed
+    answers again, they are not."""
+    monkeypatch.setattr(tokens, "HEARD_WITHIN_S", 0.5)
+    api = await api_factory(lockout_threshold=1000)
+    await listening(api)
+    principal = uid("ivy")
+    first = (await api.enroll(principal))["secret"]
+    assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"
+    before = await token_reads(api)
+    for _ in range(2):
+        assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+    assert await token_reads(api) == before + 1  # the first miss read again, confirmed
+    async with api.runtime.pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("LOCK TABLE alerts IN ACCESS EXCLUSIVE MODE")
+        await asyncio.sleep(1.6)  # the feed reads alerts at least once a second: it is now waiting
+        assert api.runtime.tokens.listening_now  # the connection is up, its queries are not answered
+        assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+        assert await token_reads(api) == before + 2  # a second after the confirmation: read
+    heard = api.runtime.tokens._heard_until
+    await until(lambda: _true(api.runtime.tokens._heard_until > heard), "the feed to answer again")
+    assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
+    assert await token_reads(api) == before + 2
 
 
 async def test_wrong_codes_for_a_principal_cost_one_read_a_window(api_factory: Callable[..., Any],
