@@ -24,7 +24,6 @@ import orjson
 import structlog
 
 from .. import __version__
-from ..errors import ConfigError
 from .config import SinkConfig
 from .outbox import Spool
 from .transports import Clock, DeliveryError, Record, Sink, build_sink
@@ -194,6 +193,13 @@ class _Options:
     compact_bytes: int
 
 
+def _close_after(spool: Spool, opening: asyncio.Future[int]) -> None:
+    """Closes a spool whose opening nobody waits for any more (its outcome is not wanted)."""
+    if not opening.cancelled():
+        opening.exception()  # retrieved, so asyncio does not log it as forgotten
+    spool.close()
+
+
 class SinkDispatcher:
     """Fans records out to every configured sink without ever making the caller wait."""
 
@@ -218,9 +224,10 @@ class SinkDispatcher:
         try:
             for config in self._configs:
                 self._lanes.append(await self._open_lane(config))
-        except (OSError, ConfigError):
+        except BaseException:  # a failed open, or a cancel (the service stopping): no spool stays locked
             for lane in self._lanes:
                 lane.spool.close()
+            self._lanes = []
             raise
         self._tasks = [asyncio.create_task(lane.run(), name=f"sink:{lane.config.name}") for lane in self._lanes]
         for task in self._tasks:
@@ -229,7 +236,13 @@ class SinkDispatcher:
 
     async def _open_lane(self, config: SinkConfig) -> _Lane:
         spool = Spool(self._spool_dir, config.name)
-        backlog = await asyncio.to_thread(spool.open)
+        opening = asyncio.ensure_future(asyncio.to_thread(spool.open))
+        try:
+            backlog = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread opens (and locks) the spool all the same: close it once it has.
+            opening.add_done_callback(lambda done: _close_after(spool, done))
+            raise
         hostname = self._hostname or socket.gethostname()
         sink = build_sink(config, version=self._version, clock=self._clock, hostname=hostname,
                           timeout=self._timeout)  # fmt: skip

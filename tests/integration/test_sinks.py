@@ -12,6 +12,7 @@ import re
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -546,6 +547,40 @@ async def test_spool_compacts_when_drained(tmp_path: Path, dispatchers: list[Sin
     dispatcher.submit(alert(3))
     await eventually(lambda: len(file_ids(target)) == 4)
     assert file_ids(target) == [f"al-{i}" for i in range(4)]
+
+
+async def test_a_start_cancelled_while_a_spool_opens_leaves_no_spool_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service stops (its alert feed cancelled) while the sinks start: every spool the
+    start opened or is still opening in its thread is closed, so the next start in the same
+    process, by a new leader or a restarted app, gets them (it used to find them "in use"
+    for good: the open finished in its thread after the cancel and nobody closed it)."""
+    real_open = Spool.open
+    opening = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_open(self: Spool) -> int:
+        loop.call_soon_threadsafe(opening.set)
+        time.sleep(0.3)
+        return real_open(self)
+
+    specs = [f"file:{tmp_path / 'a.jsonl'}", f"file:{tmp_path / 'b.jsonl'}"]
+    for cancel_at in range(2):  # in the first spool's open, or in the second's after the first is open
+        spool_dir = tmp_path / f"spool-{cancel_at}"
+        first = SinkDispatcher([parse_sink_spec(spec) for spec in specs], spool_dir=spool_dir)
+        monkeypatch.setattr(Spool, "open", slow_open)
+        start = asyncio.create_task(first.start())
+        for _ in range(cancel_at + 1):
+            opening.clear()
+            await opening.wait()
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await asyncio.sleep(0.5)  # the thread's open has finished by now
+        monkeypatch.setattr(Spool, "open", real_open)
+        again = SinkDispatcher([parse_sink_spec(spec) for spec in specs], spool_dir=spool_dir)
+        await again.start()
+        await again.stop(timeout=1)
 
 
 async def test_spool_locked_against_second_process(tmp_path: Path, dispatchers: list[SinkDispatcher]) -> None:
