@@ -300,6 +300,7 @@ class TokenStore:
         if len(self._cache) > 100_000:
             self._cache.clear()
         clean = self._changes == changes
+        self._misses.pop(principal, None)  # a miss confirmed against an older list says nothing of this one
         # "No token" is cached only while enrolments elsewhere are heard: one counts as soon
         # as its announcement arrives.
         if tokens or (clean and self._listening_since is not None and now >= self._listening_since
