@@ -3,7 +3,8 @@ the replacement is on disk, under its name, before the call returns.
 
 Used for every small state file the service and its relays keep beside PostgreSQL: key
 files, the embedded server's password, access and user files, relay cursors and spooled
-events, a ``file:`` witness's checkpoint, a sink outbox's cursor.
+events, a ``file:`` witness's checkpoint, a sink outbox's cursor. When root writes them into a
+directory another user owns, they go to that owner (``inherited_owner``, ``adopt``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def inherited_owner(directory: Path) -> tuple[int, int] | None:
         return None
     st = directory.stat()
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def adopt(path: Path, directory: Path) -> None:
+    """Gives ``path``, which root just created, to ``directory``'s owner (see ``inherited_owner``)."""
+    owner = inherited_owner(directory)
+    if owner is not None:
+        os.chown(path, *owner, follow_symlinks=False)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .durable import atomic_write, inherited_owner
+from .durable import adopt, atomic_write, inherited_owner
 from .errors import ConfigError
-from .pg.embedded import adopt, claim_data_dir
+from .pg.embedded import claim_data_dir
 from .private_files import check_private_file
 from .settings import Settings
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -10,11 +11,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def until(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0, every: float = 0.01) -> T:
-    """Polls ``probe`` until it returns something truthy and returns that; fails after ``timeout``."""
+async def until(probe: Callable[[], Awaitable[T] | T], what: str, timeout: float = 10.0, every: float = 0.01) -> T:
+    """Polls ``probe`` (a plain or an async callable) until it returns something truthy and
+    returns that; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await probe()
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

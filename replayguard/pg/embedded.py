@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from ..durable import atomic_write, inherited_owner
+from ..durable import atomic_write
 from ..errors import ConfigError
 
 SERVICE_USER = "replayguard"
@@ -185,13 +185,6 @@ def _create_data_dir(data_dir: Path, *, embedded: bool) -> Owner:
     except OSError as exc:
         raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror}") from None
     return owner
-
-
-def adopt(path: Path, data_dir: Path) -> None:
-    """Gives a file root just created inside the data dir to the data dir's owner."""
-    owner = inherited_owner(data_dir)
-    if owner is not None:
-        os.chown(path, *owner, follow_symlinks=False)
 
 
 # --- the server -------------------------------------------------------------------------

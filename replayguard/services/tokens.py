@@ -211,13 +211,17 @@ class TokenStore:
             self._cache.clear()
             self._misses.clear()
 
+    def _heard_since(self, read_at: float) -> bool:
+        """Whether every token change committed after ``read_at`` has been or will be heard:
+        the LISTEN took effect before then and its connection answers."""
+        since = self._listening_since
+        return (since is not None and read_at >= since
+                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
+
     def _current(self, principal: str, tokens: list[OtpToken]) -> bool:
         """Whether ``tokens`` is ``principal``'s cached list, and no change to it can have gone unheard."""
         hit = self._cache.get(principal)
-        since = self._listening_since
-        return (hit is not None and hit.tokens is tokens and hit.clean
-                and since is not None and hit.read_at >= since
-                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
+        return hit is not None and hit.tokens is tokens and hit.clean and self._heard_since(hit.read_at)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -303,8 +307,7 @@ class TokenStore:
         self._misses.pop(principal, None)  # a miss confirmed against an older list says nothing of this one
         # "No token" is cached only while enrolments elsewhere are heard: one counts as soon
         # as its announcement arrives.
-        if tokens or (clean and self._listening_since is not None and now >= self._listening_since
-                      and now - self._heard_until < HEARD_WITHIN_S):
+        if tokens or (clean and self._heard_since(now)):
             self._cache[principal] = _Cached(now, tokens, clean)
         return tokens, False
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from ..durable import atomic_write, inherited_owner
+from ..durable import adopt, atomic_write, inherited_owner
 from ..errors import ConfigError
 
 
@@ -116,12 +116,11 @@ class Spool:
 
 def _inherit_owner(path: Path, fd: int | None = None) -> None:
     """As root, gives ``path`` (or the file open at ``fd``) to its directory's owner, unless that is root."""
-    owner = inherited_owner(path.parent)
-    if owner is None:
-        return
     if fd is None:
-        os.chown(path, *owner, follow_symlinks=False)
-    elif os.fstat(fd).st_uid == 0:
+        adopt(path, path.parent)
+        return
+    owner = inherited_owner(path.parent)
+    if owner is not None and os.fstat(fd).st_uid == 0:
         os.fchown(fd, *owner)
 
 

@@ -51,11 +51,7 @@ async def test_a_token_enrolled_elsewhere_counts_at_once(api: Api) -> None:
 
 async def listening(api: Api) -> None:
     store = api.runtime.tokens
-    await until(lambda: _true(store.listening_now), "the alert feed's LISTEN on token changes")
-
-
-async def _true(value: bool) -> bool:
-    return value
+    await until(lambda: store.listening_now, "the alert feed's LISTEN on token changes")
 
 
 async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factory: Callable[..., Any]) -> None:
@@ -80,11 +76,11 @@ async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factor
 
     heard = api.runtime.tokens.changes_heard
     elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
-    await until(lambda: _true(api.runtime.tokens.changes_heard > heard), "the enrolment's announcement")
+    await until(lambda: (api.runtime.tokens.changes_heard > heard), "the enrolment's announcement")
     assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
     assert await token_reads(api) == before + 3
     later = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(nobody, TOTP, 0)
-    await until(lambda: _true(api.runtime.tokens.changes_heard > heard + 1), "the second announcement")
+    await until(lambda: (api.runtime.tokens.changes_heard > heard + 1), "the second announcement")
     assert await verify(api, nobody, pyotp.TOTP(later.secret_b32).at(api.clock.now)) == "ok"
 
 
@@ -99,7 +95,7 @@ async def test_a_lost_listen_connection_is_noticed_and_older_reads_are_not_trust
     old_pid = feed._listen_conn.get_server_pid()
     async with api.runtime.pool.acquire() as conn:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", old_pid)
-    await until(lambda: _true(feed._listen_conn is not None and feed._listen_conn.get_server_pid() != old_pid
+    await until(lambda: (feed._listen_conn is not None and feed._listen_conn.get_server_pid() != old_pid
                               and api.runtime.tokens.listening_now), "the feed to listen again")
     before = await token_reads(api)
     assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
@@ -130,7 +126,7 @@ async def test_a_stuck_listen_connection_stops_the_trust(api_factory: Callable[.
         assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
         assert await token_reads(api) == before + 2  # a second after the confirmation: read
     heard = api.runtime.tokens._heard_until
-    await until(lambda: _true(api.runtime.tokens._heard_until > heard), "the feed to answer again")
+    await until(lambda: (api.runtime.tokens._heard_until > heard), "the feed to answer again")
     assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
     assert await token_reads(api) == before + 2
 

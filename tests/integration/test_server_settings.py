@@ -4,7 +4,6 @@ synchronous_commit) and the vacuum that keeps the per-decision tables small."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -13,6 +12,7 @@ from structlog.testing import capture_logs
 from replayguard.pg import connections
 from tests.conftest import run_cli
 from tests.integration.owned_servers import OwnedPostgres
+from tests.waiting import until
 
 
 async def _reload_with(url: str, **settings: str) -> None:
@@ -25,13 +25,14 @@ async def _reload_with(url: str, **settings: str) -> None:
         await conn.close()
 
 
-async def _settings_now(url: str, *names: str) -> dict[str, str]:
+async def _settings_are(url: str, **expected: str) -> bool:
+    """Whether a new session of the server sees ``expected`` (name: value)."""
     conn = await asyncpg.connect(url)
     try:
-        rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])", list(names))
+        rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])", list(expected))
     finally:
         await conn.close()
-    return {row["name"]: row["setting"] for row in rows}
+    return {row["name"]: row["setting"] for row in rows} == expected
 
 
 async def test_a_server_that_turns_off_fsync_and_autovacuum_is_named_at_start(owned_pg: OwnedPostgres) -> None:
@@ -43,7 +44,7 @@ async def test_a_server_that_turns_off_fsync_and_autovacuum_is_named_at_start(ow
 
     await _reload_with(owned_pg.url, fsync="off", autovacuum="off")
     # The reload reaches new sessions once the postmaster has read the file.
-    await until(lambda: _settings_now(owned_pg.url, "fsync", "autovacuum"), {"fsync": "off", "autovacuum": "off"})
+    await until(lambda: _settings_are(owned_pg.url, fsync="off", autovacuum="off"), "the reloaded settings")
     with capture_logs() as logged:
         assert await connections.warn_about_settings(owned_pg.url) == ["fsync", "autovacuum"]
     warned = [e for e in logged if e["event"] == "postgres_setting_risky"]
@@ -57,7 +58,7 @@ async def test_migrate_names_the_setting_and_token_commands_keep_one_line(
     """On a server with autovacuum off, `migrate` logs the warning; `token create` does not (its
     stderr stays one error line or nothing), and a failing one still prints one line."""
     await _reload_with(owned_pg.url, autovacuum="off")
-    await until(lambda: _settings_now(owned_pg.url, "autovacuum"), {"autovacuum": "off"})
+    await until(lambda: _settings_are(owned_pg.url, autovacuum="off"), "the reloaded setting")
     common = ("--database-url", owned_pg.url, "--data-dir", str(tmp_path / "data"))
     migrated = await asyncio.to_thread(run_cli, "migrate", *common)
     assert migrated.returncode == 0, migrated.stderr
@@ -67,11 +68,3 @@ async def test_migrate_names_the_setting_and_token_commands_keep_one_line(
     again = await asyncio.to_thread(run_cli, "token", "create", "--role", "analyst", "--name", "a1", *common)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
 
-
-async def until(probe: Callable[[], Awaitable[dict[str, str]]], expected: dict[str, str], timeout: float = 10) -> None:
-    """Polls ``probe`` until it returns ``expected``; the timeout only bounds a failure."""
-    async def loop() -> None:
-        while await probe() != expected:
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(loop(), timeout)
