@@ -43,6 +43,7 @@ from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
 from ..services.alerts import AlertService
 from ..services.apitokens import Caller
+from ..services.chain_reader import ChainProcess
 from ..services.continuity import DOWN, ContinuityGuard
 from ..services.events import EventService
 from ..services.ledger import LedgerService
@@ -208,7 +209,8 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
 
 def _analysts(runtime: Runtime) -> Analysts:
     alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
-    ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s)
+    ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s,
+                           ChainProcess(runtime.dsn, runtime.settings.statement_timeout_ms), serving=True)
     feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
     return Analysts(alerts=alerts, ledger=ledger, timeline=TimelineService(runtime.pool), feed=feed)
 
@@ -253,6 +255,7 @@ def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | No
                     yield
             finally:
                 await analyst_services.feed.stop()
+                analyst_services.ledger.close()
 
     return ctx
 

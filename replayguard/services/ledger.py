@@ -5,13 +5,13 @@ OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
 ``ledger_head`` and every row with the signed checkpoints, then checks that the state
 tables hold what the entries imply (``state_check.py``). ``checkpoint_if_due`` first
 re-verifies the entries since the previous checkpoint, so a checkpoint never vouches for
-a chain that was already altered. Used by the HTTP API, the CLI and the background feed.
+a chain that was already altered. Used by the HTTP API, the CLI and the background feed;
+in a serving worker the re-hashing runs in a child process (``chain_reader.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,10 +19,11 @@ import asyncpg
 import structlog
 
 from ..core import checkpoints as cps
-from ..core.chain import GENESIS, Entry
+from ..core.chain import GENESIS
 from ..core.checkpoints import Checkpoint
-from ..core.ledger_check import ChainChecker, Finding, Problem, Row, past_head
-from ..pg.connections import acquire
+from ..core.ledger_check import Finding, Problem, past_head
+from ..pg.connections import UNAVAILABLE_ERRORS, acquire
+from .chain_reader import ChainProcess, ChainResult, ChildFailed, Progress, check_here
 from .decide import clock_guard_scope
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
@@ -32,20 +33,7 @@ from ..keys import Keys
 
 log = structlog.get_logger(__name__)
 
-BATCH = 10_000
-# A serving worker checks the entries since the last checkpoint beside its decisions
-# (every second at a sustained rate): what it does between two turns of the event loop is
-# what a decision arriving meanwhile waits for. A read decodes CHECKPOINT_BATCH rows in one
-# go, and YIELD_EVERY rows are converted and hashed in one go: each stretch stays under
-# half a millisecond of CPU (bench/loop_blocks.py measures it).
-CHECKPOINT_BATCH = 250  # rows per read when a serving worker checks before it signs
-YIELD_EVERY = 50  # rows converted and hashed between two turns of the event loop
 _CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
-_ROWS = (
-    "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
-    " prev_hash, hash FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
-)
-Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,45 +61,17 @@ class VerifyReport:
         return body
 
 
-def _row(record: asyncpg.Record) -> Row:
-    digest = record["cred_digest"]
-    entry = Entry(record["seq"], record["ts_us"], record["kind"], record["vm_id"], record["subject"],
-                  bytes(digest) if digest is not None else None, record["decision"], record["reason"],
-                  record["payload_text"])
-    return Row(entry, bytes(record["prev_hash"]), bytes(record["hash"]))
-
-
-async def _stream(conn: asyncpg.Connection, after: int, upto: int,
-                  batch: int = BATCH) -> AsyncIterator[list[asyncpg.Record]]:
-    """Records ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
-    while after < upto:
-        records = await conn.fetch(_ROWS, after, upto, batch)
-        if not records:
-            return
-        yield records
-        after = records[-1]["seq"]
-
-
-async def _check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
-                       progress: Progress | None = None, batch: int = BATCH) -> None:
-    total = upto - checker.start_seq
-    async for records in _stream(conn, checker.start_seq, upto, batch):
-        for start in range(0, len(records), YIELD_EVERY):
-            for record in records[start:start + YIELD_EVERY]:
-                if checker.feed(_row(record)) is not None:
-                    return
-            # In a serving worker this runs beside decisions: hashing thousands of rows in
-            # one go would hold every request of the worker for tens of milliseconds.
-            await asyncio.sleep(0)
-        if progress is not None:
-            progress(checker.checked, total)
-
-
 class LedgerService:
-    def __init__(self, pool: asyncpg.Pool, keys: Keys, retention_s: int | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, retention_s: int | None = None,
+                 chain: ChainProcess | None = None, *, serving: bool = False) -> None:
         """``retention_s`` (``nonce_max_ttl_s``): how long an OTP's use is kept; with it,
-        verification also checks the state tables against the accepted entries."""
+        verification also checks the state tables against the accepted entries. ``chain``:
+        the child process that checks chains (``chain_reader.py``); what it cannot check
+        is checked on this event loop, in short stretches when ``serving`` (decisions
+        share the loop), else in full-size batches (the CLI)."""
         self._pool = pool
+        self._chain = chain
+        self._serving = serving
         self._retention_us = None if retention_s is None else retention_s * 1_000_000
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
@@ -133,17 +93,17 @@ class LedgerService:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
                 signed = await self._signed_checkpoints(conn)
-            checker = ChainChecker(checkpoints={cp.seq: cp.hash for cp in signed})
-            await _check_range(conn, checker, head["seq"], progress)
+            chain = await self._check_chain(conn, 0, GENESIS, head["seq"], bytes(head["hash"]),
+                                            {cp.seq: cp.hash for cp in signed}, progress)
             state, state_checked = None, 0
             if now_us is not None:
                 state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
-        finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
+        finding = chain.finding
         if finding is None and rollback is not None:
             finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
         if finding is None and state is not None:
             finding = state.finding()
-        return VerifyReport(finding is None, checker.checked, head["seq"], bytes(head["hash"]), finding,
+        return VerifyReport(finding is None, chain.checked, head["seq"], bytes(head["hash"]), finding,
                             len(signed), state, state_checked)
 
     async def _check_state(self, conn: asyncpg.Connection, upto: int, now_us: int,
@@ -208,28 +168,55 @@ class LedgerService:
         """Signs the head when ``every`` entries or ``interval_us`` passed since the last
         checkpoint; returns the new checkpoint, a finding when the new entries do not
         verify (nothing is signed then), or None when none is due."""
-        async with acquire(self._pool) as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CHECKPOINT_LOCK):
+        async with acquire(self._pool) as conn:
+            # A session lock, not a transaction's: no transaction stays open (and idle, past
+            # idle_in_transaction_session_timeout) while a child process checks a long chain.
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _CHECKPOINT_LOCK):
                 return None
-            head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-            last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
-            # Continue from the last checkpoint only when it is provably ours.
-            trusted = last is not None and self._trusted(_checkpoint(last))
-            if trusted and (cut := past_head(last["seq"], head["seq"])) is not None:
-                return cut
-            if not _due(head["seq"], last, now_us, every, interval_us):
-                return None
-            checker = ChainChecker(last["seq"], bytes(last["hash"])) if trusted else ChainChecker(0, GENESIS)
-            # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
-            await _check_range(conn, checker, head["seq"], batch=CHECKPOINT_BATCH)
-            finding = checker.finding or checker.finish(head["seq"], bytes(head["hash"]))
-            if finding is not None:
-                return finding
-            cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
-            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
-                               cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
-        log.info("checkpoint_signed", seq=cp.seq)
+            try:
+                result = await self._checkpoint_locked(conn, now_us, every, interval_us)
+            finally:
+                with contextlib.suppress(*UNAVAILABLE_ERRORS):  # a lost session lost its lock too
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _CHECKPOINT_LOCK)
+        if isinstance(result, Checkpoint):
+            log.info("checkpoint_signed", seq=result.seq)
+        return result
+
+    async def _checkpoint_locked(self, conn: asyncpg.Connection, now_us: int, every: int,
+                                 interval_us: int) -> Checkpoint | Finding | None:
+        head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+        last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
+        # Continue from the last checkpoint only when it is provably ours.
+        trusted = last is not None and self._trusted(_checkpoint(last))
+        if trusted and (cut := past_head(last["seq"], head["seq"])) is not None:
+            return cut
+        if not _due(head["seq"], last, now_us, every, interval_us):
+            return None
+        start_seq, start_hash = (last["seq"], bytes(last["hash"])) if trusted else (0, GENESIS)
+        # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
+        chain = await self._check_chain(conn, start_seq, start_hash, head["seq"], bytes(head["hash"]))
+        if chain.finding is not None:
+            return chain.finding
+        cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
+        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                           cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
         return cp
+
+    async def _check_chain(self, conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
+                           head_hash: bytes, checkpoints: dict[int, bytes] | None = None,
+                           progress: Progress | None = None) -> ChainResult:
+        """The chain from ``start_seq`` to the head, in the child process when there is one."""
+        if self._chain is not None:
+            try:
+                return await self._chain.check(start_seq, start_hash, head_seq, head_hash, checkpoints)
+            except ChildFailed as exc:
+                log.warning("chain_check_in_process", error=str(exc))
+        return await check_here(conn, start_seq, start_hash, head_seq, head_hash, checkpoints,
+                                serving=self._serving, progress=progress)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._chain.close()
 
     async def raise_tamper_alert(self, finding: Finding, now_us: int, state: Disagreement | None = None) -> int:
         """A critical ``ledger_tamper`` alert; repeats of one finding join one alert. A state

@@ -1,0 +1,262 @@
+"""Reading the ledger's rows in ``seq`` order and checking their chain, here or in a child.
+
+Re-hashing an entry costs 6-11 µs of CPU. A serving worker checks the entries since the
+last checkpoint about once a second before it signs the next one: at 10,000 decisions a
+second that is a tenth of a core, taken from the decisions on the same event loop. So a
+serving worker hands the check to ``ChainProcess``: one child process, started on first
+use, that reads the rows over a connection of its own at a lower CPU priority
+(``CHILD_NICE``) and answers with what it found; the worker only waits. The child dies
+with its parent. When the child cannot answer (it was killed, it cannot start, it cannot
+reach the database), the worker checks on its own loop, in short stretches, so a broken
+child never skips a check; the next check starts a new child. The CLI checks in process
+(``check_here``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ..core.chain import Entry
+from ..core.ledger_check import ChainChecker, Finding, Problem, Row
+
+BATCH = 10_000  # rows per read where nothing else waits on the loop (the child, the CLI)
+# In a serving worker's own loop a read decodes SERVING_BATCH rows in one go, and
+# YIELD_EVERY rows are converted and hashed in one go: each stretch stays under half a
+# millisecond of CPU (bench/loop_blocks.py measures it).
+SERVING_BATCH = 250
+YIELD_EVERY = 50
+CHILD_NICE = 10  # the child yields the CPU to decisions (the worker and PostgreSQL)
+_PR_SET_PDEATHSIG = 1
+_ROWS = (
+    "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
+    " prev_hash, hash FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+)
+Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainResult:
+    checked: int
+    finding: Finding | None
+
+
+class ChildFailed(Exception):
+    """The child could not check (no database, a query failed); the worker checks itself."""
+
+
+def _row(record: asyncpg.Record) -> Row:
+    digest = record["cred_digest"]
+    entry = Entry(record["seq"], record["ts_us"], record["kind"], record["vm_id"], record["subject"],
+                  bytes(digest) if digest is not None else None, record["decision"], record["reason"],
+                  record["payload_text"])
+    return Row(entry, bytes(record["prev_hash"]), bytes(record["hash"]))
+
+
+async def _stream(conn: asyncpg.Connection, after: int, upto: int,
+                  batch: int) -> AsyncIterator[list[asyncpg.Record]]:
+    """Records ``after < seq <= upto`` in batches: each batch is one indexed range scan."""
+    while after < upto:
+        records = await conn.fetch(_ROWS, after, upto, batch)
+        if not records:
+            return
+        yield records
+        after = records[-1]["seq"]
+
+
+async def check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
+                      progress: Progress | None = None, *, batch: int = BATCH,
+                      yield_every: int | None = None) -> None:
+    """Feeds ``checker`` the rows up to ``upto``; with ``yield_every``, lets the event loop
+    run other work between stretches of that many rows."""
+    total = upto - checker.start_seq
+    step = yield_every or batch
+    async for records in _stream(conn, checker.start_seq, upto, batch):
+        for start in range(0, len(records), step):
+            for record in records[start:start + step]:
+                if checker.feed(_row(record)) is not None:
+                    return
+            if yield_every is not None:
+                await asyncio.sleep(0)
+        if progress is not None:
+            progress(checker.checked, total)
+
+
+async def check_here(conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
+                     head_hash: bytes, checkpoints: Mapping[int, bytes] | None = None, *,
+                     serving: bool = True, progress: Progress | None = None) -> ChainResult:
+    """The chain from ``start_seq`` to the head, checked on this event loop (``serving``:
+    in short stretches, beside decisions)."""
+    checker = ChainChecker(start_seq, start_hash, dict(checkpoints or {}))
+    if serving:
+        await check_range(conn, checker, head_seq, progress, batch=SERVING_BATCH, yield_every=YIELD_EVERY)
+    else:
+        await check_range(conn, checker, head_seq, progress)
+    return ChainResult(checker.checked, checker.finding or checker.finish(head_seq, head_hash))
+
+
+class ChainProcess:
+    """One child process checking ranges of the chain for this worker (see the module).
+
+    The child is ``python -c`` running ``child_main``: a configuration line, then one JSON
+    request line per check on its stdin, one JSON answer line per check on its stdout.
+    A pipe and a line each way, and no ``multiprocessing``: that would add a resource
+    tracker process, and its spawn would re-import the service's entry script."""
+
+    def __init__(self, dsn: str, statement_timeout_ms: int) -> None:
+        self._config = {"dsn": dsn, "statement_timeout_ms": statement_timeout_ms}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()  # one check at a time over the pipe
+
+    async def check(self, start_seq: int, start_hash: bytes, head_seq: int, head_hash: bytes,
+                    checkpoints: Mapping[int, bytes] | None = None) -> ChainResult:
+        """Raises ``ChildFailed`` when the child cannot answer; the next call starts a new
+        child when this one died."""
+        request = {"start_seq": start_seq, "start_hash": start_hash.hex(), "head_seq": head_seq,
+                   "head_hash": head_hash.hex(),
+                   "checkpoints": {str(seq): h.hex() for seq, h in (checkpoints or {}).items()}}
+        async with self._lock:
+            try:
+                answer = await self._ask(request)
+            except BaseException:
+                # Dead, or cancelled with an answer still owed: the pipe is out of step.
+                self.close()
+                raise
+        if "error" in answer:
+            raise ChildFailed(answer["error"])
+        return _result(answer)
+
+    async def _ask(self, request: dict[str, object]) -> dict[str, Any]:
+        proc = self._proc if self._proc is not None and self._proc.returncode is None else await self._start()
+        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101 - both are pipes (_start)
+        try:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await proc.stdout.readline()
+        except (OSError, ValueError) as exc:
+            raise ChildFailed(f"the chain check process stopped: {type(exc).__name__}") from None
+        if not line:
+            raise ChildFailed("the chain check process stopped")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        self.close()
+        package_root = str(Path(__file__).resolve().parents[2])  # this copy of replayguard, not another
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=env, limit=_ANSWER_LIMIT)
+        except OSError as exc:
+            raise ChildFailed(f"the chain check process did not start: {exc}") from None
+        self._proc = proc
+        assert proc.stdin is not None  # noqa: S101 - a pipe
+        proc.stdin.write(json.dumps({**self._config, "parent": os.getpid()}).encode() + b"\n")
+        return proc
+
+    def pids(self) -> list[int]:
+        """The child's pid while it runs (for tests and the bench)."""
+        proc = self._proc
+        return [proc.pid] if proc is not None and proc.returncode is None else []
+
+    def close(self) -> None:
+        """Stops the child (a check under way is abandoned); the next check starts another."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            _reap(proc)
+
+
+def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Collects the killed child's exit in the background (no zombie is left)."""
+    with contextlib.suppress(RuntimeError):  # no loop running: the child is reaped at exit
+        task = asyncio.get_running_loop().create_task(proc.wait())
+        _REAPING.add(task)
+        task.add_done_callback(_REAPING.discard)
+
+
+_REAPING: set[asyncio.Task[int]] = set()
+_ANSWER_LIMIT = 1 << 20
+_CHILD = "from replayguard.services.chain_reader import child_main; child_main()"
+
+
+def _result(answer: dict[str, Any]) -> ChainResult:
+    finding = answer["finding"]
+    return ChainResult(answer["checked"], None if finding is None else
+                       Finding(finding["seq"], Problem(finding["problem"]), finding["message"]))
+
+
+def _answer(result: ChainResult) -> dict[str, object]:
+    finding = result.finding
+    return {"checked": result.checked, "finding": None if finding is None else
+            {"seq": finding.seq, "problem": finding.problem.value, "message": finding.message}}
+
+
+# --- in the child ---------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    dsn: str
+    statement_timeout_ms: int
+    conn: asyncpg.Connection | None = None
+
+    async def check(self, request: dict[str, Any]) -> ChainResult:
+        try:
+            if self.conn is None or self.conn.is_closed():
+                self.conn = await asyncpg.connect(self.dsn, server_settings={
+                    "application_name": f"replayguard-{os.getpid()}",
+                    "statement_timeout": str(self.statement_timeout_ms)})
+            checkpoints = {int(seq): bytes.fromhex(h) for seq, h in request["checkpoints"].items()}
+            return await check_here(self.conn, request["start_seq"], bytes.fromhex(request["start_hash"]),
+                                    request["head_seq"], bytes.fromhex(request["head_hash"]), checkpoints,
+                                    serving=False)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if self.conn is not None:
+                self.conn.terminate()
+                self.conn = None
+            raise ChildFailed(f"{type(exc).__name__}: {exc}") from None
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when the parent exits, however it exits (Linux); elsewhere the child exits
+    when its stdin closes, after the check under way."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def child_main() -> None:
+    """The child's loop: answers each request line until its stdin closes."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed goes to the service's stderr, not into the answers
+    config = json.loads(sys.stdin.readline() or "null")
+    if config is None:
+        return
+    _die_with_parent(config["parent"])
+    os.nice(CHILD_NICE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's to handle
+    child = _Child(config["dsn"], config["statement_timeout_ms"])
+    loop = asyncio.new_event_loop()
+    for line in sys.stdin:
+        try:
+            answer = _answer(loop.run_until_complete(child.check(json.loads(line))))
+        except ChildFailed as exc:
+            answer = {"error": str(exc)}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()

@@ -1,0 +1,257 @@
+"""The serving worker's chain checks in a child process (``services/chain_reader.py``):
+the child finds what the worker's own loop finds, runs at a lower CPU priority, is
+replaced when it dies, never lets a check be skipped, and dies with its parent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from structlog.testing import capture_logs
+
+from replayguard.core.chain import GENESIS
+from replayguard.core.checkpoints import Checkpoint
+from replayguard.core.ledger_check import Finding, Problem
+from replayguard.keys import Keys
+from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChildFailed, check_here
+from replayguard.services.ledger import LedgerService
+from tests.waiting import blocked_by, until
+
+_APPEND = ("SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
+           " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
+           " FROM generate_series($1::bigint, $2::bigint) g")
+
+
+@pytest_asyncio.fixture
+async def ledger_db(fresh_database: Callable[[], Any]) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A database of its own holding 300 chained entries, and a connection to it."""
+    dsn = await fresh_database()
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(_APPEND, 1, 300)
+    yield dsn, conn
+    await conn.close()
+
+
+@pytest_asyncio.fixture
+async def chain(ledger_db: tuple[str, asyncpg.Connection]) -> AsyncIterator[ChainProcess]:
+    process = ChainProcess(ledger_db[0], 30_000)
+    yield process
+    process.close()
+
+
+async def _head(conn: asyncpg.Connection) -> tuple[int, bytes]:
+    head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    return head["seq"], bytes(head["hash"])
+
+
+async def _tamper(conn: asyncpg.Connection, statement: str) -> None:
+    await conn.execute("ALTER TABLE ledger DISABLE TRIGGER ledger_append_only")
+    await conn.execute(statement)
+    await conn.execute("ALTER TABLE ledger ENABLE TRIGGER ledger_append_only")
+
+
+def _service(ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool,
+             chain: ChainProcess | None) -> LedgerService:
+    return LedgerService(pool, Keys(*(bytes([n]) * 32 for n in range(1, 5))), chain=chain, serving=True)
+
+
+async def test_the_check_runs_in_a_child_process_at_a_lower_priority(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """The child checks every entry over a connection of its own, niced by CHILD_NICE."""
+    _dsn, conn = ledger_db
+    result = await chain.check(0, GENESIS, *await _head(conn))
+    assert (result.checked, result.finding) == (300, None)
+    [pid] = chain.pids()
+    assert pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CHILD_NICE)
+    names = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE datname = current_database()")
+    assert f"replayguard-{pid}" in {r["application_name"] for r in names}
+
+
+TAMPERINGS = {
+    "modified": ("UPDATE ledger SET reason = 'reused' WHERE seq = 120", 120, Problem.MODIFIED),
+    "deleted": ("DELETE FROM ledger WHERE seq = 77", 77, Problem.MISSING),
+    "swapped": ("UPDATE ledger SET seq = -1 WHERE seq = 50; UPDATE ledger SET seq = 50 WHERE seq = 51;"
+                " UPDATE ledger SET seq = 51 WHERE seq = -1", 50, Problem.MODIFIED),
+    "head_ahead": ("UPDATE ledger_head SET seq = 305", 301, Problem.HEAD_MISMATCH),
+    "tail_cut": ("DELETE FROM ledger WHERE seq > 290", 291, Problem.HEAD_MISMATCH),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERINGS))
+async def test_the_child_finds_what_the_event_loop_finds(
+        name: str, ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """Differential: the same tampering gives the same finding in the child, in short
+    stretches on the loop, and in full batches (the CLI's way)."""
+    _dsn, conn = ledger_db
+    statement, seq, problem = TAMPERINGS[name]
+    await _tamper(conn, statement)
+    head = await _head(conn)
+    results = [await chain.check(0, GENESIS, *head),
+               await check_here(conn, 0, GENESIS, *head, serving=True),
+               await check_here(conn, 0, GENESIS, *head, serving=False)]
+    assert results[0] == results[1] == results[2]
+    assert results[0].finding is not None
+    assert (results[0].finding.seq, results[0].finding.problem) == (seq, problem)
+
+
+async def test_signed_checkpoints_travel_to_the_child(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """A chain recomputed after an edit still differs from what a checkpoint vouched for."""
+    _dsn, conn = ledger_db
+    head = await _head(conn)
+    good = await conn.fetchval("SELECT hash FROM ledger WHERE seq = 200")
+    forged = {200: bytes(good)[:-1] + bytes([bytes(good)[-1] ^ 1])}
+    result = await chain.check(0, GENESIS, *head, checkpoints=forged)
+    assert result.finding is not None and result.finding.problem is Problem.CHECKPOINT_MISMATCH
+    assert result.finding.seq == 200
+    beyond = await chain.check(0, GENESIS, *head, checkpoints={400: b"\0" * 32})
+    assert beyond.finding is not None and beyond.finding.problem is Problem.MISSING_TAIL
+
+
+async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """With its child killed during a check, the worker checks on its own loop (and still
+    finds a tampered entry); the next check has a new child, and a child killed between
+    checks is replaced before the check."""
+    dsn, conn = ledger_db
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    blocker = await asyncpg.connect(dsn)
+    try:
+        ledger = _service(ledger_db, pool, chain)
+        first = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+        assert isinstance(first, Checkpoint) and first.seq == 300
+        await conn.execute(_APPEND, 301, 340)
+        await _tamper(conn, "UPDATE ledger SET subject = 'other' WHERE seq = 321")
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        with capture_logs() as logs:
+            task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_001_000_000, 1, 10**12))
+            await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
+            [old] = chain.pids()
+            os.kill(old, signal.SIGKILL)
+            await until(lambda: not chain.pids(), "the worker to notice its child died")
+            await tx.rollback()
+            found = await asyncio.wait_for(task, 60)
+        assert found == Finding(321, Problem.MODIFIED, "entry 321 no longer matches its hash: it was modified")
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["chain_check_in_process"]
+        assert await conn.fetchval("SELECT max(seq) FROM checkpoints") == 300  # nothing signed over it
+        assert await ledger.checkpoint_if_due(1_800_000_002_000_000, 1, 10**12) == found
+        [new] = chain.pids()
+        assert new != old
+        os.kill(new, signal.SIGKILL)
+        await until(lambda: not chain.pids(), "the worker to notice its child died")
+        with capture_logs() as logs:
+            assert await ledger.checkpoint_if_due(1_800_000_003_000_000, 1, 10**12) == found
+        assert not [e for e in logs if e["log_level"] == "warning"]
+        assert chain.pids() and chain.pids() != [new]
+    finally:
+        await blocker.close()
+        await pool.close()
+
+
+async def test_a_child_without_the_database_leaves_the_check_to_the_worker(
+        ledger_db: tuple[str, asyncpg.Connection]) -> None:
+    """A child that cannot connect raises ChildFailed, and the checkpoint is still
+    checked (on the worker's loop) and signed."""
+    dsn, conn = ledger_db
+    broken = ChainProcess("postgresql://postgres@127.0.0.1:1/nowhere", 30_000)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        with pytest.raises(ChildFailed, match=r"ConnectionRefused|OSError|connect"):
+            await broken.check(0, GENESIS, *await _head(conn))
+        signed = await _service(ledger_db, pool, broken).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+        assert isinstance(signed, Checkpoint) and signed.seq == 300
+    finally:
+        broken.close()
+        await pool.close()
+
+
+async def test_no_transaction_stays_open_while_the_child_checks(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """While the child waits on the ledger, the worker's connection holds the checkpoint
+    lock in its session but no transaction (a long check cannot be cut off by
+    idle_in_transaction_session_timeout)."""
+    dsn, conn = ledger_db
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    blocker = await asyncpg.connect(dsn)
+    try:
+        ledger = _service(ledger_db, pool, chain)
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12))
+
+        async def lock_holder_state() -> str | None:
+            state: str | None = await conn.fetchval(
+                "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()")
+            return state
+
+        await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
+        assert await lock_holder_state() == "idle"
+        await tx.rollback()
+        signed = await asyncio.wait_for(task, 60)
+        assert isinstance(signed, Checkpoint) and signed.seq == 300
+        assert await lock_holder_state() is None  # released after signing
+    finally:
+        await blocker.close()
+        await pool.close()
+
+
+_PARENT = textwrap.dedent("""
+    import asyncio, sys, time
+    from replayguard.core.chain import GENESIS
+    from replayguard.services.chain_reader import ChainProcess
+
+    async def main():
+        chain = ChainProcess(sys.argv[1], 30_000)
+        await chain.check(0, GENESIS, 0, GENESIS)
+        print(chain.pids()[0], flush=True)
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+""")
+
+
+async def test_the_child_dies_with_its_parent(ledger_db: tuple[str, asyncpg.Connection], tmp_path: Any) -> None:
+    """A worker killed with SIGKILL leaves no chain check process behind."""
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), ledger_db[0]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(parent.stdout.readline), 60)
+        child = int(line)
+        assert _alive(child)
+        parent.kill()
+        parent.wait(10)
+        await until(lambda: not _alive(child), "the child to exit with its parent")
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    """Alive and not a zombie (a dead child of a dead parent is reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
