@@ -82,7 +82,11 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
 
 
 async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=_server_settings(statement_timeout_ms))
+    """A connection like the pool's. Its statements time out on the server, and every call
+    on it also times out on the client a second later: a connection whose peer vanished
+    without closing it (half-open) fails that call instead of hanging until TCP gives up."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=_server_settings(statement_timeout_ms),
+                                                     command_timeout=statement_timeout_ms / 1000 + 1)
     await _init_connection(conn)
     return conn
 

@@ -194,7 +194,8 @@ class AlertFeed:
         delay = 0.1
         while not self._stopping:
             try:
-                conn = await connections.connect(self._rt.dsn)
+                conn = await connections.connect(self._rt.dsn,
+                                                 statement_timeout_ms=self._rt.settings.statement_timeout_ms)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("alert_feed_connect_failed", error=type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)

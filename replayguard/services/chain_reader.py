@@ -217,9 +217,12 @@ class _Child:
     async def check(self, request: dict[str, Any]) -> ChainResult:
         try:
             if self.conn is None or self.conn.is_closed():
-                self.conn = await asyncpg.connect(self.dsn, server_settings={
-                    "application_name": f"replayguard-{os.getpid()}",
-                    "statement_timeout": str(self.statement_timeout_ms)})
+                # Timed out on the client too (as pg/connections.connect does), so a half-open
+                # connection fails the check instead of holding the leader's duties.
+                self.conn = await asyncpg.connect(self.dsn, command_timeout=self.statement_timeout_ms / 1000 + 1,
+                                                  server_settings={
+                                                      "application_name": f"replayguard-{os.getpid()}",
+                                                      "statement_timeout": str(self.statement_timeout_ms)})
             checkpoints = {int(seq): bytes.fromhex(h) for seq, h in request["checkpoints"].items()}
             return await check_here(self.conn, request["start_seq"], bytes.fromhex(request["start_hash"]),
                                     request["head_seq"], bytes.fromhex(request["head_hash"]), checkpoints,

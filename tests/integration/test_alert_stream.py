@@ -8,16 +8,20 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import Api, uid
+from tests.integration.tcp_proxy import tcp_proxy
+from tests.waiting import until
 
 
 async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.ClientResponse:
@@ -196,3 +200,26 @@ async def _next_message(pubsub: Any) -> bytes:
         message = await pubsub.get_message(timeout=1.0)
         if message is not None:
             return bytes(message["data"])
+
+
+async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
+        api_factory: Callable[..., Any], database_url: str) -> None:
+    """The feed's connection stops answering without closing (a peer gone without FIN or
+    RST): its next query times out on the client, and the feed reconnects, LISTENs and
+    leads again, instead of waiting for TCP to give up."""
+    host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
+    assert host is not None and port is not None
+    async with tcp_proxy(host, port) as proxy:
+        api = await api_factory(database_url=Secret(database_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")),
+                                statement_timeout_ms=1000)
+        feed = api.client.app[ANALYSTS].feed
+        await until(lambda: feed._listen_conn is not None and api.runtime.tokens.listening_now,
+                    "the feed to listen")
+        old = feed._listen_conn.get_server_pid()
+        with capture_logs() as logs:
+            assert proxy.freeze() >= 1
+            await until(lambda: (feed._listen_conn is not None and feed._listen_conn.get_server_pid() != old
+                                 and api.runtime.tokens.listening_now and feed.leader),
+                        "the feed to listen and lead on a new connection", timeout=30)
+        interrupted = [e for e in logs if e["event"] == "alert_feed_interrupted"]
+        assert interrupted and interrupted[0]["error"] == "TimeoutError"

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -24,6 +25,7 @@ from replayguard.core.ledger_check import Finding, Problem
 from replayguard.keys import Keys
 from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChildFailed, check_here
 from replayguard.services.ledger import LedgerService
+from tests.integration.tcp_proxy import tcp_proxy
 from tests.waiting import blocked_by, until
 
 _APPEND = ("SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
@@ -255,3 +257,22 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_a_half_open_connection_fails_the_childs_check_instead_of_hanging(
+        ledger_db: tuple[str, asyncpg.Connection]) -> None:
+    """The child's connection stops answering without closing: its read times out on the
+    client, and the check fails (the worker then checks itself) rather than waiting on TCP."""
+    dsn, conn = ledger_db
+    parts = urlsplit(dsn)
+    assert parts.hostname is not None and parts.port is not None
+    async with tcp_proxy(parts.hostname, parts.port) as proxy:
+        chain = ChainProcess(dsn.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}"), 1000)
+        try:
+            head = await _head(conn)
+            assert (await chain.check(0, GENESIS, *head)).finding is None
+            assert proxy.freeze() == 1
+            with pytest.raises(ChildFailed, match="TimeoutError"):
+                await asyncio.wait_for(chain.check(0, GENESIS, *head), 30)
+        finally:
+            chain.close()

@@ -1,0 +1,78 @@
+"""A loopback TCP relay that can turn its connections half-open.
+
+``freeze()`` stops relaying on every connection open now while keeping both sockets
+open, as a peer that vanished without a FIN or RST (a host powered off, a firewall that
+dropped the state) looks to the client: writes succeed, nothing ever comes back.
+Connections made after it relay normally, so a client that notices and reconnects works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Pipe:
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    frozen: bool = False
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._pipes: list[_Pipe] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> int:
+        """Half-opens every connection open now; returns how many."""
+        live = [p for p in self._pipes if not p.frozen]
+        for pipe in live:
+            pipe.frozen = True
+        return len(live)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        pipe = _Pipe(writers=[writer, up_writer])
+        self._pipes.append(pipe)
+        pipe.tasks = [asyncio.create_task(self._relay(pipe, reader, up_writer)),
+                      asyncio.create_task(self._relay(pipe, up_reader, writer))]
+
+    @staticmethod
+    async def _relay(pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if pipe.frozen:
+                    continue  # swallowed: the other side never hears of it
+                writer.write(data)
+                await writer.drain()
+        if not pipe.frozen:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pipe in self._pipes:
+            for task in pipe.tasks:
+                task.cancel()
+            for writer in pipe.writers:
+                writer.close()
+        await asyncio.gather(*(t for p in self._pipes for t in p.tasks), return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(target_host: str, target_port: int) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(target_host, target_port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
