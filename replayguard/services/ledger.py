@@ -94,7 +94,7 @@ class LedgerService:
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
                 signed = await self._signed_checkpoints(conn)
             chain = await self._check_chain(conn, 0, GENESIS, head["seq"], bytes(head["hash"]),
-                                            {cp.seq: cp.hash for cp in signed}, progress)
+                                            {cp.seq: cp.hash for cp in signed}, progress, apart=True)
             state, state_checked = None, 0
             if now_us is not None:
                 state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
@@ -204,11 +204,13 @@ class LedgerService:
 
     async def _check_chain(self, conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
                            head_hash: bytes, checkpoints: dict[int, bytes] | None = None,
-                           progress: Progress | None = None) -> ChainResult:
-        """The chain from ``start_seq`` to the head, in the child process when there is one."""
+                           progress: Progress | None = None, *, apart: bool = False) -> ChainResult:
+        """The chain from ``start_seq`` to the head, in a child process when there is one
+        (``apart``: a child of its own, for a whole-ledger verification)."""
         if self._chain is not None:
+            check = self._chain.check_apart if apart else self._chain.check
             try:
-                return await self._chain.check(start_seq, start_hash, head_seq, head_hash, checkpoints)
+                return await check(start_seq, start_hash, head_seq, head_hash, checkpoints)
             except ChildFailed as exc:
                 log.warning("chain_check_in_process", error=str(exc))
         return await check_here(conn, start_seq, start_hash, head_seq, head_hash, checkpoints,

@@ -276,3 +276,33 @@ async def test_a_half_open_connection_fails_the_childs_check_instead_of_hanging(
                 await asyncio.wait_for(chain.check(0, GENESIS, *head), 30)
         finally:
             chain.close()
+
+
+async def test_a_whole_ledger_verification_never_holds_up_the_checkpoint_checks(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """An analyst's verification runs in a child of its own: while it waits, the
+    checkpoint child answers; after it, its child is gone and the checkpoint child stays."""
+    dsn, conn = ledger_db
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
+    assert pool is not None
+    blocker = await asyncpg.connect(dsn)
+    try:
+        ledger = _service(ledger_db, pool, chain)
+        assert isinstance(await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12), Checkpoint)
+        [checkpoint_child] = chain.pids()
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        verifying = asyncio.create_task(ledger.verify())
+        waiting = await blocked_by(conn, blocker.get_server_pid(), timeout=60)
+        assert (await asyncio.wait_for(chain.check(0, GENESIS, 0, GENESIS), 30)).checked == 0
+        assert chain.pids() == [checkpoint_child]
+        names = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE pid = ANY($1)", waiting)
+        assert f"replayguard-{checkpoint_child}" not in {r["application_name"] for r in names}
+        await tx.rollback()
+        report = await asyncio.wait_for(verifying, 60)
+        assert report.ok and report.checked == 300
+        assert chain.pids() == [checkpoint_child]
+    finally:
+        await blocker.close()
+        await pool.close()
