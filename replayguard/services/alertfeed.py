@@ -16,10 +16,10 @@ is the *leader*: it signs checkpoints when due and hands every alert change and 
 checkpoint to the sinks, remembering in ``sink_feed`` how far it got, so a new leader
 carries on where the last one stopped (at-least-once; records carry ids for dedup).
 The leader also checks the state tables against the ledger (``state_check.py``), bounded
-work per tick: first the entries appended since its last look, then the next slice of a
-sweep that starts again from the first entry after it reaches the newest checked, so a
-state row altered long after its entry was written is found too. A disagreement raises a
-critical ``ledger_tamper`` alert.
+work per tick (``core/state_schedule.py``): first every entry appended since its last look,
+then the next slice of a sweep that goes from the newest entry down to the first and
+starts again, so a state row altered long after its entry was written is found too. A
+disagreement raises a critical ``ledger_tamper`` alert.
 The leader also writes each alert to the service's own log when it is raised or changes
 kind or severity: critical ones as ``error`` lines, warnings as ``warning`` lines (kind,
 VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 from ..core import checkpoints as cps
 from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import Finding
+from ..core.state_schedule import StateSchedule
 from ..errors import ConfigError, Unavailable
 from ..fanout import AlertFanout
 from ..pg import connections
@@ -57,7 +58,6 @@ from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 from .alerts import AlertService, render, sink_record
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
-from .state_check import STATE_BATCH
 from .tokens import CHANNEL as TOKEN_CHANNEL
 
 log = structlog.get_logger(__name__)
@@ -130,8 +130,7 @@ class AlertFeed:
         self._sinks_started = False
         self._last_finding: Finding | None = None
         self._last_state_finding: Finding | None = None
-        self._state_new = 0  # entries up to here were checked against the state once
-        self._state_sweep = 0  # the sweep's position, below _state_new
+        self._state = StateSchedule()  # which entries the state check looks at next
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
@@ -343,21 +342,15 @@ class AlertFeed:
             self._last_lead = 0.0  # more expired uses wait: purge the next batch at once
 
     async def _check_state(self) -> None:
-        """One tick of the state check: at most STATE_BATCH new entries, then at most
-        STATE_BATCH of the sweep over those already checked once."""
+        """One tick of the state check: the ranges ``core/state_schedule.py`` names (every
+        entry since the last tick, then a slice of the sweep), up to the first finding."""
         now_us = self._rt.now_us()
         head = await self._ledger.head_seq()
-        if head < self._state_new:  # a shorter ledger is the continuity guard's finding, not ours
-            self._state_new = self._state_sweep = 0
-        end = min(head, self._state_new + STATE_BATCH)
-        found = await self._ledger.check_state(self._state_new, end, now_us)
-        self._state_new = end
-        if found is None:
-            if self._state_sweep >= self._state_new:
-                self._state_sweep = 0
-            end = min(self._state_new, self._state_sweep + STATE_BATCH)
-            found = await self._ledger.check_state(self._state_sweep, end, now_us)
-            self._state_sweep = end
+        found = None
+        for after, upto in self._state.tick(head):
+            found = await self._ledger.check_state(after, upto, now_us)
+            if found is not None:
+                break
         self.state_ticks += 1
         if found is None:
             return

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import asyncpg
 
 from ..core.ledger_check import Finding, Problem
+from ..core.state_schedule import SLICE
 
-STATE_BATCH = 5_000  # ledger entries per query
+STATE_BATCH = SLICE  # ledger entries per query
 # A purge on another instance with its clock ahead of ours may drop a use a little before
 # our clock says it expired: only rows due to stay longer than this are required.
 CLOCK_SLACK_US = 300 * 1_000_000

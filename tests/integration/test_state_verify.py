@@ -9,6 +9,7 @@ retention purge raises nothing.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -222,3 +223,33 @@ async def test_migration_016_remembers_nonces_purged_before_spent_nonces_existed
     await superuser(dsn, backfill[:backfill.index(";") + 1])
     assert (await verify(api))["ok"] is True
     assert (await nonce(api, value))["decision"] == "reject"
+
+
+async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """12,000 decisions committed at once (more than two 5,000-entry slices), the use row
+    of the last one deleted in the same transaction: the leader's next state-check tick
+    checks them all and raises ledger_tamper naming it."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    feed = api.client.app[ANALYSTS].feed
+    await until(lambda: feed.state_ticks >= 1, "the leader's first state check", timeout=30)
+    # No further lead starts; one under way may run its tick beside the test's (each range
+    # is handed out once, so together they still check every entry once).
+    feed._last_lead = math.inf
+    ts = api.runtime.now_us()
+    items = [{"kind": "nonce", "ts_us": ts + i, "vm_id": "vm-burst", "subject": "s", "digest": secrets.token_hex(32),
+              "receipt": "absent", "expires_us": ts + 3_600_000_000} for i in range(12_000)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)",
+                                    orjson.dumps(items).decode())
+            assert {r["r_verdict"] for r in rows} == {"accept"}
+            await conn.execute("DELETE FROM uses WHERE digest = $1", bytes.fromhex(items[-1]["digest"]))
+    finally:
+        await conn.close()
+    assert not await tamper_alerts(api)
+    await feed._check_state()
+    [alert] = await tamper_alerts(api)
+    assert alert["details"]["first_bad_seq"] == rows[-1]["r_seq"]
+    assert alert["details"]["table"] == "uses"
