@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the HTTP floor (a bare aiohttp handler under the same wrk at c=64)")
     p.add_argument("--replay-concurrency", default="16,64", help="concurrencies of the replay-only runs")
     p.add_argument("--healthz", action="store_true", help="also measure wrk against GET /healthz")
+    p.add_argument("--marks-every", type=float, default=timeline.SAMPLE_S, metavar="S",
+                   help="seconds between two samples of the background work (each scrapes /metrics "
+                        "on a new connection: the sampling itself is work on the service's loop)")
     p.add_argument("--py-spy", action="store_true",
                    help="profile the service with py-spy during the 64-concurrency phase")
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (one per core here)")
@@ -603,7 +606,7 @@ class Bench:
         self.sampler.phase_peak = 0
         spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
         lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
-        marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn).start()
+        marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn, args.marks_every).start()
         with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
             parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
                             [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]

@@ -1,8 +1,8 @@
 """Latency over time, and what ran in the background meanwhile (bench/run.py's stall report).
 
 ``decisions.lua`` writes one line per answer (completion time in ms since the epoch, latency
-in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples, ten
-times a second while wrk runs, the service's background duties (``/metrics``:
+in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples,
+once a second while wrk runs (``--marks-every``), the service's background duties (``/metrics``:
 ``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
 collector per generation) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
 they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-SAMPLE_S = 0.1
+SAMPLE_S = 1.0  # seconds between two scrapes of /metrics (--marks-every); each is work on the service's loop
 PG_SAMPLE_S = 0.25
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
 
@@ -43,8 +43,8 @@ _CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "
 class Marks:
     """Samples background work in a thread of its own between ``start`` and ``stop``."""
 
-    def __init__(self, metrics_urls: list[str], token: str, dsn: str) -> None:
-        self.urls, self.token, self.dsn = metrics_urls, token, dsn
+    def __init__(self, metrics_urls: list[str], token: str, dsn: str, every_s: float = SAMPLE_S) -> None:
+        self.urls, self.token, self.dsn, self.every_s = metrics_urls, token, dsn, every_s
         self.dbname = dsn.rpartition("/")[2]
         self.marks: list[tuple[float, str]] = []  # (unix time, label)
         self.errors: list[str] = []
@@ -87,7 +87,7 @@ class Marks:
                 if conn is not None and now >= next_pg:
                     next_pg = now + PG_SAMPLE_S
                     checkpoints = await self._postgres(now, conn, checkpoints)
-                await asyncio.sleep(SAMPLE_S)
+                await asyncio.sleep(self.every_s)
         if conn is not None:
             await conn.close()
 
@@ -108,7 +108,7 @@ class Marks:
             # previous scrape, which may be more than one sample ago.
             spent_ms = (seconds - before[1]) * 1000
             who = f"pid {worker} " if len(workers) > 1 or len(self.urls) > 1 else ""
-            self.marks.append((now - SAMPLE_S / 2, f"{who}{task} x{int(runs - before[0])} {spent_ms:.1f} ms"))
+            self.marks.append((now - self.every_s / 2, f"{who}{task} x{int(runs - before[0])} {spent_ms:.1f} ms"))
 
     async def _postgres(self, now: float, conn: asyncpg.Connection,
                         checkpoints: tuple[int, int] | None) -> tuple[int, int] | None:
