@@ -4,27 +4,14 @@ attack; the line is written once per alert raised or escalated, not once per rep
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 from replayguard.http.state import ANALYSTS
 from tests.api.test_rollback_attack import alice, event, login
 from tests.conftest import Api, uid
-
-
-async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Waits for ``condition()`` to be truthy, within a bounded deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.waiting import until
 
 
 def alert_lines(buffer: io.StringIO, alert_id: str) -> list[dict[str, Any]]:
@@ -35,7 +22,7 @@ def alert_lines(buffer: io.StringIO, alert_id: str) -> list[dict[str, Any]]:
 async def test_a_replay_after_rollback_is_an_error_line_in_the_service_log(
         api: Api, log_buffer: io.StringIO) -> None:
     """The critical replay_after_rollback alert appears once as a JSON error line naming kind, VM, principal, id."""
-    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed")
+    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed", timeout=15)
     vm_id = uid("web-01")
     principal, totp = await alice(api)
     await event(api, vm_id, "snapshot.created", snapshot_id="nightly", snapshot_created_at=api.clock.now)
@@ -46,7 +33,7 @@ async def test_a_replay_after_rollback_is_an_error_line_in_the_service_log(
     await event(api, vm_id, "snapshot.reverted", snapshot_id="nightly")
     replay = await login(api, vm_id, principal, code)
     assert replay["reason"] == "replay_after_rollback"
-    lines = await until(lambda: alert_lines(log_buffer, replay["alert_id"]), "the alert's log line")
+    lines = await until(lambda: alert_lines(log_buffer, replay["alert_id"]), "the alert's log line", timeout=15)
     line = lines[0]
     assert (line["level"], line["kind"], line["severity"]) == ("error", "replay_after_rollback", "critical")
     assert (line["vm_id"], line["principal"]) == (vm_id, principal)
@@ -58,17 +45,17 @@ async def test_a_replay_after_rollback_is_an_error_line_in_the_service_log(
     status, acked = await api.post(f"/v1/alerts/{replay['alert_id']}/acknowledge", {"note": "x"}, role="analyst")
     assert status == 200
     feed = api.client.app[ANALYSTS].feed
-    await until(lambda: (feed._pos or 0) >= acked["change"], "the feed to read the acknowledgement")
+    await until(lambda: (feed._pos or 0) >= acked["change"], "the feed to read the acknowledgement", timeout=15)
     assert seen == 1 and len(alert_lines(log_buffer, replay["alert_id"])) == 1
 
 
 async def test_a_warning_alert_is_a_warning_line(api: Api, log_buffer: io.StringIO) -> None:
     """A reused nonce (a warning alert) is logged at warning level with its alert id and VM."""
-    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed")
+    await until(lambda: api.client.app[ANALYSTS].feed.leader, "this instance to lead the alert feed", timeout=15)
     vm_id, scope = uid("vm"), uid("scope")
     body = {"vm_id": vm_id, "scope": scope, "nonce": uid("n")}
     await api.post("/v1/nonces/consume", body)
     _status, second = await api.post("/v1/nonces/consume", body)
     assert second["reason"] == "reused"
-    lines = await until(lambda: alert_lines(log_buffer, second["alert_id"]), "the alert's log line")
+    lines = await until(lambda: alert_lines(log_buffer, second["alert_id"]), "the alert's log line", timeout=15)
     assert (lines[0]["level"], lines[0]["vm_id"], lines[0]["severity"]) == ("warning", vm_id, "warning")

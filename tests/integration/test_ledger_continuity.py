@@ -4,10 +4,9 @@ until the recovery is recorded, and after it nothing the lost range used passes 
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,7 @@ import pyotp
 from replayguard.settings import Secret
 from tests.conftest import PG_ADMIN, Api, FakeClock, cli_env, dsn_for, run_cli
 from tests.integration.test_ledger_verify import ledger_of, verify, wait_for_checkpoint
-
-
-async def until(probe: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
-    """Polls ``probe`` until it holds; the timeout only bounds a failure."""
-    async def loop() -> None:
-        while not await probe():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(loop(), timeout)
+from tests.waiting import until
 
 
 async def nonce(api: Api, value: str, **extra: Any) -> tuple[int, Any]:
@@ -82,7 +73,7 @@ async def test_a_ledger_cut_short_is_found_by_verify_and_the_checkpointer(
     async def raised() -> bool:
         return bool(await alerts_of(api, "ledger_tamper")) and bool(await alerts_of(api, "ledger_rollback"))
 
-    await until(raised)
+    await until(raised, "the ledger_rollback alert", timeout=30)
     assert (await alerts_of(api, "ledger_rollback"))[0]["severity"] == "critical"
     status, body = await nonce(api, secrets.token_hex(8))
     assert status == 503 and body["error"]["code"] == "ledger_rollback", body
@@ -96,7 +87,7 @@ async def test_a_head_rewound_under_a_witness_is_ok_false(
     witness.parent.mkdir()
     api, dsn = await ledger_of(api_factory, fresh_database, 20, checkpoint_every=5, witnesses=(f"file:{witness}",))
     await wait_for_checkpoint(api, covering=15)
-    await until(lambda: _held_at_least(witness, 15))
+    await until(lambda: _held_at_least(witness, 15), "the witness to hold a checkpoint at 15", timeout=30)
     await cut_tail(dsn, 12)
     conn = await asyncpg.connect(dsn)
     try:
@@ -151,7 +142,8 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
         head = await conn.fetchval("SELECT seq FROM ledger_head")
     finally:
         await conn.close()
-    await until(lambda: _held_at_least(witness, head + 1))
+    await until(lambda: _held_at_least(witness, head + 1), "the witness to hold a checkpoint past the head",
+                timeout=30)
     await second.client.close()
 
     started = time.monotonic()
@@ -176,7 +168,7 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
     async def in_sink() -> bool:
         return sink.exists() and b'"ledger_rollback"' in sink.read_bytes()
 
-    await until(in_sink)
+    await until(in_sink, "the alert in the sink", timeout=30)
 
     env = cli_env(REPLAYGUARD_DATABASE_URL=backup, REPLAYGUARD_DATA_DIR=str(tmp_path / "data"),
                   REPLAYGUARD_WITNESSES=f"file:{witness}")
@@ -189,7 +181,7 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
     async def serving() -> bool:
         return (await readyz(restored))[0] == 200
 
-    await until(serving)
+    await until(serving, "decisions to be served again", timeout=30)
     for value in lost:
         status, body = await nonce(restored, value)
         assert status == 200 and body["decision"] == "reject" and body["reason"] == "reused", body
@@ -246,7 +238,7 @@ async def test_a_database_gone_back_under_a_running_service_stops_it_at_the_next
     async def raised() -> bool:
         return bool(await alerts_of(api, "ledger_rollback"))
 
-    await until(raised)
+    await until(raised, "the ledger_rollback alert", timeout=30)
     assert (await readyz(api))[0] == 503
 
 

@@ -22,6 +22,7 @@ from replayguard.settings import Secret
 from replayguard.sinks import parse_sink_spec
 from tests.api.test_rollback_attack import alice, event, login
 from tests.conftest import REPO, Api, cli_env, uid
+from tests.waiting import until
 
 # ECS 8.x allowed values (ecs/schemas/event.yml) and which types each category admits.
 ECS_KINDS = {"alert", "asset", "enrichment", "event", "metric", "state", "pipeline_error", "signal"}
@@ -170,17 +171,6 @@ def sink_specs(receivers: Receivers, token_file: Path) -> tuple[str, ...]:
             f"splunk+{receivers.url}?token_file={token_file}&index=security&sourcetype=replayguard:alert")
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.05)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def test_a_replay_alert_reaches_ecs_ocsf_and_splunk_receivers(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any], receivers: Receivers,
         tmp_path: Path) -> None:
@@ -204,10 +194,10 @@ async def test_a_replay_alert_reaches_ecs_ocsf_and_splunk_receivers(
         return [d for d in docs if path(d) == alert_id]
 
     await until(lambda: bool(mine(receivers.ecs, lambda d: d.get("replayguard", {}).get("alert", {}).get("id"))),
-                "the ECS document")
+                "the ECS document", timeout=30)
     await until(lambda: bool(mine(receivers.ocsf, lambda d: d["unmapped"]["replayguard"]["alert_id"])),
-                "the OCSF finding")
-    await until(lambda: bool(mine(receivers.hec, lambda d: d["event"].get("alert_id"))), "the HEC event")
+                "the OCSF finding", timeout=30)
+    await until(lambda: bool(mine(receivers.hec, lambda d: d["event"].get("alert_id"))), "the HEC event", timeout=30)
     assert receivers.refused == []
 
     doc = mine(receivers.ecs, lambda d: d.get("replayguard", {}).get("alert", {}).get("id"))[0]
@@ -223,7 +213,7 @@ async def test_a_replay_alert_reaches_ecs_ocsf_and_splunk_receivers(
     assert code not in json.dumps([receivers.ecs, receivers.ocsf, receivers.hec])
 
     # Checkpoints go to ECS (state) and Splunk, never to OCSF (not a finding).
-    await until(lambda: any(d["event"]["kind"] == "state" for d in receivers.ecs), "an ECS checkpoint")
+    await until(lambda: any(d["event"]["kind"] == "state" for d in receivers.ecs), "an ECS checkpoint", timeout=30)
     assert all(d["class_uid"] == 2004 for d in receivers.ocsf)
 
 
@@ -238,7 +228,7 @@ async def test_a_wrong_hec_token_is_retried_until_the_file_is_fixed(
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n")}
     await api.post("/v1/nonces/consume", body)
     alert_id = (await api.post("/v1/nonces/consume", body))[1]["alert_id"]
-    await until(lambda: "hec token" in receivers.refused, "a refusal")
+    await until(lambda: "hec token" in receivers.refused, "a refusal", timeout=30)
     token_file.write_text(receivers.hec_token)
     await until(lambda: any(e["event"].get("alert_id") == alert_id for e in receivers.hec), "delivery", 60)
 

@@ -7,7 +7,6 @@ to refuse; the real service is the ``api`` fixture's in-process server.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from replayguard.relay.proxmox import Outbox
 from replayguard.relay.vsphere import ForwarderConfig, create_app
 from replayguard.settings import Secret
 from tests.conftest import Api, uid
+from tests.waiting import until
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "hypervisors" / "vsphere"
 TOKEN = "hv-token-vsphere-test"
@@ -61,13 +61,6 @@ class StandIn:
         self.auth.append(request.headers["Authorization"])
         self.bodies.append(await request.json())
         return web.json_response({"accepted": True, "duplicate": False, "events": 1}, status=202)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait, bounded, for the background resend to make ``condition`` true."""
-    async with asyncio.timeout(WAIT):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture
@@ -133,8 +126,8 @@ async def test_service_failures_are_spooled_answered_202_and_resent(
     resp = await client.post("/", data=orjson.dumps(event),
                              headers={"Content-Type": "application/cloudevents+json"})
     assert resp.status == 202 and (await resp.json())["spooled"] is True
-    await until(lambda: bool(recorder.bodies))
-    await until(lambda: not Outbox(tmp_path / "spool-0").pending())
+    await until(lambda: bool(recorder.bodies), "the event to reach the service", WAIT)
+    await until(lambda: not Outbox(tmp_path / "spool-0").pending(), "the outbox to empty", WAIT)
     assert recorder.bodies == [event] and recorder.calls == 4
 
 
@@ -167,8 +160,8 @@ async def test_an_unauthorised_event_stays_spooled_and_veba_gets_5xx(
     resp = await client.post("/", data=orjson.dumps(event), headers={"Content-Type": "application/cloudevents+json"})
     assert resp.status == 502 and (await resp.json())["spooled"] is True
     assert not list((tmp_path / "spool-0" / "dead").iterdir())
-    await until(lambda: bool(recorder.bodies))
-    await until(lambda: not Outbox(tmp_path / "spool-0").pending())
+    await until(lambda: bool(recorder.bodies), "the event to reach the service", WAIT)
+    await until(lambda: not Outbox(tmp_path / "spool-0").pending(), "the outbox to empty", WAIT)
     assert recorder.bodies == [event]
 
 
