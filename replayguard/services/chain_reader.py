@@ -134,9 +134,12 @@ class ChainProcess:
                 # Dead, or cancelled with an answer still owed: the pipe is out of step.
                 self.close()
                 raise
-        if "error" in answer:
-            raise ChildFailed(answer["error"])
-        return _result(answer)
+        try:
+            if "error" in answer:
+                raise ChildFailed(str(answer["error"]))
+            return _result(answer)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ChildFailed(f"the chain check process answered something else: {type(exc).__name__}") from None
 
     async def check_apart(self, start_seq: int, start_hash: bytes, head_seq: int, head_hash: bytes,
                           checkpoints: Mapping[int, bytes] | None = None) -> ChainResult:
@@ -161,7 +164,12 @@ class ChainProcess:
             raise ChildFailed(f"the chain check process stopped: {type(exc).__name__}") from None
         if not line:
             raise ChildFailed("the chain check process stopped")
-        answer: dict[str, Any] = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ChildFailed("the chain check process answered something else") from None
+        if not isinstance(answer, dict):
+            raise ChildFailed("the chain check process answered something else")
         return answer
 
     async def _start(self) -> asyncio.subprocess.Process:

@@ -23,6 +23,7 @@ from replayguard.core.chain import GENESIS
 from replayguard.core.checkpoints import Checkpoint
 from replayguard.core.ledger_check import Finding, Problem
 from replayguard.keys import Keys
+from replayguard.services import chain_reader
 from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChildFailed, check_here
 from replayguard.services.ledger import LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
@@ -305,4 +306,25 @@ async def test_a_whole_ledger_verification_never_holds_up_the_checkpoint_checks(
         assert chain.pids() == [checkpoint_child]
     finally:
         await blocker.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("answer", ["not json", "[1]", '{"checked": "x"}', '{"error": null, "x": 1}'])
+async def test_a_child_that_answers_something_else_leaves_the_check_to_the_worker(
+        answer: str, ledger_db: tuple[str, asyncpg.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever comes back over the pipe that is not an answer is ChildFailed, never an
+    exception that would end the leader's duties, and the checkpoint is still checked and
+    signed on the worker's loop."""
+    dsn, conn = ledger_db
+    monkeypatch.setattr(chain_reader, "_CHILD", f"import sys\nfor _ in sys.stdin: print({answer!r}, flush=True)")
+    liar = ChainProcess(dsn, 30_000)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        with pytest.raises(ChildFailed):
+            await liar.check(0, GENESIS, *await _head(conn))
+        signed = await _service(ledger_db, pool, liar).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+        assert isinstance(signed, Checkpoint) and signed.seq == 300
+    finally:
+        liar.close()
         await pool.close()
