@@ -10,6 +10,10 @@ Pure: positions in, ranges out. Two cursors over ``seq``:
   then again from the newest entry checked; it finds state edited after an entry's first
   check, within one sweep (the ledger's length / ``sweep_size`` ticks).
 
+A span counts as checked once its check returned, with or without a finding (``done``):
+a check that failed (the database away) is planned again, and a finding does not hold
+the cursors on the span that has it.
+
 A new leader starts both cursors at the head: the entries before it are the sweep's,
 newest first, so those a previous leader may not have reached come first. A ledger
 shorter than the cursors (the continuity guard's finding) starts them again at its head.
@@ -17,12 +21,20 @@ shorter than the cursors (the continuity guard's finding) starts them again at i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SLICE = 5_000  # entries per query (replayguard/services/state_check.py)
 SLICES_PER_TICK = 4  # new entries: keeps up with 20,000 decisions a second
 SWEEP_SIZE = 5_000  # the sweep's entries per tick
+
+
+class Span(NamedTuple):
+    """Entries ``after < seq <= upto``, for the new-entry cursor or the sweep."""
+
+    after: int
+    upto: int
+    sweep: bool = False
 
 
 @dataclass
@@ -33,18 +45,25 @@ class StateSchedule:
     new: int | None = None  # entries up to here were checked once (None: no tick yet)
     sweep: int = 0  # the sweep goes on below this; 0: it starts again from ``new``
 
-    def tick(self, head: int) -> Iterator[tuple[int, int]]:
-        """The ranges ``(after, upto]`` to check now, in order. A range counts as checked
-        once yielded: stop asking after a finding, and the next tick goes on after it."""
+    def plan(self, head: int) -> list[Span]:
+        """The spans to check now, in order: new entries first, then the sweep's."""
         if self.new is None or head < self.new:
             self.new = self.sweep = head
+        spans, at = [], self.new
         for _ in range(self.slices_per_tick):
-            if self.new >= head:
+            if at >= head:
                 break
-            after, self.new = self.new, min(head, self.new + self.slice)
-            yield after, self.new
-        if self.sweep <= 0:
-            self.sweep = self.new
-        if self.sweep > 0:
-            upto, self.sweep = self.sweep, max(0, self.sweep - self.sweep_size)
-            yield self.sweep, upto
+            spans.append(Span(at, min(head, at + self.slice)))
+            at = spans[-1].upto
+        top = self.sweep if self.sweep > 0 else at
+        if top > 0:
+            spans.append(Span(max(0, top - self.sweep_size), top, sweep=True))
+        return spans
+
+    def done(self, span: Span) -> None:
+        """``span`` was checked (with or without a finding); one that failed is not done,
+        and the next plan offers it again."""
+        if span.sweep:
+            self.sweep = span.after
+        else:
+            self.new = max(self.new or 0, span.upto)

@@ -347,8 +347,9 @@ class AlertFeed:
         now_us = self._rt.now_us()
         head = await self._ledger.head_seq()
         found = None
-        for after, upto in self._state.tick(head):
-            found = await self._ledger.check_state(after, upto, now_us)
+        for span in self._state.plan(head):
+            found = await self._ledger.check_state(span.after, span.upto, now_us)
+            self._state.done(span)
             if found is not None:
                 break
         self.state_ticks += 1
