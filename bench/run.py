@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between two samples of the background work (each scrapes /metrics "
                         "on a new connection: the sampling itself is work on the service's loop)")
     p.add_argument("--py-spy", action="store_true",
-                   help="profile the service with py-spy during the 64-concurrency phase")
+                   help="profile the service with py-spy during the 1- and 64-concurrency phases")
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (one per core here)")
     p.add_argument("--quiet-wait", type=float, default=90.0,
                    help="before each measurement, wait up to this many seconds for other processes on the "
@@ -893,7 +893,7 @@ def decision_phases(setup: Setup, token: str, run_id: str, *, profile: bool) -> 
         mix = pattern(args.mix)
         out["phases"] = []
         for c in args.levels:
-            phase = bench.phase(c, mix, tag=f"c{c}", profile=profile and c == 64)
+            phase = bench.phase(c, mix, tag=f"c{c}", profile=profile and c in (1, 64))
             out["phases"].append(phase)
             print_phase(phase)
         out["peak_rss_mb"] = round(sampler.peak / 2**20, 1)
