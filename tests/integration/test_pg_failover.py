@@ -23,7 +23,8 @@ from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, cli_env, run_cli
 from tests.integration import pg_cluster
 from tests.integration.owned_servers import scratch_dir
-from tests.integration.test_ledger_continuity import nonce, readyz, until, verify
+from tests.integration.test_ledger_continuity import nonce, readyz, verify
+from tests.waiting import until
 
 pytestmark = pytest.mark.skipif(not pg_cluster.available(), reason="needs root and Debian's PostgreSQL 15")
 
@@ -97,12 +98,12 @@ async def test_sync_failover_loses_no_acknowledged_accept(
         ready = await readyz(api)
         return bool(ready[1]["checks"]["sync_standby"] == "yes")
 
-    await until(reported_sync)
+    await until(reported_sync, "readyz to report the synchronous standby", timeout=30)
     metrics = await (await api.client.get("/metrics")).text()
     assert "replayguard_postgres_sync_standbys 1.0" in metrics
     stop, accepted = asyncio.Event(), []
     running = asyncio.create_task(load(api, stop, accepted))
-    await until(lambda: _at_least(accepted, 200), timeout=120)
+    await until(lambda: _at_least(accepted, 200), "200 acknowledged accepts", timeout=120)
     await asyncio.to_thread(primary.crash)
     stop.set()
     await running
@@ -140,7 +141,7 @@ async def test_async_failover_is_refused_until_recovered_and_loses_nothing(
     async def caught_up() -> bool:
         return bool(await fetchval(standby.url("rg"), f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"))
 
-    await until(caught_up)
+    await until(caught_up, "the standby to catch up", timeout=30)
     # A lagging asynchronous standby: what it has not received it cannot replay at promotion
     # (PostgreSQL replays every received record when promoted, paused or not), so its
     # stream is cut as well as its replay paused.
@@ -149,13 +150,14 @@ async def test_async_failover_is_refused_until_recovered_and_loses_nothing(
     async def detached() -> bool:
         return await fetchval(standby.url("rg"), "SELECT count(*) FROM pg_stat_wal_receiver") == 0
 
-    await until(detached)
+    await until(detached, "the standby to be detached", timeout=30)
     await fetchval(standby.url("rg"), "SELECT pg_wal_replay_pause()")
     standby_head = await fetchval(standby.url("rg"), "SELECT seq FROM ledger_head")
     lost = [secrets.token_hex(8) for _ in range(10)]
     for value in lost:
         assert (await nonce(api, value))[1]["decision"] == "accept"
-    await until(lambda: _witnessed_past(witness, standby_head + 5))
+    await until(lambda: _witnessed_past(witness, standby_head + 5), "the witness past the standby's head",
+                timeout=30)
     await asyncio.to_thread(primary.crash)
     await asyncio.to_thread(standby.promote)
     await api.client.close()
@@ -175,7 +177,7 @@ async def test_async_failover_is_refused_until_recovered_and_loses_nothing(
     async def serving() -> bool:
         return (await readyz(after))[0] == 200
 
-    await until(serving)
+    await until(serving, "decisions to be served again", timeout=30)
     for value in lost:
         status, body = await nonce(after, value)
         assert status == 200 and body["decision"] == "reject" and body["reason"] == "reused", body

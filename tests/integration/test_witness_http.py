@@ -18,7 +18,8 @@ from replayguard.http.state import RUNTIME
 from replayguard.services.witness import Record
 from replayguard.settings import Secret, Settings
 from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, dead_url, free_port, run_cli, uid
-from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz, until
+from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz
+from tests.waiting import until
 
 
 def url_of(api: Api) -> str:
@@ -87,7 +88,7 @@ async def _exchange(a: Api, b: Api) -> None:
         on_b, on_a = await held(b, a_id), await held(a, b_id)
         return bool(on_b and on_b["checkpoint"]["seq"] >= 3 and on_a and on_a["checkpoint"]["seq"] >= 3)
 
-    await until(both_held)
+    await until(both_held, "both witnesses to hold a checkpoint", timeout=30)
     record = await held(b, a_id)
     assert record is not None
     checkpoint = cps.from_json(record["checkpoint"])
@@ -110,7 +111,7 @@ async def test_a_witness_refuses_a_checkpoint_that_steps_back_or_forks(
         record = await held(b, a_id)
         return bool(record and record["checkpoint"]["seq"] >= 3)
 
-    await until(held_three)
+    await until(held_three, "the witness to hold three checkpoints", timeout=30)
     before = await held(b, a_id)
     assert before is not None
     top = cps.from_json(before["checkpoint"])
@@ -167,4 +168,4 @@ async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required
         async def critical() -> bool:
             return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
 
-        await until(critical)
+        await until(critical, "the critical alert", timeout=30)
