@@ -62,8 +62,7 @@ async def _tamper(conn: asyncpg.Connection, statement: str) -> None:
     await conn.execute("ALTER TABLE ledger ENABLE TRIGGER ledger_append_only")
 
 
-def _service(ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool,
-             chain: ChainProcess | None) -> LedgerService:
+def _service(pool: asyncpg.Pool, chain: ChainProcess | None) -> LedgerService:
     return LedgerService(pool, Keys(*(bytes([n]) * 32 for n in range(1, 5))), chain=chain, serving=True)
 
 
@@ -131,7 +130,7 @@ async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
     assert pool is not None
     blocker = await asyncpg.connect(dsn)
     try:
-        ledger = _service(ledger_db, pool, chain)
+        ledger = _service(pool, chain)
         first = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
         assert isinstance(first, Checkpoint) and first.seq == 300
         await conn.execute(_APPEND, 301, 340)
@@ -175,7 +174,7 @@ async def test_a_child_without_the_database_leaves_the_check_to_the_worker(
     try:
         with pytest.raises(ChildFailed, match=r"ConnectionRefused|OSError|connect"):
             await broken.check(0, GENESIS, *await _head(conn))
-        signed = await _service(ledger_db, pool, broken).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+        signed = await _service(pool, broken).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
         assert isinstance(signed, Checkpoint) and signed.seq == 300
     finally:
         broken.close()
@@ -192,7 +191,7 @@ async def test_no_transaction_stays_open_while_the_child_checks(
     assert pool is not None
     blocker = await asyncpg.connect(dsn)
     try:
-        ledger = _service(ledger_db, pool, chain)
+        ledger = _service(pool, chain)
         tx = blocker.transaction()
         await tx.start()
         await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
@@ -288,7 +287,7 @@ async def test_a_whole_ledger_verification_never_holds_up_the_checkpoint_checks(
     assert pool is not None
     blocker = await asyncpg.connect(dsn)
     try:
-        ledger = _service(ledger_db, pool, chain)
+        ledger = _service(pool, chain)
         assert isinstance(await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12), Checkpoint)
         [checkpoint_child] = chain.pids()
         tx = blocker.transaction()
@@ -323,7 +322,7 @@ async def test_a_child_that_answers_something_else_leaves_the_check_to_the_worke
     try:
         with pytest.raises(ChildFailed):
             await liar.check(0, GENESIS, *await _head(conn))
-        signed = await _service(ledger_db, pool, liar).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+        signed = await _service(pool, liar).checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
         assert isinstance(signed, Checkpoint) and signed.seq == 300
     finally:
         liar.close()
