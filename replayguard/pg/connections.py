@@ -66,6 +66,12 @@ def _server_settings(statement_timeout_ms: int) -> dict[str, str]:
         "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
         # Durability of every acknowledged decision depends on this staying on.
         "synchronous_commit": "on",
+        # Over TCP, the server gives up on a client that vanished (a half-open connection)
+        # in about a minute rather than the system's two hours: a session it keeps alive
+        # can hold the checkpoint or leader lock (ignored on a Unix socket).
+        "tcp_keepalives_idle": "30",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "3",
     }
 
 

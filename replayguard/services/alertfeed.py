@@ -131,6 +131,7 @@ class AlertFeed:
         self._last_finding: Finding | None = None
         self._last_state_finding: Finding | None = None
         self._state = StateSchedule()  # which entries the state check looks at next
+        self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
@@ -204,6 +205,7 @@ class AlertFeed:
             wakeups = None
             self._listen_conn = conn
             try:
+                await self._end_previous_session(conn)
                 # The same connection hears token changes, for the token cache: it trusts
                 # what it read only while this LISTEN is in effect.
                 conn.add_termination_listener(self._on_terminated)
@@ -226,6 +228,25 @@ class AlertFeed:
                 await self._stop_sinks()
                 with contextlib.suppress(*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
                     await conn.close(timeout=2)
+
+    async def _end_previous_session(self, conn: asyncpg.Connection) -> None:
+        """Ends this feed's previous server session if it outlived its connection (a
+        half-open connection: the server still sees a client), since that session may
+        hold the leader lock, and no instance could lead until the server's TCP
+        keepalive gave up on it. The session is named by pid and start time, so a reused
+        pid is never hit; then remembers this one."""
+        previous, self._session_id = self._session_id, tuple(await conn.fetchrow(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"))
+        if previous is None:
+            return
+        try:
+            ended = await conn.fetchval(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
+                *previous)
+        except asyncpg.InsufficientPrivilegeError:
+            return
+        if ended:
+            log.warning("alert_feed_previous_session_ended", pid=previous[0])
 
     async def _redis_wakeups(self, fanout: AlertFanout) -> None:
         """With Redis configured, instances wake each other through its pub/sub (every

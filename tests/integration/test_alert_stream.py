@@ -205,8 +205,9 @@ async def _next_message(pubsub: Any) -> bytes:
 async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
         api_factory: Callable[..., Any], database_url: str) -> None:
     """The feed's connection stops answering without closing (a peer gone without FIN or
-    RST): its next query times out on the client, and the feed reconnects, LISTENs and
-    leads again, instead of waiting for TCP to give up."""
+    RST): its next query times out on the client, and the feed reconnects, ends the session
+    the server still keeps for it (which holds the leader lock), LISTENs and leads again,
+    instead of waiting for TCP to give up."""
     host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
     assert host is not None and port is not None
     async with tcp_proxy(host, port) as proxy:
@@ -223,3 +224,5 @@ async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
                         "the feed to listen and lead on a new connection", timeout=30)
         interrupted = [e for e in logs if e["event"] == "alert_feed_interrupted"]
         assert interrupted and interrupted[0]["error"] == "TimeoutError"
+        # The server still saw the frozen session (and its leader lock): the feed ended it.
+        assert [e["pid"] for e in logs if e["event"] == "alert_feed_previous_session_ended"] == [old]

@@ -48,3 +48,12 @@ async def test_no_function_database_or_role_overrides_synchronous_commit(api: Ap
             "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
             " WHERE n.nspname = current_schema() AND prosrc ILIKE '%synchronous_commit%'")
     assert [dict(r) for r in functions] == [] and [dict(r) for r in overrides] == [] and source == []
+
+
+async def test_every_pool_connection_has_the_server_give_up_on_a_vanished_client(api: Api) -> None:
+    """Over TCP the server probes an idle client after 30 s and gives up after three missed
+    probes 10 s apart: a half-open session cannot keep a lock for the system's two hours."""
+    async with api.runtime.pool.acquire() as conn:
+        values = [await conn.fetchval(f"SHOW {name}")
+                  for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")]
+    assert values == ["30", "10", "3"], values
