@@ -51,6 +51,32 @@ async def chain(ledger_db: tuple[str, asyncpg.Connection]) -> AsyncIterator[Chai
     process.close()
 
 
+@pytest_asyncio.fixture
+async def pool(ledger_db: tuple[str, asyncpg.Connection]) -> AsyncIterator[asyncpg.Pool]:
+    """A pool over the test's database, as a worker's LedgerService has."""
+    made = await asyncpg.create_pool(ledger_db[0], min_size=1, max_size=3)
+    assert made is not None
+    yield made
+    await made.close()
+
+
+@pytest_asyncio.fixture
+async def blocker(ledger_db: tuple[str, asyncpg.Connection]) -> AsyncIterator[asyncpg.Connection]:
+    """Another session, to hold the ledger locked while a check waits on it."""
+    conn = await asyncpg.connect(ledger_db[0])
+    yield conn
+    await conn.close()
+
+
+async def _lock_ledger(blocker: asyncpg.Connection) -> None:
+    """Every read of the ledger waits until ``_unlock_ledger``."""
+    await blocker.execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+
+
+async def _unlock_ledger(blocker: asyncpg.Connection) -> None:
+    await blocker.execute("ROLLBACK")
+
+
 async def _head(conn: asyncpg.Connection) -> tuple[int, bytes]:
     head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
     return head["seq"], bytes(head["hash"])
@@ -121,56 +147,46 @@ async def test_signed_checkpoints_travel_to_the_child(
 
 
 async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
-        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess, pool: asyncpg.Pool,
+        blocker: asyncpg.Connection) -> None:
     """With its child killed during a check, the worker checks on its own loop (and still
     finds a tampered entry); the next check has a new child, and a child killed between
     checks is replaced before the check."""
-    dsn, conn = ledger_db
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
-    blocker = await asyncpg.connect(dsn)
-    try:
-        ledger = _service(pool, chain)
-        first = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
-        assert isinstance(first, Checkpoint) and first.seq == 300
-        await conn.execute(_APPEND, 301, 340)
-        await _tamper(conn, "UPDATE ledger SET subject = 'other' WHERE seq = 321")
-        tx = blocker.transaction()
-        await tx.start()
-        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        with capture_logs() as logs:
-            task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_001_000_000, 1, 10**12))
-            await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
-            [old] = chain.pids()
-            os.kill(old, signal.SIGKILL)
-            await until(lambda: not chain.pids(), "the worker to notice its child died")
-            await tx.rollback()
-            found = await asyncio.wait_for(task, 60)
-        assert found == Finding(321, Problem.MODIFIED, "entry 321 no longer matches its hash: it was modified")
-        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["chain_check_in_process"]
-        assert await conn.fetchval("SELECT max(seq) FROM checkpoints") == 300  # nothing signed over it
-        assert await ledger.checkpoint_if_due(1_800_000_002_000_000, 1, 10**12) == found
-        [new] = chain.pids()
-        assert new != old
-        os.kill(new, signal.SIGKILL)
+    _dsn, conn = ledger_db
+    ledger = _service(pool, chain)
+    first = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+    assert isinstance(first, Checkpoint) and first.seq == 300
+    await conn.execute(_APPEND, 301, 340)
+    await _tamper(conn, "UPDATE ledger SET subject = 'other' WHERE seq = 321")
+    await _lock_ledger(blocker)
+    with capture_logs() as logs:
+        task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_001_000_000, 1, 10**12))
+        await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
+        [old] = chain.pids()
+        os.kill(old, signal.SIGKILL)
         await until(lambda: not chain.pids(), "the worker to notice its child died")
-        with capture_logs() as logs:
-            assert await ledger.checkpoint_if_due(1_800_000_003_000_000, 1, 10**12) == found
-        assert not [e for e in logs if e["log_level"] == "warning"]
-        assert chain.pids() and chain.pids() != [new]
-    finally:
-        await blocker.close()
-        await pool.close()
+        await _unlock_ledger(blocker)
+        found = await asyncio.wait_for(task, 60)
+    assert found == Finding(321, Problem.MODIFIED, "entry 321 no longer matches its hash: it was modified")
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["chain_check_in_process"]
+    assert await conn.fetchval("SELECT max(seq) FROM checkpoints") == 300  # nothing signed over it
+    assert await ledger.checkpoint_if_due(1_800_000_002_000_000, 1, 10**12) == found
+    [new] = chain.pids()
+    assert new != old
+    os.kill(new, signal.SIGKILL)
+    await until(lambda: not chain.pids(), "the worker to notice its child died")
+    with capture_logs() as logs:
+        assert await ledger.checkpoint_if_due(1_800_000_003_000_000, 1, 10**12) == found
+    assert not [e for e in logs if e["log_level"] == "warning"]
+    assert chain.pids() and chain.pids() != [new]
 
 
 async def test_a_child_without_the_database_leaves_the_check_to_the_worker(
-        ledger_db: tuple[str, asyncpg.Connection]) -> None:
+        ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool) -> None:
     """A child that cannot connect raises ChildFailed, and the checkpoint is still
     checked (on the worker's loop) and signed."""
-    dsn, conn = ledger_db
+    _dsn, conn = ledger_db
     broken = ChainProcess("postgresql://postgres@127.0.0.1:1/nowhere", 30_000)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
     try:
         with pytest.raises(ChildFailed, match=r"ConnectionRefused|OSError|connect"):
             await broken.check(0, GENESIS, *await _head(conn))
@@ -178,40 +194,31 @@ async def test_a_child_without_the_database_leaves_the_check_to_the_worker(
         assert isinstance(signed, Checkpoint) and signed.seq == 300
     finally:
         broken.close()
-        await pool.close()
 
 
 async def test_no_transaction_stays_open_while_the_child_checks(
-        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess, pool: asyncpg.Pool,
+        blocker: asyncpg.Connection) -> None:
     """While the child waits on the ledger, the worker's connection holds the checkpoint
     lock in its session but no transaction (a long check cannot be cut off by
     idle_in_transaction_session_timeout)."""
-    dsn, conn = ledger_db
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
-    blocker = await asyncpg.connect(dsn)
-    try:
-        ledger = _service(pool, chain)
-        tx = blocker.transaction()
-        await tx.start()
-        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12))
+    _dsn, conn = ledger_db
+    ledger = _service(pool, chain)
+    await _lock_ledger(blocker)
+    task = asyncio.create_task(ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12))
 
-        async def lock_holder_state() -> str | None:
-            state: str | None = await conn.fetchval(
-                "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-                " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()")
-            return state
+    async def lock_holder_state() -> str | None:
+        state: str | None = await conn.fetchval(
+            "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()")
+        return state
 
-        await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
-        assert await lock_holder_state() == "idle"
-        await tx.rollback()
-        signed = await asyncio.wait_for(task, 60)
-        assert isinstance(signed, Checkpoint) and signed.seq == 300
-        assert await lock_holder_state() is None  # released after signing
-    finally:
-        await blocker.close()
-        await pool.close()
+    await blocked_by(conn, blocker.get_server_pid(), timeout=60)  # the child's read waits
+    assert await lock_holder_state() == "idle"
+    await _unlock_ledger(blocker)
+    signed = await asyncio.wait_for(task, 60)
+    assert isinstance(signed, Checkpoint) and signed.seq == 300
+    assert await lock_holder_state() is None  # released after signing
 
 
 _PARENT = textwrap.dedent("""
@@ -279,46 +286,37 @@ async def test_a_half_open_connection_fails_the_childs_check_instead_of_hanging(
 
 
 async def test_a_whole_ledger_verification_never_holds_up_the_checkpoint_checks(
-        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess, pool: asyncpg.Pool,
+        blocker: asyncpg.Connection) -> None:
     """An analyst's verification runs in a child of its own: while it waits, the
     checkpoint child answers; after it, its child is gone and the checkpoint child stays."""
-    dsn, conn = ledger_db
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
-    assert pool is not None
-    blocker = await asyncpg.connect(dsn)
-    try:
-        ledger = _service(pool, chain)
-        assert isinstance(await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12), Checkpoint)
-        [checkpoint_child] = chain.pids()
-        tx = blocker.transaction()
-        await tx.start()
-        await blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        verifying = asyncio.create_task(ledger.verify())
-        waiting = await blocked_by(conn, blocker.get_server_pid(), timeout=60)
-        assert (await asyncio.wait_for(chain.check(0, GENESIS, 0, GENESIS), 30)).checked == 0
-        assert chain.pids() == [checkpoint_child]
-        names = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE pid = ANY($1)", waiting)
-        assert f"replayguard-{checkpoint_child}" not in {r["application_name"] for r in names}
-        await tx.rollback()
-        report = await asyncio.wait_for(verifying, 60)
-        assert report.ok and report.checked == 300
-        assert chain.pids() == [checkpoint_child]
-    finally:
-        await blocker.close()
-        await pool.close()
+    _dsn, conn = ledger_db
+    ledger = _service(pool, chain)
+    assert isinstance(await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12), Checkpoint)
+    [checkpoint_child] = chain.pids()
+    await _lock_ledger(blocker)
+    verifying = asyncio.create_task(ledger.verify())
+    waiting = await blocked_by(conn, blocker.get_server_pid(), timeout=60)
+    assert (await asyncio.wait_for(chain.check(0, GENESIS, 0, GENESIS), 30)).checked == 0
+    assert chain.pids() == [checkpoint_child]
+    names = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE pid = ANY($1)", waiting)
+    assert f"replayguard-{checkpoint_child}" not in {r["application_name"] for r in names}
+    await _unlock_ledger(blocker)
+    report = await asyncio.wait_for(verifying, 60)
+    assert report.ok and report.checked == 300
+    assert chain.pids() == [checkpoint_child]
 
 
 @pytest.mark.parametrize("answer", ["not json", "[1]", '{"checked": "x"}', '{"error": null, "x": 1}'])
 async def test_a_child_that_answers_something_else_leaves_the_check_to_the_worker(
-        answer: str, ledger_db: tuple[str, asyncpg.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+        answer: str, ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever comes back over the pipe that is not an answer is ChildFailed, never an
     exception that would end the leader's duties, and the checkpoint is still checked and
     signed on the worker's loop."""
     dsn, conn = ledger_db
     monkeypatch.setattr(chain_reader, "_CHILD", f"import sys\nfor _ in sys.stdin: print({answer!r}, flush=True)")
     liar = ChainProcess(dsn, 30_000)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
     try:
         with pytest.raises(ChildFailed):
             await liar.check(0, GENESIS, *await _head(conn))
@@ -326,4 +324,3 @@ async def test_a_child_that_answers_something_else_leaves_the_check_to_the_worke
         assert isinstance(signed, Checkpoint) and signed.seq == 300
     finally:
         liar.close()
-        await pool.close()
