@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="growth check: also run the decision phases on a ledger seeded with N old entries")
     p.add_argument("--baseline-max-conns", type=int, default=64,
                    help="cap on asyncpg connections for the baseline (max_connections is 100 here)")
-    p.add_argument("--baseline-batch", type=int, default=64, help="rows per transaction, batched baseline")
+    p.add_argument("--baseline-batch", type=int, default=64,
+                   help="rows per transaction, batched baseline (0: no batched baseline)")
     p.add_argument("--no-baseline", action="store_true", help="skip the asyncpg baseline")
     p.add_argument("--no-replay", action="store_true", help="skip the with/without Redis replay comparison")
     p.add_argument("--no-floor", action="store_true",
@@ -352,12 +353,15 @@ def postgres_procs(dbname: str) -> list[psutil.Process]:
 
 
 class Sampler:
-    """Samples the service's RSS (every process of its tree) ten times a second."""
+    """Samples the service's RSS (every process of its tree) ten times a second; keeps the
+    run's and the phase's peak, and the phase's RSS once a second (``phase_series``)."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.peak = 0
         self.phase_peak = 0
+        self.phase_series: list[int] = []
+        self._samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -371,6 +375,9 @@ class Sampler:
                         rss += proc.memory_info().rss
             self.peak = max(self.peak, rss)
             self.phase_peak = max(self.phase_peak, rss)
+            self._samples += 1
+            if self._samples % 10 == 0:
+                self.phase_series.append(rss)
 
     def stop(self) -> None:
         self._stop.set()
@@ -604,6 +611,7 @@ class Bench:
         waited = wait_for_quiet_machine(args)
         before = asyncio.run(pg_snapshot(self.setup.dsn))
         self.sampler.phase_peak = 0
+        self.sampler.phase_series = []
         spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
         lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
         marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn, args.marks_every).start()
@@ -619,6 +627,7 @@ class Bench:
         result = combine(parts)
         result.update(concurrency=concurrency, waited_for_quiet_s=waited,
                       peak_rss_mb=round(self.sampler.phase_peak / 2**20, 1), cpu=cpu,
+                      rss_mb_by_second=[round(rss / 2**20, 1) for rss in self.sampler.phase_series],
                       fresh_codes_offered=sum(len(f) for f in fresh), pg=pg_delta(before, after, args.duration))
         if spy is not None:
             result["py_spy"] = finish_py_spy(spy)
@@ -830,7 +839,7 @@ async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_
 def run_baseline(dsn: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for c in args.levels:
-        for batch in (1, args.baseline_batch):
+        for batch in (1, args.baseline_batch) if args.baseline_batch > 1 else (1,):
             waited = wait_for_quiet_machine(args)
             machine = _machine_cpu(), time.monotonic()
             row = run_async(baseline(dsn, c, args.duration, batch, args.baseline_max_conns))

@@ -1,0 +1,130 @@
+"""bench/targets.py judges run.py's figures as the performance issue states its targets.
+
+The figures here are made up: what is tested is the judging (which target holds, what is
+compared with what, what counts as not measured), never the machine's speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("bench_targets", REPO / "bench" / "targets.py")
+assert _spec is not None and _spec.loader is not None
+targets = importlib.util.module_from_spec(_spec)
+sys.modules["bench_targets"] = targets  # dataclasses look their module up
+_spec.loader.exec_module(targets)
+
+
+def _phase(c: int, rate: float, p50: float, p99: float, p999: float | None = None, *, stalled: int = 0,
+           seconds: list[int] | None = None, by: dict[str, tuple[float, float]] | None = None,
+           rss: list[float] | None = None) -> dict[str, Any]:
+    rows = [{"n": n} for n in (seconds or [100] * 12)]
+    by_reason = {reason: {"p50_ms": a, "p99_ms": b} for reason, (a, b) in (by or {"ok": (p50, p99)}).items()}
+    return {"concurrency": c, "rate": rate, "cpu": {"steal": 0.01}, "rss_mb_by_second": rss or [],
+            "timeline": {"overall": {"p50_ms": p50, "p99_ms": p99, "p99.9_ms": p999 or p99 * 2},
+                         "by_reason": by_reason, "seconds": rows, "stalls": [{}] * stalled}}
+
+
+def _result(*phases: dict[str, Any], baseline: list[tuple[int, float, float]] = ()) -> dict[str, Any]:
+    return {"main": {"phases": list(phases)},
+            "baseline": [{"concurrency": c, "batch": 1, "rows_per_s": r, "p99_ms": p99} for c, r, p99 in baseline]}
+
+
+def _good() -> dict[str, dict[str, Any] | None]:
+    cheap = {"ok": (1.0, 2.0), "invalid": (1.1, 2.2), "locked_out": (1.0, 1.9)}
+    return {
+        "c=1": _result(_phase(1, 900, 0.8, 1.9, 6.0), baseline=[(1, 1500, 0.9)]),
+        "c=64": _result(_phase(64, 9000, 5.0, 9.0), baseline=[(64, 8500, 20.0)]),
+        "2 workers": _result(_phase(64, 9100, 5.0, 8.9)),
+        "wrong codes": _result(_phase(1, 900, 1, 2, by=cheap), _phase(64, 9000, 1, 2, by=cheap)),
+        "locked out": _result(_phase(1, 900, 1, 2, by=cheap), _phase(64, 9000, 1, 2, by=cheap)),
+        "long": _result(_phase(64, 9000, 5, 9, seconds=[100] * 600, rss=[100.0] * 600)),
+    }
+
+
+def _by_target(checks: list[Any]) -> dict[str, Any]:
+    return {c.target: c for c in checks}
+
+
+def test_every_target_holds_on_figures_that_meet_them() -> None:
+    """Figures on the right side of every target: all fourteen hold, and the summary says so."""
+    checks = targets.evaluate(_good())
+    assert len(checks) == 14
+    assert all(c.holds is True for c in checks), [c for c in checks if not c.holds]
+    assert targets.summary([checks] * 3)[-1] == "every target measured held in all 3 consecutive runs"
+
+
+@pytest.mark.parametrize(("change", "missed"), [
+    (lambda r: r["c=1"]["main"]["phases"][0]["timeline"]["overall"].update({"p99_ms": 2.01}), "c=1 p99 ≤ 2 ms"),
+    (lambda r: r["c=1"]["main"]["phases"][0]["timeline"]["overall"].update({"p99.9_ms": 20.5}),
+     "c=1 p99.9 ≤ 20 ms"),
+    (lambda r: r["c=64"]["main"]["phases"][0]["timeline"]["overall"].update({"p99_ms": 10.5}), "c=64 p99 ≤ 10 ms"),
+    (lambda r: r["c=64"]["main"]["phases"][0]["timeline"]["overall"].update({"p50_ms": 2.0}),
+     "c=64 p99 ≤ 4 x p50"),
+    (lambda r: r["c=64"]["baseline"][0].update({"rows_per_s": 9001}), "c=64 decisions/s ≥ 1 x per-row baseline"),
+    (lambda r: r["2 workers"]["main"]["phases"][0].update({"rate": 8999}),
+     "2 workers decisions/s ≥ 1 worker's (c=64)"),
+    (lambda r: r["2 workers"]["main"]["phases"][0]["timeline"]["overall"].update({"p99_ms": 9.1}),
+     "2 workers p99 ≤ 1 worker's (c=64)"),
+    (lambda r: r["2 workers"]["main"]["phases"][0]["timeline"].update({"stalls": [{}]}), "no stalled second"),
+    (lambda r: r["wrong codes"]["main"]["phases"][1]["timeline"]["by_reason"].update(
+        {"invalid": {"p50_ms": 1.0, "p99_ms": 2.6}}), "wrong codes as cheap as fresh (c=64, p50 and p99 ≤ 1.25 x)"),
+    (lambda r: r["locked out"]["main"]["phases"][0]["timeline"]["by_reason"].update(
+        {"locked_out": {"p50_ms": 1.3, "p99_ms": 2.0}}), "locked out as cheap as fresh (c=1, p50 and p99 ≤ 1.25 x)"),
+    (lambda r: r["long"]["main"]["phases"][0]["timeline"].update(
+        {"seconds": [{"n": 110 - k // 30} for k in range(600)]}), "long run: no downward trend"),
+    (lambda r: r["long"]["main"]["phases"][0].update({"rss_mb_by_second": [100.0] * 540 + [106.0] * 60}),
+     "long run: flat RSS"),
+])
+def test_each_target_is_missed_by_a_figure_just_past_it(change: Any, missed: str) -> None:
+    """One figure just past its target misses that target and no other."""
+    results = _good()
+    change(results)
+    checks = _by_target(targets.evaluate(results))
+    assert [t for t, c in checks.items() if not c.holds] == [missed]
+    assert targets.summary([list(checks.values())])[-1] == "not every target held in every run"
+
+
+def test_what_was_not_measured_is_neither_held_nor_missed() -> None:
+    """A measurement not made leaves its targets (and comparisons with it) unjudged, not failed."""
+    results = _good()
+    results["long"] = None
+    results["c=64"] = None
+    checks = _by_target(targets.evaluate(results))
+    assert checks["long run: flat RSS"].holds is None
+    assert checks["c=64 p99 ≤ 10 ms"].holds is None
+    assert checks["2 workers decisions/s ≥ 1 worker's (c=64)"].holds is None  # nothing to compare with
+    assert checks["c=1 p99 ≤ 2 ms"].holds is True
+    lines = targets.summary([list(checks.values())])
+    assert not any(line.startswith("long run") for line in lines)
+    assert lines[-1] == "every target measured held in all 1 consecutive runs"
+
+
+def test_a_latency_target_is_shown_beside_the_baseline_of_the_same_run() -> None:
+    """The per-row baseline's p99 of the same run is printed beside the c=1 and c=64 p99 targets."""
+    checks = _by_target(targets.evaluate(_good()))
+    assert checks["c=1 p99 ≤ 2 ms"].beside.startswith("per-row baseline p99 0.90 ms")
+    assert checks["c=64 p99 ≤ 10 ms"].beside.startswith("per-row baseline p99 20.00 ms")
+
+
+def test_a_run_with_no_answer_of_a_kind_does_not_count_as_cheap() -> None:
+    """With no locked-out answers in a phase, "as cheap" is not judged rather than passed."""
+    results = _good()
+    del results["locked out"]["main"]["phases"][1]["timeline"]["by_reason"]["locked_out"]
+    checks = _by_target(targets.evaluate(results))
+    check = checks["locked out as cheap as fresh (c=64, p50 and p99 ≤ 1.25 x)"]
+    assert check.holds is None and check.measured == "no locked_out answers"
+
+
+def test_trend_is_the_fitted_change_over_the_mean() -> None:
+    """The trend is a least-squares line's change from first to last value, over the mean."""
+    assert targets.trend([100.0] * 50) == 0.0
+    assert targets.trend([100.0, 110.0]) == pytest.approx(10 / 105)
+    assert targets.trend([float(100 - k) for k in range(11)]) == pytest.approx(-10 / 95)
+    assert targets.trend([]) == 0.0 and targets.trend([0.0, 0.0]) == 0.0
