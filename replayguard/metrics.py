@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
-from .core.decisions import DecisionResult
+from .core.decisions import DecisionResult, Flag, Reason, Verdict
 
 # Methods a client may send are unbounded; the label takes only these (else "other").
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Each bucket's ``le`` label as prometheus_client writes it (``0.0005``, ``1.0``, ``+Inf``).
+_LE: tuple[str, ...] = tuple(floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf))  # type: ignore[no-untyped-call]
 
 
 class FrontCounts:
@@ -115,6 +119,63 @@ class BackgroundWork:
         yield from (runs, seconds, start, last)
 
 
+class RequestCounts:
+    """HTTP requests and decisions as plain numbers, made into metric families at scrape time.
+
+    Counting is a dict update (and a bisect for the latency), about a microsecond a
+    request; a labelled prometheus_client child takes a lock for each counter and each
+    part of a histogram, about five. Every caller runs on the worker's event loop, and so
+    does the scrape.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        # route: a count per latency bucket (the last one +Inf), then the sum of the latencies
+        self.latency: dict[str, list[float]] = {}
+        self.decisions: dict[tuple[str, Verdict, Reason], int] = {}
+        self.flags: dict[Flag, int] = {}
+
+    def http_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
+        key = (route, method if method in KNOWN_METHODS else "other", status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        row = self.latency.get(route)
+        if row is None:
+            row = self.latency[route] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        row[bisect_left(LATENCY_BUCKETS, elapsed_s)] += 1  # the first bucket whose bound is >= elapsed_s
+        row[-1] += elapsed_s
+
+    def decision(self, kind: str, result: DecisionResult) -> None:
+        key = (kind, result.verdict, result.reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        for flag in result.flags:
+            self.flags[flag] = self.flags.get(flag, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("replayguard_http_requests_total", "HTTP requests by route, method and status",
+                                       labels=["route", "method", "status"])
+        for (route, method, status), n in sorted(self.requests.items()):
+            requests.add_metric([route, method, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("replayguard_http_request_duration_seconds", "HTTP request latency by route",
+                                        labels=["route"])
+        for route, row in sorted(self.latency.items()):
+            cumulative, buckets = 0.0, []
+            for le, in_bucket in zip(_LE, row[:-1], strict=True):
+                cumulative += in_bucket
+                buckets.append((le, cumulative))
+            latency.add_metric([route], buckets, row[-1])
+        yield latency
+        decisions = CounterMetricFamily("replayguard_decisions_total", "Decisions by kind, verdict and reason",
+                                        labels=["kind", "decision", "reason"])
+        for (kind, verdict, reason), n in sorted(self.decisions.items(), key=lambda kv: str(kv[0])):
+            decisions.add_metric([kind, verdict.value, reason.value], n)
+        yield decisions
+        flags = CounterMetricFamily("replayguard_decision_flags_total", "Flags raised on decisions", labels=["flag"])
+        for flag, n in sorted(self.flags.items(), key=lambda kv: kv[0].value):
+            flags.add_metric([flag.value], n)
+        yield flags
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -122,21 +183,10 @@ class Metrics:
         self.registry.register(self.front)
         self.background = BackgroundWork()
         self.registry.register(self.background)
-        self.requests = Counter(
-            "replayguard_http_requests_total", "HTTP requests by route, method and status",
-            ["route", "method", "status"], registry=self.registry,
-        )
-        self.latency = Histogram(
-            "replayguard_http_request_duration_seconds", "HTTP request latency by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.decisions = Counter(
-            "replayguard_decisions_total", "Decisions by kind, verdict and reason",
-            ["kind", "decision", "reason"], registry=self.registry,
-        )
-        self.flags = Counter(
-            "replayguard_decision_flags_total", "Flags raised on decisions", ["flag"], registry=self.registry,
-        )
+        self.counts = RequestCounts()
+        self.registry.register(self.counts)
+        self.http_request = self.counts.http_request
+        self.decision = self.counts.decision
         self.batch_size = Histogram(
             "replayguard_ledger_batch_size", "Decisions per ledger transaction (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
@@ -151,26 +201,6 @@ class Metrics:
         self.redis_up = Gauge(
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
         )
-
-        # Labelled children, looked up once per label set rather than once per request.
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def http_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
-        method = method if method in KNOWN_METHODS else "other"
-        self._child(self.requests, route, method, str(status)).inc()
-        self._child(self.latency, route).observe(elapsed_s)
-
-    def decision(self, kind: str, result: DecisionResult) -> None:
-        self._child(self.decisions, kind, result.verdict.value, result.reason.value).inc()
-        for flag in result.flags:
-            self._child(self.flags, flag.value).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
