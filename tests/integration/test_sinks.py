@@ -13,7 +13,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from replayguard.sinks import (
     webhook_signature_headers,
 )
 from replayguard.sinks.outbox import Spool
+from tests.waiting import until
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
 SYSLOG_RE = re.compile(rb"^<(\d+)>1 (\S+) (\S+) replayguard (\d+) (alert|checkpoint) - (CEF:0\|.*)$")
@@ -53,16 +54,6 @@ def bound_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until ``predicate`` holds; the timeout only bounds a failing test."""
-
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def ids_of(records: list[dict[str, Any]]) -> list[str]:
@@ -299,11 +290,11 @@ async def test_file_sink_appends_lines_mode_0600(tmp_path: Path, dispatchers: li
     dispatcher = await started(dispatchers, [f"file:{target}"], tmp_path / "spool")
     for i in range(5):
         dispatcher.submit(alert(i))
-    await eventually(lambda: len(file_ids(target)) == 5)
+    await until(lambda: len(file_ids(target)) == 5, "5 records in the file sink")
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert orjson.loads(target.read_bytes().splitlines()[0]) == alert(0)
     dispatcher.submit(alert(5))
-    await eventually(lambda: len(file_ids(target)) == 6)
+    await until(lambda: len(file_ids(target)) == 6, "6 records in the file sink")
     assert file_ids(target) == [f"al-{i}" for i in range(6)]
 
 
@@ -317,7 +308,7 @@ async def test_udp_syslog_delivers_cef(tmp_path: Path, dispatchers: list[SinkDis
         dispatcher = await started(dispatchers, [spec], tmp_path)
         dispatcher.submit(alert(0, "critical"))
         dispatcher.submit(alert(1, "info"))
-        await eventually(lambda: len(receiver.messages) == 2)
+        await until(lambda: len(receiver.messages) == 2, "2 syslog messages")
     finally:
         transport.close()
     assert syslog_ids(receiver.messages) == ["al-0", "al-1"]
@@ -334,12 +325,13 @@ async def test_tcp_syslog_down_then_up(tmp_path: Path, dispatchers: list[SinkDis
     dispatcher = await started(dispatchers, [f"syslog+tcp://127.0.0.1:{receiver.port}"], tmp_path)
     for i in range(5):
         dispatcher.submit(alert(i))
-    await eventually(lambda: dispatcher.stats()[dispatcher_name(dispatcher)].failed_attempts >= 2)
+    await until(lambda: dispatcher.stats()[dispatcher_name(dispatcher)].failed_attempts >= 2,
+                "2 failed delivery attempts")
     await receiver.start()
-    await eventually(lambda: len(receiver.messages) >= 5)
+    await until(lambda: len(receiver.messages) >= 5, "5 syslog messages")
     for i in range(5, 8):
         dispatcher.submit(alert(i))
-    await eventually(lambda: len(receiver.messages) >= 8)
+    await until(lambda: len(receiver.messages) >= 8, "8 syslog messages")
     assert syslog_ids(receiver.messages) == [f"al-{i}" for i in range(8)]
     assert all(m.startswith(b"<84>1 ") for m in receiver.messages)
 
@@ -358,10 +350,10 @@ async def test_webhook_fails_then_delivers_in_order_once(tmp_path: Path, dispatc
     for i in range(10):
         dispatcher.submit(alert(i))
     name = dispatcher_name(dispatcher)
-    await eventually(lambda: dispatcher.stats()[name].failed_attempts >= 2)
+    await until(lambda: dispatcher.stats()[name].failed_attempts >= 2, "2 failed delivery attempts")
     assert dispatcher.stats()[name].backlog == 10
     await server.start()
-    await eventually(lambda: dispatcher.stats()[name].backlog == 0)
+    await until(lambda: dispatcher.stats()[name].backlog == 0, "the sink's backlog to drain")
     await dispatcher.stop(timeout=5)  # nothing is in flight after this: every delivery has happened
     assert ids_of(server.received) == [f"al-{i}" for i in range(10)]
     assert server.received[3] == alert(3)
@@ -381,7 +373,7 @@ async def test_webhook_signature_and_no_secret_in_logs(tmp_path: Path, dispatche
     with capture_logs() as logs:
         dispatcher = await started(dispatchers, [config], tmp_path)
         dispatcher.submit(alert(0))
-        await eventually(lambda: len(server.received) == 1)
+        await until(lambda: len(server.received) == 1, "1 record at the webhook")
         await dispatcher.stop(timeout=1)
     assert len(server.requests) == 2
     for headers, body in server.requests:
@@ -404,7 +396,7 @@ async def test_webhook_refused_record_is_skipped(tmp_path: Path, dispatchers: li
     for i in range(3):
         dispatcher.submit(alert(i))
     name = dispatcher_name(dispatcher)
-    await eventually(lambda: dispatcher.stats()[name].backlog == 0)
+    await until(lambda: dispatcher.stats()[name].backlog == 0, "the sink's backlog to drain")
     assert ids_of(server.received) == ["al-0", "al-2"]
     assert dispatcher.stats()[name].rejected == 1
 
@@ -424,18 +416,20 @@ async def test_restart_resumes_without_loss_or_duplicates(
     first = await started(dispatchers, specs, tmp_path / "spool")
     for i in range(3):
         first.submit(alert(i))
-    await eventually(lambda: len(server.received) == 3)
+    await until(lambda: len(server.received) == 3, "3 records at the webhook")
     server.failing = True
     for i in range(3, 6):
         first.submit(alert(i))
-    await eventually(lambda: len(file_ids(target)) == 6 and len(server.requests) >= 5)
+    await until(lambda: len(file_ids(target)) == 6 and len(server.requests) >= 5,
+                "6 records in the file sink and 5 webhook requests")
     await first.stop(timeout=30)  # returns once the send in flight is answered (500): none is abandoned
     assert first.stats()[parse_sink_spec(server.spec).name].backlog == 3
     server.failing = False
     second = await started(dispatchers, specs, tmp_path / "spool")
     second.submit(alert(6))
-    await eventually(lambda: len(server.received) == 7 and len(file_ids(target)) == 7)
-    await eventually(lambda: all(lane.backlog == 0 for lane in second.stats().values()))
+    await until(lambda: len(server.received) == 7 and len(file_ids(target)) == 7,
+                "7 records at the webhook and 7 in the file sink")
+    await until(lambda: all(lane.backlog == 0 for lane in second.stats().values()), "every sink's backlog to drain")
     await second.stop(timeout=5)  # nothing is in flight after this: every delivery has happened
     assert ids_of(server.received) == [f"al-{i}" for i in range(7)]
     assert file_ids(target) == [f"al-{i}" for i in range(7)]
@@ -451,7 +445,7 @@ async def test_stop_does_not_wait_out_a_failing_sinks_backoff(
     dispatcher = await started(dispatchers, [server.spec], tmp_path, backoff=Backoff(base=3_600, cap=3_600))
     dispatcher.submit(alert(0))
     name = dispatcher_name(dispatcher)
-    await eventually(lambda: dispatcher.stats()[name].failed_attempts == 1)
+    await until(lambda: dispatcher.stats()[name].failed_attempts == 1, "1 failed delivery attempt")
     await asyncio.wait_for(dispatcher.stop(timeout=3_600), 30)  # the bound only fails a hanging stop
     assert len(server.requests) == 1
     assert dispatcher.stats()[name].backlog == 1
@@ -467,7 +461,7 @@ async def test_torn_spool_tail_is_cut(tmp_path: Path, dispatchers: list[SinkDisp
     dispatcher = await started(dispatchers, [config], spool)
     assert dispatcher.stats()["audit"].backlog == 1
     dispatcher.submit(alert(1))
-    await eventually(lambda: len(file_ids(target)) == 2)
+    await until(lambda: len(file_ids(target)) == 2, "2 records in the file sink")
     assert file_ids(target) == ["al-0", "al-1"]
 
 
@@ -479,7 +473,7 @@ async def test_corrupt_spool_lines_are_skipped(tmp_path: Path, dispatchers: list
     lines = [orjson.dumps(alert(0)), b"garbage", orjson.dumps(alert(1)), b"{not json"]
     (spool / "audit.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     dispatcher = await started(dispatchers, [parse_sink_spec(f"file:{target}", name="audit")], spool)
-    await eventually(lambda: dispatcher.stats()["audit"].backlog == 0)
+    await until(lambda: dispatcher.stats()["audit"].backlog == 0, "the sink's backlog to drain")
     assert file_ids(target) == ["al-0", "al-1"]
     assert dispatcher.stats()["audit"].dropped == 2
 
@@ -493,7 +487,7 @@ async def test_memory_overflow_reads_back_from_spool(tmp_path: Path, dispatchers
     for i in range(20):
         dispatcher.submit(alert(i))
     await server.start()
-    await eventually(lambda: len(server.received) == 20)
+    await until(lambda: len(server.received) == 20, "20 records at the webhook")
     assert ids_of(server.received) == [f"al-{i}" for i in range(20)]
 
 
@@ -510,8 +504,8 @@ async def test_hanging_sink_never_delays_submit(tmp_path: Path, dispatchers: lis
     for i in range(20):
         dispatcher.submit(alert(i))
         assert dispatcher.stats()[webhook].backlog == i + 1
-    await eventually(lambda: len(file_ids(target)) == 20)
-    await eventually(lambda: len(server.requests) == 1)
+    await until(lambda: len(file_ids(target)) == 20, "20 records in the file sink")
+    await until(lambda: len(server.requests) == 1, "1 webhook request")
     assert dispatcher.stats()[webhook].delivered == 0
     assert dispatcher.stats()[webhook].backlog == 20
     await dispatcher.stop(timeout=0.1)
@@ -526,7 +520,7 @@ async def test_submit_never_raises(tmp_path: Path, dispatchers: list[SinkDispatc
     await dispatcher.start()
     dispatcher.submit({"type": "alert", "id": "bad", "when": object()})
     dispatcher.submit(alert(1))
-    await eventually(lambda: len(file_ids(target)) == 1)
+    await until(lambda: len(file_ids(target)) == 1, "1 record in the file sink")
     await dispatcher.stop(timeout=1)
     dispatcher.submit(alert(2))
     assert file_ids(target) == ["al-1"]
@@ -540,12 +534,12 @@ async def test_spool_compacts_when_drained(tmp_path: Path, dispatchers: list[Sin
     dispatcher = await started(dispatchers, [config], spool, compact_bytes=1)
     for i in range(3):
         dispatcher.submit(alert(i))
-    await eventually(lambda: dispatcher.stats()["audit"].backlog == 0)
+    await until(lambda: dispatcher.stats()["audit"].backlog == 0, "the sink's backlog to drain")
     assert (spool / "audit.jsonl").stat().st_size == 0
     assert (spool / "audit.cursor").read_text() == "0\n"
     assert stat.S_IMODE((spool / "audit.jsonl").stat().st_mode) == 0o600
     dispatcher.submit(alert(3))
-    await eventually(lambda: len(file_ids(target)) == 4)
+    await until(lambda: len(file_ids(target)) == 4, "4 records in the file sink")
     assert file_ids(target) == [f"al-{i}" for i in range(4)]
 
 
@@ -611,8 +605,9 @@ async def test_root_run_leaves_an_outbox_the_data_dirs_owner_can_open(
         spool = data_dir / "outbox"
         dispatcher = await started(dispatchers, [server.spec], spool)
         dispatcher.submit(alert(0))
-        await eventually(lambda: len(server.received) == 1)
-        await eventually(lambda: all(lane.backlog == 0 for lane in dispatcher.stats().values()))
+        await until(lambda: len(server.received) == 1, "1 record at the webhook")
+        await until(lambda: all(lane.backlog == 0 for lane in dispatcher.stats().values()),
+                    "every sink's backlog to drain")
         await dispatcher.stop(timeout=5)
         made = [spool, *spool.iterdir()]
         assert {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made} == {p.name: (nobody, nobody) for p in made}
