@@ -270,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/targets.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="consecutive runs")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per measurement (but c=1 and long)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per measurement, except the c=1 and long ones")
     p.add_argument("--c1-duration", type=float, default=60.0, help="seconds of the c=1 measurement")
     p.add_argument("--long", action="store_true", help="also the long run at c=64 in every run")
     p.add_argument("--long-duration", type=float, default=600.0, help="seconds of the long run")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = evaluate(results)
         runs.append(checks)
         record.append({"checks": [asdict(c) for c in checks], "results": results})
-        print(f"\nRun {k} of {args.runs} at {commit()}, {time.strftime('%H:%M UTC', time.gmtime())}\n"
+        print(f"\nRun {k} of {args.runs} at {commit()}, finished {time.strftime('%H:%M UTC', time.gmtime())}\n"
               f"{table(checks)}\n", flush=True)
     print("\n".join(summary(runs)))
     args.results_dir.mkdir(parents=True, exist_ok=True)
