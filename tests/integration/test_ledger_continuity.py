@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 import pyotp
+import pytest_asyncio
 
 from replayguard.settings import Secret
-from tests.conftest import PG_ADMIN, Api, FakeClock, cli_env, dsn_for, run_cli
+from tests.conftest import PG_ADMIN, Api, FakeClock, cli_env, drop_database, dsn_for, run_cli
 from tests.integration.test_ledger_verify import ledger_of, verify, wait_for_checkpoint
 from tests.waiting import until
 
@@ -56,6 +57,21 @@ async def copy_database(dsn: str) -> str:
     finally:
         await admin.close()
     return dsn_for(name)
+
+
+@pytest_asyncio.fixture
+async def backups() -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """``copy_database``, with every copy dropped after the test. A test lists it before
+    ``api_factory``, so the services using a copy are closed before it is dropped."""
+    made: list[str] = []
+
+    async def copy(dsn: str) -> str:
+        made.append(await copy_database(dsn))
+        return made[-1]
+
+    yield copy
+    for dsn in made:
+        await drop_database(dsn)
 
 
 async def test_a_ledger_cut_short_is_found_by_verify_and_the_checkpointer(
@@ -108,7 +124,8 @@ async def _held_at_least(path: Path, seq: int) -> bool:
 
 
 async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
-        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+        backups: Callable[[str], Awaitable[str]], fresh_database: Callable[[], Any],
+        api_factory: Callable[..., Any], tmp_path: Path) -> None:
     """Issue 14, reproduction 1: a copy taken before 10 accepts, started again with the same
     keys and a file witness, serves no decision (503 ledger_rollback, /readyz 503, verify
     ok:false, a critical alert); after accept-rollback decisions resume and none of the 10
@@ -124,7 +141,7 @@ async def test_a_restored_database_is_refused_and_the_recovery_is_recorded(
     hotp = await first.enroll("bob-restore", type="hotp")
     assert (await nonce(first, secrets.token_hex(8)))[0] == 200
     await first.client.close()
-    backup = await copy_database(dsn)
+    backup = await backups(dsn)
 
     second = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
     lost = [secrets.token_hex(8) for _ in range(10)]
