@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import run  # noqa: E402 - bench/run.py, beside this file: its table and commit helpers
 
 C1_P99_MS = 2.0
 C1_P999_MS = 20.0
@@ -107,22 +109,22 @@ def latency_checks(c1: dict[str, Any] | None, c64: dict[str, Any] | None) -> lis
         out += [Check(f"c=1 p99 ≤ {C1_P99_MS:g} ms", "-", None), Check(f"c=1 p99.9 ≤ {C1_P999_MS:g} ms", "-", None)]
     else:
         p, base = phase(c1, 1), baseline_row(c1, 1)
-        run = p["timeline"]["overall"]
+        overall = p["timeline"]["overall"]
         beside = f"per-row baseline p99 {_ms(base['p99_ms'])}; " if base else ""
-        out.append(Check(f"c=1 p99 ≤ {C1_P99_MS:g} ms", _ms(run["p99_ms"]), run["p99_ms"] <= C1_P99_MS,
+        out.append(Check(f"c=1 p99 ≤ {C1_P99_MS:g} ms", _ms(overall["p99_ms"]), overall["p99_ms"] <= C1_P99_MS,
                          beside + steal(p)))
-        out.append(Check(f"c=1 p99.9 ≤ {C1_P999_MS:g} ms", _ms(run["p99.9_ms"]), run["p99.9_ms"] <= C1_P999_MS,
+        out.append(Check(f"c=1 p99.9 ≤ {C1_P999_MS:g} ms", _ms(overall["p99.9_ms"]), overall["p99.9_ms"] <= C1_P999_MS,
                          steal(p)))
     names = (f"c=64 p99 ≤ {C64_P99_MS:g} ms", f"c=64 p99 ≤ {C64_P99_OVER_P50:g} x p50",
              f"c=64 decisions/s ≥ {C64_OVER_BASELINE:g} x per-row baseline")
     if c64 is None:
         return out + [Check(name, "-", None) for name in names]
     p, base = phase(c64, 64), baseline_row(c64, 64)
-    run = p["timeline"]["overall"]
-    out.append(Check(names[0], _ms(run["p99_ms"]), run["p99_ms"] <= C64_P99_MS,
+    overall = p["timeline"]["overall"]
+    out.append(Check(names[0], _ms(overall["p99_ms"]), overall["p99_ms"] <= C64_P99_MS,
                      (f"per-row baseline p99 {_ms(base['p99_ms'])}; " if base else "") + steal(p)))
-    ratio = run["p99_ms"] / run["p50_ms"]
-    out.append(Check(names[1], f"{ratio:.1f} x ({_ms(run['p99_ms'])} / {_ms(run['p50_ms'])})",
+    ratio = overall["p99_ms"] / overall["p50_ms"]
+    out.append(Check(names[1], f"{ratio:.1f} x ({_ms(overall['p99_ms'])} / {_ms(overall['p50_ms'])})",
                      ratio <= C64_P99_OVER_P50))
     if base is None:
         out.append(Check(names[2], f"{p['rate']:.0f}/s, no baseline", None))
@@ -213,11 +215,11 @@ def summary(runs: list[list[Check]]) -> list[str]:
     """Per target, in how many runs it held; then whether all held in every run."""
     lines = []
     for i, check in enumerate(runs[0]):
-        held = [run[i].holds for run in runs]
+        held = [checks[i].holds for checks in runs]
         if all(h is None for h in held):
             continue
         lines.append(f"{check.target}: held in {sum(1 for h in held if h)} of {len(runs)}")
-    measured = [check for run in runs for check in run if check.holds is not None]
+    measured = [check for checks in runs for check in checks if check.holds is not None]
     all_held = bool(measured) and all(check.holds for check in measured)
     lines.append(f"every target measured held in all {len(runs)} consecutive runs" if all_held
                  else "not every target held in every run")
@@ -225,10 +227,9 @@ def summary(runs: list[list[Check]]) -> list[str]:
 
 
 def table(checks: list[Check]) -> str:
-    rows = [("target", "measured", "holds", "the same run, for comparison")]
-    rows += [(c.target, c.measured, {True: "yes", False: "NO", None: "-"}[c.holds], c.beside) for c in checks]
-    widths = [max(len(r[k]) for r in rows) for k in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    rows = [["target", "measured", "holds", "the same run, for comparison"]]
+    rows += [[c.target, c.measured, {True: "yes", False: "NO", None: "-"}[c.holds], c.beside] for c in checks]
+    return run.table(rows)
 
 
 # --- running the measurements ----------------------------------------------------------
@@ -285,14 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=BENCH, check=False)
-    return done.stdout.strip() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rev = run.commit()
     work = Path(tempfile.mkdtemp(prefix="rg-targets-"))
     plan = measurements(args)
     runs: list[list[Check]] = []
@@ -309,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         checks = evaluate(results)
         runs.append(checks)
         record.append({"checks": [asdict(c) for c in checks], "results": results})
-        print(f"\nRun {k} of {args.runs} at {commit()}, finished {time.strftime('%H:%M UTC', time.gmtime())}\n"
+        print(f"\nRun {k} of {args.runs} at {rev}, finished {time.strftime('%H:%M UTC', time.gmtime())}\n"
               f"{table(checks)}\n", flush=True)
     print("\n".join(summary(runs)))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{commit()}-targets.json"
-    path.write_text(json.dumps({"commit": commit(), "args": {k: str(v) for k, v in vars(args).items()},
+    path = args.results_dir / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{rev}-targets.json"
+    path.write_text(json.dumps({"commit": rev, "args": {k: str(v) for k, v in vars(args).items()},
                                 "runs": record}, indent=1, default=str))
     print(f"\nwritten {path}; bench/run.py's output in {work}")
     return 2 if failed else 0
