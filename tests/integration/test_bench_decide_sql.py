@@ -1,0 +1,53 @@
+"""bench/decide_sql.py runs end to end on a few small batches, and its ledger comparison fails
+a candidate that decides differently."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import PG_ADMIN, REPO
+
+FUNCTION = REPO / "migrations" / "functions" / "rg_decide.sql"
+
+
+def load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("decide_sql", REPO / "bench" / "decide_sql.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decide_sql"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def small(candidate: Path) -> list[str]:
+    return ["--candidate", str(candidate), "--batch", "8", "--calls", "3", "--warmup", "1", "--rounds", "2",
+            "--replay-share", "0.3", "--pg-admin-url", PG_ADMIN]
+
+
+def test_the_migrated_function_as_candidate_chains_the_same_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The function itself as the candidate: every figure is measured and the heads match."""
+    candidate = tmp_path / "same.sql"
+    candidate.write_text(FUNCTION.read_text())
+    assert load().main(small(candidate)) == 0
+    out = capsys.readouterr().out
+    assert "ledgers: the same head hash" in out and "candidate / baseline: cpu" in out
+    assert "| rg_decide at " in out and str(candidate) in out
+
+
+def test_a_candidate_that_decides_differently_fails_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A candidate whose ledger payload differs by one key chains to another hash: exit status 1."""
+    candidate = tmp_path / "different.sql"
+    text = FUNCTION.read_text()
+    assert text.count("'receipt', v_rc,") == 1
+    candidate.write_text(text.replace("'receipt', v_rc,", "'receipt_status', v_rc,"))
+    assert load().main(small(candidate)) == 1
+    assert "DIFFERENT head hashes" in capsys.readouterr().out
