@@ -182,6 +182,15 @@ def log_buffer() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
+def structlog_restored() -> Iterator[None]:
+    """For a test that runs a script configuring structlog for itself (the bench scripts):
+    the tests after it keep the configuration they had."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("structlog_restored")  # the script configures its own logging
 
 
 async def test_benchmark_runs_on_a_tiny_ledger() -> None:

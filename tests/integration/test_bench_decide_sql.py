@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import structlog
 
 from tests.conftest import PG_ADMIN, REPO
+
+pytestmark = pytest.mark.usefixtures("structlog_restored")  # the script configures its own logging
 
 FUNCTION = REPO / "migrations" / "functions" / "rg_decide.sql"
 
@@ -24,14 +24,6 @@ def load() -> ModuleType:
     sys.modules["decide_sql"] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def _logging_restored() -> Iterator[None]:
-    """The script configures structlog for its own run: the tests after this one keep theirs."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def small(candidate: Path) -> list[str]:
