@@ -117,6 +117,7 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     """With a subscriber that never reads, 40 alert-raising decisions all answer (each with its own
     alert), the subscriber is dropped when its queue overflows, and a stream opened afterwards
     still receives the next alert: the feed is not wedged behind it."""
+    usual = alertfeed.QUEUE_SIZE
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
     stalled = await open_stream(api)  # opened and never read
     feed = api.client.app[ANALYSTS].feed
@@ -133,7 +134,7 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     assert sub not in feed.subscribers
     # The feed may still be publishing the rest of the 40 (a page at a time, in one go): a reader
     # with the tiny queue would overflow on that backlog too, so it gets the usual queue.
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 256)
+    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", usual)
     reader = await open_stream(api)
     later_vm = uid("vm")
     later_id, _ = await reuse_alert(api, later_vm, uid("scope"))
