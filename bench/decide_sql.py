@@ -2,17 +2,27 @@
 
 Two databases are migrated from this checkout; the candidate's gets the function defined in
 ``--candidate`` (an edited copy of migrations/functions/rg_decide.sql, or an older one from
-git). The same batches (seeded, so the same nonces and times) then go to both over one
+git). The same batches (seeded, so the same credentials and times) then go to both over one
 connection each, the two alternating first round by round, with synchronous_commit off so
-that the WAL flush does not hide the function's own work. Printed per function: items/s,
-a call's p50 and p99, the backend's CPU and the wall time an item, the backend's peak RSS,
-and the candidate's ratios to the baseline. Last, the two ledgers' heads are compared: the
-same batches must chain to the same hash, so a candidate that decides anything differently
-(an answer, a payload, the order) fails the run (exit status 1).
+that the WAL flush does not hide the function's own work.
 
-    .venv/bin/python bench/decide_sql.py --candidate /tmp/rg_decide.sql
+``--mix`` weighs five kinds of item: a fresh nonce; a nonce presented again (reused, with
+an alert); a TOTP code (accepted once per step and token, reused after); a wrong TOTP code
+(invalid, then locked out at the fifth, with a brute-force alert); a nonce with a receipt
+from the guest (its VM's latest, or now and then an older one, a rollback that opens a
+window and makes the VM refuse, or another VM's, a clone). A receipt names an entry of an
+earlier batch, as a guest's does.
+
+Printed per function: items/s, a call's p50 and p99, the backend's CPU and the wall time an
+item, the backend's peak RSS; then the candidate's ratios to the baseline and the answers
+and flags the batches got. Last, the two ledgers are compared: the same batches must chain
+to the same head hash with the same answers, so a candidate that decides anything
+differently (an answer, a payload, the order) fails the run (exit status 1), and the report
+shows the first entry at which the two ledgers part.
+
+    .venv/bin/python bench/decide_sql.py --candidate /tmp/rg_decide.sql --mix 4:2:2:1:1
     git show HEAD~5:migrations/functions/rg_decide.sql > /tmp/old.sql
-    .venv/bin/python bench/decide_sql.py --candidate /tmp/old.sql --replay-share 0.3
+    .venv/bin/python bench/decide_sql.py --candidate /tmp/old.sql --mix 4:2:2:1:1
 
 The backend's CPU is read from /proc, so it is shown only when PostgreSQL runs on this
 machine.
@@ -22,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +55,9 @@ from replayguard import logging as rglog  # noqa: E402
 from replayguard.pg import schema  # noqa: E402
 
 T0_US = 1_790_000_000_000_000
-DECIDE = "SELECT * FROM rg_decide($1::jsonb, 5, 60000000, true)"
+PERIOD_S = 30
+KINDS = ("fresh", "again", "totp", "wrong", "receipt")
+DECIDE = "SELECT * FROM rg_decide($1::jsonb, 5, 2000000, true)"  # locked out at 5 failures, for 2 s
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,39 +70,109 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating which function goes first")
     p.add_argument("--warmup", type=int, default=20, help="calls before each round's measurement")
     p.add_argument("--vms", type=int, default=200, help="distinct VMs the items come from")
-    p.add_argument("--replay-share", type=float, default=0.0,
-                   help="share of items that present a nonce used before (answered reused, with an alert)")
+    p.add_argument("--mix", default="1:0:0:0:0",
+                   help="weights of fresh-nonce:nonce-again:totp:wrong-totp:receipt items (default 1:0:0:0:0)")
+    p.add_argument("--tokens", type=int, default=50, help="TOTP tokens, one principal each")
+    p.add_argument("--rollback-share", type=float, default=0.005,
+                   help="share of receipts that are an older one of the VM (a rollback: the VM then refuses)")
+    p.add_argument("--clone-share", type=float, default=0.005,
+                   help="share of receipts that are another VM's latest (a clone: the VM then refuses)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--pg-admin-url", default=os.environ.get("REPLAYGUARD_BENCH_PG",
                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = p.parse_args(argv)
-    if args.batch < 1 or args.calls < 1 or args.rounds < 1 or not 0 <= args.replay_share < 1:
-        p.error("--batch, --calls and --rounds must be positive and --replay-share in [0, 1)")
+    try:
+        args.weights = [float(w) for w in args.mix.split(":")]
+    except ValueError:
+        p.error("--mix takes five numbers, e.g. 4:2:2:1:1")
+    if len(args.weights) != len(KINDS) or min(args.weights) < 0 or sum(args.weights) <= 0:
+        p.error("--mix takes five weights, fresh-nonce:nonce-again:totp:wrong-totp:receipt")
+    if args.batch < 1 or args.calls < 1 or args.rounds < 1 or args.tokens < 1 or args.vms < 2:
+        p.error("--batch, --calls, --rounds and --tokens must be positive, --vms at least 2")
+    if min(args.rollback_share, args.clone_share) < 0 or args.rollback_share + args.clone_share > 1:
+        p.error("--rollback-share and --clone-share are shares of the receipts, together at most 1")
     return args
 
 
+def fingerprint(token: int) -> bytes:
+    return hashlib.sha256(f"bench-credential-{token}".encode()).digest()
+
+
+def step_digest(token: int, step: int) -> str:
+    return hashlib.sha256(f"bench-use-{token}-{step}".encode()).hexdigest()
+
+
+async def enrol(conn: asyncpg.Connection, tokens: int) -> None:
+    """The TOTP tokens the items name, one principal each (the secret is not needed here)."""
+    await conn.executemany(
+        "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm, fingerprint)"
+        " VALUES ($1, $2, 'totp', '\\x00', 6, $3, 'SHA1', $4)",
+        [(f"tok-{t}", f"user-{t}", PERIOD_S, fingerprint(t)) for t in range(tokens)])
+    await conn.executemany("INSERT INTO otp_credentials (fingerprint) VALUES ($1)",
+                           [(fingerprint(t),) for t in range(tokens)])
+
+
 class Batches:
-    """The same sequence of batches for both databases: fresh nonces, some presented again."""
+    """The same sequence of batches for both databases. Item k of the run gets ledger seq
+    k + 1 (one per item, from an empty ledger), so receipts can name entries exactly."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self._rng = random.Random(args.seed)
         self._args = args
         self._used: list[str] = []
         self._ts = T0_US
+        self._seq = 0
+        self._receipts: dict[str, list[int]] = {}  # a VM's receipts of earlier batches, oldest first
+
+    def _nonce(self, vm_id: str, digest: str) -> dict[str, Any]:
+        return {"kind": "nonce", "ts_us": self._ts, "vm_id": vm_id, "subject": "bench", "payload": {"ttl_s": 300},
+                "receipt": "absent", "expires_us": self._ts + 300_000_000, "digest": digest}
+
+    def _totp(self, vm_id: str, wrong: bool) -> dict[str, Any]:
+        token = self._rng.randrange(self._args.tokens)
+        step = self._ts // (PERIOD_S * 1_000_000)
+        steps = [] if wrong else [step]
+        return {"kind": "otp", "ts_us": self._ts, "vm_id": vm_id, "subject": f"user-{token}",
+                "payload": {"context": "bench"}, "receipt": "absent", "expires_us": self._ts + 90_000_000,
+                "token_id": f"tok-{token}", "credential": fingerprint(token).hex(), "steps": steps,
+                "step_digests": {str(s): step_digest(token, s) for s in steps},
+                "period_s": PERIOD_S, "drift_steps": 1, "clock_scope": "bench"}
 
     def next(self) -> list[dict[str, Any]]:
-        items = []
+        items: list[dict[str, Any]] = []
+        issued: dict[str, int] = {}  # receipts issued in this batch, usable from the next one
         for _ in range(self._args.batch):
             self._ts += 1000
-            if self._used and self._rng.random() < self._args.replay_share:
-                digest = self._rng.choice(self._used)
+            self._seq += 1
+            vm_id = f"vm-{self._rng.randrange(self._args.vms)}"
+            kind = self._rng.choices(KINDS, weights=self._args.weights)[0]
+            if kind == "again" and self._used:
+                item = self._nonce(vm_id, self._rng.choice(self._used))
+            elif kind in ("totp", "wrong"):
+                item = self._totp(vm_id, wrong=kind == "wrong")
             else:
                 digest = self._rng.randbytes(32).hex()
                 self._used.append(digest)
-            items.append({"kind": "nonce", "ts_us": self._ts, "vm_id": f"vm-{self._rng.randrange(self._args.vms)}",
-                          "subject": "bench", "payload": {"ttl_s": 300}, "receipt": "absent",
-                          "expires_us": self._ts + 300_000_000, "digest": digest})
+                item = self._nonce(vm_id, digest)
+                if kind == "receipt" and vm_id not in issued:
+                    item |= self._receipt(vm_id)
+                    issued[vm_id] = self._seq
+            items.append(item)
+        for vm_id, seq in issued.items():
+            self._receipts.setdefault(vm_id, []).append(seq)
         return items
+
+    def _receipt(self, vm_id: str) -> dict[str, Any]:
+        """The VM's latest receipt; now and then an older one (a rollback) or another VM's (a clone)."""
+        mine = self._receipts.get(vm_id, [])
+        draw = self._rng.random()
+        if draw < self._args.clone_share and self._receipts:
+            source = self._rng.choice(sorted(self._receipts))
+            if source != vm_id:
+                return {"receipt": "valid", "receipt_vm_id": source, "receipt_seq": self._receipts[source][-1]}
+        if draw < self._args.clone_share + self._args.rollback_share and len(mine) > 1:
+            return {"receipt": "valid", "receipt_vm_id": vm_id, "receipt_seq": mine[-2]}
+        return {"receipt": "valid", "receipt_vm_id": vm_id, "receipt_seq": mine[-1] if mine else 0}
 
 
 @dataclass
@@ -101,6 +185,7 @@ class Side:
     wall_s: float = 0.0
     cpu_s: float | None = 0.0
     items: int = 0
+    answers: Counter[str] = field(default_factory=Counter)
 
     def backend_cpu(self) -> float | None:
         """Seconds on a CPU, to the nanosecond (/proc's schedstat; stat counts 10 ms ticks)."""
@@ -138,6 +223,9 @@ async def calls(side: Side, batches: list[list[dict[str, Any]]], *, measure: boo
             side.call_ms.append((time.perf_counter() - t) * 1000)
         if len(rows) != len(items):
             raise SystemExit(f"{side.name} answered {len(rows)} rows for {len(items)} items")
+        if measure:
+            side.answers.update(row["r_reason"] for row in rows)
+            side.answers.update(flag for row in rows for flag in row["r_flags"])
     if measure:
         side.wall_s += time.perf_counter() - started
         after = side.backend_cpu()
@@ -172,6 +260,10 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], bo
         for side in (base, cand):
             await schema.migrate_dsn(side.dsn)
             await connect(side)
+            assert side.conn is not None
+            await enrol(side.conn, args.tokens)
+            if await side.conn.fetchval("SELECT seq FROM ledger_head WHERE id") != 0:
+                raise SystemExit("the ledger is not empty after enrolment: receipts would name the wrong entries")
         if args.candidate is not None:
             assert cand.conn is not None
             await cand.conn.execute(args.candidate.read_text())
@@ -190,12 +282,30 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], bo
         for side in (base, cand):
             assert side.conn is not None
             heads.append(await side.conn.fetchrow("SELECT seq, hash FROM ledger_head WHERE id"))
-        return {"baseline": summary(base), "candidate": summary(cand)}, heads[0] == heads[1]
+        figures = {"baseline": summary(base), "candidate": summary(cand)}
+        figures["baseline"]["answers"] = base.answers
+        same = heads[0] == heads[1] and base.answers == cand.answers
+        if not same:
+            figures["first difference"] = await first_difference(base, cand)
+        return figures, same
     finally:
         for side in (base, cand):
             if side.conn is not None:
                 await side.conn.close()
             await run.drop_database(args.pg_admin_url, side.dsn)
+
+
+async def first_difference(base: Side, cand: Side) -> str:
+    """The first ledger entry at which the two ledgers part, both sides' version of it."""
+    assert base.conn is not None and cand.conn is not None
+    query = ("SELECT seq, kind, vm_id, subject, decision, reason, payload::text AS payload, hash"
+             " FROM ledger ORDER BY seq")
+    mine, theirs = await base.conn.fetch(query), await cand.conn.fetch(query)
+    for a, b in zip(mine, theirs, strict=False):
+        if a["hash"] != b["hash"]:
+            show = [{k: v for k, v in dict(r).items() if k != "hash"} for r in (a, b)]
+            return f"first different entry: baseline {show[0]}\n                        candidate {show[1]}"
+    return f"the ledgers have {len(mine)} and {len(theirs)} entries"
 
 
 def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], same: bool) -> str:
@@ -206,8 +316,10 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], same: b
     for key in ("baseline", "candidate"):
         rows.append([names[key], *(fmt(figures[key][c], 0 if c == "items/s" else 2 if "ms" in c else 1)
                                    for c in cols)])
-    lines = [f"rg_decide, {args.batch}-item batches of nonces ({args.replay_share:.0%} presented again), "
-             f"{args.rounds} x {args.calls} calls, synchronous_commit off", "", run.table(rows), ""]
+    answers = ", ".join(f"{name} {n:,}" for name, n in figures["baseline"]["answers"].most_common())
+    lines = [f"rg_decide, {args.batch}-item batches, mix {args.mix} (fresh-nonce:nonce-again:totp:wrong-totp:"
+             f"receipt), {args.rounds} x {args.calls} calls, synchronous_commit off", "", run.table(rows), "",
+             f"measured answers and flags: {answers}"]
     ratios = []
     for c in ("cpu us/item", "wall us/item"):
         b, k = figures["baseline"][c], figures["candidate"][c]
@@ -215,7 +327,8 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], same: b
             ratios.append(f"{c.split()[0]} {k / b:.2f}")
     lines.append("candidate / baseline: " + (", ".join(ratios) or "-"))
     lines.append("ledgers: the same head hash" if same
-                 else "ledgers: DIFFERENT head hashes (the candidate decides differently)")
+                 else "ledgers: DIFFERENT head hashes (the candidate decides differently)\n"
+                 + figures.get("first difference", ""))
     return "\n".join(lines)
 
 
