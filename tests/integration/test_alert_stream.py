@@ -208,8 +208,8 @@ async def _next_message(pubsub: Any) -> bytes:
 
 async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
         api_factory: Callable[..., Any], database_url: str) -> None:
-    """The feed's connection stops answering without closing (a peer gone without FIN or
-    RST): its next query times out on the client, and the feed reconnects, ends the session
+    """The feed's connections stop answering without closing (a peer gone without FIN or
+    RST): the query in flight times out on the client, and the feed reconnects, ends the session
     the server still keeps for it (which holds the leader lock), LISTENs and leads again,
     instead of waiting for TCP to give up."""
     host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
@@ -227,6 +227,10 @@ async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
                                  and api.runtime.tokens.listening_now and feed.leader),
                         "the feed to listen and lead on a new connection", timeout=30)
         interrupted = [e for e in logs if e["event"] == "alert_feed_interrupted"]
-        assert interrupted and interrupted[0]["error"] == "TimeoutError"
+        # Whichever query is in flight when the proxy freezes times out on the client first:
+        # the feed's own (TimeoutError) or, when it leads, one of its duties' through the pool,
+        # which reports the timeout as Unavailable (on a loaded machine, often that one).
+        # Through a frozen proxy nothing else can end a query.
+        assert interrupted and interrupted[0]["error"] in {"TimeoutError", "Unavailable"}, interrupted
         # The server still saw the frozen session (and its leader lock): the feed ended it.
         assert [e["pid"] for e in logs if e["event"] == "alert_feed_previous_session_ended"] == [old]
