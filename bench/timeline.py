@@ -6,7 +6,11 @@ once a second while wrk runs (``--marks-every``), the service's background dutie
 ``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
 collector per generation) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
 they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
-a lock; ``pg_stat_bgwriter``: checkpoints finished). ``seconds`` turns the latencies into
+a lock; ``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row insert into
+the benchmark's database every ``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS``
+or more: when the server's commits (its WAL flush, the host's disk) stall, the probe stalls
+with them, so a stalled second with such a mark was the server's or the host's, whatever
+background work ran in it too. ``seconds`` turns the latencies into
 one row per second with exact percentiles, and ``stalls`` keeps the seconds whose p99 or
 max is far above the run's, each with the marks of that second; ``by_reason`` gives the
 exact percentiles of each kind of answer (accepts, replays refused, wrong codes, lockouts).
@@ -27,6 +31,10 @@ import asyncpg
 
 SAMPLE_S = 1.0  # seconds between two scrapes of /metrics (--marks-every); each is work on the service's loop
 PG_SAMPLE_S = 0.25
+PROBE_S = 0.05  # between two commits of the probe (about 20 a second: a few percent of the commits at c=1)
+PROBE_SLOW_MS = 20.0
+_PROBE_TABLE = "CREATE TABLE IF NOT EXISTS bench_commit_probe (at double precision NOT NULL)"
+_PROBE = "INSERT INTO bench_commit_probe VALUES ($1)"
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
 
 _PG_ACTIVITY = """
@@ -55,6 +63,27 @@ class Marks:
         self._thread.start()
         return self
 
+    async def _probe(self) -> None:
+        """Commits a one-row insert every PROBE_S on a connection of its own; marks the slow ones."""
+        try:
+            conn = await asyncpg.connect(self.dsn)
+            await conn.execute(_PROBE_TABLE)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self.errors.append(f"commit probe: {exc}")
+            return
+        try:
+            while not self._stop.is_set():
+                started = time.time()
+                await conn.execute(_PROBE, started)
+                took_ms = (time.time() - started) * 1000
+                if took_ms >= PROBE_SLOW_MS:
+                    self.marks.append((started, f"pg slow commit: {took_ms:.0f} ms (a one-row probe)"))
+                await asyncio.sleep(PROBE_S)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self.errors.append(f"commit probe: {exc}")
+        finally:
+            await conn.close()
+
     def stop(self) -> list[tuple[float, str]]:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -73,6 +102,7 @@ class Marks:
         # A new connection per scrape: the workers of --workers N share the port
         # (SO_REUSEPORT), and a kept-alive connection would always reach the same one.
         connector = aiohttp.TCPConnector(force_close=True)
+        probe = asyncio.create_task(self._probe())
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             while not self._stop.is_set():
                 now = time.time()
@@ -88,6 +118,7 @@ class Marks:
                     next_pg = now + PG_SAMPLE_S
                     checkpoints = await self._postgres(now, conn, checkpoints)
                 await asyncio.sleep(self.every_s)
+        await probe
         if conn is not None:
             await conn.close()
 

@@ -1,0 +1,52 @@
+"""bench/timeline.py's commit probe, on a real database: its commits are made and the slow ones marked."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import REPO
+
+
+def load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("timeline", REPO / "bench" / "timeline.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["timeline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("slow_ms", [0.0, 10_000.0])
+async def test_the_commit_probe_marks_the_commits_at_or_above_its_threshold(
+    fresh_database: Callable[[], Any], slow_ms: float, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a threshold of 0 every probe commit is a mark, labelled as its own kind; with one of
+    10 s none is. Either way the probe's rows are in the benchmark's database, and a /metrics
+    that cannot be reached is an error of the sampler, not of the probe."""
+    timeline = load()
+    monkeypatch.setattr(timeline, "PROBE_SLOW_MS", slow_ms)
+    dsn = await fresh_database()
+    marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()
+    await asyncio.sleep(0.6)
+    marked = await asyncio.to_thread(marks.stop)
+    conn = await asyncpg.connect(dsn)
+    try:
+        committed = await conn.fetchval("SELECT count(*) FROM bench_commit_probe")
+    finally:
+        await conn.close()
+    probes = [label for _, label in marked if label.startswith("pg slow commit: ")]
+    assert committed >= 3
+    assert not any(e.startswith("commit probe") for e in marks.errors), marks.errors
+    if slow_ms:
+        assert probes == []
+    else:
+        assert len(probes) >= 3 and all(label.endswith(" ms (a one-row probe)") for label in probes)
+        assert timeline.marks_by_kind(marked)["pg slow commit"] >= 1
