@@ -10,10 +10,12 @@ a lock; ``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row i
 the benchmark's database every ``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS``
 or more: when the server's commits (its WAL flush, the host's disk) stall, the probe stalls
 with them, so a stalled second with such a mark was the server's or the host's, whatever
-background work ran in it too. ``seconds`` turns the latencies into
-one row per second with exact percentiles, and ``stalls`` keeps the seconds whose p99 or
-max is far above the run's, each with the marks of that second; ``by_reason`` gives the
-exact percentiles of each kind of answer (accepts, replays refused, wrong codes, lockouts).
+background work ran in it too.
+
+``seconds`` turns the latencies into one row per second with exact percentiles, and
+``stalls`` keeps the seconds whose p99 or max is far above the run's, each with the marks
+of that second; ``by_reason`` gives the exact percentiles of each kind of answer (accepts,
+replays refused, wrong codes, lockouts).
 """
 
 from __future__ import annotations
