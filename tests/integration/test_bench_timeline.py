@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import REPO
+from tests.waiting import until
 
 
 def load() -> ModuleType:
@@ -35,15 +36,17 @@ async def test_the_commit_probe_marks_the_commits_at_or_above_its_threshold(
     monkeypatch.setattr(timeline, "PROBE_SLOW_MS", slow_ms)
     dsn = await fresh_database()
     marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()
-    await asyncio.sleep(0.6)
-    marked = await asyncio.to_thread(marks.stop)
     conn = await asyncpg.connect(dsn)
     try:
-        committed = await conn.fetchval("SELECT count(*) FROM bench_commit_probe")
+        async def committed() -> bool:
+            made = await conn.fetchval("SELECT to_regclass('bench_commit_probe') IS NOT NULL")
+            return made and await conn.fetchval("SELECT count(*) FROM bench_commit_probe") >= 3
+
+        await until(committed, "three commits of the probe", timeout=30)
+        marked = await asyncio.to_thread(marks.stop)
     finally:
         await conn.close()
     probes = [label for _, label in marked if label.startswith("pg slow commit: ")]
-    assert committed >= 3
     assert not any(e.startswith("commit probe") for e in marks.errors), marks.errors
     if slow_ms:
         assert probes == []
