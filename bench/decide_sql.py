@@ -50,6 +50,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 import run  # noqa: E402 - bench/run.py, beside this file: its database, table and commit helpers
+import timeline  # noqa: E402 - bench/timeline.py: its percentile
 
 from replayguard import logging as rglog  # noqa: E402
 from replayguard.pg import schema  # noqa: E402
@@ -233,16 +234,11 @@ async def calls(side: Side, batches: list[list[dict[str, Any]]], *, measure: boo
         side.items += sum(len(b) for b in batches)
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summary(side: Side) -> dict[str, Any]:
     return {
         "items/s": side.items / side.wall_s,
         "p50 ms": statistics.median(side.call_ms),
-        "p99 ms": quantile(side.call_ms, 0.99),
+        "p99 ms": timeline.percentile(sorted(side.call_ms), 0.99),
         "cpu us/item": None if side.cpu_s is None else side.cpu_s / side.items * 1e6,
         "wall us/item": side.wall_s / side.items * 1e6,
         "peak RSS MB": side.backend_peak_rss_mb(),
@@ -253,7 +249,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], bool]:
+async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Both sides' figures, and where the ledgers part (None when they end the same)."""
     base = Side("baseline", await run.create_database(args.pg_admin_url, "decide_base"))
     cand = Side("candidate", await run.create_database(args.pg_admin_url, "decide_cand"))
     try:
@@ -284,10 +281,9 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], bo
             heads.append(await side.conn.fetchrow("SELECT seq, hash FROM ledger_head WHERE id"))
         figures = {"baseline": summary(base), "candidate": summary(cand)}
         figures["baseline"]["answers"] = base.answers
-        same = heads[0] == heads[1] and base.answers == cand.answers
-        if not same:
-            figures["first difference"] = await first_difference(base, cand)
-        return figures, same
+        if heads[0] == heads[1] and base.answers == cand.answers:
+            return figures, None
+        return figures, await first_difference(base, cand)
     finally:
         for side in (base, cand):
             if side.conn is not None:
@@ -308,7 +304,7 @@ async def first_difference(base: Side, cand: Side) -> str:
     return f"the ledgers have {len(mine)} and {len(theirs)} entries"
 
 
-def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], same: bool) -> str:
+def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], difference: str | None) -> str:
     cols = ["items/s", "p50 ms", "p99 ms", "cpu us/item", "wall us/item", "peak RSS MB"]
     names = {"baseline": f"rg_decide at {run.commit()}",
              "candidate": str(args.candidate) if args.candidate else f"rg_decide at {run.commit()} (again)"}
@@ -326,18 +322,17 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], same: b
         if b and k is not None:
             ratios.append(f"{c.split()[0]} {k / b:.2f}")
     lines.append("candidate / baseline: " + (", ".join(ratios) or "-"))
-    lines.append("ledgers: the same head hash" if same
-                 else "ledgers: DIFFERENT head hashes (the candidate decides differently)\n"
-                 + figures.get("first difference", ""))
+    lines.append("ledgers: the same head hash" if difference is None
+                 else f"ledgers: DIFFERENT head hashes (the candidate decides differently)\n{difference}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     rglog.configure("warning")  # not a line per migration applied
-    figures, same = asyncio.run(bench(args))
-    print(report(args, figures, same))
-    return 0 if same else 1
+    figures, difference = asyncio.run(bench(args))
+    print(report(args, figures, difference))
+    return 0 if difference is None else 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -37,6 +37,7 @@ PROBE_S = 0.05  # between two commits of the probe (about 20 a second: a few per
 PROBE_SLOW_MS = 20.0
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS bench_commit_probe (at double precision NOT NULL)"
 _PROBE = "INSERT INTO bench_commit_probe VALUES ($1)"
+T = TypeVar("T", int, float)
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
 
 _PG_ACTIVITY = """
@@ -179,7 +180,8 @@ def read_latencies(paths: list[Path]) -> list[Sample]:
     return out
 
 
-def _pct(ordered: list[int], q: float) -> int:
+def percentile(ordered: list[T], q: float) -> T:
+    """The exact ``q`` quantile of an already sorted list (the element at rank ``q * n``)."""
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
@@ -191,8 +193,8 @@ def seconds(samples: list[Sample]) -> list[dict[str, Any]]:
     rows = []
     for s in sorted(by_s):
         lat = sorted(by_s[s])
-        rows.append({"t": s, "n": len(lat), "p50_ms": _pct(lat, 0.5) / 1000, "p99_ms": _pct(lat, 0.99) / 1000,
-                     "max_ms": lat[-1] / 1000})
+        rows.append({"t": s, "n": len(lat), "p50_ms": percentile(lat, 0.5) / 1000,
+                     "p99_ms": percentile(lat, 0.99) / 1000, "max_ms": lat[-1] / 1000})
     return rows
 
 
@@ -213,7 +215,7 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
     if not latencies:
         return {}
     lat = sorted(latencies)
-    return {"n": len(lat), **{f"p{q}_ms": _pct(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
+    return {"n": len(lat), **{f"p{q}_ms": percentile(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
             "max_ms": lat[-1] / 1000}
 
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO
+from tests.bench_scripts import load
 
 pytestmark = pytest.mark.usefixtures("structlog_restored")  # the script configures its own logging
 
 
 async def test_benchmark_runs_on_a_tiny_ledger() -> None:
     """Seeding chains correctly (the verify step says ok) and every query is measured."""
-    spec = importlib.util.spec_from_file_location("analyst_queries", REPO / "bench" / "analyst_queries.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("analyst_queries")
     out = await bench.run(bench.parse(["--entries", "400", "--baseline-entries", "50", "--vms", "7",
                                        "--requests", "3"]))
     assert set(out) == {"baseline", "large"}

@@ -3,27 +3,16 @@ a candidate that decides differently."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.bench_scripts import load
 from tests.conftest import PG_ADMIN, REPO
 
 pytestmark = pytest.mark.usefixtures("structlog_restored")  # the script configures its own logging
 
 FUNCTION = REPO / "migrations" / "functions" / "rg_decide.sql"
-
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("decide_sql", REPO / "bench" / "decide_sql.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["decide_sql"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def small(candidate: Path) -> list[str]:
@@ -41,7 +30,7 @@ def test_the_migrated_function_as_candidate_chains_the_same_ledger(
     the heads match."""
     candidate = tmp_path / "same.sql"
     candidate.write_text(FUNCTION.read_text())
-    assert load().main(small(candidate)) == 0
+    assert load("decide_sql").main(small(candidate)) == 0
     out = capsys.readouterr().out
     assert "ledgers: the same head hash" in out and "candidate / baseline: cpu" in out
     assert "| rg_decide at " in out and str(candidate) in out
@@ -60,7 +49,7 @@ def test_a_candidate_that_decides_differently_fails_the_run(
     text = FUNCTION.read_text()
     assert text.count("'receipt', v_rc,") == 1
     candidate.write_text(text.replace("'receipt', v_rc,", "'receipt_status', v_rc,"))
-    assert load().main(small(candidate)) == 1
+    assert load("decide_sql").main(small(candidate)) == 1
     out = capsys.readouterr().out
     assert "DIFFERENT head hashes" in out and "first different entry: baseline {'seq': 1," in out
     assert "receipt_status" in out

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.conftest import REPO
+from tests.bench_scripts import load
 from tests.waiting import until
-
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("timeline", REPO / "bench" / "timeline.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["timeline"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("slow_ms", [0.0, 10_000.0])
@@ -32,7 +20,7 @@ async def test_the_commit_probe_marks_the_commits_at_or_above_its_threshold(
     """With a threshold of 0 every probe commit is a mark, labelled as its own kind; with one of
     10 s none is. Either way the probe's rows are in the benchmark's database, and a /metrics
     that cannot be reached is an error of the sampler, not of the probe."""
-    timeline = load()
+    timeline = load("timeline")
     monkeypatch.setattr(timeline, "PROBE_SLOW_MS", slow_ms)
     dsn = await fresh_database()
     marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()

@@ -6,19 +6,13 @@ compared with what, what counts as not measured), never the machine's speed.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.bench_scripts import load
 
-_spec = importlib.util.spec_from_file_location("bench_targets", REPO / "bench" / "targets.py")
-assert _spec is not None and _spec.loader is not None
-targets = importlib.util.module_from_spec(_spec)
-sys.modules["bench_targets"] = targets  # dataclasses look their module up
-_spec.loader.exec_module(targets)
+targets = load("targets", "bench_targets")
 
 
 def _phase(c: int, rate: float, p50: float, p99: float, p999: float | None = None, *, stalled: int = 0,
