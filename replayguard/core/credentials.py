@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
+
+from .mac import keyed
 
 
 def digest(pepper: bytes, kind: str, scope: str, value: bytes | str) -> bytes:
     raw = value.encode("utf-8") if isinstance(value, str) else value
     message = kind.encode() + b"\x00" + scope.encode("utf-8") + b"\x00" + raw
-    return hmac.digest(pepper, message, "sha256")  # one-shot, in C
+    return keyed(pepper).digest(message)
 
 
 def secret_fingerprint(pepper: bytes, otp_type: str, algorithm: str, period: int, secret_b32: str) -> bytes:

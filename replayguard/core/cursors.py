@@ -14,6 +14,7 @@ import binascii
 import hmac
 
 from ..errors import InvalidRequest
+from .mac import keyed
 
 TAG_BYTES = 16
 MAX_CURSOR_CHARS = 1200  # a 256-character vm_id of 4-byte characters, tagged and encoded
@@ -21,11 +22,11 @@ MAX_CURSOR_CHARS = 1200  # a 256-character vm_id of 4-byte characters, tagged an
 
 def cursor_key(pepper: bytes) -> bytes:
     """The key that tags cursors (a sub-key: the pepper itself never MACs anything public)."""
-    return hmac.digest(pepper, b"replayguard-cursor-key", "sha256")
+    return keyed(pepper).digest(b"replayguard-cursor-key")
 
 
 def _tag(key: bytes, body: bytes) -> bytes:
-    return hmac.digest(key, body, "sha256")[:TAG_BYTES]
+    return keyed(key).digest(body)[:TAG_BYTES]
 
 
 def issue(key: bytes, kind: str, value: str) -> str:

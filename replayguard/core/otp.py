@@ -15,29 +15,30 @@ from dataclasses import dataclass
 
 import pyotp
 
+from .mac import KeyedMac
+
 ALGORITHMS = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
 
 
 class _KeyedHOTP:
-    """RFC 4226 §5.3 over a key decoded once, with a one-shot HMAC.
+    """RFC 4226 §5.3 over a key decoded and padded once (``mac.KeyedMac``).
 
-    pyotp checks the secret, the digits and the algorithm, and decodes the secret; each
-    code is then one C call. pyotp's ``at`` builds an ``hmac.HMAC`` object per code,
-    which is most of the cost of checking a TOTP code through pyotp (three codes per check). The
-    tests hold this to pyotp's own codes as well as to the RFC vectors.
+    pyotp checks the secret, the digits and the algorithm, and decodes the secret. pyotp's
+    ``at`` builds an ``hmac.HMAC`` object per code, which is most of the cost of checking a
+    TOTP code through pyotp (three codes per check). The tests hold this to pyotp's own
+    codes as well as to the RFC vectors.
     """
 
-    __slots__ = ("_digest", "_digits", "_key", "_modulus")
+    __slots__ = ("_digits", "_mac", "_modulus")
 
     def __init__(self, secret_b32: str, digits: int, algorithm: str) -> None:
         reference = pyotp.HOTP(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])  # validates
-        self._key = reference.byte_secret()
-        self._digest = algorithm.lower()
+        self._mac = KeyedMac(reference.byte_secret(), algorithm.lower())
         self._digits = digits
         self._modulus = 10 ** digits
 
     def at(self, counter: int) -> str:
-        mac = hmac.digest(self._key, counter.to_bytes(8, "big"), self._digest)
+        mac = self._mac.digest(counter.to_bytes(8, "big"))
         offset = mac[-1] & 0x0F
         code = (int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF) % self._modulus
         return str(code).zfill(self._digits)

@@ -15,6 +15,8 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from .mac import keyed
+
 PREFIX = "rg1"
 MAX_LENGTH = 2048
 _DOMAIN = b"replayguard-receipt-v1\x00"
@@ -49,7 +51,7 @@ def _unb64(text: str) -> bytes:
 
 
 def _mac(key: bytes, payload: bytes) -> bytes:
-    return hmac.digest(key, _DOMAIN + payload, "sha256")  # one-shot, in C
+    return keyed(key).digest(_DOMAIN + payload)
 
 
 _json_string = json.encoder.encode_basestring_ascii
