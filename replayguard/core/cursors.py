@@ -15,9 +15,13 @@ import hmac
 
 from ..errors import InvalidRequest
 from .mac import keyed
+from .validation import MAX_ID
 
 TAG_BYTES = 16
-MAX_CURSOR_CHARS = 1200  # a 256-character vm_id of 4-byte characters, tagged and encoded
+MAX_KIND_CHARS = 16
+# The longest cursor issued: the tag, the longest kind and ":", and an identifier (a VM id,
+# a principal) of MAX_ID characters of four UTF-8 bytes each, base64url without padding.
+MAX_CURSOR_CHARS = -(-(TAG_BYTES + MAX_KIND_CHARS + 1 + 4 * MAX_ID) * 4 // 3)
 
 
 def cursor_key(pepper: bytes) -> bytes:
@@ -30,6 +34,8 @@ def _tag(key: bytes, body: bytes) -> bytes:
 
 
 def issue(key: bytes, kind: str, value: str) -> str:
+    if not 0 < len(kind) <= MAX_KIND_CHARS or not kind.isascii():
+        raise ValueError(f"a cursor kind is 1 to {MAX_KIND_CHARS} ASCII characters")
     body = f"{kind}:{value}".encode()
     return base64.urlsafe_b64encode(_tag(key, body) + body).decode("ascii").rstrip("=")
 

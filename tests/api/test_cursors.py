@@ -88,3 +88,23 @@ async def test_issued_cursors_still_page_through_alerts(api: Api) -> None:
             break
         cursor = f"&cursor={page['next_cursor']}"
     assert seen == sorted(set(seen), reverse=True) and len(seen) >= 5
+
+
+async def test_paging_goes_past_a_vm_id_of_the_longest_valid_form(api: Api) -> None:
+    """A VM id of 256 four-byte characters is valid; a page that ends at it issues a cursor
+    the next request accepts, so such a name cannot stop analysts paging past it."""
+    tag = uid("p")[-6:]
+    first = "\U0001F600" * 249 + tag + "\U0001F600"
+    second = "\U0001F600" * 249 + tag + "\U0001F601"
+    assert len(first) == len(second) == 256
+    for vm_id in (first, second):
+        status, _ = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "s", "nonce": uid("n")})
+        assert status == 200
+    key = cursors.cursor_key(api.runtime.keys.pepper)
+    start = cursors.issue(key, "vms", first[:-1])  # just before `first`
+    status, page = await api.get(f"/v1/vms?limit=1&cursor={quote(start)}")
+    assert status == 200 and [item["vm_id"] for item in page["items"]] == [first]
+    assert len(page["next_cursor"]) > 1200
+    status, page = await api.get(f"/v1/vms?limit=1&cursor={quote(page['next_cursor'])}")
+    assert status == 200, page
+    assert [item["vm_id"] for item in page["items"]] == [second]
