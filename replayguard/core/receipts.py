@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from .mac import keyed
 
 PREFIX = "rg1"
+# Every receipt issued fits: a VM id of 256 characters of four UTF-8 bytes each, the
+# largest seq and epoch, is 1,460 characters (tests/unit/test_receipts.py). Guests' helpers
+# and the request schema hold receipts to the same bound.
 MAX_LENGTH = 2048
 _DOMAIN = b"replayguard-receipt-v1\x00"
 
@@ -54,12 +57,15 @@ def _mac(key: bytes, payload: bytes) -> bytes:
     return keyed(key).digest(_DOMAIN + payload)
 
 
-_json_string = json.encoder.encode_basestring_ascii
+_json_string = json.encoder.encode_basestring  # escapes only what JSON requires
 
 
 def _payload(claims: ReceiptClaims) -> bytes:
-    """``[vm_id,seq,epoch]`` as compact ASCII JSON: what ``json.dumps(..., separators=(",",
-    ":"))`` writes, formatted directly (the encoder object cost more than the MAC)."""
+    """``[vm_id,seq,epoch]`` as compact UTF-8 JSON: what ``json.dumps(..., separators=(",",
+    ":"), ensure_ascii=False)`` writes, formatted directly (the encoder object cost more
+    than the MAC). Not ASCII-escaped: a character outside the BMP would take 12 bytes
+    (two ``\\uXXXX``) instead of 4, and the longest VM id's receipt would outgrow
+    ``MAX_LENGTH``. Receipts of either form verify: the MAC covers the bytes presented."""
     return f"[{_json_string(claims.vm_id)},{int(claims.seq)},{int(claims.epoch)}]".encode()
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import InvalidRequest
+from .receipts import MAX_LENGTH as MAX_RECEIPT
 
 MAX_ID = 256
 MAX_NONCE = 1024
@@ -158,7 +159,7 @@ def otp_request(raw: object) -> OtpRequest:
         vm_id=identifier(body, "vm_id"),
         principal=identifier(body, "principal"),
         otp=otp,
-        receipt=optional_string(body, "receipt", 2048),
+        receipt=optional_string(body, "receipt", MAX_RECEIPT),
         context=context(body),
         receipt_kept=optional_bool(body, "receipt_kept"),
     )
@@ -179,7 +180,7 @@ def nonce_request(raw: object, max_ttl_s: int) -> NonceRequest:
         nonce=encoded,
         ttl_s=integer(body, "ttl_s", 300, 1, max_ttl_s),
         issued_at=None if issued is None else parse_time(issued, "issued_at"),
-        receipt=optional_string(body, "receipt", 2048),
+        receipt=optional_string(body, "receipt", MAX_RECEIPT),
         receipt_kept=optional_bool(body, "receipt_kept"),
     )
 

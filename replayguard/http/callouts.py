@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..core import validation
+from ..core import receipts, validation
 from ..core.decisions import DecisionResult, Flag, Reason, Verdict
 from ..runtime import Runtime
 from ..services.apitokens import Caller
@@ -45,7 +45,7 @@ async def consume_nonce(request: web.Request) -> web.Response:
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
-_RECEIPT = {"type": "string", "maxLength": 2048}
+_RECEIPT = {"type": "string", "maxLength": receipts.MAX_LENGTH}
 _RECEIPT_KEPT = {"type": "boolean", "default": False,
                  "description": "the caller keeps receipts: sending none means it lost the one it stored"}
 DECISION_SCHEMA = {

@@ -64,3 +64,22 @@ async def test_receipt_kept_must_be_a_boolean(api: Api) -> None:
     status, answer = await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": "p", "otp": "123456",
                                                        "receipt_kept": "yes"})
     assert status == 400 and answer["error"]["field"] == "receipt_kept"
+
+
+async def test_a_vm_with_the_longest_id_presents_its_receipts_back(api: Api) -> None:
+    """A VM id of 256 characters outside the BMP is valid; the receipts it gets are taken
+    back (no 400, no receipt_invalid), and an older one is still found to be a rollback."""
+    vm_id = uid("vm")[-8:] + "\U0001F600" * 248
+    assert len(vm_id) == 256
+    principal = uid("p")
+    totp = pyotp.TOTP((await api.enroll(principal))["secret"])
+    first = await verify(api, vm_id, principal, totp.at(api.clock.now), receipt_kept=True)
+    api.clock.advance(30)
+    second = await verify(api, vm_id, principal, totp.at(api.clock.now), receipt=first["receipt"], receipt_kept=True)
+    assert second["flags"] == [] and second["decision"] == "accept"
+    api.clock.advance(30)
+    third = await verify(api, vm_id, principal, totp.at(api.clock.now), receipt=second["receipt"], receipt_kept=True)
+    assert third["flags"] == [] and third["decision"] == "accept"
+    api.clock.advance(30)
+    rolled = await verify(api, vm_id, principal, totp.at(api.clock.now), receipt=first["receipt"], receipt_kept=True)
+    assert rolled["flags"] == ["rollback_detected"]

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replayguard.core.receipts import ReceiptClaims, ReceiptStatus, check, issue
+from replayguard.core.receipts import (
+    MAX_LENGTH,
+    PREFIX,
+    ReceiptCheck,
+    ReceiptClaims,
+    ReceiptStatus,
+    _b64,
+    _mac,
+    _payload,
+    check,
+    issue,
+)
+from replayguard.core.validation import MAX_ID, nonce_request
+from replayguard.http.callouts import _RECEIPT
 
 KEY = bytes(range(32))
 
@@ -20,6 +37,13 @@ def test_round_trip() -> None:
 def test_absent() -> None:
     """No receipt is reported as absent, not invalid."""
     assert check(KEY, None).status is ReceiptStatus.ABSENT
+
+
+def test_none_from_a_caller_that_keeps_receipts_is_missing() -> None:
+    """A caller that says it keeps receipts and sends none has lost the one it stored:
+    missing, not absent; a receipt it does send is checked as usual."""
+    assert check(KEY, None, kept=True).status is ReceiptStatus.MISSING
+    assert check(KEY, issue(KEY, ReceiptClaims("web-01", 1, 0)), kept=True).status is ReceiptStatus.VALID
 
 
 def test_other_key_is_invalid() -> None:
@@ -46,12 +70,29 @@ def test_garbage_is_invalid_and_never_raises(text: str) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(vm_id=st.text(min_size=1, max_size=64), seq=st.integers(0, 2**63 - 1), epoch=st.integers(0, 2**31 - 1))
-def test_the_payload_is_compact_ascii_json(vm_id: str, seq: int, epoch: int) -> None:
-    """Receipts already issued must keep verifying: the payload is byte for byte what the
-    standard library's compact encoder writes."""
-    import json
+def test_the_payload_is_compact_utf8_json(vm_id: str, seq: int, epoch: int) -> None:
+    """The payload is byte for byte what the standard library's compact encoder writes
+    without ASCII escapes, and receipts whose payload has the escapes verify too."""
+    vm_id = vm_id.encode("utf-8", "replace").decode("utf-8")  # identifiers hold no lone surrogate
+    claims = ReceiptClaims(vm_id, seq, epoch)
+    expected = json.dumps([vm_id, seq, epoch], separators=(",", ":"), ensure_ascii=False).encode()
+    assert _payload(claims) == expected
+    escaped = json.dumps([vm_id, seq, epoch], separators=(",", ":")).encode()
+    receipt = f"{PREFIX}.{_b64(escaped)}.{_b64(_mac(KEY, escaped))}"
+    assert check(KEY, receipt) == ReceiptCheck(ReceiptStatus.VALID, claims)
 
-    from replayguard.core.receipts import _payload
 
-    expected = json.dumps([vm_id, seq, epoch], separators=(",", ":")).encode()
-    assert _payload(ReceiptClaims(vm_id, seq, epoch)) == expected
+@pytest.mark.parametrize("char", ["a", "é", "\u4e2d", "\U0001F600", '"', "\\"])
+def test_the_longest_vm_id_gets_a_receipt_it_can_present(char: str) -> None:
+    """A VM id of 256 characters of any width, with the largest seq and epoch, gets a receipt
+    within MAX_LENGTH, which the request schema, the decision request's check and the PAM
+    helper all take (their bounds are MAX_LENGTH), and which verifies."""
+    claims = ReceiptClaims(char * MAX_ID, 2**63 - 1, 2**31 - 1)
+    receipt = issue(KEY, claims)
+    assert len(receipt) <= MAX_LENGTH
+    assert check(KEY, receipt) == ReceiptCheck(ReceiptStatus.VALID, claims)
+    body = {"vm_id": claims.vm_id, "scope": "s", "nonce": "n", "receipt": receipt}
+    assert nonce_request(body, 300).receipt == receipt
+    assert _RECEIPT["maxLength"] == MAX_LENGTH
+    helper = (Path(__file__).parents[2] / "deploy" / "pam" / "replayguard-pam-helper").read_text()
+    assert f"MAX_RECEIPT = {MAX_LENGTH}\n" in helper
