@@ -28,7 +28,7 @@ class KeyedMac:
 
     __slots__ = ("_inner", "_outer")
 
-    def __init__(self, key: bytes, hash_name: str = "sha256") -> None:
+    def __init__(self, key: bytes, hash_name: str) -> None:
         new = _HASHES[hash_name]
         block = new().block_size
         if len(key) > block:  # RFC 2104 §2: a longer key is hashed first

@@ -186,6 +186,34 @@ def test_header_field(value: str, max_len: int, field: str) -> None:
     assert cef.header_field(value, max_len) == field
 
 
+@pytest.mark.parametrize(("char", "kept"), [
+    ("\x20", False), ("\x21", True), ("\x7e", True), ("\x7f", False), ("\x00", False), ("\u00a0", False)])
+def test_header_field_printable_bounds(char: str, kept: bool) -> None:
+    """PRINTUSASCII is %d33-126 (RFC 5424 §6): space and DEL are the first characters outside it."""
+    assert cef.header_field(f"a{char}b", 255) == (f"a{char}b" if kept else "a_b")
+
+
+@pytest.mark.parametrize(("name", "limit"), [("hostname", 255), ("procid", 128), ("msgid", 32)])
+def test_syslog_header_fields_stop_at_their_rfc5424_lengths(name: str, limit: int) -> None:
+    """HOSTNAME 255, PROCID 128 and MSGID 32 characters (RFC 5424 §6): a field of exactly
+    its limit is kept whole, one character longer is cut to it; APP-NAME is ours, 11 of 48."""
+    header = {"hostname": 2, "procid": 4, "msgid": 5}[name]
+    for length, kept in ((limit, limit), (limit + 1, limit)):
+        value = "x" * length
+        record = {**CHECKPOINT, "type": value} if name == "msgid" else CHECKPOINT
+        kwargs = {"hostname": "h", "procid": "1", name: value} if name != "msgid" else {"hostname": "h", "procid": "1"}
+        fields = cef.format_syslog(record, now=NOW, facility=4, version="1", **kwargs).split(b" ")
+        assert fields[header] == b"x" * kept
+        assert fields[3] == b"replayguard"
+
+
+def test_syslog_msgid_of_a_record_without_type_is_nil() -> None:
+    """A record with no ``type`` has the NILVALUE as MSGID, not an empty field."""
+    record = {key: value for key, value in CHECKPOINT.items() if key != "type"}
+    fields = cef.format_syslog(record, now=NOW, hostname="h", procid="1", facility=4, version="1").split(b" ")
+    assert fields[5] == b"-"
+
+
 @pytest.mark.parametrize(
     ("now", "stamp"),
     [
@@ -198,6 +226,20 @@ def test_header_field(value: str, max_len: int, field: str) -> None:
 def test_rfc5424_timestamp(now: datetime, stamp: str) -> None:
     """TIMESTAMP is UTC with six fraction digits, whatever offset ``now`` carries."""
     assert cef.rfc5424_timestamp(now) == stamp
+
+
+def test_rfc5424_timestamp_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TIMESTAMP never follows the machine's time zone."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        stamp = cef.rfc5424_timestamp(datetime(2026, 11, 29, 12, 6, 1, tzinfo=timezone(timedelta(hours=2))))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert stamp == "2026-11-29T10:06:01.000000Z"
 
 
 def test_rfc5424_timestamp_refuses_naive() -> None:

@@ -36,6 +36,11 @@ def statement(recovery_seq: int = 11, ts: int = 500, abandoned_seq: int = 20) ->
     (cp(15, H[1], ts=400), 12, None, [statement()], Verdict.COVERED),
     (cp(15, H[1], ts=600), 12, None, [statement()], Verdict.BEHIND),  # newer than the recovery
     (cp(25, H[1], ts=400), 12, None, [statement()], Verdict.BEHIND),  # past what it abandoned
+    (cp(12, H[1]), 12, H[2], [], Verdict.FORKED),  # at the head's seq with another hash: forked, not behind
+    (cp(20, H[1], ts=400), 12, None, [statement()], Verdict.COVERED),  # exactly the abandoned seq
+    (cp(15, H[1], ts=500), 12, None, [statement()], Verdict.COVERED),  # exactly the recovery's time
+    (cp(21, H[1], ts=500), 12, None, [statement()], Verdict.BEHIND),  # one past the abandoned seq
+    (cp(15, H[1], ts=501), 12, None, [statement()], Verdict.BEHIND),  # a microsecond after the recovery
 ])
 def test_judge(held: cps.Checkpoint, head: int, hash_at: bytes | None, recoveries: list[continuity.Statement],
                verdict: Verdict) -> None:
@@ -81,9 +86,12 @@ RECOVERED_US = 1_000_000 * 1_000_000
     (999_000, 1_000_100, True),  # issued before the recovery
     (1_000_030, 1_000_100, True),  # within the issuer clock's slack
     (1_000_061, 1_000_100, False),  # issued after the recovery
+    (1_000_059.5, 1_000_100, True),  # half a second inside the slack
+    (1_000_060, 1_000_100, False),  # exactly at the slack's end: after it
     (None, 1_000_000 + 3600, False),  # every nonce of that time has expired
+    (None, 1_000_000 + 3599.5, True),  # half a second before that
 ])
-def test_nonces_after_a_recovery(issued_at_s: int | None, now_s: int, refused: bool) -> None:
+def test_nonces_after_a_recovery(issued_at_s: float | None, now_s: float, refused: bool) -> None:
     """Nonces the lost range may have consumed are refused until they could not be accepted anyway."""
     issued = None if issued_at_s is None else datetime.fromtimestamp(issued_at_s, UTC)
     assert continuity.nonce_before_recovery(issued, now_s, RECOVERED_US, 3600) is refused
@@ -118,4 +126,6 @@ def test_a_checkpoint_past_the_head_is_a_missing_tail() -> None:
 
     finding = ChainChecker(checkpoints={15: H[1]}).finish(0, GENESIS)
     assert finding is not None and finding.problem is Problem.MISSING_TAIL and finding.seq == 1
+    assert "names entry 15 but the ledger ends at 0: entries 1 to 15" in finding.message
     assert past_head(12, 12) is None
+    assert ChainChecker().finish(0, GENESIS) is None  # an empty ledger with no checkpoint is whole

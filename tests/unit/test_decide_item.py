@@ -37,3 +37,13 @@ def test_the_wire_form_leaves_out_what_is_absent_and_spells_values() -> None:
     wire = FULL.to_wire()
     assert (wire["receipt"], wire["preset_reason"]) == ("valid", "no_token")
     assert wire["steps"] == [5, 6] and wire["step_digests"] == {"5": "05", "6": "06"}
+
+
+def test_every_value_of_a_full_item_travels() -> None:
+    """Each field of an item with every field set reaches the wire with its own value, not
+    only its name: the whole wire form, written out."""
+    assert FULL.to_wire() == {
+        "kind": "otp", "ts_us": 1, "vm_id": "web-01", "subject": "alice", "payload": {"context": {}},
+        "receipt": "valid", "receipt_vm_id": "web-01", "receipt_seq": 7, "preset_reason": "no_token",
+        "expires_us": 9, "digest": "01", "token_id": "otp_x", "credential": "ab", "steps": [5, 6],
+        "step_digests": {"5": "05", "6": "06"}, "period_s": 30, "drift_steps": 1, "clock_scope": "cg"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -41,17 +42,19 @@ def relinked(rows: list[Row], i: int) -> list[Row]:
     return [*rows[:i], Row(row.entry, bytes(32), entry_hash(bytes(32), row.entry)), *rows[i + 1:]]
 
 
-@pytest.mark.parametrize(("rows", "seq", "problem"), [
-    (chain(6)[:3] + chain(6)[4:], 4, Problem.MISSING),
-    (edit(chain(6), 1), 2, Problem.MODIFIED),
-    (swap(chain(6), 2), 3, Problem.MODIFIED),
-    (relinked(chain(6), 4), 5, Problem.BROKEN_LINK),
+@pytest.mark.parametrize(("rows", "seq", "problem", "message"), [
+    (chain(6)[:3] + chain(6)[4:], 4, Problem.MISSING, "entry 4 is missing (next entry is 5)"),
+    (edit(chain(6), 1), 2, Problem.MODIFIED, "entry 2 no longer matches its hash"),
+    (swap(chain(6), 2), 3, Problem.MODIFIED, "entry 3 no longer matches its hash"),
+    (relinked(chain(6), 4), 5, Problem.BROKEN_LINK, "entry 5 does not follow entry 4"),
 ])
-def test_the_first_bad_seq_is_named(rows: list[Row], seq: int, problem: Problem) -> None:
-    """A deleted, edited, swapped or relinked row is reported at its seq, with its kind."""
+def test_the_first_bad_seq_is_named(rows: list[Row], seq: int, problem: Problem, message: str) -> None:
+    """A deleted, edited, swapped or relinked row is reported at its seq, with its kind and
+    a message naming the entries concerned."""
     checker = ChainChecker()
     finding = next(f for f in (checker.feed(r) for r in rows) if f is not None)
     assert (finding.seq, finding.problem) == (seq, problem)
+    assert message in finding.message
     assert checker.checked == seq - 1
 
 
@@ -69,6 +72,24 @@ def test_an_intact_chain_matches_its_head_and_a_truncated_one_does_not() -> None
     assert finding is not None and (finding.seq, finding.problem) == (4, Problem.HEAD_MISMATCH)
 
 
+@pytest.mark.parametrize(("head_seq", "head_hash", "seq", "text"), [
+    (5, bytes(32), 5, "hash is not that of entry 5"),
+    (6, None, 6, "names entry 6 but the rows end at 5"),
+    (4, None, 5, "names entry 4 but the rows end at 5"),
+])
+def test_a_head_that_does_not_name_the_last_row_is_found(head_seq: int, head_hash: bytes | None, seq: int,
+                                                         text: str) -> None:
+    """The head's seq or its hash alone differing from the last row's is a head mismatch:
+    a head rewritten to another hash at the right seq, or a seq ahead of or behind the rows."""
+    rows = chain(5)
+    checker = ChainChecker()
+    for row in rows:
+        checker.feed(row)
+    finding = checker.finish(head_seq, rows[-1].hash if head_hash is None else head_hash)
+    assert finding is not None and (finding.seq, finding.problem) == (seq, Problem.HEAD_MISMATCH)
+    assert text in finding.message
+
+
 def test_a_checkpoint_mismatch_is_found_even_when_every_hash_was_recomputed() -> None:
     """A consistent rewritten chain differs from what a checkpoint pinned."""
     original, rewritten = chain(4), chain(4)
@@ -81,6 +102,7 @@ def test_a_checkpoint_mismatch_is_found_even_when_every_hash_was_recomputed() ->
     checker = ChainChecker(checkpoints={3: original[2].hash})
     finding = next(f for f in (checker.feed(r) for r in rows) if f is not None)
     assert (finding.seq, finding.problem) == (3, Problem.CHECKPOINT_MISMATCH)
+    assert "entry 3 differs from its signed checkpoint" in finding.message
 
 
 def test_checkpoints_verify_with_the_public_key_only() -> None:
@@ -94,6 +116,54 @@ def test_checkpoints_verify_with_the_public_key_only() -> None:
         assert not cps.verify(public, dataclasses.replace(cp, **change))  # type: ignore[arg-type]
     assert not cps.verify(cps.load_public_key(cps.public_key_pem(Ed25519PrivateKey.generate().public_key())
                                               .encode()), cp)
+
+
+# RFC 8032 §7.1, TEST 1: the secret key, its public key, and the signature of the empty message.
+RFC8032_SECRET = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
+RFC8032_PUBLIC = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+RFC8032_EMPTY_SIGNATURE = ("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065"
+                           "224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+
+
+def test_a_checkpoint_is_the_known_answer_for_the_rfc8032_key() -> None:
+    """Under RFC 8032's first test key (Ed25519 signs deterministically) a checkpoint's signed
+    bytes, signature, key id and JSON form are exactly these: a verifier outside this code
+    depends on each (``openssl pkeyutl`` signs the same bytes to the same signature:
+    tests/integration/test_checkpoint_openssl.py)."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(RFC8032_SECRET))
+    public = key.public_key()
+    assert public.public_bytes_raw().hex() == RFC8032_PUBLIC
+    assert key.sign(b"").hex() == RFC8032_EMPTY_SIGNATURE
+    entry_hash = bytes(range(32, 64))
+    assert cps.message(42, entry_hash, 1_790_000_000_123_456) == (
+        b"replayguard-checkpoint-v1\n42\n202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f\n"
+        b"1790000000123456\n")
+    cp = cps.sign(key, 42, entry_hash, 1_790_000_000_123_456)
+    signature = ("f81ff8fb58b9277ff6624b5e13a9a2505b5403b8d225c999745ffb5f2b055fd8"
+                 "c241865540be6baaefece596b73e1970bc289bb4cab3d3c3c3cb90ddbaa8fe07")
+    assert cps.to_json(cp) == {
+        "type": "checkpoint", "id": "checkpoint-42", "seq": 42,
+        "hash": "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f",
+        "ts_us": 1_790_000_000_123_456, "created_at": "2026-09-21T14:13:20.123456Z", "algorithm": "Ed25519",
+        "key_id": "21fe31dfa154a261", "signature": signature,
+        "summary": "ledger entry 42 has hash 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f",
+    }
+    assert cp.key_id == hashlib.sha256(bytes.fromhex(RFC8032_PUBLIC)).hexdigest()[:16]
+    assert cps.verify(public, cp)
+    assert not cps.verify(public, dataclasses.replace(cp, key_id="0" * 16))  # the right signature, another key's name
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seq", "42"), ("seq", 1.5), ("ts_us", -1), ("ts_us", None), ("hash", "20" * 31), ("hash", 32),
+    ("signature", "00" * 63), ("signature", "0g" * 64), ("key_id", ""), ("key_id", 7),
+])
+def test_each_field_of_a_checkpoint_is_checked(field: str, value: object) -> None:
+    """One field wrong in an otherwise good checkpoint is refused with a ValueError naming it."""
+    good = cps.to_json(cps.sign(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(RFC8032_SECRET)),
+                                42, bytes(32), 1))
+    assert cps.from_json(good) is not None
+    with pytest.raises(ValueError, match=field):
+        cps.from_json({**good, field: value})
 
 
 @pytest.mark.parametrize("data", [[], {"seq": -1}, {"seq": 1, "hash": "zz", "ts_us": 1, "key_id": "k",

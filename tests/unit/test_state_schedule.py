@@ -97,3 +97,22 @@ def test_a_finding_does_not_hold_the_cursor_on_its_span() -> None:
     found_in = schedule.plan(12_000)[0]
     schedule.done(found_in)
     assert schedule.plan(12_000)[0] == Span(5_000, 10_000)
+
+
+def test_the_first_entry_is_swept_like_any_other() -> None:
+    """A sweep that has come down to entry 1 checks it (Span(0, 1)) before starting again,
+    and a ledger of one entry is swept too."""
+    schedule = StateSchedule(new=10, sweep=1, sweep_size=4)
+    assert schedule.plan(10) == [Span(0, 1, True)]
+    schedule.done(Span(0, 1, True))
+    assert schedule.plan(10) == [Span(6, 10, True)]  # then again from the newest entry checked
+    assert StateSchedule().plan(1) == [Span(0, 1, True)]
+
+
+def test_spans_done_out_of_order_never_move_the_new_cursor_back() -> None:
+    """The new-entry cursor only moves forward, whichever of a tick's spans returns first."""
+    schedule = StateSchedule(new=0, sweep=0, slice=10)
+    first, second = schedule.plan(20)[:2]
+    schedule.done(second)
+    schedule.done(first)
+    assert schedule.new == 20
