@@ -129,3 +129,10 @@ def test_a_checkpoint_past_the_head_is_a_missing_tail() -> None:
     assert "names entry 15 but the ledger ends at 0: entries 1 to 15" in finding.message
     assert past_head(12, 12) is None
     assert ChainChecker().finish(0, GENESIS) is None  # an empty ledger with no checkpoint is whole
+
+
+@pytest.mark.parametrize("key_id", [7, "", None])
+def test_a_statement_without_a_key_id_string_is_refused(key_id: object) -> None:
+    """A recovery statement's key_id must be a non-empty string, like a checkpoint's."""
+    with pytest.raises(ValueError, match="key_id"):
+        continuity.statement_from_json({**continuity.statement_json(statement()), "key_id": key_id})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 
 import pytest
 
-from replayguard.core.credentials import api_token_digest, digest, nonce_digest, otp_digest
+from replayguard.core.credentials import api_token_digest, digest, nonce_digest, otp_digest, secret_fingerprint
 
 PEPPER = bytes(range(32))
 
@@ -49,3 +50,41 @@ def test_otp_digest_names_the_step_and_the_token() -> None:
     """Two steps of one token, and one step of two tokens, are different uses."""
     assert otp_digest(PEPPER, "tok_1", 1) != otp_digest(PEPPER, "tok_1", 2)
     assert otp_digest(PEPPER, "tok_1", 1) != otp_digest(PEPPER, "tok_2", 1)
+
+
+SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+PEPPER = b"p" * 32
+
+
+def test_secret_fingerprint_is_the_known_answer() -> None:
+    """The fingerprint keys otp_credentials' high-water marks: derived otherwise after an
+    upgrade, a secret enrolled again would start from no accepted step, and its used codes
+    would pass again. It is HMAC-SHA256 of ("otp-credential", "<type>:<ALG>:<period>", secret)."""
+    expected = hmac.digest(PEPPER, b"otp-credential\x00totp:SHA1:30\x00" + base64.b32decode(SECRET), "sha256")
+    assert secret_fingerprint(PEPPER, "totp", "SHA1", 30, SECRET) == expected
+    assert expected.hex() == "efbf13e5d914bb57a4b5ec70a6ad070e68f5391eebfb5b35052e337d213d2527"
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    (("totp", "SHA1", 30, SECRET), ("totp", "sha1", 30, SECRET.lower()), True),  # case
+    (("totp", "SHA1", 30, SECRET), ("totp", "SHA1", 30, " ".join(SECRET[i:i + 4] for i in range(0, 32, 4))), True),
+    (("totp", "SHA1", 30, "JBSWY3DPEHPK3PXP"), ("totp", "SHA1", 30, "JBSWY3DPEHPK3PXP===="), True),  # padding
+    (("hotp", "SHA1", 30, SECRET), ("hotp", "SHA1", 60, SECRET), True),  # HOTP has no period
+    (("totp", "SHA1", 30, SECRET), ("totp", "SHA1", 60, SECRET), False),  # other steps, other counters
+    (("totp", "SHA1", 30, SECRET), ("totp", "SHA256", 30, SECRET), False),
+    (("totp", "SHA1", 30, SECRET), ("hotp", "SHA1", 30, SECRET), False),
+    (("totp", "SHA1", 30, SECRET), ("totp", "SHA1", 30, "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"), False),
+])
+def test_one_secret_is_one_credential(a: tuple[str, str, int, str], b: tuple[str, str, int, str],
+                                      same: bool) -> None:
+    """The same secret written otherwise (case, spaces, padding) is one credential, and so
+    is an HOTP secret whatever period its row names; another period, algorithm, type or
+    secret is another (the number of digits is not an argument: it never separates them)."""
+    assert (secret_fingerprint(PEPPER, *a) == secret_fingerprint(PEPPER, *b)) is same
+
+
+def test_a_secret_base32_cannot_hold_is_fingerprinted_as_its_text() -> None:
+    """A length base32 cannot have raises nothing: the text itself is fingerprinted, and it
+    differs from every decodable secret's fingerprint under the same scope."""
+    odd = secret_fingerprint(PEPPER, "totp", "SHA1", 30, "ABC")
+    assert odd == hmac.digest(PEPPER, b"otp-credential\x00totp:SHA1:30\x00ABC", "sha256")

@@ -23,6 +23,12 @@ def test_clock_guard_scope_is_per_deployment() -> None:
     assert len(clock_guard_scope(b"a" * 32)) == 32
 
 
+def test_clock_guard_scope_is_the_known_answer() -> None:
+    """The scope names rows already in clock_guard: an upgrade that derived it otherwise
+    would start the host clock guard afresh, forgetting the highest TOTP time accepted."""
+    assert clock_guard_scope(b"p" * 32) == "874d33575d7fa75197e0d9fb12d7139c"
+
+
 def _service(drift_steps: int, look_ahead: int) -> DecisionService:
     config = DecisionConfig(drift_steps=drift_steps, hotp_look_ahead=look_ahead, use_retention_s=86400,
                             nonce_max_ttl_s=86400)

@@ -104,3 +104,21 @@ def test_non_object_bodies() -> None:
     for body in ([], "x", 1, None):
         with pytest.raises(InvalidRequest):
             validation.otp_request(body)
+
+
+@pytest.mark.parametrize("parse", ["otp", "nonce"])
+def test_receipt_kept_is_read_and_must_be_a_boolean(parse: str) -> None:
+    """``receipt_kept`` reaches the request (a lost receipt is flagged only when it is true),
+    defaults to false, and anything but a JSON boolean is a 400 naming it."""
+    base: dict[str, Any] = {"vm_id": "v", "principal": "p", "otp": "123456"} if parse == "otp" else {
+        "vm_id": "v", "scope": "s", "nonce": "n"}
+
+    def read(body: dict[str, Any]) -> Any:
+        return validation.otp_request(body) if parse == "otp" else validation.nonce_request(body, 300)
+
+    assert read({**base, "receipt_kept": True}).receipt_kept is True
+    assert read(base).receipt_kept is False
+    for bad in ("true", 1, None):
+        with pytest.raises(InvalidRequest) as caught:
+            read({**base, "receipt_kept": bad})
+        assert caught.value.field == "receipt_kept"
