@@ -63,6 +63,8 @@ def test_secret_fingerprint_is_the_known_answer() -> None:
     expected = hmac.digest(PEPPER, b"otp-credential\x00totp:SHA1:30\x00" + base64.b32decode(SECRET), "sha256")
     assert secret_fingerprint(PEPPER, "totp", "SHA1", 30, SECRET) == expected
     assert expected.hex() == "efbf13e5d914bb57a4b5ec70a6ad070e68f5391eebfb5b35052e337d213d2527"
+    hotp = hmac.digest(PEPPER, b"otp-credential\x00hotp:SHA1:0\x00" + base64.b32decode(SECRET), "sha256")
+    assert secret_fingerprint(PEPPER, "hotp", "SHA1", 30, SECRET) == hotp  # an HOTP scope's period is 0
 
 
 @pytest.mark.parametrize(("a", "b", "same"), [

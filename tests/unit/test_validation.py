@@ -122,3 +122,11 @@ def test_receipt_kept_is_read_and_must_be_a_boolean(parse: str) -> None:
         with pytest.raises(InvalidRequest) as caught:
             read({**base, "receipt_kept": bad})
         assert caught.value.field == "receipt_kept"
+
+
+def test_rfc3339_times_start_in_1970() -> None:
+    """The first instant of 1970 is read; one second before it is a 400 naming the field."""
+    assert validation.parse_time("1970-01-01T00:00:00Z", "issued_at") == datetime(1970, 1, 1, tzinfo=UTC)
+    with pytest.raises(InvalidRequest) as caught:
+        validation.parse_time("1969-12-31T23:59:59Z", "issued_at")
+    assert caught.value.field == "issued_at" and "1970" in str(caught.value)
