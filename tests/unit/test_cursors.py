@@ -4,6 +4,7 @@ the contract's 400 naming the ``cursor`` field, never another error."""
 from __future__ import annotations
 
 import base64
+import hmac
 
 import pytest
 from hypothesis import given, settings
@@ -23,13 +24,18 @@ def refused(text: str, kind: str = "alerts", key: bytes = KEY) -> InvalidRequest
     return caught.value
 
 
-def test_an_issued_cursor_opens_for_its_listing_only() -> None:
-    """A cursor opens to its value under its key and kind; another kind or key refuses it."""
-    text = cursors.issue(KEY, "alerts", "1234:99")
+def test_a_cursor_opens_only_under_its_key_and_kind() -> None:
+    """A cursor round-trips (unpadded ASCII); another key, another kind, an edited byte or a
+    truncation is refused; the key is a sub-key of the pepper, never the pepper itself."""
+    text = cursors.issue(KEY, "vms", "web-01 ü")
     assert "=" not in text and text.isascii()
-    assert cursors.open_cursor(KEY, "alerts", text) == "1234:99"
-    refused(text, kind="vms")
-    refused(text, key=cursors.cursor_key(b"q" * 32))
+    assert cursors.open_cursor(KEY, "vms", text) == "web-01 ü"
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    edited = base64.urlsafe_b64encode(raw[:-1] + bytes([raw[-1] ^ 1])).decode().rstrip("=")
+    for bad, kind in ((text, "alerts"), (edited, "vms"), (text[:-2], "vms"), ("", "vms"), ("é", "vms")):
+        refused(bad, kind=kind)
+    refused(text, kind="vms", key=cursors.cursor_key(b"q" * 32))
+    assert hmac.digest(b"p" * 32, b"replayguard-cursor-key", "sha256") == KEY
 
 
 def test_a_forged_tag_of_the_right_length_is_refused() -> None:
