@@ -83,13 +83,12 @@ class ChainChecker:
     def finish(self, head_seq: int, head_hash: bytes) -> Finding | None:
         """Compares the end of the rows with ``ledger_head`` and with the newest signed
         checkpoint; call after the last row."""
-        if self.finding is None and (head_seq != self.last_seq or head_hash != self.last_hash):
-            if head_seq != self.last_seq:
-                self.finding = Finding(min(head_seq, self.last_seq) + 1, Problem.HEAD_MISMATCH,
-                                       f"the ledger head names entry {head_seq} but the rows end at {self.last_seq}")
-            else:
-                self.finding = Finding(head_seq, Problem.HEAD_MISMATCH,
-                                       f"the ledger head's hash is not that of entry {head_seq}, the last row")
+        if self.finding is None and head_seq != self.last_seq:
+            self.finding = Finding(min(head_seq, self.last_seq) + 1, Problem.HEAD_MISMATCH,
+                                   f"the ledger head names entry {head_seq} but the rows end at {self.last_seq}")
+        elif self.finding is None and head_hash != self.last_hash:
+            self.finding = Finding(head_seq, Problem.HEAD_MISMATCH,
+                                   f"the ledger head's hash is not that of entry {head_seq}, the last row")
         if self.finding is None:
             self.finding = past_head(max(self.checkpoints, default=0), head_seq)
         return self.finding
