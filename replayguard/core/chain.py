@@ -30,16 +30,24 @@ class Entry:
 
 
 def canonical(entry: Entry) -> bytes:
+    return canonical_of(entry.seq, entry.ts_us, entry.kind, entry.vm_id, entry.subject, entry.cred_digest,
+                        entry.decision, entry.reason, entry.payload_text)
+
+
+def canonical_of(seq: int, ts_us: int, kind: str, vm_id: str | None, subject: str | None,
+                 cred_digest: bytes | None, decision: str | None, reason: str | None, payload_text: str) -> bytes:
+    """``canonical`` from an entry's fields in ``Entry``'s order, for a reader that checks
+    rows without building an ``Entry`` for each."""
     parts = (
-        str(entry.seq),
-        str(entry.ts_us),
-        entry.kind,
-        entry.vm_id or "",
-        entry.subject or "",
-        entry.cred_digest.hex() if entry.cred_digest is not None else "",
-        entry.decision or "",
-        entry.reason or "",
-        entry.payload_text,
+        str(seq),
+        str(ts_us),
+        kind,
+        vm_id or "",
+        subject or "",
+        cred_digest.hex() if cred_digest is not None else "",
+        decision or "",
+        reason or "",
+        payload_text,
     )
     return SEPARATOR.join(parts).encode("utf-8")
 

@@ -11,10 +11,12 @@ that forgot what the ledger accepted are ``replayguard/services/state_check.py``
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .chain import GENESIS, Entry, entry_hash
+from .chain import GENESIS, Entry, canonical_of, entry_hash
 
 
 class Problem(str, enum.Enum):
@@ -63,6 +65,30 @@ class ChainChecker:
                 self.checked += 1
                 self.last_seq, self.last_hash = row.entry.seq, row.hash
         return self.finding
+
+    def feed_fields(self, rows: Iterable[Sequence[Any]]) -> Finding | None:
+        """``feed`` for rows given as their fields: ``Entry``'s, in its order, then
+        ``prev_hash`` and ``hash`` (a reader's columns, e.g. asyncpg records). A row that
+        passes every check is hashed straight from its fields; any other row, and a row
+        with a signed checkpoint, goes through ``feed``, so what is found and said is
+        ``feed``'s."""
+        if self.finding is not None:
+            return self.finding
+        sha256, checkpoints = hashlib.sha256, self.checkpoints
+        last_seq, last_hash, checked = self.last_seq, self.last_hash, self.checked
+        for seq, ts_us, kind, vm_id, subject, digest, decision, reason, payload_text, prev, hash_ in rows:
+            if (seq == last_seq + 1 and prev == last_hash and seq not in checkpoints
+                    and sha256(prev + canonical_of(seq, ts_us, kind, vm_id, subject, digest, decision, reason,
+                                                   payload_text)).digest() == hash_):
+                last_seq, last_hash, checked = seq, hash_, checked + 1
+                continue
+            self.last_seq, self.last_hash, self.checked = last_seq, last_hash, checked
+            entry = Entry(seq, ts_us, kind, vm_id, subject, digest, decision, reason, payload_text)
+            if self.feed(Row(entry, prev, hash_)) is not None:
+                return self.finding
+            last_seq, last_hash, checked = self.last_seq, self.last_hash, self.checked
+        self.last_seq, self.last_hash, self.checked = last_seq, last_hash, checked
+        return None
 
     def _check(self, row: Row) -> Finding | None:
         seq = row.entry.seq

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
@@ -103,6 +106,101 @@ def test_a_checkpoint_mismatch_is_found_even_when_every_hash_was_recomputed() ->
     finding = next(f for f in (checker.feed(r) for r in rows) if f is not None)
     assert (finding.seq, finding.problem) == (3, Problem.CHECKPOINT_MISMATCH)
     assert "entry 3 differs from its signed checkpoint" in finding.message
+
+
+def rewritten(rows: list[Row], i: int) -> list[Row]:
+    """Row i edited and every hash from it on recomputed: a consistent chain that only a
+    checkpoint at or after row i can tell from the original."""
+    out, prev = list(rows[:i]), rows[i].prev_hash
+    for n, row in enumerate(rows[i:]):
+        entry = dataclasses.replace(row.entry, reason="x") if n == 0 else row.entry
+        digest = entry_hash(prev, entry)
+        out.append(Row(entry, prev, digest))
+        prev = digest
+    return out
+
+
+def fields(row: Row) -> tuple[Any, ...]:
+    """A row as a reader's columns: ``Entry``'s fields in order, then the two hashes."""
+    return (*(getattr(row.entry, name) for name in Entry.__slots__), row.prev_hash, row.hash)
+
+
+def by_rows(rows: list[Row], checkpoints: dict[int, bytes]) -> ChainChecker:
+    checker = ChainChecker(checkpoints=checkpoints)
+    for row in rows:
+        if checker.feed(row) is not None:
+            break
+    return checker
+
+
+def by_fields(rows: list[Row], checkpoints: dict[int, bytes], chunk: int) -> ChainChecker:
+    checker = ChainChecker(checkpoints=checkpoints)
+    for start in range(0, len(rows), chunk):
+        if checker.feed_fields([fields(row) for row in rows[start:start + chunk]]) is not None:
+            break
+    return checker
+
+
+def state(checker: ChainChecker) -> tuple[object, ...]:
+    return checker.finding, checker.checked, checker.last_seq, checker.last_hash
+
+
+TAMPERINGS = {
+    "intact": lambda rows, i: rows,
+    "deleted": lambda rows, i: rows[:i] + rows[i + 1:],
+    "edited": edit,
+    "swapped": lambda rows, i: swap(rows, min(i, len(rows) - 2)),
+    "relinked": relinked,
+    "rewritten": rewritten,
+    "duplicated": lambda rows, i: rows[:i + 1] + rows[i:],
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 50])
+@pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
+def test_feeding_fields_finds_what_feeding_rows_finds(tampering: str, chunk: int) -> None:
+    """The fast path (fields straight from a reader, no Row built) reaches the same
+    finding, count and position as feeding rows one by one, however the rows are cut
+    into calls; a checkpoint pins entry 4, so a rewritten chain is found there."""
+    original = chain(8)
+    rows = TAMPERINGS[tampering](original, 2)
+    checkpoints = {4: original[3].hash}
+    fast, slow = by_fields(rows, checkpoints, chunk), by_rows(rows, checkpoints)
+    assert state(fast) == state(slow)
+    assert (slow.finding is None) == (tampering == "intact")
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(2, 12), tampering=st.sampled_from(sorted(TAMPERINGS)), at=st.integers(0, 10),
+       chunk=st.integers(1, 13), pinned=st.sets(st.integers(1, 12), max_size=3), start=st.integers(0, 3))
+def test_feeding_fields_agrees_with_feeding_rows(n: int, tampering: str, at: int, chunk: int, pinned: set[int],
+                                                  start: int) -> None:
+    """Differential: any chain, tampering, position, signed checkpoints and start point
+    (a check that continues from a checkpoint) give the same result on both paths."""
+    original = chain(n)
+    rows = TAMPERINGS[tampering](original, min(at, n - 2))
+    checkpoints = {seq: original[seq - 1].hash for seq in pinned if seq <= n}
+    start = min(start, n - 1)
+    slow = ChainChecker(start, original[start - 1].hash if start else GENESIS, checkpoints)
+    fast = ChainChecker(start, slow.start_hash, checkpoints)
+    for row in rows[start:]:
+        if slow.feed(row) is not None:
+            break
+    for first in range(start, len(rows), chunk):
+        if fast.feed_fields([fields(row) for row in rows[first:first + chunk]]) is not None:
+            break
+    assert state(fast) == state(slow)
+    assert fast.finish(n, original[-1].hash) == slow.finish(n, original[-1].hash)
+
+
+def test_feeding_fields_after_a_finding_changes_nothing() -> None:
+    """Once a finding is made, further rows are neither checked nor counted."""
+    rows = edit(chain(6), 1)
+    checker = ChainChecker()
+    finding = checker.feed_fields([fields(row) for row in rows[:3]])
+    assert finding is not None and finding.seq == 2
+    assert checker.feed_fields([fields(row) for row in rows[3:]]) is finding
+    assert (checker.checked, checker.last_seq) == (1, 1)
 
 
 def test_checkpoints_verify_with_the_public_key_only() -> None:
