@@ -4,7 +4,8 @@ Two databases are migrated from this checkout; the candidate's gets the function
 ``--candidate`` (an edited copy of migrations/functions/rg_decide.sql, or an older one from
 git). The same batches (seeded, so the same credentials and times) then go to both over one
 connection each, the two alternating first round by round, with synchronous_commit off so
-that the WAL flush does not hide the function's own work.
+that the WAL flush does not hide the function's own work (``--sync``: on, as the service
+commits, to see what a call costs whole).
 
 ``--mix`` weighs five kinds of item: a fresh nonce; a nonce presented again (reused, with
 an alert); a TOTP code (accepted once per step and token, reused after); a wrong TOTP code
@@ -79,6 +80,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clone-share", type=float, default=0.005,
                    help="share of receipts that are another VM's latest (a clone: the VM then refuses)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sync", action="store_true",
+                   help="commit with synchronous_commit on, as the service does: the WAL flush is then in "
+                        "every call's time and CPU")
     p.add_argument("--pg-admin-url", default=os.environ.get("REPLAYGUARD_BENCH_PG",
                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = p.parse_args(argv)
@@ -205,11 +209,11 @@ class Side:
         return None
 
 
-async def connect(side: Side) -> None:
+async def connect(side: Side, sync: bool = False) -> None:
     conn = await asyncpg.connect(side.dsn)
     await conn.set_type_codec("jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads,
                               schema="pg_catalog")
-    await conn.execute("SET synchronous_commit = off")
+    await conn.execute(f"SET synchronous_commit = {'on' if sync else 'off'}")
     side.conn, side.pid = conn, await conn.fetchval("SELECT pg_backend_pid()")
 
 
@@ -256,7 +260,7 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], st
     try:
         for side in (base, cand):
             await schema.migrate_dsn(side.dsn)
-            await connect(side)
+            await connect(side, args.sync)
             assert side.conn is not None
             await enrol(side.conn, args.tokens)
             if await side.conn.fetchval("SELECT seq FROM ledger_head WHERE id") != 0:
@@ -314,7 +318,8 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, Any]], differe
                                    for c in cols)])
     answers = ", ".join(f"{name} {n:,}" for name, n in figures["baseline"]["answers"].most_common())
     lines = [f"rg_decide, {args.batch}-item batches, mix {args.mix} (fresh-nonce:nonce-again:totp:wrong-totp:"
-             f"receipt), {args.rounds} x {args.calls} calls, synchronous_commit off", "", run.table(rows), "",
+             f"receipt), {args.rounds} x {args.calls} calls, "
+             f"synchronous_commit {'on' if args.sync else 'off'}", "", run.table(rows), "",
              f"measured answers and flags: {answers}"]
     ratios = []
     for c in ("cpu us/item", "wall us/item"):
