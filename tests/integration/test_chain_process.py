@@ -19,13 +19,14 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
+from replayguard.core import checkpoints as cps
 from replayguard.core.chain import GENESIS
 from replayguard.core.checkpoints import Checkpoint
 from replayguard.core.ledger_check import Finding, Problem
 from replayguard.keys import Keys
 from replayguard.services import chain_reader
 from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChildFailed, check_here
-from replayguard.services.ledger import LedgerService
+from replayguard.services.ledger import TRUST_STRETCH, LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
 from tests.waiting import blocked_by, until
 
@@ -88,8 +89,11 @@ async def _tamper(conn: asyncpg.Connection, statement: str) -> None:
     await conn.execute("ALTER TABLE ledger ENABLE TRIGGER ledger_append_only")
 
 
+KEYS = Keys(*(bytes([n]) * 32 for n in range(1, 5)))
+
+
 def _service(pool: asyncpg.Pool, chain: ChainProcess | None) -> LedgerService:
-    return LedgerService(pool, Keys(*(bytes([n]) * 32 for n in range(1, 5))), chain=chain, serving=True)
+    return LedgerService(pool, KEYS, chain=chain, serving=True)
 
 
 async def test_the_check_runs_in_a_child_process_at_a_lower_priority(
@@ -144,6 +148,46 @@ async def test_signed_checkpoints_travel_to_the_child(
     assert result.finding.seq == 200
     beyond = await chain.check(0, GENESIS, *head, checkpoints={400: b"\0" * 32})
     assert beyond.finding is not None and beyond.finding.problem is Problem.MISSING_TAIL
+
+
+async def test_checkpoint_signatures_are_verified_in_short_stretches_beside_decisions(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess, pool: asyncpg.Pool) -> None:
+    """A checkpoint is signed up to once a second, so a whole-ledger verification may
+    verify hundreds of thousands of signatures (about 90 µs each). A serving worker's loop
+    gets a turn after every TRUST_STRETCH of them, and every one still counts: a
+    verification over 300 signed checkpoints pins all 300 and finds the chain intact,
+    while a forged one among them is left out."""
+    _dsn, conn = ledger_db
+    key = KEYS.signing_key()
+    for seq, digest in await conn.fetch("SELECT seq, hash FROM ledger ORDER BY seq"):
+        cp = cps.sign(key, seq, bytes(digest), 1_800_000_000_000_000 + seq)
+        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                           cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+    ledger = _service(pool, chain)
+    report = await ledger.verify()
+    assert (report.ok, report.checked, report.checkpoints) == (True, 300, 300)
+
+    await conn.execute("UPDATE checkpoints SET ts_us = ts_us + 1 WHERE seq = 150")  # no longer what was signed
+    records = await conn.fetch("SELECT * FROM checkpoints ORDER BY seq")
+    turns = 0
+    done = False
+
+    async def probe() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    spin = asyncio.create_task(probe())
+    await asyncio.sleep(0)
+    turns = 0
+    try:
+        signed = await ledger._signed_checkpoints(records)
+    finally:
+        done = True
+        await spin
+    assert [cp.seq for cp in signed] == [seq for seq in range(1, 301) if seq != 150]
+    assert turns >= 300 // TRUST_STRETCH - 1
 
 
 async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
