@@ -45,6 +45,18 @@ def relinked(rows: list[Row], i: int) -> list[Row]:
     return [*rows[:i], Row(row.entry, bytes(32), entry_hash(bytes(32), row.entry)), *rows[i + 1:]]
 
 
+def rewritten(rows: list[Row], i: int) -> list[Row]:
+    """Row i edited and every hash from it on recomputed: a consistent chain that only a
+    checkpoint at or after row i can tell from the original."""
+    out, prev = list(rows[:i]), rows[i].prev_hash
+    for n, row in enumerate(rows[i:]):
+        entry = dataclasses.replace(row.entry, reason="x") if n == 0 else row.entry
+        digest = entry_hash(prev, entry)
+        out.append(Row(entry, prev, digest))
+        prev = digest
+    return out
+
+
 @pytest.mark.parametrize(("rows", "seq", "problem", "message"), [
     (chain(6)[:3] + chain(6)[4:], 4, Problem.MISSING, "entry 4 is missing (next entry is 5)"),
     (edit(chain(6), 1), 2, Problem.MODIFIED, "entry 2 no longer matches its hash"),
@@ -95,29 +107,12 @@ def test_a_head_that_does_not_name_the_last_row_is_found(head_seq: int, head_has
 
 def test_a_checkpoint_mismatch_is_found_even_when_every_hash_was_recomputed() -> None:
     """A consistent rewritten chain differs from what a checkpoint pinned."""
-    original, rewritten = chain(4), chain(4)
-    forged = [Row(dataclasses.replace(r.entry, reason="x"), r.prev_hash, r.hash) for r in rewritten]
-    prev, rows = GENESIS, []
-    for row in forged:
-        digest = entry_hash(prev, row.entry)
-        rows.append(Row(row.entry, prev, digest))
-        prev = digest
+    original = chain(4)
+    rows = rewritten(original, 0)
     checker = ChainChecker(checkpoints={3: original[2].hash})
     finding = next(f for f in (checker.feed(r) for r in rows) if f is not None)
     assert (finding.seq, finding.problem) == (3, Problem.CHECKPOINT_MISMATCH)
     assert "entry 3 differs from its signed checkpoint" in finding.message
-
-
-def rewritten(rows: list[Row], i: int) -> list[Row]:
-    """Row i edited and every hash from it on recomputed: a consistent chain that only a
-    checkpoint at or after row i can tell from the original."""
-    out, prev = list(rows[:i]), rows[i].prev_hash
-    for n, row in enumerate(rows[i:]):
-        entry = dataclasses.replace(row.entry, reason="x") if n == 0 else row.entry
-        digest = entry_hash(prev, entry)
-        out.append(Row(entry, prev, digest))
-        prev = digest
-    return out
 
 
 def fields(row: Row) -> tuple[Any, ...]:
@@ -125,16 +120,16 @@ def fields(row: Row) -> tuple[Any, ...]:
     return (*(getattr(row.entry, name) for name in Entry.__slots__), row.prev_hash, row.hash)
 
 
-def by_rows(rows: list[Row], checkpoints: dict[int, bytes]) -> ChainChecker:
-    checker = ChainChecker(checkpoints=checkpoints)
+def by_rows(checker: ChainChecker, rows: list[Row]) -> ChainChecker:
+    """``checker`` fed ``rows`` one by one, up to the first finding."""
     for row in rows:
         if checker.feed(row) is not None:
             break
     return checker
 
 
-def by_fields(rows: list[Row], checkpoints: dict[int, bytes], chunk: int) -> ChainChecker:
-    checker = ChainChecker(checkpoints=checkpoints)
+def by_fields(checker: ChainChecker, rows: list[Row], chunk: int) -> ChainChecker:
+    """``checker`` fed ``rows`` as fields, ``chunk`` rows a call, up to the first finding."""
     for start in range(0, len(rows), chunk):
         if checker.feed_fields([fields(row) for row in rows[start:start + chunk]]) is not None:
             break
@@ -165,7 +160,8 @@ def test_feeding_fields_finds_what_feeding_rows_finds(tampering: str, chunk: int
     original = chain(8)
     rows = TAMPERINGS[tampering](original, 2)
     checkpoints = {4: original[3].hash}
-    fast, slow = by_fields(rows, checkpoints, chunk), by_rows(rows, checkpoints)
+    fast = by_fields(ChainChecker(checkpoints=checkpoints), rows, chunk)
+    slow = by_rows(ChainChecker(checkpoints=checkpoints), rows)
     assert state(fast) == state(slow)
     assert (slow.finding is None) == (tampering == "intact")
 
@@ -181,14 +177,9 @@ def test_feeding_fields_agrees_with_feeding_rows(n: int, tampering: str, at: int
     rows = TAMPERINGS[tampering](original, min(at, n - 2))
     checkpoints = {seq: original[seq - 1].hash for seq in pinned if seq <= n}
     start = min(start, n - 1)
-    slow = ChainChecker(start, original[start - 1].hash if start else GENESIS, checkpoints)
-    fast = ChainChecker(start, slow.start_hash, checkpoints)
-    for row in rows[start:]:
-        if slow.feed(row) is not None:
-            break
-    for first in range(start, len(rows), chunk):
-        if fast.feed_fields([fields(row) for row in rows[first:first + chunk]]) is not None:
-            break
+    start_hash = original[start - 1].hash if start else GENESIS
+    slow = by_rows(ChainChecker(start, start_hash, checkpoints), rows[start:])
+    fast = by_fields(ChainChecker(start, start_hash, checkpoints), rows[start:], chunk)
     assert state(fast) == state(slow)
     assert fast.finish(n, original[-1].hash) == slow.finish(n, original[-1].hash)
 
