@@ -6,13 +6,19 @@ gives; a row moved or swapped as a link (``prev_hash``) that does not follow its
 predecessor; a rewritten chain (every hash recomputed) as a mismatch with a signed
 checkpoint; a truncated tail as a head that names more than the rows hold. State tables
 that forgot what the ledger accepted are ``replayguard/services/state_check.py``'s to find.
+
+A checkpoint's signature matters only where the checkpoint disagrees with the chain: one
+that agrees vouches for nothing the recomputed hashes do not already show, forged or not,
+and one that disagrees is a finding when it is genuine and is set aside as forged when it
+is not. So ``genuine`` is asked about disagreeing checkpoints alone, and an intact ledger
+costs no signature verification however many checkpoints it has.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +50,31 @@ class Finding:
     message: str
 
 
+def every_checkpoint_genuine(seq: int) -> bool:
+    """For checkpoints whose signatures were verified before they reached the checker."""
+    return True
+
+
 @dataclass
 class ChainChecker:
-    """Feed rows in ``seq`` order from ``start_seq + 1``; stops at the first finding."""
+    """Feed rows in ``seq`` order from ``start_seq + 1``; stops at the first finding.
+
+    ``checkpoints``: the hashes checkpoints give for the rows about to be fed, by ``seq``
+    (a reader that streams them replaces the mapping between calls); ``genuine(seq)``:
+    whether the checkpoint at ``seq`` carries a valid signature of the service's key,
+    asked only of one that disagrees with the chain (the module's docstring says why).
+    ``pinned`` counts the checkpoints the chain agreed with, ``forged`` the disagreeing
+    ones that were not genuine (the first at ``first_forged``)."""
 
     start_seq: int = 0
     start_hash: bytes = GENESIS
     checkpoints: Mapping[int, bytes] = field(default_factory=dict)
+    genuine: Callable[[int], bool] = every_checkpoint_genuine
     checked: int = 0
     finding: Finding | None = None
+    pinned: int = 0
+    forged: int = 0
+    first_forged: int | None = None
 
     def __post_init__(self) -> None:
         self.last_seq = self.start_seq
@@ -69,25 +91,28 @@ class ChainChecker:
     def feed_fields(self, rows: Iterable[Sequence[Any]]) -> Finding | None:
         """``feed`` for rows given as their fields: ``Entry``'s, in its order, then
         ``prev_hash`` and ``hash`` (a reader's columns, e.g. asyncpg records). A row that
-        passes every check is hashed straight from its fields; any other row, and a row
-        with a signed checkpoint, goes through ``feed``, so what is found and said is
+        passes every check (agreeing with its checkpoint, if it has one) is hashed straight
+        from its fields; any other row goes through ``feed``, so what is found and said is
         ``feed``'s."""
         if self.finding is not None:
             return self.finding
-        sha256, checkpoints = hashlib.sha256, self.checkpoints
-        last_seq, last_hash, checked = self.last_seq, self.last_hash, self.checked
+        sha256, pins = hashlib.sha256, self.checkpoints.get
+        last_seq, last_hash, checked, pinned = self.last_seq, self.last_hash, self.checked, self.pinned
         for seq, ts_us, kind, vm_id, subject, digest, decision, reason, payload_text, prev, hash_ in rows:
-            if (seq == last_seq + 1 and prev == last_hash and seq not in checkpoints
+            pin = pins(seq)
+            if (seq == last_seq + 1 and prev == last_hash and (pin is None or pin == hash_)
                     and sha256(prev + canonical_of(seq, ts_us, kind, vm_id, subject, digest, decision, reason,
                                                    payload_text)).digest() == hash_):
                 last_seq, last_hash, checked = seq, hash_, checked + 1
+                if pin is not None:
+                    pinned += 1
                 continue
-            self.last_seq, self.last_hash, self.checked = last_seq, last_hash, checked
+            self.last_seq, self.last_hash, self.checked, self.pinned = last_seq, last_hash, checked, pinned
             entry = Entry(seq, ts_us, kind, vm_id, subject, digest, decision, reason, payload_text)
             if self.feed(Row(entry, prev, hash_)) is not None:
                 return self.finding
-            last_seq, last_hash, checked = self.last_seq, self.last_hash, self.checked
-        self.last_seq, self.last_hash, self.checked = last_seq, last_hash, checked
+            last_seq, last_hash, checked, pinned = self.last_seq, self.last_hash, self.checked, self.pinned
+        self.last_seq, self.last_hash, self.checked, self.pinned = last_seq, last_hash, checked, pinned
         return None
 
     def _check(self, row: Row) -> Finding | None:
@@ -101,9 +126,16 @@ class ChainChecker:
             return Finding(seq, Problem.BROKEN_LINK,
                            f"entry {seq} does not follow entry {seq - 1}: rows were moved, swapped or replaced")
         signed = self.checkpoints.get(seq)
-        if signed is not None and signed != row.hash:
+        if signed is None:
+            return None
+        if signed == row.hash:
+            self.pinned += 1
+        elif self.genuine(seq):
             return Finding(seq, Problem.CHECKPOINT_MISMATCH,
                            f"entry {seq} differs from its signed checkpoint: history up to it was rewritten")
+        else:
+            self.forged += 1
+            self.first_forged = seq if self.first_forged is None else self.first_forged
         return None
 
     def finish(self, head_seq: int, head_hash: bytes) -> Finding | None:
@@ -116,7 +148,8 @@ class ChainChecker:
             self.finding = Finding(head_seq, Problem.HEAD_MISMATCH,
                                    f"the ledger head's hash is not that of entry {head_seq}, the last row")
         if self.finding is None:
-            self.finding = past_head(max(self.checkpoints, default=0), head_seq)
+            self.finding = past_head(max((seq for seq in self.checkpoints if seq > head_seq and self.genuine(seq)),
+                                         default=0), head_seq)
         return self.finding
 
 

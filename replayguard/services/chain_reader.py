@@ -12,6 +12,13 @@ with its parent. When the child cannot answer (it was killed, it cannot start, i
 reach the database), the worker checks on its own loop, in short stretches, so a broken
 child never skips a check; the next check starts a new child. The CLI checks in process
 (``check_here``).
+
+A whole-ledger verification also compares the chain with the signed checkpoints of the
+service's key (``Pins``). The reader fetches them range by range beside the rows, so
+neither process holds them all, and verifies a signature only where a checkpoint
+disagrees with the chain (``core/ledger_check.py``): a quiet deployment signs about one
+checkpoint per entry, and an Ed25519 verification costs about 40 times the re-hashing of
+an entry.
 """
 
 from __future__ import annotations
@@ -23,13 +30,16 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..core import checkpoints as cps
+from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import ChainChecker, Finding, Problem
 
 BATCH = 10_000  # rows per read where nothing else waits on the loop (the child, the CLI)
@@ -45,6 +55,8 @@ _ROWS = (
     "SELECT seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload::text AS payload_text,"
     " prev_hash, hash FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
 )
+_CHECKPOINTS = ("SELECT seq, hash, ts_us, key_id, signature FROM checkpoints"
+                " WHERE key_id = $1 AND seq > $2 AND seq <= $3")
 Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
 
 
@@ -52,6 +64,28 @@ Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
 class ChainResult:
     checked: int
     finding: Finding | None
+    pinned: int = 0  # checkpoints the chain agreed with
+    forged: int = 0  # checkpoints that disagreed without a valid signature (set aside)
+    first_forged: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """Whose checkpoints pin the chain: the service's key (public, so it may go to the child)."""
+
+    key_id: str
+    public_key: Ed25519PublicKey
+
+    def genuine(self, record: asyncpg.Record) -> bool:
+        return cps.verify(self.public_key, Checkpoint(record["seq"], bytes(record["hash"]), record["ts_us"],
+                                                      record["key_id"], bytes(record["signature"])))
+
+    def to_json(self) -> dict[str, str]:
+        return {"key_id": self.key_id, "public_key_pem": cps.public_key_pem(self.public_key)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Pins:
+        return cls(data["key_id"], cps.load_public_key(data["public_key_pem"].encode()))
 
 
 class ChildFailed(Exception):
@@ -69,14 +103,26 @@ async def _stream(conn: asyncpg.Connection, after: int, upto: int,
         after = records[-1]["seq"]
 
 
+async def _pin(conn: asyncpg.Connection, checker: ChainChecker, pins: Pins, after: int, upto: int) -> None:
+    """Gives ``checker`` the checkpoints of entries ``after < seq <= upto`` (one indexed range)."""
+    found = {record["seq"]: record for record in await conn.fetch(_CHECKPOINTS, pins.key_id, after, upto)}
+    checker.checkpoints = {seq: bytes(record["hash"]) for seq, record in found.items()}
+    checker.genuine = lambda seq: pins.genuine(found[seq])
+
+
 async def check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int,
                       progress: Progress | None = None, *, batch: int = BATCH,
-                      yield_every: int | None = None) -> None:
-    """Feeds ``checker`` the rows up to ``upto``; with ``yield_every``, lets the event loop
-    run other work between stretches of that many rows."""
+                      yield_every: int | None = None, pins: Pins | None = None) -> None:
+    """Feeds ``checker`` the rows up to ``upto`` (with ``pins``, and the checkpoints among
+    them); with ``yield_every``, lets the event loop run other work between stretches of
+    that many rows."""
     total = upto - checker.start_seq
     step = yield_every or batch
+    after = checker.start_seq
     async for records in _stream(conn, checker.start_seq, upto, batch):
+        if pins is not None:
+            await _pin(conn, checker, pins, after, records[-1]["seq"])
+        after = records[-1]["seq"]
         for start in range(0, len(records), step):
             if checker.feed_fields(records[start:start + step]) is not None:
                 return
@@ -87,16 +133,18 @@ async def check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int
 
 
 async def check_here(conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
-                     head_hash: bytes, checkpoints: Mapping[int, bytes] | None = None, *,
+                     head_hash: bytes, pins: Pins | None = None, *,
                      serving: bool = True, progress: Progress | None = None) -> ChainResult:
-    """The chain from ``start_seq`` to the head, checked on this event loop (``serving``:
-    in short stretches, beside decisions)."""
-    checker = ChainChecker(start_seq, start_hash, dict(checkpoints or {}))
+    """The chain from ``start_seq`` to the head (and, with ``pins``, against the
+    checkpoints up to the head), checked on this event loop (``serving``: in short
+    stretches, beside decisions)."""
+    checker = ChainChecker(start_seq, start_hash)
     if serving:
-        await check_range(conn, checker, head_seq, progress, batch=SERVING_BATCH, yield_every=YIELD_EVERY)
+        await check_range(conn, checker, head_seq, progress, batch=SERVING_BATCH, yield_every=YIELD_EVERY, pins=pins)
     else:
-        await check_range(conn, checker, head_seq, progress)
-    return ChainResult(checker.checked, checker.finding or checker.finish(head_seq, head_hash))
+        await check_range(conn, checker, head_seq, progress, pins=pins)
+    finding = checker.finding or checker.finish(head_seq, head_hash)
+    return ChainResult(checker.checked, finding, checker.pinned, checker.forged, checker.first_forged)
 
 
 class ChainProcess:
@@ -114,12 +162,11 @@ class ChainProcess:
         self._apart = asyncio.Lock()  # one child at a time for check_apart
 
     async def check(self, start_seq: int, start_hash: bytes, head_seq: int, head_hash: bytes,
-                    checkpoints: Mapping[int, bytes] | None = None) -> ChainResult:
+                    pins: Pins | None = None) -> ChainResult:
         """Raises ``ChildFailed`` when the child cannot answer; the next call starts a new
         child when this one died."""
         request = {"start_seq": start_seq, "start_hash": start_hash.hex(), "head_seq": head_seq,
-                   "head_hash": head_hash.hex(),
-                   "checkpoints": {str(seq): h.hex() for seq, h in (checkpoints or {}).items()}}
+                   "head_hash": head_hash.hex(), "pins": None if pins is None else pins.to_json()}
         async with self._lock:
             try:
                 answer = await self._ask(request)
@@ -135,14 +182,14 @@ class ChainProcess:
             raise ChildFailed(f"the chain check process answered something else: {type(exc).__name__}") from None
 
     async def check_apart(self, start_seq: int, start_hash: bytes, head_seq: int, head_hash: bytes,
-                          checkpoints: Mapping[int, bytes] | None = None) -> ChainResult:
+                          pins: Pins | None = None) -> ChainResult:
         """``check`` in a child of its own, stopped after it: a long check (an analyst's
         verification of the whole ledger) never delays the checkpoint checks made through
         ``check``. One such child at a time; a second waits for the first."""
         async with self._apart:
             child = ChainProcess(self._config["dsn"], self._config["statement_timeout_ms"])
             try:
-                return await child.check(start_seq, start_hash, head_seq, head_hash, checkpoints)
+                return await child.check(start_seq, start_hash, head_seq, head_hash, pins)
             finally:
                 child.close()
 
@@ -210,13 +257,15 @@ _CHILD = "from replayguard.services.chain_reader import child_main; child_main()
 def _result(answer: dict[str, Any]) -> ChainResult:
     finding = answer["finding"]
     return ChainResult(answer["checked"], None if finding is None else
-                       Finding(finding["seq"], Problem(finding["problem"]), finding["message"]))
+                       Finding(finding["seq"], Problem(finding["problem"]), finding["message"]),
+                       answer["pinned"], answer["forged"], answer["first_forged"])
 
 
 def _answer(result: ChainResult) -> dict[str, object]:
     finding = result.finding
     return {"checked": result.checked, "finding": None if finding is None else
-            {"seq": finding.seq, "problem": finding.problem.value, "message": finding.message}}
+            {"seq": finding.seq, "problem": finding.problem.value, "message": finding.message},
+            "pinned": result.pinned, "forged": result.forged, "first_forged": result.first_forged}
 
 
 # --- in the child ---------------------------------------------------------------------
@@ -237,9 +286,9 @@ class _Child:
                                                   server_settings={
                                                       "application_name": f"replayguard-{os.getpid()}",
                                                       "statement_timeout": str(self.statement_timeout_ms)})
-            checkpoints = {int(seq): bytes.fromhex(h) for seq, h in request["checkpoints"].items()}
+            pins = None if request["pins"] is None else Pins.from_json(request["pins"])
             return await check_here(self.conn, request["start_seq"], bytes.fromhex(request["start_hash"]),
-                                    request["head_seq"], bytes.fromhex(request["head_hash"]), checkpoints,
+                                    request["head_seq"], bytes.fromhex(request["head_hash"]), pins,
                                     serving=False)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if self.conn is not None:

@@ -2,8 +2,9 @@
 
 ``verify`` streams the ledger in ``seq`` order in keyset batches (constant memory, no
 OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
-``ledger_head`` and every row with the signed checkpoints, then checks that the state
-tables hold what the entries imply (``state_check.py``). ``checkpoint_if_due`` first
+``ledger_head`` and every row with the checkpoints of the service's key, read beside the
+rows (a signature is verified where a checkpoint disagrees: ``core/ledger_check.py``),
+then checks that the state tables hold what the entries imply (``state_check.py``). ``checkpoint_if_due`` first
 re-verifies the entries since the previous checkpoint, so a checkpoint never vouches for
 a chain that was already altered. Used by the HTTP API, the CLI and the background feed;
 in a serving worker the re-hashing runs in a child process (``chain_reader.py``).
@@ -24,7 +25,7 @@ from ..core.chain import GENESIS
 from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import Finding, Problem, past_head
 from ..pg.connections import UNAVAILABLE_ERRORS, acquire
-from .chain_reader import ChainProcess, ChainResult, ChildFailed, Progress, check_here
+from .chain_reader import ChainProcess, ChainResult, ChildFailed, Pins, Progress, check_here
 from .decide import clock_guard_scope
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
@@ -80,6 +81,7 @@ class LedgerService:
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
         self.key_id = cps.key_id(self.public_key)
+        self._pins = Pins(self.key_id, self.public_key)
         self.clock_scope = clock_guard_scope(keys.pepper)
 
     def public_key_json(self) -> dict[str, str]:
@@ -92,26 +94,30 @@ class LedgerService:
         given); reads the head first, so concurrent appends are ignored. ``rollback`` is
         the continuity guard's finding (a witness holds what the ledger lost)."""
         async with acquire(self._pool) as conn:
-            # The head and the checkpoints from one snapshot: a checkpoint signed meanwhile
-            # must not look like one past the head.
+            # The head and the checkpoints past it from one snapshot: a checkpoint signed
+            # meanwhile must not look like one past the head. Those up to the head are read
+            # beside the rows; one signed later names the head or an entry after it.
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-                records = await conn.fetch("SELECT * FROM checkpoints ORDER BY seq")
-            # Their signatures after the transaction: one verification is about 90 µs, and
-            # a year of checkpoints would keep it open past idle_in_transaction_session_timeout.
-            signed = await self._signed_checkpoints(records)
-            chain = await self._check_chain(conn, 0, GENESIS, head["seq"], bytes(head["hash"]),
-                                            {cp.seq: cp.hash for cp in signed}, progress, apart=True)
+                beyond = await conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq", head["seq"])
+            # Their signatures after the transaction (about 90 µs each; forged rows may be many).
+            signed_beyond = await self._signed_checkpoints(beyond)
+            chain = await self._check_chain(conn, 0, GENESIS, head["seq"], bytes(head["hash"]), self._pins,
+                                            progress, apart=True)
             state, state_checked = None, 0
             if now_us is not None:
                 state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
+        if chain.forged:
+            log.error("checkpoint_signature_invalid", count=chain.forged, first_seq=chain.first_forged)
         finding = chain.finding
+        if finding is None and signed_beyond:
+            finding = past_head(signed_beyond[-1].seq, head["seq"])
         if finding is None and rollback is not None:
             finding = Finding(rollback.first_bad_seq, Problem.LEDGER_ROLLBACK, rollback.message())
         if finding is None and state is not None:
             finding = state.finding()
         return VerifyReport(finding is None, chain.checked, head["seq"], bytes(head["hash"]), finding,
-                            len(signed), state, state_checked)
+                            chain.pinned, state, state_checked)
 
     async def _check_state(self, conn: asyncpg.Connection, upto: int, now_us: int,
                            progress: Progress | None) -> tuple[Disagreement | None, int]:
@@ -140,8 +146,9 @@ class LedgerService:
 
     async def _signed_checkpoints(self, records: list[asyncpg.Record]) -> list[Checkpoint]:
         """Checkpoints whose signature holds; a forged one is logged and not trusted. On a
-        serving worker's loop, ``TRUST_STRETCH`` at a time: a checkpoint is signed up to once
-        a second, and verifying a day's worth in one go would hold decisions for seconds."""
+        serving worker's loop, ``TRUST_STRETCH`` at a time: whoever can write to the
+        database can add any number of rows, and verifying them in one go would hold
+        decisions for as long."""
         good = []
         for n, record in enumerate(records, 1):
             cp = _checkpoint(record)
@@ -214,17 +221,18 @@ class LedgerService:
         return cp
 
     async def _check_chain(self, conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
-                           head_hash: bytes, checkpoints: dict[int, bytes] | None = None,
+                           head_hash: bytes, pins: Pins | None = None,
                            progress: Progress | None = None, *, apart: bool = False) -> ChainResult:
-        """The chain from ``start_seq`` to the head, in a child process when there is one
-        (``apart``: a child of its own, for a whole-ledger verification)."""
+        """The chain from ``start_seq`` to the head (against the checkpoints up to it, with
+        ``pins``), in a child process when there is one (``apart``: a child of its own, for
+        a whole-ledger verification)."""
         if self._chain is not None:
             check = self._chain.check_apart if apart else self._chain.check
             try:
-                return await check(start_seq, start_hash, head_seq, head_hash, checkpoints)
+                return await check(start_seq, start_hash, head_seq, head_hash, pins)
             except ChildFailed as exc:
                 log.warning("chain_check_in_process", error=str(exc))
-        return await check_here(conn, start_seq, start_hash, head_seq, head_hash, checkpoints,
+        return await check_here(conn, start_seq, start_hash, head_seq, head_hash, pins,
                                 serving=self._serving, progress=progress)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ replaced when it dies, never lets a check be skipped, and dies with its parent."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from replayguard.core import checkpoints as cps
@@ -25,7 +27,7 @@ from replayguard.core.checkpoints import Checkpoint
 from replayguard.core.ledger_check import Finding, Problem
 from replayguard.keys import Keys
 from replayguard.services import chain_reader
-from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChildFailed, check_here
+from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChainResult, ChildFailed, Pins, check_here
 from replayguard.services.ledger import TRUST_STRETCH, LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
 from tests.waiting import blocked_by, until
@@ -136,39 +138,100 @@ async def test_the_child_finds_what_the_event_loop_finds(
     assert (results[0].finding.seq, results[0].finding.problem) == (seq, problem)
 
 
-async def test_signed_checkpoints_travel_to_the_child(
-        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
-    """A chain recomputed after an edit still differs from what a checkpoint vouched for."""
-    _dsn, conn = ledger_db
-    head = await _head(conn)
-    good = await conn.fetchval("SELECT hash FROM ledger WHERE seq = 200")
-    forged = {200: bytes(good)[:-1] + bytes([bytes(good)[-1] ^ 1])}
-    result = await chain.check(0, GENESIS, *head, checkpoints=forged)
-    assert result.finding is not None and result.finding.problem is Problem.CHECKPOINT_MISMATCH
-    assert result.finding.seq == 200
-    beyond = await chain.check(0, GENESIS, *head, checkpoints={400: b"\0" * 32})
-    assert beyond.finding is not None and beyond.finding.problem is Problem.MISSING_TAIL
-
-
-async def test_checkpoint_signatures_are_verified_in_short_stretches_beside_decisions(
-        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess, pool: asyncpg.Pool) -> None:
-    """A checkpoint is signed up to once a second, so a whole-ledger verification may
-    verify hundreds of thousands of signatures (about 90 µs each). A serving worker's loop
-    gets a turn after every TRUST_STRETCH of them, and every one still counts: a
-    verification over 300 signed checkpoints pins all 300 and finds the chain intact,
-    while a forged one among them is left out."""
-    _dsn, conn = ledger_db
-    key = KEYS.signing_key()
-    for seq, digest in await conn.fetch("SELECT seq, hash FROM ledger ORDER BY seq"):
-        cp = cps.sign(key, seq, bytes(digest), 1_800_000_000_000_000 + seq)
+async def _insert(conn: asyncpg.Connection, *checkpoints: Checkpoint) -> None:
+    for cp in checkpoints:
         await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
                            cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
-    ledger = _service(pool, chain)
-    report = await ledger.verify()
-    assert (report.ok, report.checked, report.checkpoints) == (True, 300, 300)
 
-    await conn.execute("UPDATE checkpoints SET ts_us = ts_us + 1 WHERE seq = 150")  # no longer what was signed
+
+def _signed(key: Ed25519PrivateKey, seq: int, digest: bytes) -> Checkpoint:
+    return cps.sign(key, seq, digest, 1_800_000_000_000_000 + seq)
+
+
+PINS = Pins(cps.key_id(KEYS.signing_key().public_key()), KEYS.signing_key().public_key())
+
+
+async def test_checkpoints_are_read_beside_the_rows_in_the_child_and_on_the_loop(
+        ledger_db: tuple[str, asyncpg.Connection], chain: ChainProcess) -> None:
+    """Differential: the child, short stretches on the loop and full batches read the
+    service's checkpoints range by range beside the rows (one at the loop's batch edge,
+    250) and give the same result. Agreeing ones pin the chain; one that disagrees under a
+    signature that does not hold is set aside as forged; another key's is not read; a
+    genuine one over a hash its entry no longer has (the chain was rewritten after it was
+    signed) is found at that entry."""
+    _dsn, conn = ledger_db
+    head = await _head(conn)
+    hashes = {seq: bytes(digest) for seq, digest in await conn.fetch("SELECT seq, hash FROM ledger")}
+    ours = KEYS.signing_key()
+    forged = dataclasses.replace(_signed(ours, 100, b"\1" * 32), signature=bytes(64))
+    await _insert(conn, *(_signed(ours, seq, hashes[seq]) for seq in (10, 120, 250)), forged,
+                  _signed(Ed25519PrivateKey.generate(), 60, b"\2" * 32))
+
+    async def every_way() -> ChainResult:
+        results = [await chain.check(0, GENESIS, *head, PINS),
+                   await check_here(conn, 0, GENESIS, *head, PINS, serving=True),
+                   await check_here(conn, 0, GENESIS, *head, PINS, serving=False)]
+        assert results[0] == results[1] == results[2]
+        return results[0]
+
+    assert await every_way() == ChainResult(300, None, pinned=3, forged=1, first_forged=100)
+    await _insert(conn, _signed(ours, 200, b"\3" * 32))
+    rewritten = await every_way()
+    assert rewritten.finding is not None and rewritten.finding.problem is Problem.CHECKPOINT_MISMATCH
+    assert (rewritten.finding.seq, rewritten.checked, rewritten.pinned, rewritten.forged) == (200, 199, 2, 1)
+    assert (await chain.check(0, GENESIS, *head)).pinned == 0  # without pins, no checkpoint is read
+
+
+async def test_signatures_are_verified_only_where_a_checkpoint_disagrees(
+        ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet deployment signs about one checkpoint per entry, and a signature costs
+    about 40 times an entry's re-hashing. 300 checkpoints that agree with the chain pin it
+    with no signature verified. One altered so that it disagrees costs one verification,
+    is set aside and logged, and the rest still pin. Past the head, a forged checkpoint is
+    set aside (one verification) and a genuine one means the tail was cut off."""
+    _dsn, conn = ledger_db
+    ours = KEYS.signing_key()
+    await _insert(conn, *(_signed(ours, seq, bytes(digest))
+                          for seq, digest in await conn.fetch("SELECT seq, hash FROM ledger ORDER BY seq")))
+    verified: list[int] = []
+    real_verify = cps.verify
+
+    def counting(public: Any, cp: Checkpoint) -> bool:
+        verified.append(cp.seq)
+        return real_verify(public, cp)
+
+    monkeypatch.setattr(cps, "verify", counting)
+    ledger = _service(pool, None)
+    report = await ledger.verify()
+    assert (report.ok, report.checked, report.checkpoints, verified) == (True, 300, 300, [])
+
+    await conn.execute("UPDATE checkpoints SET hash = sha256(hash) WHERE seq = 150")
+    with capture_logs() as logs:
+        report = await ledger.verify()
+    assert (report.ok, report.checkpoints, verified) == (True, 299, [150])
+    assert {"event": "checkpoint_signature_invalid", "count": 1, "first_seq": 150,
+            "log_level": "error"} in logs
+
+    await _insert(conn, dataclasses.replace(_signed(ours, 400, b"\4" * 32), signature=bytes(64)))
+    assert (await ledger.verify()).ok is True
+    await _insert(conn, _signed(ours, 401, b"\5" * 32))
+    report = await ledger.verify()
+    assert report.finding is not None and report.finding.problem is Problem.MISSING_TAIL
+    assert report.finding.seq == 301
+
+
+async def test_checkpoints_past_the_head_are_verified_in_short_stretches_beside_decisions(
+        ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool) -> None:
+    """Checkpoints past the head are none or one in a sound ledger, but whoever can write
+    to the database can add any number, each costing a signature verification (about
+    90 µs). A serving worker's loop gets a turn after every TRUST_STRETCH of them, and
+    every one still counts: a forged one among them is left out."""
+    _dsn, conn = ledger_db
+    key = KEYS.signing_key()
+    await _insert(conn, *(_signed(key, seq, bytes([seq % 256]) * 32) for seq in range(301, 601)))
+    await conn.execute("UPDATE checkpoints SET ts_us = ts_us + 1 WHERE seq = 450")  # no longer what was signed
     records = await conn.fetch("SELECT * FROM checkpoints ORDER BY seq")
+    ledger = _service(pool, None)
     turns = 0
     done = False
 
@@ -186,7 +249,7 @@ async def test_checkpoint_signatures_are_verified_in_short_stretches_beside_deci
     finally:
         done = True
         await spin
-    assert [cp.seq for cp in signed] == [seq for seq in range(1, 301) if seq != 150]
+    assert [cp.seq for cp in signed] == [seq for seq in range(301, 601) if seq != 450]
     assert turns >= 300 // TRUST_STRETCH - 1
 
 

@@ -194,6 +194,39 @@ def test_feeding_fields_after_a_finding_changes_nothing() -> None:
     assert (checker.checked, checker.last_seq) == (1, 1)
 
 
+@settings(max_examples=400, deadline=None)
+@given(n=st.integers(2, 12), tampering=st.sampled_from(sorted(TAMPERINGS)), at=st.integers(0, 10),
+       chunk=st.integers(1, 13),
+       marks=st.dictionaries(st.integers(1, 15), st.tuples(st.booleans(), st.booleans()), max_size=6))
+def test_asking_for_signatures_only_where_checkpoints_disagree_finds_what_verifying_all_finds(
+        n: int, tampering: str, at: int, chunk: int, marks: dict[int, tuple[bool, bool]]) -> None:
+    """Differential: checkpoints at any entries (some past the head), each over the
+    original chain's hash or another, each genuine or forged. A checker that asks
+    ``genuine`` only about checkpoints that disagree with the chain reaches the finding,
+    count and position of one given the genuine checkpoints alone (every signature checked
+    first), on either feeding path and at the end; it asks about no checkpoint that agrees,
+    pins every agreeing one it passes, and counts the forged ones it passes."""
+    original = chain(n)
+    rows = TAMPERINGS[tampering](original, min(at, n - 2))
+    hashes = {seq: original[seq - 1].hash if agrees and seq <= n else bytes([seq]) * 32
+              for seq, (agrees, _) in marks.items()}
+    genuine = {seq: real for seq, (_, real) in marks.items()}
+    asked: list[int] = []
+
+    def judge(seq: int) -> bool:
+        asked.append(seq)
+        return genuine[seq]
+
+    lazy = by_fields(ChainChecker(checkpoints=hashes, genuine=judge), rows, chunk)
+    eager = by_rows(ChainChecker(checkpoints={seq: h for seq, h in hashes.items() if genuine[seq]}), rows)
+    assert state(lazy) == state(eager)
+    passed = {row.entry.seq: row.hash for row in rows[:lazy.checked]}
+    assert all(hashes[seq] != passed.get(seq) for seq in asked)
+    assert lazy.pinned == sum(hashes[seq] == passed[seq] for seq in hashes.keys() & passed.keys())
+    assert lazy.forged == sum(hashes[seq] != passed[seq] and not genuine[seq] for seq in hashes.keys() & passed.keys())
+    assert lazy.finish(n, original[-1].hash) == eager.finish(n, original[-1].hash)
+
+
 def test_checkpoints_verify_with_the_public_key_only() -> None:
     """A checkpoint round-trips through JSON and verifies; any changed field does not."""
     key = Ed25519PrivateKey.generate()
