@@ -46,6 +46,7 @@ import pyotp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timeline
+from own_server import own_server
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="a database on the server where the benchmark may CREATE and DROP its own")
+    p.add_argument("--own-server", action="store_true",
+                   help="run against a PostgreSQL 15 server of the benchmark's own, set up as docs/operations.md "
+                        "says (bench/own_server.py: autovacuum on, the workload settings), instead of "
+                        "--pg-admin-url's")
     p.add_argument("--redis-url", help="run the service with this Redis (alert fan-out); "
                    "also enables the with/without Redis replay comparison")
     p.add_argument("--workers", type=int, default=1, help="service worker processes (serve --workers)")
@@ -1015,6 +1020,14 @@ def commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.own_server:
+        with own_server() as admin_url:
+            args.pg_admin_url = admin_url
+            return measure_all(args)
+    return measure_all(args)
+
+
+def measure_all(args: argparse.Namespace) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(3)
     rev = commit()

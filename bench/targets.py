@@ -255,7 +255,8 @@ def measure(args: argparse.Namespace, name: str, extra: list[str], work: Path) -
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(BENCH / "run.py"), "--duration", str(args.duration), "--principals",
            str(args.principals), "--pg-admin-url", args.pg_admin_url, "--quiet-wait", str(args.quiet_wait),
-           "--no-replay", "--no-floor", "--baseline-batch", "0", "--results-dir", str(out), *extra]
+           "--no-replay", "--no-floor", "--baseline-batch", "0", "--results-dir", str(out),
+           *(["--own-server"] if args.own_server else []), *extra]
     with (out / "run.log").open("w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     found = sorted(out.glob("*.json"))
@@ -279,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=0.0, help="passed to bench/run.py")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="passed to bench/run.py")
+    p.add_argument("--own-server", action="store_true",
+                   help="passed to bench/run.py: each measurement on a PostgreSQL server of its own, set up as "
+                        "docs/operations.md says (bench/own_server.py)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:

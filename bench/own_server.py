@@ -1,0 +1,67 @@
+"""A PostgreSQL server of the benchmark's own, set up as docs/operations.md tells an operator.
+
+The machine's shared server runs with its CI configuration (``autovacuum = off`` among
+others), which the service warns about at start-up. ``own_server()`` initialises a
+cluster with Debian's PostgreSQL 15 binaries in a directory under ``/var/tmp`` (the same
+disk as the shared server's data), with the embedded server's workload settings
+(``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS``), ``autovacuum``, ``fsync`` and
+``synchronous_commit`` on and the shared server's ``max_connections`` (100); it listens
+on 127.0.0.1 and a free port, so the service, the baseline and the samplers reach it as
+they reach the shared one. It is stopped and removed on exit. As root, the server runs as
+the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from replayguard.pg.embedded import WORKLOAD_SETTINGS
+
+BIN = Path(os.environ.get("RG_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
+SETTINGS = {**WORKLOAD_SETTINGS, "autovacuum": "on", "fsync": "on", "synchronous_commit": "on",
+            "max_connections": "100", "listen_addresses": "'127.0.0.1'"}
+
+
+def _run(*args: str) -> None:
+    user = "postgres" if os.geteuid() == 0 else None
+    done = subprocess.run(list(args), capture_output=True, text=True, user=user, check=False,
+                          stdin=subprocess.DEVNULL, cwd="/", timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}")
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def own_server() -> Iterator[str]:
+    """Yields the admin URL (database ``postgres``) of a fresh server; stops and removes it after."""
+    if not (BIN / "initdb").exists():
+        raise RuntimeError(f"no PostgreSQL binaries in {BIN} (set RG_BENCH_PG_BIN)")
+    root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        data = root / "data"
+        _run(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+        port = _port()
+        settings = {**SETTINGS, "port": str(port), "unix_socket_directories": f"'{root}'"}
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))
+        _run(str(BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
+        try:
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            _run(str(BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
