@@ -30,7 +30,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ BATCH = 10_000  # rows per read where nothing else waits on the loop (the child,
 # millisecond of CPU (bench/loop_blocks.py measures it).
 SERVING_BATCH = 250
 YIELD_EVERY = 50
+# A checkpoint that disagrees with the chain costs a signature verification (about 100 µs),
+# so a stretch on a serving loop also ends after this many checkpoints.
+PINS_PER_STRETCH = 4
 CHILD_NICE = 10  # the child yields the CPU to decisions (the worker and PostgreSQL)
 _PR_SET_PDEATHSIG = 1
 # The columns in the order ChainChecker.feed_fields takes them.
@@ -115,21 +118,37 @@ async def check_range(conn: asyncpg.Connection, checker: ChainChecker, upto: int
                       yield_every: int | None = None, pins: Pins | None = None) -> None:
     """Feeds ``checker`` the rows up to ``upto`` (with ``pins``, and the checkpoints among
     them); with ``yield_every``, lets the event loop run other work between stretches of
-    that many rows."""
+    that many rows and at most ``PINS_PER_STRETCH`` checkpoints."""
     total = upto - checker.start_seq
-    step = yield_every or batch
     after = checker.start_seq
     async for records in _stream(conn, checker.start_seq, upto, batch):
         if pins is not None:
             await _pin(conn, checker, pins, after, records[-1]["seq"])
         after = records[-1]["seq"]
-        for start in range(0, len(records), step):
-            if checker.feed_fields(records[start:start + step]) is not None:
+        if yield_every is None:
+            if checker.feed_fields(records) is not None:
                 return
-            if yield_every is not None:
+        else:
+            for stretch in stretches(records, yield_every, checker.checkpoints):
+                if checker.feed_fields(stretch) is not None:
+                    return
                 await asyncio.sleep(0)
         if progress is not None:
             progress(checker.checked, total)
+
+
+def stretches(records: list[asyncpg.Record], rows: int, checkpoints: Mapping[int, bytes],
+              pins: int = PINS_PER_STRETCH) -> Iterator[list[asyncpg.Record]]:
+    """``records`` cut into runs of at most ``rows`` rows, each ending after its ``pins``-th
+    row with a checkpoint."""
+    start = pinned = 0
+    for n, record in enumerate(records, 1):
+        pinned += record["seq"] in checkpoints
+        if n - start == rows or pinned == pins:
+            yield records[start:n]
+            start, pinned = n, 0
+    if start < len(records):
+        yield records[start:]
 
 
 async def check_here(conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,

@@ -27,7 +27,15 @@ from replayguard.core.checkpoints import Checkpoint
 from replayguard.core.ledger_check import Finding, Problem
 from replayguard.keys import Keys
 from replayguard.services import chain_reader
-from replayguard.services.chain_reader import CHILD_NICE, ChainProcess, ChainResult, ChildFailed, Pins, check_here
+from replayguard.services.chain_reader import (
+    CHILD_NICE,
+    PINS_PER_STRETCH,
+    ChainProcess,
+    ChainResult,
+    ChildFailed,
+    Pins,
+    check_here,
+)
 from replayguard.services.ledger import TRUST_STRETCH, LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
 from tests.waiting import blocked_by, until
@@ -218,6 +226,44 @@ async def test_signatures_are_verified_only_where_a_checkpoint_disagrees(
     report = await ledger.verify()
     assert report.finding is not None and report.finding.problem is Problem.MISSING_TAIL
     assert report.finding.seq == 301
+
+
+async def test_forged_checkpoints_cut_the_loops_stretches(
+        ledger_db: tuple[str, asyncpg.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a serving loop (the fallback when the child cannot answer), every checkpoint
+    that disagrees costs a signature verification: with 300 forged ones, one per entry, a
+    probe task counts the verifications made between two of its turns, and never sees
+    more than PINS_PER_STRETCH; all 300 are verified and set aside."""
+    _dsn, conn = ledger_db
+    head = await _head(conn)
+    await _insert(conn, *(dataclasses.replace(_signed(KEYS.signing_key(), seq, b"\6" * 32), signature=bytes(64))
+                          for seq in range(1, 301)))
+    since_turn, most, total = 0, 0, 0
+    real_verify = cps.verify
+
+    def counting(public: Any, cp: Checkpoint) -> bool:
+        nonlocal since_turn, total
+        since_turn, total = since_turn + 1, total + 1
+        return real_verify(public, cp)
+
+    monkeypatch.setattr(cps, "verify", counting)
+    done = False
+
+    async def probe() -> None:
+        nonlocal since_turn, most
+        while not done:
+            most, since_turn = max(most, since_turn), 0
+            await asyncio.sleep(0)
+
+    spin = asyncio.create_task(probe())
+    await asyncio.sleep(0)
+    try:
+        result = await check_here(conn, 0, GENESIS, *head, PINS, serving=True)
+    finally:
+        done = True
+        await spin
+    assert result == ChainResult(300, None, pinned=0, forged=300, first_forged=1)
+    assert (total, most) == (300, PINS_PER_STRETCH)
 
 
 async def test_checkpoints_past_the_head_are_verified_in_short_stretches_beside_decisions(
