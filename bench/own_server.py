@@ -44,8 +44,9 @@ def _port() -> int:
 
 
 @contextmanager
-def own_server() -> Iterator[str]:
-    """Yields the admin URL (database ``postgres``) of a fresh server; stops and removes it after."""
+def own_server(extra: dict[str, str] | None = None) -> Iterator[str]:
+    """Yields the admin URL (database ``postgres``) of a fresh server, with ``extra``
+    settings over ``SETTINGS``; stops and removes it after."""
     if not (BIN / "initdb").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {BIN} (set RG_BENCH_PG_BIN)")
     root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
@@ -55,7 +56,7 @@ def own_server() -> Iterator[str]:
         data = root / "data"
         _run(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
         port = _port()
-        settings = {**SETTINGS, "port": str(port), "unix_socket_directories": f"'{root}'"}
+        settings = {**SETTINGS, **(extra or {}), "port": str(port), "unix_socket_directories": f"'{root}'"}
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))
         _run(str(BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run against a PostgreSQL 15 server of the benchmark's own, set up as docs/operations.md "
                         "says (bench/own_server.py: autovacuum on, the workload settings), instead of "
                         "--pg-admin-url's")
+    p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --own-server: a postgresql.conf setting over its own (repeatable)")
     p.add_argument("--redis-url", help="run the service with this Redis (alert fan-out); "
                    "also enables the with/without Redis replay comparison")
     p.add_argument("--workers", type=int, default=1, help="service worker processes (serve --workers)")
@@ -118,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.replay_levels = [int(c) for c in args.replay_concurrency.split(",") if c]
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (apt-get install -y wrk)")
+    if args.pg_setting and not args.own_server:
+        p.error("--pg-setting needs --own-server")
+    if any("=" not in setting for setting in args.pg_setting):
+        p.error("--pg-setting takes NAME=VALUE")
     return args
 
 
@@ -1021,7 +1027,7 @@ def commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.own_server:
-        with own_server() as admin_url:
+        with own_server(dict(setting.split("=", 1) for setting in args.pg_setting)) as admin_url:
             args.pg_admin_url = admin_url
             return measure_all(args)
     return measure_all(args)
