@@ -6,8 +6,9 @@ OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
 rows (a signature is verified where a checkpoint disagrees: ``core/ledger_check.py``),
 then checks that the state tables hold what the entries imply (``state_check.py``).
 ``checkpoint_if_due`` first re-verifies the entries since the previous checkpoint, so a
-checkpoint never vouches for a chain that was already altered. Used by the HTTP API, the CLI and the background feed;
-in a serving worker the re-hashing runs in a child process (``chain_reader.py``).
+checkpoint never vouches for a chain that was already altered. Used by the HTTP API, the
+CLI and the background feed; in a serving worker the re-hashing runs in a child process
+(``chain_reader.py``).
 """
 
 from __future__ import annotations
