@@ -37,7 +37,8 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}")
 
 
-def _port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -55,7 +56,7 @@ def own_server(extra: dict[str, str] | None = None) -> Iterator[str]:
             shutil.chown(root, "postgres")
         data = root / "data"
         _run(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
-        port = _port()
+        port = free_port()
         settings = {**SETTINGS, **(extra or {}), "port": str(port), "unix_socket_directories": f"'{root}'"}
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))

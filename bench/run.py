@@ -46,7 +46,7 @@ import pyotp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timeline
-from own_server import own_server
+from own_server import free_port, own_server
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -227,12 +227,6 @@ async def storage(dsn: str) -> dict[str, Any]:
 
 
 # --- the service ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def cli(*args: str, env: dict[str, str]) -> str:
     done = subprocess.run([sys.executable, "-m", "replayguard", *args], capture_output=True, text=True,

@@ -39,6 +39,7 @@ import asyncpg
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loop_blocks
 import run
 
 from replayguard.core import checkpoints as cps
@@ -51,12 +52,10 @@ _TS = 1764900000000000
 
 
 async def build(dsn: str, rows: int, every: int) -> int:
-    """Appends the entries and signs the checkpoints; returns how many were signed."""
+    """Appends the entries (as ``bench/loop_blocks.py`` does) and signs the checkpoints;
+    returns how many were signed."""
+    await loop_blocks.append(dsn, rows)
     conn = await asyncpg.connect(dsn)
-    await conn.execute(
-        "SELECT rg_append($2::bigint + g, 'nonce', 'vm-' || (g % 256), 'bench', sha256(int8send(g)),"
-        " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
-        " FROM generate_series(1, $1) g", rows, _TS)
     key = KEYS.signing_key()
     records = []
     for seq, digest in await conn.fetch("SELECT seq, hash FROM ledger WHERE seq % $1 = 0 ORDER BY seq", every):

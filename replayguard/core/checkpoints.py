@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -86,6 +87,12 @@ def _hex(data: Mapping[str, object], name: str, size: int) -> bytes:
     if len(raw) != size:
         raise ValueError(f"checkpoint field {name!r} must be {size} bytes of hex")
     return raw
+
+
+def from_row(row: Mapping[str, Any]) -> Checkpoint:
+    """A row of the ``checkpoints`` table (``seq``, ``hash``, ``ts_us``, ``key_id``,
+    ``signature``; an asyncpg record or any mapping)."""
+    return Checkpoint(row["seq"], bytes(row["hash"]), row["ts_us"], row["key_id"], bytes(row["signature"]))
 
 
 def from_json(data: object) -> Checkpoint:

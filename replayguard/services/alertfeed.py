@@ -408,9 +408,7 @@ class AlertFeed:
             for record in alerts:
                 self.dispatcher.submit(sink_record(record))
             for record in checkpoints:
-                self.dispatcher.submit(cps.to_json(Checkpoint(
-                    record["seq"], bytes(record["hash"]), record["ts_us"], record["key_id"],
-                    bytes(record["signature"]))))
+                self.dispatcher.submit(cps.to_json(cps.from_row(record)))
             await conn.execute(
                 "UPDATE sink_feed SET alert_change_seq = greatest(alert_change_seq, $1),"
                 " checkpoint_seq = greatest(checkpoint_seq, $2)",

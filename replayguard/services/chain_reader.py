@@ -39,7 +39,6 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core import checkpoints as cps
-from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import ChainChecker, Finding, Problem
 
 BATCH = 10_000  # rows per read where nothing else waits on the loop (the child, the CLI)
@@ -48,8 +47,10 @@ BATCH = 10_000  # rows per read where nothing else waits on the loop (the child,
 # millisecond of CPU (bench/loop_blocks.py measures it).
 SERVING_BATCH = 250
 YIELD_EVERY = 50
-# A checkpoint that disagrees with the chain costs a signature verification (about 100 µs),
-# so a stretch on a serving loop also ends after this many checkpoints.
+# Signature verifications (Ed25519, about 90-120 µs each) between two turns of a serving
+# loop: a stretch of the chain check also ends after this many checkpoints, since each
+# that disagrees costs one, and LedgerService verifies those past the head this many at
+# a time.
 PINS_PER_STRETCH = 4
 CHILD_NICE = 10  # the child yields the CPU to decisions (the worker and PostgreSQL)
 _PR_SET_PDEATHSIG = 1
@@ -80,8 +81,7 @@ class Pins:
     public_key: Ed25519PublicKey
 
     def genuine(self, record: asyncpg.Record) -> bool:
-        return cps.verify(self.public_key, Checkpoint(record["seq"], bytes(record["hash"]), record["ts_us"],
-                                                      record["key_id"], bytes(record["signature"])))
+        return cps.verify(self.public_key, cps.from_row(record))
 
     def to_json(self) -> dict[str, str]:
         return {"key_id": self.key_id, "public_key_pem": cps.public_key_pem(self.public_key)}

@@ -26,7 +26,7 @@ from ..core.chain import GENESIS
 from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import Finding, Problem, past_head
 from ..pg.connections import UNAVAILABLE_ERRORS, acquire
-from .chain_reader import ChainProcess, ChainResult, ChildFailed, Pins, Progress, check_here
+from .chain_reader import PINS_PER_STRETCH, ChainProcess, ChainResult, ChildFailed, Pins, Progress, check_here
 from .decide import clock_guard_scope
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
@@ -37,9 +37,6 @@ from ..keys import Keys
 log = structlog.get_logger(__name__)
 
 _CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
-# Signatures verified in one go on a serving loop (Ed25519, about 90-120 µs each): the
-# loop gets a turn at least once a millisecond.
-TRUST_STRETCH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,15 +144,15 @@ class LedgerService:
 
     async def _signed_checkpoints(self, records: list[asyncpg.Record]) -> list[Checkpoint]:
         """Checkpoints whose signature holds; a forged one is logged and not trusted. On a
-        serving worker's loop, ``TRUST_STRETCH`` at a time: whoever can write to the
+        serving worker's loop, ``PINS_PER_STRETCH`` at a time: whoever can write to the
         database can add any number of rows, and verifying them in one go would hold
         decisions for as long."""
         good = []
         for n, record in enumerate(records, 1):
-            cp = _checkpoint(record)
+            cp = cps.from_row(record)
             if self._trusted(cp):
                 good.append(cp)
-            if self._serving and n % TRUST_STRETCH == 0:
+            if self._serving and n % PINS_PER_STRETCH == 0:
                 await asyncio.sleep(0)
         return good
 
@@ -181,7 +178,7 @@ class LedgerService:
                 "SELECT * FROM checkpoints WHERE seq < coalesce($1::bigint, 9223372036854775807)"
                 " ORDER BY seq DESC LIMIT $2",
                 before_seq, limit)
-        return [cps.to_json(_checkpoint(r)) for r in records]
+        return [cps.to_json(cps.from_row(r)) for r in records]
 
     async def checkpoint_if_due(self, now_us: int, every: int, interval_us: int) -> Checkpoint | Finding | None:
         """Signs the head when ``every`` entries or ``interval_us`` passed since the last
@@ -206,7 +203,7 @@ class LedgerService:
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
         last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
         # Continue from the last checkpoint only when it is provably ours.
-        trusted = last is not None and self._trusted(_checkpoint(last))
+        trusted = last is not None and self._trusted(cps.from_row(last))
         if trusted and (cut := past_head(last["seq"], head["seq"])) is not None:
             return cut
         if not _due(head["seq"], last, now_us, every, interval_us):
@@ -260,7 +257,3 @@ def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, in
         return False
     return bool(head_seq - last["seq"] >= every or now_us - last["ts_us"] >= interval_us)
 
-
-def _checkpoint(record: asyncpg.Record) -> Checkpoint:
-    return Checkpoint(record["seq"], bytes(record["hash"]), record["ts_us"], record["key_id"],
-                      bytes(record["signature"]))

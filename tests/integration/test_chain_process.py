@@ -36,7 +36,7 @@ from replayguard.services.chain_reader import (
     Pins,
     check_here,
 )
-from replayguard.services.ledger import TRUST_STRETCH, LedgerService
+from replayguard.services.ledger import LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
 from tests.waiting import blocked_by, until
 
@@ -270,7 +270,7 @@ async def test_checkpoints_past_the_head_are_verified_in_short_stretches_beside_
         ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool) -> None:
     """Checkpoints past the head are none or one in a sound ledger, but whoever can write
     to the database can add any number, each costing a signature verification (about
-    90 µs). A serving worker's loop gets a turn after every TRUST_STRETCH of them, and
+    90 µs). A serving worker's loop gets a turn after every PINS_PER_STRETCH of them, and
     every one still counts: a forged one among them is left out."""
     _dsn, conn = ledger_db
     key = KEYS.signing_key()
@@ -296,7 +296,7 @@ async def test_checkpoints_past_the_head_are_verified_in_short_stretches_beside_
         done = True
         await spin
     assert [cp.seq for cp in signed] == [seq for seq in range(301, 601) if seq != 450]
-    assert turns >= 300 // TRUST_STRETCH - 1
+    assert turns >= 300 // PINS_PER_STRETCH - 1
 
 
 async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
