@@ -5,10 +5,11 @@ It creates its own database on the given PostgreSQL (dropped at the end), starts
 ``replayguard serve`` as real processes, enrolls TOTP principals through the admin API,
 and drives ``POST /v1/otp/verify`` and ``POST /v1/nonces/consume`` with wrk and
 ``bench/decisions.lua`` at each concurrency for a fixed duration. Beside it, it measures
-the same ledger-shaped insert through asyncpg without HTTP (per-row commits, and batched),
+the same ledger-shaped insert through asyncpg without HTTP (per-row commits, and
+batched) and behind a bare aiohttp handler (one commit a request: the durable floor),
 the replay path with and without Redis configured, bytes per ledger entry and, with
-``--seed-old N``, the same load on a ledger seeded with N old entries. Results are printed
-as tables and written to ``bench/results/<timestamp>-<commit>.json``.
+``--seed-old N``, the same load on a ledger seeded with N old entries. Results are
+printed as tables and written to ``bench/results/<timestamp>-<commit>.json``.
 
 See bench/README.md for what the numbers mean.
 """
@@ -46,6 +47,7 @@ import pyotp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timeline
+from ledger_row import BASELINE_DDL, BATCH_SQL, PAYLOAD, ROW_SQL
 from own_server import free_port, own_server
 
 BENCH = Path(__file__).resolve().parent
@@ -96,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-replay", action="store_true", help="skip the with/without Redis replay comparison")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the HTTP floor (a bare aiohttp handler under the same wrk at c=64)")
+    p.add_argument("--no-durable-floor", action="store_true",
+                   help="skip the durable floor (the per-row baseline's row committed behind a bare aiohttp "
+                        "handler, at each concurrency)")
     p.add_argument("--replay-concurrency", default="16,64", help="concurrencies of the replay-only runs")
     p.add_argument("--healthz", action="store_true", help="also measure wrk against GET /healthz")
     p.add_argument("--marks-every", type=float, default=timeline.SAMPLE_S, metavar="S",
@@ -648,11 +653,12 @@ class Bench:
         return result
 
 
-def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any]:
-    """What one request costs this machine before any replayguard code: a bare aiohttp
-    handler (bench/floor_app.py), the same Python, uvloop and wrk, a decision-sized POST."""
+@contextmanager
+def floor_app(*db: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """bench/floor_app.py on a free port, once it accepts connections; ``db`` is its
+    database URL and connections for the durable floor, nothing for the HTTP floor."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FLOOR_APP), str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, str(FLOOR_APP), str(port), *db], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=REPO)
     try:
         deadline = time.monotonic() + 30
@@ -666,6 +672,17 @@ def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any]:
+    """What one request costs this machine before any replayguard code: a bare aiohttp
+    handler (bench/floor_app.py), the same Python, uvloop and wrk, a decision-sized POST."""
+    with floor_app() as (proc, port):
         waited = wait_for_quiet_machine(args)
         server = psutil.Process(proc.pid)
         cpu0, wall0 = cpu_of([server]), time.monotonic()
@@ -675,9 +692,6 @@ def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any
                                f"http://127.0.0.1:{port}/v1/nonces/consume"],
                               capture_output=True, text=True, timeout=args.duration + 60, check=False)
         cores = (cpu_of([server]) - cpu0) / (time.monotonic() - wall0)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     parsed = _parse_wrk(done.stdout, done.stderr)
     rate = parsed["requests"] / (parsed["duration_us"] / 1e6)
     return {"concurrency": concurrency, "rate": round(rate, 1), "server_cores": round(cores, 2),
@@ -685,6 +699,25 @@ def http_floor(args: argparse.Namespace, concurrency: int = 64) -> dict[str, Any
             "p50_ms": round(parsed["latency_us"]["p50"] / 1000, 2),
             "p99_ms": round(parsed["latency_us"]["p99"] / 1000, 2),
             "waited_for_quiet_s": waited}
+
+
+def durable_floor(setup: Setup, run_id: str, concurrency: int) -> dict[str, Any]:
+    """What a durable answer over HTTP costs this machine with one commit a request: the
+    per-row baseline's row committed behind a bare aiohttp handler (bench/floor_app.py),
+    driven by the same wrk and bench/decisions.lua (fresh nonces) and timed answer by
+    answer as the service's phases are."""
+    args = setup.args
+    conns = min(concurrency, args.baseline_max_conns)
+    lat = setup.log_dir / f"latency-durable-floor-c{concurrency}"
+    with floor_app(setup.dsn, str(conns)) as (proc, port):
+        waited = wait_for_quiet_machine(args)
+        with cpu_meter(Service([proc], []), setup.dsn.rpartition("/")[2]) as cpu:
+            parts = run_wrk([f"http://127.0.0.1:{port}"], concurrency, args.duration, args.wrk_threads,
+                            [["-", "N", "-", f"{run_id}f{concurrency}", "-", str(lat)]])
+    samples = timeline.read_latencies(list(lat.parent.glob(lat.name + ".*")))
+    result = combine(parts)
+    return {"concurrency": concurrency, "connections": conns, "rate": result["rate"], "errors": result["errors"],
+            "overall": timeline.overall(samples), "cpu": cpu, "waited_for_quiet_s": waited}
 
 
 def cpu_us_per_decision(phase: dict[str, Any]) -> float | None:
@@ -771,28 +804,6 @@ def replay_compare(setup: Setup, token: str, run_id: str) -> list[dict[str, Any]
 
 
 # --- the asyncpg baseline ---------------------------------------------------------------------
-
-BASELINE_DDL = """
-CREATE TABLE IF NOT EXISTS bench_ledger (LIKE ledger INCLUDING ALL);
-CREATE TABLE IF NOT EXISTS bench_uses (LIKE uses INCLUDING ALL);
-"""
-ROW_SQL = """
-WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-           VALUES ($1, 'nonce', $2, 'bench', $3, $4, $5) ON CONFLICT (digest) DO NOTHING RETURNING digest)
-INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok', $6::jsonb, $7, $8)
-"""
-BATCH_SQL = """
-WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-           SELECT d, 'nonce', v, 'bench', s, t, t + 300000000
-           FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[]) AS x(d, v, s, t)
-           ON CONFLICT (digest) DO NOTHING RETURNING digest)
-INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok', $5::jsonb, h, h
-FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $6::bytea[]) AS x(d, v, s, t, h)
-"""
-PAYLOAD = '{"ttl_s": 300, "flags": [], "epoch": 0, "receipt": "absent"}'
-
 
 async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_conns: int) -> dict[str, Any]:
     """Ledger-shaped rows (ledger + uses, one statement) committed one per transaction or in batches."""
@@ -978,6 +989,23 @@ def report(result: dict[str, Any]) -> str:
             rows.append([str(b["concurrency"]), str(b["connections"]), str(b["batch"]), f"{b['rows_per_s']:.0f}",
                          f"{b['p50_ms']:.2f}", f"{b['p99_ms']:.2f}", str(b["client_cpu"]), str(b.get("machine_busy"))])
         out.append("Baseline: ledger + uses insert through asyncpg, no HTTP\n" + table(rows))
+    if result.get("durable_floor"):
+        phases = {r["concurrency"]: r for r in main["phases"]}
+        rows = [["conc", "conns", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "CPU floor/pg",
+                 "svc/floor decisions/s", "svc/floor p99"]]
+        for f in result["durable_floor"]:
+            o, svc = f["overall"], phases.get(f["concurrency"])
+            if not o:
+                rows.append([str(f["concurrency"]), str(f["connections"]), "no answers", *["-"] * 7])
+                continue
+            mine = svc["timeline"]["overall"] if svc else None
+            rows.append([str(f["concurrency"]), str(f["connections"]), f"{f['rate']:.0f}", f"{o['p50_ms']:.2f}",
+                         f"{o['p99_ms']:.2f}", f"{o['p99.9_ms']:.2f}", f"{o['max_ms']:.2f}",
+                         f"{f['cpu']['service']}/{f['cpu']['postgres']}",
+                         f"{svc['rate'] / f['rate']:.2f}" if svc and f["rate"] else "-",
+                         f"{mine['p99_ms'] / o['p99_ms']:.2f}" if mine and o["p99_ms"] else "-"])
+        out.append("Durable floor: the baseline's row committed behind a bare aiohttp handler, one commit a "
+                   "request, same wrk and timing\n" + table(rows))
     if result.get("replay"):
         rows = [["refused by", "conc", "rejects/s", "p50 ms", "p95 ms", "p99 ms", "errors", "CPU svc/pg/other",
                  "ledger appends"]]
@@ -1048,6 +1076,8 @@ def measure_all(args: argparse.Namespace) -> int:
             result["floor"] = http_floor(args)
         if not args.no_baseline:
             result["baseline"] = run_baseline(setup.dsn, args)
+        if not args.no_durable_floor:
+            result["durable_floor"] = [durable_floor(setup, run_id, c) for c in args.levels]
         if args.redis_url and not args.no_replay:
             result["replay"] = replay_compare(setup, token, run_id)
         if args.seed_old:

@@ -107,6 +107,21 @@ def test_a_latency_target_is_shown_beside_the_baseline_of_the_same_run() -> None
     assert checks["c=64 p99 ≤ 10 ms"].beside.startswith("per-row baseline p99 20.00 ms")
 
 
+def test_the_durable_floor_of_the_same_run_is_shown_and_never_judged() -> None:
+    """The durable floor's p99 stands beside the c=1 and c=64 p99 targets and its rate beside
+    the throughput target; a floor that answered nothing is left out; no verdict moves."""
+    results = _good()
+    results["c=1"]["durable_floor"] = [{"concurrency": 1, "rate": 1000.0, "overall": {"p99_ms": 2.5}}]
+    results["c=64"]["durable_floor"] = [{"concurrency": 64, "rate": 6000.0, "overall": {"p99_ms": 30.0}}]
+    checks = _by_target(targets.evaluate(results))
+    assert "durable floor p99 2.50 ms" in checks["c=1 p99 ≤ 2 ms"].beside
+    assert "durable floor p99 30.00 ms" in checks["c=64 p99 ≤ 10 ms"].beside
+    assert "durable floor 6000/s (1.50 x)" in checks["c=64 decisions/s ≥ 1 x per-row baseline"].beside
+    assert all(c.holds is True for c in checks.values())
+    results["c=1"]["durable_floor"][0]["overall"] = {}
+    assert "durable floor" not in _by_target(targets.evaluate(results))["c=1 p99 ≤ 2 ms"].beside
+
+
 def test_a_run_with_no_answer_of_a_kind_does_not_count_as_cheap() -> None:
     """With no locked-out answers in a phase, "as cheap" is not judged rather than passed."""
     results = _good()
