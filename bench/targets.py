@@ -19,8 +19,8 @@ floor's (the same insert committed behind a bare aiohttp handler, one commit a r
 timed as the service's answers are), and the CPU the hypervisor stole. A latency target
 that the durable floor misses in the same run is missed by the plainest service that
 answers over HTTP after a commit, at that moment on that machine; the table says so
-rather than hiding it. The last lines say which targets held in every run. Everything measured is written to
-`bench/results/<UTC time>-<commit>-targets.json`.
+rather than hiding it. The last lines say which targets held in every run. Everything
+measured is written to `bench/results/<UTC time>-<commit>-targets.json`.
 
 "As cheap as the fresh path" means: in the same phase, the wrong-code (or locked-out)
 answers' p50 and p99 are at most `CHEAP_FACTOR` times the fresh answers'. "No downward

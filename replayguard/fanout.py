@@ -64,4 +64,4 @@ class AlertFanout:
                 if message is not None and bytes(message["data"]).isdigit():
                     yield int(message["data"])
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # annotated only in newer redis-py
