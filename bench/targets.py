@@ -216,8 +216,12 @@ def stall_check(results: dict[str, dict[str, Any] | None]) -> Check:
                 where.append(f"{at}: {n}")
     if measured == 0:
         return Check("no stalled second", "-", None)
+    floors = [f for result in results.values() if result for f in result.get("durable_floor") or []
+              if "seconds_measured" in f]
+    beside = (f"durable floor {sum(len(f['stalls']) for f in floors)} of "
+              f"{sum(f['seconds_measured'] for f in floors)}" if floors else "")
     return Check("no stalled second", f"{stalled} of {measured}" + (f" ({'; '.join(where)})" if where else ""),
-                 stalled == 0)
+                 stalled == 0, beside)
 
 
 def evaluate(results: dict[str, dict[str, Any] | None]) -> list[Check]:

@@ -122,6 +122,23 @@ def test_the_durable_floor_of_the_same_run_is_shown_and_never_judged() -> None:
     assert "durable floor" not in _by_target(targets.evaluate(results))["c=1 p99 ≤ 2 ms"].beside
 
 
+def test_the_durable_floors_stalled_seconds_are_shown_beside_the_services_and_never_judged() -> None:
+    """The stalled seconds of every durable floor of the run (counted as the service's are)
+    stand beside "no stalled second"; a floor of an older result.json, with no count, is
+    left out; the verdict is the service's alone."""
+    results = _good()
+    results["c=1"]["durable_floor"] = [{"concurrency": 1, "rate": 1000.0, "overall": {"p99_ms": 1.0},
+                                        "stalls": [{}, {}], "seconds_measured": 58}]
+    results["c=64"]["durable_floor"] = [{"concurrency": 64, "rate": 6000.0, "overall": {"p99_ms": 30.0},
+                                         "stalls": [], "seconds_measured": 8},
+                                        {"concurrency": 16, "rate": 5000.0, "overall": {"p99_ms": 9.0}}]
+    check = _by_target(targets.evaluate(results))["no stalled second"]
+    assert (check.holds, check.beside) == (True, "durable floor 2 of 66")
+    results["c=64"]["main"]["phases"][0]["timeline"]["stalls"] = [{}]
+    check = _by_target(targets.evaluate(results))["no stalled second"]
+    assert (check.holds, check.beside) == (False, "durable floor 2 of 66")
+
+
 def test_a_run_with_no_answer_of_a_kind_does_not_count_as_cheap() -> None:
     """With no locked-out answers in a phase, "as cheap" is not judged rather than passed."""
     results = _good()

@@ -1,0 +1,81 @@
+"""bench/timeline.py's stall rule and bench/run.py's RSS sampler, on made-up seconds and on
+real processes (no database)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.bench_scripts import load
+
+timeline = load("timeline")
+run = load("run", "bench_run")
+
+
+def _second(t: int, p99: float, slowest: float) -> dict[str, Any]:
+    return {"t": t, "n": 1000, "p50_ms": 0.7, "p99_ms": p99, "max_ms": slowest}
+
+
+@pytest.mark.parametrize(("slowest", "stalled"), [(6.0, False), (19.9, False), (20.1, True), (250.0, True)])
+def test_a_second_stalls_only_past_five_median_p99s_and_the_issues_p999_allowance(
+    slowest: float, stalled: bool,
+) -> None:
+    """With a median second's p99 of 1.2 ms, an answer of 6 ms is 5 x that and still no stall:
+    the c=1 target lets answers up to 20 ms be one in a thousand. Past 20 ms it is one, with
+    the marks of its second; the partial first and last seconds are never judged."""
+    rows = [_second(t, 1.2, 3.0) for t in range(10)]
+    rows[5]["max_ms"] = slowest
+    rows[0]["max_ms"] = rows[-1]["max_ms"] = 500.0
+    threshold, found = timeline.stalls(rows, [(5.4, "checkpoint x1 10.0 ms"), (6.1, "purge x1 1.0 ms")])
+    assert threshold == timeline.STALL_FLOOR_MS == 20.0
+    assert [(s["t"], s["marks"]) for s in found] == ([(5, ["checkpoint x1 10.0 ms"])] if stalled else [])
+
+
+def test_the_threshold_follows_the_median_second_when_that_is_higher() -> None:
+    """At c=64, median p99 15 ms: a second stalls past 75 ms, not past 20."""
+    rows = [_second(t, 15.0, 40.0) for t in range(10)]
+    rows[3]["max_ms"], rows[4]["max_ms"] = 60.0, 80.0
+    threshold, found = timeline.stalls(rows, [])
+    assert threshold == 75.0 and [s["t"] for s in found] == [4]
+
+
+def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -> None:
+    """``tree_pids`` finds a child and a grandchild (psutil agrees), ``rss_bytes`` reads a live
+    process's resident set and 0 for one that is gone, and the sampler's peak covers the tree."""
+    script = "import time; time.sleep(60)"
+    for _ in range(2):  # a child of a child of a child: three levels below this process
+        script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {script!r}]); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 20
+        while len(psutil.Process(child.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, "the descendants did not start"
+            time.sleep(0.05)
+        members = run.tree_pids(child.pid)
+        expected = [child.pid, *(p.pid for p in psutil.Process(child.pid).children(recursive=True))]
+        assert sorted(members) == sorted(expected) and len(members) == 3
+        assert child.pid in run.tree_pids(os.getpid())
+        assert [p.pid for p in run.tree(child.pid)] == members
+        rss = sum(run.rss_bytes(pid) for pid in run.tree_pids(child.pid))
+        assert rss >= psutil.Process(child.pid).memory_info().rss > 0
+        sampler = run.Sampler([child.pid])
+        try:
+            deadline = time.monotonic() + 20
+            while sampler.peak == 0:
+                assert time.monotonic() < deadline, "the sampler took no sample"
+                time.sleep(0.05)
+        finally:
+            sampler.stop()
+        assert sampler.peak >= psutil.Process(child.pid).memory_info().rss
+    finally:
+        for proc in psutil.Process(child.pid).children(recursive=True):
+            proc.kill()
+        child.kill()
+        child.wait()
+    assert run.tree_pids(child.pid) == [] and run.rss_bytes(child.pid) == 0
