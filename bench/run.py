@@ -334,7 +334,7 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 def tree_pids(pid: int) -> list[int]:
     """``pid`` and its descendants, from ``/proc/<pid>/task/<tid>/children``: a few small
     reads, where psutil's ``children()`` reads the stat file of every process on the machine
-    (about 2 ms of CPU a call here, which the benchmark's own samplers must not take from
+    (1-2 ms of CPU a call here, which the benchmark's own samplers must not take from
     the service they measure)."""
     out, todo = [], [pid]
     while todo:

@@ -36,7 +36,7 @@ PG_SAMPLE_S = 0.25
 PROBE_S = 0.05  # between two commits of the probe (about 20 a second: a few percent of the commits at c=1)
 PROBE_SLOW_MS = 20.0
 # No second is a stall for answers under this: the performance issue's c=1 target lets one
-# answer in a thousand take up to 20 ms (p99.9), a few a second at c=1. Lower, the durable
+# answer in a thousand take up to 20 ms (p99.9), about one a second at c=1. Lower, the durable
 # floor (bench/run.py) stalls too: with 5 ms, 4-6 of its 29 seconds at c=1.
 STALL_FLOOR_MS = 20.0
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS bench_commit_probe (at double precision NOT NULL)"
