@@ -46,7 +46,7 @@ def test_the_threshold_follows_the_median_second_when_that_is_higher() -> None:
 
 
 def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -> None:
-    """``tree_pids`` finds a child and a grandchild (psutil agrees), ``rss_bytes`` reads a live
+    """``tree_pids`` finds every descendant, three levels down (psutil agrees), ``rss_bytes`` reads a live
     process's resident set and 0 for one that is gone, and the sampler's peak covers the tree."""
     script = "import time; time.sleep(60)"
     for _ in range(2):  # a child of a child of a child: three levels below this process
