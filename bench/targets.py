@@ -114,6 +114,23 @@ def _ms(value: float) -> str:
     return f"{value:.2f} ms"
 
 
+def closed_loop_need(concurrency: int, target_ms: float, overall: dict[str, float]) -> str:
+    """What a p99 target asks of throughput when every connection waits for its answer.
+
+    wrk keeps ``concurrency`` requests outstanding, so by Little's law the mean answer
+    takes ``concurrency / rate``: a mean of ``target_ms`` needs ``concurrency / target_ms``
+    answers a second, and a p99 of ``target_ms`` at the run's own p99 / mean needs that
+    ratio times as many. Empty for a result without a mean (an older result.json).
+    """
+    mean = overall.get("mean_ms")
+    if not mean:
+        return ""
+    per_s = concurrency / target_ms * 1000
+    shape = overall["p99_ms"] / mean
+    return (f"closed loop: a mean of {target_ms:g} ms needs {per_s:,.0f}/s, p99 at this run's "
+            f"p99/mean of {shape:.1f} about {per_s * shape:,.0f}/s; ")
+
+
 # --- the targets -----------------------------------------------------------------------
 
 def latency_checks(c1: dict[str, Any] | None, c64: dict[str, Any] | None) -> list[Check]:
@@ -136,7 +153,7 @@ def latency_checks(c1: dict[str, Any] | None, c64: dict[str, Any] | None) -> lis
     overall = p["timeline"]["overall"]
     out.append(Check(names[0], _ms(overall["p99_ms"]), overall["p99_ms"] <= C64_P99_MS,
                      (f"per-row baseline p99 {_ms(base['p99_ms'])}; " if base else "") + floor_p99(c64, 64)
-                     + steal(p)))
+                     + closed_loop_need(64, C64_P99_MS, overall) + steal(p)))
     ratio = overall["p99_ms"] / overall["p50_ms"]
     out.append(Check(names[1], f"{ratio:.1f} x ({_ms(overall['p99_ms'])} / {_ms(overall['p50_ms'])})",
                      ratio <= C64_P99_OVER_P50))

@@ -203,7 +203,7 @@ def seconds(samples: list[Sample]) -> list[dict[str, Any]]:
 
 
 def overall(samples: list[Sample]) -> dict[str, float]:
-    """Exact percentiles over every answer of the run (ms)."""
+    """Exact percentiles, max and mean over every answer of the run (ms)."""
     return _percentiles([s[1] for s in samples])
 
 
@@ -220,7 +220,7 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
         return {}
     lat = sorted(latencies)
     return {"n": len(lat), **{f"p{q}_ms": percentile(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
-            "max_ms": lat[-1] / 1000}
+            "max_ms": lat[-1] / 1000, "mean_ms": sum(lat) / len(lat) / 1000}
 
 
 def stalls(rows: list[dict[str, Any]], marks: list[tuple[float, str]], factor: float = 5.0,
@@ -258,7 +258,8 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
         return f"  {tag}: no latency samples"
     start = rows[0]["t"]
     head = (f"  {tag}: {run.get('n', 0)} answers, p50 {run.get('p50_ms')} p99 {run.get('p99_ms')} "
-            f"p99.9 {run.get('p99.9_ms')} max {run.get('max_ms')} ms; stall = a second with p99 or max "
+            f"p99.9 {run.get('p99.9_ms')} max {run.get('max_ms')} mean {run.get('mean_ms', 0):.3f} ms; "
+            f"stall = a second with p99 or max "
             f"> {threshold:.1f} ms: {len(found)} of {max(len(rows) - 2, 0)}")
     lines = [head, "    seconds with background work: " + (", ".join(
         f"{k} {n}" for k, n in marks_by_kind(marks).items()) or "none")]

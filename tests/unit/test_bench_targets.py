@@ -107,6 +107,20 @@ def test_a_latency_target_is_shown_beside_the_baseline_of_the_same_run() -> None
     assert checks["c=64 p99 ≤ 10 ms"].beside.startswith("per-row baseline p99 20.00 ms")
 
 
+def test_the_c64_latency_target_says_what_it_asks_of_throughput() -> None:
+    """64 connections each waiting for its answer wait 64 / rate on average (Little's law):
+    a mean of 10 ms needs 6,400 answers a second, and p99 ≤ 10 ms, at a run whose p99 is
+    2.3 x its mean, about 14,720. The line is information beside the target, never a
+    verdict; a result without a mean (an older file) leaves it out."""
+    results = _good()
+    results["c=64"]["main"]["phases"][0]["timeline"]["overall"].update({"p99_ms": 23.0, "mean_ms": 10.0})
+    check = _by_target(targets.evaluate(results))["c=64 p99 ≤ 10 ms"]
+    assert check.holds is False
+    assert ("closed loop: a mean of 10 ms needs 6,400/s, p99 at this run's p99/mean of 2.3 about 14,720/s; "
+            in check.beside)
+    assert "closed loop" not in _by_target(targets.evaluate(_good()))["c=64 p99 ≤ 10 ms"].beside
+
+
 def test_the_durable_floor_of_the_same_run_is_shown_and_never_judged() -> None:
     """The durable floor's p99 stands beside the c=1 and c=64 p99 targets and its rate beside
     the throughput target; a floor that answered nothing is left out; no verdict moves."""

@@ -45,6 +45,15 @@ def test_the_threshold_follows_the_median_second_when_that_is_higher() -> None:
     assert threshold == 75.0 and [s["t"] for s in found] == [4]
 
 
+def test_the_runs_figures_are_exact_over_every_answer() -> None:
+    """Percentiles are ranks of the sorted answers and the mean is their exact mean (in µs
+    from decisions.lua, reported in ms), so Little's law can be checked on it."""
+    samples = [(1_000 + k, latency, "ok") for k, latency in enumerate([900] * 98 + [5_000, 40_000])]
+    figures = timeline.overall(samples)
+    assert figures == {"n": 100, "p50_ms": 0.9, "p99_ms": 40.0, "p99.9_ms": 40.0, "max_ms": 40.0,
+                       "mean_ms": (98 * 900 + 5_000 + 40_000) / 100 / 1000}
+
+
 def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -> None:
     """``tree_pids`` finds every descendant, three levels down (psutil agrees), ``rss_bytes`` reads a live
     process's resident set and 0 for one that is gone, and the sampler's peak covers the tree."""
