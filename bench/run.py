@@ -757,7 +757,7 @@ def durable_floor(setup: Setup, run_id: str, concurrency: int) -> dict[str, Any]
     result = combine(parts)
     return {"concurrency": concurrency, "connections": conns, "rate": result["rate"], "errors": result["errors"],
             "overall": timeline.overall(samples), "cpu": cpu, "waited_for_quiet_s": waited,
-            "stall_threshold_ms": threshold, "stalls": found, "seconds_measured": max(0, len(rows) - 2),
+            "stall_threshold_ms": threshold, "stalls": found, "seconds_measured": len(timeline.judged(rows)),
             "marks_by_kind": timeline.marks_by_kind(marked), "sampler_errors": marks.errors[:5]}
 
 

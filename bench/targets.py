@@ -90,7 +90,7 @@ def floor_p99(result: dict[str, Any], concurrency: int) -> str:
 def stalls(p: dict[str, Any]) -> tuple[int, int]:
     """Stalled seconds and whole seconds measured (the partial first and last left out)."""
     t = p["timeline"]
-    return len(t["stalls"]), max(0, len(t["seconds"]) - 2)
+    return len(t["stalls"]), len(run.timeline.judged(t["seconds"]))
 
 
 def steal(p: dict[str, Any]) -> str:
@@ -206,7 +206,7 @@ def long_checks(long: dict[str, Any] | None) -> list[Check]:
     if long is None:
         return [Check(name, "-", None) for name in names]
     p = phase(long, 64)
-    per_second = [row["n"] for row in p["timeline"]["seconds"][1:-1]]
+    per_second = [row["n"] for row in run.timeline.judged(p["timeline"]["seconds"])]
     change = trend(per_second)
     out = [Check(names[0], f"{100 * change:+.1f} % over {len(per_second)} s",
                  change >= -TREND_TOLERANCE, steal(p))]

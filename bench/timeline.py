@@ -223,12 +223,18 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
             "max_ms": lat[-1] / 1000, "mean_ms": sum(lat) / len(lat) / 1000}
 
 
+def judged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The whole seconds of a phase: its rows less the partial first and last (wrk starting
+    and stopping), the seconds the stall rule and the long run's trend judge."""
+    return rows[1:-1]
+
+
 def stalls(rows: list[dict[str, Any]], marks: list[tuple[float, str]], factor: float = 5.0,
            floor_ms: float = STALL_FLOOR_MS) -> tuple[float, list[dict[str, Any]]]:
     """The seconds whose p99 or max exceeds ``factor`` times the median second's p99 (and
     ``floor_ms``), each with the background marks sampled in it; the first and last
-    seconds (partial, wrk starting and stopping) are left out."""
-    inner = rows[1:-1]
+    seconds (partial, wrk starting and stopping) are left out (``judged``)."""
+    inner = judged(rows)
     if not inner:
         return 0.0, []
     p99s = sorted(r["p99_ms"] for r in inner)
@@ -260,7 +266,7 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
     head = (f"  {tag}: {run.get('n', 0)} answers, p50 {run.get('p50_ms')} p99 {run.get('p99_ms')} "
             f"p99.9 {run.get('p99.9_ms')} max {run.get('max_ms')} mean {run.get('mean_ms', 0):.3f} ms; "
             f"stall = a second with p99 or max "
-            f"> {threshold:.1f} ms: {len(found)} of {max(len(rows) - 2, 0)}")
+            f"> {threshold:.1f} ms: {len(found)} of {len(judged(rows))}")
     lines = [head, "    seconds with background work: " + (", ".join(
         f"{k} {n}" for k, n in marks_by_kind(marks).items()) or "none")]
     if reasons:
