@@ -45,6 +45,17 @@ def test_the_threshold_follows_the_median_second_when_that_is_higher() -> None:
     assert threshold == 75.0 and [s["t"] for s in found] == [4]
 
 
+def test_every_wall_clock_second_is_a_row_and_only_judged_drops_the_partial_ends() -> None:
+    """``seconds`` keeps the partial first and last seconds (their answers count in the run's
+    figures); ``judged`` is the one place that leaves them out."""
+    samples = [(1_900, 800, "ok"), (2_000, 700, "ok"), (2_999, 900, "ok"), (3_500, 1_000, "ok"),
+               (4_050, 5_000, "ok")]
+    rows = timeline.seconds(samples)
+    assert [(r["t"], r["n"], r["max_ms"]) for r in rows] == [(1, 1, 0.8), (2, 2, 0.9), (3, 1, 1.0),
+                                                            (4, 1, 5.0)]
+    assert [r["t"] for r in timeline.judged(rows)] == [2, 3]
+
+
 def test_the_runs_figures_are_exact_over_every_answer() -> None:
     """Percentiles are ranks of the sorted answers and the mean is their exact mean (in µs
     from decisions.lua, reported in ms), so Little's law can be checked on it."""
