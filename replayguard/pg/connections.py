@@ -9,7 +9,6 @@ exactly like any other server. A database that goes away becomes ``Unavailable``
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, Unavailable
+from .session import session_settings
 
 log = structlog.get_logger(__name__)
 
@@ -59,27 +59,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-def _server_settings(statement_timeout_ms: int) -> dict[str, str]:
-    return {
-        "application_name": f"replayguard-{os.getpid()}",
-        "statement_timeout": str(statement_timeout_ms),
-        "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
-        # Durability of every acknowledged decision depends on this staying on.
-        "synchronous_commit": "on",
-        # Over TCP, the server gives up on a client that vanished (a half-open connection)
-        # in about a minute rather than the system's two hours: a session it keeps alive
-        # can hold the checkpoint or leader lock (ignored on a Unix socket).
-        "tcp_keepalives_idle": "30",
-        "tcp_keepalives_interval": "10",
-        "tcp_keepalives_count": "3",
-    }
-
-
 async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyncpg.Pool:
     """A pool whose connections time statements out and decode jsonb with orjson."""
     pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=size, init=_init_connection,
-        server_settings=_server_settings(statement_timeout_ms),
+        server_settings=session_settings(statement_timeout_ms),
         command_timeout=statement_timeout_ms / 1000 + 1,
         max_inactive_connection_lifetime=60,
     )
@@ -91,7 +75,7 @@ async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Co
     """A connection like the pool's. Its statements time out on the server, and every call
     on it also times out on the client a second later: a connection whose peer vanished
     without closing it (half-open) fails that call instead of hanging until TCP gives up."""
-    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=_server_settings(statement_timeout_ms),
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=session_settings(statement_timeout_ms),
                                                      command_timeout=statement_timeout_ms / 1000 + 1)
     await _init_connection(conn)
     return conn

@@ -1,0 +1,33 @@
+"""The settings of every PostgreSQL session the service opens.
+
+Kept apart from ``connections.py`` so the chain check's child (``services/chain_reader.py``)
+opens its session with them without loading the pool's imports.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def session_settings(statement_timeout_ms: int) -> dict[str, str]:
+    """The settings of every session the service opens (its pool, its one-off connections,
+    the chain check's child)."""
+    return {
+        "application_name": f"replayguard-{os.getpid()}",
+        "statement_timeout": str(statement_timeout_ms),
+        "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
+        # Durability of every acknowledged decision depends on this staying on.
+        "synchronous_commit": "on",
+        # Over TCP, the server gives up on a client that vanished (a half-open connection)
+        # in about a minute rather than the system's two hours: a session it keeps alive
+        # can hold the checkpoint or leader lock (ignored on a Unix socket).
+        "tcp_keepalives_idle": "30",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "3",
+        # PostgreSQL compiles a plan with LLVM at every execution once the plan's estimated
+        # cost passes jit_above_cost. The service's statements are index lookups and range
+        # reads, whose estimates pass that mark once the ledger holds a few million entries:
+        # the state check's query then took about 40 ms more CPU each time, for 30 ms of work
+        # (bench/README.md, "Long runs").
+        "jit": "off",
+    }

@@ -1,0 +1,79 @@
+"""The service's PostgreSQL sessions never JIT-compile a plan, whatever the database asks.
+
+PostgreSQL compiles a plan with LLVM at each execution once its estimated cost passes
+``jit_above_cost``; the state check's query passes it once the ledger holds a few million
+entries and then costs several times its work (``replayguard/pg/session.py``). Here the
+database asks for JIT on every plan (``jit_above_cost = 0``): a plain session compiles the
+state check's query, and each kind of session the service opens does not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from replayguard.core.chain import GENESIS
+from replayguard.pg import connections
+from replayguard.services import chain_reader
+from replayguard.services.state_check import _CHECK
+
+_APPEND = ("SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
+           " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
+           " FROM generate_series(1, 50) g")
+
+
+async def _database_that_asks_for_jit(fresh_database: Callable[[], Any]) -> str:
+    dsn: str = await fresh_database()
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(_APPEND)
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET jit = on')
+        await admin.execute(f'ALTER DATABASE "{name}" SET jit_above_cost = 0')
+    finally:
+        await admin.close()
+    return dsn
+
+
+async def _compiled(conn: asyncpg.Connection) -> bool:
+    """Whether running the state check's query over the 50 entries JIT-compiled its plan."""
+    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_CHECK}", 0, 50, 0, "scope", 0)
+    return "JIT" in json.loads(plan)[0]
+
+
+async def test_no_session_of_the_service_compiles_a_plan_where_a_plain_one_does(
+        fresh_database: Callable[[], Any]) -> None:
+    """Differential: the database asks for JIT on every plan; a plain session compiles the
+    state check's query (where the server has JIT), the pool's, a one-off connection's and
+    the chain check child's sessions report ``jit = off`` and do not."""
+    dsn = await _database_that_asks_for_jit(fresh_database)
+    plain = await asyncpg.connect(dsn)
+    try:
+        assert await plain.fetchval("SHOW jit_above_cost") == "0"
+        if await plain.fetchval("SELECT pg_jit_available()"):  # the control: JIT is there to be asked for
+            assert await _compiled(plain)
+    finally:
+        await plain.close()
+
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000)
+    one_off = await connections.connect(dsn)
+    child = chain_reader._Child(dsn, 30_000)  # the chain check's child, run in this process
+    try:
+        head = await one_off.fetchrow("SELECT seq, hash FROM ledger_head")
+        result = await child.check({"start_seq": 0, "start_hash": GENESIS.hex(), "head_seq": head["seq"],
+                                    "head_hash": bytes(head["hash"]).hex(), "pins": None})
+        assert (result.checked, result.finding) == (50, None)
+        async with pool.acquire() as pooled:
+            sessions = [pooled, one_off, child.conn]
+            for session in sessions:
+                assert session is not None
+                assert await session.fetchval("SHOW jit") == "off"
+                assert not await _compiled(session)
+    finally:
+        await pool.close()
+        await one_off.close()
+        if child.conn is not None:
+            await child.conn.close()
