@@ -9,6 +9,7 @@ retention purge raises nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import pyotp
 
 from replayguard.http.state import ANALYSTS
 from replayguard.services.retention import purge_expired
+from replayguard.services.state_check import _CHECK, check_state
 from replayguard.settings import Secret
 from tests.conftest import Api, run_cli, uid
 from tests.waiting import until
@@ -253,3 +255,47 @@ async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
     [alert] = await tamper_alerts(api)
     assert alert["details"]["first_bad_seq"] == rows[-1]["r_seq"]
     assert alert["details"]["table"] == "uses"
+
+
+def _ledger_rows_read(node: dict[str, Any]) -> int:
+    """The rows an EXPLAIN (ANALYZE, FORMAT JSON) plan read from ``ledger``: those its scans of
+    that table returned or filtered out, over all their loops."""
+    read = 0
+    if node.get("Relation Name") == "ledger":
+        read = (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+    return read + sum(_ledger_rows_read(child) for child in node.get("Plans", []))
+
+
+async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_ledger(
+        fresh_database: Callable[[], Any]) -> None:
+    """Migration 017: a lock still in force that ``principals`` no longer holds, 20,000 entries,
+    then the ledgered unlock that lifted it. The check of the lock's entry finds the unlock
+    in ``ledger_principal_unlocks`` and reads two ledger rows; without that index (the
+    control) it reads the 20,000 entries between them. Both agree with the state."""
+    dsn = await fresh_database()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET max_parallel_workers_per_gather = 0")  # exact row counts
+        locked = await conn.fetchval(
+            "SELECT rg_append(1764900000000000, 'otp', 'vm-1', 'carol', NULL, 'reject', 'invalid',"
+            " '{\"locked_until_us\": \"9999999999999999\"}'::jsonb)")
+        await conn.execute(
+            "SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
+            " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
+            " FROM generate_series(1, 20000) g")
+        await conn.execute("SELECT rg_append(1764900000020001, 'principal_unlock', NULL, 'carol', NULL, NULL, NULL,"
+                           " '{}'::jsonb)")
+        await conn.execute("ANALYZE ledger")
+        args = (locked - 1, locked, 1764900000020002, "scope")  # the lock's entry alone
+
+        async def rows_read() -> int:
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_CHECK}", *args, 0)
+            return _ledger_rows_read(json.loads(plan)[0]["Plan"])
+
+        assert await check_state(conn, *args) is None  # the unlock is found: no disagreement
+        assert await rows_read() <= 2
+        await conn.execute("DROP INDEX ledger_principal_unlocks")
+        assert await check_state(conn, *args) is None
+        assert await rows_read() >= 20_000
+    finally:
+        await conn.close()
