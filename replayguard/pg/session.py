@@ -26,8 +26,8 @@ def session_settings(statement_timeout_ms: int) -> dict[str, str]:
         "tcp_keepalives_count": "3",
         # PostgreSQL compiles a plan with LLVM at every execution once the plan's estimated
         # cost passes jit_above_cost. The service's statements are index lookups and range
-        # reads, whose estimates pass that mark once the ledger holds a few million entries:
-        # the state check's query then took about 40 ms more CPU each time, for 30 ms of work
-        # (bench/README.md, "Long runs").
+        # reads, and an estimate can pass that mark as the tables grow: the state check's did
+        # at a few million entries, and then took about 40 ms more each time, for 30 ms of
+        # work (bench/README.md, "Long runs").
         "jit": "off",
     }
