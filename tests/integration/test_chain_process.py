@@ -38,11 +38,8 @@ from replayguard.services.chain_reader import (
 )
 from replayguard.services.ledger import LedgerService
 from tests.integration.tcp_proxy import tcp_proxy
+from tests.ledger_rows import append_nonces
 from tests.waiting import blocked_by, until
-
-_APPEND = ("SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
-           " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
-           " FROM generate_series($1::bigint, $2::bigint) g")
 
 
 @pytest_asyncio.fixture
@@ -50,7 +47,7 @@ async def ledger_db(fresh_database: Callable[[], Any]) -> AsyncIterator[tuple[st
     """A database of its own holding 300 chained entries, and a connection to it."""
     dsn = await fresh_database()
     conn = await asyncpg.connect(dsn)
-    await conn.execute(_APPEND, 1, 300)
+    await append_nonces(conn, 1, 300)
     yield dsn, conn
     await conn.close()
 
@@ -309,7 +306,7 @@ async def test_a_child_killed_mid_check_skips_no_check_and_is_replaced(
     ledger = _service(pool, chain)
     first = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
     assert isinstance(first, Checkpoint) and first.seq == 300
-    await conn.execute(_APPEND, 301, 340)
+    await append_nonces(conn, 301, 340)
     await _tamper(conn, "UPDATE ledger SET subject = 'other' WHERE seq = 321")
     await _lock_ledger(blocker)
     with capture_logs() as logs:

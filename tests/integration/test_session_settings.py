@@ -19,17 +19,14 @@ from replayguard.core.chain import GENESIS
 from replayguard.pg import connections
 from replayguard.services import chain_reader
 from replayguard.services.state_check import _CHECK
-
-_APPEND = ("SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
-           " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
-           " FROM generate_series(1, 50) g")
+from tests.ledger_rows import append_nonces
 
 
 async def _database_that_asks_for_jit(fresh_database: Callable[[], Any]) -> str:
     dsn: str = await fresh_database()
     admin = await asyncpg.connect(dsn)
     try:
-        await admin.execute(_APPEND)
+        await append_nonces(admin, 1, 50)
         name = await admin.fetchval("SELECT current_database()")
         await admin.execute(f'ALTER DATABASE "{name}" SET jit = on')
         await admin.execute(f'ALTER DATABASE "{name}" SET jit_above_cost = 0')

@@ -25,6 +25,7 @@ from replayguard.services.retention import purge_expired
 from replayguard.services.state_check import _CHECK, check_state
 from replayguard.settings import Secret
 from tests.conftest import Api, run_cli, uid
+from tests.ledger_rows import append_nonces
 from tests.waiting import until
 
 
@@ -279,10 +280,7 @@ async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_
         locked = await conn.fetchval(
             "SELECT rg_append(1764900000000000, 'otp', 'vm-1', 'carol', NULL, 'reject', 'invalid',"
             " '{\"locked_until_us\": \"9999999999999999\"}'::jsonb)")
-        await conn.execute(
-            "SELECT rg_append(1764900000000000 + g, 'nonce', 'vm-' || (g % 7), 'test', sha256(int8send(g)),"
-            " 'accept', 'ok', '{\"ttl_s\": 300, \"flags\": [], \"epoch\": 0, \"receipt\": \"absent\"}'::jsonb)"
-            " FROM generate_series(1, 20000) g")
+        await append_nonces(conn, 1, 20_000)
         await conn.execute("SELECT rg_append(1764900000020001, 'principal_unlock', NULL, 'carol', NULL, NULL, NULL,"
                            " '{}'::jsonb)")
         await conn.execute("ANALYZE ledger")
