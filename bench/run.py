@@ -582,9 +582,15 @@ def run_wrk(urls: list[str], concurrency: int, duration: float, threads: int,
             cmd += [url + path]
         procs.append((t, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     results = []
-    for t, proc in procs:
-        out, err = proc.communicate(timeout=duration + 60)
-        results.append({**_parse_wrk(out, err), "threads": t})
+    try:
+        for t, proc in procs:
+            out, err = proc.communicate(timeout=duration + 60)
+            results.append({**_parse_wrk(out, err), "threads": t})
+    finally:
+        for _, proc in procs:  # a run cut short: wrk would go on, busy, against a stopped service
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return results
 
 
@@ -654,11 +660,17 @@ class Bench:
         spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
         lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
         marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn, args.marks_every).start()
-        with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
-            parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
-                            [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]
-                             for f, p in zip(files, lat, strict=True)])
-        marked = marks.stop()
+        try:
+            with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
+                parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
+                                [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]
+                                 for f, p in zip(files, lat, strict=True)])
+        except BaseException:
+            if spy is not None:
+                spy[0].terminate()
+            raise
+        finally:
+            marked = marks.stop()
         after = asyncio.run(pg_snapshot(self.setup.dsn))
         asyncio.run(wait_quiet(self.setup.dsn))
         for part, offered in zip(parts, fresh, strict=True):
@@ -1088,8 +1100,20 @@ def commit() -> str:
         return "unknown"
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``pkill``) ends the process as Ctrl-C does, through every
+    ``finally``: the service is stopped, the bench's databases dropped and an
+    ``--own-server`` PostgreSQL stopped and removed, where the default action would leave
+    them behind."""
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     if args.own_server:
         with own_server(dict(setting.split("=", 1) for setting in args.pg_setting)) as admin_url:
             args.pg_admin_url = admin_url

@@ -296,10 +296,17 @@ def measure(args: argparse.Namespace, name: str, extra: list[str], work: Path) -
            "--no-replay", "--no-floor", "--baseline-batch", "0", "--results-dir", str(out),
            *(["--own-server"] if args.own_server else []), *extra]
     with (out / "run.log").open("w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait()
+        except BaseException as exc:  # bench/run.py stops its service and server first
+            if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached it already
+                proc.terminate()
+            proc.wait(timeout=180)
+            raise
     found = sorted(out.glob("*.json"))
-    if done.returncode != 0 or not found:
-        print(f"  {name}: bench/run.py failed (exit {done.returncode}); its output is in {out / 'run.log'}",
+    if returncode != 0 or not found:
+        print(f"  {name}: bench/run.py failed (exit {returncode}); its output is in {out / 'run.log'}",
               file=sys.stderr)
         return None
     result: dict[str, Any] = json.loads(found[-1].read_text())
@@ -330,6 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run.exit_on_sigterm()
     rev = run.commit()
     work = Path(tempfile.mkdtemp(prefix="rg-targets-"))
     plan = measurements(args)

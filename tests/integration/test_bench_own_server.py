@@ -4,12 +4,18 @@ docs/operations.md tells an operator to use, and leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from tests.bench_scripts import load
+from tests.conftest import REPO
 from tests.integration import pg_cluster
 
 pytestmark = pytest.mark.skipif(not pg_cluster.available(), reason="needs root and Debian's PostgreSQL 15")
@@ -39,3 +45,43 @@ def test_the_own_server_runs_as_an_operator_would_set_it_up_and_is_removed() -> 
     assert settings["max_wal_size"] == "4096MB" and settings["checkpoint_timeout"] == "900s"
     assert settings["max_connections"] == "100"
     assert not root.exists()
+
+
+def _postgres_on(root: Path) -> list[int]:
+    """PIDs of the processes whose command line names a path under ``root``."""
+    return [proc.pid for proc in psutil.process_iter(["cmdline"])
+            if any(str(root) in part for part in proc.info["cmdline"] or [])]
+
+
+def _children(pid: int, named: str) -> list[int]:
+    """PIDs of ``pid``'s descendants whose command line mentions ``named``."""
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)
+            if named in " ".join(child.cmdline())]
+
+
+def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) in the middle of a measurement ends bench/run.py through its
+    clean-up: exit status 143, the service and wrk gone, its own PostgreSQL stopped and
+    its directory removed."""
+    before = set(Path("/var/tmp").glob("rg-bench-pg-*"))
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--own-server", "--concurrency", "1",
+           "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
+           "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while not (wrk := _children(proc.pid, "wrk")):  # the measurement has begun
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            service = _children(proc.pid, "replayguard")
+            (root,) = set(Path("/var/tmp").glob("rg-bench-pg-*")) - before
+            assert service and _postgres_on(root)
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not root.exists()
+    assert not _postgres_on(root)
+    assert not [pid for pid in service + wrk if psutil.pid_exists(pid)]
