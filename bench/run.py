@@ -485,7 +485,7 @@ def _children_cpu() -> float:
 
 def _machine_cpu() -> float:
     t = psutil.cpu_times()
-    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + _stolen_cpu()
+    return float(t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)) + _stolen_cpu()
 
 
 def _stolen_cpu() -> float:
@@ -899,7 +899,7 @@ async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_
     client_cpu = (cpu_of([me]) - cpu0) / elapsed
     await pool.close()
     latencies.sort()
-    def q(f):
+    def q(f: float) -> float:
         return round(latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000, 2)
     return {"concurrency": concurrency, "connections": conns, "batch": batch, "rows_per_s": round(total / elapsed, 1),
             "p50_ms": q(0.5), "p99_ms": q(0.99), "client_cpu": round(client_cpu, 2)}

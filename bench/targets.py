@@ -46,6 +46,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run  # noqa: E402 - bench/run.py, beside this file: its table and commit helpers
+import timeline  # noqa: E402 - bench/timeline.py: which seconds a run judges
 
 C1_P99_MS = 2.0
 C1_P999_MS = 20.0
@@ -90,7 +91,7 @@ def floor_p99(result: dict[str, Any], concurrency: int) -> str:
 def stalls(p: dict[str, Any]) -> tuple[int, int]:
     """Stalled seconds and whole seconds measured (the partial first and last left out)."""
     t = p["timeline"]
-    return len(t["stalls"]), len(run.timeline.judged(t["seconds"]))
+    return len(t["stalls"]), len(timeline.judged(t["seconds"]))
 
 
 def steal(p: dict[str, Any]) -> str:
@@ -206,7 +207,7 @@ def long_checks(long: dict[str, Any] | None) -> list[Check]:
     if long is None:
         return [Check(name, "-", None) for name in names]
     p = phase(long, 64)
-    per_second = [row["n"] for row in run.timeline.judged(p["timeline"]["seconds"])]
+    per_second = [row["n"] for row in timeline.judged(p["timeline"]["seconds"])]
     change = trend(per_second)
     out = [Check(names[0], f"{100 * change:+.1f} % over {len(per_second)} s",
                  change >= -TREND_TOLERANCE, steal(p))]
