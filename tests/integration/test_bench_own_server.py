@@ -4,6 +4,8 @@ docs/operations.md tells an operator to use, and leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +55,24 @@ def _postgres_on(root: Path) -> list[int]:
             if any(str(root) in part for part in proc.info["cmdline"] or [])]
 
 
-def _children(pid: int, named: str) -> list[int]:
-    """PIDs of ``pid``'s descendants whose command line mentions ``named``."""
-    return [child.pid for child in psutil.Process(pid).children(recursive=True)
-            if named in " ".join(child.cmdline())]
+def _children(pid: int, named: str) -> list[psutil.Process]:
+    """``pid``'s descendants whose command line mentions ``named`` (one that ends while it
+    is read, as the bench's ``replayguard migrate`` does, is left out)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if named in " ".join(child.cmdline()):
+                found.append(child)
+    return found
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is still that live process (not an exited one nobody reaped yet,
+    nor another process given its PID since)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) -> None:
@@ -64,24 +80,35 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
     clean-up: exit status 143, the service and wrk gone, its own PostgreSQL stopped and
     its directory removed."""
     before = set(Path("/var/tmp").glob("rg-bench-pg-*"))
-    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--own-server", "--concurrency", "1",
-           "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
-           "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO) as proc:
-        try:
-            deadline = time.monotonic() + 120
-            while not (wrk := _children(proc.pid, "wrk")):  # the measurement has begun
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
-            service = _children(proc.pid, "replayguard")
-            (root,) = set(Path("/var/tmp").glob("rg-bench-pg-*")) - before
-            assert service and _postgres_on(root)
-            time.sleep(2)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert not root.exists()
-    assert not _postgres_on(root)
-    assert not [pid for pid in service + wrk if psutil.pid_exists(pid)]
+    service: list[psutil.Process] = []
+    wrk: list[psutil.Process] = []
+    try:
+        cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--own-server", "--concurrency", "1",
+               "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
+               "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
+        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO) as proc:
+            try:
+                deadline = time.monotonic() + 120
+                while not (wrk := _children(proc.pid, "wrk")):  # the measurement has begun
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.1)
+                service = _children(proc.pid, "replayguard")
+                (root,) = set(Path("/var/tmp").glob("rg-bench-pg-*")) - before
+                assert service and _postgres_on(root)
+                time.sleep(2)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert not root.exists()
+        assert not _postgres_on(root)
+        assert not [child.pid for child in service + wrk if _running(child)]
+    finally:  # what a failed run left behind
+        for child in service + wrk:
+            with contextlib.suppress(psutil.Error):
+                child.kill()  # psutil's kill sends nothing to a PID taken by another process
+        for leftover in set(Path("/var/tmp").glob("rg-bench-pg-*")) - before:
+            subprocess.run([str(pg_cluster.BIN / "pg_ctl"), "-D", str(leftover / "data"), "-m", "immediate", "stop"],
+                           user="postgres", capture_output=True, check=False, cwd="/")
+            shutil.rmtree(leftover, ignore_errors=True)
