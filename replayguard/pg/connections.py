@@ -74,9 +74,12 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
 async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Connection:
     """A connection like the pool's. Its statements time out on the server, and every call
     on it also times out on the client a second later: a connection whose peer vanished
-    without closing it (half-open) fails that call instead of hanging until TCP gives up."""
+    without closing it (half-open) fails that call instead of hanging until TCP gives up.
+    ``statement_timeout_ms=0`` is PostgreSQL's "no timeout", on the client too (over TCP
+    the session's keepalives still notice a vanished server within about a minute)."""
+    client_timeout = statement_timeout_ms / 1000 + 1 if statement_timeout_ms else None
     conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=session_settings(statement_timeout_ms),
-                                                     command_timeout=statement_timeout_ms / 1000 + 1)
+                                                     command_timeout=client_timeout)
     await _init_connection(conn)
     return conn
 

@@ -152,10 +152,14 @@ async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunct
     return names
 
 
-async def migrate_dsn(dsn: str) -> list[str]:
-    """Connects to ``dsn``, applies pending migrations, disconnects."""
-    conn = await connect(dsn)
+async def migrate_dsn(dsn: str, migrations: list[Migration] | None = None,
+                      functions: list[StoredFunction] | None = None) -> list[str]:
+    """Connects to ``dsn``, applies pending migrations, disconnects. Its statements have no
+    timeout: a migration's work grows with the ledger (017 builds an index over it, 016
+    copied every spent nonce), and cancelling it would leave a large deployment unable
+    to upgrade; each migration is one transaction, so an interrupted one leaves nothing."""
+    conn = await connect(dsn, statement_timeout_ms=0)
     try:
-        return await migrate(conn)
+        return await migrate(conn, migrations, functions)
     finally:
         await conn.close()

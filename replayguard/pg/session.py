@@ -28,6 +28,6 @@ def session_settings(statement_timeout_ms: int) -> dict[str, str]:
         # cost passes jit_above_cost. The service's statements are index lookups and range
         # reads, and an estimate can pass that mark as the tables grow: the state check's did
         # at a few million entries, and then took about 40 ms more each time, for 30 ms of
-        # work (bench/README.md, "Long runs").
+        # work (docs/operations.md, "JIT compilation").
         "jit": "off",
     }

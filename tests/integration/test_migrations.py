@@ -155,3 +155,20 @@ async def test_the_ledger_refuses_truncate(new_database: Callable[[], Awaitable[
         assert await conn.fetchval("SELECT count(*) FROM ledger") == 1
     finally:
         await conn.close()
+
+
+async def test_migrations_run_without_a_statement_timeout(new_database: Callable[[], Awaitable[str]]) -> None:
+    """``migrate_dsn``'s session has no statement timeout (a migration's index build grows with
+    the ledger): a migration that fails unless ``statement_timeout`` is 0, and then sleeps past
+    the client's former one-second margin, applies."""
+    dsn = await new_database()
+    probe = schema.Migration(999, "999_probe.sql", """
+        DO $$ BEGIN
+            IF current_setting('statement_timeout') <> '0' THEN
+                RAISE EXCEPTION 'statement_timeout is %', current_setting('statement_timeout');
+            END IF;
+        END $$;
+        SELECT pg_sleep(1.2);
+    """)
+    applied = await schema.migrate_dsn(dsn, [*schema.load_migrations(), probe])
+    assert "999_probe.sql" in applied

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
 from replayguard.core.chain import GENESIS
 from replayguard.pg import connections
@@ -74,3 +75,23 @@ async def test_no_session_of_the_service_compiles_a_plan_where_a_plain_one_does(
         await one_off.close()
         if child.conn is not None:
             await child.conn.close()
+
+
+async def test_a_connection_with_timeout_zero_waits_and_one_with_a_timeout_is_cancelled(
+        fresh_database: Callable[[], Any]) -> None:
+    """``connections.connect(statement_timeout_ms=0)`` means no timeout on the server and on the
+    client (a statement of 1.2 s finishes, past the one-second margin the client adds); with
+    300 ms the server cancels a statement of one second."""
+    dsn = await fresh_database()
+    unbounded = await connections.connect(dsn, statement_timeout_ms=0)
+    try:
+        assert await unbounded.fetchval("SHOW statement_timeout") == "0"
+        await unbounded.execute("SELECT pg_sleep(1.2)")
+    finally:
+        await unbounded.close()
+    bounded = await connections.connect(dsn, statement_timeout_ms=300)
+    try:
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await bounded.execute("SELECT pg_sleep(1)")
+    finally:
+        await bounded.close()
