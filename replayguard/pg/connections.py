@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, Unavailable
-from .session import session_settings
+from .session import client_timeout_s, session_settings
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +64,7 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
     pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=size, init=_init_connection,
         server_settings=session_settings(statement_timeout_ms),
-        command_timeout=statement_timeout_ms / 1000 + 1,
+        command_timeout=client_timeout_s(statement_timeout_ms),
         max_inactive_connection_lifetime=60,
     )
     assert pool is not None  # noqa: S101 - narrows the type for mypy
@@ -72,14 +72,10 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
 
 
 async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Connection:
-    """A connection like the pool's. Its statements time out on the server, and every call
-    on it also times out on the client a second later: a connection whose peer vanished
-    without closing it (half-open) fails that call instead of hanging until TCP gives up.
-    ``statement_timeout_ms=0`` is PostgreSQL's "no timeout", on the client too (over TCP
-    the session's keepalives still notice a vanished server within about a minute)."""
-    client_timeout = statement_timeout_ms / 1000 + 1 if statement_timeout_ms else None
+    """A connection like the pool's: its statements time out on the server, and every call on
+    it on the client a second later (``session.client_timeout_s``; 0 is no timeout on either)."""
     conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=session_settings(statement_timeout_ms),
-                                                     command_timeout=client_timeout)
+                                                     command_timeout=client_timeout_s(statement_timeout_ms))
     await _init_connection(conn)
     return conn
 

@@ -31,3 +31,11 @@ def session_settings(statement_timeout_ms: int) -> dict[str, str]:
         # work (docs/operations.md, "JIT compilation").
         "jit": "off",
     }
+
+
+def client_timeout_s(statement_timeout_ms: int) -> float | None:
+    """The client's timeout for every call on such a session: a second past the server's, so
+    a connection whose peer vanished without closing it (half-open) fails the call instead of
+    hanging until TCP gives up. ``0``, PostgreSQL's "no timeout", is none here too (over TCP
+    the session's keepalives still notice a vanished server within about a minute)."""
+    return statement_timeout_ms / 1000 + 1 if statement_timeout_ms else None
