@@ -30,6 +30,14 @@ def session_settings(statement_timeout_ms: int) -> dict[str, str]:
         # at a few million entries, and then took about 40 ms more each time, for 30 ms of
         # work (docs/operations.md, "JIT compilation").
         "jit": "off",
+        # rg_decide waits for the head lock and then reads what the previous holder committed:
+        # READ COMMITTED. A database or role defaulting to REPEATABLE READ or SERIALIZABLE
+        # turns that wait into a serialization failure whenever two appenders meet, and a
+        # default lock_timeout cancels it; either answered 503 with nothing wrong. Statements
+        # stay bounded by statement_timeout. (Where a reader needs one snapshot, it asks for
+        # its isolation explicitly.)
+        "default_transaction_isolation": "read committed",
+        "lock_timeout": "0",
     }
 
 

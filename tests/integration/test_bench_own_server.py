@@ -66,6 +66,22 @@ def _children(pid: int, named: str) -> list[psutil.Process]:
     return found
 
 
+def _descendants(pid: int) -> list[str]:
+    """What ``pid``'s descendants are, for a failure's message."""
+    described = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            described.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())[:200]}")
+        except psutil.Error as exc:
+            described.append(f"{child.pid} {type(exc).__name__}")
+    return described
+
+
+def _tail(path: Path) -> str:
+    """The last lines bench/run.py printed, for a failure's message."""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+
+
 def _running(proc: psutil.Process) -> bool:
     """Whether ``proc`` is still that live process (not an exited one nobody reaped yet,
     nor another process given its PID since)."""
@@ -86,15 +102,16 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
         cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--own-server", "--concurrency", "1",
                "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
                "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
-        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO) as proc:
+        output = tmp_path / "run.out"
+        with output.open("wb") as out, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO) as proc:
             try:
                 deadline = time.monotonic() + 120
                 while not (wrk := _children(proc.pid, "wrk")):  # the measurement has begun
-                    assert proc.poll() is None and time.monotonic() < deadline
+                    assert proc.poll() is None and time.monotonic() < deadline, _tail(output)
                     time.sleep(0.1)
                 service = _children(proc.pid, "replayguard")
                 (root,) = set(Path("/var/tmp").glob("rg-bench-pg-*")) - before
-                assert service and _postgres_on(root)
+                assert service and _postgres_on(root), (_descendants(proc.pid), _tail(output))
                 time.sleep(2)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=120) == 128 + signal.SIGTERM
