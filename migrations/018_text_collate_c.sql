@@ -10,7 +10,7 @@
 -- PostgreSQL about 9 % less CPU an item on fresh nonces (bench/decide_sql.py). Equality,
 -- which is all most queries ask, is the same under either; what sorts by text (the VM
 -- list, principals) sorts by byte. Only the indexes on these columns are rebuilt, not the
--- tables, with decisions waiting meanwhile (docs/operations.md, "Upgrades").
+-- tables, with decisions waiting meanwhile (docs/operations.md, "Text order").
 
 ALTER TABLE alert_acks
     ALTER COLUMN by_id TYPE text COLLATE "C",
