@@ -287,16 +287,37 @@ BEGIN
         END IF;
 
         -- 4. The ledger entry (hashed now, inserted with the batch) and the VM's position.
-        v_payload := coalesce(it.payload, '{}'::jsonb) || jsonb_strip_nulls(jsonb_build_object(
-                'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'token_id', it.token_id,
-                'counter', v_step, 'window_id', v_window, 'alert_id', coalesce(v_calert, v_alert),
-                'receipt', v_rc, 'receipt_seq', it.receipt_seq::text,
-                'clock_regression', CASE WHEN v_floor IS NOT NULL THEN true END,
-                -- What the state tables must hold because of this entry, for `ledger verify`
-                -- (replayguard/services/state_check.py): the accepted use's row until it expires,
-                -- and the lock this entry set.
-                'use_expires_us', CASE WHEN v_verdict = 'accept' THEN it.expires_us::text END,
-                'locked_until_us', v_new_lock::text));
+        -- Built key by key, each optional key only when it has a value (what jsonb_strip_nulls
+        -- over one object with all of them gives, for less).
+        v_payload := coalesce(it.payload, '{}'::jsonb) || jsonb_build_object(
+                'flags', to_jsonb(v_flags), 'epoch', v_vmrow.epoch, 'receipt', v_rc);
+        IF it.token_id IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('token_id', it.token_id);
+        END IF;
+        IF v_step IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('counter', v_step);
+        END IF;
+        IF v_window IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('window_id', v_window);
+        END IF;
+        IF coalesce(v_calert, v_alert) IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('alert_id', coalesce(v_calert, v_alert));
+        END IF;
+        IF it.receipt_seq IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('receipt_seq', it.receipt_seq::text);
+        END IF;
+        IF v_floor IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('clock_regression', true);
+        END IF;
+        -- What the state tables must hold because of this entry, for `ledger verify`
+        -- (replayguard/services/state_check.py): the accepted use's row until it expires,
+        -- and the lock this entry set.
+        IF v_verdict = 'accept' AND it.expires_us IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('use_expires_us', it.expires_us::text);
+        END IF;
+        IF v_new_lock IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('locked_until_us', v_new_lock::text);
+        END IF;
         v_hash := rg_entry_hash(v_prev, v_seq, it.ts_us, it.kind, it.vm_id, it.subject, v_digest, v_verdict, v_reason,
                                 v_payload);
         INSERT INTO ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
