@@ -110,12 +110,13 @@ def dsn_for(name: str) -> str:
     return f"{base}/{name}"
 
 
-async def create_database(prefix: str = "rg_test") -> str:
-    """Creates and migrates a new database; returns its DSN."""
+async def create_database(prefix: str = "rg_test", options: str = "") -> str:
+    """Creates and migrates a new database (``options`` follow ``CREATE DATABASE name``, e.g.
+    a template and locale); returns its DSN."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(PG_ADMIN)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         await admin.close()
     dsn = dsn_for(name)

@@ -21,24 +21,16 @@ from typing import Any
 
 import asyncpg
 
-from replayguard.core.chain import GENESIS
-from replayguard.pg import connections
-from replayguard.services import chain_reader
 from replayguard.settings import Secret
 from tests.conftest import uid
+from tests.integration.service_sessions import service_sessions, set_database_defaults
 
 RACERS = 120
 
 
 async def _database_with_strict_defaults(fresh_database: Callable[[], Any]) -> str:
     dsn: str = await fresh_database()
-    admin = await asyncpg.connect(dsn)
-    try:
-        name = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'serializable'")
-        await admin.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '1ms'")
-    finally:
-        await admin.close()
+    await set_database_defaults(dsn, {"default_transaction_isolation": "serializable", "lock_timeout": "1ms"})
     return dsn
 
 
@@ -52,23 +44,10 @@ async def test_every_session_reads_committed_and_waits_for_locks(fresh_database:
         assert await plain.fetchval("SHOW lock_timeout") == "1ms"
     finally:
         await plain.close()
-    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000)
-    one_off = await connections.connect(dsn)
-    child = chain_reader._Child(dsn, 30_000)  # the chain check's child, run in this process
-    try:
-        result = await child.check({"start_seq": 0, "start_hash": GENESIS.hex(), "head_seq": 0,
-                                    "head_hash": GENESIS.hex(), "pins": None})
-        assert result.finding is None
-        async with pool.acquire() as pooled:
-            for session in (pooled, one_off, child.conn):
-                assert session is not None
-                assert await session.fetchval("SHOW transaction_isolation") == "read committed"
-                assert await session.fetchval("SHOW lock_timeout") == "0"
-    finally:
-        await pool.close()
-        await one_off.close()
-        if child.conn is not None:
-            await child.conn.close()
+    async with service_sessions(dsn) as (sessions, _):
+        for session in sessions:
+            assert await session.fetchval("SHOW transaction_isolation") == "read committed"
+            assert await session.fetchval("SHOW lock_timeout") == "0"
 
 
 async def test_two_appenders_racing_under_strict_database_defaults_answer_every_request(
@@ -98,12 +77,7 @@ async def test_a_database_that_ends_idle_sessions_does_not_fail_the_next_decisio
     """The database ends sessions idle for 300 ms (``idle_session_timeout``): after a quiet
     second the next decisions, on the appender's kept session and the pool's, are answered."""
     dsn: str = await fresh_database()
-    admin = await asyncpg.connect(dsn)
-    try:
-        name = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '300ms'")
-    finally:
-        await admin.close()
+    await set_database_defaults(dsn, {"idle_session_timeout": "300ms"})
     api = await api_factory(database_url=Secret(dsn))
     scope = uid("scope")
     backends = set()

@@ -16,10 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from replayguard.core.chain import GENESIS
 from replayguard.pg import connections
-from replayguard.services import chain_reader
 from replayguard.services.state_check import _CHECK
+from tests.integration.service_sessions import service_sessions, set_database_defaults
 from tests.ledger_rows import append_nonces
 
 
@@ -28,11 +27,9 @@ async def _database_that_asks_for_jit(fresh_database: Callable[[], Any]) -> str:
     admin = await asyncpg.connect(dsn)
     try:
         await append_nonces(admin, 1, 50)
-        name = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f'ALTER DATABASE "{name}" SET jit = on')
-        await admin.execute(f'ALTER DATABASE "{name}" SET jit_above_cost = 0')
     finally:
         await admin.close()
+    await set_database_defaults(dsn, {"jit": "on", "jit_above_cost": "0"})
     return dsn
 
 
@@ -56,25 +53,11 @@ async def test_no_session_of_the_service_compiles_a_plan_where_a_plain_one_does(
     finally:
         await plain.close()
 
-    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000)
-    one_off = await connections.connect(dsn)
-    child = chain_reader._Child(dsn, 30_000)  # the chain check's child, run in this process
-    try:
-        head = await one_off.fetchrow("SELECT seq, hash FROM ledger_head")
-        result = await child.check({"start_seq": 0, "start_hash": GENESIS.hex(), "head_seq": head["seq"],
-                                    "head_hash": bytes(head["hash"]).hex(), "pins": None})
-        assert (result.checked, result.finding) == (50, None)
-        async with pool.acquire() as pooled:
-            sessions = [pooled, one_off, child.conn]
-            for session in sessions:
-                assert session is not None
-                assert await session.fetchval("SHOW jit") == "off"
-                assert not await _compiled(session)
-    finally:
-        await pool.close()
-        await one_off.close()
-        if child.conn is not None:
-            await child.conn.close()
+    async with service_sessions(dsn) as (sessions, checked):
+        assert checked == 50
+        for session in sessions:
+            assert await session.fetchval("SHOW jit") == "off"
+            assert not await _compiled(session)
 
 
 async def test_a_connection_with_timeout_zero_waits_and_one_with_a_timeout_is_cancelled(

@@ -19,9 +19,8 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from replayguard.pg import schema
 from replayguard.settings import Secret
-from tests.conftest import PG_ADMIN, Api, drop_database, dsn_for
+from tests.conftest import Api, create_database, drop_database
 
 # The migration runner's own bookkeeping, made by replayguard/pg/schema.py, not by a migration.
 RUNNER_TABLES = ("schema_migrations", "schema_functions")
@@ -44,25 +43,14 @@ VM_IDS = ["b", "B", "a", "A", "vm-10", "vm-9", "_x", "Z", "é", "e", "z"]
 PRINCIPALS = ["bob", "Bob", "alice", "Alice", "émile", "eve", "_ops"]
 
 
-async def _database(locale: str) -> str:
-    name = f"rg_text_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 {locale}')
-    finally:
-        await admin.close()
-    dsn = dsn_for(name)
-    await schema.migrate_dsn(dsn)
-    return dsn
-
-
 @pytest.fixture
 async def icu_and_c() -> AsyncIterator[tuple[str, str]]:
     """Two migrated databases: one whose default collation is ICU's en-US, one whose is "C"."""
     made: list[str] = []
     try:
-        made.append(await _database("LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"))
-        made.append(await _database("LOCALE 'C'"))
+        made.append(await create_database("rg_text", "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+                                                          " LOCALE 'C.UTF-8'"))
+        made.append(await create_database("rg_text", "TEMPLATE template0 LOCALE 'C'"))
         yield made[0], made[1]
     finally:
         for dsn in made:
