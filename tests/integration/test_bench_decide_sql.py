@@ -47,8 +47,8 @@ def test_a_candidate_that_decides_differently_fails_the_run(
     and the report shows the first entry at which the two ledgers part."""
     candidate = tmp_path / "different.sql"
     text = FUNCTION.read_text()
-    assert text.count("'receipt', v_rc,") == 1
-    candidate.write_text(text.replace("'receipt', v_rc,", "'receipt_status', v_rc,"))
+    assert text.count("'receipt', v_rc)") == 1
+    candidate.write_text(text.replace("'receipt', v_rc)", "'receipt_status', v_rc)"))
     assert load("decide_sql").main(small(candidate)) == 1
     out = capsys.readouterr().out
     assert "DIFFERENT head hashes" in out and "first different entry: baseline {'seq': 1," in out
