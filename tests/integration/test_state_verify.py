@@ -140,6 +140,23 @@ async def test_a_reset_hotp_counter_and_deleted_uses_are_named_and_alerted(
     assert (await otp(api, alice, pyotp.HOTP(secret).at(0)))["decision"] == "accept"
 
 
+async def test_a_deleted_otp_use_alone_is_named(fresh_database: Callable[[], Any],
+                                               api_factory: Callable[..., Any]) -> None:
+    """Only the accepted code's ``uses`` row deleted, its counter left alone: verify names that
+    accept and the ``uses`` table (the check rests on the ``use_expires_us`` the entry carries)."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    bob, secret = uid("bob"), pyotp.random_base32()
+    await api.enroll(bob, type="hotp", secret=secret)
+    first = await otp(api, bob, pyotp.HOTP(secret).at(0))
+    assert first["decision"] == "accept"
+    assert (await verify(api))["ok"] is True
+    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {first['seq']}")
+    report = await verify(api)
+    assert report["ok"] is False and report["problem"] == "state_mismatch", report
+    bad = report["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+
+
 async def test_a_reset_totp_high_water_is_named(fresh_database: Callable[[], Any],
                                                 api_factory: Callable[..., Any]) -> None:
     """The clock guard's TOTP high-water lowered by a superuser: verify names clock_guard at the accept."""
