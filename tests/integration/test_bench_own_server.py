@@ -55,26 +55,26 @@ def _postgres_on(root: Path) -> list[int]:
             if any(str(root) in part for part in proc.info["cmdline"] or [])]
 
 
-def _children(pid: int, named: str) -> list[psutil.Process]:
-    """``pid``'s descendants whose command line mentions ``named`` (one that ends while it
-    is read, as the bench's ``replayguard migrate`` does, is left out)."""
-    found = []
+def _descendants(pid: int) -> list[tuple[psutil.Process, str | None]]:
+    """``pid``'s descendants, each with its command line (None for one that ended while it
+    was read, as the bench's ``replayguard migrate`` does)."""
+    found: list[tuple[psutil.Process, str | None]] = []
     for child in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if named in " ".join(child.cmdline()):
-                found.append(child)
+        try:
+            found.append((child, " ".join(child.cmdline())))
+        except psutil.Error:
+            found.append((child, None))
     return found
 
 
-def _descendants(pid: int) -> list[str]:
+def _children(pid: int, named: str) -> list[psutil.Process]:
+    """``pid``'s live descendants whose command line mentions ``named``."""
+    return [child for child, line in _descendants(pid) if line is not None and named in line]
+
+
+def _described(pid: int) -> list[str]:
     """What ``pid``'s descendants are, for a failure's message."""
-    described = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            described.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())[:200]}")
-        except psutil.Error as exc:
-            described.append(f"{child.pid} {type(exc).__name__}")
-    return described
+    return [f"{child.pid} {line[:200] if line is not None else '(ended)'}" for child, line in _descendants(pid)]
 
 
 def _tail(path: Path) -> str:
@@ -111,7 +111,7 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
                     time.sleep(0.1)
                 service = _children(proc.pid, "replayguard")
                 (root,) = set(Path("/var/tmp").glob("rg-bench-pg-*")) - before
-                assert service and _postgres_on(root), (_descendants(proc.pid), _tail(output))
+                assert service and _postgres_on(root), (_described(proc.pid), _tail(output))
                 time.sleep(2)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=120) == 128 + signal.SIGTERM
