@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import asyncpg
 import structlog
@@ -83,9 +82,7 @@ async def open_runtime(
     params = DecideParams(lock_threshold=settings.lockout_threshold,
                           lock_period_us=settings.lockout_period_s * 1_000_000,
                           refuse_on_rollback=settings.receipt_reaction == "refuse")
-    appender = Appender(pool, params, partial(connections.connect, dsn,
-                                              statement_timeout_ms=settings.statement_timeout_ms),
-                        on_batch=metrics.batch_size.observe)
+    appender = Appender(pool, params, on_batch=metrics.batch_size.observe)
     tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
     filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
     if filled:

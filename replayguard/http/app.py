@@ -38,7 +38,7 @@ from ..errors import (
     Unavailable,
 )
 from ..logging import REQUEST_CONTEXT, request_line
-from ..pg.connections import UNAVAILABLE_ERRORS, WAL_BARRIER, acquire
+from ..pg.connections import UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
 from ..services.alerts import AlertService
@@ -207,24 +207,6 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-@web.middleware
-async def durable_reads(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """An authenticated read (GET) answers only what is durable.
-
-    A decision batch commits before its WAL flush (``pg/appender.py``), so for a moment
-    its entries, alerts and lock states are visible yet could be lost in a crash of the
-    database server. A read's answer is sent after a WAL barrier, which flushes every
-    commit the read could have seen. Writes answer after their own synchronous commit, and
-    a stream (SSE) gets its alerts through the feed, which flushes before it sends.
-    """
-    response = await handler(request)
-    route: Route | None = request.get(ROUTE)
-    if route is not None and route.roles is not None and request.method == "GET" and not response.prepared:
-        async with acquire(request.app[RUNTIME].pool) as conn:
-            await conn.execute(WAL_BARRIER)
-    return response
-
-
 def _analysts(runtime: Runtime) -> Analysts:
     alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper))
     ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s,
@@ -287,7 +269,7 @@ async def _end_streams(app: web.Application) -> None:
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                dsn: str | None = None) -> web.Application:
     """The whole service as an aiohttp application; resources open on startup."""
-    app = web.Application(middlewares=[edge, authorise, durable_reads], client_max_size=MAX_BODY + 1024)
+    app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
     app.cleanup_ctx.append(_resources_ctx(settings, clock, dsn))
     app.on_shutdown.append(_end_streams)
     app.on_response_prepare.append(set_server_header)

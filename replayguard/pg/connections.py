@@ -9,7 +9,6 @@ exactly like any other server. A database that goes away becomes ``Unavailable``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +95,6 @@ async def check_reachable(dsn: str, timeout: float = 10.0) -> None:
     await conn.close()
 
 
-# Flushes the WAL past every commit made before it was sent, and waits for synchronous
-# standbys: a commit flushes only when its transaction has an id and wrote WAL
-# (pg_current_xact_id() alone writes none), and a transactional logical message does both
-# at any wal_level (a logical decoder that does not ask for our prefix skips it). What
-# leaves PostgreSQL after an early-released batch (pg/appender.py), an answer or an alert,
-# leaves after one of these.
-WAL_BARRIER = "SELECT pg_logical_emit_message(true, 'replayguard', '')"
-
-
 # Server settings under which the service still runs but does not hold what it promises:
 # (setting, value that is a problem, what goes wrong). Checked at start-up (``serve``, ``migrate``).
 RISKY_SETTINGS = (
@@ -178,35 +168,31 @@ def _usable(conn: Any) -> bool:
 
 
 class KeptConnection:
-    """One connection held between uses by a component with one query in flight.
+    """One pool connection held between uses by a component with one query in flight.
 
-    From the pool, keeping it saves the pool's reset round trip (``RESET ALL``, ``UNLISTEN *``
-    …) that every release costs; the group-commit appender and the token reader each keep
-    one. With ``connect``, it is a connection of its own, outside the pool (the appender's
-    durability barrier), so it never takes one of the pool's ``db_pool_size``.
+    Keeping it saves the pool's reset round trip (``RESET ALL``, ``UNLISTEN *`` …) that
+    every release costs; the group-commit appender and the token reader each keep one.
     """
 
-    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._connect = connect
         self._conn: Any = None
 
     async def get(self) -> Any:
         if self._conn is not None and not _usable(self._conn):
             await self.drop()  # the server went away while we were idle
         if self._conn is None:
-            self._conn = await (self._pool.acquire() if self._connect is None else self._connect())
+            self._conn = await self._pool.acquire()
         return self._conn
 
     async def drop(self) -> None:
-        """Gives a connection that failed back (to the pool, closed); the next use reconnects."""
+        """Gives a connection that failed back to the pool, closed; the next use reconnects."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
             conn.terminate()
-            if self._connect is None:
-                await self._pool.release(conn)
+            await self._pool.release(conn)
         except asyncpg.InterfaceError:
             pass  # the pool already took back a connection it saw die
 
@@ -233,12 +219,5 @@ class KeptConnection:
 
     async def release(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._connect is None:
+        if conn is not None:
             await self._pool.release(conn)
-            return
-        try:
-            await conn.close(timeout=2)
-        except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
-            conn.terminate()

@@ -51,7 +51,7 @@ from ..core.state_schedule import StateSchedule
 from ..errors import ConfigError, Unavailable
 from ..fanout import AlertFanout
 from ..pg import connections
-from ..pg.connections import UNAVAILABLE_ERRORS, WAL_BARRIER, acquire
+from ..pg.connections import UNAVAILABLE_ERRORS, acquire
 from ..runtime import Runtime
 from ..settings import Settings
 from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
@@ -306,10 +306,6 @@ class AlertFeed:
         while True:
             ids, self._notified = sorted(self._notified), set()
             records = await self._alerts.changes(self._pos or 0, ids, PAGE, conn)
-            if records and (self.leader or self.subscribers):
-                # A change may come from a decision batch committed before its WAL flush
-                # (pg/appender.py): it leaves in a log line or to a subscriber only once durable.
-                await conn.execute(WAL_BARRIER)
             for record in records:
                 key = (record["id"], record["change_seq"])
                 if key in self._recent:
@@ -409,8 +405,6 @@ class AlertFeed:
             alerts = await self._alerts.changes(pos["alert_change_seq"], [], PAGE)
             checkpoints = await conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2",
                                            pos["checkpoint_seq"], PAGE)
-            if alerts:
-                await conn.execute(WAL_BARRIER)  # nothing reaches a sink before it is durable (_tail)
             for record in alerts:
                 self.dispatcher.submit(sink_record(record))
             for record in checkpoints:

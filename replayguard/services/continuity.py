@@ -34,7 +34,7 @@ from ..core.continuity import Statement, Verdict
 from ..errors import LedgerRollback, Unavailable
 from ..keys import Keys
 from ..metrics import BackgroundWork
-from ..pg.connections import UNAVAILABLE_ERRORS, WAL_BARRIER, acquire
+from ..pg.connections import UNAVAILABLE_ERRORS, acquire
 from ..settings import Settings
 from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 
@@ -216,10 +216,6 @@ class ContinuityGuard:
             async with acquire(self._pool) as conn:
                 floor = self._floor  # committed before the head is read: the head cannot be below it
                 snap = await conn.fetchrow(_SNAPSHOT)
-                # The head may be a decision batch's, committed before its WAL flush
-                # (pg/appender.py): the floor moves to it only once it is durable, or a crash
-                # of the database server that lost that unanswered tail would read as a rollback.
-                await conn.execute(WAL_BARRIER)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)

@@ -1,10 +1,8 @@
-"""Durability settings: the ledger's sessions commit synchronously, asserted from inside them.
+"""Durability settings: the ledger's commits are synchronous, asserted from inside its own sessions.
 
-An acknowledged accept survives a crash only if its commit, or a barrier after it, waited
-for the WAL flush (a batch's own transaction commits without waiting and is answered after
-the barrier: tests/integration/test_early_release.py). ``synchronous_commit`` can be
-turned off per session, per function, per role or per database; each of these tests looks
-at one of those places from where the ledger writes.
+An acknowledged accept survives a crash only if its commit waited for the WAL flush.
+``synchronous_commit`` can be turned off per session, per function, per role or per
+database; each of these tests looks at one of those places from where the ledger writes.
 """
 
 from __future__ import annotations
@@ -19,13 +17,6 @@ async def test_appender_connection_commits_synchronously(api: Api) -> None:
     status, answer = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "dur", "nonce": uid()})
     assert (status, answer["decision"]) == (200, "accept")
     conn = await api.runtime.appender._conn.get()  # the very session that wrote the decision
-    assert await conn.fetchval("SHOW synchronous_commit") == "on"
-
-
-async def test_the_barrier_connection_commits_synchronously(api: Api) -> None:
-    """The appender's barrier connection, outside the pool, reports synchronous_commit on: its commit is
-    what makes an early-released batch durable."""
-    conn = await api.runtime.appender._barrier.get()
     assert await conn.fetchval("SHOW synchronous_commit") == "on"
 
 

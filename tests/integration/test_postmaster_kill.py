@@ -1,8 +1,7 @@
 """PostgreSQL itself crashes: its postmaster SIGKILLed mid-load, then crash recovery.
 
-The service acknowledges an accept only after its commit is durable (a lone decision's
-commit is synchronous, a batch's is followed by a WAL barrier: test_durability_settings,
-test_early_release). This test crashes the database server, not the
+The service acknowledges an accept only after its commit is durable (synchronous commit,
+asserted in test_durability_settings). This test crashes the database server, not the
 service: every accept the clients were told about must be in the recovered ledger, the
 chain must verify, and each of those credentials must stay spent.
 """
