@@ -1100,6 +1100,37 @@ def commit() -> str:
         return "unknown"
 
 
+def sql_differences(ours: Path, served: Path) -> list[str]:
+    """The SQL files (numbered migrations and ``functions/``) that differ between this
+    checkout's ``migrations/`` and the directory the service would load, or exist in only one."""
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(root)): f.read_bytes() for f in (*root.glob("*.sql"), *root.glob("functions/*.sql"))}
+
+    mine, theirs = files(ours), files(served)
+    return sorted(name for name in mine.keys() | theirs.keys() if mine.get(name) != theirs.get(name))
+
+
+def served_sql() -> Path:
+    """Where ``replayguard.migrations`` comes from for ``python -m replayguard`` run here: the
+    environment's editable install maps it to the checkout the environment was installed from."""
+    found = subprocess.run([sys.executable, "-c", "import replayguard.migrations as m; print(list(m.__path__)[0])"],
+                           capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    return Path(found)
+
+
+def check_sql() -> None:
+    """Refuses to measure another checkout's SQL under this checkout's name."""
+    served = served_sql()
+    if served.resolve() == (REPO / "migrations").resolve():
+        return
+    differ = sql_differences(REPO / "migrations", served)
+    if differ:
+        raise SystemExit(f"bench/run.py: the service here would apply the SQL of {served}, not {REPO / 'migrations'}"
+                         f" ({len(differ)} file(s) differ: {', '.join(differ[:5])}); give this checkout an"
+                         " environment of its own (make install-test) or swap the files in one checkout"
+                         " (bench/README.md, \"What one run does\", 2)")
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM (``kill``, ``pkill``) ends the process as Ctrl-C does, through every
     ``finally``: the service is stopped, the bench's databases dropped and an
@@ -1113,6 +1144,7 @@ def exit_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_sql()
     exit_on_sigterm()
     if args.own_server:
         with own_server(dict(setting.split("=", 1) for setting in args.pg_setting)) as admin_url:
