@@ -144,8 +144,8 @@ OPTIONS: tuple[Option, ...] = (
            "caller token id; routine lines batched at least every 50 ms, warnings and errors at once",
            choices=("debug", "info", "warning", "error")),
     Option("db_pool_size", "int", "8", "connections per worker (the group-commit appender and the "
-           "token reader each keep one; the chain check's child process, on the worker that signs "
-           "checkpoints, has one more of its own)", bounds=(3, 256)),
+           "token reader each keep one; beside the pool, the alert feed has one of its own, and the "
+           "chain check's child process, on the worker that signs checkpoints, one more)", bounds=(3, 256)),
     Option("statement_timeout_ms", "int", "5000", "every statement is cancelled after this (then 503); a call with "
            "no answer a second later fails on the client (a half-open connection)",
            bounds=(100, 600_000)),
