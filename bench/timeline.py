@@ -219,7 +219,7 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
     if not latencies:
         return {}
     lat = sorted(latencies)
-    return {"n": len(lat), **{f"p{q}_ms": percentile(lat, float(q) / 100) / 1000 for q in ("50", "99", "99.9")},
+    return {"n": len(lat), **{f"p{q}_ms": percentile(lat, float(q) / 100) / 1000 for q in ("50", "95", "99", "99.9")},
             "max_ms": lat[-1] / 1000, "mean_ms": sum(lat) / len(lat) / 1000}
 
 

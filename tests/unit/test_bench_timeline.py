@@ -61,8 +61,26 @@ def test_the_runs_figures_are_exact_over_every_answer() -> None:
     from decisions.lua, reported in ms), so Little's law can be checked on it."""
     samples = [(1_000 + k, latency, "ok") for k, latency in enumerate([900] * 98 + [5_000, 40_000])]
     figures = timeline.overall(samples)
-    assert figures == {"n": 100, "p50_ms": 0.9, "p99_ms": 40.0, "p99.9_ms": 40.0, "max_ms": 40.0,
+    assert figures == {"n": 100, "p50_ms": 0.9, "p95_ms": 0.9, "p99_ms": 40.0, "p99.9_ms": 40.0, "max_ms": 40.0,
                        "mean_ms": (98 * 900 + 5_000 + 40_000) / 100 / 1000}
+
+
+def test_the_report_shows_the_answers_latency_and_wrk_s_corrected_p99_apart() -> None:
+    """wrk corrects its histogram for coordinated omission, which raises its tail above the
+    answers' own: the decision table's latency columns are the timeline's, and wrk's p99
+    has a column of its own; a phase without a timeline falls back to wrk's figures."""
+    samples = [(1_000 + k, latency, "ok") for k, latency in enumerate([900] * 98 + [5_000, 40_000])]
+    phase = {"concurrency": 64, "rate": 1000.0, "p50_ms": 1.0, "p95_ms": 9.0, "p99_ms": 31.0, "max_ms": 40.0,
+             "errors": 0, "reasons": {"ok": 100}, "peak_rss_mb": 100.0, "pg": {"mean_batch": 30.0},
+             "cpu": {"service": 0.5, "postgres": 0.5, "loadgen": 0.2, "other": 0.0},
+             "timeline": {"overall": timeline.overall(samples)}}
+    result = {"args": {"baseline_batch": 0, "mix": "1:0:0:0"},
+              "main": {"phases": [phase], "storage": {"ledger_rows": 1, "uses_rows": 1, "bytes_per_entry": 1,
+                                                       "ledger_bytes_per_row": 1, "uses_bytes_per_row": 1}}}
+    row = run.report(result).splitlines()[3].split("|")
+    assert [cell.strip() for cell in row[3:9]] == ["0.90", "0.90", "40.00", "40.00", "40.0", "31.00"]
+    del phase["timeline"]
+    assert run.answers(phase)["p99_ms"] == 31.0
 
 
 def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -> None:
