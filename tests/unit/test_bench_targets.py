@@ -168,3 +168,16 @@ def test_trend_is_the_fitted_change_over_the_mean() -> None:
     assert targets.trend([100.0, 110.0]) == pytest.approx(10 / 105)
     assert targets.trend([float(100 - k) for k in range(11)]) == pytest.approx(-10 / 95)
     assert targets.trend([]) == 0.0 and targets.trend([0.0, 0.0]) == 0.0
+
+
+def test_the_long_runs_first_minute_is_shown_beside_the_trend_and_never_judged() -> None:
+    """A run that is faster only in its first minute (a ledger starting empty) still misses
+    the trend, which judges the whole run; the first minute, the rest and the trend from the
+    second minute are shown beside it."""
+    results = _good()
+    # 602 seconds: the partial first and last are left out, leaving a minute at 130/s and 540 s at 100/s
+    seconds = [130] * 61 + [100] * 541
+    results["long"] = _result(_phase(64, 9000, 5, 9, seconds=seconds, rss=[100.0] * 600))
+    check = _by_target(targets.evaluate(results))["long run: no downward trend"]
+    assert not check.holds
+    assert check.beside.startswith("first minute 130/s, the rest 100/s, from the second minute +0.0 %; ")
