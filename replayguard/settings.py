@@ -146,8 +146,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("db_pool_size", "int", "8", "connections per worker (the group-commit appender and the "
            "token reader each keep one; beside the pool, the alert feed has one of its own, and the "
            "chain check's child process, on the worker that signs checkpoints, one more)", bounds=(3, 256)),
-    Option("statement_timeout_ms", "int", "5000", "every statement is cancelled after this (then 503); a call with "
-           "no answer a second later fails on the client (a half-open connection)",
+    Option("statement_timeout_ms", "int", "5000", "every statement is cancelled after this (then 503); a call or a "
+           "connection attempt with no answer a second later fails on the client (a half-open connection)",
            bounds=(100, 600_000)),
     Option("totp_drift_steps", "int", "1", "TOTP steps accepted either side of now", bounds=(0, 10)),
     Option("hotp_look_ahead", "int", "10", "HOTP counters searched ahead", bounds=(1, 1000)),

@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, Unavailable
-from .session import client_timeout_s, session_settings
+from .session import client_timeout_s, connect_timeout_s, session_settings
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +65,7 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
         dsn, min_size=1, max_size=size, init=_init_connection,
         server_settings=session_settings(statement_timeout_ms),
         command_timeout=client_timeout_s(statement_timeout_ms),
+        timeout=connect_timeout_s(statement_timeout_ms),
         max_inactive_connection_lifetime=60,
     )
     assert pool is not None  # noqa: S101 - narrows the type for mypy
@@ -73,9 +74,11 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyn
 
 async def connect(dsn: str, *, statement_timeout_ms: int = 30_000) -> asyncpg.Connection:
     """A connection like the pool's: its statements time out on the server, and every call on
-    it on the client a second later (``session.client_timeout_s``; 0 is no timeout on either)."""
+    it on the client a second later (``session.client_timeout_s``; 0 is no timeout on either);
+    opening it is bounded the same way (``session.connect_timeout_s``)."""
     conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=session_settings(statement_timeout_ms),
-                                                     command_timeout=client_timeout_s(statement_timeout_ms))
+                                                     command_timeout=client_timeout_s(statement_timeout_ms),
+                                                     timeout=connect_timeout_s(statement_timeout_ms))
     await _init_connection(conn)
     return conn
 

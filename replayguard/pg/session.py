@@ -47,3 +47,11 @@ def client_timeout_s(statement_timeout_ms: int) -> float | None:
     hanging until TCP gives up. ``0``, PostgreSQL's "no timeout", is none here too (over TCP
     the session's keepalives still notice a vanished server within about a minute)."""
     return statement_timeout_ms / 1000 + 1 if statement_timeout_ms else None
+
+
+def connect_timeout_s(statement_timeout_ms: int) -> float:
+    """How long opening such a session may take (TCP, TLS, authentication, and the pool's
+    ``init``): as long as one call on it, so a handshake caught by a half-open network fails
+    instead of holding its caller (a pool acquire, the leader's duties) for asyncpg's default
+    of a minute; that minute where statements have no timeout."""
+    return client_timeout_s(statement_timeout_ms) or 60.0

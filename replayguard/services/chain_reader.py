@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core import checkpoints as cps
 from ..core.ledger_check import ChainChecker, Finding, Problem
-from ..pg.session import client_timeout_s, session_settings
+from ..pg.session import client_timeout_s, connect_timeout_s, session_settings
 
 BATCH = 10_000  # rows per read where nothing else waits on the loop (the child, the CLI)
 # In a serving worker's own loop a read decodes SERVING_BATCH rows in one go, and
@@ -303,6 +303,7 @@ class _Child:
                 # Timed out on the client too, so a half-open connection fails the check
                 # instead of holding the leader's duties.
                 self.conn = await asyncpg.connect(self.dsn, command_timeout=client_timeout_s(self.statement_timeout_ms),
+                                                  timeout=connect_timeout_s(self.statement_timeout_ms),
                                                   server_settings=session_settings(self.statement_timeout_ms))
             pins = None if request["pins"] is None else Pins.from_json(request["pins"])
             return await check_here(self.conn, request["start_seq"], bytes.fromhex(request["start_hash"]),

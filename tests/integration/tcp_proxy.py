@@ -3,7 +3,9 @@
 ``freeze()`` stops relaying on every connection open now while keeping both sockets
 open, as a peer that vanished without a FIN or RST (a host powered off, a firewall that
 dropped the state) looks to the client: writes succeed, nothing ever comes back.
-Connections made after it relay normally, so a client that notices and reconnects works.
+Connections made after it relay normally, so a client that notices and reconnects works;
+with ``freeze_new`` set, they are half-open from their first byte (a handshake that never
+gets an answer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class TcpProxy:
         self._pipes: list[_Pipe] = []
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.freeze_new = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -41,7 +44,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._target)
-        pipe = _Pipe(writers=[writer, up_writer])
+        pipe = _Pipe(writers=[writer, up_writer], frozen=self.freeze_new)
         self._pipes.append(pipe)
         pipe.tasks = [asyncio.create_task(self._relay(pipe, reader, up_writer)),
                       asyncio.create_task(self._relay(pipe, up_reader, writer))]

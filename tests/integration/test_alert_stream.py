@@ -234,3 +234,34 @@ async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
         assert interrupted and interrupted[0]["error"] in {"TimeoutError", "Unavailable"}, interrupted
         # The server still saw the frozen session (and its leader lock): the feed ended it.
         assert [e["pid"] for e in logs if e["event"] == "alert_feed_previous_session_ended"] == [old]
+
+
+async def test_a_feed_whose_new_connections_are_half_open_too_comes_back_when_the_network_does(
+        api_factory: Callable[..., Any], database_url: str) -> None:
+    """The network half-opens the feed's connections and, for a while, every new one too:
+    handshakes that never get an answer. Each attempt (the feed's own, and the pool's for the
+    leader's duties) gives up within the client timeout instead of asyncpg's default minute,
+    so once the network answers again the feed listens and leads within seconds."""
+    host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
+    assert host is not None and port is not None
+    async with tcp_proxy(host, port) as proxy:
+        api = await api_factory(database_url=Secret(database_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")),
+                                statement_timeout_ms=1000)
+        feed = api.client.app[ANALYSTS].feed
+        await until(lambda: feed._listen_conn is not None and feed.leader, "the feed to listen and lead")
+        old = feed._listen_conn.get_server_pid()
+        with capture_logs() as logs:
+            proxy.freeze_new = True
+            assert proxy.freeze() >= 1
+            # The feed's own connection attempts time out: the handshake is bounded.
+            await until(lambda: any(e["event"] == "alert_feed_connect_failed" and e["error"] == "TimeoutError"
+                                    for e in logs), "a connection attempt to time out", timeout=30)
+            # A request's pool connection, opened into the half-open network, fails closed.
+            status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "s", "nonce": uid("n")})
+            assert status == 503
+            proxy.freeze_new = False
+            await until(lambda: (feed._listen_conn is not None and feed._listen_conn.get_server_pid() != old
+                                 and api.runtime.tokens.listening_now and feed.leader),
+                        "the feed to listen and lead on a new connection", timeout=30)
+        status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "s", "nonce": uid("n")})
+        assert status == 200
