@@ -91,8 +91,9 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
 
 @pytest.mark.slow
 async def test_embedded_server_runs_with_the_workload_settings() -> None:
-    """The embedded PostgreSQL runs with the checkpoint and logging settings for replayguard's
-    workload, and the insert-heavy tables carry their bounded-pass autovacuum settings."""
+    """The embedded PostgreSQL runs with the checkpoint, writeback and logging settings for
+    replayguard's workload, and the insert-heavy tables carry their bounded-pass autovacuum
+    settings."""
     with scratch_dir() as scratch:
         data_dir = scratch / "data"
         try:
@@ -101,17 +102,16 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
             server = await asyncio.to_thread(OwnedPostgres, data_dir)
             conn = await asyncpg.connect(server.url)
             try:
-                shown = {name: await conn.fetchval("SELECT setting || coalesce(unit, '') FROM pg_settings"
-                                                   " WHERE name = $1", name) for name in WORKLOAD_SETTINGS}
+                shown = {name: await conn.fetchval("SELECT current_setting($1)", name) for name in WORKLOAD_SETTINGS}
                 options = {r["relname"]: set(r["reloptions"]) for r in await conn.fetch(
                     "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses')")}
             finally:
                 await conn.close()
         finally:
             await asyncio.to_thread(stop_embedded, data_dir)
-    assert shown == {"max_wal_size": "4096MB", "min_wal_size": "512MB", "checkpoint_timeout": "900s",
-                     "checkpoint_completion_target": "0.9", "log_checkpoints": "on",
-                     "log_autovacuum_min_duration": "1000ms", "log_lock_waits": "on"}
+    assert shown == {"max_wal_size": "4GB", "min_wal_size": "512MB", "checkpoint_timeout": "15min",
+                     "checkpoint_completion_target": "0.9", "backend_flush_after": "256kB",
+                     "log_checkpoints": "on", "log_autovacuum_min_duration": "1s", "log_lock_waits": "on"}
     for table in ("ledger", "uses"):
         assert {"autovacuum_vacuum_insert_threshold=200000",
                 "autovacuum_vacuum_insert_scale_factor=0"} <= options[table]
