@@ -8,7 +8,6 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -20,7 +19,7 @@ from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import Api, uid
-from tests.integration.tcp_proxy import tcp_proxy
+from tests.integration.tcp_proxy import proxied
 from tests.waiting import until
 
 
@@ -212,11 +211,8 @@ async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
     RST): the query in flight times out on the client, and the feed reconnects, ends the session
     the server still keeps for it (which holds the leader lock), LISTENs and leads again,
     instead of waiting for TCP to give up."""
-    host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
-    assert host is not None and port is not None
-    async with tcp_proxy(host, port) as proxy:
-        api = await api_factory(database_url=Secret(database_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")),
-                                statement_timeout_ms=1000)
+    async with proxied(database_url) as (proxy, through_proxy):
+        api = await api_factory(database_url=Secret(through_proxy), statement_timeout_ms=1000)
         feed = api.client.app[ANALYSTS].feed
         await until(lambda: feed._listen_conn is not None and api.runtime.tokens.listening_now,
                     "the feed to listen")
@@ -242,11 +238,8 @@ async def test_a_feed_whose_new_connections_are_half_open_too_comes_back_when_th
     handshakes that never get an answer. Each attempt (the feed's own, and the pool's for the
     leader's duties) gives up within the client timeout instead of asyncpg's default minute,
     so once the network answers again the feed listens and leads within seconds."""
-    host, port = urlsplit(database_url).hostname, urlsplit(database_url).port
-    assert host is not None and port is not None
-    async with tcp_proxy(host, port) as proxy:
-        api = await api_factory(database_url=Secret(database_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")),
-                                statement_timeout_ms=1000)
+    async with proxied(database_url) as (proxy, through_proxy):
+        api = await api_factory(database_url=Secret(through_proxy), statement_timeout_ms=1000)
         feed = api.client.app[ANALYSTS].feed
         await until(lambda: feed._listen_conn is not None and feed.leader, "the feed to listen and lead")
         old = feed._listen_conn.get_server_pid()

@@ -13,7 +13,6 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -37,7 +36,7 @@ from replayguard.services.chain_reader import (
     check_here,
 )
 from replayguard.services.ledger import LedgerService
-from tests.integration.tcp_proxy import tcp_proxy
+from tests.integration.tcp_proxy import proxied
 from tests.ledger_rows import append_nonces
 from tests.waiting import blocked_by, until
 
@@ -421,10 +420,8 @@ async def test_a_half_open_connection_fails_the_childs_check_instead_of_hanging(
     """The child's connection stops answering without closing: its read times out on the
     client, and the check fails (the worker then checks itself) rather than waiting on TCP."""
     dsn, conn = ledger_db
-    parts = urlsplit(dsn)
-    assert parts.hostname is not None and parts.port is not None
-    async with tcp_proxy(parts.hostname, parts.port) as proxy:
-        chain = ChainProcess(dsn.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}"), 1000)
+    async with proxied(dsn) as (proxy, through_proxy):
+        chain = ChainProcess(through_proxy, 1000)
         try:
             head = await _head(conn)
             assert (await chain.check(0, GENESIS, *head)).finding is None

@@ -11,10 +11,8 @@ its caller. The guard below is far above that bound and far below asyncpg's minu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,18 +21,10 @@ from replayguard.errors import Unavailable
 from replayguard.pg import connections
 from replayguard.pg.session import connect_timeout_s
 from replayguard.services import chain_reader
-from tests.integration.tcp_proxy import TcpProxy, tcp_proxy
+from tests.integration.tcp_proxy import proxied
 
 TIMEOUT_MS = 500
 GUARD_S = 30.0
-
-
-@asynccontextmanager
-async def _proxied(database_url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    parts = urlsplit(database_url)
-    assert parts.hostname is not None and parts.port is not None
-    async with tcp_proxy(parts.hostname, parts.port) as proxy:
-        yield proxy, database_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
 
 
 async def _failure(attempt: Awaitable[Any]) -> BaseException:
@@ -57,7 +47,7 @@ def test_the_handshake_is_bounded_like_one_call() -> None:
 
 async def test_a_one_off_connection_into_a_half_open_network_times_out(database_url: str) -> None:
     """``connections.connect`` (the alert feed's own connection) gives up on a silent handshake."""
-    async with _proxied(database_url) as (proxy, dsn):
+    async with proxied(database_url) as (proxy, dsn):
         proxy.freeze_new = True
         exc = await _failure(connections.connect(dsn, statement_timeout_ms=TIMEOUT_MS))
         assert isinstance(exc, TimeoutError)
@@ -67,7 +57,7 @@ async def test_a_pool_acquire_that_opens_a_connection_into_a_half_open_network_f
         database_url: str) -> None:
     """The pool opens a second connection while the first is in use: the silent handshake
     becomes ``Unavailable`` (a 503) and the pool keeps working once the network answers."""
-    async with _proxied(database_url) as (proxy, dsn):
+    async with proxied(database_url) as (proxy, dsn):
         pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=TIMEOUT_MS)
         try:
             async with connections.acquire(pool) as held:
@@ -88,7 +78,7 @@ async def test_a_pool_acquire_that_opens_a_connection_into_a_half_open_network_f
 
 async def test_the_chain_checks_child_gives_up_on_a_silent_handshake(database_url: str) -> None:
     """The chain check's child fails its check (the worker then checks itself)."""
-    async with _proxied(database_url) as (proxy, dsn):
+    async with proxied(database_url) as (proxy, dsn):
         proxy.freeze_new = True
         child = chain_reader._Child(dsn, TIMEOUT_MS)
         request = {"start_seq": 0, "start_hash": GENESIS.hex(), "head_seq": 0, "head_hash": GENESIS.hex(),
