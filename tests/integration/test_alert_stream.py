@@ -249,7 +249,7 @@ async def test_a_feed_whose_new_connections_are_half_open_too_comes_back_when_th
             # The feed's own connection attempts time out: the handshake is bounded.
             await until(lambda: any(e["event"] == "alert_feed_connect_failed" and e["error"] == "TimeoutError"
                                     for e in logs), "a connection attempt to time out", timeout=30)
-            # A request's pool connection, opened into the half-open network, fails closed.
+            # A decision meanwhile fails closed, whichever connection it waits on.
             status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "s", "nonce": uid("n")})
             assert status == 503
             proxy.freeze_new = False
