@@ -147,10 +147,23 @@ def test_the_durable_floors_stalled_seconds_are_shown_beside_the_services_and_ne
                                          "stalls": [], "seconds_measured": 8},
                                         {"concurrency": 16, "rate": 5000.0, "overall": {"p99_ms": 9.0}}]
     check = _by_target(targets.evaluate(results))["no stalled second"]
-    assert (check.holds, check.beside) == (True, "durable floor 2 of 66")
+    assert (check.holds, check.beside) == (True, "seconds with an answer over 100 ms: 0; durable floor 2 of 66")
     results["c=64"]["main"]["phases"][0]["timeline"]["stalls"] = [{}]
     check = _by_target(targets.evaluate(results))["no stalled second"]
-    assert (check.holds, check.beside) == (False, "durable floor 2 of 66")
+    assert (check.holds, check.beside) == (False, "seconds with an answer over 100 ms: 0; durable floor 2 of 66")
+
+
+def test_seconds_with_an_answer_over_100_ms_are_counted_beside_the_stalls_and_never_judged() -> None:
+    """The stall rule is relative to the phase's median second, so it moves with the host's
+    hour; beside it stands how many whole seconds of every phase held an answer over 100 ms
+    (the partial first and last seconds left out), which does not judge the target."""
+    results = _good()
+    rows = results["c=64"]["main"]["phases"][0]["timeline"]["seconds"]
+    for i, ms in ((0, 500.0), (3, 100.0), (4, 100.1), (7, 240.0), (len(rows) - 1, 900.0)):
+        rows[i]["max_ms"] = ms
+    results["wrong codes"]["main"]["phases"][1]["timeline"]["seconds"][5]["max_ms"] = 150.0
+    check = _by_target(targets.evaluate(results))["no stalled second"]
+    assert (check.holds, check.beside) == (True, "seconds with an answer over 100 ms: 3")
 
 
 def test_a_run_with_no_answer_of_a_kind_does_not_count_as_cheap() -> None:
