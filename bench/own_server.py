@@ -45,9 +45,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def own_server(extra: dict[str, str] | None = None) -> Iterator[str]:
+def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None) -> Iterator[str]:
     """Yields the admin URL (database ``postgres``) of a fresh server, with ``extra``
-    settings over ``SETTINGS``; stops and removes it after."""
+    settings over ``SETTINGS``; stops and removes it after, first copying its log (lock
+    waits, checkpoints, autovacuum) to ``keep_log`` when given."""
     if not (BIN / "initdb").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {BIN} (set RG_BENCH_PG_BIN)")
     root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
@@ -66,4 +67,6 @@ def own_server(extra: dict[str, str] | None = None) -> Iterator[str]:
         finally:
             _run(str(BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
     finally:
+        if keep_log is not None and (root / "log").exists():
+            shutil.copyfile(root / "log", keep_log)
         shutil.rmtree(root, ignore_errors=True)

@@ -1163,9 +1163,13 @@ def main(argv: list[str] | None = None) -> int:
     check_sql()
     exit_on_sigterm()
     if args.own_server:
-        with own_server(dict(setting.split("=", 1) for setting in args.pg_setting)) as admin_url:
-            args.pg_admin_url = admin_url
-            return measure_all(args)
+        pg_log = Path(tempfile.mkdtemp(prefix="rg-bench-pglog-")) / "postgresql.log"
+        try:
+            with own_server(dict(setting.split("=", 1) for setting in args.pg_setting), keep_log=pg_log) as admin_url:
+                args.pg_admin_url = admin_url
+                return measure_all(args)
+        finally:
+            print(f"PostgreSQL's log in {pg_log}", file=sys.stderr)
     return measure_all(args)
 
 

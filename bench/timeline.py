@@ -44,11 +44,19 @@ _PROBE = "INSERT INTO bench_commit_probe VALUES ($1)"
 T = TypeVar("T", int, float)
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
 
+# A decision call (the appender's `rg_decide`) still running after this long is marked
+# with what its backend waits on at that moment (or "on CPU"): a wait the one-row probe
+# does not share (a data page's I/O, a buffer another process writes) shows there.
+SLOW_CALL_MS = 100
+_DECIDE_CALL = "SELECT * FROM rg_decide("
 _PG_ACTIVITY = """
-SELECT backend_type, datname, wait_event_type, wait_event, left(query, 80) AS query
+SELECT backend_type, datname, wait_event_type, wait_event, left(query, 80) AS query,
+       (extract(epoch FROM clock_timestamp() - query_start) * 1000)::bigint AS running_ms
 FROM pg_stat_activity
 WHERE backend_type IN ('autovacuum worker', 'checkpointer')
    OR (datname = $1 AND wait_event_type = 'Lock')
+   OR (datname = $1 AND state = 'active' AND starts_with(query, $2)
+       AND clock_timestamp() - query_start >= make_interval(secs => $3 / 1000.0))
 """
 _PG_CHECKPOINTS = "SELECT checkpoints_timed + checkpoints_req AS n, buffers_checkpoint FROM pg_stat_bgwriter"
 _CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "DataFileWrite",
@@ -151,8 +159,12 @@ class Marks:
     async def _postgres(self, now: float, conn: asyncpg.Connection,
                         checkpoints: tuple[int, int] | None) -> tuple[int, int] | None:
         try:
-            for row in await conn.fetch(_PG_ACTIVITY, self.dbname):
-                if row["backend_type"] == "autovacuum worker" and row["query"]:
+            for row in await conn.fetch(_PG_ACTIVITY, self.dbname, _DECIDE_CALL, SLOW_CALL_MS):
+                if ((row["query"] or "").startswith(_DECIDE_CALL) and row["running_ms"] is not None
+                        and row["running_ms"] >= SLOW_CALL_MS):
+                    waits = f"{row['wait_event_type']} {row['wait_event']}" if row["wait_event"] else "on CPU"
+                    self.marks.append((now, f"pg slow decision call: {row['running_ms']} ms in, {waits}"))
+                elif row["backend_type"] == "autovacuum worker" and row["query"]:
                     mine = "" if row["datname"] == self.dbname else " (other db)"
                     self.marks.append((now, f"pg autovacuum{mine}: {row['query'].removeprefix('autovacuum: ')}"))
                 elif row["backend_type"] == "checkpointer" and row["wait_event"] in _CHECKPOINTER_BUSY:

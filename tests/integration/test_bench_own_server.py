@@ -34,11 +34,13 @@ async def _settings(url: str) -> dict[str, str]:
     return {row["name"]: row["setting"] + (row["unit"] or "") for row in rows}
 
 
-def test_the_own_server_runs_as_an_operator_would_set_it_up_and_is_removed() -> None:
+def test_the_own_server_runs_as_an_operator_would_set_it_up_and_is_removed(tmp_path: Path) -> None:
     """Version 15 on 127.0.0.1, autovacuum, fsync and synchronous commits on, the embedded
-    server's WAL and checkpoint settings; after the block its directory is gone."""
+    server's WAL and checkpoint settings; after the block its directory is gone and its
+    log is where ``keep_log`` said."""
     own = load("own_server")
-    with own.own_server() as url:
+    kept = tmp_path / "postgresql.log"
+    with own.own_server(keep_log=kept) as url:
         assert url.startswith("postgresql://postgres@127.0.0.1:")
         settings = asyncio.run(_settings(url))
         root = next(Path("/var/tmp").glob("rg-bench-pg-*"))
@@ -47,6 +49,7 @@ def test_the_own_server_runs_as_an_operator_would_set_it_up_and_is_removed() -> 
     assert settings["max_wal_size"] == "4096MB" and settings["checkpoint_timeout"] == "900s"
     assert settings["max_connections"] == "100"
     assert not root.exists()
+    assert "database system is shut down" in kept.read_text()
 
 
 def _postgres_on(root: Path) -> list[int]:
@@ -121,6 +124,9 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
         assert not root.exists()
         assert not _postgres_on(root)
         assert not [child.pid for child in service + wrk if _running(child)]
+        kept = Path(output.read_text().split("PostgreSQL's log in ", 1)[1].split()[0])
+        assert "database system is shut down" in kept.read_text()
+        shutil.rmtree(kept.parent)
     finally:  # what a failed run left behind
         for child in service + wrk:
             with contextlib.suppress(psutil.Error):

@@ -41,3 +41,34 @@ async def test_the_commit_probe_marks_the_commits_at_or_above_its_threshold(
     else:
         assert len(probes) >= 3 and all(label.endswith(" ms (a one-row probe)") for label in probes)
         assert timeline.marks_by_kind(marked)["pg slow commit"] >= 1
+
+
+async def test_a_decision_call_still_running_is_marked_with_what_its_backend_waits_on(
+    fresh_database: Callable[[], Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call of ``rg_decide`` running past SLOW_CALL_MS is marked with its backend's wait
+    event (here ``pg_sleep``'s), while a statement that is not a decision call, running as
+    long, is not."""
+    timeline = load("timeline")
+    monkeypatch.setattr(timeline, "PG_SAMPLE_S", 0.05)
+    dsn = await fresh_database()
+    conn = await asyncpg.connect(dsn)
+    other = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DROP FUNCTION rg_decide(jsonb, integer, bigint, boolean)")
+        await conn.execute("CREATE FUNCTION rg_decide(p jsonb, a integer, b bigint, c boolean) RETURNS integer"
+                           " LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(1.5)'")
+        marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()
+        await asyncio.gather(conn.fetch("SELECT * FROM rg_decide('[]', 1, 1, false)"),
+                             other.execute("SELECT pg_sleep(1.5)"))
+        marked = await asyncio.to_thread(marks.stop)
+    finally:
+        await conn.close()
+        await other.close()
+    calls = [label for _, label in marked if label.startswith("pg slow decision call: ")]
+    assert not any(e.startswith("postgres") for e in marks.errors), marks.errors
+    assert calls and all(label.endswith(" ms in, Timeout PgSleep") for label in calls), calls
+    running = [int(label.split(": ")[1].split(" ms")[0]) for label in calls]
+    assert min(running) >= timeline.SLOW_CALL_MS and max(running) < 1500
+    assert timeline.marks_by_kind(marked)["pg slow decision call"] >= 1
+    assert not any("pg_sleep(1.5)" in label and "decision" not in label for _, label in marked)
