@@ -69,6 +69,6 @@ async def test_a_decision_call_still_running_is_marked_with_what_its_backend_wai
     assert not any(e.startswith("postgres") for e in marks.errors), marks.errors
     assert calls and all(label.endswith(" ms in, Timeout PgSleep") for label in calls), calls
     running = [int(label.split(": ")[1].split(" ms")[0]) for label in calls]
-    assert min(running) >= timeline.SLOW_CALL_MS and max(running) < 1500
+    assert min(running) >= timeline.SLOW_CALL_MS and max(running) < 10_000  # milliseconds
     assert timeline.marks_by_kind(marked)["pg slow decision call"] >= 1
     assert not any("pg_sleep(1.5)" in label and "decision" not in label for _, label in marked)
