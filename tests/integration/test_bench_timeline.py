@@ -43,6 +43,38 @@ async def test_the_commit_probe_marks_the_commits_at_or_above_its_threshold(
         assert timeline.marks_by_kind(marked)["pg slow commit"] >= 1
 
 
+async def test_a_slow_probe_commit_is_filed_under_the_moment_it_returned(
+    fresh_database: Callable[[], Any],
+) -> None:
+    """The answers that waited on a slow commit come back when it returns, and the stall
+    report pairs marks with the second they fall in: the probe's mark carries the time its
+    commit returned, not the time it began."""
+    timeline = load("timeline")
+    dsn = await fresh_database()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(timeline._PROBE_TABLE)
+        await conn.execute("""
+            CREATE FUNCTION slow_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF (SELECT count(*) FROM bench_commit_probe) = 0 THEN PERFORM pg_sleep(1.2); END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER slow_once BEFORE INSERT ON bench_commit_probe FOR EACH ROW EXECUTE FUNCTION slow_once();
+        """)
+        marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()
+        await until(lambda: conn.fetchval("SELECT count(*) >= 2 FROM bench_commit_probe"), "two probe commits",
+                    timeout=30)
+        marked = await asyncio.to_thread(marks.stop)
+        began = await conn.fetchval("SELECT min(at) FROM bench_commit_probe")
+    finally:
+        await conn.close()
+    slow = [(t, label) for t, label in marked if label.startswith("pg slow commit: ")
+            and int(label.split(": ")[1].split(" ms")[0]) >= 1200]
+    assert len(slow) == 1, marked
+    assert slow[0][0] >= began + 1.2
+
+
 async def test_a_decision_call_still_running_is_marked_with_what_its_backend_waits_on(
     fresh_database: Callable[[], Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
