@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import aiohttp
 import asyncpg
 
+from replayguard.pg.appender import _DECIDE
+
 SAMPLE_S = 1.0  # seconds between two scrapes of /metrics (--marks-every); each is work on the service's loop
 PG_SAMPLE_S = 0.25
 PROBE_S = 0.05  # between two commits of the probe (about 20 a second: a few percent of the commits at c=1)
@@ -48,7 +50,7 @@ _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task=
 # with what its backend waits on at that moment (or "on CPU"): a wait the one-row probe
 # does not share (a data page's I/O, a buffer another process writes) shows there.
 SLOW_CALL_MS = 100
-_DECIDE_CALL = "SELECT * FROM rg_decide("
+_DECIDE_CALL = _DECIDE.partition("(")[0] + "("  # the appender's statement up to its arguments
 _PG_ACTIVITY = """
 SELECT backend_type, datname, wait_event_type, wait_event, left(query, 80) AS query,
        (extract(epoch FROM clock_timestamp() - query_start) * 1000)::bigint AS running_ms
