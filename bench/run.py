@@ -227,8 +227,17 @@ async def storage(dsn: str) -> dict[str, Any]:
     rows = max(out["ledger_rows"], 1)
     out["bytes_per_entry"] = round((out["ledger_bytes"] + out["uses_bytes"]) / rows, 1)
     out["ledger_bytes_per_row"] = round(out["ledger_bytes"] / rows, 1)
-    out["uses_bytes_per_row"] = round(out["uses_bytes"] / max(out["uses_rows"], 1), 1)
+    out["uses_bytes_per_row"] = round(out["uses_bytes"] / out["uses_rows"], 1) if out["uses_rows"] else None
     return out
+
+
+def storage_line(s: dict[str, Any]) -> str:
+    """The report's storage line. With no ``uses`` row (a run of wrong codes only) the table's
+    size is its empty pages and indexes, which no row owns: it is given whole, not per row."""
+    uses = (f"uses {s['uses_bytes_per_row']} B/row" if s["uses_rows"]
+            else f"uses empty, {s['uses_bytes']} B of pages and indexes")
+    return (f"Storage: {s['ledger_rows']} ledger rows, {s['uses_rows']} uses; {s['bytes_per_entry']} bytes per"
+            f" ledger entry (ledger {s['ledger_bytes_per_row']} B/row, {uses}; indexes and TOAST included)")
 
 
 # --- the service ----------------------------------------------------------------------
@@ -1085,10 +1094,7 @@ def report(result: dict[str, Any]) -> str:
                          f"{r['cpu']['service']}/{r['cpu']['postgres']}/{r['cpu']['other']}",
                          str(r["pg"]["ledger_appends"])])
         out.append("Replay-only (every request a nonce consumed before)\n" + table(rows))
-    s = main["storage"]
-    out.append(f"Storage: {s['ledger_rows']} ledger rows, {s['uses_rows']} uses; "
-               f"{s['bytes_per_entry']} bytes per ledger entry (ledger {s['ledger_bytes_per_row']} B/row"
-               f" + uses {s['uses_bytes_per_row']} B/row, indexes and TOAST included)")
+    out.append(storage_line(main["storage"]))
     if result.get("seeded"):
         sd = result["seeded"]
         rows = [["conc", "empty dec/s", "seeded dec/s", "empty p99 ms", "seeded p99 ms",

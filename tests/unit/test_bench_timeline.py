@@ -1,4 +1,4 @@
-"""bench/timeline.py's stall rule and bench/run.py's RSS sampler, on made-up seconds and on
+"""bench/timeline.py's stall rule, bench/run.py's report and RSS sampler, on made-up seconds and on
 real processes (no database)."""
 
 from __future__ import annotations
@@ -117,3 +117,16 @@ def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -
         child.kill()
         child.wait()
     assert run.tree_pids(child.pid) == [] and run.rss_bytes(child.pid) == 0
+
+
+def test_the_storage_line_gives_an_empty_uses_table_whole_not_per_row() -> None:
+    """A run of wrong codes accepts nothing, so ``uses`` has no row: its empty pages and
+    indexes are reported as a size, not divided by one row into a figure per row."""
+    rows = {"ledger_rows": 1000, "uses_rows": 500, "bytes_per_entry": 700.0, "ledger_bytes_per_row": 400.0,
+            "uses_bytes": 300_000, "uses_bytes_per_row": 600.0}
+    assert run.storage_line(rows) == ("Storage: 1000 ledger rows, 500 uses; 700.0 bytes per ledger entry"
+                                      " (ledger 400.0 B/row, uses 600.0 B/row; indexes and TOAST included)")
+    empty = {**rows, "uses_rows": 0, "uses_bytes": 32_768, "uses_bytes_per_row": None, "bytes_per_entry": 432.8}
+    assert run.storage_line(empty) == ("Storage: 1000 ledger rows, 0 uses; 432.8 bytes per ledger entry"
+                                       " (ledger 400.0 B/row, uses empty, 32768 B of pages and indexes;"
+                                       " indexes and TOAST included)")
