@@ -4,7 +4,8 @@
 in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples,
 once a second while wrk runs (``--marks-every``), the service's background duties (``/metrics``:
 ``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
-collector per generation) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
+collector per generation; ``replayguard_ledger_call_duration_seconds``: the transactions of
+decisions that took ``SLOW_LEDGER_S`` or more) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
 they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
 a lock; ``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row insert into
 the benchmark's database every ``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS``
@@ -21,6 +22,7 @@ replays refused, wrong codes, lockouts).
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import threading
 import time
@@ -45,6 +47,11 @@ _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS bench_commit_probe (at double precisi
 _PROBE = "INSERT INTO bench_commit_probe VALUES ($1)"
 T = TypeVar("T", int, float)
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
+# The group commit's transactions, timed by the worker (replayguard_ledger_call_duration_seconds):
+# a second in which one took SLOW_LEDGER_S or more is marked with how many, and how slow.
+_LEDGER_BUCKET = re.compile(r'^replayguard_ledger_call_duration_seconds_bucket\{le="([^"]+)"\} (\S+)$')
+SLOW_LEDGER_S = 0.025
+LEDGER_CALLS = "ledger calls"  # where a worker's last buckets are kept, beside its background tasks' counts
 
 # A decision call (the appender's `rg_decide`) still running after this long is marked
 # with what its backend waits on at that moment (or "on CPU"): a wait the one-row probe
@@ -73,6 +80,7 @@ class Marks:
         self.dbname = dsn.rpartition("/")[2]
         self.marks: list[tuple[float, str]] = []  # (unix time, label)
         self.errors: list[str] = []
+        self.scrapes = 0  # of /metrics, answered and read
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -109,7 +117,8 @@ class Marks:
         return self.marks
 
     async def _run(self) -> None:
-        last: dict[tuple[str, str], tuple[float, float]] = {}  # (url, task) -> (runs, seconds)
+        # (worker, task) -> (runs, seconds); (worker, LEDGER_CALLS) -> the ledger call buckets
+        last: dict[tuple[str, str], Any] = {}
         checkpoints: tuple[int, int] | None = None
         next_pg = 0.0
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -141,13 +150,28 @@ class Marks:
         if conn is not None:
             await conn.close()
 
-    def _service(self, now: float, text: str, last: dict[tuple[str, str], tuple[float, float]]) -> None:
+    def _service(self, now: float, text: str, last: dict[tuple[str, str], Any]) -> None:
         values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        buckets: dict[float, float] = {}
         for line in text.splitlines():
             m = _METRIC.match(line)
             if m:
                 values[(m.group(2), m.group(3))][m.group(1)] = float(m.group(4))
+            elif (b := _LEDGER_BUCKET.match(line)) is not None:
+                buckets[float(b.group(1))] = float(b.group(2))
         workers = {w for _, w in values}
+        if buckets:
+            # The scrape's worker, named by its background counters: with --workers N each
+            # scrape reaches one of them, and its buckets count only its own transactions.
+            worker = next(iter(workers)) if len(workers) == 1 else ""
+            before = last.get((worker, LEDGER_CALLS))
+            last[(worker, LEDGER_CALLS)] = buckets
+            label = slow_ledger_calls(before, buckets)
+            if label:
+                several = len({w for w, task in last if task == LEDGER_CALLS}) > 1
+                who = f"pid {worker} " if worker and (several or len(self.urls) > 1) else ""
+                self.marks.append((now - self.every_s / 2, who + label))
+        self.scrapes += 1
         for (task, worker), v in values.items():
             runs, seconds = v.get("runs_total", 0.0), v.get("seconds_total", 0.0)
             before = last.get((worker, task))
@@ -182,6 +206,24 @@ class Marks:
         if checkpoints is not None and done["n"] != checkpoints[0]:
             self.marks.append((now, f"pg checkpoint finished ({done['buffers_checkpoint'] - checkpoints[1]} buffers)"))
         return int(done["n"]), int(done["buffers_checkpoint"])
+
+
+def slow_ledger_calls(before: dict[float, float] | None, now: dict[float, float]) -> str | None:
+    """The mark for the ledger transactions of ``SLOW_LEDGER_S`` or more between two scrapes of
+    one worker's cumulative buckets (upper bound in seconds: count), or None when there were none."""
+    if before is None:
+        return None
+    delta = {le: now[le] - before.get(le, 0.0) for le in now}
+    total = delta.get(math.inf, 0.0)
+    under = max((n for le, n in delta.items() if le <= SLOW_LEDGER_S), default=0.0)
+    slow = total - under
+    if slow <= 0:
+        return None
+    # The smallest bound that holds them all: the slowest took no longer than that.
+    bound = min(le for le, n in delta.items() if n >= total)
+    top = max((le for le in delta if not math.isinf(le)), default=0.0)
+    slowest = f"the slowest over {top:g} s" if math.isinf(bound) else f"the slowest under {bound * 1000:g} ms"
+    return f"ledger calls over {SLOW_LEDGER_S * 1000:g} ms: {int(slow)} of {int(total)}, {slowest}"
 
 
 Sample = tuple[int, int, str]  # completion ms since the epoch, latency µs, the answer's reason

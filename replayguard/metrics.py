@@ -191,6 +191,11 @@ class Metrics:
             "replayguard_ledger_batch_size", "Decisions per ledger transaction (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
         )
+        self.ledger_call = Histogram(
+            "replayguard_ledger_call_duration_seconds", "One ledger transaction of decisions (rg_decide and its "
+            "commit), from its send to its answer as the worker saw them",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self.token_read_size = Histogram(
             "replayguard_token_read_batch_size", "Principals per token read (concurrent cache misses share one)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
@@ -201,6 +206,11 @@ class Metrics:
         self.redis_up = Gauge(
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
         )
+
+    def ledger_batch(self, size: int, seconds: float) -> None:
+        """One committed group of decisions: how many, and how long its transaction took."""
+        self.batch_size.observe(size)
+        self.ledger_call.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

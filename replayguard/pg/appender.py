@@ -9,6 +9,7 @@ fails every request in it with ``Unavailable``: nothing is accepted that is not 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -64,7 +65,7 @@ def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]], exc: Unav
 class Appender:
     def __init__(
         self, pool: asyncpg.Pool, params: DecideParams,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._params = params
         self._queue: list[tuple[dict[str, Any], asyncio.Future[Outcome]]] = []
@@ -93,6 +94,7 @@ class Appender:
             self._running = False
 
     async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]]) -> None:
+        started = time.perf_counter()
         try:
             rows = await self._call([item for item, _ in batch])
         except Unavailable as exc:
@@ -103,7 +105,7 @@ class Appender:
             _fail(batch, Unavailable("the ledger write failed"))
             raise
         if self._on_batch is not None:
-            self._on_batch(len(batch))
+            self._on_batch(len(batch), time.perf_counter() - started)
         for row, (_, future) in zip(rows, batch, strict=True):
             if not future.done():
                 future.set_result(Outcome(

@@ -34,3 +34,19 @@ async def test_metrics_show_the_batching_of_ledger_writes_and_token_reads(api: A
               if line.startswith(("replayguard_ledger_batch_size_count", "replayguard_token_read_batch_size_count"))}
     assert counts["replayguard_ledger_batch_size_count"] >= 1
     assert counts["replayguard_token_read_batch_size_count"] >= 1
+
+
+async def test_metrics_time_every_ledger_transaction_of_decisions(api: Api) -> None:
+    """/metrics times each group commit from its send to its answer: one observation per
+    batch (as many as the batch-size histogram's), with a positive sum, in the latency buckets."""
+    for n in range(3):
+        status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "m", "nonce": f"call-{n}"})
+        assert status == 200
+    resp = await api.client.get("/metrics")
+    values = {line.split()[0]: float(line.split()[1]) for line in (await resp.text()).splitlines()
+              if line.startswith(("replayguard_ledger_call_duration_seconds", "replayguard_ledger_batch_size_count"))}
+    calls = values["replayguard_ledger_call_duration_seconds_count"]
+    assert calls >= 3 and calls == values["replayguard_ledger_batch_size_count"]
+    assert 0 < values["replayguard_ledger_call_duration_seconds_sum"] < 60
+    assert values['replayguard_ledger_call_duration_seconds_bucket{le="+Inf"}'] == calls
+    assert 'replayguard_ledger_call_duration_seconds_bucket{le="0.0005"}' in values

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httptools
 import pyotp
 import pytest
@@ -237,6 +238,28 @@ async def test_metrics_count_the_fast_answers_and_the_handoffs(api: Api, raw: An
     assert delta == {"replayguard_http_fast_answers_total": 5,
                      'replayguard_http_front_handoffs_total{outcome="aiohttp"}': 3,
                      'replayguard_http_front_handoffs_total{outcome="closed"}': 1}, delta
+
+
+async def test_the_fast_fronts_answers_are_in_the_request_count_and_latency(api: Api, raw: Any) -> None:
+    """A decision the front answers is counted with its route and status, and timed, where the
+    alert rules on 503 answers and on decision latency look (deploy/prometheus)."""
+    url = str(api.client.make_url("")).rstrip("/")
+    counted = 'replayguard_http_requests_total{method="POST",route="/v1/nonces/consume",status="200"}'
+    timed = 'replayguard_http_request_duration_seconds_count{route="/v1/nonces/consume"}'
+
+    async def read() -> dict[str, float]:
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith((counted, timed, "replayguard_http_fast_answers_total"))}
+
+    before = await read()
+    conn = await raw()
+    await conn.send(nonce_request(api, "counted-1") + nonce_request(api, "counted-2"))
+    assert [a.status for a in await conn.answers(2)] == [200, 200]
+    after = await read()
+    assert {name: after[name] - before.get(name, 0) for name in after} == {
+        "replayguard_http_fast_answers_total": 2, counted: 2, timed: 2}
 
 
 async def test_keep_alive_then_another_route_hands_over(api: Api, raw: Any, counted: Counted) -> None:

@@ -1,16 +1,21 @@
-"""bench/timeline.py's commit probe, on a real database: its commits are made and the slow ones marked."""
+"""bench/timeline.py's samplers on a real database and service: the commit probe's commits are
+made and the slow ones marked, a decision call still running is marked, and so is a slow ledger
+transaction the service's /metrics timed."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
+from replayguard.settings import Secret
 from tests.bench_scripts import load
-from tests.waiting import until
+from tests.conftest import uid
+from tests.waiting import blocked_by, until
 
 
 @pytest.mark.parametrize("slow_ms", [0.0, 10_000.0])
@@ -104,3 +109,43 @@ async def test_a_decision_call_still_running_is_marked_with_what_its_backend_wai
     assert min(running) >= timeline.SLOW_CALL_MS and max(running) < 10_000  # milliseconds
     assert timeline.marks_by_kind(marked)["pg slow decision call"] >= 1
     assert not any("pg_sleep(1.5)" in label and "decision" not in label for _, label in marked)
+
+
+async def test_a_ledger_transaction_held_up_is_marked_from_the_services_metrics(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """A decision whose transaction waits (here on the head row, locked by another session)
+    is answered once the lock goes, its transaction timed in /metrics; the sampler marks it
+    with how many transactions took 25 ms or more and the bucket of the slowest, and marks
+    nothing for the fast decision before it."""
+    timeline = load("timeline")
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn))
+    url = str(api.client.make_url("")).rstrip("/")
+    marks = timeline.Marks([url], api.tokens["analyst"], dsn, every_s=0.05).start()
+    holder = await asyncpg.connect(dsn)
+    monitor = await asyncpg.connect(dsn)
+    try:
+        vm = uid("vm")
+        status, body = await api.post("/v1/nonces/consume", {"vm_id": vm, "scope": "s", "nonce": uid("fast")})
+        assert status == 200 and body["decision"] == "accept"
+        scraped = marks.scrapes
+        await until(lambda: marks.scrapes >= scraped + 2, "two scrapes after the fast decision", timeout=30)
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")
+            decision = asyncio.ensure_future(
+                api.post("/v1/nonces/consume", {"vm_id": vm, "scope": "s", "nonce": uid("held")}))
+            await blocked_by(monitor, holder.get_server_pid(), timeout=30)
+            await asyncio.sleep(0.1)  # the transaction is waiting: it now takes over 100 ms
+        status, body = await decision
+        assert status == 200 and body["decision"] == "accept"
+        await until(lambda: any("ledger calls" in label for _, label in marks.marks), "the mark", timeout=30)
+        marked = await asyncio.to_thread(marks.stop)
+    finally:
+        await holder.close()
+        await monitor.close()
+    slow = [label for _, label in marked if "ledger calls" in label]
+    assert not any(e.startswith("metrics") for e in marks.errors), marks.errors
+    assert len(slow) == 1, marked
+    assert re.fullmatch(r"ledger calls over 25 ms: 1 of 1, the slowest under (250|500|1000|2500|5000) ms",
+                        slow[0]), slow

@@ -3,6 +3,7 @@ real processes (no database)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -130,3 +131,33 @@ def test_the_storage_line_gives_an_empty_uses_table_whole_not_per_row() -> None:
     assert run.storage_line(empty) == ("Storage: 1000 ledger rows, 0 uses; 432.8 bytes per ledger entry"
                                        " (ledger 400.0 B/row, uses empty, 32768 B of pages and indexes;"
                                        " indexes and TOAST included)")
+
+
+def _ledger_scrape(worker: str, buckets: dict[str, int]) -> str:
+    """A /metrics page of one worker: a background counter naming it, and the ledger call buckets."""
+    lines = [f'replayguard_background_runs_total{{task="alert_tail",worker="{worker}"}} 1.0']
+    lines += [f'replayguard_ledger_call_duration_seconds_bucket{{le="{le}"}} {n}.0' for le, n in buckets.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_slow_ledger_transactions_are_counted_between_two_scrapes_of_one_worker() -> None:
+    """The mark says how many transactions took SLOW_LEDGER_S or more since the worker's last
+    scrape, of how many, and the bucket that held the slowest; none without a slow one, none
+    on a worker's first scrape (nothing to compare with), and each worker against its own."""
+    fast = {"0.005": 100, "0.025": 110, "0.05": 110, "0.1": 110, "5.0": 110, "+Inf": 110}
+    slow = {"0.005": 200, "0.025": 215, "0.05": 217, "0.1": 218, "5.0": 218, "+Inf": 218}
+    marks = timeline.Marks(["http://127.0.0.1:9"], "token", "postgresql://127.0.0.1/bench")
+    last: dict[tuple[str, str], Any] = {}
+    marks._service(10.0, _ledger_scrape("7", fast), last)
+    marks._service(11.0, _ledger_scrape("8", slow), last)  # another worker's first scrape
+    assert marks.marks == [] and marks.scrapes == 2
+    marks._service(12.0, _ledger_scrape("7", slow), last)
+    assert [label for _, label in marks.marks] == [
+        "pid 7 ledger calls over 25 ms: 3 of 108, the slowest under 100 ms"]
+    marks._service(13.0, _ledger_scrape("7", slow), last)
+    assert len(marks.marks) == 1  # nothing new: no mark
+    labels = [timeline.slow_ledger_calls({5.0: 0.0, math.inf: 0.0}, {5.0: 0.0, math.inf: 2.0}),
+              timeline.slow_ledger_calls(None, {math.inf: 2.0}),
+              timeline.slow_ledger_calls({0.025: 5.0, math.inf: 5.0}, {0.025: 9.0, math.inf: 9.0})]
+    assert labels == ["ledger calls over 25 ms: 2 of 2, the slowest over 5 s", None, None]
+    assert timeline.marks_by_kind(marks.marks) == {"ledger calls over 25 ms": 1}
