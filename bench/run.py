@@ -696,8 +696,8 @@ class Bench:
         run, reasons = timeline.overall(samples), timeline.by_reason(samples)
         threshold, found = timeline.stalls(rows, marked)
         result["timeline"] = {"overall": run, "by_reason": reasons, "seconds": rows, "stall_threshold_ms": threshold,
-                              "stalls": found, "marks": marked, "marks_by_kind": timeline.marks_by_kind(marked),
-                              "sampler_errors": marks.errors[:5]}
+                              "stalls": found, "stall_evidence": timeline.stall_evidence(found), "marks": marked,
+                              "marks_by_kind": timeline.marks_by_kind(marked), "sampler_errors": marks.errors[:5]}
         print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run, reasons),
               file=sys.stderr, flush=True)
         return result
@@ -778,8 +778,9 @@ def durable_floor(setup: Setup, run_id: str, concurrency: int) -> dict[str, Any]
     result = combine(parts)
     return {"concurrency": concurrency, "connections": conns, "rate": result["rate"], "errors": result["errors"],
             "overall": timeline.overall(samples), "cpu": cpu, "waited_for_quiet_s": waited,
-            "stall_threshold_ms": threshold, "stalls": found, "seconds_measured": len(timeline.judged(rows)),
-            "marks_by_kind": timeline.marks_by_kind(marked), "sampler_errors": marks.errors[:5]}
+            "stall_threshold_ms": threshold, "stalls": found, "stall_evidence": timeline.stall_evidence(found),
+            "seconds_measured": len(timeline.judged(rows)), "marks_by_kind": timeline.marks_by_kind(marked),
+            "sampler_errors": marks.errors[:5]}
 
 
 def cpu_us_per_decision(phase: dict[str, Any]) -> float | None:

@@ -1,13 +1,14 @@
 """Latency over time, and what ran in the background meanwhile (bench/run.py's stall report).
 
 ``decisions.lua`` writes one line per answer (completion time in ms since the epoch, latency
-in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes). ``Marks`` samples,
-once a second while wrk runs (``--marks-every``), the service's background duties (``/metrics``:
-``replayguard_background_*``: leader duties, the continuity check, the cyclic garbage
-collector per generation; ``replayguard_ledger_call_duration_seconds``: the transactions of
-decisions that took ``SLOW_LEDGER_S`` or more) and PostgreSQL (``pg_stat_activity``: autovacuum workers and what
-they vacuum, the checkpointer's wait event, backends of the benchmark's database waiting on
-a lock; ``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row insert into
+in µs, the answer's reason; each request carries an ``X-Request-Id`` the service echoes).
+``Marks`` samples, once a second while wrk runs (``--marks-every``), the service's
+background duties (``/metrics``: ``replayguard_background_*``: leader duties, the
+continuity check, the cyclic garbage collector per generation), its transactions of
+decisions that took ``SLOW_LEDGER_S`` or more (``replayguard_ledger_call_duration_seconds``)
+and PostgreSQL (``pg_stat_activity``: autovacuum workers and what they vacuum, the
+checkpointer's wait event, backends of the benchmark's database waiting on a lock;
+``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row insert into
 the benchmark's database every ``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS``
 or more: when the server's commits (its WAL flush, the host's disk) stall, the probe stalls
 with them, so a stalled second with such a mark was the server's or the host's, whatever
@@ -315,6 +316,23 @@ def marks_by_kind(marks: list[tuple[float, str]]) -> dict[str, int]:
     return {k: len(v) for k, v in sorted(kinds.items())}
 
 
+def stall_evidence(found: list[dict[str, Any]]) -> dict[str, int]:
+    """The stalled seconds by the strongest evidence among their marks: the one-row probe's
+    commit was slow too (the server's WAL flush or the host's disk), else the service timed
+    a slow transaction of decisions (the decision's own transaction: a lock, a page, a core
+    its backend waited for), else neither (the worker's loop or a core it waited for)."""
+    out = {"server commits": 0, "ledger transactions": 0, "neither": 0}
+    for r in found:
+        labels = [re.sub(r"^pid \d+ ", "", label) for label in r["marks"]]
+        if any(label.startswith("pg slow commit") for label in labels):
+            out["server commits"] += 1
+        elif any(label.startswith("ledger calls over") for label in labels):
+            out["ledger transactions"] += 1
+        else:
+            out["neither"] += 1
+    return out
+
+
 def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]], run: dict[str, float],
            reasons: dict[str, dict[str, float]] | None = None) -> str:
     threshold, found = stalls(rows, marks)
@@ -334,4 +352,7 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
     for r in found:
         lines.append(f"    +{r['t'] - start:>3}s n={r['n']:<6} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
                      f"max {r['max_ms']:.1f} ms  | " + ("; ".join(r["marks"]) or "no background work seen"))
+    if found:
+        lines.append("    stalls with a slow server commit / slow ledger transactions only / neither: "
+                     + " / ".join(str(n) for n in stall_evidence(found).values()))
     return "\n".join(lines)

@@ -161,3 +161,23 @@ def test_slow_ledger_transactions_are_counted_between_two_scrapes_of_one_worker(
               timeline.slow_ledger_calls({0.025: 5.0, math.inf: 5.0}, {0.025: 9.0, math.inf: 9.0})]
     assert labels == ["ledger calls over 25 ms: 2 of 2, the slowest over 5 s", None, None]
     assert timeline.marks_by_kind(marks.marks) == {"ledger calls over 25 ms": 1}
+
+
+def test_each_stall_is_counted_under_its_strongest_evidence() -> None:
+    """A stalled second with a slow probe commit is the server's, whatever else ran in it;
+    one with only a slow ledger transaction (from any worker) is the decision's transaction;
+    one with neither, background work or not, is the worker's or a core's. The report says
+    how many of each."""
+    rows = [_second(t, 1.0, 1.0) for t in range(100, 120)]
+    for t in (102, 104, 106, 108):
+        rows[t - 100] = _second(t, 80.0, 90.0)
+    marks = [(102.5, "pg slow commit: 45 ms (a one-row probe)"), (102.6, "ledger calls over 25 ms: 3 of 400, x"),
+             (104.5, "pid 12 ledger calls over 25 ms: 1 of 200, the slowest under 50 ms"),
+             (106.5, "state_check x1 80.0 ms")]
+    _, found = timeline.stalls(rows, marks)
+    assert [r["t"] for r in found] == [102, 104, 106, 108]
+    assert timeline.stall_evidence(found) == {"server commits": 1, "ledger transactions": 1, "neither": 2}
+    report = timeline.report("c=64", rows, marks, timeline.overall([(100_000, 1_000, "ok")]))
+    assert report.splitlines()[-1] == (
+        "    stalls with a slow server commit / slow ledger transactions only / neither: 1 / 1 / 2")
+    assert "stalls with" not in timeline.report("c=64", rows[:1], [], timeline.overall([(100_000, 1_000, "ok")]))
