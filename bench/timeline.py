@@ -52,7 +52,6 @@ _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task=
 # a second in which one took SLOW_LEDGER_S or more is marked with how many, and how slow.
 _LEDGER_BUCKET = re.compile(r'^replayguard_ledger_call_duration_seconds_bucket\{le="([^"]+)"\} (\S+)$')
 SLOW_LEDGER_S = 0.025
-LEDGER_CALLS = "ledger calls"  # where a worker's last buckets are kept, beside its background tasks' counts
 
 # A decision call (the appender's `rg_decide`) still running after this long is marked
 # with what its backend waits on at that moment (or "on CPU"): a wait the one-row probe
@@ -82,6 +81,7 @@ class Marks:
         self.marks: list[tuple[float, str]] = []  # (unix time, label)
         self.errors: list[str] = []
         self.scrapes = 0  # of /metrics, answered and read
+        self._ledger_last: dict[str, dict[float, float]] = {}  # worker pid ("" unknown) -> its last buckets
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -118,8 +118,7 @@ class Marks:
         return self.marks
 
     async def _run(self) -> None:
-        # (worker, task) -> (runs, seconds); (worker, LEDGER_CALLS) -> the ledger call buckets
-        last: dict[tuple[str, str], Any] = {}
+        last: dict[tuple[str, str], tuple[float, float]] = {}  # (worker, task) -> (runs, seconds)
         checkpoints: tuple[int, int] | None = None
         next_pg = 0.0
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -151,7 +150,7 @@ class Marks:
         if conn is not None:
             await conn.close()
 
-    def _service(self, now: float, text: str, last: dict[tuple[str, str], Any]) -> None:
+    def _service(self, now: float, text: str, last: dict[tuple[str, str], tuple[float, float]]) -> None:
         values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         buckets: dict[float, float] = {}
         for line in text.splitlines():
@@ -165,12 +164,12 @@ class Marks:
             # The scrape's worker, named by its background counters: with --workers N each
             # scrape reaches one of them, and its buckets count only its own transactions.
             worker = next(iter(workers)) if len(workers) == 1 else ""
-            before = last.get((worker, LEDGER_CALLS))
-            last[(worker, LEDGER_CALLS)] = buckets
-            label = slow_ledger_calls(before, buckets)
+            previous = self._ledger_last.get(worker)
+            self._ledger_last[worker] = buckets
+            label = slow_ledger_calls(previous, buckets)
             if label:
-                several = len({w for w, task in last if task == LEDGER_CALLS}) > 1
-                who = f"pid {worker} " if worker and (several or len(self.urls) > 1) else ""
+                several = len(self._ledger_last) > 1 or len(self.urls) > 1
+                who = f"pid {worker} " if worker and several else ""
                 self.marks.append((now - self.every_s / 2, who + label))
         self.scrapes += 1
         for (task, worker), v in values.items():
@@ -308,11 +307,16 @@ def stalls(rows: list[dict[str, Any]], marks: list[tuple[float, str]], factor: f
     return threshold, out
 
 
+def _unprefixed(label: str) -> str:
+    """A mark's label without the worker it came from (``pid 123 ``), as its kind reads."""
+    return re.sub(r"^pid \d+ ", "", label)
+
+
 def marks_by_kind(marks: list[tuple[float, str]]) -> dict[str, int]:
     """How many seconds had each kind of mark (its label up to the count or colon)."""
     kinds: dict[str, set[int]] = defaultdict(set)
     for t, label in marks:
-        kinds[re.split(r" x\d|:| \(", re.sub(r"^pid \d+ ", "", label))[0]].add(int(t))
+        kinds[re.split(r" x\d|:| \(", _unprefixed(label))[0]].add(int(t))
     return {k: len(v) for k, v in sorted(kinds.items())}
 
 
@@ -323,7 +327,7 @@ def stall_evidence(found: list[dict[str, Any]]) -> dict[str, int]:
     its backend waited for), else neither (the worker's loop or a core it waited for)."""
     out = {"server commits": 0, "ledger transactions": 0, "neither": 0}
     for r in found:
-        labels = [re.sub(r"^pid \d+ ", "", label) for label in r["marks"]]
+        labels = [_unprefixed(label) for label in r["marks"]]
         if any(label.startswith("pg slow commit") for label in labels):
             out["server commits"] += 1
         elif any(label.startswith("ledger calls over") for label in labels):

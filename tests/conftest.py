@@ -97,12 +97,21 @@ def uid(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def metric_values(text: str, *prefixes: str) -> dict[str, float]:
+    """The samples of a /metrics page (name with its labels: value) whose line starts with one of ``prefixes``."""
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(prefixes)}
+
+
+async def scrape(url: str, *prefixes: str) -> dict[str, float]:
+    """``metric_values`` of one /metrics scrape on a connection of its own (to the fast front,
+    the scrape itself is one handover to aiohttp)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        return metric_values(await resp.text(), *prefixes)
+
+
 async def front_counts(url: str) -> dict[str, float]:
     """The fast front's counters from /metrics (the scrape itself is one handover to aiohttp)."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith(("replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total"))}
+    return await scrape(url, "replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total")
 
 
 def dsn_for(name: str) -> str:

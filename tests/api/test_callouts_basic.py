@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyotp
 
-from tests.conftest import Api, uid
+from tests.conftest import Api, metric_values, uid
 
 
 async def test_totp_accepted_once_then_reused(api: Api) -> None:
@@ -29,9 +29,8 @@ async def test_metrics_show_the_batching_of_ledger_writes_and_token_reads(api: A
     status, _ = await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": code})
     assert status == 200
     resp = await api.client.get("/metrics")
-    text = await resp.text()
-    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith(("replayguard_ledger_batch_size_count", "replayguard_token_read_batch_size_count"))}
+    counts = metric_values(await resp.text(), "replayguard_ledger_batch_size_count",
+                           "replayguard_token_read_batch_size_count")
     assert counts["replayguard_ledger_batch_size_count"] >= 1
     assert counts["replayguard_token_read_batch_size_count"] >= 1
 
@@ -43,10 +42,10 @@ async def test_metrics_time_every_ledger_transaction_of_decisions(api: Api) -> N
         status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "m", "nonce": f"call-{n}"})
         assert status == 200
     resp = await api.client.get("/metrics")
-    values = {line.split()[0]: float(line.split()[1]) for line in (await resp.text()).splitlines()
-              if line.startswith(("replayguard_ledger_call_duration_seconds", "replayguard_ledger_batch_size_count"))}
+    values = metric_values(await resp.text(), "replayguard_ledger_call_duration_seconds",
+                           "replayguard_ledger_batch_size_count")
     calls = values["replayguard_ledger_call_duration_seconds_count"]
     assert calls >= 3 and calls == values["replayguard_ledger_batch_size_count"]
-    assert 0 < values["replayguard_ledger_call_duration_seconds_sum"] < 60
+    assert values["replayguard_ledger_call_duration_seconds_sum"] > 0
     assert values['replayguard_ledger_call_duration_seconds_bucket{le="+Inf"}'] == calls
     assert 'replayguard_ledger_call_duration_seconds_bucket{le="0.0005"}' in values

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import httptools
 import pyotp
 import pytest
@@ -26,7 +25,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from replayguard.metrics import FrontCounts
-from tests.conftest import Api, front_counts
+from tests.conftest import Api, front_counts, scrape
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,18 +245,12 @@ async def test_the_fast_fronts_answers_are_in_the_request_count_and_latency(api:
     url = str(api.client.make_url("")).rstrip("/")
     counted = 'replayguard_http_requests_total{method="POST",route="/v1/nonces/consume",status="200"}'
     timed = 'replayguard_http_request_duration_seconds_count{route="/v1/nonces/consume"}'
-
-    async def read() -> dict[str, float]:
-        async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
-            text = await resp.text()
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                if line.startswith((counted, timed, "replayguard_http_fast_answers_total"))}
-
-    before = await read()
+    names = (counted, timed, "replayguard_http_fast_answers_total")
+    before = await scrape(url, *names)
     conn = await raw()
     await conn.send(nonce_request(api, "counted-1") + nonce_request(api, "counted-2"))
     assert [a.status for a in await conn.answers(2)] == [200, 200]
-    after = await read()
+    after = await scrape(url, *names)
     assert {name: after[name] - before.get(name, 0) for name in after} == {
         "replayguard_http_fast_answers_total": 2, counted: 2, timed: 2}
 

@@ -147,5 +147,6 @@ async def test_a_ledger_transaction_held_up_is_marked_from_the_services_metrics(
     slow = [label for _, label in marked if "ledger calls" in label]
     assert not any(e.startswith("metrics") for e in marks.errors), marks.errors
     assert len(slow) == 1, marked
-    assert re.fullmatch(r"ledger calls over 25 ms: 1 of 1, the slowest under (250|500|1000|2500|5000) ms",
+    # Held at least 100 ms, so in a bucket from 250 ms up; how far up depends on the machine.
+    assert re.fullmatch(r"ledger calls over 25 ms: 1 of 1, the slowest (under (250|500|1000|2500|5000) ms|over 5 s)",
                         slow[0]), slow
