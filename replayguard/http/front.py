@@ -91,6 +91,12 @@ _UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _QUEUE_MAX = 32  # pipelined requests held before reading pauses
 _SWEEP_S = 1.0
 _HOLD_S = 0.5  # a request still incomplete after this (checked at each sweep) goes to aiohttp
+# What a connection's parser becomes once the connection is closed or handed over: one
+# with no callbacks. A connection's own parser holds its bound methods, a reference cycle
+# that reference counting cannot free, and the service's collector thresholds
+# (server.py, GC_THRESHOLDS) leave such a cycle, once it has aged, to a full collection,
+# which they make rare.
+_RELEASED = httptools.HttpRequestParser(None)
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -180,6 +186,7 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._queue.clear()
+        self._parser = _RELEASED
         self._front.closed(self)
 
     def eof_received(self) -> bool:
@@ -335,6 +342,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None  # noqa: S101 - narrows the type for mypy: connection_made set it
         self._transport = None
+        self._parser = _RELEASED
         self._front.closed(self)
         self._front.counts.handed_over += 1
         handler = self._front.aiohttp_protocol()

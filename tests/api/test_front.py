@@ -9,12 +9,14 @@ headers, malformed input, the idle timeout and the handover's counters.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import pyotp
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from replayguard.http.front import FastConnection, Front
 from replayguard.metrics import FrontCounts
 from tests.conftest import Api, front_counts, scrape
 
@@ -590,3 +593,61 @@ async def test_radius_on_the_front_is_the_accept_marker_or_a_401(api: Api, raw: 
     assert accept.status == 200 and accept.json() == {"control:Tmp-String-0": "replayguard-accept"}
     assert reject.status == 401 and reject.json() == {"reply:Reply-Message": "One-time password already used"}
     assert counted == {"fast": 2, "handover": 0}
+
+
+
+def _front_of(api: Api) -> Front:
+    runner = api.client.server.runner
+    assert runner is not None
+    return cast(Front, runner.server)
+
+
+async def _freed(front: Front, before: set[FastConnection], ending: Callable[[], Any]) -> bool:
+    """Whether the one connection opened since ``before`` is freed by reference counting
+    alone once ``ending`` has closed it or handed it over (the cyclic collector is off)."""
+    [mine] = front._live - before
+    ref = weakref.ref(mine)
+    del mine
+    await ending()
+    await _until(lambda: ref() not in front._live)
+    await asyncio.sleep(0.05)  # the transport's own call of connection_lost has returned
+    return ref() is None
+
+
+async def test_a_closed_connection_is_freed_at_once(api: Api, raw: Any) -> None:
+    """A connection the client closed is freed by reference counting, not left to the cyclic
+    collector (whose thresholds leave an aged cycle to a rare full collection): its parser
+    lets go of it."""
+    front = _front_of(api)
+    before = set(front._live)
+    gc.disable()
+    try:
+        conn = await raw()
+        await conn.send(nonce_request(api, secrets.token_hex(8)))
+        assert (await conn.answers(1))[0].status == 200
+
+        async def close() -> None:
+            conn.close()
+        assert await _freed(front, before, close)
+    finally:
+        gc.enable()
+
+
+async def test_a_handed_over_connection_is_freed_at_once(api: Api, raw: Any, counted: Counted) -> None:
+    """The front's object for a connection handed to aiohttp is freed by reference counting
+    as soon as aiohttp has it, however long the connection then lives."""
+    front = _front_of(api)
+    before = set(front._live)
+    gc.disable()
+    try:
+        conn = await raw()
+        await conn.send(nonce_request(api, secrets.token_hex(8)))
+        assert (await conn.answers(1))[0].status == 200
+
+        async def hand_over() -> None:
+            await conn.send(HEALTH)
+            assert (await conn.answers(2))[1].status == 200
+        assert await _freed(front, before, hand_over)
+        assert counted == {"fast": 1, "handover": 1}
+    finally:
+        gc.enable()
