@@ -448,24 +448,53 @@ def _delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
-@contextmanager
-def cpu_meter(service: Service, dbname: str) -> Iterator[dict[str, float]]:
-    """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine."""
-    def svc() -> dict[int, float]:
-        return _cpu_by_pid([p for pid in service.pids() for p in tree(pid)])
-    before = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic(),
-              _stolen_cpu())
-    out: dict[str, float] = {}
-    yield out
-    after = (svc(), _cpu_by_pid(postgres_procs(dbname)), _children_cpu(), _machine_cpu(), time.monotonic(),
-             _stolen_cpu())
+CpuReading = tuple[dict[int, float], dict[int, float], float, float, float, float]
+
+
+def cpu_between(before: CpuReading, after: CpuReading) -> dict[str, float]:
+    """Cores used between two readings (service, PostgreSQL, wrk, machine, clock, steal):
+    by the service, PostgreSQL, wrk, the whole machine, stolen, and everything else."""
     wall = after[4] - before[4]
-    out.update({"service": _delta(before[0], after[0]) / wall, "postgres": _delta(before[1], after[1]) / wall,
-                "loadgen": (after[2] - before[2]) / wall, "machine_busy": (after[3] - before[3]) / wall,
-                "steal": (after[5] - before[5]) / wall})
+    out = {"service": _delta(before[0], after[0]) / wall, "postgres": _delta(before[1], after[1]) / wall,
+           "loadgen": (after[2] - before[2]) / wall, "machine_busy": (after[3] - before[3]) / wall,
+           "steal": (after[5] - before[5]) / wall}
     out["other"] = out["machine_busy"] - out["service"] - out["postgres"] - out["loadgen"] - out["steal"]
-    for key in list(out):
-        out[key] = round(out[key], 2)
+    return {key: round(value, 2) for key, value in out.items()}
+
+
+@contextmanager
+def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iterator[dict[str, Any]]:
+    """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine; with
+    ``every``, also the service's, PostgreSQL's and the machine's in each whole interval of
+    that many seconds (``by_interval``: wrk's CPU is known only once it has exited)."""
+    def reading() -> CpuReading:
+        return (_cpu_by_pid([p for pid in service.pids() for p in tree(pid)]), _cpu_by_pid(postgres_procs(dbname)),
+                _children_cpu(), _machine_cpu(), time.monotonic(), _stolen_cpu())
+    before = reading()
+    started = time.time()
+    intervals: list[dict[str, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        last = before
+        while every is not None and not stop.wait(every - (time.monotonic() - last[4])):
+            now = reading()
+            split = cpu_between(last, now)
+            intervals.append({key: split[key] for key in ("service", "postgres", "machine_busy", "steal")})
+            last = now
+    sampler = threading.Thread(target=sample, daemon=True)
+    if every is not None:
+        sampler.start()
+    out: dict[str, Any] = {}
+    try:
+        yield out
+    finally:
+        stop.set()
+        if every is not None:
+            sampler.join()
+    out.update(cpu_between(before, reading()))
+    if every is not None:
+        out.update(by_interval=intervals, by_interval_s=every, by_interval_from=round(started, 3))
 
 
 def wait_for_quiet_machine(args: argparse.Namespace) -> float:
@@ -670,7 +699,8 @@ class Bench:
         lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
         marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn, args.marks_every).start()
         try:
-            with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2]) as cpu:
+            with cpu_meter(self.service, self.setup.dsn.rpartition("/")[2],
+                           every=60.0 if args.duration >= 120 else None) as cpu:
                 parts = run_wrk(self.service.urls, concurrency, args.duration, args.wrk_threads,
                                 [[self.token, pattern_, str(f), f"{self.run_id}{tag}", replay_file, str(p)]
                                  for f, p in zip(files, lat, strict=True)])
@@ -781,6 +811,29 @@ def durable_floor(setup: Setup, run_id: str, concurrency: int) -> dict[str, Any]
             "stall_threshold_ms": threshold, "stalls": found, "stall_evidence": timeline.stall_evidence(found),
             "seconds_measured": len(timeline.judged(rows)), "marks_by_kind": timeline.marks_by_kind(marked),
             "sampler_errors": marks.errors[:5]}
+
+
+def cpu_by_minute(p: dict[str, Any]) -> list[tuple[float, float]]:
+    """The service's and PostgreSQL's CPU a decision (µs) in each whole interval that
+    ``cpu_meter`` timed, its decisions counted from the per-second answers."""
+    cpu = p.get("cpu") or {}
+    if not cpu.get("by_interval"):
+        return []
+    every, start = cpu["by_interval_s"], cpu["by_interval_from"]
+    answered: dict[int, int] = {}
+    for row in p["timeline"]["seconds"]:
+        k = int((row["t"] - start) // every)
+        answered[k] = answered.get(k, 0) + row["n"]
+    out = []
+    for k, split in enumerate(cpu["by_interval"]):
+        n = answered.get(k, 0)
+        if n:
+            out.append((split["service"] * every * 1e6 / n, split["postgres"] * every * 1e6 / n))
+    return out
+
+
+def _whole_phase(cpu: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in cpu.items() if not key.startswith("by_interval")}
 
 
 def cpu_us_per_decision(phase: dict[str, Any]) -> float | None:
@@ -1007,7 +1060,11 @@ def print_phase(r: dict[str, Any]) -> None:
     print(f"  c={r['concurrency']:<4} {r['rate']:>8.0f}/s  p50 {a['p50_ms']:.2f}  p95 {a['p95_ms']:.2f}"
           f"  p99 {a['p99_ms']:.2f} ms (wrk, corrected for coordinated omission: {r['p99_ms']:.2f})"
           f"  errors {r['errors']}  rss {r['peak_rss_mb']} MB"
-          f"  batch {r['pg']['mean_batch']}  cpu {r['cpu']}", file=sys.stderr, flush=True)
+          f"  batch {r['pg']['mean_batch']}  cpu {_whole_phase(r['cpu'])}", file=sys.stderr, flush=True)
+    minutes = cpu_by_minute(r)
+    if minutes:
+        print("    CPU a decision by minute, service/PostgreSQL µs: "
+              + ", ".join(f"{svc:.0f}/{pg:.0f}" for svc, pg in minutes), file=sys.stderr, flush=True)
 
 
 # --- output -------------------------------------------------------------------------------------

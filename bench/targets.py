@@ -215,6 +215,17 @@ def warm_up(per_second: list[float]) -> str:
             f" from the second minute {100 * trend(rest):+.1f} %; ")
 
 
+def cpu_first_and_last(p: dict[str, Any]) -> str:
+    """What a decision cost the service and PostgreSQL in the first minute and in the last:
+    a cost that grows on both sides points at the host, on PostgreSQL's alone at the ledger."""
+    minutes = run.cpu_by_minute(p)
+    if len(minutes) < 2:
+        return ""
+    (svc0, pg0), (svc1, pg1) = minutes[0], minutes[-1]
+    return (f"CPU a decision, service/PostgreSQL: first minute {svc0:.0f}/{pg0:.0f} µs, last"
+            f" {svc1:.0f}/{pg1:.0f} µs; ")
+
+
 def long_checks(long: dict[str, Any] | None) -> list[Check]:
     names = ("long run: no downward trend", "long run: flat RSS")
     if long is None:
@@ -223,7 +234,7 @@ def long_checks(long: dict[str, Any] | None) -> list[Check]:
     per_second = [row["n"] for row in timeline.judged(p["timeline"]["seconds"])]
     change = trend(per_second)
     out = [Check(names[0], f"{100 * change:+.1f} % over {len(per_second)} s",
-                 change >= -TREND_TOLERANCE, warm_up(per_second) + steal(p))]
+                 change >= -TREND_TOLERANCE, warm_up(per_second) + cpu_first_and_last(p) + steal(p))]
     rss = p.get("rss_mb_by_second") or []
     if len(rss) < 180:
         return [*out, Check(names[1], f"{len(rss)} RSS samples", None)]

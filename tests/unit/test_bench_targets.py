@@ -194,3 +194,29 @@ def test_the_long_runs_first_minute_is_shown_beside_the_trend_and_never_judged()
     check = _by_target(targets.evaluate(results))["long run: no downward trend"]
     assert not check.holds
     assert check.beside.startswith("first minute 130/s, the rest 100/s, from the second minute +0.0 %; ")
+
+
+def test_the_long_runs_cpu_a_decision_in_its_first_and_last_minute_is_shown_beside_the_trend() -> None:
+    """The CPU a decision costs the service and PostgreSQL, minute by minute from the phase's
+    intervals and its answers per second, is shown for the first and the last minute."""
+    results = _good()
+    seconds = [100] * 182
+    long = _phase(64, 100, 5, 9, seconds=seconds, rss=[100.0] * 180)
+    for k, row in enumerate(long["timeline"]["seconds"]):
+        row["t"] = 1000 + k
+    long["cpu"].update(by_interval=[{"service": 0.5, "postgres": 0.6, "machine_busy": 1.5, "steal": 0.0},
+                                    {"service": 0.5, "postgres": 0.6, "machine_busy": 1.5, "steal": 0.0},
+                                    {"service": 0.6, "postgres": 0.9, "machine_busy": 1.6, "steal": 0.0}],
+                       by_interval_s=60.0, by_interval_from=1000.5)
+    # each minute from 1000.5 holds 60 of the seconds' rows: 6,000 answers
+    assert targets.run.cpu_by_minute(long) == [pytest.approx((5000.0, 6000.0)), pytest.approx((5000.0, 6000.0)),
+                                           pytest.approx((6000.0, 9000.0))]
+    results["long"] = _result(long)
+    check = _by_target(targets.evaluate(results))["long run: no downward trend"]
+    assert "CPU a decision, service/PostgreSQL: first minute 5000/6000 µs, last 6000/9000 µs; " in check.beside
+
+
+def test_a_long_run_without_intervals_shows_no_cpu_by_minute() -> None:
+    """Results written before the meter had intervals show nothing in their place."""
+    long = _phase(64, 100, 5, 9, seconds=[100] * 182, rss=[100.0] * 180)
+    assert targets.run.cpu_by_minute(long) == [] and targets.cpu_first_and_last(long) == ""

@@ -181,3 +181,40 @@ def test_each_stall_is_counted_under_its_strongest_evidence() -> None:
     assert report.splitlines()[-1] == (
         "    stalls with a slow server commit / slow ledger transactions only / neither: 1 / 1 / 2")
     assert "stalls with" not in timeline.report("c=64", rows[:1], [], timeline.overall([(100_000, 1_000, "ok")]))
+
+
+def test_cpu_between_two_readings_is_cores_used_and_the_rest_is_other() -> None:
+    """cpu_between divides each side's CPU seconds by the wall time between the readings;
+    a process born in between counts from zero, and ``other`` is what no side used."""
+    before = ({1: 10.0}, {7: 3.0}, 1.0, 100.0, 50.0, 0.5)
+    after = ({1: 12.0, 2: 1.0}, {7: 5.0}, 2.0, 106.0, 52.0, 0.7)
+    assert run.cpu_between(before, after) == {"service": 1.5, "postgres": 1.0, "loadgen": 0.5,
+                                              "machine_busy": 3.0, "steal": 0.1, "other": -0.1}
+
+
+def test_the_cpu_meter_splits_a_phase_into_whole_intervals() -> None:
+    """With ``every``, the meter also gives the CPU of each whole interval (the partial last
+    one left out), beside the phase's, and when the intervals began."""
+    class Me:
+        def pids(self) -> list[int]:
+            return [os.getpid()]
+    began = time.time()
+    with run.cpu_meter(Me(), "no_such_database", every=0.2) as cpu:
+        deadline = time.monotonic() + 0.7
+        while time.monotonic() < deadline:  # this process is the "service": keep it busy
+            pass
+    assert 1 <= len(cpu["by_interval"]) <= 3  # 0.7 s holds three whole intervals at most (fewer on a busy machine)
+    assert cpu["by_interval_s"] == 0.2 and began <= cpu["by_interval_from"] <= time.time()
+    assert all(set(split) == {"service", "postgres", "machine_busy", "steal"} for split in cpu["by_interval"])
+    assert all(split["service"] > 0 for split in cpu["by_interval"])
+    assert cpu["service"] > 0 and "other" in cpu
+
+
+def test_a_phase_without_intervals_has_none() -> None:
+    """Without ``every`` the meter gives the phase's figures alone."""
+    class Me:
+        def pids(self) -> list[int]:
+            return [os.getpid()]
+    with run.cpu_meter(Me(), "no_such_database") as cpu:
+        time.sleep(0.01)
+    assert "by_interval" not in cpu and set(cpu) >= {"service", "postgres", "machine_busy"}
