@@ -14,7 +14,7 @@ import json
 import secrets
 import socket
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from replayguard.http.front import FastConnection, Front
+from replayguard.http.front import Front
 from replayguard.metrics import FrontCounts
 from tests.conftest import Api, front_counts, scrape
 
@@ -602,52 +602,41 @@ def _front_of(api: Api) -> Front:
     return cast(Front, runner.server)
 
 
-async def _freed(front: Front, before: set[FastConnection], ending: Callable[[], Any]) -> bool:
-    """Whether the one connection opened since ``before`` is freed by reference counting
-    alone once ``ending`` has closed it or handed it over (the cyclic collector is off)."""
-    [mine] = front._live - before
-    ref = weakref.ref(mine)
-    del mine
-    await ending()
-    await _until(lambda: ref() not in front._live)
-    await asyncio.sleep(0.05)  # the transport's own call of connection_lost has returned
-    return ref() is None
+async def _freed_once(api: Api, raw: Any, ending: Callable[[Raw], Awaitable[None]]) -> bool:
+    """Whether a connection that made one fast decision is freed by reference counting alone
+    (the cyclic collector off) once ``ending`` has closed it or handed it over."""
+    front = _front_of(api)
+    before = set(front._live)
+    gc.disable()
+    try:
+        conn = await raw()
+        await conn.send(nonce_request(api, secrets.token_hex(8)))
+        assert (await conn.answers(1))[0].status == 200
+        [mine] = front._live - before
+        ref = weakref.ref(mine)
+        del mine
+        await ending(conn)
+        await _until(lambda: ref() not in front._live)
+        await asyncio.sleep(0.05)  # the transport's own call of connection_lost has returned
+        return ref() is None
+    finally:
+        gc.enable()
 
 
 async def test_a_closed_connection_is_freed_at_once(api: Api, raw: Any) -> None:
     """A connection the client closed is freed by reference counting, not left to the cyclic
     collector (whose thresholds leave an aged cycle to a rare full collection): its parser
     lets go of it."""
-    front = _front_of(api)
-    before = set(front._live)
-    gc.disable()
-    try:
-        conn = await raw()
-        await conn.send(nonce_request(api, secrets.token_hex(8)))
-        assert (await conn.answers(1))[0].status == 200
-
-        async def close() -> None:
-            conn.close()
-        assert await _freed(front, before, close)
-    finally:
-        gc.enable()
+    async def close(conn: Raw) -> None:
+        conn.close()
+    assert await _freed_once(api, raw, close)
 
 
 async def test_a_handed_over_connection_is_freed_at_once(api: Api, raw: Any, counted: Counted) -> None:
     """The front's object for a connection handed to aiohttp is freed by reference counting
     as soon as aiohttp has it, however long the connection then lives."""
-    front = _front_of(api)
-    before = set(front._live)
-    gc.disable()
-    try:
-        conn = await raw()
-        await conn.send(nonce_request(api, secrets.token_hex(8)))
-        assert (await conn.answers(1))[0].status == 200
-
-        async def hand_over() -> None:
-            await conn.send(HEALTH)
-            assert (await conn.answers(2))[1].status == 200
-        assert await _freed(front, before, hand_over)
-        assert counted == {"fast": 1, "handover": 1}
-    finally:
-        gc.enable()
+    async def hand_over(conn: Raw) -> None:
+        await conn.send(HEALTH)
+        assert (await conn.answers(2))[1].status == 200
+    assert await _freed_once(api, raw, hand_over)
+    assert counted == {"fast": 1, "handover": 1}
