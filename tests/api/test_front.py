@@ -595,7 +595,6 @@ async def test_radius_on_the_front_is_the_accept_marker_or_a_401(api: Api, raw: 
     assert counted == {"fast": 2, "handover": 0}
 
 
-
 def _front_of(api: Api) -> Front:
     runner = api.client.server.runner
     assert runner is not None

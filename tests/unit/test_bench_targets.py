@@ -217,6 +217,6 @@ def test_the_long_runs_cpu_a_decision_in_its_first_and_last_minute_is_shown_besi
 
 
 def test_a_long_run_without_intervals_shows_no_cpu_by_minute() -> None:
-    """Results written before the meter had intervals show nothing in their place."""
+    """A long phase whose CPU was not timed by interval shows nothing in their place."""
     long = _phase(64, 100, 5, 9, seconds=[100] * 182, rss=[100.0] * 180)
     assert targets.run.cpu_by_minute(long) == [] and targets.cpu_first_and_last(long) == ""
