@@ -466,35 +466,34 @@ def cpu_between(before: CpuReading, after: CpuReading) -> dict[str, float]:
 def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iterator[dict[str, Any]]:
     """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine; with
     ``every``, also the service's, PostgreSQL's and the machine's in each whole interval of
-    that many seconds (``by_interval``: wrk's CPU is known only once it has exited)."""
+    that many seconds (``by_interval``, growing while the phase runs: wrk's CPU is known
+    only once it has exited)."""
     def reading() -> CpuReading:
         return (_cpu_by_pid([p for pid in service.pids() for p in tree(pid)]), _cpu_by_pid(postgres_procs(dbname)),
                 _children_cpu(), _machine_cpu(), time.monotonic(), _stolen_cpu())
     before = reading()
-    started = time.time()
-    intervals: list[dict[str, float]] = []
+    out: dict[str, Any] = {}
     stop = threading.Event()
 
-    def sample() -> None:
+    def sample(every: float, intervals: list[dict[str, float]]) -> None:
         last = before
-        while every is not None and not stop.wait(every - (time.monotonic() - last[4])):
+        while not stop.wait(every - (time.monotonic() - last[4])):
             now = reading()
             split = cpu_between(last, now)
             intervals.append({key: split[key] for key in ("service", "postgres", "machine_busy", "steal")})
             last = now
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = None
     if every is not None:
+        out.update(by_interval=[], by_interval_s=every, by_interval_from=round(time.time(), 3))
+        sampler = threading.Thread(target=sample, args=(every, out["by_interval"]), daemon=True)
         sampler.start()
-    out: dict[str, Any] = {}
     try:
         yield out
     finally:
         stop.set()
-        if every is not None:
+        if sampler is not None:
             sampler.join()
     out.update(cpu_between(before, reading()))
-    if every is not None:
-        out.update(by_interval=intervals, by_interval_s=every, by_interval_from=round(started, 3))
 
 
 def wait_for_quiet_machine(args: argparse.Namespace) -> float:

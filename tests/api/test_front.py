@@ -615,8 +615,9 @@ async def _freed_once(api: Api, raw: Any, ending: Callable[[Raw], Awaitable[None
         ref = weakref.ref(mine)
         del mine
         await ending(conn)
+        # connection_lost (or the handover) takes it out of the front's set, and the
+        # transport lets go of it in the same callback, before this wait can resume.
         await _until(lambda: ref() not in front._live)
-        await asyncio.sleep(0.05)  # the transport's own call of connection_lost has returned
         return ref() is None
     finally:
         gc.enable()
