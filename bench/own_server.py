@@ -4,11 +4,13 @@ The machine's shared server runs with its CI configuration (``autovacuum = off``
 others), which the service warns about at start-up. ``own_server()`` initialises a
 cluster with Debian's PostgreSQL 15 binaries in a directory under ``/var/tmp`` (the same
 disk as the shared server's data), with the embedded server's workload settings
-(``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS``), ``autovacuum``, ``fsync`` and
-``synchronous_commit`` on and the shared server's ``max_connections`` (100); it listens
-on 127.0.0.1 and a free port, so the service, the baseline and the samplers reach it as
-they reach the shared one. It is stopped and removed on exit. As root, the server runs as
-the ``postgres`` user.
+(``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS`` and its shared buffers),
+``autovacuum``, ``fsync`` and ``synchronous_commit`` on and the shared server's
+``max_connections`` (100); it listens on 127.0.0.1 and a free port, so the service, the
+baseline and the samplers reach it as they reach the shared one. Like the embedded server's
+service, the benchmark starts the write-back of its data files as they grow
+(``replayguard/pg/writeback.py``) unless told not to. It is stopped and removed on exit. As
+root, the server runs as the ``postgres`` user.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from replayguard.pg.embedded import WORKLOAD_SETTINGS
+from replayguard.pg.embedded import WORKLOAD_SETTINGS, memory_bytes, shared_buffers_mb
+from replayguard.pg.writeback import Writeback
 
 BIN = Path(os.environ.get("RG_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
-SETTINGS = {**WORKLOAD_SETTINGS, "autovacuum": "on", "fsync": "on", "synchronous_commit": "on",
+SETTINGS = {**WORKLOAD_SETTINGS, "shared_buffers": f"{shared_buffers_mb(memory_bytes())}MB",
+            "autovacuum": "on", "fsync": "on", "synchronous_commit": "on",
             "max_connections": "100", "listen_addresses": "'127.0.0.1'"}
 
 
@@ -45,10 +49,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None) -> Iterator[str]:
+def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None,
+               writeback: bool = True) -> Iterator[str]:
     """Yields the admin URL (database ``postgres``) of a fresh server, with ``extra``
-    settings over ``SETTINGS``; stops and removes it after, first copying its log (lock
-    waits, checkpoints, autovacuum) to ``keep_log`` when given."""
+    settings over ``SETTINGS`` and, with ``writeback``, its data files' write-back started
+    as they grow; stops and removes it after, first copying its log (lock waits,
+    checkpoints, autovacuum) to ``keep_log`` when given."""
     if not (BIN / "initdb").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {BIN} (set RG_BENCH_PG_BIN)")
     root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
@@ -62,9 +68,14 @@ def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))
         _run(str(BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
+        spreader = Writeback(data, root / "writeback.lock") if writeback else None
         try:
+            if spreader is not None:
+                spreader.start()
             yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
         finally:
+            if spreader is not None:
+                spreader.stop()
             _run(str(BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
     finally:
         if keep_log is not None and (root / "log").exists():

@@ -70,8 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a database on the server where the benchmark may CREATE and DROP its own")
     p.add_argument("--own-server", action="store_true",
                    help="run against a PostgreSQL 15 server of the benchmark's own, set up as docs/operations.md "
-                        "says (bench/own_server.py: autovacuum on, the workload settings), instead of "
+                        "says (bench/own_server.py: autovacuum on, the embedded server's workload settings and "
+                        "shared buffers, its data files' write-back started as they grow), instead of "
                         "--pg-admin-url's")
+    p.add_argument("--no-pg-writeback", action="store_true",
+                   help="with --own-server: leave the data files' write-back to the kernel")
     p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="with --own-server: a postgresql.conf setting over its own (repeatable)")
     p.add_argument("--redis-url", help="run the service with this Redis (alert fan-out); "
@@ -125,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.replay_levels = [int(c) for c in args.replay_concurrency.split(",") if c]
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (apt-get install -y wrk)")
-    if args.pg_setting and not args.own_server:
-        p.error("--pg-setting needs --own-server")
+    if (args.pg_setting or args.no_pg_writeback) and not args.own_server:
+        p.error("--pg-setting and --no-pg-writeback need --own-server")
     if any("=" not in setting for setting in args.pg_setting):
         p.error("--pg-setting takes NAME=VALUE")
     return args
@@ -1228,7 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.own_server:
         pg_log = Path(tempfile.mkdtemp(prefix="rg-bench-pglog-")) / "postgresql.log"
         try:
-            with own_server(dict(setting.split("=", 1) for setting in args.pg_setting), keep_log=pg_log) as admin_url:
+            with own_server(dict(setting.split("=", 1) for setting in args.pg_setting), keep_log=pg_log,
+                            writeback=not args.no_pg_writeback) as admin_url:
                 args.pg_admin_url = admin_url
                 return measure_all(args)
         finally:

@@ -56,7 +56,7 @@ def resolve_dsn(settings: Settings) -> str:
     """The database URL, starting the embedded PostgreSQL when none is configured."""
     if settings.database_url is not None:
         return settings.database_url.reveal()
-    return connections.embedded_url(settings.data_dir)
+    return connections.embedded_url(settings.data_dir, settings.embedded_shared_buffers_mb)
 
 
 async def prepare_database(settings: Settings) -> str:

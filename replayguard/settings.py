@@ -60,6 +60,7 @@ class Settings:
     database_url: Secret | None = None
     redis_url: Secret | None = None
     data_dir: Path = field(default_factory=_default_data_dir)
+    embedded_shared_buffers_mb: int = 0
     workers: int = 1
     log_level: str = "info"
     db_pool_size: int = 8
@@ -138,6 +139,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_url", "secret", "(none)", "Redis for the alert fan-out between instances (never part of a decision)"),
     Option("data_dir", "path", "~/.local/share/replayguard (root: /var/lib/replayguard)",
            "keys, embedded database, outbox; token create, migrate and ledger need the same one as serve"),
+    Option("embedded_shared_buffers_mb", "int", "0", "the embedded PostgreSQL's shared buffers, set when it "
+           "starts; 0: a quarter of the memory (the cgroup's limit when lower), between 128 and 2048",
+           bounds=(0, 1_048_576)),
     Option("workers", "int", "1", "worker processes sharing the port (SO_REUSEPORT); a worker whose "
            "parent was killed hard exits within a second", bounds=(1, 64)),
     Option("log_level", "str", "info", "JSON log lines on stderr, each with the request id, route and "
@@ -206,6 +210,9 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{option.name} must be one of {', '.join(option.choices)}, got {value!r}")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
+        if s.embedded_shared_buffers_mb:
+            raise ConfigError("embedded_shared_buffers_mb sizes the embedded PostgreSQL, and database_url names "
+                              "another server: set one of them")
     for spec in s.witnesses:
         if spec.startswith("file:"):
             if not spec.startswith("file:/"):

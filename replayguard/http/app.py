@@ -24,7 +24,7 @@ from types import ModuleType
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..core import cursors
 from ..errors import (
@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..logging import REQUEST_CONTEXT, request_line
 from ..pg.connections import UNAVAILABLE_ERRORS
+from ..pg.writeback import Writeback
 from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
 from ..services.alerts import AlertService
@@ -241,6 +242,23 @@ async def _guarding(guard: ContinuityGuard) -> AsyncIterator[None]:
             await task
 
 
+@contextlib.asynccontextmanager
+async def _writing_back(settings: Settings, registry: CollectorRegistry) -> AsyncIterator[None]:
+    """With the embedded server, the write-back of its growing data files as they grow
+    (``pg/writeback.py``); nothing with an external one."""
+    if not settings.embedded:
+        yield
+        return
+    files = Counter("replayguard_embedded_writeback_files",
+                    "Data files of the embedded PostgreSQL whose write-back this process started", registry=registry)
+    writeback = Writeback(settings.data_dir / "pg", settings.data_dir / "pg.writeback.lock", on_pass=files.inc)
+    writeback.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(writeback.stop)
+
+
 def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, clock=clock, dsn=dsn) as runtime:
@@ -251,7 +269,7 @@ def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | No
             _feed_gauges(runtime.metrics.registry, analyst_services.feed)
             await analyst_services.feed.start()
             try:
-                async with _guarding(runtime.continuity):
+                async with _guarding(runtime.continuity), _writing_back(settings, runtime.metrics.registry):
                     yield
             finally:
                 await analyst_services.feed.stop()

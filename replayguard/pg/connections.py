@@ -38,11 +38,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def embedded_url(data_dir: Path) -> str:
+def embedded_url(data_dir: Path, buffers_mb: int = 0) -> str:
     """Starts (or joins) the embedded PostgreSQL of ``data_dir`` (see ``replayguard.pg.embedded``)."""
     from .embedded import embedded_dsn
 
-    return embedded_dsn(data_dir)
+    return embedded_dsn(data_dir, buffers_mb)
 
 
 def stop_embedded(data_dir: Path) -> None:

@@ -9,6 +9,8 @@ user). Under the data dir, which belongs to the user the server runs as (mode 07
 - ``run/``: the socket directory (0700); when the data dir's path is too long for a unix
   socket, a fresh 0700 directory under /tmp instead (named in ``postmaster.pid``);
 - ``pg.users``: the pids using the server; the last one to leave stops it;
+- ``pg.writeback.lock``: held by the one serving process that starts the write-back of the
+  cluster's data files as they grow (``pg/writeback.py``);
 - ``pginstall-<version>/``: only as root, when the server's user cannot reach the
   package's binaries (a checkout under /root): a copy of them.
 
@@ -208,12 +210,69 @@ WORKLOAD_SETTINGS = {
 }
 
 
+# Shared buffers: large enough to hold `uses`' primary key, whose keys are keyed digests, so
+# that each decision's insert finds its leaf page in memory (docs/operations.md, "The disk
+# under the WAL"). A quarter of the memory, PostgreSQL's advice; the buffers are touched only
+# as the database grows into them.
+SHARED_BUFFERS_MIN_MB = 128
+SHARED_BUFFERS_MAX_MB = 2048
+
+
+def shared_buffers_mb(memory: int | None) -> int:
+    """A quarter of ``memory`` (bytes), between 128 MB (PostgreSQL's default) and 2 GB; 128 MB
+    when the memory is not known."""
+    if memory is None:
+        return SHARED_BUFFERS_MIN_MB
+    return max(SHARED_BUFFERS_MIN_MB, min(SHARED_BUFFERS_MAX_MB, memory // 4 // (1 << 20)))
+
+
+def _cgroup_limits(proc_cgroup: str, root: Path) -> Iterator[int]:
+    """The memory limits of the cgroup named in ``/proc/self/cgroup`` and of its ancestors
+    (cgroup v2's ``memory.max``, v1's ``memory.limit_in_bytes``)."""
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for directory in (here, *here.parents):
+            if directory == base.parent:
+                break
+            try:
+                text = (directory / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                yield int(text)
+
+
+def memory_bytes(meminfo: Path = Path("/proc/meminfo"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                 cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory this process may use: the machine's, or its cgroup's limit when lower;
+    None when neither can be read."""
+    known: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                known.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError):
+        known.extend(_cgroup_limits(proc_cgroup.read_text(), cgroup_root))
+    return min(known) if known else None
+
+
 class EmbeddedServer:
     """Initialises, starts, finds and stops the cluster under one data dir."""
 
-    def __init__(self, data_dir: Path, owner: Owner) -> None:
+    def __init__(self, data_dir: Path, owner: Owner, buffers_mb: int = 0) -> None:
         self.data_dir = data_dir
         self.owner = owner
+        self.buffers_mb = buffers_mb  # shared buffers; 0: sized from the memory at start
         self.pgdata = data_dir / "pg"
         self.password_file = data_dir / "pg.password"
         self._users = data_dir / "pg.users"
@@ -363,6 +422,7 @@ class EmbeddedServer:
         sockets = self.socket_dir()
         options = f"-h '' -k {shlex.quote(str(sockets))} -c unix_socket_permissions=0700"
         options += "".join(f" -c {name}={value}" for name, value in WORKLOAD_SETTINGS.items())
+        options += f" -c shared_buffers={self.buffers_mb or shared_buffers_mb(memory_bytes())}MB"
         self.run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "log"),
                  "-o", options, "start")
         found = self.running_socket_dir()
@@ -426,11 +486,13 @@ def _alive(pid: int) -> bool:
 _joined: dict[Path, tuple[EmbeddedServer, str]] = {}
 
 
-def embedded_dsn(data_dir: Path) -> str:
-    """Starts (or joins) the embedded server of ``data_dir``; it stops when its last user exits."""
+def embedded_dsn(data_dir: Path, buffers_mb: int = 0) -> str:
+    """Starts (or joins) the embedded server of ``data_dir``; it stops when its last user
+    exits. ``buffers_mb``, its shared buffers (0: ``shared_buffers_mb()`` of the memory),
+    applies when this call starts the server."""
     key = data_dir.absolute()
     if key not in _joined:
-        server = EmbeddedServer(key, claim_data_dir(key, embedded=True))
+        server = EmbeddedServer(key, claim_data_dir(key, embedded=True), buffers_mb)
         dsn = server.join()
         _joined[key] = (server, dsn)
         atexit.register(_leave, key)

@@ -21,9 +21,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from replayguard.pg.embedded import WORKLOAD_SETTINGS, EmbeddedServer, claim_data_dir
-from tests.conftest import cli_env, dead_url, run_cli, uid
+from replayguard.pg.embedded import WORKLOAD_SETTINGS, EmbeddedServer, claim_data_dir, memory_bytes, shared_buffers_mb
+from tests.conftest import cli_env, dead_url, run_cli, scrape, uid
 from tests.integration.owned_servers import OwnedPostgres, scratch_dir, stop_embedded
+from tests.waiting import until
 
 TOKEN_LINE = re.compile(r"^rgt_[A-Za-z0-9_\-]{20,}\n$")
 
@@ -35,6 +36,11 @@ def _embedded_uri(data_dir: Path) -> str:
     return server.dsn(sockets)
 
 
+async def _writeback_files(url: str) -> float:
+    return (await scrape(url, "replayguard_embedded_writeback_files_total")).get(
+        "replayguard_embedded_writeback_files_total", 0.0)
+
+
 async def _post(session: aiohttp.ClientSession, url: str, token: str, body: dict[str, Any]) -> tuple[int, Any]:
     async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
         return resp.status, await resp.json()
@@ -42,7 +48,9 @@ async def _post(session: aiohttp.ClientSession, url: str, token: str, body: dict
 
 @pytest.mark.slow
 async def test_embedded_default_serves_and_survives_restart(service_factory: Callable[..., Any]) -> None:
-    """With no URL the service runs on its own PostgreSQL and keeps tokens and ledger on restart."""
+    """With no URL the service runs on its own PostgreSQL, starts the write-back of its data
+    files as they grow, and keeps tokens and ledger on restart, where the server starts
+    again with the shared buffers the restarted service was given."""
     with scratch_dir() as scratch:
         await _serve_restart(scratch / "data", service_factory)
 
@@ -67,10 +75,13 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
             status, first = await _post(session, service.url + "/v1/nonces/consume", token,
                                         {"vm_id": "vm-1", "scope": scope, "nonce": nonce})
             assert (status, first["decision"]) == (200, "accept")
+        # the embedded server's data files, the ledger's among them, had their write-back started
+        await until(lambda: _writeback_files(service.url), "a write-back pass over the written data files")
         service.kill(signal.SIGTERM)  # a clean stop this time (test_crash covers kill -9)
         assert service.proc.returncode == 0, service.log()
 
-        restarted = await service_factory(data_dir=data_dir, database_url=None)
+        restarted = await service_factory(data_dir=data_dir, database_url=None,
+                                          extra_args=("--embedded-shared-buffers-mb", "160"))
         async with aiohttp.ClientSession() as session:
             status, again = await _post(session, restarted.url + "/v1/nonces/consume", token,
                                         {"vm_id": "vm-1", "scope": scope, "nonce": nonce})
@@ -80,10 +91,13 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
         try:
             rows = await conn.fetch("SELECT seq, decision FROM ledger WHERE subject = $1 ORDER BY seq", scope)
             migrations = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+            buffers_mb = await conn.fetchval(
+                "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'")
         finally:
             await conn.close()
         assert [(r["seq"], r["decision"]) for r in rows] == [(first["seq"], "accept"), (again["seq"], "reject")]
         assert migrations == len(list((Path(__file__).parents[2] / "migrations").glob("*.sql")))
+        assert buffers_mb == 160  # the restart started the server, with the buffers it was given
         restarted.kill(signal.SIGTERM)
     finally:
         await asyncio.to_thread(stop_embedded, data_dir)
@@ -92,8 +106,8 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
 @pytest.mark.slow
 async def test_embedded_server_runs_with_the_workload_settings() -> None:
     """The embedded PostgreSQL runs with the checkpoint, writeback and logging settings for
-    replayguard's workload, and the insert-heavy tables carry their bounded-pass autovacuum
-    settings."""
+    replayguard's workload and shared buffers sized from the memory, and the insert-heavy
+    tables carry their bounded-pass autovacuum settings."""
     with scratch_dir() as scratch:
         data_dir = scratch / "data"
         try:
@@ -103,6 +117,8 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
             conn = await asyncpg.connect(server.url)
             try:
                 shown = {name: await conn.fetchval("SELECT current_setting($1)", name) for name in WORKLOAD_SETTINGS}
+                buffers_mb = await conn.fetchval(
+                    "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'")
                 options = {r["relname"]: set(r["reloptions"]) for r in await conn.fetch(
                     "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses')")}
             finally:
@@ -112,6 +128,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
     assert shown == {"max_wal_size": "4GB", "min_wal_size": "512MB", "checkpoint_timeout": "15min",
                      "checkpoint_completion_target": "0.9", "backend_flush_after": "256kB",
                      "log_checkpoints": "on", "log_autovacuum_min_duration": "1s", "log_lock_waits": "on"}
+    assert buffers_mb == shared_buffers_mb(memory_bytes())  # sized from this machine's memory
     for table in ("ledger", "uses"):
         assert {"autovacuum_vacuum_insert_threshold=200000",
                 "autovacuum_vacuum_insert_scale_factor=0"} <= options[table]

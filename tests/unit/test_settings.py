@@ -43,6 +43,9 @@ def test_file_then_env(tmp_path: Path) -> None:
     ({"REPLAYGUARD_HTTP_FRONT": "nginx"}, "http_front must be"),
     ({"REPLAYGUARD_WORKERS": "0"}, "workers must be between"),
     ({"REPLAYGUARD_DB_POOL_SIZE": "2"}, "db_pool_size must be between 3"),
+    ({"REPLAYGUARD_EMBEDDED_SHARED_BUFFERS_MB": "-1"}, "embedded_shared_buffers_mb must be between 0"),
+    ({"REPLAYGUARD_EMBEDDED_SHARED_BUFFERS_MB": "1024", "REPLAYGUARD_DATABASE_URL": "postgresql://h/db"},
+     "embedded_shared_buffers_mb sizes the embedded PostgreSQL, and database_url names another server"),
 ])
 def test_bad_values_are_one_clear_error(env: dict[str, str], message: str) -> None:
     """Every bad value stops start-up with a ConfigError that names the setting."""
