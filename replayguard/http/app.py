@@ -245,12 +245,12 @@ async def _guarding(guard: ContinuityGuard) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _writing_back(settings: Settings, registry: CollectorRegistry) -> AsyncIterator[None]:
     """With the embedded server, the write-back of its growing data files as they grow
-    (``pg/writeback.py``); nothing with an external one."""
+    (``pg/writeback.py``); nothing with an external one, whose counter stays at 0."""
+    files = Counter("replayguard_embedded_writeback_files",
+                    "Data files of the embedded PostgreSQL whose write-back this process started", registry=registry)
     if not settings.embedded:
         yield
         return
-    files = Counter("replayguard_embedded_writeback_files",
-                    "Data files of the embedded PostgreSQL whose write-back this process started", registry=registry)
     writeback = Writeback(settings.data_dir / "pg", settings.data_dir / "pg.writeback.lock", on_pass=files.inc)
     writeback.start()
     try:
