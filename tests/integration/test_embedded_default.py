@@ -36,6 +36,11 @@ def _embedded_uri(data_dir: Path) -> str:
     return server.dsn(sockets)
 
 
+async def _shared_buffers_mb(conn: asyncpg.Connection) -> int:
+    """The server's shared buffers in MB (``pg_settings`` counts 8 kB pages)."""
+    return int(await conn.fetchval("SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'"))
+
+
 async def _writeback_files(url: str) -> float:
     return (await scrape(url, "replayguard_embedded_writeback_files_total")).get(
         "replayguard_embedded_writeback_files_total", 0.0)
@@ -91,8 +96,7 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
         try:
             rows = await conn.fetch("SELECT seq, decision FROM ledger WHERE subject = $1 ORDER BY seq", scope)
             migrations = await conn.fetchval("SELECT count(*) FROM schema_migrations")
-            buffers_mb = await conn.fetchval(
-                "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'")
+            buffers_mb = await _shared_buffers_mb(conn)
         finally:
             await conn.close()
         assert [(r["seq"], r["decision"]) for r in rows] == [(first["seq"], "accept"), (again["seq"], "reject")]
@@ -117,8 +121,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
             conn = await asyncpg.connect(server.url)
             try:
                 shown = {name: await conn.fetchval("SELECT current_setting($1)", name) for name in WORKLOAD_SETTINGS}
-                buffers_mb = await conn.fetchval(
-                    "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'")
+                buffers_mb = await _shared_buffers_mb(conn)
                 options = {r["relname"]: set(r["reloptions"]) for r in await conn.fetch(
                     "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses')")}
             finally:
