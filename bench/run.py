@@ -366,6 +366,21 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def process_label(pid: int) -> str:
+    """What a process of the service's tree is, and its pid: ``serve 123`` (a serving
+    process), ``chain child 124`` (a worker's chain check), else its command's name."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"gone {pid}"
+    args = cmdline.split(b"\0")
+    if b"serve" in args:
+        return f"serve {pid}"
+    if b"chain_reader" in cmdline:
+        return f"chain child {pid}"
+    return f"{Path(args[0].decode(errors='replace')).name or '?'} {pid}"
+
+
 def tree(pid: int) -> list[psutil.Process]:
     procs = []
     for member in tree_pids(pid):
@@ -402,33 +417,47 @@ def postgres_procs(dbname: str) -> list[psutil.Process]:
 
 class Sampler:
     """Samples the service's RSS (every process of its tree) ten times a second; keeps the
-    run's and the phase's peak, and the phase's RSS once a second (``phase_series``). A
-    sample is a read of ``/proc/<pid>/statm`` per process and the tree is looked up once a
-    second, about 0.02 ms of CPU a sample: a walk of the tree with psutil costs 1.2 ms, and
-    ten of those a second keep the measured processes waiting for a core at c=1 (``perf
-    sched timehist`` shows PostgreSQL's backend waiting 1-3 ms behind it)."""
+    run's and the phase's peak, the phase's RSS once a second (``phase_series``) and, in
+    the same seconds, each process's own (``phase_by_process``, by a label naming its role
+    and pid, 0 where it was not running), so a tree that grows names the process that
+    grew. A sample is a read of ``/proc/<pid>/statm`` per process and the tree is looked
+    up once a second, about 0.02 ms of CPU a sample: a walk of the tree with psutil costs
+    1.2 ms, and ten of those a second keep the measured processes waiting for a core at
+    c=1 (``perf sched timehist`` shows PostgreSQL's backend waiting 1-3 ms behind it)."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.peak = 0
-        self.phase_peak = 0
-        self.phase_series: list[int] = []
+        self.start_phase()
         self._samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def start_phase(self) -> None:
+        self.phase_peak = 0
+        self.phase_series: list[int] = []
+        self.phase_by_process: dict[str, list[int]] = {}
+
     def _run(self) -> None:
-        members: list[int] = []
+        members: dict[int, str] = {}
         while not self._stop.wait(0.1):
-            if self._samples % 10 == 0:  # the tree once a second (a worker's chain child may restart)
-                members = [member for pid in self.pids for member in tree_pids(pid)]
-            rss = sum(rss_bytes(member) for member in members)
+            every_second = self._samples % 10 == 0
+            if every_second:  # the tree once a second (a worker's chain child may restart)
+                members = {member: members.get(member) or process_label(member)
+                           for pid in self.pids for member in tree_pids(pid)}
+            sizes = {member: rss_bytes(member) for member in members}
+            rss = sum(sizes.values())
             self.peak = max(self.peak, rss)
             self.phase_peak = max(self.phase_peak, rss)
             self._samples += 1
-            if self._samples % 10 == 0:
+            if every_second:
                 self.phase_series.append(rss)
+                by_label = {label: sizes[member] for member, label in members.items()}
+                for label in by_label.keys() - self.phase_by_process.keys():
+                    self.phase_by_process[label] = [0] * (len(self.phase_series) - 1)
+                for label, series in self.phase_by_process.items():
+                    series.append(by_label.get(label, 0))
 
     def stop(self) -> None:
         self._stop.set()
@@ -695,8 +724,7 @@ class Bench:
         fresh = self.principals.write_codes(files)
         waited = wait_for_quiet_machine(args)
         before = asyncio.run(pg_snapshot(self.setup.dsn))
-        self.sampler.phase_peak = 0
-        self.sampler.phase_series = []
+        self.sampler.start_phase()
         spy = start_py_spy(self.service, args, tag or f"c{concurrency}") if profile else None
         lat = [self.setup.log_dir / f"latency-{tag or concurrency}-{k}" for k in range(len(files))]
         marks = timeline.Marks(self.service.urls, self.token, self.setup.dsn, args.marks_every).start()
@@ -720,6 +748,8 @@ class Bench:
         result.update(concurrency=concurrency, waited_for_quiet_s=waited,
                       peak_rss_mb=round(self.sampler.phase_peak / 2**20, 1), cpu=cpu,
                       rss_mb_by_second=[round(rss / 2**20, 1) for rss in self.sampler.phase_series],
+                      rss_mb_by_process={label: [round(rss / 2**20, 1) for rss in series]
+                                         for label, series in self.sampler.phase_by_process.items()},
                       fresh_codes_offered=sum(len(f) for f in fresh), pg=pg_delta(before, after, args.duration))
         if spy is not None:
             result["py_spy"] = finish_py_spy(spy)

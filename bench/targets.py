@@ -240,8 +240,17 @@ def long_checks(long: dict[str, Any] | None) -> list[Check]:
         return [*out, Check(names[1], f"{len(rss)} RSS samples", None)]
     second, last = max(rss[60:120]), max(rss[-60:])
     out.append(Check(names[1], f"{last:.0f} MB in the last minute against {second:.0f} MB in the second",
-                     last <= second * (1 + RSS_TOLERANCE)))
+                     last <= second * (1 + RSS_TOLERANCE), rss_by_process(p)))
     return out
+
+
+def rss_by_process(p: dict[str, Any]) -> str:
+    """Each process's peak RSS in the second minute and in the last, beside "flat RSS", so
+    a tree that grew names the process that grew (a process not running in a minute reads 0)."""
+    parts = [f"{label} {max(series[60:120]):.0f} → {max(series[-60:]):.0f} MB"
+             for label, series in (p.get("rss_mb_by_process") or {}).items()
+             if len(series) >= 120 and max(series[60:]) > 0]
+    return "by process, second → last minute: " + ", ".join(parts) if parts else ""
 
 
 def stall_check(results: dict[str, dict[str, Any] | None]) -> Check:

@@ -220,3 +220,19 @@ def test_a_long_run_without_intervals_shows_no_cpu_by_minute() -> None:
     """A long phase whose CPU was not timed by interval shows nothing in their place."""
     long = _phase(64, 100, 5, 9, seconds=[100] * 182, rss=[100.0] * 180)
     assert targets.run.cpu_by_minute(long) == [] and targets.cpu_first_and_last(long) == ""
+
+
+def test_flat_rss_names_each_processs_second_and_last_minute() -> None:
+    """Beside "flat RSS" each process of the tree gives its peak in the second minute and
+    in the last; a process that ran only in the first minute, or a run without the
+    per-process series, adds nothing."""
+    results = _good()
+    long = _phase(64, 9000, 5, 9, seconds=[100] * 600, rss=[100.0] * 540 + [106.0] * 60)
+    long["rss_mb_by_process"] = {"serve 7": [74.0] * 600, "chain child 8": [26.0] * 540 + [32.0] * 60,
+                                 "chain child 5": [20.0] * 60 + [0.0] * 540}
+    results["long"] = _result(long)
+    check = _by_target(targets.evaluate(results))["long run: flat RSS"]
+    assert not check.holds
+    assert check.beside == "by process, second → last minute: serve 7 74 → 74 MB, chain child 8 26 → 32 MB"
+    del long["rss_mb_by_process"]
+    assert _by_target(targets.evaluate(results))["long run: flat RSS"].beside == ""

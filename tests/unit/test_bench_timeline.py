@@ -120,6 +120,40 @@ def test_the_process_tree_and_its_rss_are_read_from_proc_as_psutil_sees_them() -
     assert run.tree_pids(child.pid) == [] and run.rss_bytes(child.pid) == 0
 
 
+def test_the_sampler_keeps_each_processs_rss_by_second_under_a_label_naming_its_role() -> None:
+    """``phase_by_process`` holds, per process of the tree, its RSS in the seconds
+    ``phase_series`` holds (0 before it started), labelled ``serve <pid>`` for a serving
+    process and ``chain child <pid>`` for a worker's chain check; ``start_phase`` clears it."""
+    child_script = "# chain_reader\nimport time; time.sleep(60)"
+    script = ("import subprocess, sys, time; time.sleep(1.5);"
+              f" subprocess.Popen([sys.executable, '-c', {child_script!r}]); time.sleep(60)")
+    serve = subprocess.Popen([sys.executable, "-c", script, "serve"])
+    sampler = run.Sampler([serve.pid])
+    try:
+        deadline = time.monotonic() + 20
+        while not any(label.startswith("chain child ") for label in sampler.phase_by_process):
+            assert time.monotonic() < deadline, "the sampler did not see the chain child"
+            time.sleep(0.05)
+        sampler.stop()
+        by_process, series = sampler.phase_by_process, sampler.phase_series
+        (child_label,) = (label for label in by_process if label.startswith("chain child "))
+        assert set(by_process) == {f"serve {serve.pid}", child_label}
+        assert run.process_label(int(child_label.rpartition(" ")[2])) == child_label
+        serving, checking = by_process[f"serve {serve.pid}"], by_process[child_label]
+        assert len(serving) == len(checking) == len(series)
+        assert all(rss > 0 for rss in serving) and checking[0] == 0 and checking[-1] > 0
+        assert series[-1] == serving[-1] + checking[-1]
+        sampler.start_phase()
+        assert sampler.phase_by_process == {} and sampler.phase_series == [] and sampler.phase_peak == 0
+    finally:
+        sampler.stop()  # a second stop is a no-op
+        for proc in psutil.Process(serve.pid).children(recursive=True):
+            proc.kill()
+        serve.kill()
+        serve.wait()
+    assert run.process_label(serve.pid) == f"gone {serve.pid}"
+
+
 def test_the_storage_line_gives_an_empty_uses_table_whole_not_per_row() -> None:
     """A run of wrong codes accepts nothing, so ``uses`` has no row: its empty pages and
     indexes are reported as a size, not divided by one row into a figure per row."""
