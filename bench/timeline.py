@@ -8,11 +8,12 @@ continuity check, the cyclic garbage collector per generation), its transactions
 decisions that took ``SLOW_LEDGER_S`` or more (``replayguard_ledger_call_duration_seconds``)
 and PostgreSQL (``pg_stat_activity``: autovacuum workers and what they vacuum, the
 checkpointer's wait event, backends of the benchmark's database waiting on a lock;
-``pg_stat_bgwriter``: checkpoints finished). A probe commits a one-row insert into
-the benchmark's database every ``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS``
-or more: when the server's commits (its WAL flush, the host's disk) stall, the probe stalls
-with them, so a stalled second with such a mark was the server's or the host's, whatever
-background work ran in it too.
+``pg_stat_bgwriter`` or, from PostgreSQL 17, ``pg_stat_checkpointer``: checkpoints
+finished). A probe commits a one-row insert into the benchmark's database every
+``PROBE_S`` and marks any commit that took ``PROBE_SLOW_MS`` or more: when the server's
+commits (its WAL flush, the host's disk) stall, the probe stalls with them, so a stalled
+second with such a mark was the server's or the host's, whatever background work ran in
+it too.
 
 ``seconds`` turns the latencies into one row per second with exact percentiles, and
 ``stalls`` keeps the seconds whose p99 or max is far above the run's, each with the marks
@@ -67,7 +68,18 @@ WHERE backend_type IN ('autovacuum worker', 'checkpointer')
    OR (datname = $1 AND state = 'active' AND starts_with(query, $2)
        AND clock_timestamp() - query_start >= make_interval(secs => $3 / 1000.0))
 """
-_PG_CHECKPOINTS = "SELECT checkpoints_timed + checkpoints_req AS n, buffers_checkpoint FROM pg_stat_bgwriter"
+# Checkpoints finished and the buffers they wrote: pg_stat_bgwriter's until PostgreSQL 17,
+# pg_stat_checkpointer's since (18 counts the checkpoints done apart from those skipped).
+_PG_CHECKPOINTS = {
+    15: "SELECT checkpoints_timed + checkpoints_req AS n, buffers_checkpoint FROM pg_stat_bgwriter",
+    17: "SELECT num_timed + num_requested AS n, buffers_written AS buffers_checkpoint FROM pg_stat_checkpointer",
+    18: "SELECT num_done AS n, buffers_written AS buffers_checkpoint FROM pg_stat_checkpointer",
+}
+
+
+def checkpoints_query(major: int) -> str:
+    """The checkpoint counters' query for a server of this major version."""
+    return _PG_CHECKPOINTS[max([15, *(v for v in _PG_CHECKPOINTS if v <= major)])]
 _CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "DataFileWrite",
                       "ControlFileSyncUpdate", "ControlFileWrite"}
 
@@ -199,7 +211,7 @@ class Marks:
                     self.marks.append((now, f"pg checkpointer {row['wait_event']}"))
                 elif row["wait_event_type"] == "Lock":
                     self.marks.append((now, f"pg lock wait {row['wait_event']}: {row['query']}"))
-            done = await conn.fetchrow(_PG_CHECKPOINTS)
+            done = await conn.fetchrow(checkpoints_query(conn.get_server_version().major))
         except (OSError, asyncpg.PostgresError) as exc:
             self.errors.append(f"postgres: {exc}")
             return checkpoints
