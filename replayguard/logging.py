@@ -196,9 +196,9 @@ def processors() -> list[Any]:
     return [
         merge_request_context,
         structlog.processors.add_log_level,
-        timestamp,
         structlog.processors.format_exc_info,
         redact,
+        timestamp,  # after redact: the time is ours and holds nothing to mask
         structlog.processors.JSONRenderer(serializer=_dumps),
     ]
 
