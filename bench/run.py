@@ -441,6 +441,7 @@ class Sampler:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.peak = 0
+        self._phase = threading.Lock()
         self.start_phase()
         self._samples = 0
         self._stop = threading.Event()
@@ -448,9 +449,10 @@ class Sampler:
         self._thread.start()
 
     def start_phase(self) -> None:
-        self.phase_peak = 0
-        self.phase_series: list[int] = []
-        self.phase_by_process: dict[str, list[int]] = {}
+        with self._phase:  # the second being recorded lands wholly in one phase
+            self.phase_peak = 0
+            self.phase_series: list[int] = []
+            self.phase_by_process: dict[str, list[int]] = {}
 
     def _run(self) -> None:
         members: dict[int, str] = {}
@@ -465,12 +467,13 @@ class Sampler:
             self.phase_peak = max(self.phase_peak, rss)
             self._samples += 1
             if every_second:
-                self.phase_series.append(rss)
                 by_label = {label: sizes[member] for member, label in members.items()}
-                for label in by_label.keys() - self.phase_by_process.keys():
-                    self.phase_by_process[label] = [0] * (len(self.phase_series) - 1)
-                for label, series in self.phase_by_process.items():
-                    series.append(by_label.get(label, 0))
+                with self._phase:
+                    self.phase_series.append(rss)
+                    for label in by_label.keys() - self.phase_by_process.keys():
+                        self.phase_by_process[label] = [0] * (len(self.phase_series) - 1)
+                    for label, series in self.phase_by_process.items():
+                        series.append(by_label.get(label, 0))
 
     def stop(self) -> None:
         self._stop.set()
