@@ -110,8 +110,8 @@ async def _serve_restart(data_dir: Path, service_factory: Callable[..., Any]) ->
 @pytest.mark.slow
 async def test_embedded_server_runs_with_the_workload_settings() -> None:
     """The embedded PostgreSQL runs with the checkpoint, writeback and logging settings for
-    replayguard's workload and shared buffers sized from the memory, and the insert-heavy
-    tables carry their bounded-pass autovacuum settings."""
+    replayguard's workload, shared buffers sized from the memory and its pages checksummed,
+    and the insert-heavy tables carry their bounded-pass autovacuum settings."""
     with scratch_dir() as scratch:
         data_dir = scratch / "data"
         try:
@@ -122,6 +122,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
             try:
                 shown = {name: await conn.fetchval("SELECT current_setting($1)", name) for name in WORKLOAD_SETTINGS}
                 buffers_mb = await _shared_buffers_mb(conn)
+                checksums = await conn.fetchval("SHOW data_checksums")
                 options = {r["relname"]: set(r["reloptions"]) for r in await conn.fetch(
                     "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses')")}
             finally:
@@ -132,6 +133,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
                      "checkpoint_completion_target": "0.9", "backend_flush_after": "256kB",
                      "log_checkpoints": "on", "log_autovacuum_min_duration": "1s", "log_lock_waits": "on"}
     assert buffers_mb == shared_buffers_mb(memory_bytes())  # sized from this machine's memory
+    assert checksums == "on"  # PostgreSQL 18's initdb default: a page changed on disk fails its read
     for table in ("ledger", "uses"):
         assert {"autovacuum_vacuum_insert_threshold=200000",
                 "autovacuum_vacuum_insert_scale_factor=0"} <= options[table]
