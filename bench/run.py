@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import math
 import os
@@ -510,12 +511,39 @@ def cpu_between(before: CpuReading, after: CpuReading) -> dict[str, float]:
     return {key: round(value, 2) for key, value in out.items()}
 
 
+_PROBE_BLOCK = bytes(range(256)) * 256  # 64 KiB
+
+
+def _probe_work() -> int:
+    total = 0
+    for i in range(100_000):
+        total += i * i % 7
+    digest = hashlib.sha256()
+    for _ in range(64):
+        digest.update(_PROBE_BLOCK)
+    return total + digest.digest()[0]
+
+
+def host_probe_ms() -> float:
+    """The CPU this thread spends on a fixed piece of work (interpreted Python and a C hash,
+    as a decision's are), the least of three tries, in ms: a control for a long run's
+    minutes. It does not depend on the ledger, and thread CPU time leaves out waiting for
+    a core, so it grows when the host runs slower (or the processes beside it crowd the
+    caches it shares with them), not when the tables grow."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.thread_time()
+        _probe_work()
+        best = min(best, time.thread_time() - started)
+    return best * 1000
+
+
 @contextmanager
 def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iterator[dict[str, Any]]:
     """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine; with
     ``every``, also the service's, PostgreSQL's and the machine's in each whole interval of
-    that many seconds (``by_interval``, growing while the phase runs: wrk's CPU is known
-    only once it has exited)."""
+    that many seconds, and ``host_probe_ms`` at its end (``by_interval``, growing while the
+    phase runs: wrk's CPU is known only once it has exited)."""
     def reading() -> CpuReading:
         return (_cpu_by_pid([p for pid in service.pids() for p in tree(pid)]), _cpu_by_pid(postgres_procs(dbname)),
                 _children_cpu(), _machine_cpu(), time.monotonic(), _stolen_cpu())
@@ -528,7 +556,8 @@ def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iter
         while not stop.wait(every - (time.monotonic() - last[4])):
             now = reading()
             split = cpu_between(last, now)
-            intervals.append({key: split[key] for key in ("service", "postgres", "machine_busy", "steal")})
+            intervals.append({**{key: split[key] for key in ("service", "postgres", "machine_busy", "steal")},
+                              "probe_ms": round(host_probe_ms(), 2)})
             last = now
     sampler = None
     if every is not None:
@@ -880,6 +909,11 @@ def cpu_by_minute(p: dict[str, Any]) -> list[tuple[float, float]]:
     return out
 
 
+def probe_by_minute(p: dict[str, Any]) -> list[float]:
+    """``host_probe_ms`` at the end of each whole interval ``cpu_meter`` timed."""
+    return [split["probe_ms"] for split in (p.get("cpu") or {}).get("by_interval") or [] if "probe_ms" in split]
+
+
 def _whole_phase(cpu: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in cpu.items() if not key.startswith("by_interval")}
 
@@ -1113,6 +1147,10 @@ def print_phase(r: dict[str, Any]) -> None:
     if minutes:
         print("    CPU a decision by minute, service/PostgreSQL µs: "
               + ", ".join(f"{svc:.0f}/{pg:.0f}" for svc, pg in minutes), file=sys.stderr, flush=True)
+    probes = probe_by_minute(r)
+    if probes:
+        print("    a fixed piece of work by minute (the host's speed), ms of CPU: "
+              + ", ".join(f"{ms:.1f}" for ms in probes), file=sys.stderr, flush=True)
 
 
 # --- output -------------------------------------------------------------------------------------

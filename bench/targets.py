@@ -217,13 +217,17 @@ def warm_up(per_second: list[float]) -> str:
 
 def cpu_first_and_last(p: dict[str, Any]) -> str:
     """What a decision cost the service and PostgreSQL in the first minute and in the last:
-    a cost that grows on both sides points at the host, on PostgreSQL's alone at the ledger."""
+    a cost that grows on both sides points at the host, on PostgreSQL's alone at the ledger;
+    and the host's speed probe (``run.host_probe_ms``) in the same minutes, when measured."""
     minutes = run.cpu_by_minute(p)
     if len(minutes) < 2:
         return ""
     (svc0, pg0), (svc1, pg1) = minutes[0], minutes[-1]
+    probes = run.probe_by_minute(p)
+    host = (f"a fixed piece of work (the host's speed): first minute {probes[0]:.1f} ms of CPU, last"
+            f" {probes[-1]:.1f} ms; " if len(probes) >= 2 else "")
     return (f"CPU a decision, service/PostgreSQL: first minute {svc0:.0f}/{pg0:.0f} µs, last"
-            f" {svc1:.0f}/{pg1:.0f} µs; ")
+            f" {svc1:.0f}/{pg1:.0f} µs; " + host)
 
 
 def long_checks(long: dict[str, Any] | None) -> list[Check]:

@@ -236,3 +236,23 @@ def test_flat_rss_names_each_processs_second_and_last_minute() -> None:
     assert check.beside == "by process, second → last minute: serve 7 74 → 74 MB, chain child 8 26 → 32 MB"
     del long["rss_mb_by_process"]
     assert _by_target(targets.evaluate(results))["long run: flat RSS"].beside == ""
+
+
+def test_the_hosts_speed_probe_in_the_first_and_last_minute_is_shown_beside_the_cpu_a_decision() -> None:
+    """With ``probe_ms`` in the phase's intervals, the fixed work's CPU in the first and the
+    last minute follows the CPU a decision; without it, nothing is added."""
+    long = _phase(64, 100, 5, 9, seconds=[100] * 182, rss=[100.0] * 180)
+    for k, row in enumerate(long["timeline"]["seconds"]):
+        row["t"] = 1000 + k
+    long["cpu"].update(by_interval=[{"service": 0.5, "postgres": 0.6, "probe_ms": 15.4},
+                                    {"service": 0.5, "postgres": 0.6, "probe_ms": 16.0},
+                                    {"service": 0.6, "postgres": 0.9, "probe_ms": 18.46}],
+                       by_interval_s=60.0, by_interval_from=1000.5)
+    assert targets.run.probe_by_minute(long) == [15.4, 16.0, 18.46]
+    assert targets.cpu_first_and_last(long) == (
+        "CPU a decision, service/PostgreSQL: first minute 5000/6000 µs, last 6000/9000 µs;"
+        " a fixed piece of work (the host's speed): first minute 15.4 ms of CPU, last 18.5 ms; ")
+    for split in long["cpu"]["by_interval"]:
+        del split["probe_ms"]
+    assert targets.run.probe_by_minute(long) == []
+    assert targets.cpu_first_and_last(long).endswith("last 6000/9000 µs; ")

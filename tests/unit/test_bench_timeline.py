@@ -154,6 +154,13 @@ def test_the_sampler_keeps_each_processs_rss_by_second_under_a_label_naming_its_
     assert run.process_label(serve.pid) == f"gone {serve.pid}"
 
 
+def test_the_hosts_speed_probe_times_the_same_work_in_this_threads_cpu() -> None:
+    """``host_probe_ms`` does the same work each time (the same result) and times it in
+    thread CPU time, which is positive."""
+    assert run._probe_work() == run._probe_work()
+    assert run.host_probe_ms() > 0
+
+
 def test_the_storage_line_gives_an_empty_uses_table_whole_not_per_row() -> None:
     """A run of wrong codes accepts nothing, so ``uses`` has no row: its empty pages and
     indexes are reported as a size, not divided by one row into a figure per row."""
@@ -228,7 +235,8 @@ def test_cpu_between_two_readings_is_cores_used_and_the_rest_is_other() -> None:
 
 def test_the_cpu_meter_splits_a_phase_into_whole_intervals() -> None:
     """With ``every``, the meter also gives the CPU of each whole interval (the partial last
-    one left out), beside the phase's, and when the intervals began."""
+    one left out) and the host's speed probe at its end, beside the phase's, and when the
+    intervals began."""
     class Me:
         def pids(self) -> list[int]:
             return [os.getpid()]
@@ -242,8 +250,9 @@ def test_the_cpu_meter_splits_a_phase_into_whole_intervals() -> None:
     # Only whole intervals are kept: never more than the time the phase took holds.
     assert 2 <= len(cpu["by_interval"]) <= elapsed / 0.2
     assert cpu["by_interval_s"] == 0.2 and began <= cpu["by_interval_from"] <= time.time()
-    assert all(set(split) == {"service", "postgres", "machine_busy", "steal"} for split in cpu["by_interval"])
-    assert all(split["service"] > 0 for split in cpu["by_interval"])
+    assert all(set(split) == {"service", "postgres", "machine_busy", "steal", "probe_ms"}
+               for split in cpu["by_interval"])
+    assert all(split["service"] > 0 and split["probe_ms"] > 0 for split in cpu["by_interval"])
     assert cpu["service"] > 0 and "other" in cpu
 
 
