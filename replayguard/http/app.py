@@ -39,7 +39,6 @@ from ..errors import (
 )
 from ..logging import REQUEST_CONTEXT, request_line
 from ..pg.connections import UNAVAILABLE_ERRORS
-from ..pg.writeback import Writeback
 from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
 from ..services.alerts import AlertService
@@ -251,7 +250,9 @@ async def _writing_back(settings: Settings, registry: CollectorRegistry) -> Asyn
     if not settings.embedded:
         yield
         return
-    writeback = Writeback(settings.data_dir / "pg", settings.data_dir / "pg.writeback.lock", on_pass=files.inc)
+    from ..pg.embedded import data_writeback
+
+    writeback = data_writeback(settings.data_dir, on_pass=files.inc)
     writeback.start()
     try:
         yield

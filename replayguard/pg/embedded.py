@@ -36,13 +36,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from ..durable import atomic_write
 from ..errors import ConfigError
+from .writeback import Writeback
 
 SERVICE_USER = "replayguard"
 SUPERUSER = "postgres"
@@ -264,6 +265,12 @@ def memory_bytes(meminfo: Path = Path("/proc/meminfo"), proc_cgroup: Path = Path
     with contextlib.suppress(OSError):
         known.extend(_cgroup_limits(proc_cgroup.read_text(), cgroup_root))
     return min(known) if known else None
+
+
+def data_writeback(data_dir: Path, on_pass: Callable[[int], None] | None = None) -> Writeback:
+    """The write-back of the data files of the cluster under ``data_dir``, one serving
+    process at a time (the holder of ``pg.writeback.lock``; ``pg/writeback.py``)."""
+    return Writeback(data_dir / "pg", data_dir / "pg.writeback.lock", on_pass=on_pass)
 
 
 class EmbeddedServer:

@@ -3,6 +3,7 @@ real processes (no database)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from tests.bench_scripts import load
+from tests.waiting import until
 
 timeline = load("timeline")
 run = load("run", "bench_run")
@@ -130,10 +132,8 @@ def test_the_sampler_keeps_each_processs_rss_by_second_under_a_label_naming_its_
     serve = subprocess.Popen([sys.executable, "-c", script, "serve"])
     sampler = run.Sampler([serve.pid])
     try:
-        deadline = time.monotonic() + 20
-        while not any(label.startswith("chain child ") for label in sampler.phase_by_process):
-            assert time.monotonic() < deadline, "the sampler did not see the chain child"
-            time.sleep(0.05)
+        asyncio.run(until(lambda: any(label.startswith("chain child ") for label in sampler.phase_by_process),
+                          "the sampler to see the chain child", timeout=20))
         sampler.stop()
         by_process, series = sampler.phase_by_process, sampler.phase_series
         (child_label,) = (label for label in by_process if label.startswith("chain child "))
