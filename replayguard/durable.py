@@ -5,12 +5,18 @@ Used for every small state file the service and its relays keep beside PostgreSQ
 files, the embedded server's password, access and user files, relay cursors and spooled
 events, a ``file:`` witness's checkpoint, a sink outbox's cursor. When root writes them into a
 directory another user owns, they go to that owner (``inherited_owner``, ``adopt``).
+
+Lock files (``lock_file``, ``locked``) serialise such writers across processes: the
+embedded server's start and stop, its data files' write-back, a ``file:`` witness.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -70,5 +76,34 @@ def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_file(path: Path, *, owner: tuple[int, int] | None = None, wait: bool = True) -> int:
+    """An open descriptor of ``path`` holding its exclusive ``flock``; closing it releases.
+
+    The file is created 0600 if missing and opened with ``O_NOFOLLOW``: a symlink planted at
+    ``path`` is an ``OSError``, never followed to create or lock another file. ``owner``
+    (uid, gid), when given, owns it, so a later run without root can take it. Without
+    ``wait``, a lock another process holds raises ``BlockingIOError`` at once.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, owner: tuple[int, int] | None = None) -> Iterator[None]:
+    """Holds ``path``'s exclusive lock (``lock_file``, waiting for it) for the block."""
+    fd = lock_file(path, owner=owner)
+    try:
+        yield
     finally:
         os.close(fd)

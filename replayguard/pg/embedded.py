@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import os
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from .. import durable
 from ..durable import atomic_write
 from ..errors import ConfigError
 from .writeback import Writeback
@@ -346,14 +346,8 @@ class EmbeddedServer:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialises start and stop between the processes sharing this data dir."""
-        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            if os.geteuid() == 0:
-                os.fchown(fd, self.owner.uid, self.owner.gid)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with durable.locked(self._lock, owner=(self.owner.uid, self.owner.gid) if os.geteuid() == 0 else None):
             yield
-        finally:
-            os.close(fd)
 
     # the cluster
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import os
 import sys
 import threading
@@ -32,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
+
+from ..durable import inherited_owner, lock_file
 
 log = structlog.get_logger(__name__)
 
@@ -139,18 +140,10 @@ class Writeback:
         if self._lock_fd is not None:
             return True
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            # the data dir's owner may serve without root later
+            self._lock_fd = lock_file(self.lock_path, owner=inherited_owner(self.lock_path.parent), wait=False)
         except OSError:
             return False
-        try:
-            if os.geteuid() == 0:  # the data dir's owner may serve without root later
-                owner = os.stat(self.lock_path.parent)
-                os.fchown(fd, owner.st_uid, owner.st_gid)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
         return True
 
     def pass_once(self, since: float) -> int:

@@ -15,7 +15,6 @@ forks from what the witness holds is refused unless a recorded recovery covers i
 from __future__ import annotations
 
 import asyncio
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
-from ..durable import atomic_write
+from ..durable import atomic_write, inherited_owner, locked
 
 TIMEOUT_S = 3.0
 
@@ -100,8 +99,8 @@ class FileWitness:
 
     def _put(self, record: Record) -> Admission:
         try:
-            with open(f"{self.path}.lock", "a+b") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock = self.path.with_name(f"{self.path.name}.lock")
+            with locked(lock, owner=inherited_owner(self.path.parent)):
                 held = self._read()
                 verdict = continuity.admit(None if held is None else held.checkpoint, record.checkpoint,
                                            record.recovery)
