@@ -195,21 +195,12 @@ async def seed_old(dsn: str, n: int) -> float:
     return time.monotonic() - started
 
 
-# The WAL's records, bytes and flushes; from PostgreSQL 18 the flushes are in pg_stat_io.
-_WAL_STATS = {
-    False: "SELECT wal_records, wal_bytes::bigint AS wal_bytes, wal_sync FROM pg_stat_wal",
-    True: "SELECT wal_records, wal_bytes::bigint AS wal_bytes,"
-          " (SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io WHERE object = 'wal') AS wal_sync"
-          " FROM pg_stat_wal",
-}
-
-
 async def pg_snapshot(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
         head = await conn.fetchval("SELECT seq FROM ledger_head")
         xact = await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-        wal = await conn.fetchrow(_WAL_STATS[conn.get_server_version().major >= 18])
+        wal = await conn.fetchrow(timeline.wal_query(conn.get_server_version().major))
         fn = await conn.fetchrow("SELECT calls, total_time, self_time FROM pg_stat_user_functions"
                                  " WHERE funcname = 'rg_decide'")
     finally:

@@ -77,9 +77,30 @@ _PG_CHECKPOINTS = {
 }
 
 
+# The WAL's records, bytes and flushes: from PostgreSQL 18 the flushes are in pg_stat_io.
+_PG_WAL = {
+    15: "SELECT wal_records, wal_bytes::bigint AS wal_bytes, wal_sync FROM pg_stat_wal",
+    18: "SELECT wal_records, wal_bytes::bigint AS wal_bytes,"
+        " (SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io WHERE object = 'wal') AS wal_sync"
+        " FROM pg_stat_wal",
+}
+
+
+def for_version(queries: dict[int, str], major: int) -> str:
+    """The query of ``queries`` (keyed by the first major version it is for) for a server of
+    this major version; 15, the oldest the benchmark runs, for anything older."""
+    return queries[max([15, *(v for v in queries if v <= major)])]
+
+
 def checkpoints_query(major: int) -> str:
     """The checkpoint counters' query for a server of this major version."""
-    return _PG_CHECKPOINTS[max([15, *(v for v in _PG_CHECKPOINTS if v <= major)])]
+    return for_version(_PG_CHECKPOINTS, major)
+
+
+def wal_query(major: int) -> str:
+    """The WAL counters' query (``wal_records``, ``wal_bytes``, ``wal_sync``) for this major version."""
+    return for_version(_PG_WAL, major)
+
 _CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "DataFileWrite",
                       "ControlFileSyncUpdate", "ControlFileWrite"}
 

@@ -138,7 +138,7 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-async def _counters(url: str, run: Any, timeline: Any) -> tuple[dict[str, Any], int, int]:
+async def _counters(url: str, timeline: Any) -> tuple[dict[str, Any], int, int]:
     """The server's version, its data checksums setting, and the WAL and checkpoint counters
     the benchmark reads, before and after a checkpoint and a flushed commit."""
     conn = await asyncpg.connect(url)
@@ -150,7 +150,7 @@ async def _counters(url: str, run: Any, timeline: Any) -> tuple[dict[str, Any], 
         await conn.execute("INSERT INTO t VALUES (1)")
         await conn.execute("CHECKPOINT")
         after = await conn.fetchrow(timeline.checkpoints_query(major))
-        wal = await conn.fetchrow(run._WAL_STATS[major >= 18])
+        wal = await conn.fetchrow(timeline.wal_query(major))
     finally:
         await conn.close()
     return {"major": major, "checksums": checksums, **dict(wal)}, before["n"], after["n"]
@@ -161,19 +161,22 @@ def test_the_own_server_runs_the_embedded_servers_binaries_and_the_bench_reads_i
     checksums on as its initdb sets them), and the WAL and checkpoint counters the benchmark
     samples are read from where that version keeps them."""
     own = load("own_server")
-    run, timeline = load("run", "bench_run_pg18"), load("timeline", "bench_timeline_pg18")
+    timeline = load("timeline", "bench_timeline_pg18")
     assert own.pg_binaries(None) == own.BIN and own.pg_binaries("/opt/pg") == Path("/opt/pg")
     with own.own_server(bin_dir=own.pg_binaries("embedded")) as url:
-        found, before, after = asyncio.run(_counters(url, run, timeline))
+        found, before, after = asyncio.run(_counters(url, timeline))
     assert found["major"] == 18 and found["checksums"] == "on"
     assert after == before + 1
     assert found["wal_records"] > 0 and found["wal_bytes"] > 0 and found["wal_sync"] > 0
 
 
-def test_the_checkpoint_counters_are_read_from_the_view_of_each_version() -> None:
-    """pg_stat_bgwriter until 16, pg_stat_checkpointer from 17, its num_done from 18."""
+def test_the_checkpoint_and_wal_counters_are_read_from_the_view_of_each_version() -> None:
+    """Checkpoints: pg_stat_bgwriter until 16, pg_stat_checkpointer from 17, its num_done
+    from 18. The WAL's flushes: pg_stat_wal until 17, pg_stat_io from 18."""
     timeline = load("timeline", "bench_timeline_versions")
     assert "pg_stat_bgwriter" in timeline.checkpoints_query(15) == timeline.checkpoints_query(16)
     assert "num_timed + num_requested" in timeline.checkpoints_query(17)
     assert "num_done" in timeline.checkpoints_query(18) == timeline.checkpoints_query(19)
     assert timeline.checkpoints_query(14) == timeline.checkpoints_query(15)
+    assert "pg_stat_io" not in timeline.wal_query(15) and timeline.wal_query(15) == timeline.wal_query(17)
+    assert "pg_stat_io" in timeline.wal_query(18) == timeline.wal_query(19)
