@@ -82,7 +82,7 @@ async def open_runtime(
     params = DecideParams(lock_threshold=settings.lockout_threshold,
                           lock_period_us=settings.lockout_period_s * 1_000_000,
                           refuse_on_rollback=settings.receipt_reaction == "refuse")
-    appender = Appender(pool, params, on_batch=metrics.ledger_batch, gate=settings.workers > 1)
+    appender = Appender(pool, params, on_batch=metrics.ledger_batch)
     tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
     filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
     if filled:

@@ -27,13 +27,6 @@
 -- receipt state changes, and its last-seen time once, at the end, when it moved by more
 -- than a second.
 --
--- Several appenders on one ledger (serve --workers N) take a gate before cutting a batch:
--- the session advisory lock p_gate, which this function releases once its work is done, before
--- the commit's flush. The next appender's batch is then cut while this one commits, and waits
--- for the head lock only through that flush, instead of being sent with whatever that appender
--- held when this batch began: batches stay as large as one appender's. The gate only orders
--- the batches; the head lock is what makes them safe. NULL: no gate held.
---
 -- PL/pgSQL plans each statement once per connection and keeps the plan, and the
 -- group-commit appender keeps its connection, so a plan made while a table was small would
 -- stay in use as it grows. Hence `SET enable_seqscan = off` (every statement with an index
@@ -41,7 +34,7 @@
 -- earlier use as `digest = ANY (ARRAY(...))`, a primary-key scan. Both are needed: the
 -- regression test in tests/integration/test_decide_batch.py fails on either alone.
 CREATE OR REPLACE FUNCTION rg_decide(p_items jsonb, p_lock_threshold integer, p_lock_period_us bigint,
-                                     p_refuse boolean, p_gate bigint DEFAULT NULL)
+                                     p_refuse boolean)
 RETURNS TABLE (r_idx integer, r_seq bigint, r_verdict text, r_reason text, r_flags text[],
                r_alert bigint, r_epoch integer, r_rseq bigint, r_locked_until bigint)
 LANGUAGE plpgsql
@@ -293,7 +286,7 @@ BEGIN
             END IF;
         END IF;
 
-        -- 4. The ledger entry, chained to the one before it, and the VM's position.
+        -- 4. The ledger entry (hashed now, inserted with the batch) and the VM's position.
         -- Built key by key, each optional key only when it has a value (what jsonb_strip_nulls
         -- over one object with all of them gives, for less).
         v_payload := coalesce(it.payload, '{}'::jsonb) || jsonb_build_object(
@@ -373,7 +366,4 @@ BEGIN
         UPDATE vms SET last_seen_us = v_vms_ts[v_pos] WHERE vm_id = v_vms[v_pos] AND last_seen_us < v_vms_ts[v_pos];
     END LOOP;
     UPDATE ledger_head SET seq = v_seq, hash = v_prev WHERE id;
-    IF p_gate IS NOT NULL THEN
-        PERFORM pg_advisory_unlock(p_gate);
-    END IF;
 END $$;

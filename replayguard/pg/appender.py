@@ -4,14 +4,6 @@ A lone request is sent at once; while a batch is in flight, newer requests queue
 together in the next one, so the number of commits (and fsyncs) grows with time, not with
 load. Each batch is one call of ``rg_decide`` and so one round trip. A batch that fails
 fails every request in it with ``Unavailable``: nothing is accepted that is not durable.
-
-Several appenders on one ledger (``serve --workers N``) pass a gate: each takes the session
-advisory lock ``GATE_LOCK`` before cutting its batch, and ``rg_decide`` releases it when its
-work is done, before its commit. So one appender's batch is cut while another's commits,
-and holds what arrived meanwhile: batches as large as one appender's rather than half that,
-with fewer commits and less of PostgreSQL's CPU a decision. With one appender the gate would
-only add a round trip to each batch, so it is off. A session that holds the gate and fails
-is ended, which releases it (``_drain``).
 """
 
 from __future__ import annotations
@@ -34,9 +26,7 @@ from .connections import KeptConnection
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
-_DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4, $5)"
-GATE_LOCK = 0x72676761746500  # "rggate"; the migrator's lock is another key
-_GATE = "SELECT pg_advisory_lock($1)"
+_DECIDE = "SELECT * FROM rg_decide($1::jsonb, $2, $3, $4)"
 
 
 # The ledger's words to their enum members (a dict lookup; calling the enum is ten times slower).
@@ -75,10 +65,9 @@ def _fail(batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]], exc: Unav
 class Appender:
     def __init__(
         self, pool: asyncpg.Pool, params: DecideParams,
-        on_batch: Callable[[int, float], None] | None = None, *, gate: bool = False,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._params = params
-        self._gate = gate
         self._queue: list[tuple[dict[str, Any], asyncio.Future[Outcome]]] = []
         self._running = False
         self._on_batch = on_batch
@@ -99,27 +88,8 @@ class Appender:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                if not self._gate:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                    await self._flush(batch)
-                    continue
-                try:
-                    await self._conn.fetch("ledger", _GATE, GATE_LOCK)
-                except Unavailable as exc:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                    _fail(batch, exc)
-                    continue
-                except BaseException:
-                    await self._conn.drop()  # cancelled with the gate perhaps granted
-                    raise
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                try:
-                    await self._flush(batch)
-                except BaseException:
-                    # rg_decide did not get to release the gate: ending the session does,
-                    # or every other appender would wait on it until its statements time out.
-                    await self._conn.drop()
-                    raise
+                await self._flush(batch)
         finally:
             self._running = False
 
@@ -147,7 +117,7 @@ class Appender:
     async def _call(self, items: list[dict[str, Any]]) -> list[asyncpg.Record]:
         p = self._params
         rows = await self._conn.fetch("ledger", _DECIDE, items, p.lock_threshold, p.lock_period_us,
-                                      p.refuse_on_rollback, GATE_LOCK if self._gate else None)
+                                      p.refuse_on_rollback)
         if len(rows) != len(items):
             raise Unavailable("the ledger answered an incomplete batch")
         return rows

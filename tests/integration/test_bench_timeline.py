@@ -92,7 +92,7 @@ async def test_a_decision_call_still_running_is_marked_with_what_its_backend_wai
     conn = await asyncpg.connect(dsn)
     other = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP FUNCTION rg_decide(jsonb, integer, bigint, boolean, bigint)")
+        await conn.execute("DROP FUNCTION rg_decide(jsonb, integer, bigint, boolean)")
         await conn.execute("CREATE FUNCTION rg_decide(p jsonb, a integer, b bigint, c boolean) RETURNS integer"
                            " LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(1.5)'")
         marks = timeline.Marks(["http://127.0.0.1:9"], "token", dsn, every_s=0.05).start()
