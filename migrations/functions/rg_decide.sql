@@ -286,7 +286,7 @@ BEGIN
             END IF;
         END IF;
 
-        -- 4. The ledger entry (hashed now, inserted with the batch) and the VM's position.
+        -- 4. The ledger entry, chained to the one before it, and the VM's position.
         -- Built key by key, each optional key only when it has a value (what jsonb_strip_nulls
         -- over one object with all of them gives, for less).
         v_payload := coalesce(it.payload, '{}'::jsonb) || jsonb_build_object(
