@@ -101,6 +101,7 @@ def wal_query(major: int) -> str:
     """The WAL counters' query (``wal_records``, ``wal_bytes``, ``wal_sync``) for this major version."""
     return for_version(_PG_WAL, major)
 
+
 _CHECKPOINTER_BUSY = {"CheckpointWriteDelay", "DataFileSync", "DataFileFlush", "DataFileWrite",
                       "ControlFileSyncUpdate", "ControlFileWrite"}
 
