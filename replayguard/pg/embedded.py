@@ -41,7 +41,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .. import durable
-from ..durable import atomic_write
 from ..errors import ConfigError
 from .writeback import Writeback
 
@@ -339,14 +338,20 @@ class EmbeddedServer:
             raise ConfigError(f"the embedded PostgreSQL's {binary} failed under {self.pgdata}: {lines[-1]}")
         return done.stdout
 
+    @property
+    def _file_owner(self) -> tuple[int, int] | None:
+        """Who owns the files root creates in the data dir: the data dir's owner (None when
+        not root, where they are the writer's anyway)."""
+        return (self.owner.uid, self.owner.gid) if os.geteuid() == 0 else None
+
     def _write_private(self, path: Path, content: str) -> None:
         """Writes a 0600 file of the owner's without following a symlink planted in its place."""
-        atomic_write(path, content.encode(), owner=(self.owner.uid, self.owner.gid) if os.geteuid() == 0 else None)
+        durable.atomic_write(path, content.encode(), owner=self._file_owner)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialises start and stop between the processes sharing this data dir."""
-        with durable.locked(self._lock, owner=(self.owner.uid, self.owner.gid) if os.geteuid() == 0 else None):
+        with durable.locked(self._lock, owner=self._file_owner):
             yield
 
     # the cluster
