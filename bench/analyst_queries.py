@@ -49,7 +49,7 @@ BEGIN
             CASE WHEN v_seq % 50 = 0 THEN 'reject' ELSE 'accept' END,
             CASE WHEN v_seq % 50 = 0 THEN 'reused' ELSE 'ok' END, '{"ttl_s": 300}'::jsonb);
         IF v_seq % 50 <> 0 THEN  -- an accepted nonce is remembered (here: as purged), as verify checks
-            INSERT INTO spent_nonces VALUES (sha256(int8send(v_seq))) ON CONFLICT DO NOTHING;
+            INSERT INTO spent_nonces VALUES (sha256(int8send(v_seq)), v_seq) ON CONFLICT DO NOTHING;
         END IF;
     END LOOP;
     UPDATE ledger_head SET seq = v_seq, hash = v_prev WHERE id;
@@ -106,7 +106,7 @@ async def seed(dsn: str, entries: int, alerts: int, vms: int, settings: Settings
         await conn.execute(ENTRY_ROWS, max(entries, 1))
         # The state a real ledger of that age leaves: every accepted nonce spent (verify
         # checks the state agrees with the ledger).
-        await conn.execute("INSERT INTO spent_nonces (digest) SELECT cred_digest FROM ledger"
+        await conn.execute("INSERT INTO spent_nonces (digest, first_seq) SELECT cred_digest, seq FROM ledger"
                            " WHERE decision = 'accept' AND kind = 'nonce' AND cred_digest IS NOT NULL"
                            " ON CONFLICT DO NOTHING")
         await conn.execute("ANALYZE")

@@ -4,8 +4,9 @@ A row of ``uses`` holds a credential's first use (where, when, which ledger entr
 second presentation is classified (``reused`` or ``replay_after_rollback``); it carries
 ``expires_us``, after which those details are dropped. What refuses the credential then:
 for an OTP, its credential's high-water mark (``otp_credentials``, never purged); for a
-nonce, its digest, moved in the same statement to ``spent_nonces`` (32 bytes of key, kept
-for good), since a later presentation may claim any ``ttl_s`` or ``issued_at``. The
+nonce, its digest, moved in the same statement to ``spent_nonces`` (32 bytes of key and
+the accepting entry's ``seq``, kept for good), since a later presentation may claim any
+``ttl_s`` or ``issued_at``. The
 ``uses`` table stays bounded by the validity windows; ``spent_nonces`` grows by one small
 row per consumed nonce (README, "Nonces", has the measured size). The ledger itself is
 never purged: it is the evidence. Each purge also raises ``retention_mark`` to the time it
@@ -21,8 +22,8 @@ from ..pg.connections import acquire
 PURGE_BATCH = 5000
 _PURGE = (
     "WITH gone AS (DELETE FROM uses WHERE digest IN ("
-    "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2) RETURNING digest, kind),"
-    " spent AS (INSERT INTO spent_nonces (digest) SELECT digest FROM gone WHERE kind = 'nonce'"
+    "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2) RETURNING digest, kind, first_seq),"
+    " spent AS (INSERT INTO spent_nonces (digest, first_seq) SELECT digest, first_seq FROM gone WHERE kind = 'nonce'"
     "  ON CONFLICT DO NOTHING),"
     # How far purges reached: the state check (state_check.py) needs no use row before it.
     " mark AS (INSERT INTO retention_mark VALUES (true, $1) ON CONFLICT (id) DO UPDATE"

@@ -12,7 +12,9 @@ ledger entries, one query looks for the first entry whose implied state is absen
   accepted OTP has its ``uses`` row while the expiry it was ledgered with
   (``use_expires_us``) is more than ``CLOCK_SLACK_US`` ahead and not before
   ``retention_mark`` (the time purges reached: a purge on an instance whose clock is
-  ahead drops it sooner); after that the credential's high-water refuses the code;
+  ahead drops it sooner); after that the credential's high-water refuses the code. The
+  row must name the entry (``first_seq``): a credential whose row was deleted and which
+  was then accepted again has a row again, the replay's, and the first accept is named;
 - ``otp_credentials``: the high-water of the accepted token's credential is at least the
   accepted step (``counter``);
 - ``clock_guard``: for a TOTP accept, a high-water is at least the step's time (any scope:
@@ -50,15 +52,15 @@ WITH e AS (
 SELECT * FROM (
     (SELECT e.seq, 'uses' AS tbl, e.cred_digest AS key FROM e
      WHERE e.decision = 'accept' AND e.kind = 'nonce' AND e.cred_digest IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest)
-       AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest)
+       AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest AND u.first_seq = e.seq)
+       AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'uses', e.cred_digest FROM e
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND e.cred_digest IS NOT NULL
        AND {use_expires_us} > $3::bigint + $5::bigint
        AND {use_expires_us} >= coalesce((SELECT purged_before_us FROM retention_mark), 0)
-       AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest)
+       AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest AND u.first_seq = e.seq)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'otp_credentials', t.fingerprint FROM e

@@ -184,7 +184,10 @@ async def test_a_deleted_nonce_use_and_a_lifted_lock_are_named(fresh_database: C
     bad = (await verify(api))["state"]["first_disagreement"]
     assert (bad["seq"], bad["table"]) == (used["seq"], "uses")
     assert value not in bad["key_digest"]
-    await superuser(dsn, f"INSERT INTO spent_nonces SELECT cred_digest FROM ledger WHERE seq = {used['seq']}")
+    await superuser(dsn, f"INSERT INTO spent_nonces SELECT cred_digest, seq + 1 FROM ledger WHERE seq = {used['seq']}")
+    bad = (await verify(api))["state"]["first_disagreement"]  # spent, but for another entry
+    assert (bad["seq"], bad["table"]) == (used["seq"], "uses")
+    await superuser(dsn, f"UPDATE spent_nonces SET first_seq = {used['seq']}")
     assert (await verify(api))["ok"] is True
 
     carol = uid("carol")
@@ -229,18 +232,25 @@ async def test_a_legitimate_purge_of_expired_uses_raises_nothing(fresh_database:
     assert not await tamper_alerts(api)
 
 
-async def test_migration_016_remembers_nonces_purged_before_spent_nonces_existed(
+def _statement(migration: str, start: str) -> str:
+    """The statement of ``migrations/<migration>`` that begins with ``start``."""
+    sql = (Path(__file__).parents[2] / "migrations" / migration).read_text()
+    rest = sql[sql.index(start):]
+    return rest[:rest.index(";") + 1]
+
+
+async def test_migrations_016_and_020_remember_nonces_purged_before_spent_nonces_existed(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """A nonce use purged the pre-010 way (row gone, no spent digest) is put back by 016: verify
-    agrees and the nonce stays refused."""
+    """A nonce use purged the pre-010 way (row gone, no spent digest) is put back by 016 and
+    named by 020 after its accepting entry: verify agrees and the nonce stays refused."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     value = secrets.token_hex(8)
     used = await nonce(api, value)
     await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
     assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]
-    sql = (Path(__file__).parents[2] / "migrations" / "016_state_check.sql").read_text()
-    backfill = sql[sql.index("INSERT INTO spent_nonces"):]
-    await superuser(dsn, backfill[:backfill.index(";") + 1])
+    await superuser(dsn, _statement("016_state_check.sql", "INSERT INTO spent_nonces"))
+    assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]  # no entry named yet
+    await superuser(dsn, _statement("020_spent_nonce_entry.sql", "UPDATE spent_nonces"))
     assert (await verify(api))["ok"] is True
     assert (await nonce(api, value))["decision"] == "reject"
 
@@ -314,3 +324,69 @@ async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_
         assert await rows_read() >= 20_000
     finally:
         await conn.close()
+
+
+async def test_a_deleted_nonce_use_replayed_at_once_is_named(fresh_database: Callable[[], Any],
+                                                             api_factory: Callable[..., Any]) -> None:
+    """A superuser deletes a nonce's use row and the nonce is replayed before any check looks:
+    the replay's accept writes the row back, but for itself, so verify names the first accept."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    value = secrets.token_hex(8)
+    first = await nonce(api, value)
+    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {first['seq']}")
+    again = await nonce(api, value)
+    assert again["decision"] == "accept"  # the attack: what the state forgot is accepted again
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+
+
+async def test_a_spent_nonce_deleted_and_replayed_is_named_after_its_purge(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """A purged nonce's spent digest deleted, the nonce replayed at once and that use purged in
+    turn: the spent digest names the replay's entry, so verify names the first accept."""
+    api, dsn = await fresh_api(api_factory, fresh_database, nonce_max_ttl_s=60)
+    value = secrets.token_hex(8)
+    first = await nonce(api, value, ttl_s=30)
+    await purge_expired(api.runtime.pool, api.runtime.now_us() + 3600 * 1_000_000)
+    await superuser(dsn, "DELETE FROM spent_nonces")
+    assert (await nonce(api, value, ttl_s=30))["decision"] == "accept"
+    await purge_expired(api.runtime.pool, api.runtime.now_us() + 7200 * 1_000_000)
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+
+
+async def test_a_reset_hotp_counter_replayed_at_once_is_named(fresh_database: Callable[[], Any],
+                                                              api_factory: Callable[..., Any]) -> None:
+    """The latest accepted HOTP code's counter lowered by one and its use row deleted, then the
+    code replayed before any check looks: the replay raises the counter back and writes a use
+    row for itself, so verify names the first accept."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    alice, secret = uid("alice"), pyotp.random_base32()
+    await api.enroll(alice, type="hotp", secret=secret)
+    assert (await otp(api, alice, pyotp.HOTP(secret).at(0)))["decision"] == "accept"
+    first = await otp(api, alice, pyotp.HOTP(secret).at(1))
+    assert first["decision"] == "accept"
+    await superuser(dsn, "UPDATE otp_credentials SET last_counter = 0", "UPDATE otp_tokens SET last_counter = 0",
+                    f"DELETE FROM uses WHERE first_seq = {first['seq']}")
+    api.runtime.tokens._cache.clear()
+    assert (await otp(api, alice, pyotp.HOTP(secret).at(1)))["decision"] == "accept"
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+
+
+async def test_a_reset_totp_replayed_at_once_is_named(fresh_database: Callable[[], Any],
+                                                      api_factory: Callable[..., Any]) -> None:
+    """A TOTP accept undone in every state table (high-water, clock guard, use row) and the code
+    replayed within its step: verify names the first accept."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
+    bob, secret = uid("bob"), pyotp.random_base32()
+    await api.enroll(bob, secret=secret)
+    code = pyotp.TOTP(secret).at(api.clock.now)
+    first = await otp(api, bob, code)
+    assert first["decision"] == "accept"
+    await superuser(dsn, "UPDATE otp_credentials SET last_counter = -1", "UPDATE otp_tokens SET last_counter = -1",
+                    "UPDATE clock_guard SET high_us = 0", f"DELETE FROM uses WHERE first_seq = {first['seq']}")
+    api.runtime.tokens._cache.clear()
+    assert (await otp(api, bob, code))["decision"] == "accept"
+    bad = (await verify(api))["state"]["first_disagreement"]
+    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
