@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 log = structlog.get_logger(__name__)
 
 ALERT_CHANNEL = b"replayguard:alerts"
+MAX_ALERT_ID = 2**63 - 1  # alerts.id is a bigint
 
 
 class AlertFanout:
@@ -61,7 +62,12 @@ class AlertFanout:
             await pubsub.subscribe(ALERT_CHANNEL)
             while True:
                 message = await pubsub.get_message(timeout=1.0)
-                if message is not None and bytes(message["data"]).isdigit():
-                    yield int(message["data"])
+                if message is None:
+                    continue
+                data = bytes(message["data"])
+                # Anyone who can write to Redis writes here: only an id PostgreSQL can hold is
+                # passed on (a longer one would fail the feed's query, and end its session).
+                if len(data) <= 19 and data.isdigit() and int(data) <= MAX_ALERT_ID:
+                    yield int(data)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # annotated only in newer redis-py

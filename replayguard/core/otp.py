@@ -7,6 +7,7 @@ is decided atomically by the ledger. Comparisons are constant-time.
 
 from __future__ import annotations
 
+import binascii
 import functools
 import hashlib
 import hmac
@@ -62,7 +63,12 @@ def totp_step(now_s: float, period: int = 30, t0: int = 0) -> int:
 def _matching(secret_b32: str, code: str, counters: Iterable[int], digits: int, algorithm: str) -> list[int]:
     if len(code) != digits or not code.isascii() or not code.isdigit():
         return []
-    generator = _hotp(secret_b32, digits, algorithm)
+    try:
+        generator = _hotp(secret_b32, digits, algorithm)
+    except (binascii.Error, ValueError):
+        # A secret stored before enrolment checked that it decodes: it has no codes, so it
+        # matches nothing, and a wrong code still counts towards the principal's lockout.
+        return []
     wanted = code.encode()
     # Every candidate is computed and compared, so the time taken does not say which matched.
     return [c for c in counters if c >= 0 and hmac.compare_digest(generator.at(c).encode(), wanted)]

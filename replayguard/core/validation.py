@@ -5,6 +5,8 @@ Every check names the field at fault, so a client error is always a 4xx with ``f
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from dataclasses import dataclass
@@ -21,7 +23,17 @@ MAX_CONTEXT_VALUE = 256
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 )
-_BASE32 = re.compile(r"^[A-Z2-7]+=*$")
+_BASE32 = re.compile(r"[A-Z2-7]+=*")
+
+
+def _decodes(secret: str) -> bool:
+    """Whether base32 can have this text, padded as pyotp pads it before decoding (a length
+    of 1, 3 or 6 characters past a multiple of 8, or too much padding, cannot)."""
+    try:
+        base64.b32decode(secret + "=" * (-len(secret) % 8))
+    except binascii.Error:
+        return False
+    return True
 
 
 def _printable(text: str) -> bool:
@@ -208,7 +220,8 @@ def enroll_request(raw: object) -> EnrollRequest:
             raise InvalidRequest("secret must be a base32 string", field="secret")
         secret = secret.replace(" ", "").upper()
         # RFC 4226 R6: at least 128 bits (26 base32 characters); pyotp itself refuses under 112.
-        if not _BASE32.match(secret) or not 26 <= len(secret.rstrip("=")) <= 256:
+        if (_BASE32.fullmatch(secret) is None or not 26 <= len(secret.rstrip("=")) <= 256
+                or not _decodes(secret)):
             raise InvalidRequest("secret must be base32 of 128 bits or more (RFC 4226)", field="secret")
     return EnrollRequest(
         type=kind, secret=secret,

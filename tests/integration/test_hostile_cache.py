@@ -10,6 +10,7 @@ Every answer must be identical in both: decision, reason, flags, seq, receipt, a
 from __future__ import annotations
 
 import asyncio
+import io
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,9 +21,12 @@ import pyotp
 import redis.asyncio as aioredis
 
 from replayguard.core.credentials import nonce_digest
+from replayguard.fanout import ALERT_CHANNEL
+from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret
-from tests.conftest import Api, FakeClock, uid
+from tests.conftest import REDIS_URL, Api, FakeClock, uid
 from tests.integration.owned_servers import OwnedRedis
+from tests.waiting import until
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 A_YEAR_US = 365 * 86400 * 1_000_000
@@ -222,3 +226,25 @@ async def test_a_hostile_redis_gives_the_same_answers_as_no_redis(
         assert any("rollback_detected" in flags for _, _, flags in seen)
     finally:
         await client.aclose()
+
+
+async def test_alert_ids_no_bigint_holds_on_the_channel_do_not_end_the_feed_session(
+        api_factory: Callable[..., Any], log_buffer: io.StringIO) -> None:
+    """Whoever can write to Redis publishes ids past a bigint (20 digits, 2^63, 5,000 digits,
+    which Python will not even convert) on the alert channel: each is ignored like any other
+    garbage, and the feed keeps its PostgreSQL session, so the leader keeps its lock."""
+    api: Api = await api_factory(redis_url=Secret(REDIS_URL))
+    feed = api.client.app[ANALYSTS].feed
+    await until(lambda: feed.leader, "the feed's leadership", timeout=30)
+    session = feed._session_id
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await asyncio.sleep(0.5)  # the feed's subscription is in place
+        for data in ("99999999999999999999", str(2**63), "9" * 5000, str(2**63 - 1)):
+            await client.publish(ALERT_CHANNEL, data)
+        ticks = feed.state_ticks
+        await until(lambda: feed.state_ticks >= ticks + 2, "two more ticks of the leader", timeout=30)
+    finally:
+        await client.aclose()
+    assert [line for line in log_buffer.getvalue().splitlines() if "alert_feed_interrupted" in line] == []
+    assert feed._session_id == session and feed.leader
