@@ -236,8 +236,13 @@ BEGIN
                     IF v_pfails <> 0 THEN
                         UPDATE principals SET fail_count = 0 WHERE name = it.subject;
                     END IF;
-                    IF it.period_s IS NOT NULL AND (v_cg_high IS NULL OR v_cg_high < v_step * it.period_s * 1000000) THEN
-                        v_cg_high := v_step * it.period_s * 1000000;
+                    -- The guard keeps the time the host has surely reached: the step's start,
+                    -- or the host's clock for a step accepted ahead of it (within the drift),
+                    -- so that tokens of shorter periods do not read a long step ahead as the
+                    -- clock going back.
+                    IF it.period_s IS NOT NULL
+                       AND (v_cg_high IS NULL OR v_cg_high < least(v_step * it.period_s * 1000000, it.ts_us)) THEN
+                        v_cg_high := least(v_step * it.period_s * 1000000, it.ts_us);
                         v_cg_dirty := true;
                     END IF;
                 ELSIF NOT EXISTS (SELECT 1 FROM otp_tokens WHERE id = it.token_id AND deleted_at IS NULL) THEN

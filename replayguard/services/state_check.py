@@ -17,7 +17,8 @@ ledger entries, one query looks for the first entry whose implied state is absen
   was then accepted again has a row again, the replay's, and the first accept is named;
 - ``otp_credentials``: the high-water of the accepted token's credential is at least the
   accepted step (``counter``);
-- ``clock_guard``: for a TOTP accept, a high-water is at least the step's time (any scope:
+- ``clock_guard``: for a TOTP accept, a high-water is at least the step's time, or the
+  entry's own time for a step accepted ahead of the host's clock (any scope:
   the entry does not name the scope it was accepted under, which follows the keys, and a
   deployment has one; a database that served two key sets must not raise a false alarm);
 - ``principals``: a lock an entry set (``locked_until_us``) that has not ended, and that no
@@ -46,7 +47,7 @@ CLOCK_SLACK_US = 300 * 1_000_000
 
 _CHECK_TEMPLATE = """
 WITH e AS (
-    SELECT seq, kind, subject, cred_digest, decision, payload FROM ledger
+    SELECT seq, ts_us, kind, subject, cred_digest, decision, payload FROM ledger
     WHERE seq > $1::bigint AND seq <= $2::bigint AND (decision = 'accept' OR payload ? 'locked_until_us')
 )
 SELECT * FROM (
@@ -75,7 +76,7 @@ SELECT * FROM (
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND t.type = 'totp'
        AND {counter} IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM clock_guard g
-                       WHERE g.high_us >= {counter}::numeric * t.period * 1000000)
+                       WHERE g.high_us >= least({counter}::numeric * t.period * 1000000, e.ts_us))
      ORDER BY e.seq LIMIT 1)
     UNION ALL
     (SELECT e.seq, 'principals', convert_to(e.subject, 'UTF8') FROM e

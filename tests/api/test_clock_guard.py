@@ -83,3 +83,33 @@ async def test_high_water_survives_a_restart_and_clears_when_time_catches_up(
     assert (await verify(restarted, bob, bob_totp.at(behind.now)))["reason"] == "invalid"
     behind.advance(86400 + 60)
     assert (await verify(restarted, bob, bob_totp.at(behind.now)))["decision"] == "accept"
+
+
+async def test_a_long_period_code_accepted_ahead_does_not_refuse_shorter_periods(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """One second after a 120 s boundary, a period-120 token's code for its next step is accepted
+    (within the drift). The guard keeps the host's clock for it, not the step's start 119 s
+    ahead, so a period-30 token's current code right after is accepted: no false
+    clock_regression. The same code presented again is still refused (the credential's
+    high-water), and a real step back of an hour still is."""
+    clock = FakeClock()
+    clock.now = 120 * 14_916_667 + 1
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()))
+    carol, dave = uid("carol"), uid("dave")
+    carol_totp = pyotp.TOTP((await api.enroll(carol, period=120))["secret"], interval=120)
+    dave_totp = pyotp.TOTP((await api.enroll(dave))["secret"])
+    ahead = carol_totp.at(clock.now + 120)
+    assert (await verify(api, carol, ahead))["decision"] == "accept"
+    assert await high_water(api) == int(clock.now * 1_000_000)
+    clock.advance(1)
+    answer = await verify(api, dave, dave_totp.at(clock.now))
+    assert (answer["decision"], answer["reason"], answer.get("alert_id")) == ("accept", "ok", None), answer
+    assert (await verify(api, carol, ahead))["reason"] == "reused"
+    clock.advance(-3600)
+    refused = await verify(api, carol, carol_totp.at(clock.now))
+    assert (refused["decision"], refused["reason"]) == ("reject", "invalid")
+    status, alert = await api.get(f"/v1/alerts/{refused['alert_id']}")
+    assert (status, alert["kind"]) == (200, "clock_regression")
+    status, report = await api.get("/v1/ledger/verify")
+    assert status == 200 and report["ok"] is True, report  # the state check expects the host's time
