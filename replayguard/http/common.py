@@ -81,6 +81,8 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestTimeout("the request body was not received in time") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes") from None
+    except web.RequestPayloadError:  # a Content-Encoding the body does not have, or a broken chunk
+        raise InvalidRequest("the request body could not be decoded") from None
     if len(raw) > MAX_BODY:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY} bytes")
     return raw

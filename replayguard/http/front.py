@@ -28,9 +28,11 @@ handling (limits, timeouts, 400/408/413/415 answers):
 - HTTP/1.1, ``POST``, exactly the path of a decision route (no query string);
 - a ``Content-Length`` of at most ``MAX_BODY``; no ``Transfer-Encoding``, ``Expect`` or
   upgrade;
-- ``Content-Type`` is ``application/json`` (parameters allowed); the headers it reads
-  (``Authorization``, ``Content-Type``, ``X-Request-Id``, ``Content-Length``) appear once
-  and are ASCII; the request line and headers are within aiohttp's limits;
+- ``Content-Type`` is ``application/json`` (parameters allowed); a ``Host``; the headers it
+  reads (``Authorization``, ``Content-Type``, ``X-Request-Id``, ``Content-Length``, ``Host``)
+  and those RFC 9110 allows once appear once and are ASCII; no ``Content-Encoding``; the
+  request line and headers are within aiohttp's limits, and an incomplete request never
+  holds more than ``_MAX_HELD`` bytes;
 - the parser found nothing wrong.
 
 A request whose start the front lost (llhttp does not report offsets, and the front's
@@ -84,10 +86,17 @@ log = structlog.get_logger(__name__)
 # (status, JSON body or None for an empty answer, the decision behind it)
 Answerer = Callable[[Runtime, Caller, Any], Awaitable[tuple[int, Any, DecisionResult]]]
 FAST_ROUTES: dict[str, Answerer] = {**callouts.FAST, **radius.FAST}
-# The headers the front reads; any of them twice sends the request to aiohttp.
-_READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content-length"))
-# Their presence alone sends the request to aiohttp.
-_UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+# The headers the front reads, and those RFC 9110 allows once (aiohttp's parser refuses a
+# second one): any of them twice sends the request to aiohttp.
+_READ = frozenset((b"authorization", b"content-type", b"x-request-id", b"content-length", b"host",
+                   b"content-location", b"content-range", b"etag", b"max-forwards", b"server", b"user-agent"))
+# Their presence alone sends the request to aiohttp (a body to decode, an old WebSocket key
+# its parser refuses).
+_UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"content-encoding", b"sec-websocket-key1"))
+# An incomplete request holding more than a long head and the largest body goes to aiohttp
+# at once (its own limits answer it): a decision's head is a few hundred bytes, and what
+# the front holds, and copies at each read, per connection stays bounded.
+_MAX_HELD = 64 * 1024 + MAX_BODY
 _QUEUE_MAX = 32  # pipelined requests held before reading pauses
 _SWEEP_S = 1.0
 _HOLD_S = 0.5  # a request still incomplete after this (checked at each sweep) goes to aiohttp
@@ -174,6 +183,7 @@ class FastConnection(asyncio.Protocol):
         self._handover: bytes | None = None  # given to aiohttp once the queue is answered
         self._closing = False  # close once the queue is answered
         self._paused = False
+        self._write_paused = False  # the transport's buffer is over its high-water mark
         self._eof = False
         self.last_active = front.loop.time()
 
@@ -198,10 +208,15 @@ class FastConnection(asyncio.Protocol):
         return not (self.idle and self._handover is None)
 
     def pause_writing(self) -> None:
+        # The transport says this once, when its buffer crosses the mark: reading stays
+        # paused until it says resume_writing, whatever the queue does meanwhile.
+        self._write_paused = True
         self._pause()
 
     def resume_writing(self) -> None:
-        self._resume()
+        self._write_paused = False
+        if len(self._queue) < _QUEUE_MAX:
+            self._resume()
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._handover is not None or self._transport is None:
@@ -216,6 +231,8 @@ class FastConnection(asyncio.Protocol):
             diverted = self._in_request and self._start < 0
         except httptools.HttpParserError:  # malformed, an upgrade, or a callback's _Divert
             diverted = True
+        # A request held whole would pass the bound: aiohttp's limits are for it.
+        diverted = diverted or (self._in_request and len(self._chunk) - self._start > _MAX_HELD)
         if diverted:  # outside the except block: aiohttp's own errors do not chain to ours
             self._divert()
         elif self._in_request:
@@ -249,7 +266,7 @@ class FastConnection(asyncio.Protocol):
         if name in _READ:
             if name in self._headers:
                 raise _Divert
-            self._headers[name] = value
+            self._headers[name] = value.rstrip(b" \t")  # llhttp keeps trailing whitespace; aiohttp does not
         elif name in _UNUSUAL:
             raise _Divert
 
@@ -258,7 +275,7 @@ class FastConnection(asyncio.Protocol):
         headers = self._headers
         length = headers.get(b"content-length")
         self._route = self._front.routes.get(self._url)
-        if (self._route is None or parser.get_method() != b"POST"
+        if (self._route is None or parser.get_method() != b"POST" or b"host" not in headers
                 or parser.get_http_version() != "1.1" or parser.should_upgrade()
                 or self._header_count > MAX_HEADERS or len(self._url) > MAX_LINE_SIZE
                 or length is None or not length.isdigit() or int(length) > MAX_BODY
@@ -273,6 +290,7 @@ class FastConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_request = False
+        self._partial_since = 0.0  # a request that begins in this read is timed from its own read
         assert self._route is not None  # noqa: S101 - narrows the type for mypy; on_headers_complete diverts every other request
         route, answerer = self._route
         headers = self._headers
@@ -361,7 +379,7 @@ class FastConnection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume(self) -> None:
-        if self._paused and self._transport is not None and self._handover is None:
+        if self._paused and not self._write_paused and self._transport is not None and self._handover is None:
             self._paused = False
             if self._partial:
                 self._partial_since = self._front.loop.time()
@@ -471,7 +489,8 @@ class Front:
             REQUEST_CONTEXT.reset(reset)
         self._runtime.metrics.http_request(route.path, "POST", status, elapsed)
         line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-        tail = b"X-Request-Id: %s\r\nDate: %s\r\n" % (request_id.encode(), self._date())
+        tail = b"X-Request-Id: %s\r\nDate: %s\r\nServer: %s\r\n" % (
+            request_id.encode(), self._date(), SERVER_HEADER.encode())
         if payload is None:  # 204: no body, so neither length nor type (RFC 9110 §8.6)
             return line + tail, b""
         body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)

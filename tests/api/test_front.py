@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import json
 import secrets
 import socket
@@ -640,3 +641,85 @@ async def test_a_handed_over_connection_is_freed_at_once(api: Api, raw: Any, cou
         assert (await conn.answers(2))[1].status == 200
     assert await _freed_once(api, raw, hand_over)
     assert counted == {"fast": 1, "handover": 1}
+
+
+async def _exchange(api: Api, data: bytes) -> list[Answer]:
+    """One connection: ``data`` written, the first answer read."""
+    reader, writer = await asyncio.open_connection(api.client.host, api.client.port)
+    conn = Raw(reader, writer)
+    try:
+        await conn.send(data)
+        return await conn.answers(1)
+    finally:
+        conn.close()
+
+
+# Requests aiohttp's parser refuses (RFC 9112 §3.2: no Host, or two; RFC 9110's singleton
+# headers twice; the old WebSocket key): the front must not decide them.
+_REFUSED = {
+    "no_host": b"",
+    "duplicate_host": b"Host: other.example\r\n",
+    "duplicate_user_agent": b"User-Agent: a\r\nUser-Agent: b\r\n",
+    "duplicate_server": b"Server: a\r\nServer: b\r\n",
+    "duplicate_etag": b'ETag: "1"\r\nETag: "2"\r\n',
+    "duplicate_max_forwards": b"Max-Forwards: 1\r\nMax-Forwards: 2\r\n",
+    "duplicate_content_location": b"Content-Location: /a\r\nContent-Location: /b\r\n",
+    "duplicate_content_range": b"Content-Range: bytes 0-1/2\r\nContent-Range: bytes 0-1/2\r\n",
+    "sec_websocket_key1": b"Sec-WebSocket-Key1: 4 @1  46546xW%0l 1 5\r\n",
+}
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+@pytest.mark.parametrize("case", list(_REFUSED))
+async def test_requests_aiohttp_refuses_are_refused_by_both_fronts(
+        api_factory: Callable[..., Awaitable[Api]], front: str, case: str) -> None:
+    """The same bytes to the fast front and to aiohttp alone: 400 with the contract's body from
+    both, and the nonce is not consumed (the fast front decided these before it read Host and
+    the singleton headers)."""
+    api = await api_factory(http_front=front)
+    nonce = f"refused-{case}-{secrets.token_hex(4)}"
+    request = nonce_request(api, nonce, extra=_REFUSED[case])
+    if case == "no_host":
+        request = request.replace(b"Host: x\r\n", b"", 1)
+    [answer] = await _exchange(api, request)
+    assert (answer.status, answer.json()["error"]["code"]) == (400, "invalid_request"), answer
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": "vm-front", "scope": "ssh:front", "nonce": nonce})
+    assert (status, body["decision"]) == (200, "accept")
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_a_content_encoding_is_decoded_or_refused_alike(
+        api_factory: Callable[..., Awaitable[Api]], front: str) -> None:
+    """A gzip body labelled gzip is inflated and decided by both fronts; a plain body labelled
+    gzip or deflate, on a decision or an event, is 400, never a decision (the fast front
+    ignored the label) nor a 500 (aiohttp's decoding error went unhandled)."""
+    api = await api_factory(http_front=front)
+    encoded = gzip.compress(json.dumps({"vm_id": "vm-front", "scope": "ssh:front", "nonce": "gz-1"}).encode())
+    [answer] = await _exchange(api, (
+        b"POST /v1/nonces/consume HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+        + api.tokens["callout"].encode() + b"\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(encoded)
+        + encoded))
+    assert (answer.status, answer.json()["decision"]) == (200, "accept"), answer
+    with capture_logs() as logs:
+        for encoding in (b"gzip", b"deflate"):
+            [answer] = await _exchange(api, nonce_request(api, f"plain-{encoding.decode()}",
+                                                          extra=b"Content-Encoding: " + encoding + b"\r\n"))
+            assert (answer.status, answer.json()["error"]["code"]) == (400, "invalid_request"), answer
+        body = json.dumps({"event_id": "e-gzip", "type": "vm.started", "vm_id": "vm-gz"}).encode()
+        [answer] = await _exchange(api, (
+            b"POST /v1/hypervisor/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + api.tokens["hypervisor"].encode() + b"\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body))
+        assert answer.status == 400, answer
+    assert not [entry for entry in logs if entry.get("event") == "unhandled_error"]
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_answers_carry_the_server_header_and_the_request_id_without_trailing_space(
+        api_factory: Callable[..., Awaitable[Api]], front: str) -> None:
+    """Both fronts answer with ``Server: replayguard`` and echo an ``X-Request-Id`` sent with
+    trailing whitespace without it (RFC 9110 §5.5; llhttp keeps it, aiohttp strips it)."""
+    api = await api_factory(http_front=front)
+    [answer] = await _exchange(api, nonce_request(api, secrets.token_hex(8), extra=b"X-Request-Id: abc-123 \t\r\n"))
+    assert answer.status == 200
+    assert (answer.headers["server"], answer.headers["x-request-id"]) == ("replayguard", "abc-123")
