@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -113,7 +113,10 @@ def public_key_pem(public: Ed25519PublicKey) -> str:
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
     """Reads a PEM public key; raises ValueError unless it is an Ed25519 key."""
-    key = serialization.load_pem_public_key(pem)
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except UnsupportedAlgorithm:  # a key of a type the library does not know: not a ValueError
+        raise ValueError("the public key is not an Ed25519 key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("the public key is not an Ed25519 key")
     return key

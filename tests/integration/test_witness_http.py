@@ -105,7 +105,8 @@ async def _exchange(a: Api, b: Api) -> None:
 async def test_a_witness_refuses_a_checkpoint_that_steps_back_or_forks(
         api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> None:
     """Stepping back (ledger_rollback) and forking or a bad signature (ledger_tamper) are
-    409 with an alert on the witness; what it holds does not change; a signed recovery moves it on."""
+    409 with an alert on the witness; a malformed offer (a key of an unknown algorithm among
+    them) is 400; what it holds does not change; a signed recovery moves it on."""
     a, b = await pair(api_factory, fresh_database, tmp_path)
     a_id = a.runtime.continuity.deployment_id
     for _ in range(4):
@@ -136,6 +137,10 @@ async def test_a_witness_refuses_a_checkpoint_that_steps_back_or_forks(
     assert len(await alerts_of(b, "ledger_tamper")) == 2
     assert (await put(b, "0123456789abcdef", offer(back)))[0] == 400
     assert (await put(b, a_id, {"checkpoint": "nope"}))[0] == 400
+    # A SubjectPublicKeyInfo of an algorithm no library knows (OID 1.2.3.4): 400, not 500.
+    unknown = ("-----BEGIN PUBLIC KEY-----\nMCowBQYDKgMEAyEAAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n"
+               "-----END PUBLIC KEY-----\n")
+    assert (await put(b, a_id, Record(a_id, unknown, back, None).to_json()))[0] == 400
     assert (await put(b, a_id, offer(back), role="callout"))[0] == 403
     assert await held(b, a_id) == before
 
