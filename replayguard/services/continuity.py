@@ -164,7 +164,10 @@ class ContinuityGuard:
         """A decision's entry must come after every entry known committed before it was
         submitted (``floor``): one that does not was written to a database that went back
         in time under this process (a restore or failover behind the same URL). Its answer
-        becomes a 503 and decisions stop, whatever the witnesses say."""
+        becomes a 503 and decisions stop, whatever the witnesses say. So does the answer of
+        every decision confirmed once a rollback is known, though it was admitted before:
+        a replay committed right after the decision that revealed the rollback gets a
+        ``seq`` past its own ``floor``."""
         if seq is None:
             return
         if seq <= floor:
@@ -172,6 +175,8 @@ class ContinuityGuard:
             self.rollback = self.rollback or self._seen
             self._soon = asyncio.create_task(self._check_quietly(), name="continuity-check")
             raise LedgerRollback(self._seen.message())
+        if self.rollback is not None:
+            raise LedgerRollback(self.rollback.message())
         self._floor = max(self._floor, seq)
 
     async def _check_quietly(self) -> None:
