@@ -76,6 +76,10 @@ _SINK_FEED_INIT = ("INSERT INTO sink_feed VALUES (true, (SELECT coalesce(max(cha
                    " (SELECT coalesce(max(seq), 0) FROM checkpoints)) ON CONFLICT DO NOTHING")
 
 
+_SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = $2"
+                     " AND seq <= (SELECT seq FROM ledger_head) ORDER BY seq LIMIT $3")
+
+
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
@@ -403,8 +407,12 @@ class AlertFeed:
             await conn.execute(_SINK_FEED_INIT)
             pos = await conn.fetchrow("SELECT alert_change_seq, checkpoint_seq FROM sink_feed")
             alerts = await self._alerts.changes(pos["alert_change_seq"], [], PAGE)
-            checkpoints = await conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2",
-                                           pos["checkpoint_seq"], PAGE)
+            # Only this deployment's signed checkpoints, up to the head: a row of another key,
+            # or one that does not verify, is not evidence (the position moves past it), and
+            # none past the head, where no checkpoint of ours can be, may move the position
+            # beyond every checkpoint still to come.
+            rows = await conn.fetch(_SINK_CHECKPOINTS, pos["checkpoint_seq"], self._ledger.key_id, PAGE)
+            checkpoints = [row for row in rows if self._ledger.trusted(cps.from_row(row))]
             for record in alerts:
                 self.dispatcher.submit(sink_record(record))
             for record in checkpoints:
@@ -412,7 +420,7 @@ class AlertFeed:
             await conn.execute(
                 "UPDATE sink_feed SET alert_change_seq = greatest(alert_change_seq, $1),"
                 " checkpoint_seq = greatest(checkpoint_seq, $2)",
-                alerts[-1]["change_seq"] if alerts else 0, checkpoints[-1]["seq"] if checkpoints else 0)
-        if len(alerts) == PAGE or len(checkpoints) == PAGE:
+                alerts[-1]["change_seq"] if alerts else 0, rows[-1]["seq"] if rows else 0)
+        if len(alerts) == PAGE or len(rows) == PAGE:
             self._last_lead = 0.0  # a backlog: feed the next page at once
             self._wake.set()

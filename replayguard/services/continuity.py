@@ -45,7 +45,7 @@ DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
 DATABASE = "database checkpoints"
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
-             " LEFT JOIN LATERAL (SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1) c ON true")
+             " LEFT JOIN LATERAL (SELECT * FROM checkpoints WHERE key_id = $1 ORDER BY seq DESC LIMIT 1) c ON true")
 
 
 # Streaming standbys that acknowledge commits (PostgreSQL's synchronous replication): with
@@ -220,7 +220,7 @@ class ContinuityGuard:
             reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
             async with acquire(self._pool) as conn:
                 floor = self._floor  # committed before the head is read: the head cannot be below it
-                snap = await conn.fetchrow(_SNAPSHOT)
+                snap = await conn.fetchrow(_SNAPSHOT, self.deployment_id)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)

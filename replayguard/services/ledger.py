@@ -150,13 +150,13 @@ class LedgerService:
         good = []
         for n, record in enumerate(records, 1):
             cp = cps.from_row(record)
-            if self._trusted(cp):
+            if self.trusted(cp):
                 good.append(cp)
             if self._serving and n % PINS_PER_STRETCH == 0:
                 await asyncio.sleep(0)
         return good
 
-    def _trusted(self, cp: Checkpoint) -> bool:
+    def trusted(self, cp: Checkpoint) -> bool:
         """Signed by our key; one of another key (rotated, another data dir) is skipped."""
         if cp.key_id != self.key_id:
             return False
@@ -201,21 +201,29 @@ class LedgerService:
     async def _checkpoint_locked(self, conn: asyncpg.Connection, now_us: int, every: int,
                                  interval_us: int) -> Checkpoint | Finding | None:
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-        last = await conn.fetchrow("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT 1")
-        # Continue from the last checkpoint only when it is provably ours.
-        trusted = last is not None and self._trusted(cps.from_row(last))
-        if trusted and (cut := past_head(last["seq"], head["seq"])) is not None:
-            return cut
+        # Only checkpoints provably ours count: a row of another key, or one that does not
+        # verify, past the head must not make the next checkpoint look not due (the
+        # witnesses would stop moving), and one at or below it is no place to continue from.
+        for row in await conn.fetch(_OURS_PAST_HEAD, self.key_id, head["seq"]):
+            if self.trusted(cps.from_row(row)):
+                return past_head(row["seq"], head["seq"])
+        last = await conn.fetchrow(_OURS_UP_TO_HEAD, self.key_id, head["seq"])
+        if last is not None and not self.trusted(cps.from_row(last)):
+            last = None
         if not _due(head["seq"], last, now_us, every, interval_us):
             return None
+        trusted = last is not None
         start_seq, start_hash = (last["seq"], bytes(last["hash"])) if trusted else (0, GENESIS)
         # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
         chain = await self._check_chain(conn, start_seq, start_hash, head["seq"], bytes(head["hash"]))
         if chain.finding is not None:
             return chain.finding
         cp = cps.sign(self._key, head["seq"], bytes(head["hash"]), now_us)
-        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
-                           cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+        if await conn.fetchval("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING"
+                               " RETURNING seq", cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature) is None:
+            # A row not ours holds this entry's place: the next entry's checkpoint takes another.
+            log.error("checkpoint_seq_taken", seq=cp.seq)
+            return None
         return cp
 
     async def _check_chain(self, conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
@@ -248,6 +256,12 @@ class LedgerService:
                  **({"table": state.table, "key_digest": state.key_digest} if state is not None else {})})
         log.error("ledger_tamper", seq=finding.seq, problem=finding.problem.value)
         return alert_id
+
+
+# The newest checkpoints named as ours past the head (a few: each is a signature to verify),
+# and the newest named as ours at or below it.
+_OURS_PAST_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq > $2 ORDER BY seq DESC LIMIT 8"
+_OURS_UP_TO_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1"
 
 
 def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, interval_us: int) -> bool:

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from replayguard.core import checkpoints as cps
 from replayguard.settings import Secret
 from tests.conftest import Api
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
@@ -68,3 +72,89 @@ async def test_a_replay_in_flight_with_the_decision_that_reveals_the_restore_is_
     assert (s1, b1["error"]["code"]) == (503, "ledger_rollback"), b1
     assert s2 == 503 and b2.get("error", {}).get("code") == "ledger_rollback", b2  # not an accept of N
     assert not await ready(api)
+
+
+def witness_seq(path: Path) -> int:
+    try:
+        return int(orjson.loads(path.read_bytes())["checkpoint"]["seq"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+async def test_a_checkpoint_row_not_ours_past_the_head_does_not_stop_the_witnesses(
+        scratch_dbs: list[str], fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """Someone with database rights inserts a checkpoint row of another key at seq 10^12. The
+    service still signs a checkpoint every 5 entries and its file witness follows (it stopped
+    at the row: the next checkpoint looked not due), so a restore of a copy from before nonce N
+    is refused at the restart and N is not accepted again."""
+    witness = tmp_path / "w" / "witness.json"
+    witness.parent.mkdir()
+    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), **settings)
+    for _ in range(6):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    await until(lambda: witness_seq(witness) >= 1, "the witness to hold a checkpoint", timeout=30)
+    forged = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us())
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                           forged.seq, forged.hash, forged.ts_us, forged.key_id, forged.signature)
+    finally:
+        await conn.close()
+    copy = await snapshot(dsn)
+    scratch_dbs.append(copy)
+    conn = await asyncpg.connect(copy)
+    try:
+        copy_head = await conn.fetchval("SELECT seq FROM ledger_head")
+    finally:
+        await conn.close()
+    lost = secrets.token_hex(8)
+    assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
+    for _ in range(12):
+        assert (await settled(lambda: nonce(api, secrets.token_hex(8))))[1]["decision"] == "accept"
+    await until(lambda: witness_seq(witness) > copy_head, "the witness to pass the copy's head", timeout=30)
+    await api.client.close()
+    scratch_dbs.remove(copy)
+    scratch_dbs.append(await restore(dsn, copy))
+
+    restarted = await api_factory(database_url=Secret(dsn), **settings)
+    status, body = await settled(lambda: nonce(restarted, lost))
+    assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
+
+
+async def test_checkpoint_rows_not_ours_do_not_reach_the_sinks_nor_hold_them_back(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Rows planted in ``checkpoints``: one of another key far past the head, one named as
+    ours whose signature does not verify. Neither is handed to the sinks, and the service's
+    own checkpoints after them still are (the planted row past the head moved the sinks'
+    position beyond every checkpoint to come)."""
+    target = tmp_path / "sink" / "records.jsonl"
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), checkpoint_every=3, sinks=(f"file:{target}",))
+
+    def sunk() -> list[int]:
+        try:
+            lines = target.read_bytes().splitlines()
+        except OSError:
+            return []
+        return [record["seq"] for record in map(orjson.loads, lines) if record.get("type") == "checkpoint"]
+
+    for _ in range(4):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    await until(sunk, "a checkpoint in the file sink", timeout=30)
+    conn = await asyncpg.connect(dsn)
+    try:
+        head = await conn.fetchval("SELECT seq FROM ledger_head")
+        foreign = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us())
+        ours = api.runtime.continuity.deployment_id  # the key id of the service's checkpoints
+        for cp in (foreign, cps.Checkpoint(head + 1, secrets.token_bytes(32), foreign.ts_us, ours, bytes(64))):
+            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                               cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+    finally:
+        await conn.close()
+    for _ in range(8):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    await until(lambda: max(sunk()) > head + 3, "a checkpoint signed after the planted rows in the sink", timeout=30)
+    assert 10**12 not in sunk() and head + 1 not in sunk()
