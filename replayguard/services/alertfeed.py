@@ -347,8 +347,12 @@ class AlertFeed:
         await self._start_sinks()
         settings = self._rt.settings
         work = self._rt.metrics.background
+        # A checkpoint is signed after the newest recorded recovery, whatever this clock says:
+        # one no later than the recovery's statement would count as given up by it.
+        recovered = self._rt.continuity.recovered_at_us
+        now_us = self._rt.now_us() if recovered is None else max(self._rt.now_us(), recovered + 1)
         with work.timed("checkpoint"):
-            result = await self._ledger.checkpoint_if_due(self._rt.now_us(), settings.checkpoint_every,
+            result = await self._ledger.checkpoint_if_due(now_us, settings.checkpoint_every,
                                                           settings.checkpoint_interval_s * 1_000_000)
         if isinstance(result, Finding) and result != self._last_finding:
             self._last_finding = result

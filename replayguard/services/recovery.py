@@ -61,6 +61,9 @@ async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[st
     """Writes the recovery (see the module docstring); ``held`` must name a rollback."""
     lost = [cp for _, cp, verdict in held if verdict is not None and verdict.rollback]
     abandoned = max(lost, key=lambda cp: cp.seq)
+    # The statement covers what it gives up only when it is not older than any of it: a
+    # clock behind the one that signed those checkpoints must not leave one uncovered.
+    now_us = max(now_us, *(cp.ts_us + 1 for cp in lost))
     async with acquire(pool) as conn, conn.transaction():
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head WHERE id FOR UPDATE")
         statement = continuity.sign_statement(key, head["seq"] + 1, bytes(head["hash"]), now_us,

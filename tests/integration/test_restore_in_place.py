@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
+import pyotp
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
 from replayguard.settings import Secret
-from tests.conftest import Api
+from tests.conftest import Api, FakeClock, cli_env, run_cli
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
 from tests.waiting import blocked_by, until
 
@@ -158,3 +161,67 @@ async def test_checkpoint_rows_not_ours_do_not_reach_the_sinks_nor_hold_them_bac
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
     await until(lambda: max(sunk()) > head + 3, "a checkpoint signed after the planted rows in the sink", timeout=30)
     assert 10**12 not in sunk() and head + 1 not in sunk()
+
+
+async def head_of(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT seq FROM ledger_head"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("offset_s", [0, -600, 600],
+                         ids=["service_stopped_at_start", "service_10min_behind", "service_10min_ahead"])
+async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
+        offset_s: int, scratch_dbs: list[str], fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """The service's clock (a test clock, stopped) and the clock of the shell that runs
+    ``ledger accept-rollback`` disagree: by the test's duration, or by 10 minutes either
+    way. A first restore is recovered from (the statement
+    covers every checkpoint it gives up, though they were signed by a clock ahead of it);
+    a second restore, behind a checkpoint the new chain signed, is refused and the HOTP code
+    accepted after the recovery is not accepted again (the new chain's checkpoints were
+    counted as given up by the recovery when the service's clock was behind)."""
+    witness = tmp_path / "w" / "witness.json"
+    witness.parent.mkdir()
+    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
+    clock = FakeClock(time.time() + offset_s)
+    dsn = await fresh_database()
+    api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
+    for _ in range(3):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    first = await snapshot(dsn)
+    first_head = await head_of(first)
+    for _ in range(30):
+        assert (await settled(lambda: nonce(api, secrets.token_hex(8))))[1]["decision"] == "accept"
+    await until(lambda: witness_seq(witness) >= first_head + 25, "the witness past the first copy", timeout=30)
+    await api.client.close()
+
+    scratch_dbs.append(await restore(dsn, first))
+    api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
+    status, body = await settled(lambda: nonce(api, secrets.token_hex(8)))
+    assert status == 503 and body["error"]["code"] == "ledger_rollback", body
+    env = cli_env(REPLAYGUARD_DATABASE_URL=dsn, REPLAYGUARD_DATA_DIR=str(tmp_path / "data"),
+                  REPLAYGUARD_WITNESSES=f"file:{witness}")
+    done = run_cli("ledger", "accept-rollback", "--reason", "restored the first copy", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    await until(lambda: ready(api), "decisions served again after the recovery", timeout=30)
+
+    token = await api.enroll("hotp-after-recovery", type="hotp")
+    second = await snapshot(dsn)
+    scratch_dbs.append(second)
+    second_head = await head_of(second)
+    code = {"vm_id": "vm-1", "principal": "hotp-after-recovery", "otp": pyotp.HOTP(token["secret"]).at(0)}
+    status, body = await settled(lambda: api.post("/v1/otp/verify", code))
+    assert (status, body["decision"]) == (200, "accept"), body
+    for _ in range(8):  # refused (nonces from before the recovery), but each is an entry
+        await settled(lambda: nonce(api, secrets.token_hex(8)))
+    await until(lambda: witness_seq(witness) > second_head, "the witness past the second copy", timeout=30)
+    await api.client.close()
+
+    scratch_dbs.remove(second)
+    scratch_dbs.append(await restore(dsn, second))
+    api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
+    status, body = await settled(lambda: api.post("/v1/otp/verify", code))
+    assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
