@@ -92,6 +92,7 @@ async def open_runtime(
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
                                 clock=clock, fanout=fanout, on_decision=metrics.decision)
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
+    appender.on_committed = guard.committed
     guard.on_recovered = decisions.set_recovered_at
     guard.background = metrics.background
     metrics.background.watch_gc()

@@ -33,10 +33,12 @@
 -- plans an index scan, whatever the table's size at planning time) and the lookup of an
 -- earlier use as `digest = ANY (ARRAY(...))`, a primary-key scan. Both are needed: the
 -- regression test in tests/integration/test_decide_batch.py fails on either alone.
+-- Dropped first: CREATE OR REPLACE cannot change the columns a function returns.
+DROP FUNCTION IF EXISTS rg_decide(jsonb, integer, bigint, boolean);
 CREATE OR REPLACE FUNCTION rg_decide(p_items jsonb, p_lock_threshold integer, p_lock_period_us bigint,
                                      p_refuse boolean)
 RETURNS TABLE (r_idx integer, r_seq bigint, r_verdict text, r_reason text, r_flags text[],
-               r_alert bigint, r_epoch integer, r_rseq bigint, r_locked_until bigint)
+               r_alert bigint, r_epoch integer, r_rseq bigint, r_locked_until bigint, r_hash bytea)
 LANGUAGE plpgsql
 SET enable_seqscan = off
 AS $$
@@ -356,6 +358,7 @@ BEGIN
         r_epoch := v_vmrow.epoch;
         r_rseq := CASE WHEN v_rc = 'valid' THEN v_seq ELSE v_vmrow.last_receipt_seq END;
         r_locked_until := CASE WHEN v_locked > it.ts_us THEN v_locked END;
+        r_hash := v_hash;  -- the entry's hash: the continuity guard checks later that it is still there
         RETURN NEXT;
         v_i := v_i + 1;
     END LOOP;

@@ -71,6 +71,8 @@ class Appender:
         self._queue: list[tuple[dict[str, Any], asyncio.Future[Outcome]]] = []
         self._running = False
         self._on_batch = on_batch
+        # Told the newest entry of each batch and its hash (the continuity guard).
+        self.on_committed: Callable[[int, bytes], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn = KeptConnection(pool)
 
@@ -106,6 +108,8 @@ class Appender:
             raise
         if self._on_batch is not None:
             self._on_batch(len(batch), time.perf_counter() - started)
+        if self.on_committed is not None and rows:
+            self.on_committed(rows[-1]["r_seq"], bytes(rows[-1]["r_hash"]))
         for row, (_, future) in zip(rows, batch, strict=True):
             if not future.done():
                 future.set_result(Outcome(

@@ -10,6 +10,13 @@ route, /readyz answers 503 and a critical ``ledger_rollback`` alert is raised on
 held checkpoint. A witness that cannot be read raises ``witness_unreachable`` and keeps
 its last verdict; it stops decisions only with ``witness_required``.
 
+A process also finds a rollback from its own decisions, witnesses or not: a decision
+numbered at or below an entry it knew committed (``confirm``), or a batch it committed
+whose last entry the ledger no longer holds, hash for hash (``committed``, then ``check``:
+another instance's decisions took its place). It writes that finding to
+``continuity_findings``, which every ``check`` reads, so every instance stops and a
+restart remembers; ``ledger accept-rollback`` gives up what it names and deletes it.
+
 Every worker runs ``check`` at start (before serving) and every ``CHECK_S``; the
 instance that signs a checkpoint hands it to ``published``, which pushes it to every
 witness in a background task (a slow witness never holds a decision) and checks again.
@@ -19,6 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +53,7 @@ log = structlog.get_logger(__name__)
 CHECK_S = 2.0
 DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
 DATABASE = "database checkpoints"
+UNVERIFIED_MAX = 65_536  # batches committed between two checks that are remembered
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
              " LEFT JOIN LATERAL (SELECT * FROM checkpoints WHERE key_id = $1 ORDER BY seq DESC LIMIT 1) c ON true")
@@ -66,18 +77,22 @@ class Rollback:
     hash: bytes | None  # None: the entry's seq alone was seen (a decision this process answered)
     verdict: Verdict
     head_seq: int
+    signed: bool = False  # a held checkpoint's; else a service process's own entry
 
     @classmethod
     def of(cls, source: str, held: Checkpoint, verdict: Verdict, head_seq: int) -> Rollback:
-        return cls(source, held.seq, held.hash, verdict, head_seq)
+        return cls(source, held.seq, held.hash, verdict, head_seq, signed=True)
 
     @property
     def first_bad_seq(self) -> int:
         return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.seq
 
     def message(self) -> str:
+        if not self.signed and self.hash is not None:
+            return (f"the ledger went back in time: {self.source} committed entry {self.seq}, which the "
+                    f"ledger no longer holds (another entry took its place, or it ends before it)")
         if self.hash is None:
-            return (f"the ledger went back in time: this service answered a decision at entry {self.seq} "
+            return (f"the ledger went back in time: {self.source} answered a decision at entry {self.seq} "
                     f"but the database's new entries are numbered from {self.head_seq + 1}")
         if self.verdict is Verdict.BEHIND:
             return (f"the ledger went back in time: {self.source} holds a signed checkpoint of entry "
@@ -120,7 +135,11 @@ class ContinuityGuard:
         self.recoveries: list[Statement] = []
         self.head_seq = 0
         self._floor = 0  # the highest entry this process knows committed
-        self._seen: Rollback | None = None
+        # The last entry of each batch it committed since the last check, and its hash.
+        self._unverified: deque[tuple[int, bytes]] = deque(maxlen=UNVERIFIED_MAX)
+        self._seen: Rollback | None = None  # a rollback this process found by itself
+        self._written: Rollback | None = None  # ... already in continuity_findings
+        self._found: Rollback | None = None  # the newest finding in continuity_findings
         self._raised: Rollback | None = None  # the rollback last alerted
         self._recovery_seq = -1
         self._soon: asyncio.Task[None] | None = None
@@ -179,6 +198,15 @@ class ContinuityGuard:
             raise LedgerRollback(self.rollback.message())
         self._floor = max(self._floor, seq)
 
+    def committed(self, seq: int, entry_hash: bytes) -> None:
+        """The appender committed a batch whose last entry is ``seq``, with ``entry_hash``:
+        the next check that finds another hash there (or none) finds a database that went
+        back and on (an instance sharing it decided at that ``seq`` after a restore). Each
+        batch is one transaction, so its last entry stands for all of it; every batch is
+        checked, since this process's own later batches chain onto whatever the database
+        then holds."""
+        self._unverified.append((seq, entry_hash))
+
     async def _check_quietly(self) -> None:
         with contextlib.suppress(*DOWN, asyncpg.PostgresError):
             await self.check()
@@ -226,6 +254,8 @@ class ContinuityGuard:
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
                 self._track(self.head_seq, floor)
+                await self._verify_own_batches(conn)
+                await self._share_finding(conn)
                 db_cp = self._db_checkpoint(snap)
                 if db_cp is not None:
                     self._db_verdict = (db_cp, await self._judge(conn, db_cp))
@@ -247,13 +277,43 @@ class ContinuityGuard:
         since (its entry starts the floor again)."""
         newest = max((st.recovery_seq for st in self.recoveries), default=0)
         if self._recovery_seq >= 0 and newest > self._recovery_seq:
-            self._seen, self._floor = None, head_seq
+            self._seen, self._written, self._floor = None, None, head_seq
+            self._unverified.clear()
             self._recovery_seq = newest
             return
         self._recovery_seq = newest
         if head_seq < floor and self._seen is None:
             self._seen = Rollback("this service process", floor, None, Verdict.BEHIND, head_seq)
         self._floor = max(self._floor, head_seq)
+
+    async def _verify_own_batches(self, conn: asyncpg.Connection) -> None:
+        """Every batch this process committed up to the head must still be the ledger's,
+        hash for hash (one past the head is _track's to judge, at this check or the next)."""
+        due = [(seq, entry_hash) for seq, entry_hash in list(self._unverified) if seq <= self.head_seq]
+        if self._seen is not None or not due:
+            return
+        rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])", [seq for seq, _ in due])
+        held = {row["seq"]: bytes(row["hash"]) for row in rows}
+        for seq, entry_hash in due:
+            if held.get(seq) != entry_hash:
+                self._seen = Rollback("this service process", seq, entry_hash, Verdict.FORKED, self.head_seq)
+                return
+        verified = due[-1][0]
+        while self._unverified and self._unverified[0][0] <= verified:
+            self._unverified.popleft()
+
+    async def _share_finding(self, conn: asyncpg.Connection) -> None:
+        """Writes this process's own finding to ``continuity_findings`` once, and reads the
+        newest one there (another instance's, or one from before a restart)."""
+        if self._seen is not None and self._written is not self._seen:
+            await conn.execute("INSERT INTO continuity_findings (found_us, seq, hash, head_seq, process)"
+                               " VALUES ($1, $2, $3, $4, $5)", int(self._clock() * 1e6), self._seen.seq,
+                               self._seen.hash, self.head_seq, f"{socket.gethostname()} pid {os.getpid()}")
+            self._written = self._seen
+        row = await conn.fetchrow("SELECT seq, hash, process FROM continuity_findings ORDER BY seq DESC LIMIT 1")
+        self._found = None if row is None else Rollback(
+            f"a running service ({row['process']})", row["seq"], None if row["hash"] is None else bytes(row["hash"]),
+            Verdict.BEHIND if row["seq"] > self.head_seq else Verdict.FORKED, self.head_seq)
 
     def _db_checkpoint(self, snap: asyncpg.Record) -> Checkpoint | None:
         if snap["cp_seq"] is None:
@@ -298,8 +358,7 @@ class ContinuityGuard:
         for name, state in self.states.items():
             if state.held is not None and state.verdict is not None and state.verdict.rollback:
                 found.append(Rollback.of(name, state.held, state.verdict, self.head_seq))
-        if self._seen is not None:
-            found.append(self._seen)
+        found += [r for r in (self._seen, self._found) if r is not None]
         return max(found, key=lambda r: r.seq, default=None)
 
     def held_checkpoints(self) -> list[tuple[str, Checkpoint, Verdict | None]]:
@@ -308,6 +367,10 @@ class ContinuityGuard:
         if self._db_verdict is not None:
             found.append((DATABASE, *self._db_verdict))
         found += [(n, s.held, s.verdict) for n, s in self.states.items() if s.held is not None]
+        if self._found is not None:  # what it names is given up, as a held checkpoint's entries are
+            lost = Checkpoint(self._found.seq, self._found.hash or bytes(32), int(self._clock() * 1e6),
+                              self.deployment_id, b"")
+            found.append((self._found.source, lost, self._found.verdict))
         return found
 
     # --- alerts -------------------------------------------------------------------------

@@ -13,7 +13,8 @@ One transaction, under the ledger head's lock:
   the recovery, or without ``issued_at``, are refused by the decision service for
   ``nonce_max_ttl_s`` (``core.continuity.nonce_before_recovery``);
 - the database's own checkpoints past its head (of the lost range) are dropped, their
-  values kept in the entry;
+  values kept in the entry, and so are the findings running services wrote to
+  ``continuity_findings`` (the entries they name are given up with the rest);
 - one ``ledger_recovery`` entry with all of it, who ran the command and why, and a
   checkpoint signed over that entry, which the witnesses accept from then on.
 """
@@ -84,6 +85,9 @@ async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[st
                            " FROM otp_tokens WHERE type = 'hotp') k WHERE c.fingerprint = k.fingerprint",
                            HOTP_BURNT)
         dropped = await conn.fetch("DELETE FROM checkpoints WHERE seq > $1 RETURNING seq, hash, ts_us", head["seq"])
+        # What running services found by themselves is given up with the rest (``held``
+        # names it): the finding is answered.
+        findings = await conn.fetch("DELETE FROM continuity_findings RETURNING seq, hash, head_seq, process, found_us")
         await conn.execute("UPDATE sink_feed SET checkpoint_seq = least(checkpoint_seq, $1)", head["seq"])
         payload = {
             "who": who, "reason": reason,
@@ -92,6 +96,9 @@ async def record(pool: asyncpg.Pool, key: Ed25519PrivateKey, held: list[tuple[st
             "abandoned": {"seq": abandoned.seq, "hash": abandoned.hash.hex()},
             "dropped_checkpoints": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(), "ts_us": r["ts_us"]}
                                     for r in dropped],
+            "service_findings": [{"seq": r["seq"], "hash": None if r["hash"] is None else bytes(r["hash"]).hex(),
+                                  "head_seq": r["head_seq"], "process": r["process"], "found_us": r["found_us"]}
+                                 for r in findings],
             "totp_credentials_raised": totp,
             "hotp_tokens_revoked": [{"token_id": r["id"], "principal": r["principal"]} for r in hotp],
             "statement": continuity.statement_json(statement),

@@ -225,3 +225,79 @@ async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
     api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
     status, body = await settled(lambda: api.post("/v1/otp/verify", code))
     assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
+
+
+async def _rollback_answer(api: Api) -> bool:
+    status, body = await settled(lambda: nonce(api, secrets.token_hex(8)))
+    return status == 503 and body.get("error", {}).get("code") == "ledger_rollback"
+
+
+async def test_a_restore_another_instance_decided_past_stops_every_instance(
+        scratch_dbs: list[str], fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """Two instances on one database, no checkpoint due. A accepts nonce N, then the database
+    is restored to a copy from just before. B never heard of N and decides on the restored
+    database, so its entries take the place of A's (B's own floor is behind them). A's next
+    check finds that the entry it committed is no longer the ledger's and writes the finding
+    to the database; B reads it at its next check. Both refuse every decision from then on,
+    N included, /readyz is 503 on both, and a restarted B still refuses."""
+    dsn = await fresh_database()
+    a = await api_factory(database_url=Secret(dsn), **QUIET)
+    b = await api_factory(database_url=Secret(dsn), **QUIET)
+    for _ in range(3):
+        assert (await nonce(a, secrets.token_hex(8)))[1]["decision"] == "accept"
+    copy = await snapshot(dsn)
+    for instance in (a, b):
+        await until(lambda instance=instance: ready(instance), "the instance ready again", timeout=15)
+    await after_next_check(b)
+    lost = secrets.token_hex(8)
+    status, body = await settled(lambda: nonce(a, lost))
+    assert (status, body["decision"]) == (200, "accept"), body
+    scratch_dbs.append(await restore(dsn, copy))
+
+    await settled(lambda: nonce(b, secrets.token_hex(8)))  # B decides on the restored ledger
+    for instance in (a, b):
+        await until(lambda instance=instance: _rollback_answer(instance), "decisions refused", timeout=30)
+        assert not await ready(instance)
+        status, body = await settled(lambda instance=instance: nonce(instance, lost))
+        assert (status, body["error"]["code"]) == (503, "ledger_rollback"), body
+    _, alerts = await a.get("/v1/alerts?kind=ledger_rollback")
+    assert alerts["items"], alerts
+    await b.client.close()
+    again = await api_factory(database_url=Secret(dsn), **QUIET)
+    assert await _rollback_answer(again)
+
+
+async def test_a_rollback_only_the_running_process_saw_is_kept_and_can_be_recovered(
+        scratch_dbs: list[str], fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """One instance with a file witness that holds nothing past the copy. The database is
+    restored to a copy from before nonce N: the next decision is refused (its entry is at or
+    below one the process knew committed). The finding is in the database, so a restarted
+    service still refuses; ``ledger accept-rollback`` records the recovery from it (it said
+    "nothing to recover", the witness agreeing with the ledger), and the service serves
+    again, refusing N by the rules after a recovery."""
+    witness = tmp_path / "w" / "witness.json"
+    witness.parent.mkdir()
+    settings = {**QUIET, "witnesses": (f"file:{witness}",)}
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), **settings)
+    for _ in range(3):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    copy = await snapshot(dsn)
+    lost = secrets.token_hex(8)
+    assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
+    scratch_dbs.append(await restore(dsn, copy))
+    assert await _rollback_answer(api)
+    await after_next_check(api)  # the finding is written
+    await api.client.close()
+
+    api = await api_factory(database_url=Secret(dsn), **settings)
+    assert await _rollback_answer(api)
+    env = cli_env(REPLAYGUARD_DATABASE_URL=dsn, REPLAYGUARD_DATA_DIR=str(tmp_path / "data"),
+                  REPLAYGUARD_WITNESSES=f"file:{witness}")
+    done = run_cli("ledger", "accept-rollback", "--reason", "restored a copy", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert orjson.loads(done.stdout)["serving"] is True
+    await until(lambda: ready(api), "decisions served again after the recovery", timeout=30)
+    status, body = await settled(lambda: nonce(api, lost))
+    assert (status, body["decision"], body["reason"]) == (200, "reject", "reused"), body
