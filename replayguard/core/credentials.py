@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 
 from .mac import keyed
 
@@ -18,22 +19,53 @@ def digest(pepper: bytes, kind: str, scope: str, value: bytes | str) -> bytes:
     return keyed(pepper).digest(message)
 
 
+# HMAC's block size per hash (RFC 2104 §2): a longer key is hashed first, a shorter one
+# padded with zero bytes to it.
+_HMAC_BLOCK = {"SHA1": 64, "SHA256": 64, "SHA512": 128}
+
+
+def _decoded(secret_b32: str) -> bytes:
+    text = secret_b32.upper().replace(" ", "").rstrip("=")
+    try:
+        return base64.b32decode(text + "=" * (-len(text) % 8))
+    except binascii.Error:  # a length base32 cannot have: no codes either; the text names it
+        return text.encode()
+
+
+def _scope(otp_type: str, algorithm: str, period: int) -> str:
+    return f"{otp_type}:{algorithm.upper()}:{period if otp_type == 'totp' else 0}"
+
+
+def hmac_key(algorithm: str, secret: bytes) -> bytes:
+    """The key HMAC really uses, up to its zero padding (RFC 2104 §2): ``secret`` hashed when
+    it is longer than the block, then without trailing zero bytes. Two secrets give every
+    code alike exactly when this is the same."""
+    name = algorithm.upper()
+    if len(secret) > _HMAC_BLOCK.get(name, 64):
+        secret = hashlib.new(name.lower(), secret).digest()
+    return secret.rstrip(b"\x00")
+
+
 def secret_fingerprint(pepper: bytes, otp_type: str, algorithm: str, period: int, secret_b32: str) -> bytes:
     """Identity of an OTP credential, whichever token row holds it.
 
     Two enrolments of one secret (after a deletion, or for another principal) produce the
     same codes for the same counters, so their counters, high-water marks and uses are
-    one credential's. The number of digits is left out on purpose: a 6-digit code is the
-    tail of the 8-digit code of the same counter. The period is in (TOTP steps of another
-    length are other counters), and so is the type.
+    one credential's; so do two secrets HMAC treats as one key (``hmac_key``: one padded
+    with zero bytes, or one longer than the block and its hash). The number of digits is
+    left out on purpose: a 6-digit code is the tail of the 8-digit code of the same
+    counter. The period is in (TOTP steps of another length are other counters), and so
+    is the type.
     """
-    text = secret_b32.upper().replace(" ", "").rstrip("=")
-    try:
-        secret = base64.b32decode(text + "=" * (-len(text) % 8))
-    except binascii.Error:  # a length base32 cannot have: no codes either; the text names it
-        secret = text.encode()
-    scope = f"{otp_type}:{algorithm.upper()}:{period if otp_type == 'totp' else 0}"
-    return digest(pepper, "otp-credential", scope, secret)
+    return digest(pepper, "otp-credential", _scope(otp_type, algorithm, period),
+                  hmac_key(algorithm, _decoded(secret_b32)))
+
+
+def secret_fingerprint_as_enrolled(pepper: bytes, otp_type: str, algorithm: str, period: int,
+                                   secret_b32: str) -> bytes:
+    """The fingerprint of the secret's bytes as they are, which credentials enrolled before
+    ``hmac_key`` took part still carry (``TokenStore.enroll`` looks for it)."""
+    return digest(pepper, "otp-credential", _scope(otp_type, algorithm, period), _decoded(secret_b32))
 
 
 def otp_digest(pepper: bytes, credential: str, counter: int) -> bytes:

@@ -35,7 +35,7 @@ import asyncpg
 import pyotp
 
 from ..aio import running_loop
-from ..core.credentials import otp_digest, secret_fingerprint
+from ..core.credentials import otp_digest, secret_fingerprint, secret_fingerprint_as_enrolled
 from ..core.otp import OtpToken
 from ..core.validation import EnrollRequest
 from ..errors import NotFound, Unavailable
@@ -231,9 +231,16 @@ class TokenStore:
         token_id = "otp_" + secrets.token_urlsafe(12)
         blob = _encrypt(self._keys, token_id, secret_b32)
         fingerprint = secret_fingerprint(self._keys.pepper, req.type, req.algorithm, req.period, secret_b32)
+        as_enrolled = secret_fingerprint_as_enrolled(self._keys.pepper, req.type, req.algorithm, req.period,
+                                                     secret_b32)
         payload = {"token_id": token_id, "type": req.type, "digits": req.digits,
                    "period": req.period, "algorithm": req.algorithm}
         async with acquire(self._pool) as conn, conn.transaction():
+            # The same bytes enrolled before fingerprints named the key HMAC uses: that
+            # credential is this secret's (its high-water and uses carry on).
+            if as_enrolled != fingerprint and await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM otp_credentials WHERE fingerprint = $1)", as_enrolled):
+                fingerprint = as_enrolled
             await conn.execute("INSERT INTO otp_credentials (fingerprint) VALUES ($1) ON CONFLICT DO NOTHING",
                                fingerprint)
             await conn.execute(

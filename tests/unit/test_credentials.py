@@ -5,10 +5,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 
 import pytest
 
-from replayguard.core.credentials import api_token_digest, digest, nonce_digest, otp_digest, secret_fingerprint
+from replayguard.core.credentials import (
+    api_token_digest,
+    digest,
+    hmac_key,
+    nonce_digest,
+    otp_digest,
+    secret_fingerprint,
+)
 
 PEPPER = bytes(range(32))
 
@@ -89,3 +97,24 @@ def test_a_secret_base32_cannot_hold_is_fingerprinted_as_its_text() -> None:
     differs from every decodable secret's fingerprint under the same scope."""
     odd = secret_fingerprint(PEPPER, "totp", "SHA1", 30, "ABC")
     assert odd == hmac.digest(PEPPER, b"otp-credential\x00totp:SHA1:30\x00ABC", "sha256")
+
+
+@pytest.mark.parametrize("algorithm", ["SHA1", "SHA256", "SHA512"])
+def test_hmac_key_is_the_same_exactly_when_hmac_is(algorithm: str) -> None:
+    """Differential against hmac itself: for keys padded with zero bytes, longer than the
+    block and their hashes, and unrelated keys, two secrets give the same MAC exactly when
+    ``hmac_key`` names one key, and exactly then share a fingerprint."""
+    block = {"SHA1": 64, "SHA256": 64, "SHA512": 128}[algorithm]
+    name = algorithm.lower()
+    base, long = os.urandom(20), os.urandom(block + 7)
+    hashed = hashlib.new(name, long).digest()
+    keys = [base, base + b"\x00", base + b"\x00" * 12, os.urandom(20), long, hashed, hashed + b"\x00" * 3,
+            b"\x00" * 5 + base, os.urandom(block)]
+    message = os.urandom(8)
+    for a in keys:
+        for b in keys:
+            same_mac = hmac.new(a, message, name).digest() == hmac.new(b, message, name).digest()
+            assert same_mac == (hmac_key(algorithm, a) == hmac_key(algorithm, b)), (a.hex(), b.hex())
+            fingerprints = {secret_fingerprint(PEPPER, "hotp", algorithm, 30, base64.b32encode(k).decode())
+                            for k in (a, b)}
+            assert (len(fingerprints) == 1) == same_mac, (a.hex(), b.hex())
