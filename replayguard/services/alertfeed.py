@@ -73,7 +73,8 @@ ALERT_LOG_LEVELS = {"critical": "error", "warning": "warning"}  # severity: leve
 
 
 _SINK_FEED_INIT = ("INSERT INTO sink_feed VALUES (true, (SELECT coalesce(max(change_seq), 0) FROM alerts),"
-                   " (SELECT coalesce(max(seq), 0) FROM checkpoints)) ON CONFLICT DO NOTHING")
+                   " (SELECT coalesce(max(seq), 0) FROM checkpoints WHERE seq <= (SELECT seq FROM ledger_head)))"
+                   " ON CONFLICT DO NOTHING")
 
 
 _SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = $2"

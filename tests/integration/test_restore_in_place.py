@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
+from replayguard.pg import schema
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, cli_env, run_cli
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
@@ -161,6 +162,36 @@ async def test_checkpoint_rows_not_ours_do_not_reach_the_sinks_nor_hold_them_bac
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
     await until(lambda: max(sunk()) > head + 3, "a checkpoint signed after the planted rows in the sink", timeout=30)
     assert 10**12 not in sunk() and head + 1 not in sunk()
+
+
+async def test_a_checkpoint_row_not_ours_before_the_first_start_does_not_hold_the_sinks_back(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """A checkpoint row of another key far past the head, planted before the service first
+    started: the sinks' position starts at the head's checkpoints, not past the row, so the
+    service's own checkpoints reach them."""
+    target = tmp_path / "sink" / "records.jsonl"
+    dsn = await fresh_database()
+    await schema.migrate_dsn(dsn)
+    forged = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), int(time.time() * 1e6))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                           forged.seq, forged.hash, forged.ts_us, forged.key_id, forged.signature)
+    finally:
+        await conn.close()
+    api = await api_factory(database_url=Secret(dsn), checkpoint_every=3, sinks=(f"file:{target}",))
+    for _ in range(4):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+
+    def sunk() -> list[int]:
+        try:
+            return [record["seq"] for record in map(orjson.loads, target.read_bytes().splitlines())
+                    if record.get("type") == "checkpoint"]
+        except OSError:
+            return []
+
+    await until(sunk, "a checkpoint of the service in the file sink", timeout=30)
+    assert 10**12 not in sunk()
 
 
 async def head_of(dsn: str) -> int:
