@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import socket
 from collections import deque
@@ -124,7 +123,15 @@ class _Lane:
         while self._memory and self._memory[0].end <= cursor:
             self._memory.popleft()
         if self._memory and self._memory[0].start == cursor:
-            return list(itertools.islice(self._memory, self._opt.batch_size))
+            # Only the run that follows on from the cursor: records submitted while memory
+            # was full went to the spool alone, and memory resumes after them with a gap.
+            batch: list[_Entry] = []
+            for entry in self._memory:
+                if entry.start != cursor or len(batch) == self._opt.batch_size:
+                    break
+                batch.append(entry)
+                cursor = entry.end
+            return batch
         while self.spool.cursor < self.spool.end:
             lines = await asyncio.to_thread(self.spool.read, self.spool.cursor, self.spool.end,
                                             self._opt.batch_size)  # fmt: skip

@@ -33,6 +33,7 @@ from replayguard.sinks import (
     parse_sink_spec,
     webhook_signature_headers,
 )
+from replayguard.sinks import dispatcher as dispatcher_module
 from replayguard.sinks.outbox import Spool
 from tests.waiting import until
 
@@ -631,3 +632,48 @@ def _open_and_commit(directory: str, name: str) -> int:
     spool.commit(spool.cursor)
     spool.close()
     return backlog
+
+
+class _GatedSink:
+    """A sink whose sends each wait for a permit until it is opened."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.received: list[str] = []
+        self.permits: asyncio.Queue[None] = asyncio.Queue()
+        self.open = False
+
+    async def send(self, records: Any) -> None:
+        ids = [str(r["id"]) for r in records]
+        self.calls.append(ids)
+        if not self.open:
+            await self.permits.get()
+        self.received.extend(ids)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_records_spooled_past_a_full_memory_queue_are_delivered_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory holds 5 records, batches are 2: al-5..al-9 go to the spool alone, then al-10,
+    submitted while the backlog drains, to memory again. Every record is delivered once, in
+    order (a batch from memory ran from al-4 straight to al-10, and al-5..al-9 were lost)."""
+    sink = _GatedSink()
+    monkeypatch.setattr(dispatcher_module, "build_sink", lambda config, **kw: sink)
+    dispatcher = SinkDispatcher([parse_sink_spec(f"file:{tmp_path / 'unused.jsonl'}", name="lane")],
+                                spool_dir=tmp_path / "spool", memory_limit=5, batch_size=2)
+    await dispatcher.start()
+    try:
+        for i in range(10):
+            dispatcher.submit(alert(i))
+        await until(lambda: len(sink.calls) == 1, "the first batch sent")
+        sink.permits.put_nowait(None)
+        await until(lambda: len(sink.calls) == 2, "the second batch sent")
+        dispatcher.submit(alert(10))
+        sink.open = True
+        sink.permits.put_nowait(None)
+        await until(lambda: len(sink.received) >= 11, "eleven records delivered")
+        assert sink.received == [f"al-{i}" for i in range(11)], sink.calls
+    finally:
+        await dispatcher.stop(timeout=1)
