@@ -9,21 +9,25 @@ import inspect
 import multiprocessing
 import os
 import re
+import secrets
 import socket
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from replayguard.core.ledger_check import Finding, Problem
 from replayguard.core.signatures import verify_signature
 from replayguard.errors import ConfigError
+from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret
 from replayguard.sinks import (
     Backoff,
@@ -35,7 +39,8 @@ from replayguard.sinks import (
 )
 from replayguard.sinks import dispatcher as dispatcher_module
 from replayguard.sinks.outbox import Spool
-from tests.waiting import until
+from tests.conftest import uid
+from tests.waiting import blocked_by, until
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
 SYSLOG_RE = re.compile(rb"^<(\d+)>1 (\S+) (\S+) replayguard (\d+) (alert|checkpoint) - (CEF:0\|.*)$")
@@ -677,3 +682,47 @@ async def test_records_spooled_past_a_full_memory_queue_are_delivered_in_order(
         assert sink.received == [f"al-{i}" for i in range(11)], sink.calls
     finally:
         await dispatcher.stop(timeout=1)
+
+
+async def test_an_alert_change_numbered_before_another_reaches_the_sinks_though_it_commits_later(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """A replayed nonce's decision takes alert change N and is held before its commit (a
+    lock on the ledger, as a slow commit); a ledger_tamper alert is written meanwhile. It
+    waits for the decision's head lock and takes N+1 after it: both reach the sink. (It
+    committed N+1 first, the feeder moved its position past N, and the reuse alert never
+    reached any sink.)"""
+    out = tmp_path / "siem" / "alerts.jsonl"
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), sinks=(f"file:{out}",), statement_timeout_ms=60_000)
+    feed = api.client.app[ANALYSTS].feed
+    await until(lambda: feed.leader, "the instance to lead the feed", timeout=20)
+
+    def sunk() -> list[str]:
+        return [orjson.loads(line).get("alert_id") for line in out.read_bytes().splitlines()] if out.exists() else []
+
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": secrets.token_hex(16)}
+    assert (await api.post("/v1/nonces/consume", body))[1]["decision"] == "accept"
+    blocker, monitor = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE ledger IN SHARE MODE")
+            replay = asyncio.create_task(api.post("/v1/nonces/consume", body))
+            [decision] = await blocked_by(monitor, blocker.get_server_pid())
+            ledger = api.client.app[ANALYSTS].ledger
+            tamper = asyncio.create_task(ledger.raise_tamper_alert(Finding(1, Problem.MODIFIED, "a test"),
+                                                                   api.runtime.now_us()))
+
+            async def tamper_waits_or_sunk() -> bool:
+                if tamper.done():
+                    return str(tamper.result()) in sunk()
+                return bool(await monitor.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", decision))
+
+            await until(tamper_waits_or_sunk, "the tamper alert waiting for the decision, or in the sink")
+        status, second = await replay
+        tamper_id = await tamper
+    finally:
+        await blocker.close()
+        await monitor.close()
+    assert (status, second["reason"]) == (200, "reused"), second
+    await until(lambda: {second["alert_id"], str(tamper_id)} <= set(sunk()), "both alerts in the sink", timeout=30)
