@@ -59,8 +59,11 @@ def _context(raw: dict[str, Any], received_us: int) -> windows.EventContext:
 def _facts(event: GenericEvent, ctx: windows.EventContext) -> dict[str, int]:
     """The facts a later event will need: a snapshot's creation time, a clone's split."""
     if event.type is EventType.SNAPSHOT_CREATED:
+        # No time in the event: the snapshot may be older than the event's arrival by any
+        # amount, so it is recorded as the earliest (a revert to it covers every earlier
+        # use; a window may widen, never narrow).
         taken = event.snapshot_created_at or event.occurred_at
-        return {"snapshot_us": ctx.received_us if taken is None else windows.to_us(taken)}
+        return {"snapshot_us": 0 if taken is None else windows.to_us(taken)}
     if event.type is EventType.VM_CLONED:
         return {"split_us": windows.clone_split(event, ctx)}
     return {}

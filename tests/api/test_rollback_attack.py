@@ -253,3 +253,25 @@ async def test_a_replay_after_a_revert_event_is_named_with_redis_configured(api_
     assert (await login(api, vm_id, principal, code))["reason"] == "reused"
     await event(api, vm_id, "snapshot.reverted", snapshot_id="s")
     assert (await login(api, vm_id, principal, code))["reason"] == "replay_after_rollback"
+
+
+async def test_late_snapshot_created_without_time_does_not_narrow_the_window(api: Api) -> None:
+    """A snapshot taken at base, whose event carries no time and arrives at base+20; a login
+    at base+10; a revert to that snapshot at base+25, with no snapshot time either: the
+    replay of the login's code is replay_after_rollback (the snapshot was recorded at its
+    event's arrival, after the login, and the window missed it)."""
+    vm_id = uid("vm")
+    principal, totp = await alice(api)
+    api.clock.advance(10)
+    code = totp.at(api.clock.now)
+    assert (await login(api, vm_id, principal, code))["decision"] == "accept"
+    api.clock.advance(10)  # the snapshot.created arrives now, late, with no time in it
+    created = {"event_id": uid("evt"), "type": "snapshot.created", "vm_id": vm_id, "snapshot_id": "s1"}
+    assert (await api.post("/v1/hypervisor/events", created, role="hypervisor"))[0] == 202
+    api.clock.advance(5)
+    revert = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm_id, "snapshot_id": "s1",
+              "occurred_at": api.clock.now}
+    assert (await api.post("/v1/hypervisor/events", revert, role="hypervisor"))[0] == 202
+    api.clock.advance(2)
+    replay = await login(api, vm_id, principal, code)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
