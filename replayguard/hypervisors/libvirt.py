@@ -15,7 +15,8 @@ one JSON object per observation::
       "detail": 3,                          # vir*DetailType of 'event' } kind=lifecycle
       "occurred_at": "2026-11-29T10:05:00Z",  # RFC 3339, when the relay saw it, required
       "snapshot": {"name": "pre-patch",     # identifier
-                   "creation_time": 1796032800} | null,   # Unix seconds (<creationTime>)
+                   "creation_time": 1796032800 | null} | null,   # Unix seconds (<creationTime>;
+                                            # null: the relay could not read it)
       "kind": "lifecycle"                   # optional, default "lifecycle"; or
                                             # "snapshot_created" | "snapshot_deleted" |
                                             # "silent_revert"
@@ -175,15 +176,18 @@ def _lifecycle_type(pair: tuple[int, int]) -> EventType:
     return mapped
 
 
-def _snapshot(body: dict[str, object], *, required: bool) -> tuple[str, datetime] | None:
-    """(name, creation time) of the snapshot the relay reported, if any."""
+def _snapshot(body: dict[str, object], *, required: bool) -> tuple[str, datetime | None] | None:
+    """(name, creation time) of the snapshot the relay reported, if any. A null creation
+    time is one the relay could not read: the state's time is unknown, which the windows
+    read as every earlier use."""
     snap = c.optional_mapping(body, "snapshot", c.ROOT)
     if snap is None:
         if required:
             raise MalformedPayload("snapshot is required for this kind", "snapshot")
         return None
     name = c.identifier(snap, "name", "snapshot")
-    created = c.unix_time(c.field(snap, "creation_time", "snapshot"), "snapshot.creation_time")
+    raw = snap.get("creation_time")
+    created = None if raw is None else c.unix_time(raw, "snapshot.creation_time")
     return name, created
 
 

@@ -132,11 +132,12 @@ async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: 
         if task.forwarded:
             record = await build_record(task, tasks, lookup, cluster)
             if task.upid.type == "qmclone" and "target_vmid" not in record:
+                # Not in the cursor: the next poll asks PVE again (its API may have been away).
                 log.warning("proxmox_clone_target_unknown", upid=task.upid.text)
-            else:
-                outbox.put_bytes(task.upid.text, orjson.dumps(record))
-                spooled += 1
-                log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
+                continue
+            outbox.put_bytes(task.upid.text, orjson.dumps(record))
+            spooled += 1
+            log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
         cursor.add(task)
     cursor.prune((t.upid.text for t in tasks), before=int(now) - retention_s)
     return spooled, cursor

@@ -12,6 +12,7 @@ import pytest
 
 from replayguard.core.windows import to_us
 from replayguard.hypervisors import PARSERS
+from replayguard.relay.libvirt_events import Kind, SnapshotRef, event_body
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, uid
 
@@ -186,6 +187,24 @@ async def test_native_libvirt_window_uses_snapshot_time(api_factory: Callable[..
     assert (await api.post("/v1/hypervisor/events?source=libvirt", payload, role="hypervisor"))[0] == 202
     assert await windows_of(api, vm_id) == [
         (us("2026-11-29T10:00:00Z"), us("2026-11-29T10:05:00Z"), "snapshot.reverted")]
+
+
+@pytest.mark.parametrize("kind", ["lifecycle", "silent_revert"])
+async def test_a_libvirt_revert_to_a_snapshot_of_unread_creation_time_opens_a_window_from_ever(
+        api: Api, kind: str) -> None:
+    """The relay sends ``creation_time: null`` for a snapshot whose ``<creationTime>`` it could
+    not read: a revert to it (STARTED/FROM_SNAPSHOT, or the poller's silent_revert) is taken,
+    with its state's time unknown, so its window covers every earlier use (it was a 400, and
+    the relay parked the revert in dead/)."""
+    body = event_body(event_id=uid("hv-03"), uri="qemu:///system", host="hv-03",
+                      domain=(vm_id := uid("dom"), "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"),
+                      kind=Kind.LIFECYCLE if kind == "lifecycle" else Kind.SILENT_REVERT,
+                      event=2 if kind == "lifecycle" else -1, detail=3 if kind == "lifecycle" else -1,
+                      occurred_at=api.clock.now - 5, snapshot=SnapshotRef("pre-patch", None))
+    status, answer = await api.post("/v1/hypervisor/events?source=libvirt", body, role="hypervisor")
+    assert status == 202, answer
+    [(start, _, cause)] = await windows_of(api, vm_id)
+    assert (start, cause) == (None, "snapshot.reverted")
 
 
 @pytest.mark.parametrize(("source", "name"), [

@@ -241,8 +241,10 @@ async def test_poll_once_spools_then_advances_the_cursor(tmp_path: Path) -> None
     assert sorted(b["upid"] for b in bodies) == sorted(upid(*k) for k in EXPECTED)
 
 
-async def test_clone_with_unknown_target_is_not_spooled(tmp_path: Path) -> None:
-    """A clone whose new VM cannot be found is logged and skipped, not parked as malformed."""
+async def test_clone_with_unknown_target_is_not_spooled_until_pve_answers(tmp_path: Path) -> None:
+    """A clone whose new VM cannot be found (PVE's task log away) is logged and skipped, not
+    parked as malformed, and stays due: the next poll, with PVE answering, spools it (it
+    entered the cursor, and its window on the source VM was never opened)."""
 
     class Blind(RecordedLookup):
         async def task_log(self, node: str, upid_text: str) -> object | None:
@@ -252,6 +254,9 @@ async def test_clone_with_unknown_target_is_not_spooled(tmp_path: Path) -> None:
     await poll_once(LISTING, state_dir=tmp_path, outbox=outbox, lookup=Blind(), cluster=None,
                     now=T0, retention_s=86400)
     assert upid("qmclone", "101") not in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
+    await poll_once(LISTING, state_dir=tmp_path, outbox=outbox, lookup=RecordedLookup(), cluster=None,
+                    now=T0 + 10, retention_s=86400)
+    assert upid("qmclone", "101") in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
 
 
 # ---------------------------------------------------------------- configuration
