@@ -13,5 +13,5 @@ CREATE TABLE continuity_findings (
     seq      bigint NOT NULL,  -- the entry the process knew committed
     hash     bytea,            -- its hash, when the process knew it
     head_seq bigint NOT NULL,  -- the ledger's head when it was found
-    process  text   NOT NULL   -- host and pid of the process that found it
+    process  text   COLLATE "C" NOT NULL  -- host and pid of the process that found it
 );
