@@ -79,6 +79,7 @@ EVENTS_PATH = "/v1/hypervisor/events?source=libvirt"
 STATE_FILE = "poll-state.json"
 
 log = structlog.get_logger("replayguard.relay.libvirt")
+SPOOL_RETRY_S = 1.0  # a lifecycle event's spool write that failed is tried again after this
 
 
 # ---------------------------------------------------------------- delivery
@@ -115,19 +116,27 @@ async def _lifecycle_worker(relay: RelayState, watcher: Watcher) -> None:
     while True:
         p = await relay.lifecycle.get()
         snap = watcher.current_snapshot(p.dom) if is_from_snapshot(p.event, p.detail) else None
-        relay.spool_event(
-            event_body(
-                event_id=p.event_id,
-                uri=cfg.uri,
-                host=cfg.host,
-                domain=(p.dom.name(), p.dom.UUIDString()),
-                kind=Kind.LIFECYCLE,
-                event=p.event,
-                detail=p.detail,
-                occurred_at=p.occurred_at,
-                snapshot=snap,
-            )
+        body = event_body(
+            event_id=p.event_id,
+            uri=cfg.uri,
+            host=cfg.host,
+            domain=(p.dom.name(), p.dom.UUIDString()),
+            kind=Kind.LIFECYCLE,
+            event=p.event,
+            detail=p.detail,
+            occurred_at=p.occurred_at,
+            snapshot=snap,
         )
+        # This event lives only here (libvirt does not send it again, and a revert to the
+        # current snapshot leaves nothing for the poller to see): a spool write that fails
+        # (a full disk) is tried again until it succeeds, never given up.
+        while True:
+            try:
+                relay.spool_event(body)
+                break
+            except OSError as exc:
+                log.error("event_spool_failed", event_id=p.event_id, error=str(exc), retry_in_s=SPOOL_RETRY_S)
+                await asyncio.sleep(SPOOL_RETRY_S)
 
 
 async def _poll_forever(relay: RelayState, watcher: Watcher) -> None:
