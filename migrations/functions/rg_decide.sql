@@ -258,8 +258,12 @@ BEGIN
                         ORDER BY u.first_seq DESC LIMIT 1;
                     v_digest := coalesce(v_use.digest, decode(it.step_digests->>(
                         (SELECT max(s) FROM unnest(it.steps) s)::text), 'hex'));
-                    IF v_use.digest IS NULL AND v_floor IS NOT NULL THEN
-                        v_reason := 'invalid';  -- a code for a time the host already left behind
+                    -- A code for a time the host already left behind is invalid, unless its
+                    -- credential accepted a later step: then it is an older code, reused.
+                    IF v_use.digest IS NULL AND v_floor IS NOT NULL AND NOT EXISTS (
+                            SELECT 1 FROM otp_credentials c WHERE c.fingerprint = decode(it.credential, 'hex')
+                              AND c.last_counter >= (SELECT max(s) FROM unnest(it.steps) s)) THEN
+                        v_reason := 'invalid';
                         v_calert := v_galert;
                     END IF;
                 END IF;

@@ -10,7 +10,7 @@ import binascii
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -77,8 +77,12 @@ def _parse_rfc3339(text: str, name: str) -> datetime:
         digits = re.match(r"\d+", rest)
         assert digits is not None  # noqa: S101 - narrows the type for mypy; the regex above guarantees fraction digits
         normalised = head + "." + digits.group(0)[:6].ljust(6, "0") + rest[len(digits.group(0)):]
+    # RFC 3339 §5.6 allows a leap second (:60), which datetime does not: the moment after :59.
+    leap = normalised[17:19] == "60"
+    if leap:
+        normalised = normalised[:17] + "59" + normalised[19:]
     try:
-        moment = datetime.fromisoformat(normalised).astimezone(UTC)
+        moment = datetime.fromisoformat(normalised).astimezone(UTC) + timedelta(seconds=1 if leap else 0)
     except (ValueError, OverflowError):  # OverflowError: in range locally, not in UTC
         raise InvalidRequest(f"{name} is not a valid time", field=name) from None
     if moment.year < 1970:  # the upper bound, 9999, is datetime's own

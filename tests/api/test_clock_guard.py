@@ -107,9 +107,28 @@ async def test_a_long_period_code_accepted_ahead_does_not_refuse_shorter_periods
     assert (answer["decision"], answer["reason"], answer.get("alert_id")) == ("accept", "ok", None), answer
     assert (await verify(api, carol, ahead))["reason"] == "reused"
     clock.advance(-3600)
-    refused = await verify(api, carol, carol_totp.at(clock.now))
-    assert (refused["decision"], refused["reason"]) == ("reject", "invalid")
+    refused = await verify(api, carol, carol_totp.at(clock.now))  # older than her accepted step
+    assert (refused["decision"], refused["reason"]) == ("reject", "reused")
     status, alert = await api.get(f"/v1/alerts/{refused['alert_id']}")
     assert (status, alert["kind"]) == (200, "clock_regression")
     status, report = await api.get("/v1/ledger/verify")
     assert status == 200 and report["ok"] is True, report  # the state check expects the host's time
+
+
+async def test_an_older_code_still_valid_after_the_clock_went_back_is_reused(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """After the host clock steps back 90 s, alice's code for the new current step is valid by
+    the drift window and older than the step she had accepted: reused (CONTRACT §4), not
+    invalid, with the clock_regression alert; bob, who accepted nothing, gets invalid."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()))
+    alice, alice_totp = await enroll(api)
+    bob, bob_totp = await enroll(api)
+    assert (await verify(api, alice, alice_totp.at(clock.now)))["decision"] == "accept"
+    clock.advance(-90)
+    older = await verify(api, alice, alice_totp.at(clock.now))
+    assert (older["decision"], older["reason"]) == ("reject", "reused"), older
+    _, alert = await api.get(f"/v1/alerts/{older['alert_id']}")
+    assert alert["kind"] == "clock_regression"
+    assert (await verify(api, bob, bob_totp.at(clock.now)))["reason"] == "invalid"

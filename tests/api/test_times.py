@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from replayguard.core.timefmt import rfc3339_us
+from replayguard.core.validation import parse_time
 from tests.conftest import Api, uid
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
@@ -46,6 +47,19 @@ async def test_times_outside_1970_to_9999_are_400(api: Api, value: Any) -> None:
         assert (status, body["error"]["field"]) == (400, field)
     status, body = await api.get(f"/v1/alerts?since={value}")
     assert (status, body["error"]["field"]) == (400, "since")
+
+
+async def test_a_leap_second_is_a_time_and_the_moment_after_the_59th(api: Api) -> None:
+    """RFC 3339 §5.6 allows second 60: a nonce issued at 23:59:60Z is taken (it was a 400), as
+    the next second, and 9999-12-31T23:59:60Z, past the range, is a 400 naming the field."""
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "t", "nonce": uid("n"),
+                                                          "issued_at": "2016-12-31T23:59:60Z", "ttl_s": 60})
+    assert status == 200 and body["reason"] == "expired", body
+    assert parse_time("2016-12-31T23:59:60Z", "t") == datetime(2017, 1, 1, tzinfo=UTC)
+    assert parse_time("2016-12-31T23:59:60.5+00:00", "t") == datetime(2017, 1, 1, 0, 0, 0, 500_000, tzinfo=UTC)
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "t", "nonce": uid("n"),
+                                                          "issued_at": "9999-12-31T23:59:60Z"})
+    assert (status, body["error"]["field"]) == (400, "issued_at")
 
 
 def _times(value: Any, key: str = "") -> list[tuple[str, str]]:
