@@ -16,7 +16,8 @@ Choices, each a row of tests/unit/test_windows.py:
   to come from the future is clamped to its arrival.
 - A T later than R contradicts itself (clocks disagree); it is treated as unknown.
 - A clone carries its source's state, so its window is on the source; a revert of a clone
-  to a state older than the clone also puts the ancestors' uses since then at risk.
+  to a state older than the clone also puts the ancestors' uses since then at risk, and so
+  does a window the clone already had when the event naming its source arrives late.
 
 Pure: no I/O, no clock; times are integers of microseconds since the Unix epoch.
 """
@@ -124,6 +125,32 @@ def windows_for(event: GenericEvent, ctx: EventContext) -> tuple[Window, ...]:
     for ancestor in ctx.ancestors:
         if start is None or start <= ancestor.split_us:
             found.append(Window(ancestor.vm_id, start, min(ancestor.split_us, end), cause + ":lineage"))
+    return tuple(found)
+
+
+def _lineage(cause: str) -> str:
+    return cause if cause.endswith(":lineage") else cause + ":lineage"
+
+
+def carried_to_source(event: GenericEvent, ctx: EventContext, clone_windows: Sequence[Window]) -> tuple[Window, ...]:
+    """The windows a clone already had when the event naming its source arrives (events come
+    late and out of order): each that reaches back to the clone's split or before puts the
+    source's uses since its start at risk, up to the split, and its ancestors' as a revert
+    of the clone would (``windows_for``). Empty for any other event."""
+    source = rolled_back_vm(event) if event.type is EventType.VM_CLONED else None
+    if source is None:
+        return ()
+    split = clone_split(event, ctx)
+    found: list[Window] = []
+    for window in clone_windows:
+        if window.start_us is not None and window.start_us > split:
+            continue
+        end = min(split, window.end_us)
+        found.append(Window(source, window.start_us, end, _lineage(window.cause)))
+        for ancestor in ctx.ancestors:
+            if window.start_us is None or window.start_us <= ancestor.split_us:
+                found.append(Window(ancestor.vm_id, window.start_us, min(ancestor.split_us, end),
+                                    _lineage(window.cause)))
     return tuple(found)
 
 

@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
+_CLONE_WINDOWS = "SELECT start_us, end_us, cause FROM rollback_windows WHERE vm_id = $1 ORDER BY id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,10 @@ class EventService:
             return Ingested(event.event_id, True, int(existing["seq"]))
         ctx = _context(raw, received_us)
         opened = windows.windows_for(event, ctx)
+        if event.type is EventType.VM_CLONED:  # read under the head lock rg_event_context took
+            rows = await conn.fetch(_CLONE_WINDOWS, event.vm_id)
+            opened += windows.carried_to_source(event, ctx, [
+                windows.Window(event.vm_id, r["start_us"], r["end_us"], r["cause"]) for r in rows])
         record = {**event_input.to_record(event), "source": source}
         row = await conn.fetchrow(_INGEST, received_us, record, digest,
                                   [_window_json(w) for w in opened], _facts(event, ctx))

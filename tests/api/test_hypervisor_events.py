@@ -14,6 +14,7 @@ from replayguard.core.windows import to_us
 from replayguard.hypervisors import PARSERS
 from replayguard.relay.libvirt_events import Kind, SnapshotRef, event_body
 from replayguard.settings import Secret
+from tests.api.test_rollback_attack import alice, login
 from tests.conftest import Api, FakeClock, uid
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "hypervisors"
@@ -301,3 +302,55 @@ async def test_clear_unknown_vm_is_404_and_note_is_required(api: Api) -> None:
     for body in ({}, {"note": ""}, {"note": 5}, {"note": "a\x07b"}):
         status, answer = await api.post(f"/v1/vms/{vm_id}/clear", body, role="admin")
         assert status == 400 and answer["error"]["field"] == "note"
+
+
+async def _post_event(api: Api, body: dict[str, Any]) -> None:
+    status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
+    assert status == 202 and answer["duplicate"] is False, answer
+
+
+@pytest.mark.parametrize("order", ["clone_then_revert", "revert_then_clone"])
+async def test_replay_of_parent_use_after_revert_of_clone(api: Api, order: str) -> None:
+    """Parent P uses a code at base+10; clone C of P carries P's state of base+20; C is then
+    reverted to a state of base (older than the clone). The code replayed is
+    replay_after_rollback whatever order the two events arrive in (with the revert first, the
+    clone event did not look at the window C already had, and the replay was reused)."""
+    parent, child = uid("vmP"), uid("vmC")
+    principal, totp = await alice(api)
+    base = api.clock.now
+    api.clock.advance(10)
+    code = totp.at(api.clock.now)
+    first = await login(api, parent, principal, code)
+    assert first["decision"] == "accept"
+    api.clock.advance(15)  # base + 25
+    clone = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": child, "source_vm_id": parent,
+             "snapshot_created_at": base + 20, "occurred_at": base + 20}
+    revert = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": child, "snapshot_id": "old",
+              "snapshot_created_at": base, "occurred_at": base + 24}
+    for body in ([clone, revert] if order == "clone_then_revert" else [revert, clone]):
+        await _post_event(api, body)
+    replay = await login(api, uid("vmX"), principal, code)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), order
+
+
+@pytest.mark.parametrize("order", ["parent_clone_first", "grandchild_clone_first"])
+async def test_clone_of_a_clone_reaches_the_grandparent_in_any_order(api: Api, order: str) -> None:
+    """C1 is cloned from P with P's state of base+20; C2 is cloned from C1 with a snapshot of
+    C1 taken at base (older than C1's split, so P's state of base). A code P used at
+    base+10 is not in C2's state: replayed, it is replay_after_rollback, whichever of the
+    two clone events arrives first (with C2's first, C1's did not carry C2's window up to P)."""
+    parent, c1, c2 = uid("vmP"), uid("vmC1"), uid("vmC2")
+    principal, totp = await alice(api)
+    base = api.clock.now
+    api.clock.advance(10)
+    code = totp.at(api.clock.now)
+    assert (await login(api, parent, principal, code))["decision"] == "accept"
+    api.clock.advance(15)
+    clone1 = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": c1, "source_vm_id": parent,
+              "snapshot_created_at": base + 20, "occurred_at": base + 20}
+    clone2 = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": c2, "source_vm_id": c1,
+              "snapshot_created_at": base, "occurred_at": base + 24}
+    for body in ([clone1, clone2] if order == "parent_clone_first" else [clone2, clone1]):
+        await _post_event(api, body)
+    replay = await login(api, uid("vmX"), principal, code)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), order

@@ -13,6 +13,7 @@ from replayguard.core.windows import (
     Use,
     Window,
     at_risk,
+    carried_to_source,
     clone_split,
     report_time,
     state_time,
@@ -149,3 +150,25 @@ def test_to_us_is_exact() -> None:
 def test_clone_split(case: str, evt: GenericEvent, context: EventContext, split: float) -> None:
     """A clone's line splits from its source at the clone's state time, else at the clone's report time."""
     assert clone_split(evt, context) == us(split), case
+
+
+def test_a_clone_event_carries_the_windows_the_clone_already_had_to_its_source() -> None:
+    """vm.cloned of clone-1 from web-01 with web-01's state of 100 s, arriving after windows
+    were opened on clone-1: one starting at 20 (or unknown) reaches back before the split and
+    opens web-01's window up to the split, and its ancestor's where it reaches back before
+    that split too; one starting after the split opens nothing; a lineage cause is not
+    repeated; any other event carries nothing."""
+    clone = event(EventType.VM_CLONED, created=100, occurred=100, vm="clone-1", source="web-01")
+    context = ctx(received=400, ancestors=(Ancestor("golden", us(50)),))
+    had = [Window("clone-1", us(20), us(300), "snapshot.reverted"), Window("clone-1", None, us(250), "receipt"),
+           Window("clone-1", us(150), us(300), "vm.restored"),
+           Window("clone-1", us(60), us(90), "vm.cloned:lineage")]
+    got = [(w.vm_id, None if w.start_us is None else (w.start_us - T0) / S, (w.end_us - T0) / S, w.cause)
+           for w in carried_to_source(clone, context, had)]
+    assert got == [
+        ("web-01", 20, 100, "snapshot.reverted:lineage"), ("golden", 20, 50, "snapshot.reverted:lineage"),
+        ("web-01", None, 100, "receipt:lineage"), ("golden", None, 50, "receipt:lineage"),
+        ("web-01", 60, 90, "vm.cloned:lineage"),
+    ]
+    assert carried_to_source(event(vm="clone-1"), context, had) == ()
+
