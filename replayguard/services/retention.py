@@ -6,9 +6,9 @@ second presentation is classified (``reused`` or ``replay_after_rollback``); it 
 for an OTP, its credential's high-water mark (``otp_credentials``, never purged); for a
 nonce, its digest, moved in the same statement to ``spent_nonces`` (32 bytes of key and
 the accepting entry's ``seq``, kept for good), since a later presentation may claim any
-``ttl_s`` or ``issued_at``. The
-``uses`` table stays bounded by the validity windows; ``spent_nonces`` grows by one small
-row per consumed nonce (README, "Nonces", has the measured size). The ledger itself is
+``ttl_s`` or ``issued_at``. The ``uses`` table stays bounded by the validity windows;
+``spent_nonces`` grows by one small row per consumed nonce (README, "Nonces", has the
+measured size). The ledger itself is
 never purged: it is the evidence. Each purge also raises ``retention_mark`` to the time it
 purged up to, so ``ledger verify`` tells an expired use purged from one deleted.
 """
