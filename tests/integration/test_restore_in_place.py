@@ -35,6 +35,34 @@ async def ready(api: Api) -> bool:
     return (await api.client.get("/readyz")).status == 200
 
 
+async def plant(dsn: str, *checkpoints: cps.Checkpoint) -> None:
+    """What someone with database rights does: rows written into ``checkpoints`` directly."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for cp in checkpoints:
+            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
+                               cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
+    finally:
+        await conn.close()
+
+
+async def head_of(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT seq FROM ledger_head"))
+    finally:
+        await conn.close()
+
+
+def sunk_checkpoints(path: Path) -> list[int]:
+    """The seqs of the checkpoint records a file sink holds."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return []
+    return [record["seq"] for record in map(orjson.loads, lines) if record.get("type") == "checkpoint"]
+
+
 async def after_next_check(api: Api) -> None:
     """Returns once this instance's guard finished another periodic check."""
     runs = api.runtime.continuity.background.runs
@@ -100,20 +128,10 @@ async def test_a_checkpoint_row_not_ours_past_the_head_does_not_stop_the_witness
     for _ in range(6):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
     await until(lambda: witness_seq(witness) >= 1, "the witness to hold a checkpoint", timeout=30)
-    forged = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us())
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
-                           forged.seq, forged.hash, forged.ts_us, forged.key_id, forged.signature)
-    finally:
-        await conn.close()
+    await plant(dsn, cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us()))
     copy = await snapshot(dsn)
     scratch_dbs.append(copy)
-    conn = await asyncpg.connect(copy)
-    try:
-        copy_head = await conn.fetchval("SELECT seq FROM ledger_head")
-    finally:
-        await conn.close()
+    copy_head = await head_of(copy)
     lost = secrets.token_hex(8)
     assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
     for _ in range(12):
@@ -137,31 +155,18 @@ async def test_checkpoint_rows_not_ours_do_not_reach_the_sinks_nor_hold_them_bac
     target = tmp_path / "sink" / "records.jsonl"
     dsn = await fresh_database()
     api = await api_factory(database_url=Secret(dsn), checkpoint_every=3, sinks=(f"file:{target}",))
-
-    def sunk() -> list[int]:
-        try:
-            lines = target.read_bytes().splitlines()
-        except OSError:
-            return []
-        return [record["seq"] for record in map(orjson.loads, lines) if record.get("type") == "checkpoint"]
-
     for _ in range(4):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    await until(sunk, "a checkpoint in the file sink", timeout=30)
-    conn = await asyncpg.connect(dsn)
-    try:
-        head = await conn.fetchval("SELECT seq FROM ledger_head")
-        foreign = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us())
-        ours = api.runtime.continuity.deployment_id  # the key id of the service's checkpoints
-        for cp in (foreign, cps.Checkpoint(head + 1, secrets.token_bytes(32), foreign.ts_us, ours, bytes(64))):
-            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
-                               cp.seq, cp.hash, cp.ts_us, cp.key_id, cp.signature)
-    finally:
-        await conn.close()
+    await until(lambda: sunk_checkpoints(target), "a checkpoint in the file sink", timeout=30)
+    head = await head_of(dsn)
+    foreign = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us())
+    ours = api.runtime.continuity.deployment_id  # the key id of the service's checkpoints
+    await plant(dsn, foreign, cps.Checkpoint(head + 1, secrets.token_bytes(32), foreign.ts_us, ours, bytes(64)))
     for _ in range(8):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    await until(lambda: max(sunk()) > head + 3, "a checkpoint signed after the planted rows in the sink", timeout=30)
-    assert 10**12 not in sunk() and head + 1 not in sunk()
+    await until(lambda: max(sunk_checkpoints(target)) > head + 3,
+                "a checkpoint signed after the planted rows in the sink", timeout=30)
+    assert 10**12 not in sunk_checkpoints(target) and head + 1 not in sunk_checkpoints(target)
 
 
 async def test_a_checkpoint_row_not_ours_before_the_first_start_does_not_hold_the_sinks_back(
@@ -172,34 +177,12 @@ async def test_a_checkpoint_row_not_ours_before_the_first_start_does_not_hold_th
     target = tmp_path / "sink" / "records.jsonl"
     dsn = await fresh_database()
     await schema.migrate_dsn(dsn)
-    forged = cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), int(time.time() * 1e6))
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)",
-                           forged.seq, forged.hash, forged.ts_us, forged.key_id, forged.signature)
-    finally:
-        await conn.close()
+    await plant(dsn, cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), int(time.time() * 1e6)))
     api = await api_factory(database_url=Secret(dsn), checkpoint_every=3, sinks=(f"file:{target}",))
     for _ in range(4):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-
-    def sunk() -> list[int]:
-        try:
-            return [record["seq"] for record in map(orjson.loads, target.read_bytes().splitlines())
-                    if record.get("type") == "checkpoint"]
-        except OSError:
-            return []
-
-    await until(sunk, "a checkpoint of the service in the file sink", timeout=30)
-    assert 10**12 not in sunk()
-
-
-async def head_of(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT seq FROM ledger_head"))
-    finally:
-        await conn.close()
+    await until(lambda: sunk_checkpoints(target), "a checkpoint of the service in the file sink", timeout=30)
+    assert 10**12 not in sunk_checkpoints(target)
 
 
 @pytest.mark.parametrize("offset_s", [0, -600, 600],
