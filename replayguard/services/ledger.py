@@ -212,8 +212,7 @@ class LedgerService:
             last = None
         if not _due(head["seq"], last, now_us, every, interval_us):
             return None
-        trusted = last is not None
-        start_seq, start_hash = (last["seq"], bytes(last["hash"])) if trusted else (0, GENESIS)
+        start_seq, start_hash = (last["seq"], bytes(last["hash"])) if last is not None else (0, GENESIS)
         # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
         chain = await self._check_chain(conn, start_seq, start_hash, head["seq"], bytes(head["hash"]))
         if chain.finding is not None:
