@@ -42,7 +42,8 @@ async def _closed_to_sessions(admin: asyncpg.Connection, name: str, statement: s
 
 
 async def snapshot(dsn: str) -> str:
-    """A copy of the database as it is now; returns the copy's DSN."""
+    """A copy of the database as it is now; returns the copy's DSN (for the test's scratch
+    list: ``restore`` moves it under the original name)."""
     copy = f"rg_copy_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(PG_ADMIN)
     try:
@@ -52,17 +53,18 @@ async def snapshot(dsn: str) -> str:
     return dsn_for(copy)
 
 
-async def restore(dsn: str, copy: str) -> str:
-    """Puts ``copy`` in place of ``dsn``'s database (same name, so the same URL); returns
-    the DSN the replaced database now has."""
+async def restore(dsn: str, copy: str, scratch: list[str]) -> None:
+    """Puts ``copy`` in place of ``dsn``'s database (same name, so the same URL). In
+    ``scratch`` (the databases the test drops), the replaced database takes the copy's place."""
     gone = f"rg_gone_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(PG_ADMIN)
     try:
         await _closed_to_sessions(admin, _name(dsn), f'ALTER DATABASE "{_name(dsn)}" RENAME TO "{gone}"')
+        scratch.append(dsn_for(gone))
         await admin.execute(f'ALTER DATABASE "{_name(copy)}" RENAME TO "{_name(dsn)}"')
+        scratch.remove(copy)
     finally:
         await admin.close()
-    return dsn_for(gone)
 
 
 @pytest_asyncio.fixture

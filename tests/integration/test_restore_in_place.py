@@ -83,14 +83,13 @@ async def test_a_replay_in_flight_with_the_decision_that_reveals_the_restore_is_
     api = await api_factory(database_url=Secret(dsn), **QUIET)
     for _ in range(3):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    scratch_dbs.append(await snapshot(dsn))
+    scratch_dbs.append(copy := await snapshot(dsn))
     await until(lambda: ready(api), "the service to be ready again", timeout=15)
     lost = secrets.token_hex(8)
     status, body = await settled(lambda: nonce(api, lost))
     assert (status, body["decision"]) == (200, "accept"), body
     await after_next_check(api)
-    scratch_dbs.append(await restore(dsn, scratch_dbs[0]))
-    scratch_dbs.remove(scratch_dbs[0])
+    await restore(dsn, copy, scratch_dbs)
 
     holder, monitor = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
     try:
@@ -132,8 +131,7 @@ async def test_a_checkpoint_row_not_ours_past_the_head_does_not_stop_the_witness
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
     await until(lambda: witness_seq(witness) >= 1, "the witness to hold a checkpoint", timeout=CHECKPOINT_WAIT_S)
     await plant(dsn, cps.sign(Ed25519PrivateKey.generate(), 10**12, secrets.token_bytes(32), api.runtime.now_us()))
-    copy = await snapshot(dsn)
-    scratch_dbs.append(copy)
+    scratch_dbs.append(copy := await snapshot(dsn))
     copy_head = await head_of(copy)
     lost = secrets.token_hex(8)
     assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
@@ -142,8 +140,7 @@ async def test_a_checkpoint_row_not_ours_past_the_head_does_not_stop_the_witness
     await until(lambda: witness_seq(witness) > copy_head, "the witness to pass the copy's head",
                 timeout=CHECKPOINT_WAIT_S)
     await api.client.close()
-    scratch_dbs.remove(copy)
-    scratch_dbs.append(await restore(dsn, copy))
+    await restore(dsn, copy, scratch_dbs)
 
     restarted = await api_factory(database_url=Secret(dsn), **settings)
     status, body = await settled(lambda: nonce(restarted, lost))
@@ -210,7 +207,7 @@ async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
     api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
     for _ in range(3):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    first = await snapshot(dsn)
+    scratch_dbs.append(first := await snapshot(dsn))
     first_head = await head_of(first)
     for _ in range(30):
         assert (await settled(lambda: nonce(api, secrets.token_hex(8))))[1]["decision"] == "accept"
@@ -218,7 +215,7 @@ async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
                 timeout=CHECKPOINT_WAIT_S)
     await api.client.close()
 
-    scratch_dbs.append(await restore(dsn, first))
+    await restore(dsn, first, scratch_dbs)
     api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
     status, body = await settled(lambda: nonce(api, secrets.token_hex(8)))
     assert status == 503 and body["error"]["code"] == "ledger_rollback", body
@@ -229,8 +226,7 @@ async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
     await until(lambda: ready(api), "decisions served again after the recovery", timeout=30)
 
     token = await api.enroll("hotp-after-recovery", type="hotp")
-    second = await snapshot(dsn)
-    scratch_dbs.append(second)
+    scratch_dbs.append(second := await snapshot(dsn))
     second_head = await head_of(second)
     code = {"vm_id": "vm-1", "principal": "hotp-after-recovery", "otp": pyotp.HOTP(token["secret"]).at(0)}
     status, body = await settled(lambda: api.post("/v1/otp/verify", code))
@@ -241,8 +237,7 @@ async def test_a_recovery_and_a_later_restore_whatever_the_two_clocks_say(
                 timeout=CHECKPOINT_WAIT_S)
     await api.client.close()
 
-    scratch_dbs.remove(second)
-    scratch_dbs.append(await restore(dsn, second))
+    await restore(dsn, second, scratch_dbs)
     api = await api_factory(clock=clock, database_url=Secret(dsn), **settings)
     status, body = await settled(lambda: api.post("/v1/otp/verify", code))
     assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
@@ -266,14 +261,14 @@ async def test_a_restore_another_instance_decided_past_stops_every_instance(
     b = await api_factory(database_url=Secret(dsn), **QUIET)
     for _ in range(3):
         assert (await nonce(a, secrets.token_hex(8)))[1]["decision"] == "accept"
-    copy = await snapshot(dsn)
+    scratch_dbs.append(copy := await snapshot(dsn))
     for instance in (a, b):
         await until(lambda instance=instance: ready(instance), "the instance ready again", timeout=15)
     await after_next_check(b)
     lost = secrets.token_hex(8)
     status, body = await settled(lambda: nonce(a, lost))
     assert (status, body["decision"]) == (200, "accept"), body
-    scratch_dbs.append(await restore(dsn, copy))
+    await restore(dsn, copy, scratch_dbs)
 
     await settled(lambda: nonce(b, secrets.token_hex(8)))  # B decides on the restored ledger
     for instance in (a, b):
@@ -304,10 +299,10 @@ async def test_a_rollback_only_the_running_process_saw_is_kept_and_can_be_recove
     api = await api_factory(database_url=Secret(dsn), **settings)
     for _ in range(3):
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    copy = await snapshot(dsn)
+    scratch_dbs.append(copy := await snapshot(dsn))
     lost = secrets.token_hex(8)
     assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
-    scratch_dbs.append(await restore(dsn, copy))
+    await restore(dsn, copy, scratch_dbs)
     assert await _rollback_answer(api)
     await after_next_check(api)  # the finding is written
     await api.client.close()
