@@ -5,13 +5,14 @@ Every check names the field at fault, so a client error is always a 4xx with ``f
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import pyotp
 
 from ..errors import InvalidRequest
 from .receipts import MAX_LENGTH as MAX_RECEIPT
@@ -27,11 +28,11 @@ _BASE32 = re.compile(r"[A-Z2-7]+=*")
 
 
 def _decodes(secret: str) -> bool:
-    """Whether base32 can have this text, padded as pyotp pads it before decoding (a length
-    of 1, 3 or 6 characters past a multiple of 8, or too much padding, cannot)."""
+    """Whether pyotp, which computes the codes, can decode the secret (a length of 1, 3 or
+    6 characters past a multiple of 8, or too much padding, it cannot)."""
     try:
-        base64.b32decode(secret + "=" * (-len(secret) % 8))
-    except binascii.Error:
+        pyotp.HOTP(secret).byte_secret()
+    except (binascii.Error, ValueError):
         return False
     return True
 
