@@ -36,7 +36,7 @@ from ..keys import Keys
 
 log = structlog.get_logger(__name__)
 
-_CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
+CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +187,13 @@ class LedgerService:
         async with acquire(self._pool) as conn:
             # A session lock, not a transaction's: no transaction stays open (and idle, past
             # idle_in_transaction_session_timeout) while a child process checks a long chain.
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _CHECKPOINT_LOCK):
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", CHECKPOINT_LOCK):
                 return None
             try:
                 result = await self._checkpoint_locked(conn, now_us, every, interval_us)
             finally:
                 with contextlib.suppress(*UNAVAILABLE_ERRORS):  # a lost session lost its lock too
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _CHECKPOINT_LOCK)
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CHECKPOINT_LOCK)
         if isinstance(result, Checkpoint):
             log.info("checkpoint_signed", seq=result.seq)
         return result

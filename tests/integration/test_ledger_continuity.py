@@ -15,6 +15,7 @@ import orjson
 import pyotp
 import pytest_asyncio
 
+from replayguard.services.ledger import CHECKPOINT_LOCK
 from replayguard.settings import Secret
 from tests.conftest import PG_ADMIN, Api, FakeClock, cli_env, drop_database, dsn_for, run_cli
 from tests.integration.test_ledger_verify import ledger_of, verify, wait_for_checkpoint
@@ -36,14 +37,19 @@ async def readyz(api: Api) -> tuple[int, Any]:
     return resp.status, await resp.json()
 
 
-async def cut_tail(dsn: str, keep: int) -> None:
-    """What a superuser can do: delete the entries past ``keep`` and move the head back."""
+async def cut_tail(dsn: str, keep: int, *, checkpoints_too: bool = False) -> None:
+    """What a superuser can do: delete the entries past ``keep`` (and, with ``checkpoints_too``,
+    the checkpoints past it) and move the head back. It holds the checkpointer's lock while it
+    cuts, so a checkpoint signed over the old head lands before the cut, never after it."""
     conn = await asyncpg.connect(dsn)
     try:
+        await conn.execute("SELECT pg_advisory_lock($1)", CHECKPOINT_LOCK)
         await conn.execute("ALTER TABLE ledger DISABLE TRIGGER ledger_append_only")
         await conn.execute("DELETE FROM ledger WHERE seq > $1", keep)
         await conn.execute("UPDATE ledger_head SET seq = $1, hash = (SELECT hash FROM ledger WHERE seq = $1)", keep)
         await conn.execute("ALTER TABLE ledger ENABLE TRIGGER ledger_append_only")
+        if checkpoints_too:
+            await conn.execute("DELETE FROM checkpoints WHERE seq > $1", keep)
     finally:
         await conn.close()
 
@@ -104,12 +110,7 @@ async def test_a_head_rewound_under_a_witness_is_ok_false(
     api, dsn = await ledger_of(api_factory, fresh_database, 20, checkpoint_every=5, witnesses=(f"file:{witness}",))
     await wait_for_checkpoint(api, covering=15)
     await until(lambda: _held_at_least(witness, 15), "the witness to hold a checkpoint at 15", timeout=30)
-    await cut_tail(dsn, 12)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("DELETE FROM checkpoints WHERE seq > 12")
-    finally:
-        await conn.close()
+    await cut_tail(dsn, 12, checkpoints_too=True)
     report = await verify(api)
     assert report["ok"] is False and report["problem"] == "ledger_rollback" and report["first_bad_seq"] == 13, report
     status, body = await nonce(api, secrets.token_hex(8))
