@@ -1,13 +1,15 @@
 -- What the service needs to compute an event's windows, read under the head lock so it
--- cannot change before rg_ingest_event writes: an earlier event of the same id, the
+-- cannot change before rg_ingest_event writes: an earlier event of the same VM and id, the
 -- creation times of the snapshot, and the lineage of the rolled-back VM (nearest first).
-CREATE OR REPLACE FUNCTION rg_event_context(p_event_id text, p_snap_vm text, p_snapshot_id text, p_vm text)
+DROP FUNCTION IF EXISTS rg_event_context(text, text, text, text);
+CREATE OR REPLACE FUNCTION rg_event_context(p_event_vm text, p_event_id text, p_snap_vm text, p_snapshot_id text,
+                                            p_vm text)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM ledger_head WHERE id FOR UPDATE;
     RETURN jsonb_build_object(
         'existing', (SELECT jsonb_build_object('digest', encode(body_digest, 'hex'), 'seq', seq)
-                     FROM hypervisor_events WHERE event_id = p_event_id),
+                     FROM hypervisor_events WHERE vm_id = p_event_vm AND event_id = p_event_id),
         'snapshots', coalesce((SELECT jsonb_agg(created_us) FROM vm_snapshots
                                WHERE vm_id = p_snap_vm AND snapshot_id = p_snapshot_id), '[]'::jsonb),
         'ancestors', coalesce((

@@ -166,7 +166,7 @@ _ENTRIES = ("SELECT * FROM (SELECT l.* FROM alert_entries e JOIN ledger l ON l.s
             " WHERE e.alert_id = $1 ORDER BY e.seq DESC LIMIT $2) x ORDER BY seq")
 _WINDOWS = ("SELECT * FROM rollback_windows WHERE id = $1"
             " OR seq IN (SELECT seq FROM alert_entries WHERE alert_id = $2) ORDER BY id LIMIT 20")
-_EVENTS = ("SELECT * FROM hypervisor_events WHERE event_id = ANY($1::text[])"
+_EVENTS = ("SELECT * FROM hypervisor_events WHERE seq = ANY($1::bigint[])"
            " OR (vm_id = $2 AND received_us BETWEEN $3 AND $4) ORDER BY seq LIMIT $5")
 
 
@@ -207,11 +207,11 @@ class AlertService:
 
     async def _events(self, conn: asyncpg.Connection, windows: list[asyncpg.Record]) -> list[dict[str, Any]]:
         """Events named by the windows, and every event of the window's VM inside it."""
-        found: dict[str, dict[str, Any]] = {}
-        named = [w["event_id"] for w in windows if w["event_id"] is not None]
+        found: dict[int, dict[str, Any]] = {}
+        named = [w["seq"] for w in windows if w["event_id"] is not None]  # an event's window: its entry
         for w in windows:
             for e in await conn.fetch(_EVENTS, named, w["vm_id"], w["start_us"] or 0, w["end_us"], MAX_EVENTS):
-                found.setdefault(e["event_id"], _event(e))
+                found.setdefault(e["seq"], _event(e))
         return sorted(found.values(), key=lambda e: e["seq"])[:MAX_EVENTS]
 
     async def acknowledge(self, alert_id: int, caller: Caller, note: str | None, now_us: int) -> dict[str, Any]:

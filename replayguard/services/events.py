@@ -2,8 +2,9 @@
 
 One call ingests the events of one request (a generic event, or the few a native payload
 became) in one transaction. For each: the ledger head lock is taken and what the ledger
-knows is read (``rg_event_context``); an event id seen before is a duplicate when the body
-digest matches and a ``Conflict`` when it does not; otherwise the pure core computes the
+knows is read (``rg_event_context``); an event id seen before for the same VM is a duplicate
+when the body digest matches and a ``Conflict`` when it does not (ids are per VM, so a token
+bound to some VMs cannot take another VM's); otherwise the pure core computes the
 windows and ``rg_ingest_event`` records everything and reclassifies the replays the new
 windows explain. After the commit, the other instances are told (through Redis, when
 configured) which alerts the new windows reclassified.
@@ -27,7 +28,7 @@ from .apitokens import Caller
 
 log = structlog.get_logger(__name__)
 
-_CONTEXT = "SELECT rg_event_context($1, $2, $3, $4)"
+_CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
 _CLONE_WINDOWS = "SELECT start_us, end_us, cause FROM rollback_windows WHERE vm_id = $1 ORDER BY id"
@@ -102,7 +103,7 @@ class EventService:
     async def _one(self, conn: asyncpg.Connection, event: GenericEvent, source: str,
                    received_us: int) -> Ingested:
         snap_vm = windows.rolled_back_vm(event) or event.vm_id
-        raw = await conn.fetchval(_CONTEXT, event.event_id, snap_vm, event.snapshot_id or "", snap_vm)
+        raw = await conn.fetchval(_CONTEXT, event.vm_id, event.event_id, snap_vm, event.snapshot_id or "", snap_vm)
         digest = event_input.body_digest(event)
         existing = raw["existing"]
         if existing is not None:

@@ -136,6 +136,38 @@ async def test_events_for_other_vms_are_forbidden(api: Api) -> None:
                                    [other["event_id"], clone["event_id"]]) == 0
 
 
+async def test_a_bound_token_cannot_take_another_vms_event_id(api: Api) -> None:
+    """A token bound to att-* reports its own VM under the id the victim's relay will use next:
+    the victim's revert is still recorded (202, not a duplicate, not 409), opens its window, and
+    the victim's credential replayed after it is replay_after_rollback; the alert shows the
+    victim's event. The same id for the same VM with another body stays a conflict."""
+    victim, attacker = uid("web"), uid("att")
+    squat = uid("evt")
+    headers = await bound_token(api, "hypervisor", "att-*")
+    taken = {"event_id": squat, "type": "vm.started", "vm_id": attacker, "occurred_at": api.clock.now}
+    assert (await post(api, "/v1/hypervisor/events", taken, headers))[0] == 202
+    snapshot_at = api.clock.now
+    api.clock.advance(5)
+    used = nonce(victim)
+    status, first = await api.post("/v1/nonces/consume", used)
+    assert (status, first["decision"]) == (200, "accept"), first
+    api.clock.advance(5)
+    revert = {"event_id": squat, "type": "snapshot.reverted", "vm_id": victim, "snapshot_id": "pre",
+              "snapshot_created_at": snapshot_at, "occurred_at": api.clock.now}
+    assert await api.post("/v1/hypervisor/events", revert, role="hypervisor") == (
+        202, {"accepted": True, "duplicate": False, "events": 1})
+    status, replay = await api.post("/v1/nonces/consume", used)
+    assert (status, replay["decision"], replay["reason"]) == (200, "reject", "replay_after_rollback"), replay
+    status, detail = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200, detail
+    assert [(e["event_id"], e["vm_id"]) for e in detail["hypervisor_events"]] == [(squat, victim)], detail
+    again = {**revert, "snapshot_id": "other"}
+    status, body = await api.post("/v1/hypervisor/events", again, role="hypervisor")
+    assert (status, body["error"]["code"]) == (409, "conflict"), body
+    assert await api.post("/v1/hypervisor/events", taken, role="hypervisor") == (
+        202, {"accepted": True, "duplicate": True, "events": 1})
+
+
 async def test_cli_binds_tokens_lists_bindings_and_refuses_duplicate_names(api: Api) -> None:
     """`token create --vm` (repeatable) binds, `token list` shows the
     patterns, a second active token of one name exits 2 with one line."""
