@@ -40,7 +40,7 @@ class DecideItem(NamedTuple):
     credential: str | None = None  # hex of the secret's fingerprint (otp_credentials)
     steps: tuple[int, ...] = ()  # time steps or counters the code matched
     step_digests: Mapping[int, bytes] = _NO_DIGESTS  # the use digest of each step
-    # a TOTP: the host clock guard (rg_clock_floor)
+    # a TOTP: the host clock guard (clock_guard, in rg_decide)
     period_s: int | None = None
     drift_steps: int | None = None
     clock_scope: str | None = None

@@ -132,7 +132,7 @@ class DecisionService:
             "token_id": token.id, "credential": token.credential, "steps": match.counters,
             "step_digests": {c: otp_digest(self._keys.pepper, token.credential, c) for c in match.counters},
             "expires_us": now_us + self._config.use_retention_s * 1_000_000}
-        if token.type == "totp":  # the host clock guard (rg_clock_floor)
+        if token.type == "totp":  # the host clock guard (clock_guard, in rg_decide)
             fields.update(period_s=token.period, drift_steps=self._config.drift_steps, clock_scope=self._clock_scope)
         return fields
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -107,7 +108,11 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
                "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
                "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
         output = tmp_path / "run.out"
-        with output.open("wb") as out, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO) as proc:
+        scratch = tmp_path / "tmp"  # the run's work directory (kept, with its logs) goes under pytest's
+        scratch.mkdir()
+        env = {**os.environ, "TMPDIR": str(scratch)}
+        with output.open("wb") as out, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                                        env=env) as proc:
             try:
                 deadline = time.monotonic() + 120
                 while not (wrk := _children(proc.pid, "wrk")):  # the measurement has begun
