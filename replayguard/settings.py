@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.asyncio.connection import parse_url as redis_url_options
+
 from .errors import ConfigError
 
 ENV_PREFIX = "REPLAYGUARD_"
@@ -221,6 +223,10 @@ def _validate(s: Settings) -> None:
             _check_url(spec, ("http", "https"), "witnesses")
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
+        try:  # its query options, as the client will read them (the message names the option, never the URL)
+            redis_url_options(s.redis_url.reveal())
+        except ValueError as exc:
+            raise ConfigError(f"redis_url: {exc}") from None
     _check_sinks(s)
 
 

@@ -88,7 +88,7 @@ async def _catch_up(request: web.Request, resp: web.StreamResponse, last: int) -
     """Sends every change after ``last`` from the database; returns the changes sent."""
     sent: set[int] = set()
     while True:
-        records = await _svc(request).alerts.changes(last, [], PAGE)
+        records = await _svc(request).alerts.changes(last, PAGE)
         for record in records:
             await _send(resp, _frame(record["change_seq"], render(record)))
             sent.add(record["change_seq"])

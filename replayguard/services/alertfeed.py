@@ -42,7 +42,6 @@ from typing import Any
 
 import asyncpg
 import structlog
-from redis.exceptions import RedisError
 
 from ..core import checkpoints as cps
 from ..core.checkpoints import Checkpoint
@@ -127,7 +126,6 @@ class AlertFeed:
         self._max = max_subscribers
         self.subscribers: set[Subscriber] = set()
         self._wake = asyncio.Event()
-        self._notified: set[int] = set()
         self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._logged: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._pos: int | None = None
@@ -255,14 +253,15 @@ class AlertFeed:
 
     async def _redis_wakeups(self, fanout: AlertFanout) -> None:
         """With Redis configured, instances wake each other through its pub/sub (every
-        decision, event and acknowledgement that changes an alert publishes the id); a
-        lost message, or Redis down, costs at most the POLL_S poll, never an alert."""
+        decision, event and acknowledgement that changes an alert publishes); a lost
+        message, or Redis down, costs at most the POLL_S poll, never an alert. A message
+        only wakes the tail, which reads what changed from PostgreSQL: what it says is
+        anyone's who can write to Redis."""
         while not self._stopping:
             try:
-                async for alert_id in fanout.alert_ids():
-                    self._notified.add(alert_id)
+                async for _ in fanout.wakeups():
                     self._wake.set()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a broken server makes redis-py raise anything
                 log.warning("alert_feed_redis_interrupted", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
 
@@ -273,9 +272,7 @@ class AlertFeed:
         if conn is self._listen_conn:  # lost under the session: no more changes are heard
             self._rt.tokens.listening(False)
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        if payload.isascii() and payload.isdigit():
-            self._notified.add(int(payload))
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
 
     async def _session(self, conn: asyncpg.Connection) -> None:
@@ -307,10 +304,11 @@ class AlertFeed:
     # --- live fan-out ---------------------------------------------------------------
 
     async def _tail(self, conn: asyncpg.Connection) -> None:
-        """Publishes every change after the last one seen (and any just notified)."""
+        """Publishes every change after the last one seen. Changes commit in change_seq
+        order (rg_alert_changed numbers them under the ledger head lock), so none is
+        committed below the position once a later one was read."""
         while True:
-            ids, self._notified = sorted(self._notified), set()
-            records = await self._alerts.changes(self._pos or 0, ids, PAGE, conn)
+            records = await self._alerts.changes(self._pos or 0, PAGE, conn)
             for record in records:
                 key = (record["id"], record["change_seq"])
                 if key in self._recent:
@@ -411,7 +409,7 @@ class AlertFeed:
         async with acquire(self._rt.pool) as conn:
             await conn.execute(_SINK_FEED_INIT)
             pos = await conn.fetchrow("SELECT alert_change_seq, checkpoint_seq FROM sink_feed")
-            alerts = await self._alerts.changes(pos["alert_change_seq"], [], PAGE)
+            alerts = await self._alerts.changes(pos["alert_change_seq"], PAGE)
             # Only this deployment's signed checkpoints, up to the head: a row of another key,
             # or one that does not verify, is not evidence (the position moves past it), and
             # none past the head, where no checkpoint of ours can be, may move the position

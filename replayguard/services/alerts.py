@@ -232,18 +232,16 @@ class AlertService:
             await conn.execute("SELECT pg_notify('replayguard_alerts', $1)", str(alert_id))
         return {**render(record), "ack_seq": seq}
 
-    async def changes(self, after: int, ids: list[int], limit: int,
-                      conn: asyncpg.Connection | None = None) -> list[asyncpg.Record]:
-        """Alerts changed after ``after`` (the SSE/sink feed), plus the ones just notified.
+    async def changes(self, after: int, limit: int, conn: asyncpg.Connection | None = None) -> list[asyncpg.Record]:
+        """Alerts changed after ``after`` (the SSE/sink feed), in change order.
 
         The alert feed passes the connection it keeps, sparing a pool round trip per read.
         """
-        query = (f"SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 OR id = ANY($2::bigint[])"  # noqa: S608 - fixed column list; values go as $n parameters
-                 " ORDER BY change_seq LIMIT $3")
+        query = f"SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"  # noqa: S608 - fixed column list; values go as $n parameters
         if conn is not None:
-            return list(await conn.fetch(query, after, ids, limit))
+            return list(await conn.fetch(query, after, limit))
         async with acquire(self._pool) as pooled:
-            records = await pooled.fetch(query, after, ids, limit)
+            records = await pooled.fetch(query, after, limit)
         return list(records)
 
     async def last_change(self) -> int:

@@ -105,12 +105,18 @@ class DecisionService:
 
     async def _match(self, principal: str, code: str, now: float) -> Match:
         """Matches against cached tokens first; a miss is checked against a fresh read,
-        unless one confirmed a miss of the same principal's TOTP tokens just before."""
+        unless one confirmed a miss of the same principal's TOTP tokens just before. A
+        match in a list that may have missed a change (read before the LISTEN that hears
+        them took effect, or while it was down) is checked against a fresh read too: the
+        token it names may be deleted, and the same secret enrolled again."""
         tokens, cached = await self._tokens.active(principal)
         match = self._match_code(tokens, code, now)
-        if match.counters:
+        if match.counters and (not cached or self._tokens.current(principal, tokens)):
             return match
-        if cached:
+        if match.counters:
+            tokens, _ = await self._tokens.active(principal, fresh=True)
+            match = self._match_code(tokens, code, now)
+        elif cached:
             if not self._tokens.worth_rereading(principal, tokens):
                 return match
             tokens, _ = await self._tokens.active(principal, fresh=True)

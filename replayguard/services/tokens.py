@@ -218,7 +218,7 @@ class TokenStore:
         return (since is not None and read_at >= since
                 and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
 
-    def _current(self, principal: str, tokens: list[OtpToken]) -> bool:
+    def current(self, principal: str, tokens: list[OtpToken]) -> bool:
         """Whether ``tokens`` is ``principal``'s cached list, and no change to it can have gone unheard."""
         hit = self._cache.get(principal)
         return hit is not None and hit.tokens is tokens and hit.clean and self._heard_since(hit.read_at)
@@ -295,7 +295,8 @@ class TokenStore:
         A cached list is only trusted to say which token a code matches: the ledger
         re-checks that the token is still active when it consumes the step, and a code
         that matches nothing cached is matched again against a fresh read (a token
-        enrolled through another instance, or an HOTP counter moved elsewhere).
+        enrolled through another instance, or an HOTP counter moved elsewhere). The
+        caller reads afresh before using a match in a list that is not ``current``.
         """
         hit = self._cache.get(principal)
         now = time.monotonic()
@@ -332,7 +333,7 @@ class TokenStore:
         confirmed = self._misses.get(principal)
         if confirmed is None:
             return True
-        if self._current(principal, cached):
+        if self.current(principal, cached):
             return False
         return time.monotonic() - confirmed >= MISS_RECHECK_S
 

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import cli_env, run_cli
 
 NOBODY = 65534
+PASSWORD = "hunter2-never-shown"  # in a URL of a row: no message may show it
 Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
 
 
@@ -96,6 +97,11 @@ def bad_choice(tmp: Path) -> tuple[list[str], dict[str, str]]:
     return ["--receipt-reaction", "ignore"], {}
 
 
+def redis_url_bad_option(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """A query option the Redis client cannot read (it raised only once the pool was open)."""
+    return ["--redis-url", f"redis://:{PASSWORD}@127.0.0.1:6379/5?socket_timeout=zz"], {}
+
+
 CASES: list[tuple[Setup, str]] = [
     (data_dir_is_a_file, "is not a directory"),
     (data_dir_under_proc, "cannot create data dir /proc/nope"),
@@ -110,6 +116,7 @@ CASES: list[tuple[Setup, str]] = [
     (port_not_a_number, "port has an invalid value"),
     (unknown_flag, "unrecognized arguments: --lockout-treshold"),
     (bad_choice, "receipt_reaction must be one of flag, refuse"),
+    (redis_url_bad_option, "redis_url: Invalid value for 'socket_timeout'"),
 ]
 if os.geteuid() == 0:
     CASES.append((key_of_another_user, "belongs to user nobody"))
@@ -135,4 +142,4 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path, database_url: str, c
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("replayguard: error: "), done.stderr
-    assert expected in done.stderr, done.stderr
+    assert expected in done.stderr and PASSWORD not in done.stderr, done.stderr

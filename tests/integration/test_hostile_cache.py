@@ -231,8 +231,8 @@ async def test_a_hostile_redis_gives_the_same_answers_as_no_redis(
 async def test_alert_ids_no_bigint_holds_on_the_channel_do_not_end_the_feed_session(
         api_factory: Callable[..., Any], log_buffer: io.StringIO) -> None:
     """Whoever can write to Redis publishes ids past a bigint (20 digits, 2^63, 5,000 digits,
-    which Python will not even convert) on the alert channel: each is ignored like any other
-    garbage, and the feed keeps its PostgreSQL session, so the leader keeps its lock."""
+    which Python will not even convert) on the alert channel: each only wakes the feed, which
+    reads PostgreSQL, and the feed keeps its session there, so the leader keeps its lock."""
     api: Api = await api_factory(redis_url=Secret(REDIS_URL))
     feed = api.client.app[ANALYSTS].feed
     await until(lambda: feed.leader, "the feed's leadership", timeout=30)
