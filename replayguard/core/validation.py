@@ -19,6 +19,7 @@ from .receipts import MAX_LENGTH as MAX_RECEIPT
 
 MAX_ID = 256
 MAX_NONCE = 1024
+DEFAULT_TTL_S = 300  # a nonce's ttl when the request names none (nonce_max_ttl_s if lower)
 MAX_CONTEXT_KEYS = 16
 MAX_CONTEXT_VALUE = 256
 _RFC3339 = re.compile(
@@ -195,7 +196,7 @@ def nonce_request(raw: object, max_ttl_s: int) -> NonceRequest:
         vm_id=identifier(body, "vm_id"),
         scope=identifier(body, "scope"),
         nonce=encoded,
-        ttl_s=integer(body, "ttl_s", 300, 1, max_ttl_s),
+        ttl_s=integer(body, "ttl_s", min(DEFAULT_TTL_S, max_ttl_s), 1, max_ttl_s),
         issued_at=None if issued is None else parse_time(issued, "issued_at"),
         receipt=optional_string(body, "receipt", MAX_RECEIPT),
         receipt_kept=optional_bool(body, "receipt_kept"),

@@ -73,7 +73,7 @@ NONCE_SCHEMA = {
     "type": "object", "required": ["vm_id", "scope", "nonce"],
     "properties": {
         "vm_id": _ID, "scope": _ID, "nonce": {"type": "string", "minLength": 1, "maxLength": 1024},
-        "ttl_s": {"type": "integer", "minimum": 1, "default": 300},
+        "ttl_s": {"type": "integer", "minimum": 1, "default": validation.DEFAULT_TTL_S},
         "issued_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
         "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT,
     },

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from replayguard.core.credentials import nonce_digest
 from replayguard.services.retention import purge_expired
+from replayguard.settings import Secret
 from tests.conftest import Api, uid
 
 
@@ -68,3 +70,10 @@ async def test_other_nonces_are_still_accepted_after_a_purge(api: Api) -> None:
     api.clock.advance(120)
     await purge(api, {"scope": scope, "nonce": "a"})
     assert await consume(api, {"vm_id": vm, "scope": scope, "nonce": "b"}) == ("accept", "ok")
+
+
+async def test_a_nonce_without_ttl_is_decided_when_nonce_max_ttl_is_below_the_default(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """With nonce_max_ttl_s = 60, a consume without ttl_s is decided (its ttl is 60), not a 400."""
+    api: Api = await api_factory(database_url=Secret(await fresh_database()), nonce_max_ttl_s=60)
+    assert await consume(api, {"vm_id": uid("vm"), "scope": uid("s"), "nonce": uid("n")}) == ("accept", "ok")
