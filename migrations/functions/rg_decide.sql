@@ -65,6 +65,10 @@ DECLARE
     v_new_lock bigint;
     v_rseq    bigint;
     v_floor   bigint;
+    -- Requests reach the ledger in another order than they read the clock (a token read,
+    -- a batch of another worker or instance committing first): a step behind the
+    -- high-water by this much beyond the drift is that, not the host's clock going back.
+    c_order_slack_us CONSTANT bigint := 5000000;
     v_steps   bigint[];
     v_galert  bigint;
     v_payload jsonb;
@@ -114,7 +118,8 @@ BEGIN
                 v_cg_scope := it.clock_scope;
                 SELECT high_us INTO v_cg_high FROM clock_guard WHERE scope = it.clock_scope;
             END IF;
-            IF it.ts_us / (it.period_s * 1000000) < v_cg_high / (it.period_s * 1000000) - it.drift_steps THEN
+            IF (it.ts_us + c_order_slack_us) / (it.period_s * 1000000)
+                    < v_cg_high / (it.period_s * 1000000) - it.drift_steps THEN
                 v_floor := v_cg_high;
                 v_galert := rg_alert('clock_regression', 'critical', it.vm_id, NULL, 'clock_regression:' || it.clock_scope,
                     it.ts_us, v_seq, 'The host clock is behind the highest TOTP step already accepted',

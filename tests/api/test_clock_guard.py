@@ -6,13 +6,16 @@ move the clock where no other test should follow.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pyotp
+import pytest
 
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, uid
+from tests.waiting import until
 
 
 async def verify(api: Api, principal: str, code: str) -> dict[str, Any]:
@@ -132,3 +135,36 @@ async def test_an_older_code_still_valid_after_the_clock_went_back_is_reused(
     _, alert = await api.get(f"/v1/alerts/{older['alert_id']}")
     assert alert["kind"] == "clock_regression"
     assert (await verify(api, bob, bob_totp.at(clock.now)))["reason"] == "invalid"
+
+
+async def test_a_login_decided_after_a_later_one_is_not_a_clock_regression(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With drift 0, alice's login reads the clock 1 ms before a step boundary and waits on a
+    slow token read while bob's is accepted 1 ms after it: alice's code is accepted, with no
+    clock_regression alert (the host clock only moved forward)."""
+    boundary = 1_790_000_010.0  # a multiple of 30
+    clock = FakeClock(boundary - 0.001)
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()), totp_drift_steps=0)
+    alice, alice_totp = await enroll(api)
+    bob, bob_totp = await enroll(api)
+    reader = api.runtime.tokens._reader
+    original, release, waiting = reader.read, asyncio.Event(), asyncio.Event()
+
+    async def slow_read(principal: str) -> Any:
+        if principal == alice:
+            waiting.set()
+            await release.wait()
+        return await original(principal)
+
+    monkeypatch.setattr(reader, "read", slow_read)
+    api.runtime.tokens.changed(alice)  # her list is read from PostgreSQL, slowly
+    first = asyncio.create_task(verify(api, alice, alice_totp.at(clock.now)))
+    await until(waiting.is_set, "alice's token read to start")
+    clock.now = boundary + 0.001
+    assert (await verify(api, bob, bob_totp.at(clock.now)))["decision"] == "accept"
+    release.set()
+    answer = await first
+    assert (answer["decision"], answer.get("alert_id")) == ("accept", None), answer
+    async with api.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM alerts WHERE kind = 'clock_regression'") == 0
