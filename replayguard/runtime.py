@@ -87,6 +87,9 @@ async def open_runtime(
     filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
     if filled:
         log.info("otp_credentials_backfilled", tokens=filled)
+    moved = await tokens.canonicalize_credentials()  # before any decision (migration 030)
+    if moved:
+        log.info("otp_credentials_merged", tokens=moved)
     config = DecisionConfig(drift_steps=settings.totp_drift_steps, hotp_look_ahead=settings.hotp_look_ahead,
                             use_retention_s=settings.nonce_max_ttl_s, nonce_max_ttl_s=settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,

@@ -63,8 +63,8 @@ def secret_fingerprint(pepper: bytes, otp_type: str, algorithm: str, period: int
 
 def secret_fingerprint_as_enrolled(pepper: bytes, otp_type: str, algorithm: str, period: int,
                                    secret_b32: str) -> bytes:
-    """The fingerprint of the secret's bytes as they are, which credentials enrolled before
-    ``hmac_key`` took part still carry (``TokenStore.enroll`` looks for it)."""
+    """The fingerprint of the secret's bytes as they are, which tokens enrolled before
+    ``hmac_key`` took part carry until ``TokenStore.canonicalize_credentials`` moves them."""
     return digest(pepper, "otp-credential", _scope(otp_type, algorithm, period), _decoded(secret_b32))
 
 

@@ -35,7 +35,7 @@ import asyncpg
 import pyotp
 
 from ..aio import running_loop
-from ..core.credentials import otp_digest, secret_fingerprint, secret_fingerprint_as_enrolled
+from ..core.credentials import otp_digest, secret_fingerprint
 from ..core.otp import OtpToken
 from ..core.validation import EnrollRequest
 from ..errors import NotFound, Unavailable
@@ -67,11 +67,18 @@ _READ = (f"SELECT {_COLUMNS}"
 # plan for it, where ``= ANY($1)`` is planned afresh at every call (~0.15 ms).
 _READ_ONE = (f"SELECT {_COLUMNS}"
              " WHERE t.principal = $1 AND t.deleted_at IS NULL ORDER BY t.created_at, t.id")
-# Uses recorded under a token id before migration 010, with the counter each consumed.
-_OLD_USES = ("SELECT u.digest, l.payload->>'token_id' AS token_id, (l.payload->>'counter')::bigint AS counter"
+# The OTP uses accepted by the given tokens, with the counter (or step) each consumed.
+_USES_OF_TOKENS = ("SELECT u.digest, l.payload->>'token_id' AS token_id, (l.payload->>'counter')::bigint AS counter"
              " FROM uses u JOIN ledger l ON l.seq = u.first_seq"
              " WHERE u.kind = 'otp' AND l.payload->>'token_id' = ANY($1::text[]) AND l.payload ? 'counter'"
              " ORDER BY u.first_seq")
+# A credential ($1) merged into another ($2): the greater high-water, and each use again under $2's digest.
+_MERGE_CREDENTIAL = ("INSERT INTO otp_credentials AS c SELECT $2, last_counter FROM otp_credentials"
+                     " WHERE fingerprint = $1 ON CONFLICT (fingerprint)"
+                     " DO UPDATE SET last_counter = greatest(c.last_counter, excluded.last_counter)")
+_COPY_USE = ("INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
+             " SELECT $2, kind, vm_id, subject, first_seq, first_ts_us, expires_us FROM uses WHERE digest = $1"
+             " ON CONFLICT (digest) DO NOTHING")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,16 +238,9 @@ class TokenStore:
         token_id = "otp_" + secrets.token_urlsafe(12)
         blob = _encrypt(self._keys, token_id, secret_b32)
         fingerprint = secret_fingerprint(self._keys.pepper, req.type, req.algorithm, req.period, secret_b32)
-        as_enrolled = secret_fingerprint_as_enrolled(self._keys.pepper, req.type, req.algorithm, req.period,
-                                                     secret_b32)
         payload = {"token_id": token_id, "type": req.type, "digits": req.digits,
                    "period": req.period, "algorithm": req.algorithm}
         async with acquire(self._pool) as conn, conn.transaction():
-            # The same bytes enrolled before fingerprints named the key HMAC uses: that
-            # credential is this secret's (its high-water and uses carry on).
-            if as_enrolled != fingerprint and await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM otp_credentials WHERE fingerprint = $1)", as_enrolled):
-                fingerprint = as_enrolled
             await conn.execute("INSERT INTO otp_credentials (fingerprint) VALUES ($1) ON CONFLICT DO NOTHING",
                                fingerprint)
             await conn.execute(
@@ -383,9 +383,45 @@ class TokenStore:
         self._cache.clear()
         return len(rows)
 
+    async def canonicalize_credentials(self) -> int:
+        """Moves every token enrolled before fingerprints named the key HMAC uses (migration
+        030 marked them) onto its canonical credential; returns how many tokens moved.
+
+        Runs at start, before any decision, under the ledger head lock, in one transaction.
+        The canonical credential's high-water becomes the greatest of the two, and each
+        use the old credential recorded (found through its ledger entry's token and
+        counter) is recorded again under the canonical credential's digest, beside the old
+        row, which the state check still finds under the entry's own digest. Another form
+        of the same key enrolled later then finds every code already accepted.
+        """
+        async with acquire(self._pool) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM otp_tokens WHERE NOT canonical)"):
+                return 0
+            await conn.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")
+            rows = await conn.fetch("SELECT id, type, secret_ct, period, algorithm, fingerprint FROM otp_tokens"
+                                    " WHERE NOT canonical AND fingerprint IS NOT NULL")
+            moved: dict[str, tuple[bytes, bytes]] = {}  # token id: (its fingerprint, the canonical one)
+            for r in rows:
+                secret_b32 = _decrypt(self._keys, r["id"], r["secret_ct"])
+                canonical = secret_fingerprint(self._keys.pepper, r["type"], r["algorithm"], r["period"], secret_b32)
+                if canonical != bytes(r["fingerprint"]):
+                    moved[r["id"]] = (bytes(r["fingerprint"]), canonical)
+            for old, canonical in set(moved.values()):
+                await conn.execute(_MERGE_CREDENTIAL, old, canonical)
+            for r in await conn.fetch(_USES_OF_TOKENS, list(moved)):
+                old, canonical = moved[r["token_id"]]
+                if bytes(r["digest"]) == otp_digest(self._keys.pepper, old.hex(), r["counter"]):
+                    await conn.execute(_COPY_USE, bytes(r["digest"]),
+                                       otp_digest(self._keys.pepper, canonical.hex(), r["counter"]))
+            for token_id, (_, canonical) in moved.items():
+                await conn.execute("UPDATE otp_tokens SET fingerprint = $2 WHERE id = $1", token_id, canonical)
+            await conn.execute("UPDATE otp_tokens SET canonical = true WHERE NOT canonical AND fingerprint IS NOT NULL")
+        self._cache.clear()
+        return len(moved)
+
     async def _rekey_uses(self, conn: asyncpg.Connection, credential: dict[str, bytes]) -> None:
         """Moves uses keyed by token id to the credential's key (the first use wins a clash)."""
-        for r in await conn.fetch(_OLD_USES, list(credential)):
+        for r in await conn.fetch(_USES_OF_TOKENS, list(credential)):
             new = otp_digest(self._keys.pepper, credential[r["token_id"]].hex(), r["counter"])
             clash = await conn.fetchval("SELECT first_seq FROM uses WHERE digest = $1", new)
             if clash is not None:

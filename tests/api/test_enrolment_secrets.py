@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pyotp
 import pytest
 
-from replayguard.core.credentials import secret_fingerprint, secret_fingerprint_as_enrolled
+from replayguard.core.credentials import otp_digest, secret_fingerprint, secret_fingerprint_as_enrolled
 from replayguard.core.otp import hotp_matches, totp_matches
+from replayguard.settings import Secret
 from tests.conftest import Api, uid
 
 # 27 base32 characters: the alphabet and the length (26 or more) are right, but base32 has
@@ -80,25 +82,46 @@ async def test_a_key_hmac_treats_alike_is_the_same_credential(api: Api, variant:
     assert (again["decision"], again["reason"]) == ("reject", "reused"), again
 
 
-async def test_a_secret_enrolled_under_its_bytes_fingerprint_keeps_its_credential(api: Api) -> None:
-    """A credential enrolled before fingerprints named the key HMAC uses carries the
-    fingerprint of the secret's bytes as they are: the same secret enrolled again finds it,
-    and the code it accepted stays ``reused``."""
-    secret = _b32(os.urandom(19) + b"\x00")  # a secret whose bytes end in a zero byte
-    alice, bob = uid("alice"), uid("bob")
-    enrolled = await api.enroll(alice, type="hotp", secret=secret)
-    used = pyotp.HOTP(secret).at(0)
-    assert (await _verify(api, alice, used))["decision"] == "accept"
+async def as_enrolled_before_030(api: Api, secret: str, otp_type: str = "hotp") -> None:
+    """Puts ``secret``'s credential, tokens and uses in the state a deployment from before
+    credentials named the key HMAC uses left them: keyed by the secret's bytes as they are."""
     pepper = api.runtime.keys.pepper
-    old = secret_fingerprint_as_enrolled(pepper, "hotp", "SHA1", 30, secret)
-    new = secret_fingerprint(pepper, "hotp", "SHA1", 30, secret)
+    old = secret_fingerprint_as_enrolled(pepper, otp_type, "SHA1", 30, secret)
+    new = secret_fingerprint(pepper, otp_type, "SHA1", 30, secret)
     assert old != new
-    async with api.runtime.pool.acquire() as conn:  # as an enrolment before the change left it
+    async with api.runtime.pool.acquire() as conn:
         await conn.execute("INSERT INTO otp_credentials SELECT $2, last_counter FROM otp_credentials"
                            " WHERE fingerprint = $1", new, old)
-        await conn.execute("UPDATE otp_tokens SET fingerprint = $2 WHERE fingerprint = $1", new, old)
+        await conn.execute("UPDATE otp_tokens SET fingerprint = $2, canonical = false WHERE fingerprint = $1",
+                           new, old)
         await conn.execute("DELETE FROM otp_credentials WHERE fingerprint = $1", new)
+        for counter in range(4):
+            await conn.execute("UPDATE uses SET digest = $2 WHERE digest = $1",
+                               otp_digest(pepper, new.hex(), counter), otp_digest(pepper, old.hex(), counter))
+
+
+@pytest.mark.parametrize("form", ["the same bytes", "without the zero bytes"])
+async def test_a_credential_enrolled_under_its_bytes_fingerprint_is_one_with_every_form_of_its_key(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], form: str) -> None:
+    """A credential enrolled before fingerprints named the key HMAC uses carries the
+    fingerprint of the secret's bytes as they are; after a restart, the token is deleted and
+    the same secret, or its form without the trailing zero bytes, is enrolled for another
+    principal: the code it accepted stays ``reused``, and the ledger still verifies."""
+    key = os.urandom(19).rstrip(b"\x00") + b"\x01"
+    secret = _b32(key + b"\x00" * 5)
+    again_secret = secret if form == "the same bytes" else _b32(key)
+    dsn = Secret(await fresh_database())
+    before = await api_factory(database_url=dsn)
+    alice, bob = uid("alice"), uid("bob")
+    enrolled = await before.enroll(alice, type="hotp", secret=secret)
+    used = pyotp.HOTP(secret).at(1)
+    assert (await _verify(before, alice, used))["decision"] == "accept"
+    await as_enrolled_before_030(before, secret)
+    api = await api_factory(database_url=dsn)  # the upgraded service starts
     await _delete(api, alice, enrolled["token_id"])
-    await api.enroll(bob, type="hotp", secret=secret)
+    await api.enroll(bob, type="hotp", secret=again_secret)
     again = await _verify(api, bob, used)
     assert (again["decision"], again["reason"]) == ("reject", "reused"), again
+    assert (await _verify(api, bob, pyotp.HOTP(secret).at(0)))["reason"] == "reused"  # below the high-water
+    status, report = await api.get("/v1/ledger/verify")
+    assert status == 200 and report["ok"] is True, report
