@@ -1,16 +1,23 @@
 """The PAM test harness: the shipped helper, guests' PAM stacks, a real host, stand-in servers.
 
-The fixtures built on it (`helper`, `host`, `make_guest`, `stub`) live in tests/integration/conftest.py.
+The fixtures built on it (`helper`, `host`, `refusing_host`, `make_guest`, `stub`) live in
+tests/integration/conftest.py.
 """
 
 from __future__ import annotations
 
 import glob
 import http.server
+import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,3 +152,84 @@ BAD_REPLIES = [
     (503, b'{"error":{"code":"unavailable","message":"x"}}'),
     (500, b"oops"),
 ]
+
+
+def helper_pids(helper: Path) -> list[int]:
+    """The ids of the running processes whose command line names this copy of the helper."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(helper).encode() in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+class Forwarder(http.server.ThreadingHTTPServer):
+    """A loopback HTTP forwarder to the real service that records request bodies and can hold
+    back the answer to chosen requests (after the service has decided them)."""
+
+    target: str
+    bodies: list[bytes]
+    hold: Callable[[dict[str, Any]], bool]  # the answer to a request for which this is true waits for ``release``
+    held: threading.Event
+    release: threading.Event
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ForwardingHandler(http.server.BaseHTTPRequestHandler):
+    server: Forwarder
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.bodies.append(body)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {}
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        request = urllib.request.Request(  # noqa: S310 - the test service's URL
+            self.server.target + self.path, data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - the test service's URL
+                status, data = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, data = exc.code, exc.read()
+        if isinstance(parsed, dict) and self.server.hold(parsed):
+            # The service has decided (and committed) this one; its answer waits for ``release``.
+            self.server.held.set()
+            self.server.release.wait(60)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@contextmanager
+def forwarder(target: str, hold: Callable[[dict[str, Any]], bool] = lambda body: False) -> Iterator[Forwarder]:
+    """A running Forwarder to ``target``; every held answer is released when it closes."""
+    server = Forwarder(("127.0.0.1", 0), _ForwardingHandler)
+    server.daemon_threads = True
+    server.target, server.bodies, server.hold = target, [], hold
+    server.held, server.release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()

@@ -1,5 +1,5 @@
 """The PAM helper against what else lives in the guest: other users, a hostile environment,
-broken HTTP, and a lost receipt.
+broken HTTP, a lost receipt, and the user who started it through su.
 
 The helper runs as pam_exec runs it (no PATH, PAM_* variables, password then NUL) and,
 where the service matters, under pamtester against a real `replayguard serve`. The other
@@ -8,11 +8,16 @@ user is a throwaway unprivileged account created by the test.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ from tests.integration.pam_harness import (
     GOOD_ACCEPT,
     Guest,
     Host,
+    forwarder,
+    helper_pids,
     needs_pam,
     needs_python3,
     pamtester,
@@ -313,8 +320,6 @@ async def test_a_deleted_receipt_is_flagged_receipt_missing(host: Host, make_gue
     user = uid("hana")
     totp = await host.enroll(user)
     wait_for_fresh_step()
-    import time
-
     now = time.time()
     assert pamtester(guest, user, totp.at(now - 30))
     assert pamtester(guest, user, totp.at(now))
@@ -323,3 +328,142 @@ async def test_a_deleted_receipt_is_flagged_receipt_missing(host: Host, make_gue
     log = guest.log()
     assert "receipt_missing: the host issued this VM a receipt" in log
     assert "flags=receipt_missing" in log.strip().splitlines()[-1]
+
+
+# --- the user who started the helper (su) -------------------------------------------------
+
+needs_su = pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("setpriv") is None or shutil.which("su") is None,
+    reason="needs unshare, setpriv and su (util-linux)")
+
+
+def su_login(helper: Path, config: Path, user: LocalUser, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """``su -c true USER`` run by USER (real uid theirs, su setuid root) with a wrong code, its
+    /etc/pam.d/su being the helper's auth line in a private mount namespace only."""
+    su_stack = tmp_path / "su.pam"
+    su_stack.write_text(f"auth required pam_exec.so expose_authtok quiet {helper} --config {config}\n"
+                        "auth optional pam_permit.so\naccount required pam_permit.so\n"
+                        "session required pam_permit.so\n")
+    su = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c",
+         f"mount --bind {su_stack} /etc/pam.d/su && exec setpriv --reuid={user.uid} "
+         f"--regid={user.gid} --clear-groups su -c true {user.name}"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert su.stdin is not None
+    su.stdin.write(b"000000\n")
+    su.stdin.close()
+    return su
+
+
+def end_su(su: subprocess.Popen[bytes], helper: Path) -> None:
+    """Waits for su; kills a copy of the helper still running after 10 s (a stopped one, say)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        su.wait(timeout=10)
+    for pid in helper_pids(helper):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    su.wait(timeout=30)
+
+
+@needs_pam
+@needs_python3
+@needs_su
+async def test_a_user_running_su_cannot_stop_the_helper_while_it_holds_the_receipt_lock(
+    host: Host, make_guest: Callable[..., Guest], local_user: LocalUser, helper: Path, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A user who starts the helper through su cannot SIGSTOP it while it holds the VM's receipt
+    lock, so another user's valid code still logs in."""
+    victim = uid("victim")
+    totp = await host.enroll(victim)
+    with forwarder(host.url, hold=lambda body: body.get("principal") == local_user.name) as relay:
+        guest = make_guest(relay.url, host.tokens["callout"])
+        su = su_login(helper, guest.config, local_user, tmp_path)
+        try:
+            assert relay.held.wait(30), "the su login's helper never asked the service"
+            pids = helper_pids(helper)
+            assert len(pids) == 1, pids
+            stop = local_user.run("kill", "-STOP", str(pids[0]))
+            relay.release.set()
+            wait_for_fresh_step()
+            result = run_helper(helper, guest.config, totp.now().encode() + b"\x00", PAM_USER=victim)
+            assert result.returncode == 0, (
+                f"kill -STOP by {local_user.name}: rc={stop.returncode}; victim's helper: rc={result.returncode} "
+                f"{result.stderr.decode(errors='replace').strip()}")
+        finally:
+            end_su(su, helper)
+
+
+@needs_pam
+@needs_python3
+@needs_su
+async def test_a_user_running_su_cannot_make_the_vm_look_rolled_back(
+    refusing_host: Host, make_guest: Callable[..., Guest], local_user: LocalUser, helper: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A user who SIGKILLs the helper su started for them, after the host decided, leaves no stale
+    receipt behind: the next user's valid code is accepted, with no rollback_detected."""
+    host = refusing_host
+    first, second = uid("alice"), uid("bob")
+    totp_first, totp_second = await host.enroll(first), await host.enroll(second)
+    with forwarder(host.url, hold=lambda body: body.get("principal") == local_user.name) as relay:
+        guest = make_guest(relay.url, host.tokens["callout"])
+        wait_for_fresh_step()
+        assert run_helper(helper, guest.config, totp_first.now().encode() + b"\x00", PAM_USER=first).returncode == 0
+        assert guest.receipt.exists()
+        su = su_login(helper, guest.config, local_user, tmp_path)
+        try:
+            # The host has decided the su login (and issued the VM a new receipt); the user who
+            # ran su kills the helper before it stores that receipt.
+            assert relay.held.wait(30), "the su login's helper never asked the service"
+            pids = helper_pids(helper)
+            assert len(pids) == 1, pids
+            kill = local_user.run("kill", "-KILL", str(pids[0]))
+            relay.release.set()
+        finally:
+            end_su(su, helper)
+        wait_for_fresh_step()
+        result = run_helper(helper, guest.config, totp_second.now().encode() + b"\x00", PAM_USER=second)
+        line = result.stderr.decode(errors="replace").strip()
+        assert result.returncode == 0 and "rollback_detected" not in line, (
+            f"kill -KILL by {local_user.name}: rc={kill.returncode}; next login: rc={result.returncode} {line}")
+
+
+@needs_python3
+def test_terminal_signals_do_not_interrupt_the_exchange(tmp_path: Path, helper: Path, stub: Any) -> None:
+    """SIGINT, SIGQUIT, SIGTSTP and SIGHUP (what a terminal sends its foreground group, with no
+    uid check) while the helper waits for the service neither stop nor end it: it stores the receipt."""
+    with forwarder(stub(200, GOOD_ACCEPT), hold=lambda body: True) as relay:
+        process = subprocess.Popen(
+            [str(helper), "--config", str(stub_config(tmp_path, relay.url))], stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={"PAM_USER": "alice", "PAM_SERVICE": "su", "PAM_TYPE": "auth"})
+        try:
+            assert process.stdin is not None
+            process.stdin.write(b"492039\x00")
+            process.stdin.close()
+            assert relay.held.wait(30), "the helper never asked"
+            for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGHUP):
+                process.send_signal(number)
+            time.sleep(0.2)
+            relay.release.set()
+            assert process.wait(timeout=30) == 0, process.stderr.read() if process.stderr else b""
+        finally:
+            process.kill()
+            if process.stderr:
+                process.stderr.close()
+    assert (tmp_path / "receipts" / "receipt").read_text() == "rg1.a.b\n"
+
+
+@needs_python3
+def test_a_lock_held_too_long_is_logged_as_the_lock(tmp_path: Path, helper: Path, stub: Any) -> None:
+    """When another process holds receipt.lock past the timeout, the helper gives up before its
+    alarm and its line names the lock (exit 3), not a silent service."""
+    receipts = tmp_path / "receipts"
+    receipts.mkdir(mode=0o700)
+    lock = os.open(receipts / "receipt.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_helper(helper, stub_config(tmp_path, stub(200, GOOD_ACCEPT), timeout=1), b"492039\x00")
+    finally:
+        os.close(lock)
+    assert result.returncode == 3
+    assert one_line(result.stderr) == "replayguard-pam: refused user=alice: receipt lock not obtained in time"
