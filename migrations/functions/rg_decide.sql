@@ -15,7 +15,8 @@
 --   4. appends the chained ledger row and moves the VM's receipt position.
 -- Items: replayguard/core/decide_item.py DecideItem.to_wire(), field for field:
 --   {"kind": "otp"|"nonce", "ts_us", "vm_id", "subject", "payload": {...},
---    "receipt": "absent"|"missing"|"valid"|"invalid", "receipt_vm_id", "receipt_seq", "preset_reason",
+--    "receipt": "absent"|"missing"|"valid"|"invalid", "receipt_vm_id", "receipt_seq",
+--    "receipt_request", "receipt_unanswered" (hex digests of the caller's request ids), "preset_reason",
 --    "expires_us", nonce: "digest" (hex), OTP: "token_id", "credential" (hex), "steps": [..],
 --    "step_digests": {"<step>": "<hex digest>"}, TOTP: "period_s", "drift_steps", "clock_scope"}
 --
@@ -50,6 +51,7 @@ DECLARE
     v_rc      text;
     v_vmrow   vms%ROWTYPE;
     v_vm_moved boolean;
+    v_resent  boolean;
     v_flags   text[];
     v_verdict text;
     v_reason  text;
@@ -87,8 +89,8 @@ BEGIN
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
             kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],
             step_digests jsonb, digest text, expires_us bigint, preset_reason text, receipt text,
-            receipt_vm_id text, receipt_seq bigint, payload jsonb, period_s bigint, drift_steps integer,
-            clock_scope text) LOOP
+            receipt_vm_id text, receipt_seq bigint, receipt_request text, receipt_unanswered text, payload jsonb,
+            period_s bigint, drift_steps integer, clock_scope text) LOOP
         v_seq := v_seq + 1;
         v_rc := coalesce(it.receipt, 'absent');
         v_flags := '{}';
@@ -133,7 +135,12 @@ BEGIN
                 RETURNING * INTO v_vmrow;
         END IF;
 
-        -- 1. State continuity.
+        -- 1. State continuity. The receipt presented with the request that last moved the
+        -- VM's position, sent with that request's id as unanswered: the guest never got
+        -- the answer (a timeout, a crash before storing it), not a disk gone back.
+        v_resent := v_rc = 'valid' AND it.receipt_unanswered IS NOT NULL AND it.receipt_vm_id = it.vm_id
+            AND it.receipt_seq < v_vmrow.last_receipt_seq AND it.receipt_seq = v_vmrow.receipt_request_from
+            AND decode(it.receipt_unanswered, 'hex') = v_vmrow.receipt_request;
         IF v_rc = 'invalid' THEN
             v_flags := v_flags || 'receipt_invalid'::text;
             v_alert := rg_alert('receipt_invalid', 'warning', it.vm_id, NULL, 'receipt_invalid:' || it.vm_id,
@@ -150,7 +157,7 @@ BEGIN
                 'clone:' || it.vm_id || ':' || it.receipt_vm_id, it.ts_us, v_seq,
                 'VM ' || it.vm_id || ' presented a receipt issued to VM ' || it.receipt_vm_id,
                 jsonb_build_object('source_vm_id', it.receipt_vm_id, 'receipt_seq', v_rseq));
-        ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq THEN
+        ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent THEN
             v_rseq := it.receipt_seq;
             v_flags := v_flags || 'rollback_detected'::text;
             INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
@@ -325,6 +332,9 @@ BEGIN
         IF v_floor IS NOT NULL THEN
             v_payload := v_payload || jsonb_build_object('clock_regression', true);
         END IF;
+        IF v_resent THEN
+            v_payload := v_payload || jsonb_build_object('receipt_resent', true);
+        END IF;
         -- What the state tables must hold because of this entry, for `ledger verify`
         -- (replayguard/services/state_check.py): the accepted use's row until it expires,
         -- and the lock this entry set.
@@ -352,6 +362,10 @@ BEGIN
         END IF;
         IF v_vm_moved THEN
             UPDATE vms SET last_receipt_seq = CASE WHEN v_rc = 'valid' THEN v_seq ELSE last_receipt_seq END,
+                           receipt_request = CASE WHEN v_rc = 'valid' THEN decode(it.receipt_request, 'hex')
+                                             ELSE receipt_request END,
+                           receipt_request_from = CASE WHEN v_rc = 'valid' THEN it.receipt_seq
+                                                  ELSE receipt_request_from END,
                            epoch = v_vmrow.epoch, refusing = v_vmrow.refusing,
                            refusing_reason = v_vmrow.refusing_reason,
                            receipts_seen = receipts_seen OR v_rc = 'valid'

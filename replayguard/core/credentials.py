@@ -76,6 +76,11 @@ def otp_digest(pepper: bytes, credential: str, counter: int) -> bytes:
     return digest(pepper, "otp", credential, str(counter))
 
 
+def receipt_request_digest(pepper: bytes, vm_id: str, request_id: str) -> bytes:
+    """Identity of a caller's request on a VM (``receipt_request``, ``receipt_unanswered``)."""
+    return digest(pepper, "receipt-request", vm_id, request_id)
+
+
 def nonce_digest(pepper: bytes, scope: str, nonce: bytes) -> bytes:
     return digest(pepper, "nonce", scope, nonce)
 

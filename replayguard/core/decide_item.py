@@ -20,7 +20,7 @@ _NO_DIGESTS: Mapping[int, bytes] = MappingProxyType({})
 
 class DecideItem(NamedTuple):
     """Immutable, and a NamedTuple rather than a frozen dataclass: one is built for every
-    decision, and a frozen dataclass of these 19 fields cost ~3.5 µs to build against
+    decision, and a frozen dataclass of these 21 fields cost ~3.5 µs to build against
     ~0.7 µs for this (timeit on the development machine)."""
 
     kind: str  # "otp" or "nonce"
@@ -31,6 +31,8 @@ class DecideItem(NamedTuple):
     receipt: ReceiptStatus = ReceiptStatus.ABSENT
     receipt_vm_id: str | None = None  # the VM a valid receipt names
     receipt_seq: int | None = None  # the ledger position a valid receipt names
+    receipt_request: bytes | None = None  # digest of the caller's id for this request
+    receipt_unanswered: bytes | None = None  # digest of the id of its request whose answer it never got
     preset_reason: Reason | None = None  # a refusal decided before the ledger (no_token, expired)
     expires_us: int | None = None  # when the use's details may be dropped (retention)
     # a nonce
@@ -53,6 +55,10 @@ class DecideItem(NamedTuple):
         if self.receipt_vm_id is not None:
             wire["receipt_vm_id"] = self.receipt_vm_id
             wire["receipt_seq"] = self.receipt_seq
+        if self.receipt_request is not None:
+            wire["receipt_request"] = self.receipt_request.hex()
+        if self.receipt_unanswered is not None:
+            wire["receipt_unanswered"] = self.receipt_unanswered.hex()
         if self.preset_reason is not None:
             wire["preset_reason"] = self.preset_reason.value
         if self.expires_us is not None:

@@ -19,6 +19,7 @@ from .receipts import MAX_LENGTH as MAX_RECEIPT
 
 MAX_ID = 256
 MAX_NONCE = 1024
+MIN_REQUEST_ID, MAX_REQUEST_ID = 16, 128  # a receipt_request: random enough not to be guessed
 DEFAULT_TTL_S = 300  # a nonce's ttl when the request names none (nonce_max_ttl_s if lower)
 MAX_CONTEXT_KEYS = 16
 MAX_CONTEXT_VALUE = 256
@@ -99,6 +100,19 @@ def optional_bool(body: dict[str, Any], name: str) -> bool:
     return value
 
 
+def optional_request_id(body: dict[str, Any], name: str) -> str | None:
+    """A caller's id of one of its requests (``receipt_request``, ``receipt_unanswered``):
+    16 to 128 printable ASCII characters without spaces, or absent."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not (isinstance(value, str) and MIN_REQUEST_ID <= len(value) <= MAX_REQUEST_ID and value.isascii()
+            and value.isprintable() and " " not in value):
+        raise InvalidRequest(f"{name} must be {MIN_REQUEST_ID} to {MAX_REQUEST_ID} printable ASCII characters"
+                             " without spaces", field=name)
+    return value
+
+
 def optional_string(body: dict[str, Any], name: str, max_len: int) -> str | None:
     value = body.get(name)
     if value is None:
@@ -155,6 +169,8 @@ class OtpRequest:
     receipt: str | None
     context: dict[str, str]
     receipt_kept: bool = False  # the caller keeps receipts: none sent means it lost its own
+    receipt_request: str | None = None  # this request's id, which the caller stored before sending it
+    receipt_unanswered: str | None = None  # the id of its earlier request whose answer never came
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +182,8 @@ class NonceRequest:
     issued_at: datetime | None
     receipt: str | None
     receipt_kept: bool = False
+    receipt_request: str | None = None
+    receipt_unanswered: str | None = None
 
 
 def otp_request(raw: object) -> OtpRequest:
@@ -180,6 +198,8 @@ def otp_request(raw: object) -> OtpRequest:
         receipt=optional_string(body, "receipt", MAX_RECEIPT),
         context=context(body),
         receipt_kept=optional_bool(body, "receipt_kept"),
+        receipt_request=optional_request_id(body, "receipt_request"),
+        receipt_unanswered=optional_request_id(body, "receipt_unanswered"),
     )
 
 
@@ -200,6 +220,8 @@ def nonce_request(raw: object, max_ttl_s: int) -> NonceRequest:
         issued_at=None if issued is None else parse_time(issued, "issued_at"),
         receipt=optional_string(body, "receipt", MAX_RECEIPT),
         receipt_kept=optional_bool(body, "receipt_kept"),
+        receipt_request=optional_request_id(body, "receipt_request"),
+        receipt_unanswered=optional_request_id(body, "receipt_unanswered"),
     )
 
 

@@ -48,6 +48,14 @@ _ID = {"type": "string", "minLength": 1, "maxLength": 256}
 _RECEIPT = {"type": "string", "maxLength": receipts.MAX_LENGTH}
 _RECEIPT_KEPT = {"type": "boolean", "default": False,
                  "description": "the caller keeps receipts: sending none means it lost the one it stored"}
+_REQUEST_ID = {"type": "string", "minLength": validation.MIN_REQUEST_ID, "maxLength": validation.MAX_REQUEST_ID,
+               "pattern": "^[!-~]+$"}
+_RECEIPT_REQUESTS = {
+    "receipt_request": {**_REQUEST_ID, "description": "an id the caller chose for this request and stored"
+                        " before sending it"},
+    "receipt_unanswered": {**_REQUEST_ID, "description": "the receipt_request of the caller's previous request,"
+                           " whose answer it never got (with the receipt it presented then)"},
+}
 DECISION_SCHEMA = {
     "type": "object",
     "required": ["decision", "reason", "flags", "seq", "receipt"],
@@ -64,7 +72,7 @@ OTP_SCHEMA = {
     "type": "object", "required": ["vm_id", "principal", "otp"],
     "properties": {
         "vm_id": _ID, "principal": _ID, "otp": {"type": "string", "minLength": 1, "maxLength": 64},
-        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT,
+        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT, **_RECEIPT_REQUESTS,
         "context": {"type": "object", "maxProperties": 16,
                     "additionalProperties": {"type": ["string", "number"], "maxLength": 256}},
     },
@@ -75,7 +83,7 @@ NONCE_SCHEMA = {
         "vm_id": _ID, "scope": _ID, "nonce": {"type": "string", "minLength": 1, "maxLength": 1024},
         "ttl_s": {"type": "integer", "minimum": 1, "default": validation.DEFAULT_TTL_S},
         "issued_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
-        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT,
+        "receipt": _RECEIPT, "receipt_kept": _RECEIPT_KEPT, **_RECEIPT_REQUESTS,
     },
 }
 

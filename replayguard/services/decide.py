@@ -18,7 +18,7 @@ import structlog
 
 from ..core import receipts
 from ..core.continuity import nonce_before_recovery
-from ..core.credentials import nonce_digest, otp_digest
+from ..core.credentials import nonce_digest, otp_digest, receipt_request_digest
 from ..core.decide_item import DecideItem
 from ..core.decisions import DecisionResult, Reason, Verdict
 from ..core.nonces import nonce_expired, nonce_expiry_us
@@ -45,11 +45,17 @@ class DecisionConfig:
     nonce_max_ttl_s: int
 
 
-def _receipt_fields(check: ReceiptCheck) -> dict[str, Any]:
-    """The DecideItem fields that carry what the receipt check found."""
-    if check.claims is None:
-        return {"receipt": check.status}
-    return {"receipt": check.status, "receipt_vm_id": check.claims.vm_id, "receipt_seq": check.claims.seq}
+def _receipt_fields(check: ReceiptCheck, pepper: bytes, req: OtpRequest | NonceRequest) -> dict[str, Any]:
+    """The DecideItem fields that carry what the receipt check found, and the caller's
+    request ids (digests) that tell a lost answer from a disk gone back."""
+    fields: dict[str, Any] = {"receipt": check.status}
+    if check.claims is not None:
+        fields.update(receipt_vm_id=check.claims.vm_id, receipt_seq=check.claims.seq)
+    if req.receipt_request is not None:
+        fields["receipt_request"] = receipt_request_digest(pepper, req.vm_id, req.receipt_request)
+    if req.receipt_unanswered is not None:
+        fields["receipt_unanswered"] = receipt_request_digest(pepper, req.vm_id, req.receipt_unanswered)
+    return fields
 
 
 def clock_guard_scope(pepper: bytes) -> str:
@@ -96,7 +102,7 @@ class DecisionService:
         now_us = int(now * 1e6)
         match = await self._match(req.principal, req.otp, now)
         item = DecideItem(kind="otp", ts_us=now_us, vm_id=req.vm_id, subject=req.principal,
-                          payload={"context": req.context}, **_receipt_fields(check),
+                          payload={"context": req.context}, **_receipt_fields(check, self._keys.pepper, req),
                           **self._otp_fields(match, now_us))
         outcome = await self._appender.submit(item)
         if outcome.verdict is Verdict.ACCEPT and match.token is not None:
@@ -156,7 +162,7 @@ class DecisionService:
             kind="nonce", ts_us=now_us, vm_id=req.vm_id, subject=req.scope, payload={"ttl_s": req.ttl_s},
             digest=nonce_digest(self._keys.pepper, req.scope, req.nonce),
             expires_us=nonce_expiry_us(req, now, self._config.nonce_max_ttl_s),
-            preset_reason=preset, **_receipt_fields(check))
+            preset_reason=preset, **_receipt_fields(check, self._keys.pepper, req))
         outcome = await self._appender.submit(item)
         return await self._result("nonce", outcome, req.vm_id)
 

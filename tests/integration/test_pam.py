@@ -233,7 +233,8 @@ def test_stub_accept_stores_receipt_atomically(tmp_path: Path, helper: Path, stu
 
 @needs_python3
 def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: Path) -> None:
-    """The helper posts principal=PAM_USER, context {service, remote_addr} and the stored receipt."""
+    """The helper posts principal=PAM_USER, context {service, remote_addr}, the stored receipt
+    and a fresh request id, and once the new receipt is stored no request is pending."""
     seen: list[dict[str, Any]] = []
 
     class Recorder(StubHandler):
@@ -257,10 +258,13 @@ def test_request_carries_user_service_rhost_and_receipt(tmp_path: Path, helper: 
     finally:
         server.shutdown()
         server.server_close()
+    request = seen[0]["body"].pop("receipt_request")
     assert seen == [{"path": "/v1/otp/verify", "auth": "Bearer rgt_stub", "body": {
         "vm_id": "vm-stub", "principal": "alice", "otp": "492039", "receipt": "rg1.prev.mac", "receipt_kept": True,
         "context": {"service": "sshd", "remote_addr": "192.0.2.7"}}}]
+    assert len(request) == 32 and request.isascii() and request.isprintable()
     assert (tmp_path / "receipts" / "receipt").read_text() == "rg1.next.mac\n"
+    assert not (tmp_path / "receipts" / "receipt.pending").exists()
 
 
 @needs_python3

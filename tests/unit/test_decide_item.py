@@ -19,7 +19,8 @@ def _recordset_columns() -> set[str]:
 
 FULL = DecideItem(
     kind="otp", ts_us=1, vm_id="web-01", subject="alice", payload={"context": {}},
-    receipt=ReceiptStatus.VALID, receipt_vm_id="web-01", receipt_seq=7, preset_reason=Reason.NO_TOKEN,
+    receipt=ReceiptStatus.VALID, receipt_vm_id="web-01", receipt_seq=7, receipt_request=b"\x02",
+    receipt_unanswered=b"\x03", preset_reason=Reason.NO_TOKEN,
     expires_us=9, digest=b"\x01", token_id="otp_x", credential="ab", steps=(5, 6),
     step_digests={5: b"\x05", 6: b"\x06"}, period_s=30, drift_steps=1, clock_scope="cg")
 
@@ -44,6 +45,7 @@ def test_every_value_of_a_full_item_travels() -> None:
     only its name: the whole wire form, written out."""
     assert FULL.to_wire() == {
         "kind": "otp", "ts_us": 1, "vm_id": "web-01", "subject": "alice", "payload": {"context": {}},
-        "receipt": "valid", "receipt_vm_id": "web-01", "receipt_seq": 7, "preset_reason": "no_token",
+        "receipt": "valid", "receipt_vm_id": "web-01", "receipt_seq": 7, "receipt_request": "02",
+        "receipt_unanswered": "03", "preset_reason": "no_token",
         "expires_us": 9, "digest": "01", "token_id": "otp_x", "credential": "ab", "steps": [5, 6],
         "step_digests": {"5": "05", "6": "06"}, "period_s": 30, "drift_steps": 1, "clock_scope": "cg"}

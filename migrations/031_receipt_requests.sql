@@ -1,0 +1,11 @@
+-- replayguard 031: a receipt whose answer never reached the guest is not a rollback.
+--
+-- The VM's receipt position moves when the host answers a request that presented a valid
+-- receipt; if that answer is lost (the guest timed out after the host decided, or died
+-- before storing the new receipt), the guest presents the older receipt again, which
+-- looked like its disk going back. A caller that keeps receipts may name each request
+-- (`receipt_request`, an id it stored before sending) and, next time, the request whose
+-- answer it never got (`receipt_unanswered`). The VM keeps the digest of the id of the
+-- request that last moved its position, and the receipt presented with it: that receipt
+-- presented again with that id as unanswered is the lost answer, not a rollback.
+ALTER TABLE vms ADD COLUMN receipt_request bytea, ADD COLUMN receipt_request_from bigint;
