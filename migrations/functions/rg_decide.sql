@@ -137,10 +137,12 @@ BEGIN
 
         -- 1. State continuity. The receipt presented with the request that last moved the
         -- VM's position, sent with that request's id as unanswered: the guest never got
-        -- the answer (a timeout, a crash before storing it), not a disk gone back.
-        v_resent := v_rc = 'valid' AND it.receipt_unanswered IS NOT NULL AND it.receipt_vm_id = it.vm_id
+        -- the answer (a timeout, a crash before storing it), not a disk gone back. Never
+        -- NULL: a VM whose newest request named no id (receipt_request NULL) must not make
+        -- "NOT v_resent" unknown, which would skip the rollback branch below.
+        v_resent := coalesce(v_rc = 'valid' AND it.receipt_unanswered IS NOT NULL AND it.receipt_vm_id = it.vm_id
             AND it.receipt_seq < v_vmrow.last_receipt_seq AND it.receipt_seq = v_vmrow.receipt_request_from
-            AND decode(it.receipt_unanswered, 'hex') = v_vmrow.receipt_request;
+            AND decode(it.receipt_unanswered, 'hex') = v_vmrow.receipt_request, false);
         IF v_rc = 'invalid' THEN
             v_flags := v_flags || 'receipt_invalid'::text;
             v_alert := rg_alert('receipt_invalid', 'warning', it.vm_id, NULL, 'receipt_invalid:' || it.vm_id,

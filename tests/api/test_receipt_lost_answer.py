@@ -58,23 +58,27 @@ async def test_an_answer_lost_after_the_host_decided_is_not_a_rollback(api: Api)
         assert await conn.fetchval("SELECT count(*) FROM alerts WHERE vm_id = $1", vm_id) == 0
 
 
-@pytest.mark.parametrize("case", ["no id", "a guessed id", "an older request's id", "another receipt"])
+@pytest.mark.parametrize("case", ["no id", "a guessed id", "an older request's id", "another receipt",
+                                  "a guessed id, the newest request unnamed"])
 async def test_an_old_receipt_is_a_rollback_unless_it_is_the_lost_answer(api: Api, case: str) -> None:
     """A disk gone back presents an older receipt: with no unanswered id, a guessed one, the
     id of a request that did get its answer, or X's id with a receipt other than the one X
-    presented, it is rollback_detected with a critical alert."""
+    presented, it is rollback_detected with a critical alert; so is any id when the newest
+    request named none (a caller that does not name its requests)."""
     vm_id = uid("vm")
     first = (await consume(api, vm_id))["receipt"]
     a = (await consume(api, vm_id, first))["receipt"]
     w = request_id()
     b = (await consume(api, vm_id, a, receipt_request=w))["receipt"]  # answered: the guest stores b
     x = request_id()
-    await consume(api, vm_id, b, receipt_request=x)  # the newest request; its answer is the lost one
+    named = {} if case.endswith("unnamed") else {"receipt_request": x}
+    await consume(api, vm_id, b, **named)  # the newest request; its answer is the lost one
     presented, unanswered = {
         "no id": (b, None),
         "a guessed id": (b, request_id()),
         "an older request's id": (a, w),
         "another receipt": (a, x),
+        "a guessed id, the newest request unnamed": (b, request_id()),
     }[case]
     ids = {"receipt_request": request_id()} | ({} if unanswered is None else {"receipt_unanswered": unanswered})
     back = await consume(api, vm_id, presented, **ids)
