@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .durable import adopt, atomic_write, inherited_owner
 from .errors import ConfigError
 from .pg.embedded import claim_data_dir
-from .private_files import check_private_file
+from .private_files import check_private_dir, check_private_file
 from .settings import Settings
 
 KEY_BYTES = 32
@@ -64,13 +64,18 @@ def _read_key(path: Path, data_dir: Path) -> bytes:
 
 
 def _make_keys_dir(keys_dir: Path, data_dir: Path) -> None:
-    """Creates the keys dir (0700, for the data dir's owner) unless it exists; a process
-    that loses the race to create it uses the winner's."""
+    """Creates the keys dir (0700, for the data dir's owner) unless it exists (a process
+    that loses the race to create it uses the winner's); then holds it, made or found, to
+    the directory part of the key-file rule, so no key is written where reading it would
+    be refused (a keys dir someone else owns, a data dir others can write)."""
+    check_private_dir(keys_dir.parent, "data dir", data_dir=data_dir)
     try:
         keys_dir.mkdir(mode=0o700)
     except FileExistsError:
-        return
-    adopt(keys_dir, data_dir)
+        pass
+    else:
+        adopt(keys_dir, data_dir)
+    check_private_dir(keys_dir, "keys dir", data_dir=data_dir)
 
 
 def _create_key(path: Path, data_dir: Path) -> bytes:
@@ -87,25 +92,23 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
     return raw
 
 
-def _load_one(named: Path | None, default: Path, data_dir: Path) -> bytes:
-    if named is not None:
-        return _read_key(named, data_dir)
-    if default.exists():
-        return _read_key(default, data_dir)
-    return _create_key(default, data_dir)
-
-
 def load_keys(settings: Settings) -> Keys:
-    """Reads or creates every key; raises ``ConfigError`` with one clear line."""
+    """Reads or creates every key; raises ``ConfigError`` with one clear line. Every key
+    that exists is read (and checked) before any missing one is created, so a refused
+    start leaves no new key behind."""
     data_dir = settings.data_dir
     # A new data dir is made for whoever will run the embedded server; an existing one is
     # only checked for its owner here (the embedded server makes its own, stricter check,
     # so commands that read keys alone, like `ledger public-key`, work on any of root's).
     claim_data_dir(data_dir, embedded=settings.embedded and not data_dir.exists())
     keys_dir = data_dir / "keys"
-    return Keys(
-        pepper=_load_one(settings.pepper_file, keys_dir / "pepper.key", data_dir),
-        secret=_load_one(settings.secret_key_file, keys_dir / "secret.key", data_dir),
-        receipt=_load_one(settings.receipt_key_file, keys_dir / "receipt.key", data_dir),
-        signing=_load_one(settings.signing_key_file, keys_dir / "signing.key", data_dir),
-    )
+    paths = {
+        "pepper": settings.pepper_file or keys_dir / "pepper.key",
+        "secret": settings.secret_key_file or keys_dir / "secret.key",
+        "receipt": settings.receipt_key_file or keys_dir / "receipt.key",
+        "signing": settings.signing_key_file or keys_dir / "signing.key",
+    }
+    named = {settings.pepper_file, settings.secret_key_file, settings.receipt_key_file, settings.signing_key_file}
+    found = {name: _read_key(path, data_dir) for name, path in paths.items() if path in named or path.exists()}
+    made = {name: _create_key(path, data_dir) for name, path in paths.items() if name not in found}
+    return Keys(**found, **made)

@@ -5,7 +5,9 @@ owned by the user running replayguard, by root, or (run as root) by the data dir
 readable by nobody else (no group or other bits); in a directory that nobody else can
 write (so nobody can swap the file), checked on the path after resolving symlinks, with
 every directory above it either not writable by others or sticky (like /tmp). Each
-failure is one ``ConfigError`` line naming the file and the fix.
+failure is one ``ConfigError`` line naming the file and the fix. A directory about to
+receive such a file (the keys dir, before a key is created in it) is held to the same
+rule first, so nothing is written where it could not be trusted when read.
 """
 
 from __future__ import annotations
@@ -56,15 +58,45 @@ def check_private_file(path: Path, what: str, *, data_dir: Path | None) -> None:
     _check_directories(real, shown, what, owners, me)
 
 
+def check_private_dir(directory: Path, what: str, *, data_dir: Path | None) -> None:
+    """Raises ``ConfigError`` unless a file created in ``directory`` (symlinks resolved) would
+    pass the rule's directory checks: a trusted owner, and nobody else can write it or above it."""
+    try:
+        real = directory.resolve(strict=True)
+        st = real.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {directory}: {exc.strerror}") from None
+    shown = f"{directory}" if real == directory else f"{directory} (-> {real})"
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {shown} is not a directory")
+    me = _user(os.geteuid())
+    if st.st_uid not in trusted_owners(data_dir):
+        raise ConfigError(f"{what} {shown} belongs to user {_user(st.st_uid)}, not to {me} or root: "
+                          f"remove it, or chown {me} {real}")
+    open_dir = _writable_by_others(real)
+    if open_dir is not None:
+        raise ConfigError(f"{what} {shown}: {open_dir} can be written by others "
+                          f"(mode {stat.S_IMODE(open_dir.stat().st_mode):o}): run chmod go-w {open_dir}")
+
+
+def _writable_by_others(parent: Path) -> Path | None:
+    """The first of ``parent`` and the directories above it that others can write, the sticky
+    ones above it (like /tmp) excepted; None when there is none."""
+    for directory in (parent, *parent.parents):
+        dst = directory.stat()
+        writable = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and not (dst.st_mode & stat.S_ISVTX and directory != parent):
+            return directory
+    return None
+
+
 def _check_directories(real: Path, shown: str, what: str, owners: set[int], me: str) -> None:
     parent = real.parent
     pst = parent.stat()
     if pst.st_uid not in owners:
         raise ConfigError(f"{what} {shown} is in {parent}, which belongs to user {_user(pst.st_uid)}, "
                           f"not to {me} or root: move the file to a directory of yours")
-    for directory in (parent, *parent.parents):
-        dst = directory.stat()
-        writable = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable and not (dst.st_mode & stat.S_ISVTX and directory != parent):
-            raise ConfigError(f"{what} {shown} is in {directory}, which others can write "
-                              f"(mode {stat.S_IMODE(dst.st_mode):o}): run chmod go-w {directory}")
+    directory = _writable_by_others(parent)
+    if directory is not None:
+        raise ConfigError(f"{what} {shown} is in {directory}, which others can write "
+                          f"(mode {stat.S_IMODE(directory.stat().st_mode):o}): run chmod go-w {directory}")

@@ -200,6 +200,9 @@ OPTION = {option.name: option for option in OPTIONS}
 OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOKEN", "REPLAYGUARD_TOKEN_FILE",
                        "REPLAYGUARD_KEEP_FUZZ_LOG", "REPLAYGUARD_CHROMIUM", "REPLAYGUARD_UPDATE_DOCS_IMG"})
 OTHER_ENV_PREFIXES = ("REPLAYGUARD_RELAY_", "REPLAYGUARD_TEST_", "REPLAYGUARD_BENCH_")
+# Secrets that key a MAC or a bearer check: an empty one (a *_FILE created but never
+# filled) would be a key everybody knows, so it stops start-up instead.
+KEYS_NEVER_EMPTY = frozenset({"event_hmac_secret", "webhook_secret", "witness_token"})
 
 
 def _validate(s: Settings) -> None:
@@ -210,6 +213,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{option.name} must be between {low} and {high}, got {value}")
         if option.choices and value not in option.choices:
             raise ConfigError(f"{option.name} must be one of {', '.join(option.choices)}, got {value!r}")
+        if option.name in KEYS_NEVER_EMPTY and value is not None and not value.reveal().strip():
+            raise ConfigError(f"{option.name} is empty: set a key, or unset it")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
         if s.embedded_shared_buffers_mb:
@@ -275,7 +280,7 @@ def _coerce(option: Option, raw: Any) -> Any:
         if option.kind == "bool":
             return _boolean(raw)
         if option.kind == "path":
-            return Path(str(raw)).expanduser()
+            return _path(str(raw))
         if option.kind == "list":
             items = [raw] if isinstance(raw, str) else list(raw)
             if any(not isinstance(item, str) for item in items):
@@ -284,8 +289,15 @@ def _coerce(option: Option, raw: Any) -> Any:
         if not isinstance(raw, str):
             raise ValueError("not a string")
         return raw
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: expanduser of ~unknownuser
         raise ConfigError(f"{option.name} has an invalid value") from None
+
+
+def _path(text: str) -> Path:
+    """A path setting, ``~`` expanded; a NUL character (no file name holds one) is refused."""
+    if "\0" in text:
+        raise ValueError("a NUL character in a path")
+    return Path(text).expanduser()
 
 
 def _boolean(raw: Any) -> bool:
@@ -327,16 +339,20 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Path]]:
 
 def _read_secret_file(path: Path, name: str) -> str:
     try:
-        return path.read_text().strip()
+        return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {name} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} file {path} is not UTF-8 text") from None
 
 
 def _from_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (TOML is)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(OPTION))

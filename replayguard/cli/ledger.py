@@ -25,6 +25,19 @@ from ..errors import ConfigError
 from ..settings import Settings
 
 EXIT_BAD = 1
+CHECKPOINTS_LIMIT = (1, 1_000_000)
+
+
+def checkpoints_limit(text: str) -> int:
+    """``ledger checkpoints --limit``: a whole number within ``CHECKPOINTS_LIMIT``, else a usage error."""
+    low, high = CHECKPOINTS_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+    return value
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +56,8 @@ def register(sub: Any) -> None:
     verify.set_defaults(handler=cmd_verify)
     listing = cmds.add_parser("checkpoints", help="print signed checkpoints as JSON lines, newest first")
     _add_common(listing)
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--limit", type=checkpoints_limit, default=20,
+                         help=f"how many ({CHECKPOINTS_LIMIT[0]} to {CHECKPOINTS_LIMIT[1]}; default 20)")
     listing.set_defaults(handler=cmd_checkpoints)
     public = cmds.add_parser("public-key", help="print the checkpoint-signing public key (PEM)")
     _add_common(public)
@@ -149,7 +163,7 @@ def cmd_checkpoints(args: argparse.Namespace, settings: Settings) -> int:
         from ..services.ledger import LedgerService
 
         async with open_runtime(settings) as runtime:
-            items = await LedgerService(runtime.pool, runtime.keys).list_checkpoints(None, max(1, args.limit))
+            items = await LedgerService(runtime.pool, runtime.keys).list_checkpoints(None, args.limit)
         for item in items:
             print(orjson.dumps(item).decode())
         return 0

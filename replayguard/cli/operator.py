@@ -10,7 +10,8 @@ identifier or a note cannot drive the terminal.
 Exit status: 0 done; 1 the service answered but something is wrong (``status``: not
 ready, the ledger does not verify, or its continuity is not ok: a witness unreachable, or
 the ledger went back in time); 2 usage or configuration (no token); 3 the
-service is unreachable or failed (5xx); 4 the token was refused (401, 403); 5 not found;
+service is unreachable or failed (5xx, or an answer that is not JSON: the URL leads to
+something else); 4 the token was refused (401, 403); 5 not found;
 6 the service refused the request (another 4xx).
 """
 

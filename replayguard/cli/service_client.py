@@ -70,7 +70,7 @@ class Client:
             raise _failure(exc) from None
         except (urllib.error.URLError, OSError) as exc:
             raise CommandFailed(f"cannot reach {self.url}: {_reason(exc)}", EXIT_UNREACHABLE) from None
-        return json.loads(raw) if raw else None
+        return _json(raw, self.url)
 
     def status_of(self, path: str) -> int:
         """The HTTP status of an unauthenticated GET (health and readiness)."""
@@ -96,10 +96,10 @@ class Client:
             event_id: str | None = None
             kind, data = "message", list[str]()
             for raw in resp:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 if line == "":
                     if kind == "alert" and data:
-                        yield event_id, json.loads("\n".join(data))
+                        yield event_id, _json("\n".join(data).encode(), self.url)
                     kind, data = "message", []
                     continue
                 name, _, value = line.partition(":")
@@ -110,6 +110,18 @@ class Client:
                     kind = value
                 elif name == "data":
                     data.append(value)
+
+
+def _json(raw: bytes, url: str) -> Any:
+    """The answer's JSON document; anything else (a proxy's or a portal's page) means the
+    URL does not lead to a working replayguard service."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise CommandFailed(f"{url} did not answer with JSON: is it a replayguard service?",
+                            EXIT_UNREACHABLE) from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -141,9 +153,11 @@ def client_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     token_file = args.token_file or env.get("REPLAYGUARD_TOKEN_FILE")
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
+            token = Path(token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"the token file {token_file} is not UTF-8 text") from None
     else:
         token = env.get("REPLAYGUARD_TOKEN", "").strip()
     if not token:

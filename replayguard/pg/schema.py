@@ -4,7 +4,9 @@ The SQL ships inside the package as ``replayguard.migrations`` (the top-level
 ``migrations/`` directory, mapped in pyproject.toml) and is read with
 ``importlib.resources``, so a missing file is a start-up error, never an empty schema.
 Numbered migrations are applied once each, in order; a stored function's file is applied
-again whenever its SHA-256 differs from the one recorded in ``schema_functions``.
+again whenever its SHA-256 differs from the one recorded in ``schema_functions``. A
+database that holds a migration newer than any this build ships was migrated by a later
+release: it is refused, untouched, rather than given this build's older functions.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
 
     Each migration runs in its own transaction; the functions run in one transaction
     after them, with ``check_function_bodies`` off (as pg_dump restores), so the files'
-    order does not matter. Returns the names applied.
+    order does not matter. Returns the names applied; raises ``ConfigError``, having
+    changed nothing, when the database is ahead of ``migrations``.
     """
     migrations = load_migrations() if migrations is None else migrations
     functions = load_functions() if functions is None else functions
@@ -109,7 +112,9 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        _refuse_newer(rows, migrations)
+        done = {r["version"] for r in rows}
         for migration in migrations:
             if migration.version in done:
                 continue
@@ -126,6 +131,15 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied
+
+
+def _refuse_newer(rows: list[asyncpg.Record], migrations: list[Migration]) -> None:
+    """Raises ``ConfigError`` when the database records a migration newer than every one shipped."""
+    newest = max((m.version for m in migrations), default=0)
+    if rows and rows[-1]["version"] > newest:
+        raise ConfigError(f"the database was migrated by a newer replayguard (it has migration "
+                          f"{rows[-1]['name']!r}, this build's newest is {newest:03d}): run that release "
+                          f"or a later one, not this one")
 
 
 async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunction]) -> list[str]:

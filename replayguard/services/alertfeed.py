@@ -27,8 +27,9 @@ while leadership moves between instances may miss its line; the sinks and the AP
 have it.)
 
 The feed's connection also LISTENs on ``replayguard_tokens`` for the token cache
-(``tokens.py``): every instance, Redis or not, and the cache is told when that LISTEN takes
-effect and when its connection ends.
+(``tokens.py``) and on ``replayguard_api_tokens`` for the API token cache (``apitokens.py``):
+every instance, Redis or not, and each cache is told when that LISTEN takes effect and
+when its connection ends.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..runtime import Runtime
 from ..settings import Settings
 from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 from .alerts import AlertService, render, sink_record
+from .apitokens import CHANNEL as API_TOKEN_CHANNEL
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
 from .tokens import CHANNEL as TOKEN_CHANNEL
@@ -213,7 +215,9 @@ class AlertFeed:
                 # what it read only while this LISTEN is in effect.
                 conn.add_termination_listener(self._on_terminated)
                 await conn.add_listener(TOKEN_CHANNEL, self._on_token_change)
+                await conn.add_listener(API_TOKEN_CHANNEL, self._on_api_token_change)
                 self._rt.tokens.listening(True)
+                self._rt.api_tokens.listening(True)
                 if self._rt.fanout is None:
                     await conn.add_listener(CHANNEL, self._on_notify)
                 else:
@@ -224,6 +228,7 @@ class AlertFeed:
             finally:
                 self._listen_conn = None
                 self._rt.tokens.listening(False)
+                self._rt.api_tokens.listening(False)
                 if wakeups is not None:
                     wakeups.cancel()
                     await asyncio.wait({wakeups})
@@ -268,9 +273,13 @@ class AlertFeed:
     def _on_token_change(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._rt.tokens.changed(payload)
 
+    def _on_api_token_change(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._rt.api_tokens.changed(payload)
+
     def _on_terminated(self, conn: object) -> None:
         if conn is self._listen_conn:  # lost under the session: no more changes are heard
             self._rt.tokens.listening(False)
+            self._rt.api_tokens.listening(False)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
@@ -286,6 +295,7 @@ class AlertFeed:
             with self._rt.metrics.background.timed("alert_tail"):
                 await self._tail(conn)
             self._rt.tokens.heard_until(last_tail)  # token changes committed before the read were heard
+            self._rt.api_tokens.heard_until(last_tail)
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per
                 # POLL_S, not once per notification: a flood of alert joins must not cost

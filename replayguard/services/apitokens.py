@@ -1,10 +1,18 @@
 """API tokens: bearer credentials of the four roles, stored only as keyed digests.
 
 A presented token is reduced to its digest and looked up; the stored digest is then
-compared in constant time. Known tokens are cached for a few seconds, so a revocation
-takes effect within ``CACHE_TTL_S`` on every instance. An active token's name is unique.
-A callout or hypervisor token may be bound to VMs by shell-style patterns over ``vm_id``
-(``fnmatch``, case-sensitive): it then speaks for those VMs only (``Caller.covers``).
+compared in constant time. An active token's name is unique, and no name looks like a
+token id (``tok_…``), so ``revoke`` names exactly one token. A callout or hypervisor token
+may be bound to VMs by shell-style patterns over ``vm_id`` (``fnmatch``, case-sensitive):
+it then speaks for those VMs only (``Caller.covers``).
+
+Every write to ``api_tokens`` is announced on ``replayguard_api_tokens`` (a trigger,
+migrations/functions/rg_api_token_changed.sql), heard on the alert feed's LISTEN
+connection, which empties the cache (``changed``): a token revoked by any process is
+refused on its next request. The cache is trusted as ``tokens.py`` trusts its own: an
+answer read while that LISTEN was in effect, with no announcement heard during the read,
+is kept up to ``CACHE_TTL_S`` while the connection keeps answering (``HEARD_WITHIN_S``);
+any other answer for ``UNHEARD_TTL_S`` at most.
 """
 
 from __future__ import annotations
@@ -15,17 +23,22 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 
 from ..core.credentials import api_token_digest
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..pg.connections import acquire
+from .tokens import HEARD_WITHIN_S
 
 ROLES = ("callout", "hypervisor", "analyst", "admin", "witness")
 BINDABLE_ROLES = ("callout", "hypervisor")
 PREFIX = "rgt_"
-CACHE_TTL_S = 5.0
+ID_PREFIX = "tok_"
+CHANNEL = "replayguard_api_tokens"
+CACHE_TTL_S = 60.0  # an answer read while changes were heard, and none heard since
+UNHEARD_TTL_S = 1.0  # any other answer: how late a revocation may take effect while changes go unheard
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +51,12 @@ class Caller:
     def covers(self, vm_id: str) -> bool:
         """Whether this caller may speak for ``vm_id``."""
         return not self.vm_patterns or any(fnmatch.fnmatchcase(vm_id, p) for p in self.vm_patterns)
+
+
+class _Answer(NamedTuple):
+    read_at: float  # time.monotonic() when the read was asked for
+    heard: bool  # read while changes were heard, and none heard during the read
+    caller: Caller | None
 
 
 def check_patterns(role: str, patterns: Sequence[str]) -> tuple[str, ...]:
@@ -54,7 +73,38 @@ class ApiTokens:
     def __init__(self, pool: asyncpg.Pool, pepper: bytes) -> None:
         self._pool = pool
         self._pepper = pepper
-        self._cache: dict[bytes, tuple[float, Caller | None]] = {}
+        self._cache: dict[bytes, _Answer] = {}  # by digest
+        self._listening_since: float | None = None  # when LISTEN on CHANNEL took effect; None: not now
+        self._heard_until = 0.0  # changes committed before this were heard (time.monotonic())
+        self._changes = 0  # announcements heard
+
+    # --- announcements of token changes (the alert feed's LISTEN connection) ----------
+
+    def listening(self, on: bool) -> None:
+        """The LISTEN on ``CHANNEL`` took effect (True) or its connection is gone (False)."""
+        self._listening_since = time.monotonic() if on else None
+        self._heard_until = self._listening_since or 0.0
+        self._cache.clear()  # answers kept while nothing was heard may be stale, or kept too long
+
+    def heard_until(self, sent_at: float) -> None:
+        """A query sent on the LISTEN connection at ``sent_at`` was answered: every change
+        committed before then has been heard."""
+        self._heard_until = max(self._heard_until, sent_at)
+
+    @property
+    def listening_now(self) -> bool:
+        return self._listening_since is not None
+
+    def changed(self, _payload: str = "") -> None:
+        """A change to ``api_tokens`` was announced: every cached answer may be stale."""
+        self._changes += 1
+        self._cache.clear()
+
+    def _heard_since(self, read_at: float) -> bool:
+        """Whether every change committed after ``read_at`` has been or will be heard."""
+        since = self._listening_since
+        return (since is not None and read_at >= since
+                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
 
     async def create(self, role: str, name: str, vm_patterns: Sequence[str] = ()) -> tuple[str, str]:
         """Creates a token; returns (token id, the token itself, shown this once)."""
@@ -62,9 +112,11 @@ class ApiTokens:
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", field="role")
         if not 1 <= len(name) <= 256 or not name.isprintable():
             raise InvalidRequest("name must be 1 to 256 printable characters", field="name")
+        if name.startswith(ID_PREFIX):
+            raise InvalidRequest(f"a name must not start with {ID_PREFIX!r}, which token ids do", field="name")
         patterns = check_patterns(role, vm_patterns)
         token = PREFIX + secrets.token_urlsafe(32)
-        token_id = "tok_" + secrets.token_urlsafe(9)
+        token_id = ID_PREFIX + secrets.token_urlsafe(9)
         try:
             async with acquire(self._pool) as conn:
                 await conn.execute(
@@ -77,10 +129,12 @@ class ApiTokens:
         return token_id, token
 
     async def revoke(self, ident: str) -> int:
-        """Revokes the active token with this id or name (names are unique among active tokens)."""
+        """Revokes the one active token with this id, or else with this name (names are unique
+        among active tokens; a name made before ``tok_`` names were refused may equal an id)."""
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
-                "UPDATE api_tokens SET revoked_at = now() WHERE (id = $1 OR name = $1)"
+                "UPDATE api_tokens SET revoked_at = now() WHERE id = (SELECT id FROM api_tokens"
+                " WHERE (id = $1 OR name = $1) AND revoked_at IS NULL ORDER BY id = $1 DESC LIMIT 1)"
                 " AND revoked_at IS NULL RETURNING id", ident,
             )
         if not rows:
@@ -103,8 +157,9 @@ class ApiTokens:
         digest = api_token_digest(self._pepper, token)
         now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None and self._fresh(hit, now):
+            return hit.caller
+        changes = self._changes
         async with acquire(self._pool) as conn:
             row = await conn.fetchrow(
                 "SELECT id, name, role, digest, vm_patterns FROM api_tokens WHERE digest = $1 AND revoked_at IS NULL",
@@ -115,5 +170,11 @@ class ApiTokens:
             caller = Caller(row["id"], row["name"], row["role"], tuple(row["vm_patterns"]))
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + CACHE_TTL_S, caller)
+        if self._changes == changes:  # else a change announced during the read may postdate it
+            self._cache[digest] = _Answer(now, self._heard_since(now), caller)
         return caller
+
+    def _fresh(self, hit: _Answer, now: float) -> bool:
+        if now - hit.read_at < UNHEARD_TTL_S:
+            return True
+        return hit.heard and now - hit.read_at < CACHE_TTL_S and self._heard_since(hit.read_at)

@@ -25,6 +25,7 @@ SinkFormat = Literal["json", "ecs", "ocsf"]
 SPLUNK_PATH = "/services/collector/event"
 
 _USERINFO_RE = re.compile(r"//[^/?#]*@")
+_ORIGIN_RE = re.compile(r"^[^/?#]*//[^/?#]*|^[^/?#]*")  # up to the end of the host (or of a scheme without one)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_PORTS = {"udp": 514, "tcp": 601}
 
@@ -62,7 +63,7 @@ def parse_sink_spec(spec: str, *, secret: Secret | None = None, name: str | None
     """Parse ``file:/abs/path``, ``syslog+udp://h:p``, ``syslog+tcp://h:p?facility=f`` or
     ``webhook:https://...``; raise ValueError with a sentence an operator can act on."""
     spec = spec.strip()
-    shown = _USERINFO_RE.sub("//***@", spec)  # error messages must not echo a password
+    shown = _shown(spec)
     original = spec
     shape: SinkFormat = "json"
     for prefix in ("ecs+", "ocsf+"):
@@ -89,6 +90,16 @@ def parse_sink_spec(spec: str, *, secret: Secret | None = None, name: str | None
     if name is not None and not _NAME_RE.fullmatch(name):
         raise ValueError(f"sink name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return replace(config, name=name or default, secret=secret, format=shape)
+
+
+def _shown(spec: str) -> str:
+    """The spec as error messages name it: like ``SinkConfig.describe()``, a file's path, or
+    else the scheme and host alone, since a URL's password, path or query may hold a token."""
+    if spec.removeprefix("ecs+").removeprefix("ocsf+").startswith("file:"):
+        return spec
+    match = _ORIGIN_RE.match(spec)
+    origin = match.group(0) if match is not None else ""
+    return _USERINFO_RE.sub("//***@", origin) + ("…" if len(origin) < len(spec) else "")
 
 
 def parse_sink(value: str | Mapping[str, object]) -> SinkConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from replayguard.errors import Conflict
+from replayguard.errors import Conflict, InvalidRequest
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import Api, uid
 
@@ -31,6 +31,25 @@ async def test_database_refuses_a_duplicate_active_name(api: Api) -> None:
         with pytest.raises(asyncpg.UniqueViolationError):
             await conn.execute("INSERT INTO api_tokens (id, name, role, digest) VALUES ($1, $2, 'admin', $3)",
                                uid("tok"), name, b"\x00" * 32)
+
+
+async def test_a_name_shaped_like_a_token_id_is_refused(api: Api) -> None:
+    """No new token may be named ``tok_…``, so a name never equals a token id that `revoke` is given."""
+    token_id, _ = await api.runtime.api_tokens.create("callout", uid("pam-callout"))
+    with pytest.raises(InvalidRequest, match="tok_"):
+        await api.runtime.api_tokens.create("analyst", token_id)
+
+
+async def test_revoke_by_id_spares_a_token_named_like_that_id(api: Api) -> None:
+    """`revoke ID` revokes only the token with that id, not also an older active token whose name equals ID."""
+    token_id, _ = await api.runtime.api_tokens.create("callout", uid("pam-callout"))
+    old_id = uid("tok_old")
+    async with api.runtime.pool.acquire() as conn:  # a name made before such names were refused
+        await conn.execute("INSERT INTO api_tokens (id, name, role, digest) VALUES ($1, $2, 'analyst', $3)",
+                           old_id, token_id, b"\x01" * 32)
+    assert await api.runtime.api_tokens.revoke(token_id) == 1
+    rows = {r["id"]: r for r in await api.runtime.api_tokens.list()}
+    assert rows[token_id]["revoked_at"] is not None and rows[old_id]["revoked_at"] is None
 
 
 async def test_second_acknowledgement_keeps_the_first(api: Api) -> None:

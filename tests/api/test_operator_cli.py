@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from replayguard.cli.operator import printable, table
 from replayguard.http.state import ANALYSTS
@@ -172,3 +175,26 @@ async def test_status_names_witnesses_and_fails_when_one_is_unreachable(
                             witnesses=(f"file:{held}", f"file:{gone}"))
     code, out, _ = await rg(api, "status")
     assert code == 1 and f"file:{gone}: unreachable" in out and "witness_unreachable" in out
+
+
+async def test_an_answer_that_is_not_json_is_exit_3_in_one_line() -> None:
+    """A URL answering 200 with an HTML page (a proxy's, a portal's) makes `status` exit 3 in one line, no traceback."""
+    async def portal(_request: web.Request) -> web.Response:
+        return web.Response(text="<html>please log in</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", portal)
+    async with TestServer(app) as server:
+        code, _, err = await rg(None, "status", url=str(server.make_url("/")).rstrip("/"), token="rgt_unchecked")
+    assert code == 3 and "did not answer with JSON" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+async def test_a_token_file_that_is_not_utf8_is_exit_2_in_one_line(tmp_path: Path) -> None:
+    """A --token-file that is not UTF-8 text is a usage error: exit 2, one line, no traceback."""
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xff\xfe\n")
+    token_file.chmod(0o600)
+    code, _, err = await rg(None, "status", "--url", "http://127.0.0.1:1", "--token-file", str(token_file))
+    assert code == 2 and "is not UTF-8 text" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

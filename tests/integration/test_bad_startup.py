@@ -85,6 +85,55 @@ def key_of_another_user(tmp: Path) -> tuple[list[str], dict[str, str]]:
     return [], {}
 
 
+def data_dir_open_to_all_before_keys(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """No keys yet, in a data dir others can write: refused before any key is written (and every later run)."""
+    (tmp / "data").mkdir()
+    (tmp / "data").chmod(0o777)
+    return [], {}
+
+
+def keys_dir_of_another_user(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """An empty keys dir planted by someone else (owner nobody, mode 777) is never filled with keys."""
+    keys = tmp / "data" / "keys"
+    keys.mkdir(parents=True)
+    keys.parent.chmod(0o700)
+    keys.chmod(0o777)
+    os.chown(keys, NOBODY, NOBODY)
+    return [], {}
+
+
+def data_dir_of_unknown_user(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """``~user`` of a user the system does not know (expanduser raises RuntimeError)."""
+    return ["--data-dir", "~rg_no_such_user_zz/data"], {}
+
+
+def nul_in_toml_path(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    (tmp / "rg.toml").write_text('pepper_file = "/tmp/rg\\u0000x"\n')
+    return ["--config", str(tmp / "rg.toml")], {}
+
+
+def config_file_not_utf8(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    path = tmp / "rg.toml"
+    path.write_bytes(b'log_level = "info\xff"\n')
+    path.chmod(0o600)
+    return ["--config", str(path)], {}
+
+
+def secret_file_not_utf8(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    path = tmp / "hmac"
+    path.write_bytes(b"\xff\xfe-not-text\n")
+    path.chmod(0o600)
+    return [], {"REPLAYGUARD_EVENT_HMAC_SECRET_FILE": str(path)}
+
+
+def empty_secret_file(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """A credential file created but never filled: an HMAC key anyone knows."""
+    path = tmp / "hmac"
+    path.write_text("\n")
+    path.chmod(0o600)
+    return [], {"REPLAYGUARD_EVENT_HMAC_SECRET_FILE": str(path)}
+
+
 def port_not_a_number(tmp: Path) -> tuple[list[str], dict[str, str]]:
     return ["--port", "eighty"], {}
 
@@ -113,6 +162,12 @@ CASES: list[tuple[Setup, str]] = [
     (readable_secret_file, "secret file"),
     (key_readable_by_others, "chmod 600"),
     (keys_dir_open_to_all, "chmod go-w"),
+    (data_dir_open_to_all_before_keys, "can be written by others (mode 777): run chmod go-w"),
+    (data_dir_of_unknown_user, "data_dir has an invalid value"),
+    (nul_in_toml_path, "pepper_file has an invalid value"),
+    (config_file_not_utf8, "is not UTF-8 text"),
+    (secret_file_not_utf8, "event_hmac_secret file"),
+    (empty_secret_file, "event_hmac_secret is empty"),
     (port_not_a_number, "port has an invalid value"),
     (unknown_flag, "unrecognized arguments: --lockout-treshold"),
     (bad_choice, "receipt_reaction must be one of flag, refuse"),
@@ -120,9 +175,11 @@ CASES: list[tuple[Setup, str]] = [
 ]
 if os.geteuid() == 0:
     CASES.append((key_of_another_user, "belongs to user nobody"))
+    CASES.append((keys_dir_of_another_user, "belongs to user nobody"))
 
 
-KEY_CASES = (key_readable_by_others, keys_dir_open_to_all, key_of_another_user)  # migrate reads no keys
+KEY_CASES = (key_readable_by_others, keys_dir_open_to_all, key_of_another_user,  # migrate reads no keys
+             data_dir_open_to_all_before_keys, keys_dir_of_another_user)
 RUNS = [(command, setup, expected) for command in ("serve", "migrate") for setup, expected in CASES
         if not (command == "migrate" and setup in KEY_CASES)]
 
@@ -130,8 +187,9 @@ RUNS = [(command, setup, expected) for command in ("serve", "migrate") for setup
 @pytest.mark.parametrize(("command", "setup", "expected"), RUNS, ids=[f"{s.__name__}-{c}" for c, s, _ in RUNS])
 def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path, database_url: str, command: str,
                                             setup: Setup, expected: str) -> None:
-    """The bad setting stops the command with exit 2 and one line naming the problem, no traceback."""
+    """The bad setting stops the command with exit 2 and one line naming the problem, no traceback, no new key."""
     args, env = setup(tmp_path)
+    planted = sorted(tmp_path.glob("data/keys/*.key"))
     if "--data-dir" not in args:
         args += ["--data-dir", str(tmp_path / "data")]
     if command == "serve":
@@ -143,3 +201,4 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path, database_url: str, c
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("replayguard: error: "), done.stderr
     assert expected in done.stderr and PASSWORD not in done.stderr, done.stderr
+    assert sorted(tmp_path.glob("data/keys/*.key")) == planted, "a refused start wrote a key"

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from replayguard.settings import Secret
 from tests.conftest import Api, cli_env, run_cli, uid
@@ -150,6 +151,15 @@ async def test_cli_checkpoints_lists_the_apis_checkpoints_newest_first(
     cp_file.write_bytes(orjson.dumps(lines[0]))
     offline = run_cli("ledger", "verify-checkpoint", "--public-key", str(key_file), "--checkpoint", str(cp_file))
     assert offline.returncode == 0 and offline.stdout.startswith("valid"), offline.stdout + offline.stderr
+
+
+@pytest.mark.parametrize("limit", ["99999999999999999999999", "1000001", "0", "-5", "ten"])
+def test_cli_checkpoints_refuses_a_limit_out_of_range(limit: str, tmp_path: Path) -> None:
+    """``ledger checkpoints --limit`` outside 1 to 1000000 (or not a number) is a usage error: exit 2, one line."""
+    result = run_cli("ledger", "checkpoints", "--limit", limit, "--database-url",
+                     "postgresql://postgres@127.0.0.1:1/never_used", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2 and "--limit" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 async def test_cli_verify_prints_progress_and_the_report(fresh_database: Callable[[], Any],

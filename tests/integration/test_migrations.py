@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from replayguard.pg import connections, schema
-from tests.conftest import PG_ADMIN, drop_database, dsn_for
+from tests.conftest import PG_ADMIN, drop_database, dsn_for, run_cli
 
 FROZEN = Path(__file__).resolve().parents[1] / "data" / "schema"
 
@@ -172,3 +172,22 @@ async def test_migrations_run_without_a_statement_timeout(new_database: Callable
     """)
     applied = await schema.migrate_dsn(dsn, [*schema.load_migrations(), probe])
     assert "999_probe.sql" in applied
+
+
+async def test_a_database_migrated_by_a_newer_release_is_refused_untouched(
+        new_database: Callable[[], Awaitable[str]], tmp_path: Path) -> None:
+    """`migrate` on a database holding a migration this build does not ship exits 2 with one line and leaves the
+    newer release's stored functions as they are."""
+    dsn = await new_database()
+    await _run(dsn)
+    newer_digest = b"\x01" * 32
+    conn = await asyncpg.connect(dsn)
+    try:  # what a later release leaves behind: a migration this build lacks, and a changed function
+        await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (999, '999_from_the_future.sql')")
+        await conn.execute("UPDATE schema_functions SET sha256 = $1 WHERE name = 'rg_decide'", newer_digest)
+    finally:
+        await conn.close()
+    result = run_cli("migrate", "--database-url", dsn, "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2 and "999_from_the_future.sql" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (await _function_digests(dsn))["rg_decide"] == newer_digest

@@ -250,6 +250,24 @@ def test_parse_sink_spec_errors(spec: str, message: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
+TOKEN_IN_URL = "SECRET0f3a9c2e7b"
+
+
+@pytest.mark.parametrize("spec", [
+    f"splunk+https://splunk.example:8088?token={TOKEN_IN_URL}",  # the HEC token in the URL, not ?token_file=
+    f"webhok:https://hooks.slack.com/services/T0/B0/{TOKEN_IN_URL}",  # a misspelt scheme; the path is the secret
+    f"ecs+splunk+https://splunk.example:8088?token_file=/t&x={TOKEN_IN_URL}",
+    f"syslog+tcp://127.0.0.1/{TOKEN_IN_URL}",
+    f"syslog://127.0.0.1/x#{TOKEN_IN_URL}",
+])
+def test_a_refused_spec_is_named_without_its_path_or_query(spec: str) -> None:
+    """A refused sink is named by scheme and host alone, as describe() names a sink: a URL's path or query may hold a
+    token."""
+    with pytest.raises(ValueError, match="sink '") as info:
+        parse_sink_spec(spec)
+    assert TOKEN_IN_URL not in str(info.value)
+
+
 def test_parse_sink_secret_and_name() -> None:
     """A dict carries the webhook secret and a name; the config's repr never shows the secret."""
     config = parse_sink({"spec": "webhook:https://127.0.0.1/h", "secret": "s3cr3t-value", "name": "soc"})

@@ -46,6 +46,10 @@ def test_file_then_env(tmp_path: Path) -> None:
     ({"REPLAYGUARD_EMBEDDED_SHARED_BUFFERS_MB": "-1"}, "embedded_shared_buffers_mb must be between 0"),
     ({"REPLAYGUARD_EMBEDDED_SHARED_BUFFERS_MB": "1024", "REPLAYGUARD_DATABASE_URL": "postgresql://h/db"},
      "embedded_shared_buffers_mb sizes the embedded PostgreSQL, and database_url names another server"),
+    ({"REPLAYGUARD_EVENT_HMAC_SECRET": " \t"}, "event_hmac_secret is empty"),
+    ({"REPLAYGUARD_WEBHOOK_SECRET": "  "}, "webhook_secret is empty"),
+    ({"REPLAYGUARD_WITNESS_TOKEN": "\n"}, "witness_token is empty"),
+    ({"REPLAYGUARD_DATA_DIR": "~rg_no_such_user_zz/data"}, "data_dir has an invalid value"),
 ])
 def test_bad_values_are_one_clear_error(env: dict[str, str], message: str) -> None:
     """Every bad value stops start-up with a ConfigError that names the setting."""
