@@ -260,8 +260,9 @@ def _check_url(url: str, schemes: tuple[str, ...], name: str) -> None:
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
+    except ValueError:  # its message quotes the URL's text, where a password may be
+        raise ConfigError(f"{name} is not a valid URL (a character such as / # ? @ in its password must be"
+                          " percent-encoded)") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
 

@@ -82,8 +82,10 @@ class Client:
         except (urllib.error.URLError, OSError) as exc:
             raise CommandFailed(f"cannot reach {self.url}: {_reason(exc)}", EXIT_UNREACHABLE) from None
 
-    def events(self, last_id: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
-        """The alert stream's (id, alert) pairs until the connection ends."""
+    def events(self, last_id: str | None) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
+        """The alert stream's (id, alert) pairs until the connection ends; (id, None) for an
+        event that only moves the position (the stream opens with one), where a reconnect
+        resumes."""
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
             headers["Last-Event-ID"] = last_id
@@ -94,18 +96,20 @@ class Client:
             raise _failure(exc) from None
         with resp:
             event_id: str | None = None
-            kind, data = "message", list[str]()
+            kind, data, has_id = "message", list[str](), False
             for raw in resp:
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 if line == "":
                     if kind == "alert" and data:
                         yield event_id, _json("\n".join(data).encode(), self.url)
-                    kind, data = "message", []
+                    elif has_id:
+                        yield event_id, None
+                    kind, data, has_id = "message", [], False
                     continue
                 name, _, value = line.partition(":")
                 value = value[1:] if value.startswith(" ") else value
                 if name == "id":
-                    event_id = value
+                    event_id, has_id = value, True
                 elif name == "event":
                     kind = value
                 elif name == "data":
@@ -162,4 +166,6 @@ def client_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         token = env.get("REPLAYGUARD_TOKEN", "").strip()
     if not token:
         raise ConfigError("set REPLAYGUARD_TOKEN (or REPLAYGUARD_TOKEN_FILE, --token-file) to an API token")
+    if not (token.isascii() and token.isprintable() and " " not in token):  # it goes in a header; never echo it
+        raise ConfigError("the API token must be one line of printable ASCII (a token file holds the token alone)")
     return Client(url, token)

@@ -25,6 +25,7 @@ from .timefmt import rfc3339_us
 
 DOMAIN = b"replayguard-checkpoint-v1"
 ALGORITHM = "Ed25519"
+MAX_BIGINT = 2**63 - 1  # seq and ts_us go in bigint columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,8 @@ def to_json(checkpoint: Checkpoint) -> dict[str, object]:
 
 def _int(data: Mapping[str, object], name: str) -> int:
     value = data.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"checkpoint field {name!r} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT:
+        raise ValueError(f"checkpoint field {name!r} must be an integer from 0 to {MAX_BIGINT}")
     return value
 
 

@@ -35,6 +35,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # A backend terminated (pg_terminate_backend, a restart) sends its FATAL before it
+    # closes the socket; a query started on the connection in between gets this.
+    asyncpg.InternalClientError,
 )
 
 

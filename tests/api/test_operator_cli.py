@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from replayguard.cli.operator import printable, table
 from replayguard.http.state import ANALYSTS
 from tests.browser.test_console import play_the_story
-from tests.conftest import REPO, Api, cli_env, dead_url, uid
+from tests.conftest import REPO, Api, cli_env, dead_url, run_cli, uid
 
 
 async def rg(api: Api | None, *args: str, role: str = "analyst", url: str | None = None,
@@ -198,3 +198,17 @@ async def test_a_token_file_that_is_not_utf8_is_exit_2_in_one_line(tmp_path: Pat
     code, _, err = await rg(None, "status", "--url", "http://127.0.0.1:1", "--token-file", str(token_file))
     assert code == 2 and "is not UTF-8 text" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_token_file_with_a_second_line_is_one_line_without_the_token(tmp_path: Path) -> None:
+    """A token file holding more than the token (a second line) stops the operator CLI with
+    one error line, exit 2, printing neither a traceback nor the token."""
+    token = "rgt_Zq8TestTokenSecretPart1234567890"
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{token}\nrotated 2026-12-01\n")
+    token_file.chmod(0o600)
+    with dead_url() as url:
+        done = run_cli("alerts", "list", "--url", url, "--token-file", str(token_file), env=cli_env())
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and "Zq8TestTokenSecretPart" not in output, output
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, output

@@ -202,3 +202,16 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path, database_url: str, c
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("replayguard: error: "), done.stderr
     assert expected in done.stderr and PASSWORD not in done.stderr, done.stderr
     assert sorted(tmp_path.glob("data/keys/*.key")) == planted, "a refused start wrote a key"
+
+
+@pytest.mark.parametrize(("option", "url"), [
+    ("--database-url", f"postgresql://replayguard:{PASSWORD}/Wk9rT4@127.0.0.1:5432/replayguard"),
+    ("--redis-url", f"redis://:{PASSWORD}/ET@127.0.0.1:6379/0"),
+])
+def test_a_url_whose_password_breaks_it_is_refused_without_quoting_it(tmp_path: Path, option: str, url: str) -> None:
+    """A URL setting whose password holds an unescaped '/' is refused with one line naming
+    the setting, and no part of the password."""
+    done = run_cli("migrate", "--data-dir", str(tmp_path / "data"), option, url,
+                   *(() if option == "--database-url" else ("--database-url", "postgresql://127.0.0.1:1/x")))
+    assert done.returncode == 2 and PASSWORD not in done.stdout + done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "is not a valid URL" in done.stderr, done.stderr

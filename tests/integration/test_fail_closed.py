@@ -7,6 +7,7 @@ under a running service, and starts it again on the same data and socket.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,3 +135,32 @@ async def test_known_replay_is_not_answered_from_redis_while_the_ledger_is_down(
     status, after = await api.post("/v1/nonces/consume", body)
     assert (status, after["decision"], after["reason"]) == (200, "reject", "reused")
     assert isinstance(after["seq"], int)  # written to the ledger
+
+
+def _fatal_admin_shutdown() -> bytes:
+    fields = (b"SFATAL\x00VFATAL\x00C57P01\x00"
+              b"Mterminating connection due to administrator command\x00\x00")
+    return b"E" + struct.pack("!i", len(fields) + 4) + fields
+
+
+def _idle_pool_connections(api: Api) -> list[Any]:
+    pool = api.runtime.pool
+    return [h._con for h in pool._holders if h._con is not None and h._in_use is None and not h._con.is_closed()]
+
+
+async def test_a_backend_terminated_under_an_idle_pool_connection_is_a_503_not_a_500(api: Api) -> None:
+    """A decision request whose bearer token is read on a pool connection the server just
+    terminated (its FATAL received, its close not yet seen) is answered 503 unavailable, never 500."""
+    _, token = await api.runtime.api_tokens.create("callout", uid("fresh"))  # not cached: read from the database
+    idle = _idle_pool_connections(api)
+    assert idle, "the pool has idle connections"
+    for conn in idle:
+        conn._protocol.data_received(_fatal_admin_shutdown())
+    try:
+        resp = await api.client.post("/v1/nonces/consume", json={"vm_id": uid("vm"), "scope": "term", "nonce": uid()},
+                                     headers={"Authorization": f"Bearer {token}"})
+        body = await resp.json()
+    finally:
+        for conn in idle:
+            conn.terminate()  # the close that follows the FATAL
+    assert (resp.status, body.get("error", {}).get("code")) == (503, "unavailable"), (resp.status, body)

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from replayguard.relay.proxmox import Outbox
 from replayguard.relay.vsphere import ForwarderConfig, create_app
 from replayguard.settings import Secret
-from tests.conftest import Api, uid
+from tests.conftest import Api, dead_url, uid
 from tests.waiting import until
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "hypervisors" / "vsphere"
@@ -206,3 +206,23 @@ async def test_real_service_accepts_the_forwarded_event_and_flags_the_repeat(
     assert (first["forwarded"], first["status"], first["service"]["duplicate"]) == (True, 202, False), first
     again = await (await client.post("/", data=body, headers=headers)).json()
     assert (again["status"], again["service"]["duplicate"]) == (202, True), again
+
+
+async def test_deeply_nested_cloudevent_data_is_a_400_not_a_500(tmp_path: Path) -> None:
+    """A structured CloudEvent whose data nests 300 levels deep (JSON the relay reads, but
+    cannot write again) is refused with 400 and not spooled, not answered 500."""
+    head = orjson.dumps({"specversion": "1.0", "id": "deep-1", "source": "/vcenter",
+                         "type": "com.vmware.event.router/event"})
+    body = head[:-1] + b',"data":' + b"[" * 300 + b"1" + b"]" * 300 + b"}"
+    with dead_url() as url:
+        config = ForwarderConfig(url, Secret("hv-token"), tmp_path / "spool", retry_base=0.01)
+        config.spool_dir.mkdir()
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            resp = await client.post("/", data=body, headers={"Content-Type": "application/cloudevents+json"})
+            status = resp.status
+        finally:
+            await client.close()
+    assert status == 400, status
+    assert not [p for p in config.spool_dir.rglob("*") if p.is_file()]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
 from replayguard.core import continuity
@@ -178,3 +179,17 @@ async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required
             return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
 
         await until(critical, "the critical alert", timeout=30)
+
+
+async def test_witness_put_with_a_seq_past_bigint_is_a_400(api: Api) -> None:
+    """A correctly signed witness record whose checkpoint seq exceeds PostgreSQL's bigint is
+    answered 400 invalid_request, not 500."""
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key()
+    deployment = cps.key_id(public)
+    checkpoint = cps.sign(key, 2**63, b"\x01" * 32, 1_790_000_000_000_000)
+    body = {"deployment_id": deployment, "public_key_pem": cps.public_key_pem(public),
+            "checkpoint": cps.to_json(checkpoint)}
+    resp = await api.client.put(f"/v1/witness/{deployment}", json=body, headers=api.auth("witness"))
+    data = await resp.json()
+    assert (resp.status, data["error"]["code"]) == (400, "invalid_request"), data
