@@ -18,6 +18,9 @@ from ..errors import InvalidRequest
 from .receipts import MAX_LENGTH as MAX_RECEIPT
 
 MAX_ID = 256
+# A VM or principal is named in URL paths (/v1/vms/{vm_id}/timeline): browsers and clients
+# resolve these segments away, so such an identifier could never be looked at.
+DOT_SEGMENTS = (".", "..")
 MAX_NONCE = 1024
 MIN_REQUEST_ID, MAX_REQUEST_ID = 16, 128  # a receipt_request: random enough not to be guessed
 DEFAULT_TTL_S = 300  # a nonce's ttl when the request names none (nonce_max_ttl_s if lower)
@@ -57,6 +60,8 @@ def check_identifier(value: object, name: str) -> str:
         raise InvalidRequest(f"{name} must be 1 to {MAX_ID} characters", field=name)
     if not _printable(value):
         raise InvalidRequest(f"{name} must not contain control characters", field=name)
+    if value in DOT_SEGMENTS:
+        raise InvalidRequest(f"{name} must not be . or .., which no URL path can name", field=name)
     return value
 
 

@@ -44,7 +44,7 @@ async def consume_nonce(request: web.Request) -> web.Response:
     return render(request, await answer_nonce(request.app[RUNTIME], request[CALLER], await read_json(request)))
 
 
-_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_ID = {"type": "string", "minLength": 1, "maxLength": 256, "not": {"enum": list(validation.DOT_SEGMENTS)}}
 _RECEIPT = {"type": "string", "maxLength": receipts.MAX_LENGTH}
 _RECEIPT_KEPT = {"type": "boolean", "default": False,
                  "description": "the caller keeps receipts: sending none means it lost the one it stored"}

@@ -67,7 +67,7 @@ async def clear_vm(request: web.Request) -> web.Response:
                           "refusing_reason": cleared.reason, "seq": cleared.seq})
 
 
-_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_ID = {"type": "string", "minLength": 1, "maxLength": 256, "not": {"enum": list(validation.DOT_SEGMENTS)}}
 _TIME = {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}
 EVENT_SCHEMA = {
     "type": "object",

@@ -61,6 +61,11 @@ def bad(name: str, path: str, body: Any, field: str | None = None, role: str = "
 CASES = [
     # Not JSON, or not an object.
     bad("truncated json", OTP, b'{"vm_id": '),
+    bad("vm_id '..' (no URL path can name it)", NONCE, nonce(vm_id=".."), "vm_id"),
+    bad("principal '.' (no URL path can name it)", OTP, otp(principal="."), "principal"),
+    bad("event vm_id '..'", "/v1/hypervisor/events",
+        {"event_id": "e-dots", "type": "vm.started", "vm_id": "..", "occurred_at": 1_790_000_000}, "vm_id",
+        role="hypervisor"),
     bad("empty body", NONCE, b""),
     bad("invalid utf-8", OTP, b'{"vm_id": "\xff\xfe"}'),
     bad("trailing garbage", NONCE, b'{"vm_id": "a"} x'),
