@@ -92,6 +92,12 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
     return raw
 
 
+def keys_location(settings: Settings) -> str:
+    """Where the pepper and the secret key come from, for a message."""
+    named = [str(path) for path in (settings.pepper_file, settings.secret_key_file) if path is not None]
+    return " and ".join(named) if named else str(settings.data_dir / "keys")
+
+
 def load_keys(settings: Settings) -> Keys:
     """Reads or creates every key; raises ``ConfigError`` with one clear line. Every key
     that exists is read (and checked) before any missing one is created, so a refused

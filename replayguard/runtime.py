@@ -18,13 +18,14 @@ import asyncpg
 import structlog
 
 from .fanout import AlertFanout
-from .keys import Keys, load_keys
+from .keys import Keys, keys_location, load_keys
 from .metrics import Metrics
 from .pg import connections, schema
 from .pg.appender import Appender, DecideParams
 from .services.apitokens import ApiTokens
 from .services.continuity import ContinuityGuard
 from .services.decide import DecisionConfig, DecisionService
+from .services.key_binding import hold_to_binding
 from .services.tokens import TokenStore
 from .settings import Settings
 
@@ -77,6 +78,11 @@ async def open_runtime(
         dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
     pool = await connections.create_pool(dsn, size=settings.db_pool_size,
                                          statement_timeout_ms=settings.statement_timeout_ms)
+    try:  # before anything reads or writes a digest: other keys would find no earlier use
+        await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings))
+    except BaseException:
+        await pool.close()
+        raise
     metrics = Metrics()
     fanout = AlertFanout.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
     params = DecideParams(lock_threshold=settings.lockout_threshold,

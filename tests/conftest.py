@@ -38,8 +38,10 @@ from replayguard import logging as rglog
 from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
 from replayguard.http.state import RUNTIME
+from replayguard.keys import Keys
 from replayguard.pg import schema
 from replayguard.runtime import Runtime, open_runtime
+from replayguard.services import key_binding
 from replayguard.settings import Secret, Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +121,7 @@ def dsn_for(name: str) -> str:
     return f"{base}/{name}"
 
 
-async def create_database(prefix: str = "rg_test", options: str = "") -> str:
+async def create_database(prefix: str = "rg_test", options: str = "", *, migrate: bool = True) -> str:
     """Creates and migrates a new database (``options`` follow ``CREATE DATABASE name``, e.g.
     a template and locale); returns its DSN."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
@@ -129,7 +131,8 @@ async def create_database(prefix: str = "rg_test", options: str = "") -> str:
     finally:
         await admin.close()
     dsn = dsn_for(name)
-    await schema.migrate_dsn(dsn)
+    if migrate:
+        await schema.migrate_dsn(dsn)
     return dsn
 
 
@@ -143,20 +146,52 @@ async def drop_database(dsn: str) -> None:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """This run's own database, migrated from zero."""
-    dsn = await create_database()
+async def template_database() -> AsyncIterator[str]:
+    """This run's database migrated from zero, never opened again: each test's database is
+    a copy of it (``CREATE DATABASE ... TEMPLATE``, much faster than migrating)."""
+    dsn = await create_database("rg_tmpl")
+    yield dsn
+    await drop_database(dsn)
+
+
+async def copy_of(template: str, prefix: str) -> str:
+    name = template.rpartition("/")[2]
+    return await create_database(prefix, f'TEMPLATE "{name}"', migrate=False)
+
+
+@pytest_asyncio.fixture
+async def database_url(template_database: str) -> AsyncIterator[str]:
+    """The test's own database, migrated. A database holds every process on it to the keys
+    it was first opened with (migration 032), and one deployment's clock guard: tests must
+    not share one."""
+    dsn = await copy_of(template_database, "rg_test")
+    yield dsn
+    await drop_database(dsn)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def run_database_url(template_database: str, run_keys: Path) -> AsyncIterator[str]:
+    """A database for the module-scoped services, bound to the run's keys, which every data
+    dir on it gets (``seed_keys``)."""
+    dsn = await copy_of(template_database, "rg_run")
+    keys = {name.removesuffix(".key"): bytes.fromhex((run_keys / name).read_text()) for name in KEY_NAMES}
+    pepper_check, secret_check = key_binding.checks(Keys(**keys))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO key_binding VALUES (true, $1, $2, 0)", pepper_check, secret_check)
+    finally:
+        await conn.close()
     yield dsn
     await drop_database(dsn)
 
 
 @pytest_asyncio.fixture
-async def fresh_database() -> AsyncIterator[Callable[[], Any]]:
+async def fresh_database(template_database: str) -> AsyncIterator[Callable[[], Any]]:
     """A factory of further empty databases (for tests that need a ledger of their own)."""
     made: list[str] = []
 
     async def make() -> str:
-        dsn = await create_database("rg_fresh")
+        dsn = await copy_of(template_database, "rg_fresh")
         made.append(dsn)
         return dsn
 
@@ -205,8 +240,35 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+KEY_NAMES = ("pepper.key", "secret.key", "receipt.key", "signing.key")
+
+
+@pytest.fixture(scope="session")
+def run_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The keys of the run's database: it holds every process on it to the keys it was set
+    up with (migration 032), so every test's data dir on it gets a copy (``seed_keys``)."""
+    keys = tmp_path_factory.mktemp("run-keys") / "keys"
+    keys.mkdir(mode=0o700)
+    for name in KEY_NAMES:
+        (keys / name).write_text(secrets.token_bytes(32).hex() + "\n")
+        (keys / name).chmod(0o600)
+    return keys
+
+
+def seed_keys(data_dir: Path, keys: Path) -> None:
+    """Gives ``data_dir`` a copy of ``keys`` (0700 dirs, 0600 files) unless it has keys."""
+    if (data_dir / "keys").exists():
+        return
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (data_dir / "keys").mkdir(mode=0o700)
+    for name in KEY_NAMES:
+        (data_dir / "keys" / name).write_bytes((keys / name).read_bytes())
+        (data_dir / "keys" / name).chmod(0o600)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
+    """Settings over the test's database, in a data dir of its own."""
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"database_url": Secret(database_url), "data_dir": tmp_path / "data",
                                   "db_pool_size": 4}
@@ -253,7 +315,11 @@ class ServiceTestServer(TestServer):
 async def start_api(settings: Settings, clock: FakeClock) -> Api:
     app = create_app(settings, clock=clock)
     client = TestClient(ServiceTestServer(app))
-    await client.start_server()
+    try:
+        await client.start_server()
+    except BaseException:  # a start the service refuses (bad settings, other keys) leaves nothing open
+        await client.close()
+        raise
     runtime = app[RUNTIME]
     tokens = {}
     for role in ROLES:
@@ -263,7 +329,7 @@ async def start_api(settings: Settings, clock: FakeClock) -> Api:
 
 @pytest_asyncio.fixture
 async def api(make_settings: Callable[..., Settings], clock: FakeClock) -> AsyncIterator[Api]:
-    """The service in-process over the run's database, no Redis."""
+    """The service in-process over the test's database, no Redis."""
     instance = await start_api(make_settings(), clock)
     yield instance
     await instance.client.close()

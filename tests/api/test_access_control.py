@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from replayguard.runtime import Runtime
 from replayguard.services.apitokens import ApiTokens
 from replayguard.settings import Secret, Settings
 from tests.api.access_matrix import CALLERS, MATRIX, PRINCIPAL, Row
-from tests.conftest import ROLES, FakeClock, ServiceTestServer, cli_env, run_cli, uid
+from tests.conftest import ROLES, FakeClock, ServiceTestServer, cli_env, run_cli, seed_keys, uid
 from tests.waiting import until
 
 MALFORMED = {
@@ -52,10 +53,12 @@ class Served:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def served(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> AsyncIterator[Served]:
+async def served(tmp_path_factory: pytest.TempPathFactory, run_database_url: str,
+                 run_keys: Path) -> AsyncIterator[Served]:
     """The app in-process on the run's database, a live and a revoked token of every role."""
-    settings = Settings(database_url=Secret(database_url), data_dir=tmp_path_factory.mktemp("acl") / "data",
-                        db_pool_size=4)
+    data_dir = tmp_path_factory.mktemp("acl") / "data"
+    seed_keys(data_dir, run_keys)
+    settings = Settings(database_url=Secret(run_database_url), data_dir=data_dir, db_pool_size=4)
     app = create_app(settings, clock=FakeClock())
     server = ServiceTestServer(app)
     await server.start_server(**handler_limits(settings))  # TestServer() drops handler kwargs

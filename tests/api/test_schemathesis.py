@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.api.access_matrix import MATRIX, allowed
-from tests.conftest import REPO, ROLES, cli_env, reported_port, run_cli, uid
+from tests.conftest import REPO, ROLES, cli_env, reported_port, run_cli, seed_keys, uid
 
 pytestmark = pytest.mark.slow
 
@@ -70,19 +70,20 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Live]:
+def live(tmp_path_factory: pytest.TempPathFactory, run_database_url: str, run_keys: Path) -> Iterator[Live]:
     """A real service on the run's database, a token per role, and its served OpenAPI document."""
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
+    seed_keys(data_dir, run_keys)
     tokens = {}
     for role in ROLES:
         done = run_cli("token", "create", "--role", role, "--name", uid(f"fuzz-{role}"),
-                       "--data-dir", str(data_dir), "--database-url", database_url)
+                       "--data-dir", str(data_dir), "--database-url", run_database_url)
         assert done.returncode == 0, done.stderr
         tokens[role] = done.stdout.strip()
     log = Path(data_dir.parent / "service.log").open("wb")  # noqa: SIM115 - open while the service runs; closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "replayguard", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--data-dir", str(data_dir), "--database-url", database_url],
+         "--data-dir", str(data_dir), "--database-url", run_database_url],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         env=cli_env(REPLAYGUARD_DB_POOL_SIZE="4", REPLAYGUARD_LOG_LEVEL="info"))
     try:
