@@ -95,7 +95,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def uid(prefix: str = "t") -> str:
-    """A unique identifier, so tests sharing the run's database never meet."""
+    """A unique identifier, so rows of one test never meet another's (module-scoped services share a database)."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
@@ -143,6 +143,9 @@ async def drop_database(dsn: str) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+KEY_NAMES = ("pepper.key", "secret.key", "receipt.key", "signing.key")
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -240,13 +243,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-KEY_NAMES = ("pepper.key", "secret.key", "receipt.key", "signing.key")
-
-
 @pytest.fixture(scope="session")
 def run_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The keys of the run's database: it holds every process on it to the keys it was set
-    up with (migration 032), so every test's data dir on it gets a copy (``seed_keys``)."""
+    """The keys of ``run_database_url``: it holds every process on it to the keys it was set
+    up with (migration 032), so every data dir on it gets a copy (``seed_keys``)."""
     keys = tmp_path_factory.mktemp("run-keys") / "keys"
     keys.mkdir(mode=0o700)
     for name in KEY_NAMES:

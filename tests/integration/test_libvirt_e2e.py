@@ -2,7 +2,7 @@
 
 A private libvirtd (test driver, see ``libvirt_support``) holds a domain of a unique name;
 the real relay process (``replayguard relay libvirt``) watches it and posts to a real
-``replayguard serve`` process on the run's database. The test enrolls a TOTP token,
+``replayguard serve`` process on the test's database. The test enrolls a TOTP token,
 snapshots the domain, logs in with a code, reverts the domain with libvirt itself and
 replays the code: the service, told of the revert only by the relay, refuses it as
 ``replay_after_rollback`` with a critical alert.

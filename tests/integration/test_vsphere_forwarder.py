@@ -187,7 +187,7 @@ async def test_what_is_not_a_cloudevent_is_refused_and_not_forwarded(
 
 
 def isolated(name: str) -> dict[str, Any]:
-    """A recorded event with a fresh id and VM name, so it meets nothing else in the run's database."""
+    """A recorded event with a fresh id and VM name, so it meets nothing else in the test's database."""
     event = recorded(name)
     event["id"] = uid("ce")
     event["data"]["Vm"]["Name"] = uid("vm")
