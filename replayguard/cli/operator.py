@@ -124,12 +124,15 @@ def alerts_ack(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def alerts_follow(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    """Prints each new or changed alert as it comes; reconnects with Last-Event-ID."""
+    """Prints each new or changed alert as it comes; reconnects with Last-Event-ID (the
+    stream's position, which it sends on opening and with every alert)."""
     last, seen, delay = args.last_event_id, 0, 1.0
     while True:
         try:
             for event_id, alert in client.events(last):
                 last = event_id or last
+                if alert is None:
+                    continue  # the stream's position only: a reconnect resumes from it
                 line = json.dumps(alert, ensure_ascii=False) if args.json else "  ".join(printable(v) for v in (
                     short_time(alert["updated_at"]), alert["severity"], alert["kind"], alert["status"],
                     f"alert={alert['id']}", f"vm={alert['vm_id']}", f"principal={alert['principal']}",

@@ -57,6 +57,20 @@ function row(alert, selected) {
 
 const byNewest = (a, b) => Number(b.id) - Number(a.id);
 
+/** The list with an older page added: an alert already listed (a live update raced the
+ *  page) is listed once, in its later state (updated_at: one RFC 3339 form, so the text
+ *  orders as the time). */
+function merged(items, page) {
+  const listed = new Map(items.map((a) => [a.id, a]));
+  const added = page.filter((a) => {
+    const mine = listed.get(a.id);
+    if (mine === undefined) return true;
+    if (a.updated_at > mine.updated_at) listed.set(a.id, a);
+    return false;
+  });
+  return [...listed.values()].concat(added).sort(byNewest);
+}
+
 export async function render(main, params, ctx) {
   const selected = params[0] || null;
   let items = [];
@@ -78,7 +92,7 @@ export async function render(main, params, ctx) {
     clear(listError);
     try {
       const page = await api(`/v1/alerts${query(q)}`);
-      items = append ? items.concat(page.items) : page.items;
+      items = append ? merged(items, page.items) : page.items;
       cursor = page.next_cursor;
     } catch (error) {
       listError.append(errorBox(error));
@@ -102,10 +116,14 @@ export async function render(main, params, ctx) {
       more),
     detailPane));
 
+  // While older pages remain, an alert older than the oldest listed belongs to one of them:
+  // "Older alerts" lists it in its place, so it is not pushed out of order now.
+  const listable = (alert) => cursor === null || !items.length
+    || Number(alert.id) > Number(items[items.length - 1].id);
   const stop = ctx.onAlert((alert) => {
     const at = items.findIndex((a) => a.id === alert.id);
     if (at >= 0) items[at] = alert;
-    else if (matches(alert)) items.push(alert);
+    else if (matches(alert) && listable(alert)) items.push(alert);
     else return;
     items.sort(byNewest);
     paint();

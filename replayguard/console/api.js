@@ -62,6 +62,8 @@ function parseFrame(frame) {
 /**
  * Follows /v1/alerts/stream until `signal` aborts: calls onAlert(alert) per event and
  * onState("live" | "reconnecting" | "denied"); resumes with Last-Event-ID after a drop.
+ * The stream opens with its position (an id-only frame, which fires no alert), so a drop
+ * before the first alert resumes from there too.
  */
 export async function followAlerts(onAlert, onState, signal) {
   let last = null;

@@ -84,37 +84,60 @@ async def _send(resp: web.StreamResponse, data: bytes) -> None:
     await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT_S)
 
 
-async def _catch_up(request: web.Request, resp: web.StreamResponse, last: int) -> set[int]:
-    """Sends every change after ``last`` from the database; returns the changes sent."""
-    sent: set[int] = set()
+async def _catch_up(request: web.Request, resp: web.StreamResponse, last: int) -> int:
+    """Sends every change after ``last`` from the database; returns the highest change sent,
+    or ``last`` when there was none."""
     while True:
         records = await _svc(request).alerts.changes(last, PAGE)
         for record in records:
             await _send(resp, _frame(record["change_seq"], render(record)))
-            sent.add(record["change_seq"])
             last = max(last, record["change_seq"])
         if len(records) < PAGE:
-            return sent
+            return last
+
+
+def _token(request: web.Request) -> str:
+    """The bearer token the ``authorise`` middleware accepted for this request."""
+    return request.headers.get("Authorization", "").partition(" ")[2].strip()
+
+
+async def _token_valid(request: web.Request) -> bool:
+    """Whether the token that opened the stream is still valid (revoked: the stream ends).
+    Cheap: the API token cache answers until a token change is announced or it ages out."""
+    return await request.app[RUNTIME].api_tokens.authenticate(_token(request)) is not None
 
 
 async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber, last: int | None) -> None:
+    """The stream's position first (a new stream: the current change number, read after
+    subscribing, so no change falls between; a resumed one: after replaying what was missed),
+    then every live change above it, while the caller's token stays valid. A live change at
+    or below the position is one the client has (or an alert's older state): never sent."""
     heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
     await _send(resp, b"retry: 2000\n\n")
-    sent = await _catch_up(request, resp, last) if last is not None else set()
+    last = await _svc(request).alerts.last_change() if last is None else await _catch_up(request, resp, last)
+    await _send(resp, b"id: %d\n\n" % last)
     while not sub.dropped:
         try:
             item = await asyncio.wait_for(sub.queue.get(), heartbeat)
         except TimeoutError:
+            if not await _token_valid(request):
+                return
             await _send(resp, b": heartbeat\n\n")
             continue
         if item is None:
             return
-        if item[0] not in sent:
-            await _send(resp, _frame(*item))
+        if item[0] <= last:
+            continue
+        if not await _token_valid(request):
+            return
+        await _send(resp, _frame(*item))
+        last = item[0]
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: one ``alert`` event per new or updated alert, id = change number."""
+    """Server-Sent Events: one ``alert`` event per new or updated alert, id = change number;
+    every stream opens with its position (an ``id:`` line), so a client resumes from it even
+    when it dropped before any alert."""
     last = _last_event_id(request)
     feed = _svc(request).feed
     sub = feed.subscribe()
@@ -122,7 +145,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        # The client left or stalled, or the database went: it reconnects with Last-Event-ID.
+        # The client left or stalled, the database went, or the token was revoked: it
+        # reconnects with Last-Event-ID (a revoked token is refused then).
         with contextlib.suppress(ConnectionError, TimeoutError, Unavailable):
             await _pump(request, resp, sub, last)
     finally:

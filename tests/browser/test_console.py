@@ -15,9 +15,13 @@ from typing import Any
 
 import pytest
 
+from replayguard.http.state import ANALYSTS
+from tests.api.test_analysts import reuse_alert
 from tests.api.test_rollback_attack import alice, event, login
 from tests.browser.conftest import Tab
 from tests.conftest import Api, uid
+from tests.integration.test_alert_stream import drop_streams_and_refuse_new
+from tests.waiting import until
 
 WAIT_MS = 20_000
 
@@ -108,6 +112,51 @@ async def test_the_snapshot_replay_story_live_in_the_console(api: Api, tab: Tab,
         assert token not in log_buffer.getvalue(), "a token reached the service's log"
     assert '"route": "/console/{name}"' in log_buffer.getvalue() or '"route":"/console/{name}"' in log_buffer.getvalue()
     assert tab.dialogs == [] and tab.csp_violations == [] and tab.console_errors == []
+
+
+async def test_an_alert_raised_while_the_stream_was_down_shows_after_it_reconnects(
+        api: Api, tab: Tab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An alert raised while the console's stream is reconnecting appears in the list once the
+    stream is back, even when the stream had not delivered any event before it dropped."""
+    page = tab.page
+    await sign_in(tab, api)
+    feed = api.client.app[ANALYSTS].feed
+    drop_streams_and_refuse_new(feed, monkeypatch)
+    await page.locator('#live[data-state="reconnecting"]').wait_for(timeout=WAIT_MS)
+
+    alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    _, alert = await api.get(f"/v1/alerts/{alert_id}")
+    await until(lambda: (feed._pos or 0) >= alert["change"], "the feed to pass the new alert")
+
+    monkeypatch.undo()
+    await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
+    await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+
+
+async def test_an_older_alert_updated_live_is_listed_once_after_older_alerts(api: Api, tab: Tab) -> None:
+    """An alert beyond the loaded pages that changes (here: acknowledged) while the list is open is
+    listed once, in its place and current, when the analyst loads the older alerts."""
+    oldest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    for _ in range(100):  # a full first page (100) of newer alerts
+        await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    rows = page.locator("#alert-rows")
+    assert await rows.locator(f'tr[data-alert-id="{oldest}"]').count() == 0  # not on the first page
+
+    status, _ = await api.post(f"/v1/alerts/{oldest}/acknowledge", {"note": "seen"}, role="analyst")
+    assert status == 200
+    newest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    await rows.locator(f'tr[data-alert-id="{newest}"]').wait_for(timeout=WAIT_MS)  # the stream is past the ack
+    assert await rows.locator(f'tr[data-alert-id="{oldest}"]').count() == 0  # its page is not loaded yet
+
+    await page.locator("#more").click()
+    await page.locator("#more[hidden]").wait_for(state="attached", timeout=WAIT_MS)  # every page loaded
+    oldest_rows = rows.locator(f'tr[data-alert-id="{oldest}"]')
+    assert await oldest_rows.count() == 1
+    assert "acknowledged" in await oldest_rows.inner_text()
+    ids = [await r.get_attribute("data-alert-id") for r in await rows.locator("tr").all()]
+    assert ids == sorted(ids, key=int, reverse=True) and len(ids) == 102
 
 
 HOSTILE_VM = '<script>window.__pwned = "vm"</script>'

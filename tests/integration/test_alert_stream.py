@@ -1,10 +1,13 @@
-"""The live alert stream (SSE) and the alert feed: resume, fan-out across two instances over
-one database, heartbeats, the subscriber cap, stalled consumers, and the sinks' copy."""
+"""The live alert stream (SSE) and the alert feed: the opening position and resume (also by
+``alerts follow``), a revoked token's stream, fan-out across two instances over one database,
+heartbeats, the subscriber cap, stalled consumers, and the sinks' copy."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,12 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from replayguard.errors import Unavailable
 from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
-from tests.conftest import Api, uid
+from tests.conftest import REPO, Api, cli_env, uid
 from tests.integration.tcp_proxy import proxied
 from tests.waiting import until
 
@@ -32,9 +36,13 @@ async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.Cli
     return resp
 
 
-async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 20) -> tuple[int, dict[str, Any]]:
-    """The next event about ``vm_id`` (the run's database is shared); the timeout bounds a failure."""
-    async def read() -> tuple[int, dict[str, Any]]:
+async def events_until(resp: aiohttp.ClientResponse, vm_id: str,
+                       timeout: float = 20) -> list[tuple[int, dict[str, Any]]]:
+    """Every alert event read, with its id, up to and including the first about ``vm_id`` (the
+    run's database is shared); the timeout bounds a failure."""
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    async def read() -> None:
         event_id = -1
         while True:
             line = (await resp.content.readline()).decode()
@@ -42,11 +50,37 @@ async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 
             if line.startswith("id: "):
                 event_id = int(line[4:])
             elif line.startswith("data: "):
-                data = orjson.loads(line[6:])
-                if data["vm_id"] == vm_id:
-                    return event_id, data
+                seen.append((event_id, orjson.loads(line[6:])))
+                if seen[-1][1]["vm_id"] == vm_id:
+                    return
+
+    await asyncio.wait_for(read(), timeout)
+    return seen
+
+
+async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 20) -> tuple[int, dict[str, Any]]:
+    """The next event about ``vm_id``; the timeout bounds a failure."""
+    return (await events_until(resp, vm_id, timeout))[-1]
+
+
+async def first_id(resp: aiohttp.ClientResponse, timeout: float = 20) -> int:
+    """The first ``id:`` the stream sends; the timeout bounds a failure."""
+    async def read() -> int:
+        while not (line := (await resp.content.readline()).decode()).startswith("id: "):
+            assert line, "the stream ended"
+        return int(line[4:])
 
     return await asyncio.wait_for(read(), timeout)
+
+
+def drop_streams_and_refuse_new(feed: alertfeed.AlertFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ends every open stream (a restart, a proxy timeout) and refuses new ones with 503 until
+    ``monkeypatch.undo()``."""
+    def refuse() -> Any:
+        raise Unavailable("too many alert stream subscribers; try again later")
+
+    monkeypatch.setattr(feed, "subscribe", refuse)
+    feed.close_subscribers()
 
 
 async def test_a_raised_alert_appears_on_the_stream(api: Api) -> None:
@@ -75,6 +109,123 @@ async def test_last_event_id_resumes_with_what_was_missed(api: Api) -> None:
     resumed.close()
     bad = await api.client.get("/v1/alerts/stream", headers={**api.auth("analyst"), "Last-Event-ID": "x1"})
     assert bad.status == 400 and (await bad.json())["error"]["field"] == "Last-Event-ID"
+
+
+async def test_a_resumed_stream_never_resends_changes_at_or_before_last_event_id(
+        api_factory: Callable[..., Any]) -> None:
+    """A stream resumed with Last-Event-ID N on an instance whose feed lags (two instances, one
+    database) sends only changes after N, never again the change N the client already has."""
+    one: Api = await api_factory()
+    other: Api = await api_factory()
+    feed = other.client.app[ANALYSTS].feed
+    gate, held = asyncio.Event(), asyncio.Event()
+    real_tail = feed._tail
+
+    async def lagging_tail(conn: Any) -> None:  # the feed busy (leader duties, a reconnect...)
+        held.set()
+        await gate.wait()
+        await real_tail(conn)
+
+    feed._tail = lagging_tail
+    await until(held.is_set, "the other instance's feed to be held back")
+
+    alert_id, _ = await reuse_alert(one, uid("vm"), uid("scope"))
+    _, alert = await one.get(f"/v1/alerts/{alert_id}")
+    seen_change = alert["change"]  # the client saw this change on `one`'s stream
+
+    resp = await open_stream(other, last_event_id=seen_change)
+    await until(lambda: len(feed.subscribers) == 1, "the resumed stream to subscribe")
+    gate.set()  # the feed catches up with what was committed while it lagged
+
+    sentinel = uid("vm")
+    await reuse_alert(one, sentinel, uid("scope"))
+    events = await events_until(resp, sentinel)
+    resp.close()
+    old = [(event_id, data["id"]) for event_id, data in events if event_id <= seen_change]
+    assert old == [], f"events at or before Last-Event-ID {seen_change} were sent again: {old}"
+
+
+async def test_a_stream_opens_with_its_position_and_resumes_from_it(api: Api) -> None:
+    """A new stream's first id, sent before any alert, is the current change number, and a client
+    that drops before any alert and resumes from it gets the alerts raised meanwhile."""
+    earlier, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    _, alert = await api.get(f"/v1/alerts/{earlier}")
+    resp = await open_stream(api)
+    position = await first_id(resp)
+    resp.close()
+    assert position == alert["change"]
+    vm_id = uid("vm")
+    missed, _ = await reuse_alert(api, vm_id, uid("scope"))
+    resumed = await open_stream(api, last_event_id=position)
+    _, data = await next_alert(resumed, vm_id)
+    resumed.close()
+    assert data["id"] == missed
+
+
+async def test_alerts_follow_resumes_from_the_streams_opening_position(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replayguard alerts follow`, whose stream dropped before any alert, prints the alert raised
+    while it was reconnecting."""
+    feed = api.client.app[ANALYSTS].feed
+    env = cli_env(REPLAYGUARD_URL=str(api.client.make_url("/")).rstrip("/"), REPLAYGUARD_TOKEN=api.tokens["analyst"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "replayguard", "alerts", "follow", "--json", "--count", "1", env=env, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await until(lambda: len(feed.subscribers) == 1, "the CLI to subscribe", timeout=30)
+        drop_streams_and_refuse_new(feed, monkeypatch)
+        vm_id = uid("vm")
+        alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
+        monkeypatch.undo()
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    alert = json.loads(out.splitlines()[0])
+    assert (alert["id"], alert["vm_id"]) == (alert_id, vm_id)
+
+
+async def test_an_open_stream_of_a_revoked_token_stops_carrying_alerts(api: Api) -> None:
+    """Once an analyst token is revoked, a stream it opened earlier ends instead of carrying the
+    alerts raised after the revocation."""
+    token_id, token = await api.runtime.api_tokens.create("analyst", uid("leaving-analyst"))
+    resp = await api.client.get("/v1/alerts/stream", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200
+    assert await api.runtime.api_tokens.revoke(token_id) == 1
+    later = await api.client.get("/v1/alerts", headers={"Authorization": f"Bearer {token}"})
+    assert later.status == 401  # the service knows the token is revoked
+
+    vm_id = uid("vm")
+    await reuse_alert(api, vm_id, uid("scope"))
+    leaked: list[str] = []
+
+    async def read() -> None:  # to the stream's end, or the alert
+        while line := (await resp.content.readline()).decode():
+            if line.startswith("data: ") and orjson.loads(line[6:])["vm_id"] == vm_id:
+                leaked.append(line)
+                return
+
+    await asyncio.wait_for(read(), 20)
+    resp.close()
+    assert leaked == [], "an alert raised after the revocation reached the revoked token's stream"
+
+
+async def test_an_idle_stream_of_a_revoked_token_ends_at_its_next_heartbeat(api_factory: Callable[..., Any]) -> None:
+    """A stream that carries no alert ends at the first heartbeat after its token is revoked."""
+    api: Api = await api_factory(sse_heartbeat_s=1)
+    token_id, token = await api.runtime.api_tokens.create("analyst", uid("leaving-analyst"))
+    resp = await api.client.get("/v1/alerts/stream", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200
+    await api.runtime.api_tokens.revoke(token_id)
+
+    async def ended() -> None:
+        while await resp.content.readline():
+            pass
+
+    await asyncio.wait_for(ended(), 20)
+    resp.close()
 
 
 async def test_an_alert_raised_on_one_instance_reaches_the_other(api_factory: Callable[..., Any]) -> None:
