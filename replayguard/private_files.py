@@ -39,12 +39,7 @@ def trusted_owners(data_dir: Path | None) -> set[int]:
 
 def check_private_file(path: Path, what: str, *, data_dir: Path | None) -> None:
     """Raises ``ConfigError`` unless ``path`` (symlinks resolved) obeys the key-file rule."""
-    try:
-        real = path.resolve(strict=True)
-        st = real.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    shown = f"{path}" if real == path else f"{path} (-> {real})"
+    real, st, shown = _resolved(path, what)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{what} {shown} is not a regular file")
     owners = trusted_owners(data_dir)
@@ -61,12 +56,7 @@ def check_private_file(path: Path, what: str, *, data_dir: Path | None) -> None:
 def check_private_dir(directory: Path, what: str, *, data_dir: Path | None) -> None:
     """Raises ``ConfigError`` unless a file created in ``directory`` (symlinks resolved) would
     pass the rule's directory checks: a trusted owner, and nobody else can write it or above it."""
-    try:
-        real = directory.resolve(strict=True)
-        st = real.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {directory}: {exc.strerror}") from None
-    shown = f"{directory}" if real == directory else f"{directory} (-> {real})"
+    real, st, shown = _resolved(directory, what)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{what} {shown} is not a directory")
     me = _user(os.geteuid())
@@ -77,6 +67,16 @@ def check_private_dir(directory: Path, what: str, *, data_dir: Path | None) -> N
     if open_dir is not None:
         raise ConfigError(f"{what} {shown}: {open_dir} can be written by others "
                           f"(mode {stat.S_IMODE(open_dir.stat().st_mode):o}): run chmod go-w {open_dir}")
+
+
+def _resolved(path: Path, what: str) -> tuple[Path, os.stat_result, str]:
+    """``path`` with symlinks resolved, its stat, and how a message shows it."""
+    try:
+        real = path.resolve(strict=True)
+        st = real.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return real, st, f"{path}" if real == path else f"{path} (-> {real})"
 
 
 def _writable_by_others(parent: Path) -> Path | None:

@@ -11,7 +11,7 @@ migrations/functions/rg_api_token_changed.sql), heard on the alert feed's LISTEN
 connection, which empties the cache (``changed``): a token revoked by any process is
 refused on its next request. The cache is trusted as ``tokens.py`` trusts its own: an
 answer read while that LISTEN was in effect, with no announcement heard during the read,
-is kept up to ``CACHE_TTL_S`` while the connection keeps answering (``HEARD_WITHIN_S``);
+is kept up to ``CACHE_TTL_S`` while the connection keeps answering (``announced.HEARD_WITHIN_S``);
 any other answer for ``UNHEARD_TTL_S`` at most.
 """
 
@@ -30,7 +30,7 @@ import asyncpg
 from ..core.credentials import api_token_digest
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..pg.connections import acquire
-from .tokens import HEARD_WITHIN_S
+from .announced import Announced
 
 ROLES = ("callout", "hypervisor", "analyst", "admin", "witness")
 BINDABLE_ROLES = ("callout", "hypervisor")
@@ -69,42 +69,23 @@ def check_patterns(role: str, patterns: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(patterns))
 
 
-class ApiTokens:
+class ApiTokens(Announced):
     def __init__(self, pool: asyncpg.Pool, pepper: bytes) -> None:
+        super().__init__()
         self._pool = pool
         self._pepper = pepper
         self._cache: dict[bytes, _Answer] = {}  # by digest
-        self._listening_since: float | None = None  # when LISTEN on CHANNEL took effect; None: not now
-        self._heard_until = 0.0  # changes committed before this were heard (time.monotonic())
-        self._changes = 0  # announcements heard
 
-    # --- announcements of token changes (the alert feed's LISTEN connection) ----------
+    # --- announcements of token changes on CHANNEL (the alert feed's LISTEN connection) --
 
     def listening(self, on: bool) -> None:
-        """The LISTEN on ``CHANNEL`` took effect (True) or its connection is gone (False)."""
-        self._listening_since = time.monotonic() if on else None
-        self._heard_until = self._listening_since or 0.0
+        super().listening(on)
         self._cache.clear()  # answers kept while nothing was heard may be stale, or kept too long
-
-    def heard_until(self, sent_at: float) -> None:
-        """A query sent on the LISTEN connection at ``sent_at`` was answered: every change
-        committed before then has been heard."""
-        self._heard_until = max(self._heard_until, sent_at)
-
-    @property
-    def listening_now(self) -> bool:
-        return self._listening_since is not None
 
     def changed(self, _payload: str = "") -> None:
         """A change to ``api_tokens`` was announced: every cached answer may be stale."""
         self._changes += 1
         self._cache.clear()
-
-    def _heard_since(self, read_at: float) -> bool:
-        """Whether every change committed after ``read_at`` has been or will be heard."""
-        since = self._listening_since
-        return (since is not None and read_at >= since
-                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
 
     async def create(self, role: str, name: str, vm_patterns: Sequence[str] = ()) -> tuple[str, str]:
         """Creates a token; returns (token id, the token itself, shown this once)."""

@@ -13,7 +13,7 @@ Every write to ``otp_tokens`` is announced on ``replayguard_tokens`` (a trigger,
 migrations/functions/rg_token_changed.sql); the alert feed's LISTEN connection passes each
 announcement to ``changed``, which drops that principal's cached tokens. A list read while
 that connection listened, with no announcement heard during the read, is therefore
-current while the connection keeps answering (``HEARD_WITHIN_S``): once a fresh read has
+current while the connection keeps answering (``announced.HEARD_WITHIN_S``): once a fresh read has
 confirmed that a TOTP code matches none of a principal's tokens, further misses are
 refused without reading again, so wrong codes cost what right ones do. When the
 connection is down or stuck, a miss is read again at most once a second per principal
@@ -41,6 +41,7 @@ from ..core.validation import EnrollRequest
 from ..errors import NotFound, Unavailable
 from ..keys import Keys
 from ..pg.connections import KeptConnection, acquire
+from .announced import Announced
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
@@ -52,12 +53,6 @@ CACHE_TTL_S = 300.0
 # HOTP token, at once).
 MISS_RECHECK_S = 1.0
 CHANNEL = "replayguard_tokens"
-# A change committed before a query on the LISTEN connection is heard by the time that
-# query is answered. Lists are trusted only while such a query, sent less than this many
-# seconds ago, has been answered: a connection that hangs (half-open, or its queries
-# blocked) stops the trust without ending the connection. The alert feed queries at least
-# once a second.
-HEARD_WITHIN_S = 3.0
 MAX_READ_BATCH = 512
 _COLUMNS = ("t.principal, t.id, t.type, t.secret_ct, t.digits, t.period, t.algorithm, c.last_counter,"
             " t.fingerprint FROM otp_tokens t JOIN otp_credentials c ON c.fingerprint = t.fingerprint")
@@ -177,37 +172,16 @@ class _Cached(NamedTuple):
     clean: bool  # no token change was announced while it was read
 
 
-class TokenStore:
+class TokenStore(Announced):
     def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
+        super().__init__()
         self._pool = pool
         self._keys = keys
         self._cache: dict[str, _Cached] = {}
         self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
-        self._listening_since: float | None = None  # when LISTEN on CHANNEL took effect; None: not now
-        self._heard_until = 0.0  # changes committed before this were heard (time.monotonic())
-        self._changes = 0  # announcements heard
 
-    # --- announcements of token changes (the alert feed's LISTEN connection) ----------
-
-    def listening(self, on: bool) -> None:
-        """The LISTEN on ``CHANNEL`` took effect (True) or its connection is gone (False).
-        Lists read before it took effect are not trusted to be current."""
-        self._listening_since = time.monotonic() if on else None
-        self._heard_until = self._listening_since or 0.0
-
-    def heard_until(self, sent_at: float) -> None:
-        """A query sent on the LISTEN connection at ``sent_at`` was answered: every change
-        committed before then has been heard."""
-        self._heard_until = max(self._heard_until, sent_at)
-
-    @property
-    def listening_now(self) -> bool:
-        return self._listening_since is not None
-
-    @property
-    def changes_heard(self) -> int:
-        return self._changes
+    # --- announcements of token changes on CHANNEL (the alert feed's LISTEN connection) --
 
     def changed(self, principal: str) -> None:
         """A change to ``principal``'s tokens was announced ('': to anyone's)."""
@@ -217,13 +191,6 @@ class TokenStore:
         else:
             self._cache.clear()
             self._misses.clear()
-
-    def _heard_since(self, read_at: float) -> bool:
-        """Whether every token change committed after ``read_at`` has been or will be heard:
-        the LISTEN took effect before then and its connection answers."""
-        since = self._listening_since
-        return (since is not None and read_at >= since
-                and time.monotonic() - self._heard_until < HEARD_WITHIN_S)
 
     def current(self, principal: str, tokens: list[OtpToken]) -> bool:
         """Whether ``tokens`` is ``principal``'s cached list, and no change to it can have gone unheard."""

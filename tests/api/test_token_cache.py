@@ -15,7 +15,7 @@ import pytest
 
 from replayguard.core.validation import EnrollRequest
 from replayguard.http.state import ANALYSTS
-from replayguard.services import tokens
+from replayguard.services import announced, tokens
 from replayguard.services.tokens import TokenStore
 from tests.conftest import Api, uid
 from tests.waiting import until
@@ -109,7 +109,7 @@ async def test_a_stuck_listen_connection_stops_the_trust(api_factory: Callable[.
     """The feed's queries hang (its alert read waits on a lock) while its connection stays
     up: once HEARD_WITHIN_S passes without an answer, misses are read again; when the feed
     answers again, they are not."""
-    monkeypatch.setattr(tokens, "HEARD_WITHIN_S", 0.5)
+    monkeypatch.setattr(announced, "HEARD_WITHIN_S", 0.5)
     api = await api_factory(lockout_threshold=1000)
     await listening(api)
     principal = uid("ivy")
