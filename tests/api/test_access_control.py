@@ -55,7 +55,7 @@ class Served:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def served(tmp_path_factory: pytest.TempPathFactory, run_database_url: str,
                  run_keys: Path) -> AsyncIterator[Served]:
-    """The app in-process on the run's database, a live and a revoked token of every role."""
+    """The app in-process on the run's shared database, a live and a revoked token of every role."""
     data_dir = tmp_path_factory.mktemp("acl") / "data"
     seed_keys(data_dir, run_keys)
     settings = Settings(database_url=Secret(run_database_url), data_dir=data_dir, db_pool_size=4)

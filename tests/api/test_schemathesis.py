@@ -1,6 +1,6 @@
 """Schema-driven fuzzing: schemathesis over the served ``/v1/openapi.json``, every operation, every role.
 
-A real ``replayguard serve`` on the run's database is fuzzed with cases generated from
+A real ``replayguard serve`` on the run's shared database (``run_database_url``) is fuzzed with cases generated from
 its own OpenAPI document, with a token of each role: no response is a 5xx, every status
 is one the document declares, and every body conforms to the declared schema. Bounded for
 CI: 25 examples per operation for the roles it allows, 5 for the roles it forbids.
@@ -71,7 +71,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, run_database_url: str, run_keys: Path) -> Iterator[Live]:
-    """A real service on the run's database, a token per role, and its served OpenAPI document."""
+    """A real service on the run's shared database, a token per role, and its served OpenAPI document."""
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     seed_keys(data_dir, run_keys)
     tokens = {}

@@ -39,7 +39,7 @@ async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.Cli
 async def events_until(resp: aiohttp.ClientResponse, vm_id: str,
                        timeout: float = 20) -> list[tuple[int, dict[str, Any]]]:
     """Every alert event read, with its id, up to and including the first about ``vm_id`` (the
-    run's database is shared); the timeout bounds a failure."""
+    test may have raised others before); the timeout bounds a failure."""
     seen: list[tuple[int, dict[str, Any]]] = []
 
     async def read() -> None:
