@@ -430,15 +430,16 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, time
 
 
 async def service_with_tokens(settings: Settings, service_factory: Callable[..., Any],
-                              roles: tuple[str, ...]) -> tuple[str, dict[str, str]]:
-    """A real ``replayguard serve`` over ``settings``, and a token per role made over its own
-    data dir's keys: the service's URL and the tokens by role."""
+                              roles: tuple[str, ...], env: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """A real ``replayguard serve`` over ``settings`` (and ``env``), and a token per role made
+    over its own data dir's keys: the service's URL and the tokens by role."""
     tokens = {}
     async with open_runtime(settings, migrate=False) as runtime:
         for role in roles:
             _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
     assert settings.database_url is not None
-    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
+    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal(),
+                                    env=env)
     return service.url, tokens
 
 

@@ -56,6 +56,7 @@ from ..runtime import Runtime
 from ..settings import Settings
 from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
 from .alerts import AlertService, render, sink_record
+from .announced import Announced
 from .apitokens import CHANNEL as API_TOKEN_CHANNEL
 from .ledger import LedgerService
 from .retention import PURGE_BATCH, purge_expired
@@ -128,7 +129,6 @@ class AlertFeed:
         self._max = max_subscribers
         self.subscribers: set[Subscriber] = set()
         self._wake = asyncio.Event()
-        self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._logged: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._pos: int | None = None
         self.leader = False
@@ -216,8 +216,8 @@ class AlertFeed:
                 conn.add_termination_listener(self._on_terminated)
                 await conn.add_listener(TOKEN_CHANNEL, self._on_token_change)
                 await conn.add_listener(API_TOKEN_CHANNEL, self._on_api_token_change)
-                self._rt.tokens.listening(True)
-                self._rt.api_tokens.listening(True)
+                for cache in self._announced:
+                    cache.listening(True)
                 if self._rt.fanout is None:
                     await conn.add_listener(CHANNEL, self._on_notify)
                 else:
@@ -227,8 +227,8 @@ class AlertFeed:
                 log.warning("alert_feed_interrupted", error=type(exc).__name__)
             finally:
                 self._listen_conn = None
-                self._rt.tokens.listening(False)
-                self._rt.api_tokens.listening(False)
+                for cache in self._announced:
+                    cache.listening(False)
                 if wakeups is not None:
                     wakeups.cancel()
                     await asyncio.wait({wakeups})
@@ -270,6 +270,11 @@ class AlertFeed:
                 log.warning("alert_feed_redis_interrupted", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
 
+    @property
+    def _announced(self) -> tuple[Announced, ...]:
+        """The caches whose changes this feed's LISTEN connection hears."""
+        return self._rt.tokens, self._rt.api_tokens
+
     def _on_token_change(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._rt.tokens.changed(payload)
 
@@ -278,8 +283,8 @@ class AlertFeed:
 
     def _on_terminated(self, conn: object) -> None:
         if conn is self._listen_conn:  # lost under the session: no more changes are heard
-            self._rt.tokens.listening(False)
-            self._rt.api_tokens.listening(False)
+            for cache in self._announced:
+                cache.listening(False)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
@@ -294,8 +299,8 @@ class AlertFeed:
             last_tail = time.monotonic()
             with self._rt.metrics.background.timed("alert_tail"):
                 await self._tail(conn)
-            self._rt.tokens.heard_until(last_tail)  # token changes committed before the read were heard
-            self._rt.api_tokens.heard_until(last_tail)
+            for cache in self._announced:  # token changes committed before the read were heard
+                cache.heard_until(last_tail)
             if time.monotonic() - self._last_lead >= POLL_S:
                 # Leadership and its duties (checkpoints, sinks) are looked at once per
                 # POLL_S, not once per notification: a flood of alert joins must not cost
@@ -320,11 +325,7 @@ class AlertFeed:
         while True:
             records = await self._alerts.changes(self._pos or 0, PAGE, conn)
             for record in records:
-                key = (record["id"], record["change_seq"])
-                if key in self._recent:
-                    continue
-                self._remember(key)
-                self._pos = max(self._pos or 0, record["change_seq"])
+                self._pos = record["change_seq"]  # above the position, in change order
                 if self.leader:
                     self._log_alert(record)
                 if self.subscribers:  # rendering for nobody is work a decision worker can skip
@@ -344,11 +345,6 @@ class AlertFeed:
             "alert", alert_id=str(record["id"]), kind=kind, severity=severity, vm_id=record["vm_id"],
             principal=record["principal"], count=record["count"], status=record["status"],
             summary=record["summary"])
-
-    def _remember(self, key: tuple[int, int]) -> None:
-        self._recent[key] = None
-        while len(self._recent) > _RECENT:
-            self._recent.popitem(last=False)
 
     # --- leader duties --------------------------------------------------------------
 

@@ -54,8 +54,7 @@ class Caller:
 
 
 class _Answer(NamedTuple):
-    read_at: float  # time.monotonic() when the read was asked for
-    heard: bool  # read while changes were heard, and none heard during the read
+    read_at: float  # time.monotonic() when the read was asked for (none announced during it)
     caller: Caller | None
 
 
@@ -152,10 +151,10 @@ class ApiTokens(Announced):
         if len(self._cache) > 10_000:
             self._cache.clear()
         if self._changes == changes:  # else a change announced during the read may postdate it
-            self._cache[digest] = _Answer(now, self._heard_since(now), caller)
+            self._cache[digest] = _Answer(now, caller)
         return caller
 
     def _fresh(self, hit: _Answer, now: float) -> bool:
         if now - hit.read_at < UNHEARD_TTL_S:
             return True
-        return hit.heard and now - hit.read_at < CACHE_TTL_S and self._heard_since(hit.read_at)
+        return now - hit.read_at < CACHE_TTL_S and self._heard_since(hit.read_at)

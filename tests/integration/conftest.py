@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
 from tests.conftest import cli_env, service_with_tokens, uid
 from tests.integration.owned_servers import OwnedPostgres, OwnedRedis, scratch_dir
@@ -62,15 +61,8 @@ async def host(make_settings: Callable[..., Settings], service_factory: Callable
 @pytest.fixture
 async def refusing_host(make_settings: Callable[..., Settings], service_factory: Callable[..., Any]) -> Host:
     """A real service with receipt_reaction = refuse (a rolled-back VM is refused until cleared)."""
-    settings = make_settings()
-    tokens = {}
-    async with open_runtime(settings, migrate=False) as runtime:
-        for role in ("admin", "callout"):
-            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
-    assert settings.database_url is not None
-    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal(),
-                                    env=cli_env(REPLAYGUARD_RECEIPT_REACTION="refuse"))
-    return Host(service.url, tokens)
+    return Host(*await service_with_tokens(make_settings(), service_factory, ("admin", "callout"),
+                                           env=cli_env(REPLAYGUARD_RECEIPT_REACTION="refuse")))
 
 
 @pytest.fixture

@@ -25,9 +25,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from replayguard.runtime import open_runtime
 from replayguard.settings import Settings
-from tests.conftest import REPO, uid
+from tests.conftest import REPO, service_with_tokens, uid
 from tests.integration.local_users import reachable_dir  # noqa: F401 - fixture
 
 SMOKE = REPO / "deploy" / "freeradius" / "smoke.sh"
@@ -61,15 +60,9 @@ async def test_readme_steps_on_the_stock_tree_pass_the_radclient_smoke_test(
     reject, and leave the smoke user with no token."""
     if not stock_ports_free():
         pytest.skip("UDP 1812/1813/18120 are in use on this machine")
-    settings = make_settings()
-    tokens = {}
-    async with open_runtime(settings, migrate=False) as runtime:
-        for role in ("admin", "callout"):
-            _, tokens[role] = await runtime.api_tokens.create(role, uid(role))
-    assert settings.database_url is not None
-    service = await service_factory(data_dir=settings.data_dir, database_url=settings.database_url.reveal())
+    url, tokens = await service_with_tokens(make_settings(), service_factory, ("admin", "callout"))
     smoke_user = uid("smoke")
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "REPLAYGUARD_URL": service.url,
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "REPLAYGUARD_URL": url,
            "REPLAYGUARD_TOKEN": tokens["callout"], "ADMIN_TOKEN": tokens["admin"], "SMOKE_USER": smoke_user}
     result = subprocess.run(["sh", str(SMOKE), str(reachable_dir / "work")], env=env, capture_output=True, text=True,
                             timeout=180)
@@ -77,7 +70,7 @@ async def test_readme_steps_on_the_stock_tree_pass_the_radclient_smoke_test(
     assert "Received Access-Accept" in result.stdout and "Received Access-Reject" in result.stdout
     assert "One-time password already used" in result.stdout
     async with aiohttp.ClientSession() as session, session.get(
-            f"{service.url}/v1/principals/{smoke_user}/tokens",
+            f"{url}/v1/principals/{smoke_user}/tokens",
             headers={"Authorization": f"Bearer {tokens['admin']}"}) as resp:
         assert resp.status == 200
         assert (await resp.json())["items"] == []
