@@ -2,13 +2,16 @@
 
 Storage is always real: the machine's PostgreSQL (``REPLAYGUARD_TEST_PG``, default
 127.0.0.1:5432 as ``postgres``) and Redis (``REPLAYGUARD_TEST_REDIS``, default
-127.0.0.1:6379/5). Each run creates its own database and drops it at the end; tests
-isolate themselves further with unique VM ids and principals (``uid``).
+127.0.0.1:6379/5). Each test gets its own database, a copy of the run's migrated template,
+dropped after it; tests isolate themselves further with unique VM ids and principals
+(``uid``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import fnmatch
 import io
@@ -19,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -163,14 +167,68 @@ async def copy_of(template: str, prefix: str) -> str:
     return await create_database(prefix, f'TEMPLATE "{name}" STRATEGY FILE_COPY', migrate=False)
 
 
+class DatabaseSupply:
+    """Copies of the template made ahead and dropped behind, in a thread of their own with
+    its own event loop, so a test waits for neither. One at a time, in order: each costs the
+    server a checkpoint."""
+
+    def __init__(self, template: str, ahead: int = 2) -> None:
+        self._template = template
+        self._ahead = ahead
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rg-db-supply", daemon=True)
+        self._thread.start()
+        self._lock = asyncio.Lock()
+        self._ready: collections.deque[concurrent.futures.Future[str]] = collections.deque()
+        self._dropping: list[concurrent.futures.Future[None]] = []
+
+    def _submit(self, work: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        async def in_turn() -> Any:
+            async with self._lock:
+                return await work()
+
+        return asyncio.run_coroutine_threadsafe(in_turn(), self._loop)
+
+    async def take(self) -> str:
+        while len(self._ready) <= self._ahead:
+            self._ready.append(self._submit(lambda: copy_of(self._template, "rg_test")))
+        made = self._ready.popleft()
+        try:
+            return await asyncio.wrap_future(made)
+        except (OSError, asyncpg.PostgresError):  # the server was away when it was made: make it now
+            return await copy_of(self._template, "rg_test")
+
+    def give_back(self, dsn: str) -> None:
+        self._dropping = [f for f in self._dropping if not f.done()]
+        self._dropping.append(self._submit(lambda: drop_database(dsn)))
+
+    def close(self) -> None:
+        for made in self._ready:
+            with contextlib.suppress(Exception):
+                self.give_back(made.result())
+        for dropping in self._dropping:
+            with contextlib.suppress(Exception):
+                dropping.result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+@pytest.fixture(scope="session")
+def database_supply(template_database: str) -> Iterator[DatabaseSupply]:
+    supply = DatabaseSupply(template_database)
+    yield supply
+    supply.close()
+
+
 @pytest_asyncio.fixture
-async def database_url(template_database: str) -> AsyncIterator[str]:
+async def database_url(database_supply: DatabaseSupply) -> AsyncIterator[str]:
     """The test's own database, migrated. A database holds every process on it to the keys
     it was first opened with (migration 032), and one deployment's clock guard: tests must
     not share one."""
-    dsn = await copy_of(template_database, "rg_test")
+    dsn = await database_supply.take()
     yield dsn
-    await drop_database(dsn)
+    database_supply.give_back(dsn)
 
 
 @pytest_asyncio.fixture(scope="session")
