@@ -190,7 +190,8 @@ BEGIN
         -- 2 and 3. The credential.
         IF v_vmrow.refusing THEN
             v_reason := 'locked_out';
-        ELSIF it.preset_reason IS NOT NULL AND it.preset_reason <> 'reused' THEN
+        ELSIF it.preset_reason IS NOT NULL AND it.preset_reason <> 'reused'
+              AND NOT (it.kind = 'nonce' AND it.preset_reason = 'expired') THEN
             v_reason := it.preset_reason;
         ELSIF it.kind = 'nonce' THEN
             v_digest := decode(it.digest, 'hex');
@@ -210,6 +211,11 @@ BEGIN
             END IF;
             IF v_reason IS NULL THEN
                 SELECT * INTO v_use FROM uses WHERE digest = v_digest;
+                -- An expired nonce still remembered as used is classified as a replay (one
+                -- undone by a rollback is reported whatever its ttl); one never used is expired.
+                IF v_use.digest IS NULL AND it.preset_reason = 'expired' THEN
+                    v_reason := 'expired';
+                END IF;
             END IF;
         ELSE
             v_pfails := NULL;

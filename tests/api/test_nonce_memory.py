@@ -77,3 +77,25 @@ async def test_a_nonce_without_ttl_is_decided_when_nonce_max_ttl_is_below_the_de
     """With nonce_max_ttl_s = 60, a consume without ttl_s is decided (its ttl is 60), not a 400."""
     api: Api = await api_factory(database_url=Secret(await fresh_database()), nonce_max_ttl_s=60)
     assert await consume(api, {"vm_id": uid("vm"), "scope": uid("s"), "nonce": uid("n")}) == ("accept", "ok")
+
+
+
+async def test_a_nonce_replayed_after_a_rollback_is_reported_once_it_expired(api: Api) -> None:
+    """A nonce consumed inside a rollback window and replayed after its ttl is
+    ``replay_after_rollback`` with its alert, not a silent ``expired``: the replay is looked
+    up before the ttl is judged (CONTRACT §5: presenting it again, anywhere)."""
+    vm = uid("web")
+    taken = api.clock.now
+    api.clock.advance(5)
+    nonce = {"vm_id": vm, "scope": uid("api-login"), "nonce": uid("n"), "ttl_s": 60, "issued_at": api.clock.now}
+    assert await consume(api, nonce) == ("accept", "ok")
+    api.clock.advance(5)
+    revert = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm, "snapshot_id": "pre",
+              "snapshot_created_at": taken, "occurred_at": api.clock.now}
+    status, answer = await api.post("/v1/hypervisor/events", revert, role="hypervisor")
+    assert status == 202, answer
+    api.clock.advance(80)  # past issued_at + ttl_s, before retention may forget the use
+    status, replay = await api.post("/v1/nonces/consume", nonce)
+    assert (status, replay["decision"], replay["reason"]) == (200, "reject", "replay_after_rollback"), replay
+    assert "alert_id" in replay
+    assert await consume(api, {**nonce, "nonce": uid("n")}) == ("reject", "expired")

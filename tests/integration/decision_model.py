@@ -155,8 +155,14 @@ class Model:
               receipt: tuple[str, str | None, int | None], now: float, seq: int) -> tuple[str, str, list[str]]:
         self.max_now = max(self.max_now, now)
         flags = self._receipt(vm_id, receipt, now)
-        if issued_at is not None and issued_at + ttl < now:
+        if issued_at is not None and issued_at + ttl < now and ("nonce", scope, nonce) not in self.uses:
             result = ("reject", "expired")
+        elif issued_at is not None and issued_at + ttl < now:
+            first = self.uses[("nonce", scope, nonce)]
+            reason = self._classify(first)
+            if self.max_now * 1e6 > self.nonce_expiry[(scope, nonce)]:
+                reason += "|expired"  # retention may have forgotten the use: then it is expired
+            result = ("reject", reason)
         elif ("nonce", scope, nonce) in self.uses:
             first = self.uses[("nonce", scope, nonce)]
             reason = self._classify(first)
