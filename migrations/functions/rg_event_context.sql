@@ -1,6 +1,7 @@
 -- What the service needs to compute an event's windows, read under the head lock so it
 -- cannot change before rg_ingest_event writes: an earlier event of the same VM and id, the
--- creation times of the snapshot, and the lineage of the rolled-back VM (nearest first).
+-- known creation times of the snapshot (an unknown one, NULL, is left out), and the
+-- lineage of the rolled-back VM (nearest first).
 DROP FUNCTION IF EXISTS rg_event_context(text, text, text, text);
 CREATE OR REPLACE FUNCTION rg_event_context(p_event_vm text, p_event_id text, p_snap_vm text, p_snapshot_id text,
                                             p_vm text)
@@ -11,7 +12,8 @@ BEGIN
         'existing', (SELECT jsonb_build_object('digest', encode(body_digest, 'hex'), 'seq', seq)
                      FROM hypervisor_events WHERE vm_id = p_event_vm AND event_id = p_event_id),
         'snapshots', coalesce((SELECT jsonb_agg(created_us) FROM vm_snapshots
-                               WHERE vm_id = p_snap_vm AND snapshot_id = p_snapshot_id), '[]'::jsonb),
+                               WHERE vm_id = p_snap_vm AND snapshot_id = p_snapshot_id
+                                 AND created_us IS NOT NULL), '[]'::jsonb),
         'ancestors', coalesce((
             WITH RECURSIVE up (vm_id, parent_vm_id, split_us, depth) AS (
                 SELECT vm_id, parent_vm_id, split_us, 1 FROM vm_lineage WHERE vm_id = p_vm

@@ -2,8 +2,8 @@
 -- the windows the service computed, starts a new epoch of every VM concerned, and
 -- reclassifies the replays the new windows explain. The caller holds the head lock
 -- (rg_event_context) and has checked that the event id is new.
--- p_windows: [{"vm_id", "start_us" (or null), "end_us", "cause"}]; p_facts: {"snapshot_us",
--- "split_us"} as the service computed them.
+-- p_windows: [{"vm_id", "start_us" (or null), "end_us", "cause"}]; p_facts: {"snapshot_us"
+-- (null: the creation time is unknown), "split_us"} as the service computed them.
 CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb)
 RETURNS TABLE (r_seq bigint, r_windows bigint[], r_alerts bigint[])
 LANGUAGE plpgsql AS $$

@@ -36,11 +36,17 @@ def _event_type(body: dict[str, Any]) -> EventType:
     return _TYPES[raw]
 
 
+def check_clone(event: GenericEvent) -> None:
+    """The rule every event keeps, whichever parser made it: a clone names another VM (a VM
+    its own parent would copy its windows onto itself at each clone event)."""
+    if event.type is EventType.VM_CLONED and event.source_vm_id == event.vm_id:
+        raise InvalidRequest("a VM cannot be a clone of itself", field="source_vm_id")
+
+
 def _check_shape(event: GenericEvent) -> None:
     if event.type is EventType.VM_CLONED and event.source_vm_id is None:
         raise InvalidRequest("vm.cloned needs source_vm_id, the parent VM", field="source_vm_id")
-    if event.type is EventType.VM_CLONED and event.source_vm_id == event.vm_id:
-        raise InvalidRequest("a VM cannot be a clone of itself", field="source_vm_id")
+    check_clone(event)
     if event.type in _NEEDS_SNAPSHOT and event.snapshot_id is None:
         raise InvalidRequest(f"{event.type.value} needs snapshot_id", field="snapshot_id")
 

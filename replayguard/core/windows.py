@@ -52,6 +52,11 @@ class Window:
         return vm_id == self.vm_id and ts_us <= self.end_us and (
             self.start_us is None or self.start_us <= ts_us)
 
+    def contains(self, other: Window) -> bool:
+        """Every use ``other`` puts at risk, this one does too."""
+        return other.vm_id == self.vm_id and other.end_us <= self.end_us and (
+            self.start_us is None or (other.start_us is not None and self.start_us <= other.start_us))
+
 
 @dataclass(frozen=True, slots=True)
 class Ancestor:
@@ -152,6 +157,20 @@ def carried_to_source(event: GenericEvent, ctx: EventContext, clone_windows: Seq
                 found.append(Window(ancestor.vm_id, window.start_us, min(ancestor.split_us, end),
                                     _lineage(window.cause)))
     return tuple(found)
+
+
+def not_contained(candidates: Iterable[Window], present: Iterable[Window]) -> tuple[Window, ...]:
+    """The candidates that neither a present window nor an earlier candidate contains. A
+    clone's windows carried to its source come back to the clone with the next clone event
+    of a cycle (A a clone of B, then B of A: names reused, or a relay's mistake); keeping
+    only what adds a use at risk stops them multiplying with every event."""
+    kept: list[Window] = []
+    seen = list(present)
+    for window in candidates:
+        if not any(other.contains(window) for other in seen):
+            kept.append(window)
+            seen.append(window)
+    return tuple(kept)
 
 
 def at_risk(uses: Iterable[Use], windows: Sequence[Window]) -> list[Use]:

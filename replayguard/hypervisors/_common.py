@@ -9,15 +9,19 @@ of the sender's JSON to fix. Nothing here does I/O or reads the clock.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
 from replayguard.core.events import MalformedPayload
+from replayguard.core.validation import DOT_SEGMENTS
 
 ROOT = "$"
 """Path used when the payload as a whole is at fault."""
 
 MAX_IDENTIFIER = 256
+HASHED_NAME_PREFIX = "sha256:"
+"""Prefix of the identifier ``name_identifier`` derives from a name that is not one."""
 
 # Times outside these bounds are rejected: nothing a hypervisor reports predates Unix
 # time, and datetime cannot represent year 10000.
@@ -103,10 +107,11 @@ def integer(obj: dict[str, object], key: str, path: str, *, low: int, high: int)
 
 
 def check_identifier(value: object, path: str) -> str:
-    """``value`` if it is an identifier: 1-256 printable characters, no control chars.
+    """``value`` if it is an identifier: 1-256 printable characters, not "." or "..".
 
-    One rule for every id that reaches the ledger (vm, host, snapshot, event), so an id
-    that would be ambiguous or unprintable in an alert never gets in.
+    One rule for every id that reaches the ledger (vm, host, snapshot, event), the same as
+    the generic form's (``validation.check_identifier``), so an id that would be ambiguous
+    or unprintable in an alert, or that no URL path can name, never gets in.
     """
     if not isinstance(value, str):
         raise MalformedPayload(f"expected a string identifier, got {_kind(value)}", path)
@@ -114,7 +119,37 @@ def check_identifier(value: object, path: str) -> str:
         raise MalformedPayload(f"identifier must be 1-{MAX_IDENTIFIER} characters", path)
     if not value.isprintable():
         raise MalformedPayload("identifier contains non-printable characters", path)
+    if value in DOT_SEGMENTS:
+        raise MalformedPayload("identifier must not be . or .., which no URL path can name", path)
     return value
+
+
+def _is_identifier(value: str) -> bool:
+    return 1 <= len(value) <= MAX_IDENTIFIER and value.isprintable() and value not in DOT_SEGMENTS
+
+
+def name_identifier(value: object, path: str) -> str:
+    """The identifier of a user-chosen name that is only a hint (a snapshot's name).
+
+    A name that is an identifier is kept as it is. Any other string (empty, over 256
+    characters, a no-break space, "..") becomes ``sha256:`` and the hex SHA-256 of its
+    UTF-8 bytes: stable, so the creation and the revert of one snapshot still match, and
+    the event that carries it is kept rather than refused. A name that itself starts with
+    ``sha256:`` is hashed too, so two different names never give the same identifier.
+    Only a value that is not a string is malformed.
+    """
+    if not isinstance(value, str):
+        raise MalformedPayload(f"expected a string, got {_kind(value)}", path)
+    if _is_identifier(value) and not value.startswith(HASHED_NAME_PREFIX):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return HASHED_NAME_PREFIX + digest
+
+
+def optional_name_identifier(obj: dict[str, object], key: str, path: str) -> str | None:
+    """``name_identifier`` of the value under ``key``, or None when absent or null."""
+    value = obj.get(key)
+    return None if value is None else name_identifier(value, child(path, key))
 
 
 def identifier(obj: dict[str, object], key: str, path: str) -> str:

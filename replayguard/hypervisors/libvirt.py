@@ -14,7 +14,7 @@ one JSON object per observation::
       "event": 2,                           # virDomainEventType        } required for
       "detail": 3,                          # vir*DetailType of 'event' } kind=lifecycle
       "occurred_at": "2026-11-29T10:05:00Z",  # RFC 3339, when the relay saw it, required
-      "snapshot": {"name": "pre-patch",     # identifier
+      "snapshot": {"name": "pre-patch",     # string, as libvirt names the snapshot
                    "creation_time": 1796032800 | null} | null,   # Unix seconds (<creationTime>;
                                             # null: the relay could not read it)
       "kind": "lifecycle"                   # optional, default "lifecycle"; or
@@ -31,14 +31,18 @@ Choices:
 
 - ``vm_id`` is the domain **name**: that is what operators and guests call the VM, and
   it is what the guest agent registers with. The UUID goes to ``extra["domain_uuid"]``.
-- A revert of a running domain emits STOPPED/FROM_SNAPSHOT then STARTED/FROM_SNAPSHOT
-  (or SUSPENDED/FROM_SNAPSHOT with a paused revert). The STOPPED half is ignored: the
-  start that follows carries the revert, and one revert should open one window.
-  DEFINED/FROM_SNAPSHOT (the config was restored) is still mapped, because a revert to a
-  shut-off snapshot emits no start; a QEMU revert may therefore give two
-  ``snapshot.reverted`` events with the same snapshot, which open the same window.
+- Every FROM_SNAPSHOT lifecycle event is a ``snapshot.reverted``: STOPPED, STARTED,
+  SUSPENDED, RESUMED and DEFINED. A revert of a running domain to a snapshot taken while
+  it was shut off emits STOPPED/FROM_SNAPSHOT alone (no start follows; DEFINED follows
+  only when QEMU rewrites a persistent domain's config), so no half of a revert can be
+  left out. One revert may therefore give two or three ``snapshot.reverted`` events with
+  the same snapshot, which open the same window twice: harmless.
 - In-place reverts of running QEMU guests can emit no lifecycle event at all; the relay
   reports those as ``silent_revert`` when the current snapshot changes under it.
+- A ``snapshot_created`` whose ``creation_time`` is null carries the relay's poll time as
+  ``occurred_at``, which is not when the snapshot was taken (a relay started after it):
+  the event is recorded without ``occurred_at``, so the service records the snapshot's
+  creation time as unknown and a revert to it covers every earlier use.
 - SUSPENDED/RESTORED (restore from a *paused* state file) is mapped to ``vm.restored``
   like STARTED/RESTORED: both put the guest back to a saved state.
 
@@ -77,7 +81,8 @@ RESUMED_FROM_SNAPSHOT = 2  # VIR_DOMAIN_EVENT_RESUMED_FROM_SNAPSHOT
 # virDomainEventStoppedDetailType
 STOPPED_FROM_SNAPSHOT = 6  # VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT
 
-# (event, detail) -> type; pairs not listed are ignored, except STOPPED (see _lifecycle_type).
+# (event, detail) -> type; pairs not listed are ignored, except STOPPED (see _lifecycle_type:
+# every STOPPED is vm.stopped, but STOPPED/FROM_SNAPSHOT is a revert).
 _LIFECYCLE: dict[tuple[int, int], EventType] = {
     (DEFINED, DEFINED_FROM_SNAPSHOT): EventType.SNAPSHOT_REVERTED,
     (STARTED, STARTED_BOOTED): EventType.VM_STARTED,
@@ -132,12 +137,15 @@ def parse(payload: object) -> list[GenericEvent]:
     event_type = _KINDS[kind] if pair is None else _lifecycle_type(pair)
     if event_type not in _SNAPSHOT_TYPES:
         snapshot = None  # the current snapshot says nothing about a boot or a restore
+    occurred_at: datetime | None = seen.occurred_at
+    if event_type is EventType.SNAPSHOT_CREATED and snapshot is not None and snapshot[1] is None:
+        occurred_at = None  # the relay's poll, not the creation: its time stays unknown
     return [
         GenericEvent(
             event_id=seen.event_id,
             type=event_type,
             vm_id=seen.vm_id,
-            occurred_at=seen.occurred_at,
+            occurred_at=occurred_at,
             snapshot_id=snapshot[0] if snapshot else None,
             snapshot_created_at=snapshot[1] if snapshot else None,
             host=seen.host,
@@ -167,9 +175,7 @@ def _lifecycle_type(pair: tuple[int, int]) -> EventType:
     """The generic type of a lifecycle (event, detail) pair, or IgnoredPayload."""
     event, detail = pair
     if event == STOPPED:
-        if detail == STOPPED_FROM_SNAPSHOT:
-            raise IgnoredPayload("STOPPED/FROM_SNAPSHOT: the following start carries the revert")
-        return EventType.VM_STOPPED
+        return EventType.SNAPSHOT_REVERTED if detail == STOPPED_FROM_SNAPSHOT else EventType.VM_STOPPED
     mapped = _LIFECYCLE.get(pair)
     if mapped is None:
         raise IgnoredPayload(f"libvirt lifecycle event {event}/{detail} is not acted on")
@@ -177,15 +183,19 @@ def _lifecycle_type(pair: tuple[int, int]) -> EventType:
 
 
 def _snapshot(body: dict[str, object], *, required: bool) -> tuple[str, datetime | None] | None:
-    """(name, creation time) of the snapshot the relay reported, if any. A null creation
-    time is one the relay could not read: the state's time is unknown, which the windows
-    read as every earlier use."""
+    """(identifier, creation time) of the snapshot the relay reported, if any.
+
+    The name is only a hint (the creation time places the state): one that is not an
+    identifier becomes ``sha256:<hex>`` (``_common.name_identifier``), the same in every
+    kind, so the event is kept and a revert still finds the snapshot's creation. A null
+    creation time is one the relay could not read: the state's time is unknown, which the
+    windows read as every earlier use."""
     snap = c.optional_mapping(body, "snapshot", c.ROOT)
     if snap is None:
         if required:
             raise MalformedPayload("snapshot is required for this kind", "snapshot")
         return None
-    name = c.identifier(snap, "name", "snapshot")
+    name = c.name_identifier(c.field(snap, "name", "snapshot"), "snapshot.name")
     raw = snap.get("creation_time")
     created = None if raw is None else c.unix_time(raw, "snapshot.creation_time")
     return name, created

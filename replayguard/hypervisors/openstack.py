@@ -3,7 +3,7 @@
 The envelope, as oslo.messaging's notifier builds it::
 
     {"message_id": "0f3b...", "publisher_id": "nova-compute:compute-07",
-     "event_type": "instance.snapshot.end", "priority": "INFO",
+     "event_type": "instance.snapshot.start", "priority": "INFO",
      "timestamp": "2026-11-29 10:05:00.123456",          # str(utcnow()): UTC, no offset
      "payload": {"nova_object.name": "InstanceActionSnapshotPayload",
                  "nova_object.namespace": "nova", "nova_object.version": "1.10",
@@ -19,15 +19,23 @@ Choices:
 - ``vm_id`` is the instance ``uuid``; ``host`` is the payload's ``host`` (the compute
   service host; after ``live_migration_post_dest`` it is the destination).
 - ``event_id`` is the envelope's ``message_id``; ``occurred_at`` its ``timestamp``.
-- ``instance.snapshot.end`` → ``snapshot.created`` with ``snapshot_id`` =
-  ``snapshot_image_id`` and ``snapshot_created_at`` = the notification time. The image
-  was captured between ``.start`` and ``.end``, so this time can be late by the length
-  of the snapshot; the ``.start`` is ignored as the contract asks.
+- ``instance.snapshot.start`` → ``snapshot.created`` with ``snapshot_id`` =
+  ``snapshot_image_id`` (Nova has already created the image record, so ``.start`` names
+  it) and ``snapshot_created_at`` = the notification time. The image is captured after
+  ``.start`` and before ``.end`` (a live snapshot's upload can take minutes), so a use
+  made in between may be missing from it: the earliest bound is the state's time, and
+  a window starting there may widen, never narrow. ``instance.snapshot.end`` is ignored:
+  recorded as another creation of the image, its later time would be the one a
+  rebuild's window starts at (the latest creation at or before the rebuild counts).
 - ``instance.rebuild.end`` → ``vm.restored`` with ``snapshot_id`` = ``image_uuid``: a
   rebuild puts the disk back to an image, which is a rollback when that image is a
   snapshot of this instance (then the matching ``snapshot.created`` gives its time);
   when it is a plain image the window's start is unknown, which over-protects.
-- ``*.start``, ``*.error`` and priority ``ERROR`` notifications are ignored.
+- The image id is only a hint (the windows match a rebuild to its snapshot by it): one
+  that is not an identifier becomes ``sha256:`` and the hex SHA-256 of its UTF-8 bytes,
+  the same in both notifications, and the notification is kept.
+- Every other ``*.start`` (and ``instance.snapshot.end``), ``*.error`` and priority
+  ``ERROR`` notifications are ignored.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from replayguard.core.events import EventType, GenericEvent, IgnoredPayload, Mal
 from replayguard.hypervisors import _common as c
 
 EVENT_TYPES: dict[str, EventType] = {
-    "instance.snapshot.end": EventType.SNAPSHOT_CREATED,
+    "instance.snapshot.start": EventType.SNAPSHOT_CREATED,
     "instance.rebuild.end": EventType.VM_RESTORED,
     "instance.live_migration_post.end": EventType.VM_MIGRATED,
     "instance.live_migration_post_dest.end": EventType.VM_MIGRATED,
@@ -72,7 +80,9 @@ def parse(payload: object) -> list[GenericEvent]:
     data_path = c.child("payload", DATA)
     data = c.sub_mapping(c.sub_mapping(envelope, "payload", c.ROOT), DATA, "payload")
     image_field = _IMAGE_FIELD.get(event_type)
-    snapshot_id = c.identifier(data, image_field, data_path) if image_field else None
+    snapshot_id = None
+    if image_field:
+        snapshot_id = c.name_identifier(c.field(data, image_field, data_path), c.child(data_path, image_field))
     return [
         GenericEvent(
             event_id=message_id,

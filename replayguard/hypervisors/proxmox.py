@@ -22,6 +22,9 @@ Choices:
 - ``vm_id`` is the numeric vmid as a string, or ``"<cluster>/<vmid>"`` when the record
   names a cluster: vmids are unique only within one PVE cluster.
 - ``host`` is the node that ran the task (for a migration: the source node).
+- ``snapshot`` is only a hint (``snapshot_created_at`` places the state): a name that is
+  not an identifier becomes ``sha256:`` and the hex SHA-256 of its UTF-8 bytes, the same
+  for the qmsnapshot and the qmrollback, and the task is kept.
 - A task succeeded when its status is ``OK`` or ``WARNINGS: <n>``, as in
   ``PVE::Tools::upid_status_is_error``: a rollback that finished with warnings still
   rolled the VM back. Any other status is ``IgnoredPayload("task failed")``; a record
@@ -119,7 +122,7 @@ def _event(record: dict[str, object], upid: Upid, event_type: EventType) -> Gene
         type=event_type,
         vm_id=_vm_id(cluster, vmid),
         occurred_at=c.unix_time(c.field(record, "endtime", c.ROOT), "endtime"),
-        snapshot_id=c.optional_identifier(record, "snapshot", c.ROOT),
+        snapshot_id=c.optional_name_identifier(record, "snapshot", c.ROOT),
         snapshot_created_at=_snapshot_time(record),
         host=upid.node,
         source_vm_id=source_vm_id,

@@ -32,7 +32,9 @@ Choices:
 - A revert (``com.vmware.vc.vm.VmStateRevertedToSnapshot``) names the snapshot only in
   its message ("... has been reverted to the state of snapshot NAME, with ID N"); the name
   becomes ``snapshot_id`` when it can be read, else the window's start stays unknown
-  (which is the safe default).
+  (which is the safe default). The name is only a hint: one that is not an identifier
+  (a no-break space, over 256 characters) becomes ``sha256:`` and the hex SHA-256 of its
+  UTF-8 bytes, and the revert is taken all the same.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ CREATE_SNAPSHOT_TASK = "VirtualMachine.createSnapshot"
 
 _VSPHERE_TYPE = re.compile(r"com\.vmware\.vsphere\.(.+)\.v[0-9]+")
 _REVERT_MESSAGE = re.compile(r"reverted to the state of snapshot (.+), with ID ([0-9]+)\s*$")
+_MAX_MESSAGE = 4096
 
 _SIMPLE: dict[str, EventType] = {
     "VmRelocatedEvent": EventType.VM_MIGRATED,
@@ -149,13 +152,18 @@ def _simple(event_type: EventType) -> _Handler:
 
 
 def _reverted(data: dict[str, object], occurred_at: datetime) -> _Details:
-    """Reverts name the snapshot only inside the formatted message."""
-    message = c.optional_string(data, "FullFormattedMessage", "data", max_len=4096) or ""
+    """Reverts name the snapshot only inside the formatted message, which is only a hint:
+    a message that cannot be read leaves the snapshot unknown, and a name that is not an
+    identifier becomes ``sha256:<hex>`` (``_common.name_identifier``); the revert is kept."""
+    message = data.get("FullFormattedMessage")
+    if not isinstance(message, str) or len(message) > _MAX_MESSAGE:
+        return _Details(EventType.SNAPSHOT_REVERTED)
     match = _REVERT_MESSAGE.search(message)
     if match is None:
         return _Details(EventType.SNAPSHOT_REVERTED)
-    name = c.check_identifier(match.group(1), "data.FullFormattedMessage")
-    extra = {"snapshot_number": c.check_identifier(match.group(2), "data.FullFormattedMessage")}
+    name = c.name_identifier(match.group(1), "data.FullFormattedMessage")
+    number = match.group(2)
+    extra = {"snapshot_number": number} if len(number) <= c.MAX_IDENTIFIER else {}
     return _Details(EventType.SNAPSHOT_REVERTED, snapshot_id=name, extra=extra)
 
 

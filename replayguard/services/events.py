@@ -31,7 +31,7 @@ log = structlog.get_logger(__name__)
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
-_CLONE_WINDOWS = "SELECT start_us, end_us, cause FROM rollback_windows WHERE vm_id = $1 ORDER BY id"
+_WINDOWS_OF = "SELECT vm_id, start_us, end_us, cause FROM rollback_windows WHERE vm_id = ANY($1) ORDER BY id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +58,16 @@ def _context(raw: dict[str, Any], received_us: int) -> windows.EventContext:
     return windows.EventContext(received_us, tuple(int(t) for t in raw["snapshots"]), ancestors)
 
 
-def _facts(event: GenericEvent, ctx: windows.EventContext) -> dict[str, int]:
+def _facts(event: GenericEvent, ctx: windows.EventContext) -> dict[str, int | None]:
     """The facts a later event will need: a snapshot's creation time, a clone's split."""
     if event.type is EventType.SNAPSHOT_CREATED:
-        # No time in the event: the snapshot may be older than the event's arrival by any
-        # amount, so it is recorded as the earliest (a revert to it covers every earlier
-        # use; a window may widen, never narrow).
+        # The creation time is snapshot_created_at, else the event's own time (CONTRACT §5:
+        # a snapshot.created happened when the snapshot was taken). With neither, it is
+        # unknown and recorded as NULL, never as the time the event arrived (the snapshot
+        # may be older by any amount): rg_event_context leaves it out, so a revert to it
+        # has no known state time and its window covers every earlier use.
         taken = event.snapshot_created_at or event.occurred_at
-        return {"snapshot_us": 0 if taken is None else windows.to_us(taken)}
+        return {"snapshot_us": None if taken is None else windows.to_us(taken)}
     if event.type is EventType.VM_CLONED:
         return {"split_us": windows.clone_split(event, ctx)}
     return {}
@@ -74,6 +76,11 @@ def _facts(event: GenericEvent, ctx: windows.EventContext) -> dict[str, int]:
 def _window_json(window: windows.Window) -> dict[str, Any]:
     return {"vm_id": window.vm_id, "start_us": window.start_us, "end_us": window.end_us,
             "cause": window.cause}
+
+
+async def _windows_of(conn: asyncpg.Connection, vm_ids: Sequence[str]) -> list[windows.Window]:
+    rows = await conn.fetch(_WINDOWS_OF, list(vm_ids)) if vm_ids else []
+    return [windows.Window(r["vm_id"], r["start_us"], r["end_us"], r["cause"]) for r in rows]
 
 
 class EventService:
@@ -85,9 +92,11 @@ class EventService:
     async def ingest(self, events: Sequence[GenericEvent], source: str,
                      caller: Caller | None = None) -> list[Ingested]:
         """Records the events of one request atomically; raises ``Conflict`` on a reused id,
-        ``Forbidden`` (before anything is written) when the caller is not bound to a VM
-        an event names."""
+        and before anything is written ``InvalidRequest`` for an event no parser may make (a
+        VM a clone of itself) and ``Forbidden`` when the caller is not bound to a VM an event
+        names."""
         for event in events:
+            event_input.check_clone(event)
             for vm_id in (event.vm_id, event.source_vm_id):
                 if caller is not None and vm_id is not None and not caller.covers(vm_id):
                     raise Forbidden("this token is not bound to a VM the event names", field="vm_id")
@@ -114,9 +123,9 @@ class EventService:
         ctx = _context(raw, received_us)
         opened = windows.windows_for(event, ctx)
         if event.type is EventType.VM_CLONED:  # read under the head lock rg_event_context took
-            rows = await conn.fetch(_CLONE_WINDOWS, event.vm_id)
-            opened += windows.carried_to_source(event, ctx, [
-                windows.Window(event.vm_id, r["start_us"], r["end_us"], r["cause"]) for r in rows])
+            carried = windows.carried_to_source(event, ctx, await _windows_of(conn, [event.vm_id]))
+            present = await _windows_of(conn, sorted({w.vm_id for w in carried}))
+            opened += windows.not_contained(carried, [*present, *opened])
         record = {**event_input.to_record(event), "source": source}
         row = await conn.fetchrow(_INGEST, received_us, record, digest,
                                   [_window_json(w) for w in opened], _facts(event, ctx))

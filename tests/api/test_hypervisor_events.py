@@ -208,9 +208,27 @@ async def test_a_libvirt_revert_to_a_snapshot_of_unread_creation_time_opens_a_wi
     assert (start, cause) == (None, "snapshot.reverted")
 
 
+async def test_a_snapshot_created_at_no_known_time_leaves_a_revert_to_it_unknown(api: Api) -> None:
+    """A snapshot.created with neither snapshot_created_at nor occurred_at records no creation
+    time (not its arrival, not 0): a revert to that snapshot has an unknown start, while a
+    known earlier creation of the same name still gives one."""
+    vm_id = uid("vm")
+    created = {"event_id": uid("evt"), "type": "snapshot.created", "vm_id": vm_id, "snapshot_id": "cold"}
+    assert (await api.post("/v1/hypervisor/events", created, role="hypervisor"))[0] == 202
+    revert = generic(vm_id, snapshot_id="cold", snapshot_created_at=None, occurred_at=None)
+    assert (await api.post("/v1/hypervisor/events", revert, role="hypervisor"))[0] == 202
+    [(start, _, _)] = await windows_of(api, vm_id)
+    assert start is None
+    known = {**created, "event_id": uid("evt"), "snapshot_created_at": "2026-09-21T12:00:00Z"}
+    assert (await api.post("/v1/hypervisor/events", known, role="hypervisor"))[0] == 202
+    again = {**revert, "event_id": uid("evt")}
+    assert (await api.post("/v1/hypervisor/events", again, role="hypervisor"))[0] == 202
+    assert (await windows_of(api, vm_id))[-1][0] == us("2026-09-21T12:00:00Z")
+
+
 @pytest.mark.parametrize(("source", "name"), [
     ("libvirt", "undefined_ignored.json"), ("vsphere", "user_login_ignored.json"),
-    ("proxmox", "vzdump_ignored.json"), ("openstack", "snapshot_start_ignored.json"),
+    ("proxmox", "vzdump_ignored.json"), ("openstack", "snapshot_end_ignored.json"),
 ])
 async def test_irrelevant_native_event_is_ignored(api: Api, source: str, name: str) -> None:
     """An irrelevant native event is answered 202 ignored, with its reason."""
@@ -354,3 +372,40 @@ async def test_clone_of_a_clone_reaches_the_grandparent_in_any_order(api: Api, o
         await _post_event(api, body)
     replay = await login(api, uid("vmX"), principal, code)
     assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), order
+
+
+async def _window_count(api: Api, *vm_ids: str) -> int:
+    async with api.runtime.pool.acquire() as conn:
+        return int(await conn.fetchval("SELECT count(*) FROM rollback_windows WHERE vm_id = ANY($1)", list(vm_ids)))
+
+
+async def test_a_native_clone_named_as_its_source_is_refused(api: Api) -> None:
+    """A vSphere VmClonedEvent whose clone has its source's name (two VMs of one name in
+    two folders) is a 400, as the generic form's self-clone is: a VM its own parent would
+    copy its windows onto itself at every further clone event."""
+    vm_id = uid("web")
+    for _ in range(3):
+        payload = json.loads(json.dumps(sample("vsphere", "cloned.json")))
+        payload["id"] = uid("ce")
+        payload["data"]["Vm"]["Name"] = payload["data"]["SourceVm"]["Name"] = vm_id
+        status, answer = await api.post("/v1/hypervisor/events?source=vsphere", payload, role="hypervisor")
+        assert (status, answer["error"]["field"]) == (400, "source_vm_id"), answer
+    assert await _window_count(api, vm_id) == 0
+
+
+async def test_a_clone_cycle_does_not_multiply_windows(api: Api) -> None:
+    """'a is a clone of b', then 'b is a clone of a', and so on (names reused, or a relay's
+    mistake): each clone event carries the clone's windows to its source, and a window
+    another already contains is not opened again, so the windows grow with the events,
+    not geometrically (they tripled with each event, stalling every decision behind the
+    head lock)."""
+    a, b = uid("a"), uid("b")
+    events = 10
+    for i in range(events):
+        vm_id, source = (a, b) if i % 2 == 0 else (b, a)
+        api.clock.advance(1)
+        body = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": vm_id, "source_vm_id": source,
+                "occurred_at": api.clock.now}
+        status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
+        assert status == 202, answer
+    assert await _window_count(api, a, b) <= 4 * events

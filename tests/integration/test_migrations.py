@@ -8,6 +8,7 @@ trigger missing or a column of another type shows up as a diff.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import subprocess
@@ -191,3 +192,30 @@ async def test_a_database_migrated_by_a_newer_release_is_refused_untouched(
     assert result.returncode == 2 and "999_from_the_future.sql" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (await _function_digests(dsn))["rg_decide"] == newer_digest
+
+
+async def test_a_snapshot_creation_of_unknown_time_becomes_null(new_database: Callable[[], Awaitable[str]]) -> None:
+    """033: a creation recorded as 0 (its time unknown) becomes NULL, which rg_event_context
+    leaves out (a revert to it has no known start); a known time stays, and one unknown
+    creation per snapshot is kept, as the replaced key kept one per time."""
+    dsn = await new_database()
+    migrations = schema.load_migrations()
+    before = [m for m in migrations if m.version < 33]
+    await _run(dsn, migrations=before)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO vm_snapshots VALUES ('web-01', 'cold', 0, 'e1'),"
+                           " ('web-01', 'pre-patch', 1795946400000000, 'e2')")
+    finally:
+        await conn.close()
+    await _run(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT snapshot_id, created_us FROM vm_snapshots ORDER BY snapshot_id")
+        context = await conn.fetchval("SELECT rg_event_context('web-01', 'x', 'web-01', 'cold', 'web-01')")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("INSERT INTO vm_snapshots VALUES ('web-01', 'cold', NULL, 'e3')")
+    finally:
+        await conn.close()
+    assert [(r["snapshot_id"], r["created_us"]) for r in rows] == [("cold", None), ("pre-patch", 1795946400000000)]
+    assert json.loads(context)["snapshots"] == []

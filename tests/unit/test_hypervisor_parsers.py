@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,6 +65,8 @@ ACCEPTED: dict[str, Expected] = {
         Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
     "libvirt/revert_defined_from_snapshot.json":
         Expected(R, "web-01", utc("2026-11-29T09:05:00.250"), "pre-patch", T0, "hv-03"),
+    "libvirt/revert_stopped_from_snapshot.json":
+        Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
     "libvirt/silent_revert.json":
         Expected(R, "web-01", utc("2026-11-29T10:05:00"), "pre-patch", T0, "hv-03"),
     "libvirt/restored_from_state_file.json":
@@ -117,9 +120,9 @@ ACCEPTED: dict[str, Expected] = {
         Expected(EventType.VM_STARTED, "101", utc("2026-11-29T10:05:40"), host="pve1"),
     "proxmox/qmshutdown.json":
         Expected(EventType.VM_STOPPED, "101", utc("2026-11-29T11:16:40"), host="pve1"),
-    "openstack/snapshot_end.json":
-        Expected(C, NOVA_VM, utc("2026-11-29T10:00:41.204356"), NOVA_IMAGE,
-                 utc("2026-11-29T10:00:41.204356"), "compute-07"),
+    "openstack/snapshot_start.json":
+        Expected(C, NOVA_VM, utc("2026-11-29T10:00:00.018311"), NOVA_IMAGE,
+                 utc("2026-11-29T10:00:00.018311"), "compute-07"),
     "openstack/rebuild_end.json":
         Expected(EventType.VM_RESTORED, NOVA_VM, utc("2026-11-29T10:05:00"), NOVA_IMAGE,
                  None, "compute-07"),
@@ -139,13 +142,12 @@ ACCEPTED: dict[str, Expected] = {
 }
 
 IGNORED = [
-    "libvirt/stopped_from_snapshot_ignored.json",
     "libvirt/undefined_ignored.json",
     "vsphere/task_reconfigure_ignored.json",
     "vsphere/user_login_ignored.json",
     "proxmox/qmrollback_failed_ignored.json",
     "proxmox/vzdump_ignored.json",
-    "openstack/snapshot_start_ignored.json",
+    "openstack/snapshot_end_ignored.json",
     "openstack/reboot_error_ignored.json",
 ]
 
@@ -294,9 +296,9 @@ def test_unix_time_bounds_are_accepted() -> None:
     assert _common.unix_time(253402300799, "t") == utc("9999-12-31T23:59:59")
 
 
-@pytest.mark.parametrize("value", ["", "x" * 257, "a\nb", "tab\there", "del\x7f", "\u200b", 7])
+@pytest.mark.parametrize("value", ["", "x" * 257, "a\nb", "tab\there", "del\x7f", "\u200b", 7, ".", ".."])
 def test_bad_identifiers_are_malformed(value: object) -> None:
-    """Identifiers must be 1-256 printable characters."""
+    """Identifiers must be 1-256 printable characters, and not a dot segment no URL can name."""
     with pytest.raises(MalformedPayload):
         _common.check_identifier(value, "id")
 
@@ -305,6 +307,23 @@ def test_identifier_limits_are_inclusive() -> None:
     """One and 256 printable characters, spaces and non-ASCII included, are accepted."""
     for value in ("a", "x" * 256, "web 01", "sérveur-ü"):
         assert _common.check_identifier(value, "id") == value
+
+
+@pytest.mark.parametrize("name", ["pre\u00a0patch", "x" * 257, "", ".", "..", "sha256:pre-patch"])
+def test_a_name_that_is_not_an_identifier_becomes_its_sha256(name: str) -> None:
+    """A snapshot name is only a hint: one that is not an identifier (or that looks like a
+    derived one) becomes ``sha256:`` and the hex digest of its UTF-8 bytes, an identifier."""
+    want = "sha256:" + hashlib.sha256(name.encode("utf-8")).hexdigest()
+    assert _common.name_identifier(name, "n") == want
+    assert _common.check_identifier(want, "n") == want
+
+
+def test_a_name_that_is_an_identifier_is_kept_and_a_non_string_is_malformed() -> None:
+    """A usual snapshot name is its own identifier; a name that is not a string is a broken sender."""
+    assert _common.name_identifier("pre-patch", "n") == "pre-patch"
+    with pytest.raises(MalformedPayload) as info:
+        _common.name_identifier(["pre-patch"], "n")
+    assert info.value.field == "n"
 
 
 @pytest.mark.parametrize(
@@ -329,7 +348,7 @@ def test_field_paths_quote_dotted_keys(path: str, key: str, want: str) -> None:
         (4, 1, EventType.VM_MIGRATED), (4, 2, R), (5, 0, EventType.VM_STOPPED),
         (5, 3, EventType.VM_STOPPED), (5, 4, EventType.VM_STOPPED),
         (0, 0, None), (0, 1, None), (2, 4, None), (3, 0, None), (4, 0, None), (4, 3, None),
-        (5, 6, None), (6, 0, None), (7, 0, None), (8, 0, None), (200, 0, None),
+        (5, 6, R), (6, 0, None), (7, 0, None), (8, 0, None), (200, 0, None),
     ],
 )
 def test_libvirt_lifecycle_table(event: int, detail: int, want: EventType | None) -> None:
@@ -350,7 +369,8 @@ def test_libvirt_lifecycle_table(event: int, detail: int, want: EventType | None
         ({"kind": "revert"}, "kind"), ({"kind": ["lifecycle"]}, "kind"),
         ({"domain": {"name": "web-01", "uuid": "not-a-uuid"}}, "domain.uuid"),
         ({"domain": "web-01"}, "domain"), ({"occurred_at": 1795946700}, "occurred_at"),
-        ({"snapshot": {"name": "", "creation_time": 0}}, "snapshot.name"),
+        ({"snapshot": {"name": 7, "creation_time": 0}}, "snapshot.name"),
+        ({"snapshot": {"creation_time": 0}}, "snapshot.name"),
         ({"host": None}, "host"), ({"uri": "u" * 300}, "uri"), ({"event_id": None}, "event_id"),
     ],
 )
@@ -363,9 +383,31 @@ def test_libvirt_malformed_fields(changes: dict[str, Any], field: str) -> None:
 
 def test_libvirt_ignored_event_is_still_validated() -> None:
     """A relay that sends a broken body is noticed even for an event that is skipped."""
-    body = sample("libvirt/stopped_from_snapshot_ignored.json", domain={"name": "x"})
+    body = sample("libvirt/undefined_ignored.json", domain={"name": "x"})
     with pytest.raises(MalformedPayload):
         libvirt.parse(body)
+
+
+@pytest.mark.parametrize("name", ["revert_started_from_snapshot", "revert_stopped_from_snapshot",
+                                  "snapshot_created", "silent_revert"])
+def test_libvirt_odd_snapshot_name_is_hashed_the_same_in_every_kind(name: str) -> None:
+    """A snapshot name with a no-break space or over 256 characters is not refused: every
+    kind gives the same ``sha256:`` identifier, so a revert still finds the creation."""
+    odd = "release 4.2\u00a0" + "x" * 300
+    body = sample(f"libvirt/{name}.json")
+    body["snapshot"]["name"] = odd
+    event = libvirt.parse(body)[0]
+    assert event.snapshot_id == "sha256:" + hashlib.sha256(odd.encode("utf-8")).hexdigest()
+    assert event.snapshot_created_at == T0
+
+
+def test_libvirt_creation_of_unread_time_has_no_time() -> None:
+    """A snapshot_created whose creation_time is null carries the relay's poll time as
+    occurred_at; the event keeps neither, so the creation time stays unknown."""
+    body = sample("libvirt/snapshot_created.json")
+    body["snapshot"]["creation_time"] = None
+    event = libvirt.parse(body)[0]
+    assert (event.type, event.occurred_at, event.snapshot_created_at) == (C, None, None)
 
 
 def test_libvirt_snapshot_kinds_require_the_snapshot() -> None:
@@ -412,6 +454,26 @@ def test_vsphere_revert_without_readable_snapshot_keeps_window_open() -> None:
     body["data"]["FullFormattedMessage"] = "web-01 was reverted"
     event = vsphere.parse(body)[0]
     assert event.type is R and event.snapshot_id is None
+
+
+@pytest.mark.parametrize("message", [None, 7, "x" * 4097, "web-01 reverted to the state of snapshot a, with ID "
+                                     + "9" * 300])
+def test_vsphere_revert_with_an_unreadable_message_is_kept(message: object) -> None:
+    """The message only hints at the snapshot: one that is not a string or is too long to
+    read leaves the snapshot unknown (and an ID too long to be one is left out)."""
+    body = sample("vsphere/revert_router_eventex.json")
+    body["data"]["FullFormattedMessage"] = message
+    event = vsphere.parse(body)[0]
+    assert event.type is R and "snapshot_number" not in event.extra
+
+
+def test_proxmox_odd_snapshot_name_is_hashed_the_same_in_snapshot_and_rollback() -> None:
+    """A snapshot name that is not an identifier is only a hint: the qmsnapshot and the
+    qmrollback derive the same ``sha256:`` identifier, and neither is refused."""
+    odd = "pre\u00a0patch"
+    ids = [proxmox.parse(sample(f"proxmox/{name}.json", snapshot=odd))[0].snapshot_id
+           for name in ("qmsnapshot", "qmrollback")]
+    assert ids == ["sha256:" + hashlib.sha256(odd.encode("utf-8")).hexdigest()] * 2
 
 
 def test_vsphere_extra_names_vcenter_moref_and_source_host() -> None:
@@ -515,9 +577,31 @@ def test_proxmox_event_id_is_the_upid() -> None:
 
 def test_openstack_event_id_and_publisher() -> None:
     """The oslo.messaging message_id is the event id; the publisher goes to extra."""
-    event = parse_sample("openstack/snapshot_end.json")[0]
-    assert event.event_id == "8d2f6a8e-5c3b-4f5e-9c7a-0e4c1b2a3d01"
+    event = parse_sample("openstack/snapshot_start.json")[0]
+    assert event.event_id == "8d2f6a8e-5c3b-4f5e-9c7a-0e4c1b2a3d00"
     assert event.extra == {"publisher_id": "nova-compute:compute-07"}
+
+
+def test_openstack_snapshot_time_is_the_start_and_the_end_is_ignored() -> None:
+    """The image is captured after instance.snapshot.start: its time is the snapshot's, and
+    the .end (later by the upload) is ignored so that it cannot narrow a rebuild's window."""
+    event = parse_sample("openstack/snapshot_start.json")[0]
+    assert (event.type, event.snapshot_created_at) == (C, utc("2026-11-29T10:00:00.018311"))
+    with pytest.raises(IgnoredPayload):
+        parse_sample("openstack/snapshot_end_ignored.json")
+
+
+def test_openstack_odd_image_id_is_hashed_the_same_in_snapshot_and_rebuild() -> None:
+    """An image id that is not an identifier is only a hint: the snapshot and the rebuild
+    derive the same ``sha256:`` identifier from it, and neither is refused."""
+    odd = "image\u00a0" + "x" * 300
+    ids = []
+    for name in ("openstack/snapshot_start.json", "openstack/rebuild_end.json"):
+        body = sample(name)
+        data = body["payload"]["nova_object.data"]
+        data["snapshot_image_id" if "snapshot" in name else "image_uuid"] = odd
+        ids.append(openstack.parse(body)[0].snapshot_id)
+    assert ids == ["sha256:" + hashlib.sha256(odd.encode("utf-8")).hexdigest()] * 2
 
 
 @pytest.mark.parametrize("inner", ["{not json", "[1, 2]", "[" * 100_000])
