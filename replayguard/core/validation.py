@@ -128,7 +128,12 @@ def optional_string(body: dict[str, Any], name: str, max_len: int) -> str | None
 
 
 def integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    """An integer field. A JSON number written with a zero fraction (``300.0``) is one:
+    JSON Schema 2020-12, which the OpenAPI 3.1 document uses, counts it an integer. A
+    boolean, another fraction, NaN or an infinity is not."""
     value = body.get(name, default)
+    if isinstance(value, float) and value.is_integer():  # False for NaN and the infinities
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an integer", field=name)
     if not low <= value <= high:

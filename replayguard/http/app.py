@@ -51,7 +51,7 @@ from ..services.timeline import TimelineService
 from ..services.witness_store import WitnessStore
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness
-from .common import MAX_BODY, Handler, Route, json_response, set_server_header
+from .common import BEARER_CHALLENGE, MAX_BODY, Handler, Route, json_response, set_server_header
 from .state import (
     ANALYSTS,
     CALLER,
@@ -140,6 +140,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await _guarded(request, handler)
         response.headers["X-Request-Id"] = request_id
+        if response.status == 401:  # every 401, whoever raised it (RFC 9110 §15.5.2, RFC 6750 §3)
+            response.headers.setdefault("WWW-Authenticate", BEARER_CHALLENGE)
         elapsed = time.perf_counter() - start
         log_request(request.method, response.status, elapsed, request.get(DECISION), request.get(REASON))
     finally:
@@ -168,7 +170,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except web.HTTPException as exc:
         error = _http_error(exc)
-        return json_response(error.body(), status=error.status)
+        # aiohttp's 405 names the route's methods in Allow, which RFC 9110 §15.5.6 requires.
+        allow = exc.headers.get("Allow") if error.status == 405 else None
+        return json_response(error.body(), status=error.status, headers=None if allow is None else {"Allow": allow})
     except Exception as exc:  # noqa: BLE001 - the one catch-all: no input may produce a traceback
         status, body = error_answer(exc)
         return json_response(body, status=status)

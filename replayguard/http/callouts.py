@@ -63,8 +63,8 @@ DECISION_SCHEMA = {
         "decision": {"type": "string", "enum": [v.value for v in Verdict]},
         "reason": {"type": "string", "enum": [r.value for r in Reason]},
         "flags": {"type": "array", "items": {"type": "string", "enum": [f.value for f in Flag]}},
-        "seq": {"type": ["integer", "null"]},
-        "receipt": {"type": ["string", "null"]},
+        "seq": {"type": "integer"},
+        "receipt": {"type": "string"},
         "alert_id": {"type": "string"},
     },
 }

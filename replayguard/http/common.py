@@ -47,6 +47,9 @@ class Route:
 
 # What every answer says in ``Server``: not aiohttp's default, which names its version.
 SERVER_HEADER = "replayguard"
+# The challenge every 401 carries in ``WWW-Authenticate`` (RFC 9110 §15.5.2: a 401 MUST
+# have one; RFC 6750 §3: the scheme of a bearer-token resource is ``Bearer``).
+BEARER_CHALLENGE = "Bearer"
 
 
 async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -70,6 +70,7 @@ from ..services.apitokens import Caller
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from .common import (
+    BEARER_CHALLENGE,
     MAX_BODY,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
@@ -107,6 +108,7 @@ _HOLD_S = 0.5  # a request still incomplete after this (checked at each sweep) g
 # which they make rare.
 _RELEASED = httptools.HttpRequestParser(None)
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_CHALLENGE = b"WWW-Authenticate: %s\r\n" % BEARER_CHALLENGE.encode()
 
 
 class _Divert(Exception):
@@ -491,6 +493,8 @@ class Front:
         line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
         tail = b"X-Request-Id: %s\r\nDate: %s\r\nServer: %s\r\n" % (
             request_id.encode(), self._date(), SERVER_HEADER.encode())
+        if status == 401:  # as app.edge: every 401 names the scheme (RFC 9110 §15.5.2, RFC 6750 §3)
+            tail += _CHALLENGE
         if payload is None:  # 204: no body, so neither length nor type (RFC 9110 §8.6)
             return line + tail, b""
         body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)

@@ -87,6 +87,15 @@ async def _status(served: Served, row: Row, authorization: str | None) -> int:
         return resp.status
 
 
+async def _refusal(served: Served, row: Row, authorization: str | None) -> tuple[int, str]:
+    """The status and the ``WWW-Authenticate`` challenge of an answer."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    body: Any = {} if row.method in ("POST", "PUT", "PATCH") else None
+    async with served.client.request(row.method, row.path, headers=headers, json=body) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("WWW-Authenticate", "")
+
+
 def _row_id(row: Row) -> str:
     return f"{row.method} {row.template}"
 
@@ -133,12 +142,15 @@ async def test_every_caller_gets_the_status_the_matrix_says(served: Served, row:
 async def test_protected_route_refuses_missing_unknown_revoked_and_malformed_tokens(
     served: Served, row: Row,
 ) -> None:
-    """No token, an unknown one, a revoked one of any role, and every malformed header are 401."""
+    """No token, an unknown one, a revoked one of any role, and every malformed header are 401,
+    each naming the Bearer scheme in ``WWW-Authenticate`` (RFC 9110 §15.5.2, RFC 6750 §3)."""
     cases: dict[str, str | None] = {"no header": None, "unknown token": "Bearer rgt_" + "u" * 43}
     cases.update({f"revoked {role}": f"Bearer {token}" for role, token in served.revoked.items()})
     cases.update(MALFORMED)
     for name, header in cases.items():
-        assert await _status(served, row, header) == 401, name
+        status, challenge = await _refusal(served, row, header)
+        assert status == 401, name
+        assert challenge.lower().startswith("bearer"), (name, challenge)
 
 
 @pytest.mark.parametrize("row", [r for r in MATRIX if r.expected["none"] != 401], ids=_row_id)

@@ -7,6 +7,7 @@ for; then a bounded hypothesis fuzz over the two decision endpoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Api
+from tests.conftest import Api, uid
 
 OTP = "/v1/otp/verify"
 NONCE = "/v1/nonces/consume"
@@ -217,6 +218,51 @@ async def test_limits_are_inclusive(api: Api, path: str, body: dict[str, Any]) -
     status, answer = await api.post(path, body)
     assert status == 200, answer
     assert answer["decision"] in ("accept", "reject")
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+async def test_405_on_a_decision_route_names_the_allowed_method(
+        api_factory: Callable[..., Any], front: str, method: str) -> None:
+    """A decision route asked with another method answers 405 with the contract body and an
+    `Allow` header naming POST (RFC 9110 §15.5.6: the server "MUST generate an Allow header
+    field"), on either front: the fast front hands such a request to aiohttp, whose 405 the
+    contract body is built from."""
+    api: Api = await api_factory(http_front=front)
+    resp = await api.client.request(method, OTP, headers=api.auth("callout"))
+    assert resp.status == 405
+    assert_error_body(await resp.json(), "method_not_allowed", None)
+    assert "POST" in resp.headers.get("Allow", ""), dict(resp.headers)
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_an_integral_ttl_written_as_a_float_is_a_well_formed_request(
+        api_factory: Callable[..., Any], front: str) -> None:
+    """`"ttl_s": 300.0` is a well-formed request answered 200: the served OpenAPI 3.1 document
+    declares ttl_s an integer, and JSON Schema 2020-12 counts any number with a zero
+    fractional part as one (a guest computing `5 * 60.0` is not refused)."""
+    api: Api = await api_factory(http_front=front)
+    resp = await api.client.get("/v1/openapi.json")
+    schema = (await resp.json())["paths"][NONCE]["post"]["requestBody"]["content"][JSON]["schema"]
+    assert schema["properties"]["ttl_s"]["type"] == "integer"
+    status, body = await api.post(NONCE, {"vm_id": uid("vm"), "scope": uid("s"), "nonce": uid("n"), "ttl_s": 300.0})
+    assert status == 200, body
+    assert body["decision"] == "accept"
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+@pytest.mark.parametrize("authorization", [None, "Bearer rgt_" + "A" * 43, "Basic dXNlcjpwYXNz"])
+async def test_a_401_on_a_decision_route_names_the_bearer_scheme(
+        api_factory: Callable[..., Any], front: str, authorization: str | None) -> None:
+    """A decision route refused for a missing, unknown or non-Bearer token answers 401
+    `unauthorized` with `WWW-Authenticate: Bearer` (RFC 9110 §15.5.2, RFC 6750 §3), on
+    either front."""
+    api: Api = await api_factory(http_front=front)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    resp = await api.client.post(OTP, json={"vm_id": "v", "principal": "p", "otp": "1"}, headers=headers)
+    assert resp.status == 401
+    assert_error_body(await resp.json(), "unauthorized", None)
+    assert resp.headers.get("WWW-Authenticate", "").lower().startswith("bearer"), dict(resp.headers)
 
 
 # --- fuzz ------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import orjson
 import pyotp
 
-from tests.conftest import Api, metric_values, uid
+from replayguard.http.radius import ACCEPT_MARKER
+from tests.conftest import REPO, Api, metric_values, uid
 
 
 async def test_totp_accepted_once_then_reused(api: Api) -> None:
@@ -49,3 +53,23 @@ async def test_metrics_time_every_ledger_transaction_of_decisions(api: Api) -> N
     assert values["replayguard_ledger_call_duration_seconds_sum"] > 0
     assert values['replayguard_ledger_call_duration_seconds_bucket{le="+Inf"}'] == calls
     assert 'replayguard_ledger_call_duration_seconds_bucket{le="0.0005"}' in values
+
+
+async def test_api_doc_describes_the_radius_accept_the_service_answers(api: Api) -> None:
+    """docs/api.md describes a RADIUS accept as the service answers it: 200 with
+    {"control:Tmp-String-0": "replayguard-accept"}, the marker the shipped rlm_rest site
+    accepts on (a 204 there is an Access-Reject)."""
+    principal = uid("rad")
+    secret = (await api.enroll(principal))["secret"]
+    body = {"User-Name": {"type": "string", "value": [principal]},
+            "User-Password": {"type": "string", "value": [pyotp.TOTP(secret).at(api.clock.now)]},
+            "NAS-Identifier": {"type": "string", "value": [uid("nas")]}}
+    resp = await api.client.post("/v1/radius/authenticate", json=body, headers=api.auth("callout"))
+    assert resp.status == 200 and orjson.loads(await resp.read()) == {"control:Tmp-String-0": ACCEPT_MARKER}
+    text = (REPO / "docs" / "api.md").read_text()
+    start = text.index("### `POST /v1/radius/authenticate`")
+    end = text.find("\n### ", start + 1)
+    section = text[start:end if end >= 0 else len(text)]
+    accept = re.search(r"Accept: \*\*(\d{3})\*\*", section)
+    assert accept is not None and int(accept.group(1)) == resp.status, section
+    assert ACCEPT_MARKER in section, section

@@ -11,6 +11,7 @@ from replayguard import errors
 from replayguard.core.cef import KIND_NAMES
 from replayguard.core.decisions import AlertKind, Flag, Reason, Severity
 from replayguard.core.events import EventType
+from replayguard.http import openapi
 from replayguard.http.app import all_routes
 from tests.conftest import REPO
 
@@ -47,3 +48,19 @@ def test_every_cef_name_is_documented() -> None:
     """The CEF name of every alert kind appears in the sinks section."""
     missing = [name for name in KIND_NAMES.values() if name not in FLAT]
     assert not missing, missing
+
+
+def test_a_decision_always_has_an_integer_seq_and_a_receipt() -> None:
+    """The served OpenAPI document (built from the route table) declares a decision's `seq`
+    an integer and its `receipt` a string, never null, and docs/api.md promises no null
+    `seq` (CONTRACT v1.1 §4: every answer carries its integer seq and a fresh receipt)."""
+    document = openapi.build(all_routes())
+    for path in ("/v1/otp/verify", "/v1/nonces/consume"):
+        schema = document["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        props = schema["properties"]
+        assert props["seq"]["type"] == "integer", (path, props["seq"])
+        assert props["receipt"]["type"] == "string", (path, props["receipt"])
+        assert {"seq", "receipt"} <= set(schema["required"]), (path, schema["required"])
+    start = DOC.index("### `POST /v1/otp/verify`")
+    section = DOC[start:DOC.find("\n### ", start + 1)]
+    assert '"seq": null' not in section and "hot cache" not in section, section

@@ -72,6 +72,10 @@ def test_bad_times(value: object) -> None:
     ({"ttl_s": 0}, "ttl_s"),
     ({"ttl_s": True}, "ttl_s"),
     ({"ttl_s": "300"}, "ttl_s"),
+    ({"ttl_s": 1.5}, "ttl_s"),
+    ({"ttl_s": float("nan")}, "ttl_s"),
+    ({"ttl_s": float("inf")}, "ttl_s"),
+    ({"ttl_s": 1e300}, "ttl_s"),
     ({"issued_at": "soon"}, "issued_at"),
     ({"scope": None}, "scope"),
 ])

@@ -78,6 +78,10 @@ EDGES: list[tuple[str, Any, str | None]] = [
     ("ttl of the maximum", lambda: _nonce(ttl_s=MAX_TTL), None),
     ("ttl over the maximum", lambda: _nonce(ttl_s=MAX_TTL + 1), "ttl_s"),
     ("ttl a boolean", lambda: _nonce(ttl_s=True), "ttl_s"),
+    ("ttl of the maximum written as a float", lambda: _nonce(ttl_s=float(MAX_TTL)), None),
+    ("ttl over the maximum written as a float", lambda: _nonce(ttl_s=MAX_TTL + 1.0), "ttl_s"),
+    ("ttl of 0.0", lambda: _nonce(ttl_s=0.0), "ttl_s"),
+    ("digits 8.0", lambda: _enroll(digits=8.0), None),
     ("issued_at not a time", lambda: _nonce(issued_at="yesterday"), "issued_at"),
     ("digits 6..8", lambda: (_enroll(digits=6), _enroll(digits=8)), None),
     ("digits 5", lambda: _enroll(digits=5), "digits"),
@@ -106,6 +110,14 @@ def test_limits_from_both_sides(case: str, call: Any, field: str | None) -> None
     with pytest.raises(InvalidRequest) as err:
         call()
     assert err.value.field == field and err.value.message, case
+
+
+def test_an_integral_float_is_read_as_the_int_it_names() -> None:
+    """``300.0`` is the integer 300 (JSON Schema 2020-12): the request holds an ``int``, never a float."""
+    ttl = _nonce(ttl_s=300.0).ttl_s
+    assert ttl == 300 and type(ttl) is int
+    enrolment = _enroll(digits=8.0, period=60.0)
+    assert (enrolment.digits, enrolment.period) == (8, 60) and type(enrolment.digits) is int
 
 
 def test_nonce_keeps_a_lone_surrogate_as_its_bytes() -> None:
