@@ -177,7 +177,8 @@ class RequestCounts:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, redis: bool = False) -> None:
+        """``redis``: whether Redis is configured (``replayguard_redis_up`` exists only then)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.front = FrontCounts()
         self.registry.register(self.front)
@@ -203,9 +204,10 @@ class Metrics:
         self.ledger_up = Gauge(
             "replayguard_ledger_up", "1 when the last ledger check succeeded", registry=self.registry,
         )
+        # Only with redis_url: a gauge at 0 without Redis would read as "Redis down" (ReplayguardRedisDown).
         self.redis_up = Gauge(
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
-        )
+        ) if redis else None
 
     def ledger_batch(self, size: int, seconds: float) -> None:
         """One committed group of decisions: how many, and how long its transaction took."""

@@ -145,7 +145,8 @@ OPTIONS: tuple[Option, ...] = (
            "starts; 0: a quarter of the memory (the cgroup's limit when lower), between 128 and 2048",
            bounds=(0, 1_048_576)),
     Option("workers", "int", "1", "worker processes sharing the port (SO_REUSEPORT); a worker whose "
-           "parent was killed hard exits within a second", bounds=(1, 64)),
+           "parent was killed hard exits within a second; one that fails (at start: one line) stops the "
+           "others and serve exits with its status", bounds=(1, 64)),
     Option("log_level", "str", "info", "JSON log lines on stderr, each with the request id, route and "
            "caller token id; routine lines batched at least every 50 ms, warnings and errors at once",
            choices=("debug", "info", "warning", "error")),
@@ -178,7 +179,9 @@ OPTIONS: tuple[Option, ...] = (
            "syslog+udp://H:P, syslog+tcp://H:P, webhook:URL, splunk+https://H:P?token_file=F; "
            "ecs+ or ocsf+ before file: or webhook: for ECS or OCSF"),
     Option("webhook_secret", "secret", "(none)", "key signing the requests of webhook: sinks"),
-    Option("max_connections", "int", "1024", "open connections cap (over it: 503)", bounds=(1, 1_000_000)),
+    Option("max_connections", "int", "1024", "open connections cap per worker (over it: 503); it, "
+           "db_pool_size and 64 must fit under the open-files limit, whose soft value serve raises to the hard "
+           "one (else start-up stops)", bounds=(1, 1_000_000)),
     Option("max_sse_subscribers", "int", "64", "alert stream subscribers cap (over it: 503)",
            bounds=(0, 100_000)),
     Option("idle_timeout_s", "int", "15", "idle keep-alive and slow-header cut-off", bounds=(1, 3600)),
@@ -190,7 +193,7 @@ OPTIONS: tuple[Option, ...] = (
            "repeated: file:/PATH (storage the database does not share) or another deployment's "
            "https://HOST[:PORT] (its /v1/witness/ID is appended)", alias="--witness"),
     Option("witness_required", "bool", "false", "refuse decisions while a witness cannot be reached "
-           "(else an unreachable witness raises witness_unreachable and decisions go on)"),
+           "(else an unreachable witness raises witness_unreachable and decisions go on); needs witnesses"),
     Option("witness_token", "secret", "(none)", "bearer token (role witness) for the HTTP witnesses"),
 )
 OPTION = {option.name: option for option in OPTIONS}
@@ -201,7 +204,8 @@ OTHER_ENV = frozenset({"REPLAYGUARD_CONFIG", "REPLAYGUARD_URL", "REPLAYGUARD_TOK
                        "REPLAYGUARD_KEEP_FUZZ_LOG", "REPLAYGUARD_CHROMIUM", "REPLAYGUARD_UPDATE_DOCS_IMG"})
 OTHER_ENV_PREFIXES = ("REPLAYGUARD_RELAY_", "REPLAYGUARD_TEST_", "REPLAYGUARD_BENCH_")
 # Secrets that key a MAC or a bearer check: an empty one (a *_FILE created but never
-# filled) would be a key everybody knows, so it stops start-up instead.
+# filled, or REPLAYGUARD_<NAME>= with nothing after it) would be a key everybody knows, or
+# silently none, so it stops start-up instead.
 KEYS_NEVER_EMPTY = frozenset({"event_hmac_secret", "webhook_secret", "witness_token"})
 
 
@@ -215,6 +219,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{option.name} must be one of {', '.join(option.choices)}, got {value!r}")
         if option.name in KEYS_NEVER_EMPTY and value is not None and not value.reveal().strip():
             raise ConfigError(f"{option.name} is empty: set a key, or unset it")
+    if s.witness_required and not s.witnesses:
+        raise ConfigError("witness_required is set but no witnesses are: name the witnesses, or unset witness_required")
     if s.database_url is not None:
         _check_url(s.database_url.reveal(), ("postgres", "postgresql"), "database_url")
         if s.embedded_shared_buffers_mb:
@@ -225,7 +231,7 @@ def _validate(s: Settings) -> None:
             if not spec.startswith("file:/"):
                 raise ConfigError(f"witness {spec!r}: a file witness needs an absolute path (file:/…)")
         else:
-            _check_url(spec, ("http", "https"), "witnesses")
+            _check_witness_url(spec)
     if s.redis_url is not None:
         _check_url(s.redis_url.reveal(), ("redis", "rediss", "unix"), "redis_url")
         try:  # its query options, as the client will read them (the message names the option, never the URL)
@@ -265,6 +271,21 @@ def _check_url(url: str, schemes: tuple[str, ...], name: str) -> None:
                           " percent-encoded)") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+
+
+def _check_witness_url(spec: str) -> None:
+    """An HTTP witness is named by its URL in /metrics, logs and alerts, so the URL holds no
+    credentials (the bearer token is ``witness_token``), no query and no fragment."""
+    _check_url(spec, ("http", "https"), "witnesses")
+    parts = urlsplit(spec)
+    if "@" in parts.netloc:  # the message never shows the URL: a password may be in it
+        raise ConfigError("witnesses: credentials do not belong in a witness URL (it names the witness in "
+                          "metrics, logs and alerts): use witness_token")
+    if not parts.hostname:
+        raise ConfigError("witnesses: a witness URL needs a host (http(s)://HOST[:PORT])")
+    if parts.query or parts.fragment or spec.rstrip().endswith(("?", "#")):
+        raise ConfigError(f"witnesses: a witness URL takes no query or fragment: {parts.scheme}://{parts.netloc}"
+                          f"{parts.path}")
 
 
 def _coerce(option: Option, raw: Any) -> Any:
@@ -323,6 +344,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Path]]:
     secret_files: list[Path] = []
     for key in sorted(k for k in env if k.startswith(ENV_PREFIX)):
         if key in known:
+            if env[key] == "" and known[key].name in KEYS_NEVER_EMPTY:  # e.g. an unset shell variable expanded
+                raise ConfigError(f"{key} is set but empty: set a key, or unset it")
             if env[key] != "":
                 out[known[key].name] = env[key]
         elif key in files:

@@ -155,12 +155,15 @@ async def _acts(settings: Settings) -> int:
         dsn = runtime.dsn
     print("\nThe same attack, one level down: the host's own database goes back in time.", flush=True)
     backup = await _copy_database(dsn)
-    say.say("The operator backs up replayguard's database (CREATE DATABASE ... TEMPLATE ...).")
-    async with _serving(settings, dsn) as (client, runtime):
-        used = await _use_after_backup(client, runtime, say)
-    say.say("The database's disk fails; the operator restores last night's backup and starts the service on it.")
-    async with _serving(settings, backup) as (client, runtime):
-        ok = await _host_rollback(client, runtime, settings.replace(database_url=Secret(backup)), used, say) and ok
+    try:
+        say.say("The operator backs up replayguard's database (CREATE DATABASE ... TEMPLATE ...).")
+        async with _serving(settings, dsn) as (client, runtime):
+            used = await _use_after_backup(client, runtime, say)
+        say.say("The database's disk fails; the operator restores last night's backup and starts the service on it.")
+        async with _serving(settings, backup) as (client, runtime):
+            ok = await _host_rollback(client, runtime, settings.replace(database_url=Secret(backup)), used, say) and ok
+    finally:  # the demo's copy leaves nothing on the server (a given --database-url's above all)
+        await _drop_database(dsn, backup)
     return 0 if ok else 1
 
 
@@ -175,6 +178,19 @@ async def _copy_database(dsn: str) -> str:
     finally:
         await conn.close()
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def _drop_database(dsn: str, copy: str) -> None:
+    """Drops the database ``_copy_database`` made; a failure is one line on stderr, not the demo's."""
+    name = urlsplit(copy).path.lstrip("/")
+    try:
+        conn = await asyncpg.connect(dsn, database="postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"replayguard demo: could not drop its copy {name}: {exc}", file=sys.stderr, flush=True)
 
 
 async def _use_after_backup(client: DemoClient, runtime: Any, say: Narrator) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -121,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         rglog.configure(settings.log_level)
         handler = getattr(args, "handler", None) or _HANDLERS[args.command]
         return int(handler(args, settings))
-    except ReplayGuardError as exc:
-        return _fail(exc.message)
-    except OSError as exc:  # a file or socket the command needed, not named by a check above
-        where = f" ({exc.filename})" if exc.filename else ""
-        return _fail(f"{exc.strerror or type(exc).__name__}{where}")
+    except (ReplayGuardError, OSError) as exc:
+        return _fail(_one_line(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(exc: ReplayGuardError | OSError) -> str:
+    """What a failure a user can cause says on stderr."""
+    if isinstance(exc, ReplayGuardError):
+        return exc.message
+    where = f" ({exc.filename})" if exc.filename else ""  # a file or socket the command needed, not named by a check
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 # --- migrate, token -------------------------------------------------------------------
@@ -188,6 +195,17 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def _serve_worker_process(settings: Settings, dsn: str, parent_pid: int) -> None:
+    """One worker of ``serve --workers N`` (a spawned process): a failure a user can cause (its
+    start refused: other keys on the database, ...) is one line on stderr and exit status 2."""
+    try:
+        _serve_worker(settings, dsn, reuse_port=True, parent_pid=parent_pid)
+    except (ReplayGuardError, OSError) as exc:
+        sys.exit(_fail(_one_line(exc)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: int | None = None) -> None:
     from ..http.app import create_app
     from ..http.server import serve
@@ -205,10 +223,12 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: in
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from ..http.server import raise_fd_limit
     from ..keys import load_keys
     from ..pg.connections import warn_about_settings
     from ..runtime import prepare_database
 
+    raise_fd_limit(settings)  # before the workers, who inherit it
     load_keys(settings)  # creates keys once, before workers race for them
     if settings.port == 0 and settings.workers > 1:
         raise ConfigError("port 0 (any free port) needs workers = 1: each worker would get its own port")
@@ -225,22 +245,41 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve_many(settings: Settings, dsn: str) -> int:
+    """Runs the workers until they stop. A worker that exits with a failure (one refused at
+    start says why in one line and exits 2) stops the others, and ``serve`` exits with its
+    status, so a supervisor sees a failure, never a clean stop of a service that serves nothing."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_worker, args=(settings, dsn, True, os.getpid()), daemon=False)
+    procs = [ctx.Process(target=_serve_worker_process, args=(settings, dsn, os.getpid()), daemon=False)
              for _ in range(settings.workers)]
     for proc in procs:
         proc.start()
+    stopping = False
+
+    def stop_all() -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
 
     def stop(signum: int, _frame: Any) -> None:
-        for proc in procs:
-            if proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+        nonlocal stopping
+        stopping = True
+        stop_all()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for proc in procs:
-        proc.join()
-    return 0
+    status = 0
+    running = list(procs)
+    while running:
+        multiprocessing.connection.wait([proc.sentinel for proc in running])
+        for proc in [proc for proc in running if not proc.is_alive()]:
+            running.remove(proc)
+            proc.join()
+            code = proc.exitcode or 0
+            if code != 0 and not stopping and status == 0:
+                status = code if code > 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
+                stop_all()
+    return status
 
 
 def rglog_logger() -> Any:

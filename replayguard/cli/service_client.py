@@ -70,6 +70,8 @@ class Client:
             raise _failure(exc) from None
         except (urllib.error.URLError, OSError) as exc:
             raise CommandFailed(f"cannot reach {self.url}: {_reason(exc)}", EXIT_UNREACHABLE) from None
+        except ValueError:  # http.client.InvalidURL: a URL check_url let through
+            raise _bad_url(self.url) from None
         return _json(raw, self.url)
 
     def status_of(self, path: str) -> int:
@@ -81,6 +83,8 @@ class Client:
             return int(exc.code)
         except (urllib.error.URLError, OSError) as exc:
             raise CommandFailed(f"cannot reach {self.url}: {_reason(exc)}", EXIT_UNREACHABLE) from None
+        except ValueError:
+            raise _bad_url(self.url) from None
 
     def events(self, last_id: str | None) -> Iterator[tuple[str | None, dict[str, Any] | None]]:
         """The alert stream's (id, alert) pairs until the connection ends; (id, None) for an
@@ -94,6 +98,8 @@ class Client:
                                           timeout=FOLLOW_READ_TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             raise _failure(exc) from None
+        except ValueError:
+            raise _bad_url(self.url) from None
         with resp:
             event_id: str | None = None
             kind, data, has_id = "message", list[str](), False
@@ -114,6 +120,10 @@ class Client:
                     kind = value
                 elif name == "data":
                     data.append(value)
+
+
+def _bad_url(url: str) -> CommandFailed:
+    return CommandFailed(f"the service URL {printable(url)!r} is not a valid URL", EXIT_USAGE)
 
 
 def _json(raw: bytes, url: str) -> Any:
@@ -148,12 +158,28 @@ def _failure(exc: urllib.error.HTTPError) -> CommandFailed:
     return CommandFailed(text, EXIT_REFUSED)
 
 
+def check_url(url: str) -> None:
+    """Refuses (``ConfigError``, one line) a service URL the client could not use: another
+    scheme, an unclosed IPv6 bracket, a port that is not a number, a missing host or one with
+    a space or a control character."""
+    shown = printable(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError when not a number in range
+    except ValueError:
+        raise ConfigError(f"the service URL {shown!r} is not a valid URL (its host or port)") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"the service URL must be http:// or https://, not {shown!r}")
+    host = parts.hostname or ""
+    if not host or any(ch.isspace() or not ch.isprintable() for ch in host):
+        raise ConfigError(f"the service URL {shown!r} has no valid host (http(s)://HOST[:PORT])")
+
+
 def client_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Client:
     """The URL and token from flags and the environment; a missing token is a usage error."""
     env = dict(os.environ) if env is None else env
     url = args.url or env.get("REPLAYGUARD_URL") or DEFAULT_URL
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise ConfigError(f"the service URL must be http:// or https://, not {printable(url)!r}")
+    check_url(url)
     token_file = args.token_file or env.get("REPLAYGUARD_TOKEN_FILE")
     if token_file:
         try:

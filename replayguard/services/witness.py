@@ -18,6 +18,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -111,9 +112,25 @@ class FileWitness:
             raise WitnessUnreachable(f"cannot write {self.path}: {exc.strerror}") from None
 
 
+def http_witness_name(url: str) -> str:
+    """How an HTTP witness is shown (metrics, logs, alerts): scheme://host:port/path, never
+    credentials, a query or a fragment (settings refuse them; this holds whatever it is given)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc and not parts.query and not parts.fragment and "?" not in url and "#" not in url:
+        return url  # as configured: the name continuity's records and the metrics' label use
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{parts.path}"
+
+
 class HttpWitness:
     def __init__(self, base_url: str, deployment_id: str, token: str | None) -> None:
-        self.name = base_url
+        self.name = http_witness_name(base_url)
         # The deployment's base URL; a full witness URL (…/v1/witness/ID) is taken as it is.
         self.url = base_url if "/v1/witness/" in base_url else f"{base_url.rstrip('/')}/v1/witness/{deployment_id}"
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -124,7 +141,8 @@ class HttpWitness:
                     session.request(method, self.url, json=body, headers=self._headers) as resp:
                 data = await resp.read()
                 return resp.status, orjson.loads(data) if data else None
-        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError, ValueError) as exc:
+            # ValueError: a URL aiohttp cannot use (its message may quote the URL: only the type is shown)
             raise WitnessUnreachable(f"{self.name}: {type(exc).__name__}") from None
 
     async def read(self) -> Record | None:

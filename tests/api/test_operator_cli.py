@@ -212,3 +212,14 @@ def test_a_token_file_with_a_second_line_is_one_line_without_the_token(tmp_path:
     output = done.stdout + done.stderr
     assert "Traceback" not in output and "Zq8TestTokenSecretPart" not in output, output
     assert done.returncode == 2 and done.stderr.count("\n") == 1, output
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:abc", "http://127.0.0.1:70000",
+                                 "http://exa mple.com", "http://"])
+def test_operator_command_with_a_malformed_url_is_one_line(url: str) -> None:
+    """A malformed --url (an unclosed IPv6 bracket, a port that is not a number or out of
+    range, a space in the host, no host) stops the operator CLI with one line naming the URL
+    and exit 2 (usage), never a traceback."""
+    done = run_cli("status", "--url", url, env=cli_env(REPLAYGUARD_TOKEN="rgt_" + "a" * 43))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-300:])
+    assert len(done.stderr.strip().splitlines()) == 1 and "the service URL" in done.stderr, done.stderr

@@ -9,12 +9,15 @@ before the port is opened (nothing is logged, so no ``serving`` line either).
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import REPO, cli_env, run_cli
 
 NOBODY = 65534
 PASSWORD = "hunter2-never-shown"  # in a URL of a row: no message may show it
@@ -215,3 +218,49 @@ def test_a_url_whose_password_breaks_it_is_refused_without_quoting_it(tmp_path: 
                    *(() if option == "--database-url" else ("--database-url", "postgresql://127.0.0.1:1/x")))
     assert done.returncode == 2 and PASSWORD not in done.stdout + done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "is not a valid URL" in done.stderr, done.stderr
+
+
+def _open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return apply
+
+
+def _serve_under_limit(tmp_path: Path, soft: int, hard: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`serve` under an open-files limit, on a database that does not answer (the limit is
+    checked before it is reached); stopped by the test's timeout if it gets further."""
+    return subprocess.run([sys.executable, "-m", "replayguard", "serve", "--port", "0", "--data-dir",
+                           str(tmp_path / "data"), "--database-url", "postgresql://postgres@127.0.0.1:1/x", *args],
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=60, check=False,
+                          preexec_fn=_open_files_limit(soft, hard))
+
+
+def test_connection_cap_over_the_open_files_limit_is_refused_at_start(tmp_path: Path) -> None:
+    """`serve` raises its soft open-files limit to the hard one; when max_connections (1024 by
+    default) with the pool and a reserve still does not fit under it (here both are 1024),
+    accept() would fail with EMFILE before the cap answered 503: start-up stops with one line,
+    exit 2, before any key is written."""
+    done = _serve_under_limit(tmp_path, 1024, 1024)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "open files" in done.stderr and "max_connections (1024)" in done.stderr, done.stderr
+    assert not (tmp_path / "data" / "keys").exists()
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    """Under a soft limit of 1024 and a higher hard one (a login shell's, a unit's without
+    LimitNOFILE=), `serve` raises the soft limit and goes on (here to the unreachable
+    database, which is the one-line error it stops at)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or hard >= 2048, f"this host's hard limit ({hard}) is too low"
+    done = _serve_under_limit(tmp_path, 1024, hard)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "open files" not in done.stderr and "database" in done.stderr.lower(), done.stderr
+    probe = subprocess.run([sys.executable, "-c", "import resource\n"
+                            "from replayguard.http.server import raise_fd_limit\n"
+                            "from replayguard.settings import load_settings\n"
+                            "print(raise_fd_limit(load_settings(env={})),\n"
+                            "      resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
+                           capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=60, check=False,
+                           preexec_fn=_open_files_limit(1024, hard))
+    raised = hard if hard != resource.RLIM_INFINITY else 1024 + 8 + 64  # unlimited: what the defaults need
+    assert probe.returncode == 0 and probe.stdout.split() == [str(raised)] * 2, (probe.stdout, probe.stderr)

@@ -23,8 +23,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from replayguard.errors import ConfigError
 from replayguard.pg.embedded import HBA, SERVICE_USER, EmbeddedServer, claim_data_dir
 from tests.conftest import cli_env, run_cli
+from tests.integration.local_users import LocalUser, local_user, reachable_dir  # noqa: F401 - fixtures
 from tests.integration.owned_servers import scratch_dir, stop_embedded
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="checks what root does; needs root to create a user")
@@ -270,3 +272,49 @@ def test_key_only_command_works_on_a_root_owned_data_dir() -> None:
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("-----BEGIN PUBLIC KEY-----")
         assert data_dir.stat().st_uid == 0 and (data_dir / "keys" / "signing.key").stat().st_uid == 0
+
+
+def test_root_never_chowns_what_a_planted_pg_symlink_points_at(
+    local_user: LocalUser, reachable_dir: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A ``pg`` symlink the data dir's owner planted (here to a root-owned 0755 directory,
+    standing for /usr/local/bin) is refused in one line when root starts the embedded server
+    (`token create`, `migrate`, `serve`): the directory it points at keeps its owner and mode."""
+    data_dir = reachable_dir / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, local_user.uid, local_user.gid)
+    victim = reachable_dir / "root-owned-bin"
+    victim.mkdir(mode=0o755)
+    os.symlink(victim, data_dir / "pg")
+    os.lchown(data_dir / "pg", local_user.uid, local_user.gid)
+    server = EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
+    monkeypatch.setattr(EmbeddedServer, "run", lambda self, *args, **kwargs: "")  # initdb itself is not the point
+    with pytest.raises(ConfigError, match="not a directory"):
+        server.initialise()
+    st = victim.stat()
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o755, f"now owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
+
+
+def test_root_refuses_a_pg_dir_of_another_user(local_user: LocalUser, reachable_dir: Path) -> None:  # noqa: F811
+    """An existing ``pg`` directory that is not the data dir's owner's is refused, not re-owned."""
+    data_dir = reachable_dir / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, local_user.uid, local_user.gid)
+    (data_dir / "pg").mkdir(mode=0o755)
+    server = EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
+    with pytest.raises(ConfigError, match="belongs to user root"):
+        server.initialise()
+    assert (data_dir / "pg").stat().st_uid == 0
+
+
+def test_root_creates_pg_for_the_data_dirs_owner(local_user: LocalUser, reachable_dir: Path,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as root on a data dir without ``pg``, the cluster directory is created 0700 and the owner's."""
+    data_dir = reachable_dir / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, local_user.uid, local_user.gid)
+    server = EmbeddedServer(data_dir, claim_data_dir(data_dir, embedded=True))
+    monkeypatch.setattr(EmbeddedServer, "run", lambda self, *args, **kwargs: "")
+    server.initialise()
+    st = (data_dir / "pg").lstat()
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == local_user.uid and st.st_mode & 0o777 == 0o700

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
 from replayguard.core import continuity
+from replayguard.errors import ConfigError
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
 from replayguard.services.witness import Record
@@ -193,3 +195,18 @@ async def test_witness_put_with_a_seq_past_bigint_is_a_400(api: Api) -> None:
     resp = await api.client.put(f"/v1/witness/{deployment}", json=body, headers=api.auth("witness"))
     data = await resp.json()
     assert (resp.status, data["error"]["code"]) == (400, "invalid_request"), data
+
+
+WITNESS_PASSWORD = "hunter2WitnessPw"
+
+
+@pytest.mark.parametrize("token", [None, Secret("rgt_" + "w" * 43)], ids=["no token", "with witness_token"])
+async def test_witness_url_with_credentials_is_refused_at_start_naming_no_password(
+        api_factory: Callable[..., Any], token: Secret | None) -> None:
+    """A witness URL carrying user:password (which would name the witness in the unauthenticated
+    /metrics, the witness_unreachable log line and alert, and which aiohttp refuses beside a
+    witness_token) stops start-up with one ConfigError line that does not show the password."""
+    url = f"http://ops:{WITNESS_PASSWORD}@127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError) as caught:
+        await api_factory(witnesses=(url,), witness_token=token)
+    assert WITNESS_PASSWORD not in caught.value.message and "credentials" in caught.value.message

@@ -1,4 +1,4 @@
-"""The deployment files in deploy/ stay true to the code: settings, systemd unit, compose file."""
+"""The deployment files in deploy/ stay true to the code: settings, systemd unit, compose file and image."""
 
 from __future__ import annotations
 
@@ -126,3 +126,39 @@ def test_unit_installs_the_toml_private() -> None:
     line = next(line for line in text.splitlines() if "replayguard.example.toml" in line)
     assert "-m 0600" in line and "-o replayguard" in line
     assert "<<<" not in text  # the comment's commands run under sh, not only bash
+
+
+DOCKERFILE = DEPLOY / "compose" / "Dockerfile"
+
+
+def _wheel_stage_copies() -> list[tuple[str, str]]:
+    """The (source, destination) of each COPY in the Dockerfile's first (wheel) stage."""
+    copies: list[tuple[str, str]] = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("FROM") and copies:
+            break
+        if line.startswith("COPY ") and "--from" not in line:
+            *sources, destination = line.split()[1:]
+            copies.extend((source, destination) for source in sources)
+    return copies
+
+
+def test_the_image_wheel_stage_copies_everything_the_build_reads() -> None:
+    """The Dockerfile's wheel stage copies, each to the same relative place under WORKDIR /src,
+    every file and directory pyproject.toml builds the wheel from: itself, its readme, its
+    license-files (so the image's wheel carries licenses/LICENSE, as scripts/wheel-smoke
+    requires) and the top directories of its packages."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    tools = project["tool"]["setuptools"]
+    needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}
+    needed |= {name.split(".")[0] for name in tools["packages"] if name.split(".")[0] not in tools["package-dir"]}
+    needed |= {path.split("/")[0] for path in tools["package-dir"].values()}
+    copies = _wheel_stage_copies()
+    assert copies, "no COPY in the Dockerfile's wheel stage"
+    for source, destination in copies:
+        assert destination in ("./", f"./{source.rstrip('/')}"), (source, destination)
+        assert (REPO / source).exists(), source
+    copied = {source.rstrip("/") for source, _destination in copies}
+    assert needed <= copied, sorted(needed - copied)

@@ -41,8 +41,8 @@ def test_sigma_rule_ids_are_unique() -> None:
 
 
 def test_prometheus_rules_name_only_exported_metrics() -> None:
-    """Every replayguard_* series an expression reads is one the service's registry exports."""
-    exported = {m.name for m in Metrics().registry.collect()}
+    """Every replayguard_* series an expression reads is one the service's registry exports (Redis configured)."""
+    exported = {m.name for m in Metrics(redis=True).registry.collect()}
     exported |= {f"{name}_total" for name in exported} | {f"{name}_bucket" for name in exported}
     exported |= {"replayguard_sink_backlog", "replayguard_alert_feed_leader"}  # registered by the alert feed
     rules = yaml.safe_load((PROMETHEUS / "replayguard-rules.yml").read_text())

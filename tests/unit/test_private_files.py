@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from replayguard.errors import ConfigError
 from replayguard.private_files import check_private_file
+from replayguard.settings import Secret, load_settings
 
 NOBODY = 65534
 
@@ -102,3 +104,85 @@ def test_root_trusts_the_data_dirs_owner(tmp_path: Path) -> None:
     for p in (data_dir, path, path.parent):
         os.chown(p, NOBODY, NOBODY)
     check_private_file(path, "key file", data_dir=data_dir)
+
+
+SERVICE_UID = 10001  # stands for a unit's User=replayguard
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _acl(owner_perm: int, uid: int, user_perm: int, *, group_perm: int = 0, other_perm: int = 0,
+         extra: tuple[tuple[int, int, int], ...] = ()) -> bytes:
+    """A POSIX access ACL (system.posix_acl_access): owner, user:<uid>, owning group, mask, other."""
+    entries = [(_USER_OBJ, owner_perm, _NO_ID), (_USER, user_perm, uid), *extra, (_GROUP_OBJ, group_perm, _NO_ID),
+               (_MASK, 7, _NO_ID), (_OTHER, other_perm, _NO_ID)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def _with_acl(path: Path, acl: bytes, mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gives ``path`` the ACL (as a real xattr; where the file system has no ACLs, as what
+    os.getxattr answers for it) and the mode stat then shows."""
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError:
+        real_getxattr = os.getxattr
+
+        def getxattr(target: object, name: str, *args: object, **kwargs: object) -> bytes:
+            if name == "system.posix_acl_access" and Path(str(target)) == path:
+                return acl
+            return real_getxattr(target, name, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "getxattr", getxattr)
+    path.chmod(mode)
+
+
+def test_a_systemd_credential_of_the_service_user_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A credential systemd writes for a unit's non-root User= (LoadCredential=: root's, 0400,
+    plus an ACL entry user:<service>:r--, so stat shows mode 440) passes the rule: the ACL lets
+    only root and the service user read it."""
+    creds = tmp_path / "credentials" / "replayguard.service"
+    creds.mkdir(parents=True, mode=0o700)
+    secret = creds / "database_url"
+    secret.write_text("postgresql://replayguard:pw@db/replayguard\n")
+    _with_acl(secret, _acl(4, SERVICE_UID, 4), 0o440, monkeypatch)
+    creds.chmod(0o550)
+    assert secret.stat().st_mode & 0o777 == 0o440
+    monkeypatch.setattr(os, "geteuid", lambda: SERVICE_UID)
+    settings = load_settings(env={"REPLAYGUARD_DATABASE_URL_FILE": str(secret)})
+    assert settings.database_url == Secret("postgresql://replayguard:pw@db/replayguard")
+
+
+ACL_CASES: list[tuple[str, Callable[[int], bytes], int]] = [
+    ("a named user other than this one", lambda me: _acl(4, me, 4, extra=((_USER, 4, me + 1),)), 0o440),
+    ("the owning group", lambda me: _acl(4, me, 4, group_perm=4), 0o440),
+    ("a named group", lambda me: _acl(4, me, 4, extra=((_GROUP, 4, 100),)), 0o440),
+    ("others", lambda me: _acl(4, me, 4, other_perm=4), 0o444),
+    ("a malformed ACL", lambda me: b"\x02\x00\x00\x00\x01", 0o440),
+]
+
+
+@pytest.mark.parametrize(("acl", "mode"), [(c[1], c[2]) for c in ACL_CASES], ids=[c[0] for c in ACL_CASES])
+def test_an_acl_letting_anyone_else_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    acl: Callable[[int], bytes], mode: int) -> None:
+    """A file whose POSIX ACL grants access to anyone but its owner, the user running
+    replayguard and root is refused like any file others can read."""
+    path = _private(tmp_path)
+    _with_acl(path, acl(os.geteuid()), mode, monkeypatch)
+    with pytest.raises(ConfigError, match="accessible by group or others"):
+        check_private_file(path, "secret file", data_dir=None)
+
+
+def test_an_acl_naming_only_this_user_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same file with an ACL naming only the user running replayguard passes (the control
+    of the refusals above)."""
+    path = _private(tmp_path)
+    _with_acl(path, _acl(6, os.geteuid(), 4), 0o640, monkeypatch)
+    check_private_file(path, "secret file", data_dir=None)
+
+
+def test_group_bits_without_an_acl_are_refused(tmp_path: Path) -> None:
+    """Mode 0440 with no ACL behind it (the owning group can read) is refused."""
+    path = _private(tmp_path)
+    path.chmod(0o440)
+    with pytest.raises(ConfigError, match=r"accessible by group or others \(mode 440\)"):
+        check_private_file(path, "key file", data_dir=tmp_path)

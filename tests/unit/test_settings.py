@@ -57,6 +57,22 @@ def test_bad_values_are_one_clear_error(env: dict[str, str], message: str) -> No
         load_settings(env=env)
 
 
+@pytest.mark.parametrize("name", ["EVENT_HMAC_SECRET", "WEBHOOK_SECRET", "WITNESS_TOKEN"])
+def test_empty_key_in_environment_is_refused_like_a_blank_one(name: str) -> None:
+    """An empty REPLAYGUARD_EVENT_HMAC_SECRET= (WEBHOOK_SECRET, WITNESS_TOKEN), e.g. an unset
+    shell variable expanded in an env file, stops start-up with one line naming the variable,
+    as a blank one, an empty *_FILE and an empty TOML value do: it is never taken as 'not set'."""
+    with pytest.raises(ConfigError, match=f"^REPLAYGUARD_{name} is set but empty"):
+        load_settings(env={f"REPLAYGUARD_{name}": ""})
+
+
+def test_witness_required_without_any_witness_is_refused() -> None:
+    """witness_required = true with no witnesses configured stops start-up with one line: the
+    requirement would otherwise be silently void."""
+    with pytest.raises(ConfigError, match="witness_required is set but no witnesses are"):
+        load_settings(env={"REPLAYGUARD_WITNESS_REQUIRED": "true"})
+
+
 def test_bad_file(tmp_path: Path) -> None:
     """A config file with unknown keys or bad TOML is refused with its path in the message."""
     path = tmp_path / "rg.toml"
