@@ -5,8 +5,10 @@ The SQL ships inside the package as ``replayguard.migrations`` (the top-level
 ``importlib.resources``, so a missing file is a start-up error, never an empty schema.
 Numbered migrations are applied once each, in order; a stored function's file is applied
 again whenever its SHA-256 differs from the one recorded in ``schema_functions``. A
-database that holds a migration newer than any this build ships was migrated by a later
-release: it is refused, untouched, rather than given this build's older functions.
+database that holds a migration newer than any this build ships, or a stored function in a
+version this build neither ships nor lists as an earlier one (``functions/superseded.txt``:
+a release that changed functions alone), was migrated by a later release: it is refused,
+untouched, rather than given this build's older functions.
 """
 
 from __future__ import annotations
@@ -81,6 +83,20 @@ def load_migrations(package: str = SQL_PACKAGE) -> list[Migration]:
     return found
 
 
+def load_superseded(package: str = SQL_PACKAGE + ".functions") -> dict[str, set[bytes]]:
+    """The digests of earlier versions of each stored function (``superseded.txt``)."""
+    try:
+        text = resources.files(package).joinpath("superseded.txt").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise ConfigError(f"{package}/superseded.txt is missing: the installation is incomplete") from None
+    found: dict[str, set[bytes]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, digest = line.split()
+            found.setdefault(name, set()).add(bytes.fromhex(digest))
+    return found
+
+
 def load_functions(package: str = SQL_PACKAGE + ".functions") -> list[StoredFunction]:
     """The stored functions shipped in ``package``, one file each; none found is an error."""
     found = []
@@ -94,13 +110,16 @@ def load_functions(package: str = SQL_PACKAGE + ".functions") -> list[StoredFunc
 
 
 async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None,
-                  functions: list[StoredFunction] | None = None) -> list[str]:
+                  functions: list[StoredFunction] | None = None,
+                  superseded: dict[str, set[bytes]] | None = None) -> list[str]:
     """Applies pending migrations, then every stored function whose file changed.
 
     Each migration runs in its own transaction; the functions run in one transaction
     after them, with ``check_function_bodies`` off (as pg_dump restores), so the files'
     order does not matter. Returns the names applied; raises ``ConfigError``, having
-    changed nothing, when the database is ahead of ``migrations``.
+    changed nothing, when the database is ahead of ``migrations``, or holds a version of a
+    function that is neither in ``functions`` nor in ``superseded`` (by default what
+    ``functions/superseded.txt`` lists).
     """
     migrations = load_migrations() if migrations is None else migrations
     functions = load_functions() if functions is None else functions
@@ -114,6 +133,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
         )
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         _refuse_newer(rows, migrations)
+        await _refuse_newer_functions(conn, functions, load_superseded() if superseded is None else superseded)
         done = {r["version"] for r in rows}
         for migration in migrations:
             if migration.version in done:
@@ -140,6 +160,20 @@ def _refuse_newer(rows: list[asyncpg.Record], migrations: list[Migration]) -> No
         raise ConfigError(f"the database was migrated by a newer replayguard (it has migration "
                           f"{rows[-1]['name']!r}, this build's newest is {newest:03d}): run that release "
                           f"or a later one, not this one")
+
+
+async def _refuse_newer_functions(conn: asyncpg.Connection, functions: list[StoredFunction],
+                                  superseded: dict[str, set[bytes]]) -> None:
+    """Raises ``ConfigError`` when the database holds a version of a shipped function that
+    this build neither ships nor lists as earlier: a later release changed it."""
+    if await conn.fetchval("SELECT to_regclass('schema_functions') IS NULL"):
+        return
+    held = {r["name"]: bytes(r["sha256"]) for r in await conn.fetch("SELECT name, sha256 FROM schema_functions")}
+    for function in functions:
+        digest = held.get(function.name)
+        if digest is not None and digest != function.digest and digest not in superseded.get(function.name, ()):
+            raise ConfigError(f"the database holds a version of {function.name} this build does not know (a newer "
+                              f"replayguard migrated it): run that release or a later one, not this one")
 
 
 async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunction]) -> list[str]:

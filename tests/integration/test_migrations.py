@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from replayguard.errors import ConfigError
 from replayguard.pg import connections, schema
 from tests.conftest import PG_ADMIN, drop_database, dsn_for, run_cli
 
@@ -98,11 +99,15 @@ async def test_a_changed_function_file_is_applied_again(new_database: Callable[[
     changed = [schema.StoredFunction(f.name, f.sql.replace("ELSE 1 END", "ELSE 0 END"))
                if f.name == "rg_severity_rank" else f for f in functions]
     assert changed != functions
+    changed_rank = next(f for f in changed if f.name == "rg_severity_rank")
     conn = await connections.connect(dsn)
     try:
-        applied = await schema.migrate(conn, functions=changed)
+        original = next(f for f in functions if f.name == "rg_severity_rank")
+        # a build whose rg_severity_rank changed lists the version before as superseded
+        applied = await schema.migrate(conn, functions=changed, superseded={"rg_severity_rank": {original.digest}})
         rank = await conn.fetchval("SELECT rg_severity_rank('info')")
-        await schema.migrate(conn)  # and back, for the digest check below
+        # and back, for the digest check below: a build that lists the changed one as earlier
+        await schema.migrate(conn, superseded={"rg_severity_rank": {changed_rank.digest}})
     finally:
         await conn.close()
     assert applied == ["functions/rg_severity_rank.sql"]
@@ -219,3 +224,36 @@ async def test_a_snapshot_creation_of_unknown_time_becomes_null(new_database: Ca
         await conn.close()
     assert [(r["snapshot_id"], r["created_us"]) for r in rows] == [("cold", None), ("pre-patch", 1795946400000000)]
     assert json.loads(context)["snapshots"] == []
+
+
+async def test_a_function_of_a_newer_release_is_refused_untouched(new_database: Callable[[], Awaitable[str]]) -> None:
+    """A database whose stored function is in a version this build neither ships nor lists
+    as earlier (a later release that changed functions alone, no numbered migration) is
+    refused with one line and left as it is: an older build must not bring back the
+    function a fix replaced."""
+    dsn = await new_database()
+    await _run(dsn)
+    newer = b"\x02" * 32
+    conn = await connections.connect(dsn)
+    try:
+        await conn.execute("UPDATE schema_functions SET sha256 = $1 WHERE name = 'rg_decide'", newer)
+        with pytest.raises(ConfigError, match="rg_decide this build does not know"):
+            await schema.migrate(conn)
+        assert bytes(await conn.fetchval("SELECT sha256 FROM schema_functions WHERE name = 'rg_decide'")) == newer
+    finally:
+        await conn.close()
+
+
+async def test_a_function_of_an_earlier_release_is_upgraded(new_database: Callable[[], Awaitable[str]]) -> None:
+    """A database holding a version of a function that superseded.txt lists (an earlier
+    release's) gets this build's version."""
+    dsn = await new_database()
+    await _run(dsn)
+    name, digests = next(iter(sorted(schema.load_superseded().items())))
+    conn = await connections.connect(dsn)
+    try:
+        await conn.execute("UPDATE schema_functions SET sha256 = $1 WHERE name = $2", next(iter(digests)), name)
+        assert await schema.migrate(conn) == [f"functions/{name}.sql"]
+    finally:
+        await conn.close()
+
