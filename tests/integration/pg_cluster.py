@@ -67,6 +67,11 @@ class Server:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
 
+    def discard(self) -> None:
+        """Kills the server (if up) and removes its socket directory."""
+        self.crash()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
     def stop(self) -> None:
         """A fast shutdown (SIGINT to the postmaster), waited for."""
         pid = self.pid()

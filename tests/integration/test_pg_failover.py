@@ -38,7 +38,7 @@ async def cluster_root() -> AsyncIterator[tuple[Path, list[pg_cluster.Server]]]:
             yield root, servers
         finally:
             for server in servers:
-                await asyncio.to_thread(server.crash)
+                await asyncio.to_thread(server.discard)
 
 
 async def cluster(root: Path, servers: list[pg_cluster.Server], *, synchronous: bool
