@@ -17,6 +17,7 @@ from typing import Any
 from .. import __version__
 from ..core.timefmt import rfc3339_us
 from ..services.alertfeed import sink_configs
+from ..services.alerts import content_digest
 from ..settings import Settings
 from ..sinks import DeliveryError, SinkConfig, build_sink
 
@@ -27,12 +28,13 @@ def probe_record(now: datetime) -> dict[str, Any]:
     """An info alert of kind ``sink_test`` shaped like every alert the sinks receive."""
     stamp = rfc3339_us(int(now.timestamp() * 1_000_000))
     ident = f"test-{int(now.timestamp())}"
-    return {
-        "type": "alert", "id": f"alert-{ident}.0", "alert_id": ident, "kind": "sink_test", "severity": "info",
+    record: dict[str, Any] = {
+        "type": "alert", "id": "", "alert_id": ident, "kind": "sink_test", "severity": "info",
         "status": "open", "vm_id": None, "principal": None, "count": 1, "first_seen": stamp, "last_seen": stamp,
         "updated_at": stamp, "summary": "replayguard sinks test: a delivery check, not an incident",
         "details": {"test": True}, "acknowledged": None, "change": 0,
     }
+    return {**record, "id": f"alert-{ident}.0.{content_digest(record)}"}
 
 
 async def _try(config: SinkConfig, record: dict[str, Any]) -> str | None:

@@ -122,7 +122,8 @@ export async function render(main, params, ctx) {
     || Number(alert.id) > Number(items[items.length - 1].id);
   const stop = ctx.onAlert((alert) => {
     const at = items.findIndex((a) => a.id === alert.id);
-    if (at >= 0) items[at] = alert;
+    if (at >= 0 && matches(alert)) items[at] = alert;
+    else if (at >= 0) items.splice(at, 1);  // changed out of the filter (acknowledged while "open" is shown)
     else if (matches(alert) && listable(alert)) items.push(alert);
     else return;
     items.sort(byNewest);

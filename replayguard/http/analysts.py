@@ -111,10 +111,20 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
     """The stream's position first (a new stream: the current change number, read after
     subscribing, so no change falls between; a resumed one: after replaying what was missed),
     then every live change above it, while the caller's token stays valid. A live change at
-    or below the position is one the client has (or an alert's older state): never sent."""
+    or below the position is one the client has (or an alert's older state): never sent.
+    A Last-Event-ID past the database's last change was sent before the database went back
+    in time (a restore, a failover to a standby behind): the changes numbered since may be
+    any, so the stream replays every change the database holds, from the start."""
     heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
+    alerts = _svc(request).alerts
     await _send(resp, b"retry: 2000\n\n")
-    last = await _svc(request).alerts.last_change() if last is None else await _catch_up(request, resp, last)
+    if last is None:
+        last = await alerts.last_change()
+    else:
+        if last > await alerts.last_change():
+            last = 0  # stale: from another history of the database
+        last = await _catch_up(request, resp, last)
+    sub.position = last
     await _send(resp, b"id: %d\n\n" % last)
     while not sub.dropped:
         try:
@@ -131,7 +141,7 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
         if not await _token_valid(request):
             return
         await _send(resp, _frame(*item))
-        last = item[0]
+        last = sub.position = item[0]
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -278,7 +288,7 @@ _STATUS = {"type": "object", "required": ["version", "leader", "ledger", "sinks"
     "sinks": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "backlog": {"type": "integer"}, "delivered": {"type": "integer"},
         "failed_attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}}},
-    "continuity": {"type": "string", "enum": ["ok", "witness_unreachable", "ledger_rollback"]},
+    "continuity": {"type": "string", "enum": ["ok", "unchecked", "witness_unreachable", "ledger_rollback"]},
     "rollback": {"type": ["object", "null"]},
     "witnesses": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "state": {"type": "string", "enum": ["up", "unreachable", "unknown"]},

@@ -13,8 +13,13 @@ only ever write to PostgreSQL.
 
 One instance at a time (the holder of a session advisory lock on its LISTEN connection)
 is the *leader*: it signs checkpoints when due and hands every alert change and every
-checkpoint to the sinks, remembering in ``sink_feed`` how far it got, so a new leader
-carries on where the last one stopped (at-least-once; records carry ids for dedup).
+checkpoint to the sinks' outbox, fsyncs it, and then records in ``sink_feed`` how far it
+got, so a new leader carries on where the last one stopped (at-least-once; records carry
+ids for dedup). Every instance, leader or not, delivers what its own outbox holds, so
+records spooled by an instance that stopped or lost the lead leave on its next start.
+When the database went back in time (a restore, a failover to a standby behind), its
+change numbers start again below the feed's position: the tail moves its position back
+and ends the streams that are past the database (``_rewind``).
 The leader also checks the state tables against the ledger (``state_check.py``), bounded
 work per tick (``core/state_schedule.py``): first every entry appended since its last look,
 then the next slice of a sweep that goes from the newest entry down to the first and
@@ -55,10 +60,10 @@ from ..pg.connections import UNAVAILABLE_ERRORS, acquire
 from ..runtime import Runtime
 from ..settings import Settings
 from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
-from .alerts import AlertService, render, sink_record
+from .alerts import AlertService, render, sink_checkpoint, sink_record
 from .announced import Announced
 from .apitokens import CHANNEL as API_TOKEN_CHANNEL
-from .ledger import LedgerService
+from .ledger import LedgerService, NotVouched
 from .retention import PURGE_BATCH, purge_expired
 from .tokens import CHANNEL as TOKEN_CHANNEL
 
@@ -90,11 +95,14 @@ def _crashed(task: asyncio.Task[None]) -> None:
 
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client: a bounded queue of (change_seq, alert json); ``dropped`` when it overflowed."""
+    """One SSE client: a bounded queue of (change_seq, alert json); ``dropped`` when it
+    overflowed or was ended; ``position``: the last change its client has (None until the
+    stream has read it from the database)."""
 
     queue: asyncio.Queue[tuple[int, dict[str, Any]] | None] = field(
         default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: bool = False
+    position: int | None = None
 
 
 WEBHOOK_PREFIXES = ("webhook:", "ecs+webhook:", "ocsf+webhook:")
@@ -133,6 +141,7 @@ class AlertFeed:
         self._pos: int | None = None
         self.leader = False
         self._sinks_started = False
+        self._sinks_error: str | None = None  # why the sinks did not start, as last logged
         self._last_finding: Finding | None = None
         self._last_state_finding: Finding | None = None
         self._state = StateSchedule()  # which entries the state check looks at next
@@ -178,10 +187,14 @@ class AlertFeed:
     def close_subscribers(self) -> None:
         """Ends every open stream (at shutdown), so no handler keeps the service waiting."""
         for sub in list(self.subscribers):
-            sub.dropped = True
-            with contextlib.suppress(asyncio.QueueFull):
-                sub.queue.put_nowait(None)
-        self.subscribers.clear()
+            self._end(sub)
+
+    def _end(self, sub: Subscriber) -> None:
+        """Ends one open stream; its client reconnects with Last-Event-ID."""
+        sub.dropped = True
+        with contextlib.suppress(asyncio.QueueFull):
+            sub.queue.put_nowait(None)
+        self.subscribers.discard(sub)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -198,6 +211,7 @@ class AlertFeed:
     async def _run(self) -> None:
         delay = 0.1
         while not self._stopping:
+            await self._start_sinks()  # every instance delivers its own outbox, database or not
             try:
                 conn = await connections.connect(self._rt.dsn,
                                                  statement_timeout_ms=self._rt.settings.statement_timeout_ms)
@@ -232,8 +246,7 @@ class AlertFeed:
                 if wakeups is not None:
                     wakeups.cancel()
                     await asyncio.wait({wakeups})
-                self.leader = False
-                await self._stop_sinks()
+                self.leader = False  # the sinks go on delivering what the outbox holds
                 with contextlib.suppress(*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
                     await conn.close(timeout=2)
 
@@ -306,6 +319,7 @@ class AlertFeed:
                 # POLL_S, not once per notification: a flood of alert joins must not cost
                 # every worker a round of queries each.
                 self._last_lead = time.monotonic()
+                await self._start_sinks()  # retried until it starts: it is the outbox's only delivery
                 if not self.leader:
                     self.leader = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
                 else:
@@ -321,9 +335,13 @@ class AlertFeed:
     async def _tail(self, conn: asyncpg.Connection) -> None:
         """Publishes every change after the last one seen. Changes commit in change_seq
         order (rg_alert_changed numbers them under the ledger head lock), so none is
-        committed below the position once a later one was read."""
+        committed below the position once a later one was read. A database that went back
+        in time (a restore, a failover to a standby that had not caught up) numbers its new
+        changes from below the position again: ``_rewind`` moves the position back to it."""
         while True:
             records = await self._alerts.changes(self._pos or 0, PAGE, conn)
+            if not records and await self._rewind(conn):
+                continue
             for record in records:
                 self._pos = record["change_seq"]  # above the position, in change order
                 if self.leader:
@@ -332,6 +350,26 @@ class AlertFeed:
                     self._publish(record["change_seq"], render(record))
             if len(records) < PAGE:
                 return
+
+    async def _rewind(self, conn: asyncpg.Connection) -> bool:
+        """When the database's last change is below the position (it went back in time),
+        moves the position back, so the tail reads (in pages) what it numbers from there.
+        Streams whose position is past the database's last change are ended: their clients
+        reconnect, and a Last-Event-ID past it is stale (``http/analysts.py``). A stream at
+        or below it (opened on the restored database) goes on, from where it is. Returns
+        whether the position moved."""
+        last = int(await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts"))
+        if self._pos is None or last >= self._pos:
+            return False
+        stale = [sub for sub in self.subscribers if sub.position is not None and sub.position > last]
+        for sub in stale:
+            self._end(sub)
+        kept = [sub.position for sub in self.subscribers if sub.position is not None]
+        log.warning("alert_feed_database_went_back", position=self._pos, last_change=last,
+                    streams_ended=len(stale))
+        self._pos = min([last, *kept])
+        self._logged.clear()  # alert ids are numbered again too
+        return True
 
     def _log_alert(self, record: asyncpg.Record) -> None:
         """One log line per alert raised, and per change of its kind or severity."""
@@ -349,22 +387,30 @@ class AlertFeed:
     # --- leader duties --------------------------------------------------------------
 
     async def _lead(self) -> None:
-        await self._start_sinks()
         settings = self._rt.settings
         work = self._rt.metrics.background
         # A checkpoint is signed after the newest recorded recovery, whatever this clock says:
         # one no later than the recovery's statement would count as given up by it.
-        recovered = self._rt.continuity.recovered_at_us
+        guard = self._rt.continuity
+        recovered = guard.recovered_at_us
         now_us = self._rt.now_us() if recovered is None else max(self._rt.now_us(), recovered + 1)
-        with work.timed("checkpoint"):
-            result = await self._ledger.checkpoint_if_due(now_us, settings.checkpoint_every,
-                                                          settings.checkpoint_interval_s * 1_000_000)
+        # Nothing is signed while the ledger went back in time (nor before the guard first
+        # compared it with the witnesses): a checkpoint of a restored chain past the one a
+        # witness holds would be taken by it, and the rollback would clear by itself.
+        result = None
+        if guard.checked and guard.rollback is None:
+            with work.timed("checkpoint"):
+                result = await self._ledger.checkpoint_if_due(now_us, settings.checkpoint_every,
+                                                              settings.checkpoint_interval_s * 1_000_000,
+                                                              guard.vouches)
         if isinstance(result, Finding) and result != self._last_finding:
             self._last_finding = result
             await self._ledger.raise_tamper_alert(result, self._rt.now_us())
-            await self._rt.continuity.check()  # a cut-off tail is a rollback too: stop decisions now
+            await guard.check()  # a cut-off tail is a rollback too: stop decisions now
+        elif isinstance(result, NotVouched):
+            await guard.check()  # what the guard would not vouch for: it finds and records it
         elif isinstance(result, Checkpoint):
-            self._rt.continuity.published(result)
+            guard.published(result)
         if self.dispatcher is not None and self._sinks_started:
             with work.timed("sink_feed"):
                 await self._feed_sinks()
@@ -395,14 +441,20 @@ class AlertFeed:
             await self._ledger.raise_tamper_alert(finding, now_us, found)
 
     async def _start_sinks(self) -> None:
+        """Starts the sinks' delivery, on every instance, leader or not: each delivers what its
+        own outbox holds (records spooled while it led, before it stopped or lost the lead);
+        only the leader hands it new records (``_feed_sinks``). A failure is logged once per
+        distinct error and retried."""
         if self.dispatcher is None or self._sinks_started:
             return
         try:
             await self.dispatcher.start()
         except (OSError, ConfigError) as exc:
-            log.error("sinks_not_started", error=str(exc))
+            if str(exc) != self._sinks_error:
+                self._sinks_error = str(exc)
+                log.error("sinks_not_started", error=str(exc))
             return
-        self._sinks_started = True
+        self._sinks_started, self._sinks_error = True, None
 
     async def _stop_sinks(self) -> None:
         if self.dispatcher is not None and self._sinks_started:
@@ -425,7 +477,15 @@ class AlertFeed:
             for record in alerts:
                 self.dispatcher.submit(sink_record(record))
             for record in checkpoints:
-                self.dispatcher.submit(cps.to_json(cps.from_row(record)))
+                self.dispatcher.submit(sink_checkpoint(cps.to_json(cps.from_row(record))))
+            if alerts or checkpoints:
+                # The position moves past these records only once the outbox holds them
+                # durably: a power loss must not leave the database saying "handed over".
+                try:
+                    await self.dispatcher.sync()
+                except OSError as exc:
+                    log.error("sink_outbox_sync_failed", error=str(exc))  # handed over again next time
+                    return
             await conn.execute(
                 "UPDATE sink_feed SET alert_change_seq = greatest(alert_change_seq, $1),"
                 " checkpoint_seq = greatest(checkpoint_seq, $2)",

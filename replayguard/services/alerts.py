@@ -9,12 +9,14 @@ name; every acknowledgement is kept (``alert_acks``), the alert shows the latest
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ..core import cursors, validation
 from ..core.timefmt import rfc3339_us, to_us
@@ -123,10 +125,28 @@ def render(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def content_digest(record: Mapping[str, Any]) -> str:
+    """16 hex digits of SHA-256 over a sink record's content (every field but ``id``, keys
+    sorted): the same record delivered again has the same digest, a different one another.
+    Alert ids, change numbers and checkpoint numbers come from database sequences, which a
+    restore (or a failover to a standby behind) winds back; the digest keeps a record id
+    from naming two different records then."""
+    content = {key: value for key, value in record.items() if key != "id"}
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
 def sink_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What the external sinks get: the alert, typed, with an id unique per change."""
+    """What the external sinks get: the alert, typed, with an id unique per change and
+    content (``alert-<alert id>.<change>.<content digest>``)."""
     body = render(record)
-    return {**body, "type": "alert", "alert_id": body["id"], "id": f"alert-{body['id']}.{body['change']}"}
+    typed = {**body, "type": "alert", "alert_id": body["id"]}
+    return {**typed, "id": f"alert-{body['id']}.{body['change']}.{content_digest(typed)}"}
+
+
+def sink_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint as the sinks get it (``checkpoints.to_json``), its id unique per checkpoint
+    and content (``checkpoint-<seq>.<content digest>``)."""
+    return {**checkpoint, "id": f"checkpoint-{checkpoint['seq']}.{content_digest(checkpoint)}"}
 
 
 def render_entry(record: Mapping[str, Any]) -> dict[str, Any]:

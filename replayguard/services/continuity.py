@@ -11,15 +11,24 @@ held checkpoint. A witness that cannot be read raises ``witness_unreachable`` an
 its last verdict; it stops decisions only with ``witness_required``.
 
 A process also finds a rollback from its own decisions, witnesses or not: a decision
-numbered at or below an entry it knew committed (``confirm``), or a batch it committed
-whose last entry the ledger no longer holds, hash for hash (``committed``, then ``check``:
-another instance's decisions took its place). It writes that finding to
-``continuity_findings``, which every ``check`` reads, so every instance stops and a
-restart remembers; ``ledger accept-rollback`` gives up what it names and deletes it.
+numbered at or below an entry it knew committed (``confirm``), or an entry it knew
+committed that the ledger no longer holds, hash for hash: the last entry of every batch
+it committed (``committed``), its newest one, and the head it read at its previous check,
+each compared at every check (another instance's decisions, or any entry at all, took
+its place after a restore). A held checkpoint is judged again at every check, its
+witness reachable or not. A rollback found through a witness or the database's own
+checkpoints is written to ``continuity_findings`` as the process's own findings are,
+which every ``check`` reads, so every instance stops and a restart remembers;
+``ledger accept-rollback`` gives up what they name and deletes them (a finding made
+before the newest recovery, by a check that raced it, is answered by it and ignored).
+Recovery statements are read from the ``ledger_recovery`` entries, under the hash
+chain, never from the plain table ``ledger_recoveries``.
 
-Every worker runs ``check`` at start (before serving) and every ``CHECK_S``; the
-instance that signs a checkpoint hands it to ``published``, which pushes it to every
-witness in a background task (a slow witness never holds a decision) and checks again.
+Every worker runs ``check`` at start and every ``CHECK_S``; no decision is admitted
+before one completed (``unavailable``). The instance that signs a checkpoint hands it
+to ``published``, which pushes it to every witness in a background task (a slow witness
+never holds a decision) and checks again; nothing is signed nor pushed while a rollback
+is known (``vouches``), so a restored chain never overtakes what a witness holds.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -53,10 +63,22 @@ log = structlog.get_logger(__name__)
 CHECK_S = 2.0
 DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
 DATABASE = "database checkpoints"
+SELF = "this service process"
 UNVERIFIED_MAX = 65_536  # batches committed between two checks that are remembered
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
              " LEFT JOIN LATERAL (SELECT * FROM checkpoints WHERE key_id = $1 ORDER BY seq DESC LIMIT 1) c ON true")
+# Migration 035's index: no scan of the ledger.
+_RECOVERIES = ("SELECT (payload->'statement')::text AS st FROM ledger WHERE kind = 'ledger_recovery'"
+               " ORDER BY seq")
+
+
+def _shown(name: str) -> str:
+    """A holder's name without userinfo, query or fragment (a witness URL may carry credentials)."""
+    if not name.startswith(("http://", "https://")):
+        return name
+    parts = urlsplit(name)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 # Streaming standbys that acknowledge commits (PostgreSQL's synchronous replication): with
@@ -89,7 +111,7 @@ class Rollback:
 
     def message(self) -> str:
         if not self.signed and self.hash is not None:
-            return (f"the ledger went back in time: {self.source} committed entry {self.seq}, which the "
+            return (f"the ledger went back in time: {self.source} knew entry {self.seq} committed, which the "
                     f"ledger no longer holds (another entry took its place, or it ends before it)")
         if self.hash is None:
             return (f"the ledger went back in time: {self.source} answered a decision at entry {self.seq} "
@@ -137,8 +159,13 @@ class ContinuityGuard:
         self._floor = 0  # the highest entry this process knows committed
         # The last entry of each batch it committed since the last check, and its hash.
         self._unverified: deque[tuple[int, bytes]] = deque(maxlen=UNVERIFIED_MAX)
+        # Compared with the ledger at every check, until a recovery: the newest entry this
+        # process committed, and the head the previous check read (seq, hash).
+        self._own: tuple[int, bytes] | None = None
+        self._head_seen: tuple[int, bytes] | None = None
+        self.checked = False  # a check completed: decisions may be admitted
         self._seen: Rollback | None = None  # a rollback this process found by itself
-        self._written: Rollback | None = None  # ... already in continuity_findings
+        self._written: tuple[int, bytes | None] | None = None  # the finding it last wrote
         self._found: Rollback | None = None  # the newest finding in continuity_findings
         self._raised: Rollback | None = None  # the rollback last alerted
         self._recovery_seq = -1
@@ -170,8 +197,12 @@ class ContinuityGuard:
         return [name for name, s in self.states.items() if s.up is False]
 
     def admit_decisions(self) -> int:
-        """Raises when no decision may be served (a rollback, or a required witness down);
-        else returns the highest entry this process knows committed, for ``confirm``."""
+        """Raises when no decision may be served (no check completed yet, a rollback, or a
+        required witness down); else returns the highest entry this process knows
+        committed, for ``confirm``."""
+        if not self.checked:
+            raise Unavailable("the ledger has not been compared with its witnesses yet (CONTRACT §10); "
+                              "no decision is served until it is")
         if self.rollback is not None:
             raise LedgerRollback(self.rollback.message() + "; record the recovery with "
                                  "'replayguard ledger accept-rollback'")
@@ -190,7 +221,7 @@ class ContinuityGuard:
         if seq is None:
             return
         if seq <= floor:
-            self._seen = Rollback("this service process", floor, None, Verdict.BEHIND, seq - 1)
+            self._seen = Rollback(SELF, floor, None, Verdict.BEHIND, seq - 1)
             self.rollback = self.rollback or self._seen
             self._soon = asyncio.create_task(self._check_quietly(), name="continuity-check")
             raise LedgerRollback(self._seen.message())
@@ -204,8 +235,10 @@ class ContinuityGuard:
         back and on (an instance sharing it decided at that ``seq`` after a restore). Each
         batch is one transaction, so its last entry stands for all of it; every batch is
         checked, since this process's own later batches chain onto whatever the database
-        then holds."""
+        then holds. The newest is kept past its check and compared at every later one."""
         self._unverified.append((seq, entry_hash))
+        if self._own is None or seq > self._own[0]:
+            self._own = (seq, entry_hash)
 
     async def _check_quietly(self) -> None:
         with contextlib.suppress(*DOWN, asyncpg.PostgresError):
@@ -214,12 +247,14 @@ class ContinuityGuard:
     def status(self) -> str:
         if self.rollback is not None:
             return "ledger_rollback"
+        if not self.checked:
+            return "unchecked"
         if self.unreachable:
             return "witness_unreachable"
         return "ok"
 
     def ready(self) -> bool:
-        return self.rollback is None and not (self._required and self.unreachable)
+        return self.checked and self.rollback is None and not (self._required and self.unreachable)
 
     @property
     def recovered_at_us(self) -> int | None:
@@ -247,22 +282,29 @@ class ContinuityGuard:
         async with self._lock:
             reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
             async with acquire(self._pool) as conn:
-                floor = self._floor  # committed before the head is read: the head cannot be below it
+                # Known committed before the head is read: a healthy head is not below them.
+                floor, own = self._floor, self._own
                 snap = await conn.fetchrow(_SNAPSHOT, self.deployment_id)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
-                self._track(self.head_seq, floor)
-                await self._verify_own_batches(conn)
-                await self._share_finding(conn)
+                if self._track(self.head_seq, floor, own):
+                    own = None  # of the chain the recovery gave up, or already in the new one
+                await self._verify_known(conn, own)
+                self._head_seen = (snap["seq"], bytes(snap["hash"]))
+                # The database's newest checkpoint; the last one read, judged again, when
+                # none is there any more (rows deleted by someone with database rights).
                 db_cp = self._db_checkpoint(snap)
-                if db_cp is not None:
-                    self._db_verdict = (db_cp, await self._judge(conn, db_cp))
+                last_db = db_cp if db_cp is not None else self._db_verdict[0] if self._db_verdict else None
+                if last_db is not None:
+                    self._db_verdict = (last_db, await self._judge(conn, last_db))
                 for witness, read in zip(self.witnesses, reads, strict=True):
                     await self._note(conn, witness.name, read)
+                await self._share_finding(conn)
             rollback = self._rollback()
             self.rollback = rollback
+            self.checked = True
             changed, self._raised = rollback != self._raised, rollback
         if rollback is not None and changed:
             await self._alert_rollback(rollback)
@@ -271,46 +313,73 @@ class ContinuityGuard:
             self._push_if_lagging(db_cp)
         return rollback
 
-    def _track(self, head_seq: int, floor: int) -> None:
+    def _track(self, head_seq: int, floor: int, own: tuple[int, bytes] | None) -> bool:
         """Moves the floor with the head; a head below the floor as it was before the head
-        was read went back in time under this process, unless a recovery was recorded
-        since (its entry starts the floor again)."""
-        newest = max((st.recovery_seq for st in self.recoveries), default=0)
+        was read, or below the newest entry this process committed by then, went back in
+        time under this process, unless a recovery was recorded since (its entry starts
+        the floor again, and what this process remembered of the chain before it is
+        dropped: returns True then)."""
+        newest = self._newest_recovery_seq
         if self._recovery_seq >= 0 and newest > self._recovery_seq:
             self._seen, self._written, self._floor = None, None, head_seq
             self._unverified.clear()
+            self._own = self._head_seen = None
             self._recovery_seq = newest
-            return
+            return True
         self._recovery_seq = newest
-        if head_seq < floor and self._seen is None:
-            self._seen = Rollback("this service process", floor, None, Verdict.BEHIND, head_seq)
+        if self._seen is None and head_seq < floor:
+            self._seen = Rollback(SELF, floor, None, Verdict.BEHIND, head_seq)
+        elif self._seen is None and own is not None and own[0] > head_seq:
+            self._seen = Rollback(SELF, own[0], own[1], Verdict.BEHIND, head_seq)
         self._floor = max(self._floor, head_seq)
+        return False
 
-    async def _verify_own_batches(self, conn: asyncpg.Connection) -> None:
-        """Every batch this process committed up to the head must still be the ledger's,
-        hash for hash (one past the head is _track's to judge, at this check or the next)."""
+    @property
+    def _newest_recovery_seq(self) -> int:
+        return max((st.recovery_seq for st in self.recoveries), default=0)
+
+    async def _verify_known(self, conn: asyncpg.Connection, own: tuple[int, bytes] | None) -> None:
+        """Every entry this process knows committed up to the head must still be the
+        ledger's, hash for hash: the last of every batch it committed since the last check,
+        its newest one and the head the last check read (kept until a recovery, so an
+        entry of any kind put in the place of one of them after a restore is seen). One
+        past the head is _track's to judge; the head of an empty ledger (0) is no entry."""
         due = [(seq, entry_hash) for seq, entry_hash in list(self._unverified) if seq <= self.head_seq]
-        if self._seen is not None or not due:
+        known = [pair for pair in (self._head_seen, own) if pair is not None and 0 < pair[0] <= self.head_seq]
+        if self._seen is not None or not (due or known):
             return
-        rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])", [seq for seq, _ in due])
+        rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])",
+                                sorted({seq for seq, _ in due + known}))
         held = {row["seq"]: bytes(row["hash"]) for row in rows}
-        for seq, entry_hash in due:
+        for seq, entry_hash in due + known:
             if held.get(seq) != entry_hash:
-                self._seen = Rollback("this service process", seq, entry_hash, Verdict.FORKED, self.head_seq)
+                self._seen = Rollback(SELF, seq, entry_hash, Verdict.FORKED, self.head_seq)
                 return
-        verified = due[-1][0]
-        while self._unverified and self._unverified[0][0] <= verified:
-            self._unverified.popleft()
+        if due:
+            verified = due[-1][0]
+            while self._unverified and self._unverified[0][0] <= verified:
+                self._unverified.popleft()
 
     async def _share_finding(self, conn: asyncpg.Connection) -> None:
-        """Writes this process's own finding to ``continuity_findings`` once, and reads the
-        newest one there (another instance's, or one from before a restart)."""
-        if self._seen is not None and self._written is not self._seen:
-            await conn.execute("INSERT INTO continuity_findings (found_us, seq, hash, head_seq, process)"
-                               " VALUES ($1, $2, $3, $4, $5)", int(self._clock() * 1e6), self._seen.seq,
-                               self._seen.hash, self.head_seq, f"{socket.gethostname()} pid {os.getpid()}")
-            self._written = self._seen
-        row = await conn.fetchrow("SELECT seq, hash, process FROM continuity_findings ORDER BY seq DESC LIMIT 1")
+        """Writes this process's worst finding (its own, or a held checkpoint the ledger
+        lost) to ``continuity_findings`` once, and reads the newest one there (another
+        instance's, or one from before a restart). A finding made before the newest
+        recovery (a check that read the ledger just before the recovery committed) is
+        answered by that recovery: it is not read."""
+        mine = max(self._findings(), key=lambda r: r.seq, default=None)
+        since = self._newest_recovery_seq
+        if mine is not None and (mine.seq, mine.hash) != self._written:
+            process = f"{socket.gethostname()} pid {os.getpid()}"
+            if mine.source != SELF:
+                process += f", from {_shown(mine.source)}"
+            await conn.execute(
+                "INSERT INTO continuity_findings (found_us, seq, hash, head_seq, process)"
+                " SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM continuity_findings"
+                " WHERE seq = $2 AND hash IS NOT DISTINCT FROM $3 AND head_seq >= $6)",
+                int(self._clock() * 1e6), mine.seq, mine.hash, self.head_seq, process, since)
+            self._written = (mine.seq, mine.hash)
+        row = await conn.fetchrow("SELECT seq, hash, process FROM continuity_findings WHERE head_seq >= $1"
+                                  " ORDER BY seq DESC LIMIT 1", since)
         self._found = None if row is None else Rollback(
             f"a running service ({row['process']})", row["seq"], None if row["hash"] is None else bytes(row["hash"]),
             Verdict.BEHIND if row["seq"] > self.head_seq else Verdict.FORKED, self.head_seq)
@@ -322,10 +391,13 @@ class ContinuityGuard:
         return cp if cp.key_id == self.deployment_id and cps.verify(self.public, cp) else None
 
     async def _recoveries(self, conn: asyncpg.Connection) -> list[Statement]:
+        """The statements of the ``ledger_recovery`` entries whose signature holds (the
+        entries, under the hash chain: a row deleted from ``ledger_recoveries`` changes
+        nothing, one added there without its entry counts for nothing)."""
         found = []
-        for record in await conn.fetch("SELECT statement::text AS st FROM ledger_recoveries ORDER BY seq"):
+        for record in await conn.fetch(_RECOVERIES):
             try:
-                st = continuity.statement_from_json(orjson.loads(record["st"]))
+                st = continuity.statement_from_json(orjson.loads(record["st"] or "null"))
             except ValueError:
                 continue
             if continuity.statement_valid(self.public, st):
@@ -345,20 +417,31 @@ class ContinuityGuard:
             if state.up is not False:
                 log.warning("witness_unreachable", witness=name, error=str(read))
             state.up, state.error = False, str(read)
-            return  # the last verdict stands: a witness that went quiet proves nothing new
+            # What it held when last read is still evidence: judged against the ledger as
+            # it is now (a restore while the witness is down is a rollback all the same).
+            if state.held is not None:
+                state.verdict = await self._judge(conn, state.held)
+            return
         state.up, state.error = True, None
         state.held = None if read is None else read.checkpoint
         state.verdict = None if read is None else await self._judge(conn, read.checkpoint)
 
-    def _rollback(self) -> Rollback | None:
-        """The worst finding: the furthest checkpoint the ledger no longer holds."""
+    def _findings(self) -> list[Rollback]:
+        """What this process found at its last check: held checkpoints the ledger no longer
+        holds, and entries it knew committed that are gone."""
         found = []
         if self._db_verdict is not None and self._db_verdict[1].rollback:
             found.append(Rollback.of(DATABASE, self._db_verdict[0], self._db_verdict[1], self.head_seq))
         for name, state in self.states.items():
             if state.held is not None and state.verdict is not None and state.verdict.rollback:
                 found.append(Rollback.of(name, state.held, state.verdict, self.head_seq))
-        found += [r for r in (self._seen, self._found) if r is not None]
+        if self._seen is not None:
+            found.append(self._seen)
+        return found
+
+    def _rollback(self) -> Rollback | None:
+        """The worst finding, this process's or any instance's: the furthest entry lost."""
+        found = self._findings() + ([self._found] if self._found is not None else [])
         return max(found, key=lambda r: r.seq, default=None)
 
     def held_checkpoints(self) -> list[tuple[str, Checkpoint, Verdict | None]]:
@@ -403,9 +486,31 @@ class ContinuityGuard:
 
     # --- pushing checkpoints ------------------------------------------------------------
 
+    async def vouches(self, conn: asyncpg.Connection, head_seq: int) -> bool:
+        """Whether the ledger's head (``head_seq``, read on ``conn``) may be signed now: a
+        check completed, no rollback is known, and every checkpoint a witness held when
+        last read (reachable now or not), and every entry this process knows committed,
+        is still the ledger's, hash for hash. A chain signed past a witness's checkpoint
+        would be taken by it (a higher seq), and the rollback would clear by itself."""
+        if not self.checked or self.rollback is not None:
+            return False
+        held = [s.held for s in self.states.values() if s.held is not None]
+        known = [pair for pair in (self._head_seen, self._own) if pair is not None and 0 < pair[0] <= head_seq]
+        seqs = sorted({cp.seq for cp in held if cp.seq <= head_seq} | {seq for seq, _ in known})
+        rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])", seqs) if seqs else []
+        at = {row["seq"]: bytes(row["hash"]) for row in rows}
+        lost = [cp for cp in held if continuity.judge(cp, head_seq, at.get(cp.seq), self.recoveries).rollback]
+        gone = [seq for seq, entry_hash in known if at.get(seq) != entry_hash]
+        if lost or gone:
+            log.warning("checkpoint_not_signed", head_seq=head_seq, held_lost=[cp.seq for cp in lost],
+                        entries_gone=gone)
+            return False
+        return True
+
     def published(self, cp: Checkpoint) -> None:
-        """A new checkpoint was signed: push it to every witness, off the caller's path."""
-        if not self.witnesses:
+        """A new checkpoint was signed: push it to every witness, off the caller's path
+        (never while a rollback is known)."""
+        if not self.witnesses or self.rollback is not None:
             return
         self._pending = cp if self._pending is None or cp.seq > self._pending.seq else self._pending
         if self._push is None or self._push.done():
@@ -419,6 +524,8 @@ class ContinuityGuard:
     async def _push_pending(self) -> None:
         while self._pending is not None:
             cp, self._pending = self._pending, None
+            if self.rollback is not None:
+                return
             await self.push(cp)
             with contextlib.suppress(*DOWN):
                 await self.check()

@@ -6,7 +6,9 @@ OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
 rows (a signature is verified where a checkpoint disagrees: ``core/ledger_check.py``),
 then checks that the state tables hold what the entries imply (``state_check.py``).
 ``checkpoint_if_due`` first re-verifies the entries since the previous checkpoint, so a
-checkpoint never vouches for a chain that was already altered. Used by the HTTP API, the
+checkpoint never vouches for a chain that was already altered, and asks the continuity
+guard (``vouch``) whether the chain is still the one the witnesses saw: nothing is signed
+while the ledger went back in time. Used by the HTTP API, the
 CLI and the background feed; in a serving worker the re-hashing runs in a child process
 (``chain_reader.py``).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +41,16 @@ from ..keys import Keys
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
+
+# Asked, under the checkpoint lock, whether the head just read (its seq) may be signed.
+Vouch = Callable[[asyncpg.Connection, int], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class NotVouched:
+    """A checkpoint was due, but the continuity guard did not vouch for the chain."""
+
+    head_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +95,9 @@ class LedgerService:
         self.key_id = cps.key_id(self.public_key)
         self._pins = Pins(self.key_id, self.public_key)
         self.clock_scope = clock_guard_scope(keys.pepper)
+        # The newest checkpoint of ours, and when (monotonic) this process first saw it:
+        # the checkpoint period is measured so too, whatever the wall clock does.
+        self._newest_cp: tuple[int, float] | None = None
 
     def public_key_json(self) -> dict[str, str]:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
@@ -180,17 +197,21 @@ class LedgerService:
                 before_seq, limit)
         return [cps.to_json(cps.from_row(r)) for r in records]
 
-    async def checkpoint_if_due(self, now_us: int, every: int, interval_us: int) -> Checkpoint | Finding | None:
+    async def checkpoint_if_due(self, now_us: int, every: int, interval_us: int,
+                                vouch: Vouch | None = None) -> Checkpoint | Finding | NotVouched | None:
         """Signs the head when ``every`` entries or ``interval_us`` passed since the last
-        checkpoint; returns the new checkpoint, a finding when the new entries do not
-        verify (nothing is signed then), or None when none is due."""
+        checkpoint (by ``now_us`` or by this process's monotonic clock; a wall clock
+        stepped back behind the last checkpoint makes one due at once); returns the new
+        checkpoint, a finding when the new entries do not verify, ``NotVouched`` when
+        ``vouch`` (the continuity guard) refuses the chain (nothing is signed then), or
+        None when none is due."""
         async with acquire(self._pool) as conn:
             # A session lock, not a transaction's: no transaction stays open (and idle, past
             # idle_in_transaction_session_timeout) while a child process checks a long chain.
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", CHECKPOINT_LOCK):
                 return None
             try:
-                result = await self._checkpoint_locked(conn, now_us, every, interval_us)
+                result = await self._checkpoint_locked(conn, now_us, every, interval_us, vouch)
             finally:
                 with contextlib.suppress(*UNAVAILABLE_ERRORS):  # a lost session lost its lock too
                     await conn.execute("SELECT pg_advisory_unlock($1)", CHECKPOINT_LOCK)
@@ -199,7 +220,7 @@ class LedgerService:
         return result
 
     async def _checkpoint_locked(self, conn: asyncpg.Connection, now_us: int, every: int,
-                                 interval_us: int) -> Checkpoint | Finding | None:
+                                 interval_us: int, vouch: Vouch | None) -> Checkpoint | Finding | NotVouched | None:
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
         # Only checkpoints provably ours count: a row of another key, or one that does not
         # verify, past the head must not make the next checkpoint look not due (the
@@ -210,8 +231,10 @@ class LedgerService:
         last = await conn.fetchrow(_OURS_UP_TO_HEAD, self.key_id, head["seq"])
         if last is not None and not self.trusted(cps.from_row(last)):
             last = None
-        if not _due(head["seq"], last, now_us, every, interval_us):
+        if not _due(head["seq"], last, now_us, every, interval_us, self._held_for_us(last)):
             return None
+        if vouch is not None and not await vouch(conn, head["seq"]):
+            return NotVouched(head["seq"])
         start_seq, start_hash = (last["seq"], bytes(last["hash"])) if last is not None else (0, GENESIS)
         # The state tables are the alert feed leader's to check (replayguard/services/state_check.py).
         chain = await self._check_chain(conn, start_seq, start_hash, head["seq"], bytes(head["hash"]))
@@ -224,6 +247,14 @@ class LedgerService:
             log.error("checkpoint_seq_taken", seq=cp.seq)
             return None
         return cp
+
+    def _held_for_us(self, last: asyncpg.Record | None) -> float:
+        """How long (monotonic, µs) this process has seen ``last`` as the newest checkpoint."""
+        if last is None:
+            return 0.0
+        if self._newest_cp is None or self._newest_cp[0] != last["seq"]:
+            self._newest_cp = (last["seq"], time.monotonic())
+        return (time.monotonic() - self._newest_cp[1]) * 1e6
 
     async def _check_chain(self, conn: asyncpg.Connection, start_seq: int, start_hash: bytes, head_seq: int,
                            head_hash: bytes, pins: Pins | None = None,
@@ -263,10 +294,16 @@ _OURS_PAST_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq > $2 ORDE
 _OURS_UP_TO_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1"
 
 
-def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, interval_us: int) -> bool:
+def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, interval_us: int,
+         held_for_us: float) -> bool:
+    """A checkpoint is due after ``every`` entries, or ``interval_us`` since the last one by
+    the wall clock or by the monotonic time this process has seen it (``held_for_us``); a
+    wall clock now behind the last checkpoint (stepped back) makes one due at once, since
+    its stamp no longer measures anything."""
     if last is None:
         return head_seq > 0
     if head_seq <= last["seq"]:
         return False
-    return bool(head_seq - last["seq"] >= every or now_us - last["ts_us"] >= interval_us)
+    return bool(head_seq - last["seq"] >= every or now_us - last["ts_us"] >= interval_us
+                or now_us < last["ts_us"] or held_for_us >= interval_us)
 

@@ -92,6 +92,15 @@ class _Lane:
             self._memory.append(_Entry(start, end, record))
         self._wakeup.set()
 
+    async def sync(self) -> None:
+        """Makes every line appended so far durable (fsync, in a thread)."""
+        self._unsynced = False  # a line appended while the fsync runs sets it again
+        try:
+            await asyncio.to_thread(self.spool.sync)
+        except OSError:
+            self._unsynced = True
+            raise
+
     def request_stop(self) -> None:
         self._stopping.set()
         self._wakeup.set()
@@ -105,15 +114,21 @@ class _Lane:
         is not retried on the way out, the spool keeps the rest for the next start."""
         attempt = 0
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                if self._stopping.is_set():
-                    return
-                self._wakeup.clear()  # no await since _next_batch looked: no wakeup is lost
-                await self._wakeup.wait()
-                continue
             failures = self.failed_attempts
-            attempt = await self._deliver(batch, attempt)
+            try:
+                batch = await self._next_batch()
+                if not batch:
+                    if self._stopping.is_set():
+                        return
+                    self._wakeup.clear()  # no await since _next_batch looked: no wakeup is lost
+                    await self._wakeup.wait()
+                    continue
+                attempt = await self._deliver(batch, attempt)
+            except OSError as exc:
+                # The outbox's own files failed (a full or failing disk: the spool's read or
+                # fsync, the cursor's commit): a failed attempt like a sink's, retried after
+                # the backoff from the cursor, which has not moved past anything undelivered.
+                attempt = await self._outbox_failed(exc, attempt)
             if self._stopping.is_set() and self.failed_attempts > failures:
                 return
 
@@ -156,8 +171,7 @@ class _Lane:
     async def _deliver(self, batch: list[_Entry], attempt: int) -> int:
         """Send one batch; commit what went through; back off on failure. Returns the attempt."""
         if self._unsynced:
-            self._unsynced = False
-            await asyncio.to_thread(self.spool.sync)
+            await self.sync()
         try:
             await self.sink.send([e.record for e in batch])
         except DeliveryError as exc:
@@ -176,9 +190,22 @@ class _Lane:
         self.failed_attempts += 1
         delay = self._opt.backoff.delay(attempt, random.random())  # noqa: S311 - jitter, not crypto
         self._log.warning("sink_delivery_failed", error=exc.message, retry_in_s=round(delay, 3))
-        with contextlib.suppress(TimeoutError):  # a stop ends the wait: nothing is retried then
-            await asyncio.wait_for(self._stopping.wait(), delay)
+        await self._pause(delay)
         return attempt + 1
+
+    async def _outbox_failed(self, exc: OSError, attempt: int) -> int:
+        self._unsynced = True  # whatever the failure, the next attempt syncs the spool first
+        self.last_error = f"outbox: {exc}"
+        self.failed_attempts += 1
+        delay = self._opt.backoff.delay(attempt, random.random())  # noqa: S311 - jitter, not crypto
+        self._log.error("sink_outbox_io_failed", error=str(exc), retry_in_s=round(delay, 3))
+        await self._pause(delay)
+        return attempt + 1
+
+    async def _pause(self, delay: float) -> None:
+        """The backoff; a stop ends the wait: nothing is retried then."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _advance(self, done: list[_Entry]) -> None:
         """Commit the cursor past ``done``; empty the spool once everything is delivered."""
@@ -188,8 +215,8 @@ class _Lane:
         self.delivered += len(done)
         self.backlog -= len(done)
         if self.spool.cursor == self.spool.end and self.spool.end >= self._opt.compact_bytes:
+            self._memory.clear()  # all delivered; cleared first, as a failed compaction leaves offsets reset
             self.spool.compact()  # synchronous: no submit may append between truncate and commit
-            self._memory.clear()
 
 
 @dataclass(frozen=True)
@@ -272,6 +299,12 @@ class SinkDispatcher:
             return
         for lane in self._lanes:
             lane.submit(line, copy)
+
+    async def sync(self) -> None:
+        """Makes every record submitted so far durable in every spool (fsync, in a thread),
+        whether or not a lane has synced it already; raises OSError when a spool cannot be."""
+        for lane in self._lanes:
+            await lane.sync()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Deliver what can be delivered within ``timeout``; the rest stays in the spools.

@@ -104,8 +104,8 @@ class Spool:
         """Empty a fully delivered spool. Truncate (durably) before committing offset 0, so a
         crash in between leaves a cursor past the end, which ``open`` clamps: no duplicates."""
         os.ftruncate(self._fd, 0)
+        self.end = self.cursor = 0  # the file is empty now, even if what follows fails
         os.fsync(self._fd)
-        self.end = 0
         self.commit(0)
 
     def close(self) -> None:

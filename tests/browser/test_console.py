@@ -159,6 +159,26 @@ async def test_an_older_alert_updated_live_is_listed_once_after_older_alerts(api
     assert ids == sorted(ids, key=int, reverse=True) and len(ids) == 102
 
 
+async def test_an_alert_acknowledged_live_leaves_the_list_filtered_to_open_alerts(api: Api, tab: Tab) -> None:
+    """With the list filtered to ``status=open``, an alert acknowledged elsewhere (by a
+    colleague, or from the CLI) leaves the list when its change arrives on the stream: a live
+    change is checked against the filter again, so the list shows only what its filter says."""
+    alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    await page.locator("#f-status").select_option("open")
+    await page.locator("#apply").click()
+    row = page.locator(f'tr[data-alert-id="{alert_id}"]')
+    await row.wait_for(timeout=WAIT_MS)
+
+    status, _ = await api.post(f"/v1/alerts/{alert_id}/acknowledge", {"note": "seen"}, role="analyst")
+    assert status == 200
+    newest, _ = await reuse_alert(api, uid("vm"), uid("scope"))  # an open alert, after the ack on the stream
+    await page.locator(f'tr[data-alert-id="{newest}"]').wait_for(timeout=WAIT_MS)
+    shown = await row.inner_text() if await row.count() else None
+    assert shown is None, f"the list filtered to open alerts shows an acknowledged one: {shown!r}"
+
+
 HOSTILE_VM = '<script>window.__pwned = "vm"</script>'
 HOSTILE_PRINCIPAL = '"><img src=x onerror="window.__pwned = \'principal\'">'
 RTL_VM = "invoice-\u05e9\u05dc\u05d5\u05dd-<b>gnp.exe</b>"

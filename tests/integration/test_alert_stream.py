@@ -1,11 +1,13 @@
 """The live alert stream (SSE) and the alert feed: the opening position and resume (also by
 ``alerts follow``), a revoked token's stream, fan-out across two instances over one database,
-heartbeats, the subscriber cap, stalled consumers, and the sinks' copy."""
+heartbeats, the subscriber cap, stalled consumers, the sinks' copy, and the stream and the
+sinks' record ids after the database went back in time."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import sys
 from collections.abc import Callable
@@ -23,8 +25,11 @@ from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import REPO, Api, cli_env, uid
+from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
 from tests.integration.tcp_proxy import proxied
 from tests.waiting import until
+
+__all__ = ["scratch_dbs"]  # a fixture
 
 
 async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.ClientResponse:
@@ -313,10 +318,146 @@ async def test_alerts_and_checkpoints_reach_the_sinks(fresh_database: Callable[[
     await asyncio.wait_for(both(), 30)
     alert = next(r for r in records() if r["type"] == "alert")
     assert alert["alert_id"] == alert_id and alert["vm_id"] == vm_id and nonce not in out.read_text()
+    assert re.fullmatch(rf"alert-{alert_id}\.{alert['change']}\.[0-9a-f]{{16}}", alert["id"]), alert["id"]
     checkpoint = next(r for r in records() if r["type"] == "checkpoint")
+    assert re.fullmatch(rf"checkpoint-{checkpoint['seq']}\.[0-9a-f]{{16}}", checkpoint["id"]), checkpoint["id"]
     _, listed = await api.get("/v1/ledger/checkpoints")
     assert checkpoint["signature"] in [c["signature"] for c in listed["items"]]
     assert secrets.compare_digest(checkpoint["key_id"], listed["key_id"])
+
+
+async def _alert_of_kind(resp: aiohttp.ClientResponse, kind: str, timeout: float = 20) -> dict[str, Any]:
+    """The next alert event of ``kind`` on the stream; the timeout bounds a failure."""
+    async def read() -> dict[str, Any]:
+        while True:
+            line = (await resp.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                alert = orjson.loads(line[6:])
+                if alert["kind"] == kind:
+                    return dict(alert)
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def _listed(api: Api, kind: str) -> dict[str, Any] | None:
+    status, page = await api.get(f"/v1/alerts?kind={kind}")
+    return dict(page["items"][0]) if status == 200 and page["items"] else None
+
+
+async def _went_back(api: Api, dsn: str, scratch: list[str],
+                     before: Callable[[], Any] = lambda: True) -> int:
+    """Raises an alert, copies the database, raises three more (changes the copy has not),
+    waits for the feed to read them (and for ``before``), and puts the copy back in place (a
+    restore from a backup, a failover to a standby that had not caught up). Returns the
+    feed's position before the restore (the last change the database then had)."""
+    feed = api.client.app[ANALYSTS].feed
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    scratch.append(copy := await snapshot(dsn))
+    for _ in range(3):
+        await reuse_alert(api, uid("vm"), uid("scope"))
+    _, latest = await api.get("/v1/alerts?limit=1")
+    high = int(latest["items"][0]["change"])
+    await until(lambda: feed._pos == high, "the feed to read every change")
+    await until(before, "what the test waits for before the restore", timeout=30)
+    await restore(dsn, copy, scratch)
+    return high
+
+
+async def _ledger_rollback_noticed(api: Api) -> dict[str, Any]:
+    """A decision on the restored database: refused, ledger_rollback; returns that alert as listed."""
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": secrets.token_hex(8)}
+    status, answer = await settled(lambda: api.post("/v1/nonces/consume", body))
+    assert status == 503 and answer["error"]["code"] == "ledger_rollback", answer
+    return await until(lambda: _listed(api, "ledger_rollback"), "the ledger_rollback alert to be listed")
+
+
+async def test_the_ledger_rollback_alert_reaches_a_stream_opened_after_the_database_went_back(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+    """After the database went back in time, its change counter numbers new alert changes at
+    or below the position the feed had reached; the feed notices (the database's last change
+    is below its position) and moves its position back, so a stream opened on the restored
+    database gets the alerts raised since, the critical ``ledger_rollback`` alert first."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    high = await _went_back(api, database_url, scratch_dbs)
+    await settled(lambda: api.get("/v1/alerts?limit=1"))
+    resp = await open_stream(api)
+    try:
+        position = await first_id(resp)
+        assert position < high  # the stream's position comes from the restored database
+        listed = await _ledger_rollback_noticed(api)
+        alert = await _alert_of_kind(resp, "ledger_rollback")
+    finally:
+        resp.close()
+    assert alert["id"] == listed["id"] and alert["change"] <= high
+
+
+async def test_a_stream_past_a_database_that_went_back_ends_and_resumes_from_the_start(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+    """A stream opened before the database went back in time is past every change it now
+    holds: the feed ends it, and its Last-Event-ID, past the database's last change, is
+    stale, so the stream it reconnects with replays every change the database holds, from
+    the start, the ``ledger_rollback`` alert among them."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    old = await open_stream(api)
+    try:
+        before = await first_id(old)
+        high = await _went_back(api, database_url, scratch_dbs)
+        assert before < high
+
+        async def ended() -> None:
+            while await old.content.readline():  # the alerts raised before the restore, heartbeats
+                pass
+
+        await asyncio.wait_for(ended(), 20)  # the stream opened before the restore ends
+    finally:
+        old.close()
+    listed = await _ledger_rollback_noticed(api)
+    _, page = await api.get("/v1/alerts?limit=100")
+    held = {alert["id"] for alert in page["items"]}  # the restored database's alerts
+    assert listed["id"] in held and len(held) >= 2
+    resumed = await open_stream(api, last_event_id=high)
+    seen: set[str] = set()
+
+    async def replayed() -> None:
+        while not held <= seen:
+            line = (await resumed.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                seen.add(orjson.loads(line[6:])["id"])
+
+    try:
+        await asyncio.wait_for(replayed(), 20)
+    finally:
+        resumed.close()
+
+
+async def test_sink_record_ids_stay_unique_after_the_database_went_back(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, tmp_path: Path) -> None:
+    """A sink record's id ends with a digest of its content (``alert-<id>.<change>.<digest>``):
+    alert ids and change numbers come from database sequences, which a restore winds back
+    while the receivers keep what they got, so the first alerts raised after it (the
+    ``ledger_rollback`` alert itself) reuse numbers the SIEM already has. With the digest, one
+    id never names two different records, and a deduplicating receiver keeps them all."""
+    sink = tmp_path / "siem" / "alerts.jsonl"
+    api: Api = await api_factory(database_url=Secret(database_url), sinks=(f"file:{sink}",))
+
+    def records() -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in sink.read_bytes().splitlines()] if sink.exists() else []
+
+    # The SIEM gets all 4 alerts; the restore forgets the last 3.
+    await _went_back(api, database_url, scratch_dbs, lambda: sum(r.get("kind") == "reuse" for r in records()) >= 4)
+    await _ledger_rollback_noticed(api)
+    await until(lambda: any(r.get("kind") == "ledger_rollback" for r in records()),
+                "the ledger_rollback alert in the sink", timeout=30)
+
+    by_id: dict[str, set[bytes]] = {}
+    for record in records():
+        by_id.setdefault(record["id"], set()).add(orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
+    clashes = {rid: sorted(orjson.loads(c).get("kind", "?") for c in contents)
+               for rid, contents in by_id.items() if len(contents) > 1}
+    assert clashes == {}, f"one record id names two different records (a deduplicating SIEM keeps one): {clashes}"
 
 
 async def test_with_redis_instances_wake_each_other_through_pub_sub(api_factory: Callable[..., Any]) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import hashlib
 import hmac
 import inspect
@@ -28,6 +31,7 @@ from replayguard.core.ledger_check import Finding, Problem
 from replayguard.core.signatures import verify_signature
 from replayguard.errors import ConfigError
 from replayguard.http.state import ANALYSTS
+from replayguard.services import alertfeed
 from replayguard.settings import Secret
 from replayguard.sinks import (
     Backoff,
@@ -39,7 +43,8 @@ from replayguard.sinks import (
 )
 from replayguard.sinks import dispatcher as dispatcher_module
 from replayguard.sinks.outbox import Spool
-from tests.conftest import uid
+from tests.api.test_analysts import reuse_alert
+from tests.conftest import Api, dead_url, seed_keys, uid
 from tests.waiting import blocked_by, until
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
@@ -567,6 +572,35 @@ async def test_spool_compacts_when_drained(tmp_path: Path, dispatchers: list[Sin
     assert file_ids(target) == [f"al-{i}" for i in range(4)]
 
 
+async def test_a_transient_disk_full_on_the_outbox_cursor_does_not_stop_the_sink_for_good(
+        tmp_path: Path, dispatchers: list[SinkDispatcher], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError from the outbox's own files (here ``Spool.commit`` of the delivered cursor
+    on a full disk; equally ``Spool.sync`` or ``Spool.read``) is a failed attempt of the
+    lane: it is counted and logged, and the lane backs off and goes on from the cursor, so a
+    record submitted once the disk has room again reaches the sink."""
+    target = tmp_path / "sink" / "alerts.jsonl"
+    real_commit = Spool.commit
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def commit(self: Spool, offset: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_commit(self, offset)
+
+    monkeypatch.setattr(Spool, "commit", commit)
+    dispatcher = await started(dispatchers, [f"file:{target}"], tmp_path / "spool")
+    (name,) = dispatcher.stats()
+    dispatcher.submit(alert(0))
+    await until(lambda: "al-0" in file_ids(target), "the first record in the file sink")
+    await until(lambda: not failures, "the cursor commit to fail once")
+    dispatcher.submit(alert(1))  # the disk has room again
+    await until(lambda: "al-1" in file_ids(target), "a record submitted after the disk had room again")
+    assert set(file_ids(target)) == {"al-0", "al-1"}  # al-0 perhaps twice: its cursor commit failed
+    stats = dispatcher.stats()[name]
+    assert stats.failed_attempts >= 1 and stats.last_error is not None and "No space" in stats.last_error
+    await until(lambda: dispatcher.stats()[name].backlog == 0, "the lane's backlog to drain")
+
+
 async def test_a_start_cancelled_while_a_spool_opens_leaves_no_spool_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service stops (its alert feed cancelled) while the sinks start: every spool the
@@ -744,3 +778,90 @@ async def test_an_alert_change_numbered_before_another_reaches_the_sinks_though_
         await monitor.close()
     assert (status, second["reason"]) == (200, "reused"), second
     await until(lambda: {second["alert_id"], str(tamper_id)} <= set(sunk()), "both alerts in the sink", timeout=30)
+
+
+async def test_the_sinks_position_never_passes_an_alert_the_outbox_has_not_made_durable(
+        api_factory: Callable[..., Any], database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed leader hands alert changes to the outbox and fsyncs its spools (in a thread)
+    before it commits ``sink_feed`` past them, so a power loss or a kernel crash cannot leave
+    the database saying "handed over" and the outbox without the record, even while the SIEM
+    is down and the lane itself waits out a long backoff before its next attempt."""
+    durable: dict[str, int] = {}  # file path: bytes fsynced (whoever syncs it, however)
+
+    def tracked(real: Callable[[int], None]) -> Callable[[int], None]:
+        def call(fd: int) -> None:
+            real(fd)
+            with contextlib.suppress(OSError):
+                durable[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
+        return call
+
+    monkeypatch.setattr(os, "fsync", tracked(os.fsync))
+    monkeypatch.setattr(os, "fdatasync", tracked(os.fdatasync))
+    # A SIEM that has been down a while: the lane waits out a long backoff between attempts.
+    monkeypatch.setattr(alertfeed, "SinkDispatcher",
+                        functools.partial(SinkDispatcher, backoff=Backoff(base=120.0, cap=120.0)))
+    with dead_url() as url:
+        api: Api = await api_factory(database_url=Secret(database_url), sinks=(f"webhook:{url}/siem",))
+        feed = api.client.app[ANALYSTS].feed
+        await until(lambda: feed.leader and feed.dispatcher is not None and feed.dispatcher.stats(),
+                    "the instance to lead and start its sinks", timeout=20)
+        (name,) = feed.dispatcher.stats()
+        await reuse_alert(api, uid("vm"), uid("scope"))
+        await until(lambda: feed.dispatcher.stats()[name].failed_attempts >= 1, "the SIEM refusing the first")
+
+        alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+        _, alert = await api.get(f"/v1/alerts/{alert_id}")
+        conn = await asyncpg.connect(database_url)
+        try:
+            async def handed_over() -> bool:
+                return bool(await conn.fetchval("SELECT alert_change_seq >= $1 FROM sink_feed", alert["change"]))
+
+            await until(handed_over, "the sinks' position to pass the second alert", timeout=20)
+        finally:
+            await conn.close()
+        spool = tmp_path / "data" / "outbox" / f"{name}.jsonl"
+        on_disk = spool.read_bytes()
+        assert f'"alert_id":"{alert_id}"'.encode() in on_disk  # written...
+        survives = on_disk[: durable.get(str(spool), 0)]
+        assert f'"alert_id":"{alert_id}"'.encode() in survives, (
+            "the database says the alert was handed to the sinks, but the outbox has not fsynced it: "
+            "a power loss now loses it for good")
+
+
+async def test_alerts_spooled_by_a_leader_that_stopped_reach_the_sink(
+        api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Each instance's outbox is a spool in its own data dir, and every instance delivers its
+    own spool whether or not it leads the feed (only the leader hands it new records). An
+    alert spooled by a leader that stopped while the SIEM was down (the next leader goes on
+    from ``sink_feed``, past it) is delivered when that instance starts again, though it
+    does not lead then: its records wait in the spool for the next start."""
+    siem = tmp_path / "siem"
+    siem.write_text("not a directory yet: the SIEM is down")
+    target = siem / "alerts.jsonl"
+    sinks = (f"file:{target}",)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    one: Api = await api_factory(data_dir=a_dir, sinks=sinks)
+    feed_one = one.client.app[ANALYSTS].feed
+    await until(lambda: feed_one.leader and feed_one.dispatcher.stats(), "the first instance to lead", timeout=20)
+    seed_keys(b_dir, a_dir / "keys")  # one deployment: the same keys on every host
+    other: Api = await api_factory(data_dir=b_dir, sinks=sinks)
+    feed_other = other.client.app[ANALYSTS].feed
+
+    stranded, _ = await reuse_alert(one, uid("vm"), uid("scope"))
+    (name,) = feed_one.dispatcher.stats()
+    await until(lambda: feed_one.dispatcher.stats()[name].failed_attempts >= 1, "the first instance to try the SIEM")
+    await one.client.close()  # a restart, an upgrade, a host going down
+    await until(lambda: feed_other.leader, "the other instance to lead", timeout=20)
+
+    siem.unlink()  # the SIEM is back
+    later, _ = await reuse_alert(other, uid("vm"), uid("scope"))
+
+    def sunk() -> set[str]:
+        return {orjson.loads(line).get("alert_id") for line in target.read_bytes().splitlines()} \
+            if target.exists() else set()
+
+    await until(lambda: later in sunk(), "the other instance to deliver what it spooled", timeout=20)
+    again: Api = await api_factory(data_dir=a_dir, sinks=sinks)  # the first instance starts again
+    assert not again.client.app[ANALYSTS].feed.leader
+    await until(lambda: stranded in sunk(), "the alert spooled before the first instance stopped", timeout=20)
