@@ -93,9 +93,11 @@ def _create_key(path: Path, data_dir: Path) -> bytes:
 
 
 def keys_location(settings: Settings) -> str:
-    """Where the pepper and the secret key come from, for a message."""
-    named = [str(path) for path in (settings.pepper_file, settings.secret_key_file) if path is not None]
-    return " and ".join(named) if named else str(settings.data_dir / "keys")
+    """Where the keys come from, for a message: the key files named, and the keys dir if
+    any key is read from it."""
+    files = (settings.pepper_file, settings.secret_key_file, settings.receipt_key_file, settings.signing_key_file)
+    named = [str(path) for path in files if path is not None]
+    return " and ".join(named + ([str(settings.data_dir / "keys")] if None in files else []))
 
 
 def load_keys(settings: Settings) -> Keys:

@@ -237,10 +237,12 @@ async def run_database_url(template_database: str, run_keys: Path) -> AsyncItera
     dir on it gets (``seed_keys``)."""
     dsn = await copy_of(template_database, "rg_run")
     keys = {name.removesuffix(".key"): bytes.fromhex((run_keys / name).read_text()) for name in KEY_NAMES}
-    pepper_check, secret_check = key_binding.checks(Keys(**keys))
+    bound = key_binding.checks(Keys(**keys))
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("INSERT INTO key_binding VALUES (true, $1, $2, 0)", pepper_check, secret_check)
+        await conn.execute("INSERT INTO key_binding (pepper_check, secret_check, receipt_check, signing_public,"
+                           " bound_us) VALUES ($1, $2, $3, $4, 0)", bound["pepper_check"], bound["secret_check"],
+                           bound["receipt_check"], bound["signing_public"])
     finally:
         await conn.close()
     yield dsn

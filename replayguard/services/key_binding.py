@@ -1,11 +1,18 @@
-"""The keys a database was set up with, held to at every start (migration 032).
+"""The keys a database was set up with, held to at every start (migrations 032 and 034).
 
-The first process that opens a database with keys records a keyed check of the pepper
-and of the secret key (an HMAC of a fixed label: it says nothing of the key); every later
-process must give the same checks. Other keys on a used database would mean a ledger
-whose digests no longer match anything presented (every code and nonce already used
-accepted again) and token secrets that no longer decrypt, so such a start is refused with
-one line that names where the keys came from.
+The first process that opens a database with keys records a keyed check of the pepper, of
+the secret key and of the receipt key (an HMAC of a fixed label: it says nothing of the
+key) and the checkpoint signing key's public key; every later process must give the same.
+Another pepper would mean a ledger whose digests no longer match anything presented (every
+code and nonce already used accepted again) and another secret key token secrets that no
+longer decrypt; another signing key cannot check the checkpoints the witnesses hold (a
+database restored behind them would serve what it forgot), and another receipt key takes
+every guest's receipt for a forgery. Such a start is refused with one line that names
+where the keys came from.
+
+A database bound before migration 034 has no receipt check or public key yet: the next
+process with its pepper and secret key records its own, the signing key only if it signed
+the database's newest checkpoint (a rebuilt data dir's new key never did).
 """
 
 from __future__ import annotations
@@ -14,34 +21,77 @@ import hashlib
 import hmac
 
 import asyncpg
+from cryptography.hazmat.primitives import serialization
 
+from ..core import checkpoints as cps
 from ..errors import ConfigError
 from ..keys import Keys
 from ..pg.connections import acquire
 
 _LABEL = b"replayguard key binding v1"
+# Each column of ``key_binding``, the key it binds as a message names it, and what another
+# key would do.
+_BOUND = (
+    ("pepper_check", "pepper", "every code and nonce already used would be accepted again"),
+    ("secret_check", "secret key", "every code and nonce already used would be accepted again"),
+    ("receipt_check", "receipt key", "every guest's receipt would be taken for a forgery"),
+    ("signing_public", "checkpoint signing key",
+     "no checkpoint a witness holds could be checked, so a restored database would go unnoticed"),
+)
 
 
-def checks(keys: Keys) -> tuple[bytes, bytes]:
-    """The checks of the pepper and of the secret key, as the database records them."""
-    return (hmac.new(keys.pepper, _LABEL, hashlib.sha256).digest(),
-            hmac.new(keys.secret, _LABEL, hashlib.sha256).digest())
+def checks(keys: Keys) -> dict[str, bytes]:
+    """What the database records of each key, by column of ``key_binding``."""
+    def check(key: bytes) -> bytes:
+        return hmac.new(key, _LABEL, hashlib.sha256).digest()
+    public = keys.signing_key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return {"pepper_check": check(keys.pepper), "secret_check": check(keys.secret),
+            "receipt_check": check(keys.receipt), "signing_public": public}
 
 
 async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: str) -> None:
-    """Records these keys' checks on a database that has none; raises ``ConfigError`` when
-    the database was set up with other keys. ``where`` names the keys for the message."""
-    pepper_check, secret_check = checks(keys)
-    async with acquire(pool) as conn:
+    """Records these keys' checks on a database that has none (or those a database bound
+    before migration 034 lacks); raises ``ConfigError``, having recorded nothing, when the
+    database was set up with other keys. ``where`` names the keys for the message."""
+    mine = checks(keys)
+    async with acquire(pool) as conn, conn.transaction():
         await conn.execute("INSERT INTO key_binding (pepper_check, secret_check, bound_us) VALUES ($1, $2, $3)"
-                           " ON CONFLICT (id) DO NOTHING", pepper_check, secret_check, now_us)
-        row = await conn.fetchrow("SELECT pepper_check, secret_check FROM key_binding")
-    assert row is not None  # noqa: S101 - the row was just inserted, or was there
-    differ = [name for name, mine, theirs in (("pepper", pepper_check, row["pepper_check"]),
-                                              ("secret key", secret_check, row["secret_check"]))
-              if not hmac.compare_digest(mine, bytes(theirs))]
-    if differ:
-        raise ConfigError(
-            f"the keys in {where} are not the ones this database was set up with (the {' and the '.join(differ)}"
-            f" differ{'s' if len(differ) == 1 else ''}): start with the data dir (or key files) it was set up with;"
-            " with other keys every code and nonce already used would be accepted again")
+                           " ON CONFLICT (id) DO NOTHING", mine["pepper_check"], mine["secret_check"], now_us)
+        row = await conn.fetchrow("SELECT pepper_check, secret_check, receipt_check, signing_public"
+                                  " FROM key_binding FOR UPDATE")
+        assert row is not None  # noqa: S101 - the row was just inserted, or was there
+        bound = {column: None if row[column] is None else bytes(row[column]) for column, _, _ in _BOUND}
+        if None in bound.values():
+            bound = await _fill(conn, bound, mine, keys)
+        differ = [(name, harm) for column, name, harm in _BOUND if not _same(bound[column], mine[column])]
+        if differ:  # raised inside the transaction: a refused start records nothing
+            names = " and the ".join(name for name, _ in differ)
+            harms = "; ".join(dict.fromkeys(harm for _, harm in differ))
+            raise ConfigError(
+                f"the keys in {where} are not the ones this database was set up with (the {names}"
+                f" differ{'s' if len(differ) == 1 else ''}): start with the data dir (or key files) it was set up"
+                f" with; with other keys {harms}")
+
+
+def _same(bound: bytes | None, mine: bytes) -> bool:
+    return bound is not None and hmac.compare_digest(bound, mine)
+
+
+async def _fill(conn: asyncpg.Connection, bound: dict[str, bytes | None], mine: dict[str, bytes],
+                keys: Keys) -> dict[str, bytes | None]:
+    """The binding with the receipt check and the public key a database bound before
+    migration 034 lacks: this process's, written only if every key then agrees. The public
+    key only if it signed the newest checkpoint of the chain (at or below the head; or
+    there is none): a
+    data dir rebuilt around the pepper and the secret key has a new signing key, which is
+    refused, not bound."""
+    # A row past the head is no checkpoint of this chain (planted, or of another database).
+    signer = await conn.fetchval("SELECT key_id FROM checkpoints WHERE seq <= (SELECT seq FROM ledger_head)"
+                                 " ORDER BY seq DESC LIMIT 1")
+    signed = signer is None or signer == cps.key_id(keys.signing_key().public_key())
+    filled = {**bound, "receipt_check": bound["receipt_check"] or mine["receipt_check"],
+              "signing_public": bound["signing_public"] or (mine["signing_public"] if signed else None)}
+    if all(_same(filled[column], mine[column]) for column in filled):
+        await conn.execute("UPDATE key_binding SET receipt_check = $1, signing_public = $2",
+                           filled["receipt_check"], filled["signing_public"])
+    return filled

@@ -6,7 +6,8 @@ One transaction, under the ledger head's lock:
   checkpoint the ledger lost, kept in ``ledger_recoveries`` and in the entry;
 - the state that must forget nothing the lost range may have recorded: every TOTP
   credential's last step (``otp_credentials``) is raised to the step of the recovery time
-  plus the drift window (codes up to then are refused as ``reused``); every HOTP token is
+  plus the drift window (codes up to then are refused as ``reused``; a TOTP secret first
+  enrolled later starts there, ``tokens.TokenStore.enroll``); every HOTP token is
   revoked and its secret's counter put out of reach (it may have moved any distance in
   the lost range: the principal enrols a new secret, the old one enrolled again accepts
   nothing); nonces issued before

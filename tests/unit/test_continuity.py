@@ -110,6 +110,41 @@ def test_witness_settings() -> None:
         load_settings(env={"REPLAYGUARD_WITNESS_REQUIRED": "perhaps"})
 
 
+WITNESS_PASSWORD = "hunter2WitnessPw"
+
+
+@pytest.mark.parametrize("url", [f"http://ops:{WITNESS_PASSWORD}@127.0.0.1:8443", "https://ops@peer",
+                                 f"https://peer/?token={WITNESS_PASSWORD}", f"https://peer/#{WITNESS_PASSWORD}",
+                                 "http://:8443"])
+def test_witness_url_with_credentials_query_or_fragment_is_refused_without_showing_it(url: str) -> None:
+    """An HTTP witness's URL names it in /metrics, logs and alerts, so credentials, a query or a
+    fragment in it (or no host) stop start-up with one line that never shows a password."""
+    with pytest.raises(ConfigError, match=r"^witnesses: ") as caught:
+        load_settings(env={"REPLAYGUARD_WITNESSES": url})
+    assert WITNESS_PASSWORD not in caught.value.message and "\n" not in caught.value.message
+
+
+def test_http_witness_is_named_by_scheme_host_port_and_path() -> None:
+    """An HTTP witness is shown as scheme://host:port/path, whatever else its URL held."""
+    from replayguard.services.witness import HttpWitness
+
+    assert HttpWitness("https://peer:8443/base", "d", None).name == "https://peer:8443/base"
+    assert HttpWitness("http://[::1]:9", "d", None).name == "http://[::1]:9"
+    named = HttpWitness(f"http://ops:{WITNESS_PASSWORD}@127.0.0.1:9/x?k={WITNESS_PASSWORD}#f", "d", None).name
+    assert named == "http://127.0.0.1:9/x"
+
+
+async def test_http_witness_whose_url_aiohttp_refuses_is_unreachable() -> None:
+    """A witness URL with credentials and a witness_token (aiohttp raises ValueError before any
+    connection) reads as unreachable, naming no password, not as a traceback."""
+    from replayguard.services.witness import HttpWitness, WitnessUnreachable
+
+    witness = HttpWitness(f"http://ops:{WITNESS_PASSWORD}@127.0.0.1:9", "d", "rgt_" + "w" * 43)
+    with pytest.raises(WitnessUnreachable) as caught:
+        await witness.read()
+    assert WITNESS_PASSWORD not in str(caught.value)
+
+
 def test_witness_settings_from_toml_and_flags(tmp_path: Path) -> None:
     """A TOML list and repeated --witness flags give the same tuple."""
     path = tmp_path / "rg.toml"
