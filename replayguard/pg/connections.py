@@ -161,6 +161,15 @@ class _Acquire:
         return False
 
 
+class InDoubt(Unavailable):
+    """The connection was lost after a query was sent: the server backend ``pid`` may have
+    committed it. Whoever must tell the two apart asks the server once ``pid`` has ended."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__("the database cannot be reached right now")
+        self.pid = pid
+
+
 def acquire(pool: asyncpg.Pool) -> _Acquire:
     """Use as ``async with acquire(pool) as conn``; database loss becomes ``Unavailable``."""
     return _Acquire(pool)
@@ -207,15 +216,25 @@ class KeptConnection:
 
         A lost database or any server-side error drops the connection (the next use
         reconnects), logs ``<event>_unavailable`` or ``<event>_error`` and raises
-        ``Unavailable``: the caller answers 503 and nothing is accepted.
+        ``Unavailable``: the caller answers 503 and nothing is accepted. When the connection
+        was lost after the query was sent, the exception is ``InDoubt``: the server may
+        have run and committed it.
         """
+        pid = None
         try:
             conn = await self.get()
+            pid = conn.get_server_pid()
             rows: list[asyncpg.Record] = await conn.fetch(query, *args)
             return rows
+        except asyncpg.QueryCanceledError as exc:  # the server cancelled it: rolled back
+            await self.drop()
+            log.warning(f"{event}_unavailable", error=type(exc).__name__)
+            raise Unavailable("the database cannot be reached right now") from None
         except UNAVAILABLE_ERRORS as exc:
             await self.drop()
             log.warning(f"{event}_unavailable", error=type(exc).__name__)
+            if pid is not None:
+                raise InDoubt(pid) from None
             raise Unavailable("the database cannot be reached right now") from None
         except asyncpg.PostgresError as exc:
             # Not the client's fault and not a connection loss: still fail closed.

@@ -5,7 +5,8 @@ open, as a peer that vanished without a FIN or RST (a host powered off, a firewa
 dropped the state) looks to the client: writes succeed, nothing ever comes back.
 Connections made after it relay normally, so a client that notices and reconnects works;
 with ``freeze_new`` set, they are half-open from their first byte (a handshake that never
-gets an answer).
+gets an answer). ``freeze(replies_only=True)`` still relays what the client sends: the
+server acts on it, and its answer is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class _Pipe:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     frozen: bool = False
+    replies_frozen: bool = False
 
 
 class TcpProxy:
@@ -36,25 +38,29 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def freeze(self) -> int:
+    def freeze(self, *, replies_only: bool = False) -> int:
         """Half-opens every connection open now; returns how many."""
         live = [p for p in self._pipes if not p.frozen]
         for pipe in live:
-            pipe.frozen = True
+            if replies_only:
+                pipe.replies_frozen = True
+            else:
+                pipe.frozen = True
         return len(live)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._target)
         pipe = _Pipe(writers=[writer, up_writer], frozen=self.freeze_new)
         self._pipes.append(pipe)
-        pipe.tasks = [asyncio.create_task(self._relay(pipe, reader, up_writer)),
-                      asyncio.create_task(self._relay(pipe, up_reader, writer))]
+        pipe.tasks = [asyncio.create_task(self._relay(pipe, reader, up_writer, reply=False)),
+                      asyncio.create_task(self._relay(pipe, up_reader, writer, reply=True))]
 
     @staticmethod
-    async def _relay(pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay(pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     reply: bool) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
-                if pipe.frozen:
+                if pipe.frozen or (reply and pipe.replies_frozen):
                     continue  # swallowed: the other side never hears of it
                 writer.write(data)
                 await writer.drain()
