@@ -68,6 +68,21 @@ async def prepare_database(settings: Settings) -> str:
     return dsn
 
 
+_LEDGER_UNREACHABLE: tuple[type[BaseException], ...] = (*connections.UNAVAILABLE_ERRORS, TimeoutError)
+
+
+async def ledger_writable(pool: asyncpg.Pool) -> bool:
+    """Whether the ledger's database is a primary this service may insert into (2 s at most):
+    ``/readyz``'s check, and ``replayguard_ledger_up``'s value from the start."""
+    try:
+        async with asyncio.timeout(2):
+            async with pool.acquire() as conn:
+                return bool(await conn.fetchval(
+                    "SELECT NOT pg_is_in_recovery() AND has_table_privilege('ledger', 'INSERT')"))
+    except _LEDGER_UNREACHABLE:
+        return False
+
+
 @asynccontextmanager
 async def open_runtime(
     settings: Settings, *, clock: Callable[[], float] = time.time, dsn: str | None = None,
@@ -83,13 +98,17 @@ async def open_runtime(
     except BaseException:
         await pool.close()
         raise
-    metrics = Metrics()
+    metrics = Metrics(redis=settings.redis_url is not None)
+    metrics.ledger_up.set(1 if await ledger_writable(pool) else 0)  # then at each /readyz
     fanout = AlertFanout.from_url(settings.redis_url.reveal()) if settings.redis_url is not None else None
+    if fanout is not None and metrics.redis_up is not None:
+        metrics.redis_up.set(1 if await fanout.ping() else 0)  # then at each /readyz
     params = DecideParams(lock_threshold=settings.lockout_threshold,
                           lock_period_us=settings.lockout_period_s * 1_000_000,
                           refuse_on_rollback=settings.receipt_reaction == "refuse")
-    appender = Appender(pool, params, on_batch=metrics.ledger_batch)
-    tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe)
+    appender = Appender(pool, params, on_batch=metrics.ledger_batch, connect=lambda: connections.connect(
+        dsn, statement_timeout_ms=settings.statement_timeout_ms))
+    tokens = TokenStore(pool, keys, on_read=metrics.token_read_size.observe, drift_steps=settings.totp_drift_steps)
     filled = await tokens.backfill_fingerprints()  # before any decision (migration 010)
     if filled:
         log.info("otp_credentials_backfilled", tokens=filled)

@@ -163,8 +163,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("lockout_period_s", "int", "300", "how long a lockout lasts", bounds=(1, 86400 * 30)),
     Option("nonce_max_ttl_s", "int", "604800", "largest nonce ttl; how long nonces without issued_at "
            "are kept", bounds=(1, 86400 * 365)),
-    Option("receipt_reaction", "str", "flag", "flag, or refuse: reject every decision of a rolled-back "
-           "VM until an admin clears it", choices=("flag", "refuse")),
+    Option("receipt_reaction", "str", "flag", "flag, or refuse: reject every decision of a VM rolled back "
+           "or cloned (reported by the hypervisor, or shown by a stale or foreign receipt) until an admin "
+           "clears it", choices=("flag", "refuse")),
     Option("checkpoint_every", "int", "1000", "ledger entries between signed checkpoints",
            bounds=(1, 10_000_000)),
     Option("checkpoint_interval_s", "int", "60", "seconds between signed checkpoints", bounds=(1, 86400)),

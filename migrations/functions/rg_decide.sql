@@ -9,16 +9,19 @@
 --      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
 --      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
 --      to the token row, so a secret enrolled again carries every code already accepted; a
---      nonce is also looked up in spent_nonces (consumed, its `uses` row purged);
+--      nonce is also looked up in spent_nonces (consumed, its `uses` row purged), and its
+--      first use read from the ledger entry that row names;
 --   3. classifies a reject (reused, or replay_after_rollback when the first use fell
---      inside a rollback window), applies RFC 4226 §7.3 throttling, raises or joins alerts;
+--      inside a rollback window, the alert then listing the window's at-risk uses), applies
+--      RFC 4226 §7.3 throttling, raises or joins alerts;
 --   4. appends the chained ledger row and moves the VM's receipt position.
 -- Items: replayguard/core/decide_item.py DecideItem.to_wire(), field for field:
 --   {"kind": "otp"|"nonce", "ts_us", "vm_id", "subject", "payload": {...},
 --    "receipt": "absent"|"missing"|"valid"|"invalid", "receipt_vm_id", "receipt_seq",
 --    "receipt_request", "receipt_unanswered" (hex digests of the caller's request ids), "preset_reason",
 --    "expires_us", nonce: "digest" (hex), OTP: "token_id", "credential" (hex), "steps": [..],
---    "step_digests": {"<step>": "<hex digest>"}, TOTP: "period_s", "drift_steps", "clock_scope"}
+--    "step_digests": {"<step>": "<hex digest>"}, "replay_only" (HOTP counters far behind: a replay
+--    if a use of one is recorded, else invalid), TOTP: "period_s", "drift_steps", "clock_scope"}
 --
 -- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
 -- holds the head lock, so plain reads under it see the latest committed state. The work
@@ -66,6 +69,9 @@ DECLARE
     v_locked  bigint;
     v_new_lock bigint;
     v_rseq    bigint;
+    v_wstart  bigint;
+    v_wend    bigint;
+    v_wrow    rollback_windows%ROWTYPE;
     v_floor   bigint;
     -- Requests reach the ledger in another order than they read the clock (a token read,
     -- a batch of another worker or instance committing first): a step behind the
@@ -88,7 +94,7 @@ BEGIN
 
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
             kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],
-            step_digests jsonb, digest text, expires_us bigint, preset_reason text, receipt text,
+            step_digests jsonb, replay_only boolean, digest text, expires_us bigint, preset_reason text, receipt text,
             receipt_vm_id text, receipt_seq bigint, receipt_request text, receipt_unanswered text, payload jsonb,
             period_s bigint, drift_steps integer, clock_scope text) LOOP
         v_seq := v_seq + 1;
@@ -152,8 +158,10 @@ BEGIN
             -- uses are unknown to the clone, so they are at risk.
             v_rseq := it.receipt_seq;
             v_flags := v_flags || 'clone_detected'::text;
+            SELECT w.start_us, w.end_us INTO v_wstart, v_wend
+                FROM rg_receipt_window(it.receipt_vm_id, v_rseq, it.ts_us) w;
             INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                VALUES (it.receipt_vm_id, rg_receipt_window_start(v_rseq), it.ts_us, 'receipt_clone', v_seq);
+                VALUES (it.receipt_vm_id, v_wstart, v_wend, 'receipt_clone', v_seq);
             v_vmrow.epoch := v_vmrow.epoch + 1;
             v_alert := rg_alert('clone_detected', 'warning', it.vm_id, NULL,
                 'clone:' || it.vm_id || ':' || it.receipt_vm_id, it.ts_us, v_seq,
@@ -162,8 +170,9 @@ BEGIN
         ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent THEN
             v_rseq := it.receipt_seq;
             v_flags := v_flags || 'rollback_detected'::text;
+            SELECT w.start_us, w.end_us INTO v_wstart, v_wend FROM rg_receipt_window(it.vm_id, v_rseq, it.ts_us) w;
             INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)
-                VALUES (it.vm_id, rg_receipt_window_start(v_rseq), it.ts_us, 'receipt', v_seq);
+                VALUES (it.vm_id, v_wstart, v_wend, 'receipt', v_seq);
             v_vmrow.epoch := v_vmrow.epoch + 1;
             v_alert := rg_alert('rollback_detected', 'critical', it.vm_id, NULL,
                 'rollback:' || it.vm_id || ':' || coalesce(v_rseq::text, 'none'), it.ts_us, v_seq,
@@ -211,8 +220,17 @@ BEGIN
             END IF;
             IF v_reason IS NULL THEN
                 SELECT * INTO v_use FROM uses WHERE digest = v_digest;
-                -- An expired nonce still remembered as used is classified as a replay (one
-                -- undone by a rollback is reported whatever its ttl); one never used is expired.
+                -- Retention purged the use's row and kept the accepting entry's seq in
+                -- spent_nonces (checked after uses, for the reason above): its first use
+                -- (VM, time) is read from the ledger, so the replay is classified and
+                -- reported as it was before the purge.
+                IF v_use.digest IS NULL THEN
+                    SELECT l.cred_digest, 'nonce', l.vm_id, l.subject, l.seq, l.ts_us, NULL::bigint INTO v_use
+                        FROM spent_nonces s JOIN ledger l ON l.seq = s.first_seq
+                        WHERE s.digest = v_digest AND l.cred_digest = v_digest;
+                END IF;
+                -- An expired nonce remembered as used is classified as a replay (one undone
+                -- by a rollback is reported whatever its ttl); one never used is expired.
                 IF v_use.digest IS NULL AND it.preset_reason = 'expired' THEN
                     v_reason := 'expired';
                 END IF;
@@ -220,6 +238,17 @@ BEGIN
         ELSE
             v_pfails := NULL;
             SELECT locked_until_us, fail_count INTO v_locked, v_pfails FROM principals WHERE name = it.subject;
+            IF it.replay_only AND NOT coalesce(v_locked > it.ts_us, false) THEN
+                -- HOTP counters far behind the token's (core/otp.py hotp_replayed), never
+                -- accepted: the code is a replay when one of their uses is recorded (not
+                -- counted as a failure), else invalid like any wrong code.
+                SELECT u.* INTO v_use FROM uses u
+                    WHERE u.digest = ANY (ARRAY(SELECT decode(value, 'hex') FROM jsonb_each_text(it.step_digests)))
+                    ORDER BY u.first_seq DESC LIMIT 1;
+                IF v_use.digest IS NULL THEN
+                    v_steps := '{}';
+                END IF;
+            END IF;
             IF v_locked > it.ts_us THEN
                 v_reason := 'locked_out';
             ELSIF cardinality(v_steps) = 0 THEN
@@ -235,6 +264,8 @@ BEGIN
                         it.ts_us, v_seq, v_fails || ' consecutive failures for ' || it.subject || ': locked out',
                         jsonb_build_object('failures', v_fails, 'locked_until_us', it.ts_us + p_lock_period_us));
                 END IF;
+            ELSIF it.replay_only THEN
+                v_digest := v_use.digest;  -- classified below as a replay
             ELSE
                 IF v_floor IS NOT NULL THEN
                     -- The host clock went back: only steps above the high-water may pass.
@@ -297,11 +328,14 @@ BEGIN
             END IF;
             IF v_window IS NOT NULL THEN
                 v_reason := 'replay_after_rollback';
+                -- Every use the window put at risk, as rg_reclassify lists them.
+                SELECT * INTO v_wrow FROM rollback_windows WHERE id = v_window;
                 v_calert := rg_alert('replay_after_rollback', 'critical', it.vm_id, v_use.subject,
                     'cred:' || encode(v_digest, 'hex'), it.ts_us, v_seq,
                     'A credential first used on VM ' || v_use.vm_id || ' inside a rollback window was presented again',
                     jsonb_build_object('window_id', v_window, 'first_seq', v_use.first_seq,
-                                       'first_vm_id', v_use.vm_id));
+                                       'first_vm_id', v_use.vm_id,
+                                       'at_risk_uses', rg_window_uses(v_wrow.vm_id, v_wrow.start_us, v_wrow.end_us, 50)));
                 INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
                 INSERT INTO alert_entries SELECT v_calert, seq FROM rollback_windows WHERE id = v_window
                     ON CONFLICT DO NOTHING;  -- the event (or decision) that opened the window

@@ -4,7 +4,14 @@
 -- (rg_event_context) and has checked that the event id is new.
 -- p_windows: [{"vm_id", "start_us" (or null), "end_us", "cause"}]; p_facts: {"snapshot_us"
 -- (null: the creation time is unknown), "split_us"} as the service computed them.
-CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb)
+-- p_refuse (receipt_reaction 'refuse'): a VM whose state went back (reverted, restored) or
+-- that is a clone refuses every decision until an administrator clears it (rg_clear_vm),
+-- as it does when a stale or foreign receipt shows it (rg_decide); the reason is the
+-- event's type, and the event's ledger entry says so ("refusing": true).
+-- Dropped first: the signature without p_refuse would otherwise stay beside this one.
+DROP FUNCTION IF EXISTS rg_ingest_event(bigint, jsonb, bytea, jsonb, jsonb);
+CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb,
+                                           p_refuse boolean)
 RETURNS TABLE (r_seq bigint, r_windows bigint[], r_alerts bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -12,9 +19,11 @@ DECLARE
     v_type text := p_event->>'type';
     w      jsonb;
     v_wid  bigint;
+    v_refuse boolean := p_refuse AND v_type IN ('snapshot.reverted', 'vm.restored', 'vm.cloned');
 BEGIN
     r_seq := rg_append(p_ts, 'event', v_vm, p_event->>'event_id', NULL, NULL, NULL,
-        p_event || jsonb_build_object('body_digest', encode(p_digest, 'hex'), 'windows', p_windows));
+        p_event || jsonb_build_object('body_digest', encode(p_digest, 'hex'), 'windows', p_windows)
+            || CASE WHEN v_refuse THEN '{"refusing": true}'::jsonb ELSE '{}'::jsonb END);
     INSERT INTO hypervisor_events (event_id, body_digest, type, vm_id, seq, received_us, payload)
         VALUES (p_event->>'event_id', p_digest, v_type, v_vm, r_seq, p_ts, p_event);
     INSERT INTO vms (vm_id, first_seen_us, last_seen_us)
@@ -45,6 +54,9 @@ BEGIN
             ON CONFLICT (vm_id) DO NOTHING;
         UPDATE vms SET epoch = epoch + 1
             WHERE vm_id = v_vm OR vm_id IN (SELECT value->>'vm_id' FROM jsonb_array_elements(p_windows));
+    END IF;
+    IF v_refuse THEN
+        UPDATE vms SET refusing = true, refusing_reason = v_type WHERE vm_id = v_vm;
     END IF;
     RETURN NEXT;
 END $$;

@@ -42,6 +42,7 @@ class DecideItem(NamedTuple):
     credential: str | None = None  # hex of the secret's fingerprint (otp_credentials)
     steps: tuple[int, ...] = ()  # time steps or counters the code matched
     step_digests: Mapping[int, bytes] = _NO_DIGESTS  # the use digest of each step
+    replay_only: bool = False  # HOTP counters far behind (core.otp.hotp_replayed): a replay, or invalid
     # a TOTP: the host clock guard (clock_guard, in rg_decide)
     period_s: int | None = None
     drift_steps: int | None = None
@@ -71,6 +72,8 @@ class DecideItem(NamedTuple):
         if self.steps:
             wire["steps"] = list(self.steps)
             wire["step_digests"] = {str(step): d.hex() for step, d in self.step_digests.items()}
+        if self.replay_only:
+            wire["replay_only"] = True
         if self.period_s is not None:
             wire["period_s"] = self.period_s
             wire["drift_steps"] = self.drift_steps

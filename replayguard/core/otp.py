@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyotp
 
 from .mac import KeyedMac
+from .nonces import EXPIRY_GRACE_S
 
 ALGORITHMS = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
 
@@ -96,6 +97,24 @@ def hotp_matches(
     return _matching(secret_b32, code, range(low, last_counter + look_ahead + 1), digits, algorithm)
 
 
+# How far behind its token's counter an HOTP code is still looked for, once it matched
+# nothing within the look-ahead: a code used there is named a replay (``reused`` or
+# ``replay_after_rollback``) when the ledger still records its use, instead of ``invalid``.
+HOTP_REPLAY_BEHIND = 100
+
+
+def hotp_replayed(
+    secret_b32: str, code: str, *, last_counter: int, look_ahead: int = 10,
+    digits: int = 6, algorithm: str = "SHA1",
+) -> list[int]:
+    """Counters behind ``hotp_matches``' window, up to ``HOTP_REPLAY_BEHIND`` behind
+    ``last_counter``, that ``code`` matches: never accepted (they are at or behind the
+    counter), only looked up among recorded uses."""
+    low = max(0, last_counter - max(HOTP_REPLAY_BEHIND, look_ahead) + 1)
+    high = max(0, last_counter - look_ahead + 1)
+    return _matching(secret_b32, code, range(low, high), digits, algorithm)
+
+
 @dataclass(frozen=True, slots=True)
 class OtpToken:
     """An enrolled OTP token as the decision service matches codes against it."""
@@ -114,10 +133,27 @@ class OtpToken:
 @dataclass(frozen=True, slots=True)
 class Match:
     """The token a code matches and its matching steps or counters; no counters is no match,
-    and then ``token`` is the principal's first token (None when the principal has none)."""
+    and then ``token`` is the principal's first token (None when the principal has none).
+    ``replay_only``: the counters are HOTP counters far behind the token's (``hotp_replayed``):
+    the code is a replay if a use of one of them is recorded, else invalid."""
 
     token: OtpToken | None
     counters: tuple[int, ...]
+    replay_only: bool = False
+
+
+def use_expiry_us(token: OtpToken, counters: Sequence[int], *, now_us: int, retention_s: int,
+                  drift_steps: int) -> int:
+    """When retention may drop the details of an OTP's use (its ``uses`` row): after
+    ``retention_s``, and never while the code is still accepted, so that a replay is
+    classified (``replay_after_rollback``) for as long as it can be presented. A TOTP code
+    of step ``s`` is accepted until step ``s + drift_steps`` ends; the latest step it
+    matched bounds the one accepted. A grace (as for nonces) is added after that end."""
+    kept = now_us + retention_s * 1_000_000
+    if token.type != "totp" or not counters:
+        return kept
+    accepted_until_us = (max(counters) + drift_steps + 1) * token.period * 1_000_000
+    return max(kept, accepted_until_us + EXPIRY_GRACE_S * 1_000_000)
 
 
 def match_code(tokens: Sequence[OtpToken], code: str, *, now_s: float, drift_steps: int, look_ahead: int) -> Match:
@@ -125,6 +161,8 @@ def match_code(tokens: Sequence[OtpToken], code: str, *, now_s: float, drift_ste
 
     TOTP tokens are tried within ±``drift_steps`` of ``now_s``, HOTP tokens ``look_ahead``
     around their last counter (``hotp_matches``), each with its own period, digits and algorithm.
+    When none matches, HOTP tokens are tried further behind (``hotp_replayed``, a
+    ``replay_only`` match).
     """
     for token in tokens:
         if token.type == "totp":
@@ -135,4 +173,10 @@ def match_code(tokens: Sequence[OtpToken], code: str, *, now_s: float, drift_ste
                                  look_ahead=look_ahead, digits=token.digits, algorithm=token.algorithm)
         if found:
             return Match(token, tuple(found))
+    for token in tokens:
+        if token.type == "hotp":
+            found = hotp_replayed(token.secret_b32, code, last_counter=token.last_counter,
+                                  look_ahead=look_ahead, digits=token.digits, algorithm=token.algorithm)
+            if found:
+                return Match(token, tuple(found), replay_only=True)
     return Match(tokens[0] if tokens else None, ())

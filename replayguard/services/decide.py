@@ -22,7 +22,7 @@ from ..core.credentials import nonce_digest, otp_digest, receipt_request_digest
 from ..core.decide_item import DecideItem
 from ..core.decisions import DecisionResult, Reason, Verdict
 from ..core.nonces import nonce_expired, nonce_expiry_us
-from ..core.otp import Match, OtpToken, match_code
+from ..core.otp import Match, OtpToken, match_code, use_expiry_us
 from ..core.receipts import ReceiptCheck, ReceiptClaims
 from ..core.validation import NonceRequest, OtpRequest
 from ..errors import Forbidden
@@ -143,7 +143,11 @@ class DecisionService:
         fields: dict[str, Any] = {
             "token_id": token.id, "credential": token.credential, "steps": match.counters,
             "step_digests": {c: otp_digest(self._keys.pepper, token.credential, c) for c in match.counters},
-            "expires_us": now_us + self._config.use_retention_s * 1_000_000}
+            "expires_us": use_expiry_us(token, match.counters, now_us=now_us,
+                                        retention_s=self._config.use_retention_s,
+                                        drift_steps=self._config.drift_steps)}
+        if match.replay_only:
+            fields["replay_only"] = True
         if token.type == "totp":  # the host clock guard (clock_guard, in rg_decide)
             fields.update(period_s=token.period, drift_steps=self._config.drift_steps, clock_scope=self._clock_scope)
         return fields

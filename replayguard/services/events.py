@@ -5,8 +5,9 @@ became) in one transaction. For each: the ledger head lock is taken and what the
 knows is read (``rg_event_context``); an event id seen before for the same VM is a duplicate
 when the body digest matches and a ``Conflict`` when it does not (ids are per VM, so a token
 bound to some VMs cannot take another VM's); otherwise the pure core computes the
-windows and ``rg_ingest_event`` records everything and reclassifies the replays the new
-windows explain. After the commit, the other instances are told (through Redis, when
+windows and ``rg_ingest_event`` records everything, reclassifies the replays the new
+windows explain and, with ``receipt_reaction = "refuse"``, refuses the reverted, restored
+or cloned VM until an administrator clears it. After the commit, the other instances are told (through Redis, when
 configured) which alerts the new windows reclassified.
 """
 
@@ -29,7 +30,7 @@ from .apitokens import Caller
 log = structlog.get_logger(__name__)
 
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
-_INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb)"
+_INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
 _WINDOWS_OF = "SELECT vm_id, start_us, end_us, cause FROM rollback_windows WHERE vm_id = ANY($1) ORDER BY id"
 
@@ -84,10 +85,14 @@ async def _windows_of(conn: asyncpg.Connection, vm_ids: Sequence[str]) -> list[w
 
 
 class EventService:
-    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], fanout: AlertFanout | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], fanout: AlertFanout | None = None,
+                 *, refuse_on_rollback: bool) -> None:
+        """``refuse_on_rollback`` (``receipt_reaction = "refuse"``): a VM reverted, restored or
+        cloned refuses every decision until an administrator clears it (``clear_vm``)."""
         self._pool = pool
         self._clock = clock
         self._fanout = fanout
+        self._refuse = refuse_on_rollback
 
     async def ingest(self, events: Sequence[GenericEvent], source: str,
                      caller: Caller | None = None) -> list[Ingested]:
@@ -128,7 +133,7 @@ class EventService:
             opened += windows.not_contained(carried, [*present, *opened])
         record = {**event_input.to_record(event), "source": source}
         row = await conn.fetchrow(_INGEST, received_us, record, digest,
-                                  [_window_json(w) for w in opened], _facts(event, ctx))
+                                  [_window_json(w) for w in opened], _facts(event, ctx), self._refuse)
         assert row is not None  # noqa: S101 - narrows the type for mypy; rg_ingest_event always returns its one row
         return Ingested(event.event_id, False, row["r_seq"], tuple(row["r_windows"]),
                         tuple(row["r_alerts"]))

@@ -71,6 +71,15 @@ _USES_OF_TOKENS = ("SELECT u.digest, l.payload->>'token_id' AS token_id, (l.payl
 _MERGE_CREDENTIAL = ("INSERT INTO otp_credentials AS c SELECT $2, last_counter FROM otp_credentials"
                      " WHERE fingerprint = $1 ON CONFLICT (fingerprint)"
                      " DO UPDATE SET last_counter = greatest(c.last_counter, excluded.last_counter)")
+# A secret's credential, on its first enrolment. After a recorded recovery, a TOTP one starts
+# at the step of the latest recovery's time plus the drift window, as the recovery raised
+# every credential the database knew: the lost range may have accepted codes of a secret
+# whose enrolment it lost too, and the secret enrolled again must refuse them. The time is
+# the ``ledger_recovery`` entry's (under the hash chain; index of migration 035). ($2: the
+# TOTP period, NULL for HOTP, whose counter no time bounds; $3: the drift steps.)
+_NEW_CREDENTIAL = ("INSERT INTO otp_credentials (fingerprint, last_counter)"
+                   " SELECT $1, coalesce(max(ts_us) / ($2::int * 1000000::bigint) + $3::int, -1) FROM ledger"
+                   " WHERE kind = 'ledger_recovery' ON CONFLICT DO NOTHING")
 _COPY_USE = ("INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
              " SELECT $2, kind, vm_id, subject, first_seq, first_ts_us, expires_us FROM uses WHERE digest = $1"
              " ON CONFLICT (digest) DO NOTHING")
@@ -173,10 +182,12 @@ class _Cached(NamedTuple):
 
 
 class TokenStore(Announced):
-    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None,
+                 *, drift_steps: int) -> None:
         super().__init__()
         self._pool = pool
         self._keys = keys
+        self._drift_steps = drift_steps  # TOTP steps accepted either side of now (_NEW_CREDENTIAL)
         self._cache: dict[str, _Cached] = {}
         self._misses: dict[str, float] = {}  # principal: when a fresh read last confirmed a miss
         self._reader = TokenReader(pool, on_read)
@@ -208,8 +219,12 @@ class TokenStore(Announced):
         payload = {"token_id": token_id, "type": req.type, "digits": req.digits,
                    "period": req.period, "algorithm": req.algorithm}
         async with acquire(self._pool) as conn, conn.transaction():
-            await conn.execute("INSERT INTO otp_credentials (fingerprint) VALUES ($1) ON CONFLICT DO NOTHING",
-                               fingerprint)
+            await conn.execute(_NEW_CREDENTIAL, fingerprint, req.period if req.type == "totp" else None,
+                               self._drift_steps)
+            # A secret enrolled again keeps its credential's high-water: an HOTP authenticator
+            # is provisioned at the first counter the ledger will still accept.
+            spent = await conn.fetchval("SELECT last_counter FROM otp_credentials WHERE fingerprint = $1",
+                                        fingerprint)
             await conn.execute(
                 "INSERT INTO otp_tokens (id, principal, type, secret_ct, digits, period, algorithm, fingerprint)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -220,7 +235,7 @@ class TokenStore(Announced):
                 now_us, principal, payload,
             )
         self._forget(principal)
-        return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req), req.type)
+        return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req, counter=spent + 1), req.type)
 
     async def listing(self, principal: str) -> list[dict[str, Any]]:
         async with acquire(self._pool) as conn:

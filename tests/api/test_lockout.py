@@ -7,6 +7,7 @@ from typing import Any
 
 import pyotp
 
+from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, uid
 
 
@@ -35,3 +36,27 @@ async def test_the_threshold_th_failure_locks_for_exactly_the_period(api_factory
     assert await attempt(totp.at(api.clock.now)) == "locked_out"
     api.clock.advance(1)
     assert await attempt(totp.at(api.clock.now)) == "ok"
+
+
+async def test_an_hotp_code_far_behind_counts_as_a_failure_unless_its_use_is_recorded(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """HOTP, look-ahead 3, counters 0 to 9 accepted except 1 (skipped by a look-ahead jump):
+    counter 0's code, far behind, is a replay (`reused`, not counted); counter 1's code, as
+    far behind but never used, is `invalid` and counts towards the lockout."""
+    api: Api = await api_factory(FakeClock(), database_url=Secret(await fresh_database()), hotp_look_ahead=3,
+                                 lockout_threshold=5)
+    principal, vm_id = uid("alice"), uid("vm")
+    hotp = pyotp.HOTP((await api.enroll(principal, type="hotp"))["secret"])
+
+    async def attempt(counter: int) -> str:
+        status, answer = await api.post("/v1/otp/verify",
+                                        {"vm_id": vm_id, "principal": principal, "otp": hotp.at(counter)})
+        assert status == 200, answer
+        return str(answer["reason"])
+
+    assert [await attempt(c) for c in (0, *range(2, 10))] == ["ok"] * 9
+    assert await attempt(0) == "reused"
+    assert await attempt(1) == "invalid"
+    async with api.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT fail_count FROM principals WHERE name = $1", principal) == 1

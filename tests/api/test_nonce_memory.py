@@ -99,3 +99,43 @@ async def test_a_nonce_replayed_after_a_rollback_is_reported_once_it_expired(api
     assert (status, replay["decision"], replay["reason"]) == (200, "reject", "replay_after_rollback"), replay
     assert "alert_id" in replay
     assert await consume(api, {**nonce, "nonce": uid("n")}) == ("reject", "expired")
+
+
+async def test_a_nonce_replayed_after_its_use_was_purged_is_still_reported(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """Once retention moved a nonce's use to spent_nonces, a presentation of it (without
+    issued_at: that is the caller's word) is still `reused` with a reuse alert naming the
+    entry that accepted it, read from the ledger through spent_nonces' first_seq."""
+    api: Api = await api_factory(database_url=Secret(await fresh_database()))
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 300}
+    status, first = await api.post("/v1/nonces/consume", body)
+    assert (status, first["decision"]) == (200, "accept"), first
+    api.clock.advance(400)
+    await purge(api, body)
+    status, replay = await api.post("/v1/nonces/consume", {**{k: v for k, v in body.items() if k != "issued_at"},
+                                                           "vm_id": uid("vm")})
+    assert (status, replay["decision"], replay["reason"]) == (200, "reject", "reused"), replay
+    status, raised = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200 and raised["kind"] == "reuse", raised
+    assert raised["details"]["first_seq"] == first["seq"] and first["seq"] in {e["seq"] for e in raised["entries"]}
+
+
+async def test_a_purged_nonce_first_used_inside_a_rollback_window_is_a_replay_after_rollback(api: Api) -> None:
+    """A nonce whose use retention purged, first used on a VM later reverted to a state
+    before that use, is `replay_after_rollback` when presented again (its first use's VM and
+    time come from the ledger entry spent_nonces names)."""
+    vm = uid("web")
+    taken = api.clock.now
+    api.clock.advance(5)
+    body = {"vm_id": vm, "scope": uid("api-login"), "nonce": uid("n"), "ttl_s": 60, "issued_at": api.clock.now}
+    assert await consume(api, body) == ("accept", "ok")
+    api.clock.advance(5)
+    revert = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm, "snapshot_id": "pre",
+              "snapshot_created_at": taken, "occurred_at": api.clock.now}
+    status, answer = await api.post("/v1/hypervisor/events", revert, role="hypervisor")
+    assert status == 202, answer
+    api.clock.advance(200)  # past issued_at + ttl_s + 60: retention moves the use to spent_nonces
+    await purge(api, body)
+    assert await consume(api, body) == ("reject", "replay_after_rollback")
+    without_issued_at = {k: v for k, v in body.items() if k != "issued_at"}
+    assert await consume(api, without_issued_at) == ("reject", "replay_after_rollback")

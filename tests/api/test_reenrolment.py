@@ -80,3 +80,22 @@ async def test_the_same_secret_with_other_digits_is_the_same_credential(api: Api
     await delete(api, alice, first["token_id"])
     await api.enroll(alice, type="hotp", secret=secret, digits=8)
     assert (await verify(api, alice, pyotp.HOTP(secret, digits=8).at(0)))["reason"] == "reused"
+
+
+async def test_an_hotp_secret_enrolled_again_is_provisioned_past_its_spent_counters(api: Api) -> None:
+    """Enrolling an HOTP secret again carries its credential's high-water, and its
+    provisioning_uri says so: counter = the last accepted counter + 1 (here 15, with the
+    look-ahead 10), so an authenticator provisioned from it is accepted at once; a new
+    secret's URI says counter 0."""
+    principal = uid("alice")
+    first = await api.enroll(principal, type="hotp")
+    assert pyotp.parse_uri(first["provisioning_uri"]).initial_count == 0
+    hotp = pyotp.HOTP(first["secret"])
+    for counter in range(15):
+        assert (await verify(api, principal, hotp.at(counter), vm=uid("vm")))["decision"] == "accept"
+    await delete(api, principal, first["token_id"])
+    again = await api.enroll(principal, type="hotp", secret=first["secret"])
+    app = pyotp.parse_uri(again["provisioning_uri"])  # what an authenticator app would do
+    assert isinstance(app, pyotp.HOTP) and app.initial_count == 15, again["provisioning_uri"]
+    answer = await verify(api, principal, app.at(0), vm=uid("vm"))  # pyotp counts from initial_count
+    assert (answer["decision"], answer["reason"]) == ("accept", "ok"), answer

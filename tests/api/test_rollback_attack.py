@@ -132,6 +132,62 @@ async def test_clone_event_then_replay_in_the_clone(api: Api) -> None:
     assert (await login(api, clone, principal, code))["reason"] == "replay_after_rollback"
 
 
+async def test_the_replay_alert_lists_every_use_the_window_put_at_risk(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """CONTRACT §5: a credential first used inside a window and presented again raises a
+    critical alert that lists the at-risk uses: the replay_after_rollback alert raised by the
+    replay itself carries every use the window covers (here bob's login and a nonce on the
+    same VM) as `at_risk_uses`, as the one a late event reclassifies does."""
+    api: Api = await api_factory(FakeClock(), database_url=Secret(await fresh_database()))
+    (alice_id, alice_totp), (bob_id, bob_totp) = await alice(api), await alice(api)
+    vm_id = uid("web-01")
+    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=api.clock.now)
+    api.clock.advance(2)
+    code = alice_totp.at(api.clock.now)
+    first = await login(api, vm_id, alice_id, code)
+    bob_use = await login(api, vm_id, bob_id, bob_totp.at(api.clock.now))
+    status, nonce_use = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "s", "nonce": uid("n")})
+    assert status == 200 and first["decision"] == bob_use["decision"] == nonce_use["decision"] == "accept"
+    api.clock.advance(2)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=api.clock.now - 4)
+    replay = await login(api, vm_id, alice_id, code)
+    assert replay["reason"] == "replay_after_rollback", replay
+    status, raised = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200 and raised["kind"] == "replay_after_rollback", raised
+    at_risk = {u["seq"] for u in raised["details"]["at_risk_uses"]}
+    assert at_risk == {first["seq"], bob_use["seq"], nonce_use["seq"]}, raised
+
+
+async def test_an_hotp_code_replayed_after_a_revert_is_named_even_when_the_counter_moved_on(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """HOTP with hotp_look_ahead = 3: a code used on a VM inside a rollback window, replayed
+    after the user logged in three more times (its counter now behind the look-ahead), is
+    `replay_after_rollback` (CONTRACT §4: presented before, first use inside the window),
+    and, being a replay, does not count towards the user's lockout."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()), hotp_look_ahead=3,
+                                 lockout_threshold=5)
+    principal = uid("alice")
+    hotp = pyotp.HOTP((await api.enroll(principal, type="hotp"))["secret"])
+    vm_id = uid("web-01")
+    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=clock.now)
+    clock.advance(5)
+    first = hotp.at(0)
+    assert (await login(api, vm_id, principal, first))["decision"] == "accept"
+    for counter in (1, 2, 3):  # three more logins elsewhere
+        clock.advance(5)
+        assert (await login(api, uid("other"), principal, hotp.at(counter)))["decision"] == "accept"
+    clock.advance(5)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=clock.now - 25)
+    replay = await login(api, vm_id, principal, first)
+    async with api.runtime.pool.acquire() as conn:
+        fails = await conn.fetchval("SELECT coalesce(max(fail_count), 0) FROM principals WHERE name = $1", principal)
+    assert (replay["decision"], replay["reason"], fails) == ("reject", "replay_after_rollback", 0), (replay, fails)
+    assert replay.get("alert_id") is not None
+
+
 async def test_late_event_reclassifies_the_alert(api: Api) -> None:
     """A revert reported after the replay turns its reuse alert into a critical replay_after_rollback."""
     vm_id = uid("web-01")
@@ -205,6 +261,53 @@ async def test_refuse_mode_until_admin_clears(api_factory: Callable[..., Any]) -
     async with api.runtime.pool.acquire() as conn:
         row = await conn.fetchrow("SELECT kind, payload FROM ledger WHERE seq = $1", cleared["seq"])
     assert row["kind"] == "vm_cleared" and row["payload"]["note"] == "guest reinstalled"
+
+
+async def test_refuse_mode_refuses_a_vm_whose_revert_or_clone_the_hypervisor_reported(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+) -> None:
+    """With receipt_reaction=refuse, a VM whose revert the hypervisor reported, and a clone
+    it reported, are refused everything (locked_out; no receipt needed, as a RADIUS callout
+    sends none) until an admin clears each; the event's ledger entry and the VM's
+    refusing_reason name the event."""
+    clock = FakeClock()
+    api: Api = await api_factory(clock, database_url=Secret(await fresh_database()), receipt_reaction="refuse")
+
+    async def consume(vm_id: str) -> dict[str, Any]:
+        status, answer = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "refuse", "nonce": uid("n")})
+        assert status == 200, answer
+        return dict(answer)
+
+    vm_id = uid("web-01")
+    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=clock.now)
+    clock.advance(5)
+    assert (await consume(vm_id))["decision"] == "accept"
+    clock.advance(5)
+    reverted = await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=clock.now - 10)
+    clone = uid("clone")
+    await event(api, clone, "vm.cloned", source_vm_id=vm_id)
+    clock.advance(5)
+    after_revert, in_clone = await consume(vm_id), await consume(clone)
+    assert (after_revert["reason"], after_revert["flags"]) == ("locked_out", []), after_revert
+    assert (in_clone["reason"], in_clone["flags"]) == ("locked_out", []), in_clone
+    async with api.runtime.pool.acquire() as conn:
+        payload = await conn.fetchval("SELECT payload FROM ledger WHERE seq = $1", await event_seq(api, reverted))
+    assert payload["refusing"] is True
+    for vm, reason in ((vm_id, "snapshot.reverted"), (clone, "vm.cloned")):
+        status, cleared = await api.post(f"/v1/vms/{vm}/clear", {"note": "planned"}, role="admin")
+        assert status == 200 and (cleared["was_refusing"], cleared["refusing_reason"]) == (True, reason), cleared
+        assert (await consume(vm))["decision"] == "accept"
+
+
+async def test_flag_mode_keeps_a_reported_revert_serving(api: Api) -> None:
+    """With receipt_reaction=flag (the default), a VM whose revert the hypervisor reported
+    keeps serving fresh credentials."""
+    vm_id = uid("web-01")
+    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=api.clock.now)
+    api.clock.advance(5)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1")
+    status, answer = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "flag", "nonce": uid("n")})
+    assert status == 200 and answer["decision"] == "accept", answer
 
 
 async def test_fresh_login_after_admin_revert_is_accepted(api: Api) -> None:

@@ -40,12 +40,18 @@ def wrong_code(*secrets: str, at: float) -> str:
     return next(code for code in (f"{n:06d}" for n in range(1_000_000)) if code not in near)
 
 
+
+def other_store(api: Api) -> TokenStore:
+    """A token store of another process on the same database."""
+    return TokenStore(api.runtime.pool, api.runtime.keys, drift_steps=api.runtime.settings.totp_drift_steps)
+
+
 async def test_a_token_enrolled_elsewhere_counts_at_once(api: Api) -> None:
     """The principal is cached here; another instance enrols a second token; its first code is accepted."""
     principal = uid("carol")
     first = (await api.enroll(principal))["secret"]
     assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"  # cached now
-    elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
+    elsewhere = await other_store(api).enroll(principal, TOTP, 0)
     assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
 
 
@@ -75,11 +81,11 @@ async def test_wrong_codes_cost_no_read_while_token_changes_are_heard(api_factor
     assert await token_reads(api) == before + 2  # read once, "no token" cached
 
     heard = api.runtime.tokens.changes_heard
-    elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
+    elsewhere = await other_store(api).enroll(principal, TOTP, 0)
     await until(lambda: (api.runtime.tokens.changes_heard > heard), "the enrolment's announcement")
     assert await verify(api, principal, pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now + 30)) == "ok"
     assert await token_reads(api) == before + 3
-    later = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(nobody, TOTP, 0)
+    later = await other_store(api).enroll(nobody, TOTP, 0)
     await until(lambda: (api.runtime.tokens.changes_heard > heard + 1), "the second announcement")
     assert await verify(api, nobody, pyotp.TOTP(later.secret_b32).at(api.clock.now)) == "ok"
 
@@ -150,7 +156,7 @@ async def test_wrong_codes_for_a_principal_cost_one_read_a_window(api_factory: C
         assert await verify(api, principal, wrong_code(first, at=api.clock.now)) == "invalid"
     assert await token_reads(api) == before + 1  # none of the ten was read again
 
-    elsewhere = await TokenStore(api.runtime.pool, api.runtime.keys).enroll(principal, TOTP, 0)
+    elsewhere = await other_store(api).enroll(principal, TOTP, 0)
     code = pyotp.TOTP(elsewhere.secret_b32).at(api.clock.now)
     assert await verify(api, principal, code) == "invalid"  # inside the window: not seen yet
     await asyncio.sleep(tokens.MISS_RECHECK_S + 0.1)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pyotp
 
+REPLAY_BEHIND = 100  # replayguard.core.otp.HOTP_REPLAY_BEHIND, restated
+
 
 @dataclass
 class Tok:
@@ -56,6 +58,7 @@ class Model:
     vms: dict[str, Vm] = field(default_factory=dict)
     windows: list[tuple[str, float, float]] = field(default_factory=list)
     seq_ts: dict[int, float] = field(default_factory=dict)
+    seq_vm: dict[int, str] = field(default_factory=dict)  # the VM of each decision
     guard_us: int | None = None
     max_now: float = 0.0  # the latest clock seen: retention may have purged up to it
     nonce_expiry: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -74,6 +77,25 @@ class Model:
             cands = range(max(0, h - self.look_ahead + 1), h + self.look_ahead + 1)
         return [c for c in cands if c >= 0 and tok.code(c) == code]
 
+    def replayed(self, toks: list[Tok], code: str, seen: dict | None) -> tuple[Tok, list[int]] | None:
+        """When no token matches: the first HOTP token whose code it is further behind its
+        counter, up to REPLAY_BEHIND counters (a replay if that use is recorded, else invalid)."""
+        for tok in toks:
+            if tok.type != "hotp" or len(code) != tok.digits or not code.isdigit():
+                continue
+            h = (self.high if seen is None else seen).get(tok.cred, -1)
+            cands = range(max(0, h - max(REPLAY_BEHIND, self.look_ahead) + 1), max(0, h - self.look_ahead + 1))
+            found = [c for c in cands if tok.code(c) == code]
+            if found:
+                return tok, found
+        return None
+
+    def _receipt_window(self, vm_id: str, rseq: int, now: float) -> tuple[str, float, float]:
+        """The window a stale or foreign receipt opens on ``vm_id``: every decision of that VM
+        after the receipt's entry was undone, whatever clock stamped it."""
+        later = [self.seq_ts[s] for s, v in self.seq_vm.items() if v == vm_id and s > rseq]
+        return vm_id, min([self.seq_ts[rseq], *later]), max([now, *later])
+
     def _receipt(self, vm_id: str, receipt: tuple[str, str | None, int | None], now: float) -> list[str]:
         kind, rvm, rseq = receipt
         vm = self.vms.setdefault(vm_id, Vm())
@@ -82,15 +104,16 @@ class Model:
         if kind == "valid":
             assert rvm is not None and rseq is not None
             if rvm != vm_id:
-                self.windows.append((rvm, self.seq_ts[rseq], now))
+                self.windows.append(self._receipt_window(rvm, rseq, now))
                 return ["clone_detected"]
             if rseq < vm.position:
-                self.windows.append((vm_id, self.seq_ts[rseq], now))
+                self.windows.append(self._receipt_window(vm_id, rseq, now))
                 return ["rollback_detected"]
         return []
 
     def _after(self, vm_id: str, receipt_kind: str, seq: int, now: float) -> None:
         self.seq_ts[seq] = now
+        self.seq_vm[seq] = vm_id
         if receipt_kind == "valid":
             self.vms[vm_id].position = seq
             self.vms[vm_id].receipts_seen = True
@@ -123,6 +146,11 @@ class Model:
             if steps:
                 break
         else:
+            behind = self.replayed(toks, code, seen)
+            firsts = [] if behind is None else [
+                self.uses[(behind[0].cred, s)] for s in behind[1] if (behind[0].cred, s) in self.uses]
+            if firsts:  # a replay, not a failure
+                return "reject", self._classify(max(firsts, key=lambda f: f[1]))
             p.fails += 1
             if p.fails >= self.threshold:
                 p.fails = 0

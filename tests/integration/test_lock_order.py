@@ -26,7 +26,7 @@ async def test_deleting_a_token_during_a_login_batch_does_not_deadlock(
     dsn = await fresh_database()
     keys = load_keys(make_settings())
     pool = await connections.create_pool(dsn, size=4, statement_timeout_ms=10_000)
-    store = TokenStore(pool, keys)
+    store = TokenStore(pool, keys, drift_steps=1)
     batch = await connections.connect(dsn)
     monitor = await connections.connect(dsn)
     try:

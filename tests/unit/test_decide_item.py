@@ -22,7 +22,7 @@ FULL = DecideItem(
     receipt=ReceiptStatus.VALID, receipt_vm_id="web-01", receipt_seq=7, receipt_request=b"\x02",
     receipt_unanswered=b"\x03", preset_reason=Reason.NO_TOKEN,
     expires_us=9, digest=b"\x01", token_id="otp_x", credential="ab", steps=(5, 6),
-    step_digests={5: b"\x05", 6: b"\x06"}, period_s=30, drift_steps=1, clock_scope="cg")
+    step_digests={5: b"\x05", 6: b"\x06"}, replay_only=True, period_s=30, drift_steps=1, clock_scope="cg")
 
 
 def test_every_field_is_a_column_rg_decide_reads() -> None:
@@ -48,4 +48,5 @@ def test_every_value_of_a_full_item_travels() -> None:
         "receipt": "valid", "receipt_vm_id": "web-01", "receipt_seq": 7, "receipt_request": "02",
         "receipt_unanswered": "03", "preset_reason": "no_token",
         "expires_us": 9, "digest": "01", "token_id": "otp_x", "credential": "ab", "steps": [5, 6],
-        "step_digests": {"5": "05", "6": "06"}, "period_s": 30, "drift_steps": 1, "clock_scope": "cg"}
+        "step_digests": {"5": "05", "6": "06"}, "replay_only": True, "period_s": 30, "drift_steps": 1,
+        "clock_scope": "cg"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyotp
 import pytest
 
-from replayguard.core.otp import OtpToken, match_code
+from replayguard.core.otp import HOTP_REPLAY_BEHIND, OtpToken, match_code, use_expiry_us
 
 NOW = 1_790_000_000.0
 STEP = int(NOW // 30)
@@ -61,7 +61,8 @@ CASES = [
     pytest.param([HOTP_A], code(A, 31), 1, 11, "hotp_a", (31,), id="hotp: a wider look-ahead"),
     pytest.param([HOTP_A], code(A, 20), 1, 10, "hotp_a", (20,), id="hotp: the last counter (a replay)"),
     pytest.param([HOTP_A], code(A, 11), 1, 10, "hotp_a", (11,), id="hotp: look-ahead behind, its first counter"),
-    pytest.param([HOTP_A], code(A, 10), 1, 10, "hotp_a", (), id="hotp: further behind: no match"),
+    pytest.param([HOTP_A], code(A, 10), 1, 10, "hotp_a", (10,),
+                 id="hotp: further behind: matched for a replay only (test_hotp_replay_only)"),
     pytest.param([HOTP_FRESH], code(B, 0), 1, 10, "hotp_fresh", (0,), id="hotp: counter 0 of a new token"),
     pytest.param([HOTP_8], code(A, 3, 8, "sha512"), 1, 10, "hotp_8", (3,),
                  id="hotp: the token's own digits and algorithm"),
@@ -82,3 +83,38 @@ def test_match_code(tokens: list[OtpToken], presented: str, drift_steps: int, lo
     """A code matches the token and the steps or counters the table row names, and nothing else."""
     match = match_code(tokens, presented, now_s=NOW, drift_steps=drift_steps, look_ahead=look_ahead)
     assert (match.token.id if match.token else None, match.counters) == (token_id, counters)
+
+
+@pytest.mark.parametrize(("tok", "counters", "retention_s", "drift_steps", "expected_us"), [
+    pytest.param(TOTP_A, (STEP,), 604800, 1, int(NOW * 1e6) + 604800 * 1_000_000, id="totp: long retention rules"),
+    pytest.param(TOTP_A, (STEP,), 30, 1, ((STEP + 2) * 30 + 60) * 1_000_000, id="totp: kept while accepted"),
+    pytest.param(TOTP_A, (STEP - 1, STEP + 1), 30, 1, ((STEP + 3) * 30 + 60) * 1_000_000,
+                 id="totp: the latest step matched"),
+    pytest.param(TOTP_60, (int(NOW // 60),), 1, 0, ((int(NOW // 60) + 1) * 60 + 60) * 1_000_000,
+                 id="totp: the token's period, no drift"),
+    pytest.param(HOTP_A, (21,), 30, 1, int(NOW * 1e6) + 30 * 1_000_000, id="hotp: the retention"),
+])
+def test_use_expiry(tok: OtpToken, counters: tuple[int, ...], retention_s: int, drift_steps: int,
+                    expected_us: int) -> None:
+    """An OTP use's row is kept for the retention, and a TOTP one never less than until its
+    code stops being accepted (the end of its latest matched step plus the drift) and a minute."""
+    assert use_expiry_us(tok, counters, now_us=int(NOW * 1e6), retention_s=retention_s,
+                         drift_steps=drift_steps) == expected_us
+
+
+FAR = token("hotp_far", "hotp", last_counter=HOTP_REPLAY_BEHIND + 50)
+
+
+@pytest.mark.parametrize(("tokens", "counter", "counters", "replay_only"), [
+    pytest.param([FAR], FAR.last_counter - 9, (FAR.last_counter - 9,), False, id="within the look-ahead behind"),
+    pytest.param([FAR], FAR.last_counter - 10, (FAR.last_counter - 10,), True, id="just past the look-ahead"),
+    pytest.param([FAR], 51, (51,), True, id="HOTP_REPLAY_BEHIND behind: the last looked at"),
+    pytest.param([FAR], 50, (), False, id="further: no match"),
+    pytest.param([TOTP_A, FAR], FAR.last_counter - 20, (FAR.last_counter - 20,), True, id="after a TOTP token"),
+])
+def test_hotp_replay_only(tokens: list[OtpToken], counter: int, counters: tuple[int, ...], replay_only: bool) -> None:
+    """An HOTP code that matches nothing within the look-ahead is looked for up to
+    HOTP_REPLAY_BEHIND counters behind the token's counter, as a replay-only match (never
+    accepted: rg_decide names it a replay when its use is recorded, else invalid)."""
+    match = match_code(tokens, code(A, counter), now_s=NOW, drift_steps=1, look_ahead=10)
+    assert (match.counters, match.replay_only) == (counters, replay_only)

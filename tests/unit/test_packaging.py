@@ -26,7 +26,7 @@ def test_the_sql_directories_are_mapped_into_the_package() -> None:
     setuptools = _pyproject()["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"replayguard.migrations": "migrations"}
     assert setuptools["package-data"]["replayguard.migrations"] == ["*.sql"]
-    assert setuptools["package-data"]["replayguard.migrations.functions"] == ["*.sql"]
+    assert setuptools["package-data"]["replayguard.migrations.functions"] == ["*.sql", "superseded.txt"]
 
 
 def test_the_shipped_sql_is_loaded_through_importlib_resources() -> None:

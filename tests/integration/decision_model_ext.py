@@ -1,0 +1,276 @@
+"""An extended contract model (CONTRACT §4/§5) for the differential runs of test_decision_fuzz.py.
+
+Written from the contract, not from rg_decide: uses by (credential, step) where the
+credential is the key HMAC really uses (so equivalent secret forms are one credential),
+receipt positions with lost-answer claims, rollback windows (hypervisor reverts, and stale
+or foreign receipts bounded by the ledger's entries), the host clock guard, lockout,
+refusals under receipt_reaction = refuse, and settings that change between runs of the
+service. A nonce's first use is known for good (spent_nonces names its entry); where
+retention may have dropped an OTP use's details, either `reused` or the detailed reason
+is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+BLOCK = {"SHA1": 64, "SHA256": 64, "SHA512": 128}
+REPLAY_BEHIND = 100  # replayguard.core.otp.HOTP_REPLAY_BEHIND, restated
+ORDER_SLACK_US = 5_000_000
+
+
+def key_of(secret_b32: str) -> bytes:
+    text = secret_b32.replace(" ", "").upper().rstrip("=")
+    return base64.b32decode(text + "=" * (-len(text) % 8))
+
+
+def hmac_key(alg: str, key: bytes) -> bytes:
+    if len(key) > BLOCK[alg]:
+        key = hashlib.new(alg.lower(), key).digest()
+    return key.rstrip(b"\x00")
+
+
+def hotp(key: bytes, counter: int, digits: int, alg: str) -> str:
+    mac = hmac.new(key, counter.to_bytes(8, "big"), alg.lower()).digest()
+    off = mac[-1] & 0x0F
+    value = (int.from_bytes(mac[off:off + 4], "big") & 0x7FFFFFFF) % 10 ** digits
+    return str(value).zfill(digits)
+
+
+@dataclass
+class Tok:
+    id: str
+    principal: str
+    type: str
+    secret: str
+    digits: int
+    period: int
+    alg: str
+    active: bool = True
+
+    @property
+    def cred(self) -> tuple[str, str, int, bytes]:
+        return (self.type, self.alg, self.period if self.type == "totp" else 0, hmac_key(self.alg, key_of(self.secret)))
+
+    def code(self, counter: int) -> str:
+        return hotp(key_of(self.secret), counter, self.digits, self.alg)
+
+
+@dataclass
+class Principal:
+    fails: int = 0
+    locked_until: float = 0.0
+
+
+@dataclass
+class Vm:
+    position: int = 0
+    receipts_seen: bool = False
+    req_id: str | None = None
+    req_from: int | None = None
+    refusing: bool = False
+
+
+@dataclass
+class Use:
+    vm: str
+    ts: float
+    expires_us: int
+
+
+@dataclass
+class Model:
+    threshold: int
+    lock_period: float
+    drift: int
+    look_ahead: int
+    max_ttl: int
+    tokens: list[Tok] = field(default_factory=list)
+    principals: dict[str, Principal] = field(default_factory=dict)
+    high: dict[tuple, int] = field(default_factory=dict)
+    uses: dict[tuple, Use] = field(default_factory=dict)
+    vms: dict[str, Vm] = field(default_factory=dict)
+    windows: list[tuple[str, float | None, float]] = field(default_factory=list)
+    seq_ts: dict[int, float] = field(default_factory=dict)
+    seq_vm: dict[int, str] = field(default_factory=dict)  # the VM of each decision
+    guard_us: int | None = None
+    max_now: float = 0.0
+    accepted: set[tuple] = field(default_factory=set)
+    refuse: bool = False
+
+    def active(self, principal: str) -> list[Tok]:
+        return [t for t in self.tokens if t.principal == principal and t.active]
+
+    def matches(self, tok: Tok, code: str, now: float, seen: dict | None) -> list[int]:
+        if len(code) != tok.digits or not code.isdigit():
+            return []
+        if tok.type == "totp":
+            step = int(now // tok.period)
+            cands = range(step - self.drift, step + self.drift + 1)
+        else:
+            h = (self.high if seen is None else seen).get(tok.cred, -1)
+            cands = range(max(0, h - self.look_ahead + 1), h + self.look_ahead + 1)
+        return [c for c in cands if c >= 0 and tok.code(c) == code]
+
+    def replayed(self, toks: list[Tok], code: str, seen: dict | None) -> tuple[Tok, list[int]] | None:
+        """When no token matches: the first HOTP token whose code it is further behind its
+        counter, up to REPLAY_BEHIND counters (a replay if that use is recorded, else invalid)."""
+        for tok in toks:
+            if tok.type != "hotp" or len(code) != tok.digits or not code.isdigit():
+                continue
+            h = (self.high if seen is None else seen).get(tok.cred, -1)
+            cands = range(max(0, h - max(REPLAY_BEHIND, self.look_ahead) + 1), max(0, h - self.look_ahead + 1))
+            found = [c for c in cands if tok.code(c) == code]
+            if found:
+                return tok, found
+        return None
+
+    # --- receipts -------------------------------------------------------------------
+    def receipt_window(self, vm_id: str, rseq: int, now: float) -> tuple[str, float, float]:
+        """A stale or foreign receipt's window on ``vm_id``: every decision of that VM the
+        ledger recorded after the receipt's entry was undone, whatever clock stamped it."""
+        later = [self.seq_ts[s] for s, v in self.seq_vm.items() if v == vm_id and s > rseq]
+        return vm_id, min([self.seq_ts[rseq], *later]), max([now, *later])
+
+    def receipt_flags(self, vm_id: str, r: dict, now: float) -> list[str]:
+        vm = self.vms.setdefault(vm_id, Vm())
+        kind = r["kind"]
+        if kind == "forged":
+            return ["receipt_invalid"]
+        if kind == "valid":
+            if r["vm"] != vm_id:
+                self.windows.append(self.receipt_window(r["vm"], r["seq"], now))
+                return ["clone_detected"]
+            resent = (r.get("unanswered") is not None and r["seq"] < vm.position and r["seq"] == vm.req_from
+                      and r.get("unanswered") == vm.req_id)
+            if r["seq"] < vm.position and not resent:
+                self.windows.append(self.receipt_window(vm_id, r["seq"], now))
+                return ["rollback_detected"]
+            return []
+        if kind == "missing" and vm.receipts_seen:
+            return ["receipt_missing"]
+        return []
+
+    def after(self, vm_id: str, r: dict, seq: int, now: float) -> None:
+        self.seq_ts[seq] = now
+        self.seq_vm[seq] = vm_id
+        if r["kind"] == "valid":
+            vm = self.vms[vm_id]
+            vm.position = seq
+            vm.receipts_seen = True
+            vm.req_id = r.get("request")
+            vm.req_from = r["seq"]
+
+    def classify(self, use: Use | None, nonce: bool = False) -> str:
+        """A nonce's first use is known for good (its row, or the ledger entry spent_nonces
+        names); an OTP's only until retention may have dropped its row."""
+        if use is None:
+            return "reused"
+        at_risk = any(w_vm == use.vm and (start is None or start <= use.ts) and use.ts <= end
+                      for w_vm, start, end in self.windows)
+        if not at_risk:
+            return "reused"
+        if not nonce and self.max_now * 1e6 > use.expires_us:
+            return "reused|replay_after_rollback"  # retention may have dropped the details
+        return "replay_after_rollback"
+
+    # --- decisions --------------------------------------------------------------------
+    def otp(self, vm_id: str, principal: str, code: str, r: dict, now: float, seq: int,
+            seen: dict | None, got: str | None = None) -> tuple[str, str, list[str], tuple | None]:
+        """``got``: the service's reason, which settles what the model cannot know: whether
+        retention already dropped a use (the purge runs in the background too)."""
+        self.max_now = max(self.max_now, now)
+        flags = self.receipt_flags(vm_id, r, now)
+        if self.refused(vm_id, flags):
+            self.after(vm_id, r, seq, now)
+            return "reject", "locked_out", flags, None
+        verdict, reason, spent = self._otp(vm_id, principal, code, now, seen, got)
+        self.after(vm_id, r, seq, now)
+        return verdict, reason, flags, spent
+
+    def _otp(self, vm_id: str, principal: str, code: str, now: float, seen: dict | None, got: str | None):
+        toks = self.active(principal)
+        if not toks:
+            return "reject", "no_token", None
+        p = self.principals.setdefault(principal, Principal())
+        if p.locked_until > now:
+            return "reject", "locked_out", None
+        for tok in toks:
+            steps = self.matches(tok, code, now, seen)
+            if steps:
+                break
+        else:
+            behind = self.replayed(toks, code, seen)
+            firsts = [] if behind is None else [
+                self.uses[(behind[0].cred, s)] for s in behind[1] if (behind[0].cred, s) in self.uses]
+            # a use retention may have dropped counts only if the service still found it
+            kept = [u for u in firsts if self.max_now * 1e6 <= u.expires_us]
+            if kept or (firsts and got != "invalid"):
+                return "reject", self.classify(max(firsts, key=lambda u: u.ts)), None
+            p.fails += 1
+            if p.fails >= self.threshold:
+                p.fails = 0
+                p.locked_until = now + self.lock_period
+            return "reject", "invalid", None
+        floor = None
+        now_us = int(now * 1e6)
+        if tok.type == "totp" and self.guard_us is not None:
+            pu = tok.period * 1_000_000
+            if (now_us + ORDER_SLACK_US) // pu < self.guard_us // pu - self.drift:
+                floor = self.guard_us
+        live = [s for s in steps if floor is None or s * tok.period * 1_000_000 > floor]
+        h = self.high.get(tok.cred, -1)
+        ahead = [s for s in live if s > h]
+        if ahead:
+            s = min(ahead)
+            self.high[tok.cred] = s
+            kept_us = now_us + self.max_ttl * 1_000_000
+            if tok.type == "totp":  # never dropped while the code is still accepted (and a minute)
+                kept_us = max(kept_us, ((max(steps) + self.drift + 1) * tok.period + 60) * 1_000_000)
+            self.uses[(tok.cred, s)] = Use(vm_id, now, kept_us)
+            p.fails = 0
+            if tok.type == "totp":
+                reached = min(s * tok.period * 1_000_000, now_us)
+                if self.guard_us is None or self.guard_us < reached:
+                    self.guard_us = reached
+            return "accept", "ok", (tok.cred, s)
+        firsts = [self.uses[(tok.cred, s)] for s in steps if (tok.cred, s) in self.uses]
+        if not firsts and floor is not None and h < max(steps):
+            return "reject", "invalid", None
+        return "reject", self.classify(max(firsts, key=lambda u: u.ts) if firsts else None), None
+
+    def nonce(self, vm_id: str, scope: str, nonce: str, ttl: int, issued_at: float | None, r: dict,
+              now: float, seq: int) -> tuple[str, str, list[str], tuple | None]:
+        self.max_now = max(self.max_now, now)
+        flags = self.receipt_flags(vm_id, r, now)
+        key = ("nonce", scope, nonce)
+        spent = None
+        if self.refused(vm_id, flags):
+            result = ("reject", "locked_out")
+        elif issued_at is not None and issued_at + ttl < now:
+            # a consumed nonce is classified as a replay (also once retention moved its
+            # use to spent_nonces); only one never consumed is expired
+            result = ("reject", "expired" if key not in self.uses else self.classify(self.uses[key], nonce=True))
+        elif key in self.uses:
+            result = ("reject", self.classify(self.uses[key], nonce=True))
+        else:
+            base = now + max(ttl, self.max_ttl) if issued_at is None else max(issued_at, now) + ttl + 60
+            self.uses[key] = Use(vm_id, now, int(base * 1e6))
+            result = ("accept", "ok")
+            spent = key
+        self.after(vm_id, r, seq, now)
+        return result[0], result[1], flags, spent
+
+    def refused(self, vm_id: str, flags: list[str]) -> bool:
+        vm = self.vms[vm_id]
+        if self.refuse and ("rollback_detected" in flags or "clone_detected" in flags):
+            vm.refusing = True
+        return vm.refusing
+
+    def unlock(self, principal: str) -> None:
+        p = self.principals.setdefault(principal, Principal())
+        p.fails = 0
+        p.locked_until = 0.0
