@@ -269,7 +269,8 @@ def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | No
         async with open_runtime(settings, clock=clock, dsn=dsn) as runtime:
             app[RUNTIME] = runtime
             app[EVENTS] = EventService(runtime.pool, runtime.clock, runtime.fanout,
-                                       refuse_on_rollback=settings.receipt_reaction == "refuse")
+                                       refuse_on_rollback=settings.receipt_reaction == "refuse",
+                                       on_recorded=runtime.continuity.recorded)
             app[WITNESS_STORE] = WitnessStore(runtime.pool)
             app[ANALYSTS] = analyst_services = _analysts(runtime)
             _feed_gauges(runtime.metrics.registry, analyst_services.feed)

@@ -40,7 +40,8 @@ _FIND_BATCH = """
 SELECT l.seq, l.ts_us, l.vm_id, l.decision, l.reason, l.payload, l.hash FROM ledger l,
        (SELECT seq FROM ledger WHERE seq > $2::bigint AND payload->>'batch' = $1::text) m
 WHERE l.seq > m.seq - $3::bigint AND l.seq <= m.seq ORDER BY l.seq"""
-_HEAD = "SELECT seq FROM ledger_head"
+_FLOOR = ("SELECT (SELECT seq FROM ledger_head), "
+          "coalesce((SELECT max(seq) FROM ledger WHERE kind = 'ledger_recovery'), 0)")  # migration 035's index
 _BACKEND_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
 SETTLE_WAIT_S = 10.0  # how long the old session may take to end once told to
 _UNSETTLED = ("the ledger's answer was lost and could not be checked: the credential may have been used;"
@@ -201,9 +202,11 @@ class Appender:
                 if time.monotonic() > deadline:
                     raise TimeoutError
                 await asyncio.sleep(0.02)
-            floor = self._last_seq
-            if floor is None:  # nothing committed by this appender yet: the recent tail
-                floor = max(0, await conn.fetchval(_HEAD) - 1_000_000)
+            # Above the newest entry this appender saw committed, unless a recovery since
+            # numbers entries below it; with neither, the recent tail.
+            head, recovered = await conn.fetchrow(_FLOOR)
+            floor = max(0, head - 1_000_000) if self._last_seq is None else self._last_seq
+            floor = min(floor, recovered)
             entries: list[asyncpg.Record] = await conn.fetch(_FIND_BATCH, batch_id, floor, len(items))
         except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
             log.warning("ledger_answer_lost", batch=batch_id, settled=False)

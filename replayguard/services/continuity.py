@@ -240,6 +240,13 @@ class ContinuityGuard:
         if self._own is None or seq > self._own[0]:
             self._own = (seq, entry_hash)
 
+    def recorded(self, seq: int, entry_hash: bytes) -> None:
+        """This process committed an entry outside the appender (a hypervisor event): like a
+        batch, the next check finds it gone, and a decision numbered at or below it after a
+        restore is refused at once (``confirm``)."""
+        self.committed(seq, entry_hash)
+        self._floor = max(self._floor, seq)
+
     async def _check_quietly(self) -> None:
         with contextlib.suppress(*DOWN, asyncpg.PostgresError):
             await self.check()

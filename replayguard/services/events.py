@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
+_HASH = "SELECT hash FROM ledger WHERE seq = $1"
 _WINDOWS_OF = "SELECT vm_id, start_us, end_us, cause FROM rollback_windows WHERE vm_id = ANY($1) ORDER BY id"
 
 
@@ -86,13 +87,16 @@ async def _windows_of(conn: asyncpg.Connection, vm_ids: Sequence[str]) -> list[w
 
 class EventService:
     def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], fanout: AlertFanout | None = None,
-                 *, refuse_on_rollback: bool) -> None:
+                 *, refuse_on_rollback: bool, on_recorded: Callable[[int, bytes], None] | None = None) -> None:
         """``refuse_on_rollback`` (``receipt_reaction = "refuse"``): a VM reverted, restored or
-        cloned refuses every decision until an administrator clears it (``clear_vm``)."""
+        cloned refuses every decision until an administrator clears it (``clear_vm``).
+        ``on_recorded``: told the last entry (seq, hash) of each request's committed events
+        (the continuity guard's ``recorded``: a database that loses them is noticed)."""
         self._pool = pool
         self._clock = clock
         self._fanout = fanout
         self._refuse = refuse_on_rollback
+        self._on_recorded = on_recorded
 
     async def ingest(self, events: Sequence[GenericEvent], source: str,
                      caller: Caller | None = None) -> list[Ingested]:
@@ -106,8 +110,14 @@ class EventService:
                 if caller is not None and vm_id is not None and not caller.covers(vm_id):
                     raise Forbidden("this token is not bound to a VM the event names", field="vm_id")
         received_us = int(self._clock() * 1e6)
+        newest: tuple[int, bytes] | None = None
         async with acquire(self._pool) as conn, conn.transaction():
             done = [await self._one(conn, event, source, received_us) for event in events]
+            written = [item.seq for item in done if not item.duplicate]
+            if written and self._on_recorded is not None:
+                newest = (max(written), bytes(await conn.fetchval(_HASH, max(written))))
+        if newest is not None and self._on_recorded is not None:
+            self._on_recorded(*newest)
         await self._publish(done)
         for item in done:
             log.info("hypervisor_event", event_id=item.event_id, source=source, duplicate=item.duplicate,
