@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-
 from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock
