@@ -164,10 +164,16 @@ async def test_an_alert_acknowledged_live_leaves_the_list_filtered_to_open_alert
     colleague, or from the CLI) leaves the list when its change arrives on the stream: a live
     change is checked against the filter again, so the list shows only what its filter says."""
     alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    seen, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    status, _ = await api.post(f"/v1/alerts/{seen}/acknowledge", {"note": "before"}, role="analyst")
+    assert status == 200
     page = tab.page
     await sign_in(tab, api)
+    await page.locator(f'tr[data-alert-id="{seen}"]').wait_for(timeout=WAIT_MS)
     await page.locator("#f-status").select_option("open")
     await page.locator("#apply").click()
+    # the filtered page is in once the acknowledged alert has left the list
+    await page.locator(f'tr[data-alert-id="{seen}"]').wait_for(state="detached", timeout=WAIT_MS)
     row = page.locator(f'tr[data-alert-id="{alert_id}"]')
     await row.wait_for(timeout=WAIT_MS)
 

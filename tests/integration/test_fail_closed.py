@@ -150,17 +150,27 @@ def _idle_pool_connections(api: Api) -> list[Any]:
 
 async def test_a_backend_terminated_under_an_idle_pool_connection_is_a_503_not_a_500(api: Api) -> None:
     """A decision request whose bearer token is read on a pool connection the server just
-    terminated (its FATAL received, its close not yet seen) is answered 503 unavailable, never 500."""
-    _, token = await api.runtime.api_tokens.create("callout", uid("fresh"))  # not cached: read from the database
-    idle = _idle_pool_connections(api)
-    assert idle, "the pool has idle connections"
-    for conn in idle:
-        conn._protocol.data_received(_fatal_admin_shutdown())
-    try:
-        resp = await api.client.post("/v1/nonces/consume", json={"vm_id": uid("vm"), "scope": "term", "nonce": uid()},
-                                     headers={"Authorization": f"Bearer {token}"})
-        body = await resp.json()
-    finally:
+    terminated (its FATAL received, its close not yet seen) is answered 503 unavailable, never
+    500. A background duty may hold a connection while the idle ones are poisoned and hand it
+    back for the token read (then the answer is a decision): the request is sent again, with
+    a new token, until one read met a terminated connection."""
+    answers = []
+    for _ in range(20):
+        _, token = await api.runtime.api_tokens.create("callout", uid("fresh"))  # not cached: read from the database
+        idle = _idle_pool_connections(api)
+        assert idle, "the pool has idle connections"
         for conn in idle:
-            conn.terminate()  # the close that follows the FATAL
-    assert (resp.status, body.get("error", {}).get("code")) == (503, "unavailable"), (resp.status, body)
+            conn._protocol.data_received(_fatal_admin_shutdown())
+        try:
+            resp = await api.client.post("/v1/nonces/consume",
+                                         json={"vm_id": uid("vm"), "scope": "term", "nonce": uid()},
+                                         headers={"Authorization": f"Bearer {token}"})
+            body = await resp.json()
+        finally:
+            for conn in idle:
+                conn.terminate()  # the close that follows the FATAL
+        answers.append((resp.status, body.get("error", {}).get("code")))
+        assert answers[-1] in ((200, None), (503, "unavailable")), (resp.status, body)
+        if resp.status == 503:
+            break
+    assert answers[-1] == (503, "unavailable"), answers
