@@ -6,7 +6,8 @@ dropped the state) looks to the client: writes succeed, nothing ever comes back.
 Connections made after it relay normally, so a client that notices and reconnects works;
 with ``freeze_new`` set, they are half-open from their first byte (a handshake that never
 gets an answer). ``freeze(replies_only=True)`` still relays what the client sends: the
-server acts on it, and its answer is lost.
+server acts on it, and its answer is lost. ``reply_trap`` does that to the one connection
+that next sends bytes containing it, from that message on (then it is cleared).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self.port = 0
         self.freeze_new = False
+        self.reply_trap: bytes | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -55,11 +57,13 @@ class TcpProxy:
         pipe.tasks = [asyncio.create_task(self._relay(pipe, reader, up_writer, reply=False)),
                       asyncio.create_task(self._relay(pipe, up_reader, writer, reply=True))]
 
-    @staticmethod
-    async def _relay(pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+    async def _relay(self, pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                      reply: bool) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if not reply and self.reply_trap is not None and self.reply_trap in data:
+                    self.reply_trap = None
+                    pipe.replies_frozen = True
                 if pipe.frozen or (reply and pipe.replies_frozen):
                     continue  # swallowed: the other side never hears of it
                 writer.write(data)

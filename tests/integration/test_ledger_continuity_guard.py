@@ -20,17 +20,13 @@ from replayguard.services.ledger import LedgerService, NotVouched
 from replayguard.services.retention import purge_expired
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, cli_env, run_cli, uid
-from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
+from tests.integration.db_restore import restore, scratch_dbs, settled
 from tests.integration.test_ledger_continuity import _held_at_least, backups, cut_tail
 from tests.integration.test_ledger_verify import ledger_of
-from tests.integration.test_restore_in_place import QUIET, after_next_check, ready
+from tests.integration.test_restore_in_place import QUIET, after_next_check, copied_before_a_nonce, nonce, ready
 from tests.waiting import until
 
 __all__ = ["backups", "scratch_dbs"]  # fixtures
-
-
-async def nonce(api: Api, value: str, **extra: Any) -> tuple[int, Any]:
-    return await api.post("/v1/nonces/consume", {"vm_id": "vm-1", "scope": "s", "nonce": value, **extra})
 
 
 async def hypervisor_event(api: Api, vm_id: str = "vm-2") -> tuple[int, Any]:
@@ -181,13 +177,7 @@ async def test_a_restore_followed_by_a_hypervisor_event_is_noticed_and_the_lost_
     another hash, decisions stop (503 ``ledger_rollback``), and N is not accepted again."""
     dsn = await fresh_database()
     api = await api_factory(database_url=Secret(dsn), **QUIET)
-    for _ in range(3):
-        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    scratch_dbs.append(copy := await snapshot(dsn))
-    await until(lambda: ready(api), "the service to be ready again", timeout=15)
-    lost = secrets.token_hex(8)
-    status, body = await settled(lambda: nonce(api, lost))
-    assert (status, body["decision"]) == (200, "accept"), body
+    copy, lost = await copied_before_a_nonce(api, dsn, scratch_dbs)
     await after_next_check(api)  # the check saw entry F committed, hash for hash
 
     # The event reaches the service before its next periodic check (at most CHECK_S = 2 s
@@ -214,12 +204,7 @@ async def test_deleting_the_recovery_row_changes_nothing_the_recovery_entry_hold
     a nonce consumed in the lost range is still refused as ``reused``."""
     dsn = await fresh_database()
     api = await api_factory(database_url=Secret(dsn), **QUIET)
-    for _ in range(3):
-        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    scratch_dbs.append(copy := await snapshot(dsn))
-    await until(lambda: ready(api), "the service to be ready again", timeout=15)
-    lost = secrets.token_hex(8)
-    assert (await settled(lambda: nonce(api, lost)))[1]["decision"] == "accept"
+    copy, lost = await copied_before_a_nonce(api, dsn, scratch_dbs)
     await restore(dsn, copy, scratch_dbs)
     await until(lambda: _refused(api), "the restore to be refused", timeout=30)
     await after_next_check(api)  # the finding is in the database
@@ -360,6 +345,8 @@ async def test_a_service_on_an_empty_ledger_and_one_restarted_on_a_healthy_ledge
     held = _witnessed(witness)["seq"]
 
     second = await api_factory(database_url=Secret(dsn), **settings)
+    # its first check may end after start-up on a busy machine (decisions wait for it)
+    await until(lambda: ready(second), "the restarted service's first check", timeout=30)
     status, body = await nonce(second, secrets.token_hex(8))
     assert (status, body["decision"]) == (200, "accept"), body
     for _ in range(6):

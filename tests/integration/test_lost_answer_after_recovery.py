@@ -4,14 +4,11 @@ recovery gave up."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -19,49 +16,13 @@ from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock
 from tests.integration.db_restore import restore, scratch_dbs, snapshot
-from tests.integration.tcp_proxy import TcpProxy, _Pipe
+from tests.integration.tcp_proxy import proxied
 from tests.integration.test_ledger_continuity import _held_at_least
 from tests.integration.test_ledger_continuity_guard import _accept_rollback
 from tests.integration.test_restore_in_place import ready
 from tests.waiting import until
 
 __all__ = ["scratch_dbs"]
-
-
-class BatchProxy(TcpProxy):
-    """A TcpProxy that, when ``arm`` is set, loses every reply on the connection that next
-    carries a group-commit batch (its items name their ``batch``), from that message on."""
-
-    arm = False
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        pipe = _Pipe(writers=[writer, up_writer])
-        self._pipes.append(pipe)
-        pipe.tasks = [asyncio.create_task(self._up(pipe, reader, up_writer)),
-                      asyncio.create_task(self._relay(pipe, up_reader, writer, reply=True))]
-
-    async def _up(self, pipe: _Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                if self.arm and b'"batch"' in data:
-                    self.arm = False
-                    pipe.replies_frozen = True
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def batch_proxied(database_url: str) -> AsyncIterator[tuple[BatchProxy, str]]:
-    parts = urlsplit(database_url)
-    assert parts.hostname is not None and parts.port is not None
-    proxy = BatchProxy(parts.hostname, parts.port)
-    await proxy.start()
-    try:
-        yield proxy, database_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
-    finally:
-        await proxy.close()
 
 
 async def _decisions(dsn: str, api: Api, nonce: str) -> list[str]:
@@ -87,7 +48,7 @@ async def test_a_lost_answer_after_a_recovery_is_not_called_nothing_accepted(
     settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
     dsn = await fresh_database()
     clock = FakeClock(time.time())
-    async with batch_proxied(dsn) as (proxy, via_proxy):
+    async with proxied(dsn) as (proxy, via_proxy):
         api: Api = await api_factory(clock=clock, database_url=Secret(via_proxy), statement_timeout_ms=300,
                                      **settings)
         await until(lambda: ready(api), "the service ready", timeout=30)
@@ -117,12 +78,12 @@ async def test_a_lost_answer_after_a_recovery_is_not_called_nothing_accepted(
 
         # The answer to the next batch sent is lost (the network fails after rg_decide's call
         # went out, whichever connection carries it): every 503 must still be true.
-        proxy.arm = True
+        proxy.reply_trap = b'"batch"'  # the connection that carries the next group commit
         for _ in range(20):
             value = secrets.token_hex(8)
             body_in = {"vm_id": "vm-1", "scope": "s", "nonce": value, "issued_at": clock.now, "ttl_s": 600}
             status, body = await api.post("/v1/nonces/consume", body_in)
-            if status == 200 and not proxy.arm:
+            if status == 200 and proxy.reply_trap is None:
                 break
             assert status == 503, body
             held = await _decisions(dsn, api, value)

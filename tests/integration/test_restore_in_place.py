@@ -30,8 +30,21 @@ QUIET = {"checkpoint_every": 1000, "checkpoint_interval_s": 3600}  # no checkpoi
 CHECKPOINT_WAIT_S = 90
 
 
-async def nonce(api: Api, value: str) -> tuple[int, Any]:
-    return await api.post("/v1/nonces/consume", {"vm_id": "vm-1", "scope": "s", "nonce": value})
+async def nonce(api: Api, value: str, **extra: Any) -> tuple[int, Any]:
+    return await api.post("/v1/nonces/consume", {"vm_id": "vm-1", "scope": "s", "nonce": value, **extra})
+
+
+async def copied_before_a_nonce(api: Api, dsn: str, scratch_dbs: list[str]) -> tuple[str, str]:
+    """Three nonces accepted, a copy of the database taken (the backup), then one more nonce
+    accepted that the copy lacks: returns the copy's DSN and that nonce."""
+    for _ in range(3):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    scratch_dbs.append(copy := await snapshot(dsn))
+    await until(lambda: ready(api), "the service to be ready again", timeout=15)
+    lost = secrets.token_hex(8)
+    status, body = await settled(lambda: nonce(api, lost))
+    assert (status, body["decision"]) == (200, "accept"), body
+    return copy, lost
 
 
 async def ready(api: Api) -> bool:
@@ -81,13 +94,7 @@ async def test_a_replay_in_flight_with_the_decision_that_reveals_the_restore_is_
     was admitted with, and is refused too, since the process already knew."""
     dsn = await fresh_database()
     api = await api_factory(database_url=Secret(dsn), **QUIET)
-    for _ in range(3):
-        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
-    scratch_dbs.append(copy := await snapshot(dsn))
-    await until(lambda: ready(api), "the service to be ready again", timeout=15)
-    lost = secrets.token_hex(8)
-    status, body = await settled(lambda: nonce(api, lost))
-    assert (status, body["decision"]) == (200, "accept"), body
+    copy, lost = await copied_before_a_nonce(api, dsn, scratch_dbs)
     await after_next_check(api)
     await restore(dsn, copy, scratch_dbs)
 

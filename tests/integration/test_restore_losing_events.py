@@ -9,8 +9,8 @@ from typing import Any
 
 from replayguard.settings import Secret
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
-from tests.integration.test_ledger_continuity_guard import hypervisor_event, nonce
-from tests.integration.test_restore_in_place import QUIET, after_next_check, ready
+from tests.integration.test_ledger_continuity_guard import hypervisor_event
+from tests.integration.test_restore_in_place import QUIET, after_next_check, nonce, ready
 from tests.waiting import until
 
 __all__ = ["scratch_dbs"]
