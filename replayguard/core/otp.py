@@ -7,11 +7,12 @@ is decided atomically by the ledger. Comparisons are constant-time.
 
 from __future__ import annotations
 
+import array
 import binascii
 import functools
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyotp
@@ -29,21 +30,57 @@ class _KeyedHOTP:
     ``at`` builds an ``hmac.HMAC`` object per code, which is most of the cost of checking a
     TOTP code through pyotp (three codes per check). The tests hold this to pyotp's own
     codes as well as to the RFC vectors.
+
+    ``codes`` keeps the values of the last window of counters it was asked for (at most
+    ``_WINDOW`` of them, packed, 8 bytes each): a counter's value never changes, and an HOTP
+    check asks for nearly the same ~120 counters each time (``hotp_matches`` and
+    ``hotp_replayed``), a TOTP check for the same three steps for 30 s. The values are
+    derived from the secret this object holds already.
     """
 
-    __slots__ = ("_digits", "_mac", "_modulus")
+    __slots__ = ("_base", "_digits", "_mac", "_modulus", "_values")
 
     def __init__(self, secret_b32: str, digits: int, algorithm: str) -> None:
         reference = pyotp.HOTP(secret_b32, digits=digits, digest=ALGORITHMS[algorithm])  # validates
         self._mac = KeyedMac(reference.byte_secret(), algorithm.lower())
         self._digits = digits
         self._modulus = 10 ** digits
+        self._base = 0
+        self._values = array.array("Q")
 
-    def at(self, counter: int) -> str:
+    def value(self, counter: int) -> int:
+        """The code of ``counter`` as an integer (``at`` without the leading zeros)."""
         mac = self._mac.digest(counter.to_bytes(8, "big"))
         offset = mac[-1] & 0x0F
-        code = (int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF) % self._modulus
-        return str(code).zfill(self._digits)
+        code: int = (int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFF_FFFF) % self._modulus
+        return code
+
+    def at(self, counter: int) -> str:
+        return str(self.value(counter)).zfill(self._digits)
+
+    def codes(self, low: int, high: int) -> array.array[int]:
+        """The values of counters ``low`` to ``high - 1``, computed only where not kept."""
+        if high - low > _WINDOW:
+            return array.array("Q", map(self.value, range(low, high)))
+        base, values = self._base, self._values
+        end = base + len(values)
+        if not values or low < base or low > end:
+            values = array.array("Q", map(self.value, range(low, high)))
+            base = low
+        elif high > end:
+            values.extend(map(self.value, range(end, high)))
+            if len(values) > _WINDOW:
+                drop = min(len(values) - _WINDOW, low - base)
+                del values[:drop]
+                base += drop
+        self._base, self._values = base, values
+        return values[low - base:high - base]
+
+
+# The most counters ``_KeyedHOTP.codes`` keeps per secret: an HOTP check's ~120 counters
+# (``HOTP_REPLAY_BEHIND`` behind to ``look_ahead`` ahead, at the default look-ahead) and
+# the counter's progress since. A larger window is computed each time.
+_WINDOW = 256
 
 
 @functools.lru_cache(maxsize=4096)  # the token cache's working set; secrets live there already
@@ -61,7 +98,7 @@ def totp_step(now_s: float, period: int = 30, t0: int = 0) -> int:
     return int((now_s - t0) // period)
 
 
-def _matching(secret_b32: str, code: str, counters: Iterable[int], digits: int, algorithm: str) -> list[int]:
+def _matching(secret_b32: str, code: str, counters: range, digits: int, algorithm: str) -> list[int]:
     if len(code) != digits or not code.isascii() or not code.isdigit():
         return []
     try:
@@ -70,9 +107,11 @@ def _matching(secret_b32: str, code: str, counters: Iterable[int], digits: int, 
         # A secret stored before enrolment checked that it decodes: it has no codes, so it
         # matches nothing, and a wrong code still counts towards the principal's lockout.
         return []
-    wanted = code.encode()
-    # Every candidate is computed and compared, so the time taken does not say which matched.
-    return [c for c in counters if c >= 0 and hmac.compare_digest(generator.at(c).encode(), wanted)]
+    low, high = max(counters.start, 0), max(counters.stop, 0)
+    wanted = int(code).to_bytes(8, "big")
+    # Every candidate is compared, so the time taken does not say which matched.
+    return [c for c, v in zip(range(low, high), generator.codes(low, high), strict=True)
+            if hmac.compare_digest(v.to_bytes(8, "big"), wanted)]
 
 
 def totp_matches(

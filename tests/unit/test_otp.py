@@ -84,3 +84,25 @@ def test_codes_are_pyotps_codes(secret: bytes, counter: int, digits: int, algori
     b32 = _b32(secret)
     reference = pyotp.HOTP(b32, digits=digits, digest=otp.ALGORITHMS[algorithm])
     assert otp.hotp_code(b32, counter, digits=digits, algorithm=algorithm) == reference.at(counter)
+
+
+@settings(max_examples=200, deadline=None)
+@given(windows=st.lists(st.tuples(st.integers(0, 700), st.integers(0, 300)), min_size=1, max_size=12),
+       code=st.sampled_from(["755224", "520489", "287082", "000000"]))
+def test_kept_code_windows_match_what_each_counter_computes(windows: list[tuple[int, int]], code: str) -> None:
+    """Whatever sequence of counter windows is asked for (forward, back, overlapping, apart,
+    wider than what is kept), the matches are those of computing every counter afresh."""
+    secret = _b32(SEEDS["SHA1"])
+    for low, span in windows:
+        expected = [c for c in range(low, low + span) if otp.hotp_code(secret, c) == code]
+        assert otp._matching(secret, code, range(low, low + span), 6, "SHA1") == expected
+
+
+def test_hotp_code_windows_are_kept_bounded() -> None:
+    """A secret's kept window never holds more than ``_WINDOW`` values, however far its
+    counter moves."""
+    secret = _b32(SEEDS["SHA256"])
+    for last in range(0, 2_000, 7):
+        otp.hotp_matches(secret, "123456", last_counter=last, algorithm="SHA256")
+        otp.hotp_replayed(secret, "123456", last_counter=last, algorithm="SHA256")
+        assert len(otp._hotp(secret, 6, "SHA256")._values) <= otp._WINDOW
