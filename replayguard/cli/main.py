@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply migrations and exit")
     add_setting_flags(migrate)
+    migrate.add_argument("--replace-unknown-functions", action="store_true",
+                         help="give a stored function this build does not know (a newer release's, or a "
+                              "developer's uncommitted edit) this build's version instead of refusing the "
+                              "database; never against a database a newer release serves")
 
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -146,7 +150,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         dsn = resolve_dsn(settings)
         await connections.check_reachable(dsn)
-        applied = await schema.migrate_dsn(dsn)
+        applied = await schema.migrate_dsn(dsn, replace_unknown_functions=args.replace_unknown_functions)
         await connections.warn_about_settings(dsn)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""), file=sys.stderr)
         return 0

@@ -111,7 +111,8 @@ def load_functions(package: str = SQL_PACKAGE + ".functions") -> list[StoredFunc
 
 async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None,
                   functions: list[StoredFunction] | None = None,
-                  superseded: dict[str, set[bytes]] | None = None) -> list[str]:
+                  superseded: dict[str, set[bytes]] | None = None, *,
+                  replace_unknown_functions: bool = False) -> list[str]:
     """Applies pending migrations, then every stored function whose file changed.
 
     Each migration runs in its own transaction; the functions run in one transaction
@@ -119,7 +120,9 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
     order does not matter. Returns the names applied; raises ``ConfigError``, having
     changed nothing, when the database is ahead of ``migrations``, or holds a version of a
     function that is neither in ``functions`` nor in ``superseded`` (by default what
-    ``functions/superseded.txt`` lists).
+    ``functions/superseded.txt`` lists). ``replace_unknown_functions`` (``migrate
+    --replace-unknown-functions``, for a developer's database holding an uncommitted edit)
+    gives such a function this build's version instead, with a warning naming it.
     """
     migrations = load_migrations() if migrations is None else migrations
     functions = load_functions() if functions is None else functions
@@ -133,7 +136,8 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
         )
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         _refuse_newer(rows, migrations)
-        await _refuse_newer_functions(conn, functions, load_superseded() if superseded is None else superseded)
+        await _refuse_newer_functions(conn, functions, load_superseded() if superseded is None else superseded,
+                                      replace=replace_unknown_functions)
         done = {r["version"] for r in rows}
         for migration in migrations:
             if migration.version in done:
@@ -163,17 +167,22 @@ def _refuse_newer(rows: list[asyncpg.Record], migrations: list[Migration]) -> No
 
 
 async def _refuse_newer_functions(conn: asyncpg.Connection, functions: list[StoredFunction],
-                                  superseded: dict[str, set[bytes]]) -> None:
+                                  superseded: dict[str, set[bytes]], *, replace: bool) -> None:
     """Raises ``ConfigError`` when the database holds a version of a shipped function that
-    this build neither ships nor lists as earlier: a later release changed it."""
+    this build neither ships nor lists as earlier: a later release changed it. With
+    ``replace``, logs each such function instead (``_apply_functions`` replaces it)."""
     if await conn.fetchval("SELECT to_regclass('schema_functions') IS NULL"):
         return
     held = {r["name"]: bytes(r["sha256"]) for r in await conn.fetch("SELECT name, sha256 FROM schema_functions")}
     for function in functions:
         digest = held.get(function.name)
         if digest is not None and digest != function.digest and digest not in superseded.get(function.name, ()):
+            if replace:
+                log.warning("unknown_function_replaced", function=function.name, held_sha256=digest.hex())
+                continue
             raise ConfigError(f"the database holds a version of {function.name} this build does not know (a newer "
-                              f"replayguard migrated it): run that release or a later one, not this one")
+                              f"replayguard migrated it): run that release or a later one, not this one (a developer's "
+                              f"database holding an uncommitted edit: migrate --replace-unknown-functions)")
 
 
 async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunction]) -> list[str]:
@@ -201,13 +210,14 @@ async def _apply_functions(conn: asyncpg.Connection, functions: list[StoredFunct
 
 
 async def migrate_dsn(dsn: str, migrations: list[Migration] | None = None,
-                      functions: list[StoredFunction] | None = None) -> list[str]:
+                      functions: list[StoredFunction] | None = None, *,
+                      replace_unknown_functions: bool = False) -> list[str]:
     """Connects to ``dsn``, applies pending migrations, disconnects. Its statements have no
     timeout: a migration's work grows with the ledger (017 builds an index over it, 016
     copied every spent nonce), and cancelling it would leave a large deployment unable
     to upgrade; each migration is one transaction, so an interrupted one leaves nothing."""
     conn = await connect(dsn, statement_timeout_ms=0)
     try:
-        return await migrate(conn, migrations, functions)
+        return await migrate(conn, migrations, functions, replace_unknown_functions=replace_unknown_functions)
     finally:
         await conn.close()

@@ -244,6 +244,24 @@ async def test_a_function_of_a_newer_release_is_refused_untouched(new_database: 
         await conn.close()
 
 
+async def test_an_unknown_function_is_replaced_only_when_asked(new_database: Callable[[], Awaitable[str]]) -> None:
+    """``migrate --replace-unknown-functions`` (a developer's database holding an uncommitted
+    edit) gives a function this build does not know this build's version; without it the
+    error names the flag."""
+    dsn = await new_database()
+    await _run(dsn)
+    conn = await connections.connect(dsn)
+    try:
+        await conn.execute("UPDATE schema_functions SET sha256 = $1 WHERE name = 'rg_decide'", b"\x03" * 32)
+        with pytest.raises(ConfigError, match="--replace-unknown-functions"):
+            await schema.migrate(conn)
+        assert await schema.migrate(conn, replace_unknown_functions=True) == ["functions/rg_decide.sql"]
+        shipped = next(f.digest for f in schema.load_functions() if f.name == "rg_decide")
+        assert bytes(await conn.fetchval("SELECT sha256 FROM schema_functions WHERE name = 'rg_decide'")) == shipped
+    finally:
+        await conn.close()
+
+
 async def test_a_function_of_an_earlier_release_is_upgraded(new_database: Callable[[], Awaitable[str]]) -> None:
     """A database holding a version of a function that superseded.txt lists (an earlier
     release's) gets this build's version."""
