@@ -56,30 +56,67 @@ function row(alert, selected) {
 }
 
 const byNewest = (a, b) => Number(b.id) - Number(a.id);
-
-/** The list with an older page added: an alert already listed (a live update raced the
- *  page) is listed once, in its later state (updated_at: one RFC 3339 form, so the text
- *  orders as the time). */
-function merged(items, page) {
-  const listed = new Map(items.map((a) => [a.id, a]));
-  const added = page.filter((a) => {
-    const mine = listed.get(a.id);
-    if (mine === undefined) return true;
-    if (a.updated_at > mine.updated_at) listed.set(a.id, a);
-    return false;
-  });
-  return [...listed.values()].concat(added).sort(byNewest);
-}
+const PAGE = 100;
 
 export async function render(main, params, ctx) {
   const selected = params[0] || null;
   let items = [];
   let cursor = null;
+  // The id of the oldest alert the loaded pages reach (null: every page is loaded). An alert
+  // older than it belongs to a page not loaded yet: "Older alerts" lists it in its place.
+  let floor = null;
+  // Each filter starts a new list: a page of an earlier one that lands later is dropped.
+  let generation = 0;
+  // The latest state of every alert seen here, from a page or the stream, by its change (the
+  // position of the change in the stream of alert changes): the newest state always wins.
+  const known = new Map();
+  // For each page load in flight, the ids of the alerts the stream changed since it started:
+  // the page was read before those changes, so they are applied on top of it when it lands.
+  const loads = new Set();
   const body = h("tbody", { id: "alert-rows" });
   const more = h("button", { type: "button", id: "more", hidden: true }, "Older alerts");
   const listError = h("div");
   const detailPane = h("section", { class: "detail", id: "alert-detail" },
     h("p", { class: "muted" }, "Select an alert to see its evidence."));
+
+  /** The alert's latest known state: the one given, unless a later change of it was seen. */
+  const remember = (alert) => {
+    const mine = known.get(alert.id);
+    if (mine !== undefined && mine.change >= alert.change) return mine;
+    known.set(alert.id, alert);
+    return alert;
+  };
+  const listable = (alert) => floor === null || Number(alert.id) >= floor;
+  /** Lists, updates or unlists one alert by the filter; false when the list is unchanged. */
+  const place = (alert) => {
+    const at = items.findIndex((a) => a.id === alert.id);
+    if (at >= 0 && matches(alert)) items[at] = alert;
+    else if (at >= 0) items.splice(at, 1);  // changed out of the filter (acknowledged while "open" is shown)
+    else if (matches(alert) && listable(alert)) items.push(alert);
+    else return false;
+    return true;
+  };
+  /** A landed page with every change seen since it was read on top. */
+  const settle = (page, changed, append) => {
+    cursor = page.next_cursor;
+    const last = page.items[page.items.length - 1];
+    if (cursor === null) floor = null;
+    else if (last !== undefined) floor = Number(last.id);
+    if (!append) items = [];
+    const read = new Set();
+    for (const alert of page.items) {
+      read.add(alert.id);
+      const latest = remember(alert);
+      if (latest.change > alert.change) place(latest);  // changed on the stream after the page was read
+      else {
+        const at = items.findIndex((a) => a.id === alert.id);
+        if (at >= 0) items[at] = alert;
+        else items.push(alert);
+      }
+    }
+    for (const id of changed) if (!read.has(id)) place(known.get(id));
+    items.sort(byNewest);
+  };
 
   const paint = () => {
     clear(body).append(...items.map((a) => row(a, selected)));
@@ -87,16 +124,26 @@ export async function render(main, params, ctx) {
     more.hidden = cursor === null;
   };
   const load = async (append) => {
-    const q = { ...filters, since: toQueryTime(filters.since), until: toQueryTime(filters.until), limit: 100 };
+    if (!append) generation += 1;
+    const mine = generation;
+    const q = { ...filters, since: toQueryTime(filters.since), until: toQueryTime(filters.until), limit: PAGE };
     if (append && cursor) q.cursor = cursor;
+    const changed = new Set();
+    loads.add(changed);
+    body.setAttribute("aria-busy", "true");
+    more.disabled = true;
     clear(listError);
     try {
       const page = await api(`/v1/alerts${query(q)}`);
-      items = append ? merged(items, page.items) : page.items;
-      cursor = page.next_cursor;
+      if (mine === generation) settle(page, changed, append);
     } catch (error) {
-      listError.append(errorBox(error));
+      if (mine === generation) listError.append(errorBox(error));
+    } finally {
+      loads.delete(changed);
+      body.setAttribute("aria-busy", String(loads.size > 0));
     }
+    if (mine !== generation) return;  // a later filter's page is loading or shown
+    more.disabled = false;
     paint();
   };
 
@@ -116,21 +163,15 @@ export async function render(main, params, ctx) {
       more),
     detailPane));
 
-  // While older pages remain, an alert older than the oldest listed belongs to one of them:
-  // "Older alerts" lists it in its place, so it is not pushed out of order now.
-  const listable = (alert) => cursor === null || !items.length
-    || Number(alert.id) > Number(items[items.length - 1].id);
   const stop = ctx.onAlert((alert) => {
-    const at = items.findIndex((a) => a.id === alert.id);
-    if (at >= 0 && matches(alert)) items[at] = alert;
-    else if (at >= 0) items.splice(at, 1);  // changed out of the filter (acknowledged while "open" is shown)
-    else if (matches(alert) && listable(alert)) items.push(alert);
-    else return;
+    if (alert.id === selected) showDetail(detailPane, selected);
+    if (remember(alert) !== alert) return;  // a page read after this change already listed it
+    for (const changed of loads) changed.add(alert.id);
+    if (!place(alert)) return;
     items.sort(byNewest);
     paint();
     const fresh = body.querySelector(`tr[data-alert-id="${CSS.escape(alert.id)}"]`);
     if (fresh) fresh.classList.add("fresh");
-    if (alert.id === selected) showDetail(detailPane, selected);
   });
   await load(false);
   if (selected) await showDetail(detailPane, selected);
@@ -164,14 +205,21 @@ function ackForm(alert, pane) {
   return h("div", { class: "ack" }, note, button, message);
 }
 
+// The number of the latest read of each detail pane: a read that lands after a later one
+// started (after a live change, or an acknowledgement) is older than it and is dropped.
+const reads = new WeakMap();
+
 export async function showDetail(pane, id) {
+  const mine = (reads.get(pane) || 0) + 1;
+  reads.set(pane, mine);
   let alert;
   try {
     alert = await api(`/v1/alerts/${encodeURIComponent(id)}`);
   } catch (error) {
-    clear(pane).append(errorBox(error));
+    if (reads.get(pane) === mine) clear(pane).append(errorBox(error));
     return;
   }
+  if (reads.get(pane) !== mine) return;
   clear(pane).append(
     h("h2", {}, `Alert ${alert.id} `, badge(alert.severity, "sev"), " ", h("span", { class: "kind" }, alert.kind)),
     h("p", { class: "summary" }, alert.summary),

@@ -8,10 +8,15 @@ function facts(pairs) {
   return h("dl", { class: "facts" }, pairs.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value ?? "—")]));
 }
 
+// The number of the latest verification asked for: an earlier one that answers later is dropped.
+let verifications = 0;
+
 async function verify(box) {
+  const mine = ++verifications;
   clear(box).append(h("p", { class: "muted" }, "Verifying the whole chain…"));
   try {
     const report = await api("/v1/ledger/verify");
+    if (mine !== verifications) return;
     clear(box).append(facts([
       ["chain", badge(report.ok ? "verified" : "NOT verified", report.ok ? "ok" : "bad")],
       ["entries checked", String(report.checked)],
@@ -21,7 +26,7 @@ async function verify(box) {
     ]));
     box.dataset.ok = String(report.ok);
   } catch (error) {
-    clear(box).append(errorBox(error));
+    if (mine === verifications) clear(box).append(errorBox(error));
   }
 }
 

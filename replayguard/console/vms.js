@@ -60,9 +60,14 @@ async function renderTimeline(main, vmId, ctx) {
     h("h3", {}, "Entries in ledger order"),
     table(["seq", "time", "what", "subject", "alerts"], body, { class: "entries" }));
 
+  // Each alert on this VM reads the timeline again; a read that lands after a later one
+  // started is older than it (from before the alert) and is dropped, not drawn over it.
+  let reads = 0;
   const paint = async () => {
+    const mine = ++reads;
     const [{ items, windows, truncated }, alertPage] = await Promise.all([
       loadTimeline(vmId), api(`/v1/alerts${query({ vm_id: vmId, limit: 200 })}`)]);
+    if (mine !== reads) return;
     clear(picture).append(draw(items, windows, alertPage.items));
     note.textContent = `${items.length} entries, ${windows.length} rollback window(s)` +
       (truncated ? " (the oldest entries only: the VM has more)" : "") + ".";

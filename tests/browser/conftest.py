@@ -8,6 +8,7 @@ Screenshots go to ``test-artifacts/console/`` (ignored by git); with
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -48,6 +49,44 @@ class Tab:
             DOCS_IMG.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, DOCS_IMG / f"{name}.png")
         return path
+
+
+class HeldResponses:
+    """Holds the answers to the first ``count`` requests a page makes to matching URLs: each is
+    read from the service when the browser asks (the state of that moment) and reaches the page
+    only on ``release()``, so a page load stays in flight while a test changes the service."""
+
+    def __init__(self, count: int = 1) -> None:
+        self.count = count
+        self.urls: list[str] = []
+        self._fetched = asyncio.Event()
+        self._released = asyncio.Event()
+
+    def fetched(self) -> bool:
+        """Whether every held answer has been read from the service."""
+        return self._fetched.is_set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def handle(self, route: Any) -> None:
+        """The route handler (``page.route(pattern, held.handle)``)."""
+        if len(self.urls) >= self.count:
+            await route.continue_()
+            return
+        self.urls.append(route.request.url)
+        response = await route.fetch()
+        if len(self.urls) == self.count:
+            self._fetched.set()
+        await self._released.wait()
+        await route.fulfill(response=response)
+
+
+async def settle(page: Any) -> None:
+    """Lets the page run the tasks already queued (a response that arrived, then what it
+    resolves): two turns of its event loop."""
+    for _ in range(2):
+        await page.evaluate("() => new Promise((resolve) => setTimeout(resolve))")
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -18,7 +18,7 @@ import pytest
 from replayguard.http.state import ANALYSTS
 from tests.api.test_analysts import reuse_alert
 from tests.api.test_rollback_attack import alice, event, login
-from tests.browser.conftest import Tab
+from tests.browser.conftest import HeldResponses, Tab, settle
 from tests.conftest import Api, uid
 from tests.integration.test_alert_stream import drop_streams_and_refuse_new
 from tests.waiting import until
@@ -183,6 +183,113 @@ async def test_an_alert_acknowledged_live_leaves_the_list_filtered_to_open_alert
     await page.locator(f'tr[data-alert-id="{newest}"]').wait_for(timeout=WAIT_MS)
     shown = await row.inner_text() if await row.count() else None
     assert shown is None, f"the list filtered to open alerts shows an acknowledged one: {shown!r}"
+
+
+async def test_live_changes_during_a_page_load_survive_the_page(api: Api, tab: Tab) -> None:
+    """A new alert and an acknowledgement that arrive on the stream while a page of the list is
+    loading stay in the list once that page, read before them, lands: they are applied on top."""
+    before, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    status, _ = await api.post(f"/v1/alerts/{before}/acknowledge", {"note": "before"}, role="analyst")
+    assert status == 200
+    acked_live, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    rows = page.locator("#alert-rows")
+    await rows.locator(f'tr[data-alert-id="{acked_live}"]').wait_for(timeout=WAIT_MS)
+    await rows.locator(f'tr[data-alert-id="{before}"]').wait_for(timeout=WAIT_MS)
+
+    held = HeldResponses()
+    await page.route(lambda url: "/v1/alerts?" in url, held.handle)
+    await page.locator("#f-status").select_option("open")
+    await page.locator("#apply").click()
+    await until(held.fetched, "the filtered page to be read (and held)")
+
+    status, _ = await api.post(f"/v1/alerts/{acked_live}/acknowledge", {"note": "colleague"}, role="analyst")
+    assert status == 200
+    newest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    await rows.locator(f'tr[data-alert-id="{newest}"]').wait_for(timeout=WAIT_MS)  # on the stream, mid-load
+    await rows.locator(f'tr[data-alert-id="{acked_live}"]').wait_for(state="detached", timeout=WAIT_MS)
+
+    held.release()
+    # the filtered page has landed once the alert acknowledged before it left the list
+    await rows.locator(f'tr[data-alert-id="{before}"]').wait_for(state="detached", timeout=WAIT_MS)
+    ids = [await r.get_attribute("data-alert-id") for r in await rows.locator("tr").all()]
+    assert newest in ids, f"the alert raised during the load is gone from the list: {ids}"
+    assert acked_live not in ids, f"the alert acknowledged during the load is listed as open again: {ids}"
+
+
+async def test_an_acknowledgement_during_the_older_alerts_load_survives_it(api: Api, tab: Tab) -> None:
+    """An alert on the page "Older alerts" is loading, acknowledged on the stream while that
+    page (read before the acknowledgement) is in flight, is listed acknowledged once it lands."""
+    oldest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    for _ in range(100):  # a full first page (100) of newer alerts
+        await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    rows = page.locator("#alert-rows")
+    await page.locator("#more:not([hidden])").wait_for(timeout=WAIT_MS)
+
+    held = HeldResponses()
+    await page.route(lambda url: "/v1/alerts?" in url and "cursor=" in url, held.handle)
+    await page.locator("#more").click()
+    await until(held.fetched, "the older page to be read (and held)")
+    status, _ = await api.post(f"/v1/alerts/{oldest}/acknowledge", {"note": "colleague"}, role="analyst")
+    assert status == 200
+    newest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    await rows.locator(f'tr[data-alert-id="{newest}"]').wait_for(timeout=WAIT_MS)  # the stream is past the ack
+
+    held.release()
+    await page.locator("#more[hidden]").wait_for(state="attached", timeout=WAIT_MS)  # the older page landed
+    oldest_rows = rows.locator(f'tr[data-alert-id="{oldest}"]')
+    assert await oldest_rows.count() == 1
+    assert "acknowledged" in await oldest_rows.inner_text(), "the older page put back the state before the ack"
+
+
+async def test_an_alert_detail_read_before_a_live_change_does_not_replace_the_newer_one(
+        api: Api, tab: Tab) -> None:
+    """The open alert's detail, read before a colleague acknowledges it but landing after the
+    detail read once the acknowledgement arrived, does not put the Acknowledge button back."""
+    alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith(f"/v1/alerts/{alert_id}"), held.handle)
+    await page.evaluate("(id) => { location.hash = '#/alerts/' + encodeURIComponent(id); }", alert_id)
+    await until(held.fetched, "the alert's detail to be read (and held)")
+
+    status, _ = await api.post(f"/v1/alerts/{alert_id}/acknowledge", {"note": "colleague"}, role="analyst")
+    assert status == 200
+    detail = page.locator("#alert-detail")
+    await detail.locator("#acked").wait_for(timeout=WAIT_MS)  # read again after the change on the stream
+
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await settle(page)
+    assert await detail.locator("#ack").count() == 0, "the detail read before the acknowledgement replaced it"
+    assert await detail.locator("#acked").count() == 1
+
+
+async def test_a_timeline_read_before_a_live_alert_does_not_replace_the_newer_one(api: Api, tab: Tab) -> None:
+    """A VM's timeline read before an alert on that VM, landing after the timeline read once the
+    alert arrived on the stream, does not take the alert off the picture."""
+    vm_id = uid("vm")
+    await reuse_alert(api, vm_id, uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+    held = HeldResponses()
+    await page.route(lambda url: "/timeline?" in url, held.handle)
+    await page.evaluate("(vm) => { location.hash = '#/vms/' + encodeURIComponent(vm); }", vm_id)
+    await until(held.fetched, "the timeline to be read (and held)")
+
+    await reuse_alert(api, vm_id, uid("scope"))
+    timeline = page.locator("#timeline svg.timeline")
+    await timeline.locator("path.al").nth(1).wait_for(timeout=WAIT_MS)  # read again after the alert
+
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await settle(page)
+    assert await timeline.locator("path.al").count() == 2, "the timeline read before the alert replaced it"
+    assert (await page.locator("#timeline-rows tr").count()) == 4
 
 
 HOSTILE_VM = '<script>window.__pwned = "vm"</script>'
