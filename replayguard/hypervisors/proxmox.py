@@ -9,7 +9,8 @@ A finished PVE task is posted as (the fields of ``GET /nodes/{node}/tasks`` plus
      "cluster": "prod",                 # optional, see vm_id below
      "snapshot": "pre-patch",           # optional: snapshot name (qmsnapshot, qmrollback...)
      "snapshot_created_at": 1733700000, # optional: Unix seconds or RFC 3339 (PVE snaptime)
-     "target_vmid": 205}                # required for qmclone: the new VM
+     "target_vmid": 205,                # required for qmclone: the new VM
+     "backup_vmid": 101}                # optional for qmrestore: the VM the backup was made of
 
 The UPID is decoded exactly as ``PVE::Tools::upid_decode`` does:
 ``UPID:$node:$pid:$pstart:$starttime:$type:$id:$user:`` with pid and starttime 8 hex
@@ -22,6 +23,15 @@ Choices:
 - ``vm_id`` is the numeric vmid as a string, or ``"<cluster>/<vmid>"`` when the record
   names a cluster: vmids are unique only within one PVE cluster.
 - ``host`` is the node that ran the task (for a migration: the source node).
+- A ``qmrestore`` runs under the vmid restored into. When ``backup_vmid`` names another
+  VM, the new VM starts from that VM's disks as they were at the backup's time, so the
+  task is ``vm.cloned`` of ``backup_vmid`` (same cluster), and ``snapshot_created_at``
+  is the backup's time: the source's uses since the backup are put at risk. With the
+  same vmid, or without ``backup_vmid`` (the backup's VM unknown), it is ``vm.restored``
+  of the vmid restored into.
+- A ``qmsnapshot`` without ``snapshot_created_at`` was taken at the task's start at the
+  latest that is safe to assume: PVE stamps ``snaptime`` after the task starts, and a
+  later time (the end) would leave the uses made while it ran out of a rollback's window.
 - ``snapshot`` is only a hint (``snapshot_created_at`` places the state): a name that is
   not an identifier becomes ``sha256:`` and the hex SHA-256 of its UTF-8 bytes, the same
   for the qmsnapshot and the qmrollback, and the task is kept.
@@ -117,13 +127,20 @@ def _event(record: dict[str, object], upid: Upid, event_type: EventType) -> Gene
     if event_type is EventType.VM_CLONED:
         source_vm_id = _vm_id(cluster, vmid)
         vmid = _vmid(c.field(record, "target_vmid", c.ROOT), "target_vmid")
+    elif event_type is EventType.VM_RESTORED and record.get("backup_vmid") is not None:
+        backup_vmid = _vmid(record["backup_vmid"], "backup_vmid")
+        if backup_vmid != vmid:
+            event_type, source_vm_id = EventType.VM_CLONED, _vm_id(cluster, backup_vmid)
+    created = _snapshot_time(record)
+    if created is None and upid.type == "qmsnapshot":
+        created = c.unix_time(upid.starttime, "upid")
     return GenericEvent(
         event_id=upid.text,
         type=event_type,
         vm_id=_vm_id(cluster, vmid),
         occurred_at=c.unix_time(c.field(record, "endtime", c.ROOT), "endtime"),
         snapshot_id=c.optional_name_identifier(record, "snapshot", c.ROOT),
-        snapshot_created_at=_snapshot_time(record),
+        snapshot_created_at=created,
         host=upid.node,
         source_vm_id=source_vm_id,
         extra={"user": upid.user, "task_type": upid.type, "starttime": str(upid.starttime)},

@@ -7,11 +7,13 @@ rollback, a clone or a migration, so the poller reads PVE's cluster task list in
 as the record ``replayguard/hypervisors/proxmox.py`` documents, to
 ``POST /v1/hypervisor/events?source=proxmox``.
 
-The task list names neither the snapshot nor a clone's new VM, so the poller asks PVE:
-the snapshot list (``snaptime``; ``current.parent`` is the snapshot a rollback went to,
-trusted only while no later task on that VM can have moved it) and a clone's task log
-(the new VM's disk names). A lookup that fails leaves the field out: a rollback with an
-unknown snapshot opens the widest window, which is the safe side.
+The task list names neither the snapshot, nor a clone's new VM, nor a restore's backup, so
+the poller asks PVE: the snapshot list (``snaptime``; ``current.parent`` is the snapshot a
+rollback went to, trusted only while no later task on that VM can have moved it), a
+clone's task log (the new VM's disk names) and a restore's task log (the backup's archive
+or snapshot name: its VM and time; a restore into another vmid is posted as a clone of the
+backup's VM). A lookup that fails leaves the field out: a rollback with an unknown
+snapshot opens the widest window, which is the safe side.
 
 Each record is written to the spool (fsynced) before its UPID enters the cursor, and the
 cursor (``proxmox-cursor.json``) is written atomically after, so a crash re-posts at
@@ -63,12 +65,15 @@ from .proxmox_tasks import (
     CURSOR_FILE,
     MOVES_PARENT,
     RECORD_FIELDS,
+    Backup,
     Cursor,
     Task,
     clone_target,
     due,
     parent_may_have_moved,
     read_tasks,
+    restore_fields,
+    restore_source,
     snapshot_fields,
     task_record,
 )
@@ -86,11 +91,11 @@ from .tasks import until_first_done
 
 __all__ = [
     "CURSOR_FILE", "EVENTS_PATH", "EX_TEMPFAIL", "MOVES_PARENT", "RECORD_FIELDS",
-    "Answer", "ApiLookup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
+    "Answer", "ApiLookup", "Backup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
     "PveshLookup", "Retry", "Task", "build_record", "clone_target", "deliver_file", "drain",
     "due", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
-    "post_json", "read_tasks", "run_poller", "save_cursor", "snapshot_fields", "spool_due",
-    "task_record",
+    "post_json", "read_tasks", "restore_fields", "restore_source", "run_poller", "save_cursor",
+    "snapshot_fields", "spool_due", "task_record",
 ]  # fmt: skip
 
 EVENTS_PATH = "/v1/hypervisor/events?source=proxmox"
@@ -251,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-stdin", action="store_true",
                    help="read `pvesh get /cluster/tasks --output-format json` from stdin; implies --once")
     p.add_argument("--lookup", choices=("api", "pvesh", "none"),
-                   help="where snapshot names/times and clone targets are read"
+                   help="where snapshot names/times, clone targets and restores' backups are read"
                         " (default: api if --api-url, else pvesh if on PATH)")
     p.add_argument("--cluster", help="cluster name prefixed to vmids (vm_id becomes CLUSTER/VMID)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")

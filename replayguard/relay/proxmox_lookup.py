@@ -1,8 +1,11 @@
 """Where the Proxmox poller reads what the task list leaves out: PVE's API, or ``pvesh``.
 
-The task list names neither the snapshot nor a clone's new VM, so the poller asks PVE for
-the snapshot list and a clone's task log. A lookup that fails answers None and the field
-is left out: a rollback with an unknown snapshot opens the widest window, the safe side.
+The task list names neither the snapshot, nor a clone's new VM, nor a restore's backup, so
+the poller asks PVE for the snapshot list and the task log of a clone or a restore. A lookup
+that fails answers None and the field is left out: a rollback with an unknown snapshot opens
+the widest window, the safe side. A restore whose backup is unknown is posted as
+``vm.restored`` of the VM restored into, from an unknown time (logged
+``proxmox_restore_source_unknown``): the only window the poller can still name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .proxmox_tasks import (
     Task,
     clone_target,
     parent_may_have_moved,
+    restore_fields,
+    restore_source,
     snapshot_fields,
     task_record,
 )
@@ -118,4 +123,13 @@ async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluste
         target = clone_target(await lookup.task_log(task.upid.node, task.upid.text), task.upid.id)
         if target is not None:
             extra = {"target_vmid": target}
+    elif task.upid.type == "qmrestore":
+        backup = restore_source(await lookup.task_log(task.upid.node, task.upid.text))
+        if backup is not None:
+            extra = restore_fields(backup)
+        else:
+            # Posted anyway: a window on the VM restored into (every earlier use), and a
+            # guest of the unknown source presenting its receipt is still clone_detected.
+            log.warning("proxmox_restore_source_unknown", upid=task.upid.text,
+                        posted="vm.restored of the vmid restored into, state time unknown")
     return task_record(task, cluster, extra)

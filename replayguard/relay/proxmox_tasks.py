@@ -2,7 +2,7 @@
 
 Pure functions over the JSON ``pvesh get /cluster/tasks`` prints (or the API's
 ``{"data": [...]}``): the UPID cursor that makes each finished task posted once, the
-selection of due tasks, and the snapshot and clone fields the lookups' answers add.
+selection of due tasks, and the snapshot, clone and restore fields the lookups' answers add.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -24,6 +25,16 @@ RECORD_FIELDS = ("upid", "node", "pid", "pstart", "starttime", "type", "id", "us
 MOVES_PARENT = frozenset({"qmsnapshot", "qmrollback", "qmdelsnapshot", "qmrestore"})
 _WARNINGS = re.compile(r"WARNINGS: [0-9]+")
 _DISK = re.compile(r"\b(?:vm|base)-([1-9][0-9]{2,8})-(?:disk|cloudinit|state)\b")
+# What a qmrestore's task log prints of its backup: a vzdump archive's file name
+# (``restore vma archive: zstd -q -d -c /var/lib/vz/dump/vzdump-qemu-101-2026_11_29-09_30_00.vma.zst
+# | vma extract ...``), whose time vzdump writes with strftime(localtime), or a Proxmox
+# Backup Server snapshot (``pbs-restore ... vm/101/2026-11-29T09:30:00Z drive-scsi0.img.fidx``), in UTC.
+_VZDUMP = re.compile(r"\bvzdump-qemu-([1-9][0-9]{2,8})-(\d{4})_(\d{2})_(\d{2})-(\d{2})_(\d{2})_(\d{2})"
+                     r"(?:\.[a-z0-9]{1,4}){0,2}", re.ASCII)
+_PBS = re.compile(r"\bvm/([1-9][0-9]{2,8})/(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z", re.ASCII)
+# A wall-clock time without its zone names instants from UTC-12:00 to UTC+14:00; the
+# earliest is 14 hours before the same digits read as UTC.
+_EARLIEST_ZONE_S = 14 * 3600
 
 
 class Task(NamedTuple):
@@ -142,6 +153,52 @@ def clone_target(task_log: object, source_vmid: str) -> int | None:
     found = {m for line in task_log if isinstance(line, dict) and isinstance(line.get("t"), str)
              for m in _DISK.findall(line["t"])} - {source_vmid}
     return int(found.pop()) if len(found) == 1 else None
+
+
+class Backup(NamedTuple):
+    """The backup a qmrestore read: its VM, its time (Unix seconds, no later than the
+    backup was taken), and its name as the task log gives it (an archive or a snapshot)."""
+
+    vmid: int
+    time: int
+    name: str
+
+
+def restore_source(task_log: object) -> Backup | None:
+    """The one backup a qmrestore's task log names, or None (no name, two different
+    backups, or a name whose date is impossible).
+
+    A vzdump archive name carries the node's local time with no zone, so it is placed at the
+    earliest instant it can name (as if written at UTC+14:00): the window on the backup's
+    VM may start up to a day early, never late. A Proxmox Backup Server snapshot is in UTC.
+    """
+    if isinstance(task_log, dict):
+        task_log = task_log.get("data")
+    if not isinstance(task_log, list):
+        return None
+    found: dict[tuple[int, int] | None, Backup | None] = {}  # one per VM and time: the first name
+    for line in task_log:
+        text = line.get("t") if isinstance(line, dict) else None
+        if isinstance(text, str):
+            for backup in [*(_backup(m, -_EARLIEST_ZONE_S) for m in _VZDUMP.finditer(text)),
+                           *(_backup(m, 0) for m in _PBS.finditer(text))]:
+                found.setdefault(None if backup is None else (backup.vmid, backup.time), backup)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _backup(match: re.Match[str], shift_s: int) -> Backup | None:
+    vmid, year, month, day, hour, minute, second = (int(p) for p in match.groups())
+    try:
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError:
+        return None
+    # Before 1970 is no Unix time the service takes: the epoch is the earliest it can say.
+    return Backup(vmid, max(0, int(moment.timestamp()) + shift_s), match.group(0))
+
+
+def restore_fields(backup: Backup) -> dict[str, Any]:
+    """``backup_vmid``, ``snapshot`` and ``snapshot_created_at`` of a qmrestore."""
+    return {"backup_vmid": backup.vmid, "snapshot": backup.name, "snapshot_created_at": backup.time}
 
 
 def task_record(task: Task, cluster: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -409,3 +409,32 @@ async def test_a_clone_cycle_does_not_multiply_windows(api: Api) -> None:
         status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
         assert status == 202, answer
     assert await _window_count(api, a, b) <= 4 * events
+
+
+def _pve_task(task_type: str, vmid: int, start: int, end: int, **fields: Any) -> dict[str, Any]:
+    """A finished Proxmox task record as the poller posts it, with a UPID of its own."""
+    pid = int(uid("").encode().hex()[-7:], 16)
+    return {"upid": f"UPID:pve1:{pid:08X}:0001E240:{start:08X}:{task_type}:{vmid}:root@pam:",
+            "node": "pve1", "starttime": start, "type": task_type, "id": str(vmid),
+            "user": "root@pam", "status": "OK", "endtime": end, **fields}
+
+
+async def test_proxmox_snapshot_of_unknown_time_puts_the_uses_during_its_task_at_risk(api: Api) -> None:
+    """A qmsnapshot posted without snapshot_created_at (the poller could not read the
+    snapshot list, or a hand-written record) is placed at its task's start: a nonce the VM
+    used while the task ran may be in the snapshot, so after a rollback to that snapshot
+    its replay is replay_after_rollback (placed at the task's end, it was plain reused)."""
+    cluster = uid("pve")
+    vm_id = f"{cluster}/101"
+    start = int(api.clock.now)
+    api.clock.advance(10)
+    nonce = uid("n")
+    status, used = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "pve", "nonce": nonce})
+    assert (status, used["decision"]) == (200, "accept"), used
+    api.clock.advance(200)
+    for body in (_pve_task("qmsnapshot", 101, start, start + 50, snapshot="pre-patch", cluster=cluster),
+                 _pve_task("qmrollback", 101, start + 100, start + 110, snapshot="pre-patch", cluster=cluster)):
+        status, answer = await api.post("/v1/hypervisor/events?source=proxmox", body, role="hypervisor")
+        assert status == 202, answer
+    status, replay = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "pve", "nonce": nonce})
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay

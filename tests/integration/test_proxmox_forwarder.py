@@ -39,6 +39,8 @@ DATA = REPO / "tests" / "data" / "proxmox"
 LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
 SNAPSHOTS = orjson.loads((DATA / "snapshot-pve1-101.json").read_bytes())
 CLONE_LOG = orjson.loads((DATA / "task-log-qmclone.json").read_bytes())
+LOGS = {"qmclone": "task-log-qmclone.json", "qmrestore:311": "task-log-qmrestore-vma.json",
+        "qmrestore:102": "task-log-qmrestore-pbs.json"}  # by UPID type[:vmid]
 PVE_TOKEN = "replayguard@pve!poller=0b7d0c8e-3f51-4d0a-b6a4-5c0f0e2b9d11"
 SERVICE_TOKEN = "hv-token-proxmox-test"
 FORWARDED = {t["upid"] for t in LISTING if t.get("endtime") and t["type"].startswith("qm")
@@ -84,8 +86,14 @@ def pve_api(listing: list[dict[str, Any]]) -> web.Application:
 
     async def task_log(request: web.Request) -> web.Response:
         authorised(request)
-        assert request.match_info["upid"].startswith("UPID:pve1:")
-        return web.json_response({"data": CLONE_LOG, "total": len(CLONE_LOG)})
+        upid = request.match_info["upid"]
+        assert upid.startswith(f"UPID:{request.match_info['node']}:")
+        _, _, _, _, _, kind, vmid, *_ = upid.split(":")
+        name = LOGS.get(f"{kind}:{vmid}") or LOGS.get(kind)
+        if name is None:
+            return web.json_response({"data": None}, status=500)
+        lines = orjson.loads((DATA / name).read_bytes())
+        return web.json_response({"data": lines, "total": len(lines)})
 
     app = web.Application()
     app.router.add_get("/api2/json/cluster/tasks", tasks)
@@ -144,6 +152,8 @@ async def test_poller_retries_through_failures_and_posts_each_task_once(
     by_type = {b["type"]: b for b in recorder.bodies}
     assert by_type["qmrollback"]["snapshot"] == by_type["qmsnapshot"]["snapshot"] == "pre-patch"
     assert by_type["qmclone"]["target_vmid"] == 205
+    assert {b["id"]: b["backup_vmid"] for b in recorder.bodies if b["type"] == "qmrestore"} == {
+        "311": 101, "102": 102}
     assert await run_poller(cfg) == 0 and len(recorder.bodies) == len(FORWARDED)
     assert not Outbox(tmp_path).pending()
 
@@ -264,8 +274,12 @@ def fake_pvesh(directory: Path) -> Path:
         f"data = {str(DATA)!r}\n"
         "path = sys.argv[2]\n"
         "if path == '/nodes/pve1/qemu/101/snapshot': name = 'snapshot-pve1-101.json'\n"
-        "elif path.startswith('/nodes/pve1/tasks/UPID:pve1:') and path.endswith('/log'):\n"
+        "elif path.startswith('/nodes/pve1/tasks/UPID:pve1:') and ':qmclone:' in path:\n"
         "    name = 'task-log-qmclone.json'\n"
+        "elif path.startswith('/nodes/pve1/tasks/UPID:pve1:') and ':qmrestore:311:' in path:\n"
+        "    name = 'task-log-qmrestore-vma.json'\n"
+        "elif path.startswith('/nodes/pve2/tasks/UPID:pve2:') and ':qmrestore:102:' in path:\n"
+        "    name = 'task-log-qmrestore-pbs.json'\n"
         "else: sys.exit(2)\n"
         "sys.stdout.write(open(f'{data}/{name}').read())\n"
     )
@@ -287,3 +301,51 @@ async def test_cli_from_stdin_reads_lookups_with_pvesh(stand_in: tuple[StandIn, 
     by_type = {b["type"]: b for b in recorder.bodies}
     assert {b["upid"] for b in recorder.bodies} == FORWARDED
     assert by_type["qmrollback"]["snapshot"] == "pre-patch" and by_type["qmclone"]["target_vmid"] == 205
+    assert {b["id"]: b["backup_vmid"] for b in recorder.bodies if b["type"] == "qmrestore"} == {
+        "311": 101, "102": 102}
+
+
+async def test_credential_used_on_the_backups_vm_is_a_replay_from_the_vm_restored_into_a_new_vmid(
+    api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """VM 101 is backed up (vzdump, 09:30), uses a nonce at 09:40, and its backup is
+    restored as VM 311 (09:52): 311 starts from 101's disk as it was at 09:30, so the nonce
+    presented from 311 is a replay of a use its state never saw. Polled from PVE and posted
+    to the real service, the restore is a clone of 101 whose window covers that use: the
+    replay is refused as replay_after_rollback (not plain reuse). A nonce 101 used before
+    the earliest instant the archive's local time can name stays plain `reused`."""
+    api_server, listing = pve
+    listing[:] = [t for t in LISTING if t["type"] in ("qmrestore", "vzdump") and t["node"] == "pve1"]
+    assert sorted(t["type"] for t in listing) == ["qmrestore", "vzdump"]  # nothing else opens a window
+    cluster = uid("pve")
+    source, restored = f"{cluster}/101", f"{cluster}/311"
+    t0 = LISTING[-1]["starttime"] - 12  # 09:00:00Z
+    api.clock.now = t0 + 1800 - 15 * 3600  # an hour before the archive's earliest reading
+    older = uid("n")
+    assert (await consume(api, source, older))["decision"] == "accept"
+    api.clock.now = t0 + 2400  # 09:40, after the backup
+    after_backup = uid("n")
+    assert (await consume(api, source, after_backup))["decision"] == "accept"
+    api.clock.now = t0 + 4000  # the restore (09:52:40) has ended; the poller runs
+    url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
+    outbox = Outbox(tmp_path)
+    async with aiohttp.ClientSession() as session:
+        lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
+        await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
+                        lookup=lookup, cluster=cluster, now=api.clock.now, retention_s=86400)
+
+        async def post(data: bytes) -> Any:
+            return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
+
+        for path in outbox.pending():
+            _, answer = await deliver_file(outbox, path, post, "upid")
+            assert answer.status == 202, answer
+    replay = await consume(api, restored, after_backup)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
+    assert (await consume(api, restored, older))["reason"] == "reused"
+
+
+async def consume(api: Api, vm_id: str, nonce: str) -> dict[str, Any]:
+    status, answer = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "restore", "nonce": nonce})
+    assert status == 200, answer
+    return dict(answer)

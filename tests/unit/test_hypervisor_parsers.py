@@ -116,6 +116,15 @@ ACCEPTED: dict[str, Expected] = {
     "proxmox/qmrestore_cluster.json":
         Expected(EventType.VM_RESTORED, "prod-eu/310", utc("2026-11-29T10:31:40"), None,
                  utc("2026-11-28T02:00:00"), "pve2"),
+    "proxmox/qmrestore_into_new_vmid.json":
+        Expected(EventType.VM_CLONED, "311", utc("2026-11-29T10:28:10"),
+                 "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst", utc("2026-11-29T09:30:00"),
+                 "pve1", "101"),
+    "proxmox/qmrestore_same_vmid.json":
+        Expected(EventType.VM_RESTORED, "101", utc("2026-11-29T10:28:10"),
+                 "vm/101/2026-11-29T09:30:00Z", utc("2026-11-29T09:30:00"), "pve1"),
+    "proxmox/qmsnapshot_without_time.json":
+        Expected(C, "101", utc("2026-11-29T10:00:10"), "pre-patch", utc("2026-11-29T09:59:20"), "pve1"),
     "proxmox/qmstart.json":
         Expected(EventType.VM_STARTED, "101", utc("2026-11-29T10:05:40"), host="pve1"),
     "proxmox/qmshutdown.json":
@@ -557,6 +566,34 @@ def test_proxmox_clone_target_may_be_a_string() -> None:
     """A vmid sent as a decimal string is the same VM as the integer."""
     event = proxmox.parse(sample("proxmox/qmclone.json", target_vmid="205"))[0]
     assert event.vm_id == "205"
+
+
+@pytest.mark.parametrize("backup_vmid", [99, "0101", True, 2.5, [101]])
+def test_proxmox_restore_backup_vmid_must_be_a_vmid(backup_vmid: object) -> None:
+    """The backup's VM of a restore must be a PVE vmid: a wrong one is not guessed at."""
+    with pytest.raises(MalformedPayload) as info:
+        proxmox.parse(sample("proxmox/qmrestore_into_new_vmid.json", backup_vmid=backup_vmid))
+    assert info.value.field == "backup_vmid"
+
+
+def test_proxmox_restore_into_a_new_vmid_is_a_clone_of_the_backups_vm_in_its_cluster() -> None:
+    """A restore of VM 101's backup as VM 311 starts 311 from 101's state at the backup's
+    time, so it is posted as 311 cloned from 101 (scoped by the cluster like the target);
+    without the backup's VM (a record that does not say) it stays a restore of 311."""
+    clone = proxmox.parse(sample("proxmox/qmrestore_into_new_vmid.json", cluster="prod"))[0]
+    assert (clone.type, clone.vm_id, clone.source_vm_id) == (EventType.VM_CLONED, "prod/311", "prod/101")
+    unknown = proxmox.parse(sample("proxmox/qmrestore_into_new_vmid.json", backup_vmid=None))[0]
+    assert (unknown.type, unknown.vm_id, unknown.source_vm_id) == (EventType.VM_RESTORED, "311", None)
+
+
+def test_proxmox_snapshot_without_a_time_was_taken_no_later_than_the_task_started() -> None:
+    """PVE sets a snapshot's snaptime after its task starts: the start is the latest time
+    the snapshot's state can be placed at without losing the uses made while the task ran.
+    The end would leave them out of a later rollback's window."""
+    event = parse_sample("proxmox/qmsnapshot_without_time.json")[0]
+    start = SAMPLES["proxmox/qmsnapshot_without_time.json"]["starttime"]
+    assert event.snapshot_created_at is not None
+    assert int(event.snapshot_created_at.timestamp()) == start < int(event.occurred_at.timestamp())
 
 
 def test_proxmox_running_task_is_ignored() -> None:

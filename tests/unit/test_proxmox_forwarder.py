@@ -21,6 +21,7 @@ from replayguard.relay.proxmox import (
     parent_may_have_moved,
     poll_once,
     read_tasks,
+    restore_source,
     snapshot_fields,
 )
 
@@ -28,7 +29,13 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "proxmox"
 LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
 SNAPSHOTS: list[dict[str, Any]] = orjson.loads((DATA / "snapshot-pve1-101.json").read_bytes())
 CLONE_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-qmclone.json").read_bytes())
+VMA_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-qmrestore-vma.json").read_bytes())
+PBS_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-qmrestore-pbs.json").read_bytes())
 T0 = 1795942800  # 2026-11-29T09:00:00Z, the recorded listing's origin
+# vzdump-qemu-101-2026_11_29-09_30_00: node-local wall time, read at UTC+14:00, the earliest
+# instant it can name; vm/102/2026-11-29T08:00:00Z (Proxmox Backup Server) is UTC.
+VMA_TIME = T0 + 1800 - 14 * 3600
+PBS_TIME = T0 - 3600
 TASKS = read_tasks(LISTING)
 
 
@@ -56,7 +63,9 @@ class RecordedLookup:
 
     async def task_log(self, node: str, upid_text: str) -> object | None:
         self.calls.append(("log", node, upid_text))
-        return CLONE_LOG if upid_text == upid("qmclone", "101") else None
+        logs = {upid("qmclone", "101"): CLONE_LOG, upid("qmrestore", "311"): VMA_LOG,
+                upid("qmrestore", "102"): PBS_LOG}
+        return logs.get(upid_text)
 
 
 # ---------------------------------------------------------------- reading the task list
@@ -95,7 +104,8 @@ def test_due_is_finished_unseen_tasks_oldest_end_first() -> None:
 @pytest.mark.parametrize(("task_type", "vmid", "forwarded"), [
     ("qmstart", "101", True), ("qmdelsnapshot", "101", True), ("qmsnapshot", "101", True),
     ("qmrollback", "101", True), ("qmclone", "101", True), ("qmigrate", "205", True),
-    ("qmshutdown", "102", True), ("qmstop", "205", True),
+    ("qmshutdown", "102", True), ("qmstop", "205", True), ("qmrestore", "311", True),
+    ("qmrestore", "102", True),
     ("vzdump", "101", False), ("vncproxy", "101", False), ("aptupdate", "", False),
 ])
 def test_which_recorded_tasks_are_forwarded(task_type: str, vmid: str, forwarded: bool) -> None:
@@ -188,6 +198,49 @@ def test_clone_target_unknown_when_the_log_does_not_name_one_vm(lines: object) -
     assert clone_target(lines, "101") is None
 
 
+def test_restore_source_is_read_from_a_vzdump_archive_name_in_the_task_log() -> None:
+    """A restore of a vzdump archive names the backup's VM and its wall-clock time; that
+    time is the node's local time with no zone, so it is placed at the earliest instant it
+    can name (UTC+14:00): a later guess would narrow the window."""
+    assert restore_source(VMA_LOG) == restore_source({"data": VMA_LOG}) == (
+        101, VMA_TIME, "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst")
+
+
+def test_restore_source_is_read_from_a_backup_server_snapshot_in_the_task_log() -> None:
+    """A Proxmox Backup Server snapshot is named vm/VMID/TIME with TIME in UTC: exact."""
+    assert restore_source(PBS_LOG) == (102, PBS_TIME, "vm/102/2026-11-29T08:00:00Z")
+
+
+def test_restore_source_names_one_backup_however_often_the_log_prints_it() -> None:
+    """The same archive printed with and without its path or extension is one backup."""
+    lines = [{"t": "restore vma archive: zstd -q -d -c /mnt/dump/vzdump-qemu-101-2026_11_29-09_30_00.vma.zst"},
+             {"t": "reading vzdump-qemu-101-2026_11_29-09_30_00"}]
+    assert restore_source(lines) == (101, VMA_TIME, "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst")
+
+
+async def test_restore_of_a_backup_named_before_1970_is_placed_at_the_epoch() -> None:
+    """A name whose earliest reading precedes Unix time becomes time 0 (the widest window the
+    service takes), not a record the service refuses as malformed and the relay parks."""
+    backup = restore_source([{"t": "vm/101/1969-07-20T20:17:40Z"}])
+    assert backup == (101, 0, "vm/101/1969-07-20T20:17:40Z")
+    record = await build_record(task("qmrestore", "311"), TASKS, RecordedLookup(), None)
+    (event,) = parser.parse({**record, "snapshot_created_at": backup.time})
+    assert event.snapshot_created_at is not None and event.snapshot_created_at.timestamp() == 0
+
+
+@pytest.mark.parametrize("lines", [
+    None, [], {"data": None}, CLONE_LOG, [{"t": "TASK OK"}],
+    [{"t": "restore vma archive: zstd -q -d -c /mnt/dump/vzdump-qemu-101-2026_11_29-09_30_00.vma.zst"},
+     {"t": "restore vma archive: zstd -q -d -c /mnt/dump/vzdump-qemu-104-2026_11_29-09_30_00.vma.zst"}],
+    [{"t": "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst"}, {"t": "vm/101/2026-11-29T09:00:00Z"}],
+    [{"t": "restore vma archive: vzdump-qemu-101-2026_13_29-09_30_00.vma.zst"}],
+    [{"t": "restore vma archive: /mnt/dump/backup-of-web.vma.zst"}],
+])
+def test_restore_source_unknown_when_the_log_names_no_single_backup(lines: object) -> None:
+    """No archive name, an impossible date, or two different backups (VM or time): unknown."""
+    assert restore_source(lines) is None
+
+
 # ---------------------------------------------------------------- records → the service's parser
 
 EXPECTED = {  # (type, vmid): (event type, vm_id, snapshot, snapshot_created_at, source_vm_id)
@@ -199,6 +252,9 @@ EXPECTED = {  # (type, vmid): (event type, vm_id, snapshot, snapshot_created_at,
     ("qmigrate", "205"): (EventType.VM_MIGRATED, "205", None, None, None),
     ("qmshutdown", "102"): (EventType.VM_STOPPED, "102", None, None, None),
     ("qmstop", "205"): (EventType.VM_STOPPED, "205", None, None, None),
+    ("qmrestore", "311"): (EventType.VM_CLONED, "311", "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst",
+                           VMA_TIME, "101"),
+    ("qmrestore", "102"): (EventType.VM_RESTORED, "102", "vm/102/2026-11-29T08:00:00Z", PBS_TIME, None),
 }
 
 
@@ -222,16 +278,51 @@ async def test_record_keeps_pve_fields_and_adds_the_cluster() -> None:
     assert parser.parse(record)[0].vm_id == "prod/101"
 
 
-async def test_only_snapshot_and_clone_tasks_trigger_lookups() -> None:
+async def test_only_snapshot_clone_and_restore_tasks_trigger_lookups() -> None:
     """Starts, stops and migrations are posted from the task list alone."""
     lookup = RecordedLookup()
     for key in EXPECTED:
         await build_record(task(*key), TASKS, lookup, None)
-    assert sorted(kind for kind, *_ in lookup.calls) == ["log", "snapshots", "snapshots"]
+    assert sorted(kind for kind, *_ in lookup.calls) == ["log", "log", "log", "snapshots", "snapshots"]
+
+
+async def test_restore_with_an_unknown_backup_is_posted_as_a_restore_and_logged(
+    log_buffer: Any,
+) -> None:
+    """When the task log cannot be read (or names no backup) the restore is posted as
+    vm.restored of the new VM with no state time, the widest window the record can still
+    name, and the poller logs that the backup's VM is unknown (its uses are not put at risk
+    by this event; a guest presenting that VM's receipt is still flagged clone_detected)."""
+
+    class Blind(RecordedLookup):
+        async def task_log(self, node: str, upid_text: str) -> object | None:
+            return None
+
+    record = await build_record(task("qmrestore", "311"), TASKS, Blind(), None)
+    (event,) = parser.parse(record)
+    assert (event.type, event.vm_id, event.snapshot_created_at, event.source_vm_id) == (
+        EventType.VM_RESTORED, "311", None, None)
+    lines = [orjson.loads(line) for line in log_buffer.getvalue().splitlines()]
+    assert [line["upid"] for line in lines if line.get("event") == "proxmox_restore_source_unknown"] == [
+        upid("qmrestore", "311")]
+
+
+async def test_snapshot_whose_snaptime_cannot_be_read_is_placed_at_the_task_start() -> None:
+    """With the snapshot list away, the record has no snapshot_created_at and the service
+    places the snapshot at the task's start, not its end."""
+
+    class Blind(RecordedLookup):
+        async def snapshots(self, node: str, vmid: str) -> object | None:
+            return None
+
+    snap = task("qmsnapshot", "101")
+    (event,) = parser.parse(await build_record(snap, TASKS, Blind(), None))
+    assert event.snapshot_created_at is not None
+    assert int(event.snapshot_created_at.timestamp()) == snap.upid.starttime
 
 
 async def test_poll_once_spools_then_advances_the_cursor(tmp_path: Path) -> None:
-    """One poll spools the eight forwarded tasks; a second poll of the same list spools none."""
+    """One poll spools the ten forwarded tasks; a second poll of the same list spools none."""
     outbox = Outbox(tmp_path)
     args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": RecordedLookup(),
                             "cluster": None, "now": T0 + 4000, "retention_s": 86400}
