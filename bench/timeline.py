@@ -195,8 +195,8 @@ class Marks:
                 buckets[float(b.group(1))] = float(b.group(2))
         workers = {w for _, w in values}
         if buckets:
-            # The scrape's worker, named by its background counters: with --workers N each
-            # scrape reaches one of them, and its buckets count only its own transactions.
+            # The scrape's worker, named by its background counters; with --workers N the
+            # buckets are every worker's summed (metrics_shared), kept under "".
             worker = next(iter(workers)) if len(workers) == 1 else ""
             previous = self._ledger_last.get(worker)
             self._ledger_last[worker] = buckets
@@ -212,8 +212,8 @@ class Marks:
             last[(worker, task)] = (runs, seconds)
             if before is None or runs == before[0]:
                 continue
-            # With several workers a scrape reaches one of them: its counts since its own
-            # previous scrape, which may be more than one sample ago.
+            # With several workers a scrape has the other workers' counts as they last shared
+            # them (once a second), so a mark may hold runs of more than one sample.
             spent_ms = (seconds - before[1]) * 1000
             who = f"pid {worker} " if len(workers) > 1 or len(self.urls) > 1 else ""
             self.marks.append((now - self.every_s / 2, f"{who}{task} x{int(runs - before[0])} {spent_ms:.1f} ms"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
 import os
@@ -9,12 +10,14 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from .core.decisions import DecisionResult, Flag, Reason, Verdict
+from .metrics_shared import Families, SharedMetrics
 
 # Methods a client may send are unbounded; the label takes only these (else "other").
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -208,6 +211,22 @@ class Metrics:
         self.redis_up = Gauge(
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
         ) if redis else None
+        self.shared: SharedMetrics | None = None
+
+    def share(self, directory: Path) -> None:
+        """One of several workers: ``render`` reports them all (``metrics_shared``), and
+        ``publish`` gives the others this worker's figures."""
+        self.shared = SharedMetrics(directory)
+
+    def publish(self) -> None:
+        if self.shared is not None:
+            self.shared.publish(self.registry.collect())
+
+    async def publish_in_thread(self) -> None:
+        """``publish`` with the file written off the event loop (its figures are taken on it)."""
+        if self.shared is not None:
+            number, _, data = self.shared.take(self.registry.collect())
+            await asyncio.to_thread(self.shared.write, number, data)
 
     def ledger_batch(self, size: int, seconds: float) -> None:
         """One committed group of decisions: how many, and how long its transaction took."""
@@ -215,4 +234,6 @@ class Metrics:
         self.ledger_call.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared is None:
+            return generate_latest(self.registry)
+        return generate_latest(Families(self.shared.collect(self.registry.collect())))

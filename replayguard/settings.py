@@ -146,7 +146,8 @@ OPTIONS: tuple[Option, ...] = (
            bounds=(0, 1_048_576)),
     Option("workers", "int", "1", "worker processes sharing the port (SO_REUSEPORT); a worker whose "
            "parent was killed hard exits within a second; one that fails (at start: one line) stops the "
-           "others and serve exits with its status", bounds=(1, 64)),
+           "others and serve exits with its status; /metrics counts them all, whichever answers",
+           bounds=(1, 64)),
     Option("log_level", "str", "info", "JSON log lines on stderr, each with the request id, route and "
            "caller token id; routine lines batched at least every 50 ms, warnings and errors at once",
            choices=("debug", "info", "warning", "error")),

@@ -199,18 +199,19 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _serve_worker_process(settings: Settings, dsn: str, parent_pid: int) -> None:
+def _serve_worker_process(settings: Settings, dsn: str, parent_pid: int, metrics_dir: Path) -> None:
     """One worker of ``serve --workers N`` (a spawned process): a failure a user can cause (its
     start refused: other keys on the database, ...) is one line on stderr and exit status 2."""
     try:
-        _serve_worker(settings, dsn, reuse_port=True, parent_pid=parent_pid)
+        _serve_worker(settings, dsn, reuse_port=True, parent_pid=parent_pid, metrics_dir=metrics_dir)
     except (ReplayGuardError, OSError) as exc:
         sys.exit(_fail(_one_line(exc)))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: int | None = None) -> None:
+def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: int | None = None,
+                  metrics_dir: Path | None = None) -> None:
     from ..http.app import create_app
     from ..http.server import serve
 
@@ -222,7 +223,7 @@ def _serve_worker(settings: Settings, dsn: str, reuse_port: bool, parent_pid: in
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(settings, dsn=dsn)
+    app = create_app(settings, dsn=dsn, metrics_dir=metrics_dir)
     asyncio.run(serve(app, settings, reuse_port=reuse_port, parent_pid=parent_pid))
 
 
@@ -251,9 +252,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _serve_many(settings: Settings, dsn: str) -> int:
     """Runs the workers until they stop. A worker that exits with a failure (one refused at
     start says why in one line and exits 2) stops the others, and ``serve`` exits with its
-    status, so a supervisor sees a failure, never a clean stop of a service that serves nothing."""
+    status, so a supervisor sees a failure, never a clean stop of a service that serves nothing.
+
+    The workers share their metrics through a directory of this ``serve``'s own (0700, made
+    empty here and removed when the workers have stopped: ``metrics_shared``)."""
+    from ..metrics_shared import make_directory, remove_directory
+
+    metrics_dir = make_directory()
+    try:
+        return _run_workers(settings, dsn, metrics_dir)
+    finally:
+        remove_directory(metrics_dir)
+
+
+def _run_workers(settings: Settings, dsn: str, metrics_dir: Path) -> int:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_worker_process, args=(settings, dsn, os.getpid()), daemon=False)
+    procs = [ctx.Process(target=_serve_worker_process, args=(settings, dsn, os.getpid(), metrics_dir), daemon=False)
              for _ in range(settings.workers)]
     for proc in procs:
         proc.start()

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import ModuleType
 
 import structlog
@@ -38,6 +39,8 @@ from ..errors import (
     Unavailable,
 )
 from ..logging import REQUEST_CONTEXT, request_line
+from ..metrics import Metrics
+from ..metrics_shared import PUBLISH_S
 from ..pg.connections import UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
@@ -264,7 +267,35 @@ async def _writing_back(settings: Settings, registry: CollectorRegistry) -> Asyn
         await asyncio.to_thread(writeback.stop)
 
 
-def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None):  # type: ignore[no-untyped-def]
+@contextlib.asynccontextmanager
+async def _sharing_metrics(metrics: Metrics, directory: Path | None) -> AsyncIterator[None]:
+    """One of several workers (``directory``: theirs, made by ``serve``): this worker's figures
+    for the others' scrapes every ``PUBLISH_S``, and a scrape here reports every worker."""
+    if directory is None:
+        yield
+        return
+    metrics.share(directory)
+
+    async def publish() -> None:
+        while True:
+            try:
+                with metrics.background.timed("metrics_share"):
+                    await metrics.publish_in_thread()
+            except OSError as exc:
+                log.warning("metrics_share_failed", error=type(exc).__name__)
+            await asyncio.sleep(PUBLISH_S)
+
+    task = asyncio.create_task(publish(), name="metrics-publish")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None,  # type: ignore[no-untyped-def]
+                   metrics_dir: Path | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, clock=clock, dsn=dsn) as runtime:
             app[RUNTIME] = runtime
@@ -276,7 +307,8 @@ def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | No
             _feed_gauges(runtime.metrics.registry, analyst_services.feed)
             await analyst_services.feed.start()
             try:
-                async with _guarding(runtime.continuity), _writing_back(settings, runtime.metrics.registry):
+                async with (_guarding(runtime.continuity), _writing_back(settings, runtime.metrics.registry),
+                            _sharing_metrics(runtime.metrics, metrics_dir)):
                     yield
             finally:
                 await analyst_services.feed.stop()
@@ -292,10 +324,11 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
-               dsn: str | None = None) -> web.Application:
-    """The whole service as an aiohttp application; resources open on startup."""
+               dsn: str | None = None, metrics_dir: Path | None = None) -> web.Application:
+    """The whole service as an aiohttp application; resources open on startup. ``metrics_dir``:
+    one of ``serve --workers N``'s workers, whose /metrics reports them all (``metrics_shared``)."""
     app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
-    app.cleanup_ctx.append(_resources_ctx(settings, clock, dsn))
+    app.cleanup_ctx.append(_resources_ctx(settings, clock, dsn, metrics_dir))
     app.on_shutdown.append(_end_streams)
     app.on_response_prepare.append(set_server_header)
     routes = all_routes()

@@ -76,6 +76,7 @@ def _unit_settings() -> dict[str, list[str]]:
     ("ReadWritePaths", "/var/lib/replayguard"), ("CapabilityBoundingSet", ""),
     ("EnvironmentFile", "-/etc/replayguard/replayguard.env"),
     ("Environment", "REPLAYGUARD_DATA_DIR=/var/lib/replayguard"),
+    ("RuntimeDirectory", "replayguard"), ("RuntimeDirectoryMode", "0700"),
 ])
 def test_service_unit_is_hardened(key: str, value: str) -> None:
     """The service unit keeps each hardening setting the deployment promises."""
