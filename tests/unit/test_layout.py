@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "replayguard"
 # What the core may import besides itself: pure standard library modules, three pure libraries,
 # the package's version and its errors. No I/O, no event loop, no clock.
 CORE_ALLOWED = {
-    "__future__", "base64", "binascii", "collections", "dataclasses", "datetime", "enum", "functools",
+    "__future__", "array", "base64", "binascii", "collections", "dataclasses", "datetime", "enum", "functools",
     "hashlib", "hmac", "json", "math", "re", "types", "typing",
     "pyotp", "cryptography", "orjson",
     "replayguard.core", "replayguard.errors",
