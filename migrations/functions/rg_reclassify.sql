@@ -2,6 +2,12 @@
 -- first used inside it becomes replay_after_rollback / critical. rg_alert keeps the history;
 -- a reclassification is not another sighting, so the count is put back and the history
 -- entry says 'reclassified'.
+-- The alerts are found from what retention does not purge: the reuse alerts whose first use
+-- was on the window's VM (`alerts_reuse_first_vm`, migration 037), each joined by one
+-- index probe to the ledger entry that accepted the credential (`first_seq`), whose time
+-- places the use inside the window or not. So a use whose `uses` row was purged before the
+-- event arrived is reclassified as one still kept, and the work grows with the VM's reuse
+-- alerts, not with the uses the window covers (a window of unknown start covers them all).
 CREATE OR REPLACE FUNCTION rg_reclassify(p_window bigint, p_ts bigint, p_event_seq bigint, p_event_id text)
 RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
@@ -14,10 +20,10 @@ BEGIN
     SELECT * INTO w FROM rollback_windows WHERE id = p_window;
     v_risk := rg_window_uses(w.vm_id, w.start_us, w.end_us, 50);
     FOR r IN
-        SELECT a.id, a.dedup_key, a.vm_id, u.subject, u.first_seq, u.vm_id AS first_vm
-        FROM uses u JOIN alerts a ON a.dedup_key = 'cred:' || encode(u.digest, 'hex')
-        WHERE u.vm_id = w.vm_id AND u.first_ts_us <= w.end_us
-          AND (w.start_us IS NULL OR u.first_ts_us >= w.start_us) AND a.kind = 'reuse'
+        SELECT a.id, a.dedup_key, a.vm_id, l.subject, l.seq AS first_seq, l.vm_id AS first_vm
+        FROM alerts a JOIN ledger l ON l.seq = (a.details->>'first_seq')::bigint
+        WHERE a.kind = 'reuse' AND (a.details->>'first_vm_id') COLLATE "C" = w.vm_id
+          AND l.vm_id = w.vm_id AND l.ts_us <= w.end_us AND (w.start_us IS NULL OR l.ts_us >= w.start_us)
         ORDER BY a.id
     LOOP
         v_id := rg_alert('replay_after_rollback', 'critical', r.vm_id, r.subject, r.dedup_key, p_ts, p_event_seq,

@@ -1,13 +1,17 @@
 -- The uses a window covers (inclusive ends; NULL start: since ever), for an alert's details:
--- the first `p_limit` by time, listed in ledger order. Taken in the order of `uses_vm_ts`, so
--- the scan stops after `p_limit` rows however many uses the window covers (rg_decide calls
--- this under the head lock, for every replay it names replay_after_rollback).
+-- the first `p_limit` by time, listed in ledger order. Read from the ledger's accepting
+-- entries, so a use whose `uses` row retention purged is listed too, in the order of
+-- `ledger_vm_accepts` (migration 037): both ends are index bounds, so the scan reads only
+-- the window's entries and stops after `p_limit` of them however many uses the window or
+-- the VM's history hold (rg_decide calls this under the head lock, for every replay it
+-- names replay_after_rollback).
 CREATE OR REPLACE FUNCTION rg_window_uses(p_vm text, p_start bigint, p_end bigint, p_limit integer)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('seq', first_seq, 'kind', kind, 'subject', subject,
-                                                 'vm_id', vm_id, 'ts_us', first_ts_us) ORDER BY first_seq),
+    SELECT coalesce(jsonb_agg(jsonb_build_object('seq', seq, 'kind', kind, 'subject', subject,
+                                                 'vm_id', vm_id, 'ts_us', ts_us) ORDER BY seq),
                     '[]'::jsonb)
-    FROM (SELECT * FROM uses
-          WHERE vm_id = p_vm AND first_ts_us <= p_end AND (p_start IS NULL OR first_ts_us >= p_start)
-          ORDER BY first_ts_us, first_seq LIMIT p_limit) covered
+    FROM (SELECT seq, kind, subject, vm_id, ts_us FROM ledger
+          WHERE vm_id = p_vm AND decision = 'accept'
+            AND ts_us >= coalesce(p_start, -9223372036854775808) AND ts_us <= p_end
+          ORDER BY ts_us, seq LIMIT p_limit) covered
 $$;

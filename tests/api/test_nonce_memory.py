@@ -139,3 +139,73 @@ async def test_a_purged_nonce_first_used_inside_a_rollback_window_is_a_replay_af
     assert await consume(api, body) == ("reject", "replay_after_rollback")
     without_issued_at = {k: v for k, v in body.items() if k != "issued_at"}
     assert await consume(api, without_issued_at) == ("reject", "replay_after_rollback")
+
+
+async def _revert(api: Api, vm: str, snapshot_at: float, reverted_at: float) -> None:
+    """Posts a revert of `vm` to a snapshot taken at `snapshot_at`, done at `reverted_at`."""
+    body = {"event_id": uid("evt"), "type": "snapshot.reverted", "vm_id": vm, "snapshot_id": "pre",
+            "snapshot_created_at": snapshot_at, "occurred_at": reverted_at}
+    status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
+    assert status == 202 and answer["duplicate"] is False, answer
+
+
+async def test_a_late_revert_reclassifies_the_reuse_alert_of_a_purged_nonce(api: Api) -> None:
+    """A nonce consumed on a VM, its use purged by retention, replayed (`reused`, a reuse
+    alert read from the ledger entry spent_nonces names), and only then the revert that
+    undid its consumption reported: the reuse alert becomes a critical
+    replay_after_rollback, as it does for a use whose row retention still keeps
+    (test_rollback_attack.py::test_late_event_reclassifies_the_alert), listing the purged
+    use as at risk."""
+    vm = uid("web")
+    taken = api.clock.now
+    api.clock.advance(5)
+    body = {"vm_id": vm, "scope": uid("api-login"), "nonce": uid("n"), "ttl_s": 60, "issued_at": api.clock.now}
+    status, first = await api.post("/v1/nonces/consume", body)
+    assert (status, first["decision"]) == (200, "accept"), first
+    api.clock.advance(5)
+    reverted_at = api.clock.now
+    api.clock.advance(200)  # past issued_at + ttl_s + 60
+    await purge(api, body)
+    status, replay = await api.post("/v1/nonces/consume", body)
+    assert (status, replay["decision"], replay["reason"]) == (200, "reject", "reused"), replay
+    status, before = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200 and (before["kind"], before["severity"]) == ("reuse", "warning"), before
+    api.clock.advance(60)
+    await _revert(api, vm, taken, reverted_at)
+    status, after = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200, after
+    assert (after["kind"], after["severity"], after["count"]) == ("replay_after_rollback", "critical", 1), after
+    assert [(h["change"], h["kind"]) for h in after["history"]] == [
+        ("raised", "reuse"), ("reclassified", "replay_after_rollback")]
+    assert after["details"]["first_seq"] == first["seq"] and after["details"]["first_vm_id"] == vm
+    assert first["seq"] in [u["seq"] for u in after["details"]["at_risk_uses"]], after["details"]
+    assert {replay["seq"], first["seq"]} <= {e["seq"] for e in after["entries"]}
+
+
+async def test_the_replay_alert_lists_the_purged_uses_the_window_put_at_risk(api: Api) -> None:
+    """The replay_after_rollback alert's `at_risk_uses` lists every use the window covers,
+    also those whose `uses` row retention purged: two nonces consumed on a VM inside a
+    window, both purged, and one of them replayed after the revert; the alert lists both
+    (the other is as much at risk: its consumption was undone too)."""
+    vm = uid("web")
+    taken = api.clock.now
+    api.clock.advance(5)
+    bodies = [{"vm_id": vm, "scope": uid("api-login"), "nonce": uid("n"), "ttl_s": 60, "issued_at": api.clock.now}
+              for _ in range(2)]
+    seqs = []
+    for body in bodies:
+        status, use = await api.post("/v1/nonces/consume", body)
+        assert (status, use["decision"]) == (200, "accept"), use
+        seqs.append(use["seq"])
+    api.clock.advance(5)
+    await _revert(api, vm, taken, api.clock.now)
+    api.clock.advance(200)
+    for body in bodies:
+        await purge(api, body)
+    status, replay = await api.post("/v1/nonces/consume", bodies[0])
+    assert (status, replay["decision"], replay["reason"]) == (200, "reject", "replay_after_rollback"), replay
+    status, raised = await api.get(f"/v1/alerts/{replay['alert_id']}")
+    assert status == 200 and raised["kind"] == "replay_after_rollback", raised
+    at_risk = raised["details"]["at_risk_uses"]
+    assert [u["seq"] for u in at_risk] == seqs, raised["details"]
+    assert all((u["kind"], u["vm_id"]) == ("nonce", vm) for u in at_risk), at_risk
