@@ -4,7 +4,10 @@
 -- token's secret, credentials already reduced to keyed digests) and, in one transaction
 -- holding the ledger head lock:
 --   1. checks the guest's receipt against the latest one issued to the VM (rollback,
---      clone, forgery) and opens a rollback window when the guest went back in time;
+--      clone, forgery) and opens a rollback window when the guest went back in time,
+--      unless, under p_refuse, it is the receipt a reported revert or restore left on the
+--      guest's disk (vms.revert_seq, set by rg_ingest_event): the event already opened the
+--      window and refused the VM, and the guest's first receipt after it re-syncs it;
 --   2. consumes the credential atomically (UPDATE otp_credentials ... WHERE last_counter <
 --      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
 --      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
@@ -55,6 +58,7 @@ DECLARE
     v_vmrow   vms%ROWTYPE;
     v_vm_moved boolean;
     v_resent  boolean;
+    v_explained bigint;
     v_flags   text[];
     v_verdict text;
     v_reason  text;
@@ -113,6 +117,7 @@ BEGIN
         v_galert := NULL;
         v_floor := NULL;
         v_vm_moved := false;
+        v_explained := NULL;
         v_steps := coalesce(it.steps, '{}');
 
         IF it.period_s IS NOT NULL THEN
@@ -167,6 +172,12 @@ BEGIN
                 'clone:' || it.vm_id || ':' || it.receipt_vm_id, it.ts_us, v_seq,
                 'VM ' || it.vm_id || ' presented a receipt issued to VM ' || it.receipt_vm_id,
                 jsonb_build_object('source_vm_id', it.receipt_vm_id, 'receipt_seq', v_rseq));
+        ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent AND p_refuse
+              AND it.receipt_seq >= v_vmrow.revert_receipt_seq THEN
+            -- The receipt the reported revert put back (or one issued between its snapshot and
+            -- the revert): every use it shows undone is in the event's window. Once: the
+            -- position moves, and the UPDATE below forgets the revert.
+            v_explained := v_vmrow.revert_seq;
         ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent THEN
             v_rseq := it.receipt_seq;
             v_flags := v_flags || 'rollback_detected'::text;
@@ -377,6 +388,9 @@ BEGIN
         IF v_resent THEN
             v_payload := v_payload || jsonb_build_object('receipt_resent', true);
         END IF;
+        IF v_explained IS NOT NULL THEN
+            v_payload := v_payload || jsonb_build_object('receipt_explained_by', v_explained::text);
+        END IF;
         -- What the state tables must hold because of this entry, for `ledger verify`
         -- (replayguard/services/state_check.py): the accepted use's row until it expires,
         -- and the lock this entry set.
@@ -410,7 +424,8 @@ BEGIN
                                                   ELSE receipt_request_from END,
                            epoch = v_vmrow.epoch, refusing = v_vmrow.refusing,
                            refusing_reason = v_vmrow.refusing_reason,
-                           receipts_seen = receipts_seen OR v_rc = 'valid'
+                           receipts_seen = receipts_seen OR v_rc = 'valid',
+                           revert_seq = NULL, revert_receipt_seq = NULL
                 WHERE vm_id = it.vm_id;
         END IF;
 

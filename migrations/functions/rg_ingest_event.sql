@@ -8,6 +8,14 @@
 -- that is a clone refuses every decision until an administrator clears it (rg_clear_vm),
 -- as it does when a stale or foreign receipt shows it (rg_decide); the reason is the
 -- event's type, and the event's ledger entry says so ("refusing": true).
+-- A revert or restore under p_refuse also records which receipt the VM's disk went back to
+-- (vms.revert_seq, revert_receipt_seq: migrations/038_revert_receipts.sql), so that the
+-- guest's next request, presenting it, re-syncs the guest instead of refusing the VM
+-- again (rg_decide). That receipt is at or after the newest one issued to the VM before
+-- the state's time T (the window's start; unknown: any). Nothing is recorded, and a
+-- stale receipt stays rollback_detected, when the guest already presented a receipt
+-- after the revert happened (R, the window's end: the event came late), or when T lies
+-- beyond the newest c_scan entries of the VM (the scan under the head lock is bounded).
 -- Dropped first: the signature without p_refuse would otherwise stay beside this one.
 DROP FUNCTION IF EXISTS rg_ingest_event(bigint, jsonb, bytea, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb,
@@ -20,6 +28,11 @@ DECLARE
     w      jsonb;
     v_wid  bigint;
     v_refuse boolean := p_refuse AND v_type IN ('snapshot.reverted', 'vm.restored', 'vm.cloned');
+    c_scan   CONSTANT integer := 10000;
+    v_state  bigint;
+    v_at     bigint;
+    v_last   bigint;
+    v_from   bigint;
 BEGIN
     r_seq := rg_append(p_ts, 'event', v_vm, p_event->>'event_id', NULL, NULL, NULL,
         p_event || jsonb_build_object('body_digest', encode(p_digest, 'hex'), 'windows', p_windows)
@@ -57,6 +70,30 @@ BEGIN
     END IF;
     IF v_refuse THEN
         UPDATE vms SET refusing = true, refusing_reason = v_type WHERE vm_id = v_vm;
+    END IF;
+    IF v_type IN ('snapshot.reverted', 'vm.restored', 'vm.cloned') THEN
+        IF v_refuse AND v_type <> 'vm.cloned' THEN
+            SELECT (value->>'start_us')::bigint, (value->>'end_us')::bigint INTO v_state, v_at
+                FROM jsonb_array_elements(p_windows) WHERE value->>'vm_id' = v_vm AND value->>'cause' = v_type;
+            SELECT l.ts_us INTO v_last FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
+            IF v_at IS NOT NULL AND coalesce(v_last <= v_at, true) THEN
+                IF v_state IS NULL THEN
+                    v_from := 0;
+                ELSE
+                    -- Newest first, stopping at the first match (the LIMIT 1 pulls lazily).
+                    SELECT x.seq INTO v_from FROM (SELECT l.seq, l.ts_us, l.payload FROM ledger l
+                        WHERE l.vm_id = v_vm ORDER BY l.seq DESC LIMIT c_scan) x
+                        WHERE x.ts_us < v_state AND x.payload->>'receipt' = 'valid' ORDER BY x.seq DESC LIMIT 1;
+                    IF v_from IS NULL AND (SELECT count(*) FROM (SELECT 1 FROM ledger l WHERE l.vm_id = v_vm
+                                                                   LIMIT c_scan) n) < c_scan THEN
+                        v_from := 0;  -- no receipt is older than the state: any it presents
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+        -- Another revert (or a clone taking this name) replaces what an earlier one recorded.
+        UPDATE vms SET revert_seq = CASE WHEN v_from IS NOT NULL THEN r_seq END, revert_receipt_seq = v_from
+            WHERE vm_id = v_vm;
     END IF;
     RETURN NEXT;
 END $$;

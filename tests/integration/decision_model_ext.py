@@ -4,7 +4,8 @@ Written from the contract, not from rg_decide: uses by (credential, step) where 
 credential is the key HMAC really uses (so equivalent secret forms are one credential),
 receipt positions with lost-answer claims, rollback windows (hypervisor reverts, and stale
 or foreign receipts bounded by the ledger's entries), the host clock guard, lockout,
-refusals under receipt_reaction = refuse, and settings that change between runs of the
+refusals under receipt_reaction = refuse (a reported revert or restore accounting for the
+one stale receipt its snapshot explains), and settings that change between runs of the
 service. A nonce's first use is known for good (spent_nonces names its entry); where
 retention may have dropped an OTP use's details, either `reused` or the detailed reason
 is allowed.
@@ -72,6 +73,8 @@ class Vm:
     req_id: str | None = None
     req_from: int | None = None
     refusing: bool = False
+    valid_seqs: list[int] = field(default_factory=list)  # decisions that presented a valid receipt
+    revert_from: int | None = None  # a reported revert explains the next receipt from this seq on
 
 
 @dataclass
@@ -135,8 +138,26 @@ class Model:
         later = [self.seq_ts[s] for s, v in self.seq_vm.items() if v == vm_id and s > rseq]
         return vm_id, min([self.seq_ts[rseq], *later]), max([now, *later])
 
+    def reverted(self, vm_id: str, state: float | None, at: float) -> None:
+        """A reported revert or restore to the state of time ``state`` (None: unknown), at time
+        ``at``. Under refuse, the guest's next receipt may be the one its disk held then: the
+        newest issued before ``state``, or any later (unknown state: any). Not when the guest
+        already presented a receipt after ``at`` (the report came late)."""
+        vm = self.vms.setdefault(vm_id, Vm())
+        vm.revert_from = None
+        if not self.refuse or (vm.position and self.seq_ts[vm.position] > at):
+            return
+        older = [s for s in vm.valid_seqs if state is not None and self.seq_ts[s] < state]
+        vm.revert_from = max(older, default=0)
+
     def receipt_flags(self, vm_id: str, r: dict, now: float) -> list[str]:
         vm = self.vms.setdefault(vm_id, Vm())
+        flags = self._receipt_flags(vm, vm_id, r, now)
+        if r["kind"] == "valid" or flags:  # the position moves: a reported revert explains no later receipt
+            vm.revert_from = None
+        return flags
+
+    def _receipt_flags(self, vm: Vm, vm_id: str, r: dict, now: float) -> list[str]:
         kind = r["kind"]
         if kind == "forged":
             return ["receipt_invalid"]
@@ -146,6 +167,9 @@ class Model:
                 return ["clone_detected"]
             resent = (r.get("unanswered") is not None and r["seq"] < vm.position and r["seq"] == vm.req_from
                       and r.get("unanswered") == vm.req_id)
+            if (r["seq"] < vm.position and not resent and self.refuse and vm.revert_from is not None
+                    and r["seq"] >= vm.revert_from):
+                return []  # the receipt the reported revert put back: its window is the event's
             if r["seq"] < vm.position and not resent:
                 self.windows.append(self.receipt_window(vm_id, r["seq"], now))
                 return ["rollback_detected"]
@@ -160,6 +184,7 @@ class Model:
         if r["kind"] == "valid":
             vm = self.vms[vm_id]
             vm.position = seq
+            vm.valid_seqs.append(seq)
             vm.receipts_seen = True
             vm.req_id = r.get("request")
             vm.req_from = r["seq"]

@@ -61,6 +61,9 @@ class Driver:
                         b32(raw[0] + b"\x00\x00\x00\x00\x00"), b32(raw[1]), b32(long_key),
                         b32(hashlib.sha1(long_key, usedforsecurity=False).digest())]
         self.receipts: dict[str, list[str]] = {vm: [] for vm in self.vms}
+        self.issued_at: dict[str, list[float]] = {vm: [] for vm in self.vms}  # when each of receipts was
+        # per VM: a receipt a reverted guest's disk may hold (sent by its next request, mostly)
+        self.rewound: dict[str, str] = {}
         # per VM: (receipt presented, request id) of each request that presented its own valid receipt
         self.moves: dict[str, list[tuple[str, str | None]]] = {vm: [] for vm in self.vms}
         self.snapshots: dict[str, list[float]] = {vm: [] for vm in self.vms}
@@ -154,6 +157,10 @@ class Driver:
             body = {"event_id": uid("evt"), "type": kind, "vm_id": vm, "snapshot_id": uid("snap"),
                     "snapshot_created_at": t, "occurred_at": occurred}
             self.model.windows.append((vm, t if t <= occurred else None, occurred))
+            self.model.reverted(vm, t if t <= occurred else None, occurred)
+            held = [r for r, at in zip(self.receipts[vm], self.issued_at[vm], strict=True) if at < t]
+            if held:  # the one held at t, mostly; an older one (a revert further back) too
+                self.rewound[vm] = held[-1] if self.rng.random() < 0.7 else self.rng.choice(held)
             if self.model.refuse:  # a reported revert or restore refuses the VM until it is cleared
                 self.model.vms.setdefault(vm, Vm()).refusing = True
             what = f"{kind} {vm} to {t:.0f} at {occurred:.0f}"
@@ -187,6 +194,10 @@ class Driver:
         extra: dict[str, Any] = {}
         if request is not None:
             extra["receipt_request"] = request
+        if vm in self.rewound and rng.random() < 0.8:
+            held = self.rewound.pop(vm)
+            v, s = claims(held)
+            return {"receipt": held, **extra}, {"kind": "valid", "vm": v, "seq": s, "request": request}
         if choice < 0.06:
             return {"receipt": "rg1.AAAA.BBBB", **extra}, {"kind": "forged", "request": request}
         if choice < 0.12:
@@ -283,6 +294,7 @@ class Driver:
         want = (expect[0], expect[1], sorted(expect[2]))
         vm = body["vm_id"]
         self.receipts[vm].append(answer["receipt"])
+        self.issued_at[vm].append(self.now)
         r = body.get("receipt")
         if r is not None and not r.startswith("rg1.AAAA"):  # its own receipt or another VM's
             self.moves[vm].append((r, body.get("receipt_request")))

@@ -1,0 +1,11 @@
+-- replayguard 038: a reported revert or restore accounts for the receipt the guest brings back.
+--
+-- Under receipt_reaction 'refuse', rg_ingest_event records on the reverted VM which receipt
+-- its disk went back to: revert_receipt_seq, the position of the newest receipt the VM was
+-- issued before the snapshot's time (0: every receipt, the time being unknown or no receipt
+-- being older), and revert_seq, the event's ledger entry. The next request that moves the
+-- VM's receipt position clears both; when it presents a stale receipt of this VM at or
+-- after revert_receipt_seq, rg_decide takes it as the guest coming back from the reported
+-- revert (no rollback_detected, no new refusal; the entry names the event) instead of a
+-- second rollback. NULL: no reported revert awaits the guest.
+ALTER TABLE vms ADD COLUMN revert_seq bigint, ADD COLUMN revert_receipt_seq bigint;
