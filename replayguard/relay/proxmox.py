@@ -19,9 +19,9 @@ Each record is written to the spool (fsynced) before its UPID enters the cursor,
 cursor (``proxmox-cursor.json``) is written atomically after, so a crash re-posts at
 worst, and re-posting a UPID is idempotent on the service. A ``--once`` run writes the
 cursor only when every record was delivered: when the service refused one (401/403/413:
-a wrong token or event signature) or could not be reached, the run exits non-zero, its
-records stay in the spool, and the next run polls the same tasks again (the spool keeps
-one file per UPID). The pure parts (cursor,
+a wrong token or event signature; a redirect, 404 or 405: a wrong service URL) or could
+not be reached, the run exits non-zero, its records stay in the spool, and the next run
+polls the same tasks again (the spool keeps one file per UPID). The pure parts (cursor,
 task selection, record building) are in ``proxmox_tasks.py``, the lookups in
 ``proxmox_lookup.py``, the spool and delivery in ``spool.py``; this module polls and runs.
 """

@@ -4,10 +4,11 @@ A relay writes each event to the spool directory (one JSON file per event, tmp +
 rename) before anything is sent, so a dead service or a ``kill -9`` delays an event but
 never loses it, and re-posting it is idempotent on the service side. Delivery drains the
 spool oldest first: a 2xx or 409 removes the file; a 401, 403 or 413 (a wrong token, a
-missing or wrong event signature, a body the service will not take) keeps it, logged as
-an error, because the fix is the operator's and the event must still arrive afterwards;
-any other 4xx parks it in ``dead/`` (bounded: the oldest letters go first, each drop
-logged); anything else keeps it and backs off.
+missing or wrong event signature, a body the service will not take), a redirect, a 404 or
+a 405 (a ``--service-url`` that does not reach the events endpoint: the service itself
+never answers it so) keeps it, logged as an error, because the fix is the operator's and
+the event must still arrive afterwards; any other 4xx parks it in ``dead/`` (bounded: the
+oldest letters go first, each drop logged); anything else keeps it and backs off.
 
 The spool directory and ``dead/`` are the relay's alone: created 0700, and refused when
 another user owns them, they are writable by group or others, or they are symlinks,
@@ -49,7 +50,7 @@ from ..settings import Secret
 
 DEFAULT_ID_KEY = "event_id"  # the id field of the service's native event JSON
 DEAD_MAX = 1000  # letters kept in dead/; with bodies under 64 KiB, at most ~64 MB
-REFUSED_STATUSES = (401, 403, 413)
+REFUSED_STATUSES = (401, 403, 404, 405, 413)  # and every 3xx: redirects are not followed
 
 log = structlog.get_logger("replayguard.relay.spool")
 
@@ -57,7 +58,7 @@ log = structlog.get_logger("replayguard.relay.spool")
 class Outcome(enum.Enum):
     DELIVERED = "delivered"  # 2xx, or 409: the service already holds this id
     RETRY = "retry"  # service down, 5xx, 408, 429: keep the event and back off
-    REFUSED = "refused"  # 401, 403, 413: the operator must fix something; keep it, back off
+    REFUSED = "refused"  # 3xx, 401, 403, 404, 405, 413: the operator must fix something; keep, back off
     DEAD = "dead"  # any other answer: retrying cannot help, park it in dead/
 
 
@@ -80,7 +81,7 @@ def classify_status(status: int | None) -> Outcome:
         return Outcome.RETRY
     if 200 <= status < 300 or status == 409:
         return Outcome.DELIVERED
-    if status in REFUSED_STATUSES:
+    if status in REFUSED_STATUSES or 300 <= status < 400:
         return Outcome.REFUSED
     return Outcome.DEAD
 
@@ -238,7 +239,11 @@ async def deliver_file(spool: Spool, path: Path, post: Post,
     return outcome, answer
 
 
+REDIRECT_HINT = "--service-url is redirected, and relays do not follow redirects: give the URL it leads to"
 REFUSED_HINTS = {
+    **dict.fromkeys(range(300, 400), REDIRECT_HINT),
+    404: "--service-url does not reach the service's events endpoint: check its scheme, host, port and path",
+    405: "--service-url does not reach the service's events endpoint: check its scheme, host, port and path",
     401: "check the relay's token and its event HMAC secret against the service's event_hmac_secret",
     403: "the token is not of role hypervisor (or not bound to this VM)",
     413: "the body is over the service's 64 KiB limit",

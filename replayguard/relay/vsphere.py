@@ -12,7 +12,8 @@ it already holds that id) or found it malformed for good (400 and other 4xx: kep
 ``dead/`` for the operator, logged as an error); 202 when the service could not be
 reached and the event is fsynced in the spool, from which a background task resends it
 with backoff. A 401, 403 or 413 from the service (a wrong token, a missing or wrong event
-signature) is the operator's to fix: the event stays in the spool for resending and VEBA
+signature), or a redirect, 404 or 405 (a service URL that misses the events endpoint), is
+the operator's to fix: the event stays in the spool for resending and VEBA
 gets a 502, so the broker's own retries and alarms see the failure too. If even the
 spool cannot be written the answer is 503, so the broker retries.
 

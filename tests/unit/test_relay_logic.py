@@ -249,11 +249,13 @@ def test_backoff_grows_exponentially_until_the_cap() -> None:
         (None, Outcome.RETRY), (503, Outcome.RETRY), (500, Outcome.RETRY),
         (429, Outcome.RETRY), (408, Outcome.RETRY),
         (401, Outcome.REFUSED), (403, Outcome.REFUSED), (413, Outcome.REFUSED),
-        (400, Outcome.DEAD), (404, Outcome.DEAD), (422, Outcome.DEAD), (302, Outcome.DEAD),
+        (404, Outcome.REFUSED), (405, Outcome.REFUSED), (302, Outcome.REFUSED),
+        (400, Outcome.DEAD), (415, Outcome.DEAD), (422, Outcome.DEAD),
     ],
 )
 def test_classify_status(status: int | None, outcome: Outcome) -> None:
-    """2xx and 409 settle an event, 5xx/429/no answer retry, 401/403/413 keep it, other answers park it."""
+    """2xx and 409 settle an event, 5xx/429/no answer retry, 3xx/401/403/404/405/413 keep
+    it, other answers park it."""
     assert classify_status(status) is outcome
 
 

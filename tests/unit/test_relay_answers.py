@@ -1,0 +1,71 @@
+"""What the relays do with answers that do not come from the events endpoint itself: a
+redirect or a 404/405 means the relay was pointed at the wrong URL (the service answers
+its events endpoint with 202, 400, 401, 403, 409, 413, 415 or 503), which the operator
+fixes; until then the events must wait in the spool, not be parked in dead/ and dropped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from replayguard.relay.spool import Outcome, Retry, Spool, classify_status, drain, post_json
+from replayguard.settings import Secret
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[tuple[str, list[int]]]:
+    """A loopback server answering POST / with the status at the head of the list it yields."""
+    statuses: list[int] = []
+
+    async def handler(_request: web.Request) -> web.Response:
+        status = statuses[0]
+        if 300 <= status < 400:
+            return web.Response(status=status, headers={"Location": "https://elsewhere.invalid/"})
+        return web.json_response({"accepted": True, "duplicate": False}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/hypervisor/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1/hypervisor/events", statuses
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 404, 405])
+def test_a_wrong_url_keeps_the_event(status: int) -> None:
+    """A redirect, a 404 or a 405 is the operator's to fix, like a wrong token: keep and retry."""
+    assert classify_status(status) is Outcome.REFUSED
+
+
+@pytest.mark.parametrize("status", [308, 404])
+async def test_events_wait_in_the_spool_until_the_url_is_fixed(
+    tmp_path: Path, answering: tuple[str, list[int]], status: int
+) -> None:
+    """A relay whose --service-url is answered by a redirect (http:// behind a proxy that
+    sends clients to https://) or a 404 (a path prefix left out) keeps its revert in the
+    spool; once the URL answers, the revert is delivered. (Each such answer parked the
+    event in dead/, which is never resent and drops its oldest letters: the revert, and
+    the rollback window it opens, were lost.)"""
+    url, statuses = answering
+    statuses.append(status)
+    spool = Spool(tmp_path)
+    spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
+    async with aiohttp.ClientSession() as session:
+
+        async def post(data: bytes) -> object:
+            return await post_json(session, url, Secret("t0ken"), data)
+
+        left = await drain(spool, post, "event_id", Retry(attempts=2, base=0.001))  # type: ignore[arg-type]
+        assert left == 1 and not spool.dead_letters()
+        statuses[0] = 202
+        assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 0  # type: ignore[arg-type]
+    assert not spool.pending() and not spool.dead_letters()
