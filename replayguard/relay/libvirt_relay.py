@@ -111,12 +111,18 @@ async def deliver_forever(
 
 
 async def _lifecycle_worker(relay: RelayState, watcher: Watcher) -> None:
-    """Complete queued lifecycle events with the current snapshot and spool them."""
+    """Complete queued lifecycle events with the current snapshot and spool them.
+
+    A completed event is held in ``relay.held`` until its spool write succeeds, so one
+    whose write failed (a full disk) is still there for the next connection's worker
+    when a reconnection cancels this one.
+    """
     cfg = relay.config
     while True:
+        await _spool_held(relay)
         p = await relay.lifecycle.get()
         snap = watcher.current_snapshot(p.dom) if is_from_snapshot(p.event, p.detail) else None
-        body = event_body(
+        relay.held.append(event_body(
             event_id=p.event_id,
             uri=cfg.uri,
             host=cfg.host,
@@ -126,21 +132,34 @@ async def _lifecycle_worker(relay: RelayState, watcher: Watcher) -> None:
             detail=p.detail,
             occurred_at=p.occurred_at,
             snapshot=snap,
-        )
-        # This event lives only here (libvirt does not send it again, and a revert to the
-        # current snapshot leaves nothing for the poller to see): a spool write that fails
-        # (a full disk) is tried again until it succeeds, never given up.
-        while True:
-            try:
-                relay.spool_event(body)
-                break
-            except OSError as exc:
-                log.error("event_spool_failed", event_id=p.event_id, error=str(exc), retry_in_s=SPOOL_RETRY_S)
-                await asyncio.sleep(SPOOL_RETRY_S)
+        ))
+
+
+async def _spool_held(relay: RelayState) -> None:
+    """Spool the held lifecycle events, oldest first, each removed only once written.
+
+    They live only here (libvirt does not send an event again, and a revert to the current
+    snapshot leaves nothing for the poller to see): a spool write that fails (a full disk)
+    is tried again until it succeeds, never given up.
+    """
+    while relay.held:
+        body = relay.held[0]
+        try:
+            relay.spool_event(body)
+        except OSError as exc:
+            log.error("event_spool_failed", event_id=body["event_id"], error=str(exc), retry_in_s=SPOOL_RETRY_S)
+            await asyncio.sleep(SPOOL_RETRY_S)
+        else:
+            relay.held.popleft()
 
 
 async def _poll_forever(relay: RelayState, watcher: Watcher) -> None:
-    """Poll snapshots; a short settle lets events already received reach their callback."""
+    """Poll snapshots; a short settle lets events already received reach their callback.
+
+    A poll whose changes cannot all be spooled, or whose state cannot be saved (a full
+    disk), is not taken as seen: the next poll diffs against the last one saved, so it
+    finds the same changes again (creations and deletions under the same ids).
+    """
     interval = relay.config.poll_interval
     settle = min(0.5, interval / 4)
     previous_start = time.monotonic()
@@ -148,19 +167,28 @@ async def _poll_forever(relay: RelayState, watcher: Watcher) -> None:
         started = time.monotonic()
         views = watcher.read_views()
         await asyncio.sleep(settle)
-        observed = time.time()
-        for uuid, view in views.items():
-            seen = watcher.from_snapshot_seen.get(uuid, -math.inf) >= previous_start
-            for change in diff_domain(relay.state.get(uuid), view, seen):
-                relay.spool_event(
-                    change_body(uri=relay.config.uri, host=relay.config.host, view=view,
-                                change=change, observed_at=observed)
-                )
-        if views_to_json(views) != views_to_json(relay.state):
-            atomic_write(relay.config.spool_dir / STATE_FILE, views_to_json(views))
-        relay.state = views
-        previous_start = started
+        try:
+            _record_poll(relay, watcher, views, previous_start, time.time())
+        except OSError as exc:
+            log.error("poll_spool_failed", error=str(exc), retry_in_s=interval)
+        else:
+            previous_start = started
         await asyncio.sleep(max(0.0, interval - settle))
+
+
+def _record_poll(relay: RelayState, watcher: Watcher, views: dict[str, DomainView],
+                 previous_start: float, observed: float) -> None:  # fmt: skip
+    """Spool the changes since the last recorded poll, then save this poll as the last."""
+    for uuid, view in views.items():
+        seen = watcher.from_snapshot_seen.get(uuid, -math.inf) >= previous_start
+        for change in diff_domain(relay.state.get(uuid), view, seen):
+            relay.spool_event(
+                change_body(uri=relay.config.uri, host=relay.config.host, view=view,
+                            change=change, observed_at=observed)
+            )
+    if views_to_json(views) != views_to_json(relay.state):
+        atomic_write(relay.config.spool_dir / STATE_FILE, views_to_json(views))
+    relay.state = views
 
 
 async def _run_watcher(relay: RelayState, watcher: Watcher, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class RelayState:
     boot_id: str
     state: dict[str, DomainView]
     lifecycle: asyncio.Queue[Pending] = field(default_factory=asyncio.Queue)
+    held: deque[dict[str, Any]] = field(default_factory=deque)  # lifecycle bodies not yet spooled
     counter: int = 0
 
     def spool_event(self, body: Mapping[str, Any]) -> None:

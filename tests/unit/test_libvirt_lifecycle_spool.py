@@ -1,4 +1,4 @@
-"""The libvirt relay's lifecycle worker keeps an event its spool could not write."""
+"""The libvirt relay keeps the events its spool could not write (a full disk) until it can."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import errno
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from replayguard.relay import libvirt_relay
-from replayguard.relay.libvirt_events import RelayConfig, SnapshotRef
+from replayguard.relay.libvirt_events import DomainView, RelayConfig, SnapshotRef
 from replayguard.relay.libvirt_watcher import Pending, RelayState
 from replayguard.relay.spool import Spool
 from replayguard.settings import Secret
@@ -59,3 +60,83 @@ async def test_a_revert_survives_failed_spool_writes(tmp_path: Path, monkeypatch
         assert not worker.done()
     finally:
         worker.cancel()
+
+
+class _Full(Spool):
+    """A spool on a full disk until ``room`` is set."""
+
+    room = False
+    failures = 0
+
+    def put(self, body: Any, id_key: str = "event_id") -> Path:
+        if not self.room:
+            self.failures += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().put(body, id_key)
+
+
+def _relay(tmp_path: Path, spool: Spool, poll_interval: float = 5.0) -> RelayState:
+    config = RelayConfig(uri="qemu:///system", service_url="http://127.0.0.1:9", token=Secret("t"),
+                         spool_dir=tmp_path / "spool", host="hv-03", poll_interval=poll_interval)
+    return RelayState(config=config, spool=spool, wake=asyncio.Event(), boot_id="b", state={})
+
+
+async def test_a_revert_survives_a_reconnection_while_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker holding a revert it cannot spool yet (a full disk) is cancelled, as a
+    reconnection to libvirtd cancels it; the next connection's worker spools that revert
+    once there is room. (The revert had been taken off the queue and was lost with the
+    cancelled worker; libvirt does not send it again.)"""
+    monkeypatch.setattr(libvirt_relay, "SPOOL_RETRY_S", 0.01)
+    spool = _Full(tmp_path / "spool")
+    relay = _relay(tmp_path, spool)
+    relay.lifecycle.put_nowait(Pending("hv-03:rev-1", _Domain(), 5, 6, 1_790_000_000.0))
+    first = asyncio.create_task(libvirt_relay._lifecycle_worker(relay, _Watcher()))  # type: ignore[arg-type]
+    await until(lambda: spool.failures >= 2, "the worker retrying the write")
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    spool.room = True
+    second = asyncio.create_task(libvirt_relay._lifecycle_worker(relay, _Watcher()))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(spool.pending()) == 1, "the revert in the spool")
+        (path,) = spool.pending()
+        assert orjson.loads(path.read_bytes())["event_id"] == "hv-03:rev-1"
+    finally:
+        second.cancel()
+
+
+class _PollWatcher(_Watcher):
+    """A connection whose every poll sees one domain with a new snapshot, current."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.from_snapshot_seen: dict[str, float] = {}
+
+    def read_views(self) -> dict[str, DomainView]:
+        uuid = _Domain().UUIDString()
+        return {uuid: DomainView(uuid, "web-01", {"pre-patch": 1_789_990_000}, "pre-patch")}
+
+
+async def test_a_full_disk_does_not_end_the_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the disk full, a poll that finds a new snapshot cannot spool it: the poll is
+    tried again and the connection's tasks go on, so the revert waiting in memory is
+    spooled once there is room, and so is the snapshot. (The poll's OSError ended the
+    watch and the relay with it, losing every lifecycle event not yet spooled.)"""
+    monkeypatch.setattr(libvirt_relay, "SPOOL_RETRY_S", 0.01)
+    spool = _Full(tmp_path / "spool")
+    relay = _relay(tmp_path, spool, poll_interval=0.04)
+    relay.lifecycle.put_nowait(Pending("hv-03:rev-1", _Domain(), 5, 6, 1_790_000_000.0))
+    watch = asyncio.create_task(libvirt_relay._run_watcher(relay, _PollWatcher(), asyncio.Event()))  # type: ignore[arg-type]
+    try:
+        await until(lambda: spool.failures >= 4 or watch.done(), "writes failing")
+        await asyncio.sleep(0.1)  # several polls on the full disk
+        assert not watch.done(), watch.exception()
+        spool.room = True
+        await until(lambda: len(spool.pending()) == 2, "the revert and the snapshot in the spool")
+        kinds = sorted(orjson.loads(p.read_bytes())["kind"] for p in spool.pending())
+        assert kinds == ["lifecycle", "snapshot_created"]
+        await until(lambda: (tmp_path / "spool" / libvirt_relay.STATE_FILE).exists(), "the poll state saved")
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
