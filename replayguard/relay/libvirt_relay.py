@@ -165,8 +165,11 @@ async def _poll_forever(relay: RelayState, watcher: Watcher) -> None:
     previous_start = time.monotonic()
     while True:
         started = time.monotonic()
-        views = watcher.read_views()
+        views, unreadable = watcher.read_views()
         await asyncio.sleep(settle)
+        # A domain unreadable this time keeps its last view: dropping it would leave the
+        # next poll nothing to compare with, and a silent revert in between unreported.
+        views |= {u: relay.state[u] for u in unreadable if u in relay.state}
         try:
             _record_poll(relay, watcher, views, previous_start, time.time())
         except OSError as exc:

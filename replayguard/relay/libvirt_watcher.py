@@ -132,11 +132,13 @@ class Watcher:
             log.warning("current_snapshot_unreadable", domain=dom.name(), error=str(exc))
             return None
 
-    def read_views(self) -> dict[str, DomainView]:
-        """One poll: every domain's snapshots and current snapshot."""
+    def read_views(self) -> tuple[dict[str, DomainView], frozenset[str]]:
+        """One poll: every domain's snapshots and current snapshot, and the UUIDs of the
+        domains listed but unreadable this time (their last view stands)."""
         import libvirt
 
         views: dict[str, DomainView] = {}
+        unreadable: set[str] = set()
         for dom in self.conn.listAllDomains(0):
             try:
                 view = self._view(dom)
@@ -144,9 +146,10 @@ class Watcher:
                 if self.conn.isAlive() != 1:
                     raise
                 log.warning("domain_unreadable", domain=dom.name(), error=str(exc))
+                unreadable.add(dom.UUIDString())
                 continue
             views[view.uuid] = view
-        return views
+        return views, frozenset(unreadable)
 
     def _view(self, dom: Any) -> DomainView:
         uuid = dom.UUIDString()

@@ -113,9 +113,9 @@ class _PollWatcher(_Watcher):
         self.closed = asyncio.Event()
         self.from_snapshot_seen: dict[str, float] = {}
 
-    def read_views(self) -> dict[str, DomainView]:
+    def read_views(self) -> tuple[dict[str, DomainView], frozenset[str]]:
         uuid = _Domain().UUIDString()
-        return {uuid: DomainView(uuid, "web-01", {"pre-patch": 1_789_990_000}, "pre-patch")}
+        return {uuid: DomainView(uuid, "web-01", {"pre-patch": 1_789_990_000}, "pre-patch")}, frozenset()
 
 
 async def test_a_full_disk_does_not_end_the_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,3 +140,37 @@ async def test_a_full_disk_does_not_end_the_watch(tmp_path: Path, monkeypatch: p
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+
+
+class _Polls:
+    """A connection whose polls see, in turn, the views given (None: the domain unreadable)."""
+
+    def __init__(self, *polls: DomainView | None) -> None:
+        self.polls = list(polls)
+        self.closed = asyncio.Event()
+        self.from_snapshot_seen: dict[str, float] = {}
+
+    def read_views(self) -> tuple[dict[str, DomainView], frozenset[str]]:
+        view = self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
+        uuid = _Domain().UUIDString()
+        return ({uuid: view}, frozenset()) if view is not None else ({}, frozenset({uuid}))
+
+
+async def test_a_silent_revert_across_an_unreadable_poll_is_reported(tmp_path: Path) -> None:
+    """A domain whose snapshots cannot be read in one poll (a libvirt call failing while the
+    connection stays up) keeps its last view: the silent revert from ``a`` to ``b`` seen
+    by the poll after is reported. (The unreadable domain was dropped from the poll state,
+    so the next poll had nothing to compare with and called nothing a revert.)"""
+    uuid = _Domain().UUIDString()
+    before = DomainView(uuid, "web-01", {"a": 1_789_990_000, "b": 1_789_980_000}, "a")
+    after = DomainView(uuid, "web-01", {"a": 1_789_990_000, "b": 1_789_980_000}, "b")
+    spool = Spool(tmp_path / "spool")
+    relay = _relay(tmp_path, spool, poll_interval=0.04)
+    poller = asyncio.create_task(libvirt_relay._poll_forever(relay, _Polls(before, None, after)))  # type: ignore[arg-type]
+    try:
+        await until(lambda: relay.state.get(uuid) == after, "the poll that sees b current")
+        kinds = sorted(orjson.loads(p.read_bytes())["kind"] for p in spool.pending())
+        assert kinds == ["silent_revert", "snapshot_created", "snapshot_created"]
+    finally:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
