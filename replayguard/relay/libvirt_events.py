@@ -28,8 +28,10 @@ SOURCE = "libvirt"
 SYNTHETIC = -1  # "event"/"detail" of events libvirt never emitted (found by polling)
 MAX_EVENT_ID = 256  # CONTRACT §3: identifiers are 1 to 256 printable characters
 # (virDomainEventType, detail) pairs that mean "this happened because of a snapshot":
-# RESUMED/FROM_SNAPSHOT, STARTED/FROM_SNAPSHOT, SUSPENDED/FROM_SNAPSHOT, STOPPED/FROM_SNAPSHOT.
-FROM_SNAPSHOT = frozenset({(4, 2), (2, 3), (3, 5), (5, 6)})
+# RESUMED/FROM_SNAPSHOT, STARTED/FROM_SNAPSHOT, SUSPENDED/FROM_SNAPSHOT, STOPPED/FROM_SNAPSHOT,
+# DEFINED/FROM_SNAPSHOT (a shut-off domain reverted to a shut-off snapshot), the pairs the
+# service reads as a revert.
+FROM_SNAPSHOT = frozenset({(4, 2), (2, 3), (3, 5), (5, 6), (0, 3)})
 
 
 class Kind(str, enum.Enum):

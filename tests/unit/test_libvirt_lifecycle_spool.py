@@ -174,3 +174,21 @@ async def test_a_silent_revert_across_an_unreadable_poll_is_reported(tmp_path: P
     finally:
         poller.cancel()
         await asyncio.gather(poller, return_exceptions=True)
+
+
+async def test_a_defined_from_snapshot_revert_names_its_snapshot(tmp_path: Path) -> None:
+    """DEFINED/FROM_SNAPSHOT (0/3) is what QEMU emits for a revert of a shut-off domain to a
+    shut-off snapshot, and the service reads it as a revert: the relay sends the current
+    snapshot with it, so the window starts at that snapshot's creation. (It sent no
+    snapshot, so the service opened the window from ever, putting every earlier use at
+    risk.)"""
+    spool = Spool(tmp_path / "spool")
+    relay = _relay(tmp_path, spool)
+    relay.lifecycle.put_nowait(Pending("hv-03:def-1", _Domain(), 0, 3, 1_790_000_000.0))
+    worker = asyncio.create_task(libvirt_relay._lifecycle_worker(relay, _Watcher()))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(spool.pending()) == 1, "the revert in the spool")
+        (path,) = spool.pending()
+        assert orjson.loads(path.read_bytes())["snapshot"] == {"name": "pre-patch", "creation_time": 1_789_990_000}
+    finally:
+        worker.cancel()

@@ -108,7 +108,8 @@ def test_revert_after_creating_a_snapshot_in_one_interval_is_still_seen() -> Non
 
 @pytest.mark.parametrize(
     ("event", "detail", "expected"),
-    [(5, 6, True), (2, 3, True), (3, 5, True), (4, 2, True), (2, 0, False), (5, 1, False), (6, 3, False)],
+    [(5, 6, True), (2, 3, True), (3, 5, True), (4, 2, True), (0, 3, True), (2, 0, False), (5, 1, False),
+     (6, 3, False), (0, 0, False)],
 )
 def test_from_snapshot_pairs(event: int, detail: int, expected: bool) -> None:
     """Only the FROM_SNAPSHOT details of the matching event types count as reverts."""
