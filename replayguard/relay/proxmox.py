@@ -60,7 +60,7 @@ from .options import (
     read_token,
     required,
 )
-from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record
+from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record, with_archive
 from .proxmox_tasks import (
     CURSOR_FILE,
     MOVES_PARENT,
@@ -70,6 +70,7 @@ from .proxmox_tasks import (
     Task,
     clone_target,
     due,
+    list_gaps,
     parent_may_have_moved,
     read_tasks,
     restore_fields,
@@ -93,7 +94,7 @@ __all__ = [
     "CURSOR_FILE", "EVENTS_PATH", "EX_TEMPFAIL", "MOVES_PARENT", "RECORD_FIELDS",
     "Answer", "ApiLookup", "Backup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
     "PveshLookup", "Retry", "Task", "build_record", "clone_target", "deliver_file", "drain",
-    "due", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
+    "due", "list_gaps", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
     "post_json", "read_tasks", "restore_fields", "restore_source", "run_poller", "save_cursor",
     "snapshot_fields", "spool_due", "task_record",
 ]  # fmt: skip
@@ -130,8 +131,8 @@ def save_cursor(state_dir: Path, cursor: Cursor) -> None:
 async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
                     cluster: str | None, now: float, retention_s: int) -> tuple[int, Cursor]:
     """Spool the records of the tasks not handled yet; (how many, the cursor to save next)."""
-    tasks = read_tasks(listing)
     cursor = load_cursor(state_dir)
+    tasks = await with_archive(read_tasks(listing), cursor, lookup)
     spooled = 0
     for task in due(tasks, cursor):
         if task.forwarded:

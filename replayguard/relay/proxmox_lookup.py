@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -22,9 +22,12 @@ import structlog
 
 from ..settings import Secret
 from .proxmox_tasks import (
+    Cursor,
     Task,
     clone_target,
+    list_gaps,
     parent_may_have_moved,
+    read_tasks,
     restore_fields,
     restore_source,
     snapshot_fields,
@@ -34,11 +37,25 @@ from .proxmox_tasks import (
 log = structlog.get_logger("replayguard.relay.proxmox")
 
 
+ARCHIVE_PAGE = 500  # tasks per read of a node's task archive
+ARCHIVE_PAGES = 40  # at most 20,000 tasks of one node read after a gap, the rest logged
+
+
+class ArchiveUnreadable(ValueError):
+    """A node's task archive could not be read: the poll fails and is tried again."""
+
+
 class Lookup(Protocol):
-    """Where the poller reads what the task list leaves out; None when it cannot."""
+    """Where the poller reads what the task list leaves out; None when it cannot.
+
+    ``task_archive``: a node's tasks started at or after ``since`` (newest first, as PVE
+    lists them), None when this lookup has no way to read them, ``ArchiveUnreadable``
+    when it has one and it failed.
+    """
 
     async def snapshots(self, node: str, vmid: str) -> object | None: ...
     async def task_log(self, node: str, upid: str) -> object | None: ...
+    async def task_archive(self, node: str, since: int) -> list[object] | None: ...
 
 
 class NoLookup:
@@ -47,6 +64,29 @@ class NoLookup:
 
     async def task_log(self, node: str, upid: str) -> object | None:
         return None
+
+    async def task_archive(self, node: str, since: int) -> list[object] | None:
+        return None
+
+
+Page = Callable[[int], Awaitable[object | None]]
+
+
+async def _archive(node: str, read_page: Page) -> list[object]:
+    """Every page of a node's task archive, until a short page or ``ARCHIVE_PAGES``."""
+    entries: list[object] = []
+    for n in range(ARCHIVE_PAGES):
+        page = await read_page(n * ARCHIVE_PAGE)
+        if isinstance(page, dict):
+            page = page.get("data")
+        if not isinstance(page, list):
+            raise ArchiveUnreadable(f"the task archive of node {node} could not be read")
+        entries += page
+        if len(page) < ARCHIVE_PAGE:
+            return entries
+    log.error("proxmox_task_archive_truncated", node=node, read=len(entries),
+              hint="older tasks of this node were not read: poll more often")
+    return entries
 
 
 def _node_path(node: str, rest: str) -> str:
@@ -81,16 +121,23 @@ class ApiLookup:
     async def task_log(self, node: str, upid: str) -> object | None:
         return await self._lookup(_node_path(node, f"tasks/{quote(upid, safe='')}/log?limit=500"))
 
+    async def task_archive(self, node: str, since: int) -> list[object] | None:
+        async def page(start: int) -> object | None:
+            query = f"tasks?source=all&since={since}&start={start}&limit={ARCHIVE_PAGE}"
+            return await self._lookup(_node_path(node, query))
+
+        return await _archive(node, page)
+
 
 class PveshLookup:
     """``pvesh get`` on a cluster node (cron or hookscript use, as root)."""
 
     timeout = 30.0
 
-    async def _pvesh(self, path: str) -> object | None:
+    async def _pvesh(self, path: str, *args: str) -> object | None:
         try:
             proc = await asyncio.create_subprocess_exec(
-                "pvesh", "get", path, "--output-format", "json",
+                "pvesh", "get", path, *args, "--output-format", "json",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         except OSError as exc:
             log.warning("proxmox_lookup_failed", path=path, error=type(exc).__name__)
@@ -111,6 +158,13 @@ class PveshLookup:
 
     async def task_log(self, node: str, upid: str) -> object | None:
         return await self._pvesh(_node_path(node, f"tasks/{upid}/log"))
+
+    async def task_archive(self, node: str, since: int) -> list[object] | None:
+        async def page(start: int) -> object | None:
+            return await self._pvesh(_node_path(node, "tasks"), "--source", "all", "--since", str(since),
+                                     "--start", str(start), "--limit", str(ARCHIVE_PAGE))
+
+        return await _archive(node, page)
 
 
 async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluster: str | None) -> dict[str, Any]:
@@ -133,3 +187,19 @@ async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluste
             log.warning("proxmox_restore_source_unknown", upid=task.upid.text,
                         posted="vm.restored of the vmid restored into, state time unknown")
     return task_record(task, cluster, extra)
+
+
+async def with_archive(tasks: list[Task], cursor: Cursor, lookup: Lookup) -> list[Task]:
+    """The listed tasks, plus those of each node's archive the list no longer reaches back to."""
+    for node, since in list_gaps(tasks, cursor).items():
+        older = await lookup.task_archive(node, since)
+        if older is None:
+            log.error("proxmox_task_list_gap", node=node, since=since, archive="not read",
+                      hint="tasks that finished on this node since then and left /cluster/tasks are"
+                           " not posted: give the poller --api-url, or pvesh, or poll more often")
+            continue
+        known = {t.upid.text for t in tasks}
+        found = [t for t in read_tasks(older) if t.upid.node == node and t.upid.text not in known]
+        log.warning("proxmox_task_list_gap", node=node, since=since, archive_tasks=len(found))
+        tasks = tasks + found
+    return tasks

@@ -110,6 +110,28 @@ def due(tasks: Sequence[Task], cursor: Cursor) -> list[Task]:
     return sorted(fresh, key=lambda t: (t.raw.get("endtime") or 0, t.upid.text))
 
 
+def list_gaps(tasks: Sequence[Task], cursor: Cursor) -> dict[str, int]:
+    """Nodes whose listed tasks may not reach back to the cursor: node → the start time of
+    the newest task handled there, from which that node's task archive must be read.
+
+    ``/cluster/tasks`` holds each node's running tasks and only its newest finished ones
+    (25 in PVE's ``active_workers``). When a node's listed finished tasks include none the
+    cursor handled, while the cursor handled tasks of that node, more may have finished
+    since than the list holds (a poller stopped or slow for a while): those fell off the
+    list unseen. A node listing no finished task says nothing (its list is not broadcast).
+    """
+    handled: dict[str, int] = {}
+    for text, start in cursor.seen.items():
+        with contextlib.suppress(MalformedPayload):
+            node = decode_upid(text).node
+            handled[node] = max(start, handled.get(node, start))
+    listed: dict[str, bool] = {}
+    for task in tasks:
+        if task.finished:
+            listed[task.upid.node] = listed.get(task.upid.node, False) or task.upid.text in cursor
+    return {node: handled[node] for node, overlaps in listed.items() if node in handled and not overlaps}
+
+
 def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:
     """A later (or still running) task on the same VM may have changed ``current.parent``."""
     return any(

@@ -349,3 +349,68 @@ async def consume(api: Api, vm_id: str, nonce: str) -> dict[str, Any]:
     status, answer = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "restore", "nonce": nonce})
     assert status == 200, answer
     return dict(answer)
+
+
+# ---------------------------------------------------------------- a poller that fell behind
+
+MAX_FINISHED = 25  # finished tasks per node PVE keeps in /cluster/tasks (RESTEnvironment)
+
+
+def _task(node: str, n: int, task_type: str, vmid: str, start: int) -> dict[str, Any]:
+    pid = 0x10000 + n
+    return {"upid": f"UPID:{node}:{pid:08X}:00020B15:{start:08X}:{task_type}:{vmid}:ops@pve:",
+            "node": node, "pid": pid, "pstart": 0x20B15, "starttime": start, "type": task_type,
+            "id": vmid, "user": "ops@pve", "endtime": start + 2, "status": "OK"}
+
+
+def pve_history(history: list[dict[str, Any]]) -> web.Application:
+    """A PVE API whose /cluster/tasks, like PVE's, holds only each node's newest
+    ``MAX_FINISHED`` finished tasks, and whose /nodes/{node}/tasks pages through the rest."""
+
+    async def cluster_tasks(_request: web.Request) -> web.Response:
+        listed: list[dict[str, Any]] = []
+        for node in sorted({t["node"] for t in history}):
+            mine = sorted((t for t in history if t["node"] == node), key=lambda t: -t["starttime"])
+            listed += mine[:MAX_FINISHED]
+        return web.json_response({"data": listed})
+
+    async def node_tasks(request: web.Request) -> web.Response:
+        since = int(request.query.get("since", "0"))
+        start, limit = int(request.query.get("start", "0")), int(request.query.get("limit", "50"))
+        mine = sorted((t for t in history if t["node"] == request.match_info["node"] and t["starttime"] >= since),
+                      key=lambda t: -t["starttime"])
+        return web.json_response({"data": mine[start:start + limit], "total": len(mine)})
+
+    app = web.Application()
+    app.router.add_get("/api2/json/cluster/tasks", cluster_tasks)
+    app.router.add_get("/api2/json/nodes/{node}/tasks", node_tasks)
+    return app
+
+
+async def test_a_rollback_pushed_off_the_task_list_while_the_poller_was_away_is_posted(
+    stand_in: tuple[StandIn, TestServer], tmp_path: Path
+) -> None:
+    """PVE's /cluster/tasks keeps only each node's 25 newest finished tasks. While the poller
+    is away, a rollback and then 30 console sessions finish on pve1: the list it reads on
+    return starts after the rollback. The poller notices that nothing listed for pve1
+    follows what it handled there, reads pve1's task archive since then, and posts the
+    rollback. (It posted only what was listed: the rollback, and its window, were lost.)"""
+    recorder, service = stand_in
+    t0 = 1_795_942_800
+    history = [_task("pve1", n, "qmstart", str(101 + n), t0 + 10 * n) for n in range(3)]
+    history.append(_task("pve2", 3, "qmstart", "201", t0 + 40))
+    server = await serve(pve_history(history))
+    try:
+        cfg = config(base(service), tmp_path, base(server), lookup="api")
+        assert await run_poller(cfg) == 0
+        assert len(recorder.bodies) == 4
+        rollback = _task("pve1", 10, "qmrollback", "101", t0 + 100)
+        history.append(rollback)
+        history += [_task("pve1", 100 + n, "vncproxy", "101", t0 + 200 + n) for n in range(30)]
+        history.append(_task("pve2", 4, "qmstop", "201", t0 + 300))
+        assert await run_poller(cfg) == 0
+        posted = [b["upid"] for b in recorder.bodies[4:]]
+        assert sorted(posted) == sorted([rollback["upid"], history[-1]["upid"]])
+        assert await run_poller(cfg) == 0 and len(recorder.bodies) == 6
+    finally:
+        await server.close()

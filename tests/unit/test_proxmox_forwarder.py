@@ -12,11 +12,14 @@ from replayguard.core.events import EventType
 from replayguard.errors import ConfigError
 from replayguard.hypervisors import proxmox as parser
 from replayguard.relay.proxmox import (
+    CURSOR_FILE,
     Cursor,
+    NoLookup,
     Outbox,
     build_record,
     clone_target,
     due,
+    list_gaps,
     load_config,
     parent_may_have_moved,
     poll_once,
@@ -24,6 +27,7 @@ from replayguard.relay.proxmox import (
     restore_source,
     snapshot_fields,
 )
+from replayguard.relay.proxmox_lookup import ArchiveUnreadable
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "proxmox"
 LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
@@ -135,6 +139,55 @@ def test_cursor_prune_forgets_only_old_unlisted_upids() -> None:
     cursor = Cursor({"old-listed": 10, "old-gone": 10, "new-gone": 500})
     cursor.prune(["old-listed"], before=100)
     assert cursor.seen == {"old-listed": 10, "new-gone": 500}
+
+
+def _finished(node: str, n: int, start: int) -> dict[str, Any]:
+    return {"upid": f"UPID:{node}:{0x10000 + n:08X}:00020B15:{start:08X}:vncproxy:101:ops@pve:",
+            "node": node, "starttime": start, "endtime": start + 1, "status": "OK"}
+
+
+def test_list_gaps_names_nodes_whose_list_does_not_reach_back_to_the_cursor() -> None:
+    """pve1 lists nothing the cursor handled (gap from its newest handled start); pve2's list
+    overlaps the cursor; pve3 is unknown to the cursor; pve4 lists only a running task."""
+    handled = [_finished("pve1", 1, 100), _finished("pve1", 2, 150), _finished("pve2", 3, 100),
+               _finished("pve4", 4, 100)]
+    cursor = Cursor()
+    for t in read_tasks(handled):
+        cursor.add(t)
+    running = {**_finished("pve4", 9, 300), "endtime": None, "status": None}
+    listing = [_finished("pve1", 5, 200), handled[2], _finished("pve2", 6, 200), _finished("pve3", 7, 200), running]
+    assert list_gaps(read_tasks(listing), cursor) == {"pve1": 150}
+    assert list_gaps(read_tasks(handled), cursor) == {}
+    assert list_gaps(read_tasks(listing), Cursor()) == {}
+
+
+async def test_an_unreadable_task_archive_fails_the_poll_and_keeps_the_cursor(tmp_path: Path) -> None:
+    """When the list shows a gap and the archive cannot be read, the poll raises (logged and
+    tried again by the poller) and the cursor stays where it was, so the gap is read later."""
+
+    class NoArchive(RecordedLookup):
+        async def task_archive(self, node: str, since: int) -> list[object] | None:
+            raise ArchiveUnreadable(node)
+
+    outbox = Outbox(tmp_path)
+    await poll_once([_finished("pve1", 1, 100)], state_dir=tmp_path, outbox=outbox, lookup=NoArchive(),
+                    cluster=None, now=200, retention_s=86400)
+    before = (tmp_path / CURSOR_FILE).read_bytes()
+    with pytest.raises(ValueError, match="pve1"):
+        await poll_once([_finished("pve1", 2, 300)], state_dir=tmp_path, outbox=outbox, lookup=NoArchive(),
+                        cluster=None, now=400, retention_s=86400)
+    assert (tmp_path / CURSOR_FILE).read_bytes() == before
+
+
+async def test_without_an_archive_source_the_listed_tasks_are_still_posted(tmp_path: Path) -> None:
+    """A lookup with no way to read the archive (--lookup none): the gap is logged as an error
+    and the tasks listed are handled as usual."""
+    outbox = Outbox(tmp_path)
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": NoLookup(), "cluster": None,
+                            "now": 400, "retention_s": 86400}
+    await poll_once([_finished("pve1", 1, 100)], **args)
+    await poll_once([_finished("pve1", 2, 300)], **args)
+    assert len(Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes()).seen) == 2
 
 
 @pytest.mark.parametrize("data", [b"", b"[]", b'{"seen": []}', b'{"seen": {"u": "x"}}', b"{}"])
