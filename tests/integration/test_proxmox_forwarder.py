@@ -414,3 +414,39 @@ async def test_a_rollback_pushed_off_the_task_list_while_the_poller_was_away_is_
         assert await run_poller(cfg) == 0 and len(recorder.bodies) == 6
     finally:
         await server.close()
+
+
+async def test_cron_mode_reads_the_task_archive_with_pvesh(stand_in: tuple[StandIn, TestServer], tmp_path: Path) -> None:
+    """In cron mode (`--from-stdin`, lookups by `pvesh`), a list that no longer reaches back
+    to the cursor makes the poller run `pvesh get /nodes/NODE/tasks --source all --since …`,
+    and the rollback found there is posted."""
+    recorder, service = stand_in
+    t0 = 1_795_942_800
+    first = [_task("pve1", 1, "qmstart", "101", t0)]
+    rollback = _task("pve1", 2, "qmrollback", "101", t0 + 100)
+    later = [_task("pve1", 100 + n, "vncproxy", "101", t0 + 200 + n) for n in range(MAX_FINISHED)]
+    (tmp_path / "archive.json").write_bytes(orjson.dumps(sorted(first + [rollback] + later,
+                                                                key=lambda t: -t["starttime"])))
+    script = tmp_path / "pvesh"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "if args[:2] != ['get', '/nodes/pve1/tasks']: sys.exit(2)\n"
+        "opt = dict(zip(args[2::2], args[3::2]))\n"
+        "assert opt['--source'] == 'all' and opt['--output-format'] == 'json', opt\n"
+        f"tasks = json.load(open({str(tmp_path / 'archive.json')!r}))\n"
+        "tasks = [t for t in tasks if t['starttime'] >= int(opt['--since'])]\n"
+        "start, limit = int(opt['--start']), int(opt['--limit'])\n"
+        "json.dump(tasks[start:start + limit], sys.stdout)\n"
+    )
+    script.chmod(0o755)
+    env = cli_env(PATH=f"{tmp_path}:{cli_env().get('PATH', '/usr/bin:/bin')}", REPLAYGUARD_RELAY_TOKEN=SERVICE_TOKEN)
+    for listing in (first, later):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "replayguard.relay.proxmox", "--from-stdin", "--lookup", "pvesh",
+            "--service-url", base(service), "--spool-dir", str(tmp_path / "spool"),
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO)
+        _, err = await asyncio.wait_for(proc.communicate(orjson.dumps(listing)), WAIT)
+        assert proc.returncode == 0, err.decode()
+    assert [b["upid"] for b in recorder.bodies] == [first[0]["upid"], rollback["upid"]]
