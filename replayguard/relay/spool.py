@@ -230,13 +230,26 @@ async def deliver_file(spool: Spool, path: Path, post: Post,
     elif outcome is Outcome.DEAD:
         spool.bury(path)
         log.error("event_rejected", event_id=event_id, status=answer.status, moved_to="dead/",
-                  dead_letters=len(spool.dead_letters()))
+                  dead_letters=len(spool.dead_letters()), service_error=service_reason(answer.body))
     elif outcome is Outcome.REFUSED:
         log.error("event_refused", event_id=event_id, status=answer.status, kept="spool",
-                  hint=REFUSED_HINTS.get(answer.status or 0, ""))
+                  hint=REFUSED_HINTS.get(answer.status or 0, ""), service_error=service_reason(answer.body))
     else:
         log.warning("event_delivery_failed", event_id=event_id, status=answer.status)
     return outcome, answer
+
+
+MAX_REASON = 200  # characters of the service's error message a log line carries
+
+
+def service_reason(body: Any) -> str | None:
+    """The ``error.message`` of a service answer (CONTRACT §3), printable and cut short;
+    None when the answer has none (a proxy's page, a redirect)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message:
+        return None
+    return "".join(c if c.isprintable() else "?" for c in message[:MAX_REASON])
 
 
 REDIRECT_HINT = "--service-url is redirected, and relays do not follow redirects: give the URL it leads to"

@@ -69,6 +69,7 @@ from .spool import (
     classify_status,
     drain,
     post_json,
+    service_reason,
 )
 
 EVENTS_PATH = "/v1/hypervisor/events?source=vsphere"
@@ -214,13 +215,13 @@ class Forwarder:
         if outcome is Outcome.DEAD:
             self.outbox.bury(path)
             log.error("event_rejected", event_id=event["id"], status=answer.status, moved_to="dead/",
-                      dead_letters=len(self.outbox.dead_letters()))
+                      dead_letters=len(self.outbox.dead_letters()), service_error=service_reason(answer.body))
             return 200, {"forwarded": False, "status": answer.status, "service": answer.body,
                          "parked": "dead/"}
         self.wake.set()
         if outcome is Outcome.REFUSED:
             log.error("event_refused", event_id=event["id"], status=answer.status, kept="spool",
-                      hint=REFUSED_HINTS.get(answer.status or 0, ""))
+                      hint=REFUSED_HINTS.get(answer.status or 0, ""), service_error=service_reason(answer.body))
             return 502, {"forwarded": False, "spooled": True, "status": answer.status}
         log.warning("event_spooled", event_id=event["id"], status=answer.status)
         return 202, {"forwarded": False, "spooled": True}

@@ -416,7 +416,9 @@ async def test_a_rollback_pushed_off_the_task_list_while_the_poller_was_away_is_
         await server.close()
 
 
-async def test_cron_mode_reads_the_task_archive_with_pvesh(stand_in: tuple[StandIn, TestServer], tmp_path: Path) -> None:
+async def test_cron_mode_reads_the_task_archive_with_pvesh(
+    stand_in: tuple[StandIn, TestServer], tmp_path: Path
+) -> None:
     """In cron mode (`--from-stdin`, lookups by `pvesh`), a list that no longer reaches back
     to the cursor makes the poller run `pvesh get /nodes/NODE/tasks --source all --since …`,
     and the rollback found there is posted."""
@@ -425,7 +427,7 @@ async def test_cron_mode_reads_the_task_archive_with_pvesh(stand_in: tuple[Stand
     first = [_task("pve1", 1, "qmstart", "101", t0)]
     rollback = _task("pve1", 2, "qmrollback", "101", t0 + 100)
     later = [_task("pve1", 100 + n, "vncproxy", "101", t0 + 200 + n) for n in range(MAX_FINISHED)]
-    (tmp_path / "archive.json").write_bytes(orjson.dumps(sorted(first + [rollback] + later,
+    (tmp_path / "archive.json").write_bytes(orjson.dumps(sorted([*first, rollback, *later],
                                                                 key=lambda t: -t["starttime"])))
     script = tmp_path / "pvesh"
     script.write_text(

@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
-from replayguard.relay.spool import Outcome, Retry, Spool, classify_status, drain, post_json
+from replayguard.relay.spool import Answer, Outcome, Retry, Spool, classify_status, deliver_file, drain, post_json
 from replayguard.settings import Secret
 
 
@@ -69,3 +70,25 @@ async def test_events_wait_in_the_spool_until_the_url_is_fixed(
         statuses[0] = 202
         assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 0  # type: ignore[arg-type]
     assert not spool.pending() and not spool.dead_letters()
+
+
+async def test_a_refusal_logs_the_services_reason(tmp_path: Path) -> None:
+    """A 401 for a signature whose timestamp the service finds stale (the relay host's
+    clock is off) is logged with the service's own reason, so the operator fixes the clock
+    rather than the token; an answer without one logs none, and the token never appears."""
+    spool = Spool(tmp_path)
+    path = spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
+    reason = "the event's signature timestamp is outside the tolerance"
+
+    async def stale(_data: bytes) -> Answer:
+        return Answer(401, {"error": {"code": "unauthorized", "message": reason}})
+
+    async def bare(_data: bytes) -> Answer:
+        return Answer(403, ["t0ken"])
+
+    with capture_logs() as logs:
+        assert (await deliver_file(spool, path, stale))[0] is Outcome.REFUSED
+        assert (await deliver_file(spool, path, bare))[0] is Outcome.REFUSED
+    refused = [e for e in logs if e["event"] == "event_refused"]
+    assert [e.get("service_error") for e in refused] == [reason, None]
+    assert "t0ken" not in repr(logs)
