@@ -8,7 +8,9 @@ missing or wrong event signature, a body the service will not take), a redirect,
 a 405 (a ``--service-url`` that does not reach the events endpoint: the service itself
 never answers it so) keeps it, logged as an error, because the fix is the operator's and
 the event must still arrive afterwards; any other 4xx parks it in ``dead/`` (bounded: the
-oldest letters go first, each drop logged); anything else keeps it and backs off.
+oldest letters go first, each drop logged); anything else keeps it and backs off. A 403
+(a token bound to other VMs than this event's) or a 413 refuses that one event: the
+events behind it are still sent, out of order, as the service allows.
 
 The spool directory and ``dead/`` are the relay's alone: created 0700, and refused when
 another user owns them, they are writable by group or others, or they are symlinks,
@@ -51,6 +53,7 @@ from ..settings import Secret
 DEFAULT_ID_KEY = "event_id"  # the id field of the service's native event JSON
 DEAD_MAX = 1000  # letters kept in dead/; with bodies under 64 KiB, at most ~64 MB
 REFUSED_STATUSES = (401, 403, 404, 405, 413)  # and every 3xx: redirects are not followed
+PER_EVENT_REFUSALS = (403, 413)  # refusals of one event: the events behind it are still sent
 
 log = structlog.get_logger("replayguard.relay.spool")
 
@@ -272,28 +275,53 @@ class Retry:
     rand: Callable[[], float] = random.random
 
 
+def refused_alone(status: int | None) -> bool:
+    """A refusal of this one event (403: a token bound to other VMs; 413: this body is too
+    large), not of everything the relay sends (a wrong token or signature, a wrong URL)."""
+    return status in PER_EVENT_REFUSALS
+
+
 async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
                 wake: asyncio.Event | None = None) -> int:  # fmt: skip
     """Send the spool oldest first; returns how many remain once ``retry.attempts`` is spent.
 
-    With ``wake``, it never returns: an empty spool waits for the next ``wake``.
+    A pass over the spool stops at the first event the service cannot take now (no answer,
+    5xx) or refuses whatever it is sent (401, a wrong URL); an event refused for itself
+    (``refused_alone``) stays and the pass goes on with the ones behind it. A pass that
+    leaves events behind is followed by a backoff (cut short by ``wake``), growing while
+    passes deliver nothing. With ``wake``, it never returns: an empty spool waits for the
+    next ``wake``.
     """
     attempt = 0
     while True:
+        if wake is not None:
+            wake.clear()  # set again by whatever is spooled from here on
         batch = spool.pending()
         if not batch:
             if wake is None:
                 return 0
-            wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=1.0)
             continue
+        held, delivered = False, False
         for path in batch:
-            outcome, _ = await deliver_file(spool, path, post, id_key)
+            outcome, answer = await deliver_file(spool, path, post, id_key)
+            if outcome is Outcome.REFUSED and refused_alone(answer.status):
+                held = True
+                continue
             if outcome in (Outcome.RETRY, Outcome.REFUSED):
-                if retry.attempts is not None and attempt + 1 >= retry.attempts:
-                    return len(spool.pending())
-                await asyncio.sleep(backoff_delay(attempt, retry.rand(), base=retry.base))
-                attempt += 1
+                held = True
                 break
+            delivered = True
+        if not held:
             attempt = 0
+            continue
+        attempt = 0 if delivered else attempt + 1
+        if retry.attempts is not None and attempt >= retry.attempts:
+            return len(spool.pending())
+        delay = backoff_delay(attempt, retry.rand(), base=retry.base)
+        if wake is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=delay)
