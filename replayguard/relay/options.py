@@ -51,11 +51,20 @@ def required(value: str | None, name: str) -> str:
     return value.strip()
 
 
-def checked_service_url(value: str) -> str:
-    """An http(s) URL with a host, as given; anything else is a ConfigError."""
-    parts = urlsplit(value)
+def checked_service_url(value: str, flag: str = "--service-url") -> str:
+    """An http(s) URL with a host and no user or password, as given; anything else is a
+    ConfigError. A URL with credentials is refused without being repeated: the relays log
+    their URLs, and they authenticate with tokens, never with a URL's userinfo."""
+    field = flag.lstrip("-")
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unbalanced [ of an IPv6 host
+        raise ConfigError(f"{flag} is not a URL", field=field) from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{flag} must not hold a user or password (the URL is not repeated here):"
+                          " the relay authenticates with its token file", field=field)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--service-url must be an http(s) URL, got {value!r}", field="service-url")
+        raise ConfigError(f"{flag} must be an http(s) URL, got {value!r}", field=field)
     return value
 
 

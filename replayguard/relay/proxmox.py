@@ -280,6 +280,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConf
     """Flags and ``REPLAYGUARD_RELAY_*`` → (config, read stdin); problems are ConfigError."""
     args = _parser().parse_args(list(argv))
     api_url = pick(args.api_url, env, "pve-api-url")
+    if api_url is not None:
+        checked_service_url(api_url, "--api-url")
     api_token_file = pick(args.api_token_file, env, "pve-token-file")
     if not args.from_stdin and (api_url is None or api_token_file is None):
         raise ConfigError("give --api-url and --api-token-file, or --from-stdin", field="api-url")

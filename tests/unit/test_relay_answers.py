@@ -92,3 +92,31 @@ async def test_a_refusal_logs_the_services_reason(tmp_path: Path) -> None:
     refused = [e for e in logs if e["event"] == "event_refused"]
     assert [e.get("service_error") for e in refused] == [reason, None]
     assert "t0ken" not in repr(logs)
+
+
+@pytest.mark.parametrize("relay", ["libvirt", "proxmox", "vsphere"])
+def test_credentials_in_a_url_are_refused_and_never_echoed(relay: str, tmp_path: Path) -> None:
+    """A --service-url (or Proxmox --api-url) with a user and password is refused at start
+    with a message that does not repeat the password: the relay would log the URL
+    (``relay_started``) and the service URL's credentials would sit in every log line."""
+    from replayguard.errors import ConfigError
+    from replayguard.relay import cli, proxmox, vsphere
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    good, bad = "https://replayguard.example:8080", "https://ops:hunter2@replayguard.example:8080"
+    common = ["--token-file", str(token), "--spool-dir", str(tmp_path / "spool")]
+    cases: list[list[str]] = [["--service-url", bad, *common]]
+    if relay == "proxmox":
+        cases.append(["--service-url", good, "--api-url", "https://root:hunter2@pve1:8006",
+                      "--api-token-file", str(token), *common])
+    for argv in cases:
+        with pytest.raises(ConfigError) as caught:
+            if relay == "libvirt":
+                cli.load_config(["libvirt", "--uri", "test:///default", *argv], {}, "h")
+            elif relay == "proxmox":
+                proxmox.load_config([*argv, "--api-url", "https://pve1:8006", "--api-token-file", str(token)]
+                                    if "--api-url" not in argv else argv, {})
+            else:
+                vsphere.load_config(argv, {})
+        assert "hunter2" not in caught.value.message and "URL" in caught.value.message

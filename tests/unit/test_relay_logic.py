@@ -348,6 +348,7 @@ def test_token_from_environment() -> None:
         (["--poll-interval", "0"], "--poll-interval"),
         (["--poll-interval", "nan"], "--poll-interval"),
         (["--service-url", "ftp://x"], "--service-url must be an http(s) URL"),
+        (["--service-url", "http://[::1"], "--service-url is not a URL"),
         (["--bogus"], "unrecognized arguments"),
     ],
 )
