@@ -174,14 +174,23 @@ def change_body(
 
 
 def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
-    """The current snapshot moved to one that already existed, and not by a deletion.
+    """The current snapshot moved to one that already existed, and not by a deletion; or
+    to one taken since the previous poll while a snapshot taken after it still exists.
 
     A newly created snapshot becoming current is a creation, and deleting the current
-    snapshot may make its parent current: neither is a revert.
+    snapshot may make its parent current: neither is a revert. But taking a snapshot makes
+    it current, so when several were taken since the previous poll (or while the relay was
+    stopped) and the current one is not the last taken, the domain went back to it.
     """
     target = cur.current
-    if target is None or target == prev.current or target not in prev.snapshots:
+    if target is None or target == prev.current:
         return False
+    if target not in prev.snapshots:
+        taken = cur.snapshots.get(target)
+        return taken is not None and any(
+            name not in prev.snapshots and when is not None and when > taken
+            for name, when in cur.snapshots.items()
+        )
     return prev.current is None or prev.current in cur.snapshots
 
 
