@@ -182,26 +182,29 @@ function field(name, value) {
   return [h("dt", {}, name), h("dd", {}, value ?? "—")];
 }
 
-async function acknowledge(id, note, pane, message) {
+async function acknowledge(id, note, pane, message, button) {
   try {
     await api(`/v1/alerts/${encodeURIComponent(id)}/acknowledge`, { method: "POST", body: { note: note || null } });
   } catch (error) {
     clear(message).append(errorBox(error));
+    button.disabled = false;  // refused or unreachable: nothing was recorded, it may be sent again
     return;
   }
   await showDetail(pane, id);
 }
 
-function ackForm(alert, pane) {
+/** The acknowledgement (or the form to make it, its note box holding `typed`). */
+function ackForm(alert, pane, typed) {
   if (alert.status !== "open") {
     const ack = alert.acknowledged || {};
     return h("p", { class: "acked", id: "acked" }, `Acknowledged ${when(ack.at)} by `, h("span", { class: "ident" }, ack.by ?? "?"),
       ack.note ? [": ", h("q", { class: "note" }, ack.note)] : null);
   }
   const note = h("textarea", { id: "ack-note", rows: 2, maxlength: 2000, placeholder: "Note (what you found, what you did)" });
+  note.value = typed;
   const message = h("div");
   const button = h("button", { type: "button", id: "ack" }, "Acknowledge");
-  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane, message); });
+  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane, message, button); });
   return h("div", { class: "ack" }, note, button, message);
 }
 
@@ -220,6 +223,8 @@ export async function showDetail(pane, id) {
     return;
   }
   if (reads.get(pane) !== mine) return;
+  // Read again after a live change: the note the analyst was typing stays in the box.
+  const typed = pane.querySelector("#ack-note")?.value ?? "";
   clear(pane).append(
     h("h2", {}, `Alert ${alert.id} `, badge(alert.severity, "sev"), " ", h("span", { class: "kind" }, alert.kind)),
     h("p", { class: "summary" }, alert.summary),
@@ -229,7 +234,7 @@ export async function showDetail(pane, id) {
       field("principal", alert.principal ? h("span", { class: "ident" }, alert.principal) : null),
       field("count", String(alert.count)),
       field("first seen", when(alert.first_seen)), field("last seen", when(alert.last_seen))),
-    ackForm(alert, pane),
+    ackForm(alert, pane, typed),
     h("h3", {}, "History"),
     table(["time", "change", "kind", "severity", "seq", "by"], alert.history.map((e) => h("tr", {},
       h("td", { class: "time" }, when(e.time)), h("td", {}, e.change ?? ""), h("td", {}, e.kind ?? ""),

@@ -95,7 +95,14 @@ function loginPage() {
 
 const PAGES = { alerts, vms, ledger, principals };
 
+// Each page is drawn into a view of its own, put in <main> when the route is taken: a page
+// left while it is still loading (a response in flight when the hash changes or the analyst
+// logs out) finishes in its own view, out of the document, and never draws into the next one.
+// The number of the latest route: what a page's render ends with is dropped when it is older.
+let routes = 0;
+
 async function route() {
+  const mine = ++routes;
   if (leave) { leave(); leave = null; }
   listeners.clear();
   if (!session.token()) { loginPage(); return; }
@@ -103,12 +110,16 @@ async function route() {
   const page = PAGES[name] || alerts;
   for (const a of nav.querySelectorAll("a")) a.classList.toggle("active", a.dataset.page === (PAGES[name] ? name : "alerts"));
   const params = rest.map((part) => { try { return decodeURIComponent(part); } catch { return part; } });
-  clear(main);
+  const view = h("div", { class: "view" });
+  clear(main).append(view);
   try {
-    leave = (await page.render(main, params, ctx)) || null;
+    const done = (await page.render(view, params, ctx)) || null;
+    if (mine === routes) leave = done;
+    else if (done) done();  // left already: stop what it follows (the stream, its timers)
   } catch (error) {
+    if (mine !== routes) return;
     if (error instanceof ApiError && error.status === 401) { logout(); return; }
-    main.append(errorBox(error));
+    view.append(errorBox(error));
   }
 }
 

@@ -11,8 +11,11 @@ function facts(pairs) {
 // The number of the latest verification asked for: an earlier one that answers later is dropped.
 let verifications = 0;
 
-async function verify(box) {
+/** Verifies the whole chain into `box`; `again` (the button asking for it) is disabled until
+ *  the answer, so a second click does not make the service verify everything twice. */
+async function verify(box, again) {
   const mine = ++verifications;
+  again.disabled = true;
   clear(box).append(h("p", { class: "muted" }, "Verifying the whole chain…"));
   try {
     const report = await api("/v1/ledger/verify");
@@ -27,13 +30,15 @@ async function verify(box) {
     box.dataset.ok = String(report.ok);
   } catch (error) {
     if (mine === verifications) clear(box).append(errorBox(error));
+  } finally {
+    again.disabled = false;
   }
 }
 
 export async function render(main) {
   const verifyBox = h("div", { id: "verify" });
   const again = h("button", { type: "button", id: "verify-again" }, "Verify again");
-  again.addEventListener("click", () => verify(verifyBox));
+  again.addEventListener("click", () => verify(verifyBox, again));
   const status = await api("/v1/status");
   const cp = status.ledger.last_checkpoint;
   const sinkRows = status.sinks.map((sink) => h("tr", {},
@@ -64,6 +69,6 @@ export async function render(main) {
     h("h3", {}, `Sinks (reported by ${status.leader ? "this instance, which feeds them" : "an instance that is not feeding them now"})`),
     sinkRows.length ? table(["sink", "backlog", "delivered", "failed attempts", "last error"], sinkRows)
       : h("p", { class: "muted" }, "No sinks configured."));
-  await verify(verifyBox);
+  await verify(verifyBox, again);
   return null;
 }

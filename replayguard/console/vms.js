@@ -12,20 +12,36 @@ export async function render(main, params, ctx) {
   let cursor = null;
   const body = h("tbody", { id: "vm-rows" });
   const more = h("button", { type: "button", id: "more", hidden: true }, "More VMs");
+  const listError = h("div");
+  let loading = false;
+  // One page at a time (the button is disabled meanwhile): the next page is asked for, and
+  // listed, once.
   const load = async () => {
-    const page = await api(`/v1/vms${query({ limit: 200, cursor })}`);
-    body.append(...page.items.map((vm) => h("tr", { dataset: { vmId: vm.vm_id } },
-      h("td", {}, link(vm.vm_id, "vms", vm.vm_id)),
-      h("td", { class: "num" }, vm.epoch), h("td", { class: "num" }, vm.rollbacks),
-      h("td", { class: "num" }, vm.open_alerts),
-      h("td", {}, vm.refusing ? badge(`refusing (${vm.refusing_reason ?? "?"})`, "refusing") : "no"),
-      h("td", { class: "time" }, when(vm.first_seen)), h("td", { class: "time" }, when(vm.last_seen)))));
-    cursor = page.next_cursor;
-    more.hidden = cursor === null;
+    if (loading) return;
+    loading = true;
+    more.disabled = true;
+    try {
+      const page = await api(`/v1/vms${query({ limit: 200, cursor })}`);
+      body.append(...page.items.map((vm) => h("tr", { dataset: { vmId: vm.vm_id } },
+        h("td", {}, link(vm.vm_id, "vms", vm.vm_id)),
+        h("td", { class: "num" }, vm.epoch), h("td", { class: "num" }, vm.rollbacks),
+        h("td", { class: "num" }, vm.open_alerts),
+        h("td", {}, vm.refusing ? badge(`refusing (${vm.refusing_reason ?? "?"})`, "refusing") : "no"),
+        h("td", { class: "time" }, when(vm.first_seen)), h("td", { class: "time" }, when(vm.last_seen)))));
+      cursor = page.next_cursor;
+      more.hidden = cursor === null;
+    } finally {
+      loading = false;
+      more.disabled = false;
+    }
   };
-  more.addEventListener("click", () => load().catch((error) => main.append(errorBox(error))));
+  more.addEventListener("click", () => {
+    clear(listError);
+    load().catch((error) => listError.append(errorBox(error)));
+  });
   main.append(h("h1", {}, "VMs"),
-    table(["VM", "epoch", "rollbacks", "open alerts", "refusing", "first seen", "last seen"], body, { class: "vms" }), more);
+    table(["VM", "epoch", "rollbacks", "open alerts", "refusing", "first seen", "last seen"], body, { class: "vms" }),
+    listError, more);
   await load();
   return null;
 }

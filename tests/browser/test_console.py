@@ -292,6 +292,48 @@ async def test_a_timeline_read_before_a_live_alert_does_not_replace_the_newer_on
     assert (await page.locator("#timeline-rows tr").count()) == 4
 
 
+async def test_a_live_change_to_the_open_alert_keeps_the_note_being_typed(api: Api, tab: Tab) -> None:
+    """The open alert happens again (a live change) while the analyst is typing the note to
+    acknowledge it: its detail is read again and the note is still in the box."""
+    vm_id, scope = uid("vm"), uid("scope")
+    alert_id, nonce = await reuse_alert(api, vm_id, scope)
+    page = tab.page
+    await sign_in(tab, api)
+    await page.evaluate("(id) => { location.hash = '#/alerts/' + encodeURIComponent(id); }", alert_id)
+    detail = page.locator("#alert-detail")
+    await detail.locator("#ack-note").fill("checking with the VM owner")
+    status, again = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+    assert status == 200 and str(again["alert_id"]) == str(alert_id)
+    await detail.locator("dt:text-is('count') + dd:text-is('2')").wait_for(timeout=WAIT_MS)  # read again
+    assert await detail.locator("#ack-note").input_value() == "checking with the VM owner"
+
+
+async def test_an_acknowledgement_the_service_refused_can_be_sent_again(api: Api, tab: Tab) -> None:
+    """An acknowledgement answered with an error (here a 503) says why and leaves the
+    Acknowledge button usable, the note kept, so the analyst can send it again."""
+    alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    page = tab.page
+    await sign_in(tab, api)
+
+    async def unavailable(route: Any) -> None:
+        await route.fulfill(status=503, json={"error": {"code": "ledger_unavailable",
+                                                        "message": "the ledger is unavailable"}})
+
+    def acknowledging(url: str) -> bool:
+        return url.endswith("/acknowledge")
+
+    await page.route(acknowledging, unavailable)
+    await page.evaluate("(id) => { location.hash = '#/alerts/' + encodeURIComponent(id); }", alert_id)
+    detail = page.locator("#alert-detail")
+    await detail.locator("#ack-note").fill("isolated")
+    await detail.locator("#ack").click()
+    await detail.locator(".error", has_text="the ledger is unavailable").wait_for(timeout=WAIT_MS)
+    assert await detail.locator("#ack").is_enabled(), "the Acknowledge button stayed disabled after the error"
+    await page.unroute(acknowledging, unavailable)
+    await detail.locator("#ack").click()
+    await detail.locator("#acked", has_text="isolated").wait_for(timeout=WAIT_MS)
+
+
 HOSTILE_VM = '<script>window.__pwned = "vm"</script>'
 HOSTILE_PRINCIPAL = '"><img src=x onerror="window.__pwned = \'principal\'">'
 RTL_VM = "invoice-\u05e9\u05dc\u05d5\u05dd-<b>gnp.exe</b>"
@@ -403,6 +445,128 @@ async def test_unlock_from_the_principals_page(api_factory: Any, tab: Tab) -> No
         note = await conn.fetchval("SELECT payload->>'note' FROM ledger WHERE kind = 'principal_unlock'"
                                    " AND subject = $1", principal)
     assert note == "user called"
+
+
+async def many_rows(api: Api, table: str, count: int) -> None:
+    """``count`` principals with one failed attempt (``table`` "principals") or VMs (``table``
+    "vms"), named to sort after every other one: more than the console's first page (200)."""
+    prefix = uid("zz")
+    async with api.runtime.pool.acquire() as conn:
+        if table == "principals":
+            await conn.executemany("INSERT INTO principals (name, fail_count) VALUES ($1, 1)",
+                                   [(f"{prefix}-{i:03d}",) for i in range(count)])
+        else:
+            await conn.executemany("INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES ($1, 1, 1)",
+                                   [(f"{prefix}-{i:03d}",) for i in range(count)])
+
+
+async def listed(tab: Tab, rows: str, attribute: str) -> list[str | None]:
+    return [await r.get_attribute(attribute) for r in await tab.page.locator(f"{rows} tr").all()]
+
+
+async def test_an_unlock_while_more_principals_load_lists_each_principal_once_unlocked(
+        api_factory: Any, tab: Tab) -> None:
+    """An unlock answered while "More principals" is loading (its page, read before the unlock,
+    held until after it) leaves every principal listed once, in order, the unlocked one unlocked;
+    the first page is not re-read in the meantime (such a re-read is held until the end)."""
+    api: Api = await api_factory(lockout_threshold=2, lockout_period_s=3600)
+    principal, totp = await alice(api)
+    wrong = f"{(int(totp.at(api.clock.now)) + 1) % 1_000_000:06d}"
+    for _ in range(2):
+        await api.post("/v1/otp/verify", {"vm_id": uid("vm"), "principal": principal, "otp": wrong})
+    await many_rows(api, "principals", 201)
+    page = tab.page
+    await sign_in(tab, api, role="admin")
+    await page.locator("#nav-principals").click()
+    row = page.locator(f'#principal-rows tr[data-principal="{principal}"]')
+    await row.locator("button.unlock").wait_for(timeout=WAIT_MS)
+    await page.locator("#more:not([hidden])").wait_for(timeout=WAIT_MS)
+
+    held_more = HeldResponses()
+    await page.route(lambda url: "/v1/principals?" in url and "cursor=" in url, held_more.handle)
+    held_first = HeldResponses()
+    await page.route(lambda url: "/v1/principals?" in url and "cursor=" not in url, held_first.handle)
+    await page.locator("#more").click()
+    await until(held_more.fetched, "the next page to be read (and held)")
+    async with page.expect_event("requestfinished", lambda r: r.url.endswith("/unlock")):
+        await row.locator("button.unlock").click()
+    await settle(page)
+    async with page.expect_event("requestfinished", lambda r: r.url == held_more.urls[0]):
+        held_more.release()
+    await settle(page)
+
+    async with api.runtime.pool.acquire() as conn:
+        every = [r["name"] for r in await conn.fetch(
+            "SELECT name FROM principals UNION SELECT principal FROM otp_tokens ORDER BY 1")]
+    shown = await listed(tab, "#principal-rows", "data-principal")
+    assert len(shown) == len(set(shown)), "a principal is listed twice"
+    assert shown == every, "the principals listed are not every principal once, in order"
+    assert await row.count() == 1 and "locked" not in (await row.get_attribute("class") or "")
+    assert await page.locator("#more").is_hidden()
+    held_first.release()
+
+
+@pytest.mark.parametrize(("hash_", "rows", "attribute"), [("#/vms", "#vm-rows", "data-vm-id"),
+                                                           ("#/principals", "#principal-rows", "data-principal")])
+async def test_a_double_clicked_more_button_reads_the_next_page_once(
+        api: Api, tab: Tab, hash_: str, rows: str, attribute: str) -> None:
+    """"More VMs" or "More principals" double-clicked asks for the next page once and lists
+    each row once (the first answer is held until the double click is done)."""
+    await many_rows(api, hash_.removeprefix("#/"), 201)
+    page = tab.page
+    await sign_in(tab, api, role="admin")
+    await page.evaluate("(h) => { location.hash = h; }", hash_)
+    await page.locator("#more:not([hidden])").wait_for(timeout=WAIT_MS)
+    held = HeldResponses()
+    await page.route(lambda url: "cursor=" in url, held.handle)
+    await page.locator("#more").dblclick()
+    await until(held.fetched, "the next page to be read (and held)")
+    await settle(page)
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await settle(page)
+    assert sum(1 for url in tab.requests if "cursor=" in url) == 1, "the next page was asked for twice"
+    shown = await listed(tab, rows, attribute)
+    assert len(shown) == len(set(shown)), "a row is listed twice"
+
+
+async def test_verify_again_clicked_twice_while_verifying_verifies_once(api: Api, tab: Tab) -> None:
+    """"Verify again" clicked a second time while the first verification is in flight does not
+    ask the service to verify the whole chain a second time."""
+    page = tab.page
+    await sign_in(tab, api)
+    await page.locator('nav a[data-page="ledger"]').click()
+    await page.locator('#verify[data-ok="true"]').wait_for(timeout=WAIT_MS)
+    before = sum(1 for url in tab.requests if url.endswith("/v1/ledger/verify"))
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith("/v1/ledger/verify"), held.handle)
+    await page.locator("#verify-again").evaluate("(button) => { button.click(); button.click(); }")
+    await until(held.fetched, "the verification to be asked for (and held)")
+    await settle(page)
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await settle(page)
+    assert sum(1 for url in tab.requests if url.endswith("/v1/ledger/verify")) == before + 1
+    await page.locator('#verify[data-ok="true"]').wait_for(timeout=WAIT_MS)
+
+
+async def test_a_page_left_while_it_loads_does_not_draw_into_the_next(api: Api, tab: Tab) -> None:
+    """The ledger page, left for the VMs while its status is in flight, does not add itself to
+    the VMs page when that status lands."""
+    await reuse_alert(api, uid("vm"), uid("scope"))  # a VM to list
+    page = tab.page
+    await sign_in(tab, api)
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith("/v1/status"), held.handle)
+    await page.evaluate("() => { location.hash = '#/ledger'; }")
+    await until(held.fetched, "the ledger's status to be read (and held)")
+    await page.evaluate("() => { location.hash = '#/vms'; }")
+    await page.locator("#vm-rows tr").first.wait_for(timeout=WAIT_MS)
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await settle(page)
+    assert await page.locator("#main h1").all_inner_texts() == ["VMs"]
+    assert await page.locator("#verify").count() == 0, "the ledger page drew into the VMs page"
 
 
 async def test_the_ledger_page_shows_verification_continuity_and_witnesses(
