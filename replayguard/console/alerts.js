@@ -182,14 +182,24 @@ function field(name, value) {
   return [h("dt", {}, name), h("dd", {}, value ?? "—")];
 }
 
-async function acknowledge(id, note, pane, message, button) {
+// The detail panes whose acknowledgement is on its way: the detail read again meanwhile (after
+// a live change) shows the Acknowledge button disabled too, so it is sent (and ledgered) once.
+const acking = new WeakSet();
+
+async function acknowledge(id, note, pane) {
+  acking.add(pane);
   try {
     await api(`/v1/alerts/${encodeURIComponent(id)}/acknowledge`, { method: "POST", body: { note: note || null } });
   } catch (error) {
-    clear(message).append(errorBox(error));
-    button.disabled = false;  // refused or unreachable: nothing was recorded, it may be sent again
+    // Refused or unreachable: nothing was recorded, it may be sent again (from the form shown now).
+    acking.delete(pane);
+    const button = pane.querySelector("#ack");
+    if (button) button.disabled = false;
+    const message = pane.querySelector("#ack-message");
+    if (message) clear(message).append(errorBox(error));
     return;
   }
+  acking.delete(pane);
   await showDetail(pane, id);
 }
 
@@ -202,9 +212,10 @@ function ackForm(alert, pane, typed) {
   }
   const note = h("textarea", { id: "ack-note", rows: 2, maxlength: 2000, placeholder: "Note (what you found, what you did)" });
   note.value = typed;
-  const message = h("div");
+  const message = h("div", { id: "ack-message" });
   const button = h("button", { type: "button", id: "ack" }, "Acknowledge");
-  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane, message, button); });
+  button.disabled = acking.has(pane);
+  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane); });
   return h("div", { class: "ack" }, note, button, message);
 }
 

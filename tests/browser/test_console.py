@@ -9,6 +9,7 @@ service's log.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import secrets
 from typing import Any
@@ -332,6 +333,42 @@ async def test_an_acknowledgement_the_service_refused_can_be_sent_again(api: Api
     await page.unroute(acknowledging, unavailable)
     await detail.locator("#ack").click()
     await detail.locator("#acked", has_text="isolated").wait_for(timeout=WAIT_MS)
+
+
+async def test_a_live_change_while_acknowledging_does_not_offer_the_acknowledgement_again(
+        api: Api, tab: Tab) -> None:
+    """The alert changes live (it happens again) while its acknowledgement is on its way (held
+    before it reaches the service): the detail read again keeps Acknowledge disabled, and the
+    alert is acknowledged, and ledgered, once."""
+    vm_id, scope = uid("vm"), uid("scope")
+    alert_id, nonce = await reuse_alert(api, vm_id, scope)
+    page = tab.page
+    await sign_in(tab, api)
+    sent: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        sent.append(route.request.url)
+        await release.wait()
+        await route.continue_()
+
+    await page.route(lambda url: url.endswith("/acknowledge"), hold)
+    await page.evaluate("(id) => { location.hash = '#/alerts/' + encodeURIComponent(id); }", alert_id)
+    detail = page.locator("#alert-detail")
+    await detail.locator("#ack-note").fill("isolated")
+    await detail.locator("#ack").click()
+    await until(lambda: bool(sent), "the acknowledgement to be sent (and held)")
+    status, again = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+    assert status == 200 and str(again["alert_id"]) == str(alert_id)
+    await detail.locator("dt:text-is('count') + dd:text-is('2')").wait_for(timeout=WAIT_MS)  # read again
+    assert await detail.locator("#ack").is_disabled(), "Acknowledge is offered again while it is on its way"
+    release.set()
+    await detail.locator("#acked", has_text="isolated").wait_for(timeout=WAIT_MS)
+    assert len(sent) == 1
+    async with api.runtime.pool.acquire() as conn:
+        acks = await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'alert_ack'"
+                                   " AND payload->>'alert_id' = $1", str(alert_id))
+    assert acks == 1
 
 
 HOSTILE_VM = '<script>window.__pwned = "vm"</script>'
