@@ -121,6 +121,7 @@ async def open_runtime(
                                 clock=clock, fanout=fanout, on_decision=metrics.decision)
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
     appender.on_committed = guard.committed
+    tokens.on_recorded = guard.recorded
     guard.on_recovered = decisions.set_recovered_at
     guard.background = metrics.background
     metrics.background.watch_gc()

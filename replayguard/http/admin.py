@@ -57,7 +57,8 @@ async def unlock(request: web.Request) -> web.Response:
     principal = _principal(request)
     note = parse_note(await read_json(request))
     runtime = request.app[RUNTIME]
-    done = await PrincipalService(runtime.pool).unlock(principal, note, request[CALLER], runtime.now_us())
+    service = PrincipalService(runtime.pool, on_recorded=runtime.continuity.recorded)
+    done = await service.unlock(principal, note, request[CALLER], runtime.now_us())
     log.info("principal_unlocked", principal=principal, was_locked=done.was_locked, seq=done.seq)
     return json_response({"principal": principal, "locked": False, "failures": 0,
                           "was_locked": done.was_locked, "failures_before": done.failures, "seq": done.seq})

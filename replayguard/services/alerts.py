@@ -23,6 +23,7 @@ from ..core.timefmt import rfc3339_us, to_us
 from ..errors import InvalidRequest, NotFound
 from ..pg.connections import acquire
 from .apitokens import Caller
+from .entries import Recorded, unheard, written
 
 SEVERITIES = ("info", "warning", "critical")
 STATUSES = ("open", "acknowledged")
@@ -196,9 +197,10 @@ def _window_id(details: Any) -> int | None:
 
 
 class AlertService:
-    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes) -> None:
+    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes, on_recorded: Recorded = unheard) -> None:
         self._pool = pool
         self.cursor_key = cursor_key
+        self._on_recorded = on_recorded  # the continuity guard's ``recorded`` (entries.py)
 
     async def search(self, f: AlertFilter) -> tuple[list[dict[str, Any]], str | None]:
         where, params = where_clause(f)
@@ -250,6 +252,8 @@ class AlertService:
                                caller.name, note)
             await conn.execute("INSERT INTO alert_entries VALUES ($1, $2) ON CONFLICT DO NOTHING", alert_id, seq)
             await conn.execute("SELECT pg_notify('replayguard_alerts', $1)", str(alert_id))
+            entry = await written(conn, seq)
+        self._on_recorded(*entry)
         return {**render(record), "ack_seq": seq}
 
     async def changes(self, after: int, limit: int, conn: asyncpg.Connection | None = None) -> list[asyncpg.Record]:

@@ -241,9 +241,10 @@ class ContinuityGuard:
             self._own = (seq, entry_hash)
 
     def recorded(self, seq: int, entry_hash: bytes) -> None:
-        """This process committed an entry outside the appender (a hypervisor event): like a
-        batch, the next check finds it gone, and a decision numbered at or below it after a
-        restore is refused at once (``confirm``)."""
+        """This process committed an entry outside the appender (a hypervisor event, an
+        enrolment, a token deletion, an unlock, an acknowledgement, a VM clear: see
+        ``services.entries``): like a batch, the next check finds it gone, and a decision
+        numbered at or below it after a restore is refused at once (``confirm``)."""
         self.committed(seq, entry_hash)
         self._floor = max(self._floor, seq)
 

@@ -26,13 +26,13 @@ from ..errors import Conflict, Forbidden, NotFound
 from ..fanout import AlertFanout
 from ..pg.connections import acquire
 from .apitokens import Caller
+from .entries import Recorded, unheard, written
 
 log = structlog.get_logger(__name__)
 
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
-_HASH = "SELECT hash FROM ledger WHERE seq = $1"
 _WINDOWS_OF = "SELECT vm_id, start_us, end_us, cause FROM rollback_windows WHERE vm_id = ANY($1) ORDER BY id"
 
 
@@ -87,11 +87,12 @@ async def _windows_of(conn: asyncpg.Connection, vm_ids: Sequence[str]) -> list[w
 
 class EventService:
     def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float], fanout: AlertFanout | None = None,
-                 *, refuse_on_rollback: bool, on_recorded: Callable[[int, bytes], None] | None = None) -> None:
+                 *, refuse_on_rollback: bool, on_recorded: Recorded = unheard) -> None:
         """``refuse_on_rollback`` (``receipt_reaction = "refuse"``): a VM reverted, restored or
         cloned refuses every decision until an administrator clears it (``clear_vm``).
-        ``on_recorded``: told the last entry (seq, hash) of each request's committed events
-        (the continuity guard's ``recorded``: a database that loses them is noticed)."""
+        ``on_recorded``: told the last entry (seq, hash) of each request's committed events,
+        and each VM clear's (the continuity guard's ``recorded``: a database that loses them
+        is noticed)."""
         self._pool = pool
         self._clock = clock
         self._fanout = fanout
@@ -113,10 +114,9 @@ class EventService:
         newest: tuple[int, bytes] | None = None
         async with acquire(self._pool) as conn, conn.transaction():
             done = [await self._one(conn, event, source, received_us) for event in events]
-            written = [item.seq for item in done if not item.duplicate]
-            if written and self._on_recorded is not None:
-                newest = (max(written), bytes(await conn.fetchval(_HASH, max(written))))
-        if newest is not None and self._on_recorded is not None:
+            if new := [item.seq for item in done if not item.duplicate]:
+                newest = await written(conn, max(new))
+        if newest is not None:
             self._on_recorded(*newest)
         await self._publish(done)
         for item in done:
@@ -158,9 +158,11 @@ class EventService:
     async def clear_vm(self, vm_id: str, note: str, by: str) -> Cleared:
         """Lifts the refusal of a VM (receipt_reaction 'refuse'); recorded in the ledger."""
         now_us = int(self._clock() * 1e6)
-        async with acquire(self._pool) as conn:
+        async with acquire(self._pool) as conn, conn.transaction():
             row = await conn.fetchrow(_CLEAR, vm_id, now_us, note, by)
-        if row is None:
-            raise NotFound(f"no VM {vm_id!r} is known")
+            if row is None:
+                raise NotFound(f"no VM {vm_id!r} is known")
+            entry = await written(conn, row["r_seq"])
+        self._on_recorded(*entry)
         log.info("vm_cleared", vm_id=vm_id, was_refusing=row["r_was_refusing"])
         return Cleared(vm_id, row["r_seq"], row["r_was_refusing"], row["r_reason"])

@@ -19,6 +19,7 @@ from ..core.timefmt import rfc3339_us
 from ..errors import InvalidRequest, NotFound
 from ..pg.connections import acquire
 from .apitokens import Caller
+from .entries import Recorded, unheard, written
 
 MAX_TOKENS_SHOWN = 50
 _PAGE = """
@@ -84,9 +85,10 @@ def render(record: asyncpg.Record | dict[str, Any], now_us: int) -> dict[str, An
 
 
 class PrincipalService:
-    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes = b"") -> None:
+    def __init__(self, pool: asyncpg.Pool, cursor_key: bytes = b"", on_recorded: Recorded = unheard) -> None:
         self._pool = pool
         self.cursor_key = cursor_key
+        self._on_recorded = on_recorded  # the continuity guard's ``recorded`` (entries.py)
 
     async def page(self, after: str | None, limit: int, now_us: int) -> tuple[list[dict[str, Any]], str | None]:
         """One page of principals by name; the second value is the next page's cursor."""
@@ -108,4 +110,6 @@ class PrincipalService:
                 "SELECT rg_append($1, 'principal_unlock', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
                 now_us, principal, {"by": caller.token_id, "by_name": caller.name, "note": note,
                                     "was_locked": was_locked, "failures": failures})
+            entry = await written(conn, seq)
+        self._on_recorded(*entry)
         return Unlocked(principal, int(seq), was_locked, failures)

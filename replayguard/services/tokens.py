@@ -42,6 +42,7 @@ from ..errors import NotFound, Unavailable
 from ..keys import Keys
 from ..pg.connections import KeptConnection, acquire
 from .announced import Announced
+from .entries import Recorded, unheard, written
 
 ISSUER = "replayguard"
 CACHE_TTL_S = 300.0
@@ -185,6 +186,7 @@ class TokenStore(Announced):
     def __init__(self, pool: asyncpg.Pool, keys: Keys, on_read: Callable[[int], None] | None = None,
                  *, drift_steps: int) -> None:
         super().__init__()
+        self.on_recorded: Recorded = unheard  # the continuity guard's ``recorded`` (entries.py)
         self._pool = pool
         self._keys = keys
         self._drift_steps = drift_steps  # TOTP steps accepted either side of now (_NEW_CREDENTIAL)
@@ -230,10 +232,12 @@ class TokenStore(Announced):
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 token_id, principal, req.type, blob, req.digits, req.period, req.algorithm, fingerprint,
             )
-            await conn.execute(
+            seq = await conn.fetchval(
                 "SELECT rg_append($1, 'enroll', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
                 now_us, principal, payload,
             )
+            entry = await written(conn, seq)
+        self.on_recorded(*entry)
         self._forget(principal)
         return Enrolled(token_id, secret_b32, provisioning_uri(principal, secret_b32, req, counter=spent + 1), req.type)
 
@@ -261,10 +265,12 @@ class TokenStore(Announced):
             )
             if row is None:
                 raise NotFound("no such token for this principal")
-            await conn.execute(
+            seq = await conn.fetchval(
                 "SELECT rg_append($1, 'token_deleted', NULL, $2, NULL, NULL, NULL, $3::jsonb)",
                 now_us, principal, {"token_id": token_id},
             )
+            entry = await written(conn, seq)
+        self.on_recorded(*entry)
         self._forget(principal)
 
     def _forget(self, principal: str) -> None:
