@@ -136,12 +136,18 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
             continue
         if item is None:
             return
-        if item[0] <= last:
+        change, alert = item
+        if alert is None:  # the database went back to ``change``: what it numbers after comes again
+            if change < last:
+                last = sub.position = change
+                await _send(resp, b"id: %d\n\n" % last)
+            continue
+        if change <= last:
             continue
         if not await _token_valid(request):
             return
-        await _send(resp, _frame(*item))
-        last = sub.position = item[0]
+        await _send(resp, _frame(change, alert))
+        last = sub.position = change
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

@@ -18,8 +18,10 @@ got, so a new leader carries on where the last one stopped (at-least-once; recor
 ids for dedup). Every instance, leader or not, delivers what its own outbox holds, so
 records spooled by an instance that stopped or lost the lead leave on its next start.
 When the database went back in time (a restore, a failover to a standby behind), its
-change numbers start again below the feed's position: the tail moves its position back
-and ends the streams that are past the database (``_rewind``).
+change numbers start again below the feed's position, and may reach it again before the
+feed reads: the tail compares what it read last with what the database holds (the
+ledger entry that was the head then, the last change's alert, hash and content), finds
+where they part, and goes back there with every open stream (``_went_back``, ``_rewind``).
 The leader also checks the state tables against the ledger (``state_check.py``), bounded
 work per tick (``core/state_schedule.py``): first every entry appended since its last look,
 then the next slice of a sweep that goes from the newest entry down to the first and
@@ -42,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +62,7 @@ from ..pg.connections import UNAVAILABLE_ERRORS, acquire
 from ..runtime import Runtime
 from ..settings import Settings
 from ..sinks import SinkConfig, SinkDispatcher, parse_sink_spec
-from .alerts import AlertService, render, sink_checkpoint, sink_record
+from .alerts import COLUMNS, AlertService, content_digest, render, sink_checkpoint, sink_record
 from .announced import Announced
 from .apitokens import CHANNEL as API_TOKEN_CHANNEL
 from .ledger import LedgerService, NotVouched
@@ -88,6 +90,49 @@ _SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = $2"
                      " AND seq <= (SELECT seq FROM ledger_head) ORDER BY seq LIMIT $3")
 
 
+# The changes after $1 and, in the same snapshot, the ledger's head: every change read
+# committed with its entries, so a database that no longer holds that head lost them.
+_TAIL = (f"SELECT h.seq AS head_seq, h.hash AS head_hash, a.* FROM ledger_head h LEFT JOIN LATERAL"  # noqa: S608 - fixed column list; values go as $n parameters
+         f" (SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 ORDER BY change_seq LIMIT $2) a ON true WHERE h.id")
+# What the database holds now of the head last read ($1) and of the last change's alert ($2).
+_HELD = ("SELECT (SELECT hash FROM ledger WHERE seq = $1) AS entry,"  # noqa: S608 - fixed column list; values go as $n parameters
+         " (SELECT coalesce(max(change_seq), 0) FROM alerts) AS last, a.*"
+         f" FROM (VALUES (1)) v LEFT JOIN LATERAL (SELECT {COLUMNS} FROM alerts WHERE id = $2) a ON true")
+_ALERTS = f"SELECT {COLUMNS} FROM alerts WHERE id = ANY($1::bigint[])"  # noqa: S608 - fixed column list
+_NEWEST = f"SELECT {COLUMNS} FROM alerts ORDER BY change_seq DESC LIMIT 1"  # noqa: S608 - fixed column list
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """The last change of one read of the tail: its number, its alert and that alert's
+    content then, and the position the read started from."""
+
+    change: int
+    alert_id: int
+    raised: tuple[int, str | None, str | None]  # when, about which VM and principal: never changes
+    digest: str
+    after: int
+
+    @classmethod
+    def of(cls, record: asyncpg.Record, after: int) -> Read:
+        return cls(record["change_seq"], record["id"], _raised(record), content_digest(render(record)), after)
+
+    def same(self, row: asyncpg.Record | None) -> bool:
+        """The database still holds this change: its alert as it was read, at its number."""
+        return (row is not None and row["id"] is not None and row["change_seq"] == self.change
+                and content_digest(render(row)) == self.digest)
+
+    def held(self, row: asyncpg.Record) -> bool:
+        """The same, or its alert (raised at the same time) changed again since, numbered after it."""
+        if self.same(row):
+            return True
+        return row["id"] is not None and row["change_seq"] > self.change and _raised(row) == self.raised
+
+
+def _raised(record: asyncpg.Record) -> tuple[int, str | None, str | None]:
+    return record["first_seen_us"], record["vm_id"], record["principal"]
+
+
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
@@ -95,11 +140,12 @@ def _crashed(task: asyncio.Task[None]) -> None:
 
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client: a bounded queue of (change_seq, alert json); ``dropped`` when it
-    overflowed or was ended; ``position``: the last change its client has (None until the
-    stream has read it from the database)."""
+    """One SSE client: a bounded queue of (change_seq, alert json), or (change_seq, None)
+    when the database went back to that change (the stream's position goes back there);
+    ``dropped`` when it overflowed or was ended; ``position``: the last change its client
+    has (None until the stream has read it from the database)."""
 
-    queue: asyncio.Queue[tuple[int, dict[str, Any]] | None] = field(
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None] | None] = field(
         default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: bool = False
     position: int | None = None
@@ -139,6 +185,8 @@ class AlertFeed:
         self._wake = asyncio.Event()
         self._logged: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._pos: int | None = None
+        self._read: deque[Read] = deque(maxlen=_RECENT)  # the last change of each recent read, in order
+        self._head: tuple[int, bytes] | None = None  # the ledger's head when changes were last read
         self.leader = False
         self._sinks_started = False
         self._sinks_error: str | None = None  # why the sinks did not start, as last logged
@@ -177,10 +225,13 @@ class AlertFeed:
 
     async def start(self) -> None:
         """Starts from now for live subscribers; the sinks' position is fixed before serving."""
-        self._pos = await self._alerts.last_change()
-        if self.dispatcher is not None:
-            async with acquire(self._rt.pool) as conn:
+        async with acquire(self._rt.pool) as conn:
+            newest = await conn.fetchrow(_NEWEST)
+            if self.dispatcher is not None:
                 await conn.execute(_SINK_FEED_INIT)
+        self._pos = 0 if newest is None else newest["change_seq"]
+        if newest is not None:  # where a database restored before the first read parts, if it holds it
+            self._read.append(Read.of(newest, 0))
         self._task = asyncio.create_task(self._run(), name="alert-feed")
         self._task.add_done_callback(_crashed)
 
@@ -337,11 +388,18 @@ class AlertFeed:
         order (rg_alert_changed numbers them under the ledger head lock), so none is
         committed below the position once a later one was read. A database that went back
         in time (a restore, a failover to a standby that had not caught up) numbers its new
-        changes from below the position again: ``_rewind`` moves the position back to it."""
+        changes from below the position again, and may number as many as it lost before
+        this read: ``_went_back`` tells by content, ``_rewind`` goes back to where the
+        database's history and the one read part."""
+        if await self._went_back(conn):
+            await self._rewind(conn)
         while True:
-            records = await self._alerts.changes(self._pos or 0, PAGE, conn)
-            if not records and await self._rewind(conn):
-                continue
+            after = self._pos or 0
+            rows = await conn.fetch(_TAIL, after, PAGE)
+            self._head = (rows[0]["head_seq"], bytes(rows[0]["head_hash"]))
+            records = [row for row in rows if row["id"] is not None]
+            if records:  # the last of each read is enough to find where a restored database parts
+                self._read.append(Read.of(records[-1], after))
             for record in records:
                 self._pos = record["change_seq"]  # above the position, in change order
                 if self.leader:
@@ -351,25 +409,48 @@ class AlertFeed:
             if len(records) < PAGE:
                 return
 
-    async def _rewind(self, conn: asyncpg.Connection) -> bool:
-        """When the database's last change is below the position (it went back in time),
-        moves the position back, so the tail reads (in pages) what it numbers from there.
-        Streams whose position is past the database's last change are ended: their clients
-        reconnect, and a Last-Event-ID past it is stale (``http/analysts.py``). A stream at
-        or below it (opened on the restored database) goes on, from where it is. Returns
-        whether the position moved."""
-        last = int(await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts"))
-        if self._pos is None or last >= self._pos:
+    async def _went_back(self, conn: asyncpg.Connection) -> bool:
+        """Whether the database lost what the tail read: its last change is below the
+        position, or it no longer holds the ledger entry that was the head when changes
+        were last read (hash for hash), or the last change read is neither there as it was
+        read nor followed by a later change of the same alert."""
+        if self._pos is None:
             return False
-        stale = [sub for sub in self.subscribers if sub.position is not None and sub.position > last]
-        for sub in stale:
-            self._end(sub)
+        newest = self._read[-1] if self._read else None
+        head_seq = self._head[0] if self._head is not None else 0
+        row = await conn.fetchrow(_HELD, head_seq, newest.alert_id if newest is not None else 0)
+        if row["last"] < self._pos:
+            return True
+        if self._head is not None and head_seq > 0 and (row["entry"] is None or bytes(row["entry"]) != self._head[1]):
+            return True
+        return newest is not None and not newest.held(row)
+
+    async def _rewind(self, conn: asyncpg.Connection) -> None:
+        """Moves the position back to the last change read that the database still holds
+        as it was read (at or below its last change; when it holds none, to where the
+        oldest read remembered started), so the tail reads (in pages) what the database
+        numbers from there. Every open stream is told to go back there too
+        (``http/analysts.py`` sends its client that position): what the database numbers
+        after it, its ``ledger_rollback`` alert among them, reaches the stream even where
+        its numbers were sent before. A stream whose queue is full is ended instead."""
+        last = int(await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts"))
+        rows = await conn.fetch(_ALERTS, sorted({read.alert_id for read in self._read}))
+        held = {row["id"]: row for row in rows}
+        parted = next((read.change for read in reversed(self._read) if read.same(held.get(read.alert_id))),
+                      self._read[0].after if self._read else 0)
+        parted = max(0, min(parted, last))
+        for sub in list(self.subscribers):
+            try:
+                sub.queue.put_nowait((parted, None))
+            except asyncio.QueueFull:
+                self._end(sub)  # its client resumes from the database with Last-Event-ID
         kept = [sub.position for sub in self.subscribers if sub.position is not None]
-        log.warning("alert_feed_database_went_back", position=self._pos, last_change=last,
-                    streams_ended=len(stale))
-        self._pos = min([last, *kept])
+        log.warning("alert_feed_database_went_back", position=self._pos, last_change=last, parted_at=parted)
+        self._pos = min([parted, *kept])
+        while self._read and self._read[-1].change > self._pos:
+            self._read.pop()
+        self._head = None  # the next read takes the restored ledger's head
         self._logged.clear()  # alert ids are numbered again too
-        return True
 
     def _log_alert(self, record: asyncpg.Record) -> None:
         """One log line per alert raised, and per change of its kind or severity."""

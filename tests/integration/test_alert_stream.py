@@ -1,7 +1,8 @@
 """The live alert stream (SSE) and the alert feed: the opening position and resume (also by
 ``alerts follow``), a revoked token's stream, fan-out across two instances over one database,
 heartbeats, the subscriber cap, stalled consumers, the sinks' copy, and the stream and the
-sinks' record ids after the database went back in time."""
+sinks' record ids after the database went back in time (also when it numbered as many
+changes as it lost before the feed read again)."""
 
 from __future__ import annotations
 
@@ -392,12 +393,13 @@ async def test_the_ledger_rollback_alert_reaches_a_stream_opened_after_the_datab
     assert alert["id"] == listed["id"] and alert["change"] <= high
 
 
-async def test_a_stream_past_a_database_that_went_back_ends_and_resumes_from_the_start(
+async def test_a_stream_past_a_database_that_went_back_goes_back_with_it_and_a_resume_starts_over(
         scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
     """A stream opened before the database went back in time is past every change it now
-    holds: the feed ends it, and its Last-Event-ID, past the database's last change, is
-    stale, so the stream it reconnects with replays every change the database holds, from
-    the start, the ``ledger_rollback`` alert among them."""
+    holds: the feed tells it where the database parts from what it sent (an ``id:`` line
+    with that position), and it goes on from there, the ``ledger_rollback`` alert among
+    what follows. A Last-Event-ID past the database's last change is stale, so a stream
+    resumed with it replays every change the database holds, from the start."""
     api: Api = await api_factory(database_url=Secret(database_url))
     await reuse_alert(api, uid("vm"), uid("scope"))
     old = await open_stream(api)
@@ -406,14 +408,21 @@ async def test_a_stream_past_a_database_that_went_back_ends_and_resumes_from_the
         high = await _went_back(api, database_url, scratch_dbs)
         assert before < high
 
-        async def ended() -> None:
-            while await old.content.readline():  # the alerts raised before the restore, heartbeats
-                pass
+        async def went_back() -> int:
+            while True:
+                line = (await old.content.readline()).decode()
+                assert line, "the stream ended"
+                # An id-only frame below what was sent: the stream's position went back.
+                if line.startswith("id: ") and int(line[4:]) < high and await old.content.readline() == b"\n":
+                    return int(line[4:])
 
-        await asyncio.wait_for(ended(), 20)  # the stream opened before the restore ends
+        parted = await asyncio.wait_for(went_back(), 20)
+        assert parted <= high - 3  # at most the last change the copy holds
+        listed = await _ledger_rollback_noticed(api)
+        alert = await _alert_of_kind(old, "ledger_rollback")
     finally:
         old.close()
-    listed = await _ledger_rollback_noticed(api)
+    assert alert["id"] == listed["id"] and alert["change"] > parted
     _, page = await api.get("/v1/alerts?limit=100")
     held = {alert["id"] for alert in page["items"]}  # the restored database's alerts
     assert listed["id"] in held and len(held) >= 2
@@ -431,6 +440,75 @@ async def test_a_stream_past_a_database_that_went_back_ends_and_resumes_from_the
         await asyncio.wait_for(replayed(), 20)
     finally:
         resumed.close()
+
+
+def hold(feed: alertfeed.AlertFeed) -> tuple[asyncio.Event, asyncio.Event]:
+    """Holds ``feed`` back before its next read of the alert changes (leader duties, a slow
+    reconnect): returns (held, gate); the feed reads again once ``gate`` is set."""
+    gate, held = asyncio.Event(), asyncio.Event()
+    real_tail = feed._tail
+
+    async def lagging_tail(conn: Any) -> None:
+        held.set()
+        await gate.wait()
+        await real_tail(conn)
+
+    feed._tail = lagging_tail
+    return held, gate
+
+
+async def _alerts_until(resp: aiohttp.ClientResponse, done: Callable[[list[dict[str, Any]]], bool],
+                        timeout: float = 30) -> list[dict[str, Any]]:
+    """The alert events the stream sends until ``done`` holds of them; the timeout bounds a failure."""
+    seen: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        while not done(seen):
+            line = (await resp.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                seen.append(orjson.loads(line[6:]))
+
+    await asyncio.wait_for(read(), timeout)
+    return seen
+
+
+async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+    """The database goes back to a copy that lacks the last 3 alert changes, and numbers 3
+    new ones (the ``ledger_rollback`` alert, two acknowledgements) before the feed reads
+    again: its last change is the one the feed had reached, so change numbers alone show
+    nothing. The feed compares what it read with what the database holds, finds where they
+    part, and an open stream gets every change numbered since, ``ledger_rollback`` first."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        kept, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+        scratch_dbs.append(copy := await snapshot(database_url))
+        for _ in range(3):
+            await reuse_alert(api, uid("vm"), uid("scope"))
+        high = await feed._alerts.last_change()
+        await until(lambda: feed._pos == high, "the feed to read every change")
+        held, gate = hold(feed)
+        await until(held.is_set, "the feed to be held back")
+        await restore(database_url, copy, scratch_dbs)
+        listed = await _ledger_rollback_noticed(api)
+        acks = 0
+        while await feed._alerts.last_change() < high:
+            status, _ = await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": f"ack {acks}"}, role="analyst")
+            assert status == 200
+            acks += 1
+        assert acks >= 1 and await feed._alerts.last_change() == high  # as many changes as were lost
+        gate.set()
+        sent = await _alerts_until(resp, lambda seen: any(a["kind"] == "ledger_rollback" for a in seen)
+                                   and any(a["id"] == kept and a["acknowledged"] for a in seen))
+    finally:
+        resp.close()
+    assert [a["id"] for a in sent if a["kind"] == "ledger_rollback"] == [listed["id"]]
+    notes = [a["acknowledged"]["note"] for a in sent if a["id"] == kept and a["acknowledged"]]
+    assert notes[-1] == f"ack {acks - 1}"
 
 
 async def test_sink_record_ids_stay_unique_after_the_database_went_back(
