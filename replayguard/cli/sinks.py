@@ -29,7 +29,7 @@ def probe_record(now: datetime) -> dict[str, Any]:
     stamp = rfc3339_us(int(now.timestamp() * 1_000_000))
     ident = f"test-{int(now.timestamp())}"
     record: dict[str, Any] = {
-        "type": "alert", "id": "", "alert_id": ident, "kind": "sink_test", "severity": "info",
+        "type": "alert", "id": "", "alert_id": ident, "alert_uid": ident, "kind": "sink_test", "severity": "info",
         "status": "open", "vm_id": None, "principal": None, "count": 1, "first_seen": stamp, "last_seen": stamp,
         "updated_at": stamp, "summary": "replayguard sinks test: a delivery check, not an incident",
         "details": {"test": True}, "acknowledged": None, "change": 0,

@@ -5,11 +5,14 @@ checkpoint from ``core.checkpoints.to_json``), no clock and no I/O.
 
 - **ECS** (Elastic Common Schema 8.x): an alert is ``event.kind: alert`` in the
   ``intrusion_detection`` category (``authentication`` too for credential replays),
-  ``rule.name`` its kind, ``host.name`` the VM, ``user.name`` the principal; a checkpoint
+  ``rule.name`` its kind, ``host.name`` the VM, ``user.name`` the principal,
+  ``replayguard.alert.uid`` the alert's ``alert_uid`` (as OCSF's finding uid); a checkpoint
   is ``event.kind: state`` in the ``database`` category.
 - **OCSF** 1.1: an alert is a Detection Finding (class 2004, category 2 Findings): created
   when raised, updated on later changes, closed when acknowledged; the VM is the finding's
-  resource. Checkpoints are not findings and have no OCSF form (``None``): an OCSF sink
+  resource. ``finding_info.uid`` is ``replayguard-alert-<alert_uid>`` (``alerts.alert_uid``):
+  one alert's changes share it, and an alert raised under an id a restore gave out again
+  has another. Checkpoints are not findings and have no OCSF form (``None``): an OCSF sink
   carries alerts only.
 """
 
@@ -67,8 +70,8 @@ def ecs(record: Mapping[str, Any]) -> dict[str, Any]:
         },
         "rule": {"name": kind, "category": "replay"},
         "observer": {"vendor": "replayguard", "product": "replayguard", "version": __version__},
-        "replayguard": {"alert": {"id": record["alert_id"], "severity": severity, "status": record["status"],
-                                  "count": record["count"], "change": record["change"],
+        "replayguard": {"alert": {"id": record["alert_id"], "uid": record["alert_uid"], "severity": severity,
+                                  "status": record["status"], "count": record["count"], "change": record["change"],
                                   "details": record.get("details")}},
     }
     if kind in _CREDENTIAL_KINDS:
@@ -91,7 +94,7 @@ def ocsf(record: Mapping[str, Any]) -> dict[str, Any] | None:
     activity = 3 if acknowledged else (1 if record.get("count") == 1 and not _ack(record) else 2)
     severity_id = OCSF_SEVERITY.get(record["severity"], 0)
     finding: dict[str, Any] = {
-        "uid": f"replayguard-alert-{record['alert_id']}", "title": record["summary"], "types": [record["kind"]],
+        "uid": f"replayguard-alert-{record['alert_uid']}", "title": record["summary"], "types": [record["kind"]],
         "created_time": _ms(record["first_seen"]), "first_seen_time": _ms(record["first_seen"]),
         "last_seen_time": _ms(record["last_seen"]), "modified_time": _ms(record["updated_at"]),
         "analytic": {"name": record["kind"], "type_id": 1, "type": "Rule"},

@@ -35,6 +35,10 @@ _CURSOR = re.compile(r"^(\d{1,19})$")
 _NUMBER = re.compile(r"^\d{1,12}(\.\d{1,6})?$")
 COLUMNS = ("id, kind, severity, status, vm_id, principal, count, first_seen_us, last_seen_us, updated_us,"
            " summary, details, ack_by, ack_by_name, ack_note, ack_us, change_seq")
+# What an alert was raised by, which none of its later changes alters: the first item of its
+# history (time, ledger entry, kind, severity), and that entry's hash (``alert_uid``).
+RAISED = ("history->0 AS raised,"
+          " (SELECT l.hash FROM ledger l WHERE l.seq = (alerts.history->0->>'seq')::bigint) AS raised_hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +140,27 @@ def content_digest(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+def alert_uid(record: Mapping[str, Any]) -> str:
+    """The alert's id and 16 hex digits of SHA-256 over what raised it (``RAISED``: its
+    first history item and that ledger entry's hash) and when, about which VM and principal:
+    the same for every change of one alert, and another for an alert raised after a restore
+    (or a failover to a standby behind) under an id the sequence gave out before. The entry's
+    hash chains every entry before it, so another history gives another hash."""
+    raised_hash = record["raised_hash"]
+    identity = {"id": str(record["id"]), "first_seen_us": record["first_seen_us"], "vm_id": record["vm_id"],
+                "principal": record["principal"], "raised": record["raised"],
+                "raised_hash": None if raised_hash is None else bytes(raised_hash).hex()}
+    digest = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return f"{record['id']}.{digest}"
+
+
 def sink_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What the external sinks get: the alert, typed, with an id unique per change and
-    content (``alert-<alert id>.<change>.<content digest>``)."""
+    """What the external sinks get from a row of ``changes`` (which reads ``RAISED``): the
+    alert, typed, with ``alert_uid`` (the OCSF finding's uid) and an id unique per change and
+    content (``alert-<alert uid>.<change>.<content digest>``)."""
     body = render(record)
-    typed = {**body, "type": "alert", "alert_id": body["id"]}
-    return {**typed, "id": f"alert-{body['id']}.{body['change']}.{content_digest(typed)}"}
+    typed = {**body, "type": "alert", "alert_id": body["id"], "alert_uid": alert_uid(record)}
+    return {**typed, "id": f"alert-{typed['alert_uid']}.{body['change']}.{content_digest(typed)}"}
 
 
 def sink_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,7 +280,7 @@ class AlertService:
 
         The alert feed passes the connection it keeps, sparing a pool round trip per read.
         """
-        query = f"SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"  # noqa: S608 - fixed column list; values go as $n parameters
+        query = f"SELECT {COLUMNS}, {RAISED} FROM alerts WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"  # noqa: S608 - fixed column list; values go as $n parameters
         if conn is not None:
             return list(await conn.fetch(query, after, limit))
         async with acquire(self._pool) as pooled:

@@ -319,7 +319,8 @@ async def test_alerts_and_checkpoints_reach_the_sinks(fresh_database: Callable[[
     await asyncio.wait_for(both(), 30)
     alert = next(r for r in records() if r["type"] == "alert")
     assert alert["alert_id"] == alert_id and alert["vm_id"] == vm_id and nonce not in out.read_text()
-    assert re.fullmatch(rf"alert-{alert_id}\.{alert['change']}\.[0-9a-f]{{16}}", alert["id"]), alert["id"]
+    assert re.fullmatch(rf"{alert_id}\.[0-9a-f]{{16}}", alert["alert_uid"]), alert["alert_uid"]
+    assert re.fullmatch(rf"alert-{alert['alert_uid']}\.{alert['change']}\.[0-9a-f]{{16}}", alert["id"]), alert["id"]
     checkpoint = next(r for r in records() if r["type"] == "checkpoint")
     assert re.fullmatch(rf"checkpoint-{checkpoint['seq']}\.[0-9a-f]{{16}}", checkpoint["id"]), checkpoint["id"]
     _, listed = await api.get("/v1/ledger/checkpoints")
@@ -513,7 +514,7 @@ async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again
 
 async def test_sink_record_ids_stay_unique_after_the_database_went_back(
         scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, tmp_path: Path) -> None:
-    """A sink record's id ends with a digest of its content (``alert-<id>.<change>.<digest>``):
+    """A sink record's id ends with a digest of its content (``alert-<alert uid>.<change>.<digest>``):
     alert ids and change numbers come from database sequences, which a restore winds back
     while the receivers keep what they got, so the first alerts raised after it (the
     ``ledger_rollback`` alert itself) reuse numbers the SIEM already has. With the digest, one
@@ -628,3 +629,45 @@ async def test_a_feed_whose_new_connections_are_half_open_too_comes_back_when_th
                         "the feed to listen and lead on a new connection", timeout=30)
         status, _ = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "s", "nonce": uid("n")})
         assert status == 200
+
+
+async def test_ocsf_finding_uids_name_one_alert_across_a_restore(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, tmp_path: Path) -> None:
+    """OCSF findings are correlated by ``finding_info.uid``. Alert ids come from a sequence a
+    restore winds back, so the ``ledger_rollback`` alert raised on the restored database holds
+    the id of a ``reuse`` alert the SIEM already has: its finding uid differs all the same,
+    while every record of one alert (raised before the restore, delivered again, then
+    acknowledged after it) keeps the uid it was first sent with."""
+    sink = tmp_path / "siem" / "findings.jsonl"
+    api: Api = await api_factory(database_url=Secret(database_url), sinks=(f"ocsf+file:{sink}",))
+
+    def findings() -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in sink.read_bytes().splitlines()] if sink.exists() else []
+
+    def alert_of(doc: dict[str, Any]) -> str:
+        return str(doc["unmapped"]["replayguard"]["alert_id"])
+
+    def kind_of(doc: dict[str, Any]) -> str:
+        return str(doc["finding_info"]["types"][0])
+
+    # The SIEM gets all 4 reuse alerts; the restore forgets the last 3.
+    await _went_back(api, database_url, scratch_dbs, lambda: sum(kind_of(d) == "reuse" for d in findings()) >= 4)
+    kept = min(alert_of(d) for d in findings())
+    listed = await _ledger_rollback_noticed(api)
+    status, _ = await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": "seen"}, role="analyst")
+    assert status == 200
+    await until(lambda: any(kind_of(d) == "ledger_rollback" for d in findings())
+                and any(alert_of(d) == kept and d["status"] == "Resolved" for d in findings()),
+                "the ledger_rollback finding and the acknowledgement in the sink", timeout=30)
+
+    by_alert: dict[tuple[str, str, str | None], set[str]] = {}
+    by_uid: dict[str, set[tuple[str, str, str | None]]] = {}
+    for doc in findings():
+        raised = (alert_of(doc), kind_of(doc), doc.get("resources", [{}])[0].get("uid"))
+        by_alert.setdefault(raised, set()).add(doc["finding_info"]["uid"])
+        by_uid.setdefault(doc["finding_info"]["uid"], set()).add(raised)
+    shared = {uid_: alerts for uid_, alerts in by_uid.items() if len(alerts) > 1}
+    assert shared == {}, f"one finding uid names two different alerts (a SIEM merges them): {shared}"
+    split = {alert: uids for alert, uids in by_alert.items() if len(uids) > 1}
+    assert split == {}, f"one alert's records carry different finding uids: {split}"
+    assert any(alert_of(d) == listed["id"] and kind_of(d) == "reuse" for d in findings())  # its id was reused

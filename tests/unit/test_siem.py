@@ -15,14 +15,16 @@ from replayguard import __version__
 from replayguard.core import siem
 
 REPLAY: dict[str, Any] = {
-    "type": "alert", "id": "alert-17.3", "alert_id": "17", "kind": "reuse", "severity": "warning",
+    "type": "alert", "id": "alert-17.5b1e0c2a9d3f4e67.3.0f1e2d3c4b5a6978", "alert_id": "17",
+    "alert_uid": "17.5b1e0c2a9d3f4e67", "kind": "reuse", "severity": "warning",
     "status": "open", "vm_id": "web-01", "principal": "alice", "count": 1,
     "first_seen": "2026-11-29T10:05:00.000000Z", "last_seen": "2026-11-29T10:05:00.250000Z",
     "updated_at": "2026-11-29T10:05:01.500000Z", "summary": "A credential was presented again",
     "details": {"first_seq": 5}, "acknowledged": None, "change": 3,
 }
 ACKED: dict[str, Any] = {
-    **REPLAY, "id": "alert-18.9", "alert_id": "18", "kind": "rollback_detected", "severity": "critical",
+    **REPLAY, "id": "alert-18.77aa01bc23de45f6.9.1a2b3c4d5e6f7081", "alert_id": "18",
+    "alert_uid": "18.77aa01bc23de45f6", "kind": "rollback_detected", "severity": "critical",
     "status": "acknowledged", "principal": None, "count": 3, "change": 9,
     "acknowledged": {"by": "analyst-1", "note": "planned restore"},
 }
@@ -42,13 +44,13 @@ def test_ecs_of_a_credential_replay() -> None:
         "@timestamp": "2026-11-29T10:05:01.500000Z", "ecs": {"version": "8.11.0"},
         "message": "A credential was presented again",
         "event": {"kind": "alert", "category": ["intrusion_detection", "authentication"], "type": ["info"],
-                  "id": "alert-17.3", "code": "reuse", "severity": 47, "start": "2026-11-29T10:05:00.000000Z",
+                  "id": REPLAY["id"], "code": "reuse", "severity": 47, "start": "2026-11-29T10:05:00.000000Z",
                   "end": "2026-11-29T10:05:00.250000Z", "dataset": "replayguard.alert", "module": "replayguard",
                   "provider": "replayguard", "outcome": "failure"},
         "rule": {"name": "reuse", "category": "replay"},
         "observer": OBSERVER,
-        "replayguard": {"alert": {"id": "17", "severity": "warning", "status": "open", "count": 1, "change": 3,
-                                  "details": {"first_seq": 5}}},
+        "replayguard": {"alert": {"id": "17", "uid": "17.5b1e0c2a9d3f4e67", "severity": "warning", "status": "open",
+                                  "count": 1, "change": 3, "details": {"first_seq": 5}}},
         "host": {"name": "web-01", "id": "web-01"},
         "user": {"name": "alice"},
     }
@@ -94,8 +96,8 @@ def test_ocsf_of_a_new_credential_replay() -> None:
         "severity": "Medium", "status_id": 1, "status": "New", "time": T_UPDATED,
         "message": "A credential was presented again",
         "metadata": {"version": "1.1.0", "product": {"name": "replayguard", "vendor_name": "replayguard",
-                                                     "version": __version__}, "uid": "alert-17.3"},
-        "finding_info": {"uid": "replayguard-alert-17", "title": "A credential was presented again",
+                                                     "version": __version__}, "uid": REPLAY["id"]},
+        "finding_info": {"uid": "replayguard-alert-17.5b1e0c2a9d3f4e67", "title": "A credential was presented again",
                          "types": ["reuse"], "created_time": T_FIRST, "first_seen_time": T_FIRST,
                          "last_seen_time": T_LAST, "modified_time": T_UPDATED,
                          "analytic": {"name": "reuse", "type_id": 1, "type": "Rule"}},
