@@ -7,7 +7,9 @@
 --      clone, forgery) and opens a rollback window when the guest went back in time,
 --      unless, under p_refuse, it is the receipt a reported revert or restore left on the
 --      guest's disk (vms.revert_seq, set by rg_ingest_event): the event already opened the
---      window and refused the VM, and the guest's first receipt after it re-syncs it;
+--      window and refused the VM, and the guest's first receipt after it re-syncs it; so
+--      does the receipt of its source a reported clone's disk holds (revert_source_vm_id):
+--      no clone_detected;
 --   2. consumes the credential atomically (UPDATE otp_credentials ... WHERE last_counter <
 --      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
 --      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
@@ -158,6 +160,14 @@ BEGIN
             v_flags := v_flags || 'receipt_invalid'::text;
             v_alert := rg_alert('receipt_invalid', 'warning', it.vm_id, NULL, 'receipt_invalid:' || it.vm_id,
                 it.ts_us, v_seq, 'VM ' || it.vm_id || ' presented a receipt that does not verify', '{}'::jsonb);
+        ELSIF v_rc = 'valid' AND it.receipt_vm_id <> it.vm_id AND p_refuse
+              AND it.receipt_vm_id = v_vmrow.revert_source_vm_id
+              AND it.receipt_seq BETWEEN v_vmrow.revert_receipt_seq AND v_vmrow.revert_receipt_max THEN
+            -- A receipt of the source the reported clone's disk holds (issued at or before
+            -- the clone's state time): the event's window on the source covers every use it
+            -- shows the clone may repeat. Once: the position moves, and the UPDATE below
+            -- forgets the clone's record.
+            v_explained := v_vmrow.revert_seq;
         ELSIF v_rc = 'valid' AND it.receipt_vm_id <> it.vm_id THEN
             -- A clone carries its source's state as of that receipt: the source's later
             -- uses are unknown to the clone, so they are at risk.
@@ -173,7 +183,7 @@ BEGIN
                 'VM ' || it.vm_id || ' presented a receipt issued to VM ' || it.receipt_vm_id,
                 jsonb_build_object('source_vm_id', it.receipt_vm_id, 'receipt_seq', v_rseq));
         ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent AND p_refuse
-              AND it.receipt_seq >= v_vmrow.revert_receipt_seq THEN
+              AND it.receipt_seq >= v_vmrow.revert_receipt_seq AND v_vmrow.revert_source_vm_id IS NULL THEN
             -- The receipt the reported revert put back (or one issued between its snapshot and
             -- the revert): every use it shows undone is in the event's window. Once: the
             -- position moves, and the UPDATE below forgets the revert.
@@ -425,7 +435,8 @@ BEGIN
                            epoch = v_vmrow.epoch, refusing = v_vmrow.refusing,
                            refusing_reason = v_vmrow.refusing_reason,
                            receipts_seen = receipts_seen OR v_rc = 'valid',
-                           revert_seq = NULL, revert_receipt_seq = NULL
+                           revert_seq = NULL, revert_receipt_seq = NULL, revert_source_vm_id = NULL,
+                           revert_receipt_max = NULL
                 WHERE vm_id = it.vm_id;
         END IF;
 

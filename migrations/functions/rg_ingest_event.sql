@@ -16,6 +16,14 @@
 -- stale receipt stays rollback_detected, when the guest already presented a receipt
 -- after the revert happened (R, the window's end: the event came late), or when T lies
 -- beyond the newest c_scan entries of the VM (the scan under the head lock is bounded).
+-- A clone under p_refuse records likewise which receipts of its source S its disk may hold
+-- (vms.revert_source_vm_id, revert_receipt_seq .. revert_receipt_max: migrations/
+-- 039_clone_receipts.sql): those S was issued at or before the clone's state time T, from
+-- the one issued at S's last request by then that presented a receipt (its guest held that
+-- one or a later one) up to the newest; when T is unknown, any S was issued up to R. None
+-- is recorded when S was issued no receipt by then within its newest c_scan entries, or
+-- when the clone already presented a receipt: after R, or at all when the event does not
+-- say when the clone happened (R is then its arrival, which says nothing).
 -- Dropped first: the signature without p_refuse would otherwise stay beside this one.
 DROP FUNCTION IF EXISTS rg_ingest_event(bigint, jsonb, bytea, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb,
@@ -33,6 +41,8 @@ DECLARE
     v_at     bigint;
     v_last   bigint;
     v_from   bigint;
+    v_to     bigint;
+    v_source text := CASE WHEN v_type = 'vm.cloned' THEN p_event->>'source_vm_id' END;
 BEGIN
     r_seq := rg_append(p_ts, 'event', v_vm, p_event->>'event_id', NULL, NULL, NULL,
         p_event || jsonb_build_object('body_digest', encode(p_digest, 'hex'), 'windows', p_windows)
@@ -91,8 +101,35 @@ BEGIN
                 END IF;
             END IF;
         END IF;
+        IF v_refuse AND v_type = 'vm.cloned' THEN
+            SELECT (value->>'start_us')::bigint, (value->>'end_us')::bigint INTO v_state, v_at
+                FROM jsonb_array_elements(p_windows) WHERE value->>'vm_id' = v_source AND value->>'cause' = v_type;
+            SELECT l.ts_us INTO v_last FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
+            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at)) THEN
+                -- The source's decisions (each issued a receipt) at or before T (unknown: R),
+                -- newest first, stopping at the first match: the newest of them, and the
+                -- newest that presented a receipt.
+                SELECT x.seq INTO v_to FROM (SELECT l.seq, l.ts_us, l.kind FROM ledger l
+                    WHERE l.vm_id = v_source ORDER BY l.seq DESC LIMIT c_scan) x
+                    WHERE x.ts_us <= coalesce(v_state, v_at) AND x.kind IN ('otp', 'nonce') ORDER BY x.seq DESC LIMIT 1;
+                IF v_to IS NOT NULL AND v_state IS NULL THEN
+                    v_from := 0;  -- the window covers every earlier use: any receipt up to R
+                ELSIF v_to IS NOT NULL THEN
+                    SELECT x.seq INTO v_from FROM (SELECT l.seq, l.ts_us, l.payload FROM ledger l
+                        WHERE l.vm_id = v_source AND l.seq <= v_to ORDER BY l.seq DESC LIMIT c_scan) x
+                        WHERE x.ts_us <= v_state AND x.payload->>'receipt' = 'valid' ORDER BY x.seq DESC LIMIT 1;
+                    IF v_from IS NULL AND (SELECT count(*) FROM (SELECT 1 FROM ledger l WHERE l.vm_id = v_source
+                                                                   AND l.seq <= v_to LIMIT c_scan) n) < c_scan THEN
+                        v_from := 0;  -- no request of S presented a receipt by T: any it was issued
+                    END IF;
+                    v_from := coalesce(v_from, v_to);  -- beyond the scan: the newest only
+                END IF;
+            END IF;
+        END IF;
         -- Another revert (or a clone taking this name) replaces what an earlier one recorded.
-        UPDATE vms SET revert_seq = CASE WHEN v_from IS NOT NULL THEN r_seq END, revert_receipt_seq = v_from
+        UPDATE vms SET revert_seq = CASE WHEN v_from IS NOT NULL THEN r_seq END, revert_receipt_seq = v_from,
+                       revert_source_vm_id = CASE WHEN v_from IS NOT NULL THEN v_source END,
+                       revert_receipt_max = CASE WHEN v_from IS NOT NULL THEN v_to END
             WHERE vm_id = v_vm;
     END IF;
     RETURN NEXT;

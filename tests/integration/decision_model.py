@@ -5,7 +5,8 @@ credential is the key HMAC really uses (so equivalent secret forms are one crede
 receipt positions with lost-answer claims, rollback windows (hypervisor reverts, and stale
 or foreign receipts bounded by the ledger's entries), the host clock guard, lockout,
 refusals under receipt_reaction = refuse (a reported revert or restore accounting for the
-one stale receipt its snapshot explains), and settings that change between runs of the
+one stale receipt its snapshot explains, a reported clone for the one receipt of its source
+its state holds), and settings that change between runs of the
 service. A nonce's first use is known for good (spent_nonces names its entry); where
 retention may have dropped an OTP use's details, either `reused` or the detailed reason
 is allowed (a reason "a|b": either). Driven by test_decision_model.py (one instance, fixed
@@ -95,6 +96,7 @@ class Vm:
     refusing: bool = False
     valid_seqs: list[int] = field(default_factory=list)  # decisions that presented a valid receipt
     revert_from: int | None = None  # a reported revert explains the next receipt from this seq on
+    clone_from: tuple[str, int, int] | None = None  # a reported clone: (source, lowest, highest) seq it explains
 
 
 @dataclass
@@ -164,17 +166,34 @@ class Model:
         newest issued before ``state``, or any later (unknown state: any). Not when the guest
         already presented a receipt after ``at`` (the report came late)."""
         vm = self.vms.setdefault(vm_id, Vm())
-        vm.revert_from = None
+        vm.revert_from = vm.clone_from = None
         if not self.refuse or (vm.position and self.seq_ts[vm.position] > at):
             return
         older = [s for s in vm.valid_seqs if state is not None and self.seq_ts[s] < state]
         vm.revert_from = max(older, default=0)
 
+    def cloned(self, vm_id: str, source: str, state: float | None, at: float) -> None:
+        """A reported clone of ``source`` as of time ``state`` (None: unknown), made at ``at``.
+        Under refuse, the clone's next receipt may be one of the source's its disk holds: issued
+        at or before ``state``, from the one issued to the source's last request by then that
+        presented a receipt (0: none did) up to the newest (unknown state: any up to ``at``).
+        Not when the clone already presented a receipt after ``at``."""
+        vm = self.vms.setdefault(vm_id, Vm())
+        vm.revert_from = vm.clone_from = None
+        if not self.refuse or (vm.position and self.seq_ts[vm.position] > at):
+            return
+        bound = at if state is None else state
+        held = [s for s, v in self.seq_vm.items() if v == source and self.seq_ts[s] <= bound]
+        if not held:
+            return
+        moved = [s for s in self.vms.setdefault(source, Vm()).valid_seqs if self.seq_ts[s] <= bound]
+        vm.clone_from = (source, 0 if state is None else max(moved, default=0), max(held))
+
     def receipt_flags(self, vm_id: str, r: dict, now: float) -> list[str]:
         vm = self.vms.setdefault(vm_id, Vm())
         flags = self._receipt_flags(vm, vm_id, r, now)
-        if r["kind"] == "valid" or flags:  # the position moves: a reported revert explains no later receipt
-            vm.revert_from = None
+        if r["kind"] == "valid" or flags:  # the position moves: a reported event explains no later receipt
+            vm.revert_from = vm.clone_from = None
         return flags
 
     def _receipt_flags(self, vm: Vm, vm_id: str, r: dict, now: float) -> list[str]:
@@ -182,6 +201,9 @@ class Model:
         if kind == "forged":
             return ["receipt_invalid"]
         if kind == "valid":
+            if r["vm"] != vm_id and self.refuse and vm.clone_from is not None and (
+                    vm.clone_from[0] == r["vm"] and vm.clone_from[1] <= r["seq"] <= vm.clone_from[2]):
+                return []  # the source's receipt the reported clone holds: its window is the event's
             if r["vm"] != vm_id:
                 self.windows.append(self.receipt_window(r["vm"], r["seq"], now))
                 return ["clone_detected"]

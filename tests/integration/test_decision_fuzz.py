@@ -5,9 +5,9 @@ forward and back, retention purges, restarts of the service with other settings 
 lockout threshold and period, nonce_max_ttl_s, HOTP look-ahead), a second instance on the
 same database, enrolments of equivalent secret forms (case, spaces, zero padding, a long
 key and its hash) with 6/7/8 digits and SHA1/SHA256/SHA512, deletions, unlocks, hypervisor
-snapshot/revert events, receipts (current, stale, foreign, forged, missing, lost-answer
-claims right and wrong) and bursts of identical requests. Every answer must be the
-model's, and no credential is ever accepted twice (checked on the ledger itself).
+snapshot/revert events and clones into new VMs, receipts (current, stale, foreign, forged,
+missing, lost-answer claims right and wrong) and bursts of identical requests. Every answer
+must be the model's, and no credential is ever accepted twice (checked on the ledger itself).
 
 A small run by default (3 seeds of 150 steps); RG_DECISION_FUZZ_SEEDS and
 RG_DECISION_FUZZ_STEPS make it larger.
@@ -51,6 +51,7 @@ class Driver(ModelDriver):
         super().__init__(rng, Model(self.settings["lockout_threshold"], self.settings["lockout_period_s"],
                                     self.settings["totp_drift_steps"], self.settings["hotp_look_ahead"],
                                     self.settings["nonce_max_ttl_s"]), clock)
+        self.sources = list(self.vms)  # the VMs events name; clones join self.vms for requests and clears
         raw = [os.urandom(20) for _ in range(2)]
         long_key = os.urandom(70)
         # Forms that give the same codes, grouped: the model names them by the HMAC key.
@@ -58,7 +59,7 @@ class Driver(ModelDriver):
                         b32(raw[0] + b"\x00\x00\x00\x00\x00"), b32(raw[1]), b32(long_key),
                         b32(hashlib.sha1(long_key, usedforsecurity=False).digest())]
         self.issued_at: dict[str, list[float]] = {vm: [] for vm in self.vms}  # when each of receipts was
-        # per VM: a receipt a reverted guest's disk may hold (sent by its next request, mostly)
+        # per VM: a receipt a reverted guest's (or a clone's) disk may hold (sent by its next request, mostly)
         self.rewound: dict[str, str] = {}
         # per VM: (receipt presented, request id) of each request that presented its own valid receipt
         self.moves: dict[str, list[tuple[str, str | None]]] = {vm: [] for vm in self.vms}
@@ -108,7 +109,10 @@ class Driver(ModelDriver):
 
     async def event(self) -> None:
         assert self.api is not None
-        vm = self.rng.choice(self.vms)
+        vm = self.rng.choice(self.sources)
+        if self.rng.random() < 0.2:
+            await self.clone(vm)
+            return
         if not self.snapshots[vm] or self.rng.random() < 0.5:
             body = {"event_id": uid("evt"), "type": "snapshot.created", "vm_id": vm, "snapshot_id": uid("snap"),
                     "snapshot_created_at": self.now, "occurred_at": self.now}
@@ -131,6 +135,35 @@ class Driver(ModelDriver):
         status, answer = await self.api.post("/v1/hypervisor/events", body, role="hypervisor")
         assert status == 202, answer
         self.log.append(what)
+
+    async def clone(self, source: str) -> None:
+        """A clone of ``source`` into a new VM, as of one of its snapshots or of an unknown
+        time; its guest presents, mostly, a receipt of the source its disk holds. Clones are
+        never the subject of events, so no window reaches them through their lineage."""
+        assert self.api is not None
+        clone = uid("clone")
+        t = self.rng.choice([*self.snapshots[source], None])
+        occurred = self.now - self.rng.choice([0, 0, 3, 40])
+        body: dict[str, Any] = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": clone,
+                                "source_vm_id": source, "occurred_at": occurred}
+        if t is not None:
+            body["snapshot_created_at"] = t
+        state = t if t is not None and t <= occurred else None
+        status, answer = await self.api.post("/v1/hypervisor/events", body, role="hypervisor")
+        assert status == 202, answer
+        self.model.windows.append((source, state, occurred))
+        self.model.cloned(clone, source, state, occurred)
+        bound = occurred if state is None else state
+        held = [r for r, at in zip(self.receipts[source], self.issued_at[source], strict=True) if at <= bound]
+        pick = self.rng.random()  # the one held at the state, mostly; an older one, or any, too
+        pool = held if pick < 0.75 else self.receipts[source]
+        if pool:
+            self.rewound[clone] = pool[-1] if pick < 0.5 else self.rng.choice(pool)
+        self.vms.append(clone)
+        for per_vm in (self.receipts, self.issued_at, self.moves, self.snapshots):
+            per_vm[clone] = []
+        self.model.vms.setdefault(clone, Vm()).refusing = self.model.refuse
+        self.log.append(f"clone {source} to {clone} as of {state} at {occurred:.0f}")
 
     async def clear(self) -> None:
         vm = self.rng.choice(self.vms)
