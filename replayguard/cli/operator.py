@@ -31,6 +31,7 @@ from .service_client import (
     EXIT_OK,
     EXIT_PROBLEM,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     Client,
     CommandFailed,
     client_from,
@@ -207,6 +208,21 @@ def vm_timeline(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def vms_clear(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """Lifts a VM's refusal (``receipt_reaction = "refuse"``); the note goes to the ledger."""
+    if args.timeline or args.since or args.until:
+        raise CommandFailed("vms clear takes no --timeline, --since or --until", EXIT_USAGE)
+    path = "/v1/vms/" + urllib.parse.quote(args.vm, safe="") + "/clear"
+    done = client.call("POST", path, {"note": args.note})
+
+    def human(d: dict[str, Any]) -> str:
+        was = f"yes ({printable(d['refusing_reason'])})" if d["was_refusing"] else "no"
+        return f"{printable(d['vm_id'])} cleared (was refusing: {was}; ledger seq {d['seq']})"
+
+    _emit(args, done, human, out)
+    return EXIT_OK
+
+
 def principals_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     items: list[dict[str, Any]] = []
     cursor: str | None = None
@@ -274,11 +290,15 @@ def status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 # --- wiring -----------------------------------------------------------------------------
 
-def _common(parser: argparse.ArgumentParser, handler: Callable[[Client, argparse.Namespace, TextIO], int]) -> None:
-    parser.add_argument("--url", help=f"the service (REPLAYGUARD_URL; default {DEFAULT_URL})")
+def _common(parser: argparse.ArgumentParser, handler: Callable[[Client, argparse.Namespace, TextIO], int],
+            *, nested: bool = False) -> None:
+    """``nested``: a subcommand of a command that has these flags too (``vms clear``), so
+    that they may come before the subcommand as well as after it."""
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+    parser.add_argument("--url", help=f"the service (REPLAYGUARD_URL; default {DEFAULT_URL})", **unset)
     parser.add_argument("--token-file", help="a file holding the API token (REPLAYGUARD_TOKEN_FILE); "
-                                             "or set REPLAYGUARD_TOKEN")
-    parser.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+                                             "or set REPLAYGUARD_TOKEN", **unset)
+    parser.add_argument("--json", action="store_true", help="JSON for scripts instead of a table", **unset)
     parser.set_defaults(handler=_runner(handler))
 
 
@@ -316,11 +336,17 @@ def register(sub: Any) -> None:
     follow.add_argument("--count", type=int, default=0, help="exit after this many alerts")
     _common(follow, alerts_follow)
 
-    vm_parser = sub.add_parser("vms", help="VMs of a running service, or one VM's timeline")
+    vm_parser = sub.add_parser("vms", help="VMs of a running service, or one VM's timeline, or clear a VM")
     vm_parser.add_argument("--timeline", metavar="VM", help="the timeline of this VM")
     vm_parser.add_argument("--since")
     vm_parser.add_argument("--until")
     _common(vm_parser, vms)
+    vcmds = vm_parser.add_subparsers(dest="vms_command")
+    clear = vcmds.add_parser("clear", help="lift a VM's refusal (receipt_reaction = refuse; admin token; "
+                                           "written to the ledger)")
+    clear.add_argument("vm", metavar="VM")
+    clear.add_argument("--note", required=True, help="why (written to the ledger; one line)")
+    _common(clear, vms_clear, nested=True)
 
     principals = sub.add_parser("principals", help="principals of a running service (admin token)")
     pcmds = principals.add_subparsers(dest="principals_command", required=True)

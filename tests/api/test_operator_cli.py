@@ -135,6 +135,45 @@ async def test_principals_list_and_unlock(api_factory: Any) -> None:
     assert line.split()[1] == "no"
 
 
+async def test_vms_clear_lifts_a_refusal_with_an_admin_token(api_factory: Any) -> None:
+    """Under receipt_reaction=refuse, a VM the hypervisor reported reverted refuses until
+    `vms clear VM --note` with an admin token lifts it (the note in the ledger); an analyst
+    token may not (4), an unknown VM is 5, a note the service refuses is 6, no --note or
+    --timeline with clear is 2; flags go before or after the subcommand."""
+    api: Api = await api_factory(receipt_reaction="refuse")
+    vm_id = uid("web-01")
+    status, answer = await api.post("/v1/hypervisor/events", {"event_id": uid("evt"), "type": "vm.restored",
+                                                              "vm_id": vm_id}, role="hypervisor")
+    assert status == 202, answer
+
+    async def consume() -> str:
+        _status, decision = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": "cli", "nonce": uid("n")})
+        return str(decision["reason"])
+
+    assert await consume() == "locked_out"
+    assert (await rg(api, "vms", "clear", vm_id, "--note", "restore planned", role="analyst"))[0] == 4
+    assert await consume() == "locked_out"
+    code, out, err = await rg(api, "vms", "clear", vm_id, "--note", "restore planned, ticket 4411", role="admin")
+    assert code == 0, err
+    assert out.startswith(f"{vm_id} cleared (was refusing: yes (vm.restored); ledger seq "), out
+    assert await consume() == "ok"
+    async with api.runtime.pool.acquire() as conn:
+        note = await conn.fetchval("SELECT payload->>'note' FROM ledger WHERE kind = 'vm_cleared' AND vm_id = $1",
+                                   vm_id)
+    assert note == "restore planned, ticket 4411"
+    code, out, err = await rg(api, "vms", "--json", "clear", vm_id, "--note", "again", role="admin")
+    assert code == 0 and json.loads(out)["was_refusing"] is False, (out, err)
+    code, out, err = await rg(api, "vms", "clear", vm_id, "--note", "again", "--json", role="admin")
+    assert code == 0 and json.loads(out)["vm_id"] == vm_id, (out, err)
+    assert (await rg(api, "vms", "clear", uid("nope"), "--note", "x", role="admin"))[0] == 5
+    code, _, err = await rg(api, "vms", "clear", vm_id, "--note", "two\nlines", role="admin")
+    assert code == 6 and "note" in err, err
+    code, _, err = await rg(api, "vms", "clear", vm_id, role="admin")
+    assert code == 2 and "--note" in err, err
+    code, _, err = await rg(api, "vms", "--timeline", vm_id, "clear", vm_id, "--note", "x", role="admin")
+    assert code == 2 and "--timeline" in err, err
+
+
 async def test_status_reports_and_fails_on_a_bad_ledger(api: Api) -> None:
     """status prints health, readiness, head and sinks (exit 0); --json is the same facts for scripts."""
     code, out, err = await rg(api, "status", "--verify")

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not i
     (["replayguard", "alerts", "list", "--sev"], ["--severity"]),
     (["replayguard", "principals", "un"], ["unlock"]),
     (["replayguard", "--vm", "x", "vms", "--time"], ["--timeline"]),
+    (["replayguard", "vms", "cl"], ["clear"]),
+    (["replayguard", "vms", "clear", "web-01", "--n"], ["--note"]),
     (["replayguard", "status", "--v"], ["--verify"]),
     (["replayguard", "sinks", ""], ["test"]),
 ])
