@@ -14,8 +14,10 @@
 -- again (rg_decide). That receipt is at or after the newest one issued to the VM before
 -- the state's time T (the window's start; unknown: any). Nothing is recorded, and a
 -- stale receipt stays rollback_detected, when the guest already presented a receipt
--- after the revert happened (R, the window's end: the event came late), or when T lies
--- beyond the newest c_scan entries of the VM (the scan under the head lock is bounded).
+-- after the revert happened (R, the window's end: the event came late; when the event
+-- does not say when the revert happened, R is its arrival, which says nothing: then any
+-- receipt the guest presented before), or when T lies beyond the newest c_scan entries of
+-- the VM (the scan under the head lock is bounded).
 -- A clone under p_refuse records likewise which receipts of its source S its disk may hold
 -- (vms.revert_source_vm_id, revert_receipt_seq .. revert_receipt_max: migrations/
 -- 039_clone_receipts.sql): those S was issued at or before the clone's state time T, from
@@ -86,7 +88,7 @@ BEGIN
             SELECT (value->>'start_us')::bigint, (value->>'end_us')::bigint INTO v_state, v_at
                 FROM jsonb_array_elements(p_windows) WHERE value->>'vm_id' = v_vm AND value->>'cause' = v_type;
             SELECT l.ts_us INTO v_last FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
-            IF v_at IS NOT NULL AND coalesce(v_last <= v_at, true) THEN
+            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at)) THEN
                 IF v_state IS NULL THEN
                     v_from := 0;
                 ELSE

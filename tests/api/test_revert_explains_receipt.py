@@ -26,7 +26,9 @@ async def consume(api: Api, vm_id: str, receipt: str | None = None) -> dict[str,
 
 
 async def event(api: Api, vm_id: str, kind: str, **fields: Any) -> None:
+    """Posts the event; ``occurred_at=None`` leaves the time of the change out."""
     body = {"event_id": uid("evt"), "type": kind, "vm_id": vm_id, "occurred_at": api.clock.now, **fields}
+    body = {key: value for key, value in body.items() if value is not None}
     status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
     assert status == 202 and answer["duplicate"] is False, answer
 
@@ -198,6 +200,30 @@ async def test_a_revert_reported_after_the_guest_spoke_explains_nothing(api_fact
     api.clock.advance(5)
     await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken,
                 occurred_at=reverted_at)
+    await clear(api, vm_id)
+    api.clock.advance(5)
+    again = await consume(api, vm_id, held)
+    assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), again
+
+
+async def test_a_revert_reported_without_its_time_after_the_guest_spoke_explains_nothing(
+        api_factory: Callable[..., Any]) -> None:
+    """A revert whose report does not say when it happened, arriving after the guest already
+    presented its stale receipt (flagged then): the report's arrival says nothing about
+    whether the guest spoke after the revert, so the event explains no later stale receipt."""
+    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
+    vm_id = uid("web-01")
+    held = (await consume(api, vm_id))["receipt"]
+    api.clock.advance(5)
+    taken = api.clock.now
+    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=taken)
+    api.clock.advance(5)
+    await consume(api, vm_id, held)
+    api.clock.advance(10)
+    spoke = await consume(api, vm_id, held)  # the guest's first request after the revert
+    assert spoke["flags"] == ["rollback_detected"], spoke
+    api.clock.advance(5)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken, occurred_at=None)
     await clear(api, vm_id)
     api.clock.advance(5)
     again = await consume(api, vm_id, held)
