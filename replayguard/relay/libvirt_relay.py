@@ -88,8 +88,11 @@ StatusPost = Callable[[bytes], Awaitable[int | None]]
 
 
 def _answering(post: StatusPost) -> Callable[[bytes], Awaitable[Answer]]:
+    """A status-only ``post`` (the service's statuses): a 4xx carries the service's error body."""
     async def answer(data: bytes) -> Answer:
-        return Answer(await post(data), None)
+        status = await post(data)
+        rejected = status is not None and 400 <= status < 500
+        return Answer(status, {"error": {"code": "http_" + str(status), "message": ""}} if rejected else None)
 
     return answer
 

@@ -7,8 +7,11 @@ spool oldest first: a 2xx or 409 removes the file; a 401, 403 or 413 (a wrong to
 missing or wrong event signature, a body the service will not take), a redirect, a 404 or
 a 405 (a ``--service-url`` that does not reach the events endpoint: the service itself
 never answers it so) keeps it, logged as an error, because the fix is the operator's and
-the event must still arrive afterwards; any other 4xx parks it in ``dead/`` (bounded: the
-oldest letters go first, each drop logged); anything else keeps it and backs off. A 403
+the event must still arrive afterwards; any other 4xx with the service's error body
+parks it in ``dead/`` (bounded: the oldest letters go first, each drop logged), and one
+without it (a proxy between relay and service: TLS or a client certificate it wants) is
+kept like a wrong URL, since only the service can say that resending cannot help; anything
+else keeps it and backs off. A 403
 (a token bound to other VMs than this event's) or a 413 refuses that one event: the
 events behind it are still sent, out of order, as the service allows.
 
@@ -61,8 +64,8 @@ log = structlog.get_logger("replayguard.relay.spool")
 class Outcome(enum.Enum):
     DELIVERED = "delivered"  # 2xx, or 409: the service already holds this id
     RETRY = "retry"  # service down, 5xx, 408, 429: keep the event and back off
-    REFUSED = "refused"  # 3xx, 401, 403, 404, 405, 413: the operator must fix something; keep, back off
-    DEAD = "dead"  # any other answer: retrying cannot help, park it in dead/
+    REFUSED = "refused"  # 3xx, 401, 403, 404, 405, 413, a 4xx not from the service: the operator's; keep
+    DEAD = "dead"  # any other answer of the service: retrying cannot help, park it in dead/
 
 
 # ---------------------------------------------------------------- pure: answers and backoff
@@ -87,6 +90,22 @@ def classify_status(status: int | None) -> Outcome:
     if status in REFUSED_STATUSES or 300 <= status < 400:
         return Outcome.REFUSED
     return Outcome.DEAD
+
+
+def settle(answer: Answer) -> Outcome:
+    """What an answer means for a spooled event: ``classify_status``, except that a
+    rejection parks the event only when the service made it (its error body, CONTRACT §3);
+    the same status from a proxy in front of it is the operator's to fix: kept."""
+    outcome = classify_status(answer.status)
+    if outcome is Outcome.DEAD and not from_service(answer.body):
+        return Outcome.REFUSED
+    return outcome
+
+
+def from_service(body: Any) -> bool:
+    """Whether an answer's body is a service error body: ``{"error": {"code": ...}}``."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("code"), str)
 
 
 # ---------------------------------------------------------------- the spool
@@ -226,7 +245,7 @@ async def deliver_file(spool: Spool, path: Path, post: Post,
         spool.bury(path)
         return Outcome.DEAD, Answer(None, None)
     answer = await post(data)
-    outcome = classify_status(answer.status)
+    outcome = settle(answer)
     if outcome is Outcome.DELIVERED:
         spool.remove(path)
         log.info("event_delivered", event_id=event_id, status=answer.status)
@@ -236,7 +255,7 @@ async def deliver_file(spool: Spool, path: Path, post: Post,
                   dead_letters=len(spool.dead_letters()), service_error=service_reason(answer.body))
     elif outcome is Outcome.REFUSED:
         log.error("event_refused", event_id=event_id, status=answer.status, kept="spool",
-                  hint=REFUSED_HINTS.get(answer.status or 0, ""), service_error=service_reason(answer.body))
+                  hint=refused_hint(answer.status), service_error=service_reason(answer.body))
     else:
         log.warning("event_delivery_failed", event_id=event_id, status=answer.status)
     return outcome, answer
@@ -264,6 +283,12 @@ REFUSED_HINTS = {
     403: "the token is not of role hypervisor (or not bound to this VM)",
     413: "the body is over the service's 64 KiB limit",
 }
+NOT_THE_SERVICE_HINT = ("the answer is not the service's (no error body): a proxy or another server"
+                        " answers --service-url; fix what it wants (TLS, a client certificate) or the URL")
+
+
+def refused_hint(status: int | None) -> str:
+    return REFUSED_HINTS.get(status or 0, NOT_THE_SERVICE_HINT)
 
 
 @dataclass

@@ -60,16 +60,16 @@ from .options import (
     required,
 )
 from .spool import (
-    REFUSED_HINTS,
     Answer,
     Outcome,
     Post,
     Retry,
     Spool,
-    classify_status,
     drain,
     post_json,
+    refused_hint,
     service_reason,
+    settle,
 )
 
 EVENTS_PATH = "/v1/hypervisor/events?source=vsphere"
@@ -207,7 +207,7 @@ class Forwarder:
             return 413, {"forwarded": False, "error": f"the event is over {SERVICE_MAX_BODY} bytes "
                          "even with only the fields replayguard reads"}
         answer: Answer = await self.post(data)
-        outcome = classify_status(answer.status)
+        outcome = settle(answer)
         if outcome is Outcome.DELIVERED:
             log.info("event_forwarded", event_id=event["id"], status=answer.status)
             return 200, {"forwarded": True, "status": answer.status, "service": answer.body}
@@ -221,7 +221,7 @@ class Forwarder:
         self.wake.set()
         if outcome is Outcome.REFUSED:
             log.error("event_refused", event_id=event["id"], status=answer.status, kept="spool",
-                      hint=REFUSED_HINTS.get(answer.status or 0, ""), service_error=service_reason(answer.body))
+                      hint=refused_hint(answer.status), service_error=service_reason(answer.body))
             return 502, {"forwarded": False, "spooled": True, "status": answer.status}
         log.warning("event_spooled", event_id=event["id"], status=answer.status)
         return 202, {"forwarded": False, "spooled": True}

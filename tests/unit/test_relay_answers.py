@@ -120,3 +120,73 @@ def test_credentials_in_a_url_are_refused_and_never_echoed(relay: str, tmp_path:
             else:
                 vsphere.load_config(argv, {})
         assert "hunter2" not in caught.value.message and "URL" in caught.value.message
+
+
+@pytest.fixture
+async def proxy_refusing() -> AsyncIterator[tuple[str, list[int]]]:
+    """A loopback stand-in for a reverse proxy in front of the service: while the list's head
+    is 400 it answers as nginx does a plain-HTTP request to its TLS port or a missing client
+    certificate (an HTML page), else 202 with the service's body."""
+    statuses: list[int] = []
+
+    async def handler(_request: web.Request) -> web.Response:
+        if statuses[0] == 400:
+            return web.Response(status=400, content_type="text/html",
+                                text="<html><center>No required SSL certificate was sent</center></html>")
+        return web.json_response({"accepted": True, "duplicate": False}, status=statuses[0])
+
+    app = web.Application()
+    app.router.add_post("/v1/hypervisor/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/hypervisor/events", statuses
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_error_that_is_not_the_services_keeps_the_event(
+    tmp_path: Path, proxy_refusing: tuple[str, list[int]]
+) -> None:
+    """A 4xx without the service's error body (CONTRACT: every error of the service has one)
+    comes from something between the relay and the service, a proxy wanting a client
+    certificate or TLS: the operator's to fix, so the revert waits in the spool and is
+    delivered once the path is fixed. (Such a 400 parked it in dead/, never resent.)"""
+    url, statuses = proxy_refusing
+    statuses.append(400)
+    spool = Spool(tmp_path)
+    spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
+    async with aiohttp.ClientSession() as session:
+
+        async def post(data: bytes) -> Answer:
+            return await post_json(session, url, Secret("t0ken"), data)
+
+        with capture_logs() as logs:
+            assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 1
+        assert not spool.dead_letters()
+        (refused, *_) = [e for e in logs if e["event"] == "event_refused"]
+        assert refused["status"] == 400 and "not the service's" in refused["hint"]
+        statuses[0] = 202
+        assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 0
+    assert not spool.pending() and not spool.dead_letters()
+
+
+@pytest.mark.parametrize("body", [None, ["bad"], {"error": "bad"}, {"error": {"message": "bad"}}])
+async def test_only_the_services_own_rejection_parks_an_event(tmp_path: Path, body: object) -> None:
+    """A 400 with the service's error body parks the event in dead/ (resending cannot help);
+    the same status with any other body keeps it."""
+    spool = Spool(tmp_path)
+    path = spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
+
+    async def other(_data: bytes) -> Answer:
+        return Answer(400, body)
+
+    async def service(_data: bytes) -> Answer:
+        return Answer(400, {"error": {"code": "invalid_payload", "message": "domain.uuid is required"}})
+
+    assert (await deliver_file(spool, path, other))[0] is Outcome.REFUSED
+    assert spool.pending() == [path]
+    assert (await deliver_file(spool, path, service))[0] is Outcome.DEAD
+    assert not spool.pending() and len(spool.dead_letters()) == 1
