@@ -145,6 +145,9 @@ async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: 
             spooled += 1
             log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
         cursor.add(task)
+    for lost in cursor.note_running(tasks):
+        log.error("proxmox_running_task_lost", upid=lost,
+                  hint="seen running, then neither listed nor found in its node's archive: not posted")
     cursor.prune((t.upid.text for t in tasks), before=int(now) - retention_s)
     return spooled, cursor
 

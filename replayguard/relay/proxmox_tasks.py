@@ -74,34 +74,60 @@ def read_tasks(listing: object) -> list[Task]:
 
 @dataclass
 class Cursor:
-    """UPIDs already handled (→ their start time), so each finished task is posted once."""
+    """UPIDs already handled (→ their start time), so each finished task is posted once,
+    and those seen still running and not handled since (→ their start time): one that
+    leaves the list before a poll sees it finished is read from its node's archive."""
 
     seen: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
 
     def __contains__(self, upid: str) -> bool:
         return upid in self.seen
 
     def add(self, task: Task) -> None:
         self.seen[task.upid.text] = task.upid.starttime
+        self.running.pop(task.upid.text, None)
+
+    def note_running(self, tasks: Sequence[Task]) -> list[str]:
+        """Remember the tasks running in this poll's tasks (the list and any archive read);
+        returns those remembered before that this poll neither found nor handled although
+        their node lists tasks (not in its archive either: looked for once, then forgotten).
+        Those of a node listing no finished task (offline) are kept until it does."""
+        running = {t.upid.text: t.upid.starttime for t in tasks if not t.finished and t.upid.text not in self.seen}
+        present, looked = {t.upid.text for t in tasks}, _listing_nodes(tasks)
+        lost = []
+        for text, start in self.running.items():
+            if text in present or text in self.seen or text in running:
+                continue
+            if _node_of(text) in looked:
+                lost.append(text)
+            else:
+                running[text] = start
+        self.running = running
+        return sorted(lost)
 
     def prune(self, listed: Iterable[str], before: int) -> None:
         """Forget UPIDs older than ``before`` that PVE no longer lists: they cannot return."""
         keep = set(listed)
         self.seen = {u: t for u, t in self.seen.items() if t >= before or u in keep}
+        self.running = {u: t for u, t in self.running.items() if t >= before or u in keep}
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"seen": self.seen}, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps({"seen": self.seen, "running": self.running}, option=orjson.OPT_SORT_KEYS)
 
     @classmethod
     def from_json(cls, data: bytes) -> Cursor:
-        """Inverse of ``to_json``; an unreadable cursor raises, never silently re-posts all."""
+        """Inverse of ``to_json``; an unreadable cursor raises, never silently re-posts all.
+        A cursor without ``running`` (written before it was kept) has none."""
         try:
-            seen = orjson.loads(data)["seen"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raw = orjson.loads(data)
+            seen, running = raw["seen"], raw.get("running", {})
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"unreadable {CURSOR_FILE}: {type(exc).__name__}") from exc
-        if not isinstance(seen, dict) or not all(isinstance(v, int) for v in seen.values()):
-            raise ValueError(f"{CURSOR_FILE}: 'seen' must map UPIDs to start times")
-        return cls(dict(seen))
+        for name, value in (("seen", seen), ("running", running)):
+            if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+                raise ValueError(f"{CURSOR_FILE}: {name!r} must map UPIDs to start times")
+        return cls(dict(seen), dict(running))
 
 
 def due(tasks: Sequence[Task], cursor: Cursor) -> list[Task]:
@@ -111,14 +137,18 @@ def due(tasks: Sequence[Task], cursor: Cursor) -> list[Task]:
 
 
 def list_gaps(tasks: Sequence[Task], cursor: Cursor) -> dict[str, int]:
-    """Nodes whose listed tasks may not reach back to the cursor: node → the start time of
-    the newest task handled there, from which that node's task archive must be read.
+    """Nodes whose listed tasks may not reach back to the cursor: node → the start time
+    from which that node's task archive must be read.
 
     ``/cluster/tasks`` holds each node's running tasks and only its newest finished ones
     (25 in PVE's ``active_workers``). When a node's listed finished tasks include none the
     cursor handled, while the cursor handled tasks of that node, more may have finished
     since than the list holds (a poller stopped or slow for a while): those fell off the
-    list unseen. A node listing no finished task says nothing (its list is not broadcast).
+    list unseen, from the newest handled task's start on. A node listing no finished task
+    says nothing (its list is not broadcast). And a task the cursor saw running that its
+    node, listing tasks, no longer lists nor was handled finished and fell off unseen (the
+    list keeps the newest by start, so a long task goes first, however often the poller
+    reads): from its start on.
     """
     handled: dict[str, int] = {}
     for text, start in cursor.seen.items():
@@ -129,7 +159,25 @@ def list_gaps(tasks: Sequence[Task], cursor: Cursor) -> dict[str, int]:
     for task in tasks:
         if task.finished:
             listed[task.upid.node] = listed.get(task.upid.node, False) or task.upid.text in cursor
-    return {node: handled[node] for node, overlaps in listed.items() if node in handled and not overlaps}
+    gaps = {node: handled[node] for node, overlaps in listed.items() if node in handled and not overlaps}
+    present = {task.upid.text for task in tasks}
+    for text, start in cursor.running.items():
+        of = _node_of(text)
+        if of is not None and of in listed and text not in present and text not in cursor.seen:
+            gaps[of] = min(start, gaps.get(of, start))
+    return gaps
+
+
+def _listing_nodes(tasks: Iterable[Task]) -> set[str]:
+    """Nodes that list finished tasks (a node listing none is offline or not broadcast)."""
+    return {task.upid.node for task in tasks if task.finished}
+
+
+def _node_of(upid: str) -> str | None:
+    try:
+        return decode_upid(upid).node
+    except MalformedPayload:
+        return None
 
 
 def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -452,3 +453,37 @@ async def test_cron_mode_reads_the_task_archive_with_pvesh(
         _, err = await asyncio.wait_for(proc.communicate(orjson.dumps(listing)), WAIT)
         assert proc.returncode == 0, err.decode()
     assert [b["upid"] for b in recorder.bodies] == [first[0]["upid"], rollback["upid"]]
+
+
+@pytest.mark.parametrize("away", [True, False], ids=["poller-away", "poller-on-time"])
+async def test_a_rollback_still_running_at_one_poll_is_posted_once_it_left_the_list(
+    stand_in: tuple[StandIn, TestServer], tmp_path: Path, away: bool
+) -> None:
+    """A rollback on pve1 is still running at a poll that handles a task started after it.
+    While it runs, 30 console sessions start and finish; /cluster/tasks keeps each node's
+    newest tasks by start, so once it finishes the rollback is not in the list, whether the
+    poller was away meanwhile (its list no longer reaches back to the cursor) or polled on
+    time (its list still holds tasks it handled). The poller remembers the tasks it saw
+    running, reads pve1's archive from the rollback's start, and posts it. (The archive was
+    read only from the newest handled task's start, after the rollback's, or not at all.)"""
+    recorder, service = stand_in
+    t0 = 1_795_942_800
+    rollback = {**_task("pve1", 1, "qmrollback", "101", t0 + 5), "endtime": None, "status": None}
+    history = [rollback, _task("pve1", 2, "qmstart", "102", t0 + 10)]
+    server = await serve(pve_history(history))
+    try:
+        cfg = config(base(service), tmp_path, base(server), lookup="api")
+        assert await run_poller(cfg) == 0
+        assert [b["upid"] for b in recorder.bodies] == [history[1]["upid"]]
+        consoles = [_task("pve1", 100 + n, "vncproxy", "101", t0 + 200 + n) for n in range(30)]
+        history += consoles[:20]
+        if not away:
+            assert await run_poller(cfg) == 0
+        history += consoles[20:]
+        rollback.update(endtime=t0 + 400, status="OK")
+        assert await run_poller(cfg) == 0
+        assert rollback["upid"] in [b["upid"] for b in recorder.bodies]
+        assert await run_poller(cfg) == 0
+        assert [b["upid"] for b in recorder.bodies].count(rollback["upid"]) == 1
+    finally:
+        await server.close()

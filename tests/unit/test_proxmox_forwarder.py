@@ -134,6 +134,17 @@ def test_cursor_round_trips_through_json() -> None:
     assert Cursor.from_json(cursor.to_json()) == cursor
 
 
+def test_cursor_remembers_running_tasks_and_reads_one_written_without_them() -> None:
+    """Tasks seen running round-trip with the handled ones; a cursor file from before
+    running tasks were kept reads as having none."""
+    running = {**_finished("pve1", 9, 300), "endtime": None, "status": None}
+    cursor = Cursor()
+    assert cursor.note_running(read_tasks([running, _finished("pve1", 1, 100)])) == []
+    assert cursor.running == {running["upid"]: 300}
+    assert Cursor.from_json(cursor.to_json()) == cursor
+    assert Cursor.from_json(b'{"seen": {"u": 1}}') == Cursor({"u": 1})
+
+
 def test_cursor_prune_forgets_only_old_unlisted_upids() -> None:
     """A UPID is forgotten once it is older than the horizon and PVE no longer lists it."""
     cursor = Cursor({"old-listed": 10, "old-gone": 10, "new-gone": 500})
@@ -190,7 +201,8 @@ async def test_without_an_archive_source_the_listed_tasks_are_still_posted(tmp_p
     assert len(Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes()).seen) == 2
 
 
-@pytest.mark.parametrize("data", [b"", b"[]", b'{"seen": []}', b'{"seen": {"u": "x"}}', b"{}"])
+@pytest.mark.parametrize("data", [b"", b"[]", b'{"seen": []}', b'{"seen": {"u": "x"}}', b"{}",
+                                  b'{"seen": {}, "running": []}', b'{"seen": {}, "running": {"u": "x"}}'])
 def test_unreadable_cursor_is_an_error_not_a_fresh_start(data: bytes) -> None:
     """A damaged cursor raises ValueError rather than silently re-posting the whole list."""
     with pytest.raises(ValueError):
@@ -425,3 +437,37 @@ def test_config_reads_the_api_token_file_and_hides_it(tmp_path: Path) -> None:
                             {"REPLAYGUARD_RELAY_TOKEN": "t"})
     assert config.api_token is not None and config.api_token.reveal().startswith("replayguard@pve!")
     assert "9f3c2f44" not in repr(config) and config.lookup == "api"
+
+
+async def test_a_running_task_of_a_node_that_lists_nothing_waits_for_the_node(tmp_path: Path) -> None:
+    """A rollback on pve2 is running when pve2 drops out of /cluster/tasks (offline: its list
+    is no longer broadcast, and its archive cannot be read). The poll of pve1's tasks goes
+    on, nothing is read for pve2 and the rollback is remembered; once pve2 lists tasks again,
+    its archive is read from the rollback's start and the rollback is posted."""
+    started = _finished("pve2", 9, 300)
+    rollback = {**started, "upid": started["upid"].replace("vncproxy", "qmrollback"), "endtime": None, "status": None}
+
+    class Archive(RecordedLookup):
+        def __init__(self) -> None:
+            super().__init__()
+            self.online = True
+            self.tasks: list[dict[str, Any]] = []
+
+        async def task_archive(self, node: str, since: int) -> list[object] | None:
+            if node == "pve2" and not self.online:
+                raise ArchiveUnreadable(node)
+            return [t for t in self.tasks if t["node"] == node and t["starttime"] >= since]
+
+    lookup, outbox = Archive(), Outbox(tmp_path)
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": lookup, "cluster": None,
+                            "retention_s": 86400}
+    await poll_once([_finished("pve1", 1, 100), _finished("pve2", 2, 310), rollback], now=400, **args)
+    lookup.online = False
+    await poll_once([_finished("pve1", 1, 100), _finished("pve1", 3, 500)], now=600, **args)
+    assert rollback["upid"] in Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes()).running
+    lookup.online = True
+    lookup.tasks = [{**rollback, "endtime": 700, "status": "OK"}, _finished("pve2", 2, 310)]
+    later = [_finished("pve2", 10 + n, 800 + n) for n in range(3)]
+    await poll_once([_finished("pve1", 3, 500), *later], now=900, **args)
+    spooled = [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
+    assert rollback["upid"] in spooled
