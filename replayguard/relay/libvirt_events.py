@@ -180,18 +180,28 @@ def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
     A newly created snapshot becoming current is a creation, and deleting the current
     snapshot may make its parent current: neither is a revert. But taking a snapshot makes
     it current, so when several were taken since the previous poll (or while the relay was
-    stopped) and the current one is not the last taken, the domain went back to it.
+    stopped) and the current one is not the last taken, the domain went back to it. A
+    snapshot whose name the previous poll saw with another creation time is a new one (the
+    old one deleted, the name taken again).
     """
     target = cur.current
     if target is None or target == prev.current:
         return False
-    if target not in prev.snapshots:
+    if not _existed(prev, cur, target):
         taken = cur.snapshots.get(target)
         return taken is not None and any(
-            name not in prev.snapshots and when is not None and when > taken
+            not _existed(prev, cur, name) and when is not None and when > taken
             for name, when in cur.snapshots.items()
         )
     return prev.current is None or prev.current in cur.snapshots
+
+
+def _existed(prev: DomainView, cur: DomainView, name: str) -> bool:
+    """``cur``'s snapshot ``name`` is the one ``prev`` saw (same name, no other known time)."""
+    if name not in prev.snapshots:
+        return False
+    before, now = prev.snapshots[name], cur.snapshots.get(name)
+    return before is None or now is None or before == now
 
 
 def diff_domain(prev: DomainView | None, cur: DomainView, lifecycle_seen: bool) -> list[SnapshotChange]:
@@ -202,15 +212,17 @@ def diff_domain(prev: DomainView | None, cur: DomainView, lifecycle_seen: bool) 
     previous poll nothing can be called a revert.
     """
     before: Mapping[str, int | None] = prev.snapshots if prev is not None else {}
+    # a name seen before with another creation time: that snapshot deleted, a new one taken
+    retaken = {n for n in cur.snapshots if prev is not None and n in before and not _existed(prev, cur, n)}
     created = sorted(
-        (SnapshotRef(n, t) for n, t in cur.snapshots.items() if n not in before),
+        (SnapshotRef(n, t) for n, t in cur.snapshots.items() if n not in before or n in retaken),
         key=lambda s: (s.creation_time or 0, s.name),
     )
     changes = [SnapshotChange(Kind.SNAPSHOT_CREATED, s) for s in created]
     changes += [
         SnapshotChange(Kind.SNAPSHOT_DELETED, SnapshotRef(n, t))
         for n, t in sorted(before.items())
-        if n not in cur.snapshots
+        if n not in cur.snapshots or n in retaken
     ]
     if prev is not None and not lifecycle_seen and is_silent_revert(prev, cur):
         assert cur.current is not None  # noqa: S101 - narrows the type for mypy

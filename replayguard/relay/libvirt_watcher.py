@@ -156,5 +156,11 @@ class Watcher:
         snaps = {s.getName(): self.creation_time(uuid, s) for s in dom.listAllSnapshots(0)}
         for key in [k for k in self.ctimes if k[0] == uuid and k[1] not in snaps]:
             del self.ctimes[key]  # a later snapshot of the same name has its own time
-        current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
+        current = None
+        if dom.hasCurrentSnapshot(0):
+            # Read afresh each poll: a name deleted and taken again between two polls is a
+            # new snapshot (its own time), not the one cached, which became current again.
+            snap = dom.snapshotCurrent(0)
+            current = snap.getName()
+            snaps[current] = self.creation_time(uuid, snap, fresh=True)
         return DomainView(uuid, dom.name(), snaps, current)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -320,3 +321,37 @@ async def test_relay_reconnects_when_libvirtd_restarts(standin: StandIn, tmp_pat
             assert b"libvirt_disconnected" in log.read_bytes()
         finally:
             relays.stop_all()
+
+
+async def test_a_snapshot_deleted_and_taken_again_under_its_name_is_no_revert(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """A script that rotates fixed snapshot names deletes "a" and takes it again: the new
+    "a" is current, with a later creation time, while "b" still exists. That is a creation
+    (the old "a" deleted, the new one created), not a revert: a silent_revert here would
+    make the service refuse the guest in refuse mode. (The relay kept the old "a"'s time,
+    saw an existing snapshot become current and reported a silent revert.)"""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    dom_uuid = dom.UUIDString()
+    _, first = _snapshot(dom, "a")
+    _snapshot(dom, "b")
+    await _until(lambda: len([b for b in standin.of_domain(dom_uuid) if b["kind"] == "snapshot_created"]) == 2)
+    while time.time() < first + 1.5:  # the new "a" gets a later creation second
+        await asyncio.sleep(0.1)
+    dom.snapshotLookupByName("a").delete(0)
+    _, second = _snapshot(dom, "a")
+    assert second > first
+
+    def created(name: str, ctime: int) -> bool:
+        return any(b["kind"] == "snapshot_created" and b["snapshot"] == {"name": name, "creation_time": ctime}
+                   for b in standin.of_domain(dom_uuid))
+
+    try:
+        await _until(lambda: created("a", second))
+    except TimeoutError:
+        pytest.fail(f"no creation of the new a: {standin.of_domain(dom_uuid)}\nrelay log: {log.read_text()}")
+    _snapshot(dom, "c")  # one more poll's worth of events, after which a revert would have been sent
+    await _until(lambda: created("c", parse_creation_time(dom.snapshotLookupByName("c").getXMLDesc(0)) or 0))
+    assert [b for b in standin.of_domain(dom_uuid) if b["kind"] == "silent_revert"] == []

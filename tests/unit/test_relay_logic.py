@@ -123,6 +123,20 @@ def test_revert_after_creating_a_snapshot_in_one_interval_is_still_seen() -> Non
     assert kinds(changes) == [("snapshot_created", "c"), ("silent_revert", "a")]
 
 
+def test_a_snapshot_taken_again_under_its_name_is_a_creation_not_a_revert() -> None:
+    """a deleted and taken again (its name now has a later creation time) and current while
+    b still exists: the old a deleted, the new a created, no revert. The same a with its
+    own time current again is still a revert, and a new c current while a retaken a, taken
+    after it, exists is one too."""
+    changes = diff_domain(view("b", a=100, b=200), view("a", a=300, b=200), lifecycle_seen=False)
+    assert changes == [SnapshotChange(Kind.SNAPSHOT_CREATED, SnapshotRef("a", 300)),
+                       SnapshotChange(Kind.SNAPSHOT_DELETED, SnapshotRef("a", 100))]
+    assert kinds(diff_domain(view("b", a=100, b=200), view("a", a=None, b=200), lifecycle_seen=False)) == [
+        ("silent_revert", "a")]
+    assert kinds(diff_domain(view("b", a=100, b=200), view("c", a=400, b=200, c=300), lifecycle_seen=False)) == [
+        ("snapshot_created", "c"), ("snapshot_created", "a"), ("snapshot_deleted", "a"), ("silent_revert", "c")]
+
+
 @pytest.mark.parametrize(
     ("event", "detail", "expected"),
     [(5, 6, True), (2, 3, True), (3, 5, True), (4, 2, True), (0, 3, True), (2, 0, False), (5, 1, False),
