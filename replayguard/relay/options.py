@@ -52,19 +52,25 @@ def required(value: str | None, name: str) -> str:
 
 
 def checked_service_url(value: str, flag: str = "--service-url") -> str:
-    """An http(s) URL with a host and no user or password, as given; anything else is a
-    ConfigError. A URL with credentials is refused without being repeated: the relays log
-    their URLs, and they authenticate with tokens, never with a URL's userinfo."""
+    """An http(s) URL with a host, no user or password, and no query or fragment, as
+    given; anything else is a ConfigError that does not repeat the URL: the relays log
+    their URLs, they authenticate with tokens (never a URL's userinfo or a query's key),
+    a malformed URL may still hold a password, and a query or fragment would end up in
+    front of the path the relay appends (``/v1/hypervisor/events?...``, ``/api2/json``)."""
     field = flag.lstrip("-")
     try:
         parts = urlsplit(value)
     except ValueError:  # an unbalanced [ of an IPv6 host
         raise ConfigError(f"{flag} is not a URL", field=field) from None
-    if parts.username is not None or parts.password is not None:
+    if parts.username is not None or parts.password is not None or "@" in value:
         raise ConfigError(f"{flag} must not hold a user or password (the URL is not repeated here):"
                           " the relay authenticates with its token file", field=field)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{flag} must be an http(s) URL, got {value!r}", field=field)
+        raise ConfigError(f"{flag} must be an http(s) URL with a host, such as https://replayguard.example:8080"
+                          " (the value is not repeated here)", field=field)
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ConfigError(f"{flag} must not hold a query or fragment (the URL is not repeated here):"
+                          " the relay appends the endpoint's path to it", field=field)
     return value
 
 

@@ -190,3 +190,23 @@ async def test_only_the_services_own_rejection_parks_an_event(tmp_path: Path, bo
     assert spool.pending() == [path]
     assert (await deliver_file(spool, path, service))[0] is Outcome.DEAD
     assert not spool.pending() and len(spool.dead_letters()) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "ops:hunter2@replayguard.example:8080",  # the scheme left out
+    "https//ops:hunter2@replayguard.example:8080",
+    "http:/ops:hunter2@replayguard.example",
+    "https://replayguard.example:8080/?api_key=hunter2",  # a proxy's key in the query
+    "https://replayguard.example:8080/#hunter2",
+])
+def test_a_url_the_relay_refuses_is_never_echoed(url: str) -> None:
+    """A --service-url refused for any reason is not repeated in the error: a malformed one
+    may still hold a password (the error went to stderr and the journal with it), and one
+    with a query or fragment is refused, since the relay appends the events path to it
+    (the request would miss the endpoint) and logs it at start."""
+    from replayguard.errors import ConfigError
+    from replayguard.relay.options import checked_service_url
+
+    with pytest.raises(ConfigError) as caught:
+        checked_service_url(url)
+    assert "hunter2" not in caught.value.message and "URL" in caught.value.message
