@@ -179,6 +179,19 @@ class RequestCounts:
         yield flags
 
 
+class CheckGauge(Gauge):
+    """A gauge a check sets (``replayguard_ledger_up``, ``replayguard_redis_up``), which
+    keeps when it was last set: the workers of ``serve --workers N`` report the value of the
+    newest check among them (``metrics_shared``, ``latest``). The time is the system's
+    monotonic clock, the same in every process of the host and not moved by a clock step."""
+
+    checked_at = 0.0
+
+    def set(self, value: float) -> None:
+        super().set(value)
+        self.checked_at = time.monotonic()
+
+
 class Metrics:
     def __init__(self, *, redis: bool = False) -> None:
         """``redis``: whether Redis is configured (``replayguard_redis_up`` exists only then)."""
@@ -204,11 +217,11 @@ class Metrics:
             "replayguard_token_read_batch_size", "Principals per token read (concurrent cache misses share one)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
         )
-        self.ledger_up = Gauge(
+        self.ledger_up = CheckGauge(
             "replayguard_ledger_up", "1 when the last ledger check succeeded", registry=self.registry,
         )
         # Only with redis_url: a gauge at 0 without Redis would read as "Redis down" (ReplayguardRedisDown).
-        self.redis_up = Gauge(
+        self.redis_up = CheckGauge(
             "replayguard_redis_up", "1 when Redis answered the last check", registry=self.registry,
         ) if redis else None
         self.shared: SharedMetrics | None = None
@@ -218,14 +231,21 @@ class Metrics:
         ``publish`` gives the others this worker's figures."""
         self.shared = SharedMetrics(directory)
 
+    def checks(self) -> dict[str, float]:
+        """When the gauges set by checks were last set, by name (for ``metrics_shared``)."""
+        checks = {"replayguard_ledger_up": self.ledger_up.checked_at}
+        if self.redis_up is not None:
+            checks["replayguard_redis_up"] = self.redis_up.checked_at
+        return checks
+
     def publish(self) -> None:
         if self.shared is not None:
-            self.shared.publish(self.registry.collect())
+            self.shared.publish(self.registry.collect(), self.checks())
 
     async def publish_in_thread(self) -> None:
         """``publish`` with the file written off the event loop (its figures are taken on it)."""
         if self.shared is not None:
-            number, _, data = self.shared.take(self.registry.collect())
+            number, _, data = self.shared.take(self.registry.collect(), self.checks())
             await asyncio.to_thread(self.shared.write, number, data)
 
     def ledger_batch(self, size: int, seconds: float) -> None:
@@ -236,4 +256,4 @@ class Metrics:
     def render(self) -> bytes:
         if self.shared is None:
             return generate_latest(self.registry)
-        return generate_latest(Families(self.shared.collect(self.registry.collect())))
+        return generate_latest(Families(self.shared.collect(self.registry.collect(), self.checks())))

@@ -7,9 +7,12 @@ the worker that answers merges the others' files with its own figures:
 
 - counters (``_total``) and histograms (buckets, ``_sum``, ``_count``) are summed;
   ``_created`` takes the earliest;
-- each gauge as ``GAUGE_MERGE`` says: ``sum``, ``max`` or ``min`` across the workers, or
-  ``worker``: one series per worker, told apart by a ``worker`` label (the process id),
-  which the per-process metrics (``replayguard_background_*``) carry already.
+- each gauge as ``GAUGE_MERGE`` says: ``sum``, ``max`` or ``min`` across the workers;
+  ``latest``: the value of the worker whose check ran last (a gauge each worker sets when
+  a check reaches it, ``/readyz``: a worker no probe reached since an outage still holds
+  its value from then); or ``worker``: one series per worker, told apart by a ``worker``
+  label (the process id), which the per-process metrics (``replayguard_background_*``)
+  carry already.
 
 A counter never goes down from one scrape to the next, whichever worker answers: each file
 holds figures no newer than its worker's own, and a worker writes its file before answering,
@@ -30,7 +33,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import orjson
@@ -41,8 +44,8 @@ PUBLISH_S = 1.0
 PREFIX = "replayguard-metrics-"
 # How a gauge of several workers reads as one; a gauge not listed is kept per worker.
 GAUGE_MERGE: dict[str, str] = {
-    "replayguard_ledger_up": "min",  # 0 when any worker's last check found the ledger unwritable
-    "replayguard_redis_up": "min",
+    "replayguard_ledger_up": "latest",  # as the newest check of any worker found the ledger
+    "replayguard_redis_up": "latest",
     "replayguard_witness_up": "min",
     "replayguard_postgres_sync_standbys": "min",
     "replayguard_ledger_rollback": "max",  # 1 while any worker refuses decisions for it
@@ -56,6 +59,8 @@ _SUMMED = frozenset({"counter", "histogram", "summary"})
 
 # One worker's figures: per family its name, type and help, and its samples (name, labels, value).
 Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+# When one worker's ``latest`` gauges were last set (the host's monotonic clock), by family name.
+Checks = Mapping[str, float]
 
 
 def snapshot(families: Iterable[Metric]) -> Snapshot:
@@ -63,38 +68,48 @@ def snapshot(families: Iterable[Metric]) -> Snapshot:
             for f in families]
 
 
-def _encode(pid: int, families: Snapshot) -> bytes:
+def _encode(pid: int, families: Snapshot, checks: Checks) -> bytes:
     # JSON has no inf or nan (orjson would write null): those values go as text, which float() reads.
-    return orjson.dumps({"pid": pid, "families": [
+    return orjson.dumps({"pid": pid, "checks": dict(checks), "families": [
         (name, kind, doc, [(s, labels, v if math.isfinite(v) else str(v)) for s, labels, v in samples])
         for name, kind, doc, samples in families]})
 
 
-def _decode(data: bytes) -> Snapshot:
-    return [(name, kind, doc, [(s, dict(labels), float(v)) for s, labels, v in samples])
-            for name, kind, doc, samples in orjson.loads(data)["families"]]
+def _decode(data: bytes) -> tuple[Snapshot, dict[str, float]]:
+    raw = orjson.loads(data)
+    return ([(name, kind, doc, [(s, dict(labels), float(v)) for s, labels, v in samples])
+             for name, kind, doc, samples in raw["families"]],
+            {str(name): float(when) for name, when in raw.get("checks", {}).items()})
 
 
-def merge(workers: dict[int, Snapshot]) -> list[Metric]:
-    """The families of every worker (by process id) as one service's."""
+def merge(workers: dict[int, Snapshot], checks: Mapping[int, Checks] | None = None) -> list[Metric]:
+    """The families of every worker (by process id) as one service's; ``checks``: when each
+    worker last set its ``latest`` gauges (a worker without one: never)."""
     merged: dict[str, Metric] = {}
-    # per family: per series (sample name, its labels sorted), the labels as first seen and the value
-    series: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], tuple[dict[str, str], float]]] = {}
+    # per family: per series (sample name, its labels sorted), the labels as first seen, the
+    # value, and for a ``latest`` gauge when the value was set
+    series: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], tuple[dict[str, str], float, float]]] = {}
     for pid, families in workers.items():
         for name, kind, documentation, samples in families:
             if name not in merged:
                 merged[name], series[name] = Metric(name, documentation, kind), {}
             how = "sum" if kind in _SUMMED else GAUGE_MERGE.get(name, "worker")
+            when = (checks or {}).get(pid, {}).get(name, 0.0)
             into = series[name]
             for sample, labels, value in samples:
                 if how == "worker" and "worker" not in labels:
                     labels = {**labels, "worker": str(pid)}
                 key = (sample, tuple(sorted(labels.items())))
                 seen = into.get(key)
-                into[key] = (labels, value) if seen is None else (
-                    seen[0], _combine("min" if sample.endswith("_created") else how, seen[1], value))
+                if seen is None:
+                    into[key] = (labels, value, when)
+                elif how == "latest":  # the newer check; of two as new, the lower value
+                    into[key] = seen if (seen[2], -seen[1]) >= (when, -value) else (seen[0], value, when)
+                else:
+                    into[key] = (seen[0], _combine("min" if sample.endswith("_created") else how, seen[1], value),
+                                 seen[2])
     for name, family in merged.items():
-        for (sample, _), (labels, value) in series[name].items():
+        for (sample, _), (labels, value, _when) in series[name].items():
             family.add_sample(sample, labels, value)
     return list(merged.values())
 
@@ -121,11 +136,12 @@ class SharedMetrics:
         self._taken = 0  # snapshots taken
         self._written = 0  # the one in the file
 
-    def take(self, families: Iterable[Metric]) -> tuple[int, Snapshot, bytes]:
-        """A snapshot of this worker's families: its number, the figures, the file's bytes."""
+    def take(self, families: Iterable[Metric], checks: Checks | None = None) -> tuple[int, Snapshot, bytes]:
+        """A snapshot of this worker's families (and when its checks ran): its number, the
+        figures, the file's bytes."""
         self._taken += 1
         mine = snapshot(families)
-        return self._taken, mine, _encode(self.pid, mine)
+        return self._taken, mine, _encode(self.pid, mine, checks or {})
 
     def write(self, number: int, data: bytes) -> None:
         """Replaces this worker's file (whole: a reader sees the old one or the new one)
@@ -140,21 +156,22 @@ class SharedMetrics:
             os.replace(tmp, self.directory / f"{self.pid}.json")
             self._written = number
 
-    def publish(self, families: Iterable[Metric]) -> Snapshot:
-        number, mine, data = self.take(families)
+    def publish(self, families: Iterable[Metric], checks: Checks | None = None) -> Snapshot:
+        number, mine, data = self.take(families, checks)
         self.write(number, data)
         return mine
 
-    def collect(self, families: Iterable[Metric]) -> list[Metric]:
+    def collect(self, families: Iterable[Metric], checks: Checks | None = None) -> list[Metric]:
         """This worker's families (published first) merged with the other workers' last files."""
-        workers = {self.pid: self.publish(families)}
+        workers = {self.pid: self.publish(families, checks)}
+        checked: dict[int, Checks] = {self.pid: checks or {}}
         for path in sorted(self.directory.glob("*.json")):
             pid = int(path.stem) if path.stem.isdigit() else None
             if pid is None or pid == self.pid:
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError):
-                workers[pid] = _decode(path.read_bytes())
-        return merge(workers)
+                workers[pid], checked[pid] = _decode(path.read_bytes())
+        return merge(workers, checked)
 
 
 class Families(Collector):

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,38 @@ def test_every_scrape_counts_at_least_what_the_one_before_did(tmp_path: Path) ->
     workers[0].publish()
     workers[1].publish()
     assert counted(workers[0]) == counted(workers[1]) == 30
+
+
+def test_a_checks_gauge_reads_as_the_newest_check_of_any_worker(tmp_path: Path) -> None:
+    """replayguard_ledger_up is set by each worker's own /readyz, which a probe reaches on
+    one worker at a time. After an outage seen by worker 1's probe, the ledger is back and
+    worker 2's probe finds it writable: the service's last check says up, whichever worker
+    answers the scrape; a later failed check says down again. (The lowest value of all the
+    workers was reported: 0 until a probe happened to reach worker 1 again, which with
+    many workers kept ReplayguardLedgerUnavailable firing long after the recovery.)"""
+    workers = [Metrics(redis=True), Metrics(redis=True)]
+    for pid, metrics in enumerate(workers, start=1):
+        metrics.shared = SharedMetrics(tmp_path, pid=pid)
+
+    def up(metrics: Metrics) -> dict[str, float]:
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(metrics.render().decode())
+                if f.name in ("replayguard_ledger_up", "replayguard_redis_up")}
+
+    def later_than(metrics: Metrics) -> None:
+        before = time.monotonic()
+        while time.monotonic() <= before:  # the next check is strictly later than any before it
+            pass
+
+    for metrics, ok in ((workers[0], 1), (workers[0], 0), (workers[1], 1)):
+        later_than(metrics)
+        metrics.ledger_up.set(ok)
+        assert metrics.redis_up is not None
+        metrics.redis_up.set(ok)
+        metrics.publish()
+    assert up(workers[0]) == up(workers[1]) == {"replayguard_ledger_up": 1, "replayguard_redis_up": 1}
+    later_than(workers[0])
+    workers[0].ledger_up.set(0)
+    assert up(workers[0])["replayguard_ledger_up"] == up(workers[1])["replayguard_ledger_up"] == 0
 
 
 def test_the_catalogue_says_how_each_gauge_reads_across_workers() -> None:
