@@ -298,6 +298,7 @@ class Retry:
     attempts: int | None = None
     base: float = 0.5
     rand: Callable[[], float] = random.random
+    clock: Callable[[], float] = time.monotonic  # when an event refused for itself is due again
 
 
 def refused_alone(status: int | None) -> bool:
@@ -312,12 +313,14 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
 
     A pass over the spool stops at the first event the service cannot take now (no answer,
     5xx) or refuses whatever it is sent (401, a wrong URL); an event refused for itself
-    (``refused_alone``) stays and the pass goes on with the ones behind it. A pass that
-    leaves events behind is followed by a backoff (cut short by ``wake``), growing while
-    passes deliver nothing. With ``wake``, it never returns: an empty spool waits for the
-    next ``wake``.
+    (``refused_alone``) stays, the pass goes on with the ones behind it, and it is sent
+    again only once its own backoff has passed (passes that deliver the events arriving
+    behind it do not resend it each time). A pass that leaves events behind is followed
+    by a backoff (cut short by ``wake``), growing while passes deliver nothing. With
+    ``wake``, it never returns: an empty spool waits for the next ``wake``.
     """
     attempt = 0
+    refused: dict[str, tuple[int, float]] = {}  # refused for itself: file name → (refusals, due again)
     while True:
         if wake is not None:
             wake.clear()  # set again by whatever is spooled from here on
@@ -328,12 +331,21 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=1.0)
             continue
-        held, delivered = False, False
+        names = {path.name for path in batch}
+        refused = {name: due for name, due in refused.items() if name in names}
+        now = retry.clock()
+        held = any(due > now for _, due in refused.values())
+        delivered = False
         for path in batch:
+            if refused.get(path.name, (0, now))[1] > now:
+                continue
             outcome, answer = await deliver_file(spool, path, post, id_key)
             if outcome is Outcome.REFUSED and refused_alone(answer.status):
+                times = refused.get(path.name, (0, now))[0] + 1
+                refused[path.name] = (times, retry.clock() + backoff_delay(times, retry.rand(), base=retry.base))
                 held = True
                 continue
+            refused.pop(path.name, None)
             if outcome in (Outcome.RETRY, Outcome.REFUSED):
                 held = True
                 break
