@@ -60,12 +60,14 @@ class SnapshotRef:
 
 @dataclass(frozen=True)
 class DomainView:
-    """What one poll saw of one domain: snapshot name → creation time, and the current one."""
+    """What one poll saw of one domain: snapshot name → creation time, the current one, and
+    the current one's ancestors, nearest first (None: not read, a poll state from before)."""
 
     uuid: str
     name: str
     snapshots: Mapping[str, int | None]
     current: str | None
+    ancestry: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,8 @@ def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
     it current, so when several were taken since the previous poll (or while the relay was
     stopped) and the current one is not the last taken, the domain went back to it. A
     snapshot whose name the previous poll saw with another creation time is a new one (the
-    old one deleted, the name taken again).
+    old one deleted, the name taken again). Deleting the current snapshot makes its nearest
+    surviving ancestor current: any other existing snapshot current then is a revert.
     """
     target = cur.current
     if target is None or target == prev.current:
@@ -193,14 +196,19 @@ def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
             not _existed(prev, cur, name) and when is not None and when > taken
             for name, when in cur.snapshots.items()
         )
-    return prev.current is None or prev.current in cur.snapshots
+    if prev.current is None or prev.current in cur.snapshots:
+        return True
+    if prev.ancestry is None:  # the deletion may explain the move: nothing says otherwise
+        return False
+    survivor = next((name for name in prev.ancestry if _existed(prev, cur, name)), None)
+    return target != survivor
 
 
 def _existed(prev: DomainView, cur: DomainView, name: str) -> bool:
     """``cur``'s snapshot ``name`` is the one ``prev`` saw (same name, no other known time)."""
-    if name not in prev.snapshots:
+    if name not in prev.snapshots or name not in cur.snapshots:
         return False
-    before, now = prev.snapshots[name], cur.snapshots.get(name)
+    before, now = prev.snapshots[name], cur.snapshots[name]
     return before is None or now is None or before == now
 
 
@@ -243,7 +251,8 @@ def views_to_json(views: Mapping[str, DomainView]) -> bytes:
     """Poll state as bytes, so a restarted relay still knows the last current snapshot."""
     return orjson.dumps(
         {
-            u: {"name": v.name, "snapshots": dict(v.snapshots), "current": v.current}
+            u: {"name": v.name, "snapshots": dict(v.snapshots), "current": v.current,
+                "ancestry": None if v.ancestry is None else list(v.ancestry)}
             for u, v in sorted(views.items())
         },
         option=orjson.OPT_SORT_KEYS,
@@ -255,7 +264,9 @@ def views_from_json(data: bytes) -> dict[str, DomainView]:
     try:
         raw = orjson.loads(data)
         return {
-            u: DomainView(u, v["name"], dict(v["snapshots"]), v["current"]) for u, v in raw.items()
+            u: DomainView(u, v["name"], dict(v["snapshots"]), v["current"],
+                          None if v.get("ancestry") is None else tuple(str(a) for a in v["ancestry"]))
+            for u, v in raw.items()
         }
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
         return {}

@@ -59,6 +59,25 @@ class RelayState:
         log.info("event_spooled", event_id=body["event_id"], kind=body["kind"])
 
 
+MAX_ANCESTRY = 64  # ancestors of the current snapshot read per poll
+
+
+def _ancestry(snap: Any) -> tuple[str, ...]:
+    """The names of a snapshot's ancestors, nearest first (at most ``MAX_ANCESTRY``)."""
+    import libvirt
+
+    names: list[str] = []
+    while len(names) < MAX_ANCESTRY:
+        try:
+            snap = snap.getParent(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                break  # a root
+            raise
+        names.append(snap.getName())
+    return tuple(names)
+
+
 class Watcher:
     """One libvirt connection: the lifecycle and close callbacks, and snapshot reads.
 
@@ -156,11 +175,13 @@ class Watcher:
         snaps = {s.getName(): self.creation_time(uuid, s) for s in dom.listAllSnapshots(0)}
         for key in [k for k in self.ctimes if k[0] == uuid and k[1] not in snaps]:
             del self.ctimes[key]  # a later snapshot of the same name has its own time
-        current = None
+        current: str | None = None
+        ancestry: tuple[str, ...] = ()
         if dom.hasCurrentSnapshot(0):
             # Read afresh each poll: a name deleted and taken again between two polls is a
             # new snapshot (its own time), not the one cached, which became current again.
             snap = dom.snapshotCurrent(0)
             current = snap.getName()
             snaps[current] = self.creation_time(uuid, snap, fresh=True)
-        return DomainView(uuid, dom.name(), snaps, current)
+            ancestry = _ancestry(snap)
+        return DomainView(uuid, dom.name(), snaps, current, ancestry)

@@ -355,3 +355,33 @@ async def test_a_snapshot_deleted_and_taken_again_under_its_name_is_no_revert(
     _snapshot(dom, "c")  # one more poll's worth of events, after which a revert would have been sent
     await _until(lambda: created("c", parse_creation_time(dom.snapshotLookupByName("c").getXMLDesc(0)) or 0))
     assert [b for b in standin.of_domain(dom_uuid) if b["kind"] == "silent_revert"] == []
+
+
+async def test_a_revert_followed_by_deleting_the_snapshot_it_left_is_a_silent_revert(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """Snapshots a, c, b (a chain; b current). The current snapshot moves back to a with no
+    lifecycle event (as an in-place revert can) and b is deleted before the next poll:
+    deleting b alone would have made c current, so a being current is a silent revert.
+    (With the snapshot current before deleted, any move was taken for the deletion's.)"""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    dom_uuid = dom.UUIDString()
+    a, ctime = _snapshot(dom, "a")
+    _snapshot(dom, "c")
+    _snapshot(dom, "b")
+    await _until(lambda: len([b for b in standin.of_domain(dom_uuid) if b["kind"] == "snapshot_created"]) == 3)
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+    dom.snapshotCreateXML(a.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE), flags)
+    dom.snapshotLookupByName("b").delete(0)
+
+    def silent() -> list[dict[str, Any]]:
+        return [b for b in standin.of_domain(dom_uuid) if b["kind"] == "silent_revert"]
+
+    try:
+        await _until(lambda: bool(silent()))
+    except TimeoutError:
+        pytest.fail(f"no silent_revert: {standin.of_domain(dom_uuid)}\nrelay log: {log.read_text()}")
+    [body] = silent()
+    assert body["snapshot"] == {"name": "a", "creation_time": ctime}

@@ -123,6 +123,24 @@ def test_revert_after_creating_a_snapshot_in_one_interval_is_still_seen() -> Non
     assert kinds(changes) == [("snapshot_created", "c"), ("silent_revert", "a")]
 
 
+def test_a_revert_hidden_behind_deleting_the_current_snapshot_is_seen() -> None:
+    """Snapshots a, then c, then b (each the child of the one before); b current. Between
+    two polls (or while the relay is stopped) the domain goes back to a with no lifecycle
+    event, and b is deleted. Deleting the current snapshot makes its parent current, so
+    only c being current would be explained by the deletion: a is a silent revert. c then
+    b deleted (a current) and b alone deleted (c current) are deletions only; a view from
+    before ancestry was kept says nothing."""
+    before = DomainView(UUID, "web-01", {"a": 1, "c": 2, "b": 3}, "b", ("c", "a"))
+    reverted = DomainView(UUID, "web-01", {"a": 1, "c": 2}, "a", ())
+    assert kinds(diff_domain(before, reverted, lifecycle_seen=False)) == [
+        ("snapshot_deleted", "b"), ("silent_revert", "a")]
+    assert kinds(diff_domain(before, view("a", a=1), lifecycle_seen=False)) == [
+        ("snapshot_deleted", "b"), ("snapshot_deleted", "c")]
+    assert kinds(diff_domain(before, view("c", a=1, c=2), lifecycle_seen=False)) == [("snapshot_deleted", "b")]
+    assert kinds(diff_domain(view("b", a=1, c=2, b=3), reverted, lifecycle_seen=False)) == [
+        ("snapshot_deleted", "b")]
+
+
 def test_a_snapshot_taken_again_under_its_name_is_a_creation_not_a_revert() -> None:
     """a deleted and taken again (its name now has a later creation time) and current while
     b still exists: the old a deleted, the new a created, no revert. The same a with its
