@@ -9,8 +9,15 @@ A finished PVE task is posted as (the fields of ``GET /nodes/{node}/tasks`` plus
      "cluster": "prod",                 # optional, see vm_id below
      "snapshot": "pre-patch",           # optional: snapshot name (qmsnapshot, qmrollback...)
      "snapshot_created_at": 1733700000, # optional: Unix seconds or RFC 3339 (PVE snaptime)
-     "target_vmid": 205,                # required for qmclone: the new VM
-     "backup_vmid": 101}                # optional for qmrestore: the VM the backup was made of
+     "target_vmid": 205,                # required for qmclone/vzclone: the new guest
+     "backup_vmid": 101}                # optional for qmrestore/vzrestore: the guest backed up
+
+Task types: QEMU VMs' (qemu-server) ``qmsnapshot``, ``qmdelsnapshot``, ``qmrollback``,
+``qmclone``, ``qmrestore``, ``qmigrate``, ``qmstart``, ``qmstop``, ``qmshutdown``, and
+LXC containers' (pve-container) ``vzsnapshot``, ``vzdelsnapshot``, ``vzrollback``,
+``vzclone``, ``vzrestore`` (``pct restore``, or ``pct create --restore``), ``vzmigrate``,
+``vzstart``, ``vzstop``, ``vzshutdown``, each read as its QEMU counterpart. Any other type
+(``vzcreate``: a container made from a template, ``vzdump``...) is ignored.
 
 The UPID is decoded exactly as ``PVE::Tools::upid_decode`` does:
 ``UPID:$node:$pid:$pstart:$starttime:$type:$id:$user:`` with pid and starttime 8 hex
@@ -21,16 +28,18 @@ Choices:
 - ``event_id`` is the UPID: unique per task on a cluster, and stable when the poller
   posts the same task again.
 - ``vm_id`` is the numeric vmid as a string, or ``"<cluster>/<vmid>"`` when the record
-  names a cluster: vmids are unique only within one PVE cluster.
+  names a cluster: vmids are unique only within one PVE cluster, where VMs and containers
+  share one vmid space (a vmid names one guest of either kind), so a container's vm_id is
+  built the same way and never names a VM that exists at the same time.
 - ``host`` is the node that ran the task (for a migration: the source node).
-- A ``qmrestore`` runs under the vmid restored into. When ``backup_vmid`` names another
-  VM, the new VM starts from that VM's disks as they were at the backup's time, so the
+- A ``qmrestore`` (or ``vzrestore``) runs under the vmid restored into. When
+  ``backup_vmid`` names another VM, the new VM starts from that VM's disks as they were at the backup's time, so the
   task is ``vm.cloned`` of ``backup_vmid`` (same cluster), and ``snapshot_created_at``
   is the backup's time: the source's uses since the backup are put at risk. With the
   same vmid, or without ``backup_vmid`` (the backup's VM unknown), it is ``vm.restored``
   of the vmid restored into.
-- A ``qmsnapshot`` without ``snapshot_created_at`` was taken at the task's start at the
-  latest that is safe to assume: PVE stamps ``snaptime`` after the task starts, and a
+- A ``qmsnapshot`` (or ``vzsnapshot``) without ``snapshot_created_at`` was taken at the
+  task's start at the latest that is safe to assume: PVE stamps ``snaptime`` after the task starts, and a
   later time (the end) would leave the uses made while it ran out of a rollback's window.
 - ``snapshot`` is only a hint (``snapshot_created_at`` places the state): a name that is
   not an identifier becomes ``sha256:`` and the hex SHA-256 of its UTF-8 bytes, the same
@@ -70,7 +79,17 @@ TASK_TYPES: dict[str, EventType] = {
     "qmstart": EventType.VM_STARTED,
     "qmstop": EventType.VM_STOPPED,
     "qmshutdown": EventType.VM_STOPPED,
+    "vzsnapshot": EventType.SNAPSHOT_CREATED,
+    "vzdelsnapshot": EventType.SNAPSHOT_DELETED,
+    "vzrollback": EventType.SNAPSHOT_REVERTED,
+    "vzclone": EventType.VM_CLONED,
+    "vzrestore": EventType.VM_RESTORED,
+    "vzmigrate": EventType.VM_MIGRATED,
+    "vzstart": EventType.VM_STARTED,
+    "vzstop": EventType.VM_STOPPED,
+    "vzshutdown": EventType.VM_STOPPED,
 }
+_SNAPSHOT_TASKS = frozenset({"qmsnapshot", "vzsnapshot"})
 
 
 class Upid(NamedTuple):
@@ -132,7 +151,7 @@ def _event(record: dict[str, object], upid: Upid, event_type: EventType) -> Gene
         if backup_vmid != vmid:
             event_type, source_vm_id = EventType.VM_CLONED, _vm_id(cluster, backup_vmid)
     created = _snapshot_time(record)
-    if created is None and upid.type == "qmsnapshot":
+    if created is None and upid.type in _SNAPSHOT_TASKS:
         created = c.unix_time(upid.starttime, "upid")
     return GenericEvent(
         event_id=upid.text,

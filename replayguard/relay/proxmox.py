@@ -1,11 +1,11 @@
-"""The Proxmox VE task poller: finished VM tasks → replayguard, durably.
+"""The Proxmox VE task poller: finished VM and container tasks → replayguard, durably.
 
 Proxmox hookscripts only see a guest's start and stop phases, never a snapshot, a
 rollback, a clone or a migration, so the poller reads PVE's cluster task list instead
 (``GET /api2/json/cluster/tasks`` with an API token, or ``pvesh get /cluster/tasks
---output-format json`` on stdin) and posts every finished VM task it has not posted yet,
-as the record ``replayguard/hypervisors/proxmox.py`` documents, to
-``POST /v1/hypervisor/events?source=proxmox``.
+--output-format json`` on stdin) and posts every finished task of a VM (QEMU, ``qm*``) or
+a container (LXC, ``vz*``) it has not posted yet, as the record
+``replayguard/hypervisors/proxmox.py`` documents, to ``POST /v1/hypervisor/events?source=proxmox``.
 
 The task list names neither the snapshot, nor a clone's new VM, nor a restore's backup, so
 the poller asks PVE: the snapshot list (``snaptime``; ``current.parent`` is the snapshot a
@@ -62,6 +62,7 @@ from .options import (
 )
 from .proxmox_lookup import ApiLookup, Lookup, NoLookup, PveshLookup, build_record, with_archive
 from .proxmox_tasks import (
+    CLONES,
     CURSOR_FILE,
     MOVES_PARENT,
     RECORD_FIELDS,
@@ -137,7 +138,7 @@ async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: 
     for task in due(tasks, cursor):
         if task.forwarded:
             record = await build_record(task, tasks, lookup, cluster)
-            if task.upid.type == "qmclone" and "target_vmid" not in record:
+            if task.upid.type in CLONES and "target_vmid" not in record:
                 # Not in the cursor: the next poll asks PVE again (its API may have been away).
                 log.warning("proxmox_clone_target_unknown", upid=task.upid.text)
                 continue
@@ -249,7 +250,7 @@ async def _poll_forever(config: PollerConfig, api: ApiLookup | None, outbox: Spo
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="replayguard-relay proxmox",
-                description="Post finished Proxmox VE VM tasks to replayguard.")
+                description="Post finished Proxmox VE VM and container tasks to replayguard.")
     p.add_argument("--service-url", help="replayguard base URL, e.g. https://replayguard:8080")
     p.add_argument("--token-file", help="file holding a replayguard token of role hypervisor")
     p.add_argument("--spool-dir", help="directory of unsent records and the UPID cursor")

@@ -1,8 +1,9 @@
 """Where the Proxmox poller reads what the task list leaves out: PVE's API, or ``pvesh``.
 
 The task list names neither the snapshot, nor a clone's new VM, nor a restore's backup, so
-the poller asks PVE for the snapshot list and the task log of a clone or a restore. A lookup
-that fails answers None and the field is left out: a rollback with an unknown snapshot opens
+the poller asks PVE for the snapshot list (``/nodes/{node}/qemu/{vmid}/snapshot`` of a VM,
+``/nodes/{node}/lxc/{vmid}/snapshot`` of a container) and the task log of a clone or a
+restore. A lookup that fails answers None and the field is left out: a rollback with an unknown snapshot opens
 the widest window, the safe side. A restore whose backup is unknown is posted as
 ``vm.restored`` of the VM restored into, from an unknown time (logged
 ``proxmox_restore_source_unknown``): the only window the poller can still name.
@@ -22,9 +23,14 @@ import structlog
 
 from ..settings import Secret
 from .proxmox_tasks import (
+    CLONES,
+    RESTORES,
+    ROLLBACKS,
+    SNAPSHOTS,
     Cursor,
     Task,
     clone_target,
+    guest_kind,
     list_gaps,
     parent_may_have_moved,
     read_tasks,
@@ -48,18 +54,19 @@ class ArchiveUnreadable(ValueError):
 class Lookup(Protocol):
     """Where the poller reads what the task list leaves out; None when it cannot.
 
+    ``snapshots``: the snapshot list of guest ``vmid`` of ``kind`` (``qemu`` or ``lxc``).
     ``task_archive``: a node's tasks started at or after ``since`` (newest first, as PVE
     lists them), None when this lookup has no way to read them, ``ArchiveUnreadable``
     when it has one and it failed.
     """
 
-    async def snapshots(self, node: str, vmid: str) -> object | None: ...
+    async def snapshots(self, node: str, vmid: str, kind: str) -> object | None: ...
     async def task_log(self, node: str, upid: str) -> object | None: ...
     async def task_archive(self, node: str, since: int) -> list[object] | None: ...
 
 
 class NoLookup:
-    async def snapshots(self, node: str, vmid: str) -> object | None:
+    async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
         return None
 
     async def task_log(self, node: str, upid: str) -> object | None:
@@ -89,6 +96,12 @@ async def _archive(node: str, read_page: Page) -> list[object]:
     return entries
 
 
+def _kind(kind: str) -> str:
+    if kind not in ("qemu", "lxc"):
+        raise ValueError(f"not a Proxmox guest kind: {kind!r}")
+    return kind
+
+
 def _node_path(node: str, rest: str) -> str:
     return f"/nodes/{quote(node, safe='')}/{rest}"
 
@@ -115,8 +128,8 @@ class ApiLookup:
             log.warning("proxmox_lookup_failed", path=path, error=type(exc).__name__)
             return None
 
-    async def snapshots(self, node: str, vmid: str) -> object | None:
-        return await self._lookup(_node_path(node, f"qemu/{quote(vmid, safe='')}/snapshot"))
+    async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
+        return await self._lookup(_node_path(node, f"{_kind(kind)}/{quote(vmid, safe='')}/snapshot"))
 
     async def task_log(self, node: str, upid: str) -> object | None:
         return await self._lookup(_node_path(node, f"tasks/{quote(upid, safe='')}/log?limit=500"))
@@ -153,8 +166,8 @@ class PveshLookup:
         log.warning("proxmox_lookup_failed", path=path, returncode=proc.returncode)
         return None
 
-    async def snapshots(self, node: str, vmid: str) -> object | None:
-        return await self._pvesh(_node_path(node, f"qemu/{vmid}/snapshot"))
+    async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
+        return await self._pvesh(_node_path(node, f"{_kind(kind)}/{vmid}/snapshot"))
 
     async def task_log(self, node: str, upid: str) -> object | None:
         return await self._pvesh(_node_path(node, f"tasks/{upid}/log"))
@@ -170,15 +183,16 @@ class PveshLookup:
 async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluster: str | None) -> dict[str, Any]:
     """One task's record with whatever the lookups can add."""
     extra: dict[str, Any] = {}
-    if task.upid.type in ("qmsnapshot", "qmrollback"):
-        snaps = await lookup.snapshots(task.upid.node, task.upid.id)
+    kind = guest_kind(task.upid.type)
+    if task.upid.type in SNAPSHOTS | ROLLBACKS:
+        snaps = await lookup.snapshots(task.upid.node, task.upid.id, kind)
         extra = snapshot_fields(task, snaps, parent_may_have_moved(task, tasks))
-    elif task.upid.type == "qmclone":
+    elif task.upid.type in CLONES:
         target = clone_target(await lookup.task_log(task.upid.node, task.upid.text), task.upid.id)
         if target is not None:
             extra = {"target_vmid": target}
-    elif task.upid.type == "qmrestore":
-        backup = restore_source(await lookup.task_log(task.upid.node, task.upid.text))
+    elif task.upid.type in RESTORES:
+        backup = restore_source(await lookup.task_log(task.upid.node, task.upid.text), kind)
         if backup is not None:
             extra = restore_fields(backup)
         else:

@@ -3,6 +3,8 @@
 Pure functions over the JSON ``pvesh get /cluster/tasks`` prints (or the API's
 ``{"data": [...]}``): the UPID cursor that makes each finished task posted once, the
 selection of due tasks, and the snapshot, clone and restore fields the lookups' answers add.
+QEMU VMs (``qm*`` tasks) and LXC containers (``vz*`` tasks, as pve-container names them)
+are read alike; a container's snapshot list is under ``/nodes/{node}/lxc/{vmid}``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,32 @@ from ..hypervisors.proxmox import TASK_TYPES, Upid, decode_upid
 
 CURSOR_FILE = "proxmox-cursor.json"
 RECORD_FIELDS = ("upid", "node", "pid", "pstart", "starttime", "type", "id", "user", "status", "endtime")
-# Tasks after which a VM's current.parent may no longer be the snapshot a rollback went to.
-MOVES_PARENT = frozenset({"qmsnapshot", "qmrollback", "qmdelsnapshot", "qmrestore"})
+# The task types of each kind, QEMU's (qemu-server) and LXC's (pve-container).
+SNAPSHOTS = frozenset({"qmsnapshot", "vzsnapshot"})
+ROLLBACKS = frozenset({"qmrollback", "vzrollback"})
+CLONES = frozenset({"qmclone", "vzclone"})
+RESTORES = frozenset({"qmrestore", "vzrestore"})
+_CONTAINER_TASKS = frozenset({"vzsnapshot", "vzrollback", "vzdelsnapshot", "vzclone", "vzrestore"})
+# Tasks after which a guest's current.parent may no longer be the snapshot a rollback went to.
+MOVES_PARENT = SNAPSHOTS | ROLLBACKS | RESTORES | {"qmdelsnapshot", "vzdelsnapshot"}
 _WARNINGS = re.compile(r"WARNINGS: [0-9]+")
-_DISK = re.compile(r"\b(?:vm|base)-([1-9][0-9]{2,8})-(?:disk|cloudinit|state)\b")
-# What a qmrestore's task log prints of its backup: a vzdump archive's file name
-# (``restore vma archive: zstd -q -d -c /var/lib/vz/dump/vzdump-qemu-101-2026_11_29-09_30_00.vma.zst
-# | vma extract ...``), whose time vzdump writes with strftime(localtime), or a Proxmox
-# Backup Server snapshot (``pbs-restore ... vm/101/2026-11-29T09:30:00Z drive-scsi0.img.fidx``), in UTC.
-_VZDUMP = re.compile(r"\bvzdump-qemu-([1-9][0-9]{2,8})-(\d{4})_(\d{2})_(\d{2})-(\d{2})_(\d{2})_(\d{2})"
-                     r"(?:\.[a-z0-9]{1,4}){0,2}", re.ASCII)
-_PBS = re.compile(r"\bvm/([1-9][0-9]{2,8})/(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z", re.ASCII)
+# A guest's volume names: vm-/base- (images, and containers on LVM, RBD, dir), subvol-/basevol-
+# (container root file systems on ZFS and dir-like storages).
+_DISK = re.compile(r"\b(?:vm|base|subvol|basevol)-([1-9][0-9]{2,8})-(?:disk|cloudinit|state)\b")
+# What a container clone's task log says of its new container (pve-container since March 2026).
+_CT_CLONE = re.compile(r"\bcreating a clone of container ([1-9][0-9]{2,8}) with ID ([1-9][0-9]{2,8})\b")
+# What a restore's task log prints of its backup: a vzdump archive's file name (qmrestore:
+# ``restore vma archive: zstd -q -d -c /var/lib/vz/dump/vzdump-qemu-101-2026_11_29-09_30_00.vma.zst
+# | vma extract ...``; vzrestore: ``extracting archive '/var/lib/vz/dump/vzdump-lxc-120-….tar.zst'``),
+# whose time vzdump writes with strftime(localtime), or a Proxmox Backup Server snapshot
+# (``pbs-restore ... vm/101/2026-11-29T09:30:00Z drive-scsi0.img.fidx``; a container's is
+# ``ct/120/…``), in UTC. Each restore reads only its own kind's names.
+_VZDUMP = {kind: re.compile(rf"\bvzdump-{kind}-([1-9][0-9]{{2,8}})-"
+                            r"(\d{4})_(\d{2})_(\d{2})-(\d{2})_(\d{2})_(\d{2})(?:\.[a-z0-9]{1,4}){0,2}", re.ASCII)
+           for kind in ("qemu", "lxc")}
+_PBS = {kind: re.compile(rf"\b{kind}/([1-9][0-9]{{2,8}})/"
+                         r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z", re.ASCII)
+        for kind in ("vm", "ct")}
 # A wall-clock time without its zone names instants from UTC-12:00 to UTC+14:00; the
 # earliest is 14 hours before the same digits read as UTC.
 _EARLIEST_ZONE_S = 14 * 3600
@@ -180,6 +197,11 @@ def _node_of(upid: str) -> str | None:
         return None
 
 
+def guest_kind(task_type: str) -> str:
+    """``lxc`` for a container's task, ``qemu`` for a VM's: the API path of its snapshots."""
+    return "lxc" if task_type in _CONTAINER_TASKS else "qemu"
+
+
 def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:
     """A later (or still running) task on the same VM may have changed ``current.parent``."""
     return any(
@@ -190,20 +212,21 @@ def parent_may_have_moved(task: Task, tasks: Sequence[Task]) -> bool:
 
 
 def snapshot_fields(task: Task, snapshots: object, moved: bool) -> dict[str, Any]:
-    """``snapshot`` and ``snapshot_created_at`` of a qmsnapshot/qmrollback, as far as known.
+    """``snapshot`` and ``snapshot_created_at`` of a snapshot or rollback task (VM or
+    container), as far as known.
 
-    qmsnapshot: the one snapshot whose ``snaptime`` falls inside the task. qmrollback: the
+    Snapshot: the one snapshot whose ``snaptime`` falls inside the task. Rollback: the
     ``parent`` of the pseudo-snapshot ``current``, unless ``moved``.
     """
     if not isinstance(snapshots, list):
         return {}
     named = {s["name"]: s for s in snapshots if isinstance(s, dict) and isinstance(s.get("name"), str)}
-    if task.upid.type == "qmsnapshot":
+    if task.upid.type in SNAPSHOTS:
         end = task.raw.get("endtime")
         inside = [s for n, s in named.items() if n != "current" and isinstance(s.get("snaptime"), int)
                   and isinstance(end, int) and task.upid.starttime <= s["snaptime"] <= end]
         chosen = inside[0] if len(inside) == 1 else None
-    elif task.upid.type == "qmrollback" and not moved:
+    elif task.upid.type in ROLLBACKS and not moved:
         parent = (named.get("current") or {}).get("parent")
         chosen = named.get(parent) if isinstance(parent, str) and parent != "current" else None
     else:
@@ -215,18 +238,22 @@ def snapshot_fields(task: Task, snapshots: object, moved: bool) -> dict[str, Any
 
 
 def clone_target(task_log: object, source_vmid: str) -> int | None:
-    """The new VM of a qmclone, from the disk volume names its task log prints."""
+    """The new guest of a qmclone or vzclone: the one a container clone's log names
+    (``creating a clone of container 120 with ID 121``), else the one other guest whose
+    volume names the log prints; None when that is not exactly one."""
     if isinstance(task_log, dict):
         task_log = task_log.get("data")
     if not isinstance(task_log, list):
         return None
-    found = {m for line in task_log if isinstance(line, dict) and isinstance(line.get("t"), str)
-             for m in _DISK.findall(line["t"])} - {source_vmid}
+    texts = [line["t"] for line in task_log if isinstance(line, dict) and isinstance(line.get("t"), str)]
+    named = {new for text in texts for source, new in _CT_CLONE.findall(text) if source == source_vmid}
+    found = named or {m for text in texts for m in _DISK.findall(text)}
+    found -= {source_vmid}
     return int(found.pop()) if len(found) == 1 else None
 
 
 class Backup(NamedTuple):
-    """The backup a qmrestore read: its VM, its time (Unix seconds, no later than the
+    """The backup a restore read: its guest, its time (Unix seconds, no later than the
     backup was taken), and its name as the task log gives it (an archive or a snapshot)."""
 
     vmid: int
@@ -234,9 +261,9 @@ class Backup(NamedTuple):
     name: str
 
 
-def restore_source(task_log: object) -> Backup | None:
-    """The one backup a qmrestore's task log names, or None (no name, two different
-    backups, or a name whose date is impossible).
+def restore_source(task_log: object, kind: str = "qemu") -> Backup | None:
+    """The one backup of ``kind`` (``qemu``: a qmrestore; ``lxc``: a vzrestore) a restore's
+    task log names, or None (no name, two different backups, or a name whose date is impossible).
 
     A vzdump archive name carries the node's local time with no zone, so it is placed at the
     earliest instant it can name (as if written at UTC+14:00): the window on the backup's
@@ -246,12 +273,13 @@ def restore_source(task_log: object) -> Backup | None:
         task_log = task_log.get("data")
     if not isinstance(task_log, list):
         return None
+    vzdump, pbs = _VZDUMP[kind], _PBS["ct" if kind == "lxc" else "vm"]
     found: dict[tuple[int, int] | None, Backup | None] = {}  # one per VM and time: the first name
     for line in task_log:
         text = line.get("t") if isinstance(line, dict) else None
         if isinstance(text, str):
-            for backup in [*(_backup(m, -_EARLIEST_ZONE_S) for m in _VZDUMP.finditer(text)),
-                           *(_backup(m, 0) for m in _PBS.finditer(text))]:
+            for backup in [*(_backup(m, -_EARLIEST_ZONE_S) for m in vzdump.finditer(text)),
+                           *(_backup(m, 0) for m in pbs.finditer(text))]:
                 found.setdefault(None if backup is None else (backup.vmid, backup.time), backup)
     return next(iter(found.values())) if len(found) == 1 else None
 
@@ -267,7 +295,7 @@ def _backup(match: re.Match[str], shift_s: int) -> Backup | None:
 
 
 def restore_fields(backup: Backup) -> dict[str, Any]:
-    """``backup_vmid``, ``snapshot`` and ``snapshot_created_at`` of a qmrestore."""
+    """``backup_vmid``, ``snapshot`` and ``snapshot_created_at`` of a restore."""
     return {"backup_vmid": backup.vmid, "snapshot": backup.name, "snapshot_created_at": backup.time}
 
 

@@ -40,8 +40,12 @@ DATA = REPO / "tests" / "data" / "proxmox"
 LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks.json").read_bytes())
 SNAPSHOTS = orjson.loads((DATA / "snapshot-pve1-101.json").read_bytes())
 CLONE_LOG = orjson.loads((DATA / "task-log-qmclone.json").read_bytes())
+CT_LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks-lxc.json").read_bytes())
+CT_SNAPSHOTS = orjson.loads((DATA / "snapshot-pve1-120.json").read_bytes())
 LOGS = {"qmclone": "task-log-qmclone.json", "qmrestore:311": "task-log-qmrestore-vma.json",
-        "qmrestore:102": "task-log-qmrestore-pbs.json"}  # by UPID type[:vmid]
+        "qmrestore:102": "task-log-qmrestore-pbs.json", "vzclone": "task-log-vzclone.json",
+        "vzrestore:122": "task-log-vzrestore-tar.json",
+        "vzrestore:124": "task-log-vzrestore-pbs.json"}  # by UPID type[:vmid]
 PVE_TOKEN = "replayguard@pve!poller=0b7d0c8e-3f51-4d0a-b6a4-5c0f0e2b9d11"
 SERVICE_TOKEN = "hv-token-proxmox-test"
 FORWARDED = {t["upid"] for t in LISTING if t.get("endtime") and t["type"].startswith("qm")
@@ -85,6 +89,12 @@ def pve_api(listing: list[dict[str, Any]]) -> web.Application:
             return web.json_response({"data": None}, status=500)
         return web.json_response({"data": SNAPSHOTS})
 
+    async def ct_snapshots(request: web.Request) -> web.Response:
+        authorised(request)
+        if (request.match_info["node"], request.match_info["vmid"]) != ("pve1", "120"):
+            return web.json_response({"data": None}, status=500)
+        return web.json_response({"data": CT_SNAPSHOTS})
+
     async def task_log(request: web.Request) -> web.Response:
         authorised(request)
         upid = request.match_info["upid"]
@@ -99,6 +109,7 @@ def pve_api(listing: list[dict[str, Any]]) -> web.Application:
     app = web.Application()
     app.router.add_get("/api2/json/cluster/tasks", tasks)
     app.router.add_get("/api2/json/nodes/{node}/qemu/{vmid}/snapshot", snapshots)
+    app.router.add_get("/api2/json/nodes/{node}/lxc/{vmid}/snapshot", ct_snapshots)
     app.router.add_get("/api2/json/nodes/{node}/tasks/{upid}/log", task_log)
     return app
 
@@ -281,6 +292,13 @@ def fake_pvesh(directory: Path) -> Path:
         "    name = 'task-log-qmrestore-vma.json'\n"
         "elif path.startswith('/nodes/pve2/tasks/UPID:pve2:') and ':qmrestore:102:' in path:\n"
         "    name = 'task-log-qmrestore-pbs.json'\n"
+        "elif path == '/nodes/pve1/lxc/120/snapshot': name = 'snapshot-pve1-120.json'\n"
+        "elif path.startswith('/nodes/pve1/tasks/UPID:pve1:') and ':vzclone:120:' in path:\n"
+        "    name = 'task-log-vzclone.json'\n"
+        "elif path.startswith('/nodes/pve1/tasks/UPID:pve1:') and ':vzrestore:122:' in path:\n"
+        "    name = 'task-log-vzrestore-tar.json'\n"
+        "elif path.startswith('/nodes/pve2/tasks/UPID:pve2:') and ':vzrestore:124:' in path:\n"
+        "    name = 'task-log-vzrestore-pbs.json'\n"
         "else: sys.exit(2)\n"
         "sys.stdout.write(open(f'{data}/{name}').read())\n"
     )
@@ -304,6 +322,26 @@ async def test_cli_from_stdin_reads_lookups_with_pvesh(stand_in: tuple[StandIn, 
     assert by_type["qmrollback"]["snapshot"] == "pre-patch" and by_type["qmclone"]["target_vmid"] == 205
     assert {b["id"]: b["backup_vmid"] for b in recorder.bodies if b["type"] == "qmrestore"} == {
         "311": 101, "102": 102}
+
+
+async def test_cli_from_stdin_reads_container_lookups_with_pvesh(
+    stand_in: tuple[StandIn, TestServer], tmp_path: Path
+) -> None:
+    """In cron mode a container's snapshot comes from `pvesh get /nodes/N/lxc/VMID/snapshot`
+    and its clone's and restores' details from their task logs."""
+    recorder, service = stand_in
+    path = f"{fake_pvesh(tmp_path)}:{cli_env().get('PATH', '/usr/bin:/bin')}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "replayguard.relay.proxmox", "--from-stdin",
+        "--service-url", base(service), "--spool-dir", str(tmp_path / "spool"),
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=cli_env(PATH=path, REPLAYGUARD_RELAY_TOKEN=SERVICE_TOKEN), cwd=REPO)
+    _, err = await asyncio.wait_for(proc.communicate((DATA / "cluster-tasks-lxc.json").read_bytes()), WAIT)
+    assert proc.returncode == 0, err.decode()
+    by_type = {b["type"]: b for b in recorder.bodies}
+    assert by_type["vzrollback"]["snapshot"] == "pre-upgrade" and by_type["vzclone"]["target_vmid"] == 121
+    assert {b["id"]: b["backup_vmid"] for b in recorder.bodies if b["type"] == "vzrestore"} == {
+        "122": 120, "124": 124}
 
 
 async def test_credential_used_on_the_backups_vm_is_a_replay_from_the_vm_restored_into_a_new_vmid(
@@ -344,6 +382,76 @@ async def test_credential_used_on_the_backups_vm_is_a_replay_from_the_vm_restore
     replay = await consume(api, restored, after_backup)
     assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
     assert (await consume(api, restored, older))["reason"] == "reused"
+
+
+async def test_credential_used_after_a_container_snapshot_is_a_replay_after_its_rollback(
+    api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Container 120 (a PAM/RADIUS stack) is snapshotted at 12:10:01 (pct snapshot), uses a
+    nonce at 12:11:40, and is rolled back to that snapshot at 12:20 (pct rollback). Polled
+    from PVE (the snapshot's time read from the container's snapshot list, /lxc/) and posted
+    to the real service, the vzrollback opens the window from the snapshot on: the nonce
+    presented again is replay_after_rollback. A nonce used before the snapshot stays plain
+    `reused`. (Container tasks were not posted at all: the replay was plain `reused`.)"""
+    api_server, listing = pve
+    listing[:] = [t for t in CT_LISTING if t["type"] in ("vzsnapshot", "vzrollback") and t["id"] == "120"
+                  and t["status"] == "OK"]
+    assert sorted(t["type"] for t in listing) == ["vzrollback", "vzsnapshot"]  # nothing else opens a window
+    cluster = uid("pve")
+    container = f"{cluster}/120"
+    t1 = min(t["starttime"] for t in listing) - 600  # 12:00:00Z
+    api.clock.now = t1 + 500  # before the snapshot
+    before = uid("n")
+    assert (await consume(api, container, before))["decision"] == "accept"
+    api.clock.now = t1 + 700  # after the snapshot (snaptime 12:10:01), before the rollback
+    after_snapshot = uid("n")
+    assert (await consume(api, container, after_snapshot))["decision"] == "accept"
+    api.clock.now = t1 + 1300  # the rollback (12:20:00 - 12:20:09) has ended; the poller runs
+    url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
+    outbox = Outbox(tmp_path)
+    async with aiohttp.ClientSession() as session:
+        lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
+        await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
+                        lookup=lookup, cluster=cluster, now=api.clock.now, retention_s=86400)
+
+        async def post(data: bytes) -> Any:
+            return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
+
+        bodies = [orjson.loads(path.read_bytes()) for path in outbox.pending()]
+        assert {b["type"]: b.get("snapshot") for b in bodies} == {"vzsnapshot": "pre-upgrade",
+                                                                  "vzrollback": "pre-upgrade"}
+        for path in outbox.pending():
+            _, answer = await deliver_file(outbox, path, post, "upid")
+            assert answer.status == 202, answer
+    replay = await consume(api, container, after_snapshot)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
+    assert (await consume(api, container, before))["reason"] == "reused"
+
+
+async def test_real_service_accepts_every_container_record(
+    api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Every container task the poller forwards, with its lookups (snapshot list, clone
+    and restore task logs), is a record the real service accepts (202)."""
+    api_server, listing = pve
+    listing[:] = CT_LISTING
+    url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
+    outbox = Outbox(tmp_path)
+    async with aiohttp.ClientSession() as session:
+        lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
+        spooled = await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
+                                  lookup=lookup, cluster=uid("pve"), now=CT_LISTING[0]["starttime"],
+                                  retention_s=86400)
+
+        async def post(data: bytes) -> Any:
+            return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
+
+        types = sorted(orjson.loads(path.read_bytes())["type"] for path in outbox.pending())
+        for path in outbox.pending():
+            _, answer = await deliver_file(outbox, path, post, "upid")
+            assert (answer.status, answer.body["accepted"]) == (202, True), answer
+    assert spooled == 10 and types == sorted(["vzclone", "vzdelsnapshot", "vzmigrate", "vzrestore", "vzrestore",
+                                              "vzrollback", "vzshutdown", "vzsnapshot", "vzstart", "vzstop"])
 
 
 async def consume(api: Api, vm_id: str, nonce: str) -> dict[str, Any]:

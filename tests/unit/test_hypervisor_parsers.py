@@ -129,6 +129,23 @@ ACCEPTED: dict[str, Expected] = {
         Expected(EventType.VM_STARTED, "101", utc("2026-11-29T10:05:40"), host="pve1"),
     "proxmox/qmshutdown.json":
         Expected(EventType.VM_STOPPED, "101", utc("2026-11-29T11:16:40"), host="pve1"),
+    "proxmox/vzsnapshot.json":
+        Expected(C, "120", utc("2026-11-29T12:10:04"), "pre-upgrade", utc("2026-11-29T12:10:01"), "pve1"),
+    "proxmox/vzsnapshot_without_time.json":
+        Expected(C, "120", utc("2026-11-29T12:10:04"), "pre-upgrade", utc("2026-11-29T12:10:00"), "pve1"),
+    "proxmox/vzrollback.json":
+        Expected(R, "120", utc("2026-11-29T12:20:09"), "pre-upgrade", utc("2026-11-29T12:10:01"), "pve1"),
+    "proxmox/vzdelsnapshot.json":
+        Expected(D, "120", utc("2026-11-29T12:30:03"), "pre-upgrade", None, "pve1"),
+    "proxmox/vzclone.json":
+        Expected(EventType.VM_CLONED, "121", utc("2026-11-29T12:41:00"), host="pve1",
+                 source_vm_id="120"),
+    "proxmox/vzrestore_into_new_vmid.json":
+        Expected(EventType.VM_CLONED, "122", utc("2026-11-29T12:51:15"),
+                 "vzdump-lxc-120-2026_11_29-11_30_00.tar.zst", utc("2026-11-28T21:30:00"),
+                 "pve1", "120"),
+    "proxmox/vzmigrate.json":
+        Expected(EventType.VM_MIGRATED, "121", utc("2026-11-29T13:00:40"), host="pve1"),
     "openstack/snapshot_start.json":
         Expected(C, NOVA_VM, utc("2026-11-29T10:00:00.018311"), NOVA_IMAGE,
                  utc("2026-11-29T10:00:00.018311"), "compute-07"),
@@ -156,6 +173,7 @@ IGNORED = [
     "vsphere/user_login_ignored.json",
     "proxmox/qmrollback_failed_ignored.json",
     "proxmox/vzdump_ignored.json",
+    "proxmox/vzcreate_ignored.json",
     "openstack/snapshot_end_ignored.json",
     "openstack/reboot_error_ignored.json",
 ]
@@ -584,6 +602,25 @@ def test_proxmox_restore_into_a_new_vmid_is_a_clone_of_the_backups_vm_in_its_clu
     assert (clone.type, clone.vm_id, clone.source_vm_id) == (EventType.VM_CLONED, "prod/311", "prod/101")
     unknown = proxmox.parse(sample("proxmox/qmrestore_into_new_vmid.json", backup_vmid=None))[0]
     assert (unknown.type, unknown.vm_id, unknown.source_vm_id) == (EventType.VM_RESTORED, "311", None)
+
+
+def test_proxmox_container_tasks_name_the_container_as_a_vms_name_the_vm() -> None:
+    """VMs and containers share one vmid space per PVE cluster, so a container's vm_id is
+    its vmid scoped by the cluster like a VM's; a restore of container 120's backup as 122
+    is a clone of 120, and one into 120 itself a restore of 120."""
+    clone = proxmox.parse(sample("proxmox/vzrestore_into_new_vmid.json", cluster="prod"))[0]
+    assert (clone.type, clone.vm_id, clone.source_vm_id) == (EventType.VM_CLONED, "prod/122", "prod/120")
+    in_place = proxmox.parse(sample("proxmox/vzrestore_into_new_vmid.json", backup_vmid=122))[0]
+    assert (in_place.type, in_place.vm_id, in_place.source_vm_id) == (EventType.VM_RESTORED, "122", None)
+    rollback = proxmox.parse(sample("proxmox/vzrollback.json", cluster="prod"))[0]
+    assert (rollback.vm_id, rollback.extra["task_type"]) == ("prod/120", "vzrollback")
+
+
+def test_proxmox_container_created_from_a_template_is_ignored() -> None:
+    """A vzcreate (pct create without --restore: a new container from a template) has no
+    earlier state to return to; a create from a backup is a vzrestore."""
+    with pytest.raises(IgnoredPayload):
+        proxmox.parse(sample("proxmox/vzcreate_ignored.json"))
 
 
 def test_proxmox_snapshot_without_a_time_was_taken_no_later_than_the_task_started() -> None:

@@ -41,6 +41,17 @@ T0 = 1795942800  # 2026-11-29T09:00:00Z, the recorded listing's origin
 VMA_TIME = T0 + 1800 - 14 * 3600
 PBS_TIME = T0 - 3600
 TASKS = read_tasks(LISTING)
+# Containers (LXC), from 2026-11-29T12:00:00Z: CT 120 snapshotted, rolled back, cloned to 121
+# and backed up (vzdump 11:30) then restored as 122; CT 124 restored in place from PBS.
+CT_LISTING: list[dict[str, Any]] = orjson.loads((DATA / "cluster-tasks-lxc.json").read_bytes())
+CT_SNAPSHOTS: list[dict[str, Any]] = orjson.loads((DATA / "snapshot-pve1-120.json").read_bytes())
+CT_CLONE_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzclone.json").read_bytes())
+TAR_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzrestore-tar.json").read_bytes())
+CT_PBS_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzrestore-pbs.json").read_bytes())
+T1 = T0 + 3 * 3600
+TAR_TIME = T1 - 1800 - 14 * 3600  # vzdump-lxc-120-2026_11_29-11_30_00, read at UTC+14:00
+CT_PBS_TIME = T1 - 7200  # ct/124/2026-11-29T10:00:00Z
+CT_TASKS = read_tasks(CT_LISTING)
 
 
 def upid(task_type: str, vmid: str) -> str:
@@ -55,20 +66,33 @@ def task(task_type: str, vmid: str) -> Any:
     return found
 
 
+def ct_upid(task_type: str, vmid: str) -> str:
+    """The UPID of the one recorded (successful or running) container task of that type on that CT."""
+    (found,) = [t["upid"] for t in CT_LISTING if t["type"] == task_type and t["id"] == vmid
+                and not str(t.get("status", "")).startswith("snapshot ")]
+    return str(found)
+
+
+def ct_task(task_type: str, vmid: str) -> Any:
+    (found,) = [t for t in CT_TASKS if t.upid.text == ct_upid(task_type, vmid)]
+    return found
+
+
 class RecordedLookup:
     """Answers lookups from the recorded pvesh output; None for anything not recorded."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
 
-    async def snapshots(self, node: str, vmid: str) -> object | None:
+    async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
         self.calls.append(("snapshots", node, vmid))
-        return SNAPSHOTS if (node, vmid) == ("pve1", "101") else None
+        return {("pve1", "101", "qemu"): SNAPSHOTS, ("pve1", "120", "lxc"): CT_SNAPSHOTS}.get((node, vmid, kind))
 
     async def task_log(self, node: str, upid_text: str) -> object | None:
         self.calls.append(("log", node, upid_text))
         logs = {upid("qmclone", "101"): CLONE_LOG, upid("qmrestore", "311"): VMA_LOG,
-                upid("qmrestore", "102"): PBS_LOG}
+                upid("qmrestore", "102"): PBS_LOG, ct_upid("vzclone", "120"): CT_CLONE_LOG,
+                ct_upid("vzrestore", "122"): TAR_LOG, ct_upid("vzrestore", "124"): CT_PBS_LOG}
         return logs.get(upid_text)
 
 
@@ -377,7 +401,7 @@ async def test_snapshot_whose_snaptime_cannot_be_read_is_placed_at_the_task_star
     places the snapshot at the task's start, not its end."""
 
     class Blind(RecordedLookup):
-        async def snapshots(self, node: str, vmid: str) -> object | None:
+        async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
             return None
 
     snap = task("qmsnapshot", "101")
@@ -413,6 +437,138 @@ async def test_clone_with_unknown_target_is_not_spooled_until_pve_answers(tmp_pa
     await poll_once(LISTING, state_dir=tmp_path, outbox=outbox, lookup=RecordedLookup(), cluster=None,
                     now=T0 + 10, retention_s=86400)
     assert upid("qmclone", "101") in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
+
+
+# ---------------------------------------------------------------- containers (LXC)
+
+CT_EXPECTED = {  # (type, vmid): (event type, vm_id, snapshot, snapshot_created_at, source_vm_id)
+    ("vzdelsnapshot", "120"): (EventType.SNAPSHOT_DELETED, "120", None, None, None),
+    ("vzsnapshot", "120"): (EventType.SNAPSHOT_CREATED, "120", "pre-upgrade", T1 + 601, None),
+    ("vzstart", "120"): (EventType.VM_STARTED, "120", None, None, None),
+    ("vzrollback", "120"): (EventType.SNAPSHOT_REVERTED, "120", "pre-upgrade", T1 + 601, None),
+    ("vzclone", "120"): (EventType.VM_CLONED, "121", None, None, "120"),
+    ("vzrestore", "122"): (EventType.VM_CLONED, "122", "vzdump-lxc-120-2026_11_29-11_30_00.tar.zst",
+                           TAR_TIME, "120"),
+    ("vzrestore", "124"): (EventType.VM_RESTORED, "124", "ct/124/2026-11-29T10:00:00Z", CT_PBS_TIME, None),
+    ("vzmigrate", "121"): (EventType.VM_MIGRATED, "121", None, None, None),
+    ("vzshutdown", "121"): (EventType.VM_STOPPED, "121", None, None, None),
+    ("vzstop", "124"): (EventType.VM_STOPPED, "124", None, None, None),
+}
+
+
+@pytest.mark.parametrize(("task_type", "vmid", "forwarded"), [
+    *((t, v, True) for t, v in CT_EXPECTED), ("vzcreate", "120", False), ("vzdump", "120", False),
+])
+def test_which_recorded_container_tasks_are_forwarded(task_type: str, vmid: str, forwarded: bool) -> None:
+    """Containers' snapshot, rollback, clone, restore, migration and power tasks are
+    forwarded; a container made from a template (vzcreate) and a backup are not."""
+    assert ct_task(task_type, vmid).forwarded is forwarded
+
+
+def test_a_failed_container_rollback_is_not_forwarded() -> None:
+    """A vzrollback that ended with an error text did not roll the container back."""
+    (failed,) = [t for t in CT_TASKS if t.upid.type == "vzrollback" and not t.succeeded]
+    assert failed.finished and not failed.forwarded
+
+
+@pytest.mark.parametrize(("key", "expected"), CT_EXPECTED.items(), ids=[f"{k[0]}-{k[1]}" for k in CT_EXPECTED])
+async def test_recorded_container_task_becomes_the_record_of_its_qemu_counterpart(
+    key: tuple[str, str], expected: tuple[Any, ...]
+) -> None:
+    """Each forwarded container task's record parses to the event its QEMU counterpart
+    gives: a rollback reverts to the snapshot the container's own snapshot list names, a
+    clone names the new container, a restore into another vmid is a clone of the backup's
+    container from the backup's time."""
+    record = await build_record(ct_task(*key), CT_TASKS, RecordedLookup(), None)
+    (event,) = parser.parse(orjson.loads(orjson.dumps(record)))
+    created = None if event.snapshot_created_at is None else int(event.snapshot_created_at.timestamp())
+    assert (event.type, event.vm_id, event.snapshot_id, created, event.source_vm_id) == expected
+    assert event.event_id == record["upid"] and event.extra["task_type"] == key[0]
+
+
+async def test_container_snapshots_are_read_from_the_containers_snapshot_list() -> None:
+    """A container's snapshot and rollback ask for its own list (lxc), not a VM's (qemu):
+    the recorded lookup answers 120's list only as a container's."""
+    calls: list[tuple[str, str, str]] = []
+
+    class Kinds(RecordedLookup):
+        async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
+            calls.append((node, vmid, kind))
+            return await super().snapshots(node, vmid, kind)
+
+    for key in (("vzsnapshot", "120"), ("vzrollback", "120")):
+        await build_record(ct_task(*key), CT_TASKS, Kinds(), None)
+    await build_record(task("qmrollback", "101"), TASKS, Kinds(), None)
+    assert calls == [("pve1", "120", "lxc"), ("pve1", "120", "lxc"), ("pve1", "101", "qemu")]
+
+
+def test_a_container_rollback_followed_by_a_container_task_gets_no_snapshot_name() -> None:
+    """A vzsnapshot after a vzrollback may have moved current.parent: not trusted."""
+    rollback = ct_task("vzrollback", "120")
+    later = {**ct_task("vzsnapshot", "120").raw, "starttime": rollback.upid.starttime + 5,
+             "upid": rollback.upid.text.replace(f"{rollback.upid.starttime:08X}:vzrollback",
+                                                f"{rollback.upid.starttime + 5:08X}:vzsnapshot")}
+    assert parent_may_have_moved(rollback, [*CT_TASKS, *read_tasks([later])])
+    assert snapshot_fields(rollback, CT_SNAPSHOTS, moved=True) == {}
+
+
+@pytest.mark.parametrize(("lines", "target"), [
+    (CT_CLONE_LOG, 121),
+    ([{"t": "create full clone of mountpoint rootfs (local-lvm:vm-120-disk-0)"},
+      {"t": '  Logical volume "vm-121-disk-0" created.'}], 121),  # PVE before the "creating" line
+    ([{"t": "create full clone of mountpoint rootfs (local-zfs:subvol-120-disk-0)"},
+      {"t": "subvol-121-disk-0"}], 121),
+    ([{"t": "creating a clone of container 120 with ID 121"}, {"t": "vm-125-disk-0"}], 121),
+    ([{"t": "create linked clone of mount point rootfs (local-zfs:basevol-120-disk-0)"}], None),
+    ([{"t": "creating a clone of container 119 with ID 121"}], None),
+])
+def test_container_clone_target_is_read_from_its_task_log(lines: object, target: int | None) -> None:
+    """A vzclone's log names the new container ("creating a clone of container 120 with ID
+    121") or prints its volumes (vm-, subvol-); a linked clone on older PVE names neither,
+    and a line about another source container is not this clone's."""
+    assert clone_target(lines, "120") == target
+
+
+def test_container_restore_source_is_read_from_its_archive_or_backup_server_snapshot() -> None:
+    """A vzrestore's log names a vzdump-lxc archive (node-local time, read at its earliest
+    instant) or a Proxmox Backup Server ct/ snapshot (UTC)."""
+    assert restore_source(TAR_LOG, "lxc") == (120, TAR_TIME, "vzdump-lxc-120-2026_11_29-11_30_00.tar.zst")
+    assert restore_source(CT_PBS_LOG, "lxc") == (124, CT_PBS_TIME, "ct/124/2026-11-29T10:00:00Z")
+
+
+def test_a_restore_reads_only_backups_of_its_own_kind() -> None:
+    """A VM's restore takes no container backup name and a container's no VM backup name."""
+    assert restore_source(TAR_LOG) is None and restore_source(CT_PBS_LOG, "qemu") is None
+    assert restore_source(VMA_LOG, "lxc") is None and restore_source(PBS_LOG, "lxc") is None
+
+
+async def test_poll_once_spools_container_tasks_once(tmp_path: Path) -> None:
+    """One poll of the container listing spools each forwarded container task; a second
+    poll spools none."""
+    outbox = Outbox(tmp_path)
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": RecordedLookup(),
+                            "cluster": None, "now": T1 + 4000, "retention_s": 86400}
+    assert await poll_once(CT_LISTING, **args) == len(CT_EXPECTED)
+    assert await poll_once(CT_LISTING, **args) == 0
+    bodies = [orjson.loads(p.read_bytes()) for p in outbox.pending()]
+    assert sorted(b["upid"] for b in bodies) == sorted(ct_upid(*k) for k in CT_EXPECTED)
+
+
+async def test_container_clone_with_unknown_target_waits_for_pve(tmp_path: Path) -> None:
+    """A vzclone whose new container cannot be read is not spooled (nor parked as
+    malformed) and is spooled by the next poll that reads it."""
+
+    class Blind(RecordedLookup):
+        async def task_log(self, node: str, upid_text: str) -> object | None:
+            return None
+
+    outbox = Outbox(tmp_path)
+    await poll_once(CT_LISTING, state_dir=tmp_path, outbox=outbox, lookup=Blind(), cluster=None,
+                    now=T1, retention_s=86400)
+    assert ct_upid("vzclone", "120") not in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
+    await poll_once(CT_LISTING, state_dir=tmp_path, outbox=outbox, lookup=RecordedLookup(), cluster=None,
+                    now=T1 + 10, retention_s=86400)
+    assert ct_upid("vzclone", "120") in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
 
 
 # ---------------------------------------------------------------- configuration
