@@ -40,6 +40,8 @@ import orjson
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from .processes import alive
+
 PUBLISH_S = 1.0
 PREFIX = "replayguard-metrics-"
 # How a gauge of several workers reads as one; a gauge not listed is kept per worker.
@@ -213,19 +215,9 @@ def remove_stale(base: Path) -> None:
         except FileNotFoundError:
             continue
         if (owner.isdigit() and stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
-                and not _alive(int(owner))):
+                and not alive(int(owner))):
             remove_directory(path)
 
 
 def remove_directory(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

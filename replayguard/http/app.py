@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..aio import in_background
 from ..core import cursors
 from ..errors import (
     ClientError,
@@ -239,13 +240,8 @@ async def _guarding(guard: ContinuityGuard) -> AsyncIterator[None]:
         await guard.check()
     except DOWN as exc:
         log.warning("continuity_check_failed", error=type(exc).__name__)
-    task = asyncio.create_task(guard.run(), name="continuity-guard")
-    try:
+    async with in_background(guard.run(), "continuity-guard"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -285,13 +281,8 @@ async def _sharing_metrics(metrics: Metrics, directory: Path | None) -> AsyncIte
                 log.warning("metrics_share_failed", error=type(exc).__name__)
             await asyncio.sleep(PUBLISH_S)
 
-    task = asyncio.create_task(publish(), name="metrics-publish")
-    try:
+    async with in_background(publish(), "metrics-publish"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | None,  # type: ignore[no-untyped-def]

@@ -43,6 +43,7 @@ from urllib.parse import quote
 
 from .. import durable
 from ..errors import ConfigError
+from ..processes import alive
 from .writeback import Writeback
 
 SERVICE_USER = "replayguard"
@@ -438,7 +439,7 @@ class EmbeddedServer:
             pid = int(lines[0])
         except (OSError, ValueError, IndexError):
             return None
-        if not _alive(pid) or len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
+        if not alive(pid) or len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
             return None
         return Path(lines[4].strip())
 
@@ -490,27 +491,19 @@ class EmbeddedServer:
         """Starts the server if needed and counts this process among its users; returns the DSN."""
         with self.locked():
             sockets = self.start()
-            users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
+            users = [pid for pid in self._read_users() if alive(pid) and pid != os.getpid()]
             self._write_private(self._users, " ".join(map(str, [*users, os.getpid()])) + "\n")
         return self.dsn(sockets)
 
     def leave(self) -> None:
         """This process is done with the server; the last user to leave stops it."""
         with self.locked():
-            users = [pid for pid in self._read_users() if _alive(pid) and pid != os.getpid()]
+            users = [pid for pid in self._read_users() if alive(pid) and pid != os.getpid()]
             self._write_private(self._users, " ".join(map(str, users)) + "\n")
             if not users:
                 self.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _joined: dict[Path, tuple[EmbeddedServer, str]] = {}

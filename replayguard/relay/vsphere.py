@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,6 +45,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from ..aio import in_background
 from ..errors import ConfigError
 from ..settings import Secret
 from .options import (
@@ -278,12 +278,9 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
 
         forwarder = Forwarder(Spool(config.spool_dir), post, asyncio.Event())
         app[FORWARDER] = forwarder
-        task = asyncio.create_task(drain(forwarder.outbox, post, "id", Retry(base=config.retry_base),
-                                         forwarder.wake))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with in_background(drain(forwarder.outbox, post, "id", Retry(base=config.retry_base), forwarder.wake),
+                                 "vsphere-drain"):
+            yield
 
 
 def create_app(config: ForwarderConfig) -> web.Application:
