@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyotp
+import pytest
 
 from replayguard.services.retention import purge_expired
 from replayguard.settings import Secret
@@ -189,8 +190,16 @@ async def test_an_hotp_code_replayed_after_a_revert_is_named_even_when_the_count
     assert replay.get("alert_id") is not None
 
 
-async def test_late_event_reclassifies_the_alert(api: Api) -> None:
-    """A revert reported after the replay turns its reuse alert into a critical replay_after_rollback."""
+@pytest.mark.parametrize("purged", [False, True], ids=["kept", "purged"])
+async def test_late_event_reclassifies_the_alert(
+    fresh_database: Callable[[], Any], api_factory: Callable[..., Any], purged: bool,
+) -> None:
+    """A revert reported after the replay turns its reuse alert into a critical
+    replay_after_rollback, the first use listed as at risk; also when retention purged the
+    code's `uses` row between the replay and the event (nonce_max_ttl_s = 30, the clock past
+    the code's drift window): its first use is then read from the ledger."""
+    api: Api = await api_factory(FakeClock(), database_url=Secret(await fresh_database()),
+                                 **({"nonce_max_ttl_s": 30} if purged else {}))
     vm_id = uid("web-01")
     principal, totp = await alice(api)
     snapshot_at = api.clock.now
@@ -204,40 +213,12 @@ async def test_late_event_reclassifies_the_alert(api: Api) -> None:
     assert replay["reason"] == "reused"
     before = await alert(api, replay["alert_id"])
     assert (before["kind"], before["severity"]) == ("reuse", "warning")
-    api.clock.advance(60)
-    await event(api, vm_id, "snapshot.reverted", snapshot_id="pre", snapshot_created_at=snapshot_at,
-                occurred_at=reverted_at)
-    after = await alert(api, replay["alert_id"])
-    assert (after["kind"], after["severity"], after["count"]) == ("replay_after_rollback", "critical", 1)
-    assert [(h["change"], h["kind"]) for h in after["history"]] == [
-        ("raised", "reuse"), ("reclassified", "replay_after_rollback")]
-    assert first["seq"] in [u["seq"] for u in after["details"]["at_risk_uses"]]
-    assert replay["seq"] in after["entries"] and first["seq"] in after["entries"]
-
-
-async def test_late_event_reclassifies_the_alert_after_retention_purged_the_first_use(
-    fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
-) -> None:
-    """As above, with the code's `uses` row purged by retention between the replay and the
-    event (nonce_max_ttl_s = 30, the clock past the code's drift window): the reuse alert is
-    still reclassified, its first use read from the ledger, and listed as at risk."""
-    api: Api = await api_factory(FakeClock(), database_url=Secret(await fresh_database()), nonce_max_ttl_s=30)
-    vm_id = uid("web-01")
-    principal, totp = await alice(api)
-    snapshot_at = api.clock.now
-    api.clock.advance(5)
-    code = totp.at(api.clock.now)
-    first = await login(api, vm_id, principal, code)
-    api.clock.advance(5)
-    reverted_at = api.clock.now
-    api.clock.advance(5)
-    replay = await login(api, vm_id, principal, code)
-    assert replay["reason"] == "reused"
-    api.clock.advance(600)
-    while await purge_expired(api.runtime.pool, api.runtime.now_us(), limit=1000) > 0:
-        pass
-    async with api.runtime.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM uses WHERE subject = $1", principal) == 0
+    api.clock.advance(600 if purged else 60)
+    if purged:
+        while await purge_expired(api.runtime.pool, api.runtime.now_us(), limit=1000) > 0:
+            pass
+        async with api.runtime.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM uses WHERE subject = $1", principal) == 0
     await event(api, vm_id, "snapshot.reverted", snapshot_id="pre", snapshot_created_at=snapshot_at,
                 occurred_at=reverted_at)
     after = await alert(api, replay["alert_id"])
