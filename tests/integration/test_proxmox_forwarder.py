@@ -366,19 +366,8 @@ async def test_credential_used_on_the_backups_vm_is_a_replay_from_the_vm_restore
     after_backup = uid("n")
     assert (await consume(api, source, after_backup))["decision"] == "accept"
     api.clock.now = t0 + 4000  # the restore (09:52:40) has ended; the poller runs
-    url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
-    outbox = Outbox(tmp_path)
-    async with aiohttp.ClientSession() as session:
-        lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
-        await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
-                        lookup=lookup, cluster=cluster, now=api.clock.now, retention_s=86400)
-
-        async def post(data: bytes) -> Any:
-            return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
-
-        for path in outbox.pending():
-            _, answer = await deliver_file(outbox, path, post, "upid")
-            assert answer.status == 202, answer
+    _, _, answers = await poll_and_deliver(api, api_server, tmp_path, cluster=cluster, now=api.clock.now)
+    assert all(answer.status == 202 for answer in answers), answers
     replay = await consume(api, restored, after_backup)
     assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
     assert (await consume(api, restored, older))["reason"] == "reused"
@@ -407,22 +396,9 @@ async def test_credential_used_after_a_container_snapshot_is_a_replay_after_its_
     after_snapshot = uid("n")
     assert (await consume(api, container, after_snapshot))["decision"] == "accept"
     api.clock.now = t1 + 1300  # the rollback (12:20:00 - 12:20:09) has ended; the poller runs
-    url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
-    outbox = Outbox(tmp_path)
-    async with aiohttp.ClientSession() as session:
-        lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
-        await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
-                        lookup=lookup, cluster=cluster, now=api.clock.now, retention_s=86400)
-
-        async def post(data: bytes) -> Any:
-            return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
-
-        bodies = [orjson.loads(path.read_bytes()) for path in outbox.pending()]
-        assert {b["type"]: b.get("snapshot") for b in bodies} == {"vzsnapshot": "pre-upgrade",
-                                                                  "vzrollback": "pre-upgrade"}
-        for path in outbox.pending():
-            _, answer = await deliver_file(outbox, path, post, "upid")
-            assert answer.status == 202, answer
+    _, bodies, answers = await poll_and_deliver(api, api_server, tmp_path, cluster=cluster, now=api.clock.now)
+    assert {b["type"]: b.get("snapshot") for b in bodies} == {"vzsnapshot": "pre-upgrade", "vzrollback": "pre-upgrade"}
+    assert all(answer.status == 202 for answer in answers), answers
     replay = await consume(api, container, after_snapshot)
     assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
     assert (await consume(api, container, before))["reason"] == "reused"
@@ -435,23 +411,32 @@ async def test_real_service_accepts_every_container_record(
     and restore task logs), is a record the real service accepts (202)."""
     api_server, listing = pve
     listing[:] = CT_LISTING
+    spooled, bodies, answers = await poll_and_deliver(api, api_server, tmp_path, cluster=uid("pve"),
+                                                      now=CT_LISTING[0]["starttime"])
+    assert all((answer.status, answer.body["accepted"]) == (202, True) for answer in answers), answers
+    types = sorted(body["type"] for body in bodies)
+    assert spooled == 10 and types == sorted(["vzclone", "vzdelsnapshot", "vzmigrate", "vzrestore", "vzrestore",
+                                              "vzrollback", "vzshutdown", "vzsnapshot", "vzstart", "vzstop"])
+
+
+async def poll_and_deliver(api: Api, api_server: TestServer, tmp_path: Path, *, cluster: str,
+                           now: float) -> tuple[int, list[dict[str, Any]], list[Any]]:
+    """One poll of the stand-in PVE API (its lookups through the API) into an outbox, then
+    every spooled record posted to the real service: the records spooled, their bodies and
+    the service's answers."""
     url = str(api.client.make_url("/v1/hypervisor/events?source=proxmox"))
     outbox = Outbox(tmp_path)
     async with aiohttp.ClientSession() as session:
         lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
         spooled = await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
-                                  lookup=lookup, cluster=uid("pve"), now=CT_LISTING[0]["starttime"],
-                                  retention_s=86400)
+                                  lookup=lookup, cluster=cluster, now=now, retention_s=86400)
 
         async def post(data: bytes) -> Any:
             return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)
 
-        types = sorted(orjson.loads(path.read_bytes())["type"] for path in outbox.pending())
-        for path in outbox.pending():
-            _, answer = await deliver_file(outbox, path, post, "upid")
-            assert (answer.status, answer.body["accepted"]) == (202, True), answer
-    assert spooled == 10 and types == sorted(["vzclone", "vzdelsnapshot", "vzmigrate", "vzrestore", "vzrestore",
-                                              "vzrollback", "vzshutdown", "vzsnapshot", "vzstart", "vzstop"])
+        bodies = [orjson.loads(path.read_bytes()) for path in outbox.pending()]
+        answers = [(await deliver_file(outbox, path, post, "upid"))[1] for path in outbox.pending()]
+    return spooled, bodies, answers
 
 
 async def consume(api: Api, vm_id: str, nonce: str) -> dict[str, Any]:
