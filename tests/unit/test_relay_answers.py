@@ -5,7 +5,8 @@ fixes; until then the events must wait in the spool, not be parked in dead/ and 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,20 @@ from structlog.testing import capture_logs
 
 from replayguard.relay.spool import Answer, Outcome, Retry, Spool, classify_status, deliver_file, drain, post_json
 from replayguard.settings import Secret
+
+
+@contextlib.asynccontextmanager
+async def events_endpoint(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """A loopback server answering POST /v1/hypervisor/events with ``handler``; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/v1/hypervisor/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/hypervisor/events"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -29,17 +44,8 @@ async def answering() -> AsyncIterator[tuple[str, list[int]]]:
             return web.Response(status=status, headers={"Location": "https://elsewhere.invalid/"})
         return web.json_response({"accepted": True, "duplicate": False}, status=status)
 
-    app = web.Application()
-    app.router.add_post("/v1/hypervisor/events", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1/hypervisor/events", statuses
-    finally:
-        await runner.cleanup()
+    async with events_endpoint(handler) as url:
+        yield url, statuses
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308, 404, 405])
@@ -136,16 +142,8 @@ async def proxy_refusing() -> AsyncIterator[tuple[str, list[int]]]:
                                 text="<html><center>No required SSL certificate was sent</center></html>")
         return web.json_response({"accepted": True, "duplicate": False}, status=statuses[0])
 
-    app = web.Application()
-    app.router.add_post("/v1/hypervisor/events", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/hypervisor/events", statuses
-    finally:
-        await runner.cleanup()
+    async with events_endpoint(handler) as url:
+        yield url, statuses
 
 
 async def test_a_client_error_that_is_not_the_services_keeps_the_event(
