@@ -366,7 +366,8 @@ BEGIN
                     v_calert := rg_alert('reuse', 'warning', it.vm_id, v_use.subject,
                         'cred:' || encode(v_digest, 'hex'), it.ts_us, v_seq,
                         'A credential was presented again', jsonb_build_object(
-                            'first_seq', v_use.first_seq, 'first_vm_id', v_use.vm_id));
+                            'first_seq', v_use.first_seq, 'first_vm_id', v_use.vm_id,
+                            'first_ts_us', v_use.first_ts_us));
                     INSERT INTO alert_entries VALUES (v_calert, v_use.first_seq) ON CONFLICT DO NOTHING;
                 END IF;
             END IF;

@@ -3,11 +3,15 @@
 -- a reclassification is not another sighting, so the count is put back and the history
 -- entry says 'reclassified'.
 -- The alerts are found from what retention does not purge: the reuse alerts whose first use
--- was on the window's VM (`alerts_reuse_first_vm`, migration 037), each joined by one
--- index probe to the ledger entry that accepted the credential (`first_seq`), whose time
--- places the use inside the window or not. So a use whose `uses` row was purged before the
--- event arrived is reclassified as one still kept, and the work grows with the VM's reuse
--- alerts, not with the uses the window covers (a window of unknown start covers them all).
+-- was on the window's VM at a time the window covers (`alerts_reuse_first_use`, migration
+-- 040: `first_vm_id`, `first_ts_us`), each joined by one index probe to the ledger entry
+-- that accepted the credential (`first_seq`), whose VM and time decide. So a use whose
+-- `uses` row was purged before the event arrived is reclassified as one still kept, and
+-- the work under the head lock grows with the alerts the window reclassifies (each then
+-- leaves the index), not with the VM's reuse alerts (never purged, one per credential a
+-- guest replays) nor with the uses the window covers (a window of unknown start covers
+-- them all). The reuse alerts raised before migration 040 have no `first_ts_us` and are
+-- read at every window of their VM; their number does not grow.
 CREATE OR REPLACE FUNCTION rg_reclassify(p_window bigint, p_ts bigint, p_event_seq bigint, p_event_id text)
 RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
@@ -23,6 +27,8 @@ BEGIN
         SELECT a.id, a.dedup_key, a.vm_id, l.subject, l.seq AS first_seq, l.vm_id AS first_vm
         FROM alerts a JOIN ledger l ON l.seq = (a.details->>'first_seq')::bigint
         WHERE a.kind = 'reuse' AND (a.details->>'first_vm_id') COLLATE "C" = w.vm_id
+          AND ((a.details->>'first_ts_us')::bigint BETWEEN coalesce(w.start_us, -9223372036854775808) AND w.end_us
+               OR (a.details->>'first_ts_us')::bigint IS NULL)
           AND l.vm_id = w.vm_id AND l.ts_us <= w.end_us AND (w.start_us IS NULL OR l.ts_us >= w.start_us)
         ORDER BY a.id
     LOOP

@@ -71,7 +71,7 @@ async def test_every_text_column_and_index_key_collates_c(icu_and_c: tuple[str, 
     assert len(columns) > 40, columns  # the query sees the schema's text columns
     assert [r["name"] for r in columns if r["collation"] != "C"] == []
     assert {r["index"] for r in keys} >= {"vms_pkey", "principals_pkey", "ledger_vm_seq", "ledger_vm_accepts",
-                                          "alerts_reuse_first_vm", "alerts_dedup_key_key"}
+                                          "alerts_reuse_first_use", "alerts_dedup_key_key"}
     assert [r["index"] for r in keys if r["collation"] != "C"] == []
 
 
