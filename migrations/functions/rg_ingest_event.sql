@@ -16,8 +16,11 @@
 -- stale receipt stays rollback_detected, when the guest already presented a receipt
 -- after the revert happened (R, the window's end: the event came late; when the event
 -- does not say when the revert happened, R is its arrival, which says nothing: then any
--- receipt the guest presented before), or when T lies beyond the newest c_scan entries of
--- the VM (the scan under the head lock is bounded).
+-- receipt the guest presented before), or when the guest's newest receipt answered a
+-- stale or foreign one (flagged rollback_detected or clone_detected: the guest already
+-- came back from a revert, whatever R says; a relay that finds a revert by polling gives
+-- the time it saw it), or when T lies beyond the newest c_scan entries of the VM (the
+-- scan under the head lock is bounded).
 -- A clone under p_refuse records likewise which receipts of its source S its disk may hold
 -- (vms.revert_source_vm_id, revert_receipt_seq .. revert_receipt_max: migrations/
 -- 039_clone_receipts.sql): those S was issued at or before the clone's state time T, from
@@ -25,7 +28,8 @@
 -- one or a later one) up to the newest; when T is unknown, any S was issued up to R. None
 -- is recorded when S was issued no receipt by then within its newest c_scan entries, or
 -- when the clone already presented a receipt: after R, or at all when the event does not
--- say when the clone happened (R is then its arrival, which says nothing).
+-- say when the clone happened (R is then its arrival, which says nothing) or when its
+-- newest receipt answered a stale or foreign one (flagged, as for a revert).
 -- Dropped first: the signature without p_refuse would otherwise stay beside this one.
 DROP FUNCTION IF EXISTS rg_ingest_event(bigint, jsonb, bytea, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb,
@@ -44,6 +48,7 @@ DECLARE
     v_last   bigint;
     v_from   bigint;
     v_to     bigint;
+    v_back   boolean;  -- the guest's newest receipt came with a stale or foreign one (flagged)
     v_source text := CASE WHEN v_type = 'vm.cloned' THEN p_event->>'source_vm_id' END;
 BEGIN
     r_seq := rg_append(p_ts, 'event', v_vm, p_event->>'event_id', NULL, NULL, NULL,
@@ -87,8 +92,9 @@ BEGIN
         IF v_refuse AND v_type <> 'vm.cloned' THEN
             SELECT (value->>'start_us')::bigint, (value->>'end_us')::bigint INTO v_state, v_at
                 FROM jsonb_array_elements(p_windows) WHERE value->>'vm_id' = v_vm AND value->>'cause' = v_type;
-            SELECT l.ts_us INTO v_last FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
-            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at)) THEN
+            SELECT l.ts_us, l.payload->'flags' ?| ARRAY['rollback_detected', 'clone_detected'] INTO v_last, v_back
+                FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
+            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at AND NOT v_back)) THEN
                 IF v_state IS NULL THEN
                     v_from := 0;
                 ELSE
@@ -106,8 +112,9 @@ BEGIN
         IF v_refuse AND v_type = 'vm.cloned' THEN
             SELECT (value->>'start_us')::bigint, (value->>'end_us')::bigint INTO v_state, v_at
                 FROM jsonb_array_elements(p_windows) WHERE value->>'vm_id' = v_source AND value->>'cause' = v_type;
-            SELECT l.ts_us INTO v_last FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
-            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at)) THEN
+            SELECT l.ts_us, l.payload->'flags' ?| ARRAY['rollback_detected', 'clone_detected'] INTO v_last, v_back
+                FROM vms v JOIN ledger l ON l.seq = v.last_receipt_seq WHERE v.vm_id = v_vm;
+            IF v_at IS NOT NULL AND (v_last IS NULL OR (p_event ? 'occurred_us' AND v_last <= v_at AND NOT v_back)) THEN
                 -- The source's decisions (each issued a receipt) at or before T (unknown: R),
                 -- newest first, stopping at the first match: the newest of them, and the
                 -- newest that presented a receipt.

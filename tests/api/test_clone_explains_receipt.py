@@ -256,6 +256,25 @@ async def test_a_clone_reported_after_it_spoke_explains_nothing(api_factory: Cal
         assert (again["reason"], again["flags"]) == ("locked_out", ["clone_detected"]), (occurred, again)
 
 
+async def test_a_clone_reported_as_seen_after_it_spoke_explains_nothing(api_factory: Callable[..., Any]) -> None:
+    """The report's occurred_at is when a relay saw the clone, after the clone presented S's
+    receipt (clone_detected): the clone already spoke, so the report explains no later
+    receipt of S, whatever time it gives."""
+    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
+    source, receipts, taken = await source_guest(api)
+    for seen_after in (0, 5):
+        clone = uid("clone")
+        api.clock.advance(5)
+        spoke = await consume(api, clone, receipts[1])
+        assert spoke["flags"] == ["clone_detected"], spoke
+        api.clock.advance(seen_after)
+        await cloned(api, clone, source, snapshot_created_at=taken)
+        await clear(api, clone)
+        api.clock.advance(5)
+        again = await consume(api, clone, receipts[1])
+        assert (again["reason"], again["flags"]) == ("locked_out", ["clone_detected"]), (seen_after, again)
+
+
 async def test_a_clone_taking_a_known_name_still_flags_that_vms_own_stale_receipt(
     api_factory: Callable[..., Any],
 ) -> None:

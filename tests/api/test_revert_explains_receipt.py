@@ -230,6 +230,32 @@ async def test_a_revert_reported_without_its_time_after_the_guest_spoke_explains
     assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), again
 
 
+async def test_a_revert_reported_as_seen_after_the_guests_stale_receipt_explains_nothing(
+        api_factory: Callable[..., Any]) -> None:
+    """A relay that finds a revert by polling reports when it saw it (the libvirt relay's
+    occurred_at), after the guest's first request, which presented the stale receipt
+    (flagged then): the guest already came back from a revert, so the report explains no
+    later stale receipt, whatever time it gives."""
+    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
+    for seen_after in (0, 5):
+        vm_id = uid("web-01")
+        held = (await consume(api, vm_id))["receipt"]
+        api.clock.advance(5)
+        taken = api.clock.now
+        await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=taken)
+        api.clock.advance(5)
+        await consume(api, vm_id, held)
+        api.clock.advance(10)
+        spoke = await consume(api, vm_id, held)  # the guest's first request after the revert
+        assert spoke["flags"] == ["rollback_detected"], spoke
+        api.clock.advance(seen_after)  # 0: the relay saw it at the very time the guest spoke
+        await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken)
+        await clear(api, vm_id)
+        api.clock.advance(5)
+        again = await consume(api, vm_id, held)
+        assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), (seen_after, again)
+
+
 async def test_flag_mode_still_flags_the_receipt_a_reported_revert_explains(api: Api) -> None:
     """With receipt_reaction=flag the guest's stale receipt after a reported revert is
     rollback_detected as before (and the VM keeps serving)."""

@@ -97,6 +97,7 @@ class Vm:
     valid_seqs: list[int] = field(default_factory=list)  # decisions that presented a valid receipt
     revert_from: int | None = None  # a reported revert explains the next receipt from this seq on
     clone_from: tuple[str, int, int] | None = None  # a reported clone: (source, lowest, highest) seq it explains
+    came_back: bool = False  # the decision at ``position`` presented a stale or foreign receipt
 
 
 @dataclass
@@ -164,10 +165,11 @@ class Model:
         """A reported revert or restore to the state of time ``state`` (None: unknown), at time
         ``at``. Under refuse, the guest's next receipt may be the one its disk held then: the
         newest issued before ``state``, or any later (unknown state: any). Not when the guest
-        already presented a receipt after ``at`` (the report came late)."""
+        already presented a receipt after ``at`` (the report came late), or when its newest
+        receipt answered a stale or foreign one (it already came back, whatever ``at`` says)."""
         vm = self.vms.setdefault(vm_id, Vm())
         vm.revert_from = vm.clone_from = None
-        if not self.refuse or (vm.position and self.seq_ts[vm.position] > at):
+        if not self.refuse or (vm.position and (self.seq_ts[vm.position] > at or vm.came_back)):
             return
         older = [s for s in vm.valid_seqs if state is not None and self.seq_ts[s] < state]
         vm.revert_from = max(older, default=0)
@@ -177,10 +179,10 @@ class Model:
         Under refuse, the clone's next receipt may be one of the source's its disk holds: issued
         at or before ``state``, from the one issued to the source's last request by then that
         presented a receipt (0: none did) up to the newest (unknown state: any up to ``at``).
-        Not when the clone already presented a receipt after ``at``."""
+        Not when the clone already presented a receipt after ``at``, or a stale or foreign one."""
         vm = self.vms.setdefault(vm_id, Vm())
         vm.revert_from = vm.clone_from = None
-        if not self.refuse or (vm.position and self.seq_ts[vm.position] > at):
+        if not self.refuse or (vm.position and (self.seq_ts[vm.position] > at or vm.came_back)):
             return
         bound = at if state is None else state
         held = [s for s, v in self.seq_vm.items() if v == source and self.seq_ts[s] <= bound]
@@ -194,6 +196,8 @@ class Model:
         flags = self._receipt_flags(vm, vm_id, r, now)
         if r["kind"] == "valid" or flags:  # the position moves: a reported event explains no later receipt
             vm.revert_from = vm.clone_from = None
+        if r["kind"] == "valid":
+            vm.came_back = bool({"rollback_detected", "clone_detected"} & set(flags))
         return flags
 
     def _receipt_flags(self, vm: Vm, vm_id: str, r: dict, now: float) -> list[str]:
