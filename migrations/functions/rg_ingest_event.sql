@@ -49,6 +49,7 @@ DECLARE
     v_from   bigint;
     v_to     bigint;
     v_back   boolean;  -- the guest's newest receipt came with a stale or foreign one (flagged)
+    v_all    boolean;  -- rg_vm_newest read every entry of the VM it was asked about
     v_source text := CASE WHEN v_type = 'vm.cloned' THEN p_event->>'source_vm_id' END;
 BEGIN
     r_seq := rg_append(p_ts, 'event', v_vm, p_event->>'event_id', NULL, NULL, NULL,
@@ -98,12 +99,10 @@ BEGIN
                 IF v_state IS NULL THEN
                     v_from := 0;
                 ELSE
-                    -- Newest first, stopping at the first match (the LIMIT 1 pulls lazily).
-                    SELECT x.seq INTO v_from FROM (SELECT l.seq, l.ts_us, l.payload FROM ledger l
-                        WHERE l.vm_id = v_vm ORDER BY l.seq DESC LIMIT c_scan) x
-                        WHERE x.ts_us < v_state AND x.payload->>'receipt' = 'valid' ORDER BY x.seq DESC LIMIT 1;
-                    IF v_from IS NULL AND (SELECT count(*) FROM (SELECT 1 FROM ledger l WHERE l.vm_id = v_vm
-                                                                   LIMIT c_scan) n) < c_scan THEN
+                    -- Newest first, stopping at the first match, by ledger_vm_seq only.
+                    SELECT n.r_seq, n.r_all INTO v_from, v_all FROM rg_vm_newest(v_vm, r_seq, c_scan, v_state, false,
+                                                                                'receipt') n;
+                    IF v_from IS NULL AND v_all THEN
                         v_from := 0;  -- no receipt is older than the state: any it presents
                     END IF;
                 END IF;
@@ -118,17 +117,14 @@ BEGIN
                 -- The source's decisions (each issued a receipt) at or before T (unknown: R),
                 -- newest first, stopping at the first match: the newest of them, and the
                 -- newest that presented a receipt.
-                SELECT x.seq INTO v_to FROM (SELECT l.seq, l.ts_us, l.kind FROM ledger l
-                    WHERE l.vm_id = v_source ORDER BY l.seq DESC LIMIT c_scan) x
-                    WHERE x.ts_us <= coalesce(v_state, v_at) AND x.kind IN ('otp', 'nonce') ORDER BY x.seq DESC LIMIT 1;
+                SELECT n.r_seq INTO v_to FROM rg_vm_newest(v_source, r_seq, c_scan, coalesce(v_state, v_at), true,
+                                                            'decision') n;
                 IF v_to IS NOT NULL AND v_state IS NULL THEN
                     v_from := 0;  -- the window covers every earlier use: any receipt up to R
                 ELSIF v_to IS NOT NULL THEN
-                    SELECT x.seq INTO v_from FROM (SELECT l.seq, l.ts_us, l.payload FROM ledger l
-                        WHERE l.vm_id = v_source AND l.seq <= v_to ORDER BY l.seq DESC LIMIT c_scan) x
-                        WHERE x.ts_us <= v_state AND x.payload->>'receipt' = 'valid' ORDER BY x.seq DESC LIMIT 1;
-                    IF v_from IS NULL AND (SELECT count(*) FROM (SELECT 1 FROM ledger l WHERE l.vm_id = v_source
-                                                                   AND l.seq <= v_to LIMIT c_scan) n) < c_scan THEN
+                    SELECT n.r_seq, n.r_all INTO v_from, v_all FROM rg_vm_newest(v_source, v_to, c_scan, v_state, true,
+                                                                                'receipt') n;
+                    IF v_from IS NULL AND v_all THEN
                         v_from := 0;  -- no request of S presented a receipt by T: any it was issued
                     END IF;
                     v_from := coalesce(v_from, v_to);  -- beyond the scan: the newest only
