@@ -12,8 +12,15 @@
 -- guest replays) nor with the uses the window covers (a window of unknown start covers
 -- them all). The reuse alerts raised before migration 040 have no `first_ts_us` and are
 -- read at every window of their VM; their number does not grow.
+-- Planned at every call (events are rare), with the window's values and the tables' sizes
+-- of the time, and never by a sequential scan: PL/pgSQL keeps a plan for the connection's
+-- life, and one made while `alerts` was small read every alert of every VM ever after
+-- (tests/integration/test_reclassify_bounds.py).
 CREATE OR REPLACE FUNCTION rg_reclassify(p_window bigint, p_ts bigint, p_event_seq bigint, p_event_id text)
-RETURNS bigint[] LANGUAGE plpgsql AS $$
+RETURNS bigint[] LANGUAGE plpgsql
+SET enable_seqscan = off
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     w     rollback_windows%ROWTYPE;
     r     record;

@@ -20,7 +20,7 @@ REPLAYED = 1500
 
 async def _window(conn: Any, vm: str, start: int | None, end: int) -> tuple[list[int], int, int]:
     """Opens a window on ``vm`` and reclassifies what it explains in one transaction: the
-    alerts reclassified, and the alert and ledger rows fetched by index meanwhile."""
+    alerts reclassified, and the alert and ledger rows read meanwhile."""
     async with conn.transaction():
         before = await _fetched(conn)
         seq = await conn.fetchval("SELECT seq FROM ledger_head")
@@ -33,10 +33,11 @@ async def _window(conn: Any, vm: str, start: int | None, end: int) -> tuple[list
 
 
 async def _fetched(conn: Any) -> dict[str, int]:
-    """The alert and ledger rows this backend fetched by index and has not reported yet
-    (counts of earlier transactions may be among them: read before and after)."""
-    return {r["relname"]: r["idx_tup_fetch"] for r in await conn.fetch(
-        "SELECT relname, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname IN ('alerts', 'ledger')")}
+    """The alert and ledger rows this backend read, by sequential scan and by index, and has
+    not reported yet (counts of earlier transactions may be among them: read before and after)."""
+    return {r["relname"]: r["read"] for r in await conn.fetch(
+        "SELECT relname, seq_tup_read + idx_tup_fetch AS read FROM pg_stat_xact_user_tables"
+        " WHERE relname IN ('alerts', 'ledger')")}
 
 
 async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm(
@@ -73,5 +74,32 @@ async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm
 
         rest, _, _ = await _window(conn, "vm-1", None, TS + 30_000)
         assert len(rest) == REPLAYED - 10
+    finally:
+        await conn.close()
+
+
+async def test_a_plan_made_while_alerts_were_few_still_reads_only_the_windows_alerts(
+    fresh_database: Callable[[], Any],
+) -> None:
+    """PL/pgSQL keeps rg_reclassify's plan for the connection's life: planned while the VM
+    had 20 reuse alerts (analysed), it still reads only the alerts a window covers once the
+    VM has 1,520."""
+    conn = await connections.connect(await fresh_database())
+    try:
+        async def replayed(first: int, count: int) -> None:
+            items = [nonce(TS + n, "vm-1", f"{n:064x}") for n in range(first, first + count)]
+            await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)", items)
+            await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)",
+                             [{**item, "ts_us": item["ts_us"] + 10**9} for item in items])
+
+        await replayed(0, 20)
+        await conn.execute("ANALYZE alerts")
+        await conn.execute("ANALYZE ledger")
+        for n in range(8):  # enough calls for PL/pgSQL to settle on a cached plan
+            assert (await _window(conn, "vm-1", TS + 10**8 + n, TS + 10**8 + n + 1))[0] == []
+        await replayed(20, REPLAYED)
+        later, alerts_read, ledger_read = await _window(conn, "vm-1", TS + 10**8, TS + 10**8 + 1)
+        assert later == []
+        assert alerts_read <= 40 and ledger_read <= 40, (alerts_read, ledger_read)
     finally:
         await conn.close()
