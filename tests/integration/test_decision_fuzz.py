@@ -5,7 +5,9 @@ forward and back, retention purges, restarts of the service with other settings 
 lockout threshold and period, nonce_max_ttl_s, HOTP look-ahead), a second instance on the
 same database, enrolments of equivalent secret forms (case, spaces, zero padding, a long
 key and its hash) with 6/7/8 digits and SHA1/SHA256/SHA512, deletions, unlocks, hypervisor
-snapshot/revert events and clones into new VMs, receipts (current, stale, foreign, forged,
+snapshot/revert events (some reported only when a polling relay would see them, after the
+reverted guest may have spoken, and then reverted once more unreported) and clones into new
+VMs, receipts (current, stale, foreign, forged,
 missing, lost-answer claims right and wrong) and bursts of identical requests. Every answer
 must be the model's, and no credential is ever accepted twice (checked on the ledger itself).
 
@@ -64,6 +66,10 @@ class Driver(ModelDriver):
         # per VM: (receipt presented, request id) of each request that presented its own valid receipt
         self.moves: dict[str, list[tuple[str, str | None]]] = {vm: [] for vm in self.vms}
         self.snapshots: dict[str, list[float]] = {vm: [] for vm in self.vms}
+        # reverts done but not yet reported: (vm, type, state time, receipt its disk went back
+        # to), reported as a polling relay does, at the time it sees them, when its guest may
+        # already have spoken
+        self.polled: list[tuple[str, str, float, str | None]] = []
         self.twin: Api | None = None
         self.model.refuse = self.settings["receipt_reaction"] == "refuse"
 
@@ -109,6 +115,12 @@ class Driver(ModelDriver):
 
     async def event(self) -> None:
         assert self.api is not None
+        if self.polled:
+            vm, kind, t, held_then = self.polled.pop(0)
+            await self.report(vm, kind, t, self.now)
+            if held_then is not None and self.rng.random() < 0.5:  # reverted once more, unreported
+                self.rewound[vm] = held_then
+            return
         vm = self.rng.choice(self.sources)
         if self.rng.random() < 0.2:
             await self.clone(vm)
@@ -120,21 +132,32 @@ class Driver(ModelDriver):
             what = f"snapshot {vm}"
         else:
             t = self.rng.choice(self.snapshots[vm])
-            occurred = self.now - self.rng.choice([0, 0, 3, 40, 400])  # reports arrive late too
             kind = self.rng.choice(["snapshot.reverted", "vm.restored"])
-            body = {"event_id": uid("evt"), "type": kind, "vm_id": vm, "snapshot_id": uid("snap"),
-                    "snapshot_created_at": t, "occurred_at": occurred}
-            self.model.windows.append((vm, t if t <= occurred else None, occurred))
-            self.model.reverted(vm, t if t <= occurred else None, occurred)
             held = [r for r, at in zip(self.receipts[vm], self.issued_at[vm], strict=True) if at < t]
             if held:  # the one held at t, mostly; an older one (a revert further back) too
                 self.rewound[vm] = held[-1] if self.rng.random() < 0.7 else self.rng.choice(held)
-            if self.model.refuse:  # a reported revert or restore refuses the VM until it is cleared
-                self.model.vms.setdefault(vm, Vm()).refusing = True
-            what = f"{kind} {vm} to {t:.0f} at {occurred:.0f}"
+            if self.rng.random() < 0.2:
+                self.polled.append((vm, kind, t, self.rewound.get(vm)))
+                self.log.append(f"{kind} {vm} to {t:.0f}, reported when seen")
+                return
+            await self.report(vm, kind, t, self.now - self.rng.choice([0, 0, 3, 40, 400]))  # reports arrive late too
+            return
         status, answer = await self.api.post("/v1/hypervisor/events", body, role="hypervisor")
         assert status == 202, answer
         self.log.append(what)
+
+    async def report(self, vm: str, kind: str, t: float, occurred: float) -> None:
+        """Reports a revert or restore of ``vm`` to the state of ``t``, as happened at ``occurred``."""
+        assert self.api is not None
+        body = {"event_id": uid("evt"), "type": kind, "vm_id": vm, "snapshot_id": uid("snap"),
+                "snapshot_created_at": t, "occurred_at": occurred}
+        self.model.windows.append((vm, t if t <= occurred else None, occurred))
+        self.model.reverted(vm, t if t <= occurred else None, occurred)
+        if self.model.refuse:  # a reported revert or restore refuses the VM until it is cleared
+            self.model.vms.setdefault(vm, Vm()).refusing = True
+        status, answer = await self.api.post("/v1/hypervisor/events", body, role="hypervisor")
+        assert status == 202, answer
+        self.log.append(f"{kind} {vm} to {t:.0f} at {occurred:.0f}")
 
     async def clone(self, source: str) -> None:
         """A clone of ``source`` into a new VM, as of one of its snapshots or of an unknown
