@@ -9,7 +9,7 @@
 -- as it does when a stale or foreign receipt shows it (rg_decide); the reason is the
 -- event's type, and the event's ledger entry says so ("refusing": true).
 -- A revert or restore under p_refuse also records which receipt the VM's disk went back to
--- (vms.revert_seq, revert_receipt_seq: migrations/038_revert_receipts.sql), so that the
+-- (vms.revert_seq, revert_receipt_seq: migrations/037_revert_receipts.sql), so that the
 -- guest's next request, presenting it, re-syncs the guest instead of refusing the VM
 -- again (rg_decide). That receipt is at or after the newest one issued to the VM before
 -- the state's time T (the window's start; unknown: any). Nothing is recorded, and a
@@ -23,7 +23,7 @@
 -- scan under the head lock is bounded).
 -- A clone under p_refuse records likewise which receipts of its source S its disk may hold
 -- (vms.revert_source_vm_id, revert_receipt_seq .. revert_receipt_max: migrations/
--- 039_clone_receipts.sql): those S was issued at or before the clone's state time T, from
+-- 038_clone_receipts.sql): those S was issued at or before the clone's state time T, from
 -- the one issued at S's last request by then that presented a receipt (its guest held that
 -- one or a later one) up to the newest; when T is unknown, any S was issued up to R. None
 -- is recorded when S was issued no receipt by then within its newest c_scan entries, or

@@ -4,13 +4,13 @@
 -- entry says 'reclassified'.
 -- The alerts are found from what retention does not purge: the reuse alerts whose first use
 -- was on the window's VM at a time the window covers (`alerts_reuse_first_use`, migration
--- 040: `first_vm_id`, `first_ts_us`), each joined by one index probe to the ledger entry
+-- 039: `first_vm_id`, `first_ts_us`), each joined by one index probe to the ledger entry
 -- that accepted the credential (`first_seq`), whose VM and time decide. So a use whose
 -- `uses` row was purged before the event arrived is reclassified as one still kept, and
 -- the work under the head lock grows with the alerts the window reclassifies (each then
 -- leaves the index), not with the VM's reuse alerts (never purged, one per credential a
 -- guest replays) nor with the uses the window covers (a window of unknown start covers
--- them all). The reuse alerts raised before migration 040 have no `first_ts_us` and are
+-- them all). The reuse alerts raised before migration 039 have no `first_ts_us` and are
 -- read at every window of their VM; their number does not grow.
 -- Planned at every call (events are rare), with the window's values and the tables' sizes
 -- of the time, and never by a sequential scan: PL/pgSQL keeps a plan for the connection's

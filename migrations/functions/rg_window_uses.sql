@@ -1,7 +1,7 @@
 -- The uses a window covers (inclusive ends; NULL start: since ever), for an alert's details:
 -- the first `p_limit` by time, listed in ledger order. Read from the ledger's accepting
 -- entries, so a use whose `uses` row retention purged is listed too, in the order of
--- `ledger_vm_accepts` (migration 037): both ends are index bounds, so the scan reads only
+-- `ledger_vm_accepts` (migration 036): both ends are index bounds, so the scan reads only
 -- the window's entries and stops after `p_limit` of them however many uses the window or
 -- the VM's history hold (rg_decide calls this under the head lock, for every replay it
 -- names replay_after_rollback).

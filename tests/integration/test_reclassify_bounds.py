@@ -46,7 +46,7 @@ async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm
     """A guest used and replayed 1,500 nonces (1,500 reuse alerts of its VM); a window after
     all of them reclassifies none and fetches a handful of alert and ledger rows, not the
     1,500; a window over the first ten uses reclassifies exactly their ten alerts (one of
-    them written without ``first_ts_us``, as before migration 040), again without reading
+    them written without ``first_ts_us``, as before migration 039), again without reading
     the others; one of unknown start then takes the rest."""
     conn = await connections.connect(await fresh_database())
     try:
@@ -57,7 +57,7 @@ async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm
         rows = await conn.fetch("SELECT r_reason FROM rg_decide($1::jsonb, 5, 60000000, false)",
                                 [nonce(TS + 10_000 + n, "vm-1", d) for n, d in enumerate(digests)])
         assert {r["r_reason"] for r in rows} == {"reused"}
-        # One alert as a release before migration 040 wrote it: no first use's time.
+        # One alert as a release before migration 039 wrote it: no first use's time.
         await conn.execute("UPDATE alerts SET details = details - 'first_ts_us'"
                            " WHERE kind = 'reuse' AND details->>'first_seq' = '6'")
         await conn.execute("ANALYZE alerts")

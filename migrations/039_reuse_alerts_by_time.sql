@@ -1,8 +1,8 @@
--- replayguard 040: a late event reads the reuse alerts whose first use its window covers.
+-- replayguard 039: a late event reads the reuse alerts whose first use its window covers.
 --
 -- Alerts are never purged and a guest raises one reuse alert per credential it replays, so
 -- a VM's reuse alerts grow without end. rg_reclassify read every one of them (by
--- alerts_reuse_first_vm, migration 037) for each window a revert, restore or clone opened
+-- alerts_reuse_first_vm, migration 036) for each window a revert, restore or clone opened
 -- on the VM, under the head lock. rg_decide now writes the first use's time into a reuse
 -- alert's details (`first_ts_us`), and this index orders the VM's reuse alerts by it, so a
 -- window reads the alerts of the uses it covers (each of which it reclassifies: it then

@@ -1,4 +1,4 @@
--- replayguard 039: a reported clone accounts for the receipt of its source the clone brings.
+-- replayguard 038: a reported clone accounts for the receipt of its source the clone brings.
 --
 -- Under receipt_reaction 'refuse', rg_ingest_event records on a reported clone which
 -- receipts of its source its disk may hold: revert_source_vm_id (the source), and the
@@ -7,6 +7,6 @@
 -- one; from 0 when T is unknown). rg_decide takes a receipt of that source in that span,
 -- presented at the clone's next request that moves its position, as the clone starting its
 -- own line (no clone_detected, no new window or refusal) instead of an unreported clone.
--- revert_seq names the event, as for a revert (038). NULL: no reported clone awaits the
+-- revert_seq names the event, as for a revert (037). NULL: no reported clone awaits the
 -- clone's first receipt; a revert or restore leaves both NULL (its receipts are the VM's).
 ALTER TABLE vms ADD COLUMN revert_source_vm_id text COLLATE "C", ADD COLUMN revert_receipt_max bigint;

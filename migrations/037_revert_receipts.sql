@@ -1,4 +1,4 @@
--- replayguard 038: a reported revert or restore accounts for the receipt the guest brings back.
+-- replayguard 037: a reported revert or restore accounts for the receipt the guest brings back.
 --
 -- Under receipt_reaction 'refuse', rg_ingest_event records on the reverted VM which receipt
 -- its disk went back to: revert_receipt_seq, the position of the newest receipt the VM was

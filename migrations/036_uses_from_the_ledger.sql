@@ -1,4 +1,4 @@
--- replayguard 037: a rollback window's uses are read from the ledger, purged ones too.
+-- replayguard 036: a rollback window's uses are read from the ledger, purged ones too.
 --
 -- Retention deletes a use's `uses` row once it expires; the ledger entry that accepted the
 -- credential stays. What a window put at risk (rg_window_uses, the `at_risk_uses` of a
