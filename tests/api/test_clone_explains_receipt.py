@@ -14,38 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tests.api.refuse_mode import clear, consume, event, vm_row
 from tests.conftest import Api, FakeClock, uid
-
-
-async def consume(api: Api, vm_id: str, receipt: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"vm_id": vm_id, "scope": "clone", "nonce": uid("n")}
-    if receipt is not None:
-        body["receipt"] = receipt
-    status, answer = await api.post("/v1/nonces/consume", body)
-    assert status == 200, answer
-    return dict(answer)
 
 
 async def cloned(api: Api, clone: str, source: str, **fields: Any) -> None:
     """Reports ``clone`` a clone of ``source`` (occurred now unless ``fields`` say otherwise)."""
-    body = {"event_id": uid("evt"), "type": "vm.cloned", "vm_id": clone, "source_vm_id": source,
-            "occurred_at": api.clock.now, **fields}
-    body = {key: value for key, value in body.items() if value is not None}
-    status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
-    assert status == 202 and answer["duplicate"] is False, answer
-
-
-async def clear(api: Api, vm_id: str) -> dict[str, Any]:
-    status, cleared = await api.post(f"/v1/vms/{vm_id}/clear", {"note": "planned clone"}, role="admin")
-    assert status == 200, cleared
-    return dict(cleared)
-
-
-async def vm_row(api: Api, vm_id: str) -> dict[str, Any]:
-    async with api.runtime.pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT refusing, refusing_reason FROM vms WHERE vm_id = $1", vm_id)
-    assert row is not None
-    return dict(row.items())
+    await event(api, clone, "vm.cloned", source_vm_id=source, **fields)
 
 
 async def clone_alerts(api: Api) -> int:

@@ -13,37 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from tests.api.refuse_mode import clear, consume, event, vm_row
 from tests.conftest import Api, FakeClock, uid
-
-
-async def consume(api: Api, vm_id: str, receipt: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"vm_id": vm_id, "scope": "revert", "nonce": uid("n")}
-    if receipt is not None:
-        body["receipt"] = receipt
-    status, answer = await api.post("/v1/nonces/consume", body)
-    assert status == 200, answer
-    return dict(answer)
-
-
-async def event(api: Api, vm_id: str, kind: str, **fields: Any) -> None:
-    """Posts the event; ``occurred_at=None`` leaves the time of the change out."""
-    body = {"event_id": uid("evt"), "type": kind, "vm_id": vm_id, "occurred_at": api.clock.now, **fields}
-    body = {key: value for key, value in body.items() if value is not None}
-    status, answer = await api.post("/v1/hypervisor/events", body, role="hypervisor")
-    assert status == 202 and answer["duplicate"] is False, answer
-
-
-async def clear(api: Api, vm_id: str) -> dict[str, Any]:
-    status, cleared = await api.post(f"/v1/vms/{vm_id}/clear", {"note": "planned revert"}, role="admin")
-    assert status == 200, cleared
-    return dict(cleared)
-
-
-async def vm_row(api: Api, vm_id: str) -> dict[str, Any]:
-    async with api.runtime.pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT refusing, refusing_reason FROM vms WHERE vm_id = $1", vm_id)
-    assert row is not None
-    return dict(row.items())
 
 
 async def rollback_alerts(api: Api, vm_id: str) -> int:
@@ -180,10 +153,15 @@ async def test_a_stale_receipt_after_a_fresh_one_is_still_refused(api_factory: C
     assert (stale["reason"], stale["flags"]) == ("locked_out", ["rollback_detected"]), stale
 
 
-async def test_a_revert_reported_after_the_guest_spoke_explains_nothing(api_factory: Callable[..., Any]) -> None:
-    """The revert's report arrives after the guest already presented a receipt following
-    the revert (its stale receipt was flagged then): the event explains no later stale
-    receipt, so the old one presented again after the clear is rollback_detected."""
+@pytest.mark.parametrize("report", ["revert_time", "no_time", "seen_as_it_spoke", "seen_after_it_spoke"])
+async def test_a_revert_reported_after_the_guest_spoke_explains_nothing(
+        api_factory: Callable[..., Any], report: str) -> None:
+    """The revert's report arrives after the guest already presented its stale receipt
+    following the revert (flagged then): the guest already came back from a revert, so the
+    event explains no later stale receipt, and the old one presented again after the clear
+    is rollback_detected, whatever time the report gives: the revert's own
+    (``revert_time``), none (``no_time``: its arrival says nothing), or when a polling relay
+    saw it (the libvirt relay's occurred_at), as the guest spoke or after."""
     api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
     vm_id = uid("web-01")
     held = (await consume(api, vm_id))["receipt"]
@@ -197,63 +175,13 @@ async def test_a_revert_reported_after_the_guest_spoke_explains_nothing(api_fact
     api.clock.advance(5)
     spoke = await consume(api, vm_id, held)  # the guest's first request after the revert
     assert spoke["flags"] == ["rollback_detected"], spoke
-    api.clock.advance(5)
-    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken,
-                occurred_at=reverted_at)
+    api.clock.advance(0 if report == "seen_as_it_spoke" else 5)
+    occurred_at = {"revert_time": reverted_at, "no_time": None}.get(report, api.clock.now)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken, occurred_at=occurred_at)
     await clear(api, vm_id)
     api.clock.advance(5)
     again = await consume(api, vm_id, held)
     assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), again
-
-
-async def test_a_revert_reported_without_its_time_after_the_guest_spoke_explains_nothing(
-        api_factory: Callable[..., Any]) -> None:
-    """A revert whose report does not say when it happened, arriving after the guest already
-    presented its stale receipt (flagged then): the report's arrival says nothing about
-    whether the guest spoke after the revert, so the event explains no later stale receipt."""
-    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
-    vm_id = uid("web-01")
-    held = (await consume(api, vm_id))["receipt"]
-    api.clock.advance(5)
-    taken = api.clock.now
-    await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=taken)
-    api.clock.advance(5)
-    await consume(api, vm_id, held)
-    api.clock.advance(10)
-    spoke = await consume(api, vm_id, held)  # the guest's first request after the revert
-    assert spoke["flags"] == ["rollback_detected"], spoke
-    api.clock.advance(5)
-    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken, occurred_at=None)
-    await clear(api, vm_id)
-    api.clock.advance(5)
-    again = await consume(api, vm_id, held)
-    assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), again
-
-
-async def test_a_revert_reported_as_seen_after_the_guests_stale_receipt_explains_nothing(
-        api_factory: Callable[..., Any]) -> None:
-    """A relay that finds a revert by polling reports when it saw it (the libvirt relay's
-    occurred_at), after the guest's first request, which presented the stale receipt
-    (flagged then): the guest already came back from a revert, so the report explains no
-    later stale receipt, whatever time it gives."""
-    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
-    for seen_after in (0, 5):
-        vm_id = uid("web-01")
-        held = (await consume(api, vm_id))["receipt"]
-        api.clock.advance(5)
-        taken = api.clock.now
-        await event(api, vm_id, "snapshot.created", snapshot_id="s1", snapshot_created_at=taken)
-        api.clock.advance(5)
-        await consume(api, vm_id, held)
-        api.clock.advance(10)
-        spoke = await consume(api, vm_id, held)  # the guest's first request after the revert
-        assert spoke["flags"] == ["rollback_detected"], spoke
-        api.clock.advance(seen_after)  # 0: the relay saw it at the very time the guest spoke
-        await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken)
-        await clear(api, vm_id)
-        api.clock.advance(5)
-        again = await consume(api, vm_id, held)
-        assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), (seen_after, again)
 
 
 async def test_flag_mode_still_flags_the_receipt_a_reported_revert_explains(api: Api) -> None:
