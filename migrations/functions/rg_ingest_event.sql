@@ -87,7 +87,13 @@ BEGIN
             WHERE vm_id = v_vm OR vm_id IN (SELECT value->>'vm_id' FROM jsonb_array_elements(p_windows));
     END IF;
     IF v_refuse THEN
-        UPDATE vms SET refusing = true, refusing_reason = v_type WHERE vm_id = v_vm;
+        -- A refusal for what the receipts showed (rg_decide: rollback_detected, clone_detected)
+        -- keeps its reason: a report coming after it must not make a detected rollback read
+        -- as a planned one to the administrator who clears the VM.
+        UPDATE vms SET refusing = true,
+                       refusing_reason = CASE WHEN refusing AND refusing_reason IN ('rollback_detected', 'clone_detected')
+                                              THEN refusing_reason ELSE v_type END
+            WHERE vm_id = v_vm;
     END IF;
     IF v_type IN ('snapshot.reverted', 'vm.restored', 'vm.cloned') THEN
         IF v_refuse AND v_type <> 'vm.cloned' THEN

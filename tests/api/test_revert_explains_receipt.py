@@ -184,6 +184,24 @@ async def test_a_revert_reported_after_the_guest_spoke_explains_nothing(
     assert (again["reason"], again["flags"]) == ("locked_out", ["rollback_detected"]), again
 
 
+async def test_a_report_after_a_detected_rollback_keeps_the_refusals_reason(api_factory: Callable[..., Any]) -> None:
+    """A VM refused for a rollback its receipts showed (rollback_detected) and then reported
+    reverted keeps rollback_detected as the reason of its refusal: the report must not make
+    the detected rollback read as a planned one to the administrator who clears it."""
+    api: Api = await api_factory(FakeClock(), receipt_reaction="refuse")
+    vm_id = uid("web-01")
+    held = (await consume(api, vm_id))["receipt"]
+    api.clock.advance(5)
+    taken = api.clock.now
+    await consume(api, vm_id, held)
+    api.clock.advance(5)
+    detected = await consume(api, vm_id, held)
+    assert (detected["reason"], detected["flags"]) == ("locked_out", ["rollback_detected"]), detected
+    api.clock.advance(5)
+    await event(api, vm_id, "snapshot.reverted", snapshot_id="s1", snapshot_created_at=taken)
+    assert await vm_row(api, vm_id) == {"refusing": True, "refusing_reason": "rollback_detected"}
+
+
 async def test_flag_mode_still_flags_the_receipt_a_reported_revert_explains(api: Api) -> None:
     """With receipt_reaction=flag the guest's stale receipt after a reported revert is
     rollback_detected as before (and the VM keeps serving)."""
