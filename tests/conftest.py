@@ -41,6 +41,7 @@ from aiohttp.web_runner import BaseRunner
 from replayguard import logging as rglog
 from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
+from replayguard.http.server import handler_limits
 from replayguard.http.state import RUNTIME
 from replayguard.keys import Keys
 from replayguard.pg import schema
@@ -367,16 +368,32 @@ class Api:
 
 class ServiceTestServer(TestServer):
     """aiohttp's TestServer with the runner ``serve`` uses: the fast front for the decision
-    routes (unless ``http_front = "aiohttp"``), aiohttp for everything else."""
+    routes (unless ``http_front = "aiohttp"``), aiohttp for everything else.
+
+    aiohttp's TestServer cancels every handler whose client went away
+    (``handler_cancellation=True``), which ``serve`` does not: started with the handler
+    arguments ``serve`` passes (``server.handler_limits``), it does as ``serve`` does."""
+
+    _cancellation: bool | None = None
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+        self._cancellation = kwargs.pop("handler_cancellation", self._cancellation)
+        await super().start_server(loop, **kwargs)
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        if self._cancellation is not None:
+            kwargs["handler_cancellation"] = self._cancellation
         return FrontRunner(self.app, **kwargs)
 
 
-async def start_api(settings: Settings, clock: FakeClock) -> Api:
+async def start_api(settings: Settings, clock: FakeClock, *, as_served: bool = False) -> Api:
+    """The app on a test server; ``as_served``: with the handler arguments ``serve`` uses."""
     app = create_app(settings, clock=clock)
-    client = TestClient(ServiceTestServer(app))
+    server = ServiceTestServer(app)
+    client = TestClient(server)
     try:
+        if as_served:
+            await server.start_server(**handler_limits(settings))
         await client.start_server()
     except BaseException:  # a start the service refuses (bad settings, other keys) leaves nothing open
         await client.close()

@@ -2,7 +2,7 @@
 // detail of one alert (its history, the ledger entries behind it, its rollback windows
 // and the hypervisor events inside them) with acknowledge-with-a-note.
 
-import { api, query } from "./api.js";
+import { aborted, api, query } from "./api.js";
 import { badge, clear, errorBox, h, link, table, when } from "./dom.js";
 
 const SEVERITIES = ["", "critical", "warning", "info"];
@@ -134,9 +134,10 @@ export async function render(main, params, ctx) {
     more.disabled = true;
     clear(listError);
     try {
-      const page = await api(`/v1/alerts${query(q)}`);
+      const page = await api(`/v1/alerts${query(q)}`, { signal: ctx.signal });
       if (mine === generation) settle(page, changed, append);
     } catch (error) {
+      if (aborted(error)) return;  // the page was left
       if (mine === generation) listError.append(errorBox(error));
     } finally {
       loads.delete(changed);
@@ -164,7 +165,7 @@ export async function render(main, params, ctx) {
     detailPane));
 
   const stop = ctx.onAlert((alert) => {
-    if (alert.id === selected) showDetail(detailPane, selected);
+    if (alert.id === selected) showDetail(detailPane, selected, ctx.signal);
     if (remember(alert) !== alert) return;  // a page read after this change already listed it
     for (const changed of loads) changed.add(alert.id);
     if (!place(alert)) return;
@@ -174,7 +175,7 @@ export async function render(main, params, ctx) {
     if (fresh) fresh.classList.add("fresh");
   });
   await load(false);
-  if (selected) await showDetail(detailPane, selected);
+  if (selected) await showDetail(detailPane, selected, ctx.signal);
   return stop;
 }
 
@@ -186,7 +187,9 @@ function field(name, value) {
 // a live change) shows the Acknowledge button disabled too, so it is sent (and ledgered) once.
 const acking = new WeakSet();
 
-async function acknowledge(id, note, pane) {
+/** Sends the acknowledgement (not aborted by leaving the page: it is the analyst's decision),
+ *  then reads the detail again unless the page (`signal`) was left. */
+async function acknowledge(id, note, pane, signal) {
   acking.add(pane);
   try {
     await api(`/v1/alerts/${encodeURIComponent(id)}/acknowledge`, { method: "POST", body: { note: note || null } });
@@ -200,11 +203,11 @@ async function acknowledge(id, note, pane) {
     return;
   }
   acking.delete(pane);
-  await showDetail(pane, id);
+  await showDetail(pane, id, signal);
 }
 
 /** The acknowledgement (or the form to make it, its note box holding `typed`). */
-function ackForm(alert, pane, typed) {
+function ackForm(alert, pane, typed, signal) {
   if (alert.status !== "open") {
     const ack = alert.acknowledged || {};
     return h("p", { class: "acked", id: "acked" }, `Acknowledged ${when(ack.at)} by `, h("span", { class: "ident" }, ack.by ?? "?"),
@@ -215,7 +218,7 @@ function ackForm(alert, pane, typed) {
   const message = h("div", { id: "ack-message" });
   const button = h("button", { type: "button", id: "ack" }, "Acknowledge");
   button.disabled = acking.has(pane);
-  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane); });
+  button.addEventListener("click", () => { button.disabled = true; acknowledge(alert.id, note.value, pane, signal); });
   return h("div", { class: "ack" }, note, button, message);
 }
 
@@ -223,14 +226,15 @@ function ackForm(alert, pane, typed) {
 // started (after a live change, or an acknowledgement) is older than it and is dropped.
 const reads = new WeakMap();
 
-export async function showDetail(pane, id) {
+/** Reads the alert into its detail pane; `signal` (the page's) aborts the read. */
+export async function showDetail(pane, id, signal) {
   const mine = (reads.get(pane) || 0) + 1;
   reads.set(pane, mine);
   let alert;
   try {
-    alert = await api(`/v1/alerts/${encodeURIComponent(id)}`);
+    alert = await api(`/v1/alerts/${encodeURIComponent(id)}`, { signal });
   } catch (error) {
-    if (reads.get(pane) === mine) clear(pane).append(errorBox(error));
+    if (reads.get(pane) === mine && !aborted(error)) clear(pane).append(errorBox(error));
     return;
   }
   if (reads.get(pane) !== mine) return;
@@ -245,7 +249,7 @@ export async function showDetail(pane, id) {
       field("principal", alert.principal ? h("span", { class: "ident" }, alert.principal) : null),
       field("count", String(alert.count)),
       field("first seen", when(alert.first_seen)), field("last seen", when(alert.last_seen))),
-    ackForm(alert, pane, typed),
+    ackForm(alert, pane, typed, signal),
     h("h3", {}, "History"),
     table(["time", "change", "kind", "severity", "seq", "by"], alert.history.map((e) => h("tr", {},
       h("td", { class: "time" }, when(e.time)), h("td", {}, e.change ?? ""), h("td", {}, e.kind ?? ""),

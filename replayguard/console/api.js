@@ -20,19 +20,32 @@ export class ApiError extends Error {
   }
 }
 
-function headers(extra) {
-  return { Authorization: `Bearer ${session.token()}`, ...extra };
+function headers(extra, token = session.token()) {
+  return { Authorization: `Bearer ${token}`, ...extra };
 }
 
-export async function api(path, { method = "GET", body, signal } = {}) {
+/** Whether `error` is the end of a request its page cancelled (the analyst left the page):
+ *  neither an error to show nor a reason to log out. */
+export function aborted(error) {
+  return error instanceof DOMException && error.name === "AbortError";
+}
+
+/**
+ * One request to the service with the session's token, or `token` (a login being checked).
+ * `signal` cancels it (the page's, from ctx.signal): the request is abandoned, the service
+ * stops a verification whose client left, and the promise rejects with an AbortError
+ * (`aborted(error)`) even when the answer had already arrived.
+ */
+export async function api(path, { method = "GET", body, signal, token } = {}) {
   const init = { method, signal, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer",
-                 headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+                 headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }, token) };
   if (body !== undefined) init.body = JSON.stringify(body);
   const resp = await fetch(path, init);
   let data = null;
   if (resp.status !== 204) {
     try { data = await resp.json(); } catch { data = null; }
   }
+  signal?.throwIfAborted();
   if (!resp.ok) throw new ApiError(resp.status, data);
   return data;
 }

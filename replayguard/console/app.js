@@ -2,7 +2,7 @@
 // router that shows one page at a time (#/alerts, #/alerts/ID, #/vms, #/vms/ID,
 // #/ledger, #/principals). Pages are modules exporting render(main, params, ctx).
 
-import { ApiError, api, followAlerts, session } from "./api.js";
+import { ApiError, aborted, api, followAlerts, session } from "./api.js";
 import { clear, errorBox, h } from "./dom.js";
 import * as alerts from "./alerts.js";
 import * as ledger from "./ledger.js";
@@ -17,12 +17,21 @@ const logoutButton = document.getElementById("logout");
 const listeners = new Set();
 let stream = null;
 let leave = null;
+// The shown page's requests: aborted when the route changes (or the analyst logs out).
+let requests = null;
 
-const ctx = {
+const shell = {
   isAdmin: () => sessionStorage.getItem(ROLE_KEY) === "admin",
   /** Calls fn(alert) for every alert the stream sends, until the page changes. */
   onAlert(fn) { listeners.add(fn); return () => listeners.delete(fn); },
 };
+
+/** What a page is given: the shell's, and `signal`, which aborts when the page is left. A
+ *  page passes it to every read (api(path, { signal: ctx.signal })); a write (acknowledge,
+ *  unlock) is not cut short by leaving. */
+function pageContext(signal) {
+  return { ...shell, signal };
+}
 
 function setLive(state) {
   live.hidden = false;
@@ -50,6 +59,8 @@ function loggedIn(role) {
 }
 
 function logout() {
+  logins++;  // a login still in flight is not taken up any more
+  if (checking) checking.abort();
   stopStream();
   session.end();
   sessionStorage.removeItem(ROLE_KEY);
@@ -59,21 +70,33 @@ function logout() {
   route();
 }
 
+// The number of the latest login, and the check of its token in flight. The last login wins:
+// an earlier one is aborted, and what it ends with (its role, its error) is dropped. The
+// token is kept, with its role, only once the service has said whose it is.
+let logins = 0;
+let checking = null;
+
 async function login(input, message) {
   const token = input.value.trim();
   input.value = "";
   if (!token) return;
-  session.save(token);
+  const mine = ++logins;
+  if (checking) checking.abort();
+  const check = checking = new AbortController();
   let role;
   try {
-    role = (await api("/v1/status")).caller.role;
+    role = (await api("/v1/status", { token, signal: check.signal })).caller.role;
   } catch (error) {
-    session.end();
+    if (mine !== logins || aborted(error)) return;
     message.textContent = error instanceof ApiError && error.status === 401 ? "That token is unknown or revoked."
       : error instanceof ApiError && error.status === 403 ? "That token may not read alerts: use an analyst or admin token."
       : `Could not reach the service: ${error.message}`;
     return;
+  } finally {
+    if (checking === check) checking = null;
   }
+  if (mine !== logins) return;
+  session.save(token);
   sessionStorage.setItem(ROLE_KEY, role);
   loggedIn(role);
   route();
@@ -104,6 +127,9 @@ let routes = 0;
 async function route() {
   const mine = ++routes;
   if (leave) { leave(); leave = null; }
+  if (requests) requests.abort();
+  requests = new AbortController();
+  const ctx = pageContext(requests.signal);
   listeners.clear();
   if (!session.token()) { loginPage(); return; }
   const [name, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
@@ -117,7 +143,7 @@ async function route() {
     if (mine === routes) leave = done;
     else if (done) done();  // left already: stop what it follows (the stream, its timers)
   } catch (error) {
-    if (mine !== routes) return;
+    if (mine !== routes || aborted(error)) return;
     if (error instanceof ApiError && error.status === 401) { logout(); return; }
     view.append(errorBox(error));
   }

@@ -1,7 +1,7 @@
 // The ledger: whether its hash chain verifies, its head, the last signed checkpoint, its
 // continuity with the witnesses that hold its progress, and the sinks' backlogs.
 
-import { api } from "./api.js";
+import { aborted, api } from "./api.js";
 import { badge, clear, errorBox, h, table, when } from "./dom.js";
 
 function facts(pairs) {
@@ -12,13 +12,14 @@ function facts(pairs) {
 let verifications = 0;
 
 /** Verifies the whole chain into `box`; `again` (the button asking for it) is disabled until
- *  the answer, so a second click does not make the service verify everything twice. */
-async function verify(box, again) {
+ *  the answer, so a second click does not make the service verify everything twice. Leaving
+ *  the page (`signal`) aborts it, and the service stops verifying for nobody. */
+async function verify(box, again, signal) {
   const mine = ++verifications;
   again.disabled = true;
   clear(box).append(h("p", { class: "muted" }, "Verifying the whole chain…"));
   try {
-    const report = await api("/v1/ledger/verify");
+    const report = await api("/v1/ledger/verify", { signal });
     if (mine !== verifications) return;
     clear(box).append(facts([
       ["chain", badge(report.ok ? "verified" : "NOT verified", report.ok ? "ok" : "bad")],
@@ -29,17 +30,17 @@ async function verify(box, again) {
     ]));
     box.dataset.ok = String(report.ok);
   } catch (error) {
-    if (mine === verifications) clear(box).append(errorBox(error));
+    if (mine === verifications && !aborted(error)) clear(box).append(errorBox(error));
   } finally {
     again.disabled = false;
   }
 }
 
-export async function render(main) {
+export async function render(main, _params, ctx) {
   const verifyBox = h("div", { id: "verify" });
   const again = h("button", { type: "button", id: "verify-again" }, "Verify again");
-  again.addEventListener("click", () => verify(verifyBox, again));
-  const status = await api("/v1/status");
+  again.addEventListener("click", () => verify(verifyBox, again, ctx.signal));
+  const status = await api("/v1/status", { signal: ctx.signal });
   const cp = status.ledger.last_checkpoint;
   const sinkRows = status.sinks.map((sink) => h("tr", {},
     h("td", { class: "ident" }, sink.name), h("td", { class: "num" }, sink.backlog),
@@ -69,6 +70,6 @@ export async function render(main) {
     h("h3", {}, `Sinks (reported by ${status.leader ? "this instance, which feeds them" : "an instance that is not feeding them now"})`),
     sinkRows.length ? table(["sink", "backlog", "delivered", "failed attempts", "last error"], sinkRows)
       : h("p", { class: "muted" }, "No sinks configured."));
-  await verify(verifyBox, again);
+  await verify(verifyBox, again, ctx.signal);
   return null;
 }

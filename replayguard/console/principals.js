@@ -1,7 +1,7 @@
 // Principals (admin): failures, lockout and tokens of each, and the unlock (with a note,
 // written to the ledger).
 
-import { api, query } from "./api.js";
+import { aborted, api, query } from "./api.js";
 import { badge, clear, errorBox, h, table, when } from "./dom.js";
 
 function tokens(list) {
@@ -71,7 +71,7 @@ export async function render(main, _params, ctx) {
     body.setAttribute("aria-busy", "true");
     const asked = ++clock;
     try {
-      const page = await api(`/v1/principals${query({ limit: 200, cursor })}`);
+      const page = await api(`/v1/principals${query({ limit: 200, cursor })}`, { signal: ctx.signal });
       for (const p of page.items) show(p, asked);
       cursor = page.next_cursor;
       more.hidden = cursor === null;
@@ -83,7 +83,7 @@ export async function render(main, _params, ctx) {
   };
   more.addEventListener("click", () => {
     clear(listError);
-    load().catch((error) => listError.append(errorBox(error)));
+    load().catch((error) => { if (!aborted(error)) listError.append(errorBox(error)); });
   });
   main.append(h("h1", {}, "Principals"),
     table(["principal", "locked", "until", "failures", "tokens", "unlock (ledgered)"], body, { class: "principals" }),

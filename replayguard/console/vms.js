@@ -1,7 +1,7 @@
 // VMs: the list (epoch, rollbacks, open alerts, refusing), and one VM's timeline — the
 // SVG picture (timeline.js) above the same entries as a table.
 
-import { api, query } from "./api.js";
+import { aborted, api, query } from "./api.js";
 import { badge, clear, errorBox, h, link, table, when } from "./dom.js";
 import { draw, legend } from "./timeline.js";
 
@@ -21,7 +21,7 @@ export async function render(main, params, ctx) {
     loading = true;
     more.disabled = true;
     try {
-      const page = await api(`/v1/vms${query({ limit: 200, cursor })}`);
+      const page = await api(`/v1/vms${query({ limit: 200, cursor })}`, { signal: ctx.signal });
       body.append(...page.items.map((vm) => h("tr", { dataset: { vmId: vm.vm_id } },
         h("td", {}, link(vm.vm_id, "vms", vm.vm_id)),
         h("td", { class: "num" }, vm.epoch), h("td", { class: "num" }, vm.rollbacks),
@@ -37,7 +37,7 @@ export async function render(main, params, ctx) {
   };
   more.addEventListener("click", () => {
     clear(listError);
-    load().catch((error) => listError.append(errorBox(error)));
+    load().catch((error) => { if (!aborted(error)) listError.append(errorBox(error)); });
   });
   main.append(h("h1", {}, "VMs"),
     table(["VM", "epoch", "rollbacks", "open alerts", "refusing", "first seen", "last seen"], body, { class: "vms" }),
@@ -46,12 +46,12 @@ export async function render(main, params, ctx) {
   return null;
 }
 
-async function loadTimeline(vmId) {
+async function loadTimeline(vmId, signal) {
   let items = [];
   let after = 0;
   let windows = [];
   for (let i = 0; i < MAX_PAGES; i++) {
-    const page = await api(`/v1/vms/${encodeURIComponent(vmId)}/timeline${query({ after_seq: after, limit: 1000 })}`);
+    const page = await api(`/v1/vms/${encodeURIComponent(vmId)}/timeline${query({ after_seq: after, limit: 1000 })}`, { signal });
     items = items.concat(page.items);
     windows = page.rollback_windows;
     if (page.next_after_seq === null) return { items, windows, truncated: false };
@@ -82,7 +82,7 @@ async function renderTimeline(main, vmId, ctx) {
   const paint = async () => {
     const mine = ++reads;
     const [{ items, windows, truncated }, alertPage] = await Promise.all([
-      loadTimeline(vmId), api(`/v1/alerts${query({ vm_id: vmId, limit: 200 })}`)]);
+      loadTimeline(vmId, ctx.signal), api(`/v1/alerts${query({ vm_id: vmId, limit: 200 })}`, { signal: ctx.signal })]);
     if (mine !== reads) return;
     clear(picture).append(draw(items, windows, alertPage.items));
     note.textContent = `${items.length} entries, ${windows.length} rollback window(s)` +

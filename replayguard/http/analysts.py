@@ -29,7 +29,7 @@ from ..services.alerts import (
     render,
 )
 from ..services.continuity import ContinuityGuard
-from .common import Route, json_response, query_int, read_json
+from .common import Route, json_response, query_int, read_json, stops_with_client
 from .state import ANALYSTS, CALLER, RUNTIME, Analysts
 
 ROLES = ("analyst",)
@@ -208,7 +208,11 @@ async def ledger_entries(request: web.Request) -> web.Response:
 async def ledger_verify(request: web.Request) -> web.Response:
     ledger = _svc(request).ledger
     guard = request.app[RUNTIME].continuity
-    report = await ledger.verify(rollback=await guard.check(), now_us=request.app[RUNTIME].now_us())
+    rollback = await guard.check()  # shared with the guard's own rounds: not cut short
+    # The whole chain is long work, read-only: it stops when the client goes away (the
+    # analyst left the ledger page) rather than hold the one chain check at a time for nobody.
+    with stops_with_client(request):
+        report = await ledger.verify(rollback=rollback, now_us=request.app[RUNTIME].now_us())
     if report.finding is not None and report.finding.problem is not Problem.LEDGER_ROLLBACK:
         await ledger.raise_tamper_alert(report.finding, request.app[RUNTIME].now_us(), report.state)
     return json_response(report.to_json())

@@ -7,7 +7,8 @@ authorises, the OpenAPI document describes and the access-control test walks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,3 +121,40 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
     return value
+
+
+class StopsWithClient:
+    """A request handler (the protocol of one connection) that cancels the tasks of the
+    requests that asked for it (``stops_with_client``) when its client goes away.
+
+    aiohttp cancels a handler whose client disconnected only with ``handler_cancellation``,
+    which the service leaves off (``server.handler_limits``): most handlers write, and one
+    cut at an arbitrary await would have to be safe there. A handler whose work is long and
+    read-only opts in instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopping_with_client: set[asyncio.Task[Any]] = set()
+
+    def client_gone(self) -> None:
+        """Cancels the requests that stop with their client (from ``connection_lost``)."""
+        tasks, self.stopping_with_client = self.stopping_with_client, set()
+        for task in tasks:
+            task.cancel()
+
+
+@contextlib.contextmanager
+def stops_with_client(request: web.Request) -> Iterator[None]:
+    """The work in this block is cancelled when the request's client closes the connection
+    first (the analyst left the page that asked). Only for work that may stop at any await:
+    reads, not writes. A no-op on a connection handler that is not ``StopsWithClient``."""
+    handler, task = request.protocol, asyncio.current_task()
+    if not isinstance(handler, StopsWithClient) or task is None:
+        yield
+        return
+    handler.stopping_with_client.add(task)
+    try:
+        yield
+    finally:
+        handler.stopping_with_client.discard(task)

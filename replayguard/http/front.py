@@ -77,6 +77,7 @@ from .common import (
     MAX_LINE_SIZE,
     SERVER_HEADER,
     Route,
+    StopsWithClient,
     json_response,
     parse_json,
 )
@@ -407,8 +408,9 @@ class FastConnection(asyncio.Protocol):
             self._transport.abort()
 
 
-class ContractRequestHandler(RequestHandler):
-    """aiohttp's request handler, except for the answers aiohttp writes itself.
+class ContractRequestHandler(StopsWithClient, RequestHandler):
+    """aiohttp's request handler, except for the answers aiohttp writes itself, and
+    stopping the requests that stop with their client (``common.stops_with_client``).
 
     A request aiohttp cannot parse (a bad request line or header, a line over the limits)
     never reaches our middleware: aiohttp answered it with a text/plain body quoting the
@@ -417,6 +419,10 @@ class ContractRequestHandler(RequestHandler):
     clear. Here the answer is the contract's error body, and the log line names only the
     status and the error's type.
     """
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.client_gone()
+        super().connection_lost(exc)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

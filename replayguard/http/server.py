@@ -39,10 +39,12 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
 
 
 def handler_limits(settings: Settings) -> dict[str, Any]:
-    """aiohttp request-handler arguments: header limits and the idle timeout."""
+    """aiohttp request-handler arguments: header limits, the idle timeout, and no cancelling
+    of every handler whose client went away (``common.StopsWithClient`` does it for those
+    that ask)."""
     return {
         "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS,
-        "keepalive_timeout": settings.idle_timeout_s, "lingering_time": 2.0,
+        "keepalive_timeout": settings.idle_timeout_s, "lingering_time": 2.0, "handler_cancellation": False,
     }
 
 

@@ -3,15 +3,21 @@ the ledger listing, and the role check of every analyst route."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pyotp
 import pytest
+import pytest_asyncio
 
 from replayguard.http import analysts
-from replayguard.settings import Secret
-from tests.conftest import Api, uid
+from replayguard.http.state import ANALYSTS
+from replayguard.settings import Secret, Settings
+from tests.conftest import Api, FakeClock, start_api, uid
+from tests.waiting import until
 
 
 async def reuse_alert(api: Api, vm_id: str, scope: str, nonce: str | None = None) -> tuple[str, str]:
@@ -279,6 +285,50 @@ async def test_ledger_verify_and_public_key(api: Api) -> None:
     status, key = await api.get("/v1/ledger/public-key")
     assert status == 200 and key["algorithm"] == "Ed25519"
     assert key["public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----")
+
+
+class CountedLock(asyncio.Lock):
+    """A lock that says how many wait for it (a probe: the locking is asyncio's)."""
+
+    waiting = 0
+
+    async def acquire(self) -> bool:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
+
+
+@pytest_asyncio.fixture
+async def served_api(make_settings: Callable[..., Settings], clock: FakeClock) -> AsyncIterator[Api]:
+    """The service as ``serve`` runs it: aiohttp does not cancel a handler whose client left."""
+    instance = await start_api(make_settings(), clock, as_served=True)
+    yield instance
+    await instance.client.close()
+
+
+async def test_a_verification_whose_client_left_stops_on_the_server(served_api: Api) -> None:
+    """A whole-ledger verification whose client went away (the analyst left the ledger page)
+    stops on the server: held here before its chain check (which runs one at a time), it
+    gives up its place once the client closes the connection, rather than run to the end
+    for nobody and hold up the verifications after it."""
+    api = served_api
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    chain = api.client.app[ANALYSTS].ledger._chain
+    chain._apart = turn = CountedLock()
+    await turn.acquire()  # a verification under way
+    try:
+        asking = asyncio.create_task(api.get("/v1/ledger/verify"))
+        await until(lambda: turn.waiting == 1, "the verification to wait for its turn")
+        asking.cancel()  # the client closes its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await until(lambda: turn.waiting == 0, "the abandoned verification to stop")
+    finally:
+        turn.release()
+    status, report = await api.get("/v1/ledger/verify")
+    assert status == 200 and report["ok"] is True
 
 
 def _path(route: Any, alert_id: str, vm_id: str) -> str:

@@ -588,8 +588,8 @@ async def test_verify_again_clicked_twice_while_verifying_verifies_once(api: Api
 
 
 async def test_a_page_left_while_it_loads_does_not_draw_into_the_next(api: Api, tab: Tab) -> None:
-    """The ledger page, left for the VMs while its status is in flight, does not add itself to
-    the VMs page when that status lands."""
+    """The ledger page, left for the VMs while its status is in flight, cancels that read and
+    does not add itself to the VMs page."""
     await reuse_alert(api, uid("vm"), uid("scope"))  # a VM to list
     page = tab.page
     await sign_in(tab, api)
@@ -597,10 +597,10 @@ async def test_a_page_left_while_it_loads_does_not_draw_into_the_next(api: Api, 
     await page.route(lambda url: url.endswith("/v1/status"), held.handle)
     await page.evaluate("() => { location.hash = '#/ledger'; }")
     await until(held.fetched, "the ledger's status to be read (and held)")
-    await page.evaluate("() => { location.hash = '#/vms'; }")
+    async with page.expect_event("requestfailed", lambda r: r.url == held.urls[0], timeout=WAIT_MS):
+        await page.evaluate("() => { location.hash = '#/vms'; }")
     await page.locator("#vm-rows tr").first.wait_for(timeout=WAIT_MS)
-    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
-        held.release()
+    held.release()
     await settle(page)
     assert await page.locator("#main h1").all_inner_texts() == ["VMs"]
     assert await page.locator("#verify").count() == 0, "the ledger page drew into the VMs page"
@@ -626,3 +626,50 @@ async def test_the_ledger_page_shows_verification_continuity_and_witnesses(
     assert "up" in states[f"file:{held}"] and "unreachable" in states[f"file:{gone}"]
     assert "witness_unreachable" in await page.locator("main").inner_text()
     await tab.screenshot("console-ledger")
+
+
+async def test_leaving_the_ledger_page_aborts_its_verification(api: Api, tab: Tab) -> None:
+    """The analyst leaves the ledger page while its whole-chain verification is in flight: the
+    browser aborts that request (so the service stops verifying, see
+    test_a_verification_whose_client_left_stops_on_the_server), and neither its answer nor an
+    error is drawn, nor is the analyst logged out."""
+    await reuse_alert(api, uid("vm"), uid("scope"))  # a VM to list
+    page = tab.page
+    await sign_in(tab, api)
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith("/v1/ledger/verify"), held.handle)
+    await page.evaluate("() => { location.hash = '#/ledger'; }")
+    await until(held.fetched, "the verification to be asked for (and held)")
+    async with page.expect_event("requestfailed", lambda r: r.url == held.urls[0], timeout=WAIT_MS) as failed:
+        await page.evaluate("() => { location.hash = '#/vms'; }")
+    assert "ABORTED" in ((await failed.value).failure or "").upper()
+    await page.locator("#vm-rows tr").first.wait_for(timeout=WAIT_MS)
+    held.release()
+    await settle(page)
+    assert await page.locator("#main h1").all_inner_texts() == ["VMs"]
+    assert await page.locator("#verify").count() == 0, "the ledger page drew into the VMs page"
+    assert await page.locator("#main .error").count() == 0, "the aborted request was shown as an error"
+    assert await page.evaluate("() => sessionStorage.getItem('replayguard.token')") == api.tokens["analyst"]
+    assert tab.console_errors == []
+
+
+async def test_the_last_of_two_logins_in_flight_wins_token_and_role(api: Api, tab: Tab) -> None:
+    """An admin login whose role lookup is still in flight when an analyst token is logged in
+    does not give the analyst's session the admin's menu when it answers: the token kept and
+    the role the menu follows are the last login's."""
+    page = tab.page
+    await page.goto(str(api.client.make_url("/console/")))
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith("/v1/status"), held.handle)
+    await page.locator("#token").fill(api.tokens["admin"])
+    await page.locator("#login").click()
+    await until(held.fetched, "the admin token's role lookup to be read (and held)")
+    await page.locator("#token").fill(api.tokens["analyst"])
+    await page.locator("#login").click()
+    await page.locator("#alert-rows").wait_for(timeout=WAIT_MS)
+    held.release()
+    await settle(page)
+    assert await page.evaluate("() => sessionStorage.getItem('replayguard.token')") == api.tokens["analyst"]
+    assert await page.evaluate("() => sessionStorage.getItem('replayguard.role')") == "analyst"
+    assert await page.locator("#nav-principals").is_hidden(), "the analyst's menu offers the admin's page"
+    assert await page.locator("#login-message").count() == 0 or await page.locator("#login-message").inner_text() == ""
