@@ -174,9 +174,16 @@ export async function render(main, params, ctx) {
     const fresh = body.querySelector(`tr[data-alert-id="${CSS.escape(alert.id)}"]`);
     if (fresh) fresh.classList.add("fresh");
   });
+  // The database went back in time: the ids and change numbers seen may name alerts of
+  // another history, so what was known is forgotten and the list is read again.
+  const stopBack = ctx.onBack(() => {
+    known.clear();
+    load(false);
+    if (selected) showDetail(detailPane, selected, ctx.signal);
+  });
   await load(false);
   if (selected) await showDetail(detailPane, selected, ctx.signal);
-  return stop;
+  return () => { stop(); stopBack(); };
 }
 
 function field(name, value) {

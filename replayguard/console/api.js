@@ -76,9 +76,12 @@ function parseFrame(frame) {
  * Follows /v1/alerts/stream until `signal` aborts: calls onAlert(alert) per event and
  * onState("live" | "reconnecting" | "denied"); resumes with Last-Event-ID after a drop.
  * The stream opens with its position (an id-only frame, which fires no alert), so a drop
- * before the first alert resumes from there too.
+ * before the first alert resumes from there too. An id below the last one means the
+ * database went back in time (a restore, a failover to a standby behind): what was read
+ * before may be another history, whose alert ids and change numbers come again; onBack()
+ * is called before the frame's alert, if any.
  */
-export async function followAlerts(onAlert, onState, signal) {
+export async function followAlerts(onAlert, onState, signal, onBack = () => {}) {
   let last = null;
   let delay = 1000;
   while (!signal.aborted) {
@@ -101,7 +104,10 @@ export async function followAlerts(onAlert, onState, signal) {
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
           const frame = parseFrame(buffer.slice(0, cut));
           buffer = buffer.slice(cut + 2);
-          if (frame.id !== null && frame.id !== "") last = frame.id;
+          if (frame.id !== null && frame.id !== "") {
+            if (last !== null && Number(frame.id) < Number(last)) onBack();
+            last = frame.id;
+          }
           if (frame.event === "alert" && frame.data) onAlert(JSON.parse(frame.data));
         }
       }

@@ -15,6 +15,7 @@ const nav = document.getElementById("nav");
 const live = document.getElementById("live");
 const logoutButton = document.getElementById("logout");
 const listeners = new Set();
+const backListeners = new Set();
 let stream = null;
 let leave = null;
 // The shown page's requests: aborted when the route changes (or the analyst logs out).
@@ -24,6 +25,8 @@ const shell = {
   isAdmin: () => sessionStorage.getItem(ROLE_KEY) === "admin",
   /** Calls fn(alert) for every alert the stream sends, until the page changes. */
   onAlert(fn) { listeners.add(fn); return () => listeners.delete(fn); },
+  /** Calls fn() whenever the stream goes back (the database went back in time), until the page changes. */
+  onBack(fn) { backListeners.add(fn); return () => backListeners.delete(fn); },
 };
 
 /** What a page is given: the shell's, and `signal`, which aborts when the page is left. A
@@ -42,7 +45,8 @@ function setLive(state) {
 function startStream() {
   stopStream();
   stream = new AbortController();
-  followAlerts((alert) => { for (const fn of [...listeners]) fn(alert); }, setLive, stream.signal);
+  followAlerts((alert) => { for (const fn of [...listeners]) fn(alert); }, setLive, stream.signal,
+               () => { for (const fn of [...backListeners]) fn(); });
 }
 
 function stopStream() {

@@ -17,12 +17,16 @@ from typing import Any
 import pytest
 
 from replayguard.http.state import ANALYSTS
+from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
 from tests.api.test_rollback_attack import alice, event, login
 from tests.browser.conftest import HeldResponses, Tab, settle
 from tests.conftest import Api, uid
-from tests.integration.test_alert_stream import drop_streams_and_refuse_new
+from tests.integration.db_restore import restore, scratch_dbs, snapshot
+from tests.integration.test_alert_stream import drop_streams_and_refuse_new, ledger_rollback_noticed
 from tests.waiting import until
+
+__all__ = ["scratch_dbs"]  # a fixture
 
 WAIT_MS = 20_000
 
@@ -132,6 +136,34 @@ async def test_an_alert_raised_while_the_stream_was_down_shows_after_it_reconnec
     monkeypatch.undo()
     await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
     await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+
+
+async def test_the_list_follows_the_database_back_and_shows_an_alert_raised_under_an_id_given_out_again(
+        api_factory: Any, database_url: str, scratch_dbs: list[str], tab: Tab) -> None:
+    """The database goes back to a copy without the last three alerts the console listed live;
+    the ``ledger_rollback`` alert raised on it takes one of their ids again, at a change
+    number the console already saw for that id. The stream goes back (an ``id:`` lower than
+    it sent) and the console goes back with it: the list shows what the restored database
+    holds, the ``ledger_rollback`` alert in the place of the lost one, not the lost alerts."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    page = tab.page
+    await sign_in(tab, api)
+    kept, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    scratch_dbs.append(copy := await snapshot(database_url))
+    lost = [(await reuse_alert(api, uid("vm"), uid("scope")))[0] for _ in range(3)]
+    for alert_id in lost:
+        await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    await restore(database_url, copy, scratch_dbs)
+    listed = await ledger_rollback_noticed(api)
+    assert listed["id"] in lost  # an id the console listed for a lost alert
+    await page.locator(f'tr[data-alert-id="{listed["id"]}"]:has-text("ledger_rollback")').wait_for(timeout=WAIT_MS)
+    await page.locator(f'tr[data-alert-id="{kept}"]').wait_for(timeout=WAIT_MS)
+    gone = [alert_id for alert_id in lost if alert_id != listed["id"]]
+
+    async def unlisted() -> bool:
+        return sum([await page.locator(f'tr[data-alert-id="{a}"]').count() for a in gone]) == 0
+
+    await until(unlisted, "the lost alerts to leave the list")
 
 
 async def test_an_older_alert_updated_live_is_listed_once_after_older_alerts(api: Api, tab: Tab) -> None:

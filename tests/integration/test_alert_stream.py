@@ -366,7 +366,7 @@ async def _went_back(api: Api, dsn: str, scratch: list[str],
     return high
 
 
-async def _ledger_rollback_noticed(api: Api) -> dict[str, Any]:
+async def ledger_rollback_noticed(api: Api) -> dict[str, Any]:
     """A decision on the restored database: refused, ledger_rollback; returns that alert as listed."""
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": secrets.token_hex(8)}
     status, answer = await settled(lambda: api.post("/v1/nonces/consume", body))
@@ -387,7 +387,7 @@ async def test_the_ledger_rollback_alert_reaches_a_stream_opened_after_the_datab
     try:
         position = await first_id(resp)
         assert position < high  # the stream's position comes from the restored database
-        listed = await _ledger_rollback_noticed(api)
+        listed = await ledger_rollback_noticed(api)
         alert = await _alert_of_kind(resp, "ledger_rollback")
     finally:
         resp.close()
@@ -419,7 +419,7 @@ async def test_a_stream_past_a_database_that_went_back_goes_back_with_it_and_a_r
 
         parted = await asyncio.wait_for(went_back(), 20)
         assert parted <= high - 3  # at most the last change the copy holds
-        listed = await _ledger_rollback_noticed(api)
+        listed = await ledger_rollback_noticed(api)
         alert = await _alert_of_kind(old, "ledger_rollback")
     finally:
         old.close()
@@ -495,7 +495,7 @@ async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again
         held, gate = hold(feed)
         await until(held.is_set, "the feed to be held back")
         await restore(database_url, copy, scratch_dbs)
-        listed = await _ledger_rollback_noticed(api)
+        listed = await ledger_rollback_noticed(api)
         acks = 0
         while await feed._alerts.last_change() < high:
             status, _ = await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": f"ack {acks}"}, role="analyst")
@@ -527,7 +527,7 @@ async def test_sink_record_ids_stay_unique_after_the_database_went_back(
 
     # The SIEM gets all 4 alerts; the restore forgets the last 3.
     await _went_back(api, database_url, scratch_dbs, lambda: sum(r.get("kind") == "reuse" for r in records()) >= 4)
-    await _ledger_rollback_noticed(api)
+    await ledger_rollback_noticed(api)
     await until(lambda: any(r.get("kind") == "ledger_rollback" for r in records()),
                 "the ledger_rollback alert in the sink", timeout=30)
 
@@ -653,7 +653,7 @@ async def test_ocsf_finding_uids_name_one_alert_across_a_restore(
     # The SIEM gets all 4 reuse alerts; the restore forgets the last 3.
     await _went_back(api, database_url, scratch_dbs, lambda: sum(kind_of(d) == "reuse" for d in findings()) >= 4)
     kept = min(alert_of(d) for d in findings())
-    listed = await _ledger_rollback_noticed(api)
+    listed = await ledger_rollback_noticed(api)
     status, _ = await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": "seen"}, role="analyst")
     assert status == 200
     await until(lambda: any(kind_of(d) == "ledger_rollback" for d in findings())
