@@ -432,25 +432,37 @@ class AlertFeed:
         numbers from there. Every open stream is told to go back there too
         (``http/analysts.py`` sends its client that position): what the database numbers
         after it, its ``ledger_rollback`` alert among them, reaches the stream even where
-        its numbers were sent before. A stream whose queue is full is ended instead."""
+        its numbers were sent before (``_go_back``)."""
         last = int(await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts"))
         rows = await conn.fetch(_ALERTS, sorted({read.alert_id for read in self._read}))
         held = {row["id"]: row for row in rows}
         parted = next((read.change for read in reversed(self._read) if read.same(held.get(read.alert_id))),
                       self._read[0].after if self._read else 0)
         parted = max(0, min(parted, last))
-        for sub in list(self.subscribers):
-            try:
-                sub.queue.put_nowait((parted, None))
-            except asyncio.QueueFull:
-                self._end(sub)  # its client resumes from the database with Last-Event-ID
+        back = [self._go_back(sub, parted) for sub in list(self.subscribers)]
         kept = [sub.position for sub in self.subscribers if sub.position is not None]
         log.warning("alert_feed_database_went_back", position=self._pos, last_change=last, parted_at=parted)
-        self._pos = min([parted, *kept])
+        self._pos = min([parted, *back, *kept])
         while self._read and self._read[-1].change > self._pos:
             self._read.pop()
         self._head = None  # the next read takes the restored ledger's head
         self._logged.clear()  # alert ids are numbered again too
+
+    @staticmethod
+    def _go_back(sub: Subscriber, parted: int) -> int:
+        """Tells one open stream to go back to ``parted``; returns where the feed must read
+        again from for it. A full queue (its client reads slowly) is emptied for the go-back
+        frame rather than ended: an ended stream's client would resume from a Last-Event-ID
+        the restored database may number again, past changes it never got. The stream goes
+        back below the first change dropped too, and the feed reads again from there."""
+        back = parted
+        if sub.queue.full():
+            while not sub.queue.empty():
+                item = sub.queue.get_nowait()
+                if item is not None:  # a change, or a go-back frame: the stream resumes below it
+                    back = min(back, item[0] - 1 if item[1] is not None else item[0])
+        sub.queue.put_nowait((back, None))
+        return back
 
     def _log_alert(self, record: asyncpg.Record) -> None:
         """One log line per alert raised, and per change of its kind or severity."""

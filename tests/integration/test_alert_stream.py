@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from replayguard.errors import Unavailable
+from replayguard.http import analysts
 from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed
 from replayguard.settings import Secret
@@ -510,6 +511,51 @@ async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again
     assert [a["id"] for a in sent if a["kind"] == "ledger_rollback"] == [listed["id"]]
     notes = [a["acknowledged"]["note"] for a in sent if a["id"] == kept and a["acknowledged"]]
     assert notes[-1] == f"ack {acks - 1}"
+
+
+async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_back_with_it(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream busy sending (its client reads slowly) has a full queue when the feed finds
+    that the database went back: the go-back frame has no room. Ended there, its client
+    would resume with a Last-Event-ID the restored database numbers again, past changes it
+    never got. What its queue holds is dropped for the go-back frame instead (the feed
+    reads again from below it), and the stream goes on with the restored database's
+    changes, the ``ledger_rollback`` alert among them."""
+    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 2)
+    api: Api = await api_factory(database_url=Secret(database_url))
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        vm_id = uid("vm")
+        await reuse_alert(api, vm_id, uid("scope"))
+        await next_alert(resp, vm_id)
+        scratch_dbs.append(copy := await snapshot(database_url))
+        gate = asyncio.Event()
+        real_send = analysts._send
+
+        async def slow_client(stream: Any, data: bytes) -> None:
+            if b"\nevent: alert\n" in data:
+                await gate.wait()
+            await real_send(stream, data)
+
+        monkeypatch.setattr(analysts, "_send", slow_client)
+        (sub,) = feed.subscribers
+        await reuse_alert(api, uid("vm"), uid("scope"))
+        await until(lambda: feed._pos == sub.position + 1 and sub.queue.empty(), "the stream to be sending it")
+        for _ in range(2):
+            await reuse_alert(api, uid("vm"), uid("scope"))
+        await until(sub.queue.full, "the stream's queue to fill")
+        await restore(database_url, copy, scratch_dbs)
+        high = feed._pos
+        listed = await ledger_rollback_noticed(api)
+        await until(lambda: feed._pos < high, "the feed to go back with the database")
+        gate.set()
+        alert = await _alert_of_kind(resp, "ledger_rollback")
+    finally:
+        resp.close()
+    assert alert["id"] == listed["id"]
 
 
 async def test_sink_record_ids_stay_unique_after_the_database_went_back(
