@@ -105,17 +105,16 @@ _NEWEST = f"SELECT {COLUMNS} FROM alerts ORDER BY change_seq DESC LIMIT 1"  # no
 @dataclass(frozen=True, slots=True)
 class Read:
     """The last change of one read of the tail: its number, its alert and that alert's
-    content then, and the position the read started from."""
+    content then."""
 
     change: int
     alert_id: int
     raised: tuple[int, str | None, str | None]  # when, about which VM and principal: never changes
     digest: str
-    after: int
 
     @classmethod
-    def of(cls, record: asyncpg.Record, after: int) -> Read:
-        return cls(record["change_seq"], record["id"], _raised(record), content_digest(render(record)), after)
+    def of(cls, record: asyncpg.Record) -> Read:
+        return cls(record["change_seq"], record["id"], _raised(record), content_digest(render(record)))
 
     def same(self, row: asyncpg.Record | None) -> bool:
         """The database still holds this change: its alert as it was read, at its number."""
@@ -231,7 +230,7 @@ class AlertFeed:
                 await conn.execute(_SINK_FEED_INIT)
         self._pos = 0 if newest is None else newest["change_seq"]
         if newest is not None:  # where a database restored before the first read parts, if it holds it
-            self._read.append(Read.of(newest, 0))
+            self._read.append(Read.of(newest))
         self._task = asyncio.create_task(self._run(), name="alert-feed")
         self._task.add_done_callback(_crashed)
 
@@ -399,7 +398,7 @@ class AlertFeed:
             self._head = (rows[0]["head_seq"], bytes(rows[0]["head_hash"]))
             records = [row for row in rows if row["id"] is not None]
             if records:  # the last of each read is enough to find where a restored database parts
-                self._read.append(Read.of(records[-1], after))
+                self._read.append(Read.of(records[-1]))
             for record in records:
                 self._pos = record["change_seq"]  # above the position, in change order
                 if self.leader:
@@ -427,17 +426,19 @@ class AlertFeed:
 
     async def _rewind(self, conn: asyncpg.Connection) -> None:
         """Moves the position back to the last change read that the database still holds
-        as it was read (at or below its last change; when it holds none, to where the
-        oldest read remembered started), so the tail reads (in pages) what the database
-        numbers from there. Every open stream is told to go back there too
+        as it was read (at or below its last change), so the tail reads (in pages) what the
+        database numbers from there. When it holds none of the reads remembered (``_RECENT``:
+        a copy older than all of them, or their alerts changed since), where the histories
+        part is unknown, and may be below where the oldest of them started: the database
+        may have numbered its changes after that copy's up to there and past it, so the
+        position goes back to the start. Every open stream is told to go back there too
         (``http/analysts.py`` sends its client that position): what the database numbers
         after it, its ``ledger_rollback`` alert among them, reaches the stream even where
         its numbers were sent before (``_go_back``)."""
         last = int(await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts"))
         rows = await conn.fetch(_ALERTS, sorted({read.alert_id for read in self._read}))
         held = {row["id"]: row for row in rows}
-        parted = next((read.change for read in reversed(self._read) if read.same(held.get(read.alert_id))),
-                      self._read[0].after if self._read else 0)
+        parted = next((read.change for read in reversed(self._read) if read.same(held.get(read.alert_id))), 0)
         parted = max(0, min(parted, last))
         back = [self._go_back(sub, parted) for sub in list(self.subscribers)]
         kept = [sub.position for sub in self.subscribers if sub.position is not None]

@@ -558,6 +558,42 @@ async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_bac
     assert alert["id"] == listed["id"]
 
 
+async def test_a_database_gone_back_past_every_remembered_read_sends_open_streams_what_it_numbered_since(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed remembers the last change of its recent reads only (here the last two). A
+    database restored to a copy older than all of them, which numbers a change (its
+    ``ledger_rollback`` alert) before the feed reads again, holds none of them: where the
+    histories part is unknown, so open streams go back to the start, and the
+    ``ledger_rollback`` alert reaches them (not only the position of the oldest read
+    remembered, which the restored database numbered again)."""
+    monkeypatch.setattr(alertfeed, "_RECENT", 2)
+    api: Api = await api_factory(database_url=Secret(database_url))
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        await reuse_alert(api, uid("vm"), uid("scope"))
+        scratch_dbs.append(copy := await snapshot(database_url))
+
+        async def read_by_the_feed() -> None:
+            high = await feed._alerts.last_change()
+            await until(lambda: feed._pos == high, "the feed to read the change")
+
+        for _ in range(3):  # one read each: the feed remembers the last two
+            await reuse_alert(api, uid("vm"), uid("scope"))
+            await read_by_the_feed()
+        held, gate = hold(feed)
+        await until(held.is_set, "the feed to be held back")
+        await restore(database_url, copy, scratch_dbs)
+        listed = await ledger_rollback_noticed(api)
+        gate.set()
+        alert = await _alert_of_kind(resp, "ledger_rollback")
+    finally:
+        resp.close()
+    assert alert["id"] == listed["id"]
+
+
 async def test_sink_record_ids_stay_unique_after_the_database_went_back(
         scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, tmp_path: Path) -> None:
     """A sink record's id ends with a digest of its content (``alert-<alert uid>.<change>.<digest>``):
