@@ -1,11 +1,15 @@
 -- What the service needs to compute an event's windows, read under the head lock so it
 -- cannot change before rg_ingest_event writes: an earlier event of the same VM and id, the
 -- known creation times of the snapshot (an unknown one, NULL, is left out), and the
--- lineage of the rolled-back VM (nearest first).
+-- lineage of the rolled-back VM (nearest first). Never by a sequential scan: PL/pgSQL keeps
+-- the plan for the connection's life, and one made while `hypervisor_events` was small read
+-- every event ever recorded at each event (tests/integration/test_plan_bounds.py).
 DROP FUNCTION IF EXISTS rg_event_context(text, text, text, text);
 CREATE OR REPLACE FUNCTION rg_event_context(p_event_vm text, p_event_id text, p_snap_vm text, p_snapshot_id text,
                                             p_vm text)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 BEGIN
     PERFORM 1 FROM ledger_head WHERE id FOR UPDATE;
     RETURN jsonb_build_object(

@@ -30,12 +30,17 @@
 -- when the clone already presented a receipt: after R, or at all when the event does not
 -- say when the clone happened (R is then its arrival, which says nothing) or when its
 -- newest receipt answered a stale or foreign one (flagged, as for a revert).
+-- PL/pgSQL keeps a statement's plan for the connection's life, so, as in rg_decide,
+-- `enable_seqscan = off`: a plan made while `vms` or the ledger was small must not read
+-- all of it once it grew (tests/integration/test_plan_bounds.py).
 -- Dropped first: the signature without p_refuse would otherwise stay beside this one.
 DROP FUNCTION IF EXISTS rg_ingest_event(bigint, jsonb, bytea, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION rg_ingest_event(p_ts bigint, p_event jsonb, p_digest bytea, p_windows jsonb, p_facts jsonb,
                                            p_refuse boolean)
 RETURNS TABLE (r_seq bigint, r_windows bigint[], r_alerts bigint[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 DECLARE
     v_vm   text := p_event->>'vm_id';
     v_type text := p_event->>'type';
@@ -83,8 +88,10 @@ BEGIN
         INSERT INTO vms (vm_id, first_seen_us, last_seen_us)
             SELECT DISTINCT value->>'vm_id', p_ts, p_ts FROM jsonb_array_elements(p_windows)
             ON CONFLICT (vm_id) DO NOTHING;
+        -- = ANY over an array, not "= v_vm OR IN (subquery)": no index serves the latter,
+        -- which read every row of vms for each event.
         UPDATE vms SET epoch = epoch + 1
-            WHERE vm_id = v_vm OR vm_id IN (SELECT value->>'vm_id' FROM jsonb_array_elements(p_windows));
+            WHERE vm_id = ANY (ARRAY(SELECT value->>'vm_id' FROM jsonb_array_elements(p_windows)) || v_vm);
     END IF;
     IF v_refuse THEN
         -- A refusal for what the receipts showed (rg_decide: rollback_detected, clone_detected)

@@ -7,15 +7,32 @@
 -- went back further than 1000 decisions span, in the middle of them). The bound keeps the
 -- work under the head lock fixed however old the receipt: a guest replaying one over and
 -- over costs two short index scans each time. NULL start: the entry is unknown, every
--- earlier use counts. `ledger_vm_seq` serves both ranges.
+-- earlier use counts.
+--
+-- Both scans read `ledger_vm_seq` and nothing else, whatever the statistics or the size of
+-- the ledger when the plan was made (a LANGUAGE sql function's statements are planned
+-- without the arguments' values, as a generic plan): the order (vm_id, seq), with the VM
+-- given as a range of that index and not as an equality, is one only that index gives
+-- without a sort, and sorts, sequential and bitmap scans are off. With vm_id = p_vm the
+-- plan walked the ledger's primary key from `p_seq` to the head through every other VM's
+-- entries, in each scan: 40,008 rows for one stale receipt of a VM of four entries,
+-- 20,000 entries after it (tests/integration/test_plan_bounds.py).
 DROP FUNCTION IF EXISTS rg_receipt_window_start(bigint);
 CREATE OR REPLACE FUNCTION rg_receipt_window(p_vm text, p_seq bigint, p_now bigint,
                                              OUT start_us bigint, OUT end_us bigint)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET enable_sort = off
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
     SELECT CASE WHEN r.ts_us IS NOT NULL THEN least(r.ts_us, first.lo) END, greatest(p_now, last.hi)
     FROM (SELECT (SELECT ts_us FROM ledger WHERE seq = p_seq) AS ts_us) r,
          (SELECT min(ts_us) AS lo FROM (SELECT ts_us FROM ledger
-              WHERE vm_id = p_vm AND seq > p_seq AND kind IN ('otp', 'nonce') ORDER BY seq LIMIT 1000) f) first,
+              WHERE vm_id IS NOT NULL AND (vm_id, seq) > (p_vm COLLATE "C", p_seq)
+                AND (vm_id, seq) <= (p_vm COLLATE "C", 9223372036854775807) AND kind IN ('otp', 'nonce')
+              ORDER BY vm_id, seq LIMIT 1000) f) first,
          (SELECT max(ts_us) AS hi FROM (SELECT ts_us FROM ledger
-              WHERE vm_id = p_vm AND seq > p_seq AND kind IN ('otp', 'nonce') ORDER BY seq DESC LIMIT 1000) l) last
+              WHERE vm_id IS NOT NULL AND (vm_id, seq) > (p_vm COLLATE "C", p_seq)
+                AND (vm_id, seq) <= (p_vm COLLATE "C", 9223372036854775807) AND kind IN ('otp', 'nonce')
+              ORDER BY vm_id DESC, seq DESC LIMIT 1000) l) last
 $$;

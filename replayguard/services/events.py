@@ -33,7 +33,7 @@ log = structlog.get_logger(__name__)
 _CONTEXT = "SELECT rg_event_context($1, $2, $3, $4, $5)"
 _INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6)"
 _CLEAR = "SELECT * FROM rg_clear_vm($1, $2, $3, $4)"
-_WINDOWS_OF = "SELECT vm_id, start_us, end_us, cause FROM rollback_windows WHERE vm_id = ANY($1) ORDER BY id"
+_WINDOWS_OF = "SELECT * FROM rg_windows_of($1::text[])"  # by the VMs' index, whatever plan a connection kept
 
 
 @dataclass(frozen=True, slots=True)
