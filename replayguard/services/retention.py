@@ -20,9 +20,12 @@ import asyncpg
 from ..pg.connections import acquire
 
 PURGE_BATCH = 5000
+# The batch found by `uses_expiry` and deleted by primary-key probes, planned with sequential
+# scans off (purge_on): as "digest IN (subquery)" every plan, generic or not, joined the
+# batch to a sequential scan of all of `uses` (tests/integration/test_retention_bounds.py).
 _PURGE = (
-    "WITH gone AS (DELETE FROM uses WHERE digest IN ("
-    "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2) RETURNING digest, kind, first_seq),"
+    "WITH gone AS (DELETE FROM uses WHERE digest = ANY (ARRAY("
+    "  SELECT digest FROM uses WHERE expires_us < $1 ORDER BY expires_us LIMIT $2)) RETURNING digest, kind, first_seq),"
     " spent AS (INSERT INTO spent_nonces (digest, first_seq) SELECT digest, first_seq FROM gone WHERE kind = 'nonce'"
     "  ON CONFLICT DO NOTHING),"
     # How far purges reached: the state check (state_check.py) needs no use row before it.
@@ -36,5 +39,15 @@ _PURGE = (
 async def purge_expired(pool: asyncpg.Pool, now_us: int, limit: int = PURGE_BATCH) -> int:
     """Drops up to ``limit`` expired uses (oldest first), keeping nonces' digests; returns how many went."""
     async with acquire(pool) as conn:
+        gone = await purge_on(conn, now_us, limit)
+    return gone
+
+
+async def purge_on(conn: asyncpg.Connection, now_us: int, limit: int) -> int:
+    """``purge_expired`` on ``conn``. The statement is prepared once per connection and its
+    plan kept, so every plan of it is made with sequential scans off, whatever the size of
+    `uses` at the time: it reads the batch it drops, not the table."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
         gone: int = await conn.fetchval(_PURGE, now_us, limit)
     return gone
