@@ -4,7 +4,9 @@ Storage is always real: the machine's PostgreSQL (``REPLAYGUARD_TEST_PG``, defau
 127.0.0.1:5432 as ``postgres``) and Redis (``REPLAYGUARD_TEST_REDIS``, default
 127.0.0.1:6379/5). Each test gets its own database, a copy of the run's migrated template,
 dropped after it; tests isolate themselves further with unique VM ids and principals
-(``uid``).
+(``uid``). The tests that bound the rows a statement reads whatever plan a connection kept
+run on a second server too, the embedded default's (``fresh_database_on_both`` in
+``tests/integration/conftest.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,29 +124,43 @@ async def front_counts(url: str) -> dict[str, float]:
     return await scrape(url, "replayguard_http_fast_answers_total", "replayguard_http_front_handoffs_total")
 
 
+def on_database(dsn: str, name: str) -> str:
+    """``dsn`` naming database ``name`` instead (its host, user and options kept)."""
+    return urllib.parse.urlsplit(dsn)._replace(path=f"/{name}").geturl()
+
+
+def database_of(dsn: str) -> str:
+    return urllib.parse.urlsplit(dsn).path.lstrip("/")
+
+
+def admin_on(dsn: str) -> str:
+    """The admin database (``PG_ADMIN``'s) on the server of ``dsn``."""
+    return on_database(dsn, database_of(PG_ADMIN))
+
+
 def dsn_for(name: str) -> str:
-    base, _, _ = PG_ADMIN.rpartition("/")
-    return f"{base}/{name}"
+    return on_database(PG_ADMIN, name)
 
 
-async def create_database(prefix: str = "rg_test", options: str = "", *, migrate: bool = True) -> str:
+async def create_database(prefix: str = "rg_test", options: str = "", *, migrate: bool = True,
+                          admin_dsn: str = PG_ADMIN) -> str:
     """Creates and migrates a new database (``options`` follow ``CREATE DATABASE name``, e.g.
-    a template and locale); returns its DSN."""
+    a template and locale) on the server of ``admin_dsn``; returns its DSN."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(PG_ADMIN)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         await admin.close()
-    dsn = dsn_for(name)
+    dsn = on_database(admin_dsn, name)
     if migrate:
         await schema.migrate_dsn(dsn)
     return dsn
 
 
 async def drop_database(dsn: str) -> None:
-    name = dsn.rpartition("/")[2]
-    admin = await asyncpg.connect(PG_ADMIN)
+    name = database_of(dsn)
+    admin = await asyncpg.connect(admin_on(dsn))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -163,9 +180,10 @@ async def template_database() -> AsyncIterator[str]:
 
 
 async def copy_of(template: str, prefix: str) -> str:
-    name = template.rpartition("/")[2]
+    """A new database, a copy of ``template``, on the template's server."""
     # FILE_COPY: a checkpoint and a file copy, faster here than WAL_LOG's 8 MB of WAL a test
-    return await create_database(prefix, f'TEMPLATE "{name}" STRATEGY FILE_COPY', migrate=False)
+    return await create_database(prefix, f'TEMPLATE "{database_of(template)}" STRATEGY FILE_COPY', migrate=False,
+                                 admin_dsn=admin_on(template))
 
 
 class DatabaseSupply:
@@ -253,16 +271,25 @@ async def run_database_url(template_database: str, run_keys: Path) -> AsyncItera
 @pytest_asyncio.fixture
 async def fresh_database(template_database: str) -> AsyncIterator[Callable[[], Any]]:
     """A factory of further empty databases (for tests that need a ledger of their own)."""
+    async with databases_from(template_database) as make:
+        yield make
+
+
+@contextlib.asynccontextmanager
+async def databases_from(template: str) -> AsyncIterator[Callable[[], Any]]:
+    """A factory of copies of ``template``, each dropped at the end."""
     made: list[str] = []
 
     async def make() -> str:
-        dsn = await copy_of(template_database, "rg_fresh")
+        dsn = await copy_of(template, "rg_fresh")
         made.append(dsn)
         return dsn
 
-    yield make
-    for dsn in made:
-        await drop_database(dsn)
+    try:
+        yield make
+    finally:
+        for dsn in made:
+            await drop_database(dsn)
 
 
 @dataclass

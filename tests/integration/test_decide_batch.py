@@ -113,7 +113,7 @@ async def test_the_clock_guard_raised_earlier_in_a_batch_applies_to_later_items(
 
 
 async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses(
-    fresh_database: Callable[[], Any],
+    fresh_database_on_both: Callable[[], Any],
 ) -> None:
     """Refusing a replayed OTP reads its earlier use by key, however many uses are live.
 
@@ -125,7 +125,7 @@ async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses
     to 5,300 rows and ``pg_stat_xact_user_tables`` counts the rows a transaction read
     from it, by sequential scan and by index.
     """
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await _fill_uses(conn, 1, 300)
         await conn.execute("ANALYZE uses")

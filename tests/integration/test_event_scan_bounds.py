@@ -5,7 +5,8 @@ ledger entries of a VM (which receipt its disk went back to). PL/pgSQL keeps a s
 plan for the connection's life, and a pooled connection lives long: a plan made while the
 ledger was small must not read the whole ledger once it grew, nor may a VM with a long
 history make the scan read all of it. These call ``rg_ingest_event`` directly, on one
-connection, and count with ``pg_stat_xact_user_tables`` the ledger rows one event read.
+connection, and count with ``pg_stat_xact_user_tables`` the ledger rows one event read, on
+the machine's PostgreSQL and on the embedded default's.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ async def _event(conn: Any, n: int, kind: str, vm: str, source: str | None = Non
         return await _read(conn) - before
 
 
-async def test_an_event_reads_the_vms_newest_entries_not_the_ledger(fresh_database: Callable[[], Any]) -> None:
+async def test_an_event_reads_the_vms_newest_entries_not_the_ledger(fresh_database_on_both: Callable[[], Any]) -> None:
     """Reverts and clones planned while the ledger holds 300 entries of 30 VMs (ten each),
     then 25,000 entries of one busy VM: a revert of a VM of ten entries, a clone of one,
     and a revert of the busy VM each read a bounded number of ledger rows (the busy VM's
     newest 10,000 and a few more), not the 25,000."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, true)",
                          [nonce(TS + n, f"vm-{n % 30}", f"{n:064x}") for n in range(300)])

@@ -1,11 +1,13 @@
 """The rows a statement under the head lock reads, whatever plan PostgreSQL kept for it.
 
 PL/pgSQL keeps a statement's plan for the connection's life (after five calls a generic
-one, made without the arguments' values), a LANGUAGE sql function's statements are planned
-without them every time, and pooled connections live long: a plan made while a table was
-small, or for no value in particular, must not read a whole table once it grew. Each test
-plans the statements while the tables are small (analysed), grows them, and counts with
-``pg_stat_xact_user_tables`` the rows one call read, by sequential scan and by index.
+one, made without the arguments' values); a LANGUAGE sql function's statements are planned
+without them at every call up to PostgreSQL 17, and from 18 are kept like PL/pgSQL's; and
+pooled connections live long: a plan made while a table was small, or for no value in
+particular, must not read a whole table once it grew. Each test plans the statements while
+the tables are small (analysed), grows them, and counts with ``pg_stat_xact_user_tables``
+the rows one call read, by sequential scan and by index; each runs on the machine's
+PostgreSQL and on the embedded default's (``fresh_database_on_both``).
 """
 
 from __future__ import annotations
@@ -55,12 +57,12 @@ async def _small_ledger(conn: Any) -> None:
     await conn.execute("ANALYZE")
 
 
-async def test_a_stale_receipt_reads_the_vms_entries_not_the_ledger(fresh_database: Callable[[], Any]) -> None:
+async def test_a_stale_receipt_reads_the_vms_entries_not_the_ledger(fresh_database_on_both: Callable[[], Any]) -> None:
     """rg_receipt_window, planned while the ledger held 300 entries of 30 VMs: once 20,000
     entries of a busy VM follow a small VM's receipt, that stale receipt reads a few ledger
     rows (the small VM's), not the 20,000; and a stale receipt of the busy VM from before
     its 20,000 entries reads its first and newest 1,000 (the scan's bound), not all."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await _small_ledger(conn)
         for n in range(8):  # enough calls for any plan cache to settle
@@ -95,10 +97,10 @@ def _event(n: int, vm: str) -> list[Any]:
 INGEST = "SELECT * FROM rg_ingest_event($1, $2::jsonb, '\\x00', $3::jsonb, $4::jsonb, false)"
 
 
-async def test_an_event_reads_the_vms_it_names_not_every_vm(fresh_database: Callable[[], Any]) -> None:
+async def test_an_event_reads_the_vms_it_names_not_every_vm(fresh_database_on_both: Callable[[], Any]) -> None:
     """An event that opens a window moves the epoch of the VMs it names: with 5,000 VMs
     known (analysed) it reads a few rows of `vms`, not all 5,000."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await _small_ledger(conn)
         for n in range(8):
@@ -112,11 +114,11 @@ async def test_an_event_reads_the_vms_it_names_not_every_vm(fresh_database: Call
         await conn.close()
 
 
-async def test_an_events_context_reads_its_own_event_not_every_event(fresh_database: Callable[[], Any]) -> None:
+async def test_an_events_context_reads_its_own_event_not_every_event(fresh_database_on_both: Callable[[], Any]) -> None:
     """rg_event_context, planned while 8 events were recorded (analysed): once 5,000 more
     are, looking up whether an event id is new reads a few rows of `hypervisor_events`,
     not every event."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     context = "SELECT rg_event_context($1, $2, $1, 'snap', $1)->>'existing'"
     try:
         await _small_ledger(conn)
@@ -140,11 +142,11 @@ async def test_an_events_context_reads_its_own_event_not_every_event(fresh_datab
         await conn.close()
 
 
-async def test_a_replay_reads_its_vms_windows_not_every_window(fresh_database: Callable[[], Any]) -> None:
+async def test_a_replay_reads_its_vms_windows_not_every_window(fresh_database_on_both: Callable[[], Any]) -> None:
     """rg_at_risk, for a credential presented again: beside a VM with 20,000 rollback
     windows (analysed), a replay on a VM with one window covering its first use reads a
     few rows of `rollback_windows`, not the 20,000, and is still found inside it."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await _small_ledger(conn)
         await conn.execute("INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)"
@@ -162,12 +164,12 @@ async def test_a_replay_reads_its_vms_windows_not_every_window(fresh_database: C
         await conn.close()
 
 
-async def test_a_clones_windows_are_read_by_vm_not_every_window(fresh_database: Callable[[], Any]) -> None:
+async def test_a_clones_windows_are_read_by_vm_not_every_window(fresh_database_on_both: Callable[[], Any]) -> None:
     """The windows a clone's event reads of its VMs (the events service's prepared
     statement, kept per connection), planned while 20 windows of five VMs were recorded
     (analysed): once a VM has 20,000 more, reading a VM's four windows reads a few rows,
     not all of them, and gives them oldest first."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         await conn.execute("INSERT INTO rollback_windows (vm_id, start_us, end_us, cause, seq)"
                            " SELECT 'vm-' || (g % 5), g, g + 1, 'snapshot.reverted', 1 FROM generate_series(1, 20) g")

@@ -4,7 +4,8 @@ Alerts are never purged, and a guest makes one reuse alert per credential it rep
 VM can hold any number of them. A window reads only those whose first use it covers (each
 of which it reclassifies, so it leaves the `reuse` alerts), not every reuse alert the VM
 ever had. These call ``rg_decide`` and ``rg_reclassify`` directly and count, with
-``pg_stat_xact_user_tables``, the alert and ledger rows one reclassification fetched.
+``pg_stat_xact_user_tables``, the alert and ledger rows one reclassification fetched, on the machine's PostgreSQL
+and on the embedded default's.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ async def _fetched(conn: Any) -> dict[str, int]:
 
 
 async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm(
-    fresh_database: Callable[[], Any],
+    fresh_database_on_both: Callable[[], Any],
 ) -> None:
     """A guest used and replayed 1,500 nonces (1,500 reuse alerts of its VM); a window after
     all of them reclassifies none and fetches a handful of alert and ledger rows, not the
     1,500; a window over the first ten uses reclassifies exactly their ten alerts (one of
     them written without ``first_ts_us``, as before migration 039), again without reading
     the others; one of unknown start then takes the rest."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         digests = [f"{n:064x}" for n in range(REPLAYED)]
         rows = await conn.fetch("SELECT r_verdict FROM rg_decide($1::jsonb, 5, 60000000, false)",
@@ -79,12 +80,12 @@ async def test_a_window_reads_the_reuse_alerts_it_covers_not_every_one_of_the_vm
 
 
 async def test_a_plan_made_while_alerts_were_few_still_reads_only_the_windows_alerts(
-    fresh_database: Callable[[], Any],
+    fresh_database_on_both: Callable[[], Any],
 ) -> None:
     """PL/pgSQL keeps rg_reclassify's plan for the connection's life: planned while the VM
     had 20 reuse alerts (analysed), it still reads only the alerts a window covers once the
     VM has 1,520."""
-    conn = await connections.connect(await fresh_database())
+    conn = await connections.connect(await fresh_database_on_both())
     try:
         async def replayed(first: int, count: int) -> None:
             items = [nonce(TS + n, "vm-1", f"{n:064x}") for n in range(first, first + count)]
