@@ -11,7 +11,8 @@
 --
 -- Both scans read `ledger_vm_seq` and nothing else, whatever the statistics or the size of
 -- the ledger when the plan was made (a LANGUAGE sql function's statements are planned
--- without the arguments' values, as a generic plan): the order (vm_id, seq), with the VM
+-- without the arguments' values, as a generic plan, at every call up to PostgreSQL 17, and
+-- from 18 a plan may be kept for the connection's life): the order (vm_id, seq), with the VM
 -- given as a range of that index and not as an equality, is one only that index gives
 -- without a sort, and sorts, sequential and bitmap scans are off. With vm_id = p_vm the
 -- plan walked the ledger's primary key from `p_seq` to the head through every other VM's
