@@ -293,9 +293,14 @@ class AlertService:
         return int(last)
 
 
+# An acknowledgement joins ``history`` as rg_alert's changes do (migrations/functions/rg_alert.sql):
+# at 12 items the oldest after the first (index 1) makes room. The first item stays, since it
+# is what raised the alert (``RAISED``, ``alert_uid``); every acknowledgement stays in the
+# ledger and in ``alert_acks``.
 _ACK = ("UPDATE alerts SET status = 'acknowledged', ack_by = $2, ack_by_name = $6, ack_note = $3, ack_us = $4,"  # noqa: S608 - fixed column list; values go as $n parameters
         " updated_us = $4,"
-        " history = history || jsonb_build_array(jsonb_build_object('ts_us', $4::bigint, 'seq', $5::bigint,"
+        " history = CASE WHEN jsonb_array_length(history) >= 12 THEN history - 1 ELSE history END"
+        " || jsonb_build_array(jsonb_build_object('ts_us', $4::bigint, 'seq', $5::bigint,"
         " 'change', 'acknowledged', 'by', $2::text, 'by_name', $6::text))"
         f" WHERE id = $1 RETURNING {COLUMNS}")
 

@@ -186,6 +186,31 @@ async def test_acknowledge_records_caller_and_note_in_the_ledger(api: Api) -> No
     assert await alert_ids(api, f"vm_id={vm_id}&status=acknowledged") == [alert_id]
 
 
+async def test_an_alert_acknowledged_again_and_again_keeps_a_bounded_history(api: Api) -> None:
+    """Twenty acknowledgements of one alert (the API accepts each: every one is an analyst's
+    audited decision): every one is a ledger entry and listed under ``acknowledgements``, but
+    the history keeps the entry that raised the alert and the 11 latest changes, as
+    ``rg_alert`` bounds it, so repeated acknowledgements cannot grow the row without end."""
+    vm_id = uid("vm")
+    alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
+    _, before = await api.get(f"/v1/alerts/{alert_id}")
+    raised = before["history"][0]
+    seqs = []
+    for n in range(20):
+        status, acked = await api.post(f"/v1/alerts/{alert_id}/acknowledge", {"note": f"look {n}"}, role="analyst")
+        assert status == 200 and acked["status"] == "acknowledged", acked
+        seqs.append(acked["ack_seq"])
+    status, detail = await api.get(f"/v1/alerts/{alert_id}")
+    assert status == 200
+    history = detail["history"]
+    assert len(history) == 12 and history[0] == raised
+    assert [h["seq"] for h in history[1:]] == seqs[-11:]
+    assert {h["change"] for h in history[1:]} == {"acknowledged"}
+    assert [a["seq"] for a in detail["acknowledgements"]] == seqs
+    status, ledger = await api.get(f"/v1/ledger?vm_id={vm_id}")
+    assert [e["seq"] for e in ledger["items"] if e["kind"] == "alert_ack"] == seqs
+
+
 @pytest.mark.parametrize("body", [{"note": 5}, {"note": "x" * 2001}, {"note": "a\x00b"}, [1]])
 async def test_acknowledge_rejects_a_bad_note(api: Api, body: Any) -> None:
     """A note that is not bounded printable text is a 400."""
