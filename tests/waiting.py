@@ -39,3 +39,16 @@ async def blocked_by(monitor: Any, blocker_pid: int, timeout: float = 10.0) -> l
         return [row["pid"] for row in rows]
 
     return await until(waiting, f"a backend blocked by pid {blocker_pid}", timeout)
+
+
+class CountedLock(asyncio.Lock):
+    """A lock that says how many wait for it (a probe: the locking is asyncio's)."""
+
+    waiting = 0
+
+    async def acquire(self) -> bool:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1

@@ -26,7 +26,9 @@ The leader also checks the state tables against the ledger (``state_check.py``),
 work per tick (``core/state_schedule.py``): first every entry appended since its last look,
 then the next slice of a sweep that goes from the newest entry down to the first and
 starts again, so a state row altered long after its entry was written is found too. A
-disagreement raises a critical ``ledger_tamper`` alert.
+disagreement raises a critical ``ledger_tamper`` alert. So does a break the leader's chain
+sweep finds (``core/chain_sweep.py``): the whole hash chain re-hashed, a bounded span per
+tick, entries under checkpoints included, whether or not anyone asks for a verification.
 The leader also writes each alert to the service's own log when it is raised or changes
 kind or severity: critical ones as ``error`` lines, warnings as ``warning`` lines (kind,
 VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
@@ -52,6 +54,7 @@ import asyncpg
 import structlog
 
 from ..core import checkpoints as cps
+from ..core.chain_sweep import ChainSweep
 from ..core.checkpoints import Checkpoint
 from ..core.ledger_check import Finding
 from ..core.state_schedule import StateSchedule
@@ -194,6 +197,8 @@ class AlertFeed:
         self._state = StateSchedule()  # which entries the state check looks at next
         self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
+        self._chain_sweep = ChainSweep()  # which entries the chain sweep re-hashes next
+        self._last_sweep_finding: Finding | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
@@ -508,6 +513,8 @@ class AlertFeed:
         if self.dispatcher is not None and self._sinks_started:
             with work.timed("sink_feed"):
                 await self._feed_sinks()
+        with work.timed("chain_sweep"):
+            await self._sweep_chain()
         with work.timed("state_check"):
             await self._check_state()
         with work.timed("purge"):
@@ -533,6 +540,20 @@ class AlertFeed:
         if finding != self._last_state_finding:
             self._last_state_finding = finding
             await self._ledger.raise_tamper_alert(finding, now_us, found)
+
+    async def _sweep_chain(self) -> None:
+        """One tick of the chain sweep (``core/chain_sweep.py``): the next span of the whole
+        chain re-hashed, entries under checkpoints included; a finding raises
+        ``ledger_tamper`` once (the same finding again at the next round does not)."""
+        head = await self._ledger.head_seq()
+        span = self._chain_sweep.plan(head)
+        if span is None:
+            return
+        finding = await self._ledger.check_chain_span(span.after, span.upto)
+        self._chain_sweep.done(span, head)
+        if finding is not None and finding != self._last_sweep_finding:
+            self._last_sweep_finding = finding
+            await self._ledger.raise_tamper_alert(finding, self._rt.now_us())
 
     async def _start_sinks(self) -> None:
         """Starts the sinks' delivery, on every instance, leader or not: each delivers what its

@@ -5,12 +5,13 @@ OFFSET), recomputes every hash with ``core/chain.py`` and compares the end with
 ``ledger_head`` and every row with the checkpoints of the service's key, read beside the
 rows (a signature is verified where a checkpoint disagrees: ``core/ledger_check.py``),
 then checks that the state tables hold what the entries imply (``state_check.py``).
-``checkpoint_if_due`` first re-verifies the entries since the previous checkpoint, so a
-checkpoint never vouches for a chain that was already altered, and asks the continuity
-guard (``vouch``) whether the chain is still the one the witnesses saw: nothing is signed
-while the ledger went back in time. Used by the HTTP API, the
-CLI and the background feed; in a serving worker the re-hashing runs in a child process
-(``chain_reader.py``).
+``check_chain_span`` re-hashes one span of the chain for the alert-feed leader's sweep
+(``core/chain_sweep.py``). ``checkpoint_if_due`` first re-verifies the entries since the
+previous checkpoint, so a checkpoint never vouches for a chain that was already altered,
+and asks the continuity guard (``vouch``) whether the chain is still the one the
+witnesses saw: nothing is signed while the ledger went back in time. Used by the HTTP
+API, the CLI and the background feed; in a serving worker the re-hashing runs in a child
+process (``chain_reader.py``).
 """
 
 from __future__ import annotations
@@ -153,6 +154,27 @@ class LedgerService:
         async with acquire(self._pool) as conn:
             found = await check_state_range(conn, after, upto, now_us, self.clock_scope)
         return found
+
+    async def check_chain_span(self, after: int, upto: int) -> Finding | None:
+        """Re-hashes the entries ``after < seq <= upto`` (the alert-feed leader's chain sweep,
+        ``core/chain_sweep.py``), against the checkpoints among them: from the stored hash of
+        entry ``after`` to that of entry ``upto``, or to ``ledger_head`` when ``upto`` is the
+        head. Spans that meet at an entry check it from both sides: the one that ends there
+        recomputes its hash, the next one checks that its successor follows it."""
+        async with acquire(self._pool) as conn:
+            head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+            upto = min(upto, head["seq"])
+            if upto <= after:
+                return None
+            ends = {r["seq"]: bytes(r["hash"])
+                    for r in await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])",
+                                              [after, upto])}
+            ends[0], ends[head["seq"]] = GENESIS, bytes(head["hash"])
+            for seq in (after, upto):
+                if seq not in ends:
+                    return Finding(seq, Problem.MISSING, f"entry {seq} is missing")
+            chain = await self._check_chain(conn, after, ends[after], upto, ends[upto], self._pins)
+        return chain.finding
 
     async def head_seq(self) -> int:
         async with acquire(self._pool) as conn:

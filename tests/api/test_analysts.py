@@ -17,7 +17,7 @@ from replayguard.http import analysts
 from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret, Settings
 from tests.conftest import Api, FakeClock, start_api, uid
-from tests.waiting import until
+from tests.waiting import CountedLock, until
 
 
 async def reuse_alert(api: Api, vm_id: str, scope: str, nonce: str | None = None) -> tuple[str, str]:
@@ -310,19 +310,6 @@ async def test_ledger_verify_and_public_key(api: Api) -> None:
     status, key = await api.get("/v1/ledger/public-key")
     assert status == 200 and key["algorithm"] == "Ed25519"
     assert key["public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----")
-
-
-class CountedLock(asyncio.Lock):
-    """A lock that says how many wait for it (a probe: the locking is asyncio's)."""
-
-    waiting = 0
-
-    async def acquire(self) -> bool:
-        self.waiting += 1
-        try:
-            return await super().acquire()
-        finally:
-            self.waiting -= 1
 
 
 @pytest_asyncio.fixture

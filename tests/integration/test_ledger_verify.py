@@ -5,6 +5,7 @@ checked offline by the CLI with nothing but the public key."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,10 @@ import asyncpg
 import orjson
 import pytest
 
-from replayguard.settings import Secret
-from tests.conftest import Api, cli_env, run_cli, uid
+from replayguard.http.state import ANALYSTS
+from replayguard.settings import Secret, Settings
+from tests.conftest import Api, FakeClock, cli_env, run_cli, start_api, uid
+from tests.waiting import CountedLock, until
 
 
 async def ledger_of(api_factory: Callable[..., Any], fresh_database: Callable[[], Any], entries: int,
@@ -90,6 +93,27 @@ async def test_a_rewritten_chain_is_caught_by_a_signed_checkpoint(fresh_database
                  "UPDATE ledger_head SET hash = (SELECT hash FROM ledger WHERE seq = 6)")
     report = await verify(api)
     assert report["ok"] is False and report["problem"] == "checkpoint_mismatch"
+    swept = await api.client.app[ANALYSTS].ledger.check_chain_span(0, 6)  # the leader's chain sweep
+    assert swept is not None and (swept.seq, swept.problem.value) == (report["first_bad_seq"], report["problem"])
+
+
+async def test_the_chain_sweeps_spans_check_the_entries_where_they_meet(fresh_database: Callable[[], Any],
+                                                                        api_factory: Callable[..., Any]) -> None:
+    """The leader's chain sweep checks the ledger in spans from one stored hash to another.
+    An intact ledger gives no finding in any span; an entry at the end of one span edited
+    with its own hash recomputed (so it matches it) is found by the next span, at the entry
+    that no longer follows it, as the whole verification finds it."""
+    api, dsn = await ledger_of(api_factory, fresh_database, 30)
+    ledger = api.client.app[ANALYSTS].ledger
+    spans = [(0, 10), (10, 20), (20, 30)]
+    assert [await ledger.check_chain_span(after, upto) for after, upto in spans] == [None, None, None]
+    await tamper(dsn, "UPDATE ledger SET reason = 'invalid' WHERE seq = 10",
+                 "UPDATE ledger SET hash = rg_entry_hash(prev_hash, seq, ts_us, kind, vm_id, subject, cred_digest,"
+                 " decision, reason, payload) WHERE seq = 10")
+    found = [await ledger.check_chain_span(after, upto) for after, upto in spans]
+    report = await verify(api)
+    assert found[0] is None and found[2] is None and found[1] is not None
+    assert (found[1].seq, found[1].problem.value) == (report["first_bad_seq"], report["problem"]) == (11, "broken_link")
 
 
 async def wait_for_checkpoint(api: Api, covering: int = 1) -> dict[str, Any]:
@@ -104,6 +128,60 @@ async def wait_for_checkpoint(api: Api, covering: int = 1) -> dict[str, Any]:
             await asyncio.sleep(0.05)
 
     return await asyncio.wait_for(poll(), 30)
+
+
+# An attacker's edits to entries a signed checkpoint already covers, by the kind of finding.
+UNDER_A_CHECKPOINT = {
+    "modified": ("UPDATE ledger SET decision = 'reject', reason = 'invalid' WHERE seq = 5",),
+    "missing": ("DELETE FROM ledger WHERE seq = 4",),
+    "reordered": ("UPDATE ledger SET seq = -3 WHERE seq = 3", "UPDATE ledger SET seq = 3 WHERE seq = 4",
+                  "UPDATE ledger SET seq = 4 WHERE seq = -3"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(UNDER_A_CHECKPOINT))
+async def test_tampering_is_alerted_though_the_verifying_analyst_left(
+        edit: str, make_settings: Callable[..., Settings], clock: FakeClock, database_url: str) -> None:
+    """Entries below the newest checkpoint are edited, deleted or reordered; an analyst asks
+    for a verification and leaves before it ends, so it stops without alerting (the service
+    as ``serve`` runs it). The alert-feed leader's periodic duties still raise the critical
+    ledger_tamper that the whole verification would have, naming the same entry and problem:
+    no one has to ask, nor wait on the page, for tampering to be alerted."""
+    api = await start_api(make_settings(checkpoint_every=1), clock, as_served=True)
+    try:
+        for _ in range(10):
+            body = {"vm_id": "vm-1", "scope": "s", "nonce": secrets.token_hex(8)}
+            assert (await api.post("/v1/nonces/consume", body))[0] == 200
+        await wait_for_checkpoint(api, covering=10)  # every entry is under a signed checkpoint
+        await tamper(database_url, *UNDER_A_CHECKPOINT[edit])
+        chain = api.client.app[ANALYSTS].ledger._chain
+        assert chain is not None
+        chain._apart = turn = CountedLock()
+        await turn.acquire()  # the verification is held at its chain check...
+        try:
+            asking = asyncio.create_task(api.get("/v1/ledger/verify"))
+            await until(lambda: turn.waiting == 1, "the verification to reach its chain check")
+            asking.cancel()  # ...when the analyst's client closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            await until(lambda: turn.waiting == 0, "the abandoned verification to stop")
+        finally:
+            turn.release()
+
+        async def alerted() -> list[dict[str, Any]]:
+            status, page = await api.get("/v1/alerts?kind=ledger_tamper")
+            assert status == 200, page
+            # The state check may find what a reordering did to the uses' rows: not the chain.
+            return [a for a in page["items"] if a["details"]["problem"] != "state_mismatch"]
+
+        [alert] = await until(alerted, "the leader's ledger_tamper for the edited chain", timeout=30)
+        report = await verify(api)
+        assert report["ok"] is False, report
+        assert alert["severity"] == "critical"
+        assert (alert["details"]["first_bad_seq"], alert["details"]["problem"]) == (
+            report["first_bad_seq"], report["problem"]), (alert, report)
+    finally:
+        await api.client.close()
 
 
 async def test_checkpoints_are_signed_and_verify_offline(fresh_database: Callable[[], Any],
