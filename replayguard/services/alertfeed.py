@@ -192,13 +192,13 @@ class AlertFeed:
         self.leader = False
         self._sinks_started = False
         self._sinks_error: str | None = None  # why the sinks did not start, as last logged
-        self._last_finding: Finding | None = None
         self._last_state_finding: Finding | None = None
         self._state = StateSchedule()  # which entries the state check looks at next
         self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._chain_sweep = ChainSweep()  # which entries the chain sweep re-hashes next
-        self._last_sweep_finding: Finding | None = None
+        # Chain findings alerted by the checkpointer or the chain sweep (``_alert_chain``).
+        self._chain_findings: OrderedDict[Finding, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
@@ -502,9 +502,7 @@ class AlertFeed:
                 result = await self._ledger.checkpoint_if_due(now_us, settings.checkpoint_every,
                                                               settings.checkpoint_interval_s * 1_000_000,
                                                               guard.vouches)
-        if isinstance(result, Finding) and result != self._last_finding:
-            self._last_finding = result
-            await self._ledger.raise_tamper_alert(result, self._rt.now_us())
+        if isinstance(result, Finding) and await self._alert_chain(result):
             await guard.check()  # a cut-off tail is a rollback too: stop decisions now
         elif isinstance(result, NotVouched):
             await guard.check()  # what the guard would not vouch for: it finds and records it
@@ -544,16 +542,27 @@ class AlertFeed:
     async def _sweep_chain(self) -> None:
         """One tick of the chain sweep (``core/chain_sweep.py``): the next span of the whole
         chain re-hashed, entries under checkpoints included; a finding raises
-        ``ledger_tamper`` once (the same finding again at the next round does not)."""
+        ``ledger_tamper`` once (``_alert_chain``), however many rounds find it again."""
         head = await self._ledger.head_seq()
         span = self._chain_sweep.plan(head)
         if span is None:
             return
         finding = await self._ledger.check_chain_span(span.after, span.upto)
         self._chain_sweep.done(span, head)
-        if finding is not None and finding != self._last_sweep_finding:
-            self._last_sweep_finding = finding
-            await self._ledger.raise_tamper_alert(finding, self._rt.now_us())
+        if finding is not None:
+            await self._alert_chain(finding)
+
+    async def _alert_chain(self, finding: Finding) -> bool:
+        """Raises ``ledger_tamper`` for a finding in the chain unless this leader already
+        did: the checkpointer and the sweep find the same break again and again, and the
+        alert must not count up (and reopen, acknowledged) at every tick. False when it had."""
+        if finding in self._chain_findings:
+            return False
+        await self._ledger.raise_tamper_alert(finding, self._rt.now_us())
+        self._chain_findings[finding] = None
+        while len(self._chain_findings) > _RECENT:
+            self._chain_findings.popitem(last=False)
+        return True
 
     async def _start_sinks(self) -> None:
         """Starts the sinks' delivery, on every instance, leader or not: each delivers what its

@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
+from replayguard.core.chain_sweep import ChainSweep
 from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret, Settings
 from tests.conftest import Api, FakeClock, cli_env, run_cli, start_api, uid
@@ -114,6 +115,23 @@ async def test_the_chain_sweeps_spans_check_the_entries_where_they_meet(fresh_da
     report = await verify(api)
     assert found[0] is None and found[2] is None and found[1] is not None
     assert (found[1].seq, found[1].problem.value) == (report["first_bad_seq"], report["problem"]) == (11, "broken_link")
+
+
+async def test_the_chain_sweep_alerts_each_finding_once_round_after_round(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """Two entries edited in different spans of the leader's chain sweep: each is alerted
+    once, and the rounds after it, finding the two again in turn, do not join them again
+    (which would count them up and reopen them once acknowledged, every round)."""
+    api, dsn = await ledger_of(api_factory, fresh_database, 10)
+    feed = api.client.app[ANALYSTS].feed
+    feed._chain_sweep = sweep = ChainSweep(size=5)
+    await tamper(dsn, "UPDATE ledger SET reason = 'invalid' WHERE seq IN (2, 7)")
+    rounds = sweep.rounds
+    await until(lambda: sweep.rounds >= rounds + 4, "four rounds of the chain sweep", timeout=30)
+    status, page = await api.get("/v1/alerts?kind=ledger_tamper")
+    assert status == 200, page
+    found = sorted((a["details"]["first_bad_seq"], a["details"]["problem"], a["count"]) for a in page["items"])
+    assert found == [(2, "modified", 1), (7, "modified", 1)], page["items"]
 
 
 async def wait_for_checkpoint(api: Api, covering: int = 1) -> dict[str, Any]:
