@@ -133,19 +133,22 @@ export async function render(main, params, ctx) {
     body.setAttribute("aria-busy", "true");
     more.disabled = true;
     clear(listError);
+    let failed = false;
     try {
       const page = await api(`/v1/alerts${query(q)}`, { signal: ctx.signal });
       if (mine === generation) settle(page, changed, append);
     } catch (error) {
-      if (aborted(error)) return;  // the page was left
+      if (aborted(error)) return "left";  // the page was left
+      failed = true;
       if (mine === generation) listError.append(errorBox(error));
     } finally {
       loads.delete(changed);
       body.setAttribute("aria-busy", String(loads.size > 0));
     }
-    if (mine !== generation) return;  // a later filter's page is loading or shown
+    if (mine !== generation) return "superseded";  // a later filter's page is loading or shown
     more.disabled = false;
     paint();
+    return failed ? "failed" : "loaded";
   };
 
   const controls = [select("severity", SEVERITIES), select("kind", KINDS), select("status", STATUSES),
@@ -176,10 +179,18 @@ export async function render(main, params, ctx) {
   });
   // The database went back in time: the ids and change numbers seen may name alerts of
   // another history, so what was known is forgotten and the list is read again.
-  const stopBack = ctx.onBack(() => {
+  // A read right after the database went back may fail (the service reconnecting to it):
+  // it is tried again, every few seconds, until it lands, the page is left or a filter or a
+  // later go-back reads the list anew.
+  const stopBack = ctx.onBack(async () => {
     known.clear();
-    load(false);
     if (selected) showDetail(detailPane, selected, ctx.signal);
+    for (let delay = 500; ; delay = Math.min(delay * 2, 8000)) {
+      if ((await load(false)) !== "failed") return;
+      const seen = generation;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      if (ctx.signal.aborted || generation !== seen) return;
+    }
   });
   await load(false);
   if (selected) await showDetail(detailPane, selected, ctx.signal);

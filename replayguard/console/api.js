@@ -79,11 +79,15 @@ function parseFrame(frame) {
  * before the first alert resumes from there too. An id below the last one means the
  * database went back in time (a restore, a failover to a standby behind): what was read
  * before may be another history, whose alert ids and change numbers come again; onBack()
- * is called before the frame's alert, if any.
+ * is called before the frame's alert, if any. onBack() is also called each time the stream
+ * is open again after a drop: a database that went back in time while the stream was down
+ * may have numbered its changes past the resumed position (the service then takes that
+ * position as it is, docs/api.md), so what the page listed is read again.
  */
 export async function followAlerts(onAlert, onState, signal, onBack = () => {}) {
   let last = null;
   let delay = 1000;
+  let opened = false;
   while (!signal.aborted) {
     try {
       const extra = { Accept: "text/event-stream" };
@@ -94,6 +98,8 @@ export async function followAlerts(onAlert, onState, signal, onBack = () => {}) 
       if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
       onState("live");
       delay = 1000;
+      if (opened) onBack();  // resumed: what changed meanwhile may be another history
+      opened = true;
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
