@@ -135,6 +135,18 @@ def _raised(record: asyncpg.Record) -> tuple[int, str | None, str | None]:
     return record["first_seen_us"], record["vm_id"], record["principal"]
 
 
+def _first_time(seen: OrderedDict[Finding, None], finding: Finding) -> bool:
+    """Whether ``finding`` is new to ``seen`` (the last ``_RECENT`` findings alerted), which
+    then remembers it: a sweep finds the same disagreements again and again, in turn, and
+    each must raise its alert once, not count it up (and reopen it) at every round."""
+    if finding in seen:
+        return False
+    seen[finding] = None
+    while len(seen) > _RECENT:
+        seen.popitem(last=False)
+    return True
+
+
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
@@ -192,7 +204,8 @@ class AlertFeed:
         self.leader = False
         self._sinks_started = False
         self._sinks_error: str | None = None  # why the sinks did not start, as last logged
-        self._last_state_finding: Finding | None = None
+        # State findings alerted by this leader: the sweep finds each again round after round.
+        self._state_findings: OrderedDict[Finding, None] = OrderedDict()
         self._state = StateSchedule()  # which entries the state check looks at next
         self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
@@ -535,8 +548,7 @@ class AlertFeed:
         if found is None:
             return
         finding = found.finding()
-        if finding != self._last_state_finding:
-            self._last_state_finding = finding
+        if _first_time(self._state_findings, finding):
             await self._ledger.raise_tamper_alert(finding, now_us, found)
 
     async def _sweep_chain(self) -> None:
@@ -559,9 +571,7 @@ class AlertFeed:
         if finding in self._chain_findings:
             return False
         await self._ledger.raise_tamper_alert(finding, self._rt.now_us())
-        self._chain_findings[finding] = None
-        while len(self._chain_findings) > _RECENT:
-            self._chain_findings.popitem(last=False)
+        _first_time(self._chain_findings, finding)
         return True
 
     async def _start_sinks(self) -> None:

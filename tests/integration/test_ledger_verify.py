@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from replayguard.core.chain_sweep import ChainSweep
+from replayguard.core.state_schedule import StateSchedule
 from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret, Settings
 from tests.conftest import Api, FakeClock, cli_env, run_cli, start_api, uid
@@ -271,3 +272,21 @@ async def test_cli_verify_prints_progress_and_the_report(fresh_database: Callabl
     await tamper(dsn, f"UPDATE ledger SET vm_id = '{uid('x')}' WHERE seq = 7")
     result = run_cli(*args)
     assert result.returncode == 1 and orjson.loads(result.stdout)["first_bad_seq"] == 7
+
+
+async def test_the_state_check_alerts_each_finding_once_tick_after_tick(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """Two accepted nonces whose `uses` rows were deleted, in different slices of the leader's
+    state sweep: each is alerted once, and the ticks after it, finding the two again in turn,
+    do not join them again (which would count them up and reopen them once acknowledged,
+    every tick)."""
+    api, dsn = await ledger_of(api_factory, fresh_database, 10)
+    feed = api.client.app[ANALYSTS].feed
+    feed._state = StateSchedule(sweep_size=5)
+    await tamper(dsn, "DELETE FROM uses WHERE first_seq IN (2, 7)")
+    ticks = feed.state_ticks
+    await until(lambda: feed.state_ticks >= ticks + 6, "six ticks of the state check", timeout=30)
+    status, page = await api.get("/v1/alerts?kind=ledger_tamper")
+    assert status == 200, page
+    found = sorted((a["details"]["first_bad_seq"], a["count"]) for a in page["items"])
+    assert found == [(2, 1), (7, 1)], page["items"]
