@@ -70,6 +70,7 @@ from .announced import Announced
 from .apitokens import CHANNEL as API_TOKEN_CHANNEL
 from .ledger import LedgerService, NotVouched
 from .retention import PURGE_BATCH, purge_expired
+from .state_check import Disagreement
 from .tokens import CHANNEL as TOKEN_CHANNEL
 
 log = structlog.get_logger(__name__)
@@ -135,18 +136,6 @@ def _raised(record: asyncpg.Record) -> tuple[int, str | None, str | None]:
     return record["first_seen_us"], record["vm_id"], record["principal"]
 
 
-def _first_time(seen: OrderedDict[Finding, None], finding: Finding) -> bool:
-    """Whether ``finding`` is new to ``seen`` (the last ``_RECENT`` findings alerted), which
-    then remembers it: a sweep finds the same disagreements again and again, in turn, and
-    each must raise its alert once, not count it up (and reopen it) at every round."""
-    if finding in seen:
-        return False
-    seen[finding] = None
-    while len(seen) > _RECENT:
-        seen.popitem(last=False)
-    return True
-
-
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
@@ -210,7 +199,7 @@ class AlertFeed:
         self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._chain_sweep = ChainSweep()  # which entries the chain sweep re-hashes next
-        # Chain findings alerted by the checkpointer or the chain sweep (``_alert_chain``).
+        # Chain findings alerted by the checkpointer or the chain sweep (``_alert_once``).
         self._chain_findings: OrderedDict[Finding, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
@@ -515,7 +504,7 @@ class AlertFeed:
                 result = await self._ledger.checkpoint_if_due(now_us, settings.checkpoint_every,
                                                               settings.checkpoint_interval_s * 1_000_000,
                                                               guard.vouches)
-        if isinstance(result, Finding) and await self._alert_chain(result):
+        if isinstance(result, Finding) and await self._alert_once(self._chain_findings, result):
             await guard.check()  # a cut-off tail is a rollback too: stop decisions now
         elif isinstance(result, NotVouched):
             await guard.check()  # what the guard would not vouch for: it finds and records it
@@ -547,14 +536,12 @@ class AlertFeed:
         self.state_ticks += 1
         if found is None:
             return
-        finding = found.finding()
-        if _first_time(self._state_findings, finding):
-            await self._ledger.raise_tamper_alert(finding, now_us, found)
+        await self._alert_once(self._state_findings, found.finding(), found)
 
     async def _sweep_chain(self) -> None:
         """One tick of the chain sweep (``core/chain_sweep.py``): the next span of the whole
         chain re-hashed, entries under checkpoints included; a finding raises
-        ``ledger_tamper`` once (``_alert_chain``), however many rounds find it again."""
+        ``ledger_tamper`` once (``_alert_once``), however many rounds find it again."""
         head = await self._ledger.head_seq()
         span = self._chain_sweep.plan(head)
         if span is None:
@@ -562,16 +549,21 @@ class AlertFeed:
         finding = await self._ledger.check_chain_span(span.after, span.upto)
         self._chain_sweep.done(span, head)
         if finding is not None:
-            await self._alert_chain(finding)
+            await self._alert_once(self._chain_findings, finding)
 
-    async def _alert_chain(self, finding: Finding) -> bool:
-        """Raises ``ledger_tamper`` for a finding in the chain unless this leader already
-        did: the checkpointer and the sweep find the same break again and again, and the
-        alert must not count up (and reopen, acknowledged) at every tick. False when it had."""
-        if finding in self._chain_findings:
+    async def _alert_once(self, seen: OrderedDict[Finding, None], finding: Finding,
+                          state: Disagreement | None = None) -> bool:
+        """Raises ``ledger_tamper`` for ``finding`` unless this leader already did (``seen``:
+        the last ``_RECENT`` findings of the chain, or of the state check): the sweeps find the
+        same disagreements again and again, in turn, and an alert must not count up (and
+        reopen, acknowledged) at every tick. False when it had. A finding is remembered once
+        its alert is written, so one whose write failed is raised again at the next tick."""
+        if finding in seen:
             return False
-        await self._ledger.raise_tamper_alert(finding, self._rt.now_us())
-        _first_time(self._chain_findings, finding)
+        await self._ledger.raise_tamper_alert(finding, self._rt.now_us(), state)
+        seen[finding] = None
+        while len(seen) > _RECENT:
+            seen.popitem(last=False)
         return True
 
     async def _start_sinks(self) -> None:

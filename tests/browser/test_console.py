@@ -139,6 +139,19 @@ async def test_an_alert_raised_while_the_stream_was_down_shows_after_it_reconnec
     await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
 
 
+async def listed_past_a_copy(api: Api, tab: Tab, database_url: str,
+                             scratch_dbs: list[str]) -> tuple[str, str, list[str]]:
+    """Signed in, one alert raised (``kept``), a copy of the database made, then three more
+    raised and listed live (``lost`` to a restore of the copy): kept, the copy, lost."""
+    await sign_in(tab, api)
+    kept, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    scratch_dbs.append(copy := await snapshot(database_url))
+    lost = [(await reuse_alert(api, uid("vm"), uid("scope")))[0] for _ in range(3)]
+    for alert_id in lost:
+        await tab.page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    return kept, copy, lost
+
+
 async def lists_what_the_database_holds(api: Api, page: Any) -> bool:
     """Whether the alert list shows, row for row, the alerts (id and kind) the service lists:
     after a restore the continuity guard's alerts may take any of the lost alerts' ids."""
@@ -157,12 +170,7 @@ async def test_the_list_follows_the_database_back_and_shows_an_alert_raised_unde
     holds, the ``ledger_rollback`` alert in the place of the lost one, not the lost alerts."""
     api: Api = await api_factory(database_url=Secret(database_url))
     page = tab.page
-    await sign_in(tab, api)
-    kept, _ = await reuse_alert(api, uid("vm"), uid("scope"))
-    scratch_dbs.append(copy := await snapshot(database_url))
-    lost = [(await reuse_alert(api, uid("vm"), uid("scope")))[0] for _ in range(3)]
-    for alert_id in lost:
-        await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    kept, copy, lost = await listed_past_a_copy(api, tab, database_url, scratch_dbs)
     await restore(database_url, copy, scratch_dbs)
     listed = await ledger_rollback_noticed(api)
     assert listed["id"] in lost  # an id the console listed for a lost alert
@@ -181,12 +189,7 @@ async def test_a_stream_resumed_past_a_database_that_went_back_reads_the_list_ag
     alerts."""
     api: Api = await api_factory(database_url=Secret(database_url))
     page = tab.page
-    await sign_in(tab, api)
-    kept, _ = await reuse_alert(api, uid("vm"), uid("scope"))
-    scratch_dbs.append(copy := await snapshot(database_url))
-    lost = [(await reuse_alert(api, uid("vm"), uid("scope")))[0] for _ in range(3)]
-    for alert_id in lost:
-        await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    kept, copy, lost = await listed_past_a_copy(api, tab, database_url, scratch_dbs)
     high = max([(await api.get(f"/v1/alerts/{alert_id}"))[1]["change"] for alert_id in lost])
     drop_streams_and_refuse_new(api.client.app[ANALYSTS].feed, monkeypatch)
     await page.locator('#live[data-state="reconnecting"]').wait_for(timeout=WAIT_MS)
