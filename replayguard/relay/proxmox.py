@@ -11,19 +11,22 @@ The task list names neither the snapshot, nor a clone's new VM, nor a restore's 
 the poller asks PVE: the snapshot list (``snaptime``; ``current.parent`` is the snapshot a
 rollback went to, trusted only while no later task on that VM can have moved it), a
 clone's task log (the new VM's disk names) and a restore's task log (the backup's archive
-or snapshot name: its VM and time; a restore into another vmid is posted as a clone of the
-backup's VM). A lookup that fails leaves the field out: a rollback with an unknown
-snapshot opens the widest window, which is the safe side.
+or snapshot name: its VM and time, a vzdump name read in ``--node-timezone``; a restore
+into another vmid is posted as a clone of the backup's VM). A lookup that fails leaves the
+field out: a rollback with an unknown snapshot opens the widest window, which is the safe
+side. A clone is the exception, since the service needs its new VM: one whose task log is
+unread is asked for again (for a day), one whose new VM stays unknown is set aside in dead/.
 
 Each record is written to the spool (fsynced) before its UPID enters the cursor, and the
 cursor (``proxmox-cursor.json``) is written atomically after, so a crash re-posts at
-worst, and re-posting a UPID is idempotent on the service. A ``--once`` run writes the
-cursor only when every record was delivered: when the service refused one (401/403/413:
-a wrong token or event signature; a redirect, 404 or 405: a wrong service URL) or could
-not be reached, the run exits non-zero, its records stay in the spool, and the next run
-polls the same tasks again (the spool keeps one file per UPID). The pure parts (cursor,
-task selection, record building) are in ``proxmox_tasks.py``, the lookups in
-``proxmox_lookup.py``, the spool and delivery in ``spool.py``; this module polls and runs.
+worst, and re-posting a UPID is idempotent on the service. A ``--once`` run then tries to
+deliver: a record the service refuses for itself (403: a VM the token is not bound to;
+413) is set aside in dead/ once its attempts are spent, since resending it cannot help;
+when the service refused everything (401: a wrong token or event signature; a redirect,
+404 or 405: a wrong service URL) or could not be reached, the run exits non-zero and the
+records wait in the spool for the next run. The pure parts (cursor, task selection,
+record building) are in ``proxmox_tasks.py``, the lookups in ``proxmox_lookup.py``, the
+spool and delivery in ``spool.py``; this module polls and runs.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import signal
 import ssl
 import sys
 import time
+import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import tzinfo
 from pathlib import Path
 
 import aiohttp
@@ -92,10 +97,10 @@ from .spool import (
 from .tasks import until_first_done
 
 __all__ = [
-    "CURSOR_FILE", "EVENTS_PATH", "EX_TEMPFAIL", "MOVES_PARENT", "RECORD_FIELDS",
+    "CLONE_LOG_PATIENCE_S", "CURSOR_FILE", "EVENTS_PATH", "EX_TEMPFAIL", "MOVES_PARENT", "RECORD_FIELDS",
     "Answer", "ApiLookup", "Backup", "Cursor", "Lookup", "NoLookup", "Outbox", "PollerConfig", "Post",
     "PveshLookup", "Retry", "Task", "build_record", "clone_target", "deliver_file", "drain",
-    "due", "list_gaps", "load_config", "load_cursor", "main", "parent_may_have_moved", "poll_once",
+    "due", "list_gaps", "load_config", "load_cursor", "main", "node_timezone", "parent_may_have_moved", "poll_once",
     "post_json", "read_tasks", "restore_fields", "restore_source", "run_poller", "save_cursor",
     "snapshot_fields", "spool_due", "task_record",
 ]  # fmt: skip
@@ -117,10 +122,10 @@ def load_cursor(state_dir: Path) -> Cursor:
 
 
 async def poll_once(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
-                    cluster: str | None, now: float, retention_s: int) -> int:
+                    cluster: str | None, now: float, retention_s: int, zone: tzinfo | None = None) -> int:
     """Spool the records of the tasks not handled yet, then advance the cursor; returns how many."""
     spooled, cursor = await spool_due(listing, state_dir=state_dir, outbox=outbox, lookup=lookup,
-                                      cluster=cluster, now=now, retention_s=retention_s)
+                                      cluster=cluster, now=now, retention_s=retention_s, zone=zone)
     save_cursor(state_dir, cursor)
     return spooled
 
@@ -129,28 +134,58 @@ def save_cursor(state_dir: Path, cursor: Cursor) -> None:
     atomic_write(state_dir / CURSOR_FILE, cursor.to_json())
 
 
-async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup,
-                    cluster: str | None, now: float, retention_s: int) -> tuple[int, Cursor]:
-    """Spool the records of the tasks not handled yet; (how many, the cursor to save next)."""
+async def spool_due(listing: object, *, state_dir: Path, outbox: Spool, lookup: Lookup, cluster: str | None,
+                    now: float, retention_s: int, zone: tzinfo | None = None) -> tuple[int, Cursor]:
+    """Spool the records of the tasks not handled yet; (how many, the cursor to save next).
+
+    A clone whose task log PVE did not answer stays out of the cursor (remembered as not
+    handled, as a running task is) and is asked for again by the next poll, for at most
+    ``CLONE_LOG_PATIENCE_S`` after it ended; a clone whose new guest stays unknown is set
+    aside in dead/ and handled.
+    """
     cursor = load_cursor(state_dir)
     tasks = await with_archive(read_tasks(listing), cursor, lookup)
-    spooled = 0
+    spooled, waiting = 0, []
     for task in due(tasks, cursor):
         if task.forwarded:
-            record = await build_record(task, tasks, lookup, cluster)
-            if task.upid.type in CLONES and "target_vmid" not in record:
-                # Not in the cursor: the next poll asks PVE again (its API may have been away).
-                log.warning("proxmox_clone_target_unknown", upid=task.upid.text)
+            record = await build_record(task, tasks, lookup, cluster, zone)
+            if record is None and not _waited_out(task, now):
+                log.warning("proxmox_clone_target_unknown", upid=task.upid.text, task_log="not read",
+                            retry="next poll")
+                waiting.append(task)
                 continue
-            outbox.put_bytes(task.upid.text, orjson.dumps(record))
-            spooled += 1
-            log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
+            if record is None or (task.upid.type in CLONES and "target_vmid" not in record):
+                _set_aside_clone(outbox, task, record or task_record(task, cluster, {}), read=record is not None)
+            else:
+                outbox.put_bytes(task.upid.text, orjson.dumps(record))
+                spooled += 1
+                log.info("event_spooled", upid=task.upid.text, type=task.upid.type)
         cursor.add(task)
-    for lost in cursor.note_running(tasks):
+    for lost in cursor.note_running(tasks, waiting):
         log.error("proxmox_running_task_lost", upid=lost,
-                  hint="seen running, then neither listed nor found in its node's archive: not posted")
+                  hint="seen running or waiting for its task log, then neither listed nor found in its"
+                       " node's archive: not posted")
     cursor.prune((t.upid.text for t in tasks), before=int(now) - retention_s)
     return spooled, cursor
+
+
+CLONE_LOG_PATIENCE_S = 86400  # how long after a clone ended its unreadable task log is asked for again
+SET_ASIDE_CLONE_HINT = ("find the new guest's vmid (the clone task's log or the guest's creation in the PVE GUI),"
+                        ' add "target_vmid": VMID to the file and move it back into the spool directory')
+
+
+def _waited_out(task: Task, now: float) -> bool:
+    end = task.raw.get("endtime")
+    return isinstance(end, int) and now - end >= CLONE_LOG_PATIENCE_S
+
+
+def _set_aside_clone(outbox: Spool, task: Task, record: Mapping[str, object], read: bool) -> None:
+    """A clone whose new guest is unknown: the service cannot take it without ``target_vmid``,
+    so its record goes to dead/ for the operator, with one error line saying how to finish it."""
+    path = outbox.set_aside(task.upid.text, orjson.dumps(record))
+    log.error("proxmox_clone_target_unknown", upid=task.upid.text, source_vmid=task.upid.id,
+              node=task.upid.node, task_log="names no new guest" if read else "not read for a day",
+              set_aside=f"dead/{path.name}", hint=SET_ASIDE_CLONE_HINT)
 
 
 
@@ -172,9 +207,10 @@ class PollerConfig:
     cluster: str | None = None
     interval: float = 10.0
     once: bool = False
-    attempts: int = 5  # delivery attempts of a --once run before leaving events spooled
+    attempts: int = 5  # delivery attempts of a --once run before leaving events spooled (or set aside)
     retention_s: int = 7 * 86400
     retry_base: float = 0.5
+    node_timezone: tzinfo | None = None  # the nodes' zone, in which vzdump names its archives
 
 
 def _lookup(config: PollerConfig, api: ApiLookup | None) -> Lookup:
@@ -198,13 +234,12 @@ async def run_poller(config: PollerConfig, listing: object | None = None,
 
         retry = Retry(base=config.retry_base)
         if listing is not None or config.once:
-            cursor = await _poll(config, api, outbox, listing, commit=False)
+            polled = await _poll(config, api, outbox, listing)
             retry.attempts = config.attempts
-            remaining = await drain(outbox, post, "upid", retry)
-            if cursor is None or remaining:
-                log.error("proxmox_run_incomplete", left_in_spool=remaining, cursor_saved=False)
+            remaining = await drain(outbox, post, "upid", retry, set_aside=True)
+            if polled is None or remaining:
+                log.error("proxmox_run_incomplete", left_in_spool=remaining, polled=polled is not None)
                 return EX_TEMPFAIL
-            save_cursor(config.spool_dir, cursor)
             return 0
         stop = stop or asyncio.Event()
         wake = asyncio.Event()
@@ -213,10 +248,9 @@ async def run_poller(config: PollerConfig, listing: object | None = None,
     return 0
 
 
-async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, listing: object | None,
-                commit: bool = True) -> Cursor | None:
-    """One poll, saving the cursor when ``commit``; the cursor, or None when the task list
-    could not be read (logged)."""
+async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, listing: object | None) -> Cursor | None:
+    """One poll, saving the cursor once its records are spooled; the cursor, or None when
+    the task list could not be read (logged)."""
     try:
         if listing is None:
             if api is None:
@@ -224,12 +258,12 @@ async def _poll(config: PollerConfig, api: ApiLookup | None, outbox: Spool, list
             listing = await api.get("/cluster/tasks")
         spooled, cursor = await spool_due(listing, state_dir=config.spool_dir, outbox=outbox,
                                           lookup=_lookup(config, api), cluster=config.cluster,
-                                          now=time.time(), retention_s=config.retention_s)
+                                          now=time.time(), retention_s=config.retention_s,
+                                          zone=config.node_timezone)
     except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
         log.warning("proxmox_poll_failed", error=str(exc) or type(exc).__name__)
         return None
-    if commit:
-        save_cursor(config.spool_dir, cursor)
+    save_cursor(config.spool_dir, cursor)
     log.info("proxmox_polled", spooled=spooled)
     return cursor
 
@@ -264,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where snapshot names/times, clone targets and restores' backups are read"
                         " (default: api if --api-url, else pvesh if on PATH)")
     p.add_argument("--cluster", help="cluster name prefixed to vmids (vm_id becomes CLUSTER/VMID)")
+    p.add_argument("--node-timezone",
+                   help="IANA time zone the cluster's nodes run (`timedatectl`), e.g. Europe/Vienna: vzdump"
+                        " archive names are read in it (default: unknown, read as their earliest instant)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
     p.add_argument("--once", action="store_true", help="poll once, try to deliver, exit (for a timer)")
     add_secret_flag(p)
@@ -278,6 +315,23 @@ def _secret_file(path: str, flag: str) -> Secret:
     if not value:
         raise ConfigError(f"{flag} {path} is empty", field=flag)
     return Secret(value)
+
+
+def node_timezone(name: str | None) -> tzinfo | None:
+    """The ``--node-timezone`` as a zone, None when not given; a ConfigError when this host
+    knows no IANA zone of that name."""
+    if name is None:
+        return None
+    key = name.strip()
+    try:
+        # "localtime" is this host's zone, which need not be the nodes'.
+        if key != "localtime" and key in zoneinfo.available_timezones():
+            return zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    raise ConfigError(f"--node-timezone {name!r} is not an IANA time zone this host knows (such as"
+                      " Europe/Vienna or UTC; `timedatectl` on a PVE node shows its zone; install the"
+                      " tzdata package if none is known)", field="node-timezone")
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConfig, bool]:
@@ -303,7 +357,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str]) -> tuple[PollerConf
         api_url=api_url, api_token=_secret_file(api_token_file, "--api-token-file") if api_token_file else None,
         tls=False if args.insecure else tls, lookup=lookup,
         cluster=pick(args.cluster, env, "cluster"), interval=args.interval,
-        once=args.once or args.from_stdin,
+        once=args.once or args.from_stdin, node_timezone=node_timezone(pick(args.node_timezone, env, "node-timezone")),
     )
     return config, args.from_stdin
 

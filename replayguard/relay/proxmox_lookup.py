@@ -6,7 +6,10 @@ the poller asks PVE for the snapshot list (``/nodes/{node}/qemu/{vmid}/snapshot`
 restore. A lookup that fails answers None and the field is left out: a rollback with an unknown snapshot opens
 the widest window, the safe side. A restore whose backup is unknown is posted as
 ``vm.restored`` of the VM restored into, from an unknown time (logged
-``proxmox_restore_source_unknown``): the only window the poller can still name.
+``proxmox_restore_source_unknown``): the only window the poller can still name. A clone
+whose task log could not be read has no record yet (``build_record`` answers None: the
+poller asks again); one whose log was read and names no new guest gets a record without
+``target_vmid``, which the service cannot take and the poller sets aside.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import tzinfo
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -55,6 +59,8 @@ class Lookup(Protocol):
     """Where the poller reads what the task list leaves out; None when it cannot.
 
     ``snapshots``: the snapshot list of guest ``vmid`` of ``kind`` (``qemu`` or ``lxc``).
+    ``task_log``: a task's log lines, None when they could not be read now (a clone's is
+    asked for again at the next poll).
     ``task_archive``: a node's tasks started at or after ``since`` (newest first, as PVE
     lists them), None when this lookup has no way to read them, ``ArchiveUnreadable``
     when it has one and it failed.
@@ -66,11 +72,14 @@ class Lookup(Protocol):
 
 
 class NoLookup:
+    """``--lookup none``: nothing is read, and nothing will be, so every task log is empty
+    (final: a clone's target stays unknown), not unread (which would be asked again)."""
+
     async def snapshots(self, node: str, vmid: str, kind: str) -> object | None:
         return None
 
     async def task_log(self, node: str, upid: str) -> object | None:
-        return None
+        return []
 
     async def task_archive(self, node: str, since: int) -> list[object] | None:
         return None
@@ -180,19 +189,24 @@ class PveshLookup:
         return await _archive(node, page)
 
 
-async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluster: str | None) -> dict[str, Any]:
-    """One task's record with whatever the lookups can add."""
+async def build_record(task: Task, tasks: Sequence[Task], lookup: Lookup, cluster: str | None,
+                       zone: tzinfo | None = None) -> dict[str, Any] | None:
+    """One task's record with whatever the lookups can add (vzdump names read in ``zone``);
+    None for a clone whose task log could not be read (the record waits for it)."""
     extra: dict[str, Any] = {}
     kind = guest_kind(task.upid.type)
     if task.upid.type in SNAPSHOTS | ROLLBACKS:
         snaps = await lookup.snapshots(task.upid.node, task.upid.id, kind)
         extra = snapshot_fields(task, snaps, parent_may_have_moved(task, tasks))
     elif task.upid.type in CLONES:
-        target = clone_target(await lookup.task_log(task.upid.node, task.upid.text), task.upid.id)
+        task_log = await lookup.task_log(task.upid.node, task.upid.text)
+        if task_log is None:
+            return None
+        target = clone_target(task_log, task.upid.id)
         if target is not None:
             extra = {"target_vmid": target}
     elif task.upid.type in RESTORES:
-        backup = restore_source(await lookup.task_log(task.upid.node, task.upid.text), kind)
+        backup = restore_source(await lookup.task_log(task.upid.node, task.upid.text), kind, zone)
         if backup is not None:
             extra = restore_fields(backup)
         else:

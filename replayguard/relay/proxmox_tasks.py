@@ -13,7 +13,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, NamedTuple
 
 import orjson
@@ -105,12 +105,14 @@ class Cursor:
         self.seen[task.upid.text] = task.upid.starttime
         self.running.pop(task.upid.text, None)
 
-    def note_running(self, tasks: Sequence[Task]) -> list[str]:
-        """Remember the tasks running in this poll's tasks (the list and any archive read);
-        returns those remembered before that this poll neither found nor handled although
-        their node lists tasks (not in its archive either: looked for once, then forgotten).
-        Those of a node listing no finished task (offline) are kept until it does."""
+    def note_running(self, tasks: Sequence[Task], waiting: Iterable[Task] = ()) -> list[str]:
+        """Remember the tasks running in this poll's tasks (the list and any archive read),
+        and the finished ones ``waiting`` for a lookup, as not handled yet; returns those
+        remembered before that this poll neither found nor handled although their node
+        lists tasks (not in its archive either: looked for once, then forgotten). Those of
+        a node listing no finished task (offline) are kept until it does."""
         running = {t.upid.text: t.upid.starttime for t in tasks if not t.finished and t.upid.text not in self.seen}
+        running |= {t.upid.text: t.upid.starttime for t in waiting if t.upid.text not in self.seen}
         present, looked = {t.upid.text for t in tasks}, _listing_nodes(tasks)
         lost = []
         for text, start in self.running.items():
@@ -261,13 +263,14 @@ class Backup(NamedTuple):
     name: str
 
 
-def restore_source(task_log: object, kind: str = "qemu") -> Backup | None:
+def restore_source(task_log: object, kind: str = "qemu", zone: tzinfo | None = None) -> Backup | None:
     """The one backup of ``kind`` (``qemu``: a qmrestore; ``lxc``: a vzrestore) a restore's
     task log names, or None (no name, two different backups, or a name whose date is impossible).
 
-    A vzdump archive name carries the node's local time with no zone, so it is placed at the
-    earliest instant it can name (as if written at UTC+14:00): the window on the backup's
-    VM may start up to a day early, never late. A Proxmox Backup Server snapshot is in UTC.
+    A vzdump archive name carries the node's local time with no zone: read in ``zone`` (the
+    nodes' time zone, ``--node-timezone``) when given, else placed at the earliest instant
+    it can name (as if written at UTC+14:00), so the window on the backup's VM may start up
+    to a day early, never late. A Proxmox Backup Server snapshot is in UTC.
     """
     if isinstance(task_log, dict):
         task_log = task_log.get("data")
@@ -278,20 +281,33 @@ def restore_source(task_log: object, kind: str = "qemu") -> Backup | None:
     for line in task_log:
         text = line.get("t") if isinstance(line, dict) else None
         if isinstance(text, str):
-            for backup in [*(_backup(m, -_EARLIEST_ZONE_S) for m in vzdump.finditer(text)),
-                           *(_backup(m, 0) for m in pbs.finditer(text))]:
+            for backup in [*(_backup(m, zone) for m in vzdump.finditer(text)),
+                           *(_backup(m, UTC) for m in pbs.finditer(text))]:
                 found.setdefault(None if backup is None else (backup.vmid, backup.time), backup)
     return next(iter(found.values())) if len(found) == 1 else None
 
 
-def _backup(match: re.Match[str], shift_s: int) -> Backup | None:
+def _backup(match: re.Match[str], zone: tzinfo | None) -> Backup | None:
     vmid, year, month, day, hour, minute, second = (int(p) for p in match.groups())
     try:
-        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        wall = datetime(year, month, day, hour, minute, second)  # zone-less: earliest_instant reads it
     except ValueError:
         return None
     # Before 1970 is no Unix time the service takes: the epoch is the earliest it can say.
-    return Backup(vmid, max(0, int(moment.timestamp()) + shift_s), match.group(0))
+    return Backup(vmid, max(0, earliest_instant(wall, zone)), match.group(0))
+
+
+def earliest_instant(wall: datetime, zone: tzinfo | None) -> int:
+    """The earliest Unix time a zone-less wall-clock time can name in ``zone``, or in any
+    zone (UTC+14:00) when ``zone`` is None.
+
+    A wall time a zone repeats (the hour clocks go back) names two instants: the earlier
+    is taken. One it skips (the hour clocks go forward), which ``localtime`` never prints,
+    is read with both offsets and the earlier taken too.
+    """
+    if zone is None:
+        return int(wall.replace(tzinfo=UTC).timestamp()) - _EARLIEST_ZONE_S
+    return min(int(wall.replace(tzinfo=zone, fold=fold).timestamp()) for fold in (0, 1))
 
 
 def restore_fields(backup: Backup) -> dict[str, Any]:

@@ -13,7 +13,10 @@ without it (a proxy between relay and service: TLS or a client certificate it wa
 kept like a wrong URL, since only the service can say that resending cannot help; anything
 else keeps it and backs off. A 403
 (a token bound to other VMs than this event's) or a 413 refuses that one event: the
-events behind it are still sent, out of order, as the service allows.
+events behind it are still sent, out of order, as the service allows. A run with an end
+(``drain(..., set_aside=True)``: a Proxmox ``--once`` run, which would otherwise report
+the same refusal as unfinished work at every run) moves such an event to ``dead/`` once
+its attempts are spent, logged ``event_set_aside``.
 
 The spool directory and ``dead/`` are the relay's alone: created 0700, and refused when
 another user owns them, they are writable by group or others, or they are symlinks,
@@ -164,12 +167,20 @@ class Spool:
 
         An id already waiting in the spool is not spooled twice: the waiting file is kept.
         """
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        digest = _digest(key)
         waiting = sorted(self.root.glob(f"evt-*-{digest}.json"))
         if waiting:
             return waiting[0]
         path = self.root / f"evt-{time.time_ns():020d}-{digest}.json"
         atomic_write(path, data)
+        return path
+
+    def set_aside(self, key: str, data: bytes) -> Path:
+        """Write a body the service cannot take straight to dead/ (as ``bury`` would leave it)."""
+        path = self.dead / f"evt-{time.time_ns():020d}-{_digest(key)}.json"
+        atomic_write(path, data)
+        self._bound_dead()
+        fsync_dir(self.dead)
         return path
 
     def pending(self) -> list[Path]:
@@ -185,14 +196,22 @@ class Spool:
     def bury(self, path: Path) -> None:
         """Move a refused event to dead/, dropping the oldest letters beyond ``dead_max``."""
         os.replace(path, self.dead / path.name)
+        self._bound_dead()
+        fsync_dir(self.dead)
+        fsync_dir(self.root)
+
+    def _bound_dead(self) -> None:
         letters = self.dead_letters()
         for old in letters[:max(0, len(letters) - self.dead_max)]:
             old.unlink(missing_ok=True)
             self.dead_dropped += 1
             log.error("dead_letter_dropped", file=old.name, dead_max=self.dead_max,
                       dropped_total=self.dead_dropped)
-        fsync_dir(self.dead)
-        fsync_dir(self.root)
+
+
+def _digest(key: str) -> str:
+    """The part of a spool file's name that stands for its event's id."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- delivery
@@ -308,7 +327,7 @@ def refused_alone(status: int | None) -> bool:
 
 
 async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
-                wake: asyncio.Event | None = None) -> int:  # fmt: skip
+                wake: asyncio.Event | None = None, *, set_aside: bool = False) -> int:  # fmt: skip
     """Send the spool oldest first; returns how many remain once ``retry.attempts`` is spent.
 
     A pass over the spool stops at the first event the service cannot take now (no answer,
@@ -317,10 +336,13 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
     again only once its own backoff has passed (passes that deliver the events arriving
     behind it do not resend it each time). A pass that leaves events behind is followed
     by a backoff (cut short by ``wake``), growing while passes deliver nothing. With
-    ``wake``, it never returns: an empty spool waits for the next ``wake``.
+    ``wake``, it never returns: an empty spool waits for the next ``wake``. With
+    ``set_aside`` (a run with an end: ``--once``), the events still refused for themselves
+    when the attempts are spent are moved to dead/ (logged ``event_set_aside``): resending
+    the same body with the same token cannot help, so what stays is what a later run can deliver.
     """
     attempt = 0
-    refused: dict[str, tuple[int, float]] = {}  # refused for itself: file name → (refusals, due again)
+    refused: dict[str, tuple[int, float, int | None]] = {}  # refused for itself: name → (refusals, due, status)
     while True:
         if wake is not None:
             wake.clear()  # set again by whatever is spooled from here on
@@ -334,15 +356,16 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
         names = {path.name for path in batch}
         refused = {name: due for name, due in refused.items() if name in names}
         now = retry.clock()
-        held = any(due > now for _, due in refused.values())
+        held = any(due > now for _, due, _ in refused.values())
         delivered = False
         for path in batch:
-            if refused.get(path.name, (0, now))[1] > now:
+            if refused.get(path.name, (0, now, None))[1] > now:
                 continue
             outcome, answer = await deliver_file(spool, path, post, id_key)
             if outcome is Outcome.REFUSED and refused_alone(answer.status):
-                times = refused.get(path.name, (0, now))[0] + 1
-                refused[path.name] = (times, retry.clock() + backoff_delay(times, retry.rand(), base=retry.base))
+                times = refused.get(path.name, (0, now, None))[0] + 1
+                due = retry.clock() + backoff_delay(times, retry.rand(), base=retry.base)
+                refused[path.name] = (times, due, answer.status)
                 held = True
                 continue
             refused.pop(path.name, None)
@@ -355,6 +378,8 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
             continue
         attempt = 0 if delivered else attempt + 1
         if retry.attempts is not None and attempt >= retry.attempts:
+            if set_aside:
+                _set_aside_refused(spool, id_key, {name: status for name, (_, _, status) in refused.items()})
             return len(spool.pending())
         delay = backoff_delay(attempt, retry.rand(), base=retry.base)
         if wake is None:
@@ -362,3 +387,18 @@ async def drain(spool: Spool, post: Post, id_key: str, retry: Retry,
         else:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
+
+
+def _set_aside_refused(spool: Spool, id_key: str, refused: Mapping[str, int | None]) -> None:
+    """Move the events refused for themselves (file name → the last status) to dead/."""
+    for name, status in refused.items():
+        path = spool.root / name
+        try:
+            event_id = orjson.loads(path.read_bytes()).get(id_key)
+        except FileNotFoundError:
+            continue
+        except (orjson.JSONDecodeError, AttributeError):
+            event_id = None
+        spool.bury(path)
+        log.error("event_set_aside", event_id=event_id, file=name, status=status, moved_to="dead/",
+                  hint=f"{refused_hint(status)}; then move the file back into the spool directory")

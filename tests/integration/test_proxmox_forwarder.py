@@ -12,8 +12,10 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
@@ -61,6 +63,7 @@ class StandIn:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
     calls: int = 0
+    forbidden: set[str] = field(default_factory=set)  # UPIDs answered 403, as for a VM the token is not bound to
 
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
@@ -68,7 +71,10 @@ class StandIn:
         if self.calls <= self.fail:
             return web.json_response({"error": {"code": "unavailable"}}, status=503)
         assert request.query["source"] == "proxmox"
-        self.bodies.append(await request.json())
+        body = await request.json()
+        if body["upid"] in self.forbidden:
+            return web.json_response({"error": {"code": "forbidden", "message": "not bound to this VM"}}, status=403)
+        self.bodies.append(body)
         return web.json_response({"accepted": True, "duplicate": False, "events": 1}, status=202)
 
 
@@ -205,6 +211,50 @@ async def test_records_survive_a_dead_service_until_the_next_run(
     assert len(Outbox(tmp_path).pending()) == len(FORWARDED)
     assert await run_poller(config(base(service), tmp_path, base(api_server))) == 0
     assert {b["upid"] for b in recorder.bodies} == FORWARDED
+
+
+async def test_a_once_run_sets_aside_a_record_refused_for_itself_and_moves_its_cursor(
+    pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A --once run whose service refuses one record for itself (403: the restore into VM 311
+    names a VM the token is not bound to) delivers the others, sets that one aside in dead/,
+    saves its cursor and exits 0; the next run posts nothing again. (The run exited 75
+    without saving its cursor, and every later run polled, looked up and posted every task
+    since again, for ever.)"""
+    (api_server, _) = pve
+    refused = next(t["upid"] for t in LISTING if t["type"] == "qmrestore" and t["id"] == "311")
+    recorder = StandIn(forbidden={refused})
+    app = web.Application()
+    app.router.add_post("/v1/hypervisor/events", recorder.handle)
+    service = await serve(app)
+    try:
+        cfg = config(base(service), tmp_path, base(api_server))
+        assert await run_poller(cfg) == 0
+        assert {b["upid"] for b in recorder.bodies} == FORWARDED - {refused}
+        assert (tmp_path / CURSOR_FILE).exists() and not Outbox(tmp_path).pending()
+        (letter,) = Outbox(tmp_path).dead_letters()
+        assert orjson.loads(letter.read_bytes())["upid"] == refused
+        calls = recorder.calls
+        assert await run_poller(cfg) == 0
+        assert recorder.calls == calls
+    finally:
+        await service.close()
+
+
+async def test_a_once_run_that_cannot_deliver_still_moves_its_cursor(
+    pve: tuple[TestServer, list[dict[str, Any]]], stand_in: tuple[StandIn, TestServer], tmp_path: Path
+) -> None:
+    """With the service down a --once run exits 75 with its records spooled, yet saves its
+    cursor: the next run sends the spooled records and polls only what is new, instead of
+    looking every task up again."""
+    (api_server, _), (recorder, service) = pve, stand_in
+    with dead_url() as url:
+        assert await run_poller(config(url, tmp_path, base(api_server), attempts=2)) == EX_TEMPFAIL
+    assert (tmp_path / CURSOR_FILE).exists()
+    cursor = orjson.loads((tmp_path / CURSOR_FILE).read_bytes())
+    assert set(cursor["seen"]) >= FORWARDED
+    assert await run_poller(config(base(service), tmp_path, base(api_server))) == 0
+    assert sorted(b["upid"] for b in recorder.bodies) == sorted(FORWARDED)
 
 
 async def test_cli_reads_pvesh_output_on_stdin(stand_in: tuple[StandIn, TestServer], tmp_path: Path) -> None:
@@ -373,6 +423,35 @@ async def test_credential_used_on_the_backups_vm_is_a_replay_from_the_vm_restore
     assert (await consume(api, restored, older))["reason"] == "reused"
 
 
+async def test_with_the_nodes_time_zone_a_use_before_the_backup_is_no_replay_suspect(
+    api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The same restore of VM 101's 09:30 backup as VM 311, polled with --node-timezone UTC
+    (the zone pve1 runs): a nonce 101 used at 09:20, before the backup, presented from 311
+    is plain `reused`, since 311's state holds that use; one used at 09:40 is still
+    replay_after_rollback. (Read at UTC+14:00, the archive's time was 19:30 the day before,
+    and the honest 09:20 use was refused as replay_after_rollback and alerted on.)"""
+    api_server, listing = pve
+    listing[:] = [t for t in LISTING if t["type"] in ("qmrestore", "vzdump") and t["node"] == "pve1"]
+    cluster = uid("pve")
+    source, restored = f"{cluster}/101", f"{cluster}/311"
+    t0 = LISTING[-1]["starttime"] - 12  # 09:00:00Z
+    api.clock.now = t0 + 1200  # 09:20, before the backup
+    before_backup = uid("n")
+    assert (await consume(api, source, before_backup))["decision"] == "accept"
+    api.clock.now = t0 + 2400  # 09:40, after the backup
+    after_backup = uid("n")
+    assert (await consume(api, source, after_backup))["decision"] == "accept"
+    api.clock.now = t0 + 4000
+    _, bodies, answers = await poll_and_deliver(api, api_server, tmp_path, cluster=cluster, now=api.clock.now,
+                                                zone=ZoneInfo("UTC"))
+    assert all(answer.status == 202 for answer in answers), answers
+    assert [b["snapshot_created_at"] for b in bodies if b["type"] == "qmrestore"] == [t0 + 1800]
+    assert (await consume(api, restored, before_backup))["reason"] == "reused"
+    replay = await consume(api, restored, after_backup)
+    assert (replay["decision"], replay["reason"]) == ("reject", "replay_after_rollback"), replay
+
+
 async def test_credential_used_after_a_container_snapshot_is_a_replay_after_its_rollback(
     api: Api, pve: tuple[TestServer, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
@@ -419,8 +498,8 @@ async def test_real_service_accepts_every_container_record(
                                               "vzrollback", "vzshutdown", "vzsnapshot", "vzstart", "vzstop"])
 
 
-async def poll_and_deliver(api: Api, api_server: TestServer, tmp_path: Path, *, cluster: str,
-                           now: float) -> tuple[int, list[dict[str, Any]], list[Any]]:
+async def poll_and_deliver(api: Api, api_server: TestServer, tmp_path: Path, *, cluster: str, now: float,
+                           zone: tzinfo | None = None) -> tuple[int, list[dict[str, Any]], list[Any]]:
     """One poll of the stand-in PVE API (its lookups through the API) into an outbox, then
     every spooled record posted to the real service: the records spooled, their bodies and
     the service's answers."""
@@ -429,7 +508,7 @@ async def poll_and_deliver(api: Api, api_server: TestServer, tmp_path: Path, *, 
     async with aiohttp.ClientSession() as session:
         lookup = ApiLookup(session, base(api_server), Secret(PVE_TOKEN))
         spooled = await poll_once(await lookup.get("/cluster/tasks"), state_dir=tmp_path, outbox=outbox,
-                                  lookup=lookup, cluster=cluster, now=now, retention_s=86400)
+                                  lookup=lookup, cluster=cluster, now=now, retention_s=86400, zone=zone)
 
         async def post(data: bytes) -> Any:
             return await post_json(session, url, Secret(api.tokens["hypervisor"]), data)

@@ -59,17 +59,23 @@ def poller(api: Api, spool: Path, secret: str | None) -> PollerConfig:
 
 
 async def test_proxmox_once_unsigned_fails_keeps_records_and_cursor(signed_api: Api, tmp_path: Path) -> None:
-    """Unsigned records are refused (401): `--once` exits non-zero, keeps every record in the spool
-    (none in dead/) and saves no cursor; signed, the next run delivers them and saves the cursor."""
+    """Unsigned records are refused (401): `--once` exits non-zero and keeps every record in
+    the spool (none in dead/ but the clone that --lookup none cannot complete), its cursor
+    past them; signed, the next run delivers them."""
     tasks = listing()
     assert await run_poller(poller(signed_api, tmp_path, None), tasks) == EX_TEMPFAIL
     outbox = Outbox(tmp_path)
     waiting = len(outbox.pending())
-    assert waiting > 0 and not outbox.dead_letters() and not (tmp_path / CURSOR_FILE).exists()
+    clones = [t["upid"] for t in tasks if t["type"] == "qmclone"]
+    assert waiting > 0 and _dead_upids(outbox) == clones and (tmp_path / CURSOR_FILE).exists()
     assert await run_poller(poller(signed_api, tmp_path, "wrong-secret"), tasks) == EX_TEMPFAIL
     assert len(outbox.pending()) == waiting  # the same records, not spooled twice
     assert await run_poller(poller(signed_api, tmp_path, SECRET), tasks) == 0
-    assert not outbox.pending() and not outbox.dead_letters() and (tmp_path / CURSOR_FILE).exists()
+    assert not outbox.pending() and _dead_upids(outbox) == clones
+
+
+def _dead_upids(outbox: Outbox) -> list[str]:
+    return [orjson.loads(p.read_bytes())["upid"] for p in outbox.dead_letters()]
 
 
 @pytest_asyncio.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -12,6 +14,7 @@ from replayguard.core.events import EventType
 from replayguard.errors import ConfigError
 from replayguard.hypervisors import proxmox as parser
 from replayguard.relay.proxmox import (
+    CLONE_LOG_PATIENCE_S,
     CURSOR_FILE,
     Cursor,
     NoLookup,
@@ -48,6 +51,7 @@ CT_SNAPSHOTS: list[dict[str, Any]] = orjson.loads((DATA / "snapshot-pve1-120.jso
 CT_CLONE_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzclone.json").read_bytes())
 TAR_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzrestore-tar.json").read_bytes())
 CT_PBS_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzrestore-pbs.json").read_bytes())
+LINKED_LOG: list[dict[str, Any]] = orjson.loads((DATA / "task-log-vzclone-linked.json").read_bytes())
 T1 = T0 + 3 * 3600
 TAR_TIME = T1 - 1800 - 14 * 3600  # vzdump-lxc-120-2026_11_29-11_30_00, read at UTC+14:00
 CT_PBS_TIME = T1 - 7200  # ct/124/2026-11-29T10:00:00Z
@@ -330,6 +334,41 @@ def test_restore_source_unknown_when_the_log_names_no_single_backup(lines: objec
     assert restore_source(lines) is None
 
 
+@pytest.mark.parametrize(("zone", "expected"), [
+    ("UTC", T0 + 1800),  # the recorded node runs UTC
+    ("Europe/Vienna", T0 + 1800 - 3600),  # CET in November
+    ("America/New_York", T0 + 1800 + 5 * 3600),  # EST: later than the UTC+14:00 reading by 19 h
+    ("Pacific/Kiritimati", VMA_TIME),  # UTC+14:00 itself
+])
+async def test_a_vzdump_archive_name_is_read_in_the_nodes_time_zone(zone: str, expected: int) -> None:
+    """With --node-timezone the archive's zone-less wall time is the instant it names there,
+    exact, and the restore's record carries it (without it the earliest reading, UTC+14:00,
+    opens the window up to 26 hours early and flags honest uses made in between)."""
+    backup = restore_source(VMA_LOG, zone=ZoneInfo(zone))
+    assert backup == (101, expected, "vzdump-qemu-101-2026_11_29-09_30_00.vma.zst")
+    record = await build_record(task("qmrestore", "311"), TASKS, RecordedLookup(), None, ZoneInfo(zone))
+    (event,) = parser.parse(record)
+    assert event.snapshot_created_at == datetime.fromtimestamp(expected, UTC)
+    assert restore_source(PBS_LOG, zone=ZoneInfo(zone)) == (102, PBS_TIME, "vm/102/2026-11-29T08:00:00Z")
+
+
+@pytest.mark.parametrize(("name", "earliest"), [
+    # 02:30 happens twice in Vienna on 2026-10-25 (CEST, then CET): the first is taken.
+    ("vzdump-qemu-101-2026_10_25-02_30_00.vma.zst", datetime(2026, 10, 25, 0, 30, tzinfo=UTC)),
+    # 02:30 never happens there on 2026-03-29 (vzdump cannot print it): the earlier reading.
+    ("vzdump-qemu-101-2026_03_29-02_30_00.vma.zst", datetime(2026, 3, 29, 0, 30, tzinfo=UTC)),
+    ("vzdump-qemu-101-2026_10_25-03_30_00.vma.zst", datetime(2026, 10, 25, 2, 30, tzinfo=UTC)),
+])
+def test_a_wall_time_the_zone_repeats_or_skips_is_read_as_its_earliest_instant(
+    name: str, earliest: datetime
+) -> None:
+    """Around a daylight-saving change a wall time may name two instants or none: the
+    earlier reading is taken, so the window never starts late."""
+    backup = restore_source([{"t": f"restore vma archive: zstd -q -d -c /mnt/dump/{name}"}],
+                            zone=ZoneInfo("Europe/Vienna"))
+    assert backup is not None and backup.time == int(earliest.timestamp())
+
+
 # ---------------------------------------------------------------- records → the service's parser
 
 EXPECTED = {  # (type, vmid): (event type, vm_id, snapshot, snapshot_created_at, source_vm_id)
@@ -571,6 +610,103 @@ async def test_container_clone_with_unknown_target_waits_for_pve(tmp_path: Path)
     assert ct_upid("vzclone", "120") in [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
 
 
+def _linked_clone() -> dict[str, Any]:
+    """A vzclone of container template 130 (the recorded vzclone's fields, another vmid)."""
+    (clone,) = [t for t in CT_LISTING if t["type"] == "vzclone"]
+    return {**clone, "upid": clone["upid"].replace(":vzclone:120:", ":vzclone:130:"), "id": "130"}
+
+
+class LinkedLookup(RecordedLookup):
+    """PVE before March 2026: a linked container clone's log names only its template's volume."""
+
+    async def task_log(self, node: str, upid_text: str) -> object | None:
+        return LINKED_LOG if ":vzclone:130:" in upid_text else await super().task_log(node, upid_text)
+
+
+def _json_lines(buffer: Any) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+async def test_a_clone_whose_log_names_no_new_guest_is_set_aside_once(tmp_path: Path, log_buffer: Any) -> None:
+    """A linked clone of a container template on an older PVE prints only the template's
+    volume, so its new container cannot be known: its record (without target_vmid, which
+    the service requires) is set aside in dead/, its UPID enters the cursor, and one error
+    line says how to finish it; the next poll neither asks nor logs again. (It stayed due:
+    every poll read its log and warned, forever, and once PVE stopped listing it, it was
+    gone without a word.)"""
+    outbox, clone = Outbox(tmp_path), _linked_clone()
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": LinkedLookup(),
+                            "cluster": None, "now": T1 + 4000, "retention_s": 86400}
+    assert await poll_once([*CT_LISTING, clone], **args) == len(CT_EXPECTED)
+    (letter,) = outbox.dead_letters()
+    record = orjson.loads(letter.read_bytes())
+    assert record["upid"] == clone["upid"] and "target_vmid" not in record
+    assert clone["upid"] in Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes())
+    (line,) = [e for e in _json_lines(log_buffer) if e.get("event") == "proxmox_clone_target_unknown"]
+    assert line["level"] == "error" and line["upid"] == clone["upid"] and line["source_vmid"] == "130"
+    assert line["set_aside"] == f"dead/{letter.name}" and "target_vmid" in line["hint"]
+    assert await poll_once([*CT_LISTING, clone], **args) == 0
+    assert len(outbox.dead_letters()) == 1
+    assert [e.get("event") for e in _json_lines(log_buffer)].count("proxmox_clone_target_unknown") == 1
+
+
+async def test_without_lookups_a_clone_is_set_aside_at_once(tmp_path: Path) -> None:
+    """With --lookup none no task log will ever be read: the clone is set aside by the first
+    poll instead of being skipped at every poll."""
+    outbox = Outbox(tmp_path)
+    await poll_once(LISTING, state_dir=tmp_path, outbox=outbox, lookup=NoLookup(), cluster=None,
+                    now=T0 + 4000, retention_s=86400)
+    assert [orjson.loads(p.read_bytes())["upid"] for p in outbox.dead_letters()] == [upid("qmclone", "101")]
+    assert upid("qmclone", "101") in Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes())
+
+
+async def test_a_clone_whose_log_stays_unreadable_is_set_aside_after_a_day(tmp_path: Path) -> None:
+    """A clone whose task log PVE does not answer is asked for again at each poll, but not
+    for ever: a day after it ended its record is set aside and the cursor moves on."""
+
+    class Blind(RecordedLookup):
+        async def task_log(self, node: str, upid_text: str) -> object | None:
+            return None
+
+    outbox, clone = Outbox(tmp_path), task("qmclone", "101")
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": Blind(), "cluster": None,
+                            "retention_s": 7 * 86400}
+    await poll_once(LISTING, now=clone.raw["endtime"] + CLONE_LOG_PATIENCE_S - 1, **args)
+    assert not outbox.dead_letters()
+    assert clone.upid.text not in Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes())
+    await poll_once(LISTING, now=clone.raw["endtime"] + CLONE_LOG_PATIENCE_S, **args)
+    assert [orjson.loads(p.read_bytes())["upid"] for p in outbox.dead_letters()] == [clone.upid.text]
+    assert clone.upid.text in Cursor.from_json((tmp_path / CURSOR_FILE).read_bytes())
+
+
+async def test_a_clone_waiting_for_its_log_that_leaves_the_list_is_read_from_the_archive(tmp_path: Path) -> None:
+    """A clone whose task log could not be read is remembered as not handled: when newer
+    tasks push it off /cluster/tasks before PVE answers, its node's archive is read and it
+    is posted. (It was forgotten: neither in the cursor nor remembered, never posted.)"""
+    clone = next(t for t in CT_LISTING if t["type"] == "vzclone")
+
+    class Archive(RecordedLookup):
+        def __init__(self) -> None:
+            super().__init__()
+            self.answering = False
+
+        async def task_log(self, node: str, upid_text: str) -> object | None:
+            return await super().task_log(node, upid_text) if self.answering else None
+
+        async def task_archive(self, node: str, since: int) -> list[object] | None:
+            return [t for t in CT_LISTING if t["node"] == node and t["starttime"] >= since]
+
+    lookup, outbox = Archive(), Outbox(tmp_path)
+    args: dict[str, Any] = {"state_dir": tmp_path, "outbox": outbox, "lookup": lookup, "cluster": None,
+                            "retention_s": 86400}
+    await poll_once(CT_LISTING, now=T1 + 4000, **args)
+    lookup.answering = True
+    later = [_finished("pve1", 40 + n, T1 + 5000 + n) for n in range(3)]
+    await poll_once([t for t in CT_LISTING if t["upid"] != clone["upid"]] + later, now=T1 + 6000, **args)
+    spooled = {orjson.loads(p.read_bytes())["upid"]: orjson.loads(p.read_bytes()) for p in outbox.pending()}
+    assert spooled[clone["upid"]]["target_vmid"] == 121
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -627,3 +763,25 @@ async def test_a_running_task_of_a_node_that_lists_nothing_waits_for_the_node(tm
     await poll_once([_finished("pve1", 3, 500), *later], now=900, **args)
     spooled = [orjson.loads(p.read_bytes())["upid"] for p in outbox.pending()]
     assert rollback["upid"] in spooled
+
+
+@pytest.mark.parametrize("env", [{}, {"REPLAYGUARD_RELAY_NODE_TIMEZONE": "Europe/Vienna"}])
+def test_config_reads_the_node_time_zone(tmp_path: Path, env: dict[str, str]) -> None:
+    """--node-timezone (or REPLAYGUARD_RELAY_NODE_TIMEZONE) is an IANA zone; unset, it is unknown."""
+    base = ["--service-url", "http://127.0.0.1:1", "--spool-dir", str(tmp_path), "--from-stdin"]
+    flag = [] if env else ["--node-timezone", "Europe/Vienna"]
+    config, _ = load_config([*base, *flag], {"REPLAYGUARD_RELAY_TOKEN": "t", **env})
+    assert config.node_timezone == ZoneInfo("Europe/Vienna")
+    config, _ = load_config(base, {"REPLAYGUARD_RELAY_TOKEN": "t"})
+    assert config.node_timezone is None
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "CEST", "+01:00", "localtime", "../../etc/passwd", "/etc/localtime",
+                                  "zone.tab", ""])
+def test_config_refuses_a_node_time_zone_that_is_not_one(tmp_path: Path, zone: str) -> None:
+    """A name that is no IANA zone this host knows (an abbreviation, an offset, a path, this
+    host's own "localtime") stops the start with one line naming the flag, not a guess."""
+    base = ["--service-url", "http://127.0.0.1:1", "--spool-dir", str(tmp_path), "--from-stdin"]
+    with pytest.raises(ConfigError) as caught:
+        load_config([*base, "--node-timezone", zone], {"REPLAYGUARD_RELAY_TOKEN": "t"})
+    assert caught.value.message.startswith("--node-timezone") and "IANA" in caught.value.message

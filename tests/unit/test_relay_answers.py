@@ -238,3 +238,43 @@ async def test_an_event_refused_for_itself_is_tried_again_on_its_own_schedule(tm
     assert await drain(spool, post, "event_id", retry) == 50
     assert sum(1 for e in posted if e.startswith("hv-03:bound-")) == 20
     assert {n for e, n in posted.items() if "unbound" in e} == {1}
+
+
+@pytest.mark.parametrize("status", [403, 413])
+async def test_a_run_that_will_not_resend_sets_aside_an_event_refused_for_itself(tmp_path: Path, status: int) -> None:
+    """A drain with ``set_aside`` (a Proxmox --once run) moves an event still refused for
+    itself when its attempts are spent to dead/, logged with its id and the fix, and
+    reports nothing left; the event behind it is delivered. Without ``set_aside`` (a relay
+    that keeps running) it stays in the spool."""
+    spool = Spool(tmp_path)
+    spool.put({"event_id": "hv-03:refused", "kind": "lifecycle"})
+    spool.put({"event_id": "hv-03:taken", "kind": "lifecycle"})
+
+    async def post(data: bytes) -> Answer:
+        if orjson.loads(data)["event_id"] == "hv-03:refused":
+            return Answer(status, {"error": {"code": "forbidden", "message": "no"}})
+        return Answer(202, {"accepted": True, "duplicate": False})
+
+    assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 1
+    assert not spool.dead_letters()
+    with capture_logs() as logs:
+        assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001), set_aside=True) == 0
+    (letter,) = spool.dead_letters()
+    assert orjson.loads(letter.read_bytes())["event_id"] == "hv-03:refused" and not spool.pending()
+    (line,) = [e for e in logs if e["event"] == "event_set_aside"]
+    assert (line["log_level"], line["event_id"], line["status"]) == ("error", "hv-03:refused", status)
+    assert "move the file back" in line["hint"]
+
+
+@pytest.mark.parametrize("status", [401, 404, 308, 503])
+async def test_a_refusal_of_everything_is_never_set_aside(tmp_path: Path, status: int) -> None:
+    """A wrong token or signature, a wrong URL or a service that is down concerns every
+    event alike: even with ``set_aside`` the event stays in the spool for the next run."""
+    spool = Spool(tmp_path)
+    spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
+
+    async def post(_data: bytes) -> Answer:
+        return Answer(status, {"error": {"code": "unauthorized", "message": "no"}})
+
+    assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001), set_aside=True) == 1
+    assert not spool.dead_letters() and len(spool.pending()) == 1
