@@ -38,7 +38,8 @@ Choices:
   left out. One revert may therefore give two or three ``snapshot.reverted`` events with
   the same snapshot, which open the same window twice: harmless.
 - In-place reverts of running QEMU guests can emit no lifecycle event at all; the relay
-  reports those as ``silent_revert`` when the current snapshot changes under it.
+  reports those as ``silent_revert`` when the current snapshot moves back under it, or
+  the domain's state says it runs from a revert the relay had not seen.
 - A ``snapshot_created`` whose ``creation_time`` is null carries the relay's poll time as
   ``occurred_at``, which is not when the snapshot was taken (a relay started after it):
   the event is recorded without ``occurred_at``, so the service records the snapshot's

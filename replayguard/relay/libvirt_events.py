@@ -3,10 +3,11 @@
 libvirt tells a watcher about lifecycle changes (a revert shows as STOPPED/STARTED with a
 FROM_SNAPSHOT detail) but says nothing when a snapshot is created or deleted, and an
 in-place revert of a running QEMU guest can emit no event at all. So the relay also polls
-every domain's snapshot list and current snapshot; this module turns two polls into
-``snapshot_created``, ``snapshot_deleted`` and ``silent_revert`` changes (the current
-snapshot moved to another existing one with no FROM_SNAPSHOT event seen), and gives every
-event an id and a body. No libvirt, no I/O, no clock: times are parameters.
+every domain's snapshot list, current snapshot and state; this module turns two polls
+into ``snapshot_created``, ``snapshot_deleted`` and ``silent_revert`` changes (the current
+snapshot moved back, or the domain runs from a revert the previous poll did not see, with
+no FROM_SNAPSHOT event seen), and gives every event an id and a body. No libvirt, no I/O,
+no clock: times are parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ MAX_EVENT_ID = 256  # CONTRACT §3: identifiers are 1 to 256 printable character
 # DEFINED/FROM_SNAPSHOT (a shut-off domain reverted to a shut-off snapshot), the pairs the
 # service reads as a revert.
 FROM_SNAPSHOT = frozenset({(4, 2), (2, 3), (3, 5), (5, 6), (0, 3)})
+# virDomainGetState's (state, reason) that only a revert sets: VIR_DOMAIN_RUNNING with
+# VIR_DOMAIN_RUNNING_FROM_SNAPSHOT. PAUSED/FROM_SNAPSHOT (7) and SHUTOFF/FROM_SNAPSHOT (7)
+# are not: QEMU also sets them when it takes a snapshot (of a pm-suspended domain with
+# its memory; with --halt).
+RUNNING_FROM_SNAPSHOT = (1, 4)
+MAX_ANCESTRY = 64  # ancestors of the current snapshot read per poll
 
 
 class Kind(str, enum.Enum):
@@ -59,15 +66,32 @@ class SnapshotRef:
 
 
 @dataclass(frozen=True)
+class RunState:
+    """``virDomainGetState``'s state and reason, and the domain's id (-1 while not running)."""
+
+    state: int
+    reason: int
+    domain_id: int
+
+    @property
+    def from_snapshot(self) -> bool:
+        """Running, and the last state change was a revert (``RUNNING_FROM_SNAPSHOT``)."""
+        return (self.state, self.reason) == RUNNING_FROM_SNAPSHOT
+
+
+@dataclass(frozen=True)
 class DomainView:
-    """What one poll saw of one domain: snapshot name → creation time, the current one, and
-    the current one's ancestors, nearest first (None: not read, a poll state from before)."""
+    """What one poll saw of one domain: snapshot name → creation time, the current one, the
+    current one's ancestors, nearest first (at most ``MAX_ANCESTRY``), its descendants, and
+    the domain's state (each None: not read, a poll state from before it was kept)."""
 
     uuid: str
     name: str
     snapshots: Mapping[str, int | None]
     current: str | None
     ancestry: tuple[str, ...] | None = None
+    descendants: tuple[str, ...] | None = None
+    run: RunState | None = None
 
 
 @dataclass(frozen=True)
@@ -183,25 +207,73 @@ def is_silent_revert(prev: DomainView, cur: DomainView) -> bool:
     snapshot may make its parent current: neither is a revert. But taking a snapshot makes
     it current, so when several were taken since the previous poll (or while the relay was
     stopped) and the current one is not the last taken, the domain went back to it. A
-    snapshot whose name the previous poll saw with another creation time is a new one (the
-    old one deleted, the name taken again). Deleting the current snapshot makes its nearest
+    snapshot whose name the previous poll saw with another creation time, or under the
+    snapshot then current although it was that one's ancestor, is a new one (the old one
+    deleted, the name taken again). Deleting the current snapshot makes its nearest
     surviving ancestor current: any other existing snapshot current then is a revert.
     """
     target = cur.current
     if target is None or target == prev.current:
         return False
-    if not _existed(prev, cur, target):
-        taken = cur.snapshots.get(target)
-        return taken is not None and any(
-            not _existed(prev, cur, name) and when is not None and when > taken
-            for name, when in cur.snapshots.items()
-        )
+    if not _existed(prev, cur, target) or _retaken_under_previous(prev, cur, target):
+        return _taken_after_exists(prev, cur, target)
     if prev.current is None or prev.current in cur.snapshots:
         return True
     if prev.ancestry is None:  # the deletion may explain the move: nothing says otherwise
         return False
     survivor = next((name for name in prev.ancestry if _existed(prev, cur, name)), None)
     return target != survivor
+
+
+def _retaken_under_previous(prev: DomainView, cur: DomainView, target: str) -> bool:
+    """``target`` is a new snapshot under an old name: the previous poll saw it as an
+    ancestor of the snapshot then current, which is now an ancestor of it. A snapshot
+    never gains an ancestor (deleting one hands its children to its parent), so these are
+    two snapshots: the name was deleted and taken again, within one second (its creation
+    time is unchanged)."""
+    if prev.ancestry is None or cur.ancestry is None or prev.current is None:
+        return False
+    return target in prev.ancestry and prev.current in cur.ancestry
+
+
+def _taken_after_exists(prev: DomainView, cur: DomainView, target: str) -> bool:
+    """A snapshot taken since the previous poll, after ``target``, still exists: one that
+    descends from it (a snapshot is taken under the current one, so after its ancestors,
+    whatever the one-second creation times say), or one with a later creation time."""
+    taken = cur.snapshots.get(target)
+    descendants = cur.descendants or ()
+    return any(
+        name in descendants or (taken is not None and when is not None and when > taken)
+        for name, when in cur.snapshots.items()
+        if name != target and not _existed(prev, cur, name)
+    )
+
+
+def reverted_by_state(prev: DomainView, cur: DomainView) -> bool:
+    """The domain runs from a revert the previous poll did not see running: a revert since,
+    even one that moved no snapshot pointer (to the snapshot already current, or to the one
+    that deleting the current one makes current).
+
+    Only a revert sets RUNNING/FROM_SNAPSHOT, and it stays until the next state change. The
+    same state with the same domain id (what a restarted relay sees) may be the revert seen
+    before, or another made in place (QEMU keeps its process, so the id): it says nothing,
+    nor does a previous poll that did not read the state.
+    """
+    before, now = prev.run, cur.run
+    if before is None or now is None or not now.from_snapshot:
+        return False
+    return not before.from_snapshot or before.domain_id != now.domain_id
+
+
+def _state_revert_target(prev: DomainView, cur: DomainView) -> str | None:
+    """The snapshot to report a revert the state shows as going to: the current one, or,
+    when that one was taken since the previous poll (perhaps after the revert, under the
+    snapshot reverted to), its nearest ancestor that poll saw, which is no later than the
+    snapshot reverted to, so the window covers at least the true one's."""
+    target = cur.current
+    if target is None or _existed(prev, cur, target):
+        return target
+    return next((a for a in cur.ancestry or () if _existed(prev, cur, a)), target)
 
 
 def _existed(prev: DomainView, cur: DomainView, name: str) -> bool:
@@ -232,10 +304,14 @@ def diff_domain(prev: DomainView | None, cur: DomainView, lifecycle_seen: bool) 
         for n, t in sorted(before.items())
         if n not in cur.snapshots or n in retaken
     ]
-    if prev is not None and not lifecycle_seen and is_silent_revert(prev, cur):
-        assert cur.current is not None  # noqa: S101 - narrows the type for mypy
-        target = SnapshotRef(cur.current, cur.snapshots[cur.current])
-        changes.append(SnapshotChange(Kind.SILENT_REVERT, target, previous=prev.current))
+    if prev is None or lifecycle_seen:
+        return changes
+    target = cur.current if is_silent_revert(prev, cur) else None
+    if target is None and reverted_by_state(prev, cur):
+        target = _state_revert_target(prev, cur)
+    if target is not None:
+        snapshot = SnapshotRef(target, cur.snapshots.get(target))
+        changes.append(SnapshotChange(Kind.SILENT_REVERT, snapshot, previous=prev.current))
     return changes
 
 
@@ -252,11 +328,21 @@ def views_to_json(views: Mapping[str, DomainView]) -> bytes:
     return orjson.dumps(
         {
             u: {"name": v.name, "snapshots": dict(v.snapshots), "current": v.current,
-                "ancestry": None if v.ancestry is None else list(v.ancestry)}
+                "ancestry": None if v.ancestry is None else list(v.ancestry),
+                "descendants": None if v.descendants is None else list(v.descendants),
+                "run": None if v.run is None else [v.run.state, v.run.reason, v.run.domain_id]}
             for u, v in sorted(views.items())
         },
         option=orjson.OPT_SORT_KEYS,
     )
+
+
+def _names(raw: Any) -> tuple[str, ...] | None:
+    return None if raw is None else tuple(str(n) for n in raw)
+
+
+def _run(raw: Any) -> RunState | None:
+    return None if raw is None else RunState(*(int(x) for x in raw))
 
 
 def views_from_json(data: bytes) -> dict[str, DomainView]:
@@ -264,9 +350,9 @@ def views_from_json(data: bytes) -> dict[str, DomainView]:
     try:
         raw = orjson.loads(data)
         return {
-            u: DomainView(u, v["name"], dict(v["snapshots"]), v["current"],
-                          None if v.get("ancestry") is None else tuple(str(a) for a in v["ancestry"]))
+            u: DomainView(u, v["name"], dict(v["snapshots"]), v["current"], _names(v.get("ancestry")),
+                          _names(v.get("descendants")), _run(v.get("run")))
             for u, v in raw.items()
         }
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return {}

@@ -4,9 +4,9 @@ libvirt tells a watcher about lifecycle changes (a revert shows as STOPPED/START
 FROM_SNAPSHOT detail) but says nothing when a snapshot is created or deleted, and an
 in-place revert of a running QEMU guest can emit no event at all. So the relay does two
 things: it forwards every lifecycle event, and it polls every domain's snapshot list and
-current snapshot to synthesise ``snapshot_created``, ``snapshot_deleted`` and
-``silent_revert`` (the current snapshot moved to another existing one with no
-FROM_SNAPSHOT event seen).
+current snapshot and state to synthesise ``snapshot_created``, ``snapshot_deleted`` and
+``silent_revert`` (the current snapshot moved back, or the domain runs from a revert the
+previous poll did not see, with no FROM_SNAPSHOT event seen).
 
 Every event gets its id when it is born and is written to the spool (``spool.py``)
 before anything is sent, so a dead service or a ``kill -9`` of the relay delays an event
@@ -37,6 +37,7 @@ from .libvirt_events import (
     DomainView,
     Kind,
     RelayConfig,
+    RunState,
     SnapshotChange,
     SnapshotRef,
     change_body,
@@ -48,6 +49,7 @@ from .libvirt_events import (
     lifecycle_event_id,
     make_event_id,
     parse_creation_time,
+    reverted_by_state,
     rfc3339,
     views_from_json,
     views_to_json,
@@ -68,10 +70,11 @@ from .tasks import first_done, until_first_done
 
 __all__ = [
     "EVENTS_PATH", "FROM_SNAPSHOT", "MAX_EVENT_ID", "SOURCE", "STATE_FILE", "SYNTHETIC",
-    "DomainView", "Kind", "Outcome", "RelayConfig", "SnapshotChange", "SnapshotRef", "Spool",
+    "DomainView", "Kind", "Outcome", "RelayConfig", "RunState", "SnapshotChange", "SnapshotRef", "Spool",
     "backoff_delay", "change_body", "change_event_id", "classify_status",
     "deliver_forever", "deliver_one", "diff_domain", "event_body", "is_from_snapshot",
-    "is_silent_revert", "lifecycle_event_id", "make_event_id", "parse_creation_time", "rfc3339",
+    "is_silent_revert", "lifecycle_event_id", "make_event_id", "parse_creation_time",
+    "reverted_by_state", "rfc3339",
     "run_relay", "views_from_json", "views_to_json",
 ]  # fmt: skip
 
@@ -142,7 +145,7 @@ async def _spool_held(relay: RelayState) -> None:
     """Spool the held lifecycle events, oldest first, each removed only once written.
 
     They live only here (libvirt does not send an event again, and a revert to the current
-    snapshot leaves nothing for the poller to see): a spool write that fails (a full disk)
+    snapshot can leave nothing for the poller to see): a spool write that fails (a full disk)
     is tried again until it succeeds, never given up.
     """
     while relay.held:

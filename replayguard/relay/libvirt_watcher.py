@@ -17,8 +17,10 @@ from typing import Any
 import structlog
 
 from .libvirt_events import (
+    MAX_ANCESTRY,
     DomainView,
     RelayConfig,
+    RunState,
     SnapshotRef,
     is_from_snapshot,
     lifecycle_event_id,
@@ -57,9 +59,6 @@ class RelayState:
         self.spool.put(body)
         self.wake.set()
         log.info("event_spooled", event_id=body["event_id"], kind=body["kind"])
-
-
-MAX_ANCESTRY = 64  # ancestors of the current snapshot read per poll
 
 
 def _ancestry(snap: Any) -> tuple[str, ...]:
@@ -171,12 +170,19 @@ class Watcher:
         return views, frozenset(unreadable)
 
     def _view(self, dom: Any) -> DomainView:
+        import libvirt
+
         uuid = dom.UUIDString()
+        # The state first: a revert made while the snapshots are read then shows in the
+        # current snapshot now and in the state next time, both naming the snapshot it went to.
+        state, reason = dom.state(0)
+        run = RunState(state, reason, dom.ID())
         snaps = {s.getName(): self.creation_time(uuid, s) for s in dom.listAllSnapshots(0)}
         for key in [k for k in self.ctimes if k[0] == uuid and k[1] not in snaps]:
             del self.ctimes[key]  # a later snapshot of the same name has its own time
         current: str | None = None
         ancestry: tuple[str, ...] = ()
+        descendants: tuple[str, ...] = ()
         if dom.hasCurrentSnapshot(0):
             # Read afresh each poll: a name deleted and taken again between two polls is a
             # new snapshot (its own time), not the one cached, which became current again.
@@ -184,4 +190,6 @@ class Watcher:
             current = snap.getName()
             snaps[current] = self.creation_time(uuid, snap, fresh=True)
             ancestry = _ancestry(snap)
-        return DomainView(uuid, dom.name(), snaps, current, ancestry)
+            flags = libvirt.VIR_DOMAIN_SNAPSHOT_LIST_DESCENDANTS
+            descendants = tuple(s.getName() for s in snap.listAllChildren(flags))
+        return DomainView(uuid, dom.name(), snaps, current, ancestry, descendants, run)

@@ -16,6 +16,7 @@ from replayguard.relay.libvirt_relay import (
     DomainView,
     Kind,
     Outcome,
+    RunState,
     SnapshotChange,
     SnapshotRef,
     Spool,
@@ -155,6 +156,98 @@ def test_a_snapshot_taken_again_under_its_name_is_a_creation_not_a_revert() -> N
         ("snapshot_created", "c"), ("snapshot_created", "a"), ("snapshot_deleted", "a"), ("silent_revert", "c")]
 
 
+def test_a_revert_between_snapshots_taken_in_the_same_second_is_seen() -> None:
+    """c then d (d the child of c) taken in the same second since the last poll, then the
+    domain goes back to c with no lifecycle event: their creation times are equal, but d
+    descends from c, so d was taken after c and c being current is a silent revert. d
+    current (c its ancestor), or c current with no descendant, is creations only."""
+    before = DomainView(UUID, "web-01", {"a": 1, "b": 2}, "b", ("a",), ())
+    back = DomainView(UUID, "web-01", {"a": 1, "b": 2, "c": 3, "d": 3}, "c", ("b", "a"), ("d",))
+    assert kinds(diff_domain(before, back, lifecycle_seen=False)) == [
+        ("snapshot_created", "c"), ("snapshot_created", "d"), ("silent_revert", "c")]
+    ahead = DomainView(UUID, "web-01", {"a": 1, "b": 2, "c": 3, "d": 3}, "d", ("c", "b", "a"), ())
+    assert [k for k, _ in kinds(diff_domain(before, ahead, lifecycle_seen=False))] == ["snapshot_created"] * 2
+    alone = DomainView(UUID, "web-01", {"a": 1, "b": 2, "c": 3}, "c", ("b", "a"), ())
+    assert kinds(diff_domain(before, alone, lifecycle_seen=False)) == [("snapshot_created", "c")]
+
+
+def test_a_snapshot_deleted_and_taken_again_in_the_same_second_is_no_revert() -> None:
+    """a, then b (its child, current); a is deleted and taken again within the same second
+    (so under b, current, with a's old creation time). Name and time match the old a, but
+    the old a was b's ancestor and the new one descends from b: a new snapshot becoming
+    current, not the old a come back. The old a itself current again is still a revert."""
+    before = DomainView(UUID, "web-01", {"a": 7, "b": 7}, "b", ("a",), ())
+    retaken = DomainView(UUID, "web-01", {"a": 7, "b": 7}, "a", ("b",), ())
+    assert diff_domain(before, retaken, lifecycle_seen=False) == []
+    back = DomainView(UUID, "web-01", {"a": 7, "b": 7}, "a", (), ("b",))
+    assert kinds(diff_domain(before, back, lifecycle_seen=False)) == [("silent_revert", "a")]
+
+
+def at(state: int, reason: int, domain_id: int, current: str | None = "a", **snapshots: int) -> DomainView:
+    """A view of web-01 whose ``virDomainGetState`` gave (state, reason) and whose id is ``domain_id``."""
+    return DomainView(UUID, "web-01", snapshots or {"a": 1}, current, (), (), RunState(state, reason, domain_id))
+
+
+RUNNING, PAUSED, SHUTOFF = 1, 3, 5
+BOOTED, UNPAUSED, RUN_FROM_SNAPSHOT, PAUSE_FROM_SNAPSHOT, OFF_FROM_SNAPSHOT, DESTROYED = 1, 5, 4, 7, 7, 2
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (at(RUNNING, BOOTED, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 4)),  # QEMU in place: no event, same id
+        (at(RUNNING, UNPAUSED, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 4)),
+        (at(SHUTOFF, DESTROYED, -1), at(RUNNING, RUN_FROM_SNAPSHOT, 6)),
+        (at(RUNNING, RUN_FROM_SNAPSHOT, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 9)),  # a new process
+        (at(PAUSED, PAUSE_FROM_SNAPSHOT, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 4)),  # seen mid-revert
+        (at(SHUTOFF, OFF_FROM_SNAPSHOT, -1), at(RUNNING, RUN_FROM_SNAPSHOT, -1)),  # test driver ids
+    ],
+)
+def test_running_from_a_revert_the_last_poll_did_not_see_is_a_revert_to_the_current_snapshot(
+    before: DomainView, after: DomainView
+) -> None:
+    """libvirt gives a running domain the FROM_SNAPSHOT state reason only by a revert, so a
+    domain that has it now and did not at the previous poll (or had it in another process)
+    was reverted since, although its current snapshot did not move (the revert was to the
+    current one); a FROM_SNAPSHOT lifecycle event in the interval already said so."""
+    assert diff_domain(before, after, lifecycle_seen=False) == [
+        SnapshotChange(Kind.SILENT_REVERT, SnapshotRef("a", 1), previous="a")]
+    assert diff_domain(before, after, lifecycle_seen=True) == []
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (at(RUNNING, RUN_FROM_SNAPSHOT, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 4)),  # a restarted relay
+        (at(RUNNING, BOOTED, 4), at(SHUTOFF, OFF_FROM_SNAPSHOT, -1)),  # also: snapshot-create --halt
+        (at(RUNNING, BOOTED, 4), at(PAUSED, PAUSE_FROM_SNAPSHOT, 4)),  # also: snapshot of a pm-suspended domain
+        (at(RUNNING, RUN_FROM_SNAPSHOT, 4), at(RUNNING, BOOTED, 5)),
+        (at(RUNNING, BOOTED, 4), at(PAUSED, 1, 4)),
+        (DomainView(UUID, "web-01", {"a": 1}, "a"), at(RUNNING, RUN_FROM_SNAPSHOT, 4)),  # an older poll state
+        (at(RUNNING, BOOTED, 4), at(RUNNING, RUN_FROM_SNAPSHOT, 4, current=None)),
+    ],
+)
+def test_a_state_no_revert_alone_explains_or_already_seen_is_no_revert(before: DomainView, after: DomainView) -> None:
+    """The running FROM_SNAPSHOT state the previous poll saw with the same id (a relay
+    restarted), the paused and shut-off FROM_SNAPSHOT reasons (QEMU sets them when taking
+    some snapshots too), other reasons, a previous poll that did not read the state, and a
+    domain with no current snapshot to name give no revert."""
+    assert diff_domain(before, after, lifecycle_seen=False) == []
+
+
+def test_a_revert_by_state_names_the_newest_snapshot_the_last_poll_saw() -> None:
+    """Reverted while the relay was away, then a snapshot c taken (current, child of b): the
+    revert went to c or to one of its ancestors (b, or one taken and deleted since the last
+    poll), so it is reported as one to b, c's nearest ancestor that the last poll saw,
+    whose window starts no later than the true one's."""
+    before = DomainView(UUID, "web-01", {"a": 1, "b": 2}, "b", ("a",), (), RunState(RUNNING, BOOTED, 4))
+    after = DomainView(UUID, "web-01", {"a": 1, "b": 2, "c": 3}, "c", ("b", "a"), (),
+                       RunState(RUNNING, RUN_FROM_SNAPSHOT, 4))
+    assert diff_domain(before, after, lifecycle_seen=False) == [
+        SnapshotChange(Kind.SNAPSHOT_CREATED, SnapshotRef("c", 3)),
+        SnapshotChange(Kind.SILENT_REVERT, SnapshotRef("b", 2), previous="b")]
+
+
 @pytest.mark.parametrize(
     ("event", "detail", "expected"),
     [(5, 6, True), (2, 3, True), (3, 5, True), (4, 2, True), (0, 3, True), (2, 0, False), (5, 1, False),
@@ -270,6 +363,8 @@ def test_poll_state_round_trips_and_tolerates_garbage() -> None:
     """Poll state survives a round trip through bytes; unreadable state is forgotten."""
     views = {UUID: view("a", a=100, b=None)}
     assert views_from_json(views_to_json(views)) == views
+    full = {UUID: DomainView(UUID, "web-01", {"a": 1, "b": 2}, "a", (), ("b",), RunState(1, 4, 7))}
+    assert views_from_json(views_to_json(full)) == full
     assert views_from_json(b"{oops") == {}
     assert views_from_json(b"[1, 2]") == {}
 
