@@ -19,9 +19,14 @@ ids for dedup). Every instance, leader or not, delivers what its own outbox hold
 records spooled by an instance that stopped or lost the lead leave on its next start.
 When the database went back in time (a restore, a failover to a standby behind), its
 change numbers start again below the feed's position, and may reach it again before the
-feed reads: the tail compares what it read last with what the database holds (the
-ledger entry that was the head then, the last change's alert, hash and content), finds
-where they part, and goes back there with every open stream (``_went_back``, ``_rewind``).
+feed reads: the tail compares what it read last with what the database holds (this
+feed's mark, the ledger entry that was the head then, the last change's alert, hash and
+content), finds where they part, and goes back there with every open stream
+(``_went_back``, ``_rewind``). The mark is a random tag the statement that reads the
+changes writes into ``alert_feed_marks`` whenever it read any (``_MARK``): a copy older
+than that read cannot hold it, so a database that lost only alert changes writing no
+ledger entry (``ledger_rollback``, ``witness_unreachable``, ``ledger_tamper``), and
+numbered as many again, the last alert read changing once more among them, is seen too.
 The leader also checks the state tables against the ledger (``state_check.py``), bounded
 work per tick (``core/state_schedule.py``): first every entry appended since its last look,
 then the next slice of a sweep that goes from the newest entry down to the first and
@@ -31,9 +36,9 @@ sweep finds (``core/chain_sweep.py``): the whole hash chain re-hashed, a bounded
 tick, entries under checkpoints included, whether or not anyone asks for a verification.
 The leader also writes each alert to the service's own log when it is raised or changes
 kind or severity: critical ones as ``error`` lines, warnings as ``warning`` lines (kind,
-VM, principal, alert id), so the journal alone shows an attack. (An alert that changes
-while leadership moves between instances may miss its line; the sinks and the API still
-have it.)
+VM, principal, alert id), so the journal alone shows an attack; a change read again after
+the database went back is no new line. (An alert that changes while leadership moves
+between instances may miss its line; the sinks and the API still have it.)
 
 The feed's connection also LISTENs on ``replayguard_tokens`` for the token cache
 (``tokens.py``) and on ``replayguard_api_tokens`` for the API token cache (``apitokens.py``):
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -82,6 +88,8 @@ PAGE = 500
 QUEUE_SIZE = 256
 _LEADER_LOCK = 0x7267666C  # "rgfl"
 _RECENT = 4096
+MARK_REFRESH_S = 3600.0  # a feed that read no change for this long writes its mark again
+MARK_KEEP_S = 86_400  # the leader deletes the marks of feeds that wrote none for this long
 ALERT_LOG_LEVELS = {"critical": "error", "warning": "warning"}  # severity: level of its log line
 
 
@@ -94,16 +102,34 @@ _SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = $2"
                      " AND seq <= (SELECT seq FROM ledger_head) ORDER BY seq LIMIT $3")
 
 
+# This feed's mark ($3, tag $4: ``migrations/040_alert_feed_marks.sql``), written by the
+# statement that reads the changes after $1 when there are any (or when $5 asks for it):
+# a database that holds the tag committed that read, and with it every change read. The
+# same statement reads the tag the database held before (``held``), in its snapshot.
+_MARK = ("INSERT INTO alert_feed_marks (feed, tag) SELECT $3::bytea, $4::bytea"
+         " WHERE $5::boolean OR EXISTS (SELECT 1 FROM alerts WHERE change_seq > $1)"
+         " ON CONFLICT (feed) DO UPDATE SET tag = excluded.tag, marked = now() RETURNING 1")
 # The changes after $1 and, in the same snapshot, the ledger's head: every change read
 # committed with its entries, so a database that no longer holds that head lost them.
-_TAIL = (f"SELECT h.seq AS head_seq, h.hash AS head_hash, a.* FROM ledger_head h LEFT JOIN LATERAL"  # noqa: S608 - fixed column list; values go as $n parameters
+_TAIL = (f"WITH mark AS ({_MARK}) SELECT h.seq AS head_seq, h.hash AS head_hash,"  # noqa: S608 - fixed column list; values go as $n parameters
+         " (SELECT tag FROM alert_feed_marks WHERE feed = $3) AS held, EXISTS (SELECT 1 FROM mark) AS marked,"
+         " a.* FROM ledger_head h LEFT JOIN LATERAL"
          f" (SELECT {COLUMNS} FROM alerts WHERE change_seq > $1 ORDER BY change_seq LIMIT $2) a ON true WHERE h.id")
 # What the database holds now of the head last read ($1) and of the last change's alert ($2).
 _HELD = ("SELECT (SELECT hash FROM ledger WHERE seq = $1) AS entry,"  # noqa: S608 - fixed column list; values go as $n parameters
          " (SELECT coalesce(max(change_seq), 0) FROM alerts) AS last, a.*"
          f" FROM (VALUES (1)) v LEFT JOIN LATERAL (SELECT {COLUMNS} FROM alerts WHERE id = $2) a ON true")
 _ALERTS = f"SELECT {COLUMNS} FROM alerts WHERE id = ANY($1::bigint[])"  # noqa: S608 - fixed column list
-_NEWEST = f"SELECT {COLUMNS} FROM alerts ORDER BY change_seq DESC LIMIT 1"  # noqa: S608 - fixed column list
+# The newest change, where a feed starts, and its first mark ($1, tag $2), in one statement.
+_START = ("WITH mark AS (INSERT INTO alert_feed_marks (feed, tag) VALUES ($1, $2)"  # noqa: S608 - fixed column list
+          " ON CONFLICT (feed) DO UPDATE SET tag = excluded.tag, marked = now())"
+          f" SELECT {COLUMNS} FROM alerts ORDER BY change_seq DESC LIMIT 1")
+# The marks of feeds that wrote none for a day (stopped, or gone): a live feed writes its
+# mark at least every MARK_REFRESH_S.
+_FORGET_MARKS = f"DELETE FROM alert_feed_marks WHERE marked < now() - interval '{MARK_KEEP_S} seconds'"  # noqa: S608 - a constant
+
+
+Raised = tuple[int, str | None, str | None]  # when an alert was raised, about which VM and principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +139,7 @@ class Read:
 
     change: int
     alert_id: int
-    raised: tuple[int, str | None, str | None]  # when, about which VM and principal: never changes
+    raised: Raised
     digest: str
 
     @classmethod
@@ -132,7 +158,7 @@ class Read:
         return row["id"] is not None and row["change_seq"] > self.change and _raised(row) == self.raised
 
 
-def _raised(record: asyncpg.Record) -> tuple[int, str | None, str | None]:
+def _raised(record: asyncpg.Record) -> Raised:
     return record["first_seen_us"], record["vm_id"], record["principal"]
 
 
@@ -186,10 +212,19 @@ class AlertFeed:
         self._max = max_subscribers
         self.subscribers: set[Subscriber] = set()
         self._wake = asyncio.Event()
-        self._logged: OrderedDict[int, tuple[str, str]] = OrderedDict()
+        # (kind, severity) last logged per alert, by id and what raised it (``_raised``): a
+        # restore gives ids out again, to other alerts, and a change read again is no new line.
+        self._logged: OrderedDict[tuple[int, Raised], tuple[str, str]] = OrderedDict()
         self._pos: int | None = None
         self._read: deque[Read] = deque(maxlen=_RECENT)  # the last change of each recent read, in order
         self._head: tuple[int, bytes] | None = None  # the ledger's head when changes were last read
+        # This feed's mark in the database (``_MARK``): its id, the tag of the last read that
+        # wrote one (None until one did, and after the database went back), the tag of the
+        # last read that may have (committed though its answer was lost), and when (monotonic).
+        self._feed_id = secrets.token_bytes(16)
+        self._mark: bytes | None = None
+        self._tried: bytes | None = None
+        self._marked_at = 0.0
         self.leader = False
         self._sinks_started = False
         self._sinks_error: str | None = None  # why the sinks did not start, as last logged
@@ -231,11 +266,14 @@ class AlertFeed:
 
     async def start(self) -> None:
         """Starts from now for live subscribers; the sinks' position is fixed before serving."""
+        tag = secrets.token_bytes(16)
         async with acquire(self._rt.pool) as conn:
-            newest = await conn.fetchrow(_NEWEST)
+            newest = await conn.fetchrow(_START, self._feed_id, tag)
             if self.dispatcher is not None:
                 await conn.execute(_SINK_FEED_INIT)
         self._pos = 0 if newest is None else newest["change_seq"]
+        self._mark = self._tried = tag
+        self._marked_at = time.monotonic()
         if newest is not None:  # where a database restored before the first read parts, if it holds it
             self._read.append(Read.of(newest))
         self._task = asyncio.create_task(self._run(), name="alert-feed")
@@ -360,6 +398,9 @@ class AlertFeed:
         self._wake.set()
 
     async def _session(self, conn: asyncpg.Connection) -> None:
+        # The lead is taken before the first read, so an instance that leads logs the changes
+        # it reads on a new connection (after a restore, every instance reconnects).
+        self.leader = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
         last_tail = 0.0
         while not self._stopping:
             gap = last_tail + TAIL_GAP_S - time.monotonic()
@@ -395,14 +436,26 @@ class AlertFeed:
         committed below the position once a later one was read. A database that went back
         in time (a restore, a failover to a standby that had not caught up) numbers its new
         changes from below the position again, and may number as many as it lost before
-        this read: ``_went_back`` tells by content, ``_rewind`` goes back to where the
-        database's history and the one read part."""
+        this read: ``_went_back`` tells by content, and each read by this feed's mark
+        (``_MARK``), read in its own snapshot; ``_rewind`` goes back to where the database's
+        history and the one read part."""
         if await self._went_back(conn):
             await self._rewind(conn)
         while True:
             after = self._pos or 0
-            rows = await conn.fetch(_TAIL, after, PAGE)
+            # The tags a database holds when it holds every read so far: the last one written,
+            # or one whose statement committed though its answer was lost.
+            holds = (self._mark, self._tried)
+            self._tried = tag = secrets.token_bytes(16)
+            due = self._mark is None or time.monotonic() - self._marked_at >= MARK_REFRESH_S
+            rows = await conn.fetch(_TAIL, after, PAGE, self._feed_id, tag, due)
+            held = rows[0]["held"]
+            if self._mark is not None and (held is None or bytes(held) not in holds):
+                await self._rewind(conn)  # this read is of a copy older than the last: read again from where they part
+                continue
             self._head = (rows[0]["head_seq"], bytes(rows[0]["head_hash"]))
+            if rows[0]["marked"]:
+                self._mark, self._marked_at = tag, time.monotonic()
             records = [row for row in rows if row["id"] is not None]
             if records:  # the last of each read is enough to find where a restored database parts
                 self._read.append(Read.of(records[-1]))
@@ -419,7 +472,10 @@ class AlertFeed:
         """Whether the database lost what the tail read: its last change is below the
         position, or it no longer holds the ledger entry that was the head when changes
         were last read (hash for hash), or the last change read is neither there as it was
-        read nor followed by a later change of the same alert."""
+        read nor followed by a later change of the same alert. (Each read also checks this
+        feed's mark, ``_MARK``, in its own snapshot: the mark alone tells a copy that lost
+        only alert changes that write no ledger entry, when the alert read last changed
+        again since, since its later change is what the database would hold anyway.)"""
         if self._pos is None:
             return False
         newest = self._read[-1] if self._read else None
@@ -454,7 +510,7 @@ class AlertFeed:
         while self._read and self._read[-1].change > self._pos:
             self._read.pop()
         self._head = None  # the next read takes the restored ledger's head
-        self._logged.clear()  # alert ids are numbered again too
+        self._mark = None  # the database holds an older mark, or none: the next read writes one
 
     @staticmethod
     def _go_back(sub: Subscriber, parted: int) -> int:
@@ -474,10 +530,10 @@ class AlertFeed:
 
     def _log_alert(self, record: asyncpg.Record) -> None:
         """One log line per alert raised, and per change of its kind or severity."""
-        severity, kind = record["severity"], record["kind"]
-        if severity not in ALERT_LOG_LEVELS or self._logged.get(record["id"]) == (kind, severity):
+        severity, kind, key = record["severity"], record["kind"], (record["id"], _raised(record))
+        if severity not in ALERT_LOG_LEVELS or self._logged.get(key) == (kind, severity):
             return
-        self._logged[record["id"]] = (kind, severity)
+        self._logged[key] = (kind, severity)
         while len(self._logged) > _RECENT:
             self._logged.popitem(last=False)
         getattr(log, ALERT_LOG_LEVELS[severity])(
@@ -519,6 +575,8 @@ class AlertFeed:
             await self._check_state()
         with work.timed("purge"):
             purged = await purge_expired(self._rt.pool, self._rt.now_us())
+            async with acquire(self._rt.pool) as conn:
+                await conn.execute(_FORGET_MARKS)
         if purged == PURGE_BATCH:
             self._last_lead = 0.0  # more expired uses wait: purge the next batch at once
 

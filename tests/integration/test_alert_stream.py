@@ -7,15 +7,18 @@ changes as it lost before the feed read again)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from structlog.testing import capture_logs
@@ -25,6 +28,7 @@ from replayguard.http import analysts
 from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed
 from replayguard.settings import Secret
+from tests.api.test_alert_log import alert_lines
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import REPO, Api, cli_env, uid
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
@@ -592,6 +596,105 @@ async def test_a_database_gone_back_past_every_remembered_read_sends_open_stream
     finally:
         resp.close()
     assert alert["id"] == listed["id"]
+
+
+async def _raise_unledgered(dsn: str, kind: str, dedup: str) -> int:
+    """Raises (or joins) an alert that writes no ledger entry, as the continuity guard, a
+    witness or the tamper checks do, on a connection of the test's own; returns its id."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT rg_alert($1, 'critical', NULL, NULL, $2, $3, 0, $4, '{}'::jsonb)",
+                                       kind, dedup, time.time_ns() // 1000, f"{kind} raised by the test"))
+    finally:
+        await conn.close()
+
+
+async def test_a_restore_that_loses_only_alert_changes_is_noticed_though_the_last_alert_read_changed_again(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, log_buffer: io.StringIO) -> None:
+    """Alert changes that write no ledger entry (``witness_unreachable``, ``ledger_tamper``,
+    ``ledger_rollback``) leave the ledger's head as it was. The database goes back to a copy
+    that lacks the last one the feed read (the alert joined again), then numbers another
+    alert's change under that number and the same alert's next change after it, before the
+    feed reads again: the head is the same, the last change is past the position, and the
+    last alert read has changed since, as it would have without a restore. The feed finds
+    that the database does not hold its mark as its last read left it, goes back, and the
+    open stream gets the other alert, numbered at or below what it had already been sent;
+    the leader logs it, and does not log again the alert it had logged."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    feed = api.client.app[ANALYSTS].feed
+    await until(lambda: feed.leader, "this instance to lead the alert feed", timeout=15)
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        joined = uid("witness")
+        joined_id = await _raise_unledgered(database_url, "witness_unreachable", joined)
+        scratch_dbs.append(copy := await snapshot(database_url))
+        await _raise_unledgered(database_url, "witness_unreachable", joined)  # lost by the restore
+        high = await feed._alerts.last_change()
+        await until(lambda: feed._pos == high, "the feed to read every change")
+        head = feed._head
+        held, gate = hold(feed)
+        await until(held.is_set, "the feed to be held back")
+        await restore(database_url, copy, scratch_dbs)
+        other = await _raise_unledgered(database_url, "ledger_tamper", uid("tamper"))
+        again = await _raise_unledgered(database_url, "witness_unreachable", joined)
+        conn = await asyncpg.connect(database_url)
+        try:
+            numbered = {r["id"]: r["change_seq"] for r in await conn.fetch("SELECT id, change_seq FROM alerts")}
+            restored_head = tuple(await conn.fetchrow("SELECT seq, hash FROM ledger_head"))
+        finally:
+            await conn.close()
+        assert numbered[other] <= high < numbered[again]  # numbers alone show nothing
+        assert head == (restored_head[0], bytes(restored_head[1]))  # nor does the ledger
+        gate.set()
+        sent = await _alerts_until(resp, lambda seen: any(a["id"] == str(other) for a in seen))
+    finally:
+        resp.close()
+    assert [a["kind"] for a in sent if a["id"] == str(other)] == ["ledger_tamper"]
+    assert len(alert_lines(log_buffer, str(other))) == 1
+    assert len(alert_lines(log_buffer, str(joined_id))) == 1
+
+
+async def test_a_feed_that_reconnects_to_the_same_database_does_not_go_back(
+        api_factory: Callable[..., Any], database_url: str, log_buffer: io.StringIO) -> None:
+    """No false alarm from the mark: the feed's session is ended under it (a network cut, a
+    server restart) while alerts go on changing, the one read last among them; the feed
+    reconnects to the same database, finds its mark there, and the open stream gets the
+    changes made meanwhile with no go-back frame and no ``alert_feed_database_went_back``."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        start = await first_id(resp)
+        joined = uid("witness")
+        await _raise_unledgered(database_url, "witness_unreachable", joined)
+        high = await feed._alerts.last_change()
+        await until(lambda: feed._pos == high, "the feed to read the change")
+        session = feed._session_id
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert session is not None and await conn.fetchval("SELECT pg_terminate_backend($1)", session[0])
+            await _raise_unledgered(database_url, "witness_unreachable", joined)
+            other = await _raise_unledgered(database_url, "ledger_tamper", uid("tamper"))
+        finally:
+            await conn.close()
+        await until(lambda: feed._session_id != session, "the feed to reconnect")
+        ids: list[int] = []
+
+        async def read() -> None:
+            while True:
+                line = (await resp.content.readline()).decode()
+                assert line, "the stream ended"
+                if line.startswith("id: "):
+                    ids.append(int(line[4:]))
+                elif line.startswith("data: ") and orjson.loads(line[6:])["id"] == str(other):
+                    return
+
+        await asyncio.wait_for(read(), 20)
+    finally:
+        resp.close()
+    assert ids == sorted(ids) and ids[0] > start  # never an id below one sent: no go-back frame
+    assert "alert_feed_database_went_back" not in log_buffer.getvalue()
 
 
 async def test_sink_record_ids_stay_unique_after_the_database_went_back(
