@@ -11,7 +11,9 @@ A checkpoint's signature matters only where the checkpoint disagrees with the ch
 that agrees vouches for nothing the recomputed hashes do not already show, forged or not,
 and one that disagrees is a finding when it is genuine and is set aside as forged when it
 is not. So ``genuine`` is asked about disagreeing checkpoints alone, and an intact ledger
-costs no signature verification however many checkpoints it has.
+costs no signature verification however many checkpoints it has. A forged checkpoint
+leaves the chain as sound as it was (``verify`` stays ok), yet someone wrote it to the
+database: ``forged_checkpoints`` names it, for the leader's chain sweep to alert.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class Problem(str, enum.Enum):
     MISSING_TAIL = "missing_tail"
     LEDGER_ROLLBACK = "ledger_rollback"
     STATE_MISMATCH = "state_mismatch"  # a state table lacks what an entry implies (replayguard/services/state_check.py)
+    # A checkpoint row naming the service's key that disagrees with the chain and whose
+    # signature does not hold: not a break of the chain (verification stays ok), but a row
+    # someone wrote to the database. Only the chain sweep alerts it (``forged_checkpoints``).
+    FORGED_CHECKPOINT = "forged_checkpoint"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +157,16 @@ class ChainChecker:
             self.finding = past_head(max((seq for seq in self.checkpoints if seq > head_seq and self.genuine(seq)),
                                          default=0), head_seq)
         return self.finding
+
+
+def forged_checkpoints(count: int, first_seq: int | None) -> Finding | None:
+    """The checkpoints a check set aside as forged (``ChainChecker.forged``, from
+    ``first_forged``), as a finding to alert."""
+    if count == 0 or first_seq is None:
+        return None
+    return Finding(first_seq, Problem.FORGED_CHECKPOINT,
+                   f"{count} checkpoint row(s) from entry {first_seq} name the service's key, disagree with the "
+                   f"chain and carry no valid signature: someone wrote them to the database (the chain is intact)")
 
 
 def past_head(signed_seq: int, head_seq: int) -> Finding | None:

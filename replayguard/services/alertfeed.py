@@ -62,7 +62,7 @@ import structlog
 from ..core import checkpoints as cps
 from ..core.chain_sweep import ChainSweep
 from ..core.checkpoints import Checkpoint
-from ..core.ledger_check import Finding
+from ..core.ledger_check import Finding, Problem
 from ..core.state_schedule import StateSchedule
 from ..errors import ConfigError, Unavailable
 from ..fanout import AlertFanout
@@ -234,8 +234,11 @@ class AlertFeed:
         self._session_id: tuple[Any, ...] | None = None  # (pid, backend_start) of the feed's connection
         self.state_ticks = 0  # state checks done while leader (tests wait on it)
         self._chain_sweep = ChainSweep()  # which entries the chain sweep re-hashes next
-        # Chain findings alerted by the checkpointer or the chain sweep (``_alert_once``).
+        # Chain findings alerted by the checkpointer or the chain sweep (``_alert_once``), and
+        # apart, the forged checkpoints the sweep set aside: however many rows someone wrote,
+        # they cannot push a break of the chain out of what the leader remembers alerting.
         self._chain_findings: OrderedDict[Finding, None] = OrderedDict()
+        self._forged: OrderedDict[Finding, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._last_lead = 0.0
         self._stopping = False
@@ -599,15 +602,25 @@ class AlertFeed:
     async def _sweep_chain(self) -> None:
         """One tick of the chain sweep (``core/chain_sweep.py``): the next span of the whole
         chain re-hashed, entries under checkpoints included; a finding raises
-        ``ledger_tamper`` once (``_alert_once``), however many rounds find it again."""
+        ``ledger_tamper`` once (``_alert_once``), however many rounds find it again. So do
+        checkpoint rows of the service's key that disagree with the chain without a valid
+        signature (``forged_checkpoint``, in a span the chain holds up in): they change
+        nothing the service trusts, but only a writer to the database puts them there. One
+        ``checkpoint_signature_invalid`` error line each time it alerts (the first row's entry
+        and the span)."""
         head = await self._ledger.head_seq()
         span = self._chain_sweep.plan(head)
         if span is None:
             return
         finding = await self._ledger.check_chain_span(span.after, span.upto)
         self._chain_sweep.done(span, head)
-        if finding is not None:
+        if finding is None:
+            return
+        if finding.problem is not Problem.FORGED_CHECKPOINT:
             await self._alert_once(self._chain_findings, finding)
+        elif await self._alert_once(self._forged, finding):
+            log.error("checkpoint_signature_invalid", first_seq=finding.seq, span_after=span.after,
+                      span_upto=span.upto, found_by="chain_sweep")
 
     async def _alert_once(self, seen: OrderedDict[Finding, None], finding: Finding,
                           state: Disagreement | None = None) -> bool:

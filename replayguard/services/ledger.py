@@ -29,7 +29,7 @@ import structlog
 from ..core import checkpoints as cps
 from ..core.chain import GENESIS
 from ..core.checkpoints import Checkpoint
-from ..core.ledger_check import Finding, Problem, past_head
+from ..core.ledger_check import Finding, Problem, forged_checkpoints, past_head
 from ..pg.connections import UNAVAILABLE_ERRORS, acquire
 from .chain_reader import PINS_PER_STRETCH, ChainProcess, ChainResult, ChildFailed, Pins, Progress, check_here
 from .decide import clock_guard_scope
@@ -160,7 +160,9 @@ class LedgerService:
         ``core/chain_sweep.py``), against the checkpoints among them: from the stored hash of
         entry ``after`` to that of entry ``upto``, or to ``ledger_head`` when ``upto`` is the
         head. Spans that meet at an entry check it from both sides: the one that ends there
-        recomputes its hash, the next one checks that its successor follows it."""
+        recomputes its hash, the next one checks that its successor follows it. Returns the
+        chain's finding, or, in a span without one, the checkpoints it set aside as forged
+        (``forged_checkpoint``)."""
         async with acquire(self._pool) as conn:
             head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
             upto = min(upto, head["seq"])
@@ -174,7 +176,7 @@ class LedgerService:
                 if seq not in ends:
                     return Finding(seq, Problem.MISSING, f"entry {seq} is missing")
             chain = await self._check_chain(conn, after, ends[after], upto, ends[upto], self._pins)
-        return chain.finding
+        return chain.finding or forged_checkpoints(chain.forged, chain.first_forged)
 
     async def head_seq(self) -> int:
         async with acquire(self._pool) as conn:
@@ -298,12 +300,16 @@ class LedgerService:
             self._chain.close()
 
     async def raise_tamper_alert(self, finding: Finding, now_us: int, state: Disagreement | None = None) -> int:
-        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert. A state
-        disagreement adds its table and key digest to the details."""
+        """A critical ``ledger_tamper`` alert; repeats of one finding join one alert, and so
+        do all forged checkpoints (one alert, whichever rows: each is a row that someone with
+        the database's rights wrote, and a thousand of them are one intrusion, not a thousand
+        alerts). A state disagreement adds its table and key digest to the details."""
+        dedup = (f"ledger_tamper:{finding.problem.value}" if finding.problem is Problem.FORGED_CHECKPOINT
+                 else f"ledger_tamper:{finding.problem.value}:{finding.seq}")
         async with acquire(self._pool) as conn:
             alert_id: int = await conn.fetchval(
                 "SELECT rg_alert('ledger_tamper', 'critical', NULL, NULL, $1, $2, $3, $4, $5::jsonb)",
-                f"ledger_tamper:{finding.problem.value}:{finding.seq}", now_us, finding.seq, finding.message,
+                dedup, now_us, finding.seq, finding.message,
                 {"first_bad_seq": finding.seq, "problem": finding.problem.value,
                  **({"table": state.table, "key_digest": state.key_digest} if state is not None else {})})
         log.error("ledger_tamper", seq=finding.seq, problem=finding.problem.value)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +16,11 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from replayguard.core import checkpoints as cps
 from replayguard.core.chain_sweep import ChainSweep
+from replayguard.core.checkpoints import Checkpoint
 from replayguard.core.state_schedule import StateSchedule
 from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret, Settings
@@ -133,6 +138,45 @@ async def test_the_chain_sweep_alerts_each_finding_once_round_after_round(
     assert status == 200, page
     found = sorted((a["details"]["first_bad_seq"], a["details"]["problem"], a["count"]) for a in page["items"])
     assert found == [(2, "modified", 1), (7, "modified", 1)], page["items"]
+
+
+async def test_forged_checkpoint_rows_over_a_sound_chain_are_logged_and_alerted_once(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any], log_buffer: io.StringIO) -> None:
+    """Someone with the database's rights writes checkpoint rows naming the service's key
+    over a sound chain, each over a hash its entry does not have: one with a garbage
+    signature, one signed by another key. The chain is intact (verification stays ok) and
+    the rows vouch for nothing, but they are evidence of a writer: the leader's chain sweep
+    logs each (its entry, neither its hash nor its signature) and both join one critical
+    ``ledger_tamper`` alert (problem ``forged_checkpoint``), once each, however many rounds
+    of the sweep find them again."""
+    api, dsn = await ledger_of(api_factory, fresh_database, 10)
+    feed = api.client.app[ANALYSTS].feed
+    feed._chain_sweep = sweep = ChainSweep(size=5)  # the two rows in two spans
+    ours = api.client.app[ANALYSTS].ledger.key_id
+    garbage = Checkpoint(3, secrets.token_bytes(32), 1_800_000_000_000_000, ours, secrets.token_bytes(64))
+    wrong_key = dataclasses.replace(cps.sign(Ed25519PrivateKey.generate(), 8, secrets.token_bytes(32),
+                                             1_800_000_000_000_000), key_id=ours)
+    conn = await asyncpg.connect(dsn)
+    try:
+        for row in (garbage, wrong_key):  # in place of a checkpoint the leader may have signed there
+            await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO UPDATE"
+                               " SET hash = excluded.hash, ts_us = excluded.ts_us, key_id = excluded.key_id,"
+                               " signature = excluded.signature", *dataclasses.astuple(row))
+    finally:
+        await conn.close()
+    rounds = sweep.rounds
+    await until(lambda: sweep.rounds >= rounds + 4, "four rounds of the chain sweep", timeout=30)
+    status, page = await api.get("/v1/alerts?kind=ledger_tamper")
+    assert status == 200, page
+    assert [(a["severity"], a["details"]["problem"], a["count"]) for a in page["items"]] == [
+        ("critical", "forged_checkpoint", 2)], page["items"]
+    assert (await verify(api))["ok"] is True
+    lines = [orjson.loads(line) for line in log_buffer.getvalue().splitlines() if line.startswith("{")]
+    swept = [line for line in lines
+             if line.get("event") == "checkpoint_signature_invalid" and line.get("found_by") == "chain_sweep"]
+    assert sorted(line["first_seq"] for line in swept) == [3, 8] and all(line["level"] == "error" for line in swept)
+    for row in (garbage, wrong_key):
+        assert row.signature.hex() not in log_buffer.getvalue() and row.hash.hex() not in log_buffer.getvalue()
 
 
 async def wait_for_checkpoint(api: Api, covering: int = 1) -> dict[str, Any]:

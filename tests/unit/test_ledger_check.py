@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from replayguard.core import checkpoints as cps
 from replayguard.core.chain import GENESIS, Entry, entry_hash
-from replayguard.core.ledger_check import ChainChecker, Problem, Row
+from replayguard.core.ledger_check import ChainChecker, Problem, Row, forged_checkpoints
 
 
 def chain(n: int) -> list[Row]:
@@ -294,3 +294,12 @@ def test_malformed_checkpoints_are_value_errors(data: object) -> None:
     """Anything but the JSON form ``to_json`` writes is refused with ValueError."""
     with pytest.raises(ValueError):
         cps.from_json(data)
+
+
+def test_forged_checkpoints_are_a_finding_at_the_first_only_when_there_are_any() -> None:
+    """A check that set aside forged checkpoints names the first and how many; one that set
+    aside none gives no finding."""
+    found = forged_checkpoints(2, 7)
+    assert found is not None and (found.seq, found.problem) == (7, Problem.FORGED_CHECKPOINT)
+    assert "2 checkpoint row(s) from entry 7" in found.message
+    assert forged_checkpoints(0, None) is None
