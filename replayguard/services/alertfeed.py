@@ -451,7 +451,11 @@ class AlertFeed:
             holds = (self._mark, self._tried)
             self._tried = tag = secrets.token_bytes(16)
             due = self._mark is None or time.monotonic() - self._marked_at >= MARK_REFRESH_S
-            rows = await conn.fetch(_TAIL, after, PAGE, self._feed_id, tag, due)
+            # The mark's write needs no flush of its own: a crash of the database server
+            # that loses it makes the next read go back (changes sent again, none missed).
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                rows = await conn.fetch(_TAIL, after, PAGE, self._feed_id, tag, due)
             held = rows[0]["held"]
             if self._mark is not None and (held is None or bytes(held) not in holds):
                 await self._rewind(conn)  # this read is of a copy older than the last: read again from where they part
