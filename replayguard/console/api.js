@@ -74,7 +74,8 @@ function parseFrame(frame) {
 
 /**
  * Follows /v1/alerts/stream until `signal` aborts: calls onAlert(alert) per event and
- * onState("live" | "reconnecting" | "denied"); resumes with Last-Event-ID after a drop.
+ * onState("live" | "reconnecting" | "revoked" | "denied"); resumes with Last-Event-ID after
+ * a drop. "revoked" (401: the token is unknown now) and "denied" (403) end it.
  * The stream opens with its position (an id-only frame, which fires no alert), so a drop
  * before the first alert resumes from there too. An id below the last one means the
  * database went back in time (a restore, a failover to a standby behind): what was read
@@ -94,7 +95,8 @@ export async function followAlerts(onAlert, onState, signal, onBack = () => {}) 
       if (last !== null) extra["Last-Event-ID"] = last;
       const resp = await fetch("/v1/alerts/stream", { headers: headers(extra), signal, cache: "no-store",
                                                        credentials: "omit", referrerPolicy: "no-referrer" });
-      if (resp.status === 401 || resp.status === 403) { onState("denied"); return; }
+      if (resp.status === 401) { onState("revoked"); return; }
+      if (resp.status === 403) { onState("denied"); return; }
       if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
       onState("live");
       delay = 1000;

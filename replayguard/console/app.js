@@ -36,7 +36,12 @@ function pageContext(signal) {
   return { ...shell, signal };
 }
 
+// Why the last session ended, when the service ended it: shown once on the login page.
+let farewell = "";
+const REFUSED = "The service no longer accepts that token (revoked?): log in again.";
+
 function setLive(state) {
+  if (state === "revoked") { logout(REFUSED); return; }  // what is on screen goes with the token
   live.hidden = false;
   live.dataset.state = state;
   live.textContent = { live: "● live", reconnecting: "○ reconnecting…", denied: "○ stream refused" }[state] || state;
@@ -62,7 +67,8 @@ function loggedIn(role) {
   startStream();
 }
 
-function logout() {
+function logout(why = "") {
+  farewell = why;
   logins++;  // a login still in flight is not taken up any more
   if (checking) checking.abort();
   stopStream();
@@ -107,7 +113,8 @@ async function login(input, message) {
 }
 
 function loginPage() {
-  const message = h("p", { class: "error", role: "alert", id: "login-message" });
+  const message = h("p", { class: "error", role: "alert", id: "login-message" }, farewell);
+  farewell = "";
   const input = h("input", { type: "password", id: "token", autocomplete: "off", spellcheck: "false",
                              placeholder: "rgt_…", "aria-label": "API token" });
   const button = h("button", { type: "button", id: "login" }, "Log in");
@@ -137,8 +144,10 @@ async function route() {
   listeners.clear();
   if (!session.token()) { loginPage(); return; }
   const [name, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
-  const page = PAGES[name] || alerts;
-  for (const a of nav.querySelectorAll("a")) a.classList.toggle("active", a.dataset.page === (PAGES[name] ? name : "alerts"));
+  // Own names only: "#/constructor" or "#/__proto__" must not find what every object inherits.
+  const known = Object.hasOwn(PAGES, name);
+  const page = known ? PAGES[name] : alerts;
+  for (const a of nav.querySelectorAll("a")) a.classList.toggle("active", a.dataset.page === (known ? name : "alerts"));
   const params = rest.map((part) => { try { return decodeURIComponent(part); } catch { return part; } });
   const view = h("div", { class: "view" });
   clear(main).append(view);
@@ -148,12 +157,12 @@ async function route() {
     else if (done) done();  // left already: stop what it follows (the stream, its timers)
   } catch (error) {
     if (mine !== routes || aborted(error)) return;
-    if (error instanceof ApiError && error.status === 401) { logout(); return; }
+    if (error instanceof ApiError && error.status === 401) { logout(REFUSED); return; }
     view.append(errorBox(error));
   }
 }
 
-logoutButton.addEventListener("click", logout);
+logoutButton.addEventListener("click", () => logout());
 window.addEventListener("hashchange", route);
 if (session.token()) loggedIn(sessionStorage.getItem(ROLE_KEY));
 route();

@@ -55,7 +55,7 @@ from ..services.timeline import TimelineService
 from ..services.witness_store import WitnessStore
 from ..settings import Settings
 from . import admin, analysts, callouts, console, hypervisor, openapi, ops, radius, witness
-from .common import BEARER_CHALLENGE, MAX_BODY, Handler, Route, json_response, set_server_header
+from .common import BEARER_CHALLENGE, MAX_BODY, Handler, Route, json_response, set_answer_headers
 from .state import (
     ANALYSTS,
     CALLER,
@@ -321,7 +321,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app = web.Application(middlewares=[edge, authorise], client_max_size=MAX_BODY + 1024)
     app.cleanup_ctx.append(_resources_ctx(settings, clock, dsn, metrics_dir))
     app.on_shutdown.append(_end_streams)
-    app.on_response_prepare.append(set_server_header)
+    app.on_response_prepare.append(set_answer_headers)
     routes = all_routes()
     table: dict[tuple[str, str], Route] = {}
     resources: dict[str, web.Resource] = {}

@@ -48,14 +48,25 @@ class Route:
 
 # What every answer says in ``Server``: not aiohttp's default, which names its version.
 SERVER_HEADER = "replayguard"
+# What every answer of the API carries (both fronts; the console's files set their own,
+# ``console.HEADERS``). Answers hold alerts, principals, receipts and enrolment secrets:
+# no cache keeps them, a browser never reads one as anything but JSON (or runs it as a
+# script the console's ``script-src 'self'`` would admit), and no page frames one.
+API_HEADERS = {
+    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
 # The challenge every 401 carries in ``WWW-Authenticate`` (RFC 9110 §15.5.2: a 401 MUST
 # have one; RFC 6750 §3: the scheme of a bearer-token resource is ``Bearer``).
 BEARER_CHALLENGE = "Bearer"
 
 
-async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: streamed answers (SSE) included."""
+async def set_answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: ``Server`` and, unless the answer sets its own,
+    ``API_HEADERS`` on every answer, errors and streamed ones (SSE) included."""
     response.headers["Server"] = SERVER_HEADER
+    for name, value in API_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

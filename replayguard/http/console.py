@@ -3,7 +3,8 @@
 The console is plain ES modules, a stylesheet and one HTML page (``replayguard/console/``),
 read once at start-up through ``importlib.resources`` and served with a strict
 Content-Security-Policy (scripts, styles and connections from this origin only; no inline
-script or style; no framing; no form submission). The pages call the same API every
+script or style; no framing; no form submission; Trusted Types required, so the browser
+refuses a string given to ``innerHTML`` and its kin instead of parsing it). The pages call the same API every
 other client calls, with the analyst's token in the ``Authorization`` header; the token
 never reaches a URL, so it is never in this service's request log. Serving needs no
 token: the files hold no data.
@@ -22,7 +23,8 @@ from .common import Route
 ROUTES: list[Route] = []  # not API routes: the console is wired by ``setup`` and left out of OpenAPI
 PREFIX = "/console/"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
-       " font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+       " font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none';"
+       " require-trusted-types-for 'script'; trusted-types 'none'")
 HEADERS = {
     "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY", "Cache-Control": "no-cache", "Cross-Origin-Opener-Policy": "same-origin",

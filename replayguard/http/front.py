@@ -70,6 +70,7 @@ from ..services.apitokens import Caller
 from . import callouts, radius
 from .app import ROUTE_TABLE, authorised_caller, error_answer, log_request, request_id_for
 from .common import (
+    API_HEADERS,
     BEARER_CHALLENGE,
     MAX_BODY,
     MAX_FIELD_SIZE,
@@ -110,6 +111,7 @@ _HOLD_S = 0.5  # a request still incomplete after this (checked at each sweep) g
 _RELEASED = httptools.HttpRequestParser(None)
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _CHALLENGE = b"WWW-Authenticate: %s\r\n" % BEARER_CHALLENGE.encode()
+_API_HEADERS = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in API_HEADERS.items())
 
 
 class _Divert(Exception):
@@ -431,7 +433,7 @@ class ContractRequestHandler(StopsWithClient, RequestHandler):
         log.warning("bad_http_request", status=status, error=None if exc is None else type(exc).__name__)
         error = (InvalidRequest("the request is not valid HTTP") if 400 <= status < 500
                  else ReplayGuardError("internal error"))
-        response = json_response(error.body(), status=status, headers={"Server": SERVER_HEADER})
+        response = json_response(error.body(), status=status, headers={"Server": SERVER_HEADER, **API_HEADERS})
         response.force_close()
         return response
 
@@ -497,8 +499,8 @@ class Front:
             REQUEST_CONTEXT.reset(reset)
         self._runtime.metrics.http_request(route.path, "POST", status, elapsed)
         line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-        tail = b"X-Request-Id: %s\r\nDate: %s\r\nServer: %s\r\n" % (
-            request_id.encode(), self._date(), SERVER_HEADER.encode())
+        tail = b"X-Request-Id: %s\r\nDate: %s\r\nServer: %s\r\n%s" % (
+            request_id.encode(), self._date(), SERVER_HEADER.encode(), _API_HEADERS)
         if status == 401:  # as app.edge: every 401 names the scheme (RFC 9110 §15.5.2, RFC 6750 §3)
             tail += _CHALLENGE
         if payload is None:  # 204: no body, so neither length nor type (RFC 9110 §8.6)

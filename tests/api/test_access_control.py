@@ -96,6 +96,14 @@ async def _refusal(served: Served, row: Row, authorization: str | None) -> tuple
         return resp.status, resp.headers.get("WWW-Authenticate", "")
 
 
+async def _headers(served: Served, row: Row, authorization: str | None) -> dict[str, str]:
+    """The headers of an answer (a redirect followed)."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    body: Any = {} if row.method in ("POST", "PUT", "PATCH") else None
+    async with served.client.request(row.method, row.path, headers=headers, json=body) as resp:
+        return {name.lower(): value for name, value in resp.headers.items()}
+
+
 def _row_id(row: Row) -> str:
     return f"{row.method} {row.template}"
 
@@ -159,6 +167,22 @@ async def test_open_route_ignores_any_authorization(served: Served, row: Row) ->
     for header in [None, "Bearer rgt_unknown", *MALFORMED.values()]:
         status = await _status(served, row, header)
         assert status == row.expected["none"], (header and header[:20], status)
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=_row_id)
+async def test_every_answer_is_kept_from_caches_sniffing_and_frames(served: Served, row: Row) -> None:
+    """Every answer to every caller, refusals and the alert stream included, is stored by no
+    cache, read as nothing but its declared type and framed by no page: ``Cache-Control:
+    no-store`` (the console's files, which hold no data: ``no-cache``), ``nosniff``, and a
+    Content-Security-Policy with ``frame-ancestors 'none'`` (the API's: ``default-src 'none'``)."""
+    console = row.template.startswith("/console")
+    for caller in CALLERS:
+        header = None if caller == "none" else f"Bearer {served.tokens[caller]}"
+        seen = await _headers(served, row, header)
+        csp = seen.get("content-security-policy", "")
+        assert seen.get("cache-control") == ("no-cache" if console else "no-store"), (caller, seen)
+        assert seen.get("x-content-type-options") == "nosniff", (caller, seen)
+        assert "frame-ancestors 'none'" in csp and (console or csp.startswith("default-src 'none'")), (caller, csp)
 
 
 async def test_unauthorised_answer_uses_the_contract_error_body(served: Served) -> None:

@@ -41,12 +41,14 @@ class _Tags(HTMLParser):
 
 
 async def test_the_console_page_is_served_with_a_strict_policy(api: Api) -> None:
-    """/console/ is HTML with a CSP that allows only this origin and no inline script or style."""
+    """/console/ is HTML with a CSP that allows only this origin and no inline script or style,
+    and that requires Trusted Types, so no string is ever parsed as HTML."""
     resp = await api.client.get("/console/")
     assert resp.status == 200 and resp.content_type == "text/html"
     csp = resp.headers["Content-Security-Policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "http" not in csp
+    assert "require-trusted-types-for 'script'" in csp and "trusted-types 'none'" in csp
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     assert resp.headers["Referrer-Policy"] == "no-referrer"
 

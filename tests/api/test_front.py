@@ -723,3 +723,25 @@ async def test_answers_carry_the_server_header_and_the_request_id_without_traili
     [answer] = await _exchange(api, nonce_request(api, secrets.token_hex(8), extra=b"X-Request-Id: abc-123 \t\r\n"))
     assert answer.status == 200
     assert (answer.headers["server"], answer.headers["x-request-id"]) == ("replayguard", "abc-123")
+
+
+# What every API answer carries, written down here rather than read from the product.
+API_HEADERS = {"cache-control": "no-store", "x-content-type-options": "nosniff",
+               "content-security-policy": "default-src 'none'; frame-ancestors 'none'"}
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_answers_are_kept_from_caches_sniffing_and_frames_by_both_fronts(
+        api_factory: Callable[..., Awaitable[Api]], front: str) -> None:
+    """A decision (its answer holds a receipt), a refused one and a request no parser takes
+    are answered with ``Cache-Control: no-store``, ``nosniff`` and a CSP that forbids framing,
+    whichever front answers them."""
+    api = await api_factory(http_front=front)
+    [accepted] = await _exchange(api, nonce_request(api, secrets.token_hex(8)))
+    [refused] = await _exchange(api, nonce_request(api, secrets.token_hex(8)).replace(
+        api.tokens["callout"].encode(), b"rgt_" + b"u" * 43))
+    [broken] = await _exchange(api, b"GET /v1/status HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+    assert (accepted.status, refused.status, broken.status) == (200, 401, 400)
+    assert "receipt" in accepted.json()
+    for answer in (accepted, refused, broken):
+        assert {name: answer.headers.get(name) for name in API_HEADERS} == API_HEADERS, answer
