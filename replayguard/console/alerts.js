@@ -118,10 +118,26 @@ export async function render(main, params, ctx) {
     items.sort(byNewest);
   };
 
+  const empty = () => h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No alerts match."));
   const paint = () => {
     clear(body).append(...items.map((a) => row(a, selected)));
-    if (!items.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No alerts match.")));
+    if (!items.length) body.append(empty());
     more.hidden = cursor === null;
+  };
+  const rowOf = (id) => body.querySelector(`tr[data-alert-id="${CSS.escape(id)}"]`);
+  /** Redraws one alert's row after `place` (listed, updated or unlisted), leaving the other
+   *  rows as they are: a flood of alerts on the stream (a guest making reuse after reuse)
+   *  costs a row each, never the whole list redrawn per alert. Returns its new row. */
+  const repaint = (alert) => {
+    const at = items.findIndex((a) => a.id === alert.id);
+    const old = rowOf(alert.id);
+    const tr = at >= 0 ? row(items[at], selected) : null;
+    if (old && tr) old.replaceWith(tr);
+    else if (old) old.remove();
+    else if (tr) body.insertBefore(tr, (at + 1 < items.length && rowOf(items[at + 1].id)) || null);
+    for (const placeholder of body.querySelectorAll("tr:not([data-alert-id])")) placeholder.remove();
+    if (!items.length) body.append(empty());
+    return tr;
   };
   const load = async (append) => {
     if (!append) generation += 1;
@@ -167,15 +183,27 @@ export async function render(main, params, ctx) {
       more),
     detailPane));
 
+  // Live changes of the open alert read its detail again, one such read at a time: the
+  // changes that come while it is on its way are read by one more read after it. An alert
+  // replayed in a loop (each replay a change) costs a read at a time, not a read per change.
+  let rereading = false;
+  let again = false;
+  const reread = async () => {
+    if (rereading) { again = true; return; }
+    rereading = true;
+    try {
+      do { again = false; await showDetail(detailPane, selected, ctx.signal); } while (again && !ctx.signal.aborted);
+    } finally {
+      rereading = false;
+    }
+  };
   const stop = ctx.onAlert((alert) => {
-    if (alert.id === selected) showDetail(detailPane, selected, ctx.signal);
+    if (alert.id === selected) reread();
     if (remember(alert) !== alert) return;  // a page read after this change already listed it
     for (const changed of loads) changed.add(alert.id);
     if (!place(alert)) return;
     items.sort(byNewest);
-    paint();
-    const fresh = body.querySelector(`tr[data-alert-id="${CSS.escape(alert.id)}"]`);
-    if (fresh) fresh.classList.add("fresh");
+    repaint(alert)?.classList.add("fresh");
   });
   // The database went back in time: the ids and change numbers seen may name alerts of
   // another history, so what was known is forgotten and the list is read again.

@@ -1,6 +1,6 @@
 """The console attacked as a pentester would, in a real browser: links crafted to reach
-what every object inherits, markup put where the page would parse it, and a console left
-open on a token that was revoked.
+what every object inherits, markup put where the page would parse it, a console left
+open on a token that was revoked, and a flood of alerts from a guest.
 
 The identifiers an attacker chooses rendering as text is in ``test_console.py``
 (``test_hostile_identifiers_render_as_inert_text``); the headers every answer carries are
@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.browser.conftest import Tab
+from tests.api.test_analysts import reuse_alert
+from tests.browser.conftest import HeldResponses, Tab, settle
 from tests.browser.test_console import WAIT_MS, sign_in
 from tests.conftest import Api, uid
+from tests.waiting import until
 
 
 @pytest.mark.parametrize("name", ["constructor", "__proto__", "toString", "hasOwnProperty"])
@@ -74,3 +76,67 @@ async def test_a_console_whose_token_is_revoked_forgets_it_and_what_it_showed(
     assert await page.locator("#alert-rows").count() == 0
     assert await page.locator("#logout").is_hidden()
     assert await page.evaluate("() => sessionStorage.length") == 0
+
+
+async def test_each_live_alert_adds_its_row_and_leaves_the_listed_rows_alone(api: Api, tab: Tab) -> None:
+    """A guest raising alert after alert (its callout token can make reuse after reuse) costs
+    the analyst's console one new row per alert: the rows already listed stay as they are,
+    not redrawn for every alert, so a flood cannot freeze the list the analyst is reading."""
+    page = tab.page
+    listed = [(await reuse_alert(api, uid("vm"), uid("scope")))[0] for _ in range(5)]
+    await sign_in(tab, api)
+    for alert_id in listed:
+        await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    await page.evaluate("""() => {
+        const body = document.querySelector("#alert-rows");
+        window.__listed = [...body.querySelectorAll("tr[data-alert-id]")];
+        window.__added = 0;
+        new MutationObserver((records) => {
+            for (const record of records) {
+                for (const node of record.addedNodes) if (node.dataset?.alertId) window.__added++;
+            }
+        }).observe(body, { childList: true });
+    }""")
+    flood = [(await reuse_alert(api, uid("guest-vm"), uid("scope")))[0] for _ in range(5)]
+    for alert_id in flood:
+        await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    assert await page.evaluate("() => window.__listed.length") >= len(listed)
+    assert await page.evaluate("() => window.__listed.every((tr) => tr.isConnected)"), "listed rows were redrawn"
+    assert await page.evaluate("() => window.__added") == len(flood)
+    ids = await page.locator("#alert-rows tr").evaluate_all("(rows) => rows.map((tr) => tr.dataset.alertId)")
+    assert ids == sorted(ids, key=int, reverse=True) and len(ids) == len(set(ids))
+    assert await page.locator("#alert-rows tr.fresh").count() == len(flood)
+
+
+async def test_an_open_alert_replayed_in_a_loop_is_read_again_one_read_at_a_time(api: Api, tab: Tab) -> None:
+    """The alert the analyst has open is replayed again and again (each replay a live change):
+    its detail is read again one read at a time, the changes that came meanwhile by one more
+    read after it, not one read per change, and the detail ends on the latest state."""
+    vm_id, scope = uid("vm"), uid("scope")
+    alert_id, nonce = await reuse_alert(api, vm_id, scope)
+    page = tab.page
+    await sign_in(tab, api)
+    await page.evaluate("(id) => { location.hash = '#/alerts/' + encodeURIComponent(id); }", alert_id)
+    detail = page.locator("#alert-detail")
+    await detail.locator("dt:text-is('count') + dd:text-is('1')").wait_for(timeout=WAIT_MS)
+
+    def detail_reads() -> int:
+        return sum(1 for url in tab.requests if url.endswith(f"/v1/alerts/{alert_id}"))
+
+    before = detail_reads()
+    held = HeldResponses()
+    await page.route(lambda url: url.endswith(f"/v1/alerts/{alert_id}"), held.handle)
+    replays = 5
+    count = page.locator(f'tr[data-alert-id="{alert_id}"] td.num')
+    for seen in range(2, replays + 2):  # each change reaches the console before the next replay
+        status, again = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+        assert status == 200 and str(again["alert_id"]) == str(alert_id)
+        await count.filter(has_text=str(seen)).wait_for(timeout=WAIT_MS)
+    await until(held.fetched, "the first read again to be made (and held)")
+    assert detail_reads() - before == 1, "a read per change"
+    async with page.expect_event("requestfinished", lambda r: r.url == held.urls[0]):
+        held.release()
+    await until(lambda: detail_reads() - before >= 2, "one read after it, for the changes meanwhile")
+    await detail.locator(f"dt:text-is('count') + dd:text-is('{replays + 1}')").wait_for(timeout=WAIT_MS)
+    await settle(page)
+    assert detail_reads() - before == 2
