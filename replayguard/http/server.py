@@ -28,14 +28,15 @@ from aiohttp import web
 
 from ..errors import ConfigError
 from ..settings import Settings
-from .common import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from .common import API_HEADERS, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from .front import FrontRunner
 
 log = structlog.get_logger(__name__)
 
 _BUSY_BODY = b'{"error": {"code": "unavailable", "message": "too many connections; try again later"}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+         + "".join(f"{name}: {value}\r\n" for name, value in API_HEADERS.items()).encode()
+         + b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
 
 
 def handler_limits(settings: Settings) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""The 503 a connection over ``max_connections`` gets, written before any parser runs:
+the contract's error body with the headers every API answer carries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httptools
+
+from replayguard.http.server import _Busy
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+
+    def write(self, data: Any) -> None:
+        self.written += data
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _Answer:
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.body = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+
+async def test_the_busy_answer_is_the_contract_error_kept_from_caches_sniffing_and_frames() -> None:
+    """A connection over the cap is answered 503 ``unavailable`` with ``Cache-Control: no-store``,
+    ``nosniff`` and a CSP that forbids framing, like every other API answer."""
+    transport, busy, answer = _Transport(), _Busy(), _Answer()
+    busy.connection_made(transport)
+    busy.connection_lost(None)
+    parser = httptools.HttpResponseParser(answer)
+    parser.feed_data(bytes(transport.written))
+    assert parser.get_status_code() == 503
+    assert json.loads(answer.body)["error"]["code"] == "unavailable"
+    assert {name: answer.headers.get(name) for name in ("cache-control", "x-content-type-options",
+                                                        "content-security-policy")} == {
+        "cache-control": "no-store", "x-content-type-options": "nosniff",
+        "content-security-policy": "default-src 'none'; frame-ancestors 'none'"}
