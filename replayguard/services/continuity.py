@@ -28,7 +28,9 @@ Every worker runs ``check`` at start and every ``CHECK_S``; no decision is admit
 before one completed (``unavailable``). The instance that signs a checkpoint hands it
 to ``published``, which pushes it to every witness in a background task (a slow witness
 never holds a decision) and checks again; nothing is signed nor pushed while a rollback
-is known (``vouches``), so a restored chain never overtakes what a witness holds.
+is known (``vouches``), and nothing is pushed to a witness the last check could not read
+(what it holds was compared with nothing), so a restored chain never overtakes what a
+witness holds.
 """
 
 from __future__ import annotations
@@ -539,12 +541,19 @@ class ContinuityGuard:
                 await self.check()
 
     async def push(self, cp: Checkpoint) -> dict[str, str]:
-        """Offers ``cp`` (with the latest recovery statement) to every witness; returns each
-        one's answer (an admission, or ``unreachable: …``)."""
+        """Offers ``cp`` (with the latest recovery statement) to every witness the last check
+        read; returns each one's answer (an admission, ``unreachable: …``, or ``not pushed:
+        …`` for a witness that check could not read)."""
         recovery = self.recoveries[-1] if self.recoveries else None
         record = Record(self.deployment_id, self.public_key_pem, cp, recovery)
 
         async def one(witness: Witness) -> str:
+            state = self.states[witness.name]
+            if state.up is not True:
+                # What it holds was not read at the last check, so nothing compared it with
+                # the ledger: a higher seq would replace it there unseen (a restore found
+                # by no one). The check that reads it again judges it, then pushes.
+                return f"not pushed: not read at the last check ({state.error or 'never read'})"
             try:
                 answer = await asyncio.wait_for(witness.put(record), 10.0)
             except (WitnessUnreachable, TimeoutError) as exc:

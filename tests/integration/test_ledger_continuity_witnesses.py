@@ -1,0 +1,70 @@
+"""Witnesses that are out of reach, lie or belong to someone else, over real PostgreSQL and
+real witness files (CONTRACT §10, SECURITY.md "The host's memory going back in time"):
+what a witness holds is read before anything is written over it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replayguard.core.checkpoints import Checkpoint
+from replayguard.services.witness import FileWitness, Record, WitnessUnreachable
+from replayguard.settings import Secret
+from tests.integration.db_restore import settled
+from tests.integration.test_ledger_continuity import backups
+from tests.integration.test_ledger_continuity_guard import _backup_behind_the_witness, _witnessed
+from tests.integration.test_restore_in_place import after_next_check, nonce
+from tests.waiting import until
+
+__all__ = ["backups"]  # fixtures
+
+
+async def test_a_witness_not_read_since_a_start_on_a_restored_database_is_not_written(
+        backups: Callable[[str], Awaitable[str]], fresh_database: Callable[[], Any],
+        api_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file witness holds checkpoint S past a backup's head. The service starts on the
+    restored backup while the witness does not answer reads (a hung volume, a GET that
+    times out): it is unreachable, not required, so decisions go on and carry the chain
+    past S, and a checkpoint past S is signed and pushed. That push must not reach the
+    witness, whose S no check has compared with the ledger: taken there (a higher seq),
+    it would replace S and the restore would never be found. Once the witness answers
+    again, the next check reads S and decisions stop (503 ``ledger_rollback``)."""
+    witness = tmp_path / "w" / "witness.json"
+    witness.parent.mkdir()
+    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
+    backup, head, _lost = await _backup_behind_the_witness(backups, fresh_database, api_factory, settings, witness)
+    held = _witnessed(witness)
+
+    hung = [True]
+    real_read = FileWitness.read
+
+    async def read(self: FileWitness) -> Record | None:
+        if hung[0]:
+            raise WitnessUnreachable(f"{self.name}: no answer")
+        return await real_read(self)
+
+    monkeypatch.setattr(FileWitness, "read", read)
+    restored = await api_factory(database_url=Secret(backup), **settings)
+    guard = restored.runtime.continuity
+    pushed: list[tuple[int, dict[str, str]]] = []
+    real_push = guard.push
+
+    async def push(cp: Checkpoint) -> dict[str, str]:
+        answers = await real_push(cp)
+        pushed.append((cp.seq, answers))
+        return answers
+
+    monkeypatch.setattr(guard, "push", push)
+    for _ in range(held["seq"] - head + 6):
+        assert (await nonce(restored, secrets.token_hex(8)))[1]["decision"] == "accept"
+    await until(lambda: any(seq > held["seq"] for seq, _ in pushed), "a checkpoint past S to be pushed", timeout=60)
+    assert _witnessed(witness) == held, pushed
+    hung[0] = False
+    await after_next_check(restored)
+    status, body = await settled(lambda: nonce(restored, secrets.token_hex(8)))
+    assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
+
