@@ -21,6 +21,9 @@ checkpoints is written to ``continuity_findings`` as the process's own findings 
 which every ``check`` reads, so every instance stops and a restart remembers;
 ``ledger accept-rollback`` gives up what they name and deletes them (a finding made
 before the newest recovery, by a check that raced it, is answered by it and ignored).
+A recovery read for the first time makes the process drop what it remembered of the
+chain only when it gave up what the process found lost (``_recovered``): a genuine
+recovery brought in with another copy of the database never wipes that memory.
 Recovery statements are read from the ``ledger_recovery`` entries, under the hash
 chain, never from the plain table ``ledger_recoveries``.
 
@@ -170,7 +173,7 @@ class ContinuityGuard:
         self._written: tuple[int, bytes | None] | None = None  # the finding it last wrote
         self._found: Rollback | None = None  # the newest finding in continuity_findings
         self._raised: Rollback | None = None  # the rollback last alerted
-        self._recovery_seq = -1
+        self._recoveries_known: set[bytes] | None = None  # statements read (signatures)
         self._soon: asyncio.Task[None] | None = None
         self.sync_standbys: int | None = None
         self._alerted: set[str] = set()
@@ -299,9 +302,11 @@ class ContinuityGuard:
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
-                if self._track(self.head_seq, floor, own):
-                    own = None  # of the chain the recovery gave up, or already in the new one
+                fresh = self._fresh_recoveries()
+                self._track(self.head_seq, floor, own)
                 await self._verify_known(conn, own)
+                if fresh:
+                    self._recovered(fresh)
                 self._head_seen = (snap["seq"], bytes(snap["hash"]))
                 # The database's newest checkpoint; the last one read, judged again, when
                 # none is there any more (rows deleted by someone with database rights).
@@ -323,26 +328,43 @@ class ContinuityGuard:
             self._push_if_lagging(db_cp)
         return rollback
 
-    def _track(self, head_seq: int, floor: int, own: tuple[int, bytes] | None) -> bool:
+    def _track(self, head_seq: int, floor: int, own: tuple[int, bytes] | None) -> None:
         """Moves the floor with the head; a head below the floor as it was before the head
         was read, or below the newest entry this process committed by then, went back in
-        time under this process, unless a recovery was recorded since (its entry starts
-        the floor again, and what this process remembered of the chain before it is
-        dropped: returns True then)."""
-        newest = self._newest_recovery_seq
-        if self._recovery_seq >= 0 and newest > self._recovery_seq:
-            self._seen, self._written, self._floor = None, None, head_seq
-            self._unverified.clear()
-            self._own = self._head_seen = None
-            self._recovery_seq = newest
-            return True
-        self._recovery_seq = newest
+        time under this process."""
         if self._seen is None and head_seq < floor:
             self._seen = Rollback(SELF, floor, None, Verdict.BEHIND, head_seq)
         elif self._seen is None and own is not None and own[0] > head_seq:
             self._seen = Rollback(SELF, own[0], own[1], Verdict.BEHIND, head_seq)
         self._floor = max(self._floor, head_seq)
-        return False
+
+    def _fresh_recoveries(self) -> list[Statement]:
+        """The recovery statements this check reads for the first time (none at the first
+        check: the ledger this process starts on is the one it knows)."""
+        signatures = {st.signature for st in self.recoveries}
+        if self._recoveries_known is None:
+            self._recoveries_known = signatures
+            return []
+        fresh = [st for st in self.recoveries if st.signature not in self._recoveries_known]
+        self._recoveries_known |= signatures
+        return fresh
+
+    def _recovered(self, fresh: list[Statement]) -> None:
+        """A recovery this process had not read: what it remembered of the chain is dropped
+        and the head starts the floor again, if the recovery gave up what the process found
+        lost (an abandoned entry at or past its finding), or it found nothing. A recovery
+        that does not (one recorded on another copy of the database and brought here with
+        it, a genuine statement replayed, one recorded before this process's finding
+        reached the database) leaves the finding standing, and it is written again."""
+        seen = self._seen
+        if seen is not None and not any(st.abandoned_seq >= seen.seq for st in fresh):
+            log.error("recovery_does_not_answer_finding", finding_seq=seen.seq,
+                      abandoned_seq=[st.abandoned_seq for st in fresh], head_seq=self.head_seq)
+            self._written = None
+            return
+        self._seen, self._written, self._floor = None, None, self.head_seq
+        self._unverified.clear()
+        self._own = self._head_seen = None
 
     @property
     def _newest_recovery_seq(self) -> int:

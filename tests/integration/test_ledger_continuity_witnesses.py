@@ -9,18 +9,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from replayguard.core.checkpoints import Checkpoint
 from replayguard.services.witness import FileWitness, Record, WitnessUnreachable
 from replayguard.settings import Secret
-from tests.integration.db_restore import settled
-from tests.integration.test_ledger_continuity import backups
-from tests.integration.test_ledger_continuity_guard import _backup_behind_the_witness, _witnessed
-from tests.integration.test_restore_in_place import after_next_check, nonce
+from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
+from tests.integration.test_ledger_continuity import backups, cut_tail
+from tests.integration.test_ledger_continuity_guard import _accept_rollback, _backup_behind_the_witness, _witnessed
+from tests.integration.test_restore_in_place import after_next_check, nonce, ready
 from tests.waiting import until
 
-__all__ = ["backups"]  # fixtures
+__all__ = ["backups", "scratch_dbs"]  # fixtures
 
 
 async def test_a_witness_not_read_since_a_start_on_a_restored_database_is_not_written(
@@ -68,3 +69,40 @@ async def test_a_witness_not_read_since_a_start_on_a_restored_database_is_not_wr
     status, body = await settled(lambda: nonce(restored, secrets.token_hex(8)))
     assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
 
+
+async def _checkpointed(dsn: str, seq: int) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM checkpoints WHERE seq >= $1)", seq))
+    finally:
+        await conn.close()
+
+
+async def test_a_recovery_recorded_elsewhere_does_not_wipe_what_a_running_service_knows(
+        scratch_dbs: list[str], fresh_database: Callable[[], Any], api_factory: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """A recovery drill: a copy of the database is cut short and recovered with the
+    deployment's keys (a genuine ``ledger_recovery`` entry, its statement signed). The
+    service, without witnesses, goes on deciding on the real database; then the drill copy
+    is put in its place (a restore from the wrong backup, or someone with database rights
+    replaying the genuine recovery). That recovery answers nothing this process found: the
+    entries it committed after the copy are gone, so decisions stop (503
+    ``ledger_rollback``) at its next check, as they do for a restore with no recovery."""
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn), checkpoint_every=5)
+    for _ in range(12):
+        assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    await until(lambda: _checkpointed(dsn, 10), "a checkpoint at entry 10 or later", timeout=60)
+    scratch_dbs.append(drill := await snapshot(dsn))
+    await cut_tail(drill, 5)  # its checkpoints past entry 5 stay: the drill's rollback to recover from
+    done = _accept_rollback(drill, tmp_path / "data", "recovery drill on a copy")
+    assert done["serving"] is True, done
+    await until(lambda: ready(api), "the service ready again after the copy", timeout=15)
+    for _ in range(5):
+        assert (await settled(lambda: nonce(api, secrets.token_hex(8))))[1]["decision"] == "accept"
+
+    await restore(dsn, drill, scratch_dbs)
+    await after_next_check(api)
+    await after_next_check(api)
+    status, body = await settled(lambda: nonce(api, secrets.token_hex(8)))
+    assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
