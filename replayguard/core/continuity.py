@@ -7,7 +7,8 @@ ledger accept-rollback``) is a ``Statement`` signed by the checkpoint key: "at `
 the chain was continued from entry ``recovery_seq - 1``; everything up to the abandoned
 checkpoint that the database does not hold is given up". A held checkpoint that such a
 statement covers (not newer than it, not past what it abandoned) no longer counts as a
-rollback, and a witness accepts the new chain from it.
+rollback, and a witness accepts the new chain from it; it keeps the statement, and
+refuses from then on any checkpoint the statement covers (the abandoned chain's).
 """
 
 from __future__ import annotations
@@ -116,18 +117,35 @@ class Admission(str, enum.Enum):
         return self in (Admission.STEPS_BACK, Admission.FORKS)
 
 
-def admit(held: Checkpoint | None, new: Checkpoint, recovery: Statement | None) -> Admission:
-    """What a witness does with ``new`` (both signatures already checked by the caller)."""
+def admit(held: Checkpoint | None, new: Checkpoint, recovery: Statement | None,
+          held_recovery: Statement | None = None) -> Admission:
+    """What a witness does with ``new`` (both signatures already checked by the caller).
+    ``held_recovery`` is the recovery statement the witness keeps with ``held``: a
+    checkpoint it covers belongs to the chain that recovery gave up, so it is refused
+    whatever its seq (held again, the recovery would cover it, and a chain restored
+    later would be taken over it). Every checkpoint of the new chain is signed after
+    the recovery's time, so none of them is covered."""
     if held is None:
         return Admission.ACCEPT
     if new.seq == held.seq and new.hash == held.hash:
         return Admission.SAME
+    if held_recovery is not None and held_recovery.covers(new):
+        return Admission.FORKS
     if new.seq > held.seq:
         return Admission.ACCEPT
     if (recovery is not None and recovery.covers(held) and new.seq >= recovery.recovery_seq
             and new.ts_us >= recovery.ts_us):
         return Admission.RECOVERY
     return Admission.STEPS_BACK if new.seq < held.seq else Admission.FORKS
+
+
+def newest_statement(held: Statement | None, offered: Statement | None) -> Statement | None:
+    """The recovery a witness keeps with its new checkpoint: the later of the one it held
+    and the one offered, so an offer without one (or with an older one) does not make it
+    forget what was given up."""
+    if held is None or (offered is not None and offered.ts_us >= held.ts_us):
+        return offered
+    return held
 
 
 def checkpoint_valid(public: Ed25519PublicKey, cp: Checkpoint) -> bool:

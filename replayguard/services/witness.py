@@ -9,7 +9,8 @@ Two kinds, named by ``settings.witnesses``:
   (``PUT``/``GET /v1/witness/{deployment_id}``, role ``witness``, ``settings.witness_token``).
 
 Both apply the same rule (``core.continuity.admit``): a checkpoint that steps back or
-forks from what the witness holds is refused unless a recorded recovery covers it.
+forks from what the witness holds is refused unless a recorded recovery covers it, and so
+is one that the recovery the witness holds gave up.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ class FileWitness:
             with locked(lock, owner=inherited_owner(self.path.parent)):
                 held = self._read()
                 verdict = continuity.admit(None if held is None else held.checkpoint, record.checkpoint,
-                                           record.recovery)
+                                           record.recovery, None if held is None else held.recovery)
                 if verdict in (Admission.ACCEPT, Admission.RECOVERY):
-                    atomic_write(self.path, orjson.dumps(record.to_json()))
+                    kept = continuity.newest_statement(None if held is None else held.recovery, record.recovery)
+                    written = Record(record.deployment_id, record.public_key_pem, record.checkpoint, kept)
+                    atomic_write(self.path, orjson.dumps(written.to_json()))
                 return verdict
         except OSError as exc:
             raise WitnessUnreachable(f"cannot write {self.path}: {exc.strerror}") from None

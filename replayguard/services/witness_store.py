@@ -1,5 +1,6 @@
 """Being another deployment's witness: hold its newest signed checkpoint, refuse one that
-steps back or forks (CONTRACT §10), and raise an alert of our own when one is tried.
+steps back or forks (CONTRACT §10), or that the recovery it holds gave up, and raise an
+alert of our own when one is tried.
 
 A deployment is named by its checkpoint key's id (``core.checkpoints.key_id``), so the
 first record names the key (trust on first use) and the key is stored; every later
@@ -46,6 +47,17 @@ def _held(row: asyncpg.Record) -> Checkpoint:
     return Checkpoint(row["seq"], bytes(row["hash"]), row["ts_us"], row["deployment_id"], bytes(row["signature"]))
 
 
+def _held_recovery(row: asyncpg.Record | None) -> Statement | None:
+    """The recovery statement kept with the held checkpoint (its signature was checked
+    when it was offered)."""
+    if row is None or row["recovery"] is None:
+        return None
+    try:
+        return continuity.statement_from_json(row["recovery"])
+    except ValueError:
+        return None
+
+
 def _record(row: asyncpg.Record) -> dict[str, Any]:
     public = cps.load_public_key(bytes(row["public_key"]))
     recovery = row["recovery"]  # jsonb, decoded by the pool's codec
@@ -78,7 +90,9 @@ class WitnessStore:
                 refusal = "the checkpoint's signature does not hold"
                 verdict = Admission.FORKS
             else:
-                verdict = continuity.admit(None if row is None else _held(row), record.checkpoint, recovery)
+                verdict = continuity.admit(None if row is None else _held(row), record.checkpoint, recovery,
+                                           _held_recovery(row))
+                recovery = continuity.newest_statement(_held_recovery(row), recovery)
             if verdict.refused:
                 refusal = refusal or (f"checkpoint {record.checkpoint.seq} {verdict.value.replace('_', ' ')} "
                                       f"from the held checkpoint {row['seq'] if row else 0}")

@@ -11,14 +11,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from replayguard.core import checkpoints as cps
+from replayguard.core import continuity
 from replayguard.core.checkpoints import Checkpoint
+from replayguard.core.continuity import Admission
 from replayguard.services.witness import FileWitness, Record, WitnessUnreachable
 from replayguard.settings import Secret
 from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
-from tests.integration.test_ledger_continuity import backups, cut_tail
+from tests.integration.test_ledger_continuity import alerts_of, backups, cut_tail
 from tests.integration.test_ledger_continuity_guard import _accept_rollback, _backup_behind_the_witness, _witnessed
 from tests.integration.test_restore_in_place import after_next_check, nonce, ready
+from tests.integration.test_witness_http import held, put
 from tests.waiting import until
 
 __all__ = ["backups", "scratch_dbs"]  # fixtures
@@ -106,3 +111,58 @@ async def test_a_recovery_recorded_elsewhere_does_not_wipe_what_a_running_servic
     await after_next_check(api)
     status, body = await settled(lambda: nonce(api, secrets.token_hex(8)))
     assert status == 503 and body.get("error", {}).get("code") == "ledger_rollback", body
+
+
+async def test_a_witness_refuses_a_checkpoint_of_the_chain_its_recovery_gave_up(
+        api_factory: Callable[..., Any], fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """A deployment's witness (another deployment's endpoint) held checkpoint 1000; a
+    recovery gave it up, continuing the chain from entry 800, and the witness moved on to
+    the new chain's checkpoints 850, then 860 (offered without the statement: the witness
+    keeps it). Whoever holds a witness token (and the old chain's checkpoints: they went to
+    the sinks) offers checkpoint 1000 again: its seq is higher, but the recovery the
+    witness holds gave it up. It is refused (409, ``ledger_tamper`` on the witness), and
+    the witness keeps 860: once it held 1000 again, that recovery would cover it, and the
+    deployment's checkpoints of a restored chain would be taken over it."""
+    b = await api_factory(database_url=Secret(await fresh_database()), data_dir=tmp_path / "b")
+    key = Ed25519PrivateKey.generate()
+    a_id, pem = cps.key_id(key.public_key()), cps.public_key_pem(key.public_key())
+
+    def offer(cp: Checkpoint, recovery: continuity.Statement | None = None) -> dict[str, Any]:
+        return Record(a_id, pem, cp, recovery).to_json()
+
+    t = 1_790_000_000_000_000
+    abandoned = cps.sign(key, 1000, secrets.token_bytes(32), t)
+    assert (await put(b, a_id, offer(abandoned)))[1]["admission"] == "accept"
+    statement = continuity.sign_statement(key, 801, secrets.token_bytes(32), t + 10, 1000, abandoned.hash)
+    status, body = await put(b, a_id, offer(cps.sign(key, 801, secrets.token_bytes(32), t + 10), statement))
+    assert (status, body["admission"]) == (200, "recovery"), body
+    newer = cps.sign(key, 850, secrets.token_bytes(32), t + 20)
+    assert (await put(b, a_id, offer(newer, statement)))[1]["admission"] == "accept"
+    newest = cps.sign(key, 860, secrets.token_bytes(32), t + 30)  # offered without the statement
+    assert (await put(b, a_id, offer(newest)))[1]["admission"] == "accept"
+
+    for recovery in (None, statement):
+        status, body = await put(b, a_id, offer(abandoned, recovery))
+        assert status == 409 and body["error"]["code"] == "conflict", body
+    record = await held(b, a_id)
+    assert record is not None and record["checkpoint"]["seq"] == 860, record
+    assert record["recovery"] == continuity.statement_json(statement), record
+    assert await alerts_of(b, "ledger_tamper")
+
+
+async def test_a_file_witness_refuses_a_checkpoint_of_the_chain_its_recovery_gave_up(tmp_path: Path) -> None:
+    """A file witness applies the same rule: it keeps the recovery statement through later
+    checkpoints offered without it, and refuses the given-up chain's higher checkpoint."""
+    key = Ed25519PrivateKey.generate()
+    a_id, pem = cps.key_id(key.public_key()), cps.public_key_pem(key.public_key())
+    witness = FileWitness(tmp_path / "witness.json")
+    t = 1_790_000_000_000_000
+    abandoned = cps.sign(key, 1000, secrets.token_bytes(32), t)
+    statement = continuity.sign_statement(key, 801, secrets.token_bytes(32), t + 10, 1000, abandoned.hash)
+    assert await witness.put(Record(a_id, pem, abandoned)) is Admission.ACCEPT
+    recovered = cps.sign(key, 801, secrets.token_bytes(32), t + 10)
+    assert await witness.put(Record(a_id, pem, recovered, statement)) is Admission.RECOVERY
+    newer = cps.sign(key, 850, secrets.token_bytes(32), t + 20)
+    assert await witness.put(Record(a_id, pem, newer)) is Admission.ACCEPT
+    assert await witness.put(Record(a_id, pem, abandoned)) is Admission.FORKS
+    assert await witness.read() == Record(a_id, pem, newer, statement)

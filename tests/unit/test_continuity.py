@@ -66,6 +66,28 @@ def test_admit(held: cps.Checkpoint | None, new: cps.Checkpoint, recovery: conti
     assert continuity.admit(held, new, recovery) is admission
 
 
+@pytest.mark.parametrize(("held", "new", "admission"), [
+    (cp(15, H[1], ts=600), cp(20, H[2], ts=400), Admission.FORKS),  # the abandoned chain's, a higher seq
+    (cp(15, H[1], ts=600), cp(19, H[2], ts=500), Admission.FORKS),  # at the recovery's very time
+    (cp(15, H[1], ts=600), cp(21, H[2], ts=400), Admission.ACCEPT),  # past what it abandoned
+    (cp(15, H[1], ts=600), cp(16, H[2], ts=501), Admission.ACCEPT),  # signed after the recovery
+    (cp(15, H[1], ts=500), cp(15, H[1], ts=500), Admission.SAME),  # the recovery's own checkpoint again
+])
+def test_admit_refuses_what_the_held_recovery_gave_up(held: cps.Checkpoint, new: cps.Checkpoint,
+                                                      admission: Admission) -> None:
+    """A witness refuses a checkpoint that the recovery it keeps gave up, whatever its seq."""
+    assert continuity.admit(held, new, None, statement()) is admission
+
+
+def test_a_witness_keeps_the_newest_recovery_statement() -> None:
+    """An offer without a statement, or with an older one, leaves the witness's own in place."""
+    old, new = statement(ts=300), statement(ts=500)
+    assert continuity.newest_statement(None, new) == new
+    assert continuity.newest_statement(new, None) == new
+    assert continuity.newest_statement(new, old) == new
+    assert continuity.newest_statement(old, new) == new
+
+
 def test_statement_signature_and_json_round_trip() -> None:
     """A statement verifies under its key, survives JSON, and fails once altered or under another key."""
     st = statement()
