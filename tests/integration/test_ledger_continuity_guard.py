@@ -399,3 +399,29 @@ async def test_after_a_recorded_recovery_decisions_and_checkpoints_go_on(
     await after_next_check(restored)
     assert await ready(restored) and restored.runtime.continuity.status() == "ok"
     assert await _fetch(backup, "SELECT * FROM continuity_findings") == []
+
+
+async def test_a_check_that_meets_an_unexpected_state_stops_decisions_and_the_checks_go_on(
+        fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
+    """Someone with database rights deletes the ``ledger_head`` row (triggers off): the
+    periodic check cannot complete. Decisions stop (503 ``unavailable``, not served on the
+    last verdict) and the checks go on, so once the row is back decisions resume. Before,
+    the error ended the check loop: decisions went on with no check behind them."""
+    dsn = await fresh_database()
+    api = await api_factory(database_url=Secret(dsn))
+    assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            head = await conn.fetchrow("DELETE FROM ledger_head RETURNING seq, hash")
+        await until(lambda: not api.runtime.continuity.checked, "a check to meet the missing head", timeout=30)
+        status, body = await nonce(api, secrets.token_hex(8))
+        assert status == 503 and body["error"]["code"] == "unavailable", body
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute("INSERT INTO ledger_head VALUES (true, $1, $2)", head["seq"], head["hash"])
+    finally:
+        await conn.close()
+    await until(lambda: api.runtime.continuity.checked, "the next check to complete", timeout=30)
+    assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
