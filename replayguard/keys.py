@@ -6,25 +6,41 @@ Four independent keys, so that leaking one does not weaken the others:
 A key file that breaks the key-file rule (``replayguard.private_files``: others can read
 it, someone else owns it or can swap it) stops start-up: a pepper anyone on the host can
 read turns every ledger digest back into a guessable OTP.
+
+The secret key and the receipt key can be rotated (``replayguard keys rotate``,
+``services/key_rotation.py``). A rotation writes the new key beside the current one
+(``secret.key.next``), moves the database to it in one transaction, then retires the old
+key to ``keys/retired/<name>-<id>.key`` and renames the new one into place, all under the
+keys dir's rotation lock. A rotation killed between its commit and the renames leaves a
+``.next`` file the database is bound to: the next process to open the database finishes
+the renames (``settle_pending``); one killed before its commit leaves a ``.next`` file no
+database is bound to, which that process removes. Retired receipt keys are read at start
+to check receipts issued before the rotation (``core/receipts.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import hmac
+import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .durable import adopt, atomic_write, inherited_owner
+from .durable import adopt, atomic_write, fsync_dir, inherited_owner, lock_file
 from .errors import ConfigError
 from .pg.embedded import claim_data_dir
 from .private_files import check_private_dir, check_private_file
 from .settings import Settings
 
 KEY_BYTES = 32
+ROTATABLE = ("secret", "receipt")
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,6 +55,8 @@ class Keys:
     secret: bytes
     receipt: bytes
     signing: bytes
+    # Receipt keys retired by rotations, read from keys/retired/ (any order).
+    retired_receipt: tuple[bytes, ...] = field(default=(), kw_only=True)
 
     def __repr__(self) -> str:
         return "Keys(<redacted>)"
@@ -100,6 +118,17 @@ def keys_location(settings: Settings) -> str:
     return " and ".join(named + ([str(settings.data_dir / "keys")] if None in files else []))
 
 
+def key_paths(settings: Settings) -> dict[str, Path]:
+    """Where each key is read from: its named file, or the keys dir."""
+    keys_dir = settings.data_dir / "keys"
+    return {
+        "pepper": settings.pepper_file or keys_dir / "pepper.key",
+        "secret": settings.secret_key_file or keys_dir / "secret.key",
+        "receipt": settings.receipt_key_file or keys_dir / "receipt.key",
+        "signing": settings.signing_key_file or keys_dir / "signing.key",
+    }
+
+
 def load_keys(settings: Settings) -> Keys:
     """Reads or creates every key; raises ``ConfigError`` with one clear line. Every key
     that exists is read (and checked) before any missing one is created, so a refused
@@ -109,14 +138,113 @@ def load_keys(settings: Settings) -> Keys:
     # only checked for its owner here (the embedded server makes its own, stricter check,
     # so commands that read keys alone, like `ledger public-key`, work on any of root's).
     claim_data_dir(data_dir, embedded=settings.embedded and not data_dir.exists())
-    keys_dir = data_dir / "keys"
-    paths = {
-        "pepper": settings.pepper_file or keys_dir / "pepper.key",
-        "secret": settings.secret_key_file or keys_dir / "secret.key",
-        "receipt": settings.receipt_key_file or keys_dir / "receipt.key",
-        "signing": settings.signing_key_file or keys_dir / "signing.key",
-    }
+    paths = key_paths(settings)
     named = {settings.pepper_file, settings.secret_key_file, settings.receipt_key_file, settings.signing_key_file}
     found = {name: _read_key(path, data_dir) for name, path in paths.items() if path in named or path.exists()}
     made = {name: _create_key(path, data_dir) for name, path in paths.items() if name not in found}
-    return Keys(**found, **made)
+    return Keys(**found, **made, retired_receipt=tuple(retired_keys(settings, "receipt").values()))
+
+
+# --- rotation -------------------------------------------------------------------------
+
+def key_file_id(key: bytes) -> str:
+    """A key's name in a retired key file's name and in messages: 16 hex digits of a keyed
+    hash, which say nothing of the key."""
+    return hmac.new(key, b"replayguard key file id v1", hashlib.sha256).hexdigest()[:16]
+
+
+def pending_path(path: Path) -> Path:
+    """Where a rotation writes the new key before the database moves to it."""
+    return path.with_name(path.name + ".next")
+
+
+def retired_path(settings: Settings, name: str, key: bytes) -> Path:
+    return settings.data_dir / "keys" / "retired" / f"{name}-{key_file_id(key)}.key"
+
+
+def _make_retired_dir(directory: Path, data_dir: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    else:
+        adopt(directory, data_dir)
+    check_private_dir(directory, "retired keys dir", data_dir=data_dir)
+
+
+def retired_keys(settings: Settings, name: str) -> dict[Path, bytes]:
+    """The keys of ``name`` that rotations retired into keys/retired/, by file."""
+    directory = settings.data_dir / "keys" / "retired"
+    if not directory.is_dir():
+        return {}
+    return {path: _read_key(path, settings.data_dir) for path in sorted(directory.glob(f"{name}-*.key"))}
+
+
+def rotation_lock(settings: Settings) -> int:
+    """The keys dir's rotation lock (a descriptor; closing it releases): held by a rotation
+    from writing its new keys to renaming them into place, and by ``settle_pending``."""
+    keys_dir = settings.data_dir / "keys"
+    _make_keys_dir(keys_dir, settings.data_dir)
+    try:
+        return lock_file(keys_dir / ".rotation.lock", owner=inherited_owner(settings.data_dir), wait=False)
+    except BlockingIOError:
+        raise ConfigError(f"a key rotation is running on {keys_dir} (its lock .rotation.lock is held)") from None
+
+
+def write_pending(settings: Settings, name: str) -> bytes:
+    """A new random key for ``name``, on disk as its ``.next`` file (replacing one a dead
+    rotation left), before the database moves to it."""
+    raw = secrets.token_bytes(KEY_BYTES)
+    path = pending_path(key_paths(settings)[name])
+    atomic_write(path, (raw.hex() + "\n").encode(), owner=inherited_owner(settings.data_dir))
+    return raw
+
+
+def promote_pending(settings: Settings, name: str, old: bytes) -> Path:
+    """After the database moved to the ``.next`` key: keeps the old key as a retired file
+    (never replacing one), then renames the new key into place. Each step may have been
+    done already by a process that died after it. Returns the retired file."""
+    path = key_paths(settings)[name]
+    retired = retired_path(settings, name, old)
+    _make_retired_dir(retired.parent, settings.data_dir)
+    with contextlib.suppress(FileExistsError):
+        atomic_write(retired, (old.hex() + "\n").encode(), owner=inherited_owner(settings.data_dir), exclusive=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(pending_path(path), path)
+    fsync_dir(path.parent)
+    return retired
+
+
+def settle_pending(settings: Settings, bound: Callable[[str, bytes], bool]) -> list[str]:
+    """Finishes or undoes what a rotation killed mid-way left (``settle_files``), under the
+    rotation lock; does nothing while a rotation holds it (its own renames follow its
+    commit). Returns the names promoted (their keys must be read again)."""
+    try:
+        fd = rotation_lock(settings)
+    except ConfigError:
+        return []
+    try:
+        return settle_files(settings, bound)
+    finally:
+        os.close(fd)
+
+
+def settle_files(settings: Settings, bound: Callable[[str, bytes], bool]) -> list[str]:
+    """For each ``.next`` key file: promotes it if the database is bound to it
+    (``bound(name, key)``), removes it if the database is bound to the current key, and
+    leaves it otherwise (the key binding then refuses the start). The caller holds the
+    rotation lock."""
+    promoted = []
+    for name in ROTATABLE:
+        path = key_paths(settings)[name]
+        pending = pending_path(path)
+        if not pending.exists():
+            continue
+        current, new = _read_key(path, settings.data_dir), _read_key(pending, settings.data_dir)
+        if bound(name, new):
+            promote_pending(settings, name, current)
+            promoted.append(name)
+        elif bound(name, current):
+            pending.unlink()
+            fsync_dir(path.parent)
+    return promoted

@@ -9,6 +9,7 @@ same pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,10 +19,11 @@ import asyncpg
 import structlog
 
 from .fanout import AlertFanout
-from .keys import Keys, keys_location, load_keys
+from .keys import Keys, keys_location, load_keys, retired_keys
 from .metrics import Metrics
 from .pg import connections, schema
 from .pg.appender import Appender, DecideParams
+from .services import key_rotation
 from .services.apitokens import ApiTokens
 from .services.continuity import ContinuityGuard
 from .services.decide import DecisionConfig, DecisionService
@@ -94,7 +96,11 @@ async def open_runtime(
     pool = await connections.create_pool(dsn, size=settings.db_pool_size,
                                          statement_timeout_ms=settings.statement_timeout_ms)
     try:  # before anything reads or writes a digest: other keys would find no earlier use
-        await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings))
+        if await key_rotation.settle(pool, settings):  # a rotation killed after its commit
+            keys = load_keys(settings)
+        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt")}
+        await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings), retired)
+        receipt_keys = await key_rotation.receipt_keys(pool, settings, keys)
     except BaseException:
         await pool.close()
         raise
@@ -118,7 +124,8 @@ async def open_runtime(
     config = DecisionConfig(drift_steps=settings.totp_drift_steps, hotp_look_ahead=settings.hotp_look_ahead,
                             use_retention_s=settings.nonce_max_ttl_s, nonce_max_ttl_s=settings.nonce_max_ttl_s)
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
-                                clock=clock, fanout=fanout, on_decision=metrics.decision)
+                                clock=clock, fanout=fanout, on_decision=metrics.decision, receipt_keys=receipt_keys,
+                                retired_receipt_issued=functools.partial(key_rotation.retired_receipt_issued, pool))
     guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
     appender.on_committed = guard.committed
     tokens.on_recorded = guard.recorded

@@ -23,7 +23,7 @@ from .. import __version__
 from .. import logging as rglog
 from ..errors import ConfigError, ReplayGuardError
 from ..settings import OPTION, OPTIONS, Settings, load_settings
-from . import completion, demo, ledger, operator, sinks
+from . import completion, demo, keys, ledger, operator, sinks
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[Any], None]]:
-    """The subcommands the other modules of ``cli/`` define (demo, ledger, operator commands,
-    sinks, completion); each registers its own parser."""
-    return [demo.register, ledger.register, operator.register, sinks.register, completion.register]
+    """The subcommands the other modules of ``cli/`` define (demo, keys, ledger, operator
+    commands, sinks, completion); each registers its own parser."""
+    return [demo.register, keys.register, ledger.register, operator.register, sinks.register, completion.register]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

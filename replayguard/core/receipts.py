@@ -3,7 +3,15 @@
 A receipt names a VM, the ledger position the host issued it at, and the VM's epoch,
 under an HMAC the guest cannot forge. The guest sends back the last one it stored; the
 ledger compares it with the latest it issued to that VM (a stale one means the guest was
-rolled back, another VM's means a clone). Format: ``rg1.<b64url payload>.<b64url mac>``.
+rolled back, another VM's means a clone). Format: ``rg2.<key id>.<b64url payload>.<b64url
+mac>``, the key id naming the receipt key that MACed it (``key_id``), so a receipt issued
+before a rotation of the receipt key (``replayguard keys rotate``) is checked under the
+retired key it names, and no other. ``rg1.<payload>.<mac>`` receipts, issued before
+receipts carried a key id, are checked under the oldest receipt key the database knows.
+
+A receipt under a retired key is taken only as far as that key could have issued it: one
+naming a ledger position after the key was retired is a forgery (``ReceiptKeys``); what
+else is asked of it is the decision service's (``services/decide.py``).
 """
 
 from __future__ import annotations
@@ -11,18 +19,22 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hmac
 import json
 from dataclasses import dataclass
 
 from .mac import keyed
 
-PREFIX = "rg1"
+PREFIX = "rg2"
+LEGACY_PREFIX = "rg1"
 # Every receipt issued fits: a VM id of 256 characters of four UTF-8 bytes each, the
-# largest seq and epoch, is 1,460 characters (tests/unit/test_receipts.py). Guests' helpers
+# largest seq and epoch, is 1,469 characters (tests/unit/test_receipts.py). Guests' helpers
 # and the request schema hold receipts to the same bound.
 MAX_LENGTH = 2048
 _DOMAIN = b"replayguard-receipt-v1\x00"
+_DOMAIN_V2 = b"replayguard-receipt-v2\x00"
+_KEY_ID_LABEL = b"replayguard-receipt-key-id-v1"
 
 
 class ReceiptStatus(str, enum.Enum):
@@ -43,6 +55,44 @@ class ReceiptClaims:
 class ReceiptCheck:
     status: ReceiptStatus
     claims: ReceiptClaims | None = None
+    # Set when a retired receipt key MACed it: the last ledger seq that key issued at.
+    retired_until: int | None = None
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RetiredKey:
+    """A receipt key a rotation retired, and the ledger's head when it did: it issued no
+    receipt after that seq."""
+
+    key: bytes
+    issued_until: int
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ReceiptKeys:
+    """The receipt key new receipts are issued under, and the retired ones still checked,
+    oldest first."""
+
+    current: bytes
+    retired: tuple[RetiredKey, ...] = ()
+
+    def __repr__(self) -> str:
+        return "ReceiptKeys(<redacted>)"
+
+    def by_id(self, kid: str) -> tuple[bytes, int | None] | None:
+        """The key with this id and, for a retired one, the last seq it issued at."""
+        if kid == key_id(self.current):  # a key id is public
+            return self.current, None
+        for old in self.retired:
+            if kid == key_id(old.key):
+                return old.key, old.issued_until
+        return None
+
+    def legacy(self) -> tuple[bytes, int | None]:
+        """The key of ``rg1`` receipts (which name none): the oldest the database knows."""
+        if self.retired:
+            return self.retired[0].key, self.retired[0].issued_until
+        return self.current, None
 
 
 def _b64(data: bytes) -> str:
@@ -55,6 +105,16 @@ def _unb64(text: str) -> bytes:
 
 def _mac(key: bytes, payload: bytes) -> bytes:
     return keyed(key).digest(_DOMAIN + payload)
+
+
+def _mac_v2(key: bytes, kid: str, payload: bytes) -> bytes:
+    return keyed(key).digest(_DOMAIN_V2 + kid.encode() + b"\x00" + payload)
+
+
+@functools.lru_cache(maxsize=16)
+def key_id(key: bytes) -> str:
+    """A receipt key's public name: 8 characters of a keyed hash, which says nothing of the key."""
+    return _b64(keyed(key).digest(_KEY_ID_LABEL)[:6])
 
 
 _json_string = json.encoder.encode_basestring  # escapes only what JSON requires
@@ -71,36 +131,61 @@ def _payload(claims: ReceiptClaims) -> bytes:
 
 def issue(key: bytes, claims: ReceiptClaims) -> str:
     payload = _payload(claims)
-    return f"{PREFIX}.{_b64(payload)}.{_b64(_mac(key, payload))}"
+    kid = key_id(key)
+    return f"{PREFIX}.{kid}.{_b64(payload)}.{_b64(_mac_v2(key, kid, payload))}"
 
 
-def check(key: bytes, receipt: str | None, kept: bool = False) -> ReceiptCheck:
+def check(keys: bytes | ReceiptKeys, receipt: str | None, kept: bool = False) -> ReceiptCheck:
     """Verifies a presented receipt's MAC and shape; never raises on hostile input.
 
-    ``kept``: the caller says it keeps receipts, so sending none means it has lost the
-    one it stored (the ledger flags that when the VM was issued receipts before)."""
+    ``keys``: the receipt keys (a bare key: the only one). ``kept``: the caller says it
+    keeps receipts, so sending none means it has lost the one it stored (the ledger flags
+    that when the VM was issued receipts before). A receipt under a retired key that
+    names a position after the key's retirement is invalid: that key never issued it."""
     if receipt is None:
         return ReceiptCheck(ReceiptStatus.MISSING if kept else ReceiptStatus.ABSENT)
-    claims = _decode(key, receipt)
-    if claims is None:
+    ring = keys if isinstance(keys, ReceiptKeys) else ReceiptKeys(keys)
+    found = _decode(ring, receipt)
+    if found is None:
         return ReceiptCheck(ReceiptStatus.INVALID)
-    return ReceiptCheck(ReceiptStatus.VALID, claims)
+    claims, until = found
+    if until is not None and claims.seq > until:
+        return ReceiptCheck(ReceiptStatus.INVALID)
+    return ReceiptCheck(ReceiptStatus.VALID, claims, until)
 
 
-def _decode(key: bytes, receipt: str) -> ReceiptClaims | None:
-    parts = receipt.split(".")
-    if len(receipt) > MAX_LENGTH or len(parts) != 3 or parts[0] != PREFIX:
+def _verified_payload(ring: ReceiptKeys, parts: list[str]) -> tuple[bytes, int | None] | None:
+    """The payload of a receipt's parts whose MAC verifies under the key they name (``rg2``)
+    or the legacy key (``rg1``), and the key's retirement seq; None otherwise."""
+    if len(parts) == 4 and parts[0] == PREFIX:
+        kid, payload_text, mac_text = parts[1:]
+        named = ring.by_id(kid)
+        if named is None:
+            return None
+        key, until = named
+        payload, mac = _unb64(payload_text), _unb64(mac_text)
+        return (payload, until) if hmac.compare_digest(mac, _mac_v2(key, kid, payload)) else None
+    if len(parts) == 3 and parts[0] == LEGACY_PREFIX:
+        key, until = ring.legacy()
+        payload, mac = _unb64(parts[1]), _unb64(parts[2])
+        return (payload, until) if hmac.compare_digest(mac, _mac(key, payload)) else None
+    return None
+
+
+def _decode(ring: ReceiptKeys, receipt: str) -> tuple[ReceiptClaims, int | None] | None:
+    if len(receipt) > MAX_LENGTH:
         return None
     try:
-        payload, mac = _unb64(parts[1]), _unb64(parts[2])
+        verified = _verified_payload(ring, receipt.split("."))
     except (binascii.Error, ValueError):
         return None
-    if not hmac.compare_digest(mac, _mac(key, payload)):
+    if verified is None:
         return None
+    payload, until = verified
     try:
         vm_id, seq, epoch = json.loads(payload)
     except (ValueError, TypeError):
         return None
     if not (isinstance(vm_id, str) and type(seq) is int and type(epoch) is int):
         return None
-    return ReceiptClaims(vm_id, seq, epoch)
+    return ReceiptClaims(vm_id, seq, epoch), until

@@ -10,7 +10,7 @@ takes part in a decision.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..core.decide_item import DecideItem
 from ..core.decisions import DecisionResult, Reason, Verdict
 from ..core.nonces import nonce_expired, nonce_expiry_us
 from ..core.otp import Match, OtpToken, match_code, use_expiry_us
-from ..core.receipts import ReceiptCheck, ReceiptClaims
+from ..core.receipts import ReceiptCheck, ReceiptClaims, ReceiptKeys
 from ..core.validation import NonceRequest, OtpRequest
 from ..errors import Forbidden
 from ..fanout import AlertFanout
@@ -79,6 +79,8 @@ class DecisionService:
         self, *, appender: Appender, tokens: TokenStore, keys: Keys, config: DecisionConfig,
         clock: Clock, fanout: AlertFanout | None = None,
         on_decision: Callable[[str, DecisionResult], None] | None = None,
+        receipt_keys: ReceiptKeys | None = None,
+        retired_receipt_issued: Callable[[ReceiptClaims], Awaitable[bool]] | None = None,
     ) -> None:
         self._appender = appender
         self._tokens = tokens
@@ -87,6 +89,8 @@ class DecisionService:
         self._clock = clock
         self._fanout = fanout
         self._on_decision = on_decision or (lambda kind, result: None)
+        self._receipt_keys = receipt_keys
+        self._retired_receipt_issued = retired_receipt_issued
         self._clock_scope = clock_guard_scope(keys.pepper)
         self._recovered_at_us: int | None = None
 
@@ -95,9 +99,19 @@ class DecisionService:
         have forgotten are refused (``core.continuity.nonce_before_recovery``)."""
         self._recovered_at_us = ts_us
 
-    async def verify_otp(self, req: OtpRequest, caller: Caller | None = None) -> DecisionResult:
-        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
+    async def _check_receipt(self, req: OtpRequest | NonceRequest, caller: Caller | None) -> ReceiptCheck:
+        """The receipt check, after the caller's binding: a receipt under a retired receipt
+        key counts only if the ledger may have issued it (``key_rotation.retired_receipt_issued``);
+        otherwise it is a forgery by whoever holds that key, and ``invalid``."""
+        check = receipts.check(self._receipt_keys or self._keys.receipt, req.receipt, req.receipt_kept)
         check_binding(caller, req.vm_id, check)
+        if check.retired_until is not None and check.claims is not None and (
+                self._retired_receipt_issued is None or not await self._retired_receipt_issued(check.claims)):
+            return ReceiptCheck(receipts.ReceiptStatus.INVALID)
+        return check
+
+    async def verify_otp(self, req: OtpRequest, caller: Caller | None = None) -> DecisionResult:
+        check = await self._check_receipt(req, caller)
         now = self._clock()
         now_us = int(now * 1e6)
         match = await self._match(req.principal, req.otp, now)
@@ -153,8 +167,7 @@ class DecisionService:
         return fields
 
     async def consume_nonce(self, req: NonceRequest, caller: Caller | None = None) -> DecisionResult:
-        check = receipts.check(self._keys.receipt, req.receipt, req.receipt_kept)
-        check_binding(caller, req.vm_id, check)
+        check = await self._check_receipt(req, caller)
         now = self._clock()
         now_us = int(now * 1e6)
         preset = None

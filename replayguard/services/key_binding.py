@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 
 import asyncpg
 from cryptography.hazmat.primitives import serialization
 
 from ..core import checkpoints as cps
+from ..core import timefmt
 from ..errors import ConfigError
 from ..keys import Keys
 from ..pg.connections import acquire
 
 _LABEL = b"replayguard key binding v1"
+_SET_UP_WITH = "start with the data dir (or key files) it was set up with"
 # Each column of ``key_binding``, the key it binds as a message names it, and what another
 # key would do.
 _BOUND = (
@@ -40,19 +43,25 @@ _BOUND = (
 )
 
 
+def check_of(key: bytes) -> bytes:
+    """The keyed check the database records of a symmetric key (it says nothing of the key)."""
+    return hmac.new(key, _LABEL, hashlib.sha256).digest()
+
+
 def checks(keys: Keys) -> dict[str, bytes]:
     """What the database records of each key, by column of ``key_binding``."""
-    def check(key: bytes) -> bytes:
-        return hmac.new(key, _LABEL, hashlib.sha256).digest()
+    check = check_of
     public = keys.signing_key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return {"pepper_check": check(keys.pepper), "secret_check": check(keys.secret),
             "receipt_check": check(keys.receipt), "signing_public": public}
 
 
-async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: str) -> None:
+async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: str,
+                          retired: dict[Path, bytes] | None = None) -> None:
     """Records these keys' checks on a database that has none (or those a database bound
     before migration 034 lacks); raises ``ConfigError``, having recorded nothing, when the
-    database was set up with other keys. ``where`` names the keys for the message."""
+    database was set up with other keys. ``where`` names the keys for the message;
+    ``retired``, the retired key files of the data dir, lets it name a rotation."""
     mine = checks(keys)
     async with acquire(pool) as conn, conn.transaction():
         await conn.execute("INSERT INTO key_binding (pepper_check, secret_check, bound_us) VALUES ($1, $2, $3)"
@@ -67,10 +76,31 @@ async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: st
         if differ:  # raised inside the transaction: a refused start records nothing
             names = " and the ".join(name for name, _ in differ)
             harms = "; ".join(dict.fromkeys(harm for _, harm in differ))
+            hint = await _rotation_hint(conn, bound, mine, retired or {}) or _SET_UP_WITH
             raise ConfigError(
                 f"the keys in {where} are not the ones this database was set up with (the {names}"
-                f" differ{'s' if len(differ) == 1 else ''}): start with the data dir (or key files) it was set up"
-                f" with; with other keys {harms}")
+                f" differ{'s' if len(differ) == 1 else ''}): {hint}; with other keys {harms}")
+
+
+async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None], mine: dict[str, bytes],
+                         retired: dict[Path, bytes]) -> str | None:
+    """What to do when a rotation explains the difference: this process holds a key a
+    rotation retired (a host not given the rotated keys), or the database is bound to a
+    key this data dir retired (a backup from before the rotation)."""
+    for path, key in retired.items():
+        if any(_same(bound[column], check_of(key)) for column in ("secret_check", "receipt_check")):
+            return (f"the database is bound to the retired key {path}, so it is a backup from before a key rotation:"
+                    " run `replayguard keys rotate --restored` to move it to the current keys (docs/operations.md,"
+                    " \"Rotating keys\")")
+    if await conn.fetchval("SELECT to_regclass('key_rotations') IS NULL"):
+        return None
+    rows = await conn.fetch("SELECT key_name, retired_check, rotated_us FROM key_rotations ORDER BY id")
+    for row in rows:
+        if _same(bytes(row["retired_check"]), mine[f"{row['key_name']}_check"]):
+            when = timefmt.rfc3339_us(int(row["rotated_us"]))
+            return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the keys/ of the data"
+                    " dir that ran `replayguard keys rotate` to this one (every instance reads its keys at start)")
+    return None
 
 
 def _same(bound: bytes | None, mine: bytes) -> bool:

@@ -22,9 +22,9 @@ FORGERIES = {
 
 
 def _flip_mac(receipt: str) -> str:
-    prefix, payload, mac = receipt.split(".")
+    head, mac = receipt.rsplit(".", 1)
     last = "A" if mac[-2] != "A" else "B"  # the second-to-last char: all of its bits are in the MAC
-    return f"{prefix}.{payload}.{mac[:-2]}{last}{mac[-1]}"
+    return f"{head}.{mac[:-2]}{last}{mac[-1]}"
 
 
 async def _nonce(api: Api, vm_id: str, receipt: str | None = None, nonce: str | None = None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ ORDER_SLACK_US = 5_000_000
 
 def claims(receipt: str) -> tuple[str, int]:
     """The VM and seq a receipt the service issued names."""
-    payload = receipt.split(".")[1]
+    payload = receipt.split(".")[-2]
     vm, seq, _ = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     return vm, seq
 

@@ -54,7 +54,7 @@ async def test_accept_then_reused(host: Host, make_guest: Callable[..., Guest]) 
     before = await front_counts(host.url)
     assert pamtester(guest, user, code)
     assert stat.S_IMODE(guest.receipt.stat().st_mode) == 0o600
-    assert guest.receipt.read_text().startswith("rg1.")
+    assert guest.receipt.read_text().startswith("rg2.")
     assert not pamtester(guest, user, code)
     after = await front_counts(host.url)
     # The helper's requests are the fast front's; only the second scrape went to aiohttp.

@@ -75,9 +75,9 @@ def test_receipt_prefix_and_length_are_checked_before_the_mac() -> None:
     payload = json.dumps(["vm", 1, 0], separators=(",", ":")).encode()
     assert receipts.check(KEY, _forge(payload)).status is ReceiptStatus.VALID
     assert receipts.check(KEY, _forge(payload, prefix="rg2")).status is ReceiptStatus.INVALID
-    at_limit = receipts.issue(KEY, ReceiptClaims("v" * 1492, 1, 0))  # 4 + 2000 + 1 + 43 characters
-    past_limit = receipts.issue(KEY, ReceiptClaims("v" * 1493, 1, 0))  # base64 has no length MAX_LENGTH + 1
-    assert (len(at_limit), len(past_limit)) == (MAX_LENGTH, MAX_LENGTH + 2)
+    at_limit = receipts.issue(KEY, ReceiptClaims("v" * 1485, 1, 0))  # 4 + 9 + 1991 + 1 + 43 characters
+    past_limit = receipts.issue(KEY, ReceiptClaims("v" * 1486, 1, 0))
+    assert (len(at_limit), len(past_limit)) == (MAX_LENGTH, MAX_LENGTH + 1)
     assert receipts.check(KEY, at_limit).status is ReceiptStatus.VALID
     assert receipts.check(KEY, past_limit).status is ReceiptStatus.INVALID
 

@@ -10,16 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replayguard.core.receipts import (
+    LEGACY_PREFIX,
     MAX_LENGTH,
     PREFIX,
     ReceiptCheck,
     ReceiptClaims,
+    ReceiptKeys,
     ReceiptStatus,
+    RetiredKey,
     _b64,
     _mac,
     _payload,
     check,
     issue,
+    key_id,
 )
 from replayguard.core.validation import MAX_ID, nonce_request
 from replayguard.http.callouts import _RECEIPT
@@ -55,9 +59,9 @@ def test_other_key_is_invalid() -> None:
 def test_tampered_payload_is_invalid() -> None:
     """Changing the claims (e.g. a later seq) breaks the MAC."""
     good = issue(KEY, ReceiptClaims("web-01", 5, 0))
-    forged_payload = issue(bytes(32), ReceiptClaims("web-01", 9, 0)).split(".")[1]
-    prefix, _, mac = good.split(".")
-    assert check(KEY, f"{prefix}.{forged_payload}.{mac}").status is ReceiptStatus.INVALID
+    forged_payload = issue(bytes(32), ReceiptClaims("web-01", 9, 0)).split(".")[2]
+    prefix, kid, _, mac = good.split(".")
+    assert check(KEY, f"{prefix}.{kid}.{forged_payload}.{mac}").status is ReceiptStatus.INVALID
 
 
 @settings(max_examples=300, deadline=None)
@@ -78,7 +82,7 @@ def test_the_payload_is_compact_utf8_json(vm_id: str, seq: int, epoch: int) -> N
     expected = json.dumps([vm_id, seq, epoch], separators=(",", ":"), ensure_ascii=False).encode()
     assert _payload(claims) == expected
     escaped = json.dumps([vm_id, seq, epoch], separators=(",", ":")).encode()
-    receipt = f"{PREFIX}.{_b64(escaped)}.{_b64(_mac(KEY, escaped))}"
+    receipt = f"{LEGACY_PREFIX}.{_b64(escaped)}.{_b64(_mac(KEY, escaped))}"
     assert check(KEY, receipt) == ReceiptCheck(ReceiptStatus.VALID, claims)
 
 
@@ -96,3 +100,46 @@ def test_the_longest_vm_id_gets_a_receipt_it_can_present(char: str) -> None:
     assert _RECEIPT["maxLength"] == MAX_LENGTH
     helper = (Path(__file__).parents[2] / "deploy" / "pam" / "replayguard-pam-helper").read_text()
     assert f"MAX_RECEIPT = {MAX_LENGTH}\n" in helper
+
+
+OLD, NEW = bytes(32), bytes(range(1, 33))
+ROTATED = ReceiptKeys(NEW, (RetiredKey(OLD, issued_until=100),))
+
+
+def test_a_receipt_names_its_key_and_is_checked_under_that_key_alone() -> None:
+    """A receipt carries its key's id (``rg2.<id>.``); after a rotation, one under the
+    retired key verifies under it and says so (``retired_until``), one under the current
+    key does not, and a receipt whose key id was swapped for the other key's is invalid."""
+    claims = ReceiptClaims("web-01", 7, 0)
+    old, new = issue(OLD, claims), issue(NEW, claims)
+    assert old.split(".")[:2] == [PREFIX, key_id(OLD)] and new.split(".")[1] == key_id(NEW)
+    assert check(ROTATED, old) == ReceiptCheck(ReceiptStatus.VALID, claims, retired_until=100)
+    assert check(ROTATED, new) == ReceiptCheck(ReceiptStatus.VALID, claims)
+    swapped = ".".join([PREFIX, key_id(NEW), *old.split(".")[2:]])
+    assert check(ROTATED, swapped).status is ReceiptStatus.INVALID
+    assert check(ReceiptKeys(NEW), old).status is ReceiptStatus.INVALID  # a key no longer kept
+
+
+def test_a_retired_key_never_vouches_for_a_position_after_its_retirement() -> None:
+    """Whoever holds a leaked, retired receipt key can MAC any claims: a receipt under it
+    that names a ledger position after the rotation is invalid, one at or before it valid."""
+    assert check(ROTATED, issue(OLD, ReceiptClaims("web-01", 100, 3))).status is ReceiptStatus.VALID
+    assert check(ROTATED, issue(OLD, ReceiptClaims("web-01", 101, 3))).status is ReceiptStatus.INVALID
+    assert check(ROTATED, issue(NEW, ReceiptClaims("web-01", 101, 3))).status is ReceiptStatus.VALID
+
+
+def test_legacy_receipts_are_checked_under_the_oldest_key() -> None:
+    """``rg1`` receipts (no key id) verify under the only key before any rotation, and
+    under the oldest retired key after, bounded by its retirement."""
+    payload = _payload(ReceiptClaims("web-01", 5, 0))
+    legacy = f"{LEGACY_PREFIX}.{_b64(payload)}.{_b64(_mac(OLD, payload))}"
+    assert check(OLD, legacy).status is ReceiptStatus.VALID
+    assert check(ROTATED, legacy) == ReceiptCheck(ReceiptStatus.VALID, ReceiptClaims("web-01", 5, 0), 100)
+    assert check(ReceiptKeys(NEW), legacy).status is ReceiptStatus.INVALID
+
+
+@pytest.mark.parametrize("kid", ["", "é" * 8, "A" * 9, "....", "\x00"])
+def test_an_unknown_or_hostile_key_id_is_invalid(kid: str) -> None:
+    """A key id that names no key (empty, non-ASCII, too long) is invalid, never an error."""
+    parts = issue(NEW, ReceiptClaims("web-01", 1, 0)).split(".")
+    assert check(ROTATED, ".".join([parts[0], kid, *parts[2:]])).status is ReceiptStatus.INVALID

@@ -1,0 +1,77 @@
+"""``replayguard keys rotate``: the secret key and the receipt key replaced, the database moved.
+
+Run with the data dir (and ``database_url``) ``serve`` uses, with every instance stopped:
+the rotation refuses while another replayguard process is connected to the database.
+Progress goes to stderr as JSON lines, the summary to stdout as one JSON line; neither
+ever holds a key (only key ids). ``--restored`` moves a database restored from a backup
+taken before a rotation (bound to keys this data dir retired) to the current keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+
+from ..settings import Settings
+
+
+def register(sub: Any) -> None:
+    from .main import add_setting_flags
+
+    keys = sub.add_parser("keys", help="rotate the secret key or the receipt key")
+    cmds = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = cmds.add_parser("rotate", help="replace keys and move the database to them (every instance stopped)")
+    add_setting_flags(rotate)
+    rotate.add_argument("--secret", action="store_true", help="rotate the key that encrypts token secrets")
+    rotate.add_argument("--receipt", action="store_true", help="rotate the key that MACs guests' receipts")
+    rotate.add_argument("--restored", action="store_true",
+                        help="move a database restored from a backup taken before a rotation to the current keys")
+    rotate.set_defaults(handler=cmd_rotate)
+
+
+def _progress(step: str, facts: dict[str, Any]) -> None:
+    sys.stderr.write(orjson.dumps({"event": step, **facts}).decode() + "\n")
+    sys.stderr.flush()
+
+
+def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from ..errors import ConfigError
+    from .main import run_async
+
+    names = [name for name in ("secret", "receipt") if getattr(args, name)]
+    if args.restored and names:
+        raise ConfigError("--restored takes no --secret or --receipt: it moves every retired key the database is"
+                          " bound to")
+    if not args.restored and not names:
+        raise ConfigError("name a key to rotate: --secret, --receipt or both")
+    done = run_async(_rotate(settings, names, restored=args.restored))
+    print(orjson.dumps(done).decode())
+    return 0
+
+
+async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> dict[str, Any]:
+    import time
+
+    from ..keys import keys_location, load_keys, retired_keys
+    from ..pg import connections
+    from ..runtime import prepare_database
+    from ..services import key_rotation
+    from ..services.key_binding import hold_to_binding
+
+    keys = load_keys(settings)
+    dsn = await prepare_database(settings)
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=settings.statement_timeout_ms)
+    try:
+        now_us = int(time.time() * 1e6)
+        if restored:
+            return (await key_rotation.adopt_restored(pool, settings, keys, now_us, _progress)).to_json()
+        if await key_rotation.settle(pool, settings):
+            keys = load_keys(settings)
+        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt")}
+        await hold_to_binding(pool, keys, now_us, keys_location(settings), retired)
+        return (await key_rotation.rotate(pool, settings, keys, names, now_us, _progress)).to_json()
+    finally:
+        await pool.close()

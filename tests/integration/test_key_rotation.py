@@ -1,0 +1,296 @@
+"""Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 040).
+
+A rotation re-encrypts every token secret and moves the key binding in one transaction;
+a failure at any step leaves the database and the key files with exactly one key set, the
+old or the new. After a receipt-key rotation, an honest guest's last receipt (under the
+retired key) still counts, while one made with the leaked retired key cannot pass: a
+position after the rotation, or one the ledger never issued, is ``receipt_invalid``; a
+stale one is still a rollback, another VM's still a clone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from replayguard.core import receipts
+from replayguard.core.receipts import ReceiptClaims
+from replayguard.errors import ConfigError
+from replayguard.keys import key_paths, load_keys, pending_path
+from replayguard.pg import connections
+from replayguard.services import key_rotation
+from replayguard.services.key_binding import check_of
+from replayguard.settings import Settings
+from tests.conftest import Api, uid
+
+
+async def _rotate(settings: Settings, names: list[str], **kwargs: Any) -> key_rotation.Rotation:
+    """The rotation as the CLI runs it, on a pool of its own (this test's process is its only client)."""
+    assert settings.database_url is not None
+    pool = await connections.create_pool(settings.database_url.reveal(), size=2, statement_timeout_ms=30_000)
+    try:
+        return await key_rotation.rotate(pool, settings, load_keys(settings), names, int(time.time() * 1e6), **kwargs)
+    finally:
+        await pool.close()
+
+
+async def _hotp_principal(api: Api, tokens: int = 1) -> tuple[str, list[str]]:
+    principal = uid("p")
+    secrets = [(await api.enroll(principal, type="hotp"))["secret"] for _ in range(tokens)]
+    return principal, secrets
+
+
+async def _stored_secrets(api: Api) -> dict[str, bytes]:
+    rows = await api.runtime.pool.fetch("SELECT id, secret_ct FROM otp_tokens")
+    return {r["id"]: bytes(r["secret_ct"]) for r in rows}
+
+
+def _key_files(settings: Settings) -> dict[str, str]:
+    return {name: path.read_text() for name, path in key_paths(settings).items()}
+
+
+async def test_a_secret_key_rotation_re_encrypts_every_token_and_the_codes_still_verify(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """After rotating the secret key, every token secret in the database is another
+    ciphertext, the old key is a retired file, the binding names the new key, and a
+    service on the rotated data dir verifies the same HOTP secrets' next codes."""
+    settings = make_settings()
+    api = await api_factory()
+    principal, secrets = await _hotp_principal(api, tokens=3)
+    before, old_keys = await _stored_secrets(api), load_keys(settings)
+    await api.client.close()
+
+    done = await _rotate(settings, ["secret"])
+
+    new_keys = load_keys(settings)
+    assert done.rotated == ("secret",) and done.tokens_reencrypted == len(before)
+    assert new_keys.secret != old_keys.secret and new_keys.receipt == old_keys.receipt
+    retired = Path(done.retired_files["secret"])
+    assert retired.parent == settings.data_dir / "keys" / "retired" and bytes.fromhex(retired.read_text()) == old_keys.secret
+    assert not pending_path(key_paths(settings)["secret"]).exists()
+    again = await api_factory()
+    after = await _stored_secrets(again)
+    assert after.keys() == before.keys() and all(after[i] != before[i] for i in before)
+    bound = await again.runtime.pool.fetchval("SELECT secret_check FROM key_binding")
+    assert bytes(bound) == check_of(new_keys.secret)
+    for secret in secrets:
+        body = {"vm_id": uid("vm"), "principal": principal, "otp": pyotp.HOTP(secret).at(0)}
+        status, answer = await again.post("/v1/otp/verify", body)
+        assert (status, answer["decision"]) == (200, "accept"), answer
+
+
+class _Injected(Exception):
+    """The failure a test injects into a rotation."""
+
+
+async def test_a_rotation_failing_mid_way_leaves_the_old_keys_and_ciphertexts(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotation that fails after re-encrypting its first batch of token secrets (of
+    three) changes nothing: the database holds the old ciphertexts and binding, the key
+    files are the old ones, no ``.next`` file is left, and a service starts and verifies."""
+    settings = make_settings()
+    api = await api_factory()
+    principal, secrets = await _hotp_principal(api, tokens=5)
+    before, files = await _stored_secrets(api), _key_files(settings)
+    await api.client.close()
+    monkeypatch.setattr(key_rotation, "_BATCH", 2)
+
+    def fail_after_one_batch(step: str, facts: dict[str, Any]) -> None:
+        if step == "tokens_reencrypted" and facts["done"] >= 2:
+            raise _Injected(step)
+
+    with pytest.raises(_Injected):
+        await _rotate(settings, ["secret", "receipt"], progress=fail_after_one_batch)
+
+    assert _key_files(settings) == files
+    assert not any(pending_path(path).exists() for path in key_paths(settings).values())
+    assert not (settings.data_dir / "keys" / "retired").exists()
+    again = await api_factory()
+    assert await _stored_secrets(again) == before
+    assert await again.runtime.pool.fetchval("SELECT count(*) FROM key_rotations") == 0
+    body = {"vm_id": uid("vm"), "principal": principal, "otp": pyotp.HOTP(secrets[4]).at(0)}
+    assert (await again.post("/v1/otp/verify", body))[1]["decision"] == "accept"
+
+
+async def test_a_rotation_killed_after_its_commit_is_finished_by_the_next_start(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotation that dies between its commit and renaming the new keys into place
+    leaves ``.next`` files the database is bound to: the next service to start promotes
+    them (retiring the old keys) and verifies with the new ones."""
+    settings = make_settings()
+    api = await api_factory()
+    principal, secrets = await _hotp_principal(api)
+    old = load_keys(settings)
+    await api.client.close()
+
+    def die(*args: Any) -> Path:
+        raise _Injected("killed before the renames")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(key_rotation, "promote_pending", die)
+        with pytest.raises(_Injected):
+            await _rotate(settings, ["secret", "receipt"])
+    pending = {name: bytes.fromhex(pending_path(key_paths(settings)[name]).read_text()) for name in ("secret", "receipt")}
+    assert load_keys(settings).secret == old.secret  # the key files are still the old ones
+
+    again = await api_factory()
+    now = load_keys(settings)
+    assert (now.secret, now.receipt) == (pending["secret"], pending["receipt"])
+    assert not any(pending_path(path).exists() for path in key_paths(settings).values())
+    assert sorted(p.name.split("-")[0] for p in (settings.data_dir / "keys" / "retired").iterdir()) == \
+        ["receipt", "secret"]
+    body = {"vm_id": uid("vm"), "principal": principal, "otp": pyotp.HOTP(secrets[0]).at(0)}
+    status, answer = await again.post("/v1/otp/verify", body)
+    assert (status, answer["decision"]) == (200, "accept"), answer
+    assert answer["receipt"].split(".")[1] == receipts.key_id(now.receipt)
+
+
+async def _nonce(api: Api, vm: str, receipt: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"vm_id": vm, "scope": "s", "nonce": uid("n"), "receipt_kept": True}
+    if receipt is not None:
+        body["receipt"] = receipt
+    status, answer = await api.post("/v1/nonces/consume", body)
+    assert status == 200, answer
+    return dict(answer)
+
+
+async def test_after_a_receipt_key_rotation_honest_receipts_pass_and_the_leaked_key_forges_nothing(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """Receipts issued before a receipt-key rotation, presented after it: a guest's last
+    receipt passes with no flag (and gets one under the new key); a stale one is still
+    ``rollback_detected``; another VM's still ``clone_detected``; and receipts made with
+    the leaked retired key are ``receipt_invalid``: one naming a position after the
+    rotation, one naming a position the ledger never issued to the VM, one for a VM
+    that never had a receipt."""
+    settings = make_settings()
+    api = await api_factory()
+    honest, stale, forger, clone, source = (uid(name) for name in ("honest", "stale", "forger", "clone", "source"))
+    last: dict[str, str] = {}
+    for vm in (honest, stale, forger, clone, source):
+        first = await _nonce(api, vm)
+        last[vm] = (await _nonce(api, vm, first["receipt"]))["receipt"]
+        if vm == stale:
+            last["stale-old"] = first["receipt"]
+    leaked = load_keys(settings).receipt
+    forger_seq = int(await api.runtime.pool.fetchval("SELECT last_receipt_seq FROM vms WHERE vm_id = $1", forger))
+    await api.client.close()
+
+    done = await _rotate(settings, ["receipt"])
+    after = await api_factory()
+
+    answer = await _nonce(after, honest, last[honest])
+    assert (answer["decision"], answer["flags"]) == ("accept", []), answer
+    assert answer["receipt"].split(".")[1] == done.new_key_ids["receipt"] != receipts.key_id(leaked)
+    assert (await _nonce(after, stale, last["stale-old"]))["flags"] == ["rollback_detected"]
+    assert "clone_detected" in (await _nonce(after, clone, last[source]))["flags"]
+    forgeries = {
+        "after the rotation": ReceiptClaims(forger, done.ledger_seq + 1, 0),
+        "never issued": ReceiptClaims(forger, forger_seq + 1, 0),
+        "unknown VM": ReceiptClaims(uid("nobody"), 1, 0),
+    }
+    for what, claims in forgeries.items():
+        flags = (await _nonce(after, claims.vm_id, receipts.issue(leaked, claims)))["flags"]
+        assert flags == ["receipt_invalid"], (what, flags)
+    answer = await _nonce(after, forger, last[forger])  # the forger VM's own honest receipt still counts
+    assert answer["flags"] == [], answer
+
+
+async def test_after_the_first_new_receipt_the_retired_ones_of_that_vm_are_stale(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """Once a VM presented its receipt after the rotation, the receipt it held before
+    (under the retired key, even the newest then) is stale: a guest rolled back across the
+    rotation is caught, and so is a replay of that receipt made with the leaked key."""
+    settings = make_settings()
+    api = await api_factory()
+    vm = uid("vm")
+    before = (await _nonce(api, vm, (await _nonce(api, vm))["receipt"]))["receipt"]
+    await api.client.close()
+    await _rotate(settings, ["receipt"])
+    after = await api_factory()
+    moved = await _nonce(after, vm, before)
+    assert moved["flags"] == [], moved
+    assert (await _nonce(after, vm, before))["flags"] == ["rollback_detected"]
+
+
+async def test_a_service_with_the_keys_before_a_rotation_is_refused_and_told_why(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """A copy of the data dir's keys taken before a rotation (another host not given the
+    new keys) cannot start on the rotated database: the key binding refuses it, saying
+    the key was retired by a rotation and what to copy."""
+    settings = make_settings()
+    api = await api_factory()
+    await api.client.close()
+    stale_dir = tmp_path / "stale"
+    stale_dir.mkdir(mode=0o700)
+    (stale_dir / "keys").mkdir(mode=0o700)
+    for name, path in key_paths(settings).items():
+        (stale_dir / "keys" / path.name).write_text(path.read_text())
+        (stale_dir / "keys" / path.name).chmod(0o600)
+    await _rotate(settings, ["receipt"])
+    with pytest.raises(ConfigError, match=r"receipt key differs\): its receipt key was retired by a key rotation at"
+                                          r" .*: copy the keys/ of the data dir that ran `replayguard keys rotate`"):
+        await api_factory(data_dir=stale_dir)
+
+
+async def test_a_backup_from_before_a_rotation_is_moved_to_the_current_keys(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], fresh_database: Callable[[], Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database bound to keys the data dir retired (a backup restored from before a
+    rotation) is refused at start with a message naming the retired file and
+    ``--restored``; ``adopt_restored`` re-encrypts it under the current keys, after which
+    it starts and its tokens verify."""
+    settings = make_settings()
+    api = await api_factory()
+    principal, secrets = await _hotp_principal(api)
+    await api.client.close()
+    backup = await fresh_database()
+    await _copy_database(settings, backup)
+    await _rotate(settings, ["secret", "receipt"])
+    restored = make_settings(database_url=_secret(backup))
+    with pytest.raises(ConfigError, match=r"bound to the retired key .*/keys/retired/.* --restored"):
+        await api_factory(database_url=_secret(backup))
+    pool = await connections.create_pool(backup, size=2, statement_timeout_ms=30_000)
+    try:
+        done = await key_rotation.adopt_restored(pool, restored, load_keys(restored), int(time.time() * 1e6))
+    finally:
+        await pool.close()
+    assert set(done.rotated) == {"secret", "receipt"} and done.tokens_reencrypted == 1
+    again = await api_factory(database_url=_secret(backup))
+    body = {"vm_id": uid("vm"), "principal": principal, "otp": pyotp.HOTP(secrets[0]).at(0)}
+    assert (await again.post("/v1/otp/verify", body))[1]["decision"] == "accept"
+
+
+def _secret(dsn: str) -> Any:
+    from replayguard.settings import Secret
+
+    return Secret(dsn)
+
+
+async def _copy_database(settings: Settings, target: str) -> None:
+    """The rows a restore would bring back: every table of the service's schema, copied
+    from the settings' database into ``target`` (a fresh, migrated database)."""
+    import asyncpg
+
+    assert settings.database_url is not None
+    source, dest = await asyncpg.connect(settings.database_url.reveal()), await asyncpg.connect(target)
+    try:
+        await dest.execute("SET session_replication_role = replica")  # no triggers: rows as they were
+        for table in ("key_binding", "otp_credentials", "otp_tokens", "principals"):
+            if not await source.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                continue
+            await dest.execute(f"TRUNCATE {table} CASCADE")  # noqa: S608 - fixed names
+            rows = await source.fetch(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
+            if rows:
+                await dest.copy_records_to_table(table, records=[tuple(r.values()) for r in rows],
+                                                 columns=list(rows[0].keys()))
+    finally:
+        await source.close()
+        await dest.close()
+

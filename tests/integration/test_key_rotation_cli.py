@@ -1,0 +1,155 @@
+"""``replayguard keys rotate`` as an operator runs it: against running services, killed
+mid-way, and what it prints (JSON lines; never a key)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from replayguard.keys import key_paths, load_keys, pending_path
+from replayguard.services.key_binding import check_of
+from replayguard.settings import Secret, Settings
+from tests.conftest import REPO, cli_env, run_cli
+
+
+def _settings(data_dir: Path, dsn: str) -> Settings:
+    return Settings(database_url=Secret(dsn), data_dir=data_dir)
+
+
+def _rotate_args(data_dir: Path, dsn: str, *keys: str) -> list[str]:
+    return ["keys", "rotate", *keys, "--data-dir", str(data_dir), "--database-url", dsn]
+
+
+async def test_rotate_refuses_while_two_instances_serve_and_an_old_key_set_is_refused_after(
+        fresh_database: Callable[[], Any], service_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """With two ``serve`` processes on the database, ``keys rotate`` exits 2 saying other
+    replayguard processes are connected, changing nothing; with both stopped it rotates
+    (stdout: one JSON line, stderr: JSON progress lines, no key anywhere); then a serve
+    with the data dir's keys as they were is refused in one line naming the rotation, and
+    one with the rotated data dir serves."""
+    dsn = await fresh_database()
+    data_dir = tmp_path / "data"
+    first = await service_factory(data_dir=data_dir, database_url=dsn)
+    second = await service_factory(data_dir=data_dir, database_url=dsn)
+    before = {name: path.read_text() for name, path in key_paths(_settings(data_dir, dsn)).items()}
+
+    refused = await asyncio.to_thread(run_cli, *_rotate_args(data_dir, dsn, "--secret", "--receipt"))
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    last = refused.stderr.splitlines()[-1]
+    assert "other replayguard process(es) are connected to this database" in last and "nothing was rotated" in last
+    assert f"replayguard-{first.proc.pid}" in last and f"replayguard-{second.proc.pid}" in last, last
+    assert {name: path.read_text() for name, path in key_paths(_settings(data_dir, dsn)).items()} == before
+    assert not any(pending_path(p).exists() for p in key_paths(_settings(data_dir, dsn)).values())
+
+    stale = tmp_path / "stale"
+    stale.mkdir(mode=0o700)
+    (stale / "keys").mkdir(mode=0o700)
+    for name, text in before.items():
+        (stale / "keys" / f"{name}.key").write_text(text)
+        (stale / "keys" / f"{name}.key").chmod(0o600)
+    first.kill(signal.SIGTERM)
+    second.kill(signal.SIGTERM)
+    done = await asyncio.to_thread(run_cli, *_rotate_args(data_dir, dsn, "--secret", "--receipt"))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["event"] == "keys_rotated" and summary["rotated"] == ["secret", "receipt"], summary
+    steps = [json.loads(line)["event"] for line in done.stderr.splitlines()]
+    assert steps[0] == "new_keys_written" and steps[-2:] == ["committing", "key_files_replaced"], steps
+    after = {name: path.read_text() for name, path in key_paths(_settings(data_dir, dsn)).items()}
+    for text in [*before.values(), *after.values()]:
+        assert text.strip() not in done.stdout + done.stderr + refused.stderr
+
+    old = await asyncio.to_thread(run_cli, "serve", "--port", "0", "--data-dir", str(stale), "--database-url", dsn)
+    assert old.returncode == 2 and "Traceback" not in old.stderr, old.stderr
+    assert "was retired by a key rotation at" in old.stderr.splitlines()[-1], old.stderr
+    await service_factory(data_dir=data_dir, database_url=dsn)
+
+
+async def _seed_tokens(settings: Settings, count: int) -> None:
+    """``count`` TOTP tokens encrypted under the data dir's secret key, written straight
+    into the database (enrolling them one by one would take minutes)."""
+    keys = load_keys(settings)
+    aead = AESGCM(keys.secret)
+    rows = []
+    for n in range(count):
+        token_id, nonce = f"otp_seed{n:06d}", os.urandom(12)
+        secret = secrets.token_bytes(20).hex().upper()
+        rows.append((token_id, "seed", "totp", nonce + aead.encrypt(nonce, secret.encode(), token_id.encode()),
+                     6, 30, "SHA1", secrets.token_bytes(32)))
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.reveal())
+    try:
+        await conn.copy_records_to_table("otp_tokens", records=rows, columns=[
+            "id", "principal", "type", "secret_ct", "digits", "period", "algorithm", "fingerprint"])
+    finally:
+        await conn.close()
+
+
+async def _consistent(settings: Settings) -> bytes:
+    """Opens the database as a service would (settling what a killed rotation left) and
+    checks it has one key set: the binding names the data dir's keys, every token secret
+    decrypts under the secret key, no ``.next`` file is left. Returns the secret key."""
+    done = await asyncio.to_thread(run_cli, "token", "list", "--data-dir", str(settings.data_dir),
+                                   "--database-url", settings.database_url.reveal() if settings.database_url else "")
+    assert done.returncode == 0, done.stderr
+    keys = load_keys(settings)
+    assert not any(pending_path(p).exists() for p in key_paths(settings).values())
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.reveal())
+    try:
+        bound = await conn.fetchrow("SELECT secret_check, receipt_check FROM key_binding")
+        rows = await conn.fetch("SELECT id, secret_ct FROM otp_tokens")
+    finally:
+        await conn.close()
+    assert (bytes(bound["secret_check"]), bytes(bound["receipt_check"])) == (check_of(keys.secret),
+                                                                             check_of(keys.receipt))
+    aead = AESGCM(keys.secret)
+    for row in rows:
+        blob = bytes(row["secret_ct"])
+        aead.decrypt(blob[:12], blob[12:], row["id"].encode())  # raises if under another key
+    return keys.secret
+
+
+@pytest.mark.parametrize("kill_at", ["new_keys_written", "tokens_reencrypted", "committing"])
+async def test_a_rotation_killed_at_any_step_leaves_one_consistent_key_set(
+        fresh_database: Callable[[], Any], tmp_path: Path, kill_at: str) -> None:
+    """``keys rotate`` killed with SIGKILL as it reports a step (its new keys written; a
+    batch of 3,000 token secrets re-encrypted; about to commit) leaves a database that
+    opens with exactly one key set (every token secret decrypts under the key the binding
+    names), and a rotation run after it completes."""
+    dsn = await fresh_database()
+    settings = _settings(tmp_path / "data", dsn)
+    made = await asyncio.to_thread(run_cli, "token", "create", "--role", "admin", "--name", "a",
+                                   "--data-dir", str(settings.data_dir), "--database-url", dsn)
+    assert made.returncode == 0, made.stderr
+    await _seed_tokens(settings, 3000)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "replayguard", *_rotate_args(settings.data_dir, dsn, "--secret", "--receipt"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO)
+    assert proc.stderr is not None
+    seen = []
+    while True:
+        line = await proc.stderr.readline()
+        assert line, (kill_at, seen)  # the rotation ended before the step
+        seen.append(json.loads(line)["event"])
+        if seen[-1] == kill_at:
+            proc.kill()
+            break
+    await proc.wait()
+    secret = await _consistent(settings)
+    again = await asyncio.to_thread(run_cli, *_rotate_args(settings.data_dir, dsn, "--secret"))
+    assert again.returncode == 0, again.stderr
+    assert await _consistent(settings) != secret
+
