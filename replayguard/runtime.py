@@ -27,7 +27,7 @@ from .services import key_rotation
 from .services.apitokens import ApiTokens
 from .services.continuity import ContinuityGuard
 from .services.decide import DecisionConfig, DecisionService
-from .services.key_binding import hold_to_binding
+from .services.key_binding import BindingGuard, hold_to_binding
 from .services.tokens import TokenStore
 from .settings import Settings
 
@@ -93,13 +93,15 @@ async def open_runtime(
     keys = load_keys(settings)
     if dsn is None:
         dsn = await prepare_database(settings) if migrate else resolve_dsn(settings)
-    pool = await connections.create_pool(dsn, size=settings.db_pool_size,
+    binding_guard = BindingGuard()
+    pool = await connections.create_pool(dsn, size=settings.db_pool_size, on_connect=binding_guard,
                                          statement_timeout_ms=settings.statement_timeout_ms)
     try:  # before anything reads or writes a digest: other keys would find no earlier use
         if await key_rotation.settle(pool, settings):  # a rotation killed after its commit
             keys = load_keys(settings)
         retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt")}
         await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings), retired)
+        binding_guard.hold(keys)
         receipt_keys = await key_rotation.receipt_keys(pool, settings, keys)
     except BaseException:
         await pool.close()

@@ -9,6 +9,7 @@ exactly like any other server. A database that goes away becomes ``Unavailable``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int) -> asyncpg.Pool:
-    """A pool whose connections time statements out and decode jsonb with orjson."""
+async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int,
+                      on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> asyncpg.Pool:
+    """A pool whose connections time statements out and decode jsonb with orjson.
+    ``on_connect`` runs on each new connection; what it raises fails the acquire."""
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        if on_connect is not None:
+            await on_connect(conn)
+
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, init=_init_connection,
+        dsn, min_size=1, max_size=size, init=init,
         server_settings=session_settings(statement_timeout_ms),
         command_timeout=client_timeout_s(statement_timeout_ms),
         timeout=connect_timeout_s(statement_timeout_ms),

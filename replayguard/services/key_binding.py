@@ -8,7 +8,11 @@ code and nonce already used accepted again) and another secret key token secrets
 longer decrypt; another signing key cannot check the checkpoints the witnesses hold (a
 database restored behind them would serve what it forgot), and another receipt key takes
 every guest's receipt for a forgery. Such a start is refused with one line that names
-where the keys came from.
+where the keys came from, and, when a rotation explains the difference (``keys rotate``,
+``services/key_rotation.py``, migration 040), what to do: copy the rotated keys, or move a
+backup from before the rotation to them (``--restored``). ``BindingGuard`` holds each new
+connection of a running service to the binding it started with, so a process that ran
+through a rotation unseen fails closed.
 
 A database bound before migration 034 has no receipt check or public key yet: the next
 process with its pepper and secret key records its own, the signing key only if it signed
@@ -22,13 +26,16 @@ import hmac
 from pathlib import Path
 
 import asyncpg
+import structlog
 from cryptography.hazmat.primitives import serialization
 
 from ..core import checkpoints as cps
 from ..core import timefmt
-from ..errors import ConfigError
+from ..errors import ConfigError, Unavailable
 from ..keys import Keys
 from ..pg.connections import acquire
+
+log = structlog.get_logger(__name__)
 
 _LABEL = b"replayguard key binding v1"
 _SET_UP_WITH = "start with the data dir (or key files) it was set up with"
@@ -101,6 +108,31 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
             return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the keys/ of the data"
                     " dir that ran `replayguard keys rotate` to this one (every instance reads its keys at start)")
     return None
+
+
+class BindingGuard:
+    """Run on every new pool connection of a service (``connections.create_pool``): once
+    the process has passed ``hold_to_binding`` (``hold``), a connection to a database
+    whose secret or receipt key was rotated since is refused (``Unavailable``: 503), so a
+    process that missed a rotation (``keys rotate`` refuses while it sees one connected)
+    never decrypts with the old secret key or issues receipts under the old receipt key."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, bytes] | None = None
+
+    def hold(self, keys: Keys) -> None:
+        mine = checks(keys)
+        self._expected = {column: mine[column] for column in ("secret_check", "receipt_check")}
+
+    async def __call__(self, conn: asyncpg.Connection) -> None:
+        if self._expected is None:
+            return
+        row = await conn.fetchrow("SELECT secret_check, receipt_check FROM key_binding")
+        if row is None or not all(_same(None if row[c] is None else bytes(row[c]), mine)
+                                  for c, mine in self._expected.items()):
+            log.error("keys_rotated_since_start")
+            raise Unavailable("this database's keys were rotated after this process read its keys: restart it with"
+                              " the rotated keys")
 
 
 def _same(bound: bytes | None, mine: bytes) -> bool:

@@ -27,6 +27,7 @@ from replayguard.services import key_rotation
 from replayguard.services.key_binding import check_of
 from replayguard.settings import Settings
 from tests.conftest import Api, uid
+from tests.waiting import until
 
 
 async def _rotate(settings: Settings, names: list[str], **kwargs: Any) -> key_rotation.Rotation:
@@ -71,7 +72,8 @@ async def test_a_secret_key_rotation_re_encrypts_every_token_and_the_codes_still
     assert done.rotated == ("secret",) and done.tokens_reencrypted == len(before)
     assert new_keys.secret != old_keys.secret and new_keys.receipt == old_keys.receipt
     retired = Path(done.retired_files["secret"])
-    assert retired.parent == settings.data_dir / "keys" / "retired" and bytes.fromhex(retired.read_text()) == old_keys.secret
+    assert retired.parent == settings.data_dir / "keys" / "retired"
+    assert bytes.fromhex(retired.read_text()) == old_keys.secret
     assert not pending_path(key_paths(settings)["secret"]).exists()
     again = await api_factory()
     after = await _stored_secrets(again)
@@ -137,7 +139,8 @@ async def test_a_rotation_killed_after_its_commit_is_finished_by_the_next_start(
         patch.setattr(key_rotation, "promote_pending", die)
         with pytest.raises(_Injected):
             await _rotate(settings, ["secret", "receipt"])
-    pending = {name: bytes.fromhex(pending_path(key_paths(settings)[name]).read_text()) for name in ("secret", "receipt")}
+    pending = {name: bytes.fromhex(pending_path(key_paths(settings)[name]).read_text())
+               for name in ("secret", "receipt")}
     assert load_keys(settings).secret == old.secret  # the key files are still the old ones
 
     again = await api_factory()
@@ -230,7 +233,7 @@ async def test_a_service_with_the_keys_before_a_rotation_is_refused_and_told_why
     stale_dir = tmp_path / "stale"
     stale_dir.mkdir(mode=0o700)
     (stale_dir / "keys").mkdir(mode=0o700)
-    for name, path in key_paths(settings).items():
+    for path in key_paths(settings).values():
         (stale_dir / "keys" / path.name).write_text(path.read_text())
         (stale_dir / "keys" / path.name).chmod(0o600)
     await _rotate(settings, ["receipt"])
@@ -285,8 +288,8 @@ async def _copy_database(settings: Settings, target: str) -> None:
         for table in ("key_binding", "otp_credentials", "otp_tokens", "principals"):
             if not await source.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                 continue
-            await dest.execute(f"TRUNCATE {table} CASCADE")  # noqa: S608 - fixed names
-            rows = await source.fetch(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
+            await dest.execute(f"TRUNCATE {table} CASCADE")
+            rows = await source.fetch(f"SELECT * FROM {table}")
             if rows:
                 await dest.copy_records_to_table(table, records=[tuple(r.values()) for r in rows],
                                                  columns=list(rows[0].keys()))
@@ -294,3 +297,33 @@ async def _copy_database(settings: Settings, target: str) -> None:
         await source.close()
         await dest.close()
 
+
+
+async def test_a_runtime_that_missed_a_rotation_answers_503_and_never_an_old_key_receipt(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """Two service runtimes on one database: one started before a rotation that did not
+    see it (the rotation here runs in the same process, so its check of other sessions
+    passes it by), one started after. Once the first has to open a connection again, it
+    answers 503 ``unavailable`` to every decision, never a receipt under the retired key,
+    while the second decides and issues receipts under the new one."""
+    settings = make_settings()
+    before = await api_factory()
+    vm = uid("vm")
+    await _nonce(before, vm)
+    done = await _rotate(settings, ["receipt"])
+    after = await api_factory()
+    await after.runtime.pool.execute(  # every session of this process: both runtimes reconnect
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = current_setting('application_name') AND pid <> pg_backend_pid()")
+    await before.runtime.pool.expire_connections()
+    await after.runtime.pool.expire_connections()
+
+    async def decided() -> dict[str, Any] | None:
+        body = {"vm_id": vm, "scope": "s", "nonce": uid("n")}
+        status, answer = await after.post("/v1/nonces/consume", body)
+        return dict(answer) if status == 200 else None
+
+    assert (await until(decided, "the new runtime decides"))["receipt"].split(".")[1] == done.new_key_ids["receipt"]
+    for _ in range(3):
+        status, answer = await before.post("/v1/nonces/consume", {"vm_id": vm, "scope": "s", "nonce": uid("n")})
+        assert (status, answer["error"]["code"]) == (503, "unavailable"), answer
