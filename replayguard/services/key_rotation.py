@@ -8,7 +8,8 @@ rotation lock (``keys.rotation_lock``):
    replayguard process has a session on the database, re-encrypts every token secret
    under the new secret key, moves ``key_binding`` to the new keys and records the
    rotation in ``key_rotations`` (with the ledger's head: the last seq the retired
-   receipt key issued at);
+   receipt key issued at) and as a ``key_rotation`` ledger entry (who, which keys, their
+   ids: never a key);
 3. the old keys become retired files and the ``.next`` files take their place
    (``keys.promote_pending``).
 
@@ -53,6 +54,7 @@ from ..keys import (
 from ..pg.connections import acquire
 from ..settings import Settings
 from .key_binding import check_of, checks
+from .recovery import operator
 
 _BATCH = 1000
 _COLUMN = {"secret": "secret_check", "receipt": "receipt_check"}
@@ -133,7 +135,7 @@ async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now
     lock = rotation_lock(settings)
     try:
         was = replace(keys, secret=old.get("secret", keys.secret), receipt=old.get("receipt", keys.receipt))
-        count, head = await _move_database(pool, was, {n: current[n] for n in old}, now_us, report)
+        count, head = await _move_database(pool, was, {n: current[n] for n in old}, now_us, report, restored=True)
     finally:
         os.close(lock)
     ids = {name: (key_id(current[name]) if name == "receipt" else key_file_id(current[name])) for name in old}
@@ -141,7 +143,7 @@ async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now
 
 
 async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], now_us: int,
-                         report: Progress) -> tuple[int, int]:
+                         report: Progress, *, restored: bool = False) -> tuple[int, int]:
     """Step 2: one transaction, from ``keys`` to ``new``. Returns the tokens re-encrypted
     and the ledger's head."""
     old = {"secret": keys.secret, "receipt": keys.receipt}
@@ -162,6 +164,11 @@ async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], 
             await conn.execute("INSERT INTO key_rotations (key_name, retired_check, current_check, rotated_us,"
                                " ledger_seq) VALUES ($1, $2, $3, $4, $5)",
                                name, check_of(old[name]), check_of(key), now_us, head)
+        entry = {"keys": list(new), "who": operator(), "restored": restored, "tokens_reencrypted": count, "receipts_until_seq": head,
+                 "retired_ids": {name: key_file_id(old[name]) for name in new},
+                 "new_ids": {name: key_file_id(key) for name, key in new.items()}}
+        await conn.fetchval("SELECT rg_append($1, 'key_rotation', NULL, NULL, NULL, NULL, NULL, $2::jsonb)",
+                            now_us, entry)
         report("committing", {"tokens_reencrypted": count})
     return count, head
 

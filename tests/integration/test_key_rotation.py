@@ -10,6 +10,7 @@ stale one is still a rollback, another VM's still a clone.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,13 @@ async def test_a_secret_key_rotation_re_encrypts_every_token_and_the_codes_still
     assert after.keys() == before.keys() and all(after[i] != before[i] for i in before)
     bound = await again.runtime.pool.fetchval("SELECT secret_check FROM key_binding")
     assert bytes(bound) == check_of(new_keys.secret)
+    entry = await again.runtime.pool.fetchrow("SELECT seq, payload FROM ledger WHERE kind = 'key_rotation'")
+    assert entry["seq"] == done.ledger_seq + 1 and entry["payload"]["keys"] == ["secret"], entry
+    assert entry["payload"]["tokens_reencrypted"] == len(before)
+    text = json.dumps(entry["payload"])
+    assert old_keys.secret.hex() not in text and new_keys.secret.hex() not in text
+    status, verified = await again.get("/v1/ledger/verify")
+    assert status == 200 and verified["ok"], verified
     for secret in secrets:
         body = {"vm_id": uid("vm"), "principal": principal, "otp": pyotp.HOTP(secret).at(0)}
         status, answer = await again.post("/v1/otp/verify", body)

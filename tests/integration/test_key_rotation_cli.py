@@ -153,3 +153,25 @@ async def test_a_rotation_killed_at_any_step_leaves_one_consistent_key_set(
     assert again.returncode == 0, again.stderr
     assert await _consistent(settings) != secret
 
+
+
+async def test_rotate_without_a_key_or_with_nothing_to_adopt_exits_2_in_one_line(
+        fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """``keys rotate`` naming no key, or ``--restored`` together with a key, is a usage
+    error; ``--restored`` on a database bound to the data dir's current keys has nothing
+    to adopt; each exits 2 with one error line, printing nothing on stdout."""
+    dsn = await fresh_database()
+    data_dir = tmp_path / "data"
+    made = await asyncio.to_thread(run_cli, "token", "create", "--role", "admin", "--name", "a",
+                                   "--data-dir", str(data_dir), "--database-url", dsn)
+    assert made.returncode == 0, made.stderr
+    runs = {
+        "no key": (_rotate_args(data_dir, dsn), "name a key to rotate"),
+        "restored and a key": (_rotate_args(data_dir, dsn, "--restored", "--secret"), "--restored takes no"),
+        "nothing to adopt": (_rotate_args(data_dir, dsn, "--restored"), "nothing to adopt"),
+    }
+    for what, (args, message) in runs.items():
+        done = await asyncio.to_thread(run_cli, *args)
+        assert (done.returncode, done.stdout) == (2, ""), (what, done)
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("replayguard: error: ") and message in last, (what, done.stderr)
