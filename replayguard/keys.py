@@ -13,7 +13,7 @@ The secret key and the receipt key can be rotated (``replayguard keys rotate``,
 key to ``keys/retired/<name>-<id>.key`` and renames the new one into place, all under the
 keys dir's rotation lock. A rotation killed between its commit and the renames leaves a
 ``.next`` file the database is bound to: the next process to open the database finishes
-the renames (``settle_pending``); one killed before its commit leaves a ``.next`` file no
+the renames (``settle_files``); one killed before its commit leaves a ``.next`` file no
 database is bound to, which that process removes. Retired receipt keys are read at start
 to check receipts issued before the rotation (``core/receipts.py``).
 """
@@ -182,7 +182,7 @@ def retired_keys(settings: Settings, name: str) -> dict[Path, bytes]:
 
 def rotation_lock(settings: Settings) -> int:
     """The keys dir's rotation lock (a descriptor; closing it releases): held by a rotation
-    from writing its new keys to renaming them into place, and by ``settle_pending``."""
+    from writing its new keys to renaming them into place, and while ``settle_files`` runs."""
     keys_dir = settings.data_dir / "keys"
     _make_keys_dir(keys_dir, settings.data_dir)
     try:
@@ -213,20 +213,6 @@ def promote_pending(settings: Settings, name: str, old: bytes) -> Path:
         os.replace(pending_path(path), path)
     fsync_dir(path.parent)
     return retired
-
-
-def settle_pending(settings: Settings, bound: Callable[[str, bytes], bool]) -> list[str]:
-    """Finishes or undoes what a rotation killed mid-way left (``settle_files``), under the
-    rotation lock; does nothing while a rotation holds it (its own renames follow its
-    commit). Returns the names promoted (their keys must be read again)."""
-    try:
-        fd = rotation_lock(settings)
-    except ConfigError:
-        return []
-    try:
-        return settle_files(settings, bound)
-    finally:
-        os.close(fd)
 
 
 def settle_files(settings: Settings, bound: Callable[[str, bytes], bool]) -> list[str]:

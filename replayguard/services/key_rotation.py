@@ -48,7 +48,6 @@ from ..keys import (
     retired_keys,
     rotation_lock,
     settle_files,
-    settle_pending,
     write_pending,
 )
 from ..pg.connections import acquire
@@ -63,17 +62,21 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class Rotation:
-    """What a rotation did, as the CLI prints it: never a key, only key ids."""
+    """What a rotation did, as the CLI prints it: never a key, only ids. ``new_key_ids``:
+    each new key's file id (``keys.key_file_id``, as the ledger entry and the retired
+    files name keys); ``receipt_key_id``: the new receipt key's id as receipts carry it."""
 
     rotated: tuple[str, ...]
     tokens_reencrypted: int
     ledger_seq: int
     retired_files: dict[str, str]
     new_key_ids: dict[str, str]
+    receipt_key_id: str | None
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "keys_rotated", "rotated": list(self.rotated), "tokens_reencrypted": self.tokens_reencrypted,
-                "ledger_seq": self.ledger_seq, "retired_files": self.retired_files, "new_key_ids": self.new_key_ids}
+                "ledger_seq": self.ledger_seq, "retired_files": self.retired_files, "new_key_ids": self.new_key_ids,
+                "receipt_key_id": self.receipt_key_id}
 
 
 def _refuse_named_files(settings: Settings, names: Iterable[str]) -> None:
@@ -109,8 +112,8 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
         report("key_files_replaced", {"retired_files": retired})
     finally:
         os.close(lock)
-    ids = {name: (key_id(key) if name == "receipt" else key_file_id(key)) for name, key in new.items()}
-    return Rotation(chosen, count, head, retired, ids)
+    ids = {name: key_file_id(key) for name, key in new.items()}
+    return Rotation(chosen, count, head, retired, ids, key_id(new["receipt"]) if "receipt" in new else None)
 
 
 async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now_us: int,
@@ -138,8 +141,8 @@ async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now
         count, head = await _move_database(pool, was, {n: current[n] for n in old}, now_us, report, restored=True)
     finally:
         os.close(lock)
-    ids = {name: (key_id(current[name]) if name == "receipt" else key_file_id(current[name])) for name in old}
-    return Rotation(tuple(old), count, head, {}, ids)
+    ids = {name: key_file_id(current[name]) for name in old}
+    return Rotation(tuple(old), count, head, {}, ids, key_id(keys.receipt) if "receipt" in old else None)
 
 
 async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], now_us: int,
@@ -164,7 +167,8 @@ async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], 
             await conn.execute("INSERT INTO key_rotations (key_name, retired_check, current_check, rotated_us,"
                                " ledger_seq) VALUES ($1, $2, $3, $4, $5)",
                                name, check_of(old[name]), check_of(key), now_us, head)
-        entry = {"keys": list(new), "who": operator(), "restored": restored, "tokens_reencrypted": count, "receipts_until_seq": head,
+        entry = {"keys": list(new), "who": operator(), "restored": restored, "tokens_reencrypted": count,
+                 "receipts_until_seq": head,
                  "retired_ids": {name: key_file_id(old[name]) for name in new},
                  "new_ids": {name: key_file_id(key) for name, key in new.items()}}
         await conn.fetchval("SELECT rg_append($1, 'key_rotation', NULL, NULL, NULL, NULL, NULL, $2::jsonb)",
@@ -230,7 +234,8 @@ async def bound_checks(pool: asyncpg.Pool) -> dict[str, bytes | None]:
 
 
 async def settle_locked(pool: asyncpg.Pool, settings: Settings) -> list[str]:
-    """``keys.settle_pending`` for a caller holding the rotation lock."""
+    """``keys.settle_files`` against the binding as it is now, for a caller holding the
+    rotation lock."""
     bound = await bound_checks(pool)
     return settle_files(settings, lambda name, key: _is(bound.get(name), key))
 
@@ -241,12 +246,20 @@ def _is(check: bytes | None, key: bytes) -> bool:
 
 async def settle(pool: asyncpg.Pool, settings: Settings) -> list[str]:
     """What a process does before it reads the binding: finishes or undoes a rotation
-    killed mid-way (``keys.settle_pending``). Returns the keys it promoted."""
+    killed mid-way (``keys.settle_files``), under the rotation lock and with the binding
+    read under it (read before, it could predate the commit of a rotation that then
+    died). Does nothing while a rotation runs. Returns the keys it promoted."""
     paths = key_paths(settings)
     if not any(pending_path(paths[name]).exists() for name in ROTATABLE):
         return []
-    bound = await bound_checks(pool)
-    return settle_pending(settings, lambda name, key: _is(bound.get(name), key))
+    try:
+        lock = rotation_lock(settings)
+    except ConfigError:
+        return []  # a rotation is running: its own renames follow its commit
+    try:
+        return await settle_locked(pool, settings)
+    finally:
+        os.close(lock)
 
 
 async def receipt_keys(pool: asyncpg.Pool, settings: Settings, keys: Keys) -> ReceiptKeys:

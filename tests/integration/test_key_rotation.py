@@ -11,6 +11,7 @@ stale one is still a rollback, another VM's still a clone.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from replayguard.core import receipts
 from replayguard.core.receipts import ReceiptClaims
 from replayguard.errors import ConfigError
-from replayguard.keys import key_paths, load_keys, pending_path
+from replayguard.keys import key_paths, load_keys, pending_path, rotation_lock, write_pending
 from replayguard.pg import connections
 from replayguard.services import key_rotation
 from replayguard.services.key_binding import check_of
@@ -198,7 +199,7 @@ async def test_after_a_receipt_key_rotation_honest_receipts_pass_and_the_leaked_
 
     answer = await _nonce(after, honest, last[honest])
     assert (answer["decision"], answer["flags"]) == ("accept", []), answer
-    assert answer["receipt"].split(".")[1] == done.new_key_ids["receipt"] != receipts.key_id(leaked)
+    assert answer["receipt"].split(".")[1] == done.receipt_key_id != receipts.key_id(leaked)
     assert (await _nonce(after, stale, last["stale-old"]))["flags"] == ["rollback_detected"]
     assert "clone_detected" in (await _nonce(after, clone, last[source]))["flags"]
     forgeries = {
@@ -331,7 +332,26 @@ async def test_a_runtime_that_missed_a_rotation_answers_503_and_never_an_old_key
         status, answer = await after.post("/v1/nonces/consume", body)
         return dict(answer) if status == 200 else None
 
-    assert (await until(decided, "the new runtime decides"))["receipt"].split(".")[1] == done.new_key_ids["receipt"]
+    assert (await until(decided, "the new runtime decides"))["receipt"].split(".")[1] == done.receipt_key_id
     for _ in range(3):
         status, answer = await before.post("/v1/nonces/consume", {"vm_id": vm, "scope": "s", "nonce": uid("n")})
         assert (status, answer["error"]["code"]) == (503, "unavailable"), answer
+
+
+async def test_a_start_during_a_rotation_leaves_its_new_keys_alone(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """While a rotation holds the keys dir's lock, its ``.next`` keys are not yet what the
+    database is bound to: a process opening the database then leaves them in place (were
+    it to remove them, the rotation would commit to keys no longer on disk), and starts
+    on the current keys."""
+    settings = make_settings()
+    api = await api_factory()
+    await api.client.close()
+    lock = rotation_lock(settings)
+    try:
+        write_pending(settings, "secret")
+        again = await api_factory()
+        assert pending_path(key_paths(settings)["secret"]).exists()
+        assert (await _nonce(again, uid("vm")))["decision"] == "accept"
+    finally:
+        os.close(lock)
