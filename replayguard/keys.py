@@ -10,12 +10,13 @@ read turns every ledger digest back into a guessable OTP.
 The secret key and the receipt key can be rotated (``replayguard keys rotate``,
 ``services/key_rotation.py``). A rotation writes the new key beside the current one
 (``secret.key.next``), moves the database to it in one transaction, then retires the old
-key to ``keys/retired/<name>-<id>.key`` and renames the new one into place, all under the
-keys dir's rotation lock. A rotation killed between its commit and the renames leaves a
-``.next`` file the database is bound to: the next process to open the database finishes
-the renames (``settle_files``); one killed before its commit leaves a ``.next`` file no
-database is bound to, which that process removes. Retired receipt keys are read at start
-to check receipts issued before the rotation (``core/receipts.py``).
+key to ``retired/<name>-<id>.key`` beside it (``keys/retired/`` in the data dir, or the
+named key file's directory) and renames the new one into place, all under the rotation
+lock of the keys' directories. A rotation killed between its commit and the renames
+leaves a ``.next`` file the database is bound to: the next process to open the database
+finishes the renames (``settle_files``); one killed before its commit leaves a ``.next``
+file no database is bound to, which that process removes. Retired receipt keys are read
+at start to check receipts issued before the rotation (``core/receipts.py``).
 """
 
 from __future__ import annotations
@@ -158,8 +159,13 @@ def pending_path(path: Path) -> Path:
     return path.with_name(path.name + ".next")
 
 
+def retired_dir(settings: Settings, name: str) -> Path:
+    """Where the keys of ``name`` that rotations retired are kept: beside the key's file."""
+    return key_paths(settings)[name].parent / "retired"
+
+
 def retired_path(settings: Settings, name: str, key: bytes) -> Path:
-    return settings.data_dir / "keys" / "retired" / f"{name}-{key_file_id(key)}.key"
+    return retired_dir(settings, name) / f"{name}-{key_file_id(key)}.key"
 
 
 def _make_retired_dir(directory: Path, data_dir: Path) -> None:
@@ -173,22 +179,39 @@ def _make_retired_dir(directory: Path, data_dir: Path) -> None:
 
 
 def retired_keys(settings: Settings, name: str) -> dict[Path, bytes]:
-    """The keys of ``name`` that rotations retired into keys/retired/, by file."""
-    directory = settings.data_dir / "keys" / "retired"
+    """The keys of ``name`` that rotations retired (``retired_dir``), by file."""
+    directory = retired_dir(settings, name)
     if not directory.is_dir():
         return {}
     return {path: _read_key(path, settings.data_dir) for path in sorted(directory.glob(f"{name}-*.key"))}
 
 
-def rotation_lock(settings: Settings) -> int:
-    """The keys dir's rotation lock (a descriptor; closing it releases): held by a rotation
-    from writing its new keys to renaming them into place, and while ``settle_files`` runs."""
-    keys_dir = settings.data_dir / "keys"
-    _make_keys_dir(keys_dir, settings.data_dir)
+def rotation_lock(settings: Settings) -> list[int]:
+    """The rotation lock of each directory holding a rotatable key (descriptors; closing
+    them releases): held by a rotation from writing its new keys to renaming them into
+    place, and while ``settle_files`` runs. Raises ``ConfigError`` when one is held."""
+    directories = sorted({key_paths(settings)[name].parent for name in ROTATABLE})
+    held: list[int] = []
     try:
-        return lock_file(keys_dir / ".rotation.lock", owner=inherited_owner(settings.data_dir), wait=False)
-    except BlockingIOError:
-        raise ConfigError(f"a key rotation is running on {keys_dir} (its lock .rotation.lock is held)") from None
+        for directory in directories:
+            if directory == settings.data_dir / "keys":
+                _make_keys_dir(directory, settings.data_dir)
+            else:
+                check_private_dir(directory, "key file directory", data_dir=settings.data_dir)
+            try:
+                held.append(lock_file(directory / ".rotation.lock", owner=inherited_owner(directory), wait=False))
+            except BlockingIOError:
+                raise ConfigError(f"a key rotation is running on {directory} (its lock .rotation.lock is held)"
+                                  ) from None
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
+def release(held: list[int]) -> None:
+    for fd in held:
+        os.close(fd)
 
 
 def write_pending(settings: Settings, name: str) -> bytes:

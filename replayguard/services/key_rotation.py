@@ -45,6 +45,7 @@ from ..keys import (
     key_paths,
     pending_path,
     promote_pending,
+    release,
     retired_keys,
     rotation_lock,
     settle_files,
@@ -79,14 +80,6 @@ class Rotation:
                 "receipt_key_id": self.receipt_key_id}
 
 
-def _refuse_named_files(settings: Settings, names: Iterable[str]) -> None:
-    named = {"secret": settings.secret_key_file, "receipt": settings.receipt_key_file}
-    for name in names:
-        if named[name] is not None:
-            raise ConfigError(f"the {name} key is read from {named[name]} ({name}_key_file): keys rotate replaces"
-                              f" only keys kept in the data dir's keys/; unset {name}_key_file to rotate it")
-
-
 async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iterable[str], now_us: int,
                  progress: Progress | None = None) -> Rotation:
     """Rotates the named keys (``secret``, ``receipt``); raises ``ConfigError``, having
@@ -95,7 +88,6 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
     chosen = tuple(name for name in ROTATABLE if name in set(names))
     if not chosen:
         raise ConfigError("name a key to rotate: --secret, --receipt or both")
-    _refuse_named_files(settings, chosen)
     report = progress or (lambda step, facts: None)
     lock = rotation_lock(settings)
     try:
@@ -111,7 +103,7 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
         retired = {name: str(promote_pending(settings, name, old[name])) for name in chosen}
         report("key_files_replaced", {"retired_files": retired})
     finally:
-        os.close(lock)
+        release(lock)
     ids = {name: key_file_id(key) for name, key in new.items()}
     return Rotation(chosen, count, head, retired, ids, key_id(new["receipt"]) if "receipt" in new else None)
 
@@ -140,7 +132,7 @@ async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now
         was = replace(keys, secret=old.get("secret", keys.secret), receipt=old.get("receipt", keys.receipt))
         count, head = await _move_database(pool, was, {n: current[n] for n in old}, now_us, report, restored=True)
     finally:
-        os.close(lock)
+        release(lock)
     ids = {name: key_file_id(current[name]) for name in old}
     return Rotation(tuple(old), count, head, {}, ids, key_id(keys.receipt) if "receipt" in old else None)
 
@@ -259,7 +251,7 @@ async def settle(pool: asyncpg.Pool, settings: Settings) -> list[str]:
     try:
         return await settle_locked(pool, settings)
     finally:
-        os.close(lock)
+        release(lock)
 
 
 async def receipt_keys(pool: asyncpg.Pool, settings: Settings, keys: Keys) -> ReceiptKeys:

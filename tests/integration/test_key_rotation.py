@@ -23,7 +23,15 @@ import pytest
 from replayguard.core import receipts
 from replayguard.core.receipts import ReceiptClaims
 from replayguard.errors import ConfigError
-from replayguard.keys import key_paths, load_keys, pending_path, rotation_lock, write_pending
+from replayguard.keys import (
+    key_file_id,
+    key_paths,
+    load_keys,
+    pending_path,
+    release,
+    rotation_lock,
+    write_pending,
+)
 from replayguard.pg import connections
 from replayguard.services import key_rotation
 from replayguard.services.key_binding import check_of
@@ -354,4 +362,40 @@ async def test_a_start_during_a_rotation_leaves_its_new_keys_alone(
         assert pending_path(key_paths(settings)["secret"]).exists()
         assert (await _nonce(again, uid("vm")))["decision"] == "accept"
     finally:
-        os.close(lock)
+        release(lock)
+
+
+async def test_keys_read_from_named_files_are_rotated_beside_them(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """With ``secret_key_file`` and ``receipt_key_file`` naming files outside the data dir
+    (a keys volume shared by instances with data dirs of their own), the rotation replaces
+    those files and retires the old keys to ``retired/`` beside them, where a service with
+    another data dir and the same named files finds the retired receipt key: a guest's
+    receipt from before the rotation passes there."""
+    shared = tmp_path / "shared-keys"
+    shared.mkdir(mode=0o700)
+    for name in ("secret", "receipt"):
+        (shared / f"{name}.key").write_text(os.urandom(32).hex() + "\n")
+        (shared / f"{name}.key").chmod(0o600)
+    named = {"secret_key_file": shared / "secret.key", "receipt_key_file": shared / "receipt.key"}
+    first = make_settings(**named)
+    api = await api_factory(**named)
+    vm = uid("vm")
+    kept = (await _nonce(api, vm, (await _nonce(api, vm))["receipt"]))["receipt"]
+    await api.client.close()
+    old_receipt = bytes.fromhex((shared / "receipt.key").read_text())
+
+    done = await _rotate(first, ["secret", "receipt"])
+
+    assert {Path(path).parent for path in done.retired_files.values()} == {shared / "retired"}
+    assert bytes.fromhex((shared / "retired" / f"receipt-{key_file_id(old_receipt)}.key").read_text()) == old_receipt
+    assert not (first.data_dir / "keys" / "retired").exists()
+    other_dir = tmp_path / "data-2"
+    other_dir.mkdir(mode=0o700)
+    (other_dir / "keys").mkdir(mode=0o700)
+    for name in ("pepper", "signing"):
+        (other_dir / "keys" / f"{name}.key").write_text((first.data_dir / "keys" / f"{name}.key").read_text())
+        (other_dir / "keys" / f"{name}.key").chmod(0o600)
+    second = await api_factory(data_dir=other_dir, **named)
+    answer = await _nonce(second, vm, kept)
+    assert answer["flags"] == [] and answer["receipt"].split(".")[1] == done.receipt_key_id, answer
