@@ -105,8 +105,8 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
     for row in rows:
         if _same(bytes(row["retired_check"]), mine[f"{row['key_name']}_check"]):
             when = timefmt.rfc3339_us(int(row["rotated_us"]))
-            return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the keys/ of the data"
-                    " dir that ran `replayguard keys rotate` to this one (every instance reads its keys at start)")
+            return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the rotated keys (with"
+                    " retired/) from where `replayguard keys rotate` ran (every instance reads its keys at start)")
     return None
 
 

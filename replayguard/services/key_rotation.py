@@ -111,7 +111,7 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
 async def adopt_restored(pool: asyncpg.Pool, settings: Settings, keys: Keys, now_us: int,
                          progress: Progress | None = None) -> Rotation:
     """Moves a database restored from a backup taken before a rotation, bound to keys this
-    data dir retired (keys/retired/), to the data dir's current keys: the same transaction
+    data dir retired (``keys.retired_dir``), to its current keys: the same transaction
     as a rotation, from the retired keys to the current ones; no key file changes."""
     bound = await bound_checks(pool)
     current = {"secret": keys.secret, "receipt": keys.receipt}

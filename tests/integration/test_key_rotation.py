@@ -254,8 +254,9 @@ async def test_a_service_with_the_keys_before_a_rotation_is_refused_and_told_why
         (stale_dir / "keys" / path.name).write_text(path.read_text())
         (stale_dir / "keys" / path.name).chmod(0o600)
     await _rotate(settings, ["receipt"])
-    with pytest.raises(ConfigError, match=r"receipt key differs\): its receipt key was retired by a key rotation at"
-                                          r" .*: copy the keys/ of the data dir that ran `replayguard keys rotate`"):
+    with pytest.raises(ConfigError, match=r"receipt key differs\): its receipt key was retired by a key rotation"
+                                          r" at .*: copy the rotated keys \(with retired/\) from where"
+                                          r" `replayguard keys rotate` ran"):
         await api_factory(data_dir=stale_dir)
 
 
