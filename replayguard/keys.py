@@ -16,7 +16,8 @@ lock of the keys' directories. A rotation killed between its commit and the rena
 leaves a ``.next`` file the database is bound to: the next process to open the database
 finishes the renames (``settle_files``); one killed before its commit leaves a ``.next``
 file no database is bound to, which that process removes. Retired receipt keys are read
-at start to check receipts issued before the rotation (``core/receipts.py``).
+at start (``retired_keys``, ``services/key_rotation.receipt_keys``) to check receipts
+issued before the rotation (``core/receipts.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,8 +57,6 @@ class Keys:
     secret: bytes
     receipt: bytes
     signing: bytes
-    # Receipt keys retired by rotations, read from keys/retired/ (any order).
-    retired_receipt: tuple[bytes, ...] = field(default=(), kw_only=True)
 
     def __repr__(self) -> str:
         return "Keys(<redacted>)"
@@ -143,7 +142,7 @@ def load_keys(settings: Settings) -> Keys:
     named = {settings.pepper_file, settings.secret_key_file, settings.receipt_key_file, settings.signing_key_file}
     found = {name: _read_key(path, data_dir) for name, path in paths.items() if path in named or path.exists()}
     made = {name: _create_key(path, data_dir) for name, path in paths.items() if name not in found}
-    return Keys(**found, **made, retired_receipt=tuple(retired_keys(settings, "receipt").values()))
+    return Keys(**found, **made)
 
 
 # --- rotation -------------------------------------------------------------------------
