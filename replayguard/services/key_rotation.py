@@ -1,7 +1,7 @@
 """Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 040).
 
-A rotation is one PostgreSQL transaction between two file steps, all under the keys dir's
-rotation lock (``keys.rotation_lock``):
+A rotation is one PostgreSQL transaction between two file steps, all under the rotation
+lock of the keys' directories (``keys.rotation_lock``):
 
 1. the new keys are written as ``.next`` files beside the current ones (``keys.write_pending``);
 2. one transaction locks the key binding and the ledger's head, refuses while any other
@@ -18,9 +18,11 @@ Killed before 2 commits, the database and the current key files are untouched an
 process finishes step 3 (``settle``). Either way the database opens with exactly one key set.
 
 Running instances read their keys at start, so a rotation refuses while any other process
-is connected (``pg_stat_activity``: every session replayguard opens is named
-``replayguard-<pid>``); an instance started afterwards with the old keys is refused by the
-key binding, with a message that names the rotation.
+is connected (``pg_stat_activity``, whose ``application_name`` every role can read: every
+session replayguard opens is named ``replayguard-<pid>``); an instance started afterwards
+with the old keys is refused by the key binding, with a message that names the rotation,
+and one that had no session open at that moment fails closed on its next connection
+(``key_binding.BindingGuard``).
 """
 
 from __future__ import annotations
