@@ -9,7 +9,7 @@ longer decrypt; another signing key cannot check the checkpoints the witnesses h
 database restored behind them would serve what it forgot), and another receipt key takes
 every guest's receipt for a forgery. Such a start is refused with one line that names
 where the keys came from, and, when a rotation explains the difference (``keys rotate``,
-``services/key_rotation.py``, migration 040), what to do: copy the rotated keys, or move a
+``services/key_rotation.py``, migration 041), what to do: copy the rotated keys, or move a
 backup from before the rotation to them (``--restored``). ``BindingGuard`` holds each new
 connection of a running service to the binding it started with, so a process that ran
 through a rotation unseen fails closed.

@@ -1,4 +1,4 @@
-"""Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 040).
+"""Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 041).
 
 A rotation is one PostgreSQL transaction between two file steps, all under the rotation
 lock of the keys' directories (``keys.rotation_lock``):

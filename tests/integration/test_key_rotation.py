@@ -1,4 +1,4 @@
-"""Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 040).
+"""Rotating the secret key and the receipt key (``replayguard keys rotate``, migration 041).
 
 A rotation re-encrypts every token secret and moves the key binding in one transaction;
 a failure at any step leaves the database and the key files with exactly one key set, the

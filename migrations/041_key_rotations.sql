@@ -1,4 +1,4 @@
--- replayguard 040: rotations of the secret key and of the receipt key.
+-- replayguard 041: rotations of the secret key and of the receipt key.
 --
 -- `replayguard keys rotate` re-encrypts every token secret under a new secret key, or
 -- moves receipts to a new receipt key, and moves `key_binding` to the new keys in the
