@@ -38,13 +38,14 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
 from replayguard import logging as rglog
 from replayguard.http.app import create_app
 from replayguard.http.front import FrontRunner
-from replayguard.http.server import handler_limits
+from replayguard.http.server import runner_args
 from replayguard.http.state import RUNTIME
 from replayguard.keys import Keys
 from replayguard.pg import schema
@@ -394,33 +395,39 @@ class Api:
 
 
 class ServiceTestServer(TestServer):
-    """aiohttp's TestServer with the runner ``serve`` uses: the fast front for the decision
-    routes (unless ``http_front = "aiohttp"``), aiohttp for everything else.
+    """aiohttp's TestServer run as ``replayguard serve`` runs the app: the fast front for the
+    decision routes (unless ``http_front = "aiohttp"``), aiohttp for everything else, with
+    the runner's arguments ``serve`` passes (``server.runner_args``).
 
     aiohttp's TestServer cancels every handler whose client went away
-    (``handler_cancellation=True``), which ``serve`` does not: started with the handler
-    arguments ``serve`` passes (``server.handler_limits``), it does as ``serve`` does."""
+    (``handler_cancellation=True``); ``serve`` does not, so neither does this server: a
+    handler runs to its end after its client left (a decision is still committed), and only
+    the work that asks for it stops with its client (``common.stops_with_client``)."""
 
-    _cancellation: bool | None = None
-
-    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
-        self._cancellation = kwargs.pop("handler_cancellation", self._cancellation)
-        await super().start_server(loop, **kwargs)
+    def __init__(self, app: web.Application, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._runner_args = runner_args(settings)
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        if self._cancellation is not None:
-            kwargs["handler_cancellation"] = self._cancellation
+        kwargs.update(self._runner_args)  # over TestServer's own handler_cancellation=True
         return FrontRunner(self.app, **kwargs)
 
 
-async def start_api(settings: Settings, clock: FakeClock, *, as_served: bool = False) -> Api:
-    """The app on a test server; ``as_served``: with the handler arguments ``serve`` uses."""
+class RunAppTestServer(TestServer):
+    """aiohttp's TestServer as ``web.run_app`` runs an app (the vSphere forwarder's
+    ``main``): a handler whose client went away runs to its end, where TestServer would
+    cancel it (``handler_cancellation=True``)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False  # web.run_app's default
+        return web.AppRunner(self.app, **kwargs)
+
+
+async def start_api(settings: Settings, clock: FakeClock) -> Api:
+    """The app on a test server run as ``serve`` runs it (``ServiceTestServer``)."""
     app = create_app(settings, clock=clock)
-    server = ServiceTestServer(app)
-    client = TestClient(server)
+    client = TestClient(ServiceTestServer(app, settings))
     try:
-        if as_served:
-            await server.start_server(**handler_limits(settings))
         await client.start_server()
     except BaseException:  # a start the service refuses (bad settings, other keys) leaves nothing open
         await client.close()

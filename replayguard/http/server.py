@@ -39,6 +39,12 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          + b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
 
 
+def runner_args(settings: Settings) -> dict[str, Any]:
+    """The runner's arguments ``serve`` uses, ``handler_limits`` among them; tests that serve
+    the app in-process pass the same ones, so they run it as ``serve`` does."""
+    return {"access_log": None, "shutdown_timeout": 10, **handler_limits(settings)}
+
+
 def handler_limits(settings: Settings) -> dict[str, Any]:
     """aiohttp request-handler arguments: header limits, the idle timeout, and no cancelling
     of every handler whose client went away (``common.StopsWithClient`` does it for those
@@ -161,7 +167,7 @@ async def serve(app: web.Application, settings: Settings, *, reuse_port: bool,
     A worker of ``serve --workers N`` passes its parent's pid: when that parent dies
     without stopping it (SIGKILL), the worker shuts down too rather than keep the port.
     """
-    runner = FrontRunner(app, access_log=None, shutdown_timeout=10, **handler_limits(settings))
+    runner = FrontRunner(app, **runner_args(settings))
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -21,7 +21,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from replayguard.http.app import create_app
-from replayguard.http.server import handler_limits
 from replayguard.http.state import RUNTIME
 from replayguard.runtime import Runtime
 from replayguard.services.apitokens import ApiTokens
@@ -60,9 +59,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory, run_database_url: str
     seed_keys(data_dir, run_keys)
     settings = Settings(database_url=Secret(run_database_url), data_dir=data_dir, db_pool_size=4)
     app = create_app(settings, clock=FakeClock())
-    server = ServiceTestServer(app)
-    await server.start_server(**handler_limits(settings))  # TestServer() drops handler kwargs
-    client = TestClient(server)
+    client = TestClient(ServiceTestServer(app, settings))
     await client.start_server()
     runtime = app[RUNTIME]
     tokens, revoked = {}, {}

@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pyotp
 import pytest
-import pytest_asyncio
 
 from replayguard.http import analysts
 from replayguard.http.state import ANALYSTS
-from replayguard.settings import Secret, Settings
-from tests.conftest import Api, FakeClock, start_api, uid
+from replayguard.settings import Secret
+from tests.conftest import Api, uid
 from tests.waiting import CountedLock, until
 
 
@@ -312,20 +310,11 @@ async def test_ledger_verify_and_public_key(api: Api) -> None:
     assert key["public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----")
 
 
-@pytest_asyncio.fixture
-async def served_api(make_settings: Callable[..., Settings], clock: FakeClock) -> AsyncIterator[Api]:
-    """The service as ``serve`` runs it: aiohttp does not cancel a handler whose client left."""
-    instance = await start_api(make_settings(), clock, as_served=True)
-    yield instance
-    await instance.client.close()
-
-
-async def test_a_verification_whose_client_left_stops_on_the_server(served_api: Api) -> None:
+async def test_a_verification_whose_client_left_stops_on_the_server(api: Api) -> None:
     """A whole-ledger verification whose client went away (the analyst left the ledger page)
     stops on the server: held here before its chain check (which runs one at a time), it
     gives up its place once the client closes the connection, rather than run to the end
     for nobody and hold up the verifications after it."""
-    api = served_api
     await reuse_alert(api, uid("vm"), uid("scope"))
     chain = api.client.app[ANALYSTS].ledger._chain
     chain._apart = turn = CountedLock()

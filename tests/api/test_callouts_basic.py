@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import secrets
+from collections.abc import Callable
+from typing import Any
 
+import asyncpg
 import orjson
 import pyotp
+import pytest
 
 from replayguard.http.radius import ACCEPT_MARKER
 from tests.conftest import REPO, Api, metric_values, uid
+from tests.waiting import blocked_by, until
 
 
 async def test_totp_accepted_once_then_reused(api: Api) -> None:
@@ -73,3 +81,37 @@ async def test_api_doc_describes_the_radius_accept_the_service_answers(api: Api)
     accept = re.search(r"Accept: \*\*(\d{3})\*\*", section)
     assert accept is not None and int(accept.group(1)) == resp.status, section
     assert ACCEPT_MARKER in section, section
+
+
+@pytest.mark.parametrize("front", ["fast", "aiohttp"])
+async def test_a_decision_whose_client_left_is_still_committed(
+        api_factory: Callable[..., Any], database_url: str, front: str) -> None:
+    """A nonce whose caller closed the connection before its answer (a PAM helper that timed
+    out) is still consumed: the service as ``serve`` runs it (either front) carries the
+    decision to its end, the ledger holds the accept nobody read, and the nonce presented
+    again is refused as reused."""
+    api = await api_factory(http_front=front)
+    vm_id = uid("vm")
+    body = {"vm_id": vm_id, "scope": uid("scope"), "nonce": secrets.token_hex(16)}
+    holder, monitor = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM ledger_head WHERE id FOR UPDATE")  # the head lock every decision takes
+        asking = asyncio.create_task(api.post("/v1/nonces/consume", body))
+        await blocked_by(monitor, holder.get_server_pid())  # the decision waits at the ledger
+        asking.cancel()  # the client closes its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await held.rollback()
+
+        async def accepted() -> list[str]:
+            rows = await monitor.fetch("SELECT decision FROM ledger WHERE vm_id = $1 AND kind = 'nonce'", vm_id)
+            return [row["decision"] for row in rows]
+
+        assert await until(accepted, "the abandoned decision's ledger entry") == ["accept"]
+    finally:
+        await holder.close()
+        await monitor.close()
+    status, again = await api.post("/v1/nonces/consume", body)
+    assert status == 200 and (again["decision"], again["reason"]) == ("reject", "reused"), again

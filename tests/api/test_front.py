@@ -28,10 +28,22 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from replayguard.http.front import Front
+from replayguard.http.server import handler_limits
 from replayguard.metrics import FrontCounts
 from tests.conftest import Api, front_counts, scrape
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def test_the_api_tests_serve_the_app_with_the_arguments_serve_passes(api: Api) -> None:
+    """The API tests' server (``ServiceTestServer``) gives aiohttp's request handlers what
+    ``serve`` gives them, not TestServer's ``handler_cancellation=True``: a handler whose
+    client left is cancelled in neither."""
+    runner = api.client.server.runner
+    assert runner is not None and runner.server is not None
+    limits = handler_limits(api.runtime.settings)
+    assert runner.server.handler_cancellation is limits.pop("handler_cancellation") is False
+    assert limits.items() <= cast(Front, runner.server)._handler_args.items()
 
 
 @dataclass

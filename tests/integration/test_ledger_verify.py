@@ -210,7 +210,7 @@ async def test_tampering_is_alerted_though_the_verifying_analyst_left(
     as ``serve`` runs it). The alert-feed leader's periodic duties still raise the critical
     ledger_tamper that the whole verification would have, naming the same entry and problem:
     no one has to ask, nor wait on the page, for tampering to be alerted."""
-    api = await start_api(make_settings(checkpoint_every=1), clock, as_served=True)
+    api = await start_api(make_settings(checkpoint_every=1), clock)
     try:
         for _ in range(10):
             body = {"vm_id": "vm-1", "scope": "s", "nonce": secrets.token_hex(8)}

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from replayguard.relay.proxmox import CURSOR_FILE, EX_TEMPFAIL, Outbox, PollerConfig, run_poller
 from replayguard.relay.vsphere import MAX_BODY, SERVICE_MAX_BODY, ForwarderConfig, create_app
 from replayguard.settings import Secret
-from tests.conftest import REPO, Api, FakeClock, uid
+from tests.conftest import REPO, Api, FakeClock, RunAppTestServer, uid
 
 SECRET = "relay-signing-secret-for-tests"
 PROXMOX = REPO / "tests" / "data" / "proxmox" / "cluster-tasks.json"
@@ -86,7 +86,7 @@ async def forwarder(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async def start(api: Api, secret: str | None) -> TestClient[web.Request, web.Application]:
         config = ForwarderConfig(url(api), Secret(api.tokens["hypervisor"]), tmp_path / f"spool-{len(clients)}",
                                  retry_base=0.01, event_secret=Secret(secret) if secret else None)
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        client = TestClient(RunAppTestServer(create_app(config), host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client

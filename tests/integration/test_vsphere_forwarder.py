@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from replayguard.relay.proxmox import Outbox
 from replayguard.relay.vsphere import ForwarderConfig, create_app
 from replayguard.settings import Secret
-from tests.conftest import Api, dead_url, uid
+from tests.conftest import Api, RunAppTestServer, dead_url, uid
 from tests.waiting import until
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "hypervisors" / "vsphere"
@@ -71,7 +71,7 @@ async def forwarder_to(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async def start(service_url: str, token: str = TOKEN) -> TestClient[web.Request, web.Application]:
         config = ForwarderConfig(service_url, Secret(token), tmp_path / f"spool-{len(clients)}", retry_base=0.01)
         config.spool_dir.mkdir()
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        client = TestClient(RunAppTestServer(create_app(config), host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client
@@ -217,7 +217,7 @@ async def test_deeply_nested_cloudevent_data_is_a_400_not_a_500(tmp_path: Path) 
     with dead_url() as url:
         config = ForwarderConfig(url, Secret("hv-token"), tmp_path / "spool", retry_base=0.01)
         config.spool_dir.mkdir()
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        client = TestClient(RunAppTestServer(create_app(config), host="127.0.0.1"))
         await client.start_server()
         try:
             resp = await client.post("/", data=body, headers={"Content-Type": "application/cloudevents+json"})

@@ -50,7 +50,7 @@ async def pair(api_factory: Callable[..., Any], fresh_database: Callable[[], Any
 async def start_on(settings: Settings, port: int) -> Api:
     """The service on a port chosen beforehand (so another deployment can name it first)."""
     app = create_app(settings, clock=FakeClock())
-    client = TestClient(ServiceTestServer(app, port=port))
+    client = TestClient(ServiceTestServer(app, settings, port=port))
     await client.start_server()
     runtime = app[RUNTIME]
     tokens = {role: (await runtime.api_tokens.create(role, uid(role)))[1] for role in ROLES}
