@@ -162,8 +162,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         # The client left or stalled, the database went, or the token was revoked: it
-        # reconnects with Last-Event-ID (a revoked token is refused then).
-        with contextlib.suppress(ConnectionError, TimeoutError, Unavailable):
+        # reconnects with Last-Event-ID (a revoked token is refused then). A stream only
+        # reads and sends: it stops when its client leaves, so a stream nobody reads does
+        # not hold its place under max_sse_subscribers until its next heartbeat.
+        with contextlib.suppress(ConnectionError, TimeoutError, Unavailable), stops_with_client(request):
             await _pump(request, resp, sub, last)
     finally:
         feed.unsubscribe(sub)

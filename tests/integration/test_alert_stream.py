@@ -272,6 +272,23 @@ async def test_subscribers_beyond_the_cap_get_503(api_factory: Callable[..., Any
     first.close()
 
 
+async def test_a_stream_whose_client_left_gives_up_its_place_when_the_client_leaves(
+        api_factory: Callable[..., Any]) -> None:
+    """A stream whose client closed the connection ends on the server then (the service as
+    ``serve`` runs it), not at its next heartbeat or alert: with one stream allowed and
+    heartbeats an hour apart, the stream an analyst opens after leaving the first (a page
+    reloaded) is served, not refused 503 for the hour."""
+    api = await api_factory(max_sse_subscribers=1, sse_heartbeat_s=3600)
+    feed = api.client.app[ANALYSTS].feed
+    first = await open_stream(api)
+    await first_id(first)  # under way: subscribed, waiting for a change
+    first.close()  # the client closes the connection
+    await until(lambda: not feed.subscribers, "the left stream to unsubscribe")
+    second = await open_stream(api)
+    await first_id(second)
+    second.close()
+
+
 async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_feed_wait_for_it(
     api: Api, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
