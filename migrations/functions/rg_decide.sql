@@ -20,6 +20,8 @@
 --      inside a rollback window, the alert then listing the window's at-risk uses), applies
 --      RFC 4226 §7.3 throttling, raises or joins alerts;
 --   4. appends the chained ledger row and moves the VM's receipt position.
+-- An alert's summary names each identifier through rg_quoted, built only where the alert is
+-- raised.
 -- Items: replayguard/core/decide_item.py DecideItem.to_wire(), field for field:
 --   {"kind": "otp"|"nonce", "ts_us", "vm_id", "subject", "payload": {...},
 --    "receipt": "absent"|"missing"|"valid"|"invalid", "receipt_vm_id", "receipt_seq",
@@ -159,7 +161,7 @@ BEGIN
         IF v_rc = 'invalid' THEN
             v_flags := v_flags || 'receipt_invalid'::text;
             v_alert := rg_alert('receipt_invalid', 'warning', it.vm_id, NULL, 'receipt_invalid:' || it.vm_id,
-                it.ts_us, v_seq, 'VM ' || it.vm_id || ' presented a receipt that does not verify', '{}'::jsonb);
+                it.ts_us, v_seq, 'VM ' || rg_quoted(it.vm_id) || ' presented a receipt that does not verify', '{}'::jsonb);
         ELSIF v_rc = 'valid' AND it.receipt_vm_id <> it.vm_id AND p_refuse
               AND it.receipt_vm_id = v_vmrow.revert_source_vm_id
               AND it.receipt_seq BETWEEN v_vmrow.revert_receipt_seq AND v_vmrow.revert_receipt_max THEN
@@ -180,7 +182,7 @@ BEGIN
             v_vmrow.epoch := v_vmrow.epoch + 1;
             v_alert := rg_alert('clone_detected', 'warning', it.vm_id, NULL,
                 'clone:' || it.vm_id || ':' || it.receipt_vm_id, it.ts_us, v_seq,
-                'VM ' || it.vm_id || ' presented a receipt issued to VM ' || it.receipt_vm_id,
+                'VM ' || rg_quoted(it.vm_id) || ' presented a receipt issued to VM ' || rg_quoted(it.receipt_vm_id),
                 jsonb_build_object('source_vm_id', it.receipt_vm_id, 'receipt_seq', v_rseq));
         ELSIF v_rc = 'valid' AND it.receipt_seq < v_vmrow.last_receipt_seq AND NOT v_resent AND p_refuse
               AND it.receipt_seq >= v_vmrow.revert_receipt_seq AND v_vmrow.revert_source_vm_id IS NULL THEN
@@ -197,7 +199,7 @@ BEGIN
             v_vmrow.epoch := v_vmrow.epoch + 1;
             v_alert := rg_alert('rollback_detected', 'critical', it.vm_id, NULL,
                 'rollback:' || it.vm_id || ':' || coalesce(v_rseq::text, 'none'), it.ts_us, v_seq,
-                'VM ' || it.vm_id || ' presented an old receipt: its state went back in time',
+                'VM ' || rg_quoted(it.vm_id) || ' presented an old receipt: its state went back in time',
                 jsonb_build_object('receipt_seq', v_rseq, 'latest_issued_seq', v_vmrow.last_receipt_seq));
         ELSIF v_rc = 'missing' AND v_vmrow.receipts_seen THEN
             -- A caller that keeps receipts has none, on a VM that presented one before:
@@ -206,7 +208,7 @@ BEGIN
             -- delete the file lock the VM); the analyst is told.
             v_flags := v_flags || 'receipt_missing'::text;
             v_alert := rg_alert('receipt_missing', 'warning', it.vm_id, NULL, 'receipt_missing:' || it.vm_id,
-                it.ts_us, v_seq, 'VM ' || it.vm_id || ' keeps receipts but presented none after earlier ones',
+                it.ts_us, v_seq, 'VM ' || rg_quoted(it.vm_id) || ' keeps receipts but presented none after earlier ones',
                 jsonb_build_object('latest_issued_seq', v_vmrow.last_receipt_seq));
         END IF;
         IF p_refuse AND (v_flags && ARRAY['rollback_detected', 'clone_detected']) THEN
@@ -282,7 +284,7 @@ BEGIN
                     v_new_lock := v_locked;
                     UPDATE principals SET fail_count = 0, locked_until_us = v_locked WHERE name = it.subject;
                     v_calert := rg_alert('brute_force', 'warning', it.vm_id, it.subject, 'brute:' || it.subject,
-                        it.ts_us, v_seq, v_fails || ' consecutive failures for ' || it.subject || ': locked out',
+                        it.ts_us, v_seq, v_fails || ' consecutive failures for ' || rg_quoted(it.subject) || ': locked out',
                         jsonb_build_object('failures', v_fails, 'locked_until_us', it.ts_us + p_lock_period_us));
                 END IF;
             ELSIF it.replay_only THEN
@@ -353,7 +355,8 @@ BEGIN
                 SELECT * INTO v_wrow FROM rollback_windows WHERE id = v_window;
                 v_calert := rg_alert('replay_after_rollback', 'critical', it.vm_id, v_use.subject,
                     'cred:' || encode(v_digest, 'hex'), it.ts_us, v_seq,
-                    'A credential first used on VM ' || v_use.vm_id || ' inside a rollback window was presented again',
+                    'A credential first used on VM ' || rg_quoted(v_use.vm_id)
+                        || ' inside a rollback window was presented again',
                     jsonb_build_object('window_id', v_window, 'first_seq', v_use.first_seq,
                                        'first_vm_id', v_use.vm_id,
                                        'at_risk_uses', rg_window_uses(v_wrow.vm_id, v_wrow.start_us, v_wrow.end_us, 50)));

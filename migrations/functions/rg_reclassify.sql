@@ -40,8 +40,8 @@ BEGIN
         ORDER BY a.id
     LOOP
         v_id := rg_alert('replay_after_rollback', 'critical', r.vm_id, r.subject, r.dedup_key, p_ts, p_event_seq,
-            'A credential first used on VM ' || r.first_vm || ' inside a rollback window was presented again'
-                || ' (reclassified when event ' || p_event_id || ' arrived)',
+            'A credential first used on VM ' || rg_quoted(r.first_vm) || ' inside a rollback window was presented again'
+                || ' (reclassified when event ' || rg_quoted(p_event_id) || ' arrived)',
             jsonb_build_object('window_id', w.id, 'event_id', p_event_id, 'event_seq', p_event_seq,
                                'first_seq', r.first_seq, 'first_vm_id', r.first_vm,
                                'reclassified_from', 'reuse', 'at_risk_uses', v_risk));

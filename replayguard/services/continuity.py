@@ -56,6 +56,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Statement, Verdict
+from ..core.summaries import quoted
 from ..errors import LedgerRollback, Unavailable
 from ..keys import Keys
 from ..metrics import BackgroundWork
@@ -511,7 +512,7 @@ class ContinuityGuard:
             if state.up is False and dedup not in self._alerted:
                 self._alerted.add(dedup)
                 await self._alert("witness_unreachable", "critical" if self._required else "warning", dedup,
-                                  f"witness {name} cannot be reached: {state.error}",
+                                  f"witness {quoted(name)} cannot be reached: {state.error}",
                                   {"witness": name, "error": state.error, "required": self._required})
             elif state.up:
                 self._alerted.discard(dedup)

@@ -18,6 +18,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
+from ..core.summaries import quoted
 from ..errors import Conflict, InvalidRequest
 from ..pg.connections import acquire
 from .witness import Record, record_from_json
@@ -121,6 +122,6 @@ class WitnessStore:
         await conn.fetchval(
             "SELECT rg_alert($1, 'critical', NULL, NULL, $2, $3, $4, $5, $6::jsonb)",
             kind, f"witness:{deployment_id}:{kind}:{cp.seq}:{cp.hash.hex()[:16]}", now_us, head,
-            f"deployment {deployment_id} offered this witness a checkpoint it refused: {why}",
+            f"deployment {quoted(deployment_id)} offered this witness a checkpoint it refused: {why}",
             {"deployment_id": deployment_id, "offered_seq": cp.seq, "offered_hash": cp.hash.hex(),
              "admission": verdict.value})

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
 from replayguard.core import continuity
+from replayguard.core.summaries import quoted
 from replayguard.errors import ConfigError
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
@@ -167,6 +168,7 @@ async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required
         assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
         alerts = await alerts_of(api, "witness_unreachable")
         assert alerts and alerts[0]["severity"] == "warning"
+        assert alerts[0]["summary"].startswith(f"witness {quoted(dead)} cannot be reached: "), alerts[0]
         metrics = await (await api.client.get("/metrics")).text()
         assert f'replayguard_witness_up{{witness="{dead}"}} 0.0' in metrics
         ready = await readyz(api)

@@ -14,12 +14,13 @@ ALERT = {
     "type": "alert", "id": "al-1", "kind": "replay_after_rollback", "severity": "critical",
     "status": "open", "vm_id": "web-01", "principal": "alice", "count": 2,
     "first_seen": "2026-11-29T10:05:00Z", "last_seen": "2026-11-29T10:06:00.5Z",
-    "summary": "OTP replayed after revert",
+    "summary": 'A credential first used on VM "web-01" inside a rollback window was presented again',
 }  # fmt: skip
 ALERT_CEF = (
     "CEF:0|replayguard|replayguard|0.1.0|replay_after_rollback|Replay after VM rollback|9|"
     "rt=1795946760500 start=1795946700000 end=1795946760500 cnt=2 externalId=al-1 cat=alert "
-    "duser=alice cs1Label=vmId cs1=web-01 cs2Label=status cs2=open msg=OTP replayed after revert"
+    "duser=alice cs1Label=vmId cs1=web-01 cs2Label=status cs2=open "
+    'msg=A credential first used on VM "web-01" inside a rollback window was presented again'
 )
 CHECKPOINT = {"type": "checkpoint", "id": "cp-1", "seq": 1000, "hash": "ab12"}
 CHECKPOINT_CEF = (
@@ -79,6 +80,12 @@ def test_escape_extension(raw: str, escaped: str) -> None:
              "summary": "s\\ms=1"},
             "CEF:0|replayguard|replayguard|0.1.0|reuse|One-time credential reused|3|"
             "externalId=a3 cat=alert cs1Label=vmId cs1=vm\\=1\\nx msg=s\\\\ms\\=1",
+        ),
+        (  # a hostile principal, quoted in the summary: CEF escapes its backslashes and '=' as any
+            {"type": "alert", "id": "a6", "kind": "brute_force", "severity": "warning",
+             "principal": 'a\\" : ok=1', "summary": '5 consecutive failures for "a\\\\\\" : ok=1": locked out'},
+            "CEF:0|replayguard|replayguard|0.1.0|brute_force|Brute-force attempt|6|externalId=a6 cat=alert "
+            'duser=a\\\\" : ok\\=1 msg=5 consecutive failures for "a\\\\\\\\\\\\" : ok\\=1": locked out',
         ),
         (
             {"type": "alert", "id": "a4", "kind": "brute_force", "severity": "warning", "principal": None},
