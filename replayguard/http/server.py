@@ -5,10 +5,11 @@
   ``idle_timeout_s`` of opening (or of its last response) is closed, so a client that
   trickles headers byte by byte holds a socket for seconds, not forever.
 - Body timeout: ``request_timeout_s`` bounds reading a body (``common.read_json``: 408).
-- Connection cap: at ``max_connections`` open connections a new one is answered 503 and
-  closed at once, so a flood of sockets cannot exhaust file descriptors: ``serve`` raises
-  its soft open-files limit to the hard one at start (``raise_fd_limit``) and refuses to
-  start when the cap, the database pool and a reserve do not fit under it.
+- Connection cap: at ``max_connections`` open connections a new one is answered 503 (the
+  contract's error body, a fresh ``X-Request-Id``) and closed at once, so a flood of
+  sockets cannot exhaust file descriptors: ``serve`` raises its soft open-files limit to
+  the hard one at start (``raise_fd_limit``) and refuses to start when the cap, the
+  database pool and a reserve do not fit under it.
 
 The same limits are used by ``replayguard serve`` and by tests that serve the app in-process.
 """
@@ -28,15 +29,22 @@ from aiohttp import web
 
 from ..errors import ConfigError
 from ..settings import Settings
+from .app import request_id_for
 from .common import API_HEADERS, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from .front import FrontRunner
 
 log = structlog.get_logger(__name__)
 
 _BUSY_BODY = b'{"error": {"code": "unavailable", "message": "too many connections; try again later"}}'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         + "".join(f"{name}: {value}\r\n" for name, value in API_HEADERS.items()).encode()
-         + b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+_BUSY_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+              + "".join(f"{name}: {value}\r\n" for name, value in API_HEADERS.items()).encode())
+_BUSY_TAIL = b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+
+
+def busy_answer() -> bytes:
+    """The 503 of a connection over the cap, with a fresh ``X-Request-Id`` like every answer
+    (the request is never read, so there is no caller's id to echo)."""
+    return _BUSY_HEAD + b"X-Request-Id: " + request_id_for(None).encode() + b"\r\n" + _BUSY_TAIL
 
 
 def runner_args(settings: Settings) -> dict[str, Any]:
@@ -66,7 +74,7 @@ class _Busy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.write(_BUSY)
+        transport.write(busy_answer())
         if transport.can_write_eof():
             transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(self._LINGER_S, transport.close)

@@ -9,6 +9,7 @@ from typing import Any
 
 import httptools
 
+from replayguard.http.app import request_id_for
 from replayguard.http.server import _Busy
 
 
@@ -53,3 +54,20 @@ async def test_the_busy_answer_is_the_contract_error_kept_from_caches_sniffing_a
                                                         "content-security-policy")} == {
         "cache-control": "no-store", "x-content-type-options": "nosniff",
         "content-security-policy": "default-src 'none'; frame-ancestors 'none'"}
+
+
+def _busy_headers() -> dict[str, str]:
+    transport, busy, answer = _Transport(), _Busy(), _Answer()
+    busy.connection_made(transport)
+    busy.connection_lost(None)
+    parser = httptools.HttpResponseParser(answer)
+    parser.feed_data(bytes(transport.written))
+    return answer.headers
+
+
+async def test_the_busy_answer_carries_a_fresh_request_id_of_its_own() -> None:
+    """Every answer carries ``X-Request-Id``: a connection over the cap gets a generated one,
+    a different one per connection (its request is never read, so none is echoed)."""
+    first, second = _busy_headers().get("x-request-id"), _busy_headers().get("x-request-id")
+    assert first and second and first != second
+    assert request_id_for(first) == first  # the shape the service accepts back
