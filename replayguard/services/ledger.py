@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ from ..keys import Keys
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_LOCK = 0x72676370  # "rgcp": one checkpoint writer at a time, across instances
+# Checkpoint rows naming our key whose signature did not hold, remembered by their whole
+# content: the checkpointer and the sinks' feed read the same rows tick after tick.
+FORGED_REMEMBERED = 1024
 
 # Asked, under the checkpoint lock, whether the head just read (its seq) may be signed.
 Vouch = Callable[[asyncpg.Connection, int], Awaitable[bool]]
@@ -99,6 +103,7 @@ class LedgerService:
         # The newest checkpoint of ours, and when (monotonic) this process first saw it:
         # the checkpoint period is measured so too, whatever the wall clock does.
         self._newest_cp: tuple[int, float] | None = None
+        self._forged: OrderedDict[Checkpoint, None] = OrderedDict()
 
     def public_key_json(self) -> dict[str, str]:
         return {"algorithm": cps.ALGORITHM, "key_id": self.key_id,
@@ -198,10 +203,18 @@ class LedgerService:
         return good
 
     def trusted(self, cp: Checkpoint) -> bool:
-        """Signed by our key; one of another key (rotated, another data dir) is skipped."""
-        if cp.key_id != self.key_id:
+        """Signed by our key; one of another key (rotated, another data dir) is skipped. A
+        row naming our key whose signature does not hold is logged
+        (``checkpoint_signature_invalid``, its entry) the first time this process reads it,
+        and while it is remembered (``FORGED_REMEMBERED`` rows) neither logged nor verified
+        again: the checkpointer reads the same rows every tick, and one row must not become
+        an error line and a signature verification a second."""
+        if cp.key_id != self.key_id or cp in self._forged:
             return False
         if not cps.verify(self.public_key, cp):
+            self._forged[cp] = None
+            while len(self._forged) > FORGED_REMEMBERED:
+                self._forged.popitem(last=False)
             log.error("checkpoint_signature_invalid", seq=cp.seq)
             return False
         return True
@@ -252,10 +265,13 @@ class LedgerService:
         for row in await conn.fetch(_OURS_PAST_HEAD, self.key_id, head["seq"]):
             if self.trusted(cps.from_row(row)):
                 return past_head(row["seq"], head["seq"])
-        last = await conn.fetchrow(_OURS_UP_TO_HEAD, self.key_id, head["seq"])
-        if last is not None and not self.trusted(cps.from_row(last)):
-            last = None
+        last = next((row for row in await conn.fetch(_OURS_UP_TO_HEAD, self.key_id, head["seq"])
+                     if self.trusted(cps.from_row(row))), None)
         if not _due(head["seq"], last, now_us, every, interval_us, self._held_for_us(last)):
+            return None
+        # A row that is not ours (ours there would make none due) holds the head's place:
+        # nothing can be signed until the next entry, so nothing is re-hashed for it either.
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM checkpoints WHERE seq = $1)", head["seq"]):
             return None
         if vouch is not None and not await vouch(conn, head["seq"]):
             return NotVouched(head["seq"])
@@ -316,10 +332,12 @@ class LedgerService:
         return alert_id
 
 
-# The newest checkpoints named as ours past the head (a few: each is a signature to verify),
-# and the newest named as ours at or below it.
+# The newest checkpoints named as ours past the head, and at or below it (a few: each is a
+# signature to verify). The checkpointer continues from the newest of the latter that is
+# ours; with none among them (forged rows on top of every one), from the first entry, once:
+# the checkpoint it then signs at the head is the newest the next tick reads.
 _OURS_PAST_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq > $2 ORDER BY seq DESC LIMIT 8"
-_OURS_UP_TO_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1"
+_OURS_UP_TO_HEAD = "SELECT * FROM checkpoints WHERE key_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 8"
 
 
 def _due(head_seq: int, last: asyncpg.Record | None, now_us: int, every: int, interval_us: int,

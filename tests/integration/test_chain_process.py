@@ -471,3 +471,64 @@ async def test_a_child_that_answers_something_else_leaves_the_check_to_the_worke
         assert isinstance(signed, Checkpoint) and signed.seq == 300
     finally:
         liar.close()
+
+
+def _forged(kind: str, seq: int, key_id: str) -> Checkpoint:
+    """A checkpoint row naming ``key_id`` over a hash entry ``seq`` does not have, with a
+    garbage signature or one of another key."""
+    if kind == "garbage":
+        return Checkpoint(seq, os.urandom(32), 1_800_000_000_500_000, key_id, os.urandom(64))
+    return dataclasses.replace(cps.sign(Ed25519PrivateKey.generate(), seq, os.urandom(32), 1_800_000_000_500_000),
+                               key_id=key_id)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "another_key"])
+@pytest.mark.parametrize("where", [310, 305, 320], ids=["at_head", "below_head", "past_head"])
+async def test_a_forged_checkpoint_row_costs_the_checkpointer_one_log_line_and_no_rehash_per_tick(
+        kind: str, where: int, ledger_db: tuple[str, asyncpg.Connection], pool: asyncpg.Pool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone writing to the database puts a forged checkpoint row naming our key at the
+    head, below it (the newest at or below the head) or past it, over a sound chain whose
+    entry 300 holds a genuine checkpoint. Over six ticks of the checkpointer the row is
+    logged once and its signature verified once, and the checkpointer re-hashes no entry
+    the genuine checkpoint covers: only those after it, once (none while the row holds the
+    head's place, where nothing can be signed); the next entry is signed as usual."""
+    _dsn, conn = ledger_db
+    ledger = _service(pool, None)
+    genuine = await ledger.checkpoint_if_due(1_800_000_000_000_000, 1, 10**12)
+    assert isinstance(genuine, Checkpoint) and genuine.seq == 300
+    await append_nonces(conn, 301, 310)
+    row = _forged(kind, where, ledger.key_id)
+    await conn.execute("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5)", *dataclasses.astuple(row))
+    rehashed: list[tuple[int, int]] = []
+    check_chain = ledger._check_chain
+
+    async def counted(*args: Any, **kwargs: Any) -> ChainResult:
+        result = await check_chain(*args, **kwargs)
+        rehashed.append((args[1], result.checked))  # (the entry it continued from, entries re-hashed)
+        return result
+
+    verified: list[int] = []
+    verify = cps.verify
+
+    def counted_verify(public_key: Any, cp: Checkpoint) -> bool:
+        verified.append(cp.seq)
+        return verify(public_key, cp)
+
+    monkeypatch.setattr(ledger, "_check_chain", counted)
+    monkeypatch.setattr(cps, "verify", counted_verify)
+    with capture_logs() as logs:
+        results = [await ledger.checkpoint_if_due(1_800_000_001_000_000 + n, 1, 10**12) for n in range(6)]
+    invalid = [e for e in logs if e["event"] == "checkpoint_signature_invalid"]
+    assert [e["seq"] for e in invalid] == [where] and verified.count(where) == 1, (invalid, verified)
+    assert not [e for e in logs if e["event"] == "checkpoint_seq_taken"]
+    if where == 310:
+        assert rehashed == [] and results == [None] * 6
+    else:
+        assert rehashed == [(300, 10)] and [getattr(r, "seq", None) for r in results] == [310] + [None] * 5
+    for line in logs:
+        assert row.signature.hex() not in repr(line) and row.hash.hex() not in repr(line)
+    await append_nonces(conn, 311, 311)
+    signed = await ledger.checkpoint_if_due(1_800_000_002_000_000, 1, 10**12)
+    assert isinstance(signed, Checkpoint) and signed.seq == 311
+    assert rehashed[-1] == ((300, 11) if where == 310 else (310, 1))  # from the newest genuine checkpoint
