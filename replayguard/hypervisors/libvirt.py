@@ -17,9 +17,11 @@ one JSON object per observation::
       "snapshot": {"name": "pre-patch",     # string, as libvirt names the snapshot
                    "creation_time": 1796032800 | null} | null,   # Unix seconds (<creationTime>;
                                             # null: the relay could not read it)
-      "kind": "lifecycle"                   # optional, default "lifecycle"; or
+      "kind": "lifecycle",                  # optional, default "lifecycle"; or
                                             # "snapshot_created" | "snapshot_deleted" |
                                             # "silent_revert"
+      "snapshot_create_halt": true          # optional, STOPPED/FROM_SNAPSHOT only: the
+                                            # relay found it is snapshot-create --halt
     }
 
 ``snapshot`` is the domain's current snapshot as the relay read it right after the event
@@ -37,6 +39,13 @@ Choices:
   only when QEMU rewrites a persistent domain's config), so no half of a revert can be
   left out. One revert may therefore give two or three ``snapshot.reverted`` events with
   the same snapshot, which open the same window twice: harmless.
+- Taking a snapshot with ``--halt`` emits STOPPED/FROM_SNAPSHOT too. The relay tells it
+  from a revert by what it reads right after the event (``relay/libvirt_events.py``,
+  ``halted_by_snapshot``) and then sends ``snapshot_create_halt: true``: that event is a
+  ``vm.stopped``, and the snapshot reaches the service as ``snapshot_created``. Whoever
+  holds a hypervisor token can leave any revert unreported anyway, so the flag gives it
+  nothing more; without the flag, or with it on any other event, STOPPED/FROM_SNAPSHOT is
+  a revert.
 - In-place reverts of running QEMU guests can emit no lifecycle event at all; the relay
   reports those as ``silent_revert`` when the current snapshot moves back under it, or
   the domain's state says it runs from a revert the relay had not seen.
@@ -83,7 +92,8 @@ RESUMED_FROM_SNAPSHOT = 2  # VIR_DOMAIN_EVENT_RESUMED_FROM_SNAPSHOT
 STOPPED_FROM_SNAPSHOT = 6  # VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT
 
 # (event, detail) -> type; pairs not listed are ignored, except STOPPED (see _lifecycle_type:
-# every STOPPED is vm.stopped, but STOPPED/FROM_SNAPSHOT is a revert).
+# every STOPPED is vm.stopped, but STOPPED/FROM_SNAPSHOT is a revert unless the relay found
+# it is snapshot-create --halt).
 _LIFECYCLE: dict[tuple[int, int], EventType] = {
     (DEFINED, DEFINED_FROM_SNAPSHOT): EventType.SNAPSHOT_REVERTED,
     (STARTED, STARTED_BOOTED): EventType.VM_STARTED,
@@ -133,9 +143,10 @@ def parse(payload: object) -> list[GenericEvent]:
         raise MalformedPayload("source must be 'libvirt'", "source")
     kind = _kind(body)
     pair = _lifecycle_pair(body) if kind == LIFECYCLE else None
+    halted = _halted(body)
     snapshot = _snapshot(body, required=kind != LIFECYCLE)
     seen = _observed(body)
-    event_type = _KINDS[kind] if pair is None else _lifecycle_type(pair)
+    event_type = _KINDS[kind] if pair is None else _lifecycle_type(pair, halted)
     if event_type not in _SNAPSHOT_TYPES:
         snapshot = None  # the current snapshot says nothing about a boot or a restore
     occurred_at: datetime | None = seen.occurred_at
@@ -172,11 +183,23 @@ def _lifecycle_pair(body: dict[str, object]) -> tuple[int, int]:
     return event, detail
 
 
-def _lifecycle_type(pair: tuple[int, int]) -> EventType:
-    """The generic type of a lifecycle (event, detail) pair, or IgnoredPayload."""
+def _halted(body: dict[str, object]) -> bool:
+    """The relay's ``snapshot_create_halt``: true, false, or absent (or null: false)."""
+    halted = body.get("snapshot_create_halt")
+    if halted is None:
+        return False
+    if not isinstance(halted, bool):
+        raise MalformedPayload("snapshot_create_halt must be true or false", "snapshot_create_halt")
+    return halted
+
+
+def _lifecycle_type(pair: tuple[int, int], halted: bool = False) -> EventType:
+    """The generic type of a lifecycle (event, detail) pair, or IgnoredPayload; ``halted``:
+    the relay's ``snapshot_create_halt``, which makes STOPPED/FROM_SNAPSHOT a plain stop."""
     event, detail = pair
     if event == STOPPED:
-        return EventType.SNAPSHOT_REVERTED if detail == STOPPED_FROM_SNAPSHOT else EventType.VM_STOPPED
+        reverted = detail == STOPPED_FROM_SNAPSHOT and not halted
+        return EventType.SNAPSHOT_REVERTED if reverted else EventType.VM_STOPPED
     mapped = _LIFECYCLE.get(pair)
     if mapped is None:
         raise IgnoredPayload(f"libvirt lifecycle event {event}/{detail} is not acted on")

@@ -6,8 +6,9 @@ in-place revert of a running QEMU guest can emit no event at all. So the relay a
 every domain's snapshot list, current snapshot and state; this module turns two polls
 into ``snapshot_created``, ``snapshot_deleted`` and ``silent_revert`` changes (the current
 snapshot moved back, or the domain runs from a revert the previous poll did not see, with
-no FROM_SNAPSHOT event seen), and gives every event an id and a body. No libvirt, no I/O,
-no clock: times are parameters.
+no FROM_SNAPSHOT event seen), tells ``snapshot-create --halt`` from a revert (both emit
+STOPPED/FROM_SNAPSHOT: ``halted_by_snapshot``), and gives every event an id and a body.
+No libvirt, no I/O, no clock: times are parameters.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ FROM_SNAPSHOT = frozenset({(4, 2), (2, 3), (3, 5), (5, 6), (0, 3)})
 # are not: QEMU also sets them when it takes a snapshot (of a pm-suspended domain with
 # its memory; with --halt).
 RUNNING_FROM_SNAPSHOT = (1, 4)
+# STOPPED/FROM_SNAPSHOT is also what ``virsh snapshot-create --halt`` emits (QEMU's
+# qemuSnapshotCreateActiveInternal/External and the test driver): the snapshot is taken,
+# then the domain is stopped, SHUTOFF/FROM_SNAPSHOT (5, 7). See ``halted_by_snapshot``.
+STOPPED_FROM_SNAPSHOT = (5, 6)
+SHUTOFF_FROM_SNAPSHOT = (5, 7)
+# <state> of a snapshot taken of a live domain: a revert to one leaves the domain live.
+LIVE_SNAPSHOT_STATES = frozenset({"running", "paused"})
 MAX_ANCESTRY = 64  # ancestors of the current snapshot read per poll
 
 
@@ -95,6 +103,20 @@ class DomainView:
 
 
 @dataclass(frozen=True)
+class AtStop:
+    """What the relay read right after a STOPPED/FROM_SNAPSHOT event: the domain's state,
+    its current snapshot, that snapshot's ``<state>`` and number of children (None: not
+    read), and whether another lifecycle event of the domain arrived after this one by
+    the time the reading was done."""
+
+    run: RunState | None
+    current: SnapshotRef | None
+    current_state: str | None
+    children: int | None
+    later_events: bool
+
+
+@dataclass(frozen=True)
 class SnapshotChange:
     kind: Kind
     snapshot: SnapshotRef
@@ -127,6 +149,33 @@ def make_event_id(*parts: object) -> str:
 def is_from_snapshot(event: int, detail: int) -> bool:
     """True for lifecycle events libvirt attributes to a snapshot revert."""
     return (event, detail) in FROM_SNAPSHOT
+
+
+def halted_by_snapshot(event: int, detail: int, occurred_at: float, seen: AtStop,
+                       prev: DomainView | None) -> bool:
+    """A STOPPED/FROM_SNAPSHOT event that is ``snapshot-create --halt``, not a revert.
+
+    Both stop the domain with SHUTOFF/FROM_SNAPSHOT. A revert that leaves the domain shut
+    off goes to a snapshot taken while it was shut off (``<state>shutoff``): one of a live
+    domain (``running``, ``paused``) leaves it running or paused. Taking a snapshot with
+    --halt leaves it shut off under a snapshot of the live domain, new (the previous poll
+    did not see it), taken no later than the event, with no children. Only all of that
+    together, with no other lifecycle event of the domain in between, is a halt; anything
+    unread or unsure is a revert (a false revert costs an operator's look, a missed one a
+    replay)."""
+    if (event, detail) != STOPPED_FROM_SNAPSHOT or prev is None or seen.later_events:
+        return False
+    if seen.run is None or (seen.run.state, seen.run.reason) != SHUTOFF_FROM_SNAPSHOT:
+        return False
+    current = seen.current
+    if current is None or current.creation_time is None or current.creation_time > occurred_at:
+        return False
+    if seen.current_state not in LIVE_SNAPSHOT_STATES or seen.children != 0:
+        return False
+    if current.name not in prev.snapshots:
+        return True
+    before = prev.snapshots[current.name]  # the name seen before: new only with another time
+    return before is not None and before != current.creation_time
 
 
 def lifecycle_event_id(host: str, uuid: str, event: int, detail: int, boot_id: str, n: int) -> str:
@@ -163,8 +212,11 @@ def event_body(
     detail: int,
     occurred_at: float,
     snapshot: SnapshotRef | None,
+    snapshot_create_halt: bool = False,
 ) -> dict[str, Any]:
-    """The JSON the relay posts; ``domain`` is (name, uuid)."""
+    """The JSON the relay posts; ``domain`` is (name, uuid). ``snapshot_create_halt``: a
+    STOPPED/FROM_SNAPSHOT judged to be ``snapshot-create --halt`` (``halted_by_snapshot``)."""
+    extra: dict[str, Any] = {"snapshot_create_halt": True} if snapshot_create_halt else {}
     return {
         "source": SOURCE,
         "event_id": event_id,
@@ -176,6 +228,7 @@ def event_body(
         "occurred_at": rfc3339(occurred_at),
         "snapshot": _snapshot_json(snapshot),
         "kind": kind.value,
+        **extra,
     }
 
 
@@ -322,6 +375,16 @@ def parse_creation_time(xml: str) -> int | None:
         return int(text.strip()) if text else None
     except (ET.ParseError, ValueError):
         return None
+
+
+def parse_snapshot_state(xml: str) -> str | None:
+    """``<state>`` of a snapshot's XML: the domain's state when it was taken."""
+    try:
+        text = ET.fromstring(xml).findtext("state")  # noqa: S314 - as in parse_creation_time
+    except ET.ParseError:
+        return None
+    return text.strip() if text else None
+
 
 def views_to_json(views: Mapping[str, DomainView]) -> bytes:
     """Poll state as bytes, so a restarted relay still knows the last current snapshot."""

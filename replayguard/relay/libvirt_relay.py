@@ -33,7 +33,9 @@ from .libvirt_events import (
     FROM_SNAPSHOT,
     MAX_EVENT_ID,
     SOURCE,
+    STOPPED_FROM_SNAPSHOT,
     SYNTHETIC,
+    AtStop,
     DomainView,
     Kind,
     RelayConfig,
@@ -44,17 +46,19 @@ from .libvirt_events import (
     change_event_id,
     diff_domain,
     event_body,
+    halted_by_snapshot,
     is_from_snapshot,
     is_silent_revert,
     lifecycle_event_id,
     make_event_id,
     parse_creation_time,
+    parse_snapshot_state,
     reverted_by_state,
     rfc3339,
     views_from_json,
     views_to_json,
 )
-from .libvirt_watcher import RelayState, Watcher
+from .libvirt_watcher import Pending, RelayState, Watcher
 from .spool import (
     Answer,
     Outcome,
@@ -69,11 +73,11 @@ from .spool import (
 from .tasks import first_done, until_first_done
 
 __all__ = [
-    "EVENTS_PATH", "FROM_SNAPSHOT", "MAX_EVENT_ID", "SOURCE", "STATE_FILE", "SYNTHETIC",
-    "DomainView", "Kind", "Outcome", "RelayConfig", "RunState", "SnapshotChange", "SnapshotRef", "Spool",
+    "EVENTS_PATH", "FROM_SNAPSHOT", "MAX_EVENT_ID", "SOURCE", "STATE_FILE", "STOPPED_FROM_SNAPSHOT", "SYNTHETIC",
+    "AtStop", "DomainView", "Kind", "Outcome", "RelayConfig", "RunState", "SnapshotChange", "SnapshotRef", "Spool",
     "backoff_delay", "change_body", "change_event_id", "classify_status",
-    "deliver_forever", "deliver_one", "diff_domain", "event_body", "is_from_snapshot",
-    "is_silent_revert", "lifecycle_event_id", "make_event_id", "parse_creation_time",
+    "deliver_forever", "deliver_one", "diff_domain", "event_body", "halted_by_snapshot", "is_from_snapshot",
+    "is_silent_revert", "lifecycle_event_id", "make_event_id", "parse_creation_time", "parse_snapshot_state",
     "reverted_by_state", "rfc3339",
     "run_relay", "views_from_json", "views_to_json",
 ]  # fmt: skip
@@ -82,6 +86,7 @@ EVENTS_PATH = "/v1/hypervisor/events?source=libvirt"
 STATE_FILE = "poll-state.json"
 
 log = structlog.get_logger("replayguard.relay.libvirt")
+HALT_SETTLE_S = 0.2  # after reading a STOPPED/FROM_SNAPSHOT's domain, for later events to arrive
 SPOOL_RETRY_S = 1.0  # a lifecycle event's spool write that failed is tried again after this
 
 
@@ -127,7 +132,11 @@ async def _lifecycle_worker(relay: RelayState, watcher: Watcher) -> None:
     while True:
         await _spool_held(relay)
         p = await relay.lifecycle.get()
-        snap = watcher.current_snapshot(p.dom) if is_from_snapshot(p.event, p.detail) else None
+        halted = False
+        if (p.event, p.detail) == STOPPED_FROM_SNAPSHOT:
+            snap, halted = await _stopped_from_snapshot(watcher, p)
+        else:
+            snap = watcher.current_snapshot(p.dom) if is_from_snapshot(p.event, p.detail) else None
         relay.held.append(event_body(
             event_id=p.event_id,
             uri=cfg.uri,
@@ -138,7 +147,25 @@ async def _lifecycle_worker(relay: RelayState, watcher: Watcher) -> None:
             detail=p.detail,
             occurred_at=p.occurred_at,
             snapshot=snap,
+            snapshot_create_halt=halted,
         ))
+
+
+async def _stopped_from_snapshot(watcher: Watcher, p: Pending) -> tuple[SnapshotRef | None, bool]:
+    """The current snapshot of a STOPPED/FROM_SNAPSHOT event, and whether it is
+    ``snapshot-create --halt`` rather than a revert (``halted_by_snapshot``, against the
+    poll recorded when the event arrived: one recorded since may have seen the new
+    snapshot, which would make a halt look like a revert to an older one). The events
+    libvirtd queued before the state read are given ``HALT_SETTLE_S`` to arrive: one of the
+    domain after this one (a revert, a start, then a halt) makes it a revert. Only a
+    revert counts as one for the poll (``lifecycle_seen``): a halt hides no silent revert."""
+    run, current, state, children = watcher.at_stop(p.dom)
+    await asyncio.sleep(HALT_SETTLE_S)
+    seen = AtStop(run, current, state, children, watcher.events_after(p.dom, p.n))
+    halted = halted_by_snapshot(p.event, p.detail, p.occurred_at, seen, p.polled)
+    if not halted:
+        watcher.saw_revert(p.dom, p.monotonic)
+    return current, halted
 
 
 async def _spool_held(relay: RelayState) -> None:

@@ -18,6 +18,7 @@ import structlog
 
 from .libvirt_events import (
     MAX_ANCESTRY,
+    STOPPED_FROM_SNAPSHOT,
     DomainView,
     RelayConfig,
     RunState,
@@ -25,6 +26,7 @@ from .libvirt_events import (
     is_from_snapshot,
     lifecycle_event_id,
     parse_creation_time,
+    parse_snapshot_state,
 )
 from .spool import Spool
 
@@ -40,6 +42,9 @@ class Pending:
     event: int
     detail: int
     occurred_at: float
+    n: int = 0  # the relay's count of lifecycle events when this one arrived
+    monotonic: float = 0.0  # when it arrived, by time.monotonic()
+    polled: DomainView | None = None  # the domain as the last poll recorded before it arrived
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Watcher:
         self.relay = relay
         self.closed = asyncio.Event()
         self.from_snapshot_seen: dict[str, float] = {}
+        self.last_event: dict[str, int] = {}  # domain uuid -> n of its newest lifecycle event
         self.ctimes: dict[tuple[str, str], int | None] = {}
         # Read-only: the relay only watches, and a read-write libvirt socket is root-equivalent.
         self.conn = libvirt.openReadOnly(relay.config.uri)
@@ -112,13 +118,28 @@ class Watcher:
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         relay = self.relay
         uuid = dom.UUIDString()
-        if is_from_snapshot(event, detail):
-            self.from_snapshot_seen[uuid] = time.monotonic()
+        now = time.monotonic()
+        # A STOPPED/FROM_SNAPSHOT counts as a reported revert once the worker found it is
+        # not snapshot-create --halt (``saw_revert``): a halt must not hide a silent revert.
+        if is_from_snapshot(event, detail) and (event, detail) != STOPPED_FROM_SNAPSHOT:
+            self.from_snapshot_seen[uuid] = now
         relay.counter += 1
+        self.last_event[uuid] = relay.counter
         event_id = lifecycle_event_id(
             relay.config.host, uuid, event, detail, relay.boot_id, relay.counter
         )
-        relay.lifecycle.put_nowait(Pending(event_id, dom, event, detail, time.time()))
+        relay.lifecycle.put_nowait(Pending(event_id, dom, event, detail, time.time(), relay.counter, now,
+                                           relay.state.get(uuid)))
+
+    def saw_revert(self, dom: Any, monotonic: float) -> None:
+        """A FROM_SNAPSHOT event reported as a revert arrived at ``monotonic``: the poll
+        that covers it does not report the same move again as ``silent_revert``."""
+        uuid = dom.UUIDString()
+        self.from_snapshot_seen[uuid] = max(self.from_snapshot_seen.get(uuid, monotonic), monotonic)
+
+    def events_after(self, dom: Any, n: int) -> bool:
+        """Another lifecycle event of ``dom`` arrived after its event number ``n``."""
+        return self.last_event.get(dom.UUIDString(), n) != n
 
     def close(self) -> None:
         import libvirt
@@ -149,6 +170,25 @@ class Watcher:
         except libvirt.libvirtError as exc:
             log.warning("current_snapshot_unreadable", domain=dom.name(), error=str(exc))
             return None
+
+    def at_stop(self, dom: Any) -> tuple[RunState | None, SnapshotRef | None, str | None, int | None]:
+        """The domain's state, current snapshot, that snapshot's ``<state>`` and number of
+        children, read now (after a STOPPED/FROM_SNAPSHOT event); None where unreadable."""
+        import libvirt
+
+        try:
+            state, reason = dom.state(0)
+            run = RunState(state, reason, dom.ID())
+            if not dom.hasCurrentSnapshot(0):
+                return run, None, None, None
+            snap = dom.snapshotCurrent(0)
+            xml = snap.getXMLDesc(0)
+            current = SnapshotRef(snap.getName(), parse_creation_time(xml))
+            self.ctimes[(dom.UUIDString(), current.name)] = current.creation_time
+            return run, current, parse_snapshot_state(xml), snap.numChildren(0)
+        except libvirt.libvirtError as exc:
+            log.warning("current_snapshot_unreadable", domain=dom.name(), error=str(exc))
+            return None, None, None, None
 
     def read_views(self) -> tuple[dict[str, DomainView], frozenset[str]]:
         """One poll: every domain's snapshots and current snapshot, and the UUIDs of the

@@ -385,3 +385,44 @@ async def _the_silent_revert(standin: StandIn, dom_uuid: str, log: Path) -> dict
         pytest.fail(f"no silent_revert: {standin.of_domain(dom_uuid)}\nrelay log: {log.read_text()}")
     [body] = silent()
     return body
+
+
+def _stops(standin: StandIn, dom_uuid: str) -> list[dict[str, Any]]:
+    """The domain's STOPPED/FROM_SNAPSHOT bodies, in the order the relay posted them."""
+    return [b for b in standin.of_domain(dom_uuid) if (b["kind"], b["event"], b["detail"]) == ("lifecycle", 5, 6)]
+
+
+async def test_a_snapshot_taken_with_halt_is_no_revert_and_reverts_around_it_still_are(
+    libvirt_uri: str, standin: StandIn, relays: Relays
+) -> None:
+    """``snapshot-create --halt`` makes libvirt emit STOPPED/FROM_SNAPSHOT, as a revert does:
+    the relay posts it with ``snapshot_create_halt`` (the domain is shut off from a snapshot
+    of the live domain, just taken, with no children), so it is no revert. A revert to that
+    snapshot right after, and one of the running domain to a shut-off snapshot taken just before it (new
+    to the relay too, and childless), still come without the flag."""
+    proc, log = relays.start(standin.port)
+    await _connected(proc, log)
+    dom = _started_domain(libvirt_uri)
+    dom_uuid = dom.UUIDString()
+    _snapshot(dom, "base")  # the relay's poll has seen the domain once this is reported
+    await _until(lambda: any(b["kind"] == "snapshot_created" for b in standin.of_domain(dom_uuid)))
+
+    halted = dom.snapshotCreateXML("<domainsnapshot><name>halted</name></domainsnapshot>",
+                                   libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_HALT)
+    ctime = parse_creation_time(halted.getXMLDesc(0))
+    await _until(lambda: len(_stops(standin, dom_uuid)) == 1)
+    [stop] = _stops(standin, dom_uuid)
+    assert stop.get("snapshot_create_halt") is True, (stop, log.read_text())
+    assert stop["snapshot"] == {"name": "halted", "creation_time": ctime}
+
+    dom.create()
+    dom.revertToSnapshot(halted)  # running -> the live state of the snapshot just taken
+    await _until(lambda: len(_stops(standin, dom_uuid)) == 2)
+    dom.destroy()
+    cold, _ = _snapshot(dom, "cold")  # of the shut-off domain
+    dom.create()
+    dom.revertToSnapshot(cold)  # running -> shut off, before any poll saw "cold"
+    await _until(lambda: len(_stops(standin, dom_uuid)) == 3)
+    reverts = _stops(standin, dom_uuid)[1:]
+    assert [b.get("snapshot_create_halt") for b in reverts] == [None, None], reverts
+    assert [b["snapshot"]["name"] for b in reverts] == ["halted", "cold"]

@@ -804,3 +804,27 @@ def test_proxmox_survives_arbitrary_input(payload: object) -> None:
 def test_openstack_survives_arbitrary_input(payload: object) -> None:
     """Arbitrary JSON gives an event list, IgnoredPayload or MalformedPayload, nothing else."""
     run_arbitrary("openstack", payload)
+
+
+@pytest.mark.parametrize(("halt", "event", "detail", "want"), [
+    (True, 5, 6, EventType.VM_STOPPED), (False, 5, 6, R), (None, 5, 6, R), ("null", 5, 6, R),
+    (True, 2, 3, R), (True, 4, 2, R), (True, 0, 3, R), (True, 5, 0, EventType.VM_STOPPED),
+])
+def test_libvirt_stop_of_a_halting_snapshot_is_no_revert(halt: bool | str | None, event: int, detail: int,
+                                                          want: EventType) -> None:
+    """STOPPED/FROM_SNAPSHOT the relay marks ``snapshot_create_halt`` (``snapshot-create
+    --halt``) is a plain stop; unmarked (absent, false or null), or marked on any other
+    FROM_SNAPSHOT event, it is a revert."""
+    body = sample("libvirt/revert_stopped_from_snapshot.json", event=event, detail=detail)
+    if halt is not None:
+        body["snapshot_create_halt"] = None if halt == "null" else halt
+    assert libvirt.parse(body)[0].type is want
+
+
+@pytest.mark.parametrize("halt", [1, 0, "true", [True], {}])
+def test_libvirt_snapshot_create_halt_must_be_a_boolean(halt: object) -> None:
+    """A ``snapshot_create_halt`` that is not true or false is a broken relay, reported by its path."""
+    body = sample("libvirt/revert_stopped_from_snapshot.json", snapshot_create_halt=halt)
+    with pytest.raises(MalformedPayload) as info:
+        libvirt.parse(body)
+    assert info.value.field == "snapshot_create_halt"

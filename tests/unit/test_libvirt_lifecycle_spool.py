@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from replayguard.relay import libvirt_relay
-from replayguard.relay.libvirt_events import DomainView, RelayConfig, SnapshotRef
+from replayguard.relay import libvirt_relay, libvirt_watcher
+from replayguard.relay.libvirt_events import DomainView, RelayConfig, RunState, SnapshotRef
 from replayguard.relay.libvirt_watcher import Pending, RelayState
 from replayguard.relay.spool import Spool
 from replayguard.settings import Secret
@@ -27,8 +27,19 @@ class _Domain:
 
 
 class _Watcher:
+    """Reads what a revert to the shut-off snapshot "pre-patch" leaves."""
+
     def current_snapshot(self, dom: Any) -> SnapshotRef:
         return SnapshotRef("pre-patch", 1_789_990_000)
+
+    def at_stop(self, dom: Any) -> tuple[RunState, SnapshotRef, str, int]:
+        return RunState(5, 7, -1), self.current_snapshot(dom), "shutoff", 0
+
+    def events_after(self, dom: Any, n: int) -> bool:
+        return False
+
+    def saw_revert(self, dom: Any, monotonic: float) -> None:
+        pass
 
 
 class _FullTwice(Spool):
@@ -192,3 +203,67 @@ async def test_a_defined_from_snapshot_revert_names_its_snapshot(tmp_path: Path)
         assert orjson.loads(path.read_bytes())["snapshot"] == {"name": "pre-patch", "creation_time": 1_789_990_000}
     finally:
         worker.cancel()
+
+
+class _HaltWatcher:
+    """Reads what ``snapshot-create --halt`` leaves: shut off from a new live snapshot."""
+
+    def __init__(self, later: bool) -> None:
+        self.later = later
+        self.reverts: list[float] = []
+
+    def at_stop(self, dom: Any) -> tuple[RunState, SnapshotRef, str, int]:
+        return RunState(5, 7, -1), SnapshotRef("halted", 1_790_000_000), "running", 0
+
+    def events_after(self, dom: Any, n: int) -> bool:
+        return self.later
+
+    def saw_revert(self, dom: Any, monotonic: float) -> None:
+        self.reverts.append(monotonic)
+
+
+@pytest.mark.parametrize(("later", "flag"), [(False, True), (True, None)])
+async def test_a_stop_from_a_halting_snapshot_is_flagged_unless_the_domain_moved_on(
+        later: bool, flag: bool | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A STOPPED/FROM_SNAPSHOT after which the domain is shut off under a new snapshot of
+    the live domain is spooled with ``snapshot_create_halt`` and does not count as a revert
+    the next poll need not report again; when another lifecycle event of the domain
+    arrived by then (a revert, a start and a halt in a row), it is spooled without the flag
+    and counts as a revert."""
+    monkeypatch.setattr(libvirt_relay, "HALT_SETTLE_S", 0.0)
+    spool = Spool(tmp_path / "spool")
+    relay = _relay(tmp_path, spool)
+    polled = DomainView(_Domain().UUIDString(), "web-01", {"base": 1_789_990_000}, "base", (), (), RunState(1, 1, 3))
+    relay.lifecycle.put_nowait(Pending("hv-03:stop-1", _Domain(), 5, 6, 1_790_000_000.5, 1, 42.0, polled))
+    watcher = _HaltWatcher(later)
+    worker = asyncio.create_task(libvirt_relay._lifecycle_worker(relay, watcher))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(spool.pending()) == 1, "the stop in the spool")
+        (path,) = spool.pending()
+        body = orjson.loads(path.read_bytes())
+        assert body.get("snapshot_create_halt") is flag
+        assert body["snapshot"] == {"name": "halted", "creation_time": 1_790_000_000}
+        assert watcher.reverts == ([] if flag else [42.0])
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+def test_only_a_stop_found_to_be_a_revert_hides_a_silent_revert_from_the_poll(tmp_path: Path) -> None:
+    """The watcher counts a FROM_SNAPSHOT event as a reported revert (the poll covering it
+    reports no ``silent_revert``) at once, except STOPPED/FROM_SNAPSHOT, which counts only
+    once the worker found it is no ``snapshot-create --halt`` (``saw_revert``); every event
+    carries the domain as the last recorded poll saw it."""
+    relay = _relay(tmp_path, Spool(tmp_path / "spool"))
+    uuid = _Domain().UUIDString()
+    relay.state = {uuid: DomainView(uuid, "web-01", {"base": 1}, "base")}
+    watcher = libvirt_watcher.Watcher.__new__(libvirt_watcher.Watcher)
+    watcher.relay, watcher.from_snapshot_seen, watcher.last_event = relay, {}, {}
+    watcher._on_lifecycle(None, _Domain(), 5, 6, None)
+    stop = relay.lifecycle.get_nowait()
+    assert uuid not in watcher.from_snapshot_seen and stop.polled == relay.state[uuid]
+    watcher.saw_revert(_Domain(), stop.monotonic)
+    assert watcher.from_snapshot_seen[uuid] == stop.monotonic
+    watcher._on_lifecycle(None, _Domain(), 2, 3, None)
+    assert watcher.from_snapshot_seen[uuid] == relay.lifecycle.get_nowait().monotonic >= stop.monotonic
+    assert watcher.events_after(_Domain(), stop.n) and not watcher.events_after(_Domain(), stop.n + 1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,6 +15,7 @@ from replayguard.errors import ConfigError
 from replayguard.relay import cli
 from replayguard.relay.libvirt_relay import (
     MAX_EVENT_ID,
+    AtStop,
     DomainView,
     Kind,
     Outcome,
@@ -28,10 +31,12 @@ from replayguard.relay.libvirt_relay import (
     deliver_one,
     diff_domain,
     event_body,
+    halted_by_snapshot,
     is_from_snapshot,
     lifecycle_event_id,
     make_event_id,
     parse_creation_time,
+    parse_snapshot_state,
     rfc3339,
     views_from_json,
     views_to_json,
@@ -522,3 +527,61 @@ def test_one_entry_point_runs_every_relay(kind: str, capsys: pytest.CaptureFixtu
     """`replayguard-relay proxmox|vsphere …` hands the rest of the command line to that relay."""
     assert cli.main([kind, "--help"]) == 0
     assert f"usage: replayguard-relay {kind}" in capsys.readouterr().out
+
+
+# --- snapshot-create --halt or revert ---------------------------------------------
+
+_HALT_AT = 1_790_000_010.5  # when the relay saw the STOPPED/FROM_SNAPSHOT
+_HALT_PREV = DomainView(UUID, "web-01", {"base": 1_790_000_000}, "base", ("root",), (), RunState(1, 1, 7))
+_HALT_SEEN = AtStop(RunState(5, 7, -1), SnapshotRef("halted", 1_790_000_010), "running", 0, False)
+
+
+@pytest.mark.parametrize(("change", "halted"), [
+    ({}, True),  # a snapshot of the live domain, just taken, childless, the domain shut off by it
+    ({"current_state": "paused"}, True),
+    ({"prev_snapshots": {"base": 1_790_000_000, "halted": 1_790_000_001}}, True),  # the name taken again
+    ({"event": (2, 3)}, False), ({"event": (4, 2)}, False), ({"event": (0, 3)}, False),
+    ({"prev": None}, False),  # no poll to tell a new snapshot from an old one
+    ({"later_events": True}, False),  # e.g. a revert, a start and a halt before the read
+    ({"run": None}, False), ({"run": RunState(1, 4, 8)}, False),  # a revert left it running
+    ({"run": RunState(3, 5, 8)}, False), ({"run": RunState(5, 2, -1)}, False),  # destroyed since
+    ({"current": None}, False), ({"current": SnapshotRef("halted", None)}, False),
+    ({"current": SnapshotRef("halted", 1_790_000_011)}, False),  # taken after the event
+    ({"current_state": "shutoff"}, False),  # a revert to a snapshot of the shut-off domain
+    ({"current_state": "disk-snapshot"}, False), ({"current_state": None}, False),
+    ({"children": 1}, False), ({"children": None}, False),
+    ({"prev_snapshots": {"base": 1_790_000_000, "halted": 1_790_000_010}}, False),  # one seen before
+    ({"prev_snapshots": {"base": 1_790_000_000, "halted": None}}, False),  # seen, time unknown
+])
+def test_a_halting_snapshot_is_told_from_a_revert_only_when_everything_says_so(
+        change: dict[str, Any], halted: bool) -> None:
+    """STOPPED/FROM_SNAPSHOT is ``snapshot-create --halt`` only with the domain shut off from
+    a snapshot of the live domain that the previous poll did not see, taken no later than
+    the event, with no children, and no later event of the domain: anything else or
+    unread is a revert (a revert to a live snapshot leaves the domain live, one to a
+    shut-off snapshot leaves a snapshot of the shut-off domain current)."""
+    seen = dataclasses.replace(_HALT_SEEN, **{k: v for k, v in change.items()
+                                              if k in {"run", "current", "current_state", "children",
+                                                       "later_events"}})
+    prev = change.get("prev", _HALT_PREV)
+    if "prev_snapshots" in change:
+        prev = dataclasses.replace(_HALT_PREV, snapshots=change["prev_snapshots"])
+    event, detail = change.get("event", (5, 6))
+    assert halted_by_snapshot(event, detail, _HALT_AT, seen, prev) is halted
+
+
+def test_a_halting_snapshot_event_body_says_so_and_others_do_not() -> None:
+    """The relay posts ``snapshot_create_halt: true`` with a STOPPED/FROM_SNAPSHOT it found
+    to be a halt, and no such field otherwise."""
+    common: dict[str, Any] = {"event_id": "e", "uri": "test:///default", "host": "hv", "domain": ("web-01", UUID),
+                              "kind": Kind.LIFECYCLE, "event": 5, "detail": 6, "occurred_at": _HALT_AT,
+                              "snapshot": SnapshotRef("halted", 1_790_000_010)}
+    assert event_body(**common, snapshot_create_halt=True)["snapshot_create_halt"] is True
+    assert "snapshot_create_halt" not in event_body(**common)
+
+
+def test_a_snapshots_state_is_read_from_its_xml() -> None:
+    """``<state>`` of a snapshot's XML, None when absent or unparsable."""
+    assert parse_snapshot_state("<domainsnapshot><state>running</state></domainsnapshot>") == "running"
+    assert parse_snapshot_state("<domainsnapshot/>") is None
+    assert parse_snapshot_state("<domainsnapshot") is None
