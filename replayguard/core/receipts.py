@@ -11,7 +11,10 @@ receipts carried a key id, are checked under the oldest receipt key the database
 
 A receipt under a retired key is taken only as far as that key could have issued it: one
 naming a ledger position after the key was retired is a forgery (``ReceiptKeys``); what
-else is asked of it is the decision service's (``services/decide.py``).
+else is asked of it is the decision service's (``services/decide.py``). Claims no ledger
+holds (a seq outside bigint or below 0, an epoch outside integer or below 0, a payload
+nested too deep to parse) are invalid whatever key MACed them: the holder of a leaked
+retired key makes them too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ LEGACY_PREFIX = "rg1"
 # largest seq and epoch, is 1,469 characters (tests/unit/test_receipts.py). Guests' helpers
 # and the request schema hold receipts to the same bound.
 MAX_LENGTH = 2048
+# The ranges of a ledger seq (bigint) and a VM's epoch (integer): claims outside them were
+# never issued, and must not reach the database as parameters it cannot hold.
+MAX_SEQ = 2**63 - 1
+MAX_EPOCH = 2**31 - 1
 _DOMAIN = b"replayguard-receipt-v1\x00"
 _DOMAIN_V2 = b"replayguard-receipt-v2\x00"
 _KEY_ID_LABEL = b"replayguard-receipt-key-id-v1"
@@ -182,10 +189,11 @@ def _decode(ring: ReceiptKeys, receipt: str) -> tuple[ReceiptClaims, int | None]
     if verified is None:
         return None
     payload, until = verified
-    try:
+    try:  # a payload nested past the recursion limit raises RecursionError
         vm_id, seq, epoch = json.loads(payload)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
-    if not (isinstance(vm_id, str) and type(seq) is int and type(epoch) is int):
+    if not (isinstance(vm_id, str) and type(seq) is int and type(epoch) is int
+            and 0 <= seq <= MAX_SEQ and 0 <= epoch <= MAX_EPOCH):
         return None
     return ReceiptClaims(vm_id, seq, epoch), until

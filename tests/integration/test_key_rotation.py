@@ -400,3 +400,22 @@ async def test_keys_read_from_named_files_are_rotated_beside_them(
     second = await api_factory(data_dir=other_dir, **named)
     answer = await _nonce(second, vm, kept)
     assert answer["flags"] == [] and answer["receipt"].split(".")[1] == done.receipt_key_id, answer
+
+
+async def test_a_leaked_retired_receipt_key_cannot_make_the_service_fail(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """Receipts MACed by the leaked retired key whose payload no ledger holds (nested too
+    deep to parse, a seq far below zero that PostgreSQL cannot take as a bigint) are
+    answered 200 ``receipt_invalid``, never 500."""
+    settings = make_settings()
+    api = await api_factory()
+    vm = uid("vm")
+    await _nonce(api, vm, (await _nonce(api, vm))["receipt"])
+    leaked = load_keys(settings).receipt
+    await api.client.close()
+    await _rotate(settings, ["receipt"])
+    after = await api_factory()
+    kid = receipts.key_id(leaked)
+    for payload in (b"[" * 1400, json.dumps([vm, -2**70, 0]).encode(), json.dumps([vm, -1, 0]).encode()):
+        forged = f"rg2.{kid}.{receipts._b64(payload)}.{receipts._b64(receipts._mac_v2(leaked, kid, payload))}"
+        assert (await _nonce(after, vm, forged))["flags"] == ["receipt_invalid"], payload[:40]

@@ -20,6 +20,7 @@ from replayguard.core.receipts import (
     RetiredKey,
     _b64,
     _mac,
+    _mac_v2,
     _payload,
     check,
     issue,
@@ -143,3 +144,23 @@ def test_an_unknown_or_hostile_key_id_is_invalid(kid: str) -> None:
     """A key id that names no key (empty, non-ASCII, too long) is invalid, never an error."""
     parts = issue(NEW, ReceiptClaims("web-01", 1, 0)).split(".")
     assert check(ROTATED, ".".join([parts[0], kid, *parts[2:]])).status is ReceiptStatus.INVALID
+
+
+def _signed_by_old(payload: bytes) -> str:
+    """Any payload MACed by the retired key, as its leaked copy's holder can make one."""
+    kid = key_id(OLD)
+    return f"{PREFIX}.{kid}.{_b64(payload)}.{_b64(_mac_v2(OLD, kid, payload))}"
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 1400,  # nested deeper than the interpreter's recursion limit: RecursionError
+    b'["web-01",-1,0]', b'["web-01",-99999999999999999999999,0]',  # below any seq; out of bigint
+    b'["web-01",5,-1]', b'["web-01",5,2147483648]', b'["web-01",5,99999999999999999999999]',  # epoch out of range
+])
+def test_claims_no_ledger_could_hold_are_invalid_even_under_a_key(payload: bytes) -> None:
+    """A receipt whose MAC verifies under a leaked retired key but whose payload no ledger
+    could have issued (nested too deep to parse, a negative or out-of-range seq or epoch)
+    is invalid: checking it raises nothing, and no such number reaches the database."""
+    receipt = _signed_by_old(payload)
+    assert len(receipt) <= MAX_LENGTH
+    assert check(ROTATED, receipt) == ReceiptCheck(ReceiptStatus.INVALID)
