@@ -10,6 +10,8 @@ taken before a rotation (bound to keys this data dir retired) to the current key
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from typing import Any
 
@@ -63,7 +65,11 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
 
     keys = load_keys(settings)
     dsn = await prepare_database(settings)
-    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=settings.statement_timeout_ms)
+    # A name no other process has: the rotation refuses while any other session named
+    # replayguard-… is connected, and a serve on another host may have this process's id.
+    name = f"replayguard-{os.getpid()}-keys-{secrets.token_hex(4)}"
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=settings.statement_timeout_ms,
+                                         application_name=name)
     try:
         now_us = int(time.time() * 1e6)
         if restored:

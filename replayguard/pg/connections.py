@@ -64,9 +64,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int,
-                      on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> asyncpg.Pool:
+                      on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+                      application_name: str | None = None) -> asyncpg.Pool:
     """A pool whose connections time statements out and decode jsonb with orjson.
-    ``on_connect`` runs on each new connection; what it raises fails the acquire."""
+    ``on_connect`` runs on each new connection; what it raises fails the acquire.
+    ``application_name``: the sessions' name (``session.session_settings``)."""
     async def init(conn: asyncpg.Connection) -> None:
         await _init_connection(conn)
         if on_connect is not None:
@@ -74,7 +76,7 @@ async def create_pool(dsn: str, *, size: int, statement_timeout_ms: int,
 
     pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=size, init=init,
-        server_settings=session_settings(statement_timeout_ms),
+        server_settings=session_settings(statement_timeout_ms, application_name),
         command_timeout=client_timeout_s(statement_timeout_ms),
         timeout=connect_timeout_s(statement_timeout_ms),
         max_inactive_connection_lifetime=60,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 
 
-def session_settings(statement_timeout_ms: int) -> dict[str, str]:
+def session_settings(statement_timeout_ms: int, application_name: str | None = None) -> dict[str, str]:
     """The settings of every session the service opens (its pool, its one-off connections,
-    the chain check's child)."""
+    the chain check's child). Each is named ``replayguard-<pid>`` (``application_name``:
+    another name starting ``replayguard-``, for a process that must tell its own sessions
+    from those of a process with the same id on another host, as ``keys rotate`` does)."""
     return {
-        "application_name": f"replayguard-{os.getpid()}",
+        "application_name": application_name or f"replayguard-{os.getpid()}",
         "statement_timeout": str(statement_timeout_ms),
         "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
         # Durability of every acknowledged decision depends on this staying on.

@@ -19,7 +19,9 @@ process finishes step 3 (``settle``). Either way the database opens with exactly
 
 Running instances read their keys at start, so a rotation refuses while any other process
 is connected (``pg_stat_activity``, whose ``application_name`` every role can read: every
-session replayguard opens is named ``replayguard-<pid>``); an instance started afterwards
+session replayguard opens is named ``replayguard-<pid>``, and the CLI's rotation names its
+own ``replayguard-<pid>-keys-<random>``, so a serve on another host with the rotation's
+process id is another process); an instance started afterwards
 with the old keys is refused by the key binding, with a message that names the rotation,
 and one that had no session open at that moment fails closed on its next connection
 (``key_binding.BindingGuard``).

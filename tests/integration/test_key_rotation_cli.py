@@ -175,3 +175,22 @@ async def test_rotate_without_a_key_or_with_nothing_to_adopt_exits_2_in_one_line
         assert (done.returncode, done.stdout) == (2, ""), (what, done)
         last = done.stderr.splitlines()[-1]
         assert last.startswith("replayguard: error: ") and message in last, (what, done.stderr)
+
+
+async def test_rotate_sees_an_instance_whose_process_id_is_its_own(
+        fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """Process ids repeat across hosts: a serve instance on another host may have the
+    rotation's own process id, and so the session name ``replayguard-<pid>``. The
+    rotation still counts it as another process and refuses, and rotates once it is gone."""
+    from replayguard.cli import keys as keys_cli
+    from replayguard.errors import ConfigError
+
+    dsn = await fresh_database()
+    settings = _settings(tmp_path / "data", dsn)
+    twin = await asyncpg.connect(dsn, server_settings={"application_name": f"replayguard-{os.getpid()}"})
+    try:
+        with pytest.raises(ConfigError, match=f"other replayguard process.*replayguard-{os.getpid()}[,;]"):
+            await keys_cli._rotate(settings, ["receipt"], restored=False)
+    finally:
+        await twin.close()
+    assert (await keys_cli._rotate(settings, ["receipt"], restored=False))["rotated"] == ["receipt"]
