@@ -115,7 +115,8 @@ class BindingGuard:
     the process has passed ``hold_to_binding`` (``hold``), a connection to a database
     whose secret or receipt key was rotated since is refused (``Unavailable``: 503), so a
     process that missed a rotation (``keys rotate`` refuses while it sees one connected)
-    never decrypts with the old secret key or issues receipts under the old receipt key."""
+    never decrypts with the old secret key or issues receipts under the old receipt key.
+    A connection opened while a rotation's transaction is open waits for its outcome."""
 
     def __init__(self) -> None:
         self._expected: dict[str, bytes] | None = None
@@ -127,7 +128,11 @@ class BindingGuard:
     async def __call__(self, conn: asyncpg.Connection) -> None:
         if self._expected is None:
             return
-        row = await conn.fetchrow("SELECT secret_check, receipt_check FROM key_binding")
+        # FOR SHARE waits for a rotation's transaction (it holds the row FOR UPDATE from before
+        # its check of other sessions to its commit) and then reads the binding it committed:
+        # read without the lock, a connection opened in between would see the old binding,
+        # pass, and outlive the commit with the old keys.
+        row = await conn.fetchrow("SELECT secret_check, receipt_check FROM key_binding FOR SHARE")
         if row is None or not all(_same(None if row[c] is None else bytes(row[c]), mine)
                                   for c, mine in self._expected.items()):
             log.error("keys_rotated_since_start")

@@ -10,6 +10,7 @@ stale one is still a rollback, another VM's still a clone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pyotp
 import pytest
 
@@ -419,3 +421,47 @@ async def test_a_leaked_retired_receipt_key_cannot_make_the_service_fail(
     for payload in (b"[" * 1400, json.dumps([vm, -2**70, 0]).encode(), json.dumps([vm, -1, 0]).encode()):
         forged = f"rg2.{kid}.{receipts._b64(payload)}.{receipts._b64(receipts._mac_v2(leaked, kid, payload))}"
         assert (await _nonce(after, vm, forged))["flags"] == ["receipt_invalid"], payload[:40]
+
+
+async def test_a_connection_opened_while_a_rotation_commits_is_refused_after_it(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """A running instance with no session open when a rotation checked for one (its
+    connections dropped) reconnects while the rotation's transaction is still open (it is
+    re-encrypting tokens, the binding locked and moved but not committed). The new
+    connection's binding check must wait for that transaction and see where it left the
+    binding: the instance's next decision is 503, never a receipt under the key the
+    rotation just retired."""
+    settings = make_settings()
+    api = await api_factory()
+    vm = uid("vm")
+    await _nonce(api, vm)
+    assert settings.database_url is not None
+    dsn, mine = settings.database_url.reveal(), f"replayguard-{os.getpid()}"
+    rotation = await asyncpg.connect(dsn, server_settings={"application_name": "a-rotation-in-flight"})
+    observer = await asyncpg.connect(dsn, server_settings={"application_name": "an-observer"})
+    try:
+        await rotation.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND application_name = $1", mine)
+        await api.runtime.pool.expire_connections()
+        tx = rotation.transaction()
+        await tx.start()  # what key_rotation._move_database does before it commits
+        await rotation.execute("SELECT * FROM key_binding FOR UPDATE")
+        await rotation.execute("SELECT seq FROM ledger_head FOR UPDATE")
+        await rotation.execute("UPDATE key_binding SET receipt_check = $1", check_of(os.urandom(32)))
+        decision = asyncio.ensure_future(
+            api.post("/v1/nonces/consume", {"vm_id": vm, "scope": "s", "nonce": uid("n")}))
+
+        async def waiting() -> bool:  # pg_stat_activity read outside the transaction: a fresh view each time
+            return bool(await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                mine))
+
+        await until(waiting, "the instance's new connection waits on the rotation's locks")
+        await tx.commit()
+        status, answer = await decision
+    finally:
+        await rotation.close()
+        await observer.close()
+    old_kid = receipts.key_id(api.runtime.keys.receipt)
+    assert status == 503 and answer["error"]["code"] == "unavailable", (status, answer)
+    assert old_kid not in json.dumps(answer)
