@@ -213,6 +213,24 @@ def release(held: list[int]) -> None:
         os.close(fd)
 
 
+def check_retired_place(settings: Settings, name: str, old: bytes) -> None:
+    """Before a rotation changes anything: ``retired/`` beside the key can take ``old``
+    (absent, or private), every retired file there passes the key-file rule (a start
+    reads them all), and a file already under ``old``'s name holds ``old`` (one holding
+    another key would be kept in its place, and ``old`` lost). Raises ``ConfigError``."""
+    path = retired_path(settings, name, old)
+    if not path.parent.exists() and not path.parent.is_symlink():
+        return  # made at step 3 in the keys' directory, which is held to the same rule
+    try:
+        check_private_dir(path.parent, "retired keys dir", data_dir=settings.data_dir)
+        there = retired_keys(settings, name)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; nothing was rotated") from None
+    if path in there and not hmac.compare_digest(there[path], old):
+        raise ConfigError(f"the retired key file {path} holds another key than the {name} key it is named after:"
+                          " move it away; nothing was rotated")
+
+
 def write_pending(settings: Settings, name: str) -> bytes:
     """A new random key for ``name``, on disk as its ``.next`` file (replacing one a dead
     rotation left), before the database moves to it."""

@@ -3,7 +3,9 @@
 A rotation is one PostgreSQL transaction between two file steps, all under the rotation
 lock of the keys' directories (``keys.rotation_lock``):
 
-1. the new keys are written as ``.next`` files beside the current ones (``keys.write_pending``);
+1. ``retired/`` is checked to take the old keys (``keys.check_retired_place``: step 3 must
+   not fail after step 2 committed), and the new keys are written as ``.next`` files beside
+   the current ones (``keys.write_pending``);
 2. one transaction locks the key binding and the ledger's head, refuses while any other
    replayguard process has a session on the database, re-encrypts every token secret
    under the new secret key, moves ``key_binding`` to the new keys and records the
@@ -45,6 +47,7 @@ from ..errors import ConfigError
 from ..keys import (
     ROTATABLE,
     Keys,
+    check_retired_place,
     key_file_id,
     key_paths,
     pending_path,
@@ -96,6 +99,9 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
     lock = rotation_lock(settings)
     try:
         await settle_locked(pool, settings)
+        old = {"secret": keys.secret, "receipt": keys.receipt}
+        for name in chosen:  # step 3 must not fail after step 2 committed
+            check_retired_place(settings, name, old[name])
         new = {name: write_pending(settings, name) for name in chosen}
         report("new_keys_written", {"keys": list(chosen)})
         try:
@@ -103,7 +109,6 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
         except BaseException:
             await _after_failure(pool, settings)
             raise
-        old = {"secret": keys.secret, "receipt": keys.receipt}
         retired = {name: str(promote_pending(settings, name, old[name])) for name in chosen}
         report("key_files_replaced", {"retired_files": retired})
     finally:

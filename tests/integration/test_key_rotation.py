@@ -465,3 +465,36 @@ async def test_a_connection_opened_while_a_rotation_commits_is_refused_after_it(
     old_kid = receipts.key_id(api.runtime.keys.receipt)
     assert status == 503 and answer["error"]["code"] == "unavailable", (status, answer)
     assert old_kid not in json.dumps(answer)
+
+
+@pytest.mark.parametrize("spoil", ["others can write retired/", "retired/ holds another key under the name"])
+async def test_a_retired_place_that_cannot_take_the_old_key_stops_the_rotation_before_it_commits(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], spoil: str) -> None:
+    """The old key goes to ``retired/`` only after the database moved to the new one. A
+    ``retired/`` that cannot take it (others can write it; a file there already holds
+    another key under the old key's name, which would be kept in its place) is found
+    before anything changes: the rotation refuses, the binding, the key files and the
+    retired files stay as they were, and no ``.next`` file is left."""
+    settings = make_settings()
+    api = await api_factory()
+    await api.client.close()
+    keys = load_keys(settings)
+    retired = key_paths(settings)["receipt"].parent / "retired"
+    retired.mkdir(mode=0o700)
+    if spoil.startswith("others"):
+        retired.chmod(0o777)
+    else:
+        squatter = retired / f"receipt-{key_file_id(keys.receipt)}.key"
+        squatter.write_text(os.urandom(32).hex() + "\n")
+        squatter.chmod(0o600)
+    before = (_key_files(settings), sorted(p.read_text() for p in retired.iterdir()))
+    with pytest.raises(ConfigError, match="nothing was rotated"):
+        await _rotate(settings, ["receipt"])
+    assert (_key_files(settings), sorted(p.read_text() for p in retired.iterdir())) == before
+    assert not pending_path(key_paths(settings)["receipt"]).exists()
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.reveal())
+    try:
+        assert bytes(await conn.fetchval("SELECT receipt_check FROM key_binding")) == check_of(keys.receipt)
+    finally:
+        await conn.close()
