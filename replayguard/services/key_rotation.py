@@ -277,15 +277,15 @@ async def receipt_keys(pool: asyncpg.Pool, settings: Settings, keys: Keys) -> Re
 
 async def retired_receipt_issued(pool: asyncpg.Pool, claims: ReceiptClaims) -> bool:
     """Whether a receipt under a retired receipt key (already held to the key's retirement)
-    may be one the ledger issued: at or before the position of the VM it names (a stale
-    one is then the ledger's to flag), or, for a VM that never presented a receipt, a
-    decision entry of that VM at exactly its seq. Anything else the retired key's holder
-    made up (SECURITY.md, "Rotating keys")."""
+    may be one the ledger issued: every receipt names the decision entry of its VM it was
+    issued with, so there must be one at exactly its seq, and that seq must be at or before
+    the position of the VM it names (a stale one is then the ledger's to flag) unless the
+    VM never presented a receipt. Anything else the retired key's holder made up
+    (SECURITY.md, "Rotating a leaked key"): a seq before the position that was never this
+    VM's would be a rollback, under ``receipt_reaction = refuse`` a VM locked out."""
     async with acquire(pool) as conn:
         row = await conn.fetchrow("SELECT last_receipt_seq, receipts_seen FROM vms WHERE vm_id = $1", claims.vm_id)
-        issued = row is not None and claims.seq <= int(row["last_receipt_seq"])
-        if row is not None and not issued and not row["receipts_seen"]:
-            issued = bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger WHERE seq = $1 AND vm_id = $2"
-                                              " AND kind IN ('otp', 'nonce'))", claims.seq, claims.vm_id))
-    return issued
-
+        if row is None or (row["receipts_seen"] and claims.seq > int(row["last_receipt_seq"])):
+            return False
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger WHERE seq = $1 AND vm_id = $2"
+                                        " AND kind IN ('otp', 'nonce'))", claims.seq, claims.vm_id))

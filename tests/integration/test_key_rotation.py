@@ -498,3 +498,25 @@ async def test_a_retired_place_that_cannot_take_the_old_key_stops_the_rotation_b
         assert bytes(await conn.fetchval("SELECT receipt_check FROM key_binding")) == check_of(keys.receipt)
     finally:
         await conn.close()
+
+
+async def test_the_leaked_key_cannot_name_a_position_that_was_never_the_vms_to_lock_it_out(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """Under ``receipt_reaction = refuse``, a receipt made with the leaked retired key,
+    naming an honest VM at a ledger position before its own but that was never one of its
+    decisions (another VM's entry: no receipt of this VM ever named it), is
+    ``receipt_invalid``, not a rollback: the VM is not locked out, and its guest's newest
+    receipt still passes."""
+    settings = make_settings(receipt_reaction="refuse")
+    api = await api_factory(receipt_reaction="refuse")
+    vm, other = uid("vm"), uid("other")
+    elsewhere = (await _nonce(api, other))["seq"]
+    newest = (await _nonce(api, vm, (await _nonce(api, vm))["receipt"]))["receipt"]
+    leaked = load_keys(settings).receipt
+    await api.client.close()
+    await _rotate(settings, ["receipt"])
+    after = await api_factory(receipt_reaction="refuse")
+    forged = receipts.issue(leaked, ReceiptClaims(vm, int(elsewhere), 0))
+    assert (await _nonce(after, vm, forged))["flags"] == ["receipt_invalid"]
+    answer = await _nonce(after, vm, newest)
+    assert (answer["decision"], answer["flags"]) == ("accept", []), answer
