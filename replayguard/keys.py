@@ -168,12 +168,16 @@ def retired_path(settings: Settings, name: str, key: bytes) -> Path:
 
 
 def _make_retired_dir(directory: Path, data_dir: Path) -> None:
+    """Makes ``retired/`` (0700) unless it exists, its entry durable in the keys' directory
+    (the new key's rename there must not outlive it in a power loss); then holds it to the
+    key-file rule."""
     try:
         directory.mkdir(mode=0o700)
     except FileExistsError:
         pass
     else:
         adopt(directory, data_dir)
+    fsync_dir(directory.parent)
     check_private_dir(directory, "retired keys dir", data_dir=data_dir)
 
 

@@ -89,3 +89,33 @@ def test_a_second_rotation_lock_on_the_same_keys_is_refused(tmp_path: Path) -> N
     finally:
         release(held)
     release(rotation_lock(settings))
+
+
+def test_the_retired_key_is_durable_before_the_new_key_takes_its_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promoting a ``.next`` key makes ``retired/`` itself durable in the keys' directory
+    (its entry there, not only the file inside it) before renaming the new key into place:
+    a power loss between the two must not keep the rename and lose the only copy of the
+    old key."""
+    import replayguard.keys as keys_module
+
+    settings = _settings(tmp_path)
+    old = load_keys(settings)
+    write_pending(settings, "receipt")
+    keys_dir = key_paths(settings)["receipt"].parent
+    events: list[str] = []
+    real_fsync_dir, real_replace = keys_module.fsync_dir, keys_module.os.replace
+
+    def fsync_dir(directory: Path) -> None:
+        events.append(f"fsync {directory.name}")
+        real_fsync_dir(directory)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(f"rename {Path(str(dst)).name}")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keys_module, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(keys_module.os, "replace", replace)
+    promote_pending(settings, "receipt", old.receipt)
+    assert "rename receipt.key" in events
+    assert f"fsync {keys_dir.name}" in events[:events.index("rename receipt.key")], events
