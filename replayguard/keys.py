@@ -217,6 +217,26 @@ def release(held: list[int]) -> None:
         os.close(fd)
 
 
+def check_own_file(settings: Settings, name: str) -> None:
+    """Before a rotation changes anything: ``name``'s key file is no other key's (the same
+    path, or a link to the same file), since the rotation replaces that file. Rotating both
+    keys of one file would leave it holding the new receipt key, and the new secret key,
+    under which every token secret was re-encrypted, nowhere. Raises ``ConfigError``."""
+    paths = key_paths(settings)
+    for other, path in paths.items():
+        if other != name and _same_file(paths[name], path):
+            raise ConfigError(f"the {name} key's file {paths[name]} is also the {other} key's ({path}): rotating"
+                              f" the {name} key would replace both; give each key a file of its own; nothing was"
+                              " rotated")
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist
+        return one.resolve() == other.resolve()
+
+
 def check_retired_place(settings: Settings, name: str, old: bytes) -> None:
     """Before a rotation changes anything: ``retired/`` beside the key can take ``old``
     (absent, or private), every retired file there passes the key-file rule (a start

@@ -3,8 +3,9 @@
 A rotation is one PostgreSQL transaction between two file steps, all under the rotation
 lock of the keys' directories (``keys.rotation_lock``):
 
-1. ``retired/`` is checked to take the old keys (``keys.check_retired_place``: step 3 must
-   not fail after step 2 committed), and the new keys are written as ``.next`` files beside
+1. each key's file is checked to be its own (``keys.check_own_file``) and ``retired/`` to
+   take the old keys (``keys.check_retired_place``): step 3 must not fail, nor lose a key,
+   after step 2 committed; then the new keys are written as ``.next`` files beside
    the current ones (``keys.write_pending``);
 2. one transaction locks the key binding and the ledger's head, refuses while any other
    replayguard process has a session on the database, re-encrypts every token secret
@@ -47,6 +48,7 @@ from ..errors import ConfigError
 from ..keys import (
     ROTATABLE,
     Keys,
+    check_own_file,
     check_retired_place,
     key_file_id,
     key_paths,
@@ -100,7 +102,8 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, names: Iter
     try:
         await settle_locked(pool, settings)
         old = {"secret": keys.secret, "receipt": keys.receipt}
-        for name in chosen:  # step 3 must not fail after step 2 committed
+        for name in chosen:  # step 3 must not fail, nor lose a key, after step 2 committed
+            check_own_file(settings, name)
             check_retired_place(settings, name, old[name])
         new = {name: write_pending(settings, name) for name in chosen}
         report("new_keys_written", {"keys": list(chosen)})

@@ -520,3 +520,33 @@ async def test_the_leaked_key_cannot_name_a_position_that_was_never_the_vms_to_l
     assert (await _nonce(after, vm, forged))["flags"] == ["receipt_invalid"]
     answer = await _nonce(after, vm, newest)
     assert (answer["decision"], answer["flags"]) == ("accept", []), answer
+
+
+@pytest.mark.parametrize("rotated", [["secret", "receipt"], ["secret"]])
+async def test_a_key_file_shared_by_two_keys_is_refused_before_anything_changes(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path,
+        rotated: list[str]) -> None:
+    """One file named as both the secret key's and the receipt key's (the same path, or a
+    link to it) holds one key for both. Rotating either would put a new key in that file
+    for both (rotating both, the new secret key, under which every token secret was just
+    re-encrypted, would be overwritten by the new receipt key and lost): the rotation
+    refuses, nothing changed, and the service still starts and decides."""
+    shared = tmp_path / "shared-keys"
+    shared.mkdir(mode=0o700)
+    (shared / "one.key").write_text(os.urandom(32).hex() + "\n")
+    (shared / "one.key").chmod(0o600)
+    (shared / "link.key").symlink_to(shared / "one.key")
+    named = {"secret_key_file": shared / "one.key", "receipt_key_file": shared / "link.key"}
+    settings = make_settings(**named)
+    api = await api_factory(**named)
+    principal, secrets = await _hotp_principal(api)
+    await api.client.close()
+    before = (shared / "one.key").read_text()
+    with pytest.raises(ConfigError, match="nothing was rotated"):
+        await _rotate(settings, rotated)
+    assert (shared / "one.key").read_text() == before
+    assert sorted(p.name for p in shared.iterdir()) == [".rotation.lock", "link.key", "one.key"]
+    again = await api_factory(**named)
+    status, answer = await again.post("/v1/otp/verify", {"principal": principal, "otp": pyotp.HOTP(secrets[0]).at(0),
+                                                         "vm_id": uid("vm")})
+    assert (status, answer["decision"]) == (200, "accept"), answer
