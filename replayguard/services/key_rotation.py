@@ -286,9 +286,10 @@ async def retired_receipt_issued(pool: asyncpg.Pool, claims: ReceiptClaims) -> b
     VM never presented a receipt. Anything else the retired key's holder made up
     (SECURITY.md, "Rotating a leaked key"): a seq before the position that was never this
     VM's would be a rollback, under ``receipt_reaction = refuse`` a VM locked out."""
+    issued = False
     async with acquire(pool) as conn:
         row = await conn.fetchrow("SELECT last_receipt_seq, receipts_seen FROM vms WHERE vm_id = $1", claims.vm_id)
-        if row is None or (row["receipts_seen"] and claims.seq > int(row["last_receipt_seq"])):
-            return False
-        return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger WHERE seq = $1 AND vm_id = $2"
-                                        " AND kind IN ('otp', 'nonce'))", claims.seq, claims.vm_id))
+        if row is not None and not (row["receipts_seen"] and claims.seq > int(row["last_receipt_seq"])):
+            issued = bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger WHERE seq = $1 AND vm_id = $2"
+                                              " AND kind IN ('otp', 'nonce'))", claims.seq, claims.vm_id))
+    return issued
