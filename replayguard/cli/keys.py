@@ -3,7 +3,8 @@
 Run with the data dir (and ``database_url``) ``serve`` uses, with every instance stopped:
 the rotation refuses while another replayguard process is connected to the database.
 Progress goes to stderr as JSON lines, the summary to stdout as one JSON line; neither
-ever holds a key (only key ids). ``--restored`` moves a database restored from a backup
+ever holds a key (only key ids). It makes no key it does not find (a data dir without
+them is the wrong one). ``--restored`` moves a database restored from a backup
 taken before a rotation (bound to keys this data dir retired) to the current keys.
 """
 
@@ -57,12 +58,19 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> dict[str, Any]:
     import time
 
-    from ..keys import keys_location, load_keys, retired_keys
+    from ..errors import ConfigError
+    from ..keys import key_paths, keys_location, load_keys, retired_keys
     from ..pg import connections
     from ..runtime import prepare_database
     from ..services import key_rotation
     from ..services.key_binding import hold_to_binding
 
+    # Every other command makes the keys it does not find; this one replaces keys serve
+    # uses, so none found means the wrong data dir or key files: refused before any is made.
+    missing = [path for name, path in key_paths(settings).items() if name != "signing" and not path.exists()]
+    if missing:
+        raise ConfigError(f"no key at {', '.join(map(str, missing))}: keys rotate replaces the keys serve runs with;"
+                          " give it serve's data dir (and key file settings); nothing was rotated")
     keys = load_keys(settings)
     dsn = await prepare_database(settings)
     # A name no other process has: the rotation refuses while any other session named

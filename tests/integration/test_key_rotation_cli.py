@@ -194,3 +194,26 @@ async def test_rotate_sees_an_instance_whose_process_id_is_its_own(
     finally:
         await twin.close()
     assert (await keys_cli._rotate(settings, ["receipt"], restored=False))["rotated"] == ["receipt"]
+
+
+@pytest.mark.parametrize("restored", [False, True])
+async def test_rotate_with_a_data_dir_holding_no_keys_creates_none_and_changes_nothing(
+        fresh_database: Callable[[], Any], tmp_path: Path, restored: bool) -> None:
+    """``keys rotate`` (or ``--restored``) with a ``--data-dir`` that holds no keys (a
+    mistyped path: every other command would make a new deployment there) refuses, saying
+    where it looked: it creates no key and binds no database, rather than rotating keys it
+    just made and reporting success."""
+    from replayguard.cli import keys as keys_cli
+    from replayguard.errors import ConfigError
+
+    dsn = await fresh_database()
+    data_dir = tmp_path / "mistyped"
+    settings = _settings(data_dir, dsn)
+    with pytest.raises(ConfigError, match=f"no key.*{data_dir / 'keys'}.*nothing was rotated"):
+        await keys_cli._rotate(settings, [] if restored else ["secret", "receipt"], restored=restored)
+    assert not (data_dir / "keys").exists() or not any((data_dir / "keys").glob("*.key"))
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM key_binding") == 0  # the template is migrated
+    finally:
+        await conn.close()
