@@ -506,12 +506,13 @@ async def test_the_leaked_key_cannot_name_a_position_that_was_never_the_vms_to_l
     naming an honest VM at a ledger position before its own but that was never one of its
     decisions (another VM's entry: no receipt of this VM ever named it), is
     ``receipt_invalid``, not a rollback: the VM is not locked out, and its guest's newest
-    receipt still passes."""
+    receipt still passes. So does the only receipt of a VM that never presented one."""
     settings = make_settings(receipt_reaction="refuse")
     api = await api_factory(receipt_reaction="refuse")
-    vm, other = uid("vm"), uid("other")
+    vm, other, fresh = uid("vm"), uid("other"), uid("fresh")
     elsewhere = (await _nonce(api, other))["seq"]
     newest = (await _nonce(api, vm, (await _nonce(api, vm))["receipt"]))["receipt"]
+    first_of_fresh = (await _nonce(api, fresh))["receipt"]
     leaked = load_keys(settings).receipt
     await api.client.close()
     await _rotate(settings, ["receipt"])
@@ -519,6 +520,8 @@ async def test_the_leaked_key_cannot_name_a_position_that_was_never_the_vms_to_l
     forged = receipts.issue(leaked, ReceiptClaims(vm, int(elsewhere), 0))
     assert (await _nonce(after, vm, forged))["flags"] == ["receipt_invalid"]
     answer = await _nonce(after, vm, newest)
+    assert (answer["decision"], answer["flags"]) == ("accept", []), answer
+    answer = await _nonce(after, fresh, first_of_fresh)
     assert (answer["decision"], answer["flags"]) == ("accept", []), answer
 
 
