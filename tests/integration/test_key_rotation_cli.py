@@ -187,6 +187,7 @@ async def test_rotate_sees_an_instance_whose_process_id_is_its_own(
 
     dsn = await fresh_database()
     settings = _settings(tmp_path / "data", dsn)
+    load_keys(settings)  # a deployment's keys, which the rotation replaces
     twin = await asyncpg.connect(dsn, server_settings={"application_name": f"replayguard-{os.getpid()}"})
     try:
         with pytest.raises(ConfigError, match=f"other replayguard process.*replayguard-{os.getpid()}[,;]"):
