@@ -332,7 +332,7 @@ def register(sub: Any) -> None:
     ack.add_argument("--note")
     _common(ack, alerts_ack)
     follow = cmds.add_parser("follow", help="print alerts as they are raised or change")
-    follow.add_argument("--last-event-id", help="resume after this change number")
+    follow.add_argument("--last-event-id", help="resume after this event id (as the stream sent it)")
     follow.add_argument("--count", type=int, default=0, help="exit after this many alerts")
     _common(follow, alerts_follow)
 

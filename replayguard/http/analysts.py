@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..core import cursors, validation
+from ..core import cursors, stream_ids, validation
 from ..core.ledger_check import Problem
 from ..errors import InvalidRequest, Unavailable
 from ..services.alertfeed import PAGE, Subscriber
@@ -34,7 +33,6 @@ from .state import ANALYSTS, CALLER, RUNTIME, Analysts
 
 ROLES = ("analyst",)
 WRITE_TIMEOUT_S = 10.0
-_LAST_ID = re.compile(r"^[0-9]{1,18}$")
 
 
 def _svc(request: web.Request) -> Analysts:
@@ -66,17 +64,28 @@ async def acknowledge(request: web.Request) -> web.Response:
 
 # --- the live stream ------------------------------------------------------------------
 
-def _last_event_id(request: web.Request) -> int | None:
+def _last_event_id(request: web.Request) -> stream_ids.EventId | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if raw is None or raw == "":
         return None
-    if not _LAST_ID.match(raw.strip()):
-        raise InvalidRequest("Last-Event-ID must be an event id this stream sent", field="Last-Event-ID")
-    return int(raw.strip())
+    try:
+        return stream_ids.parse(raw)
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must be an event id this stream sent", field="Last-Event-ID") from None
 
 
-def _frame(change: int, alert: dict[str, Any]) -> bytes:
-    return b"id: %d\nevent: alert\ndata: %s\n\n" % (change, orjson.dumps(alert))
+def _frame(alert: dict[str, Any]) -> bytes:
+    return b"id: %s\nevent: alert\ndata: %s\n\n" % (stream_ids.of_alert(alert).encode(), orjson.dumps(alert))
+
+
+async def _position(request: web.Request, resp: web.StreamResponse, upto: int | None) -> int:
+    """Sends the stream's position, an id-only frame: the change the database holds at or
+    below ``upto`` (None: its last), so a client resumed from it is checked like one resumed
+    from an event's id. Returns that change (0: the start)."""
+    _, held = await _svc(request).alerts.held_at(upto)
+    change, event_id = stream_ids.position(held)
+    await _send(resp, b"id: %s\n\n" % event_id.encode())
+    return change
 
 
 async def _send(resp: web.StreamResponse, data: bytes) -> None:
@@ -90,7 +99,7 @@ async def _catch_up(request: web.Request, resp: web.StreamResponse, last: int) -
     while True:
         records = await _svc(request).alerts.changes(last, PAGE)
         for record in records:
-            await _send(resp, _frame(record["change_seq"], render(record)))
+            await _send(resp, _frame(render(record)))
             last = max(last, record["change_seq"])
         if len(records) < PAGE:
             return last
@@ -107,25 +116,35 @@ async def _token_valid(request: web.Request) -> bool:
     return await request.app[RUNTIME].api_tokens.authenticate(_token(request)) is not None
 
 
-async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber, last: int | None) -> None:
-    """The stream's position first (a new stream: the current change number, read after
+async def _resume_from(request: web.Request, claimed: stream_ids.EventId) -> int:
+    """Where a stream resumed with ``claimed`` goes on (``core/stream_ids.py``): after its
+    change when the database holds it as the client got it, else from the start."""
+    last, held = await _svc(request).alerts.held_at(claimed.change)
+    return stream_ids.resume_after(claimed, held, last)
+
+
+async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
+                claimed: stream_ids.EventId | None) -> None:
+    """The stream's position first (a new stream: the current change, read after
     subscribing, so no change falls between; a resumed one: after replaying what was missed),
     then every live change above it, while the caller's token stays valid. A live change at
     or below the position is one the client has (or an alert's older state): never sent.
-    A Last-Event-ID past the database's last change was sent before the database went back
-    in time (a restore, a failover to a standby behind): the changes numbered since may be
-    any, so the stream replays every change the database holds, from the start."""
+    A Last-Event-ID whose change the database does not hold as the client got it (the
+    database went back in time: a restore, a failover to a standby behind; or the alert
+    changed again since) names a point the service cannot place in the database's history,
+    so the stream replays every change the database holds, from the start; so does a bare
+    change number past the database's last change. A stream resumed from the start opens
+    with an id-only frame ``0`` (below the client's id, like a go-back frame), so a client
+    that keeps what it got knows that the changes which follow may be another history."""
     heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
-    alerts = _svc(request).alerts
     await _send(resp, b"retry: 2000\n\n")
-    if last is None:
-        last = await alerts.last_change()
-    else:
-        if last > await alerts.last_change():
-            last = 0  # stale: from another history of the database
-        last = await _catch_up(request, resp, last)
-    sub.position = last
-    await _send(resp, b"id: %d\n\n" % last)
+    upto = None
+    if claimed is not None:
+        after = await _resume_from(request, claimed)
+        if after < claimed.change:  # from the start: an id-only frame ``0`` first, as a go-back frame
+            await _send(resp, b"id: %s\n\n" % stream_ids.position(None)[1].encode())
+        upto = await _catch_up(request, resp, after)
+    last = sub.position = await _position(request, resp, upto)
     while not sub.dropped:
         try:
             item = await asyncio.wait_for(sub.queue.get(), heartbeat)
@@ -139,21 +158,21 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
         change, alert = item
         if alert is None:  # the database went back to ``change``: what it numbers after comes again
             if change < last:
-                last = sub.position = change
-                await _send(resp, b"id: %d\n\n" % last)
+                last = sub.position = await _position(request, resp, change)
             continue
         if change <= last:
             continue
         if not await _token_valid(request):
             return
-        await _send(resp, _frame(change, alert))
+        await _send(resp, _frame(alert))
         last = sub.position = change
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: one ``alert`` event per new or updated alert, id = change number;
-    every stream opens with its position (an ``id:`` line), so a client resumes from it even
-    when it dropped before any alert."""
+    """Server-Sent Events: one ``alert`` event per new or updated alert, its id the change
+    number and a digest of the alert at that change (``core/stream_ids.py``); every stream
+    opens with its position (an ``id:`` line), so a client resumes from it even when it
+    dropped before any alert."""
     last = _last_event_id(request)
     feed = _svc(request).feed
     sub = feed.subscribe()

@@ -287,10 +287,25 @@ class AlertService:
             records = await pooled.fetch(query, after, limit)
         return list(records)
 
+    async def held_at(self, upto: int | None) -> tuple[int, dict[str, Any] | None]:
+        """The database's last change, and the newest change it holds at or below ``upto``
+        (None: its last change), rendered (None when it holds none): where a stream stands
+        (``core/stream_ids.py``)."""
+        async with acquire(self._pool) as conn:
+            row = await conn.fetchrow(_HELD_AT, upto)
+        return int(row["last"]), None if row["id"] is None else render(row)
+
     async def last_change(self) -> int:
         async with acquire(self._pool) as conn:
             last = await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts")
         return int(last)
+
+
+# The last change, and the newest alert change at or below $1 (all of them when it is null).
+_HELD_AT = ("SELECT (SELECT coalesce(max(change_seq), 0) FROM alerts) AS last, a.* FROM (VALUES (1)) v"  # noqa: S608 - fixed column list; values go as $n parameters
+            f" LEFT JOIN LATERAL (SELECT {COLUMNS} FROM alerts"
+            " WHERE change_seq <= coalesce($1::bigint, 9223372036854775807)"
+            " ORDER BY change_seq DESC LIMIT 1) a ON true")
 
 
 # An acknowledgement joins ``history`` as rg_alert's changes do (migrations/functions/rg_alert.sql):

@@ -184,7 +184,8 @@ async def test_a_stream_resumed_past_a_database_that_went_back_reads_the_list_ag
 ) -> None:
     """The stream is down while the database goes back to a copy without the last three alerts
     the console listed, and the restored database numbers its changes past the position the
-    console resumes from (which the service then takes as it is). As the stream opens again
+    console resumes from. The restored database does not hold the change that id names as
+    the console got it, so the resumed stream goes back to the start (an ``id: 0`` frame) and
     the console reads its list again: it shows what the restored database holds, not the lost
     alerts."""
     api: Api = await api_factory(database_url=Secret(database_url))

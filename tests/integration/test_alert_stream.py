@@ -38,7 +38,12 @@ from tests.waiting import until
 __all__ = ["scratch_dbs"]  # a fixture
 
 
-async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.ClientResponse:
+def change_of(event_id: str) -> int:
+    """The change number an event id of the stream names (``<change>.<digest>``, or ``0``)."""
+    return int(event_id.partition(".")[0])
+
+
+async def open_stream(api: Api, last_event_id: int | str | None = None) -> aiohttp.ClientResponse:
     headers = api.auth("analyst")
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
@@ -48,18 +53,18 @@ async def open_stream(api: Api, last_event_id: int | None = None) -> aiohttp.Cli
 
 
 async def events_until(resp: aiohttp.ClientResponse, vm_id: str,
-                       timeout: float = 20) -> list[tuple[int, dict[str, Any]]]:
+                       timeout: float = 20) -> list[tuple[str, dict[str, Any]]]:
     """Every alert event read, with its id, up to and including the first about ``vm_id`` (the
     test may have raised others before); the timeout bounds a failure."""
-    seen: list[tuple[int, dict[str, Any]]] = []
+    seen: list[tuple[str, dict[str, Any]]] = []
 
     async def read() -> None:
-        event_id = -1
+        event_id = ""
         while True:
             line = (await resp.content.readline()).decode()
             assert line, "the stream ended"
             if line.startswith("id: "):
-                event_id = int(line[4:])
+                event_id = line[4:].rstrip("\n")
             elif line.startswith("data: "):
                 seen.append((event_id, orjson.loads(line[6:])))
                 if seen[-1][1]["vm_id"] == vm_id:
@@ -69,19 +74,24 @@ async def events_until(resp: aiohttp.ClientResponse, vm_id: str,
     return seen
 
 
-async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 20) -> tuple[int, dict[str, Any]]:
+async def next_alert(resp: aiohttp.ClientResponse, vm_id: str, timeout: float = 20) -> tuple[str, dict[str, Any]]:
     """The next event about ``vm_id``; the timeout bounds a failure."""
     return (await events_until(resp, vm_id, timeout))[-1]
 
 
-async def first_id(resp: aiohttp.ClientResponse, timeout: float = 20) -> int:
-    """The first ``id:`` the stream sends; the timeout bounds a failure."""
-    async def read() -> int:
+async def opening_id(resp: aiohttp.ClientResponse, timeout: float = 20) -> str:
+    """The first ``id:`` the stream sends, as sent; the timeout bounds a failure."""
+    async def read() -> str:
         while not (line := (await resp.content.readline()).decode()).startswith("id: "):
             assert line, "the stream ended"
-        return int(line[4:])
+        return line[4:].rstrip("\n")
 
     return await asyncio.wait_for(read(), timeout)
+
+
+async def first_id(resp: aiohttp.ClientResponse, timeout: float = 20) -> int:
+    """The change number of the first ``id:`` the stream sends; the timeout bounds a failure."""
+    return change_of(await opening_id(resp, timeout))
 
 
 def drop_streams_and_refuse_new(feed: alertfeed.AlertFeed, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,7 +110,7 @@ async def test_a_raised_alert_appears_on_the_stream(api: Api) -> None:
     vm_id = uid("vm")
     alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
     event_id, alert = await next_alert(resp, vm_id)
-    assert alert["id"] == alert_id and alert["kind"] == "reuse" and event_id == alert["change"]
+    assert alert["id"] == alert_id and alert["kind"] == "reuse" and change_of(event_id) == alert["change"]
     resp.close()
 
 
@@ -152,8 +162,98 @@ async def test_a_resumed_stream_never_resends_changes_at_or_before_last_event_id
     await reuse_alert(one, sentinel, uid("scope"))
     events = await events_until(resp, sentinel)
     resp.close()
-    old = [(event_id, data["id"]) for event_id, data in events if event_id <= seen_change]
+    old = [(event_id, data["id"]) for event_id, data in events if change_of(event_id) <= seen_change]
     assert old == [], f"events at or before Last-Event-ID {seen_change} were sent again: {old}"
+
+
+async def test_a_resume_from_a_change_whose_alert_changed_again_replays_from_the_start(api: Api) -> None:
+    """The client's last change is no longer in the database as it got it (its alert was
+    acknowledged since), so the service cannot tell it from a change of another history
+    numbered the same: the resumed stream sends every alert the database holds, an older
+    one the client had already got among them, and each alert's latest state, after an
+    id-only frame ``0``."""
+    older, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    resp = await open_stream(api)
+    vm_id = uid("vm")
+    try:
+        changed, _ = await reuse_alert(api, vm_id, uid("scope"))
+        last_id, _ = await next_alert(resp, vm_id)
+    finally:
+        resp.close()
+    assert (await api.post(f"/v1/alerts/{changed}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    sentinel = uid("vm")
+    await reuse_alert(api, sentinel, uid("scope"))
+    resumed = await open_stream(api, last_event_id=last_id)
+    try:
+        went_back = await opening_id(resumed)  # an id-only frame below the client's id, before the replay
+        events = await events_until(resumed, sentinel)
+    finally:
+        resumed.close()
+    assert went_back == "0"
+    sent = {alert["id"]: alert for _, alert in events}
+    assert older in sent and sent[changed]["status"] == "acknowledged"
+
+
+async def test_a_bare_change_number_is_taken_as_it_is(api: Api) -> None:
+    """A Last-Event-ID that is a change number alone (a client from before the ids carried a
+    digest) resumes after that number, as it always did: the changes after it, none at or
+    below it, though the alert at that number changed again since."""
+    resp = await open_stream(api)
+    vm_id = uid("vm")
+    try:
+        changed, _ = await reuse_alert(api, vm_id, uid("scope"))
+        last_id, _ = await next_alert(resp, vm_id)
+    finally:
+        resp.close()
+    assert (await api.post(f"/v1/alerts/{changed}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    sentinel = uid("vm")
+    await reuse_alert(api, sentinel, uid("scope"))
+    resumed = await open_stream(api, last_event_id=str(change_of(last_id)))
+    try:
+        events = await events_until(resumed, sentinel)  # raised before the resume: caught up
+        position = change_of(await opening_id(resumed))  # the id-only frame after the catch-up
+    finally:
+        resumed.close()
+    assert [alert["id"] for _, alert in events][-2:] == [changed, events[-1][1]["id"]]
+    assert all(change_of(event_id) > change_of(last_id) for event_id, _ in events)
+    assert position == change_of(events[-1][0])
+
+
+@pytest.mark.parametrize("raw", ["x1", "12.", ".0123456789abcdef", "12.0123456789ABCDEF", "12.0123456789abcde",
+                                 "12.0123456789abcdef0", "-1", "1" * 19, "12.0123456789abcdef.1", "12,5"])
+async def test_a_malformed_last_event_id_is_refused_with_400(api: Api, raw: str) -> None:
+    """A Last-Event-ID that is not an id the stream sends (a bare change number, or a change
+    number and 16 lowercase hex digits) is refused with 400 and the contract's error body
+    naming the field, never a 500, whether in the header or in ``last_event_id``."""
+    for where in ("header", "query"):
+        headers = {**api.auth("analyst"), **({"Last-Event-ID": raw} if where == "header" else {})}
+        params = {"last_event_id": raw} if where == "query" else {}
+        resp = await api.client.get("/v1/alerts/stream", headers=headers, params=params)
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["code"] == "invalid_request", (where, body)
+        assert body["error"]["field"] == "Last-Event-ID"
+
+
+async def test_an_id_of_the_digest_form_is_accepted_in_the_query_too(api: Api) -> None:
+    """``last_event_id`` (for clients that cannot set the header) takes the same ids: a stream
+    resumed from its own opening id carries on after it."""
+    await reuse_alert(api, uid("vm"), uid("scope"))
+    resp = await open_stream(api)
+    try:
+        position = await opening_id(resp)
+    finally:
+        resp.close()
+    assert re.fullmatch(r"[0-9]+\.[0-9a-f]{16}", position), position
+    vm_id = uid("vm")
+    raised, _ = await reuse_alert(api, vm_id, uid("scope"))
+    resumed = await api.client.get("/v1/alerts/stream", headers=api.auth("analyst"),
+                                   params={"last_event_id": position})
+    assert resumed.status == 200
+    try:
+        events = await events_until(resumed, vm_id)
+    finally:
+        resumed.close()
+    assert [alert["id"] for _, alert in events] == [raised]
 
 
 async def test_a_stream_opens_with_its_position_and_resumes_from_it(api: Api) -> None:
@@ -162,9 +262,9 @@ async def test_a_stream_opens_with_its_position_and_resumes_from_it(api: Api) ->
     earlier, _ = await reuse_alert(api, uid("vm"), uid("scope"))
     _, alert = await api.get(f"/v1/alerts/{earlier}")
     resp = await open_stream(api)
-    position = await first_id(resp)
+    position = await opening_id(resp)
     resp.close()
-    assert position == alert["change"]
+    assert change_of(position) == alert["change"]
     vm_id = uid("vm")
     missed, _ = await reuse_alert(api, vm_id, uid("scope"))
     resumed = await open_stream(api, last_event_id=position)
@@ -436,8 +536,8 @@ async def test_a_stream_past_a_database_that_went_back_goes_back_with_it_and_a_r
                 line = (await old.content.readline()).decode()
                 assert line, "the stream ended"
                 # An id-only frame below what was sent: the stream's position went back.
-                if line.startswith("id: ") and int(line[4:]) < high and await old.content.readline() == b"\n":
-                    return int(line[4:])
+                if line.startswith("id: ") and change_of(line[4:]) < high and await old.content.readline() == b"\n":
+                    return change_of(line[4:])
 
         parted = await asyncio.wait_for(went_back(), 20)
         assert parted <= high - 3  # at most the last change the copy holds
@@ -463,6 +563,63 @@ async def test_a_stream_past_a_database_that_went_back_goes_back_with_it_and_a_r
         await asyncio.wait_for(replayed(), 20)
     finally:
         resumed.close()
+
+
+async def _alert_ids_until(resp: aiohttp.ClientResponse, last: str, timeout: float = 30) -> list[str]:
+    """The ids of the alerts the stream sends, up to and including the alert ``last``; the
+    timeout bounds a failure."""
+    ids: list[str] = []
+
+    async def read() -> None:
+        while not ids or ids[-1] != last:
+            line = (await resp.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                ids.append(orjson.loads(line[6:])["id"])
+
+    await asyncio.wait_for(read(), timeout)
+    return ids
+
+
+async def test_a_client_resumed_after_the_database_went_back_gets_the_changes_numbered_again(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+    """A client reads some alerts and disconnects; the database goes back to a copy without
+    the last three, and numbers new changes (its ``ledger_rollback`` alert, alerts of the
+    continuity checks) up past the change the client last got. Resumed with its
+    Last-Event-ID, whose change the database now numbers for another alert, the stream
+    does not go on after that number: the client gets every change the restored database
+    numbered, those at or below its id among them, after an id-only frame ``0`` that tells it
+    the stream went back."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        await reuse_alert(api, uid("vm"), uid("scope"))
+        scratch_dbs.append(copy := await snapshot(database_url))
+        vm_ids = [uid("vm") for _ in range(3)]
+        for vm_id in vm_ids:
+            await reuse_alert(api, vm_id, uid("scope"))
+        last_id, _ = await next_alert(resp, vm_ids[-1])
+    finally:
+        resp.close()
+    high = change_of(last_id)
+    await restore(database_url, copy, scratch_dbs)
+    numbered = [(await ledger_rollback_noticed(api))["id"]]
+    while True:  # alerts that write no ledger entry, as a witness or the tamper checks raise
+        numbered.append(str(await _raise_unledgered(database_url, "witness_unreachable", uid("witness"))))
+        _, latest = await api.get("/v1/alerts?limit=1")
+        if latest["items"][0]["change"] > high:
+            break
+    _, below = await api.get(f"/v1/alerts/{numbered[0]}")
+    assert below["change"] <= high  # numbered again, at or below the client's id
+    resumed = await open_stream(api, last_event_id=last_id)
+    try:
+        went_back = await opening_id(resumed)
+        sent = await _alert_ids_until(resumed, numbered[-1])
+    finally:
+        resumed.close()
+    assert went_back == "0"  # the stream tells the client it goes back, before the replay
+    assert set(numbered) <= set(sent), f"changes the client never got were skipped: {sorted(set(numbered) - set(sent))}"
 
 
 def hold(feed: alertfeed.AlertFeed) -> tuple[asyncio.Event, asyncio.Event]:
@@ -539,8 +696,8 @@ async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_bac
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream busy sending (its client reads slowly) has a full queue when the feed finds
     that the database went back: the go-back frame has no room. Ended there, its client
-    would resume with a Last-Event-ID the restored database numbers again, past changes it
-    never got. What its queue holds is dropped for the go-back frame instead (the feed
+    would resume with a Last-Event-ID the restored database does not hold, and get every
+    change again from the start. What its queue holds is dropped for the go-back frame instead (the feed
     reads again from below it), and the stream goes on with the restored database's
     changes, the ``ledger_rollback`` alert among them."""
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 2)
@@ -703,7 +860,7 @@ async def test_a_feed_that_reconnects_to_the_same_database_does_not_go_back(
                 line = (await resp.content.readline()).decode()
                 assert line, "the stream ended"
                 if line.startswith("id: "):
-                    ids.append(int(line[4:]))
+                    ids.append(change_of(line[4:]))
                 elif line.startswith("data: ") and orjson.loads(line[6:])["id"] == str(other):
                     return
 
