@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -124,16 +125,38 @@ def alerts_ack(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+FOLLOW_REMEMBERED = 50_000  # ids of the alert events ``follow`` printed that it keeps
+
+
+def _first_time(printed: OrderedDict[str, None], event_id: str | None) -> bool:
+    """Whether ``follow`` has not printed the alert event ``event_id`` yet; remembers it. A
+    bare change number (a service whose ids carry no digest) names no content: always new."""
+    if event_id is None or "." not in event_id:
+        return True
+    if event_id in printed:
+        return False
+    printed[event_id] = None
+    if len(printed) > FOLLOW_REMEMBERED:
+        printed.popitem(last=False)
+    return True
+
+
 def alerts_follow(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Prints each new or changed alert as it comes; reconnects with Last-Event-ID (the
-    stream's position, which it sends on opening and with every alert)."""
+    stream's position, which it sends on opening and with every alert). A stream resumed
+    from an id whose change the database no longer holds as it was sent replays every
+    change from the start: an event whose id (change and digest of its content) was
+    printed already is that change again, as it was, and is not printed twice."""
     last, seen, delay = args.last_event_id, 0, 1.0
+    printed: OrderedDict[str, None] = OrderedDict()
     while True:
         try:
             for event_id, alert in client.events(last):
                 last = event_id or last
                 if alert is None:
                     continue  # the stream's position only: a reconnect resumes from it
+                if not _first_time(printed, event_id):
+                    continue
                 line = json.dumps(alert, ensure_ascii=False) if args.json else "  ".join(printable(v) for v in (
                     short_time(alert["updated_at"]), alert["severity"], alert["kind"], alert["status"],
                     f"alert={alert['id']}", f"vm={alert['vm_id']}", f"principal={alert['principal']}",
