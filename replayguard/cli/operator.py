@@ -144,9 +144,9 @@ def _first_time(printed: OrderedDict[str, None], event_id: str | None) -> bool:
 def alerts_follow(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Prints each new or changed alert as it comes; reconnects with Last-Event-ID (the
     stream's position, which it sends on opening and with every alert). A stream resumed
-    from an id whose change the database no longer holds as it was sent replays every
-    change from the start: an event whose id (change and digest of its content) was
-    printed already is that change again, as it was, and is not printed twice."""
+    from an id that shows the database went back in time replays every change from the
+    start: an event whose id (change, alert and digests of its content) was printed
+    already is that change again, as it was, and is not printed twice."""
     last, seen, delay = args.last_event_id, 0, 1.0
     printed: OrderedDict[str, None] = OrderedDict()
     while True:

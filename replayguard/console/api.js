@@ -72,7 +72,7 @@ function parseFrame(frame) {
   return out;
 }
 
-/** The change number an event id of the alert stream names (`<change>.<digest>`, or `0`). */
+/** The change number an event id of the alert stream names (`<change>.<alert>.<digests>`, or `0`). */
 const changeOf = (id) => Number(id.split(".")[0]);
 
 /**
@@ -80,17 +80,22 @@ const changeOf = (id) => Number(id.split(".")[0]);
  * onState("live" | "reconnecting" | "revoked" | "denied"); resumes with Last-Event-ID after
  * a drop. "revoked" (401: the token is unknown now) and "denied" (403) end it.
  * The stream opens with its position (an id-only frame, which fires no alert), so a drop
- * before the first alert resumes from there too. An id is the change number, a dot and a
- * digest of the alert at that change (docs/api.md); it goes back to the service as it came.
- * An id whose change number is below the last one means the database went back in time (a
- * restore, a failover to a standby behind): what was read before may be another history,
- * whose alert ids and change numbers come again; onBack() is called before the frame's
- * alert, if any. A stream resumed after a drop sends such an id too (`0`) when the database
- * no longer holds the change the page got last as it got it, before replaying every change.
+ * before the first alert resumes from there too. An id names the change number, the alert
+ * and digests of it (docs/api.md); it goes back to the service as it came. An id whose
+ * change number is below the last one means the database went back in time (a restore, a
+ * failover to a standby behind): what was read before may be another history, whose alert
+ * ids and change numbers come again; onBack() is called before the frame's alert, if any.
+ * A stream resumed after a drop sends such an id too (`0`) when the resume shows the
+ * database went back, before replaying every change. onBack() is also called each time the
+ * stream is open again after a drop: a database that went back while the stream was down,
+ * lost changes below the resumed position and then changed that position's alert again
+ * past it looks like one whose alert only changed again, and the service goes on after the
+ * position (docs/api.md), so what the page listed is read again.
  */
 export async function followAlerts(onAlert, onState, signal, onBack = () => {}) {
   let last = null;
   let delay = 1000;
+  let opened = false;
   while (!signal.aborted) {
     try {
       const extra = { Accept: "text/event-stream" };
@@ -102,6 +107,8 @@ export async function followAlerts(onAlert, onState, signal, onBack = () => {}) 
       if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
       onState("live");
       delay = 1000;
+      if (opened) onBack();  // resumed: what changed meanwhile may be another history
+      opened = true;
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {

@@ -118,9 +118,13 @@ async def _token_valid(request: web.Request) -> bool:
 
 async def _resume_from(request: web.Request, claimed: stream_ids.EventId) -> int:
     """Where a stream resumed with ``claimed`` goes on (``core/stream_ids.py``): after its
-    change when the database holds it as the client got it, else from the start."""
-    last, held = await _svc(request).alerts.held_at(claimed.change)
-    return stream_ids.resume_after(claimed, held, last)
+    change when the database holds it as the client got it, or holds its alert changed
+    again since; from the start when the database went back."""
+    alerts = _svc(request).alerts
+    if claimed.alert is None:
+        return stream_ids.resume_after(claimed, None, None, await alerts.last_change())
+    last, at, named = await alerts.held_for(claimed.change, claimed.alert)
+    return stream_ids.resume_after(claimed, at, named, last)
 
 
 async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
@@ -129,13 +133,15 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
     subscribing, so no change falls between; a resumed one: after replaying what was missed),
     then every live change above it, while the caller's token stays valid. A live change at
     or below the position is one the client has (or an alert's older state): never sent.
-    A Last-Event-ID whose change the database does not hold as the client got it (the
-    database went back in time: a restore, a failover to a standby behind; or the alert
-    changed again since) names a point the service cannot place in the database's history,
-    so the stream replays every change the database holds, from the start; so does a bare
-    change number past the database's last change. A stream resumed from the start opens
-    with an id-only frame ``0`` (below the client's id, like a go-back frame), so a client
-    that keeps what it got knows that the changes which follow may be another history."""
+    A Last-Event-ID whose alert only changed again since resumes after it. One that shows
+    the database went back in time (a restore, a failover to a standby behind: it holds
+    another alert or other content at the client's change, or not the client's alert as
+    raised at or after it; ``core/stream_ids.py``) names a point the service cannot place
+    in the database's history, so the stream replays every change the database holds,
+    from the start; so does a bare change number past the database's last change. A stream
+    resumed from the start opens with an id-only frame ``0`` (below the client's id, like
+    a go-back frame), so a client that keeps what it got knows that the changes which
+    follow may be another history."""
     heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
     await _send(resp, b"retry: 2000\n\n")
     upto = None
@@ -170,7 +176,8 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: one ``alert`` event per new or updated alert, its id the change
-    number and a digest of the alert at that change (``core/stream_ids.py``); every stream
+    number, the alert's id and digests of the alert at that change and of what raised it
+    (``core/stream_ids.py``); every stream
     opens with its position (an ``id:`` line), so a client resumes from it even when it
     dropped before any alert."""
     last = _last_event_id(request)

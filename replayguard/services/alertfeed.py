@@ -524,8 +524,9 @@ class AlertFeed:
         """Tells one open stream to go back to ``parted``; returns where the feed must read
         again from for it. A full queue (its client reads slowly) is emptied for the go-back
         frame rather than ended: an ended stream's client would resume from a Last-Event-ID
-        the restored database does not hold as it was sent, and get every change it holds
-        again, from the start (``core/stream_ids.py``). The stream goes back below the first
+        of another history, and get every change the restored database holds again, from
+        the start, or, when the resume cannot tell (``core/stream_ids.py``), miss the
+        changes numbered again up to it. The stream goes back below the first
         change dropped too, and the feed reads again from there."""
         back = parted
         if sub.queue.full():

@@ -295,6 +295,17 @@ class AlertService:
             row = await conn.fetchrow(_HELD_AT, upto)
         return int(row["last"]), None if row["id"] is None else render(row)
 
+    async def held_for(self, change: int, alert_id: int) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
+        """The database's last change, the alert it holds at ``change`` and the one it holds
+        under ``alert_id`` (rendered; None when it holds none), read together: what a stream
+        resumed from an event id is checked against (``core/stream_ids.py``)."""
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch(_HELD_FOR, change, alert_id)
+        held = [render(row) for row in rows if row["id"] is not None]
+        at = next((alert for alert in held if alert["change"] == change), None)
+        named = next((alert for alert in held if alert["id"] == str(alert_id)), None)
+        return int(rows[0]["last"]), at, named
+
     async def last_change(self) -> int:
         async with acquire(self._pool) as conn:
             last = await conn.fetchval("SELECT coalesce(max(change_seq), 0) FROM alerts")
@@ -306,6 +317,10 @@ _HELD_AT = ("SELECT (SELECT coalesce(max(change_seq), 0) FROM alerts) AS last, a
             f" LEFT JOIN LATERAL (SELECT {COLUMNS} FROM alerts"
             " WHERE change_seq <= coalesce($1::bigint, 9223372036854775807)"
             " ORDER BY change_seq DESC LIMIT 1) a ON true")
+
+# The last change, and the alerts at change $1 and under id $2 (one row, nulls, when neither is held).
+_HELD_FOR = ("SELECT (SELECT coalesce(max(change_seq), 0) FROM alerts) AS last, a.* FROM (VALUES (1)) v"  # noqa: S608 - fixed column list; values go as $n parameters
+             f" LEFT JOIN LATERAL (SELECT {COLUMNS} FROM alerts WHERE change_seq = $1 OR id = $2) a ON true")
 
 
 # An acknowledgement joins ``history`` as rg_alert's changes do (migrations/functions/rg_alert.sql):

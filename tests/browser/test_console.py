@@ -208,6 +208,43 @@ async def test_a_stream_resumed_past_a_database_that_went_back_reads_the_list_ag
     await until(lambda: lists_what_the_database_holds(api, page), "the list to show what the restored database holds")
 
 
+async def test_a_stream_resumed_after_a_restore_that_looks_like_an_alert_changed_again_reads_the_list_again(
+        api_factory: Any, database_url: str, scratch_dbs: list[str], tab: Tab, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a resume cannot tell (docs/api.md): the console's last id names an alert held in
+    a copy of the database (acknowledged after the copy, past three alerts the copy lacks);
+    while the stream is down the database goes back to that copy and changes that alert
+    again past the id, leaving no alert at the id's change number. The service takes it for
+    an alert that changed again and goes on after the id, with no ``0`` frame; the console
+    reads its list again as the stream opens again: it shows what the restored database
+    holds, not the lost alerts."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    page = tab.page
+    kept, copy, _ = await listed_past_a_copy(api, tab, database_url, scratch_dbs)
+    assert (await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    await page.locator(f'tr[data-alert-id="{kept}"]:has-text("acknowledged")').wait_for(timeout=WAIT_MS)
+    high = (await api.get(f"/v1/alerts/{kept}"))[1]["change"]  # the console's last id names it
+    drop_streams_and_refuse_new(api.client.app[ANALYSTS].feed, monkeypatch)
+    await page.locator('#live[data-state="reconnecting"]').wait_for(timeout=WAIT_MS)
+    await restore(database_url, copy, scratch_dbs)
+    conn = await asyncpg.connect(database_url)
+    try:  # each update of an alert takes the next change number (rg_alert_changed)
+        while True:
+            at = await conn.fetchval("SELECT id FROM alerts WHERE change_seq = $1", high)
+            if at is None and await conn.fetchval("SELECT change_seq FROM alerts WHERE id = $1", int(kept)) > high:
+                break
+            await conn.execute("UPDATE alerts SET updated_us = updated_us WHERE id = $1",
+                               int(kept) if at is None else at)
+    finally:
+        await conn.close()
+    await settled(lambda: api.get("/v1/alerts?limit=1"))  # the service's connections to the old database are gone
+    listed = {a["id"]: a for a in (await api.get("/v1/alerts?limit=100"))[1]["items"]}
+    assert listed[kept]["status"] == "open"  # the copy's state, changed past the console's id
+    monkeypatch.undo()
+    await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
+    await until(lambda: lists_what_the_database_holds(api, page), "the list to show what the restored database holds")
+
+
 async def test_an_older_alert_updated_live_is_listed_once_after_older_alerts(api: Api, tab: Tab) -> None:
     """An alert beyond the loaded pages that changes (here: acknowledged) while the list is open is
     listed once, in its place and current, when the analyst loads the older alerts."""

@@ -39,7 +39,7 @@ __all__ = ["scratch_dbs"]  # a fixture
 
 
 def change_of(event_id: str) -> int:
-    """The change number an event id of the stream names (``<change>.<digest>``, or ``0``)."""
+    """The change number an event id of the stream names (``<change>.<alert>.<digests>``, or ``0``)."""
     return int(event_id.partition(".")[0])
 
 
@@ -166,32 +166,92 @@ async def test_a_resumed_stream_never_resends_changes_at_or_before_last_event_id
     assert old == [], f"events at or before Last-Event-ID {seen_change} were sent again: {old}"
 
 
-async def test_a_resume_from_a_change_whose_alert_changed_again_replays_from_the_start(api: Api) -> None:
-    """The client's last change is no longer in the database as it got it (its alert was
-    acknowledged since), so the service cannot tell it from a change of another history
-    numbered the same: the resumed stream sends every alert the database holds, an older
-    one the client had already got among them, and each alert's latest state, after an
-    id-only frame ``0``."""
+async def frames_until(resp: aiohttp.ClientResponse, vm_id: str,
+                       timeout: float = 20) -> list[tuple[str | None, dict[str, Any] | None]]:
+    """Every frame read with an id or data, as (id, alert), up to and including the first
+    alert about ``vm_id``: id-only frames too; the timeout bounds a failure."""
+    frames: list[tuple[str | None, dict[str, Any] | None]] = []
+
+    async def read() -> None:
+        event_id: str | None = None
+        data: dict[str, Any] | None = None
+        while True:
+            line = (await resp.content.readline()).decode()
+            assert line, "the stream ended"
+            if line == "\n":
+                if event_id is not None or data is not None:
+                    frames.append((event_id, data))
+                    if data is not None and data["vm_id"] == vm_id:
+                        return
+                event_id, data = None, None
+            elif line.startswith("id: "):
+                event_id = line[4:].rstrip("\n")
+            elif line.startswith("data: "):
+                data = orjson.loads(line[6:])
+
+    await asyncio.wait_for(read(), timeout)
+    return frames
+
+
+async def replay_nonce(api: Api, vm_id: str, scope: str, nonce: str) -> dict[str, Any]:
+    """Presents a consumed nonce once more: its ``reuse`` alert counts up (a change of it)."""
+    status, again = await api.post("/v1/nonces/consume", {"vm_id": vm_id, "scope": scope, "nonce": nonce})
+    assert status == 200 and again["reason"] == "reused", again
+    return dict(again)
+
+
+async def test_a_resume_from_a_change_whose_alert_changed_again_goes_on_after_it(api: Api) -> None:
+    """The client's last change is no longer in the database as it got it: its ``reuse``
+    alert counted up since (the nonce was replayed again, as it is all along during an
+    attack), and nothing went back. The resumed stream goes on after the client's change:
+    the alert's newer change and what followed, no ``0`` frame, no older alert again."""
     older, _ = await reuse_alert(api, uid("vm"), uid("scope"))
     resp = await open_stream(api)
-    vm_id = uid("vm")
+    vm_id, scope = uid("vm"), uid("scope")
     try:
-        changed, _ = await reuse_alert(api, vm_id, uid("scope"))
+        changed, nonce = await reuse_alert(api, vm_id, scope)
         last_id, _ = await next_alert(resp, vm_id)
     finally:
         resp.close()
-    assert (await api.post(f"/v1/alerts/{changed}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    assert (await replay_nonce(api, vm_id, scope, nonce))["alert_id"] == changed
     sentinel = uid("vm")
-    await reuse_alert(api, sentinel, uid("scope"))
+    raised, _ = await reuse_alert(api, sentinel, uid("scope"))
     resumed = await open_stream(api, last_event_id=last_id)
     try:
-        went_back = await opening_id(resumed)  # an id-only frame below the client's id, before the replay
-        events = await events_until(resumed, sentinel)
+        frames = await frames_until(resumed, sentinel)
     finally:
         resumed.close()
-    assert went_back == "0"
-    sent = {alert["id"]: alert for _, alert in events}
-    assert older in sent and sent[changed]["status"] == "acknowledged"
+    assert "0" not in [event_id for event_id, _ in frames], f"the resume went back to the start: {frames[:3]}"
+    alerts = [(event_id, alert) for event_id, alert in frames if alert is not None]
+    assert older not in {alert["id"] for _, alert in alerts}
+    assert [(alert["id"], alert["count"]) for _, alert in alerts][-2:] == [(changed, 2), (raised, 1)]
+    assert all(change_of(str(event_id)) > change_of(last_id) for event_id, _ in alerts)
+
+
+async def test_a_resume_from_a_position_whose_alert_changed_again_goes_on_after_it(api: Api) -> None:
+    """The same from a stream's opening position (an id-only frame naming the alert at the
+    newest change), that alert acknowledged since: the resumed stream sends the
+    acknowledgement and what followed, nothing from before."""
+    older, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    newest, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    resp = await open_stream(api)
+    try:
+        position = await opening_id(resp)
+    finally:
+        resp.close()
+    assert change_of(position) == (await api.get(f"/v1/alerts/{newest}"))[1]["change"]  # names the newest alert
+    assert (await api.post(f"/v1/alerts/{newest}/acknowledge", {"note": "seen"}, role="analyst"))[0] == 200
+    sentinel = uid("vm")
+    await reuse_alert(api, sentinel, uid("scope"))
+    resumed = await open_stream(api, last_event_id=position)
+    try:
+        frames = await frames_until(resumed, sentinel)
+    finally:
+        resumed.close()
+    assert "0" not in [event_id for event_id, _ in frames]
+    sent = [alert for _, alert in frames if alert is not None]
+    assert older not in {alert["id"] for alert in sent}
+    assert (sent[0]["id"], sent[0]["status"]) == (newest, "acknowledged")
 
 
 async def test_a_bare_change_number_is_taken_as_it_is(api: Api) -> None:
@@ -219,12 +279,17 @@ async def test_a_bare_change_number_is_taken_as_it_is(api: Api) -> None:
     assert position == change_of(events[-1][0])
 
 
-@pytest.mark.parametrize("raw", ["x1", "12.", ".0123456789abcdef", "12.0123456789ABCDEF", "12.0123456789abcde",
-                                 "12.0123456789abcdef0", "-1", "1" * 19, "12.0123456789abcdef.1", "12,5"])
+_C, _R = "0123456789abcdef", "fedcba9876543210"
+
+
+@pytest.mark.parametrize("raw", ["x1", "12.", f".7.{_C}.{_R}", f"12.7.{_C.upper()}.{_R}", f"12.7.{_C[:-1]}.{_R}",
+                                 f"12.7.{_C}.{_R}0", f"12.{_C}", f"12.7.{_C}", f"12.x.{_C}.{_R}",
+                                 f"12.{'9' * 19}.{_C}.{_R}", "-1", "1" * 19, f"12.7.{_C}.{_R}.1", "12,5"])
 async def test_a_malformed_last_event_id_is_refused_with_400(api: Api, raw: str) -> None:
     """A Last-Event-ID that is not an id the stream sends (a bare change number, or a change
-    number and 16 lowercase hex digits) is refused with 400 and the contract's error body
-    naming the field, never a 500, whether in the header or in ``last_event_id``."""
+    number, an alert id and two digests of 16 lowercase hex digits) is refused with 400 and
+    the contract's error body naming the field, never a 500 (an alert id past a bigint
+    among them), whether in the header or in ``last_event_id``."""
     for where in ("header", "query"):
         headers = {**api.auth("analyst"), **({"Last-Event-ID": raw} if where == "header" else {})}
         params = {"last_event_id": raw} if where == "query" else {}
@@ -243,7 +308,7 @@ async def test_an_id_of_the_digest_form_is_accepted_in_the_query_too(api: Api) -
         position = await opening_id(resp)
     finally:
         resp.close()
-    assert re.fullmatch(r"[0-9]+\.[0-9a-f]{16}", position), position
+    assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9a-f]{16}\.[0-9a-f]{16}", position), position
     vm_id = uid("vm")
     raised, _ = await reuse_alert(api, vm_id, uid("scope"))
     resumed = await api.client.get("/v1/alerts/stream", headers=api.auth("analyst"),
@@ -620,6 +685,64 @@ async def test_a_client_resumed_after_the_database_went_back_gets_the_changes_nu
         resumed.close()
     assert went_back == "0"  # the stream tells the client it goes back, before the replay
     assert set(numbered) <= set(sent), f"changes the client never got were skipped: {sorted(set(numbered) - set(sent))}"
+
+
+async def test_a_client_whose_alerts_last_change_a_restore_lost_gets_the_changes_again(
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+    """The client's last change is a ``reuse`` alert counting up; the database goes back to a
+    copy that holds that alert at its change before (count 1), and numbers its own changes
+    (its ``ledger_rollback`` alert, changed again and again) up past the client's id, none
+    of them left at that id and none touching that alert. The database holds the client's
+    alert at a change below the client's: it went back, not the alert on, so the resumed
+    stream opens with ``0`` and replays from the start, that alert as the restored database
+    holds it among what it sends."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    vm_id, scope = uid("vm"), uid("scope")
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        counted, nonce = await reuse_alert(api, vm_id, scope)
+        await next_alert(resp, vm_id)
+        scratch_dbs.append(copy := await snapshot(database_url))
+        await replay_nonce(api, vm_id, scope, nonce)
+        last_id, alert = await next_alert(resp, vm_id)
+    finally:
+        resp.close()
+    assert alert["id"] == counted and alert["count"] == 2
+    high = change_of(last_id)
+    await restore(database_url, copy, scratch_dbs)
+    rollback = (await ledger_rollback_noticed(api))["id"]
+    conn = await asyncpg.connect(database_url)
+    try:  # each update of an alert takes the next change number (rg_alert_changed)
+        while True:
+            at = await conn.fetchval("SELECT id FROM alerts WHERE change_seq = $1", high)
+            if at is None and await conn.fetchval("SELECT max(change_seq) FROM alerts") > high:
+                break
+            await conn.execute("UPDATE alerts SET updated_us = updated_us WHERE id = $1",
+                               int(rollback) if at is None else at)
+    finally:
+        await conn.close()
+    _, held = await api.get(f"/v1/alerts/{counted}")
+    assert held["count"] == 1 and held["change"] < high  # the copy's state, below the client's id
+    _, page = await api.get("/v1/alerts?limit=100")
+    expected = {item["id"] for item in page["items"]}  # the restored database's alerts
+    assert {counted, rollback} <= expected
+    resumed = await open_stream(api, last_event_id=last_id)
+    sent: set[str] = set()
+
+    async def replayed() -> None:
+        while not expected <= sent:
+            line = (await resumed.content.readline()).decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                sent.add(orjson.loads(line[6:])["id"])
+
+    try:
+        went_back = await opening_id(resumed)
+        await asyncio.wait_for(replayed(), 30)
+    finally:
+        resumed.close()
+    assert went_back == "0"
 
 
 def hold(feed: alertfeed.AlertFeed) -> tuple[asyncio.Event, asyncio.Event]:
