@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import pyotp
@@ -106,3 +107,38 @@ def test_hotp_code_windows_are_kept_bounded() -> None:
         otp.hotp_matches(secret, "123456", last_counter=last, algorithm="SHA256")
         otp.hotp_replayed(secret, "123456", last_counter=last, algorithm="SHA256")
         assert len(otp._hotp(secret, 6, "SHA256")._values) <= otp._WINDOW
+
+
+def _outcome(call: Callable[[], bytes]) -> bytes | type[BaseException]:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        return type(exc)
+
+
+_B32_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abz=0189 -\u0131\u00df\u017f"
+
+
+@pytest.mark.parametrize("text", [
+    "", "=", "========", "JBSWY3DP", "jbswy3dp", "JBSWY3DPEHPK3PXP", "MZXW6===", "MZXW6YQ=", "MZXQ====",
+    "MY======", "MZXW6YTB", "MZXW6YTBOI======", "M=======", "MZX=====", "MZXW6Y==", "MZ=XW6YQ", "MZXW6YQ",
+    "MZXW 6YQ", "MZXW6YQ1", "MZXW6YQ8", "\u0131ZXW6YQ=", "MZXW6Y\u017f=", "MZXW6YQ=\n", "MZXW6YQ=MZXW6YQ=",
+])
+def test_secret_decoding_is_the_standard_librarys(text: str) -> None:
+    """``otp.b32decode`` returns what ``base64.b32decode(..., casefold=True)`` returns and raises
+    what it raises: padding of every length, lower case, a digit outside the alphabet, '='
+    inside, and non-ASCII letters whose upper case is ASCII."""
+    assert _outcome(lambda: otp.b32decode(text)) == _outcome(lambda: base64.b32decode(text, casefold=True))
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(st.text(alphabet=_B32_CHARS, max_size=40),
+                      st.binary(max_size=40).map(lambda raw: base64.b32encode(raw).decode()),
+                      st.binary(max_size=40).map(lambda raw: base64.b32encode(raw).decode().lower().rstrip("="))),
+       digits=st.integers(4, 11))
+def test_secret_keys_are_pyotps(text: str, digits: int) -> None:
+    """``otp.secret_key`` is pyotp's decoded secret, or the same exception pyotp raises
+    (wrong digits, bad base32, fewer than 112 bits), for any text."""
+    assert _outcome(lambda: otp.secret_key(text, digits)) == _outcome(
+        lambda: pyotp.HOTP(text, digits=digits).byte_secret())
+    assert _outcome(lambda: otp.b32decode(text)) == _outcome(lambda: base64.b32decode(text, casefold=True))
