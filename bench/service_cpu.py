@@ -7,19 +7,26 @@ migrated and an admin token made as bench/run.py makes them) under ``valgrind
 --tool=callgrind --instr-atstart=no``, so start-up and enrollment run uninstrumented, turns
 instrumentation on once (``callgrind_control -i on``), and then:
 
-1. counts ``--idle`` seconds with no request (``callgrind_control -z``, then ``-d``), so
-   that what the service's background duties (each second: the alert feed, the leader's
-   checks) execute in a second is known and taken out of the per-decision figure (``net``);
+1. counts ``--idle`` seconds with no request (``callgrind_control -z``, then ``-d``): what
+   the service's background duties execute in a second, whose share of a decision grows
+   with the run's wall time under valgrind (the ``net`` column takes it out);
 2. for each kind of decision asked for, drives ``--warmup`` decisions of that kind
    uncounted (caches, token lists, code paths warmed), zeroes the counts, drives
    ``--decisions`` decisions at ``--concurrency`` with a small asyncio client in this
-   process (native, not counted) and dumps the counts.
+   process (native, not counted; in rounds of one request a connection, so that the
+   batches stay near the concurrency) and dumps the counts.
+
+Unless ``--leader``, a process of this script holds the leader's lock (``alertfeed``), so
+the service never leads and its leader's duties (about three quarters of its idle work)
+do not run beside the decisions.
 
 It prints, per kind, the instructions a decision (total and net of the idle rate), the
 mean batch (decisions a ``rg_decide`` call, from ``/metrics``) and, with ``--top K``, the K
 functions of the largest inclusive cost a decision (``callgrind_annotate --inclusive=yes``).
 With ``--candidate DIR`` it measures another checkout the same way (its own ``.venv``'s
-Python when it has one) and prints the ratio candidate / this checkout per kind.
+Python when it has one) and prints the ratio candidate / this checkout per kind, of the
+instructions a decision as counted (the idle correction moves with the host's load more
+than the count does).
 
 Only user-space instructions of the service's own process are counted: not the kernel's
 work for its system calls, nor PostgreSQL's, nor the chain check's child (exec'd, so it
@@ -47,7 +54,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="a database on the server where the benchmark may CREATE and DROP its own")
     p.add_argument("--log-level", default="info", help="service log level (the shipped default is info)")
+    p.add_argument("--leader", action="store_true",
+                   help="let the service lead (its leader's duties each second: checkpoints, the chain sweep, "
+                        "the state check); by default this script holds the leader's lock, so it follows")
     p.add_argument("--keep", type=Path, help="keep the callgrind files and service logs in this directory")
     args = p.parse_args(argv)
     args.kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
@@ -167,31 +177,39 @@ _REASON = re.compile(rb'"reason":\s*"([a-z_]+)"')
 
 
 async def drive(port: int, token: str, requests: Sequence[tuple[str, Body]], concurrency: int) -> Counter[str]:
-    """Sends every request over ``concurrency`` kept-alive connections, one request at a time
-    each; counts the answers by reason (or ``status_N`` when there is none)."""
+    """Sends every request over ``concurrency`` kept-alive connections in rounds: one request
+    on each connection, written together, then every answer awaited before the next round.
+    So the service reads a round's requests together and the batches stay about the
+    concurrency, however slow the service runs under valgrind (answered one by one, its
+    batches would follow its speed of the moment). Counts the answers by reason (or
+    ``status_N`` when there is none)."""
     reasons: Counter[str] = Counter()
-    todo = iter(requests)
+    if not requests:
+        return reasons
+    streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(min(concurrency, len(requests)))]
 
-    async def connection() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for path, made in todo:
-                body = made if isinstance(made, bytes) else made()
-                writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (path.encode(), token.encode(), len(body), body))
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head.split(b" ", 2)[1])
-                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1)) if status != 204 else 0  # type: ignore[union-attr]
-                answer = await reader.readexactly(length)
-                found = _REASON.search(answer)
-                reasons[found.group(1).decode() if found else f"status_{status}"] += 1
-        finally:
+    async def one(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], path: str, made: Body) -> None:
+        reader, writer = stream
+        body = made if isinstance(made, bytes) else made()
+        writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (path.encode(), token.encode(), len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        answer = await reader.readexactly(int(length.group(1))) if length else b""
+        found = _REASON.search(answer)
+        reasons[found.group(1).decode() if found else f"status_{status}"] += 1
+
+    try:
+        for start in range(0, len(requests), len(streams)):
+            round_ = requests[start:start + len(streams)]
+            await asyncio.gather(*(one(stream, *request) for stream, request in zip(streams, round_, strict=False)))
+    finally:
+        for _, writer in streams:
             writer.close()
             with suppress(ConnectionError):
                 await writer.wait_closed()
-
-    await asyncio.gather(*(connection() for _ in range(min(concurrency, len(requests)))))
     return reasons
 
 
@@ -274,6 +292,30 @@ class Callgrind:
         self.log.close()
 
 
+LEADER_LOCK = 0x7267666C  # services/alertfeed.py's _LEADER_LOCK
+_HOLD = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute("SELECT pg_advisory_lock($1)", int(sys.argv[2]))
+    print("held", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+@contextmanager
+def leader_lock(dsn: str) -> Iterator[None]:
+    """Holds the service's leader lock from a process of its own, so the service never leads."""
+    with subprocess.Popen([sys.executable, "-c", _HOLD, dsn, str(LEADER_LOCK)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"held", "the lock was not taken"
+            yield
+        finally:
+            proc.kill()
+
+
 def instructions(path: Path) -> int:
     """The total ``Ir`` of one callgrind dump (its ``totals``: the sum of its cost lines;
     its ``summary`` should agree)."""
@@ -337,10 +379,13 @@ def measure(checkout: Checkout, args: argparse.Namespace, work: Path) -> dict[st
     data_dir = work / "data"
     service: Callgrind | None = None
     result: dict[str, Any] = {"checkout": str(checkout.path), "kinds": {}}
+    stack = ExitStack()
     try:
         checkout.cli("migrate", "--database-url", dsn, "--data-dir", str(data_dir), env=env)
         token = checkout.cli("token", "create", "--role", "admin", "--name", "bench", "--database-url", dsn,
                              "--data-dir", str(data_dir), env=env)
+        if not args.leader:
+            stack.enter_context(leader_lock(dsn))
         service = Callgrind(checkout, dsn, data_dir, env, work, args.log_level)
         asyncio.run(wait_ready(f"http://127.0.0.1:{service.port}", service.proc, timeout=600))
         requests = Requests(secrets.token_hex(3))
@@ -384,6 +429,7 @@ def measure(checkout: Checkout, args: argparse.Namespace, work: Path) -> dict[st
     finally:
         if service is not None:
             service.stop()
+        stack.close()
         asyncio.run(drop_database(args.pg_admin_url, dsn))
     return result
 
@@ -431,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| kind | this checkout | candidate | candidate / this |")
         print("|---|---|---|---|")
         for kind in args.kinds:
-            a, b = results[0]["kinds"][kind]["net_per_decision"], results[1]["kinds"][kind]["net_per_decision"]
+            a, b = results[0]["kinds"][kind]["per_decision"], results[1]["kinds"][kind]["per_decision"]
             print(f"| {kind} | {a:,.0f} | {b:,.0f} | {b / a:.3f} |")
     if not ok:
         print("\nsome answers were not the kind's expected reason: the figures measure something else",
