@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Verdict(str, enum.Enum):
@@ -50,9 +50,9 @@ class Severity(str, enum.Enum):
     CRITICAL = "critical"
 
 
-@dataclass(frozen=True, slots=True)
-class DecisionResult:
-    """The answer to one verify/consume request, as CONTRACT §4 renders it."""
+class DecisionResult(NamedTuple):
+    """The answer to one verify/consume request, as CONTRACT §4 renders it (a NamedTuple
+    rather than a frozen dataclass: one is built for every decision)."""
 
     verdict: Verdict
     reason: Reason

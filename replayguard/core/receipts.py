@@ -26,6 +26,7 @@ import functools
 import hmac
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .mac import keyed
 
@@ -51,15 +52,15 @@ class ReceiptStatus(str, enum.Enum):
     INVALID = "invalid"
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptClaims:
+class ReceiptClaims(NamedTuple):
+    """What a receipt says (a NamedTuple: one is built for every decision)."""
+
     vm_id: str
     seq: int
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptCheck:
+class ReceiptCheck(NamedTuple):
     status: ReceiptStatus
     claims: ReceiptClaims | None = None
     # Set when a retired receipt key MACed it: the last ledger seq that key issued at.
@@ -100,6 +101,12 @@ class ReceiptKeys:
         if self.retired:
             return self.retired[0].key, self.retired[0].issued_until
         return self.current, None
+
+
+# The checks that carry no claims, built once: every request without a receipt gets one.
+_ABSENT = ReceiptCheck(ReceiptStatus.ABSENT)
+_MISSING = ReceiptCheck(ReceiptStatus.MISSING)
+_INVALID = ReceiptCheck(ReceiptStatus.INVALID)
 
 
 def _b64(data: bytes) -> str:
@@ -150,14 +157,14 @@ def check(keys: bytes | ReceiptKeys, receipt: str | None, kept: bool = False) ->
     that when the VM was issued receipts before). A receipt under a retired key that
     names a position after the key's retirement is invalid: that key never issued it."""
     if receipt is None:
-        return ReceiptCheck(ReceiptStatus.MISSING if kept else ReceiptStatus.ABSENT)
+        return _MISSING if kept else _ABSENT
     ring = keys if isinstance(keys, ReceiptKeys) else ReceiptKeys(keys)
     found = _decode(ring, receipt)
     if found is None:
-        return ReceiptCheck(ReceiptStatus.INVALID)
+        return _INVALID
     claims, until = found
     if until is not None and claims.seq > until:
-        return ReceiptCheck(ReceiptStatus.INVALID)
+        return _INVALID
     return ReceiptCheck(ReceiptStatus.VALID, claims, until)
 
 
