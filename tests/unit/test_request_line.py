@@ -101,3 +101,18 @@ def test_stdlib_records_become_redacted_json_lines_without_tracebacks(configured
     assert len(lines) == 1 and lines[0]["level"] == "error" and lines[0]["error"] == "ValueError"
     assert lines[0]["logger"] == "tests.bridge"
     assert TOKEN not in text and "Traceback" not in text and "Invalid header" not in text
+
+
+def test_its_line_is_the_chains_byte_for_byte(configured: io.StringIO) -> None:
+    """The access line's text, key order included, is what ``log.info`` writes through the
+    configured processors, but for the time: with the request's fields merged after the
+    line's own (a field of the line keeps its value), the level, and what is redacted."""
+    rglog.REQUEST_CONTEXT.get()["status"] = 599  # type: ignore[index]
+    rglog.REQUEST_CONTEXT.get()["caller"] = "tok_x"  # type: ignore[index]
+    fields = _fields(decision="reject", reason="invalid", note="Bearer " + TOKEN)
+    structlog.get_logger("replayguard.http").info("request", **dict(fields))
+    rglog.request_line(dict(fields))
+    rglog._ACCESS[1].flush()
+    slow, fast = (line.rsplit(',"timestamp":', 1)[0] for line in configured.getvalue().splitlines())
+    assert fast == slow
+    assert '"status":200' in fast and '"caller":"tok_x"' in fast and TOKEN not in fast
