@@ -8,7 +8,8 @@ it, someone else owns it or can swap it) stops start-up: a pepper anyone on the 
 read turns every ledger digest back into a guessable OTP.
 
 The secret key and the receipt key can be rotated (``replayguard keys rotate``,
-``services/key_rotation.py``). A rotation writes the new key beside the current one
+``services/key_rotation.py``), and so can the signing key (``services/signing_rotation.py``:
+a handover signed by the old key, then the same files' steps). A rotation writes the new key beside the current one
 (``secret.key.next``), moves the database to it in one transaction, then retires the old
 key to ``retired/<name>-<id>.key`` beside it (``keys/retired/`` in the data dir, or the
 named key file's directory) and renames the new one into place, all under the rotation
@@ -28,7 +29,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,11 +190,12 @@ def retired_keys(settings: Settings, name: str) -> dict[Path, bytes]:
     return {path: _read_key(path, settings.data_dir) for path in sorted(directory.glob(f"{name}-*.key"))}
 
 
-def rotation_lock(settings: Settings) -> list[int]:
-    """The rotation lock of each directory holding a rotatable key (descriptors; closing
-    them releases): held by a rotation from writing its new keys to renaming them into
-    place, and while ``settle_files`` runs. Raises ``ConfigError`` when one is held."""
-    directories = sorted({key_paths(settings)[name].parent for name in ROTATABLE})
+def rotation_lock(settings: Settings, names: Iterable[str] = ROTATABLE) -> list[int]:
+    """The rotation lock of each directory holding a rotatable key (``names``: the signing
+    key's rotation adds ``signing``) (descriptors; closing them releases): held by a
+    rotation from writing its new keys to renaming them into place, and while
+    ``settle_files`` runs. Raises ``ConfigError`` when one is held."""
+    directories = sorted({key_paths(settings)[name].parent for name in names})
     held: list[int] = []
     try:
         for directory in directories:
@@ -279,13 +281,14 @@ def promote_pending(settings: Settings, name: str, old: bytes) -> Path:
     return retired
 
 
-def settle_files(settings: Settings, bound: Callable[[str, bytes], bool]) -> list[str]:
-    """For each ``.next`` key file: promotes it if the database is bound to it
+def settle_files(settings: Settings, bound: Callable[[str, bytes], bool],
+                 names: Iterable[str] = ROTATABLE) -> list[str]:
+    """For each ``.next`` key file of ``names``: promotes it if the database is bound to it
     (``bound(name, key)``), removes it if the database is bound to the current key, and
     leaves it otherwise (the key binding then refuses the start). The caller holds the
     rotation lock."""
     promoted = []
-    for name in ROTATABLE:
+    for name in names:
         path = key_paths(settings)[name]
         pending = pending_path(path)
         if not pending.exists():

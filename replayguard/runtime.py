@@ -23,7 +23,7 @@ from .keys import Keys, keys_location, load_keys, retired_keys
 from .metrics import Metrics
 from .pg import connections, schema
 from .pg.appender import Appender, DecideParams
-from .services import key_rotation
+from .services import key_rotation, signing_rotation
 from .services.apitokens import ApiTokens
 from .services.continuity import ContinuityGuard
 from .services.decide import DecisionConfig, DecisionService
@@ -97,12 +97,15 @@ async def open_runtime(
     pool = await connections.create_pool(dsn, size=settings.db_pool_size, on_connect=binding_guard,
                                          statement_timeout_ms=settings.statement_timeout_ms)
     try:  # before anything reads or writes a digest: other keys would find no earlier use
-        if await key_rotation.settle(pool, settings):  # a rotation killed after its commit
+        settled = await key_rotation.settle(pool, settings) + await signing_rotation.settle(pool, settings)
+        if settled:  # a rotation killed after its commit
             keys = load_keys(settings)
-        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt")}
+        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt"),
+                   **retired_keys(settings, "signing")}
         await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings), retired)
         binding_guard.hold(keys)
         receipt_keys = await key_rotation.receipt_keys(pool, settings, keys)
+        signers = await signing_rotation.load_signers(pool, keys)
     except BaseException:
         await pool.close()
         raise
@@ -128,7 +131,7 @@ async def open_runtime(
     decisions = DecisionService(appender=appender, tokens=tokens, keys=keys, config=config,
                                 clock=clock, fanout=fanout, on_decision=metrics.decision, receipt_keys=receipt_keys,
                                 retired_receipt_issued=functools.partial(key_rotation.retired_receipt_issued, pool))
-    guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry)
+    guard = ContinuityGuard(pool, keys, settings, clock, metrics.registry, signers)
     appender.on_committed = guard.committed
     tokens.on_recorded = guard.recorded
     guard.on_recovered = decisions.set_recovered_at

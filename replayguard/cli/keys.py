@@ -1,4 +1,4 @@
-"""``replayguard keys rotate``: the secret key and the receipt key replaced, the database moved.
+"""``replayguard keys rotate``: the secret, receipt or signing key replaced, the database moved.
 
 Run with the data dir (and ``database_url``) ``serve`` uses, with every instance stopped:
 the rotation refuses while another replayguard process is connected to the database.
@@ -6,6 +6,7 @@ Progress goes to stderr as JSON lines, the summary to stdout as one JSON line; n
 ever holds a key (only key ids). It makes no key it does not find (a data dir without
 them is the wrong one). ``--restored`` moves a database restored from a backup
 taken before a rotation (bound to keys this data dir retired) to the current keys.
+``--signing`` rotates the checkpoint signing key on its own (``services/signing_rotation.py``).
 """
 
 from __future__ import annotations
@@ -24,15 +25,29 @@ from ..settings import Settings
 def register(sub: Any) -> None:
     from .main import add_setting_flags
 
-    keys = sub.add_parser("keys", help="rotate the secret key or the receipt key")
+    keys = sub.add_parser("keys", help="rotate the secret key, the receipt key or the checkpoint signing key")
     cmds = keys.add_subparsers(dest="keys_command", required=True)
     rotate = cmds.add_parser("rotate", help="replace keys and move the database to them (every instance stopped)")
     add_setting_flags(rotate)
     rotate.add_argument("--secret", action="store_true", help="rotate the key that encrypts token secrets")
     rotate.add_argument("--receipt", action="store_true", help="rotate the key that MACs guests' receipts")
+    rotate.add_argument("--signing", action="store_true",
+                        help="rotate the key that signs checkpoints (the old key hands over to the new one; alone)")
     rotate.add_argument("--restored", action="store_true",
                         help="move a database restored from a backup taken before a rotation to the current keys")
     rotate.set_defaults(handler=cmd_rotate)
+
+
+async def _others_retired(pool: Any, keys: Any) -> bool:
+    """Whether the database is bound to another secret or receipt key than this data dir's."""
+    import hmac
+
+    from ..services import key_rotation
+    from ..services.key_binding import check_of
+
+    bound = await key_rotation.bound_checks(pool)
+    return any(not hmac.compare_digest(bound.get(name) or b"", check_of(getattr(keys, name)))
+               for name in ("secret", "receipt"))
 
 
 def _progress(step: str, facts: dict[str, Any]) -> None:
@@ -44,12 +59,14 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     from ..errors import ConfigError
     from .main import run_async
 
-    names = [name for name in ("secret", "receipt") if getattr(args, name)]
+    names = [name for name in ("secret", "receipt", "signing") if getattr(args, name)]
     if args.restored and names:
-        raise ConfigError("--restored takes no --secret or --receipt: it moves every retired key the database is"
-                          " bound to")
+        raise ConfigError("--restored takes no --secret, --receipt or --signing: it moves every retired key the"
+                          " database is bound to")
     if not args.restored and not names:
-        raise ConfigError("name a key to rotate: --secret, --receipt or both")
+        raise ConfigError("name a key to rotate: --secret, --receipt (or both), or --signing")
+    if "signing" in names and len(names) > 1:
+        raise ConfigError("--signing is rotated on its own: run it, then --secret/--receipt (or the other way round)")
     done = run_async(_rotate(settings, names, restored=args.restored))
     print(orjson.dumps(done).decode())
     return 0
@@ -62,7 +79,7 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
     from ..keys import key_paths, keys_location, load_keys, retired_keys
     from ..pg import connections
     from ..runtime import prepare_database
-    from ..services import key_rotation
+    from ..services import key_rotation, signing_rotation
     from ..services.key_binding import hold_to_binding
 
     # Every other command makes the keys it does not find; this one replaces keys serve
@@ -81,11 +98,21 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
     try:
         now_us = int(time.time() * 1e6)
         if restored:
-            return (await key_rotation.adopt_restored(pool, settings, keys, now_us, _progress)).to_json()
-        if await key_rotation.settle(pool, settings):
+            signing = await signing_rotation.adopt_restored(pool, settings, keys, now_us, _progress)
+            if signing is not None and not await _others_retired(pool, keys):
+                return signing.to_json()
+            done = (await key_rotation.adopt_restored(pool, settings, keys, now_us, _progress)).to_json()
+            if signing is not None:
+                done["rotated"] = ["signing", *done["rotated"]]
+                done["new_key_ids"] = {**signing.new_key_ids, **done["new_key_ids"]}
+            return done
+        if await key_rotation.settle(pool, settings) + await signing_rotation.settle(pool, settings):
             keys = load_keys(settings)
-        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt")}
+        retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt"),
+                   **retired_keys(settings, "signing")}
         await hold_to_binding(pool, keys, now_us, keys_location(settings), retired)
+        if names == ["signing"]:
+            return (await signing_rotation.rotate(pool, settings, keys, now_us, _progress)).to_json()
         return (await key_rotation.rotate(pool, settings, keys, names, now_us, _progress)).to_json()
     finally:
         await pool.close()

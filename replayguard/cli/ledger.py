@@ -141,7 +141,8 @@ async def _verify(settings: Settings, *, progress: bool) -> int:
     from ..services.ledger import LedgerService
 
     async with open_runtime(settings) as runtime:
-        service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s)
+        service = LedgerService(runtime.pool, runtime.keys, settings.nonce_max_ttl_s,
+                                signers=runtime.continuity.signers)
         rollback = await runtime.continuity.check()
         bar, state_bar = _Bar(progress), _Bar(progress, "checking state")
         try:

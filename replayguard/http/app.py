@@ -218,7 +218,8 @@ async def authorise(request: web.Request, handler: Handler) -> web.StreamRespons
 def _analysts(runtime: Runtime) -> Analysts:
     alerts = AlertService(runtime.pool, cursors.cursor_key(runtime.keys.pepper), runtime.continuity.recorded)
     ledger = LedgerService(runtime.pool, runtime.keys, runtime.settings.nonce_max_ttl_s,
-                           ChainProcess(runtime.dsn, runtime.settings.statement_timeout_ms), serving=True)
+                           ChainProcess(runtime.dsn, runtime.settings.statement_timeout_ms), serving=True,
+                           signers=runtime.continuity.signers)
     feed = AlertFeed(runtime, alerts, ledger, build_dispatcher(runtime), runtime.settings.max_sse_subscribers)
     return Analysts(alerts=alerts, ledger=ledger, timeline=TimelineService(runtime.pool), feed=feed)
 

@@ -64,7 +64,7 @@ _ROWS = (
     " prev_hash, hash FROM ledger WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
 )
 _CHECKPOINTS = ("SELECT seq, hash, ts_us, key_id, signature FROM checkpoints"
-                " WHERE key_id = $1 AND seq > $2 AND seq <= $3")
+                " WHERE key_id = ANY($1::text[]) AND seq > $2 AND seq <= $3")
 Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
 
 
@@ -78,21 +78,52 @@ class ChainResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Pins:
-    """Whose checkpoints pin the chain: the service's key (public, so it may go to the child)."""
+class RetiredPin:
+    """A signing key a rotation retired, and the last entry it signed checkpoints of."""
 
     key_id: str
     public_key: Ed25519PublicKey
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """Whose checkpoints pin the chain: the service's key, and the keys it was handed over
+    from, each for its own span of entries (``core/handover.py``; public, so they may go
+    to the child). A checkpoint of a retired key past its span pins nothing
+    (``LedgerService.verify`` flags a genuine one)."""
+
+    key_id: str
+    public_key: Ed25519PublicKey
+    retired: tuple[RetiredPin, ...] = ()
+
+    def key_ids(self) -> list[str]:
+        return [self.key_id, *(pin.key_id for pin in self.retired)]
+
+    def spans(self, record: asyncpg.Record) -> bool:
+        """Whether the checkpoint's key is the one that signs its entry's checkpoints."""
+        seq: int = record["seq"]
+        first = 0
+        for pin in self.retired:
+            if record["key_id"] == pin.key_id:
+                return first <= seq <= pin.last_seq
+            first = pin.last_seq + 1
+        return bool(record["key_id"] == self.key_id) and seq >= first
 
     def genuine(self, record: asyncpg.Record) -> bool:
-        return cps.verify(self.public_key, cps.from_row(record))
+        public = next((p.public_key for p in self.retired if p.key_id == record["key_id"]), self.public_key)
+        return cps.verify(public, cps.from_row(record))
 
-    def to_json(self) -> dict[str, str]:
-        return {"key_id": self.key_id, "public_key_pem": cps.public_key_pem(self.public_key)}
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "public_key_pem": cps.public_key_pem(self.public_key),
+                "retired": [{"key_id": p.key_id, "public_key_pem": cps.public_key_pem(p.public_key),
+                             "last_seq": p.last_seq} for p in self.retired]}
 
     @classmethod
-    def from_json(cls, data: dict[str, str]) -> Pins:
-        return cls(data["key_id"], cps.load_public_key(data["public_key_pem"].encode()))
+    def from_json(cls, data: dict[str, Any]) -> Pins:
+        retired = tuple(RetiredPin(p["key_id"], cps.load_public_key(p["public_key_pem"].encode()), p["last_seq"])
+                        for p in data.get("retired", ()))
+        return cls(data["key_id"], cps.load_public_key(data["public_key_pem"].encode()), retired)
 
 
 class ChildFailed(Exception):
@@ -112,7 +143,8 @@ async def _stream(conn: asyncpg.Connection, after: int, upto: int,
 
 async def _pin(conn: asyncpg.Connection, checker: ChainChecker, pins: Pins, after: int, upto: int) -> None:
     """Gives ``checker`` the checkpoints of entries ``after < seq <= upto`` (one indexed range)."""
-    found = {record["seq"]: record for record in await conn.fetch(_CHECKPOINTS, pins.key_id, after, upto)}
+    found = {record["seq"]: record for record in await conn.fetch(_CHECKPOINTS, pins.key_ids(), after, upto)
+             if pins.spans(record)}
     checker.checkpoints = {seq: bytes(record["hash"]) for seq, record in found.items()}
     checker.genuine = lambda seq: pins.genuine(found[seq])
 

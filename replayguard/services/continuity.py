@@ -56,6 +56,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Statement, Verdict
+from ..core.handover import Signers
 from ..core.summaries import quoted
 from ..errors import LedgerRollback, Unavailable
 from ..keys import Keys
@@ -147,11 +148,17 @@ def _up_of(state: WitnessState) -> Callable[[], float]:
 
 class ContinuityGuard:
     def __init__(self, pool: asyncpg.Pool, keys: Keys, settings: Settings, clock: Callable[[], float],
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, signers: Signers | None = None) -> None:
+        """``signers``: the chain of signing keys the ledger's handovers make
+        (``signing_rotation.load_signers``); without it, this process's key alone."""
         self._pool, self._clock = pool, clock
         self._key = keys.signing_key()
         self.public = self._key.public_key()
-        self.deployment_id = cps.key_id(self.public)
+        self.signers = signers if signers is not None else Signers.single(self.public)
+        # Witnesses know the deployment by its first key's id, kept across rotations;
+        # its checkpoints are signed by the current key.
+        self.deployment_id = self.signers.deployment_id
+        self.key_id = cps.key_id(self.public)
         self.public_key_pem = cps.public_key_pem(self.public)
         self._required = settings.witness_required
         self.background = BackgroundWork()  # the runtime hands in its metrics' own
@@ -288,8 +295,12 @@ class ContinuityGuard:
         return record
 
     def _ours(self, record: Record) -> bool:
-        return (record.public_key_pem.strip() == self.public_key_pem.strip()
-                and cps.verify(self.public, record.checkpoint))
+        """Signed by this deployment's key, or by one it handed over from: a witness not
+        offered a checkpoint since the rotation holds one of the retired key, which is
+        judged against the ledger like any other (one past the key's span included: it
+        can be a genuine checkpoint of a chain a restore abandoned)."""
+        signer = self.signers.by_pem(record.public_key_pem)
+        return signer is not None and cps.verify(signer.public, record.checkpoint)
 
     async def check(self) -> Rollback | None:
         """Compares the ledger with every witness and its own newest checkpoint (see module)."""
@@ -298,7 +309,7 @@ class ContinuityGuard:
             async with acquire(self._pool) as conn:
                 # Known committed before the head is read: a healthy head is not below them.
                 floor, own = self._floor, self._own
-                snap = await conn.fetchrow(_SNAPSHOT, self.deployment_id)
+                snap = await conn.fetchrow(_SNAPSHOT, self.key_id)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
@@ -421,19 +432,20 @@ class ContinuityGuard:
         if snap["cp_seq"] is None:
             return None
         cp = Checkpoint(snap["cp_seq"], bytes(snap["cp_hash"]), snap["cp_ts"], snap["cp_key"], bytes(snap["cp_sig"]))
-        return cp if cp.key_id == self.deployment_id and cps.verify(self.public, cp) else None
+        return cp if cp.key_id == self.key_id and cps.verify(self.public, cp) else None
 
     async def _recoveries(self, conn: asyncpg.Connection) -> list[Statement]:
-        """The statements of the ``ledger_recovery`` entries whose signature holds (the
-        entries, under the hash chain: a row deleted from ``ledger_recoveries`` changes
-        nothing, one added there without its entry counts for nothing)."""
+        """The statements of the ``ledger_recovery`` entries whose signature holds, by the
+        key whose span holds the entry (the entries, under the hash chain: a row deleted
+        from ``ledger_recoveries`` changes nothing, one added there without its entry
+        counts for nothing)."""
         found = []
         for record in await conn.fetch(_RECOVERIES):
             try:
                 st = continuity.statement_from_json(orjson.loads(record["st"] or "null"))
             except ValueError:
                 continue
-            if continuity.statement_valid(self.public, st):
+            if self.signers.statement_valid(st):
                 found.append(st)
         return found
 
@@ -485,7 +497,7 @@ class ContinuityGuard:
         found += [(n, s.held, s.verdict) for n, s in self.states.items() if s.held is not None]
         if self._found is not None:  # what it names is given up, as a held checkpoint's entries are
             lost = Checkpoint(self._found.seq, self._found.hash or bytes(32), int(self._clock() * 1e6),
-                              self.deployment_id, b"")
+                              self.key_id, b"")
             found.append((self._found.source, lost, self._found.verdict))
         return found
 
@@ -568,7 +580,7 @@ class ContinuityGuard:
         read; returns each one's answer (an admission, ``unreachable: …``, or ``not pushed:
         …`` for a witness that check could not read)."""
         recovery = self.recoveries[-1] if self.recoveries else None
-        record = Record(self.deployment_id, self.public_key_pem, cp, recovery)
+        record = Record(self.deployment_id, self.public_key_pem, cp, recovery, self.signers.handovers)
 
         async def one(witness: Witness) -> str:
             state = self.states[witness.name]

@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..core import checkpoints as cps
 from ..core import timefmt
@@ -48,6 +49,11 @@ _BOUND = (
     ("signing_public", "checkpoint signing key",
      "no checkpoint a witness holds could be checked, so a restored database would go unnoticed"),
 )
+
+
+def _public(key: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(key).public_key().public_bytes(serialization.Encoding.Raw,
+                                                                               serialization.PublicFormat.Raw)
 
 
 def check_of(key: bytes) -> bytes:
@@ -95,7 +101,8 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
     rotation retired (a host not given the rotated keys), or the database is bound to a
     key this data dir retired (a backup from before the rotation)."""
     for path, key in retired.items():
-        if any(_same(bound[column], check_of(key)) for column in ("secret_check", "receipt_check")):
+        if any(_same(bound[column], check_of(key)) for column in ("secret_check", "receipt_check")) or (
+                path.name.startswith("signing-") and _same(bound["signing_public"], _public(key))):
             return (f"the database is bound to the retired key {path}, so it is a backup from before a key rotation:"
                     " run `replayguard keys rotate --restored` to move it to the current keys (docs/operations.md,"
                     " \"Rotating keys\")")
@@ -103,7 +110,8 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
         return None
     rows = await conn.fetch("SELECT key_name, retired_check, rotated_us FROM key_rotations ORDER BY id")
     for row in rows:
-        if _same(bytes(row["retired_check"]), mine[f"{row['key_name']}_check"]):
+        column = "signing_public" if row["key_name"] == "signing" else f"{row['key_name']}_check"
+        if _same(bytes(row["retired_check"]), mine[column]):
             when = timefmt.rfc3339_us(int(row["rotated_us"]))
             return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the rotated keys (with"
                     " retired/) from where `replayguard keys rotate` ran (every instance reads its keys at start)")
@@ -113,17 +121,18 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
 class BindingGuard:
     """Run on every new pool connection of a service (``connections.create_pool``): once
     the process has passed ``hold_to_binding`` (``hold``), a connection to a database
-    whose secret or receipt key was rotated since is refused (``Unavailable``: 503), so a
-    process that missed a rotation (``keys rotate`` refuses while it sees one connected)
-    never decrypts with the old secret key or issues receipts under the old receipt key.
-    A connection opened while a rotation's transaction is open waits for its outcome."""
+    whose secret, receipt or signing key was rotated since is refused (``Unavailable``:
+    503), so a process that missed a rotation (``keys rotate`` refuses while it sees one
+    connected) never decrypts with the old secret key, issues receipts under the old
+    receipt key or signs checkpoints with the old signing key. A connection opened while a
+    rotation's transaction is open waits for its outcome."""
 
     def __init__(self) -> None:
         self._expected: dict[str, bytes] | None = None
 
     def hold(self, keys: Keys) -> None:
         mine = checks(keys)
-        self._expected = {column: mine[column] for column in ("secret_check", "receipt_check")}
+        self._expected = {column: mine[column] for column in ("secret_check", "receipt_check", "signing_public")}
 
     async def __call__(self, conn: asyncpg.Connection) -> None:
         if self._expected is None:
@@ -132,7 +141,7 @@ class BindingGuard:
         # its check of other sessions to its commit) and then reads the binding it committed:
         # read without the lock, a connection opened in between would see the old binding,
         # pass, and outlive the commit with the old keys.
-        row = await conn.fetchrow("SELECT secret_check, receipt_check FROM key_binding FOR SHARE")
+        row = await conn.fetchrow("SELECT secret_check, receipt_check, signing_public FROM key_binding FOR SHARE")
         if row is None or not all(_same(None if row[c] is None else bytes(row[c]), mine)
                                   for c, mine in self._expected.items()):
             log.error("keys_rotated_since_start")

@@ -30,9 +30,19 @@ import structlog
 from ..core import checkpoints as cps
 from ..core.chain import GENESIS
 from ..core.checkpoints import Checkpoint
+from ..core.handover import Signers
 from ..core.ledger_check import Finding, Problem, forged_checkpoints, past_head
 from ..pg.connections import UNAVAILABLE_ERRORS, acquire
-from .chain_reader import PINS_PER_STRETCH, ChainProcess, ChainResult, ChildFailed, Pins, Progress, check_here
+from .chain_reader import (
+    PINS_PER_STRETCH,
+    ChainProcess,
+    ChainResult,
+    ChildFailed,
+    Pins,
+    Progress,
+    RetiredPin,
+    check_here,
+)
 from .decide import clock_guard_scope
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
@@ -85,12 +95,14 @@ class VerifyReport:
 
 class LedgerService:
     def __init__(self, pool: asyncpg.Pool, keys: Keys, retention_s: int | None = None,
-                 chain: ChainProcess | None = None, *, serving: bool = False) -> None:
+                 chain: ChainProcess | None = None, *, serving: bool = False, signers: Signers | None = None) -> None:
         """``retention_s`` (``nonce_max_ttl_s``): how long an OTP's use is kept; with it,
         verification also checks the state tables against the accepted entries. ``chain``:
         the child process that checks chains (``chain_reader.py``); what it cannot check
         is checked on this event loop, in short stretches when ``serving`` (decisions
-        share the loop), else in full-size batches (the CLI)."""
+        share the loop), else in full-size batches (the CLI). ``signers``: the signing
+        keys the ledger's handovers name (``signing_rotation.load_signers``): checkpoints
+        of each pin the chain in its own span; without it, this process's key alone."""
         self._pool = pool
         self._chain = chain
         self._serving = serving
@@ -98,7 +110,9 @@ class LedgerService:
         self._key = keys.signing_key()
         self.public_key = self._key.public_key()
         self.key_id = cps.key_id(self.public_key)
-        self._pins = Pins(self.key_id, self.public_key)
+        self._retired = () if signers is None else signers.retired
+        self._pins = Pins(self.key_id, self.public_key,
+                          tuple(RetiredPin(s.key_id, s.public, s.last_seq or 0) for s in self._retired))
         self.clock_scope = clock_guard_scope(keys.pepper)
         # The newest checkpoint of ours, and when (monotonic) this process first saw it:
         # the checkpoint period is measured so too, whatever the wall clock does.
@@ -130,7 +144,7 @@ class LedgerService:
                 state, state_checked = await self._check_state(conn, head["seq"], now_us, state_progress)
         if chain.forged:
             log.error("checkpoint_signature_invalid", count=chain.forged, first_seq=chain.first_forged)
-        finding = chain.finding
+        finding = chain.finding or await self.retired_past_span()
         if finding is None and signed_beyond:
             finding = past_head(signed_beyond[-1].seq, head["seq"])
         if finding is None and rollback is not None:
@@ -181,7 +195,30 @@ class LedgerService:
                 if seq not in ends:
                     return Finding(seq, Problem.MISSING, f"entry {seq} is missing")
             chain = await self._check_chain(conn, after, ends[after], upto, ends[upto], self._pins)
-        return chain.finding or forged_checkpoints(chain.forged, chain.first_forged)
+        return (chain.finding or await self.retired_past_span()
+                or forged_checkpoints(chain.forged, chain.first_forged))
+
+    async def retired_past_span(self) -> Finding | None:
+        """A checkpoint signed by a retired signing key, genuinely, for an entry after its
+        handover: the retired key signed after it was handed over, so whoever holds it
+        (it may have leaked) can sign what the witnesses would take for this ledger's.
+        A row that only names the key without its signature is the chain check's
+        (``forged_checkpoint`` where it disagrees)."""
+        if not self._retired:
+            return None
+        async with acquire(self._pool) as conn:
+            for signer in self._retired:
+                rows = await conn.fetch("SELECT * FROM checkpoints WHERE key_id = $1 AND seq > $2 ORDER BY seq"
+                                        " LIMIT $3", signer.key_id, signer.last_seq, PINS_PER_STRETCH)
+                for row in rows:
+                    cp = cps.from_row(row)
+                    if cps.verify(signer.public, cp):
+                        log.error("retired_key_checkpoint", seq=cp.seq, key_id=cp.key_id)
+                        return Finding(cp.seq, Problem.FORGED_CHECKPOINT,
+                                       f"checkpoint {cp.seq} is signed by the retired signing key {cp.key_id}, which"
+                                       f" handed over after entry {signer.last_seq}: that key signed after its"
+                                       " rotation (it may have leaked)")
+        return None
 
     async def head_seq(self) -> int:
         async with acquire(self._pool) as conn:

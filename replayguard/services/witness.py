@@ -28,6 +28,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
+from ..core.handover import Handover, handover_json, handovers_from_json
 from ..durable import atomic_write, inherited_owner, locked
 
 TIMEOUT_S = 3.0
@@ -45,11 +46,17 @@ class Record:
     public_key_pem: str
     checkpoint: Checkpoint
     recovery: Statement | None = None
+    # The signing key's handovers, oldest first, when it was rotated (``core/handover.py``):
+    # how a witness holding an older key of the deployment comes to trust this one.
+    handovers: tuple[Handover, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"deployment_id": self.deployment_id, "public_key_pem": self.public_key_pem,
+        body: dict[str, Any] = {"deployment_id": self.deployment_id, "public_key_pem": self.public_key_pem,
                 "checkpoint": cps.to_json(self.checkpoint),
                 "recovery": None if self.recovery is None else continuity.statement_json(self.recovery)}
+        if self.handovers:
+            body["handovers"] = [handover_json(h) for h in self.handovers]
+        return body
 
 
 def record_from_json(data: Any) -> Record:
@@ -61,7 +68,8 @@ def record_from_json(data: Any) -> Record:
         raise ValueError("deployment_id and public_key_pem must be strings")
     raw_recovery = data.get("recovery")
     recovery = None if raw_recovery is None else continuity.statement_from_json(raw_recovery)
-    return Record(deployment, pem, cps.from_json(data.get("checkpoint")), recovery)
+    return Record(deployment, pem, cps.from_json(data.get("checkpoint")), recovery,
+                  handovers_from_json(data.get("handovers")))
 
 
 class Witness(Protocol):

@@ -2,9 +2,13 @@
 steps back or forks (CONTRACT §10), or that the recovery it holds gave up, and raise an
 alert of our own when one is tried.
 
-A deployment is named by its checkpoint key's id (``core.checkpoints.key_id``), so the
-first record names the key (trust on first use) and the key is stored; every later
-checkpoint must be signed by that same key.
+A deployment is named by its first checkpoint key's id (``core.checkpoints.key_id``), so
+the first record names the key (trust on first use) and the key is stored; every later
+checkpoint must be signed by that same key, or by a key it handed over to: a record under
+another key must carry handovers (``core/handover.py``) that chain from the held key to
+the new one, each signed by the key before; the new key is then stored in its place. A
+record under another key without them is refused as a forgery and alerted, as is one
+whose handovers do not pass through the held key.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from typing import Any
 
 import asyncpg
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
+from ..core.handover import chain_of, handed_over
 from ..core.summaries import quoted
 from ..errors import Conflict, InvalidRequest
 from ..pg.connections import acquire
@@ -32,20 +38,35 @@ class WitnessRefused(Conflict):
     """409: the checkpoint steps back or forks from what this witness holds."""
 
 
-def parse_offer(deployment_id: str, payload: Any) -> tuple[Record, Any]:
-    """The record and its public key; a malformed or misaddressed one is a 400."""
+def parse_offer(deployment_id: str, payload: Any) -> tuple[Record, Ed25519PublicKey]:
+    """The record and its public key; a malformed or misaddressed one is a 400. The
+    deployment id is the id of the record's public key, or, with handovers, of the key
+    the first one hands over from (whether they hold is ``offer``'s to judge)."""
     try:
         record = record_from_json(payload)
         public = cps.load_public_key(record.public_key_pem.encode())
     except ValueError as exc:
         raise InvalidRequest(f"not a witness record: {exc}") from None
-    if record.deployment_id != deployment_id or cps.key_id(public) != deployment_id:
-        raise InvalidRequest("the deployment id must be the id of the record's public key", field="deployment_id")
+    first = record.handovers[0].old_key_id if record.handovers else cps.key_id(public)
+    if record.deployment_id != deployment_id or first != deployment_id:
+        raise InvalidRequest("the deployment id must be the id of the record's public key (or, with handovers, of"
+                             " the key the first one hands over from)", field="deployment_id")
     return record, public
 
 
+def _chain_holds(record: Record, public: Ed25519PublicKey) -> bool:
+    try:
+        chain_of(record.handovers, public)
+    except ValueError:
+        return False
+    return True
+
+
 def _held(row: asyncpg.Record) -> Checkpoint:
-    return Checkpoint(row["seq"], bytes(row["hash"]), row["ts_us"], row["deployment_id"], bytes(row["signature"]))
+    """The held checkpoint, named by the key it holds (the deployment's first key's id
+    until a handover moves it)."""
+    key_id = cps.key_id(cps.load_public_key(bytes(row["public_key"])))
+    return Checkpoint(row["seq"], bytes(row["hash"]), row["ts_us"], key_id, bytes(row["signature"]))
 
 
 def _held_recovery(row: asyncpg.Record | None) -> Statement | None:
@@ -84,8 +105,12 @@ class WitnessStore:
         refusal: str | None = None
         async with acquire(self._pool) as conn, conn.transaction():
             row = await conn.fetchrow(_HELD + " FOR UPDATE", deployment_id)
-            if row is not None and bytes(row["public_key"]) != pem:
-                refusal = "the checkpoint key is not the one this deployment first gave"
+            if row is None and record.handovers and not _chain_holds(record, public):
+                raise InvalidRequest("the record's key handovers do not chain to its public key", field="handovers")
+            if row is not None and bytes(row["public_key"]) != pem and not handed_over(
+                    cps.load_public_key(bytes(row["public_key"])), public, deployment_id, record.handovers):
+                refusal = ("the checkpoint key is not the one this witness holds for the deployment, nor one that key"
+                           " handed over to")
                 verdict = Admission.FORKS
             elif not cps.verify(public, record.checkpoint):
                 refusal = "the checkpoint's signature does not hold"
@@ -98,7 +123,7 @@ class WitnessStore:
                 refusal = refusal or (f"checkpoint {record.checkpoint.seq} {verdict.value.replace('_', ' ')} "
                                       f"from the held checkpoint {row['seq'] if row else 0}")
                 await self._alert(conn, deployment_id, record.checkpoint, verdict, refusal, now_us)
-            elif verdict is not Admission.SAME:
+            elif verdict is not Admission.SAME or bytes(row["public_key"]) != pem:
                 await self._store(conn, deployment_id, pem, record.checkpoint, recovery, now_us)
         if refusal is not None:
             log.error("witness_refused", deployment_id=deployment_id, seq=record.checkpoint.seq, reason=refusal)
@@ -110,7 +135,8 @@ class WitnessStore:
         rec = None if recovery is None else continuity.statement_json(recovery)
         await conn.execute(
             "INSERT INTO witnessed VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $8)"
-            " ON CONFLICT (deployment_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
+            " ON CONFLICT (deployment_id) DO UPDATE SET public_key = excluded.public_key, seq = excluded.seq,"
+            " hash = excluded.hash,"
             " ts_us = excluded.ts_us, signature = excluded.signature, recovery = excluded.recovery,"
             " updated_us = excluded.updated_us",
             deployment_id, pem, cp.seq, cp.hash, cp.ts_us, cp.signature, rec, now_us)
