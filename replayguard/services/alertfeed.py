@@ -98,7 +98,7 @@ _SINK_FEED_INIT = ("INSERT INTO sink_feed VALUES (true, (SELECT coalesce(max(cha
                    " ON CONFLICT DO NOTHING")
 
 
-_SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = $2"
+_SINK_CHECKPOINTS = ("SELECT * FROM checkpoints WHERE seq > $1 AND key_id = ANY($2::text[])"
                      " AND seq <= (SELECT seq FROM ledger_head) ORDER BY seq LIMIT $3")
 
 
@@ -671,11 +671,12 @@ class AlertFeed:
             await conn.execute(_SINK_FEED_INIT)
             pos = await conn.fetchrow("SELECT alert_change_seq, checkpoint_seq FROM sink_feed")
             alerts = await self._alerts.changes(pos["alert_change_seq"], PAGE)
-            # Only this deployment's signed checkpoints, up to the head: a row of another key,
+            # Only this deployment's signed checkpoints (a retired signing key's within its
+            # span, ``LedgerService.trusted``), up to the head: a row of another key,
             # or one that does not verify, is not evidence (the position moves past it), and
             # none past the head, where no checkpoint of ours can be, may move the position
             # beyond every checkpoint still to come.
-            rows = await conn.fetch(_SINK_CHECKPOINTS, pos["checkpoint_seq"], self._ledger.key_id, PAGE)
+            rows = await conn.fetch(_SINK_CHECKPOINTS, pos["checkpoint_seq"], self._ledger.key_ids, PAGE)
             checkpoints = [row for row in rows if self._ledger.trusted(cps.from_row(row))]
             for record in alerts:
                 self.dispatcher.submit(sink_record(record))

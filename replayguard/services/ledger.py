@@ -239,13 +239,23 @@ class LedgerService:
                 await asyncio.sleep(0)
         return good
 
+    @property
+    def key_ids(self) -> list[str]:
+        """The ids of the keys that signed this ledger's checkpoints: ours and those it was
+        handed over from."""
+        return [self.key_id, *(signer.key_id for signer in self._retired)]
+
     def trusted(self, cp: Checkpoint) -> bool:
-        """Signed by our key; one of another key (rotated, another data dir) is skipped. A
+        """Signed by our key, or by a key we were handed over from for an entry of its span;
+        one of another key (another data dir, a retired key past its handover) is skipped. A
         row naming our key whose signature does not hold is logged
         (``checkpoint_signature_invalid``, its entry) the first time this process reads it,
         and while it is remembered (``FORGED_REMEMBERED`` rows) neither logged nor verified
         again: the checkpointer reads the same rows every tick, and one row must not become
         an error line and a signature verification a second."""
+        retired = next((s for s in self._retired if s.key_id == cp.key_id), None)
+        if retired is not None:
+            return retired.spans(cp.seq) and cps.verify(retired.public, cp)
         if cp.key_id != self.key_id or cp in self._forged:
             return False
         if not cps.verify(self.public_key, cp):

@@ -313,3 +313,26 @@ async def test_the_cli_rotates_the_signing_key_on_its_own_and_never_under_a_runn
     public = await asyncio.to_thread(run_cli, "ledger", "public-key", "--data-dir", str(data_dir))
     assert public.stdout == cps.public_key_pem(load_keys(settings).signing_key().public_key()), public
     await service_factory(data_dir=data_dir, database_url=dsn)
+
+
+async def test_a_service_with_the_signing_key_before_a_rotation_is_refused_and_told_why(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """A copy of the keys taken before the signing key's rotation cannot start on the
+    rotated database (it would sign checkpoints no witness takes): the binding names the
+    rotation and what to copy."""
+    settings = make_settings()
+    api = await api_factory()
+    await api.client.close()
+    stale = tmp_path / "stale"
+    (stale / "keys").mkdir(mode=0o700, parents=True)
+    stale.chmod(0o700)
+    for path in key_paths(settings).values():
+        (stale / "keys" / path.name).write_text(path.read_text())
+        (stale / "keys" / path.name).chmod(0o600)
+    await _rotate(settings)
+    try:
+        await api_factory(data_dir=stale)
+        raise AssertionError("a service with the retired signing key started")
+    except ConfigError as exc:
+        assert "checkpoint signing key differs" in str(exc) and "its signing key was retired by a key rotation" \
+            in str(exc), exc
