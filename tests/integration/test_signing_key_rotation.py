@@ -336,3 +336,37 @@ async def test_a_service_with_the_signing_key_before_a_rotation_is_refused_and_t
     except ConfigError as exc:
         assert "checkpoint signing key differs" in str(exc) and "its signing key was retired by a key rotation" \
             in str(exc), exc
+
+
+async def test_checkpoints_of_the_retired_key_still_reach_the_sinks(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """Checkpoints the old key signed that the sink feed had not handed on at the rotation
+    (its position set back here) reach the sinks after it, beside the new key's."""
+    sink = tmp_path / "sink.jsonl"
+    api = await api_factory(checkpoint_every=2)
+    await _decide(api, 4)
+    old_id = api.runtime.continuity.key_id
+    await until(lambda: _checkpoint_of(api, old_id), "a checkpoint of the old key", timeout=30)
+    await api.client.close()
+    settings = make_settings()
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.reveal())
+    try:
+        await conn.execute("INSERT INTO sink_feed VALUES (true, 0, 0)"
+                           " ON CONFLICT (id) DO UPDATE SET checkpoint_seq = 0")
+    finally:
+        await conn.close()
+    await _rotate(settings)
+    again = await api_factory(checkpoint_every=2, sinks=(f"file:{sink}",))
+    await _decide(again, 3)
+
+    async def both_in_sink() -> bool:
+        text = sink.read_text() if sink.exists() else ""
+        return old_id in text and again.runtime.continuity.key_id in text
+
+    await until(both_in_sink, "the checkpoints of both keys in the sink", timeout=30)
+
+
+async def _checkpoint_of(api: Api, key_id: str) -> bool:
+    status, page = await api.get("/v1/ledger/checkpoints")
+    return status == 200 and any(item["key_id"] == key_id for item in page["items"])
