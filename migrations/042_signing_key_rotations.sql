@@ -14,3 +14,7 @@ CREATE INDEX ledger_key_rotation_entries ON ledger (seq) WHERE kind = 'key_rotat
 -- Verification looks for checkpoints of a retired key past its handover: this index lets
 -- it read them without a scan of every checkpoint since.
 CREATE INDEX checkpoints_key_seq ON checkpoints (key_id, seq);
+-- A witness keeps the handovers that moved it to a deployment's newer key and gives them
+-- back with what it holds: a copy of the deployment restored with its keys from before
+-- the rotation can then tell the checkpoint is its own deployment's, and behind it.
+ALTER TABLE witnessed ADD COLUMN handovers jsonb;

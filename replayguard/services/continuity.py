@@ -56,7 +56,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Statement, Verdict
-from ..core.handover import Signers
+from ..core.handover import Signers, handed_over
 from ..core.summaries import quoted
 from ..errors import LedgerRollback, Unavailable
 from ..keys import Keys
@@ -300,7 +300,21 @@ class ContinuityGuard:
         judged against the ledger like any other (one past the key's span included: it
         can be a genuine checkpoint of a chain a restore abandoned)."""
         signer = self.signers.by_pem(record.public_key_pem)
-        return signer is not None and cps.verify(signer.public, record.checkpoint)
+        if signer is not None:
+            return cps.verify(signer.public, record.checkpoint)
+        return self._handed_on(record)
+
+    def _handed_on(self, record: Record) -> bool:
+        """A checkpoint of a key this process does not know, which the witness took through
+        handovers from this process's key (kept with the record): the deployment's key was
+        rotated in a ledger this database no longer holds (restored with the keys from
+        before the rotation). It is this deployment's, and judged like any other."""
+        try:
+            public = cps.load_public_key(record.public_key_pem.encode())
+        except ValueError:
+            return False
+        return (handed_over(self.public, public, self.deployment_id, record.handovers)
+                and cps.verify(public, record.checkpoint))
 
     async def check(self) -> Rollback | None:
         """Compares the ledger with every witness and its own newest checkpoint (see module)."""

@@ -116,7 +116,8 @@ class FileWitness:
                                            record.recovery, None if held is None else held.recovery)
                 if verdict in (Admission.ACCEPT, Admission.RECOVERY):
                     kept = continuity.newest_statement(None if held is None else held.recovery, record.recovery)
-                    written = Record(record.deployment_id, record.public_key_pem, record.checkpoint, kept)
+                    handovers = record.handovers or (() if held is None else held.handovers)
+                    written = Record(record.deployment_id, record.public_key_pem, record.checkpoint, kept, handovers)
                     atomic_write(self.path, orjson.dumps(written.to_json()))
                 return verdict
         except OSError as exc:

@@ -8,7 +8,9 @@ checkpoint must be signed by that same key, or by a key it handed over to: a rec
 another key must carry handovers (``core/handover.py``) that chain from the held key to
 the new one, each signed by the key before; the new key is then stored in its place. A
 record under another key without them is refused as a forgery and alerted, as is one
-whose handovers do not pass through the held key.
+whose handovers do not pass through the held key. The handovers are kept with the record
+and given back with it (``GET``): a copy of the deployment restored with its keys from
+before the rotation recognises the newer key as its own deployment's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Admission, Statement
-from ..core.handover import chain_of, handed_over
+from ..core.handover import chain_of, handed_over, handover_json
 from ..core.summaries import quoted
 from ..errors import Conflict, InvalidRequest
 from ..pg.connections import acquire
@@ -83,9 +85,12 @@ def _held_recovery(row: asyncpg.Record | None) -> Statement | None:
 def _record(row: asyncpg.Record) -> dict[str, Any]:
     public = cps.load_public_key(bytes(row["public_key"]))
     recovery = row["recovery"]  # jsonb, decoded by the pool's codec
-    return {"deployment_id": row["deployment_id"], "public_key_pem": cps.public_key_pem(public),
+    body = {"deployment_id": row["deployment_id"], "public_key_pem": cps.public_key_pem(public),
             "checkpoint": cps.to_json(_held(row)), "recovery": recovery,
             "first_seen_us": row["first_seen_us"], "updated_us": row["updated_us"]}
+    if row["handovers"]:
+        body["handovers"] = row["handovers"]  # jsonb, decoded by the pool's codec
+    return body
 
 
 class WitnessStore:
@@ -124,22 +129,25 @@ class WitnessStore:
                                       f"from the held checkpoint {row['seq'] if row else 0}")
                 await self._alert(conn, deployment_id, record.checkpoint, verdict, refusal, now_us)
             elif verdict is not Admission.SAME or bytes(row["public_key"]) != pem:
-                await self._store(conn, deployment_id, pem, record.checkpoint, recovery, now_us)
+                handovers = [handover_json(h) for h in record.handovers] or (None if row is None else row["handovers"])
+                await self._store(conn, deployment_id, pem, record.checkpoint, recovery, handovers, now_us)
         if refusal is not None:
             log.error("witness_refused", deployment_id=deployment_id, seq=record.checkpoint.seq, reason=refusal)
             raise WitnessRefused(refusal)
         return {"admission": verdict.value, "seq": record.checkpoint.seq}
 
     async def _store(self, conn: asyncpg.Connection, deployment_id: str, pem: bytes, cp: Checkpoint,
-                     recovery: Statement | None, now_us: int) -> None:
+                     recovery: Statement | None, handovers: Any, now_us: int) -> None:
+        """Holds ``cp`` (and the key, the recovery and the handovers that came with it)."""
         rec = None if recovery is None else continuity.statement_json(recovery)
         await conn.execute(
-            "INSERT INTO witnessed VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $8)"
+            "INSERT INTO witnessed (deployment_id, public_key, seq, hash, ts_us, signature, recovery,"
+            " first_seen_us, updated_us, handovers) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $8, $9::jsonb)"
             " ON CONFLICT (deployment_id) DO UPDATE SET public_key = excluded.public_key, seq = excluded.seq,"
             " hash = excluded.hash,"
             " ts_us = excluded.ts_us, signature = excluded.signature, recovery = excluded.recovery,"
-            " updated_us = excluded.updated_us",
-            deployment_id, pem, cp.seq, cp.hash, cp.ts_us, cp.signature, rec, now_us)
+            " updated_us = excluded.updated_us, handovers = excluded.handovers",
+            deployment_id, pem, cp.seq, cp.hash, cp.ts_us, cp.signature, rec, now_us, handovers)
 
     async def _alert(self, conn: asyncpg.Connection, deployment_id: str, cp: Checkpoint, verdict: Admission,
                      why: str, now_us: int) -> None:

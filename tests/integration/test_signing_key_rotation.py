@@ -181,19 +181,23 @@ async def test_an_http_witness_takes_the_new_key_only_through_the_old_keys_hando
 async def test_a_checkpoint_of_the_retired_key_after_its_handover_fails_verification(
         api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
     """Whoever holds the retired key (it may have leaked) signs the head after the rotation:
-    verification is ok:false at that entry (``forged_checkpoint``, naming the retired key),
-    while checkpoints the old key signed before its handover still pin the chain."""
+    ``ledger verify`` is ok:false at that entry (``forged_checkpoint``, naming the retired
+    key), while the checkpoints the old key signed before its handover still pin the chain."""
     api = await api_factory(checkpoint_every=2)
     await _decide(api, 4)
     settings = api.runtime.settings
     old_key = api.runtime.keys.signing_key()
+    await until(lambda: _checkpoint_of(api, cps.key_id(old_key.public_key())), "a checkpoint of the old key",
+                timeout=30)
     await api.client.close()
     done = await _rotate(settings)
     again = await api_factory(checkpoint_every=1000)
     await _decide(again, 3)
     status, report = await again.get("/v1/ledger/verify")
     assert status == 200 and report["ok"] is True and report["checkpoints_checked"] >= 1, report
-    conn = await asyncpg.connect(settings.database_url.reveal() if settings.database_url else "")
+    await again.client.close()
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.reveal())
     try:
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
         assert head["seq"] > done.ledger_seq
@@ -203,8 +207,10 @@ async def test_a_checkpoint_of_the_retired_key_after_its_handover_fails_verifica
                            cp.key_id, cp.signature)
     finally:
         await conn.close()
-    status, report = await again.get("/v1/ledger/verify")
-    assert status == 200 and report["ok"] is False, report
+    checked = await asyncio.to_thread(run_cli, "ledger", "verify", "--no-progress", "--database-url",
+                                      settings.database_url.reveal(), "--data-dir", str(settings.data_dir))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    report = orjson.loads(checked.stdout)
     assert report["problem"] == "forged_checkpoint" and report["first_bad_seq"] == head["seq"], report
     assert cp.key_id in report["message"]
 
@@ -370,3 +376,55 @@ async def test_checkpoints_of_the_retired_key_still_reach_the_sinks(
 async def _checkpoint_of(api: Api, key_id: str) -> bool:
     status, page = await api.get("/v1/ledger/checkpoints")
     return status == 200 and any(item["key_id"] == key_id for item in page["items"])
+
+
+async def test_a_host_restored_with_its_keys_from_before_the_rotation_is_still_refused(
+        backups: Callable[[str], Awaitable[str]], api_factory: Callable[..., Any],
+        fresh_database: Callable[[], Any], make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """The database and the keys both restored from before the rotation: the restored
+    service knows only the old key, but its file and HTTP witnesses hold checkpoints of
+    the new key with the handovers from the old one, so it takes them for its own
+    deployment's and serves no decision (``ledger_rollback``)."""
+    witness_file = tmp_path / "w" / "witness.json"
+    witness_file.parent.mkdir()
+    peer = await api_factory(database_url=Secret(await fresh_database()), data_dir=tmp_path / "peer")
+    dsn = await fresh_database()
+    options: dict[str, Any] = {"database_url": Secret(dsn), "checkpoint_every": 2,
+                               "witnesses": (f"file:{witness_file}", url_of(peer)),
+                               "witness_token": Secret(peer.tokens["witness"])}
+    first = await api_factory(**options)
+    deployment = first.runtime.continuity.deployment_id
+    await _decide(first, 4)
+    await until(lambda: _held_at_least(witness_file, 3), "the file witness to hold a checkpoint", timeout=30)
+    await first.client.close()
+    backup = await backups(dsn)
+    settings = make_settings()
+    old_keys = tmp_path / "old"
+    (old_keys / "keys").mkdir(mode=0o700, parents=True)
+    old_keys.chmod(0o700)
+    for path in key_paths(settings).values():
+        (old_keys / "keys" / path.name).write_text(path.read_text())
+        (old_keys / "keys" / path.name).chmod(0o600)
+
+    done = await _rotate(make_settings(database_url=Secret(dsn)))
+    second = await api_factory(**options)
+    await _decide(second, 4)
+    new_pem = second.runtime.continuity.public_key_pem
+
+    async def both_moved() -> bool:
+        record = await held(peer, deployment)
+        on_file = orjson.loads(witness_file.read_bytes())
+        return bool(record and record["public_key_pem"] == new_pem and record["checkpoint"]["seq"] > done.ledger_seq
+                    and on_file["public_key_pem"] == new_pem and on_file["checkpoint"]["seq"] > done.ledger_seq)
+
+    await until(both_moved, "both witnesses to hold a checkpoint of the new key", timeout=30)
+    assert (await held(peer, deployment) or {}).get("handovers"), "the peer gives back the handovers"
+    await second.client.close()
+
+    restored = await api_factory(**{**options, "database_url": Secret(backup), "data_dir": old_keys})
+    assert restored.runtime.continuity.deployment_id == deployment
+    status, body = await nonce(restored, secrets.token_hex(8))
+    assert status == 503 and body["error"]["code"] == "ledger_rollback", body
+    verdicts = {name: state.verdict for name, state in restored.runtime.continuity.states.items()}
+    assert all(v is not None and v.rollback for v in verdicts.values()), verdicts
+    await restored.client.close()  # the pushing side first
