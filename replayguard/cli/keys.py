@@ -84,7 +84,8 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
 
     # Every other command makes the keys it does not find; this one replaces keys serve
     # uses, so none found means the wrong data dir or key files: refused before any is made.
-    missing = [path for name, path in key_paths(settings).items() if name != "signing" and not path.exists()]
+    missing = [path for name, path in key_paths(settings).items()
+               if (name != "signing" or "signing" in names) and not path.exists()]
     if missing:
         raise ConfigError(f"no key at {', '.join(map(str, missing))}: keys rotate replaces the keys serve runs with;"
                           " give it serve's data dir (and key file settings); nothing was rotated")

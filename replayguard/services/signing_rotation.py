@@ -41,6 +41,8 @@ from ..errors import ConfigError
 from ..keys import (
     ROTATABLE,
     Keys,
+    check_own_file,
+    check_retired_place,
     key_file_id,
     key_paths,
     pending_path,
@@ -103,6 +105,8 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, keys: Keys, now_us: int
     lock = rotation_lock(settings, NAMES)
     try:
         await settle_locked(pool, settings)
+        check_own_file(settings, "signing")  # the renames after the commit must neither fail nor lose a key
+        check_retired_place(settings, "signing", keys.signing)
         new = write_pending(settings, "signing")
         report("new_keys_written", {"keys": ["signing"]})
         try:
