@@ -1,7 +1,8 @@
 """``replayguard keys rotate``: the secret, receipt or signing key replaced, the database moved.
 
 Run with the data dir (and ``database_url``) ``serve`` uses, with every instance stopped:
-the rotation refuses while another replayguard process is connected to the database.
+the rotation refuses while another replayguard process is connected to the database,
+checked before it applies pending migrations, so a refused rotation leaves the schema as it was.
 Progress goes to stderr as JSON lines, the summary to stdout as one JSON line; neither
 ever holds a key (only key ids). It makes no key it does not find (a data dir without
 them is the wrong one). ``--restored`` moves a database restored from a backup
@@ -77,8 +78,8 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
 
     from ..errors import ConfigError
     from ..keys import key_paths, keys_location, load_keys, retired_keys
-    from ..pg import connections
-    from ..runtime import prepare_database
+    from ..pg import connections, schema
+    from ..runtime import resolve_dsn
     from ..services import key_rotation, signing_rotation
     from ..services.key_binding import hold_to_binding
 
@@ -90,13 +91,19 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
         raise ConfigError(f"no key at {', '.join(map(str, missing))}: keys rotate replaces the keys serve runs with;"
                           " give it serve's data dir (and key file settings); nothing was rotated")
     keys = load_keys(settings)
-    dsn = await prepare_database(settings)
+    dsn = resolve_dsn(settings)
+    await connections.check_reachable(dsn)
     # A name no other process has: the rotation refuses while any other session named
     # replayguard-… is connected, and a serve on another host may have this process's id.
     name = f"replayguard-{os.getpid()}-keys-{secrets.token_hex(4)}"
     pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=settings.statement_timeout_ms,
                                          application_name=name)
     try:
+        # Checked before migrating too: a refused rotation leaves the schema as it found it
+        # (the check in the rotation's transaction is the one that holds).
+        async with connections.acquire(pool) as conn:
+            await key_rotation.refuse_while_others_connected(conn)
+        await schema.migrate_dsn(dsn)
         now_us = int(time.time() * 1e6)
         if restored:
             signing = await signing_rotation.adopt_restored(pool, settings, keys, now_us, _progress)

@@ -160,7 +160,7 @@ async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], 
         if bound is None or any(not hmac.compare_digest(bytes(bound[column] or b""), mine[column])
                                 for column in ("pepper_check", "secret_check", "receipt_check", "signing_public")):
             raise ConfigError("the database is not bound to this data dir's keys: nothing was rotated")
-        await _refuse_while_others_connected(conn)
+        await refuse_while_others_connected(conn)
         head = int(await conn.fetchval("SELECT seq FROM ledger_head FOR UPDATE"))
         report("database_locked", {"ledger_seq": head})
         count = 0
@@ -181,7 +181,7 @@ async def _move_database(pool: asyncpg.Pool, keys: Keys, new: dict[str, bytes], 
     return count, head
 
 
-async def _refuse_while_others_connected(conn: asyncpg.Connection) -> None:
+async def refuse_while_others_connected(conn: asyncpg.Connection) -> None:
     """Raises ``ConfigError`` when another replayguard process has a session on this
     database: it holds the keys it started with, and would go on using the old ones."""
     others = await conn.fetch(

@@ -56,7 +56,7 @@ from ..keys import (
 from ..pg.connections import acquire
 from ..settings import Settings
 from .key_binding import check_of
-from .key_rotation import Rotation, _refuse_while_others_connected
+from .key_rotation import Rotation, refuse_while_others_connected
 from .recovery import operator
 
 NAMES = (*ROTATABLE, "signing")  # every key directory is locked: a signing rotation excludes the others
@@ -157,7 +157,7 @@ async def _hand_over(pool: asyncpg.Pool, keys: Keys, old: bytes, new: bytes, now
         if (bound is None or not _same(bound["pepper_check"], check_of(keys.pepper))
                 or not _same(bound["signing_public"], raw_public(old_key.public_key()))):
             raise ConfigError("the database is not bound to this data dir's keys: nothing was rotated")
-        await _refuse_while_others_connected(conn)
+        await refuse_while_others_connected(conn)
         head = await conn.fetchrow("SELECT seq, hash FROM ledger_head FOR UPDATE")
         try:
             signers = chain_of(await read_handovers(conn), old_key.public_key())

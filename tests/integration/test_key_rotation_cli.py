@@ -218,3 +218,63 @@ async def test_rotate_with_a_data_dir_holding_no_keys_creates_none_and_changes_n
         assert await conn.fetchval("SELECT count(*) FROM key_binding") == 0  # the template is migrated
     finally:
         await conn.close()
+
+
+async def test_a_refused_rotation_leaves_a_database_that_needs_migrating_unmigrated(tmp_path: Path) -> None:
+    """On a database at an older migration with another replayguard session connected (a
+    serve of the release that migrated it), ``keys rotate`` refuses before it applies any
+    migration: the schema and its recorded version stay as they were."""
+    from replayguard.cli import keys as keys_cli
+    from replayguard.errors import ConfigError
+    from replayguard.pg import connections, schema
+    from tests.conftest import create_database, drop_database
+    from tests.integration.test_migrations import schema_of
+
+    dsn = await create_database("rg_rotate_old", migrate=False)
+    try:
+        conn = await connections.connect(dsn, statement_timeout_ms=0)
+        try:
+            await schema.migrate(conn, schema.load_migrations()[:-1])
+        finally:
+            await conn.close()
+        before = await asyncio.to_thread(schema_of, dsn)
+        settings = _settings(tmp_path / "data", dsn)
+        load_keys(settings)
+        serve = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4242"})
+        try:
+            with pytest.raises(ConfigError, match=r"replayguard-4242.*nothing was rotated"):
+                await keys_cli._rotate(settings, ["receipt"], restored=False)
+        finally:
+            await serve.close()
+        assert await asyncio.to_thread(schema_of, dsn) == before
+    finally:
+        await drop_database(dsn)
+
+
+async def test_the_rotation_itself_refuses_a_session_that_connected_after_the_cli_checked(
+        fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """The CLI's check before migrating is not the one that holds: a replayguard session
+    that connects afterwards is refused by the rotation's own transaction, which changes
+    nothing (no pending key files, the binding as it was)."""
+    from replayguard.errors import ConfigError
+    from replayguard.keys import keys_location
+    from replayguard.pg import connections
+    from replayguard.services import key_rotation
+    from replayguard.services.key_binding import hold_to_binding
+
+    dsn = await fresh_database()
+    settings = _settings(tmp_path / "data", dsn)
+    keys = load_keys(settings)
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
+                                         application_name="replayguard-1-keys-test")
+    late = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4343"})
+    try:
+        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+        with pytest.raises(ConfigError, match=r"replayguard-4343.*nothing was rotated"):
+            await key_rotation.rotate(pool, settings, keys, ["secret", "receipt"], 2)
+        assert not any(pending_path(p).exists() for p in key_paths(settings).values())
+        async with connections.acquire(pool) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM key_rotations") == 0
+    finally:
+        await late.close()
+        await pool.close()
