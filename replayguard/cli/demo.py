@@ -29,6 +29,8 @@ import pyotp
 from aiohttp import web
 
 from ..http.app import create_app
+from ..http.front import FrontRunner
+from ..http.server import runner_args
 from ..http.state import RUNTIME
 from ..pg.connections import stop_embedded
 from ..settings import Secret, Settings
@@ -121,11 +123,12 @@ ROLES = ("admin", "callout", "hypervisor", "analyst")
 
 @asynccontextmanager
 async def _serving(settings: Settings, database_url: str | None = None) -> AsyncIterator[tuple[DemoClient, Any]]:
-    """The service in-process on a free port, with a token per role."""
+    """The service in-process on a free port, with a token per role, served as ``serve``
+    serves it: the same front (``FrontRunner``) and runner arguments (``runner_args``)."""
     if database_url is not None:
         settings = settings.replace(database_url=Secret(database_url))
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    runner = FrontRunner(app, **runner_args(settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

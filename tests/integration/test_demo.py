@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +14,8 @@ import pytest
 
 from replayguard.cli import demo
 from replayguard.cli.main import main
+from replayguard.http.common import MAX_HEADERS
+from replayguard.settings import Secret, Settings
 from tests.conftest import PG_ADMIN, run_cli
 
 
@@ -59,3 +62,21 @@ async def test_demo_on_a_given_database_drops_the_backup_it_made(
         await conn.close()
     assert status == 0 and names
     assert not left, left
+
+
+async def test_the_demo_serves_the_app_as_serve_does(
+        fresh_database: Callable[[], Any], tmp_path: Path, structlog_restored: None) -> None:
+    """The demo's service answers its decisions through the fast front (its counter moves)
+    and holds a request to ``serve``'s header limits: one with more headers than
+    ``MAX_HEADERS`` is refused with a 400, where aiohttp's defaults would take it."""
+    dsn = await fresh_database()
+    settings = Settings(database_url=Secret(dsn), data_dir=tmp_path / "data")
+    async with demo._serving(settings) as (client, runtime):
+        answered = runtime.metrics.front.answered
+        status, body = await client.call("POST", "/v1/nonces/consume", "callout",
+                                         {"vm_id": "vm-1", "scope": "s", "nonce": "n" * 32})
+        assert (status, body["decision"]) == (200, "accept"), body
+        assert runtime.metrics.front.answered == answered + 1
+        flood = {f"X-Extra-{n}": "1" for n in range(MAX_HEADERS + 1)}
+        async with client._session.get(client._base + "/healthz", headers=flood) as resp:
+            assert resp.status == 400
