@@ -59,6 +59,7 @@ from .common import BEARER_CHALLENGE, MAX_BODY, Handler, Route, json_response, s
 from .state import (
     ANALYSTS,
     CALLER,
+    CLIENT_LEFT,
     DECISION,
     EVENTS,
     REASON,
@@ -146,12 +147,27 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers["X-Request-Id"] = request_id
         if response.status == 401:  # every 401, whoever raised it (RFC 9110 §15.5.2, RFC 6750 §3)
             response.headers.setdefault("WWW-Authenticate", BEARER_CHALLENGE)
-        elapsed = time.perf_counter() - start
-        log_request(request.method, response.status, elapsed, request.get(DECISION), request.get(REASON))
+        status = response.status
+    except asyncio.CancelledError:
+        if request.get(CLIENT_LEFT):  # a stream or verification stopped with its client
+            _record(request, path, CLIENT_CLOSED_REQUEST, time.perf_counter() - start)
+        raise
+    else:
+        _record(request, path, status, time.perf_counter() - start)
     finally:
         REQUEST_CONTEXT.reset(reset)
-    request.app[RUNTIME].metrics.http_request(path, request.method, response.status, elapsed)
     return response
+
+
+# nginx's status for a request whose client closed the connection before the answer:
+# never sent, only logged and counted.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _record(request: web.Request, path: str, status: int, elapsed: float) -> None:
+    """The request's access-log line (inside its log context) and its metrics."""
+    log_request(request.method, status, elapsed, request.get(DECISION), request.get(REASON))
+    request.app[RUNTIME].metrics.http_request(path, request.method, status, elapsed)
 
 
 def error_answer(exc: Exception) -> tuple[int, dict[str, object]]:

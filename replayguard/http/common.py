@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from .state import DECISION, REASON, RUNTIME
+from .state import CLIENT_LEFT, DECISION, REASON, RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
@@ -159,7 +159,8 @@ class StopsWithClient:
 def stops_with_client(request: web.Request) -> Iterator[None]:
     """The work in this block is cancelled when the request's client closes the connection
     first (the analyst left the page that asked). Only for work that may stop at any await:
-    reads, not writes. A no-op on a connection handler that is not ``StopsWithClient``."""
+    reads, not writes. A no-op on a connection handler that is not ``StopsWithClient``.
+    A request it stopped is marked ``CLIENT_LEFT``: its access line and metric say 499."""
     handler, task = request.protocol, asyncio.current_task()
     if not isinstance(handler, StopsWithClient) or task is None:
         yield
@@ -167,5 +168,11 @@ def stops_with_client(request: web.Request) -> Iterator[None]:
     handler.stopping_with_client.add(task)
     try:
         yield
+    except asyncio.CancelledError:
+        # client_gone took the task out of the set before cancelling it; a cancellation
+        # with the task still in it came from elsewhere (a shutdown).
+        if task not in handler.stopping_with_client:
+            request[CLIENT_LEFT] = True
+        raise
     finally:
         handler.stopping_with_client.discard(task)

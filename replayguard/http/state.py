@@ -35,3 +35,4 @@ CALLER = web.RequestKey("caller", Caller)
 DECISION = web.RequestKey("decision", str)
 REASON = web.RequestKey("reason", str)
 ROUTE = web.RequestKey("route", object)  # the matched http.common.Route, or None
+CLIENT_LEFT = web.RequestKey("client_left", bool)  # common.stops_with_client stopped it: its client left

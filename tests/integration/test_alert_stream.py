@@ -454,6 +454,22 @@ async def test_a_stream_whose_client_left_gives_up_its_place_when_the_client_lea
     second.close()
 
 
+async def test_a_stream_whose_client_left_is_logged_and_counted_as_499(api_factory: Callable[..., Any]) -> None:
+    """A stream that ends because its client closed the connection (the service as
+    ``serve`` runs it) writes its access line and counts in the request metrics, with
+    status 499 (nginx's "client closed request"), like every other request."""
+    api = await api_factory(sse_heartbeat_s=3600)
+    key = ("/v1/alerts/stream", "GET", 499)
+    with capture_logs() as logs:
+        stream = await open_stream(api)
+        await first_id(stream)
+        stream.close()
+        await until(lambda: api.runtime.metrics.counts.requests.get(key) == 1, "the left stream to be counted")
+    lines = [e for e in logs if e["event"] == "request" and e["status"] == 499]
+    assert [(e["method"], e["log_level"]) for e in lines] == [("GET", "info")], logs
+    assert lines[0]["duration_ms"] > 0
+
+
 async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_feed_wait_for_it(
     api: Api, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

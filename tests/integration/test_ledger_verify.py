@@ -334,3 +334,32 @@ async def test_the_state_check_alerts_each_finding_once_tick_after_tick(
     assert status == 200, page
     found = sorted((a["details"]["first_bad_seq"], a["count"]) for a in page["items"])
     assert found == [(2, 1), (7, 1)], page["items"]
+
+
+async def test_a_verification_whose_client_left_is_logged_and_counted_as_499(
+        api_factory: Callable[..., Any], fresh_database: Callable[[], Any]) -> None:
+    """A verification stopped because its client closed the connection (the service as
+    ``serve`` runs it) writes its access line and counts in the request metrics, with status
+    499 (nginx's "client closed request"); a finished one counts as 200."""
+    from structlog.testing import capture_logs
+
+    api, _ = await ledger_of(api_factory, fresh_database, 3)
+    counts = api.runtime.metrics.counts.requests
+    await verify(api)
+    assert counts.get(("/v1/ledger/verify", "GET", 200)) == 1
+    chain = api.client.app[ANALYSTS].ledger._chain
+    assert chain is not None
+    chain._apart = turn = CountedLock()
+    await turn.acquire()  # the verification is held at its chain check...
+    try:
+        with capture_logs() as logs:
+            asking = asyncio.create_task(api.get("/v1/ledger/verify"))
+            await until(lambda: turn.waiting == 1, "the verification to reach its chain check")
+            asking.cancel()  # ...when the analyst's client closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            await until(lambda: counts.get(("/v1/ledger/verify", "GET", 499)) == 1, "the left verification counted")
+    finally:
+        turn.release()
+    assert [(e["method"], e["status"]) for e in logs if e["event"] == "request"] == [("GET", 499)], logs
+    assert counts.get(("/v1/ledger/verify", "GET", 200)) == 1
