@@ -72,13 +72,20 @@ function parseFrame(frame) {
   return out;
 }
 
+/** The field a refusal's contract error body names, or null. */
+async function refusedField(resp) {
+  try { return (await resp.json())?.error?.field ?? null; } catch { return null; }
+}
+
 /** The change number an event id of the alert stream names (`<change>.<alert>.<digests>`, or `0`). */
 const changeOf = (id) => Number(id.split(".")[0]);
 
 /**
  * Follows /v1/alerts/stream until `signal` aborts: calls onAlert(alert) per event and
  * onState("live" | "reconnecting" | "revoked" | "denied"); resumes with Last-Event-ID after
- * a drop. "revoked" (401: the token is unknown now) and "denied" (403) end it.
+ * a drop. "revoked" (401: the token is unknown now) and "denied" (403) end it. A resume
+ * refused with 400 naming Last-Event-ID (an id the service cannot parse: another version's)
+ * drops the id and opens the stream afresh at once, which reads the list again (onBack).
  * The stream opens with its position (an id-only frame, which fires no alert), so a drop
  * before the first alert resumes from there too. An id names the change number, the alert
  * and digests of it (docs/api.md); it goes back to the service as it came. An id whose
@@ -104,6 +111,10 @@ export async function followAlerts(onAlert, onState, signal, onBack = () => {}) 
                                                        credentials: "omit", referrerPolicy: "no-referrer" });
       if (resp.status === 401) { onState("revoked"); return; }
       if (resp.status === 403) { onState("denied"); return; }
+      if (resp.status === 400 && last !== null && await refusedField(resp) === "Last-Event-ID") {
+        last = null;  // an id this service cannot take (another version's): open afresh at once
+        continue;
+      }
       if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
       onState("live");
       delay = 1000;

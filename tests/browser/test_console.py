@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from replayguard.core import stream_ids
 from replayguard.http.state import ANALYSTS
 from replayguard.settings import Secret
 from tests.api.test_analysts import reuse_alert
@@ -137,6 +138,35 @@ async def test_an_alert_raised_while_the_stream_was_down_shows_after_it_reconnec
     monkeypatch.undo()
     await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
     await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+
+
+async def test_a_resume_refused_for_its_last_event_id_opens_the_stream_afresh(
+        api: Api, tab: Tab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the service refuses the console's resume with 400 for its Last-Event-ID (an id it
+    cannot parse: here every id, as a service of another version might), the console does
+    not retry that id: it opens the stream without one, reads its list again and shows the
+    alerts raised after, live."""
+    page = tab.page
+    await sign_in(tab, api)
+    resumes: list[str | None] = []
+    page.on("request", lambda request: resumes.append(request.headers.get("last-event-id"))
+            if "/v1/alerts/stream" in request.url else None)
+
+    def unparsable(raw: str) -> Any:
+        raise ValueError(raw)
+
+    monkeypatch.setattr(stream_ids, "parse", unparsable)
+    reads_before = alerts_list_reads(tab)
+    api.client.app[ANALYSTS].feed.close_subscribers()
+    await page.locator('#live[data-state="reconnecting"]').wait_for(timeout=WAIT_MS)
+    await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
+    await until(lambda: alerts_list_reads(tab) > reads_before, "the list to be read again")
+    assert resumes[0] is not None and resumes[-1] is None, resumes
+    assert resumes.count(resumes[0]) == 1, resumes  # the refused id was sent once
+    alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
+    await page.locator(f'tr[data-alert-id="{alert_id}"]').wait_for(timeout=WAIT_MS)
+    # the browser reports the refused request itself; nothing else went wrong on the page
+    assert all("400" in error for error in tab.console_errors), tab.console_errors
 
 
 async def listed_past_a_copy(api: Api, tab: Tab, database_url: str,
