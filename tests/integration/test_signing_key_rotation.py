@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
@@ -428,3 +429,31 @@ async def test_a_host_restored_with_its_keys_from_before_the_rotation_is_still_r
     verdicts = {name: state.verdict for name, state in restored.runtime.continuity.states.items()}
     assert all(v is not None and v.rollback for v in verdicts.values()), verdicts
     await restored.client.close()  # the pushing side first
+
+
+async def test_the_signing_rotation_itself_refuses_a_session_that_connected_after_the_cli_checked(
+        fresh_database: Callable[[], Any], tmp_path: Path) -> None:
+    """``keys rotate --signing`` checks for other replayguard sessions before migrating, but
+    the check that holds is the rotation's own: a session that connects after the CLI
+    looked is refused there, and the signing key file and the ledger stay as they were."""
+    from replayguard.keys import keys_location
+    from replayguard.services.key_binding import hold_to_binding
+
+    dsn = await fresh_database()
+    settings = Settings(database_url=Secret(dsn), data_dir=tmp_path / "data")
+    keys = load_keys(settings)
+    before = key_paths(settings)["signing"].read_text()
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
+                                         application_name="replayguard-1-keys-test")
+    late = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4343"})
+    try:
+        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+        with pytest.raises(ConfigError, match=r"replayguard-4343.*nothing was rotated"):
+            await signing_rotation.rotate(pool, settings, keys, int(time.time() * 1e6))
+        assert key_paths(settings)["signing"].read_text() == before
+        assert not pending_path(key_paths(settings)["signing"]).exists()
+        async with connections.acquire(pool) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'key_rotation'") == 0
+    finally:
+        await late.close()
+        await pool.close()
