@@ -306,6 +306,22 @@ class FakeClock:
         self.now += seconds
 
 
+@pytest.fixture(autouse=True, scope="session")
+def uncached_loggers() -> Iterator[None]:
+    """structlog never caches a logger during the tests. ``replayguard.logging.configure``
+    (run in-process by the CLI's tests, the demo's) caches each module's logger on its
+    first use, bound for good to the stream configured then: a later test's ``log_buffer``
+    would never see that module's lines, depending on which tests ran before it."""
+    configure = structlog.configure
+
+    def uncached(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **{**kwargs, "cache_logger_on_first_use": False})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(structlog, "configure", uncached)
+        yield
+
+
 @pytest.fixture
 def log_buffer() -> Iterator[io.StringIO]:
     """structlog configured with replayguard's processors, rendering its JSON lines into a buffer."""
