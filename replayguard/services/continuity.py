@@ -538,7 +538,7 @@ class ContinuityGuard:
             if state.up is False and dedup not in self._alerted:
                 self._alerted.add(dedup)
                 await self._alert("witness_unreachable", "critical" if self._required else "warning", dedup,
-                                  f"witness {quoted(name)} cannot be reached: {state.error}",
+                                  f"witness {quoted(name)} cannot be reached: {quoted(state.error)}",
                                   {"witness": name, "error": state.error, "required": self._required})
             elif state.up:
                 self._alerted.discard(dedup)

@@ -4,6 +4,7 @@ witness's own, and an unreachable witness is reported and refuses decisions only
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +184,23 @@ async def test_an_unreachable_witness_is_reported_and_refuses_only_when_required
             return any(a["severity"] == "critical" for a in await alerts_of(required, "witness_unreachable"))
 
         await until(critical, "the critical alert", timeout=30)
+
+
+async def test_an_unreachable_witness_summary_quotes_the_error_it_gave(
+        api_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """The witness_unreachable summary shows the error text (which carries a witness's path or
+    URL, and can carry its answer) as one JSON string: a quote, a trailing backslash and a
+    verdict-like phrase in it end no quotes and read as nothing of the service's own."""
+    hostile = tmp_path / 'gone: ok" -- no action needed \\'
+    name = f"file:{hostile / 'w.json'}"
+    api = await api_factory(witnesses=(name,))
+    assert (await nonce(api, secrets.token_hex(8)))[1]["decision"] == "accept"
+    alert = (await alerts_of(api, "witness_unreachable"))[0]
+    error = alert["details"]["error"]
+    assert str(hostile) in error, alert
+    prefix = f"witness {quoted(name)} cannot be reached: "
+    assert alert["summary"].startswith(prefix), alert
+    assert json.loads(alert["summary"].removeprefix(prefix)) == error, alert
 
 
 async def test_witness_put_with_a_seq_past_bigint_is_a_400(api: Api) -> None:
