@@ -182,6 +182,19 @@ def _make_retired_dir(directory: Path, data_dir: Path) -> None:
     check_private_dir(directory, "retired keys dir", data_dir=data_dir)
 
 
+def keys_on_disk(settings: Settings, name: str) -> list[bytes]:
+    """The keys of ``name`` its files hold as they are read now, for a message only: the
+    key file's and a ``.next`` file's (a rotation renames the new key into place after its
+    commit). A file that is absent or breaks the key-file rule gives nothing."""
+    path = key_paths(settings)[name]
+    found = []
+    for candidate in (path, pending_path(path)):
+        with contextlib.suppress(ConfigError):
+            if candidate.exists():
+                found.append(_read_key(candidate, settings.data_dir))
+    return found
+
+
 def retired_keys(settings: Settings, name: str) -> dict[Path, bytes]:
     """The keys of ``name`` that rotations retired (``retired_dir``), by file."""
     directory = retired_dir(settings, name)

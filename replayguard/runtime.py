@@ -19,7 +19,7 @@ import asyncpg
 import structlog
 
 from .fanout import AlertFanout
-from .keys import Keys, keys_location, load_keys, retired_keys
+from .keys import Keys, keys_location, keys_on_disk, load_keys, retired_keys
 from .metrics import Metrics
 from .pg import connections, schema
 from .pg.appender import Appender, DecideParams
@@ -102,7 +102,8 @@ async def open_runtime(
             keys = load_keys(settings)
         retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt"),
                    **retired_keys(settings, "signing")}
-        await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings), retired)
+        await hold_to_binding(pool, keys, int(clock() * 1e6), keys_location(settings), retired,
+                              functools.partial(keys_on_disk, settings))
         binding_guard.hold(keys)
         receipt_keys = await key_rotation.receipt_keys(pool, settings, keys)
         signers = await signing_rotation.load_signers(pool, keys)

@@ -13,6 +13,7 @@ taken before a rotation (bound to keys this data dir retired) to the current key
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import sys
@@ -77,7 +78,7 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
     import time
 
     from ..errors import ConfigError
-    from ..keys import key_paths, keys_location, load_keys, retired_keys
+    from ..keys import key_paths, keys_location, keys_on_disk, load_keys, retired_keys
     from ..pg import connections, schema
     from ..runtime import resolve_dsn
     from ..services import key_rotation, signing_rotation
@@ -118,7 +119,8 @@ async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> di
             keys = load_keys(settings)
         retired = {**retired_keys(settings, "secret"), **retired_keys(settings, "receipt"),
                    **retired_keys(settings, "signing")}
-        await hold_to_binding(pool, keys, now_us, keys_location(settings), retired)
+        await hold_to_binding(pool, keys, now_us, keys_location(settings), retired,
+                              functools.partial(keys_on_disk, settings))
         if names == ["signing"]:
             return (await signing_rotation.rotate(pool, settings, keys, now_us, _progress)).to_json()
         return (await key_rotation.rotate(pool, settings, keys, names, now_us, _progress)).to_json()

@@ -9,8 +9,10 @@ longer decrypt; another signing key cannot check the checkpoints the witnesses h
 database restored behind them would serve what it forgot), and another receipt key takes
 every guest's receipt for a forgery. Such a start is refused with one line that names
 where the keys came from, and, when a rotation explains the difference (``keys rotate``,
-``services/key_rotation.py``, migration 041), what to do: copy the rotated keys, or move a
-backup from before the rotation to them (``--restored``). ``BindingGuard`` holds each new
+``services/key_rotation.py``, migration 041), what to do: start again when the key files
+already hold the rotated keys (a process that read them while a rotation on the same host
+committed), copy the rotated keys when they do not (another host), or move a backup from
+before the rotation to them (``--restored``). ``BindingGuard`` holds each new
 connection of a running service to the binding it started with, so a process that ran
 through a rotation unseen fails closed.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -49,6 +52,9 @@ _BOUND = (
     ("signing_public", "checkpoint signing key",
      "no checkpoint a witness holds could be checked, so a restored database would go unnoticed"),
 )
+_KEY_OF = {"pepper_check": "pepper", "secret_check": "secret", "receipt_check": "receipt", "signing_public": "signing"}
+# The keys of one name the data dir's files hold as read now (``keys.keys_on_disk``).
+OnDisk = Callable[[str], list[bytes]]
 
 
 def _public(key: bytes) -> bytes:
@@ -70,11 +76,13 @@ def checks(keys: Keys) -> dict[str, bytes]:
 
 
 async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: str,
-                          retired: dict[Path, bytes] | None = None) -> None:
+                          retired: dict[Path, bytes] | None = None, on_disk: OnDisk | None = None) -> None:
     """Records these keys' checks on a database that has none (or those a database bound
     before migration 034 lacks); raises ``ConfigError``, having recorded nothing, when the
     database was set up with other keys. ``where`` names the keys for the message;
-    ``retired``, the retired key files of the data dir, lets it name a rotation."""
+    ``retired``, the retired key files of the data dir, lets it name a rotation, and
+    ``on_disk``, the key files read again, tell a process that read its keys just before a
+    rotation on this host committed (start again) from one given old keys (copy them)."""
     mine = checks(keys)
     async with acquire(pool) as conn, conn.transaction():
         await conn.execute("INSERT INTO key_binding (pepper_check, secret_check, bound_us) VALUES ($1, $2, $3)"
@@ -89,17 +97,34 @@ async def hold_to_binding(pool: asyncpg.Pool, keys: Keys, now_us: int, where: st
         if differ:  # raised inside the transaction: a refused start records nothing
             names = " and the ".join(name for name, _ in differ)
             harms = "; ".join(dict.fromkeys(harm for _, harm in differ))
-            hint = await _rotation_hint(conn, bound, mine, retired or {}) or _SET_UP_WITH
+            columns = [column for column, _, _ in _BOUND if not _same(bound[column], mine[column])]
+            hint = await _rotation_hint(conn, bound, mine, retired or {}, _rotated_here(bound, columns, on_disk))
+            hint = hint or _SET_UP_WITH
             raise ConfigError(
                 f"the keys in {where} are not the ones this database was set up with (the {names}"
                 f" differ{'s' if len(differ) == 1 else ''}): {hint}; with other keys {harms}")
 
 
+def _rotated_here(bound: dict[str, bytes | None], columns: list[str], on_disk: OnDisk | None) -> bool:
+    """Whether the key files, read again, hold every key the database is bound to where
+    this process's keys differ (a rotation on this host committed after it read them)."""
+    if on_disk is None:
+        return False
+    for column in columns:
+        found = on_disk(_KEY_OF[column])
+        if not any(_same(bound[column], _public(key) if column == "signing_public" else check_of(key))
+                   for key in found):
+            return False
+    return True
+
+
 async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None], mine: dict[str, bytes],
-                         retired: dict[Path, bytes]) -> str | None:
+                         retired: dict[Path, bytes], rotated_here: bool) -> str | None:
     """What to do when a rotation explains the difference: this process holds a key a
-    rotation retired (a host not given the rotated keys), or the database is bound to a
-    key this data dir retired (a backup from before the rotation)."""
+    rotation retired (started again when the key files already hold the rotated keys, as
+    after a rotation on this host that committed while it started; else a host not given
+    the rotated keys), or the database is bound to a key this data dir retired (a backup
+    from before the rotation)."""
     for path, key in retired.items():
         if any(_same(bound[column], check_of(key)) for column in ("secret_check", "receipt_check")) or (
                 path.name.startswith("signing-") and _same(bound["signing_public"], _public(key))):
@@ -113,6 +138,9 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
         column = "signing_public" if row["key_name"] == "signing" else f"{row['key_name']}_check"
         if _same(bytes(row["retired_check"]), mine[column]):
             when = timefmt.rfc3339_us(int(row["rotated_us"]))
+            if rotated_here:
+                return (f"its {row['key_name']} key was retired by a key rotation at {when} that committed after this"
+                        " process read its keys, and the key files already hold the rotated keys: start it again")
             return (f"its {row['key_name']} key was retired by a key rotation at {when}: copy the rotated keys (with"
                     " retired/) from where `replayguard keys rotate` ran (every instance reads its keys at start)")
     return None

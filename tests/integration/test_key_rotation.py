@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,57 @@ async def test_a_service_with_the_keys_before_a_rotation_is_refused_and_told_why
                                           r" at .*: copy the rotated keys \(with retired/\) from where"
                                           r" `replayguard keys rotate` ran"):
         await api_factory(data_dir=stale_dir)
+
+
+async def test_a_service_that_read_its_keys_as_a_rotation_on_its_host_committed_is_told_to_start_again(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serve that read the data dir's keys just before a rotation on the same host
+    committed (its key binding waited for the rotation's transaction) is refused, told to
+    start again, not to copy keys it already has; started again, it runs."""
+    from replayguard import runtime
+
+    settings = make_settings()
+    api = await api_factory()
+    await api.client.close()
+    read_before = load_keys(settings)
+    await _rotate(settings, ["secret", "receipt"])
+    monkeypatch.setattr(runtime, "load_keys", lambda _settings: read_before)
+    with pytest.raises(ConfigError, match=r"secret key and the receipt key differ\): its secret key was retired by"
+                                          r" a key rotation at .* that committed after this process read its keys,"
+                                          r" and the key files already hold the rotated keys: start it again;") as e:
+        await api_factory()
+    assert "copy" not in e.value.message, e.value.message
+    monkeypatch.undo()
+    again = await api_factory()
+    assert (await _nonce(again, uid("vm")))["decision"] == "accept"
+
+
+async def test_keys_a_rotation_left_to_rename_into_place_are_the_rotated_ones_too(
+        fresh_database: Callable[[], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a rotation's commit and its renames the data dir holds the rotated key as its
+    ``.next`` file: a process holding the keys read before is told to start again; one whose
+    data dir has neither the rotated key nor its ``.next`` file is told to copy them."""
+    from replayguard.keys import keys_location, keys_on_disk
+    from replayguard.services.key_binding import hold_to_binding
+
+    dsn = await fresh_database()
+    settings = Settings(database_url=_secret(dsn), data_dir=tmp_path / "data")
+    keys = load_keys(settings)
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
+                                         application_name="replayguard-1-keys-test")
+    try:
+        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+        monkeypatch.setattr(key_rotation, "promote_pending", lambda _s, _name, _old: Path("not-renamed"))
+        await key_rotation.rotate(pool, settings, keys, ["receipt"], 2)
+        assert pending_path(key_paths(settings)["receipt"]).exists()
+        with pytest.raises(ConfigError, match=r"the key files already hold the rotated keys: start it again"):
+            await hold_to_binding(pool, keys, 3, keys_location(settings), {}, partial(keys_on_disk, settings))
+        pending_path(key_paths(settings)["receipt"]).unlink()
+        with pytest.raises(ConfigError, match=r"copy the rotated keys \(with retired/\) from where"):
+            await hold_to_binding(pool, keys, 3, keys_location(settings), {}, partial(keys_on_disk, settings))
+    finally:
+        await pool.close()
 
 
 async def test_a_backup_from_before_a_rotation_is_moved_to_the_current_keys(
