@@ -1,4 +1,5 @@
-"""``replayguard keys rotate``: the secret, receipt or signing key replaced, the database moved.
+"""``replayguard keys rotate``: the secret, receipt or signing key replaced, the database moved;
+``replayguard keys show``: the deployment id and every key's ids, as one JSON line.
 
 Run with the data dir (and ``database_url``) ``serve`` uses, with every instance stopped:
 the rotation refuses while another replayguard process is connected to the database,
@@ -8,6 +9,10 @@ ever holds a key (only key ids). It makes no key it does not find (a data dir wi
 them is the wrong one). ``--restored`` moves a database restored from a backup
 taken before a rotation (bound to keys this data dir retired) to the current keys.
 ``--signing`` rotates the checkpoint signing key on its own (``services/signing_rotation.py``).
+
+``show`` starts as any command on the database does (the key binding holds it to the
+database's keys) and prints ``services/key_report.py``'s report: ids, public keys and the
+ledger spans they cover, never a key.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from ..settings import Settings
 def register(sub: Any) -> None:
     from .main import add_setting_flags
 
-    keys = sub.add_parser("keys", help="rotate the secret key, the receipt key or the checkpoint signing key")
+    keys = sub.add_parser("keys", help="rotate the secret key, the receipt key or the checkpoint signing key;"
+                                       " show every key's id")
     cmds = keys.add_subparsers(dest="keys_command", required=True)
     rotate = cmds.add_parser("rotate", help="replace keys and move the database to them (every instance stopped)")
     add_setting_flags(rotate)
@@ -38,6 +44,10 @@ def register(sub: Any) -> None:
     rotate.add_argument("--restored", action="store_true",
                         help="move a database restored from a backup taken before a rotation to the current keys")
     rotate.set_defaults(handler=cmd_rotate)
+    show = cmds.add_parser("show", help="print the deployment id, every signing key's id, public key and span of"
+                                        " the ledger, and the receipt and secret keys' ids (one JSON line, no key)")
+    add_setting_flags(show)
+    show.set_defaults(handler=cmd_show)
 
 
 async def _others_retired(pool: Any, keys: Any) -> bool:
@@ -72,6 +82,21 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     done = run_async(_rotate(settings, names, restored=args.restored))
     print(orjson.dumps(done).decode())
     return 0
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from .main import run_async
+
+    print(orjson.dumps(run_async(_show(settings))).decode())
+    return 0
+
+
+async def _show(settings: Settings) -> dict[str, Any]:
+    from ..runtime import open_runtime
+    from ..services.key_report import key_report
+
+    async with open_runtime(settings) as runtime:
+        return await key_report(runtime.pool, settings, runtime.keys, runtime.continuity.signers)
 
 
 async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
     listing.add_argument("--limit", type=checkpoints_limit, default=20,
                          help=f"how many ({CHECKPOINTS_LIMIT[0]} to {CHECKPOINTS_LIMIT[1]}; default 20)")
     listing.set_defaults(handler=cmd_checkpoints)
-    public = cmds.add_parser("public-key", help="print the checkpoint-signing public key (PEM)")
+    public = cmds.add_parser("public-key", help="print the current checkpoint-signing public key (PEM; every one"
+                                                " since the first, with its span of the ledger: 'keys show')")
     _add_common(public)
     public.set_defaults(handler=cmd_public_key)
     recover = cmds.add_parser("accept-rollback", help="record that the ledger went back in time, and move on")

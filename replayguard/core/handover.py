@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import checkpoints as cps
+from . import timefmt
 from .checkpoints import Checkpoint
 from .continuity import Statement, statement_valid
 
@@ -165,6 +166,22 @@ class Signers:
         """A recovery statement signed by the key whose span holds its recovery entry."""
         signer = self.by_id(st.key_id)
         return signer is not None and signer.spans(st.recovery_seq) and statement_valid(signer.public, st)
+
+
+def signers_json(signers: Signers, file_ids: Mapping[bytes, str]) -> list[dict[str, object]]:
+    """Each signing key of the chain, oldest first, as ``keys show`` prints it: its id (as
+    checkpoints and witnesses name it), its key file's id where ``file_ids`` (by raw public
+    key) knows it (as key files and ``key_rotation`` entries name it), its public key, the
+    span of entries whose checkpoints it signs (``last_seq`` None: to the end) and when it
+    was handed over. Public halves only."""
+    found: list[dict[str, object]] = []
+    for n, signer in enumerate(signers.chain):
+        handover = signers.handovers[n] if n < len(signers.handovers) else None
+        found.append({"key_id": signer.key_id, "file_id": file_ids.get(raw_public(signer.public)),
+                      "public_key_pem": cps.public_key_pem(signer.public), "first_seq": signer.first_seq,
+                      "last_seq": signer.last_seq,
+                      "handed_over_at": None if handover is None else timefmt.rfc3339_us(handover.ts_us)})
+    return found
 
 
 def chain_of(handovers: Sequence[Handover], current: Ed25519PublicKey) -> Signers:

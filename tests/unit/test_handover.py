@@ -16,7 +16,9 @@ from replayguard.core.handover import (
     handover_json,
     handover_valid,
     handovers_from_json,
+    raw_public,
     sign_handover,
+    signers_json,
 )
 
 K0, K1, K2, OTHER = (Ed25519PrivateKey.generate() for _ in range(4))
@@ -94,3 +96,16 @@ def test_handovers_round_trip_and_malformed_ones_are_value_errors() -> None:
         handovers_from_json([handover_json(H01)] * 65)
     assert not handover_valid(Handover(H01.base_seq + 1, H01.base_hash, H01.ts_us, H01.old_public, H01.new_public,
                                        H01.signature))
+
+
+def test_signers_json_gives_each_key_its_ids_public_key_span_and_handover_time() -> None:
+    """Two rotations: three entries, oldest first, each with its key id, the file id known
+    for it (null where none is), its PEM, its span and when it was handed over (null for
+    the current key); nothing but public halves."""
+    signers = chain_of([H01, H12], K2.public_key())
+    shown = signers_json(signers, {raw_public(K0.public_key()): "f0", raw_public(K2.public_key()): "f2"})
+    assert [(e["key_id"], e["file_id"], e["first_seq"], e["last_seq"], e["handed_over_at"]) for e in shown] == [
+        (D, "f0", 0, 10, "1970-01-01T00:00:00.001000Z"),
+        (cps.key_id(K1.public_key()), None, 11, 20, "1970-01-01T00:00:00.002000Z"),
+        (cps.key_id(K2.public_key()), "f2", 21, None, None)]
+    assert [e["public_key_pem"] for e in shown] == [cps.public_key_pem(k.public_key()) for k in (K0, K1, K2)]
