@@ -1,6 +1,7 @@
-// Alerts: the filterable list, newest first, kept current by the live stream; and the
-// detail of one alert (its history, the ledger entries behind it, its rollback windows
-// and the hypervisor events inside them) with acknowledge-with-a-note.
+// Alerts: the filterable list, newest first, kept current by the live stream and held to
+// LIST_CAP alerts (the others a page read away); and the detail of one alert (its history,
+// the ledger entries behind it, its rollback windows and the hypervisor events inside them)
+// with acknowledge-with-a-note.
 
 import { aborted, api, query } from "./api.js";
 import { badge, clear, errorBox, h, link, table, when } from "./dom.js";
@@ -57,36 +58,50 @@ function row(alert, selected) {
 
 const byNewest = (a, b) => Number(b.id) - Number(a.id);
 const PAGE = 100;
+// The most alerts the list holds: a guest raising alert after alert (its callout token can make
+// reuse after reuse) must not grow the page's rows and memory without end. Beyond it the list
+// drops the oldest (a live alert) or the newest (an older page), and "Older alerts" or
+// "Newer alerts" reads them again. Below the service's largest page (500), so a read that
+// reaches past the listed alerts (READ_MAX) always brings new ones.
+const LIST_CAP = 400;
+const READ_MAX = 500;
+// The live changes a page load in flight keeps (to apply on top of the page when it lands):
+// beyond them the page is read again, rather than memory growing with a flood.
+const CHANGES_CAP = LIST_CAP;
+// The cursors of loaded pages kept, to read the alerts below the list after its oldest were dropped.
+const MARKS_CAP = 8;
 
 export async function render(main, params, ctx) {
   const selected = params[0] || null;
   let items = [];
-  let cursor = null;
-  // The id of the oldest alert the loaded pages reach (null: every page is loaded). An alert
-  // older than it belongs to a page not loaded yet: "Older alerts" lists it in its place.
+  // The read that lists the next older alerts: the cursor (null: from the newest) and the id
+  // below which it reads (Infinity from the newest); null when every older alert is listed.
+  let next = null;
+  // The cursors pages gave, by the id below which each reads, none below `floor`.
+  let marks = [];
+  // The id of the oldest alert the list reaches (null: every page is loaded). An alert older
+  // than it belongs to a page not loaded yet (or dropped): "Older alerts" lists it in its place.
   let floor = null;
+  // The id of the newest alert the list holds once older pages pushed the newest out (null: the
+  // list reaches the newest, and new alerts are listed as they come): "Newer alerts" reads them.
+  let ceiling = null;
   // Each filter starts a new list: a page of an earlier one that lands later is dropped.
   let generation = 0;
-  // The latest state of every alert seen here, from a page or the stream, by its change (the
-  // position of the change in the stream of alert changes): the newest state always wins.
-  const known = new Map();
-  // For each page load in flight, the ids of the alerts the stream changed since it started:
-  // the page was read before those changes, so they are applied on top of it when it lands.
+  // The database went back in time: the listed alerts may be another history's, so a live
+  // change is not compared with them until the list read again lands.
+  let forgetful = false;
+  // The page loads in flight, each with the latest state of every alert the stream changed
+  // since it started: the page was read before those changes, so they go on top of it.
   const loads = new Set();
   const body = h("tbody", { id: "alert-rows" });
   const more = h("button", { type: "button", id: "more", hidden: true }, "Older alerts");
+  const newer = h("button", { type: "button", id: "newer", hidden: true }, "Newer alerts");
   const listError = h("div");
   const detailPane = h("section", { class: "detail", id: "alert-detail" },
     h("p", { class: "muted" }, "Select an alert to see its evidence."));
 
-  /** The alert's latest known state: the one given, unless a later change of it was seen. */
-  const remember = (alert) => {
-    const mine = known.get(alert.id);
-    if (mine !== undefined && mine.change >= alert.change) return mine;
-    known.set(alert.id, alert);
-    return alert;
-  };
-  const listable = (alert) => floor === null || Number(alert.id) >= floor;
+  const listable = (alert) => (floor === null || Number(alert.id) >= floor)
+    && (ceiling === null || Number(alert.id) <= ceiling);
   /** Lists, updates or unlists one alert by the filter; false when the list is unchanged. */
   const place = (alert) => {
     const at = items.findIndex((a) => a.id === alert.id);
@@ -96,33 +111,58 @@ export async function render(main, params, ctx) {
     else return false;
     return true;
   };
+  /** Lists the alerts below `low` next: from the nearest page cursor at or above it, or the newest. */
+  const reachBelow = (low) => {
+    marks = marks.filter((m) => m.id >= low).sort((a, b) => a.id - b.id).slice(0, MARKS_CAP);
+    next = marks[0] ?? { id: Infinity, cursor: null };
+  };
+  /** Keeps the list within LIST_CAP (sorted newest first): drops the newest (`fromTop`) or the
+   *  oldest beyond it, and moves the list's bound past them. Returns what it dropped. */
+  const trim = (fromTop) => {
+    if (items.length <= LIST_CAP) return [];
+    if (fromTop) {
+      const dropped = items.splice(0, items.length - LIST_CAP);
+      ceiling = Number(items[0].id);
+      return dropped;
+    }
+    const dropped = items.splice(LIST_CAP);
+    floor = Number(items[items.length - 1].id);
+    reachBelow(floor);
+    return dropped;
+  };
   /** A landed page with every change seen since it was read on top. */
-  const settle = (page, changed, append) => {
-    cursor = page.next_cursor;
+  const settle = (page, changes, append, fromNewest) => {
+    if (!append) { items = []; marks = []; forgetful = false; }
+    if (!append || fromNewest) ceiling = null;  // the page reaches the newest
     const last = page.items[page.items.length - 1];
-    if (cursor === null) floor = null;
-    else if (last !== undefined) floor = Number(last.id);
-    if (!append) items = [];
+    if (page.next_cursor === null) { next = null; floor = null; marks = []; }
+    else if (last !== undefined) {
+      const id = Number(last.id);
+      floor = append && floor !== null ? Math.min(floor, id) : id;
+      marks.push({ id, cursor: page.next_cursor });
+      reachBelow(floor);
+    }
     const read = new Set();
     for (const alert of page.items) {
       read.add(alert.id);
-      const latest = remember(alert);
-      if (latest.change > alert.change) place(latest);  // changed on the stream after the page was read
-      else {
-        const at = items.findIndex((a) => a.id === alert.id);
-        if (at >= 0) items[at] = alert;
-        else items.push(alert);
-      }
+      const at = items.findIndex((a) => a.id === alert.id);
+      const later = [changes.get(alert.id), items[at]].filter((a) => a && a.change > alert.change)
+        .sort((a, b) => b.change - a.change)[0];
+      if (later) place(later);  // changed on the stream after the page was read
+      else if (at >= 0) items[at] = alert;
+      else items.push(alert);
     }
-    for (const id of changed) if (!read.has(id)) place(known.get(id));
+    for (const [id, alert] of changes) if (!read.has(id)) place(alert);
     items.sort(byNewest);
+    trim(append);
   };
 
   const empty = () => h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No alerts match."));
+  const bounds = () => { more.hidden = next === null; newer.hidden = ceiling === null; };
   const paint = () => {
     clear(body).append(...items.map((a) => row(a, selected)));
     if (!items.length) body.append(empty());
-    more.hidden = cursor === null;
+    bounds();
   };
   const rowOf = (id) => body.querySelector(`tr[data-alert-id="${CSS.escape(id)}"]`);
   /** Redraws one alert's row after `place` (listed, updated or unlisted), leaving the other
@@ -143,26 +183,35 @@ export async function render(main, params, ctx) {
     if (!append) generation += 1;
     const mine = generation;
     const q = { ...filters, since: toQueryTime(filters.since), until: toQueryTime(filters.until), limit: PAGE };
-    if (append && cursor) q.cursor = cursor;
-    const changed = new Set();
-    loads.add(changed);
+    const from = append ? next : null;
+    if (from !== null) {
+      // The listed alerts below the cursor's id come again: read past them.
+      if (from.cursor) q.cursor = from.cursor;
+      q.limit = Math.min(READ_MAX, PAGE + items.filter((a) => Number(a.id) < from.id).length);
+    }
+    const pending = { generation: mine, changes: new Map(), overrun: false };
+    for (const other of loads) if (other.generation !== mine) other.changes.clear();  // superseded
+    loads.add(pending);
     body.setAttribute("aria-busy", "true");
     more.disabled = true;
+    newer.disabled = true;
     clear(listError);
     let failed = false;
     try {
       const page = await api(`/v1/alerts${query(q)}`, { signal: ctx.signal });
-      if (mine === generation) settle(page, changed, append);
+      if (mine === generation && !pending.overrun) settle(page, pending.changes, append, from !== null && !from.cursor);
     } catch (error) {
       if (aborted(error)) return "left";  // the page was left
       failed = true;
       if (mine === generation) listError.append(errorBox(error));
     } finally {
-      loads.delete(changed);
+      loads.delete(pending);
       body.setAttribute("aria-busy", String(loads.size > 0));
     }
     if (mine !== generation) return "superseded";  // a later filter's page is loading or shown
+    if (!failed && pending.overrun) return load(append);  // more changes came than it keeps: read it again
     more.disabled = false;
+    newer.disabled = false;
     paint();
     return failed ? "failed" : "loaded";
   };
@@ -173,12 +222,14 @@ export async function render(main, params, ctx) {
   const apply = h("button", { type: "button", id: "apply" }, "Filter");
   apply.addEventListener("click", () => { for (const c of controls) filters[c.name] = c.value.trim(); load(false); });
   more.addEventListener("click", () => load(true));
+  newer.addEventListener("click", () => load(false));
 
   main.append(h("div", { class: "split" },
     h("section", { class: "list" },
       h("h1", {}, "Alerts"),
       h("div", { class: "filters" }, controls, apply),
       listError,
+      newer,
       table(["id", "severity", "kind", "status", "VM", "principal", "count", "last seen"], body, { class: "alerts" }),
       more),
     detailPane));
@@ -199,19 +250,31 @@ export async function render(main, params, ctx) {
   };
   const stop = ctx.onAlert((alert) => {
     if (alert.id === selected) reread();
-    if (remember(alert) !== alert) return;  // a page read after this change already listed it
-    for (const changed of loads) changed.add(alert.id);
+    const listed = items.find((a) => a.id === alert.id);
+    if (!forgetful && listed && listed.change >= alert.change) return;  // a page read after this change listed it
+    for (const pending of loads) {
+      if (pending.generation !== generation || pending.overrun) continue;
+      if (pending.changes.size >= CHANGES_CAP && !pending.changes.has(alert.id)) {
+        pending.overrun = true;  // it is read again when it lands
+        pending.changes.clear();
+      } else pending.changes.set(alert.id, alert);
+    }
     if (!place(alert)) return;
     items.sort(byNewest);
-    repaint(alert)?.classList.add("fresh");
+    // At the cap, the oldest go (the newest when older pages pushed the newest out already).
+    const dropped = trim(ceiling !== null);
+    const tr = repaint(alert);
+    for (const gone of dropped) rowOf(gone.id)?.remove();
+    tr?.classList.add("fresh");
+    bounds();
   });
   // The database went back in time: the ids and change numbers seen may name alerts of
-  // another history, so what was known is forgotten and the list is read again.
+  // another history, so the listed ones are not trusted and the list is read again.
   // A read right after the database went back may fail (the service reconnecting to it):
   // it is tried again, every few seconds, until it lands, the page is left or a filter or a
   // later go-back reads the list anew.
   const stopBack = ctx.onBack(async () => {
-    known.clear();
+    forgetful = true;
     if (selected) showDetail(detailPane, selected, ctx.signal);
     for (let delay = 500; ; delay = Math.min(delay * 2, 8000)) {
       if ((await load(false)) !== "failed") return;

@@ -1,6 +1,7 @@
 """The console attacked as a pentester would, in a real browser: links crafted to reach
 what every object inherits, markup put where the page would parse it, a console left
-open on a token that was revoked, and a flood of alerts from a guest.
+open on a token that was revoked, a menu shown to whoever opens the login page, and a
+flood of alerts from a guest.
 
 The identifiers an attacker chooses rendering as text is in ``test_console.py``
 (``test_hostile_identifiers_render_as_inert_text``); the headers every answer carries are
@@ -9,15 +10,36 @@ in ``tests/api/test_access_control.py`` and ``tests/api/test_console_static.py``
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from tests.api.test_analysts import reuse_alert
 from tests.browser.conftest import HeldResponses, Tab, settle
-from tests.browser.test_console import WAIT_MS, sign_in
+from tests.browser.test_console import WAIT_MS, alerts_list_reads, sign_in
 from tests.conftest import Api, uid
 from tests.waiting import until
+
+LIST_CAP = 400  # the most alerts the list holds (replayguard/console/alerts.js)
+
+
+async def raise_alerts(api: Api, count: int) -> list[int]:
+    """Raises ``count`` reuse alerts, each on a VM of its own, a few at a time; returns their ids."""
+    ids: list[int] = []
+    while len(ids) < count:
+        batch = min(10, count - len(ids))
+        raised = await asyncio.gather(*(reuse_alert(api, uid("guest-vm"), uid("scope")) for _ in range(batch)))
+        ids += [int(alert_id) for alert_id, _ in raised]
+    return ids
+
+
+async def listed_ids(page: Any) -> list[int]:
+    """The ids of the alert list's rows, top to bottom."""
+    ids = await page.locator("#alert-rows tr[data-alert-id]").evaluate_all(
+        "(rows) => rows.map((tr) => tr.dataset.alertId)")
+    return [int(alert_id) for alert_id in ids]
 
 
 @pytest.mark.parametrize("name", ["constructor", "__proto__", "toString", "hasOwnProperty"])
@@ -140,3 +162,89 @@ async def test_an_open_alert_replayed_in_a_loop_is_read_again_one_read_at_a_time
     await detail.locator(f"dt:text-is('count') + dd:text-is('{replays + 1}')").wait_for(timeout=WAIT_MS)
     await settle(page)
     assert detail_reads() - before == 2
+
+
+async def test_the_menu_shows_only_while_logged_in(api: Api, tab: Tab) -> None:
+    """The menu (Alerts, VMs, Ledger) is not shown on the login page, neither before logging in
+    nor after logging out: the stylesheet's layout of the menu does not undo its ``hidden``."""
+    page = tab.page
+    links = page.locator("#nav, #nav a, #logout")
+    await page.goto(str(api.client.make_url("/console/")))
+    await page.locator("#token").wait_for(timeout=WAIT_MS)
+    assert [await link.is_visible() for link in await links.all()] == [False] * 6
+    await sign_in(tab, api)
+    assert [await link.is_visible() for link in await links.all()] == [True, True, True, True, False, True]
+    await page.locator("#logout").click()
+    await page.locator("#token").wait_for(timeout=WAIT_MS)
+    assert [await link.is_visible() for link in await links.all()] == [False] * 6
+
+
+async def test_a_flood_of_live_alerts_keeps_the_list_within_its_cap_and_older_pages_reachable(
+        api: Api, tab: Tab) -> None:
+    """A guest raising more live alerts than the list holds leaves the analyst's list at its cap,
+    showing the newest; "Older alerts" still reaches every alert (those pushed out included),
+    the list never beyond its cap, and "Newer alerts" goes back to the newest."""
+    page = tab.page
+    earlier = await raise_alerts(api, 150)  # a first page (100) and one more below it
+    await sign_in(tab, api)
+    await page.locator("#more:not([hidden])").wait_for(timeout=WAIT_MS)
+    await page.evaluate("""() => {
+        const body = document.querySelector("#alert-rows");
+        window.__most = 0;
+        new MutationObserver(() => {
+            window.__most = Math.max(window.__most, body.querySelectorAll("tr[data-alert-id]").length);
+        }).observe(body, { childList: true });
+    }""")
+    flood = await raise_alerts(api, LIST_CAP + 1)
+    newest = max(flood)
+    everything = sorted(earlier + flood, reverse=True)
+
+    async def lists_the_newest() -> bool:
+        return set(everything[:LIST_CAP]) <= set(await listed_ids(page))
+
+    await until(lists_the_newest, "the newest alerts to be listed live", timeout=WAIT_MS / 1000)
+    ids = await listed_ids(page)
+    assert ids == everything[:LIST_CAP], "the list does not hold the newest alerts, at most its cap"
+    assert await page.evaluate("() => window.__most") == LIST_CAP
+    assert await page.locator("#newer").is_hidden() and await page.locator("#more").is_visible()
+
+    seen = set(ids)
+    for _ in range(len(everything) // 100 + 2):  # every page, and a click to spare
+        if await page.locator("#more").is_hidden():
+            break
+        await page.locator("#more").click()  # the list is busy (aria-busy) from the click until it is drawn
+        await page.locator('#alert-rows[aria-busy="false"]').wait_for(state="attached", timeout=WAIT_MS)
+        ids = await listed_ids(page)
+        assert len(ids) <= LIST_CAP and ids == sorted(set(ids), reverse=True)
+        seen |= set(ids)
+    assert await page.locator("#more").is_hidden(), "older alerts are still not listed"
+    assert seen == set(everything), f"alerts never listed: {sorted(set(everything) - seen)}"
+    assert ids[-1] == min(everything) and await page.locator("#newer").is_visible()
+
+    await page.locator("#newer").click()
+    await page.locator("#newer[hidden]").wait_for(state="attached", timeout=WAIT_MS)
+    assert (await listed_ids(page))[0] == newest
+
+
+async def test_a_flood_while_the_list_loads_is_not_kept_for_it_beyond_the_cap(api: Api, tab: Tab) -> None:
+    """More live alerts than the list holds, arriving while a page of the list is loading, are not
+    all kept to go on top of that page: when it lands the page is read again, and the list holds
+    the newest page."""
+    page = tab.page
+    await sign_in(tab, api)
+    held = HeldResponses()
+    await page.route(lambda url: "/v1/alerts?" in url, held.handle)
+    reads_before = alerts_list_reads(tab)
+    await page.locator("#apply").click()
+    await until(held.fetched, "the list's page to be read (and held)")
+    flood = sorted(await raise_alerts(api, LIST_CAP + 1), reverse=True)
+
+    async def lists_the_newest() -> bool:
+        return set(flood[:LIST_CAP]) <= set(await listed_ids(page))
+
+    await until(lists_the_newest, "the flood to be listed live", timeout=WAIT_MS / 1000)
+    held.release()
+    await until(lambda: alerts_list_reads(tab) >= reads_before + 2, "the page to be read again")
+    await page.locator('#alert-rows[aria-busy="false"]').wait_for(state="attached", timeout=WAIT_MS)
+    assert await listed_ids(page) == flood[:100]
+    assert alerts_list_reads(tab) == reads_before + 2
