@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -33,6 +34,7 @@ from .state import ANALYSTS, CALLER, RUNTIME, Analysts
 
 ROLES = ("analyst",)
 WRITE_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 def _svc(request: web.Request) -> Analysts:
@@ -78,14 +80,23 @@ def _frame(alert: dict[str, Any]) -> bytes:
     return b"id: %s\nevent: alert\ndata: %s\n\n" % (stream_ids.of_alert(alert).encode(), orjson.dumps(alert))
 
 
-async def _position(request: web.Request, resp: web.StreamResponse, upto: int | None) -> int:
-    """Sends the stream's position, an id-only frame: the change the database holds at or
-    below ``upto`` (None: its last), so a client resumed from it is checked like one resumed
-    from an event's id. Returns that change (0: the start)."""
+async def _held_at(request: web.Request, upto: int | None) -> tuple[int, str]:
+    """The stream's position: the change the database holds at or below ``upto`` (None: its
+    last) and the id that names it, so a client resumed from it is checked like one resumed
+    from an event's id (0: the start)."""
     _, held = await _svc(request).alerts.held_at(upto)
-    change, event_id = stream_ids.position(held)
-    await _send(resp, b"id: %s\n\n" % event_id.encode())
+    return stream_ids.position(held)
+
+
+async def _position(request: web.Request, resp: web.StreamResponse, upto: int | None) -> int:
+    """Sends the stream's position (``_held_at``) as an id-only frame; returns its change."""
+    change, event_id = await _riding_out(request, lambda: _held_at(request, upto))
+    await _send_position(resp, event_id)
     return change
+
+
+async def _send_position(resp: web.StreamResponse, event_id: str) -> None:
+    await _send(resp, b"id: %s\n\n" % event_id.encode())
 
 
 async def _send(resp: web.StreamResponse, data: bytes) -> None:
@@ -113,7 +124,27 @@ def _token(request: web.Request) -> str:
 async def _token_valid(request: web.Request) -> bool:
     """Whether the token that opened the stream is still valid (revoked: the stream ends).
     Cheap: the API token cache answers until a token change is announced or it ages out."""
-    return await request.app[RUNTIME].api_tokens.authenticate(_token(request)) is not None
+    return await _riding_out(request, lambda: request.app[RUNTIME].api_tokens.authenticate(_token(request))) \
+        is not None
+
+
+async def _riding_out(request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
+    """``read``, a read of the database, tried again while the database cannot be reached,
+    for up to the stream's heartbeat interval: an open stream rides out a blip (a restart,
+    a restore, a failover, when its token must be checked again and its position read) and
+    sends nothing meanwhile. A longer outage ends it (``Unavailable``); its client resumes
+    with Last-Event-ID."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + request.app[RUNTIME].settings.sse_heartbeat_s
+    delay = 0.05
+    while True:
+        try:
+            return await read()
+        except Unavailable:
+            if loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 async def _resume_from(request: web.Request, claimed: stream_ids.EventId) -> int:
@@ -128,9 +159,11 @@ async def _resume_from(request: web.Request, claimed: stream_ids.EventId) -> int
 
 
 async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
-                claimed: stream_ids.EventId | None) -> None:
-    """The stream's position first (a new stream: the current change, read after
-    subscribing, so no change falls between; a resumed one: after replaying what was missed),
+                start: stream_ids.EventId | tuple[int, str]) -> None:
+    """The stream's position first (a new stream: ``start``, the current change and its id,
+    read after subscribing and before the answer's headers, so no change falls between and
+    every change made once the client has the headers is sent; a stream resumed from
+    ``start``, the client's Last-Event-ID: after replaying what was missed),
     then every live change above it, while the caller's token stays valid. A live change at
     or below the position is one the client has (or an alert's older state): never sent.
     A Last-Event-ID whose alert only changed again since resumes after it. One that shows
@@ -144,13 +177,14 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
     follow may be another history."""
     heartbeat = request.app[RUNTIME].settings.sse_heartbeat_s
     await _send(resp, b"retry: 2000\n\n")
-    upto = None
-    if claimed is not None:
-        after = await _resume_from(request, claimed)
-        if after < claimed.change:  # from the start: an id-only frame ``0`` first, as a go-back frame
-            await _send(resp, b"id: %s\n\n" % stream_ids.position(None)[1].encode())
-        upto = await _catch_up(request, resp, after)
-    last = sub.position = await _position(request, resp, upto)
+    if isinstance(start, stream_ids.EventId):
+        after = await _resume_from(request, start)
+        if after < start.change:  # from the start: an id-only frame ``0`` first, as a go-back frame
+            await _send_position(resp, stream_ids.position(None)[1])
+        last = sub.position = await _position(request, resp, await _catch_up(request, resp, after))
+    else:
+        last = sub.position = start[0]
+        await _send_position(resp, start[1])
     while not sub.dropped:
         try:
             item = await asyncio.wait_for(sub.queue.get(), heartbeat)
@@ -184,6 +218,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     feed = _svc(request).feed
     sub = feed.subscribe()
     try:
+        # A new stream's position is read before its headers go: a 503 while the database
+        # cannot be reached, and a client that has the headers gets every later change.
+        start = last if last is not None else await _held_at(request, None)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -192,7 +229,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # reads and sends: it stops when its client leaves, so a stream nobody reads does
         # not hold its place under max_sse_subscribers until its next heartbeat.
         with contextlib.suppress(ConnectionError, TimeoutError, Unavailable), stops_with_client(request):
-            await _pump(request, resp, sub, last)
+            await _pump(request, resp, sub, start)
     finally:
         feed.unsubscribe(sub)
     return resp

@@ -41,6 +41,15 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
+# What a server that is up answers a new session on a database it will not open now: closed
+# to sessions (a restore or a copy of it under way), renamed or dropped away (a restore in
+# place), or refused by its authentication. A pool that must reconnect gets these.
+SESSION_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+)
+
 
 def embedded_url(data_dir: Path, buffers_mb: int = 0) -> str:
     """Starts (or joins) the embedded PostgreSQL of ``data_dir`` (see ``replayguard.pg.embedded``)."""
@@ -157,7 +166,7 @@ class _Acquire:
         self._ctx = self._pool.acquire()
         try:
             conn: asyncpg.Connection = await self._ctx.__aenter__()
-        except UNAVAILABLE_ERRORS:
+        except (*UNAVAILABLE_ERRORS, *SESSION_REFUSED_ERRORS):
             raise Unavailable("the database cannot be reached right now") from None
         return conn
 

@@ -41,6 +41,21 @@ async def _closed_to_sessions(admin: asyncpg.Connection, name: str, statement: s
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
+@contextlib.asynccontextmanager
+async def refusing_sessions(dsn: str) -> AsyncIterator[None]:
+    """``dsn``'s database takes no session while the block runs (a restart, a restore under
+    way): its sessions are ended and new ones refused, until the block ends."""
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'ALTER DATABASE "{_name(dsn)}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = $1 AND pid <> pg_backend_pid()", _name(dsn))
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{_name(dsn)}" ALLOW_CONNECTIONS true')
+        await admin.close()
+
+
 async def snapshot(dsn: str) -> str:
     """A copy of the database as it is now; returns the copy's DSN (for the test's scratch
     list: ``restore`` moves it under the original name)."""

@@ -7,6 +7,7 @@ changes as it lost before the feed read again)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -31,7 +32,7 @@ from replayguard.settings import Secret
 from tests.api.test_alert_log import alert_lines
 from tests.api.test_analysts import reuse_alert
 from tests.conftest import REPO, Api, cli_env, uid
-from tests.integration.db_restore import restore, scratch_dbs, settled, snapshot
+from tests.integration.db_restore import refusing_sessions, restore, scratch_dbs, settled, snapshot
 from tests.integration.tcp_proxy import proxied
 from tests.waiting import until
 
@@ -402,6 +403,120 @@ async def test_an_idle_stream_of_a_revoked_token_ends_at_its_next_heartbeat(api_
 
     await asyncio.wait_for(ended(), 20)
     resp.close()
+
+
+async def test_a_change_made_once_the_client_has_the_headers_is_sent(
+        api_factory: Callable[..., Any], database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's position is read before its headers go: an alert the client raises as
+    soon as it has them is sent, even when the position's read is slow (here it waits up
+    to a second for the client, which raises its alert on the headers)."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    alerts = api.client.app[ANALYSTS].alerts
+    real_held_at, raised = alerts.held_at, asyncio.Event()
+
+    async def slow_held_at(upto: int | None) -> Any:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(raised.wait(), 1)
+        return await real_held_at(upto)
+
+    monkeypatch.setattr(alerts, "held_at", slow_held_at)
+    resp = await open_stream(api)
+    try:
+        vm_id = uid("vm")
+        alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
+        raised.set()
+        _, alert = await next_alert(resp, vm_id)
+    finally:
+        resp.close()
+    assert alert["id"] == alert_id
+
+
+async def test_a_new_stream_while_the_database_cannot_be_reached_is_refused_with_503(
+        api_factory: Callable[..., Any], database_url: str) -> None:
+    """No stream opens on a position it could not read: 503 ``unavailable``, the client tries
+    again, instead of an open stream that ends."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    (await open_stream(api)).close()
+    async with refusing_sessions(database_url):
+        resp = await api.client.get("/v1/alerts/stream", headers=api.auth("analyst"))
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "unavailable"
+    resp.close()
+
+
+def _outage_at_the_streams_next_token_check(
+        api: Api, database_url: str, monkeypatch: pytest.MonkeyPatch,
+        reopen: asyncio.Event) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
+    """The database stops taking sessions as the stream checks its token before its next
+    alert, until ``reopen`` is set; the token's cached answer is dropped, so the check must
+    read the database. Returns the event set once the outage began, and the outage's task
+    (awaited after ``reopen``)."""
+    tokens, began = api.runtime.api_tokens, asyncio.Event()
+    real, stream_token = tokens.authenticate, api.tokens["analyst"]
+    outages: list[asyncio.Task[None]] = []
+
+    async def outage() -> None:
+        async with refusing_sessions(database_url):
+            began.set()
+            await reopen.wait()
+
+    async def checked(token: str) -> Any:
+        if token == stream_token and not began.is_set():
+            outages.append(asyncio.create_task(outage()))
+            await began.wait()
+            tokens._cache.clear()
+        return await real(token)
+
+    monkeypatch.setattr(tokens, "authenticate", checked)
+    return began, outages
+
+
+async def test_an_open_stream_rides_out_a_database_that_cannot_be_reached_for_a_moment(
+        api_factory: Callable[..., Any], database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away as the stream checks its token before an alert (a restart, a
+    restore): the stream sends nothing meanwhile, tries the check again, and sends the
+    alert once the database answers, instead of ending."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    resp = await open_stream(api)
+    reopen, outages = asyncio.Event(), []
+    try:
+        await first_id(resp)
+        began, outages = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
+        vm_id = uid("vm")
+        alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
+        await until(began.is_set, "the outage to begin")
+        await asyncio.sleep(0.5)  # a few tries of the check
+        reopen.set()
+        _, alert = await next_alert(resp, vm_id)
+    finally:
+        reopen.set()
+        await asyncio.gather(*outages)
+        resp.close()
+    assert alert["id"] == alert_id
+
+
+async def test_an_open_stream_ends_without_the_alert_when_the_database_stays_away(
+        api_factory: Callable[..., Any], database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same outage lasting past the heartbeat interval: the stream ends without sending
+    the alert (its token could not be checked), and its client resumes with Last-Event-ID."""
+    api: Api = await api_factory(database_url=Secret(database_url), sse_heartbeat_s=1)
+    resp = await open_stream(api)
+    reopen, outages = asyncio.Event(), []
+    lines = []
+    try:
+        await first_id(resp)
+        _, outages = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
+        await reuse_alert(api, uid("vm"), uid("scope"))
+
+        async def ended() -> None:
+            while line := await resp.content.readline():
+                lines.append(line)
+
+        await asyncio.wait_for(ended(), 20)
+    finally:
+        reopen.set()
+        await asyncio.gather(*outages)
+        resp.close()
+    assert not [line for line in lines if line.startswith(b"data: ")]
 
 
 async def test_an_alert_raised_on_one_instance_reaches_the_other(api_factory: Callable[..., Any]) -> None:

@@ -18,6 +18,7 @@ import pytest
 from replayguard.core.credentials import nonce_digest
 from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, uid
+from tests.integration.db_restore import refusing_sessions
 from tests.integration.owned_servers import OwnedPostgres
 
 ATTEMPTS = 5
@@ -174,3 +175,21 @@ async def test_a_backend_terminated_under_an_idle_pool_connection_is_a_503_not_a
         if resp.status == 503:
             break
     assert answers[-1] == (503, "unavailable"), answers
+
+
+async def test_a_database_that_refuses_sessions_is_a_503_not_a_500(
+        api_factory: Callable[..., Any], database_url: str) -> None:
+    """The server is up but the database takes no session (``ALLOW_CONNECTIONS false``, as
+    while a restore or a copy of it runs: "not currently accepting connections"): requests
+    that need a new pool connection are answered 503 ``unavailable``, never 500, and nothing
+    is accepted; the service answers again once the database takes sessions."""
+    api: Api = await api_factory(database_url=Secret(database_url))
+    assert (await api.get("/v1/alerts"))[0] == 200
+    async with refusing_sessions(database_url):
+        for _ in range(3):  # the pool's connections were ended: each request needs a new one
+            _assert_unavailable(*await api.get("/v1/alerts"))
+            _assert_unavailable(*await api.post("/v1/nonces/consume",
+                                                {"vm_id": uid("vm"), "scope": "refused", "nonce": uid()}))
+    await _wait_ready(api)
+    status, body = await api.post("/v1/nonces/consume", {"vm_id": uid("vm"), "scope": "refused", "nonce": uid()})
+    assert status == 200 and body["decision"] == "accept", body
