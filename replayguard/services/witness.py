@@ -140,6 +140,9 @@ def http_witness_name(url: str) -> str:
     return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{parts.path}"
 
 
+_ADMITTED = {a.value for a in Admission if not a.refused}
+
+
 class HttpWitness:
     def __init__(self, base_url: str, deployment_id: str, token: str | None) -> None:
         self.name = http_witness_name(base_url)
@@ -169,15 +172,18 @@ class HttpWitness:
             raise WitnessUnreachable(f"{self.name} answered an unreadable record: {exc}") from None
 
     async def put(self, record: Record) -> Admission:
+        """A 200 counts only with an admission a witness gives (``accept``, ``same``,
+        ``recovery``): anything else that answers 200 (a proxy's page, another service at
+        that URL) holds nothing, and is reported unreachable, never as holding the checkpoint."""
         status, body = await self._call("PUT", record.to_json())
-        if status == 200 and isinstance(body, dict):
-            try:
-                return Admission(body.get("admission"))
-            except ValueError:
-                return Admission.ACCEPT
         if status == 409:
             return Admission.STEPS_BACK
-        raise WitnessUnreachable(f"{self.name} answered {status}")
+        if status != 200:
+            raise WitnessUnreachable(f"{self.name} answered {status}")
+        admission = body.get("admission") if isinstance(body, dict) else None
+        if admission not in _ADMITTED:
+            raise WitnessUnreachable(f"{self.name} answered 200 without a witness's admission")
+        return Admission(admission)
 
 
 def build_witnesses(specs: tuple[str, ...], deployment_id: str, token: str | None) -> list[Witness]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from replayguard.core import checkpoints as cps
@@ -20,7 +21,7 @@ from replayguard.core.summaries import quoted
 from replayguard.errors import ConfigError
 from replayguard.http.app import create_app
 from replayguard.http.state import RUNTIME
-from replayguard.services.witness import Record
+from replayguard.services.witness import HttpWitness, Record, WitnessUnreachable
 from replayguard.settings import Secret, Settings
 from tests.conftest import ROLES, Api, FakeClock, ServiceTestServer, dead_url, free_port, run_cli, uid
 from tests.integration.test_ledger_continuity import alerts_of, nonce, readyz
@@ -230,3 +231,24 @@ async def test_witness_url_with_credentials_is_refused_at_start_naming_no_passwo
     with pytest.raises(ConfigError) as caught:
         await api_factory(witnesses=(url,), witness_token=token)
     assert WITNESS_PASSWORD not in caught.value.message and "credentials" in caught.value.message
+
+
+@pytest.mark.parametrize("answer", [b"{}", b'{"admission": "stored"}', b'["accept"]', b"<html>ok</html>", b""])
+async def test_a_witness_url_that_answers_200_without_an_admission_holds_nothing(answer: bytes) -> None:
+    """Something else answers 200 at a witness's URL (a proxy's page, another service): the
+    push is reported unreachable, never as a checkpoint the witness holds."""
+    async def anything(_request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        key = Ed25519PrivateKey.generate()
+        a_id, pem = cps.key_id(key.public_key()), cps.public_key_pem(key.public_key())
+        witness = HttpWitness(str(server.make_url("")).rstrip("/"), a_id, None)
+        with pytest.raises(WitnessUnreachable):
+            await witness.put(Record(a_id, pem, cps.sign(key, 10, secrets.token_bytes(32), 1_790_000_000_000_000)))
+    finally:
+        await server.close()
