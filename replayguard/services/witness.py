@@ -16,6 +16,9 @@ is one that the recovery the witness holds gave up.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +85,16 @@ class Witness(Protocol):
         """Offers a checkpoint; a refusal is returned, not raised; raises WitnessUnreachable."""
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, a regular file: anything else (a FIFO, a device) is refused
+    without waiting on it, so a witness path replaced by one never ties up a thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return file.read()
+
+
 class FileWitness:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -95,7 +108,7 @@ class FileWitness:
 
     def _read(self) -> Record | None:
         try:
-            raw = self.path.read_bytes()
+            raw = _read_regular(self.path)
         except FileNotFoundError:
             if not self.path.parent.is_dir():
                 raise WitnessUnreachable(f"directory {self.path.parent} does not exist") from None

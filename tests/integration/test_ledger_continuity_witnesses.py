@@ -4,6 +4,9 @@ what a witness holds is read before anything is written over it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -166,3 +169,21 @@ async def test_a_file_witness_refuses_a_checkpoint_of_the_chain_its_recovery_gav
     assert await witness.put(Record(a_id, pem, newer)) is Admission.ACCEPT
     assert await witness.put(Record(a_id, pem, abandoned)) is Admission.FORKS
     assert await witness.read() == Record(a_id, pem, newer, statement)
+
+
+async def test_a_file_witness_replaced_by_a_fifo_is_unreachable_without_waiting_on_it(tmp_path: Path) -> None:
+    """The witness path is a FIFO (or a device): reading and offering are refused as
+    unreachable at once, instead of a thread waiting for a writer at every check."""
+    path = tmp_path / "witness.json"
+    os.mkfifo(path)
+    witness = FileWitness(path)
+    key = Ed25519PrivateKey.generate()
+    a_id, pem = cps.key_id(key.public_key()), cps.public_key_pem(key.public_key())
+    record = Record(a_id, pem, cps.sign(key, 10, secrets.token_bytes(32), 1_790_000_000_000_000))
+    try:
+        for attempt in (witness.read(), witness.put(record)):
+            with pytest.raises(WitnessUnreachable, match="not a regular file"):
+                await asyncio.wait_for(attempt, 20)
+    finally:  # a thread still blocked on the FIFO (the test failing) is let go by a writer
+        with contextlib.suppress(OSError):  # ENXIO: no reader left
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
