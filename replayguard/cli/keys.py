@@ -22,6 +22,7 @@ import functools
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -91,10 +92,25 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _refuse_missing(settings: Settings, names: Iterable[str], purpose: str, outcome: str) -> None:
+    """Every other command makes the keys it does not find; these read or replace the keys
+    serve runs with, so one missing means the wrong data dir or key files: refused before
+    any key is made."""
+    from ..errors import ConfigError
+    from ..keys import key_paths
+
+    missing = [path for name, path in key_paths(settings).items() if name in names and not path.exists()]
+    if missing:
+        raise ConfigError(f"no key at {', '.join(map(str, missing))}: {purpose}; give it serve's data dir"
+                          f" (and key file settings); {outcome}")
+
+
 async def _show(settings: Settings) -> dict[str, Any]:
     from ..runtime import open_runtime
     from ..services.key_report import key_report
 
+    _refuse_missing(settings, ("pepper", "secret", "receipt", "signing"), "keys show prints the keys serve runs with",
+                    "no key was made")
     async with open_runtime(settings) as runtime:
         return await key_report(runtime.pool, settings, runtime.keys, runtime.continuity.signers)
 
@@ -102,20 +118,14 @@ async def _show(settings: Settings) -> dict[str, Any]:
 async def _rotate(settings: Settings, names: list[str], *, restored: bool) -> dict[str, Any]:
     import time
 
-    from ..errors import ConfigError
     from ..keys import key_paths, keys_location, keys_on_disk, load_keys, retired_keys
     from ..pg import connections, schema
     from ..runtime import resolve_dsn
     from ..services import key_rotation, signing_rotation
     from ..services.key_binding import hold_to_binding
 
-    # Every other command makes the keys it does not find; this one replaces keys serve
-    # uses, so none found means the wrong data dir or key files: refused before any is made.
-    missing = [path for name, path in key_paths(settings).items()
-               if (name != "signing" or "signing" in names) and not path.exists()]
-    if missing:
-        raise ConfigError(f"no key at {', '.join(map(str, missing))}: keys rotate replaces the keys serve runs with;"
-                          " give it serve's data dir (and key file settings); nothing was rotated")
+    _refuse_missing(settings, [name for name in key_paths(settings) if name != "signing" or "signing" in names],
+                    "keys rotate replaces the keys serve runs with", "nothing was rotated")
     keys = load_keys(settings)
     dsn = resolve_dsn(settings)
     await connections.check_reachable(dsn)

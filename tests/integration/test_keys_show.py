@@ -147,9 +147,26 @@ async def test_keys_show_with_another_data_dirs_keys_is_refused_in_one_line(
     settings = make_settings()
     await _decide(await api_factory(), 1)
     other = make_settings(data_dir=settings.data_dir.parent / "other")
+    load_keys(other)  # another deployment's data dir: a key set of its own
     done = await asyncio.to_thread(_show, other)
     assert done.returncode == 2 and done.stdout == "", done
     assert "Traceback" not in done.stderr, done.stderr
     assert "not the ones this database was set up with" in done.stderr.splitlines()[-1], done.stderr
     for path in key_paths(other).values():
         assert path.read_text().strip() not in done.stderr
+
+
+async def test_keys_show_with_a_data_dir_holding_no_keys_is_refused_before_any_key_is_made(
+        api_factory: Callable[..., Any], make_settings: Callable[..., Settings]) -> None:
+    """A mistyped ``--data-dir`` (no keys there): ``keys show`` exits 2 with one line naming
+    the missing key files, and makes no key there (every other command would make a fresh
+    set, which serve's database then refuses)."""
+    settings = make_settings()
+    await _decide(await api_factory(), 1)
+    other = make_settings(data_dir=settings.data_dir.parent / "mistyped")
+    done = await asyncio.to_thread(_show, other)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert "no key at" in last and "no key was made" in last, done.stderr
+    assert not any(path.exists() for path in key_paths(other).values())
