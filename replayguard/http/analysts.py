@@ -34,6 +34,7 @@ from .state import ANALYSTS, CALLER, RUNTIME, Analysts
 
 ROLES = ("analyst",)
 WRITE_TIMEOUT_S = 10.0
+RIDE_OUT_MAX_S = 30.0  # how long an open stream waits for a database it cannot reach
 T = TypeVar("T")
 
 
@@ -130,12 +131,12 @@ async def _token_valid(request: web.Request) -> bool:
 
 async def _riding_out(request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
     """``read``, a read of the database, tried again while the database cannot be reached,
-    for up to the stream's heartbeat interval: an open stream rides out a blip (a restart,
-    a restore, a failover, when its token must be checked again and its position read) and
-    sends nothing meanwhile. A longer outage ends it (``Unavailable``); its client resumes
-    with Last-Event-ID."""
+    for up to the stream's heartbeat interval (at most ``RIDE_OUT_MAX_S``): an open stream
+    rides out a blip (a restart, a restore, a failover, when its token must be checked again
+    and its position read) and sends nothing meanwhile. A longer outage ends it
+    (``Unavailable``); its client resumes with Last-Event-ID."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + request.app[RUNTIME].settings.sse_heartbeat_s
+    deadline = loop.time() + min(request.app[RUNTIME].settings.sse_heartbeat_s, RIDE_OUT_MAX_S)
     delay = 0.05
     while True:
         try:
