@@ -155,7 +155,9 @@ async def test_a_restart_with_the_same_keys_starts_and_every_key_is_bound(
     checkpoint signing key's public key, never a key."""
     witness = tmp_path / "w" / "witness.json"
     witness.parent.mkdir()
-    settings = {"checkpoint_every": 5, "witnesses": (f"file:{witness}",)}
+    # Every second too: a first checkpoint signed below entry 5 while the nonces go in is
+    # followed by the next only after checkpoint_interval_s (every 5 entries: none follow).
+    settings = {"checkpoint_every": 5, "checkpoint_interval_s": 1, "witnesses": (f"file:{witness}",)}
     dsn = await fresh_database()
     first = await api_factory(database_url=Secret(dsn), **settings)
     used = [secrets.token_hex(8) for _ in range(6)]
