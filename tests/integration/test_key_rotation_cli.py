@@ -4,13 +4,14 @@ mid-way, and what it prints (JSON lines; never a key)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from replayguard.keys import key_paths, load_keys, pending_path
+from replayguard.keys import Keys, key_paths, load_keys, pending_path
 from replayguard.services.key_binding import check_of
 from replayguard.settings import Secret, Settings
 from tests.conftest import REPO, cli_env, run_cli
@@ -257,24 +258,34 @@ async def test_the_rotation_itself_refuses_a_session_that_connected_after_the_cl
     that connects afterwards is refused by the rotation's own transaction, which changes
     nothing (no pending key files, the binding as it was)."""
     from replayguard.errors import ConfigError
-    from replayguard.keys import keys_location
     from replayguard.pg import connections
     from replayguard.services import key_rotation
-    from replayguard.services.key_binding import hold_to_binding
 
-    dsn = await fresh_database()
-    settings = _settings(tmp_path / "data", dsn)
-    keys = load_keys(settings)
-    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
-                                         application_name="replayguard-1-keys-test")
-    late = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4343"})
-    try:
-        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+    settings = _settings(tmp_path / "data", await fresh_database())
+    async with connected_after_the_check(settings) as (pool, keys):
         with pytest.raises(ConfigError, match=r"replayguard-4343.*nothing was rotated"):
             await key_rotation.rotate(pool, settings, keys, ["secret", "receipt"], 2)
         assert not any(pending_path(p).exists() for p in key_paths(settings).values())
         async with connections.acquire(pool) as conn:
             assert await conn.fetchval("SELECT count(*) FROM key_rotations") == 0
+
+
+@contextlib.asynccontextmanager
+async def connected_after_the_check(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, Keys]]:
+    """A rotation's pool on ``settings``' database, held to its keys, and another replayguard
+    session (``replayguard-4343``) that connected after the CLI looked for others."""
+    from replayguard.keys import keys_location
+    from replayguard.pg import connections
+    from replayguard.services.key_binding import hold_to_binding
+
+    assert settings.database_url is not None
+    dsn, keys = settings.database_url.reveal(), load_keys(settings)
+    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
+                                         application_name="replayguard-1-keys-test")
+    late = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4343"})
+    try:
+        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+        yield pool, keys
     finally:
         await late.close()
         await pool.close()

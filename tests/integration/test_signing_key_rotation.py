@@ -36,6 +36,7 @@ from replayguard.services import signing_rotation
 from replayguard.services.witness import Record
 from replayguard.settings import Secret, Settings
 from tests.conftest import REPO, Api, cli_env, run_cli
+from tests.integration.test_key_rotation_cli import connected_after_the_check
 from tests.integration.test_ledger_continuity import _held_at_least, alerts_of, backups, nonce
 from tests.integration.test_witness_http import held, pair, put, url_of
 from tests.waiting import until
@@ -436,24 +437,13 @@ async def test_the_signing_rotation_itself_refuses_a_session_that_connected_afte
     """``keys rotate --signing`` checks for other replayguard sessions before migrating, but
     the check that holds is the rotation's own: a session that connects after the CLI
     looked is refused there, and the signing key file and the ledger stay as they were."""
-    from replayguard.keys import keys_location
-    from replayguard.services.key_binding import hold_to_binding
-
-    dsn = await fresh_database()
-    settings = Settings(database_url=Secret(dsn), data_dir=tmp_path / "data")
-    keys = load_keys(settings)
+    settings = Settings(database_url=Secret(await fresh_database()), data_dir=tmp_path / "data")
+    load_keys(settings)
     before = key_paths(settings)["signing"].read_text()
-    pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=30_000,
-                                         application_name="replayguard-1-keys-test")
-    late = await asyncpg.connect(dsn, server_settings={"application_name": "replayguard-4343"})
-    try:
-        await hold_to_binding(pool, keys, 1, keys_location(settings), {})
+    async with connected_after_the_check(settings) as (pool, keys):
         with pytest.raises(ConfigError, match=r"replayguard-4343.*nothing was rotated"):
             await signing_rotation.rotate(pool, settings, keys, int(time.time() * 1e6))
         assert key_paths(settings)["signing"].read_text() == before
         assert not pending_path(key_paths(settings)["signing"]).exists()
         async with connections.acquire(pool) as conn:
             assert await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'key_rotation'") == 0
-    finally:
-        await late.close()
-        await pool.close()
