@@ -42,7 +42,7 @@ from ..errors import (
 from ..logging import REQUEST_CONTEXT, request_line
 from ..metrics import Metrics
 from ..metrics_shared import PUBLISH_S
-from ..pg.connections import UNAVAILABLE_ERRORS
+from ..pg.connections import SESSION_REFUSED_ERRORS, UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
 from ..services.alertfeed import AlertFeed, build_dispatcher
 from ..services.alerts import AlertService
@@ -178,7 +178,7 @@ def error_answer(exc: Exception) -> tuple[int, dict[str, object]]:
     """
     if isinstance(exc, ReplayGuardError):
         return exc.status, exc.body()
-    if isinstance(exc, UNAVAILABLE_ERRORS):
+    if isinstance(exc, (*UNAVAILABLE_ERRORS, *SESSION_REFUSED_ERRORS)):
         log.warning("dependency_unavailable", error=type(exc).__name__)
         return 503, Unavailable("a dependency is unavailable; nothing was accepted").body()
     log.exception("unhandled_error", exc_info=exc)
