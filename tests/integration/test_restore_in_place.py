@@ -96,20 +96,23 @@ async def test_a_replay_in_flight_with_the_decision_that_reveals_the_restore_is_
     api = await api_factory(database_url=Secret(dsn), **QUIET)
     copy, lost = await copied_before_a_nonce(api, dsn, scratch_dbs)
     await after_next_check(api)
-    await restore(dsn, copy, scratch_dbs)
-
-    holder, monitor = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
-    try:
-        async with holder.transaction():
-            await holder.execute("SELECT seq FROM ledger_head WHERE id FOR UPDATE")  # the head lock, held a moment
-            first = asyncio.create_task(settled(lambda: nonce(api, secrets.token_hex(8))))
-            await blocked_by(monitor, holder.get_server_pid())
-            replay = asyncio.create_task(nonce(api, lost))
-            await until(lambda: len(api.runtime.appender._queue) > 0, "the replay queued behind the first")
-        (s1, b1), (s2, b2) = await asyncio.gather(first, replay)
-    finally:
-        await holder.close()
-        await monitor.close()
+    # The decisions, not a periodic check, are to find the restore: a check run before the
+    # first reaches the appender (at most CHECK_S = 2 s after the last) would refuse it
+    # before it waits on the head lock. The check is held until both are in flight.
+    async with api.runtime.continuity._lock:
+        await restore(dsn, copy, scratch_dbs)
+        holder, monitor = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT seq FROM ledger_head WHERE id FOR UPDATE")  # the head lock, held a moment
+                first = asyncio.create_task(settled(lambda: nonce(api, secrets.token_hex(8))))
+                await blocked_by(monitor, holder.get_server_pid())
+                replay = asyncio.create_task(nonce(api, lost))
+                await until(lambda: len(api.runtime.appender._queue) > 0, "the replay queued behind the first")
+        finally:
+            await holder.close()
+            await monitor.close()
+    (s1, b1), (s2, b2) = await asyncio.gather(first, replay)
     assert (s1, b1["error"]["code"]) == (503, "ledger_rollback"), b1
     assert s2 == 503 and b2.get("error", {}).get("code") == "ledger_rollback", b2  # not an accept of N
     assert not await ready(api)
