@@ -607,20 +607,33 @@ async def test_a_start_cancelled_while_a_spool_opens_leaves_no_spool_locked(
     start opened or is still opening in its thread is closed, so the next start in the same
     process, by a new leader or a restarted app, gets them (it used to find them "in use"
     for good: the open finished in its thread after the cancel and nobody closed it)."""
-    real_open = Spool.open
+    real_open, real_close = Spool.open, Spool.close
     opening = asyncio.Event()
     loop = asyncio.get_running_loop()
+    opened: list[Spool] = []  # every spool whose open began (appended in the open's thread)
+    closed: list[Spool] = []
 
     def slow_open(self: Spool) -> int:
+        opened.append(self)
         loop.call_soon_threadsafe(opening.set)
         time.sleep(0.3)
         return real_open(self)
+
+    def noted_close(self: Spool) -> None:
+        real_close(self)
+        closed.append(self)
+
+    def all_closed() -> bool:
+        return all(any(spool is done for done in closed) for spool in opened)
 
     specs = [f"file:{tmp_path / 'a.jsonl'}", f"file:{tmp_path / 'b.jsonl'}"]
     for cancel_at in range(2):  # in the first spool's open, or in the second's after the first is open
         spool_dir = tmp_path / f"spool-{cancel_at}"
         first = SinkDispatcher([parse_sink_spec(spec) for spec in specs], spool_dir=spool_dir)
+        opened.clear()
+        closed.clear()
         monkeypatch.setattr(Spool, "open", slow_open)
+        monkeypatch.setattr(Spool, "close", noted_close)
         start = asyncio.create_task(first.start())
         for _ in range(cancel_at + 1):
             opening.clear()
@@ -628,7 +641,8 @@ async def test_a_start_cancelled_while_a_spool_opens_leaves_no_spool_locked(
         start.cancel()
         with pytest.raises(asyncio.CancelledError):
             await start
-        await asyncio.sleep(0.5)  # the thread's open has finished by now
+        # The open left running in its thread closes its spool once it is done.
+        await until(all_closed, "every spool the cancelled start began to open to be closed")
         monkeypatch.setattr(Spool, "open", real_open)
         again = SinkDispatcher([parse_sink_spec(spec) for spec in specs], spool_dir=spool_dir)
         await again.start()
