@@ -9,7 +9,9 @@ reconnect is caught up by the next read (and by a poll every ``POLL_S``).
 
 Subscribers get bounded queues and are never awaited: a full queue drops that subscriber
 (its client resumes with Last-Event-ID), so nothing here can slow a decision — decisions
-only ever write to PostgreSQL.
+only ever write to PostgreSQL. The feed reads the changes at most a queue's worth at a
+time, so a queue overflows only when its client did not take what one read gave it by the
+next: a burst of changes read at once does not drop the streams that keep up.
 
 One instance at a time (the holder of a session advisory lock on its LISTEN connection)
 is the *leader*: it signs checkpoints when due and hands every alert change and every
@@ -453,9 +455,13 @@ class AlertFeed:
             due = self._mark is None or time.monotonic() - self._marked_at >= MARK_REFRESH_S
             # The mark's write needs no flush of its own: a crash of the database server
             # that loses it makes the next read go back (changes sent again, none missed).
+            # At most a stream's queue at a time: a read larger than the queue would overflow
+            # the queue of a stream whose client is caught up, and drop it as one that reads
+            # slowly; a stream has until the next read to send what this one gave it.
+            page = min(PAGE, QUEUE_SIZE)
             async with conn.transaction():
                 await conn.execute("SET LOCAL synchronous_commit = off")
-                rows = await conn.fetch(_TAIL, after, PAGE, self._feed_id, tag, due)
+                rows = await conn.fetch(_TAIL, after, page, self._feed_id, tag, due)
             held = rows[0]["held"]
             if self._mark is not None and (held is None or bytes(held) not in holds):
                 await self._rewind(conn)  # this read is of a copy older than the last: read again from where they part
@@ -472,7 +478,7 @@ class AlertFeed:
                     self._log_alert(record)
                 if self.subscribers:  # rendering for nobody is work a decision worker can skip
                     self._publish(record["change_seq"], render(record))
-            if len(records) < PAGE:
+            if len(records) < page:
                 return
 
     async def _went_back(self, conn: asyncpg.Connection) -> bool:

@@ -618,6 +618,55 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     stalled.close()
 
 
+class _PacedConnection:
+    """The feed's connection, whose reads of the alert changes each wait until ``sub``'s queue
+    is empty: a client that takes what one read gave before the next read."""
+
+    def __init__(self, conn: Any, sub: alertfeed.Subscriber) -> None:
+        self._conn, self._sub = conn, sub
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        if query == alertfeed._TAIL:
+            await until(self._sub.queue.empty, "the stream to take what the feed read last")
+        return await self._conn.fetch(query, *args)
+
+
+async def test_a_burst_of_more_changes_than_a_streams_queue_does_not_drop_a_stream_that_keeps_up(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More alerts than a stream's queue holds, raised while the feed is held back (busy, under
+    load), are read at most a queue's worth at a time: a stream whose client takes each read
+    before the next gets every alert, in order, and stays open, rather than being dropped as
+    a client that reads slowly."""
+    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        (sub,) = list(feed.subscribers)
+        gate, held = asyncio.Event(), asyncio.Event()
+        real_tail = feed._tail
+
+        async def held_tail(conn: Any) -> None:
+            held.set()
+            await gate.wait()
+            await real_tail(_PacedConnection(conn, sub))
+
+        monkeypatch.setattr(feed, "_tail", held_tail)
+        await until(held.is_set, "the feed to be held back")
+        vm_ids = [uid("vm") for _ in range(10)]
+        for vm_id in vm_ids:
+            await reuse_alert(api, vm_id, uid("scope"))
+        gate.set()
+        events = await events_until(resp, vm_ids[-1])
+    finally:
+        resp.close()
+    assert [data["vm_id"] for _, data in events] == vm_ids
+    assert not sub.dropped
+
+
 async def test_alerts_and_checkpoints_reach_the_sinks(fresh_database: Callable[[], Any],
                                                       api_factory: Callable[..., Any], tmp_path: Path) -> None:
     """Every new alert and every checkpoint is written to the configured file sink."""
