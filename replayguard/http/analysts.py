@@ -20,7 +20,7 @@ from .. import __version__
 from ..core import cursors, stream_ids, validation
 from ..core.ledger_check import Problem
 from ..errors import InvalidRequest, Unavailable
-from ..services.alertfeed import PAGE, Subscriber
+from ..services.alertfeed import CATCH_UP, PAGE, Subscriber
 from ..services.alerts import (
     parse_alert_id,
     parse_filter,
@@ -200,6 +200,11 @@ async def _pump(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
         if alert is None:  # the database went back to ``change``: what it numbers after comes again
             if change < last:
                 last = sub.position = await _position(request, resp, change)
+            continue
+        if alert is CATCH_UP:  # the queue overflowed: what it dropped is read from the database
+            if not await _token_valid(request):
+                return
+            last = sub.position = await _catch_up(request, resp, last)
             continue
         if change <= last:
             continue

@@ -7,11 +7,11 @@ committed, whether Redis is configured or not. A notification only wakes the loo
 loop then reads the changes from ``alerts`` by ``change_seq``, so a notification lost to a
 reconnect is caught up by the next read (and by a poll every ``POLL_S``).
 
-Subscribers get bounded queues and are never awaited: a full queue drops that subscriber
-(its client resumes with Last-Event-ID), so nothing here can slow a decision — decisions
-only ever write to PostgreSQL. The feed reads the changes at most a queue's worth at a
-time, so a queue overflows only when its client did not take what one read gave it by the
-next: a burst of changes read at once does not drop the streams that keep up.
+Subscribers get bounded queues and are never awaited, so nothing here can slow a decision
+— decisions only ever write to PostgreSQL. A queue that overflows (a burst larger than
+its stream could send meanwhile, or a client that reads slowly) is emptied for one
+catch-up marker: its stream reads what it missed from the database (``CATCH_UP``). The
+feed reads the changes at most a queue's worth at a time.
 
 One instance at a time (the holder of a session advisory lock on its LISTEN connection)
 is the *leader*: it signs checkpoints when due and hands every alert change and every
@@ -169,12 +169,19 @@ def _crashed(task: asyncio.Task[None]) -> None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
 
 
+# The item that replaces what an overflowing queue held: its stream reads every change after
+# the last one it sent from the database, then goes on with the queue.
+CATCH_UP: dict[str, Any] = {}
+
+
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client: a bounded queue of (change_seq, alert json), or (change_seq, None)
-    when the database went back to that change (the stream's position goes back there);
-    ``dropped`` when it overflowed or was ended; ``position``: the last change its client
-    has (None until the stream has read it from the database)."""
+    """One SSE client: a bounded queue of (change_seq, alert json), (change_seq, None) when
+    the database went back to that change (the stream's position goes back there), or
+    (change_seq, ``CATCH_UP``) when the queue overflowed (what it held from past change_seq
+    on was dropped: the stream reads it from the database); ``dropped`` when it was ended;
+    ``position``: the last change its client has (None until the stream has read it from
+    the database)."""
 
     queue: asyncio.Queue[tuple[int, dict[str, Any] | None] | None] = field(
         default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
@@ -263,9 +270,27 @@ class AlertFeed:
             try:
                 sub.queue.put_nowait((change, alert))
             except asyncio.QueueFull:
-                sub.dropped = True  # its client resumes from the database with Last-Event-ID
-                self.subscribers.discard(sub)
-                log.info("sse_subscriber_dropped", reason="queue full")
+                self._catch_up(sub, change)
+
+    @staticmethod
+    def _catch_up(sub: Subscriber, change: int) -> None:
+        """Empties a full queue for a ``CATCH_UP`` item below the first change it drops
+        (``change`` included): its stream reads them from the database, and memory stays
+        bounded whatever its client does. A go-back held goes first, at the lowest held; an
+        end of the stream is kept."""
+        held = []
+        while not sub.queue.empty():
+            held.append(sub.queue.get_nowait())
+        if any(item is None for item in held):
+            sub.queue.put_nowait(None)
+            return
+        items = [item for item in held if item is not None]
+        backs = [at for at, alert in items if alert is None]
+        below = min([change - 1, *(at if alert is CATCH_UP else at - 1 for at, alert in items if alert is not None)])
+        if backs:
+            sub.queue.put_nowait((min(backs), None))
+        sub.queue.put_nowait((below, CATCH_UP))
+        log.info("sse_subscriber_catching_up", reason="queue full", after_change=below)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -538,8 +563,8 @@ class AlertFeed:
         if sub.queue.full():
             while not sub.queue.empty():
                 item = sub.queue.get_nowait()
-                if item is not None:  # a change, or a go-back frame: the stream resumes below it
-                    back = min(back, item[0] - 1 if item[1] is not None else item[0])
+                if item is not None:  # a change, a go-back or a catch-up: the stream resumes below it
+                    back = min(back, item[0] if item[1] is None or item[1] is CATCH_UP else item[0] - 1)
         sub.queue.put_nowait((back, None))
         return back
 

@@ -585,11 +585,12 @@ async def test_a_stream_whose_client_left_is_logged_and_counted_as_499(api_facto
     assert lines[0]["duration_ms"] > 0
 
 
-async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_feed_wait_for_it(
+async def test_a_stalled_subscriber_is_held_to_its_queue_and_neither_decisions_nor_the_feed_wait_for_it(
     api: Api, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a subscriber that never takes from its queue, 40 alert-raising decisions all answer
-    (each with its own alert), the subscriber is dropped when its queue overflows, and a stream
+    (each with its own alert), its queue holds at most its size, what overflowed replaced by
+    one catch-up item (its stream would read those changes from the database), and a stream
     opened afterwards still receives the next alert: the feed is not wedged behind it."""
     usual = alertfeed.QUEUE_SIZE
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
@@ -597,18 +598,18 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     # Stalled at the feed: a stream whose client stops reading still takes from its queue
     # until the socket's buffers fill, which 40 alerts do not.
     sub = feed.subscribe()
-    vm_id, scope = uid("vm"), uid("scope")
-    results = await asyncio.wait_for(asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)]), 60)
-    assert len({alert_id for alert_id, _ in results}) == 40
-
-    async def dropped() -> None:
-        while not sub.dropped:
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(dropped(), 20)
-    assert sub not in feed.subscribers
-    # The feed may still be reading the rest of the 40 (a queue's worth at a time): a reader
-    # with the tiny queue could overflow on that backlog too, so it gets the usual queue.
+    try:
+        vm_id, scope = uid("vm"), uid("scope")
+        results = await asyncio.wait_for(asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)]), 60)
+        assert len({alert_id for alert_id, _ in results}) == 40
+        last = max(int(alert_id) for alert_id, _ in results)
+        _, newest = await api.get(f"/v1/alerts/{last}")
+        await until(lambda: (feed._pos or 0) >= newest["change"], "the feed to read every alert")
+        held = list(sub.queue._queue)  # type: ignore[attr-defined]
+        assert len(held) <= 4 and any(alert is alertfeed.CATCH_UP for _, alert in held), held
+        assert sub in feed.subscribers and not sub.dropped
+    finally:
+        feed.unsubscribe(sub)
     monkeypatch.setattr(alertfeed, "QUEUE_SIZE", usual)
     reader = await open_stream(api)
     later_vm = uid("vm")
@@ -616,6 +617,50 @@ async def test_a_stalled_subscriber_is_dropped_and_neither_decisions_nor_the_fee
     _, data = await next_alert(reader, later_vm)
     assert str(data["id"]) == str(later_id)
     reader.close()
+
+
+async def test_a_stream_whose_queue_overflows_reads_what_it_missed_from_the_database_and_stays_open(
+        api_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream busy sending (its client reads slowly, or its server is starved) while more
+    alerts are raised than its queue holds: it is not ended; it sends what it had, reads the
+    changes its queue dropped from the database, and goes on live: every alert arrives once,
+    in change order, and the next one too."""
+    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    api: Api = await api_factory()
+    feed = api.client.app[ANALYSTS].feed
+    resp = await open_stream(api)
+    try:
+        await first_id(resp)
+        gate, sending = asyncio.Event(), asyncio.Event()
+        real_send = analysts._send
+
+        async def slow_client(stream: Any, data: bytes) -> None:
+            if b"\nevent: alert\n" in data:
+                sending.set()
+                await gate.wait()
+            await real_send(stream, data)
+
+        monkeypatch.setattr(analysts, "_send", slow_client)
+        (sub,) = feed.subscribers
+        vm_ids = [uid("vm") for _ in range(12)]
+        await reuse_alert(api, vm_ids[0], uid("scope"))
+        await until(sending.is_set, "the stream to be sending the first alert")
+        for vm_id in vm_ids[1:]:
+            await reuse_alert(api, vm_id, uid("scope"))
+        _, newest = await api.get("/v1/alerts?limit=1")
+        await until(lambda: (feed._pos or 0) >= newest["items"][0]["change"], "the feed to read every alert")
+        assert any(alert is alertfeed.CATCH_UP for _, alert in list(sub.queue._queue))  # type: ignore[attr-defined]
+        gate.set()
+        events = await events_until(resp, vm_ids[-1])
+        later = uid("vm")
+        await reuse_alert(api, later, uid("scope"))
+        after = await events_until(resp, later)
+    finally:
+        resp.close()
+    assert [data["vm_id"] for _, data in events] == vm_ids
+    assert [data["vm_id"] for _, data in after] == [later]
+    changes = [change_of(event_id) for event_id, _ in events + after]
+    assert changes == sorted(set(changes))
 
 
 class _PacedConnection:
