@@ -481,8 +481,9 @@ class AlertFeed:
             # The mark's write needs no flush of its own: a crash of the database server
             # that loses it makes the next read go back (changes sent again, none missed).
             # At most a stream's queue at a time: a read larger than the queue would overflow
-            # the queue of a stream whose client is caught up, and drop it as one that reads
-            # slowly; a stream has until the next read to send what this one gave it.
+            # the queue of a stream whose client is caught up, which would then read it all
+            # again from the database; a stream has until the next read to send what this
+            # one gave it.
             page = min(PAGE, QUEUE_SIZE)
             async with conn.transaction():
                 await conn.execute("SET LOCAL synchronous_commit = off")

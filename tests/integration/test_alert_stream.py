@@ -445,14 +445,15 @@ async def test_a_new_stream_while_the_database_cannot_be_reached_is_refused_with
 
 def _outage_at_the_streams_next_token_check(
         api: Api, database_url: str, monkeypatch: pytest.MonkeyPatch,
-        reopen: asyncio.Event) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
+        reopen: asyncio.Event) -> tuple[asyncio.Event, list[asyncio.Task[None]], list[int]]:
     """The database stops taking sessions as the stream checks its token before its next
     alert, until ``reopen`` is set; the token's cached answer is dropped, so the check must
-    read the database. Returns the event set once the outage began, and the outage's task
-    (awaited after ``reopen``)."""
+    read the database. Returns the event set once the outage began, the outage's task
+    (awaited after ``reopen``) and the checks of the stream's token made during it."""
     tokens, began = api.runtime.api_tokens, asyncio.Event()
     real, stream_token = tokens.authenticate, api.tokens["analyst"]
     outages: list[asyncio.Task[None]] = []
+    tries: list[int] = []
 
     async def outage() -> None:
         async with refusing_sessions(database_url):
@@ -464,10 +465,12 @@ def _outage_at_the_streams_next_token_check(
             outages.append(asyncio.create_task(outage()))
             await began.wait()
             tokens._cache.clear()
+        if token == stream_token and not reopen.is_set():
+            tries.append(1)
         return await real(token)
 
     monkeypatch.setattr(tokens, "authenticate", checked)
-    return began, outages
+    return began, outages, tries
 
 
 async def test_an_open_stream_rides_out_a_database_that_cannot_be_reached_for_a_moment(
@@ -480,11 +483,11 @@ async def test_an_open_stream_rides_out_a_database_that_cannot_be_reached_for_a_
     reopen, outages = asyncio.Event(), []
     try:
         await first_id(resp)
-        began, outages = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
+        began, outages, tries = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
         vm_id = uid("vm")
         alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
         await until(began.is_set, "the outage to begin")
-        await asyncio.sleep(0.5)  # a few tries of the check
+        await until(lambda: len(tries) >= 3, "the stream to try its check again while the database is away")
         reopen.set()
         _, alert = await next_alert(resp, vm_id)
     finally:
@@ -504,7 +507,7 @@ async def test_an_open_stream_ends_without_the_alert_when_the_database_stays_awa
     lines = []
     try:
         await first_id(resp)
-        _, outages = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
+        _, outages, _ = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
         await reuse_alert(api, uid("vm"), uid("scope"))
 
         async def ended() -> None:
