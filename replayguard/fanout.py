@@ -27,6 +27,7 @@ class AlertFanout:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self.healthy = True
+        self.subscribed = False  # whether ``wakeups`` is subscribed to the alert channel now
 
     @classmethod
     def from_url(cls, url: str) -> AlertFanout:
@@ -62,8 +63,10 @@ class AlertFanout:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(ALERT_CHANNEL)
+            self.subscribed = True
             while True:
                 if await pubsub.get_message(timeout=1.0) is not None:
                     yield None
         finally:
+            self.subscribed = False
             await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # annotated only in newer redis-py

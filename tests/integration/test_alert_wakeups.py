@@ -8,9 +8,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
 
-from replayguard.fanout import ALERT_CHANNEL
 from replayguard.settings import Secret
 from tests.conftest import REDIS_URL, Api, uid
 from tests.waiting import until
@@ -49,14 +47,6 @@ async def _frames_until(resp: aiohttp.ClientResponse, alert_id: str, seen: list[
     await asyncio.wait_for(read(), 20)
 
 
-async def _subscribers(url: str) -> int:
-    client = aioredis.from_url(url)
-    try:
-        return int(dict(await client.pubsub_numsub(ALERT_CHANNEL))[ALERT_CHANNEL])
-    finally:
-        await client.aclose()
-
-
 async def test_another_deployments_alert_on_a_shared_redis_does_not_replay_our_old_alert(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
     """An alert id published by another deployment sharing the Redis server (another database,
@@ -68,7 +58,9 @@ async def test_another_deployments_alert_on_a_shared_redis_does_not_replay_our_o
     old_alert = await _reuse_alert(earlier)
     # Our instance with Redis, started after it: its stream opens on an unchanged alert table.
     instance = await api_factory(database_url=Secret(ours), redis_url=Secret(REDIS_URL))
-    await until(lambda: _subscribers(REDIS_URL), "our instance subscribed to the alert channel")
+    fanout = instance.runtime.fanout
+    assert fanout is not None
+    await until(lambda: fanout.subscribed, "our instance subscribed to the alert channel")
     resp = await _open_stream(instance)
     # Another tenant's deployment on the same Redis server, its own database and DB number,
     # raises its own alert: its first alert has the id of ours.

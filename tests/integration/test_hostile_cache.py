@@ -239,7 +239,9 @@ async def test_alert_ids_no_bigint_holds_on_the_channel_do_not_end_the_feed_sess
     session = feed._session_id
     client = aioredis.from_url(REDIS_URL)
     try:
-        await asyncio.sleep(0.5)  # the feed's subscription is in place
+        fanout = api.runtime.fanout
+        assert fanout is not None
+        await until(lambda: fanout.subscribed, "the feed subscribed to the alert channel")
         for data in ("99999999999999999999", str(2**63), "9" * 5000, str(2**63 - 1)):
             await client.publish(ALERT_CHANNEL, data)
         ticks = feed.state_ticks
