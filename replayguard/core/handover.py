@@ -36,6 +36,11 @@ def raw_public(public: Ed25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def public_raw(key: bytes) -> bytes:
+    """The raw public key of a raw Ed25519 private key (a signing key file's contents)."""
+    return raw_public(Ed25519PrivateKey.from_private_bytes(key).public_key())
+
+
 def public_of(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import asyncpg
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..core import checkpoints as cps
 from ..core import timefmt
+from ..core.handover import public_raw
 from ..errors import ConfigError, Unavailable
 from ..keys import Keys
 from ..pg.connections import acquire
@@ -57,11 +56,6 @@ _KEY_OF = {"pepper_check": "pepper", "secret_check": "secret", "receipt_check": 
 OnDisk = Callable[[str], list[bytes]]
 
 
-def _public(key: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(key).public_key().public_bytes(serialization.Encoding.Raw,
-                                                                               serialization.PublicFormat.Raw)
-
-
 def check_of(key: bytes) -> bytes:
     """The keyed check the database records of a symmetric key (it says nothing of the key)."""
     return hmac.new(key, _LABEL, hashlib.sha256).digest()
@@ -70,7 +64,7 @@ def check_of(key: bytes) -> bytes:
 def checks(keys: Keys) -> dict[str, bytes]:
     """What the database records of each key, by column of ``key_binding``."""
     check = check_of
-    public = keys.signing_key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    public = public_raw(keys.signing)
     return {"pepper_check": check(keys.pepper), "secret_check": check(keys.secret),
             "receipt_check": check(keys.receipt), "signing_public": public}
 
@@ -112,7 +106,7 @@ def _rotated_here(bound: dict[str, bytes | None], columns: list[str], on_disk: O
         return False
     for column in columns:
         found = on_disk(_KEY_OF[column])
-        if not any(_same(bound[column], _public(key) if column == "signing_public" else check_of(key))
+        if not any(_same(bound[column], public_raw(key) if column == "signing_public" else check_of(key))
                    for key in found):
             return False
     return True
@@ -127,7 +121,7 @@ async def _rotation_hint(conn: asyncpg.Connection, bound: dict[str, bytes | None
     from before the rotation)."""
     for path, key in retired.items():
         if any(_same(bound[column], check_of(key)) for column in ("secret_check", "receipt_check")) or (
-                path.name.startswith("signing-") and _same(bound["signing_public"], _public(key))):
+                path.name.startswith("signing-") and _same(bound["signing_public"], public_raw(key))):
             return (f"the database is bound to the retired key {path}, so it is a backup from before a key rotation:"
                     " run `replayguard keys rotate --restored` to move it to the current keys (docs/operations.md,"
                     " \"Rotating keys\")")

@@ -25,12 +25,11 @@ from typing import Any
 import asyncpg
 
 from ..core import receipts, timefmt
-from ..core.handover import Signers, signers_json
+from ..core.handover import Signers, public_raw, signers_json
 from ..keys import Keys, key_file_id, retired_keys
 from ..pg.connections import acquire
 from ..settings import Settings
 from .key_binding import check_of
-from .signing_rotation import public_raw
 
 _ROTATIONS = ("SELECT key_name, retired_check, rotated_us, ledger_seq FROM key_rotations"
               " WHERE key_name IN ('secret', 'receipt') ORDER BY id")

@@ -34,6 +34,7 @@ from ..core.handover import (
     handover_from_json,
     handover_json,
     handover_valid,
+    public_raw,
     raw_public,
     sign_handover,
 )
@@ -64,10 +65,6 @@ Progress = Callable[[str, dict[str, Any]], None]
 # Migration 042's index: no scan of the ledger.
 _HANDOVERS = ("SELECT (payload->'handover')::text AS h FROM ledger WHERE kind = 'key_rotation'"
               " AND payload ? 'handover' ORDER BY seq")
-
-
-def public_raw(key: bytes) -> bytes:
-    return raw_public(Ed25519PrivateKey.from_private_bytes(key).public_key())
 
 
 async def read_handovers(conn: asyncpg.Connection) -> list[Handover]:
