@@ -189,6 +189,23 @@ class Subscriber:
     position: int | None = None
 
 
+def _drained(sub: Subscriber) -> list[tuple[int, dict[str, Any] | None]]:
+    """Empties ``sub``'s queue; returns what it held but an end of the stream (``_end`` has
+    marked the stream dropped already)."""
+    items = []
+    while not sub.queue.empty():
+        item = sub.queue.get_nowait()
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def _below(start: int, items: list[tuple[int, dict[str, Any] | None]]) -> int:
+    """Where a stream whose queue dropped ``items`` must be read again from: at most
+    ``start``, below each change dropped, at each go-back or catch-up dropped."""
+    return min([start, *(at if alert is None or alert is CATCH_UP else at - 1 for at, alert in items)])
+
+
 WEBHOOK_PREFIXES = ("webhook:", "ecs+webhook:", "ocsf+webhook:")
 
 
@@ -270,25 +287,18 @@ class AlertFeed:
             try:
                 sub.queue.put_nowait((change, alert))
             except asyncio.QueueFull:
-                self._catch_up(sub, change)
+                self._overflowed(sub, change)
 
     @staticmethod
-    def _catch_up(sub: Subscriber, change: int) -> None:
+    def _overflowed(sub: Subscriber, change: int) -> None:
         """Empties a full queue for a ``CATCH_UP`` item below the first change it drops
         (``change`` included): its stream reads them from the database, and memory stays
-        bounded whatever its client does. A go-back held goes first, at the lowest held; an
-        end of the stream is kept."""
-        held = []
-        while not sub.queue.empty():
-            held.append(sub.queue.get_nowait())
-        if any(item is None for item in held):
-            sub.queue.put_nowait(None)
-            return
-        items = [item for item in held if item is not None]
+        bounded whatever its client does. A go-back held goes first, at the lowest held."""
+        items = _drained(sub)
         backs = [at for at, alert in items if alert is None]
-        below = min([change - 1, *(at if alert is CATCH_UP else at - 1 for at, alert in items if alert is not None)])
         if backs:
             sub.queue.put_nowait((min(backs), None))
+        below = _below(change - 1, items)
         sub.queue.put_nowait((below, CATCH_UP))
         log.info("sse_subscriber_catching_up", reason="queue full", after_change=below)
 
@@ -560,12 +570,7 @@ class AlertFeed:
         the start, or, when the resume cannot tell (``core/stream_ids.py``), miss the
         changes numbered again up to it. The stream goes back below the first
         change dropped too, and the feed reads again from there."""
-        back = parted
-        if sub.queue.full():
-            while not sub.queue.empty():
-                item = sub.queue.get_nowait()
-                if item is not None:  # a change, a go-back or a catch-up: the stream resumes below it
-                    back = min(back, item[0] if item[1] is None or item[1] is CATCH_UP else item[0] - 1)
+        back = _below(parted, _drained(sub)) if sub.queue.full() else parted
         sub.queue.put_nowait((back, None))
         return back
 
