@@ -1,5 +1,6 @@
-"""The per-row baseline's ledger-shaped row: one statement inserting a ``uses`` row and a
-``ledger`` row into copies of those tables (``LIKE … INCLUDING ALL``: the same indexes).
+"""The per-row baseline's decision-shaped row: one statement inserting what a fresh nonce's
+decision writes, a ``spent_nonces`` row and a ``ledger`` row, into copies of those tables
+(``LIKE … INCLUDING ALL``: the same indexes).
 
 ``bench/run.py``'s baseline commits it through asyncpg without HTTP; ``bench/floor_app.py``
 commits it behind a bare aiohttp handler (the durable floor).
@@ -7,21 +8,23 @@ commits it behind a bare aiohttp handler (the durable floor).
 
 BASELINE_DDL = """
 CREATE TABLE IF NOT EXISTS bench_ledger (LIKE ledger INCLUDING ALL);
-CREATE TABLE IF NOT EXISTS bench_uses (LIKE uses INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS bench_spent (LIKE spent_nonces INCLUDING ALL);
 """
+# The payload carries the nonce's expiry, as a decision's does ($5).
 ROW_SQL = """
-WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-           VALUES ($1, 'nonce', $2, 'bench', $3, $4, $5) ON CONFLICT (digest) DO NOTHING RETURNING digest)
-INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok', $6::jsonb, $7, $8)
-"""
-BATCH_SQL = """
-WITH u AS (INSERT INTO bench_uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-           SELECT d, 'nonce', v, 'bench', s, t, t + 300000000
-           FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[]) AS x(d, v, s, t)
+WITH s AS (INSERT INTO bench_spent (digest, first_seq) VALUES ($1, $3)
            ON CONFLICT (digest) DO NOTHING RETURNING digest)
 INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok', $5::jsonb, h, h
+VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok',
+        $6::jsonb || jsonb_build_object('use_expires_us', $5::bigint::text), $7, $8)
+"""
+BATCH_SQL = """
+WITH s AS (INSERT INTO bench_spent (digest, first_seq)
+           SELECT d, s FROM unnest($1::bytea[], $3::bigint[]) AS x(d, s)
+           ON CONFLICT (digest) DO NOTHING RETURNING digest)
+INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
+SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok',
+       $5::jsonb || jsonb_build_object('use_expires_us', (t + 300000000)::text), h, h
 FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $6::bytea[]) AS x(d, v, s, t, h)
 """
 PAYLOAD = '{"ttl_s": 300, "flags": [], "epoch": 0, "receipt": "absent"}'

@@ -168,8 +168,8 @@ async def drop_database(admin_url: str, dsn: str) -> None:
 
 
 async def seed_old(dsn: str, n: int) -> float:
-    """N old ledger entries and N live uses (fake chain hashes): a long history, with every
-    use still remembered (the harder case: retention has not thinned the uniqueness index)."""
+    """N old ledger entries, each an accepted nonce with its ``spent_nonces`` row (fake chain
+    hashes): a long history, every nonce remembered in the uniqueness index, as it is for good."""
     started = time.monotonic()
     conn = await asyncpg.connect(dsn)
     try:
@@ -182,13 +182,11 @@ async def seed_old(dsn: str, n: int) -> float:
                    sha256(int8send(g - 1)), sha256(int8send(g))
             FROM generate_series(1, {n}) g""")
         await conn.execute(f"""
-            INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-            SELECT sha256(int8send(g)), 'nonce', 'old-vm-' || (g % 1000), 'bench-old', g,
-                   {OLD_TS_US} + g, NULL
-            FROM generate_series(1, {n}) g""")
+            INSERT INTO spent_nonces (digest, first_seq)
+            SELECT sha256(int8send(g)), g FROM generate_series(1, {n}) g""")
         await conn.execute(f"UPDATE ledger_head SET seq = {n}, hash = sha256(int8send({n}))")
         await conn.execute("VACUUM ANALYZE ledger")
-        await conn.execute("VACUUM ANALYZE uses")
+        await conn.execute("VACUUM ANALYZE spent_nonces")
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
@@ -227,25 +225,34 @@ async def storage(dsn: str) -> dict[str, Any]:
     try:
         row = await conn.fetchrow("""
             SELECT pg_total_relation_size('ledger') AS ledger_bytes, pg_total_relation_size('uses') AS uses_bytes,
+                   pg_total_relation_size('spent_nonces') AS spent_bytes,
                    (SELECT count(*) FROM ledger) AS ledger_rows, (SELECT count(*) FROM uses) AS uses_rows,
+                   (SELECT count(*) FROM spent_nonces) AS spent_rows,
                    pg_total_relation_size('alerts') + pg_total_relation_size('alert_entries') AS alert_bytes""")
     finally:
         await conn.close()
     out = dict(row)
     rows = max(out["ledger_rows"], 1)
-    out["bytes_per_entry"] = round((out["ledger_bytes"] + out["uses_bytes"]) / rows, 1)
+    out["bytes_per_entry"] = round((out["ledger_bytes"] + out["uses_bytes"] + out["spent_bytes"]) / rows, 1)
     out["ledger_bytes_per_row"] = round(out["ledger_bytes"] / rows, 1)
-    out["uses_bytes_per_row"] = round(out["uses_bytes"] / out["uses_rows"], 1) if out["uses_rows"] else None
+    for table in ("uses", "spent"):
+        count = out[f"{table}_rows"]
+        out[f"{table}_bytes_per_row"] = round(out[f"{table}_bytes"] / count, 1) if count else None
     return out
 
 
 def storage_line(s: dict[str, Any]) -> str:
-    """The report's storage line. With no ``uses`` row (a run of wrong codes only) the table's
-    size is its empty pages and indexes, which no row owns: it is given whole, not per row."""
-    uses = (f"uses {s['uses_bytes_per_row']} B/row" if s["uses_rows"]
-            else f"uses empty, {s['uses_bytes']} B of pages and indexes")
-    return (f"Storage: {s['ledger_rows']} ledger rows, {s['uses_rows']} uses; {s['bytes_per_entry']} bytes per"
-            f" ledger entry (ledger {s['ledger_bytes_per_row']} B/row, {uses}; indexes and TOAST included)")
+    """The report's storage line. A table with no row (``uses`` in a run of nonces only,
+    ``spent_nonces`` in one of codes) is its empty pages and indexes, which no row owns: its
+    size is given whole, not per row."""
+    def part(name: str, key: str) -> str:
+        if s.get(f"{key}_rows"):
+            return f"{name} {s[f'{key}_bytes_per_row']} B/row"
+        return f"{name} empty, {s.get(f'{key}_bytes', 0)} B of pages and indexes"
+
+    return (f"Storage: {s['ledger_rows']} ledger rows, {s.get('spent_rows', 0)} spent nonces, {s['uses_rows']} uses;"
+            f" {s['bytes_per_entry']} bytes per ledger entry (ledger {s['ledger_bytes_per_row']} B/row,"
+            f" {part('spent_nonces', 'spent')}, {part('uses', 'uses')}; indexes and TOAST included)")
 
 
 # --- the service ----------------------------------------------------------------------
@@ -996,7 +1003,7 @@ def replay_compare(setup: Setup, token: str, run_id: str) -> list[dict[str, Any]
 # --- the asyncpg baseline ---------------------------------------------------------------------
 
 async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_conns: int) -> dict[str, Any]:
-    """Ledger-shaped rows (ledger + uses, one statement) committed one per transaction or in batches."""
+    """Decision-shaped rows (ledger + spent_nonces, one statement) committed one per transaction or in batches."""
     conns = min(concurrency, max_conns)
     pool = await asyncpg.create_pool(dsn, min_size=conns, max_size=conns,
                                      server_settings={"synchronous_commit": "on"})

@@ -14,8 +14,8 @@
 --      step, or INSERT ... ON CONFLICT DO NOTHING): this, not any read, is what makes it
 --      once. An OTP's high-water belongs to its credential (the secret's fingerprint), not
 --      to the token row, so a secret enrolled again carries every code already accepted; a
---      nonce is also looked up in spent_nonces (consumed, its `uses` row purged), and its
---      first use read from the ledger entry that row names;
+--      nonce's digest goes into spent_nonces, kept for good with the accepting entry's seq,
+--      and a nonce presented again has its first use read from the ledger entry it names;
 --   3. classifies a reject (reused, or replay_after_rollback when the first use fell
 --      inside a rollback window, the alert then listing the window's at-risk uses), applies
 --      RFC 4226 §7.3 throttling, raises or joins alerts;
@@ -228,30 +228,18 @@ BEGIN
         ELSIF it.kind = 'nonce' THEN
             v_digest := decode(it.digest, 'hex');
             IF it.preset_reason IS NULL THEN
-                INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)
-                    VALUES (v_digest, 'nonce', it.vm_id, it.subject, v_seq, it.ts_us, it.expires_us)
+                INSERT INTO spent_nonces (digest, first_seq) VALUES (v_digest, v_seq)
                     ON CONFLICT (digest) DO NOTHING;
-                -- spent_nonces after the insert, not before: retention moves a row from
-                -- uses to spent_nonces in one transaction, so whichever statement its
-                -- commit falls between, one of the two sees the nonce.
-                IF FOUND AND EXISTS (SELECT 1 FROM spent_nonces WHERE digest = v_digest) THEN
-                    DELETE FROM uses WHERE digest = v_digest;
-                ELSIF FOUND THEN
+                IF FOUND THEN
                     v_verdict := 'accept';
                     v_reason := 'ok';
                 END IF;
             END IF;
             IF v_reason IS NULL THEN
-                SELECT * INTO v_use FROM uses WHERE digest = v_digest;
-                -- Retention purged the use's row and kept the accepting entry's seq in
-                -- spent_nonces (checked after uses, for the reason above): its first use
-                -- (VM, time) is read from the ledger, so the replay is classified and
-                -- reported as it was before the purge.
-                IF v_use.digest IS NULL THEN
-                    SELECT l.cred_digest, 'nonce', l.vm_id, l.subject, l.seq, l.ts_us, NULL::bigint INTO v_use
-                        FROM spent_nonces s JOIN ledger l ON l.seq = s.first_seq
-                        WHERE s.digest = v_digest AND l.cred_digest = v_digest;
-                END IF;
+                -- Its first use (VM, time), which tells reused from replay_after_rollback.
+                SELECT l.cred_digest, 'nonce', l.vm_id, l.subject, l.seq, l.ts_us, NULL::bigint INTO v_use
+                    FROM spent_nonces s JOIN ledger l ON l.seq = s.first_seq
+                    WHERE s.digest = v_digest AND l.cred_digest = v_digest;
                 -- An expired nonce remembered as used is classified as a replay (one undone
                 -- by a rollback is reported whatever its ttl); one never used is expired.
                 IF v_use.digest IS NULL AND it.preset_reason = 'expired' THEN

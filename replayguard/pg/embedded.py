@@ -212,8 +212,8 @@ WORKLOAD_SETTINGS = {
 }
 
 
-# Shared buffers: large enough to hold `uses`' primary key, whose keys are keyed digests, so
-# that each decision's insert finds its leaf page in memory (docs/operations.md, "The disk
+# Shared buffers: large enough to hold `spent_nonces`' primary key, whose keys are keyed digests, so
+# that each fresh nonce's insert finds its leaf page in memory (docs/operations.md, "The disk
 # under the WAL"). A quarter of the memory, PostgreSQL's advice; the buffers are touched only
 # as the database grows into them.
 SHARED_BUFFERS_MIN_MB = 128

@@ -1,20 +1,19 @@
 """State agrees with the ledger: the rows decisions read are what the ledger's entries imply.
 
-A decision reads ``uses`` and ``spent_nonces`` (was this credential seen?),
+A decision reads ``spent_nonces`` and ``uses`` (was this nonce or OTP code seen?),
 ``otp_credentials`` (the highest counter or time step accepted for a secret),
 ``clock_guard`` (the highest TOTP time accepted, against a host clock going back) and
 ``principals`` (lockouts). Someone who can write to PostgreSQL can reset these without
 touching the hash chain, and the next decision then accepts a used code. For a range of
 ledger entries, one query looks for the first entry whose implied state is absent:
 
-- ``uses``: an accepted nonce has its ``uses`` row or, once retention purged that, its
-  digest in ``spent_nonces`` (the purge moves one to the other in one statement); an
-  accepted OTP has its ``uses`` row while the expiry it was ledgered with
-  (``use_expires_us``) is more than ``CLOCK_SLACK_US`` ahead and not before
-  ``retention_mark`` (the time purges reached: a purge on an instance whose clock is
-  ahead drops it sooner); after that the credential's high-water refuses the code. The
-  row must name the entry (``first_seq``): a credential whose row was deleted and which
-  was then accepted again has a row again, the replay's, and the first accept is named;
+- ``spent_nonces``: an accepted nonce has its digest there for good, in a row naming the
+  entry (``first_seq``): a nonce whose row was deleted and which was then accepted again
+  has a row again, the replay's, and the first accept is named;
+- ``uses``: an accepted OTP has its ``uses`` row, naming the entry, while the expiry it
+  was ledgered with (``use_expires_us``) is more than ``CLOCK_SLACK_US`` ahead and not
+  before ``retention_mark`` (the time purges reached: a purge on an instance whose clock
+  is ahead drops it sooner); after that the credential's high-water refuses the code;
 - ``otp_credentials``: the high-water of the accepted token's credential is at least the
   accepted step (``counter``);
 - ``clock_guard``: for a TOTP accept, a high-water is at least the step's time, or the
@@ -51,9 +50,8 @@ WITH e AS (
     WHERE seq > $1::bigint AND seq <= $2::bigint AND (decision = 'accept' OR payload ? 'locked_until_us')
 )
 SELECT * FROM (
-    (SELECT e.seq, 'uses' AS tbl, e.cred_digest AS key FROM e
+    (SELECT e.seq, 'spent_nonces' AS tbl, e.cred_digest AS key FROM e
      WHERE e.decision = 'accept' AND e.kind = 'nonce' AND e.cred_digest IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM uses u WHERE u.digest = e.cred_digest AND u.first_seq = e.seq)
        AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq)
      ORDER BY e.seq LIMIT 1)
     UNION ALL
@@ -119,7 +117,7 @@ class Disagreement:
 
 def key_digest(table: str, key: bytes) -> str:
     """Keyed digests and fingerprints are shown as stored; names and scopes are hashed."""
-    if table in ("uses", "otp_credentials"):
+    if table in ("spent_nonces", "uses", "otp_credentials"):
         return key.hex()
     return hashlib.sha256(key).hexdigest()
 

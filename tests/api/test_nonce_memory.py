@@ -20,7 +20,7 @@ async def consume(api: Api, body: dict[str, Any]) -> tuple[str, str]:
 
 async def purge(api: Api, body: dict[str, Any]) -> None:
     """Runs retention at the service's (fake) now until nothing more is due (the service's
-    own leader may have run it first); the nonce's use is then gone and its digest kept."""
+    own leader may have run it first); the nonce has no use row and its spent digest stays."""
     while await purge_expired(api.runtime.pool, api.runtime.now_us(), limit=1000) > 0:
         pass
     digest = nonce_digest(api.runtime.keys.pepper, body["scope"], body["nonce"].encode())
@@ -29,9 +29,21 @@ async def purge(api: Api, body: dict[str, Any]) -> None:
         assert await conn.fetchval("SELECT count(*) FROM spent_nonces WHERE digest = $1", digest) == 1
 
 
+async def test_the_accepting_decision_spends_the_nonce(api: Api) -> None:
+    """The decision that accepts a nonce writes its digest to spent_nonces, naming that
+    decision's entry, and no use row: nothing is moved or deleted later."""
+    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "ttl_s": 60}
+    status, answer = await api.post("/v1/nonces/consume", body)
+    assert (status, answer["decision"]) == (200, "accept"), answer
+    digest = nonce_digest(api.runtime.keys.pepper, body["scope"], body["nonce"].encode())
+    async with api.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT first_seq FROM spent_nonces WHERE digest = $1", digest) == answer["seq"]
+        assert await conn.fetchval("SELECT count(*) FROM uses WHERE digest = $1", digest) == 0
+
+
 async def test_reproduction_4_a_later_ttl_does_not_reopen_a_nonce(api: Api) -> None:
-    """N with issued_at = now and ttl_s = 1 accepted; 75 s later (its use
-    purged) N with ttl_s = 3600, same issued_at or none, is refused."""
+    """N with issued_at = now and ttl_s = 1 accepted; 75 s later (retention run past its
+    expiry) N with ttl_s = 3600, same issued_at or none, is refused."""
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 1}
     assert await consume(api, body) == ("accept", "ok")
     api.clock.advance(75)
@@ -43,8 +55,8 @@ async def test_reproduction_4_a_later_ttl_does_not_reopen_a_nonce(api: Api) -> N
     assert await consume(api, {**body, "issued_at": api.clock.now, "ttl_s": 3600}) == ("reject", "reused")
 
 
-async def test_a_later_ttl_does_not_reopen_a_nonce_before_its_purge(api: Api) -> None:
-    """Before retention runs, the same presentations are refused from the use row."""
+async def test_a_later_ttl_does_not_reopen_a_nonce_before_retention_runs(api: Api) -> None:
+    """Before retention runs, the same presentations are refused too."""
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 1}
     assert await consume(api, body) == ("accept", "ok")
     api.clock.advance(75)
@@ -53,7 +65,7 @@ async def test_a_later_ttl_does_not_reopen_a_nonce_before_its_purge(api: Api) ->
 
 
 async def test_a_nonce_without_issued_at_is_refused_after_nonce_max_ttl(api: Api) -> None:
-    """A nonce consumed without issued_at is still refused after nonce_max_ttl_s and its purge, with any ttl."""
+    """A nonce consumed without issued_at is still refused after nonce_max_ttl_s and a retention run, with any ttl."""
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "ttl_s": 60}
     assert await consume(api, body) == ("accept", "ok")
     api.clock.advance(api.runtime.settings.nonce_max_ttl_s + 3600)
@@ -101,11 +113,11 @@ async def test_a_nonce_replayed_after_a_rollback_is_reported_once_it_expired(api
     assert await consume(api, {**nonce, "nonce": uid("n")}) == ("reject", "expired")
 
 
-async def test_a_nonce_replayed_after_its_use_was_purged_is_still_reported(
+async def test_a_nonce_replayed_after_retention_ran_is_still_reported(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """Once retention moved a nonce's use to spent_nonces, a presentation of it (without
-    issued_at: that is the caller's word) is still `reused` with a reuse alert naming the
-    entry that accepted it, read from the ledger through spent_nonces' first_seq."""
+    """After retention ran past a nonce's expiry, a presentation of it (without issued_at:
+    that is the caller's word) is still `reused` with a reuse alert naming the entry that
+    accepted it, read from the ledger through spent_nonces' first_seq."""
     api: Api = await api_factory(database_url=Secret(await fresh_database()))
     body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "issued_at": api.clock.now, "ttl_s": 300}
     status, first = await api.post("/v1/nonces/consume", body)
@@ -120,9 +132,9 @@ async def test_a_nonce_replayed_after_its_use_was_purged_is_still_reported(
     assert raised["details"]["first_seq"] == first["seq"] and first["seq"] in {e["seq"] for e in raised["entries"]}
 
 
-async def test_a_purged_nonce_first_used_inside_a_rollback_window_is_a_replay_after_rollback(api: Api) -> None:
-    """A nonce whose use retention purged, first used on a VM later reverted to a state
-    before that use, is `replay_after_rollback` when presented again (its first use's VM and
+async def test_an_expired_nonce_first_used_inside_a_rollback_window_is_a_replay_after_rollback(api: Api) -> None:
+    """A nonce first used on a VM later reverted to a state before that use, presented again
+    after retention ran past its expiry, is `replay_after_rollback` (its first use's VM and
     time come from the ledger entry spent_nonces names)."""
     vm = uid("web")
     taken = api.clock.now
@@ -134,7 +146,7 @@ async def test_a_purged_nonce_first_used_inside_a_rollback_window_is_a_replay_af
               "snapshot_created_at": taken, "occurred_at": api.clock.now}
     status, answer = await api.post("/v1/hypervisor/events", revert, role="hypervisor")
     assert status == 202, answer
-    api.clock.advance(200)  # past issued_at + ttl_s + 60: retention moves the use to spent_nonces
+    api.clock.advance(200)  # past issued_at + ttl_s + 60: retention may run
     await purge(api, body)
     assert await consume(api, body) == ("reject", "replay_after_rollback")
     without_issued_at = {k: v for k, v in body.items() if k != "issued_at"}
@@ -149,12 +161,12 @@ async def _revert(api: Api, vm: str, snapshot_at: float, reverted_at: float) -> 
     assert status == 202 and answer["duplicate"] is False, answer
 
 
-async def test_a_late_revert_reclassifies_the_reuse_alert_of_a_purged_nonce(api: Api) -> None:
-    """A nonce consumed on a VM, its use purged by retention, replayed (`reused`, a reuse
+async def test_a_late_revert_reclassifies_the_reuse_alert_of_an_expired_nonce(api: Api) -> None:
+    """A nonce consumed on a VM, retention run past its expiry, replayed (`reused`, a reuse
     alert read from the ledger entry spent_nonces names), and only then the revert that
     undid its consumption reported: the reuse alert becomes a critical
-    replay_after_rollback, as it does for a use whose row retention still keeps
-    (test_rollback_attack.py::test_late_event_reclassifies_the_alert), listing the purged
+    replay_after_rollback, as it does before retention runs
+    (test_rollback_attack.py::test_late_event_reclassifies_the_alert), listing the nonce's
     use as at risk."""
     vm = uid("web")
     taken = api.clock.now
@@ -182,11 +194,11 @@ async def test_a_late_revert_reclassifies_the_reuse_alert_of_a_purged_nonce(api:
     assert {replay["seq"], first["seq"]} <= {e["seq"] for e in after["entries"]}
 
 
-async def test_the_replay_alert_lists_the_purged_uses_the_window_put_at_risk(api: Api) -> None:
+async def test_the_replay_alert_lists_every_use_the_window_put_at_risk(api: Api) -> None:
     """The replay_after_rollback alert's `at_risk_uses` lists every use the window covers,
-    also those whose `uses` row retention purged: two nonces consumed on a VM inside a
-    window, both purged, and one of them replayed after the revert; the alert lists both
-    (the other is as much at risk: its consumption was undone too)."""
+    read from the ledger: two nonces consumed on a VM inside a window, retention run past
+    their expiry, and one of them replayed after the revert; the alert lists both (the
+    other is as much at risk: its consumption was undone too)."""
     vm = uid("web")
     taken = api.clock.now
     api.clock.advance(5)

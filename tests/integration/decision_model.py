@@ -236,8 +236,8 @@ class Model:
             vm.req_from = r["seq"]
 
     def classify(self, use: Use | None, nonce: bool = False) -> str:
-        """A nonce's first use is known for good (its row, or the ledger entry spent_nonces
-        names); an OTP's only until retention may have dropped its row."""
+        """A nonce's first use is known for good (the ledger entry spent_nonces names); an
+        OTP's only until retention may have dropped its row."""
         if use is None:
             return "reused"
         at_risk = any(w_vm == use.vm and (start is None or start <= use.ts) and use.ts <= end
@@ -322,8 +322,8 @@ class Model:
         if self.refused(vm_id, flags):
             result = ("reject", "locked_out")
         elif issued_at is not None and issued_at + ttl < now:
-            # a consumed nonce is classified as a replay (also once retention moved its
-            # use to spent_nonces); only one never consumed is expired
+            # a consumed nonce is classified as a replay, however long ago; only one never
+            # consumed is expired
             result = ("reject", "expired" if key not in self.uses else self.classify(self.uses[key], nonce=True))
         elif key in self.uses:
             result = ("reject", self.classify(self.uses[key], nonce=True))

@@ -14,7 +14,7 @@ from tests.bench_scripts import load
 
 async def test_each_answer_of_the_durable_floor_follows_its_own_commit(fresh_database: Callable[[], Any]) -> None:
     """Every answer of the durable floor echoes its X-Request-Id and says ``ok``, and by then its
-    ledger-shaped row (a ``bench_ledger`` and a ``bench_uses`` row) is committed: one row of each
+    decision-shaped row (a ``bench_ledger`` and a ``bench_spent`` row) is committed: one row of each
     per request, counted from another connection. The HTTP floor, without a database, echoes the
     id as well and commits nothing."""
     run = load("run", "bench_run_floor")
@@ -33,7 +33,7 @@ async def test_each_answer_of_the_durable_floor_follows_its_own_commit(fresh_dat
                             assert (await answer.json())["reason"] == "ok"
                         if db:
                             assert await conn.fetchval("SELECT count(*) FROM bench_ledger") == k + 1
-                            assert await conn.fetchval("SELECT count(*) FROM bench_uses") == k + 1
+                            assert await conn.fetchval("SELECT count(*) FROM bench_spent") == k + 1
         assert await conn.fetchval("SELECT count(*) FROM bench_ledger") == 5  # the HTTP floor added none
     finally:
         await conn.close()

@@ -153,5 +153,5 @@ async def test_a_replayed_code_finds_its_first_use_by_index_not_by_scanning_uses
 async def _fill_uses(conn: Any, first: int, last: int) -> None:
     await conn.execute(
         "INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
-        " SELECT sha256(g::text::bytea), 'nonce', 'vm-x', 'api', g, $3::bigint, $3::bigint + 1000000000"
+        " SELECT sha256(g::text::bytea), 'otp', 'vm-x', 'api', g, $3::bigint, $3::bigint + 1000000000"
         " FROM generate_series($1::int, $2::int) g", first, last, TS)

@@ -124,7 +124,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
                 buffers_mb = await _shared_buffers_mb(conn)
                 checksums = await conn.fetchval("SHOW data_checksums")
                 options = {r["relname"]: set(r["reloptions"]) for r in await conn.fetch(
-                    "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses')")}
+                    "SELECT relname, reloptions FROM pg_class WHERE relname IN ('ledger', 'uses', 'spent_nonces')")}
             finally:
                 await conn.close()
         finally:
@@ -134,7 +134,7 @@ async def test_embedded_server_runs_with_the_workload_settings() -> None:
                      "log_checkpoints": "on", "log_autovacuum_min_duration": "1s", "log_lock_waits": "on"}
     assert buffers_mb == shared_buffers_mb(memory_bytes())  # sized from this machine's memory
     assert checksums == "on"  # PostgreSQL 18's initdb default: a page changed on disk fails its read
-    for table in ("ledger", "uses"):
+    for table in ("ledger", "uses", "spent_nonces"):
         assert {"autovacuum_vacuum_insert_threshold=200000",
                 "autovacuum_vacuum_insert_scale_factor=0"} <= options[table]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pyotp
 
 from replayguard.http.state import ANALYSTS
 from replayguard.services.ledger import LedgerService, NotVouched
@@ -288,25 +289,29 @@ async def test_a_clock_stepped_back_makes_a_checkpoint_due_at_once(
 async def test_a_healthy_ledger_with_concurrent_appends_and_purges_is_never_flagged(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any], tmp_path: Path) -> None:
     """A healthy ledger is never taken for one that went back: decisions, hypervisor events
-    and retention purges (the leader's, and one run beside them) go on concurrently, with a
-    checkpoint every 5 entries pushed to a file witness, across many continuity checks.
-    Every decision is accepted, /readyz stays 200 with ``continuity`` ok, no finding is
-    written, and the witness follows the ledger."""
+    and retention purges of the HOTP codes' uses (the leader's, and one run beside them) go
+    on concurrently, with a checkpoint every 5 entries pushed to a file witness, across many
+    continuity checks. Every decision is accepted, /readyz stays 200 with ``continuity``
+    ok, no finding is written, and the witness follows the ledger."""
     witness = tmp_path / "w" / "witness.json"
     witness.parent.mkdir()
     clock = FakeClock(time.time())
     dsn = await fresh_database()
     api = await api_factory(clock=clock, database_url=Secret(dsn), checkpoint_every=5,
-                            witnesses=(f"file:{witness}",))
-    for _ in range(4):
+                            witnesses=(f"file:{witness}",), nonce_max_ttl_s=60)
+    principals = [uid(f"hotp-{n}") for n in range(3)]
+    hotp = [pyotp.HOTP((await api.enroll(p, type="hotp"))["secret"]) for p in principals]
+    for round_ in range(4):
         calls: list[Awaitable[tuple[int, Any]]] = [
             nonce(api, secrets.token_hex(8), issued_at=clock.now, ttl_s=1) for _ in range(12)]
+        calls += [api.post("/v1/otp/verify", {"vm_id": f"vm-{n}", "principal": p, "otp": h.at(round_)})
+                  for n, (p, h) in enumerate(zip(principals, hotp, strict=True))]
         calls += [hypervisor_event(api, f"vm-{n}") for n in range(6)]
         answers, _ = await asyncio.gather(asyncio.gather(*calls),
                                           purge_expired(api.runtime.pool, api.runtime.now_us()))
         assert all(status in (200, 202) for status, _ in answers), answers
         assert all(body["decision"] == "accept" for status, body in answers if status == 200), answers
-        clock.advance(62)  # the nonces' uses expire (ttl 1 s and the 60 s grace): they are purged
+        clock.advance(62)  # the codes' uses expire (nonce_max_ttl_s): they are purged
         await after_next_check(api)
         resp = await api.client.get("/readyz")
         body = await resp.json()
@@ -314,7 +319,9 @@ async def test_a_healthy_ledger_with_concurrent_appends_and_purges_is_never_flag
     await _leader_ran(api)
     await purge_expired(api.runtime.pool, api.runtime.now_us())
     assert await _fetch(dsn, "SELECT 1 FROM uses WHERE expires_us < $1", api.runtime.now_us()) == []
-    assert (await _fetch(dsn, "SELECT count(*) AS n FROM spent_nonces"))[0]["n"] >= 36
+    assert (await _fetch(dsn, "SELECT count(*) AS n FROM spent_nonces"))[0]["n"] == 48
+    accepted_codes = "SELECT count(*) AS n FROM ledger WHERE kind = 'otp' AND decision = 'accept'"
+    assert (await _fetch(dsn, accepted_codes))[0]["n"] == 12
     head = api.runtime.continuity.head_seq
     await until(lambda: _held_at_least(witness, head - 5), "the witness to follow the ledger", timeout=60)
     await after_next_check(api)

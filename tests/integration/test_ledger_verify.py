@@ -320,14 +320,14 @@ async def test_cli_verify_prints_progress_and_the_report(fresh_database: Callabl
 
 async def test_the_state_check_alerts_each_finding_once_tick_after_tick(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """Two accepted nonces whose `uses` rows were deleted, in different slices of the leader's
+    """Two accepted nonces whose `spent_nonces` rows were deleted, in different slices of the leader's
     state sweep: each is alerted once, and the ticks after it, finding the two again in turn,
     do not join them again (which would count them up and reopen them once acknowledged,
     every tick)."""
     api, dsn = await ledger_of(api_factory, fresh_database, 10)
     feed = api.client.app[ANALYSTS].feed
     feed._state = StateSchedule(sweep_size=5)
-    await tamper(dsn, "DELETE FROM uses WHERE first_seq IN (2, 7)")
+    await tamper(dsn, "DELETE FROM spent_nonces WHERE first_seq IN (2, 7)")
     ticks = feed.state_ticks
     await until(lambda: feed.state_ticks >= ticks + 6, "six ticks of the state check", timeout=30)
     status, page = await api.get("/v1/alerts?kind=ledger_tamper")

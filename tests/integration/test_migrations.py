@@ -226,6 +226,34 @@ async def test_a_snapshot_creation_of_unknown_time_becomes_null(new_database: Ca
     assert json.loads(context)["snapshots"] == []
 
 
+async def test_nonce_uses_become_spent_nonces_naming_their_entries(new_database: Callable[[], Awaitable[str]]) -> None:
+    """043: the nonces' rows of `uses` move to spent_nonces with the entry each names, a nonce
+    already spent keeps its row, OTP uses stay, and `uses` then refuses a nonce's row."""
+    dsn = await new_database()
+    await _run(dsn, migrations=[m for m in schema.load_migrations() if m.version < 43])
+    use = ("INSERT INTO uses (digest, kind, vm_id, subject, first_seq, first_ts_us, expires_us)"
+           " VALUES ($1, $2, 'vm-1', 's', $3, 1, 2)")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(use, b"n" * 32, "nonce", 7)
+        await conn.execute(use, b"o" * 32, "otp", 8)
+        await conn.execute(use, b"s" * 32, "nonce", 9)
+        await conn.execute("INSERT INTO spent_nonces VALUES ($1, 3)", b"s" * 32)
+    finally:
+        await conn.close()
+    await _run(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        spent = {bytes(r["digest"]): r["first_seq"] for r in await conn.fetch("SELECT * FROM spent_nonces")}
+        uses = [(bytes(r["digest"]), r["kind"]) for r in await conn.fetch("SELECT digest, kind FROM uses")]
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(use, b"m" * 32, "nonce", 10)
+    finally:
+        await conn.close()
+    assert spent == {b"n" * 32: 7, b"s" * 32: 3}
+    assert uses == [(b"o" * 32, "otp")]
+
+
 async def test_a_function_of_a_newer_release_is_refused_untouched(new_database: Callable[[], Awaitable[str]]) -> None:
     """A database whose stored function is in a version this build neither ships nor lists
     as earlier (a later release that changed functions alone, no numbered migration) is

@@ -1,4 +1,4 @@
-"""Retention: expired credential uses are forgotten; live ones, and the ledger, are kept."""
+"""Retention: expired OTP uses are forgotten; live ones, spent nonces and the ledger are kept."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ async def test_purge_removes_only_expired_uses(fresh_database: Callable[[], Any]
     conn = await connections.connect(dsn)
     try:
         await conn.execute(
-            "INSERT INTO uses SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), 'nonce', 'vm', 's', i, i,"
+            "INSERT INTO uses SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), 'otp', 'vm', 's', i, i,"
             " CASE WHEN i <= 30 THEN 1000 + i WHEN i <= 40 THEN 10000000 ELSE NULL END"
             " FROM generate_series(1, 50) i")
         pool = await connections.create_pool(dsn, size=2, statement_timeout_ms=5000)
@@ -36,23 +36,24 @@ async def test_purge_removes_only_expired_uses(fresh_database: Callable[[], Any]
 
 
 async def test_purged_nonce_with_issued_at_is_still_refused(api: Api) -> None:
-    """After its use is purged, a nonce presented again with its issued_at (so expired) is
-    still named a replay: `reused`, with a reuse alert (only a nonce never consumed is `expired`)."""
+    """After retention ran past its expiry, a nonce presented again with its issued_at (so
+    expired) is still named a replay: `reused`, with a reuse alert (only a nonce never
+    consumed is `expired`)."""
     vm, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
     body = {"vm_id": vm, "scope": scope, "nonce": nonce, "ttl_s": 60, "issued_at": api.clock.now}
     status, first = await api.post("/v1/nonces/consume", body)
     assert (status, first["decision"]) == (200, "accept")
     api.clock.advance(3600)
     await purge_expired(api.runtime.pool, api.runtime.now_us())  # the leader may have purged it already
-    assert await _uses_of(api, scope) == 0
+    assert await _uses_of(api, scope) == 0  # a nonce has no use row: its spent digest refuses it
     status, again = await api.post("/v1/nonces/consume", body)
     assert (status, again["decision"], again["reason"]) == (200, "reject", "reused"), again
     assert again.get("alert_id") is not None, again
 
 
 async def test_nonce_without_issued_at_is_remembered_for_nonce_max_ttl_not_its_ttl(api: Api) -> None:
-    """A nonce consumed without issued_at is still refused as reused after a purge just short of
-    nonce_max_ttl_s, long after its own ttl_s: nothing else could refuse it once forgotten."""
+    """A nonce consumed without issued_at is still refused as reused after retention runs at 61 s,
+    an hour and just short of nonce_max_ttl_s, long after its own ttl_s."""
     vm, scope, nonce = uid("vm"), uid("scope"), uid("nonce")
     body = {"vm_id": vm, "scope": scope, "nonce": nonce, "ttl_s": 60}
     status, first = await api.post("/v1/nonces/consume", body)

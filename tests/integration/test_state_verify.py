@@ -172,22 +172,23 @@ async def test_a_reset_totp_high_water_is_named(fresh_database: Callable[[], Any
     assert report["state"]["first_disagreement"]["table"] == "clock_guard"
 
 
-async def test_a_deleted_nonce_use_and_a_lifted_lock_are_named(fresh_database: Callable[[], Any],
+async def test_a_deleted_spent_nonce_and_a_lifted_lock_are_named(fresh_database: Callable[[], Any],
                                                                api_factory: Callable[..., Any]) -> None:
-    """A nonce's use row deleted (not moved to spent_nonces), then a lock lifted without the ledgered
-    unlock: each is named."""
+    """A nonce's spent_nonces row deleted, then a lock lifted without the ledgered unlock: each is
+    named."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     value = secrets.token_hex(8)
     used = await nonce(api, value)
     await nonce(api, secrets.token_hex(8))
-    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
+    await superuser(dsn, f"DELETE FROM spent_nonces WHERE first_seq = {used['seq']}")
     bad = (await verify(api))["state"]["first_disagreement"]
-    assert (bad["seq"], bad["table"]) == (used["seq"], "uses")
+    assert (bad["seq"], bad["table"]) == (used["seq"], "spent_nonces")
     assert value not in bad["key_digest"]
     await superuser(dsn, f"INSERT INTO spent_nonces SELECT cred_digest, seq + 1 FROM ledger WHERE seq = {used['seq']}")
     bad = (await verify(api))["state"]["first_disagreement"]  # spent, but for another entry
-    assert (bad["seq"], bad["table"]) == (used["seq"], "uses")
-    await superuser(dsn, f"UPDATE spent_nonces SET first_seq = {used['seq']}")
+    assert (bad["seq"], bad["table"]) == (used["seq"], "spent_nonces")
+    await superuser(dsn, f"UPDATE spent_nonces SET first_seq = {used['seq']}"
+                         f" WHERE digest = (SELECT cred_digest FROM ledger WHERE seq = {used['seq']})")
     assert (await verify(api))["ok"] is True
 
     carol = uid("carol")
@@ -241,12 +242,12 @@ def _statement(migration: str, start: str) -> str:
 
 async def test_migrations_016_and_020_remember_nonces_purged_before_spent_nonces_existed(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """A nonce use purged the pre-010 way (row gone, no spent digest) is put back by 016 and
+    """A nonce forgotten as the pre-010 purge left it (no row anywhere) is put back by 016 and
     named by 020 after its accepting entry: verify agrees and the nonce stays refused."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     value = secrets.token_hex(8)
     used = await nonce(api, value)
-    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {used['seq']}")
+    await superuser(dsn, f"DELETE FROM spent_nonces WHERE first_seq = {used['seq']}")
     assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]
     await superuser(dsn, _statement("016_state_check.sql", "INSERT INTO spent_nonces"))
     assert (await verify(api))["state"]["first_disagreement"]["seq"] == used["seq"]  # no entry named yet
@@ -257,9 +258,9 @@ async def test_migrations_016_and_020_remember_nonces_purged_before_spent_nonces
 
 async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """12,000 decisions committed at once (more than two 5,000-entry slices), the use row
-    of the last one deleted in the same transaction: the leader's next state-check tick
-    checks them all and raises ledger_tamper naming it."""
+    """12,000 decisions committed at once (more than two 5,000-entry slices), the spent
+    nonce of the last one deleted in the same transaction: the leader's next state-check
+    tick checks them all and raises ledger_tamper naming it."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     feed = api.client.app[ANALYSTS].feed
     await until(lambda: feed.state_ticks >= 1, "the leader's first state check", timeout=30)
@@ -275,14 +276,14 @@ async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
             rows = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)",
                                     orjson.dumps(items).decode())
             assert {r["r_verdict"] for r in rows} == {"accept"}
-            await conn.execute("DELETE FROM uses WHERE digest = $1", bytes.fromhex(items[-1]["digest"]))
+            await conn.execute("DELETE FROM spent_nonces WHERE digest = $1", bytes.fromhex(items[-1]["digest"]))
     finally:
         await conn.close()
     assert not await tamper_alerts(api)
     await feed._check_state()
     [alert] = await tamper_alerts(api)
     assert alert["details"]["first_bad_seq"] == rows[-1]["r_seq"]
-    assert alert["details"]["table"] == "uses"
+    assert alert["details"]["table"] == "spent_nonces"
 
 
 def _ledger_rows_read(node: dict[str, Any]) -> int:
@@ -326,24 +327,26 @@ async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_
         await conn.close()
 
 
-async def test_a_deleted_nonce_use_replayed_at_once_is_named(fresh_database: Callable[[], Any],
+async def test_a_deleted_spent_nonce_replayed_at_once_is_named(fresh_database: Callable[[], Any],
                                                              api_factory: Callable[..., Any]) -> None:
-    """A superuser deletes a nonce's use row and the nonce is replayed before any check looks:
-    the replay's accept writes the row back, but for itself, so verify names the first accept."""
+    """A superuser deletes a nonce's spent_nonces row and the nonce is replayed before any check
+    looks: the replay's accept writes the row back, but for itself, so verify names the first
+    accept."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     value = secrets.token_hex(8)
     first = await nonce(api, value)
-    await superuser(dsn, f"DELETE FROM uses WHERE first_seq = {first['seq']}")
+    await superuser(dsn, f"DELETE FROM spent_nonces WHERE first_seq = {first['seq']}")
     again = await nonce(api, value)
     assert again["decision"] == "accept"  # the attack: what the state forgot is accepted again
     bad = (await verify(api))["state"]["first_disagreement"]
-    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+    assert (bad["seq"], bad["table"]) == (first["seq"], "spent_nonces"), bad
 
 
-async def test_a_spent_nonce_deleted_and_replayed_is_named_after_its_purge(
+async def test_a_spent_nonce_deleted_and_replayed_is_named_across_purges(
         fresh_database: Callable[[], Any], api_factory: Callable[..., Any]) -> None:
-    """A purged nonce's spent digest deleted, the nonce replayed at once and that use purged in
-    turn: the spent digest names the replay's entry, so verify names the first accept."""
+    """Retention leaves spent nonces alone: with purges past the nonce's expiry before and after,
+    its spent digest deleted and the nonce replayed at once, the spent digest names the
+    replay's entry, so verify names the first accept."""
     api, dsn = await fresh_api(api_factory, fresh_database, nonce_max_ttl_s=60)
     value = secrets.token_hex(8)
     first = await nonce(api, value, ttl_s=30)
@@ -352,7 +355,7 @@ async def test_a_spent_nonce_deleted_and_replayed_is_named_after_its_purge(
     assert (await nonce(api, value, ttl_s=30))["decision"] == "accept"
     await purge_expired(api.runtime.pool, api.runtime.now_us() + 7200 * 1_000_000)
     bad = (await verify(api))["state"]["first_disagreement"]
-    assert (bad["seq"], bad["table"]) == (first["seq"], "uses"), bad
+    assert (bad["seq"], bad["table"]) == (first["seq"], "spent_nonces"), bad
 
 
 async def test_a_reset_hotp_counter_replayed_at_once_is_named(fresh_database: Callable[[], Any],

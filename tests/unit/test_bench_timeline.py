@@ -161,17 +161,20 @@ def test_the_hosts_speed_probe_times_the_same_work_in_this_threads_cpu() -> None
     assert run.host_probe_ms() > 0
 
 
-def test_the_storage_line_gives_an_empty_uses_table_whole_not_per_row() -> None:
-    """A run of wrong codes accepts nothing, so ``uses`` has no row: its empty pages and
-    indexes are reported as a size, not divided by one row into a figure per row."""
-    rows = {"ledger_rows": 1000, "uses_rows": 500, "bytes_per_entry": 700.0, "ledger_bytes_per_row": 400.0,
-            "uses_bytes": 300_000, "uses_bytes_per_row": 600.0}
-    assert run.storage_line(rows) == ("Storage: 1000 ledger rows, 500 uses; 700.0 bytes per ledger entry"
-                                      " (ledger 400.0 B/row, uses 600.0 B/row; indexes and TOAST included)")
+def test_the_storage_line_gives_an_empty_table_whole_not_per_row() -> None:
+    """A run of fresh nonces writes no ``uses`` row, and one of wrong codes accepts nothing: a
+    table without rows is reported as the size of its empty pages and indexes, not divided by
+    one row into a figure per row."""
+    rows = {"ledger_rows": 1000, "uses_rows": 500, "spent_rows": 400, "bytes_per_entry": 700.0,
+            "ledger_bytes_per_row": 400.0, "uses_bytes": 300_000, "uses_bytes_per_row": 600.0,
+            "spent_bytes": 60_000, "spent_bytes_per_row": 150.0}
+    assert run.storage_line(rows) == ("Storage: 1000 ledger rows, 400 spent nonces, 500 uses; 700.0 bytes per"
+                                      " ledger entry (ledger 400.0 B/row, spent_nonces 150.0 B/row,"
+                                      " uses 600.0 B/row; indexes and TOAST included)")
     empty = {**rows, "uses_rows": 0, "uses_bytes": 32_768, "uses_bytes_per_row": None, "bytes_per_entry": 432.8}
-    assert run.storage_line(empty) == ("Storage: 1000 ledger rows, 0 uses; 432.8 bytes per ledger entry"
-                                       " (ledger 400.0 B/row, uses empty, 32768 B of pages and indexes;"
-                                       " indexes and TOAST included)")
+    assert run.storage_line(empty) == ("Storage: 1000 ledger rows, 400 spent nonces, 0 uses; 432.8 bytes per"
+                                       " ledger entry (ledger 400.0 B/row, spent_nonces 150.0 B/row,"
+                                       " uses empty, 32768 B of pages and indexes; indexes and TOAST included)")
 
 
 def _ledger_scrape(worker: str, buckets: dict[str, int]) -> str:
