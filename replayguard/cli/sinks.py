@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.timefmt import rfc3339_us
-from ..services.alertfeed import sink_configs
+from ..services.alertfeed_sinks import sink_configs
 from ..services.alerts import content_digest
 from ..settings import Settings
 from ..sinks import DeliveryError, SinkConfig, build_sink

@@ -20,7 +20,7 @@ from .. import __version__
 from ..core import cursors, stream_ids, validation
 from ..core.ledger_check import Problem
 from ..errors import InvalidRequest, Unavailable
-from ..services.alertfeed import CATCH_UP, PAGE, Subscriber
+from ..services.alertfeed_streams import CATCH_UP, PAGE, Subscriber
 from ..services.alerts import (
     parse_alert_id,
     parse_filter,
@@ -222,7 +222,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     dropped before any alert."""
     last = _last_event_id(request)
     feed = _svc(request).feed
-    sub = feed.subscribe()
+    sub = feed.streams.subscribe()
     try:
         # A new stream's position is read before its headers go: a 503 while the database
         # cannot be reached, and a client that has the headers gets every later change.
@@ -237,7 +237,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError, TimeoutError, Unavailable), stops_with_client(request):
             await _pump(request, resp, sub, start)
     finally:
-        feed.unsubscribe(sub)
+        feed.streams.unsubscribe(sub)
     return resp
 
 
@@ -325,7 +325,7 @@ async def status(request: web.Request) -> web.Response:
     role and sink backlogs, and the caller's role."""
     svc = _svc(request)
     last = await svc.ledger.list_checkpoints(None, 1)
-    dispatcher = svc.feed.dispatcher
+    dispatcher = svc.feed.sinks.dispatcher
     sinks = [{"name": name, "backlog": st.backlog, "delivered": st.delivered, "failed_attempts": st.failed_attempts,
               "rejected": st.rejected, "dropped": st.dropped, "last_error": st.last_error}
              for name, st in (dispatcher.stats().items() if dispatcher is not None else ())]
@@ -335,7 +335,7 @@ async def status(request: web.Request) -> web.Response:
         "ledger": {"head": await svc.ledger.head(), "last_checkpoint": last[0] if last else None},
         "continuity": continuity["status"], "rollback": continuity["rollback"],
         "witnesses": continuity["witnesses"],
-        "sinks": sinks, "sse_subscribers": len(svc.feed.subscribers),
+        "sinks": sinks, "sse_subscribers": len(svc.feed.streams.open),
         "caller": {"role": request[CALLER].role, "name": request[CALLER].name},
     })
 

@@ -44,7 +44,8 @@ from ..metrics import Metrics
 from ..metrics_shared import PUBLISH_S
 from ..pg.connections import SESSION_REFUSED_ERRORS, UNAVAILABLE_ERRORS
 from ..runtime import Runtime, open_runtime
-from ..services.alertfeed import AlertFeed, build_dispatcher
+from ..services.alertfeed import AlertFeed
+from ..services.alertfeed_sinks import build_dispatcher
 from ..services.alerts import AlertService
 from ..services.apitokens import Caller
 from ..services.chain_reader import ChainProcess
@@ -242,12 +243,12 @@ def _analysts(runtime: Runtime) -> Analysts:
 
 def _feed_gauges(registry: CollectorRegistry, feed: AlertFeed) -> None:
     Gauge("replayguard_sse_subscribers", "Open alert streams", registry=registry).set_function(
-        lambda: len(feed.subscribers))
+        lambda: len(feed.streams.open))
     Gauge("replayguard_alert_feed_leader", "1 on the instance feeding sinks and signing checkpoints",
           registry=registry).set_function(lambda: 1 if feed.leader else 0)
     Gauge("replayguard_sink_backlog", "Records waiting in the sinks' outboxes (this instance)",
           registry=registry).set_function(
-        lambda: sum(s.backlog for s in feed.dispatcher.stats().values()) if feed.dispatcher else 0)
+        lambda: sum(s.backlog for s in feed.sinks.dispatcher.stats().values()) if feed.sinks.dispatcher else 0)
 
 
 @contextlib.asynccontextmanager
@@ -328,7 +329,7 @@ def _resources_ctx(settings: Settings, clock: Callable[[], float], dsn: str | No
 async def _end_streams(app: web.Application) -> None:
     """Ends open alert streams at shutdown, so no handler keeps the service waiting."""
     if ANALYSTS in app:
-        app[ANALYSTS].feed.close_subscribers()
+        app[ANALYSTS].feed.streams.close()
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,

@@ -80,14 +80,14 @@ async def test_exit_statuses(api: Api) -> None:
 async def test_follow_prints_alerts_as_they_come(api: Api) -> None:
     """follow --json prints the new alert as a JSON line while it happens, then exits after --count."""
     feed = api.client.app[ANALYSTS].feed
-    before = len(feed.subscribers)
+    before = len(feed.streams.open)
     env = cli_env(REPLAYGUARD_URL=str(api.client.make_url("/")).rstrip("/"), REPLAYGUARD_TOKEN=api.tokens["analyst"])
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "replayguard", "alerts", "follow", "--json", "--count", "1", env=env, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(30):
-            while len(feed.subscribers) <= before:  # connected: the alert below cannot be missed
+            while len(feed.streams.open) <= before:  # connected: the alert below cannot be missed
                 await asyncio.sleep(0.05)
         vm_id = uid("vm")
         body = {"vm_id": vm_id, "scope": uid("scope"), "nonce": uid("n")}

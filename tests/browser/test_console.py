@@ -157,7 +157,7 @@ async def test_a_resume_refused_for_its_last_event_id_opens_the_stream_afresh(
 
     monkeypatch.setattr(stream_ids, "parse", unparsable)
     reads_before = alerts_list_reads(tab)
-    api.client.app[ANALYSTS].feed.close_subscribers()
+    api.client.app[ANALYSTS].feed.streams.close()
     await page.locator('#live[data-state="reconnecting"]').wait_for(timeout=WAIT_MS)
     await page.locator('#live[data-state="live"]').wait_for(timeout=WAIT_MS)
     await until(lambda: alerts_list_reads(tab) > reads_before, "the list to be read again")

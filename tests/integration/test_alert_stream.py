@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from replayguard.errors import Unavailable
 from replayguard.http import analysts
 from replayguard.http.state import ANALYSTS
-from replayguard.services import alertfeed
+from replayguard.services import alertfeed, alertfeed_streams
 from replayguard.settings import Secret
 from tests.api.test_alert_log import alert_lines
 from tests.api.test_analysts import reuse_alert
@@ -101,8 +101,8 @@ def drop_streams_and_refuse_new(feed: alertfeed.AlertFeed, monkeypatch: pytest.M
     def refuse() -> Any:
         raise Unavailable("too many alert stream subscribers; try again later")
 
-    monkeypatch.setattr(feed, "subscribe", refuse)
-    feed.close_subscribers()
+    monkeypatch.setattr(feed.streams, "subscribe", refuse)
+    feed.streams.close()
 
 
 async def test_a_raised_alert_appears_on_the_stream(api: Api) -> None:
@@ -156,7 +156,7 @@ async def test_a_resumed_stream_never_resends_changes_at_or_before_last_event_id
     seen_change = alert["change"]  # the client saw this change on `one`'s stream
 
     resp = await open_stream(other, last_event_id=seen_change)
-    await until(lambda: len(feed.subscribers) == 1, "the resumed stream to subscribe")
+    await until(lambda: len(feed.streams.open) == 1, "the resumed stream to subscribe")
     gate.set()  # the feed catches up with what was committed while it lagged
 
     sentinel = uid("vm")
@@ -349,7 +349,7 @@ async def test_alerts_follow_resumes_from_the_streams_opening_position(
         sys.executable, "-m", "replayguard", "alerts", "follow", "--json", "--count", "1", env=env, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        await until(lambda: len(feed.subscribers) == 1, "the CLI to subscribe", timeout=30)
+        await until(lambda: len(feed.streams.open) == 1, "the CLI to subscribe", timeout=30)
         drop_streams_and_refuse_new(feed, monkeypatch)
         vm_id = uid("vm")
         alert_id, _ = await reuse_alert(api, vm_id, uid("scope"))
@@ -566,7 +566,7 @@ async def test_a_stream_whose_client_left_gives_up_its_place_when_the_client_lea
     first = await open_stream(api)
     await first_id(first)  # under way: subscribed, waiting for a change
     first.close()  # the client closes the connection
-    await until(lambda: not feed.subscribers, "the left stream to unsubscribe")
+    await until(lambda: not feed.streams.open, "the left stream to unsubscribe")
     second = await open_stream(api)
     await first_id(second)
     second.close()
@@ -595,12 +595,12 @@ async def test_a_stalled_subscriber_is_held_to_its_queue_and_neither_decisions_n
     (each with its own alert), its queue holds at most its size, what overflowed replaced by
     one catch-up item (its stream would read those changes from the database), and a stream
     opened afterwards still receives the next alert: the feed is not wedged behind it."""
-    usual = alertfeed.QUEUE_SIZE
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    usual = alertfeed_streams.QUEUE_SIZE
+    monkeypatch.setattr(alertfeed_streams, "QUEUE_SIZE", 4)
     feed = api.client.app[ANALYSTS].feed
     # Stalled at the feed: a stream whose client stops reading still takes from its queue
     # until the socket's buffers fill, which 40 alerts do not.
-    sub = feed.subscribe()
+    sub = feed.streams.subscribe()
     try:
         vm_id, scope = uid("vm"), uid("scope")
         results = await asyncio.wait_for(asyncio.gather(*[reuse_alert(api, vm_id, scope) for _ in range(40)]), 60)
@@ -609,11 +609,11 @@ async def test_a_stalled_subscriber_is_held_to_its_queue_and_neither_decisions_n
         _, newest = await api.get(f"/v1/alerts/{last}")
         await until(lambda: (feed._pos or 0) >= newest["change"], "the feed to read every alert")
         held = list(sub.queue._queue)  # type: ignore[attr-defined]
-        assert len(held) <= 4 and any(alert is alertfeed.CATCH_UP for _, alert in held), held
-        assert sub in feed.subscribers and not sub.dropped
+        assert len(held) <= 4 and any(alert is alertfeed_streams.CATCH_UP for _, alert in held), held
+        assert sub in feed.streams.open and not sub.dropped
     finally:
-        feed.unsubscribe(sub)
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", usual)
+        feed.streams.unsubscribe(sub)
+    monkeypatch.setattr(alertfeed_streams, "QUEUE_SIZE", usual)
     reader = await open_stream(api)
     later_vm = uid("vm")
     later_id, _ = await reuse_alert(api, later_vm, uid("scope"))
@@ -628,7 +628,7 @@ async def test_a_stream_whose_queue_overflows_reads_what_it_missed_from_the_data
     alerts are raised than its queue holds: it is not ended; it sends what it had, reads the
     changes its queue dropped from the database, and goes on live: every alert arrives once,
     in change order, and the next one too."""
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    monkeypatch.setattr(alertfeed_streams, "QUEUE_SIZE", 4)
     api: Api = await api_factory()
     feed = api.client.app[ANALYSTS].feed
     resp = await open_stream(api)
@@ -644,7 +644,7 @@ async def test_a_stream_whose_queue_overflows_reads_what_it_missed_from_the_data
             await real_send(stream, data)
 
         monkeypatch.setattr(analysts, "_send", slow_client)
-        (sub,) = feed.subscribers
+        (sub,) = feed.streams.open
         vm_ids = [uid("vm") for _ in range(12)]
         await reuse_alert(api, vm_ids[0], uid("scope"))
         await until(sending.is_set, "the stream to be sending the first alert")
@@ -652,7 +652,7 @@ async def test_a_stream_whose_queue_overflows_reads_what_it_missed_from_the_data
             await reuse_alert(api, vm_id, uid("scope"))
         _, newest = await api.get("/v1/alerts?limit=1")
         await until(lambda: (feed._pos or 0) >= newest["items"][0]["change"], "the feed to read every alert")
-        assert any(alert is alertfeed.CATCH_UP for _, alert in list(sub.queue._queue))  # type: ignore[attr-defined]
+        assert any(alert is alertfeed_streams.CATCH_UP for _, alert in list(sub.queue._queue))  # type: ignore[attr-defined]
         gate.set()
         events = await events_until(resp, vm_ids[-1])
         later = uid("vm")
@@ -670,7 +670,7 @@ class _PacedConnection:
     """The feed's connection, whose reads of the alert changes each wait until ``sub``'s queue
     is empty: a client that takes what one read gave before the next read."""
 
-    def __init__(self, conn: Any, sub: alertfeed.Subscriber) -> None:
+    def __init__(self, conn: Any, sub: alertfeed_streams.Subscriber) -> None:
         self._conn, self._sub = conn, sub
 
     def __getattr__(self, name: str) -> Any:
@@ -688,12 +688,12 @@ async def test_a_burst_of_more_changes_than_a_streams_queue_does_not_drop_a_stre
     load), are read at most a queue's worth at a time: a stream whose client takes each read
     before the next gets every alert, in order, and stays open, rather than being dropped as
     a client that reads slowly."""
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 4)
+    monkeypatch.setattr(alertfeed_streams, "QUEUE_SIZE", 4)
     feed = api.client.app[ANALYSTS].feed
     resp = await open_stream(api)
     try:
         await first_id(resp)
-        (sub,) = list(feed.subscribers)
+        (sub,) = list(feed.streams.open)
         gate, held = asyncio.Event(), asyncio.Event()
         real_tail = feed._tail
 
@@ -1020,18 +1020,18 @@ async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again
         scratch_dbs.append(copy := await snapshot(database_url))
         for _ in range(3):
             await reuse_alert(api, uid("vm"), uid("scope"))
-        high = await feed._alerts.last_change()
+        high = await api.client.app[ANALYSTS].alerts.last_change()
         await until(lambda: feed._pos == high, "the feed to read every change")
         held, gate = hold(feed)
         await until(held.is_set, "the feed to be held back")
         await restore(database_url, copy, scratch_dbs)
         listed = await ledger_rollback_noticed(api)
         acks = 0
-        while await feed._alerts.last_change() < high:
+        while await api.client.app[ANALYSTS].alerts.last_change() < high:
             status, _ = await api.post(f"/v1/alerts/{kept}/acknowledge", {"note": f"ack {acks}"}, role="analyst")
             assert status == 200
             acks += 1
-        assert acks >= 1 and await feed._alerts.last_change() == high  # as many changes as were lost
+        assert acks >= 1 and await api.client.app[ANALYSTS].alerts.last_change() == high  # as many changes as were lost
         gate.set()
         sent = await _alerts_until(resp, lambda seen: any(a["kind"] == "ledger_rollback" for a in seen)
                                    and any(a["id"] == kept and a["acknowledged"] for a in seen))
@@ -1051,7 +1051,7 @@ async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_bac
     change again from the start. What its queue holds is dropped for the go-back frame instead (the feed
     reads again from below it), and the stream goes on with the restored database's
     changes, the ``ledger_rollback`` alert among them."""
-    monkeypatch.setattr(alertfeed, "QUEUE_SIZE", 2)
+    monkeypatch.setattr(alertfeed_streams, "QUEUE_SIZE", 2)
     api: Api = await api_factory(database_url=Secret(database_url))
     feed = api.client.app[ANALYSTS].feed
     resp = await open_stream(api)
@@ -1070,7 +1070,7 @@ async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_bac
             await real_send(stream, data)
 
         monkeypatch.setattr(analysts, "_send", slow_client)
-        (sub,) = feed.subscribers
+        (sub,) = feed.streams.open
         await reuse_alert(api, uid("vm"), uid("scope"))
         await until(lambda: feed._pos == sub.position + 1 and sub.queue.empty(), "the stream to be sending it")
         for _ in range(2):
@@ -1106,7 +1106,7 @@ async def test_a_database_gone_back_past_every_remembered_read_sends_open_stream
         scratch_dbs.append(copy := await snapshot(database_url))
 
         async def read_by_the_feed() -> None:
-            high = await feed._alerts.last_change()
+            high = await api.client.app[ANALYSTS].alerts.last_change()
             await until(lambda: feed._pos == high, "the feed to read the change")
 
         for _ in range(3):  # one read each: the feed remembers the last two
@@ -1155,7 +1155,7 @@ async def test_a_restore_that_loses_only_alert_changes_is_noticed_though_the_las
         joined_id = await _raise_unledgered(database_url, "witness_unreachable", joined)
         scratch_dbs.append(copy := await snapshot(database_url))
         await _raise_unledgered(database_url, "witness_unreachable", joined)  # lost by the restore
-        high = await feed._alerts.last_change()
+        high = await api.client.app[ANALYSTS].alerts.last_change()
         await until(lambda: feed._pos == high, "the feed to read every change")
         head = feed._head
         held, gate = hold(feed)
@@ -1193,7 +1193,7 @@ async def test_a_feed_that_reconnects_to_the_same_database_does_not_go_back(
         start = await first_id(resp)
         joined = uid("witness")
         await _raise_unledgered(database_url, "witness_unreachable", joined)
-        high = await feed._alerts.last_change()
+        high = await api.client.app[ANALYSTS].alerts.last_change()
         await until(lambda: feed._pos == high, "the feed to read the change")
         session = feed._session_id
         conn = await asyncpg.connect(database_url)

@@ -244,8 +244,8 @@ async def test_alert_ids_no_bigint_holds_on_the_channel_do_not_end_the_feed_sess
         await until(lambda: fanout.subscribed, "the feed subscribed to the alert channel")
         for data in ("99999999999999999999", str(2**63), "9" * 5000, str(2**63 - 1)):
             await client.publish(ALERT_CHANNEL, data)
-        ticks = feed.state_ticks
-        await until(lambda: feed.state_ticks >= ticks + 2, "two more ticks of the leader", timeout=30)
+        ticks = feed.duties.state_ticks
+        await until(lambda: feed.duties.state_ticks >= ticks + 2, "two more ticks of the leader", timeout=30)
     finally:
         await client.aclose()
     assert [line for line in log_buffer.getvalue().splitlines() if "alert_feed_interrupted" in line] == []

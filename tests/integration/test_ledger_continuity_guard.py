@@ -86,8 +86,8 @@ async def _leader_ran(api: Api, times: int = 2) -> None:
     times (checkpoints, state check, purge)."""
     feed = api.client.app[ANALYSTS].feed
     await until(lambda: feed.leader, "this instance to lead the alert feed", timeout=30)
-    before = feed.state_ticks
-    await until(lambda: feed.state_ticks >= before + times, "the leader's next duties", timeout=60)
+    before = feed.duties.state_ticks
+    await until(lambda: feed.duties.state_ticks >= before + times, "the leader's next duties", timeout=60)
 
 
 # --- rollbacks that entries other than decisions would hide ------------------------------

@@ -130,7 +130,7 @@ async def test_the_chain_sweep_alerts_each_finding_once_round_after_round(
     (which would count them up and reopen them once acknowledged, every round)."""
     api, dsn = await ledger_of(api_factory, fresh_database, 10)
     feed = api.client.app[ANALYSTS].feed
-    feed._chain_sweep = sweep = ChainSweep(size=5)
+    feed.duties._chain_sweep = sweep = ChainSweep(size=5)
     await tamper(dsn, "UPDATE ledger SET reason = 'invalid' WHERE seq IN (2, 7)")
     rounds = sweep.rounds
     await until(lambda: sweep.rounds >= rounds + 4, "four rounds of the chain sweep", timeout=30)
@@ -151,7 +151,7 @@ async def test_forged_checkpoint_rows_over_a_sound_chain_are_logged_and_alerted_
     of the sweep find them again."""
     api, dsn = await ledger_of(api_factory, fresh_database, 10)
     feed = api.client.app[ANALYSTS].feed
-    feed._chain_sweep = sweep = ChainSweep(size=5)  # the two rows in two spans
+    feed.duties._chain_sweep = sweep = ChainSweep(size=5)  # the two rows in two spans
     ours = api.client.app[ANALYSTS].ledger.key_id
     garbage = Checkpoint(3, secrets.token_bytes(32), 1_800_000_000_000_000, ours, secrets.token_bytes(64))
     wrong_key = dataclasses.replace(cps.sign(Ed25519PrivateKey.generate(), 8, secrets.token_bytes(32),
@@ -326,10 +326,10 @@ async def test_the_state_check_alerts_each_finding_once_tick_after_tick(
     every tick)."""
     api, dsn = await ledger_of(api_factory, fresh_database, 10)
     feed = api.client.app[ANALYSTS].feed
-    feed._state = StateSchedule(sweep_size=5)
+    feed.duties._state = StateSchedule(sweep_size=5)
     await tamper(dsn, "DELETE FROM spent_nonces WHERE first_seq IN (2, 7)")
-    ticks = feed.state_ticks
-    await until(lambda: feed.state_ticks >= ticks + 6, "six ticks of the state check", timeout=30)
+    ticks = feed.duties.state_ticks
+    await until(lambda: feed.duties.state_ticks >= ticks + 6, "six ticks of the state check", timeout=30)
     status, page = await api.get("/v1/alerts?kind=ledger_tamper")
     assert status == 200, page
     found = sorted((a["details"]["first_bad_seq"], a["count"]) for a in page["items"])

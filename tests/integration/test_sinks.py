@@ -31,7 +31,7 @@ from replayguard.core.ledger_check import Finding, Problem
 from replayguard.core.signatures import verify_signature
 from replayguard.errors import ConfigError
 from replayguard.http.state import ANALYSTS
-from replayguard.services import alertfeed
+from replayguard.services import alertfeed_sinks
 from replayguard.settings import Secret
 from replayguard.sinks import (
     Backoff,
@@ -813,16 +813,16 @@ async def test_the_sinks_position_never_passes_an_alert_the_outbox_has_not_made_
     monkeypatch.setattr(os, "fsync", tracked(os.fsync))
     monkeypatch.setattr(os, "fdatasync", tracked(os.fdatasync))
     # A SIEM that has been down a while: the lane waits out a long backoff between attempts.
-    monkeypatch.setattr(alertfeed, "SinkDispatcher",
+    monkeypatch.setattr(alertfeed_sinks, "SinkDispatcher",
                         functools.partial(SinkDispatcher, backoff=Backoff(base=120.0, cap=120.0)))
     with dead_url() as url:
         api: Api = await api_factory(database_url=Secret(database_url), sinks=(f"webhook:{url}/siem",))
         feed = api.client.app[ANALYSTS].feed
-        await until(lambda: feed.leader and feed.dispatcher is not None and feed.dispatcher.stats(),
+        await until(lambda: feed.leader and feed.sinks.dispatcher is not None and feed.sinks.dispatcher.stats(),
                     "the instance to lead and start its sinks", timeout=20)
-        (name,) = feed.dispatcher.stats()
+        (name,) = feed.sinks.dispatcher.stats()
         await reuse_alert(api, uid("vm"), uid("scope"))
-        await until(lambda: feed.dispatcher.stats()[name].failed_attempts >= 1, "the SIEM refusing the first")
+        await until(lambda: feed.sinks.dispatcher.stats()[name].failed_attempts >= 1, "the SIEM refusing the first")
 
         alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
         _, alert = await api.get(f"/v1/alerts/{alert_id}")
@@ -857,14 +857,15 @@ async def test_alerts_spooled_by_a_leader_that_stopped_reach_the_sink(
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     one: Api = await api_factory(data_dir=a_dir, sinks=sinks)
     feed_one = one.client.app[ANALYSTS].feed
-    await until(lambda: feed_one.leader and feed_one.dispatcher.stats(), "the first instance to lead", timeout=20)
+    await until(lambda: feed_one.leader and feed_one.sinks.dispatcher.stats(), "the first instance to lead", timeout=20)
     seed_keys(b_dir, a_dir / "keys")  # one deployment: the same keys on every host
     other: Api = await api_factory(data_dir=b_dir, sinks=sinks)
     feed_other = other.client.app[ANALYSTS].feed
 
     stranded, _ = await reuse_alert(one, uid("vm"), uid("scope"))
-    (name,) = feed_one.dispatcher.stats()
-    await until(lambda: feed_one.dispatcher.stats()[name].failed_attempts >= 1, "the first instance to try the SIEM")
+    (name,) = feed_one.sinks.dispatcher.stats()
+    await until(lambda: feed_one.sinks.dispatcher.stats()[name].failed_attempts >= 1,
+                "the first instance to try the SIEM")
     await one.client.close()  # a restart, an upgrade, a host going down
     await until(lambda: feed_other.leader, "the other instance to lead", timeout=20)
 

@@ -224,10 +224,10 @@ async def test_a_legitimate_purge_of_expired_uses_raises_nothing(fresh_database:
     assert report["ok"] is True and report["state"]["ok"] is True, report
     # The leader sweeps the whole (short) ledger each tick: two more ticks have looked at it after the purge.
     feed = api.client.app[ANALYSTS].feed
-    ticks = feed.state_ticks
+    ticks = feed.duties.state_ticks
 
     async def swept_twice() -> bool:
-        return feed.state_ticks >= ticks + 2
+        return feed.duties.state_ticks >= ticks + 2
 
     await until(swept_twice, "two more state-check ticks of the leader", timeout=30)
     assert not await tamper_alerts(api)
@@ -263,7 +263,7 @@ async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
     tick checks them all and raises ledger_tamper naming it."""
     api, dsn = await fresh_api(api_factory, fresh_database)
     feed = api.client.app[ANALYSTS].feed
-    await until(lambda: feed.state_ticks >= 1, "the leader's first state check", timeout=30)
+    await until(lambda: feed.duties.state_ticks >= 1, "the leader's first state check", timeout=30)
     # No further lead starts; one under way may run its tick beside the test's (each range
     # is handed out once, so together they still check every entry once).
     feed._last_lead = math.inf
@@ -280,7 +280,7 @@ async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
     finally:
         await conn.close()
     assert not await tamper_alerts(api)
-    await feed._check_state()
+    await feed.duties._check_state()
     [alert] = await tamper_alerts(api)
     assert alert["details"]["first_bad_seq"] == rows[-1]["r_seq"]
     assert alert["details"]["table"] == "spent_nonces"
