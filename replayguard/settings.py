@@ -162,8 +162,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lockout_threshold", "int", "5", "consecutive invalid codes that lock a principal "
            "(RFC 4226 section 7.3)", bounds=(1, 1000)),
     Option("lockout_period_s", "int", "300", "how long a lockout lasts", bounds=(1, 86400 * 30)),
-    Option("nonce_max_ttl_s", "int", "604800", "largest nonce ttl; how long nonces without issued_at "
-           "are kept", bounds=(1, 86400 * 365)),
+    Option("nonce_max_ttl_s", "int", "604800", "largest nonce ttl; the validity of a nonce without issued_at; "
+           "how long an OTP code's use row is kept", bounds=(1, 86400 * 365)),
     Option("receipt_reaction", "str", "flag", "flag, or refuse: reject every decision of a VM rolled back "
            "or cloned (reported by the hypervisor, or shown by a stale or foreign receipt) until an admin "
            "clears it", choices=("flag", "refuse")),
