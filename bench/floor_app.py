@@ -63,8 +63,7 @@ async def durable(dsn: str, connections: int) -> tuple[asyncpg.Pool, Callable[[]
     async def commit() -> None:
         seq[0] += 1
         n, now = seq[0], int(time.time() * 1e6)
-        await pool.execute(ROW_SQL, os.urandom(32), f"vm-{n % 256}", n, now, now + 300_000_000,
-                           PAYLOAD, os.urandom(32), os.urandom(32))
+        await pool.execute(ROW_SQL, os.urandom(32), f"vm-{n % 256}", n, now, PAYLOAD, os.urandom(32), os.urandom(32))
     return pool, commit
 
 

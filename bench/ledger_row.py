@@ -10,21 +10,18 @@ BASELINE_DDL = """
 CREATE TABLE IF NOT EXISTS bench_ledger (LIKE ledger INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS bench_spent (LIKE spent_nonces INCLUDING ALL);
 """
-# The payload carries the nonce's expiry, as a decision's does ($5).
 ROW_SQL = """
 WITH s AS (INSERT INTO bench_spent (digest, first_seq) VALUES ($1, $3)
            ON CONFLICT (digest) DO NOTHING RETURNING digest)
 INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok',
-        $6::jsonb || jsonb_build_object('use_expires_us', $5::bigint::text), $7, $8)
+VALUES ($3, $4, 'nonce', $2, 'bench', $1, 'accept', 'ok', $5::jsonb, $6, $7)
 """
 BATCH_SQL = """
 WITH s AS (INSERT INTO bench_spent (digest, first_seq)
            SELECT d, s FROM unnest($1::bytea[], $3::bigint[]) AS x(d, s)
            ON CONFLICT (digest) DO NOTHING RETURNING digest)
 INSERT INTO bench_ledger (seq, ts_us, kind, vm_id, subject, cred_digest, decision, reason, payload, prev_hash, hash)
-SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok',
-       $5::jsonb || jsonb_build_object('use_expires_us', (t + 300000000)::text), h, h
+SELECT s, t, 'nonce', v, 'bench', d, 'accept', 'ok', $5::jsonb, h, h
 FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $6::bytea[]) AS x(d, v, s, t, h)
 """
 PAYLOAD = '{"ttl_s": 300, "flags": [], "epoch": 0, "receipt": "absent"}'

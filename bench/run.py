@@ -1020,8 +1020,8 @@ async def baseline(dsn: str, concurrency: int, duration: float, batch: int, max_
         n = next(seq)
         now = int(time.time() * 1e6)
         if batch == 1:
-            await conn.execute(ROW_SQL, os.urandom(32), f"vm-{n % 256}", n, now, now + 300_000_000,
-                               PAYLOAD, os.urandom(32), os.urandom(32))
+            await conn.execute(ROW_SQL, os.urandom(32), f"vm-{n % 256}", n, now, PAYLOAD, os.urandom(32),
+                               os.urandom(32))
             return 1
         seqs = [n + k for k in range(batch)]
         await conn.execute(BATCH_SQL, [os.urandom(32) for _ in seqs], [f"vm-{s % 256}" for s in seqs],

@@ -394,9 +394,10 @@ BEGIN
             v_payload := v_payload || jsonb_build_object('receipt_explained_by', v_explained::text);
         END IF;
         -- What the state tables must hold because of this entry, for `ledger verify`
-        -- (replayguard/services/state_check.py): the accepted use's row until it expires,
-        -- and the lock this entry set.
-        IF v_verdict = 'accept' AND it.expires_us IS NOT NULL THEN
+        -- (replayguard/services/state_check.py): an accepted OTP code's use row until it
+        -- expires (a nonce's spent row is kept for good: nothing to say), and the lock this
+        -- entry set.
+        IF v_verdict = 'accept' AND it.kind = 'otp' AND it.expires_us IS NOT NULL THEN
             v_payload := v_payload || jsonb_build_object('use_expires_us', it.expires_us::text);
         END IF;
         IF v_new_lock IS NOT NULL THEN
