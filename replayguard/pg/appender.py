@@ -41,7 +41,7 @@ SELECT l.seq, l.ts_us, l.vm_id, l.decision, l.reason, l.payload, l.hash FROM led
        (SELECT seq FROM ledger WHERE seq > $2::bigint AND payload->>'batch' = $1::text) m
 WHERE l.seq > m.seq - $3::bigint AND l.seq <= m.seq ORDER BY l.seq"""
 _FLOOR = ("SELECT (SELECT seq FROM ledger_head), "
-          "coalesce((SELECT max(seq) FROM ledger WHERE kind = 'ledger_recovery'), 0)")  # migration 035's index
+          "coalesce((SELECT max(seq) FROM ledger WHERE kind = 'ledger_recovery'), 0)")  # migration 044's index
 _BACKEND_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
 SETTLE_WAIT_S = 10.0  # how long the old session may take to end once told to
 _UNSETTLED = ("the ledger's answer was lost and could not be checked: the credential may have been used;"

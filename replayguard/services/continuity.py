@@ -75,7 +75,7 @@ UNVERIFIED_MAX = 65_536  # batches committed between two checks that are remembe
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
              " LEFT JOIN LATERAL (SELECT * FROM checkpoints WHERE key_id = $1 ORDER BY seq DESC LIMIT 1) c ON true")
-# Migration 035's index: no scan of the ledger.
+# Migration 044's index of rare entries: no scan of the ledger.
 _RECOVERIES = ("SELECT (payload->'statement')::text AS st FROM ledger WHERE kind = 'ledger_recovery'"
                " ORDER BY seq")
 

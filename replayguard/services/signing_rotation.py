@@ -62,7 +62,7 @@ from .recovery import operator
 
 NAMES = (*ROTATABLE, "signing")  # every key directory is locked: a signing rotation excludes the others
 Progress = Callable[[str, dict[str, Any]], None]
-# Migration 042's index: no scan of the ledger.
+# Migration 044's index of rare entries: no scan of the ledger.
 _HANDOVERS = ("SELECT (payload->'handover')::text AS h FROM ledger WHERE kind = 'key_rotation'"
               " AND payload ? 'handover' ORDER BY seq")
 

@@ -76,7 +76,7 @@ _MERGE_CREDENTIAL = ("INSERT INTO otp_credentials AS c SELECT $2, last_counter F
 # at the step of the latest recovery's time plus the drift window, as the recovery raised
 # every credential the database knew: the lost range may have accepted codes of a secret
 # whose enrolment it lost too, and the secret enrolled again must refuse them. The time is
-# the ``ledger_recovery`` entry's (under the hash chain; index of migration 035). ($2: the
+# the ``ledger_recovery`` entry's (under the hash chain; index of migration 044). ($2: the
 # TOTP period, NULL for HOTP, whose counter no time bounds; $3: the drift steps.)
 _NEW_CREDENTIAL = ("INSERT INTO otp_credentials (fingerprint, last_counter)"
                    " SELECT $1, coalesce(max(ts_us) / ($2::int * 1000000::bigint) + $3::int, -1) FROM ledger"

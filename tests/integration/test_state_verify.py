@@ -297,10 +297,10 @@ def _ledger_rows_read(node: dict[str, Any]) -> int:
 
 async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_ledger(
         fresh_database: Callable[[], Any]) -> None:
-    """Migration 017: a lock still in force that ``principals`` no longer holds, 20,000 entries,
-    then the ledgered unlock that lifted it. The check of the lock's entry finds the unlock
-    in ``ledger_principal_unlocks`` and reads two ledger rows; without that index (the
-    control) it reads the 20,000 entries between them. Both agree with the state."""
+    """A lock still in force that ``principals`` no longer holds, 20,000 entries, then the
+    ledgered unlock that lifted it. The check of the lock's entry finds the unlock in
+    ``ledger_rare_entries`` (migration 044) and reads two ledger rows; without that index
+    (the control) it reads the 20,000 entries between them. Both agree with the state."""
     dsn = await fresh_database()
     conn = await asyncpg.connect(dsn)
     try:
@@ -320,7 +320,7 @@ async def test_the_state_check_finds_a_later_unlock_by_index_not_by_reading_the_
 
         assert await check_state(conn, *args) is None  # the unlock is found: no disagreement
         assert await rows_read() <= 2
-        await conn.execute("DROP INDEX ledger_principal_unlocks")
+        await conn.execute("DROP INDEX ledger_rare_entries")
         assert await check_state(conn, *args) is None
         assert await rows_read() >= 20_000
     finally:
