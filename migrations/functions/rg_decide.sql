@@ -33,8 +33,10 @@
 -- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
 -- holds the head lock, so plain reads under it see the latest committed state. The work
 -- under the lock is kept small: the batch is decoded once into typed columns
--- (jsonb_to_recordset); the clock guard is read once per batch and written once at its
--- end; a principal's row is written only when it changes; a VM's row only when its
+-- (jsonb_to_recordset); the rows of the batch's VMs are read in one statement before the
+-- first item and kept in step with every write of them (a statement an item cost more
+-- than the rest of a fresh nonce's reads); the clock guard is read once per batch and
+-- written once at its end; a principal's row is written only when it changes; a VM's row only when its
 -- receipt state changes, and its last-seen time once, at the end, when it moved by more
 -- than a second.
 --
@@ -97,8 +99,15 @@ DECLARE
     v_vms     text[] := '{}';
     v_vms_ts  bigint[] := '{}';
     v_pos     integer;
+    -- the rows of the batch's VMs, as the table holds them now (ids, and rows in that order)
+    v_row_ids text[];
+    v_rows    vms[];
+    v_at      integer;
+    v_moved   vms%ROWTYPE;
 BEGIN
     SELECT h.seq, h.hash INTO v_seq, v_prev FROM ledger_head h WHERE h.id FOR UPDATE;
+    SELECT coalesce(array_agg(v.vm_id), '{}'), coalesce(array_agg(v), '{}') INTO v_row_ids, v_rows
+        FROM vms v WHERE v.vm_id = ANY (ARRAY(SELECT x.vm_id FROM jsonb_to_recordset(p_items) AS x(vm_id text)));
 
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
             kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],
@@ -144,10 +153,15 @@ BEGIN
             END IF;
         END IF;
 
-        SELECT * INTO v_vmrow FROM vms WHERE vm_id = it.vm_id;
-        IF NOT FOUND THEN
+        v_at := array_position(v_row_ids, it.vm_id);
+        IF v_at IS NULL THEN
             INSERT INTO vms (vm_id, first_seen_us, last_seen_us) VALUES (it.vm_id, it.ts_us, it.ts_us)
                 RETURNING * INTO v_vmrow;
+            v_row_ids := v_row_ids || it.vm_id;
+            v_rows := v_rows || v_vmrow;
+            v_at := cardinality(v_row_ids);
+        ELSE
+            v_vmrow := v_rows[v_at];
         END IF;
 
         -- 1. State continuity. The receipt presented with the request that last moved the
@@ -430,7 +444,9 @@ BEGIN
                            receipts_seen = receipts_seen OR v_rc = 'valid',
                            revert_seq = NULL, revert_receipt_seq = NULL, revert_source_vm_id = NULL,
                            revert_receipt_max = NULL
-                WHERE vm_id = it.vm_id;
+                WHERE vm_id = it.vm_id
+                RETURNING * INTO v_moved;
+            v_rows[v_at] := v_moved;
         END IF;
 
         r_idx := v_i;

@@ -73,6 +73,37 @@ async def test_one_batch_items_see_each_other(fresh_database: Callable[[], Any])
         await conn.close()
 
 
+async def test_one_batch_items_see_each_others_receipt_positions(fresh_database: Callable[[], Any]) -> None:
+    """A VM's row as the batch's earlier items left it: two items move the VM's receipt
+    position, a third presents the receipt the first moved it to (older than the second's:
+    a rollback, a new epoch), a fourth the receipt the third issued; a VM first seen in the
+    batch is seen again by its next item, and the rows written are what the items imply."""
+    conn = await connections.connect(await fresh_database())
+    try:
+        def receipt(ts: int, vm: str, seq: int) -> dict[str, Any]:
+            return {**nonce(ts, vm, f"{ts:064x}"), "receipt": "valid", "receipt_vm_id": vm, "receipt_seq": seq}
+
+        first = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)",
+                                 [receipt(TS + 1, "vm-1", 0)])
+        s1 = first[0]["r_seq"]
+        rows = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)", [
+            receipt(TS + 2, "vm-1", s1),          # the latest: the position moves to s1 + 1
+            receipt(TS + 3, "vm-1", s1),          # older than s1 + 1: rolled back
+            receipt(TS + 4, "vm-1", s1 + 2),      # the receipt the rollback's item issued: in step
+            nonce(TS + 5, "vm-new", f"{TS + 5:064x}"),
+            receipt(TS + 6, "vm-new", 0),         # a VM first seen one item before
+        ])
+    finally:
+        await conn.close()
+    assert [(r["r_verdict"], list(r["r_flags"]), r["r_epoch"], r["r_rseq"]) for r in rows] == [
+        ("accept", [], 0, s1 + 1),
+        ("accept", ["rollback_detected"], 1, s1 + 2),
+        ("accept", [], 1, s1 + 3),
+        ("accept", [], 0, 0),
+        ("accept", [], 0, s1 + 5),
+    ]
+
+
 async def test_a_vms_last_seen_time_moves_once_it_is_a_second_behind(fresh_database: Callable[[], Any]) -> None:
     """vms.last_seen_us moves only for a decision more than a second after it, to the batch's latest time."""
     conn = await connections.connect(await fresh_database())
