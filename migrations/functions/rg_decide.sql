@@ -34,11 +34,10 @@
 -- holds the head lock, so plain reads under it see the latest committed state. The work
 -- under the lock is kept small: the batch is decoded once into typed columns
 -- (jsonb_to_recordset); the rows of the batch's VMs are read in one statement before the
--- first item and kept in step with every write of them (a statement an item cost more
--- than the rest of a fresh nonce's reads); the clock guard is read once per batch and
--- written once at its end; a principal's row is written only when it changes; a VM's row only when its
--- receipt state changes, and its last-seen time once, at the end, when it moved by more
--- than a second.
+-- first item, not one an item, and kept in step with every write of them; the clock guard
+-- is read once per batch and written once at its end; a principal's row is written only
+-- when it changes; a VM's row only when its receipt state changes, and its last-seen time
+-- once, at the end, when it moved by more than a second.
 --
 -- PL/pgSQL plans each statement once per connection and keeps the plan, and the
 -- group-commit appender keeps its connection, so a plan made while a table was small would
