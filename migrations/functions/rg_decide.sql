@@ -106,7 +106,7 @@ DECLARE
 BEGIN
     SELECT h.seq, h.hash INTO v_seq, v_prev FROM ledger_head h WHERE h.id FOR UPDATE;
     SELECT coalesce(array_agg(v.vm_id), '{}'), coalesce(array_agg(v), '{}') INTO v_row_ids, v_rows
-        FROM vms v WHERE v.vm_id = ANY (ARRAY(SELECT x.vm_id FROM jsonb_to_recordset(p_items) AS x(vm_id text)));
+        FROM vms v WHERE v.vm_id = ANY (ARRAY(SELECT b.vm_id FROM jsonb_to_recordset(p_items) AS b(vm_id text)));
 
     FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
             kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],

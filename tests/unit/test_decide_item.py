@@ -12,7 +12,7 @@ from replayguard.core.receipts import ReceiptStatus
 
 def _recordset_columns() -> set[str]:
     sql = resources.files("replayguard.migrations.functions").joinpath("rg_decide.sql").read_text()
-    block = re.search(r"jsonb_to_recordset\(p_items\) AS x\((.*?)\) LOOP", sql, re.S)
+    block = re.search(r"FOR it IN SELECT \* FROM jsonb_to_recordset\(p_items\) AS x\((.*?)\) LOOP", sql, re.S)
     assert block is not None
     return {column.split()[0] for column in block.group(1).split(",")}
 
