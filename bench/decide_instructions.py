@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PG_BIN = Path(os.environ.get("RG_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+from own_server import BIN as PG_BIN  # noqa: E402 - bench/own_server.py, beside this file
+from own_server import _run as as_postgres  # noqa: E402
+from own_server import free_port  # noqa: E402
+
 KINDS = ("fresh", "again", "retained")
 T0_US = 1_800_000_000_000_000
 TTL_US = 10**9
@@ -66,12 +70,6 @@ class Checkout:
         done = subprocess.run(["git", "-C", str(self.path), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=False)
         return done.stdout.strip() or self.path.name
-
-
-def _as_postgres(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    """Runs a PostgreSQL program as the ``postgres`` user when this is root (it refuses root)."""
-    user = "postgres" if os.geteuid() == 0 else None
-    return subprocess.run(args, user=user, capture_output=True, text=True, check=True, **kw)  # type: ignore[call-overload,no-any-return]
 
 
 def batches(kind: str, warmup: int, measured: int, size: int, seed: int) -> tuple[list[str], list[str]]:
@@ -127,19 +125,17 @@ def migrated(checkout: Checkout) -> Iterator[Path]:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres")
         data = root / "data"
-        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"])
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                      "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"])
+        as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+        port = free_port()
+        as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
         try:
-            _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "rg"])
+            as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "rg")
             subprocess.run([str(checkout.python), "-m", "replayguard", "migrate", "--database-url",
                             f"postgresql://postgres@127.0.0.1:{port}/rg", "--data-dir", str(root / "keys")],
                            cwd=checkout.path, capture_output=True, text=True, check=True)
         finally:
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "stop"])
+            as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "stop")
         yield data
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -155,10 +151,12 @@ def count(data: Path, script: list[str], keep: Path | None, name: str) -> int:
         subprocess.run(["cp", "-a", str(data), str(copy)], check=True)
         (work / "script.sql").write_text("".join(script))
         out = work / "callgrind.out"
-        with open(work / "script.sql") as stdin:
-            _as_postgres(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                          str(PG_BIN / "postgres"), "--single", "-D", str(copy), "-c", "fsync=off",
-                          "-c", "synchronous_commit=off", "-c", "jit=off", "rg"], stdin=stdin)
+        with open(work / "script.sql") as stdin:  # single-user mode reads its statements from stdin
+            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                            str(PG_BIN / "postgres"), "--single", "-D", str(copy), "-c", "fsync=off",
+                            "-c", "synchronous_commit=off", "-c", "jit=off", "rg"],
+                           user="postgres" if os.geteuid() == 0 else None, stdin=stdin,
+                           capture_output=True, text=True, check=True)
         if keep is not None:
             shutil.copyfile(out, keep / f"callgrind.out.{name}")
         return totals(out.read_text(errors="replace"))
