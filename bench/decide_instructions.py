@@ -47,7 +47,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from own_server import BIN as PG_BIN  # noqa: E402 - bench/own_server.py, beside this file
 from own_server import _run as as_postgres  # noqa: E402
-from own_server import free_port  # noqa: E402
+from own_server import free_port, new_cluster  # noqa: E402
 
 KINDS = ("fresh", "again", "retained")
 T0_US = 1_800_000_000_000_000
@@ -120,12 +120,8 @@ def per_item(warm_only: int, whole: int, items: int) -> float:
 @contextmanager
 def migrated(checkout: Checkout) -> Iterator[Path]:
     """A stopped PostgreSQL cluster whose database ``rg`` the checkout migrated: its data directory."""
-    root = Path(tempfile.mkdtemp(prefix="rg-bench-pgcg-", dir="/var/tmp"))
+    root, data = new_cluster("rg-bench-pgcg-", PG_BIN)
     try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-        data = root / "data"
-        as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
         port = free_port()
         as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
                     "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")

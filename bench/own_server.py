@@ -53,6 +53,21 @@ def pg_binaries(choice: str | None) -> Path:
     return Path(choice)
 
 
+def new_cluster(prefix: str, bin_dir: Path = BIN) -> tuple[Path, Path]:
+    """A directory under /var/tmp (the ``postgres`` user's when this is root) and the data
+    directory ``initdb`` made in it, with trust authentication; the caller removes the first
+    (removed here when ``initdb`` fails)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        _run(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=trust")
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root, root / "data"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -69,12 +84,8 @@ def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None
     (lock waits, checkpoints, autovacuum) to ``keep_log`` when given."""
     if not (bin_dir / "initdb").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {bin_dir} (set RG_BENCH_PG_BIN)")
-    root = Path(tempfile.mkdtemp(prefix="rg-bench-pg-", dir="/var/tmp"))
+    root, data = new_cluster("rg-bench-pg-", bin_dir)
     try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-        data = root / "data"
-        _run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
         port = free_port()
         settings = {**SETTINGS, **(extra or {}), "port": str(port), "unix_socket_directories": f"'{root}'"}
         with open(data / "postgresql.conf", "a") as conf:
