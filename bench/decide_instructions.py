@@ -54,6 +54,8 @@ T0_US = 1_800_000_000_000_000
 TTL_US = 10**9
 CALL = "SELECT count(*) FROM rg_decide('{items}'::jsonb, 5, 60000000, false)\n"
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+# A backend's report line: "<time> UTC [<pid>] ERROR:  <message>"
+_ERROR = re.compile(r"\b((?:ERROR|FATAL|PANIC):\s.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,19 @@ def totals(callgrind_out: str) -> int:
     return int(found.group(1))
 
 
+class Failed(Exception):
+    """A statement of the script failed: its count is not the function's work."""
+
+
+def first_error(output: str) -> str | None:
+    """The first error a single-user backend reported in its output, if any.
+
+    The backend goes on after an error, so a call that fails early (a candidate whose
+    function does not compile, or raises) would count as a cheap item."""
+    found = _ERROR.search(output)
+    return None if found is None else found.group(1).strip()
+
+
 def per_item(warm_only: int, whole: int, items: int) -> float:
     return (whole - warm_only) / items
 
@@ -148,11 +163,13 @@ def count(data: Path, script: list[str], keep: Path | None, name: str) -> int:
         (work / "script.sql").write_text("".join(script))
         out = work / "callgrind.out"
         with open(work / "script.sql") as stdin:  # single-user mode reads its statements from stdin
-            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                            str(PG_BIN / "postgres"), "--single", "-D", str(copy), "-c", "fsync=off",
-                            "-c", "synchronous_commit=off", "-c", "jit=off", "rg"],
-                           user="postgres" if os.geteuid() == 0 else None, stdin=stdin,
-                           capture_output=True, text=True, check=True)
+            ran = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                  str(PG_BIN / "postgres"), "--single", "-D", str(copy), "-c", "fsync=off",
+                                  "-c", "synchronous_commit=off", "-c", "jit=off", "rg"],
+                                 user="postgres" if os.geteuid() == 0 else None, stdin=stdin,
+                                 capture_output=True, text=True, check=True)
+        if problem := first_error(ran.stdout + ran.stderr):
+            raise Failed(f"{name}: {problem}")
         if keep is not None:
             shutil.copyfile(out, keep / f"callgrind.out.{name}")
         return totals(out.read_text(errors="replace"))
@@ -208,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is not None:
             keep = args.keep / f"checkout-{n}"
             keep.mkdir(parents=True, exist_ok=True)
-        figures.append(measure(checkout, kinds, args, keep))
+        try:
+            figures.append(measure(checkout, kinds, args, keep))
+        except Failed as exc:
+            print(f"{checkout.commit}: a call failed, so nothing was measured: {exc}", file=sys.stderr)
+            return 1
     print(f"rg_decide, instructions an item ({args.batches} calls of {args.batch} after {args.warmup}, callgrind,"
           f" single-user PostgreSQL from {PG_BIN})")
     print(report(kinds, [f"{c.commit}" for c in checkouts], figures))

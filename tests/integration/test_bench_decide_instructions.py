@@ -27,3 +27,14 @@ def test_every_kind_is_counted_from_a_migrated_cluster(tmp_path: Path, capsys: p
         assert counted[kind] > 10_000
     assert counted["again"] > counted["fresh"]
     assert len(list((tmp_path / "checkout-0").glob("callgrind.out.*"))) == 6
+
+
+def test_a_failing_call_fails_the_count() -> None:
+    """A call that errors (here, a function the database lacks) is not counted as a cheap item:
+    the single-user backend goes on after the error, and the script raises naming it."""
+    script = load("decide_instructions")
+    with script.migrated(script.Checkout(script.BENCH.parent)) as data:
+        calls = ["SELECT 1\n", "SELECT count(*) FROM rg_no_such_function('[]'::jsonb)\n", "SELECT 2\n"]
+        with pytest.raises(script.Failed, match="rg_no_such_function"):
+            script.count(data, calls, None, "failing")
+        assert script.count(data, ["SELECT 1\n"], None, "passing") > 0

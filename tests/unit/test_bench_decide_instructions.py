@@ -47,3 +47,15 @@ def test_the_report_sets_a_candidate_beside_this_checkout() -> None:
     two = script.report(["fresh", "again"], ["abc", "def"], [{"fresh": 400.0, "again": 1000.0},
                                                               {"fresh": 300.0, "again": 1000.0}])
     assert two.splitlines()[2:] == ["| fresh | 400 | 300 | 0.750 |", "| again | 1,000 | 1,000 | 1.000 |"]
+
+
+def test_first_error_finds_the_backends_error_among_its_log_lines() -> None:
+    """A backend's ERROR (or FATAL) line is found among LOG lines and valgrind's own; output
+    with none gives None."""
+    log = ("==15705== Callgrind, a call-graph generating cache profiler\n"
+           "2026-12-07 01:59:28.997 UTC [15705] LOG:  database system is ready\n"
+           "2026-12-07 01:59:28.997 UTC [15705] ERROR:  function rg_nope(jsonb) does not exist at character 22\n"
+           "2026-12-07 01:59:28.997 UTC [15705] STATEMENT:  SELECT count(*) FROM rg_nope('[]'::jsonb)\n")
+    assert script.first_error(log) == "ERROR:  function rg_nope(jsonb) does not exist at character 22"
+    assert script.first_error(log.replace("ERROR", "FATAL")).startswith("FATAL:")
+    assert script.first_error("backend> \t 1: count = \"32\"\n2026 UTC [1] LOG:  checkpoint starting\n") is None
