@@ -223,7 +223,7 @@ async def _host_rollback(client: DemoClient, runtime: Any, settings: Settings, u
                                  "demo: restored last night's backup", recovery.operator(), runtime.now_us(),
                                  settings.totp_drift_steps)
     await runtime.continuity.check()
-    await runtime.continuity.push(done.checkpoint)
+    await runtime.continuity.exchange.push(done.checkpoint)
     await runtime.continuity.check()
     say.say(f"The operator records the recovery (replayguard ledger accept-rollback): ledger seq {done.seq}, "
             f"abandoned checkpoint {done.payload['abandoned']['seq']}, by {done.payload['who']}.")

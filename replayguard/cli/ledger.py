@@ -199,7 +199,7 @@ async def _accept_rollback(settings: Settings, reason: str) -> int:
         done = await recovery.record(runtime.pool, runtime.keys.signing_key(), guard.held_checkpoints(), reason,
                                      recovery.operator(), runtime.now_us(), settings.totp_drift_steps)
         await guard.check()
-        answers = await guard.push(done.checkpoint)
+        answers = await guard.exchange.push(done.checkpoint)
         still = await guard.check()
     print(orjson.dumps({"recovery_seq": done.seq, "abandoned": done.payload["abandoned"],
                         "database_head": done.payload["database_head"], "who": done.payload["who"],

@@ -49,7 +49,8 @@ from ..services.alertfeed_sinks import build_dispatcher
 from ..services.alerts import AlertService
 from ..services.apitokens import Caller
 from ..services.chain_reader import ChainProcess
-from ..services.continuity import DOWN, ContinuityGuard
+from ..services.continuity import ContinuityGuard
+from ..services.continuity_rollback import DOWN
 from ..services.events import EventService
 from ..services.ledger import LedgerService
 from ..services.timeline import TimelineService

@@ -114,7 +114,7 @@ class LeaderDuties:
         elif isinstance(result, NotVouched):
             await guard.check()  # what the guard would not vouch for: it finds and records it
         elif isinstance(result, Checkpoint):
-            guard.published(result)
+            guard.exchange.published(result)
 
     async def _check_state(self) -> None:
         """One tick of the state check: the ranges ``core/state_schedule.py`` names (every

@@ -28,24 +28,19 @@ Recovery statements are read from the ``ledger_recovery`` entries, under the has
 chain, never from the plain table ``ledger_recoveries``.
 
 Every worker runs ``check`` at start and every ``CHECK_S``; no decision is admitted
-before one completed (``unavailable``). The instance that signs a checkpoint hands it
-to ``published``, which pushes it to every witness in a background task (a slow witness
-never holds a decision) and checks again; nothing is signed nor pushed while a rollback
-is known (``vouches``), and nothing is pushed to a witness the last check could not read
-(what it holds was compared with nothing), so a restored chain never overtakes what a
-witness holds.
+before one completed (``unavailable``). The instance that signs a checkpoint hands it to
+``exchange.published``; nothing is signed while a rollback is known (``vouches``). The
+guard composes its parts: its ``exchange`` reads the witnesses and pushes checkpoints to
+them (``continuity_witnesses``), a ``ChainMemory`` holds what the process knows of the
+chain by itself (``continuity_memory``), ``SharedFindings`` and ``ContinuityAlerts``
+write down what it finds (``continuity_reports``), as the values of ``continuity_rollback``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -56,22 +51,21 @@ from ..core import checkpoints as cps
 from ..core import continuity
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Statement, Verdict
-from ..core.handover import Signers, handed_over
-from ..core.summaries import quoted
+from ..core.handover import Signers
 from ..errors import LedgerRollback, Unavailable
 from ..keys import Keys
 from ..metrics import BackgroundWork
-from ..pg.connections import UNAVAILABLE_ERRORS, acquire
+from ..pg.connections import acquire
 from ..settings import Settings
+from .continuity_memory import ChainMemory
+from .continuity_reports import ContinuityAlerts, SharedFindings
+from .continuity_rollback import DATABASE, DOWN, SELF, Rollback, WitnessRequired, WitnessState
+from .continuity_witnesses import WitnessExchange
 from .witness import Record, Witness, WitnessUnreachable, build_witnesses
 
 log = structlog.get_logger(__name__)
 
 CHECK_S = 2.0
-DOWN: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, Unavailable)
-DATABASE = "database checkpoints"
-SELF = "this service process"
-UNVERIFIED_MAX = 65_536  # batches committed between two checks that are remembered
 _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us AS cp_ts, c.key_id AS cp_key,"
              " c.signature AS cp_sig FROM ledger_head h"
              " LEFT JOIN LATERAL (SELECT * FROM checkpoints WHERE key_id = $1 ORDER BY seq DESC LIMIT 1) c ON true")
@@ -79,67 +73,9 @@ _SNAPSHOT = ("SELECT h.seq, h.hash, c.seq AS cp_seq, c.hash AS cp_hash, c.ts_us 
 _RECOVERIES = ("SELECT (payload->'statement')::text AS st FROM ledger WHERE kind = 'ledger_recovery'"
                " ORDER BY seq")
 
-
-def _shown(name: str) -> str:
-    """A holder's name without userinfo, query or fragment (a witness URL may carry credentials)."""
-    if not name.startswith(("http://", "https://")):
-        return name
-    parts = urlsplit(name)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
 # Streaming standbys that acknowledge commits (PostgreSQL's synchronous replication): with
 # none, a failover can lose acknowledged decisions (docs/operations.md).
 _SYNC_STANDBYS = "SELECT count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) FROM pg_stat_replication"
-
-
-class WitnessRequired(Unavailable):
-    code = "witness_unreachable"
-
-
-@dataclass(frozen=True, slots=True)
-class Rollback:
-    """Why decisions stop: which holder saw which entry, and where the ledger is."""
-
-    source: str
-    seq: int
-    hash: bytes | None  # None: the entry's seq alone was seen (a decision this process answered)
-    verdict: Verdict
-    head_seq: int
-    signed: bool = False  # a held checkpoint's; else a service process's own entry
-
-    @classmethod
-    def of(cls, source: str, held: Checkpoint, verdict: Verdict, head_seq: int) -> Rollback:
-        return cls(source, held.seq, held.hash, verdict, head_seq, signed=True)
-
-    @property
-    def first_bad_seq(self) -> int:
-        return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.seq
-
-    def message(self) -> str:
-        if not self.signed and self.hash is not None:
-            return (f"the ledger went back in time: {self.source} knew entry {self.seq} committed, which the "
-                    f"ledger no longer holds (another entry took its place, or it ends before it)")
-        if self.hash is None:
-            return (f"the ledger went back in time: {self.source} answered a decision at entry {self.seq} "
-                    f"but the database's new entries are numbered from {self.head_seq + 1}")
-        if self.verdict is Verdict.BEHIND:
-            return (f"the ledger went back in time: {self.source} holds a signed checkpoint of entry "
-                    f"{self.seq} but the ledger ends at {self.head_seq}")
-        return (f"the ledger forked: {self.source} holds a signed checkpoint of entry {self.seq} "
-                f"with another hash than the ledger's")
-
-    def to_json(self) -> dict[str, object]:
-        return {"source": self.source, "verdict": self.verdict.value, "head_seq": self.head_seq,
-                "held": {"seq": self.seq, "hash": None if self.hash is None else self.hash.hex()}}
-
-
-@dataclass
-class WitnessState:
-    up: bool | None = None
-    held: Checkpoint | None = None
-    verdict: Verdict | None = None
-    error: str | None = None
 
 
 def _up_of(state: WitnessState) -> Callable[[], float]:
@@ -169,24 +105,17 @@ class ContinuityGuard:
         self.rollback: Rollback | None = None
         self.recoveries: list[Statement] = []
         self.head_seq = 0
-        self._floor = 0  # the highest entry this process knows committed
-        # The last entry of each batch it committed since the last check, and its hash.
-        self._unverified: deque[tuple[int, bytes]] = deque(maxlen=UNVERIFIED_MAX)
-        # Compared with the ledger at every check, until a recovery: the newest entry this
-        # process committed, and the head the previous check read (seq, hash).
-        self._own: tuple[int, bytes] | None = None
-        self._head_seen: tuple[int, bytes] | None = None
+        self._memory = ChainMemory()
         self.checked = False  # a check completed: decisions may be admitted
-        self._seen: Rollback | None = None  # a rollback this process found by itself
-        self._written: tuple[int, bytes | None] | None = None  # the finding it last wrote
-        self._found: Rollback | None = None  # the newest finding in continuity_findings
+        self._shared = SharedFindings(clock)
         self._raised: Rollback | None = None  # the rollback last alerted
         self._recoveries_known: set[bytes] | None = None  # statements read (signatures)
         self._soon: asyncio.Task[None] | None = None
         self.sync_standbys: int | None = None
-        self._alerted: set[str] = set()
-        self._push: asyncio.Task[None] | None = None
-        self._pending: Checkpoint | None = None
+        self._alerts = ContinuityAlerts(pool, clock, self._required, self.states, lambda: self.head_seq)
+        self.exchange = WitnessExchange(
+            self.witnesses, self.states, self.signers, self.public, stopped=lambda: self.rollback is not None,
+            latest_recovery=lambda: self.recoveries[-1] if self.recoveries else None, check=self.check)
         self._lock = asyncio.Lock()
         self.on_recovered: Callable[[int | None], None] = lambda _ts: None
         if registry is not None:
@@ -221,7 +150,7 @@ class ContinuityGuard:
                                  "'replayguard ledger accept-rollback'")
         if self._required and self.unreachable:
             raise WitnessRequired(f"a required witness cannot be reached: {', '.join(self.unreachable)}")
-        return self._floor
+        return self._memory.floor
 
     def confirm(self, floor: int, seq: int | None) -> None:
         """A decision's entry must come after every entry known committed before it was
@@ -234,32 +163,21 @@ class ContinuityGuard:
         if seq is None:
             return
         if seq <= floor:
-            self._seen = Rollback(SELF, floor, None, Verdict.BEHIND, seq - 1)
-            self.rollback = self.rollback or self._seen
+            self._memory.seen = Rollback(SELF, floor, None, Verdict.BEHIND, seq - 1)
+            self.rollback = self.rollback or self._memory.seen
             self._soon = asyncio.create_task(self._check_quietly(), name="continuity-check")
-            raise LedgerRollback(self._seen.message())
+            raise LedgerRollback(self._memory.seen.message())
         if self.rollback is not None:
             raise LedgerRollback(self.rollback.message())
-        self._floor = max(self._floor, seq)
+        self._memory.floor = max(self._memory.floor, seq)
 
     def committed(self, seq: int, entry_hash: bytes) -> None:
-        """The appender committed a batch whose last entry is ``seq``, with ``entry_hash``:
-        the next check that finds another hash there (or none) finds a database that went
-        back and on (an instance sharing it decided at that ``seq`` after a restore). Each
-        batch is one transaction, so its last entry stands for all of it; every batch is
-        checked, since this process's own later batches chain onto whatever the database
-        then holds. The newest is kept past its check and compared at every later one."""
-        self._unverified.append((seq, entry_hash))
-        if self._own is None or seq > self._own[0]:
-            self._own = (seq, entry_hash)
+        """The appender committed a batch whose last entry is ``seq`` (``ChainMemory.committed``)."""
+        self._memory.committed(seq, entry_hash)
 
     def recorded(self, seq: int, entry_hash: bytes) -> None:
-        """This process committed an entry outside the appender (a hypervisor event, an
-        enrolment, a token deletion, an unlock, an acknowledgement, a VM clear: see
-        ``services.entries``): like a batch, the next check finds it gone, and a decision
-        numbered at or below it after a restore is refused at once (``confirm``)."""
-        self.committed(seq, entry_hash)
-        self._floor = max(self._floor, seq)
+        """This process committed an entry outside the appender (``ChainMemory.recorded``)."""
+        self._memory.recorded(seq, entry_hash)
 
     async def _check_quietly(self) -> None:
         with contextlib.suppress(*DOWN, asyncpg.PostgresError):
@@ -283,57 +201,24 @@ class ContinuityGuard:
 
     # --- the check ----------------------------------------------------------------------
 
-    async def _read(self, witness: Witness) -> Record | WitnessUnreachable | None:
-        try:
-            record = await asyncio.wait_for(witness.read(), 5.0)
-        except WitnessUnreachable as exc:
-            return exc
-        except TimeoutError:
-            return WitnessUnreachable(f"{witness.name}: no answer")
-        if record is not None and not self._ours(record):
-            return WitnessUnreachable(f"{witness.name} holds a checkpoint not signed by this deployment's key")
-        return record
-
-    def _ours(self, record: Record) -> bool:
-        """Signed by this deployment's key, or by one it handed over from: a witness not
-        offered a checkpoint since the rotation holds one of the retired key, which is
-        judged against the ledger like any other (one past the key's span included: it
-        can be a genuine checkpoint of a chain a restore abandoned)."""
-        signer = self.signers.by_pem(record.public_key_pem)
-        if signer is not None:
-            return cps.verify(signer.public, record.checkpoint)
-        return self._handed_on(record)
-
-    def _handed_on(self, record: Record) -> bool:
-        """A checkpoint of a key this process does not know, which the witness took through
-        handovers from this process's key (kept with the record): the deployment's key was
-        rotated in a ledger this database no longer holds (restored with the keys from
-        before the rotation). It is this deployment's, and judged like any other."""
-        try:
-            public = cps.load_public_key(record.public_key_pem.encode())
-        except ValueError:
-            return False
-        return (handed_over(self.public, public, self.deployment_id, record.handovers)
-                and cps.verify(public, record.checkpoint))
-
     async def check(self) -> Rollback | None:
         """Compares the ledger with every witness and its own newest checkpoint (see module)."""
         async with self._lock:
-            reads = await asyncio.gather(*(self._read(w) for w in self.witnesses))
+            reads = await self.exchange.read_all()
             async with acquire(self._pool) as conn:
                 # Known committed before the head is read: a healthy head is not below them.
-                floor, own = self._floor, self._own
+                floor, own = self._memory.floor, self._memory.own
                 snap = await conn.fetchrow(_SNAPSHOT, self.key_id)
                 self.sync_standbys = await conn.fetchval(_SYNC_STANDBYS)
                 self.recoveries = await self._recoveries(conn)
                 self.on_recovered(self.recovered_at_us)
                 self.head_seq = snap["seq"]
                 fresh = self._fresh_recoveries()
-                self._track(self.head_seq, floor, own)
-                await self._verify_known(conn, own)
+                self._memory.track(self.head_seq, floor, own)
+                await self._memory.verify(conn, own, self.head_seq)
                 if fresh:
                     self._recovered(fresh)
-                self._head_seen = (snap["seq"], bytes(snap["hash"]))
+                self._memory.head_seen = (snap["seq"], bytes(snap["hash"]))
                 # The database's newest checkpoint; the last one read, judged again, when
                 # none is there any more (rows deleted by someone with database rights).
                 db_cp = self._db_checkpoint(snap)
@@ -342,27 +227,18 @@ class ContinuityGuard:
                     self._db_verdict = (last_db, await self._judge(conn, last_db))
                 for witness, read in zip(self.witnesses, reads, strict=True):
                     await self._note(conn, witness.name, read)
-                await self._share_finding(conn)
+                mine = max(self._findings(), key=lambda r: r.seq, default=None)
+                await self._shared.share(conn, mine, self.head_seq, self._newest_recovery_seq)
             rollback = self._rollback()
             self.rollback = rollback
             self.checked = True
             changed, self._raised = rollback != self._raised, rollback
         if rollback is not None and changed:
-            await self._alert_rollback(rollback)
-        await self._alert_unreachable()
+            await self._alerts.rollback(rollback)
+        await self._alerts.unreachable()
         if rollback is None and db_cp is not None:
-            self._push_if_lagging(db_cp)
+            self.exchange.push_if_lagging(db_cp)
         return rollback
-
-    def _track(self, head_seq: int, floor: int, own: tuple[int, bytes] | None) -> None:
-        """Moves the floor with the head; a head below the floor as it was before the head
-        was read, or below the newest entry this process committed by then, went back in
-        time under this process."""
-        if self._seen is None and head_seq < floor:
-            self._seen = Rollback(SELF, floor, None, Verdict.BEHIND, head_seq)
-        elif self._seen is None and own is not None and own[0] > head_seq:
-            self._seen = Rollback(SELF, own[0], own[1], Verdict.BEHIND, head_seq)
-        self._floor = max(self._floor, head_seq)
 
     def _fresh_recoveries(self) -> list[Statement]:
         """The recovery statements this check reads for the first time (none at the first
@@ -382,65 +258,18 @@ class ContinuityGuard:
         that does not (one recorded on another copy of the database and brought here with
         it, a genuine statement replayed, one recorded before this process's finding
         reached the database) leaves the finding standing, and it is written again."""
-        seen = self._seen
+        seen = self._memory.seen
         if seen is not None and not any(st.abandoned_seq >= seen.seq for st in fresh):
             log.error("recovery_does_not_answer_finding", finding_seq=seen.seq,
                       abandoned_seq=[st.abandoned_seq for st in fresh], head_seq=self.head_seq)
-            self._written = None
+            self._shared.written = None
             return
-        self._seen, self._written, self._floor = None, None, self.head_seq
-        self._unverified.clear()
-        self._own = self._head_seen = None
+        self._shared.written = None
+        self._memory.forget(self.head_seq)
 
     @property
     def _newest_recovery_seq(self) -> int:
         return max((st.recovery_seq for st in self.recoveries), default=0)
-
-    async def _verify_known(self, conn: asyncpg.Connection, own: tuple[int, bytes] | None) -> None:
-        """Every entry this process knows committed up to the head must still be the
-        ledger's, hash for hash: the last of every batch it committed since the last check,
-        its newest one and the head the last check read (kept until a recovery, so an
-        entry of any kind put in the place of one of them after a restore is seen). One
-        past the head is _track's to judge; the head of an empty ledger (0) is no entry."""
-        due = [(seq, entry_hash) for seq, entry_hash in list(self._unverified) if seq <= self.head_seq]
-        known = [pair for pair in (self._head_seen, own) if pair is not None and 0 < pair[0] <= self.head_seq]
-        if self._seen is not None or not (due or known):
-            return
-        rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])",
-                                sorted({seq for seq, _ in due + known}))
-        held = {row["seq"]: bytes(row["hash"]) for row in rows}
-        for seq, entry_hash in due + known:
-            if held.get(seq) != entry_hash:
-                self._seen = Rollback(SELF, seq, entry_hash, Verdict.FORKED, self.head_seq)
-                return
-        if due:
-            verified = due[-1][0]
-            while self._unverified and self._unverified[0][0] <= verified:
-                self._unverified.popleft()
-
-    async def _share_finding(self, conn: asyncpg.Connection) -> None:
-        """Writes this process's worst finding (its own, or a held checkpoint the ledger
-        lost) to ``continuity_findings`` once, and reads the newest one there (another
-        instance's, or one from before a restart). A finding made before the newest
-        recovery (a check that read the ledger just before the recovery committed) is
-        answered by that recovery: it is not read."""
-        mine = max(self._findings(), key=lambda r: r.seq, default=None)
-        since = self._newest_recovery_seq
-        if mine is not None and (mine.seq, mine.hash) != self._written:
-            process = f"{socket.gethostname()} pid {os.getpid()}"
-            if mine.source != SELF:
-                process += f", from {_shown(mine.source)}"
-            await conn.execute(
-                "INSERT INTO continuity_findings (found_us, seq, hash, head_seq, process)"
-                " SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM continuity_findings"
-                " WHERE seq = $2 AND hash IS NOT DISTINCT FROM $3 AND head_seq >= $6)",
-                int(self._clock() * 1e6), mine.seq, mine.hash, self.head_seq, process, since)
-            self._written = (mine.seq, mine.hash)
-        row = await conn.fetchrow("SELECT seq, hash, process FROM continuity_findings WHERE head_seq >= $1"
-                                  " ORDER BY seq DESC LIMIT 1", since)
-        self._found = None if row is None else Rollback(
-            f"a running service ({row['process']})", row["seq"], None if row["hash"] is None else bytes(row["hash"]),
-            Verdict.BEHIND if row["seq"] > self.head_seq else Verdict.FORKED, self.head_seq)
 
     def _db_checkpoint(self, snap: asyncpg.Record) -> Checkpoint | None:
         if snap["cp_seq"] is None:
@@ -494,13 +323,14 @@ class ContinuityGuard:
         for name, state in self.states.items():
             if state.held is not None and state.verdict is not None and state.verdict.rollback:
                 found.append(Rollback.of(name, state.held, state.verdict, self.head_seq))
-        if self._seen is not None:
-            found.append(self._seen)
+        if self._memory.seen is not None:
+            found.append(self._memory.seen)
         return found
 
     def _rollback(self) -> Rollback | None:
         """The worst finding, this process's or any instance's: the furthest entry lost."""
-        found = self._findings() + ([self._found] if self._found is not None else [])
+        shared = self._shared.found
+        found = self._findings() + ([shared] if shared is not None else [])
         return max(found, key=lambda r: r.seq, default=None)
 
     def held_checkpoints(self) -> list[tuple[str, Checkpoint, Verdict | None]]:
@@ -509,39 +339,11 @@ class ContinuityGuard:
         if self._db_verdict is not None:
             found.append((DATABASE, *self._db_verdict))
         found += [(n, s.held, s.verdict) for n, s in self.states.items() if s.held is not None]
-        if self._found is not None:  # what it names is given up, as a held checkpoint's entries are
-            lost = Checkpoint(self._found.seq, self._found.hash or bytes(32), int(self._clock() * 1e6),
-                              self.key_id, b"")
-            found.append((self._found.source, lost, self._found.verdict))
+        shared = self._shared.found
+        if shared is not None:  # what it names is given up, as a held checkpoint's entries are
+            lost = Checkpoint(shared.seq, shared.hash or bytes(32), int(self._clock() * 1e6), self.key_id, b"")
+            found.append((shared.source, lost, shared.verdict))
         return found
-
-    # --- alerts -------------------------------------------------------------------------
-
-    async def _alert(self, kind: str, severity: str, dedup: str, summary: str, details: dict[str, object]) -> None:
-        now_us = int(self._clock() * 1e6)
-        try:
-            async with acquire(self._pool) as conn:
-                await conn.fetchval("SELECT rg_alert($1, $2, NULL, NULL, $3, $4, $5, $6, $7::jsonb)",
-                                    kind, severity, dedup, now_us, self.head_seq, summary, details)
-        except DOWN as exc:
-            log.warning("continuity_alert_not_written", kind=kind, error=type(exc).__name__)
-            self._alerted.discard(dedup)
-
-    async def _alert_rollback(self, rollback: Rollback) -> None:
-        log.critical("ledger_rollback", **rollback.to_json())
-        dedup = f"ledger_rollback:{rollback.source}:{rollback.seq}:{(rollback.hash or b'').hex()[:16]}"
-        await self._alert("ledger_rollback", "critical", dedup, rollback.message(), rollback.to_json())
-
-    async def _alert_unreachable(self) -> None:
-        for name, state in self.states.items():
-            dedup = f"witness_unreachable:{name}"
-            if state.up is False and dedup not in self._alerted:
-                self._alerted.add(dedup)
-                await self._alert("witness_unreachable", "critical" if self._required else "warning", dedup,
-                                  f"witness {quoted(name)} cannot be reached: {quoted(state.error)}",
-                                  {"witness": name, "error": state.error, "required": self._required})
-            elif state.up:
-                self._alerted.discard(dedup)
 
     # --- pushing checkpoints ------------------------------------------------------------
 
@@ -554,7 +356,7 @@ class ContinuityGuard:
         if not self.checked or self.rollback is not None:
             return False
         held = [s.held for s in self.states.values() if s.held is not None]
-        known = [pair for pair in (self._head_seen, self._own) if pair is not None and 0 < pair[0] <= head_seq]
+        known = self._memory.known(self._memory.own, head_seq)
         seqs = sorted({cp.seq for cp in held if cp.seq <= head_seq} | {seq for seq, _ in known})
         rows = await conn.fetch("SELECT seq, hash FROM ledger WHERE seq = ANY($1::bigint[])", seqs) if seqs else []
         at = {row["seq"]: bytes(row["hash"]) for row in rows}
@@ -565,56 +367,6 @@ class ContinuityGuard:
                         entries_gone=gone)
             return False
         return True
-
-    def published(self, cp: Checkpoint) -> None:
-        """A new checkpoint was signed: push it to every witness, off the caller's path
-        (never while a rollback is known)."""
-        if not self.witnesses or self.rollback is not None:
-            return
-        self._pending = cp if self._pending is None or cp.seq > self._pending.seq else self._pending
-        if self._push is None or self._push.done():
-            self._push = asyncio.create_task(self._push_pending(), name="witness-push")
-
-    def _push_if_lagging(self, latest: Checkpoint) -> None:
-        if any(s.up and (s.held is None or s.held.seq < latest.seq or s.verdict is Verdict.COVERED)
-               for s in self.states.values()):
-            self.published(latest)
-
-    async def _push_pending(self) -> None:
-        while self._pending is not None:
-            cp, self._pending = self._pending, None
-            if self.rollback is not None:
-                return
-            await self.push(cp)
-            with contextlib.suppress(*DOWN):
-                await self.check()
-
-    async def push(self, cp: Checkpoint) -> dict[str, str]:
-        """Offers ``cp`` (with the latest recovery statement) to every witness the last check
-        read; returns each one's answer (an admission, ``unreachable: …``, or ``not pushed:
-        …`` for a witness that check could not read)."""
-        recovery = self.recoveries[-1] if self.recoveries else None
-        record = Record(self.deployment_id, self.public_key_pem, cp, recovery, self.signers.handovers)
-
-        async def one(witness: Witness) -> str:
-            state = self.states[witness.name]
-            if state.up is not True:
-                # What it holds was not read at the last check, so nothing compared it with
-                # the ledger: a higher seq would replace it there unseen (a restore found
-                # by no one). The check that reads it again judges it, then pushes.
-                return f"not pushed: not read at the last check ({state.error or 'never read'})"
-            try:
-                answer = await asyncio.wait_for(witness.put(record), 10.0)
-            except (WitnessUnreachable, TimeoutError) as exc:
-                self.states[witness.name].up = False
-                self.states[witness.name].error = str(exc) or "no answer"
-                return f"unreachable: {self.states[witness.name].error}"
-            if answer.refused:
-                log.error("witness_refused_checkpoint", witness=witness.name, seq=cp.seq, admission=answer.value)
-            return answer.value
-
-        answers = await asyncio.gather(*(one(w) for w in self.witnesses))
-        return dict(zip((w.name for w in self.witnesses), answers, strict=True))
 
     async def run(self) -> None:
         """Checks every ``CHECK_S`` until cancelled."""
@@ -633,7 +385,7 @@ class ContinuityGuard:
                 log.error("continuity_check_crashed", error=type(exc).__name__)
 
     async def close(self) -> None:
-        for task in (self._push, self._soon):
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.wait({task})
+        await self.exchange.close()
+        if self._soon is not None and not self._soon.done():
+            self._soon.cancel()
+            await asyncio.wait({self._soon})

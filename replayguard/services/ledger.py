@@ -47,7 +47,7 @@ from .decide import clock_guard_scope
 from .state_check import STATE_BATCH, Disagreement, check_state_range
 
 if TYPE_CHECKING:
-    from .continuity import Rollback
+    from .continuity_rollback import Rollback
 from ..keys import Keys
 
 log = structlog.get_logger(__name__)

@@ -60,14 +60,14 @@ async def test_a_witness_not_read_since_a_start_on_a_restored_database_is_not_wr
     restored = await api_factory(database_url=Secret(backup), **settings)
     guard = restored.runtime.continuity
     pushed: list[tuple[int, dict[str, str]]] = []
-    real_push = guard.push
+    real_push = guard.exchange.push
 
     async def push(cp: Checkpoint) -> dict[str, str]:
         answers = await real_push(cp)
         pushed.append((cp.seq, answers))
         return answers
 
-    monkeypatch.setattr(guard, "push", push)
+    monkeypatch.setattr(guard.exchange, "push", push)
     for _ in range(held["seq"] - head + 6):
         assert (await nonce(restored, secrets.token_hex(8)))[1]["decision"] == "accept"
     await until(lambda: any(seq > held["seq"] for seq, _ in pushed), "a checkpoint past S to be pushed", timeout=60)
