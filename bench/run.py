@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--marks-every", type=float, default=timeline.SAMPLE_S, metavar="S",
                    help="seconds between two samples of the background work (each scrapes /metrics "
                         "on a new connection: the sampling itself is work on the service's loop)")
+    p.add_argument("--follower", action="store_true",
+                   help="hold the service's leader lock through the decision phases, so it runs none of the "
+                        "leader's duties (checkpoints, the chain sweep, the state check, retention): their "
+                        "share of the latency, by difference with a run without it")
     p.add_argument("--py-spy", action="store_true",
                    help="profile the service with py-spy during the 1- and 64-concurrency phases")
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (one per core here)")
@@ -1070,6 +1074,31 @@ def run_async(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
+LEADER_LOCK = 0x7267666C  # services/alertfeed.py's _LEADER_LOCK
+_HOLD = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute("SELECT pg_advisory_lock($1)", int(sys.argv[2]))
+    print("held", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+@contextmanager
+def leader_lock(dsn: str) -> Iterator[None]:
+    """Holds the service's leader lock from a process of its own, so the service never leads
+    (bench/service_cpu.py, and ``--follower``)."""
+    with subprocess.Popen([sys.executable, "-c", _HOLD, dsn, str(LEADER_LOCK)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"held", "the lock was not taken"
+            yield
+        finally:
+            proc.kill()
+
+
 # --- one complete run on one database -------------------------------------------------------------
 
 def prepare(args: argparse.Namespace, tag: str, work: Path, seed: int = 0) -> tuple[Setup, str, float]:
@@ -1337,9 +1366,11 @@ def measure_all(args: argparse.Namespace) -> int:
     try:
         setup, token, _ = prepare(args, "main", work)
         made.append(setup.dsn)
-        print(f"benchmark {run_id} on {setup.dsn.rpartition('/')[2]}, commit {rev}, logs in {work}",
+        print(f"benchmark {run_id} on {setup.dsn.rpartition('/')[2]}, commit {rev}, logs in {work}"
+              + (" (the service follows: the benchmark holds the leader's lock)" if args.follower else ""),
               file=sys.stderr)
-        result["main"] = decision_phases(setup, token, run_id, profile=args.py_spy)
+        with leader_lock(setup.dsn) if args.follower else nullcontext():
+            result["main"] = decision_phases(setup, token, run_id, profile=args.py_spy)
         if not args.no_floor:
             result["floor"] = http_floor(args)
         if not args.no_baseline:
@@ -1352,7 +1383,8 @@ def measure_all(args: argparse.Namespace) -> int:
             seeded, stoken, seed_s = prepare(args, "seeded", work, seed=args.seed_old)
             made.append(seeded.dsn)
             print(f"seeded {args.seed_old} old entries in {seed_s:.0f} s", file=sys.stderr)
-            result["seeded"] = {**decision_phases(seeded, stoken, run_id + "s", profile=False), "seed_s": seed_s}
+            with leader_lock(seeded.dsn) if args.follower else nullcontext():
+                result["seeded"] = {**decision_phases(seeded, stoken, run_id + "s", profile=False), "seed_s": seed_s}
     finally:
         for dsn in made:
             asyncio.run(drop_database(args.pg_admin_url, dsn))

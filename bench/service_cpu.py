@@ -64,7 +64,7 @@ import pyotp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from own_server import free_port
-from run import create_database, drop_database, post_all, sql_differences, wait_ready
+from run import create_database, drop_database, leader_lock, post_all, sql_differences, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("nonce", "totp", "replay", "invalid", "locked")
@@ -290,30 +290,6 @@ class Callgrind:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-
-
-LEADER_LOCK = 0x7267666C  # services/alertfeed.py's _LEADER_LOCK
-_HOLD = """
-import asyncio, sys, asyncpg
-async def main():
-    conn = await asyncpg.connect(sys.argv[1])
-    await conn.execute("SELECT pg_advisory_lock($1)", int(sys.argv[2]))
-    print("held", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-asyncio.run(main())
-"""
-
-
-@contextmanager
-def leader_lock(dsn: str) -> Iterator[None]:
-    """Holds the service's leader lock from a process of its own, so the service never leads."""
-    with subprocess.Popen([sys.executable, "-c", _HOLD, dsn, str(LEADER_LOCK)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE) as proc:
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"held", "the lock was not taken"
-            yield
-        finally:
-            proc.kill()
 
 
 def instructions(path: Path) -> int:
