@@ -32,8 +32,9 @@ before one completed (``unavailable``). The instance that signs a checkpoint han
 ``exchange.published``; nothing is signed while a rollback is known (``vouches``). The
 guard composes its parts: its ``exchange`` reads the witnesses and pushes checkpoints to
 them (``continuity_witnesses``), a ``ChainMemory`` holds what the process knows of the
-chain by itself (``continuity_memory``), ``SharedFindings`` and ``ContinuityAlerts``
-write down what it finds (``continuity_reports``), as the values of ``continuity_rollback``.
+chain by itself (``continuity_memory``), and ``SharedFindings`` and ``ContinuityAlerts``
+write down what it finds (``continuity_reports``); the values they pass (``Rollback``,
+``WitnessState``) are ``continuity_rollback``'s.
 """
 
 from __future__ import annotations
