@@ -1237,7 +1237,8 @@ def report(result: dict[str, Any]) -> str:
         for b in result["baseline"]:
             rows.append([str(b["concurrency"]), str(b["connections"]), str(b["batch"]), f"{b['rows_per_s']:.0f}",
                          f"{b['p50_ms']:.2f}", f"{b['p99_ms']:.2f}", str(b["client_cpu"]), str(b.get("machine_busy"))])
-        out.append("Baseline: ledger + uses insert through asyncpg, no HTTP\n" + table(rows))
+        out.append("Baseline: a fresh nonce's rows (spent_nonces and ledger) inserted through asyncpg, no HTTP\n"
+                   + table(rows))
     if result.get("durable_floor"):
         phases = {r["concurrency"]: r for r in main["phases"]}
         rows = [["conc", "conns", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "stalls", "CPU floor/pg",
