@@ -55,8 +55,10 @@ class SharedFindings:
             self.written = (mine.seq, mine.hash)
         row = await conn.fetchrow("SELECT seq, hash, process FROM continuity_findings WHERE head_seq >= $1"
                                   " ORDER BY seq DESC LIMIT 1", since)
+        # The process's name as the row holds it, quoted: whoever can write the table chose it.
         self.found = None if row is None else Rollback(
-            f"a running service ({row['process']})", row["seq"], None if row["hash"] is None else bytes(row["hash"]),
+            f"a running service ({quoted(row['process'])})", row["seq"],
+            None if row["hash"] is None else bytes(row["hash"]),
             Verdict.BEHIND if row["seq"] > head_seq else Verdict.FORKED, head_seq)
 
 

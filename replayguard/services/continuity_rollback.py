@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..core.checkpoints import Checkpoint
 from ..core.continuity import Verdict
+from ..core.summaries import quoted
 from ..errors import Unavailable
 from ..pg.connections import UNAVAILABLE_ERRORS
 
@@ -43,17 +44,25 @@ class Rollback:
     def first_bad_seq(self) -> int:
         return self.head_seq + 1 if self.verdict is Verdict.BEHIND else self.seq
 
+    @property
+    def holder(self) -> str:
+        """The source as a message names it: this process, another one (whose finding names it
+        quoted, ``continuity_reports``) and the database's checkpoints in the service's own
+        words; a witness by its name, quoted as an alert summary shows a name the service did
+        not choose (``core/summaries.py``)."""
+        return quoted(self.source) if self.signed and self.source != DATABASE else self.source
+
     def message(self) -> str:
         if not self.signed and self.hash is not None:
-            return (f"the ledger went back in time: {self.source} knew entry {self.seq} committed, which the "
+            return (f"the ledger went back in time: {self.holder} knew entry {self.seq} committed, which the "
                     f"ledger no longer holds (another entry took its place, or it ends before it)")
         if self.hash is None:
-            return (f"the ledger went back in time: {self.source} answered a decision at entry {self.seq} "
+            return (f"the ledger went back in time: {self.holder} answered a decision at entry {self.seq} "
                     f"but the database's new entries are numbered from {self.head_seq + 1}")
         if self.verdict is Verdict.BEHIND:
-            return (f"the ledger went back in time: {self.source} holds a signed checkpoint of entry "
+            return (f"the ledger went back in time: {self.holder} holds a signed checkpoint of entry "
                     f"{self.seq} but the ledger ends at {self.head_seq}")
-        return (f"the ledger forked: {self.source} holds a signed checkpoint of entry {self.seq} "
+        return (f"the ledger forked: {self.holder} holds a signed checkpoint of entry {self.seq} "
                 f"with another hash than the ledger's")
 
     def to_json(self) -> dict[str, object]:
