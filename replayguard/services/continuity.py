@@ -96,7 +96,6 @@ class ContinuityGuard:
         # its checkpoints are signed by the current key.
         self.deployment_id = self.signers.deployment_id
         self.key_id = cps.key_id(self.public)
-        self.public_key_pem = cps.public_key_pem(self.public)
         self._required = settings.witness_required
         self.background = BackgroundWork()  # the runtime hands in its metrics' own
         token = settings.witness_token.reveal() if settings.witness_token is not None else None
@@ -117,6 +116,7 @@ class ContinuityGuard:
         self.exchange = WitnessExchange(
             self.witnesses, self.states, self.signers, self.public, stopped=lambda: self.rollback is not None,
             latest_recovery=lambda: self.recoveries[-1] if self.recoveries else None, check=self.check)
+        self.public_key_pem = self.exchange.public_key_pem  # as the witnesses are sent it
         self._lock = asyncio.Lock()
         self.on_recovered: Callable[[int | None], None] = lambda _ts: None
         if registry is not None:
