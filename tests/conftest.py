@@ -388,7 +388,7 @@ def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
 class Api:
     """A test client of a running app, with a token per role."""
 
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     runtime: Runtime
     tokens: dict[str, str]
     clock: FakeClock

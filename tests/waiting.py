@@ -6,12 +6,21 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 T = TypeVar("T")
 
 
-async def until(probe: Callable[[], Awaitable[T] | T], what: str, timeout: float = 10.0, every: float = 0.01) -> T:
+# Two signatures, not one taking ``Awaitable[T] | T``: mypy cannot solve T against that union
+# (it infers Never), and only a truthy value is returned, so a probe answering ``X | None``
+# yields an ``X``.
+@overload
+async def until(
+    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = ..., every: float = ...
+) -> T: ...
+@overload
+async def until(probe: Callable[[], T | None], what: str, timeout: float = ..., every: float = ...) -> T: ...
+async def until(probe: Callable[[], Any], what: str, timeout: float = 10.0, every: float = 0.01) -> Any:
     """Polls ``probe`` (a plain or an async callable) until it returns something truthy and
     returns that; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -46,7 +55,7 @@ class CountedLock(asyncio.Lock):
 
     waiting = 0
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         self.waiting += 1
         try:
             return await super().acquire()

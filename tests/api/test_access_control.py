@@ -43,7 +43,7 @@ MALFORMED = {
 
 @dataclass
 class Served:
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     app: web.Application
     runtime: Runtime
     settings: Settings

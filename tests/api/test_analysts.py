@@ -317,6 +317,7 @@ async def test_a_verification_whose_client_left_stops_on_the_server(api: Api) ->
     for nobody and hold up the verifications after it."""
     await reuse_alert(api, uid("vm"), uid("scope"))
     chain = api.client.app[ANALYSTS].ledger._chain
+    assert chain is not None
     chain._apart = turn = CountedLock()
     await turn.acquire()  # a verification under way
     try:

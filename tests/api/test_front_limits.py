@@ -25,7 +25,9 @@ def _request(api: Api, extra: bytes = b"") -> bytes:
 
 
 def _front(api: Api) -> Front:
-    return cast(Front, api.client.server.runner.server)  # type: ignore[union-attr]
+    runner = api.client.server.runner
+    assert runner is not None
+    return cast(Front, runner.server)  # FrontRunner's server: the front, typed as aiohttp's
 
 
 async def test_a_client_that_never_reads_stops_the_front_reading(api: Api) -> None:

@@ -32,10 +32,11 @@ async def purge(api: Api, body: dict[str, Any]) -> None:
 async def test_the_accepting_decision_spends_the_nonce(api: Api) -> None:
     """The decision that accepts a nonce writes its digest to spent_nonces, naming that
     decision's entry, and no use row: nothing is moved or deleted later."""
-    body = {"vm_id": uid("vm"), "scope": uid("scope"), "nonce": uid("n"), "ttl_s": 60}
+    scope, nonce = uid("scope"), uid("n")
+    body = {"vm_id": uid("vm"), "scope": scope, "nonce": nonce, "ttl_s": 60}
     status, answer = await api.post("/v1/nonces/consume", body)
     assert (status, answer["decision"]) == (200, "accept"), answer
-    digest = nonce_digest(api.runtime.keys.pepper, body["scope"], body["nonce"].encode())
+    digest = nonce_digest(api.runtime.keys.pepper, scope, nonce.encode())
     async with api.runtime.pool.acquire() as conn:
         assert await conn.fetchval("SELECT first_seq FROM spent_nonces WHERE digest = $1", digest) == answer["seq"]
         assert await conn.fetchval("SELECT count(*) FROM uses WHERE digest = $1", digest) == 0

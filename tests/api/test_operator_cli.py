@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from replayguard.cli.operator import printable, table
+from replayguard.cli.operator import table
+from replayguard.cli.service_client import printable
 from replayguard.http.state import ANALYSTS
 from tests.browser.test_console import play_the_story
 from tests.conftest import REPO, Api, cli_env, dead_url, run_cli, uid

@@ -84,7 +84,9 @@ async def test_unlock_is_in_the_ledger_with_who_and_why(api_factory: Callable[..
     assert status == 200
     entry = page["items"][0]
     assert (entry["seq"], entry["kind"], entry["subject"]) == (done["seq"], "principal_unlock", principal)
-    admin_id = (await api.runtime.api_tokens.authenticate(api.tokens["admin"])).token_id  # type: ignore[union-attr]
+    admin = await api.runtime.api_tokens.authenticate(api.tokens["admin"])
+    assert admin is not None
+    admin_id = admin.token_id
     assert entry["payload"]["by"] == admin_id and entry["payload"]["note"] == "ticket 4411"
     assert entry["payload"]["was_locked"] is True
     status, verify = await api.get("/v1/ledger/verify")

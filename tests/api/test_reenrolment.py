@@ -89,7 +89,8 @@ async def test_an_hotp_secret_enrolled_again_is_provisioned_past_its_spent_count
     secret's URI says counter 0."""
     principal = uid("alice")
     first = await api.enroll(principal, type="hotp")
-    assert pyotp.parse_uri(first["provisioning_uri"]).initial_count == 0
+    provisioned = pyotp.parse_uri(first["provisioning_uri"])
+    assert isinstance(provisioned, pyotp.HOTP) and provisioned.initial_count == 0
     hotp = pyotp.HOTP(first["secret"])
     for counter in range(15):
         assert (await verify(api, principal, hotp.at(counter), vm=uid("vm")))["decision"] == "accept"

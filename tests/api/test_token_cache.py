@@ -98,6 +98,7 @@ async def test_a_lost_listen_connection_is_noticed_and_older_reads_are_not_trust
     first = (await api.enroll(principal))["secret"]
     assert await verify(api, principal, pyotp.TOTP(first).at(api.clock.now)) == "ok"
     feed = api.client.app[ANALYSTS].feed
+    assert feed._listen_conn is not None  # listening(api) waited for it
     old_pid = feed._listen_conn.get_server_pid()
     async with api.runtime.pool.acquire() as conn:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", old_pid)

@@ -27,8 +27,9 @@ DOCS_IMG = REPO / "docs" / "img"
 
 try:
     from playwright.async_api import async_playwright
+    HAVE_PLAYWRIGHT = True
 except ImportError:  # pragma: no cover - the test extra installs it
-    async_playwright = None
+    HAVE_PLAYWRIGHT = False
 
 
 @dataclass
@@ -92,7 +93,7 @@ async def settle(page: Any) -> None:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def browser() -> AsyncIterator[Any]:
     """Debian's Chromium, headless, for the whole run."""
-    if async_playwright is None:
+    if not HAVE_PLAYWRIGHT:
         pytest.skip("playwright is not installed (pip install '.[test]')")
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; scripts/system-deps does)")

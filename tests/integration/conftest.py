@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
 import shutil
 import threading
 import uuid
@@ -17,7 +16,7 @@ import pytest_asyncio
 from replayguard.settings import Settings
 from tests.conftest import cli_env, create_database, databases_from, service_with_tokens, uid
 from tests.integration.owned_servers import OwnedPostgres, OwnedRedis, scratch_dir
-from tests.integration.pam_harness import HELPER, PAM_DIR, Guest, Host, StubHandler, write_config
+from tests.integration.pam_harness import HELPER, PAM_DIR, Guest, Host, StubHandler, StubServer, write_config
 
 
 @pytest_asyncio.fixture
@@ -126,12 +125,12 @@ def make_guest(tmp_path: Path, helper: Path) -> Iterator[Callable[..., Guest]]:
 @pytest.fixture
 def stub() -> Iterator[Callable[[int, bytes, dict[str, str] | None], str]]:
     """A stand-in service answering a canned reply; returns its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    server = StubServer(("127.0.0.1", 0), StubHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
     def answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
-        server.canned = (status, headers or {"Content-Type": "application/json"}, body)  # type: ignore[attr-defined]
+        server.canned = (status, headers or {"Content-Type": "application/json"}, body)
         return f"http://127.0.0.1:{server.server_address[1]}"
 
     yield answer

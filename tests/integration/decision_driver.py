@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tests.conftest import Api, FakeClock, uid
-from tests.integration.decision_model import Model, settle
+from tests.integration.decision_model import Model, Verdict, settle
 
 Action = Callable[[], Awaitable[None]]
 
@@ -66,7 +66,7 @@ class ModelDriver:
             self.model.unlock(p)
             self.log.append(f"unlock {p}")
 
-    def check(self, vm: str, what: str, answer: dict[str, Any], expect: tuple) -> None:
+    def check(self, vm: str, what: str, answer: dict[str, Any], expect: Verdict) -> None:
         """The service's answer to ``what`` is the model's ``expect`` (``Model.otp`` or
         ``Model.nonce``), and what it accepted the model never accepted before."""
         got, want = settle(answer, expect)

@@ -26,6 +26,12 @@ BLOCK = {"SHA1": 64, "SHA256": 64, "SHA512": 128}
 REPLAY_BEHIND = 100  # replayguard.core.otp.HOTP_REPLAY_BEHIND, restated
 ORDER_SLACK_US = 5_000_000
 
+Cred = tuple[str, str, int, bytes]  # Tok.cred: (type, alg, period or 0, the key HMAC uses)
+# What an accept spends: an OTP's (credential, step), or a nonce's ("nonce", scope, nonce).
+Spent = tuple[Cred, int] | tuple[str, str, str]
+Outcome = tuple[str, str, list[str]]  # (decision, reason, flags)
+Verdict = tuple[str, str, list[str], Spent | None]  # Model.otp's and Model.nonce's: an Outcome and what it spent
+
 
 def claims(receipt: str) -> tuple[str, int]:
     """The VM and seq a receipt the service issued names."""
@@ -34,11 +40,11 @@ def claims(receipt: str) -> tuple[str, int]:
     return vm, seq
 
 
-def settle(answer: dict[str, Any], expect: tuple) -> tuple[tuple, tuple]:
+def settle(answer: dict[str, Any], expect: Verdict) -> tuple[Outcome, Outcome]:
     """The service's (decision, reason, flags) and the model's, the model's reason "a|b"
     settled by the service's when it is either."""
-    got = (answer["decision"], answer["reason"], sorted(answer["flags"]))
-    want = (expect[0], expect[1], sorted(expect[2]))
+    got: Outcome = (answer["decision"], answer["reason"], sorted(answer["flags"]))
+    want: Outcome = (expect[0], expect[1], sorted(expect[2]))
     if "|" in want[1] and got[1] in want[1].split("|"):
         want = (want[0], got[1], want[2])
     return got, want
@@ -74,7 +80,7 @@ class Tok:
     active: bool = True
 
     @property
-    def cred(self) -> tuple[str, str, int, bytes]:
+    def cred(self) -> Cred:
         return (self.type, self.alg, self.period if self.type == "totp" else 0, hmac_key(self.alg, key_of(self.secret)))
 
     def code(self, counter: int) -> str:
@@ -116,21 +122,21 @@ class Model:
     max_ttl: int
     tokens: list[Tok] = field(default_factory=list)
     principals: dict[str, Principal] = field(default_factory=dict)
-    high: dict[tuple, int] = field(default_factory=dict)
-    uses: dict[tuple, Use] = field(default_factory=dict)
+    high: dict[Cred, int] = field(default_factory=dict)
+    uses: dict[Spent, Use] = field(default_factory=dict)
     vms: dict[str, Vm] = field(default_factory=dict)
     windows: list[tuple[str, float | None, float]] = field(default_factory=list)
     seq_ts: dict[int, float] = field(default_factory=dict)
     seq_vm: dict[int, str] = field(default_factory=dict)  # the VM of each decision
     guard_us: int | None = None
     max_now: float = 0.0
-    accepted: set[tuple] = field(default_factory=set)
+    accepted: set[Spent] = field(default_factory=set)
     refuse: bool = False
 
     def active(self, principal: str) -> list[Tok]:
         return [t for t in self.tokens if t.principal == principal and t.active]
 
-    def matches(self, tok: Tok, code: str, now: float, seen: dict | None) -> list[int]:
+    def matches(self, tok: Tok, code: str, now: float, seen: dict[Cred, int] | None) -> list[int]:
         if len(code) != tok.digits or not code.isdigit():
             return []
         if tok.type == "totp":
@@ -141,7 +147,7 @@ class Model:
             cands = range(max(0, h - self.look_ahead + 1), h + self.look_ahead + 1)
         return [c for c in cands if c >= 0 and tok.code(c) == code]
 
-    def replayed(self, toks: list[Tok], code: str, seen: dict | None) -> tuple[Tok, list[int]] | None:
+    def replayed(self, toks: list[Tok], code: str, seen: dict[Cred, int] | None) -> tuple[Tok, list[int]] | None:
         """When no token matches: the first HOTP token whose code it is further behind its
         counter, up to REPLAY_BEHIND counters (a replay if that use is recorded, else invalid)."""
         for tok in toks:
@@ -191,7 +197,7 @@ class Model:
         moved = [s for s in self.vms.setdefault(source, Vm()).valid_seqs if self.seq_ts[s] <= bound]
         vm.clone_from = (source, 0 if state is None else max(moved, default=0), max(held))
 
-    def receipt_flags(self, vm_id: str, r: dict, now: float) -> list[str]:
+    def receipt_flags(self, vm_id: str, r: dict[str, Any], now: float) -> list[str]:
         vm = self.vms.setdefault(vm_id, Vm())
         flags = self._receipt_flags(vm, vm_id, r, now)
         if r["kind"] == "valid" or flags:  # the position moves: a reported event explains no later receipt
@@ -200,7 +206,7 @@ class Model:
             vm.came_back = bool({"rollback_detected", "clone_detected"} & set(flags))
         return flags
 
-    def _receipt_flags(self, vm: Vm, vm_id: str, r: dict, now: float) -> list[str]:
+    def _receipt_flags(self, vm: Vm, vm_id: str, r: dict[str, Any], now: float) -> list[str]:
         kind = r["kind"]
         if kind == "forged":
             return ["receipt_invalid"]
@@ -224,7 +230,7 @@ class Model:
             return ["receipt_missing"]
         return []
 
-    def after(self, vm_id: str, r: dict, seq: int, now: float) -> None:
+    def after(self, vm_id: str, r: dict[str, Any], seq: int, now: float) -> None:
         self.seq_ts[seq] = now
         self.seq_vm[seq] = vm_id
         if r["kind"] == "valid":
@@ -249,8 +255,8 @@ class Model:
         return "replay_after_rollback"
 
     # --- decisions --------------------------------------------------------------------
-    def otp(self, vm_id: str, principal: str, code: str, r: dict, now: float, seq: int,
-            seen: dict | None, got: str | None = None) -> tuple[str, str, list[str], tuple | None]:
+    def otp(self, vm_id: str, principal: str, code: str, r: dict[str, Any], now: float, seq: int,
+            seen: dict[Cred, int] | None, got: str | None = None) -> Verdict:
         """``got``: the service's reason, which settles what the model cannot know: whether
         retention already dropped a use (the purge runs in the background too)."""
         self.max_now = max(self.max_now, now)
@@ -262,7 +268,8 @@ class Model:
         self.after(vm_id, r, seq, now)
         return verdict, reason, flags, spent
 
-    def _otp(self, vm_id: str, principal: str, code: str, now: float, seen: dict | None, got: str | None):
+    def _otp(self, vm_id: str, principal: str, code: str, now: float, seen: dict[Cred, int] | None,
+             got: str | None) -> tuple[str, str, Spent | None]:
         toks = self.active(principal)
         if not toks:
             return "reject", "no_token", None
@@ -313,12 +320,12 @@ class Model:
             return "reject", "invalid", None
         return "reject", self.classify(max(firsts, key=lambda u: u.ts) if firsts else None), None
 
-    def nonce(self, vm_id: str, scope: str, nonce: str, ttl: int, issued_at: float | None, r: dict,
-              now: float, seq: int) -> tuple[str, str, list[str], tuple | None]:
+    def nonce(self, vm_id: str, scope: str, nonce: str, ttl: int, issued_at: float | None, r: dict[str, Any],
+              now: float, seq: int) -> Verdict:
         self.max_now = max(self.max_now, now)
         flags = self.receipt_flags(vm_id, r, now)
         key = ("nonce", scope, nonce)
-        spent = None
+        spent: Spent | None = None
         if self.refused(vm_id, flags):
             result = ("reject", "locked_out")
         elif issued_at is not None and issued_at + ttl < now:
@@ -335,7 +342,7 @@ class Model:
         self.after(vm_id, r, seq, now)
         return result[0], result[1], flags, spent
 
-    def spend(self, spent: tuple | None) -> None:
+    def spend(self, spent: Spent | None) -> None:
         """Note what an accept the service agreed on spent (``otp``'s and ``nonce``'s last
         item): the model never accepts one credential step or nonce twice."""
         if spent is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 try:
-    import libvirt
+    import libvirt as libvirt  # re-exported: the libvirt tests import it from here
 except ImportError:  # pragma: no cover - the CI script installs it
     libvirt = None
 

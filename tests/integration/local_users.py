@@ -25,7 +25,7 @@ class LocalUser:
     uid: int
     gid: int
 
-    def run(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Runs a command as this user (setuid in the child), with a minimal environment."""
         uid, gid = self.uid, self.gid
 
@@ -35,7 +35,7 @@ class LocalUser:
             os.setuid(uid)
 
         return subprocess.run(list(args), preexec_fn=drop, capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin"}, timeout=60, check=False, **kwargs)  # type: ignore[call-overload]
+                              env={"PATH": "/usr/bin:/bin"}, timeout=60, check=False)
 
 
 @pytest.fixture

@@ -107,12 +107,19 @@ def wrong_code(totp: pyotp.TOTP) -> str:
     return next(code for code in (f"{n:06d}" for n in range(1_000_000)) if code not in near)
 
 
+class StubServer(http.server.ThreadingHTTPServer):
+    """Serves StubHandler: ``canned`` is the (status, headers, body) it answers every POST with."""
+
+    canned: tuple[int, dict[str, str], bytes]
+
+
 class StubHandler(http.server.BaseHTTPRequestHandler):
     """Answers every POST with the server's canned status, headers and body."""
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        status, headers, body = self.server.canned  # type: ignore[attr-defined]
+        assert isinstance(self.server, StubServer)
+        status, headers, body = self.server.canned
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)

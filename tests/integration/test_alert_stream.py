@@ -134,21 +134,13 @@ async def test_last_event_id_resumes_with_what_was_missed(api: Api) -> None:
 
 
 async def test_a_resumed_stream_never_resends_changes_at_or_before_last_event_id(
-        api_factory: Callable[..., Any]) -> None:
+        api_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream resumed with Last-Event-ID N on an instance whose feed lags (two instances, one
     database) sends only changes after N, never again the change N the client already has."""
     one: Api = await api_factory()
     other: Api = await api_factory()
     feed = other.client.app[ANALYSTS].feed
-    gate, held = asyncio.Event(), asyncio.Event()
-    real_tail = feed._tail
-
-    async def lagging_tail(conn: Any) -> None:  # the feed busy (leader duties, a reconnect...)
-        held.set()
-        await gate.wait()
-        await real_tail(conn)
-
-    feed._tail = lagging_tail
+    held, gate = hold(feed, monkeypatch)  # the feed busy (leader duties, a reconnect...)
     await until(held.is_set, "the other instance's feed to be held back")
 
     alert_id, _ = await reuse_alert(one, uid("vm"), uid("scope"))
@@ -480,7 +472,8 @@ async def test_an_open_stream_rides_out_a_database_that_cannot_be_reached_for_a_
     alert once the database answers, instead of ending."""
     api: Api = await api_factory(database_url=Secret(database_url))
     resp = await open_stream(api)
-    reopen, outages = asyncio.Event(), []
+    reopen = asyncio.Event()
+    outages: list[asyncio.Task[None]] = []
     try:
         await first_id(resp)
         began, outages, tries = _outage_at_the_streams_next_token_check(api, database_url, monkeypatch, reopen)
@@ -503,7 +496,8 @@ async def test_an_open_stream_ends_without_the_alert_when_the_database_stays_awa
     the alert (its token could not be checked), and its client resumes with Last-Event-ID."""
     api: Api = await api_factory(database_url=Secret(database_url), sse_heartbeat_s=1)
     resp = await open_stream(api)
-    reopen, outages = asyncio.Event(), []
+    reopen = asyncio.Event()
+    outages: list[asyncio.Task[None]] = []
     lines = []
     try:
         await first_id(resp)
@@ -608,7 +602,7 @@ async def test_a_stalled_subscriber_is_held_to_its_queue_and_neither_decisions_n
         last = max(int(alert_id) for alert_id, _ in results)
         _, newest = await api.get(f"/v1/alerts/{last}")
         await until(lambda: (feed._pos or 0) >= newest["change"], "the feed to read every alert")
-        held = list(sub.queue._queue)  # type: ignore[attr-defined]
+        held = list(sub.queue._queue)  # type: ignore[attr-defined]  # asyncio.Queue's deque: not in its stubs
         assert len(held) <= 4 and any(alert is alertfeed_streams.CATCH_UP for _, alert in held), held
         assert sub in feed.streams.open and not sub.dropped
     finally:
@@ -973,7 +967,7 @@ async def test_a_client_whose_alerts_last_change_a_restore_lost_gets_the_changes
     assert went_back == "0"
 
 
-def hold(feed: alertfeed.AlertFeed) -> tuple[asyncio.Event, asyncio.Event]:
+def hold(feed: alertfeed.AlertFeed, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
     """Holds ``feed`` back before its next read of the alert changes (leader duties, a slow
     reconnect): returns (held, gate); the feed reads again once ``gate`` is set."""
     gate, held = asyncio.Event(), asyncio.Event()
@@ -984,7 +978,7 @@ def hold(feed: alertfeed.AlertFeed) -> tuple[asyncio.Event, asyncio.Event]:
         await gate.wait()
         await real_tail(conn)
 
-    feed._tail = lagging_tail
+    monkeypatch.setattr(feed, "_tail", lagging_tail)
     return held, gate
 
 
@@ -1005,7 +999,8 @@ async def _alerts_until(resp: aiohttp.ClientResponse, done: Callable[[list[dict[
 
 
 async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again(
-        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str) -> None:
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The database goes back to a copy that lacks the last 3 alert changes, and numbers 3
     new ones (the ``ledger_rollback`` alert, two acknowledgements) before the feed reads
     again: its last change is the one the feed had reached, so change numbers alone show
@@ -1022,7 +1017,7 @@ async def test_an_open_stream_gets_the_changes_a_restored_database_numbers_again
             await reuse_alert(api, uid("vm"), uid("scope"))
         high = await api.client.app[ANALYSTS].alerts.last_change()
         await until(lambda: feed._pos == high, "the feed to read every change")
-        held, gate = hold(feed)
+        held, gate = hold(feed, monkeypatch)
         await until(held.is_set, "the feed to be held back")
         await restore(database_url, copy, scratch_dbs)
         listed = await ledger_rollback_noticed(api)
@@ -1072,14 +1067,25 @@ async def test_a_stream_whose_queue_is_full_when_the_database_went_back_goes_bac
         monkeypatch.setattr(analysts, "_send", slow_client)
         (sub,) = feed.streams.open
         await reuse_alert(api, uid("vm"), uid("scope"))
-        await until(lambda: feed._pos == sub.position + 1 and sub.queue.empty(), "the stream to be sending it")
+
+        def sending_it() -> bool:
+            assert sub.position is not None  # the stream sent the first alert
+            return feed._pos == sub.position + 1 and sub.queue.empty()
+
+        await until(sending_it, "the stream to be sending it")
         for _ in range(2):
             await reuse_alert(api, uid("vm"), uid("scope"))
         await until(sub.queue.full, "the stream's queue to fill")
         await restore(database_url, copy, scratch_dbs)
         high = feed._pos
+        assert high is not None
         listed = await ledger_rollback_noticed(api)
-        await until(lambda: feed._pos < high, "the feed to go back with the database")
+
+        def went_back() -> bool:
+            assert feed._pos is not None
+            return feed._pos < high
+
+        await until(went_back, "the feed to go back with the database")
         gate.set()
         alert = await _alert_of_kind(resp, "ledger_rollback")
     finally:
@@ -1112,7 +1118,7 @@ async def test_a_database_gone_back_past_every_remembered_read_sends_open_stream
         for _ in range(3):  # one read each: the feed remembers the last two
             await reuse_alert(api, uid("vm"), uid("scope"))
             await read_by_the_feed()
-        held, gate = hold(feed)
+        held, gate = hold(feed, monkeypatch)
         await until(held.is_set, "the feed to be held back")
         await restore(database_url, copy, scratch_dbs)
         listed = await ledger_rollback_noticed(api)
@@ -1135,7 +1141,8 @@ async def _raise_unledgered(dsn: str, kind: str, dedup: str) -> int:
 
 
 async def test_a_restore_that_loses_only_alert_changes_is_noticed_though_the_last_alert_read_changed_again(
-        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, log_buffer: io.StringIO) -> None:
+        scratch_dbs: list[str], api_factory: Callable[..., Any], database_url: str, log_buffer: io.StringIO,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Alert changes that write no ledger entry (``witness_unreachable``, ``ledger_tamper``,
     ``ledger_rollback``) leave the ledger's head as it was. The database goes back to a copy
     that lacks the last one the feed read (the alert joined again), then numbers another
@@ -1158,7 +1165,7 @@ async def test_a_restore_that_loses_only_alert_changes_is_noticed_though_the_las
         high = await api.client.app[ANALYSTS].alerts.last_change()
         await until(lambda: feed._pos == high, "the feed to read every change")
         head = feed._head
-        held, gate = hold(feed)
+        held, gate = hold(feed, monkeypatch)
         await until(held.is_set, "the feed to be held back")
         await restore(database_url, copy, scratch_dbs)
         other = await _raise_unledgered(database_url, "ledger_tamper", uid("tamper"))

@@ -249,7 +249,8 @@ async def test_postgres_stopped_and_restarted_under_load(
     data_dir = tmp_path / "data"
     tokens = await _tokens(data_dir, owned_pg.url, ("callout", "analyst"))
     service = await service_factory(data_dir=data_dir, database_url=owned_pg.url)
-    scope, answers, stop = uid("pgdown"), [], asyncio.Event()
+    scope, stop = uid("pgdown"), asyncio.Event()
+    answers: list[Answer] = []
     load = asyncio.create_task(_steady_load(service.url, tokens["callout"], scope, stop, answers))
     await asyncio.sleep(1.0)
     await asyncio.to_thread(owned_pg.stop)

@@ -31,7 +31,7 @@ from replayguard.services.retention import purge_expired
 from replayguard.settings import Settings
 from tests.conftest import Api, FakeClock, start_api, uid
 from tests.integration.decision_driver import ModelDriver
-from tests.integration.decision_model import Model, Tok, Vm, claims
+from tests.integration.decision_model import Model, Tok, Verdict, Vm, claims
 
 SEEDS = int(os.environ.get("RG_DECISION_FUZZ_SEEDS", "3"))
 STEPS = int(os.environ.get("RG_DECISION_FUZZ_STEPS", "150"))
@@ -253,18 +253,18 @@ class Driver(ModelDriver):
             code = code[-6:] if tok.digits > 6 and self.rng.random() < 0.5 else code
         return code
 
-    def prepare_verify(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any], str, str]:
+    def prepare_verify(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Verdict], str, str]:
         p, vm = self.rng.choice(self.principals), self.rng.choice(self.vms)
         code = self.pick_code(p)
         fields, r = self.pick_receipt(vm)
         body: dict[str, Any] = {"vm_id": vm, "principal": p, "otp": code, **fields}
         now, seen = self.now, dict(self.model.high)
 
-        def expect(answer: dict[str, Any]) -> Any:
+        def expect(answer: dict[str, Any]) -> Verdict:
             return self.model.otp(vm, p, code, r, now, answer["seq"], seen, answer["reason"])
         return "/v1/otp/verify", body, expect, f"otp {vm} {p} {code} {r}", p
 
-    def prepare_consume(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any], str, str]:
+    def prepare_consume(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Verdict], str, str]:
         vm, scope = self.rng.choice(self.vms), self.rng.choice(self.scopes)
         nonce = f"n{self.rng.randrange(40)}"
         max_ttl = self.settings["nonce_max_ttl_s"]
@@ -276,7 +276,7 @@ class Driver(ModelDriver):
             body["issued_at"] = issued
         now = self.now
 
-        def expect(answer: dict[str, Any]) -> Any:
+        def expect(answer: dict[str, Any]) -> Verdict:
             return self.model.nonce(vm, scope, nonce, ttl, issued, r, now, answer["seq"])
         return "/v1/nonces/consume", body, expect, f"nonce {vm} {scope} {nonce} ttl={ttl} issued={issued} {r}", ""
 
@@ -305,7 +305,7 @@ class Driver(ModelDriver):
         for _, expect, what, answer, body in sorted(done, key=lambda d: d[0]):
             self.record(tag + what, answer, expect(answer), body)
 
-    def record(self, what: str, answer: dict[str, Any], expect: tuple, body: dict[str, Any]) -> None:
+    def record(self, what: str, answer: dict[str, Any], expect: Verdict, body: dict[str, Any]) -> None:
         vm = body["vm_id"]
         self.receipts[vm].append(answer["receipt"])
         self.issued_at[vm].append(self.now)

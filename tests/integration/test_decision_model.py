@@ -19,7 +19,7 @@ import pytest
 from replayguard.settings import Secret, Settings
 from tests.conftest import Api, FakeClock
 from tests.integration.decision_driver import ModelDriver
-from tests.integration.decision_model import Model, Tok, claims
+from tests.integration.decision_model import Model, Tok, Verdict, claims
 
 THRESHOLD, LOCK_S, DRIFT, LOOK_AHEAD = 3, 90, 1, 5
 MAX_TTL = Settings.nonce_max_ttl_s  # the default
@@ -39,6 +39,7 @@ class Driver(ModelDriver):
         secret = self.rng.choice(self.secrets)
         digits = self.rng.choice([6, 6, 8])
         period = self.rng.choice([30, 30, 60]) if kind == "totp" else 30
+        assert self.api is not None
         data = await self.api.enroll(p, type=kind, secret=secret, digits=digits, period=period)
         self.model.tokens.append(Tok(data["token_id"], p, kind, secret, digits, period, "SHA1"))  # the default
         self.log.append(f"enroll {p} {kind} s{self.secrets.index(secret)} d{digits} P{period}")
@@ -76,7 +77,7 @@ class Driver(ModelDriver):
             step = max(0, h + self.rng.choice([-2, -1, 0, 1, 1, 1, 2, LOOK_AHEAD, LOOK_AHEAD + 1]))
         return tok.code(step)
 
-    def prepare_verify(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any], str]:
+    def prepare_verify(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Verdict], str]:
         p, vm = self.rng.choice(self.principals), self.rng.choice(self.vms)
         code = self.pick_code(p)
         receipt, r = self.pick_receipt(vm)
@@ -85,11 +86,11 @@ class Driver(ModelDriver):
             body["receipt"] = receipt
         now, seen = self.now, dict(self.model.high)
 
-        def expect(answer: dict[str, Any]) -> Any:
+        def expect(answer: dict[str, Any]) -> Verdict:
             return self.model.otp(vm, p, code, r, now, answer["seq"], seen)
         return "/v1/otp/verify", body, expect, f"otp {vm} {p} {code} {r['kind']}"
 
-    def prepare_consume(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any], str]:
+    def prepare_consume(self) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], Verdict], str]:
         vm, scope = self.rng.choice(self.vms), self.rng.choice(self.scopes)
         nonce = f"n{self.rng.randrange(6)}"
         ttl = self.rng.choice([1, 30, 300])
@@ -102,11 +103,12 @@ class Driver(ModelDriver):
             body["receipt"] = receipt
         now = self.now
 
-        def expect(answer: dict[str, Any]) -> Any:
+        def expect(answer: dict[str, Any]) -> Verdict:
             return self.model.nonce(vm, scope, nonce, ttl, issued, r, now, answer["seq"])
         return "/v1/nonces/consume", body, expect, f"nonce {vm} {scope} {nonce} ttl={ttl} issued={issued} {r['kind']}"
 
     async def send(self, n: int) -> None:
+        assert self.api is not None
         prepared = [self.prepare_verify() if self.rng.random() < 0.5 else self.prepare_consume() for _ in range(n)]
         answers = await asyncio.gather(*(self.api.post(path, body) for path, body, _, _ in prepared))
         done = []
@@ -116,7 +118,7 @@ class Driver(ModelDriver):
         for _, expect, what, answer in sorted(done, key=lambda d: d[0]):
             self.record(("[batch] " if n > 1 else "") + what, answer, expect(answer))
 
-    def record(self, what: str, answer: dict[str, Any], expect: tuple) -> None:
+    def record(self, what: str, answer: dict[str, Any], expect: Verdict) -> None:
         vm = what.replace("[batch] ", "").split()[1]
         self.receipts[vm].append(answer["receipt"])
         self.check(vm, what, answer, expect)

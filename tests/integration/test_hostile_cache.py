@@ -72,11 +72,19 @@ async def start_twins(api_factory: Callable[..., Any], fresh_database: Callable[
     return Twins(cached, plain)
 
 
-async def dump_all(client: aioredis.Redis) -> dict[bytes, bytes]:
-    return {key: await client.dump(key) for key in await client.keys("*")}
+Dump = dict[bytes | str, bytes]  # each key's DUMP payload (keys come back as bytes: no decode_responses)
 
 
-async def restore_all(client: aioredis.Redis, copy: dict[bytes, bytes]) -> None:
+async def dump_all(client: aioredis.Redis) -> Dump:
+    copy: Dump = {}
+    for key in await client.keys("*"):
+        dumped = await client.dump(key)
+        assert dumped is not None, key  # listed a moment ago: restore could not put back a missing key
+        copy[key] = dumped
+    return copy
+
+
+async def restore_all(client: aioredis.Redis, copy: Dump) -> None:
     await client.flushall()
     for key, value in copy.items():
         await client.restore(key, 0, value, replace=True)
@@ -87,9 +95,13 @@ async def swap_values(client: aioredis.Redis) -> None:
     keys = [k for k in await client.keys("*") if await client.type(k) == b"string"]
     if len(keys) < 2:
         return
-    values = [await client.get(k) for k in keys]
+    values: list[bytes | str] = []
+    for k in keys:
+        value = await client.get(k)
+        assert value is not None, k  # listed a moment ago: Redis cannot set a key to nothing
+        values.append(value)
     for key, value in zip(keys, values[1:] + values[:1], strict=True):
-        await client.set(key, value)  # type: ignore[arg-type]
+        await client.set(key, value)
 
 
 async def garbage(client: aioredis.Redis, vms: list[str], principals: list[str], digests: list[bytes],
@@ -169,7 +181,7 @@ async def test_a_hostile_redis_gives_the_same_answers_as_no_redis(
     vms = [uid("vm"), uid("vm")]
     pepper = twins.cached.runtime.keys.pepper
     client = aioredis.from_url(owned_redis.url)
-    copies: list[dict[bytes, bytes]] = []
+    copies: list[Dump] = []
 
     async def hostile(round_: int) -> None:
         nonlocal client

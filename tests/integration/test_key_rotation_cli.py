@@ -140,7 +140,7 @@ async def test_a_rotation_killed_at_any_step_leaves_one_consistent_key_set(
         sys.executable, "-m", "replayguard", *_rotate_args(settings.data_dir, dsn, "--secret", "--receipt"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO)
     assert proc.stderr is not None
-    seen = []
+    seen: list[str] = []
     while True:
         line = await proc.stderr.readline()
         assert line, (kill_at, seen)  # the rotation ended before the step

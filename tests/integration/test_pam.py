@@ -181,11 +181,18 @@ def test_unparseable_or_failed_replies_fail_closed(tmp_path: Path, helper: Path,
     assert b"492039" not in result.stderr
 
 
+class _Recording(http.server.ThreadingHTTPServer):
+    """Serves _AcceptAnything: ``seen`` holds the method of each request it got."""
+
+    seen: list[str]
+
+
 class _AcceptAnything(http.server.BaseHTTPRequestHandler):
     """A listening server that would answer any request with an accept, and records what it got."""
 
     def _accept(self) -> None:
-        self.server.seen.append(self.command)  # type: ignore[attr-defined]
+        assert isinstance(self.server, _Recording)
+        self.server.seen.append(self.command)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -204,8 +211,8 @@ class _AcceptAnything(http.server.BaseHTTPRequestHandler):
 def test_redirect_is_not_followed(tmp_path: Path, helper: Path, stub: Any, status: int) -> None:
     """A redirect to a server that would accept is refused: exit non-zero, no receipt stored, and the
     redirect target never hears from the helper."""
-    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AcceptAnything)
-    target.seen = []  # type: ignore[attr-defined]
+    target = _Recording(("127.0.0.1", 0), _AcceptAnything)
+    target.seen = []
     thread = threading.Thread(target=target.serve_forever, daemon=True)
     thread.start()
     try:
@@ -216,7 +223,7 @@ def test_redirect_is_not_followed(tmp_path: Path, helper: Path, stub: Any, statu
         target.shutdown()
         target.server_close()
     assert result.returncode != 0
-    assert target.seen == []  # type: ignore[attr-defined]
+    assert target.seen == []
     assert not (tmp_path / "receipts" / "receipt").exists()
 
 

@@ -134,7 +134,12 @@ def test_receipt_dir_none_keeps_no_receipt(tmp_path: Path, helper: Path) -> None
     """receipt_dir = none (a helper run as an ordinary user)
     sends neither receipt nor receipt_kept and stores nothing."""
     seen: list[bytes] = []
-    url = serve_raw(lambda request: (seen.append(request), http_reply(200, GOOD_ACCEPT))[1])
+
+    def accept(request: bytes) -> bytes:
+        seen.append(request)
+        return http_reply(200, GOOD_ACCEPT)
+
+    url = serve_raw(accept)
     config = stub_config(tmp_path, url, receipt_dir="none")
     result = run_helper(helper, config, b"492039\x00")
     assert result.returncode == 0, result.stderr
@@ -299,7 +304,12 @@ def test_https_without_ca_file_is_a_config_error(tmp_path: Path, helper: Path) -
 def test_proxy_variables_are_ignored(tmp_path: Path, helper: Path) -> None:
     """http_proxy pointing at an accepting stand-in is never used; the real URL (nothing listening) fails."""
     calls: list[bytes] = []
-    proxy = serve_raw(lambda request: (calls.append(request), http_reply(200, GOOD_ACCEPT))[1])
+
+    def accept(request: bytes) -> bytes:
+        calls.append(request)
+        return http_reply(200, GOOD_ACCEPT)
+
+    proxy = serve_raw(accept)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]

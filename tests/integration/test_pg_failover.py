@@ -23,7 +23,8 @@ from replayguard.settings import Secret
 from tests.conftest import Api, FakeClock, cli_env, run_cli
 from tests.integration import pg_cluster
 from tests.integration.owned_servers import scratch_dir
-from tests.integration.test_ledger_continuity import nonce, readyz, verify
+from tests.integration.test_ledger_continuity import nonce, readyz
+from tests.integration.test_ledger_verify import verify
 from tests.waiting import until
 
 pytestmark = pytest.mark.skipif(not pg_cluster.available(), reason="needs root and Debian's PostgreSQL 15")
@@ -101,7 +102,8 @@ async def test_sync_failover_loses_no_acknowledged_accept(
     await until(reported_sync, "readyz to report the synchronous standby", timeout=30)
     metrics = await (await api.client.get("/metrics")).text()
     assert "replayguard_postgres_sync_standbys 1.0" in metrics
-    stop, accepted = asyncio.Event(), []
+    stop = asyncio.Event()
+    accepted: list[str] = []
     running = asyncio.create_task(load(api, stop, accepted))
     await until(lambda: _at_least(accepted, 200), "200 acknowledged accepts", timeout=120)
     await asyncio.to_thread(primary.crash)

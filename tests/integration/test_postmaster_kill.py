@@ -43,7 +43,10 @@ async def test_postmaster_sigkilled_mid_load_loses_no_acknowledged_accept(
     service = await service_factory(data_dir=data_dir, database_url=owned_pg.url)
     scope, stop = uid("pmkill"), asyncio.Event()
     answers: list[Answer] = []
-    accepted = lambda: [a for a in answers if a.decision == "accept"]  # noqa: E731 - a probe
+
+    def accepted() -> list[Answer]:
+        return [a for a in answers if a.decision == "accept"]
+
     load = asyncio.create_task(_steady_load(service.url, tokens["callout"], scope, stop, answers))
     try:
         await until(lambda: asyncio.sleep(0, len(accepted()) >= 200), "200 accepts before the crash", 60)

@@ -38,9 +38,10 @@ async def test_a_refused_event_does_not_hold_back_the_ones_behind_it(
     _, token = await api.runtime.api_tokens.create("hypervisor", uid("bound-hv"), ("web-*",))
     web = uid("web")
     spool = Spool(tmp_path)
-    head = _revert(uid("evt"), uid("scratch"), UUIDS["scratch"])
+    head_id = uid("evt")
+    head = _revert(head_id, uid("scratch"), UUIDS["scratch"])
     if blocker == "too_large":
-        head = _revert(uid("evt"), web, UUIDS["web"]) | {"uri": "x" * 70_000}
+        head = _revert(head_id, web, UUIDS["web"]) | {"uri": "x" * 70_000}
     spool.put(head)
     wanted = _revert(uid("evt"), web, UUIDS["web"])
     spool.put(wanted)
@@ -56,4 +57,4 @@ async def test_a_refused_event_does_not_hold_back_the_ones_behind_it(
                                      wanted["event_id"])
     assert stored == 1
     (left,) = spool.pending()
-    assert head["event_id"].encode() in left.read_bytes()  # type: ignore[union-attr]
+    assert head_id.encode() in left.read_bytes()

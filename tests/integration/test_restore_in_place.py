@@ -4,6 +4,7 @@ standby promoted behind the same URL): what the running process notices by itsel
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -274,7 +275,7 @@ async def test_a_restore_another_instance_decided_past_stops_every_instance(
         assert (await nonce(a, secrets.token_hex(8)))[1]["decision"] == "accept"
     scratch_dbs.append(copy := await snapshot(dsn))
     for instance in (a, b):
-        await until(lambda instance=instance: ready(instance), "the instance ready again", timeout=15)
+        await until(functools.partial(ready, instance), "the instance ready again", timeout=15)
     await after_next_check(b)
     lost = secrets.token_hex(8)
     status, body = await settled(lambda: nonce(a, lost))
@@ -283,9 +284,9 @@ async def test_a_restore_another_instance_decided_past_stops_every_instance(
 
     await settled(lambda: nonce(b, secrets.token_hex(8)))  # B decides on the restored ledger
     for instance in (a, b):
-        await until(lambda instance=instance: _rollback_answer(instance), "decisions refused", timeout=30)
+        await until(functools.partial(_rollback_answer, instance), "decisions refused", timeout=30)
         assert not await ready(instance)
-        status, body = await settled(lambda instance=instance: nonce(instance, lost))
+        status, body = await settled(functools.partial(nonce, instance, lost))
         assert (status, body["error"]["code"]) == (503, "ledger_rollback"), body
     _, alerts = await a.get("/v1/alerts?kind=ledger_rollback")
     assert alerts["items"], alerts

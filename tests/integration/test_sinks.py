@@ -32,6 +32,7 @@ from replayguard.core.signatures import verify_signature
 from replayguard.errors import ConfigError
 from replayguard.http.state import ANALYSTS
 from replayguard.services import alertfeed_sinks
+from replayguard.services.alertfeed import AlertFeed
 from replayguard.settings import Secret
 from replayguard.sinks import (
     Backoff,
@@ -49,6 +50,13 @@ from tests.waiting import blocked_by, until
 
 FAST = Backoff(base=0.01, factor=2.0, cap=0.05)
 SYSLOG_RE = re.compile(rb"^<(\d+)>1 (\S+) (\S+) replayguard (\d+) (alert|checkpoint) - (CEF:0\|.*)$")
+
+
+def _dispatcher(feed: AlertFeed) -> SinkDispatcher:
+    """The instance's sink delivery: there is one whenever sinks are configured, as here."""
+    dispatcher = feed.sinks.dispatcher
+    assert dispatcher is not None, "no sinks configured"
+    return dispatcher
 
 
 def alert(i: int, severity: str = "warning") -> dict[str, object]:
@@ -818,11 +826,11 @@ async def test_the_sinks_position_never_passes_an_alert_the_outbox_has_not_made_
     with dead_url() as url:
         api: Api = await api_factory(database_url=Secret(database_url), sinks=(f"webhook:{url}/siem",))
         feed = api.client.app[ANALYSTS].feed
-        await until(lambda: feed.leader and feed.sinks.dispatcher is not None and feed.sinks.dispatcher.stats(),
-                    "the instance to lead and start its sinks", timeout=20)
-        (name,) = feed.sinks.dispatcher.stats()
+        await until(lambda: feed.leader and _dispatcher(feed).stats(), "the instance to lead and start its sinks",
+                    timeout=20)
+        (name,) = _dispatcher(feed).stats()
         await reuse_alert(api, uid("vm"), uid("scope"))
-        await until(lambda: feed.sinks.dispatcher.stats()[name].failed_attempts >= 1, "the SIEM refusing the first")
+        await until(lambda: _dispatcher(feed).stats()[name].failed_attempts >= 1, "the SIEM refusing the first")
 
         alert_id, _ = await reuse_alert(api, uid("vm"), uid("scope"))
         _, alert = await api.get(f"/v1/alerts/{alert_id}")
@@ -857,14 +865,14 @@ async def test_alerts_spooled_by_a_leader_that_stopped_reach_the_sink(
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     one: Api = await api_factory(data_dir=a_dir, sinks=sinks)
     feed_one = one.client.app[ANALYSTS].feed
-    await until(lambda: feed_one.leader and feed_one.sinks.dispatcher.stats(), "the first instance to lead", timeout=20)
+    await until(lambda: feed_one.leader and _dispatcher(feed_one).stats(), "the first instance to lead", timeout=20)
     seed_keys(b_dir, a_dir / "keys")  # one deployment: the same keys on every host
     other: Api = await api_factory(data_dir=b_dir, sinks=sinks)
     feed_other = other.client.app[ANALYSTS].feed
 
     stranded, _ = await reuse_alert(one, uid("vm"), uid("scope"))
-    (name,) = feed_one.sinks.dispatcher.stats()
-    await until(lambda: feed_one.sinks.dispatcher.stats()[name].failed_attempts >= 1,
+    (name,) = _dispatcher(feed_one).stats()
+    await until(lambda: _dispatcher(feed_one).stats()[name].failed_attempts >= 1,
                 "the first instance to try the SIEM")
     await one.client.close()  # a restart, an upgrade, a host going down
     await until(lambda: feed_other.leader, "the other instance to lead", timeout=20)

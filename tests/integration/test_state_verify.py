@@ -268,8 +268,9 @@ async def test_the_leader_checks_a_burst_of_new_entries_in_one_tick(
     # is handed out once, so together they still check every entry once).
     feed._last_lead = math.inf
     ts = api.runtime.now_us()
-    items = [{"kind": "nonce", "ts_us": ts + i, "vm_id": "vm-burst", "subject": "s", "digest": secrets.token_hex(32),
-              "receipt": "absent", "expires_us": ts + 3_600_000_000} for i in range(12_000)]
+    items: list[dict[str, Any]] = [
+        {"kind": "nonce", "ts_us": ts + i, "vm_id": "vm-burst", "subject": "s", "digest": secrets.token_hex(32),
+         "receipt": "absent", "expires_us": ts + 3_600_000_000} for i in range(12_000)]
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():

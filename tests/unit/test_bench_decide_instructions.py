@@ -4,6 +4,7 @@ callgrind file, the arithmetic and the table."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,8 @@ from tests.bench_scripts import load
 script = load("decide_instructions")
 
 
-def _items(call: str) -> list[dict[str, object]]:
-    return json.loads(call[call.index("'") + 1:call.index("'::jsonb")])  # type: ignore[no-any-return]
+def _items(call: str) -> list[dict[str, Any]]:
+    return json.loads(call[call.index("'") + 1:call.index("'::jsonb")])
 
 
 def test_batches_are_seeded_and_again_presents_the_warm_ups_nonces() -> None:

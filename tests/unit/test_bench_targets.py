@@ -6,6 +6,7 @@ compared with what, what counts as not measured), never the machine's speed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -25,12 +26,12 @@ def _phase(c: int, rate: float, p50: float, p99: float, p999: float | None = Non
                          "by_reason": by_reason, "seconds": rows, "stalls": [{}] * stalled}}
 
 
-def _result(*phases: dict[str, Any], baseline: list[tuple[int, float, float]] = ()) -> dict[str, Any]:
+def _result(*phases: dict[str, Any], baseline: Sequence[tuple[int, float, float]] = ()) -> dict[str, Any]:
     return {"main": {"phases": list(phases)},
             "baseline": [{"concurrency": c, "batch": 1, "rows_per_s": r, "p99_ms": p99} for c, r, p99 in baseline]}
 
 
-def _good() -> dict[str, dict[str, Any] | None]:
+def _good() -> dict[str, dict[str, Any]]:
     cheap = {"ok": (1.0, 2.0), "invalid": (1.1, 2.2), "locked_out": (1.0, 1.9)}
     return {
         "c=1": _result(_phase(1, 900, 0.8, 1.9, 6.0), baseline=[(1, 1500, 0.9)]),
@@ -87,9 +88,7 @@ def test_each_target_is_missed_by_a_figure_just_past_it(change: Any, missed: str
 
 def test_what_was_not_measured_is_neither_held_nor_missed() -> None:
     """A measurement not made leaves its targets (and comparisons with it) unjudged, not failed."""
-    results = _good()
-    results["long"] = None
-    results["c=64"] = None
+    results: dict[str, dict[str, Any] | None] = {**_good(), "long": None, "c=64": None}
     checks = _by_target(targets.evaluate(results))
     assert checks["long run: flat RSS"].holds is None
     assert checks["c=64 p99 ≤ 10 ms"].holds is None

@@ -16,7 +16,7 @@ def test_stretches_keep_every_row_in_order_and_bound_rows_and_checkpoints(
     ``pins`` checkpoints; a stretch ends early only on its ``pins``-th checkpoint."""
     records = [{"seq": seq} for seq in range(1, n + 1)]
     checkpoints = dict.fromkeys(pinned, b"")
-    cut = list(stretches(records, rows, checkpoints, pins))  # type: ignore[arg-type]
+    cut = list(stretches(records, rows, checkpoints, pins))
     assert [r for stretch in cut for r in stretch] == records
     for k, stretch in enumerate(cut):
         held = sum(r["seq"] in checkpoints for r in stretch)

@@ -40,7 +40,8 @@ def test_rfc3339_us(us: int | None, text: str | None) -> None:
     """Output times are RFC 3339 UTC with exactly six fraction digits; None stays None."""
     assert rfc3339_us(us) == text
     if us is not None:
-        back = to_us(datetime.fromisoformat(text.replace("Z", "+00:00")))  # type: ignore[union-attr]
+        assert text is not None
+        back = to_us(datetime.fromisoformat(text.replace("Z", "+00:00")))
         assert back == us and isinstance(back, int)
 
 

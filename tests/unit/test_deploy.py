@@ -103,7 +103,9 @@ def _compose() -> dict[str, Any]:
 def test_compose_parses_and_has_two_instances() -> None:
     """The compose file is YAML with PostgreSQL 16+, Redis and two replayguard instances on their own ports."""
     services = _compose()["services"]
-    major = int(re.match(r"postgres:(\d+)", services["postgres"]["image"]).group(1))  # type: ignore[union-attr]
+    image = re.match(r"postgres:(\d+)", services["postgres"]["image"])
+    assert image is not None, services["postgres"]["image"]
+    major = int(image.group(1))
     assert major >= 16 and services["redis"]["image"].startswith("redis:")
     instances = [name for name in services if name.startswith("replayguard-")]
     ports = {services[name]["ports"][0] for name in instances}

@@ -22,7 +22,7 @@ def test_a_database_that_takes_no_session_now_is_503_unavailable(exc: Exception)
     authentication changed, starting up) or cannot be reached: 503 ``unavailable``, whatever
     handler met it, and the server's words are not echoed."""
     status, body = error_answer(exc)
-    assert status == 503 and body["error"]["code"] == "unavailable", body  # type: ignore[index]
+    assert status == 503 and isinstance(body["error"], dict) and body["error"]["code"] == "unavailable", body
     assert "rg" not in str(body)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from replayguard.cli import operator
+from replayguard.cli.service_client import EXIT_OK
 
 
 def _alert(alert_id: str, change: int, status: str = "open") -> dict[str, Any]:
@@ -31,10 +33,10 @@ class _Stream:
 
 
 def _follow(stream: _Stream, count: int, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    monkeypatch.setattr(operator.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)  # the module operator waits with
     out = io.StringIO()
     args = argparse.Namespace(last_event_id=None, count=count, json=True)
-    assert operator.alerts_follow(stream, args, out) == operator.EXIT_OK  # type: ignore[arg-type]
+    assert operator.alerts_follow(stream, args, out) == EXIT_OK  # type: ignore[arg-type]  # a scripted stream
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 

@@ -39,10 +39,10 @@ def test_cycles_made_after_tuning_are_still_collected() -> None:
     tune_gc()
 
     class Node:
-        pass
+        other: Node
 
     for _ in range(1000):
         a, b = Node(), Node()
-        a.other, b.other = b, a  # type: ignore[attr-defined]
+        a.other, b.other = b, a
     del a, b
     assert gc.collect() >= 2000

@@ -629,7 +629,7 @@ def test_proxmox_snapshot_without_a_time_was_taken_no_later_than_the_task_starte
     The end would leave them out of a later rollback's window."""
     event = parse_sample("proxmox/qmsnapshot_without_time.json")[0]
     start = SAMPLES["proxmox/qmsnapshot_without_time.json"]["starttime"]
-    assert event.snapshot_created_at is not None
+    assert event.snapshot_created_at is not None and event.occurred_at is not None
     assert int(event.snapshot_created_at.timestamp()) == start < int(event.occurred_at.timestamp())
 
 

@@ -4,6 +4,7 @@ rotation's files settled by what the database is bound to."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from replayguard.settings import Secret, Settings
 STARTERS = 8
 
 
-def _load(data_dir: str, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue) -> None:
+def _load(data_dir: str, start: multiprocessing.synchronize.Barrier,
+          out: multiprocessing.Queue[tuple[str, ...]]) -> None:
     start.wait()
     try:
         keys = load_keys(Settings(data_dir=Path(data_dir), database_url=Secret("postgresql://unused/x")))
@@ -98,24 +100,25 @@ def test_the_retired_key_is_durable_before_the_new_key_takes_its_place(
     a power loss between the two must not keep the rename and lose the only copy of the
     old key."""
     import replayguard.keys as keys_module
+    from replayguard.durable import fsync_dir as real_fsync_dir
 
     settings = _settings(tmp_path)
     old = load_keys(settings)
     write_pending(settings, "receipt")
     keys_dir = key_paths(settings)["receipt"].parent
     events: list[str] = []
-    real_fsync_dir, real_replace = keys_module.fsync_dir, keys_module.os.replace
+    real_replace = os.replace
 
     def fsync_dir(directory: Path) -> None:
         events.append(f"fsync {directory.name}")
         real_fsync_dir(directory)
 
-    def replace(src: object, dst: object) -> None:
-        events.append(f"rename {Path(str(dst)).name}")
-        real_replace(src, dst)  # type: ignore[arg-type]
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
 
     monkeypatch.setattr(keys_module, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(keys_module.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)  # the os module replayguard.keys renames with
     promote_pending(settings, "receipt", old.receipt)
     assert "rename receipt.key" in events
     assert f"fsync {keys_dir.name}" in events[:events.index("rename receipt.key")], events

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -140,7 +141,7 @@ def state(checker: ChainChecker) -> tuple[object, ...]:
     return checker.finding, checker.checked, checker.last_seq, checker.last_hash
 
 
-TAMPERINGS = {
+TAMPERINGS: dict[str, Callable[[list[Row], int], list[Row]]] = {
     "intact": lambda rows, i: rows,
     "deleted": lambda rows, i: rows[:i] + rows[i + 1:],
     "edited": edit,
@@ -235,7 +236,7 @@ def test_checkpoints_verify_with_the_public_key_only() -> None:
     parsed = cps.from_json(cps.to_json(cp))
     assert parsed == cp and cps.verify(public, parsed)
     for change in ({"seq": 43}, {"hash": b"\x02" * 32}, {"ts_us": 1}):
-        assert not cps.verify(public, dataclasses.replace(cp, **change))  # type: ignore[arg-type]
+        assert not cps.verify(public, dataclasses.replace(cp, **change))
     assert not cps.verify(cps.load_public_key(cps.public_key_pem(Ed25519PrivateKey.generate().public_key())
                                               .encode()), cp)
 

@@ -9,6 +9,7 @@ value the enums do not define, and on any enum value the document leaves out.
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ SQL = "\n".join(p.read_text() for p in sorted((REPO / "migrations" / "functions"
 PYTHON = "\n".join(p.read_text() for p in sorted((REPO / "replayguard").rglob("*.py")))
 
 
-def _values(enum: type) -> set[str]:
+def _values(enum: type[Enum]) -> set[str]:
     return {member.value for member in enum}
 
 
@@ -33,7 +34,7 @@ def _values(enum: type) -> set[str]:
     (r"v_verdict\s*:=\s*'(\w+)'", Verdict),
     (r"v_flags\s*:=\s*v_flags\s*\|\|\s*'(\w+)'", Flag),
 ])
-def test_every_decision_literal_in_sql_is_an_enum_value(pattern: str, enum: type) -> None:
+def test_every_decision_literal_in_sql_is_an_enum_value(pattern: str, enum: type[Enum]) -> None:
     """Each reason, verdict and flag rg_decide sets is a value of the Python enum."""
     found = set(re.findall(pattern, SQL))
     assert found, f"no match for {pattern}: the test no longer reads the SQL"

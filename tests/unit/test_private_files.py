@@ -6,12 +6,16 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from replayguard.errors import ConfigError
 from replayguard.private_files import check_private_file
 from replayguard.settings import Secret, load_settings
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorOrPath, StrOrBytesPath
 
 NOBODY = 65534
 
@@ -127,10 +131,10 @@ def _with_acl(path: Path, acl: bytes, mode: int, monkeypatch: pytest.MonkeyPatch
     except OSError:
         real_getxattr = os.getxattr
 
-        def getxattr(target: object, name: str, *args: object, **kwargs: object) -> bytes:
+        def getxattr(target: FileDescriptorOrPath, name: StrOrBytesPath, *, follow_symlinks: bool = True) -> bytes:
             if name == "system.posix_acl_access" and Path(str(target)) == path:
                 return acl
-            return real_getxattr(target, name, *args, **kwargs)  # type: ignore[arg-type]
+            return real_getxattr(target, name, follow_symlinks=follow_symlinks)
 
         monkeypatch.setattr(os, "getxattr", getxattr)
     path.chmod(mode)

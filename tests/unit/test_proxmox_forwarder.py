@@ -99,6 +99,9 @@ class RecordedLookup:
                 ct_upid("vzrestore", "122"): TAR_LOG, ct_upid("vzrestore", "124"): CT_PBS_LOG}
         return logs.get(upid_text)
 
+    async def task_archive(self, node: str, since: int) -> list[object] | None:
+        return None  # no archive recorded: like --lookup none, a gap is logged and the listed tasks posted
+
 
 # ---------------------------------------------------------------- reading the task list
 
@@ -317,6 +320,7 @@ async def test_restore_of_a_backup_named_before_1970_is_placed_at_the_epoch() ->
     backup = restore_source([{"t": "vm/101/1969-07-20T20:17:40Z"}])
     assert backup == (101, 0, "vm/101/1969-07-20T20:17:40Z")
     record = await build_record(task("qmrestore", "311"), TASKS, RecordedLookup(), None)
+    assert record is not None
     (event,) = parser.parse({**record, "snapshot_created_at": backup.time})
     assert event.snapshot_created_at is not None and event.snapshot_created_at.timestamp() == 0
 
@@ -392,6 +396,7 @@ async def test_recorded_task_becomes_a_record_the_service_parses(
 ) -> None:
     """Each forwarded recorded task's record parses, via the service's own parser, to the right event."""
     record = await build_record(task(*key), TASKS, RecordedLookup(), None)
+    assert record is not None
     (event,) = parser.parse(orjson.loads(orjson.dumps(record)))
     created = None if event.snapshot_created_at is None else int(event.snapshot_created_at.timestamp())
     assert (event.type, event.vm_id, event.snapshot_id, created, event.source_vm_id) == expected
@@ -402,6 +407,7 @@ async def test_record_keeps_pve_fields_and_adds_the_cluster() -> None:
     """The record carries PVE's task fields unchanged, and vm ids are scoped by --cluster."""
     source = next(t for t in LISTING if t["upid"] == upid("qmrollback", "101"))
     record = await build_record(task("qmrollback", "101"), TASKS, RecordedLookup(), "prod")
+    assert record is not None
     assert {k: record[k] for k in source} == source
     assert parser.parse(record)[0].vm_id == "prod/101"
 
@@ -519,6 +525,7 @@ async def test_recorded_container_task_becomes_the_record_of_its_qemu_counterpar
     clone names the new container, a restore into another vmid is a clone of the backup's
     container from the backup's time."""
     record = await build_record(ct_task(*key), CT_TASKS, RecordedLookup(), None)
+    assert record is not None
     (event,) = parser.parse(orjson.loads(orjson.dumps(record)))
     created = None if event.snapshot_created_at is None else int(event.snapshot_created_at.timestamp())
     assert (event.type, event.vm_id, event.snapshot_id, created, event.source_vm_id) == expected

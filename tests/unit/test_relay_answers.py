@@ -69,13 +69,13 @@ async def test_events_wait_in_the_spool_until_the_url_is_fixed(
     spool.put({"event_id": "hv-03:revert-1", "kind": "lifecycle"})
     async with aiohttp.ClientSession() as session:
 
-        async def post(data: bytes) -> object:
+        async def post(data: bytes) -> Answer:
             return await post_json(session, url, Secret("t0ken"), data)
 
-        left = await drain(spool, post, "event_id", Retry(attempts=2, base=0.001))  # type: ignore[arg-type]
+        left = await drain(spool, post, "event_id", Retry(attempts=2, base=0.001))
         assert left == 1 and not spool.dead_letters()
         statuses[0] = 202
-        assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 0  # type: ignore[arg-type]
+        assert await drain(spool, post, "event_id", Retry(attempts=2, base=0.001)) == 0
     assert not spool.pending() and not spool.dead_letters()
 
 

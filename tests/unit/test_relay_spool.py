@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
-from replayguard import durable
 from replayguard.core.signatures import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from replayguard.durable import atomic_write
 from replayguard.errors import ConfigError
@@ -55,7 +55,7 @@ def test_atomic_write_never_follows_a_planted_temp_symlink(tmp_path: Path, monke
     """A symlink at the temp name is an error, and the file it points to is left as it was."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"root only")
-    monkeypatch.setattr(durable.secrets, "token_hex", lambda _n: "fixed")
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: "fixed")  # the module durable names its temp files with
     (tmp_path / ".cursor.json.fixed.tmp").symlink_to(victim)
     with pytest.raises(FileExistsError):
         atomic_write(tmp_path / "cursor.json", b"{}")

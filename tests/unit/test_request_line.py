@@ -34,6 +34,13 @@ def configured() -> Iterator[io.StringIO]:
     rglog._ACCESS[:] = access
 
 
+def _request_fields() -> dict[str, Any]:
+    """The current request's fields (``configured`` sets them)."""
+    fields = rglog.REQUEST_CONTEXT.get()
+    assert fields is not None
+    return fields
+
+
 def _lines(buffer: io.StringIO) -> list[dict[str, Any]]:
     rglog._ACCESS[1].flush()
     return [json.loads(line) for line in buffer.getvalue().splitlines()]
@@ -56,7 +63,7 @@ def test_it_writes_what_log_info_writes(configured: io.StringIO) -> None:
 
 def test_it_masks_a_token_a_client_put_in_a_field(configured: io.StringIO) -> None:
     """request_line redacts a token a client put in any field, also when the same value comes again."""
-    rglog.REQUEST_CONTEXT.get()["request_id"] = TOKEN  # type: ignore[index]
+    _request_fields()["request_id"] = TOKEN
     rglog.request_line(_fields(method=TOKEN.upper().replace("RGT_", "rgt_")))
     rglog.request_line(_fields())  # the same key again, after it was seen clean
     text = configured.getvalue() + json.dumps(_lines(configured))
@@ -107,8 +114,8 @@ def test_its_line_is_the_chains_byte_for_byte(configured: io.StringIO) -> None:
     """The access line's text, key order included, is what ``log.info`` writes through the
     configured processors, but for the time: with the request's fields merged after the
     line's own (a field of the line keeps its value), the level, and what is redacted."""
-    rglog.REQUEST_CONTEXT.get()["status"] = 599  # type: ignore[index]
-    rglog.REQUEST_CONTEXT.get()["caller"] = "tok_x"  # type: ignore[index]
+    _request_fields()["status"] = 599
+    _request_fields()["caller"] = "tok_x"
     fields = _fields(decision="reject", reason="invalid", note="Bearer " + TOKEN)
     structlog.get_logger("replayguard.http").info("request", **dict(fields))
     rglog.request_line(dict(fields))

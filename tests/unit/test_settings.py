@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_readme_table_is_the_settings_table() -> None:
 
 def test_every_setting_is_a_flag() -> None:
     """serve --help offers one flag per setting, whose help names its environment variable."""
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    serve = commands.choices["serve"]
     helps = {a.dest: a.help for a in serve._actions}
     for option in OPTIONS:
         assert option.env in (helps.get(option.name) or ""), option.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 import pytest
 
@@ -70,7 +71,7 @@ BAD_SIGNATURES = [
 
 
 @pytest.mark.parametrize(("name", "make"), BAD_SIGNATURES, ids=[n for n, _ in BAD_SIGNATURES])
-def test_wrong_or_malformed_signature_is_refused(name: str, make) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_or_malformed_signature_is_refused(name: str, make: Callable[[], str]) -> None:
     """A signature that is not the genuine MAC of this timestamp and body is Unauthorized."""
     with pytest.raises(Unauthorized):
         verify_signature(SECRET, TS, BODY, make(), NOW, 300)

@@ -7,13 +7,14 @@ import importlib.machinery
 import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 from replayguard.pg import schema
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _script() -> object:
+def _script() -> ModuleType:
     path = str(REPO / "scripts" / "superseded-functions")
     loader = importlib.machinery.SourceFileLoader("superseded_functions", path)
     spec = importlib.util.spec_from_loader("superseded_functions", loader)
@@ -27,7 +28,7 @@ def test_every_earlier_committed_version_of_a_function_is_listed() -> None:
     """Each committed version of a function file that differs from the file now is in
     superseded.txt (run scripts/superseded-functions after changing a function)."""
     assert shutil.which("git") and (REPO / ".git").exists(), "the tests run from a git checkout"
-    wanted = set(_script().superseded())  # type: ignore[attr-defined]
+    wanted = set(_script().superseded())
     listed = {f"{name} {digest.hex()}" for name, digests in schema.load_superseded().items() for digest in digests}
     assert wanted <= listed, sorted(wanted - listed)
 

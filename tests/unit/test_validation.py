@@ -105,7 +105,8 @@ def test_enroll_request_fields(body: dict[str, Any], field: str) -> None:
 
 def test_non_object_bodies() -> None:
     """A JSON array, string or number where an object belongs is an InvalidRequest."""
-    for body in ([], "x", 1, None):
+    bodies: list[object] = [[], "x", 1, None]
+    for body in bodies:
         with pytest.raises(InvalidRequest):
             validation.otp_request(body)
 
