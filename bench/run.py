@@ -805,10 +805,12 @@ class Bench:
         rows = timeline.seconds(samples)
         run, reasons = timeline.overall(samples), timeline.by_reason(samples)
         threshold, found = timeline.stalls(rows, marked)
+        tail = timeline.tail_during(samples, marks.duty_runs())
         result["timeline"] = {"overall": run, "by_reason": reasons, "seconds": rows, "stall_threshold_ms": threshold,
                               "stalls": found, "stall_evidence": timeline.stall_evidence(found), "marks": marked,
-                              "marks_by_kind": timeline.marks_by_kind(marked), "sampler_errors": marks.errors[:5]}
-        print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run, reasons),
+                              "marks_by_kind": timeline.marks_by_kind(marked), "tail_during": tail,
+                              "sampler_errors": marks.errors[:5]}
+        print(timeline.report(f"c={concurrency}{' ' + tag if tag else ''}", rows, marked, run, reasons, tail),
               file=sys.stderr, flush=True)
         return result
 

@@ -24,6 +24,7 @@ replays refused, wrong codes, lockouts).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import re
 import threading
@@ -49,6 +50,13 @@ _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS bench_commit_probe (at double precisi
 _PROBE = "INSERT INTO bench_commit_probe VALUES ($1)"
 T = TypeVar("T", int, float)
 _METRIC = re.compile(r'^replayguard_background_(seconds_total|runs_total)\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
+# A duty's last finished run: when it started and how long it took (set together as it ends).
+_LAST_RUN = re.compile(
+    r'^replayguard_background_last_(start_timestamp|duration)_seconds\{task="([^"]+)",worker="(\d+)"\} (\S+)$')
+# The answers the tail report ("tail_during") takes as a phase's tail: those slower than this quantile.
+TAIL_Q = 0.99
+# All answers at most this many, evenly picked, stand for all of them beside the tail.
+TAIL_BASE_MAX = 100_000
 # The group commit's transactions, timed by the worker (replayguard_ledger_call_duration_seconds):
 # a second in which one took SLOW_LEDGER_S or more is marked with how many, and how slow.
 _LEDGER_BUCKET = re.compile(r'^replayguard_ledger_call_duration_seconds_bucket\{le="([^"]+)"\} (\S+)$')
@@ -115,6 +123,8 @@ class Marks:
         self.marks: list[tuple[float, str]] = []  # (unix time, label)
         self.errors: list[str] = []
         self.scrapes = 0  # of /metrics, answered and read
+        # Each duty's run a scrape saw (its last finished one): (task, worker, start) -> seconds.
+        self.runs: dict[tuple[str, str, float], float] = {}
         self._ledger_last: dict[str, dict[float, float]] = {}  # worker pid ("" unknown) -> its last buckets
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -184,15 +194,27 @@ class Marks:
         if conn is not None:
             await conn.close()
 
+    def duty_runs(self) -> list[tuple[str, float, float]]:
+        """(task, start, end) in Unix seconds of every run of a background duty the scrapes saw:
+        the last finished run of each duty at each scrape, so a duty that ran twice between two
+        scrapes shows once."""
+        return sorted((task, start, start + seconds) for (task, _, start), seconds in self.runs.items())
+
     def _service(self, now: float, text: str, last: dict[tuple[str, str], tuple[float, float]]) -> None:
         values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         buckets: dict[float, float] = {}
+        last_runs: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         for line in text.splitlines():
             m = _METRIC.match(line)
             if m:
                 values[(m.group(2), m.group(3))][m.group(1)] = float(m.group(4))
             elif (b := _LEDGER_BUCKET.match(line)) is not None:
                 buckets[float(b.group(1))] = float(b.group(2))
+            elif (r := _LAST_RUN.match(line)) is not None:
+                last_runs[(r.group(2), r.group(3))][r.group(1)] = float(r.group(4))
+        for (task, worker), run in last_runs.items():
+            if "start_timestamp" in run and "duration" in run:
+                self.runs[(task, worker, run["start_timestamp"])] = run["duration"]
         workers = {w for _, w in values}
         if buckets:
             # The scrape's worker, named by its background counters; with --workers N the
@@ -315,6 +337,66 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
             "max_ms": lat[-1] / 1000, "mean_ms": sum(lat) / len(lat) / 1000}
 
 
+def _overlaps(intervals: list[tuple[float, float]], starts: list[float], lo: float, hi: float) -> bool:
+    """Whether [lo, hi] meets any of ``intervals`` (sorted, not overlapping; ``starts`` their starts)."""
+    i = bisect.bisect_right(starts, hi) - 1
+    return i >= 0 and intervals[i][1] >= lo
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def tail_during(samples: list[Sample], runs: list[tuple[str, float, float]],
+                q: float = TAIL_Q) -> dict[str, Any]:
+    """How a phase's slowest answers line up with its background duties' runs.
+
+    The tail is every answer slower than the phase's ``q`` quantile. For each duty (and for
+    ``any`` of them), the share of the tail in progress during one of its runs (the answer's
+    time from its send to its answer meets the run's), beside the same share of all answers
+    (at most ``TAIL_BASE_MAX`` of them, evenly picked): a duty whose runs hold up decisions
+    has a far larger share of the tail than of all answers. ``runs`` are (task, start, end)
+    in Unix seconds (``Marks.duty_runs``)."""
+    if not samples or not runs:
+        return {}
+    ordered = sorted(lat for _, lat, _ in samples)
+    cut = percentile(ordered, q)
+    spans = [((t_ms - lat / 1000) / 1000, t_ms / 1000) for t_ms, lat, _ in samples]
+    tail = [span for span, (_, lat, _) in zip(spans, samples, strict=True) if lat > cut]
+    base = spans[::max(1, math.ceil(len(spans) / TAIL_BASE_MAX))]
+    by_task: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for task, start, end in runs:
+        by_task[task].append((start, end))
+        by_task["any"].append((start, end))
+    duties = {}
+    for task, found in by_task.items():
+        intervals = _merged(found)
+        starts = [lo for lo, _ in intervals]
+
+        def share(group: list[tuple[float, float]], intervals: list[tuple[float, float]] = intervals,
+                  starts: list[float] = starts) -> float:
+            return sum(_overlaps(intervals, starts, lo, hi) for lo, hi in group) / len(group) if group else 0.0
+
+        duties[task] = {"runs": len(found), "tail": round(share(tail), 3), "all": round(share(base), 3)}
+    return {"q": q, "over_ms": cut / 1000, "tail_n": len(tail),
+            "duties": dict(sorted(duties.items(), key=lambda kv: (kv[0] != "any", -kv[1]["tail"])))}
+
+
+def tail_line(tail: dict[str, Any]) -> str | None:
+    """``tail_during``'s figures as one line of the stall report (None without runs or tail)."""
+    if not tail or not tail["tail_n"]:
+        return None
+    return (f"    slowest {100 - tail['q'] * 100:g} % (over {tail['over_ms']:.2f} ms, n={tail['tail_n']}) in progress"
+            " during a run of, against all answers: "
+            + ", ".join(f"{task} {v['tail']:.0%}/{v['all']:.0%}" for task, v in tail["duties"].items()))
+
+
 def judged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The whole seconds of a phase: its rows less the partial first and last (wrk starting
     and stopping), the seconds the stall rule and the long run's trend judge."""
@@ -372,7 +454,7 @@ def stall_evidence(found: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]], run: dict[str, float],
-           reasons: dict[str, dict[str, float]] | None = None) -> str:
+           reasons: dict[str, dict[str, float]] | None = None, tail: dict[str, Any] | None = None) -> str:
     threshold, found = stalls(rows, marks)
     if not rows:
         return f"  {tag}: no latency samples"
@@ -387,6 +469,8 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
         lines.append("    by answer: " + "; ".join(
             f"{r} n={v['n']} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} max {v['max_ms']:.1f} ms"
             for r, v in reasons.items()))
+    if tail and (line := tail_line(tail)) is not None:
+        lines.append(line)
     for r in found:
         lines.append(f"    +{r['t'] - start:>3}s n={r['n']:<6} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
                      f"max {r['max_ms']:.1f} ms  | " + ("; ".join(r["marks"]) or "no background work seen"))

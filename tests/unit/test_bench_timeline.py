@@ -227,6 +227,42 @@ def test_each_stall_is_counted_under_its_strongest_evidence() -> None:
     assert "stalls with" not in timeline.report("c=64", rows[:1], [], timeline.overall([(100_000, 1_000, "ok")]))
 
 
+def test_each_scrape_adds_the_last_finished_run_of_each_duty_once() -> None:
+    """A scrape names, per duty and worker, when its last finished run started and how long
+    it took (prometheus_client's float format included); a later scrape of the same run adds
+    nothing, and a run's start without its duration is not a run."""
+    page = ('replayguard_background_last_start_timestamp_seconds{task="state_check",worker="7"} 1.7966297072e+09\n'
+            'replayguard_background_last_duration_seconds{task="state_check",worker="7"} 0.05\n'
+            'replayguard_background_last_start_timestamp_seconds{task="purge",worker="7"} 1796629707.5\n')
+    marks = timeline.Marks(["http://127.0.0.1:9"], "token", "postgresql://127.0.0.1/bench")
+    marks._service(1796629708.0, page, {})
+    marks._service(1796629709.0, page, {})
+    assert marks.duty_runs() == [("state_check", 1796629707.2, 1796629707.2 + 0.05)]
+
+
+def test_the_tail_report_sets_each_duty_s_share_of_the_slowest_answers_beside_its_share_of_all() -> None:
+    """An answer counts for a duty when its time from send to answer meets one of the duty's
+    runs; the slowest 1 % here all ran during the state check, which few answers meet
+    otherwise, and none during the purge; ``any`` joins every duty's runs."""
+    # 10,000 answers, 1 ms each, one answer every ms from t = 1,000 s; the 50 slowest (30 ms)
+    # answered inside the state check's runs.
+    samples = [(1_000_000 + i, 1_000, "ok") for i in range(10_000)]
+    for k in range(50):
+        samples[2_000 + k * 100] = (1_000_000 + 2_000 + k, 30_000, "ok")
+    runs = [("state_check", 1001.99, 1002.06), ("purge", 1005.0, 1005.2), ("state_check", 1009.0, 1009.01)]
+    tail = timeline.tail_during(samples, runs)
+    assert tail["tail_n"] == 50 and tail["over_ms"] == 1.0
+    duties = tail["duties"]
+    assert list(duties) == ["any", "state_check", "purge"]
+    assert duties["state_check"] == {"runs": 2, "tail": 1.0, "all": pytest.approx(0.01, abs=0.003)}
+    assert duties["purge"] == {"runs": 1, "tail": 0.0, "all": pytest.approx(0.02, abs=0.003)}
+    assert duties["any"]["tail"] == 1.0
+    line = timeline.tail_line(tail)
+    assert line is not None and line.startswith("    slowest 1 % (over 1.00 ms, n=50)")
+    assert line.endswith("any 100%/3%, state_check 100%/1%, purge 0%/2%")
+    assert timeline.tail_during(samples, []) == {} and timeline.tail_line({}) is None
+
+
 def test_cpu_between_two_readings_is_cores_used_and_the_rest_is_other() -> None:
     """cpu_between divides each side's CPU seconds by the wall time between the readings;
     a process born in between counts from zero, and ``other`` is what no side used."""
