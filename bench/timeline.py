@@ -343,6 +343,12 @@ def _overlaps(intervals: list[tuple[float, float]], starts: list[float], lo: flo
     return i >= 0 and intervals[i][1] >= lo
 
 
+def _span(sample: Sample) -> tuple[float, float]:
+    """An answer's time from its send to its answer, in Unix seconds."""
+    t_ms, latency_us, _ = sample
+    return (t_ms - latency_us / 1000) / 1000, t_ms / 1000
+
+
 def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     out: list[tuple[float, float]] = []
     for lo, hi in sorted(spans):
@@ -365,11 +371,9 @@ def tail_during(samples: list[Sample], runs: list[tuple[str, float, float]],
     in Unix seconds (``Marks.duty_runs``)."""
     if not samples or not runs:
         return {}
-    ordered = sorted(lat for _, lat, _ in samples)
-    cut = percentile(ordered, q)
-    spans = [((t_ms - lat / 1000) / 1000, t_ms / 1000) for t_ms, lat, _ in samples]
-    tail = [span for span, (_, lat, _) in zip(spans, samples, strict=True) if lat > cut]
-    base = spans[::max(1, math.ceil(len(spans) / TAIL_BASE_MAX))]
+    cut = percentile(sorted(lat for _, lat, _ in samples), q)
+    tail = [_span(sample) for sample in samples if sample[1] > cut]
+    base = [_span(sample) for sample in samples[::max(1, math.ceil(len(samples) / TAIL_BASE_MAX))]]
     by_task: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for task, start, end in runs:
         by_task[task].append((start, end))
