@@ -337,10 +337,16 @@ def _percentiles(latencies: list[int]) -> dict[str, float]:
             "max_ms": lat[-1] / 1000, "mean_ms": sum(lat) / len(lat) / 1000}
 
 
-def _overlaps(intervals: list[tuple[float, float]], starts: list[float], lo: float, hi: float) -> bool:
-    """Whether [lo, hi] meets any of ``intervals`` (sorted, not overlapping; ``starts`` their starts)."""
-    i = bisect.bisect_right(starts, hi) - 1
-    return i >= 0 and intervals[i][1] >= lo
+def _share(spans: list[tuple[float, float]], intervals: list[tuple[float, float]]) -> float:
+    """The share of ``spans`` that meet any of ``intervals`` (sorted, not overlapping)."""
+    if not spans:
+        return 0.0
+    starts = [lo for lo, _ in intervals]
+    met = 0
+    for lo, hi in spans:
+        i = bisect.bisect_right(starts, hi) - 1
+        met += i >= 0 and intervals[i][1] >= lo
+    return met / len(spans)
 
 
 def _span(sample: Sample) -> tuple[float, float]:
@@ -381,13 +387,8 @@ def tail_during(samples: list[Sample], runs: list[tuple[str, float, float]],
     duties = {}
     for task, found in by_task.items():
         intervals = _merged(found)
-        starts = [lo for lo, _ in intervals]
-
-        def share(group: list[tuple[float, float]], intervals: list[tuple[float, float]] = intervals,
-                  starts: list[float] = starts) -> float:
-            return sum(_overlaps(intervals, starts, lo, hi) for lo, hi in group) / len(group) if group else 0.0
-
-        duties[task] = {"runs": len(found), "tail": round(share(tail), 3), "all": round(share(base), 3)}
+        duties[task] = {"runs": len(found), "tail": round(_share(tail, intervals), 3),
+                        "all": round(_share(base, intervals), 3)}
     return {"q": q, "over_ms": cut / 1000, "tail_n": len(tail),
             "duties": dict(sorted(duties.items(), key=lambda kv: (kv[0] != "any", -kv[1]["tail"])))}
 
@@ -473,7 +474,7 @@ def report(tag: str, rows: list[dict[str, Any]], marks: list[tuple[float, str]],
         lines.append("    by answer: " + "; ".join(
             f"{r} n={v['n']} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} max {v['max_ms']:.1f} ms"
             for r, v in reasons.items()))
-    if tail and (line := tail_line(tail)) is not None:
+    if (line := tail_line(tail or {})) is not None:
         lines.append(line)
     for r in found:
         lines.append(f"    +{r['t'] - start:>3}s n={r['n']:<6} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
