@@ -23,6 +23,13 @@ ledger entries, one query looks for the first entry whose implied state is absen
 - ``principals``: a lock an entry set (``locked_until_us``) that has not ended, and that no
   later ``principal_unlock`` entry lifted, is still in place.
 
+The nonces are checked by ``rg_unspent_nonce`` (migrations/functions): it reads the pages
+of ``spent_nonces`` that hold the range's rows in one pass, matches them with the entries
+by entry and digest, and looks up by key only an entry the pass did not match; the lookup
+alone decides. It answers as a lookup for every entry does
+(tests/integration/test_state_check_nonce_pass.py), for a few dozen page reads a range
+where the lookups read four buffers a nonce.
+
 What is deliberately not checked (failure counts, entries from before these payload fields
 existed) is in SECURITY.md, "State agrees with the ledger". A finding names the entry, the
 table and the key's digest (a keyed digest or a fingerprint already stored; a principal's
@@ -47,13 +54,11 @@ CLOCK_SLACK_US = 300 * 1_000_000
 _CHECK_TEMPLATE = """
 WITH e AS (
     SELECT seq, ts_us, kind, subject, cred_digest, decision, payload FROM ledger
-    WHERE seq > $1::bigint AND seq <= $2::bigint AND (decision = 'accept' OR payload ? 'locked_until_us')
+    WHERE seq > $1::bigint AND seq <= $2::bigint
+      AND ((decision = 'accept' AND kind <> 'nonce') OR payload ? 'locked_until_us')
 )
 SELECT * FROM (
-    (SELECT e.seq, 'spent_nonces' AS tbl, e.cred_digest AS key FROM e
-     WHERE e.decision = 'accept' AND e.kind = 'nonce' AND e.cred_digest IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq)
-     ORDER BY e.seq LIMIT 1)
+    (SELECT f.r_seq AS seq, 'spent_nonces' AS tbl, f.r_key AS key FROM rg_unspent_nonce($1::bigint, $2::bigint) f)
     UNION ALL
     (SELECT e.seq, 'uses', e.cred_digest FROM e
      WHERE e.decision = 'accept' AND e.kind = 'otp' AND e.cred_digest IS NOT NULL

@@ -1,0 +1,46 @@
+-- The first entry after p_after and up to p_upto that accepted a nonce whose row in
+-- spent_nonces (its digest, naming that entry in first_seq) is absent: r_seq and the
+-- digest, or no row when every such entry has its row. The state check calls it
+-- (replayguard/services/state_check.py).
+--
+-- rg_decide appends one spent_nonces row a nonce it accepts, and nothing deletes or
+-- moves them, so the table's pages hold the rows in about the order of their entries. The
+-- pages that hold this span's rows are found by bisection: a page's place is the least
+-- first_seq among its first 8 line pointers (one TID lookup), and the pages from the last
+-- placed at or before p_after to the first placed after p_upto are read, 4 more on either
+-- side. A pass over those pages matches their rows with the entries by seq and digest, in
+-- one hash join. Each entry the pass leaves unmatched gets the primary-key probe, and the
+-- probe alone decides: a row elsewhere (a concurrent decision's, one put back after a
+-- delete, one of a table that was not written in order) costs a probe, never a false
+-- finding, and a pass that matched a row proves the probe would find it (same table, same
+-- snapshot, same key). Nested loops are off because a plan that rescanned the pass's rows
+-- for each entry took 442 ms for 5,000 entries against 3.4 ms hashed; the bisection's
+-- lookups and the probes are single-table scans, which the setting does not touch.
+CREATE OR REPLACE FUNCTION rg_unspent_nonce(p_after bigint, p_upto bigint)
+RETURNS TABLE (r_seq bigint, r_key bytea)
+LANGUAGE plpgsql STABLE
+SET enable_nestloop = off
+AS $$
+DECLARE
+    v_pages bigint := pg_relation_size('spent_nonces') / current_setting('block_size')::bigint;
+    v_from  bigint := rg_spent_page(p_after, v_pages) - 4;
+    v_to    bigint := rg_spent_page(p_upto, v_pages) + 5;
+    e       record;
+BEGIN
+    FOR e IN SELECT l.seq, l.cred_digest FROM ledger l
+             WHERE l.seq > p_after AND l.seq <= p_upto AND l.decision = 'accept' AND l.kind = 'nonce'
+               AND l.cred_digest IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM spent_nonces n
+                               WHERE n.ctid >= format('(%s,0)', greatest(v_from, 0))::tid
+                                 AND n.ctid < format('(%s,0)', v_to)::tid
+                                 AND n.first_seq = l.seq AND n.digest = l.cred_digest)
+             ORDER BY l.seq LOOP
+        IF NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq) THEN
+            r_seq := e.seq;
+            r_key := e.cred_digest;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;

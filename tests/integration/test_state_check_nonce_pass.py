@@ -1,0 +1,160 @@
+"""The state check's nonce pass (``rg_unspent_nonce``) answers as a key lookup for every entry does.
+
+The state check reads the pages of ``spent_nonces`` that hold a range's rows in one pass,
+matches them with the accepted nonces' entries by entry and digest, and looks up by key
+only an entry the pass left unmatched. These tests hold it to the same query with a key
+lookup for every entry (``PROBED``) on the same tampered tables: rows in the order their
+entries were accepted, rows behind rows that name no entry (kept from before
+``spent_nonces`` named entries), and a range far from the table's end; and they show by
+PostgreSQL's block counters that it is the pass, not a lookup a row, that vouches for
+untouched entries.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from replayguard.services.state_check import _CHECK, CLOCK_SLACK_US, Disagreement, check_state
+
+NOW_US = 1_800_000_000_000_000
+SCOPE = "scope"
+PASS = ("(SELECT f.r_seq AS seq, 'spent_nonces' AS tbl, f.r_key AS key"
+        " FROM rg_unspent_nonce($1::bigint, $2::bigint) f)")
+PROBED = _CHECK.replace(PASS, """(SELECT e.seq, 'spent_nonces' AS tbl, e.cred_digest AS key FROM e
+     WHERE e.decision = 'accept' AND e.kind = 'nonce' AND e.cred_digest IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq)
+     ORDER BY e.seq LIMIT 1)""").replace("(decision = 'accept' AND kind <> 'nonce')", "decision = 'accept'")
+
+
+def test_the_reference_query_is_the_check_with_a_lookup_for_every_nonce() -> None:
+    """``PROBED`` differs from the state check's query in its nonce branch and in nothing else
+    that decides."""
+    assert PASS in _CHECK and PASS not in PROBED
+    assert "kind <> 'nonce'" not in PROBED
+
+
+async def decide_nonces(conn: asyncpg.Connection, count: int) -> list[tuple[int, bytes]]:
+    """``count`` fresh nonces accepted through ``rg_decide``: each entry's seq and digest."""
+    items: list[dict[str, Any]] = [
+        {"kind": "nonce", "ts_us": NOW_US + i, "vm_id": "vm-pass", "subject": "s", "digest": secrets.token_hex(32),
+         "receipt": "absent", "expires_us": NOW_US + 3_600_000_000} for i in range(count)]
+    rows = await conn.fetch("SELECT * FROM rg_decide($1::jsonb, 5, 60000000, false)", orjson.dumps(items).decode())
+    assert {r["r_verdict"] for r in rows} == {"accept"}
+    return [(r["r_seq"], bytes.fromhex(item["digest"])) for r, item in zip(rows, items, strict=True)]
+
+
+async def unnamed_rows(conn: asyncpg.Connection, count: int) -> None:
+    """``count`` spent nonces that name no entry, after the rows already there."""
+    await conn.execute("INSERT INTO spent_nonces (digest) SELECT sha256(int8send(-g) || $1::bytea)"
+                       " FROM generate_series(1, $2::int) g", secrets.token_bytes(8), count)
+
+
+async def both(conn: asyncpg.Connection, after: int, upto: int) -> Disagreement | None:
+    """The state check's answer for ``after < seq <= upto``, once it is shown to be ``PROBED``'s."""
+    passed = await check_state(conn, after, upto, NOW_US, SCOPE)
+    row = await conn.fetchrow(PROBED, after, upto, NOW_US, SCOPE, CLOCK_SLACK_US)
+    probed = None if row is None else (row["seq"], row["tbl"], bytes(row["key"]))
+    assert (None if passed is None else (passed.seq, passed.table, bytes.fromhex(passed.key_digest))) == probed, \
+        (after, upto)
+    return passed
+
+
+async def blocks(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Blocks this transaction has read of spent_nonces' heap and of its primary key."""
+    row = await conn.fetchrow("SELECT pg_stat_get_xact_blocks_fetched('spent_nonces'::regclass) AS heap,"
+                              " pg_stat_get_xact_blocks_fetched('spent_nonces_pkey'::regclass) AS pkey")
+    return row["heap"], row["pkey"]
+
+
+async def layout(conn: asyncpg.Connection, kind: str) -> list[tuple[int, bytes]]:
+    """Two thousand accepted nonces, then two thousand more: right after them (``in order``),
+    behind 3,000 or 20,000 rows naming no entry (``unnamed between``, ``many unnamed between``),
+    or followed by 40,000 more entries (``far from the end``)."""
+    entries = await decide_nonces(conn, 2_000)
+    if kind == "unnamed between":
+        await unnamed_rows(conn, 3_000)
+    if kind == "many unnamed between":
+        await unnamed_rows(conn, 20_000)
+    entries += await decide_nonces(conn, 2_000)
+    if kind == "far from the end":
+        await decide_nonces(conn, 40_000)
+    return entries
+
+
+TAMPERS = {
+    "deleted": "DELETE FROM spent_nonces WHERE first_seq = $1",
+    "other digest": "UPDATE spent_nonces SET digest = sha256(digest) WHERE first_seq = $1",
+    "other entry": "UPDATE spent_nonces SET first_seq = first_seq + 1 WHERE first_seq = $1",
+    "no entry": "UPDATE spent_nonces SET first_seq = NULL WHERE first_seq = $1",
+}
+
+
+@pytest.mark.parametrize("kind", ["in order", "unnamed between", "many unnamed between", "far from the end"])
+async def test_the_pass_and_the_lookups_name_the_same_entry_whatever_was_tampered(
+        fresh_database: Callable[[], Any], kind: str) -> None:
+    """For each edit of one entry's spent_nonces row (deleted, its digest or its entry
+    changed, its entry cleared), in each half of the ledger and in each layout, both
+    queries name that entry over every range that holds it and nothing over the others;
+    with no edit, or with the row deleted and written back (at the table's end), nothing."""
+    conn = await asyncpg.connect(await fresh_database())
+    try:
+        entries = await layout(conn, kind)
+        base, last = entries[0][0] - 1, entries[-1][0]
+        spans = [(base, base + 1_000), (base, last), (base + 1_500, base + 2_500), (base + 3_000, last)]
+        for after, upto in spans:
+            assert await both(conn, after, upto) is None
+        for victim in (entries[700][0], entries[3_200][0]):
+            for name, statement in TAMPERS.items():
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    await conn.execute(statement, victim)
+                    for after, upto in spans:
+                        found = await both(conn, after, upto)
+                        expected = victim if after < victim <= upto else None
+                        assert (found and found.seq) == expected, (name, victim, after, upto)
+                        assert found is None or found.table == "spent_nonces"
+                finally:
+                    await tx.rollback()
+            async with conn.transaction():
+                digest = await conn.fetchval("DELETE FROM spent_nonces WHERE first_seq = $1 RETURNING digest", victim)
+                await conn.execute("INSERT INTO spent_nonces (digest, first_seq) VALUES ($1, $2)", digest, victim)
+            for after, upto in spans:
+                assert await both(conn, after, upto) is None
+    finally:
+        await conn.close()
+
+
+async def test_untouched_entries_are_vouched_for_by_one_pass_over_their_pages(
+        fresh_database: Callable[[], Any]) -> None:
+    """12,000 accepted nonces, 3,000 rows naming no entry, then 2,000 more nonces: a check
+    of 1,000 entries reads no block of spent_nonces' primary key, call after call (PL/pgSQL
+    plans again and then keeps a generic plan), and few of its heap: in the middle, the
+    range's ten pages, four on either side and a page a bisection step; at the end, also
+    64 pages for each step that lands among the unnamed rows (two). The lookup for every
+    entry reads the key for each of them."""
+    conn = await asyncpg.connect(await fresh_database())
+    try:
+        entries = await decide_nonces(conn, 12_000)
+        await unnamed_rows(conn, 3_000)
+        entries += await decide_nonces(conn, 2_000)
+        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        assert pages > 150
+        for after, most in ((entries[5_000][0], 60), (entries[-1_001][0], 60 + 2 * 64)):
+            async with conn.transaction():
+                for _ in range(8):
+                    heap, pkey = await blocks(conn)
+                    assert await check_state(conn, after, after + 1_000, NOW_US, SCOPE) is None
+                    heap_after, pkey_after = await blocks(conn)
+                    assert pkey_after == pkey
+                    assert 0 < heap_after - heap <= most
+                await conn.fetch(PROBED, after, after + 1_000, NOW_US, SCOPE, CLOCK_SLACK_US)
+                assert (await blocks(conn))[1] - pkey_after >= 1_000  # a lookup per entry: a block each at least
+    finally:
+        await conn.close()
