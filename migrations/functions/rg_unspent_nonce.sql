@@ -4,18 +4,18 @@
 -- (replayguard/services/state_check.py).
 --
 -- rg_decide appends one spent_nonces row a nonce it accepts, and nothing deletes or
--- moves them, so the table's pages hold the rows in about the order of their entries. The
--- pages that hold this span's rows are found by bisection: a page's place is the least
--- first_seq among its first 8 line pointers (one TID lookup), and the pages from the last
--- placed at or before p_after to the first placed after p_upto are read, 4 more on either
--- side. A pass over those pages matches their rows with the entries by seq and digest, in
--- one hash join. Each entry the pass leaves unmatched gets the primary-key probe, and the
--- probe alone decides: a row elsewhere (a concurrent decision's, one put back after a
--- delete, one of a table that was not written in order) costs a probe, never a false
--- finding, and a pass that matched a row proves the probe would find it (same table, same
--- snapshot, same key). Nested loops are off because a plan that rescanned the pass's rows
--- for each entry took 442 ms for 5,000 entries against 3.4 ms hashed; the bisection's
--- lookups and the probes are single-table scans, which the setting does not touch.
+-- moves them, so the table's pages hold the rows in about the order of their entries.
+-- rg_spent_page finds by bisection the pages where the rows up to p_after and up to p_upto
+-- end; a pass reads those pages and the 4 on either side by TID range and matches their
+-- rows with the entries by seq and digest, in one hash join. Each entry the pass leaves
+-- unmatched gets the primary-key probe, and the probe alone decides: a row elsewhere (one
+-- a concurrent decision wrote to another page, one put back after a delete, one of a
+-- table not written in order) costs a probe, never a false finding, and a pass that
+-- matched a row proves the probe would find it (same table, same snapshot, same key).
+-- Nested loops are off because the TID range's row estimate is no guide: a plan that
+-- rescanned the pass's rows for each entry took 442 ms for 5,000 entries, against 3.4 ms
+-- hashed. The bisection's page reads and the probes are single-table scans, which the
+-- setting does not touch.
 CREATE OR REPLACE FUNCTION rg_unspent_nonce(p_after bigint, p_upto bigint)
 RETURNS TABLE (r_seq bigint, r_key bytea)
 LANGUAGE plpgsql STABLE
