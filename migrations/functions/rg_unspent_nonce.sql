@@ -27,6 +27,13 @@ DECLARE
     v_to    bigint := rg_spent_page(p_upto, v_pages) + 5;
     e       record;
 BEGIN
+    -- Rows far out of the order of their entries (a table filled by several migrations,
+    -- or rewritten) can set the two ends far apart: past 64 pages and one for every 25
+    -- entries of the range (a page holds 107 rows), there is no pass, and every entry is
+    -- looked up, rather than a pass over much of the table.
+    IF v_to - v_from > (p_upto - p_after) / 25 + 64 THEN
+        v_to := v_from;
+    END IF;
     FOR e IN SELECT l.seq, l.cred_digest FROM ledger l
              WHERE l.seq > p_after AND l.seq <= p_upto AND l.decision = 'accept' AND l.kind = 'nonce'
                AND l.cred_digest IS NOT NULL
