@@ -23,7 +23,7 @@ SET enable_nestloop = off
 AS $$
 DECLARE
     v_pages bigint := pg_relation_size('spent_nonces') / current_setting('block_size')::bigint;
-    v_from  bigint := rg_spent_page(p_after, v_pages) - 4;
+    v_from  bigint := greatest(rg_spent_page(p_after, v_pages) - 4, 0);
     v_to    bigint := rg_spent_page(p_upto, v_pages) + 5;
     e       record;
 BEGIN
@@ -38,7 +38,7 @@ BEGIN
              WHERE l.seq > p_after AND l.seq <= p_upto AND l.decision = 'accept' AND l.kind = 'nonce'
                AND l.cred_digest IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM spent_nonces n
-                               WHERE n.ctid >= format('(%s,0)', greatest(v_from, 0))::tid
+                               WHERE n.ctid >= format('(%s,0)', v_from)::tid
                                  AND n.ctid < format('(%s,0)', v_to)::tid
                                  AND n.first_seq = l.seq AND n.digest = l.cred_digest)
              ORDER BY l.seq LOOP

@@ -165,18 +165,20 @@ async def test_rows_far_out_of_order_are_looked_up_rather_than_passed_over(
         fresh_database: Callable[[], Any]) -> None:
     """2,000 accepted nonces, then 20,000 rows that name the 1,501st entry: the last 1,000
     entries' rows end, by bisection, past those 20,000 rows, so a pass would read about 200
-    pages, past the 104 of its limit for 1,000 entries. Every entry is looked up by key
-    instead; the check still names an entry whose row is gone."""
+    pages, past the 104 of its limit for 1,000 entries (144 for all 2,000, from the first
+    page). Every entry is looked up by key instead; the check still names an entry whose
+    row is gone."""
     conn = await asyncpg.connect(await fresh_database())
     try:
         entries = await decide_nonces(conn, 2_000)
         await conn.execute("INSERT INTO spent_nonces (digest, first_seq) SELECT sha256(int8send(-g)), $1::bigint"
                            " FROM generate_series(1, 20000) g", entries[1_500][0])
         after, upto = entries[999][0], entries[-1][0]
-        async with conn.transaction():
-            _, pkey = await blocks(conn)
-            assert await check_state(conn, after, upto, NOW_US, SCOPE) is None
-            assert (await blocks(conn))[1] - pkey >= 1_000  # looked up: a block each at least
+        for first in (after, entries[0][0] - 1):  # the range's rows begin at the table's first page
+            async with conn.transaction():
+                _, pkey = await blocks(conn)
+                assert await check_state(conn, first, upto, NOW_US, SCOPE) is None
+                assert (await blocks(conn))[1] - pkey >= upto - first  # looked up: a block each at least
         assert await both(conn, after, upto) is None
         async with conn.transaction():
             await conn.execute("DELETE FROM spent_nonces WHERE first_seq = $1 AND digest = $2", *entries[1_200])
