@@ -1,20 +1,23 @@
 -- The page of spent_nonces where the rows of entries up to p_seq end, by bisection over
--- its first p_pages pages: the last page whose place is at most p_seq, 0 when none is.
--- A page's place is the least first_seq among its rows or, when none of them names an
--- entry (rows kept from before spent_nonces named entries), among the rows of the next
--- 63 pages; with none there either, it counts as past p_seq. Exact for a table written
--- in the order of its entries, as rg_decide writes it: rg_unspent_nonce reads a few pages
--- more on either side, and looks up by key whatever it does not find there.
+-- its pages p_lo to p_hi - 1: the last page whose place is at most p_seq, p_lo when none
+-- after it is. The caller passes a p_lo whose place is at most p_seq, or 0. A page's
+-- place is the least first_seq among its rows or, when none of them names an entry (rows
+-- kept from before spent_nonces named entries), among the rows of the next 63 pages; with
+-- none there either, it counts as past p_seq. Exact for a table written in the order of
+-- its entries, as rg_decide writes it: rg_unspent_nonce reads a few pages more on either
+-- side, and looks up by key whatever it does not find there.
 --
--- A step reads one page by TID range (64 for an unnamed one): about 22 steps for a table
--- of 4 million pages.
-CREATE OR REPLACE FUNCTION rg_spent_page(p_seq bigint, p_pages bigint)
+-- A step reads one page by TID range (64 for an unnamed one): about 22 steps over a table
+-- of 4 million pages, and about 6 from the page where a 5,000-entry range begins to its
+-- end.
+DROP FUNCTION IF EXISTS rg_spent_page(bigint, bigint);
+CREATE OR REPLACE FUNCTION rg_spent_page(p_seq bigint, p_lo bigint, p_hi bigint)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-    v_lo    bigint := 0;
-    v_hi    bigint := greatest(p_pages, 1);
+    v_lo    bigint := p_lo;
+    v_hi    bigint := greatest(p_hi, p_lo + 1);
     v_mid   bigint;
     v_place bigint;
 BEGIN

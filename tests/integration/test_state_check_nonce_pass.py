@@ -186,3 +186,77 @@ async def test_rows_far_out_of_order_are_looked_up_rather_than_passed_over(
             assert found is not None and found.seq == entries[1_200][0]
     finally:
         await conn.close()
+
+
+async def spent_page(conn: asyncpg.Connection, seq: int, lo: int, hi: int) -> tuple[int, int]:
+    """``rg_spent_page(seq, lo, hi)`` and the blocks of spent_nonces' heap it read."""
+    async with conn.transaction():
+        before, _ = await blocks(conn)
+        page = await conn.fetchval("SELECT rg_spent_page($1, $2, $3)", seq, lo, hi)
+        after, _ = await blocks(conn)
+    return page, after - before
+
+
+def steps(pages: int) -> int:
+    """A bisection's steps over ``pages`` pages: ceil(log2(pages))."""
+    return max(pages - 1, 0).bit_length()
+
+
+async def test_a_search_from_a_lower_page_finds_what_the_whole_search_finds(
+        fresh_database: Callable[[], Any]) -> None:
+    """6,000 accepted nonces, 3,000 rows naming no entry, 4,000 more: for entries across
+    the table, a search from a page whose rows end at or before an earlier entry finds the
+    page the search over the whole table finds, reading a page a step (64 for a step among
+    the unnamed rows); one whose upper end is at or below that page answers the page below
+    that end."""
+    conn = await asyncpg.connect(await fresh_database())
+    try:
+        entries = await decide_nonces(conn, 6_000)
+        await unnamed_rows(conn, 3_000)
+        entries += await decide_nonces(conn, 4_000)
+        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        checked = 0
+        for earlier, later in zip(entries[::400], entries[1_000::400], strict=False):
+            lo, _ = await spent_page(conn, earlier[0], 0, pages)
+            whole, _ = await spent_page(conn, later[0], 0, pages)
+            assert lo <= whole
+            page, read = await spent_page(conn, later[0], lo, pages)
+            assert page == whole
+            assert read <= 64 * steps(pages - lo)
+            for hi in (whole + 1, whole + 2):
+                assert (await spent_page(conn, later[0], lo, hi))[0] == whole
+            if whole - lo > 1:
+                assert (await spent_page(conn, later[0], lo, whole))[0] == whole - 1
+                checked += 1
+        assert checked > 10
+    finally:
+        await conn.close()
+
+
+async def test_the_pass_searches_for_its_last_page_from_its_first_up_to_its_limit(
+        fresh_database: Callable[[], Any]) -> None:
+    """40,000 accepted nonces: a check of 100 entries in the middle of the table, or at its
+    end, reads the pages of its pass, the steps of a search over the whole table for its
+    first page, and those of a search from that page over at most the pass's limit (68
+    pages for 100 entries) or to the table's end, whichever is nearer: not a second search
+    over the whole table."""
+    conn = await asyncpg.connect(await fresh_database())
+    try:
+        entries = await decide_nonces(conn, 40_000)
+        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        limit = 100 // 25 + 64
+        for after in (entries[2_000][0], entries[-101][0]):
+            first, _ = await spent_page(conn, after, 0, pages)
+            last, _ = await spent_page(conn, after + 100, first, pages)
+            assert last - first <= 2
+            span = min(pages, first + limit + 2) - first
+            assert steps(pages - first) > steps(span) or after == entries[-101][0]
+            async with conn.transaction():
+                heap, pkey = await blocks(conn)
+                assert await check_state(conn, after, after + 100, NOW_US, SCOPE) is None
+                heap_after, pkey_after = await blocks(conn)
+            assert pkey_after == pkey
+            passed = last + 5 - max(first - 4, 0)
+            assert heap_after - heap <= passed + steps(pages) + steps(span), (after, first, last)
+    finally:
+        await conn.close()
