@@ -20,8 +20,9 @@ ledger entries, one query looks for the first entry whose implied state is absen
   entry's own time for a step accepted ahead of the host's clock (any scope:
   the entry does not name the scope it was accepted under, which follows the keys, and a
   deployment has one; a database that served two key sets must not raise a false alarm);
-- ``principals``: a lock an entry set (``locked_until_us``) that has not ended, and that no
-  later ``principal_unlock`` entry lifted, is still in place.
+- ``principals``: a lock an entry set (``locked_until_us``; only a wrong OTP code sets
+  one) that has not ended, and that no later ``principal_unlock`` entry lifted, is still
+  in place.
 
 The nonces are checked by ``rg_unspent_nonce`` (migrations/functions): it reads the pages
 of ``spent_nonces`` that hold the range's rows in one pass, matches them with the entries
@@ -55,7 +56,7 @@ _CHECK_TEMPLATE = """
 WITH e AS (
     SELECT seq, ts_us, kind, subject, cred_digest, decision, payload FROM ledger
     WHERE seq > $1::bigint AND seq <= $2::bigint
-      AND ((decision = 'accept' AND kind <> 'nonce') OR payload ? 'locked_until_us')
+      AND kind = 'otp' AND (decision = 'accept' OR payload ? 'locked_until_us')
 )
 SELECT * FROM (
     (SELECT f.r_seq AS seq, 'spent_nonces' AS tbl, f.r_key AS key FROM rg_unspent_nonce($1::bigint, $2::bigint) f)

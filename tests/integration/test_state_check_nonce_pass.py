@@ -29,14 +29,16 @@ PASS = ("(SELECT f.r_seq AS seq, 'spent_nonces' AS tbl, f.r_key AS key"
 PROBED = _CHECK.replace(PASS, """(SELECT e.seq, 'spent_nonces' AS tbl, e.cred_digest AS key FROM e
      WHERE e.decision = 'accept' AND e.kind = 'nonce' AND e.cred_digest IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM spent_nonces s WHERE s.digest = e.cred_digest AND s.first_seq = e.seq)
-     ORDER BY e.seq LIMIT 1)""").replace("(decision = 'accept' AND kind <> 'nonce')", "decision = 'accept'")
+     ORDER BY e.seq LIMIT 1)""").replace(
+    "kind = 'otp' AND (decision = 'accept' OR payload ? 'locked_until_us')",
+    "((decision = 'accept' AND kind IN ('otp', 'nonce')) OR (kind = 'otp' AND payload ? 'locked_until_us'))")
 
 
 def test_the_reference_query_is_the_check_with_a_lookup_for_every_nonce() -> None:
     """``PROBED`` differs from the state check's query in its nonce branch and in nothing else
     that decides."""
     assert PASS in _CHECK and PASS not in PROBED
-    assert "kind <> 'nonce'" not in PROBED
+    assert "kind IN ('otp', 'nonce')" in PROBED
 
 
 async def decide_nonces(conn: asyncpg.Connection, count: int) -> list[tuple[int, bytes]]:

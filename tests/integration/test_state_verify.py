@@ -73,8 +73,10 @@ async def tamper_alerts(api: Api) -> list[dict[str, Any]]:
 
 async def test_a_clean_ledger_after_many_decisions_verifies(fresh_database: Callable[[], Any],
                                                             api_factory: Callable[..., Any]) -> None:
-    """Nonces, HOTP and TOTP accepts and rejects, a lockout and its ledgered unlock: state and ledger agree."""
-    api, _ = await fresh_api(api_factory, fresh_database)
+    """Nonces, HOTP and TOTP accepts and rejects, a lockout and its ledgered unlock: state and
+    ledger agree. The lock's entry is an OTP entry: the state check looks for locks among
+    those alone."""
+    api, dsn = await fresh_api(api_factory, fresh_database)
     for _ in range(60):
         assert (await nonce(api, secrets.token_hex(8)))["decision"] == "accept"
     alice, bob, carol = uid("alice"), uid("bob"), uid("carol")
@@ -95,6 +97,12 @@ async def test_a_clean_ledger_after_many_decisions_verifies(fresh_database: Call
     assert report["ok"] is True, report
     assert report["state"] == {"ok": True, "checked": report["head"]["seq"]}, report
     assert not await tamper_alerts(api)
+    conn = await asyncpg.connect(dsn)
+    try:
+        locks = await conn.fetch("SELECT kind, subject FROM ledger WHERE payload ? 'locked_until_us'")
+    finally:
+        await conn.close()
+    assert [(r["kind"], r["subject"]) for r in locks] == [("otp", carol)]
 
 
 async def test_a_reset_hotp_counter_and_deleted_uses_are_named_and_alerted(
