@@ -57,6 +57,21 @@ async def unnamed_rows(conn: asyncpg.Connection, count: int) -> None:
                        " FROM generate_series(1, $2::int) g", secrets.token_bytes(8), count)
 
 
+async def behind_unnamed(conn: asyncpg.Connection, before: int, unnamed: int, after: int) -> list[tuple[int, bytes]]:
+    """``before`` accepted nonces, ``unnamed`` rows naming no entry, then ``after`` more
+    nonces: each accepted entry's seq and digest."""
+    entries = await decide_nonces(conn, before)
+    await unnamed_rows(conn, unnamed)
+    return entries + await decide_nonces(conn, after)
+
+
+async def spent_pages(conn: asyncpg.Connection) -> int:
+    """The pages of spent_nonces, counted as rg_unspent_nonce counts them."""
+    pages: int = await conn.fetchval(
+        "SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::bigint")
+    return pages
+
+
 async def both(conn: asyncpg.Connection, after: int, upto: int) -> Disagreement | None:
     """The state check's answer for ``after < seq <= upto``, once it is shown to be ``PROBED``'s."""
     passed = await check_state(conn, after, upto, NOW_US, SCOPE)
@@ -143,10 +158,8 @@ async def test_untouched_entries_are_vouched_for_by_one_pass_over_their_pages(
     entry reads the key for each of them."""
     conn = await asyncpg.connect(await fresh_database())
     try:
-        entries = await decide_nonces(conn, 12_000)
-        await unnamed_rows(conn, 3_000)
-        entries += await decide_nonces(conn, 2_000)
-        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        entries = await behind_unnamed(conn, 12_000, 3_000, 2_000)
+        pages = await spent_pages(conn)
         assert pages > 150
         for after, most in ((entries[5_000][0], 60), (entries[-1_001][0], 60 + 2 * 64)):
             async with conn.transaction():
@@ -213,10 +226,8 @@ async def test_a_search_from_a_lower_page_finds_what_the_whole_search_finds(
     that end."""
     conn = await asyncpg.connect(await fresh_database())
     try:
-        entries = await decide_nonces(conn, 6_000)
-        await unnamed_rows(conn, 3_000)
-        entries += await decide_nonces(conn, 4_000)
-        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        entries = await behind_unnamed(conn, 6_000, 3_000, 4_000)
+        pages = await spent_pages(conn)
         checked = 0
         for earlier, later in zip(entries[::400], entries[1_000::400], strict=False):
             lo, _ = await spent_page(conn, earlier[0], 0, pages)
@@ -245,7 +256,7 @@ async def test_the_pass_searches_for_its_last_page_from_its_first_up_to_its_limi
     conn = await asyncpg.connect(await fresh_database())
     try:
         entries = await decide_nonces(conn, 40_000)
-        pages = await conn.fetchval("SELECT pg_relation_size('spent_nonces') / current_setting('block_size')::int")
+        pages = await spent_pages(conn)
         limit = 100 // 25 + 64
         for after in (entries[2_000][0], entries[-101][0]):
             first, _ = await spent_page(conn, after, 0, pages)
