@@ -175,7 +175,6 @@ async def test_untouched_entries_are_vouched_for_by_one_pass_over_their_pages(
         await conn.close()
 
 
-
 async def test_rows_far_out_of_order_are_looked_up_rather_than_passed_over(
         fresh_database: Callable[[], Any]) -> None:
     """2,000 accepted nonces, then 20,000 rows that name the 1,501st entry: the last 1,000
