@@ -92,6 +92,17 @@ _START = ("WITH mark AS (INSERT INTO alert_feed_marks (feed, tag) VALUES ($1, $2
           f" SELECT {COLUMNS} FROM alerts ORDER BY change_seq DESC LIMIT 1")
 
 
+def interruption(exc: BaseException) -> dict[str, str]:
+    """The fields of ``alert_feed_interrupted``: the error, and the one it was raised while
+    handling, if any (``cause``). A read whose query timed out on a half-open connection
+    ends in the transaction's ROLLBACK; when asyncpg's own cancel gave up first and closed
+    the connection, that ROLLBACK raises ``InterfaceError`` and the timeout is the cause."""
+    fields = {"error": type(exc).__name__}
+    if exc.__context__ is not None and not exc.__suppress_context__:
+        fields["cause"] = type(exc.__context__).__name__
+    return fields
+
+
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("alert_feed_crashed", error=repr(task.exception()))
@@ -184,7 +195,7 @@ class AlertFeed:
                     wakeups = asyncio.create_task(self._redis_wakeups(self._rt.fanout), name="alert-feed-redis")
                 await self._session(conn)
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, Unavailable) as exc:
-                log.warning("alert_feed_interrupted", error=type(exc).__name__)
+                log.warning("alert_feed_interrupted", **interruption(exc))
             finally:
                 self._listen_conn = None
                 for cache in self._announced:

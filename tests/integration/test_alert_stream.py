@@ -1312,12 +1312,39 @@ async def test_a_half_open_feed_connection_is_dropped_and_the_feed_comes_back(
                         "the feed to listen and lead on a new connection", timeout=30)
         interrupted = [e for e in logs if e["event"] == "alert_feed_interrupted"]
         # Whichever query is in flight when the proxy freezes times out on the client first:
-        # the feed's own (TimeoutError) or, when it leads, one of its duties' through the pool,
-        # which reports the timeout as Unavailable (on a loaded machine, often that one).
-        # Through a frozen proxy nothing else can end a query.
-        assert interrupted and interrupted[0]["error"] in {"TimeoutError", "Unavailable"}, interrupted
+        # the feed's own (TimeoutError, or the InterfaceError of its read's ROLLBACK with the
+        # timeout as the cause; see the next test) or, when it leads, one of its duties'
+        # through the pool, which reports the timeout as Unavailable (on a loaded machine,
+        # often that one). Through a frozen proxy nothing else can end a query.
+        assert interrupted and (interrupted[0]["error"] in {"TimeoutError", "Unavailable"}
+                                or (interrupted[0]["error"], interrupted[0].get("cause"))
+                                == ("InterfaceError", "TimeoutError")), interrupted
         # The server still saw the frozen session (and its leader lock): the feed ended it.
         assert [e["pid"] for e in logs if e["event"] == "alert_feed_previous_session_ended"] == [old]
+
+
+async def test_a_read_timed_out_on_a_half_open_connection_is_logged_with_the_timeout_as_its_cause(
+        database_url: str) -> None:
+    """A query in a transaction times out on a half-open connection. asyncpg cancels it in
+    the background and, with no answer within its timeout, closes the connection. When the
+    ROLLBACK starts after that cancel (its task was held up, as on a loaded machine), the
+    ROLLBACK finds the connection closed: ``InterfaceError``, raised while handling the
+    timeout, which ``alert_feed_interrupted`` names as its cause."""
+    from replayguard.pg import connections
+
+    async with proxied(database_url) as (proxy, through_proxy):
+        conn = await connections.connect(through_proxy, statement_timeout_ms=200)
+        try:
+            with pytest.raises(asyncpg.InterfaceError) as raised:
+                async with conn.transaction():
+                    assert proxy.freeze() >= 1
+                    try:
+                        await conn.fetchval("SELECT 1")
+                    finally:
+                        await asyncio.sleep(0.3)  # the ROLLBACK's timeout starts after the cancel's
+        finally:
+            conn.terminate()
+    assert alertfeed.interruption(raised.value) == {"error": "InterfaceError", "cause": "TimeoutError"}
 
 
 async def test_a_feed_whose_new_connections_are_half_open_too_comes_back_when_the_network_does(
