@@ -22,7 +22,9 @@ import base64
 import hashlib
 import json
 import math
+import operator
 import os
+import random
 import re
 import resource
 import secrets
@@ -35,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,6 +543,30 @@ def host_probe_ms() -> float:
     return best * 1000
 
 
+_CACHE_PROBE_BYTES = 16 << 20  # over a core's own cache (1 MiB here), under the 32 MiB the cores share
+_CACHE_PROBE_READS = 200_000
+_cache_probe: tuple[bytearray, Callable[[bytearray], Any]] | None = None
+
+
+def cache_probe_ms() -> float:
+    """The CPU this thread spends reading a byte from each of 200,000 cache lines chosen at
+    random in a 16 MiB buffer, the least of three tries, in ms: work that does not depend
+    on the ledger, like ``host_probe_ms``'s, over more data than a core's own cache holds,
+    so that it also grows when the cache the cores share is crowded (by PostgreSQL's
+    pages, by another guest of the host) and its reads go to memory."""
+    global _cache_probe
+    if _cache_probe is None:
+        lines = random.Random(1).choices(range(_CACHE_PROBE_BYTES // 64), k=_CACHE_PROBE_READS)
+        _cache_probe = (bytearray(os.urandom(_CACHE_PROBE_BYTES)), operator.itemgetter(*(line * 64 for line in lines)))
+    block, read = _cache_probe
+    best = float("inf")
+    for _ in range(3):
+        started = time.thread_time()
+        read(block)
+        best = min(best, time.thread_time() - started)
+    return best * 1000
+
+
 @contextmanager
 def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iterator[dict[str, Any]]:
     """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine; with
@@ -560,7 +586,7 @@ def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iter
             now = reading()
             split = cpu_between(last, now)
             intervals.append({**{key: split[key] for key in ("service", "postgres", "machine_busy", "steal")},
-                              "probe_ms": round(host_probe_ms(), 2)})
+                              "probe_ms": round(host_probe_ms(), 2), "cache_probe_ms": round(cache_probe_ms(), 2)})
             last = now
     sampler = None
     if every is not None:
@@ -914,9 +940,10 @@ def cpu_by_minute(p: dict[str, Any]) -> list[tuple[float, float]]:
     return out
 
 
-def probe_by_minute(p: dict[str, Any]) -> list[float]:
-    """``host_probe_ms`` at the end of each whole interval ``cpu_meter`` timed."""
-    return [split["probe_ms"] for split in (p.get("cpu") or {}).get("by_interval") or [] if "probe_ms" in split]
+def probe_by_minute(p: dict[str, Any], key: str = "probe_ms") -> list[float]:
+    """``host_probe_ms`` (``key`` ``cache_probe_ms``: ``cache_probe_ms``) at the end of each
+    whole interval ``cpu_meter`` timed."""
+    return [split[key] for split in (p.get("cpu") or {}).get("by_interval") or [] if key in split]
 
 
 def _whole_phase(cpu: dict[str, Any]) -> dict[str, Any]:
@@ -1180,6 +1207,10 @@ def print_phase(r: dict[str, Any]) -> None:
     probes = probe_by_minute(r)
     if probes:
         print("    a fixed piece of work by minute (the host's speed), ms of CPU: "
+              + ", ".join(f"{ms:.1f}" for ms in probes), file=sys.stderr, flush=True)
+    probes = probe_by_minute(r, "cache_probe_ms")
+    if probes:
+        print("    reads over 16 MiB by minute (the shared cache), ms of CPU: "
               + ", ".join(f"{ms:.1f}" for ms in probes), file=sys.stderr, flush=True)
 
 

@@ -218,16 +218,20 @@ def warm_up(per_second: list[float]) -> str:
 def cpu_first_and_last(p: dict[str, Any]) -> str:
     """What a decision cost the service and PostgreSQL in the first minute and in the last:
     a cost that grows on both sides points at the host, on PostgreSQL's alone at the ledger;
-    and the host's speed probe (``run.host_probe_ms``) in the same minutes, when measured."""
+    and the host's speed probe (``run.host_probe_ms``) and the shared cache's
+    (``run.cache_probe_ms``) in the same minutes, when measured."""
     minutes = run.cpu_by_minute(p)
     if len(minutes) < 2:
         return ""
     (svc0, pg0), (svc1, pg1) = minutes[0], minutes[-1]
-    probes = run.probe_by_minute(p)
-    host = (f"a fixed piece of work (the host's speed): first minute {probes[0]:.1f} ms of CPU, last"
-            f" {probes[-1]:.1f} ms; " if len(probes) >= 2 else "")
-    return (f"CPU a decision, service/PostgreSQL: first minute {svc0:.0f}/{pg0:.0f} µs, last"
-            f" {svc1:.0f}/{pg1:.0f} µs; " + host)
+    out = (f"CPU a decision, service/PostgreSQL: first minute {svc0:.0f}/{pg0:.0f} µs, last"
+           f" {svc1:.0f}/{pg1:.0f} µs; ")
+    for key, what in (("probe_ms", "a fixed piece of work (the host's speed)"),
+                      ("cache_probe_ms", "reads over 16 MiB (the shared cache)")):
+        probes = run.probe_by_minute(p, key)
+        if len(probes) >= 2:
+            out += f"{what}: first minute {probes[0]:.1f} ms of CPU, last {probes[-1]:.1f} ms; "
+    return out
 
 
 def long_checks(long: dict[str, Any] | None) -> list[Check]:

@@ -237,21 +237,28 @@ def test_flat_rss_names_each_processs_second_and_last_minute() -> None:
     assert _by_target(targets.evaluate(results))["long run: flat RSS"].beside == ""
 
 
-def test_the_hosts_speed_probe_in_the_first_and_last_minute_is_shown_beside_the_cpu_a_decision() -> None:
-    """With ``probe_ms`` in the phase's intervals, the fixed work's CPU in the first and the
-    last minute follows the CPU a decision; without it, nothing is added."""
+def test_the_hosts_probes_in_the_first_and_last_minute_are_shown_beside_the_cpu_a_decision() -> None:
+    """With ``probe_ms`` and ``cache_probe_ms`` in the phase's intervals, each probe's CPU in
+    the first and the last minute follows the CPU a decision; without one, it is left out."""
     long = _phase(64, 100, 5, 9, seconds=[100] * 182, rss=[100.0] * 180)
     for k, row in enumerate(long["timeline"]["seconds"]):
         row["t"] = 1000 + k
-    long["cpu"].update(by_interval=[{"service": 0.5, "postgres": 0.6, "probe_ms": 15.4},
-                                    {"service": 0.5, "postgres": 0.6, "probe_ms": 16.0},
-                                    {"service": 0.6, "postgres": 0.9, "probe_ms": 18.46}],
+    long["cpu"].update(by_interval=[{"service": 0.5, "postgres": 0.6, "probe_ms": 15.4, "cache_probe_ms": 12.7},
+                                    {"service": 0.5, "postgres": 0.6, "probe_ms": 16.0, "cache_probe_ms": 13.0},
+                                    {"service": 0.6, "postgres": 0.9, "probe_ms": 18.46, "cache_probe_ms": 17.04}],
                        by_interval_s=60.0, by_interval_from=1000.5)
     assert targets.run.probe_by_minute(long) == [15.4, 16.0, 18.46]
+    assert targets.run.probe_by_minute(long, "cache_probe_ms") == [12.7, 13.0, 17.04]
     assert targets.cpu_first_and_last(long) == (
         "CPU a decision, service/PostgreSQL: first minute 5000/6000 µs, last 6000/9000 µs;"
-        " a fixed piece of work (the host's speed): first minute 15.4 ms of CPU, last 18.5 ms; ")
+        " a fixed piece of work (the host's speed): first minute 15.4 ms of CPU, last 18.5 ms;"
+        " reads over 16 MiB (the shared cache): first minute 12.7 ms of CPU, last 17.0 ms; ")
     for split in long["cpu"]["by_interval"]:
         del split["probe_ms"]
     assert targets.run.probe_by_minute(long) == []
+    assert targets.cpu_first_and_last(long) == (
+        "CPU a decision, service/PostgreSQL: first minute 5000/6000 µs, last 6000/9000 µs;"
+        " reads over 16 MiB (the shared cache): first minute 12.7 ms of CPU, last 17.0 ms; ")
+    for split in long["cpu"]["by_interval"]:
+        del split["cache_probe_ms"]
     assert targets.cpu_first_and_last(long).endswith("last 6000/9000 µs; ")

@@ -161,6 +161,20 @@ def test_the_hosts_speed_probe_times_the_same_work_in_this_threads_cpu() -> None
     assert run.host_probe_ms() > 0
 
 
+def test_the_shared_cache_probe_reads_the_same_lines_of_16_mib_each_time() -> None:
+    """``cache_probe_ms`` builds its buffer and its reads once: 200,000 reads at line
+    offsets spread over the 16 MiB (more than a core's own cache), the same ones on every
+    call, timed in thread CPU time."""
+    assert run.cache_probe_ms() > 0
+    block, read = run._cache_probe
+    assert len(block) == 16 << 20
+    values = read(block)
+    assert len(values) == 200_000
+    assert run.cache_probe_ms() > 0 and run._cache_probe == (block, read) and read(block) == values
+    assert set(read(bytearray(range(256)) * (len(block) // 256))) == {0, 64, 128, 192}  # whole lines
+    assert set(read(bytearray(b"".join(bytes([mib]) * (1 << 20) for mib in range(16))))) == set(range(16))
+
+
 def test_the_storage_line_gives_an_empty_table_whole_not_per_row() -> None:
     """A run of fresh nonces writes no ``uses`` row, and one of wrong codes accepts nothing: a
     table without rows is reported as the size of its empty pages and indexes, not divided by
@@ -274,7 +288,7 @@ def test_cpu_between_two_readings_is_cores_used_and_the_rest_is_other() -> None:
 
 def test_the_cpu_meter_splits_a_phase_into_whole_intervals() -> None:
     """With ``every``, the meter also gives the CPU of each whole interval (the partial last
-    one left out) and the host's speed probe at its end, beside the phase's, and when the
+    one left out) and the host's two probes at its end, beside the phase's, and when the
     intervals began."""
     class Me:
         def pids(self) -> list[int]:
@@ -289,9 +303,10 @@ def test_the_cpu_meter_splits_a_phase_into_whole_intervals() -> None:
     # Only whole intervals are kept: never more than the time the phase took holds.
     assert 2 <= len(cpu["by_interval"]) <= elapsed / 0.2
     assert cpu["by_interval_s"] == 0.2 and began <= cpu["by_interval_from"] <= time.time()
-    assert all(set(split) == {"service", "postgres", "machine_busy", "steal", "probe_ms"}
+    assert all(set(split) == {"service", "postgres", "machine_busy", "steal", "probe_ms", "cache_probe_ms"}
                for split in cpu["by_interval"])
-    assert all(split["service"] > 0 and split["probe_ms"] > 0 for split in cpu["by_interval"])
+    assert all(split["service"] > 0 and split["probe_ms"] > 0 and split["cache_probe_ms"] > 0
+               for split in cpu["by_interval"])
     assert cpu["service"] > 0 and "other" in cpu
 
 
