@@ -535,10 +535,15 @@ def host_probe_ms() -> float:
     a core, so it grows when the host runs slower, not when the tables grow. Its 64 KiB of
     data fit a core's own cache: it does not show the shared cache crowded by the
     processes beside it."""
+    return _least_thread_cpu_ms(_probe_work)
+
+
+def _least_thread_cpu_ms(work: Callable[[], object]) -> float:
+    """The least of three runs of ``work`` in this thread's CPU time, in ms."""
     best = float("inf")
     for _ in range(3):
         started = time.thread_time()
-        _probe_work()
+        work()
         best = min(best, time.thread_time() - started)
     return best * 1000
 
@@ -559,19 +564,19 @@ def cache_probe_ms() -> float:
         lines = random.Random(1).choices(range(_CACHE_PROBE_BYTES // 64), k=_CACHE_PROBE_READS)
         _cache_probe = (bytearray(os.urandom(_CACHE_PROBE_BYTES)), operator.itemgetter(*(line * 64 for line in lines)))
     block, read = _cache_probe
-    best = float("inf")
-    for _ in range(3):
-        started = time.thread_time()
-        read(block)
-        best = min(best, time.thread_time() - started)
-    return best * 1000
+    return _least_thread_cpu_ms(lambda: read(block))
+
+
+# The probes ``cpu_meter`` times at the end of each interval: their key, and what they show.
+PROBES = (("probe_ms", "a fixed piece of work (the host's speed)"),
+          ("cache_probe_ms", "reads over 16 MiB (the shared cache)"))
 
 
 @contextmanager
 def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iterator[dict[str, Any]]:
     """CPU cores used by the service, PostgreSQL, wrk (children) and the whole machine; with
     ``every``, also the service's, PostgreSQL's and the machine's in each whole interval of
-    that many seconds, and ``host_probe_ms`` at its end (``by_interval``, growing while the
+    that many seconds, and the ``PROBES`` at its end (``by_interval``, growing while the
     phase runs: wrk's CPU is known only once it has exited)."""
     def reading() -> CpuReading:
         return (_cpu_by_pid([p for pid in service.pids() for p in tree(pid)]), _cpu_by_pid(postgres_procs(dbname)),
@@ -941,8 +946,8 @@ def cpu_by_minute(p: dict[str, Any]) -> list[tuple[float, float]]:
 
 
 def probe_by_minute(p: dict[str, Any], key: str = "probe_ms") -> list[float]:
-    """``host_probe_ms`` (``key`` ``cache_probe_ms``: ``cache_probe_ms``) at the end of each
-    whole interval ``cpu_meter`` timed."""
+    """The probe ``key`` names (``PROBES``) at the end of each whole interval ``cpu_meter``
+    timed."""
     return [split[key] for split in (p.get("cpu") or {}).get("by_interval") or [] if key in split]
 
 
@@ -1204,14 +1209,11 @@ def print_phase(r: dict[str, Any]) -> None:
     if minutes:
         print("    CPU a decision by minute, service/PostgreSQL µs: "
               + ", ".join(f"{svc:.0f}/{pg:.0f}" for svc, pg in minutes), file=sys.stderr, flush=True)
-    probes = probe_by_minute(r)
-    if probes:
-        print("    a fixed piece of work by minute (the host's speed), ms of CPU: "
-              + ", ".join(f"{ms:.1f}" for ms in probes), file=sys.stderr, flush=True)
-    probes = probe_by_minute(r, "cache_probe_ms")
-    if probes:
-        print("    reads over 16 MiB by minute (the shared cache), ms of CPU: "
-              + ", ".join(f"{ms:.1f}" for ms in probes), file=sys.stderr, flush=True)
+    for key, what in PROBES:
+        probes = probe_by_minute(r, key)
+        if probes:
+            print(f"    {what} by minute, ms of CPU: " + ", ".join(f"{ms:.1f}" for ms in probes),
+                  file=sys.stderr, flush=True)
 
 
 # --- output -------------------------------------------------------------------------------------
