@@ -32,8 +32,8 @@
 --
 -- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
 -- holds the head lock, so plain reads under it see the latest committed state. The work
--- under the lock is kept small: the batch is decoded once into typed columns
--- (jsonb_to_recordset); the rows of the batch's VMs are read in one statement before the
+-- under the lock is kept small: the batch is decoded once into rows of rg_decide_item
+-- (migration 045); the rows of the batch's VMs are read in one statement before the
 -- first item, not one an item, and kept in step with every write of them; the clock guard
 -- is read once per batch and written once at its end; a principal's row is written only
 -- when it changes; a VM's row only when its receipt state changes, and its last-seen time
@@ -49,13 +49,12 @@
 DROP FUNCTION IF EXISTS rg_decide(jsonb, integer, bigint, boolean);
 CREATE OR REPLACE FUNCTION rg_decide(p_items jsonb, p_lock_threshold integer, p_lock_period_us bigint,
                                      p_refuse boolean)
-RETURNS TABLE (r_idx integer, r_seq bigint, r_verdict text, r_reason text, r_flags text[],
-               r_alert bigint, r_epoch integer, r_rseq bigint, r_locked_until bigint, r_hash bytea)
+RETURNS SETOF rg_decide_result
 LANGUAGE plpgsql
 SET enable_seqscan = off
 AS $$
 DECLARE
-    it        record;
+    it        rg_decide_item;
     v_prev    bytea;
     v_seq     bigint;
     v_i       integer := 0;
@@ -108,11 +107,7 @@ BEGIN
     SELECT coalesce(array_agg(v.vm_id), '{}'), coalesce(array_agg(v), '{}') INTO v_row_ids, v_rows
         FROM vms v WHERE v.vm_id = ANY (ARRAY(SELECT b.vm_id FROM jsonb_to_recordset(p_items) AS b(vm_id text)));
 
-    FOR it IN SELECT * FROM jsonb_to_recordset(p_items) AS x(
-            kind text, ts_us bigint, vm_id text, subject text, token_id text, credential text, steps bigint[],
-            step_digests jsonb, replay_only boolean, digest text, expires_us bigint, preset_reason text, receipt text,
-            receipt_vm_id text, receipt_seq bigint, receipt_request text, receipt_unanswered text, payload jsonb,
-            period_s bigint, drift_steps integer, clock_scope text) LOOP
+    FOR it IN SELECT * FROM jsonb_populate_recordset(NULL::rg_decide_item, p_items) LOOP
         v_seq := v_seq + 1;
         v_rc := coalesce(it.receipt, 'absent');
         v_flags := '{}';
@@ -448,17 +443,10 @@ BEGIN
             v_rows[v_at] := v_moved;
         END IF;
 
-        r_idx := v_i;
-        r_seq := v_seq;
-        r_verdict := v_verdict;
-        r_reason := v_reason;
-        r_flags := v_flags;
-        r_alert := coalesce(v_calert, v_alert, v_galert);
-        r_epoch := v_vmrow.epoch;
-        r_rseq := CASE WHEN v_rc = 'valid' THEN v_seq ELSE v_vmrow.last_receipt_seq END;
-        r_locked_until := CASE WHEN v_locked > it.ts_us THEN v_locked END;
-        r_hash := v_hash;  -- the entry's hash: the continuity guard checks later that it is still there
-        RETURN NEXT;
+        -- r_hash, the entry's hash: the continuity guard checks later that it is still there.
+        RETURN NEXT ROW(v_i, v_seq, v_verdict, v_reason, v_flags, coalesce(v_calert, v_alert, v_galert),
+                        v_vmrow.epoch, CASE WHEN v_rc = 'valid' THEN v_seq ELSE v_vmrow.last_receipt_seq END,
+                        CASE WHEN v_locked > it.ts_us THEN v_locked END, v_hash)::rg_decide_result;
         v_i := v_i + 1;
     END LOOP;
 

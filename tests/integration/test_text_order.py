@@ -28,7 +28,7 @@ RUNNER_TABLES = ("schema_migrations", "schema_functions")
 _COLUMNS = """
 SELECT c.relname || '.' || a.attname AS name, co.collname AS collation
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_collation co ON co.oid = a.attcollation
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') AND a.attnum > 0
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'c') AND a.attnum > 0
   AND NOT a.attisdropped AND c.relname <> ALL($1::text[])
 ORDER BY 1
 """
@@ -58,8 +58,9 @@ async def icu_and_c() -> AsyncIterator[tuple[str, str]]:
 
 
 async def test_every_text_column_and_index_key_collates_c(icu_and_c: tuple[str, str]) -> None:
-    """Under a locale whose order differs from bytes, every text column of the service's tables,
-    and every text key of their indexes, collates "C" (a table added without it fails here)."""
+    """Under a locale whose order differs from bytes, every text column of the service's tables
+    and every text field of its composite types (rg_decide's items and answers), and every
+    text key of their indexes, collates "C" (a table or type added without it fails here)."""
     conn = await asyncpg.connect(icu_and_c[0])
     try:
         default = await conn.fetchval("SELECT daticulocale FROM pg_database WHERE datname = current_database()")
@@ -69,6 +70,7 @@ async def test_every_text_column_and_index_key_collates_c(icu_and_c: tuple[str, 
         await conn.close()
     assert default == "en-US"
     assert len(columns) > 40, columns  # the query sees the schema's text columns
+    assert {"rg_decide_item.vm_id", "rg_decide_result.r_reason"} <= {r["name"] for r in columns}
     assert [r["name"] for r in columns if r["collation"] != "C"] == []
     assert {r["index"] for r in keys} >= {"vms_pkey", "principals_pkey", "ledger_vm_seq", "ledger_vm_accepts",
                                           "alerts_reuse_first_use", "alerts_dedup_key_key"}
