@@ -12,7 +12,8 @@ from replayguard.core.receipts import ReceiptStatus
 
 def _recordset_columns() -> set[str]:
     sql = resources.files("replayguard.migrations.functions").joinpath("rg_decide.sql").read_text()
-    block = re.search(r"FOR it IN SELECT \* FROM jsonb_to_recordset\(p_items\) AS x\((.*?)\) LOOP", sql, re.S)
+    assert "jsonb_populate_recordset(NULL::rg_decide_item, p_items)" in sql  # the batch is decoded into the type
+    block = re.search(r"CREATE TYPE rg_decide_item AS \((.*?)\);", sql, re.S)
     assert block is not None
     return {column.split()[0] for column in block.group(1).split(",")}
 
@@ -26,7 +27,8 @@ FULL = DecideItem(
 
 
 def test_every_field_is_a_column_rg_decide_reads() -> None:
-    """The wire form of an item with every field set has exactly the columns rg_decide.sql decodes."""
+    """The wire form of an item with every field set has exactly the fields of rg_decide_item, the
+    type rg_decide.sql decodes the batch into."""
     assert set(FULL.to_wire()) == _recordset_columns()
 
 
