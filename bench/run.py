@@ -567,9 +567,11 @@ def cache_probe_ms() -> float:
     return _least_thread_cpu_ms(lambda: read(block))
 
 
-# The probes ``cpu_meter`` times at the end of each interval: their key, and what they show.
-PROBES = (("probe_ms", "a fixed piece of work (the host's speed)"),
-          ("cache_probe_ms", "reads over 16 MiB (the shared cache)"))
+# The probes ``cpu_meter`` times at the end of each interval: their key, what they show, and
+# the probe.
+PROBES: tuple[tuple[str, str, Callable[[], float]], ...] = (
+    ("probe_ms", "a fixed piece of work (the host's speed)", host_probe_ms),
+    ("cache_probe_ms", "reads over 16 MiB (the shared cache)", cache_probe_ms))
 
 
 @contextmanager
@@ -591,7 +593,7 @@ def cpu_meter(service: Service, dbname: str, every: float | None = None) -> Iter
             now = reading()
             split = cpu_between(last, now)
             intervals.append({**{key: split[key] for key in ("service", "postgres", "machine_busy", "steal")},
-                              "probe_ms": round(host_probe_ms(), 2), "cache_probe_ms": round(cache_probe_ms(), 2)})
+                              **{key: round(probe(), 2) for key, _, probe in PROBES}})
             last = now
     sampler = None
     if every is not None:
@@ -1209,7 +1211,7 @@ def print_phase(r: dict[str, Any]) -> None:
     if minutes:
         print("    CPU a decision by minute, service/PostgreSQL µs: "
               + ", ".join(f"{svc:.0f}/{pg:.0f}" for svc, pg in minutes), file=sys.stderr, flush=True)
-    for key, what in PROBES:
+    for key, what, _ in PROBES:
         probes = probe_by_minute(r, key)
         if probes:
             print(f"    {what} by minute, ms of CPU: " + ", ".join(f"{ms:.1f}" for ms in probes),

@@ -226,7 +226,7 @@ def cpu_first_and_last(p: dict[str, Any]) -> str:
     (svc0, pg0), (svc1, pg1) = minutes[0], minutes[-1]
     out = (f"CPU a decision, service/PostgreSQL: first minute {svc0:.0f}/{pg0:.0f} µs, last"
            f" {svc1:.0f}/{pg1:.0f} µs; ")
-    for key, what in run.PROBES:
+    for key, what, _ in run.PROBES:
         probes = run.probe_by_minute(p, key)
         if len(probes) >= 2:
             out += f"{what}: first minute {probes[0]:.1f} ms of CPU, last {probes[-1]:.1f} ms; "
