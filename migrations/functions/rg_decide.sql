@@ -30,14 +30,14 @@
 --    "step_digests": {"<step>": "<hex digest>"}, "replay_only" (HOTP counters far behind: a replay
 --    if a use of one is recorded, else invalid), TOTP: "period_s", "drift_steps", "clock_scope"}
 --
--- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and clock_guard
--- holds the head lock, so plain reads under it see the latest committed state. The work
--- under the lock is kept small: the batch is decoded once into rows of rg_decide_item
--- (below); the rows of the batch's VMs are read in one statement before the
--- first item, not one an item, and kept in step with every write of them; the clock guard
--- is read once per batch and written once at its end; a principal's row is written only
--- when it changes; a VM's row only when its receipt state changes, and its last-seen time
--- once, at the end, when it moved by more than a second.
+-- Every writer of ledger_head, vms, principals, otp_credentials.last_counter and
+-- clock_guard holds the head lock, so plain reads under it see the latest committed state.
+-- The work under the lock is kept small: the batch is decoded once into rows of
+-- rg_decide_item (below), after a read of its VM ids alone; the rows of the batch's VMs are
+-- read in one statement before the first item, not one an item, and kept in step with every
+-- write of them; the clock guard is read once per batch and written once at its end; a
+-- principal's row is written only when it changes; a VM's row only when its receipt state
+-- changes, and its last-seen time once, at the end, when it moved by more than a second.
 --
 -- PL/pgSQL plans each statement once per connection and keeps the plan, and the
 -- group-commit appender keeps its connection, so a plan made while a table was small would
