@@ -13,6 +13,15 @@ baseline and the samplers reach it as they reach the shared one. Like the embedd
 service, the benchmark starts the write-back of its data files as they grow
 (``replayguard/pg/writeback.py``) unless told not to. It is stopped and removed on exit. As
 root, the server runs as the ``postgres`` user.
+
+A new cluster has one WAL segment. Until its first checkpoint has completed, PostgreSQL
+makes each next segment by writing it whole with zeros and syncing it (``wal_init_zero``),
+holding the WAL's write lock, so every commit waits for a 16 MB write; a server past its
+first checkpoint cycle recycles the segments its checkpoints freed instead (up to
+``max_wal_size`` of them). ``wal_ready_mb`` makes that many megabytes of segments before the
+yield (a segment switch after each of a few WAL records, then a checkpoint, which renames
+them for reuse), so a run measures a server in that steady state rather than one in its
+first minutes.
 """
 
 from __future__ import annotations
@@ -68,6 +77,24 @@ def new_cluster(prefix: str, bin_dir: Path = BIN) -> tuple[Path, Path]:
     return root, root / "data"
 
 
+def prepare_wal(bin_dir: Path, socket_dir: Path, port: int, megabytes: int) -> None:
+    """Leaves ``megabytes`` of WAL segments (rounded up to whole ones) ready for reuse, as a
+    server past its first checkpoint cycle has them: a WAL record and a segment switch per
+    segment, each switch making the next segment (written with zeros and synced, as any
+    new one is), then a checkpoint, which recycles them all ahead of the WAL's end (up to
+    ``max_wal_size``)."""
+    sql = (f"DO $$ BEGIN FOR i IN 1 .. ceil({int(megabytes)} * 1048576.0"
+           " / pg_size_bytes(current_setting('wal_segment_size')))::int LOOP"
+           " PERFORM pg_logical_emit_message(false, 'rg-bench', ''), pg_switch_wal(); END LOOP; END $$;\n"
+           "CHECKPOINT;\n")
+    user = "postgres" if os.geteuid() == 0 else None
+    done = subprocess.run([str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                           "-h", str(socket_dir), "-p", str(port), "-U", "postgres", "-d", "postgres"],
+                          input=sql, capture_output=True, text=True, user=user, check=False, cwd="/", timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing the WAL failed: {done.stdout}{done.stderr}")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -77,11 +104,12 @@ def free_port() -> int:
 
 @contextmanager
 def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None,
-               writeback: bool = True, bin_dir: Path = BIN) -> Iterator[str]:
+               writeback: bool = True, bin_dir: Path = BIN, wal_ready_mb: int = 0) -> Iterator[str]:
     """Yields the admin URL (database ``postgres``) of a fresh server run from ``bin_dir``,
-    with ``extra`` settings over ``SETTINGS`` and, with ``writeback``, its data files'
-    write-back started as they grow; stops and removes it after, first copying its log
-    (lock waits, checkpoints, autovacuum) to ``keep_log`` when given."""
+    with ``extra`` settings over ``SETTINGS``, ``wal_ready_mb`` of WAL segments ready for
+    reuse (``prepare_wal``) and, with ``writeback``, its data files' write-back started as
+    they grow; stops and removes it after, first copying its log (lock waits, checkpoints,
+    autovacuum) to ``keep_log`` when given."""
     if not (bin_dir / "initdb").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {bin_dir} (set RG_BENCH_PG_BIN)")
     root, data = new_cluster("rg-bench-pg-", bin_dir)
@@ -90,6 +118,13 @@ def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None
         settings = {**SETTINGS, **(extra or {}), "port": str(port), "unix_socket_directories": f"'{root}'"}
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("".join(f"{name} = {value}\n" for name, value in settings.items()))
+        if wal_ready_mb > 0:
+            # No checkpoint may start while the segments are made: one that finds fewer
+            # behind it than are made would remove the rest rather than recycle them.
+            _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"),
+                 "-o", f"-c max_wal_size={2 * wal_ready_mb + 1024}MB -c checkpoint_timeout=1d", "start")
+            prepare_wal(bin_dir, root, port, wal_ready_mb)
+            _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
         _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
         spreader = Writeback(data, root / "writeback.lock") if writeback else None
         try:

@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--pg-admin-url's")
     p.add_argument("--no-pg-writeback", action="store_true",
                    help="with --own-server: leave the data files' write-back to the kernel")
+    p.add_argument("--pg-wal-ready", type=int, default=4096, metavar="MB",
+                   help="with --own-server: WAL segments made ready for reuse before the run, as a server past its "
+                        "first checkpoint cycle has them (the embedded server's max_wal_size); 0 measures a new "
+                        "cluster, which writes each new 16 MB segment with zeros while commits wait")
     p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="with --own-server: a postgresql.conf setting over its own (repeatable)")
     p.add_argument("--pg-bin", metavar="DIR|embedded",
@@ -141,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("wrk is not installed (apt-get install -y wrk)")
     if (args.pg_setting or args.no_pg_writeback or args.pg_bin) and not args.own_server:
         p.error("--pg-setting, --pg-bin and --no-pg-writeback need --own-server")
+    if args.pg_wal_ready < 0:
+        p.error("--pg-wal-ready takes megabytes, 0 or more")
     if any("=" not in setting for setting in args.pg_setting):
         p.error("--pg-setting takes NAME=VALUE")
     return args
@@ -1382,7 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
         pg_log = Path(tempfile.mkdtemp(prefix="rg-bench-pglog-")) / "postgresql.log"
         try:
             with own_server(dict(setting.split("=", 1) for setting in args.pg_setting), keep_log=pg_log,
-                            writeback=not args.no_pg_writeback, bin_dir=pg_binaries(args.pg_bin)) as admin_url:
+                            writeback=not args.no_pg_writeback, bin_dir=pg_binaries(args.pg_bin),
+                            wal_ready_mb=args.pg_wal_ready) as admin_url:
                 args.pg_admin_url = admin_url
                 return measure_all(args)
         finally:

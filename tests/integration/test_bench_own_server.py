@@ -106,7 +106,7 @@ def test_a_terminated_bench_stops_its_own_server_and_removes_it(tmp_path: Path) 
     try:
         cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--own-server", "--concurrency", "1",
                "--duration", "60", "--principals", "20", "--quiet-wait", "0", "--no-baseline", "--no-floor",
-               "--no-durable-floor", "--no-replay", "--results-dir", str(tmp_path)]
+               "--no-durable-floor", "--no-replay", "--pg-wal-ready", "0", "--results-dir", str(tmp_path)]
         output = tmp_path / "run.out"
         scratch = tmp_path / "tmp"  # the run's work directory (kept, with its logs) goes under pytest's
         scratch.mkdir()
@@ -185,3 +185,33 @@ def test_the_checkpoint_and_wal_counters_are_read_from_the_view_of_each_version(
     assert timeline.checkpoints_query(14) == timeline.checkpoints_query(15)
     assert "pg_stat_io" not in timeline.wal_query(15) and timeline.wal_query(15) == timeline.wal_query(17)
     assert "pg_stat_io" in timeline.wal_query(18) == timeline.wal_query(19)
+
+
+async def _wal_ahead(url: str) -> tuple[int, dict[str, str]]:
+    """WAL segment files past the one being written, and the server's WAL settings."""
+    conn = await asyncpg.connect(url)
+    try:
+        current = await conn.fetchval("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        ahead = await conn.fetchval("SELECT count(*) FROM pg_ls_waldir() WHERE name > $1 AND name ~ '^[0-9A-F]{24}$'",
+                                    current)
+        rows = await conn.fetch("SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1::text[])",
+                                ["max_wal_size", "checkpoint_timeout"])
+    finally:
+        await conn.close()
+    return ahead, {row["name"]: row["setting"] + (row["unit"] or "") for row in rows}
+
+
+@pytest.mark.parametrize("binaries", [None, "embedded"])
+def test_the_own_server_starts_with_wal_segments_ready_for_reuse(binaries: str | None) -> None:
+    """With ``wal_ready_mb``, the server starts as one past its first checkpoint cycle: that
+    much WAL in segments ahead of the one being written (recycled, not made while commits
+    wait), and its own settings in force again after the pass that made them. Without,
+    a new cluster has none ahead."""
+    own = load("own_server")
+    with own.own_server(bin_dir=own.pg_binaries(binaries), wal_ready_mb=96) as url:
+        ahead, settings = asyncio.run(_wal_ahead(url))
+    assert ahead >= 6  # 96 MB of 16 MB segments
+    assert settings == {"max_wal_size": "4096MB", "checkpoint_timeout": "900s"}
+    with own.own_server(bin_dir=own.pg_binaries(binaries)) as url:
+        ahead, _ = asyncio.run(_wal_ahead(url))
+    assert ahead == 0
