@@ -21,10 +21,7 @@ which passes to another when its holder exits.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,34 +29,12 @@ from pathlib import Path
 
 import structlog
 
+from .. import page_cache
 from ..durable import inherited_owner, lock_file
 
 log = structlog.get_logger(__name__)
 
 INTERVAL_S = 1.0
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-out of dirty pages not already under write-back
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range``, or None where there is none (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-
-
-def available() -> bool:
-    """True where the kernel can be asked to start a file's write-back (Linux)."""
-    return _SYNC_FILE_RANGE is not None
 
 
 def written_since(pgdata: Path, since: float) -> Iterator[Path]:
@@ -85,14 +60,14 @@ def written_since(pgdata: Path, since: float) -> Iterator[Path]:
 def start_writeback(path: Path) -> bool:
     """Asks the kernel to start writing back the dirty pages of ``path``; False when it could
     not (the file went, or no ``sync_file_range`` here)."""
-    if _SYNC_FILE_RANGE is None:
+    if not page_cache.available():
         return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        return _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE) == 0
+        return page_cache.start_writeback_fd(fd)
     finally:
         os.close(fd)
 
@@ -114,7 +89,7 @@ class Writeback:
 
     def start(self) -> bool:
         """Starts the thread; False (and nothing started) where write-back cannot be started."""
-        if not available():
+        if not page_cache.available():
             log.info("embedded_writeback_unavailable", reason="no sync_file_range on this platform")
             return False
         self._thread = threading.Thread(target=self._run, name="pg-writeback", daemon=True)

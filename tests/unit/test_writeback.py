@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from replayguard.pg import writeback
+from replayguard import page_cache
 from replayguard.pg.writeback import Writeback, start_writeback, written_since
 from tests.waiting import until
 
-pytestmark = pytest.mark.skipif(not writeback.available(), reason="sync_file_range is Linux's")
+pytestmark = pytest.mark.skipif(not page_cache.available(), reason="sync_file_range is Linux's")
 
 
 def _cluster(root: Path) -> Path:
