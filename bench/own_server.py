@@ -123,8 +123,10 @@ def own_server(extra: dict[str, str] | None = None, keep_log: Path | None = None
             # behind it than are made would remove the rest rather than recycle them.
             _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"),
                  "-o", f"-c max_wal_size={2 * wal_ready_mb + 1024}MB -c checkpoint_timeout=1d", "start")
-            prepare_wal(bin_dir, root, port, wal_ready_mb)
-            _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+            try:
+                prepare_wal(bin_dir, root, port, wal_ready_mb)
+            finally:
+                _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
         _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start")
         spreader = Writeback(data, root / "writeback.lock") if writeback else None
         try:
