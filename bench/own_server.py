@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from replayguard.pg.embedded import WORKLOAD_SETTINGS, memory_bytes, pg_bin, shared_buffers_mb
 from replayguard.pg.writeback import Writeback
@@ -44,10 +45,13 @@ SETTINGS = {**WORKLOAD_SETTINGS, "shared_buffers": f"{shared_buffers_mb(memory_b
             "max_connections": "100", "listen_addresses": "'127.0.0.1'"}
 
 
-def _run(*args: str) -> None:
+def _run(*args: str, stdin: str | None = None, timeout: float = 120) -> None:
+    """Runs a PostgreSQL binary (as ``postgres`` when this is root), ``stdin`` its input if
+    given; raises with its output when it fails."""
     user = "postgres" if os.geteuid() == 0 else None
-    done = subprocess.run(list(args), capture_output=True, text=True, user=user, check=False,
-                          stdin=subprocess.DEVNULL, cwd="/", timeout=120)
+    feed: dict[str, Any] = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    done = subprocess.run(list(args), capture_output=True, text=True, user=user, check=False, cwd="/",
+                          timeout=timeout, **feed)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}")
 
@@ -87,12 +91,8 @@ def prepare_wal(bin_dir: Path, socket_dir: Path, port: int, megabytes: int) -> N
            " / pg_size_bytes(current_setting('wal_segment_size')))::int LOOP"
            " PERFORM pg_logical_emit_message(false, 'rg-bench', ''), pg_switch_wal(); END LOOP; END $$;\n"
            "CHECKPOINT;\n")
-    user = "postgres" if os.geteuid() == 0 else None
-    done = subprocess.run([str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                           "-h", str(socket_dir), "-p", str(port), "-U", "postgres", "-d", "postgres"],
-                          input=sql, capture_output=True, text=True, user=user, check=False, cwd="/", timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"preparing the WAL failed: {done.stdout}{done.stderr}")
+    _run(str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir), "-p", str(port),
+         "-U", "postgres", "-d", "postgres", stdin=sql, timeout=600)
 
 
 def free_port() -> int:

@@ -151,7 +151,6 @@ class LogWriteback:
     def __init__(self, fd: int, interval_s: float = WRITEBACK_S) -> None:
         self.fd = fd
         self.interval_s = interval_s
-        self.passes = 0
         self._written = threading.Event()
         self._pid: int | None = None  # the process whose thread runs
 
@@ -171,7 +170,6 @@ class LogWriteback:
             time.sleep(self.interval_s)  # a second's lines at a time
             self._written.clear()
             page_cache.start_writeback_fd(self.fd)
-            self.passes += 1
 
 
 def log_writeback(stream: Any) -> LogWriteback | None:
