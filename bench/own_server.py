@@ -34,7 +34,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from replayguard.pg.embedded import WORKLOAD_SETTINGS, memory_bytes, pg_bin, shared_buffers_mb
 from replayguard.pg.writeback import Writeback
@@ -49,9 +48,8 @@ def _run(*args: str, stdin: str | None = None, timeout: float = 120) -> None:
     """Runs a PostgreSQL binary (as ``postgres`` when this is root), ``stdin`` its input if
     given; raises with its output when it fails."""
     user = "postgres" if os.geteuid() == 0 else None
-    feed: dict[str, Any] = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     done = subprocess.run(list(args), capture_output=True, text=True, user=user, check=False, cwd="/",
-                          timeout=timeout, **feed)
+                          timeout=timeout, input=stdin, stdin=subprocess.DEVNULL if stdin is None else None)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}")
 

@@ -224,8 +224,8 @@ class LineWriter:
                 self._stream.flush()
             except (OSError, ValueError):  # a closed or broken stream must not break a request
                 return
-        if self.writeback is not None:
-            self.writeback.wrote()
+            if self.writeback is not None:  # under the lock: one thread starts it in a process
+                self.writeback.wrote()
 
     debug = info = msg = _buffer
     warning = warn = error = err = critical = exception = fatal = failure = _now
